@@ -1,0 +1,151 @@
+//! Block I/O requests and their completions.
+
+use crate::buf::IoBuf;
+use crate::error::BdevError;
+
+/// The kinds of block I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoType {
+    /// Read blocks into the request's buffers.
+    Read,
+    /// Write the request's buffers to blocks.
+    Write,
+    /// Make every completed write durable.
+    Flush,
+    /// Set blocks to zero (no data transferred).
+    WriteZeroes,
+    /// Deallocate blocks; they read back as zeroes afterwards.
+    Unmap,
+}
+
+impl IoType {
+    /// Every kind, in a fixed order (used to index statistics).
+    pub const ALL: [IoType; 5] = [
+        IoType::Read,
+        IoType::Write,
+        IoType::Flush,
+        IoType::WriteZeroes,
+        IoType::Unmap,
+    ];
+
+    /// Position in [`IoType::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether requests of this kind carry data buffers.
+    pub fn has_data(self) -> bool {
+        matches!(self, IoType::Read | IoType::Write)
+    }
+}
+
+/// One block I/O request. Buffers are owned by the request while it is in flight and
+/// handed back in its [`IoCompletion`].
+#[derive(Debug)]
+pub struct BdevIo {
+    /// What to do.
+    pub io_type: IoType,
+    /// First block.
+    pub offset_blocks: u64,
+    /// Number of blocks (for reads and writes, the buffers must hold exactly this much).
+    pub num_blocks: u64,
+    /// Data segments, in order (reads and writes only).
+    pub bufs: Vec<IoBuf>,
+    /// Force unit access: the write is durable when it completes.
+    pub fua: bool,
+}
+
+impl BdevIo {
+    /// Read `num_blocks` from `offset_blocks` into `bufs`.
+    pub fn read(offset_blocks: u64, num_blocks: u64, bufs: Vec<IoBuf>) -> Self {
+        Self {
+            io_type: IoType::Read,
+            offset_blocks,
+            num_blocks,
+            bufs,
+            fua: false,
+        }
+    }
+
+    /// Write `bufs` (holding `num_blocks` blocks) at `offset_blocks`.
+    pub fn write(offset_blocks: u64, num_blocks: u64, bufs: Vec<IoBuf>) -> Self {
+        Self {
+            io_type: IoType::Write,
+            offset_blocks,
+            num_blocks,
+            bufs,
+            fua: false,
+        }
+    }
+
+    /// Make all completed writes durable.
+    pub fn flush() -> Self {
+        Self::no_data(IoType::Flush, 0, 0)
+    }
+
+    /// Zero `num_blocks` from `offset_blocks`.
+    pub fn write_zeroes(offset_blocks: u64, num_blocks: u64) -> Self {
+        Self::no_data(IoType::WriteZeroes, offset_blocks, num_blocks)
+    }
+
+    /// Deallocate `num_blocks` from `offset_blocks`.
+    pub fn unmap(offset_blocks: u64, num_blocks: u64) -> Self {
+        Self::no_data(IoType::Unmap, offset_blocks, num_blocks)
+    }
+
+    /// Same request with force-unit-access set or cleared.
+    pub fn with_fua(mut self, fua: bool) -> Self {
+        self.fua = fua;
+        self
+    }
+
+    fn no_data(io_type: IoType, offset_blocks: u64, num_blocks: u64) -> Self {
+        Self {
+            io_type,
+            offset_blocks,
+            num_blocks,
+            bufs: Vec::new(),
+            fua: false,
+        }
+    }
+
+    /// Total bytes in the data buffers.
+    pub fn buf_len(&self) -> u64 {
+        self.bufs.iter().map(|b| b.len() as u64).sum()
+    }
+}
+
+/// The outcome of a request: its buffers back, and whether it succeeded.
+#[derive(Debug)]
+pub struct IoCompletion {
+    /// The request's buffers (filled, for a successful read).
+    pub bufs: Vec<IoBuf>,
+    /// Success, or why the request failed.
+    pub result: Result<(), BdevError>,
+}
+
+impl IoCompletion {
+    /// A successful completion.
+    pub fn ok(bufs: Vec<IoBuf>) -> Self {
+        Self {
+            bufs,
+            result: Ok(()),
+        }
+    }
+
+    /// A failed completion.
+    pub fn err(bufs: Vec<IoBuf>, error: BdevError) -> Self {
+        Self {
+            bufs,
+            result: Err(error),
+        }
+    }
+
+    /// The buffers concatenated (convenient in tests and tools, not on the I/O path).
+    pub fn data(&self) -> Vec<u8> {
+        self.bufs.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+}
+
+/// Called exactly once, on the submitting reactor, when a request completes.
+pub type IoDone = Box<dyn FnOnce(IoCompletion)>;

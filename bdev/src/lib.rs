@@ -1,0 +1,32 @@
+//! Block devices for the OX appliance.
+//!
+//! A [`Bdev`] is a named device with a block size (512 or 4096), a block count and a
+//! UUID, shared by every reactor. Each reactor reaches it through its own [`Channel`]
+//! (SPDK's io_channel), created on first use and cached on the reactor, so the I/O path
+//! takes no lock. Requests ([`BdevIo`]) own their [`IoBuf`] buffers while in flight and
+//! complete on the submitting reactor with an [`IoCompletion`] that hands them back.
+//!
+//! Every request is validated once, in [`Bdev::validate`], before any device sees it;
+//! every completion is counted in per-channel [`BdevStats`].
+//!
+//! Devices: [`create_malloc`] (RAM, sparse), [`create_null`] (discards writes, reads
+//! zeroes) and [`open_uring`] (a file or block device through the reactor's io_uring).
+
+mod bdev;
+pub mod blocking;
+mod buf;
+mod error;
+mod io;
+mod malloc;
+mod null;
+mod stats;
+mod uring;
+
+pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
+pub use buf::{IO_ALIGN, IoBuf};
+pub use error::BdevError;
+pub use io::{BdevIo, IoCompletion, IoDone, IoType};
+pub use malloc::create_malloc;
+pub use null::create_null;
+pub use stats::{BdevStats, ChannelStats, LatencyHistogram};
+pub use uring::{UringConfig, open_uring};

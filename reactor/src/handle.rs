@@ -1,0 +1,198 @@
+//! Handles for reaching a reactor from any thread: its mailbox, wake-up and statistics.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering, fence};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::error::ReactorError;
+
+/// A cross-core message: a function run on the receiving reactor.
+pub type Message = Box<dyn FnOnce() + Send>;
+
+/// State of one reactor shared with the threads that talk to it.
+pub(crate) struct Shared {
+    pub(crate) index: usize,
+    pub(crate) core: usize,
+    pub(crate) tx: Sender<Message>,
+    /// Set while the reactor is parked (or about to park); senders then ring the eventfd.
+    pub(crate) sleeping: AtomicBool,
+    pub(crate) stop_requested: AtomicBool,
+    pub(crate) eventfd: OwnedFd,
+    pub(crate) tid: AtomicI32,
+    pub(crate) stats: Counters,
+}
+
+/// Loop statistics, written by the reactor only.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) busy_ns: AtomicU64,
+    pub(crate) idle_ns: AtomicU64,
+    pub(crate) passes: AtomicU64,
+    pub(crate) parks: AtomicU64,
+    pub(crate) messages: AtomicU64,
+}
+
+impl Counters {
+    /// Adds to a counter that only the reactor writes: a plain load and store, no
+    /// locked read-modify-write on the hot path.
+    pub(crate) fn bump(counter: &AtomicU64, by: u64) {
+        counter.store(counter.load(Ordering::Relaxed) + by, Ordering::Relaxed);
+    }
+}
+
+/// A point-in-time copy of a reactor's loop statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReactorStats {
+    /// Time spent in passes that found work.
+    pub busy: Duration,
+    /// Time spent in passes that found nothing, or parked.
+    pub idle: Duration,
+    /// Loop passes run.
+    pub passes: u64,
+    /// Times the reactor parked.
+    pub parks: u64,
+    /// Messages executed.
+    pub messages: u64,
+}
+
+impl ReactorStats {
+    /// Share of time spent doing work, 0.0–1.0.
+    pub fn busy_fraction(&self) -> f64 {
+        let total = self.busy + self.idle;
+        if total.is_zero() {
+            0.0
+        } else {
+            self.busy.as_secs_f64() / total.as_secs_f64()
+        }
+    }
+}
+
+/// A cheap, cloneable, thread-safe way to reach one reactor.
+#[derive(Clone)]
+pub struct ReactorHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ReactorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReactorHandle")
+            .field("index", &self.shared.index)
+            .field("core", &self.shared.core)
+            .finish()
+    }
+}
+
+impl ReactorHandle {
+    pub(crate) fn new(
+        index: usize,
+        core: usize,
+        depth: usize,
+        eventfd: OwnedFd,
+    ) -> (Self, Receiver<Message>) {
+        let (tx, rx) = crossbeam_channel::bounded(depth);
+        let shared = Arc::new(Shared {
+            index,
+            core,
+            tx,
+            sleeping: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
+            eventfd,
+            tid: AtomicI32::new(0),
+            stats: Counters::default(),
+        });
+        (Self { shared }, rx)
+    }
+
+    /// Position of this reactor in its set (0-based).
+    pub fn index(&self) -> usize {
+        self.shared.index
+    }
+
+    /// The CPU core the reactor is pinned to.
+    pub fn core(&self) -> usize {
+        self.shared.core
+    }
+
+    /// The reactor thread's kernel thread id (0 until it has started).
+    pub fn tid(&self) -> i32 {
+        self.shared.tid.load(Ordering::Acquire)
+    }
+
+    /// Queues `f` to run on the reactor. Never blocks: a full mailbox is
+    /// [`ReactorError::MailboxFull`] (back-pressure), a stopped reactor
+    /// [`ReactorError::Stopped`].
+    pub fn send(&self, f: impl FnOnce() + Send + 'static) -> Result<(), ReactorError> {
+        self.try_send(Box::new(f)).map_err(|(e, _)| e)
+    }
+
+    /// Like [`send`](Self::send) but hands the message back on failure, so the caller
+    /// can retry it later without re-creating it.
+    pub fn try_send(&self, msg: Message) -> Result<(), (ReactorError, Message)> {
+        let reactor = self.shared.index;
+        match self.shared.tx.try_send(msg) {
+            Ok(()) => {
+                self.wake_if_sleeping();
+                Ok(())
+            }
+            Err(TrySendError::Full(msg)) => Err((ReactorError::MailboxFull { reactor }, msg)),
+            Err(TrySendError::Disconnected(msg)) => Err((ReactorError::Stopped { reactor }, msg)),
+        }
+    }
+
+    /// Runs `f` on the reactor and waits for its result, for threads that are not
+    /// reactors (control plane, tests). Never call it from a reactor: it blocks.
+    pub fn call<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, ReactorError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(move || {
+            let _ = tx.send(f());
+        })?;
+        let reactor = self.shared.index;
+        rx.recv_timeout(timeout).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => ReactorError::Timeout {
+                reactor,
+                millis: timeout.as_millis() as u64,
+            },
+            crossbeam_channel::RecvTimeoutError::Disconnected => ReactorError::Stopped { reactor },
+        })
+    }
+
+    /// Copies the reactor's loop statistics.
+    pub fn stats(&self) -> ReactorStats {
+        let c = &self.shared.stats;
+        ReactorStats {
+            busy: Duration::from_nanos(c.busy_ns.load(Ordering::Relaxed)),
+            idle: Duration::from_nanos(c.idle_ns.load(Ordering::Relaxed)),
+            passes: c.passes.load(Ordering::Relaxed),
+            parks: c.parks.load(Ordering::Relaxed),
+            messages: c.messages.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks the reactor to stop: it runs its stop hooks, drains in-flight work and exits.
+    pub(crate) fn request_stop(&self) {
+        self.shared.stop_requested.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wake_if_sleeping(&self) {
+        // Pairs with the fence in the reactor's park: either it sees our message, or we
+        // see it sleeping and ring the eventfd.
+        fence(Ordering::SeqCst);
+        if self.shared.sleeping.load(Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    pub(crate) fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd this handle keeps open.
+        let _ = unsafe { libc::write(self.shared.eventfd.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+}

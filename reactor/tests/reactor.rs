@@ -1,0 +1,331 @@
+//! Reactor behaviour on real pinned threads: messages, affinity, timers, idle policies,
+//! back-pressure and shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::cell::Cell;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use reactor::io_uring::{opcode, types};
+use reactor::{
+    CoreList, IdlePolicy, PollStatus, ReactorConfig, ReactorError, ReactorSet, current,
+    current_affinity, thread_cpu_time,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+fn all_cores(idle: IdlePolicy) -> ReactorSet {
+    let config = ReactorConfig::new(CoreList::all_available().unwrap()).with_idle(idle);
+    ReactorSet::start(config).unwrap()
+}
+
+#[test]
+fn each_reactor_is_pinned_to_its_core() {
+    let set = all_cores(IdlePolicy::Adaptive);
+    for handle in set.handles() {
+        let affinity = handle.call(T, || current_affinity().unwrap()).unwrap();
+        assert_eq!(affinity, vec![handle.core()], "reactor {}", handle.index());
+        let on = handle.call(T, || current().unwrap().core()).unwrap();
+        assert_eq!(on, handle.core());
+        assert_ne!(handle.tid(), 0);
+    }
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn messages_cross_between_reactors_on_every_core() {
+    let set = all_cores(IdlePolicy::Adaptive);
+    let n = set.len();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    const ROUNDS: usize = 1000;
+    // A token travels round the ring of reactors ROUNDS times; every hop checks it
+    // runs on the reactor it was sent to.
+    fn hop(left: usize, expect: usize, n: usize, tx: crossbeam_channel::Sender<usize>) {
+        let me = current().unwrap();
+        assert_eq!(me.index(), expect);
+        if left == 0 {
+            tx.send(me.index()).unwrap();
+            return;
+        }
+        let next = (expect + 1) % n;
+        me.peers()[next]
+            .send(move || hop(left - 1, next, n, tx))
+            .unwrap();
+    }
+    set.handles()[0]
+        .send(move || hop(ROUNDS * n, 0, n, tx))
+        .unwrap();
+    assert_eq!(rx.recv_timeout(T).unwrap(), 0);
+    let executed: u64 = set.handles().iter().map(|h| h.stats().messages).sum();
+    assert!(executed >= (ROUNDS * n) as u64, "{executed}");
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn asking_for_a_missing_core_is_a_clear_error() {
+    let config = ReactorConfig::new(CoreList::parse("0,4000").unwrap());
+    match ReactorSet::start(config) {
+        Err(ReactorError::CoreUnavailable { core: 4000, .. }) => {}
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("core 4000 should not exist"),
+    }
+}
+
+#[test]
+fn timers_fire_and_cancelled_ones_do_not() {
+    let set = all_cores(IdlePolicy::Interrupt);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    set.call(0, move || {
+        let r = current().unwrap();
+        let start = Instant::now();
+        let one_shot = tx.clone();
+        r.after(Duration::from_millis(30), move || {
+            one_shot.send(("once", start.elapsed())).unwrap();
+        });
+        let cancelled = tx.clone();
+        let id = r.after(Duration::from_millis(10), move || {
+            cancelled.send(("cancelled", start.elapsed())).unwrap();
+        });
+        assert!(r.cancel_timer(id));
+        let ticks = Rc::new(Cell::new(0));
+        let periodic = tx.clone();
+        let poller = Rc::new(Cell::new(None));
+        let me = Rc::clone(&poller);
+        let id = r.register_periodic("tick", Duration::from_millis(5), move || {
+            ticks.set(ticks.get() + 1);
+            if ticks.get() == 5 {
+                periodic.send(("periodic", start.elapsed())).unwrap();
+                // A poller may unregister itself.
+                current().unwrap().unregister_poller(me.get().unwrap());
+            }
+            PollStatus::Busy
+        });
+        poller.set(Some(id));
+    })
+    .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.push(rx.recv_timeout(T).unwrap());
+    }
+    seen.sort_by_key(|(name, _)| *name);
+    assert_eq!(seen[0].0, "once");
+    assert!(seen[0].1 >= Duration::from_millis(30), "{:?}", seen[0]);
+    assert_eq!(seen[1].0, "periodic");
+    assert!(seen[1].1 >= Duration::from_millis(25), "{:?}", seen[1]);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(50)).is_err(),
+        "cancelled timer fired"
+    );
+    let names = set.call(0, || current().unwrap().poller_names()).unwrap();
+    assert!(!names.contains(&"tick"), "{names:?}");
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn idle_adaptive_reactors_use_under_five_percent_of_a_core() {
+    let set = all_cores(IdlePolicy::Adaptive);
+    // A periodic poller (like a keep-alive check) must not keep the reactor spinning.
+    set.call(0, || {
+        current()
+            .unwrap()
+            .register_periodic("slow", Duration::from_millis(100), || PollStatus::Idle);
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let before: Vec<Duration> = set
+        .handles()
+        .iter()
+        .map(|h| thread_cpu_time(h.tid()).unwrap())
+        .collect();
+    let wall = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let elapsed = wall.elapsed();
+    for (h, before) in set.handles().iter().zip(before) {
+        let used = thread_cpu_time(h.tid()).unwrap() - before;
+        let share = used.as_secs_f64() / elapsed.as_secs_f64();
+        assert!(
+            share < 0.05,
+            "reactor {} used {:.1} % of a core idle",
+            h.index(),
+            share * 100.0
+        );
+        assert!(h.stats().parks > 0);
+    }
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn busy_reactors_never_park_and_interrupt_ones_do() {
+    let cores = CoreList::from_cores(&CoreList::available()[..1]).unwrap();
+    let busy =
+        ReactorSet::start(ReactorConfig::new(cores.clone()).with_idle(IdlePolicy::Busy)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let stats = busy.handles()[0].stats();
+    busy.shutdown().unwrap();
+    assert_eq!(stats.parks, 0);
+    assert!(stats.passes > 1000, "{stats:?}");
+
+    let parking =
+        ReactorSet::start(ReactorConfig::new(cores).with_idle(IdlePolicy::Interrupt)).unwrap();
+    for _ in 0..10 {
+        parking.call(0, || ()).unwrap();
+    }
+    let stats = parking.handles()[0].stats();
+    assert!(stats.parks >= 10, "{stats:?}");
+    assert!(stats.passes < 1000, "{stats:?}");
+    parking.shutdown().unwrap();
+}
+
+#[test]
+fn full_mailbox_is_back_pressure() {
+    let mut config = ReactorConfig::new(CoreList::from_cores(&CoreList::available()[..1]).unwrap());
+    config.mailbox_depth = 4;
+    let set = ReactorSet::start(config).unwrap();
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+    let h = &set.handles()[0];
+    h.send(move || {
+        entered_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+    })
+    .unwrap();
+    entered_rx.recv_timeout(T).unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    for _ in 0..4 {
+        let ran = Arc::clone(&ran);
+        h.send(move || {
+            ran.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    }
+    let refused = h.send(|| {});
+    assert!(
+        matches!(refused, Err(ReactorError::MailboxFull { reactor: 0 })),
+        "{refused:?}"
+    );
+    release_tx.send(()).unwrap();
+    set.shutdown().unwrap();
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        4,
+        "queued messages are drained at shutdown"
+    );
+}
+
+#[test]
+fn per_core_channels_are_one_per_reactor() {
+    let set = all_cores(IdlePolicy::Adaptive);
+    let ids: Vec<(usize, usize)> = set
+        .handles()
+        .iter()
+        .map(|h| {
+            h.call(T, || {
+                let r = current().unwrap();
+                let a = r.channel(7, || Ok::<_, ()>(r.index())).unwrap();
+                let b = r.channel(7, || Ok::<_, ()>(usize::MAX)).unwrap();
+                assert!(Rc::ptr_eq(&a, &b), "second lookup must reuse the channel");
+                (*a, Rc::as_ptr(&a) as usize)
+            })
+            .unwrap()
+        })
+        .collect();
+    for (i, (value, _)) in ids.iter().enumerate() {
+        assert_eq!(*value, i);
+    }
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_completes_in_flight_ring_operations() {
+    let set = all_cores(IdlePolicy::Adaptive);
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let submitted = 64;
+    let sink = Arc::clone(&results);
+    set.call(0, move || {
+        let r = current().unwrap();
+        for i in 0..submitted {
+            // A 20 ms timeout op stands in for slow I/O; its timespec is owned by the
+            // completion closure.
+            let ts = Box::new(types::Timespec::new().nsec(20_000_000 + i * 1000));
+            let entry = opcode::Timeout::new(&*ts).build();
+            let sink = Arc::clone(&sink);
+            // SAFETY: `ts` is moved into the completion closure, so it outlives the op.
+            unsafe {
+                r.submit(
+                    entry,
+                    Box::new(move |res| {
+                        drop(ts);
+                        sink.lock().unwrap().push(res);
+                    }),
+                )
+            };
+        }
+    })
+    .unwrap();
+    set.shutdown().unwrap();
+    let results = results.lock().unwrap();
+    assert_eq!(
+        results.len(),
+        submitted as usize,
+        "every operation completed"
+    );
+    assert!(results.iter().all(|&r| r == -libc::ETIME), "{results:?}");
+}
+
+#[test]
+fn shutdown_cancels_operations_that_never_finish() {
+    let mut config = ReactorConfig::new(CoreList::from_cores(&CoreList::available()[..1]).unwrap());
+    config.drain_timeout = Duration::from_millis(100);
+    let set = ReactorSet::start(config).unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    set.call(0, move || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let mut buf = vec![0u8; 64];
+        let entry = opcode::Read::new(types::Fd(reader.as_raw_fd()), buf.as_mut_ptr(), 64).build();
+        // SAFETY: the buffer and both pipe ends move into the closure, outliving the read.
+        unsafe {
+            current().unwrap().submit(
+                entry,
+                Box::new(move |res| {
+                    drop((buf, reader, writer));
+                    tx.send(res).unwrap();
+                }),
+            )
+        };
+    })
+    .unwrap();
+    let started = Instant::now();
+    set.shutdown().unwrap();
+    assert_eq!(rx.recv_timeout(T).unwrap(), -libc::ECANCELED);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn stopped_reactor_refuses_messages() {
+    let set = all_cores(IdlePolicy::Adaptive);
+    let handle = set.handles()[0].clone();
+    set.shutdown().unwrap();
+    assert!(matches!(
+        handle.send(|| {}),
+        Err(ReactorError::Stopped { .. })
+    ));
+}
+
+#[test]
+fn stop_hooks_run_once_at_shutdown() {
+    let set = all_cores(IdlePolicy::Adaptive);
+    let ran = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&ran);
+    set.call(0, move || {
+        current().unwrap().on_stop(move || {
+            assert!(current().unwrap().is_stopping());
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+    })
+    .unwrap();
+    set.shutdown().unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+}
