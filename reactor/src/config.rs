@@ -62,12 +62,12 @@ pub struct ReactorConfig {
 }
 
 impl ReactorConfig {
-    /// Defaults for the given cores: adaptive idle, 50 µs idle spell, 4096-deep mailboxes.
+    /// Defaults for the given cores: adaptive idle, 200 µs idle spell, 4096-deep mailboxes.
     pub fn new(cores: CoreList) -> Self {
         Self {
             cores,
             idle: IdlePolicy::default(),
-            idle_spell: Duration::from_micros(50),
+            idle_spell: Duration::from_micros(200),
             mailbox_depth: 4096,
             message_batch: 64,
             ring_entries: 512,

@@ -34,9 +34,16 @@ pub(crate) struct Ring {
 
 impl Ring {
     pub(crate) fn new(entries: u32, wake_fd: RawFd) -> io::Result<Self> {
+        // Completions arrive as task work; with cooperative task running the kernel
+        // sets a flag instead of interrupting a polling reactor, and the next enter runs
+        // it. Only this thread ever touches the ring (single issuer).
         let uring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(2))
             .setup_clamp()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
             .build(entries)?;
         Ok(Self {
             uring,
@@ -101,7 +108,11 @@ impl Ring {
                     self.backlog.pop_front();
                 }
             }
-            if self.uring.submission().is_empty() {
+            let idle = {
+                let sq = self.uring.submission();
+                sq.is_empty() && !sq.taskrun()
+            };
+            if idle {
                 return Ok(submitted);
             }
             match self.uring.submit() {
