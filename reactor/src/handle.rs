@@ -20,9 +20,23 @@ pub(crate) struct Shared {
     /// Set while the reactor is parked (or about to park); senders then ring the eventfd.
     pub(crate) sleeping: AtomicBool,
     pub(crate) stop_requested: AtomicBool,
+    /// While stopping: nothing queued, deferred or in flight as of the last pass.
+    pub(crate) quiescent: AtomicBool,
+    /// Shutdown coordination shared by every reactor of the set.
+    pub(crate) set_stop: Arc<SetStop>,
     pub(crate) eventfd: OwnedFd,
     pub(crate) tid: AtomicI32,
     pub(crate) stats: Counters,
+}
+
+/// How the reactors of a set agree that all of them, together, have drained: a reactor
+/// may only exit once no reactor has work left that could send it a message.
+#[derive(Default)]
+pub(crate) struct SetStop {
+    /// Bumped whenever a stopping reactor goes from quiescent to busy.
+    pub(crate) epoch: AtomicU64,
+    /// Set by the coordinator once every reactor was quiescent at once.
+    pub(crate) exit: AtomicBool,
 }
 
 /// Loop statistics, written by the reactor only.
@@ -91,6 +105,7 @@ impl ReactorHandle {
         core: usize,
         depth: usize,
         eventfd: OwnedFd,
+        set_stop: Arc<SetStop>,
     ) -> (Self, Receiver<Message>) {
         let (tx, rx) = crossbeam_channel::bounded(depth);
         let shared = Arc::new(Shared {
@@ -99,6 +114,8 @@ impl ReactorHandle {
             tx,
             sleeping: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
+            quiescent: AtomicBool::new(false),
+            set_stop,
             eventfd,
             tid: AtomicI32::new(0),
             stats: Counters::default(),
@@ -179,6 +196,20 @@ impl ReactorHandle {
     pub(crate) fn request_stop(&self) {
         self.shared.stop_requested.store(true, Ordering::SeqCst);
         self.wake();
+    }
+
+    /// Publishes whether the (stopping) reactor is quiescent; going busy bumps the epoch
+    /// before any new work is taken, so the coordinator can see it.
+    pub(crate) fn set_quiescent(&self, quiescent: bool) {
+        let was = self.shared.quiescent.swap(quiescent, Ordering::SeqCst);
+        if was && !quiescent {
+            self.shared.set_stop.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Quiescent as last published, with an empty mailbox.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.shared.quiescent.load(Ordering::SeqCst) && self.shared.tx.is_empty()
     }
 
     fn wake_if_sleeping(&self) {

@@ -232,6 +232,9 @@ impl Reactor {
                 stop_deadline = Some(now + self.drain_timeout);
                 self.begin_stop();
             }
+            if stop_deadline.is_some() && !self.quiescent() {
+                self.handle.set_quiescent(false);
+            }
 
             let work = self.drain_messages(counters)
                 + self.run_deferred()
@@ -251,7 +254,10 @@ impl Reactor {
             }
 
             if let Some(deadline) = stop_deadline {
-                if self.quiescent() {
+                let quiescent = self.quiescent();
+                self.handle.set_quiescent(quiescent);
+                let exit = self.handle.shared.set_stop.exit.load(Ordering::SeqCst);
+                if exit && (quiescent || (cancelled && self.ring.borrow().in_flight() == 0)) {
                     break;
                 }
                 if !cancelled && after >= deadline {
@@ -259,7 +265,8 @@ impl Reactor {
                     cancelled = true;
                 }
                 if work == 0 {
-                    self.park(Some(deadline.max(after + Duration::from_millis(1))))?;
+                    // Short naps: the coordinator's exit signal also rings the eventfd.
+                    self.park(Some(after + Duration::from_millis(1)))?;
                     pass_start = Instant::now();
                 }
                 continue;

@@ -4,19 +4,22 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::ReactorConfig;
 use crate::cpu::current_tid;
 use crate::error::ReactorError;
-use crate::handle::ReactorHandle;
+use crate::handle::{ReactorHandle, SetStop};
 use crate::reactor::Reactor;
 
 /// Running reactors. Dropping the set stops them (as [`ReactorSet::shutdown`] does).
 pub struct ReactorSet {
     handles: Arc<[ReactorHandle]>,
     threads: Vec<Option<JoinHandle<Result<(), ReactorError>>>>,
+    set_stop: Arc<SetStop>,
+    drain_timeout: Duration,
 }
 
 impl ReactorSet {
@@ -29,14 +32,20 @@ impl ReactorSet {
         }
         let mut handles = Vec::new();
         let mut inboxes = Vec::new();
+        let set_stop = Arc::new(SetStop::default());
         for (index, &core) in config.cores.cores().iter().enumerate() {
             let eventfd = new_eventfd().map_err(|source| ReactorError::Setup {
                 core,
                 what: "eventfd",
                 source,
             })?;
-            let (handle, inbox) =
-                ReactorHandle::new(index, core, config.mailbox_depth.max(1), eventfd);
+            let (handle, inbox) = ReactorHandle::new(
+                index,
+                core,
+                config.mailbox_depth.max(1),
+                eventfd,
+                Arc::clone(&set_stop),
+            );
             handles.push(handle);
             inboxes.push(inbox);
         }
@@ -44,6 +53,8 @@ impl ReactorSet {
         let mut set = Self {
             handles: Arc::clone(&handles),
             threads: Vec::new(),
+            set_stop,
+            drain_timeout: config.drain_timeout,
         };
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(handles.len());
         for (handle, inbox) in handles.iter().cloned().zip(inboxes) {
@@ -157,6 +168,11 @@ impl ReactorSet {
         for handle in self.handles.iter() {
             handle.request_stop();
         }
+        self.await_global_quiescence();
+        self.set_stop.exit.store(true, Ordering::SeqCst);
+        for handle in self.handles.iter() {
+            handle.wake();
+        }
         let mut first_error = None;
         for (index, thread) in self.threads.iter_mut().enumerate() {
             let Some(thread) = thread.take() else {
@@ -171,6 +187,33 @@ impl ReactorSet {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl ReactorSet {
+    /// Waits until every reactor is drained at one moment: all report quiescent with
+    /// empty mailboxes and none went busy while we looked (the epoch did not move). Only
+    /// then can no reactor receive a message from another one still working. Gives up
+    /// after twice the drain timeout (reactors then cancel what is left) or when a
+    /// reactor thread has already ended.
+    fn await_global_quiescence(&self) {
+        let give_up = Instant::now() + self.drain_timeout * 2;
+        while Instant::now() < give_up {
+            let before = self.set_stop.epoch.load(Ordering::SeqCst);
+            let drained = self.handles.iter().all(ReactorHandle::is_drained);
+            let after = self.set_stop.epoch.load(Ordering::SeqCst);
+            if drained && before == after {
+                return;
+            }
+            let ended = self
+                .threads
+                .iter()
+                .any(|t| t.as_ref().is_none_or(JoinHandle::is_finished));
+            if ended {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 }
 

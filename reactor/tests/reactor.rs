@@ -171,6 +171,9 @@ fn busy_reactors_never_park_and_interrupt_ones_do() {
     let parking =
         ReactorSet::start(ReactorConfig::new(cores).with_idle(IdlePolicy::Interrupt)).unwrap();
     for _ in 0..10 {
+        // Give the reactor time to go idle and park before each message, so
+        // every message must wake it.
+        std::thread::sleep(Duration::from_millis(5));
         parking.call(0, || ()).unwrap();
     }
     let stats = parking.handles()[0].stats();
@@ -328,4 +331,28 @@ fn stop_hooks_run_once_at_shutdown() {
     .unwrap();
     set.shutdown().unwrap();
     assert_eq!(ran.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn shutdown_waits_for_messages_between_reactors() {
+    // Work started while stopping (here: a chain of hops between cores) must finish:
+    // no reactor may exit while another can still send it a message.
+    let set = all_cores(IdlePolicy::Adaptive);
+    let hops = Arc::new(AtomicUsize::new(0));
+    fn hop(left: usize, hops: Arc<AtomicUsize>) {
+        hops.fetch_add(1, Ordering::SeqCst);
+        if left == 0 {
+            return;
+        }
+        let me = current().unwrap();
+        let next = (me.index() + 1) % me.peers().len();
+        me.peers()[next].send(move || hop(left - 1, hops)).unwrap();
+    }
+    let seen = Arc::clone(&hops);
+    set.call(0, move || {
+        current().unwrap().on_stop(move || hop(2000, seen));
+    })
+    .unwrap();
+    set.shutdown().unwrap();
+    assert_eq!(hops.load(Ordering::SeqCst), 2001);
 }
