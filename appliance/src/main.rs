@@ -1,8 +1,11 @@
 //! `oxd`, the OX appliance daemon.
 //!
-//! Today it has one job, `oxd smoke`: a self-contained run of the pinned reactors and
-//! the block devices. Serving NVMe/TCP and object exchange arrive with their issues.
+//! `oxd --config FILE` serves the block devices and NVMe/TCP subsystems the file names;
+//! `oxd smoke` is a self-contained run of the reactors and block devices. Object
+//! exchange and the control API arrive with their issues.
 
+mod config;
+mod serve;
 mod smoke;
 
 use std::process::ExitCode;
@@ -13,8 +16,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Serve what this TOML configuration names (see examples/nvmf.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -25,8 +31,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
-        Command::Smoke(args) => smoke::run(&args),
+    let cli = Cli::parse();
+    let result = match (cli.command, cli.config) {
+        (Some(Command::Smoke(args)), None) => smoke::run(&args),
+        (None, Some(path)) => serve::run(&path),
+        (Some(_), Some(_)) => Err(anyhow::anyhow!("--config does not apply to subcommands")),
+        (None, None) => Err(anyhow::anyhow!(
+            "nothing to do: give --config FILE to serve, or a subcommand (see --help)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,3 +1,31 @@
 //! NVMe over Fabrics, TCP transport: the target that serves bdevs to NVMe/TCP hosts.
 //!
-//! Not built yet: arrives with the "NVMe/TCP target" issue.
+//! [`Target::start`] binds the listeners of a [`TargetConfig`] (subsystems with their
+//! namespaces, allowed hosts and listeners, plus discovery-only listeners) and serves
+//! them from a set of reactors: each accepted connection is handed to one reactor and
+//! lives there for its whole life, its socket I/O going through that reactor's
+//! io_uring. A controller's state belongs to its admin queue's reactor; its I/O
+//! queues, spread over reactors, reach it only through [`target`]'s registry at
+//! Connect time and by messages at teardown.
+//!
+//! The wire types ([`pdu`], [`cmd`]) are public so that initiators (oxperf) share
+//! them; the target logic is not.
+
+pub mod cmd;
+mod conn;
+mod ctrlr;
+mod error;
+pub mod identify;
+mod io;
+pub mod le;
+mod listener;
+pub mod pdu;
+mod subsystem;
+mod target;
+
+pub use error::NvmfError;
+pub use subsystem::{
+    ADMIN_IN_CAPSULE, DISCOVERY_NQN, HostPolicy, Limits, Namespace, Subsystem, TargetConfig,
+    check_nqn,
+};
+pub use target::Target;

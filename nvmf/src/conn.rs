@@ -1,0 +1,868 @@
+//! One NVMe/TCP connection (a queue pair) on the reactor that owns it.
+//!
+//! Socket I/O goes through the reactor's io_uring: one Recv is always in flight into
+//! the connection's receive buffer, and one SendMsg at a time drains its send queue
+//! (owned segments, so the kernel's view of them stays valid). Received bytes are cut
+//! into PDUs and handled in order; a framing error gets a C2HTermReq and the
+//! connection closes, without disturbing any other connection.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bdev::IoBuf;
+use reactor::io_uring::{opcode, types};
+use reactor::{Reactor, current};
+
+use crate::cmd::{
+    Cqe, Direction, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, fctype,
+};
+use crate::ctrlr::{self, Controller, Reply};
+use crate::io;
+use crate::pdu::{
+    self, CAPSULE_CMD_HLEN, CH_LEN, CommonHeader, DataHeader, Digests, FLAG_DATA_LAST,
+    FLAG_DATA_SUCCESS, Fatal, Fes, IC_LEN, IcReq, IcResp, PduType, SHORT_HLEN,
+};
+use crate::subsystem::{ADMIN_IN_CAPSULE, Subsystem};
+use crate::target::{CtrlShared, TargetShared};
+
+/// Segments handed to one SendMsg at most.
+const MAX_IOV: usize = 64;
+
+thread_local! {
+    /// Connections on this reactor, by ID, so controller teardown can reach them.
+    static CONNS: RefCell<HashMap<u64, Weak<Conn>>> = RefCell::new(HashMap::new());
+}
+
+/// Closes the connection `id` if it lives on this reactor.
+pub(crate) fn close_by_id(id: u64) {
+    let conn = CONNS.with(|c| c.borrow().get(&id).and_then(Weak::upgrade));
+    if let Some(conn) = conn {
+        conn.close();
+    }
+}
+
+/// Registers a stop hook on this reactor that closes every connection on it.
+pub(crate) fn close_all_on_stop() {
+    if let Some(r) = current() {
+        r.on_stop(|| {
+            let conns: Vec<Rc<Conn>> =
+                CONNS.with(|c| c.borrow().values().filter_map(Weak::upgrade).collect());
+            for c in conns {
+                c.close();
+            }
+        });
+    }
+}
+
+/// Data a reply carries back to the host.
+pub(crate) enum Payload {
+    Vec(Vec<u8>),
+    Buf(IoBuf),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Vec(v) => v,
+            Self::Buf(b) => b,
+        }
+    }
+}
+
+/// One piece of the send queue, with how much of it has been sent.
+struct Seg {
+    data: Payload,
+    len: usize,
+    sent: usize,
+}
+
+impl Seg {
+    fn vec(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Self {
+            data: Payload::Vec(v),
+            len,
+            sent: 0,
+        }
+    }
+}
+
+/// What this connection is after Connect.
+pub(crate) enum Queue {
+    /// The admin queue; it owns the controller.
+    Admin(Rc<RefCell<Controller>>),
+    /// An I/O queue of a controller that lives elsewhere.
+    Io {
+        qid: u16,
+        ctrl: Arc<CtrlShared>,
+        subsystem: Arc<Subsystem>,
+    },
+}
+
+/// A write waiting for its data (R2T sent).
+struct PendingWrite {
+    sqe: Sqe,
+    buf: IoBuf,
+    received: u32,
+    failed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitIcReq,
+    Ready,
+    /// A TermReq is queued; close once it is sent.
+    Terminating,
+    Closed,
+}
+
+struct State {
+    phase: Phase,
+    digests: Digests,
+    /// Host PDU data alignment in bytes.
+    hpda: usize,
+    /// Receive buffer; `None` while a Recv owns it.
+    rx: Option<Vec<u8>>,
+    rx_start: usize,
+    rx_end: usize,
+    tx: VecDeque<Seg>,
+    sending: bool,
+    queue: Option<Queue>,
+    sqsize: u16,
+    sqhd: u16,
+    sq_flow_off: bool,
+    cids: HashSet<u16>,
+    writes: HashMap<u16, PendingWrite>,
+    free_ttags: Vec<u16>,
+    counted: bool,
+}
+
+/// A connection. Shared (`Rc`) by its in-flight socket and block operations.
+pub(crate) struct Conn {
+    id: u64,
+    fd: OwnedFd,
+    pub(crate) target: Arc<TargetShared>,
+    pub(crate) local: SocketAddr,
+    reactor: Rc<Reactor>,
+    st: RefCell<State>,
+    max_pdu: usize,
+}
+
+impl Conn {
+    /// Takes over an accepted socket on the current reactor.
+    pub(crate) fn start(target: Arc<TargetShared>, fd: OwnedFd, local: SocketAddr) {
+        let Some(reactor) = current() else { return };
+        set_nodelay(&fd);
+        let l = &target.limits;
+        let max_pdu = (CAPSULE_CMD_HLEN + 8 + l.in_capsule.max(ADMIN_IN_CAPSULE) as usize)
+            .max(SHORT_HLEN + 8 + l.max_h2c_data as usize)
+            .max(IC_LEN);
+        let over_limit = target.connections.fetch_add(1, Ordering::SeqCst) >= l.max_connections;
+        let conn = Rc::new(Conn {
+            id: target.next_conn_id(),
+            fd,
+            local,
+            reactor,
+            max_pdu,
+            st: RefCell::new(State {
+                phase: Phase::AwaitIcReq,
+                digests: Digests::default(),
+                hpda: 4,
+                rx: Some(vec![0u8; (2 * max_pdu).max(64 << 10)]),
+                rx_start: 0,
+                rx_end: 0,
+                tx: VecDeque::new(),
+                sending: false,
+                queue: None,
+                sqsize: 0,
+                sqhd: 0,
+                sq_flow_off: false,
+                cids: HashSet::new(),
+                writes: HashMap::new(),
+                free_ttags: Vec::new(),
+                counted: !over_limit,
+            }),
+            target,
+        });
+        if over_limit {
+            // Counted only when admitted; Connect on this one fails with "busy".
+            conn.target.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+        CONNS.with(|c| c.borrow_mut().insert(conn.id, Rc::downgrade(&conn)));
+        conn.recv();
+    }
+
+    /// Whether this connection was admitted under the connection limit.
+    pub(crate) fn admitted(&self) -> bool {
+        self.st.borrow().counted
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn reactor(&self) -> &Rc<Reactor> {
+        &self.reactor
+    }
+
+    /// Closes the connection: the socket is shut down (in-flight socket operations
+    /// complete with errors and drop their references) and, for an admin queue, the
+    /// controller and its I/O queues are torn down.
+    pub(crate) fn close(self: &Rc<Self>) {
+        let (queue, counted) = {
+            let mut st = self.st.borrow_mut();
+            if st.phase == Phase::Closed {
+                return;
+            }
+            st.phase = Phase::Closed;
+            st.tx.clear();
+            st.writes.clear();
+            (st.queue.take(), std::mem::take(&mut st.counted))
+        };
+        // SAFETY: shutdown on a descriptor we own; it stays open until `self` drops.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        if counted {
+            self.target.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+        match queue {
+            Some(Queue::Admin(ctrl)) => ctrlr::teardown(&ctrl, &self.target),
+            Some(Queue::Io { qid, ctrl, .. }) => {
+                let mut q = ctrl.queues();
+                if q.get(&qid).is_some_and(|r| r.conn_id == self.id) {
+                    q.remove(&qid);
+                }
+            }
+            None => {}
+        }
+        CONNS.with(|c| c.borrow_mut().remove(&self.id));
+    }
+
+    // ---------------------------------------------------------------- receive side
+
+    fn recv(self: &Rc<Self>) {
+        let (mut buf, end) = {
+            let mut st = self.st.borrow_mut();
+            if st.phase == Phase::Closed {
+                return;
+            }
+            let Some(mut buf) = st.rx.take() else { return };
+            // Compact so that a whole PDU of up to `max_pdu` bytes fits after `rx_start`.
+            if st.rx_start > 0 && buf.len() - st.rx_start < self.max_pdu + CH_LEN {
+                let (s, e) = (st.rx_start, st.rx_end);
+                buf.copy_within(s..e, 0);
+                st.rx_start = 0;
+                st.rx_end = e - s;
+            }
+            (buf, st.rx_end)
+        };
+        let spare = buf.len() - end;
+        let ptr = buf[end..].as_mut_ptr();
+        let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, spare as u32).build();
+        let this = Rc::clone(self);
+        // SAFETY: the buffer is moved into the completion closure, so it outlives the
+        // operation and nothing else touches it meanwhile; moving a Vec leaves its heap
+        // allocation (where `ptr` points) in place.
+        unsafe {
+            self.reactor
+                .submit(entry, Box::new(move |res| this.received(buf, res)))
+        };
+    }
+
+    fn received(self: &Rc<Self>, buf: Vec<u8>, res: i32) {
+        if res <= 0 {
+            // EOF, reset, or cancellation at shutdown.
+            self.close();
+            return;
+        }
+        {
+            let mut st = self.st.borrow_mut();
+            st.rx_end += res as usize;
+            st.rx = Some(buf);
+        }
+        self.process_rx();
+        self.recv();
+    }
+
+    /// Handles every complete PDU in the receive buffer.
+    fn process_rx(self: &Rc<Self>) {
+        loop {
+            let (buf, start, end) = {
+                let mut st = self.st.borrow_mut();
+                if !matches!(st.phase, Phase::AwaitIcReq | Phase::Ready) {
+                    return;
+                }
+                let Some(buf) = st.rx.take() else { return };
+                (buf, st.rx_start, st.rx_end)
+            };
+            let avail = &buf[start..end];
+            let consumed = match self.next_pdu(avail) {
+                Ok(Some(n)) => n,
+                Ok(None) => 0,
+                Err(fatal) => {
+                    // Echo the offending header (a fatal error implies at least a
+                    // common header's worth of bytes).
+                    let hlen = usize::from(avail.get(2).copied().unwrap_or(0));
+                    let echo = avail[..hlen.clamp(CH_LEN, 152).min(avail.len())].to_vec();
+                    self.st.borrow_mut().rx = Some(buf);
+                    self.terminate(fatal, &echo);
+                    return;
+                }
+            };
+            let mut st = self.st.borrow_mut();
+            st.rx = Some(buf);
+            if consumed == 0 {
+                if st.rx_start == st.rx_end {
+                    st.rx_start = 0;
+                    st.rx_end = 0;
+                }
+                return;
+            }
+            st.rx_start += consumed;
+        }
+    }
+
+    /// Handles the PDU at the start of `avail` if it is complete; returns its length.
+    fn next_pdu(self: &Rc<Self>, avail: &[u8]) -> Result<Option<usize>, Fatal> {
+        let Some(ch_bytes) = avail.first_chunk::<CH_LEN>() else {
+            return Ok(None);
+        };
+        let ch = CommonHeader::parse(ch_bytes);
+        let pdu_type = ch.pdu_type()?;
+        let plen = ch.plen as usize;
+        if plen > self.max_pdu || plen < CH_LEN {
+            return Err(Fatal::new(Fes::InvalidHeaderField, 4));
+        }
+        if avail.len() < plen {
+            return Ok(None);
+        }
+        let pdu = &avail[..plen];
+        let phase = self.st.borrow().phase;
+        match (phase, pdu_type) {
+            (Phase::AwaitIcReq, PduType::IcReq) => self.on_icreq(pdu)?,
+            (Phase::AwaitIcReq, _) | (Phase::Ready, PduType::IcReq) => {
+                return Err(Fatal::new(Fes::SequenceError, 0));
+            }
+            (Phase::Ready, PduType::CapsuleCmd) => self.on_capsule(&ch, pdu)?,
+            (Phase::Ready, PduType::H2CData) => self.on_h2c_data(&ch, pdu)?,
+            (Phase::Ready, PduType::H2CTermReq) => {
+                self.close();
+                return Ok(Some(plen));
+            }
+            _ => return Err(Fatal::new(Fes::InvalidHeaderField, 0)),
+        }
+        Ok(Some(plen))
+    }
+
+    fn on_icreq(self: &Rc<Self>, pdu: &[u8]) -> Result<(), Fatal> {
+        let req = IcReq::decode(pdu)?;
+        let digests = Digests {
+            header: req.hdgst,
+            data: req.ddgst,
+        };
+        {
+            let mut st = self.st.borrow_mut();
+            st.digests = digests;
+            st.hpda = (usize::from(req.hpda) + 1) * 4;
+            st.phase = Phase::Ready;
+        }
+        let resp = IcResp {
+            pfv: 0,
+            cpda: 0,
+            hdgst: req.hdgst,
+            ddgst: req.ddgst,
+            maxh2cdata: self.target.limits.max_h2c_data,
+        };
+        self.send_bytes(resp.encode().to_vec());
+        Ok(())
+    }
+
+    fn on_capsule(self: &Rc<Self>, ch: &CommonHeader, pdu: &[u8]) -> Result<(), Fatal> {
+        let digests = self.st.borrow().digests;
+        let has_ddgst = pdu::check_frame(ch, CAPSULE_CMD_HLEN, digests, self.max_pdu)?;
+        if digests.header
+            && pdu[CAPSULE_CMD_HLEN..CAPSULE_CMD_HLEN + 4] != pdu::digest(&pdu[..CAPSULE_CMD_HLEN])
+        {
+            return Err(Fatal::new(Fes::HeaderDigest, 0));
+        }
+        let mut raw = [0u8; 64];
+        raw.copy_from_slice(&pdu[8..72]);
+        let sqe = Sqe(raw);
+        let hd = CAPSULE_CMD_HLEN + digests.hdgst_len();
+        let data_end = pdu.len() - if has_ddgst { 4 } else { 0 };
+        let in_capsule = if pdu.len() > hd {
+            let data = &pdu[usize::from(ch.pdo)..data_end];
+            if has_ddgst && pdu[data_end..] != pdu::digest(data) {
+                // Data digest error: the command fails, the connection survives.
+                self.admit(&sqe);
+                self.reply(&sqe, Status::TRANSIENT_TRANSPORT.into(), None, 0);
+                return Ok(());
+            }
+            Some(data)
+        } else {
+            None
+        };
+        self.command(sqe, in_capsule);
+        Ok(())
+    }
+
+    /// Counts a received command toward the submission queue head.
+    fn admit(&self, sqe: &Sqe) -> bool {
+        let mut st = self.st.borrow_mut();
+        if st.sqsize > 0 {
+            st.sqhd = (st.sqhd + 1) % (st.sqsize + 1);
+        }
+        let depth = usize::from(st.sqsize) + 1;
+        if st.queue.is_some() && st.cids.len() >= depth {
+            return false;
+        }
+        st.cids.insert(sqe.cid())
+    }
+
+    /// Routes a command once its SGL is checked: data in the capsule, or to be
+    /// fetched with R2T, or to be returned with C2HData.
+    fn command(self: &Rc<Self>, sqe: Sqe, in_capsule: Option<&[u8]>) {
+        let cid_ok = {
+            let conflict = self.st.borrow().cids.contains(&sqe.cid());
+            !conflict && self.admit(&sqe)
+        };
+        if !cid_ok {
+            // Answer without disturbing the command already using this CID.
+            let status = if self.st.borrow().cids.contains(&sqe.cid()) {
+                Status::CID_CONFLICT
+            } else {
+                Status::SEQUENCE_ERROR
+            };
+            self.send_resp(Cqe::new(sqe.cid(), status));
+            return;
+        }
+        let (in_capsule_limit, max_xfer) = {
+            let st = self.st.borrow();
+            match &st.queue {
+                Some(Queue::Io { .. }) => (
+                    self.target.limits.in_capsule,
+                    self.target.limits.max_io_size,
+                ),
+                _ => (ADMIN_IN_CAPSULE, self.target.limits.max_io_size),
+            }
+        };
+        let len = sqe.sgl_len();
+        match sqe.direction() {
+            Direction::HostToCtrl => {
+                if let Some(data) = in_capsule {
+                    if sqe.sgl_id() != SGL_DATA_BLOCK_OFFSET {
+                        return self.reply(&sqe, Status::SGL_TYPE_INVALID.into(), None, 0);
+                    }
+                    if sqe.sgl_addr() != 0 {
+                        return self.reply(&sqe, Status::SGL_OFFSET_INVALID.into(), None, 0);
+                    }
+                    if data.len() != len as usize || len > in_capsule_limit {
+                        return self.reply(&sqe, Status::SGL_LENGTH_INVALID.into(), None, 0);
+                    }
+                    let buf = IoBuf::from_slice(data);
+                    self.execute(sqe, Some(buf), len);
+                } else if len == 0 {
+                    self.execute(sqe, None, 0);
+                } else {
+                    if sqe.sgl_id() != SGL_TRANSPORT_DATA_BLOCK {
+                        return self.reply(&sqe, Status::SGL_TYPE_INVALID.into(), None, 0);
+                    }
+                    if len > max_xfer {
+                        return self.reply(&sqe, Status::INVALID_FIELD.into(), None, 0);
+                    }
+                    self.request_data(sqe, len);
+                }
+            }
+            Direction::CtrlToHost => {
+                if in_capsule.is_some() {
+                    return self.reply(&sqe, Status::INVALID_FIELD.into(), None, 0);
+                }
+                if len > 0 && sqe.sgl_id() != SGL_TRANSPORT_DATA_BLOCK {
+                    return self.reply(&sqe, Status::SGL_TYPE_INVALID.into(), None, 0);
+                }
+                if len > max_xfer {
+                    return self.reply(&sqe, Status::INVALID_FIELD.into(), None, 0);
+                }
+                self.execute(sqe, None, len);
+            }
+            Direction::None => {
+                if in_capsule.is_some() {
+                    return self.reply(&sqe, Status::INVALID_FIELD.into(), None, 0);
+                }
+                self.execute(sqe, None, 0)
+            }
+        }
+    }
+
+    /// Sends an R2T for the whole transfer; H2CData PDUs fill the buffer.
+    fn request_data(self: &Rc<Self>, sqe: Sqe, len: u32) {
+        let (ttag, digests) = {
+            let mut st = self.st.borrow_mut();
+            let ttag = match st.free_ttags.pop() {
+                Some(t) => t,
+                None => st.writes.len() as u16,
+            };
+            st.writes.insert(
+                ttag,
+                PendingWrite {
+                    sqe,
+                    buf: IoBuf::new(len as usize),
+                    received: 0,
+                    failed: false,
+                },
+            );
+            (ttag, st.digests)
+        };
+        self.send_bytes(pdu::r2t(digests, sqe.cid(), ttag, 0, len));
+    }
+
+    fn on_h2c_data(self: &Rc<Self>, ch: &CommonHeader, pdu: &[u8]) -> Result<(), Fatal> {
+        let digests = self.st.borrow().digests;
+        let has_ddgst = pdu::check_frame(ch, SHORT_HLEN, digests, self.max_pdu)?;
+        if digests.header && pdu[SHORT_HLEN..SHORT_HLEN + 4] != pdu::digest(&pdu[..SHORT_HLEN]) {
+            return Err(Fatal::new(Fes::HeaderDigest, 0));
+        }
+        let h = DataHeader::parse(pdu);
+        let data_end = pdu.len() - if has_ddgst { 4 } else { 0 };
+        let data = pdu
+            .get(usize::from(ch.pdo)..data_end)
+            .ok_or(Fatal::new(Fes::InvalidHeaderField, 3))?;
+        if data.len() != h.length as usize {
+            return Err(Fatal::new(Fes::InvalidHeaderField, 16));
+        }
+        if h.length > self.target.limits.max_h2c_data {
+            return Err(Fatal::new(Fes::DataLimitExceeded, 16));
+        }
+        let digest_ok = !has_ddgst || pdu[data_end..] == pdu::digest(data);
+        let done = {
+            let mut st = self.st.borrow_mut();
+            let w = st
+                .writes
+                .get_mut(&h.ttag)
+                .ok_or(Fatal::new(Fes::InvalidHeaderField, 10))?;
+            if w.sqe.cid() != h.cccid {
+                return Err(Fatal::new(Fes::InvalidHeaderField, 8));
+            }
+            if h.offset != w.received {
+                return Err(Fatal::new(Fes::DataOutOfRange, 12));
+            }
+            let end = h.offset as usize + data.len();
+            if end > w.buf.len() {
+                return Err(Fatal::new(Fes::DataOutOfRange, 16));
+            }
+            w.buf[h.offset as usize..end].copy_from_slice(data);
+            w.received = end as u32;
+            w.failed |= !digest_ok;
+            if end == w.buf.len() {
+                st.free_ttags.push(h.ttag);
+                st.writes.remove(&h.ttag)
+            } else {
+                None
+            }
+        };
+        if let Some(w) = done {
+            if w.failed {
+                self.reply(&w.sqe, Status::TRANSIENT_TRANSPORT.into(), None, 0);
+            } else {
+                let len = w.buf.len() as u32;
+                self.execute(w.sqe, Some(w.buf), len);
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- execution
+
+    fn execute(self: &Rc<Self>, sqe: Sqe, data: Option<IoBuf>, xfer: u32) {
+        if sqe.opcode() == FABRICS {
+            return self.fabrics(sqe, data, xfer);
+        }
+        enum Route {
+            Admin(Rc<RefCell<Controller>>),
+            Io(Arc<Subsystem>, Arc<CtrlShared>),
+            None,
+        }
+        let route = match &self.st.borrow().queue {
+            Some(Queue::Admin(c)) => Route::Admin(Rc::clone(c)),
+            Some(Queue::Io {
+                subsystem, ctrl, ..
+            }) => Route::Io(Arc::clone(subsystem), Arc::clone(ctrl)),
+            None => Route::None,
+        };
+        match route {
+            Route::Admin(ctrl) => {
+                let reply = ctrlr::admin(&ctrl, self, &sqe, data.as_deref(), xfer);
+                if let Some(reply) = reply {
+                    self.reply(&sqe, reply, None, xfer);
+                }
+            }
+            Route::Io(subsystem, ctrl) => {
+                if !ctrl.ready.load(Ordering::Relaxed) {
+                    return self.reply(&sqe, Status::NAMESPACE_NOT_READY.into(), None, 0);
+                }
+                io::execute(self, &subsystem, sqe, data, xfer);
+            }
+            Route::None => self.reply(&sqe, Status::SEQUENCE_ERROR.into(), None, 0),
+        }
+    }
+
+    fn fabrics(self: &Rc<Self>, sqe: Sqe, data: Option<IoBuf>, xfer: u32) {
+        let connected = self.st.borrow().queue.is_some();
+        let reply = match (sqe.fctype(), connected) {
+            (fctype::CONNECT, false) => {
+                let outcome = ctrlr::connect(self, &sqe, data.as_deref().unwrap_or_default());
+                match outcome {
+                    Ok(c) => {
+                        let mut st = self.st.borrow_mut();
+                        st.sqsize = c.sqsize;
+                        st.sq_flow_off = c.sq_flow_off;
+                        st.sqhd = 1 % (c.sqsize + 1);
+                        st.queue = Some(c.queue);
+                        drop(st);
+                        c.reply
+                    }
+                    Err(reply) => reply,
+                }
+            }
+            (fctype::CONNECT, true) => Status::SEQUENCE_ERROR.into(),
+            (_, false) => Status::SEQUENCE_ERROR.into(),
+            (fctype::DISCONNECT, true) => {
+                let is_io = matches!(self.st.borrow().queue, Some(Queue::Io { .. }));
+                if is_io {
+                    self.reply(&sqe, Status::SUCCESS.into(), None, 0);
+                    self.st.borrow_mut().phase = Phase::Terminating;
+                    self.maybe_finish_terminating();
+                    return;
+                }
+                Status::INVALID_FIELD.into()
+            }
+            (fctype::PROPERTY_GET | fctype::PROPERTY_SET, true) => {
+                let ctrl = match &self.st.borrow().queue {
+                    Some(Queue::Admin(c)) => Some(Rc::clone(c)),
+                    _ => None,
+                };
+                match ctrl {
+                    Some(c) => ctrlr::property(&c, &self.target, &sqe),
+                    None => Status::INVALID_OPCODE.into(),
+                }
+            }
+            _ => Status::INVALID_OPCODE.into(),
+        };
+        self.reply(&sqe, reply, None, xfer);
+    }
+
+    /// Completes a command: data (from `reply.data` or `payload`) as C2HData, then the
+    /// response capsule, unless the host disabled SQ flow control and the command
+    /// succeeded with data, in which case the last C2HData carries SUCCESS instead.
+    pub(crate) fn reply(
+        self: &Rc<Self>,
+        sqe: &Sqe,
+        reply: Reply,
+        payload: Option<Payload>,
+        xfer: u32,
+    ) {
+        let (digests, hpda, sqhd, flow_off, sqid) = {
+            let mut st = self.st.borrow_mut();
+            if st.phase == Phase::Closed {
+                return;
+            }
+            st.cids.remove(&sqe.cid());
+            let sqid = match &st.queue {
+                Some(Queue::Io { qid, .. }) => *qid,
+                _ => 0,
+            };
+            (st.digests, st.hpda, st.sqhd, st.sq_flow_off, sqid)
+        };
+        let payload = payload.or(reply.data.map(Payload::Vec));
+        let ok = reply.status.is_success();
+        let mut data_sent = false;
+        if let Some(p) = payload
+            && ok
+            && xfer > 0
+        {
+            let len = p.bytes().len().min(xfer as usize);
+            if len > 0 {
+                let success = flow_off;
+                let mut flags = FLAG_DATA_LAST;
+                if success {
+                    flags |= FLAG_DATA_SUCCESS;
+                }
+                let hdr = pdu::data_pdu_header(
+                    PduType::C2HData,
+                    digests,
+                    hpda,
+                    flags,
+                    DataHeader {
+                        cccid: sqe.cid(),
+                        ttag: 0,
+                        offset: 0,
+                        length: len as u32,
+                    },
+                );
+                let ddgst = digests.data.then(|| pdu::digest(&p.bytes()[..len]));
+                let mut st = self.st.borrow_mut();
+                st.tx.push_back(Seg::vec(hdr));
+                st.tx.push_back(Seg {
+                    data: p,
+                    len,
+                    sent: 0,
+                });
+                if let Some(d) = ddgst {
+                    st.tx.push_back(Seg::vec(d.to_vec()));
+                }
+                data_sent = success;
+            }
+        }
+        if !data_sent {
+            let cqe = Cqe {
+                dw0: reply.dw0,
+                dw1: reply.dw1,
+                sqhd: if flow_off { 0xFFFF } else { sqhd },
+                sqid,
+                cid: sqe.cid(),
+                status: reply.status,
+            };
+            self.st
+                .borrow_mut()
+                .tx
+                .push_back(Seg::vec(pdu::capsule_resp(digests, &cqe.encode())));
+        }
+        self.flush();
+    }
+
+    fn send_resp(self: &Rc<Self>, cqe: Cqe) {
+        let digests = self.st.borrow().digests;
+        self.send_bytes(pdu::capsule_resp(digests, &cqe.encode()));
+    }
+
+    // ---------------------------------------------------------------- send side
+
+    fn send_bytes(self: &Rc<Self>, bytes: Vec<u8>) {
+        self.st.borrow_mut().tx.push_back(Seg::vec(bytes));
+        self.flush();
+    }
+
+    /// Starts a SendMsg for queued segments unless one is in flight.
+    fn flush(self: &Rc<Self>) {
+        let mut batch: Vec<Seg> = {
+            let mut st = self.st.borrow_mut();
+            if st.sending || st.tx.is_empty() || st.phase == Phase::Closed {
+                return;
+            }
+            st.sending = true;
+            let n = st.tx.len().min(MAX_IOV);
+            st.tx.drain(..n).collect()
+        };
+        let iov: Vec<libc::iovec> = batch
+            .iter_mut()
+            .map(|s| {
+                let bytes = s.data.bytes();
+                libc::iovec {
+                    iov_base: bytes[s.sent..s.len].as_ptr() as *mut libc::c_void,
+                    iov_len: s.len - s.sent,
+                }
+            })
+            .collect();
+        let mut op = Box::new(SendOp {
+            batch,
+            iov,
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+        });
+        op.msg.msg_iov = op.iov.as_mut_ptr();
+        op.msg.msg_iovlen = op.iov.len();
+        let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &op.msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build();
+        let this = Rc::clone(self);
+        // SAFETY: `op` (the segments, the iovec array and the msghdr that points at
+        // it) is boxed and moved into the completion, so every pointer the kernel
+        // holds stays valid until the operation completes.
+        unsafe {
+            self.reactor
+                .submit(entry, Box::new(move |res| this.sent(*op, res)))
+        };
+    }
+
+    fn sent(self: &Rc<Self>, op: SendOp, res: i32) {
+        if res < 0 {
+            self.close();
+            return;
+        }
+        let mut left = res as usize;
+        let mut unsent = Vec::new();
+        for mut seg in op.batch {
+            let remaining = seg.len - seg.sent;
+            if left >= remaining {
+                left -= remaining;
+            } else {
+                seg.sent += left;
+                left = 0;
+                unsent.push(seg);
+            }
+        }
+        {
+            let mut st = self.st.borrow_mut();
+            st.sending = false;
+            for seg in unsent.into_iter().rev() {
+                st.tx.push_front(seg);
+            }
+        }
+        self.flush();
+        self.maybe_finish_terminating();
+    }
+
+    /// Sends a C2HTermReq for `fatal` and closes once it is out (or after 1 s).
+    fn terminate(self: &Rc<Self>, fatal: Fatal, offending: &[u8]) {
+        {
+            let mut st = self.st.borrow_mut();
+            if st.phase == Phase::Closed {
+                return;
+            }
+            st.phase = Phase::Terminating;
+        }
+        self.send_bytes(pdu::term_req(PduType::C2HTermReq, fatal, offending));
+        let weak = Rc::downgrade(self);
+        self.reactor.after(Duration::from_secs(1), move || {
+            if let Some(c) = weak.upgrade() {
+                c.close();
+            }
+        });
+        self.maybe_finish_terminating();
+    }
+
+    fn maybe_finish_terminating(self: &Rc<Self>) {
+        let done = {
+            let st = self.st.borrow();
+            st.phase == Phase::Terminating && !st.sending && st.tx.is_empty()
+        };
+        if done {
+            self.close();
+        }
+    }
+}
+
+struct SendOp {
+    batch: Vec<Seg>,
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+}
+
+fn set_nodelay(fd: &OwnedFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a pointer to a live c_int of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}

@@ -1,0 +1,227 @@
+//! The running target: listeners bound, reactors chosen, controllers registered.
+//!
+//! Target-wide state that connections on different reactors must agree on (controller
+//! IDs, which I/O queues belong to which controller, the connection count) lives in
+//! [`TargetShared`] behind a mutex that only the control path (Connect, teardown)
+//! takes; the I/O path never touches it.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use reactor::ReactorHandle;
+
+use crate::conn;
+use crate::error::NvmfError;
+use crate::identify::DiscoveryEntry;
+use crate::listener;
+use crate::subsystem::{Limits, Subsystem, TargetConfig};
+
+/// A queue of a controller, as other reactors see it.
+#[derive(Clone)]
+pub(crate) struct QueueRef {
+    pub reactor: ReactorHandle,
+    pub conn_id: u64,
+}
+
+/// The part of a controller that every reactor may read: identity, whether it is
+/// enabled, and where its queues live.
+pub(crate) struct CtrlShared {
+    pub cntlid: u16,
+    /// `None` for a discovery controller.
+    pub subsystem: Option<Arc<Subsystem>>,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    /// CC.EN = 1 and CSTS.RDY = 1.
+    pub ready: AtomicBool,
+    /// I/O queues granted by Set Features (Number of Queues).
+    pub io_queues: AtomicU16,
+    /// Connected I/O queues by queue ID.
+    pub queues: Mutex<HashMap<u16, QueueRef>>,
+}
+
+impl CtrlShared {
+    pub fn queues(&self) -> MutexGuard<'_, HashMap<u16, QueueRef>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes every I/O queue of this controller (reset or teardown).
+    pub fn close_io_queues(&self) {
+        let queues: Vec<QueueRef> = self.queues().drain().map(|(_, q)| q).collect();
+        for q in queues {
+            let id = q.conn_id;
+            // A stopped reactor has closed its connections already.
+            let _ = q.reactor.send(move || conn::close_by_id(id));
+        }
+    }
+}
+
+struct Ctrls {
+    map: HashMap<u16, Arc<CtrlShared>>,
+    next: u16,
+}
+
+/// State shared by every connection of the target.
+pub(crate) struct TargetShared {
+    pub subsystems: Vec<Arc<Subsystem>>,
+    pub limits: Limits,
+    /// Every address listened on; a listener's index is its port ID.
+    pub listen_addrs: Vec<SocketAddr>,
+    pub reactors: Vec<ReactorHandle>,
+    next_reactor: AtomicUsize,
+    pub connections: AtomicUsize,
+    next_conn_id: AtomicU64,
+    ctrls: Mutex<Ctrls>,
+    pub genctr: AtomicU64,
+}
+
+impl TargetShared {
+    fn ctrls(&self) -> MutexGuard<'_, Ctrls> {
+        self.ctrls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reactor the next accepted connection goes to (round robin).
+    pub fn pick_reactor(&self) -> &ReactorHandle {
+        let i = self.next_reactor.fetch_add(1, Ordering::Relaxed);
+        &self.reactors[i % self.reactors.len()]
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a new controller with a fresh ID; `None` if all IDs are taken.
+    pub fn add_ctrl(&self, make: impl FnOnce(u16) -> CtrlShared) -> Option<Arc<CtrlShared>> {
+        let mut c = self.ctrls();
+        for _ in 0..0xFFEF {
+            let id = c.next;
+            c.next = if c.next >= 0xFFEE { 1 } else { c.next + 1 };
+            if let std::collections::hash_map::Entry::Vacant(slot) = c.map.entry(id) {
+                let ctrl = Arc::new(make(id));
+                slot.insert(Arc::clone(&ctrl));
+                return Some(ctrl);
+            }
+        }
+        None
+    }
+
+    pub fn ctrl(&self, cntlid: u16) -> Option<Arc<CtrlShared>> {
+        self.ctrls().map.get(&cntlid).cloned()
+    }
+
+    /// Removes a controller and closes its I/O queues.
+    pub fn remove_ctrl(&self, cntlid: u16) {
+        let removed = self.ctrls().map.remove(&cntlid);
+        if let Some(ctrl) = removed {
+            ctrl.ready.store(false, Ordering::SeqCst);
+            ctrl.close_io_queues();
+        }
+    }
+
+    /// Number of live controllers.
+    pub fn ctrl_count(&self) -> usize {
+        self.ctrls().map.len()
+    }
+
+    /// Discovery log entries visible to `hostnqn`.
+    pub fn discovery_entries(&self, hostnqn: &str) -> Vec<DiscoveryEntry> {
+        let mut out = Vec::new();
+        for s in &self.subsystems {
+            if !s.hosts.allows(hostnqn) {
+                continue;
+            }
+            for addr in &s.listeners {
+                let port_id = self
+                    .listen_addrs
+                    .iter()
+                    .position(|a| a == addr)
+                    .unwrap_or(0) as u16;
+                out.push(DiscoveryEntry {
+                    nqn: s.nqn.clone(),
+                    addr: *addr,
+                    port_id,
+                    asqsz: self.limits.admin_queue_depth,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A running NVMe/TCP target. Connections live on the reactors it was started on; it
+/// stops serving when those reactors stop.
+pub struct Target {
+    shared: Arc<TargetShared>,
+}
+
+impl Target {
+    /// Validates `config`, binds every listener (port 0 picks a free port; the chosen
+    /// ports are what discovery reports) and starts accepting on `reactors`.
+    pub fn start(mut config: TargetConfig, reactors: &[ReactorHandle]) -> Result<Self, NvmfError> {
+        config.validate()?;
+        if reactors.is_empty() {
+            return Err(NvmfError::Config("no reactors to serve on".into()));
+        }
+        let mut bound: Vec<(SocketAddr, TcpListener)> = Vec::new();
+        for addr in config.listen_addresses() {
+            let listener =
+                TcpListener::bind(addr).map_err(|source| NvmfError::Listen { addr, source })?;
+            bound.push((addr, listener));
+        }
+        let resolve = |a: &SocketAddr| -> SocketAddr {
+            bound
+                .iter()
+                .find(|(configured, _)| configured == a)
+                .and_then(|(_, l)| l.local_addr().ok())
+                .unwrap_or(*a)
+        };
+        for s in &mut config.subsystems {
+            s.listeners = s.listeners.iter().map(resolve).collect();
+        }
+        let listen_addrs: Vec<SocketAddr> = bound
+            .iter()
+            .map(|(a, l)| l.local_addr().unwrap_or(*a))
+            .collect();
+        let shared = Arc::new(TargetShared {
+            subsystems: config.subsystems.into_iter().map(Arc::new).collect(),
+            limits: config.limits,
+            listen_addrs,
+            reactors: reactors.to_vec(),
+            next_reactor: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+            ctrls: Mutex::new(Ctrls {
+                map: HashMap::new(),
+                next: 1,
+            }),
+            genctr: AtomicU64::new(1),
+        });
+        for (i, (_, l)) in bound.into_iter().enumerate() {
+            let local = l.local_addr().map_err(|source| NvmfError::Listen {
+                addr: shared.listen_addrs[i],
+                source,
+            })?;
+            listener::spawn(&shared, &reactors[i % reactors.len()], l, local)?;
+        }
+        for r in reactors {
+            r.send(conn::close_all_on_stop)?;
+        }
+        Ok(Self { shared })
+    }
+
+    /// Addresses the target listens on (ports resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.shared.listen_addrs
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Live controllers (admin queues connected).
+    pub fn controllers(&self) -> usize {
+        self.shared.ctrl_count()
+    }
+}
