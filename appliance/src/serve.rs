@@ -23,13 +23,24 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let set = ReactorSet::start(reactor_config).context("starting reactors")?;
     let target = Target::start(target_config, set.handles()).context("starting NVMe/TCP target")?;
     for s in &config.subsystems {
+        let addrs: Vec<String> = target
+            .listeners_of(&s.nqn)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         println!(
-            "oxd: serving {} ({} namespace(s))",
+            "oxd: serving {} ({} namespace(s)) on {}",
             s.nqn,
-            s.namespaces.len()
+            s.namespaces.len(),
+            addrs.join(" ")
         );
     }
-    println!("oxd: listening on {:?}", target.local_addrs());
+    let all: Vec<String> = target
+        .local_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    println!("oxd: listening on {}", all.join(" "));
     let signal = wait_for_stop_signal(&signals);
     println!("oxd: signal {signal}: stopping");
     set.shutdown().context("stopping reactors")?;

@@ -29,6 +29,17 @@ pub(crate) fn spawn(
             listener,
             local,
         });
+        if let Some(r) = current() {
+            let weak = Rc::downgrade(&l);
+            r.on_stop(move || {
+                if let Some(l) = weak.upgrade() {
+                    // Wakes the pending Accept (it fails with EINVAL) so the reactor
+                    // need not wait for it.
+                    // SAFETY: shutdown on a socket `l` owns and keeps open.
+                    unsafe { libc::shutdown(l.listener.as_raw_fd(), libc::SHUT_RDWR) };
+                }
+            });
+        }
         l.accept();
     })?;
     Ok(())

@@ -215,6 +215,16 @@ impl Target {
         &self.shared.listen_addrs
     }
 
+    /// Resolved listeners of subsystem `nqn` (empty if there is no such subsystem).
+    pub fn listeners_of(&self, nqn: &str) -> Vec<SocketAddr> {
+        self.shared
+            .subsystems
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .map(|s| s.listeners.clone())
+            .unwrap_or_default()
+    }
+
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::Relaxed)

@@ -1,0 +1,83 @@
+//! `oxd --config` rejects bad configuration with an error naming what is wrong.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::Command;
+
+fn oxd_with(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("oxd.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_oxd"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "oxd accepted:\n{config}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+const BDEV: &str = "[[bdev]]\nname = \"m\"\nkind = \"malloc\"\nsize_mib = 8\n";
+
+#[test]
+fn bad_configurations_are_named() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "[reactors]\ncorez = \"0\"\n".into(),
+            "unknown field `corez`",
+        ),
+        (
+            "[reactors]\ncores = \"4096\"\n".into(),
+            "core 4096 is not available",
+        ),
+        ("[reactors]\nidle = \"lazy\"\n".into(), "reactors.idle"),
+        (format!("{BDEV}{BDEV}"), "\"m\" is defined twice"),
+        (
+            "[[bdev]]\nname = \"x\"\nkind = \"tape\"\nsize_mib = 1\n".into(),
+            "kind \"tape\"",
+        ),
+        (
+            "[[bdev]]\nname = \"x\"\nkind = \"uring\"\n".into(),
+            "path is required",
+        ),
+        (
+            format!(
+                "{BDEV}[[subsystem]]\nnqn = \"nqn.2026-11.io.ox:a\"\nlisteners = [\"127.0.0.1\"]\n"
+            ),
+            "is not an address:port",
+        ),
+        (
+            format!("{BDEV}[[subsystem]]\nnqn = \"bad\"\nlisteners = [\"127.0.0.1:0\"]\n"),
+            "\"bad\" is not a valid NQN",
+        ),
+        (
+            format!(
+                "{BDEV}[[subsystem]]\nnqn = \"nqn.2026-11.io.ox:a\"\nlisteners = [\"127.0.0.1:0\"]\nnamespaces = [\"nope\"]\n"
+            ),
+            "no bdev named \"nope\"",
+        ),
+        (
+            "[nvmf]\nmax_io_kib = 3\n".into(),
+            "max I/O size 3072 must be a power of two",
+        ),
+    ];
+    for (config, expected) in cases {
+        let err = oxd_with(&config);
+        assert!(
+            err.contains(expected),
+            "for\n{config}\nexpected {expected:?} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let err = oxd_with(&format!(
+        "{BDEV}[[subsystem]]\nnqn = \"nqn.2026-11.io.ox:a\"\nlisteners = [\"127.0.0.1:{port}\"]\nnamespaces = [\"m\"]\nallow_any_host = true\n"
+    ));
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+}

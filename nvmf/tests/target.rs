@@ -1,0 +1,685 @@
+//! The NVMe/TCP target driven by a scripted host over real loopback TCP: data paths
+//! (in-capsule, R2T, C2H, flow control off), every I/O command, Connect and property
+//! checks, keep-alive, limits, discovery, and hostile input that must end only the
+//! offending connection.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bdev::create_malloc;
+use nvmf::cmd::{FABRICS, Sqe, Status, admin, io};
+use nvmf::pdu::{self, Digests, Fes, IcReq, PduType};
+use nvmf::{HostPolicy, Limits, Namespace, Subsystem, Target, TargetConfig, le};
+use reactor::{CoreList, ReactorConfig, ReactorSet};
+use support::{HOSTNQN, Host, pattern, rw};
+
+const NQN: &str = "nqn.2026-11.io.ox:test";
+const PRIVATE: &str = "nqn.2026-11.io.ox:private";
+const BLOCKS: u64 = 128 * 1024; // 64 MiB of 512-byte blocks
+
+struct Setup {
+    target: Target,
+    addr: SocketAddr,
+    set: Option<ReactorSet>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(set) = self.set.take() {
+            set.shutdown().unwrap();
+        }
+    }
+}
+
+fn setup(limits: Limits) -> Setup {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = TargetConfig {
+        subsystems: vec![
+            Subsystem {
+                nqn: NQN.into(),
+                serial: "OXTEST1".into(),
+                model: "OX test".into(),
+                hosts: HostPolicy::Any,
+                namespaces: vec![
+                    Namespace::new(1, create_malloc("m512", 512, BLOCKS, None).unwrap()),
+                    Namespace::new(2, create_malloc("m4k", 4096, BLOCKS / 8, None).unwrap()),
+                ],
+                listeners: vec![any],
+            },
+            Subsystem {
+                nqn: PRIVATE.into(),
+                serial: "OXTEST2".into(),
+                model: "OX test".into(),
+                hosts: HostPolicy::Only(vec!["nqn.2026-11.io.ox:someone-else".into()]),
+                namespaces: vec![Namespace::new(
+                    1,
+                    create_malloc("p", 512, 2048, None).unwrap(),
+                )],
+                listeners: vec![any],
+            },
+        ],
+        discovery_listeners: vec![],
+        limits,
+    };
+    let target = Target::start(config, set.handles()).unwrap();
+    let addr = target.local_addrs()[0];
+    Setup {
+        target,
+        addr,
+        set: Some(set),
+    }
+}
+
+fn both_digests() -> [Digests; 2] {
+    [
+        Digests::default(),
+        Digests {
+            header: true,
+            data: true,
+        },
+    ]
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn data_round_trips_in_capsule_and_through_r2t() {
+    let s = setup(Limits::default());
+    for digests in both_digests() {
+        let mut a = Host::admin_ready(s.addr, digests, NQN, 2);
+        let mut q = Host::io_queue(s.addr, digests, NQN, a.cntlid, 1);
+        // 4 KiB fits in the capsule; 300 KiB needs R2T and several H2CData PDUs.
+        for (lba, len) in [(0u64, 4096usize), (1000, 300 << 10), (BLOCKS - 8, 4096)] {
+            let data = pattern(lba + len as u64, len);
+            let w = q.write(1, lba, &data, 512);
+            assert_eq!(w.status(), Status::SUCCESS);
+            let r = q.read(1, lba, (len / 512) as u32, 512);
+            assert_eq!(r.status(), Status::SUCCESS);
+            assert!(r.data == data, "data differs at LBA {lba}");
+        }
+        // 4 KiB-block namespace.
+        let data = pattern(9, 16384);
+        assert!(q.write(2, 5, &data, 4096).status().is_success());
+        assert!(q.read(2, 5, 4, 4096).data == data);
+        // Keep alive is accepted.
+        assert!(
+            a.command(Sqe::new(admin::KEEP_ALIVE, 0), &[], 0)
+                .status()
+                .is_success()
+        );
+    }
+}
+
+#[test]
+fn flush_write_zeroes_deallocate_and_compare() {
+    let s = setup(Limits::default());
+    let a = Host::admin_ready(s.addr, Digests::default(), NQN, 1);
+    let mut q = Host::io_queue(s.addr, Digests::default(), NQN, a.cntlid, 1);
+    let data = pattern(3, 8192);
+    assert!(q.write(1, 64, &data, 512).status().is_success());
+
+    let mut flush = Sqe::new(io::FLUSH, 0);
+    flush.set_nsid(1);
+    assert!(q.command(flush, &[], 0).status().is_success());
+
+    // Compare: equal, then different (a media-class miscompare).
+    let cmp = rw(io::COMPARE, 1, 64, 16);
+    assert!(q.command(cmp, &data, 0).status().is_success());
+    let mut other = data.clone();
+    other[100] ^= 1;
+    assert_eq!(q.command(cmp, &other, 0).status(), Status::COMPARE_FAILURE);
+
+    // Write Zeroes on the first 8 blocks.
+    let wz = rw(io::WRITE_ZEROES, 1, 64, 8);
+    assert!(q.command(wz, &[], 0).status().is_success());
+    let r = q.read(1, 64, 16, 512);
+    assert!(r.data[..4096].iter().all(|&b| b == 0));
+    assert_eq!(&r.data[4096..], &data[4096..]);
+
+    // Dataset Management, deallocate the other 8 blocks (two ranges).
+    let mut dsm = Sqe::new(io::DSM, 0);
+    dsm.set_nsid(1);
+    dsm.set_cdw(10, 1); // two ranges
+    dsm.set_cdw(11, 1 << 2);
+    let mut ranges = vec![0u8; 4096];
+    le::put_u32(&mut ranges, 4, 4);
+    le::put_u64(&mut ranges, 8, 72);
+    le::put_u32(&mut ranges, 16 + 4, 4);
+    le::put_u64(&mut ranges, 16 + 8, 76);
+    assert!(q.command(dsm, &ranges, 0).status().is_success());
+    assert!(q.read(1, 64, 16, 512).data.iter().all(|&b| b == 0));
+    // A range past the end is refused.
+    le::put_u64(&mut ranges, 16 + 8, BLOCKS);
+    assert_eq!(
+        q.command(dsm, &ranges, 0).status(),
+        Status::LBA_OUT_OF_RANGE
+    );
+}
+
+#[test]
+fn bad_commands_get_the_right_status() {
+    let s = setup(Limits::default());
+    let mut a = Host::admin_ready(s.addr, Digests::default(), NQN, 1);
+    let mut q = Host::io_queue(s.addr, Digests::default(), NQN, a.cntlid, 1);
+    assert_eq!(
+        q.read(1, BLOCKS - 1, 2, 512).status(),
+        Status::LBA_OUT_OF_RANGE
+    );
+    assert_eq!(
+        q.read(1, u64::MAX, 1, 512).status(),
+        Status::LBA_OUT_OF_RANGE
+    );
+    assert_eq!(q.read(9, 0, 1, 512).status(), Status::INVALID_NAMESPACE);
+    let mut zero_ns = Sqe::new(io::FLUSH, 0);
+    zero_ns.set_nsid(0);
+    assert_eq!(
+        q.command(zero_ns, &[], 0).status(),
+        Status::INVALID_NAMESPACE
+    );
+    assert_eq!(
+        q.command(rw(0x7E, 1, 0, 1), &[], 0).status(),
+        Status::INVALID_OPCODE
+    );
+    // Over MDTS (1 MiB): 4096 blocks of 512 = 2 MiB.
+    let big = q.command(rw(io::READ, 1, 0, 4096), &[], 2 << 20);
+    assert_eq!(big.status(), Status::INVALID_FIELD);
+    // SGL length that disagrees with NLB.
+    let short = q.command(rw(io::READ, 1, 0, 8), &[], 512);
+    assert_eq!(short.status(), Status::SGL_LENGTH_INVALID);
+    // Admin: unknown opcode, bad identify CNS, bad log page, namespace identify.
+    assert_eq!(
+        a.command(Sqe::new(0x7E, 0), &[], 0).status(),
+        Status::INVALID_OPCODE
+    );
+    let mut idf = Sqe::new(admin::IDENTIFY, 0);
+    idf.set_cdw(10, 0x55);
+    assert_eq!(a.command(idf, &[], 4096).status(), Status::INVALID_FIELD);
+    let mut log = Sqe::new(admin::GET_LOG_PAGE, 0);
+    log.set_cdw(10, 0x42 | (127 << 16));
+    assert_eq!(a.command(log, &[], 512).status(), Status::INVALID_LOG_PAGE);
+    // Fabrics commands after Connect on an I/O queue (other than Disconnect).
+    let mut pg = Sqe::new(FABRICS, 0);
+    pg.0[4] = nvmf::cmd::fctype::PROPERTY_GET;
+    assert_eq!(q.command(pg, &[], 0).status(), Status::INVALID_OPCODE);
+    // The queue still works.
+    assert!(q.read(1, 0, 1, 512).status().is_success());
+}
+
+#[test]
+fn identify_and_logs_describe_the_subsystem() {
+    let s = setup(Limits::default());
+    let mut a = Host::admin_ready(s.addr, Digests::default(), NQN, 1);
+    let mut idc = Sqe::new(admin::IDENTIFY, 0);
+    idc.set_cdw(10, 1);
+    let ctrl = a.command(idc, &[], 4096);
+    assert!(ctrl.status().is_success());
+    assert_eq!(le::u16(&ctrl.data, 78), a.cntlid);
+    assert_eq!(le::str0(&ctrl.data, 768, 256), NQN);
+    assert_eq!(le::u32(&ctrl.data, 516), 2); // NN
+    assert_eq!(ctrl.data[77], 8); // MDTS: 1 MiB in 4 KiB units
+    assert_ne!(le::u16(&ctrl.data, 320), 0); // KAS
+    assert!(le::u32(&ctrl.data, 1792) >= 4); // IOCCSZ
+
+    let mut list = Sqe::new(admin::IDENTIFY, 0);
+    list.set_cdw(10, 2);
+    let l = a.command(list, &[], 4096);
+    assert_eq!(
+        (
+            le::u32(&l.data, 0),
+            le::u32(&l.data, 4),
+            le::u32(&l.data, 8)
+        ),
+        (1, 2, 0)
+    );
+
+    let mut idns = Sqe::new(admin::IDENTIFY, 0);
+    idns.set_nsid(2);
+    let ns = a.command(idns, &[], 4096);
+    assert_eq!(le::u64(&ns.data, 0), BLOCKS / 8);
+    assert_eq!((le::u32(&ns.data, 128) >> 16) & 0xFF, 12); // LBADS: 4096
+
+    let mut desc = Sqe::new(admin::IDENTIFY, 0);
+    desc.set_nsid(1);
+    desc.set_cdw(10, 3);
+    let d = a.command(desc, &[], 4096);
+    // EUI-64 (8), NGUID (16), UUID (16), CSI (1), in that order with exact lengths.
+    assert_eq!((d.data[0], d.data[1]), (1, 8));
+    assert_eq!((d.data[12], d.data[13]), (2, 16));
+    assert_eq!((d.data[32], d.data[33]), (3, 16));
+    assert_eq!((d.data[52], d.data[53]), (4, 1));
+    // Stable: asking again gives the same identifiers.
+    assert_eq!(a.command(desc, &[], 4096).data, d.data);
+
+    let mut smart = Sqe::new(admin::GET_LOG_PAGE, 0);
+    smart.set_cdw(10, 0x02 | (127 << 16));
+    let sm = a.command(smart, &[], 512);
+    assert!(sm.status().is_success());
+    assert_eq!(sm.data.len(), 512);
+    // Unaligned log offset.
+    smart.set_cdw(12, 2);
+    assert_eq!(a.command(smart, &[], 512).status(), Status::INVALID_FIELD);
+}
+
+#[test]
+fn connect_checks_name_the_bad_parameter() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let ipo = |c: nvmf::cmd::Cqe| (c.status, c.dw0 & 0xFFFF, c.dw0 >> 16 & 1);
+
+    let mut h = Host::connect(s.addr, d);
+    // A command before Connect.
+    assert_eq!(
+        h.command(Sqe::new(admin::KEEP_ALIVE, 0), &[], 0).status(),
+        Status::SEQUENCE_ERROR
+    );
+    let c = h.fabric_connect(0, 31, "nqn.2026-11.io.ox:nope", HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(ipo(c), (Status::CONNECT_INVALID_PARAM, 256, 1));
+    let c = h.fabric_connect(0, 31, PRIVATE, HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_HOST);
+    let c = h.fabric_connect(0, 4000, NQN, HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(ipo(c), (Status::CONNECT_INVALID_PARAM, 44, 0));
+    let c = h.fabric_connect(0, 31, NQN, "not-an-nqn", 0xFFFF, 0, 0);
+    assert_eq!(ipo(c), (Status::CONNECT_INVALID_PARAM, 512, 1));
+    let c = h.fabric_connect(3, 31, NQN, HOSTNQN, 0x1234, 0, 0);
+    assert_eq!(ipo(c), (Status::CONNECT_INVALID_PARAM, 16, 1));
+
+    let a = Host::admin_ready(s.addr, d, NQN, 2);
+    let mut q = Host::connect(s.addr, d);
+    let c = q.fabric_connect(3, 31, NQN, HOSTNQN, a.cntlid, 0, 0);
+    assert_eq!(
+        ipo(c),
+        (Status::CONNECT_INVALID_PARAM, 42, 0),
+        "qid above granted"
+    );
+    let c = q.fabric_connect(1, 128, NQN, HOSTNQN, a.cntlid, 0, 0);
+    assert_eq!(
+        ipo(c),
+        (Status::CONNECT_INVALID_PARAM, 44, 0),
+        "sqsize above MQES"
+    );
+    let c = q.fabric_connect(1, 31, NQN, "nqn.2026-11.io.ox:other-host", a.cntlid, 0, 0);
+    assert_eq!(
+        ipo(c),
+        (Status::CONNECT_INVALID_PARAM, 512, 1),
+        "host differs"
+    );
+    assert!(
+        q.fabric_connect(1, 31, NQN, HOSTNQN, a.cntlid, 0, 0)
+            .status
+            .is_success()
+    );
+    let mut dup = Host::connect(s.addr, d);
+    let c = dup.fabric_connect(1, 31, NQN, HOSTNQN, a.cntlid, 0, 0);
+    assert_eq!(
+        ipo(c),
+        (Status::CONNECT_INVALID_PARAM, 42, 0),
+        "queue in use"
+    );
+}
+
+#[test]
+fn properties_and_controller_reset() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let mut a = Host::admin_ready(s.addr, d, NQN, 1);
+    let cap = a.prop_get(0, true).cqe.unwrap();
+    let cap = u64::from(cap.dw0) | u64::from(cap.dw1) << 32;
+    assert_eq!(cap & 0xFFFF, 127, "MQES");
+    assert_eq!((cap >> 48) & 0xF, 0, "MPSMIN");
+    assert_eq!(a.prop_get(8, false).cqe.unwrap().dw0, 0x0001_0300);
+    assert_eq!(a.prop_get(0x99, false).status(), Status::INVALID_FIELD);
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    assert!(q.read(1, 0, 1, 512).status().is_success());
+    // CC.EN = 0 resets the controller: its I/O queues are closed.
+    assert!(a.prop_set(0x14, 0).status().is_success());
+    assert!(q.is_closed());
+    assert_eq!(a.prop_get(0x1C, false).cqe.unwrap().dw0 & 1, 0);
+    // Shutdown notification reports completion.
+    assert!(
+        a.prop_set(0x14, (6 << 16) | (4 << 20) | 1)
+            .status()
+            .is_success()
+    );
+    assert!(
+        a.prop_set(0x14, (6 << 16) | (4 << 20) | 1 | (1 << 14))
+            .status()
+            .is_success()
+    );
+    assert_eq!((a.prop_get(0x1C, false).cqe.unwrap().dw0 >> 2) & 3, 2);
+}
+
+#[test]
+fn sq_flow_control_off_reads_end_with_success_flag() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut q = Host::connect(s.addr, d);
+    let c = q.fabric_connect(1, 31, NQN, HOSTNQN, a.cntlid, 0, 0x04);
+    assert!(c.status.is_success());
+    assert_eq!(c.sqhd, 0xFFFF);
+    let data = pattern(5, 4096);
+    assert!(q.write(1, 0, &data, 512).status().is_success());
+    let r = q.read(1, 0, 8, 512);
+    assert!(r.success_flag && r.cqe.is_none());
+    assert!(r.data == data);
+    // Failures still get a response capsule.
+    assert_eq!(q.read(1, BLOCKS, 1, 512).status(), Status::LBA_OUT_OF_RANGE);
+}
+
+#[test]
+fn keep_alive_timeout_tears_down_the_controller_and_its_queues() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let mut a = Host::connect(s.addr, d);
+    assert!(
+        a.fabric_connect(0, 31, NQN, HOSTNQN, 0xFFFF, 1000, 0)
+            .status
+            .is_success()
+    );
+    assert!(
+        a.prop_set(0x14, (6 << 16) | (4 << 20) | 1)
+            .status()
+            .is_success()
+    );
+    let mut sf = Sqe::new(admin::SET_FEATURES, 0);
+    sf.set_cdw(10, 0x07);
+    assert!(a.command(sf, &[], 0).status().is_success());
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    assert_eq!(s.target.controllers(), 1);
+    // Keep-alives keep it alive...
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            a.command(Sqe::new(admin::KEEP_ALIVE, 0), &[], 0)
+                .status()
+                .is_success()
+        );
+    }
+    assert!(q.read(1, 0, 1, 512).status().is_success());
+    // ...silence kills it: admin and I/O queues closed.
+    assert!(a.is_closed());
+    assert!(q.is_closed());
+    wait_until("controller teardown", || s.target.controllers() == 0);
+}
+
+#[test]
+fn connection_limit_is_a_clean_busy_status() {
+    let limits = Limits {
+        max_connections: 2,
+        ..Limits::default()
+    };
+    let s = setup(limits);
+    let d = Digests::default();
+    let first = Host::admin_ready(s.addr, d, NQN, 1);
+    let _second = Host::io_queue(s.addr, d, NQN, first.cntlid, 1);
+    let mut third = Host::connect(s.addr, d);
+    let c = third.fabric_connect(0, 31, NQN, HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_CTRL_BUSY);
+    drop(third);
+    drop(_second);
+    wait_until("connection count to drop", || s.target.connections() == 1);
+    let _again = Host::io_queue(s.addr, d, NQN, first.cntlid, 1);
+}
+
+#[test]
+fn discovery_lists_subsystems_the_host_may_see() {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let v4: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let v6: SocketAddr = "[::1]:0".parse().unwrap();
+    let ipv6 = std::net::TcpListener::bind(v6).is_ok();
+    let mut listeners = vec![v4];
+    if ipv6 {
+        listeners.push(v6);
+    }
+    let sub = |nqn: &str, hosts: HostPolicy| Subsystem {
+        nqn: nqn.into(),
+        serial: "S".into(),
+        model: "M".into(),
+        hosts,
+        namespaces: vec![Namespace::new(
+            1,
+            create_malloc("d", 512, 64, None).unwrap(),
+        )],
+        listeners: listeners.clone(),
+    };
+    let config = TargetConfig {
+        subsystems: vec![
+            sub(NQN, HostPolicy::Any),
+            sub(
+                PRIVATE,
+                HostPolicy::Only(vec!["nqn.2026-11.io.ox:x".into()]),
+            ),
+        ],
+        // A distinct address: "127.0.0.1:0" would be the subsystems' own listener.
+        discovery_listeners: vec!["127.0.0.2:0".parse().unwrap()],
+        limits: Limits::default(),
+    };
+    let target = Target::start(config, set.handles()).unwrap();
+    // The discovery-only listener is the first address.
+    let disc = target.local_addrs()[0];
+    let mut h = Host::connect(disc, Digests::default());
+    let c = h.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0);
+    assert!(c.status.is_success());
+    assert!(
+        h.prop_set(0x14, (6 << 16) | (4 << 20) | 1)
+            .status()
+            .is_success()
+    );
+    let mut idc = Sqe::new(admin::IDENTIFY, 0);
+    idc.set_cdw(10, 1);
+    assert_eq!(
+        h.command(idc, &[], 4096).data[111],
+        2,
+        "CNTRLTYPE discovery"
+    );
+    let mut log = Sqe::new(admin::GET_LOG_PAGE, 0);
+    log.set_cdw(10, 0x70 | (((4096 * 2 / 4) - 1) << 16));
+    let page = h.command(log, &[], 8192);
+    assert!(page.status().is_success());
+    let n = le::u64(&page.data, 8) as usize;
+    assert_eq!(
+        n,
+        listeners.len(),
+        "only the open subsystem, once per listener"
+    );
+    for i in 0..n {
+        let e = &page.data[1024 * (i + 1)..1024 * (i + 2)];
+        assert_eq!(le::str0(e, 256, 256), NQN);
+        assert_eq!(e[0], 3);
+        let addr = le::str0(e, 512, 256).trim_end().to_string();
+        let port = le::str0(e, 32, 32).trim_end().to_string();
+        assert!(
+            target
+                .listeners_of(NQN)
+                .iter()
+                .any(|a| a.ip().to_string() == addr && a.port().to_string() == port)
+        );
+    }
+    // A data subsystem is not reachable through the discovery-only listener.
+    let mut wrong = Host::connect(disc, Digests::default());
+    let c = wrong.fabric_connect(0, 31, NQN, HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAM);
+    if ipv6 {
+        let v6addr = target.listeners_of(NQN)[1];
+        let a = Host::admin_ready(v6addr, Digests::default(), NQN, 1);
+        let mut q = Host::io_queue(v6addr, Digests::default(), NQN, a.cntlid, 1);
+        assert!(q.read(1, 0, 1, 512).status().is_success());
+    }
+    drop(h);
+    set.shutdown().unwrap();
+}
+
+/// Sends `bytes` on a fresh connection (after ICReq when `negotiate`) and expects a
+/// C2HTermReq with `fes` at `offset`, then the connection closed.
+fn expect_fatal(addr: SocketAddr, negotiate: bool, bytes: &[u8], fes: Fes, offset: u32) {
+    let mut h = if negotiate {
+        Host::connect(addr, Digests::default())
+    } else {
+        Host::raw(addr)
+    };
+    h.send(bytes);
+    let p = h.recv().expect("a TermReq before the close");
+    assert_eq!(p.kind(), PduType::C2HTermReq as u8);
+    assert_eq!(pdu::parse_term_req(&p.bytes), Some((fes as u16, offset)));
+    assert!(h.is_closed());
+}
+
+#[test]
+fn protocol_violations_end_only_that_connection() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut good = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+
+    let mut bad_pfv = IcReq {
+        pfv: 0,
+        hpda: 0,
+        hdgst: false,
+        ddgst: false,
+        maxr2t: 0,
+    }
+    .encode();
+    bad_pfv[8] = 1;
+    expect_fatal(s.addr, false, &bad_pfv, Fes::UnsupportedParameter, 8);
+
+    let capsule = pdu::capsule_cmd(d, &Sqe::new(admin::KEEP_ALIVE, 1).0, &[]);
+    expect_fatal(s.addr, false, &capsule, Fes::SequenceError, 0);
+
+    let mut huge = capsule.clone();
+    huge[4..8].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    expect_fatal(s.addr, true, &huge, Fes::InvalidHeaderField, 4);
+
+    let mut bad_hlen = capsule.clone();
+    bad_hlen[2] = 40;
+    expect_fatal(s.addr, true, &bad_hlen, Fes::InvalidHeaderField, 2);
+
+    let mut bad_type = capsule.clone();
+    bad_type[0] = 0x42;
+    expect_fatal(s.addr, true, &bad_type, Fes::InvalidHeaderField, 0);
+
+    let h2c = pdu::data_pdu_header(
+        PduType::H2CData,
+        d,
+        4,
+        pdu::FLAG_DATA_LAST,
+        pdu::DataHeader {
+            cccid: 1,
+            ttag: 77,
+            offset: 0,
+            length: 4,
+        },
+    );
+    let mut h2c = h2c;
+    h2c.extend_from_slice(&[0; 4]);
+    expect_fatal(s.addr, true, &h2c, Fes::InvalidHeaderField, 10);
+
+    // A header digest that does not match.
+    let dg = Digests {
+        header: true,
+        data: false,
+    };
+    let mut h = Host::connect(s.addr, dg);
+    let mut c = pdu::capsule_cmd(dg, &Sqe::new(admin::KEEP_ALIVE, 1).0, &[]);
+    c[72] ^= 0xFF;
+    h.send(&c);
+    let p = h.recv().unwrap();
+    assert_eq!(
+        pdu::parse_term_req(&p.bytes),
+        Some((Fes::HeaderDigest as u16, 0))
+    );
+    assert!(h.is_closed());
+
+    // A second ICReq.
+    expect_fatal(
+        s.addr,
+        true,
+        &IcReq {
+            pfv: 0,
+            hpda: 0,
+            hdgst: false,
+            ddgst: false,
+            maxr2t: 0,
+        }
+        .encode(),
+        Fes::SequenceError,
+        0,
+    );
+
+    // The well-behaved queue carries on.
+    let data = pattern(11, 65536);
+    assert!(good.write(1, 4096, &data, 512).status().is_success());
+    assert!(good.read(1, 4096, 128, 512).data == data);
+}
+
+#[test]
+fn a_data_digest_error_fails_the_command_not_the_connection() {
+    let s = setup(Limits::default());
+    let d = Digests {
+        header: true,
+        data: true,
+    };
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let data = pattern(1, 4096);
+    let mut sqe = rw(io::WRITE, 1, 0, 8);
+    sqe.0[2] = 0x99;
+    sqe.set_sgl(nvmf::cmd::SGL_DATA_BLOCK_OFFSET, 0, 4096);
+    let mut capsule = pdu::capsule_cmd(d, &sqe.0, &data);
+    let n = capsule.len();
+    capsule[n - 1] ^= 0xFF;
+    q.send(&capsule);
+    let p = q.recv().unwrap();
+    let cqe = nvmf::cmd::Cqe::decode(&p.bytes[8..24]);
+    assert_eq!(cqe.status, Status::TRANSIENT_TRANSPORT);
+    // Nothing was written, and the queue still works.
+    assert!(q.read(1, 0, 8, 512).data.iter().all(|&b| b == 0));
+    assert!(q.write(1, 0, &data, 512).status().is_success());
+}
+
+#[test]
+fn random_garbage_never_takes_the_target_down() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut good = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    for seed in 0..200u64 {
+        let negotiate = seed % 2 == 0;
+        let mut h = if negotiate {
+            Host::connect(s.addr, d)
+        } else {
+            Host::raw(s.addr)
+        };
+        let mut junk = pattern(seed, 8 + (seed as usize * 37) % 600);
+        if seed % 3 == 0 {
+            // A plausible header with random contents after it.
+            junk[0] = 4;
+            junk[2] = 72;
+            let plen = junk.len() as u32;
+            junk[4..8].copy_from_slice(&plen.to_le_bytes());
+        }
+        let _ = std::io::Write::write_all(&mut h.sock, &junk);
+        h.sock
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        drop(h);
+        if seed % 50 == 0 {
+            assert!(good.read(1, 0, 1, 512).status().is_success());
+        }
+    }
+    let data = pattern(99, 4096);
+    assert!(good.write(1, 0, &data, 512).status().is_success());
+    assert!(good.read(1, 0, 8, 512).data == data);
+    wait_until("garbage connections to close", || {
+        s.target.connections() == 2
+    });
+}
