@@ -23,10 +23,11 @@ use crate::cmd::{
     Cqe, Direction, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, fctype,
 };
 use crate::ctrlr::{self, Controller, Reply};
+use crate::framing::{FrameCtx, HostPdu, next_host_pdu};
 use crate::io;
 use crate::pdu::{
-    self, CAPSULE_CMD_HLEN, CH_LEN, CommonHeader, DataHeader, Digests, FLAG_DATA_LAST,
-    FLAG_DATA_SUCCESS, Fatal, Fes, IC_LEN, IcReq, IcResp, PduType, SHORT_HLEN,
+    self, CAPSULE_CMD_HLEN, CH_LEN, DataHeader, Digests, FLAG_DATA_LAST, FLAG_DATA_SUCCESS, Fatal,
+    Fes, IC_LEN, IcReq, IcResp, PduType, SHORT_HLEN,
 };
 use crate::subsystem::{ADMIN_IN_CAPSULE, Subsystem};
 use crate::target::{CtrlShared, TargetShared};
@@ -329,38 +330,41 @@ impl Conn {
 
     /// Handles the PDU at the start of `avail` if it is complete; returns its length.
     fn next_pdu(self: &Rc<Self>, avail: &[u8]) -> Result<Option<usize>, Fatal> {
-        let Some(ch_bytes) = avail.first_chunk::<CH_LEN>() else {
+        let ctx = {
+            let st = self.st.borrow();
+            FrameCtx {
+                negotiated: st.phase != Phase::AwaitIcReq,
+                digests: st.digests,
+                max_pdu: self.max_pdu,
+                max_h2c_data: self.target.limits.max_h2c_data,
+            }
+        };
+        let Some((pdu, len)) = next_host_pdu(avail, &ctx)? else {
             return Ok(None);
         };
-        let ch = CommonHeader::parse(ch_bytes);
-        let pdu_type = ch.pdu_type()?;
-        let plen = ch.plen as usize;
-        if plen > self.max_pdu || plen < CH_LEN {
-            return Err(Fatal::new(Fes::InvalidHeaderField, 4));
-        }
-        if avail.len() < plen {
-            return Ok(None);
-        }
-        let pdu = &avail[..plen];
-        let phase = self.st.borrow().phase;
-        match (phase, pdu_type) {
-            (Phase::AwaitIcReq, PduType::IcReq) => self.on_icreq(pdu)?,
-            (Phase::AwaitIcReq, _) | (Phase::Ready, PduType::IcReq) => {
-                return Err(Fatal::new(Fes::SequenceError, 0));
+        match pdu {
+            HostPdu::IcReq(req) => self.on_icreq(req),
+            HostPdu::Capsule { sqe, data, data_ok } => {
+                if data_ok {
+                    self.command(sqe, data);
+                } else {
+                    // Data digest error: the command fails, the connection survives.
+                    self.admit(&sqe);
+                    self.reply(&sqe, Status::TRANSIENT_TRANSPORT.into(), None, 0);
+                }
             }
-            (Phase::Ready, PduType::CapsuleCmd) => self.on_capsule(&ch, pdu)?,
-            (Phase::Ready, PduType::H2CData) => self.on_h2c_data(&ch, pdu)?,
-            (Phase::Ready, PduType::H2CTermReq) => {
-                self.close();
-                return Ok(Some(plen));
-            }
-            _ => return Err(Fatal::new(Fes::InvalidHeaderField, 0)),
+            HostPdu::H2CData {
+                header,
+                data,
+                data_ok,
+                ..
+            } => self.on_h2c_data(header, data, data_ok)?,
+            HostPdu::TermReq => self.close(),
         }
-        Ok(Some(plen))
+        Ok(Some(len))
     }
 
-    fn on_icreq(self: &Rc<Self>, pdu: &[u8]) -> Result<(), Fatal> {
-        let req = IcReq::decode(pdu)?;
+    fn on_icreq(self: &Rc<Self>, req: IcReq) {
         let digests = Digests {
             header: req.hdgst,
             data: req.ddgst,
@@ -379,36 +383,6 @@ impl Conn {
             maxh2cdata: self.target.limits.max_h2c_data,
         };
         self.send_bytes(resp.encode().to_vec());
-        Ok(())
-    }
-
-    fn on_capsule(self: &Rc<Self>, ch: &CommonHeader, pdu: &[u8]) -> Result<(), Fatal> {
-        let digests = self.st.borrow().digests;
-        let has_ddgst = pdu::check_frame(ch, CAPSULE_CMD_HLEN, digests, self.max_pdu)?;
-        if digests.header
-            && pdu[CAPSULE_CMD_HLEN..CAPSULE_CMD_HLEN + 4] != pdu::digest(&pdu[..CAPSULE_CMD_HLEN])
-        {
-            return Err(Fatal::new(Fes::HeaderDigest, 0));
-        }
-        let mut raw = [0u8; 64];
-        raw.copy_from_slice(&pdu[8..72]);
-        let sqe = Sqe(raw);
-        let hd = CAPSULE_CMD_HLEN + digests.hdgst_len();
-        let data_end = pdu.len() - if has_ddgst { 4 } else { 0 };
-        let in_capsule = if pdu.len() > hd {
-            let data = &pdu[usize::from(ch.pdo)..data_end];
-            if has_ddgst && pdu[data_end..] != pdu::digest(data) {
-                // Data digest error: the command fails, the connection survives.
-                self.admit(&sqe);
-                self.reply(&sqe, Status::TRANSIENT_TRANSPORT.into(), None, 0);
-                return Ok(());
-            }
-            Some(data)
-        } else {
-            None
-        };
-        self.command(sqe, in_capsule);
-        Ok(())
     }
 
     /// Counts a received command toward the submission queue head.
@@ -521,24 +495,12 @@ impl Conn {
         self.send_bytes(pdu::r2t(digests, sqe.cid(), ttag, 0, len));
     }
 
-    fn on_h2c_data(self: &Rc<Self>, ch: &CommonHeader, pdu: &[u8]) -> Result<(), Fatal> {
-        let digests = self.st.borrow().digests;
-        let has_ddgst = pdu::check_frame(ch, SHORT_HLEN, digests, self.max_pdu)?;
-        if digests.header && pdu[SHORT_HLEN..SHORT_HLEN + 4] != pdu::digest(&pdu[..SHORT_HLEN]) {
-            return Err(Fatal::new(Fes::HeaderDigest, 0));
-        }
-        let h = DataHeader::parse(pdu);
-        let data_end = pdu.len() - if has_ddgst { 4 } else { 0 };
-        let data = pdu
-            .get(usize::from(ch.pdo)..data_end)
-            .ok_or(Fatal::new(Fes::InvalidHeaderField, 3))?;
-        if data.len() != h.length as usize {
-            return Err(Fatal::new(Fes::InvalidHeaderField, 16));
-        }
-        if h.length > self.target.limits.max_h2c_data {
-            return Err(Fatal::new(Fes::DataLimitExceeded, 16));
-        }
-        let digest_ok = !has_ddgst || pdu[data_end..] == pdu::digest(data);
+    fn on_h2c_data(
+        self: &Rc<Self>,
+        h: DataHeader,
+        data: &[u8],
+        digest_ok: bool,
+    ) -> Result<(), Fatal> {
         let done = {
             let mut st = self.st.borrow_mut();
             let w = st

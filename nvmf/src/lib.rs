@@ -15,6 +15,7 @@ pub mod cmd;
 mod conn;
 mod ctrlr;
 mod error;
+pub mod framing;
 pub mod identify;
 mod io;
 pub mod le;

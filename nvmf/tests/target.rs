@@ -683,3 +683,86 @@ fn random_garbage_never_takes_the_target_down() {
         s.target.connections() == 2
     });
 }
+
+/// Starts a 64 KiB write through R2T on `q` and returns the R2T's (cid, ttag).
+fn start_r2t_write(q: &mut Host) -> (u16, u16) {
+    let mut sqe = rw(io::WRITE, 1, 0, 128);
+    sqe.0[2..4].copy_from_slice(&500u16.to_le_bytes());
+    sqe.set_sgl(nvmf::cmd::SGL_TRANSPORT_DATA_BLOCK, 0, 65536);
+    q.send(&pdu::capsule_cmd(q.digests, &sqe.0, &[]));
+    let r2t = q.recv().unwrap();
+    assert_eq!(r2t.kind(), PduType::R2T as u8);
+    let h = pdu::DataHeader::parse(&r2t.bytes);
+    assert_eq!((h.cccid, h.offset, h.length), (500, 0, 65536));
+    (h.cccid, h.ttag)
+}
+
+#[test]
+fn data_beyond_or_out_of_order_for_an_r2t_is_fatal() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 2);
+    let mut good = Host::io_queue(s.addr, d, NQN, a.cntlid, 2);
+
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let (cid, ttag) = start_r2t_write(&mut q);
+    q.send_h2c(cid, ttag, 4096, &[1; 4096]); // skips offset 0
+    let p = q.recv().unwrap();
+    assert_eq!(
+        pdu::parse_term_req(&p.bytes),
+        Some((Fes::DataOutOfRange as u16, 12))
+    );
+    assert!(q.is_closed());
+
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let (cid, ttag) = start_r2t_write(&mut q);
+    q.send_h2c(cid, ttag, 0, &[1; 65536]);
+    q.send_h2c(cid, ttag, 65536, &[1; 4096]); // more than asked for
+    let p = q.recv().unwrap();
+    assert_eq!(
+        p.kind(),
+        PduType::CapsuleResp as u8,
+        "the write itself completes"
+    );
+    let p = q.recv().unwrap();
+    assert_eq!(
+        pdu::parse_term_req(&p.bytes),
+        Some((Fes::InvalidHeaderField as u16, 10)),
+        "then data for a finished transfer is an unknown tag"
+    );
+    assert!(q.is_closed());
+
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let (_, ttag) = start_r2t_write(&mut q);
+    q.send_h2c(7, ttag, 0, &[1; 4096]); // wrong command ID
+    let p = q.recv().unwrap();
+    assert_eq!(
+        pdu::parse_term_req(&p.bytes),
+        Some((Fes::InvalidHeaderField as u16, 8))
+    );
+
+    assert!(good.read(1, 0, 128, 512).data.iter().all(|&b| b == 1));
+}
+
+#[test]
+fn a_host_that_vanishes_mid_write_loses_only_its_write() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 2);
+    let mut good = Host::io_queue(s.addr, d, NQN, a.cntlid, 2);
+    let before = pattern(21, 65536);
+    assert!(good.write(1, 0, &before, 512).status().is_success());
+    {
+        let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+        let (cid, ttag) = start_r2t_write(&mut q);
+        q.send_h2c(cid, ttag, 0, &[0xEE; 8192]); // half of the first part, then gone
+    }
+    wait_until("the vanished queue to close", || {
+        s.target.connections() == 2
+    });
+    // Nothing of the unfinished write reached the device.
+    assert!(good.read(1, 0, 128, 512).data == before);
+    // Its queue ID is free again.
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    assert!(q.read(1, 0, 1, 512).status().is_success());
+}
