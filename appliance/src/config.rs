@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use bdev::{Bdev, UringConfig, create_malloc, create_null, open_uring};
-use nvmf::{HostPolicy, Limits, Namespace, Subsystem, TargetConfig};
+use nvmf::{HostPolicy, Limits, Namespace, SocketIo, Subsystem, TargetConfig};
 use reactor::{CoreList, IdlePolicy, ReactorConfig};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -59,6 +59,8 @@ pub struct NvmfSection {
     pub max_io_queues: Option<u16>,
     /// Connections across the target.
     pub max_connections: Option<usize>,
+    /// Socket I/O: "uring" (default) or "poll" (requires reactors.idle = "busy").
+    pub socket_io: Option<String>,
 }
 
 /// `[[bdev]]`.
@@ -228,10 +230,23 @@ impl Config {
             .iter()
             .map(|l| parse_addr(l).context("nvmf.discovery_listeners"))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let socket_io = match n.socket_io.as_deref() {
+            None | Some("uring") => SocketIo::Uring,
+            Some("poll") => {
+                if self.reactors.idle.as_deref() != Some("busy") {
+                    bail!(
+                        "nvmf.socket_io = \"poll\" needs reactors.idle = \"busy\" (a parked reactor does not see sockets)"
+                    );
+                }
+                SocketIo::Poll
+            }
+            Some(other) => bail!("nvmf.socket_io: {other:?} is not \"uring\" or \"poll\""),
+        };
         let config = TargetConfig {
             subsystems,
             discovery_listeners,
             limits,
+            socket_io,
         };
         config.validate()?;
         Ok(config)

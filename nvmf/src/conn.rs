@@ -6,7 +6,7 @@
 //! into PDUs and handled in order; a framing error gets a C2HTermReq and the
 //! connection closes, without disturbing any other connection.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bdev::IoBuf;
 use reactor::io_uring::{opcode, types};
-use reactor::{Reactor, current};
+use reactor::{PollStatus, PollerId, Reactor, current};
 
 use crate::cmd::{
     Cqe, Direction, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, fctype,
@@ -29,7 +29,7 @@ use crate::pdu::{
     self, CAPSULE_CMD_HLEN, CH_LEN, DataHeader, Digests, FLAG_DATA_LAST, FLAG_DATA_SUCCESS, Fatal,
     Fes, IC_LEN, IcReq, IcResp, PduType, SHORT_HLEN,
 };
-use crate::subsystem::{ADMIN_IN_CAPSULE, Subsystem};
+use crate::subsystem::{ADMIN_IN_CAPSULE, SocketIo, Subsystem};
 use crate::target::{CtrlShared, TargetShared};
 
 /// Segments handed to one SendMsg at most.
@@ -153,6 +153,8 @@ pub(crate) struct Conn {
     reactor: Rc<Reactor>,
     st: RefCell<State>,
     max_pdu: usize,
+    /// Poll mode: the poller that does this connection's socket I/O.
+    poller: Cell<Option<PollerId>>,
 }
 
 impl Conn {
@@ -171,6 +173,7 @@ impl Conn {
             local,
             reactor,
             max_pdu,
+            poller: Cell::new(None),
             st: RefCell::new(State {
                 phase: Phase::AwaitIcReq,
                 digests: Digests::default(),
@@ -196,6 +199,14 @@ impl Conn {
             conn.target.connections.fetch_sub(1, Ordering::SeqCst);
         }
         CONNS.with(|c| c.borrow_mut().insert(conn.id, Rc::downgrade(&conn)));
+        if conn.target.socket_io == SocketIo::Poll {
+            // The poller owns the connection until `close` unregisters it.
+            let this = Rc::clone(&conn);
+            let id = conn.reactor.register_poller("nvmf-socket", move || {
+                PollStatus::from_work(this.poll_socket())
+            });
+            conn.poller.set(Some(id));
+        }
         conn.recv();
     }
 
@@ -242,25 +253,115 @@ impl Conn {
             None => {}
         }
         CONNS.with(|c| c.borrow_mut().remove(&self.id));
+        if let Some(id) = self.poller.take() {
+            self.reactor.unregister_poller(id);
+        }
     }
 
     // ---------------------------------------------------------------- receive side
 
-    fn recv(self: &Rc<Self>) {
-        let (mut buf, end) = {
+    /// Takes the receive buffer (compacted) and the offset to receive at.
+    fn take_rx(&self) -> Option<(Vec<u8>, usize)> {
+        let mut st = self.st.borrow_mut();
+        if st.phase == Phase::Closed {
+            return None;
+        }
+        let mut buf = st.rx.take()?;
+        // Compact so that a whole PDU of up to `max_pdu` bytes fits after `rx_start`.
+        if st.rx_start > 0 && buf.len() - st.rx_start < self.max_pdu + CH_LEN {
+            let (s, e) = (st.rx_start, st.rx_end);
+            buf.copy_within(s..e, 0);
+            st.rx_start = 0;
+            st.rx_end = e - s;
+        }
+        Some((buf, st.rx_end))
+    }
+
+    /// Poll mode: one non-blocking receive and one send. Returns whether bytes moved.
+    fn poll_socket(self: &Rc<Self>) -> bool {
+        let mut work = false;
+        if let Some((mut buf, end)) = self.take_rx() {
+            let spare = &mut buf[end..];
+            // SAFETY: recv writes at most `spare.len()` bytes into memory we own.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            if n < 0 && (errno == libc::EAGAIN || errno == libc::EINTR) {
+                self.st.borrow_mut().rx = Some(buf);
+            } else {
+                work = true;
+                self.received(buf, if n < 0 { -errno } else { n as i32 });
+            }
+        }
+        work | self.send_now()
+    }
+
+    /// Poll mode: sends what is queued with one non-blocking sendmsg.
+    fn send_now(self: &Rc<Self>) -> bool {
+        let sent = {
+            let st = self.st.borrow();
+            if st.tx.is_empty() || st.phase == Phase::Closed {
+                return false;
+            }
+            let mut iov: Vec<libc::iovec> = st
+                .tx
+                .iter()
+                .take(MAX_IOV)
+                .map(|s| libc::iovec {
+                    iov_base: s.data.bytes()[s.sent..s.len].as_ptr() as *mut libc::c_void,
+                    iov_len: s.len - s.sent,
+                })
+                .collect();
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = iov.len();
+            // SAFETY: the iovecs point into segments borrowed for the whole call.
+            unsafe {
+                libc::sendmsg(
+                    self.fd.as_raw_fd(),
+                    &msg,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            }
+        };
+        if sent < 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            if errno != libc::EAGAIN && errno != libc::EINTR {
+                self.close();
+            }
+            return false;
+        }
+        {
             let mut st = self.st.borrow_mut();
-            if st.phase == Phase::Closed {
-                return;
+            let mut left = sent as usize;
+            while let Some(front) = st.tx.front_mut() {
+                let remaining = front.len - front.sent;
+                if left >= remaining {
+                    left -= remaining;
+                    st.tx.pop_front();
+                } else {
+                    front.sent += left;
+                    break;
+                }
             }
-            let Some(mut buf) = st.rx.take() else { return };
-            // Compact so that a whole PDU of up to `max_pdu` bytes fits after `rx_start`.
-            if st.rx_start > 0 && buf.len() - st.rx_start < self.max_pdu + CH_LEN {
-                let (s, e) = (st.rx_start, st.rx_end);
-                buf.copy_within(s..e, 0);
-                st.rx_start = 0;
-                st.rx_end = e - s;
-            }
-            (buf, st.rx_end)
+        }
+        self.maybe_finish_terminating();
+        true
+    }
+
+    fn recv(self: &Rc<Self>) {
+        if self.poller.get().is_some() {
+            return;
+        }
+        let Some((mut buf, end)) = self.take_rx() else {
+            return;
         };
         let spare = buf.len() - end;
         let ptr = buf[end..].as_mut_ptr();
@@ -711,6 +812,10 @@ impl Conn {
 
     /// Starts a SendMsg for queued segments unless one is in flight.
     fn flush(self: &Rc<Self>) {
+        if self.poller.get().is_some() {
+            // Poll mode: the poller sends once per pass, batching replies.
+            return;
+        }
         let mut batch: Vec<Seg> = {
             let mut st = self.st.borrow_mut();
             if st.sending || st.tx.is_empty() || st.phase == Phase::Closed {

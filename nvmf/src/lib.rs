@@ -26,7 +26,7 @@ mod target;
 
 pub use error::NvmfError;
 pub use subsystem::{
-    ADMIN_IN_CAPSULE, DISCOVERY_NQN, HostPolicy, Limits, Namespace, Subsystem, TargetConfig,
-    check_nqn,
+    ADMIN_IN_CAPSULE, DISCOVERY_NQN, HostPolicy, Limits, Namespace, SocketIo, Subsystem,
+    TargetConfig, check_nqn,
 };
 pub use target::Target;

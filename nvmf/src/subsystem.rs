@@ -128,6 +128,19 @@ impl Default for Limits {
     }
 }
 
+/// How connections move bytes to and from their sockets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SocketIo {
+    /// Recv and SendMsg operations on the reactor's io_uring (the default): works with
+    /// every idle policy, since a parked reactor wakes on the completion.
+    #[default]
+    Uring,
+    /// Non-blocking recv/sendmsg system calls from a poller on every pass. Only for
+    /// `busy` reactors: a parked reactor would not notice socket readiness. Kept to
+    /// measure against io_uring (see BENCHMARKS.md).
+    Poll,
+}
+
 /// In-capsule data accepted on admin and fabrics queues (8 KiB, as Linux assumes).
 pub const ADMIN_IN_CAPSULE: u32 = 8192;
 
@@ -141,6 +154,8 @@ pub struct TargetConfig {
     pub discovery_listeners: Vec<SocketAddr>,
     /// Limits.
     pub limits: Limits,
+    /// Socket I/O mechanism.
+    pub socket_io: SocketIo,
 }
 
 impl TargetConfig {

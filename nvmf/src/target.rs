@@ -16,7 +16,7 @@ use crate::conn;
 use crate::error::NvmfError;
 use crate::identify::DiscoveryEntry;
 use crate::listener;
-use crate::subsystem::{Limits, Subsystem, TargetConfig};
+use crate::subsystem::{Limits, SocketIo, Subsystem, TargetConfig};
 
 /// A queue of a controller, as other reactors see it.
 #[derive(Clone)]
@@ -66,6 +66,7 @@ struct Ctrls {
 pub(crate) struct TargetShared {
     pub subsystems: Vec<Arc<Subsystem>>,
     pub limits: Limits,
+    pub socket_io: SocketIo,
     /// Every address listened on; a listener's index is its port ID.
     pub listen_addrs: Vec<SocketAddr>,
     pub reactors: Vec<ReactorHandle>,
@@ -186,6 +187,7 @@ impl Target {
         let shared = Arc::new(TargetShared {
             subsystems: config.subsystems.into_iter().map(Arc::new).collect(),
             limits: config.limits,
+            socket_io: config.socket_io,
             listen_addrs,
             reactors: reactors.to_vec(),
             next_reactor: AtomicUsize::new(0),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use bdev::create_malloc;
 use nvmf::cmd::{FABRICS, Sqe, Status, admin, io};
 use nvmf::pdu::{self, Digests, Fes, IcReq, PduType};
-use nvmf::{HostPolicy, Limits, Namespace, Subsystem, Target, TargetConfig, le};
-use reactor::{CoreList, ReactorConfig, ReactorSet};
+use nvmf::{HostPolicy, Limits, Namespace, SocketIo, Subsystem, Target, TargetConfig, le};
+use reactor::{CoreList, IdlePolicy, ReactorConfig, ReactorSet};
 use support::{HOSTNQN, Host, pattern, rw};
 
 const NQN: &str = "nqn.2026-11.io.ox:test";
@@ -35,7 +35,13 @@ impl Drop for Setup {
 }
 
 fn setup(limits: Limits) -> Setup {
-    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    setup_with(limits, SocketIo::Uring, IdlePolicy::Adaptive)
+}
+
+fn setup_with(limits: Limits, socket_io: SocketIo, idle: IdlePolicy) -> Setup {
+    let set =
+        ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap()).with_idle(idle))
+            .unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let config = TargetConfig {
         subsystems: vec![
@@ -64,6 +70,7 @@ fn setup(limits: Limits) -> Setup {
         ],
         discovery_listeners: vec![],
         limits,
+        socket_io,
     };
     let target = Target::start(config, set.handles()).unwrap();
     let addr = target.local_addrs()[0];
@@ -117,6 +124,21 @@ fn data_round_trips_in_capsule_and_through_r2t() {
                 .status()
                 .is_success()
         );
+    }
+}
+
+#[test]
+fn poll_mode_sockets_carry_the_same_traffic() {
+    // Busy reactors on one core, so the test does not starve the machine.
+    let s = setup_with(Limits::default(), SocketIo::Poll, IdlePolicy::Busy);
+    for digests in both_digests() {
+        let a = Host::admin_ready(s.addr, digests, NQN, 1);
+        let mut q = Host::io_queue(s.addr, digests, NQN, a.cntlid, 1);
+        for (lba, len) in [(0u64, 4096usize), (2000, 600 << 10)] {
+            let data = pattern(lba ^ 0x77, len);
+            assert!(q.write(1, lba, &data, 512).status().is_success());
+            assert!(q.read(1, lba, (len / 512) as u32, 512).data == data);
+        }
     }
 }
 
@@ -463,6 +485,7 @@ fn discovery_lists_subsystems_the_host_may_see() {
         // A distinct address: "127.0.0.1:0" would be the subsystems' own listener.
         discovery_listeners: vec!["127.0.0.2:0".parse().unwrap()],
         limits: Limits::default(),
+        socket_io: SocketIo::Uring,
     };
     let target = Target::start(config, set.handles()).unwrap();
     // The discovery-only listener is the first address.
