@@ -7,7 +7,7 @@
 //! connection closes, without disturbing any other connection.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
@@ -19,6 +19,7 @@ use bdev::IoBuf;
 use reactor::io_uring::{opcode, types};
 use reactor::{PollStatus, PollerId, Reactor, current};
 
+use crate::bufpool;
 use crate::cmd::{
     Cqe, Direction, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, fctype,
 };
@@ -84,6 +85,13 @@ struct Seg {
 }
 
 impl Seg {
+    /// Hands a sent data buffer back to the pool.
+    fn recycle(self) {
+        if let Payload::Buf(b) = self.data {
+            bufpool::give(b);
+        }
+    }
+
     fn vec(v: Vec<u8>) -> Self {
         let len = v.len();
         Self {
@@ -138,7 +146,7 @@ struct State {
     sqsize: u16,
     sqhd: u16,
     sq_flow_off: bool,
-    cids: HashSet<u16>,
+    cids: CidSet,
     writes: HashMap<u16, PendingWrite>,
     free_ttags: Vec<u16>,
     counted: bool,
@@ -187,7 +195,7 @@ impl Conn {
                 sqsize: 0,
                 sqhd: 0,
                 sq_flow_off: false,
-                cids: HashSet::new(),
+                cids: CidSet::default(),
                 writes: HashMap::new(),
                 free_ttags: Vec::new(),
                 counted: !over_limit,
@@ -345,7 +353,9 @@ impl Conn {
                 let remaining = front.len - front.sent;
                 if left >= remaining {
                     left -= remaining;
-                    st.tx.pop_front();
+                    if let Some(seg) = st.tx.pop_front() {
+                        seg.recycle();
+                    }
                 } else {
                     front.sent += left;
                     break;
@@ -503,12 +513,12 @@ impl Conn {
     /// fetched with R2T, or to be returned with C2HData.
     fn command(self: &Rc<Self>, sqe: Sqe, in_capsule: Option<&[u8]>) {
         let cid_ok = {
-            let conflict = self.st.borrow().cids.contains(&sqe.cid());
+            let conflict = self.st.borrow().cids.contains(sqe.cid());
             !conflict && self.admit(&sqe)
         };
         if !cid_ok {
             // Answer without disturbing the command already using this CID.
-            let status = if self.st.borrow().cids.contains(&sqe.cid()) {
+            let status = if self.st.borrow().cids.contains(sqe.cid()) {
                 Status::CID_CONFLICT
             } else {
                 Status::SEQUENCE_ERROR
@@ -539,7 +549,7 @@ impl Conn {
                     if data.len() != len as usize || len > in_capsule_limit {
                         return self.reply(&sqe, Status::SGL_LENGTH_INVALID.into(), None, 0);
                     }
-                    let buf = IoBuf::from_slice(data);
+                    let buf = bufpool::copy_of(data);
                     self.execute(sqe, Some(buf), len);
                 } else if len == 0 {
                     self.execute(sqe, None, 0);
@@ -586,7 +596,7 @@ impl Conn {
                 ttag,
                 PendingWrite {
                     sqe,
-                    buf: IoBuf::new(len as usize),
+                    buf: bufpool::take(len as usize),
                     received: 0,
                     failed: false,
                 },
@@ -734,7 +744,7 @@ impl Conn {
             if st.phase == Phase::Closed {
                 return;
             }
-            st.cids.remove(&sqe.cid());
+            st.cids.remove(sqe.cid());
             let sqid = match &st.queue {
                 Some(Queue::Io { qid, .. }) => *qid,
                 _ => 0,
@@ -867,6 +877,7 @@ impl Conn {
             let remaining = seg.len - seg.sent;
             if left >= remaining {
                 left -= remaining;
+                seg.recycle();
             } else {
                 seg.sent += left;
                 left = 0;
@@ -911,6 +922,48 @@ impl Conn {
         if done {
             self.close();
         }
+    }
+}
+
+/// Command IDs in flight on a queue: a 64 Ki-bit set, so the check is a bit test.
+struct CidSet {
+    bits: Box<[u64; 1024]>,
+    len: usize,
+}
+
+impl Default for CidSet {
+    fn default() -> Self {
+        Self {
+            bits: Box::new([0; 1024]),
+            len: 0,
+        }
+    }
+}
+
+impl CidSet {
+    fn contains(&self, cid: u16) -> bool {
+        self.bits[usize::from(cid >> 6)] & (1 << (cid & 63)) != 0
+    }
+
+    /// Adds `cid`; false if it was already present.
+    fn insert(&mut self, cid: u16) -> bool {
+        if self.contains(cid) {
+            return false;
+        }
+        self.bits[usize::from(cid >> 6)] |= 1 << (cid & 63);
+        self.len += 1;
+        true
+    }
+
+    fn remove(&mut self, cid: u16) {
+        if self.contains(cid) {
+            self.bits[usize::from(cid >> 6)] &= !(1 << (cid & 63));
+            self.len -= 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
     }
 }
 

@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use bdev::{BdevError, BdevIo, IoBuf, IoCompletion, IoType};
 
+use crate::bufpool;
 use crate::cmd::{Sqe, Status, io};
 use crate::conn::{Conn, Payload};
 use crate::le;
@@ -39,7 +40,8 @@ pub(crate) fn execute(
             let fua = sqe.cdw(12) & (1 << 30) != 0;
             match sqe.opcode() {
                 io::READ => {
-                    let io = BdevIo::read(slba, nlb, vec![IoBuf::new(len as usize)]).with_fua(fua);
+                    let io =
+                        BdevIo::read(slba, nlb, vec![bufpool::take(len as usize)]).with_fua(fua);
                     submit(conn, &ns, sqe, io, xfer, IoType::Read);
                 }
                 io::WRITE => {
@@ -124,14 +126,15 @@ fn submit(conn: &Rc<Conn>, ns: &Namespace, sqe: Sqe, io: BdevIo, xfer: u32, io_t
     };
     let conn = Rc::clone(conn);
     channel.submit(io, move |mut done: IoCompletion| match done.result {
-        Ok(()) => {
-            let payload = (io_type == IoType::Read)
-                .then(|| done.bufs.pop())
-                .flatten()
-                .map(Payload::Buf);
+        Ok(()) if io_type == IoType::Read => {
+            let payload = done.bufs.pop().map(Payload::Buf);
             conn.reply(&sqe, Status::SUCCESS.into(), payload, xfer);
         }
-        Err(e) => conn.reply(&sqe, status_of(&e, io_type).into(), None, 0),
+        result => {
+            done.bufs.into_iter().for_each(bufpool::give);
+            let status = result.map_or_else(|e| status_of(&e, io_type), |()| Status::SUCCESS);
+            conn.reply(&sqe, status.into(), None, 0);
+        }
     });
 }
 

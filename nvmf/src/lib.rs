@@ -11,6 +11,7 @@
 //! The wire types ([`pdu`], [`cmd`]) are public so that initiators (oxperf) share
 //! them; the target logic is not.
 
+mod bufpool;
 pub mod cmd;
 mod conn;
 mod ctrlr;

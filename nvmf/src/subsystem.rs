@@ -117,7 +117,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            queue_depth: 128,
+            queue_depth: 256,
             admin_queue_depth: 32,
             max_io_size: 1 << 20,
             in_capsule: 8192,

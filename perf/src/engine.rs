@@ -717,16 +717,25 @@ fn encode_capsule(out: &mut Vec<u8>, digests: Digests, sqe: &Sqe, data: &[u8]) {
     }
 }
 
+/// What one load thread returns: success or its error, its queues' results, and the
+/// CPU time it used while measuring (from the end of warm-up).
+pub type ThreadOutcome = (anyhow::Result<()>, Vec<QueueResult>, Duration);
+
 /// Runs `queues` on the current thread until `control.stop` and all are idle, or every
-/// queue has finished; returns each queue's result.
+/// queue has finished.
 pub fn run_thread(
     mut queues: Vec<Queue>,
     control: &Control,
-) -> Result<Vec<QueueResult>, (anyhow::Error, Vec<QueueResult>)> {
+    cpu: fn() -> Duration,
+) -> ThreadOutcome {
     let mut failure = None;
     let mut drain_deadline = None;
+    let mut cpu_start = None;
     loop {
         let now = Instant::now();
+        if cpu_start.is_none() && control.measuring.load(Ordering::Relaxed) {
+            cpu_start = Some(cpu());
+        }
         for q in queues.iter_mut() {
             if let Err(e) = q.poll(now, control) {
                 failure = Some(e);
@@ -753,9 +762,10 @@ pub fn run_thread(
         }
     }
     let end = Instant::now();
-    let results = queues.into_iter().map(|q| q.finish(end)).collect();
+    let used = cpu_start.map_or(Duration::ZERO, |start| cpu().saturating_sub(start));
+    let results: Vec<QueueResult> = queues.into_iter().map(|q| q.finish(end)).collect();
     match failure {
-        Some(e) => Err((e, results)),
-        None => Ok(results),
+        Some(e) => (Err(e), results, used),
+        None => (Ok(()), results, used),
     }
 }

@@ -430,9 +430,7 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
                 .name(format!("oxperf-{core}"))
                 .spawn(move || {
                     core_affinity::set_for_current(core_affinity::CoreId { id: core });
-                    let cpu0 = thread_cpu();
-                    let r = engine::run_thread(qs, &control);
-                    (r, thread_cpu() - cpu0)
+                    engine::run_thread(qs, &control, thread_cpu)
                 })?,
         );
     }
@@ -481,14 +479,12 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut failure = None;
     for t in threads {
         match t.join() {
-            Ok((Ok(r), c)) => {
+            Ok((outcome, r, c)) => {
                 results.extend(r);
                 cpu += c;
-            }
-            Ok((Err((e, r)), c)) => {
-                results.extend(r);
-                cpu += c;
-                failure.get_or_insert(e);
+                if let Err(e) = outcome {
+                    failure.get_or_insert(e);
+                }
             }
             Err(_) => bail!("a load thread panicked"),
         }

@@ -1,0 +1,62 @@
+//! Per-reactor recycling of data buffers, so the I/O path does not allocate and zero a
+//! fresh aligned buffer for every command. Buffers return when their data has been
+//! sent (reads) or written (writes); a recycled buffer's old contents are always fully
+//! overwritten before anyone sees them.
+
+use std::cell::RefCell;
+
+use bdev::IoBuf;
+
+/// Buffers kept per size class.
+const PER_CLASS: usize = 256;
+/// Largest buffer kept (bigger ones are freed).
+const MAX_KEPT: usize = 1 << 20;
+
+thread_local! {
+    static POOL: RefCell<Vec<(usize, Vec<IoBuf>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `len` bytes whose contents the caller will overwrite entirely.
+pub(crate) fn take(len: usize) -> IoBuf {
+    let cap = len.max(1).next_multiple_of(bdev::IO_ALIGN);
+    let reused = POOL.with(|p| {
+        p.borrow_mut()
+            .iter_mut()
+            .find(|(c, _)| *c == cap)
+            .and_then(|(_, list)| list.pop())
+    });
+    match reused {
+        Some(mut buf) => {
+            // Same capacity class, so `len` always fits.
+            if buf.set_len(len) {
+                buf
+            } else {
+                IoBuf::new(len)
+            }
+        }
+        None => IoBuf::new(len),
+    }
+}
+
+/// A buffer holding a copy of `data`.
+pub(crate) fn copy_of(data: &[u8]) -> IoBuf {
+    let mut buf = take(data.len());
+    buf.copy_from_slice(data);
+    buf
+}
+
+/// Returns a buffer for reuse on this reactor.
+pub(crate) fn give(buf: IoBuf) {
+    let cap = buf.capacity();
+    if cap > MAX_KEPT {
+        return;
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        match p.iter_mut().find(|(c, _)| *c == cap) {
+            Some((_, list)) if list.len() < PER_CLASS => list.push(buf),
+            Some(_) => {}
+            None => p.push((cap, vec![buf])),
+        }
+    });
+}
