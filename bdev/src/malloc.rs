@@ -1,7 +1,8 @@
 //! `malloc`: a RAM-backed block device, sparse and shared by every core.
 //!
-//! Memory is held in 1 MiB segments allocated on first write, so a large device costs
-//! only what has been written. Each segment has its own lock, held only for the copy
+//! Memory is held in 2 MiB segments allocated on first write, so a large device costs
+//! only what has been written. Segments are 2 MiB-aligned and advised as huge pages, so
+//! random access over a large device does not miss the TLB on every request. Each segment has its own lock, held only for the copy
 //! of that segment's part of a request; two cores rarely touch the same segment at once,
 //! so the lock is an uncontended atomic in practice. Racing unsynchronised copies would
 //! be undefined behaviour in Rust, which is why the locks exist at all.
@@ -16,9 +17,65 @@ use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo};
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
 
-const SEGMENT: u64 = 1 << 20;
+const SEGMENT: u64 = 2 << 20;
 
-type Segment = RwLock<Option<Box<[u8]>>>;
+type Segment = RwLock<Option<HugeSegment>>;
+
+/// One zeroed, 2 MiB-aligned, huge-page-advised block of memory.
+struct HugeSegment {
+    ptr: std::ptr::NonNull<u8>,
+}
+
+// SAFETY: HugeSegment uniquely owns its allocation, like Box<[u8]>.
+unsafe impl Send for HugeSegment {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for HugeSegment {}
+
+impl HugeSegment {
+    const LAYOUT: std::alloc::Layout =
+        match std::alloc::Layout::from_size_align(SEGMENT as usize, SEGMENT as usize) {
+            Ok(l) => l,
+            Err(_) => panic!("segment layout"),
+        };
+
+    fn new() -> Self {
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(Self::LAYOUT) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(Self::LAYOUT)
+        };
+        // Advise before the first touch, so the pages fault in as huge pages; failure
+        // only loses the hint.
+        // SAFETY: advising memory we just allocated.
+        unsafe { libc::madvise(raw.cast(), SEGMENT as usize, libc::MADV_HUGEPAGE) };
+        // SAFETY: zeroing the whole allocation we own (this also initialises it).
+        unsafe { std::ptr::write_bytes(raw, 0, SEGMENT as usize) };
+        Self { ptr }
+    }
+}
+
+impl std::ops::Deref for HugeSegment {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the allocation is SEGMENT bytes, initialised (zeroed in `new`), owned
+        // by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), SEGMENT as usize) }
+    }
+}
+
+impl std::ops::DerefMut for HugeSegment {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), SEGMENT as usize) }
+    }
+}
+
+impl Drop for HugeSegment {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::LAYOUT) };
+    }
+}
 
 struct Store {
     segments: Box<[Segment]>,
@@ -62,7 +119,7 @@ impl Store {
     fn write(&self, offset: u64, data: &[u8]) {
         self.for_each_piece(offset, data.len() as u64, |segment, within, range| {
             let mut guard = segment.write().unwrap_or_else(|p| p.into_inner());
-            let seg = guard.get_or_insert_with(|| vec![0u8; SEGMENT as usize].into_boxed_slice());
+            let seg = guard.get_or_insert_with(HugeSegment::new);
             seg[within..within + range.len()].copy_from_slice(&data[range]);
         });
     }
