@@ -1,5 +1,25 @@
-//! OX, the Object Exchange: moves volumes to and from S3-compatible object stores.
+//! OX, Object Exchange: moving volumes to and from object storage.
 //!
-//! Not built yet: the object format, codec, keys, stores, snapshot encoder and clone
-//! basis arrive with the "OX core" and "snapshots and clones" issues. This crate exists
-//! now so the workspace has its final shape and dependency directions.
+//! This crate holds the machinery, usable on its own:
+//!
+//! - [`format`]: the versioned snapshot format — data objects of frames, a paged chunk
+//!   index, a manifest written last (described for people in `docs/FORMAT.md`);
+//! - [`codec`]: chunk ↔ frame (zstd, AES-256-GCM bound to volume, snapshot and
+//!   position; a checksum when encryption is off);
+//! - [`keys`]: per-snapshot data keys wrapped by key-encryption keys from a file, an
+//!   environment variable or a command;
+//! - [`store`]: the [`store::ObjectStore`] trait with S3 and local-directory stores;
+//! - [`throttle`]: token-bucket bandwidth limits, global and per volume, foreground
+//!   and background.
+//!
+//! Object-store I/O runs on dedicated OX cores (an async-io executor per core), never
+//! on reactors.
+
+pub mod codec;
+mod error;
+pub mod format;
+pub mod keys;
+pub mod store;
+pub mod throttle;
+
+pub use error::OxError;

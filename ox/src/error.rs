@@ -1,0 +1,83 @@
+//! Errors of object exchange. Every variant says what failed and where: which key ID,
+//! which object, which chunk.
+
+/// What can go wrong encoding, decoding, storing or fetching.
+#[derive(Debug, thiserror::Error)]
+pub enum OxError {
+    /// A frame or object failed its integrity check: tampered, moved, truncated or
+    /// decrypted with the wrong key. Never returned as data.
+    #[error("integrity check failed for {what}: {reason}")]
+    Integrity {
+        /// The frame or object.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// A key-encryption key could not be found or used.
+    #[error("key {key_id:?}: {reason}")]
+    Key {
+        /// The key ID.
+        key_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The object or format is a version this build cannot read.
+    #[error("unsupported format: {0}")]
+    Format(String),
+    /// Bad configuration.
+    #[error("invalid object-exchange configuration: {0}")]
+    Config(String),
+    /// The object does not exist.
+    #[error("object {key:?} not found")]
+    NotFound {
+        /// Object key.
+        key: String,
+    },
+    /// A conditional create found the object already there.
+    #[error("object {key:?} already exists")]
+    AlreadyExists {
+        /// Object key.
+        key: String,
+    },
+    /// The store refused the request (4xx other than not-found); not retried.
+    #[error("{op} {key:?} refused by the store: HTTP {status}: {message}")]
+    Refused {
+        /// Operation.
+        op: &'static str,
+        /// Object key.
+        key: String,
+        /// HTTP status.
+        status: u16,
+        /// The store's error code and message.
+        message: String,
+    },
+    /// The store failed or could not be reached, after every retry.
+    #[error("{op} {key:?} failed after {attempts} attempt(s): {message}")]
+    Unavailable {
+        /// Operation.
+        op: &'static str,
+        /// Object key.
+        key: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        message: String,
+    },
+    /// Local file system error.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl OxError {
+    pub(crate) fn integrity(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Integrity {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! The snapshot format (version 1): object keys, the manifest written last, and the
+//! paged chunk index. `docs/FORMAT.md` describes it for people; this module is the
+//! reference implementation.
+//!
+//! Object keys are random identifiers under a prefix: they reveal neither the volume,
+//! nor the snapshot's name, nor where a chunk lives.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{Codec, is_zero};
+use crate::error::OxError;
+use crate::keys::WrappedKey;
+
+/// Format version written by this build. Readers accept every version in
+/// [`READABLE_VERSIONS`].
+pub const FORMAT_VERSION: u32 = 1;
+/// Versions this build reads.
+pub const READABLE_VERSIONS: &[u32] = &[1];
+/// Chunks described by one index page.
+pub const PAGE_CHUNKS: u64 = 16384;
+/// Bytes per index entry.
+pub const ENTRY_LEN: usize = 20;
+/// Index pages are encoded as frames at these pseudo chunk positions (far above any
+/// real chunk index), so a page cannot be confused with a data frame.
+pub const PAGE_INDEX_BASE: u64 = 1 << 62;
+
+/// A random 128-bit identifier, hex-encoded in keys.
+pub fn random_id() -> Result<[u8; 16], OxError> {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| OxError::Config(format!("no randomness: {e}")))?;
+    Ok(id)
+}
+
+/// Key of a snapshot's manifest.
+pub fn manifest_key(prefix: &str, snapshot: &[u8; 16]) -> String {
+    format!("{prefix}ox1/m/{}", hex::encode(snapshot))
+}
+
+/// Key of a data object.
+pub fn data_key(prefix: &str, object: &[u8; 16]) -> String {
+    format!("{prefix}ox1/d/{}", hex::encode(object))
+}
+
+/// Key of an index page object.
+pub fn index_key(prefix: &str, page: &[u8; 16]) -> String {
+    format!("{prefix}ox1/i/{}", hex::encode(page))
+}
+
+/// Where a chunk's frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Never written or all zeroes: reads as zeroes, nothing stored.
+    Zero,
+    /// A frame in a data object.
+    Frame {
+        /// Which snapshot's frame: 0 = this one, n = `lineage[n - 1]`.
+        source: u16,
+        /// Index into that snapshot's `objects`.
+        object: u32,
+        /// Byte offset within the object.
+        offset: u64,
+        /// Frame length.
+        length: u32,
+    },
+}
+
+const KIND_ZERO: u16 = 0;
+const KIND_FRAME: u16 = 1;
+
+/// One page of the chunk index: entries for `PAGE_CHUNKS` consecutive chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexPage {
+    /// Entries, one per chunk (the last page may be shorter).
+    pub entries: Vec<Entry>,
+}
+
+impl IndexPage {
+    /// Serialises the entries (before framing).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
+        for e in &self.entries {
+            let mut rec = [0u8; ENTRY_LEN];
+            if let Entry::Frame {
+                source,
+                object,
+                offset,
+                length,
+            } = *e
+            {
+                rec[0..2].copy_from_slice(&KIND_FRAME.to_le_bytes());
+                rec[2..4].copy_from_slice(&source.to_le_bytes());
+                rec[4..8].copy_from_slice(&object.to_le_bytes());
+                rec[8..16].copy_from_slice(&offset.to_le_bytes());
+                rec[16..20].copy_from_slice(&length.to_le_bytes());
+            }
+            b.extend_from_slice(&rec);
+        }
+        b
+    }
+
+    /// Parses entries; every field is checked against `limits`.
+    pub fn from_bytes(bytes: &[u8], chunks: usize, limits: &PageLimits) -> Result<Self, OxError> {
+        let bad = |r: String| OxError::integrity("index page", r);
+        if bytes.len() != chunks * ENTRY_LEN {
+            return Err(bad(format!("{} bytes for {chunks} entries", bytes.len())));
+        }
+        let mut entries = Vec::with_capacity(chunks);
+        for rec in bytes.chunks_exact(ENTRY_LEN) {
+            let kind = u16::from_le_bytes([rec[0], rec[1]]);
+            let e = match kind {
+                KIND_ZERO if is_zero(rec) => Entry::Zero,
+                KIND_FRAME => {
+                    let source = u16::from_le_bytes([rec[2], rec[3]]);
+                    let object = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
+                    let mut off = [0u8; 8];
+                    off.copy_from_slice(&rec[8..16]);
+                    let offset = u64::from_le_bytes(off);
+                    let length = u32::from_le_bytes([rec[16], rec[17], rec[18], rec[19]]);
+                    if usize::from(source) > limits.lineage {
+                        return Err(bad(format!("source {source} beyond the lineage")));
+                    }
+                    if source == 0 && object as usize >= limits.objects {
+                        return Err(bad(format!("object {object} beyond the object list")));
+                    }
+                    if length as usize > limits.max_frame {
+                        return Err(bad(format!("frame length {length} too large")));
+                    }
+                    Entry::Frame {
+                        source,
+                        object,
+                        offset,
+                        length,
+                    }
+                }
+                _ => return Err(bad(format!("unknown entry kind {kind}"))),
+            };
+            entries.push(e);
+        }
+        Ok(Self { entries })
+    }
+
+    /// Encodes the page as a frame of page number `page` (compressed, encrypted and
+    /// bound like data frames).
+    pub fn encode(&self, codec: &mut Codec, page: u64) -> Result<Vec<u8>, OxError> {
+        codec.encode_always(PAGE_INDEX_BASE + page, &self.to_bytes())
+    }
+
+    /// Decodes page number `page` holding `chunks` entries.
+    pub fn decode(
+        codec: &Codec,
+        page: u64,
+        frame: &[u8],
+        chunks: usize,
+        limits: &PageLimits,
+    ) -> Result<Self, OxError> {
+        let bytes = codec.decode(PAGE_INDEX_BASE + page, frame, chunks * ENTRY_LEN)?;
+        Self::from_bytes(&bytes, chunks, limits)
+    }
+}
+
+/// Bounds an index entry must respect.
+#[derive(Debug, Clone, Copy)]
+pub struct PageLimits {
+    /// Ancestors in the lineage.
+    pub lineage: usize,
+    /// Objects of this snapshot.
+    pub objects: usize,
+    /// Largest frame possible for the chunk size.
+    pub max_frame: usize,
+}
+
+/// Where an index page is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRef {
+    /// Object key.
+    pub key: String,
+    /// Frame length.
+    pub length: u32,
+}
+
+/// An ancestor whose frames this snapshot references.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ancestor {
+    /// Its snapshot ID (hex).
+    pub snapshot: String,
+    /// Its manifest key.
+    pub manifest: String,
+}
+
+/// The manifest: written last; a snapshot without one does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version.
+    pub format: u32,
+    /// Snapshot ID (hex of 16 random bytes).
+    pub snapshot: String,
+    /// Volume ID (hex of 16 bytes).
+    pub volume: String,
+    /// Parent snapshot ID, for incremental snapshots.
+    pub parent: Option<String>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// Volume size in bytes.
+    pub volume_bytes: u64,
+    /// Chunk size in bytes.
+    pub chunk_bytes: u32,
+    /// zstd level used (0: none).
+    pub zstd_level: i32,
+    /// The data key, wrapped; `None` when not encrypted.
+    pub key: Option<WrappedKey>,
+    /// Snapshots whose frames this one references (`Entry::Frame::source` - 1).
+    pub lineage: Vec<Ancestor>,
+    /// Data objects of this snapshot, by key.
+    pub objects: Vec<String>,
+    /// Index pages in order; page n covers chunks [n × PAGE_CHUNKS, ...).
+    pub pages: Vec<PageRef>,
+    /// Chunks stored by this snapshot (not referenced).
+    pub stored_chunks: u64,
+    /// Bytes of frames stored by this snapshot.
+    pub stored_bytes: u64,
+}
+
+impl Manifest {
+    /// Number of chunks in the volume.
+    pub fn chunks(&self) -> u64 {
+        self.volume_bytes.div_ceil(u64::from(self.chunk_bytes))
+    }
+
+    /// Entries in page `page`.
+    pub fn page_chunks(&self, page: u64) -> usize {
+        let start = page * PAGE_CHUNKS;
+        self.chunks().saturating_sub(start).min(PAGE_CHUNKS) as usize
+    }
+
+    /// Serialises (JSON).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Parses and checks a manifest; never trusts its numbers.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, OxError> {
+        if bytes.len() > 64 << 20 {
+            return Err(OxError::integrity("manifest", "larger than 64 MiB"));
+        }
+        let m: Self = serde_json::from_slice(bytes)
+            .map_err(|e| OxError::integrity("manifest", format!("not a manifest: {e}")))?;
+        if !READABLE_VERSIONS.contains(&m.format) {
+            return Err(OxError::Format(format!(
+                "manifest format {} (this build reads {READABLE_VERSIONS:?})",
+                m.format
+            )));
+        }
+        if !crate::codec::CHUNK_SIZES.contains(&(m.chunk_bytes as usize))
+            || !m.chunk_bytes.is_power_of_two()
+        {
+            return Err(OxError::integrity(
+                "manifest",
+                format!("chunk size {}", m.chunk_bytes),
+            ));
+        }
+        if m.pages.len() as u64 != m.chunks().div_ceil(PAGE_CHUNKS) {
+            return Err(OxError::integrity(
+                "manifest",
+                format!("{} index pages for {} chunks", m.pages.len(), m.chunks()),
+            ));
+        }
+        if m.lineage.len() > usize::from(u16::MAX) {
+            return Err(OxError::integrity("manifest", "lineage too long"));
+        }
+        Ok(m)
+    }
+
+    /// Bounds for this snapshot's index entries.
+    pub fn page_limits(&self) -> PageLimits {
+        PageLimits {
+            lineage: self.lineage.len(),
+            objects: self.objects.len(),
+            max_frame: self.chunk_bytes as usize + 1024,
+        }
+    }
+
+    /// The frame binding of this snapshot's frames.
+    pub fn binding(&self) -> Result<crate::codec::Binding, OxError> {
+        Ok(crate::codec::Binding {
+            volume: parse_id(&self.volume)?,
+            snapshot: parse_id(&self.snapshot)?,
+        })
+    }
+}
+
+/// Parses a hex snapshot or volume ID.
+pub fn parse_id(text: &str) -> Result<[u8; 16], OxError> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| OxError::integrity("manifest", format!("bad identifier {text:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Binding, CodecSettings};
+    use crate::keys::SecretKey;
+
+    #[test]
+    fn index_pages_round_trip_and_reject_lies() {
+        let page = IndexPage {
+            entries: vec![
+                Entry::Zero,
+                Entry::Frame {
+                    source: 0,
+                    object: 2,
+                    offset: 123_456,
+                    length: 70_000,
+                },
+                Entry::Frame {
+                    source: 1,
+                    object: 9,
+                    offset: 0,
+                    length: 100,
+                },
+            ],
+        };
+        let limits = PageLimits {
+            lineage: 1,
+            objects: 3,
+            max_frame: 1 << 20,
+        };
+        let key = SecretKey::random().unwrap();
+        let b = Binding {
+            volume: [1; 16],
+            snapshot: [2; 16],
+        };
+        let mut codec = Codec::new(CodecSettings::default(), Some(&key), b).unwrap();
+        let frame = page.encode(&mut codec, 4).unwrap();
+        assert_eq!(
+            IndexPage::decode(&codec, 4, &frame, 3, &limits).unwrap(),
+            page
+        );
+        assert!(
+            IndexPage::decode(&codec, 5, &frame, 3, &limits).is_err(),
+            "page moved"
+        );
+        let tight = PageLimits {
+            objects: 2,
+            ..limits
+        };
+        assert!(
+            IndexPage::decode(&codec, 4, &frame, 3, &tight).is_err(),
+            "object beyond list"
+        );
+        let no_lineage = PageLimits {
+            lineage: 0,
+            ..limits
+        };
+        assert!(IndexPage::decode(&codec, 4, &frame, 3, &no_lineage).is_err());
+        assert!(
+            IndexPage::decode(&codec, 4, &frame, 2, &limits).is_err(),
+            "count mismatch"
+        );
+    }
+
+    #[test]
+    fn manifests_are_checked() {
+        let m = Manifest {
+            format: FORMAT_VERSION,
+            snapshot: hex::encode([3u8; 16]),
+            volume: hex::encode([4u8; 16]),
+            parent: None,
+            created: 1,
+            volume_bytes: 1 << 40,
+            chunk_bytes: 1 << 20,
+            zstd_level: 1,
+            key: None,
+            lineage: vec![],
+            objects: vec![],
+            pages: (0..64)
+                .map(|i| PageRef {
+                    key: format!("p{i}"),
+                    length: 1,
+                })
+                .collect(),
+            stored_chunks: 0,
+            stored_bytes: 0,
+        };
+        assert_eq!(m.chunks(), 1 << 20);
+        assert_eq!(Manifest::from_bytes(&m.to_bytes()).unwrap(), m);
+        let mut future = m.clone();
+        future.format = 99;
+        assert!(matches!(
+            Manifest::from_bytes(&future.to_bytes()),
+            Err(OxError::Format(_))
+        ));
+        let mut lying = m.clone();
+        lying.pages.pop();
+        assert!(Manifest::from_bytes(&lying.to_bytes()).is_err());
+        let mut odd = m;
+        odd.chunk_bytes = 1000;
+        assert!(Manifest::from_bytes(&odd.to_bytes()).is_err());
+        assert!(Manifest::from_bytes(b"{\"format\":1").is_err());
+    }
+
+    #[test]
+    fn keys_reveal_nothing() {
+        let id = random_id().unwrap();
+        let k = data_key("tenant/", &id);
+        assert!(k.starts_with("tenant/ox1/d/") && k.len() == "tenant/ox1/d/".len() + 32);
+        assert_ne!(random_id().unwrap(), id);
+    }
+}

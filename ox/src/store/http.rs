@@ -1,0 +1,311 @@
+//! A small HTTP/1.1 client for object stores: hyper on async-io sockets, TLS through
+//! rustls (system roots or a custom CA bundle), kept-alive connections reused per
+//! host, and a deadline on every request. It runs on an OX core's local executor.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_executor::LocalExecutor;
+use async_io::{Async, Timer};
+use bytes::Bytes;
+use futures_rustls::TlsConnector;
+use futures_rustls::rustls::pki_types::pem::PemObject;
+use futures_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use futures_rustls::rustls::{self, ClientConfig, RootCertStore};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use smol_hyper::rt::FuturesIo;
+use url::Url;
+
+use crate::error::OxError;
+
+/// Largest response body accepted.
+const MAX_BODY: usize = 1 << 30;
+
+/// A transport-level failure: worth retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Connecting (DNS, TCP) failed.
+    #[error("cannot connect to {host}: {source}")]
+    Connect {
+        /// Host:port.
+        host: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (for example an untrusted certificate).
+    #[error("TLS with {host} failed: {source}")]
+    Tls {
+        /// Host.
+        host: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The request did not finish in time (slow server, stalled body).
+    #[error("no complete response within {0:?}")]
+    Timeout(Duration),
+    /// The connection broke or the response was malformed.
+    #[error("HTTP exchange failed: {0}")]
+    Protocol(String),
+}
+
+impl HttpError {
+    /// Whether a retry might succeed (a certificate problem will not go away).
+    pub fn retryable(&self) -> bool {
+        !matches!(self, Self::Tls { .. })
+    }
+}
+
+/// A response with its whole body.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: hyper::HeaderMap,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// TLS trust: which certificates may vouch for servers.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// The operating system's root store.
+    System,
+    /// Only the CAs in this PEM bundle.
+    CaBundle(std::path::PathBuf),
+}
+
+/// Builds the rustls configuration for `trust`.
+pub fn tls_config(trust: &Trust) -> Result<Arc<ClientConfig>, OxError> {
+    let mut roots = RootCertStore::empty();
+    match trust {
+        Trust::System => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(OxError::Config(
+                    "no system root certificates found; configure a CA bundle".into(),
+                ));
+            }
+        }
+        Trust::CaBundle(path) => add_bundle(&mut roots, path)?,
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| OxError::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+fn add_bundle(roots: &mut RootCertStore, path: &Path) -> Result<(), OxError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| OxError::Config(format!("CA bundle {}: {e}", path.display())))?;
+    let mut n = 0;
+    for cert in certs {
+        let cert =
+            cert.map_err(|e| OxError::Config(format!("CA bundle {}: {e}", path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| OxError::Config(format!("CA bundle {}: {e}", path.display())))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(OxError::Config(format!(
+            "CA bundle {} holds no certificates",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// The HTTP client. One per OX core; not shared between threads.
+pub struct HttpClient {
+    executor: Rc<LocalExecutor<'static>>,
+    tls: Option<Arc<ClientConfig>>,
+    timeout: Duration,
+    idle: RefCell<HashMap<(bool, String, u16), Vec<Sender>>>,
+}
+
+impl HttpClient {
+    /// A client spawning its connection tasks on `executor`. `tls` is needed for
+    /// `https` URLs; `timeout` bounds every request, body included.
+    pub fn new(
+        executor: Rc<LocalExecutor<'static>>,
+        tls: Option<Arc<ClientConfig>>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            executor,
+            tls,
+            timeout,
+            idle: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Sends one request and reads the whole response, within the timeout.
+    pub async fn request(
+        &self,
+        method: hyper::Method,
+        url: &Url,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> Result<Response, HttpError> {
+        let exchange = self.exchange(method, url, headers, body);
+        let deadline = async {
+            Timer::after(self.timeout).await;
+            Err(HttpError::Timeout(self.timeout))
+        };
+        futures_lite::future::or(exchange, deadline).await
+    }
+
+    async fn exchange(
+        &self,
+        method: hyper::Method,
+        url: &Url,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> Result<Response, HttpError> {
+        let https = match url.scheme() {
+            "https" => true,
+            "http" => false,
+            other => return Err(HttpError::Protocol(format!("unsupported scheme {other}"))),
+        };
+        let host = url
+            .host_str()
+            .ok_or_else(|| HttpError::Protocol("URL without a host".into()))?
+            .to_string();
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if https { 443 } else { 80 });
+        let pool_key = (https, host.clone(), port);
+        let mut sender = match self.take_idle(&pool_key) {
+            Some(s) => s,
+            None => self.connect(https, &host, port).await?,
+        };
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let host_header = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, host_header)
+            .header(hyper::header::CONTENT_LENGTH, body.len());
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| HttpError::Protocol(format!("reading the body: {e}")))?
+            .to_bytes()
+            .to_vec();
+        let reusable = !headers
+            .get(hyper::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        if reusable && !sender.is_closed() {
+            self.idle
+                .borrow_mut()
+                .entry(pool_key)
+                .or_default()
+                .push(sender);
+        }
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    fn take_idle(&self, key: &(bool, String, u16)) -> Option<Sender> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(key)?;
+        while let Some(s) = list.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, https: bool, host: &str, port: u16) -> Result<Sender, HttpError> {
+        let target = format!("{host}:{port}");
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|source| HttpError::Connect {
+                host: target.clone(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| HttpError::Connect {
+                host: target.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+            })?;
+        let tcp = Async::<TcpStream>::connect(addr)
+            .await
+            .map_err(|source| HttpError::Connect {
+                host: target.clone(),
+                source,
+            })?;
+        let _ = tcp.get_ref().set_nodelay(true);
+        if https {
+            let config = self
+                .tls
+                .clone()
+                .ok_or_else(|| HttpError::Protocol("https URL but no TLS configuration".into()))?;
+            let name = ServerName::try_from(host.to_string())
+                .map_err(|e| HttpError::Protocol(format!("bad server name {host}: {e}")))?;
+            let tls = TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|source| HttpError::Tls {
+                    host: target.clone(),
+                    source,
+                })?;
+            self.handshake(FuturesIo::new(tls)).await
+        } else {
+            self.handshake(FuturesIo::new(tcp)).await
+        }
+    }
+
+    async fn handshake<T>(&self, io: FuturesIo<T>) -> Result<Sender, HttpError>
+    where
+        T: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        // The connection task ends when the connection closes or the sender drops.
+        self.executor
+            .spawn(async move {
+                let _ = conn.await;
+            })
+            .detach();
+        Ok(sender)
+    }
+}

@@ -1,0 +1,628 @@
+//! S3 and S3-compatible stores: requests signed with AWS Signature V4 by `rusty-s3`
+//! (presigned URLs, query-string authentication), sent by [`HttpClient`]; retries with
+//! exponential backoff and full jitter on 5xx, throttling (429, 503 SlowDown) and
+//! connection failures, never on other 4xx; multipart upload for large objects;
+//! batched deletes; conditional create (`If-None-Match: *`) for manifests.
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use async_executor::LocalExecutor;
+use async_io::Timer;
+use hyper::Method;
+use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2, ObjectIdentifier, S3Action};
+use rusty_s3::{Bucket, Credentials, UrlStyle};
+use url::Url;
+
+use super::http::{HttpClient, HttpError, Response, Trust, tls_config};
+use super::{BoxFuture, ObjectStore};
+use crate::error::OxError;
+
+/// How long presigned requests stay valid.
+const SIGN_FOR: Duration = Duration::from_secs(3600);
+
+/// Where credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// Given in the configuration.
+    Static {
+        /// Access key ID.
+        access_key: String,
+        /// Secret access key.
+        secret_key: String,
+    },
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`).
+    Environment,
+    /// The shared credentials file (`AWS_SHARED_CREDENTIALS_FILE` or
+    /// `~/.aws/credentials`), this profile.
+    SharedFile {
+        /// Profile name.
+        profile: String,
+    },
+}
+
+/// S3 store settings.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// Endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://127.0.0.1:9000`.
+    pub endpoint: Url,
+    /// Bucket name.
+    pub bucket: String,
+    /// Region.
+    pub region: String,
+    /// Path-style (`endpoint/bucket/key`) rather than virtual-hosted addressing.
+    pub path_style: bool,
+    /// Credentials.
+    pub credentials: CredentialSource,
+    /// TLS trust for https endpoints.
+    pub trust: Trust,
+    /// Plain HTTP must be allowed explicitly.
+    pub allow_http: bool,
+    /// Deadline per request (body included).
+    pub timeout: Duration,
+    /// Retries after the first attempt.
+    pub retries: u32,
+    /// First backoff; doubles per retry up to `max_backoff`, with full jitter.
+    pub backoff: Duration,
+    /// Largest backoff.
+    pub max_backoff: Duration,
+    /// Objects larger than this are uploaded in parts.
+    pub multipart_threshold: usize,
+    /// Part size (at least 5 MiB except the last, as S3 requires).
+    pub part_size: usize,
+}
+
+impl S3Config {
+    /// Settings with the usual defaults.
+    pub fn new(endpoint: Url, bucket: &str, region: &str, credentials: CredentialSource) -> Self {
+        Self {
+            endpoint,
+            bucket: bucket.to_string(),
+            region: region.to_string(),
+            path_style: true,
+            credentials,
+            trust: Trust::System,
+            allow_http: false,
+            timeout: Duration::from_secs(30),
+            retries: 5,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            multipart_threshold: 64 << 20,
+            part_size: 16 << 20,
+        }
+    }
+}
+
+/// Resolves credentials from their source.
+pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxError> {
+    match source {
+        CredentialSource::Static {
+            access_key,
+            secret_key,
+        } => Ok(Credentials::new(access_key.clone(), secret_key.clone())),
+        CredentialSource::Environment => {
+            let key = std::env::var("AWS_ACCESS_KEY_ID")
+                .map_err(|_| OxError::Config("AWS_ACCESS_KEY_ID is not set".into()))?;
+            let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
+                .map_err(|_| OxError::Config("AWS_SECRET_ACCESS_KEY is not set".into()))?;
+            Ok(match std::env::var("AWS_SESSION_TOKEN") {
+                Ok(token) => Credentials::new_with_token(key, secret, token),
+                Err(_) => Credentials::new(key, secret),
+            })
+        }
+        CredentialSource::SharedFile { profile } => {
+            let path = match std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
+                Some(p) => PathBuf::from(p),
+                None => {
+                    let home = std::env::var_os("HOME")
+                        .ok_or_else(|| OxError::Config("HOME is not set".into()))?;
+                    PathBuf::from(home).join(".aws/credentials")
+                }
+            };
+            let text = std::fs::read_to_string(&path).map_err(|e| OxError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+            parse_shared_credentials(&text, profile).ok_or_else(|| {
+                OxError::Config(format!(
+                    "{}: profile [{profile}] with aws_access_key_id and aws_secret_access_key not found",
+                    path.display()
+                ))
+            })
+        }
+    }
+}
+
+fn parse_shared_credentials(text: &str, profile: &str) -> Option<Credentials> {
+    let (mut key, mut secret, mut token) = (None, None, None);
+    let mut in_profile = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            in_profile = name.trim() == profile;
+            continue;
+        }
+        if !in_profile {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim().to_string();
+            match k.trim() {
+                "aws_access_key_id" => key = Some(v),
+                "aws_secret_access_key" => secret = Some(v),
+                "aws_session_token" => token = Some(v),
+                _ => {}
+            }
+        }
+    }
+    Some(match token {
+        Some(t) => Credentials::new_with_token(key?, secret?, t),
+        None => Credentials::new(key?, secret?),
+    })
+}
+
+/// An S3 bucket as an object store.
+pub struct S3Store {
+    bucket: Bucket,
+    credentials: Credentials,
+    http: HttpClient,
+    config: S3Config,
+}
+
+/// What one attempt concluded.
+enum Outcome {
+    Done(Response),
+    Retry(String),
+    Fail(OxError),
+}
+
+impl S3Store {
+    /// Connects nothing yet: checks the settings and resolves credentials.
+    pub fn new(config: S3Config, executor: Rc<LocalExecutor<'static>>) -> Result<Self, OxError> {
+        match config.endpoint.scheme() {
+            "https" => {}
+            "http" if config.allow_http => {}
+            "http" => {
+                return Err(OxError::Config(format!(
+                    "endpoint {} is plain HTTP; allow it explicitly (allow_http) or use https",
+                    config.endpoint
+                )));
+            }
+            other => {
+                return Err(OxError::Config(format!(
+                    "endpoint scheme {other:?} is not http(s)"
+                )));
+            }
+        }
+        if config.part_size < 5 << 20 || config.multipart_threshold < config.part_size {
+            return Err(OxError::Config(
+                "part size must be at least 5 MiB and the multipart threshold at least one part"
+                    .into(),
+            ));
+        }
+        let style = if config.path_style {
+            UrlStyle::Path
+        } else {
+            UrlStyle::VirtualHost
+        };
+        let bucket = Bucket::new(
+            config.endpoint.clone(),
+            style,
+            config.bucket.clone(),
+            config.region.clone(),
+        )
+        .map_err(|e| {
+            OxError::Config(format!(
+                "bucket {:?} at {}: {e}",
+                config.bucket, config.endpoint
+            ))
+        })?;
+        let credentials = resolve_credentials(&config.credentials)?;
+        let tls = if config.endpoint.scheme() == "https" {
+            Some(tls_config(&config.trust)?)
+        } else {
+            None
+        };
+        let http = HttpClient::new(executor, tls, config.timeout);
+        Ok(Self {
+            bucket,
+            credentials,
+            http,
+            config,
+        })
+    }
+
+    /// Runs `attempt` with retries and backoff; `classify` turns a response into an
+    /// outcome.
+    async fn with_retries(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut send: impl AsyncFnMut() -> Result<Response, HttpError>,
+        classify: impl Fn(Response) -> Outcome,
+    ) -> Result<Response, OxError> {
+        let attempts = self.config.retries + 1;
+        let mut last = String::new();
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                Timer::after(self.backoff(attempt)).await;
+            }
+            match send().await {
+                Ok(resp) => match classify(resp) {
+                    Outcome::Done(r) => return Ok(r),
+                    Outcome::Fail(e) => return Err(e),
+                    Outcome::Retry(why) => last = why,
+                },
+                Err(e) if e.retryable() => last = e.to_string(),
+                Err(e) => {
+                    return Err(OxError::Unavailable {
+                        op,
+                        key: key.to_string(),
+                        attempts: attempt + 1,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        Err(OxError::Unavailable {
+            op,
+            key: key.to_string(),
+            attempts,
+            message: last,
+        })
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let cap = self
+            .config
+            .backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.config.max_backoff);
+        let mut r = [0u8; 8];
+        let _ = getrandom::fill(&mut r);
+        cap.mul_f64(u64::from_le_bytes(r) as f64 / u64::MAX as f64)
+    }
+
+    /// Standard classification: 2xx done, 404 not found, 429/5xx retry, 4xx refused.
+    fn classify(op: &'static str, key: &str) -> impl Fn(Response) -> Outcome {
+        let key = key.to_string();
+        move |resp: Response| match resp.status {
+            200..=299 => Outcome::Done(resp),
+            404 => Outcome::Fail(OxError::NotFound { key: key.clone() }),
+            412 => Outcome::Fail(OxError::AlreadyExists { key: key.clone() }),
+            429 | 500..=599 => {
+                Outcome::Retry(format!("HTTP {}: {}", resp.status, error_text(&resp.body)))
+            }
+            status => Outcome::Fail(OxError::Refused {
+                op,
+                key: key.clone(),
+                status,
+                message: error_text(&resp.body),
+            }),
+        }
+    }
+
+    async fn put_object(&self, key: &str, data: Vec<u8>, if_absent: bool) -> Result<(), OxError> {
+        if data.len() > self.config.multipart_threshold {
+            return self.put_multipart(key, &data).await;
+        }
+        let url = self
+            .bucket
+            .put_object(Some(&self.credentials), key)
+            .sign(SIGN_FOR);
+        let headers: Vec<(&str, String)> = if if_absent {
+            vec![("if-none-match", "*".to_string())]
+        } else {
+            vec![]
+        };
+        self.with_retries(
+            "PUT",
+            key,
+            async || {
+                self.http
+                    .request(Method::PUT, &url, &headers, data.clone())
+                    .await
+            },
+            Self::classify("PUT", key),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn put_multipart(&self, key: &str, data: &[u8]) -> Result<(), OxError> {
+        let url =
+            CreateMultipartUpload::new(&self.bucket, Some(&self.credentials), key).sign(SIGN_FOR);
+        let resp = self
+            .with_retries(
+                "CreateMultipartUpload",
+                key,
+                async || self.http.request(Method::POST, &url, &[], Vec::new()).await,
+                Self::classify("CreateMultipartUpload", key),
+            )
+            .await?;
+        let text = String::from_utf8_lossy(&resp.body);
+        let created =
+            CreateMultipartUpload::parse_response(&*text).map_err(|e| OxError::Refused {
+                op: "CreateMultipartUpload",
+                key: key.to_string(),
+                status: resp.status,
+                message: format!("unreadable response: {e}"),
+            })?;
+        let upload_id = created.upload_id().to_string();
+        let result = self.upload_parts(key, data, &upload_id).await;
+        if result.is_err() {
+            // Best effort: do not leave the parts billed.
+            let abort = self
+                .bucket
+                .abort_multipart_upload(Some(&self.credentials), key, &upload_id)
+                .sign(SIGN_FOR);
+            let _ = self
+                .http
+                .request(Method::DELETE, &abort, &[], Vec::new())
+                .await;
+        }
+        result
+    }
+
+    async fn upload_parts(&self, key: &str, data: &[u8], upload_id: &str) -> Result<(), OxError> {
+        let mut etags = Vec::new();
+        for (i, part) in data.chunks(self.config.part_size).enumerate() {
+            let number = u16::try_from(i + 1)
+                .map_err(|_| OxError::Config("object needs more than 65535 parts".into()))?;
+            let url = self
+                .bucket
+                .upload_part(Some(&self.credentials), key, number, upload_id)
+                .sign(SIGN_FOR);
+            let resp = self
+                .with_retries(
+                    "UploadPart",
+                    key,
+                    async || {
+                        self.http
+                            .request(Method::PUT, &url, &[], part.to_vec())
+                            .await
+                    },
+                    Self::classify("UploadPart", key),
+                )
+                .await?;
+            let etag = resp
+                .headers
+                .get(hyper::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| OxError::Refused {
+                    op: "UploadPart",
+                    key: key.to_string(),
+                    status: resp.status,
+                    message: "no ETag in the response".into(),
+                })?
+                .to_string();
+            etags.push(etag);
+        }
+        let complete = self.bucket.complete_multipart_upload(
+            Some(&self.credentials),
+            key,
+            upload_id,
+            etags.iter().map(String::as_str),
+        );
+        let url = complete.sign(SIGN_FOR);
+        let body = complete.body().into_bytes();
+        let resp = self
+            .with_retries(
+                "CompleteMultipartUpload",
+                key,
+                async || {
+                    self.http
+                        .request(Method::POST, &url, &[], body.clone())
+                        .await
+                },
+                Self::classify("CompleteMultipartUpload", key),
+            )
+            .await?;
+        // S3 may report a failure inside a 200 response.
+        if String::from_utf8_lossy(&resp.body).contains("<Error>") {
+            return Err(OxError::Refused {
+                op: "CompleteMultipartUpload",
+                key: key.to_string(),
+                status: resp.status,
+                message: error_text(&resp.body),
+            });
+        }
+        Ok(())
+    }
+
+    async fn get_object(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, OxError> {
+        if range.is_some_and(|(_, len)| len == 0) {
+            return Ok(Vec::new());
+        }
+        let url = self
+            .bucket
+            .get_object(Some(&self.credentials), key)
+            .sign(SIGN_FOR);
+        let headers: Vec<(&str, String)> = match range {
+            Some((off, len)) => vec![("range", format!("bytes={off}-{}", off + len - 1))],
+            None => vec![],
+        };
+        let resp = self
+            .with_retries(
+                "GET",
+                key,
+                async || {
+                    self.http
+                        .request(Method::GET, &url, &headers, Vec::new())
+                        .await
+                },
+                |resp: Response| {
+                    if resp.status == 416 {
+                        // The range starts past the end: an empty result.
+                        return Outcome::Done(Response {
+                            status: 206,
+                            headers: resp.headers,
+                            body: Vec::new(),
+                        });
+                    }
+                    Self::classify("GET", key)(resp)
+                },
+            )
+            .await?;
+        if let Some((_, len)) = range {
+            if resp.status == 200 {
+                // The store ignored the range: cut it ourselves.
+                let (off, _) = range.unwrap_or_default();
+                let start = (off as usize).min(resp.body.len());
+                let end = start.saturating_add(len as usize).min(resp.body.len());
+                return Ok(resp.body[start..end].to_vec());
+            }
+            if resp.body.len() as u64 > len {
+                return Err(OxError::integrity(
+                    key,
+                    "ranged GET returned more than asked",
+                ));
+            }
+        }
+        Ok(resp.body)
+    }
+
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<String>, OxError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut action = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
+            action.with_prefix(prefix);
+            if let Some(t) = &token {
+                action.with_continuation_token(t.clone());
+            }
+            let url = action.sign(SIGN_FOR);
+            let resp = self
+                .with_retries(
+                    "LIST",
+                    prefix,
+                    async || self.http.request(Method::GET, &url, &[], Vec::new()).await,
+                    Self::classify("LIST", prefix),
+                )
+                .await?;
+            let page = ListObjectsV2::parse_response(&resp.body).map_err(|e| OxError::Refused {
+                op: "LIST",
+                key: prefix.to_string(),
+                status: resp.status,
+                message: format!("unreadable listing: {e}"),
+            })?;
+            out.extend(page.contents.into_iter().map(|c| c.key));
+            match page.next_continuation_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn delete_objects(&self, keys: &[String]) -> Result<(), OxError> {
+        for batch in keys.chunks(1000) {
+            let ids: Vec<ObjectIdentifier> = batch
+                .iter()
+                .map(|k| ObjectIdentifier::new(k.clone()))
+                .collect();
+            let mut action = self
+                .bucket
+                .delete_objects(Some(&self.credentials), ids.iter());
+            action.set_quiet(true);
+            let url = action.sign(SIGN_FOR);
+            let (body, md5) = action.body_with_md5();
+            let headers = vec![("content-md5", md5)];
+            let first = batch.first().cloned().unwrap_or_default();
+            let resp = self
+                .with_retries(
+                    "DELETE",
+                    &first,
+                    async || {
+                        self.http
+                            .request(Method::POST, &url, &headers, body.clone().into_bytes())
+                            .await
+                    },
+                    Self::classify("DELETE", &first),
+                )
+                .await?;
+            if String::from_utf8_lossy(&resp.body).contains("<Error>") {
+                return Err(OxError::Refused {
+                    op: "DELETE",
+                    key: first,
+                    status: resp.status,
+                    message: error_text(&resp.body),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `Code` and `Message` of an S3 error body, or its start.
+fn error_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let close = format!("</{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find(&close)? + start;
+        Some(text[start..end].to_string())
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c,
+        _ => text.chars().take(200).collect(),
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
+        Box::pin(self.put_object(key, data, false))
+    }
+
+    fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
+        Box::pin(self.put_object(key, data, true))
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
+        Box::pin(self.get_object(key, None))
+    }
+
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
+        Box::pin(self.get_object(key, Some((offset, len))))
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>> {
+        Box::pin(self.list_objects(prefix))
+    }
+
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>> {
+        Box::pin(self.delete_objects(keys))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_credentials_file_profiles() {
+        let text = "[default]\naws_access_key_id = A\naws_secret_access_key = B\n\n[other]\naws_access_key_id=C\naws_secret_access_key=D\naws_session_token=T\n";
+        let d = parse_shared_credentials(text, "default").unwrap();
+        assert_eq!((d.key(), d.secret(), d.token()), ("A", "B", None));
+        let o = parse_shared_credentials(text, "other").unwrap();
+        assert_eq!((o.key(), o.secret(), o.token()), ("C", "D", Some("T")));
+        assert!(parse_shared_credentials(text, "missing").is_none());
+    }
+
+    #[test]
+    fn error_bodies_are_summarised() {
+        let body = b"<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>bad sig</Message></Error>";
+        assert_eq!(error_text(body), "SignatureDoesNotMatch: bad sig");
+    }
+}
