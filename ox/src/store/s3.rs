@@ -503,15 +503,17 @@ impl S3Store {
                     Self::classify("LIST", prefix),
                 )
                 .await?;
-            let page = ListObjectsV2::parse_response(&resp.body).map_err(|e| OxError::Refused {
-                op: "LIST",
-                key: prefix.to_string(),
-                status: resp.status,
-                message: format!("unreadable listing: {e}"),
-            })?;
-            out.extend(page.contents.into_iter().map(|c| c.key));
-            match page.next_continuation_token {
-                Some(t) if !t.is_empty() => token = Some(t),
+            // Parsed leniently: S3-compatible servers differ in which fields they
+            // send (some omit ETag), and only keys and the token matter here.
+            let text = String::from_utf8_lossy(&resp.body);
+            for contents in text.split("<Contents>").skip(1) {
+                if let Some(key) = xml_tag(contents, "Key") {
+                    out.push(key);
+                }
+            }
+            let truncated = xml_tag(&text, "IsTruncated").is_some_and(|t| t == "true");
+            match xml_tag(&text, "NextContinuationToken") {
+                Some(t) if truncated && !t.is_empty() => token = Some(t),
                 _ => break,
             }
         }
@@ -558,17 +560,26 @@ impl S3Store {
     }
 }
 
+/// The text of the first `<name>` element in `xml`, entities decoded.
+fn xml_tag(xml: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&close)? + start;
+    Some(
+        xml[start..end]
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
+}
+
 /// The `Code` and `Message` of an S3 error body, or its start.
 fn error_text(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
-    let tag = |name: &str| {
-        let open = format!("<{name}>");
-        let close = format!("</{name}>");
-        let start = text.find(&open)? + open.len();
-        let end = text[start..].find(&close)? + start;
-        Some(text[start..end].to_string())
-    };
-    match (tag("Code"), tag("Message")) {
+    match (xml_tag(&text, "Code"), xml_tag(&text, "Message")) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (Some(c), None) => c,
         _ => text.chars().take(200).collect(),

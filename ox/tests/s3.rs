@@ -1,0 +1,371 @@
+//! The S3 store against a real S3 server on loopback — `s3s-fs` (the `s3s` S3 protocol
+//! implementation over a directory), started in this process on HTTP and on HTTPS with
+//! a test CA from rcgen — with faults injected in front of it: 5xx, dropped
+//! connections and stalled bodies.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_executor::LocalExecutor;
+use bytes::Bytes;
+use futures_lite::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use ox::OxError;
+use ox::store::ObjectStore;
+use ox::store::http::Trust;
+use ox::store::s3::{CredentialSource, S3Config, S3Store};
+
+const ACCESS: &str = "AKIAOXTEST";
+const SECRET: &str = "ox-test-secret-key";
+const BUCKET: &str = "ox-bucket";
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// Faults to inject into the next requests.
+#[derive(Default)]
+struct Faults {
+    unavailable: AtomicU32,
+    drop: AtomicU32,
+    stall: AtomicU32,
+    requests: AtomicU32,
+}
+
+fn take(counter: &AtomicU32) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+struct Server {
+    addr: SocketAddr,
+    faults: Arc<Faults>,
+    ca_pem: Option<tempfile::NamedTempFile>,
+    _rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn start_server(tls: bool) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join(BUCKET)).unwrap();
+    let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS, SECRET));
+    let s3 = builder.build().into_shared();
+    let faults = Arc::new(Faults::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (acceptor, ca_pem) = if tls {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        let mut pem = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut pem, ca.pem().as_bytes()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+        (
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            Some(pem),
+        )
+    } else {
+        (None, None)
+    };
+    let f = Arc::clone(&faults);
+    rt.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let s3 = s3.clone();
+            let faults = Arc::clone(&f);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let s3 = s3.clone();
+                    let faults = Arc::clone(&faults);
+                    async move { respond(&s3, &faults, req).await }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                match acceptor {
+                    Some(a) => {
+                        if let Ok(tls) = a.accept(tcp).await {
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                .await;
+                        }
+                    }
+                    None => {
+                        let _ = builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    Server {
+        addr,
+        faults,
+        ca_pem,
+        _rt: rt,
+        _dir: dir,
+    }
+}
+
+async fn respond(
+    s3: &s3s::service::SharedS3Service,
+    faults: &Faults,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Body>, std::io::Error> {
+    faults.requests.fetch_add(1, Ordering::SeqCst);
+    if take(&faults.unavailable) {
+        let body = "<Error><Code>SlowDown</Code><Message>injected</Message></Error>";
+        return hyper::Response::builder()
+            .status(503)
+            .body(
+                Full::new(Bytes::from(body))
+                    .map_err(|e: Infallible| match e {})
+                    .boxed(),
+            )
+            .map_err(io_err);
+    }
+    if take(&faults.drop) {
+        // An error from the service makes hyper drop the connection without a response.
+        return Err(io_err("injected connection drop"));
+    }
+    let resp = hyper::service::Service::call(s3, req)
+        .await
+        .map_err(|e| io_err(format!("{e:?}")))?;
+    let (parts, body) = resp.into_parts();
+    if take(&faults.stall) {
+        let bytes = BodyExt::collect(body).await.map_err(io_err)?.to_bytes();
+        let half = bytes.len() / 2;
+        let (a, b) = (bytes.slice(..half), bytes.slice(half..));
+        let stream = futures_lite::stream::iter([a, b]).then(|chunk| async move {
+            if chunk.is_empty() {
+                return Ok::<_, std::io::Error>(Frame::data(chunk));
+            }
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+            Ok(Frame::data(chunk))
+        });
+        let mut r = hyper::Response::from_parts(parts, BodyExt::boxed(StreamBody::new(stream)));
+        // Keep the advertised length: the client waits for the rest.
+        r.headers_mut().remove(hyper::header::TRANSFER_ENCODING);
+        return Ok(r);
+    }
+    Ok(hyper::Response::from_parts(
+        parts,
+        BodyExt::boxed(body.map_err(io_err)),
+    ))
+}
+
+fn store(
+    server: &Server,
+    secret: &str,
+    ex: &Rc<LocalExecutor<'static>>,
+) -> Result<S3Store, OxError> {
+    let scheme = if server.ca_pem.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let host = if server.ca_pem.is_some() {
+        "localhost"
+    } else {
+        "127.0.0.1"
+    };
+    let endpoint = format!("{scheme}://{host}:{}", server.addr.port())
+        .parse()
+        .unwrap();
+    let mut c = S3Config::new(
+        endpoint,
+        BUCKET,
+        "us-east-1",
+        CredentialSource::Static {
+            access_key: ACCESS.into(),
+            secret_key: secret.into(),
+        },
+    );
+    c.allow_http = true;
+    c.timeout = Duration::from_millis(1500);
+    c.backoff = Duration::from_millis(10);
+    c.retries = 3;
+    c.multipart_threshold = 6 << 20;
+    c.part_size = 5 << 20;
+    if let Some(pem) = &server.ca_pem {
+        c.trust = Trust::CaBundle(pem.path().to_path_buf());
+    }
+    S3Store::new(c, Rc::clone(ex))
+}
+
+fn run<T>(f: impl AsyncFnOnce(Rc<LocalExecutor<'static>>) -> T) -> T {
+    let ex = Rc::new(LocalExecutor::new());
+    async_io::block_on(ex.run(f(Rc::clone(&ex))))
+}
+
+async fn exercise(s: &S3Store) {
+    let small: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    s.put("ox1/d/a", small.clone()).await.unwrap();
+    assert_eq!(s.get("ox1/d/a").await.unwrap(), small);
+    assert_eq!(
+        s.get_range("ox1/d/a", 1000, 5000).await.unwrap(),
+        &small[1000..6000]
+    );
+    assert_eq!(
+        s.get_range("ox1/d/a", 99_990, 100).await.unwrap(),
+        &small[99_990..]
+    );
+    // Multipart: 13 MiB in three parts.
+    let big: Vec<u8> = (0..13u32 << 20).map(|i| (i % 239) as u8).collect();
+    s.put("ox1/d/big", big.clone()).await.unwrap();
+    assert!(s.get("ox1/d/big").await.unwrap() == big);
+    assert_eq!(
+        s.get_range("ox1/d/big", (6 << 20) - 10, 20).await.unwrap(),
+        &big[(6 << 20) - 10..(6 << 20) + 10]
+    );
+    for i in 0..5 {
+        s.put(&format!("ox1/i/{i}"), vec![i as u8]).await.unwrap();
+    }
+    let listed = s.list("ox1/i/").await.unwrap();
+    assert_eq!(
+        listed,
+        (0..5).map(|i| format!("ox1/i/{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(s.list("ox1/").await.unwrap().len(), 7);
+    s.delete(&listed).await.unwrap();
+    assert!(s.list("ox1/i/").await.unwrap().is_empty());
+    assert!(matches!(
+        s.get("ox1/i/0").await,
+        Err(OxError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn put_get_range_multipart_list_delete_over_http() {
+    let server = start_server(false);
+    run(async |ex| exercise(&store(&server, SECRET, &ex).unwrap()).await);
+}
+
+#[test]
+fn the_same_over_https_with_a_custom_ca() {
+    let server = start_server(true);
+    run(async |ex| exercise(&store(&server, SECRET, &ex).unwrap()).await);
+}
+
+#[test]
+fn a_wrong_secret_is_refused_without_retries() {
+    let server = start_server(false);
+    run(async |ex| {
+        let s = store(&server, "not-the-secret", &ex).unwrap();
+        let before = server.faults.requests.load(Ordering::SeqCst);
+        let e = s.put("ox1/d/x", vec![1]).await.unwrap_err();
+        assert!(matches!(&e, OxError::Refused { status: 403, .. }), "{e}");
+        assert!(e.to_string().contains("Signature"), "{e}");
+        assert_eq!(
+            server.faults.requests.load(Ordering::SeqCst) - before,
+            1,
+            "4xx is not retried"
+        );
+    });
+}
+
+#[test]
+fn an_untrusted_certificate_is_rejected() {
+    let server = start_server(true);
+    run(async |ex| {
+        // Trust a different CA than the one that signed the server's certificate.
+        let other = start_server(true);
+        let mut s = store(&server, SECRET, &ex);
+        if let Some(pem) = &other.ca_pem {
+            let endpoint = format!("https://localhost:{}", server.addr.port())
+                .parse()
+                .unwrap();
+            let mut c = S3Config::new(
+                endpoint,
+                BUCKET,
+                "us-east-1",
+                CredentialSource::Static {
+                    access_key: ACCESS.into(),
+                    secret_key: SECRET.into(),
+                },
+            );
+            c.trust = Trust::CaBundle(pem.path().to_path_buf());
+            c.retries = 3;
+            s = S3Store::new(c, Rc::clone(&ex));
+        }
+        let e = s.unwrap().get("ox1/d/x").await.unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("TLS") && text.contains("1 attempt"), "{text}");
+        // Plain HTTP must be allowed explicitly.
+        let mut c = S3Config::new(
+            "http://127.0.0.1:1".parse().unwrap(),
+            BUCKET,
+            "r",
+            CredentialSource::Environment,
+        );
+        c.allow_http = false;
+        let e = S3Store::new(c, Rc::clone(&ex)).err().unwrap().to_string();
+        assert!(e.contains("plain HTTP"), "{e}");
+    });
+}
+
+#[test]
+fn retries_carry_requests_across_injected_faults() {
+    let server = start_server(false);
+    run(async |ex| {
+        let s = store(&server, SECRET, &ex).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 7) as u8).collect();
+        server.faults.unavailable.store(2, Ordering::SeqCst);
+        s.put("ox1/d/r", data.clone()).await.unwrap();
+        server.faults.drop.store(2, Ordering::SeqCst);
+        assert!(s.get("ox1/d/r").await.unwrap() == data);
+        server.faults.stall.store(1, Ordering::SeqCst);
+        assert!(
+            s.get("ox1/d/r").await.unwrap() == data,
+            "a stalled body times out and is retried"
+        );
+        // More faults than retries: a clear error naming the attempts.
+        server.faults.unavailable.store(10, Ordering::SeqCst);
+        let e = s.get("ox1/d/r").await.unwrap_err().to_string();
+        assert!(e.contains("4 attempt") && e.contains("SlowDown"), "{e}");
+        server.faults.unavailable.store(0, Ordering::SeqCst);
+        // A conditional create refuses to overwrite (where the server supports it).
+        s.put_new("ox1/m/once", vec![1]).await.unwrap();
+        match s.put_new("ox1/m/once", vec![2]).await {
+            Err(OxError::AlreadyExists { .. }) => {}
+            Ok(()) => eprintln!("note: this server ignores If-None-Match"),
+            Err(e) => panic!("{e}"),
+        }
+    });
+}
