@@ -43,7 +43,7 @@ fn compressible(len: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
-        if x % 5 == 0 {
+        if x.is_multiple_of(5) {
             out.extend_from_slice(format!("{} ", x % 100_000).as_bytes());
         }
     }
