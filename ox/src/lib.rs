@@ -16,6 +16,7 @@
 //! on reactors.
 
 pub mod codec;
+pub mod cores;
 mod error;
 pub mod format;
 pub mod keys;

@@ -1,0 +1,130 @@
+//! OX cores: dedicated threads, pinned like reactors but separate from them, each
+//! running a single-threaded async-io executor. Object-store I/O, zstd and AES run
+//! here, never on a reactor. Work arrives as jobs on a bounded channel; a full channel
+//! is back-pressure for the sender.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::thread::JoinHandle;
+
+use async_executor::LocalExecutor;
+
+use crate::error::OxError;
+
+/// A job: given the core's executor (to spawn connection tasks on), the future to run.
+pub type Job =
+    Box<dyn FnOnce(Rc<LocalExecutor<'static>>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// A running set of OX cores.
+pub struct OxCores {
+    tx: async_channel::Sender<Job>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl OxCores {
+    /// Starts one thread per entry of `cores` (CPU numbers, or `None` for unpinned),
+    /// sharing a queue of at most `queue` pending jobs.
+    pub fn start(cores: &[Option<usize>], queue: usize) -> Result<Self, OxError> {
+        if cores.is_empty() {
+            return Err(OxError::Config("at least one OX core".into()));
+        }
+        let (tx, rx) = async_channel::bounded::<Job>(queue.max(1));
+        let mut threads = Vec::new();
+        for (i, core) in cores.iter().copied().enumerate() {
+            let rx = rx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ox-core-{i}"))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        core_affinity::set_for_current(core_affinity::CoreId { id: c });
+                    }
+                    let ex = Rc::new(LocalExecutor::new());
+                    let run = {
+                        let ex = Rc::clone(&ex);
+                        async move {
+                            while let Ok(job) = rx.recv().await {
+                                ex.spawn(job(Rc::clone(&ex))).detach();
+                            }
+                        }
+                    };
+                    async_io::block_on(ex.run(run));
+                })
+                .map_err(|e| OxError::Config(format!("starting OX core {i}: {e}")))?;
+            threads.push(t);
+        }
+        Ok(Self { tx, threads })
+    }
+
+    /// Queues `job`, waiting if the queue is full.
+    pub fn submit_blocking(&self, job: Job) -> Result<(), OxError> {
+        self.tx
+            .send_blocking(job)
+            .map_err(|_| OxError::Config("OX cores have stopped".into()))
+    }
+
+    /// Queues `job` unless the queue is full (then the job comes back).
+    pub fn try_submit(&self, job: Job) -> Result<(), Job> {
+        self.tx.try_send(job).map_err(|e| e.into_inner())
+    }
+
+    /// Runs `f` on an OX core and waits for its result (for control-path callers).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Rc<LocalExecutor<'static>>) -> Pin<Box<dyn Future<Output = T>>> + Send + 'static,
+    ) -> Result<T, OxError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit_blocking(Box::new(move |ex| {
+            let fut = f(ex);
+            Box::pin(async move {
+                let _ = tx.send(fut.await);
+            })
+        }))?;
+        rx.recv()
+            .map_err(|_| OxError::Config("OX core dropped the job".into()))
+    }
+
+    /// Stops accepting jobs, lets queued and running ones finish, joins the threads.
+    pub fn shutdown(mut self) {
+        self.tx.close();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for OxCores {
+    fn drop(&mut self) {
+        self.tx.close();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ObjectStore;
+    use crate::store::local::LocalStore;
+
+    #[test]
+    fn jobs_run_on_ox_threads_not_the_caller() {
+        let cores = OxCores::start(&[None, None], 4).unwrap();
+        let caller = std::thread::current().id();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let (thread, data) = cores
+            .run(move |_ex| {
+                Box::pin(async move {
+                    let s = LocalStore::open(root).unwrap();
+                    s.put("k", vec![1, 2, 3]).await.unwrap();
+                    (std::thread::current().id(), s.get("k").await.unwrap())
+                })
+            })
+            .unwrap();
+        assert_ne!(thread, caller);
+        assert_eq!(data, vec![1, 2, 3]);
+        cores.shutdown();
+    }
+}
