@@ -124,6 +124,17 @@ pub enum BdevError {
     /// I/O was submitted from a thread that is not a reactor.
     #[error("block I/O must be submitted on a reactor thread")]
     NotOnReactor,
+    /// Data fetched for a clone failed its integrity check, or could not be fetched.
+    /// Reads report it as a media error; never as data.
+    #[error("chunk {chunk} of clone {name}: {reason}")]
+    Basis {
+        /// The clone.
+        name: String,
+        /// The chunk.
+        chunk: u64,
+        /// Why.
+        reason: String,
+    },
     /// A message to or from a reactor failed.
     #[error(transparent)]
     Reactor(#[from] reactor::ReactorError),

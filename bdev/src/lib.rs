@@ -15,6 +15,7 @@
 mod bdev;
 pub mod blocking;
 mod buf;
+mod clone;
 mod error;
 mod io;
 mod malloc;
@@ -24,6 +25,7 @@ mod uring;
 
 pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
 pub use buf::{IO_ALIGN, IoBuf};
+pub use clone::{Basis, CloneCounters, CloneHandle, FetchDone, FetchReason, create_clone};
 pub use error::BdevError;
 pub use io::{BdevIo, IoCompletion, IoDone, IoType};
 pub use malloc::create_malloc;

@@ -1,0 +1,635 @@
+//! `clone`: a volume that is readable and writable at once over a basis held elsewhere
+//! (a snapshot in object storage). Reads go to the local copy when a chunk is present
+//! and otherwise become a *miss*: a fetch handed to the basis (OX fetch cores), whose
+//! data is installed in the local copy before the read completes from it.
+//!
+//! Writes never lose bytes over an unfetched chunk: a write covering whole chunks makes
+//! them present by itself; a write covering part of a chunk first fetches it
+//! (fetch-then-merge). Concurrent misses on one chunk share one fetch. Presence is an
+//! atomic flag per chunk, so the hit path takes no lock; only the miss path touches the
+//! shared table of chunks being made present.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use reactor::{Reactor, ReactorHandle};
+use uuid::Uuid;
+
+use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
+use crate::buf::IoBuf;
+use crate::error::BdevError;
+use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
+
+/// Why a chunk is fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchReason {
+    /// A host read or partial write needs it now.
+    ClientMiss,
+    /// Read-ahead of a sequential reader.
+    Prefetch,
+    /// Background thickening.
+    Thickening,
+}
+
+impl FetchReason {
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Completion of a fetch: the chunk's bytes (exactly its length) or why not. Called on
+/// any thread.
+pub type FetchDone = Box<dyn FnOnce(Result<Vec<u8>, String>) + Send>;
+
+/// Where a clone's missing chunks come from.
+pub trait Basis: Send + Sync + 'static {
+    /// Chunk size in bytes (a multiple of the clone's block size).
+    fn chunk_bytes(&self) -> u64;
+    /// Fetches chunk `chunk`; `done` runs once, on any thread.
+    fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone);
+}
+
+const ABSENT: u8 = 0;
+const PRESENT: u8 = 1;
+
+/// Counters of one clone.
+#[derive(Debug, Default)]
+pub struct CloneCounters {
+    /// Bytes read by hosts.
+    pub host_read_bytes: AtomicU64,
+    /// Bytes fetched, by reason (client miss, prefetch, thickening).
+    pub fetched_bytes: [AtomicU64; 3],
+    /// Fetches completed, by reason.
+    pub fetches: [AtomicU64; 3],
+    /// Fetches that failed.
+    pub fetch_errors: AtomicU64,
+    /// Chunks made present by whole-chunk writes (no fetch needed).
+    pub written_whole: AtomicU64,
+    /// Sum of client-miss latencies, nanoseconds.
+    pub miss_ns: AtomicU64,
+    /// Largest client-miss latency, nanoseconds.
+    pub miss_max_ns: AtomicU64,
+}
+
+type Waiter = (ReactorHandle, u64);
+
+struct Shared {
+    name: String,
+    local: Bdev,
+    basis: Arc<dyn Basis>,
+    chunk_bytes: u64,
+    block_size: u64,
+    size: u64,
+    presence: Box<[AtomicU8]>,
+    present_count: AtomicU64,
+    /// Chunks being made present (by a fetch or a whole-chunk write), with who waits.
+    pending: Mutex<HashMap<u64, Vec<Waiter>>>,
+    counters: CloneCounters,
+}
+
+/// Work to resume once a chunk is present (or failed to become so).
+type Continuation = Box<dyn FnOnce(Result<(), BdevError>)>;
+
+thread_local! {
+    /// Continuations parked on this reactor until a chunk becomes present.
+    static PARKED: RefCell<(u64, HashMap<u64, Continuation>)> =
+        RefCell::new((0, HashMap::new()));
+}
+
+fn park(f: impl FnOnce(Result<(), BdevError>) + 'static) -> u64 {
+    PARKED.with(|p| {
+        let mut p = p.borrow_mut();
+        p.0 += 1;
+        let token = p.0;
+        p.1.insert(token, Box::new(f));
+        token
+    })
+}
+
+fn unpark(token: u64, result: Result<(), BdevError>) {
+    let f = PARKED.with(|p| p.borrow_mut().1.remove(&token));
+    if let Some(f) = f {
+        f(result);
+    }
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, Vec<Waiter>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_present(&self, chunk: u64) -> bool {
+        self.presence
+            .get(chunk as usize)
+            .is_some_and(|p| p.load(Ordering::Acquire) == PRESENT)
+    }
+
+    fn chunk_len(&self, chunk: u64) -> u64 {
+        (self.size - chunk * self.chunk_bytes).min(self.chunk_bytes)
+    }
+
+    fn mark_present(&self, chunk: u64) {
+        if let Some(p) = self.presence.get(chunk as usize)
+            && p.swap(PRESENT, Ordering::AcqRel) == ABSENT
+        {
+            self.present_count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wakes everyone waiting for `chunk`.
+    fn finish(&self, chunk: u64, result: Result<(), BdevError>) {
+        let waiters = self.pending().remove(&chunk).unwrap_or_default();
+        for (reactor, token) in waiters {
+            let r = result.clone_err();
+            if reactor.send(move || unpark(token, r)).is_err() {
+                // The reactor stopped; its parked work is gone with it.
+            }
+        }
+    }
+}
+
+trait CloneErr {
+    fn clone_err(&self) -> Self;
+}
+
+impl CloneErr for Result<(), BdevError> {
+    fn clone_err(&self) -> Self {
+        match self {
+            Ok(()) => Ok(()),
+            Err(BdevError::Basis {
+                name,
+                chunk,
+                reason,
+            }) => Err(BdevError::Basis {
+                name: name.clone(),
+                chunk: *chunk,
+                reason: reason.clone(),
+            }),
+            Err(e) => Err(BdevError::Basis {
+                name: String::new(),
+                chunk: 0,
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Waits for several chunks, then runs one action (or fails it with the first error).
+struct Gate {
+    remaining: std::cell::Cell<usize>,
+    error: RefCell<Option<BdevError>>,
+    action: RefCell<Option<Continuation>>,
+}
+
+impl Gate {
+    /// A gate holding one arrival for its creator, released by [`Gate::arrive`].
+    fn new(action: impl FnOnce(Result<(), BdevError>) + 'static) -> Rc<Self> {
+        Rc::new(Self {
+            remaining: std::cell::Cell::new(1),
+            error: RefCell::new(None),
+            action: RefCell::new(Some(Box::new(action))),
+        })
+    }
+
+    fn expect(&self) {
+        self.remaining.set(self.remaining.get() + 1);
+    }
+
+    fn arrive(&self, result: Result<(), BdevError>) {
+        if let Err(e) = result {
+            self.error.borrow_mut().get_or_insert(e);
+        }
+        self.remaining.set(self.remaining.get() - 1);
+        if self.remaining.get() == 0 {
+            let action = self.action.borrow_mut().take();
+            let error = self.error.borrow_mut().take();
+            if let Some(a) = action {
+                a(error.map_or(Ok(()), Err));
+            }
+        }
+    }
+}
+
+/// How a whole-chunk write stands towards an absent chunk.
+enum WriteClaim {
+    /// Present: nothing to do.
+    Present,
+    /// Another fetch or write is making it present; the gate waits for it.
+    Waiting,
+    /// This write makes it present.
+    Ours,
+}
+
+struct CloneBackend {
+    shared: Arc<Shared>,
+}
+
+struct CloneChannel {
+    shared: Arc<Shared>,
+    local: Rc<Channel>,
+    reactor: Rc<Reactor>,
+}
+
+impl BdevBackend for CloneBackend {
+    fn supports(&self, io_type: IoType) -> bool {
+        match io_type {
+            IoType::Flush => self.shared.local.supports(IoType::Flush),
+            _ => true,
+        }
+    }
+
+    fn create_channel(&self, _info: &BdevInfo) -> Result<Box<dyn BackendChannel>, BdevError> {
+        let reactor = reactor::current().ok_or(BdevError::NotOnReactor)?;
+        Ok(Box::new(CloneChannel {
+            shared: Arc::clone(&self.shared),
+            local: self.shared.local.channel()?,
+            reactor,
+        }))
+    }
+}
+
+/// Makes `chunk` present (fetching it if nobody else is); `gate` gets one arrival.
+fn ensure_present(
+    shared: &Arc<Shared>,
+    reactor: &Rc<Reactor>,
+    chunk: u64,
+    reason: FetchReason,
+    gate: &Rc<Gate>,
+) {
+    if shared.is_present(chunk) {
+        return;
+    }
+    gate.expect();
+    let g = Rc::clone(gate);
+    let token = park(move |r| g.arrive(r));
+    let start_fetch = {
+        let mut pending = shared.pending();
+        if shared.is_present(chunk) {
+            drop(pending);
+            unpark(token, Ok(()));
+            return;
+        }
+        match pending.get_mut(&chunk) {
+            Some(waiters) => {
+                waiters.push((reactor.handle().clone(), token));
+                false
+            }
+            None => {
+                pending.insert(chunk, vec![(reactor.handle().clone(), token)]);
+                true
+            }
+        }
+    };
+    if start_fetch {
+        start(shared, reactor, chunk, reason);
+    }
+}
+
+/// Asks the basis for `chunk`; the result is installed on this reactor.
+fn start(shared: &Arc<Shared>, reactor: &Rc<Reactor>, chunk: u64, reason: FetchReason) {
+    let home = reactor.handle().clone();
+    let s = Arc::clone(shared);
+    let started = Instant::now();
+    shared.basis.fetch(
+        chunk,
+        reason,
+        Box::new(move |result| {
+            let s2 = Arc::clone(&s);
+            let sent = home.send(move || install(&s2, chunk, reason, started, result));
+            if sent.is_err() {
+                // Reactor gone: release the waiters elsewhere (they are gone too).
+                s.pending().remove(&chunk);
+            }
+        }),
+    );
+}
+
+/// Writes fetched data into the local copy, marks the chunk present, wakes waiters.
+fn install(
+    shared: &Arc<Shared>,
+    chunk: u64,
+    reason: FetchReason,
+    started: Instant,
+    result: Result<Vec<u8>, String>,
+) {
+    let fail = |reason_text: String| {
+        shared.counters.fetch_errors.fetch_add(1, Ordering::Relaxed);
+        shared.finish(
+            chunk,
+            Err(BdevError::Basis {
+                name: shared.name.clone(),
+                chunk,
+                reason: reason_text,
+            }),
+        );
+    };
+    let data = match result {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let len = shared.chunk_len(chunk);
+    if data.len() as u64 != len {
+        return fail(format!(
+            "basis returned {} bytes, expected {len}",
+            data.len()
+        ));
+    }
+    let local = match shared.local.channel() {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let blocks = len / shared.block_size;
+    let io = BdevIo::write(
+        chunk * shared.chunk_bytes / shared.block_size,
+        blocks,
+        vec![IoBuf::from_slice(&data)],
+    );
+    let s = Arc::clone(shared);
+    local.submit(io, move |c: IoCompletion| match c.result {
+        Ok(()) => {
+            let i = reason.index();
+            s.counters.fetched_bytes[i].fetch_add(len, Ordering::Relaxed);
+            s.counters.fetches[i].fetch_add(1, Ordering::Relaxed);
+            if reason == FetchReason::ClientMiss {
+                let ns = started.elapsed().as_nanos() as u64;
+                s.counters.miss_ns.fetch_add(ns, Ordering::Relaxed);
+                s.counters.miss_max_ns.fetch_max(ns, Ordering::Relaxed);
+            }
+            s.mark_present(chunk);
+            s.finish(chunk, Ok(()));
+        }
+        Err(e) => {
+            s.counters.fetch_errors.fetch_add(1, Ordering::Relaxed);
+            s.finish(
+                chunk,
+                Err(BdevError::Basis {
+                    name: s.name.clone(),
+                    chunk,
+                    reason: format!("writing the local copy: {e}"),
+                }),
+            );
+        }
+    });
+}
+
+impl CloneChannel {
+    fn chunks(&self, io: &BdevIo) -> std::ops::RangeInclusive<u64> {
+        let start = io.offset_blocks * self.shared.block_size;
+        let end = start + io.num_blocks * self.shared.block_size - 1;
+        (start / self.shared.chunk_bytes)..=(end / self.shared.chunk_bytes)
+    }
+
+    fn covers_whole(&self, io: &BdevIo, chunk: u64) -> bool {
+        let start = io.offset_blocks * self.shared.block_size;
+        let end = start + io.num_blocks * self.shared.block_size;
+        let c0 = chunk * self.shared.chunk_bytes;
+        start <= c0 && end >= c0 + self.shared.chunk_len(chunk)
+    }
+
+    /// Claims `chunk` for a whole-chunk write.
+    fn claim_for_write(&self, chunk: u64, gate: &Rc<Gate>) -> WriteClaim {
+        if self.shared.is_present(chunk) {
+            return WriteClaim::Present;
+        }
+        let mut pending = self.shared.pending();
+        if self.shared.is_present(chunk) {
+            return WriteClaim::Present;
+        }
+        match pending.get_mut(&chunk) {
+            Some(waiters) => {
+                gate.expect();
+                let g = Rc::clone(gate);
+                waiters.push((self.reactor.handle().clone(), park(move |r| g.arrive(r))));
+                WriteClaim::Waiting
+            }
+            None => {
+                pending.insert(chunk, Vec::new());
+                WriteClaim::Ours
+            }
+        }
+    }
+
+    fn read(&self, io: BdevIo, done: IoDone) {
+        let chunks = self.chunks(&io);
+        if chunks.clone().all(|c| self.shared.is_present(c)) {
+            let s = Arc::clone(&self.shared);
+            let bytes = io.num_blocks * self.shared.block_size;
+            return self.local.submit(io, move |c| {
+                if c.result.is_ok() {
+                    s.counters
+                        .host_read_bytes
+                        .fetch_add(bytes, Ordering::Relaxed);
+                }
+                done(c)
+            });
+        }
+        let local = Rc::clone(&self.local);
+        let s = Arc::clone(&self.shared);
+        let bytes = io.num_blocks * self.shared.block_size;
+        let gate = Gate::new(move |result| match result {
+            Ok(()) => local.submit(io, move |c| {
+                if c.result.is_ok() {
+                    s.counters
+                        .host_read_bytes
+                        .fetch_add(bytes, Ordering::Relaxed);
+                }
+                done(c)
+            }),
+            Err(e) => done(IoCompletion::err(io.bufs, e)),
+        });
+        for c in chunks {
+            ensure_present(
+                &self.shared,
+                &self.reactor,
+                c,
+                FetchReason::ClientMiss,
+                &gate,
+            );
+        }
+        gate.arrive(Ok(()));
+    }
+
+    /// Writes, write-zeroes and deallocation: absent chunks are made present first
+    /// (whole ones by this write itself, partial ones by a fetch).
+    fn modify(&self, io: BdevIo, done: IoDone) {
+        let mut owned = Vec::new();
+        let plan: Vec<(u64, bool)> = self
+            .chunks(&io)
+            .filter(|&c| !self.shared.is_present(c))
+            .map(|c| (c, self.covers_whole(&io, c)))
+            .collect();
+        let local = Rc::clone(&self.local);
+        let s = Arc::clone(&self.shared);
+        let owned_cell: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(Vec::new()));
+        let owned_for_gate = Rc::clone(&owned_cell);
+        let gate = Gate::new(move |result| {
+            let owned = owned_for_gate.take();
+            let release = move |s: &Arc<Shared>, ok: bool| {
+                for c in &owned {
+                    if ok {
+                        s.counters.written_whole.fetch_add(1, Ordering::Relaxed);
+                        s.mark_present(*c);
+                        s.finish(*c, Ok(()));
+                    } else {
+                        s.finish(
+                            *c,
+                            Err(BdevError::Basis {
+                                name: s.name.clone(),
+                                chunk: *c,
+                                reason: "the write that was to fill it failed".into(),
+                            }),
+                        );
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {
+                    // Deallocation of a clone must read back as zeroes, not as the
+                    // basis: it becomes Write Zeroes on the local copy.
+                    let io = if io.io_type == IoType::Unmap {
+                        BdevIo::write_zeroes(io.offset_blocks, io.num_blocks)
+                    } else {
+                        io
+                    };
+                    let s2 = Arc::clone(&s);
+                    local.submit(io, move |c| {
+                        release(&s2, c.result.is_ok());
+                        done(c)
+                    })
+                }
+                Err(e) => {
+                    release(&s, false);
+                    done(IoCompletion::err(io.bufs, e))
+                }
+            }
+        });
+        for (c, whole) in plan {
+            if whole {
+                if let WriteClaim::Ours = self.claim_for_write(c, &gate) {
+                    owned.push(c);
+                }
+            } else {
+                ensure_present(
+                    &self.shared,
+                    &self.reactor,
+                    c,
+                    FetchReason::ClientMiss,
+                    &gate,
+                );
+            }
+        }
+        *owned_cell.borrow_mut() = owned;
+        gate.arrive(Ok(()));
+    }
+}
+
+impl BackendChannel for CloneChannel {
+    fn submit(&self, io: BdevIo, done: IoDone) {
+        match io.io_type {
+            IoType::Read => self.read(io, done),
+            IoType::Write | IoType::WriteZeroes | IoType::Unmap => self.modify(io, done),
+            IoType::Flush => self.local.submit(io, done),
+        }
+    }
+}
+
+/// A handle on a clone's state for the control plane and thickening.
+#[derive(Clone)]
+pub struct CloneHandle {
+    shared: Arc<Shared>,
+}
+
+impl CloneHandle {
+    /// Counters.
+    pub fn counters(&self) -> &CloneCounters {
+        &self.shared.counters
+    }
+
+    /// (chunks present, chunks in total).
+    pub fn hydration(&self) -> (u64, u64) {
+        (
+            self.shared.present_count.load(Ordering::Relaxed),
+            self.shared.presence.len() as u64,
+        )
+    }
+
+    /// Whether `chunk` is present locally.
+    pub fn is_present(&self, chunk: u64) -> bool {
+        self.shared.is_present(chunk)
+    }
+
+    /// Chunk size.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.shared.chunk_bytes
+    }
+
+    /// Makes `chunk` present from reactor `on` (for thickening and prefetch); `done`
+    /// runs on that reactor when it is (or failed).
+    pub fn fetch_on(
+        &self,
+        on: &ReactorHandle,
+        chunk: u64,
+        reason: FetchReason,
+        done: impl FnOnce(Result<(), BdevError>) + Send + 'static,
+    ) -> Result<(), BdevError> {
+        let shared = Arc::clone(&self.shared);
+        on.send(move || {
+            let Some(reactor) = reactor::current() else {
+                return;
+            };
+            let gate = Gate::new(done);
+            ensure_present(&shared, &reactor, chunk, reason, &gate);
+            gate.arrive(Ok(()));
+        })?;
+        Ok(())
+    }
+}
+
+/// Creates a clone named `name` whose local copy is `local` and whose missing chunks
+/// come from `basis`. Its size is the local copy's.
+pub fn create_clone(
+    name: &str,
+    local: Bdev,
+    basis: Arc<dyn Basis>,
+    uuid: Option<Uuid>,
+) -> Result<(Bdev, CloneHandle), BdevError> {
+    let info = BdevInfo {
+        name: name.to_string(),
+        block_size: local.block_size(),
+        num_blocks: local.num_blocks(),
+        uuid: uuid.unwrap_or_else(Uuid::new_v4),
+    };
+    let chunk_bytes = basis.chunk_bytes();
+    let block_size = u64::from(local.block_size());
+    if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(block_size) {
+        return Err(BdevError::Config {
+            name: name.to_string(),
+            reason: format!(
+                "chunk size {chunk_bytes} is not a multiple of the block size {block_size}"
+            ),
+        });
+    }
+    let size = local.info().size_bytes();
+    let chunks = size.div_ceil(chunk_bytes);
+    let shared = Arc::new(Shared {
+        name: name.to_string(),
+        local,
+        basis,
+        chunk_bytes,
+        block_size,
+        size,
+        presence: (0..chunks).map(|_| AtomicU8::new(ABSENT)).collect(),
+        present_count: AtomicU64::new(0),
+        pending: Mutex::new(HashMap::new()),
+        counters: CloneCounters::default(),
+    });
+    let handle = CloneHandle {
+        shared: Arc::clone(&shared),
+    };
+    let bdev = Bdev::new(info, CloneBackend { shared })?;
+    Ok((bdev, handle))
+}

@@ -1,0 +1,244 @@
+//! The clone bdev over an in-memory basis: misses fetch exactly what they need, once;
+//! partial writes merge over fetched data; whole-chunk writes and deallocation need no
+//! fetch; a failed fetch is an error, never data.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bdev::blocking::{run_on, submit_on};
+use bdev::{
+    Basis, Bdev, BdevError, BdevIo, FetchDone, FetchReason, IoBuf, create_clone, create_malloc,
+};
+use reactor::{CoreList, ReactorConfig, ReactorSet};
+
+const CHUNK: u64 = 64 << 10;
+const T: Duration = Duration::from_secs(20);
+
+struct MemBasis {
+    image: Vec<u8>,
+    fetches: Mutex<HashMap<u64, u32>>,
+    bad_chunk: Option<u64>,
+    delay: Duration,
+    total: AtomicU64,
+}
+
+impl Basis for MemBasis {
+    fn chunk_bytes(&self) -> u64 {
+        CHUNK
+    }
+
+    fn fetch(&self, chunk: u64, _reason: FetchReason, done: FetchDone) {
+        *self.fetches.lock().unwrap().entry(chunk).or_default() += 1;
+        self.total.fetch_add(1, Ordering::SeqCst);
+        let start = (chunk * CHUNK) as usize;
+        let end = (start + CHUNK as usize).min(self.image.len());
+        let data = self.image[start..end].to_vec();
+        let bad = self.bad_chunk == Some(chunk);
+        let delay = self.delay;
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            done(if bad {
+                Err("integrity check failed (test)".into())
+            } else {
+                Ok(data)
+            })
+        });
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn setup(
+    bad_chunk: Option<u64>,
+    delay_ms: u64,
+) -> (ReactorSet, Bdev, bdev::CloneHandle, Arc<MemBasis>) {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let size = 16 * CHUNK + 4096; // a short last chunk
+    let basis = Arc::new(MemBasis {
+        image: pattern(size as usize, 7),
+        fetches: Mutex::new(HashMap::new()),
+        bad_chunk,
+        delay: Duration::from_millis(delay_ms),
+        total: AtomicU64::new(0),
+    });
+    let local = create_malloc("local", 512, size / 512, None).unwrap();
+    let (clone, handle) =
+        create_clone("clone", local, Arc::clone(&basis) as Arc<dyn Basis>, None).unwrap();
+    (set, clone, handle, basis)
+}
+
+fn read(set: &ReactorSet, dev: &Bdev, r: usize, off: u64, len: u64) -> Result<Vec<u8>, BdevError> {
+    let done = run_on(
+        &set.handles()[r],
+        dev,
+        BdevIo::read(off / 512, len / 512, vec![IoBuf::new(len as usize)]),
+        T,
+    )?;
+    let data = done.data();
+    done.result.map(|()| data)
+}
+
+fn write(set: &ReactorSet, dev: &Bdev, off: u64, data: &[u8]) -> Result<(), BdevError> {
+    run_on(
+        &set.handles()[0],
+        dev,
+        BdevIo::write(
+            off / 512,
+            data.len() as u64 / 512,
+            vec![IoBuf::from_slice(data)],
+        ),
+        T,
+    )?
+    .result
+}
+
+#[test]
+fn misses_fetch_exactly_the_chunks_needed_once() {
+    let (set, clone, handle, basis) = setup(None, 0);
+    // A read spanning chunks 2 and 3.
+    let got = read(&set, &clone, 0, 2 * CHUNK + 1024, CHUNK).unwrap();
+    assert_eq!(
+        got,
+        &basis.image[(2 * CHUNK + 1024) as usize..(3 * CHUNK + 1024) as usize]
+    );
+    assert_eq!(basis.total.load(Ordering::SeqCst), 2);
+    // Again, from the other reactor: no new fetch.
+    let again = read(&set, &clone, set.len() - 1, 2 * CHUNK, 2 * CHUNK).unwrap();
+    assert_eq!(
+        again,
+        &basis.image[(2 * CHUNK) as usize..(4 * CHUNK) as usize]
+    );
+    assert_eq!(basis.total.load(Ordering::SeqCst), 2);
+    assert_eq!(handle.hydration(), (2, 17));
+    assert_eq!(
+        handle.counters().fetched_bytes[0].load(Ordering::SeqCst),
+        2 * CHUNK
+    );
+    // The short last chunk.
+    let tail = read(&set, &clone, 0, 16 * CHUNK, 4096).unwrap();
+    assert_eq!(tail, &basis.image[(16 * CHUNK) as usize..]);
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn concurrent_misses_share_one_fetch() {
+    let (set, clone, _handle, basis) = setup(None, 100);
+    let rxs: Vec<_> = (0..8)
+        .map(|i| {
+            let r = &set.handles()[i % set.len()];
+            submit_on(
+                r,
+                &clone,
+                BdevIo::read(
+                    (5 * CHUNK + i as u64 * 4096) / 512,
+                    8,
+                    vec![IoBuf::new(4096)],
+                ),
+            )
+            .unwrap()
+        })
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let c = rx.recv_timeout(T).unwrap();
+        let off = (5 * CHUNK + i as u64 * 4096) as usize;
+        assert_eq!(c.data(), &basis.image[off..off + 4096]);
+    }
+    assert_eq!(basis.fetches.lock().unwrap()[&5], 1);
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn partial_writes_merge_and_whole_writes_need_no_fetch() {
+    let (set, clone, _handle, basis) = setup(None, 0);
+    // Partial write into chunk 1: fetch-then-merge.
+    let new = pattern(8192, 99);
+    write(&set, &clone, CHUNK + 4096, &new).unwrap();
+    let mut expected = basis.image[CHUNK as usize..(2 * CHUNK) as usize].to_vec();
+    expected[4096..4096 + 8192].copy_from_slice(&new);
+    assert_eq!(read(&set, &clone, 0, CHUNK, CHUNK).unwrap(), expected);
+    assert_eq!(basis.fetches.lock().unwrap()[&1], 1);
+    // Whole chunks 8 and 9: no fetch at all.
+    let whole = pattern(2 * CHUNK as usize, 3);
+    write(&set, &clone, 8 * CHUNK, &whole).unwrap();
+    assert_eq!(read(&set, &clone, 1, 8 * CHUNK, 2 * CHUNK).unwrap(), whole);
+    assert!(!basis.fetches.lock().unwrap().contains_key(&8));
+    // Deallocate and write zeroes over absent chunks read back as zeroes.
+    run_on(
+        &set.handles()[0],
+        &clone,
+        BdevIo::unmap(10 * CHUNK / 512, CHUNK / 512),
+        T,
+    )
+    .unwrap()
+    .result
+    .unwrap();
+    assert!(
+        read(&set, &clone, 0, 10 * CHUNK, CHUNK)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0)
+    );
+    run_on(
+        &set.handles()[0],
+        &clone,
+        BdevIo::write_zeroes((11 * CHUNK + 512) / 512, 2),
+        T,
+    )
+    .unwrap()
+    .result
+    .unwrap();
+    let z = read(&set, &clone, 0, 11 * CHUNK, CHUNK).unwrap();
+    assert!(z[512..1536].iter().all(|&b| b == 0));
+    assert_eq!(
+        &z[..512],
+        &basis.image[(11 * CHUNK) as usize..(11 * CHUNK + 512) as usize]
+    );
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn a_failed_fetch_is_an_error_not_data() {
+    let (set, clone, handle, _basis) = setup(Some(3), 0);
+    let e = read(&set, &clone, 0, 3 * CHUNK, 4096).unwrap_err();
+    assert!(matches!(e, BdevError::Basis { chunk: 3, .. }), "{e}");
+    assert!(!handle.is_present(3));
+    // A partial write over it fails too, and writes nothing.
+    assert!(write(&set, &clone, 3 * CHUNK, &[1u8; 512]).is_err());
+    // Neighbours are fine.
+    assert!(read(&set, &clone, 0, 4 * CHUNK, 4096).is_ok());
+    assert_eq!(handle.counters().fetch_errors.load(Ordering::SeqCst), 2);
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn thickening_fetches_in_the_background() {
+    let (set, _clone, handle, basis) = setup(None, 0);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for c in 0..17 {
+        let tx = tx.clone();
+        handle
+            .fetch_on(
+                &set.handles()[c as usize % set.len()],
+                c,
+                FetchReason::Thickening,
+                move |r| {
+                    tx.send(r.is_ok()).unwrap();
+                },
+            )
+            .unwrap();
+    }
+    for _ in 0..17 {
+        assert!(rx.recv_timeout(T).unwrap());
+    }
+    assert_eq!(handle.hydration(), (17, 17));
+    assert_eq!(basis.total.load(Ordering::SeqCst), 17);
+    assert_eq!(handle.counters().fetches[2].load(Ordering::SeqCst), 17);
+    set.shutdown().unwrap();
+}
