@@ -22,6 +22,7 @@ mod malloc;
 mod null;
 mod stats;
 mod uring;
+mod volume;
 
 pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
 pub use buf::{IO_ALIGN, IoBuf};
@@ -32,3 +33,4 @@ pub use malloc::create_malloc;
 pub use null::create_null;
 pub use stats::{BdevStats, ChannelStats, LatencyHistogram};
 pub use uring::{UringConfig, open_uring};
+pub use volume::{ChangedChunks, VolumeHandle, create_volume};

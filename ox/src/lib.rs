@@ -15,11 +15,13 @@
 //! Object-store I/O runs on dedicated OX cores (an async-io executor per core), never
 //! on reactors.
 
+pub mod basis;
 pub mod codec;
 pub mod cores;
 mod error;
 pub mod format;
 pub mod keys;
+pub mod snapshot;
 pub mod store;
 pub mod throttle;
 

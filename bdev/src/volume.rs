@@ -1,0 +1,332 @@
+//! `volume`: a device wrapper that remembers which chunks changed (changed-block
+//! tracking, for incremental snapshots) and keeps a snapshot point-in-time while hosts
+//! go on writing, by copy-before-write: a write to a chunk the snapshot has not read
+//! yet first saves the chunk's old contents for the snapshot.
+//!
+//! Per-chunk snapshot state is one atomic byte, so writes to chunks already read (or
+//! when no snapshot runs) pay two atomic loads; only the first write to an unread chunk
+//! during a snapshot takes the slow path.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use reactor::Reactor;
+use uuid::Uuid;
+
+use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
+use crate::buf::IoBuf;
+use crate::error::BdevError;
+use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
+
+const NOT_READ: u8 = 0;
+const READING: u8 = 1;
+const DONE: u8 = 2;
+const PRESERVING: u8 = 3;
+const PRESERVED: u8 = 4;
+
+/// How long a write waits before looking again at a chunk another party is copying.
+const RETRY: Duration = Duration::from_micros(50);
+
+struct Shared {
+    inner: Bdev,
+    chunk_bytes: u64,
+    block_size: u64,
+    chunks: u64,
+    /// Chunks written since the last snapshot began (one bit each).
+    dirty: Box<[AtomicU64]>,
+    active: AtomicBool,
+    state: Box<[AtomicU8]>,
+    preserved: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Writes started without seeing an active snapshot and not finished yet.
+    unaware: AtomicU64,
+}
+
+impl Shared {
+    fn preserved(&self) -> MutexGuard<'_, HashMap<u64, Vec<u8>>> {
+        self.preserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn chunk_range(&self, io: &BdevIo) -> std::ops::RangeInclusive<u64> {
+        let start = io.offset_blocks * self.block_size;
+        let end = start + io.num_blocks.max(1) * self.block_size - 1;
+        (start / self.chunk_bytes)..=(end / self.chunk_bytes).min(self.chunks - 1)
+    }
+
+    fn mark_dirty(&self, chunk: u64) {
+        self.dirty[(chunk / 64) as usize].fetch_or(1 << (chunk % 64), Ordering::Relaxed);
+    }
+
+    fn chunk_len(&self, chunk: u64) -> u64 {
+        (self.inner.info().size_bytes() - chunk * self.chunk_bytes).min(self.chunk_bytes)
+    }
+}
+
+struct VolumeBackend {
+    shared: Arc<Shared>,
+}
+
+struct VolumeChannel {
+    shared: Arc<Shared>,
+    inner: Rc<Channel>,
+    reactor: Rc<Reactor>,
+}
+
+impl BdevBackend for VolumeBackend {
+    fn supports(&self, io_type: IoType) -> bool {
+        self.shared.inner.supports(io_type)
+    }
+
+    fn create_channel(&self, _info: &BdevInfo) -> Result<Box<dyn BackendChannel>, BdevError> {
+        Ok(Box::new(VolumeChannel {
+            shared: Arc::clone(&self.shared),
+            inner: self.shared.inner.channel()?,
+            reactor: reactor::current().ok_or(BdevError::NotOnReactor)?,
+        }))
+    }
+}
+
+/// Copies chunks the running snapshot still needs, then submits the write.
+fn guarded_write(
+    shared: Arc<Shared>,
+    inner: Rc<Channel>,
+    reactor: Rc<Reactor>,
+    io: BdevIo,
+    done: IoDone,
+) {
+    for chunk in shared.chunk_range(&io) {
+        let state = &shared.state[chunk as usize];
+        match state.load(Ordering::Acquire) {
+            DONE | PRESERVED => continue,
+            NOT_READ => {
+                if state
+                    .compare_exchange(NOT_READ, PRESERVING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    return retry(shared, inner, reactor, io, done);
+                }
+                // Save the old contents for the snapshot, then look again.
+                let len = shared.chunk_len(chunk);
+                let read = BdevIo::read(
+                    chunk * shared.chunk_bytes / shared.block_size,
+                    len / shared.block_size,
+                    vec![IoBuf::new(len as usize)],
+                );
+                let (s, i, r) = (Arc::clone(&shared), Rc::clone(&inner), Rc::clone(&reactor));
+                return inner.submit(read, move |c: IoCompletion| {
+                    let state = &s.state[chunk as usize];
+                    match c.result {
+                        Ok(()) => {
+                            s.preserved().insert(chunk, c.data());
+                            state.store(PRESERVED, Ordering::Release);
+                            guarded_write(s, i, r, io, done);
+                        }
+                        Err(e) => {
+                            // Leave the chunk to the snapshot reader; fail the write
+                            // rather than lose the point-in-time image.
+                            state.store(NOT_READ, Ordering::Release);
+                            done(IoCompletion::err(io.bufs, e));
+                        }
+                    }
+                });
+            }
+            _ => return retry(shared, inner, reactor, io, done),
+        }
+    }
+    inner.submit(io, done);
+}
+
+fn retry(shared: Arc<Shared>, inner: Rc<Channel>, reactor: Rc<Reactor>, io: BdevIo, done: IoDone) {
+    let r = Rc::clone(&reactor);
+    r.after(RETRY, move || {
+        guarded_write(shared, inner, reactor, io, done)
+    });
+}
+
+impl BackendChannel for VolumeChannel {
+    fn submit(&self, io: BdevIo, done: IoDone) {
+        if !matches!(
+            io.io_type,
+            IoType::Write | IoType::WriteZeroes | IoType::Unmap
+        ) {
+            return self.inner.submit(io, done);
+        }
+        let s = &self.shared;
+        for chunk in s.chunk_range(&io) {
+            s.mark_dirty(chunk);
+        }
+        // Announce the write before looking at `active`, so a snapshot that begins
+        // now waits for it (see `VolumeHandle::begin_snapshot`).
+        s.unaware.fetch_add(1, Ordering::SeqCst);
+        if !s.active.load(Ordering::SeqCst) {
+            let s2 = Arc::clone(s);
+            return self.inner.submit(io, move |c| {
+                s2.unaware.fetch_sub(1, Ordering::SeqCst);
+                done(c)
+            });
+        }
+        s.unaware.fetch_sub(1, Ordering::SeqCst);
+        guarded_write(
+            Arc::clone(s),
+            Rc::clone(&self.inner),
+            Rc::clone(&self.reactor),
+            io,
+            done,
+        );
+    }
+}
+
+/// Control of a volume's change tracking and snapshot state.
+#[derive(Clone)]
+pub struct VolumeHandle {
+    shared: Arc<Shared>,
+}
+
+/// The chunks a snapshot must store: those changed since the previous snapshot began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedChunks {
+    bits: Vec<u64>,
+}
+
+impl ChangedChunks {
+    /// Whether `chunk` changed.
+    pub fn contains(&self, chunk: u64) -> bool {
+        self.bits
+            .get((chunk / 64) as usize)
+            .is_some_and(|w| w & (1 << (chunk % 64)) != 0)
+    }
+
+    /// How many chunks changed.
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+impl VolumeHandle {
+    /// Chunk size of the tracking.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.shared.chunk_bytes
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u64 {
+        self.shared.chunks
+    }
+
+    /// The wrapped device.
+    pub fn inner(&self) -> &Bdev {
+        &self.shared.inner
+    }
+
+    /// Starts a point-in-time snapshot: from now on, writes preserve unread chunks.
+    /// Returns the chunks changed since the previous snapshot began (and starts a new
+    /// change set). Waits for writes that started before the snapshot to finish.
+    pub fn begin_snapshot(&self) -> Result<ChangedChunks, BdevError> {
+        let s = &self.shared;
+        if s.active.load(Ordering::SeqCst) {
+            return Err(BdevError::Config {
+                name: s.inner.name().to_string(),
+                reason: "a snapshot of this volume is already running".into(),
+            });
+        }
+        for st in s.state.iter() {
+            st.store(NOT_READ, Ordering::Relaxed);
+        }
+        s.preserved().clear();
+        let bits = s
+            .dirty
+            .iter()
+            .map(|w| w.swap(0, Ordering::AcqRel))
+            .collect();
+        s.active.store(true, Ordering::SeqCst);
+        while s.unaware.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(ChangedChunks { bits })
+    }
+
+    /// What the snapshot should read for `chunk`: the preserved old contents, or `None`
+    /// to read the device (the chunk is then protected until [`Self::chunk_read`]).
+    /// `Err(())` means a write is copying it right now: ask again shortly.
+    #[allow(clippy::result_unit_err)]
+    pub fn claim_chunk(&self, chunk: u64) -> Result<Option<Vec<u8>>, ()> {
+        let state = &self.shared.state[chunk as usize];
+        match state.compare_exchange(NOT_READ, READING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Ok(None),
+            Err(PRESERVED) => {
+                let data = self.shared.preserved().remove(&chunk);
+                state.store(DONE, Ordering::Release);
+                Ok(data)
+            }
+            Err(DONE) => Ok(None),
+            Err(_) => Err(()),
+        }
+    }
+
+    /// The snapshot has read `chunk` from the device: writes may go ahead.
+    pub fn chunk_read(&self, chunk: u64) {
+        self.shared.state[chunk as usize].store(DONE, Ordering::Release);
+    }
+
+    /// Ends the snapshot. If it failed, `changed` goes back into the change set so the
+    /// next snapshot stores those chunks.
+    pub fn end_snapshot(&self, failed: Option<&ChangedChunks>) {
+        let s = &self.shared;
+        s.active.store(false, Ordering::SeqCst);
+        for st in s.state.iter() {
+            st.store(DONE, Ordering::Relaxed);
+        }
+        s.preserved().clear();
+        if let Some(c) = failed {
+            for (w, bits) in s.dirty.iter().zip(&c.bits) {
+                w.fetch_or(*bits, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// Wraps `inner` as a tracked volume with `chunk_bytes` tracking granularity. A fresh
+/// (all-zero) device starts with no changed chunks; an existing one should start with
+/// every chunk changed (`all_changed`), so its first snapshot reads it all.
+pub fn create_volume(
+    name: &str,
+    inner: Bdev,
+    chunk_bytes: u64,
+    all_changed: bool,
+    uuid: Option<Uuid>,
+) -> Result<(Bdev, VolumeHandle), BdevError> {
+    let block_size = u64::from(inner.block_size());
+    if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(block_size) {
+        return Err(BdevError::Config {
+            name: name.to_string(),
+            reason: format!("chunk size {chunk_bytes} is not a multiple of the block size"),
+        });
+    }
+    let chunks = inner.info().size_bytes().div_ceil(chunk_bytes);
+    let fill = if all_changed { u64::MAX } else { 0 };
+    let shared = Arc::new(Shared {
+        chunk_bytes,
+        block_size,
+        chunks,
+        dirty: (0..chunks.div_ceil(64))
+            .map(|_| AtomicU64::new(fill))
+            .collect(),
+        active: AtomicBool::new(false),
+        state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
+        preserved: Mutex::new(HashMap::new()),
+        unaware: AtomicU64::new(0),
+        inner: inner.clone(),
+    });
+    let info = BdevInfo {
+        name: name.to_string(),
+        block_size: inner.block_size(),
+        num_blocks: inner.num_blocks(),
+        uuid: uuid.unwrap_or_else(Uuid::new_v4),
+    };
+    let handle = VolumeHandle {
+        shared: Arc::clone(&shared),
+    };
+    Ok((Bdev::new(info, VolumeBackend { shared })?, handle))
+}

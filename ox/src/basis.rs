@@ -1,0 +1,250 @@
+//! A snapshot in an object store as the basis of a clone: `bdev::Basis` whose fetches
+//! run on OX cores — index page (cached), ranged GET of exactly the chunk's frame,
+//! verify, decrypt, decompress — and complete back on the reactor that asked.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_executor::LocalExecutor;
+use bdev::{Basis, FetchDone, FetchReason};
+
+use crate::cores::OxCores;
+use crate::error::OxError;
+use crate::format::{Entry, IndexPage, PAGE_CHUNKS};
+use crate::snapshot::Loaded;
+use crate::store::ObjectStore;
+use crate::throttle::{Class, Throttle};
+
+/// Makes this OX core's store instance (stores are per thread).
+pub type StoreFactory =
+    Arc<dyn Fn(&Rc<LocalExecutor<'static>>) -> Result<Rc<dyn ObjectStore>, OxError> + Send + Sync>;
+
+/// Object-store traffic of one basis.
+#[derive(Debug, Default)]
+pub struct BasisCounters {
+    /// Ranged GETs of frames.
+    pub frame_gets: AtomicU64,
+    /// Bytes of frames fetched.
+    pub frame_bytes: AtomicU64,
+    /// Index pages fetched.
+    pub page_gets: AtomicU64,
+    /// Bytes of index pages fetched.
+    pub page_bytes: AtomicU64,
+    /// Chunks answered as zeroes without any GET.
+    pub zero_chunks: AtomicU64,
+}
+
+struct Inner {
+    id: u64,
+    loaded: Loaded,
+    factory: StoreFactory,
+    cores: Arc<OxCores>,
+    throttle: Throttle,
+    name: String,
+    pages: Mutex<HashMap<u64, Arc<IndexPage>>>,
+    counters: BasisCounters,
+}
+
+/// A snapshot as a clone's basis.
+#[derive(Clone)]
+pub struct ObjectBasis {
+    inner: Arc<Inner>,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static STORES: RefCell<HashMap<u64, Rc<dyn ObjectStore>>> = RefCell::new(HashMap::new());
+}
+
+impl ObjectBasis {
+    /// A basis over the loaded snapshot; fetches run on `cores` with stores made by
+    /// `factory`, within `throttle` (as volume `name`).
+    pub fn new(
+        loaded: Loaded,
+        factory: StoreFactory,
+        cores: Arc<OxCores>,
+        throttle: Throttle,
+        name: &str,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                id: NEXT.fetch_add(1, Ordering::Relaxed),
+                loaded,
+                factory,
+                cores,
+                throttle,
+                name: name.to_string(),
+                pages: Mutex::new(HashMap::new()),
+                counters: BasisCounters::default(),
+            }),
+        }
+    }
+
+    /// Traffic counters.
+    pub fn counters(&self) -> &BasisCounters {
+        &self.inner.counters
+    }
+
+    /// Volume size.
+    pub fn volume_bytes(&self) -> u64 {
+        self.inner.loaded.manifest.volume_bytes
+    }
+}
+
+impl Inner {
+    fn store(&self, ex: &Rc<LocalExecutor<'static>>) -> Result<Rc<dyn ObjectStore>, OxError> {
+        if let Some(s) = STORES.with(|s| s.borrow().get(&self.id).cloned()) {
+            return Ok(s);
+        }
+        let s = (self.factory)(ex)?;
+        STORES.with(|m| m.borrow_mut().insert(self.id, Rc::clone(&s)));
+        Ok(s)
+    }
+
+    async fn page(&self, store: &dyn ObjectStore, page: u64) -> Result<Arc<IndexPage>, OxError> {
+        if let Some(p) = self
+            .pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&page)
+        {
+            return Ok(Arc::clone(p));
+        }
+        let p = Arc::new(self.loaded.page(store, page).await?);
+        self.counters.page_gets.fetch_add(1, Ordering::Relaxed);
+        let len = self
+            .loaded
+            .manifest
+            .pages
+            .get(page as usize)
+            .map_or(0, |r| r.length);
+        self.counters
+            .page_bytes
+            .fetch_add(u64::from(len), Ordering::Relaxed);
+        self.pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(page, Arc::clone(&p));
+        Ok(p)
+    }
+
+    async fn fetch(
+        &self,
+        ex: &Rc<LocalExecutor<'static>>,
+        chunk: u64,
+        reason: FetchReason,
+    ) -> Result<Vec<u8>, OxError> {
+        let m = &self.loaded.manifest;
+        let chunk_bytes = u64::from(m.chunk_bytes);
+        if chunk >= m.chunks() {
+            return Err(OxError::Config(format!(
+                "chunk {chunk} is beyond the volume"
+            )));
+        }
+        let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes) as usize;
+        let store = self.store(ex)?;
+        let page = self.page(&*store, chunk / PAGE_CHUNKS).await?;
+        let entry = page
+            .entries
+            .get((chunk % PAGE_CHUNKS) as usize)
+            .copied()
+            .unwrap_or(Entry::Zero);
+        match entry {
+            Entry::Zero => {
+                self.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                Ok(vec![0; len])
+            }
+            Entry::Frame {
+                source,
+                object,
+                offset,
+                length,
+            } => {
+                let src = self
+                    .loaded
+                    .sources
+                    .get(usize::from(source))
+                    .ok_or_else(|| {
+                        OxError::integrity("index", format!("source {source} unknown"))
+                    })?;
+                let key = src.objects.get(object as usize).ok_or_else(|| {
+                    OxError::integrity("index", format!("object {object} unknown"))
+                })?;
+                let class = match reason {
+                    FetchReason::ClientMiss => Class::Foreground,
+                    _ => Class::Background,
+                };
+                self.throttle
+                    .acquire(&self.name, class, u64::from(length))
+                    .await;
+                let frame = store.get_range(key, offset, u64::from(length)).await?;
+                self.counters.frame_gets.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .frame_bytes
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                if frame.len() != length as usize {
+                    return Err(OxError::integrity(
+                        key,
+                        "object shorter than the index says",
+                    ));
+                }
+                src.codec()?.decode(chunk, &frame, len)
+            }
+        }
+    }
+}
+
+impl Basis for ObjectBasis {
+    fn chunk_bytes(&self) -> u64 {
+        u64::from(self.inner.loaded.manifest.chunk_bytes)
+    }
+
+    fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone) {
+        let inner = Arc::clone(&self.inner);
+        let done = Arc::new(Mutex::new(Some(done)));
+        let for_job = Arc::clone(&done);
+        let job: crate::cores::Job = Box::new(move |ex| {
+            Box::pin(async move {
+                let r = inner
+                    .fetch(&ex, chunk, reason)
+                    .await
+                    .map_err(|e| e.to_string());
+                if let Some(d) = for_job.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    d(r);
+                }
+            })
+        });
+        submit_or_retry(Arc::clone(&self.inner.cores), job, done, 0);
+    }
+}
+
+/// Queues a fetch; when the OX queue is full, tries again shortly from the reactor's
+/// timer (back-pressure without blocking the reactor), and gives up with an error
+/// after about a second.
+fn submit_or_retry(
+    cores: Arc<OxCores>,
+    job: crate::cores::Job,
+    done: Arc<Mutex<Option<FetchDone>>>,
+    attempt: u32,
+) {
+    let Err(job) = cores.try_submit(job) else {
+        return;
+    };
+    match reactor::current() {
+        Some(r) if attempt < 10_000 => {
+            r.after(std::time::Duration::from_micros(100), move || {
+                submit_or_retry(cores, job, done, attempt + 1)
+            });
+        }
+        _ => {
+            drop(job);
+            if let Some(d) = done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                d(Err("the OX fetch queue stayed full".into()));
+            }
+        }
+    }
+}

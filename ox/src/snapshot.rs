@@ -1,0 +1,402 @@
+//! Writing a snapshot of a tracked volume into an object store, and loading one back.
+//!
+//! Point-in-time by copy-before-write (see `bdev::VolumeHandle`): the snapshot begins,
+//! and from then on a host write to a chunk not yet read saves its old contents first.
+//! Incremental: only chunks changed since the parent are read and stored; the others
+//! point at the parent's frames. Sparse: zero chunks are not stored. Frames are packed
+//! into objects sealed at a size threshold; index pages follow; the manifest is written
+//! last, with a conditional create, so a failed snapshot leaves no visible snapshot.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bdev::{Bdev, BdevIo, IoBuf, VolumeHandle};
+use reactor::ReactorHandle;
+
+use crate::codec::{Binding, Codec, CodecSettings};
+use crate::error::OxError;
+use crate::format::{
+    self, Ancestor, Entry, FORMAT_VERSION, IndexPage, Manifest, PAGE_CHUNKS, PageRef,
+};
+use crate::keys::{self, Kek, SecretKey};
+use crate::store::ObjectStore;
+use crate::throttle::{Class, Throttle};
+
+/// How to write a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    /// Key prefix in the store.
+    pub prefix: String,
+    /// zstd level (0: none).
+    pub zstd_level: i32,
+    /// Encrypt under a fresh data key wrapped by this KEK (`None`: checksums only).
+    pub kek: Option<Kek>,
+    /// Seal data objects at this size.
+    pub object_bytes: usize,
+    /// Volume identity bound into every frame.
+    pub volume_id: [u8; 16],
+    /// Name for throttling and messages.
+    pub volume_name: String,
+}
+
+/// What a finished snapshot wrote.
+#[derive(Debug, Clone)]
+pub struct SnapshotReport {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Its key.
+    pub manifest_key: String,
+    /// Bytes of frames uploaded (data objects).
+    pub data_bytes: u64,
+    /// Bytes of index pages and manifest uploaded.
+    pub meta_bytes: u64,
+    /// Chunks read from the volume.
+    pub chunks_read: u64,
+}
+
+/// A loaded snapshot: its manifest and what decoding its frames (and its ancestors')
+/// needs. Index pages are loaded on demand.
+pub struct Loaded {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Its key.
+    pub manifest_key: String,
+    /// Decoding context per source: 0 = this snapshot, n = `lineage[n-1]`.
+    pub sources: Vec<Source>,
+}
+
+/// How to decode the frames of one snapshot.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Data key, if encrypted.
+    pub key: Option<SecretKey>,
+    /// Frame binding.
+    pub binding: Binding,
+    /// Its data objects.
+    pub objects: Vec<String>,
+    /// zstd level it was written with (informational).
+    pub zstd_level: i32,
+}
+
+impl Source {
+    /// A decoder for this source's frames.
+    pub fn codec(&self) -> Result<Codec, OxError> {
+        Codec::new(CodecSettings { level: 0 }, self.key.as_ref(), self.binding)
+    }
+}
+
+/// Reads manifest `key` and the manifests of its lineage (one GET each; no index pages).
+pub async fn load(store: &dyn ObjectStore, key: &str, keks: &[Kek]) -> Result<Loaded, OxError> {
+    let manifest = Manifest::from_bytes(&store.get(key).await?)?;
+    let mut sources = vec![source_of(&manifest, keks)?];
+    for a in &manifest.lineage {
+        let m = Manifest::from_bytes(&store.get(&a.manifest).await?)?;
+        if m.snapshot != a.snapshot {
+            return Err(OxError::integrity(
+                &a.manifest,
+                "ancestor manifest names another snapshot",
+            ));
+        }
+        sources.push(source_of(&m, keks)?);
+    }
+    Ok(Loaded {
+        manifest,
+        manifest_key: key.to_string(),
+        sources,
+    })
+}
+
+fn source_of(m: &Manifest, keks: &[Kek]) -> Result<Source, OxError> {
+    let key = m
+        .key
+        .as_ref()
+        .map(|w| keys::unwrap(keks, w, &m.snapshot))
+        .transpose()?;
+    Ok(Source {
+        key,
+        binding: m.binding()?,
+        objects: m.objects.clone(),
+        zstd_level: m.zstd_level,
+    })
+}
+
+impl Loaded {
+    /// Loads index page `page`.
+    pub async fn page(&self, store: &dyn ObjectStore, page: u64) -> Result<IndexPage, OxError> {
+        let r = self
+            .manifest
+            .pages
+            .get(page as usize)
+            .ok_or_else(|| OxError::integrity("manifest", format!("no index page {page}")))?;
+        let frame = store.get(&r.key).await?;
+        if frame.len() != r.length as usize {
+            return Err(OxError::integrity(
+                &r.key,
+                "index page length differs from the manifest",
+            ));
+        }
+        IndexPage::decode(
+            &self.sources[0].codec()?,
+            page,
+            &frame,
+            self.manifest.page_chunks(page),
+            &self.manifest.page_limits(),
+        )
+    }
+}
+
+/// Reads `blocks` blocks at `lba` of `bdev` through reactor `on`.
+pub async fn read_blocks(
+    on: &ReactorHandle,
+    bdev: &Bdev,
+    lba: u64,
+    blocks: u64,
+) -> Result<Vec<u8>, OxError> {
+    let (tx, rx) = async_channel::bounded(1);
+    let dev = bdev.clone();
+    let len = (blocks * u64::from(bdev.block_size())) as usize;
+    on.send(move || match dev.channel() {
+        Ok(ch) => ch.submit(BdevIo::read(lba, blocks, vec![IoBuf::new(len)]), move |c| {
+            let data = c.data();
+            let _ = tx.try_send(c.result.map(|()| data).map_err(|e| e.to_string()));
+        }),
+        Err(e) => {
+            let _ = tx.try_send(Err(e.to_string()));
+        }
+    })
+    .map_err(|e| OxError::Config(format!("reactor: {e}")))?;
+    rx.recv()
+        .await
+        .map_err(|_| OxError::Config("the reactor dropped a snapshot read".into()))?
+        .map_err(|e| OxError::Io {
+            path: bdev.name().to_string(),
+            source: std::io::Error::other(e),
+        })
+}
+
+struct Packer<'a> {
+    store: &'a dyn ObjectStore,
+    throttle: &'a Throttle,
+    opts: &'a SnapshotOptions,
+    current: Vec<u8>,
+    objects: Vec<String>,
+    uploaded: u64,
+}
+
+impl Packer<'_> {
+    /// Appends a frame; returns (object number, offset).
+    async fn add(&mut self, frame: &[u8]) -> Result<(u32, u64), OxError> {
+        let at = (self.objects.len() as u32, self.current.len() as u64);
+        self.current.extend_from_slice(frame);
+        if self.current.len() >= self.opts.object_bytes {
+            self.seal().await?;
+        }
+        Ok(at)
+    }
+
+    async fn seal(&mut self) -> Result<(), OxError> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let key = format::data_key(&self.opts.prefix, &format::random_id()?);
+        let data = std::mem::take(&mut self.current);
+        self.throttle
+            .acquire(&self.opts.volume_name, Class::Background, data.len() as u64)
+            .await;
+        self.uploaded += data.len() as u64;
+        self.store.put(&key, data).await?;
+        self.objects.push(key);
+        Ok(())
+    }
+}
+
+/// Snapshots the tracked volume `handle` (read through `volume` on reactor `on`) into
+/// `store`, incrementally over `parent` if given.
+pub async fn snapshot_volume(
+    store: &dyn ObjectStore,
+    on: &ReactorHandle,
+    handle: &VolumeHandle,
+    parent: Option<&Loaded>,
+    opts: &SnapshotOptions,
+    throttle: &Throttle,
+) -> Result<SnapshotReport, OxError> {
+    let changed = handle
+        .begin_snapshot()
+        .map_err(|e| OxError::Config(e.to_string()))?;
+    let result = write(store, on, handle, parent, opts, throttle, &changed).await;
+    handle.end_snapshot(result.as_ref().err().map(|_| &changed));
+    result
+}
+
+async fn write(
+    store: &dyn ObjectStore,
+    on: &ReactorHandle,
+    handle: &VolumeHandle,
+    parent: Option<&Loaded>,
+    opts: &SnapshotOptions,
+    throttle: &Throttle,
+    changed: &bdev::ChangedChunks,
+) -> Result<SnapshotReport, OxError> {
+    let dev = handle.inner();
+    let volume_bytes = dev.info().size_bytes();
+    let chunk_bytes = handle.chunk_bytes();
+    let chunks = handle.chunks();
+    if let Some(p) = parent
+        && (p.manifest.volume_bytes != volume_bytes
+            || u64::from(p.manifest.chunk_bytes) != chunk_bytes)
+    {
+        return Err(OxError::Config(
+            "the parent snapshot has another size or chunk size".into(),
+        ));
+    }
+    let snapshot = format::random_id()?;
+    let snapshot_hex = hex::encode(snapshot);
+    let data_key = match &opts.kek {
+        Some(_) => Some(SecretKey::random()?),
+        None => None,
+    };
+    let binding = Binding {
+        volume: opts.volume_id,
+        snapshot,
+    };
+    let mut codec = Codec::new(
+        CodecSettings {
+            level: opts.zstd_level,
+        },
+        data_key.as_ref(),
+        binding,
+    )?;
+    let mut packer = Packer {
+        store,
+        throttle,
+        opts,
+        current: Vec::new(),
+        objects: Vec::new(),
+        uploaded: 0,
+    };
+    let lineage: Vec<Ancestor> = match parent {
+        Some(p) => std::iter::once(Ancestor {
+            snapshot: p.manifest.snapshot.clone(),
+            manifest: p.manifest_key.clone(),
+        })
+        .chain(p.manifest.lineage.iter().cloned())
+        .collect(),
+        None => Vec::new(),
+    };
+    let block = u64::from(dev.block_size());
+    let mut entries: Vec<Entry> = Vec::with_capacity(chunks.min(1 << 24) as usize);
+    let mut parent_page: Option<(u64, IndexPage)> = None;
+    let mut chunks_read = 0;
+    let mut stored_chunks = 0;
+    for chunk in 0..chunks {
+        if !changed.contains(chunk) {
+            let entry = match parent {
+                None => Entry::Zero,
+                Some(p) => {
+                    let page = chunk / PAGE_CHUNKS;
+                    if parent_page.as_ref().is_none_or(|(n, _)| *n != page) {
+                        parent_page = Some((page, p.page(store, page).await?));
+                    }
+                    let e = parent_page
+                        .as_ref()
+                        .and_then(|(_, pg)| pg.entries.get((chunk % PAGE_CHUNKS) as usize).copied())
+                        .unwrap_or(Entry::Zero);
+                    match e {
+                        Entry::Frame {
+                            source,
+                            object,
+                            offset,
+                            length,
+                        } => Entry::Frame {
+                            source: source
+                                .checked_add(1)
+                                .ok_or_else(|| OxError::Config("lineage too deep".into()))?,
+                            object,
+                            offset,
+                            length,
+                        },
+                        Entry::Zero => Entry::Zero,
+                    }
+                }
+            };
+            entries.push(entry);
+            continue;
+        }
+        let len = (volume_bytes - chunk * chunk_bytes).min(chunk_bytes);
+        let data = loop {
+            match handle.claim_chunk(chunk) {
+                Ok(Some(preserved)) => break preserved,
+                Ok(None) => {
+                    let d = read_blocks(on, dev, chunk * chunk_bytes / block, len / block).await;
+                    handle.chunk_read(chunk);
+                    break d?;
+                }
+                Err(()) => async_io::Timer::after(Duration::from_micros(50)).await,
+            };
+        };
+        chunks_read += 1;
+        let entry = match codec.encode(chunk, &data)? {
+            None => Entry::Zero,
+            Some(frame) => {
+                let (object, offset) = packer.add(&frame).await?;
+                stored_chunks += 1;
+                Entry::Frame {
+                    source: 0,
+                    object,
+                    offset,
+                    length: frame.len() as u32,
+                }
+            }
+        };
+        entries.push(entry);
+    }
+    packer.seal().await?;
+    let mut meta_bytes = 0u64;
+    let mut pages = Vec::new();
+    for (n, page_entries) in entries.chunks(PAGE_CHUNKS as usize).enumerate() {
+        let page = IndexPage {
+            entries: page_entries.to_vec(),
+        };
+        let frame = page.encode(&mut codec, n as u64)?;
+        let key = format::index_key(&opts.prefix, &format::random_id()?);
+        meta_bytes += frame.len() as u64;
+        pages.push(PageRef {
+            key: key.clone(),
+            length: frame.len() as u32,
+        });
+        store.put(&key, frame).await?;
+    }
+    let wrapped = match (&opts.kek, &data_key) {
+        (Some(kek), Some(k)) => Some(keys::wrap(kek, k, &snapshot_hex)?),
+        _ => None,
+    };
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        snapshot: snapshot_hex,
+        volume: hex::encode(opts.volume_id),
+        parent: parent.map(|p| p.manifest.snapshot.clone()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        volume_bytes,
+        chunk_bytes: u32::try_from(chunk_bytes)
+            .map_err(|_| OxError::Config("chunk too large".into()))?,
+        zstd_level: opts.zstd_level,
+        key: wrapped,
+        lineage,
+        objects: packer.objects.clone(),
+        pages,
+        stored_chunks,
+        stored_bytes: packer.uploaded,
+    };
+    let manifest_key = format::manifest_key(&opts.prefix, &snapshot);
+    let bytes = manifest.to_bytes();
+    meta_bytes += bytes.len() as u64;
+    store.put_new(&manifest_key, bytes).await?;
+    Ok(SnapshotReport {
+        manifest,
+        manifest_key,
+        data_bytes: packer.uploaded,
+        meta_bytes,
+        chunks_read,
+    })
+}
