@@ -209,6 +209,33 @@ impl Packer<'_> {
     }
 }
 
+/// Stores the page being built once it is full (or, at the end, whatever it holds).
+async fn flush_page(
+    store: &dyn ObjectStore,
+    opts: &SnapshotOptions,
+    codec: &mut Codec,
+    entries: &mut Vec<Entry>,
+    pages: &mut Vec<PageRef>,
+    meta_bytes: &mut u64,
+    last: bool,
+) -> Result<(), OxError> {
+    let full = entries.len() >= PAGE_CHUNKS as usize;
+    if !full && (!last || entries.is_empty()) {
+        return Ok(());
+    }
+    let page = IndexPage {
+        entries: std::mem::take(entries),
+    };
+    let frame = page.encode(codec, pages.len() as u64)?;
+    let key = format::index_key(&opts.prefix, &format::random_id()?);
+    *meta_bytes += frame.len() as u64;
+    pages.push(PageRef {
+        key: key.clone(),
+        length: frame.len() as u32,
+    });
+    store.put(&key, frame).await
+}
+
 /// Snapshots the tracked volume `handle` (read through `volume` on reactor `on`) into
 /// `store`, incrementally over `parent` if given.
 pub async fn snapshot_volume(
@@ -283,7 +310,11 @@ async fn write(
         None => Vec::new(),
     };
     let block = u64::from(dev.block_size());
-    let mut entries: Vec<Entry> = Vec::with_capacity(chunks.min(1 << 24) as usize);
+    // Entries of the index page being built; pages are stored as they fill, so memory
+    // stays one page whatever the volume size.
+    let mut entries: Vec<Entry> = Vec::with_capacity(PAGE_CHUNKS as usize);
+    let mut pages = Vec::new();
+    let mut meta_bytes = 0u64;
     let mut parent_page: Option<(u64, IndexPage)> = None;
     let mut chunks_read = 0;
     let mut stored_chunks = 0;
@@ -319,6 +350,16 @@ async fn write(
                 }
             };
             entries.push(entry);
+            flush_page(
+                store,
+                opts,
+                &mut codec,
+                &mut entries,
+                &mut pages,
+                &mut meta_bytes,
+                false,
+            )
+            .await?;
             continue;
         }
         let len = (volume_bytes - chunk * chunk_bytes).min(chunk_bytes);
@@ -348,23 +389,28 @@ async fn write(
             }
         };
         entries.push(entry);
+        flush_page(
+            store,
+            opts,
+            &mut codec,
+            &mut entries,
+            &mut pages,
+            &mut meta_bytes,
+            false,
+        )
+        .await?;
     }
+    flush_page(
+        store,
+        opts,
+        &mut codec,
+        &mut entries,
+        &mut pages,
+        &mut meta_bytes,
+        true,
+    )
+    .await?;
     packer.seal().await?;
-    let mut meta_bytes = 0u64;
-    let mut pages = Vec::new();
-    for (n, page_entries) in entries.chunks(PAGE_CHUNKS as usize).enumerate() {
-        let page = IndexPage {
-            entries: page_entries.to_vec(),
-        };
-        let frame = page.encode(&mut codec, n as u64)?;
-        let key = format::index_key(&opts.prefix, &format::random_id()?);
-        meta_bytes += frame.len() as u64;
-        pages.push(PageRef {
-            key: key.clone(),
-            length: frame.len() as u32,
-        });
-        store.put(&key, frame).await?;
-    }
     let wrapped = match (&opts.kek, &data_key) {
         (Some(kek), Some(k)) => Some(keys::wrap(kek, k, &snapshot_hex)?),
         _ => None,
