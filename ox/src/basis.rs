@@ -44,8 +44,14 @@ struct Inner {
     cores: Arc<OxCores>,
     throttle: Throttle,
     name: String,
-    pages: Mutex<HashMap<u64, Arc<IndexPage>>>,
+    pages: Mutex<HashMap<u64, PageSlot>>,
     counters: BasisCounters,
+}
+
+/// An index page: loaded, or being loaded with others waiting for it.
+enum PageSlot {
+    Ready(Arc<IndexPage>),
+    Loading(Vec<async_channel::Sender<Result<Arc<IndexPage>, String>>>),
 }
 
 /// A snapshot as a clone's basis.
@@ -105,31 +111,59 @@ impl Inner {
         Ok(s)
     }
 
+    /// Index page `page`: from the cache, or loaded once however many fetches ask
+    /// for it at the same time.
     async fn page(&self, store: &dyn ObjectStore, page: u64) -> Result<Arc<IndexPage>, OxError> {
-        if let Some(p) = self
-            .pages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&page)
-        {
-            return Ok(Arc::clone(p));
+        let wait = {
+            let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+            match pages.get_mut(&page) {
+                Some(PageSlot::Ready(p)) => return Ok(Arc::clone(p)),
+                Some(PageSlot::Loading(waiters)) => {
+                    let (tx, rx) = async_channel::bounded(1);
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    pages.insert(page, PageSlot::Loading(Vec::new()));
+                    None
+                }
+            }
+        };
+        if let Some(rx) = wait {
+            return rx
+                .recv()
+                .await
+                .map_err(|_| OxError::Config("index page load abandoned".into()))?
+                .map_err(|e| OxError::integrity(format!("index page {page}"), e));
         }
-        let p = Arc::new(self.loaded.page(store, page).await?);
-        self.counters.page_gets.fetch_add(1, Ordering::Relaxed);
-        let len = self
-            .loaded
-            .manifest
-            .pages
-            .get(page as usize)
-            .map_or(0, |r| r.length);
-        self.counters
-            .page_bytes
-            .fetch_add(u64::from(len), Ordering::Relaxed);
-        self.pages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(page, Arc::clone(&p));
-        Ok(p)
+        let result = self.loaded.page(store, page).await.map(Arc::new);
+        let waiters = {
+            let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = match &result {
+                Ok(p) => pages.insert(page, PageSlot::Ready(Arc::clone(p))),
+                Err(_) => pages.remove(&page),
+            };
+            match slot {
+                Some(PageSlot::Loading(w)) => w,
+                _ => Vec::new(),
+            }
+        };
+        if result.is_ok() {
+            self.counters.page_gets.fetch_add(1, Ordering::Relaxed);
+            let len = self
+                .loaded
+                .manifest
+                .pages
+                .get(page as usize)
+                .map_or(0, |r| r.length);
+            self.counters
+                .page_bytes
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+        }
+        for w in waiters {
+            let _ = w.try_send(result.as_ref().map(Arc::clone).map_err(ToString::to_string));
+        }
+        result
     }
 
     async fn fetch(

@@ -4,191 +4,19 @@
 //! connections and stalled bodies.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_executor::LocalExecutor;
-use bytes::Bytes;
-use futures_lite::StreamExt;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
-use hyper::body::Frame;
 use ox::OxError;
 use ox::store::ObjectStore;
 use ox::store::http::Trust;
 use ox::store::s3::{CredentialSource, S3Config, S3Store};
 
-const ACCESS: &str = "AKIAOXTEST";
-const SECRET: &str = "ox-test-secret-key";
-const BUCKET: &str = "ox-bucket";
+mod s3server;
 
-type Body = BoxBody<Bytes, std::io::Error>;
-
-fn io_err(e: impl std::fmt::Display) -> std::io::Error {
-    std::io::Error::other(e.to_string())
-}
-
-/// Faults to inject into the next requests.
-#[derive(Default)]
-struct Faults {
-    unavailable: AtomicU32,
-    drop: AtomicU32,
-    stall: AtomicU32,
-    requests: AtomicU32,
-}
-
-fn take(counter: &AtomicU32) -> bool {
-    counter
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-}
-
-struct Server {
-    addr: SocketAddr,
-    faults: Arc<Faults>,
-    ca_pem: Option<tempfile::NamedTempFile>,
-    _rt: tokio::runtime::Runtime,
-    _dir: tempfile::TempDir,
-}
-
-fn start_server(tls: bool) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join(BUCKET)).unwrap();
-    let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
-    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS, SECRET));
-    let s3 = builder.build().into_shared();
-    let faults = Arc::new(Faults::default());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (acceptor, ca_pem) = if tls {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &ca)
-            .unwrap();
-        let mut pem = tempfile::NamedTempFile::new().unwrap();
-        std::io::Write::write_all(&mut pem, ca.pem().as_bytes()).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)
-        .unwrap();
-        (
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-            Some(pem),
-        )
-    } else {
-        (None, None)
-    };
-    let f = Arc::clone(&faults);
-    rt.spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let s3 = s3.clone();
-            let faults = Arc::clone(&f);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let s3 = s3.clone();
-                    let faults = Arc::clone(&faults);
-                    async move { respond(&s3, &faults, req).await }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                );
-                match acceptor {
-                    Some(a) => {
-                        if let Ok(tls) = a.accept(tcp).await {
-                            let _ = builder
-                                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                                .await;
-                        }
-                    }
-                    None => {
-                        let _ = builder
-                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                            .await;
-                    }
-                }
-            });
-        }
-    });
-    Server {
-        addr,
-        faults,
-        ca_pem,
-        _rt: rt,
-        _dir: dir,
-    }
-}
-
-async fn respond(
-    s3: &s3s::service::SharedS3Service,
-    faults: &Faults,
-    req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<Body>, std::io::Error> {
-    faults.requests.fetch_add(1, Ordering::SeqCst);
-    if take(&faults.unavailable) {
-        let body = "<Error><Code>SlowDown</Code><Message>injected</Message></Error>";
-        return hyper::Response::builder()
-            .status(503)
-            .body(
-                Full::new(Bytes::from(body))
-                    .map_err(|e: Infallible| match e {})
-                    .boxed(),
-            )
-            .map_err(io_err);
-    }
-    if take(&faults.drop) {
-        // An error from the service makes hyper drop the connection without a response.
-        return Err(io_err("injected connection drop"));
-    }
-    let resp = hyper::service::Service::call(s3, req)
-        .await
-        .map_err(|e| io_err(format!("{e:?}")))?;
-    let (parts, body) = resp.into_parts();
-    if take(&faults.stall) {
-        let bytes = BodyExt::collect(body).await.map_err(io_err)?.to_bytes();
-        let half = bytes.len() / 2;
-        let (a, b) = (bytes.slice(..half), bytes.slice(half..));
-        let stream = futures_lite::stream::iter([a, b]).then(|chunk| async move {
-            if chunk.is_empty() {
-                return Ok::<_, std::io::Error>(Frame::data(chunk));
-            }
-            tokio::time::sleep(Duration::from_millis(2000)).await;
-            Ok(Frame::data(chunk))
-        });
-        let mut r = hyper::Response::from_parts(parts, BodyExt::boxed(StreamBody::new(stream)));
-        // Keep the advertised length: the client waits for the rest.
-        r.headers_mut().remove(hyper::header::TRANSFER_ENCODING);
-        return Ok(r);
-    }
-    Ok(hyper::Response::from_parts(
-        parts,
-        BodyExt::boxed(body.map_err(io_err)),
-    ))
-}
+use s3server::{ACCESS, BUCKET, SECRET, Server, start_server};
 
 fn store(
     server: &Server,
@@ -366,6 +194,26 @@ fn retries_carry_requests_across_injected_faults() {
             Err(OxError::AlreadyExists { .. }) => {}
             Ok(()) => eprintln!("note: this server ignores If-None-Match"),
             Err(e) => panic!("{e}"),
+        }
+    });
+}
+
+#[test]
+fn many_concurrent_requests_on_one_executor() {
+    let server = start_server(false);
+    run(async |ex| {
+        let s = Rc::new(store(&server, SECRET, &ex).unwrap());
+        s.put("ox1/d/c", vec![7u8; 200_000]).await.unwrap();
+        let tasks: Vec<_> = (0..64u64)
+            .map(|i| {
+                let s = Rc::clone(&s);
+                ex.spawn(
+                    async move { s.get_range("ox1/d/c", i * 1000, 65536).await.unwrap().len() },
+                )
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await, 65536);
         }
     });
 }

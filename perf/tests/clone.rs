@@ -1,0 +1,242 @@
+//! The product's promise, end to end: a 1 TiB sparse volume holding a 10 MiB extent
+//! (plus scattered data), written over NVMe/TCP by `oxperf --verify`; a snapshot into a
+//! real S3 server (s3s-fs on loopback); a clone of it served over NVMe/TCP; the extent
+//! read back and verified by `oxperf`, moving about 10 MiB from the object store
+//! (thickening is not running).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../ox/tests/s3server/mod.rs"]
+mod s3server;
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bdev::{Basis, Bdev, create_clone, create_malloc, create_volume};
+use nvmf::{HostPolicy, Limits, Namespace, Subsystem, Target, TargetConfig};
+use ox::basis::{ObjectBasis, StoreFactory};
+use ox::cores::OxCores;
+use ox::keys::{Kek, SecretKey};
+use ox::snapshot::{SnapshotOptions, load, snapshot_volume};
+use ox::store::ObjectStore;
+use ox::store::s3::{CredentialSource, S3Config, S3Store};
+use ox::throttle::Throttle;
+use reactor::{CoreList, ReactorConfig, ReactorSet};
+
+const TIB: u64 = 1 << 40;
+const CHUNK: u64 = 64 << 10;
+/// The extent: 10 MiB starting at 300 GiB (in 512-byte blocks).
+const EXTENT_LBA: u64 = (300 << 30) / 512;
+const EXTENT_BLOCKS: u64 = (10 << 20) / 512;
+
+fn oxperf(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_oxperf"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "oxperf failed:\n{text}");
+    text
+}
+
+fn serve(set: &ReactorSet, nqn: &str, dev: Bdev) -> (Target, SocketAddr) {
+    let config = TargetConfig {
+        subsystems: vec![Subsystem {
+            nqn: nqn.into(),
+            serial: "OXE2E".into(),
+            model: "OX e2e".into(),
+            hosts: HostPolicy::Any,
+            namespaces: vec![Namespace::new(1, dev)],
+            listeners: vec!["127.0.0.1:0".parse().unwrap()],
+        }],
+        discovery_listeners: vec![],
+        limits: Limits::default(),
+        socket_io: Default::default(),
+    };
+    let t = Target::start(config, set.handles()).unwrap();
+    let addr = t.local_addrs()[0];
+    (t, addr)
+}
+
+fn s3_config(server: &s3server::Server) -> S3Config {
+    let mut c = S3Config::new(
+        format!("http://127.0.0.1:{}", server.addr.port())
+            .parse()
+            .unwrap(),
+        s3server::BUCKET,
+        "us-east-1",
+        CredentialSource::Static {
+            access_key: s3server::ACCESS.into(),
+            secret_key: s3server::SECRET.into(),
+        },
+    );
+    c.allow_http = true;
+    c
+}
+
+#[test]
+fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
+    let server = s3server::start_server(false);
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let cores = Arc::new(OxCores::start(&[None], 1024).unwrap());
+    let kek = Kek::new("e2e-kek", SecretKey::random().unwrap());
+    let core = CoreList::available().last().unwrap().to_string();
+
+    // 1. A fresh 1 TiB volume, written over NVMe/TCP.
+    let (vol, handle) = create_volume(
+        "vol",
+        create_malloc("vol-ram", 512, TIB / 512, None).unwrap(),
+        CHUNK,
+        false,
+        None,
+    )
+    .unwrap();
+    let (src_target, src) = serve(&set, "nqn.2026-11.io.ox:e2e-src", vol);
+    let src_arg = format!("{src},nqn.2026-11.io.ox:e2e-src,1");
+    let range = format!("{EXTENT_LBA}:{EXTENT_BLOCKS}");
+    ok(&oxperf(&[
+        "run", "--target", &src_arg, "-w", "write", "--bs", "131072", "--range", &range, "--ios",
+        "80", "--verify", "--cores", &core, "--quiet",
+    ]));
+    // Scattered other data elsewhere on the volume.
+    ok(&oxperf(&[
+        "run",
+        "--target",
+        &src_arg,
+        "-w",
+        "randwrite",
+        "--bs",
+        "4096",
+        "--range",
+        "0:2000000000",
+        "--ios",
+        "64",
+        "--cores",
+        &core,
+        "--quiet",
+    ]));
+
+    // 2. Snapshot into S3.
+    let (config, reactor, h, k) = (
+        s3_config(&server),
+        set.handles()[0].clone(),
+        handle.clone(),
+        kek.clone(),
+    );
+    let report = cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(config, ex).unwrap();
+                let opts = SnapshotOptions {
+                    prefix: "e2e/".into(),
+                    zstd_level: 1,
+                    kek: Some(k),
+                    // Small objects: s3s-fs hashes the whole object on every GET.
+                    object_bytes: 1 << 20,
+                    volume_id: [0xE2; 16],
+                    volume_name: "vol".into(),
+                };
+                snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert_eq!(report.chunks_read, 160 + 64, "only written chunks are read");
+
+    // 3. Clone it and serve the clone.
+    let (config, key, k) = (s3_config(&server), report.manifest_key.clone(), kek.clone());
+    let requests_before_open = server.faults.requests.load(Ordering::SeqCst);
+    let loaded = cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(config, ex).unwrap();
+                load(&store, &key, &[k]).await.unwrap()
+            })
+        })
+        .unwrap();
+    assert_eq!(
+        server.faults.requests.load(Ordering::SeqCst) - requests_before_open,
+        1,
+        "opening a 1 TiB clone is one GET"
+    );
+    let config = s3_config(&server);
+    let factory: StoreFactory = Arc::new(move |ex| {
+        Ok(Rc::new(S3Store::new(config.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
+    });
+    let basis = ObjectBasis::new(
+        loaded,
+        factory,
+        Arc::clone(&cores),
+        Throttle::default(),
+        "clone",
+    );
+    let local = create_malloc("clone-local", 512, TIB / 512, None).unwrap();
+    let (clone, clone_handle) = create_clone(
+        "clone",
+        local,
+        Arc::new(basis.clone()) as Arc<dyn Basis>,
+        None,
+    )
+    .unwrap();
+    let (clone_target, dst) = serve(&set, "nqn.2026-11.io.ox:e2e-clone", clone);
+
+    // 4. Read the extent from the clone over NVMe/TCP and verify every block.
+    let out = oxperf(&[
+        "run",
+        "--target",
+        &format!("{dst},nqn.2026-11.io.ox:e2e-clone,1"),
+        "-w",
+        "read",
+        "--bs",
+        "131072",
+        "--range",
+        &range,
+        "--ios",
+        "80",
+        "--verify",
+        "--cores",
+        &core,
+        "--json",
+    ]);
+    ok(&out);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verified_blocks"], EXTENT_BLOCKS);
+    assert_eq!(r["unwritten_blocks"], 0);
+    assert!(r["mismatch"].is_null());
+
+    // 5. What moved from the object store: about the 10 MiB read, not the volume.
+    let c = basis.counters();
+    let moved = c.frame_bytes.load(Ordering::SeqCst) + c.page_bytes.load(Ordering::SeqCst);
+    eprintln!(
+        "fetched {} frames ({} bytes) and {} index page(s) ({} bytes): {:.3} MiB in all",
+        c.frame_gets.load(Ordering::SeqCst),
+        c.frame_bytes.load(Ordering::SeqCst),
+        c.page_gets.load(Ordering::SeqCst),
+        c.page_bytes.load(Ordering::SeqCst),
+        moved as f64 / 1048576.0
+    );
+    assert!(
+        moved <= (10 << 20) + (512 << 10),
+        "moved {moved} bytes for a 10 MiB read"
+    );
+    assert_eq!(c.frame_gets.load(Ordering::SeqCst), 160);
+    assert_eq!(
+        c.page_gets.load(Ordering::SeqCst),
+        1,
+        "concurrent misses share one page load"
+    );
+    let (present, total) = clone_handle.hydration();
+    assert_eq!((present, total), (160, TIB / CHUNK));
+    drop((src_target, clone_target));
+    set.shutdown().unwrap();
+}
