@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -53,9 +53,6 @@ pub trait Basis: Send + Sync + 'static {
     fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone);
 }
 
-const ABSENT: u8 = 0;
-const PRESENT: u8 = 1;
-
 /// Counters of one clone.
 #[derive(Debug, Default)]
 pub struct CloneCounters {
@@ -84,7 +81,9 @@ struct Shared {
     chunk_bytes: u64,
     block_size: u64,
     size: u64,
-    presence: Box<[AtomicU8]>,
+    /// One bit per chunk: present locally.
+    presence: Box<[AtomicU64]>,
+    chunks: u64,
     present_count: AtomicU64,
     /// Chunks being made present (by a fetch or a whole-chunk write), with who waits.
     pending: Mutex<HashMap<u64, Vec<Waiter>>>,
@@ -124,8 +123,8 @@ impl Shared {
 
     fn is_present(&self, chunk: u64) -> bool {
         self.presence
-            .get(chunk as usize)
-            .is_some_and(|p| p.load(Ordering::Acquire) == PRESENT)
+            .get((chunk / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
     }
 
     fn chunk_len(&self, chunk: u64) -> u64 {
@@ -133,8 +132,9 @@ impl Shared {
     }
 
     fn mark_present(&self, chunk: u64) {
-        if let Some(p) = self.presence.get(chunk as usize)
-            && p.swap(PRESENT, Ordering::AcqRel) == ABSENT
+        let bit = 1u64 << (chunk % 64);
+        if let Some(w) = self.presence.get((chunk / 64) as usize)
+            && w.fetch_or(bit, Ordering::AcqRel) & bit == 0
         {
             self.present_count.fetch_add(1, Ordering::Relaxed);
         }
@@ -553,7 +553,7 @@ impl CloneHandle {
     pub fn hydration(&self) -> (u64, u64) {
         (
             self.shared.present_count.load(Ordering::Relaxed),
-            self.shared.presence.len() as u64,
+            self.shared.chunks,
         )
     }
 
@@ -622,7 +622,10 @@ pub fn create_clone(
         chunk_bytes,
         block_size,
         size,
-        presence: (0..chunks).map(|_| AtomicU8::new(ABSENT)).collect(),
+        presence: (0..chunks.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+        chunks,
         present_count: AtomicU64::new(0),
         pending: Mutex::new(HashMap::new()),
         counters: CloneCounters::default(),

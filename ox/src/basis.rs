@@ -136,7 +136,9 @@ impl Inner {
                 .map_err(|_| OxError::Config("index page load abandoned".into()))?
                 .map_err(|e| OxError::integrity(format!("index page {page}"), e));
         }
-        let result = self.loaded.page(store, page).await.map(Arc::new);
+        let loaded = self.loaded.page(store, page).await;
+        let fetched = loaded.as_ref().map_or(0, |(_, n)| *n);
+        let result = loaded.map(|(p, _)| Arc::new(p));
         let waiters = {
             let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
             let slot = match &result {
@@ -150,15 +152,9 @@ impl Inner {
         };
         if result.is_ok() {
             self.counters.page_gets.fetch_add(1, Ordering::Relaxed);
-            let len = self
-                .loaded
-                .manifest
-                .pages
-                .get(page as usize)
-                .map_or(0, |r| r.length);
             self.counters
                 .page_bytes
-                .fetch_add(u64::from(len), Ordering::Relaxed);
+                .fetch_add(fetched as u64, Ordering::Relaxed);
         }
         for w in waiters {
             let _ = w.try_send(result.as_ref().map(Arc::clone).map_err(ToString::to_string));

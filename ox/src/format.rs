@@ -169,13 +169,16 @@ pub struct PageLimits {
     pub max_frame: usize,
 }
 
-/// Where an index page is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PageRef {
-    /// Object key.
-    pub key: String,
-    /// Frame length.
-    pub length: u32,
+/// Key of index page `page` of a snapshot: derived from the snapshot's random index
+/// salt, so the manifest need not list pages (it stays the same size whatever the
+/// volume size) and keys still reveal nothing.
+pub fn page_key(prefix: &str, salt: &[u8; 16], page: u64) -> String {
+    let mut input = salt.to_vec();
+    input.extend_from_slice(&page.to_le_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest.as_ref()[..16]);
+    index_key(prefix, &id)
 }
 
 /// An ancestor whose frames this snapshot references.
@@ -213,8 +216,11 @@ pub struct Manifest {
     pub lineage: Vec<Ancestor>,
     /// Data objects of this snapshot, by key.
     pub objects: Vec<String>,
-    /// Index pages in order; page n covers chunks [n × PAGE_CHUNKS, ...).
-    pub pages: Vec<PageRef>,
+    /// Key prefix of the index pages (the store prefix the snapshot was written with).
+    pub index_prefix: String,
+    /// Random salt (hex) from which index page keys derive: see [`page_key`]. Page n
+    /// covers chunks [n × PAGE_CHUNKS, ...).
+    pub index_salt: String,
     /// Chunks stored by this snapshot (not referenced).
     pub stored_chunks: u64,
     /// Bytes of frames stored by this snapshot.
@@ -259,16 +265,25 @@ impl Manifest {
                 format!("chunk size {}", m.chunk_bytes),
             ));
         }
-        if m.pages.len() as u64 != m.chunks().div_ceil(PAGE_CHUNKS) {
-            return Err(OxError::integrity(
-                "manifest",
-                format!("{} index pages for {} chunks", m.pages.len(), m.chunks()),
-            ));
-        }
+        parse_id(&m.index_salt)?;
         if m.lineage.len() > usize::from(u16::MAX) {
             return Err(OxError::integrity("manifest", "lineage too long"));
         }
         Ok(m)
+    }
+
+    /// Number of index pages.
+    pub fn page_count(&self) -> u64 {
+        self.chunks().div_ceil(PAGE_CHUNKS)
+    }
+
+    /// Key of index page `page`.
+    pub fn page_key(&self, page: u64) -> Result<String, OxError> {
+        Ok(page_key(
+            &self.index_prefix,
+            &parse_id(&self.index_salt)?,
+            page,
+        ))
     }
 
     /// Bounds for this snapshot's index entries.
@@ -375,12 +390,8 @@ mod tests {
             key: None,
             lineage: vec![],
             objects: vec![],
-            pages: (0..64)
-                .map(|i| PageRef {
-                    key: format!("p{i}"),
-                    length: 1,
-                })
-                .collect(),
+            index_prefix: String::new(),
+            index_salt: hex::encode([5u8; 16]),
             stored_chunks: 0,
             stored_bytes: 0,
         };
@@ -393,8 +404,9 @@ mod tests {
             Err(OxError::Format(_))
         ));
         let mut lying = m.clone();
-        lying.pages.pop();
+        lying.index_salt = "xyz".into();
         assert!(Manifest::from_bytes(&lying.to_bytes()).is_err());
+        assert_ne!(m.page_key(0).unwrap(), m.page_key(1).unwrap());
         let mut odd = m;
         odd.chunk_bytes = 1000;
         assert!(Manifest::from_bytes(&odd.to_bytes()).is_err());

@@ -14,9 +14,7 @@ use reactor::ReactorHandle;
 
 use crate::codec::{Binding, Codec, CodecSettings};
 use crate::error::OxError;
-use crate::format::{
-    self, Ancestor, Entry, FORMAT_VERSION, IndexPage, Manifest, PAGE_CHUNKS, PageRef,
-};
+use crate::format::{self, Ancestor, Entry, FORMAT_VERSION, IndexPage, Manifest, PAGE_CHUNKS};
 use crate::keys::{self, Kek, SecretKey};
 use crate::store::ObjectStore;
 use crate::throttle::{Class, Throttle};
@@ -120,27 +118,27 @@ fn source_of(m: &Manifest, keks: &[Kek]) -> Result<Source, OxError> {
 }
 
 impl Loaded {
-    /// Loads index page `page`.
-    pub async fn page(&self, store: &dyn ObjectStore, page: u64) -> Result<IndexPage, OxError> {
-        let r = self
-            .manifest
-            .pages
-            .get(page as usize)
-            .ok_or_else(|| OxError::integrity("manifest", format!("no index page {page}")))?;
-        let frame = store.get(&r.key).await?;
-        if frame.len() != r.length as usize {
+    /// Loads index page `page`; also returns the bytes fetched.
+    pub async fn page(
+        &self,
+        store: &dyn ObjectStore,
+        page: u64,
+    ) -> Result<(IndexPage, usize), OxError> {
+        if page >= self.manifest.page_count() {
             return Err(OxError::integrity(
-                &r.key,
-                "index page length differs from the manifest",
+                "manifest",
+                format!("no index page {page}"),
             ));
         }
-        IndexPage::decode(
+        let frame = store.get(&self.manifest.page_key(page)?).await?;
+        let decoded = IndexPage::decode(
             &self.sources[0].codec()?,
             page,
             &frame,
             self.manifest.page_chunks(page),
             &self.manifest.page_limits(),
-        )
+        )?;
+        Ok((decoded, frame.len()))
     }
 }
 
@@ -215,7 +213,8 @@ async fn flush_page(
     opts: &SnapshotOptions,
     codec: &mut Codec,
     entries: &mut Vec<Entry>,
-    pages: &mut Vec<PageRef>,
+    salt: &[u8; 16],
+    pages: &mut u64,
     meta_bytes: &mut u64,
     last: bool,
 ) -> Result<(), OxError> {
@@ -226,13 +225,10 @@ async fn flush_page(
     let page = IndexPage {
         entries: std::mem::take(entries),
     };
-    let frame = page.encode(codec, pages.len() as u64)?;
-    let key = format::index_key(&opts.prefix, &format::random_id()?);
+    let frame = page.encode(codec, *pages)?;
+    let key = format::page_key(&opts.prefix, salt, *pages);
+    *pages += 1;
     *meta_bytes += frame.len() as u64;
-    pages.push(PageRef {
-        key: key.clone(),
-        length: frame.len() as u32,
-    });
     store.put(&key, frame).await
 }
 
@@ -313,7 +309,8 @@ async fn write(
     // Entries of the index page being built; pages are stored as they fill, so memory
     // stays one page whatever the volume size.
     let mut entries: Vec<Entry> = Vec::with_capacity(PAGE_CHUNKS as usize);
-    let mut pages = Vec::new();
+    let mut pages = 0u64;
+    let index_salt = format::random_id()?;
     let mut meta_bytes = 0u64;
     let mut parent_page: Option<(u64, IndexPage)> = None;
     let mut chunks_read = 0;
@@ -325,7 +322,7 @@ async fn write(
                 Some(p) => {
                     let page = chunk / PAGE_CHUNKS;
                     if parent_page.as_ref().is_none_or(|(n, _)| *n != page) {
-                        parent_page = Some((page, p.page(store, page).await?));
+                        parent_page = Some((page, p.page(store, page).await?.0));
                     }
                     let e = parent_page
                         .as_ref()
@@ -355,6 +352,7 @@ async fn write(
                 opts,
                 &mut codec,
                 &mut entries,
+                &index_salt,
                 &mut pages,
                 &mut meta_bytes,
                 false,
@@ -394,6 +392,7 @@ async fn write(
             opts,
             &mut codec,
             &mut entries,
+            &index_salt,
             &mut pages,
             &mut meta_bytes,
             false,
@@ -405,6 +404,7 @@ async fn write(
         opts,
         &mut codec,
         &mut entries,
+        &index_salt,
         &mut pages,
         &mut meta_bytes,
         true,
@@ -430,7 +430,8 @@ async fn write(
         key: wrapped,
         lineage,
         objects: packer.objects.clone(),
-        pages,
+        index_prefix: opts.prefix.clone(),
+        index_salt: hex::encode(index_salt),
         stored_chunks,
         stored_bytes: packer.uploaded,
     };
