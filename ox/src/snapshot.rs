@@ -207,29 +207,49 @@ impl Packer<'_> {
     }
 }
 
-/// Stores the page being built once it is full (or, at the end, whatever it holds).
-async fn flush_page(
-    store: &dyn ObjectStore,
-    opts: &SnapshotOptions,
-    codec: &mut Codec,
-    entries: &mut Vec<Entry>,
-    salt: &[u8; 16],
-    pages: &mut u64,
-    meta_bytes: &mut u64,
-    last: bool,
-) -> Result<(), OxError> {
-    let full = entries.len() >= PAGE_CHUNKS as usize;
-    if !full && (!last || entries.is_empty()) {
-        return Ok(());
+/// The index being written: the page being built, and what has been stored.
+struct IndexWriter {
+    entries: Vec<Entry>,
+    salt: [u8; 16],
+    pages: u64,
+    bytes: u64,
+}
+
+impl IndexWriter {
+    /// Adds a chunk's entry, storing the page once it is full.
+    async fn push(
+        &mut self,
+        entry: Entry,
+        store: &dyn ObjectStore,
+        opts: &SnapshotOptions,
+        codec: &mut Codec,
+    ) -> Result<(), OxError> {
+        self.entries.push(entry);
+        if self.entries.len() >= PAGE_CHUNKS as usize {
+            self.flush(store, opts, codec).await?;
+        }
+        Ok(())
     }
-    let page = IndexPage {
-        entries: std::mem::take(entries),
-    };
-    let frame = page.encode(codec, *pages)?;
-    let key = format::page_key(&opts.prefix, salt, *pages);
-    *pages += 1;
-    *meta_bytes += frame.len() as u64;
-    store.put(&key, frame).await
+
+    /// Stores the page being built, if it holds anything.
+    async fn flush(
+        &mut self,
+        store: &dyn ObjectStore,
+        opts: &SnapshotOptions,
+        codec: &mut Codec,
+    ) -> Result<(), OxError> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        let page = IndexPage {
+            entries: std::mem::take(&mut self.entries),
+        };
+        let frame = page.encode(codec, self.pages)?;
+        let key = format::page_key(&opts.prefix, &self.salt, self.pages);
+        self.pages += 1;
+        self.bytes += frame.len() as u64;
+        store.put(&key, frame).await
+    }
 }
 
 /// Snapshots the tracked volume `handle` (read through `volume` on reactor `on`) into
@@ -308,10 +328,12 @@ async fn write(
     let block = u64::from(dev.block_size());
     // Entries of the index page being built; pages are stored as they fill, so memory
     // stays one page whatever the volume size.
-    let mut entries: Vec<Entry> = Vec::with_capacity(PAGE_CHUNKS as usize);
-    let mut pages = 0u64;
-    let index_salt = format::random_id()?;
-    let mut meta_bytes = 0u64;
+    let mut index = IndexWriter {
+        entries: Vec::with_capacity(PAGE_CHUNKS as usize),
+        salt: format::random_id()?,
+        pages: 0,
+        bytes: 0,
+    };
     let mut parent_page: Option<(u64, IndexPage)> = None;
     let mut chunks_read = 0;
     let mut stored_chunks = 0;
@@ -346,18 +368,7 @@ async fn write(
                     }
                 }
             };
-            entries.push(entry);
-            flush_page(
-                store,
-                opts,
-                &mut codec,
-                &mut entries,
-                &index_salt,
-                &mut pages,
-                &mut meta_bytes,
-                false,
-            )
-            .await?;
+            index.push(entry, store, opts, &mut codec).await?;
             continue;
         }
         let len = (volume_bytes - chunk * chunk_bytes).min(chunk_bytes);
@@ -386,30 +397,9 @@ async fn write(
                 }
             }
         };
-        entries.push(entry);
-        flush_page(
-            store,
-            opts,
-            &mut codec,
-            &mut entries,
-            &index_salt,
-            &mut pages,
-            &mut meta_bytes,
-            false,
-        )
-        .await?;
+        index.push(entry, store, opts, &mut codec).await?;
     }
-    flush_page(
-        store,
-        opts,
-        &mut codec,
-        &mut entries,
-        &index_salt,
-        &mut pages,
-        &mut meta_bytes,
-        true,
-    )
-    .await?;
+    index.flush(store, opts, &mut codec).await?;
     packer.seal().await?;
     let wrapped = match (&opts.kek, &data_key) {
         (Some(kek), Some(k)) => Some(keys::wrap(kek, k, &snapshot_hex)?),
@@ -431,13 +421,13 @@ async fn write(
         lineage,
         objects: packer.objects.clone(),
         index_prefix: opts.prefix.clone(),
-        index_salt: hex::encode(index_salt),
+        index_salt: hex::encode(index.salt),
         stored_chunks,
         stored_bytes: packer.uploaded,
     };
     let manifest_key = format::manifest_key(&opts.prefix, &snapshot);
     let bytes = manifest.to_bytes();
-    meta_bytes += bytes.len() as u64;
+    let meta_bytes = index.bytes + bytes.len() as u64;
     store.put_new(&manifest_key, bytes).await?;
     Ok(SnapshotReport {
         manifest,
