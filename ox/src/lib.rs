@@ -20,6 +20,7 @@ pub mod codec;
 pub mod cores;
 mod error;
 pub mod format;
+pub mod hydrate;
 pub mod keys;
 pub mod snapshot;
 pub mod store;

@@ -116,6 +116,27 @@ fn snapshot(
 }
 
 fn open_clone(env: &Env, manifest_key: &str, size: u64) -> (Bdev, ObjectBasis) {
+    let (b, basis, _) = open_clone_handle(env, manifest_key, size);
+    (b, basis)
+}
+
+fn load_snapshot(env: &Env, manifest_key: &str) -> Loaded {
+    let (root, key, kek) = (env.root.clone(), manifest_key.to_string(), env.kek.clone());
+    env.cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                load(&store, &key, &[kek]).await.unwrap()
+            })
+        })
+        .unwrap()
+}
+
+fn open_clone_handle(
+    env: &Env,
+    manifest_key: &str,
+    size: u64,
+) -> (Bdev, ObjectBasis, bdev::CloneHandle) {
     let (root, key, kek) = (env.root.clone(), manifest_key.to_string(), env.kek.clone());
     let loaded: Loaded = env
         .cores
@@ -137,14 +158,14 @@ fn open_clone(env: &Env, manifest_key: &str, size: u64) -> (Bdev, ObjectBasis) {
         "clone",
     );
     let local = create_malloc("clone-local", 512, size / 512, None).unwrap();
-    let (clone, _h) = create_clone(
+    let (clone, h) = create_clone(
         "clone",
         local,
         Arc::new(basis.clone()) as Arc<dyn Basis>,
         None,
     )
     .unwrap();
-    (clone, basis)
+    (clone, basis, h)
 }
 
 #[test]
@@ -330,5 +351,132 @@ fn a_wrong_key_or_a_damaged_object_never_yields_data() {
             .result
             .is_ok()
     );
+    env.set.shutdown().unwrap();
+}
+
+#[test]
+fn thickening_pauses_resumes_and_completes_then_reads_need_no_basis() {
+    let env = env();
+    let size = 8 << 20;
+    let (vol, handle) = create_volume(
+        "vol1",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        false,
+        None,
+    )
+    .unwrap();
+    let data = random(size as usize, 11);
+    write(&env, &vol, 0, &data);
+    let s = snapshot(&env, &handle, None, Throttle::default());
+    let (clone, basis, clone_handle) = open_clone_handle(&env, &s.manifest_key, size);
+    let control = ox::hydrate::Thickening::new();
+    control.pause();
+    let (h, c, r) = (
+        clone_handle.clone(),
+        Arc::clone(&control),
+        env.set.handles()[0].clone(),
+    );
+    let walker = std::thread::spawn({
+        let cores = Arc::clone(&env.cores);
+        move || {
+            cores
+                .run(move |_ex| {
+                    Box::pin(async move { ox::hydrate::thicken(&h, &r, &c).await.unwrap() })
+                })
+                .unwrap()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(clone_handle.hydration().0, 0, "paused: nothing fetched");
+    control.resume();
+    assert_eq!(walker.join().unwrap(), 128);
+    assert_eq!(clone_handle.hydration(), (128, 128));
+    assert_eq!(
+        clone_handle.counters().fetches[2].load(Ordering::SeqCst),
+        128
+    );
+    assert!(control.eta(&clone_handle).is_some_and(|d| d.is_zero()));
+    let gets = basis.counters().frame_gets.load(Ordering::SeqCst);
+    assert!(read(&env, &clone, 0, size) == data);
+    assert_eq!(
+        basis.counters().frame_gets.load(Ordering::SeqCst),
+        gets,
+        "a thick clone needs no basis"
+    );
+    env.set.shutdown().unwrap();
+}
+
+#[test]
+fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
+    let env = env();
+    let size = 4 << 20;
+    let (vol, handle) = create_volume(
+        "vol1",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        false,
+        None,
+    )
+    .unwrap();
+    let data = random(size as usize, 12);
+    write(&env, &vol, 0, &data[..(size / 2) as usize]);
+    let s = snapshot(&env, &handle, None, Throttle::default());
+    let loaded = Arc::new(load_snapshot(&env, &s.manifest_key));
+    let root = env.root.clone();
+    let l = Arc::clone(&loaded);
+    let clean = env
+        .cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                ox::hydrate::verify(&LocalStore::open(root).unwrap(), &l)
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert_eq!((clean.frames, clean.zero, clean.bad.len()), (32, 32, 0));
+    // Restore onto a fresh device.
+    let target = create_malloc("restored", 512, size / 512, None).unwrap();
+    let (root, l, t, r) = (
+        env.root.clone(),
+        Arc::clone(&loaded),
+        target.clone(),
+        env.set.handles()[0].clone(),
+    );
+    let written = env
+        .cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                ox::hydrate::restore(&LocalStore::open(root).unwrap(), &l, &t, &r)
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert_eq!(written, size);
+    let back = read(&env, &target, 0, size);
+    assert!(back[..(size / 2) as usize] == data[..(size / 2) as usize]);
+    assert!(back[(size / 2) as usize..].iter().all(|&b| b == 0));
+    // Damage two frames: verify names both chunks.
+    let obj = env.root.join(&s.manifest.objects[0]);
+    let mut bytes = std::fs::read(&obj).unwrap();
+    let len = bytes.len();
+    bytes[50] ^= 1;
+    bytes[len - 50] ^= 1;
+    std::fs::write(&obj, bytes).unwrap();
+    let (root, l) = (env.root.clone(), Arc::clone(&loaded));
+    let dirty = env
+        .cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                ox::hydrate::verify(&LocalStore::open(root).unwrap(), &l)
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert_eq!(dirty.bad.len(), 2, "{:?}", dirty.bad);
+    assert_eq!(dirty.frames, 30);
     env.set.shutdown().unwrap();
 }

@@ -1,0 +1,223 @@
+//! Background work on a snapshot: thickening a clone (fetching every missing chunk so
+//! it no longer needs its basis), restoring a snapshot to a local device, and verifying
+//! (scrubbing) every frame of a snapshot.
+//!
+//! Thickening runs on an OX core, one chunk at a time, as background traffic: the
+//! basis charges it to the background bucket of the throttle, and client misses, which
+//! are foreground, are never queued behind more than one thickening fetch. It can be
+//! paused, resumed and stopped, and reports progress.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bdev::{Bdev, BdevIo, CloneHandle, FetchReason, IoBuf};
+use reactor::ReactorHandle;
+
+use crate::error::OxError;
+use crate::format::{Entry, PAGE_CHUNKS};
+use crate::snapshot::Loaded;
+use crate::store::ObjectStore;
+
+/// Control and progress of a thickening walk.
+#[derive(Debug, Default)]
+pub struct Thickening {
+    paused: AtomicBool,
+    stopped: AtomicBool,
+    fetched: AtomicU64,
+    started: std::sync::OnceLock<Instant>,
+}
+
+impl Thickening {
+    /// A walk, not yet started.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Pauses after the current chunk.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Resumes.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops for good after the current chunk.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Chunks this walk has fetched.
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Estimated time to completion given the clone's remaining chunks, from this
+    /// walk's rate so far; `None` before there is a rate.
+    pub fn eta(&self, clone: &CloneHandle) -> Option<Duration> {
+        let (present, total) = clone.hydration();
+        let elapsed = self.started.get()?.elapsed().as_secs_f64();
+        let rate = self.fetched() as f64 / elapsed;
+        (rate > 0.0).then(|| Duration::from_secs_f64((total - present) as f64 / rate))
+    }
+}
+
+/// Walks every chunk of `clone`, fetching the missing ones through reactor `on`, until
+/// done or stopped. Returns the number of chunks fetched.
+pub async fn thicken(
+    clone: &CloneHandle,
+    on: &ReactorHandle,
+    control: &Thickening,
+) -> Result<u64, OxError> {
+    let _ = control.started.set(Instant::now());
+    let (_, total) = clone.hydration();
+    for chunk in 0..total {
+        while control.is_paused() && !control.stopped.load(Ordering::SeqCst) {
+            async_io::Timer::after(Duration::from_millis(10)).await;
+        }
+        if control.stopped.load(Ordering::SeqCst) {
+            break;
+        }
+        if clone.is_present(chunk) {
+            continue;
+        }
+        let (tx, rx) = async_channel::bounded(1);
+        clone
+            .fetch_on(on, chunk, FetchReason::Thickening, move |r| {
+                let _ = tx.try_send(r.map_err(|e| e.to_string()));
+            })
+            .map_err(|e| OxError::Config(e.to_string()))?;
+        rx.recv()
+            .await
+            .map_err(|_| OxError::Config("reactor dropped a thickening fetch".into()))?
+            .map_err(|e| OxError::integrity(format!("chunk {chunk}"), e))?;
+        control.fetched.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(control.fetched())
+}
+
+/// What a verify pass found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Frames checked.
+    pub frames: u64,
+    /// Chunks that are zero (nothing stored).
+    pub zero: u64,
+    /// Bad frames: (chunk, why).
+    pub bad: Vec<(u64, String)>,
+}
+
+/// Fetches and checks every frame of the snapshot (its own and those it references),
+/// reporting each bad one instead of stopping at the first.
+pub async fn verify(store: &dyn ObjectStore, loaded: &Loaded) -> Result<VerifyReport, OxError> {
+    let m = &loaded.manifest;
+    let mut report = VerifyReport::default();
+    for page in 0..m.page_count() {
+        let (index, _) = loaded.page(store, page).await?;
+        for (i, entry) in index.entries.iter().enumerate() {
+            let chunk = page * PAGE_CHUNKS + i as u64;
+            match decode_chunk(store, loaded, chunk, *entry).await {
+                Ok(None) => report.zero += 1,
+                Ok(Some(_)) => report.frames += 1,
+                Err(e) => report.bad.push((chunk, e.to_string())),
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The bytes of `chunk` (`None` for a zero chunk).
+async fn decode_chunk(
+    store: &dyn ObjectStore,
+    loaded: &Loaded,
+    chunk: u64,
+    entry: Entry,
+) -> Result<Option<Vec<u8>>, OxError> {
+    let m = &loaded.manifest;
+    let chunk_bytes = u64::from(m.chunk_bytes);
+    let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes) as usize;
+    let Entry::Frame {
+        source,
+        object,
+        offset,
+        length,
+    } = entry
+    else {
+        return Ok(None);
+    };
+    let src = loaded
+        .sources
+        .get(usize::from(source))
+        .ok_or_else(|| OxError::integrity("index", format!("source {source} unknown")))?;
+    let key = src
+        .objects
+        .get(object as usize)
+        .ok_or_else(|| OxError::integrity("index", format!("object {object} unknown")))?;
+    let frame = store.get_range(key, offset, u64::from(length)).await?;
+    src.codec()?.decode(chunk, &frame, len).map(Some)
+}
+
+/// Copies the whole snapshot onto `target` (same size), through reactor `on`: every
+/// stored chunk is written, every zero chunk written as zeroes. Returns bytes written.
+pub async fn restore(
+    store: &dyn ObjectStore,
+    loaded: &Loaded,
+    target: &Bdev,
+    on: &ReactorHandle,
+) -> Result<u64, OxError> {
+    let m = &loaded.manifest;
+    if target.info().size_bytes() != m.volume_bytes {
+        return Err(OxError::Config(format!(
+            "restore target {} holds {} bytes, the snapshot {}",
+            target.name(),
+            target.info().size_bytes(),
+            m.volume_bytes
+        )));
+    }
+    let block = u64::from(target.block_size());
+    let chunk_bytes = u64::from(m.chunk_bytes);
+    let mut written = 0;
+    for page in 0..m.page_count() {
+        let (index, _) = loaded.page(store, page).await?;
+        for (i, entry) in index.entries.iter().enumerate() {
+            let chunk = page * PAGE_CHUNKS + i as u64;
+            let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes);
+            let lba = chunk * chunk_bytes / block;
+            let io = match decode_chunk(store, loaded, chunk, *entry).await? {
+                Some(data) => BdevIo::write(lba, len / block, vec![IoBuf::from_slice(&data)]),
+                None => BdevIo::write_zeroes(lba, len / block),
+            };
+            submit(on, target, io).await?;
+            written += len;
+        }
+    }
+    Ok(written)
+}
+
+async fn submit(on: &ReactorHandle, dev: &Bdev, io: BdevIo) -> Result<(), OxError> {
+    let (tx, rx) = async_channel::bounded(1);
+    let d = dev.clone();
+    on.send(move || match d.channel() {
+        Ok(ch) => ch.submit(io, move |c| {
+            let _ = tx.try_send(c.result.map_err(|e| e.to_string()));
+        }),
+        Err(e) => {
+            let _ = tx.try_send(Err(e.to_string()));
+        }
+    })
+    .map_err(|e| OxError::Config(e.to_string()))?;
+    rx.recv()
+        .await
+        .map_err(|_| OxError::Config("reactor dropped a restore write".into()))?
+        .map_err(|e| OxError::Io {
+            path: dev.name().to_string(),
+            source: std::io::Error::other(e),
+        })
+}
