@@ -66,10 +66,8 @@ pub struct CloneCounters {
     pub fetch_errors: AtomicU64,
     /// Chunks made present by whole-chunk writes (no fetch needed).
     pub written_whole: AtomicU64,
-    /// Sum of client-miss latencies, nanoseconds.
-    pub miss_ns: AtomicU64,
-    /// Largest client-miss latency, nanoseconds.
-    pub miss_max_ns: AtomicU64,
+    /// Client-miss latency: from the miss to the chunk being present locally.
+    pub miss_latency: crate::stats::SharedHistogram,
 }
 
 type Waiter = (ReactorHandle, u64);
@@ -85,6 +83,10 @@ struct Shared {
     presence: Box<[AtomicU64]>,
     chunks: u64,
     present_count: AtomicU64,
+    /// Chunks fetched ahead of a sequential reader.
+    read_ahead: u64,
+    /// Recently missed chunks, newest last: where thickening starts.
+    hot: Mutex<std::collections::VecDeque<u64>>,
     /// Chunks being made present (by a fetch or a whole-chunk write), with who waits.
     pending: Mutex<HashMap<u64, Vec<Waiter>>>,
     counters: CloneCounters,
@@ -125,6 +127,14 @@ impl Shared {
         self.presence
             .get((chunk / 64) as usize)
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
+    }
+
+    fn note_miss(&self, chunk: u64) {
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        if hot.len() >= 4096 {
+            hot.pop_front();
+        }
+        hot.push_back(chunk);
     }
 
     fn chunk_len(&self, chunk: u64) -> u64 {
@@ -232,6 +242,9 @@ struct CloneChannel {
     shared: Arc<Shared>,
     local: Rc<Channel>,
     reactor: Rc<Reactor>,
+    /// Where the last read on this channel ended (bytes): a read starting there is
+    /// sequential and triggers read-ahead.
+    last_end: std::cell::Cell<u64>,
 }
 
 impl BdevBackend for CloneBackend {
@@ -248,6 +261,7 @@ impl BdevBackend for CloneBackend {
             shared: Arc::clone(&self.shared),
             local: self.shared.local.channel()?,
             reactor,
+            last_end: std::cell::Cell::new(u64::MAX),
         }))
     }
 }
@@ -355,9 +369,7 @@ fn install(
             s.counters.fetched_bytes[i].fetch_add(len, Ordering::Relaxed);
             s.counters.fetches[i].fetch_add(1, Ordering::Relaxed);
             if reason == FetchReason::ClientMiss {
-                let ns = started.elapsed().as_nanos() as u64;
-                s.counters.miss_ns.fetch_add(ns, Ordering::Relaxed);
-                s.counters.miss_max_ns.fetch_max(ns, Ordering::Relaxed);
+                s.counters.miss_latency.record(started.elapsed());
             }
             s.mark_present(chunk);
             s.finish(chunk, Ok(()));
@@ -381,6 +393,22 @@ impl CloneChannel {
         let start = io.offset_blocks * self.shared.block_size;
         let end = start + io.num_blocks * self.shared.block_size - 1;
         (start / self.shared.chunk_bytes)..=(end / self.shared.chunk_bytes)
+    }
+
+    /// A read that starts where the previous one ended fetches the next chunks ahead.
+    fn read_ahead(&self, io: &BdevIo, last_chunk: u64) {
+        let start = io.offset_blocks * self.shared.block_size;
+        let end = start + io.num_blocks * self.shared.block_size;
+        let sequential = self.last_end.replace(end) == start;
+        if !sequential || self.shared.read_ahead == 0 {
+            return;
+        }
+        let gate = Gate::new(|_| {});
+        for c in (last_chunk + 1)..(last_chunk + 1 + self.shared.read_ahead).min(self.shared.chunks)
+        {
+            ensure_present(&self.shared, &self.reactor, c, FetchReason::Prefetch, &gate);
+        }
+        gate.arrive(Ok(()));
     }
 
     fn covers_whole(&self, io: &BdevIo, chunk: u64) -> bool {
@@ -415,6 +443,7 @@ impl CloneChannel {
 
     fn read(&self, io: BdevIo, done: IoDone) {
         let chunks = self.chunks(&io);
+        self.read_ahead(&io, *chunks.end());
         if chunks.clone().all(|c| self.shared.is_present(c)) {
             let s = Arc::clone(&self.shared);
             let bytes = io.num_blocks * self.shared.block_size;
@@ -441,6 +470,11 @@ impl CloneChannel {
             }),
             Err(e) => done(IoCompletion::err(io.bufs, e)),
         });
+        for c in chunks.clone() {
+            if !self.shared.is_present(c) {
+                self.shared.note_miss(c);
+            }
+        }
         for c in chunks {
             ensure_present(
                 &self.shared,
@@ -562,6 +596,12 @@ impl CloneHandle {
         self.shared.is_present(chunk)
     }
 
+    /// Recently missed chunks, most recent first (thickening fetches around them first).
+    pub fn hot_chunks(&self) -> Vec<u64> {
+        let hot = self.shared.hot.lock().unwrap_or_else(|p| p.into_inner());
+        hot.iter().rev().copied().collect()
+    }
+
     /// Chunk size.
     pub fn chunk_bytes(&self) -> u64 {
         self.shared.chunk_bytes
@@ -629,6 +669,8 @@ pub fn create_clone(
         present_count: AtomicU64::new(0),
         pending: Mutex::new(HashMap::new()),
         counters: CloneCounters::default(),
+        read_ahead: 4,
+        hot: Mutex::new(std::collections::VecDeque::new()),
     });
     let handle = CloneHandle {
         shared: Arc::clone(&shared),

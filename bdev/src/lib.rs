@@ -31,6 +31,6 @@ pub use error::BdevError;
 pub use io::{BdevIo, IoCompletion, IoDone, IoType};
 pub use malloc::create_malloc;
 pub use null::create_null;
-pub use stats::{BdevStats, ChannelStats, LatencyHistogram};
+pub use stats::{BdevStats, ChannelStats, LatencyHistogram, SharedHistogram};
 pub use uring::{UringConfig, open_uring};
-pub use volume::{ChangedChunks, VolumeHandle, create_volume};
+pub use volume::{ChangedChunks, Tracking, VolumeHandle, create_volume};

@@ -137,6 +137,60 @@ impl BdevStats {
     }
 }
 
+/// A latency histogram written from any thread (atomic adds): for rare, shared events
+/// such as clone misses, where a per-core single-writer histogram does not fit.
+pub struct SharedHistogram {
+    buckets: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+    max_ns: AtomicU64,
+}
+
+impl Default for SharedHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+            max_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.snapshot();
+        write!(
+            f,
+            "SharedHistogram {{ count: {}, mean: {:?}, max: {:?} }}",
+            h.count(),
+            h.mean(),
+            h.max()
+        )
+    }
+}
+
+impl SharedHistogram {
+    /// Records one value.
+    pub fn record(&self, latency: Duration) {
+        let ns = latency.as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// A snapshot to query.
+    pub fn snapshot(&self) -> LatencyHistogram {
+        LatencyHistogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+            max_ns: self.max_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// A log-linear latency histogram (~12 % resolution) with exact count, mean and max.
 #[derive(Debug, Clone)]
 pub struct LatencyHistogram {

@@ -190,7 +190,42 @@ pub struct ChangedChunks {
     bits: Vec<u64>,
 }
 
+const TRACKING_MAGIC: &[u8; 8] = b"OXCBT001";
+
 impl ChangedChunks {
+    /// Serialises for saving across restarts: magic, chunk count, bitmap, CRC32C.
+    pub fn to_bytes(&self, chunks: u64) -> Vec<u8> {
+        let mut b = TRACKING_MAGIC.to_vec();
+        b.extend_from_slice(&chunks.to_le_bytes());
+        for w in &self.bits {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses what [`Self::to_bytes`] wrote for a volume of `chunks` chunks; `None` if
+    /// damaged or for another geometry (then treat every chunk as changed).
+    pub fn from_bytes(bytes: &[u8], chunks: u64) -> Option<Self> {
+        let words = chunks.div_ceil(64) as usize;
+        if bytes.len() != 16 + words * 8 + 4 || &bytes[..8] != TRACKING_MAGIC {
+            return None;
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return None;
+        }
+        if u64::from_le_bytes(body[8..16].try_into().ok()?) != chunks {
+            return None;
+        }
+        let bits = body[16..]
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+            .collect();
+        Some(Self { bits })
+    }
+
     /// Whether `chunk` changed.
     pub fn contains(&self, chunk: u64) -> bool {
         self.bits
@@ -270,6 +305,34 @@ impl VolumeHandle {
         self.shared.state[chunk as usize].store(DONE, Ordering::Release);
     }
 
+    /// The chunks changed since the last snapshot began, without resetting them (to
+    /// save at shutdown; see [`ChangedChunks::to_bytes`]).
+    pub fn changes(&self) -> ChangedChunks {
+        ChangedChunks {
+            bits: self
+                .shared
+                .dirty
+                .iter()
+                .map(|w| w.load(Ordering::Acquire))
+                .collect(),
+        }
+    }
+
+    /// Saves the change tracking to `path` atomically (temporary file, fsync, rename),
+    /// for [`Tracking::Saved`] at the next start.
+    pub fn save_changes(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let bytes = self.changes().to_bytes(self.shared.chunks);
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
     /// Ends the snapshot. If it failed, `changed` goes back into the change set so the
     /// next snapshot stores those chunks.
     pub fn end_snapshot(&self, failed: Option<&ChangedChunks>) {
@@ -287,14 +350,25 @@ impl VolumeHandle {
     }
 }
 
-/// Wraps `inner` as a tracked volume with `chunk_bytes` tracking granularity. A fresh
-/// (all-zero) device starts with no changed chunks; an existing one should start with
-/// every chunk changed (`all_changed`), so its first snapshot reads it all.
+/// What a volume's change tracking starts from.
+#[derive(Debug, Clone)]
+pub enum Tracking {
+    /// A fresh, all-zero device: nothing changed.
+    Fresh,
+    /// Unknown history (existing data, or a crash lost the saved tracking): every
+    /// chunk counts as changed, so the next snapshot reads it all.
+    AllChanged,
+    /// Tracking saved at a clean shutdown ([`VolumeHandle::save_changes`]).
+    Saved(ChangedChunks),
+}
+
+/// Wraps `inner` as a tracked volume with `chunk_bytes` tracking granularity, its change
+/// tracking starting from `tracking`.
 pub fn create_volume(
     name: &str,
     inner: Bdev,
     chunk_bytes: u64,
-    all_changed: bool,
+    tracking: Tracking,
     uuid: Option<Uuid>,
 ) -> Result<(Bdev, VolumeHandle), BdevError> {
     let block_size = u64::from(inner.block_size());
@@ -305,14 +379,18 @@ pub fn create_volume(
         });
     }
     let chunks = inner.info().size_bytes().div_ceil(chunk_bytes);
-    let fill = if all_changed { u64::MAX } else { 0 };
+    let words = chunks.div_ceil(64) as usize;
+    let initial: Vec<u64> = match tracking {
+        Tracking::Fresh => vec![0; words],
+        Tracking::AllChanged => vec![u64::MAX; words],
+        Tracking::Saved(c) if c.bits.len() == words => c.bits,
+        Tracking::Saved(_) => vec![u64::MAX; words],
+    };
     let shared = Arc::new(Shared {
         chunk_bytes,
         block_size,
         chunks,
-        dirty: (0..chunks.div_ceil(64))
-            .map(|_| AtomicU64::new(fill))
-            .collect(),
+        dirty: initial.into_iter().map(AtomicU64::new).collect(),
         active: AtomicBool::new(false),
         state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
         preserved: Mutex::new(HashMap::new()),

@@ -242,3 +242,31 @@ fn thickening_fetches_in_the_background() {
     assert_eq!(handle.counters().fetches[2].load(Ordering::SeqCst), 17);
     set.shutdown().unwrap();
 }
+
+#[test]
+fn sequential_readers_get_read_ahead_and_misses_are_remembered() {
+    let (set, clone, handle, basis) = setup(None, 0);
+    read(&set, &clone, 0, 0, CHUNK).unwrap();
+    read(&set, &clone, 0, CHUNK, CHUNK).unwrap();
+    // The second read was sequential: chunks 2..=5 are fetched ahead, in the background.
+    let deadline = std::time::Instant::now() + T;
+    while handle.counters().fetches[1].load(Ordering::SeqCst) < 4 {
+        assert!(std::time::Instant::now() < deadline, "no read-ahead");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for c in 2..=5 {
+        assert!(handle.is_present(c));
+    }
+    assert!(!handle.is_present(6));
+    let before = basis.total.load(Ordering::SeqCst);
+    read(&set, &clone, 0, 2 * CHUNK, CHUNK).unwrap();
+    assert!(
+        basis.total.load(Ordering::SeqCst) >= before,
+        "served from the read-ahead"
+    );
+    // A random read far away: no read-ahead, but remembered as hot.
+    read(&set, &clone, 0, 12 * CHUNK, 4096).unwrap();
+    assert_eq!(handle.hot_chunks().first(), Some(&12));
+    assert!(handle.counters().miss_latency.snapshot().count() >= 3);
+    set.shutdown().unwrap();
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bdev::blocking::run_on;
-use bdev::{Basis, BdevIo, IoBuf, create_clone, create_malloc, create_volume};
+use bdev::{Basis, BdevIo, IoBuf, Tracking, create_clone, create_malloc, create_volume};
 use ox::basis::{ObjectBasis, StoreFactory};
 use ox::cores::OxCores;
 use ox::keys::{Kek, SecretKey};
@@ -60,7 +60,7 @@ fn main() {
             name,
             create_malloc("m", 512, size / 512, None).unwrap(),
             64 << 10,
-            false,
+            Tracking::Fresh,
             None,
         )
         .unwrap();
@@ -85,6 +85,7 @@ fn main() {
                         object_bytes: 1 << 20,
                         volume_id: [1; 16],
                         volume_name: "bench".into(),
+                        progress: Arc::default(),
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

@@ -69,7 +69,10 @@ impl Thickening {
     }
 }
 
-/// Walks every chunk of `clone`, fetching the missing ones through reactor `on`, until
+/// Chunks on each side of a recent miss that thickening fetches first.
+const HOT_SPAN: u64 = 32;
+
+/// Walks every chunk of `clone` (around recent misses first), fetching the missing ones through reactor `on`, until
 /// done or stopped. Returns the number of chunks fetched.
 pub async fn thicken(
     clone: &CloneHandle,
@@ -78,7 +81,18 @@ pub async fn thicken(
 ) -> Result<u64, OxError> {
     let _ = control.started.set(Instant::now());
     let (_, total) = clone.hydration();
-    for chunk in 0..total {
+    // Hot first: the neighbourhoods of recent client misses, then everything in order.
+    let mut order: Vec<u64> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for h in clone.hot_chunks() {
+        for c in h.saturating_sub(HOT_SPAN)..(h + HOT_SPAN).min(total) {
+            if seen.insert(c) {
+                order.push(c);
+            }
+        }
+    }
+    let rest = (0..total).filter(|c| !seen.contains(c));
+    for chunk in order.into_iter().chain(rest) {
         while control.is_paused() && !control.stopped.load(Ordering::SeqCst) {
             async_io::Timer::after(Duration::from_millis(10)).await;
         }

@@ -34,6 +34,42 @@ pub struct SnapshotOptions {
     pub volume_id: [u8; 16],
     /// Name for throttling and messages.
     pub volume_name: String,
+    /// Progress to publish and a way to cancel.
+    pub progress: std::sync::Arc<SnapshotProgress>,
+}
+
+/// Progress and cancellation of a running snapshot, shared with whoever watches it.
+#[derive(Debug, Default)]
+pub struct SnapshotProgress {
+    /// Chunks examined so far.
+    pub chunks_done: std::sync::atomic::AtomicU64,
+    /// Chunks in the volume.
+    pub chunks_total: std::sync::atomic::AtomicU64,
+    /// Bytes uploaded so far.
+    pub bytes_uploaded: std::sync::atomic::AtomicU64,
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl SnapshotProgress {
+    /// Asks the snapshot to stop; it fails with "cancelled", publishes nothing, and the
+    /// volume's change tracking keeps its changes for the next attempt.
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Fraction done, 0.0–1.0.
+    pub fn fraction(&self) -> f64 {
+        let total = self.chunks_total.load(std::sync::atomic::Ordering::Relaxed);
+        if total == 0 {
+            return 0.0;
+        }
+        self.chunks_done.load(std::sync::atomic::Ordering::Relaxed) as f64 / total as f64
+    }
 }
 
 /// What a finished snapshot wrote.
@@ -337,7 +373,23 @@ async fn write(
     let mut parent_page: Option<(u64, IndexPage)> = None;
     let mut chunks_read = 0;
     let mut stored_chunks = 0;
+    let progress = &opts.progress;
+    progress
+        .chunks_total
+        .store(chunks, std::sync::atomic::Ordering::Relaxed);
     for chunk in 0..chunks {
+        if progress.is_cancelled() {
+            return Err(OxError::Config(format!(
+                "snapshot of {} cancelled at chunk {chunk}; nothing was published",
+                opts.volume_name
+            )));
+        }
+        progress
+            .chunks_done
+            .store(chunk, std::sync::atomic::Ordering::Relaxed);
+        progress
+            .bytes_uploaded
+            .store(packer.uploaded, std::sync::atomic::Ordering::Relaxed);
         if !changed.contains(chunk) {
             let entry = match parent {
                 None => Entry::Zero,
@@ -428,7 +480,16 @@ async fn write(
     let manifest_key = format::manifest_key(&opts.prefix, &snapshot);
     let bytes = manifest.to_bytes();
     let meta_bytes = index.bytes + bytes.len() as u64;
+    if progress.is_cancelled() {
+        return Err(OxError::Config(format!(
+            "snapshot of {} cancelled before publishing",
+            opts.volume_name
+        )));
+    }
     store.put_new(&manifest_key, bytes).await?;
+    progress
+        .chunks_done
+        .store(chunks, std::sync::atomic::Ordering::Relaxed);
     Ok(SnapshotReport {
         manifest,
         manifest_key,
@@ -436,4 +497,34 @@ async fn write(
         meta_bytes,
         chunks_read,
     })
+}
+
+/// Deletes objects under `prefix` that no manifest references: what failed or cancelled
+/// snapshots left behind. Objects younger than a running snapshot would look orphaned
+/// too, so run it when no snapshot is being written to this prefix. Returns the keys
+/// deleted.
+pub async fn collect_orphans(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    keks: &[Kek],
+) -> Result<Vec<String>, OxError> {
+    let mut referenced = std::collections::HashSet::new();
+    for key in store.list(&format!("{prefix}ox1/m/")).await? {
+        let loaded = load(store, &key, keks).await?;
+        let m = &loaded.manifest;
+        referenced.extend(m.objects.iter().cloned());
+        for page in 0..m.page_count() {
+            referenced.insert(m.page_key(page)?);
+        }
+    }
+    let mut orphans = Vec::new();
+    for kind in ["d", "i"] {
+        for key in store.list(&format!("{prefix}ox1/{kind}/")).await? {
+            if !referenced.contains(&key) {
+                orphans.push(key);
+            }
+        }
+    }
+    store.delete(&orphans).await?;
+    Ok(orphans)
 }

@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bdev::blocking::run_on;
-use bdev::{Basis, Bdev, BdevIo, IoBuf, VolumeHandle, create_clone, create_malloc, create_volume};
+use bdev::{
+    Basis, Bdev, BdevIo, IoBuf, Tracking, VolumeHandle, create_clone, create_malloc, create_volume,
+};
 use ox::basis::{ObjectBasis, StoreFactory};
 use ox::cores::OxCores;
 use ox::keys::{Kek, SecretKey};
@@ -83,6 +85,7 @@ fn options(env: &Env) -> SnapshotOptions {
         object_bytes: 1 << 20,
         volume_id: [9; 16],
         volume_name: "vol1".into(),
+        progress: Arc::default(),
     }
 }
 
@@ -176,7 +179,7 @@ fn a_snapshot_is_point_in_time_while_the_host_keeps_writing() {
         "vol1",
         create_malloc("m", 512, size / 512, None).unwrap(),
         CHUNK,
-        false,
+        Tracking::Fresh,
         None,
     )
     .unwrap();
@@ -223,7 +226,7 @@ fn incremental_snapshots_upload_only_what_changed() {
         "vol1",
         create_malloc("m", 512, size / 512, None).unwrap(),
         CHUNK,
-        false,
+        Tracking::Fresh,
         None,
     )
     .unwrap();
@@ -273,7 +276,7 @@ fn sparse_volumes_store_nothing_for_unwritten_chunks_and_clones_fetch_only_what_
         "vol1",
         create_malloc("m", 512, size / 512, None).unwrap(),
         CHUNK,
-        false,
+        Tracking::Fresh,
         None,
     )
     .unwrap();
@@ -308,7 +311,7 @@ fn a_wrong_key_or_a_damaged_object_never_yields_data() {
         "vol1",
         create_malloc("m", 512, size / 512, None).unwrap(),
         CHUNK,
-        false,
+        Tracking::Fresh,
         None,
     )
     .unwrap();
@@ -362,7 +365,7 @@ fn thickening_pauses_resumes_and_completes_then_reads_need_no_basis() {
         "vol1",
         create_malloc("m", 512, size / 512, None).unwrap(),
         CHUNK,
-        false,
+        Tracking::Fresh,
         None,
     )
     .unwrap();
@@ -415,7 +418,7 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
         "vol1",
         create_malloc("m", 512, size / 512, None).unwrap(),
         CHUNK,
-        false,
+        Tracking::Fresh,
         None,
     )
     .unwrap();
@@ -478,5 +481,125 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
         .unwrap();
     assert_eq!(dirty.bad.len(), 2, "{:?}", dirty.bad);
     assert_eq!(dirty.frames, 30);
+    env.set.shutdown().unwrap();
+}
+
+#[test]
+fn a_cancelled_snapshot_publishes_nothing_keeps_its_changes_and_leaves_collectable_orphans() {
+    let env = env();
+    let size = 8 << 20;
+    let (vol, handle) = create_volume(
+        "vol1",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap();
+    let data = random(size as usize, 21);
+    write(&env, &vol, 0, &data);
+    let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
+    let mut opts = options(&env);
+    opts.progress = Arc::clone(&progress);
+    // Slow uploads so the cancel lands mid-way.
+    let throttle = Throttle::new(
+        Limit::NONE,
+        Limit {
+            rate: 4 << 20,
+            burst: 1 << 20,
+        },
+    );
+    let (root, h, reactor) = (
+        env.root.clone(),
+        handle.clone(),
+        env.set.handles()[0].clone(),
+    );
+    let cores = Arc::clone(&env.cores);
+    let t = std::thread::spawn(move || {
+        cores
+            .run(move |_ex| {
+                Box::pin(async move {
+                    let store = LocalStore::open(root).unwrap();
+                    snapshot_volume(&store, &reactor, &h, None, &opts, &throttle)
+                        .await
+                        .err()
+                        .map(|e| e.to_string())
+                })
+            })
+            .unwrap()
+    });
+    while progress.fraction() < 0.2 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    progress.cancel();
+    let err = t.join().unwrap().unwrap();
+    assert!(err.contains("cancelled"), "{err}");
+    let root = env.root.clone();
+    let kek = env.kek.clone();
+    let (manifests, orphans) = env
+        .cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                let m = store.list("vol1/ox1/m/").await.unwrap();
+                let o = ox::snapshot::collect_orphans(&store, "vol1/", &[kek])
+                    .await
+                    .unwrap();
+                let left = store.list("vol1/ox1/d/").await.unwrap();
+                (m, (o, left))
+            })
+        })
+        .unwrap();
+    assert!(manifests.is_empty(), "a cancelled snapshot is not visible");
+    assert!(!orphans.0.is_empty(), "its uploaded objects were orphans");
+    assert!(orphans.1.is_empty(), "and have been collected");
+    // The next snapshot still stores every chunk: the changes were kept.
+    let s = snapshot(&env, &handle, None, Throttle::default());
+    assert_eq!(s.manifest.stored_chunks, size / CHUNK);
+    let (clone, _) = open_clone(&env, &s.manifest_key, size);
+    assert!(read(&env, &clone, 0, size) == data);
+    env.set.shutdown().unwrap();
+}
+
+#[test]
+fn change_tracking_survives_a_clean_restart_and_a_crash_costs_a_full_read() {
+    let env = env();
+    let size = 8 << 20;
+    let chunks = size / CHUNK;
+    let media = create_malloc("m", 512, size / 512, None).unwrap();
+    let (vol, handle) = create_volume("vol1", media.clone(), CHUNK, Tracking::Fresh, None).unwrap();
+    write(&env, &vol, 0, &random(size as usize, 31));
+    let s1 = snapshot(&env, &handle, None, Throttle::default());
+    for i in 0..3u64 {
+        write(&env, &vol, i * 40 * CHUNK, &random(4096, 40 + i));
+    }
+    // Clean shutdown: save the tracking; restart over the same media.
+    let path = env.root.join("vol1.cbt");
+    handle.save_changes(&path).unwrap();
+    drop((vol, handle));
+    let saved = bdev::ChangedChunks::from_bytes(&std::fs::read(&path).unwrap(), chunks).unwrap();
+    assert_eq!(saved.count(), 3);
+    let (_vol, handle) =
+        create_volume("vol1", media.clone(), CHUNK, Tracking::Saved(saved), None).unwrap();
+    let s2 = snapshot(
+        &env,
+        &handle,
+        Some(s1.manifest_key.clone()),
+        Throttle::default(),
+    );
+    assert_eq!(s2.chunks_read, 3);
+    // Damaged tracking is refused; after a crash (no saved tracking) everything is read.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[20] ^= 1;
+    assert!(bdev::ChangedChunks::from_bytes(&bytes, chunks).is_none());
+    assert!(bdev::ChangedChunks::from_bytes(&std::fs::read(&path).unwrap(), chunks + 1).is_none());
+    let (_vol, handle) = create_volume("vol1", media, CHUNK, Tracking::AllChanged, None).unwrap();
+    let s3 = snapshot(
+        &env,
+        &handle,
+        Some(s2.manifest_key.clone()),
+        Throttle::default(),
+    );
+    assert_eq!(s3.chunks_read, chunks);
     env.set.shutdown().unwrap();
 }

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bdev::{Basis, Bdev, create_clone, create_malloc, create_volume};
+use bdev::{Basis, Bdev, Tracking, create_clone, create_malloc, create_volume};
 use nvmf::{HostPolicy, Limits, Namespace, Subsystem, Target, TargetConfig};
 use ox::basis::{ObjectBasis, StoreFactory};
 use ox::cores::OxCores;
@@ -96,7 +96,7 @@ fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
         "vol",
         create_malloc("vol-ram", 512, TIB / 512, None).unwrap(),
         CHUNK,
-        false,
+        Tracking::Fresh,
         None,
     )
     .unwrap();
@@ -144,6 +144,7 @@ fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
                     object_bytes: 1 << 20,
                     volume_id: [0xE2; 16],
                     volume_name: "vol".into(),
+                    progress: Arc::default(),
                 };
                 snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                     .await
