@@ -244,3 +244,137 @@ fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
     drop((src_target, clone_target));
     set.shutdown().unwrap();
 }
+
+#[test]
+fn a_damaged_object_reaches_the_host_as_a_media_error_not_data() {
+    let server = s3server::start_server(false);
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let cores = Arc::new(OxCores::start(&[None], 256).unwrap());
+    let kek = Kek::new("e2e-kek", SecretKey::random().unwrap());
+    let core = CoreList::available().last().unwrap().to_string();
+    let size = 64u64 << 20;
+    let (vol, handle) = create_volume(
+        "vol",
+        create_malloc("vol-ram", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap();
+    let (src_target, src) = serve(&set, "nqn.2026-11.io.ox:dmg-src", vol);
+    ok(&oxperf(&[
+        "run",
+        "--target",
+        &format!("{src},nqn.2026-11.io.ox:dmg-src,1"),
+        "-w",
+        "write",
+        "--bs",
+        "65536",
+        "--range",
+        "0:8192",
+        "--ios",
+        "64",
+        "--verify",
+        "--cores",
+        &core,
+        "--quiet",
+    ]));
+    let (config, reactor, h, k) = (
+        s3_config(&server),
+        set.handles()[0].clone(),
+        handle.clone(),
+        kek.clone(),
+    );
+    let report = cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(config, ex).unwrap();
+                let opts = SnapshotOptions {
+                    prefix: "dmg/".into(),
+                    zstd_level: 1,
+                    kek: Some(k),
+                    object_bytes: 1 << 20,
+                    volume_id: [0xD1; 16],
+                    volume_name: "vol".into(),
+                    progress: Arc::default(),
+                };
+                snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    // Flip a byte inside the first data object, on the server's disk.
+    let path = server
+        .dir
+        .path()
+        .join(s3server::BUCKET)
+        .join(&report.manifest.objects[0]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+
+    let (config, key, k) = (s3_config(&server), report.manifest_key.clone(), kek.clone());
+    let loaded = cores
+        .run(move |ex| {
+            Box::pin(async move {
+                load(&S3Store::new(config, ex).unwrap(), &key, &[k])
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    let config = s3_config(&server);
+    let factory: StoreFactory = Arc::new(move |ex| {
+        Ok(Rc::new(S3Store::new(config.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
+    });
+    let basis = ObjectBasis::new(
+        loaded,
+        factory,
+        Arc::clone(&cores),
+        Throttle::default(),
+        "clone",
+    );
+    let local = create_malloc("clone-local", 512, size / 512, None).unwrap();
+    let (clone, _) = create_clone("clone", local, Arc::new(basis) as Arc<dyn Basis>, None).unwrap();
+    let (clone_target, dst) = serve(&set, "nqn.2026-11.io.ox:dmg-clone", clone);
+    let out = oxperf(&[
+        "run",
+        "--target",
+        &format!("{dst},nqn.2026-11.io.ox:dmg-clone,1"),
+        "-w",
+        "read",
+        "--bs",
+        "65536",
+        "--range",
+        "0:8192",
+        "--ios",
+        "64",
+        "--qd",
+        "1",
+        "--verify",
+        "--cores",
+        &core,
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "command errors, not a verify mismatch:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["mismatch"].is_null(), "never wrong data");
+    assert!(r["total"]["errors"].as_u64().unwrap() >= 1);
+    let first = r["first_error"].as_str().unwrap();
+    assert!(
+        first.contains("unrecovered read error") && first.contains("LBA 0"),
+        "{first}"
+    );
+    assert!(
+        r["verified_blocks"].as_u64().unwrap() > 0,
+        "the undamaged chunks read fine"
+    );
+    drop((src_target, clone_target));
+    set.shutdown().unwrap();
+}

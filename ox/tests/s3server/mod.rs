@@ -45,7 +45,7 @@ pub struct Server {
     pub faults: Arc<Faults>,
     pub ca_pem: Option<tempfile::NamedTempFile>,
     _rt: tokio::runtime::Runtime,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 pub fn start_server(tls: bool) -> Server {
@@ -133,7 +133,7 @@ pub fn start_server(tls: bool) -> Server {
         faults,
         ca_pem,
         _rt: rt,
-        _dir: dir,
+        dir,
     }
 }
 
