@@ -207,6 +207,13 @@ pub async fn read_blocks(
         })
 }
 
+/// Uploads in flight at once while encoding goes on.
+const UPLOADS_IN_FLIGHT: usize = 4;
+
+type Upload<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OxError>> + 'a>>;
+
+/// Packs frames into data objects and uploads sealed objects in the background: up to
+/// [`UPLOADS_IN_FLIGHT`] PUTs progress while the next chunks are read and encoded.
 struct Packer<'a> {
     store: &'a dyn ObjectStore,
     throttle: &'a Throttle,
@@ -214,6 +221,7 @@ struct Packer<'a> {
     current: Vec<u8>,
     objects: Vec<String>,
     uploaded: u64,
+    in_flight: std::collections::VecDeque<Upload<'a>>,
 }
 
 impl Packer<'_> {
@@ -233,12 +241,43 @@ impl Packer<'_> {
         }
         let key = format::data_key(&self.opts.prefix, &format::random_id()?);
         let data = std::mem::take(&mut self.current);
-        self.throttle
-            .acquire(&self.opts.volume_name, Class::Background, data.len() as u64)
-            .await;
         self.uploaded += data.len() as u64;
-        self.store.put(&key, data).await?;
-        self.objects.push(key);
+        self.objects.push(key.clone());
+        let (store, throttle, name) = (self.store, self.throttle, &self.opts.volume_name);
+        self.in_flight.push_back(Box::pin(async move {
+            throttle
+                .acquire(name, Class::Background, data.len() as u64)
+                .await;
+            store.put(&key, data).await
+        }));
+        self.drive().await?;
+        while self.in_flight.len() > UPLOADS_IN_FLIGHT {
+            if let Some(oldest) = self.in_flight.pop_front() {
+                oldest.await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every upload in flight a turn; collects the finished ones.
+    async fn drive(&mut self) -> Result<(), OxError> {
+        let mut still = std::collections::VecDeque::new();
+        while let Some(mut up) = self.in_flight.pop_front() {
+            match futures_lite::future::poll_once(&mut up).await {
+                Some(result) => result?,
+                None => still.push_back(up),
+            }
+        }
+        self.in_flight = still;
+        Ok(())
+    }
+
+    /// Seals the last object and waits for every upload.
+    async fn finish(&mut self) -> Result<(), OxError> {
+        self.seal().await?;
+        while let Some(up) = self.in_flight.pop_front() {
+            up.await?;
+        }
         Ok(())
     }
 }
@@ -351,6 +390,7 @@ async fn write(
         current: Vec::new(),
         objects: Vec::new(),
         uploaded: 0,
+        in_flight: std::collections::VecDeque::new(),
     };
     let lineage: Vec<Ancestor> = match parent {
         Some(p) => std::iter::once(Ancestor {
@@ -436,6 +476,7 @@ async fn write(
             };
         };
         chunks_read += 1;
+        packer.drive().await?;
         let entry = match codec.encode(chunk, &data)? {
             None => Entry::Zero,
             Some(frame) => {
@@ -452,7 +493,7 @@ async fn write(
         index.push(entry, store, opts, &mut codec).await?;
     }
     index.flush(store, opts, &mut codec).await?;
-    packer.seal().await?;
+    packer.finish().await?;
     let wrapped = match (&opts.kek, &data_key) {
         (Some(kek), Some(k)) => Some(keys::wrap(kek, k, &snapshot_hex)?),
         _ => None,

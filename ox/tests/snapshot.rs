@@ -23,6 +23,9 @@ use ox::store::local::LocalStore;
 use ox::throttle::{Limit, Throttle};
 use reactor::{CoreList, ReactorConfig, ReactorSet};
 
+#[path = "s3server/mod.rs"]
+mod s3server;
+
 const CHUNK: u64 = 64 << 10;
 const T: Duration = Duration::from_secs(30);
 
@@ -601,5 +604,53 @@ fn change_tracking_survives_a_clean_restart_and_a_crash_costs_a_full_read() {
         Throttle::default(),
     );
     assert_eq!(s3.chunks_read, chunks);
+    env.set.shutdown().unwrap();
+}
+
+#[test]
+fn uploads_to_s3_are_pipelined() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let size = 32 << 20;
+    let (vol, handle) = create_volume(
+        "vol1",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap();
+    write(&env, &vol, 0, &random(size as usize, 51));
+    let mut opts = options(&env);
+    opts.object_bytes = 1 << 20;
+    let (h, r) = (handle.clone(), env.set.handles()[0].clone());
+    let endpoint = format!("http://127.0.0.1:{}", server.addr.port());
+    let report = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let mut c = ox::store::s3::S3Config::new(
+                    endpoint.parse().unwrap(),
+                    s3server::BUCKET,
+                    "us-east-1",
+                    ox::store::s3::CredentialSource::Static {
+                        access_key: s3server::ACCESS.into(),
+                        secret_key: s3server::SECRET.into(),
+                    },
+                );
+                c.allow_http = true;
+                let store = ox::store::s3::S3Store::new(c, ex).unwrap();
+                snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert_eq!(report.manifest.objects.len(), 32);
+    let most = server.faults.max_concurrent.load(Ordering::SeqCst);
+    assert!(
+        most > 1,
+        "uploads overlapped: at most {most} request(s) at once"
+    );
     env.set.shutdown().unwrap();
 }

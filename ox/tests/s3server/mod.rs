@@ -32,6 +32,9 @@ pub struct Faults {
     pub drop: AtomicU32,
     pub stall: AtomicU32,
     pub requests: AtomicU32,
+    /// Requests being served now, and the most at once.
+    pub concurrent: AtomicU32,
+    pub max_concurrent: AtomicU32,
 }
 
 fn take(counter: &AtomicU32) -> bool {
@@ -143,6 +146,18 @@ async fn respond(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Body>, std::io::Error> {
     faults.requests.fetch_add(1, Ordering::SeqCst);
+    let now = faults.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+    faults.max_concurrent.fetch_max(now, Ordering::SeqCst);
+    let result = respond_inner(s3, faults, req).await;
+    faults.concurrent.fetch_sub(1, Ordering::SeqCst);
+    result
+}
+
+async fn respond_inner(
+    s3: &s3s::service::SharedS3Service,
+    faults: &Faults,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Body>, std::io::Error> {
     if take(&faults.unavailable) {
         let body = "<Error><Code>SlowDown</Code><Message>injected</Message></Error>";
         return hyper::Response::builder()
