@@ -42,6 +42,13 @@ struct Shared {
     preserved: Mutex<HashMap<u64, Vec<u8>>>,
     /// Writes started without seeing an active snapshot and not finished yet.
     unaware: AtomicU64,
+    /// A snapshot holds this volume (begin … end).
+    running: AtomicBool,
+    /// Bumped at every begin and end, so a copy-before-write read that straddles one is
+    /// recognised as stale and thrown away.
+    generation: AtomicU64,
+    /// The snapshot the change set is relative to (`None`: an all-zero volume).
+    base: Mutex<Option<[u8; 16]>>,
 }
 
 impl Shared {
@@ -115,15 +122,27 @@ fn guarded_write(
                     vec![IoBuf::new(len as usize)],
                 );
                 let (s, i, r) = (Arc::clone(&shared), Rc::clone(&inner), Rc::clone(&reactor));
+                let generation = shared.generation.load(Ordering::SeqCst);
                 return inner.submit(read, move |c: IoCompletion| {
                     let state = &s.state[chunk as usize];
+                    // Checked and published under the lock that begin/end bump the
+                    // generation under, so a stale copy can never be published.
+                    let mut preserved = s.preserved();
+                    if s.generation.load(Ordering::SeqCst) != generation {
+                        // The snapshot this copy was for has ended (or another began):
+                        // throw it away and decide again under the current one.
+                        drop(preserved);
+                        return guarded_write(s, i, r, io, done);
+                    }
                     match c.result {
                         Ok(()) => {
-                            s.preserved().insert(chunk, c.data());
+                            preserved.insert(chunk, c.data());
                             state.store(PRESERVED, Ordering::Release);
+                            drop(preserved);
                             guarded_write(s, i, r, io, done);
                         }
                         Err(e) => {
+                            drop(preserved);
                             // Leave the chunk to the snapshot reader; fail the write
                             // rather than lose the point-in-time image.
                             state.store(NOT_READ, Ordering::Release);
@@ -188,6 +207,8 @@ pub struct VolumeHandle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangedChunks {
     bits: Vec<u64>,
+    /// The snapshot these changes are relative to (`None`: an all-zero volume).
+    pub base: Option<[u8; 16]>,
 }
 
 const TRACKING_MAGIC: &[u8; 8] = b"OXCBT001";
@@ -197,6 +218,8 @@ impl ChangedChunks {
     pub fn to_bytes(&self, chunks: u64) -> Vec<u8> {
         let mut b = TRACKING_MAGIC.to_vec();
         b.extend_from_slice(&chunks.to_le_bytes());
+        b.push(u8::from(self.base.is_some()));
+        b.extend_from_slice(&self.base.unwrap_or_default());
         for w in &self.bits {
             b.extend_from_slice(&w.to_le_bytes());
         }
@@ -209,7 +232,7 @@ impl ChangedChunks {
     /// damaged or for another geometry (then treat every chunk as changed).
     pub fn from_bytes(bytes: &[u8], chunks: u64) -> Option<Self> {
         let words = chunks.div_ceil(64) as usize;
-        if bytes.len() != 16 + words * 8 + 4 || &bytes[..8] != TRACKING_MAGIC {
+        if bytes.len() != 16 + 17 + words * 8 + 4 || &bytes[..8] != TRACKING_MAGIC {
             return None;
         }
         let (body, crc) = bytes.split_at(bytes.len() - 4);
@@ -219,11 +242,16 @@ impl ChangedChunks {
         if u64::from_le_bytes(body[8..16].try_into().ok()?) != chunks {
             return None;
         }
-        let bits = body[16..]
+        let base = match body[16] {
+            0 => None,
+            1 => Some(body[17..33].try_into().ok()?),
+            _ => return None,
+        };
+        let bits = body[33..]
             .chunks_exact(8)
             .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
             .collect();
-        Some(Self { bits })
+        Some(Self { bits, base })
     }
 
     /// Whether `chunk` changed.
@@ -236,6 +264,11 @@ impl ChangedChunks {
     /// How many chunks changed.
     pub fn count(&self) -> u64 {
         self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Treats every chunk as changed (when the base is not the snapshot asked for).
+    pub fn mark_all(&mut self) {
+        self.bits.iter_mut().for_each(|w| *w = u64::MAX);
     }
 }
 
@@ -260,26 +293,60 @@ impl VolumeHandle {
     /// change set). Waits for writes that started before the snapshot to finish.
     pub fn begin_snapshot(&self) -> Result<ChangedChunks, BdevError> {
         let s = &self.shared;
-        if s.active.load(Ordering::SeqCst) {
+        if s.running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
             return Err(BdevError::Config {
                 name: s.inner.name().to_string(),
                 reason: "a snapshot of this volume is already running".into(),
             });
         }
+        {
+            let mut preserved = s.preserved();
+            s.generation.fetch_add(1, Ordering::SeqCst);
+            preserved.clear();
+        }
         for st in s.state.iter() {
             st.store(NOT_READ, Ordering::Relaxed);
         }
-        s.preserved().clear();
         let bits = s
             .dirty
             .iter()
             .map(|w| w.swap(0, Ordering::AcqRel))
             .collect();
         s.active.store(true, Ordering::SeqCst);
-        while s.unaware.load(Ordering::SeqCst) > 0 {
-            std::thread::sleep(Duration::from_micros(100));
+        let base = *s.base.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(ChangedChunks { bits, base })
+    }
+
+    /// Whether every write that started before [`Self::begin_snapshot`] has finished;
+    /// the snapshot waits for this, then calls [`Self::settle`].
+    pub fn writes_settled(&self) -> bool {
+        self.shared.unaware.load(Ordering::SeqCst) == 0
+    }
+
+    /// Adds to `changed` the chunks written between taking the change set and the
+    /// snapshot point (those writes finished before it, so they belong in it). They
+    /// stay marked for the next snapshot too, which costs a re-read, never a miss.
+    pub fn settle(&self, changed: &mut ChangedChunks) {
+        for (b, w) in changed.bits.iter_mut().zip(self.shared.dirty.iter()) {
+            *b |= w.load(Ordering::Acquire);
         }
-        Ok(ChangedChunks { bits })
+    }
+
+    /// The chunk's content at the snapshot point is not needed (unchanged since the
+    /// base): drop any copy a write saved for it.
+    pub fn skip_chunk(&self, chunk: u64) {
+        let state = &self.shared.state[chunk as usize];
+        if state.swap(DONE, Ordering::AcqRel) == PRESERVED {
+            self.shared.preserved().remove(&chunk);
+        }
+    }
+
+    /// Records that the change set is now relative to snapshot `id`.
+    pub fn set_base(&self, id: Option<[u8; 16]>) {
+        *self.shared.base.lock().unwrap_or_else(|p| p.into_inner()) = id;
     }
 
     /// What the snapshot should read for `chunk`: the preserved old contents, or `None`
@@ -315,6 +382,7 @@ impl VolumeHandle {
                 .iter()
                 .map(|w| w.load(Ordering::Acquire))
                 .collect(),
+            base: *self.shared.base.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
 
@@ -337,6 +405,10 @@ impl VolumeHandle {
     /// next snapshot stores those chunks.
     pub fn end_snapshot(&self, failed: Option<&ChangedChunks>) {
         let s = &self.shared;
+        {
+            let _preserved = s.preserved();
+            s.generation.fetch_add(1, Ordering::SeqCst);
+        }
         s.active.store(false, Ordering::SeqCst);
         for st in s.state.iter() {
             st.store(DONE, Ordering::Relaxed);
@@ -347,6 +419,7 @@ impl VolumeHandle {
                 w.fetch_or(*bits, Ordering::AcqRel);
             }
         }
+        s.running.store(false, Ordering::SeqCst);
     }
 }
 
@@ -380,11 +453,11 @@ pub fn create_volume(
     }
     let chunks = inner.info().size_bytes().div_ceil(chunk_bytes);
     let words = chunks.div_ceil(64) as usize;
-    let initial: Vec<u64> = match tracking {
-        Tracking::Fresh => vec![0; words],
-        Tracking::AllChanged => vec![u64::MAX; words],
-        Tracking::Saved(c) if c.bits.len() == words => c.bits,
-        Tracking::Saved(_) => vec![u64::MAX; words],
+    let (initial, base): (Vec<u64>, Option<[u8; 16]>) = match tracking {
+        Tracking::Fresh => (vec![0; words], None),
+        Tracking::AllChanged => (vec![u64::MAX; words], None),
+        Tracking::Saved(c) if c.bits.len() == words => (c.bits, c.base),
+        Tracking::Saved(_) => (vec![u64::MAX; words], None),
     };
     let shared = Arc::new(Shared {
         chunk_bytes,
@@ -395,6 +468,9 @@ pub fn create_volume(
         state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
         preserved: Mutex::new(HashMap::new()),
         unaware: AtomicU64::new(0),
+        running: AtomicBool::new(false),
+        generation: AtomicU64::new(0),
+        base: Mutex::new(base),
         inner: inner.clone(),
     });
     let info = BdevInfo {

@@ -337,12 +337,49 @@ pub async fn snapshot_volume(
     opts: &SnapshotOptions,
     throttle: &Throttle,
 ) -> Result<SnapshotReport, OxError> {
-    let changed = handle
+    let mut changed = handle
         .begin_snapshot()
         .map_err(|e| OxError::Config(e.to_string()))?;
+    // From here on, however this future ends (error, cancel, or being dropped), the
+    // volume is released and keeps its changes for the next attempt.
+    let mut guard = SnapshotGuard {
+        handle,
+        changed: Some(changed.clone()),
+    };
+    while !handle.writes_settled() {
+        async_io::Timer::after(Duration::from_micros(100)).await;
+    }
+    handle.settle(&mut changed);
+    let parent_id = parent
+        .map(|p| p.manifest.binding().map(|b| b.snapshot))
+        .transpose()?;
+    if changed.base != parent_id {
+        // The change set is relative to another snapshot than the parent asked for:
+        // only a full read is correct.
+        changed.mark_all();
+    }
+    guard.changed = Some(changed.clone());
     let result = write(store, on, handle, parent, opts, throttle, &changed).await;
-    handle.end_snapshot(result.as_ref().err().map(|_| &changed));
+    if let Ok(report) = &result {
+        guard.changed = None;
+        handle.end_snapshot(None);
+        handle.set_base(Some(format::parse_id(&report.manifest.snapshot)?));
+    }
     result
+}
+
+/// Ends a snapshot that did not finish: the volume is released and its changes kept.
+struct SnapshotGuard<'a> {
+    handle: &'a VolumeHandle,
+    changed: Option<bdev::ChangedChunks>,
+}
+
+impl Drop for SnapshotGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.changed.take() {
+            self.handle.end_snapshot(Some(&c));
+        }
+    }
 }
 
 async fn write(
@@ -418,6 +455,9 @@ async fn write(
         .chunks_total
         .store(chunks, std::sync::atomic::Ordering::Relaxed);
     for chunk in 0..chunks {
+        if !changed.contains(chunk) {
+            handle.skip_chunk(chunk);
+        }
         if progress.is_cancelled() {
             return Err(OxError::Config(format!(
                 "snapshot of {} cancelled at chunk {chunk}; nothing was published",

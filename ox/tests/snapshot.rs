@@ -268,6 +268,20 @@ fn incremental_snapshots_upload_only_what_changed() {
     let (c2, _) = open_clone(&env, &s2.manifest_key, size);
     assert!(read(&env, &c1, 0, size) == base);
     assert!(read(&env, &c2, 0, size) == changed);
+    // A full snapshot (no parent) after incremental ones reads everything again: the
+    // change set is relative to s2, not to an empty volume.
+    let full = snapshot(&env, &handle, None, Throttle::default());
+    assert_eq!(full.manifest.stored_chunks, 1024);
+    let (c3, _) = open_clone(&env, &full.manifest_key, size);
+    assert!(read(&env, &c3, 0, size) == changed);
+    // An incremental over an older parent than the base also reads everything.
+    let over_s1 = snapshot(
+        &env,
+        &handle,
+        Some(s1.manifest_key.clone()),
+        Throttle::default(),
+    );
+    assert_eq!(over_s1.chunks_read, 1024);
     env.set.shutdown().unwrap();
 }
 
