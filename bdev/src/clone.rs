@@ -95,6 +95,31 @@ struct Shared {
 /// Work to resume once a chunk is present (or failed to become so).
 type Continuation = Box<dyn FnOnce(Result<(), BdevError>)>;
 
+/// Sends `msg` to `to`, retrying while its mailbox is full (from a reactor, on a
+/// timer; from any other thread, after a short sleep), so a wake-up is never lost to
+/// back-pressure. Only a stopped reactor drops it (its parked work is gone with it).
+fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
+    let mut msg = msg;
+    loop {
+        match to.try_send(msg) {
+            Ok(()) => return true,
+            Err((reactor::ReactorError::MailboxFull { .. }, m)) => match reactor::current() {
+                Some(r) => {
+                    r.after(std::time::Duration::from_micros(50), move || {
+                        deliver(to, m);
+                    });
+                    return true;
+                }
+                None => {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                    msg = m;
+                }
+            },
+            Err(_) => return false,
+        }
+    }
+}
+
 thread_local! {
     /// Continuations parked on this reactor until a chunk becomes present.
     static PARKED: RefCell<(u64, HashMap<u64, Continuation>)> =
@@ -155,9 +180,7 @@ impl Shared {
         let waiters = self.pending().remove(&chunk).unwrap_or_default();
         for (reactor, token) in waiters {
             let r = result.clone_err();
-            if reactor.send(move || unpark(token, r)).is_err() {
-                // The reactor stopped; its parked work is gone with it.
-            }
+            deliver(reactor, Box::new(move || unpark(token, r)));
         }
     }
 }
@@ -222,16 +245,6 @@ impl Gate {
             }
         }
     }
-}
-
-/// How a whole-chunk write stands towards an absent chunk.
-enum WriteClaim {
-    /// Present: nothing to do.
-    Present,
-    /// Another fetch or write is making it present; the gate waits for it.
-    Waiting,
-    /// This write makes it present.
-    Ours,
 }
 
 struct CloneBackend {
@@ -313,10 +326,19 @@ fn start(shared: &Arc<Shared>, reactor: &Rc<Reactor>, chunk: u64, reason: FetchR
         reason,
         Box::new(move |result| {
             let s2 = Arc::clone(&s);
-            let sent = home.send(move || install(&s2, chunk, reason, started, result));
-            if sent.is_err() {
-                // Reactor gone: release the waiters elsewhere (they are gone too).
-                s.pending().remove(&chunk);
+            if !deliver(
+                home,
+                Box::new(move || install(&s2, chunk, reason, started, result)),
+            ) {
+                // The reactor that asked has stopped: release everyone else waiting.
+                s.finish(
+                    chunk,
+                    Err(BdevError::Basis {
+                        name: s.name.clone(),
+                        chunk,
+                        reason: "the reactor that fetched it stopped".into(),
+                    }),
+                );
             }
         }),
     );
@@ -390,9 +412,7 @@ fn install(
 
 impl CloneChannel {
     fn chunks(&self, io: &BdevIo) -> std::ops::RangeInclusive<u64> {
-        let start = io.offset_blocks * self.shared.block_size;
-        let end = start + io.num_blocks * self.shared.block_size - 1;
-        (start / self.shared.chunk_bytes)..=(end / self.shared.chunk_bytes)
+        io_chunks(&self.shared, io)
     }
 
     /// A read that starts where the previous one ended fetches the next chunks ahead.
@@ -409,36 +429,6 @@ impl CloneChannel {
             ensure_present(&self.shared, &self.reactor, c, FetchReason::Prefetch, &gate);
         }
         gate.arrive(Ok(()));
-    }
-
-    fn covers_whole(&self, io: &BdevIo, chunk: u64) -> bool {
-        let start = io.offset_blocks * self.shared.block_size;
-        let end = start + io.num_blocks * self.shared.block_size;
-        let c0 = chunk * self.shared.chunk_bytes;
-        start <= c0 && end >= c0 + self.shared.chunk_len(chunk)
-    }
-
-    /// Claims `chunk` for a whole-chunk write.
-    fn claim_for_write(&self, chunk: u64, gate: &Rc<Gate>) -> WriteClaim {
-        if self.shared.is_present(chunk) {
-            return WriteClaim::Present;
-        }
-        let mut pending = self.shared.pending();
-        if self.shared.is_present(chunk) {
-            return WriteClaim::Present;
-        }
-        match pending.get_mut(&chunk) {
-            Some(waiters) => {
-                gate.expect();
-                let g = Rc::clone(gate);
-                waiters.push((self.reactor.handle().clone(), park(move |r| g.arrive(r))));
-                WriteClaim::Waiting
-            }
-            None => {
-                pending.insert(chunk, Vec::new());
-                WriteClaim::Ours
-            }
-        }
     }
 
     fn read(&self, io: BdevIo, done: IoDone) {
@@ -490,75 +480,104 @@ impl CloneChannel {
     /// Writes, write-zeroes and deallocation: absent chunks are made present first
     /// (whole ones by this write itself, partial ones by a fetch).
     fn modify(&self, io: BdevIo, done: IoDone) {
-        let mut owned = Vec::new();
-        let plan: Vec<(u64, bool)> = self
-            .chunks(&io)
-            .filter(|&c| !self.shared.is_present(c))
-            .map(|c| (c, self.covers_whole(&io, c)))
-            .collect();
-        let local = Rc::clone(&self.local);
-        let s = Arc::clone(&self.shared);
-        let owned_cell: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(Vec::new()));
-        let owned_for_gate = Rc::clone(&owned_cell);
-        let gate = Gate::new(move |result| {
-            let owned = owned_for_gate.take();
-            let release = move |s: &Arc<Shared>, ok: bool| {
-                for c in &owned {
-                    if ok {
-                        s.counters.written_whole.fetch_add(1, Ordering::Relaxed);
-                        s.mark_present(*c);
-                        s.finish(*c, Ok(()));
-                    } else {
-                        s.finish(
-                            *c,
-                            Err(BdevError::Basis {
-                                name: s.name.clone(),
-                                chunk: *c,
-                                reason: "the write that was to fill it failed".into(),
-                            }),
-                        );
-                    }
-                }
-            };
-            match result {
-                Ok(()) => {
-                    // Deallocation of a clone must read back as zeroes, not as the
-                    // basis: it becomes Write Zeroes on the local copy.
-                    let io = if io.io_type == IoType::Unmap {
-                        BdevIo::write_zeroes(io.offset_blocks, io.num_blocks)
-                    } else {
-                        io
-                    };
-                    let s2 = Arc::clone(&s);
-                    local.submit(io, move |c| {
-                        release(&s2, c.result.is_ok());
-                        done(c)
-                    })
-                }
-                Err(e) => {
-                    release(&s, false);
-                    done(IoCompletion::err(io.bufs, e))
-                }
+        modify_on(
+            Arc::clone(&self.shared),
+            Rc::clone(&self.local),
+            Rc::clone(&self.reactor),
+            io,
+            done,
+        );
+    }
+}
+
+fn io_chunks(shared: &Shared, io: &BdevIo) -> std::ops::RangeInclusive<u64> {
+    let start = io.offset_blocks * shared.block_size;
+    let end = start + io.num_blocks * shared.block_size - 1;
+    (start / shared.chunk_bytes)..=(end / shared.chunk_bytes)
+}
+
+fn io_covers_whole(shared: &Shared, io: &BdevIo, chunk: u64) -> bool {
+    let start = io.offset_blocks * shared.block_size;
+    let end = start + io.num_blocks * shared.block_size;
+    let c0 = chunk * shared.chunk_bytes;
+    start <= c0 && end >= c0 + shared.chunk_len(chunk)
+}
+
+/// One attempt at a modifying request. Under the table lock it either claims every
+/// absent chunk the request covers whole — all at once — or claims nothing; a request
+/// never holds a claim while it waits, so two writes can never wait on each other.
+/// If anything must be waited for (a chunk someone else is filling, or a partial chunk
+/// to fetch), it waits holding nothing and then plans again.
+fn modify_on(
+    shared: Arc<Shared>,
+    local: Rc<Channel>,
+    reactor: Rc<Reactor>,
+    io: BdevIo,
+    done: IoDone,
+) {
+    let (claims, waits) = {
+        let mut pending = shared.pending();
+        let mut claims = Vec::new();
+        let mut waits = Vec::new();
+        for c in io_chunks(&shared, &io) {
+            if shared.is_present(c) {
+                continue;
             }
-        });
-        for (c, whole) in plan {
-            if whole {
-                if let WriteClaim::Ours = self.claim_for_write(c, &gate) {
-                    owned.push(c);
-                }
+            if pending.contains_key(&c) || !io_covers_whole(&shared, &io, c) {
+                waits.push(c);
             } else {
-                ensure_present(
-                    &self.shared,
-                    &self.reactor,
-                    c,
-                    FetchReason::ClientMiss,
-                    &gate,
+                claims.push(c);
+            }
+        }
+        if waits.is_empty() {
+            for c in &claims {
+                pending.insert(*c, Vec::new());
+            }
+        }
+        (claims, waits)
+    };
+    if !waits.is_empty() {
+        let (s, l, r) = (Arc::clone(&shared), Rc::clone(&local), Rc::clone(&reactor));
+        let gate = Gate::new(move |result| match result {
+            Ok(()) => modify_on(s, l, r, io, done),
+            Err(e) => done(IoCompletion::err(io.bufs, e)),
+        });
+        for c in waits {
+            ensure_present(&shared, &reactor, c, FetchReason::ClientMiss, &gate);
+        }
+        gate.arrive(Ok(()));
+        return;
+    }
+    // Deallocation of a clone must read back as zeroes, not as the basis: it becomes
+    // Write Zeroes on the local copy.
+    let io = if io.io_type == IoType::Unmap {
+        BdevIo::write_zeroes(io.offset_blocks, io.num_blocks)
+    } else {
+        io
+    };
+    local.submit(io, move |c| {
+        let ok = c.result.is_ok();
+        for chunk in claims {
+            if ok {
+                shared
+                    .counters
+                    .written_whole
+                    .fetch_add(1, Ordering::Relaxed);
+                shared.mark_present(chunk);
+                shared.finish(chunk, Ok(()));
+            } else {
+                shared.finish(
+                    chunk,
+                    Err(BdevError::Basis {
+                        name: shared.name.clone(),
+                        chunk,
+                        reason: "the write that was to fill it failed".into(),
+                    }),
                 );
             }
         }
-        *owned_cell.borrow_mut() = owned;
-        gate.arrive(Ok(()));
-    }
+        done(c)
+    });
 }
 
 impl BackendChannel for CloneChannel {

@@ -270,3 +270,44 @@ fn sequential_readers_get_read_ahead_and_misses_are_remembered() {
     assert!(handle.counters().miss_latency.snapshot().count() >= 3);
     set.shutdown().unwrap();
 }
+
+#[test]
+fn overlapping_writes_from_two_reactors_never_wait_on_each_other() {
+    let (set, clone, handle, _basis) = setup(None, 1);
+    // Rounds of racing writes over absent chunks: whole-chunk pairs and partial ones,
+    // from both reactors at once. Each must finish, and the data must be one writer's.
+    for round in 0..8u64 {
+        let base = 2 * round;
+        let rxs: Vec<_> = (0..6usize)
+            .map(|i| {
+                let r = &set.handles()[i % set.len()];
+                let (off, len) = if i % 3 == 2 {
+                    (base * CHUNK + 4096, 8192) // partial: fetch-then-merge
+                } else {
+                    (base * CHUNK, 2 * CHUNK) // both chunks whole
+                };
+                let data = pattern(len as usize, i as u8);
+                submit_on(
+                    r,
+                    &clone,
+                    BdevIo::write(off / 512, len / 512, vec![IoBuf::from_slice(&data)]),
+                )
+                .unwrap()
+            })
+            .collect();
+        for rx in rxs {
+            rx.recv_timeout(T).expect("a write hung").result.unwrap();
+        }
+        assert!(handle.is_present(base) && handle.is_present(base + 1));
+        let got = read(&set, &clone, 0, base * CHUNK + 2 * CHUNK - 4096, 4096).unwrap();
+        let candidates: Vec<Vec<u8>> = [0u8, 1, 3, 4]
+            .iter()
+            .map(|&w| pattern(2 * CHUNK as usize, w)[(2 * CHUNK - 4096) as usize..].to_vec())
+            .collect();
+        assert!(
+            candidates.contains(&got),
+            "round {round}: the tail is no writer's data"
+        );
+    }
+    set.shutdown().unwrap();
+}
