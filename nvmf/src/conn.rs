@@ -35,6 +35,9 @@ use crate::target::{CtrlShared, TargetShared};
 
 /// Segments handed to one SendMsg at most.
 const MAX_IOV: usize = 64;
+/// Unsent reply bytes beyond which the connection stops reading new commands, so a
+/// host that does not read its socket cannot make the target queue without limit.
+const TX_CAP: usize = 8 << 20;
 
 thread_local! {
     /// Connections on this reactor, by ID, so controller teardown can reach them.
@@ -142,6 +145,10 @@ struct State {
     rx_end: usize,
     tx: VecDeque<Seg>,
     sending: bool,
+    /// Bytes handed to the SendMsg in flight.
+    tx_inflight: usize,
+    /// Receiving is paused until the send backlog drains.
+    rx_paused: bool,
     queue: Option<Queue>,
     sqsize: u16,
     sqhd: u16,
@@ -191,6 +198,8 @@ impl Conn {
                 rx_end: 0,
                 tx: VecDeque::new(),
                 sending: false,
+                tx_inflight: 0,
+                rx_paused: false,
                 queue: None,
                 sqsize: 0,
                 sqhd: 0,
@@ -268,10 +277,16 @@ impl Conn {
 
     // ---------------------------------------------------------------- receive side
 
-    /// Takes the receive buffer (compacted) and the offset to receive at.
+    /// Takes the receive buffer (compacted) and the offset to receive at; `None` while
+    /// closed, while a Recv owns it, or while the send backlog is over [`TX_CAP`].
     fn take_rx(&self) -> Option<(Vec<u8>, usize)> {
         let mut st = self.st.borrow_mut();
         if st.phase == Phase::Closed {
+            return None;
+        }
+        let backlog: usize = st.tx.iter().map(|s| s.len - s.sent).sum::<usize>() + st.tx_inflight;
+        if backlog > TX_CAP {
+            st.rx_paused = true;
             return None;
         }
         let mut buf = st.rx.take()?;
@@ -460,8 +475,13 @@ impl Conn {
                     self.command(sqe, data);
                 } else {
                     // Data digest error: the command fails, the connection survives.
-                    self.admit(&sqe);
-                    self.reply(&sqe, Status::TRANSIENT_TRANSPORT.into(), None, 0);
+                    // (A CID already in use keeps its command: answer without freeing it.)
+                    let conflict = self.st.borrow().cids.contains(sqe.cid());
+                    if !conflict && self.admit(&sqe) {
+                        self.reply(&sqe, Status::TRANSIENT_TRANSPORT.into(), None, 0);
+                    } else {
+                        self.send_resp(Cqe::new(sqe.cid(), Status::CID_CONFLICT));
+                    }
                 }
             }
             HostPdu::H2CData {
@@ -525,6 +545,13 @@ impl Conn {
             };
             self.send_resp(Cqe::new(sqe.cid(), status));
             return;
+        }
+        let connected = self.st.borrow().queue.is_some();
+        let is_connect = sqe.opcode() == FABRICS && sqe.fctype() == fctype::CONNECT;
+        if !connected && !(is_connect && in_capsule.is_some()) {
+            // Before Connect only an in-capsule Connect is accepted: nothing else may
+            // make the target allocate (an R2T buffer, say) for an unknown host.
+            return self.reply(&sqe, Status::SEQUENCE_ERROR.into(), None, 0);
         }
         let (in_capsule_limit, max_xfer) = {
             let st = self.st.borrow();
@@ -833,7 +860,9 @@ impl Conn {
             }
             st.sending = true;
             let n = st.tx.len().min(MAX_IOV);
-            st.tx.drain(..n).collect()
+            let batch: Vec<Seg> = st.tx.drain(..n).collect();
+            st.tx_inflight = batch.iter().map(|s| s.len - s.sent).sum();
+            batch
         };
         let iov: Vec<libc::iovec> = batch
             .iter_mut()
@@ -884,14 +913,24 @@ impl Conn {
                 unsent.push(seg);
             }
         }
-        {
+        let resume = {
             let mut st = self.st.borrow_mut();
             st.sending = false;
+            st.tx_inflight = 0;
             for seg in unsent.into_iter().rev() {
                 st.tx.push_front(seg);
             }
-        }
+            let backlog: usize = st.tx.iter().map(|s| s.len - s.sent).sum();
+            let resume = st.rx_paused && backlog <= TX_CAP / 2;
+            if resume {
+                st.rx_paused = false;
+            }
+            resume
+        };
         self.flush();
+        if resume {
+            self.recv();
+        }
         self.maybe_finish_terminating();
     }
 

@@ -790,3 +790,98 @@ fn a_host_that_vanishes_mid_write_loses_only_its_write() {
     let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
     assert!(q.read(1, 0, 1, 512).status().is_success());
 }
+
+#[test]
+fn nothing_but_an_in_capsule_connect_is_accepted_before_connect() {
+    let s = setup(Limits::default());
+    let mut h = Host::connect(s.addr, Digests::default());
+    // A write that would need an R2T: refused outright, no buffer, no R2T.
+    let mut sqe = rw(io::WRITE, 1, 0, 2048);
+    sqe.0[2..4].copy_from_slice(&9u16.to_le_bytes());
+    sqe.set_sgl(nvmf::cmd::SGL_TRANSPORT_DATA_BLOCK, 0, 1 << 20);
+    h.send(&pdu::capsule_cmd(Digests::default(), &sqe.0, &[]));
+    let p = h.recv().unwrap();
+    assert_eq!(
+        p.kind(),
+        PduType::CapsuleResp as u8,
+        "no R2T before Connect"
+    );
+    assert_eq!(
+        nvmf::cmd::Cqe::decode(&p.bytes[8..24]).status,
+        Status::SEQUENCE_ERROR
+    );
+    // Connect still works on the same connection.
+    assert!(
+        h.fabric_connect(0, 31, NQN, HOSTNQN, 0xFFFF, 0, 0)
+            .status
+            .is_success()
+    );
+}
+
+#[test]
+fn a_digest_error_on_a_cid_in_use_does_not_free_it() {
+    let s = setup(Limits::default());
+    let d = Digests {
+        header: true,
+        data: true,
+    };
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    // A write waiting for its R2T data holds CID 500.
+    let (cid, ttag) = start_r2t_write(&mut q);
+    // A damaged capsule reusing CID 500: CID conflict, and the write is untouched.
+    let mut bad = rw(io::WRITE, 1, 0, 8);
+    bad.0[2..4].copy_from_slice(&500u16.to_le_bytes());
+    bad.set_sgl(nvmf::cmd::SGL_DATA_BLOCK_OFFSET, 0, 4096);
+    let mut capsule = pdu::capsule_cmd(d, &bad.0, &[3; 4096]);
+    let n = capsule.len();
+    capsule[n - 1] ^= 0xFF;
+    q.send(&capsule);
+    let p = q.recv().unwrap();
+    assert_eq!(
+        nvmf::cmd::Cqe::decode(&p.bytes[8..24]).status,
+        Status::CID_CONFLICT
+    );
+    q.send_h2c(cid, ttag, 0, &[7; 65536]);
+    let p = q.recv().unwrap();
+    let cqe = nvmf::cmd::Cqe::decode(&p.bytes[8..24]);
+    assert_eq!((cqe.cid, cqe.status), (500, Status::SUCCESS));
+    assert!(q.read(1, 0, 128, 512).data.iter().all(|&b| b == 7));
+}
+
+#[test]
+fn a_host_that_stops_reading_is_paused_not_buffered_without_limit() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let data = pattern(77, 1 << 20);
+    assert!(q.write(1, 0, &data, 512).status().is_success());
+    // 64 reads of 1 MiB sent without reading a byte of the replies (64 MiB > the cap).
+    for i in 0..64u16 {
+        let mut sqe = rw(io::READ, 1, 0, 2048);
+        sqe.0[2..4].copy_from_slice(&(1000 + i).to_le_bytes());
+        sqe.set_sgl(nvmf::cmd::SGL_TRANSPORT_DATA_BLOCK, 0, 1 << 20);
+        q.send(&pdu::capsule_cmd(d, &sqe.0, &[]));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Now read: every reply arrives, intact.
+    let mut done = 0;
+    let mut got = Vec::new();
+    while done < 64 {
+        let p = q.recv().expect("replies after the pause");
+        match PduType::from_u8(p.kind()) {
+            Some(PduType::C2HData) => {
+                let pdo = usize::from(p.ch.pdo);
+                got.extend_from_slice(&p.bytes[pdo..]);
+            }
+            Some(PduType::CapsuleResp) => {
+                assert!(nvmf::cmd::Cqe::decode(&p.bytes[8..24]).status.is_success());
+                assert!(got == data, "reply {done} corrupted");
+                got.clear();
+                done += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
