@@ -548,7 +548,8 @@ impl Conn {
         }
         let connected = self.st.borrow().queue.is_some();
         let is_connect = sqe.opcode() == FABRICS && sqe.fctype() == fctype::CONNECT;
-        if !connected && !(is_connect && in_capsule.is_some()) {
+        let allowed = connected || (is_connect && in_capsule.is_some());
+        if !allowed {
             // Before Connect only an in-capsule Connect is accepted: nothing else may
             // make the target allocate (an R2T buffer, say) for an unknown host.
             return self.reply(&sqe, Status::SEQUENCE_ERROR.into(), None, 0);
