@@ -51,6 +51,10 @@ pub trait Basis: Send + Sync + 'static {
     fn chunk_bytes(&self) -> u64;
     /// Fetches chunk `chunk`; `done` runs once, on any thread.
     fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone);
+    /// Size of the image in bytes, if known; a clone's local copy must match it.
+    fn size_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Counters of one clone.
@@ -673,6 +677,14 @@ pub fn create_clone(
         });
     }
     let size = local.info().size_bytes();
+    if let Some(image) = basis.size_bytes()
+        && image != size
+    {
+        return Err(BdevError::Config {
+            name: name.to_string(),
+            reason: format!("the local copy holds {size} bytes but the basis image {image}"),
+        });
+    }
     let chunks = size.div_ceil(chunk_bytes);
     let shared = Arc::new(Shared {
         name: name.to_string(),

@@ -233,6 +233,10 @@ impl Basis for ObjectBasis {
         u64::from(self.inner.loaded.manifest.chunk_bytes)
     }
 
+    fn size_bytes(&self) -> Option<u64> {
+        Some(self.inner.loaded.manifest.volume_bytes)
+    }
+
     fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone) {
         let inner = Arc::clone(&self.inner);
         let done = Arc::new(Mutex::new(Some(done)));

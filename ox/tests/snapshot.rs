@@ -356,6 +356,20 @@ fn a_wrong_key_or_a_damaged_object_never_yields_data() {
     let mut bytes = std::fs::read(&obj).unwrap();
     bytes[100] ^= 0xFF;
     std::fs::write(&obj, bytes).unwrap();
+    // A local copy of the wrong size is refused.
+    let loaded = load_snapshot(&env, &s.manifest_key);
+    let root = env.root.clone();
+    let factory: StoreFactory =
+        Arc::new(move |_ex| Ok(Rc::new(LocalStore::open(root.clone())?) as Rc<dyn ObjectStore>));
+    let basis = ObjectBasis::new(
+        loaded,
+        factory,
+        Arc::clone(&env.cores),
+        Throttle::default(),
+        "x",
+    );
+    let small = create_malloc("small", 512, size / 1024, None).unwrap();
+    assert!(create_clone("x", small, Arc::new(basis) as Arc<dyn Basis>, None).is_err());
     let (clone, _) = open_clone(&env, &s.manifest_key, size);
     let io = BdevIo::read(0, 8, vec![IoBuf::new(4096)]);
     let c = run_on(&env.set.handles()[0], &clone, io, T).unwrap();
