@@ -217,3 +217,20 @@ fn many_concurrent_requests_on_one_executor() {
         }
     });
 }
+
+#[test]
+fn a_multipart_completion_that_timed_out_but_succeeded_is_not_an_error() {
+    let server = start_server(false);
+    run(async |ex| {
+        let s = store(&server, SECRET, &ex).unwrap();
+        let big: Vec<u8> = (0..13u32 << 20).map(|i| (i % 241) as u8).collect();
+        // Create, three parts, then Complete: stall Complete's response past the
+        // timeout, so the retry finds the upload already completed.
+        let before = server.faults.requests.load(Ordering::SeqCst);
+        server.faults.stall_at.store(before + 5, Ordering::SeqCst);
+        s.put("ox1/d/slow-complete", big.clone()).await.unwrap();
+        // Create, 3 parts, Complete (timed out), Complete again (refused), HEAD.
+        assert_eq!(server.faults.requests.load(Ordering::SeqCst) - before, 7);
+        assert!(s.get("ox1/d/slow-complete").await.unwrap() == big);
+    });
+}

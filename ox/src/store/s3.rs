@@ -368,6 +368,7 @@ impl S3Store {
     }
 
     async fn upload_parts(&self, key: &str, data: &[u8], upload_id: &str) -> Result<(), OxError> {
+        let total = data.len();
         let mut etags = Vec::new();
         for (i, part) in data.chunks(self.config.part_size).enumerate() {
             let number = u16::try_from(i + 1)
@@ -409,7 +410,7 @@ impl S3Store {
         );
         let url = complete.sign(SIGN_FOR);
         let body = complete.body().into_bytes();
-        let resp = self
+        let result = self
             .with_retries(
                 "CompleteMultipartUpload",
                 key,
@@ -420,17 +421,52 @@ impl S3Store {
                 },
                 Self::classify("CompleteMultipartUpload", key),
             )
-            .await?;
-        // S3 may report a failure inside a 200 response.
-        if String::from_utf8_lossy(&resp.body).contains("<Error>") {
-            return Err(OxError::Refused {
-                op: "CompleteMultipartUpload",
-                key: key.to_string(),
-                status: resp.status,
-                message: error_text(&resp.body),
+            .await
+            .and_then(|resp| {
+                // S3 may report a failure inside a 200 response.
+                if String::from_utf8_lossy(&resp.body).contains("<Error>") {
+                    Err(OxError::Refused {
+                        op: "CompleteMultipartUpload",
+                        key: key.to_string(),
+                        status: resp.status,
+                        message: error_text(&resp.body),
+                    })
+                } else {
+                    Ok(())
+                }
             });
+        match result {
+            Ok(()) => Ok(()),
+            // Completing is not idempotent: if an attempt that timed out did complete,
+            // a retry is refused (NoSuchUpload). The object is then there, whole.
+            Err(e) if self.object_size(key).await == Some(total as u64) => {
+                let _ = e;
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        Ok(())
+    }
+
+    /// The object's size, if it exists (HEAD).
+    async fn object_size(&self, key: &str) -> Option<u64> {
+        let url = self
+            .bucket
+            .head_object(Some(&self.credentials), key)
+            .sign(SIGN_FOR);
+        let resp = self
+            .http
+            .request(Method::HEAD, &url, &[], Vec::new())
+            .await
+            .ok()?;
+        if resp.status != 200 {
+            return None;
+        }
+        resp.headers
+            .get(hyper::header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()
     }
 
     async fn get_object(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, OxError> {

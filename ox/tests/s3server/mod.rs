@@ -31,6 +31,8 @@ pub struct Faults {
     pub unavailable: AtomicU32,
     pub drop: AtomicU32,
     pub stall: AtomicU32,
+    /// Stall the response of the request with this number (1-based, 0: none).
+    pub stall_at: AtomicU32,
     pub requests: AtomicU32,
     /// Requests being served now, and the most at once.
     pub concurrent: AtomicU32,
@@ -145,7 +147,10 @@ async fn respond(
     faults: &Faults,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Body>, std::io::Error> {
-    faults.requests.fetch_add(1, Ordering::SeqCst);
+    let number = faults.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    if faults.stall_at.load(Ordering::SeqCst) == number {
+        faults.stall.fetch_add(1, Ordering::SeqCst);
+    }
     let now = faults.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
     faults.max_concurrent.fetch_max(now, Ordering::SeqCst);
     let result = respond_inner(s3, faults, req).await;
