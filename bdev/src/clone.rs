@@ -652,6 +652,55 @@ impl CloneHandle {
     }
 }
 
+const PRESENCE_MAGIC: &[u8; 8] = b"OXPRS001";
+
+impl CloneHandle {
+    /// Saves which chunks are present, atomically (temporary file, fsync, rename), so a
+    /// restarted clone keeps what it fetched and a thick clone stays independent of its
+    /// basis. Only whole installs are ever marked, so the saved set is never ahead of
+    /// the local copy provided that copy was flushed first.
+    pub fn save_presence(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let mut b = PRESENCE_MAGIC.to_vec();
+        b.extend_from_slice(&self.shared.chunks.to_le_bytes());
+        for w in self.shared.presence.iter() {
+            b.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &b)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a presence set saved by [`CloneHandle::save_presence`] for a clone of
+/// `chunks` chunks; `None` if it is damaged or for another geometry (start empty then:
+/// chunks are fetched again, never trusted blindly).
+pub fn load_presence(bytes: &[u8], chunks: u64) -> Option<Vec<u64>> {
+    let words = chunks.div_ceil(64) as usize;
+    if bytes.len() != 16 + words * 8 + 4 || &bytes[..8] != PRESENCE_MAGIC {
+        return None;
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body).to_le_bytes() != crc
+        || u64::from_le_bytes(body[8..16].try_into().ok()?) != chunks
+    {
+        return None;
+    }
+    Some(
+        body[16..]
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+            .collect(),
+    )
+}
+
 /// Creates a clone named `name` whose local copy is `local` and whose missing chunks
 /// come from `basis`. Its size is the local copy's.
 pub fn create_clone(
@@ -659,6 +708,17 @@ pub fn create_clone(
     local: Bdev,
     basis: Arc<dyn Basis>,
     uuid: Option<Uuid>,
+) -> Result<(Bdev, CloneHandle), BdevError> {
+    create_clone_with(name, local, basis, uuid, None)
+}
+
+/// [`create_clone`] resuming from a presence set saved earlier (see [`load_presence`]).
+pub fn create_clone_with(
+    name: &str,
+    local: Bdev,
+    basis: Arc<dyn Basis>,
+    uuid: Option<Uuid>,
+    presence: Option<Vec<u64>>,
 ) -> Result<(Bdev, CloneHandle), BdevError> {
     let info = BdevInfo {
         name: name.to_string(),
@@ -693,9 +753,14 @@ pub fn create_clone(
         chunk_bytes,
         block_size,
         size,
-        presence: (0..chunks.div_ceil(64))
-            .map(|_| AtomicU64::new(0))
-            .collect(),
+        presence: match presence {
+            Some(words) if words.len() as u64 == chunks.div_ceil(64) => {
+                words.into_iter().map(AtomicU64::new).collect()
+            }
+            _ => (0..chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        },
         chunks,
         present_count: AtomicU64::new(0),
         pending: Mutex::new(HashMap::new()),
@@ -703,6 +768,19 @@ pub fn create_clone(
         read_ahead: 4,
         hot: Mutex::new(std::collections::VecDeque::new()),
     });
+    // Presence restored from a saved set counts towards hydration; bits beyond the
+    // last chunk are cleared so they cannot count.
+    if chunks % 64 != 0
+        && let Some(last) = shared.presence.last()
+    {
+        last.fetch_and((1u64 << (chunks % 64)) - 1, Ordering::Relaxed);
+    }
+    let present: u64 = shared
+        .presence
+        .iter()
+        .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+        .sum();
+    shared.present_count.store(present, Ordering::Relaxed);
     let handle = CloneHandle {
         shared: Arc::clone(&shared),
     };

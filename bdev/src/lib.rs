@@ -26,7 +26,10 @@ mod volume;
 
 pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
 pub use buf::{IO_ALIGN, IoBuf};
-pub use clone::{Basis, CloneCounters, CloneHandle, FetchDone, FetchReason, create_clone};
+pub use clone::{
+    Basis, CloneCounters, CloneHandle, FetchDone, FetchReason, create_clone, create_clone_with,
+    load_presence,
+};
 pub use error::BdevError;
 pub use io::{BdevIo, IoCompletion, IoDone, IoType};
 pub use malloc::create_malloc;

@@ -311,3 +311,59 @@ fn overlapping_writes_from_two_reactors_never_wait_on_each_other() {
     }
     set.shutdown().unwrap();
 }
+
+#[test]
+fn a_restarted_clone_keeps_what_it_fetched() {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let size = 16 * CHUNK + 4096;
+    let basis = Arc::new(MemBasis {
+        image: pattern(size as usize, 9),
+        fetches: Mutex::new(HashMap::new()),
+        bad_chunk: None,
+        delay: Duration::ZERO,
+        total: AtomicU64::new(0),
+    });
+    let local = create_malloc("local", 512, size / 512, None).unwrap();
+    let (clone, handle) = create_clone(
+        "c",
+        local.clone(),
+        Arc::clone(&basis) as Arc<dyn Basis>,
+        None,
+    )
+    .unwrap();
+    read(&set, &clone, 0, 0, 3 * CHUNK).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("presence");
+    handle.save_presence(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let words = bdev::load_presence(&bytes, 17).unwrap();
+    assert!(
+        bdev::load_presence(&bytes, 18).is_none(),
+        "another geometry"
+    );
+    let mut damaged = bytes.clone();
+    damaged[17] ^= 1;
+    assert!(bdev::load_presence(&damaged, 17).is_none(), "damaged");
+    // "Restart": a new clone over the same local copy and basis, with the saved set.
+    drop((clone, handle));
+    let fetched = basis.total.load(Ordering::SeqCst);
+    let (again, h2) = bdev::create_clone_with(
+        "c2",
+        local,
+        Arc::clone(&basis) as Arc<dyn Basis>,
+        None,
+        Some(words),
+    )
+    .unwrap();
+    assert_eq!(h2.hydration(), (3, 17));
+    assert_eq!(
+        read(&set, &again, 0, 0, 3 * CHUNK).unwrap(),
+        &basis.image[..(3 * CHUNK) as usize]
+    );
+    assert_eq!(
+        basis.total.load(Ordering::SeqCst),
+        fetched,
+        "nothing fetched again"
+    );
+    set.shutdown().unwrap();
+}
