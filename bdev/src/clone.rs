@@ -770,7 +770,7 @@ pub fn create_clone_with(
     });
     // Presence restored from a saved set counts towards hydration; bits beyond the
     // last chunk are cleared so they cannot count.
-    if chunks % 64 != 0
+    if !chunks.is_multiple_of(64)
         && let Some(last) = shared.presence.last()
     {
         last.fetch_and((1u64 << (chunks % 64)) - 1, Ordering::Relaxed);
