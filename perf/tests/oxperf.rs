@@ -408,3 +408,41 @@ fn verify_passes_against_the_linux_kernel_target() {
     assert!(report["verified_blocks"].as_u64().unwrap() > 0);
     assert!(report["mismatch"].is_null());
 }
+
+#[test]
+fn several_targets_in_one_run_and_an_iops_cap() {
+    let a = appliance(None);
+    let b = appliance(None);
+    let c = core();
+    let out = oxperf(&[
+        "run",
+        "--target",
+        &target_arg(a.addr),
+        "--target",
+        &target_arg(b.addr),
+        "-w",
+        "randread",
+        "--qd",
+        "4",
+        "--time",
+        "1",
+        "--rate",
+        "2000",
+        "--cores",
+        &c,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let queues = r["queues"].as_array().unwrap();
+    assert_eq!(queues.len(), 2, "one queue pair per target");
+    for q in queues {
+        assert!(q["reads"].as_u64().unwrap() > 0, "{q}");
+    }
+    // The cap holds the total near 2,000 IOPS (the limiter's accuracy, not speed).
+    let iops = r["total"]["iops"].as_f64().unwrap();
+    assert!(
+        (1000.0..2600.0).contains(&iops),
+        "{iops} IOPS under a 2000 cap"
+    );
+}
