@@ -86,6 +86,7 @@ fn main() {
                         volume_id: [1; 16],
                         volume_name: "bench".into(),
                         progress: Arc::default(),
+                        outage_patience: std::time::Duration::from_secs(60),
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

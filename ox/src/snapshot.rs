@@ -36,6 +36,10 @@ pub struct SnapshotOptions {
     pub volume_name: String,
     /// Progress to publish and a way to cancel.
     pub progress: std::sync::Arc<SnapshotProgress>,
+    /// How long to keep retrying an upload while the object store is unavailable
+    /// (after the store's own retries give up) before failing the snapshot: the
+    /// snapshot waits out an outage and carries on where it was.
+    pub outage_patience: Duration,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.
@@ -244,11 +248,12 @@ impl Packer<'_> {
         self.uploaded += data.len() as u64;
         self.objects.push(key.clone());
         let (store, throttle, name) = (self.store, self.throttle, &self.opts.volume_name);
+        let patience = self.opts.outage_patience;
         self.in_flight.push_back(Box::pin(async move {
             throttle
                 .acquire(name, Class::Background, data.len() as u64)
                 .await;
-            store.put(&key, data).await
+            put_patiently(store, &key, data, patience).await
         }));
         self.drive().await?;
         while self.in_flight.len() > UPLOADS_IN_FLIGHT {
@@ -279,6 +284,27 @@ impl Packer<'_> {
             up.await?;
         }
         Ok(())
+    }
+}
+
+/// PUTs `data`, waiting out an unavailable store for up to `patience` (a refusal or
+/// any other error fails at once).
+async fn put_patiently(
+    store: &dyn ObjectStore,
+    key: &str,
+    data: Vec<u8>,
+    patience: Duration,
+) -> Result<(), OxError> {
+    let deadline = std::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match store.put(key, data.clone()).await {
+            Err(OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
+                async_io::Timer::after(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -323,7 +349,7 @@ impl IndexWriter {
         let key = format::page_key(&opts.prefix, &self.salt, self.pages);
         self.pages += 1;
         self.bytes += frame.len() as u64;
-        store.put(&key, frame).await
+        put_patiently(store, &key, frame, opts.outage_patience).await
     }
 }
 

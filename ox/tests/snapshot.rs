@@ -89,6 +89,7 @@ fn options(env: &Env) -> SnapshotOptions {
         volume_id: [9; 16],
         volume_name: "vol1".into(),
         progress: Arc::default(),
+        outage_patience: std::time::Duration::from_secs(60),
     }
 }
 
@@ -680,5 +681,58 @@ fn uploads_to_s3_are_pipelined() {
         most > 1,
         "uploads overlapped: at most {most} request(s) at once"
     );
+    env.set.shutdown().unwrap();
+}
+
+#[test]
+fn a_snapshot_waits_out_an_object_store_outage() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let size = 4 << 20;
+    let (vol, handle) = create_volume(
+        "vol1",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap();
+    let data = random(size as usize, 61);
+    write(&env, &vol, 0, &data);
+    let mut opts = options(&env);
+    opts.object_bytes = 1 << 20;
+    // 30 consecutive 503s: far more than one request's retries (3), so the outage is
+    // outlived only by the snapshot's patience.
+    server.faults.unavailable.store(30, Ordering::SeqCst);
+    let (h, r) = (handle.clone(), env.set.handles()[0].clone());
+    let endpoint = format!("http://127.0.0.1:{}", server.addr.port());
+    let report = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let mut c = ox::store::s3::S3Config::new(
+                    endpoint.parse().unwrap(),
+                    s3server::BUCKET,
+                    "us-east-1",
+                    ox::store::s3::CredentialSource::Static {
+                        access_key: s3server::ACCESS.into(),
+                        secret_key: s3server::SECRET.into(),
+                    },
+                );
+                c.allow_http = true;
+                c.retries = 3;
+                c.backoff = Duration::from_millis(5);
+                let store = ox::store::s3::S3Store::new(c, ex).unwrap();
+                snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default()).await
+            })
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        server.faults.unavailable.load(Ordering::SeqCst),
+        0,
+        "the outage happened"
+    );
+    assert_eq!(report.manifest.stored_chunks, size / CHUNK);
     env.set.shutdown().unwrap();
 }

@@ -145,6 +145,7 @@ fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
                     volume_id: [0xE2; 16],
                     volume_name: "vol".into(),
                     progress: Arc::default(),
+                    outage_patience: std::time::Duration::from_secs(60),
                 };
                 snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                     .await
@@ -297,6 +298,7 @@ fn a_damaged_object_reaches_the_host_as_a_media_error_not_data() {
                     volume_id: [0xD1; 16],
                     volume_name: "vol".into(),
                     progress: Arc::default(),
+                    outage_patience: std::time::Duration::from_secs(60),
                 };
                 snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                     .await
