@@ -652,6 +652,8 @@ fn uploads_to_s3_are_pipelined() {
     write(&env, &vol, 0, &random(size as usize, 51));
     let mut opts = options(&env);
     opts.object_bytes = 1 << 20;
+    // A slow store (50 ms per request) makes overlap certain, whatever the load.
+    server.faults.delay_ms.store(50, Ordering::SeqCst);
     let (h, r) = (handle.clone(), env.set.handles()[0].clone());
     let endpoint = format!("http://127.0.0.1:{}", server.addr.port());
     let report = env

@@ -33,6 +33,8 @@ pub struct Faults {
     pub stall: AtomicU32,
     /// Stall the response of the request with this number (1-based, 0: none).
     pub stall_at: AtomicU32,
+    /// Delay every request by this many milliseconds (a slow store).
+    pub delay_ms: AtomicU32,
     pub requests: AtomicU32,
     /// Requests being served now, and the most at once.
     pub concurrent: AtomicU32,
@@ -153,6 +155,10 @@ async fn respond(
     }
     let now = faults.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
     faults.max_concurrent.fetch_max(now, Ordering::SeqCst);
+    let delay = faults.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+    }
     let result = respond_inner(s3, faults, req).await;
     faults.concurrent.fetch_sub(1, Ordering::SeqCst);
     result
