@@ -446,3 +446,35 @@ fn several_targets_in_one_run_and_an_iops_cap() {
         "{iops} IOPS under a 2000 cap"
     );
 }
+
+#[test]
+fn ctrl_c_prints_the_partial_result() {
+    let a = appliance(None);
+    let c = core();
+    let child = Command::new(env!("CARGO_BIN_EXE_oxperf"))
+        .args([
+            "run",
+            "--target",
+            &target_arg(a.addr),
+            "--time",
+            "60",
+            "--qd",
+            "4",
+            "--cores",
+            &c,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["interrupted"], true);
+    assert!(r["total"]["reads"].as_u64().unwrap() > 0);
+    assert!(r["seconds"].as_f64().unwrap() < 30.0);
+}
