@@ -208,30 +208,9 @@ pub async fn restore(
                 Some(data) => BdevIo::write(lba, len / block, vec![IoBuf::from_slice(&data)]),
                 None => BdevIo::write_zeroes(lba, len / block),
             };
-            submit(on, target, io).await?;
+            crate::blockio::run(on, target, io).await?;
             written += len;
         }
     }
     Ok(written)
-}
-
-async fn submit(on: &ReactorHandle, dev: &Bdev, io: BdevIo) -> Result<(), OxError> {
-    let (tx, rx) = async_channel::bounded(1);
-    let d = dev.clone();
-    on.send(move || match d.channel() {
-        Ok(ch) => ch.submit(io, move |c| {
-            let _ = tx.try_send(c.result.map_err(|e| e.to_string()));
-        }),
-        Err(e) => {
-            let _ = tx.try_send(Err(e.to_string()));
-        }
-    })
-    .map_err(|e| OxError::Config(e.to_string()))?;
-    rx.recv()
-        .await
-        .map_err(|_| OxError::Config("reactor dropped a restore write".into()))?
-        .map_err(|e| OxError::Io {
-            path: dev.name().to_string(),
-            source: std::io::Error::other(e),
-        })
 }

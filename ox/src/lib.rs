@@ -16,6 +16,7 @@
 //! on reactors.
 
 pub mod basis;
+pub mod blockio;
 pub mod codec;
 pub mod cores;
 mod error;

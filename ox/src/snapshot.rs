@@ -9,7 +9,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bdev::{Bdev, BdevIo, IoBuf, VolumeHandle};
+use bdev::VolumeHandle;
 use reactor::ReactorHandle;
 
 use crate::codec::{Binding, Codec, CodecSettings};
@@ -180,35 +180,6 @@ impl Loaded {
         )?;
         Ok((decoded, frame.len()))
     }
-}
-
-/// Reads `blocks` blocks at `lba` of `bdev` through reactor `on`.
-pub async fn read_blocks(
-    on: &ReactorHandle,
-    bdev: &Bdev,
-    lba: u64,
-    blocks: u64,
-) -> Result<Vec<u8>, OxError> {
-    let (tx, rx) = async_channel::bounded(1);
-    let dev = bdev.clone();
-    let len = (blocks * u64::from(bdev.block_size())) as usize;
-    on.send(move || match dev.channel() {
-        Ok(ch) => ch.submit(BdevIo::read(lba, blocks, vec![IoBuf::new(len)]), move |c| {
-            let data = c.data();
-            let _ = tx.try_send(c.result.map(|()| data).map_err(|e| e.to_string()));
-        }),
-        Err(e) => {
-            let _ = tx.try_send(Err(e.to_string()));
-        }
-    })
-    .map_err(|e| OxError::Config(format!("reactor: {e}")))?;
-    rx.recv()
-        .await
-        .map_err(|_| OxError::Config("the reactor dropped a snapshot read".into()))?
-        .map_err(|e| OxError::Io {
-            path: bdev.name().to_string(),
-            source: std::io::Error::other(e),
-        })
 }
 
 /// Uploads in flight at once while encoding goes on.
@@ -534,7 +505,8 @@ async fn write(
             match handle.claim_chunk(chunk) {
                 Ok(Some(preserved)) => break preserved,
                 Ok(None) => {
-                    let d = read_blocks(on, dev, chunk * chunk_bytes / block, len / block).await;
+                    let d = crate::blockio::read(on, dev, chunk * chunk_bytes / block, len / block)
+                        .await;
                     handle.chunk_read(chunk);
                     break d?;
                 }

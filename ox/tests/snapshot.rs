@@ -80,6 +80,21 @@ fn read(env: &Env, dev: &Bdev, off: u64, len: u64) -> Vec<u8> {
     d
 }
 
+/// The S3 test server's settings (plain HTTP on loopback).
+fn s3_config(endpoint: &str) -> ox::store::s3::S3Config {
+    let mut c = ox::store::s3::S3Config::new(
+        endpoint.parse().unwrap(),
+        s3server::BUCKET,
+        "us-east-1",
+        ox::store::s3::CredentialSource::Static {
+            access_key: s3server::ACCESS.into(),
+            secret_key: s3server::SECRET.into(),
+        },
+    );
+    c.allow_http = true;
+    c
+}
+
 fn options(env: &Env) -> SnapshotOptions {
     SnapshotOptions {
         prefix: "vol1/".into(),
@@ -660,16 +675,7 @@ fn uploads_to_s3_are_pipelined() {
         .cores
         .run(move |ex| {
             Box::pin(async move {
-                let mut c = ox::store::s3::S3Config::new(
-                    endpoint.parse().unwrap(),
-                    s3server::BUCKET,
-                    "us-east-1",
-                    ox::store::s3::CredentialSource::Static {
-                        access_key: s3server::ACCESS.into(),
-                        secret_key: s3server::SECRET.into(),
-                    },
-                );
-                c.allow_http = true;
+                let c = s3_config(&endpoint);
                 let store = ox::store::s3::S3Store::new(c, ex).unwrap();
                 snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
                     .await
@@ -712,16 +718,7 @@ fn a_snapshot_waits_out_an_object_store_outage() {
         .cores
         .run(move |ex| {
             Box::pin(async move {
-                let mut c = ox::store::s3::S3Config::new(
-                    endpoint.parse().unwrap(),
-                    s3server::BUCKET,
-                    "us-east-1",
-                    ox::store::s3::CredentialSource::Static {
-                        access_key: s3server::ACCESS.into(),
-                        secret_key: s3server::SECRET.into(),
-                    },
-                );
-                c.allow_http = true;
+                let mut c = s3_config(&endpoint);
                 c.retries = 3;
                 c.backoff = Duration::from_millis(5);
                 let store = ox::store::s3::S3Store::new(c, ex).unwrap();
