@@ -133,11 +133,27 @@ thread_local! {
 fn park(f: impl FnOnce(Result<(), BdevError>) + 'static) -> u64 {
     PARKED.with(|p| {
         let mut p = p.borrow_mut();
+        if p.0 == 0
+            && let Some(r) = reactor::current()
+        {
+            // First park on this reactor: when it stops, fail whatever is still
+            // parked, so no host I/O is left without a completion.
+            r.on_stop(fail_parked);
+        }
         p.0 += 1;
         let token = p.0;
         p.1.insert(token, Box::new(f));
         token
     })
+}
+
+/// Completes every parked continuation on this reactor with "shutting down".
+fn fail_parked() {
+    let parked: Vec<Continuation> =
+        PARKED.with(|p| p.borrow_mut().1.drain().map(|(_, f)| f).collect());
+    for f in parked {
+        f(Err(BdevError::ShuttingDown));
+    }
 }
 
 fn unpark(token: u64, result: Result<(), BdevError>) {

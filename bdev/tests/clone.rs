@@ -367,3 +367,24 @@ fn a_restarted_clone_keeps_what_it_fetched() {
     );
     set.shutdown().unwrap();
 }
+
+#[test]
+fn a_miss_still_waiting_at_shutdown_is_failed_not_lost() {
+    let (set, clone, _handle, _basis) = setup(None, 3000);
+    let rx = submit_on(
+        &set.handles()[0],
+        &clone,
+        BdevIo::read(0, 8, vec![IoBuf::new(4096)]),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    set.shutdown().unwrap();
+    let c = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the read was never completed");
+    assert!(
+        matches!(c.result, Err(BdevError::ShuttingDown)),
+        "{:?}",
+        c.result
+    );
+}
