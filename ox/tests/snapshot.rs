@@ -735,3 +735,57 @@ fn a_snapshot_waits_out_an_object_store_outage() {
     assert_eq!(report.manifest.stored_chunks, size / CHUNK);
     env.set.shutdown().unwrap();
 }
+
+#[test]
+fn a_snapshot_dropped_mid_way_releases_the_volume_and_keeps_its_changes() {
+    let env = env();
+    let size = 8 << 20;
+    let (vol, handle) = create_volume(
+        "vol1",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap();
+    write(&env, &vol, 0, &random(size as usize, 71));
+    let (root, h, r, opts) = (
+        env.root.clone(),
+        handle.clone(),
+        env.set.handles()[0].clone(),
+        options(&env),
+    );
+    env.cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                let throttle = Throttle::default();
+                let mut fut =
+                    std::pin::pin!(snapshot_volume(&store, &r, &h, None, &opts, &throttle));
+                // Let it start, then abandon it (a timeout, a cancelled request...).
+                for _ in 0..20 {
+                    let _ = futures_lite::future::poll_once(&mut fut).await;
+                }
+            })
+        })
+        .unwrap();
+    // It published nothing (it was really abandoned mid-way)...
+    let root = env.root.clone();
+    let manifests = env
+        .cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                LocalStore::open(root)
+                    .unwrap()
+                    .list("vol1/ox1/m/")
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert!(manifests.is_empty());
+    // ...the volume is not stuck, and every chunk is still to be stored.
+    let s = snapshot(&env, &handle, None, Throttle::default());
+    assert_eq!(s.manifest.stored_chunks, size / CHUNK);
+    env.set.shutdown().unwrap();
+}
