@@ -789,3 +789,58 @@ fn a_snapshot_dropped_mid_way_releases_the_volume_and_keeps_its_changes() {
     assert_eq!(s.manifest.stored_chunks, size / CHUNK);
     env.set.shutdown().unwrap();
 }
+
+/// A basis in memory that records the order chunks are fetched in.
+struct Recording {
+    image: Vec<u8>,
+    order: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Basis for Recording {
+    fn chunk_bytes(&self) -> u64 {
+        CHUNK
+    }
+
+    fn fetch(&self, chunk: u64, _reason: bdev::FetchReason, done: bdev::FetchDone) {
+        self.order.lock().unwrap().push(chunk);
+        let start = (chunk * CHUNK) as usize;
+        let data = self.image[start..start + CHUNK as usize].to_vec();
+        std::thread::spawn(move || done(Ok(data)));
+    }
+}
+
+#[test]
+fn thickening_starts_around_recent_misses() {
+    let env = env();
+    let size = 512 * CHUNK;
+    let basis = Arc::new(Recording {
+        image: random(size as usize, 81),
+        order: std::sync::Mutex::new(Vec::new()),
+    });
+    let local = create_malloc("l", 512, size / 512, None).unwrap();
+    let (clone, h) = create_clone("c", local, Arc::clone(&basis) as Arc<dyn Basis>, None).unwrap();
+    // A host reads chunk 400: that neighbourhood is hot.
+    read(&env, &clone, 400 * CHUNK, 4096);
+    let (hh, r, control) = (
+        h.clone(),
+        env.set.handles()[0].clone(),
+        ox::hydrate::Thickening::new(),
+    );
+    let fetched = env
+        .cores
+        .run(move |_ex| {
+            Box::pin(async move { ox::hydrate::thicken(&hh, &r, &control).await.unwrap() })
+        })
+        .unwrap();
+    assert_eq!(fetched, 511);
+    let order = basis.order.lock().unwrap().clone();
+    assert_eq!(order[0], 400, "the client miss came first");
+    // The next fetches are the hot neighbourhood (chunks 368..432), not chunk 0.
+    assert!(
+        order[1..33].iter().all(|c| (368..432).contains(c)),
+        "{:?}",
+        &order[1..33]
+    );
+    assert_eq!(h.hydration(), (512, 512));
+    env.set.shutdown().unwrap();
+}
