@@ -19,6 +19,10 @@ use support::{HOSTNQN, Host, pattern, rw};
 const NQN: &str = "nqn.2026-11.io.ox:test";
 const PRIVATE: &str = "nqn.2026-11.io.ox:private";
 const BLOCKS: u64 = 128 * 1024; // 64 MiB of 512-byte blocks
+const ALL_DIGESTS: Digests = Digests {
+    header: true,
+    data: true,
+};
 
 struct Setup {
     target: Target,
@@ -82,13 +86,7 @@ fn setup_with(limits: Limits, socket_io: SocketIo, idle: IdlePolicy) -> Setup {
 }
 
 fn both_digests() -> [Digests; 2] {
-    [
-        Digests::default(),
-        Digests {
-            header: true,
-            data: true,
-        },
-    ]
+    [Digests::default(), ALL_DIGESTS]
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -652,10 +650,7 @@ fn protocol_violations_end_only_that_connection() {
 #[test]
 fn a_data_digest_error_fails_the_command_not_the_connection() {
     let s = setup(Limits::default());
-    let d = Digests {
-        header: true,
-        data: true,
-    };
+    let d = ALL_DIGESTS;
     let a = Host::admin_ready(s.addr, d, NQN, 1);
     let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
     let data = pattern(1, 4096);
@@ -821,10 +816,7 @@ fn nothing_but_an_in_capsule_connect_is_accepted_before_connect() {
 #[test]
 fn a_digest_error_on_a_cid_in_use_does_not_free_it() {
     let s = setup(Limits::default());
-    let d = Digests {
-        header: true,
-        data: true,
-    };
+    let d = ALL_DIGESTS;
     let a = Host::admin_ready(s.addr, d, NQN, 1);
     let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
     // A write waiting for its R2T data holds CID 500.

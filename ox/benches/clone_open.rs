@@ -20,25 +20,9 @@ use ox::cores::OxCores;
 use ox::keys::{Kek, SecretKey};
 use ox::snapshot::{SnapshotOptions, load, snapshot_volume};
 use ox::store::ObjectStore;
-use ox::store::s3::{CredentialSource, S3Config, S3Store};
+use ox::store::s3::S3Store;
 use ox::throttle::Throttle;
 use reactor::{CoreList, ReactorConfig, ReactorSet};
-
-fn config(server: &s3server::Server) -> S3Config {
-    let mut c = S3Config::new(
-        format!("http://127.0.0.1:{}", server.addr.port())
-            .parse()
-            .unwrap(),
-        s3server::BUCKET,
-        "us-east-1",
-        CredentialSource::Static {
-            access_key: s3server::ACCESS.into(),
-            secret_key: s3server::SECRET.into(),
-        },
-    );
-    c.allow_http = true;
-    c
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -73,7 +57,11 @@ fn main() {
             .unwrap()
             .result
             .unwrap();
-        let (c, r, k) = (config(&server), set.handles()[0].clone(), kek.clone());
+        let (c, r, k) = (
+            server.client_config(),
+            set.handles()[0].clone(),
+            kek.clone(),
+        );
         let report = cores
             .run(move |ex| {
                 Box::pin(async move {
@@ -106,7 +94,7 @@ fn main() {
     for _ in 0..iters {
         for (i, (_, key, local, _)) in keys.iter().enumerate() {
             let (c, key, k, cores2) = (
-                config(&server),
+                server.client_config(),
                 key.clone(),
                 kek.clone(),
                 Arc::clone(&cores),

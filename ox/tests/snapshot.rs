@@ -80,19 +80,21 @@ fn read(env: &Env, dev: &Bdev, off: u64, len: u64) -> Vec<u8> {
     d
 }
 
-/// The S3 test server's settings (plain HTTP on loopback).
-fn s3_config(endpoint: &str) -> ox::store::s3::S3Config {
-    let mut c = ox::store::s3::S3Config::new(
-        endpoint.parse().unwrap(),
-        s3server::BUCKET,
-        "us-east-1",
-        ox::store::s3::CredentialSource::Static {
-            access_key: s3server::ACCESS.into(),
-            secret_key: s3server::SECRET.into(),
-        },
-    );
-    c.allow_http = true;
-    c
+/// A fresh tracked volume of `size` bytes over RAM, 512-byte blocks.
+fn fresh_volume(size: u64) -> (Bdev, VolumeHandle) {
+    create_volume(
+        "vol1",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap()
+}
+
+/// Stores for basis fetches: the local directory at `root`, one per OX core.
+fn local_factory(root: PathBuf) -> StoreFactory {
+    Arc::new(move |_ex| Ok(Rc::new(LocalStore::open(root.clone())?) as Rc<dyn ObjectStore>))
 }
 
 fn options(env: &Env) -> SnapshotOptions {
@@ -170,8 +172,7 @@ fn open_clone_handle(
         })
         .unwrap();
     let root = env.root.clone();
-    let factory: StoreFactory =
-        Arc::new(move |_ex| Ok(Rc::new(LocalStore::open(root.clone())?) as Rc<dyn ObjectStore>));
+    let factory: StoreFactory = local_factory(root);
     let basis = ObjectBasis::new(
         loaded,
         factory,
@@ -194,14 +195,7 @@ fn open_clone_handle(
 fn a_snapshot_is_point_in_time_while_the_host_keeps_writing() {
     let env = env();
     let size = 8 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     let before = random(size as usize, 1);
     write(&env, &vol, 0, &before);
     // A slow upload (2 MiB/s) keeps the snapshot running while we overwrite everything.
@@ -241,14 +235,7 @@ fn a_snapshot_is_point_in_time_while_the_host_keeps_writing() {
 fn incremental_snapshots_upload_only_what_changed() {
     let env = env();
     let size = 64 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     let base = random(size as usize, 3);
     write(&env, &vol, 0, &base);
     let s1 = snapshot(&env, &handle, None, Throttle::default());
@@ -305,14 +292,7 @@ fn incremental_snapshots_upload_only_what_changed() {
 fn sparse_volumes_store_nothing_for_unwritten_chunks_and_clones_fetch_only_what_is_read() {
     let env = env();
     let size = 1u64 << 40; // 1 TiB, sparse
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     let extent = random(4 << 20, 7);
     let at = 300 << 30;
     write(&env, &vol, at, &extent);
@@ -340,14 +320,7 @@ fn sparse_volumes_store_nothing_for_unwritten_chunks_and_clones_fetch_only_what_
 fn a_wrong_key_or_a_damaged_object_never_yields_data() {
     let env = env();
     let size = 4 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     write(&env, &vol, 0, &random(size as usize, 5));
     let s = snapshot(&env, &handle, None, Throttle::default());
     // Wrong KEK: opening fails, naming the key.
@@ -375,8 +348,7 @@ fn a_wrong_key_or_a_damaged_object_never_yields_data() {
     // A local copy of the wrong size is refused.
     let loaded = load_snapshot(&env, &s.manifest_key);
     let root = env.root.clone();
-    let factory: StoreFactory =
-        Arc::new(move |_ex| Ok(Rc::new(LocalStore::open(root.clone())?) as Rc<dyn ObjectStore>));
+    let factory: StoreFactory = local_factory(root);
     let basis = ObjectBasis::new(
         loaded,
         factory,
@@ -408,14 +380,7 @@ fn a_wrong_key_or_a_damaged_object_never_yields_data() {
 fn thickening_pauses_resumes_and_completes_then_reads_need_no_basis() {
     let env = env();
     let size = 8 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     let data = random(size as usize, 11);
     write(&env, &vol, 0, &data);
     let s = snapshot(&env, &handle, None, Throttle::default());
@@ -461,14 +426,7 @@ fn thickening_pauses_resumes_and_completes_then_reads_need_no_basis() {
 fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
     let env = env();
     let size = 4 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     let data = random(size as usize, 12);
     write(&env, &vol, 0, &data[..(size / 2) as usize]);
     let s = snapshot(&env, &handle, None, Throttle::default());
@@ -535,14 +493,7 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
 fn a_cancelled_snapshot_publishes_nothing_keeps_its_changes_and_leaves_collectable_orphans() {
     let env = env();
     let size = 8 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     let data = random(size as usize, 21);
     write(&env, &vol, 0, &data);
     let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
@@ -656,27 +607,19 @@ fn uploads_to_s3_are_pipelined() {
     let env = env();
     let server = s3server::start_server(false);
     let size = 32 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     write(&env, &vol, 0, &random(size as usize, 51));
     let mut opts = options(&env);
     opts.object_bytes = 1 << 20;
     // A slow store (50 ms per request) makes overlap certain, whatever the load.
     server.faults.delay_ms.store(50, Ordering::SeqCst);
     let (h, r) = (handle.clone(), env.set.handles()[0].clone());
-    let endpoint = format!("http://127.0.0.1:{}", server.addr.port());
+    let config = server.client_config();
     let report = env
         .cores
         .run(move |ex| {
             Box::pin(async move {
-                let c = s3_config(&endpoint);
-                let store = ox::store::s3::S3Store::new(c, ex).unwrap();
+                let store = ox::store::s3::S3Store::new(config, ex).unwrap();
                 snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
                     .await
                     .unwrap()
@@ -697,14 +640,7 @@ fn a_snapshot_waits_out_an_object_store_outage() {
     let env = env();
     let server = s3server::start_server(false);
     let size = 4 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     let data = random(size as usize, 61);
     write(&env, &vol, 0, &data);
     let mut opts = options(&env);
@@ -713,12 +649,12 @@ fn a_snapshot_waits_out_an_object_store_outage() {
     // outlived only by the snapshot's patience.
     server.faults.unavailable.store(30, Ordering::SeqCst);
     let (h, r) = (handle.clone(), env.set.handles()[0].clone());
-    let endpoint = format!("http://127.0.0.1:{}", server.addr.port());
+    let config = server.client_config();
     let report = env
         .cores
         .run(move |ex| {
             Box::pin(async move {
-                let mut c = s3_config(&endpoint);
+                let mut c = config;
                 c.retries = 3;
                 c.backoff = Duration::from_millis(5);
                 let store = ox::store::s3::S3Store::new(c, ex).unwrap();
@@ -740,14 +676,7 @@ fn a_snapshot_waits_out_an_object_store_outage() {
 fn a_snapshot_dropped_mid_way_releases_the_volume_and_keeps_its_changes() {
     let env = env();
     let size = 8 << 20;
-    let (vol, handle) = create_volume(
-        "vol1",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let (vol, handle) = fresh_volume(size);
     write(&env, &vol, 0, &random(size as usize, 71));
     let (root, h, r, opts) = (
         env.root.clone(),

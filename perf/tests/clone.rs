@@ -14,14 +14,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bdev::{Basis, Bdev, Tracking, create_clone, create_malloc, create_volume};
+use bdev::{
+    Basis, Bdev, CloneHandle, Tracking, VolumeHandle, create_clone, create_malloc, create_volume,
+};
 use nvmf::{HostPolicy, Limits, Namespace, Subsystem, Target, TargetConfig};
 use ox::basis::{ObjectBasis, StoreFactory};
 use ox::cores::OxCores;
 use ox::keys::{Kek, SecretKey};
-use ox::snapshot::{SnapshotOptions, load, snapshot_volume};
+use ox::snapshot::{Loaded, SnapshotOptions, SnapshotReport, load, snapshot_volume};
 use ox::store::ObjectStore;
-use ox::store::s3::{CredentialSource, S3Config, S3Store};
+use ox::store::s3::S3Store;
 use ox::throttle::Throttle;
 use reactor::{CoreList, ReactorConfig, ReactorSet};
 
@@ -67,28 +69,103 @@ fn serve(set: &ReactorSet, nqn: &str, dev: Bdev) -> (Target, SocketAddr) {
     (t, addr)
 }
 
-fn s3_config(server: &s3server::Server) -> S3Config {
-    let mut c = S3Config::new(
-        format!("http://127.0.0.1:{}", server.addr.port())
-            .parse()
-            .unwrap(),
-        s3server::BUCKET,
-        "us-east-1",
-        CredentialSource::Static {
-            access_key: s3server::ACCESS.into(),
-            secret_key: s3server::SECRET.into(),
-        },
-    );
-    c.allow_http = true;
-    c
+/// What every test here runs on: the S3 test server, reactors, one OX core, a KEK.
+struct World {
+    server: s3server::Server,
+    set: ReactorSet,
+    cores: Arc<OxCores>,
+    kek: Kek,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            server: s3server::start_server(false),
+            set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
+            cores: Arc::new(OxCores::start(&[None], 1024).unwrap()),
+            kek: Kek::new("e2e-kek", SecretKey::random().unwrap()),
+        }
+    }
+
+    /// Snapshots the volume into S3 under `prefix`.
+    fn snapshot(&self, handle: &VolumeHandle, prefix: &str, volume_id: u8) -> SnapshotReport {
+        let (config, reactor, h, k) = (
+            self.server.client_config(),
+            self.set.handles()[0].clone(),
+            handle.clone(),
+            self.kek.clone(),
+        );
+        let prefix = prefix.to_string();
+        self.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = S3Store::new(config, ex).unwrap();
+                    let opts = SnapshotOptions {
+                        prefix,
+                        zstd_level: 1,
+                        kek: Some(k),
+                        // Small objects: s3s-fs hashes the whole object on every GET.
+                        object_bytes: 1 << 20,
+                        volume_id: [volume_id; 16],
+                        volume_name: "vol".into(),
+                        progress: Arc::default(),
+                        outage_patience: std::time::Duration::from_secs(60),
+                    };
+                    snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
+                        .await
+                        .unwrap()
+                })
+            })
+            .unwrap()
+    }
+
+    /// Loads the snapshot's manifest from S3.
+    fn load(&self, key: &str) -> Loaded {
+        let (config, key, k) = (
+            self.server.client_config(),
+            key.to_string(),
+            self.kek.clone(),
+        );
+        self.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    load(&S3Store::new(config, ex).unwrap(), &key, &[k])
+                        .await
+                        .unwrap()
+                })
+            })
+            .unwrap()
+    }
+
+    /// A clone of `loaded` over a fresh RAM copy of `size` bytes.
+    fn clone_of(&self, loaded: Loaded, size: u64) -> (Bdev, CloneHandle, ObjectBasis) {
+        let config = self.server.client_config();
+        let factory: StoreFactory = Arc::new(move |ex| {
+            Ok(Rc::new(S3Store::new(config.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
+        });
+        let basis = ObjectBasis::new(
+            loaded,
+            factory,
+            Arc::clone(&self.cores),
+            Throttle::default(),
+            "clone",
+        );
+        let local = create_malloc("clone-local", 512, size / 512, None).unwrap();
+        let (clone, handle) = create_clone(
+            "clone",
+            local,
+            Arc::new(basis.clone()) as Arc<dyn Basis>,
+            None,
+        )
+        .unwrap();
+        (clone, handle, basis)
+    }
 }
 
 #[test]
 fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
-    let server = s3server::start_server(false);
-    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
-    let cores = Arc::new(OxCores::start(&[None], 1024).unwrap());
-    let kek = Kek::new("e2e-kek", SecretKey::random().unwrap());
+    let world = World::new();
+    let (server, set) = (&world.server, &world.set);
     let core = CoreList::available().last().unwrap().to_string();
 
     // 1. A fresh 1 TiB volume, written over NVMe/TCP.
@@ -100,7 +177,7 @@ fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
         None,
     )
     .unwrap();
-    let (src_target, src) = serve(&set, "nqn.2026-11.io.ox:e2e-src", vol);
+    let (src_target, src) = serve(set, "nqn.2026-11.io.ox:e2e-src", vol);
     let src_arg = format!("{src},nqn.2026-11.io.ox:e2e-src,1");
     let range = format!("{EXTENT_LBA}:{EXTENT_BLOCKS}");
     ok(&oxperf(&[
@@ -126,71 +203,19 @@ fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
     ]));
 
     // 2. Snapshot into S3.
-    let (config, reactor, h, k) = (
-        s3_config(&server),
-        set.handles()[0].clone(),
-        handle.clone(),
-        kek.clone(),
-    );
-    let report = cores
-        .run(move |ex| {
-            Box::pin(async move {
-                let store = S3Store::new(config, ex).unwrap();
-                let opts = SnapshotOptions {
-                    prefix: "e2e/".into(),
-                    zstd_level: 1,
-                    kek: Some(k),
-                    // Small objects: s3s-fs hashes the whole object on every GET.
-                    object_bytes: 1 << 20,
-                    volume_id: [0xE2; 16],
-                    volume_name: "vol".into(),
-                    progress: Arc::default(),
-                    outage_patience: std::time::Duration::from_secs(60),
-                };
-                snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
+    let report = world.snapshot(&handle, "e2e/", 0xE2);
     assert_eq!(report.chunks_read, 160 + 64, "only written chunks are read");
 
     // 3. Clone it and serve the clone.
-    let (config, key, k) = (s3_config(&server), report.manifest_key.clone(), kek.clone());
     let requests_before_open = server.faults.requests.load(Ordering::SeqCst);
-    let loaded = cores
-        .run(move |ex| {
-            Box::pin(async move {
-                let store = S3Store::new(config, ex).unwrap();
-                load(&store, &key, &[k]).await.unwrap()
-            })
-        })
-        .unwrap();
+    let loaded = world.load(&report.manifest_key);
     assert_eq!(
         server.faults.requests.load(Ordering::SeqCst) - requests_before_open,
         1,
         "opening a 1 TiB clone is one GET"
     );
-    let config = s3_config(&server);
-    let factory: StoreFactory = Arc::new(move |ex| {
-        Ok(Rc::new(S3Store::new(config.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
-    });
-    let basis = ObjectBasis::new(
-        loaded,
-        factory,
-        Arc::clone(&cores),
-        Throttle::default(),
-        "clone",
-    );
-    let local = create_malloc("clone-local", 512, TIB / 512, None).unwrap();
-    let (clone, clone_handle) = create_clone(
-        "clone",
-        local,
-        Arc::new(basis.clone()) as Arc<dyn Basis>,
-        None,
-    )
-    .unwrap();
-    let (clone_target, dst) = serve(&set, "nqn.2026-11.io.ox:e2e-clone", clone);
+    let (clone, clone_handle, basis) = world.clone_of(loaded, TIB);
+    let (clone_target, dst) = serve(set, "nqn.2026-11.io.ox:e2e-clone", clone);
 
     // 4. Read the extent from the clone over NVMe/TCP and verify every block.
     let out = oxperf(&[
@@ -243,15 +268,12 @@ fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
     assert_eq!(total, TIB / CHUNK);
     assert!((160..=164).contains(&present), "{present} chunks present");
     drop((src_target, clone_target));
-    set.shutdown().unwrap();
 }
 
 #[test]
 fn a_damaged_object_reaches_the_host_as_a_media_error_not_data() {
-    let server = s3server::start_server(false);
-    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
-    let cores = Arc::new(OxCores::start(&[None], 256).unwrap());
-    let kek = Kek::new("e2e-kek", SecretKey::random().unwrap());
+    let world = World::new();
+    let (server, set) = (&world.server, &world.set);
     let core = CoreList::available().last().unwrap().to_string();
     let size = 64u64 << 20;
     let (vol, handle) = create_volume(
@@ -262,7 +284,7 @@ fn a_damaged_object_reaches_the_host_as_a_media_error_not_data() {
         None,
     )
     .unwrap();
-    let (src_target, src) = serve(&set, "nqn.2026-11.io.ox:dmg-src", vol);
+    let (src_target, src) = serve(set, "nqn.2026-11.io.ox:dmg-src", vol);
     ok(&oxperf(&[
         "run",
         "--target",
@@ -280,32 +302,7 @@ fn a_damaged_object_reaches_the_host_as_a_media_error_not_data() {
         &core,
         "--quiet",
     ]));
-    let (config, reactor, h, k) = (
-        s3_config(&server),
-        set.handles()[0].clone(),
-        handle.clone(),
-        kek.clone(),
-    );
-    let report = cores
-        .run(move |ex| {
-            Box::pin(async move {
-                let store = S3Store::new(config, ex).unwrap();
-                let opts = SnapshotOptions {
-                    prefix: "dmg/".into(),
-                    zstd_level: 1,
-                    kek: Some(k),
-                    object_bytes: 1 << 20,
-                    volume_id: [0xD1; 16],
-                    volume_name: "vol".into(),
-                    progress: Arc::default(),
-                    outage_patience: std::time::Duration::from_secs(60),
-                };
-                snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
+    let report = world.snapshot(&handle, "dmg/", 0xD1);
     // Flip a byte inside the first data object, on the server's disk.
     let path = server
         .dir
@@ -316,30 +313,8 @@ fn a_damaged_object_reaches_the_host_as_a_media_error_not_data() {
     bytes[1000] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
 
-    let (config, key, k) = (s3_config(&server), report.manifest_key.clone(), kek.clone());
-    let loaded = cores
-        .run(move |ex| {
-            Box::pin(async move {
-                load(&S3Store::new(config, ex).unwrap(), &key, &[k])
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
-    let config = s3_config(&server);
-    let factory: StoreFactory = Arc::new(move |ex| {
-        Ok(Rc::new(S3Store::new(config.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
-    });
-    let basis = ObjectBasis::new(
-        loaded,
-        factory,
-        Arc::clone(&cores),
-        Throttle::default(),
-        "clone",
-    );
-    let local = create_malloc("clone-local", 512, size / 512, None).unwrap();
-    let (clone, _) = create_clone("clone", local, Arc::new(basis) as Arc<dyn Basis>, None).unwrap();
-    let (clone_target, dst) = serve(&set, "nqn.2026-11.io.ox:dmg-clone", clone);
+    let (clone, _, _) = world.clone_of(world.load(&report.manifest_key), size);
+    let (clone_target, dst) = serve(set, "nqn.2026-11.io.ox:dmg-clone", clone);
     let out = oxperf(&[
         "run",
         "--target",
@@ -378,5 +353,4 @@ fn a_damaged_object_reaches_the_host_as_a_media_error_not_data() {
         "the undamaged chunks read fine"
     );
     drop((src_target, clone_target));
-    set.shutdown().unwrap();
 }

@@ -209,3 +209,22 @@ async fn respond_inner(
         BodyExt::boxed(body.map_err(io_err)),
     ))
 }
+
+impl Server {
+    /// Client settings for this server over plain HTTP (tests' own credentials).
+    pub fn client_config(&self) -> ox::store::s3::S3Config {
+        let mut c = ox::store::s3::S3Config::new(
+            format!("http://127.0.0.1:{}", self.addr.port())
+                .parse()
+                .unwrap(),
+            BUCKET,
+            "us-east-1",
+            ox::store::s3::CredentialSource::Static {
+                access_key: ACCESS.into(),
+                secret_key: SECRET.into(),
+            },
+        );
+        c.allow_http = true;
+        c
+    }
+}
