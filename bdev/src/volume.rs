@@ -40,8 +40,10 @@ struct Shared {
     active: AtomicBool,
     state: Box<[AtomicU8]>,
     preserved: Mutex<HashMap<u64, Vec<u8>>>,
-    /// Writes started without seeing an active snapshot and not finished yet.
-    unaware: AtomicU64,
+    /// Per channel: writes started without seeing an active snapshot and not finished
+    /// yet. One counter per channel, so concurrent writers on different cores do not
+    /// contend on one cache line; a snapshot sums them.
+    unaware: Mutex<Vec<Arc<AtomicU64>>>,
     /// A snapshot holds this volume (begin … end).
     running: AtomicBool,
     /// Bumped at every begin and end, so a copy-before-write read that straddles one is
@@ -63,7 +65,12 @@ impl Shared {
     }
 
     fn mark_dirty(&self, chunk: u64) {
-        self.dirty[(chunk / 64) as usize].fetch_or(1 << (chunk % 64), Ordering::Relaxed);
+        let word = &self.dirty[(chunk / 64) as usize];
+        let bit = 1 << (chunk % 64);
+        // Usually set already: a load, not a locked read-modify-write, on the I/O path.
+        if word.load(Ordering::Relaxed) & bit == 0 {
+            word.fetch_or(bit, Ordering::Relaxed);
+        }
     }
 
     fn chunk_len(&self, chunk: u64) -> u64 {
@@ -79,6 +86,8 @@ struct VolumeChannel {
     shared: Arc<Shared>,
     inner: Rc<Channel>,
     reactor: Rc<Reactor>,
+    /// This channel's count of writes that did not see an active snapshot.
+    unaware: Arc<AtomicU64>,
 }
 
 impl BdevBackend for VolumeBackend {
@@ -87,10 +96,17 @@ impl BdevBackend for VolumeBackend {
     }
 
     fn create_channel(&self, _info: &BdevInfo) -> Result<Box<dyn BackendChannel>, BdevError> {
+        let unaware = Arc::new(AtomicU64::new(0));
+        self.shared
+            .unaware
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&unaware));
         Ok(Box::new(VolumeChannel {
             shared: Arc::clone(&self.shared),
             inner: self.shared.inner.channel()?,
             reactor: reactor::current().ok_or(BdevError::NotOnReactor)?,
+            unaware,
         }))
     }
 }
@@ -178,15 +194,15 @@ impl BackendChannel for VolumeChannel {
         }
         // Announce the write before looking at `active`, so a snapshot that begins
         // now waits for it (see `VolumeHandle::begin_snapshot`).
-        s.unaware.fetch_add(1, Ordering::SeqCst);
+        self.unaware.fetch_add(1, Ordering::SeqCst);
         if !s.active.load(Ordering::SeqCst) {
-            let s2 = Arc::clone(s);
+            let unaware = Arc::clone(&self.unaware);
             return self.inner.submit(io, move |c| {
-                s2.unaware.fetch_sub(1, Ordering::SeqCst);
+                unaware.fetch_sub(1, Ordering::SeqCst);
                 done(c)
             });
         }
-        s.unaware.fetch_sub(1, Ordering::SeqCst);
+        self.unaware.fetch_sub(1, Ordering::SeqCst);
         guarded_write(
             Arc::clone(s),
             Rc::clone(&self.inner),
@@ -323,7 +339,12 @@ impl VolumeHandle {
     /// Whether every write that started before [`Self::begin_snapshot`] has finished;
     /// the snapshot waits for this, then calls [`Self::settle`].
     pub fn writes_settled(&self) -> bool {
-        self.shared.unaware.load(Ordering::SeqCst) == 0
+        self.shared
+            .unaware
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .all(|c| c.load(Ordering::SeqCst) == 0)
     }
 
     /// Adds to `changed` the chunks written between taking the change set and the
@@ -467,7 +488,7 @@ pub fn create_volume(
         active: AtomicBool::new(false),
         state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
         preserved: Mutex::new(HashMap::new()),
-        unaware: AtomicU64::new(0),
+        unaware: Mutex::new(Vec::new()),
         running: AtomicBool::new(false),
         generation: AtomicU64::new(0),
         base: Mutex::new(base),
