@@ -23,6 +23,7 @@ use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
 use crate::buf::IoBuf;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
+use crate::presence::PresenceFiles;
 
 /// Why a chunk is fetched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +85,9 @@ struct Shared {
     block_size: u64,
     size: u64,
     /// One bit per chunk: present locally.
-    presence: Box<[AtomicU64]>,
+    presence: Arc<[AtomicU64]>,
+    /// The durable record of presence, if this clone keeps one.
+    journal: Option<Journal>,
     chunks: u64,
     present_count: AtomicU64,
     /// Chunks fetched ahead of a sequential reader.
@@ -163,15 +166,25 @@ fn unpark(token: u64, result: Result<(), BdevError>) {
     }
 }
 
+fn bit(words: &[AtomicU64], chunk: u64) -> bool {
+    words
+        .get((chunk / 64) as usize)
+        .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
+}
+
 impl Shared {
     fn pending(&self) -> MutexGuard<'_, HashMap<u64, Vec<Waiter>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn is_present(&self, chunk: u64) -> bool {
-        self.presence
-            .get((chunk / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
+        bit(&self.presence, chunk)
+    }
+
+    /// Whether `chunk`'s presence is on disk (always, for a clone without a record):
+    /// only then may a host write to it be acknowledged.
+    fn is_durable(&self, chunk: u64) -> bool {
+        self.journal.as_ref().is_none_or(|j| bit(&j.durable, chunk))
     }
 
     fn note_miss(&self, chunk: u64) {
@@ -414,6 +427,10 @@ fn install(
                 s.counters.miss_latency.record(started.elapsed());
             }
             s.mark_present(chunk);
+            if let Some(j) = &s.journal {
+                // Recorded lazily: a fetched chunk lost in a crash is fetched again.
+                let _ = j.tx.try_send(Note::Installed(chunk));
+            }
             s.finish(chunk, Ok(()));
         }
         Err(e) => {
@@ -575,29 +592,84 @@ fn modify_on(
     } else {
         io
     };
+    let touched = io_chunks(&shared, &io);
     local.submit(io, move |c| {
-        let ok = c.result.is_ok();
-        for chunk in claims {
-            if ok {
+        if let Err(e) = &c.result {
+            let reason = format!("the write that was to fill it failed: {e}");
+            release(&shared, claims, Err(reason));
+            return done(c);
+        }
+        // The write is on the local copy; before it is acknowledged, every chunk it
+        // touched must be recorded present on disk, or a restart would fetch over it.
+        let needed: Vec<u64> = touched.filter(|&ch| !shared.is_durable(ch)).collect();
+        if needed.is_empty() {
+            release(&shared, claims, Ok(()));
+            return done(c);
+        }
+        let s = Arc::clone(&shared);
+        let token = park(move |result| match result {
+            Ok(()) => {
+                release(&s, claims, Ok(()));
+                done(c)
+            }
+            Err(e) => {
+                release(&s, claims, Err(e.to_string()));
+                done(IoCompletion::err(c.bufs, e))
+            }
+        });
+        request_durable(&shared, needed, &reactor, token);
+    });
+}
+
+/// Ends whole-chunk claims: present and waiters woken, or waiters failed.
+fn release(shared: &Shared, claims: Vec<u64>, result: Result<(), String>) {
+    for chunk in claims {
+        match &result {
+            Ok(()) => {
                 shared
                     .counters
                     .written_whole
                     .fetch_add(1, Ordering::Relaxed);
                 shared.mark_present(chunk);
                 shared.finish(chunk, Ok(()));
-            } else {
-                shared.finish(
-                    chunk,
-                    Err(BdevError::Basis {
-                        name: shared.name.clone(),
-                        chunk,
-                        reason: "the write that was to fill it failed".into(),
-                    }),
-                );
             }
+            Err(reason) => shared.finish(
+                chunk,
+                Err(BdevError::Basis {
+                    name: shared.name.clone(),
+                    chunk,
+                    reason: reason.clone(),
+                }),
+            ),
         }
-        done(c)
-    });
+    }
+}
+
+/// Asks the journal to make `chunks` durable, then to release `token` on `reactor`.
+/// A full journal queue is retried on a timer; a journal that is gone fails the token.
+fn request_durable(shared: &Arc<Shared>, chunks: Vec<u64>, reactor: &Rc<Reactor>, token: u64) {
+    let Some(journal) = &shared.journal else {
+        return unpark(token, Ok(()));
+    };
+    match journal
+        .tx
+        .try_send(Note::Need(chunks, reactor.handle().clone(), token))
+    {
+        Ok(()) => {}
+        Err(crossbeam_channel::TrySendError::Full(Note::Need(chunks, _, _))) => {
+            let (s, r) = (Arc::clone(shared), Rc::clone(reactor));
+            reactor.after(std::time::Duration::from_micros(100), move || {
+                request_durable(&s, chunks, &r, token);
+            });
+        }
+        Err(_) => unpark(
+            token,
+            Err(BdevError::Presence {
+                path: journal.path.clone(),
+                reason: "the presence journal has stopped".into(),
+            }),
+        ),
+    }
 }
 
 impl BackendChannel for CloneChannel {
@@ -668,73 +740,215 @@ impl CloneHandle {
     }
 }
 
-const PRESENCE_MAGIC: &[u8; 8] = b"OXPRS001";
-
 impl CloneHandle {
-    /// Saves which chunks are present, atomically (temporary file, fsync, rename), so a
-    /// restarted clone keeps what it fetched and a thick clone stays independent of its
-    /// basis. Only whole installs are ever marked, so the saved set is never ahead of
-    /// the local copy provided that copy was flushed first.
-    pub fn save_presence(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let mut b = PRESENCE_MAGIC.to_vec();
-        b.extend_from_slice(&self.shared.chunks.to_le_bytes());
-        for w in self.shared.presence.iter() {
-            b.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+    /// Writes a checkpoint of the present set (after flushing the local copy) and
+    /// empties the journal's log: what a clean stop does. A clone without a presence
+    /// record has nothing to write.
+    pub fn checkpoint(&self) -> Result<(), BdevError> {
+        let Some(journal) = &self.shared.journal else {
+            return Ok(());
+        };
+        let stopped = || BdevError::Presence {
+            path: journal.path.clone(),
+            reason: "the presence journal has stopped".into(),
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        journal
+            .tx
+            .send(Note::Checkpoint(tx))
+            .map_err(|_| stopped())?;
+        rx.recv().map_err(|_| stopped())?
+    }
+}
+
+/// A request to a clone's presence journal.
+enum Note {
+    /// A fetch installed this chunk; record it when convenient.
+    Installed(u64),
+    /// Make these chunks durable, then release this token on this reactor.
+    Need(Vec<u64>, ReactorHandle, u64),
+    /// Write a checkpoint and reply.
+    Checkpoint(crossbeam_channel::Sender<Result<(), BdevError>>),
+}
+
+/// The thread that keeps a clone's presence on disk, by group commit: every request
+/// that arrives while one commit runs joins the next. A commit flushes the local copy
+/// first, so a chunk is never on record as present before its bytes are durable.
+struct Journal {
+    tx: crossbeam_channel::Sender<Note>,
+    /// One bit per chunk: recorded present on disk.
+    durable: Arc<[AtomicU64]>,
+    path: String,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread; wait for it unless this is a reactor (the
+        // thread may be waiting on a flush that this very reactor would run).
+        let (tx, _) = crossbeam_channel::bounded(0);
+        drop(std::mem::replace(&mut self.tx, tx));
+        if reactor::current().is_none()
+            && let Some(t) = self.thread.take()
+        {
+            let _ = t.join();
         }
-        let crc = crc32c::crc32c(&b);
-        b.extend_from_slice(&crc.to_le_bytes());
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &b)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+    }
+}
+
+/// How long a fetched chunk may wait to be recorded when nothing else forces a commit.
+const LAZY_RECORD: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Everything the journal thread owns.
+struct JournalWork {
+    rx: crossbeam_channel::Receiver<Note>,
+    files: PresenceFiles,
+    presence: Arc<[AtomicU64]>,
+    durable: Arc<[AtomicU64]>,
+    local: Bdev,
+    flush_on: ReactorHandle,
+}
+
+impl JournalWork {
+    fn run(mut self) {
+        let mut lazy: Vec<u64> = Vec::new();
+        let mut lazy_since: Option<Instant> = None;
+        loop {
+            let first = match lazy_since {
+                None => match self.rx.recv() {
+                    Ok(n) => Some(n),
+                    Err(_) => return,
+                },
+                Some(t) => match self.rx.recv_deadline(t + LAZY_RECORD) {
+                    Ok(n) => Some(n),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                },
+            };
+            let (mut needs, mut checkpoints) = (Vec::new(), Vec::new());
+            for note in first.into_iter().chain(self.rx.try_iter().take(4096)) {
+                match note {
+                    Note::Installed(c) => {
+                        lazy.push(c);
+                        lazy_since.get_or_insert_with(Instant::now);
+                    }
+                    Note::Need(chunks, reactor, token) => needs.push((chunks, reactor, token)),
+                    Note::Checkpoint(reply) => checkpoints.push(reply),
+                }
+            }
+            let due = !needs.is_empty()
+                || !checkpoints.is_empty()
+                || lazy.len() >= 8192
+                || lazy_since.is_some_and(|t| t.elapsed() >= LAZY_RECORD);
+            if !due {
+                continue;
+            }
+            lazy_since = None;
+            let mut batch: Vec<u64> = lazy
+                .drain(..)
+                .chain(needs.iter().flat_map(|n| n.0.iter().copied()))
+                .filter(|&c| !bit(&self.durable, c))
+                .collect();
+            batch.sort_unstable();
+            batch.dedup();
+            let full = !checkpoints.is_empty() || self.files.wants_checkpoint();
+            let result = self.commit(&batch, full).map_err(|e| e.to_string());
+            for (_, reactor, token) in needs {
+                let r = result.clone().map_err(|reason| BdevError::Presence {
+                    path: String::new(),
+                    reason,
+                });
+                deliver(reactor, Box::new(move || unpark(token, r)));
+            }
+            for reply in checkpoints {
+                let _ = reply.send(result.clone().map_err(|reason| BdevError::Presence {
+                    path: String::new(),
+                    reason,
+                }));
+            }
+        }
+    }
+
+    /// Records `batch` (and, if `full`, every present chunk as a new checkpoint).
+    fn commit(&mut self, batch: &[u64], full: bool) -> Result<(), BdevError> {
+        if batch.is_empty() && !full {
+            return Ok(());
+        }
+        // Read the present set before the flush: each of its chunks was written
+        // locally before being marked, so the flush covers it.
+        let mut words: Vec<u64> = if full {
+            self.presence
+                .iter()
+                .zip(self.durable.iter())
+                .map(|(p, d)| p.load(Ordering::Acquire) | d.load(Ordering::Acquire))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if self.local.supports(IoType::Flush) {
+            crate::blocking::run_on(
+                &self.flush_on,
+                &self.local,
+                BdevIo::flush(),
+                std::time::Duration::from_secs(60),
+            )?
+            .result?;
+        }
+        if full {
+            for &c in batch {
+                if let Some(w) = words.get_mut((c / 64) as usize) {
+                    *w |= 1 << (c % 64);
+                }
+            }
+            self.files.checkpoint(&words)?;
+            for (d, w) in self.durable.iter().zip(&words) {
+                d.fetch_or(*w, Ordering::AcqRel);
+            }
+        } else {
+            self.files.append(batch)?;
+            for &c in batch {
+                if let Some(d) = self.durable.get((c / 64) as usize) {
+                    d.fetch_or(1 << (c % 64), Ordering::AcqRel);
+                }
+            }
         }
         Ok(())
     }
 }
 
-/// Reads a presence set saved by [`CloneHandle::save_presence`] for a clone of
-/// `chunks` chunks; `None` if it is damaged or for another geometry (start empty then:
-/// chunks are fetched again, never trusted blindly).
-pub fn load_presence(bytes: &[u8], chunks: u64) -> Option<Vec<u64>> {
-    let words = chunks.div_ceil(64) as usize;
-    if bytes.len() != 16 + words * 8 + 4 || &bytes[..8] != PRESENCE_MAGIC {
-        return None;
-    }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32c::crc32c(body).to_le_bytes() != crc
-        || u64::from_le_bytes(body[8..16].try_into().ok()?) != chunks
-    {
-        return None;
-    }
-    Some(
-        body[16..]
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
-            .collect(),
-    )
-}
-
 /// Creates a clone named `name` whose local copy is `local` and whose missing chunks
-/// come from `basis`. Its size is the local copy's.
+/// come from `basis`. Its size is the local copy's. Presence lives only in memory: for
+/// clones whose local copy does not outlive the process (tests, benchmarks).
 pub fn create_clone(
     name: &str,
     local: Bdev,
     basis: Arc<dyn Basis>,
     uuid: Option<Uuid>,
 ) -> Result<(Bdev, CloneHandle), BdevError> {
-    create_clone_with(name, local, basis, uuid, None)
+    build(name, local, basis, uuid, None)
 }
 
-/// [`create_clone`] resuming from a presence set saved earlier (see [`load_presence`]).
-pub fn create_clone_with(
+/// Opens a clone whose presence is recorded at `presence` (created if absent, resumed
+/// if there): chunks present before a restart or a crash stay present, and a host
+/// write is acknowledged only once the chunks it touched are on record. Flushes of the
+/// local copy for the record run on reactor `flush_on`.
+pub fn open_clone(
     name: &str,
     local: Bdev,
     basis: Arc<dyn Basis>,
     uuid: Option<Uuid>,
-    presence: Option<Vec<u64>>,
+    presence: &std::path::Path,
+    flush_on: ReactorHandle,
+) -> Result<(Bdev, CloneHandle), BdevError> {
+    build(name, local, basis, uuid, Some((presence, flush_on)))
+}
+
+fn build(
+    name: &str,
+    local: Bdev,
+    basis: Arc<dyn Basis>,
+    uuid: Option<Uuid>,
+    record: Option<(&std::path::Path, ReactorHandle)>,
 ) -> Result<(Bdev, CloneHandle), BdevError> {
     let info = BdevInfo {
         name: name.to_string(),
@@ -762,6 +976,44 @@ pub fn create_clone_with(
         });
     }
     let chunks = size.div_ceil(chunk_bytes);
+    let words = chunks.div_ceil(64) as usize;
+    let (presence, journal): (Arc<[AtomicU64]>, Option<Journal>) = match record {
+        None => ((0..words).map(|_| AtomicU64::new(0)).collect(), None),
+        Some((path, flush_on)) => {
+            let (files, mut present) = PresenceFiles::open(path, chunks)?;
+            // Bits beyond the last chunk never count.
+            if !chunks.is_multiple_of(64)
+                && let Some(last) = present.last_mut()
+            {
+                *last &= (1u64 << (chunks % 64)) - 1;
+            }
+            let presence: Arc<[AtomicU64]> = present.iter().map(|&w| AtomicU64::new(w)).collect();
+            let durable: Arc<[AtomicU64]> = present.iter().map(|&w| AtomicU64::new(w)).collect();
+            let (tx, rx) = crossbeam_channel::bounded(16384);
+            let work = JournalWork {
+                rx,
+                files,
+                presence: Arc::clone(&presence),
+                durable: Arc::clone(&durable),
+                local: local.clone(),
+                flush_on,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("presence-{name}"))
+                .spawn(move || work.run())
+                .map_err(|e| BdevError::Presence {
+                    path: path.display().to_string(),
+                    reason: format!("starting the journal thread: {e}"),
+                })?;
+            let journal = Journal {
+                tx,
+                durable,
+                path: path.display().to_string(),
+                thread: Some(thread),
+            };
+            (presence, Some(journal))
+        }
+    };
     let shared = Arc::new(Shared {
         name: name.to_string(),
         local,
@@ -769,14 +1021,8 @@ pub fn create_clone_with(
         chunk_bytes,
         block_size,
         size,
-        presence: match presence {
-            Some(words) if words.len() as u64 == chunks.div_ceil(64) => {
-                words.into_iter().map(AtomicU64::new).collect()
-            }
-            _ => (0..chunks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-        },
+        presence,
+        journal,
         chunks,
         present_count: AtomicU64::new(0),
         pending: Mutex::new(HashMap::new()),
@@ -784,13 +1030,6 @@ pub fn create_clone_with(
         read_ahead: 4,
         hot: Mutex::new(std::collections::VecDeque::new()),
     });
-    // Presence restored from a saved set counts towards hydration; bits beyond the
-    // last chunk are cleared so they cannot count.
-    if !chunks.is_multiple_of(64)
-        && let Some(last) = shared.presence.last()
-    {
-        last.fetch_and((1u64 << (chunks % 64)) - 1, Ordering::Relaxed);
-    }
     let present: u64 = shared
         .presence
         .iter()

@@ -135,6 +135,14 @@ pub enum BdevError {
         /// Why.
         reason: String,
     },
+    /// A clone's record of present chunks could not be read or written.
+    #[error("presence record {path}: {reason}")]
+    Presence {
+        /// The checkpoint file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A message to or from a reactor failed.
     #[error(transparent)]
     Reactor(#[from] reactor::ReactorError),

@@ -20,6 +20,7 @@ mod error;
 mod io;
 mod malloc;
 mod null;
+mod presence;
 mod stats;
 mod uring;
 mod volume;
@@ -27,8 +28,7 @@ mod volume;
 pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
 pub use buf::{IO_ALIGN, IoBuf};
 pub use clone::{
-    Basis, CloneCounters, CloneHandle, FetchDone, FetchReason, create_clone, create_clone_with,
-    load_presence,
+    Basis, CloneCounters, CloneHandle, FetchDone, FetchReason, create_clone, open_clone,
 };
 pub use error::BdevError;
 pub use io::{BdevIo, IoCompletion, IoDone, IoType};

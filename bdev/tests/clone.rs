@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use bdev::blocking::{run_on, submit_on};
 use bdev::{
-    Basis, Bdev, BdevError, BdevIo, FetchDone, FetchReason, IoBuf, create_clone, create_malloc,
+    Basis, Bdev, BdevError, BdevIo, FetchDone, FetchReason, IoBuf, UringConfig, create_clone,
+    create_malloc, open_clone, open_uring,
 };
 use reactor::{CoreList, ReactorConfig, ReactorSet};
 
@@ -312,8 +313,28 @@ fn overlapping_writes_from_two_reactors_never_wait_on_each_other() {
     set.shutdown().unwrap();
 }
 
+/// A clone over a file-backed local copy with a presence record in `dir`.
+fn durable_clone(
+    set: &ReactorSet,
+    dir: &std::path::Path,
+    basis: &Arc<MemBasis>,
+) -> (Bdev, bdev::CloneHandle) {
+    let mut cfg = UringConfig::new("local", dir.join("local.img"));
+    cfg.create_size = Some(basis.image.len() as u64);
+    let local = open_uring(&cfg).unwrap();
+    open_clone(
+        "c",
+        local,
+        Arc::clone(basis) as Arc<dyn Basis>,
+        None,
+        &dir.join("presence"),
+        set.handles()[0].clone(),
+    )
+    .unwrap()
+}
+
 #[test]
-fn a_restarted_clone_keeps_what_it_fetched() {
+fn after_a_crash_acknowledged_writes_stay_and_nothing_written_is_fetched_over() {
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let size = 16 * CHUNK + 4096;
     let basis = Arc::new(MemBasis {
@@ -323,48 +344,64 @@ fn a_restarted_clone_keeps_what_it_fetched() {
         delay: Duration::ZERO,
         total: AtomicU64::new(0),
     });
-    let local = create_malloc("local", 512, size / 512, None).unwrap();
-    let (clone, handle) = create_clone(
-        "c",
-        local.clone(),
-        Arc::clone(&basis) as Arc<dyn Basis>,
-        None,
-    )
-    .unwrap();
-    read(&set, &clone, 0, 0, 3 * CHUNK).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("presence");
-    handle.save_presence(&path).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let words = bdev::load_presence(&bytes, 17).unwrap();
-    assert!(
-        bdev::load_presence(&bytes, 18).is_none(),
-        "another geometry"
-    );
-    let mut damaged = bytes.clone();
-    damaged[17] ^= 1;
-    assert!(bdev::load_presence(&damaged, 17).is_none(), "damaged");
-    // "Restart": a new clone over the same local copy and basis, with the saved set.
+    let (clone, handle) = durable_clone(&set, dir.path(), &basis);
+    read(&set, &clone, 0, 0, 3 * CHUNK).unwrap();
+    // A partial write over an unfetched chunk (fetch, merge), a whole-chunk write (no
+    // fetch) and a write to a chunk that was only fetched: all acknowledged.
+    let partial = pattern(8192, 1);
+    write(&set, &clone, 5 * CHUNK + 4096, &partial).unwrap();
+    let whole = pattern(CHUNK as usize, 2);
+    write(&set, &clone, 7 * CHUNK, &whole).unwrap();
+    write(&set, &clone, CHUNK, &partial).unwrap();
+    let mut expect = basis.image.clone();
+    expect[(5 * CHUNK + 4096) as usize..][..8192].copy_from_slice(&partial);
+    expect[(7 * CHUNK) as usize..][..CHUNK as usize].copy_from_slice(&whole);
+    expect[CHUNK as usize..][..8192].copy_from_slice(&partial);
+    // "Crash": no checkpoint, everything dropped; then open again from the files.
     drop((clone, handle));
     let fetched = basis.total.load(Ordering::SeqCst);
-    let (again, h2) = bdev::create_clone_with(
-        "c2",
-        local,
-        Arc::clone(&basis) as Arc<dyn Basis>,
-        None,
-        Some(words),
-    )
-    .unwrap();
-    assert_eq!(h2.hydration(), (3, 17));
-    assert_eq!(
-        read(&set, &again, 0, 0, 3 * CHUNK).unwrap(),
-        &basis.image[..(3 * CHUNK) as usize]
+    let (again, h2) = durable_clone(&set, dir.path(), &basis);
+    for c in [1, 5, 7] {
+        assert!(h2.is_present(c), "chunk {c} was written and acknowledged");
+    }
+    assert_eq!(read(&set, &again, 0, 0, size).unwrap(), expect);
+    let refetched = basis.total.load(Ordering::SeqCst) - fetched;
+    assert!(
+        refetched <= 16 - 3,
+        "written chunks are never fetched again ({refetched} fetches)"
     );
+    // A clean stop writes a checkpoint: after it, nothing at all is fetched again.
+    h2.checkpoint().unwrap();
+    drop((again, h2));
+    let fetched = basis.total.load(Ordering::SeqCst);
+    let (third, h3) = durable_clone(&set, dir.path(), &basis);
+    assert_eq!(h3.hydration(), (17, 17));
+    assert_eq!(read(&set, &third, 1, 0, size).unwrap(), expect);
     assert_eq!(
         basis.total.load(Ordering::SeqCst),
         fetched,
-        "nothing fetched again"
+        "nothing fetched"
     );
+    // A damaged record is refused, not taken for an empty one.
+    drop((third, h3));
+    let path = dir.path().join("presence");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[20] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut cfg = UringConfig::new("local", dir.path().join("local.img"));
+    cfg.create_size = Some(size);
+    let err = open_clone(
+        "c",
+        open_uring(&cfg).unwrap(),
+        Arc::clone(&basis) as Arc<dyn Basis>,
+        None,
+        &path,
+        set.handles()[0].clone(),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, BdevError::Presence { .. }), "{err}");
     set.shutdown().unwrap();
 }
 
