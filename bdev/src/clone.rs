@@ -91,13 +91,22 @@ struct Shared {
     chunks: u64,
     present_count: AtomicU64,
     /// Chunks fetched ahead of a sequential reader.
-    read_ahead: u64,
+    read_ahead: AtomicU64,
     /// Recently missed chunks, newest last: where thickening starts.
     hot: Mutex<std::collections::VecDeque<u64>>,
+    /// Client-miss fetches in flight, and when the last one ended (µs since `epoch`):
+    /// background work yields while hosts are waiting on the basis.
+    misses_in_flight: AtomicU64,
+    last_miss_end_us: AtomicU64,
+    epoch: Instant,
     /// Chunks being made present (by a fetch or a whole-chunk write), with who waits.
     pending: Mutex<HashMap<u64, Vec<Waiter>>>,
     counters: CloneCounters,
 }
+
+/// Chunks fetched ahead of a sequential reader: 1 MiB at the usual 64 KiB chunk, enough
+/// to cover an object store's first-byte latency at a few hundred MB/s.
+const READ_AHEAD: u64 = 16;
 
 /// Work to resume once a chunk is present (or failed to become so).
 type Continuation = Box<dyn FnOnce(Result<(), BdevError>)>;
@@ -354,10 +363,19 @@ fn start(shared: &Arc<Shared>, reactor: &Rc<Reactor>, chunk: u64, reason: FetchR
     let home = reactor.handle().clone();
     let s = Arc::clone(shared);
     let started = Instant::now();
+    let client = reason == FetchReason::ClientMiss;
+    if client {
+        shared.misses_in_flight.fetch_add(1, Ordering::Relaxed);
+    }
     shared.basis.fetch(
         chunk,
         reason,
         Box::new(move |result| {
+            if client {
+                s.last_miss_end_us
+                    .store(s.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+                s.misses_in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
             let s2 = Arc::clone(&s);
             if !deliver(
                 home,
@@ -457,12 +475,12 @@ impl CloneChannel {
         let start = io.offset_blocks * self.shared.block_size;
         let end = start + io.num_blocks * self.shared.block_size;
         let sequential = self.last_end.replace(end) == start;
-        if !sequential || self.shared.read_ahead == 0 {
+        let ahead = self.shared.read_ahead.load(Ordering::Relaxed);
+        if !sequential || ahead == 0 {
             return;
         }
         let gate = Gate::new(|_| {});
-        for c in (last_chunk + 1)..(last_chunk + 1 + self.shared.read_ahead).min(self.shared.chunks)
-        {
+        for c in (last_chunk + 1)..(last_chunk + 1 + ahead).min(self.shared.chunks) {
             ensure_present(&self.shared, &self.reactor, c, FetchReason::Prefetch, &gate);
         }
         gate.arrive(Ok(()));
@@ -711,6 +729,27 @@ impl CloneHandle {
     pub fn hot_chunks(&self) -> Vec<u64> {
         let hot = self.shared.hot.lock().unwrap_or_else(|p| p.into_inner());
         hot.iter().rev().copied().collect()
+    }
+
+    /// Client-miss fetches in flight now.
+    pub fn misses_in_flight(&self) -> u64 {
+        self.shared.misses_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether a client-miss fetch ended within `grace`: hosts are reading cold data.
+    /// Background fetches (thickening) hold back then, so client misses never queue
+    /// behind them.
+    pub fn missed_within(&self, grace: std::time::Duration) -> bool {
+        let s = &self.shared;
+        let last = s.last_miss_end_us.load(Ordering::Relaxed);
+        last != 0
+            && (s.epoch.elapsed().as_micros() as u64).saturating_sub(last)
+                < grace.as_micros() as u64
+    }
+
+    /// Sets how many chunks a sequential reader gets fetched ahead (0: none).
+    pub fn set_read_ahead(&self, chunks: u64) {
+        self.shared.read_ahead.store(chunks, Ordering::Relaxed);
     }
 
     /// Chunk size.
@@ -1025,9 +1064,12 @@ fn build(
         journal,
         chunks,
         present_count: AtomicU64::new(0),
+        misses_in_flight: AtomicU64::new(0),
+        last_miss_end_us: AtomicU64::new(0),
+        epoch: Instant::now(),
         pending: Mutex::new(HashMap::new()),
         counters: CloneCounters::default(),
-        read_ahead: 4,
+        read_ahead: AtomicU64::new(READ_AHEAD),
         hot: Mutex::new(std::collections::VecDeque::new()),
     });
     let present: u64 = shared

@@ -247,6 +247,7 @@ fn thickening_fetches_in_the_background() {
 #[test]
 fn sequential_readers_get_read_ahead_and_misses_are_remembered() {
     let (set, clone, handle, basis) = setup(None, 0);
+    handle.set_read_ahead(4);
     read(&set, &clone, 0, 0, CHUNK).unwrap();
     read(&set, &clone, 0, CHUNK, CHUNK).unwrap();
     // The second read was sequential: chunks 2..=5 are fetched ahead, in the background.

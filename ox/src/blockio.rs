@@ -7,9 +7,14 @@ use reactor::ReactorHandle;
 
 use crate::error::OxError;
 
-/// Runs `io` on `bdev` through reactor `on`; returns the data it read (empty for
-/// requests that read nothing).
-pub async fn run(on: &ReactorHandle, bdev: &Bdev, io: BdevIo) -> Result<Vec<u8>, OxError> {
+/// A request sent to a reactor whose completion is still to be awaited.
+pub struct Pending {
+    rx: async_channel::Receiver<Result<Vec<u8>, String>>,
+    name: String,
+}
+
+/// Sends `io` on `bdev` to reactor `on` without waiting for it.
+pub fn start(on: &ReactorHandle, bdev: &Bdev, io: BdevIo) -> Result<Pending, OxError> {
     let (tx, rx) = async_channel::bounded(1);
     let dev = bdev.clone();
     on.send(move || match dev.channel() {
@@ -22,13 +27,31 @@ pub async fn run(on: &ReactorHandle, bdev: &Bdev, io: BdevIo) -> Result<Vec<u8>,
         }
     })
     .map_err(|e| OxError::Config(format!("reactor: {e}")))?;
-    rx.recv()
-        .await
-        .map_err(|_| OxError::Config("the reactor dropped a block request".into()))?
-        .map_err(|e| OxError::Io {
-            path: bdev.name().to_string(),
-            source: std::io::Error::other(e),
-        })
+    Ok(Pending {
+        rx,
+        name: bdev.name().to_string(),
+    })
+}
+
+impl Pending {
+    /// Waits for the request; returns the data it read (empty for requests that read
+    /// nothing).
+    pub async fn finish(self) -> Result<Vec<u8>, OxError> {
+        self.rx
+            .recv()
+            .await
+            .map_err(|_| OxError::Config("the reactor dropped a block request".into()))?
+            .map_err(|e| OxError::Io {
+                path: self.name,
+                source: std::io::Error::other(e),
+            })
+    }
+}
+
+/// Runs `io` on `bdev` through reactor `on`; returns the data it read (empty for
+/// requests that read nothing).
+pub async fn run(on: &ReactorHandle, bdev: &Bdev, io: BdevIo) -> Result<Vec<u8>, OxError> {
+    start(on, bdev, io)?.finish().await
 }
 
 /// Reads `blocks` blocks at `lba`.
@@ -38,6 +61,16 @@ pub async fn read(
     lba: u64,
     blocks: u64,
 ) -> Result<Vec<u8>, OxError> {
+    start_read(on, bdev, lba, blocks)?.finish().await
+}
+
+/// Starts reading `blocks` blocks at `lba`.
+pub fn start_read(
+    on: &ReactorHandle,
+    bdev: &Bdev,
+    lba: u64,
+    blocks: u64,
+) -> Result<Pending, OxError> {
     let len = (blocks * u64::from(bdev.block_size())) as usize;
-    run(on, bdev, BdevIo::read(lba, blocks, vec![IoBuf::new(len)])).await
+    start(on, bdev, BdevIo::read(lba, blocks, vec![IoBuf::new(len)]))
 }

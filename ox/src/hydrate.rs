@@ -2,13 +2,16 @@
 //! it no longer needs its basis), restoring a snapshot to a local device, and verifying
 //! (scrubbing) every frame of a snapshot.
 //!
-//! Thickening runs on an OX core, one chunk at a time, as background traffic: the
+//! Thickening runs on an OX core as background traffic, with a small window of fetches
+//! in flight (so a store's latency, not the window, is what a slow link costs): the
 //! basis charges it to the background bucket of the throttle, and client misses, which
-//! are foreground, are never queued behind more than one thickening fetch. It can be
-//! paused, resumed and stopped, and reports progress.
+//! are foreground, are never queued behind more than a window of thickening fetches;
+//! while a host waits on the basis the walk starts no fetch, and for a short grace
+//! after it keeps a single one in flight.
+//! It can be paused, resumed and stopped, and reports progress.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bdev::{Bdev, BdevIo, CloneHandle, FetchReason, IoBuf};
@@ -20,18 +23,48 @@ use crate::snapshot::Loaded;
 use crate::store::ObjectStore;
 
 /// Control and progress of a thickening walk.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Thickening {
     paused: AtomicBool,
     stopped: AtomicBool,
     fetched: AtomicU64,
+    window: AtomicUsize,
     started: std::sync::OnceLock<Instant>,
+}
+
+/// Fetches a walk keeps in flight unless told otherwise.
+pub const DEFAULT_WINDOW: usize = 8;
+
+impl Default for Thickening {
+    fn default() -> Self {
+        Self {
+            paused: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            fetched: AtomicU64::new(0),
+            window: AtomicUsize::new(DEFAULT_WINDOW),
+            started: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 impl Thickening {
     /// A walk, not yet started.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Sets how many fetches the walk keeps in flight (at least one); takes effect
+    /// at once.
+    pub fn set_window(&self, window: usize) {
+        self.window.store(window.max(1), Ordering::Relaxed);
+    }
+
+    fn window(&self) -> usize {
+        self.window.load(Ordering::Relaxed)
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     /// Pauses after the current chunk.
@@ -69,6 +102,9 @@ impl Thickening {
     }
 }
 
+/// How long thickening holds back after a host last waited on the basis.
+const CLIENT_GRACE: Duration = Duration::from_millis(20);
+
 /// Chunks on each side of a recent miss that thickening fetches first.
 const HOT_SPAN: u64 = 32;
 
@@ -92,29 +128,64 @@ pub async fn thicken(
         }
     }
     let rest = (0..total).filter(|c| !seen.contains(c));
-    for chunk in order.into_iter().chain(rest) {
-        while control.is_paused() && !control.stopped.load(Ordering::SeqCst) {
-            async_io::Timer::after(Duration::from_millis(10)).await;
+    let mut next = order.into_iter().chain(rest);
+    let (tx, rx) = async_channel::unbounded::<(u64, Result<(), String>)>();
+    let (mut inflight, mut exhausted, mut failure) = (0usize, false, None);
+    loop {
+        let halted = control.is_stopped() || failure.is_some();
+        if !halted && !control.is_paused() {
+            // Behind client reads: nothing new while a host waits on the basis, one
+            // fetch at a time while hosts are reading cold data.
+            let window = if clone.misses_in_flight() > 0 {
+                0
+            } else if clone.missed_within(CLIENT_GRACE) {
+                1
+            } else {
+                control.window()
+            };
+            while inflight < window && !exhausted {
+                let Some(chunk) = next.by_ref().find(|&c| !clone.is_present(c)) else {
+                    exhausted = true;
+                    break;
+                };
+                let tx = tx.clone();
+                let sent = clone.fetch_on(on, chunk, FetchReason::Thickening, move |r| {
+                    let _ = tx.try_send((chunk, r.map_err(|e| e.to_string())));
+                });
+                match sent {
+                    Ok(()) => inflight += 1,
+                    Err(e) => {
+                        failure = Some(OxError::Config(e.to_string()));
+                        break;
+                    }
+                }
+            }
         }
-        if control.stopped.load(Ordering::SeqCst) {
-            break;
-        }
-        if clone.is_present(chunk) {
+        if inflight == 0 {
+            if control.is_stopped() || failure.is_some() || exhausted {
+                break;
+            }
+            async_io::Timer::after(Duration::from_millis(5)).await;
             continue;
         }
-        let (tx, rx) = async_channel::bounded(1);
-        clone
-            .fetch_on(on, chunk, FetchReason::Thickening, move |r| {
-                let _ = tx.try_send(r.map_err(|e| e.to_string()));
-            })
-            .map_err(|e| OxError::Config(e.to_string()))?;
-        rx.recv()
+        let (chunk, result) = rx
+            .recv()
             .await
-            .map_err(|_| OxError::Config("reactor dropped a thickening fetch".into()))?
-            .map_err(|e| OxError::integrity(format!("chunk {chunk}"), e))?;
-        control.fetched.fetch_add(1, Ordering::Relaxed);
+            .map_err(|_| OxError::Config("reactor dropped a thickening fetch".into()))?;
+        inflight -= 1;
+        match result {
+            Ok(()) => {
+                control.fetched.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                failure.get_or_insert(OxError::integrity(format!("chunk {chunk}"), e));
+            }
+        }
     }
-    Ok(control.fetched())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(control.fetched()),
+    }
 }
 
 /// What a verify pass found.

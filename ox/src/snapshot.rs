@@ -379,6 +379,67 @@ impl Drop for SnapshotGuard<'_> {
     }
 }
 
+/// Changed chunks read ahead of the encoder, so reading the next chunks from the device
+/// overlaps encoding and uploading this one.
+#[derive(Default)]
+struct ReadAhead {
+    queue: std::collections::VecDeque<(u64, Ahead)>,
+    /// The next chunk to consider.
+    scan: u64,
+}
+
+/// A chunk read ahead: preserved contents, or a device read in flight (the chunk is
+/// claimed until it is done).
+enum Ahead {
+    Ready(Vec<u8>),
+    Reading(crate::blockio::Pending),
+}
+
+/// Device reads a snapshot keeps in flight ahead of the encoder.
+const READ_AHEAD: usize = 8;
+
+impl ReadAhead {
+    /// Claims and starts reading changed chunks from `at` on, up to the window; stops
+    /// at a chunk a write is copying right now (it is claimed later, in order).
+    fn fill(
+        &mut self,
+        at: u64,
+        chunks: u64,
+        changed: &bdev::ChangedChunks,
+        handle: &VolumeHandle,
+        read: impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
+    ) -> Result<(), OxError> {
+        self.scan = self.scan.max(at);
+        while self.queue.len() < READ_AHEAD && self.scan < chunks.min(at + 4 * READ_AHEAD as u64) {
+            let c = self.scan;
+            if changed.contains(c) {
+                let item = match handle.claim_chunk(c) {
+                    Ok(Some(preserved)) => Ahead::Ready(preserved),
+                    Ok(None) => match read(c) {
+                        Ok(p) => Ahead::Reading(p),
+                        Err(e) => {
+                            handle.chunk_read(c);
+                            return Err(e);
+                        }
+                    },
+                    Err(()) => return Ok(()),
+                };
+                self.queue.push_back((c, item));
+            }
+            self.scan += 1;
+        }
+        Ok(())
+    }
+
+    /// The read-ahead of `chunk`, if it was started.
+    fn take(&mut self, chunk: u64) -> Option<Ahead> {
+        match self.queue.front() {
+            Some((c, _)) if *c == chunk => self.queue.pop_front().map(|(_, a)| a),
+            _ => None,
+        }
+    }
+}
+
 async fn write(
     store: &dyn ObjectStore,
     on: &ReactorHandle,
@@ -445,6 +506,7 @@ async fn write(
         bytes: 0,
     };
     let mut parent_page: Option<(u64, IndexPage)> = None;
+    let mut ahead = ReadAhead::default();
     let mut chunks_read = 0;
     let mut stored_chunks = 0;
     let progress = &opts.progress;
@@ -500,18 +562,34 @@ async fn write(
             index.push(entry, store, opts, &mut codec).await?;
             continue;
         }
-        let len = (volume_bytes - chunk * chunk_bytes).min(chunk_bytes);
-        let data = loop {
-            match handle.claim_chunk(chunk) {
-                Ok(Some(preserved)) => break preserved,
-                Ok(None) => {
-                    let d = crate::blockio::read(on, dev, chunk * chunk_bytes / block, len / block)
-                        .await;
-                    handle.chunk_read(chunk);
-                    break d?;
+        let read = |c: u64| {
+            let len = (volume_bytes - c * chunk_bytes).min(chunk_bytes);
+            crate::blockio::start_read(on, dev, c * chunk_bytes / block, len / block)
+        };
+        ahead.fill(chunk, chunks, changed, handle, read)?;
+        let data = match ahead.take(chunk) {
+            Some(Ahead::Ready(d)) => d,
+            Some(Ahead::Reading(p)) => {
+                let d = p.finish().await;
+                handle.chunk_read(chunk);
+                d?
+            }
+            None => loop {
+                match handle.claim_chunk(chunk) {
+                    Ok(Some(preserved)) => break preserved,
+                    Ok(None) => {
+                        let d = match read(chunk) {
+                            Ok(p) => p.finish().await,
+                            Err(e) => Err(e),
+                        };
+                        handle.chunk_read(chunk);
+                        break d?;
+                    }
+                    Err(()) => {
+                        async_io::Timer::after(Duration::from_micros(50)).await;
+                    }
                 }
-                Err(()) => async_io::Timer::after(Duration::from_micros(50)).await,
-            };
+            },
         };
         chunks_read += 1;
         packer.drive().await?;

@@ -1,0 +1,437 @@
+//! The data paths of snapshots and clones against the S3 test server on loopback, each
+//! beside its natural peer in one run:
+//!
+//! 1. snapshot MB/s vs the codec's own encode rate on one core (its limit here);
+//! 2. a cold 4 KiB clone read (miss: ranged GET, verify, decrypt, decompress, install)
+//!    vs a bare ranged GET of 4 KiB and of one frame, on the same server;
+//! 3. sequential clone read MB/s (cold, read-ahead on) vs the thick source volume;
+//! 4. thickening rate vs its bandwidth limit;
+//! 5. client cold-read latency while thickening runs at full speed vs with it idle.
+//!
+//! The test server (s3s-fs) hashes the whole object on every GET, so its GET latency
+//! grows with the object size: objects are 1 MiB here unless `--object-mib` says.
+//!
+//! cargo bench -p ox --bench clone_paths [-- --mib 256 --reads 300 --limit-mib 8 --object-mib 1]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../tests/s3server/mod.rs"]
+mod s3server;
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::blocking::{run_on, submit_on};
+use bdev::{Basis, Bdev, BdevIo, IoBuf, Tracking, create_clone, create_malloc, create_volume};
+use ox::basis::{ObjectBasis, StoreFactory};
+use ox::codec::{Binding, Codec, CodecSettings};
+use ox::cores::OxCores;
+use ox::hydrate::{Thickening, thicken};
+use ox::keys::{Kek, SecretKey};
+use ox::snapshot::{Loaded, SnapshotOptions, load, snapshot_volume};
+use ox::store::ObjectStore;
+use ox::store::local::LocalStore;
+use ox::store::s3::{S3Config, S3Store};
+use ox::throttle::{Class, Limit, Throttle};
+use reactor::{CoreList, ReactorConfig, ReactorHandle, ReactorSet};
+
+const CHUNK: u64 = 64 << 10;
+const T: Duration = Duration::from_secs(60);
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |s| s.parse().unwrap())
+}
+
+/// Text-like data: compresses about 2:1, like much of what volumes hold.
+fn data(len: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b"etaoinshrdlu cmfwypvbgkqjxz\n.,ETAOINSHRD0123456789"[(x % 50) as usize]
+        })
+        .collect()
+}
+
+fn pct(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+fn mbs(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e6
+}
+
+struct World {
+    set: ReactorSet,
+    cores: Arc<OxCores>,
+    config: S3Config,
+    kek: Kek,
+    size: u64,
+}
+
+impl World {
+    fn on(&self, i: usize) -> ReactorHandle {
+        self.set.handles()[i].clone()
+    }
+
+    fn load(&self, key: &str) -> Loaded {
+        let (c, key, k) = (self.config.clone(), key.to_string(), self.kek.clone());
+        self.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = S3Store::new(c, ex).unwrap();
+                    load(&store, &key, &[k]).await.unwrap()
+                })
+            })
+            .unwrap()
+    }
+
+    /// A cold clone of the snapshot over a fresh malloc copy.
+    fn clone_of(
+        &self,
+        loaded: Loaded,
+        throttle: Throttle,
+    ) -> (Bdev, bdev::CloneHandle, ObjectBasis) {
+        let c = self.config.clone();
+        let factory: StoreFactory = Arc::new(move |ex| {
+            Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
+        });
+        let basis = ObjectBasis::new(loaded, factory, Arc::clone(&self.cores), throttle, "c");
+        let local = create_malloc("local", 512, self.size / 512, None).unwrap();
+        let (dev, handle) = create_clone(
+            "clone",
+            local,
+            Arc::new(basis.clone()) as Arc<dyn Basis>,
+            None,
+        )
+        .unwrap();
+        (dev, handle, basis)
+    }
+
+    /// Reads `len` bytes at `off` and returns how long it took.
+    fn timed_read(&self, dev: &Bdev, off: u64, len: u64) -> Duration {
+        let start = Instant::now();
+        let c = run_on(
+            &self.on(0),
+            dev,
+            BdevIo::read(off / 512, len / 512, vec![IoBuf::new(len as usize)]),
+            T,
+        )
+        .unwrap();
+        c.result.unwrap();
+        start.elapsed()
+    }
+
+    /// Reads the whole device sequentially in 128 KiB requests, 8 in flight.
+    fn sequential(&self, dev: &Bdev) -> Duration {
+        let start = Instant::now();
+        let (req, depth) = (128u64 << 10, 8usize);
+        let mut next = 0u64;
+        let mut inflight = std::collections::VecDeque::new();
+        while next < self.size || !inflight.is_empty() {
+            while inflight.len() < depth && next < self.size {
+                let io = BdevIo::read(next / 512, req / 512, vec![IoBuf::new(req as usize)]);
+                inflight.push_back(submit_on(&self.on(0), dev, io).unwrap());
+                next += req;
+            }
+            let rx = inflight.pop_front().unwrap();
+            rx.recv_timeout(T).unwrap().result.unwrap();
+        }
+        start.elapsed()
+    }
+
+    /// Runs a thickening walk on an OX core in the background.
+    fn thicken(
+        &self,
+        handle: &bdev::CloneHandle,
+        control: &Arc<Thickening>,
+    ) -> std::thread::JoinHandle<u64> {
+        let (h, r, c, cores) = (
+            handle.clone(),
+            self.on(1),
+            Arc::clone(control),
+            Arc::clone(&self.cores),
+        );
+        std::thread::spawn(move || {
+            cores
+                .run(move |_ex| Box::pin(async move { thicken(&h, &r, &c).await.unwrap() }))
+                .unwrap()
+        })
+    }
+}
+
+/// Random distinct chunks in `lo..hi`, a stride apart so no read looks sequential.
+fn scattered(n: u64, lo: u64, hi: u64) -> Vec<u64> {
+    let mut x = 12345u64;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    while (out.len() as u64) < n.min((hi - lo) / 2) {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let c = lo + (x >> 33) % (hi - lo);
+        if seen.insert(c) && !seen.contains(&(c + 1)) && (c == 0 || !seen.contains(&(c - 1))) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn main() {
+    let size = arg("--mib", 256) << 20;
+    let reads = arg("--reads", 300);
+    let limit = arg("--limit-mib", 8) << 20;
+    let server = s3server::start_server(false);
+    let w = World {
+        set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
+        cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
+        config: server.client_config(),
+        kek: Kek::new("bench", SecretKey::random().unwrap()),
+        size,
+    };
+    let image = data(size as usize);
+    let (vol, vh) = create_volume(
+        "vol",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap();
+    for (i, piece) in image.chunks(1 << 20).enumerate() {
+        let io = BdevIo::write(
+            (i as u64) << 11,
+            piece.len() as u64 / 512,
+            vec![IoBuf::from_slice(piece)],
+        );
+        run_on(&w.on(0), &vol, io, T).unwrap().result.unwrap();
+    }
+
+    // 1. Snapshot vs the codec on one core: to the S3 server, and to a local
+    // directory store (no server sharing the two cores).
+    let object_mib = arg("--object-mib", 1) as usize;
+    let opts = SnapshotOptions {
+        prefix: String::new(),
+        zstd_level: 1,
+        kek: Some(w.kek.clone()),
+        object_bytes: object_mib << 20,
+        volume_id: [1; 16],
+        volume_name: "bench".into(),
+        progress: Arc::default(),
+        outage_patience: Duration::from_secs(60),
+    };
+    let local_dir = tempfile::tempdir().unwrap();
+    let mut snaps = Vec::new();
+    for to_s3 in [false, true] {
+        let (c, r, o, vh, dir) = (
+            w.config.clone(),
+            w.on(0),
+            opts.clone(),
+            vh.clone(),
+            local_dir.path().to_path_buf(),
+        );
+        let start = Instant::now();
+        let report = w
+            .cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store: Box<dyn ObjectStore> = if to_s3 {
+                        Box::new(S3Store::new(c, ex).unwrap())
+                    } else {
+                        Box::new(LocalStore::open(dir).unwrap())
+                    };
+                    snapshot_volume(&*store, &r, &vh, None, &o, &Throttle::default())
+                        .await
+                        .unwrap()
+                })
+            })
+            .unwrap();
+        snaps.push((start.elapsed(), report));
+    }
+    let report = snaps[1].1.clone();
+    let key = SecretKey::random().unwrap();
+    let binding = Binding {
+        volume: [1; 16],
+        snapshot: [2; 16],
+    };
+    let mut codec = Codec::new(CodecSettings { level: 1 }, Some(&key), binding).unwrap();
+    let start = Instant::now();
+    let mut stored = 0u64;
+    for (i, c) in image.chunks(CHUNK as usize).enumerate() {
+        stored += codec
+            .encode(i as u64, c)
+            .unwrap()
+            .map_or(0, |f| f.len() as u64);
+    }
+    let enc = start.elapsed();
+    println!("## 1. Snapshot vs the codec (zstd 1 + AES-256-GCM, 64 KiB chunks)\n");
+    println!("| path | MB/s of volume | stored/raw |");
+    println!("|---|---|---|");
+    for ((took, r), to) in snaps
+        .iter()
+        .zip(["a local directory store", "the S3 server"])
+    {
+        println!(
+            "| snapshot to {to} (read, encode on 1 OX core, PUT, index, manifest) | {:.0} | {:.2} |",
+            mbs(size, *took),
+            (r.data_bytes + r.meta_bytes) as f64 / size as f64
+        );
+    }
+    println!(
+        "| codec alone, one thread | {:.0} | {:.2} |",
+        mbs(size, enc),
+        stored as f64 / size as f64
+    );
+    println!(
+        "\nsnapshot / codec: x{:.2} (local directory), x{:.2} (S3 server)\n",
+        enc.as_secs_f64() / snaps[0].0.as_secs_f64(),
+        enc.as_secs_f64() / snaps[1].0.as_secs_f64()
+    );
+
+    let loaded = w.load(&report.manifest_key);
+    let object = loaded.sources[0].objects[0].clone();
+    let chunks = size / CHUNK;
+
+    // 2. Cold 4 KiB reads vs bare ranged GETs of the same sizes.
+    let (clone, _h, _) = w.clone_of(loaded, Throttle::default());
+    let mut cold: Vec<Duration> = scattered(reads, 0, chunks)
+        .into_iter()
+        .map(|c| w.timed_read(&clone, c * CHUNK + 8192, 4096))
+        .collect();
+    cold.sort();
+
+    let frame_len = report.data_bytes / chunks;
+    let (c, n, o) = (w.config.clone(), reads, object.clone());
+    let (mut get4k, mut get_frame): (Vec<Duration>, Vec<Duration>) = w
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                for i in 0..n {
+                    let off = (i * 7919 * 4096)
+                        % ((object_mib as u64) << 20).saturating_sub(frame_len).max(1);
+                    let t = Instant::now();
+                    store.get_range(&o, off, 4096).await.unwrap();
+                    a.push(t.elapsed());
+                    let t = Instant::now();
+                    store.get_range(&o, off, frame_len).await.unwrap();
+                    b.push(t.elapsed());
+                }
+                (a, b)
+            })
+        })
+        .unwrap();
+    get4k.sort();
+    get_frame.sort();
+    println!("## 2. Cold 4 KiB clone read vs bare ranged GET ({reads} each)\n");
+    println!("| request | p50 | p99 |");
+    println!("|---|---|---|");
+    println!(
+        "| clone read, 4 KiB, cold (one frame fetched) | {:.2?} | {:.2?} |",
+        pct(&cold, 50),
+        pct(&cold, 99)
+    );
+    println!(
+        "| bare ranged GET, 4 KiB | {:.2?} | {:.2?} |",
+        pct(&get4k, 50),
+        pct(&get4k, 99)
+    );
+    println!(
+        "| bare ranged GET, {frame_len} B (one frame) | {:.2?} | {:.2?} |",
+        pct(&get_frame, 50),
+        pct(&get_frame, 99)
+    );
+    println!(
+        "\ncold read / 4 KiB GET (p50): x{:.2}; / frame GET: x{:.2}\n",
+        pct(&cold, 50).as_secs_f64() / pct(&get4k, 50).as_secs_f64(),
+        pct(&cold, 50).as_secs_f64() / pct(&get_frame, 50).as_secs_f64()
+    );
+
+    // 3. Sequential read of a cold clone vs the thick volume.
+    let (clone, _h, _) = w.clone_of(w.load(&report.manifest_key), Throttle::default());
+    let cold_seq = w.sequential(&clone);
+    let thick_seq = w.sequential(&vol);
+    println!("## 3. Sequential read, 128 KiB x 8 in flight\n");
+    println!("| device | MB/s |");
+    println!("|---|---|");
+    println!(
+        "| cold clone (read-ahead 16 chunks) | {:.0} |",
+        mbs(size, cold_seq)
+    );
+    println!(
+        "| thick source volume (RAM) | {:.0} |",
+        mbs(size, thick_seq)
+    );
+    println!(
+        "\nclone / thick: x{:.3}\n",
+        thick_seq.as_secs_f64() / cold_seq.as_secs_f64()
+    );
+
+    // 4. Thickening against its limit (the throttle counts stored frame bytes).
+    let throttle = Throttle::new(Limit::NONE, Limit::per_second(limit));
+    // Drain the burst allowance so the measurement sees the steady rate.
+    throttle.try_acquire("c", Class::Background, Limit::per_second(limit).burst);
+    let (clone, h, basis) = w.clone_of(w.load(&report.manifest_key), throttle);
+    let control = Thickening::new();
+    let start = Instant::now();
+    let walker = w.thicken(&h, &control);
+    let fetched = walker.join().unwrap();
+    let took = start.elapsed();
+    let bytes: u64 = h.counters().fetched_bytes[2].load(std::sync::atomic::Ordering::Relaxed);
+    let stored_bytes = basis
+        .counters()
+        .frame_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!("## 4. Thickening vs its limit\n");
+    println!("| limit (stored bytes/s) | thickened | took | stored MB/s | volume MB/s |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {:.1} MB/s | {} chunks | {took:.2?} | {:.1} | {:.1} |",
+        limit as f64 / 1e6,
+        fetched,
+        mbs(stored_bytes, took),
+        mbs(bytes, took)
+    );
+    println!(
+        "\nrate / limit: x{:.3} (the limit counts stored frame bytes, as GETs move them)\n",
+        mbs(stored_bytes, took) / (limit as f64 / 1e6)
+    );
+    drop(clone);
+
+    // 5. Client cold reads with thickening idle vs at full speed (no limit): the
+    // walk goes up from chunk 0, the client reads the top half.
+    let mut p = Vec::new();
+    for busy in [false, true] {
+        let (clone, h, _) = w.clone_of(w.load(&report.manifest_key), Throttle::default());
+        let control = Thickening::new();
+        let walker = busy.then(|| w.thicken(&h, &control));
+        let mut lat: Vec<Duration> = scattered(reads, chunks / 2, chunks)
+            .into_iter()
+            .filter(|&c| !h.is_present(c))
+            .map(|c| w.timed_read(&clone, c * CHUNK, 4096))
+            .collect();
+        control.stop();
+        let thickened = walker.map_or(0, |t| t.join().unwrap());
+        lat.sort();
+        p.push((busy, lat.len(), thickened, pct(&lat, 50), pct(&lat, 99)));
+    }
+    println!("## 5. Client cold 4 KiB reads, thickening idle vs at full speed\n");
+    println!("| thickening | reads | chunks thickened meanwhile | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    for (busy, n, t, p50, p99) in &p {
+        let label = if *busy { "full speed" } else { "idle" };
+        println!("| {label} | {n} | {t} | {p50:.2?} | {p99:.2?} |");
+    }
+    println!(
+        "\np99 busy / idle: x{:.2}",
+        p[1].4.as_secs_f64() / p[0].4.as_secs_f64()
+    );
+    w.set.shutdown().unwrap();
+}
