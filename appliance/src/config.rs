@@ -28,6 +28,19 @@ pub struct Config {
     /// Subsystems.
     #[serde(default, rename = "subsystem")]
     pub subsystems: Vec<SubsystemSection>,
+    /// Control socket and audit log.
+    #[serde(default)]
+    pub control: ControlSection,
+}
+
+/// `[control]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// Unix socket for the JSON-RPC control API (mode 0600); none if absent.
+    pub socket: Option<PathBuf>,
+    /// Hash-chained audit log of every control operation; none if absent.
+    pub audit_log: Option<PathBuf>,
 }
 
 /// `[reactors]`.
@@ -84,7 +97,7 @@ pub struct BdevSection {
 }
 
 /// `[[subsystem]]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubsystemSection {
     /// NQN.

@@ -1,10 +1,12 @@
 //! `oxd`, the OX appliance daemon.
 //!
 //! `oxd --config FILE` serves the block devices and NVMe/TCP subsystems the file names;
-//! `oxd smoke` is a self-contained run of the reactors and block devices. Object
-//! exchange and the control API arrive with their issues.
+//! `oxd smoke` is a self-contained run of the reactors and block devices. With a
+//! `[control]` section it serves the JSON-RPC control API (docs/API.md) and keeps a
+//! hash-chained audit log. Object exchange is not wired into the daemon yet.
 
 mod config;
+mod control;
 mod serve;
 mod smoke;
 

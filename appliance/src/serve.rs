@@ -7,7 +7,12 @@ use anyhow::Context;
 use nvmf::Target;
 use reactor::ReactorSet;
 
+use std::sync::Arc;
+
+use appliance::audit::AuditLog;
+
 use crate::config::Config;
+use crate::control;
 
 /// Runs the daemon from the configuration file at `path`.
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -41,8 +46,45 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         .map(ToString::to_string)
         .collect();
     println!("oxd: listening on {}", all.join(" "));
+    let audit = match &config.control.audit_log {
+        Some(p) => Some(Arc::new(AuditLog::open(p).context("control.audit_log")?)),
+        None => None,
+    };
+    let record = |action: &str, detail: serde_json::Value| -> anyhow::Result<()> {
+        if let Some(a) = &audit {
+            a.record("oxd", action, detail, "ok")?;
+        }
+        Ok(())
+    };
+    record("start", serde_json::json!({ "config": path }))?;
+    let state = Arc::new(control::State {
+        bdevs: bdevs.clone(),
+        subsystems: config
+            .subsystems
+            .iter()
+            .map(|s| {
+                let l = target
+                    .listeners_of(&s.nqn)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                (s.clone(), l)
+            })
+            .collect(),
+        cores: set.handles().iter().map(|h| h.core()).collect(),
+        audit: audit.clone(),
+    });
+    let _socket = match &config.control.socket {
+        Some(p) => {
+            let s = control::start(p, state)?;
+            println!("oxd: control socket {}", p.display());
+            Some(s)
+        }
+        None => None,
+    };
     let signal = wait_for_stop_signal(&signals);
     println!("oxd: signal {signal}: stopping");
+    record("stop", serde_json::json!({ "signal": signal }))?;
     set.shutdown().context("stopping reactors")?;
     println!("oxd: stopped");
     Ok(())

@@ -1,0 +1,224 @@
+//! `oxctl` against a running `oxd`: every command, the JSON-RPC error codes for hostile
+//! requests (the connection and the daemon carry on), and the audit log's chain
+//! checked online, offline and after tampering.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    audit: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn oxd_path() -> PathBuf {
+    // oxd is built next to oxctl (same target directory) by `cargo test --workspace`.
+    let p = Path::new(env!("CARGO_BIN_EXE_oxctl")).with_file_name("oxd");
+    assert!(
+        p.exists(),
+        "{} is missing: build it (cargo build -p appliance)",
+        p.display()
+    );
+    p
+}
+
+fn start() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/oxd.sock");
+    let audit = dir.path().join("audit.log");
+    let config = format!(
+        "[reactors]\ncores = \"0\"\n\
+         [[bdev]]\nname = \"vol0\"\nkind = \"malloc\"\nsize_mib = 16\n\
+         [[subsystem]]\nnqn = \"nqn.2026-11.io.ox:vol0\"\nlisteners = [\"127.0.0.1:0\"]\n\
+         namespaces = [\"vol0\"]\nallow_any_host = true\n\
+         [control]\nsocket = {socket:?}\naudit_log = {audit:?}\n"
+    );
+    let path = dir.path().join("oxd.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(oxd_path())
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("oxd exited before serving").unwrap();
+        if line.starts_with("oxd: control socket") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Daemon {
+        child,
+        socket,
+        audit,
+        _dir: dir,
+    }
+}
+
+fn oxctl(d: &Daemon, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_oxctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "oxctl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn oxctl_shows_what_oxd_serves() {
+    let d = start();
+    let v = json(&oxctl(&d, &["version", "--json"]));
+    assert_eq!(v["api"], 1);
+    let b = json(&oxctl(&d, &["bdevs", "--json"]));
+    assert_eq!(b[0]["name"], "vol0");
+    assert_eq!(b[0]["size_bytes"], 16 << 20);
+    let s = json(&oxctl(&d, &["subsystems", "--json"]));
+    assert_eq!(s[0]["nqn"], "nqn.2026-11.io.ox:vol0");
+    assert_eq!(s[0]["namespaces"][0]["bdev"], "vol0");
+    assert!(
+        s[0]["listeners"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    // Human output too.
+    let o = oxctl(&d, &["bdevs"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("16.0 MiB"));
+    // A missing device is a clear error and a failing exit status.
+    let o = oxctl(&d, &["bdevs", "--name", "nope"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no bdev named \"nope\""));
+    // The socket is the service's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn hostile_requests_get_json_rpc_errors_and_the_connection_carries_on() {
+    let d = start();
+    let stream = UnixStream::connect(&d.socket).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let mut ask = |line: &[u8]| -> serde_json::Value {
+        w.write_all(line).unwrap();
+        w.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        r.read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    };
+    let cases: [(&[u8], i64); 6] = [
+        (b"{not json", -32700),
+        (b"[1,2,3]", -32600),
+        (
+            br#"{"jsonrpc":"1.0","method":"ox_get_version","id":1}"#,
+            -32600,
+        ),
+        (
+            br#"{"jsonrpc":"2.0","method":"volume_explode","id":2}"#,
+            -32601,
+        ),
+        (
+            br#"{"jsonrpc":"2.0","method":"bdev_get_bdevs","params":{"nmae":"x"},"id":3}"#,
+            -32602,
+        ),
+        (
+            br#"{"jsonrpc":"2.0","method":"bdev_get_bdevs","params":[1],"id":4}"#,
+            -32602,
+        ),
+    ];
+    for (line, code) in cases {
+        let a = ask(line);
+        assert_eq!(
+            a["error"]["code"],
+            code,
+            "{}: {a}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    // Still served on the same connection.
+    let a = ask(br#"{"jsonrpc":"2.0","method":"ox_get_version","id":9}"#);
+    assert_eq!(a["result"]["api"], 1);
+    assert_eq!(a["id"], 9);
+    // An oversized request is refused and only that connection is closed.
+    let mut big = UnixStream::connect(&d.socket).unwrap();
+    let junk = vec![b'x'; (1 << 20) + 10];
+    let _ = big.write_all(&junk);
+    let mut answer = String::new();
+    BufReader::new(&big).read_line(&mut answer).unwrap();
+    assert!(answer.contains("-32002"), "{answer}");
+    let v = json(&oxctl(&d, &["version", "--json"]));
+    assert_eq!(v["api"], 1);
+}
+
+#[test]
+fn the_audit_log_records_every_call_and_tampering_is_detected() {
+    let mut d = start();
+    json(&oxctl(&d, &["bdevs", "--json"]));
+    let o = oxctl(&d, &["call", "bdev_get_bdevs", r#"{"name":"nope"}"#]);
+    assert!(!o.status.success());
+    let online = json(&oxctl(&d, &["audit", "verify", "--json"]));
+    assert_eq!(online["intact"], true);
+    // SIGTERM: the daemon records its stop.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    assert!(d.child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&d.audit).unwrap();
+    let entries: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "start",
+            "bdev_get_bdevs",
+            "bdev_get_bdevs",
+            "audit_verify",
+            "stop"
+        ]
+    );
+    assert!(entries[1]["caller"].as_str().unwrap().starts_with("uid="));
+    assert_eq!(entries[1]["result"], "ok");
+    assert!(
+        entries[2]["result"]
+            .as_str()
+            .unwrap()
+            .contains("no bdev named")
+    );
+    let file = d.audit.to_str().unwrap().to_string();
+    let offline = json(&oxctl(&d, &["audit", "verify", &file, "--json"]));
+    assert_eq!(offline["entries"], 5);
+    // Someone rewrites history: a failed call made to look successful.
+    std::fs::write(&d.audit, text.replacen("error: no bdev", "ok, no bdev", 1)).unwrap();
+    let o = oxctl(&d, &["audit", "verify", &file]);
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("BROKEN") && out.contains("line 3"), "{out}");
+}
