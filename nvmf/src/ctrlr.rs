@@ -117,14 +117,14 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
         None
     } else {
         let s = target
-            .subsystems
-            .iter()
+            .subsystems()
+            .into_iter()
             .find(|s| s.nqn == subnqn && s.listeners.contains(&conn.local))
             .ok_or(Reply::invalid_param(256, true))?;
         if !s.hosts.allows(&hostnqn) {
             return Err(Status::CONNECT_INVALID_HOST.into());
         }
-        Some(Arc::clone(s))
+        Some(s)
     };
     let sq_flow_off = cattr & 0x04 != 0;
     if qid == 0 {

@@ -1,6 +1,7 @@
 //! What the target serves: subsystems with their namespaces, allowed hosts and
-//! listeners, and the target-wide limits. Built once from configuration, checked by
-//! [`TargetConfig::validate`], then shared read-only by every reactor.
+//! listeners, and the target-wide limits. Built from configuration and checked by
+//! [`TargetConfig::validate`]; subsystems may be added and removed while the target
+//! runs (each is immutable once added, so a controller's view never changes under it).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -84,6 +85,60 @@ pub struct Subsystem {
 }
 
 impl Subsystem {
+    /// Checks the subsystem's names, hosts, listeners and namespaces against `limits`;
+    /// every error names what is wrong.
+    pub fn validate(&self, limits: &Limits) -> Result<(), NvmfError> {
+        let bad = |what: String| Err(NvmfError::Config(what));
+        let s = self;
+        check_nqn(&s.nqn)?;
+        if s.nqn == DISCOVERY_NQN {
+            return bad(format!("subsystem NQN {} is reserved", s.nqn));
+        }
+        if s.serial.is_empty() || s.serial.len() > 20 || !printable(&s.serial) {
+            return bad(format!(
+                "subsystem {}: serial {:?} must be 1-20 printable ASCII characters",
+                s.nqn, s.serial
+            ));
+        }
+        if s.model.is_empty() || s.model.len() > 40 || !printable(&s.model) {
+            return bad(format!(
+                "subsystem {}: model {:?} must be 1-40 printable ASCII characters",
+                s.nqn, s.model
+            ));
+        }
+        if let HostPolicy::Only(hosts) = &s.hosts {
+            for h in hosts {
+                check_nqn(h)?;
+            }
+        }
+        if s.listeners.is_empty() {
+            return bad(format!("subsystem {} has no listener", s.nqn));
+        }
+        let mut ids = HashSet::new();
+        for ns in &s.namespaces {
+            if ns.nsid == 0 || ns.nsid == u32::MAX {
+                return bad(format!(
+                    "subsystem {}: invalid namespace ID {}",
+                    s.nqn, ns.nsid
+                ));
+            }
+            if !ids.insert(ns.nsid) {
+                return bad(format!(
+                    "subsystem {}: namespace ID {} used twice",
+                    s.nqn, ns.nsid
+                ));
+            }
+            if ns.bdev.block_size() as u64 > u64::from(limits.max_io_size) {
+                return bad(format!(
+                    "subsystem {}: block size of {} exceeds the max I/O size",
+                    s.nqn,
+                    ns.bdev.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The namespace with ID `nsid`.
     pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
         self.namespaces.iter().find(|n| n.nsid == nsid)
@@ -202,55 +257,10 @@ impl TargetConfig {
         }
         let mut nqns = HashSet::new();
         for s in &self.subsystems {
-            check_nqn(&s.nqn)?;
-            if s.nqn == DISCOVERY_NQN {
-                return bad(format!("subsystem NQN {} is reserved", s.nqn));
-            }
             if !nqns.insert(&s.nqn) {
                 return bad(format!("subsystem {} is defined twice", s.nqn));
             }
-            if s.serial.is_empty() || s.serial.len() > 20 || !printable(&s.serial) {
-                return bad(format!(
-                    "subsystem {}: serial {:?} must be 1-20 printable ASCII characters",
-                    s.nqn, s.serial
-                ));
-            }
-            if s.model.is_empty() || s.model.len() > 40 || !printable(&s.model) {
-                return bad(format!(
-                    "subsystem {}: model {:?} must be 1-40 printable ASCII characters",
-                    s.nqn, s.model
-                ));
-            }
-            if let HostPolicy::Only(hosts) = &s.hosts {
-                for h in hosts {
-                    check_nqn(h)?;
-                }
-            }
-            if s.listeners.is_empty() {
-                return bad(format!("subsystem {} has no listener", s.nqn));
-            }
-            let mut ids = HashSet::new();
-            for ns in &s.namespaces {
-                if ns.nsid == 0 || ns.nsid == u32::MAX {
-                    return bad(format!(
-                        "subsystem {}: invalid namespace ID {}",
-                        s.nqn, ns.nsid
-                    ));
-                }
-                if !ids.insert(ns.nsid) {
-                    return bad(format!(
-                        "subsystem {}: namespace ID {} used twice",
-                        s.nqn, ns.nsid
-                    ));
-                }
-                if ns.bdev.block_size() as u64 > u64::from(l.max_io_size) {
-                    return bad(format!(
-                        "subsystem {}: block size of {} exceeds the max I/O size",
-                        s.nqn,
-                        ns.bdev.name()
-                    ));
-                }
-            }
+            s.validate(l)?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use reactor::ReactorHandle;
 
@@ -64,11 +64,12 @@ struct Ctrls {
 
 /// State shared by every connection of the target.
 pub(crate) struct TargetShared {
-    pub subsystems: Vec<Arc<Subsystem>>,
+    /// Subsystems served now; read at Connect and discovery only (control path).
+    subsystems: RwLock<Vec<Arc<Subsystem>>>,
     pub limits: Limits,
     pub socket_io: SocketIo,
     /// Every address listened on; a listener's index is its port ID.
-    pub listen_addrs: Vec<SocketAddr>,
+    listen_addrs: RwLock<Vec<SocketAddr>>,
     pub reactors: Vec<ReactorHandle>,
     next_reactor: AtomicUsize,
     pub connections: AtomicUsize,
@@ -125,19 +126,31 @@ impl TargetShared {
         self.ctrls().map.len()
     }
 
+    /// The subsystems served now.
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.subsystems
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listen_addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Discovery log entries visible to `hostnqn`.
     pub fn discovery_entries(&self, hostnqn: &str) -> Vec<DiscoveryEntry> {
         let mut out = Vec::new();
-        for s in &self.subsystems {
+        let listen_addrs = self.listen_addrs();
+        for s in &self.subsystems() {
             if !s.hosts.allows(hostnqn) {
                 continue;
             }
             for addr in &s.listeners {
-                let port_id = self
-                    .listen_addrs
-                    .iter()
-                    .position(|a| a == addr)
-                    .unwrap_or(0) as u16;
+                let port_id = listen_addrs.iter().position(|a| a == addr).unwrap_or(0) as u16;
                 out.push(DiscoveryEntry {
                     nqn: s.nqn.clone(),
                     addr: *addr,
@@ -185,10 +198,10 @@ impl Target {
             .map(|(a, l)| l.local_addr().unwrap_or(*a))
             .collect();
         let shared = Arc::new(TargetShared {
-            subsystems: config.subsystems.into_iter().map(Arc::new).collect(),
+            subsystems: RwLock::new(config.subsystems.into_iter().map(Arc::new).collect()),
             limits: config.limits,
             socket_io: config.socket_io,
-            listen_addrs,
+            listen_addrs: RwLock::new(listen_addrs.clone()),
             reactors: reactors.to_vec(),
             next_reactor: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -201,7 +214,7 @@ impl Target {
         });
         for (i, (_, l)) in bound.into_iter().enumerate() {
             let local = l.local_addr().map_err(|source| NvmfError::Listen {
-                addr: shared.listen_addrs[i],
+                addr: listen_addrs[i],
                 source,
             })?;
             listener::spawn(&shared, &reactors[i % reactors.len()], l, local)?;
@@ -213,14 +226,90 @@ impl Target {
     }
 
     /// Addresses the target listens on (ports resolved).
-    pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.shared.listen_addrs
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.shared.listen_addrs()
+    }
+
+    /// Starts serving `subsystem` at once: its listeners are bound unless the target
+    /// listens there already (port 0 picks a free port), and discovery lists it.
+    /// Returns its resolved listeners.
+    pub fn add_subsystem(&self, mut subsystem: Subsystem) -> Result<Vec<SocketAddr>, NvmfError> {
+        subsystem.validate(&self.shared.limits)?;
+        let mut subsystems = self
+            .shared
+            .subsystems
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if subsystems.iter().any(|s| s.nqn == subsystem.nqn) {
+            return Err(NvmfError::Config(format!(
+                "subsystem {} exists already",
+                subsystem.nqn
+            )));
+        }
+        let mut resolved = Vec::new();
+        for addr in &subsystem.listeners {
+            let known = self.shared.listen_addrs().contains(addr);
+            if known {
+                resolved.push(*addr);
+                continue;
+            }
+            let l = TcpListener::bind(addr).map_err(|source| NvmfError::Listen {
+                addr: *addr,
+                source,
+            })?;
+            let local = l.local_addr().map_err(|source| NvmfError::Listen {
+                addr: *addr,
+                source,
+            })?;
+            listener::spawn(&self.shared, self.shared.pick_reactor(), l, local)?;
+            self.shared
+                .listen_addrs
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(local);
+            resolved.push(local);
+        }
+        subsystem.listeners.clone_from(&resolved);
+        subsystems.push(Arc::new(subsystem));
+        self.shared.genctr.fetch_add(1, Ordering::SeqCst);
+        Ok(resolved)
+    }
+
+    /// Stops serving subsystem `nqn`: hosts can no longer connect, discovery stops
+    /// listing it, and its controllers are torn down (their I/O queues closed).
+    pub fn remove_subsystem(&self, nqn: &str) -> Result<(), NvmfError> {
+        let removed = {
+            let mut subsystems = self
+                .shared
+                .subsystems
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let before = subsystems.len();
+            subsystems.retain(|s| s.nqn != nqn);
+            before != subsystems.len()
+        };
+        if !removed {
+            return Err(NvmfError::Config(format!("no subsystem {nqn}")));
+        }
+        self.shared.genctr.fetch_add(1, Ordering::SeqCst);
+        let doomed: Vec<u16> = self
+            .shared
+            .ctrls()
+            .map
+            .values()
+            .filter(|c| c.subsystem.as_ref().is_some_and(|s| s.nqn == nqn))
+            .map(|c| c.cntlid)
+            .collect();
+        for id in doomed {
+            self.shared.remove_ctrl(id);
+        }
+        Ok(())
     }
 
     /// Resolved listeners of subsystem `nqn` (empty if there is no such subsystem).
     pub fn listeners_of(&self, nqn: &str) -> Vec<SocketAddr> {
         self.shared
-            .subsystems
+            .subsystems()
             .iter()
             .find(|s| s.nqn == nqn)
             .map(|s| s.listeners.clone())

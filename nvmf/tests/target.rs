@@ -877,3 +877,51 @@ fn a_host_that_stops_reading_is_paused_not_buffered_without_limit() {
         }
     }
 }
+
+#[test]
+fn subsystems_come_and_go_while_the_target_runs() {
+    let s = setup(Limits::default());
+    let added = "nqn.2026-11.io.ox:added";
+    let sub = |listeners: Vec<SocketAddr>| Subsystem {
+        nqn: added.into(),
+        serial: "OXADD".into(),
+        model: "OX test".into(),
+        hosts: HostPolicy::Any,
+        namespaces: vec![Namespace::new(
+            1,
+            create_malloc("new", 512, 4096, None).unwrap(),
+        )],
+        listeners,
+    };
+    // On the existing listener, and on a new one bound on the spot.
+    let fresh: SocketAddr = "127.0.0.3:0".parse().unwrap();
+    let at = s.target.add_subsystem(sub(vec![s.addr, fresh])).unwrap();
+    assert_eq!(at[0], s.addr);
+    assert_ne!(at[1].port(), 0, "the new listener's port is resolved");
+    for addr in &at {
+        let a = Host::admin_ready(*addr, Digests::default(), added, 1);
+        let mut q = Host::io_queue(*addr, Digests::default(), added, a.cntlid, 1);
+        let data = pattern(3, 4096);
+        assert!(q.write(1, 8, &data, 512).status().is_success());
+        assert!(q.read(1, 8, 8, 512).data == data);
+    }
+    // The same NQN twice, or an invalid one, is refused; the target carries on.
+    let again = s.target.add_subsystem(sub(vec![s.addr])).unwrap_err();
+    assert!(again.to_string().contains("exists already"), "{again}");
+    let mut bad = sub(vec![s.addr]);
+    bad.nqn = "not-an-nqn".into();
+    assert!(s.target.add_subsystem(bad).is_err());
+    // Removed: its controllers are torn down and new hosts cannot connect.
+    let a = Host::admin_ready(s.addr, Digests::default(), added, 1);
+    let mut q = Host::io_queue(s.addr, Digests::default(), added, a.cntlid, 1);
+    s.target.remove_subsystem(added).unwrap();
+    wait_until("the I/O queue to close", || q.is_closed());
+    let mut h = Host::connect(s.addr, Digests::default());
+    let c = h.fabric_connect(0, 31, added, HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAM);
+    assert!(s.target.remove_subsystem(added).is_err());
+    // The configured subsystem was never disturbed.
+    let a = Host::admin_ready(s.addr, Digests::default(), NQN, 1);
+    let mut q = Host::io_queue(s.addr, Digests::default(), NQN, a.cntlid, 1);
+    assert!(q.read(1, 0, 1, 512).status().is_success());
+}
