@@ -1,16 +1,22 @@
 //! The daemon's TOML configuration: reactors, block devices, NVMe/TCP subsystems and
 //! listeners. Unknown keys are errors, and every check names the key it rejects.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use bdev::{Bdev, UringConfig, create_malloc, create_null, open_uring};
 use nvmf::{HostPolicy, Limits, Namespace, SocketIo, Subsystem, TargetConfig};
+use ox::keys::{Kek, KekSource};
+use ox::store::http::Trust;
+use ox::store::s3::{CredentialSource, S3Config};
+use ox::throttle::{Limit, Throttle};
 use reactor::{CoreList, IdlePolicy, ReactorConfig};
 use serde::Deserialize;
 use uuid::Uuid;
+
+use crate::service::{Settings, StoreSpec};
 
 /// The whole configuration file.
 #[derive(Debug, Deserialize)]
@@ -31,6 +37,85 @@ pub struct Config {
     /// Control socket and audit log.
     #[serde(default)]
     pub control: ControlSection,
+    /// Object exchange: where state lives, OX cores, bandwidth, exports.
+    pub ox: Option<OxSection>,
+    /// Object stores.
+    #[serde(default, rename = "store")]
+    pub stores: Vec<StoreSection>,
+    /// Key-encryption keys.
+    #[serde(default, rename = "key")]
+    pub keys: Vec<KeySection>,
+}
+
+/// `[ox]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OxSection {
+    /// Directory for the catalogue, volume files, clone copies and presence records.
+    pub state_dir: PathBuf,
+    /// OX cores (threads for encoding, fetching and thickening), as a core list
+    /// ("1", "0-1"); default: one unpinned thread.
+    pub cores: Option<String>,
+    /// Client-miss bandwidth, MiB/s (0 or absent: unlimited).
+    pub foreground_mib_s: Option<u64>,
+    /// Snapshot upload and thickening bandwidth, MiB/s (0 or absent: unlimited).
+    pub background_mib_s: Option<u64>,
+    /// Where volumes and clones created through the API are exported over NVMe/TCP,
+    /// e.g. ["0.0.0.0:4420"].
+    #[serde(default)]
+    pub export_listeners: Vec<String>,
+    /// zstd level for snapshots (default 3; 0: no compression).
+    pub zstd_level: Option<i32>,
+    /// Seal data objects at this size, MiB (default 8).
+    pub object_mib: Option<usize>,
+    /// Chunk size of volumes created through the API, KiB (default 64).
+    pub chunk_kib: Option<u64>,
+}
+
+/// `[[store]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Unique name, used by the API.
+    pub name: String,
+    /// "s3" or "local" (a directory: the embedded default).
+    pub kind: String,
+    /// s3: endpoint URL, e.g. "https://s3.eu-west-1.amazonaws.com".
+    pub endpoint: Option<String>,
+    /// s3: bucket.
+    pub bucket: Option<String>,
+    /// s3: region (default "us-east-1").
+    pub region: Option<String>,
+    /// s3: "env" (AWS_* variables, the default), "file" (shared credentials file,
+    /// `profile`), or "static" with `access_key`/`secret_key_file`.
+    pub credentials: Option<String>,
+    /// s3: profile for credentials = "file".
+    pub profile: Option<String>,
+    /// s3: access key ID for credentials = "static".
+    pub access_key: Option<String>,
+    /// s3: file holding the secret key for credentials = "static" (never inline).
+    pub secret_key_file: Option<PathBuf>,
+    /// s3: PEM bundle of the CAs to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// s3: allow plain http:// endpoints (default false).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// local: the directory.
+    pub path: Option<PathBuf>,
+}
+
+/// `[[key]]`: a key-encryption key; the first is the default for new snapshots.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySection {
+    /// Key ID, recorded in every manifest it wraps a data key for.
+    pub name: String,
+    /// A file holding 64 hex characters (mode 0600).
+    pub file: Option<PathBuf>,
+    /// An environment variable holding 64 hex characters.
+    pub env: Option<String>,
+    /// A command printing 64 hex characters (a KMS hook).
+    pub command: Option<String>,
 }
 
 /// `[control]`.
@@ -269,4 +354,133 @@ impl Config {
 fn parse_addr(text: &str) -> anyhow::Result<SocketAddr> {
     text.parse()
         .with_context(|| format!("{text:?} is not an address:port (IPv6 as [addr]:port)"))
+}
+
+impl Config {
+    /// The object-exchange settings, if `[ox]` is present: stores and keys resolved
+    /// (credentials and key material read now, so a missing one fails the start with
+    /// its name), and the OX core list.
+    pub fn ox_settings(&self) -> anyhow::Result<Option<(Settings, Vec<Option<usize>>)>> {
+        let Some(ox) = &self.ox else {
+            if !self.stores.is_empty() || !self.keys.is_empty() {
+                bail!("[[store]] and [[key]] need an [ox] section (state_dir)");
+            }
+            return Ok(None);
+        };
+        let mut stores = HashMap::new();
+        for s in &self.stores {
+            crate::service::check_name(&s.name).context("store.name")?;
+            let spec = store_spec(s).with_context(|| format!("store {:?}", s.name))?;
+            if stores.insert(s.name.clone(), spec).is_some() {
+                bail!("store.name: {:?} is defined twice", s.name);
+            }
+        }
+        let mut keys: Vec<Kek> = Vec::new();
+        for k in &self.keys {
+            let source = match (&k.file, &k.env, &k.command) {
+                (Some(f), None, None) => KekSource::File(f.clone()),
+                (None, Some(e), None) => KekSource::Env(e.clone()),
+                (None, None, Some(c)) => KekSource::Command(c.clone()),
+                _ => bail!("key {:?}: give exactly one of file, env, command", k.name),
+            };
+            if keys.iter().any(|x| x.id == k.name) {
+                bail!("key.name: {:?} is defined twice", k.name);
+            }
+            keys.push(Kek::load(&k.name, &source).with_context(|| format!("key {:?}", k.name))?);
+        }
+        let mib = |v: Option<u64>| Limit::per_second(v.unwrap_or(0) << 20);
+        let limit = |v: Option<u64>| {
+            if v.unwrap_or(0) == 0 {
+                Limit::NONE
+            } else {
+                mib(v)
+            }
+        };
+        let export_listeners = ox
+            .export_listeners
+            .iter()
+            .map(|l| parse_addr(l).context("ox.export_listeners"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let chunk_bytes = ox.chunk_kib.unwrap_or(64) << 10;
+        if !(4096..=(4 << 20)).contains(&chunk_bytes) || !chunk_bytes.is_power_of_two() {
+            bail!("ox.chunk_kib must be a power of two from 4 to 4096");
+        }
+        let cores = match &ox.cores {
+            None => vec![None],
+            Some(list) => CoreList::parse(list)
+                .context("ox.cores")?
+                .cores()
+                .iter()
+                .map(|&c| Some(c))
+                .collect(),
+        };
+        let settings = Settings {
+            state_dir: ox.state_dir.clone(),
+            stores,
+            keys,
+            throttle: Throttle::new(limit(ox.foreground_mib_s), limit(ox.background_mib_s)),
+            export_listeners,
+            zstd_level: ox.zstd_level.unwrap_or(3),
+            object_bytes: ox.object_mib.unwrap_or(8).clamp(1, 1024) << 20,
+            chunk_bytes,
+        };
+        Ok(Some((settings, cores)))
+    }
+}
+
+fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
+    let need = |v: &Option<String>, key: &str| -> anyhow::Result<String> {
+        v.clone()
+            .with_context(|| format!("{key} is required for kind = \"s3\""))
+    };
+    match s.kind.as_str() {
+        "local" => Ok(StoreSpec::Local(
+            s.path
+                .clone()
+                .context("path is required for kind = \"local\"")?,
+        )),
+        "s3" => {
+            let endpoint: url::Url = need(&s.endpoint, "endpoint")?
+                .parse()
+                .context("endpoint is not a URL")?;
+            let credentials = match s.credentials.as_deref().unwrap_or("env") {
+                "env" => CredentialSource::Environment,
+                "file" => CredentialSource::SharedFile {
+                    profile: s.profile.clone().unwrap_or_else(|| "default".into()),
+                },
+                "static" => {
+                    let file = s
+                        .secret_key_file
+                        .as_ref()
+                        .context("credentials = \"static\" needs secret_key_file")?;
+                    let secret = std::fs::read_to_string(file)
+                        .with_context(|| format!("secret_key_file {}", file.display()))?
+                        .trim()
+                        .to_string();
+                    CredentialSource::Static {
+                        access_key: need(&s.access_key, "access_key")?,
+                        secret_key: secret,
+                    }
+                }
+                other => bail!("credentials {other:?} is not env, file or static"),
+            };
+            // Resolve now: missing credentials fail the start, naming the store.
+            ox::store::s3::resolve_credentials(&credentials).context("credentials")?;
+            let mut c = S3Config::new(
+                endpoint,
+                &need(&s.bucket, "bucket")?,
+                s.region.as_deref().unwrap_or("us-east-1"),
+                credentials,
+            );
+            c.allow_http = s.allow_http;
+            if let Some(ca) = &s.ca_file {
+                c.trust = Trust::CaBundle(ca.clone());
+            }
+            if c.endpoint.scheme() == "http" && !c.allow_http {
+                bail!("endpoint is plain http: set allow_http = true to allow it");
+            }
+            Ok(StoreSpec::S3(Box::new(c)))
+        }
+        other => bail!("kind {other:?} is not \"s3\" or \"local\""),
+    }
 }

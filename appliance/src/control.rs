@@ -18,7 +18,9 @@ use appliance::audit::AuditLog;
 use bdev::{Bdev, IoType};
 use serde_json::{Value, json};
 
+use crate::catalogue::ExportRecord;
 use crate::config::SubsystemSection;
+use crate::service::Service;
 
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
@@ -33,6 +35,8 @@ pub struct State {
     pub cores: Vec<usize>,
     /// The audit log, if configured.
     pub audit: Option<Arc<AuditLog>>,
+    /// Volumes, clones and snapshots, if `[ox]` is configured.
+    pub service: Option<Arc<Service>>,
 }
 
 /// A running control socket; removes its file when dropped.
@@ -254,9 +258,15 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
         "bdev_get_bdevs" => {
             let map = params(p, &["name"])?;
             let name = optional_name(&map)?;
+            let dynamic = state
+                .service
+                .as_ref()
+                .map(|s| s.bdevs())
+                .unwrap_or_default();
             let list: Vec<Value> = state
                 .bdevs
                 .iter()
+                .chain(dynamic.iter())
                 .filter(|b| name.is_none_or(|n| n == b.name()))
                 .map(bdev_json)
                 .collect();
@@ -309,10 +319,202 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
                 }
             }
         }
-        _ => Err(RpcError::new(
-            code::METHOD_NOT_FOUND,
-            format!("no method {method:?} (see docs/API.md)"),
-        )),
+        _ => match &state.service {
+            Some(service) => ox_method(service, method, p),
+            None if OX_METHODS.contains(&method) => Err(RpcError::new(
+                code::NOT_FOUND,
+                format!("{method}: object exchange is not configured (no [ox] section)"),
+            )),
+            None => Err(not_found(method)),
+        },
+    }
+}
+
+fn not_found(method: &str) -> RpcError {
+    RpcError::new(
+        code::METHOD_NOT_FOUND,
+        format!("no method {method:?} (see docs/API.md)"),
+    )
+}
+
+/// Methods served by the volume/snapshot/clone service.
+const OX_METHODS: &[&str] = &[
+    "volume_create",
+    "volume_delete",
+    "volume_list",
+    "snapshot_create",
+    "snapshot_list",
+    "clone_create",
+    "clone_get",
+    "clone_delete",
+    "clone_thicken",
+    "job_get",
+    "job_list",
+    "job_cancel",
+];
+
+fn invalid(msg: impl Into<String>) -> RpcError {
+    RpcError::new(code::INVALID_PARAMS, msg)
+}
+
+fn get_str<'a>(
+    m: &'a serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, RpcError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(invalid(format!("{key} must be a string"))),
+    }
+}
+
+fn need_str<'a>(m: &'a serde_json::Map<String, Value>, key: &str) -> Result<&'a str, RpcError> {
+    get_str(m, key)?.ok_or_else(|| invalid(format!("{key} is required")))
+}
+
+fn get_u64(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<u64>, RpcError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| invalid(format!("{key} must be a non-negative integer"))),
+    }
+}
+
+fn get_bool(m: &serde_json::Map<String, Value>, key: &str) -> Result<bool, RpcError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(invalid(format!("{key} must be true or false"))),
+    }
+}
+
+/// The export asked for by `nqn`, `hosts` and `allow_any_host`, if any.
+fn export_params(m: &serde_json::Map<String, Value>) -> Result<Option<ExportRecord>, RpcError> {
+    let Some(nqn) = get_str(m, "nqn")? else {
+        if m.contains_key("hosts") || m.contains_key("allow_any_host") {
+            return Err(invalid("hosts and allow_any_host need nqn"));
+        }
+        return Ok(None);
+    };
+    let hosts = match m.get("hosts") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|h| {
+                h.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| invalid("hosts must be strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(invalid("hosts must be a list of host NQNs")),
+    };
+    Ok(Some(ExportRecord {
+        nqn: nqn.into(),
+        hosts,
+        allow_any_host: get_bool(m, "allow_any_host")?,
+    }))
+}
+
+const EXPORT_KEYS: [&str; 3] = ["nqn", "hosts", "allow_any_host"];
+
+fn failed(e: anyhow::Error) -> RpcError {
+    let text = format!("{e:#}");
+    let code = if text.starts_with("no ") || text.contains(": no ") {
+        code::NOT_FOUND
+    } else {
+        code::INTERNAL_ERROR
+    };
+    RpcError::new(code, text)
+}
+
+fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<Value, RpcError> {
+    let with = |extra: &[&str]| -> Result<serde_json::Map<String, Value>, RpcError> {
+        let keys: Vec<&str> = extra.iter().chain(EXPORT_KEYS.iter()).copied().collect();
+        params(p, &keys)
+    };
+    match method {
+        "volume_create" => {
+            let m = with(&["name", "size_mib", "block_size"])?;
+            let size = get_u64(&m, "size_mib")?
+                .ok_or_else(|| invalid("size_mib is required"))?
+                .checked_mul(1 << 20)
+                .ok_or_else(|| invalid("size_mib is too large"))?;
+            let bs = get_u64(&m, "block_size")?.unwrap_or(512);
+            let bs = u32::try_from(bs).map_err(|_| invalid("block_size must be 512 or 4096"))?;
+            service
+                .volume_create(need_str(&m, "name")?, size, bs, export_params(&m)?)
+                .map_err(failed)
+        }
+        "volume_delete" => {
+            let m = params(p, &["name"])?;
+            service.volume_delete(need_str(&m, "name")?).map_err(failed)
+        }
+        "volume_list" => {
+            params(p, &[])?;
+            Ok(service.volume_list())
+        }
+        "snapshot_create" => {
+            let m = params(p, &["volume", "store", "key"])?;
+            service
+                .snapshot_create(
+                    need_str(&m, "volume")?,
+                    need_str(&m, "store")?,
+                    get_str(&m, "key")?,
+                )
+                .map_err(failed)
+        }
+        "snapshot_list" => {
+            let m = params(p, &["volume"])?;
+            Ok(service.snapshot_list(get_str(&m, "volume")?))
+        }
+        "clone_create" => {
+            let m = with(&["name", "snapshot", "store", "manifest_key", "thicken"])?;
+            let source = match (get_str(&m, "store")?, get_str(&m, "manifest_key")?) {
+                (Some(s), Some(k)) => Some((s, k)),
+                (None, None) => None,
+                _ => return Err(invalid("store and manifest_key go together")),
+            };
+            service
+                .clone_create(
+                    need_str(&m, "name")?,
+                    get_str(&m, "snapshot")?,
+                    source,
+                    get_bool(&m, "thicken")?,
+                    export_params(&m)?,
+                )
+                .map_err(failed)
+        }
+        "clone_get" => {
+            let m = params(p, &["name"])?;
+            service.clone_get(need_str(&m, "name")?).map_err(failed)
+        }
+        "clone_delete" => {
+            let m = params(p, &["name"])?;
+            service.clone_delete(need_str(&m, "name")?).map_err(failed)
+        }
+        "clone_thicken" => {
+            let m = params(p, &["name", "action"])?;
+            service
+                .clone_thicken(need_str(&m, "name")?, need_str(&m, "action")?)
+                .map_err(failed)
+        }
+        "job_get" => {
+            let m = params(p, &["id"])?;
+            let id = get_u64(&m, "id")?.ok_or_else(|| invalid("id is required"))?;
+            service.job_get(id).map_err(failed)
+        }
+        "job_list" => {
+            params(p, &[])?;
+            Ok(service.job_list())
+        }
+        "job_cancel" => {
+            let m = params(p, &["id"])?;
+            let id = get_u64(&m, "id")?.ok_or_else(|| invalid("id is required"))?;
+            service.job_cancel(id).map_err(failed)
+        }
+        _ => Err(not_found(method)),
     }
 }
 

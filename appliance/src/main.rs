@@ -5,9 +5,11 @@
 //! `[control]` section it serves the JSON-RPC control API (docs/API.md) and keeps a
 //! hash-chained audit log. Object exchange is not wired into the daemon yet.
 
+mod catalogue;
 mod config;
 mod control;
 mod serve;
+mod service;
 mod smoke;
 
 use std::process::ExitCode;

@@ -13,6 +13,8 @@ use appliance::audit::AuditLog;
 
 use crate::config::Config;
 use crate::control;
+use crate::service::Service;
+use ox::cores::OxCores;
 
 /// Runs the daemon from the configuration file at `path`.
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -20,13 +22,30 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let reactor_config = config.reactor_config()?;
     let bdevs = config.open_bdevs()?;
     let target_config = config.target_config(&bdevs)?;
+    let ox_settings = config.ox_settings()?;
     // Block the stop signals before any thread starts, so every thread inherits the
     // mask and only `wait_for_stop_signal` receives them.
     let signals = stop_signals();
     // SAFETY: sigprocmask with a valid, initialised set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
     let set = ReactorSet::start(reactor_config).context("starting reactors")?;
-    let target = Target::start(target_config, set.handles()).context("starting NVMe/TCP target")?;
+    let target =
+        Arc::new(Target::start(target_config, set.handles()).context("starting NVMe/TCP target")?);
+    let service = match ox_settings {
+        Some((settings, cores)) => {
+            let ox_cores = Arc::new(OxCores::start(&cores, 1024).context("starting OX cores")?);
+            let state_dir = settings.state_dir.clone();
+            let service = Service::start(
+                settings,
+                set.handles().to_vec(),
+                ox_cores,
+                Arc::clone(&target),
+            )?;
+            println!("oxd: object exchange on, state in {}", state_dir.display());
+            Some(service)
+        }
+        None => None,
+    };
     for s in &config.subsystems {
         let addrs: Vec<String> = target
             .listeners_of(&s.nqn)
@@ -73,6 +92,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             .collect(),
         cores: set.handles().iter().map(|h| h.core()).collect(),
         audit: audit.clone(),
+        service: service.clone(),
     });
     let _socket = match &config.control.socket {
         Some(p) => {
@@ -84,7 +104,14 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     };
     let signal = wait_for_stop_signal(&signals);
     println!("oxd: signal {signal}: stopping");
-    record("stop", serde_json::json!({ "signal": signal }))?;
+    let problems = service.as_ref().map(|s| s.stop()).unwrap_or_default();
+    for p in &problems {
+        eprintln!("oxd: at stop: {p}");
+    }
+    record(
+        "stop",
+        serde_json::json!({ "signal": signal, "problems": problems }),
+    )?;
     set.shutdown().context("stopping reactors")?;
     println!("oxd: stopped");
     Ok(())

@@ -10,12 +10,12 @@ pub enum NvmfError {
     #[error("invalid NVMe/TCP target configuration: {0}")]
     Config(String),
     /// A listener could not be opened.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Listen {
         /// The address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A reactor refused work.
     #[error(transparent)]

@@ -163,6 +163,23 @@ impl TargetShared {
     }
 }
 
+/// Binds `addr`. A port still held for a moment by a process that just died (its
+/// io_uring is torn down after it exits, with the socket) is retried for a few seconds,
+/// so a daemon restarted at once after a crash gets its port back.
+fn bind(addr: SocketAddr) -> Result<TcpListener, NvmfError> {
+    let mut tries = 0;
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(cause) => return Err(NvmfError::Listen { addr, cause }),
+        }
+    }
+}
+
 /// A running NVMe/TCP target. Connections live on the reactors it was started on; it
 /// stops serving when those reactors stop.
 pub struct Target {
@@ -179,8 +196,7 @@ impl Target {
         }
         let mut bound: Vec<(SocketAddr, TcpListener)> = Vec::new();
         for addr in config.listen_addresses() {
-            let listener =
-                TcpListener::bind(addr).map_err(|source| NvmfError::Listen { addr, source })?;
+            let listener = bind(addr)?;
             bound.push((addr, listener));
         }
         let resolve = |a: &SocketAddr| -> SocketAddr {
@@ -213,9 +229,9 @@ impl Target {
             genctr: AtomicU64::new(1),
         });
         for (i, (_, l)) in bound.into_iter().enumerate() {
-            let local = l.local_addr().map_err(|source| NvmfError::Listen {
+            let local = l.local_addr().map_err(|cause| NvmfError::Listen {
                 addr: listen_addrs[i],
-                source,
+                cause,
             })?;
             listener::spawn(&shared, &reactors[i % reactors.len()], l, local)?;
         }
@@ -253,14 +269,10 @@ impl Target {
                 resolved.push(*addr);
                 continue;
             }
-            let l = TcpListener::bind(addr).map_err(|source| NvmfError::Listen {
-                addr: *addr,
-                source,
-            })?;
-            let local = l.local_addr().map_err(|source| NvmfError::Listen {
-                addr: *addr,
-                source,
-            })?;
+            let l = bind(*addr)?;
+            let local = l
+                .local_addr()
+                .map_err(|cause| NvmfError::Listen { addr: *addr, cause })?;
             listener::spawn(&self.shared, self.shared.pick_reactor(), l, local)?;
             self.shared
                 .listen_addrs

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use appliance::api::{Client, DEFAULT_SOCKET};
 use clap::{Parser, Subcommand};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Operator CLI for the OX appliance.
 ///
@@ -14,8 +14,13 @@ use serde_json::Value;
 /// configuration). Add --json to any command for machine-readable output.
 ///
 /// Examples:
-///   oxctl --socket /run/oxd/oxd.sock bdevs
-///   oxctl subsystems --json
+///   oxctl volume create vol0 --size-mib 1024 --nqn nqn.2026-11.io.ox:vol0 --allow-any-host
+///   oxctl snapshot create vol0 --store s3          # waits, with a progress bar
+///   oxctl snapshot list
+///   oxctl clone create c0 --snapshot 3fa2 --nqn nqn.2026-11.io.ox:c0 --allow-any-host
+///   oxctl clone get c0                             # hydration, bytes fetched, misses
+///   oxctl clone thicken c0 pause
+///   oxctl bdevs
 ///   oxctl audit verify /var/lib/oxd/audit.log
 #[derive(Parser)]
 #[command(version, about, verbatim_doc_comment)]
@@ -42,6 +47,26 @@ enum Command {
     },
     /// NVMe/TCP subsystems: NQN, listeners, namespaces, allowed hosts.
     Subsystems,
+    /// Volumes: local, snapshottable block devices.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Snapshots of volumes into object stores.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+    /// Clones: volumes readable and writable at once over a snapshot.
+    Clone {
+        #[command(subcommand)]
+        command: CloneCommand,
+    },
+    /// Long operations (snapshots) and their progress.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
     /// Audit log: check that no entry was changed, removed or reordered.
     Audit {
         #[command(subcommand)]
@@ -53,6 +78,134 @@ enum Command {
         method: String,
         /// Parameters as a JSON object, e.g. '{"name": "vol0"}'.
         params: Option<String>,
+    },
+}
+
+/// Where a new volume or clone is exported over NVMe/TCP.
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Export under this subsystem NQN (namespace 1), on the daemon's export listeners.
+    #[arg(long)]
+    nqn: Option<String>,
+    /// A host NQN allowed to connect (repeat for more).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Let any host connect.
+    #[arg(long)]
+    allow_any_host: bool,
+}
+
+impl ExportArgs {
+    fn add_to(&self, p: &mut serde_json::Map<String, Value>) {
+        if let Some(n) = &self.nqn {
+            p.insert("nqn".into(), n.clone().into());
+            p.insert("hosts".into(), self.hosts.clone().into());
+            p.insert("allow_any_host".into(), self.allow_any_host.into());
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume (a file in the daemon's state directory).
+    Create {
+        /// Name (A-Z a-z 0-9 . _ -).
+        name: String,
+        /// Size in MiB (a multiple of the chunk size).
+        #[arg(long)]
+        size_mib: u64,
+        /// 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+        #[command(flatten)]
+        export: ExportArgs,
+    },
+    /// Delete a volume and its data (its snapshots stay).
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// Volumes and clones.
+    List,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a volume into a store (incremental over its last snapshot there).
+    Create {
+        /// The volume.
+        volume: String,
+        /// The store, as named in the daemon's configuration.
+        #[arg(long)]
+        store: String,
+        /// Key-encryption key (default: the first configured).
+        #[arg(long)]
+        key: Option<String>,
+        /// Return at once with the job ID instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Snapshots taken by this appliance.
+    List {
+        /// Only of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CloneCommand {
+    /// Clone a snapshot: readable and writable at once, fetched on demand.
+    Create {
+        /// Name of the clone.
+        name: String,
+        /// Snapshot ID (or a unique prefix) from `oxctl snapshot list`.
+        #[arg(long, conflicts_with_all = ["store", "manifest_key"])]
+        snapshot: Option<String>,
+        /// A store holding a snapshot taken elsewhere...
+        #[arg(long, requires = "manifest_key")]
+        store: Option<String>,
+        /// ...and its manifest key.
+        #[arg(long, requires = "store")]
+        manifest_key: Option<String>,
+        /// Copy every chunk in the background (within the bandwidth policy).
+        #[arg(long)]
+        thicken: bool,
+        #[command(flatten)]
+        export: ExportArgs,
+    },
+    /// Hydration, bytes fetched by reason, GETs, miss latency, thickening.
+    Get {
+        /// Name.
+        name: String,
+    },
+    /// Delete a clone's local copy (the snapshot stays).
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// Start, pause or resume background thickening.
+    Thicken {
+        /// Name.
+        name: String,
+        /// start, pause or resume.
+        action: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// One job's progress and outcome.
+    Get {
+        /// Job ID.
+        id: u64,
+    },
+    /// Every job since the daemon started.
+    List,
+    /// Cancel a running job (a cancelled snapshot publishes nothing).
+    Cancel {
+        /// Job ID.
+        id: u64,
     },
 }
 
@@ -92,6 +245,82 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name.as_ref().map(|n| serde_json::json!({ "name": n })),
         )?,
         Command::Subsystems => call(&cli, "nvmf_get_subsystems", None)?,
+        Command::Volume { command } => match command {
+            VolumeCommand::Create {
+                name,
+                size_mib,
+                block_size,
+                export,
+            } => {
+                let mut p = serde_json::Map::new();
+                p.insert("name".into(), name.clone().into());
+                p.insert("size_mib".into(), (*size_mib).into());
+                p.insert("block_size".into(), (*block_size).into());
+                export.add_to(&mut p);
+                call(&cli, "volume_create", Some(p.into()))?
+            }
+            VolumeCommand::Delete { name } => {
+                call(&cli, "volume_delete", Some(json!({ "name": name })))?
+            }
+            VolumeCommand::List => call(&cli, "volume_list", None)?,
+        },
+        Command::Snapshot { command } => match command {
+            SnapshotCommand::Create {
+                volume,
+                store,
+                key,
+                no_wait,
+            } => {
+                let mut p = json!({ "volume": volume, "store": store });
+                if let Some(k) = key {
+                    p["key"] = k.clone().into();
+                }
+                let job = call(&cli, "snapshot_create", Some(p))?;
+                if *no_wait { job } else { wait_for(&cli, &job)? }
+            }
+            SnapshotCommand::List { volume } => call(
+                &cli,
+                "snapshot_list",
+                volume.as_ref().map(|v| json!({ "volume": v })),
+            )?,
+        },
+        Command::Clone { command } => match command {
+            CloneCommand::Create {
+                name,
+                snapshot,
+                store,
+                manifest_key,
+                thicken,
+                export,
+            } => {
+                let mut p = serde_json::Map::new();
+                p.insert("name".into(), name.clone().into());
+                if let Some(s) = snapshot {
+                    p.insert("snapshot".into(), s.clone().into());
+                }
+                if let (Some(s), Some(k)) = (store, manifest_key) {
+                    p.insert("store".into(), s.clone().into());
+                    p.insert("manifest_key".into(), k.clone().into());
+                }
+                p.insert("thicken".into(), (*thicken).into());
+                export.add_to(&mut p);
+                call(&cli, "clone_create", Some(p.into()))?
+            }
+            CloneCommand::Get { name } => call(&cli, "clone_get", Some(json!({ "name": name })))?,
+            CloneCommand::Delete { name } => {
+                call(&cli, "clone_delete", Some(json!({ "name": name })))?
+            }
+            CloneCommand::Thicken { name, action } => call(
+                &cli,
+                "clone_thicken",
+                Some(json!({ "name": name, "action": action })),
+            )?,
+        },
+        Command::Job { command } => match command {
+            JobCommand::Get { id } => call(&cli, "job_get", Some(json!({ "id": id })))?,
+            JobCommand::List => call(&cli, "job_list", None)?,
+            JobCommand::Cancel { id } => call(&cli, "job_cancel", Some(json!({ "id": id })))?,
+        },
         Command::Audit {
             command: AuditCommand::Verify { file: Some(file) },
         } => match appliance::audit::verify(file) {
@@ -117,11 +346,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         print_human(&cli.command, &result);
     }
-    // A broken audit chain is a failure for scripts too.
+    // A broken audit chain or a failed job is a failure for scripts too.
     if result.get("intact") == Some(&Value::Bool(false)) {
         anyhow::bail!("the audit log has been tampered with or damaged");
     }
+    if result.get("state").and_then(Value::as_str) == Some("failed") {
+        anyhow::bail!("job {} failed: {}", result["id"], result["error"]);
+    }
     Ok(())
+}
+
+/// Polls a job until it ends, with a progress bar on a terminal (hidden otherwise).
+fn wait_for(cli: &Cli, job: &Value) -> anyhow::Result<Value> {
+    let id = job["id"]
+        .as_u64()
+        .context("the daemon returned no job id")?;
+    let bar = indicatif::ProgressBar::new(0);
+    if cli.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} chunks, {elapsed} elapsed, ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut client = Client::connect(&cli.socket)?;
+    loop {
+        let j = client.call("job_get", Some(json!({ "id": id })))?;
+        bar.set_length(j["total"].as_u64().unwrap_or(0));
+        bar.set_position(j["done"].as_u64().unwrap_or(0));
+        bar.set_message(format!(
+            "{} {} ({} uploaded)",
+            j["kind"].as_str().unwrap_or("job"),
+            j["target"].as_str().unwrap_or(""),
+            human_bytes(j["bytes"].as_u64().unwrap_or(0))
+        ));
+        if j["state"] != "running" {
+            bar.finish_and_clear();
+            return Ok(j);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 fn print_human(command: &Command, r: &Value) {
@@ -184,7 +451,119 @@ fn print_human(command: &Command, r: &Value) {
                 println!("{}: BROKEN: {}", s(&r["path"]), s(&r["error"]));
             }
         }
-        Command::Call { .. } => {
+        Command::Volume {
+            command: VolumeCommand::List,
+        } => {
+            println!(
+                "{:<16} {:<7} {:>12} {:>9}  EXPORT / STATE",
+                "NAME", "KIND", "SIZE", "HYDRATED"
+            );
+            for v in r["volumes"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:<7} {:>12} {:>9}  {}",
+                    s(&v["name"]),
+                    "volume",
+                    human_bytes(v["size_bytes"].as_u64().unwrap_or(0)),
+                    "-",
+                    s(&v["export"]["nqn"]),
+                );
+            }
+            for c in r["clones"].as_array().into_iter().flatten() {
+                let state = match c.get("unavailable") {
+                    Some(why) => format!("UNAVAILABLE: {}", s(why)),
+                    None => s(&c["export"]["nqn"]),
+                };
+                println!(
+                    "{:<16} {:<7} {:>12} {:>8.1}%  {}",
+                    s(&c["name"]),
+                    "clone",
+                    human_bytes(c["size_bytes"].as_u64().unwrap_or(0)),
+                    c["hydration_pct"].as_f64().unwrap_or(0.0),
+                    state,
+                );
+            }
+        }
+        Command::Snapshot {
+            command: SnapshotCommand::List { .. },
+        } => {
+            println!(
+                "{:<34} {:<16} {:<10} {:>12}  MANIFEST",
+                "ID", "VOLUME", "STORE", "UPLOADED"
+            );
+            for x in r.as_array().into_iter().flatten() {
+                println!(
+                    "{:<34} {:<16} {:<10} {:>12}  {}",
+                    s(&x["id"]),
+                    s(&x["volume"]),
+                    s(&x["store"]),
+                    human_bytes(
+                        x["data_bytes"].as_u64().unwrap_or(0)
+                            + x["meta_bytes"].as_u64().unwrap_or(0)
+                    ),
+                    s(&x["manifest_key"]),
+                );
+            }
+        }
+        Command::Snapshot {
+            command: SnapshotCommand::Create { .. },
+        } if r["state"] == "done" => {
+            let x = &r["result"];
+            println!(
+                "snapshot {} of {}: {} chunks read, {} uploaded, manifest {}",
+                s(&x["id"]),
+                s(&x["volume"]),
+                s(&x["chunks_read"]),
+                human_bytes(
+                    x["data_bytes"].as_u64().unwrap_or(0) + x["meta_bytes"].as_u64().unwrap_or(0)
+                ),
+                s(&x["manifest_key"]),
+            );
+        }
+        Command::Clone {
+            command: CloneCommand::Get { .. } | CloneCommand::Thicken { .. },
+        } => {
+            println!("{}: {}", s(&r["name"]), s(&r["manifest_key"]));
+            println!(
+                "  hydrated      {:.1}% ({} of {} chunks)",
+                r["hydration_pct"].as_f64().unwrap_or(0.0),
+                s(&r["chunks_present"]),
+                s(&r["chunks_total"])
+            );
+            println!(
+                "  host reads    {}",
+                human_bytes(r["host_read_bytes"].as_u64().unwrap_or(0))
+            );
+            for reason in ["client_miss", "prefetch", "thickening"] {
+                println!(
+                    "  fetched ({reason:<11}) {}",
+                    human_bytes(r["fetched_bytes"][reason].as_u64().unwrap_or(0))
+                );
+            }
+            println!(
+                "  object store  {} in {} GETs",
+                human_bytes(r["object_bytes"].as_u64().unwrap_or(0)),
+                s(&r["gets"])
+            );
+            println!(
+                "  miss latency  p50 {} µs, p99 {} µs ({} misses)",
+                s(&r["miss_latency_us"]["p50"]),
+                s(&r["miss_latency_us"]["p99"]),
+                s(&r["miss_latency_us"]["count"])
+            );
+            if let Some(t) = r.get("thickening") {
+                println!(
+                    "  thickening    {}, {} chunks fetched, ETA {} s",
+                    if t["paused"] == true {
+                        "paused"
+                    } else {
+                        "running"
+                    },
+                    s(&t["fetched"]),
+                    s(&t["eta_s"])
+                );
+            }
+        }
+        _ => {
             println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
         }
     }

@@ -1,0 +1,188 @@
+//! The catalogue: what the appliance holds beyond its configuration file — volumes and
+//! clones created through the API, their exports, and the snapshots taken — saved as
+//! JSON by atomic replacement (temporary file, fsync, rename, directory fsync), so a
+//! crash leaves either the old catalogue or the new one, never a torn one.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// Catalogue format version.
+const VERSION: u32 = 1;
+
+/// Everything the daemon must find again after a restart.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalogue {
+    /// Format version.
+    pub version: u32,
+    /// Volumes (local, snapshottable).
+    pub volumes: Vec<VolumeRecord>,
+    /// Clones of snapshots.
+    pub clones: Vec<CloneRecord>,
+    /// Snapshots taken by this appliance, oldest first.
+    pub snapshots: Vec<SnapshotRecord>,
+}
+
+/// How a volume or clone is exported over NVMe/TCP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRecord {
+    /// Subsystem NQN (namespace 1 is the device).
+    pub nqn: String,
+    /// Allowed host NQNs (ignored when `allow_any_host`).
+    pub hosts: Vec<String>,
+    /// Any host may connect.
+    pub allow_any_host: bool,
+}
+
+/// A volume: a file under the state directory with change tracking.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRecord {
+    /// Unique name.
+    pub name: String,
+    /// Stable identity (namespace identifiers derive from it).
+    pub uuid: String,
+    /// Size.
+    pub size_bytes: u64,
+    /// 512 or 4096.
+    pub block_size: u32,
+    /// Change-tracking and snapshot chunk size.
+    pub chunk_bytes: u64,
+    /// NVMe/TCP export, if any.
+    pub export: Option<ExportRecord>,
+}
+
+/// A clone: a local copy and presence record over a snapshot in a store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRecord {
+    /// Unique name (shared with volumes).
+    pub name: String,
+    /// Stable identity.
+    pub uuid: String,
+    /// Store holding the snapshot.
+    pub store: String,
+    /// The snapshot's manifest key.
+    pub manifest_key: String,
+    /// Thickening wanted (runs in the background while the daemon runs).
+    pub thicken: bool,
+    /// Thickening paused by the operator.
+    pub paused: bool,
+    /// NVMe/TCP export, if any.
+    pub export: Option<ExportRecord>,
+}
+
+/// A snapshot this appliance published.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    /// Snapshot ID (hex).
+    pub id: String,
+    /// The volume it was taken of.
+    pub volume: String,
+    /// The store it lives in.
+    pub store: String,
+    /// Its manifest key.
+    pub manifest_key: String,
+    /// Parent snapshot ID, for incremental snapshots.
+    pub parent: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// Bytes of frames uploaded.
+    pub data_bytes: u64,
+    /// Bytes of index pages and manifest uploaded.
+    pub meta_bytes: u64,
+    /// Chunks read from the volume.
+    pub chunks_read: u64,
+}
+
+impl Catalogue {
+    /// The catalogue file in `state_dir`.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("catalogue.json")
+    }
+
+    /// Loads the catalogue of `state_dir` (empty if there is none yet).
+    pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
+        let path = Self::path(state_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self {
+                    version: VERSION,
+                    ..Self::default()
+                });
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let c: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged", path.display()))?;
+        if c.version != VERSION {
+            anyhow::bail!(
+                "{} has format version {}, this oxd reads {VERSION}",
+                path.display(),
+                c.version
+            );
+        }
+        Ok(c)
+    }
+
+    /// Saves atomically to `state_dir`.
+    pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
+        let path = Self::path(state_dir);
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(self).context("encoding the catalogue")?;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(state_dir)?.sync_all()
+        };
+        write().with_context(|| format!("saving {}", path.display()))
+    }
+
+    /// Whether a volume or clone is called `name`.
+    pub fn has_name(&self, name: &str) -> bool {
+        self.volumes.iter().any(|v| v.name == name) || self.clones.iter().any(|c| c.name == name)
+    }
+
+    /// The NQNs exported now.
+    pub fn exported_nqns(&self) -> impl Iterator<Item = &str> {
+        self.volumes
+            .iter()
+            .filter_map(|v| v.export.as_ref())
+            .chain(self.clones.iter().filter_map(|c| c.export.as_ref()))
+            .map(|e| e.nqn.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_and_loads_and_refuses_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Catalogue::load(dir.path()).unwrap();
+        assert!(c.volumes.is_empty());
+        c.volumes.push(VolumeRecord {
+            name: "v".into(),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            size_bytes: 1 << 20,
+            block_size: 512,
+            chunk_bytes: 65536,
+            export: None,
+        });
+        c.save(dir.path()).unwrap();
+        let again = Catalogue::load(dir.path()).unwrap();
+        assert_eq!(again.volumes[0].name, "v");
+        assert!(again.has_name("v") && !again.has_name("w"));
+        std::fs::write(Catalogue::path(dir.path()), b"{\"version\": 1, \"volu").unwrap();
+        let e = Catalogue::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("damaged"), "{e}");
+    }
+}

@@ -1,0 +1,1029 @@
+//! The appliance's volumes, clones and snapshots: what the control API creates and
+//! changes, kept in the [`Catalogue`] and reopened at start.
+//!
+//! Every change is made in this order: the local files, the catalogue (atomically),
+//! then the export — so a crash never leaves a catalogue entry without its data, and at
+//! worst leaves an unreferenced file. Long operations (snapshots, verification) run as
+//! [`Job`]s on the OX cores and report progress; the control thread never blocks on one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use bdev::{Basis, Bdev, CloneHandle, Tracking, UringConfig, VolumeHandle};
+use nvmf::{HostPolicy, Namespace, Subsystem, Target};
+use ox::basis::{ObjectBasis, StoreFactory};
+use ox::cores::OxCores;
+use ox::hydrate::Thickening;
+use ox::keys::Kek;
+use ox::snapshot::{Loaded, SnapshotOptions, SnapshotProgress};
+use ox::store::ObjectStore;
+use ox::store::local::LocalStore;
+use ox::store::s3::{S3Config, S3Store};
+use ox::throttle::Throttle;
+use reactor::ReactorHandle;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::catalogue::{Catalogue, CloneRecord, ExportRecord, SnapshotRecord, VolumeRecord};
+
+/// An object store as configured.
+#[derive(Clone)]
+pub enum StoreSpec {
+    /// S3-compatible.
+    S3(Box<S3Config>),
+    /// A local directory.
+    Local(PathBuf),
+}
+
+impl StoreSpec {
+    /// A factory making this store on an OX core.
+    pub fn factory(&self) -> StoreFactory {
+        let spec = self.clone();
+        Arc::new(move |ex| spec.open(ex))
+    }
+
+    fn open(
+        &self,
+        ex: &Rc<async_executor::LocalExecutor<'static>>,
+    ) -> Result<Rc<dyn ObjectStore>, ox::OxError> {
+        Ok(match self {
+            Self::S3(c) => Rc::new(S3Store::new((**c).clone(), Rc::clone(ex))?),
+            Self::Local(p) => Rc::new(LocalStore::open(p.clone())?),
+        })
+    }
+}
+
+/// Settings the service runs with (from `[ox]`, `[[store]]`, `[[key]]`).
+pub struct Settings {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Stores by name.
+    pub stores: HashMap<String, StoreSpec>,
+    /// Keys; the first is the default.
+    pub keys: Vec<Kek>,
+    /// Bandwidth policy.
+    pub throttle: Throttle,
+    /// Export listeners.
+    pub export_listeners: Vec<SocketAddr>,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Object size.
+    pub object_bytes: usize,
+    /// Chunk size of new volumes.
+    pub chunk_bytes: u64,
+}
+
+/// A long operation's progress and outcome.
+pub struct Job {
+    id: u64,
+    kind: String,
+    target: String,
+    done: AtomicU64,
+    total: AtomicU64,
+    bytes: AtomicU64,
+    cancelled: AtomicBool,
+    progress: Mutex<Option<Arc<SnapshotProgress>>>,
+    outcome: Mutex<Option<Result<Value, String>>>,
+}
+
+impl Job {
+    fn json(&self) -> Value {
+        if let Some(p) = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            self.done
+                .store(p.chunks_done.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.total
+                .store(p.chunks_total.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.bytes
+                .store(p.bytes_uploaded.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        let (state, result, error) = match outcome.as_ref() {
+            None => ("running", Value::Null, Value::Null),
+            Some(Ok(v)) => ("done", v.clone(), Value::Null),
+            Some(Err(e)) => ("failed", Value::Null, Value::String(e.clone())),
+        };
+        json!({
+            "id": self.id, "kind": self.kind, "target": self.target, "state": state,
+            "done": self.done.load(Ordering::Relaxed),
+            "total": self.total.load(Ordering::Relaxed),
+            "bytes": self.bytes.load(Ordering::Relaxed),
+            "result": result, "error": error,
+        })
+    }
+}
+
+struct LiveVolume {
+    bdev: Bdev,
+    handle: VolumeHandle,
+    /// A snapshot of it is running.
+    busy: Arc<AtomicBool>,
+}
+
+struct LiveClone {
+    bdev: Bdev,
+    handle: CloneHandle,
+    basis: ObjectBasis,
+    thickening: Option<Arc<Thickening>>,
+}
+
+struct Inner {
+    catalogue: Catalogue,
+    volumes: HashMap<String, LiveVolume>,
+    clones: HashMap<String, LiveClone>,
+    /// Clones that could not be reopened at start, with why.
+    unavailable: HashMap<String, String>,
+    jobs: HashMap<u64, Arc<Job>>,
+    next_job: u64,
+}
+
+/// Volumes, clones, snapshots and jobs.
+pub struct Service {
+    settings: Settings,
+    reactors: Vec<ReactorHandle>,
+    cores: Arc<OxCores>,
+    target: Arc<Target>,
+    inner: Mutex<Inner>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Checks a name used for files and NQNs.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+        || name.starts_with('.')
+    {
+        bail!("name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ - (not starting with .)");
+    }
+    Ok(())
+}
+
+impl Service {
+    /// Opens the catalogue in the state directory and reopens every volume and clone
+    /// in it (exports included). A clone whose store cannot be reached is listed as
+    /// unavailable; the daemon runs on.
+    pub fn start(
+        settings: Settings,
+        reactors: Vec<ReactorHandle>,
+        cores: Arc<OxCores>,
+        target: Arc<Target>,
+    ) -> anyhow::Result<Arc<Self>> {
+        for sub in ["volumes", "clones"] {
+            let d = settings.state_dir.join(sub);
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("ox.state_dir: {}", d.display()))?;
+        }
+        let catalogue = Catalogue::load(&settings.state_dir)?;
+        let service = Arc::new(Self {
+            settings,
+            reactors,
+            cores,
+            target,
+            inner: Mutex::new(Inner {
+                catalogue: catalogue.clone(),
+                volumes: HashMap::new(),
+                clones: HashMap::new(),
+                unavailable: HashMap::new(),
+                jobs: HashMap::new(),
+                next_job: 1,
+            }),
+        });
+        for v in &catalogue.volumes {
+            let live = service
+                .open_volume(v, false)
+                .with_context(|| format!("reopening volume {}", v.name))?;
+            let bdev = live.bdev.clone();
+            service.inner().volumes.insert(v.name.clone(), live);
+            if let Some(e) = &v.export {
+                service.export(&bdev, e)?;
+            }
+        }
+        for c in &catalogue.clones {
+            match service.open_clone(c) {
+                Ok(live) => {
+                    let bdev = live.bdev.clone();
+                    service.inner().clones.insert(c.name.clone(), live);
+                    if let Some(e) = &c.export {
+                        service.export(&bdev, e)?;
+                    }
+                    if c.thicken {
+                        service.start_thickening(&c.name, c.paused);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("oxd: clone {} is unavailable: {e:#}", c.name);
+                    service
+                        .inner()
+                        .unavailable
+                        .insert(c.name.clone(), format!("{e:#}"));
+                }
+            }
+        }
+        Ok(service)
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn volume_path(&self, name: &str) -> PathBuf {
+        self.settings
+            .state_dir
+            .join("volumes")
+            .join(format!("{name}.img"))
+    }
+
+    fn tracking_path(&self, name: &str) -> PathBuf {
+        self.settings
+            .state_dir
+            .join("volumes")
+            .join(format!("{name}.cbt"))
+    }
+
+    fn clone_path(&self, name: &str, ext: &str) -> PathBuf {
+        self.settings
+            .state_dir
+            .join("clones")
+            .join(format!("{name}.{ext}"))
+    }
+
+    fn open_file(
+        &self,
+        name: &str,
+        path: &Path,
+        size: u64,
+        bs: u32,
+        uuid: Uuid,
+    ) -> anyhow::Result<Bdev> {
+        let mut c = UringConfig::new(name, path);
+        c.block_size = Some(bs);
+        c.create_size = Some(size);
+        c.uuid = Some(uuid);
+        match bdev::open_uring(&c) {
+            Ok(b) => Ok(b),
+            Err(direct) => {
+                // Some file systems (tmpfs) refuse O_DIRECT: fall back, and say so.
+                c.direct = false;
+                let b =
+                    bdev::open_uring(&c).with_context(|| format!("opening {}", path.display()))?;
+                eprintln!(
+                    "oxd: {}: O_DIRECT refused ({direct}); using buffered I/O",
+                    path.display()
+                );
+                Ok(b)
+            }
+        }
+    }
+
+    /// Opens a volume's file with its change tracking: the tracking saved at the last
+    /// clean stop (consumed, so a crash cannot reuse a stale one), else every chunk
+    /// counts as changed (`fresh` only for a volume created just now).
+    fn open_volume(&self, v: &VolumeRecord, fresh: bool) -> anyhow::Result<LiveVolume> {
+        let uuid: Uuid = v.uuid.parse().context("uuid")?;
+        let file = self.open_file(
+            &format!("{}-file", v.name),
+            &self.volume_path(&v.name),
+            v.size_bytes,
+            v.block_size,
+            uuid,
+        )?;
+        let chunks = v.size_bytes.div_ceil(v.chunk_bytes);
+        let cbt = self.tracking_path(&v.name);
+        let tracking = if fresh {
+            Tracking::Fresh
+        } else {
+            match std::fs::read(&cbt) {
+                Ok(bytes) => {
+                    std::fs::remove_file(&cbt)
+                        .and_then(|()| std::fs::File::open(cbt.parent().unwrap_or(Path::new("."))))
+                        .and_then(|d| d.sync_all())
+                        .with_context(|| format!("consuming {}", cbt.display()))?;
+                    bdev::ChangedChunks::from_bytes(&bytes, chunks)
+                        .map_or(Tracking::AllChanged, Tracking::Saved)
+                }
+                Err(_) => Tracking::AllChanged,
+            }
+        };
+        let (bdev, handle) =
+            bdev::create_volume(&v.name, file, v.chunk_bytes, tracking, Some(uuid))?;
+        Ok(LiveVolume {
+            bdev,
+            handle,
+            busy: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn store(&self, name: &str) -> anyhow::Result<&StoreSpec> {
+        self.settings
+            .stores
+            .get(name)
+            .with_context(|| format!("no store named {name:?}"))
+    }
+
+    /// Loads a snapshot's manifest (and unwraps its key) on an OX core.
+    fn load(&self, store: &str, manifest_key: &str) -> anyhow::Result<Loaded> {
+        let spec = self.store(store)?.clone();
+        let (key, keks) = (manifest_key.to_string(), self.settings.keys.clone());
+        self.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = spec.open(&ex)?;
+                    ox::snapshot::load(&*store, &key, &keks).await
+                })
+            })?
+            .with_context(|| format!("loading snapshot {manifest_key}"))
+    }
+
+    fn open_clone(&self, c: &CloneRecord) -> anyhow::Result<LiveClone> {
+        let loaded = self.load(&c.store, &c.manifest_key)?;
+        let size = loaded.manifest.volume_bytes;
+        let uuid: Uuid = c.uuid.parse().context("uuid")?;
+        let local = self.open_file(
+            &format!("{}-local", c.name),
+            &self.clone_path(&c.name, "img"),
+            size,
+            512,
+            uuid,
+        )?;
+        let basis = ObjectBasis::new(
+            loaded,
+            self.store(&c.store)?.factory(),
+            Arc::clone(&self.cores),
+            self.settings.throttle.clone(),
+            &c.name,
+        );
+        let (bdev, handle) = bdev::open_clone(
+            &c.name,
+            local,
+            Arc::new(basis.clone()) as Arc<dyn Basis>,
+            Some(uuid),
+            &self.clone_path(&c.name, "presence"),
+            self.reactors[0].clone(),
+        )?;
+        Ok(LiveClone {
+            bdev,
+            handle,
+            basis,
+            thickening: None,
+        })
+    }
+
+    fn export(&self, bdev: &Bdev, e: &ExportRecord) -> anyhow::Result<Vec<SocketAddr>> {
+        if self.settings.export_listeners.is_empty() {
+            bail!("ox.export_listeners is empty: nowhere to export {}", e.nqn);
+        }
+        let serial: String = bdev
+            .info()
+            .uuid
+            .simple()
+            .to_string()
+            .chars()
+            .take(20)
+            .collect();
+        let sub = Subsystem {
+            nqn: e.nqn.clone(),
+            serial,
+            model: "OX volume".into(),
+            hosts: if e.allow_any_host {
+                HostPolicy::Any
+            } else {
+                HostPolicy::Only(e.hosts.clone())
+            },
+            namespaces: vec![Namespace::new(1, bdev.clone())],
+            listeners: self.settings.export_listeners.clone(),
+        };
+        Ok(self.target.add_subsystem(sub)?)
+    }
+
+    fn save(&self, inner: &Inner) -> anyhow::Result<()> {
+        inner.catalogue.save(&self.settings.state_dir)
+    }
+
+    /// Creates a volume of `size_bytes` (a file under the state directory), exported
+    /// if `export` is given.
+    pub fn volume_create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        block_size: u32,
+        export: Option<ExportRecord>,
+    ) -> anyhow::Result<Value> {
+        check_name(name)?;
+        if !matches!(block_size, 512 | 4096) {
+            bail!("block_size {block_size} must be 512 or 4096");
+        }
+        let chunk = self.settings.chunk_bytes;
+        if size_bytes == 0 || !size_bytes.is_multiple_of(chunk.max(u64::from(block_size))) {
+            bail!("size {size_bytes} must be a positive multiple of the {chunk}-byte chunk");
+        }
+        let mut inner = self.inner();
+        if inner.catalogue.has_name(name) {
+            bail!("a volume or clone named {name:?} exists already");
+        }
+        if let Some(e) = &export {
+            self.check_export(&inner, e)?;
+        }
+        let record = VolumeRecord {
+            name: name.into(),
+            uuid: Uuid::new_v4().to_string(),
+            size_bytes,
+            block_size,
+            chunk_bytes: chunk,
+            export: export.clone(),
+        };
+        let path = self.volume_path(name);
+        if path.exists() {
+            bail!(
+                "{} exists already (left over from a failed create? remove it)",
+                path.display()
+            );
+        }
+        let live = self.open_volume(&record, true)?;
+        inner.catalogue.volumes.push(record);
+        if let Err(e) = self.save(&inner) {
+            inner.catalogue.volumes.retain(|v| v.name != name);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let listeners = match &export {
+            Some(e) => self.export(&live.bdev, e)?,
+            None => Vec::new(),
+        };
+        inner.volumes.insert(name.into(), live);
+        Ok(
+            json!({ "name": name, "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>() }),
+        )
+    }
+
+    fn check_export(&self, inner: &Inner, e: &ExportRecord) -> anyhow::Result<()> {
+        nvmf::check_nqn(&e.nqn)?;
+        if inner.catalogue.exported_nqns().any(|n| n == e.nqn)
+            || !self.target.listeners_of(&e.nqn).is_empty()
+        {
+            bail!("NQN {} is exported already", e.nqn);
+        }
+        if !e.allow_any_host && e.hosts.is_empty() {
+            bail!("an export needs hosts or allow_any_host");
+        }
+        Ok(())
+    }
+
+    /// Deletes a volume (its file and change tracking; its snapshots stay in the
+    /// store and in the catalogue).
+    pub fn volume_delete(&self, name: &str) -> anyhow::Result<Value> {
+        let mut inner = self.inner();
+        let Some(pos) = inner.catalogue.volumes.iter().position(|v| v.name == name) else {
+            bail!("no volume named {name:?}");
+        };
+        if inner
+            .volumes
+            .get(name)
+            .is_some_and(|v| v.busy.load(Ordering::SeqCst))
+        {
+            bail!("volume {name:?} is being snapshotted");
+        }
+        let record = inner.catalogue.volumes.remove(pos);
+        self.save(&inner)?;
+        if let Some(e) = &record.export {
+            let _ = self.target.remove_subsystem(&e.nqn);
+        }
+        inner.volumes.remove(name);
+        let _ = std::fs::remove_file(self.volume_path(name));
+        let _ = std::fs::remove_file(self.tracking_path(name));
+        Ok(json!({ "name": name }))
+    }
+
+    /// Volumes and clones, with sizes, exports and counters.
+    pub fn volume_list(&self) -> Value {
+        let inner = self.inner();
+        let vols: Vec<Value> = inner
+            .catalogue
+            .volumes
+            .iter()
+            .map(|v| {
+                let stats = inner.volumes.get(&v.name).map(|l| l.bdev.stats());
+                json!({
+                    "name": v.name, "kind": "volume", "size_bytes": v.size_bytes,
+                    "block_size": v.block_size, "chunk_bytes": v.chunk_bytes, "uuid": v.uuid,
+                    "export": v.export,
+                    "snapshots": inner.catalogue.snapshots.iter().filter(|s| s.volume == v.name).count(),
+                    "read_bytes": stats.as_ref().map_or(0, |s| s.bytes(bdev::IoType::Read)),
+                    "write_bytes": stats.as_ref().map_or(0, |s| s.bytes(bdev::IoType::Write)),
+                })
+            })
+            .collect();
+        let clones: Vec<Value> = inner
+            .catalogue
+            .clones
+            .iter()
+            .map(|c| clone_json(c, inner.clones.get(&c.name), inner.unavailable.get(&c.name)))
+            .collect();
+        json!({ "volumes": vols, "clones": clones })
+    }
+
+    /// Starts a snapshot of `volume` into `store` (incremental over the volume's last
+    /// snapshot in that store); returns the job.
+    pub fn snapshot_create(
+        self: &Arc<Self>,
+        volume: &str,
+        store: &str,
+        key: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        let spec = self.store(store)?.clone();
+        let kek = match key {
+            Some(k) => self
+                .settings
+                .keys
+                .iter()
+                .find(|x| x.id == k)
+                .with_context(|| format!("no key named {k:?}"))?,
+            None => self
+                .settings
+                .keys
+                .first()
+                .context("no [[key]] is configured: snapshots are encrypted at rest")?,
+        }
+        .clone();
+        let (handle, busy, uuid, parent) = {
+            let inner = self.inner();
+            let live = inner
+                .volumes
+                .get(volume)
+                .with_context(|| format!("no volume named {volume:?}"))?;
+            if live.busy.swap(true, Ordering::SeqCst) {
+                bail!("volume {volume:?} is being snapshotted already");
+            }
+            let uuid = inner
+                .catalogue
+                .volumes
+                .iter()
+                .find(|v| v.name == volume)
+                .map(|v| v.uuid.clone())
+                .unwrap_or_default();
+            let parent = inner
+                .catalogue
+                .snapshots
+                .iter()
+                .rev()
+                .find(|s| s.volume == volume && s.store == store)
+                .map(|s| (s.id.clone(), s.manifest_key.clone()));
+            (live.handle.clone(), Arc::clone(&live.busy), uuid, parent)
+        };
+        let progress = Arc::new(SnapshotProgress::default());
+        let job = self.new_job("snapshot", volume, Some(Arc::clone(&progress)));
+        let opts = SnapshotOptions {
+            prefix: format!("{volume}/"),
+            zstd_level: self.settings.zstd_level,
+            kek: Some(kek),
+            object_bytes: self.settings.object_bytes,
+            volume_id: *Uuid::parse_str(&uuid).unwrap_or_default().as_bytes(),
+            volume_name: volume.into(),
+            progress,
+            outage_patience: Duration::from_secs(600),
+        };
+        let (service, job2, volume, store) = (
+            Arc::clone(self),
+            Arc::clone(&job),
+            volume.to_string(),
+            store.to_string(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let on = service.reactors[0].clone();
+                let (keks, throttle) = (
+                    service.settings.keys.clone(),
+                    service.settings.throttle.clone(),
+                );
+                let parent_key = parent.as_ref().map(|p| p.1.clone());
+                let result = service.cores.run(move |ex| {
+                    Box::pin(async move {
+                        let store = spec.open(&ex)?;
+                        let parent = match &parent_key {
+                            Some(k) => Some(ox::snapshot::load(&*store, k, &keks).await?),
+                            None => None,
+                        };
+                        ox::snapshot::snapshot_volume(
+                            &*store,
+                            &on,
+                            &handle,
+                            parent.as_ref(),
+                            &opts,
+                            &throttle,
+                        )
+                        .await
+                    })
+                });
+                busy.store(false, Ordering::SeqCst);
+                let outcome = match result {
+                    Ok(Ok(report)) => {
+                        let record = SnapshotRecord {
+                            id: report.manifest.snapshot.clone(),
+                            volume: volume.clone(),
+                            store,
+                            manifest_key: report.manifest_key.clone(),
+                            parent: parent.map(|p| p.0),
+                            created: now_secs(),
+                            data_bytes: report.data_bytes,
+                            meta_bytes: report.meta_bytes,
+                            chunks_read: report.chunks_read,
+                        };
+                        let mut inner = service.inner();
+                        inner.catalogue.snapshots.push(record.clone());
+                        match service.save(&inner) {
+                            Ok(()) => Ok(serde_json::to_value(&record).unwrap_or_default()),
+                            Err(e) => Err(format!(
+                                "snapshot published as {} but not catalogued: {e:#}",
+                                record.manifest_key
+                            )),
+                        }
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                *job2.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+            });
+        if let Err(e) = spawned {
+            job.outcome
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(Err(e.to_string()));
+        }
+        Ok(job.json())
+    }
+
+    fn new_job(
+        &self,
+        kind: &str,
+        target: &str,
+        progress: Option<Arc<SnapshotProgress>>,
+    ) -> Arc<Job> {
+        let mut inner = self.inner();
+        let id = inner.next_job;
+        inner.next_job += 1;
+        let job = Arc::new(Job {
+            id,
+            kind: kind.into(),
+            target: target.into(),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+            progress: Mutex::new(progress),
+            outcome: Mutex::new(None),
+        });
+        inner.jobs.insert(id, Arc::clone(&job));
+        job
+    }
+
+    /// A job's state.
+    pub fn job_get(&self, id: u64) -> anyhow::Result<Value> {
+        let job = self
+            .inner()
+            .jobs
+            .get(&id)
+            .cloned()
+            .with_context(|| format!("no job {id}"))?;
+        Ok(job.json())
+    }
+
+    /// Every job since start.
+    pub fn job_list(&self) -> Value {
+        let jobs: Vec<Arc<Job>> = self.inner().jobs.values().cloned().collect();
+        let mut list: Vec<Value> = jobs.iter().map(|j| j.json()).collect();
+        list.sort_by_key(|j| j["id"].as_u64());
+        Value::Array(list)
+    }
+
+    /// Asks a running job to stop.
+    pub fn job_cancel(&self, id: u64) -> anyhow::Result<Value> {
+        let job = self
+            .inner()
+            .jobs
+            .get(&id)
+            .cloned()
+            .with_context(|| format!("no job {id}"))?;
+        job.cancelled.store(true, Ordering::SeqCst);
+        if let Some(p) = job
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            p.cancel();
+        }
+        Ok(job.json())
+    }
+
+    /// Snapshots in the catalogue, optionally of one volume.
+    pub fn snapshot_list(&self, volume: Option<&str>) -> Value {
+        let inner = self.inner();
+        Value::Array(
+            inner
+                .catalogue
+                .snapshots
+                .iter()
+                .filter(|s| volume.is_none_or(|v| v == s.volume))
+                .map(|s| serde_json::to_value(s).unwrap_or_default())
+                .collect(),
+        )
+    }
+
+    fn snapshot(&self, id: &str) -> anyhow::Result<SnapshotRecord> {
+        let inner = self.inner();
+        let matches: Vec<&SnapshotRecord> = inner
+            .catalogue
+            .snapshots
+            .iter()
+            .filter(|s| s.id.starts_with(id))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => bail!("no snapshot {id:?}"),
+            _ => bail!(
+                "{id:?} matches {} snapshots; give more of the ID",
+                matches.len()
+            ),
+        }
+    }
+
+    /// Clones snapshot `snapshot` (an ID or unique prefix from `snapshot_list`, or a
+    /// manifest key in `store`) as `name`: readable and writable at once.
+    pub fn clone_create(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+        source: Option<(&str, &str)>,
+        thicken: bool,
+        export: Option<ExportRecord>,
+    ) -> anyhow::Result<Value> {
+        check_name(name)?;
+        let (store, manifest_key) = match (snapshot, source) {
+            (Some(id), None) => {
+                let s = self.snapshot(id)?;
+                (s.store, s.manifest_key)
+            }
+            (None, Some((store, key))) => (store.to_string(), key.to_string()),
+            _ => bail!("give either snapshot, or store and manifest_key"),
+        };
+        {
+            let inner = self.inner();
+            if inner.catalogue.has_name(name) {
+                bail!("a volume or clone named {name:?} exists already");
+            }
+            if let Some(e) = &export {
+                self.check_export(&inner, e)?;
+            }
+        }
+        for ext in ["img", "presence", "presence.log"] {
+            let p = self.clone_path(name, ext);
+            if p.exists() {
+                bail!(
+                    "{} exists already (left over from a failed create? remove it)",
+                    p.display()
+                );
+            }
+        }
+        let record = CloneRecord {
+            name: name.into(),
+            uuid: Uuid::new_v4().to_string(),
+            store,
+            manifest_key,
+            thicken,
+            paused: false,
+            export: export.clone(),
+        };
+        let live = self.open_clone(&record)?;
+        let mut inner = self.inner();
+        if inner.catalogue.has_name(name) {
+            bail!("a volume or clone named {name:?} exists already");
+        }
+        inner.catalogue.clones.push(record);
+        self.save(&inner)?;
+        let listeners = match &export {
+            Some(e) => self.export(&live.bdev, e)?,
+            None => Vec::new(),
+        };
+        inner.clones.insert(name.into(), live);
+        drop(inner);
+        if thicken {
+            self.start_thickening(name, false);
+        }
+        Ok(
+            json!({ "name": name, "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>() }),
+        )
+    }
+
+    fn start_thickening(&self, name: &str, paused: bool) {
+        let mut inner = self.inner();
+        let Some(live) = inner.clones.get_mut(name) else {
+            return;
+        };
+        if live.thickening.is_some() {
+            return;
+        }
+        let control = Thickening::new();
+        if paused {
+            control.pause();
+        }
+        live.thickening = Some(Arc::clone(&control));
+        let (handle, on, cores) = (
+            live.handle.clone(),
+            self.reactors[0].clone(),
+            Arc::clone(&self.cores),
+        );
+        let name = name.to_string();
+        let _ = std::thread::Builder::new()
+            .name("thicken".into())
+            .spawn(move || {
+                let r = cores.run(move |_ex| {
+                    Box::pin(async move { ox::hydrate::thicken(&handle, &on, &control).await })
+                });
+                match r {
+                    Ok(Ok(n)) => eprintln!("oxd: clone {name}: thickening fetched {n} chunks"),
+                    Ok(Err(e)) => eprintln!("oxd: clone {name}: thickening stopped: {e}"),
+                    Err(e) => eprintln!("oxd: clone {name}: thickening not run: {e}"),
+                }
+            });
+    }
+
+    /// Pauses, resumes or starts thickening of a clone; the choice is kept across
+    /// restarts.
+    pub fn clone_thicken(&self, name: &str, action: &str) -> anyhow::Result<Value> {
+        {
+            let mut inner = self.inner();
+            let Some(pos) = inner.catalogue.clones.iter().position(|c| c.name == name) else {
+                bail!("no clone named {name:?}");
+            };
+            let live = inner
+                .clones
+                .get(name)
+                .with_context(|| format!("clone {name:?} is unavailable"))?;
+            let t = live.thickening.clone();
+            match (action, &t) {
+                ("pause", Some(t)) => t.pause(),
+                ("resume", Some(t)) => t.resume(),
+                ("start", _) | ("resume", None) => {}
+                ("pause", None) => bail!("clone {name:?} is not thickening"),
+                _ => bail!("action {action:?} is not start, pause or resume"),
+            }
+            let c = &mut inner.catalogue.clones[pos];
+            c.thicken = true;
+            c.paused = action == "pause";
+            self.save(&inner)?;
+        }
+        if action != "pause" {
+            self.start_thickening(name, false);
+        }
+        self.clone_get(name)
+    }
+
+    /// A clone's hydration, traffic and thickening state.
+    pub fn clone_get(&self, name: &str) -> anyhow::Result<Value> {
+        let inner = self.inner();
+        let c = inner
+            .catalogue
+            .clones
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("no clone named {name:?}"))?;
+        Ok(clone_json(
+            c,
+            inner.clones.get(name),
+            inner.unavailable.get(name),
+        ))
+    }
+
+    /// Deletes a clone (local copy and presence record; the snapshot stays).
+    pub fn clone_delete(&self, name: &str) -> anyhow::Result<Value> {
+        let mut inner = self.inner();
+        let Some(pos) = inner.catalogue.clones.iter().position(|c| c.name == name) else {
+            bail!("no clone named {name:?}");
+        };
+        let record = inner.catalogue.clones.remove(pos);
+        self.save(&inner)?;
+        if let Some(e) = &record.export {
+            let _ = self.target.remove_subsystem(&e.nqn);
+        }
+        if let Some(live) = inner.clones.remove(name)
+            && let Some(t) = &live.thickening
+        {
+            t.stop();
+        }
+        for ext in ["img", "presence", "presence.log"] {
+            let _ = std::fs::remove_file(self.clone_path(name, ext));
+        }
+        Ok(json!({ "name": name }))
+    }
+
+    /// Every live block device (volumes and clones), for statistics and metrics.
+    pub fn bdevs(&self) -> Vec<Bdev> {
+        let inner = self.inner();
+        inner
+            .volumes
+            .values()
+            .map(|v| v.bdev.clone())
+            .chain(inner.clones.values().map(|c| c.bdev.clone()))
+            .collect()
+    }
+
+    /// Clean stop: thickening stopped, each volume's change tracking saved and each
+    /// clone's presence checkpointed, so the next start needs no full reads or
+    /// refetches. Returns what could not be saved (each also safe: a full read or a
+    /// refetch at the next start).
+    pub fn stop(&self) -> Vec<String> {
+        let inner = self.inner();
+        let mut problems = Vec::new();
+        for (name, c) in &inner.clones {
+            if let Some(t) = &c.thickening {
+                t.stop();
+            }
+            if let Err(e) = c.handle.checkpoint() {
+                problems.push(format!("clone {name}: {e}"));
+            }
+        }
+        for (name, v) in &inner.volumes {
+            if v.busy.load(Ordering::SeqCst) {
+                problems.push(format!(
+                    "volume {name}: a snapshot was running; its changes count as changed"
+                ));
+                continue;
+            }
+            // The volume's data is on its file already; flush it before saying so.
+            let flushed = bdev::blocking::run_on(
+                &self.reactors[0],
+                &v.bdev,
+                bdev::BdevIo::flush(),
+                Duration::from_secs(60),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.result.map_err(|e| e.to_string()));
+            let saved = flushed.and_then(|()| {
+                v.handle
+                    .save_changes(&self.tracking_path(name))
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = saved {
+                problems.push(format!("volume {name}: {e}"));
+            }
+        }
+        problems
+    }
+}
+
+fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&String>) -> Value {
+    let mut v = json!({
+        "name": c.name, "kind": "clone", "uuid": c.uuid, "store": c.store,
+        "manifest_key": c.manifest_key, "export": c.export, "thicken": c.thicken, "paused": c.paused,
+    });
+    if let Some(why) = unavailable {
+        v["unavailable"] = json!(why);
+    }
+    if let Some(l) = live {
+        let (present, total) = l.handle.hydration();
+        let k = l.handle.counters();
+        let b = l.basis.counters();
+        let r = |i: usize| k.fetched_bytes[i].load(Ordering::Relaxed);
+        let miss = k.miss_latency.snapshot();
+        v["size_bytes"] = json!(l.bdev.info().size_bytes());
+        v["chunks_present"] = json!(present);
+        v["chunks_total"] = json!(total);
+        v["hydration_pct"] = json!(if total == 0 {
+            100.0
+        } else {
+            present as f64 * 100.0 / total as f64
+        });
+        v["host_read_bytes"] = json!(k.host_read_bytes.load(Ordering::Relaxed));
+        v["fetched_bytes"] = json!({ "client_miss": r(0), "prefetch": r(1), "thickening": r(2) });
+        v["object_bytes"] =
+            json!(b.frame_bytes.load(Ordering::Relaxed) + b.page_bytes.load(Ordering::Relaxed));
+        v["gets"] =
+            json!(b.frame_gets.load(Ordering::Relaxed) + b.page_gets.load(Ordering::Relaxed));
+        v["miss_latency_us"] = json!({ "count": miss.count(), "p50": miss.quantile(0.5).as_micros() as u64, "p99": miss.quantile(0.99).as_micros() as u64 });
+        if let Some(t) = &l.thickening {
+            v["thickening"] = json!({
+                "paused": t.is_paused(), "fetched": t.fetched(),
+                "eta_s": t.eta(&l.handle).map(|d| d.as_secs()),
+            });
+        }
+    }
+    v
+}

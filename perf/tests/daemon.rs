@@ -1,0 +1,317 @@
+//! The appliance as an operator runs it, driven only through `oxctl` and `oxperf`:
+//! start oxd, create a volume, write it with oxperf --verify, snapshot it into the S3
+//! test server, clone the snapshot, verify the clone and write to it, kill -9 the
+//! daemon, restart it, and verify everything again.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../ox/tests/s3server/mod.rs"]
+mod s3server;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn bin(name: &str) -> PathBuf {
+    // oxd and oxctl are built next to oxperf by `cargo test --workspace`.
+    let p = Path::new(env!("CARGO_BIN_EXE_oxperf")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build --workspace",
+        p.display()
+    );
+    p
+}
+
+struct Oxd {
+    child: Child,
+}
+
+impl Drop for Oxd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_oxd(config: &Path) -> Oxd {
+    let mut child = Command::new(bin("oxd"))
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("oxd exited before serving:\n{err}");
+        };
+        if line.unwrap().starts_with("oxd: control socket") {
+            break;
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
+    std::thread::spawn(move || for _ in lines {});
+    Oxd { child }
+}
+
+fn run(program: &Path, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap()
+}
+
+fn ok_json(o: Output) -> Value {
+    assert!(
+        o.status.success(),
+        "failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Ctl {
+    socket: String,
+}
+
+impl Ctl {
+    fn call(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--socket", &self.socket, "--json"];
+        all.extend_from_slice(args);
+        run(&bin("oxctl"), &all)
+    }
+
+    fn ok(&self, args: &[&str]) -> Value {
+        ok_json(self.call(args))
+    }
+}
+
+/// oxperf over `range` (FIRST:COUNT blocks) of `target`, 128 KiB or 4 KiB at a time.
+fn oxperf(target: &str, workload: &str, range: &str, ios: u64, bs: u32, seed: u64) -> Value {
+    ok_json(run(
+        &bin("oxperf"),
+        &[
+            "run",
+            "--target",
+            target,
+            "-w",
+            workload,
+            "--bs",
+            &bs.to_string(),
+            "--range",
+            range,
+            "--ios",
+            &ios.to_string(),
+            "--qd",
+            "8",
+            "--verify",
+            "--seed",
+            &seed.to_string(),
+            "--cores",
+            "0",
+            "--json",
+        ],
+    ))
+}
+
+fn verified(r: &Value) -> u64 {
+    assert!(r["mismatch"].is_null(), "data mismatch: {r}");
+    assert_eq!(r["unwritten_blocks"], 0, "{r}");
+    r["verified_blocks"].as_u64().unwrap()
+}
+
+#[test]
+fn snapshot_clone_and_a_kill_9_driven_by_oxctl_and_oxperf() {
+    let server = s3server::start_server(false);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s3 = server.client_config();
+    let ox::store::s3::CredentialSource::Static {
+        access_key,
+        secret_key,
+    } = &s3.credentials
+    else {
+        panic!("the test server has static credentials")
+    };
+    std::fs::write(d.join("s3.secret"), secret_key).unwrap();
+    std::fs::write(d.join("kek"), "11".repeat(32)).unwrap();
+    let port = free_port();
+    let socket = d.join("oxd.sock");
+    let config = d.join("oxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[reactors]
+cores = "0"
+
+[control]
+socket = {socket:?}
+audit_log = {audit:?}
+
+[ox]
+state_dir = {state:?}
+export_listeners = ["127.0.0.1:{port}"]
+zstd_level = 1
+object_mib = 1
+
+[[store]]
+name = "s3"
+kind = "s3"
+endpoint = "{endpoint}"
+bucket = "{bucket}"
+credentials = "static"
+access_key = "{access_key}"
+secret_key_file = {secret:?}
+allow_http = true
+
+[[store]]
+name = "down"
+kind = "s3"
+endpoint = "http://127.0.0.1:{down}"
+bucket = "nothing"
+credentials = "static"
+access_key = "x"
+secret_key_file = {secret:?}
+allow_http = true
+
+[[key]]
+name = "k1"
+file = {kek:?}
+"#,
+            audit = d.join("audit.log"),
+            state = d.join("state"),
+            endpoint = s3.endpoint,
+            bucket = s3.bucket,
+            secret = d.join("s3.secret"),
+            down = free_port(),
+            kek = d.join("kek"),
+        ),
+    )
+    .unwrap();
+    let mut oxd = start_oxd(&config);
+    let ctl = Ctl {
+        socket: socket.display().to_string(),
+    };
+    let vol_nqn = "nqn.2026-11.io.ox:vol0";
+    let clone_nqn = "nqn.2026-11.io.ox:c0";
+    let vol = format!("127.0.0.1:{port},{vol_nqn},1");
+    let cl = format!("127.0.0.1:{port},{clone_nqn},1");
+
+    // A 64 MiB volume, its first 32 MiB written with verify blocks (seed 1).
+    let created = ctl.ok(&[
+        "volume",
+        "create",
+        "vol0",
+        "--size-mib",
+        "64",
+        "--nqn",
+        vol_nqn,
+        "--allow-any-host",
+    ]);
+    assert_eq!(created["listeners"][0], format!("127.0.0.1:{port}"));
+    oxperf(&vol, "write", "0:65536", 256, 131072, 1);
+
+    // Snapshot into S3 (the command waits for the job), then clone it.
+    let job = ctl.ok(&["snapshot", "create", "vol0", "--store", "s3"]);
+    assert_eq!(job["state"], "done", "{job}");
+    let id = job["result"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        job["result"]["chunks_read"], 512,
+        "only written chunks are read"
+    );
+    let list = ctl.ok(&["snapshot", "list"]);
+    assert_eq!(list[0]["id"], id.as_str());
+    ctl.ok(&[
+        "clone",
+        "create",
+        "c0",
+        "--snapshot",
+        &id[..8],
+        "--nqn",
+        clone_nqn,
+        "--allow-any-host",
+    ]);
+
+    // The clone reads as the volume; then the host overwrites 2 MiB of it with 4 KiB
+    // writes (seed 7) — partial chunks over unfetched data.
+    assert_eq!(
+        verified(&oxperf(&cl, "read", "0:65536", 256, 131072, 1)),
+        65536
+    );
+    oxperf(&cl, "write", "16384:4096", 512, 4096, 7);
+    let got = ctl.ok(&["clone", "get", "c0"]);
+    assert!(got["chunks_present"].as_u64().unwrap() >= 256, "{got}");
+    assert!(got["fetched_bytes"]["client_miss"].as_u64().unwrap() > 0);
+
+    // Hostile requests are refused and the daemon carries on.
+    let o = ctl.call(&["volume", "create", "vol0", "--size-mib", "64"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exists already"));
+    let o = ctl.call(&["volume", "create", "bad/name", "--size-mib", "64"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("must be 1-64 characters"));
+    let o = ctl.call(&["snapshot", "create", "vol0", "--store", "nowhere"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no store named"));
+    let o = ctl.call(&[
+        "clone",
+        "create",
+        "c1",
+        "--store",
+        "down",
+        "--manifest-key",
+        "x/ox1/m/00",
+    ]);
+    assert!(!o.status.success(), "a clone from an unreachable store");
+    assert!(ctl.ok(&["volume", "list"])["clones"][0]["name"] == "c0");
+
+    // kill -9, restart: every acknowledged write is there.
+    oxd.child.kill().unwrap();
+    oxd.child.wait().unwrap();
+    drop(oxd);
+    let _oxd = start_oxd(&config);
+    let listed = ctl.ok(&["volume", "list"]);
+    assert_eq!(listed["volumes"][0]["name"], "vol0");
+    assert!(listed["clones"][0].get("unavailable").is_none(), "{listed}");
+    assert_eq!(
+        verified(&oxperf(&vol, "read", "0:65536", 256, 131072, 1)),
+        65536
+    );
+    assert_eq!(
+        verified(&oxperf(&cl, "read", "0:16384", 64, 131072, 1)),
+        16384
+    );
+    assert_eq!(
+        verified(&oxperf(&cl, "read", "16384:4096", 16, 131072, 7)),
+        4096
+    );
+    assert_eq!(
+        verified(&oxperf(&cl, "read", "20480:45056", 176, 131072, 1)),
+        45056
+    );
+
+    // The audit log holds every call, and its chain is intact.
+    let audit = ctl.ok(&["audit", "verify"]);
+    assert_eq!(audit["intact"], true, "{audit}");
+    let text = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    for action in ["volume_create", "snapshot_create", "clone_create", "start"] {
+        assert!(
+            text.contains(&format!("\"action\":\"{action}\"")),
+            "{action}"
+        );
+    }
+}
