@@ -45,6 +45,30 @@ pub struct Config {
     /// Key-encryption keys.
     #[serde(default, rename = "key")]
     pub keys: Vec<KeySection>,
+    /// Volumes the appliance must have (created at start if missing).
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeSection>,
+}
+
+/// `[[volume]]`: a snapshottable volume, created at the first start and kept in the
+/// catalogue (like `oxctl volume create`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSection {
+    /// Name.
+    pub name: String,
+    /// Size in MiB.
+    pub size_mib: u64,
+    /// 512 (default) or 4096.
+    pub block_size: Option<u32>,
+    /// Export under this NQN on `ox.export_listeners`.
+    pub nqn: Option<String>,
+    /// Allowed host NQNs.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Any host may connect.
+    #[serde(default)]
+    pub allow_any_host: bool,
 }
 
 /// `[ox]`.
@@ -362,8 +386,8 @@ impl Config {
     /// its name), and the OX core list.
     pub fn ox_settings(&self) -> anyhow::Result<Option<(Settings, Vec<Option<usize>>)>> {
         let Some(ox) = &self.ox else {
-            if !self.stores.is_empty() || !self.keys.is_empty() {
-                bail!("[[store]] and [[key]] need an [ox] section (state_dir)");
+            if !self.stores.is_empty() || !self.keys.is_empty() || !self.volumes.is_empty() {
+                bail!("[[store]], [[key]] and [[volume]] need an [ox] section (state_dir)");
             }
             return Ok(None);
         };

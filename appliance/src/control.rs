@@ -344,6 +344,10 @@ const OX_METHODS: &[&str] = &[
     "volume_list",
     "snapshot_create",
     "snapshot_list",
+    "snapshot_verify",
+    "snapshot_restore",
+    "snapshot_delete",
+    "key_rotate",
     "clone_create",
     "clone_get",
     "clone_delete",
@@ -468,6 +472,28 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         "snapshot_list" => {
             let m = params(p, &["volume"])?;
             Ok(service.snapshot_list(get_str(&m, "volume")?))
+        }
+        "snapshot_verify" => {
+            let m = params(p, &["id"])?;
+            service.snapshot_verify(need_str(&m, "id")?).map_err(failed)
+        }
+        "snapshot_restore" => {
+            let m = with(&["id", "name"])?;
+            service
+                .snapshot_restore(
+                    need_str(&m, "id")?,
+                    need_str(&m, "name")?,
+                    export_params(&m)?,
+                )
+                .map_err(failed)
+        }
+        "snapshot_delete" => {
+            let m = params(p, &["id"])?;
+            service.snapshot_delete(need_str(&m, "id")?).map_err(failed)
+        }
+        "key_rotate" => {
+            let m = params(p, &["to"])?;
+            service.key_rotate(need_str(&m, "to")?).map_err(failed)
         }
         "clone_create" => {
             let m = with(&["name", "snapshot", "store", "manifest_key", "thicken"])?;

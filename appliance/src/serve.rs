@@ -41,6 +41,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
                 ox_cores,
                 Arc::clone(&target),
             )?;
+            service.ensure_volumes(&config.volumes)?;
             println!("oxd: object exchange on, state in {}", state_dir.display());
             Some(service)
         }

@@ -590,7 +590,7 @@ impl Service {
         let progress = Arc::new(SnapshotProgress::default());
         let job = self.new_job("snapshot", volume, Some(Arc::clone(&progress)));
         let opts = SnapshotOptions {
-            prefix: format!("{volume}/"),
+            prefix: snapshot_prefix(volume, &uuid),
             zstd_level: self.settings.zstd_level,
             kek: Some(kek),
             object_bytes: self.settings.object_bytes,
@@ -934,6 +934,265 @@ impl Service {
         Ok(json!({ "name": name }))
     }
 
+    /// Runs `work` on a thread as a job; its outcome is recorded when it ends.
+    fn spawn_job(
+        &self,
+        kind: &str,
+        target: &str,
+        work: impl FnOnce(&Arc<Job>) -> Result<Value, String> + Send + 'static,
+    ) -> Value {
+        let job = self.new_job(kind, target, None);
+        let j = Arc::clone(&job);
+        let spawned = std::thread::Builder::new()
+            .name(kind.into())
+            .spawn(move || {
+                let outcome = work(&j);
+                *j.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+            });
+        if let Err(e) = spawned {
+            job.outcome
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(Err(e.to_string()));
+        }
+        job.json()
+    }
+
+    /// Starts fetching and checking every frame of a snapshot (its own and those it
+    /// references); the job's result lists every bad frame.
+    pub fn snapshot_verify(self: &Arc<Self>, id: &str) -> anyhow::Result<Value> {
+        let snap = self.snapshot(id)?;
+        let spec = self.store(&snap.store)?.clone();
+        let (keks, cores, key) = (
+            self.settings.keys.clone(),
+            Arc::clone(&self.cores),
+            snap.manifest_key.clone(),
+        );
+        Ok(self.spawn_job("verify", &snap.id, move |_job| {
+            let report = cores
+                .run(move |ex| {
+                    Box::pin(async move {
+                        let store = spec.open(&ex)?;
+                        let loaded = ox::snapshot::load(&*store, &key, &keks).await?;
+                        ox::hydrate::verify(&*store, &loaded).await
+                    })
+                })
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let bad: Vec<Value> = report
+                .bad
+                .iter()
+                .map(|(c, why)| json!({"chunk": c, "error": why}))
+                .collect();
+            let result = json!({ "frames": report.frames, "zero_chunks": report.zero, "bad": bad });
+            if bad.is_empty() {
+                Ok(result)
+            } else {
+                Err(format!("{} bad frame(s): {result}", bad.len()))
+            }
+        }))
+    }
+
+    /// Starts restoring a snapshot into a new volume `name` (a full copy); the volume
+    /// appears, exported if asked, only once the copy is complete.
+    pub fn snapshot_restore(
+        self: &Arc<Self>,
+        id: &str,
+        name: &str,
+        export: Option<ExportRecord>,
+    ) -> anyhow::Result<Value> {
+        check_name(name)?;
+        let snap = self.snapshot(id)?;
+        {
+            let inner = self.inner();
+            if inner.catalogue.has_name(name) {
+                bail!("a volume or clone named {name:?} exists already");
+            }
+            if let Some(e) = &export {
+                self.check_export(&inner, e)?;
+            }
+        }
+        let loaded = self.load(&snap.store, &snap.manifest_key)?;
+        let m = &loaded.manifest;
+        let record = VolumeRecord {
+            name: name.into(),
+            uuid: Uuid::new_v4().to_string(),
+            size_bytes: m.volume_bytes,
+            block_size: 512,
+            chunk_bytes: u64::from(m.chunk_bytes),
+            export,
+        };
+        let path = self.volume_path(name);
+        if path.exists() {
+            bail!(
+                "{} exists already (left over from a failed restore? remove it)",
+                path.display()
+            );
+        }
+        let live = self.open_volume(&record, false)?;
+        let service = Arc::clone(self);
+        let spec = self.store(&snap.store)?.clone();
+        let name = name.to_string();
+        Ok(self.spawn_job("restore", &name.clone(), move |_job| {
+            let (dev, on) = (live.bdev.clone(), service.reactors[0].clone());
+            let written = service
+                .cores
+                .run(move |ex| {
+                    Box::pin(async move {
+                        let store = spec.open(&ex)?;
+                        ox::hydrate::restore(&*store, &loaded, &dev, &on).await
+                    })
+                })
+                .map_err(|e| e.to_string())?
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&path);
+                    e.to_string()
+                })?;
+            let mut inner = service.inner();
+            if inner.catalogue.has_name(&name) {
+                return Err(format!("{name:?} was created meanwhile; the restored copy is discarded"));
+            }
+            inner.catalogue.volumes.push(record.clone());
+            service.save(&inner).map_err(|e| format!("{e:#}"))?;
+            let listeners = match &record.export {
+                Some(e) => service.export(&live.bdev, e).map_err(|e| format!("restored, but not exported: {e:#}"))?,
+                None => Vec::new(),
+            };
+            inner.volumes.insert(name.clone(), live);
+            Ok(json!({ "name": name, "bytes": written, "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>() }))
+        }))
+    }
+
+    /// Deletes a snapshot: its manifest, then every object no remaining snapshot of
+    /// the volume references. Refused while a later snapshot builds on it or a clone
+    /// reads from it.
+    pub fn snapshot_delete(&self, id: &str) -> anyhow::Result<Value> {
+        let snap = self.snapshot(id)?;
+        {
+            let inner = self.inner();
+            if let Some(child) = inner
+                .catalogue
+                .snapshots
+                .iter()
+                .find(|s| s.parent.as_deref() == Some(snap.id.as_str()))
+            {
+                bail!(
+                    "snapshot {} is the parent of {}: delete that one first",
+                    snap.id,
+                    child.id
+                );
+            }
+            if let Some(c) = inner
+                .catalogue
+                .clones
+                .iter()
+                .find(|c| c.manifest_key == snap.manifest_key && c.store == snap.store)
+            {
+                bail!(
+                    "clone {} reads from snapshot {}: delete it (or let it thicken) first",
+                    c.name,
+                    snap.id
+                );
+            }
+        }
+        let prefix = snap
+            .manifest_key
+            .strip_suffix(&format!("ox1/m/{}", snap.id))
+            .context("the manifest key has an unexpected form")?
+            .to_string();
+        let spec = self.store(&snap.store)?.clone();
+        let (keks, key) = (self.settings.keys.clone(), snap.manifest_key.clone());
+        let removed = self.cores.run(move |ex| {
+            Box::pin(async move {
+                let store = spec.open(&ex)?;
+                store.delete(std::slice::from_ref(&key)).await?;
+                ox::snapshot::collect_orphans(&*store, &prefix, &keks).await
+            })
+        })??;
+        let mut inner = self.inner();
+        inner.catalogue.snapshots.retain(|s| s.id != snap.id);
+        self.save(&inner)?;
+        Ok(json!({ "id": snap.id, "objects_deleted": removed.len() + 1 }))
+    }
+
+    /// Re-wraps the data key of every catalogued snapshot under key `to` (which must be
+    /// configured, like the keys they are wrapped under now): after it, the old key
+    /// can be retired from the configuration.
+    pub fn key_rotate(&self, to: &str) -> anyhow::Result<Value> {
+        let new = self
+            .settings
+            .keys
+            .iter()
+            .find(|k| k.id == to)
+            .with_context(|| format!("no key named {to:?}"))?
+            .clone();
+        let snaps = self.inner().catalogue.snapshots.clone();
+        let mut rewrapped = 0;
+        for snap in &snaps {
+            let spec = self.store(&snap.store)?.clone();
+            let (keks, key, new, id) = (
+                self.settings.keys.clone(),
+                snap.manifest_key.clone(),
+                new.clone(),
+                snap.id.clone(),
+            );
+            let changed = self
+                .cores
+                .run(move |ex| {
+                    Box::pin(async move {
+                        let store = spec.open(&ex)?;
+                        let mut m = ox::format::Manifest::from_bytes(&store.get(&key).await?)?;
+                        let Some(wrapped) = &m.key else {
+                            return Ok(false);
+                        };
+                        if wrapped.kek_id == new.id {
+                            return Ok(false);
+                        }
+                        m.key = Some(ox::keys::rewrap(&keks, wrapped, &new, &id)?);
+                        store.put(&key, m.to_bytes()).await?;
+                        Ok::<_, ox::OxError>(true)
+                    })
+                })?
+                .with_context(|| format!("snapshot {}", snap.id))?;
+            rewrapped += u64::from(changed);
+        }
+        Ok(json!({ "key": to, "snapshots": snaps.len(), "rewrapped": rewrapped }))
+    }
+
+    /// Creates the volumes the configuration declares that the catalogue lacks, and
+    /// checks the ones it has against it.
+    pub fn ensure_volumes(&self, declared: &[crate::config::VolumeSection]) -> anyhow::Result<()> {
+        for v in declared {
+            let existing = self
+                .inner()
+                .catalogue
+                .volumes
+                .iter()
+                .find(|r| r.name == v.name)
+                .cloned();
+            let size = v.size_mib << 20;
+            match existing {
+                Some(r) if r.size_bytes != size => bail!(
+                    "volume {:?}: the configuration says {} MiB, the existing volume has {} MiB",
+                    v.name,
+                    v.size_mib,
+                    r.size_bytes >> 20
+                ),
+                Some(_) => {}
+                None => {
+                    let export = v.nqn.as_ref().map(|nqn| ExportRecord {
+                        nqn: nqn.clone(),
+                        hosts: v.hosts.clone(),
+                        allow_any_host: v.allow_any_host,
+                    });
+                    self.volume_create(&v.name, size, v.block_size.unwrap_or(512), export)
+                        .with_context(|| format!("volume {:?}", v.name))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every live block device (volumes and clones), for statistics and metrics.
     pub fn bdevs(&self) -> Vec<Bdev> {
         let inner = self.inner();
@@ -987,6 +1246,13 @@ impl Service {
         }
         problems
     }
+}
+
+/// Store prefix of a volume's snapshots: its name for people, its UUID so that two
+/// appliances' volumes of the same name never share objects.
+fn snapshot_prefix(volume: &str, uuid: &str) -> String {
+    let id: String = uuid.chars().filter(|c| *c != '-').take(12).collect();
+    format!("{volume}.{id}/")
 }
 
 fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&String>) -> Value {

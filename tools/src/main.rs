@@ -62,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         command: CloneCommand,
     },
+    /// Key-encryption keys: create, rotate.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Long operations (snapshots) and their progress.
     Job {
         #[command(subcommand)]
@@ -150,6 +155,48 @@ enum SnapshotCommand {
         /// Only of this volume.
         #[arg(long)]
         volume: Option<String>,
+    },
+    /// Fetch and check every frame of a snapshot; lists every bad one.
+    Verify {
+        /// Snapshot ID (or a unique prefix).
+        id: String,
+        /// Return at once with the job ID.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Copy a snapshot into a new volume.
+    Restore {
+        /// Snapshot ID (or a unique prefix).
+        id: String,
+        /// Name of the new volume.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        export: ExportArgs,
+        /// Return at once with the job ID.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a snapshot and the objects only it uses (newest first: a snapshot
+    /// another one builds on, or a clone reads from, is kept).
+    Delete {
+        /// Snapshot ID (or a unique prefix).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new random key-encryption key to FILE (mode 0600), for a [[key]] entry.
+    Create {
+        /// Where to write it (must not exist).
+        file: PathBuf,
+    },
+    /// Re-wrap every snapshot's data key under key NAME (configured in oxd, as must be
+    /// the keys they use now); afterwards the old key can be removed.
+    Rotate {
+        /// The key to wrap under.
+        to: String,
     },
 }
 
@@ -283,6 +330,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "snapshot_list",
                 volume.as_ref().map(|v| json!({ "volume": v })),
             )?,
+            SnapshotCommand::Verify { id, no_wait } => {
+                let job = call(&cli, "snapshot_verify", Some(json!({ "id": id })))?;
+                if *no_wait { job } else { wait_for(&cli, &job)? }
+            }
+            SnapshotCommand::Restore {
+                id,
+                name,
+                export,
+                no_wait,
+            } => {
+                let mut p = serde_json::Map::new();
+                p.insert("id".into(), id.clone().into());
+                p.insert("name".into(), name.clone().into());
+                export.add_to(&mut p);
+                let job = call(&cli, "snapshot_restore", Some(p.into()))?;
+                if *no_wait { job } else { wait_for(&cli, &job)? }
+            }
+            SnapshotCommand::Delete { id } => {
+                call(&cli, "snapshot_delete", Some(json!({ "id": id })))?
+            }
+        },
+        Command::Key { command } => match command {
+            KeyCommand::Create { file } => create_key(file)?,
+            KeyCommand::Rotate { to } => call(&cli, "key_rotate", Some(json!({ "to": to })))?,
         },
         Command::Clone { command } => match command {
             CloneCommand::Create {
@@ -354,6 +425,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::bail!("job {} failed: {}", result["id"], result["error"]);
     }
     Ok(())
+}
+
+/// Writes 32 random bytes as hex to a new file only its owner can read.
+fn create_key(file: &std::path::Path) -> anyhow::Result<Value> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .context("reading /dev/urandom")?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("creating {}", file.display()))?;
+    f.write_all(format!("{hex}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", file.display()))?;
+    Ok(json!({ "file": file, "created": true }))
 }
 
 /// Polls a job until it ends, with a progress bar on a terminal (hidden otherwise).
