@@ -37,6 +37,9 @@ pub struct Config {
     /// Control socket and audit log.
     #[serde(default)]
     pub control: ControlSection,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// Object exchange: where state lives, OX cores, bandwidth, exports.
     pub ox: Option<OxSection>,
     /// Object stores.
@@ -140,6 +143,14 @@ pub struct KeySection {
     pub env: Option<String>,
     /// A command printing 64 hex characters (a KMS hook).
     pub command: Option<String>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// "address:port" serving `GET /metrics` (Prometheus text); none if absent.
+    pub listen: Option<String>,
 }
 
 /// `[control]`.
@@ -375,7 +386,7 @@ impl Config {
     }
 }
 
-fn parse_addr(text: &str) -> anyhow::Result<SocketAddr> {
+pub fn parse_addr(text: &str) -> anyhow::Result<SocketAddr> {
     text.parse()
         .with_context(|| format!("{text:?} is not an address:port (IPv6 as [addr]:port)"))
 }
@@ -467,6 +478,7 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
             let endpoint: url::Url = need(&s.endpoint, "endpoint")?
                 .parse()
                 .context("endpoint is not a URL")?;
+            let bucket = need(&s.bucket, "bucket")?;
             let credentials = match s.credentials.as_deref().unwrap_or("env") {
                 "env" => CredentialSource::Environment,
                 "file" => CredentialSource::SharedFile {
@@ -492,7 +504,7 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
             ox::store::s3::resolve_credentials(&credentials).context("credentials")?;
             let mut c = S3Config::new(
                 endpoint,
-                &need(&s.bucket, "bucket")?,
+                &bucket,
                 s.region.as_deref().unwrap_or("us-east-1"),
                 credentials,
             );

@@ -37,6 +37,8 @@ pub struct State {
     pub audit: Option<Arc<AuditLog>>,
     /// Volumes, clones and snapshots, if `[ox]` is configured.
     pub service: Option<Arc<Service>>,
+    /// The reactors, for their busy time.
+    pub reactors: Option<Vec<reactor::ReactorHandle>>,
 }
 
 /// A running control socket; removes its file when dropped.

@@ -3,11 +3,13 @@
 //! `oxd --config FILE` serves the block devices and NVMe/TCP subsystems the file names;
 //! `oxd smoke` is a self-contained run of the reactors and block devices. With a
 //! `[control]` section it serves the JSON-RPC control API (docs/API.md) and keeps a
-//! hash-chained audit log. Object exchange is not wired into the daemon yet.
+//! hash-chained audit log; with `[ox]` it holds volumes, snapshots and clones
+//! (docs/OPERATIONS.md); with `[metrics]` it serves Prometheus metrics.
 
 mod catalogue;
 mod config;
 mod control;
+mod metrics;
 mod serve;
 mod service;
 mod smoke;

@@ -94,7 +94,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         cores: set.handles().iter().map(|h| h.core()).collect(),
         audit: audit.clone(),
         service: service.clone(),
+        reactors: Some(set.handles().to_vec()),
     });
+    if let Some(listen) = &config.metrics.listen {
+        let addr = crate::config::parse_addr(listen).context("metrics.listen")?;
+        let bound = crate::metrics::start(addr, Arc::clone(&state))?;
+        println!("oxd: metrics on http://{bound}/metrics");
+    }
     let _socket = match &config.control.socket {
         Some(p) => {
             let s = control::start(p, state)?;

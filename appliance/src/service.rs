@@ -458,14 +458,19 @@ impl Service {
         }
         let live = self.open_volume(&record, true)?;
         inner.catalogue.volumes.push(record);
-        if let Err(e) = self.save(&inner) {
-            inner.catalogue.volumes.retain(|v| v.name != name);
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        let listeners = match &export {
-            Some(e) => self.export(&live.bdev, e)?,
-            None => Vec::new(),
+        let listeners = self.save(&inner).and_then(|()| match &export {
+            Some(e) => self.export(&live.bdev, e),
+            None => Ok(Vec::new()),
+        });
+        let listeners = match listeners {
+            Ok(l) => l,
+            Err(e) => {
+                // Undo: nothing of a failed create survives it.
+                inner.catalogue.volumes.retain(|v| v.name != name);
+                let _ = self.save(&inner);
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
         };
         inner.volumes.insert(name.into(), live);
         Ok(
@@ -474,6 +479,9 @@ impl Service {
     }
 
     fn check_export(&self, inner: &Inner, e: &ExportRecord) -> anyhow::Result<()> {
+        if self.settings.export_listeners.is_empty() {
+            bail!("ox.export_listeners is empty: nowhere to export {}", e.nqn);
+        }
         nvmf::check_nqn(&e.nqn)?;
         if inner.catalogue.exported_nqns().any(|n| n == e.nqn)
             || !self.target.listeners_of(&e.nqn).is_empty()
@@ -811,16 +819,38 @@ impl Service {
             paused: false,
             export: export.clone(),
         };
-        let live = self.open_clone(&record)?;
+        let remove_files = || {
+            for ext in ["img", "presence", "presence.log"] {
+                let _ = std::fs::remove_file(self.clone_path(name, ext));
+            }
+        };
+        let live = match self.open_clone(&record) {
+            Ok(l) => l,
+            Err(e) => {
+                remove_files();
+                return Err(e);
+            }
+        };
         let mut inner = self.inner();
         if inner.catalogue.has_name(name) {
-            bail!("a volume or clone named {name:?} exists already");
+            drop(live);
+            remove_files();
+            bail!("a volume or clone named {name:?} was created meanwhile");
         }
         inner.catalogue.clones.push(record);
-        self.save(&inner)?;
-        let listeners = match &export {
-            Some(e) => self.export(&live.bdev, e)?,
-            None => Vec::new(),
+        let listeners = self.save(&inner).and_then(|()| match &export {
+            Some(e) => self.export(&live.bdev, e),
+            None => Ok(Vec::new()),
+        });
+        let listeners = match listeners {
+            Ok(l) => l,
+            Err(e) => {
+                inner.catalogue.clones.retain(|c| c.name != name);
+                let _ = self.save(&inner);
+                drop(live);
+                remove_files();
+                return Err(e);
+            }
         };
         inner.clones.insert(name.into(), live);
         drop(inner);

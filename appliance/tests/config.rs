@@ -81,3 +81,80 @@ fn a_port_in_use_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn bad_object_exchange_configurations_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let ox = format!("[ox]\nstate_dir = {state:?}\n");
+    let key = dir.path().join("k");
+    std::fs::write(&key, "ab".repeat(32)).unwrap();
+    let short = dir.path().join("short");
+    std::fs::write(&short, "abcd").unwrap();
+    let local =
+        |name: &str| format!("[[store]]\nname = \"{name}\"\nkind = \"local\"\npath = \"/tmp/x\"\n");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "[ox]\nstate_dri = \"/x\"\n".into(),
+            "unknown field `state_dri`",
+        ),
+        ("[ox]\n".into(), "missing field `state_dir`"),
+        (local("s"), "need an [ox] section"),
+        (
+            format!("{ox}{}{}", local("s"), local("s")),
+            "\"s\" is defined twice",
+        ),
+        (
+            format!("{ox}[[store]]\nname = \"s\"\nkind = \"ftp\"\n"),
+            "kind \"ftp\"",
+        ),
+        (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"https://s3.example\"\n"
+            ),
+            "bucket is required",
+        ),
+        (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"static\"\naccess_key = \"a\"\nsecret_key_file = \"/nonexistent\"\n"
+            ),
+            "secret_key_file /nonexistent",
+        ),
+        (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"static\"\naccess_key = \"a\"\nsecret_key_file = {key:?}\n"
+            ),
+            "set allow_http = true",
+        ),
+        (
+            format!("{ox}[[key]]\nname = \"k\"\nfile = {key:?}\nenv = \"X\"\n"),
+            "exactly one of file, env, command",
+        ),
+        (
+            format!("{ox}[[key]]\nname = \"k\"\nfile = {short:?}\n"),
+            "key material is 2 bytes",
+        ),
+        (
+            format!("{ox}[[key]]\nname = \"k\"\nenv = \"OX_TEST_SURELY_UNSET\"\n"),
+            "OX_TEST_SURELY_UNSET is not set",
+        ),
+        (format!("{ox}chunk_kib = 3\n"), "ox.chunk_kib"),
+        (
+            format!(
+                "{ox}[[volume]]\nname = \"v\"\nsize_mib = 1\nnqn = \"nqn.2026-11.io.ox:v\"\nallow_any_host = true\n"
+            ),
+            "ox.export_listeners is empty",
+        ),
+        (
+            format!("{ox}[[volume]]\nname = \"../v\"\nsize_mib = 1\n"),
+            "must be 1-64 characters",
+        ),
+    ];
+    for (config, expected) in cases {
+        let err = oxd_with(&config);
+        assert!(
+            err.contains(expected),
+            "for\n{config}\nexpected {expected:?} in:\n{err}"
+        );
+    }
+}

@@ -78,6 +78,19 @@ fn ok_json(o: Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: oxd\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -163,6 +176,7 @@ fn snapshot_clone_and_a_kill_9_driven_by_oxctl_and_oxperf() {
         0o600
     );
     let port = free_port();
+    let metrics_port = free_port();
     let socket = d.join("oxd.sock");
     let config = d.join("oxd.toml");
     std::fs::write(
@@ -171,6 +185,9 @@ fn snapshot_clone_and_a_kill_9_driven_by_oxctl_and_oxperf() {
             r#"
 [reactors]
 cores = "0"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
 
 [control]
 socket = {socket:?}
@@ -218,6 +235,7 @@ file = {kek2:?}
             down = free_port(),
             kek = d.join("kek"),
             kek2 = d.join("kek2"),
+            metrics = metrics_port,
         ),
     )
     .unwrap();
@@ -275,6 +293,23 @@ file = {kek2:?}
     let got = ctl.ok(&["clone", "get", "c0"]);
     assert!(got["chunks_present"].as_u64().unwrap() >= 128, "{got}");
     assert!(got["fetched_bytes"]["client_miss"].as_u64().unwrap() > 0);
+
+    // Prometheus metrics show the devices, the clone's traffic and the reactors.
+    let text = http_get(metrics_port, "/metrics");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let sample = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(sample("ox_bdev_ops_total{bdev=\"vol0\",type=\"write\"}") >= 64.0);
+    assert!(sample("ox_clone_fetched_bytes_total{clone=\"c0\",reason=\"client_miss\"}") > 0.0);
+    assert!(sample("ox_clone_hydration_ratio{clone=\"c0\"}") > 0.0);
+    assert!(sample("ox_snapshots{volume=\"vol0\"}") == 1.0);
+    assert!(text.contains("ox_reactor_busy_ratio{reactor=\"0\""));
+    assert!(http_get(metrics_port, "/nope").starts_with("HTTP/1.1 404"));
 
     // Hostile requests are refused and the daemon carries on.
     let o = ctl.call(&["volume", "create", "vol0", "--size-mib", "64"]);
