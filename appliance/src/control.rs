@@ -201,7 +201,7 @@ fn serve(stream: UnixStream, state: &State) {
                         let detail = json!({ "params": req.params });
                         if let Err(e) = audit.record(&who, &req.method, detail, &outcome) {
                             // An operation that cannot be audited is not answered as done.
-                            eprintln!("oxd: {e}");
+                            tracing::error!("audit log: {e}");
                             (
                                 req.id,
                                 Err(RpcError::new(code::INTERNAL_ERROR, e.to_string())),

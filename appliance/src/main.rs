@@ -36,11 +36,32 @@ enum Command {
     Smoke(smoke::SmokeArgs),
 }
 
+/// Logs to stdout (the journal under systemd): level and message, with time when on a
+/// terminal. `RUST_LOG` filters (default `info`). Nothing secret is ever logged.
+fn logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stdout);
+    if std::io::stdout().is_terminal() {
+        builder.init();
+    } else {
+        // The journal (or whoever reads the pipe) stamps the time itself.
+        builder.without_time().with_ansi(false).init();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match (cli.command, cli.config) {
         (Some(Command::Smoke(args)), None) => smoke::run(&args),
-        (None, Some(path)) => serve::run(&path),
+        (None, Some(path)) => {
+            logging();
+            serve::run(&path)
+        }
         (Some(_), Some(_)) => Err(anyhow::anyhow!("--config does not apply to subcommands")),
         (None, None) => Err(anyhow::anyhow!(
             "nothing to do: give --config FILE to serve, or a subcommand (see --help)"

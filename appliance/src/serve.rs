@@ -42,7 +42,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
                 Arc::clone(&target),
             )?;
             service.ensure_volumes(&config.volumes)?;
-            println!("oxd: object exchange on, state in {}", state_dir.display());
+            tracing::info!("object exchange on, state in {}", state_dir.display());
             Some(service)
         }
         None => None,
@@ -53,8 +53,8 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             .iter()
             .map(ToString::to_string)
             .collect();
-        println!(
-            "oxd: serving {} ({} namespace(s)) on {}",
+        tracing::info!(
+            "serving {} ({} namespace(s)) on {}",
             s.nqn,
             s.namespaces.len(),
             addrs.join(" ")
@@ -65,7 +65,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         .iter()
         .map(ToString::to_string)
         .collect();
-    println!("oxd: listening on {}", all.join(" "));
+    tracing::info!("listening on {}", all.join(" "));
     let audit = match &config.control.audit_log {
         Some(p) => Some(Arc::new(AuditLog::open(p).context("control.audit_log")?)),
         None => None,
@@ -99,28 +99,28 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     if let Some(listen) = &config.metrics.listen {
         let addr = crate::config::parse_addr(listen).context("metrics.listen")?;
         let bound = crate::metrics::start(addr, Arc::clone(&state))?;
-        println!("oxd: metrics on http://{bound}/metrics");
+        tracing::info!("metrics on http://{bound}/metrics");
     }
     let _socket = match &config.control.socket {
         Some(p) => {
             let s = control::start(p, state)?;
-            println!("oxd: control socket {}", p.display());
+            tracing::info!("control socket {}", p.display());
             Some(s)
         }
         None => None,
     };
     let signal = wait_for_stop_signal(&signals);
-    println!("oxd: signal {signal}: stopping");
+    tracing::info!("signal {signal}: stopping");
     let problems = service.as_ref().map(|s| s.stop()).unwrap_or_default();
     for p in &problems {
-        eprintln!("oxd: at stop: {p}");
+        tracing::warn!("at stop: {p}");
     }
     record(
         "stop",
         serde_json::json!({ "signal": signal, "problems": problems }),
     )?;
     set.shutdown().context("stopping reactors")?;
-    println!("oxd: stopped");
+    tracing::info!("stopped");
     Ok(())
 }
 

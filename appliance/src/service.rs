@@ -229,7 +229,7 @@ impl Service {
                     }
                 }
                 Err(e) => {
-                    eprintln!("oxd: clone {} is unavailable: {e:#}", c.name);
+                    tracing::error!("clone {} is unavailable: {e:#}", c.name);
                     service
                         .inner()
                         .unavailable
@@ -284,8 +284,8 @@ impl Service {
                 c.direct = false;
                 let b =
                     bdev::open_uring(&c).with_context(|| format!("opening {}", path.display()))?;
-                eprintln!(
-                    "oxd: {}: O_DIRECT refused ({direct}); using buffered I/O",
+                tracing::warn!(
+                    "{}: O_DIRECT refused ({direct}); using buffered I/O",
                     path.display()
                 );
                 Ok(b)
@@ -888,9 +888,9 @@ impl Service {
                     Box::pin(async move { ox::hydrate::thicken(&handle, &on, &control).await })
                 });
                 match r {
-                    Ok(Ok(n)) => eprintln!("oxd: clone {name}: thickening fetched {n} chunks"),
-                    Ok(Err(e)) => eprintln!("oxd: clone {name}: thickening stopped: {e}"),
-                    Err(e) => eprintln!("oxd: clone {name}: thickening not run: {e}"),
+                    Ok(Ok(n)) => tracing::info!("clone {name}: thickening fetched {n} chunks"),
+                    Ok(Err(e)) => tracing::warn!("clone {name}: thickening stopped: {e}"),
+                    Err(e) => tracing::error!("clone {name}: thickening not run: {e}"),
                 }
             });
     }

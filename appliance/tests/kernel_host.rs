@@ -79,11 +79,11 @@ namespaces = ["ram0"]
     let mut discovery_port = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix(&format!("oxd: serving {NQN} ")) {
+        if let Some((_, rest)) = line.split_once(&format!("serving {NQN} ")) {
             let addr = rest.rsplit(' ').next().unwrap();
             data_port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
         }
-        if let Some(rest) = line.strip_prefix("oxd: listening on ") {
+        if let Some((_, rest)) = line.split_once("listening on ") {
             // Discovery listeners come first.
             let first = rest.split(' ').next().unwrap();
             discovery_port = Some(first.rsplit(':').next().unwrap().parse().unwrap());

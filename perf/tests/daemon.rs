@@ -50,7 +50,7 @@ fn start_oxd(config: &Path) -> Oxd {
             std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
             panic!("oxd exited before serving:\n{err}");
         };
-        if line.unwrap().starts_with("oxd: control socket") {
+        if line.unwrap().contains(" control socket ") {
             break;
         }
     }

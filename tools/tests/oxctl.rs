@@ -55,7 +55,7 @@ fn start() -> Daemon {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
         let line = lines.next().expect("oxd exited before serving").unwrap();
-        if line.starts_with("oxd: control socket") {
+        if line.contains(" control socket ") {
             break;
         }
     }

@@ -1,0 +1,133 @@
+//! The README's quickstart, step by step, on `examples/quickstart.toml` as shipped (only
+//! its directory and ports moved to private ones): write 10 MiB into the sample volume
+//! with oxperf, snapshot it into the local object store, clone it, read the clone back
+//! with verification, and see that about 10 MiB came from the store.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_oxperf")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build --workspace",
+        p.display()
+    );
+    p
+}
+
+struct Oxd(Child);
+
+impl Drop for Oxd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ok_json(o: Output) -> Value {
+    assert!(
+        o.status.success(),
+        "failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn the_readme_quickstart_works() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let shipped = std::fs::read_to_string(repo.join("examples/quickstart.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, disc, metrics) = (free_port(), free_port(), free_port());
+    let config = shipped
+        .replace(
+            "target/quickstart",
+            &dir.path().join("qs").display().to_string(),
+        )
+        .replace(
+            "examples/quickstart.key",
+            &repo.join("examples/quickstart.key").display().to_string(),
+        )
+        .replace("127.0.0.1:4420", &format!("127.0.0.1:{data}"))
+        .replace("127.0.0.1:8009", &format!("127.0.0.1:{disc}"))
+        .replace("127.0.0.1:9464", &format!("127.0.0.1:{metrics}"));
+    assert_ne!(config, shipped);
+    let path = dir.path().join("quickstart.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(bin("oxd"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while !lines
+        .next()
+        .expect("oxd exited")
+        .unwrap()
+        .contains(" control socket ")
+    {}
+    std::thread::spawn(move || for _ in lines {});
+    let _oxd = Oxd(child);
+    let socket = dir.path().join("qs/oxd.sock").display().to_string();
+    let oxctl = |args: &[&str]| {
+        let mut all = vec!["--socket", &socket, "--json"];
+        all.extend_from_slice(args);
+        ok_json(Command::new(bin("oxctl")).args(&all).output().unwrap())
+    };
+    let oxperf = |nqn: &str, workload: &str| {
+        let target = format!("127.0.0.1:{data},{nqn},1");
+        ok_json(
+            Command::new(bin("oxperf"))
+                .args([
+                    "run", "--target", &target, "-w", workload, "--bs", "131072", "--range",
+                    "0:20480", "--ios", "80", "--verify", "--cores", "0", "--json",
+                ])
+                .output()
+                .unwrap(),
+        )
+    };
+    // The sample volume is there and exported.
+    let vols = oxctl(&["volume", "list"]);
+    assert_eq!(vols["volumes"][0]["name"], "vol0");
+    assert_eq!(vols["volumes"][0]["size_bytes"], 1u64 << 30);
+    // Write 10 MiB, snapshot, clone, read the clone back.
+    oxperf("nqn.2026-11.io.ox:vol0", "write");
+    let snap = oxctl(&["snapshot", "create", "vol0", "--store", "local"]);
+    assert_eq!(snap["state"], "done", "{snap}");
+    let id = snap["result"]["id"].as_str().unwrap();
+    oxctl(&[
+        "clone",
+        "create",
+        "c0",
+        "--snapshot",
+        id,
+        "--nqn",
+        "nqn.2026-11.io.ox:c0",
+        "--allow-any-host",
+    ]);
+    let read = oxperf("nqn.2026-11.io.ox:c0", "read");
+    assert_eq!(read["verified_blocks"], 20480, "{read}");
+    assert!(read["mismatch"].is_null());
+    // About 10 MiB of a 1 GiB clone came from the store.
+    let c = oxctl(&["clone", "get", "c0"]);
+    let moved = c["object_bytes"].as_u64().unwrap();
+    assert!(
+        moved > 5 << 20 && moved <= (10 << 20) + (512 << 10),
+        "moved {moved} bytes: {c}"
+    );
+}
