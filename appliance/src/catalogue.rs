@@ -71,6 +71,10 @@ pub struct CloneRecord {
     pub thicken: bool,
     /// Thickening paused by the operator.
     pub paused: bool,
+    /// This clone's thickening bandwidth, MiB/s (absent or 0: the global background
+    /// limit only).
+    #[serde(default)]
+    pub thicken_mib_s: Option<u64>,
     /// NVMe/TCP export, if any.
     pub export: Option<ExportRecord>,
 }

@@ -523,9 +523,13 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
             service.clone_delete(need_str(&m, "name")?).map_err(failed)
         }
         "clone_thicken" => {
-            let m = params(p, &["name", "action"])?;
+            let m = params(p, &["name", "action", "mib_s"])?;
             service
-                .clone_thicken(need_str(&m, "name")?, need_str(&m, "action")?)
+                .clone_thicken(
+                    need_str(&m, "name")?,
+                    need_str(&m, "action")?,
+                    get_u64(&m, "mib_s")?,
+                )
                 .map_err(failed)
         }
         "job_get" => {

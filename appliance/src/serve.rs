@@ -77,6 +77,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         Ok(())
     };
     record("start", serde_json::json!({ "config": path }))?;
+    audit_connects(&target, audit.clone())?;
     let state = Arc::new(control::State {
         bdevs: bdevs.clone(),
         subsystems: config
@@ -121,6 +122,51 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     )?;
     set.shutdown().context("stopping reactors")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Hosts' Connect decisions go to the log (denials as warnings) and, through a thread
+/// (the reactor that decided must not wait for an fsync), to the audit log. If the
+/// audit thread falls behind by thousands of connects, the excess is counted in the
+/// log rather than blocking hosts.
+fn audit_connects(target: &Target, audit: Option<Arc<AuditLog>>) -> anyhow::Result<()> {
+    let (tx, rx) = crossbeam_channel::bounded::<nvmf::ConnectEvent>(4096);
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let d = Arc::clone(&dropped);
+    target.observe_connects(Arc::new(move |e: nvmf::ConnectEvent| {
+        if !e.allowed {
+            tracing::warn!(
+                "host {} denied access to {} on {}: {}",
+                e.hostnqn,
+                e.subnqn,
+                e.listener,
+                e.reason
+            );
+        }
+        if tx.try_send(e).is_err() {
+            d.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }))?;
+    std::thread::Builder::new()
+        .name("audit-connects".into())
+        .spawn(move || {
+            for e in rx {
+                let Some(a) = &audit else { continue };
+                let result = if e.allowed {
+                    "ok".to_string()
+                } else {
+                    format!("denied: {}", e.reason)
+                };
+                let lost = dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+                let detail = serde_json::json!({
+                    "subsystem": e.subnqn, "listener": e.listener.to_string(), "unrecorded_before": lost,
+                });
+                if let Err(err) = a.record(&format!("host {}", e.hostnqn), "host_connect", detail, &result) {
+                    tracing::error!("audit log: {err}");
+                }
+            }
+        })
+        .context("starting the connect audit thread")?;
     Ok(())
 }
 

@@ -353,6 +353,7 @@ impl Service {
     }
 
     fn open_clone(&self, c: &CloneRecord) -> anyhow::Result<LiveClone> {
+        self.set_thicken_rate(&c.name, c.thicken_mib_s);
         let loaded = self.load(&c.store, &c.manifest_key)?;
         let size = loaded.manifest.volume_bytes;
         let uuid: Uuid = c.uuid.parse().context("uuid")?;
@@ -410,7 +411,10 @@ impl Service {
             namespaces: vec![Namespace::new(1, bdev.clone())],
             listeners: self.settings.export_listeners.clone(),
         };
-        Ok(self.target.add_subsystem(sub)?)
+        let listeners = self.target.add_subsystem(sub)?;
+        let at: Vec<String> = listeners.iter().map(ToString::to_string).collect();
+        tracing::info!("exported {} as {} on {}", bdev.name(), e.nqn, at.join(" "));
+        Ok(listeners)
     }
 
     fn save(&self, inner: &Inner) -> anyhow::Result<()> {
@@ -817,6 +821,7 @@ impl Service {
             manifest_key,
             thicken,
             paused: false,
+            thicken_mib_s: None,
             export: export.clone(),
         };
         let remove_files = || {
@@ -895,9 +900,24 @@ impl Service {
             });
     }
 
-    /// Pauses, resumes or starts thickening of a clone; the choice is kept across
-    /// restarts.
-    pub fn clone_thicken(&self, name: &str, action: &str) -> anyhow::Result<Value> {
+    fn set_thicken_rate(&self, name: &str, mib_s: Option<u64>) {
+        let limit = match mib_s {
+            Some(m) if m > 0 => ox::throttle::Limit::per_second(m << 20),
+            _ => ox::throttle::Limit::NONE,
+        };
+        self.settings
+            .throttle
+            .set_volume(name, ox::throttle::Class::Background, limit);
+    }
+
+    /// Pauses, resumes or starts thickening of a clone, and sets its own bandwidth
+    /// (`mib_s`; 0: only the global background limit); kept across restarts.
+    pub fn clone_thicken(
+        &self,
+        name: &str,
+        action: &str,
+        mib_s: Option<u64>,
+    ) -> anyhow::Result<Value> {
         {
             let mut inner = self.inner();
             let Some(pos) = inner.catalogue.clones.iter().position(|c| c.name == name) else {
@@ -918,6 +938,10 @@ impl Service {
             let c = &mut inner.catalogue.clones[pos];
             c.thicken = true;
             c.paused = action == "pause";
+            if let Some(m) = mib_s {
+                c.thicken_mib_s = Some(m);
+                self.set_thicken_rate(name, Some(m));
+            }
             self.save(&inner)?;
         }
         if action != "pause" {
@@ -1288,7 +1312,7 @@ fn snapshot_prefix(volume: &str, uuid: &str) -> String {
 fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&String>) -> Value {
     let mut v = json!({
         "name": c.name, "kind": "clone", "uuid": c.uuid, "store": c.store,
-        "manifest_key": c.manifest_key, "export": c.export, "thicken": c.thicken, "paused": c.paused,
+        "manifest_key": c.manifest_key, "export": c.export, "thicken": c.thicken, "paused": c.paused, "thicken_mib_s": c.thicken_mib_s,
     });
     if let Some(why) = unavailable {
         v["unavailable"] = json!(why);

@@ -18,7 +18,7 @@ use crate::conn::{Conn, Queue};
 use crate::identify::{self, AER_LIMIT, CtrlKind};
 use crate::le;
 use crate::subsystem::{DISCOVERY_NQN, check_nqn};
-use crate::target::{CtrlShared, QueueRef, TargetShared};
+use crate::target::{ConnectEvent, CtrlShared, QueueRef, TargetShared};
 
 /// A command's outcome: status, result dwords and any data for the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,15 +113,32 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
         return Err(Status::CONNECT_CTRL_BUSY.into());
     }
     let discovery = subnqn == DISCOVERY_NQN;
+    let observe = |allowed: bool, reason: &'static str| {
+        if qid == 0
+            && let Some(o) = target.observer.get()
+        {
+            o(ConnectEvent {
+                hostnqn: hostnqn.clone(),
+                subnqn: subnqn.clone(),
+                listener: conn.local,
+                allowed,
+                reason,
+            });
+        }
+    };
     let subsystem = if discovery {
         None
     } else {
-        let s = target
+        let Some(s) = target
             .subsystems()
             .into_iter()
             .find(|s| s.nqn == subnqn && s.listeners.contains(&conn.local))
-            .ok_or(Reply::invalid_param(256, true))?;
+        else {
+            observe(false, "no such subsystem on this listener");
+            return Err(Reply::invalid_param(256, true));
+        };
         if !s.hosts.allows(&hostnqn) {
+            observe(false, "host not allowed");
             return Err(Status::CONNECT_INVALID_HOST.into());
         }
         Some(s)
@@ -146,6 +163,7 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
                 queues: std::sync::Mutex::new(HashMap::new()),
             })
             .ok_or(Status::CONNECT_CTRL_BUSY)?;
+        observe(true, "ok");
         let id = shared.cntlid;
         let ctrl = Rc::new(RefCell::new(Controller {
             shared,

@@ -30,4 +30,4 @@ pub use subsystem::{
     ADMIN_IN_CAPSULE, DISCOVERY_NQN, HostPolicy, Limits, Namespace, SocketIo, Subsystem,
     TargetConfig, check_nqn,
 };
-pub use target::Target;
+pub use target::{ConnectEvent, ConnectObserver, Target};

@@ -76,7 +76,28 @@ pub(crate) struct TargetShared {
     next_conn_id: AtomicU64,
     ctrls: Mutex<Ctrls>,
     pub genctr: AtomicU64,
+    /// Told of every admin-queue Connect decision (for the audit log).
+    pub observer: std::sync::OnceLock<ConnectObserver>,
 }
+
+/// A host's attempt to create a controller, and the target's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectEvent {
+    /// The host's NQN.
+    pub hostnqn: String,
+    /// The subsystem asked for.
+    pub subnqn: String,
+    /// The listener it came in on.
+    pub listener: SocketAddr,
+    /// Whether a controller was created.
+    pub allowed: bool,
+    /// Why not, or "ok".
+    pub reason: &'static str,
+}
+
+/// Called on the reactor that handled the Connect: it must return at once (hand the
+/// event to another thread for anything slow, such as an fsynced audit log).
+pub type ConnectObserver = Arc<dyn Fn(ConnectEvent) + Send + Sync>;
 
 impl TargetShared {
     fn ctrls(&self) -> MutexGuard<'_, Ctrls> {
@@ -227,6 +248,7 @@ impl Target {
                 next: 1,
             }),
             genctr: AtomicU64::new(1),
+            observer: std::sync::OnceLock::new(),
         });
         for (i, (_, l)) in bound.into_iter().enumerate() {
             let local = l.local_addr().map_err(|cause| NvmfError::Listen {
@@ -239,6 +261,15 @@ impl Target {
             r.send(conn::close_all_on_stop)?;
         }
         Ok(Self { shared })
+    }
+
+    /// Reports every admin-queue Connect decision (host, subsystem, allowed or why
+    /// not) to `observer`; set once.
+    pub fn observe_connects(&self, observer: ConnectObserver) -> Result<(), NvmfError> {
+        self.shared
+            .observer
+            .set(observer)
+            .map_err(|_| NvmfError::Config("a connect observer is set already".into()))
     }
 
     /// Addresses the target listens on (ports resolved).

@@ -925,3 +925,38 @@ fn subsystems_come_and_go_while_the_target_runs() {
     let mut q = Host::io_queue(s.addr, Digests::default(), NQN, a.cntlid, 1);
     assert!(q.read(1, 0, 1, 512).status().is_success());
 }
+
+#[test]
+fn connect_decisions_are_reported_to_the_observer() {
+    let s = setup(Limits::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    s.target
+        .observe_connects(std::sync::Arc::new(move |e| {
+            let _ = tx.lock().unwrap().send(e);
+        }))
+        .unwrap();
+    let a = Host::admin_ready(s.addr, Digests::default(), NQN, 1);
+    let _q = Host::io_queue(s.addr, Digests::default(), NQN, a.cntlid, 1);
+    let mut h = Host::connect(s.addr, Digests::default());
+    let c = h.fabric_connect(0, 31, PRIVATE, HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_HOST);
+    let mut h = Host::connect(s.addr, Digests::default());
+    let c = h.fabric_connect(0, 31, "nqn.2026-11.io.ox:nope", HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAM);
+    let got: Vec<nvmf::ConnectEvent> = (0..3)
+        .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+        .collect();
+    assert!(got[0].allowed && got[0].subnqn == NQN && got[0].hostnqn == HOSTNQN);
+    assert!(!got[1].allowed && got[1].reason == "host not allowed");
+    assert!(!got[2].allowed && got[2].reason.contains("no such subsystem"));
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "I/O queue connects are not reported"
+    );
+    assert!(
+        s.target
+            .observe_connects(std::sync::Arc::new(|_| {}))
+            .is_err()
+    );
+}

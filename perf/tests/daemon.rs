@@ -294,6 +294,12 @@ file = {kek2:?}
     assert!(got["chunks_present"].as_u64().unwrap() >= 128, "{got}");
     assert!(got["fetched_bytes"]["client_miss"].as_u64().unwrap() > 0);
 
+    // Thickening at 1 MiB/s, then paused: the choice survives the crash below.
+    let t = ctl.ok(&["clone", "thicken", "c0", "start", "--mib-s", "1"]);
+    assert_eq!(t["thicken_mib_s"], 1, "{t}");
+    let t = ctl.ok(&["clone", "thicken", "c0", "pause"]);
+    assert_eq!(t["thickening"]["paused"], true, "{t}");
+
     // Prometheus metrics show the devices, the clone's traffic and the reactors.
     let text = http_get(metrics_port, "/metrics");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -344,6 +350,11 @@ file = {kek2:?}
     let listed = ctl.ok(&["volume", "list"]);
     assert_eq!(listed["volumes"][0]["name"], "vol0");
     assert!(listed["clones"][0].get("unavailable").is_none(), "{listed}");
+    assert_eq!(
+        listed["clones"][0]["thickening"]["paused"], true,
+        "{listed}"
+    );
+    assert_eq!(listed["clones"][0]["thicken_mib_s"], 1);
     let parts = [("0:8192", 32, 1), ("8192:512", 2, 3), ("8704:7680", 30, 1)];
     for (range, ios, seed) in parts {
         let blocks: u64 = range.split(':').nth(1).unwrap().parse().unwrap();
@@ -418,7 +429,13 @@ file = {kek2:?}
     let audit = ctl.ok(&["audit", "verify"]);
     assert_eq!(audit["intact"], true, "{audit}");
     let text = std::fs::read_to_string(d.join("audit.log")).unwrap();
-    for action in ["volume_create", "snapshot_create", "clone_create", "start"] {
+    for action in [
+        "volume_create",
+        "snapshot_create",
+        "clone_create",
+        "start",
+        "host_connect",
+    ] {
         assert!(
             text.contains(&format!("\"action\":\"{action}\"")),
             "{action}"

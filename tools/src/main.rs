@@ -231,12 +231,15 @@ enum CloneCommand {
         /// Name.
         name: String,
     },
-    /// Start, pause or resume background thickening.
+    /// Start, pause or resume background thickening, and set its bandwidth.
     Thicken {
         /// Name.
         name: String,
         /// start, pause or resume.
         action: String,
+        /// This clone's thickening bandwidth in MiB/s (0: only the global limit).
+        #[arg(long)]
+        mib_s: Option<u64>,
     },
 }
 
@@ -381,11 +384,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             CloneCommand::Delete { name } => {
                 call(&cli, "clone_delete", Some(json!({ "name": name })))?
             }
-            CloneCommand::Thicken { name, action } => call(
-                &cli,
-                "clone_thicken",
-                Some(json!({ "name": name, "action": action })),
-            )?,
+            CloneCommand::Thicken {
+                name,
+                action,
+                mib_s,
+            } => {
+                let mut p = json!({ "name": name, "action": action });
+                if let Some(m) = mib_s {
+                    p["mib_s"] = (*m).into();
+                }
+                call(&cli, "clone_thicken", Some(p))?
+            }
         },
         Command::Job { command } => match command {
             JobCommand::Get { id } => call(&cli, "job_get", Some(json!({ "id": id })))?,
@@ -655,6 +664,30 @@ fn print_human(command: &Command, r: &Value) {
                 );
             }
         }
+        Command::Volume {
+            command: VolumeCommand::Create { .. },
+        }
+        | Command::Clone {
+            command: CloneCommand::Create { .. },
+        } => {
+            let at: Vec<String> = r["listeners"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            if at.is_empty() {
+                println!("created {} (not exported)", s(&r["name"]));
+            } else {
+                println!("created {}, exported on {}", s(&r["name"]), at.join(" "));
+            }
+        }
+        Command::Volume {
+            command: VolumeCommand::Delete { .. },
+        }
+        | Command::Clone {
+            command: CloneCommand::Delete { .. },
+        } => println!("deleted {}", s(&r["name"])),
         _ => {
             println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
         }
