@@ -119,7 +119,10 @@ impl AuditLog {
     /// (keep the file as evidence, start a new one).
     pub fn open(path: &Path) -> Result<Self, AuditError> {
         let (seq, hash) = match File::open(path) {
-            Ok(_) => verify(path)?,
+            Ok(_) => {
+                cut_torn_tail(path)?;
+                verify(path)?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, GENESIS.to_string()),
             Err(e) => return Err(io(path, e)),
         };
@@ -159,10 +162,21 @@ impl AuditLog {
         entry.hash = entry.digest();
         let mut line = serde_json::to_vec(&entry).unwrap_or_default();
         line.push(b'\n');
-        tail.file
+        let before = tail
+            .file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| io(&self.path, e))?;
+        if let Err(e) = tail
+            .file
             .write_all(&line)
             .and_then(|()| tail.file.sync_data())
-            .map_err(|e| io(&self.path, e))?;
+        {
+            // Take back whatever part got out, so the chain stays whole for the next
+            // entry (an append-mode file writes at the end whatever the offset).
+            let _ = tail.file.set_len(before);
+            return Err(io(&self.path, e));
+        }
         tail.seq = entry.seq;
         tail.hash.clone_from(&entry.hash);
         Ok(entry)
@@ -182,6 +196,28 @@ impl Mode0600 for OpenOptions {
     fn mode_0600(&mut self) -> &mut Self {
         std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
     }
+}
+
+/// Cuts an unterminated last line: an entry whose write a crash interrupted (entries
+/// are only acknowledged once written whole, newline included). Said in the log.
+fn cut_torn_tail(path: &Path) -> Result<(), AuditError> {
+    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    tracing::warn!(
+        "audit log {}: cutting {} bytes of an entry a crash left unfinished",
+        path.display(),
+        bytes.len() - keep
+    );
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io(path, e))?;
+    f.set_len(keep as u64)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io(path, e))
 }
 
 /// Checks the whole chain of the log at `path`; returns the last sequence number and
@@ -297,7 +333,19 @@ mod tests {
             e.contains("line 5") && e.contains("not an audit entry"),
             "{e}"
         );
-        // And the daemon refuses to append to a broken log.
+        // And the daemon refuses to append to a broken log...
         assert!(AuditLog::open(&path).is_err());
+        // ...except for an unfinished last entry (a crash mid-write), which it cuts.
+        let mut torn = good.join("\n") + "\n";
+        torn.push_str("{\"seq\": 5, \"time_ms\"");
+        std::fs::write(&path, torn).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        assert_eq!(
+            log.record("oxd", "start", serde_json::Value::Null, "ok")
+                .unwrap()
+                .seq,
+            5
+        );
+        assert_eq!(verify(&path).unwrap().0, 5);
     }
 }

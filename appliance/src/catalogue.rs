@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-/// Catalogue format version.
-const VERSION: u32 = 1;
+/// Catalogue format version written. 2 added `thicken_mib_s` to clones.
+const VERSION: u32 = 2;
+
+/// Versions this build reads (older ones lack fields that have defaults).
+const READABLE: [u32; 2] = [1, 2];
 
 /// Everything the daemon must find again after a restart.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -124,14 +127,17 @@ impl Catalogue {
         };
         let c: Self = serde_json::from_str(&text)
             .with_context(|| format!("{} is damaged", path.display()))?;
-        if c.version != VERSION {
+        if !READABLE.contains(&c.version) {
             anyhow::bail!(
-                "{} has format version {}, this oxd reads {VERSION}",
+                "{} has format version {}, this oxd reads {READABLE:?}",
                 path.display(),
                 c.version
             );
         }
-        Ok(c)
+        Ok(Self {
+            version: VERSION,
+            ..c
+        })
     }
 
     /// Saves atomically to `state_dir`.

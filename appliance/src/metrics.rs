@@ -31,6 +31,8 @@ pub fn start(addr: SocketAddr, state: Arc<State>) -> anyhow::Result<SocketAddr> 
             async_io::block_on(ex.run(async {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
+                        // Out of descriptors, say: back off rather than spin.
+                        async_io::Timer::after(std::time::Duration::from_millis(100)).await;
                         continue;
                     };
                     let state = Arc::clone(&state);
@@ -174,9 +176,9 @@ pub fn render(state: &State) -> String {
         }
         family(
             &mut out,
-            "ox_snapshot_uploaded_bytes_total",
-            "counter",
-            "Bytes uploaded by catalogued snapshots, by volume.",
+            "ox_snapshot_stored_bytes",
+            "gauge",
+            "Bytes stored by the catalogued snapshots, by volume (falls when one is deleted).",
             &uploaded
                 .into_iter()
                 .map(|(v, b)| (format!("volume=\"{v}\""), b))

@@ -112,7 +112,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     };
     let signal = wait_for_stop_signal(&signals);
     tracing::info!("signal {signal}: stopping");
-    let problems = service.as_ref().map(|s| s.stop()).unwrap_or_default();
+    // Background work first; then the reactors (in-flight I/O drained, connections
+    // closed, so no host write lands after this); then what must survive a restart.
+    if let Some(s) = &service {
+        s.stop_background();
+    }
+    set.shutdown().context("stopping reactors")?;
+    let problems = service.as_ref().map(|s| s.persist()).unwrap_or_default();
     for p in &problems {
         tracing::warn!("at stop: {p}");
     }
@@ -120,7 +126,6 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         "stop",
         serde_json::json!({ "signal": signal, "problems": problems }),
     )?;
-    set.shutdown().context("stopping reactors")?;
     tracing::info!("stopped");
     Ok(())
 }

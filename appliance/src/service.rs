@@ -87,7 +87,6 @@ pub struct Job {
     done: AtomicU64,
     total: AtomicU64,
     bytes: AtomicU64,
-    cancelled: AtomicBool,
     progress: Mutex<Option<Arc<SnapshotProgress>>>,
     outcome: Mutex<Option<Result<Value, String>>>,
 }
@@ -145,6 +144,27 @@ struct Inner {
     unavailable: HashMap<String, String>,
     jobs: HashMap<u64, Arc<Job>>,
     next_job: u64,
+    /// Names of volumes and clones being created (slow creates run without the lock).
+    reserved: std::collections::HashSet<String>,
+}
+
+impl Inner {
+    /// Whether `name` is a volume or clone, or about to be one.
+    fn taken(&self, name: &str) -> bool {
+        self.catalogue.has_name(name) || self.reserved.contains(name)
+    }
+}
+
+/// A name held for a create in progress; released when dropped.
+struct Reservation {
+    service: Arc<Service>,
+    name: String,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.service.inner().reserved.remove(&self.name);
+    }
 }
 
 /// Volumes, clones, snapshots and jobs.
@@ -204,6 +224,7 @@ impl Service {
                 unavailable: HashMap::new(),
                 jobs: HashMap::new(),
                 next_job: 1,
+                reserved: std::collections::HashSet::new(),
             }),
         });
         for v in &catalogue.volumes {
@@ -212,8 +233,10 @@ impl Service {
                 .with_context(|| format!("reopening volume {}", v.name))?;
             let bdev = live.bdev.clone();
             service.inner().volumes.insert(v.name.clone(), live);
-            if let Some(e) = &v.export {
-                service.export(&bdev, e)?;
+            if let Some(e) = &v.export
+                && let Err(err) = service.export(&bdev, e)
+            {
+                tracing::error!("volume {} is not exported: {err:#}", v.name);
             }
         }
         for c in &catalogue.clones {
@@ -221,8 +244,10 @@ impl Service {
                 Ok(live) => {
                     let bdev = live.bdev.clone();
                     service.inner().clones.insert(c.name.clone(), live);
-                    if let Some(e) = &c.export {
-                        service.export(&bdev, e)?;
+                    if let Some(e) = &c.export
+                        && let Err(err) = service.export(&bdev, e)
+                    {
+                        tracing::error!("clone {} is not exported: {err:#}", c.name);
                     }
                     if c.thicken {
                         service.start_thickening(&c.name, c.paused);
@@ -439,7 +464,7 @@ impl Service {
             bail!("size {size_bytes} must be a positive multiple of the {chunk}-byte chunk");
         }
         let mut inner = self.inner();
-        if inner.catalogue.has_name(name) {
+        if inner.taken(name) {
             bail!("a volume or clone named {name:?} exists already");
         }
         if let Some(e) = &export {
@@ -460,7 +485,13 @@ impl Service {
                 path.display()
             );
         }
-        let live = self.open_volume(&record, true)?;
+        let live = match self.open_volume(&record, true) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         inner.catalogue.volumes.push(record);
         let listeners = self.save(&inner).and_then(|()| match &export {
             Some(e) => self.export(&live.bdev, e),
@@ -480,6 +511,27 @@ impl Service {
         Ok(
             json!({ "name": name, "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>() }),
         )
+    }
+
+    /// Holds `name` for a create that runs partly without the lock, after checking it
+    /// and the export are free.
+    fn reserve(
+        self: &Arc<Self>,
+        name: &str,
+        export: Option<&ExportRecord>,
+    ) -> anyhow::Result<Reservation> {
+        let mut inner = self.inner();
+        if inner.taken(name) {
+            bail!("a volume or clone named {name:?} exists already (or is being created)");
+        }
+        if let Some(e) = export {
+            self.check_export(&inner, e)?;
+        }
+        inner.reserved.insert(name.to_string());
+        Ok(Reservation {
+            service: Arc::clone(self),
+            name: name.to_string(),
+        })
     }
 
     fn check_export(&self, inner: &Inner, e: &ExportRecord) -> anyhow::Result<()> {
@@ -698,7 +750,6 @@ impl Service {
             done: AtomicU64::new(0),
             total: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
-            cancelled: AtomicBool::new(false),
             progress: Mutex::new(progress),
             outcome: Mutex::new(None),
         });
@@ -733,15 +784,18 @@ impl Service {
             .get(&id)
             .cloned()
             .with_context(|| format!("no job {id}"))?;
-        job.cancelled.store(true, Ordering::SeqCst);
-        if let Some(p) = job
+        let progress = job
             .progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            p.cancel();
-        }
+            .clone();
+        let Some(p) = progress else {
+            bail!(
+                "job {id} ({}) cannot be cancelled: only snapshots can",
+                job.kind
+            );
+        };
+        p.cancel();
         Ok(job.json())
     }
 
@@ -780,7 +834,7 @@ impl Service {
     /// Clones snapshot `snapshot` (an ID or unique prefix from `snapshot_list`, or a
     /// manifest key in `store`) as `name`: readable and writable at once.
     pub fn clone_create(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         snapshot: Option<&str>,
         source: Option<(&str, &str)>,
@@ -796,15 +850,7 @@ impl Service {
             (None, Some((store, key))) => (store.to_string(), key.to_string()),
             _ => bail!("give either snapshot, or store and manifest_key"),
         };
-        {
-            let inner = self.inner();
-            if inner.catalogue.has_name(name) {
-                bail!("a volume or clone named {name:?} exists already");
-            }
-            if let Some(e) = &export {
-                self.check_export(&inner, e)?;
-            }
-        }
+        let _reservation = self.reserve(name, export.as_ref())?;
         for ext in ["img", "presence", "presence.log"] {
             let p = self.clone_path(name, ext);
             if p.exists() {
@@ -837,10 +883,13 @@ impl Service {
             }
         };
         let mut inner = self.inner();
-        if inner.catalogue.has_name(name) {
+        if let Some(e) = &export
+            && let Err(err) = self.check_export(&inner, e)
+        {
+            drop(inner);
             drop(live);
             remove_files();
-            bail!("a volume or clone named {name:?} was created meanwhile");
+            return Err(err);
         }
         inner.catalogue.clones.push(record);
         let listeners = self.save(&inner).and_then(|()| match &export {
@@ -867,12 +916,15 @@ impl Service {
         )
     }
 
-    fn start_thickening(&self, name: &str, paused: bool) {
+    fn start_thickening(self: &Arc<Self>, name: &str, paused: bool) {
         let mut inner = self.inner();
         let Some(live) = inner.clones.get_mut(name) else {
             return;
         };
-        if live.thickening.is_some() {
+        if let Some(t) = &live.thickening {
+            if !paused {
+                t.resume();
+            }
             return;
         }
         let control = Thickening::new();
@@ -886,12 +938,23 @@ impl Service {
             Arc::clone(&self.cores),
         );
         let name = name.to_string();
+        let service = Arc::clone(self);
         let _ = std::thread::Builder::new()
             .name("thicken".into())
             .spawn(move || {
+                let c = Arc::clone(&control);
                 let r = cores.run(move |_ex| {
-                    Box::pin(async move { ox::hydrate::thicken(&handle, &on, &control).await })
+                    Box::pin(async move { ox::hydrate::thicken(&handle, &on, &c).await })
                 });
+                // This walk is over: a later start or resume begins a new one.
+                if let Some(live) = service.inner().clones.get_mut(&name)
+                    && live
+                        .thickening
+                        .as_ref()
+                        .is_some_and(|t| Arc::ptr_eq(t, &control))
+                {
+                    live.thickening = None;
+                }
                 match r {
                     Ok(Ok(n)) => tracing::info!("clone {name}: thickening fetched {n} chunks"),
                     Ok(Err(e)) => tracing::warn!("clone {name}: thickening stopped: {e}"),
@@ -902,7 +965,7 @@ impl Service {
 
     fn set_thicken_rate(&self, name: &str, mib_s: Option<u64>) {
         let limit = match mib_s {
-            Some(m) if m > 0 => ox::throttle::Limit::per_second(m << 20),
+            Some(m) if m > 0 => ox::throttle::Limit::per_second(m.saturating_mul(1 << 20)),
             _ => ox::throttle::Limit::NONE,
         };
         self.settings
@@ -913,7 +976,7 @@ impl Service {
     /// Pauses, resumes or starts thickening of a clone, and sets its own bandwidth
     /// (`mib_s`; 0: only the global background limit); kept across restarts.
     pub fn clone_thicken(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         action: &str,
         mib_s: Option<u64>,
@@ -931,8 +994,8 @@ impl Service {
             match (action, &t) {
                 ("pause", Some(t)) => t.pause(),
                 ("resume", Some(t)) => t.resume(),
-                ("start", _) | ("resume", None) => {}
-                ("pause", None) => bail!("clone {name:?} is not thickening"),
+                // Pausing with no walk running records the choice for later walks.
+                ("start", _) | ("resume", None) | ("pause", None) => {}
                 _ => bail!("action {action:?} is not start, pause or resume"),
             }
             let c = &mut inner.catalogue.clones[pos];
@@ -977,11 +1040,17 @@ impl Service {
         if let Some(e) = &record.export {
             let _ = self.target.remove_subsystem(&e.nqn);
         }
-        if let Some(live) = inner.clones.remove(name)
-            && let Some(t) = &live.thickening
-        {
-            t.stop();
+        inner.unavailable.remove(name);
+        if let Some(live) = inner.clones.remove(name) {
+            if let Some(t) = &live.thickening {
+                t.stop();
+            }
+            // Nothing may be written to the record once its files are gone.
+            if let Err(e) = live.handle.retire() {
+                tracing::warn!("clone {name}: stopping its presence journal: {e}");
+            }
         }
+        self.set_thicken_rate(name, None);
         for ext in ["img", "presence", "presence.log"] {
             let _ = std::fs::remove_file(self.clone_path(name, ext));
         }
@@ -1057,15 +1126,7 @@ impl Service {
     ) -> anyhow::Result<Value> {
         check_name(name)?;
         let snap = self.snapshot(id)?;
-        {
-            let inner = self.inner();
-            if inner.catalogue.has_name(name) {
-                bail!("a volume or clone named {name:?} exists already");
-            }
-            if let Some(e) = &export {
-                self.check_export(&inner, e)?;
-            }
-        }
+        let reservation = self.reserve(name, export.as_ref())?;
         let loaded = self.load(&snap.store, &snap.manifest_key)?;
         let m = &loaded.manifest;
         let record = VolumeRecord {
@@ -1088,6 +1149,7 @@ impl Service {
         let spec = self.store(&snap.store)?.clone();
         let name = name.to_string();
         Ok(self.spawn_job("restore", &name.clone(), move |_job| {
+            let _reservation = reservation;
             let (dev, on) = (live.bdev.clone(), service.reactors[0].clone());
             let written = service
                 .cores
@@ -1103,8 +1165,13 @@ impl Service {
                     e.to_string()
                 })?;
             let mut inner = service.inner();
-            if inner.catalogue.has_name(&name) {
-                return Err(format!("{name:?} was created meanwhile; the restored copy is discarded"));
+            if let Some(e) = &record.export
+                && let Err(err) = service.check_export(&inner, e)
+            {
+                drop(inner);
+                drop(live);
+                let _ = std::fs::remove_file(&path);
+                return Err(format!("the restored copy is discarded: {err:#}"));
             }
             inner.catalogue.volumes.push(record.clone());
             service.save(&inner).map_err(|e| format!("{e:#}"))?;
@@ -1122,6 +1189,29 @@ impl Service {
     /// reads from it.
     pub fn snapshot_delete(&self, id: &str) -> anyhow::Result<Value> {
         let snap = self.snapshot(id)?;
+        // A snapshot of the volume uploading now has objects no manifest references
+        // yet: orphan collection would take them. Hold the volume for the delete.
+        let busy = self
+            .inner()
+            .volumes
+            .get(&snap.volume)
+            .map(|v| Arc::clone(&v.busy));
+        if let Some(b) = &busy
+            && b.swap(true, Ordering::SeqCst)
+        {
+            bail!(
+                "a snapshot of {} is running: delete after it ends",
+                snap.volume
+            );
+        }
+        let result = self.delete_snapshot(&snap);
+        if let Some(b) = busy {
+            b.store(false, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> anyhow::Result<Value> {
         {
             let inner = self.inner();
             if let Some(child) = inner
@@ -1224,7 +1314,10 @@ impl Service {
                 .iter()
                 .find(|r| r.name == v.name)
                 .cloned();
-            let size = v.size_mib << 20;
+            let size = v
+                .size_mib
+                .checked_mul(1 << 20)
+                .with_context(|| format!("volume {:?}: size_mib is too large", v.name))?;
             match existing {
                 Some(r) if r.size_bytes != size => bail!(
                     "volume {:?}: the configuration says {} MiB, the existing volume has {} MiB",
@@ -1258,18 +1351,30 @@ impl Service {
             .collect()
     }
 
-    /// Clean stop: thickening stopped, each volume's change tracking saved and each
-    /// clone's presence checkpointed, so the next start needs no full reads or
-    /// refetches. Returns what could not be saved (each also safe: a full read or a
-    /// refetch at the next start).
-    pub fn stop(&self) -> Vec<String> {
-        let inner = self.inner();
-        let mut problems = Vec::new();
-        for (name, c) in &inner.clones {
+    /// First step of a clean stop, while the reactors still run: background work
+    /// (thickening walks) stops.
+    pub fn stop_background(&self) {
+        for c in self.inner().clones.values() {
             if let Some(t) = &c.thickening {
                 t.stop();
             }
-            if let Err(e) = c.handle.checkpoint() {
+        }
+    }
+
+    /// Last step of a clean stop, after the reactors have stopped (so no host write
+    /// can land any more): every volume file and clone copy is fsynced, each volume's
+    /// change tracking saved and each clone's presence checkpointed, so the next start
+    /// needs no full reads or refetches. Returns what could not be saved (each is still
+    /// safe: a full read, or a refetch, at the next start).
+    pub fn persist(&self) -> Vec<String> {
+        let inner = self.inner();
+        let mut problems = Vec::new();
+        let sync = |path: &Path| std::fs::File::open(path).and_then(|f| f.sync_all());
+        for (name, c) in &inner.clones {
+            let saved = sync(&self.clone_path(name, "img"))
+                .map_err(|e| e.to_string())
+                .and_then(|()| c.handle.checkpoint_flushed().map_err(|e| e.to_string()));
+            if let Err(e) = saved {
                 problems.push(format!("clone {name}: {e}"));
             }
         }
@@ -1280,20 +1385,8 @@ impl Service {
                 ));
                 continue;
             }
-            // The volume's data is on its file already; flush it before saying so.
-            let flushed = bdev::blocking::run_on(
-                &self.reactors[0],
-                &v.bdev,
-                bdev::BdevIo::flush(),
-                Duration::from_secs(60),
-            )
-            .map_err(|e| e.to_string())
-            .and_then(|c| c.result.map_err(|e| e.to_string()));
-            let saved = flushed.and_then(|()| {
-                v.handle
-                    .save_changes(&self.tracking_path(name))
-                    .map_err(|e| e.to_string())
-            });
+            let saved = sync(&self.volume_path(name))
+                .and_then(|()| v.handle.save_changes(&self.tracking_path(name)));
             if let Err(e) = saved {
                 problems.push(format!("volume {name}: {e}"));
             }

@@ -780,10 +780,20 @@ impl CloneHandle {
 }
 
 impl CloneHandle {
-    /// Writes a checkpoint of the present set (after flushing the local copy) and
-    /// empties the journal's log: what a clean stop does. A clone without a presence
-    /// record has nothing to write.
+    /// Writes a checkpoint of the present set (after flushing the local copy through
+    /// its reactor) and empties the journal's log. A clone without a presence record
+    /// has nothing to write.
     pub fn checkpoint(&self) -> Result<(), BdevError> {
+        self.checkpoint_with(true)
+    }
+
+    /// [`Self::checkpoint`] for when the reactors have stopped: the caller has made the
+    /// local copy durable itself (fsync of its file), so no flush is sent.
+    pub fn checkpoint_flushed(&self) -> Result<(), BdevError> {
+        self.checkpoint_with(false)
+    }
+
+    fn checkpoint_with(&self, flush: bool) -> Result<(), BdevError> {
         let Some(journal) = &self.shared.journal else {
             return Ok(());
         };
@@ -794,9 +804,22 @@ impl CloneHandle {
         let (tx, rx) = crossbeam_channel::bounded(1);
         journal
             .tx
-            .send(Note::Checkpoint(tx))
+            .send(Note::Checkpoint(tx, flush))
             .map_err(|_| stopped())?;
         rx.recv().map_err(|_| stopped())?
+    }
+
+    /// Stops the presence journal for good (the clone is being deleted): after this,
+    /// nothing is written to its record, and writes to the clone fail.
+    pub fn retire(&self) -> Result<(), BdevError> {
+        let Some(journal) = &self.shared.journal else {
+            return Ok(());
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if journal.tx.send(Note::Retire(tx)).is_err() {
+            return Ok(());
+        }
+        rx.recv().unwrap_or(Ok(()))
     }
 }
 
@@ -806,8 +829,11 @@ enum Note {
     Installed(u64),
     /// Make these chunks durable, then release this token on this reactor.
     Need(Vec<u64>, ReactorHandle, u64),
-    /// Write a checkpoint and reply.
-    Checkpoint(crossbeam_channel::Sender<Result<(), BdevError>>),
+    /// Write a checkpoint and reply; `true`: flush the local copy first (`false`: the
+    /// caller made it durable, e.g. after the reactors stopped).
+    Checkpoint(crossbeam_channel::Sender<Result<(), BdevError>>, bool),
+    /// Stop for good (the clone is being deleted): nothing is written after the reply.
+    Retire(crossbeam_channel::Sender<Result<(), BdevError>>),
 }
 
 /// The thread that keeps a clone's presence on disk, by group commit: every request
@@ -849,6 +875,28 @@ struct JournalWork {
 }
 
 impl JournalWork {
+    /// Flushes the local copy through its reactor, waiting out a full mailbox (a busy
+    /// reactor is no reason to fail the writes waiting on this commit).
+    fn flush_local(&self) -> Result<(), BdevError> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match crate::blocking::run_on(
+                &self.flush_on,
+                &self.local,
+                BdevIo::flush(),
+                std::time::Duration::from_secs(60),
+            ) {
+                Ok(c) => return c.result,
+                Err(BdevError::Reactor(reactor::ReactorError::MailboxFull { .. }))
+                    if Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn run(mut self) {
         let mut lazy: Vec<u64> = Vec::new();
         let mut lazy_since: Option<Instant> = None;
@@ -865,6 +913,8 @@ impl JournalWork {
                 },
             };
             let (mut needs, mut checkpoints) = (Vec::new(), Vec::new());
+            let mut flush = true;
+            let mut retire = None;
             for note in first.into_iter().chain(self.rx.try_iter().take(4096)) {
                 match note {
                     Note::Installed(c) => {
@@ -872,8 +922,28 @@ impl JournalWork {
                         lazy_since.get_or_insert_with(Instant::now);
                     }
                     Note::Need(chunks, reactor, token) => needs.push((chunks, reactor, token)),
-                    Note::Checkpoint(reply) => checkpoints.push(reply),
+                    Note::Checkpoint(reply, f) => {
+                        flush &= f;
+                        checkpoints.push(reply);
+                    }
+                    Note::Retire(reply) => retire = Some(reply),
                 }
+            }
+            if let Some(reply) = retire {
+                // Whoever still waits is told the record is gone; nothing more is written.
+                let gone = || BdevError::Presence {
+                    path: String::new(),
+                    reason: "the clone is being deleted".into(),
+                };
+                for (_, reactor, token) in needs {
+                    let e = gone();
+                    deliver(reactor, Box::new(move || unpark(token, Err(e))));
+                }
+                for r in checkpoints {
+                    let _ = r.send(Err(gone()));
+                }
+                let _ = reply.send(Ok(()));
+                return;
             }
             let due = !needs.is_empty()
                 || !checkpoints.is_empty()
@@ -891,7 +961,9 @@ impl JournalWork {
             batch.sort_unstable();
             batch.dedup();
             let full = !checkpoints.is_empty() || self.files.wants_checkpoint();
-            let result = self.commit(&batch, full).map_err(|e| e.to_string());
+            // Writes waiting to be acknowledged always get a flush.
+            let flush = flush || !needs.is_empty();
+            let result = self.commit(&batch, full, flush).map_err(|e| e.to_string());
             for (_, reactor, token) in needs {
                 let r = result.clone().map_err(|reason| BdevError::Presence {
                     path: String::new(),
@@ -908,8 +980,9 @@ impl JournalWork {
         }
     }
 
-    /// Records `batch` (and, if `full`, every present chunk as a new checkpoint).
-    fn commit(&mut self, batch: &[u64], full: bool) -> Result<(), BdevError> {
+    /// Records `batch` (and, if `full`, every present chunk as a new checkpoint),
+    /// flushing the local copy first unless told it is durable already.
+    fn commit(&mut self, batch: &[u64], full: bool, flush: bool) -> Result<(), BdevError> {
         if batch.is_empty() && !full {
             return Ok(());
         }
@@ -924,14 +997,8 @@ impl JournalWork {
         } else {
             Vec::new()
         };
-        if self.local.supports(IoType::Flush) {
-            crate::blocking::run_on(
-                &self.flush_on,
-                &self.local,
-                BdevIo::flush(),
-                std::time::Duration::from_secs(60),
-            )?
-            .result?;
+        if flush && self.local.supports(IoType::Flush) {
+            self.flush_local()?;
         }
         if full {
             for &c in batch {

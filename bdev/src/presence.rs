@@ -28,6 +28,8 @@ pub(crate) struct PresenceFiles {
     log: File,
     log_len: u64,
     chunks: u64,
+    /// A failed append left bytes that could not be cut off.
+    torn: bool,
 }
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> BdevError {
@@ -164,6 +166,7 @@ impl PresenceFiles {
                 log,
                 log_len: valid,
                 chunks,
+                torn: false,
             },
             words,
         ))
@@ -180,17 +183,24 @@ impl PresenceFiles {
         let crc = crc32c::crc32c(&rec);
         rec.extend_from_slice(&crc.to_le_bytes());
         let lp = log_path(&self.checkpoint);
-        self.log
-            .write_all(&rec)
-            .and_then(|()| self.log.sync_data())
-            .map_err(|e| io_err(&lp, "appending", e))?;
+        if let Err(e) = self.log.write_all(&rec).and_then(|()| self.log.sync_data()) {
+            // Cut whatever part of the record got out, so the next record follows the
+            // last good one; if even that fails, the next commit writes a checkpoint.
+            let cut = self
+                .log
+                .set_len(self.log_len)
+                .and_then(|()| self.log.seek(SeekFrom::Start(self.log_len)).map(|_| ()));
+            self.torn = cut.is_err();
+            return Err(io_err(&lp, "appending", e));
+        }
         self.log_len += rec.len() as u64;
         Ok(())
     }
 
-    /// Whether the log has grown past the size of a checkpoint (time to write one).
+    /// Whether the next commit must be a checkpoint: the log has grown past the size
+    /// of one, or a failed append could not be cut off.
     pub(crate) fn wants_checkpoint(&self) -> bool {
-        self.log_len > (self.chunks / 8).max(1 << 20)
+        self.torn || self.log_len > (self.chunks / 8).max(1 << 20)
     }
 
     /// Replaces the checkpoint with `words` and empties the log.
@@ -214,6 +224,7 @@ impl PresenceFiles {
             .and_then(|()| self.log.sync_all())
             .map_err(|e| io_err(&lp, "emptying the log", e))?;
         self.log_len = 0;
+        self.torn = false;
         Ok(())
     }
 }

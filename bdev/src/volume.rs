@@ -393,6 +393,23 @@ impl VolumeHandle {
         self.shared.state[chunk as usize].store(DONE, Ordering::Release);
     }
 
+    /// Which snapshot is running (changes at every begin and end): a read started
+    /// under one generation may release its chunk only while that generation lasts.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    /// [`Self::chunk_read`] from a completion that may arrive late (on a reactor): it
+    /// releases the chunk only if the snapshot of `generation` is still the one running,
+    /// never one that began after it.
+    pub fn chunk_read_in(&self, chunk: u64, generation: u64) {
+        let s = &self.shared;
+        let _preserved = s.preserved();
+        if s.generation.load(Ordering::SeqCst) == generation {
+            s.state[chunk as usize].store(DONE, Ordering::Release);
+        }
+    }
+
     /// The chunks changed since the last snapshot began, without resetting them (to
     /// save at shutdown; see [`ChangedChunks::to_bytes`]).
     pub fn changes(&self) -> ChangedChunks {

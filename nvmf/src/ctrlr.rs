@@ -163,8 +163,17 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
                 queues: std::sync::Mutex::new(HashMap::new()),
             })
             .ok_or(Status::CONNECT_CTRL_BUSY)?;
-        observe(true, "ok");
         let id = shared.cntlid;
+        // A subsystem removed while this Connect was deciding must not keep a
+        // controller: removal lists the subsystem first, then tears down controllers.
+        if let Some(s) = &subsystem
+            && !target.subsystems().iter().any(|x| Arc::ptr_eq(x, s))
+        {
+            target.remove_ctrl(id);
+            observe(false, "subsystem removed");
+            return Err(Reply::invalid_param(256, true));
+        }
+        observe(true, "ok");
         let ctrl = Rc::new(RefCell::new(Controller {
             shared,
             kind: if discovery {

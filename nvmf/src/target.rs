@@ -282,21 +282,25 @@ impl Target {
     /// Returns its resolved listeners.
     pub fn add_subsystem(&self, mut subsystem: Subsystem) -> Result<Vec<SocketAddr>, NvmfError> {
         subsystem.validate(&self.shared.limits)?;
-        let mut subsystems = self
-            .shared
-            .subsystems
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if subsystems.iter().any(|s| s.nqn == subsystem.nqn) {
-            return Err(NvmfError::Config(format!(
-                "subsystem {} exists already",
-                subsystem.nqn
-            )));
-        }
+        let exists = |list: &[Arc<Subsystem>]| {
+            if list.iter().any(|s| s.nqn == subsystem.nqn) {
+                Err(NvmfError::Config(format!(
+                    "subsystem {} exists already",
+                    subsystem.nqn
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        exists(&self.shared.subsystems())?;
+        // Bind new listeners before taking the lock (a bind may wait for a port to be
+        // released), so Connects on the reactors never wait on it; nothing is served
+        // from them unless the whole subsystem goes in.
+        let known = self.shared.listen_addrs();
+        let mut fresh = Vec::new();
         let mut resolved = Vec::new();
         for addr in &subsystem.listeners {
-            let known = self.shared.listen_addrs().contains(addr);
-            if known {
+            if known.contains(addr) {
                 resolved.push(*addr);
                 continue;
             }
@@ -304,13 +308,22 @@ impl Target {
             let local = l
                 .local_addr()
                 .map_err(|cause| NvmfError::Listen { addr: *addr, cause })?;
+            resolved.push(local);
+            fresh.push((l, local));
+        }
+        let mut subsystems = self
+            .shared
+            .subsystems
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        exists(&subsystems)?;
+        for (l, local) in fresh {
             listener::spawn(&self.shared, self.shared.pick_reactor(), l, local)?;
             self.shared
                 .listen_addrs
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(local);
-            resolved.push(local);
         }
         subsystem.listeners.clone_from(&resolved);
         subsystems.push(Arc::new(subsystem));

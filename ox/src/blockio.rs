@@ -15,14 +15,27 @@ pub struct Pending {
 
 /// Sends `io` on `bdev` to reactor `on` without waiting for it.
 pub fn start(on: &ReactorHandle, bdev: &Bdev, io: BdevIo) -> Result<Pending, OxError> {
+    start_then(on, bdev, io, || {})
+}
+
+/// [`start`], running `then` on the reactor as soon as the request completes (before
+/// anyone awaits it).
+pub fn start_then(
+    on: &ReactorHandle,
+    bdev: &Bdev,
+    io: BdevIo,
+    then: impl FnOnce() + Send + 'static,
+) -> Result<Pending, OxError> {
     let (tx, rx) = async_channel::bounded(1);
     let dev = bdev.clone();
     on.send(move || match dev.channel() {
         Ok(ch) => ch.submit(io, move |c| {
+            then();
             let data = c.data();
             let _ = tx.try_send(c.result.map(|()| data).map_err(|e| e.to_string()));
         }),
         Err(e) => {
+            then();
             let _ = tx.try_send(Err(e.to_string()));
         }
     })
@@ -61,16 +74,22 @@ pub async fn read(
     lba: u64,
     blocks: u64,
 ) -> Result<Vec<u8>, OxError> {
-    start_read(on, bdev, lba, blocks)?.finish().await
+    start_read(on, bdev, lba, blocks, || {})?.finish().await
 }
 
-/// Starts reading `blocks` blocks at `lba`.
+/// Starts reading `blocks` blocks at `lba`; `then` runs on the reactor when done.
 pub fn start_read(
     on: &ReactorHandle,
     bdev: &Bdev,
     lba: u64,
     blocks: u64,
+    then: impl FnOnce() + Send + 'static,
 ) -> Result<Pending, OxError> {
     let len = (blocks * u64::from(bdev.block_size())) as usize;
-    start(on, bdev, BdevIo::read(lba, blocks, vec![IoBuf::new(len)]))
+    start_then(
+        on,
+        bdev,
+        BdevIo::read(lba, blocks, vec![IoBuf::new(len)]),
+        then,
+    )
 }

@@ -102,6 +102,12 @@ impl Thickening {
     }
 }
 
+/// Attempts at a chunk whose fetch failed, after the first.
+const FETCH_RETRIES: u32 = 3;
+
+/// How long the walk waits for any one answer before deciding its reactor is gone.
+const FETCH_PATIENCE: Duration = Duration::from_secs(300);
+
 /// How long thickening holds back after a host last waited on the basis.
 const CLIENT_GRACE: Duration = Duration::from_millis(20);
 
@@ -131,6 +137,13 @@ pub async fn thicken(
     let mut next = order.into_iter().chain(rest);
     let (tx, rx) = async_channel::unbounded::<(u64, Result<(), String>)>();
     let (mut inflight, mut exhausted, mut failure) = (0usize, false, None);
+    let mut attempts: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    let issue = |chunk: u64| {
+        let tx = tx.clone();
+        clone.fetch_on(on, chunk, FetchReason::Thickening, move |r| {
+            let _ = tx.try_send((chunk, r.map_err(|e| e.to_string())));
+        })
+    };
     loop {
         let halted = control.is_stopped() || failure.is_some();
         if !halted && !control.is_paused() {
@@ -148,11 +161,7 @@ pub async fn thicken(
                     exhausted = true;
                     break;
                 };
-                let tx = tx.clone();
-                let sent = clone.fetch_on(on, chunk, FetchReason::Thickening, move |r| {
-                    let _ = tx.try_send((chunk, r.map_err(|e| e.to_string())));
-                });
-                match sent {
+                match issue(chunk) {
                     Ok(()) => inflight += 1,
                     Err(e) => {
                         failure = Some(OxError::Config(e.to_string()));
@@ -168,17 +177,39 @@ pub async fn thicken(
             async_io::Timer::after(Duration::from_millis(5)).await;
             continue;
         }
-        let (chunk, result) = rx
-            .recv()
-            .await
-            .map_err(|_| OxError::Config("reactor dropped a thickening fetch".into()))?;
+        // A fetch whose reactor stopped never answers: give up on the walk then.
+        let next = futures_lite::future::or(async { rx.recv().await.ok() }, async {
+            async_io::Timer::after(FETCH_PATIENCE).await;
+            None
+        })
+        .await;
+        let Some((chunk, result)) = next else {
+            failure.get_or_insert(OxError::Config(
+                "a thickening fetch got no answer (reactor stopped?)".into(),
+            ));
+            break;
+        };
         inflight -= 1;
         match result {
             Ok(()) => {
                 control.fetched.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
-                failure.get_or_insert(OxError::integrity(format!("chunk {chunk}"), e));
+                // A store hiccup is retried a few times, backing off, before the walk
+                // gives up (the clone stays correct either way: misses still work).
+                let n = attempts.entry(chunk).or_default();
+                *n += 1;
+                if *n <= FETCH_RETRIES && !control.is_stopped() {
+                    async_io::Timer::after(Duration::from_millis(500) * *n).await;
+                    match issue(chunk) {
+                        Ok(()) => inflight += 1,
+                        Err(e) => {
+                            failure.get_or_insert(OxError::Config(e.to_string()));
+                        }
+                    }
+                } else {
+                    failure.get_or_insert(OxError::integrity(format!("chunk {chunk}"), e));
+                }
             }
         }
     }

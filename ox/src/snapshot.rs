@@ -562,27 +562,31 @@ async fn write(
             index.push(entry, store, opts, &mut codec).await?;
             continue;
         }
+        // A device read releases its chunk to writers the moment it completes (on the
+        // reactor), not when the encoder gets to it: an encoder waiting on a slow
+        // upload must not hold host writes up.
         let read = |c: u64| {
             let len = (volume_bytes - c * chunk_bytes).min(chunk_bytes);
-            crate::blockio::start_read(on, dev, c * chunk_bytes / block, len / block)
+            let (h, generation) = (handle.clone(), handle.generation());
+            crate::blockio::start_read(on, dev, c * chunk_bytes / block, len / block, move || {
+                h.chunk_read_in(c, generation)
+            })
         };
         ahead.fill(chunk, chunks, changed, handle, read)?;
         let data = match ahead.take(chunk) {
             Some(Ahead::Ready(d)) => d,
-            Some(Ahead::Reading(p)) => {
-                let d = p.finish().await;
-                handle.chunk_read(chunk);
-                d?
-            }
+            Some(Ahead::Reading(p)) => p.finish().await?,
             None => loop {
                 match handle.claim_chunk(chunk) {
                     Ok(Some(preserved)) => break preserved,
                     Ok(None) => {
                         let d = match read(chunk) {
                             Ok(p) => p.finish().await,
-                            Err(e) => Err(e),
+                            Err(e) => {
+                                handle.chunk_read(chunk);
+                                Err(e)
+                            }
                         };
-                        handle.chunk_read(chunk);
                         break d?;
                     }
                     Err(()) => {
