@@ -31,6 +31,10 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let set = ReactorSet::start(reactor_config).context("starting reactors")?;
     let target =
         Arc::new(Target::start(target_config, set.handles()).context("starting NVMe/TCP target")?);
+    let audit = match &config.control.audit_log {
+        Some(p) => Some(Arc::new(AuditLog::open(p).context("control.audit_log")?)),
+        None => None,
+    };
     let service = match ox_settings {
         Some((settings, cores)) => {
             let ox_cores = Arc::new(OxCores::start(&cores, 1024).context("starting OX cores")?);
@@ -40,6 +44,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
                 set.handles().to_vec(),
                 ox_cores,
                 Arc::clone(&target),
+                audit.clone(),
             )?;
             service.ensure_volumes(&config.volumes)?;
             tracing::info!("object exchange on, state in {}", state_dir.display());
@@ -66,10 +71,6 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         .map(ToString::to_string)
         .collect();
     tracing::info!("listening on {}", all.join(" "));
-    let audit = match &config.control.audit_log {
-        Some(p) => Some(Arc::new(AuditLog::open(p).context("control.audit_log")?)),
-        None => None,
-    };
     let record = |action: &str, detail: serde_json::Value| -> anyhow::Result<()> {
         if let Some(a) = &audit {
             a.record("oxd", action, detail, "ok")?;

@@ -174,6 +174,7 @@ pub struct Service {
     cores: Arc<OxCores>,
     target: Arc<Target>,
     inner: Mutex<Inner>,
+    audit: Option<Arc<appliance::audit::AuditLog>>,
 }
 
 fn now_secs() -> u64 {
@@ -205,6 +206,7 @@ impl Service {
         reactors: Vec<ReactorHandle>,
         cores: Arc<OxCores>,
         target: Arc<Target>,
+        audit: Option<Arc<appliance::audit::AuditLog>>,
     ) -> anyhow::Result<Arc<Self>> {
         for sub in ["volumes", "clones"] {
             let d = settings.state_dir.join(sub);
@@ -217,6 +219,7 @@ impl Service {
             reactors,
             cores,
             target,
+            audit,
             inner: Mutex::new(Inner {
                 catalogue: catalogue.clone(),
                 volumes: HashMap::new(),
@@ -367,14 +370,36 @@ impl Service {
     fn load(&self, store: &str, manifest_key: &str) -> anyhow::Result<Loaded> {
         let spec = self.store(store)?.clone();
         let (key, keks) = (manifest_key.to_string(), self.settings.keys.clone());
-        self.cores
-            .run(move |ex| {
-                Box::pin(async move {
-                    let store = spec.open(&ex)?;
-                    ox::snapshot::load(&*store, &key, &keks).await
-                })
-            })?
-            .with_context(|| format!("loading snapshot {manifest_key}"))
+        let loaded = self.cores.run(move |ex| {
+            Box::pin(async move {
+                let store = spec.open(&ex)?;
+                ox::snapshot::load(&*store, &key, &keks).await
+            })
+        })?;
+        let kek = loaded
+            .as_ref()
+            .ok()
+            .and_then(|l| l.manifest.key.as_ref())
+            .map(|k| k.kek_id.clone());
+        let outcome = match &loaded {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        // Only loads that involve a key (or fail) are key use worth recording.
+        if kek.is_some() || loaded.is_err() {
+            self.audit_key_use("unwrap", kek.as_deref(), manifest_key, &outcome);
+        }
+        loaded.with_context(|| format!("loading snapshot {manifest_key}"))
+    }
+
+    /// Records a use of a key-encryption key in the audit log (never the key).
+    fn audit_key_use(&self, purpose: &str, kek: Option<&str>, snapshot: &str, result: &str) {
+        if let Some(a) = &self.audit {
+            let detail = json!({ "purpose": purpose, "key": kek, "snapshot": snapshot });
+            if let Err(e) = a.record("oxd", "key_use", detail, result) {
+                tracing::error!("audit log: {e}");
+            }
+        }
     }
 
     fn open_clone(&self, c: &CloneRecord) -> anyhow::Result<LiveClone> {
@@ -699,6 +724,8 @@ impl Service {
                 busy.store(false, Ordering::SeqCst);
                 let outcome = match result {
                     Ok(Ok(report)) => {
+                        let kek = report.manifest.key.as_ref().map(|k| k.kek_id.clone());
+                        service.audit_key_use("wrap", kek.as_deref(), &report.manifest_key, "ok");
                         let record = SnapshotRecord {
                             id: report.manifest.snapshot.clone(),
                             volume: volume.clone(),
@@ -1298,6 +1325,9 @@ impl Service {
                     })
                 })?
                 .with_context(|| format!("snapshot {}", snap.id))?;
+            if changed {
+                self.audit_key_use("rewrap", Some(to), &snap.manifest_key, "ok");
+            }
             rewrapped += u64::from(changed);
         }
         Ok(json!({ "key": to, "snapshots": snaps.len(), "rewrapped": rewrapped }))

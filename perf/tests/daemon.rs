@@ -475,6 +475,7 @@ file = {kek2:?}
         "clone_create",
         "start",
         "host_connect",
+        "key_use",
     ] {
         assert!(
             text.contains(&format!("\"action\":\"{action}\"")),
