@@ -35,6 +35,8 @@ pub mod code {
     pub const NOT_FOUND: i64 = -32001;
     /// The request was too large.
     pub const TOO_LARGE: i64 = -32002;
+    /// A TCP connection did not authenticate.
+    pub const UNAUTHORIZED: i64 = -32003;
 }
 
 /// A request.
@@ -106,11 +108,11 @@ pub enum CallError {
     Rpc(#[from] RpcError),
 }
 
-/// A connection to the daemon's control socket.
+/// A connection to the daemon's control API.
 pub struct Client {
     path: String,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: BufReader<Box<dyn std::io::Read + Send>>,
+    writer: Box<dyn Write + Send>,
     next_id: u64,
 }
 
@@ -128,10 +130,32 @@ impl Client {
         let writer = stream.try_clone().map_err(sock_err)?;
         Ok(Self {
             path: path.display().to_string(),
-            reader: BufReader::new(stream),
-            writer,
+            reader: BufReader::new(Box::new(stream)),
+            writer: Box::new(writer),
             next_id: 1,
         })
+    }
+
+    /// Connects to the API over TCP at `addr` ("host:port") and authenticates with
+    /// `token`.
+    pub fn connect_tcp(addr: &str, token: &str) -> Result<Self, CallError> {
+        let sock_err = |source| CallError::Socket {
+            path: addr.to_string(),
+            source,
+        };
+        let stream = std::net::TcpStream::connect(addr).map_err(sock_err)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .map_err(sock_err)?;
+        let writer = stream.try_clone().map_err(sock_err)?;
+        let mut client = Self {
+            path: addr.to_string(),
+            reader: BufReader::new(Box::new(stream)),
+            writer: Box::new(writer),
+            next_id: 1,
+        };
+        client.call("auth", Some(serde_json::json!({ "token": token })))?;
+        Ok(client)
     }
 
     /// Calls `method` with `params` and returns its result.

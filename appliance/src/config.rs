@@ -161,6 +161,11 @@ pub struct ControlSection {
     pub socket: Option<PathBuf>,
     /// Hash-chained audit log of every control operation; none if absent.
     pub audit_log: Option<PathBuf>,
+    /// Also serve the API over TCP at "address:port" (remote management; no TLS, so a
+    /// management network or loopback only). Needs `token_file`.
+    pub listen: Option<String>,
+    /// File holding the token TCP clients must present (at least 16 characters).
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[reactors]`.

@@ -5,6 +5,7 @@
 //! and the daemon carry on.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -131,7 +132,7 @@ fn caller(stream: &UnixStream) -> String {
 }
 
 fn reply(
-    mut stream: &UnixStream,
+    mut stream: impl Write,
     id: Value,
     result: Result<Value, RpcError>,
 ) -> std::io::Result<()> {
@@ -155,7 +156,12 @@ fn serve(stream: UnixStream, state: &State) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(read_half.take(u64::MAX));
+    serve_lines(read_half, stream, &who, state);
+}
+
+/// Answers requests, one per line, until the peer goes away.
+fn serve_lines(read: impl Read, mut write: impl Write, who: &str, state: &State) {
+    let mut reader = BufReader::new(read.take(u64::MAX));
     loop {
         let mut line = Vec::new();
         reader.get_mut().set_limit(MAX_REQUEST_BYTES as u64 + 1);
@@ -165,7 +171,7 @@ fn serve(stream: UnixStream, state: &State) {
         }
         if line.len() > MAX_REQUEST_BYTES {
             let _ = reply(
-                &stream,
+                &mut write,
                 Value::Null,
                 Err(RpcError::new(
                     code::TOO_LARGE,
@@ -199,7 +205,7 @@ fn serve(stream: UnixStream, state: &State) {
                             Err(e) => format!("error: {}", e.message),
                         };
                         let detail = json!({ "params": req.params });
-                        if let Err(e) = audit.record(&who, &req.method, detail, &outcome) {
+                        if let Err(e) = audit.record(who, &req.method, detail, &outcome) {
                             // An operation that cannot be audited is not answered as done.
                             tracing::error!("audit log: {e}");
                             (
@@ -215,7 +221,7 @@ fn serve(stream: UnixStream, state: &State) {
                 }
             },
         };
-        if reply(&stream, id, result).is_err() {
+        if reply(&mut write, id, result).is_err() {
             return;
         }
     }
@@ -583,4 +589,110 @@ fn bdev_json(b: &Bdev) -> Value {
             "max": s.latency.max().as_micros() as u64,
         },
     })
+}
+
+/// Serves the API over TCP at `addr` for remote management (an appliance without a
+/// shell). Every connection must first send `{"method": "auth", "params": {"token":
+/// T}}` with the token from `token_file`; the decision is audited. There is no TLS:
+/// listen on a management network or loopback only.
+pub fn start_tcp(
+    addr: SocketAddr,
+    token_file: &Path,
+    state: Arc<State>,
+) -> anyhow::Result<SocketAddr> {
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("control.token_file {}", token_file.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        anyhow::bail!("control.token_file: the token must be at least 16 characters");
+    }
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("control.listen {addr}"))?;
+    let local = listener.local_addr()?;
+    let active = Arc::new(AtomicUsize::new(0));
+    let token = Arc::new(token);
+    std::thread::Builder::new()
+        .name("control-tcp".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let (state, done, token) =
+                    (Arc::clone(&state), Arc::clone(&active), Arc::clone(&token));
+                let spawned = std::thread::Builder::new()
+                    .name("control-tcp-conn".into())
+                    .spawn(move || {
+                        serve_tcp(stream, &token, &state);
+                        done.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .context("starting the TCP control thread")?;
+    Ok(local)
+}
+
+/// Equal without revealing where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn serve_tcp(stream: std::net::TcpStream, token: &str, state: &State) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".into(), |a| a.to_string());
+    let who = format!("tcp {peer}");
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(600)));
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half.take(4096));
+    let mut first = Vec::new();
+    if reader.read_until(b'\n', &mut first).is_err() {
+        return;
+    }
+    let req: Option<Request> = serde_json::from_slice(&first).ok();
+    let (id, given) = match &req {
+        Some(r) if r.method == "auth" => (
+            r.id.clone(),
+            r.params
+                .as_ref()
+                .and_then(|p| p.get("token"))
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        ),
+        _ => (Value::Null, ""),
+    };
+    let ok = same(given.as_bytes(), token.as_bytes());
+    if let Some(audit) = &state.audit {
+        let result = if ok {
+            "ok"
+        } else {
+            "denied: bad or missing token"
+        };
+        if let Err(e) = audit.record(&who, "authenticate", Value::Null, result) {
+            tracing::error!("audit log: {e}");
+        }
+    }
+    if !ok {
+        tracing::warn!("control: {who} failed to authenticate");
+        let _ = reply(
+            &stream,
+            id,
+            Err(RpcError::new(
+                code::UNAUTHORIZED,
+                "authenticate first with a valid token",
+            )),
+        );
+        return;
+    }
+    if reply(&stream, id, Ok(json!({ "authenticated": true }))).is_err() {
+        return;
+    }
+    serve_lines(reader.into_inner().into_inner(), stream, &who, state);
 }

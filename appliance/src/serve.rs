@@ -103,6 +103,16 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         let bound = crate::metrics::start(addr, Arc::clone(&state))?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
+    if let Some(listen) = &config.control.listen {
+        let addr = crate::config::parse_addr(listen).context("control.listen")?;
+        let token = config
+            .control
+            .token_file
+            .as_ref()
+            .context("control.listen needs control.token_file")?;
+        let bound = control::start_tcp(addr, token, Arc::clone(&state))?;
+        tracing::info!("control API on tcp {bound} (token required)");
+    }
     let _socket = match &config.control.socket {
         Some(p) => {
             let s = control::start(p, state)?;

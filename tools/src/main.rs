@@ -28,6 +28,12 @@ struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, env = "OXD_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Reach the daemon over TCP instead ("host:port", its `[control] listen`).
+    #[arg(long, global = true, env = "OXD_CONNECT")]
+    connect: Option<String>,
+    /// File holding the token for --connect.
+    #[arg(long, global = true, env = "OXD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Print the daemon's JSON answer instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -278,10 +284,25 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    match &cli.connect {
+        Some(addr) => {
+            let file = cli
+                .token_file
+                .as_ref()
+                .context("--connect needs --token-file (or OXD_TOKEN_FILE)")?;
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            Client::connect_tcp(addr, token.trim())
+                .with_context(|| format!("connecting to oxd at {addr}"))
+        }
+        None => Client::connect(&cli.socket)
+            .with_context(|| "is oxd running with [control] socket set? (--socket, OXD_SOCKET)"),
+    }
+}
+
 fn call(cli: &Cli, method: &str, params: Option<Value>) -> anyhow::Result<Value> {
-    let mut client = Client::connect(&cli.socket)
-        .with_context(|| "is oxd running with [control] socket set? (--socket, OXD_SOCKET)")?;
-    client
+    client(cli)?
         .call(method, params)
         .with_context(|| format!("{method} failed"))
 }
@@ -473,7 +494,7 @@ fn wait_for(cli: &Cli, job: &Value) -> anyhow::Result<Value> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let mut client = Client::connect(&cli.socket)?;
+    let mut client = client(cli)?;
     loop {
         let j = client.call("job_get", Some(json!({ "id": id })))?;
         bar.set_length(j["total"].as_u64().unwrap_or(0));

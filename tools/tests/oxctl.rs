@@ -12,7 +12,16 @@ struct Daemon {
     child: Child,
     socket: PathBuf,
     audit: PathBuf,
-    _dir: tempfile::TempDir,
+    tcp: String,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Drop for Daemon {
@@ -42,8 +51,12 @@ fn start() -> Daemon {
          [[bdev]]\nname = \"vol0\"\nkind = \"malloc\"\nsize_mib = 16\n\
          [[subsystem]]\nnqn = \"nqn.2026-11.io.ox:vol0\"\nlisteners = [\"127.0.0.1:0\"]\n\
          namespaces = [\"vol0\"]\nallow_any_host = true\n\
-         [control]\nsocket = {socket:?}\naudit_log = {audit:?}\n"
+         [control]\nsocket = {socket:?}\naudit_log = {audit:?}\n\
+         listen = \"127.0.0.1:{port}\"\ntoken_file = {token:?}\n",
+        port = free_port(),
+        token = dir.path().join("token"),
     );
+    std::fs::write(dir.path().join("token"), "0123456789abcdef-secret\n").unwrap();
     let path = dir.path().join("oxd.toml");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(oxd_path())
@@ -53,8 +66,12 @@ fn start() -> Daemon {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut tcp = String::new();
     loop {
         let line = lines.next().expect("oxd exited before serving").unwrap();
+        if let Some((_, rest)) = line.split_once("control API on tcp ") {
+            tcp = rest.split(' ').next().unwrap().to_string();
+        }
         if line.contains(" control socket ") {
             break;
         }
@@ -64,7 +81,8 @@ fn start() -> Daemon {
         child,
         socket,
         audit,
-        _dir: dir,
+        tcp,
+        dir,
     }
 }
 
@@ -221,4 +239,34 @@ fn the_audit_log_records_every_call_and_tampering_is_detected() {
     assert!(!o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("BROKEN") && out.contains("line 3"), "{out}");
+}
+
+#[test]
+fn remote_management_over_tcp_needs_the_token_and_is_audited() {
+    let d = start();
+    let good = d.dir.path().join("token");
+    let bad = d.dir.path().join("bad");
+    std::fs::write(&bad, "not-the-token-at-all").unwrap();
+    let remote = |token: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_oxctl"))
+            .args(["--connect", &d.tcp, "--token-file"])
+            .arg(token)
+            .args(["version", "--json"])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(json(&remote(&good))["api"], 1);
+    let o = remote(&bad);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("authenticate first"));
+    // A raw connection that skips authentication gets nothing else.
+    let mut s = std::net::TcpStream::connect(&d.tcp).unwrap();
+    s.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"bdev_get_bdevs\",\"id\":1}\n")
+        .unwrap();
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).unwrap();
+    assert!(answer.contains("-32003"), "{answer}");
+    let log = std::fs::read_to_string(&d.audit).unwrap();
+    assert_eq!(log.matches("\"action\":\"authenticate\"").count(), 3);
+    assert_eq!(log.matches("denied: bad or missing token").count(), 2);
 }
