@@ -10,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -126,6 +127,13 @@ impl AuditLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, GENESIS.to_string()),
             Err(e) => return Err(io(path, e)),
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io(dir, e))?;
+        }
         let file = OpenOptions::new()
             .append(true)
             .create(true)

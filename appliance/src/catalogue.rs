@@ -40,6 +40,21 @@ pub struct ExportRecord {
     pub allow_any_host: bool,
 }
 
+impl ExportRecord {
+    /// The export a configuration section asks for (`None` without an NQN).
+    pub fn from_config(
+        nqn: Option<&String>,
+        hosts: &[String],
+        allow_any_host: bool,
+    ) -> Option<Self> {
+        nqn.map(|nqn| Self {
+            nqn: nqn.clone(),
+            hosts: hosts.to_vec(),
+            allow_any_host,
+        })
+    }
+}
+
 /// A volume: a file under the state directory with change tracking.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

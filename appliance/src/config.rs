@@ -51,6 +51,33 @@ pub struct Config {
     /// Volumes the appliance must have (created at start if missing).
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeSection>,
+    /// Clones the appliance must have (created at start if missing).
+    #[serde(default, rename = "clone")]
+    pub clones: Vec<CloneSection>,
+}
+
+/// `[[clone]]`: a clone of a snapshot in a store, created at the first start and kept
+/// in the catalogue (like `oxctl clone create --store --manifest-key`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneSection {
+    /// Name.
+    pub name: String,
+    /// The store holding the snapshot.
+    pub store: String,
+    /// The snapshot's manifest key.
+    pub manifest_key: String,
+    /// Copy every chunk in the background.
+    #[serde(default)]
+    pub thicken: bool,
+    /// Export under this NQN on `ox.export_listeners`.
+    pub nqn: Option<String>,
+    /// Allowed host NQNs.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Any host may connect.
+    #[serde(default)]
+    pub allow_any_host: bool,
 }
 
 /// `[[volume]]`: a snapshottable volume, created at the first start and kept in the
@@ -402,8 +429,14 @@ impl Config {
     /// its name), and the OX core list.
     pub fn ox_settings(&self) -> anyhow::Result<Option<(Settings, Vec<Option<usize>>)>> {
         let Some(ox) = &self.ox else {
-            if !self.stores.is_empty() || !self.keys.is_empty() || !self.volumes.is_empty() {
-                bail!("[[store]], [[key]] and [[volume]] need an [ox] section (state_dir)");
+            if !self.stores.is_empty()
+                || !self.keys.is_empty()
+                || !self.volumes.is_empty()
+                || !self.clones.is_empty()
+            {
+                bail!(
+                    "[[store]], [[key]], [[volume]] and [[clone]] need an [ox] section (state_dir)"
+                );
             }
             return Ok(None);
         };

@@ -356,6 +356,8 @@ const OX_METHODS: &[&str] = &[
     "snapshot_restore",
     "snapshot_delete",
     "key_rotate",
+    "key_list",
+    "store_list",
     "clone_create",
     "clone_get",
     "clone_delete",
@@ -498,6 +500,14 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         "snapshot_delete" => {
             let m = params(p, &["id"])?;
             service.snapshot_delete(need_str(&m, "id")?).map_err(failed)
+        }
+        "key_list" => {
+            params(p, &[])?;
+            Ok(service.key_list())
+        }
+        "store_list" => {
+            params(p, &[])?;
+            Ok(service.store_list())
         }
         "key_rotate" => {
             let m = params(p, &["to"])?;

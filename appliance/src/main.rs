@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the whole context chain on one line, without a backtrace.
-            eprintln!("oxd: error: {e:#}");
+            eprintln!("oxd: error: {}", appliance::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -47,6 +47,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
                 audit.clone(),
             )?;
             service.ensure_volumes(&config.volumes)?;
+            service.ensure_clones(&config.clones)?;
             tracing::info!("object exchange on, state in {}", state_dir.display());
             Some(service)
         }

@@ -1333,6 +1333,77 @@ impl Service {
         Ok(json!({ "key": to, "snapshots": snaps.len(), "rewrapped": rewrapped }))
     }
 
+    /// Creates the clones the configuration declares that the catalogue lacks, and
+    /// checks the ones it has against it.
+    pub fn ensure_clones(
+        self: &Arc<Self>,
+        declared: &[crate::config::CloneSection],
+    ) -> anyhow::Result<()> {
+        for c in declared {
+            let existing = self
+                .inner()
+                .catalogue
+                .clones
+                .iter()
+                .find(|r| r.name == c.name)
+                .cloned();
+            match existing {
+                Some(r) if r.store != c.store || r.manifest_key != c.manifest_key => bail!(
+                    "clone {:?}: the configuration names {}:{}, the existing clone {}:{}",
+                    c.name,
+                    c.store,
+                    c.manifest_key,
+                    r.store,
+                    r.manifest_key
+                ),
+                Some(_) => {}
+                None => {
+                    let export =
+                        ExportRecord::from_config(c.nqn.as_ref(), &c.hosts, c.allow_any_host);
+                    self.clone_create(
+                        &c.name,
+                        None,
+                        Some((&c.store, &c.manifest_key)),
+                        c.thicken,
+                        export,
+                    )
+                    .with_context(|| format!("clone {:?}", c.name))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured stores (names, kinds and where; never credentials).
+    pub fn store_list(&self) -> Value {
+        let mut list: Vec<Value> = self
+            .settings
+            .stores
+            .iter()
+            .map(|(name, spec)| match spec {
+                StoreSpec::S3(c) => json!({
+                    "name": name, "kind": "s3", "endpoint": c.endpoint.as_str(),
+                    "bucket": c.bucket, "region": c.region,
+                }),
+                StoreSpec::Local(p) => json!({ "name": name, "kind": "local", "path": p }),
+            })
+            .collect();
+        list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Value::Array(list)
+    }
+
+    /// The configured key-encryption keys (names, the default first; never material).
+    pub fn key_list(&self) -> Value {
+        Value::Array(
+            self.settings
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| json!({ "name": k.id, "default": i == 0 }))
+                .collect(),
+        )
+    }
+
     /// Creates the volumes the configuration declares that the catalogue lacks, and
     /// checks the ones it has against it.
     pub fn ensure_volumes(&self, declared: &[crate::config::VolumeSection]) -> anyhow::Result<()> {
@@ -1357,11 +1428,8 @@ impl Service {
                 ),
                 Some(_) => {}
                 None => {
-                    let export = v.nqn.as_ref().map(|nqn| ExportRecord {
-                        nqn: nqn.clone(),
-                        hosts: v.hosts.clone(),
-                        allow_any_host: v.allow_any_host,
-                    });
+                    let export =
+                        ExportRecord::from_config(v.nqn.as_ref(), &v.hosts, v.allow_any_host);
                     self.volume_create(&v.name, size, v.block_size.unwrap_or(512), export)
                         .with_context(|| format!("volume {:?}", v.name))?;
                 }

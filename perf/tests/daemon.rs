@@ -274,6 +274,15 @@ file = {kek2:?}
     );
     let list = ctl.ok(&["snapshot", "list"]);
     assert_eq!(list[0]["id"], id.as_str());
+    let first_manifest = list[0]["manifest_key"].as_str().unwrap().to_string();
+    // Stores and keys are visible, never their secrets.
+    let stores = ctl.ok(&["store", "list"]);
+    assert_eq!(stores[0]["name"], "down");
+    assert_eq!(stores[1]["name"], "s3");
+    assert!(!stores.to_string().contains(access_key.as_str()));
+    let keys = ctl.ok(&["key", "list"]);
+    assert_eq!(keys[0]["name"], "k1");
+    assert_eq!(keys[0]["default"], true);
     ctl.ok(&[
         "clone",
         "create",
@@ -374,7 +383,19 @@ file = {kek2:?}
     oxd.child.wait().unwrap();
     drop(oxd);
     server.faults.delay_ms.store(0, Ordering::SeqCst);
+    // The restarted daemon's configuration also declares a clone of the first snapshot.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[clone]]\nname = \"c2\"\nstore = \"s3\"\nmanifest_key = \"{first_manifest}\"\n\
+         nqn = \"nqn.2026-11.io.ox:c2\"\nallow_any_host = true\n"
+    ));
+    std::fs::write(&config, text).unwrap();
     let _oxd = start_oxd(&config);
+    let c2 = format!("127.0.0.1:{port},nqn.2026-11.io.ox:c2,1");
+    assert_eq!(
+        verified(&oxperf(&c2, "read", "0:16384", 64, 131072, 1)),
+        16384
+    );
     let listed = ctl.ok(&["volume", "list"]);
     assert_eq!(listed["volumes"][0]["name"], "vol0");
     assert!(listed["clones"][0].get("unavailable").is_none(), "{listed}");

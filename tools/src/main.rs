@@ -68,7 +68,12 @@ enum Command {
         #[command(subcommand)]
         command: CloneCommand,
     },
-    /// Key-encryption keys: create, rotate.
+    /// Object stores.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+    /// Key-encryption keys: list, create, rotate.
     Key {
         #[command(subcommand)]
         command: KeyCommand,
@@ -192,7 +197,16 @@ enum SnapshotCommand {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    /// The object stores oxd is configured with (no credentials shown).
+    List,
+}
+
+#[derive(Subcommand)]
 enum KeyCommand {
+    /// The key-encryption keys oxd is configured with (names only; the first is the
+    /// default for new snapshots).
+    List,
     /// Write a new random key-encryption key to FILE (mode 0600), for a [[key]] entry.
     Create {
         /// Where to write it (must not exist).
@@ -278,7 +292,7 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("oxctl: error: {e:#}");
+            eprintln!("oxctl: error: {}", appliance::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -375,7 +389,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 call(&cli, "snapshot_delete", Some(json!({ "id": id })))?
             }
         },
+        Command::Store {
+            command: StoreCommand::List,
+        } => call(&cli, "store_list", None)?,
         Command::Key { command } => match command {
+            KeyCommand::List => call(&cli, "key_list", None)?,
             KeyCommand::Create { file } => create_key(file)?,
             KeyCommand::Rotate { to } => call(&cli, "key_rotate", Some(json!({ "to": to })))?,
         },
