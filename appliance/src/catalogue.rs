@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-/// Catalogue format version written. 2 added `thicken_mib_s` to clones.
-const VERSION: u32 = 2;
+/// Catalogue format version written. 2 added `thicken_mib_s` to clones, 3 `pending`.
+const VERSION: u32 = 3;
 
 /// Versions this build reads (older ones lack fields that have defaults).
-const READABLE: [u32; 2] = [1, 2];
+const READABLE: [u32; 3] = [1, 2, 3];
 
 /// Everything the daemon must find again after a restart.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -26,6 +26,21 @@ pub struct Catalogue {
     pub clones: Vec<CloneRecord>,
     /// Snapshots taken by this appliance, oldest first.
     pub snapshots: Vec<SnapshotRecord>,
+    /// Snapshots asked for and not finished: started again at the next start.
+    #[serde(default)]
+    pub pending: Vec<PendingSnapshot>,
+}
+
+/// A snapshot that was running when the daemon stopped or died.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingSnapshot {
+    /// The volume.
+    pub volume: String,
+    /// The store.
+    pub store: String,
+    /// The key asked for (`None`: the default).
+    pub key: Option<String>,
 }
 
 /// How a volume or clone is exported over NVMe/TCP.

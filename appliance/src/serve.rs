@@ -48,6 +48,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             )?;
             service.ensure_volumes(&config.volumes)?;
             service.ensure_clones(&config.clones)?;
+            service.resume_pending();
             tracing::info!("object exchange on, state in {}", state_dir.display());
             Some(service)
         }

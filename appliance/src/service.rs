@@ -30,7 +30,9 @@ use reactor::ReactorHandle;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::catalogue::{Catalogue, CloneRecord, ExportRecord, SnapshotRecord, VolumeRecord};
+use crate::catalogue::{
+    Catalogue, CloneRecord, ExportRecord, PendingSnapshot, SnapshotRecord, VolumeRecord,
+};
 
 /// An object store as configured.
 #[derive(Clone)]
@@ -175,6 +177,8 @@ pub struct Service {
     target: Arc<Target>,
     inner: Mutex<Inner>,
     audit: Option<Arc<appliance::audit::AuditLog>>,
+    /// Set when a clean stop begins: jobs failing from then on stay pending.
+    stopping: AtomicBool,
 }
 
 fn now_secs() -> u64 {
@@ -220,6 +224,7 @@ impl Service {
             cores,
             target,
             audit,
+            stopping: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 catalogue: catalogue.clone(),
                 volumes: HashMap::new(),
@@ -688,6 +693,22 @@ impl Service {
             progress,
             outage_patience: Duration::from_secs(600),
         };
+        // On record until it ends, so a snapshot cut short by a stop or a crash is
+        // started again at the next start.
+        let pending = PendingSnapshot {
+            volume: volume.to_string(),
+            store: store.to_string(),
+            key: key.map(String::from),
+        };
+        {
+            let mut inner = self.inner();
+            inner.catalogue.pending.retain(|p| p.volume != volume);
+            inner.catalogue.pending.push(pending);
+            if let Err(e) = self.save(&inner) {
+                busy.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
         let (service, job2, volume, store) = (
             Arc::clone(self),
             Arc::clone(&job),
@@ -739,6 +760,7 @@ impl Service {
                         };
                         let mut inner = service.inner();
                         inner.catalogue.snapshots.push(record.clone());
+                        inner.catalogue.pending.retain(|p| p.volume != volume);
                         match service.save(&inner) {
                             Ok(()) => Ok(serde_json::to_value(&record).unwrap_or_default()),
                             Err(e) => Err(format!(
@@ -750,6 +772,14 @@ impl Service {
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
+                // A failure of its own (not the daemon stopping) ends the request.
+                if outcome.is_err() && !service.stopping.load(Ordering::SeqCst) {
+                    let mut inner = service.inner();
+                    inner.catalogue.pending.retain(|p| p.volume != volume);
+                    if let Err(e) = service.save(&inner) {
+                        tracing::error!("saving the catalogue: {e:#}");
+                    }
+                }
                 *job2.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
             });
         if let Err(e) = spawned {
@@ -1404,6 +1434,28 @@ impl Service {
         )
     }
 
+    /// Starts again the snapshots a stop or a crash cut short (from the beginning: after
+    /// a clean stop only the volume's changes are read, after a crash all of it).
+    pub fn resume_pending(self: &Arc<Self>) {
+        let pending = self.inner().catalogue.pending.clone();
+        for p in pending {
+            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref()) {
+                Ok(job) => tracing::info!(
+                    "snapshot of {} into {} started again (job {})",
+                    p.volume,
+                    p.store,
+                    job["id"]
+                ),
+                Err(e) => {
+                    tracing::error!("snapshot of {} not started again: {e:#}", p.volume);
+                    let mut inner = self.inner();
+                    inner.catalogue.pending.retain(|x| x != &p);
+                    let _ = self.save(&inner);
+                }
+            }
+        }
+    }
+
     /// Creates the volumes the configuration declares that the catalogue lacks, and
     /// checks the ones it has against it.
     pub fn ensure_volumes(&self, declared: &[crate::config::VolumeSection]) -> anyhow::Result<()> {
@@ -1452,6 +1504,7 @@ impl Service {
     /// First step of a clean stop, while the reactors still run: background work
     /// (thickening walks) stops.
     pub fn stop_background(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         for c in self.inner().clones.values() {
             if let Some(t) = &c.thickening {
                 t.stop();
@@ -1465,6 +1518,19 @@ impl Service {
     /// needs no full reads or refetches. Returns what could not be saved (each is still
     /// safe: a full read, or a refetch, at the next start).
     pub fn persist(&self) -> Vec<String> {
+        // A snapshot cut short by the stop gives its changes back to the volume as it
+        // fails: wait a little for that, so they can be saved with the rest.
+        let busy: Vec<Arc<AtomicBool>> = self
+            .inner()
+            .volumes
+            .values()
+            .map(|v| Arc::clone(&v.busy))
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while busy.iter().any(|b| b.load(Ordering::SeqCst)) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let inner = self.inner();
         let mut problems = Vec::new();
         let sync = |path: &Path| std::fs::File::open(path).and_then(|f| f.sync_all());
