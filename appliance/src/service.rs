@@ -476,6 +476,21 @@ impl Service {
         inner.catalogue.save(&self.settings.state_dir)
     }
 
+    /// The last steps of a create, once its entry is in the catalogue: save the
+    /// catalogue, then export the device if asked. The caller undoes both on error.
+    fn commit_create(
+        &self,
+        inner: &Inner,
+        bdev: &Bdev,
+        export: Option<&ExportRecord>,
+    ) -> anyhow::Result<Vec<SocketAddr>> {
+        self.save(inner)?;
+        match export {
+            Some(e) => self.export(bdev, e),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Creates a volume of `size_bytes` (a file under the state directory), exported
     /// if `export` is given.
     pub fn volume_create(
@@ -523,11 +538,7 @@ impl Service {
             }
         };
         inner.catalogue.volumes.push(record);
-        let listeners = self.save(&inner).and_then(|()| match &export {
-            Some(e) => self.export(&live.bdev, e),
-            None => Ok(Vec::new()),
-        });
-        let listeners = match listeners {
+        let listeners = match self.commit_create(&inner, &live.bdev, export.as_ref()) {
             Ok(l) => l,
             Err(e) => {
                 // Undo: nothing of a failed create survives it.
@@ -949,11 +960,7 @@ impl Service {
             return Err(err);
         }
         inner.catalogue.clones.push(record);
-        let listeners = self.save(&inner).and_then(|()| match &export {
-            Some(e) => self.export(&live.bdev, e),
-            None => Ok(Vec::new()),
-        });
-        let listeners = match listeners {
+        let listeners = match self.commit_create(&inner, &live.bdev, export.as_ref()) {
             Ok(l) => l,
             Err(e) => {
                 inner.catalogue.clones.retain(|c| c.name != name);

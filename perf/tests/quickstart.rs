@@ -4,48 +4,12 @@
 //! with verification, and see that about 10 MiB came from the store.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod support;
 
-use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
 
-fn bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_oxperf")).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: cargo build --workspace",
-        p.display()
-    );
-    p
-}
-
-struct Oxd(Child);
-
-impl Drop for Oxd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn ok_json(o: Output) -> Value {
-    assert!(
-        o.status.success(),
-        "failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
+use support::{bin, free_port, ok_json, start_oxd};
 
 #[test]
 fn the_readme_quickstart_works() {
@@ -68,21 +32,7 @@ fn the_readme_quickstart_works() {
     assert_ne!(config, shipped);
     let path = dir.path().join("quickstart.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(bin("oxd"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while !lines
-        .next()
-        .expect("oxd exited")
-        .unwrap()
-        .contains(" control socket ")
-    {}
-    std::thread::spawn(move || for _ in lines {});
-    let _oxd = Oxd(child);
+    let _oxd = start_oxd(&path);
     let socket = dir.path().join("qs/oxd.sock").display().to_string();
     let oxctl = |args: &[&str]| {
         let mut all = vec!["--socket", &socket, "--json"];
