@@ -437,3 +437,81 @@ file = {kek2:?}
         );
     }
 }
+
+#[test]
+fn a_snapshot_cut_short_by_a_clean_stop_is_taken_again_reading_only_the_changes() {
+    let server = s3server::start_server(false);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s3 = server.client_config();
+    let ox::store::s3::CredentialSource::Static {
+        access_key,
+        secret_key,
+    } = &s3.credentials
+    else {
+        panic!("the test server has static credentials")
+    };
+    std::fs::write(d.join("s3.secret"), secret_key).unwrap();
+    std::fs::write(d.join("kek"), "22".repeat(32)).unwrap();
+    let port = free_port();
+    let socket = d.join("oxd.sock");
+    let config = d.join("oxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
+             [ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{port}\"]\nobject_mib = 1\n\
+             [[store]]\nname = \"s3\"\nkind = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\n\
+             credentials = \"static\"\naccess_key = \"{access_key}\"\nsecret_key_file = {secret:?}\n\
+             allow_http = true\n[[key]]\nname = \"k\"\nfile = {kek:?}\n\
+             [[volume]]\nname = \"v\"\nsize_mib = 16\nnqn = \"nqn.2026-11.io.ox:v\"\nallow_any_host = true\n",
+            state = d.join("state"),
+            endpoint = s3.endpoint,
+            bucket = s3.bucket,
+            secret = d.join("s3.secret"),
+            kek = d.join("kek"),
+        ),
+    )
+    .unwrap();
+    let ctl = Ctl {
+        socket: socket.display().to_string(),
+    };
+    let vol = format!("127.0.0.1:{port},nqn.2026-11.io.ox:v,1");
+    let mut oxd = start_oxd(&config);
+    oxperf(&vol, "write", "0:16384", 64, 131072, 1);
+    let first = ctl.ok(&["snapshot", "create", "v", "--store", "s3"]);
+    assert_eq!(first["result"]["chunks_read"], 128, "{first}");
+    // 4 chunks change; their snapshot is cut short by SIGTERM while uploading.
+    oxperf(&vol, "write", "4096:512", 2, 131072, 2);
+    server.faults.delay_ms.store(500, Ordering::SeqCst);
+    let running = ctl.ok(&["snapshot", "create", "v", "--store", "s3", "--no-wait"]);
+    assert_eq!(running["state"], "running", "{running}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(oxd.child.id() as i32, libc::SIGTERM) };
+    assert!(oxd.child.wait().unwrap().success(), "a clean stop");
+    drop(oxd);
+    server.faults.delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(ctl_list(&ctl), 1, "nothing half-made was published");
+    // Restarted: the snapshot runs again by itself, reading only the 4 changed chunks.
+    let _oxd = start_oxd(&config);
+    let again = loop {
+        let j = ctl.ok(&["job", "get", "1"]);
+        if j["state"] != "running" {
+            break j;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(again["state"], "done", "{again}");
+    assert_eq!(again["result"]["chunks_read"], 4, "{again}");
+    assert_eq!(again["result"]["parent"], first["result"]["id"]);
+    assert_eq!(ctl_list(&ctl), 2);
+}
+
+/// Snapshots in the catalogue, read from the file (the daemon may be down).
+fn ctl_list(ctl: &Ctl) -> usize {
+    let state = std::path::Path::new(&ctl.socket).with_file_name("state");
+    let text = std::fs::read_to_string(state.join("catalogue.json")).unwrap();
+    let c: Value = serde_json::from_str(&text).unwrap();
+    c["snapshots"].as_array().unwrap().len()
+}
