@@ -204,7 +204,12 @@ fn serve_lines(read: impl Read, mut write: impl Write, who: &str, state: &State)
                             Ok(_) => "ok".to_string(),
                             Err(e) => format!("error: {}", e.message),
                         };
-                        let detail = json!({ "params": req.params });
+                        // The token of an `auth` request is never written down.
+                        let detail = if req.method == "auth" {
+                            json!({ "params": "(not recorded)" })
+                        } else {
+                            json!({ "params": req.params })
+                        };
                         if let Err(e) = audit.record(who, &req.method, detail, &outcome) {
                             // An operation that cannot be audited is not answered as done.
                             tracing::error!("audit log: {e}");
@@ -657,7 +662,9 @@ fn serve_tcp(stream: std::net::TcpStream, token: &str, state: &State) {
         .peer_addr()
         .map_or_else(|_| "unknown".into(), |a| a.to_string());
     let who = format!("tcp {peer}");
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(600)));
+    // The token must come at once: a connection that does not authenticate holds a
+    // slot for seconds, not minutes.
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
@@ -685,8 +692,13 @@ fn serve_tcp(stream: std::net::TcpStream, token: &str, state: &State) {
         } else {
             "denied: bad or missing token"
         };
-        if let Err(e) = audit.record(&who, "authenticate", Value::Null, result) {
-            tracing::error!("audit log: {e}");
+        // Failed attempts are recorded at most DENIALS_PER_MINUTE a minute (with a
+        // count of those left out), so a connection flood cannot grow the log at will.
+        if let Some(suppressed) = DENIALS.admit(ok) {
+            let detail = json!({ "denials_not_recorded_before": suppressed });
+            if let Err(e) = audit.record(&who, "authenticate", detail, result) {
+                tracing::error!("audit log: {e}");
+            }
         }
     }
     if !ok {
@@ -704,5 +716,37 @@ fn serve_tcp(stream: std::net::TcpStream, token: &str, state: &State) {
     if reply(&stream, id, Ok(json!({ "authenticated": true }))).is_err() {
         return;
     }
-    serve_lines(reader.into_inner().into_inner(), stream, &who, state);
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(600)));
+    // Whatever the client sent after the token is still in the reader's buffer.
+    reader.get_mut().set_limit(u64::MAX);
+    serve_lines(reader, stream, &who, state);
+}
+
+/// Denied authentications recorded per minute at most.
+const DENIALS_PER_MINUTE: u32 = 10;
+
+/// Limits how many denied authentications reach the audit log.
+struct Denials(std::sync::Mutex<(std::time::Instant, u32, u64)>);
+
+static DENIALS: std::sync::LazyLock<Denials> =
+    std::sync::LazyLock::new(|| Denials(std::sync::Mutex::new((std::time::Instant::now(), 0, 0))));
+
+impl Denials {
+    /// Whether to record this attempt (successes always are); if so, how many denials
+    /// were left out since the last one recorded.
+    fn admit(&self, ok: bool) -> Option<u64> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0.elapsed() >= std::time::Duration::from_secs(60) {
+            *s = (std::time::Instant::now(), 0, s.2);
+        }
+        if ok || s.1 < DENIALS_PER_MINUTE {
+            if !ok {
+                s.1 += 1;
+            }
+            Some(std::mem::take(&mut s.2))
+        } else {
+            s.2 += 1;
+            None
+        }
+    }
 }

@@ -717,9 +717,14 @@ impl Service {
             inner.catalogue.pending.push(pending);
             if let Err(e) = self.save(&inner) {
                 busy.store(false, Ordering::SeqCst);
+                job.outcome
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(Err(format!("{e:#}")));
                 return Err(e);
             }
         }
+        let busy_after_spawn_failure = Arc::clone(&busy);
         let (service, job2, volume, store) = (
             Arc::clone(self),
             Arc::clone(&job),
@@ -753,7 +758,6 @@ impl Service {
                         .await
                     })
                 });
-                busy.store(false, Ordering::SeqCst);
                 let outcome = match result {
                     Ok(Ok(report)) => {
                         let kek = report.manifest.key.as_ref().map(|k| k.kek_id.clone());
@@ -791,9 +795,17 @@ impl Service {
                         tracing::error!("saving the catalogue: {e:#}");
                     }
                 }
+                // Released last, once the catalogue says how it ended: a clean stop waits
+                // on this, and a new snapshot must see the outcome.
+                busy.store(false, Ordering::SeqCst);
                 *job2.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
             });
         if let Err(e) = spawned {
+            let mut inner = self.inner();
+            inner.catalogue.pending.retain(|p| p.volume != job.target);
+            let _ = self.save(&inner);
+            drop(inner);
+            busy_after_spawn_failure.store(false, Ordering::SeqCst);
             job.outcome
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1215,33 +1227,38 @@ impl Service {
         Ok(self.spawn_job("restore", &name.clone(), move |_job| {
             let _reservation = reservation;
             let (dev, on) = (live.bdev.clone(), service.reactors[0].clone());
-            let written = service
-                .cores
-                .run(move |ex| {
-                    Box::pin(async move {
-                        let store = spec.open(&ex)?;
-                        ox::hydrate::restore(&*store, &loaded, &dev, &on).await
-                    })
+            let copied = service.cores.run(move |ex| {
+                Box::pin(async move {
+                    let store = spec.open(&ex)?;
+                    ox::hydrate::restore(&*store, &loaded, &dev, &on).await
                 })
-                .map_err(|e| e.to_string())?
-                .map_err(|e| {
-                    let _ = std::fs::remove_file(&path);
-                    e.to_string()
-                })?;
+            });
+            let discard = |live: LiveVolume, why: String| {
+                drop(live);
+                let _ = std::fs::remove_file(&path);
+                Err(why)
+            };
+            let written = match copied {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return discard(live, e.to_string()),
+                Err(e) => return discard(live, e.to_string()),
+            };
             let mut inner = service.inner();
             if let Some(e) = &record.export
                 && let Err(err) = service.check_export(&inner, e)
             {
                 drop(inner);
-                drop(live);
-                let _ = std::fs::remove_file(&path);
-                return Err(format!("the restored copy is discarded: {err:#}"));
+                return discard(live, format!("the restored copy is discarded: {err:#}"));
             }
             inner.catalogue.volumes.push(record.clone());
-            service.save(&inner).map_err(|e| format!("{e:#}"))?;
-            let listeners = match &record.export {
-                Some(e) => service.export(&live.bdev, e).map_err(|e| format!("restored, but not exported: {e:#}"))?,
-                None => Vec::new(),
+            let listeners = match service.commit_create(&inner, &live.bdev, record.export.as_ref()) {
+                Ok(l) => l,
+                Err(e) => {
+                    inner.catalogue.volumes.retain(|v| v.name != name);
+                    let _ = service.save(&inner);
+                    drop(inner);
+                    return discard(live, format!("the restored copy is discarded: {e:#}"));
+                }
             };
             inner.volumes.insert(name.clone(), live);
             Ok(json!({ "name": name, "bytes": written, "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>() }))

@@ -484,15 +484,26 @@ fn create_key(file: &std::path::Path) -> anyhow::Result<Value> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
         .context("reading /dev/urandom")?;
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    if file.exists() {
+        anyhow::bail!("{} exists already", file.display());
+    }
+    // Written whole beside it, then renamed: a crash never leaves a short key file.
+    let tmp = file.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(file)
-        .with_context(|| format!("creating {}", file.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(format!("{hex}\n").as_bytes())
         .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, file))
         .with_context(|| format!("writing {}", file.display()))?;
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+    }
     Ok(json!({ "file": file, "created": true }))
 }
 
