@@ -476,19 +476,27 @@ impl Service {
         inner.catalogue.save(&self.settings.state_dir)
     }
 
-    /// The last steps of a create, once its entry is in the catalogue: save the
-    /// catalogue, then export the device if asked. The caller undoes both on error.
+    /// The last steps of a create, once `name`'s entry is in the catalogue: save the
+    /// catalogue, then export the device if asked. On error the entry is taken out
+    /// again (and that saved), so nothing of a failed create stays on record; the
+    /// caller removes its files.
     fn commit_create(
         &self,
-        inner: &Inner,
+        inner: &mut Inner,
+        name: &str,
         bdev: &Bdev,
         export: Option<&ExportRecord>,
     ) -> anyhow::Result<Vec<SocketAddr>> {
-        self.save(inner)?;
-        match export {
+        let done = self.save(inner).and_then(|()| match export {
             Some(e) => self.export(bdev, e),
             None => Ok(Vec::new()),
+        });
+        if done.is_err() {
+            inner.catalogue.volumes.retain(|v| v.name != name);
+            inner.catalogue.clones.retain(|c| c.name != name);
+            let _ = self.save(inner);
         }
+        done
     }
 
     /// Creates a volume of `size_bytes` (a file under the state directory), exported
@@ -538,12 +546,9 @@ impl Service {
             }
         };
         inner.catalogue.volumes.push(record);
-        let listeners = match self.commit_create(&inner, &live.bdev, export.as_ref()) {
+        let listeners = match self.commit_create(&mut inner, name, &live.bdev, export.as_ref()) {
             Ok(l) => l,
             Err(e) => {
-                // Undo: nothing of a failed create survives it.
-                inner.catalogue.volumes.retain(|v| v.name != name);
-                let _ = self.save(&inner);
                 let _ = std::fs::remove_file(&path);
                 return Err(e);
             }
@@ -972,11 +977,9 @@ impl Service {
             return Err(err);
         }
         inner.catalogue.clones.push(record);
-        let listeners = match self.commit_create(&inner, &live.bdev, export.as_ref()) {
+        let listeners = match self.commit_create(&mut inner, name, &live.bdev, export.as_ref()) {
             Ok(l) => l,
             Err(e) => {
-                inner.catalogue.clones.retain(|c| c.name != name);
-                let _ = self.save(&inner);
                 drop(live);
                 remove_files();
                 return Err(e);
@@ -1251,11 +1254,14 @@ impl Service {
                 return discard(live, format!("the restored copy is discarded: {err:#}"));
             }
             inner.catalogue.volumes.push(record.clone());
-            let listeners = match service.commit_create(&inner, &live.bdev, record.export.as_ref()) {
+            let listeners = match service.commit_create(
+                &mut inner,
+                &name,
+                &live.bdev,
+                record.export.as_ref(),
+            ) {
                 Ok(l) => l,
                 Err(e) => {
-                    inner.catalogue.volumes.retain(|v| v.name != name);
-                    let _ = service.save(&inner);
                     drop(inner);
                     return discard(live, format!("the restored copy is discarded: {e:#}"));
                 }

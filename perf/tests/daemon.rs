@@ -42,6 +42,39 @@ impl Ctl {
     fn ok(&self, args: &[&str]) -> Value {
         ok_json(self.call(args))
     }
+
+    /// Job `id` once it is no longer running.
+    fn finished(&self, id: &str) -> Value {
+        loop {
+            let j = self.ok(&["job", "get", id]);
+            if j["state"] != "running" {
+                return j;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// The `[[store]]` block naming the S3 test server `name` (its secret written to a
+/// file in `d`, as an operator would), and the access key.
+fn s3_store(server: &s3server::Server, d: &std::path::Path, name: &str) -> (String, String) {
+    let s3 = server.client_config();
+    let ox::store::s3::CredentialSource::Static {
+        access_key,
+        secret_key,
+    } = &s3.credentials
+    else {
+        panic!("the test server has static credentials")
+    };
+    let secret = d.join("s3.secret");
+    std::fs::write(&secret, secret_key).unwrap();
+    let block = format!(
+        "[[store]]\nname = \"{name}\"\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\n\
+         credentials = \"static\"\naccess_key = \"{access_key}\"\nsecret_key_file = {secret:?}\n\
+         allow_http = true\n",
+        s3.endpoint, s3.bucket
+    );
+    (block, access_key.clone())
 }
 
 /// oxperf over `range` (FIRST:COUNT blocks) of `target`, `bs` bytes at a time.
@@ -83,15 +116,7 @@ fn snapshot_clone_and_a_kill_9_driven_by_oxctl_and_oxperf() {
     let server = s3server::start_server(false);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s3 = server.client_config();
-    let ox::store::s3::CredentialSource::Static {
-        access_key,
-        secret_key,
-    } = &s3.credentials
-    else {
-        panic!("the test server has static credentials")
-    };
-    std::fs::write(d.join("s3.secret"), secret_key).unwrap();
+    let (store, access_key) = s3_store(&server, d, "s3");
     std::fs::write(d.join("kek"), "11".repeat(32)).unwrap();
     // The second key is made by oxctl, as an operator would.
     let kek2 = d.join("kek2");
@@ -128,16 +153,7 @@ export_listeners = ["127.0.0.1:{port}"]
 zstd_level = 1
 object_mib = 1
 
-[[store]]
-name = "s3"
-kind = "s3"
-endpoint = "{endpoint}"
-bucket = "{bucket}"
-credentials = "static"
-access_key = "{access_key}"
-secret_key_file = {secret:?}
-allow_http = true
-
+{store}
 [[store]]
 name = "down"
 kind = "s3"
@@ -158,8 +174,6 @@ file = {kek2:?}
 "#,
             audit = d.join("audit.log"),
             state = d.join("state"),
-            endpoint = s3.endpoint,
-            bucket = s3.bucket,
             secret = d.join("s3.secret"),
             down = free_port(),
             kek = d.join("kek"),
@@ -337,13 +351,7 @@ file = {kek2:?}
     assert_eq!(listed["clones"][0]["thicken_mib_s"], 4);
     // The snapshot the crash cut short was started again at the restart (job 1 of the
     // new daemon): it publishes once, whole; nothing half-made is ever listed.
-    let resumed = loop {
-        let j = ctl.ok(&["job", "get", "1"]);
-        if j["state"] != "running" {
-            break j;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let resumed = ctl.finished("1");
     assert_eq!(resumed["state"], "done", "{resumed}");
     let snaps = ctl.ok(&["snapshot", "list"]);
     assert_eq!(snaps.as_array().unwrap().len(), 3, "{snaps}");
@@ -443,15 +451,7 @@ fn a_snapshot_cut_short_by_a_clean_stop_is_taken_again_reading_only_the_changes(
     let server = s3server::start_server(false);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s3 = server.client_config();
-    let ox::store::s3::CredentialSource::Static {
-        access_key,
-        secret_key,
-    } = &s3.credentials
-    else {
-        panic!("the test server has static credentials")
-    };
-    std::fs::write(d.join("s3.secret"), secret_key).unwrap();
+    let (store, _) = s3_store(&server, d, "s3");
     std::fs::write(d.join("kek"), "22".repeat(32)).unwrap();
     let port = free_port();
     let socket = d.join("oxd.sock");
@@ -461,14 +461,9 @@ fn a_snapshot_cut_short_by_a_clean_stop_is_taken_again_reading_only_the_changes(
         format!(
             "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
              [ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{port}\"]\nobject_mib = 1\n\
-             [[store]]\nname = \"s3\"\nkind = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\n\
-             credentials = \"static\"\naccess_key = \"{access_key}\"\nsecret_key_file = {secret:?}\n\
-             allow_http = true\n[[key]]\nname = \"k\"\nfile = {kek:?}\n\
+             {store}[[key]]\nname = \"k\"\nfile = {kek:?}\n\
              [[volume]]\nname = \"v\"\nsize_mib = 16\nnqn = \"nqn.2026-11.io.ox:v\"\nallow_any_host = true\n",
             state = d.join("state"),
-            endpoint = s3.endpoint,
-            bucket = s3.bucket,
-            secret = d.join("s3.secret"),
             kek = d.join("kek"),
         ),
     )
@@ -495,13 +490,7 @@ fn a_snapshot_cut_short_by_a_clean_stop_is_taken_again_reading_only_the_changes(
     assert_eq!(ctl_list(&ctl), 1, "nothing half-made was published");
     // Restarted: the snapshot runs again by itself, reading only the 4 changed chunks.
     let _oxd = start_oxd(&config);
-    let again = loop {
-        let j = ctl.ok(&["job", "get", "1"]);
-        if j["state"] != "running" {
-            break j;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let again = ctl.finished("1");
     assert_eq!(again["state"], "done", "{again}");
     assert_eq!(again["result"]["chunks_read"], 4, "{again}");
     assert_eq!(again["result"]["parent"], first["result"]["id"]);
