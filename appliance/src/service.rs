@@ -236,8 +236,9 @@ impl Service {
             }),
         });
         for v in &catalogue.volumes {
+            let pending = catalogue.pending.iter().any(|p| p.volume == v.name);
             let live = service
-                .open_volume(v, false)
+                .open_volume(v, false, pending)
                 .with_context(|| format!("reopening volume {}", v.name))?;
             let bdev = live.bdev.clone();
             service.inner().volumes.insert(v.name.clone(), live);
@@ -291,6 +292,22 @@ impl Service {
             .join(format!("{name}.cbt"))
     }
 
+    /// The volume's durable store of copy-before-write chunks.
+    fn preserve_path(&self, name: &str) -> PathBuf {
+        self.settings
+            .state_dir
+            .join("volumes")
+            .join(format!("{name}.cbw"))
+    }
+
+    /// The journal of the volume's running snapshot.
+    fn journal_path(&self, name: &str) -> PathBuf {
+        self.settings
+            .state_dir
+            .join("volumes")
+            .join(format!("{name}.snapshot"))
+    }
+
     fn clone_path(&self, name: &str, ext: &str) -> PathBuf {
         self.settings
             .state_dir
@@ -328,8 +345,15 @@ impl Service {
 
     /// Opens a volume's file with its change tracking: the tracking saved at the last
     /// clean stop (consumed, so a crash cannot reuse a stale one), else every chunk
-    /// counts as changed (`fresh` only for a volume created just now).
-    fn open_volume(&self, v: &VolumeRecord, fresh: bool) -> anyhow::Result<LiveVolume> {
+    /// counts as changed (`fresh` only for a volume created just now). If a snapshot of
+    /// it is `pending` and its journal is whole, the volume takes that snapshot up again
+    /// (its point in time) before any host can write.
+    fn open_volume(
+        &self,
+        v: &VolumeRecord,
+        fresh: bool,
+        pending: bool,
+    ) -> anyhow::Result<LiveVolume> {
         let uuid: Uuid = v.uuid.parse().context("uuid")?;
         let file = self.open_file(
             &format!("{}-file", v.name),
@@ -357,6 +381,34 @@ impl Service {
         };
         let (bdev, handle) =
             bdev::create_volume(&v.name, file, v.chunk_bytes, tracking, Some(uuid))?;
+        handle.set_preserve_file(&self.preserve_path(&v.name))?;
+        let journal = self.journal_path(&v.name);
+        let resumed = match ox::journal::Journal::load(&journal, chunks) {
+            Ok(Some((j, changed))) if pending => j
+                .token()
+                .map_err(anyhow::Error::from)
+                .and_then(|t| Ok(handle.resume_snapshot(t, j.next_chunk, &changed)?))
+                .map(|copies| (j.next_chunk, copies)),
+            Ok(Some(_)) => Err(anyhow::anyhow!("no snapshot of it is pending")),
+            Ok(None) => Err(anyhow::anyhow!("no journal")),
+            Err(e) => Err(e.into()),
+        };
+        match resumed {
+            Ok((at, copies)) => tracing::info!(
+                "volume {}: its snapshot continues from chunk {at} of {chunks} ({copies} chunks kept by copy-before-write)",
+                v.name
+            ),
+            Err(e) => {
+                if pending {
+                    tracing::warn!(
+                        "volume {}: its pending snapshot starts over ({e:#})",
+                        v.name
+                    );
+                }
+                ox::journal::remove(&journal)
+                    .with_context(|| format!("removing {}", journal.display()))?;
+            }
+        }
         Ok(LiveVolume {
             bdev,
             handle,
@@ -538,7 +590,7 @@ impl Service {
                 path.display()
             );
         }
-        let live = match self.open_volume(&record, true) {
+        let live = match self.open_volume(&record, true, false) {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
@@ -611,6 +663,7 @@ impl Service {
             bail!("volume {name:?} is being snapshotted");
         }
         let record = inner.catalogue.volumes.remove(pos);
+        inner.catalogue.pending.retain(|p| p.volume != name);
         self.save(&inner)?;
         if let Some(e) = &record.export {
             let _ = self.target.remove_subsystem(&e.nqn);
@@ -618,6 +671,8 @@ impl Service {
         inner.volumes.remove(name);
         let _ = std::fs::remove_file(self.volume_path(name));
         let _ = std::fs::remove_file(self.tracking_path(name));
+        let _ = std::fs::remove_file(self.preserve_path(name));
+        let _ = ox::journal::remove(&self.journal_path(name));
         Ok(json!({ "name": name }))
     }
 
@@ -708,6 +763,7 @@ impl Service {
             volume_name: volume.into(),
             progress,
             outage_patience: Duration::from_secs(600),
+            journal: Some(self.journal_path(volume)),
         };
         // On record until it ends, so a snapshot cut short by a stop or a crash is
         // started again at the next start.
@@ -781,8 +837,18 @@ impl Service {
                         let mut inner = service.inner();
                         inner.catalogue.snapshots.push(record.clone());
                         inner.catalogue.pending.retain(|p| p.volume != volume);
+                        let mut result = serde_json::to_value(&record).unwrap_or_default();
+                        result["resumed_at"] = json!(report.resumed_at);
                         match service.save(&inner) {
-                            Ok(()) => Ok(serde_json::to_value(&record).unwrap_or_default()),
+                            Ok(()) => {
+                                // Catalogued: the journal is spent (a crash before this
+                                // finds the manifest published and adopts it).
+                                let journal = service.journal_path(&volume);
+                                if let Err(e) = ox::journal::remove(&journal) {
+                                    tracing::warn!("{}: {e}", journal.display());
+                                }
+                                Ok(result)
+                            }
                             Err(e) => Err(format!(
                                 "snapshot published as {} but not catalogued: {e:#}",
                                 record.manifest_key
@@ -1223,7 +1289,7 @@ impl Service {
                 path.display()
             );
         }
-        let live = self.open_volume(&record, false)?;
+        let live = self.open_volume(&record, false, false)?;
         let service = Arc::clone(self);
         let spec = self.store(&snap.store)?.clone();
         let name = name.to_string();
@@ -1464,8 +1530,10 @@ impl Service {
         )
     }
 
-    /// Starts again the snapshots a stop or a crash cut short (from the beginning: after
-    /// a clean stop only the volume's changes are read, after a crash all of it).
+    /// Starts again the snapshots a stop or a crash cut short: each continues from its
+    /// journal's last checkpoint with the same point in time, or (no usable journal)
+    /// starts over — after a clean stop reading only the volume's changes, after a
+    /// crash all of it.
     pub fn resume_pending(self: &Arc<Self>) {
         let pending = self.inner().catalogue.pending.clone();
         for p in pending {
@@ -1535,10 +1603,34 @@ impl Service {
     /// (thickening walks) stops.
     pub fn stop_background(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        for c in self.inner().clones.values() {
+        let inner = self.inner();
+        for c in inner.clones.values() {
             if let Some(t) = &c.thickening {
                 t.stop();
             }
+        }
+        // Running snapshots stop where they are, keeping their point in time and
+        // journal: the next start continues them.
+        for job in inner.jobs.values() {
+            let progress = job
+                .progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(p) = progress {
+                p.suspend();
+            }
+        }
+        let busy: Vec<Arc<AtomicBool>> = inner
+            .volumes
+            .values()
+            .map(|v| Arc::clone(&v.busy))
+            .collect();
+        drop(inner);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while busy.iter().any(|b| b.load(Ordering::SeqCst)) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

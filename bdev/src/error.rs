@@ -143,6 +143,14 @@ pub enum BdevError {
         /// What went wrong.
         reason: String,
     },
+    /// A volume's durable store of copy-before-write chunks could not be used.
+    #[error("snapshot copy store {path}: {reason}")]
+    Preserve {
+        /// The store's file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A message to or from a reactor failed.
     #[error(transparent)]
     Reactor(#[from] reactor::ReactorError),

@@ -206,17 +206,8 @@ impl PresenceFiles {
     /// Replaces the checkpoint with `words` and empties the log.
     pub(crate) fn checkpoint(&mut self, words: &[u64]) -> Result<(), BdevError> {
         let path = &self.checkpoint;
-        let tmp = path.with_extension("tmp");
-        let bytes = encode_checkpoint(self.chunks, words);
-        File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-            .and_then(|()| std::fs::rename(&tmp, path))
+        crate::fsutil::replace_file(path, &encode_checkpoint(self.chunks, words))
             .map_err(|e| io_err(path, "writing the checkpoint", e))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_err(dir, "syncing the directory", e))?;
-        }
         let lp = log_path(path);
         self.log
             .set_len(0)

@@ -3,6 +3,11 @@
 //! go on writing, by copy-before-write: a write to a chunk the snapshot has not read
 //! yet first saves the chunk's old contents for the snapshot.
 //!
+//! Copies are kept in memory, or — once [`VolumeHandle::set_preserve_file`] gives the
+//! volume a store for them — written durably to local media before the host write goes
+//! ahead (`preserve`), so that a snapshot interrupted by a restart or a crash resumes
+//! with the same point-in-time image ([`VolumeHandle::resume_snapshot`]).
+//!
 //! Per-chunk snapshot state is one atomic byte, so writes to chunks already read (or
 //! when no snapshot runs) pay two atomic loads; only the first write to an unread chunk
 //! during a snapshot takes the slow path.
@@ -10,7 +15,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use reactor::Reactor;
@@ -20,12 +25,16 @@ use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
 use crate::buf::IoBuf;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
+use crate::preserve::Preserve;
 
 const NOT_READ: u8 = 0;
 const READING: u8 = 1;
 const DONE: u8 = 2;
 const PRESERVING: u8 = 3;
 const PRESERVED: u8 = 4;
+/// Read by the snapshot, but not yet covered by its journal: with a durable store of
+/// copies, a write still copies it first, since a restart would read it again.
+const READ: u8 = 5;
 
 /// How long a write waits before looking again at a chunk another party is copying.
 const RETRY: Duration = Duration::from_micros(50);
@@ -40,6 +49,13 @@ struct Shared {
     active: AtomicBool,
     state: Box<[AtomicU8]>,
     preserved: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Where copies go durably, if the volume has such a store (else `preserved`).
+    store: OnceLock<Preserve>,
+    /// Chunks before this are covered by the running snapshot's journal.
+    committed: AtomicU64,
+    /// The running snapshot was taken up again after a restart and nobody has
+    /// continued it yet ([`VolumeHandle::take_resumed`]).
+    resumed: AtomicBool,
     /// Per channel: writes started without seeing an active snapshot and not finished
     /// yet. One counter per channel, so concurrent writers on different cores do not
     /// contend on one cache line; a snapshot sums them.
@@ -70,6 +86,16 @@ impl Shared {
         // Usually set already: a load, not a locked read-modify-write, on the I/O path.
         if word.load(Ordering::Relaxed) & bit == 0 {
             word.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    /// A chunk's state once the snapshot has read it: with a durable store, writes
+    /// keep copying it until the journal covers it ([`VolumeHandle::commit_through`]).
+    fn after_read(&self) -> u8 {
+        if self.store.get().is_some() {
+            READ
+        } else {
+            DONE
         }
     }
 
@@ -121,11 +147,12 @@ fn guarded_write(
 ) {
     for chunk in shared.chunk_range(&io) {
         let state = &shared.state[chunk as usize];
-        match state.load(Ordering::Acquire) {
+        let from = state.load(Ordering::Acquire);
+        match from {
             DONE | PRESERVED => continue,
-            NOT_READ => {
+            NOT_READ | READ => {
                 if state
-                    .compare_exchange(NOT_READ, PRESERVING, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(from, PRESERVING, Ordering::AcqRel, Ordering::Acquire)
                     .is_err()
                 {
                     return retry(shared, inner, reactor, io, done);
@@ -151,6 +178,15 @@ fn guarded_write(
                         return guarded_write(s, i, r, io, done);
                     }
                     match c.result {
+                        Ok(()) if s.store.get().is_some() => {
+                            drop(preserved);
+                            let copy = Copy {
+                                chunk,
+                                from,
+                                generation,
+                            };
+                            save_durably(s, i, r, io, done, copy, c.bufs);
+                        }
                         Ok(()) => {
                             preserved.insert(chunk, c.data());
                             state.store(PRESERVED, Ordering::Release);
@@ -161,7 +197,7 @@ fn guarded_write(
                             drop(preserved);
                             // Leave the chunk to the snapshot reader; fail the write
                             // rather than lose the point-in-time image.
-                            state.store(NOT_READ, Ordering::Release);
+                            state.store(from, Ordering::Release);
                             done(IoCompletion::err(io.bufs, e));
                         }
                     }
@@ -171,6 +207,71 @@ fn guarded_write(
         }
     }
     inner.submit(io, done);
+}
+
+/// A copy-before-write in progress.
+struct Copy {
+    chunk: u64,
+    /// The chunk's state before (`NOT_READ` or `READ`), restored if the copy fails.
+    from: u8,
+    /// The snapshot it is for.
+    generation: u64,
+}
+
+/// Writes a chunk's old contents (`old`, just read) to the volume's store of copies,
+/// then goes on with the host write; a failed copy fails the host write.
+fn save_durably(
+    shared: Arc<Shared>,
+    inner: Rc<Channel>,
+    reactor: Rc<Reactor>,
+    io: BdevIo,
+    done: IoDone,
+    copy: Copy,
+    old: Vec<IoBuf>,
+) {
+    let Copy {
+        chunk,
+        from,
+        generation,
+    } = copy;
+    let Some(store) = shared.store.get() else {
+        return guarded_write(shared, inner, reactor, io, done);
+    };
+    let channel = match store.bdev.channel() {
+        Ok(c) => c,
+        Err(e) => {
+            shared.state[chunk as usize].store(from, Ordering::Release);
+            return done(IoCompletion::err(io.bufs, e));
+        }
+    };
+    store.in_flight.fetch_add(1, Ordering::SeqCst);
+    let write = store.copy_write(chunk, old);
+    channel.submit(write, move |c: IoCompletion| {
+        let s = shared;
+        let preserved = s.preserved();
+        if let Some(store) = s.store.get() {
+            store.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        if s.generation.load(Ordering::SeqCst) != generation {
+            drop(preserved);
+            return guarded_write(s, inner, reactor, io, done);
+        }
+        match c.result {
+            Ok(()) => {
+                // A chunk the snapshot has read already needs the copy only if a
+                // restart makes it read the chunk again.
+                let now = if from == READ { DONE } else { PRESERVED };
+                s.state[chunk as usize].store(now, Ordering::Release);
+                drop(preserved);
+                guarded_write(s, inner, reactor, io, done);
+            }
+            Err(e) => {
+                s.state[chunk as usize].store(from, Ordering::Release);
+                drop(preserved);
+                done(IoCompletion::err(io.bufs, e));
+            }
+        }
+    });
 }
 
 fn retry(shared: Arc<Shared>, inner: Rc<Channel>, reactor: Rc<Reactor>, io: BdevIo, done: IoDone) {
@@ -228,6 +329,24 @@ pub struct ChangedChunks {
 }
 
 const TRACKING_MAGIC: &[u8; 8] = b"OXCBT001";
+
+/// What a snapshot reads for a chunk ([`VolumeHandle::claim_chunk`]).
+pub enum Claim {
+    /// The volume itself (the chunk is held from writes until released).
+    Device,
+    /// The chunk's contents at the snapshot point, copied in memory by a write.
+    Copy(Vec<u8>),
+    /// The chunk's contents at the snapshot point, copied durably: `num_blocks` blocks
+    /// of `dev` from `offset_blocks`.
+    Saved {
+        /// The store of copies.
+        dev: Bdev,
+        /// First block.
+        offset_blocks: u64,
+        /// Blocks.
+        num_blocks: u64,
+    },
+}
 
 impl ChangedChunks {
     /// Serialises for saving across restarts: magic, chunk count, bitmap, CRC32C.
@@ -304,19 +423,73 @@ impl VolumeHandle {
         &self.shared.inner
     }
 
+    /// Gives the volume a durable store for copy-before-write chunks at `path` (a
+    /// sparse file, created if missing, never truncated here): from the next snapshot
+    /// on, copies go there and survive a restart. Once per volume, before any snapshot.
+    pub fn set_preserve_file(&self, path: &std::path::Path) -> Result<(), BdevError> {
+        let s = &self.shared;
+        let store = Preserve::open(
+            s.inner.name(),
+            path,
+            s.inner.info().size_bytes(),
+            s.chunk_bytes,
+            s.inner.block_size(),
+        )?;
+        s.store.set(store).map_err(|_| BdevError::Config {
+            name: s.inner.name().to_string(),
+            reason: "the volume has a store for copies already".into(),
+        })
+    }
+
+    /// Whether no copy of an earlier snapshot is still being written to the store (a
+    /// new snapshot waits for this before [`Self::begin_snapshot`]).
+    pub fn copies_settled(&self) -> bool {
+        self.shared
+            .store
+            .get()
+            .is_none_or(|p| p.in_flight.load(Ordering::SeqCst) == 0)
+    }
+
+    /// The running snapshot's token (names its durable copies), if the volume has a
+    /// store for them and a snapshot holds it.
+    pub fn snapshot_token(&self) -> Option<[u8; 16]> {
+        let s = &self.shared;
+        s.store
+            .get()
+            .filter(|_| s.running.load(Ordering::SeqCst))
+            .map(Preserve::token)
+    }
+
+    fn hold(&self) -> Result<(), BdevError> {
+        let s = &self.shared;
+        s.running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|_| ())
+            .map_err(|_| BdevError::Config {
+                name: s.inner.name().to_string(),
+                reason: "a snapshot of this volume is already running".into(),
+            })
+    }
+
     /// Starts a point-in-time snapshot: from now on, writes preserve unread chunks.
     /// Returns the chunks changed since the previous snapshot began (and starts a new
     /// change set). Waits for writes that started before the snapshot to finish.
     pub fn begin_snapshot(&self) -> Result<ChangedChunks, BdevError> {
         let s = &self.shared;
-        if s.running
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            return Err(BdevError::Config {
-                name: s.inner.name().to_string(),
-                reason: "a snapshot of this volume is already running".into(),
-            });
+        self.hold()?;
+        if let Some(store) = s.store.get() {
+            let ready = if self.copies_settled() {
+                store.reset(*Uuid::new_v4().as_bytes())
+            } else {
+                Err(BdevError::Config {
+                    name: s.inner.name().to_string(),
+                    reason: "copies of the previous snapshot are still being written".into(),
+                })
+            };
+            if let Err(e) = ready {
+                s.running.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         {
             let mut preserved = s.preserved();
@@ -326,6 +499,7 @@ impl VolumeHandle {
         for st in s.state.iter() {
             st.store(NOT_READ, Ordering::Relaxed);
         }
+        s.committed.store(0, Ordering::SeqCst);
         let bits = s
             .dirty
             .iter()
@@ -334,6 +508,64 @@ impl VolumeHandle {
         s.active.store(true, Ordering::SeqCst);
         let base = *s.base.lock().unwrap_or_else(|p| p.into_inner());
         Ok(ChangedChunks { bits, base })
+    }
+
+    /// Takes up again, after a restart, the snapshot `token` that had stored every
+    /// chunk before `next` when it stopped: the chunks from `next` on that are in
+    /// `changed` are protected again, each either still unchanged on the volume or saved
+    /// in the store of copies (found by [`Preserve::scan`]). Call before any host can
+    /// write. Returns how many saved copies were found.
+    pub fn resume_snapshot(
+        &self,
+        token: [u8; 16],
+        next: u64,
+        changed: &ChangedChunks,
+    ) -> Result<usize, BdevError> {
+        let s = &self.shared;
+        let store = s.store.get().ok_or_else(|| BdevError::Config {
+            name: s.inner.name().to_string(),
+            reason: "a snapshot can resume only on a volume with a store for copies".into(),
+        })?;
+        if changed.bits.len() != s.dirty.len() {
+            return Err(BdevError::Config {
+                name: s.inner.name().to_string(),
+                reason: "the saved change set is for another volume size".into(),
+            });
+        }
+        let saved = store.scan(&token, |c| c >= next && changed.contains(c))?;
+        self.hold()?;
+        store.adopt(token);
+        {
+            let _preserved = s.preserved();
+            s.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        for (c, st) in s.state.iter().enumerate() {
+            let c = c as u64;
+            let state = if c >= next && changed.contains(c) {
+                NOT_READ
+            } else {
+                DONE
+            };
+            st.store(state, Ordering::Relaxed);
+        }
+        for &c in &saved {
+            s.state[c as usize].store(PRESERVED, Ordering::Relaxed);
+        }
+        s.committed.store(next, Ordering::SeqCst);
+        s.resumed.store(true, Ordering::SeqCst);
+        s.active.store(true, Ordering::SeqCst);
+        Ok(saved.len())
+    }
+
+    /// The token of a snapshot [`Self::resume_snapshot`] took up again, once: whoever
+    /// gets it continues that snapshot (any other caller sees `None`).
+    pub fn take_resumed(&self) -> Option<[u8; 16]> {
+        let s = &self.shared;
+        if s.resumed.swap(false, Ordering::SeqCst) {
+            s.store.get().map(Preserve::token)
+        } else {
+            None
+        }
     }
 
     /// Whether every write that started before [`Self::begin_snapshot`] has finished;
@@ -370,27 +602,49 @@ impl VolumeHandle {
         *self.shared.base.lock().unwrap_or_else(|p| p.into_inner()) = id;
     }
 
-    /// What the snapshot should read for `chunk`: the preserved old contents, or `None`
-    /// to read the device (the chunk is then protected until [`Self::chunk_read`]).
-    /// `Err(())` means a write is copying it right now: ask again shortly.
+    /// What the snapshot should read for `chunk`: a copy a write saved, or the device
+    /// (the chunk is then protected until [`Self::chunk_read`]). `Err(())` means a
+    /// write is copying it right now: ask again shortly.
     #[allow(clippy::result_unit_err)]
-    pub fn claim_chunk(&self, chunk: u64) -> Result<Option<Vec<u8>>, ()> {
-        let state = &self.shared.state[chunk as usize];
+    pub fn claim_chunk(&self, chunk: u64) -> Result<Claim, ()> {
+        let s = &self.shared;
+        let state = &s.state[chunk as usize];
         match state.compare_exchange(NOT_READ, READING, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => Ok(None),
+            Ok(_) => Ok(Claim::Device),
             Err(PRESERVED) => {
-                let data = self.shared.preserved().remove(&chunk);
+                let copy = s.preserved().remove(&chunk);
                 state.store(DONE, Ordering::Release);
-                Ok(data)
+                Ok(match (copy, s.store.get()) {
+                    (Some(data), _) => Claim::Copy(data),
+                    (None, Some(store)) => {
+                        let (offset_blocks, num_blocks) = store.copy_blocks(chunk);
+                        Claim::Saved {
+                            dev: store.bdev.clone(),
+                            offset_blocks,
+                            num_blocks,
+                        }
+                    }
+                    (None, None) => Claim::Device,
+                })
             }
-            Err(DONE) => Ok(None),
+            Err(DONE | READ) => Ok(Claim::Device),
             Err(_) => Err(()),
         }
     }
 
     /// The snapshot has read `chunk` from the device: writes may go ahead.
     pub fn chunk_read(&self, chunk: u64) {
-        self.shared.state[chunk as usize].store(DONE, Ordering::Release);
+        self.shared.state[chunk as usize].store(self.shared.after_read(), Ordering::Release);
+    }
+
+    /// The snapshot's journal now covers every chunk before `next`: writes to those
+    /// need no copies any more (see [`Self::chunk_read`]).
+    pub fn commit_through(&self, next: u64) {
+        let s = &self.shared;
+        let from = s.committed.swap(next, Ordering::AcqRel).min(next);
+        for st in &s.state[from as usize..next.min(s.chunks) as usize] {
+            let _ = st.compare_exchange(READ, DONE, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 
     /// Which snapshot is running (changes at every begin and end): a read started
@@ -406,7 +660,7 @@ impl VolumeHandle {
         let s = &self.shared;
         let _preserved = s.preserved();
         if s.generation.load(Ordering::SeqCst) == generation {
-            s.state[chunk as usize].store(DONE, Ordering::Release);
+            s.state[chunk as usize].store(s.after_read(), Ordering::Release);
         }
     }
 
@@ -427,20 +681,11 @@ impl VolumeHandle {
     /// Saves the change tracking to `path` atomically (temporary file, fsync, rename),
     /// for [`Tracking::Saved`] at the next start.
     pub fn save_changes(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let bytes = self.changes().to_bytes(self.shared.chunks);
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        crate::fsutil::replace_file(path, &self.changes().to_bytes(self.shared.chunks))
     }
 
-    /// Ends the snapshot. If it failed, `changed` goes back into the change set so the
-    /// next snapshot stores those chunks.
+    /// Ends the snapshot (its copies are dropped). If it failed, `changed` goes back
+    /// into the change set so the next snapshot stores those chunks.
     pub fn end_snapshot(&self, failed: Option<&ChangedChunks>) {
         let s = &self.shared;
         {
@@ -448,10 +693,14 @@ impl VolumeHandle {
             s.generation.fetch_add(1, Ordering::SeqCst);
         }
         s.active.store(false, Ordering::SeqCst);
+        s.resumed.store(false, Ordering::SeqCst);
         for st in s.state.iter() {
             st.store(DONE, Ordering::Relaxed);
         }
         s.preserved().clear();
+        if let Some(store) = s.store.get() {
+            store.release();
+        }
         if let Some(c) = failed {
             for (w, bits) in s.dirty.iter().zip(&c.bits) {
                 w.fetch_or(*bits, Ordering::AcqRel);
@@ -505,6 +754,9 @@ pub fn create_volume(
         active: AtomicBool::new(false),
         state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
         preserved: Mutex::new(HashMap::new()),
+        store: OnceLock::new(),
+        committed: AtomicU64::new(0),
+        resumed: AtomicBool::new(false),
         unaware: Mutex::new(Vec::new()),
         running: AtomicBool::new(false),
         generation: AtomicU64::new(0),

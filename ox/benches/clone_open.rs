@@ -75,6 +75,7 @@ fn main() {
                         volume_name: "bench".into(),
                         progress: Arc::default(),
                         outage_patience: std::time::Duration::from_secs(60),
+                        journal: None,
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

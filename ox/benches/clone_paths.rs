@@ -225,6 +225,7 @@ fn main() {
         volume_name: "bench".into(),
         progress: Arc::default(),
         outage_patience: Duration::from_secs(60),
+        journal: None,
     };
     let local_dir = tempfile::tempdir().unwrap();
     let mut snaps = Vec::new();

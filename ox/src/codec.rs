@@ -122,6 +122,21 @@ impl Codec {
         })
     }
 
+    /// The nonce prefix this codec uses (a snapshot's journal records it).
+    pub fn nonce_prefix(&self) -> [u8; 4] {
+        self.nonce_prefix
+    }
+
+    /// Takes a nonce prefix none of `used` (the prefixes of earlier encoders of the
+    /// same snapshot) has, so a resumed snapshot never repeats a nonce under its key.
+    pub fn avoid_nonce_prefixes(&mut self, used: &[[u8; 4]]) -> Result<(), OxError> {
+        while used.contains(&self.nonce_prefix) {
+            getrandom::fill(&mut self.nonce_prefix)
+                .map_err(|e| OxError::Config(format!("no randomness: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Whether frames are encrypted.
     pub fn encrypted(&self) -> bool {
         self.key.is_some()

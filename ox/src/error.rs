@@ -63,6 +63,10 @@ pub enum OxError {
         /// The last failure.
         message: String,
     },
+    /// A snapshot stopped for a restart of the appliance; its journal lets the next
+    /// start continue it where it was.
+    #[error("snapshot of {0} suspended for a restart; it continues at the next start")]
+    Suspended(String),
     /// Local file system error.
     #[error("{path}: {source}")]
     Io {
@@ -74,6 +78,13 @@ pub enum OxError {
 }
 
 impl OxError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
     pub(crate) fn integrity(what: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Integrity {
             what: what.into(),

@@ -22,6 +22,7 @@ pub mod cores;
 mod error;
 pub mod format;
 pub mod hydrate;
+pub mod journal;
 pub mod keys;
 pub mod snapshot;
 pub mod store;

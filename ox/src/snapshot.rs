@@ -6,15 +6,22 @@
 //! point at the parent's frames. Sparse: zero chunks are not stored. Frames are packed
 //! into objects sealed at a size threshold; index pages follow; the manifest is written
 //! last, with a conditional create, so a failed snapshot leaves no visible snapshot.
+//!
+//! Resumable: with a journal (`SnapshotOptions::journal`) on a volume whose copies are
+//! durable (`bdev::VolumeHandle::set_preserve_file`), the snapshot checkpoints how far
+//! it has stored every few seconds; after a restart or a crash it continues from the
+//! last checkpoint with the same point in time, snapshot ID and data key.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bdev::VolumeHandle;
+use bdev::{Claim, VolumeHandle};
 use reactor::ReactorHandle;
 
 use crate::codec::{Binding, Codec, CodecSettings};
 use crate::error::OxError;
 use crate::format::{self, Ancestor, Entry, FORMAT_VERSION, IndexPage, Manifest, PAGE_CHUNKS};
+use crate::journal::{self, JOURNAL_VERSION, Journal};
 use crate::keys::{self, Kek, SecretKey};
 use crate::store::ObjectStore;
 use crate::throttle::{Class, Throttle};
@@ -40,6 +47,9 @@ pub struct SnapshotOptions {
     /// (after the store's own retries give up) before failing the snapshot: the
     /// snapshot waits out an outage and carries on where it was.
     pub outage_patience: Duration,
+    /// Where to keep the snapshot's journal, so a restart can continue it (used when
+    /// the volume has a durable store of copies; see the module documentation).
+    pub journal: Option<PathBuf>,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.
@@ -52,6 +62,7 @@ pub struct SnapshotProgress {
     /// Bytes uploaded so far.
     pub bytes_uploaded: std::sync::atomic::AtomicU64,
     cancelled: std::sync::atomic::AtomicBool,
+    suspended: std::sync::atomic::AtomicBool,
 }
 
 impl SnapshotProgress {
@@ -64,6 +75,18 @@ impl SnapshotProgress {
 
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Asks the snapshot to stop for a restart of the appliance: it fails with
+    /// [`OxError::Suspended`] and, if it has a journal, keeps its point in time and
+    /// journal so the next start continues it.
+    pub fn suspend(&self) {
+        self.suspended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_suspended(&self) -> bool {
+        self.suspended.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Fraction done, 0.0–1.0.
@@ -89,6 +112,8 @@ pub struct SnapshotReport {
     pub meta_bytes: u64,
     /// Chunks read from the volume.
     pub chunks_read: u64,
+    /// The chunk this attempt continued from, if it continued an earlier one.
+    pub resumed_at: Option<u64>,
 }
 
 /// A loaded snapshot: its manifest and what decoding its frames (and its ancestors')
@@ -325,7 +350,8 @@ impl IndexWriter {
 }
 
 /// Snapshots the tracked volume `handle` (read through `volume` on reactor `on`) into
-/// `store`, incrementally over `parent` if given.
+/// `store`, incrementally over `parent` if given. Continues the snapshot a restart cut
+/// short, if the volume took one up again and its journal fits.
 pub async fn snapshot_volume(
     store: &dyn ObjectStore,
     on: &ReactorHandle,
@@ -334,47 +360,150 @@ pub async fn snapshot_volume(
     opts: &SnapshotOptions,
     throttle: &Throttle,
 ) -> Result<SnapshotReport, OxError> {
-    let mut changed = handle
-        .begin_snapshot()
-        .map_err(|e| OxError::Config(e.to_string()))?;
+    let resumed = match &opts.journal {
+        Some(path) => resumable(path, handle, parent, opts)?,
+        None => None,
+    };
+    let (changed, resumed) = match resumed {
+        Some((j, changed)) => (changed, Some(j)),
+        None => {
+            while !handle.copies_settled() {
+                async_io::Timer::after(Duration::from_millis(1)).await;
+            }
+            let mut changed = handle
+                .begin_snapshot()
+                .map_err(|e| OxError::Config(e.to_string()))?;
+            // Ended on every path out of here until the writer takes over.
+            let guard = SnapshotGuard {
+                handle,
+                changed: Some(changed.clone()),
+                journal: None,
+            };
+            while !handle.writes_settled() {
+                async_io::Timer::after(Duration::from_micros(100)).await;
+            }
+            handle.settle(&mut changed);
+            let parent_id = parent
+                .map(|p| p.manifest.binding().map(|b| b.snapshot))
+                .transpose()?;
+            if changed.base != parent_id {
+                // The change set is relative to another snapshot than the parent
+                // asked for: only a full read is correct.
+                changed.mark_all();
+            }
+            std::mem::forget(guard);
+            (changed, None)
+        }
+    };
     // From here on, however this future ends (error, cancel, or being dropped), the
-    // volume is released and keeps its changes for the next attempt.
+    // volume is released and keeps its changes for the next attempt — except when
+    // suspended for a restart, which keeps the point in time for the next start.
+    let journal = opts
+        .journal
+        .clone()
+        .filter(|_| handle.snapshot_token().is_some());
     let mut guard = SnapshotGuard {
         handle,
         changed: Some(changed.clone()),
+        journal: journal.clone(),
     };
-    while !handle.writes_settled() {
-        async_io::Timer::after(Duration::from_micros(100)).await;
-    }
-    handle.settle(&mut changed);
-    let parent_id = parent
-        .map(|p| p.manifest.binding().map(|b| b.snapshot))
-        .transpose()?;
-    if changed.base != parent_id {
-        // The change set is relative to another snapshot than the parent asked for:
-        // only a full read is correct.
-        changed.mark_all();
-    }
-    guard.changed = Some(changed.clone());
-    let result = write(store, on, handle, parent, opts, throttle, &changed).await;
-    if let Ok(report) = &result {
-        guard.changed = None;
-        handle.end_snapshot(None);
-        handle.set_base(Some(format::parse_id(&report.manifest.snapshot)?));
+    let result = write(
+        store,
+        on,
+        handle,
+        parent,
+        opts,
+        throttle,
+        &changed,
+        resumed,
+        journal.as_deref(),
+    )
+    .await;
+    match &result {
+        Ok(report) => {
+            guard.changed = None;
+            guard.journal = None;
+            handle.end_snapshot(None);
+            handle.set_base(Some(format::parse_id(&report.manifest.snapshot)?));
+        }
+        // Suspended, or failing because the appliance is stopping under it (its
+        // reactors gone): the journal's last checkpoint stands.
+        Err(e)
+            if journal.is_some()
+                && (matches!(e, OxError::Suspended(_)) || opts.progress.is_suspended()) =>
+        {
+            guard.changed = None;
+            guard.journal = None;
+        }
+        Err(_) => {}
     }
     result
 }
 
-/// Ends a snapshot that did not finish: the volume is released and its changes kept.
+/// The journal at `path` and its change set, if the volume took up the snapshot it
+/// describes after a restart and that snapshot can continue with these settings.
+/// Otherwise the journal is removed (and a snapshot taken up is ended, its changes kept
+/// for the next attempt).
+fn resumable(
+    path: &Path,
+    handle: &VolumeHandle,
+    parent: Option<&Loaded>,
+    opts: &SnapshotOptions,
+) -> Result<Option<(Journal, bdev::ChangedChunks)>, OxError> {
+    let Some(token) = handle.take_resumed() else {
+        if handle.snapshot_token().is_none() {
+            // A journal left by an attempt that ended (or never took up): stale.
+            journal::remove(path)?;
+        }
+        return Ok(None);
+    };
+    let loaded = Journal::load(path, handle.chunks());
+    let fits = |j: &Journal| {
+        j.token().is_ok_and(|t| t == token)
+            && j.volume == hex::encode(opts.volume_id)
+            && j.prefix == opts.prefix
+            && j.parent.as_deref() == parent.map(|p| p.manifest_key.as_str())
+            && match (&opts.kek, &j.key) {
+                (Some(kek), Some(w)) => w.kek_id == kek.id,
+                (None, None) => true,
+                _ => false,
+            }
+    };
+    match loaded {
+        Ok(Some((j, changed))) if fits(&j) => Ok(Some((j, changed))),
+        other => {
+            let mut changed = match other {
+                Ok(Some((_, c))) => c,
+                _ => {
+                    let mut all = handle.changes();
+                    all.mark_all();
+                    all
+                }
+            };
+            changed.base = None;
+            handle.end_snapshot(Some(&changed));
+            journal::remove(path)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Ends a snapshot that did not finish: the volume is released and its changes kept;
+/// its journal (if any) is removed.
 struct SnapshotGuard<'a> {
     handle: &'a VolumeHandle,
     changed: Option<bdev::ChangedChunks>,
+    journal: Option<PathBuf>,
 }
 
 impl Drop for SnapshotGuard<'_> {
     fn drop(&mut self) {
         if let Some(c) = self.changed.take() {
             self.handle.end_snapshot(Some(&c));
+        }
+        if let Some(path) = self.journal.take() {
+            // A journal left behind is recognised as stale and removed next time.
+            let _ = journal::remove(&path);
         }
     }
 }
@@ -388,8 +517,8 @@ struct ReadAhead {
     scan: u64,
 }
 
-/// A chunk read ahead: preserved contents, or a device read in flight (the chunk is
-/// claimed until it is done).
+/// A chunk read ahead: preserved contents, or a read in flight (of the device, which
+/// holds the chunk from writes until done, or of a durable copy).
 enum Ahead {
     Ready(Vec<u8>),
     Reading(crate::blockio::Pending),
@@ -397,6 +526,42 @@ enum Ahead {
 
 /// Device reads a snapshot keeps in flight ahead of the encoder.
 const READ_AHEAD: usize = 8;
+
+/// How often a snapshot with a journal checkpoints its progress: at most this much
+/// work is redone after a crash.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+
+/// Starts reading what the snapshot stores for `chunk`: `None` if a write is copying
+/// it right now (ask again shortly).
+fn start_chunk(
+    chunk: u64,
+    handle: &VolumeHandle,
+    read: &impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
+    on: &ReactorHandle,
+) -> Result<Option<Ahead>, OxError> {
+    Ok(Some(match handle.claim_chunk(chunk) {
+        Ok(Claim::Copy(data)) => Ahead::Ready(data),
+        Ok(Claim::Saved {
+            dev,
+            offset_blocks,
+            num_blocks,
+        }) => Ahead::Reading(crate::blockio::start_read(
+            on,
+            &dev,
+            offset_blocks,
+            num_blocks,
+            || {},
+        )?),
+        Ok(Claim::Device) => match read(chunk) {
+            Ok(p) => Ahead::Reading(p),
+            Err(e) => {
+                handle.chunk_read(chunk);
+                return Err(e);
+            }
+        },
+        Err(()) => return Ok(None),
+    }))
+}
 
 impl ReadAhead {
     /// Claims and starts reading changed chunks from `at` on, up to the window; stops
@@ -407,24 +572,17 @@ impl ReadAhead {
         chunks: u64,
         changed: &bdev::ChangedChunks,
         handle: &VolumeHandle,
-        read: impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
+        read: &impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
+        on: &ReactorHandle,
     ) -> Result<(), OxError> {
         self.scan = self.scan.max(at);
         while self.queue.len() < READ_AHEAD && self.scan < chunks.min(at + 4 * READ_AHEAD as u64) {
             let c = self.scan;
             if changed.contains(c) {
-                let item = match handle.claim_chunk(c) {
-                    Ok(Some(preserved)) => Ahead::Ready(preserved),
-                    Ok(None) => match read(c) {
-                        Ok(p) => Ahead::Reading(p),
-                        Err(e) => {
-                            handle.chunk_read(c);
-                            return Err(e);
-                        }
-                    },
-                    Err(()) => return Ok(()),
-                };
-                self.queue.push_back((c, item));
+                match start_chunk(c, handle, read, on)? {
+                    Some(item) => self.queue.push_back((c, item)),
+                    None => return Ok(()),
+                }
             }
             self.scan += 1;
         }
@@ -440,6 +598,132 @@ impl ReadAhead {
     }
 }
 
+/// Where a snapshot starts: fresh, or continuing a journal.
+struct Start {
+    snapshot: [u8; 16],
+    data_key: Option<SecretKey>,
+    salt: [u8; 16],
+    zstd_level: i32,
+    nonce_prefixes: Vec<[u8; 4]>,
+    next_chunk: u64,
+    objects: Vec<String>,
+    pages: u64,
+    index_bytes: u64,
+    entries: Vec<Entry>,
+    stored_chunks: u64,
+    uploaded: u64,
+    chunks_read: u64,
+}
+
+impl Start {
+    fn fresh(opts: &SnapshotOptions) -> Result<Self, OxError> {
+        Ok(Self {
+            snapshot: format::random_id()?,
+            data_key: match &opts.kek {
+                Some(_) => Some(SecretKey::random()?),
+                None => None,
+            },
+            salt: format::random_id()?,
+            zstd_level: opts.zstd_level,
+            nonce_prefixes: Vec::new(),
+            next_chunk: 0,
+            objects: Vec::new(),
+            pages: 0,
+            index_bytes: 0,
+            entries: Vec::with_capacity(PAGE_CHUNKS as usize),
+            stored_chunks: 0,
+            uploaded: 0,
+            chunks_read: 0,
+        })
+    }
+
+    fn from_journal(j: &Journal, opts: &SnapshotOptions, chunks: u64) -> Result<Self, OxError> {
+        let bad = |what: &str| OxError::Format(format!("snapshot journal: {what}"));
+        let data_key = match (&opts.kek, &j.key) {
+            (Some(kek), Some(w)) => Some(keys::unwrap(std::slice::from_ref(kek), w, &j.snapshot)?),
+            (None, None) => None,
+            _ => return Err(bad("encryption differs")),
+        };
+        let nonce_prefixes = j
+            .nonce_prefixes
+            .iter()
+            .map(|p| {
+                hex::decode(p)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| bad("nonce prefix"))
+            })
+            .collect::<Result<_, _>>()?;
+        let in_page = j
+            .next_chunk
+            .checked_sub(j.pages * PAGE_CHUNKS)
+            .filter(|n| *n < PAGE_CHUNKS && j.next_chunk <= chunks)
+            .ok_or_else(|| bad("position"))?;
+        let limits = format::PageLimits {
+            lineage: usize::from(u16::MAX),
+            objects: j.objects.len(),
+            max_frame: usize::MAX,
+        };
+        let entries = IndexPage::from_bytes(
+            &hex::decode(&j.page_entries).map_err(|_| bad("entries"))?,
+            in_page as usize,
+            &limits,
+        )?
+        .entries;
+        Ok(Self {
+            snapshot: format::parse_id(&j.snapshot)?,
+            data_key,
+            salt: format::parse_id(&j.index_salt)?,
+            zstd_level: j.zstd_level,
+            nonce_prefixes,
+            next_chunk: j.next_chunk,
+            objects: j.objects.clone(),
+            pages: j.pages,
+            index_bytes: j.index_bytes,
+            entries,
+            stored_chunks: j.stored_chunks,
+            uploaded: j.uploaded,
+            chunks_read: j.chunks_read,
+        })
+    }
+}
+
+/// Saves a checkpoint: every object sealed and stored first, so the journal names
+/// only what is in the store; then the volume may stop copying the chunks it covers.
+#[allow(clippy::too_many_arguments)]
+async fn checkpoint(
+    path: &Path,
+    next_chunk: u64,
+    packer: &mut Packer<'_>,
+    index: &IndexWriter,
+    base: &Journal,
+    stored_chunks: u64,
+    chunks_read: u64,
+    handle: &VolumeHandle,
+) -> Result<(), OxError> {
+    packer.finish().await?;
+    let journal = Journal {
+        next_chunk,
+        objects: packer.objects.clone(),
+        pages: index.pages,
+        index_bytes: index.bytes,
+        page_entries: hex::encode(
+            IndexPage {
+                entries: index.entries.clone(),
+            }
+            .to_bytes(),
+        ),
+        stored_chunks,
+        uploaded: packer.uploaded,
+        chunks_read,
+        ..base.clone()
+    };
+    journal.save(path)?;
+    handle.commit_through(next_chunk);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn write(
     store: &dyn ObjectStore,
     on: &ReactorHandle,
@@ -448,6 +732,8 @@ async fn write(
     opts: &SnapshotOptions,
     throttle: &Throttle,
     changed: &bdev::ChangedChunks,
+    resumed: Option<Journal>,
+    journal_path: Option<&Path>,
 ) -> Result<SnapshotReport, OxError> {
     let dev = handle.inner();
     let volume_bytes = dev.info().size_bytes();
@@ -461,30 +747,38 @@ async fn write(
             "the parent snapshot has another size or chunk size".into(),
         ));
     }
-    let snapshot = format::random_id()?;
-    let snapshot_hex = hex::encode(snapshot);
-    let data_key = match &opts.kek {
-        Some(_) => Some(SecretKey::random()?),
-        None => None,
+    let start = match &resumed {
+        Some(j) => Start::from_journal(j, opts, chunks)?,
+        None => Start::fresh(opts)?,
     };
+    let snapshot = start.snapshot;
+    let snapshot_hex = hex::encode(snapshot);
+    let manifest_key = format::manifest_key(&opts.prefix, &snapshot);
+    if resumed.is_some()
+        && let Some(report) =
+            published(store, &manifest_key, &snapshot_hex, start.next_chunk).await?
+    {
+        return Ok(report);
+    }
     let binding = Binding {
         volume: opts.volume_id,
         snapshot,
     };
     let mut codec = Codec::new(
         CodecSettings {
-            level: opts.zstd_level,
+            level: start.zstd_level,
         },
-        data_key.as_ref(),
+        start.data_key.as_ref(),
         binding,
     )?;
+    codec.avoid_nonce_prefixes(&start.nonce_prefixes)?;
     let mut packer = Packer {
         store,
         throttle,
         opts,
         current: Vec::new(),
-        objects: Vec::new(),
-        uploaded: 0,
+        objects: start.objects.clone(),
+        uploaded: start.uploaded,
         in_flight: std::collections::VecDeque::new(),
     };
     let lineage: Vec<Ancestor> = match parent {
@@ -496,24 +790,81 @@ async fn write(
         .collect(),
         None => Vec::new(),
     };
+    let wrapped = match (&opts.kek, &start.data_key) {
+        (Some(kek), Some(k)) => Some(keys::wrap(kek, k, &snapshot_hex)?),
+        _ => None,
+    };
     let block = u64::from(dev.block_size());
     // Entries of the index page being built; pages are stored as they fill, so memory
     // stays one page whatever the volume size.
     let mut index = IndexWriter {
-        entries: Vec::with_capacity(PAGE_CHUNKS as usize),
-        salt: format::random_id()?,
-        pages: 0,
-        bytes: 0,
+        entries: start.entries,
+        salt: start.salt,
+        pages: start.pages,
+        bytes: start.index_bytes,
+    };
+    // What every checkpoint repeats.
+    let base = match (&resumed, journal_path) {
+        (_, None) => None,
+        (Some(j), Some(_)) => Some(Journal {
+            nonce_prefixes: j
+                .nonce_prefixes
+                .iter()
+                .cloned()
+                .chain(std::iter::once(hex::encode(codec.nonce_prefix())))
+                .collect(),
+            ..j.clone()
+        }),
+        (None, Some(path)) => {
+            Journal::save_changed(path, changed, chunks)?;
+            Some(Journal {
+                version: JOURNAL_VERSION,
+                volume: hex::encode(opts.volume_id),
+                snapshot: snapshot_hex.clone(),
+                token: hex::encode(handle.snapshot_token().unwrap_or_default()),
+                parent: parent.map(|p| p.manifest_key.clone()),
+                prefix: opts.prefix.clone(),
+                zstd_level: start.zstd_level,
+                key: wrapped.clone(),
+                index_salt: hex::encode(index.salt),
+                nonce_prefixes: vec![hex::encode(codec.nonce_prefix())],
+                next_chunk: 0,
+                objects: Vec::new(),
+                pages: 0,
+                index_bytes: 0,
+                page_entries: String::new(),
+                stored_chunks: 0,
+                uploaded: 0,
+                chunks_read: 0,
+            })
+        }
     };
     let mut parent_page: Option<(u64, IndexPage)> = None;
     let mut ahead = ReadAhead::default();
-    let mut chunks_read = 0;
-    let mut stored_chunks = 0;
+    let mut chunks_read = start.chunks_read;
+    let mut stored_chunks = start.stored_chunks;
     let progress = &opts.progress;
     progress
         .chunks_total
         .store(chunks, std::sync::atomic::Ordering::Relaxed);
-    for chunk in 0..chunks {
+    // The first checkpoint records the journal (and a resumed snapshot's new nonce
+    // prefix) before anything is encoded.
+    let mut last_checkpoint = Instant::now();
+    if let (Some(path), Some(base)) = (journal_path, &base) {
+        let at = start.next_chunk;
+        checkpoint(
+            path,
+            at,
+            &mut packer,
+            &index,
+            base,
+            stored_chunks,
+            chunks_read,
+            handle,
+        )
+        .await?;
+    }
+    for chunk in start.next_chunk..chunks {
         if !changed.contains(chunk) {
             handle.skip_chunk(chunk);
         }
@@ -522,6 +873,25 @@ async fn write(
                 "snapshot of {} cancelled at chunk {chunk}; nothing was published",
                 opts.volume_name
             )));
+        }
+        if progress.is_suspended() {
+            return Err(OxError::Suspended(opts.volume_name.clone()));
+        }
+        if let (Some(path), Some(base)) = (journal_path, &base)
+            && last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+        {
+            checkpoint(
+                path,
+                chunk,
+                &mut packer,
+                &index,
+                base,
+                stored_chunks,
+                chunks_read,
+                handle,
+            )
+            .await?;
+            last_checkpoint = Instant::now();
         }
         progress
             .chunks_done
@@ -572,28 +942,21 @@ async fn write(
                 h.chunk_read_in(c, generation)
             })
         };
-        ahead.fill(chunk, chunks, changed, handle, read)?;
-        let data = match ahead.take(chunk) {
-            Some(Ahead::Ready(d)) => d,
-            Some(Ahead::Reading(p)) => p.finish().await?,
+        ahead.fill(chunk, chunks, changed, handle, &read, on)?;
+        let item = match ahead.take(chunk) {
+            Some(item) => item,
             None => loop {
-                match handle.claim_chunk(chunk) {
-                    Ok(Some(preserved)) => break preserved,
-                    Ok(None) => {
-                        let d = match read(chunk) {
-                            Ok(p) => p.finish().await,
-                            Err(e) => {
-                                handle.chunk_read(chunk);
-                                Err(e)
-                            }
-                        };
-                        break d?;
-                    }
-                    Err(()) => {
+                match start_chunk(chunk, handle, &read, on)? {
+                    Some(item) => break item,
+                    None => {
                         async_io::Timer::after(Duration::from_micros(50)).await;
                     }
                 }
             },
+        };
+        let data = match item {
+            Ahead::Ready(d) => d,
+            Ahead::Reading(p) => p.finish().await?,
         };
         chunks_read += 1;
         packer.drive().await?;
@@ -614,13 +977,9 @@ async fn write(
     }
     index.flush(store, opts, &mut codec).await?;
     packer.finish().await?;
-    let wrapped = match (&opts.kek, &data_key) {
-        (Some(kek), Some(k)) => Some(keys::wrap(kek, k, &snapshot_hex)?),
-        _ => None,
-    };
     let manifest = Manifest {
         format: FORMAT_VERSION,
-        snapshot: snapshot_hex,
+        snapshot: snapshot_hex.clone(),
         volume: hex::encode(opts.volume_id),
         parent: parent.map(|p| p.manifest.snapshot.clone()),
         created: SystemTime::now()
@@ -629,7 +988,7 @@ async fn write(
         volume_bytes,
         chunk_bytes: u32::try_from(chunk_bytes)
             .map_err(|_| OxError::Config("chunk too large".into()))?,
-        zstd_level: opts.zstd_level,
+        zstd_level: start.zstd_level,
         key: wrapped,
         lineage,
         objects: packer.objects.clone(),
@@ -638,7 +997,6 @@ async fn write(
         stored_chunks,
         stored_bytes: packer.uploaded,
     };
-    let manifest_key = format::manifest_key(&opts.prefix, &snapshot);
     let bytes = manifest.to_bytes();
     let meta_bytes = index.bytes + bytes.len() as u64;
     if progress.is_cancelled() {
@@ -647,7 +1005,21 @@ async fn write(
             opts.volume_name
         )));
     }
-    store.put_new(&manifest_key, bytes).await?;
+    if progress.is_suspended() {
+        return Err(OxError::Suspended(opts.volume_name.clone()));
+    }
+    match store.put_new(&manifest_key, bytes).await {
+        Ok(()) => {}
+        // A resumed snapshot whose manifest an earlier attempt published after all.
+        Err(OxError::AlreadyExists { .. }) if resumed.is_some() => {
+            if let Some(report) =
+                published(store, &manifest_key, &snapshot_hex, start.next_chunk).await?
+            {
+                return Ok(report);
+            }
+        }
+        Err(e) => return Err(e),
+    }
     progress
         .chunks_done
         .store(chunks, std::sync::atomic::Ordering::Relaxed);
@@ -657,7 +1029,36 @@ async fn write(
         data_bytes: packer.uploaded,
         meta_bytes,
         chunks_read,
+        resumed_at: resumed.map(|_| start.next_chunk),
     })
+}
+
+/// The report of snapshot `snapshot` if its manifest is in the store already (an
+/// earlier attempt published it, and a crash came before anyone recorded that).
+async fn published(
+    store: &dyn ObjectStore,
+    key: &str,
+    snapshot: &str,
+    resumed_at: u64,
+) -> Result<Option<SnapshotReport>, OxError> {
+    let bytes = match store.get(key).await {
+        Ok(b) => b,
+        Err(OxError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = bytes.len() as u64;
+    let manifest = Manifest::from_bytes(&bytes)?;
+    if manifest.snapshot != snapshot {
+        return Err(OxError::integrity(key, "manifest names another snapshot"));
+    }
+    Ok(Some(SnapshotReport {
+        data_bytes: manifest.stored_bytes,
+        meta_bytes: meta,
+        chunks_read: 0,
+        resumed_at: Some(resumed_at),
+        manifest_key: key.to_string(),
+        manifest,
+    }))
 }
 
 /// Deletes objects under `prefix` that no manifest references: what failed or cancelled

@@ -107,6 +107,7 @@ fn options(env: &Env) -> SnapshotOptions {
         volume_name: "vol1".into(),
         progress: Arc::default(),
         outage_patience: std::time::Duration::from_secs(60),
+        journal: None,
     }
 }
 
@@ -716,6 +717,141 @@ fn a_snapshot_dropped_mid_way_releases_the_volume_and_keeps_its_changes() {
     // ...the volume is not stuck, and every chunk is still to be stored.
     let s = snapshot(&env, &handle, None, Throttle::default());
     assert_eq!(s.manifest.stored_chunks, size / CHUNK);
+    env.set.shutdown().unwrap();
+}
+
+/// A tracked volume on a file with a durable store of copies, as the daemon opens it
+/// (after a restart: the snapshot its journal describes is taken up again).
+fn durable_volume(
+    dir: &std::path::Path,
+    size: u64,
+    journal: &std::path::Path,
+) -> (Bdev, VolumeHandle) {
+    let mut c = bdev::UringConfig::new("file", dir.join("vol1.img"));
+    c.create_size = Some(size);
+    c.block_size = Some(512);
+    c.direct = false;
+    let file = bdev::open_uring(&c).unwrap();
+    let (vol, h) = create_volume("vol1", file, CHUNK, Tracking::AllChanged, None).unwrap();
+    h.set_preserve_file(&dir.join("vol1.cbw")).unwrap();
+    if let Some((j, changed)) = ox::journal::Journal::load(journal, h.chunks()).unwrap() {
+        h.resume_snapshot(j.token().unwrap(), j.next_chunk, &changed)
+            .unwrap();
+    }
+    (vol, h)
+}
+
+#[test]
+fn a_snapshot_cut_short_continues_after_a_restart_with_the_same_point_in_time() {
+    let env = env();
+    let local = tempfile::tempdir().unwrap();
+    let journal = local.path().join("vol1.snapshot");
+    let size = 32 << 20;
+    let chunks = size / CHUNK;
+    let (vol, handle) = durable_volume(local.path(), size, &journal);
+    let before = random(size as usize, 81);
+    write(&env, &vol, 0, &before);
+    let run = |h: &VolumeHandle, progress: Arc<ox::snapshot::SnapshotProgress>, rate: u64| {
+        let mut opts = options(&env);
+        opts.journal = Some(journal.clone());
+        opts.progress = progress;
+        let throttle = Throttle::new(
+            Limit::NONE,
+            Limit {
+                rate,
+                burst: 1 << 20,
+            },
+        );
+        let (root, h, reactor) = (env.root.clone(), h.clone(), env.set.handles()[0].clone());
+        let cores = Arc::clone(&env.cores);
+        std::thread::spawn(move || {
+            cores
+                .run(move |_ex| {
+                    Box::pin(async move {
+                        let store = LocalStore::open(root).unwrap();
+                        snapshot_volume(&store, &reactor, &h, None, &opts, &throttle).await
+                    })
+                })
+                .unwrap()
+        })
+    };
+    // Slow uploads (4 MiB/s): the first checkpoint after the start comes at 5 s.
+    let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
+    let first = run(&handle, Arc::clone(&progress), 4 << 20);
+    let covered = || {
+        ox::journal::Journal::load(&journal, chunks)
+            .ok()
+            .flatten()
+            .map_or(0, |(j, _)| j.next_chunk)
+    };
+    // Hosts overwrite the whole volume while it runs.
+    let after = random(size as usize, 82);
+    for off in (0..size).step_by(1 << 20) {
+        write(
+            &env,
+            &vol,
+            off,
+            &after[off as usize..(off + (1 << 20)) as usize],
+        );
+    }
+    while covered() == 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let at_stop = progress.chunks_done.load(Ordering::Relaxed);
+    // The appliance stops: the snapshot is suspended where it is (past its checkpoint).
+    progress.suspend();
+    let err = first.join().unwrap().unwrap_err();
+    assert!(matches!(err, ox::OxError::Suspended(_)), "{err}");
+    let resume_at = covered();
+    assert!(
+        resume_at > 0 && resume_at < chunks,
+        "checkpoint at {resume_at}"
+    );
+    let snapshot_id = ox::journal::Journal::load(&journal, chunks)
+        .unwrap()
+        .unwrap()
+        .0
+        .snapshot;
+    drop((vol, handle));
+    // The next start: the volume takes the snapshot up again before any host writes,
+    // and hosts write once more before it continues.
+    let (vol, handle) = durable_volume(local.path(), size, &journal);
+    let last = random(size as usize, 83);
+    write(&env, &vol, 0, &last);
+    let report = run(&handle, Arc::default(), 1 << 30)
+        .join()
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "checkpoint at chunk {resume_at} of {chunks} (suspended at {at_stop}); resumed read {} chunks",
+        report.chunks_read
+    );
+    assert_eq!(report.resumed_at, Some(resume_at));
+    assert_eq!(report.manifest.snapshot, snapshot_id, "the same snapshot");
+    assert_eq!(report.manifest.stored_chunks, chunks);
+    // The clone has exactly the image of the moment the snapshot began.
+    let (clone, _) = open_clone(&env, &report.manifest_key, size);
+    assert!(
+        read(&env, &clone, 0, size) == before,
+        "not the point-in-time image"
+    );
+    assert!(read(&env, &vol, 0, size) == last);
+    // What the first attempt stored before its checkpoint is part of the snapshot, not
+    // stored again: only the objects it had in flight when it stopped are orphans
+    // (starting over would have orphaned some 25 objects of 1 MiB).
+    let (root, kek) = (env.root.clone(), env.kek.clone());
+    let orphans = env
+        .cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                ox::snapshot::collect_orphans(&store, "vol1/", &[kek])
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert!(orphans.len() <= 8, "{} orphans", orphans.len());
     env.set.shutdown().unwrap();
 }
 

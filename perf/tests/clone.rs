@@ -110,6 +110,7 @@ impl World {
                         volume_name: "vol".into(),
                         progress: Arc::default(),
                         outage_patience: std::time::Duration::from_secs(60),
+                        journal: None,
                     };
                     snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                         .await

@@ -1,0 +1,125 @@
+//! A running snapshot's journal: what it has stored so far, kept on local media so a
+//! snapshot cut short by a restart or a crash continues where it was, with the same
+//! point in time, snapshot ID and data key (see `docs/FORMAT.md`, "Local state").
+//!
+//! Two files: `<path>` (JSON, replaced atomically at each checkpoint) and
+//! `<path>.changed` (the chunks the snapshot must store, written once when it begins).
+//! A checkpoint is written only when every data object it names is in the store, so
+//! the chunks before `next_chunk` never need reading again.
+
+use std::path::{Path, PathBuf};
+
+use bdev::ChangedChunks;
+use serde::{Deserialize, Serialize};
+
+use crate::error::OxError;
+use crate::keys::WrappedKey;
+
+/// The journal's current version.
+pub const JOURNAL_VERSION: u32 = 1;
+
+/// Everything a snapshot needs to continue: its identity and settings, and how far
+/// its stored index reaches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Journal {
+    /// [`JOURNAL_VERSION`].
+    pub version: u32,
+    /// Volume ID (hex), bound into every frame.
+    pub volume: String,
+    /// Snapshot ID (hex).
+    pub snapshot: String,
+    /// The volume's token for this snapshot's copy-before-write copies (hex).
+    pub token: String,
+    /// Manifest key of the parent snapshot, if incremental.
+    pub parent: Option<String>,
+    /// Key prefix in the store.
+    pub prefix: String,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// The snapshot's data key, wrapped by a key-encryption key (never in the clear).
+    pub key: Option<WrappedKey>,
+    /// Index salt (hex).
+    pub index_salt: String,
+    /// Nonce prefixes (hex) the snapshot's encoders have used: a continuing encoder
+    /// takes another, so no nonce repeats under the data key.
+    pub nonce_prefixes: Vec<String>,
+    /// Chunks before this are stored and indexed.
+    pub next_chunk: u64,
+    /// Data objects stored, in order.
+    pub objects: Vec<String>,
+    /// Index pages stored.
+    pub pages: u64,
+    /// Bytes of index pages stored.
+    pub index_bytes: u64,
+    /// Entries (hex, as in an index page) of the page being built: chunks from
+    /// `pages × PAGE_CHUNKS` to `next_chunk`.
+    pub page_entries: String,
+    /// Chunks stored as frames so far.
+    pub stored_chunks: u64,
+    /// Bytes of data objects stored so far.
+    pub uploaded: u64,
+    /// Chunks read from the volume so far.
+    pub chunks_read: u64,
+}
+
+fn changed_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".changed");
+    PathBuf::from(p)
+}
+
+impl Journal {
+    /// Loads the journal at `path` and its change set for a volume of `chunks` chunks:
+    /// `None` if there is none; an error if it is damaged or unreadable.
+    pub fn load(path: &Path, chunks: u64) -> Result<Option<(Self, ChangedChunks)>, OxError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(OxError::io(path, e)),
+        };
+        let journal: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| OxError::Format(format!("snapshot journal {}: {e}", path.display())))?;
+        if journal.version != JOURNAL_VERSION {
+            return Err(OxError::Format(format!(
+                "snapshot journal {}: version {} is not {JOURNAL_VERSION}",
+                path.display(),
+                journal.version
+            )));
+        }
+        let cp = changed_path(path);
+        let changed = std::fs::read(&cp).map_err(|e| OxError::io(&cp, e))?;
+        let changed = ChangedChunks::from_bytes(&changed, chunks).ok_or_else(|| {
+            OxError::Format(format!(
+                "snapshot journal {}: damaged, or for another volume size",
+                cp.display()
+            ))
+        })?;
+        Ok(Some((journal, changed)))
+    }
+
+    /// Saves the change set a new snapshot stores (before its first checkpoint).
+    pub fn save_changed(path: &Path, changed: &ChangedChunks, chunks: u64) -> Result<(), OxError> {
+        let cp = changed_path(path);
+        bdev::fsutil::replace_file(&cp, &changed.to_bytes(chunks)).map_err(|e| OxError::io(&cp, e))
+    }
+
+    /// Replaces the journal at `path` with this one, durably.
+    pub fn save(&self, path: &Path) -> Result<(), OxError> {
+        let bytes = serde_json::to_vec(self)
+            .map_err(|e| OxError::Format(format!("snapshot journal: {e}")))?;
+        bdev::fsutil::replace_file(path, &bytes).map_err(|e| OxError::io(path, e))
+    }
+
+    /// The token (see `bdev::VolumeHandle::resume_snapshot`).
+    pub fn token(&self) -> Result<[u8; 16], OxError> {
+        crate::format::parse_id(&self.token)
+    }
+}
+
+/// Removes the journal at `path` (nothing there is not an error).
+pub fn remove(path: &Path) -> Result<(), OxError> {
+    bdev::fsutil::remove_file(path).map_err(|e| OxError::io(path, e))?;
+    let cp = changed_path(path);
+    bdev::fsutil::remove_file(&cp).map_err(|e| OxError::io(&cp, e))
+}
