@@ -1,0 +1,121 @@
+//! What a running snapshot costs a host write: 4 KiB writes at queue depth 1, each to a
+//! chunk the snapshot has not stored yet (so each takes the copy-before-write path),
+//! on a volume file, side by side in one run:
+//!
+//! - `plain`: no snapshot running (the floor);
+//! - `memory`: copies kept in memory (a volume without a store for copies);
+//! - `durable`: copies written to the volume's store (`.cbw`, one FUA write each), as
+//!   the daemon runs volumes so that snapshots survive a restart.
+//!
+//! Not a test: it prints figures. Rounds alternate the modes to share the disk's mood.
+//!
+//! cargo bench -p bdev --bench cow_writes -- [--dir DIR] [--chunks 1024] [--rounds 3]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bdev::blocking::run_on;
+use bdev::{Bdev, BdevIo, IoBuf, Tracking, UringConfig, VolumeHandle, create_volume, open_uring};
+use reactor::{CoreList, ReactorConfig, ReactorSet};
+
+const CHUNK: u64 = 64 << 10;
+
+fn volume(dir: &Path, name: &str, chunks: u64, durable: bool) -> (Bdev, VolumeHandle) {
+    let mut c = UringConfig::new(name, dir.join(format!("{name}.img")));
+    c.create_size = Some(chunks * CHUNK);
+    c.block_size = Some(512);
+    let file = open_uring(&c).or_else(|_| {
+        c.direct = false;
+        open_uring(&c)
+    });
+    let (vol, h) = create_volume(name, file.unwrap(), CHUNK, Tracking::Fresh, None).unwrap();
+    if durable {
+        h.set_preserve_file(&dir.join(format!("{name}.cbw")))
+            .unwrap();
+    }
+    (vol, h)
+}
+
+/// Latencies (µs) of one 4 KiB write to each chunk, with or without a snapshot.
+fn round(set: &ReactorSet, vol: &Bdev, h: &VolumeHandle, chunks: u64, snapshot: bool) -> Vec<f64> {
+    if snapshot {
+        h.begin_snapshot().unwrap();
+    }
+    let on = &set.handles()[0];
+    let lat = (0..chunks)
+        .map(|c| {
+            let io = BdevIo::write(
+                c * CHUNK / 512,
+                8,
+                vec![IoBuf::from_slice(&[c as u8; 4096])],
+            );
+            let t = Instant::now();
+            run_on(on, vol, io, Duration::from_secs(30))
+                .unwrap()
+                .result
+                .unwrap();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    if snapshot {
+        h.end_snapshot(None);
+    }
+    lat
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let (mut chunks, mut rounds, mut dir) = (1024u64, 3usize, None);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().expect("missing value").clone();
+        match arg.as_str() {
+            "--chunks" => chunks = val().parse().unwrap(),
+            "--rounds" => rounds = val().parse().unwrap(),
+            "--dir" => dir = Some(val()),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let tmp =
+        tempfile::tempdir_in(dir.unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into())).unwrap();
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::parse("0").unwrap())).unwrap();
+    let (pv, ph) = volume(tmp.path(), "plain", chunks, false);
+    let (mv, mh) = volume(tmp.path(), "memory", chunks, false);
+    let (dv, dh) = volume(tmp.path(), "durable", chunks, true);
+    let mut all: [Vec<f64>; 3] = Default::default();
+    for _ in 0..rounds {
+        all[0].extend(round(&set, &pv, &ph, chunks, false));
+        all[1].extend(round(&set, &mv, &mh, chunks, true));
+        all[2].extend(round(&set, &dv, &dh, chunks, true));
+    }
+    let mut p50_plain = 0.0;
+    println!(
+        "4 KiB writes at QD1, each to a chunk the snapshot still needs ({chunks} chunks × {rounds} rounds)"
+    );
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>12}",
+        "mode", "p50 µs", "p99 µs", "mean µs", "p50 / plain"
+    );
+    for (name, lat) in ["plain", "memory", "durable"].iter().zip(all.iter_mut()) {
+        lat.sort_by(f64::total_cmp);
+        let p50 = pct(lat, 0.5);
+        if *name == "plain" {
+            p50_plain = p50;
+        }
+        let mean = lat.iter().sum::<f64>() / lat.len() as f64;
+        println!(
+            "{name:>8} {p50:>10.1} {:>10.1} {mean:>10.1} {:>12.2}",
+            pct(lat, 0.99),
+            p50 / p50_plain
+        );
+    }
+    set.shutdown().unwrap();
+}
