@@ -384,27 +384,43 @@ impl Service {
         handle.set_preserve_file(&self.preserve_path(&v.name))?;
         let journal = self.journal_path(&v.name);
         let resumed = match ox::journal::Journal::load(&journal, chunks) {
-            Ok(Some((j, changed))) if pending => j
-                .token()
-                .map_err(anyhow::Error::from)
-                .and_then(|t| Ok(handle.resume_snapshot(t, j.next_chunk, &changed)?))
-                .map(|copies| (j.next_chunk, copies)),
-            Ok(Some(_)) => Err(anyhow::anyhow!("no snapshot of it is pending")),
-            Ok(None) => Err(anyhow::anyhow!("no journal")),
-            Err(e) => Err(e.into()),
+            Ok(None) => None,
+            Ok(Some((j, changed))) if pending => Some(
+                j.token()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|t| Ok(handle.resume_snapshot(t, j.next_chunk, &changed)?))
+                    .map(|copies| (j.next_chunk, copies))
+                    .map_err(|e| (e, changed)),
+            ),
+            Ok(Some((_, changed))) => Some(Err((
+                anyhow::anyhow!("no snapshot of it is pending"),
+                changed,
+            ))),
+            Err(e) => {
+                let changed = ox::journal::load_changed(&journal, chunks).unwrap_or_else(|| {
+                    let mut all = handle.changes();
+                    all.mark_all();
+                    all
+                });
+                Some(Err((e.into(), changed)))
+            }
         };
         match resumed {
-            Ok((at, copies)) => tracing::info!(
+            None => {}
+            Some(Ok((at, copies))) => tracing::info!(
                 "volume {}: its snapshot continues from chunk {at} of {chunks} ({copies} chunks kept by copy-before-write)",
                 v.name
             ),
-            Err(e) => {
+            Some(Err((e, changed))) => {
                 if pending {
                     tracing::warn!(
                         "volume {}: its pending snapshot starts over ({e:#})",
                         v.name
                     );
                 }
+                // The chunks that snapshot was to store go back to the tracking, so
+                // the next snapshot does not miss them.
+                handle.add_changes(&changed);
                 ox::journal::remove(&journal)
                     .with_context(|| format!("removing {}", journal.display()))?;
             }
@@ -764,6 +780,7 @@ impl Service {
             progress,
             outage_patience: Duration::from_secs(600),
             journal: Some(self.journal_path(volume)),
+            store_name: store.to_string(),
         };
         // On record until it ends, so a snapshot cut short by a stop or a crash is
         // started again at the next start.
@@ -786,6 +803,7 @@ impl Service {
             }
         }
         let busy_after_spawn_failure = Arc::clone(&busy);
+        let volume_handle = handle.clone();
         let (service, job2, volume, store) = (
             Arc::clone(self),
             Arc::clone(&job),
@@ -860,6 +878,7 @@ impl Service {
                 };
                 // A failure of its own (not the daemon stopping) ends the request.
                 if outcome.is_err() && !service.stopping.load(Ordering::SeqCst) {
+                    service.release_resumed(&volume, &volume_handle);
                     let mut inner = service.inner();
                     inner.catalogue.pending.retain(|p| p.volume != volume);
                     if let Err(e) = service.save(&inner) {
@@ -883,6 +902,25 @@ impl Service {
                 .replace(Err(e.to_string()));
         }
         Ok(job.json())
+    }
+
+    /// Ends a snapshot `handle` took up again at the start that will not continue
+    /// after all (its job failed before reaching it): its changes go back to the
+    /// tracking, its journal is removed, and the volume stops copying.
+    fn release_resumed(&self, volume: &str, handle: &VolumeHandle) {
+        if handle.take_resumed().is_none() {
+            return;
+        }
+        let journal = self.journal_path(volume);
+        let changed = ox::journal::load_changed(&journal, handle.chunks()).unwrap_or_else(|| {
+            let mut all = handle.changes();
+            all.mark_all();
+            all
+        });
+        handle.end_snapshot(Some(&changed));
+        if let Err(e) = ox::journal::remove(&journal) {
+            tracing::warn!("{}: {e}", journal.display());
+        }
     }
 
     fn new_job(
@@ -1357,6 +1395,16 @@ impl Service {
                 snap.volume
             );
         }
+        // So are the objects of one a restart cut short, until it continues.
+        if self.journal_path(&snap.volume).exists() {
+            if let Some(b) = &busy {
+                b.store(false, Ordering::SeqCst);
+            }
+            bail!(
+                "a snapshot of {} is pending (it continues from its journal): delete after it ends",
+                snap.volume
+            );
+        }
         let result = self.delete_snapshot(&snap);
         if let Some(b) = busy {
             b.store(false, Ordering::SeqCst);
@@ -1546,6 +1594,14 @@ impl Service {
                 ),
                 Err(e) => {
                     tracing::error!("snapshot of {} not started again: {e:#}", p.volume);
+                    let handle = self
+                        .inner()
+                        .volumes
+                        .get(&p.volume)
+                        .map(|v| v.handle.clone());
+                    if let Some(h) = handle {
+                        self.release_resumed(&p.volume, &h);
+                    }
                     let mut inner = self.inner();
                     inner.catalogue.pending.retain(|x| x != &p);
                     let _ = self.save(&inner);

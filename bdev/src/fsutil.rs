@@ -9,7 +9,9 @@ use std::path::Path;
 /// written and fsynced, renamed over `path`, and the directory fsynced, so a crash
 /// leaves either the old contents or the new, never a mixture.
 pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     File::create(&tmp)
         .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
         .and_then(|()| std::fs::rename(&tmp, path))?;

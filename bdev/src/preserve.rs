@@ -114,15 +114,38 @@ impl Preserve {
         *self.token.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Empties the store (freeing its space) and adopts `token` for the copies to come.
+    /// Empties the store (freeing its space), forgets an abandoned snapshot, and
+    /// adopts `token` for the copies to come.
     pub(crate) fn reset(&self, token: [u8; 16]) -> Result<(), BdevError> {
         let size = self.chunks * self.slot_bytes();
         self.file
             .set_len(0)
             .and_then(|()| self.file.set_len(size))
+            .and_then(|()| crate::fsutil::remove_file(&self.abandoned_path()))
             .map_err(|e| self.error(format!("emptying: {e}")))?;
         self.adopt(token);
         Ok(())
+    }
+
+    /// Beside the store: present (with the reason) once the running snapshot has been
+    /// abandoned, until the next one begins.
+    fn abandoned_path(&self) -> PathBuf {
+        let mut p = self.path.as_os_str().to_owned();
+        p.push(".abandoned");
+        PathBuf::from(p)
+    }
+
+    /// Records durably that the running snapshot is abandoned (a copy could not be
+    /// written), so that no restart continues it.
+    pub(crate) fn abandon(&self, reason: &str) -> std::io::Result<()> {
+        crate::fsutil::replace_file(&self.abandoned_path(), reason.as_bytes())
+    }
+
+    /// Why the running snapshot was abandoned, if it was.
+    pub(crate) fn abandoned(&self) -> Option<String> {
+        std::fs::read(self.abandoned_path())
+            .ok()
+            .map(|r| String::from_utf8_lossy(&r).into_owned())
     }
 
     /// Takes `token` as the running snapshot's (after recovery: the copies stay).
@@ -139,16 +162,11 @@ impl Preserve {
 
     /// The write that saves `data` (the chunk's old contents) into its slot: header
     /// and data together, FUA, so it is durable when it completes.
-    pub(crate) fn copy_write(&self, chunk: u64, data: Vec<IoBuf>) -> BdevIo {
+    pub(crate) fn copy_write(&self, chunk: u64, token: &[u8; 16], data: Vec<IoBuf>) -> BdevIo {
         let len: usize = data.iter().map(|b| b.len()).sum();
         let crc = data.iter().fold(0, |crc, b| crc32c::crc32c_append(crc, b));
         let mut header = IoBuf::new(self.header as usize);
-        header[..HEADER_FIELDS].copy_from_slice(&encode_header(
-            &self.token(),
-            chunk,
-            len as u32,
-            crc,
-        ));
+        header[..HEADER_FIELDS].copy_from_slice(&encode_header(token, chunk, len as u32, crc));
         let mut bufs = Vec::with_capacity(data.len() + 1);
         bufs.push(header);
         bufs.extend(data);

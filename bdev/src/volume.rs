@@ -177,23 +177,29 @@ fn guarded_write(
                         drop(preserved);
                         return guarded_write(s, i, r, io, done);
                     }
-                    match c.result {
-                        Ok(()) if s.store.get().is_some() => {
-                            drop(preserved);
+                    let old = IoCompletion::ok(c.bufs);
+                    match (c.result, s.store.get()) {
+                        (Ok(()), Some(store)) => {
+                            // Counted and stamped while the generation is known to be
+                            // current: a new snapshot waits for it, and a copy can
+                            // never carry a later snapshot's token.
+                            store.in_flight.fetch_add(1, Ordering::SeqCst);
                             let copy = Copy {
                                 chunk,
                                 from,
                                 generation,
+                                token: store.token(),
                             };
-                            save_durably(s, i, r, io, done, copy, c.bufs);
+                            drop(preserved);
+                            save_durably(s, i, r, io, done, copy, old.bufs);
                         }
-                        Ok(()) => {
-                            preserved.insert(chunk, c.data());
+                        (Ok(()), None) => {
+                            preserved.insert(chunk, old.data());
                             state.store(PRESERVED, Ordering::Release);
                             drop(preserved);
                             guarded_write(s, i, r, io, done);
                         }
-                        Err(e) => {
+                        (Err(e), _) => {
                             drop(preserved);
                             // Leave the chunk to the snapshot reader; fail the write
                             // rather than lose the point-in-time image.
@@ -214,12 +220,15 @@ struct Copy {
     chunk: u64,
     /// The chunk's state before (`NOT_READ` or `READ`), restored if the copy fails.
     from: u8,
-    /// The snapshot it is for.
+    /// The snapshot it is for, and that snapshot's token.
     generation: u64,
+    token: [u8; 16],
 }
 
 /// Writes a chunk's old contents (`old`, just read) to the volume's store of copies,
-/// then goes on with the host write; a failed copy fails the host write.
+/// then goes on with the host write. If the copy cannot be written (the state disk is
+/// full or failing), the snapshot is abandoned rather than the host's write failed —
+/// unless even abandoning it cannot be recorded.
 fn save_durably(
     shared: Arc<Shared>,
     inner: Rc<Channel>,
@@ -233,6 +242,7 @@ fn save_durably(
         chunk,
         from,
         generation,
+        token,
     } = copy;
     let Some(store) = shared.store.get() else {
         return guarded_write(shared, inner, reactor, io, done);
@@ -240,12 +250,12 @@ fn save_durably(
     let channel = match store.bdev.channel() {
         Ok(c) => c,
         Err(e) => {
+            store.in_flight.fetch_sub(1, Ordering::SeqCst);
             shared.state[chunk as usize].store(from, Ordering::Release);
             return done(IoCompletion::err(io.bufs, e));
         }
     };
-    store.in_flight.fetch_add(1, Ordering::SeqCst);
-    let write = store.copy_write(chunk, old);
+    let write = store.copy_write(chunk, &token, old);
     channel.submit(write, move |c: IoCompletion| {
         let s = shared;
         let preserved = s.preserved();
@@ -265,11 +275,24 @@ fn save_durably(
                 drop(preserved);
                 guarded_write(s, inner, reactor, io, done);
             }
-            Err(e) => {
-                s.state[chunk as usize].store(from, Ordering::Release);
-                drop(preserved);
-                done(IoCompletion::err(io.bufs, e));
-            }
+            Err(e) => match s.store.get().map(|p| {
+                p.abandon(&format!(
+                    "the copy of chunk {chunk} could not be written: {e}"
+                ))
+            }) {
+                Some(Ok(())) => {
+                    // Recorded durably: no restart will continue this snapshot, so the
+                    // host's write may go ahead over the chunk.
+                    s.state[chunk as usize].store(DONE, Ordering::Release);
+                    drop(preserved);
+                    guarded_write(s, inner, reactor, io, done);
+                }
+                _ => {
+                    s.state[chunk as usize].store(from, Ordering::Release);
+                    drop(preserved);
+                    done(IoCompletion::err(io.bufs, e));
+                }
+            },
         }
     });
 }
@@ -477,22 +500,24 @@ impl VolumeHandle {
     pub fn begin_snapshot(&self) -> Result<ChangedChunks, BdevError> {
         let s = &self.shared;
         self.hold()?;
-        if let Some(store) = s.store.get() {
-            let ready = if self.copies_settled() {
-                store.reset(*Uuid::new_v4().as_bytes())
-            } else {
-                Err(BdevError::Config {
-                    name: s.inner.name().to_string(),
-                    reason: "copies of the previous snapshot are still being written".into(),
-                })
-            };
-            if let Err(e) = ready {
-                s.running.store(false, Ordering::SeqCst);
-                return Err(e);
-            }
-        }
         {
+            // Under the lock copies are counted and stamped under: none of an earlier
+            // snapshot is in flight, and none can start once the generation moves on.
             let mut preserved = s.preserved();
+            if let Some(store) = s.store.get() {
+                let ready = if self.copies_settled() {
+                    store.reset(*Uuid::new_v4().as_bytes())
+                } else {
+                    Err(BdevError::Config {
+                        name: s.inner.name().to_string(),
+                        reason: "copies of the previous snapshot are still being written".into(),
+                    })
+                };
+                if let Err(e) = ready {
+                    s.running.store(false, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
             s.generation.fetch_add(1, Ordering::SeqCst);
             preserved.clear();
         }
@@ -526,10 +551,16 @@ impl VolumeHandle {
             name: s.inner.name().to_string(),
             reason: "a snapshot can resume only on a volume with a store for copies".into(),
         })?;
-        if changed.bits.len() != s.dirty.len() {
+        if changed.bits.len() != s.dirty.len() || next > s.chunks {
             return Err(BdevError::Config {
                 name: s.inner.name().to_string(),
-                reason: "the saved change set is for another volume size".into(),
+                reason: "the saved snapshot state is for another volume size".into(),
+            });
+        }
+        if let Some(why) = store.abandoned() {
+            return Err(BdevError::Config {
+                name: s.inner.name().to_string(),
+                reason: format!("its snapshot was abandoned: {why}"),
             });
         }
         let saved = store.scan(&token, |c| c >= next && changed.contains(c))?;
@@ -555,6 +586,21 @@ impl VolumeHandle {
         s.resumed.store(true, Ordering::SeqCst);
         s.active.store(true, Ordering::SeqCst);
         Ok(saved.len())
+    }
+
+    /// Why the running snapshot was abandoned, if it was: a copy-before-write copy
+    /// could not be written, and the host's write went ahead without it. The snapshot
+    /// must fail; it never resumes.
+    pub fn snapshot_abandoned(&self) -> Option<String> {
+        self.shared.store.get().and_then(Preserve::abandoned)
+    }
+
+    /// Gives `changed` back to the change tracking (a snapshot that will not happen
+    /// after all must not lose the chunks it was to store).
+    pub fn add_changes(&self, changed: &ChangedChunks) {
+        for (w, bits) in self.shared.dirty.iter().zip(&changed.bits) {
+            w.fetch_or(*bits, Ordering::AcqRel);
+        }
     }
 
     /// The token of a snapshot [`Self::resume_snapshot`] took up again, once: whoever
@@ -641,8 +687,9 @@ impl VolumeHandle {
     /// need no copies any more (see [`Self::chunk_read`]).
     pub fn commit_through(&self, next: u64) {
         let s = &self.shared;
+        let next = next.min(s.chunks);
         let from = s.committed.swap(next, Ordering::AcqRel).min(next);
-        for st in &s.state[from as usize..next.min(s.chunks) as usize] {
+        for st in &s.state[from as usize..next as usize] {
             let _ = st.compare_exchange(READ, DONE, Ordering::AcqRel, Ordering::Acquire);
         }
     }
@@ -702,9 +749,7 @@ impl VolumeHandle {
             store.release();
         }
         if let Some(c) = failed {
-            for (w, bits) in s.dirty.iter().zip(&c.bits) {
-                w.fetch_or(*bits, Ordering::AcqRel);
-            }
+            self.add_changes(c);
         }
         s.running.store(false, Ordering::SeqCst);
     }

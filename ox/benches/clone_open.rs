@@ -76,6 +76,7 @@ fn main() {
                         progress: Arc::default(),
                         outage_patience: std::time::Duration::from_secs(60),
                         journal: None,
+                        store_name: "test".into(),
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

@@ -226,6 +226,7 @@ fn main() {
         progress: Arc::default(),
         outage_patience: Duration::from_secs(60),
         journal: None,
+        store_name: "test".into(),
     };
     let local_dir = tempfile::tempdir().unwrap();
     let mut snaps = Vec::new();

@@ -25,6 +25,8 @@ pub const JOURNAL_VERSION: u32 = 1;
 pub struct Journal {
     /// [`JOURNAL_VERSION`].
     pub version: u32,
+    /// The object store it writes to (as the caller names it).
+    pub store: String,
     /// Volume ID (hex), bound into every frame.
     pub volume: String,
     /// Snapshot ID (hex).
@@ -88,10 +90,9 @@ impl Journal {
             )));
         }
         let cp = changed_path(path);
-        let changed = std::fs::read(&cp).map_err(|e| OxError::io(&cp, e))?;
-        let changed = ChangedChunks::from_bytes(&changed, chunks).ok_or_else(|| {
+        let changed = load_changed(path, chunks).ok_or_else(|| {
             OxError::Format(format!(
-                "snapshot journal {}: damaged, or for another volume size",
+                "snapshot journal {}: missing, damaged, or for another volume size",
                 cp.display()
             ))
         })?;
@@ -115,6 +116,13 @@ impl Journal {
     pub fn token(&self) -> Result<[u8; 16], OxError> {
         crate::format::parse_id(&self.token)
     }
+}
+
+/// The change set beside the journal at `path`, if it is whole — even when the journal
+/// itself is not: a snapshot that cannot continue must still give its changes back.
+pub fn load_changed(path: &Path, chunks: u64) -> Option<ChangedChunks> {
+    let bytes = std::fs::read(changed_path(path)).ok()?;
+    ChangedChunks::from_bytes(&bytes, chunks)
 }
 
 /// Removes the journal at `path` (nothing there is not an error).

@@ -50,6 +50,9 @@ pub struct SnapshotOptions {
     /// Where to keep the snapshot's journal, so a restart can continue it (used when
     /// the volume has a durable store of copies; see the module documentation).
     pub journal: Option<PathBuf>,
+    /// The object store's name, recorded in the journal: a snapshot continues only
+    /// into the store it began in.
+    pub store_name: String,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.
@@ -427,10 +430,13 @@ pub async fn snapshot_volume(
             handle.set_base(Some(format::parse_id(&report.manifest.snapshot)?));
         }
         // Suspended, or failing because the appliance is stopping under it (its
-        // reactors gone): the journal's last checkpoint stands.
+        // reactors gone): the journal's last checkpoint stands — if there is one, and
+        // the snapshot was neither cancelled nor abandoned.
         Err(e)
-            if journal.is_some()
-                && (matches!(e, OxError::Suspended(_)) || opts.progress.is_suspended()) =>
+            if journal.as_deref().is_some_and(Path::exists)
+                && (matches!(e, OxError::Suspended(_)) || opts.progress.is_suspended())
+                && !opts.progress.is_cancelled()
+                && handle.snapshot_abandoned().is_none() =>
         {
             guard.changed = None;
             guard.journal = None;
@@ -460,6 +466,7 @@ fn resumable(
     let loaded = Journal::load(path, handle.chunks());
     let fits = |j: &Journal| {
         j.token().is_ok_and(|t| t == token)
+            && j.store == opts.store_name
             && j.volume == hex::encode(opts.volume_id)
             && j.prefix == opts.prefix
             && j.parent.as_deref() == parent.map(|p| p.manifest_key.as_str())
@@ -655,8 +662,9 @@ impl Start {
             })
             .collect::<Result<_, _>>()?;
         let in_page = j
-            .next_chunk
-            .checked_sub(j.pages * PAGE_CHUNKS)
+            .pages
+            .checked_mul(PAGE_CHUNKS)
+            .and_then(|first| j.next_chunk.checked_sub(first))
             .filter(|n| *n < PAGE_CHUNKS && j.next_chunk <= chunks)
             .ok_or_else(|| bad("position"))?;
         let limits = format::PageLimits {
@@ -819,6 +827,7 @@ async fn write(
             Journal::save_changed(path, changed, chunks)?;
             Some(Journal {
                 version: JOURNAL_VERSION,
+                store: opts.store_name.clone(),
                 volume: hex::encode(opts.volume_id),
                 snapshot: snapshot_hex.clone(),
                 token: hex::encode(handle.snapshot_token().unwrap_or_default()),
@@ -877,6 +886,7 @@ async fn write(
         if progress.is_suspended() {
             return Err(OxError::Suspended(opts.volume_name.clone()));
         }
+        abandoned(handle, opts)?;
         if let (Some(path), Some(base)) = (journal_path, &base)
             && last_checkpoint.elapsed() >= CHECKPOINT_EVERY
         {
@@ -1008,6 +1018,7 @@ async fn write(
     if progress.is_suspended() {
         return Err(OxError::Suspended(opts.volume_name.clone()));
     }
+    abandoned(handle, opts)?;
     match store.put_new(&manifest_key, bytes).await {
         Ok(()) => {}
         // A resumed snapshot whose manifest an earlier attempt published after all.
@@ -1031,6 +1042,18 @@ async fn write(
         chunks_read,
         resumed_at: resumed.map(|_| start.next_chunk),
     })
+}
+
+/// Fails if the volume abandoned the snapshot (a copy-before-write copy could not be
+/// stored, so its point in time is lost for some chunk).
+fn abandoned(handle: &VolumeHandle, opts: &SnapshotOptions) -> Result<(), OxError> {
+    match handle.snapshot_abandoned() {
+        Some(why) => Err(OxError::Config(format!(
+            "snapshot of {} abandoned: {why}; nothing was published, and the next snapshot stores its changes",
+            opts.volume_name
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The report of snapshot `snapshot` if its manifest is in the store already (an

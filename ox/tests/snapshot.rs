@@ -108,6 +108,7 @@ fn options(env: &Env) -> SnapshotOptions {
         progress: Arc::default(),
         outage_patience: std::time::Duration::from_secs(60),
         journal: None,
+        store_name: "test".into(),
     }
 }
 

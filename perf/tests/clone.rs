@@ -111,6 +111,7 @@ impl World {
                         progress: Arc::default(),
                         outage_patience: std::time::Duration::from_secs(60),
                         journal: None,
+                        store_name: "test".into(),
                     };
                     snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                         .await

@@ -457,7 +457,19 @@ file = {kek2:?}
 }
 
 #[test]
-fn a_snapshot_cut_short_by_a_clean_stop_is_taken_again_reading_only_the_changes() {
+fn a_snapshot_cut_short_by_a_clean_stop_continues_reading_only_the_changes() {
+    cut_short_by_a_clean_stop(false);
+}
+
+#[test]
+fn a_snapshot_whose_journal_is_lost_starts_over_and_still_stores_every_change() {
+    cut_short_by_a_clean_stop(true);
+}
+
+/// A snapshot of 4 changed chunks is cut short by SIGTERM; oxd takes it up again at the
+/// restart — continuing it from its journal, or (`lose_journal`) starting over with
+/// the journal damaged, when the change set it held must not be lost.
+fn cut_short_by_a_clean_stop(lose_journal: bool) {
     let server = s3server::start_server(false);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -498,14 +510,28 @@ fn a_snapshot_cut_short_by_a_clean_stop_is_taken_again_reading_only_the_changes(
     drop(oxd);
     server.faults.delay_ms.store(0, Ordering::SeqCst);
     assert_eq!(ctl_list(&ctl), 1, "nothing half-made was published");
-    // Restarted: the snapshot continues by itself, reading only the 4 changed chunks.
+    let journal = d.join("state/volumes/v.snapshot");
+    assert!(journal.exists(), "the stop kept the journal");
+    if lose_journal {
+        std::fs::write(&journal, "{ damaged").unwrap();
+    }
+    // Restarted: the snapshot continues by itself (or starts over), reading only the
+    // 4 changed chunks — and all of them.
     let _oxd = start_oxd(&config);
     let again = ctl.finished("1");
     assert_eq!(again["state"], "done", "{again}");
-    assert!(again["result"]["resumed_at"].is_u64(), "continued: {again}");
+    assert_eq!(
+        again["result"]["resumed_at"].is_u64(),
+        !lose_journal,
+        "continued or started over: {again}"
+    );
     assert_eq!(again["result"]["chunks_read"], 4, "{again}");
     assert_eq!(again["result"]["parent"], first["result"]["id"]);
     assert_eq!(ctl_list(&ctl), 2);
+    assert!(
+        !journal.exists(),
+        "a catalogued snapshot's journal is removed"
+    );
 }
 
 /// Snapshots in the catalogue, read from the file (the daemon may be down).
