@@ -2,7 +2,7 @@
 //!
 //! This crate holds the machinery, usable on its own:
 //!
-//! - [`format`]: the versioned snapshot format — data objects of frames, a paged chunk
+//! - [`format`](mod@format): the versioned snapshot format — data objects of frames, a paged chunk
 //!   index, a manifest written last (described for people in `docs/FORMAT.md`);
 //! - [`codec`]: chunk ↔ frame (zstd, AES-256-GCM bound to volume, snapshot and
 //!   position; a checksum when encryption is off);
@@ -10,7 +10,10 @@
 //!   environment variable or a command;
 //! - [`store`]: the [`store::ObjectStore`] trait with S3 and local-directory stores;
 //! - [`throttle`]: token-bucket bandwidth limits, global and per volume, foreground
-//!   and background.
+//!   and background;
+//! - [`snapshot`]: writing a volume's snapshot (point in time, incremental, sparse,
+//!   resumable through a [`journal`]) and loading one; [`basis`] and [`hydrate`]:
+//!   clones reading from it, thickening, restore and verify.
 //!
 //! Object-store I/O runs on dedicated OX cores (an async-io executor per core), never
 //! on reactors.

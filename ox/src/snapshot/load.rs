@@ -1,0 +1,99 @@
+//! Loading a snapshot: its manifest, its ancestors' manifests and data keys, and index
+//! pages on demand.
+
+use crate::codec::{Binding, Codec, CodecSettings};
+use crate::error::OxError;
+use crate::format::{IndexPage, Manifest};
+use crate::keys::{self, Kek, SecretKey};
+use crate::store::ObjectStore;
+
+/// A loaded snapshot: its manifest and what decoding its frames (and its ancestors')
+/// needs. Index pages are loaded on demand.
+pub struct Loaded {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Its key.
+    pub manifest_key: String,
+    /// Decoding context per source: 0 = this snapshot, n = `lineage[n-1]`.
+    pub sources: Vec<Source>,
+}
+
+/// How to decode the frames of one snapshot.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Data key, if encrypted.
+    pub key: Option<SecretKey>,
+    /// Frame binding.
+    pub binding: Binding,
+    /// Its data objects.
+    pub objects: Vec<String>,
+    /// zstd level it was written with (informational).
+    pub zstd_level: i32,
+}
+
+impl Source {
+    /// A decoder for this source's frames.
+    pub fn codec(&self) -> Result<Codec, OxError> {
+        Codec::new(CodecSettings { level: 0 }, self.key.as_ref(), self.binding)
+    }
+}
+
+/// Reads manifest `key` and the manifests of its lineage (one GET each; no index pages).
+pub async fn load(store: &dyn ObjectStore, key: &str, keks: &[Kek]) -> Result<Loaded, OxError> {
+    let manifest = Manifest::from_bytes(&store.get(key).await?)?;
+    let mut sources = vec![source_of(&manifest, keks)?];
+    for a in &manifest.lineage {
+        let m = Manifest::from_bytes(&store.get(&a.manifest).await?)?;
+        if m.snapshot != a.snapshot {
+            return Err(OxError::integrity(
+                &a.manifest,
+                "ancestor manifest names another snapshot",
+            ));
+        }
+        sources.push(source_of(&m, keks)?);
+    }
+    Ok(Loaded {
+        manifest,
+        manifest_key: key.to_string(),
+        sources,
+    })
+}
+
+fn source_of(m: &Manifest, keks: &[Kek]) -> Result<Source, OxError> {
+    let key = m
+        .key
+        .as_ref()
+        .map(|w| keys::unwrap(keks, w, &m.snapshot))
+        .transpose()?;
+    Ok(Source {
+        key,
+        binding: m.binding()?,
+        objects: m.objects.clone(),
+        zstd_level: m.zstd_level,
+    })
+}
+
+impl Loaded {
+    /// Loads index page `page`; also returns the bytes fetched.
+    pub async fn page(
+        &self,
+        store: &dyn ObjectStore,
+        page: u64,
+    ) -> Result<(IndexPage, usize), OxError> {
+        if page >= self.manifest.page_count() {
+            return Err(OxError::integrity(
+                "manifest",
+                format!("no index page {page}"),
+            ));
+        }
+        let frame = store.get(&self.manifest.page_key(page)?).await?;
+        let decoded = IndexPage::decode(
+            &self.sources[0].codec()?,
+            page,
+            &frame,
+            self.manifest.page_chunks(page),
+            &self.manifest.page_limits(),
+        )?;
+        Ok((decoded, frame.len()))
+    }
+}

@@ -1,0 +1,320 @@
+//! Writing a snapshot of a tracked volume into an object store, and loading one back.
+//!
+//! Point-in-time by copy-before-write (see `bdev::VolumeHandle`): the snapshot begins,
+//! and from then on a host write to a chunk not yet read saves its old contents first.
+//! Incremental: only chunks changed since the parent are read and stored; the others
+//! point at the parent's frames. Sparse: zero chunks are not stored. Frames are packed
+//! into objects sealed at a size threshold; index pages follow; the manifest is written
+//! last, with a conditional create, so a failed snapshot leaves no visible snapshot.
+//!
+//! Resumable: with a journal (`SnapshotOptions::journal`) on a volume whose copies are
+//! durable (`bdev::VolumeHandle::set_preserve_file`), the snapshot checkpoints how far
+//! it has stored every few seconds; after a restart or a crash it continues from the
+//! last checkpoint with the same point in time, snapshot ID and data key.
+
+mod load;
+mod read_ahead;
+mod upload;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bdev::VolumeHandle;
+use reactor::ReactorHandle;
+
+use crate::error::OxError;
+use crate::format::{self, Manifest};
+use crate::journal::{self, Journal};
+use crate::keys::Kek;
+use crate::store::ObjectStore;
+use crate::throttle::Throttle;
+use writer::write;
+
+pub use load::{Loaded, Source, load};
+
+/// How to write a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    /// Key prefix in the store.
+    pub prefix: String,
+    /// zstd level (0: none).
+    pub zstd_level: i32,
+    /// Encrypt under a fresh data key wrapped by this KEK (`None`: checksums only).
+    pub kek: Option<Kek>,
+    /// Seal data objects at this size.
+    pub object_bytes: usize,
+    /// Volume identity bound into every frame.
+    pub volume_id: [u8; 16],
+    /// Name for throttling and messages.
+    pub volume_name: String,
+    /// Progress to publish and a way to cancel.
+    pub progress: std::sync::Arc<SnapshotProgress>,
+    /// How long to keep retrying an upload while the object store is unavailable
+    /// (after the store's own retries give up) before failing the snapshot: the
+    /// snapshot waits out an outage and carries on where it was.
+    pub outage_patience: Duration,
+    /// Where to keep the snapshot's journal, so a restart can continue it (used when
+    /// the volume has a durable store of copies; see the module documentation).
+    pub journal: Option<PathBuf>,
+    /// The object store's name, recorded in the journal: a snapshot continues only
+    /// into the store it began in.
+    pub store_name: String,
+}
+
+/// Progress and cancellation of a running snapshot, shared with whoever watches it.
+#[derive(Debug, Default)]
+pub struct SnapshotProgress {
+    /// Chunks examined so far.
+    pub chunks_done: std::sync::atomic::AtomicU64,
+    /// Chunks in the volume.
+    pub chunks_total: std::sync::atomic::AtomicU64,
+    /// Bytes uploaded so far.
+    pub bytes_uploaded: std::sync::atomic::AtomicU64,
+    cancelled: std::sync::atomic::AtomicBool,
+    suspended: std::sync::atomic::AtomicBool,
+}
+
+impl SnapshotProgress {
+    /// Asks the snapshot to stop; it fails with "cancelled", publishes nothing, and the
+    /// volume's change tracking keeps its changes for the next attempt.
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Asks the snapshot to stop for a restart of the appliance: it fails with
+    /// [`OxError::Suspended`] and, if it has a journal, keeps its point in time and
+    /// journal so the next start continues it.
+    pub fn suspend(&self) {
+        self.suspended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_suspended(&self) -> bool {
+        self.suspended.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Fraction done, 0.0–1.0.
+    pub fn fraction(&self) -> f64 {
+        let total = self.chunks_total.load(std::sync::atomic::Ordering::Relaxed);
+        if total == 0 {
+            return 0.0;
+        }
+        self.chunks_done.load(std::sync::atomic::Ordering::Relaxed) as f64 / total as f64
+    }
+}
+
+/// What a finished snapshot wrote.
+#[derive(Debug, Clone)]
+pub struct SnapshotReport {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Its key.
+    pub manifest_key: String,
+    /// Bytes of frames uploaded (data objects).
+    pub data_bytes: u64,
+    /// Bytes of index pages and manifest uploaded.
+    pub meta_bytes: u64,
+    /// Chunks read from the volume.
+    pub chunks_read: u64,
+    /// The chunk this attempt continued from, if it continued an earlier one.
+    pub resumed_at: Option<u64>,
+}
+
+/// Snapshots the tracked volume `handle` (read through `volume` on reactor `on`) into
+/// `store`, incrementally over `parent` if given. Continues the snapshot a restart cut
+/// short, if the volume took one up again and its journal fits.
+pub async fn snapshot_volume(
+    store: &dyn ObjectStore,
+    on: &ReactorHandle,
+    handle: &VolumeHandle,
+    parent: Option<&Loaded>,
+    opts: &SnapshotOptions,
+    throttle: &Throttle,
+) -> Result<SnapshotReport, OxError> {
+    let resumed = match &opts.journal {
+        Some(path) => resumable(path, handle, parent, opts)?,
+        None => None,
+    };
+    let (changed, resumed) = match resumed {
+        Some((j, changed)) => (changed, Some(j)),
+        None => {
+            while !handle.copies_settled() {
+                async_io::Timer::after(Duration::from_millis(1)).await;
+            }
+            let mut changed = handle
+                .begin_snapshot()
+                .map_err(|e| OxError::Config(e.to_string()))?;
+            // Ended on every path out of here until the writer takes over.
+            let guard = SnapshotGuard {
+                handle,
+                changed: Some(changed.clone()),
+                journal: None,
+            };
+            while !handle.writes_settled() {
+                async_io::Timer::after(Duration::from_micros(100)).await;
+            }
+            handle.settle(&mut changed);
+            let parent_id = parent
+                .map(|p| p.manifest.binding().map(|b| b.snapshot))
+                .transpose()?;
+            if changed.base != parent_id {
+                // The change set is relative to another snapshot than the parent
+                // asked for: only a full read is correct.
+                changed.mark_all();
+            }
+            std::mem::forget(guard);
+            (changed, None)
+        }
+    };
+    // From here on, however this future ends (error, cancel, or being dropped), the
+    // volume is released and keeps its changes for the next attempt — except when
+    // suspended for a restart, which keeps the point in time for the next start.
+    let journal = opts
+        .journal
+        .clone()
+        .filter(|_| handle.snapshot_token().is_some());
+    let mut guard = SnapshotGuard {
+        handle,
+        changed: Some(changed.clone()),
+        journal: journal.clone(),
+    };
+    let result = write(
+        store,
+        on,
+        handle,
+        parent,
+        opts,
+        throttle,
+        &changed,
+        resumed,
+        journal.as_deref(),
+    )
+    .await;
+    match &result {
+        Ok(report) => {
+            guard.changed = None;
+            guard.journal = None;
+            handle.end_snapshot(None);
+            handle.set_base(Some(format::parse_id(&report.manifest.snapshot)?));
+        }
+        // Suspended, or failing because the appliance is stopping under it (its
+        // reactors gone): the journal's last checkpoint stands — if there is one, and
+        // the snapshot was neither cancelled nor abandoned.
+        Err(e)
+            if journal.as_deref().is_some_and(Path::exists)
+                && (matches!(e, OxError::Suspended(_)) || opts.progress.is_suspended())
+                && !opts.progress.is_cancelled()
+                && handle.snapshot_abandoned().is_none() =>
+        {
+            guard.changed = None;
+            guard.journal = None;
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+/// The journal at `path` and its change set, if the volume took up the snapshot it
+/// describes after a restart and that snapshot can continue with these settings.
+/// Otherwise the journal is removed (and a snapshot taken up is ended, its changes kept
+/// for the next attempt).
+fn resumable(
+    path: &Path,
+    handle: &VolumeHandle,
+    parent: Option<&Loaded>,
+    opts: &SnapshotOptions,
+) -> Result<Option<(Journal, bdev::ChangedChunks)>, OxError> {
+    let Some(token) = handle.take_resumed() else {
+        if handle.snapshot_token().is_none() {
+            // A journal left by an attempt that ended (or never took up): stale.
+            journal::remove(path)?;
+        }
+        return Ok(None);
+    };
+    let loaded = Journal::load(path, handle.chunks());
+    let fits = |j: &Journal| {
+        j.token().is_ok_and(|t| t == token)
+            && j.store == opts.store_name
+            && j.volume == hex::encode(opts.volume_id)
+            && j.prefix == opts.prefix
+            && j.parent.as_deref() == parent.map(|p| p.manifest_key.as_str())
+            && match (&opts.kek, &j.key) {
+                (Some(kek), Some(w)) => w.kek_id == kek.id,
+                (None, None) => true,
+                _ => false,
+            }
+    };
+    match loaded {
+        Ok(Some((j, changed))) if fits(&j) => Ok(Some((j, changed))),
+        other => {
+            let mut changed = match other {
+                Ok(Some((_, c))) => c,
+                _ => {
+                    let mut all = handle.changes();
+                    all.mark_all();
+                    all
+                }
+            };
+            changed.base = None;
+            handle.end_snapshot(Some(&changed));
+            journal::remove(path)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Ends a snapshot that did not finish: the volume is released and its changes kept;
+/// its journal (if any) is removed.
+struct SnapshotGuard<'a> {
+    handle: &'a VolumeHandle,
+    changed: Option<bdev::ChangedChunks>,
+    journal: Option<PathBuf>,
+}
+
+impl Drop for SnapshotGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.changed.take() {
+            self.handle.end_snapshot(Some(&c));
+        }
+        if let Some(path) = self.journal.take() {
+            // A journal left behind is recognised as stale and removed next time.
+            let _ = journal::remove(&path);
+        }
+    }
+}
+
+/// Deletes objects under `prefix` that no manifest references: what failed or cancelled
+/// snapshots left behind. Objects younger than a running snapshot would look orphaned
+/// too, so run it when no snapshot is being written to this prefix. Returns the keys
+/// deleted.
+pub async fn collect_orphans(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    keks: &[Kek],
+) -> Result<Vec<String>, OxError> {
+    let mut referenced = std::collections::HashSet::new();
+    for key in store.list(&format!("{prefix}ox1/m/")).await? {
+        let loaded = load(store, &key, keks).await?;
+        let m = &loaded.manifest;
+        referenced.extend(m.objects.iter().cloned());
+        for page in 0..m.page_count() {
+            referenced.insert(m.page_key(page)?);
+        }
+    }
+    let mut orphans = Vec::new();
+    for kind in ["d", "i"] {
+        for key in store.list(&format!("{prefix}ox1/{kind}/")).await? {
+            if !referenced.contains(&key) {
+                orphans.push(key);
+            }
+        }
+    }
+    store.delete(&orphans).await?;
+    Ok(orphans)
+}

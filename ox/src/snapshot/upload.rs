@@ -1,0 +1,179 @@
+//! Storing what a snapshot writes: frames packed into data objects uploaded in the
+//! background, and index pages as they fill.
+
+use std::time::Duration;
+
+use crate::codec::Codec;
+use crate::error::OxError;
+use crate::format::{self, Entry, IndexPage, PAGE_CHUNKS};
+use crate::store::ObjectStore;
+use crate::throttle::{Class, Throttle};
+
+use super::SnapshotOptions;
+
+/// Uploads in flight at once while encoding goes on.
+const UPLOADS_IN_FLIGHT: usize = 4;
+
+type Upload<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OxError>> + 'a>>;
+
+/// Packs frames into data objects and uploads sealed objects in the background: up to
+/// [`UPLOADS_IN_FLIGHT`] PUTs progress while the next chunks are read and encoded.
+pub(super) struct Packer<'a> {
+    store: &'a dyn ObjectStore,
+    throttle: &'a Throttle,
+    opts: &'a SnapshotOptions,
+    current: Vec<u8>,
+    /// Data objects sealed so far, in order (the last ones may still be uploading).
+    pub(super) objects: Vec<String>,
+    /// Bytes of the objects sealed so far.
+    pub(super) uploaded: u64,
+    in_flight: std::collections::VecDeque<Upload<'a>>,
+}
+
+impl<'a> Packer<'a> {
+    /// A packer going on after `objects` (already stored, `uploaded` bytes).
+    pub(super) fn new(
+        store: &'a dyn ObjectStore,
+        throttle: &'a Throttle,
+        opts: &'a SnapshotOptions,
+        objects: Vec<String>,
+        uploaded: u64,
+    ) -> Self {
+        Self {
+            store,
+            throttle,
+            opts,
+            current: Vec::new(),
+            objects,
+            uploaded,
+            in_flight: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Appends a frame; returns (object number, offset).
+    pub(super) async fn add(&mut self, frame: &[u8]) -> Result<(u32, u64), OxError> {
+        let at = (self.objects.len() as u32, self.current.len() as u64);
+        self.current.extend_from_slice(frame);
+        if self.current.len() >= self.opts.object_bytes {
+            self.seal().await?;
+        }
+        Ok(at)
+    }
+
+    pub(super) async fn seal(&mut self) -> Result<(), OxError> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let key = format::data_key(&self.opts.prefix, &format::random_id()?);
+        let data = std::mem::take(&mut self.current);
+        self.uploaded += data.len() as u64;
+        self.objects.push(key.clone());
+        let (store, throttle, name) = (self.store, self.throttle, &self.opts.volume_name);
+        let patience = self.opts.outage_patience;
+        self.in_flight.push_back(Box::pin(async move {
+            throttle
+                .acquire(name, Class::Background, data.len() as u64)
+                .await;
+            put_patiently(store, &key, data, patience).await
+        }));
+        self.drive().await?;
+        while self.in_flight.len() > UPLOADS_IN_FLIGHT {
+            if let Some(oldest) = self.in_flight.pop_front() {
+                oldest.await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every upload in flight a turn; collects the finished ones.
+    pub(super) async fn drive(&mut self) -> Result<(), OxError> {
+        let mut still = std::collections::VecDeque::new();
+        while let Some(mut up) = self.in_flight.pop_front() {
+            match futures_lite::future::poll_once(&mut up).await {
+                Some(result) => result?,
+                None => still.push_back(up),
+            }
+        }
+        self.in_flight = still;
+        Ok(())
+    }
+
+    /// Seals the last object and waits for every upload.
+    pub(super) async fn finish(&mut self) -> Result<(), OxError> {
+        self.seal().await?;
+        while let Some(up) = self.in_flight.pop_front() {
+            up.await?;
+        }
+        Ok(())
+    }
+}
+
+/// PUTs `data`, waiting out an unavailable store for up to `patience` (a refusal or
+/// any other error fails at once).
+async fn put_patiently(
+    store: &dyn ObjectStore,
+    key: &str,
+    data: Vec<u8>,
+    patience: Duration,
+) -> Result<(), OxError> {
+    let deadline = std::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match store.put(key, data.clone()).await {
+            Err(OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
+                async_io::Timer::after(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The index being written: the page being built, and what has been stored.
+pub(super) struct IndexWriter {
+    /// Entries of the page being built.
+    pub(super) entries: Vec<Entry>,
+    /// The index salt (page keys derive from it).
+    pub(super) salt: [u8; 16],
+    /// Pages stored.
+    pub(super) pages: u64,
+    /// Bytes of the pages stored.
+    pub(super) bytes: u64,
+}
+
+impl IndexWriter {
+    /// Adds a chunk's entry, storing the page once it is full.
+    pub(super) async fn push(
+        &mut self,
+        entry: Entry,
+        store: &dyn ObjectStore,
+        opts: &SnapshotOptions,
+        codec: &mut Codec,
+    ) -> Result<(), OxError> {
+        self.entries.push(entry);
+        if self.entries.len() >= PAGE_CHUNKS as usize {
+            self.flush(store, opts, codec).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores the page being built, if it holds anything.
+    pub(super) async fn flush(
+        &mut self,
+        store: &dyn ObjectStore,
+        opts: &SnapshotOptions,
+        codec: &mut Codec,
+    ) -> Result<(), OxError> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        let page = IndexPage {
+            entries: std::mem::take(&mut self.entries),
+        };
+        let frame = page.encode(codec, self.pages)?;
+        let key = format::page_key(&opts.prefix, &self.salt, self.pages);
+        self.pages += 1;
+        self.bytes += frame.len() as u64;
+        put_patiently(store, &key, frame, opts.outage_patience).await
+    }
+}

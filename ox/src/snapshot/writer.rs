@@ -1,0 +1,495 @@
+//! The snapshot writer: reads the chunks to store, encodes them, packs and uploads
+//! them with the index, checkpoints its journal, and publishes the manifest last.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bdev::VolumeHandle;
+use reactor::ReactorHandle;
+
+use crate::codec::{Binding, Codec, CodecSettings};
+use crate::error::OxError;
+use crate::format::{self, Ancestor, Entry, FORMAT_VERSION, IndexPage, Manifest, PAGE_CHUNKS};
+use crate::journal::{JOURNAL_VERSION, Journal};
+use crate::keys::{self, SecretKey};
+use crate::store::ObjectStore;
+use crate::throttle::Throttle;
+
+use super::read_ahead::{Ahead, ReadAhead, start_chunk};
+use super::upload::{IndexWriter, Packer};
+use super::{Loaded, SnapshotOptions, SnapshotReport};
+
+/// How often a snapshot with a journal checkpoints its progress: at most this much
+/// work is redone after a crash.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+
+/// Where a snapshot starts: fresh, or continuing a journal.
+struct Start {
+    snapshot: [u8; 16],
+    data_key: Option<SecretKey>,
+    salt: [u8; 16],
+    zstd_level: i32,
+    nonce_prefixes: Vec<[u8; 4]>,
+    next_chunk: u64,
+    objects: Vec<String>,
+    pages: u64,
+    index_bytes: u64,
+    entries: Vec<Entry>,
+    stored_chunks: u64,
+    uploaded: u64,
+    chunks_read: u64,
+}
+
+impl Start {
+    fn fresh(opts: &SnapshotOptions) -> Result<Self, OxError> {
+        Ok(Self {
+            snapshot: format::random_id()?,
+            data_key: match &opts.kek {
+                Some(_) => Some(SecretKey::random()?),
+                None => None,
+            },
+            salt: format::random_id()?,
+            zstd_level: opts.zstd_level,
+            nonce_prefixes: Vec::new(),
+            next_chunk: 0,
+            objects: Vec::new(),
+            pages: 0,
+            index_bytes: 0,
+            entries: Vec::with_capacity(PAGE_CHUNKS as usize),
+            stored_chunks: 0,
+            uploaded: 0,
+            chunks_read: 0,
+        })
+    }
+
+    fn from_journal(j: &Journal, opts: &SnapshotOptions, chunks: u64) -> Result<Self, OxError> {
+        let bad = |what: &str| OxError::Format(format!("snapshot journal: {what}"));
+        let data_key = match (&opts.kek, &j.key) {
+            (Some(kek), Some(w)) => Some(keys::unwrap(std::slice::from_ref(kek), w, &j.snapshot)?),
+            (None, None) => None,
+            _ => return Err(bad("encryption differs")),
+        };
+        let nonce_prefixes = j
+            .nonce_prefixes
+            .iter()
+            .map(|p| {
+                hex::decode(p)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| bad("nonce prefix"))
+            })
+            .collect::<Result<_, _>>()?;
+        let in_page = j
+            .pages
+            .checked_mul(PAGE_CHUNKS)
+            .and_then(|first| j.next_chunk.checked_sub(first))
+            .filter(|n| *n < PAGE_CHUNKS && j.next_chunk <= chunks)
+            .ok_or_else(|| bad("position"))?;
+        let limits = format::PageLimits {
+            lineage: usize::from(u16::MAX),
+            objects: j.objects.len(),
+            max_frame: usize::MAX,
+        };
+        let entries = IndexPage::from_bytes(
+            &hex::decode(&j.page_entries).map_err(|_| bad("entries"))?,
+            in_page as usize,
+            &limits,
+        )?
+        .entries;
+        Ok(Self {
+            snapshot: format::parse_id(&j.snapshot)?,
+            data_key,
+            salt: format::parse_id(&j.index_salt)?,
+            zstd_level: j.zstd_level,
+            nonce_prefixes,
+            next_chunk: j.next_chunk,
+            objects: j.objects.clone(),
+            pages: j.pages,
+            index_bytes: j.index_bytes,
+            entries,
+            stored_chunks: j.stored_chunks,
+            uploaded: j.uploaded,
+            chunks_read: j.chunks_read,
+        })
+    }
+}
+
+/// Saves a checkpoint: every object sealed and stored first, so the journal names
+/// only what is in the store; then the volume may stop copying the chunks it covers.
+#[allow(clippy::too_many_arguments)]
+async fn checkpoint(
+    path: &Path,
+    next_chunk: u64,
+    packer: &mut Packer<'_>,
+    index: &IndexWriter,
+    base: &Journal,
+    stored_chunks: u64,
+    chunks_read: u64,
+    handle: &VolumeHandle,
+) -> Result<(), OxError> {
+    packer.finish().await?;
+    let journal = Journal {
+        next_chunk,
+        objects: packer.objects.clone(),
+        pages: index.pages,
+        index_bytes: index.bytes,
+        page_entries: hex::encode(
+            IndexPage {
+                entries: index.entries.clone(),
+            }
+            .to_bytes(),
+        ),
+        stored_chunks,
+        uploaded: packer.uploaded,
+        chunks_read,
+        ..base.clone()
+    };
+    journal.save(path)?;
+    handle.commit_through(next_chunk);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn write(
+    store: &dyn ObjectStore,
+    on: &ReactorHandle,
+    handle: &VolumeHandle,
+    parent: Option<&Loaded>,
+    opts: &SnapshotOptions,
+    throttle: &Throttle,
+    changed: &bdev::ChangedChunks,
+    resumed: Option<Journal>,
+    journal_path: Option<&Path>,
+) -> Result<SnapshotReport, OxError> {
+    let dev = handle.inner();
+    let volume_bytes = dev.info().size_bytes();
+    let chunk_bytes = handle.chunk_bytes();
+    let chunks = handle.chunks();
+    if let Some(p) = parent
+        && (p.manifest.volume_bytes != volume_bytes
+            || u64::from(p.manifest.chunk_bytes) != chunk_bytes)
+    {
+        return Err(OxError::Config(
+            "the parent snapshot has another size or chunk size".into(),
+        ));
+    }
+    let start = match &resumed {
+        Some(j) => Start::from_journal(j, opts, chunks)?,
+        None => Start::fresh(opts)?,
+    };
+    let snapshot = start.snapshot;
+    let snapshot_hex = hex::encode(snapshot);
+    let manifest_key = format::manifest_key(&opts.prefix, &snapshot);
+    if resumed.is_some()
+        && let Some(report) =
+            published(store, &manifest_key, &snapshot_hex, start.next_chunk).await?
+    {
+        return Ok(report);
+    }
+    let binding = Binding {
+        volume: opts.volume_id,
+        snapshot,
+    };
+    let mut codec = Codec::new(
+        CodecSettings {
+            level: start.zstd_level,
+        },
+        start.data_key.as_ref(),
+        binding,
+    )?;
+    codec.avoid_nonce_prefixes(&start.nonce_prefixes)?;
+    let mut packer = Packer::new(store, throttle, opts, start.objects.clone(), start.uploaded);
+    let lineage: Vec<Ancestor> = match parent {
+        Some(p) => std::iter::once(Ancestor {
+            snapshot: p.manifest.snapshot.clone(),
+            manifest: p.manifest_key.clone(),
+        })
+        .chain(p.manifest.lineage.iter().cloned())
+        .collect(),
+        None => Vec::new(),
+    };
+    let wrapped = match (&opts.kek, &start.data_key) {
+        (Some(kek), Some(k)) => Some(keys::wrap(kek, k, &snapshot_hex)?),
+        _ => None,
+    };
+    let block = u64::from(dev.block_size());
+    // Entries of the index page being built; pages are stored as they fill, so memory
+    // stays one page whatever the volume size.
+    let mut index = IndexWriter {
+        entries: start.entries,
+        salt: start.salt,
+        pages: start.pages,
+        bytes: start.index_bytes,
+    };
+    // What every checkpoint repeats.
+    let base = match (&resumed, journal_path) {
+        (_, None) => None,
+        (Some(j), Some(_)) => Some(Journal {
+            nonce_prefixes: j
+                .nonce_prefixes
+                .iter()
+                .cloned()
+                .chain(std::iter::once(hex::encode(codec.nonce_prefix())))
+                .collect(),
+            ..j.clone()
+        }),
+        (None, Some(path)) => {
+            Journal::save_changed(path, changed, chunks)?;
+            Some(Journal {
+                version: JOURNAL_VERSION,
+                store: opts.store_name.clone(),
+                volume: hex::encode(opts.volume_id),
+                snapshot: snapshot_hex.clone(),
+                token: hex::encode(handle.snapshot_token().unwrap_or_default()),
+                parent: parent.map(|p| p.manifest_key.clone()),
+                prefix: opts.prefix.clone(),
+                zstd_level: start.zstd_level,
+                key: wrapped.clone(),
+                index_salt: hex::encode(index.salt),
+                nonce_prefixes: vec![hex::encode(codec.nonce_prefix())],
+                next_chunk: 0,
+                objects: Vec::new(),
+                pages: 0,
+                index_bytes: 0,
+                page_entries: String::new(),
+                stored_chunks: 0,
+                uploaded: 0,
+                chunks_read: 0,
+            })
+        }
+    };
+    let mut parent_page: Option<(u64, IndexPage)> = None;
+    let mut ahead = ReadAhead::default();
+    let mut chunks_read = start.chunks_read;
+    let mut stored_chunks = start.stored_chunks;
+    let progress = &opts.progress;
+    progress
+        .chunks_total
+        .store(chunks, std::sync::atomic::Ordering::Relaxed);
+    // The first checkpoint records the journal (and a resumed snapshot's new nonce
+    // prefix) before anything is encoded.
+    let mut last_checkpoint = Instant::now();
+    if let (Some(path), Some(base)) = (journal_path, &base) {
+        let at = start.next_chunk;
+        checkpoint(
+            path,
+            at,
+            &mut packer,
+            &index,
+            base,
+            stored_chunks,
+            chunks_read,
+            handle,
+        )
+        .await?;
+    }
+    for chunk in start.next_chunk..chunks {
+        if !changed.contains(chunk) {
+            handle.skip_chunk(chunk);
+        }
+        if progress.is_cancelled() {
+            return Err(OxError::Config(format!(
+                "snapshot of {} cancelled at chunk {chunk}; nothing was published",
+                opts.volume_name
+            )));
+        }
+        if progress.is_suspended() {
+            return Err(OxError::Suspended(opts.volume_name.clone()));
+        }
+        abandoned(handle, opts)?;
+        if let (Some(path), Some(base)) = (journal_path, &base)
+            && last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+        {
+            checkpoint(
+                path,
+                chunk,
+                &mut packer,
+                &index,
+                base,
+                stored_chunks,
+                chunks_read,
+                handle,
+            )
+            .await?;
+            last_checkpoint = Instant::now();
+        }
+        progress
+            .chunks_done
+            .store(chunk, std::sync::atomic::Ordering::Relaxed);
+        progress
+            .bytes_uploaded
+            .store(packer.uploaded, std::sync::atomic::Ordering::Relaxed);
+        if !changed.contains(chunk) {
+            let entry = match parent {
+                None => Entry::Zero,
+                Some(p) => {
+                    let page = chunk / PAGE_CHUNKS;
+                    if parent_page.as_ref().is_none_or(|(n, _)| *n != page) {
+                        parent_page = Some((page, p.page(store, page).await?.0));
+                    }
+                    let e = parent_page
+                        .as_ref()
+                        .and_then(|(_, pg)| pg.entries.get((chunk % PAGE_CHUNKS) as usize).copied())
+                        .unwrap_or(Entry::Zero);
+                    match e {
+                        Entry::Frame {
+                            source,
+                            object,
+                            offset,
+                            length,
+                        } => Entry::Frame {
+                            source: source
+                                .checked_add(1)
+                                .ok_or_else(|| OxError::Config("lineage too deep".into()))?,
+                            object,
+                            offset,
+                            length,
+                        },
+                        Entry::Zero => Entry::Zero,
+                    }
+                }
+            };
+            index.push(entry, store, opts, &mut codec).await?;
+            continue;
+        }
+        // A device read releases its chunk to writers the moment it completes (on the
+        // reactor), not when the encoder gets to it: an encoder waiting on a slow
+        // upload must not hold host writes up.
+        let read = |c: u64| {
+            let len = (volume_bytes - c * chunk_bytes).min(chunk_bytes);
+            let (h, generation) = (handle.clone(), handle.generation());
+            crate::blockio::start_read(on, dev, c * chunk_bytes / block, len / block, move || {
+                h.chunk_read_in(c, generation)
+            })
+        };
+        ahead.fill(chunk, chunks, changed, handle, &read, on)?;
+        let item = match ahead.take(chunk) {
+            Some(item) => item,
+            None => loop {
+                match start_chunk(chunk, handle, &read, on)? {
+                    Some(item) => break item,
+                    None => {
+                        async_io::Timer::after(Duration::from_micros(50)).await;
+                    }
+                }
+            },
+        };
+        let data = match item {
+            Ahead::Ready(d) => d,
+            Ahead::Reading(p) => p.finish().await?,
+        };
+        chunks_read += 1;
+        packer.drive().await?;
+        let entry = match codec.encode(chunk, &data)? {
+            None => Entry::Zero,
+            Some(frame) => {
+                let (object, offset) = packer.add(&frame).await?;
+                stored_chunks += 1;
+                Entry::Frame {
+                    source: 0,
+                    object,
+                    offset,
+                    length: frame.len() as u32,
+                }
+            }
+        };
+        index.push(entry, store, opts, &mut codec).await?;
+    }
+    index.flush(store, opts, &mut codec).await?;
+    packer.finish().await?;
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        snapshot: snapshot_hex.clone(),
+        volume: hex::encode(opts.volume_id),
+        parent: parent.map(|p| p.manifest.snapshot.clone()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        volume_bytes,
+        chunk_bytes: u32::try_from(chunk_bytes)
+            .map_err(|_| OxError::Config("chunk too large".into()))?,
+        zstd_level: start.zstd_level,
+        key: wrapped,
+        lineage,
+        objects: packer.objects.clone(),
+        index_prefix: opts.prefix.clone(),
+        index_salt: hex::encode(index.salt),
+        stored_chunks,
+        stored_bytes: packer.uploaded,
+    };
+    let bytes = manifest.to_bytes();
+    let meta_bytes = index.bytes + bytes.len() as u64;
+    if progress.is_cancelled() {
+        return Err(OxError::Config(format!(
+            "snapshot of {} cancelled before publishing",
+            opts.volume_name
+        )));
+    }
+    if progress.is_suspended() {
+        return Err(OxError::Suspended(opts.volume_name.clone()));
+    }
+    abandoned(handle, opts)?;
+    match store.put_new(&manifest_key, bytes).await {
+        Ok(()) => {}
+        // A resumed snapshot whose manifest an earlier attempt published after all.
+        Err(OxError::AlreadyExists { .. }) if resumed.is_some() => {
+            if let Some(report) =
+                published(store, &manifest_key, &snapshot_hex, start.next_chunk).await?
+            {
+                return Ok(report);
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    progress
+        .chunks_done
+        .store(chunks, std::sync::atomic::Ordering::Relaxed);
+    Ok(SnapshotReport {
+        manifest,
+        manifest_key,
+        data_bytes: packer.uploaded,
+        meta_bytes,
+        chunks_read,
+        resumed_at: resumed.map(|_| start.next_chunk),
+    })
+}
+
+/// Fails if the volume abandoned the snapshot (a copy-before-write copy could not be
+/// stored, so its point in time is lost for some chunk).
+fn abandoned(handle: &VolumeHandle, opts: &SnapshotOptions) -> Result<(), OxError> {
+    match handle.snapshot_abandoned() {
+        Some(why) => Err(OxError::Config(format!(
+            "snapshot of {} abandoned: {why}; nothing was published, and the next snapshot stores its changes",
+            opts.volume_name
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The report of snapshot `snapshot` if its manifest is in the store already (an
+/// earlier attempt published it, and a crash came before anyone recorded that).
+async fn published(
+    store: &dyn ObjectStore,
+    key: &str,
+    snapshot: &str,
+    resumed_at: u64,
+) -> Result<Option<SnapshotReport>, OxError> {
+    let bytes = match store.get(key).await {
+        Ok(b) => b,
+        Err(OxError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = bytes.len() as u64;
+    let manifest = Manifest::from_bytes(&bytes)?;
+    if manifest.snapshot != snapshot {
+        return Err(OxError::integrity(key, "manifest names another snapshot"));
+    }
+    Ok(Some(SnapshotReport {
+        data_bytes: manifest.stored_bytes,
+        meta_bytes: meta,
+        chunks_read: 0,
+        resumed_at: Some(resumed_at),
+        manifest_key: key.to_string(),
+        manifest,
+    }))
+}
