@@ -538,7 +538,7 @@ impl VolumeHandle {
     /// Takes up again, after a restart, the snapshot `token` that had stored every
     /// chunk before `next` when it stopped: the chunks from `next` on that are in
     /// `changed` are protected again, each either still unchanged on the volume or saved
-    /// in the store of copies (found by [`Preserve::scan`]). Call before any host can
+    /// in the store of copies (found by scanning it). Call before any host can
     /// write. Returns how many saved copies were found.
     pub fn resume_snapshot(
         &self,
