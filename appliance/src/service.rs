@@ -781,6 +781,7 @@ impl Service {
             outage_patience: Duration::from_secs(600),
             journal: Some(self.journal_path(volume)),
             store_name: store.to_string(),
+            checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         };
         // On record until it ends, so a snapshot cut short by a stop or a crash is
         // started again at the next start.

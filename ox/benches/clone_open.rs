@@ -77,6 +77,7 @@ fn main() {
                         outage_patience: std::time::Duration::from_secs(60),
                         journal: None,
                         store_name: "test".into(),
+                        checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

@@ -227,6 +227,7 @@ fn main() {
         outage_patience: Duration::from_secs(60),
         journal: None,
         store_name: "test".into(),
+        checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
     };
     let local_dir = tempfile::tempdir().unwrap();
     let mut snaps = Vec::new();

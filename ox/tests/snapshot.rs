@@ -109,6 +109,7 @@ fn options(env: &Env) -> SnapshotOptions {
         outage_patience: std::time::Duration::from_secs(60),
         journal: None,
         store_name: "test".into(),
+        checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
     }
 }
 

@@ -112,6 +112,7 @@ impl World {
                         outage_patience: std::time::Duration::from_secs(60),
                         journal: None,
                         store_name: "test".into(),
+                        checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
                     };
                     snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                         .await

@@ -60,6 +60,10 @@ pub struct SnapshotOptions {
     /// The object store's name, recorded in the journal: a snapshot continues only
     /// into the store it began in.
     pub store_name: String,
+    /// How often a snapshot with a journal checkpoints it: at most this much work is
+    /// redone after a crash, and each checkpoint waits for the open uploads
+    /// ([`CHECKPOINT_EVERY`] is the appliance's choice).
+    pub checkpoint_every: Duration,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.
@@ -124,7 +128,15 @@ pub struct SnapshotReport {
     pub chunks_read: u64,
     /// The chunk this attempt continued from, if it continued an earlier one.
     pub resumed_at: Option<u64>,
+    /// Journal checkpoints this attempt wrote, and the time they took (waiting for
+    /// uploads included).
+    pub checkpoints: u32,
+    /// See `checkpoints`.
+    pub checkpoint_time: Duration,
 }
+
+/// The appliance's checkpoint interval for snapshot journals.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 /// Snapshots the tracked volume `handle` (read through `volume` on reactor `on`) into
 /// `store`, incrementally over `parent` if given. Continues the snapshot a restart cut

@@ -19,10 +19,6 @@ use super::read_ahead::{Ahead, ReadAhead, start_chunk};
 use super::upload::{IndexWriter, Packer};
 use super::{Loaded, SnapshotOptions, SnapshotReport};
 
-/// How often a snapshot with a journal checkpoints its progress: at most this much
-/// work is redone after a crash.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
-
 /// Where a snapshot starts: fresh, or continuing a journal.
 struct Start {
     snapshot: [u8; 16],
@@ -268,7 +264,7 @@ pub(super) async fn write(
         .store(chunks, std::sync::atomic::Ordering::Relaxed);
     // The first checkpoint records the journal (and a resumed snapshot's new nonce
     // prefix) before anything is encoded.
-    let mut last_checkpoint = Instant::now();
+    let (mut checkpoints, mut checkpoint_time) = (0, Duration::ZERO);
     if let (Some(path), Some(base)) = (journal_path, &base) {
         let at = start.next_chunk;
         checkpoint(
@@ -283,6 +279,7 @@ pub(super) async fn write(
         )
         .await?;
     }
+    let mut last_checkpoint = Instant::now();
     for chunk in start.next_chunk..chunks {
         if !changed.contains(chunk) {
             handle.skip_chunk(chunk);
@@ -298,8 +295,9 @@ pub(super) async fn write(
         }
         abandoned(handle, opts)?;
         if let (Some(path), Some(base)) = (journal_path, &base)
-            && last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+            && last_checkpoint.elapsed() >= opts.checkpoint_every
         {
+            let began = Instant::now();
             checkpoint(
                 path,
                 chunk,
@@ -312,6 +310,8 @@ pub(super) async fn write(
             )
             .await?;
             last_checkpoint = Instant::now();
+            checkpoints += 1;
+            checkpoint_time += last_checkpoint - began;
         }
         progress
             .chunks_done
@@ -451,6 +451,8 @@ pub(super) async fn write(
         meta_bytes,
         chunks_read,
         resumed_at: resumed.map(|_| start.next_chunk),
+        checkpoints,
+        checkpoint_time,
     })
 }
 
@@ -489,6 +491,8 @@ async fn published(
         meta_bytes: meta,
         chunks_read: 0,
         resumed_at: Some(resumed_at),
+        checkpoints: 0,
+        checkpoint_time: Duration::ZERO,
         manifest_key: key.to_string(),
         manifest,
     }))
