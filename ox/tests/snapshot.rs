@@ -744,15 +744,29 @@ fn durable_volume(
 }
 
 #[test]
-fn a_snapshot_cut_short_continues_after_a_restart_with_the_same_point_in_time() {
+fn a_snapshot_suspended_for_a_restart_continues_with_the_same_point_in_time() {
+    cut_short_then_continued(false);
+}
+
+#[test]
+fn a_snapshot_cut_short_by_a_crash_continues_with_the_same_point_in_time() {
+    cut_short_then_continued(true);
+}
+
+/// A snapshot of a 64 MiB volume that hosts overwrite while it runs is cut short —
+/// suspended for a clean stop, or (`crash`) abandoned where it stands after a periodic
+/// checkpoint, once hosts have overwritten chunks it had read since — and continued
+/// after the volume is reopened as at a restart, with more host writes.
+fn cut_short_then_continued(crash: bool) {
     let env = env();
     let local = tempfile::tempdir().unwrap();
     let journal = local.path().join("vol1.snapshot");
-    let size = 32 << 20;
+    let size = 64 << 20;
     let chunks = size / CHUNK;
     let (vol, handle) = durable_volume(local.path(), size, &journal);
     let before = random(size as usize, 81);
     write(&env, &vol, 0, &before);
+    let crash_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let run = |h: &VolumeHandle, progress: Arc<ox::snapshot::SnapshotProgress>, rate: u64| {
         let mut opts = options(&env);
         opts.journal = Some(journal.clone());
@@ -765,45 +779,78 @@ fn a_snapshot_cut_short_continues_after_a_restart_with_the_same_point_in_time() 
             },
         );
         let (root, h, reactor) = (env.root.clone(), h.clone(), env.set.handles()[0].clone());
-        let cores = Arc::clone(&env.cores);
+        let (cores, crash_now) = (Arc::clone(&env.cores), Arc::clone(&crash_now));
         std::thread::spawn(move || {
             cores
                 .run(move |_ex| {
                     Box::pin(async move {
                         let store = LocalStore::open(root).unwrap();
-                        snapshot_volume(&store, &reactor, &h, None, &opts, &throttle).await
+                        let mut snap = Box::pin(snapshot_volume(
+                            &store, &reactor, &h, None, &opts, &throttle,
+                        ));
+                        loop {
+                            if let Some(r) = futures_lite::future::poll_once(&mut snap).await {
+                                return Some(r);
+                            }
+                            if crash_now.load(Ordering::SeqCst) {
+                                // The process dies: nothing of the snapshot runs again,
+                                // nothing ends it.
+                                std::mem::forget(snap);
+                                return None;
+                            }
+                            async_io::Timer::after(Duration::from_millis(5)).await;
+                        }
                     })
                 })
                 .unwrap()
         })
     };
-    // Slow uploads (4 MiB/s): the first checkpoint after the start comes at 5 s.
+    // Slow uploads (2 MiB/s): the first periodic checkpoint comes at 5 s, some 250
+    // chunks in (of 1,024).
     let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
-    let first = run(&handle, Arc::clone(&progress), 4 << 20);
+    let first = run(&handle, Arc::clone(&progress), 2 << 20);
     let covered = || {
         ox::journal::Journal::load(&journal, chunks)
             .ok()
             .flatten()
             .map_or(0, |(j, _)| j.next_chunk)
     };
-    // Hosts overwrite the whole volume while it runs.
-    let after = random(size as usize, 82);
-    for off in (0..size).step_by(1 << 20) {
-        write(
-            &env,
-            &vol,
-            off,
-            &after[off as usize..(off + (1 << 20)) as usize],
-        );
-    }
+    let overwrite = |seed: u64, from: u64| {
+        let data = random(size as usize, seed);
+        for off in (from..size).step_by(1 << 20) {
+            write(
+                &env,
+                &vol,
+                off,
+                &data[off as usize..(off + (1 << 20)) as usize],
+            );
+        }
+    };
+    // Hosts overwrite the upper half while it runs (chunks not read yet are copied).
+    overwrite(82, size / 2);
     while covered() == 0 {
         std::thread::sleep(Duration::from_millis(20));
     }
+    while progress.chunks_done.load(Ordering::Relaxed) < covered() + 16 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Then all of it, now that it has read chunks of the lower half that its journal
+    // does not cover yet: those are copied too, because a restart reads them again.
     let at_stop = progress.chunks_done.load(Ordering::Relaxed);
-    // The appliance stops: the snapshot is suspended where it is (past its checkpoint).
-    progress.suspend();
-    let err = first.join().unwrap().unwrap_err();
-    assert!(matches!(err, ox::OxError::Suspended(_)), "{err}");
+    assert!(at_stop < chunks / 2, "read {at_stop} chunks already");
+    overwrite(83, 0);
+    if crash {
+        crash_now.store(true, Ordering::SeqCst);
+        assert!(
+            first.join().unwrap().is_none(),
+            "it finished before the crash"
+        );
+        crash_now.store(false, Ordering::SeqCst);
+    } else {
+        progress.suspend();
+        let err = first.join().unwrap().unwrap().unwrap_err();
+        assert!(matches!(err, ox::OxError::Suspended(_)), "{err}");
+    }
     let resume_at = covered();
     assert!(
         resume_at > 0 && resume_at < chunks,
@@ -818,15 +865,15 @@ fn a_snapshot_cut_short_continues_after_a_restart_with_the_same_point_in_time() 
     // The next start: the volume takes the snapshot up again before any host writes,
     // and hosts write once more before it continues.
     let (vol, handle) = durable_volume(local.path(), size, &journal);
-    let last = random(size as usize, 83);
+    let last = random(size as usize, 84);
     write(&env, &vol, 0, &last);
     let report = run(&handle, Arc::default(), 1 << 30)
         .join()
         .unwrap()
+        .unwrap()
         .unwrap();
     eprintln!(
-        "checkpoint at chunk {resume_at} of {chunks} (suspended at {at_stop}); resumed read {} chunks",
-        report.chunks_read
+        "crash {crash}: continued from chunk {resume_at} of {chunks} (had read up to {at_stop})"
     );
     assert_eq!(report.resumed_at, Some(resume_at));
     assert_eq!(report.manifest.snapshot, snapshot_id, "the same snapshot");
@@ -840,7 +887,7 @@ fn a_snapshot_cut_short_continues_after_a_restart_with_the_same_point_in_time() 
     assert!(read(&env, &vol, 0, size) == last);
     // What the first attempt stored before its checkpoint is part of the snapshot, not
     // stored again: only the objects it had in flight when it stopped are orphans
-    // (starting over would have orphaned some 25 objects of 1 MiB).
+    // (starting over would have orphaned every object stored before the checkpoint).
     let (root, kek) = (env.root.clone(), env.kek.clone());
     let orphans = env
         .cores

@@ -19,6 +19,10 @@ use super::read_ahead::{Ahead, ReadAhead, start_chunk};
 use super::upload::{IndexWriter, Packer};
 use super::{Loaded, SnapshotOptions, SnapshotReport};
 
+/// How long a suspended snapshot may spend on a last checkpoint (waiting for its
+/// uploads in flight) before it stops without one.
+const SUSPEND_PATIENCE: Duration = Duration::from_secs(3);
+
 /// Where a snapshot starts: fresh, or continuing a journal.
 struct Start {
     snapshot: [u8; 16],
@@ -291,6 +295,28 @@ pub(super) async fn write(
             )));
         }
         if progress.is_suspended() {
+            // A last checkpoint here saves redoing the work since the previous one,
+            // if the uploads in flight finish soon; a stop does not wait longer.
+            if let (Some(path), Some(base)) = (journal_path, &base)
+                && handle.snapshot_abandoned().is_none()
+            {
+                let last = checkpoint(
+                    path,
+                    chunk,
+                    &mut packer,
+                    &index,
+                    base,
+                    stored_chunks,
+                    chunks_read,
+                    handle,
+                );
+                let patience = async {
+                    async_io::Timer::after(SUSPEND_PATIENCE).await;
+                    Ok(())
+                };
+                // Either way the journal is whole: the previous checkpoint, or this.
+                let _ = futures_lite::future::or(last, patience).await;
+            }
             return Err(OxError::Suspended(opts.volume_name.clone()));
         }
         abandoned(handle, opts)?;
