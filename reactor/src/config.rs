@@ -50,6 +50,10 @@ pub struct ReactorConfig {
     /// Idle behaviour of every reactor.
     pub idle: IdlePolicy,
     /// How long an `adaptive` reactor keeps polling after its last work before parking.
+    /// Long enough to span the gaps between completions of a loaded device (a disk's
+    /// ~0.4 ms at queue depth 32: 200 µs parked between them and cost 5–10 % of its
+    /// IOPS, 1 ms matches a busy reactor); a reactor with nothing to do still parks
+    /// within a millisecond.
     pub idle_spell: Duration,
     /// Capacity of each reactor's mailbox; a full mailbox is back-pressure to senders.
     pub mailbox_depth: usize,
@@ -62,12 +66,12 @@ pub struct ReactorConfig {
 }
 
 impl ReactorConfig {
-    /// Defaults for the given cores: adaptive idle, 200 µs idle spell, 4096-deep mailboxes.
+    /// Defaults for the given cores: adaptive idle, 1 ms idle spell, 4096-deep mailboxes.
     pub fn new(cores: CoreList) -> Self {
         Self {
             cores,
             idle: IdlePolicy::default(),
-            idle_spell: Duration::from_micros(200),
+            idle_spell: Duration::from_millis(1),
             mailbox_depth: 4096,
             message_batch: 64,
             ring_entries: 512,
