@@ -131,3 +131,80 @@ pub fn remove(path: &Path) -> Result<(), OxError> {
     let cp = changed_path(path);
     bdev::fsutil::remove_file(&cp).map_err(|e| OxError::io(&cp, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Journal {
+        Journal {
+            version: JOURNAL_VERSION,
+            store: "s3".into(),
+            volume: "11".repeat(16),
+            snapshot: "22".repeat(16),
+            token: "33".repeat(16),
+            parent: None,
+            prefix: "v/".into(),
+            zstd_level: 3,
+            key: None,
+            index_salt: "44".repeat(16),
+            nonce_prefixes: vec!["01020304".into()],
+            next_chunk: 5,
+            objects: vec!["v/ox1/d/x".into()],
+            pages: 0,
+            index_bytes: 0,
+            page_entries: "00".repeat(100),
+            stored_chunks: 1,
+            uploaded: 100,
+            chunks_read: 5,
+        }
+    }
+
+    /// A change set of 100 chunks (0 and 99 changed), in the tracking layout.
+    fn change_set() -> ChangedChunks {
+        let mut b = b"OXCBT001".to_vec();
+        b.extend_from_slice(&100u64.to_le_bytes());
+        b.push(0);
+        b.extend_from_slice(&[0; 16]);
+        for w in [1u64, 1 << 35] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        ChangedChunks::from_bytes(&b, 100).unwrap()
+    }
+
+    #[test]
+    fn a_journal_round_trips_and_every_kind_of_damage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.snapshot");
+        assert!(Journal::load(&path, 100).unwrap().is_none(), "none yet");
+        let changed = change_set();
+        assert!(changed.contains(0) && changed.contains(99) && changed.count() == 2);
+        Journal::save_changed(&path, &changed, 100).unwrap();
+        let j = sample();
+        j.save(&path).unwrap();
+        let (back, c) = Journal::load(&path, 100).unwrap().unwrap();
+        assert_eq!(back, j);
+        assert_eq!(c, changed);
+        assert_eq!(back.token().unwrap(), [0x33; 16]);
+        // Another volume size: the change set does not fit.
+        assert!(Journal::load(&path, 200).is_err());
+        // Truncated, garbage, an unknown field, another version: errors, not panics.
+        let text = std::fs::read_to_string(&path).unwrap();
+        for bad in [
+            text[..text.len() / 2].to_string(),
+            "\u{0}\u{1}garbage".to_string(),
+            text.replacen("\"store\"", "\"unknown\":1,\"store\"", 1),
+            text.replacen("\"version\":1", "\"version\":99", 1),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            assert!(Journal::load(&path, 100).is_err(), "{bad:.60}");
+        }
+        // The change set survives a damaged journal, and goes with it on removal.
+        assert_eq!(load_changed(&path, 100), Some(changed));
+        remove(&path).unwrap();
+        assert!(!path.exists() && load_changed(&path, 100).is_none());
+        remove(&path).unwrap();
+    }
+}

@@ -904,6 +904,75 @@ fn cut_short_then_continued(crash: bool) {
     env.set.shutdown().unwrap();
 }
 
+#[test]
+fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
+    let env = env();
+    let local = tempfile::tempdir().unwrap();
+    let journal = local.path().join("vol1.snapshot");
+    let size = 4 << 20;
+    let chunks = size / CHUNK;
+    let (vol, handle) = durable_volume(local.path(), size, &journal);
+    write(&env, &vol, 0, &random(size as usize, 91));
+    // A real journal to start from: a snapshot suspended as soon as it began.
+    let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
+    progress.suspend();
+    let mut opts = options(&env);
+    opts.journal = Some(journal.clone());
+    opts.progress = progress;
+    let run = |h: &VolumeHandle, opts: SnapshotOptions| {
+        let (root, h, reactor) = (env.root.clone(), h.clone(), env.set.handles()[0].clone());
+        env.cores
+            .run(move |_ex| {
+                Box::pin(async move {
+                    let store = LocalStore::open(root).unwrap();
+                    snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .unwrap()
+    };
+    let err = run(&handle, opts).unwrap_err();
+    assert!(err.contains("suspended"), "{err}");
+    drop((vol, handle));
+    let good = std::fs::read_to_string(&journal).unwrap();
+    let good: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let hostile: [(&str, serde_json::Value); 5] = [
+        ("page_entries", "not hex".into()),
+        ("page_entries", "00".repeat(20).into()),
+        ("pages", u64::MAX.into()),
+        ("nonce_prefixes", serde_json::json!(["zz"])),
+        ("objects", serde_json::json!(["a", "b"])),
+    ];
+    for (field, value) in hostile {
+        let mut j = good.clone();
+        j[field] = value.clone();
+        if field == "objects" {
+            // Entries that point past the object list.
+            let mut e = vec![0u8; 20];
+            e[0] = 1;
+            e[4..8].copy_from_slice(&7u32.to_le_bytes());
+            j["page_entries"] = hex::encode(e).into();
+            j["next_chunk"] = 1.into();
+        }
+        std::fs::write(&journal, serde_json::to_vec(&j).unwrap()).unwrap();
+        let (_vol, handle) = durable_volume(local.path(), size, &journal);
+        let mut opts = options(&env);
+        opts.journal = Some(journal.clone());
+        let err = run(&handle, opts.clone()).unwrap_err();
+        eprintln!("{field} = {value}: {err}");
+        assert!(err.contains("snapshot journal"), "{field}: {err}");
+        // The volume is released, the journal gone, and the next snapshot works.
+        assert_eq!(handle.snapshot_token(), None, "{field}");
+        assert!(!journal.exists(), "{field}");
+        let report = run(&handle, opts).unwrap();
+        assert_eq!(report.manifest.stored_chunks, chunks, "{field}");
+        // Leave a journal for the next case to damage.
+        std::fs::write(&journal, serde_json::to_vec(&good).unwrap()).unwrap();
+    }
+    env.set.shutdown().unwrap();
+}
+
 /// A basis in memory that records the order chunks are fetched in.
 struct Recording {
     image: Vec<u8>,

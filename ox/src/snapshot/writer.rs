@@ -94,7 +94,8 @@ impl Start {
             &hex::decode(&j.page_entries).map_err(|_| bad("entries"))?,
             in_page as usize,
             &limits,
-        )?
+        )
+        .map_err(|e| bad(&format!("entries: {e}")))?
         .entries;
         Ok(Self {
             snapshot: format::parse_id(&j.snapshot)?,
