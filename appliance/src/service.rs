@@ -421,6 +421,7 @@ impl Service {
                 // The chunks that snapshot was to store go back to the tracking, so
                 // the next snapshot does not miss them.
                 handle.add_changes(&changed);
+                handle.discard_copies();
                 ox::journal::remove(&journal)
                     .with_context(|| format!("removing {}", journal.display()))?;
             }

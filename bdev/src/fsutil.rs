@@ -28,7 +28,7 @@ pub fn remove_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// Fsyncs the directory holding `path`, making a rename or unlink in it durable.
-fn sync_dir_of(path: &Path) -> std::io::Result<()> {
+pub fn sync_dir_of(path: &Path) -> std::io::Result<()> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => File::open(dir)?.sync_all(),
         None => Ok(()),

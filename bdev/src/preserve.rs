@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::bdev::Bdev;
 use crate::buf::IoBuf;
@@ -23,6 +23,8 @@ use crate::io::BdevIo;
 use crate::uring::{UringConfig, open_uring};
 
 const MAGIC: &[u8; 8] = b"OXCBW001";
+/// Bytes reserved in the armed abandonment marker for its reason.
+const MARKER_BYTES: usize = 4096;
 /// Bytes of the header block that carry fields (the rest is zero).
 const HEADER_FIELDS: usize = 44;
 
@@ -42,6 +44,9 @@ pub(crate) struct Preserve {
     /// Copies submitted and not completed: the file may not be reset while a copy of
     /// an earlier snapshot could still land in it.
     pub(crate) in_flight: AtomicU64,
+    /// The running snapshot was abandoned (the marker is on disk), and why.
+    abandoned: AtomicBool,
+    reason: Mutex<Option<String>>,
 }
 
 impl Preserve {
@@ -87,6 +92,8 @@ impl Preserve {
             chunks,
             token: Mutex::new([0; 16]),
             in_flight: AtomicU64::new(0),
+            abandoned: AtomicBool::new(false),
+            reason: Mutex::new(None),
         })
     }
 
@@ -114,38 +121,89 @@ impl Preserve {
         *self.token.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Empties the store (freeing its space), forgets an abandoned snapshot, and
-    /// adopts `token` for the copies to come.
+    /// Empties the store (freeing its space), forgets an abandoned snapshot, arms the
+    /// marker for abandoning the next one, and adopts `token` for the copies to come.
     pub(crate) fn reset(&self, token: [u8; 16]) -> Result<(), BdevError> {
         let size = self.chunks * self.slot_bytes();
         self.file
             .set_len(0)
             .and_then(|()| self.file.set_len(size))
-            .and_then(|()| crate::fsutil::remove_file(&self.abandoned_path()))
+            .and_then(|()| crate::fsutil::remove_file(&self.marker_path("abandoned")))
+            .and_then(|()| self.arm())
             .map_err(|e| self.error(format!("emptying: {e}")))?;
+        self.abandoned.store(false, Ordering::SeqCst);
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.adopt(token);
         Ok(())
     }
 
-    /// Beside the store: present (with the reason) once the running snapshot has been
-    /// abandoned, until the next one begins.
-    fn abandoned_path(&self) -> PathBuf {
+    /// Beside the store: `abandoned` is present (with the reason) once the running
+    /// snapshot has been abandoned, until the next one begins; `abandoned.armed` is its
+    /// space, reserved in advance, since abandoning happens when the disk is full.
+    fn marker_path(&self, which: &str) -> PathBuf {
         let mut p = self.path.as_os_str().to_owned();
-        p.push(".abandoned");
+        p.push(".");
+        p.push(which);
         PathBuf::from(p)
     }
 
+    /// Reserves the abandonment marker's space (a written, fsynced file).
+    pub(crate) fn arm(&self) -> std::io::Result<()> {
+        crate::fsutil::replace_file(&self.marker_path("abandoned.armed"), &[b' '; MARKER_BYTES])
+    }
+
     /// Records durably that the running snapshot is abandoned (a copy could not be
-    /// written), so that no restart continues it.
+    /// written), so that no restart continues it. Needs no new space on disk: the
+    /// armed marker is overwritten in place (best effort) and renamed. Once only.
     pub(crate) fn abandon(&self, reason: &str) -> std::io::Result<()> {
-        crate::fsutil::replace_file(&self.abandoned_path(), reason.as_bytes())
+        if self.abandoned.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (armed, marker) = (
+            self.marker_path("abandoned.armed"),
+            self.marker_path("abandoned"),
+        );
+        match File::options().write(true).open(&armed) {
+            Ok(f) => {
+                let text = reason.as_bytes();
+                // The reason is for people; the rename is what counts.
+                let _ = f.write_all_at(&text[..text.len().min(MARKER_BYTES)], 0);
+                let _ = f.sync_all();
+                std::fs::rename(&armed, &marker)?;
+                crate::fsutil::sync_dir_of(&marker)?;
+            }
+            // Not armed (a store opened by an older build): write one.
+            Err(_) => crate::fsutil::replace_file(&marker, reason.as_bytes())?,
+        }
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+        self.abandoned.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the running snapshot was abandoned (cheap: for the write path).
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
     }
 
     /// Why the running snapshot was abandoned, if it was.
     pub(crate) fn abandoned(&self) -> Option<String> {
-        std::fs::read(self.abandoned_path())
-            .ok()
-            .map(|r| String::from_utf8_lossy(&r).into_owned())
+        if !self.is_abandoned() {
+            return None;
+        }
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether the marker says the snapshot was abandoned (at recovery: anything but a
+    /// clear "no marker" counts as abandoned).
+    pub(crate) fn abandoned_on_disk(&self) -> Option<String> {
+        match std::fs::read(self.marker_path("abandoned")) {
+            Ok(r) => Some(String::from_utf8_lossy(&r).trim_end().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(format!("its marker cannot be read: {e}")),
+        }
     }
 
     /// Takes `token` as the running snapshot's (after recovery: the copies stay).

@@ -150,6 +150,8 @@ fn guarded_write(
         let from = state.load(Ordering::Acquire);
         match from {
             DONE | PRESERVED => continue,
+            // The snapshot is abandoned (recorded durably): nothing to keep any more.
+            NOT_READ | READ if shared.store.get().is_some_and(Preserve::is_abandoned) => continue,
             NOT_READ | READ => {
                 if state
                     .compare_exchange(from, PRESERVING, Ordering::AcqRel, Ordering::Acquire)
@@ -275,7 +277,7 @@ fn save_durably(
                 drop(preserved);
                 guarded_write(s, inner, reactor, io, done);
             }
-            Err(e) => match s.store.get().map(|p| {
+            Err(e) => match s.store.get().filter(|_| !stopping(&e)).map(|p| {
                 p.abandon(&format!(
                     "the copy of chunk {chunk} could not be written: {e}"
                 ))
@@ -295,6 +297,13 @@ fn save_durably(
             },
         }
     });
+}
+
+/// Whether `e` says the appliance is stopping (a copy cancelled at shutdown): that
+/// fails the host's write but does not abandon the snapshot, which resumes.
+fn stopping(e: &BdevError) -> bool {
+    matches!(e, BdevError::ShuttingDown)
+        || matches!(e, BdevError::Io { errno, .. } if *errno == libc::ECANCELED)
 }
 
 fn retry(shared: Arc<Shared>, inner: Rc<Channel>, reactor: Rc<Reactor>, io: BdevIo, done: IoDone) {
@@ -557,13 +566,16 @@ impl VolumeHandle {
                 reason: "the saved snapshot state is for another volume size".into(),
             });
         }
-        if let Some(why) = store.abandoned() {
+        if let Some(why) = store.abandoned_on_disk() {
             return Err(BdevError::Config {
                 name: s.inner.name().to_string(),
                 reason: format!("its snapshot was abandoned: {why}"),
             });
         }
         let saved = store.scan(&token, |c| c >= next && changed.contains(c))?;
+        // Reserve the space to abandon it, should that be needed (best effort: an
+        // older marker-less store is abandoned by writing one).
+        let _ = store.arm();
         self.hold()?;
         store.adopt(token);
         {
@@ -593,6 +605,17 @@ impl VolumeHandle {
     /// must fail; it never resumes.
     pub fn snapshot_abandoned(&self) -> Option<String> {
         self.shared.store.get().and_then(Preserve::abandoned)
+    }
+
+    /// Frees the space of the store of copies when no snapshot holds the volume (after
+    /// a snapshot that was not taken up again at a restart).
+    pub fn discard_copies(&self) {
+        let s = &self.shared;
+        if !s.running.load(Ordering::SeqCst)
+            && let Some(store) = s.store.get()
+        {
+            store.release();
+        }
     }
 
     /// Gives `changed` back to the change tracking (a snapshot that will not happen

@@ -52,7 +52,17 @@ fn a_copy_that_cannot_be_written_abandons_the_snapshot_not_the_host_write() {
     assert_eq!(h.snapshot_abandoned(), None, "chunk 0 was copied");
     write(5, 2).expect("the host's write goes ahead");
     let why = h.snapshot_abandoned().expect("the snapshot is abandoned");
-    eprintln!("abandoned: {why}");
+    assert!(why.contains("chunk 5"), "{why}");
+    // Recorded by renaming the marker armed when the snapshot began: no new space.
+    let marker = dir.path().join("v.cbw.abandoned");
+    assert!(marker.exists() && !dir.path().join("v.cbw.abandoned.armed").exists());
+    assert!(
+        std::fs::read_to_string(&marker)
+            .unwrap()
+            .contains("chunk 5")
+    );
+    // Later writes to chunks the snapshot has not read go straight through.
+    write(6, 2).expect("no copy is attempted any more");
     let io = BdevIo::read(5 * CHUNK / 512, 8, vec![IoBuf::new(4096)]);
     let back = run_on(&set.handles()[0], &vol, io, T).unwrap();
     assert_eq!(back.data()[0], 2, "the host's data is on the volume");
@@ -63,10 +73,11 @@ fn a_copy_that_cannot_be_written_abandons_the_snapshot_not_the_host_write() {
     h2.set_preserve_file(&store).unwrap();
     let err = h2.resume_snapshot(token, 0, &changed).unwrap_err();
     assert!(err.to_string().contains("abandoned"), "{err}");
-    // The next snapshot starts clean.
+    // The next snapshot starts clean, armed again.
     h.end_snapshot(Some(&changed));
     h.begin_snapshot().unwrap();
     assert_eq!(h.snapshot_abandoned(), None);
+    assert!(!marker.exists() && dir.path().join("v.cbw.abandoned.armed").exists());
     h.end_snapshot(None);
     set.shutdown().unwrap();
 }

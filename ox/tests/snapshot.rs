@@ -937,24 +937,57 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
     drop((vol, handle));
     let good = std::fs::read_to_string(&journal).unwrap();
     let good: serde_json::Value = serde_json::from_str(&good).unwrap();
-    let hostile: [(&str, serde_json::Value); 5] = [
-        ("page_entries", "not hex".into()),
-        ("page_entries", "00".repeat(20).into()),
-        ("pages", u64::MAX.into()),
-        ("nonce_prefixes", serde_json::json!(["zz"])),
-        ("objects", serde_json::json!(["a", "b"])),
+    // One index entry (for chunk 0), in the page layout.
+    let entry = |source: u16, object: u32, length: u32| {
+        let mut e = vec![0u8; 20];
+        e[0] = 1;
+        e[2..4].copy_from_slice(&source.to_le_bytes());
+        e[4..8].copy_from_slice(&object.to_le_bytes());
+        e[16..20].copy_from_slice(&length.to_le_bytes());
+        serde_json::Value::from(hex::encode(e))
+    };
+    let object = serde_json::json!(["vol1/ox1/d/00"]);
+    let hostile: Vec<(&str, serde_json::Value)> = vec![
+        (
+            "page_entries",
+            serde_json::json!({ "page_entries": "not hex" }),
+        ),
+        (
+            "page_entries",
+            serde_json::json!({ "page_entries": "00".repeat(20) }),
+        ),
+        ("pages", serde_json::json!({ "pages": u64::MAX })),
+        (
+            "nonce_prefixes",
+            serde_json::json!({ "nonce_prefixes": ["zz"] }),
+        ),
+        (
+            "objects",
+            serde_json::json!({ "objects": ["elsewhere/ox1/d/00"] }),
+        ),
+        (
+            "stored_chunks",
+            serde_json::json!({ "stored_chunks": 1000, "next_chunk": 0 }),
+        ),
+        (
+            "object",
+            serde_json::json!({ "objects": object, "page_entries": entry(0, 7, 100), "next_chunk": 1 }),
+        ),
+        (
+            "source",
+            serde_json::json!({ "objects": object, "page_entries": entry(1, 0, 100), "next_chunk": 1 }),
+        ),
+        (
+            "length",
+            serde_json::json!({ "objects": object, "page_entries": entry(0, 0, 1 << 30), "next_chunk": 1 }),
+        ),
     ];
-    for (field, value) in hostile {
+    for (field, changes) in hostile {
         let mut j = good.clone();
-        j[field] = value.clone();
-        if field == "objects" {
-            // Entries that point past the object list.
-            let mut e = vec![0u8; 20];
-            e[0] = 1;
-            e[4..8].copy_from_slice(&7u32.to_le_bytes());
-            j["page_entries"] = hex::encode(e).into();
-            j["next_chunk"] = 1.into();
+        for (k, v) in changes.as_object().unwrap() {
+            j[k] = v.clone();
         }
+        let value = changes;
         std::fs::write(&journal, serde_json::to_vec(&j).unwrap()).unwrap();
         let (_vol, handle) = durable_volume(local.path(), size, &journal);
         let mut opts = options(&env);

@@ -62,8 +62,30 @@ impl Start {
         })
     }
 
-    fn from_journal(j: &Journal, opts: &SnapshotOptions, chunks: u64) -> Result<Self, OxError> {
+    /// The state journal `j` records, checked against what it can be for this volume
+    /// (`chunks` of `chunk_bytes`) and lineage (`ancestors` snapshots): a damaged
+    /// journal is an error, never a snapshot readers would refuse.
+    fn from_journal(
+        j: &Journal,
+        opts: &SnapshotOptions,
+        chunks: u64,
+        chunk_bytes: u64,
+        ancestors: usize,
+    ) -> Result<Self, OxError> {
         let bad = |what: &str| OxError::Format(format!("snapshot journal: {what}"));
+        let objects_prefix = format!("{}ox1/d/", opts.prefix);
+        if j.objects.iter().any(|o| !o.starts_with(&objects_prefix)) {
+            return Err(bad("an object outside the snapshot's prefix"));
+        }
+        // Counters no real snapshot of this volume could reach.
+        let most = chunks.saturating_mul(chunk_bytes + 1024);
+        if j.stored_chunks > j.next_chunk
+            || j.chunks_read > j.next_chunk
+            || j.uploaded > most
+            || j.index_bytes > most
+        {
+            return Err(bad("counters"));
+        }
         let data_key = match (&opts.kek, &j.key) {
             (Some(kek), Some(w)) => Some(keys::unwrap(std::slice::from_ref(kek), w, &j.snapshot)?),
             (None, None) => None,
@@ -86,9 +108,9 @@ impl Start {
             .filter(|n| *n < PAGE_CHUNKS && j.next_chunk <= chunks)
             .ok_or_else(|| bad("position"))?;
         let limits = format::PageLimits {
-            lineage: usize::from(u16::MAX),
+            lineage: ancestors,
             objects: j.objects.len(),
-            max_frame: usize::MAX,
+            max_frame: chunk_bytes as usize + 1024,
         };
         let entries = IndexPage::from_bytes(
             &hex::decode(&j.page_entries).map_err(|_| bad("entries"))?,
@@ -175,7 +197,13 @@ pub(super) async fn write(
         ));
     }
     let start = match &resumed {
-        Some(j) => Start::from_journal(j, opts, chunks)?,
+        Some(j) => Start::from_journal(
+            j,
+            opts,
+            chunks,
+            chunk_bytes,
+            parent.map_or(0, |p| p.manifest.lineage.len() + 1),
+        )?,
         None => Start::fresh(opts)?,
     };
     let snapshot = start.snapshot;
