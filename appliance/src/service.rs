@@ -278,36 +278,33 @@ impl Service {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn volume_path(&self, name: &str) -> PathBuf {
+    /// A volume's file under the state directory: `img` (its data), `cbt` (change
+    /// tracking saved at a clean stop), `cbw` (copy-before-write copies of a running
+    /// snapshot), `snapshot` (that snapshot's journal).
+    fn volume_file(&self, name: &str, ext: &str) -> PathBuf {
         self.settings
             .state_dir
             .join("volumes")
-            .join(format!("{name}.img"))
+            .join(format!("{name}.{ext}"))
+    }
+
+    fn volume_path(&self, name: &str) -> PathBuf {
+        self.volume_file(name, "img")
     }
 
     fn tracking_path(&self, name: &str) -> PathBuf {
-        self.settings
-            .state_dir
-            .join("volumes")
-            .join(format!("{name}.cbt"))
+        self.volume_file(name, "cbt")
     }
 
-    /// The volume's durable store of copy-before-write chunks.
     fn preserve_path(&self, name: &str) -> PathBuf {
-        self.settings
-            .state_dir
-            .join("volumes")
-            .join(format!("{name}.cbw"))
+        self.volume_file(name, "cbw")
     }
 
-    /// The journal of the volume's running snapshot.
     fn journal_path(&self, name: &str) -> PathBuf {
-        self.settings
-            .state_dir
-            .join("volumes")
-            .join(format!("{name}.snapshot"))
+        self.volume_file(name, "snapshot")
     }
 
+    /// A clone's file under the state directory: `img` (its local copy), `presence`.
     fn clone_path(&self, name: &str, ext: &str) -> PathBuf {
         self.settings
             .state_dir

@@ -77,6 +77,19 @@ fn open_durable(dir: &std::path::Path, chunks: u64) -> (Bdev, VolumeHandle) {
     (vol, h)
 }
 
+/// Writes 4 KiB of `byte` at the start of `chunk`.
+fn write_chunk(set: &ReactorSet, vol: &Bdev, chunk: u64, byte: u8) {
+    let io = BdevIo::write(
+        chunk * CHUNK / 512,
+        8,
+        vec![IoBuf::from_slice(&[byte; 4096])],
+    );
+    run_on(&set.handles()[0], vol, io, T)
+        .unwrap()
+        .result
+        .unwrap();
+}
+
 fn read_all(set: &ReactorSet, dev: &Bdev, lba: u64, blocks: u64) -> Vec<u8> {
     let io = BdevIo::read(lba, blocks, vec![IoBuf::new((blocks * 512) as usize)]);
     let done = run_on(&set.handles()[0], dev, io, T).unwrap();
@@ -107,19 +120,8 @@ fn durable_copies_keep_the_snapshot_point_across_a_crash() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let (vol, h) = open_durable(dir.path(), 8);
-    let write = |vol: &Bdev, chunk: u64, byte: u8| {
-        let io = BdevIo::write(
-            chunk * CHUNK / 512,
-            8,
-            vec![IoBuf::from_slice(&[byte; 4096])],
-        );
-        run_on(&set.handles()[0], vol, io, T)
-            .unwrap()
-            .result
-            .unwrap();
-    };
     for c in 0..6 {
-        write(&vol, c, 1);
+        write_chunk(&set, &vol, c, 1);
     }
     let mut changed = h.begin_snapshot().unwrap();
     h.settle(&mut changed);
@@ -133,7 +135,7 @@ fn durable_copies_keep_the_snapshot_point_across_a_crash() {
     }
     h.commit_through(1);
     for c in 0..4 {
-        write(&vol, c, 2);
+        write_chunk(&set, &vol, c, 2);
     }
     assert!(h.copies_settled());
     // A crash: nothing ends the snapshot.
@@ -154,18 +156,7 @@ fn durable_copies_keep_the_snapshot_point_across_a_crash() {
     assert_eq!(h.take_resumed(), Some(token));
     assert_eq!(h.take_resumed(), None, "only one party continues it");
     // A host writes chunk 4 after the restart: it is copied before it changes.
-    let write = |chunk: u64, byte: u8| {
-        let io = BdevIo::write(
-            chunk * CHUNK / 512,
-            8,
-            vec![IoBuf::from_slice(&[byte; 4096])],
-        );
-        run_on(&set.handles()[0], &vol, io, T)
-            .unwrap()
-            .result
-            .unwrap();
-    };
-    write(4, 3);
+    write_chunk(&set, &vol, 4, 3);
     for c in 1..6 {
         let seen = snapshot_view(&set, &vol, &h, c);
         assert!(
@@ -192,25 +183,14 @@ fn a_torn_or_foreign_copy_is_not_taken_for_a_copy() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let (vol, h) = open_durable(dir.path(), 4);
-    let write = |chunk: u64, byte: u8| {
-        let io = BdevIo::write(
-            chunk * CHUNK / 512,
-            8,
-            vec![IoBuf::from_slice(&[byte; 4096])],
-        );
-        run_on(&set.handles()[0], &vol, io, T)
-            .unwrap()
-            .result
-            .unwrap();
-    };
     for c in 0..4 {
-        write(c, 1);
+        write_chunk(&set, &vol, c, 1);
     }
     let mut changed = h.begin_snapshot().unwrap();
     h.settle(&mut changed);
     let token = h.snapshot_token().unwrap();
-    write(1, 2);
-    write(2, 2);
+    write_chunk(&set, &vol, 1, 2);
+    write_chunk(&set, &vol, 2, 2);
     drop((vol, h));
     set.shutdown().unwrap();
     // Tear chunk 2's copy: its last byte never reached the disk.

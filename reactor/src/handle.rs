@@ -22,12 +22,24 @@ pub(crate) struct Shared {
     pub(crate) stop_requested: AtomicBool,
     /// While stopping: nothing queued, deferred or in flight as of the last pass.
     pub(crate) quiescent: AtomicBool,
+    /// Messages accepted into the mailbox, and messages run to their end: a message
+    /// being run counts in the first and not yet in the second, so a reactor in the
+    /// middle of a handler (which may send more) is never taken for drained.
+    /// Each on its own cache line: senders write `sent`, only the reactor `handled`.
+    pub(crate) sent: Padded,
+    pub(crate) handled: Padded,
     /// Shutdown coordination shared by every reactor of the set.
     pub(crate) set_stop: Arc<SetStop>,
     pub(crate) eventfd: OwnedFd,
     pub(crate) tid: AtomicI32,
     pub(crate) stats: Counters,
 }
+
+/// A counter alone on its cache line (two, for adjacent-line prefetching), so cores
+/// that write different counters do not contend.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct Padded(pub(crate) AtomicU64);
 
 /// How the reactors of a set agree that all of them, together, have drained: a reactor
 /// may only exit once no reactor has work left that could send it a message.
@@ -115,6 +127,8 @@ impl ReactorHandle {
             sleeping: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
             quiescent: AtomicBool::new(false),
+            sent: Padded::default(),
+            handled: Padded::default(),
             set_stop,
             eventfd,
             tid: AtomicI32::new(0),
@@ -149,13 +163,23 @@ impl ReactorHandle {
     /// can retry it later without re-creating it.
     pub fn try_send(&self, msg: Message) -> Result<(), (ReactorError, Message)> {
         let reactor = self.shared.index;
+        // Counted before it can be received, so it is never handled uncounted.
+        self.shared.sent.0.fetch_add(1, Ordering::Relaxed);
+        let refused = |e| {
+            self.shared.sent.0.fetch_sub(1, Ordering::Relaxed);
+            e
+        };
         match self.shared.tx.try_send(msg) {
             Ok(()) => {
                 self.wake_if_sleeping();
                 Ok(())
             }
-            Err(TrySendError::Full(msg)) => Err((ReactorError::MailboxFull { reactor }, msg)),
-            Err(TrySendError::Disconnected(msg)) => Err((ReactorError::Stopped { reactor }, msg)),
+            Err(TrySendError::Full(msg)) => {
+                Err((refused(ReactorError::MailboxFull { reactor }), msg))
+            }
+            Err(TrySendError::Disconnected(msg)) => {
+                Err((refused(ReactorError::Stopped { reactor }), msg))
+            }
         }
     }
 
@@ -207,9 +231,14 @@ impl ReactorHandle {
         }
     }
 
-    /// Quiescent as last published, with an empty mailbox.
-    pub(crate) fn is_drained(&self) -> bool {
-        self.shared.quiescent.load(Ordering::SeqCst) && self.shared.tx.is_empty()
+    /// Quiescent as last published, with an empty mailbox and every message it was
+    /// sent run to its end: then the count of messages sent to it, else `None`.
+    pub(crate) fn drained_at(&self) -> Option<u64> {
+        let s = &self.shared;
+        // `handled` first (acquire: what its handlers sent is counted by then).
+        let handled = s.handled.0.load(Ordering::Acquire);
+        let sent = s.sent.0.load(Ordering::Acquire);
+        (s.quiescent.load(Ordering::SeqCst) && s.tx.is_empty() && sent == handled).then_some(sent)
     }
 
     fn wake_if_sleeping(&self) {

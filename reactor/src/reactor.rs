@@ -318,6 +318,8 @@ impl Reactor {
             match self.inbox.try_recv() {
                 Ok(msg) => {
                     msg();
+                    // After it ran: whatever it sent is counted at its receiver first.
+                    self.handle.shared.handled.0.fetch_add(1, Ordering::Release);
                     n += 1;
                 }
                 Err(_) => break,

@@ -192,17 +192,22 @@ impl ReactorSet {
 
 impl ReactorSet {
     /// Waits until every reactor is drained at one moment: all report quiescent with
-    /// empty mailboxes and none went busy while we looked (the epoch did not move). Only
-    /// then can no reactor receive a message from another one still working. Gives up
-    /// after twice the drain timeout (reactors then cancel what is left) or when a
-    /// reactor thread has already ended.
+    /// empty mailboxes and every message run to its end, twice in a row with the same
+    /// message counts, and none went busy while we looked (the epoch did not move).
+    /// Only then can no reactor receive a message from another one still working: a
+    /// message hopping between reactors while we look changes a count between the two
+    /// looks. Gives up after twice the drain timeout (reactors then cancel what is
+    /// left) or when a reactor thread has already ended.
     fn await_global_quiescence(&self) {
         let give_up = Instant::now() + self.drain_timeout * 2;
+        let look =
+            || -> Option<Vec<u64>> { self.handles.iter().map(ReactorHandle::drained_at).collect() };
         while Instant::now() < give_up {
             let before = self.set_stop.epoch.load(Ordering::SeqCst);
-            let drained = self.handles.iter().all(ReactorHandle::is_drained);
+            let first = look();
+            let second = look();
             let after = self.set_stop.epoch.load(Ordering::SeqCst);
-            if drained && before == after {
+            if first.is_some() && first == second && before == after {
                 return;
             }
             let ended = self

@@ -137,39 +137,46 @@ impl Start {
     }
 }
 
-/// Saves a checkpoint: every object sealed and stored first, so the journal names
-/// only what is in the store; then the volume may stop copying the chunks it covers.
-#[allow(clippy::too_many_arguments)]
-async fn checkpoint(
-    path: &Path,
-    next_chunk: u64,
-    packer: &mut Packer<'_>,
-    index: &IndexWriter,
-    base: &Journal,
-    stored_chunks: u64,
-    chunks_read: u64,
-    handle: &VolumeHandle,
-) -> Result<(), OxError> {
-    packer.finish().await?;
-    let journal = Journal {
-        next_chunk,
-        objects: packer.objects.clone(),
-        pages: index.pages,
-        index_bytes: index.bytes,
-        page_entries: hex::encode(
-            IndexPage {
-                entries: index.entries.clone(),
-            }
-            .to_bytes(),
-        ),
-        stored_chunks,
-        uploaded: packer.uploaded,
-        chunks_read,
-        ..base.clone()
-    };
-    journal.save(path)?;
-    handle.commit_through(next_chunk);
-    Ok(())
+/// Where and how a snapshot records its progress.
+struct Journaling<'a> {
+    path: &'a Path,
+    /// What every checkpoint repeats (identity, key, settings).
+    base: Journal,
+    handle: &'a VolumeHandle,
+}
+
+impl Journaling<'_> {
+    /// Saves a checkpoint at `next_chunk`: every object sealed and stored first, so
+    /// the journal names only what is in the store; then the volume may stop copying
+    /// the chunks it covers.
+    async fn checkpoint(
+        &self,
+        next_chunk: u64,
+        packer: &mut Packer<'_>,
+        index: &IndexWriter,
+        (stored_chunks, chunks_read): (u64, u64),
+    ) -> Result<(), OxError> {
+        packer.finish().await?;
+        let journal = Journal {
+            next_chunk,
+            objects: packer.objects.clone(),
+            pages: index.pages,
+            index_bytes: index.bytes,
+            page_entries: hex::encode(
+                IndexPage {
+                    entries: index.entries.clone(),
+                }
+                .to_bytes(),
+            ),
+            stored_chunks,
+            uploaded: packer.uploaded,
+            chunks_read,
+            ..self.base.clone()
+        };
+        journal.save(self.path)?;
+        self.handle.commit_through(next_chunk);
+        Ok(())
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -250,7 +257,6 @@ pub(super) async fn write(
         pages: start.pages,
         bytes: start.index_bytes,
     };
-    // What every checkpoint repeats.
     let base = match (&resumed, journal_path) {
         (_, None) => None,
         (Some(j), Some(_)) => Some(Journal {
@@ -287,6 +293,9 @@ pub(super) async fn write(
             })
         }
     };
+    let journaling = journal_path
+        .zip(base)
+        .map(|(path, base)| Journaling { path, base, handle });
     let mut parent_page: Option<(u64, IndexPage)> = None;
     let mut ahead = ReadAhead::default();
     let mut chunks_read = start.chunks_read;
@@ -298,19 +307,10 @@ pub(super) async fn write(
     // The first checkpoint records the journal (and a resumed snapshot's new nonce
     // prefix) before anything is encoded.
     let (mut checkpoints, mut checkpoint_time) = (0, Duration::ZERO);
-    if let (Some(path), Some(base)) = (journal_path, &base) {
-        let at = start.next_chunk;
-        checkpoint(
-            path,
-            at,
-            &mut packer,
-            &index,
-            base,
-            stored_chunks,
-            chunks_read,
-            handle,
-        )
-        .await?;
+    if let Some(j) = &journaling {
+        let counts = (stored_chunks, chunks_read);
+        j.checkpoint(start.next_chunk, &mut packer, &index, counts)
+            .await?;
     }
     let mut last_checkpoint = Instant::now();
     for chunk in start.next_chunk..chunks {
@@ -326,19 +326,10 @@ pub(super) async fn write(
         if progress.is_suspended() {
             // A last checkpoint here saves redoing the work since the previous one,
             // if the uploads in flight finish soon; a stop does not wait longer.
-            if let (Some(path), Some(base)) = (journal_path, &base)
+            if let Some(j) = &journaling
                 && handle.snapshot_abandoned().is_none()
             {
-                let last = checkpoint(
-                    path,
-                    chunk,
-                    &mut packer,
-                    &index,
-                    base,
-                    stored_chunks,
-                    chunks_read,
-                    handle,
-                );
+                let last = j.checkpoint(chunk, &mut packer, &index, (stored_chunks, chunks_read));
                 let patience = async {
                     async_io::Timer::after(SUSPEND_PATIENCE).await;
                     Ok(())
@@ -349,21 +340,12 @@ pub(super) async fn write(
             return Err(OxError::Suspended(opts.volume_name.clone()));
         }
         abandoned(handle, opts)?;
-        if let (Some(path), Some(base)) = (journal_path, &base)
+        if let Some(j) = &journaling
             && last_checkpoint.elapsed() >= opts.checkpoint_every
         {
             let began = Instant::now();
-            checkpoint(
-                path,
-                chunk,
-                &mut packer,
-                &index,
-                base,
-                stored_chunks,
-                chunks_read,
-                handle,
-            )
-            .await?;
+            j.checkpoint(chunk, &mut packer, &index, (stored_chunks, chunks_read))
+                .await?;
             last_checkpoint = Instant::now();
             checkpoints += 1;
             checkpoint_time += last_checkpoint - began;
