@@ -945,15 +945,17 @@ impl Service {
         job
     }
 
-    /// A job's state.
-    pub fn job_get(&self, id: u64) -> anyhow::Result<Value> {
-        let job = self
-            .inner()
+    fn job(&self, id: u64) -> anyhow::Result<Arc<Job>> {
+        self.inner()
             .jobs
             .get(&id)
             .cloned()
-            .with_context(|| format!("no job {id}"))?;
-        Ok(job.json())
+            .with_context(|| format!("no job {id}"))
+    }
+
+    /// A job's state.
+    pub fn job_get(&self, id: u64) -> anyhow::Result<Value> {
+        Ok(self.job(id)?.json())
     }
 
     /// Every job since start.
@@ -966,12 +968,7 @@ impl Service {
 
     /// Asks a running job to stop.
     pub fn job_cancel(&self, id: u64) -> anyhow::Result<Value> {
-        let job = self
-            .inner()
-            .jobs
-            .get(&id)
-            .cloned()
-            .with_context(|| format!("no job {id}"))?;
+        let job = self.job(id)?;
         let progress = job
             .progress
             .lock()
