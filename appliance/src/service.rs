@@ -1692,8 +1692,9 @@ impl Service {
     /// needs no full reads or refetches. Returns what could not be saved (each is still
     /// safe: a full read, or a refetch, at the next start).
     pub fn persist(&self) -> Vec<String> {
-        // A snapshot cut short by the stop gives its changes back to the volume as it
-        // fails: wait a little for that, so they can be saved with the rest.
+        // A snapshot the stop suspended (see `stop_background`) has normally ended by
+        // now; one that fails instead gives its changes back to the volume as it ends.
+        // Either way, wait a little so the tracking saved below is final.
         let busy: Vec<Arc<AtomicBool>> = self
             .inner()
             .volumes
@@ -1719,7 +1720,7 @@ impl Service {
         for (name, v) in &inner.volumes {
             if v.busy.load(Ordering::SeqCst) {
                 problems.push(format!(
-                    "volume {name}: a snapshot was running; its changes count as changed"
+                    "volume {name}: a snapshot was still running; every chunk counts as changed at the next start"
                 ));
                 continue;
             }
