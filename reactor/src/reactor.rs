@@ -312,11 +312,25 @@ impl Reactor {
             && self.inbox.is_empty()
     }
 
+    /// While stopping, work about to run (a message, a timer) or just done (a busy
+    /// poller) may leave deferred work or I/O behind, which the quiescent flag
+    /// published at the end of the last pass does not show: take the flag down first
+    /// (moving the epoch), and let the end of this pass decide it again. (A poller's
+    /// own run is not covered: pollers run every pass, and taking the flag down for
+    /// each would never let the set agree; a poller that defers work and reports busy
+    /// is caught right after.)
+    fn working_while_stopping(&self) {
+        if self.handle.shared.stop_requested.load(Ordering::Relaxed) {
+            self.handle.set_quiescent(false);
+        }
+    }
+
     fn drain_messages(&self, counters: &Counters) -> usize {
         let mut n = 0;
         while n < self.message_batch {
             match self.inbox.try_recv() {
                 Ok(msg) => {
+                    self.working_while_stopping();
                     msg();
                     // After it ran: whatever it sent is counted at its receiver first.
                     self.handle.shared.handled.0.fetch_add(1, Ordering::Release);
@@ -350,6 +364,7 @@ impl Reactor {
             let Some(f) = self.timers.borrow_mut().pop_due(now) else {
                 break;
             };
+            self.working_while_stopping();
             f();
             n += 1;
         }
@@ -367,6 +382,7 @@ impl Reactor {
                 continue;
             };
             if f() == PollStatus::Busy {
+                self.working_while_stopping();
                 busy += 1;
             }
             let mut pollers = self.pollers.borrow_mut();

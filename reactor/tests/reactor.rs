@@ -356,3 +356,28 @@ fn shutdown_waits_for_messages_between_reactors() {
     set.shutdown().unwrap();
     assert_eq!(hops.load(Ordering::SeqCst), 2001);
 }
+
+#[test]
+fn shutdown_waits_for_work_a_message_leaves_behind() {
+    // Each hop's message only defers the next send: between the handler returning and
+    // the deferred send, nothing is queued or running as a message, and the reactor
+    // must still not be taken for drained.
+    let set = all_cores(IdlePolicy::Adaptive);
+    let hops = Arc::new(AtomicUsize::new(0));
+    fn hop(left: usize, hops: Arc<AtomicUsize>) {
+        hops.fetch_add(1, Ordering::SeqCst);
+        if left == 0 {
+            return;
+        }
+        let me = current().unwrap();
+        let next = me.peers()[(me.index() + 1) % me.peers().len()].clone();
+        me.defer(move || next.send(move || hop(left - 1, hops)).unwrap());
+    }
+    let seen = Arc::clone(&hops);
+    set.call(0, move || {
+        current().unwrap().on_stop(move || hop(2000, seen));
+    })
+    .unwrap();
+    set.shutdown().unwrap();
+    assert_eq!(hops.load(Ordering::SeqCst), 2001);
+}
