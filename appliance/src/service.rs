@@ -393,14 +393,10 @@ impl Service {
                 anyhow::anyhow!("no snapshot of it is pending"),
                 changed,
             ))),
-            Err(e) => {
-                let changed = ox::journal::load_changed(&journal, chunks).unwrap_or_else(|| {
-                    let mut all = handle.changes();
-                    all.mark_all();
-                    all
-                });
-                Some(Err((e.into(), changed)))
-            }
+            Err(e) => Some(Err((
+                e.into(),
+                ox::journal::changes_or_all(&journal, &handle),
+            ))),
         };
         match resumed {
             None => {}
@@ -911,12 +907,7 @@ impl Service {
             return;
         }
         let journal = self.journal_path(volume);
-        let changed = ox::journal::load_changed(&journal, handle.chunks()).unwrap_or_else(|| {
-            let mut all = handle.changes();
-            all.mark_all();
-            all
-        });
-        handle.end_snapshot(Some(&changed));
+        handle.end_snapshot(Some(&ox::journal::changes_or_all(&journal, handle)));
         if let Err(e) = ox::journal::remove(&journal) {
             tracing::warn!("{}: {e}", journal.display());
         }

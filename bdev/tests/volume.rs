@@ -90,6 +90,23 @@ fn write_chunk(set: &ReactorSet, vol: &Bdev, chunk: u64, byte: u8) {
         .unwrap();
 }
 
+/// Writes byte 1 into chunks `0..chunks`, then begins a snapshot: its change set and
+/// its token.
+fn written_then_snapshot(
+    set: &ReactorSet,
+    vol: &Bdev,
+    h: &VolumeHandle,
+    chunks: u64,
+) -> (bdev::ChangedChunks, [u8; 16]) {
+    for c in 0..chunks {
+        write_chunk(set, vol, c, 1);
+    }
+    let mut changed = h.begin_snapshot().unwrap();
+    h.settle(&mut changed);
+    let token = h.snapshot_token().expect("a token while the snapshot runs");
+    (changed, token)
+}
+
 fn read_all(set: &ReactorSet, dev: &Bdev, lba: u64, blocks: u64) -> Vec<u8> {
     let io = BdevIo::read(lba, blocks, vec![IoBuf::new((blocks * 512) as usize)]);
     let done = run_on(&set.handles()[0], dev, io, T).unwrap();
@@ -120,12 +137,7 @@ fn durable_copies_keep_the_snapshot_point_across_a_crash() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let (vol, h) = open_durable(dir.path(), 8);
-    for c in 0..6 {
-        write_chunk(&set, &vol, c, 1);
-    }
-    let mut changed = h.begin_snapshot().unwrap();
-    h.settle(&mut changed);
-    let token = h.snapshot_token().expect("a token while the snapshot runs");
+    let (changed, token) = written_then_snapshot(&set, &vol, &h, 6);
     // The snapshot reads chunks 0 and 1 but its journal covers only chunk 0 when the
     // appliance goes down. Meanwhile hosts overwrite chunks 0 (covered: no copy), 1
     // (read, not covered: a restart reads it again, so it is copied), 2 and 3 (not read
@@ -183,12 +195,7 @@ fn a_torn_or_foreign_copy_is_not_taken_for_a_copy() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let (vol, h) = open_durable(dir.path(), 4);
-    for c in 0..4 {
-        write_chunk(&set, &vol, c, 1);
-    }
-    let mut changed = h.begin_snapshot().unwrap();
-    h.settle(&mut changed);
-    let token = h.snapshot_token().unwrap();
+    let (changed, token) = written_then_snapshot(&set, &vol, &h, 4);
     write_chunk(&set, &vol, 1, 2);
     write_chunk(&set, &vol, 2, 2);
     drop((vol, h));

@@ -16,6 +16,7 @@
 
 #[path = "../tests/s3server/mod.rs"]
 mod s3server;
+mod support;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -34,29 +35,14 @@ use ox::store::local::LocalStore;
 use ox::store::s3::{S3Config, S3Store};
 use ox::throttle::{Class, Limit, Throttle};
 use reactor::{CoreList, ReactorConfig, ReactorHandle, ReactorSet};
+use support::{arg, text};
 
 const CHUNK: u64 = 64 << 10;
 const T: Duration = Duration::from_secs(60);
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |s| s.parse().unwrap())
-}
-
 /// Text-like data: compresses about 2:1, like much of what volumes hold.
 fn data(len: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b"etaoinshrdlu cmfwypvbgkqjxz\n.,ETAOINSHRD0123456789"[(x % 50) as usize]
-        })
-        .collect()
+    text(len, 0x9E37_79B9_7F4A_7C15)
 }
 
 fn pct(sorted: &[Duration], p: usize) -> Duration {

@@ -17,29 +17,11 @@ use ox::snapshot::{CHECKPOINT_EVERY, SnapshotOptions, snapshot_volume};
 use ox::store::local::LocalStore;
 use ox::throttle::Throttle;
 use reactor::{CoreList, ReactorConfig, ReactorSet};
+use support::{arg, text};
+
+mod support;
 
 const CHUNK: u64 = 64 << 10;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().unwrap())
-}
-
-/// Text-like bytes (zstd 1 keeps about 0.7 of them).
-fn text(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b"etaoinshrdlu cmfwypvbgkqjxz\n.,ETAOINSHRD0123456789"[(x % 50) as usize]
-        })
-        .collect()
-}
 
 fn main() {
     let size = arg("--mib", 2048) << 20;

@@ -125,6 +125,16 @@ pub fn load_changed(path: &Path, chunks: u64) -> Option<ChangedChunks> {
     ChangedChunks::from_bytes(&bytes, chunks)
 }
 
+/// What a snapshot that will not continue gives back to `handle`'s change tracking:
+/// the change set beside its journal at `path`, or every chunk if that is unreadable.
+pub fn changes_or_all(path: &Path, handle: &bdev::VolumeHandle) -> ChangedChunks {
+    load_changed(path, handle.chunks()).unwrap_or_else(|| {
+        let mut all = handle.changes();
+        all.mark_all();
+        all
+    })
+}
+
 /// Removes the journal at `path` (nothing there is not an error).
 pub fn remove(path: &Path) -> Result<(), OxError> {
     bdev::fsutil::remove_file(path).map_err(|e| OxError::io(path, e))?;

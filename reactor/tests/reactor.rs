@@ -333,28 +333,42 @@ fn stop_hooks_run_once_at_shutdown() {
     assert_eq!(ran.load(Ordering::SeqCst), 1);
 }
 
-#[test]
-fn shutdown_waits_for_messages_between_reactors() {
-    // Work started while stopping (here: a chain of hops between cores) must finish:
-    // no reactor may exit while another can still send it a message.
+/// Starts a chain of 2,000 hops between the cores when reactor 0 begins to stop,
+/// each hop sending the next directly or (`deferred`) from work its message defers;
+/// returns how many hops ran once shutdown returned.
+fn hops_run_by_shutdown(deferred: bool) -> usize {
     let set = all_cores(IdlePolicy::Adaptive);
     let hops = Arc::new(AtomicUsize::new(0));
-    fn hop(left: usize, hops: Arc<AtomicUsize>) {
+    fn hop(left: usize, deferred: bool, hops: Arc<AtomicUsize>) {
         hops.fetch_add(1, Ordering::SeqCst);
         if left == 0 {
             return;
         }
         let me = current().unwrap();
-        let next = (me.index() + 1) % me.peers().len();
-        me.peers()[next].send(move || hop(left - 1, hops)).unwrap();
+        let next = me.peers()[(me.index() + 1) % me.peers().len()].clone();
+        let send = move || next.send(move || hop(left - 1, deferred, hops)).unwrap();
+        if deferred {
+            me.defer(send);
+        } else {
+            send();
+        }
     }
     let seen = Arc::clone(&hops);
     set.call(0, move || {
-        current().unwrap().on_stop(move || hop(2000, seen));
+        current()
+            .unwrap()
+            .on_stop(move || hop(2000, deferred, seen));
     })
     .unwrap();
     set.shutdown().unwrap();
-    assert_eq!(hops.load(Ordering::SeqCst), 2001);
+    hops.load(Ordering::SeqCst)
+}
+
+#[test]
+fn shutdown_waits_for_messages_between_reactors() {
+    // Work started while stopping (here: a chain of hops between cores) must finish:
+    // no reactor may exit while another can still send it a message.
+    assert_eq!(hops_run_by_shutdown(false), 2001);
 }
 
 #[test]
@@ -362,22 +376,5 @@ fn shutdown_waits_for_work_a_message_leaves_behind() {
     // Each hop's message only defers the next send: between the handler returning and
     // the deferred send, nothing is queued or running as a message, and the reactor
     // must still not be taken for drained.
-    let set = all_cores(IdlePolicy::Adaptive);
-    let hops = Arc::new(AtomicUsize::new(0));
-    fn hop(left: usize, hops: Arc<AtomicUsize>) {
-        hops.fetch_add(1, Ordering::SeqCst);
-        if left == 0 {
-            return;
-        }
-        let me = current().unwrap();
-        let next = me.peers()[(me.index() + 1) % me.peers().len()].clone();
-        me.defer(move || next.send(move || hop(left - 1, hops)).unwrap());
-    }
-    let seen = Arc::clone(&hops);
-    set.call(0, move || {
-        current().unwrap().on_stop(move || hop(2000, seen));
-    })
-    .unwrap();
-    set.shutdown().unwrap();
-    assert_eq!(hops.load(Ordering::SeqCst), 2001);
+    assert_eq!(hops_run_by_shutdown(true), 2001);
 }

@@ -163,7 +163,7 @@ pub async fn snapshot_volume(
                 .begin_snapshot()
                 .map_err(|e| OxError::Config(e.to_string()))?;
             // Ended on every path out of here until the writer takes over.
-            let guard = SnapshotGuard {
+            let mut guard = SnapshotGuard {
                 handle,
                 changed: Some(changed.clone()),
                 journal: None,
@@ -180,7 +180,8 @@ pub async fn snapshot_volume(
                 // asked for: only a full read is correct.
                 changed.mark_all();
             }
-            std::mem::forget(guard);
+            // Handed over to the writer's guard below.
+            guard.changed = None;
             (changed, None)
         }
     };
@@ -196,18 +197,15 @@ pub async fn snapshot_volume(
         changed: Some(changed.clone()),
         journal: journal.clone(),
     };
-    let result = write(
+    let from_to = writer::FromTo {
         store,
         on,
         handle,
         parent,
         opts,
         throttle,
-        &changed,
-        resumed,
-        journal.as_deref(),
-    )
-    .await;
+    };
+    let result = write(from_to, &changed, resumed, journal.as_deref()).await;
     match &result {
         Ok(report) => {
             guard.changed = None;
@@ -264,15 +262,8 @@ fn resumable(
     };
     match loaded {
         Ok(Some((j, changed))) if fits(&j) => Ok(Some((j, changed))),
-        other => {
-            let mut changed = match other {
-                Ok(Some((_, c))) => c,
-                _ => {
-                    let mut all = handle.changes();
-                    all.mark_all();
-                    all
-                }
-            };
+        _ => {
+            let mut changed = journal::changes_or_all(path, handle);
             changed.base = None;
             handle.end_snapshot(Some(&changed));
             journal::remove(path)?;

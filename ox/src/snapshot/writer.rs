@@ -179,18 +179,33 @@ impl Journaling<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a snapshot reads from and writes to, as `snapshot_volume` was given it.
+#[derive(Clone, Copy)]
+pub(super) struct FromTo<'a> {
+    pub(super) store: &'a dyn ObjectStore,
+    pub(super) on: &'a ReactorHandle,
+    pub(super) handle: &'a VolumeHandle,
+    pub(super) parent: Option<&'a Loaded>,
+    pub(super) opts: &'a SnapshotOptions,
+    pub(super) throttle: &'a Throttle,
+}
+
+/// Writes the snapshot of the `changed` chunks, fresh or continuing `resumed`,
+/// checkpointing into `journal_path` if given.
 pub(super) async fn write(
-    store: &dyn ObjectStore,
-    on: &ReactorHandle,
-    handle: &VolumeHandle,
-    parent: Option<&Loaded>,
-    opts: &SnapshotOptions,
-    throttle: &Throttle,
+    from_to: FromTo<'_>,
     changed: &bdev::ChangedChunks,
     resumed: Option<Journal>,
     journal_path: Option<&Path>,
 ) -> Result<SnapshotReport, OxError> {
+    let FromTo {
+        store,
+        on,
+        handle,
+        parent,
+        opts,
+        throttle,
+    } = from_to;
     let dev = handle.inner();
     let volume_bytes = dev.info().size_bytes();
     let chunk_bytes = handle.chunk_bytes();
