@@ -573,18 +573,11 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
 
 fn bdev_json(b: &Bdev) -> Value {
     let s = b.stats();
-    let kinds = [
-        ("read", IoType::Read),
-        ("write", IoType::Write),
-        ("flush", IoType::Flush),
-        ("write_zeroes", IoType::WriteZeroes),
-        ("unmap", IoType::Unmap),
-    ];
-    let ops: serde_json::Map<String, Value> = kinds
+    let ops: serde_json::Map<String, Value> = IoType::ALL
         .iter()
-        .map(|(k, t)| {
+        .map(|t| {
             (
-                k.to_string(),
+                t.name().to_string(),
                 json!({"ops": s.ops(*t), "bytes": s.bytes(*t)}),
             )
         })

@@ -95,22 +95,18 @@ pub fn render(state: &State) -> String {
         .map(|s| s.bdevs())
         .unwrap_or_default();
     let bdevs: Vec<&bdev::Bdev> = state.bdevs.iter().chain(dynamic.iter()).collect();
-    let kinds = [
-        ("read", IoType::Read),
-        ("write", IoType::Write),
-        ("flush", IoType::Flush),
-        ("write_zeroes", IoType::WriteZeroes),
-        ("unmap", IoType::Unmap),
-    ];
     let stats: Vec<(String, bdev::BdevStats)> =
         bdevs.iter().map(|b| (esc(b.name()), b.stats())).collect();
     let per_kind = |f: &dyn Fn(&bdev::BdevStats, IoType) -> u64| -> Vec<(String, f64)> {
         stats
             .iter()
             .flat_map(|(n, s)| {
-                kinds
-                    .iter()
-                    .map(move |(k, t)| (format!("bdev=\"{n}\",type=\"{k}\""), f(s, *t) as f64))
+                IoType::ALL.iter().map(move |t| {
+                    (
+                        format!("bdev=\"{n}\",type=\"{}\"", t.name()),
+                        f(s, *t) as f64,
+                    )
+                })
             })
             .collect()
     };

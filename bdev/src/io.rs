@@ -28,6 +28,18 @@ impl IoType {
         IoType::Unmap,
     ];
 
+    /// Its name in reports and metrics: `read`, `write`, `flush`, `write_zeroes`,
+    /// `unmap`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoType::Read => "read",
+            IoType::Write => "write",
+            IoType::Flush => "flush",
+            IoType::WriteZeroes => "write_zeroes",
+            IoType::Unmap => "unmap",
+        }
+    }
+
     /// Position in [`IoType::ALL`].
     pub fn index(self) -> usize {
         self as usize
