@@ -145,6 +145,8 @@ struct State {
     rx_end: usize,
     tx: VecDeque<Seg>,
     sending: bool,
+    /// A send is queued to run just before the reactor submits this pass's I/O.
+    send_queued: bool,
     /// Bytes handed to the SendMsg in flight.
     tx_inflight: usize,
     /// Receiving is paused until the send backlog drains.
@@ -198,6 +200,7 @@ impl Conn {
                 rx_end: 0,
                 tx: VecDeque::new(),
                 sending: false,
+                send_queued: false,
                 tx_inflight: 0,
                 rx_paused: false,
                 queue: None,
@@ -848,14 +851,29 @@ impl Conn {
         self.flush();
     }
 
-    /// Starts a SendMsg for queued segments unless one is in flight.
+    /// Sends what is queued at the end of this reactor pass, so every reply the pass
+    /// produces goes out in one SendMsg.
     fn flush(self: &Rc<Self>) {
         if self.poller.get().is_some() {
             // Poll mode: the poller sends once per pass, batching replies.
             return;
         }
+        {
+            let mut st = self.st.borrow_mut();
+            if st.send_queued || st.sending || st.tx.is_empty() || st.phase == Phase::Closed {
+                return;
+            }
+            st.send_queued = true;
+        }
+        let this = Rc::clone(self);
+        self.reactor.before_submit(move || this.start_send());
+    }
+
+    /// Starts a SendMsg for queued segments unless one is in flight.
+    fn start_send(self: &Rc<Self>) {
         let mut batch: Vec<Seg> = {
             let mut st = self.st.borrow_mut();
+            st.send_queued = false;
             if st.sending || st.tx.is_empty() || st.phase == Phase::Closed {
                 return;
             }

@@ -43,6 +43,7 @@ pub struct Reactor {
     pollers: RefCell<Pollers>,
     timers: RefCell<Timers>,
     deferred: RefCell<VecDeque<Deferred>>,
+    before_submit: RefCell<VecDeque<Deferred>>,
     channels: RefCell<HashMap<(u64, TypeId), Rc<dyn Any>>>,
     stop_hooks: RefCell<Vec<Deferred>>,
     stopping: Cell<bool>,
@@ -69,6 +70,7 @@ impl Reactor {
             pollers: RefCell::default(),
             timers: RefCell::default(),
             deferred: RefCell::default(),
+            before_submit: RefCell::default(),
             channels: RefCell::default(),
             stop_hooks: RefCell::default(),
             stopping: Cell::new(false),
@@ -163,6 +165,15 @@ impl Reactor {
     /// asynchronously, so a completion never re-enters the code that submitted it.
     pub fn defer(&self, f: impl FnOnce() + 'static) {
         self.deferred.borrow_mut().push_back(Box::new(f));
+    }
+
+    /// Runs `f` once, just before this pass submits the ring's queued operations (or the
+    /// next pass's, when called from a completion handler, which runs after the
+    /// submission). Lets a connection gather every reply a pass produced into one
+    /// send instead of sending the first alone, as SPDK's socket layer flushes once per
+    /// poll-group pass.
+    pub fn before_submit(&self, f: impl FnOnce() + 'static) {
+        self.before_submit.borrow_mut().push_back(Box::new(f));
     }
 
     /// Runs `f` when the reactor begins to stop (close listeners, fail queued work).
@@ -309,6 +320,7 @@ impl Reactor {
     fn quiescent(&self) -> bool {
         self.ring.borrow().in_flight() == 0
             && self.deferred.borrow().is_empty()
+            && self.before_submit.borrow().is_empty()
             && self.inbox.is_empty()
     }
 
@@ -394,7 +406,15 @@ impl Reactor {
     }
 
     fn run_ring(&self, completions: &mut Vec<(OnComplete, i32)>) -> std::io::Result<usize> {
-        let submitted = self.ring.borrow_mut().flush()?;
+        // Only those queued so far: a hook that queues another cannot hold the pass.
+        let hooked = self.before_submit.borrow().len();
+        for _ in 0..hooked {
+            let Some(hook) = self.before_submit.borrow_mut().pop_front() else {
+                break;
+            };
+            hook();
+        }
+        let submitted = self.ring.borrow_mut().flush()? + hooked;
         self.ring.borrow_mut().reap(completions, COMPLETION_BATCH);
         let reaped = completions.len();
         for (handler, result) in completions.drain(..) {
@@ -419,6 +439,7 @@ impl Reactor {
         fence(Ordering::SeqCst);
         let wake_pending = !self.inbox.is_empty()
             || !self.deferred.borrow().is_empty()
+            || !self.before_submit.borrow().is_empty()
             || (shared.stop_requested.load(Ordering::SeqCst) && !self.stopping.get());
         if !wake_pending {
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));

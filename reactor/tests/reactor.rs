@@ -378,3 +378,50 @@ fn shutdown_waits_for_work_a_message_leaves_behind() {
     // must still not be taken for drained.
     assert_eq!(hops_run_by_shutdown(true), 2001);
 }
+
+#[test]
+fn before_submit_hooks_run_in_order_once_per_pass_before_the_ring_submits() {
+    // Interrupt: the reactor parks whenever a pass finds nothing, so a hook left by a
+    // completion handler must still run (in the next pass) rather than wait forever.
+    let set = all_cores(IdlePolicy::Interrupt);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    set.call(0, move || {
+        let r = current().unwrap();
+        let order = Rc::new(std::cell::RefCell::new(Vec::new()));
+        let log = |order: &Rc<std::cell::RefCell<Vec<&'static str>>>, what| {
+            order.borrow_mut().push(what);
+        };
+        let o = Rc::clone(&order);
+        r.before_submit(move || log(&o, "first"));
+        let o = Rc::clone(&order);
+        r.before_submit(move || {
+            log(&o, "second");
+            let r = current().unwrap();
+            let o = Rc::clone(&o);
+            // SAFETY: a Nop points at no memory.
+            unsafe {
+                r.submit(
+                    opcode::Nop::new().build(),
+                    Box::new(move |_| {
+                        log(&o, "nop completed");
+                        let o = Rc::clone(&o);
+                        current().unwrap().before_submit(move || {
+                            log(&o, "from the completion");
+                            tx.send(o.borrow().clone()).unwrap();
+                        });
+                    }),
+                )
+            };
+        });
+        assert!(
+            order.borrow().is_empty(),
+            "hooks wait for the end of the pass"
+        );
+    })
+    .unwrap();
+    assert_eq!(
+        rx.recv_timeout(T).unwrap(),
+        ["first", "second", "nop completed", "from the completion"]
+    );
+    set.shutdown().unwrap();
+}
