@@ -12,8 +12,35 @@ const PER_CLASS: usize = 256;
 /// Largest buffer kept (bigger ones are freed).
 const MAX_KEPT: usize = 1 << 20;
 
+/// Small byte vectors (PDU headers) kept.
+const SMALL_KEPT: usize = 1024;
+/// Largest small vector kept.
+const SMALL_MAX: usize = 256;
+
 thread_local! {
     static POOL: RefCell<Vec<(usize, Vec<IoBuf>)>> = const { RefCell::new(Vec::new()) };
+    static SMALL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty byte vector for a PDU header, reusing one sent earlier on this reactor.
+pub(crate) fn small() -> Vec<u8> {
+    SMALL
+        .with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(64))
+}
+
+/// Returns a header's vector for reuse on this reactor (large ones are freed).
+pub(crate) fn give_small(mut v: Vec<u8>) {
+    if v.capacity() > SMALL_MAX {
+        return;
+    }
+    v.clear();
+    SMALL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < SMALL_KEPT {
+            p.push(v);
+        }
+    });
 }
 
 /// A buffer of `len` bytes whose contents the caller will overwrite entirely.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bdev::IoBuf;
+use bdev::{BdevError, Channel, IoBuf};
 use reactor::io_uring::{opcode, types};
 use reactor::{PollStatus, PollerId, Reactor, current};
 
@@ -30,7 +30,7 @@ use crate::pdu::{
     self, CAPSULE_CMD_HLEN, CH_LEN, DataHeader, Digests, FLAG_DATA_LAST, FLAG_DATA_SUCCESS, Fatal,
     Fes, IC_LEN, IcReq, IcResp, PduType, SHORT_HLEN,
 };
-use crate::subsystem::{ADMIN_IN_CAPSULE, SocketIo, Subsystem};
+use crate::subsystem::{ADMIN_IN_CAPSULE, Namespace, SocketIo, Subsystem};
 use crate::target::{CtrlShared, TargetShared};
 
 /// Segments handed to one SendMsg at most.
@@ -88,10 +88,11 @@ struct Seg {
 }
 
 impl Seg {
-    /// Hands a sent data buffer back to the pool.
+    /// Hands a sent buffer back to this reactor's pools.
     fn recycle(self) {
-        if let Payload::Buf(b) = self.data {
-            bufpool::give(b);
+        match self.data {
+            Payload::Buf(b) => bufpool::give(b),
+            Payload::Vec(v) => bufpool::give_small(v),
         }
     }
 
@@ -110,11 +111,40 @@ pub(crate) enum Queue {
     /// The admin queue; it owns the controller.
     Admin(Rc<RefCell<Controller>>),
     /// An I/O queue of a controller that lives elsewhere.
-    Io {
-        qid: u16,
-        ctrl: Arc<CtrlShared>,
-        subsystem: Arc<Subsystem>,
-    },
+    Io(Rc<IoQueue>),
+}
+
+/// What an I/O queue's commands need, at hand: cloning the `Rc` per command costs no
+/// atomic operation, and each namespace's bdev channel is looked up once.
+pub(crate) struct IoQueue {
+    pub(crate) qid: u16,
+    pub(crate) ctrl: Arc<CtrlShared>,
+    pub(crate) subsystem: Arc<Subsystem>,
+    /// This reactor's channel to each namespace's bdev, by NSID, opened on first use.
+    channels: RefCell<Vec<(u32, Rc<Channel>)>>,
+}
+
+impl IoQueue {
+    pub(crate) fn new(qid: u16, ctrl: Arc<CtrlShared>, subsystem: Arc<Subsystem>) -> Self {
+        Self {
+            qid,
+            ctrl,
+            subsystem,
+            channels: RefCell::default(),
+        }
+    }
+
+    /// This reactor's channel to `ns`'s bdev.
+    pub(crate) fn channel(&self, ns: &Namespace) -> Result<Rc<Channel>, BdevError> {
+        if let Some((_, c)) = self.channels.borrow().iter().find(|(n, _)| *n == ns.nsid) {
+            return Ok(Rc::clone(c));
+        }
+        let channel = ns.bdev.channel()?;
+        self.channels
+            .borrow_mut()
+            .push((ns.nsid, Rc::clone(&channel)));
+        Ok(channel)
+    }
 }
 
 /// A write waiting for its data (R2T sent).
@@ -147,6 +177,8 @@ struct State {
     sending: bool,
     /// A send is queued to run just before the reactor submits this pass's I/O.
     send_queued: bool,
+    /// The last send's vectors, for the next.
+    spare_send: Option<Box<SendOp>>,
     /// Bytes handed to the SendMsg in flight.
     tx_inflight: usize,
     /// Receiving is paused until the send backlog drains.
@@ -201,6 +233,7 @@ impl Conn {
                 tx: VecDeque::new(),
                 sending: false,
                 send_queued: false,
+                spare_send: None,
                 tx_inflight: 0,
                 rx_paused: false,
                 queue: None,
@@ -264,10 +297,10 @@ impl Conn {
         }
         match queue {
             Some(Queue::Admin(ctrl)) => ctrlr::teardown(&ctrl, &self.target),
-            Some(Queue::Io { qid, ctrl, .. }) => {
-                let mut q = ctrl.queues();
-                if q.get(&qid).is_some_and(|r| r.conn_id == self.id) {
-                    q.remove(&qid);
+            Some(Queue::Io(q)) => {
+                let mut queues = q.ctrl.queues();
+                if queues.get(&q.qid).is_some_and(|r| r.conn_id == self.id) {
+                    queues.remove(&q.qid);
                 }
             }
             None => {}
@@ -560,7 +593,7 @@ impl Conn {
         let (in_capsule_limit, max_xfer) = {
             let st = self.st.borrow();
             match &st.queue {
-                Some(Queue::Io { .. }) => (
+                Some(Queue::Io(_)) => (
                     self.target.limits.in_capsule,
                     self.target.limits.max_io_size,
                 ),
@@ -688,14 +721,12 @@ impl Conn {
         }
         enum Route {
             Admin(Rc<RefCell<Controller>>),
-            Io(Arc<Subsystem>, Arc<CtrlShared>),
+            Io(Rc<IoQueue>),
             None,
         }
         let route = match &self.st.borrow().queue {
             Some(Queue::Admin(c)) => Route::Admin(Rc::clone(c)),
-            Some(Queue::Io {
-                subsystem, ctrl, ..
-            }) => Route::Io(Arc::clone(subsystem), Arc::clone(ctrl)),
+            Some(Queue::Io(q)) => Route::Io(Rc::clone(q)),
             None => Route::None,
         };
         match route {
@@ -705,11 +736,11 @@ impl Conn {
                     self.reply(&sqe, reply, None, xfer);
                 }
             }
-            Route::Io(subsystem, ctrl) => {
-                if !ctrl.ready.load(Ordering::Relaxed) {
+            Route::Io(queue) => {
+                if !queue.ctrl.ready.load(Ordering::Relaxed) {
                     return self.reply(&sqe, Status::NAMESPACE_NOT_READY.into(), None, 0);
                 }
-                io::execute(self, &subsystem, sqe, data, xfer);
+                io::execute(self, &queue, sqe, data, xfer);
             }
             Route::None => self.reply(&sqe, Status::SEQUENCE_ERROR.into(), None, 0),
         }
@@ -736,7 +767,7 @@ impl Conn {
             (fctype::CONNECT, true) => Status::SEQUENCE_ERROR.into(),
             (_, false) => Status::SEQUENCE_ERROR.into(),
             (fctype::DISCONNECT, true) => {
-                let is_io = matches!(self.st.borrow().queue, Some(Queue::Io { .. }));
+                let is_io = matches!(self.st.borrow().queue, Some(Queue::Io(_)));
                 if is_io {
                     self.reply(&sqe, Status::SUCCESS.into(), None, 0);
                     self.st.borrow_mut().phase = Phase::Terminating;
@@ -777,7 +808,7 @@ impl Conn {
             }
             st.cids.remove(sqe.cid());
             let sqid = match &st.queue {
-                Some(Queue::Io { qid, .. }) => *qid,
+                Some(Queue::Io(q)) => q.qid,
                 _ => 0,
             };
             (st.digests, st.hpda, st.sqhd, st.sq_flow_off, sqid)
@@ -796,7 +827,9 @@ impl Conn {
                 if success {
                     flags |= FLAG_DATA_SUCCESS;
                 }
-                let hdr = pdu::data_pdu_header(
+                let mut hdr = bufpool::small();
+                pdu::data_pdu_header_into(
+                    &mut hdr,
                     PduType::C2HData,
                     digests,
                     hpda,
@@ -831,17 +864,18 @@ impl Conn {
                 cid: sqe.cid(),
                 status: reply.status,
             };
-            self.st
-                .borrow_mut()
-                .tx
-                .push_back(Seg::vec(pdu::capsule_resp(digests, &cqe.encode())));
+            let mut resp = bufpool::small();
+            pdu::capsule_resp_into(&mut resp, digests, &cqe.encode());
+            self.st.borrow_mut().tx.push_back(Seg::vec(resp));
         }
         self.flush();
     }
 
     fn send_resp(self: &Rc<Self>, cqe: Cqe) {
         let digests = self.st.borrow().digests;
-        self.send_bytes(pdu::capsule_resp(digests, &cqe.encode()));
+        let mut resp = bufpool::small();
+        pdu::capsule_resp_into(&mut resp, digests, &cqe.encode());
+        self.send_bytes(resp);
     }
 
     // ---------------------------------------------------------------- send side
@@ -871,36 +905,29 @@ impl Conn {
 
     /// Starts a SendMsg for queued segments unless one is in flight.
     fn start_send(self: &Rc<Self>) {
-        let mut batch: Vec<Seg> = {
+        let mut op = {
             let mut st = self.st.borrow_mut();
             st.send_queued = false;
             if st.sending || st.tx.is_empty() || st.phase == Phase::Closed {
                 return;
             }
             st.sending = true;
+            let mut op = st.spare_send.take().unwrap_or_else(SendOp::new);
             let n = st.tx.len().min(MAX_IOV);
-            let batch: Vec<Seg> = st.tx.drain(..n).collect();
-            st.tx_inflight = batch.iter().map(|s| s.len - s.sent).sum();
-            batch
+            op.batch.extend(st.tx.drain(..n));
+            st.tx_inflight = op.batch.iter().map(|s| s.len - s.sent).sum();
+            op
         };
-        let iov: Vec<libc::iovec> = batch
-            .iter_mut()
-            .map(|s| {
-                let bytes = s.data.bytes();
-                libc::iovec {
-                    iov_base: bytes[s.sent..s.len].as_ptr() as *mut libc::c_void,
-                    iov_len: s.len - s.sent,
-                }
-            })
-            .collect();
-        let mut op = Box::new(SendOp {
-            batch,
-            iov,
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            msg: unsafe { std::mem::zeroed() },
-        });
-        op.msg.msg_iov = op.iov.as_mut_ptr();
-        op.msg.msg_iovlen = op.iov.len();
+        let SendOp { batch, iov, msg } = &mut *op;
+        iov.extend(batch.iter().map(|s| {
+            let bytes = s.data.bytes();
+            libc::iovec {
+                iov_base: bytes[s.sent..s.len].as_ptr() as *mut libc::c_void,
+                iov_len: s.len - s.sent,
+            }
+        }));
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
         let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &op.msg)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build();
@@ -910,35 +937,40 @@ impl Conn {
         // holds stays valid until the operation completes.
         unsafe {
             self.reactor
-                .submit(entry, Box::new(move |res| this.sent(*op, res)))
+                .submit(entry, Box::new(move |res| this.sent(op, res)))
         };
     }
 
-    fn sent(self: &Rc<Self>, op: SendOp, res: i32) {
+    fn sent(self: &Rc<Self>, mut op: Box<SendOp>, res: i32) {
         if res < 0 {
             self.close();
             return;
         }
         let mut left = res as usize;
-        let mut unsent = Vec::new();
-        for mut seg in op.batch {
-            let remaining = seg.len - seg.sent;
+        // Segments sent in full go back to the pools; the rest, in order, stay in
+        // `batch` to go back to the front of the queue.
+        let mut kept = 0;
+        for i in 0..op.batch.len() {
+            let remaining = op.batch[i].len - op.batch[i].sent;
             if left >= remaining {
                 left -= remaining;
-                seg.recycle();
             } else {
-                seg.sent += left;
+                op.batch[i].sent += left;
                 left = 0;
-                unsent.push(seg);
+                op.batch.swap(kept, i);
+                kept += 1;
             }
         }
+        op.batch.drain(kept..).for_each(Seg::recycle);
+        op.iov.clear();
         let resume = {
             let mut st = self.st.borrow_mut();
             st.sending = false;
             st.tx_inflight = 0;
-            for seg in unsent.into_iter().rev() {
+            for seg in op.batch.drain(..).rev() {
                 st.tx.push_front(seg);
             }
+            st.spare_send = Some(op);
             let backlog: usize = st.tx.iter().map(|s| s.len - s.sent).sum();
             let resume = st.rx_paused && backlog <= TX_CAP / 2;
             if resume {
@@ -1025,10 +1057,23 @@ impl CidSet {
     }
 }
 
+/// A SendMsg's segments and the iovecs and header that point into them; kept by the
+/// connection between sends so its vectors are reused.
 struct SendOp {
     batch: Vec<Seg>,
     iov: Vec<libc::iovec>,
     msg: libc::msghdr,
+}
+
+impl SendOp {
+    fn new() -> Box<Self> {
+        Box::new(Self {
+            batch: Vec::with_capacity(MAX_IOV),
+            iov: Vec::with_capacity(MAX_IOV),
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+        })
+    }
 }
 
 fn set_nodelay(fd: &OwnedFd) {

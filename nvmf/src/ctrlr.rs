@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use reactor::{PollStatus, PollerId};
 
 use crate::cmd::{Sqe, Status, admin};
-use crate::conn::{Conn, Queue};
+use crate::conn::{Conn, IoQueue, Queue};
 use crate::identify::{self, AER_LIMIT, CtrlKind};
 use crate::le;
 use crate::subsystem::{DISCOVERY_NQN, check_nqn};
@@ -237,11 +237,7 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
     }
     let id = ctrl.cntlid;
     Ok(Connected {
-        queue: Queue::Io {
-            qid,
-            ctrl,
-            subsystem,
-        },
+        queue: Queue::Io(Rc::new(IoQueue::new(qid, ctrl, subsystem))),
         sqsize,
         sq_flow_off,
         reply: Reply::ok(u32::from(id)),

@@ -3,32 +3,29 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use bdev::{BdevError, BdevIo, IoBuf, IoCompletion, IoType};
+use bdev::{BdevError, BdevIo, Channel, IoBuf, IoCompletion, IoType};
 
 use crate::bufpool;
 use crate::cmd::{Sqe, Status, io};
-use crate::conn::{Conn, Payload};
+use crate::conn::{Conn, IoQueue, Payload};
 use crate::le;
-use crate::subsystem::{Namespace, Subsystem};
+use crate::subsystem::Namespace;
 
 /// Executes an I/O command; the reply goes out when the bdev completes.
-pub(crate) fn execute(
-    conn: &Rc<Conn>,
-    subsystem: &Subsystem,
-    sqe: Sqe,
-    data: Option<IoBuf>,
-    xfer: u32,
-) {
+pub(crate) fn execute(conn: &Rc<Conn>, queue: &IoQueue, sqe: Sqe, data: Option<IoBuf>, xfer: u32) {
     let fail = |status: Status| conn.reply(&sqe, status.into(), None, 0);
-    let Some(ns) = subsystem.namespace(sqe.nsid()) else {
+    let Some(ns) = queue.subsystem.namespace(sqe.nsid()) else {
         return fail(Status::INVALID_NAMESPACE);
     };
-    let ns = ns.clone();
+    let channel = match queue.channel(ns) {
+        Ok(c) => c,
+        Err(e) => return fail(status_of(&e, IoType::Read)),
+    };
     match sqe.opcode() {
         io::READ | io::WRITE | io::COMPARE => {
             let (slba, nlb) = lba_range(&sqe);
             let len = nlb * u64::from(ns.bdev.block_size());
-            if let Err(s) = check_range(&ns, slba, nlb) {
+            if let Err(s) = check_range(ns, slba, nlb) {
                 return fail(s);
             }
             if len > u64::from(conn.target.limits.max_io_size) {
@@ -42,45 +39,45 @@ pub(crate) fn execute(
                 io::READ => {
                     let io =
                         BdevIo::read(slba, nlb, vec![bufpool::take(len as usize)]).with_fua(fua);
-                    submit(conn, &ns, sqe, io, xfer, IoType::Read);
+                    submit(conn, &channel, sqe, io, xfer, IoType::Read);
                 }
                 io::WRITE => {
                     let Some(buf) = data else {
                         return fail(Status::SGL_LENGTH_INVALID);
                     };
                     let io = BdevIo::write(slba, nlb, vec![buf]).with_fua(fua);
-                    submit(conn, &ns, sqe, io, 0, IoType::Write);
+                    submit(conn, &channel, sqe, io, 0, IoType::Write);
                 }
                 _ => {
                     let Some(expected) = data else {
                         return fail(Status::SGL_LENGTH_INVALID);
                     };
-                    compare(conn, &ns, sqe, slba, nlb, expected);
+                    compare(conn, &channel, sqe, slba, nlb, expected);
                 }
             }
         }
         io::FLUSH => {
             if ns.bdev.supports(IoType::Flush) {
-                submit(conn, &ns, sqe, BdevIo::flush(), 0, IoType::Flush);
+                submit(conn, &channel, sqe, BdevIo::flush(), 0, IoType::Flush);
             } else {
                 conn.reply(&sqe, Status::SUCCESS.into(), None, 0);
             }
         }
         io::WRITE_ZEROES => {
             let (slba, nlb) = lba_range(&sqe);
-            if let Err(s) = check_range(&ns, slba, nlb) {
+            if let Err(s) = check_range(ns, slba, nlb) {
                 return fail(s);
             }
             submit(
                 conn,
-                &ns,
+                &channel,
                 sqe,
                 BdevIo::write_zeroes(slba, nlb),
                 0,
                 IoType::WriteZeroes,
             );
         }
-        io::DSM => dataset_management(conn, &ns, sqe, data),
+        io::DSM => dataset_management(conn, ns, &channel, sqe, data),
         _ => fail(Status::INVALID_OPCODE),
     }
 }
@@ -121,11 +118,14 @@ pub(crate) fn status_of(error: &BdevError, io_type: IoType) -> Status {
     }
 }
 
-fn submit(conn: &Rc<Conn>, ns: &Namespace, sqe: Sqe, io: BdevIo, xfer: u32, io_type: IoType) {
-    let channel = match ns.bdev.channel() {
-        Ok(c) => c,
-        Err(e) => return conn.reply(&sqe, status_of(&e, io_type).into(), None, 0),
-    };
+fn submit(
+    conn: &Rc<Conn>,
+    channel: &Rc<Channel>,
+    sqe: Sqe,
+    io: BdevIo,
+    xfer: u32,
+    io_type: IoType,
+) {
     let conn = Rc::clone(conn);
     channel.submit(io, move |mut done: IoCompletion| match done.result {
         Ok(()) if io_type == IoType::Read => {
@@ -140,11 +140,7 @@ fn submit(conn: &Rc<Conn>, ns: &Namespace, sqe: Sqe, io: BdevIo, xfer: u32, io_t
     });
 }
 
-fn compare(conn: &Rc<Conn>, ns: &Namespace, sqe: Sqe, slba: u64, nlb: u64, expected: IoBuf) {
-    let channel = match ns.bdev.channel() {
-        Ok(c) => c,
-        Err(e) => return conn.reply(&sqe, status_of(&e, IoType::Read).into(), None, 0),
-    };
+fn compare(conn: &Rc<Conn>, channel: &Rc<Channel>, sqe: Sqe, slba: u64, nlb: u64, expected: IoBuf) {
     let conn = Rc::clone(conn);
     let io = BdevIo::read(slba, nlb, vec![IoBuf::new(expected.len())]);
     channel.submit(io, move |done: IoCompletion| {
@@ -158,7 +154,13 @@ fn compare(conn: &Rc<Conn>, ns: &Namespace, sqe: Sqe, slba: u64, nlb: u64, expec
 }
 
 /// Dataset Management: deallocate each range (other attributes are hints, accepted).
-fn dataset_management(conn: &Rc<Conn>, ns: &Namespace, sqe: Sqe, data: Option<IoBuf>) {
+fn dataset_management(
+    conn: &Rc<Conn>,
+    ns: &Namespace,
+    channel: &Rc<Channel>,
+    sqe: Sqe,
+    data: Option<IoBuf>,
+) {
     let nr = (sqe.cdw(10) & 0xFF) as usize + 1;
     let deallocate = sqe.cdw(11) & (1 << 2) != 0;
     let Some(data) = data.filter(|d| d.len() >= nr * 16) else {
@@ -182,10 +184,6 @@ fn dataset_management(conn: &Rc<Conn>, ns: &Namespace, sqe: Sqe, data: Option<Io
     if ranges.is_empty() || !ns.bdev.supports(IoType::Unmap) {
         return conn.reply(&sqe, Status::SUCCESS.into(), None, 0);
     }
-    let channel = match ns.bdev.channel() {
-        Ok(c) => c,
-        Err(e) => return conn.reply(&sqe, status_of(&e, IoType::Unmap).into(), None, 0),
-    };
     let left = Rc::new(Cell::new(ranges.len()));
     let status = Rc::new(Cell::new(Status::SUCCESS));
     for (slba, nlb) in ranges {

@@ -362,29 +362,43 @@ impl Digests {
     }
 }
 
-/// Encodes a short-header PDU (24-byte header) with no data: CapsuleResp or R2T.
-fn short_pdu(pdu_type: PduType, digests: Digests, body: impl FnOnce(&mut [u8])) -> Vec<u8> {
+/// Encodes a short-header PDU (24-byte header) with no data, CapsuleResp or R2T, into
+/// `out` (replacing what it held).
+fn short_pdu_into(
+    out: &mut Vec<u8>,
+    pdu_type: PduType,
+    digests: Digests,
+    body: impl FnOnce(&mut [u8]),
+) {
     let len = SHORT_HLEN + digests.hdgst_len();
-    let mut b = vec![0u8; len];
-    header(pdu_type, digests.flags(false), SHORT_HLEN, 0, len).write(&mut b);
-    body(&mut b);
+    out.clear();
+    out.resize(len, 0);
+    header(pdu_type, digests.flags(false), SHORT_HLEN, 0, len).write(out);
+    body(out);
     if digests.header {
-        let d = digest(&b[..SHORT_HLEN]);
-        b[SHORT_HLEN..].copy_from_slice(&d);
+        let d = digest(&out[..SHORT_HLEN]);
+        out[SHORT_HLEN..].copy_from_slice(&d);
     }
-    b
 }
 
 /// Encodes a CapsuleResp carrying the 16-byte completion queue entry `cqe`.
 pub fn capsule_resp(digests: Digests, cqe: &[u8; 16]) -> Vec<u8> {
-    short_pdu(PduType::CapsuleResp, digests, |b| {
+    let mut out = Vec::new();
+    capsule_resp_into(&mut out, digests, cqe);
+    out
+}
+
+/// [`capsule_resp`] into `out` (replacing what it held), so a sender can reuse buffers.
+pub fn capsule_resp_into(out: &mut Vec<u8>, digests: Digests, cqe: &[u8; 16]) {
+    short_pdu_into(out, PduType::CapsuleResp, digests, |b| {
         b[8..24].copy_from_slice(cqe)
     })
 }
 
 /// Encodes an R2T asking for `length` bytes at `offset` of command `cccid`.
 pub fn r2t(digests: Digests, cccid: u16, ttag: u16, offset: u32, length: u32) -> Vec<u8> {
-    short_pdu(PduType::R2T, digests, |b| {
+    let mut out = Vec::new();
+    short_pdu_into(&mut out, PduType::R2T, digests, |b| {
         DataHeader {
             cccid,
             ttag,
@@ -392,7 +406,8 @@ pub fn r2t(digests: Digests, cccid: u16, ttag: u16, offset: u32, length: u32) ->
             length,
         }
         .write(b)
-    })
+    });
+    out
 }
 
 /// Encodes the header part of a data PDU (C2HData from a target, H2CData from a host)
@@ -406,17 +421,32 @@ pub fn data_pdu_header(
     flags: u8,
     data: DataHeader,
 ) -> Vec<u8> {
+    let mut out = Vec::new();
+    data_pdu_header_into(&mut out, pdu_type, digests, pda_bytes, flags, data);
+    out
+}
+
+/// [`data_pdu_header`] into `out` (replacing what it held), so a sender can reuse
+/// buffers.
+pub fn data_pdu_header_into(
+    out: &mut Vec<u8>,
+    pdu_type: PduType,
+    digests: Digests,
+    pda_bytes: usize,
+    flags: u8,
+    data: DataHeader,
+) {
     let hd = SHORT_HLEN + digests.hdgst_len();
     let pdo = hd.next_multiple_of(pda_bytes.max(1));
     let plen = pdo + data.length as usize + digests.ddgst_len();
-    let mut b = vec![0u8; pdo];
-    header(pdu_type, digests.flags(true) | flags, SHORT_HLEN, pdo, plen).write(&mut b);
-    data.write(&mut b);
+    out.clear();
+    out.resize(pdo, 0);
+    header(pdu_type, digests.flags(true) | flags, SHORT_HLEN, pdo, plen).write(out);
+    data.write(out);
     if digests.header {
-        let d = digest(&b[..SHORT_HLEN]);
-        b[SHORT_HLEN..hd].copy_from_slice(&d);
+        let d = digest(&out[..SHORT_HLEN]);
+        out[SHORT_HLEN..hd].copy_from_slice(&d);
     }
-    b
 }
 
 /// Encodes a CapsuleCmd for the 64-byte `sqe` with optional in-capsule `data`.

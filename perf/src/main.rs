@@ -50,6 +50,10 @@ struct Common {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Keep SQ flow control on (by default Connect turns it off, as `nvme connect
+    /// --disable-sqflow` does, so a target may end a read with its data PDU alone).
+    #[arg(long)]
+    sq_flow_control: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -172,6 +176,7 @@ fn discover(a: &DiscoverArgs) -> anyhow::Result<()> {
         hostnqn: a.common.hostnqn.clone(),
         digests: digests(a.common.digest),
         timeout: Duration::from_secs(a.common.timeout),
+        sq_flow_control: a.common.sq_flow_control,
     };
     let records = session::discover(&ep)?;
     if a.common.json {
@@ -304,6 +309,7 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
             hostnqn: a.common.hostnqn.clone(),
             digests: digests(a.common.digest),
             timeout,
+            sq_flow_control: a.common.sq_flow_control,
         };
         let mut ctrl = Controller::connect(&ep, a.qpairs)
             .with_context(|| format!("{} {}", ep.addr, ep.subnqn))?;

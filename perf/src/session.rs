@@ -22,6 +22,9 @@ pub use nvmf::DISCOVERY_NQN;
 pub const DEFAULT_HOSTNQN: &str =
     "nqn.2014-08.org.nvmexpress:uuid:0c5e4b2a-7f3d-4e61-9a8b-0ae1f0c0ffee";
 
+/// Connect's CATTR bit asking the controller not to report SQ head pointers.
+const CONNECT_DISABLE_SQ_FLOW: u8 = 1 << 2;
+
 /// How to reach a target.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
@@ -35,6 +38,10 @@ pub struct Endpoint {
     pub digests: Digests,
     /// Connect and command timeout.
     pub timeout: Duration,
+    /// Keep SQ flow control on. Off (the default, like `nvme connect --disable-sqflow`)
+    /// lets a target complete a read with its last C2HData PDU alone, as SPDK's target
+    /// does for every host, instead of adding a response capsule.
+    pub sq_flow_control: bool,
 }
 
 /// Resolves "host:port".
@@ -297,6 +304,9 @@ impl Session {
         le::put_u16(&mut sqe.0, 42, qid);
         le::put_u16(&mut sqe.0, 44, sqsize);
         le::put_u32(&mut sqe.0, 48, kato_ms);
+        if !ep.sq_flow_control {
+            sqe.0[46] |= CONNECT_DISABLE_SQ_FLOW;
+        }
         let mut data = vec![0u8; 1024];
         data[..16].copy_from_slice(&host_id(&ep.hostnqn));
         le::put_u16(&mut data, 16, cntlid);
