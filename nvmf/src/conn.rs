@@ -35,6 +35,10 @@ use crate::target::{CtrlShared, TargetShared};
 
 /// Segments handed to one SendMsg at most.
 const MAX_IOV: usize = 64;
+/// Bytes handed to one SendMsg at most (unless one segment is larger): the kernel
+/// copies a send in one go, and 1 MiB (~0.2 ms) keeps that from stalling the
+/// reactor's other connections when 32 large reads complete in one pass.
+const MAX_SEND: usize = 1 << 20;
 /// Unsent reply bytes beyond which the connection stops reading new commands, so a
 /// host that does not read its socket cannot make the target queue without limit.
 const TX_CAP: usize = 8 << 20;
@@ -913,7 +917,18 @@ impl Conn {
             }
             st.sending = true;
             let mut op = st.spare_send.take().unwrap_or_else(SendOp::new);
-            let n = st.tx.len().min(MAX_IOV);
+            // Whole segments up to MAX_IOV of them and MAX_SEND bytes (at least one).
+            let mut bytes = 0;
+            let n = st
+                .tx
+                .iter()
+                .take(MAX_IOV)
+                .take_while(|s| {
+                    let fits = bytes == 0 || bytes + (s.len - s.sent) <= MAX_SEND;
+                    bytes += s.len - s.sent;
+                    fits
+                })
+                .count();
             op.batch.extend(st.tx.drain(..n));
             st.tx_inflight = op.batch.iter().map(|s| s.len - s.sent).sum();
             op
