@@ -56,6 +56,18 @@ pub(crate) fn close_by_id(id: u64) {
     }
 }
 
+/// Tells the admin queue `id`, if it lives on this reactor, that the discovery log
+/// changed.
+pub(crate) fn discovery_changed(id: u64) {
+    let conn = CONNS.with(|c| c.borrow().get(&id).and_then(Weak::upgrade));
+    let Some(conn) = conn else { return };
+    let ctrl = match &conn.st.borrow().queue {
+        Some(Queue::Admin(c)) => Rc::clone(c),
+        _ => return,
+    };
+    ctrlr::discovery_changed(&ctrl, &conn);
+}
+
 /// Registers a stop hook on this reactor that closes every connection on it.
 pub(crate) fn close_all_on_stop() {
     if let Some(r) = current() {
@@ -873,6 +885,11 @@ impl Conn {
             self.st.borrow_mut().tx.push_back(Seg::vec(resp));
         }
         self.flush();
+    }
+
+    /// Completes a command held earlier (an asynchronous event request) with `reply`.
+    pub(crate) fn complete_held(self: &Rc<Self>, opcode: u8, cid: u16, reply: Reply) {
+        self.reply(&Sqe::new(opcode, cid), reply, None, 0);
     }
 
     fn send_resp(self: &Rc<Self>, cqe: Cqe) {

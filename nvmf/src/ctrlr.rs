@@ -77,7 +77,39 @@ pub(crate) struct Controller {
     write_cache: bool,
     temp_threshold: u32,
     held_aers: Vec<u16>,
+    /// A discovery log change not yet reported (no request was held when it came).
+    disc_change_pending: bool,
+    /// A discovery log change was reported and the host has not read the log since:
+    /// further changes wait for that read, as the specification masks them.
+    disc_change_masked: bool,
     ka_poller: Option<PollerId>,
+}
+
+/// Async Event Configuration bit: discovery log page change notices.
+const AEN_DISCOVERY_CHANGE: u32 = 1 << 31;
+/// The completion of an asynchronous event request for a discovery log change:
+/// type Notice (2), information "discovery log page change" (0xF0), log page 0x70.
+const DISCOVERY_CHANGE_EVENT: u32 = 0x2 | 0xF0 << 8 | 0x70 << 16;
+
+/// The discovery log changed: if this controller asked for notices, complete its
+/// oldest held asynchronous event request, or keep the notice for the next request.
+pub(crate) fn discovery_changed(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Conn>) {
+    let cid = {
+        let mut c = ctrl.borrow_mut();
+        if c.kind != CtrlKind::Discovery
+            || c.async_config & AEN_DISCOVERY_CHANGE == 0
+            || c.disc_change_masked
+        {
+            return;
+        }
+        if c.held_aers.is_empty() {
+            c.disc_change_pending = true;
+            return;
+        }
+        c.disc_change_masked = true;
+        c.held_aers.remove(0)
+    };
+    conn.complete_held(admin::ASYNC_EVENT, cid, Reply::ok(DISCOVERY_CHANGE_EVENT));
 }
 
 /// What a successful Connect sets up on the connection.
@@ -161,6 +193,10 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
                 ready: AtomicBool::new(false),
                 io_queues: AtomicU16::new(0),
                 queues: std::sync::Mutex::new(HashMap::new()),
+                admin: QueueRef {
+                    reactor: conn.reactor().handle().clone(),
+                    conn_id: conn.id(),
+                },
             })
             .ok_or(Status::CONNECT_CTRL_BUSY)?;
         let id = shared.cntlid;
@@ -189,6 +225,8 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
             write_cache: true,
             temp_threshold: 0x0157,
             held_aers: Vec::new(),
+            disc_change_pending: false,
+            disc_change_masked: false,
             ka_poller: None,
         }));
         arm_keep_alive(&ctrl, conn);
@@ -381,13 +419,17 @@ pub(crate) fn admin(
     let target = &conn.target;
     let reply = match sqe.opcode() {
         admin::IDENTIFY => identify_cmd(&c, target, sqe),
-        admin::GET_LOG_PAGE => log_page(&c, target, sqe, xfer),
+        admin::GET_LOG_PAGE => log_page(&mut c, target, sqe, xfer),
         admin::SET_FEATURES => set_features(&mut c, target, sqe),
         admin::GET_FEATURES => get_features(&c, sqe),
         admin::KEEP_ALIVE => Status::SUCCESS.into(),
         admin::ABORT => Reply::ok(1), // command not aborted
         admin::ASYNC_EVENT => {
-            if c.held_aers.len() >= AER_LIMIT {
+            if c.disc_change_pending {
+                c.disc_change_pending = false;
+                c.disc_change_masked = true;
+                Reply::ok(DISCOVERY_CHANGE_EVENT)
+            } else if c.held_aers.len() >= AER_LIMIT {
                 Status::AER_LIMIT_EXCEEDED.into()
             } else {
                 c.held_aers.push(sqe.cid());
@@ -448,9 +490,14 @@ fn identify_cmd(c: &Controller, target: &TargetShared, sqe: &Sqe) -> Reply {
     }
 }
 
-fn log_page(c: &Controller, target: &TargetShared, sqe: &Sqe, xfer: u32) -> Reply {
+fn log_page(c: &mut Controller, target: &TargetShared, sqe: &Sqe, xfer: u32) -> Reply {
     let cdw10 = sqe.cdw(10);
     let lid = (cdw10 & 0xFF) as u8;
+    // Reading the discovery log without Retain Asynchronous Event unmasks its notices.
+    let retain = cdw10 & (1 << 15) != 0;
+    if lid == 0x70 && c.kind == CtrlKind::Discovery && !retain {
+        c.disc_change_masked = false;
+    }
     let numd = (u64::from(sqe.cdw(11) & 0xFFFF) << 16 | u64::from(cdw10 >> 16)) + 1;
     let len = (numd * 4).min(u64::from(xfer)) as usize;
     let offset = u64::from(sqe.cdw(12)) | u64::from(sqe.cdw(13)) << 32;

@@ -44,7 +44,16 @@ pub fn controller(
     b[77] = limits.max_io_size.trailing_zeros().saturating_sub(12) as u8; // MDTS in 4 KiB units
     put_u16(&mut b, 78, cntlid);
     put_u32(&mut b, 80, VERSION);
-    put_u32(&mut b, 92, if kind == CtrlKind::Io { 1 << 8 } else { 0 }); // OAES: ns attribute notices
+    // OAES: namespace attribute notices (I/O), discovery log change notices (discovery).
+    put_u32(
+        &mut b,
+        92,
+        if kind == CtrlKind::Io {
+            1 << 8
+        } else {
+            1 << 31
+        },
+    );
     put_u32(&mut b, 96, 1); // CTRATT: 128-bit host identifier
     b[111] = if kind == CtrlKind::Io { 1 } else { 2 }; // CNTRLTYPE
     b[258] = 3; // ACL (0-based)

@@ -39,6 +39,8 @@ pub(crate) struct CtrlShared {
     pub io_queues: AtomicU16,
     /// Connected I/O queues by queue ID.
     pub queues: Mutex<HashMap<u16, QueueRef>>,
+    /// Where the admin queue (which owns the controller's state) lives.
+    pub admin: QueueRef,
 }
 
 impl CtrlShared {
@@ -160,6 +162,26 @@ impl TargetShared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The set of subsystems changed: the discovery log's generation moves on, and
+    /// every discovery controller is told, so one that asked for discovery log change
+    /// notices completes an asynchronous event request (a persistent discovery
+    /// controller then reads the log again). A notice that finds its reactor's mailbox
+    /// full is dropped: the generation counter still tells a host that looks.
+    pub fn discovery_changed(&self) {
+        self.genctr.fetch_add(1, Ordering::SeqCst);
+        let admins: Vec<QueueRef> = self
+            .ctrls()
+            .map
+            .values()
+            .filter(|c| c.subsystem.is_none())
+            .map(|c| c.admin.clone())
+            .collect();
+        for q in admins {
+            let id = q.conn_id;
+            let _ = q.reactor.send(move || conn::discovery_changed(id));
+        }
     }
 
     /// Discovery log entries visible to `hostnqn`.
@@ -327,7 +349,8 @@ impl Target {
         }
         subsystem.listeners.clone_from(&resolved);
         subsystems.push(Arc::new(subsystem));
-        self.shared.genctr.fetch_add(1, Ordering::SeqCst);
+        drop(subsystems);
+        self.shared.discovery_changed();
         Ok(resolved)
     }
 
@@ -347,7 +370,7 @@ impl Target {
         if !removed {
             return Err(NvmfError::Config(format!("no subsystem {nqn}")));
         }
-        self.shared.genctr.fetch_add(1, Ordering::SeqCst);
+        self.shared.discovery_changed();
         let doomed: Vec<u16> = self
             .shared
             .ctrls()

@@ -926,6 +926,101 @@ fn subsystems_come_and_go_while_the_target_runs() {
     assert!(q.read(1, 0, 1, 512).status().is_success());
 }
 
+/// A discovery controller, enabled, with discovery log change notices asked for or not.
+fn discovery_controller(addr: SocketAddr, notices: bool) -> Host {
+    let mut h = Host::connect(addr, Digests::default());
+    let c = h.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0);
+    assert!(c.status.is_success());
+    let enable = (6 << 16) | (4 << 20) | 1;
+    assert!(h.prop_set(0x14, enable).status().is_success());
+    let mut idc = Sqe::new(admin::IDENTIFY, 0);
+    idc.set_cdw(10, 1);
+    let oaes = le::u32(&h.command(idc, &[], 4096).data, 92);
+    assert_ne!(oaes & 1 << 31, 0, "OAES: discovery log change notices");
+    if notices {
+        let mut aec = Sqe::new(admin::SET_FEATURES, 0);
+        aec.set_cdw(10, 0x0B);
+        aec.set_cdw(11, 1 << 31);
+        assert!(h.command(aec, &[], 0).status().is_success());
+    }
+    h
+}
+
+/// A Keep Alive answered in turn: proves no held request completed before it.
+fn nothing_held_completed(h: &mut Host) {
+    let done = h.command(Sqe::new(admin::KEEP_ALIVE, 0), &[], 0);
+    assert!(done.status().is_success());
+}
+
+fn discovery_generation(h: &mut Host, retain: bool) -> u64 {
+    let mut log = Sqe::new(admin::GET_LOG_PAGE, 0);
+    log.set_cdw(10, 0x70 | u32::from(retain) << 15 | ((1024 / 4) - 1) << 16);
+    let page = h.command(log, &[], 1024);
+    assert!(page.status().is_success());
+    le::u64(&page.data, 0)
+}
+
+#[test]
+fn discovery_controllers_are_told_when_the_log_changes() {
+    const CHANGED: u32 = 0x0070_F002; // notice, discovery log page change, log 0x70
+    let s = setup(Limits::default());
+    let sub = |nqn: &str| Subsystem {
+        nqn: nqn.into(),
+        serial: "OXAEN".into(),
+        model: "OX test".into(),
+        hosts: HostPolicy::Any,
+        namespaces: vec![Namespace::new(
+            1,
+            create_malloc("aen", 512, 64, None).unwrap(),
+        )],
+        listeners: vec![s.addr],
+    };
+    let mut told = discovery_controller(s.addr, true);
+    let mut quiet = discovery_controller(s.addr, false);
+    let generation = discovery_generation(&mut told, false);
+    let held = told.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    let _quiet_held = quiet.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    nothing_held_completed(&mut told);
+
+    s.target
+        .add_subsystem(sub("nqn.2026-11.io.ox:aen1"))
+        .unwrap();
+    let cqe = told.response();
+    assert_eq!(
+        (cqe.cid, cqe.status, cqe.dw0),
+        (held, Status::SUCCESS, CHANGED)
+    );
+    // Until the host reads the log, further changes are masked.
+    let next = told.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    s.target.remove_subsystem("nqn.2026-11.io.ox:aen1").unwrap();
+    nothing_held_completed(&mut told);
+    // Reading it with Retain Asynchronous Event keeps the mask; without, lifts it.
+    assert_eq!(discovery_generation(&mut told, true), generation + 2);
+    s.target
+        .add_subsystem(sub("nqn.2026-11.io.ox:aen2"))
+        .unwrap();
+    nothing_held_completed(&mut told);
+    assert_eq!(discovery_generation(&mut told, false), generation + 3);
+    s.target
+        .add_subsystem(sub("nqn.2026-11.io.ox:aen3"))
+        .unwrap();
+    let cqe = told.response();
+    assert_eq!((cqe.cid, cqe.dw0), (next, CHANGED));
+    // A change with no request held is kept for the next one, which completes at once.
+    discovery_generation(&mut told, false);
+    s.target.remove_subsystem("nqn.2026-11.io.ox:aen3").unwrap();
+    // Two round trips: the reactor has begun a pass (and taken its messages, the
+    // notice among them) since the first was answered.
+    nothing_held_completed(&mut told);
+    nothing_held_completed(&mut told);
+    let late = told.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    let cqe = told.response();
+    assert_eq!((cqe.cid, cqe.dw0), (late, CHANGED));
+    // A controller that did not ask for notices keeps its request held throughout
+    // (its response would arrive before the Keep Alive's).
+    nothing_held_completed(&mut quiet);
+}
+
 #[test]
 fn connect_decisions_are_reported_to_the_observer() {
     let s = setup(Limits::default());

@@ -196,6 +196,29 @@ impl Host {
         }
     }
 
+    /// Sends `sqe` (a command without data; its CID replaced) without waiting for its
+    /// completion, for commands the target holds; returns the CID.
+    pub fn submit(&mut self, mut sqe: Sqe) -> u16 {
+        let cid = self.next_cid();
+        sqe.0[2..4].copy_from_slice(&cid.to_le_bytes());
+        sqe.set_sgl(SGL_TRANSPORT_DATA_BLOCK, 0, 0);
+        let capsule = pdu::capsule_cmd(self.digests, &sqe.0, &[]);
+        self.send(&capsule);
+        cid
+    }
+
+    /// The next PDU, which must be a response capsule.
+    pub fn response(&mut self) -> Cqe {
+        let p = self.recv().expect("target closed the connection");
+        assert_eq!(
+            PduType::from_u8(p.kind()),
+            Some(PduType::CapsuleResp),
+            "{:?}",
+            &p.bytes[..p.bytes.len().min(32)]
+        );
+        Cqe::decode(&p.bytes[8..24])
+    }
+
     /// Sends `data` for an R2T in H2CData PDUs of at most MAXH2CDATA.
     pub fn send_h2c(&mut self, cid: u16, ttag: u16, offset: u32, data: &[u8]) {
         let max = self.maxh2cdata as usize;

@@ -1,0 +1,153 @@
+//! The real Linux kernel host (Debian's 6.12 kernel in QEMU, booted by the workplace's
+//! `linux-nvme` tools) keeps a persistent discovery controller on the target; when a
+//! subsystem is added, the target's discovery log change notice reaches the kernel
+//! (which reports it as an `NVME_AEN` uevent) and a new discovery lists the subsystem.
+//!
+//! Needs root (QEMU). Set `OX_LINUX_NVME` to the tool's directory if it is not at
+//! `../shared/tools/linux-nvme` from the repository.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bdev::create_malloc;
+use nvmf::{HostPolicy, Limits, Namespace, SocketIo, Subsystem, Target, TargetConfig};
+use reactor::{CoreList, ReactorConfig, ReactorSet};
+
+const FIRST: &str = "nqn.2026-11.io.ox:first";
+const ADDED: &str = "nqn.2026-11.io.ox:added-later";
+/// The guest has no /etc/nvme/hostnqn: name the host (its host ID is the NQN's UUID).
+const HOST_ID: &str = "4f1e0a3c-7b2d-4c59-9e61-2a8d5c0b7e13";
+
+fn tools() -> PathBuf {
+    let dir = std::env::var_os("OX_LINUX_NVME").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/linux-nvme"),
+        PathBuf::from,
+    );
+    assert!(
+        dir.join("lib.sh").exists(),
+        "{} not found: set OX_LINUX_NVME to the linux-nvme tool directory",
+        dir.display()
+    );
+    dir
+}
+
+fn subsystem(nqn: &str, listener: SocketAddr) -> Subsystem {
+    Subsystem {
+        nqn: nqn.into(),
+        serial: "OXDISC".into(),
+        model: "OX test".into(),
+        hosts: HostPolicy::Any,
+        namespaces: vec![Namespace::new(
+            1,
+            create_malloc(nqn, 512, 2048, None).unwrap(),
+        )],
+        listeners: vec![listener],
+    }
+}
+
+/// What the guest runs: a uevent listener that prints NVMe asynchronous events, a
+/// persistent discovery controller, then (once the test has changed the target) a
+/// fresh discovery. Lines the test reads start with `@@`.
+fn guest_script(port: u16) -> String {
+    let host = format!("nqn.2014-08.org.nvmexpress:uuid:{HOST_ID}");
+    format!(
+        r#"
+printf '#!/bin/sh\n[ -n "$NVME_AEN" ] && echo "@@ AEN $NVME_AEN" >> /tmp/aen\n' > /bin/aen-hook
+chmod +x /bin/aen-hook
+uevent /bin/aen-hook &
+if nvme discover -t tcp -a 10.0.2.2 -s {port} -q {host} -I {HOST_ID} --persistent > /tmp/d1 2>&1; then
+  echo "@@ PERSISTENT $(grep -c subnqn /tmp/d1)"
+else
+  echo "@@ FAIL persistent discovery: $(head -c 300 /tmp/d1)"
+fi
+echo "@@ READY"
+i=0
+while [ $i -lt 300 ] && [ ! -s /tmp/aen ]; do sleep 0.1; i=$((i+1)); done
+cat /tmp/aen 2>/dev/null
+nvme discover -t tcp -a 10.0.2.2 -s {port} -q {host} -I {HOST_ID} > /tmp/d2 2>&1
+grep -o 'subnqn: *[^ ]*' /tmp/d2 | sed 's/^/@@ LISTS /'
+echo "@@ END"
+"#
+    )
+}
+
+#[test]
+fn a_persistent_linux_discovery_controller_is_told_of_a_new_subsystem() {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = TargetConfig {
+        subsystems: vec![subsystem(FIRST, any)],
+        discovery_listeners: vec![],
+        limits: Limits::default(),
+        socket_io: SocketIo::Uring,
+    };
+    let target = Target::start(config, set.handles()).unwrap();
+    let addr = target.local_addrs()[0];
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("guest.log");
+    let lib = tools().join("lib.sh");
+    let mut guest = Command::new("timeout")
+        .arg("240")
+        .arg("bash")
+        .arg("-c")
+        .arg(
+            r#". "$1" && lnv_prepare && lnv_boot "$2" "$3" \
+               -netdev user,id=n0 -device virtio-net-pci,netdev=n0"#,
+        )
+        .arg("_")
+        .arg(&lib)
+        .arg(guest_script(addr.port()))
+        .arg(&log)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let console = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(200);
+    while !console().contains("@@ READY") {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never got ready:\n{}",
+            console()
+        );
+        assert!(
+            guest.try_wait().unwrap().is_none(),
+            "the guest stopped early:\n{}",
+            console()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        console().contains("@@ PERSISTENT 1"),
+        "persistent discovery of one subsystem:\n{}",
+        console()
+    );
+    target.add_subsystem(subsystem(ADDED, addr)).unwrap();
+    let status = guest.wait().unwrap();
+    let out = console();
+    let lines: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.find("@@ ").map(|i| &l[i + 3..]))
+        .collect();
+    assert!(status.success(), "guest exit {status}:\n{out}");
+    assert!(lines.contains(&"END"), "the guest did not finish:\n{out}");
+    assert!(
+        lines.iter().any(|l| l.trim() == "AEN 0x70f002"),
+        "discovery log change notice (type notice, 0xF0, log 0x70) reached the kernel:\n{out}"
+    );
+    let lists = |nqn: &str| {
+        lines
+            .iter()
+            .any(|l| l.starts_with("LISTS") && l.trim_end().ends_with(nqn))
+    };
+    assert!(
+        lists(FIRST) && lists(ADDED),
+        "the new discovery lists both:\n{out}"
+    );
+    drop(target);
+    set.shutdown().unwrap();
+}
