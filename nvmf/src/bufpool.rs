@@ -14,6 +14,9 @@ const MAX_KEPT: usize = 1 << 20;
 
 /// Small byte vectors (PDU headers) kept.
 const SMALL_KEPT: usize = 1024;
+/// Capacity of a new small vector: a data PDU header with its digest and padding to
+/// 32 bytes, or a response capsule, fits without growing.
+const SMALL_CAP: usize = 64;
 /// Largest small vector kept.
 const SMALL_MAX: usize = 256;
 
@@ -26,12 +29,13 @@ thread_local! {
 pub(crate) fn small() -> Vec<u8> {
     SMALL
         .with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| Vec::with_capacity(64))
+        .unwrap_or_else(|| Vec::with_capacity(SMALL_CAP))
 }
 
-/// Returns a header's vector for reuse on this reactor (large ones are freed).
+/// Returns a header's vector for reuse on this reactor (ones too small to hold a
+/// header without growing, such as a data digest's, and large ones are freed).
 pub(crate) fn give_small(mut v: Vec<u8>) {
-    if v.capacity() > SMALL_MAX {
+    if !(SMALL_CAP..=SMALL_MAX).contains(&v.capacity()) {
         return;
     }
     v.clear();

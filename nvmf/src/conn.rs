@@ -35,9 +35,9 @@ use crate::target::{CtrlShared, TargetShared};
 
 /// Segments handed to one SendMsg at most.
 const MAX_IOV: usize = 64;
-/// Bytes handed to one SendMsg at most (unless one segment is larger): the kernel
-/// copies a send in one go, and 1 MiB (~0.2 ms) keeps that from stalling the
-/// reactor's other connections when 32 large reads complete in one pass.
+/// Bytes after which a SendMsg takes no further segment: the kernel copies a send in
+/// one go, and about 1 MiB (~0.2 ms) keeps that from stalling the reactor's other
+/// connections when 32 large reads complete in one pass.
 const MAX_SEND: usize = 1 << 20;
 /// Unsent reply bytes beyond which the connection stops reading new commands, so a
 /// host that does not read its socket cannot make the target queue without limit.
@@ -65,7 +65,7 @@ pub(crate) fn discovery_changed(id: u64) {
         Some(Queue::Admin(c)) => Rc::clone(c),
         _ => return,
     };
-    ctrlr::discovery_changed(&ctrl, &conn);
+    ctrlr::take_discovery_change(&ctrl, &conn);
 }
 
 /// Registers a stop hook on this reactor that closes every connection on it.
@@ -747,6 +747,7 @@ impl Conn {
         };
         match route {
             Route::Admin(ctrl) => {
+                ctrlr::take_discovery_change(&ctrl, self);
                 let reply = ctrlr::admin(&ctrl, self, &sqe, data.as_deref(), xfer);
                 if let Some(reply) = reply {
                     self.reply(&sqe, reply, None, xfer);
@@ -819,7 +820,8 @@ impl Conn {
     ) {
         let (digests, hpda, sqhd, flow_off, sqid) = {
             let mut st = self.st.borrow_mut();
-            if st.phase == Phase::Closed {
+            // Once a TermReq or a Disconnect's response is queued, nothing follows it.
+            if matches!(st.phase, Phase::Closed | Phase::Terminating) {
                 return;
             }
             st.cids.remove(sqe.cid());
@@ -934,16 +936,17 @@ impl Conn {
             }
             st.sending = true;
             let mut op = st.spare_send.take().unwrap_or_else(SendOp::new);
-            // Whole segments up to MAX_IOV of them and MAX_SEND bytes (at least one).
+            // Up to MAX_IOV segments, adding them while under MAX_SEND bytes (so a
+            // large read's header and data still leave together).
             let mut bytes = 0;
             let n = st
                 .tx
                 .iter()
                 .take(MAX_IOV)
                 .take_while(|s| {
-                    let fits = bytes == 0 || bytes + (s.len - s.sent) <= MAX_SEND;
+                    let under = bytes < MAX_SEND;
                     bytes += s.len - s.sent;
-                    fits
+                    under
                 })
                 .count();
             op.batch.extend(st.tx.drain(..n));

@@ -91,11 +91,16 @@ const AEN_DISCOVERY_CHANGE: u32 = 1 << 31;
 /// type Notice (2), information "discovery log page change" (0xF0), log page 0x70.
 const DISCOVERY_CHANGE_EVENT: u32 = 0x2 | 0xF0 << 8 | 0x70 << 16;
 
-/// The discovery log changed: if this controller asked for notices, complete its
-/// oldest held asynchronous event request, or keep the notice for the next request.
-pub(crate) fn discovery_changed(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Conn>) {
+/// If the discovery log changed since this controller last looked and it asked for
+/// notices, completes its oldest held asynchronous event request, or keeps the notice
+/// for the next request. Called when the target's message arrives and before every
+/// admin command.
+pub(crate) fn take_discovery_change(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Conn>) {
     let cid = {
         let mut c = ctrl.borrow_mut();
+        if !c.shared.discovery_changed.swap(false, Ordering::AcqRel) {
+            return;
+        }
         if c.kind != CtrlKind::Discovery
             || c.async_config & AEN_DISCOVERY_CHANGE == 0
             || c.disc_change_masked
@@ -197,6 +202,7 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
                     reactor: conn.reactor().handle().clone(),
                     conn_id: conn.id(),
                 },
+                discovery_changed: AtomicBool::new(false),
             })
             .ok_or(Status::CONNECT_CTRL_BUSY)?;
         let id = shared.cntlid;
@@ -390,7 +396,11 @@ pub(crate) fn property(ctrl: &Rc<RefCell<Controller>>, target: &TargetShared, sq
                 c.shared.ready.store(false, Ordering::SeqCst);
                 c.shared.close_io_queues();
                 c.csts = 0;
+                // Features and events start over (the host sets them again).
                 c.held_aers.clear();
+                c.async_config = 0;
+                c.disc_change_pending = false;
+                c.disc_change_masked = false;
             }
             if (new >> 14) & 0x3 != 0 {
                 // Shutdown notification: nothing volatile to lose; report complete.
@@ -425,7 +435,7 @@ pub(crate) fn admin(
         admin::KEEP_ALIVE => Status::SUCCESS.into(),
         admin::ABORT => Reply::ok(1), // command not aborted
         admin::ASYNC_EVENT => {
-            if c.disc_change_pending {
+            if c.disc_change_pending && c.async_config & AEN_DISCOVERY_CHANGE != 0 {
                 c.disc_change_pending = false;
                 c.disc_change_masked = true;
                 Reply::ok(DISCOVERY_CHANGE_EVENT)
@@ -493,11 +503,7 @@ fn identify_cmd(c: &Controller, target: &TargetShared, sqe: &Sqe) -> Reply {
 fn log_page(c: &mut Controller, target: &TargetShared, sqe: &Sqe, xfer: u32) -> Reply {
     let cdw10 = sqe.cdw(10);
     let lid = (cdw10 & 0xFF) as u8;
-    // Reading the discovery log without Retain Asynchronous Event unmasks its notices.
     let retain = cdw10 & (1 << 15) != 0;
-    if lid == 0x70 && c.kind == CtrlKind::Discovery && !retain {
-        c.disc_change_masked = false;
-    }
     let numd = (u64::from(sqe.cdw(11) & 0xFFFF) << 16 | u64::from(cdw10 >> 16)) + 1;
     let len = (numd * 4).min(u64::from(xfer)) as usize;
     let offset = u64::from(sqe.cdw(12)) | u64::from(sqe.cdw(13)) << 32;
@@ -522,6 +528,12 @@ fn log_page(c: &mut Controller, target: &TargetShared, sqe: &Sqe, xfer: u32) -> 
     let start = offset as usize;
     let mut out = page[start..page.len().min(start + len)].to_vec();
     out.resize(len, 0);
+    if lid == 0x70 && !retain {
+        // The host has read the discovery log without Retain Asynchronous Event: a
+        // change it has seen is no longer news, and notices of the next are unmasked.
+        c.disc_change_pending = false;
+        c.disc_change_masked = false;
+    }
     Reply::data(out)
 }
 

@@ -17,9 +17,17 @@ pub(crate) fn execute(conn: &Rc<Conn>, queue: &IoQueue, sqe: Sqe, data: Option<I
     let Some(ns) = queue.subsystem.namespace(sqe.nsid()) else {
         return fail(Status::INVALID_NAMESPACE);
     };
+    let io_type = match sqe.opcode() {
+        io::READ | io::COMPARE => IoType::Read,
+        io::WRITE => IoType::Write,
+        io::FLUSH => IoType::Flush,
+        io::WRITE_ZEROES => IoType::WriteZeroes,
+        io::DSM => IoType::Unmap,
+        _ => return fail(Status::INVALID_OPCODE),
+    };
     let channel = match queue.channel(ns) {
         Ok(c) => c,
-        Err(e) => return fail(status_of(&e, IoType::Read)),
+        Err(e) => return fail(status_of(&e, io_type)),
     };
     match sqe.opcode() {
         io::READ | io::WRITE | io::COMPARE => {

@@ -41,6 +41,9 @@ pub(crate) struct CtrlShared {
     pub queues: Mutex<HashMap<u16, QueueRef>>,
     /// Where the admin queue (which owns the controller's state) lives.
     pub admin: QueueRef,
+    /// The discovery log changed since this (discovery) controller last looked; the
+    /// message that tells its reactor is only a wake-up, so a notice is never lost.
+    pub discovery_changed: AtomicBool,
 }
 
 impl CtrlShared {
@@ -164,22 +167,27 @@ impl TargetShared {
             .clone()
     }
 
-    /// The set of subsystems changed: the discovery log's generation moves on, and
-    /// every discovery controller is told, so one that asked for discovery log change
-    /// notices completes an asynchronous event request (a persistent discovery
-    /// controller then reads the log again). A notice that finds its reactor's mailbox
-    /// full is dropped: the generation counter still tells a host that looks.
-    pub fn discovery_changed(&self) {
+    /// Subsystem `changed` was added or removed: the discovery log's generation moves
+    /// on, and every discovery controller of a host allowed to see it is told, so one
+    /// that asked for discovery log change notices completes an asynchronous event
+    /// request (a persistent discovery controller then reads the log again). Hosts
+    /// that may not see the subsystem hear nothing of it.
+    pub fn discovery_changed(&self, changed: &Subsystem) {
         self.genctr.fetch_add(1, Ordering::SeqCst);
         let admins: Vec<QueueRef> = self
             .ctrls()
             .map
             .values()
-            .filter(|c| c.subsystem.is_none())
-            .map(|c| c.admin.clone())
+            .filter(|c| c.subsystem.is_none() && changed.hosts.allows(&c.hostnqn))
+            .map(|c| {
+                c.discovery_changed.store(true, Ordering::Release);
+                c.admin.clone()
+            })
             .collect();
         for q in admins {
             let id = q.conn_id;
+            // A full mailbox loses only the wake-up: the controller's next command
+            // (a keep-alive at the latest) finds the flag.
             let _ = q.reactor.send(move || conn::discovery_changed(id));
         }
     }
@@ -348,9 +356,10 @@ impl Target {
                 .push(local);
         }
         subsystem.listeners.clone_from(&resolved);
-        subsystems.push(Arc::new(subsystem));
+        let subsystem = Arc::new(subsystem);
+        subsystems.push(Arc::clone(&subsystem));
         drop(subsystems);
-        self.shared.discovery_changed();
+        self.shared.discovery_changed(&subsystem);
         Ok(resolved)
     }
 
@@ -363,14 +372,13 @@ impl Target {
                 .subsystems
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
-            let before = subsystems.len();
-            subsystems.retain(|s| s.nqn != nqn);
-            before != subsystems.len()
+            let at = subsystems.iter().position(|s| s.nqn == nqn);
+            at.map(|i| subsystems.remove(i))
         };
-        if !removed {
+        let Some(removed) = removed else {
             return Err(NvmfError::Config(format!("no subsystem {nqn}")));
-        }
-        self.shared.discovery_changed();
+        };
+        self.shared.discovery_changed(&removed);
         let doomed: Vec<u16> = self
             .shared
             .ctrls()

@@ -48,34 +48,44 @@ fn subsystem(nqn: &str, listener: SocketAddr) -> Subsystem {
     }
 }
 
-/// What the guest runs: a uevent listener that prints NVMe asynchronous events, a
-/// persistent discovery controller, then (once the test has changed the target) a
-/// fresh discovery. Lines the test reads start with `@@`.
+/// What the guest runs: a uevent listener that counts NVMe asynchronous events, a
+/// persistent discovery controller; after the first change, a discovery through that
+/// controller (as udev's autoconnect rule does, which must unmask the next notice);
+/// after the second, a fresh discovery. Lines the test reads start with `@@`.
 fn guest_script(port: u16) -> String {
     let host = format!("nqn.2014-08.org.nvmexpress:uuid:{HOST_ID}");
+    let fabric = format!("-t tcp -a 10.0.2.2 -s {port} -q {host} -I {HOST_ID}");
     format!(
         r#"
 printf '#!/bin/sh\n[ -n "$NVME_AEN" ] && echo "@@ AEN $NVME_AEN" >> /tmp/aen\n' > /bin/aen-hook
 chmod +x /bin/aen-hook
 uevent /bin/aen-hook &
-if nvme discover -t tcp -a 10.0.2.2 -s {port} -q {host} -I {HOST_ID} --persistent > /tmp/d1 2>&1; then
+wait_aen() {{
+  i=0
+  while [ $i -lt 300 ] && [ "$(grep -c AEN /tmp/aen 2>/dev/null)" != "$1" ]; do sleep 0.1; i=$((i+1)); done
+}}
+if nvme discover {fabric} --persistent > /tmp/d1 2>&1; then
   echo "@@ PERSISTENT $(grep -c subnqn /tmp/d1)"
 else
   echo "@@ FAIL persistent discovery: $(head -c 300 /tmp/d1)"
 fi
-echo "@@ READY"
-i=0
-while [ $i -lt 300 ] && [ ! -s /tmp/aen ]; do sleep 0.1; i=$((i+1)); done
+c=$(for d in /sys/class/nvme/nvme*; do grep -q discovery $d/subsysnqn && basename $d; done | head -1)
+echo "@@ READY 1"
+wait_aen 1
+nvme discover -d $c > /tmp/d2 2>&1
+grep -o 'subnqn: *[^ ]*' /tmp/d2 | sed 's/^/@@ THROUGH-PERSISTENT /'
+echo "@@ READY 2"
+wait_aen 2
 cat /tmp/aen 2>/dev/null
-nvme discover -t tcp -a 10.0.2.2 -s {port} -q {host} -I {HOST_ID} > /tmp/d2 2>&1
-grep -o 'subnqn: *[^ ]*' /tmp/d2 | sed 's/^/@@ LISTS /'
+nvme discover {fabric} > /tmp/d3 2>&1
+grep -o 'subnqn: *[^ ]*' /tmp/d3 | sed 's/^/@@ FRESH /'
 echo "@@ END"
 "#
     )
 }
 
 #[test]
-fn a_persistent_linux_discovery_controller_is_told_of_a_new_subsystem() {
+fn a_persistent_linux_discovery_controller_is_told_of_each_change() {
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let config = TargetConfig {
@@ -107,46 +117,53 @@ fn a_persistent_linux_discovery_controller_is_told_of_a_new_subsystem() {
         .unwrap();
 
     let console = || std::fs::read_to_string(&log).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(200);
-    while !console().contains("@@ READY") {
-        assert!(
-            Instant::now() < deadline,
-            "the guest never got ready:\n{}",
-            console()
-        );
-        assert!(
-            guest.try_wait().unwrap().is_none(),
-            "the guest stopped early:\n{}",
-            console()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut wait_for = |marker: &str| {
+        let deadline = Instant::now() + Duration::from_secs(200);
+        while !console().contains(marker) {
+            assert!(
+                Instant::now() < deadline,
+                "the guest never printed {marker}:\n{}",
+                console()
+            );
+            assert!(
+                guest.try_wait().unwrap().is_none(),
+                "the guest stopped early:\n{}",
+                console()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("@@ READY 1");
     assert!(
         console().contains("@@ PERSISTENT 1"),
         "persistent discovery of one subsystem:\n{}",
         console()
     );
     target.add_subsystem(subsystem(ADDED, addr)).unwrap();
+    wait_for("@@ READY 2");
+    target.remove_subsystem(FIRST).unwrap();
     let status = guest.wait().unwrap();
     let out = console();
     let lines: Vec<&str> = out
         .lines()
-        .filter_map(|l| l.find("@@ ").map(|i| &l[i + 3..]))
+        .filter_map(|l| l.find("@@ ").map(|i| l[i + 3..].trim_end()))
         .collect();
     assert!(status.success(), "guest exit {status}:\n{out}");
     assert!(lines.contains(&"END"), "the guest did not finish:\n{out}");
-    assert!(
-        lines.iter().any(|l| l.trim() == "AEN 0x70f002"),
-        "discovery log change notice (type notice, 0xF0, log 0x70) reached the kernel:\n{out}"
+    let notices = lines.iter().filter(|l| **l == "AEN 0x70f002").count();
+    assert_eq!(
+        notices, 2,
+        "a discovery log change notice (notice, 0xF0, log 0x70) per change:\n{out}"
     );
-    let lists = |nqn: &str| {
-        lines
-            .iter()
-            .any(|l| l.starts_with("LISTS") && l.trim_end().ends_with(nqn))
-    };
+    let listed =
+        |how: &str, nqn: &str| lines.iter().any(|l| l.starts_with(how) && l.ends_with(nqn));
     assert!(
-        lists(FIRST) && lists(ADDED),
-        "the new discovery lists both:\n{out}"
+        listed("THROUGH-PERSISTENT", FIRST) && listed("THROUGH-PERSISTENT", ADDED),
+        "after the first change the persistent controller's log lists both:\n{out}"
+    );
+    assert!(
+        listed("FRESH", ADDED) && !listed("FRESH", FIRST),
+        "after the second, only the one left:\n{out}"
     );
     drop(target);
     set.shutdown().unwrap();

@@ -879,6 +879,89 @@ fn a_host_that_stops_reading_is_paused_not_buffered_without_limit() {
 }
 
 #[test]
+fn replies_cut_short_by_a_full_socket_resume_in_order_and_intact() {
+    use std::os::fd::AsRawFd;
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let data = pattern(91, 8 << 20);
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        assert!(
+            q.write(1, i as u64 * 2048, chunk, 512)
+                .status()
+                .is_success()
+        );
+    }
+    // A receive window of two segments and 29 MiB of replies, far more than the
+    // socket buffers hold: the target's sends stop part-way through batches of many
+    // segments (small and large reads mixed) and must resume exactly there.
+    let fd = q.sock.as_raw_fd();
+    let bytes: libc::c_int = 128 << 10;
+    // SAFETY: a valid socket and a pointer to a live c_int of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let sizes = [4096u32, 65536, 512, 262_144, 8192, 1 << 20];
+    let mut expect = std::collections::HashMap::new();
+    let mut offset = 0u64;
+    for i in 0..127u16 {
+        let len = sizes[usize::from(i) % sizes.len()];
+        if offset + u64::from(len) > data.len() as u64 {
+            offset = 0;
+        }
+        let cid = 2000 + i;
+        let mut sqe = rw(io::READ, 1, offset / 512, len / 512);
+        sqe.0[2..4].copy_from_slice(&cid.to_le_bytes());
+        sqe.set_sgl(nvmf::cmd::SGL_TRANSPORT_DATA_BLOCK, 0, len);
+        q.send(&pdu::capsule_cmd(d, &sqe.0, &[]));
+        expect.insert(
+            cid,
+            &data[offset as usize..(offset + u64::from(len)) as usize],
+        );
+        offset += u64::from(len) * 3;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got: std::collections::HashMap<u16, Vec<u8>> = std::collections::HashMap::new();
+    let mut done = 0;
+    while done < expect.len() {
+        let p = q.recv().expect("every reply arrives");
+        match PduType::from_u8(p.kind()) {
+            Some(PduType::C2HData) => {
+                let h = nvmf::pdu::DataHeader::parse(&p.bytes);
+                let pdo = usize::from(p.ch.pdo);
+                let buf = got.entry(h.cccid).or_default();
+                assert_eq!(
+                    h.offset as usize,
+                    buf.len(),
+                    "data in order for {}",
+                    h.cccid
+                );
+                buf.extend_from_slice(&p.bytes[pdo..pdo + h.length as usize]);
+            }
+            Some(PduType::CapsuleResp) => {
+                let cqe = nvmf::cmd::Cqe::decode(&p.bytes[8..24]);
+                assert!(cqe.status.is_success());
+                let want = expect[&cqe.cid];
+                assert!(
+                    got.remove(&cqe.cid).as_deref() == Some(want),
+                    "read {}",
+                    cqe.cid
+                );
+                done += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn subsystems_come_and_go_while_the_target_runs() {
     let s = setup(Limits::default());
     let added = "nqn.2026-11.io.ox:added";
@@ -926,30 +1009,45 @@ fn subsystems_come_and_go_while_the_target_runs() {
     assert!(q.read(1, 0, 1, 512).status().is_success());
 }
 
-/// A discovery controller, enabled, with discovery log change notices asked for or not.
-fn discovery_controller(addr: SocketAddr, notices: bool) -> Host {
+/// A discovery controller of `hostnqn`, enabled, with discovery log change notices
+/// asked for or not.
+fn discovery_controller(addr: SocketAddr, hostnqn: &str, notices: bool) -> Host {
     let mut h = Host::connect(addr, Digests::default());
-    let c = h.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0);
+    let c = h.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, hostnqn, 0xFFFF, 0, 0);
     assert!(c.status.is_success());
-    let enable = (6 << 16) | (4 << 20) | 1;
-    assert!(h.prop_set(0x14, enable).status().is_success());
+    enable(&mut h);
     let mut idc = Sqe::new(admin::IDENTIFY, 0);
     idc.set_cdw(10, 1);
     let oaes = le::u32(&h.command(idc, &[], 4096).data, 92);
     assert_ne!(oaes & 1 << 31, 0, "OAES: discovery log change notices");
     if notices {
-        let mut aec = Sqe::new(admin::SET_FEATURES, 0);
-        aec.set_cdw(10, 0x0B);
-        aec.set_cdw(11, 1 << 31);
-        assert!(h.command(aec, &[], 0).status().is_success());
+        set_async_events(&mut h, 1 << 31);
     }
     h
 }
 
-/// A Keep Alive answered in turn: proves no held request completed before it.
+fn enable(h: &mut Host) {
+    assert!(
+        h.prop_set(0x14, (6 << 16) | (4 << 20) | 1)
+            .status()
+            .is_success()
+    );
+}
+
+fn set_async_events(h: &mut Host, config: u32) {
+    let mut aec = Sqe::new(admin::SET_FEATURES, 0);
+    aec.set_cdw(10, 0x0B);
+    aec.set_cdw(11, config);
+    assert!(h.command(aec, &[], 0).status().is_success());
+}
+
+/// Two Keep Alives answered in turn: no held request completed before them, and the
+/// controller's reactor has begun a pass (taking its messages) since the first.
 fn nothing_held_completed(h: &mut Host) {
-    let done = h.command(Sqe::new(admin::KEEP_ALIVE, 0), &[], 0);
-    assert!(done.status().is_success());
+    for _ in 0..2 {
+        let done = h.command(Sqe::new(admin::KEEP_ALIVE, 0), &[], 0);
+        assert!(done.status().is_success());
+    }
 }
 
 fn discovery_generation(h: &mut Host, retain: bool) -> u64 {
@@ -964,26 +1062,27 @@ fn discovery_generation(h: &mut Host, retain: bool) -> u64 {
 fn discovery_controllers_are_told_when_the_log_changes() {
     const CHANGED: u32 = 0x0070_F002; // notice, discovery log page change, log 0x70
     let s = setup(Limits::default());
-    let sub = |nqn: &str| Subsystem {
+    let sub = |nqn: &str, hosts: HostPolicy| Subsystem {
         nqn: nqn.into(),
         serial: "OXAEN".into(),
         model: "OX test".into(),
-        hosts: HostPolicy::Any,
+        hosts,
         namespaces: vec![Namespace::new(
             1,
             create_malloc("aen", 512, 64, None).unwrap(),
         )],
         listeners: vec![s.addr],
     };
-    let mut told = discovery_controller(s.addr, true);
-    let mut quiet = discovery_controller(s.addr, false);
+    let open = |nqn: &str| sub(nqn, HostPolicy::Any);
+    let mut told = discovery_controller(s.addr, HOSTNQN, true);
+    let mut quiet = discovery_controller(s.addr, HOSTNQN, false);
     let generation = discovery_generation(&mut told, false);
     let held = told.submit(Sqe::new(admin::ASYNC_EVENT, 0));
     let _quiet_held = quiet.submit(Sqe::new(admin::ASYNC_EVENT, 0));
     nothing_held_completed(&mut told);
 
     s.target
-        .add_subsystem(sub("nqn.2026-11.io.ox:aen1"))
+        .add_subsystem(open("nqn.2026-11.io.ox:aen1"))
         .unwrap();
     let cqe = told.response();
     assert_eq!(
@@ -997,27 +1096,67 @@ fn discovery_controllers_are_told_when_the_log_changes() {
     // Reading it with Retain Asynchronous Event keeps the mask; without, lifts it.
     assert_eq!(discovery_generation(&mut told, true), generation + 2);
     s.target
-        .add_subsystem(sub("nqn.2026-11.io.ox:aen2"))
+        .add_subsystem(open("nqn.2026-11.io.ox:aen2"))
         .unwrap();
     nothing_held_completed(&mut told);
     assert_eq!(discovery_generation(&mut told, false), generation + 3);
+    // A subsystem this host may not see tells it nothing.
+    let other = HostPolicy::Only(vec!["nqn.2026-11.io.ox:someone-else".into()]);
     s.target
-        .add_subsystem(sub("nqn.2026-11.io.ox:aen3"))
+        .add_subsystem(sub("nqn.2026-11.io.ox:hidden", other))
+        .unwrap();
+    nothing_held_completed(&mut told);
+    s.target
+        .add_subsystem(open("nqn.2026-11.io.ox:aen3"))
         .unwrap();
     let cqe = told.response();
     assert_eq!((cqe.cid, cqe.dw0), (next, CHANGED));
+
     // A change with no request held is kept for the next one, which completes at once.
     discovery_generation(&mut told, false);
     s.target.remove_subsystem("nqn.2026-11.io.ox:aen3").unwrap();
-    // Two round trips: the reactor has begun a pass (and taken its messages, the
-    // notice among them) since the first was answered.
-    nothing_held_completed(&mut told);
     nothing_held_completed(&mut told);
     let late = told.submit(Sqe::new(admin::ASYNC_EVENT, 0));
     let cqe = told.response();
     assert_eq!((cqe.cid, cqe.dw0), (late, CHANGED));
+    // ... unless the log was read meanwhile, or notices were turned off meanwhile.
+    discovery_generation(&mut told, false);
+    s.target.remove_subsystem("nqn.2026-11.io.ox:aen2").unwrap();
+    nothing_held_completed(&mut told);
+    discovery_generation(&mut told, false);
+    let pending = told.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    nothing_held_completed(&mut told);
+    s.target
+        .remove_subsystem("nqn.2026-11.io.ox:hidden")
+        .unwrap(); // not this host's
+    s.target
+        .add_subsystem(open("nqn.2026-11.io.ox:aen4"))
+        .unwrap();
+    let cqe = told.response();
+    assert_eq!((cqe.cid, cqe.dw0), (pending, CHANGED));
+    discovery_generation(&mut told, false);
+    set_async_events(&mut told, 0);
+    s.target.remove_subsystem("nqn.2026-11.io.ox:aen4").unwrap();
+    nothing_held_completed(&mut told);
+    set_async_events(&mut told, 1 << 31);
+    let _held = told.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    nothing_held_completed(&mut told);
+
+    // A controller reset drops held requests and notice state; the host starts over.
+    assert!(told.prop_set(0x14, 0).status().is_success());
+    enable(&mut told);
+    s.target
+        .add_subsystem(open("nqn.2026-11.io.ox:aen5"))
+        .unwrap();
+    nothing_held_completed(&mut told); // notices are off again after the reset
+    set_async_events(&mut told, 1 << 31);
+    let after_reset = told.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    s.target.remove_subsystem("nqn.2026-11.io.ox:aen5").unwrap();
+    let cqe = told.response();
+    assert_eq!((cqe.cid, cqe.dw0), (after_reset, CHANGED));
+
     // A controller that did not ask for notices keeps its request held throughout
-    // (its response would arrive before the Keep Alive's).
+    // (its response would arrive before the Keep Alives').
     nothing_held_completed(&mut quiet);
 }
 

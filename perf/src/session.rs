@@ -324,6 +324,9 @@ impl Session {
                     (1, 16) => "controller ID".to_string(),
                     (0, 42) => "queue ID".to_string(),
                     (0, 44) => "queue size".to_string(),
+                    (0, 46) if !ep.sq_flow_control => "connect attributes: the target may not \
+                        let SQ flow control be turned off; try --sq-flow-control"
+                        .to_string(),
                     (a, o) => format!("{} offset {o}", if a == 1 { "data" } else { "command" }),
                 };
                 format!(" (invalid {field})")

@@ -164,6 +164,31 @@ fn verify_passes_against_the_appliance_across_runs() {
     assert_eq!(report["verified_blocks"], 16384);
     assert_eq!(report["unwritten_blocks"], 0);
     assert_eq!(report["total"]["errors"], 0);
+    // The same with SQ flow control kept on: every read ends with a response capsule.
+    let r = oxperf(&[
+        "run",
+        "--target",
+        &t,
+        "-w",
+        "read",
+        "--bs",
+        "8192",
+        "--qd",
+        "16",
+        "--range",
+        "0:16384",
+        "--ios",
+        "1024",
+        "--verify",
+        "--sq-flow-control",
+        "--cores",
+        &c,
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", text(&r));
+    let report: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(report["verified_blocks"], 16384);
+    assert_eq!(report["total"]["errors"], 0);
     // Mixed random load with verification on two queue pairs, with digests, time-bound.
     let m = oxperf(&[
         "run",

@@ -302,6 +302,12 @@ impl Reactor {
                 pass_start = woke;
             }
         }
+        // Work still queued after a drain that timed out is dropped, not run: it may
+        // hold what holds this reactor (a connection), which would otherwise never be
+        // freed.
+        let hooks = std::mem::take(&mut *self.before_submit.borrow_mut());
+        let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
+        drop((hooks, deferred));
         self.channels.borrow_mut().clear();
         self.pollers.borrow_mut().clear();
         CURRENT.with(|c| *c.borrow_mut() = None);
