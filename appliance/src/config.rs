@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use bdev::{Bdev, UringConfig, create_malloc, create_null, open_uring};
+use nvmf::dhchap::{DhchapKey, Hash, HostKeys};
 use nvmf::{HostPolicy, Limits, Namespace, SocketIo, Subsystem, TargetConfig};
 use ox::keys::{Kek, KekSource};
 use ox::store::http::Trust;
@@ -54,6 +55,26 @@ pub struct Config {
     /// Clones the appliance must have (created at start if missing).
     #[serde(default, rename = "clone")]
     pub clones: Vec<CloneSection>,
+    /// Hosts that must authenticate (DH-HMAC-CHAP) wherever they connect.
+    #[serde(default, rename = "host")]
+    pub hosts: Vec<HostSection>,
+}
+
+/// `[[host]]`: a host's DH-HMAC-CHAP secrets. Every subsystem that lets this host in
+/// (by name or with `allow_any_host`) makes it authenticate each queue with them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    /// The host's NQN.
+    pub nqn: String,
+    /// A file holding the host's secret, `DHHC-1:XX:...:` as `nvme gen-dhchap-key`
+    /// prints it (readable by the owner only).
+    pub dhchap_key_file: PathBuf,
+    /// A file holding the controller's secret, for hosts that ask the appliance to
+    /// authenticate itself too (bidirectional); without it such hosts are refused.
+    pub dhchap_ctrl_key_file: Option<PathBuf>,
+    /// `sha256` (default), `sha384` or `sha512`, used when the host offers it.
+    pub dhchap_hash: Option<String>,
 }
 
 /// `[[clone]]`: a clone of a snapshot in a store, created at the first start and kept
@@ -333,8 +354,42 @@ impl Config {
         Ok(out)
     }
 
+    /// Every `[[host]]`'s secrets, read from their files and checked.
+    pub fn host_keys(&self) -> anyhow::Result<Vec<HostKeys>> {
+        let mut out: Vec<HostKeys> = Vec::new();
+        for h in &self.hosts {
+            let what = || format!("host {:?}", h.nqn);
+            nvmf::check_nqn(&h.nqn).with_context(what)?;
+            if out.iter().any(|k| k.hostnqn == h.nqn) {
+                bail!("host.nqn: {:?} is defined twice", h.nqn);
+            }
+            let hash = match h.dhchap_hash.as_deref() {
+                None => Hash::Sha256,
+                Some(name) => Hash::from_name(name).with_context(|| {
+                    format!(
+                        "host {:?}: dhchap_hash {name:?} is not one of sha256, sha384, sha512",
+                        h.nqn
+                    )
+                })?,
+            };
+            let key = read_secret(&h.dhchap_key_file).with_context(what)?;
+            let ctrl_key = match &h.dhchap_ctrl_key_file {
+                Some(path) => Some(read_secret(path).with_context(what)?),
+                None => None,
+            };
+            out.push(HostKeys {
+                hostnqn: h.nqn.clone(),
+                key,
+                ctrl_key,
+                hash,
+            });
+        }
+        Ok(out)
+    }
+
     /// The NVMe/TCP target configuration over `bdevs`.
     pub fn target_config(&self, bdevs: &[Bdev]) -> anyhow::Result<TargetConfig> {
+        let host_keys = self.host_keys()?;
         let d = Limits::default();
         let n = &self.nvmf;
         let limits = Limits {
@@ -349,6 +404,7 @@ impl Config {
                 .map_or(d.max_h2c_data, |k| k.saturating_mul(1024)),
             max_io_queues: n.max_io_queues.unwrap_or(d.max_io_queues),
             max_connections: n.max_connections.unwrap_or(d.max_connections),
+            auth_timeout: d.auth_timeout,
         };
         let mut subsystems = Vec::new();
         for (i, s) in self.subsystems.iter().enumerate() {
@@ -374,6 +430,11 @@ impl Config {
                     s.nqn
                 );
             }
+            let hosts = if s.allow_any_host {
+                HostPolicy::Any
+            } else {
+                HostPolicy::Only(s.hosts.clone())
+            };
             subsystems.push(Subsystem {
                 nqn: s.nqn.clone(),
                 serial: s
@@ -381,11 +442,8 @@ impl Config {
                     .clone()
                     .unwrap_or_else(|| format!("OX{:06}", i + 1)),
                 model: s.model.clone().unwrap_or_else(|| "OX appliance".into()),
-                hosts: if s.allow_any_host {
-                    HostPolicy::Any
-                } else {
-                    HostPolicy::Only(s.hosts.clone())
-                },
+                host_keys: keys_for(&hosts, &host_keys),
+                hosts,
                 namespaces,
                 listeners,
             });
@@ -496,9 +554,37 @@ impl Config {
             zstd_level: ox.zstd_level.unwrap_or(3),
             object_bytes: ox.object_mib.unwrap_or(8).clamp(1, 1024) << 20,
             chunk_bytes,
+            host_keys: self.host_keys()?,
         };
         Ok(Some((settings, cores)))
     }
+}
+
+/// The secrets of the hosts `policy` lets in: those hosts must authenticate.
+pub fn keys_for(policy: &HostPolicy, keys: &[HostKeys]) -> Vec<HostKeys> {
+    keys.iter()
+        .filter(|k| policy.allows(&k.hostnqn))
+        .cloned()
+        .collect()
+}
+
+/// Reads a DH-HMAC-CHAP secret from `path`, which only its owner may read (a secret
+/// others can read is refused, as ssh refuses such keys).
+fn read_secret(path: &Path) -> anyhow::Result<DhchapKey> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("reading secret {}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "secret {} is readable by others (mode {:o}): chmod 600 it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading secret {}", path.display()))?;
+    DhchapKey::parse(&text).with_context(|| format!("secret {}", path.display()))
 }
 
 fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {

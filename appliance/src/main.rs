@@ -1,7 +1,8 @@
 //! `oxd`, the OX appliance daemon.
 //!
 //! `oxd --config FILE` serves the block devices and NVMe/TCP subsystems the file names;
-//! `oxd smoke` is a self-contained run of the reactors and block devices. With a
+//! `oxd smoke` is a self-contained run of the reactors and block devices; `oxd
+//! dhchap-key` prints a new DH-HMAC-CHAP secret for `[[host]]` sections. With a
 //! `[control]` section it serves the JSON-RPC control API (docs/API.md) and keeps a
 //! hash-chained audit log; with `[ox]` it holds volumes, snapshots and clones
 //! (docs/OPERATIONS.md); with `[metrics]` it serves Prometheus metrics.
@@ -34,6 +35,34 @@ enum Command {
     /// Start reactors and one device of each kind, check data integrity from every
     /// core, print statistics and stop.
     Smoke(smoke::SmokeArgs),
+    /// Print a new DH-HMAC-CHAP secret (`DHHC-1:XX:...:`, as `nvme gen-dhchap-key`
+    /// makes) for a `[[host]]`'s dhchap_key_file or dhchap_ctrl_key_file; give the same
+    /// string to the host's `nvme connect --dhchap-secret` (or --dhchap-ctrl-secret).
+    DhchapKey(DhchapKeyArgs),
+}
+
+#[derive(clap::Args)]
+struct DhchapKeyArgs {
+    /// Key length in bytes: 32, 48 or 64.
+    #[arg(long, default_value_t = 32)]
+    bytes: usize,
+    /// Hash that transforms the key with its owner's NQN first: none, sha256, sha384
+    /// or sha512.
+    #[arg(long, default_value = "sha256")]
+    transform: String,
+}
+
+fn dhchap_key(a: &DhchapKeyArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use nvmf::dhchap::{DhchapKey, Hash};
+    let transform = match a.transform.as_str() {
+        "none" => None,
+        name => Some(Hash::from_name(name).with_context(|| {
+            format!("--transform {name:?} is not one of none, sha256, sha384, sha512")
+        })?),
+    };
+    println!("{}", DhchapKey::generate(a.bytes, transform)?.encode());
+    Ok(())
 }
 
 /// Logs to stdout (the journal under systemd): level and message, with time when on a
@@ -58,6 +87,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match (cli.command, cli.config) {
         (Some(Command::Smoke(args)), None) => smoke::run(&args),
+        (Some(Command::DhchapKey(args)), None) => dhchap_key(&args),
         (None, Some(path)) => {
             logging();
             serve::run(&path)

@@ -170,8 +170,9 @@ fn audit_connects(target: &Target, audit: Option<Arc<AuditLog>>) -> anyhow::Resu
         .spawn(move || {
             for e in rx {
                 let Some(a) = &audit else { continue };
+                // "ok", "ok, authentication required", "authenticated", or why not.
                 let result = if e.allowed {
-                    "ok".to_string()
+                    e.reason.to_string()
                 } else {
                     format!("denied: {}", e.reason)
                 };

@@ -79,6 +79,8 @@ pub struct Settings {
     pub object_bytes: usize,
     /// Chunk size of new volumes.
     pub chunk_bytes: u64,
+    /// Hosts that must authenticate to the exports that let them in (`[[host]]`).
+    pub host_keys: Vec<nvmf::dhchap::HostKeys>,
 }
 
 /// A long operation's progress and outcome.
@@ -516,15 +518,17 @@ impl Service {
             .chars()
             .take(20)
             .collect();
+        let hosts = if e.allow_any_host {
+            HostPolicy::Any
+        } else {
+            HostPolicy::Only(e.hosts.clone())
+        };
         let sub = Subsystem {
             nqn: e.nqn.clone(),
             serial,
             model: "OX volume".into(),
-            hosts: if e.allow_any_host {
-                HostPolicy::Any
-            } else {
-                HostPolicy::Only(e.hosts.clone())
-            },
+            host_keys: crate::config::keys_for(&hosts, &self.settings.host_keys),
+            hosts,
             namespaces: vec![Namespace::new(1, bdev.clone())],
             listeners: self.settings.export_listeners.clone(),
         };

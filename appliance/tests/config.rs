@@ -158,3 +158,64 @@ fn bad_object_exchange_configurations_are_named() {
         );
     }
 }
+
+#[test]
+fn host_secrets_are_checked_and_required() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let made = Command::new(env!("CARGO_BIN_EXE_oxd"))
+        .args(["dhchap-key", "--bytes", "48", "--transform", "sha384"])
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let secret = String::from_utf8(made.stdout).unwrap();
+    assert!(secret.starts_with("DHHC-1:02:"), "{secret}");
+    let write = |name: &str, text: &str, mode: u32| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let good = write("good", &secret, 0o600);
+    let open = write("open", &secret, 0o644);
+    let mut damaged = secret.trim().to_string();
+    damaged.replace_range(12..13, if &damaged[12..13] == "A" { "B" } else { "A" });
+    let damaged = write("damaged", &damaged, 0o600);
+    let host = "nqn.2026-11.io.ox:h1";
+    let section = |file: &std::path::Path, extra: &str| {
+        format!("[[host]]\nnqn = \"{host}\"\ndhchap_key_file = {file:?}\n{extra}")
+    };
+    let cases = [
+        (
+            section(&open, ""),
+            "is readable by others (mode 644): chmod 600 it",
+        ),
+        (section(&damaged, ""), "CRC does not match"),
+        (section(&dir.path().join("missing"), ""), "reading secret"),
+        (
+            section(&good, "dhchap_hash = \"md5\"\n"),
+            "dhchap_hash \"md5\" is not one of sha256, sha384, sha512",
+        ),
+        (
+            format!("{}{}", section(&good, ""), section(&good, "")),
+            "is defined twice",
+        ),
+        (
+            section(&good, "dhchap_ctrl_key_file = \"/nonexistent\"\n"),
+            "reading secret /nonexistent",
+        ),
+    ];
+    for (config, expected) in cases {
+        let err = oxd_with(&config);
+        assert!(
+            err.contains(expected),
+            "for\n{config}\nexpected {expected:?} in:\n{err}"
+        );
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_oxd"))
+        .args(["dhchap-key", "--bytes", "40"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be 32, 48 or 64"));
+}

@@ -246,6 +246,8 @@ impl Status {
     pub const CONNECT_INVALID_PARAM: Self = Self::command(0x82);
     /// Connect: invalid host.
     pub const CONNECT_INVALID_HOST: Self = Self::command(0x84);
+    /// The queue must authenticate before this command (do not retry).
+    pub const AUTH_REQUIRED: Self = Self::command(0x91);
     /// Write fault.
     pub const WRITE_FAULT: Self = Self::media(0x80);
     /// Unrecovered read error.

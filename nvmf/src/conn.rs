@@ -19,6 +19,7 @@ use bdev::{BdevError, Channel, IoBuf};
 use reactor::io_uring::{opcode, types};
 use reactor::{PollStatus, PollerId, Reactor, current};
 
+use crate::auth;
 use crate::bufpool;
 use crate::cmd::{
     Cqe, Direction, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, fctype,
@@ -200,6 +201,10 @@ struct State {
     /// Receiving is paused until the send backlog drains.
     rx_paused: bool,
     queue: Option<Queue>,
+    /// The queue ID given at Connect.
+    qid: u16,
+    /// The host must authenticate (DH-HMAC-CHAP) before this queue is used.
+    auth: Option<auth::Transaction>,
     sqsize: u16,
     sqhd: u16,
     sq_flow_off: bool,
@@ -253,6 +258,8 @@ impl Conn {
                 tx_inflight: 0,
                 rx_paused: false,
                 queue: None,
+                qid: 0,
+                auth: None,
                 sqsize: 0,
                 sqhd: 0,
                 sq_flow_off: false,
@@ -732,6 +739,18 @@ impl Conn {
     // ---------------------------------------------------------------- execution
 
     fn execute(self: &Rc<Self>, sqe: Sqe, data: Option<IoBuf>, xfer: u32) {
+        let unauthenticated = {
+            let st = self.st.borrow();
+            st.auth.as_ref().is_some_and(|a| !a.authenticated())
+        };
+        let auth_command = sqe.opcode() == FABRICS
+            && matches!(
+                sqe.fctype(),
+                fctype::AUTH_SEND | fctype::AUTH_RECV | fctype::DISCONNECT
+            );
+        if unauthenticated && !auth_command {
+            return self.reply(&sqe, Status::AUTH_REQUIRED.into(), None, 0);
+        }
         if sqe.opcode() == FABRICS {
             return self.fabrics(sqe, data, xfer);
         }
@@ -775,7 +794,13 @@ impl Conn {
                         st.sq_flow_off = c.sq_flow_off;
                         st.sqhd = 1 % (c.sqsize + 1);
                         st.queue = Some(c.queue);
+                        st.qid = c.qid;
+                        st.auth = c.auth;
+                        let must_authenticate = st.auth.is_some();
                         drop(st);
+                        if must_authenticate {
+                            self.arm_auth_timeout();
+                        }
                         c.reply
                     }
                     Err(reply) => reply,
@@ -793,6 +818,8 @@ impl Conn {
                 }
                 Status::INVALID_FIELD.into()
             }
+            (fctype::AUTH_SEND, true) => return self.auth_send(&sqe, data.as_deref()),
+            (fctype::AUTH_RECV, true) => return self.auth_receive(&sqe, xfer),
             (fctype::PROPERTY_GET | fctype::PROPERTY_SET, true) => {
                 let ctrl = match &self.st.borrow().queue {
                     Some(Queue::Admin(c)) => Some(Rc::clone(c)),
@@ -806,6 +833,131 @@ impl Conn {
             _ => Status::INVALID_OPCODE.into(),
         };
         self.reply(&sqe, reply, None, xfer);
+    }
+
+    // ---------------------------------------------------------------- authentication
+
+    /// Authentication Send: a DH-HMAC-CHAP message from the host.
+    fn auth_send(self: &Rc<Self>, sqe: &Sqe, data: Option<&[u8]>) {
+        let tl = sqe.cdw(11);
+        if !auth_fields_ok(sqe) || tl == 0 {
+            return self.reply(sqe, Status::INVALID_FIELD.into(), None, 0);
+        }
+        let Some(msg) = data.filter(|d| d.len() == tl as usize) else {
+            return self.reply(sqe, Status::SGL_LENGTH_INVALID.into(), None, 0);
+        };
+        let outcome = self.st.borrow_mut().auth.as_mut().map(|t| t.send(msg));
+        match outcome {
+            // This host needs no authentication here.
+            None => self.reply(sqe, Status::INVALID_FIELD.into(), None, 0),
+            Some(Ok(())) => {
+                self.reply(sqe, Status::SUCCESS.into(), None, 0);
+                self.observe_auth(None);
+            }
+            Some(Err(failure)) => {
+                // The host gave up (Failure2): so does the connection.
+                self.reply(sqe, Status::SUCCESS.into(), None, 0);
+                self.auth_failed(failure);
+            }
+        }
+    }
+
+    /// Authentication Receive: the DH-HMAC-CHAP message the transaction owes.
+    fn auth_receive(self: &Rc<Self>, sqe: &Sqe, xfer: u32) {
+        let al = sqe.cdw(11);
+        if !auth_fields_ok(sqe) || !(16..=auth::MAX_RECEIVE).contains(&al) {
+            return self.reply(sqe, Status::INVALID_FIELD.into(), None, 0);
+        }
+        if xfer != al {
+            return self.reply(sqe, Status::SGL_LENGTH_INVALID.into(), None, 0);
+        }
+        let received = self
+            .st
+            .borrow_mut()
+            .auth
+            .as_mut()
+            .map(|t| t.receive(al as usize));
+        let Some(received) = received else {
+            return self.reply(sqe, Status::INVALID_FIELD.into(), None, 0);
+        };
+        self.reply(
+            sqe,
+            Status::SUCCESS.into(),
+            Some(Payload::Vec(received.message)),
+            xfer,
+        );
+        match received.close {
+            Some(failure) => self.auth_failed(failure),
+            None => self.observe_auth(None),
+        }
+    }
+
+    /// Authentication failed: the audit hears why, and the connection closes once
+    /// the message that says so is out.
+    fn auth_failed(self: &Rc<Self>, failure: auth::Failure) {
+        self.observe_auth(Some(failure));
+        self.st.borrow_mut().phase = Phase::Terminating;
+        self.maybe_finish_terminating();
+        let weak = Rc::downgrade(self);
+        self.reactor.after(Duration::from_secs(1), move || {
+            if let Some(c) = weak.upgrade() {
+                c.close();
+            }
+        });
+    }
+
+    /// Reports an authentication's outcome to the connect observer: a failure on any
+    /// queue, a success once, on the admin queue.
+    fn observe_auth(&self, failure: Option<auth::Failure>) {
+        let event = {
+            let mut st = self.st.borrow_mut();
+            let qid = st.qid;
+            let Some(t) = st.auth.as_mut() else { return };
+            match failure {
+                Some(f) => Some((
+                    t.hostnqn().to_string(),
+                    t.subnqn().to_string(),
+                    false,
+                    f.reason(),
+                )),
+                None if qid == 0 && t.take_success_report() => Some((
+                    t.hostnqn().to_string(),
+                    t.subnqn().to_string(),
+                    true,
+                    "authenticated",
+                )),
+                None => None,
+            }
+        };
+        if let (Some((hostnqn, subnqn, allowed, reason)), Some(o)) =
+            (event, self.target.observer.get())
+        {
+            o(crate::target::ConnectEvent {
+                hostnqn,
+                subnqn,
+                listener: self.local,
+                allowed,
+                reason,
+            });
+        }
+    }
+
+    /// A queue that has not authenticated within the limit's time of its Connect is
+    /// closed, so hosts without the secret cannot hold connections open.
+    fn arm_auth_timeout(self: &Rc<Self>) {
+        let weak = Rc::downgrade(self);
+        self.reactor
+            .after(self.target.limits.auth_timeout, move || {
+                let Some(c) = weak.upgrade() else { return };
+                let pending =
+                    c.st.borrow()
+                        .auth
+                        .as_ref()
+                        .is_some_and(|a| !a.authenticated());
+                if pending {
+                    c.close();
+                }
+            });
     }
 
     /// Completes a command: data (from `reply.data` or `payload`) as C2HData, then the
@@ -1048,6 +1200,12 @@ impl Conn {
             self.close();
         }
     }
+}
+
+/// Whether an Authentication Send/Receive names DH-HMAC-CHAP: security protocol
+/// 0xE9, SPSP0 and SPSP1 1.
+fn auth_fields_ok(sqe: &Sqe) -> bool {
+    sqe.0[43] == auth::SECP && sqe.0[41] == auth::SPSP && sqe.0[42] == auth::SPSP
 }
 
 /// Command IDs in flight on a queue: a 64 Ki-bit set, so the check is a bit test.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use reactor::{PollStatus, PollerId};
 
+use crate::auth;
 use crate::cmd::{Sqe, Status, admin};
 use crate::conn::{Conn, IoQueue, Queue};
 use crate::identify::{self, AER_LIMIT, CtrlKind};
@@ -120,10 +121,16 @@ pub(crate) fn take_discovery_change(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Co
 /// What a successful Connect sets up on the connection.
 pub(crate) struct Connected {
     pub queue: Queue,
+    pub qid: u16,
     pub sqsize: u16,
     pub sq_flow_off: bool,
+    /// The host must authenticate this queue before using it.
+    pub auth: Option<auth::Transaction>,
     pub reply: Reply,
 }
+
+/// Connect's result bit telling the host to authenticate (ATR).
+const AUTH_REQUIRED: u32 = 1 << 17;
 
 /// Handles Connect (`data` is the 1024-byte connect data).
 pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connected, Reply> {
@@ -180,6 +187,18 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
         }
         Some(s)
     };
+    // A host with a secret for this subsystem authenticates every queue it connects
+    // (discovery needs none).
+    let auth = subsystem.as_ref().and_then(|s| {
+        s.host_keys
+            .iter()
+            .find(|k| k.hostnqn == hostnqn)
+            .map(|k| auth::Transaction::new(Arc::new(k.clone()), &s.nqn))
+    });
+    let result = |cntlid: u16| {
+        let atr = if auth.is_some() { AUTH_REQUIRED } else { 0 };
+        Reply::ok(u32::from(cntlid) | atr)
+    };
     let sq_flow_off = cattr & 0x04 != 0;
     if qid == 0 {
         let depth = target.limits.admin_queue_depth;
@@ -215,7 +234,14 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
             observe(false, "subsystem removed");
             return Err(Reply::invalid_param(256, true));
         }
-        observe(true, "ok");
+        observe(
+            true,
+            if auth.is_some() {
+                "ok, authentication required"
+            } else {
+                "ok"
+            },
+        );
         let ctrl = Rc::new(RefCell::new(Controller {
             shared,
             kind: if discovery {
@@ -238,9 +264,11 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
         arm_keep_alive(&ctrl, conn);
         return Ok(Connected {
             queue: Queue::Admin(ctrl),
+            qid,
             sqsize,
             sq_flow_off,
-            reply: Reply::ok(u32::from(id)),
+            reply: result(id),
+            auth,
         });
     }
     // An I/O queue of an existing controller.
@@ -282,9 +310,11 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
     let id = ctrl.cntlid;
     Ok(Connected {
         queue: Queue::Io(Rc::new(IoQueue::new(qid, ctrl, subsystem))),
+        qid,
         sqsize,
         sq_flow_off,
-        reply: Reply::ok(u32::from(id)),
+        reply: result(id),
+        auth,
     })
 }
 

@@ -11,10 +11,12 @@
 //! The wire types ([`pdu`], [`cmd`]) are public so that initiators (oxperf) share
 //! them; the target logic is not.
 
+mod auth;
 mod bufpool;
 pub mod cmd;
 mod conn;
 mod ctrlr;
+pub mod dhchap;
 mod error;
 pub mod framing;
 pub mod identify;

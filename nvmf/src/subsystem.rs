@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use bdev::Bdev;
 use uuid::Uuid;
 
+use crate::dhchap::HostKeys;
 use crate::error::NvmfError;
 
 /// The well-known NQN of the discovery subsystem.
@@ -82,6 +83,9 @@ pub struct Subsystem {
     pub namespaces: Vec<Namespace>,
     /// Addresses this subsystem is reachable on.
     pub listeners: Vec<SocketAddr>,
+    /// Hosts that must authenticate (DH-HMAC-CHAP) with these secrets; other allowed
+    /// hosts connect without.
+    pub host_keys: Vec<HostKeys>,
 }
 
 impl Subsystem {
@@ -109,6 +113,22 @@ impl Subsystem {
         if let HostPolicy::Only(hosts) = &s.hosts {
             for h in hosts {
                 check_nqn(h)?;
+            }
+        }
+        let mut keyed = HashSet::new();
+        for k in &s.host_keys {
+            check_nqn(&k.hostnqn)?;
+            if !s.hosts.allows(&k.hostnqn) {
+                return bad(format!(
+                    "subsystem {}: host {} has a secret but is not allowed",
+                    s.nqn, k.hostnqn
+                ));
+            }
+            if !keyed.insert(&k.hostnqn) {
+                return bad(format!(
+                    "subsystem {}: host {} has two secrets",
+                    s.nqn, k.hostnqn
+                ));
             }
         }
         if s.listeners.is_empty() {
@@ -167,6 +187,8 @@ pub struct Limits {
     pub max_io_queues: u16,
     /// Connections across the whole target.
     pub max_connections: usize,
+    /// Time a queue that must authenticate has, from its Connect, before it is closed.
+    pub auth_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -179,6 +201,7 @@ impl Default for Limits {
             max_h2c_data: 128 << 10,
             max_io_queues: 8,
             max_connections: 256,
+            auth_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -7,32 +7,19 @@
 //! `../shared/tools/linux-nvme` from the repository.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod support;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use bdev::create_malloc;
 use nvmf::{HostPolicy, Limits, Namespace, SocketIo, Subsystem, Target, TargetConfig};
 use reactor::{CoreList, ReactorConfig, ReactorSet};
+use support::guest::Guest;
 
 const FIRST: &str = "nqn.2026-11.io.ox:first";
 const ADDED: &str = "nqn.2026-11.io.ox:added-later";
 /// The guest has no /etc/nvme/hostnqn: name the host (its host ID is the NQN's UUID).
 const HOST_ID: &str = "4f1e0a3c-7b2d-4c59-9e61-2a8d5c0b7e13";
-
-fn tools() -> PathBuf {
-    let dir = std::env::var_os("OX_LINUX_NVME").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/linux-nvme"),
-        PathBuf::from,
-    );
-    assert!(
-        dir.join("lib.sh").exists(),
-        "{} not found: set OX_LINUX_NVME to the linux-nvme tool directory",
-        dir.display()
-    );
-    dir
-}
 
 fn subsystem(nqn: &str, listener: SocketAddr) -> Subsystem {
     Subsystem {
@@ -45,6 +32,7 @@ fn subsystem(nqn: &str, listener: SocketAddr) -> Subsystem {
             create_malloc(nqn, 512, 2048, None).unwrap(),
         )],
         listeners: vec![listener],
+        host_keys: Vec::new(),
     }
 }
 
@@ -97,60 +85,18 @@ fn a_persistent_linux_discovery_controller_is_told_of_each_change() {
     let target = Target::start(config, set.handles()).unwrap();
     let addr = target.local_addrs()[0];
 
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("guest.log");
-    let lib = tools().join("lib.sh");
-    let mut guest = Command::new("timeout")
-        .arg("240")
-        .arg("bash")
-        .arg("-c")
-        .arg(
-            r#". "$1" && lnv_prepare && lnv_boot "$2" "$3" \
-               -netdev user,id=n0 -device virtio-net-pci,netdev=n0"#,
-        )
-        .arg("_")
-        .arg(&lib)
-        .arg(guest_script(addr.port()))
-        .arg(&log)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-
-    let console = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut wait_for = |marker: &str| {
-        let deadline = Instant::now() + Duration::from_secs(200);
-        while !console().contains(marker) {
-            assert!(
-                Instant::now() < deadline,
-                "the guest never printed {marker}:\n{}",
-                console()
-            );
-            assert!(
-                guest.try_wait().unwrap().is_none(),
-                "the guest stopped early:\n{}",
-                console()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    wait_for("@@ READY 1");
+    let mut guest = Guest::boot(&guest_script(addr.port()));
+    guest.wait_for("@@ READY 1");
     assert!(
-        console().contains("@@ PERSISTENT 1"),
+        guest.console().contains("@@ PERSISTENT 1"),
         "persistent discovery of one subsystem:\n{}",
-        console()
+        guest.console()
     );
     target.add_subsystem(subsystem(ADDED, addr)).unwrap();
-    wait_for("@@ READY 2");
+    guest.wait_for("@@ READY 2");
     target.remove_subsystem(FIRST).unwrap();
-    let status = guest.wait().unwrap();
-    let out = console();
-    let lines: Vec<&str> = out
-        .lines()
-        .filter_map(|l| l.find("@@ ").map(|i| l[i + 3..].trim_end()))
-        .collect();
-    assert!(status.success(), "guest exit {status}:\n{out}");
-    assert!(lines.contains(&"END"), "the guest did not finish:\n{out}");
-    let notices = lines.iter().filter(|l| **l == "AEN 0x70f002").count();
+    let (lines, out) = guest.finish();
+    let notices = lines.iter().filter(|l| *l == "AEN 0x70f002").count();
     assert_eq!(
         notices, 2,
         "a discovery log change notice (notice, 0xF0, log 0x70) per change:\n{out}"

@@ -59,6 +59,7 @@ fn setup_with(limits: Limits, socket_io: SocketIo, idle: IdlePolicy) -> Setup {
                     Namespace::new(2, create_malloc("m4k", 4096, BLOCKS / 8, None).unwrap()),
                 ],
                 listeners: vec![any],
+                host_keys: Vec::new(),
             },
             Subsystem {
                 nqn: PRIVATE.into(),
@@ -70,6 +71,7 @@ fn setup_with(limits: Limits, socket_io: SocketIo, idle: IdlePolicy) -> Setup {
                     create_malloc("p", 512, 2048, None).unwrap(),
                 )],
                 listeners: vec![any],
+                host_keys: Vec::new(),
             },
         ],
         discovery_listeners: vec![],
@@ -476,6 +478,7 @@ fn discovery_lists_subsystems_the_host_may_see() {
             create_malloc("d", 512, 64, None).unwrap(),
         )],
         listeners: listeners.clone(),
+        host_keys: Vec::new(),
     };
     let config = TargetConfig {
         subsystems: vec![
@@ -975,6 +978,7 @@ fn subsystems_come_and_go_while_the_target_runs() {
             create_malloc("new", 512, 4096, None).unwrap(),
         )],
         listeners,
+        host_keys: Vec::new(),
     };
     // On the existing listener, and on a new one bound on the spot.
     let fresh: SocketAddr = "127.0.0.3:0".parse().unwrap();
@@ -1072,6 +1076,7 @@ fn discovery_controllers_are_told_when_the_log_changes() {
             create_malloc("aen", 512, 64, None).unwrap(),
         )],
         listeners: vec![s.addr],
+        host_keys: Vec::new(),
     };
     let open = |nqn: &str| sub(nqn, HostPolicy::Any);
     let mut told = discovery_controller(s.addr, HOSTNQN, true);

@@ -2,6 +2,7 @@
 //! NVMe/TCP target. It shares `nvmf`'s wire types (PDUs, commands) and nothing of its
 //! target logic.
 
+mod auth;
 mod engine;
 mod report;
 mod session;
@@ -54,6 +55,38 @@ struct Common {
     /// --disable-sqflow` does, so a target may end a read with its data PDU alone).
     #[arg(long)]
     sq_flow_control: bool,
+    /// DH-HMAC-CHAP secret of this host (`DHHC-1:XX:...:`, as `nvme connect
+    /// --dhchap-secret` takes it), or a file holding it, for targets that require
+    /// authentication.
+    #[arg(long, value_name = "SECRET|FILE")]
+    dhchap_secret: Option<String>,
+    /// The controller's secret (or a file holding it): the target must prove it too.
+    #[arg(long, value_name = "SECRET|FILE", requires = "dhchap_secret")]
+    dhchap_ctrl_secret: Option<String>,
+}
+
+/// A secret given on the command line, or read from the file it names.
+fn secret(arg: &str, what: &str) -> anyhow::Result<nvmf::dhchap::DhchapKey> {
+    let text = if arg.starts_with("DHHC-1:") {
+        arg.to_string()
+    } else {
+        std::fs::read_to_string(arg).with_context(|| format!("{what}: reading {arg}"))?
+    };
+    nvmf::dhchap::DhchapKey::parse(&text).with_context(|| what.to_string())
+}
+
+fn dhchap(c: &Common) -> anyhow::Result<Option<auth::HostSecrets>> {
+    let Some(key) = &c.dhchap_secret else {
+        return Ok(None);
+    };
+    Ok(Some(auth::HostSecrets {
+        key: secret(key, "--dhchap-secret")?,
+        ctrl_key: c
+            .dhchap_ctrl_secret
+            .as_deref()
+            .map(|k| secret(k, "--dhchap-ctrl-secret"))
+            .transpose()?,
+    }))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -177,6 +210,7 @@ fn discover(a: &DiscoverArgs) -> anyhow::Result<()> {
         digests: digests(a.common.digest),
         timeout: Duration::from_secs(a.common.timeout),
         sq_flow_control: a.common.sq_flow_control,
+        dhchap: dhchap(&a.common)?,
     };
     let records = session::discover(&ep)?;
     if a.common.json {
@@ -310,6 +344,7 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
             digests: digests(a.common.digest),
             timeout,
             sq_flow_control: a.common.sq_flow_control,
+            dhchap: dhchap(&a.common)?,
         };
         let mut ctrl = Controller::connect(&ep, a.qpairs)
             .with_context(|| format!("{} {}", ep.addr, ep.subnqn))?;

@@ -11,6 +11,8 @@ use nvmf::cmd::{
     Cqe, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, admin, fctype,
 };
 use nvmf::le;
+
+use crate::auth::{HostSecrets, authenticate};
 use nvmf::pdu::{
     self, CommonHeader, DataHeader, Digests, FLAG_DATA_SUCCESS, IcReq, IcResp, PduType,
 };
@@ -24,6 +26,8 @@ pub const DEFAULT_HOSTNQN: &str =
 
 /// Connect's CATTR bit asking the controller not to report SQ head pointers.
 const CONNECT_DISABLE_SQ_FLOW: u8 = 1 << 2;
+/// Connect's result bit: the host must authenticate this queue (ATR).
+const CONNECT_AUTH_REQUIRED: u32 = 1 << 17;
 
 /// How to reach a target.
 #[derive(Debug, Clone)]
@@ -42,6 +46,8 @@ pub struct Endpoint {
     /// lets a target complete a read with its last C2HData PDU alone, as SPDK's target
     /// does for every host, instead of adding a response capsule.
     pub sq_flow_control: bool,
+    /// DH-HMAC-CHAP secrets, for targets that make this host authenticate.
+    pub dhchap: Option<HostSecrets>,
 }
 
 /// Resolves "host:port".
@@ -341,6 +347,19 @@ impl Session {
             );
         }
         self.cntlid = cqe.dw0 as u16;
+        if cqe.dw0 & CONNECT_AUTH_REQUIRED != 0 {
+            let Some(secrets) = &ep.dhchap else {
+                bail!(
+                    "{} requires host {} to authenticate (DH-HMAC-CHAP) to {}: give \
+                     --dhchap-secret",
+                    ep.addr,
+                    ep.hostnqn,
+                    ep.subnqn
+                );
+            };
+            authenticate(self, secrets, &ep.hostnqn, &ep.subnqn, qid)
+                .with_context(|| format!("{} {} queue {qid}", ep.addr, ep.subnqn))?;
+        }
         Ok(self.cntlid)
     }
 

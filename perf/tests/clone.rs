@@ -59,6 +59,7 @@ fn serve(set: &ReactorSet, nqn: &str, dev: Bdev) -> (Target, SocketAddr) {
             hosts: HostPolicy::Any,
             namespaces: vec![Namespace::new(1, dev)],
             listeners: vec!["127.0.0.1:0".parse().unwrap()],
+            host_keys: Vec::new(),
         }],
         discovery_listeners: vec![],
         limits: Limits::default(),

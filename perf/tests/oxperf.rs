@@ -123,6 +123,7 @@ fn appliance(corrupt_lba: Option<u64>) -> Appliance {
             hosts: HostPolicy::Any,
             namespaces: vec![Namespace::new(1, dev)],
             listeners: vec!["127.0.0.1:0".parse().unwrap()],
+            host_keys: Vec::new(),
         }],
         discovery_listeners: vec![],
         limits: Limits::default(),

@@ -2,6 +2,8 @@
 //! target through every path, and to misbehave on purpose.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use nvmf::cmd::{
     Cqe, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, admin, fctype,
 };
+use nvmf::dhchap::{self, DhchapKey, Hash};
 use nvmf::le;
 use nvmf::pdu::{
     self, CommonHeader, DataHeader, Digests, FLAG_DATA_LAST, FLAG_DATA_SUCCESS, IcReq, IcResp,
@@ -298,6 +301,83 @@ impl Host {
         self.command(sqe, &[], 0)
     }
 
+    /// Authentication Send of `msg` (DH-HMAC-CHAP).
+    pub fn auth_send(&mut self, msg: &[u8]) -> Done {
+        let mut sqe = auth_sqe(fctype::AUTH_SEND);
+        sqe.set_cdw(11, msg.len() as u32);
+        self.command(sqe, msg, 0)
+    }
+
+    /// Authentication Receive of `al` bytes.
+    pub fn auth_receive(&mut self, al: u32) -> Done {
+        let mut sqe = auth_sqe(fctype::AUTH_RECV);
+        sqe.set_cdw(11, al);
+        self.command(sqe, &[], al)
+    }
+
+    /// Runs the host's side of DH-HMAC-CHAP as the Linux host does (t_id, the three
+    /// hashes and six groups it offers, a Reply with the response, a challenge of its
+    /// own when `ctrl_key` is given) and returns what the controller answered last.
+    pub fn authenticate(
+        &mut self,
+        hostnqn: &str,
+        subnqn: &str,
+        key: &DhchapKey,
+        ctrl_key: Option<&DhchapKey>,
+    ) -> AuthOutcome {
+        let t_id = 7;
+        let done = self.auth_send(&negotiate(t_id, &[1, 2, 3], &[0, 1, 2, 3, 4, 5]));
+        assert!(done.status().is_success(), "negotiate: {}", done.status());
+        let challenge = self.auth_receive(4096);
+        assert!(challenge.status().is_success());
+        let c = &challenge.data;
+        if c[1] != 0x01 {
+            return AuthOutcome::Failure1(c[7]);
+        }
+        assert_eq!(le::u16(c, 4), t_id, "challenge t_id");
+        let hl = usize::from(c[6]);
+        let hash = Hash::from_id(c[8]).expect("a known hash");
+        assert_eq!(hl, hash.digest_len());
+        assert_eq!((c[9], le::u16(c, 10)), (0, 0), "NULL DH group, no DH value");
+        let seqnum = le::u32(c, 12);
+        let c1 = &c[16..16 + hl];
+        let r1 = dhchap::host_response(hash, key, c1, seqnum, t_id, hostnqn, subnqn);
+        let c2 = vec![0x5Au8; hl];
+        let s2 = 0x0102_0304u32;
+        let done = self.auth_send(&reply(t_id, &r1, ctrl_key.map(|_| (&c2[..], s2))));
+        assert!(done.status().is_success(), "reply: {}", done.status());
+        let success1 = self.auth_receive(4096);
+        assert!(success1.status().is_success());
+        let m = &success1.data;
+        if m[1] != 0x03 {
+            return AuthOutcome::Failure1(m[7]);
+        }
+        let Some(ctrl_key) = ctrl_key else {
+            return AuthOutcome::Success {
+                controller_proved: false,
+            };
+        };
+        assert_eq!(
+            m[8], 1,
+            "RVALID: the controller answers the host's challenge"
+        );
+        let r2 = &m[16..16 + hl];
+        let want = dhchap::ctrl_response(hash, ctrl_key, &c2, s2, t_id, hostnqn, subnqn);
+        if r2 != want.as_slice() {
+            return AuthOutcome::Success {
+                controller_proved: false,
+            };
+        }
+        let mut success2 = vec![0u8; 16];
+        success2[0] = 0x01;
+        success2[1] = 0x04;
+        le::put_u16(&mut success2, 4, t_id);
+        assert!(self.auth_send(&success2).status().is_success());
+        AuthOutcome::Success {
+            controller_proved: true,
+        }
+    }
+
     /// Admin connect + CC.EN + Number of Queues: a ready controller.
     pub fn admin_ready(addr: SocketAddr, digests: Digests, subnqn: &str, io_queues: u16) -> Self {
         let mut h = Self::connect(addr, digests);
@@ -347,6 +427,55 @@ impl Host {
 }
 
 /// A read/write-shaped command.
+/// How a DH-HMAC-CHAP transaction ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// Success1 came (and, if asked, the controller proved its secret).
+    Success { controller_proved: bool },
+    /// Failure1 came, with this reason code explanation.
+    Failure1(u8),
+}
+
+/// An Authentication Send/Receive command naming DH-HMAC-CHAP.
+pub fn auth_sqe(fctype: u8) -> Sqe {
+    let mut sqe = Sqe::new(FABRICS, 0);
+    sqe.0[4] = fctype;
+    sqe.0[41] = 0x01; // SPSP0
+    sqe.0[42] = 0x01; // SPSP1
+    sqe.0[43] = 0xE9; // SECP
+    sqe
+}
+
+/// An AUTH_Negotiate message offering `hashes` and `groups`.
+pub fn negotiate(t_id: u16, hashes: &[u8], groups: &[u8]) -> Vec<u8> {
+    let mut m = vec![0u8; 72];
+    le::put_u16(&mut m, 4, t_id);
+    m[7] = 1; // one protocol descriptor
+    m[8] = 0x01; // DH-HMAC-CHAP
+    m[10] = hashes.len() as u8;
+    m[11] = groups.len() as u8;
+    m[12..12 + hashes.len()].copy_from_slice(hashes);
+    m[42..42 + groups.len()].copy_from_slice(groups);
+    m
+}
+
+/// A DH-HMAC-CHAP_Reply carrying `response` (and a challenge of the host's own).
+pub fn reply(t_id: u16, response: &[u8], challenge: Option<(&[u8], u32)>) -> Vec<u8> {
+    let hl = response.len();
+    let mut m = vec![0u8; 16 + 2 * hl];
+    m[0] = 0x01;
+    m[1] = 0x02;
+    le::put_u16(&mut m, 4, t_id);
+    m[6] = hl as u8;
+    m[16..16 + hl].copy_from_slice(response);
+    if let Some((c2, s2)) = challenge {
+        m[8] = 1; // CVALID
+        le::put_u32(&mut m, 12, s2);
+        m[16 + hl..].copy_from_slice(c2);
+    }
+    m
+}
+
 pub fn rw(opcode: u8, nsid: u32, slba: u64, blocks: u32) -> Sqe {
     let mut sqe = Sqe::new(opcode, 0);
     sqe.set_nsid(nsid);

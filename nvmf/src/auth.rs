@@ -1,0 +1,354 @@
+//! One queue's DH-HMAC-CHAP transaction, as the controller runs it: the host's
+//! Authentication Send commands carry Negotiate, Reply and Success2 messages; its
+//! Authentication Receive commands fetch Challenge, Success1 or Failure1.
+//!
+//! Only the NULL Diffie-Hellman group is offered (the challenge is used as it is);
+//! the Linux host offers it, as the Linux target selects it by default. A check that
+//! fails in a Send completes the command successfully and makes the next Receive
+//! return Failure1, after which the connection closes, as the specification orders.
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::dhchap::{self, Hash, HostKeys};
+use crate::le;
+
+/// Security protocol of Authentication Send/Receive (NVMe in-band authentication).
+pub(crate) const SECP: u8 = 0xE9;
+/// The DH-HMAC-CHAP protocol's SPSP0 and SPSP1.
+pub(crate) const SPSP: u8 = 0x01;
+/// Largest Authentication Receive allocation length served.
+pub(crate) const MAX_RECEIVE: u32 = 8192;
+
+const TYPE_COMMON: u8 = 0x00;
+const TYPE_DHCHAP: u8 = 0x01;
+const NEGOTIATE: u8 = 0x00;
+const CHALLENGE: u8 = 0x01;
+const REPLY: u8 = 0x02;
+const SUCCESS1: u8 = 0x03;
+const SUCCESS2: u8 = 0x04;
+const FAILURE2: u8 = 0xF0;
+const FAILURE1: u8 = 0xF1;
+const DHGROUP_NULL: u8 = 0;
+
+/// Why authentication failed, as Failure1 reports it (reason code explanation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The response did not prove the secret.
+    Failed = 1,
+    /// Secure channel concatenation asked for; not supported.
+    ConcatMismatch = 3,
+    /// None of the host's hash functions is usable.
+    HashUnusable = 4,
+    /// The host does not offer the NULL DH group.
+    DhGroupUnusable = 5,
+    /// A message's fields are wrong.
+    IncorrectPayload = 6,
+    /// A message came out of order.
+    IncorrectMessage = 7,
+}
+
+impl Failure {
+    /// What the audit log says.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::Failed => "authentication failed: wrong response (secret)",
+            Self::ConcatMismatch => "authentication failed: secure channel concatenation",
+            Self::HashUnusable => "authentication failed: no usable hash",
+            Self::DhGroupUnusable => "authentication failed: NULL DH group not offered",
+            Self::IncorrectPayload => "authentication failed: malformed message",
+            Self::IncorrectMessage => "authentication failed: message out of order",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// Waiting for (or after, for a new transaction) Negotiate.
+    Negotiate,
+    /// Negotiated: the host fetches the challenge.
+    Challenge,
+    /// Challenge sent: the host sends its reply.
+    Reply,
+    /// Reply verified: the host fetches Success1 (with the controller's response).
+    Success1(Option<Vec<u8>>),
+    /// Bidirectional: the host confirms the controller's response.
+    Success2,
+    /// Failed: the host fetches Failure1, then the connection closes.
+    Failure1(Failure),
+    /// Authenticated (a new Negotiate starts again).
+    Done,
+}
+
+/// What a Receive returns, and what happens after it is sent.
+pub(crate) struct Received {
+    /// The message (the command's data, padded with zeros to its allocation length).
+    pub message: Vec<u8>,
+    /// Authentication failed: close the connection once the message is out.
+    pub close: Option<Failure>,
+}
+
+/// One queue's authentication.
+pub(crate) struct Transaction {
+    keys: Arc<HostKeys>,
+    subnqn: String,
+    step: Step,
+    t_id: u16,
+    hash: Hash,
+    challenge: Vec<u8>,
+    seqnum: u32,
+    authenticated: bool,
+    reported: bool,
+}
+
+impl Transaction {
+    /// A queue of `keys.hostnqn` to `subnqn` that must authenticate before it is used.
+    pub(crate) fn new(keys: Arc<HostKeys>, subnqn: &str) -> Self {
+        let hash = keys.hash;
+        Self {
+            keys,
+            subnqn: subnqn.to_string(),
+            step: Step::Negotiate,
+            t_id: 0,
+            hash,
+            challenge: Vec::new(),
+            seqnum: 0,
+            authenticated: false,
+            reported: false,
+        }
+    }
+
+    /// Whether the host has proved its secret (and, if it asked, heard the
+    /// controller's proof).
+    pub(crate) fn authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// The host's NQN.
+    pub(crate) fn hostnqn(&self) -> &str {
+        &self.keys.hostnqn
+    }
+
+    /// The subsystem's NQN.
+    pub(crate) fn subnqn(&self) -> &str {
+        &self.subnqn
+    }
+
+    /// True once, after the transaction first completes: its success is reported.
+    pub(crate) fn take_success_report(&mut self) -> bool {
+        let report = self.step == Step::Done && self.authenticated && !self.reported;
+        self.reported |= report;
+        report
+    }
+
+    /// An Authentication Send's message. Returns `Err` only when the host itself
+    /// gave up (Failure2): close the connection.
+    pub(crate) fn send(&mut self, msg: &[u8]) -> Result<(), Failure> {
+        let (Some(&kind), Some(&id)) = (msg.first(), msg.get(1)) else {
+            self.step = Step::Failure1(Failure::IncorrectPayload);
+            return Ok(());
+        };
+        match (kind, id) {
+            (TYPE_COMMON, NEGOTIATE) => {
+                // Any step: a Negotiate starts a transaction (re-authentication too).
+                self.step = match self.negotiate(msg) {
+                    Ok(()) => Step::Challenge,
+                    Err(f) => Step::Failure1(f),
+                };
+            }
+            (TYPE_COMMON, FAILURE2) => return Err(Failure::Failed),
+            (TYPE_DHCHAP, REPLY) if self.step == Step::Reply => {
+                self.step = match self.reply(msg) {
+                    Ok(step) => step,
+                    Err(f) => Step::Failure1(f),
+                };
+            }
+            (TYPE_DHCHAP, SUCCESS2) if self.step == Step::Success2 => {
+                self.step = if msg.len() >= 16 && le::u16(msg, 4) == self.t_id {
+                    self.authenticated = true;
+                    Step::Done
+                } else {
+                    Step::Failure1(Failure::IncorrectPayload)
+                };
+            }
+            _ => self.step = Step::Failure1(Failure::IncorrectMessage),
+        }
+        Ok(())
+    }
+
+    /// An Authentication Receive of `al` bytes: the message the current step owes.
+    pub(crate) fn receive(&mut self, al: usize) -> Received {
+        let (message, close) = match std::mem::replace(&mut self.step, Step::Negotiate) {
+            Step::Challenge => {
+                self.challenge = vec![0u8; self.hash.digest_len()];
+                if ring::rand::SecureRandom::fill(
+                    &ring::rand::SystemRandom::new(),
+                    &mut self.challenge,
+                )
+                .is_err()
+                {
+                    return self.failure(Failure::Failed, al);
+                }
+                self.seqnum = next_seqnum();
+                let mut m = header(TYPE_DHCHAP, CHALLENGE, self.t_id, 16);
+                m[6] = self.hash.digest_len() as u8;
+                m[8] = self.hash.id();
+                m[9] = DHGROUP_NULL;
+                // dhvlen (10..12) stays 0: no DH value with the NULL group.
+                le::put_u32(&mut m, 12, self.seqnum);
+                m.extend_from_slice(&self.challenge);
+                self.step = Step::Reply;
+                (m, None)
+            }
+            Step::Success1(r2) => {
+                let mut m = header(TYPE_DHCHAP, SUCCESS1, self.t_id, 16);
+                m[6] = self.hash.digest_len() as u8;
+                match r2 {
+                    Some(r2) => {
+                        m[8] = 1; // RVALID
+                        m.extend_from_slice(&r2);
+                        self.step = Step::Success2;
+                    }
+                    None => self.step = Step::Done,
+                }
+                (m, None)
+            }
+            Step::Failure1(f) => return self.failure(f, al),
+            Step::Done => {
+                self.step = Step::Done;
+                return self.failure(Failure::IncorrectMessage, al);
+            }
+            Step::Negotiate | Step::Reply | Step::Success2 => {
+                return self.failure(Failure::IncorrectMessage, al);
+            }
+        };
+        if message.len() > al {
+            return self.failure(Failure::IncorrectPayload, al);
+        }
+        Received {
+            message: padded(message, al),
+            close,
+        }
+    }
+
+    fn failure(&mut self, f: Failure, al: usize) -> Received {
+        self.step = Step::Failure1(f);
+        let mut m = header(TYPE_COMMON, FAILURE1, self.t_id, 8);
+        m[6] = 0x01; // reason code: authentication failure
+        m[7] = f as u8;
+        Received {
+            message: padded(m, al),
+            close: Some(f),
+        }
+    }
+
+    fn negotiate(&mut self, msg: &[u8]) -> Result<(), Failure> {
+        if msg.len() < 8 + 64 {
+            return Err(Failure::IncorrectPayload);
+        }
+        self.t_id = le::u16(msg, 4);
+        if msg[6] != 0 {
+            return Err(Failure::ConcatMismatch);
+        }
+        if msg[7] != 1 {
+            return Err(Failure::HashUnusable);
+        }
+        let (authid, halen, dhlen) = (msg[8], usize::from(msg[10]), usize::from(msg[11]));
+        if authid != TYPE_DHCHAP || halen > 30 || dhlen > 30 {
+            return Err(Failure::IncorrectPayload);
+        }
+        let hashes = &msg[12..12 + halen];
+        let groups = &msg[42..42 + dhlen];
+        self.hash = if hashes.contains(&self.keys.hash.id()) {
+            self.keys.hash
+        } else {
+            hashes
+                .iter()
+                .find_map(|&id| Hash::from_id(id))
+                .ok_or(Failure::HashUnusable)?
+        };
+        if !groups.contains(&DHGROUP_NULL) {
+            return Err(Failure::DhGroupUnusable);
+        }
+        Ok(())
+    }
+
+    fn reply(&mut self, msg: &[u8]) -> Result<Step, Failure> {
+        if msg.len() < 16 {
+            return Err(Failure::IncorrectPayload);
+        }
+        let hl = usize::from(msg[6]);
+        let dhvlen = usize::from(le::u16(msg, 10));
+        if le::u16(msg, 4) != self.t_id
+            || hl != self.hash.digest_len()
+            || dhvlen != 0
+            || msg.len() < 16 + 2 * hl
+        {
+            return Err(Failure::IncorrectPayload);
+        }
+        let (response, c2) = (&msg[16..16 + hl], &msg[16 + hl..16 + 2 * hl]);
+        let expected = dhchap::host_response(
+            self.hash,
+            &self.keys.key,
+            &self.challenge,
+            self.seqnum,
+            self.t_id,
+            &self.keys.hostnqn,
+            &self.subnqn,
+        );
+        if !dhchap::responses_match(&expected, response) {
+            return Err(Failure::Failed);
+        }
+        if msg[8] == 0 {
+            self.authenticated = true;
+            return Ok(Step::Success1(None));
+        }
+        // The host asks the controller to prove its own secret.
+        let Some(ctrl_key) = &self.keys.ctrl_key else {
+            return Err(Failure::Failed);
+        };
+        let s2 = le::u32(msg, 12);
+        Ok(Step::Success1(Some(dhchap::ctrl_response(
+            self.hash,
+            ctrl_key,
+            c2,
+            s2,
+            self.t_id,
+            &self.keys.hostnqn,
+            &self.subnqn,
+        ))))
+    }
+}
+
+/// A message header: type, id, zeros, the transaction ID at 4, `len` bytes long.
+fn header(kind: u8, id: u8, t_id: u16, len: usize) -> Vec<u8> {
+    let mut m = vec![0u8; len];
+    m[0] = kind;
+    m[1] = id;
+    le::put_u16(&mut m, 4, t_id);
+    m
+}
+
+/// `m` zero-padded to `al` bytes (a Failure1 of 8 always fits: `al` is at least 16).
+fn padded(mut m: Vec<u8>, al: usize) -> Vec<u8> {
+    m.resize(al, 0);
+    m
+}
+
+/// Sequence numbers for challenges: one counter for the process, starting at a
+/// random value, never 0.
+fn next_seqnum() -> u32 {
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let counter = NEXT.get_or_init(|| {
+        let mut b = [0u8; 4];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        AtomicU32::new(u32::from_le_bytes(b))
+    });
+    loop {
+        let s = counter.fetch_add(1, Ordering::Relaxed);
+        if s != 0 {
+            return s;
+        }
+    }
+}

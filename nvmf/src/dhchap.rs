@@ -1,0 +1,344 @@
+//! DH-HMAC-CHAP secrets and the computations both sides of NVMe in-band
+//! authentication make (NVMe Base Specification 2.0, 8.13; the Linux host's
+//! `drivers/nvme/common/auth.c` computes the same).
+//!
+//! A secret is written `DHHC-1:XX:<base64 of key and CRC-32>:`, as `nvme gen-dhchap-key`
+//! prints it: `XX` names the hash that first transforms the key with the NQN of its
+//! owner (00 none, 01 SHA-256, 02 SHA-384, 03 SHA-512). A host proves it holds its
+//! secret by answering a challenge with an HMAC over the challenge, the transaction's
+//! identifiers and both NQNs; a controller proves its own (bidirectional
+//! authentication) the same way with the roles' names swapped.
+
+use ring::hmac;
+
+/// Hash functions of DH-HMAC-CHAP, by their protocol identifiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hash {
+    /// HMAC-SHA-256 (identifier 1): the default.
+    Sha256 = 1,
+    /// HMAC-SHA-384 (identifier 2).
+    Sha384 = 2,
+    /// HMAC-SHA-512 (identifier 3).
+    Sha512 = 3,
+}
+
+impl Hash {
+    /// The hash with protocol identifier `id`.
+    pub fn from_id(id: u8) -> Option<Self> {
+        match id {
+            1 => Some(Self::Sha256),
+            2 => Some(Self::Sha384),
+            3 => Some(Self::Sha512),
+            _ => None,
+        }
+    }
+
+    /// The hash named `sha256`, `sha384` or `sha512` (configuration files).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "sha256" => Some(Self::Sha256),
+            "sha384" => Some(Self::Sha384),
+            "sha512" => Some(Self::Sha512),
+            _ => None,
+        }
+    }
+
+    /// Its protocol identifier.
+    pub fn id(self) -> u8 {
+        self as u8
+    }
+
+    /// Its digest length in bytes (the length of challenges and responses).
+    pub fn digest_len(self) -> usize {
+        match self {
+            Self::Sha256 => 32,
+            Self::Sha384 => 48,
+            Self::Sha512 => 64,
+        }
+    }
+
+    fn algorithm(self) -> hmac::Algorithm {
+        match self {
+            Self::Sha256 => hmac::HMAC_SHA256,
+            Self::Sha384 => hmac::HMAC_SHA384,
+            Self::Sha512 => hmac::HMAC_SHA512,
+        }
+    }
+
+    fn hmac(self, key: &[u8], parts: &[&[u8]]) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&hmac::Key::new(self.algorithm(), key));
+        for p in parts {
+            ctx.update(p);
+        }
+        ctx.sign()
+    }
+}
+
+/// Why a secret string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Not `DHHC-1:XX:...:`.
+    #[error(
+        "a DH-HMAC-CHAP secret is written DHHC-1:XX:<base64>: (as nvme gen-dhchap-key prints it)"
+    )]
+    Format,
+    /// `XX` is not 00-03.
+    #[error("unknown key transformation {0:?} (00 none, 01 SHA-256, 02 SHA-384, 03 SHA-512)")]
+    Transform(String),
+    /// The base64 payload does not decode.
+    #[error("the secret's key is not valid base64")]
+    Base64,
+    /// The key is not 32, 48 or 64 bytes (plus its CRC).
+    #[error("the secret's key is {0} bytes; it must be 32, 48 or 64 (plus a 4-byte CRC)")]
+    Length(usize),
+    /// The CRC-32 after the key does not match it.
+    #[error("the secret's CRC does not match its key (mistyped or truncated?)")]
+    Crc,
+    /// The system's random number generator failed.
+    #[error("no random bytes from the system for a new secret")]
+    Random,
+}
+
+/// A DH-HMAC-CHAP secret. Its `Debug` form never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DhchapKey {
+    transform: Option<Hash>,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for DhchapKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DhchapKey")
+            .field("transform", &self.transform)
+            .field("bytes", &self.key.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DhchapKey {
+    /// Parses `DHHC-1:XX:<base64>:` (surrounding white space ignored): checks the
+    /// transformation, the key length and the CRC-32 that follows the key.
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        let text = text.trim();
+        let rest = text.strip_prefix("DHHC-1:").ok_or(KeyError::Format)?;
+        let (xx, rest) = rest.split_once(':').ok_or(KeyError::Format)?;
+        let payload = rest.strip_suffix(':').ok_or(KeyError::Format)?;
+        let transform = match xx {
+            "00" => None,
+            "01" | "02" | "03" => Hash::from_id(xx.as_bytes()[1] - b'0'),
+            _ => return Err(KeyError::Transform(xx.to_string())),
+        };
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(payload)
+            .map_err(|_| KeyError::Base64)?;
+        let key_len = raw.len().saturating_sub(4);
+        if !matches!(key_len, 32 | 48 | 64) || raw.len() != key_len + 4 {
+            return Err(KeyError::Length(key_len));
+        }
+        let (key, crc) = raw.split_at(key_len);
+        if crc32fast::hash(key).to_le_bytes() != crc {
+            return Err(KeyError::Crc);
+        }
+        Ok(Self {
+            transform,
+            key: key.to_vec(),
+        })
+    }
+
+    /// Writes the secret in its `DHHC-1:XX:<base64>:` form.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        let mut raw = self.key.clone();
+        raw.extend_from_slice(&crc32fast::hash(&self.key).to_le_bytes());
+        format!(
+            "DHHC-1:{:02}:{}:",
+            self.transform.map_or(0, Hash::id),
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+
+    /// A new random secret of `len` bytes (32, 48 or 64) to be transformed with
+    /// `transform`, as `nvme gen-dhchap-key` makes one.
+    pub fn generate(len: usize, transform: Option<Hash>) -> Result<Self, KeyError> {
+        if !matches!(len, 32 | 48 | 64) {
+            return Err(KeyError::Length(len));
+        }
+        let mut key = vec![0u8; len];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .map_err(|_| KeyError::Random)?;
+        Ok(Self { transform, key })
+    }
+
+    /// The key the responses are computed with: the secret itself, or its HMAC (under
+    /// the secret) over `nqn` (of the secret's owner) and "NVMe-over-Fabrics".
+    fn transformed(&self, nqn: &str) -> Vec<u8> {
+        match self.transform {
+            None => self.key.clone(),
+            Some(h) => h
+                .hmac(&self.key, &[nqn.as_bytes(), b"NVMe-over-Fabrics"])
+                .as_ref()
+                .to_vec(),
+        }
+    }
+}
+
+/// What a host's response to challenge `challenge` must be: HMAC under the host's
+/// transformed secret over the challenge, sequence number, transaction ID, secure
+/// channel concatenation (0), "HostHost", the host NQN, a zero byte and the
+/// subsystem NQN.
+pub fn host_response(
+    hash: Hash,
+    host_key: &DhchapKey,
+    challenge: &[u8],
+    seqnum: u32,
+    t_id: u16,
+    hostnqn: &str,
+    subnqn: &str,
+) -> Vec<u8> {
+    let key = host_key.transformed(hostnqn);
+    hash.hmac(
+        &key,
+        &[
+            challenge,
+            &seqnum.to_le_bytes(),
+            &t_id.to_le_bytes(),
+            &[0],
+            b"HostHost",
+            hostnqn.as_bytes(),
+            &[0],
+            subnqn.as_bytes(),
+        ],
+    )
+    .as_ref()
+    .to_vec()
+}
+
+/// What a controller's response to the host's challenge must be (bidirectional
+/// authentication): as [`host_response`] with the controller's secret, "Controller",
+/// and the two NQNs swapped.
+pub fn ctrl_response(
+    hash: Hash,
+    ctrl_key: &DhchapKey,
+    challenge: &[u8],
+    seqnum: u32,
+    t_id: u16,
+    hostnqn: &str,
+    subnqn: &str,
+) -> Vec<u8> {
+    let key = ctrl_key.transformed(subnqn);
+    hash.hmac(
+        &key,
+        &[
+            challenge,
+            &seqnum.to_le_bytes(),
+            &t_id.to_le_bytes(),
+            &[0],
+            b"Controller",
+            subnqn.as_bytes(),
+            &[0],
+            hostnqn.as_bytes(),
+        ],
+    )
+    .as_ref()
+    .to_vec()
+}
+
+/// Whether `response` is `expected`, compared in constant time.
+pub fn responses_match(expected: &[u8], response: &[u8]) -> bool {
+    // Equal lengths are public (the hash's); the contents are compared without
+    // early exit.
+    expected.len() == response.len()
+        && expected
+            .iter()
+            .zip(response)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The secrets one host authenticates with to one subsystem.
+#[derive(Debug, Clone)]
+pub struct HostKeys {
+    /// The host's NQN.
+    pub hostnqn: String,
+    /// The host's secret: it must prove it holds it.
+    pub key: DhchapKey,
+    /// The controller's secret, for hosts that ask the controller to prove itself too
+    /// (bidirectional authentication); `None` refuses such requests.
+    pub ctrl_key: Option<DhchapKey>,
+    /// The hash to use when the host offers it (otherwise the first it offers).
+    pub hash: Hash,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_round_trip_and_damage_is_refused() {
+        for (len, t) in [
+            (32, None),
+            (48, Some(Hash::Sha384)),
+            (64, Some(Hash::Sha512)),
+        ] {
+            let k = DhchapKey::generate(len, t).unwrap();
+            let text = k.encode();
+            assert!(text.starts_with("DHHC-1:"), "{text}");
+            assert_eq!(DhchapKey::parse(&format!("  {text}\n")).unwrap(), k);
+        }
+        let good = DhchapKey::generate(32, Some(Hash::Sha256))
+            .unwrap()
+            .encode();
+        // One base64 character changed: the CRC no longer matches.
+        let mut bad = good.clone().into_bytes();
+        let i = 12;
+        bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+        let bad = String::from_utf8(bad).unwrap();
+        assert_eq!(DhchapKey::parse(&bad), Err(KeyError::Crc));
+        assert_eq!(
+            DhchapKey::parse("DHHC-1:04:AAAA:"),
+            Err(KeyError::Transform("04".into()))
+        );
+        assert_eq!(DhchapKey::parse("DHHC-1:00:!!!!:"), Err(KeyError::Base64));
+        assert_eq!(
+            DhchapKey::parse("DHHC-1:00:AAAAAAAA:"),
+            Err(KeyError::Length(2))
+        );
+        assert_eq!(DhchapKey::parse("DHHC-2:00:AAAA:"), Err(KeyError::Format));
+        assert_eq!(
+            DhchapKey::parse(&good[..good.len() - 1]),
+            Err(KeyError::Format)
+        );
+        assert!(!format!("{:?}", DhchapKey::parse(&good).unwrap()).contains(&good[10..20]));
+    }
+
+    #[test]
+    fn responses_depend_on_every_input() {
+        let key = DhchapKey::generate(32, Some(Hash::Sha256)).unwrap();
+        let other = DhchapKey::generate(32, Some(Hash::Sha256)).unwrap();
+        let c = [7u8; 32];
+        let base = host_response(Hash::Sha256, &key, &c, 9, 1, "nqn.h", "nqn.s");
+        assert_eq!(base.len(), 32);
+        assert_eq!(
+            base,
+            host_response(Hash::Sha256, &key, &c, 9, 1, "nqn.h", "nqn.s")
+        );
+        for changed in [
+            host_response(Hash::Sha256, &other, &c, 9, 1, "nqn.h", "nqn.s"),
+            host_response(Hash::Sha256, &key, &[8; 32], 9, 1, "nqn.h", "nqn.s"),
+            host_response(Hash::Sha256, &key, &c, 10, 1, "nqn.h", "nqn.s"),
+            host_response(Hash::Sha256, &key, &c, 9, 2, "nqn.h", "nqn.s"),
+            host_response(Hash::Sha256, &key, &c, 9, 1, "nqn.x", "nqn.s"),
+            host_response(Hash::Sha256, &key, &c, 9, 1, "nqn.h", "nqn.x"),
+            ctrl_response(Hash::Sha256, &key, &c, 9, 1, "nqn.h", "nqn.s"),
+        ] {
+            assert_ne!(changed, base);
+        }
+        assert_eq!(
+            host_response(Hash::Sha512, &key, &c, 9, 1, "h", "s").len(),
+            64
+        );
+        assert!(responses_match(&base, &base.clone()));
+        assert!(!responses_match(&base, &base[..31]));
+    }
+}

@@ -1,0 +1,421 @@
+//! DH-HMAC-CHAP in-band authentication, driven by a scripted host over loopback TCP:
+//! hosts with secrets authenticate every queue before using it (one way, or both
+//! ways when they ask), a wrong secret or a hostile exchange fails only that
+//! connection, and the observer (the audit log) hears each outcome.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bdev::create_malloc;
+use nvmf::cmd::{Sqe, Status, admin, fctype};
+use nvmf::dhchap::{DhchapKey, Hash, HostKeys};
+use nvmf::pdu::Digests;
+use nvmf::{
+    ConnectEvent, HostPolicy, Limits, Namespace, SocketIo, Subsystem, Target, TargetConfig,
+};
+use reactor::{CoreList, ReactorConfig, ReactorSet};
+use support::{AuthOutcome, HOSTNQN, Host, auth_sqe, negotiate, pattern, reply};
+
+const NQN: &str = "nqn.2026-11.io.ox:auth";
+/// A second host, that also asks the controller to prove itself.
+const BOTH_WAYS: &str = "nqn.2026-11.io.ox:host-both-ways";
+/// A third, allowed without a secret.
+const PLAIN: &str = "nqn.2026-11.io.ox:host-plain";
+
+struct Setup {
+    target: Target,
+    addr: SocketAddr,
+    host_key: DhchapKey,
+    both_key: DhchapKey,
+    ctrl_key: DhchapKey,
+    events: Arc<Mutex<Vec<ConnectEvent>>>,
+    set: Option<ReactorSet>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(set) = self.set.take() {
+            set.shutdown().unwrap();
+        }
+    }
+}
+
+fn setup(auth_timeout: Duration) -> Setup {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let host_key = DhchapKey::generate(32, Some(Hash::Sha256)).unwrap();
+    let both_key = DhchapKey::generate(48, None).unwrap();
+    let ctrl_key = DhchapKey::generate(64, Some(Hash::Sha512)).unwrap();
+    let config = TargetConfig {
+        subsystems: vec![Subsystem {
+            nqn: NQN.into(),
+            serial: "OXAUTH".into(),
+            model: "OX test".into(),
+            hosts: HostPolicy::Only(vec![HOSTNQN.into(), BOTH_WAYS.into(), PLAIN.into()]),
+            namespaces: vec![Namespace::new(
+                1,
+                create_malloc("auth", 512, 8192, None).unwrap(),
+            )],
+            listeners: vec!["127.0.0.1:0".parse().unwrap()],
+            host_keys: vec![
+                HostKeys {
+                    hostnqn: HOSTNQN.into(),
+                    key: host_key.clone(),
+                    ctrl_key: None,
+                    hash: Hash::Sha256,
+                },
+                HostKeys {
+                    hostnqn: BOTH_WAYS.into(),
+                    key: both_key.clone(),
+                    ctrl_key: Some(ctrl_key.clone()),
+                    hash: Hash::Sha384,
+                },
+            ],
+        }],
+        discovery_listeners: vec![],
+        limits: Limits {
+            auth_timeout,
+            ..Limits::default()
+        },
+        socket_io: SocketIo::Uring,
+    };
+    let target = Target::start(config, set.handles()).unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&events);
+    target
+        .observe_connects(Arc::new(move |e| sink.lock().unwrap().push(e)))
+        .unwrap();
+    let addr = target.local_addrs()[0];
+    Setup {
+        target,
+        addr,
+        host_key,
+        both_key,
+        ctrl_key,
+        events,
+        set: Some(set),
+    }
+}
+
+/// Connects queue `qid` as `hostnqn`; returns the host and Connect's result dword.
+fn connect(addr: SocketAddr, hostnqn: &str, qid: u16, cntlid: u16) -> (Host, u32) {
+    let mut h = Host::connect(addr, Digests::default());
+    let cqe = h.fabric_connect(qid, 31, NQN, hostnqn, cntlid, 0, 0);
+    assert!(cqe.status.is_success(), "connect: {}", cqe.status);
+    (h, cqe.dw0)
+}
+
+const ATR: u32 = 1 << 17;
+
+fn identify(h: &mut Host) -> Status {
+    let mut sqe = Sqe::new(admin::IDENTIFY, 0);
+    sqe.set_cdw(10, 1);
+    h.command(sqe, &[], 4096).status()
+}
+
+fn enable(h: &mut Host) {
+    assert!(
+        h.prop_set(0x14, (6 << 16) | (4 << 20) | 1)
+            .status()
+            .is_success()
+    );
+    let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
+    sqe.set_cdw(10, 0x07);
+    sqe.set_cdw(11, 0);
+    assert!(h.command(sqe, &[], 0).status().is_success());
+}
+
+fn reasons(s: &Setup) -> Vec<(String, bool, &'static str)> {
+    s.events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| (e.hostnqn.clone(), e.allowed, e.reason))
+        .collect()
+}
+
+#[test]
+fn hosts_with_secrets_authenticate_every_queue_before_using_it() {
+    let s = setup(Duration::from_secs(30));
+    let (mut admin_q, dw0) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert_ne!(dw0 & ATR, 0, "Connect asks the host to authenticate");
+    let cntlid = dw0 as u16;
+    // Nothing but authentication before it: not Identify, not properties (the status
+    // compared includes Do Not Retry).
+    assert_eq!(identify(&mut admin_q), Status::AUTH_REQUIRED);
+    assert_eq!(
+        admin_q.prop_get(0x1C, false).status(),
+        Status::AUTH_REQUIRED
+    );
+    assert_eq!(
+        admin_q.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success {
+            controller_proved: false
+        }
+    );
+    assert!(identify(&mut admin_q).is_success());
+    enable(&mut admin_q);
+    // The I/O queue authenticates on its own.
+    let (mut io_q, dw0) = connect(s.addr, HOSTNQN, 1, cntlid);
+    assert_ne!(dw0 & ATR, 0);
+    assert_eq!(io_q.read(1, 0, 8, 512).status(), Status::AUTH_REQUIRED);
+    assert_eq!(
+        io_q.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success {
+            controller_proved: false
+        }
+    );
+    let data = pattern(5, 4096);
+    assert!(io_q.write(1, 16, &data, 512).status().is_success());
+    assert_eq!(io_q.read(1, 16, 8, 512).data, data);
+    // Authenticating again (as after a reset) works on a live queue.
+    assert_eq!(
+        admin_q.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success {
+            controller_proved: false
+        }
+    );
+    assert!(identify(&mut admin_q).is_success());
+    // A host without a secret connects as before.
+    let (mut plain, dw0) = connect(s.addr, PLAIN, 0, 0xFFFF);
+    assert_eq!(dw0 & ATR, 0);
+    assert!(identify(&mut plain).is_success());
+    let ev = reasons(&s);
+    assert!(
+        ev.contains(&(HOSTNQN.into(), true, "ok, authentication required")),
+        "{ev:?}"
+    );
+    assert!(
+        ev.contains(&(HOSTNQN.into(), true, "authenticated")),
+        "{ev:?}"
+    );
+    assert!(ev.contains(&(PLAIN.into(), true, "ok")), "{ev:?}");
+}
+
+#[test]
+fn a_host_that_asks_hears_the_controller_prove_its_secret() {
+    let s = setup(Duration::from_secs(30));
+    let (mut q, _) = connect(s.addr, BOTH_WAYS, 0, 0xFFFF);
+    assert_eq!(
+        q.authenticate(BOTH_WAYS, NQN, &s.both_key, Some(&s.ctrl_key)),
+        AuthOutcome::Success {
+            controller_proved: true
+        }
+    );
+    assert!(identify(&mut q).is_success());
+    // A host holding the wrong controller secret sees the proof fail (and so refuses
+    // the controller); the host that has no controller secret configured here is
+    // refused when it asks for one.
+    let (mut q, _) = connect(s.addr, BOTH_WAYS, 0, 0xFFFF);
+    let wrong = DhchapKey::generate(64, Some(Hash::Sha512)).unwrap();
+    assert_eq!(
+        q.authenticate(BOTH_WAYS, NQN, &s.both_key, Some(&wrong)),
+        AuthOutcome::Success {
+            controller_proved: false
+        }
+    );
+    let (mut q, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert_eq!(
+        q.authenticate(HOSTNQN, NQN, &s.host_key, Some(&s.ctrl_key)),
+        AuthOutcome::Failure1(1)
+    );
+    assert!(q.is_closed());
+}
+
+#[test]
+fn a_wrong_secret_fails_and_closes_only_that_connection() {
+    let s = setup(Duration::from_secs(30));
+    let (mut good, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert!(matches!(
+        good.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+    let (mut bad, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    let wrong = DhchapKey::generate(32, Some(Hash::Sha256)).unwrap();
+    assert_eq!(
+        bad.authenticate(HOSTNQN, NQN, &wrong, None),
+        AuthOutcome::Failure1(1)
+    );
+    assert!(
+        bad.is_closed(),
+        "a failed authentication ends the connection"
+    );
+    // Another host's secret is no good either.
+    let (mut other, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert_eq!(
+        other.authenticate(HOSTNQN, NQN, &s.both_key, None),
+        AuthOutcome::Failure1(1)
+    );
+    assert!(
+        identify(&mut good).is_success(),
+        "the good host is undisturbed"
+    );
+    let ev = reasons(&s);
+    assert!(
+        ev.contains(&(
+            HOSTNQN.into(),
+            false,
+            "authentication failed: wrong response (secret)"
+        )),
+        "{ev:?}"
+    );
+}
+
+/// Sends `msg` and returns the reason code of the Failure1 the next Receive brings,
+/// checking that the connection then closes.
+fn failure_after(h: &mut Host, msg: &[u8]) -> u8 {
+    assert!(h.auth_send(msg).status().is_success());
+    let m = h.auth_receive(4096).data;
+    assert_eq!(
+        (m[0], m[1], m[6]),
+        (0x00, 0xF1, 0x01),
+        "Failure1: {:?}",
+        &m[..8]
+    );
+    assert!(h.is_closed());
+    m[7]
+}
+
+#[test]
+fn hostile_exchanges_fail_with_the_right_reason() {
+    let s = setup(Duration::from_secs(30));
+    let fresh = || connect(s.addr, HOSTNQN, 0, 0xFFFF).0;
+    let all_hashes = [1, 2, 3];
+    let all_groups = [0, 1, 2, 3, 4, 5];
+    // Secure channel concatenation, no usable hash, no NULL group, bad descriptor.
+    let mut m = negotiate(1, &all_hashes, &all_groups);
+    m[6] = 1;
+    assert_eq!(failure_after(&mut fresh(), &m), 3);
+    assert_eq!(
+        failure_after(&mut fresh(), &negotiate(1, &[9, 17], &all_groups)),
+        4
+    );
+    assert_eq!(
+        failure_after(&mut fresh(), &negotiate(1, &all_hashes, &[1, 2])),
+        5
+    );
+    let mut m = negotiate(1, &all_hashes, &all_groups);
+    m[10] = 31;
+    assert_eq!(failure_after(&mut fresh(), &m), 6);
+    assert_eq!(failure_after(&mut fresh(), &m[..40]), 6, "truncated");
+    // Out of order: a Reply first, a Success2 out of turn, a Receive first.
+    assert_eq!(failure_after(&mut fresh(), &reply(1, &[0; 32], None)), 7);
+    let mut q = fresh();
+    let m = q.auth_receive(4096).data;
+    assert_eq!((m[1], m[7]), (0xF1, 7));
+    assert!(q.is_closed());
+    // A Reply with the wrong transaction ID, a wrong length, or a DH value.
+    let mut q = fresh();
+    assert!(
+        q.auth_send(&negotiate(1, &all_hashes, &all_groups))
+            .status()
+            .is_success()
+    );
+    let c = q.auth_receive(4096).data;
+    assert_eq!(
+        (c[8], c[6]),
+        (1, 32),
+        "SHA-256, as configured for this host"
+    );
+    assert_eq!(failure_after(&mut q, &reply(2, &[0; 32], None)), 6);
+    let mut q = fresh();
+    q.auth_send(&negotiate(1, &all_hashes, &all_groups));
+    q.auth_receive(4096);
+    assert_eq!(failure_after(&mut q, &reply(1, &[0; 48], None)), 6);
+    let mut q = fresh();
+    q.auth_send(&negotiate(1, &all_hashes, &all_groups));
+    q.auth_receive(4096);
+    let mut r = reply(1, &[0; 32], None);
+    r[10] = 4; // a DH value length with the NULL group
+    assert_eq!(failure_after(&mut q, &r), 6);
+    // The host giving up (Failure2) closes the connection.
+    let mut q = fresh();
+    let mut f2 = vec![0u8; 8];
+    f2[1] = 0xF0;
+    assert!(q.auth_send(&f2).status().is_success());
+    assert!(q.is_closed());
+}
+
+#[test]
+fn malformed_authentication_commands_get_a_clear_status() {
+    let s = setup(Duration::from_secs(30));
+    let (mut q, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    let msg = negotiate(1, &[1], &[0]);
+    // Another security protocol, or SPSP.
+    for (byte, value) in [(43, 0xEA), (41, 2), (42, 0)] {
+        let mut sqe = auth_sqe(fctype::AUTH_SEND);
+        sqe.set_cdw(11, msg.len() as u32);
+        sqe.0[byte] = value;
+        assert_eq!(q.command(sqe, &msg, 0).status(), Status::INVALID_FIELD);
+    }
+    // A transfer length that is not the data's.
+    let mut sqe = auth_sqe(fctype::AUTH_SEND);
+    sqe.set_cdw(11, msg.len() as u32 + 1);
+    assert_eq!(q.command(sqe, &msg, 0).status(), Status::SGL_LENGTH_INVALID);
+    // Allocation lengths too small, too large, or not the transfer's.
+    for al in [0, 8, 1 << 20] {
+        let mut sqe = auth_sqe(fctype::AUTH_RECV);
+        sqe.set_cdw(11, al);
+        assert_eq!(
+            q.command(sqe, &[], al.min(8192)).status(),
+            Status::INVALID_FIELD
+        );
+    }
+    let mut sqe = auth_sqe(fctype::AUTH_RECV);
+    sqe.set_cdw(11, 4096);
+    assert_eq!(
+        q.command(sqe, &[], 2048).status(),
+        Status::SGL_LENGTH_INVALID
+    );
+    // None of that broke the transaction.
+    assert!(matches!(
+        q.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+    // A host that needs no authentication has none to do.
+    let (mut plain, _) = connect(s.addr, PLAIN, 0, 0xFFFF);
+    assert_eq!(plain.auth_send(&msg).status(), Status::INVALID_FIELD);
+}
+
+#[test]
+fn a_queue_that_does_not_authenticate_in_time_is_closed() {
+    let s = setup(Duration::from_millis(300));
+    let (mut idle, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    let (mut done, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert!(matches!(
+        done.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(idle.is_closed());
+    assert!(
+        identify(&mut done).is_success(),
+        "an authenticated queue stays"
+    );
+    // Hosts and their secrets must be allowed hosts.
+    let sub = |hosts: HostPolicy| Subsystem {
+        nqn: "nqn.2026-11.io.ox:auth2".into(),
+        serial: "S".into(),
+        model: "M".into(),
+        hosts,
+        namespaces: vec![],
+        listeners: vec![s.addr],
+        host_keys: vec![HostKeys {
+            hostnqn: HOSTNQN.into(),
+            key: s.host_key.clone(),
+            ctrl_key: None,
+            hash: Hash::Sha256,
+        }],
+    };
+    let e = s
+        .target
+        .add_subsystem(sub(HostPolicy::Only(vec![PLAIN.into()])))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("has a secret but is not allowed"),
+        "{e}"
+    );
+}
