@@ -442,7 +442,7 @@ impl Config {
                     .clone()
                     .unwrap_or_else(|| format!("OX{:06}", i + 1)),
                 model: s.model.clone().unwrap_or_else(|| "OX appliance".into()),
-                host_keys: keys_for(&hosts, &host_keys),
+                host_keys: keys_for(&s.nqn, &hosts, &host_keys),
                 hosts,
                 namespaces,
                 listeners,
@@ -560,31 +560,59 @@ impl Config {
     }
 }
 
-/// The secrets of the hosts `policy` lets in: those hosts must authenticate.
-pub fn keys_for(policy: &HostPolicy, keys: &[HostKeys]) -> Vec<HostKeys> {
+/// The secrets of the hosts `policy` lets into subsystem `nqn`: those hosts must
+/// authenticate. Warns when the subsystem lets any host in: anyone can then connect
+/// under a name that has no secret, so the secrets do not protect it.
+pub fn keys_for(nqn: &str, policy: &HostPolicy, keys: &[HostKeys]) -> Vec<HostKeys> {
+    if *policy == HostPolicy::Any && !keys.is_empty() {
+        tracing::warn!(
+            "{nqn} lets any host in: hosts with [[host]] secrets must authenticate, but \
+             any other host name connects without one (list the hosts to protect it)"
+        );
+    }
     keys.iter()
         .filter(|k| policy.allows(&k.hostnqn))
         .cloned()
         .collect()
 }
 
-/// Reads a DH-HMAC-CHAP secret from `path`, which only its owner may read (a secret
-/// others can read is refused, as ssh refuses such keys).
+/// Reads a DH-HMAC-CHAP secret from `path`: a regular file (not a symbolic link)
+/// owned by this user or root that no one else may read or write, as ssh insists for
+/// its keys. The checks are made on the file opened, not on the name.
 fn read_secret(path: &Path) -> anyhow::Result<DhchapKey> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("reading secret {}", path.display()))?;
-    let mode = meta.permissions().mode();
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let shown = path.display();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("reading secret {shown} (a symbolic link is refused)"))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading secret {shown}"))?;
+    if !meta.is_file() {
+        bail!("secret {shown} is not a regular file");
+    }
+    let mode = meta.mode();
     if mode & 0o077 != 0 {
         bail!(
-            "secret {} is readable by others (mode {:o}): chmod 600 it",
-            path.display(),
+            "secret {shown} is readable by others (mode {:o}): chmod 600 it",
             mode & 0o777
         );
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading secret {}", path.display()))?;
-    DhchapKey::parse(&text).with_context(|| format!("secret {}", path.display()))
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        bail!(
+            "secret {shown} belongs to uid {}, not to this user ({me}) or root",
+            meta.uid()
+        );
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .with_context(|| format!("reading secret {shown}"))?;
+    DhchapKey::parse(&text).with_context(|| format!("secret {shown}"))
 }
 
 fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {

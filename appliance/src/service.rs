@@ -527,7 +527,7 @@ impl Service {
             nqn: e.nqn.clone(),
             serial,
             model: "OX volume".into(),
-            host_keys: crate::config::keys_for(&hosts, &self.settings.host_keys),
+            host_keys: crate::config::keys_for(&e.nqn, &hosts, &self.settings.host_keys),
             hosts,
             namespaces: vec![Namespace::new(1, bdev.clone())],
             listeners: self.settings.export_listeners.clone(),

@@ -181,6 +181,10 @@ fn host_secrets_are_checked_and_required() {
     let mut damaged = secret.trim().to_string();
     damaged.replace_range(12..13, if &damaged[12..13] == "A" { "B" } else { "A" });
     let damaged = write("damaged", &damaged, 0o600);
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    let foreign = write("foreign", &secret, 0o600);
+    std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
     let host = "nqn.2026-11.io.ox:h1";
     let section = |file: &std::path::Path, extra: &str| {
         format!("[[host]]\nnqn = \"{host}\"\ndhchap_key_file = {file:?}\n{extra}")
@@ -204,6 +208,8 @@ fn host_secrets_are_checked_and_required() {
             section(&good, "dhchap_ctrl_key_file = \"/nonexistent\"\n"),
             "reading secret /nonexistent",
         ),
+        (section(&link, ""), "a symbolic link is refused"),
+        (section(&foreign, ""), "belongs to uid 4242"),
     ];
     for (config, expected) in cases {
         let err = oxd_with(&config);

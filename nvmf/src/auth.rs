@@ -20,6 +20,8 @@ pub(crate) const SECP: u8 = 0xE9;
 pub(crate) const SPSP: u8 = 0x01;
 /// Largest Authentication Receive allocation length served.
 pub(crate) const MAX_RECEIVE: u32 = 8192;
+/// Largest Authentication Send accepted (a Reply with SHA-512 is 144 bytes).
+pub(crate) const MAX_SEND: u32 = 4096;
 
 const TYPE_COMMON: u8 = 0x00;
 const TYPE_DHCHAP: u8 = 0x01;
@@ -32,21 +34,27 @@ const FAILURE2: u8 = 0xF0;
 const FAILURE1: u8 = 0xF1;
 const DHGROUP_NULL: u8 = 0;
 
-/// Why authentication failed, as Failure1 reports it (reason code explanation).
+/// Why authentication failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Failure {
     /// The response did not prove the secret.
-    Failed = 1,
+    Failed,
+    /// The host asked the controller to prove a secret; none is configured for it.
+    NoControllerKey,
+    /// The host gave up (Failure2), e.g. refusing the controller's proof.
+    HostGaveUp,
+    /// The host did not authenticate in time.
+    TimedOut,
     /// Secure channel concatenation asked for; not supported.
-    ConcatMismatch = 3,
+    ConcatMismatch,
     /// None of the host's hash functions is usable.
-    HashUnusable = 4,
+    HashUnusable,
     /// The host does not offer the NULL DH group.
-    DhGroupUnusable = 5,
+    DhGroupUnusable,
     /// A message's fields are wrong.
-    IncorrectPayload = 6,
+    IncorrectPayload,
     /// A message came out of order.
-    IncorrectMessage = 7,
+    IncorrectMessage,
 }
 
 impl Failure {
@@ -54,11 +62,28 @@ impl Failure {
     pub(crate) fn reason(self) -> &'static str {
         match self {
             Self::Failed => "authentication failed: wrong response (secret)",
+            Self::NoControllerKey => {
+                "authentication failed: the host asked for a controller secret; none configured"
+            }
+            Self::HostGaveUp => "authentication failed: the host gave up (controller secret?)",
+            Self::TimedOut => "authentication failed: timed out",
             Self::ConcatMismatch => "authentication failed: secure channel concatenation",
             Self::HashUnusable => "authentication failed: no usable hash",
             Self::DhGroupUnusable => "authentication failed: NULL DH group not offered",
             Self::IncorrectPayload => "authentication failed: malformed message",
             Self::IncorrectMessage => "authentication failed: message out of order",
+        }
+    }
+
+    /// Failure1's reason code explanation.
+    fn code(self) -> u8 {
+        match self {
+            Self::Failed | Self::NoControllerKey | Self::HostGaveUp | Self::TimedOut => 1,
+            Self::ConcatMismatch => 3,
+            Self::HashUnusable => 4,
+            Self::DhGroupUnusable => 5,
+            Self::IncorrectPayload => 6,
+            Self::IncorrectMessage => 7,
         }
     }
 }
@@ -135,29 +160,48 @@ impl Transaction {
         &self.subnqn
     }
 
-    /// True once, after the transaction first completes: its success is reported.
-    pub(crate) fn take_success_report(&mut self) -> bool {
-        let report = self.step == Step::Done && self.authenticated && !self.reported;
-        self.reported |= report;
-        report
+    /// How the transaction ended, once: `Some(Ok)` when it completed, `Some(Err)`
+    /// when it failed, then `None` until a new transaction ends.
+    pub(crate) fn take_outcome(&mut self) -> Option<Result<(), Failure>> {
+        let outcome = match self.step {
+            Step::Done if self.authenticated => Ok(()),
+            Step::Failure1(f) => Err(f),
+            _ => return None,
+        };
+        if self.reported {
+            return None;
+        }
+        self.reported = true;
+        Some(outcome)
+    }
+
+    /// Whether the transaction failed (the connection is to be closed).
+    pub(crate) fn failed(&self) -> bool {
+        matches!(self.step, Step::Failure1(_))
     }
 
     /// An Authentication Send's message. Returns `Err` only when the host itself
-    /// gave up (Failure2): close the connection.
+    /// gave up (Failure2): close the connection. A check that fails here makes the
+    /// next Receive return Failure1 (see [`Self::failure`]); a failed transaction
+    /// stays failed.
     pub(crate) fn send(&mut self, msg: &[u8]) -> Result<(), Failure> {
+        if let Step::Failure1(_) = self.step {
+            return Ok(());
+        }
         let (Some(&kind), Some(&id)) = (msg.first(), msg.get(1)) else {
             self.step = Step::Failure1(Failure::IncorrectPayload);
             return Ok(());
         };
         match (kind, id) {
             (TYPE_COMMON, NEGOTIATE) => {
-                // Any step: a Negotiate starts a transaction (re-authentication too).
+                // Any other step: a Negotiate starts a transaction (re-authentication).
+                self.reported = false;
                 self.step = match self.negotiate(msg) {
                     Ok(()) => Step::Challenge,
                     Err(f) => Step::Failure1(f),
                 };
             }
-            (TYPE_COMMON, FAILURE2) => return Err(Failure::Failed),
+            (TYPE_COMMON, FAILURE2) => return Err(Failure::HostGaveUp),
             (TYPE_DHCHAP, REPLY) if self.step == Step::Reply => {
                 self.step = match self.reply(msg) {
                     Ok(step) => step,
@@ -236,7 +280,7 @@ impl Transaction {
         self.step = Step::Failure1(f);
         let mut m = header(TYPE_COMMON, FAILURE1, self.t_id, 8);
         m[6] = 0x01; // reason code: authentication failure
-        m[7] = f as u8;
+        m[7] = f.code();
         Received {
             message: padded(m, al),
             close: Some(f),
@@ -288,7 +332,7 @@ impl Transaction {
             return Err(Failure::IncorrectPayload);
         }
         let (response, c2) = (&msg[16..16 + hl], &msg[16 + hl..16 + 2 * hl]);
-        let expected = dhchap::host_response(
+        let proved = dhchap::verify_host_response(
             self.hash,
             &self.keys.key,
             &self.challenge,
@@ -296,8 +340,9 @@ impl Transaction {
             self.t_id,
             &self.keys.hostnqn,
             &self.subnqn,
+            response,
         );
-        if !dhchap::responses_match(&expected, response) {
+        if !proved {
             return Err(Failure::Failed);
         }
         if msg[8] == 0 {
@@ -306,7 +351,7 @@ impl Transaction {
         }
         // The host asks the controller to prove its own secret.
         let Some(ctrl_key) = &self.keys.ctrl_key else {
-            return Err(Failure::Failed);
+            return Err(Failure::NoControllerKey);
         };
         let s2 = le::u32(msg, 12);
         Ok(Step::Success1(Some(dhchap::ctrl_response(

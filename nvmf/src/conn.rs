@@ -32,7 +32,7 @@ use crate::pdu::{
     Fes, IC_LEN, IcReq, IcResp, PduType, SHORT_HLEN,
 };
 use crate::subsystem::{ADMIN_IN_CAPSULE, Namespace, SocketIo, Subsystem};
-use crate::target::{CtrlShared, TargetShared};
+use crate::target::{CtrlShared, QueueRef, TargetShared};
 
 /// Segments handed to one SendMsg at most.
 const MAX_IOV: usize = 64;
@@ -605,7 +605,19 @@ impl Conn {
             self.send_resp(Cqe::new(sqe.cid(), status));
             return;
         }
-        let connected = self.st.borrow().queue.is_some();
+        let (connected, unauthenticated) = {
+            let st = self.st.borrow();
+            let pending = st.auth.as_ref().is_some_and(|a| !a.authenticated());
+            (st.queue.is_some(), pending)
+        };
+        if unauthenticated
+            && in_capsule.is_none()
+            && sqe.direction() == Direction::HostToCtrl
+            && sqe.sgl_len() > 0
+        {
+            // No R2T buffer for a host that has not authenticated.
+            return self.reply(&sqe, Status::AUTH_REQUIRED.into(), None, 0);
+        }
         let is_connect = sqe.opcode() == FABRICS && sqe.fctype() == fctype::CONNECT;
         let allowed = connected || (is_connect && in_capsule.is_some());
         if !allowed {
@@ -837,10 +849,11 @@ impl Conn {
 
     // ---------------------------------------------------------------- authentication
 
-    /// Authentication Send: a DH-HMAC-CHAP message from the host.
+    /// Authentication Send: a DH-HMAC-CHAP message from the host (in the capsule:
+    /// an unauthenticated host may not make the target allocate more).
     fn auth_send(self: &Rc<Self>, sqe: &Sqe, data: Option<&[u8]>) {
         let tl = sqe.cdw(11);
-        if !auth_fields_ok(sqe) || tl == 0 {
+        if !auth_fields_ok(sqe) || tl == 0 || tl > auth::MAX_SEND {
             return self.reply(sqe, Status::INVALID_FIELD.into(), None, 0);
         }
         let Some(msg) = data.filter(|d| d.len() == tl as usize) else {
@@ -852,12 +865,13 @@ impl Conn {
             None => self.reply(sqe, Status::INVALID_FIELD.into(), None, 0),
             Some(Ok(())) => {
                 self.reply(sqe, Status::SUCCESS.into(), None, 0);
-                self.observe_auth(None);
+                self.auth_progress();
             }
             Some(Err(failure)) => {
                 // The host gave up (Failure2): so does the connection.
                 self.reply(sqe, Status::SUCCESS.into(), None, 0);
-                self.auth_failed(failure);
+                self.observe_auth(Err(failure));
+                self.auth_failed();
             }
         }
     }
@@ -886,16 +900,57 @@ impl Conn {
             Some(Payload::Vec(received.message)),
             xfer,
         );
-        match received.close {
-            Some(failure) => self.auth_failed(failure),
-            None => self.observe_auth(None),
+        self.auth_progress();
+        if received.close.is_some() {
+            self.auth_failed();
         }
     }
 
-    /// Authentication failed: the audit hears why, and the connection closes once
-    /// the message that says so is out.
-    fn auth_failed(self: &Rc<Self>, failure: auth::Failure) {
-        self.observe_auth(Some(failure));
+    /// After a step of the transaction: its outcome, if it just ended, goes to the
+    /// audit; an I/O queue that has just authenticated takes its place in its
+    /// controller.
+    fn auth_progress(self: &Rc<Self>) {
+        let outcome = self
+            .st
+            .borrow_mut()
+            .auth
+            .as_mut()
+            .and_then(|t| t.take_outcome());
+        let Some(outcome) = outcome else { return };
+        self.observe_auth(outcome);
+        if outcome.is_ok() && !self.register_io_queue() {
+            self.auth_failed();
+        }
+    }
+
+    /// Registers an I/O queue with its controller once it has authenticated (not at
+    /// Connect: an unauthenticated host must not hold a queue ID the real one needs).
+    /// False if the controller went away or the queue ID was taken meanwhile.
+    fn register_io_queue(self: &Rc<Self>) -> bool {
+        let queue = match &self.st.borrow().queue {
+            Some(Queue::Io(q)) => Rc::clone(q),
+            _ => return true,
+        };
+        let mut queues = queue.ctrl.queues();
+        if let Some(existing) = queues.get(&queue.qid) {
+            return existing.conn_id == self.id;
+        }
+        if !queue.ctrl.ready.load(Ordering::SeqCst) {
+            return false;
+        }
+        queues.insert(
+            queue.qid,
+            QueueRef {
+                reactor: self.reactor.handle().clone(),
+                conn_id: self.id,
+            },
+        );
+        true
+    }
+
+    /// Authentication failed: the connection closes once the message that says so
+    /// is out.
+    fn auth_failed(self: &Rc<Self>) {
         self.st.borrow_mut().phase = Phase::Terminating;
         self.maybe_finish_terminating();
         let weak = Rc::downgrade(self);
@@ -906,55 +961,45 @@ impl Conn {
         });
     }
 
-    /// Reports an authentication's outcome to the connect observer: a failure on any
-    /// queue, a success once, on the admin queue.
-    fn observe_auth(&self, failure: Option<auth::Failure>) {
-        let event = {
-            let mut st = self.st.borrow_mut();
-            let qid = st.qid;
-            let Some(t) = st.auth.as_mut() else { return };
-            match failure {
-                Some(f) => Some((
-                    t.hostnqn().to_string(),
-                    t.subnqn().to_string(),
-                    false,
-                    f.reason(),
-                )),
-                None if qid == 0 && t.take_success_report() => Some((
-                    t.hostnqn().to_string(),
-                    t.subnqn().to_string(),
-                    true,
-                    "authenticated",
-                )),
-                None => None,
-            }
+    /// Reports an authentication's outcome to the connect observer (the audit log):
+    /// every success and failure, on every queue.
+    fn observe_auth(&self, outcome: Result<(), auth::Failure>) {
+        let names = {
+            let st = self.st.borrow();
+            st.auth
+                .as_ref()
+                .map(|t| (t.hostnqn().to_string(), t.subnqn().to_string()))
         };
-        if let (Some((hostnqn, subnqn, allowed, reason)), Some(o)) =
-            (event, self.target.observer.get())
-        {
-            o(crate::target::ConnectEvent {
-                hostnqn,
-                subnqn,
-                listener: self.local,
-                allowed,
-                reason,
-            });
-        }
+        let (Some((hostnqn, subnqn)), Some(o)) = (names, self.target.observer.get()) else {
+            return;
+        };
+        o(crate::target::ConnectEvent {
+            hostnqn,
+            subnqn,
+            listener: self.local,
+            allowed: outcome.is_ok(),
+            reason: outcome.map_or_else(auth::Failure::reason, |()| "authenticated"),
+        });
     }
 
     /// A queue that has not authenticated within the limit's time of its Connect is
-    /// closed, so hosts without the secret cannot hold connections open.
+    /// closed (and the audit told), so hosts without the secret cannot hold
+    /// connections open.
     fn arm_auth_timeout(self: &Rc<Self>) {
         let weak = Rc::downgrade(self);
         self.reactor
             .after(self.target.limits.auth_timeout, move || {
                 let Some(c) = weak.upgrade() else { return };
-                let pending =
-                    c.st.borrow()
-                        .auth
-                        .as_ref()
-                        .is_some_and(|a| !a.authenticated());
+                let pending = {
+                    let st = c.st.borrow();
+                    st.phase != Phase::Closed
+                        && st
+                            .auth
+                            .as_ref()
+                            .is_some_and(|a| !a.authenticated() && !a.failed())
+                };
                 if pending {
+                    c.observe_auth(Err(auth::Failure::TimedOut));
                     c.close();
                 }
             });

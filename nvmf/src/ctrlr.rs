@@ -299,13 +299,17 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
         if queues.contains_key(&qid) {
             return Err(Reply::invalid_param(42, false));
         }
-        queues.insert(
-            qid,
-            QueueRef {
-                reactor: conn.reactor().handle().clone(),
-                conn_id: conn.id(),
-            },
-        );
+        // A queue that must authenticate is registered once it has (the connection
+        // does it), so a host without the secret cannot hold the queue ID.
+        if auth.is_none() {
+            queues.insert(
+                qid,
+                QueueRef {
+                    reactor: conn.reactor().handle().clone(),
+                    conn_id: conn.id(),
+                },
+            );
+        }
     }
     let id = ctrl.cntlid;
     Ok(Connected {

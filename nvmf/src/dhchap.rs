@@ -64,14 +64,6 @@ impl Hash {
             Self::Sha512 => hmac::HMAC_SHA512,
         }
     }
-
-    fn hmac(self, key: &[u8], parts: &[&[u8]]) -> hmac::Tag {
-        let mut ctx = hmac::Context::with_key(&hmac::Key::new(self.algorithm(), key));
-        for p in parts {
-            ctx.update(p);
-        }
-        ctx.sign()
-    }
 }
 
 /// Why a secret string was refused.
@@ -82,9 +74,9 @@ pub enum KeyError {
         "a DH-HMAC-CHAP secret is written DHHC-1:XX:<base64>: (as nvme gen-dhchap-key prints it)"
     )]
     Format,
-    /// `XX` is not 00-03.
-    #[error("unknown key transformation {0:?} (00 none, 01 SHA-256, 02 SHA-384, 03 SHA-512)")]
-    Transform(String),
+    /// `XX` is not 00-03 (not echoed: a garbled secret could put key bytes there).
+    #[error("unknown key transformation (00 none, 01 SHA-256, 02 SHA-384, 03 SHA-512)")]
+    Transform,
     /// The base64 payload does not decode.
     #[error("the secret's key is not valid base64")]
     Base64,
@@ -126,7 +118,7 @@ impl DhchapKey {
         let transform = match xx {
             "00" => None,
             "01" | "02" | "03" => Hash::from_id(xx.as_bytes()[1] - b'0'),
-            _ => return Err(KeyError::Transform(xx.to_string())),
+            _ => return Err(KeyError::Transform),
         };
         use base64::Engine;
         let raw = base64::engine::general_purpose::STANDARD
@@ -175,18 +167,63 @@ impl DhchapKey {
     fn transformed(&self, nqn: &str) -> Vec<u8> {
         match self.transform {
             None => self.key.clone(),
-            Some(h) => h
-                .hmac(&self.key, &[nqn.as_bytes(), b"NVMe-over-Fabrics"])
-                .as_ref()
-                .to_vec(),
+            Some(h) => {
+                let key = hmac::Key::new(h.algorithm(), &self.key);
+                let mut ctx = hmac::Context::with_key(&key);
+                ctx.update(nqn.as_bytes());
+                ctx.update(b"NVMe-over-Fabrics");
+                ctx.sign().as_ref().to_vec()
+            }
         }
     }
 }
 
-/// What a host's response to challenge `challenge` must be: HMAC under the host's
-/// transformed secret over the challenge, sequence number, transaction ID, secure
-/// channel concatenation (0), "HostHost", the host NQN, a zero byte and the
-/// subsystem NQN.
+/// The two roles' responses differ in the key, a label and the order of the NQNs.
+#[derive(Clone, Copy)]
+enum Role {
+    Host,
+    Controller,
+}
+
+/// The message a response is the HMAC of: the challenge, sequence number,
+/// transaction ID, secure channel concatenation (0), the role's label and the two
+/// NQNs (the prover's first) with a zero byte between them.
+fn response_message(
+    role: Role,
+    challenge: &[u8],
+    seqnum: u32,
+    t_id: u16,
+    hostnqn: &str,
+    subnqn: &str,
+) -> Vec<u8> {
+    let (label, first, second): (&[u8], &str, &str) = match role {
+        Role::Host => (b"HostHost", hostnqn, subnqn),
+        Role::Controller => (b"Controller", subnqn, hostnqn),
+    };
+    let mut m = Vec::with_capacity(challenge.len() + 18 + first.len() + second.len());
+    m.extend_from_slice(challenge);
+    m.extend_from_slice(&seqnum.to_le_bytes());
+    m.extend_from_slice(&t_id.to_le_bytes());
+    m.push(0);
+    m.extend_from_slice(label);
+    m.extend_from_slice(first.as_bytes());
+    m.push(0);
+    m.extend_from_slice(second.as_bytes());
+    m
+}
+
+/// The key a role's secret gives: transformed with the prover's NQN.
+fn role_key(hash: Hash, role: Role, secret: &DhchapKey, hostnqn: &str, subnqn: &str) -> hmac::Key {
+    let nqn = match role {
+        Role::Host => hostnqn,
+        Role::Controller => subnqn,
+    };
+    hmac::Key::new(hash.algorithm(), &secret.transformed(nqn))
+}
+
+/// The host's response to challenge `challenge`: HMAC under the host's transformed
+/// secret over the challenge, sequence number, transaction ID, secure channel
+/// concatenation (0), "HostHost", the host NQN, a zero byte and the subsystem NQN.
 pub fn host_response(
     hash: Hash,
     host_key: &DhchapKey,
@@ -196,27 +233,13 @@ pub fn host_response(
     hostnqn: &str,
     subnqn: &str,
 ) -> Vec<u8> {
-    let key = host_key.transformed(hostnqn);
-    hash.hmac(
-        &key,
-        &[
-            challenge,
-            &seqnum.to_le_bytes(),
-            &t_id.to_le_bytes(),
-            &[0],
-            b"HostHost",
-            hostnqn.as_bytes(),
-            &[0],
-            subnqn.as_bytes(),
-        ],
-    )
-    .as_ref()
-    .to_vec()
+    let key = role_key(hash, Role::Host, host_key, hostnqn, subnqn);
+    let m = response_message(Role::Host, challenge, seqnum, t_id, hostnqn, subnqn);
+    hmac::sign(&key, &m).as_ref().to_vec()
 }
 
-/// What a controller's response to the host's challenge must be (bidirectional
-/// authentication): as [`host_response`] with the controller's secret, "Controller",
-/// and the two NQNs swapped.
+/// The controller's response (bidirectional authentication): as [`host_response`]
+/// with the controller's secret, "Controller", and the two NQNs swapped.
 pub fn ctrl_response(
     hash: Hash,
     ctrl_key: &DhchapKey,
@@ -226,34 +249,45 @@ pub fn ctrl_response(
     hostnqn: &str,
     subnqn: &str,
 ) -> Vec<u8> {
-    let key = ctrl_key.transformed(subnqn);
-    hash.hmac(
-        &key,
-        &[
-            challenge,
-            &seqnum.to_le_bytes(),
-            &t_id.to_le_bytes(),
-            &[0],
-            b"Controller",
-            subnqn.as_bytes(),
-            &[0],
-            hostnqn.as_bytes(),
-        ],
-    )
-    .as_ref()
-    .to_vec()
+    let key = role_key(hash, Role::Controller, ctrl_key, hostnqn, subnqn);
+    let m = response_message(Role::Controller, challenge, seqnum, t_id, hostnqn, subnqn);
+    hmac::sign(&key, &m).as_ref().to_vec()
 }
 
-/// Whether `response` is `expected`, compared in constant time.
-pub fn responses_match(expected: &[u8], response: &[u8]) -> bool {
-    // Equal lengths are public (the hash's); the contents are compared without
-    // early exit.
-    expected.len() == response.len()
-        && expected
-            .iter()
-            .zip(response)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+/// Whether `response` is the host's response to `challenge` (see
+/// [`host_response`]), checked in constant time.
+#[allow(clippy::too_many_arguments)]
+pub fn verify_host_response(
+    hash: Hash,
+    host_key: &DhchapKey,
+    challenge: &[u8],
+    seqnum: u32,
+    t_id: u16,
+    hostnqn: &str,
+    subnqn: &str,
+    response: &[u8],
+) -> bool {
+    let key = role_key(hash, Role::Host, host_key, hostnqn, subnqn);
+    let m = response_message(Role::Host, challenge, seqnum, t_id, hostnqn, subnqn);
+    hmac::verify(&key, &m, response).is_ok()
+}
+
+/// Whether `response` is the controller's response to `challenge` (see
+/// [`ctrl_response`]), checked in constant time.
+#[allow(clippy::too_many_arguments)]
+pub fn verify_ctrl_response(
+    hash: Hash,
+    ctrl_key: &DhchapKey,
+    challenge: &[u8],
+    seqnum: u32,
+    t_id: u16,
+    hostnqn: &str,
+    subnqn: &str,
+    response: &[u8],
+) -> bool {
+    let key = role_key(hash, Role::Controller, ctrl_key, hostnqn, subnqn);
+    let m = response_message(Role::Controller, challenge, seqnum, t_id, hostnqn, subnqn);
+    hmac::verify(&key, &m, response).is_ok()
 }
 
 /// The secrets one host authenticates with to one subsystem.
@@ -297,7 +331,7 @@ mod tests {
         assert_eq!(DhchapKey::parse(&bad), Err(KeyError::Crc));
         assert_eq!(
             DhchapKey::parse("DHHC-1:04:AAAA:"),
-            Err(KeyError::Transform("04".into()))
+            Err(KeyError::Transform)
         );
         assert_eq!(DhchapKey::parse("DHHC-1:00:!!!!:"), Err(KeyError::Base64));
         assert_eq!(
@@ -338,7 +372,56 @@ mod tests {
             host_response(Hash::Sha512, &key, &c, 9, 1, "h", "s").len(),
             64
         );
-        assert!(responses_match(&base, &base.clone()));
-        assert!(!responses_match(&base, &base[..31]));
+        assert!(verify_host_response(
+            Hash::Sha256,
+            &key,
+            &c,
+            9,
+            1,
+            "nqn.h",
+            "nqn.s",
+            &base
+        ));
+        assert!(!verify_host_response(
+            Hash::Sha256,
+            &key,
+            &c,
+            9,
+            1,
+            "nqn.h",
+            "nqn.s",
+            &base[..31]
+        ));
+        assert!(!verify_host_response(
+            Hash::Sha256,
+            &other,
+            &c,
+            9,
+            1,
+            "nqn.h",
+            "nqn.s",
+            &base
+        ));
+        let r2 = ctrl_response(Hash::Sha384, &key, &c, 9, 1, "nqn.h", "nqn.s");
+        assert!(verify_ctrl_response(
+            Hash::Sha384,
+            &key,
+            &c,
+            9,
+            1,
+            "nqn.h",
+            "nqn.s",
+            &r2
+        ));
+        assert!(!verify_ctrl_response(
+            Hash::Sha384,
+            &key,
+            &c,
+            9,
+            2,
+            "nqn.h",
+            "nqn.s",
+            &r2
+        ));
     }
 }

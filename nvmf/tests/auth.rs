@@ -337,6 +337,61 @@ fn hostile_exchanges_fail_with_the_right_reason() {
     f2[1] = 0xF0;
     assert!(q.auth_send(&f2).status().is_success());
     assert!(q.is_closed());
+    // A failed transaction stays failed: a new Negotiate does not buy another guess.
+    let mut q = fresh();
+    q.auth_send(&negotiate(1, &all_hashes, &all_groups));
+    q.auth_receive(4096);
+    assert!(q.auth_send(&reply(1, &[0; 32], None)).status().is_success());
+    assert_eq!(
+        failure_after(&mut q, &negotiate(1, &all_hashes, &all_groups)),
+        1
+    );
+    let ev = reasons(&s);
+    let gave_up = "authentication failed: the host gave up (controller secret?)";
+    assert!(ev.contains(&(HOSTNQN.into(), false, gave_up)), "{ev:?}");
+}
+
+#[test]
+fn an_unauthenticated_host_cannot_make_the_target_allocate_or_hold_queues() {
+    let s = setup(Duration::from_secs(30));
+    // No R2T before authentication: data must come in the capsule, and little of it.
+    let (mut q, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    q.in_capsule = 0;
+    let msg = negotiate(1, &[1], &[0]);
+    let mut sqe = auth_sqe(fctype::AUTH_SEND);
+    sqe.set_cdw(11, msg.len() as u32);
+    assert_eq!(q.command(sqe, &msg, 0).status(), Status::AUTH_REQUIRED);
+    q.in_capsule = 8192;
+    let big = vec![0u8; 4097];
+    let mut sqe = auth_sqe(fctype::AUTH_SEND);
+    sqe.set_cdw(11, big.len() as u32);
+    assert_eq!(q.command(sqe, &big, 0).status(), Status::INVALID_FIELD);
+    assert!(matches!(
+        q.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+    enable(&mut q);
+    let cntlid = q.cntlid;
+    // An I/O queue that does not authenticate does not hold its queue ID: the real
+    // host's queue 1 connects and authenticates beside it.
+    let (mut squatter, _) = connect(s.addr, HOSTNQN, 1, cntlid);
+    let (mut real, _) = connect(s.addr, HOSTNQN, 1, cntlid);
+    assert!(matches!(
+        real.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+    assert!(real.read(1, 0, 1, 512).status().is_success());
+    // Once queue 1 is taken, another that authenticates for it is closed.
+    assert!(matches!(
+        squatter.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+    assert!(squatter.is_closed());
+    assert!(real.read(1, 0, 1, 512).status().is_success());
+    // And a queue ID already registered is refused at Connect, as before.
+    let mut h = Host::connect(s.addr, Digests::default());
+    let c = h.fabric_connect(1, 31, NQN, HOSTNQN, cntlid, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAM);
 }
 
 #[test]
@@ -395,6 +450,9 @@ fn a_queue_that_does_not_authenticate_in_time_is_closed() {
         identify(&mut done).is_success(),
         "an authenticated queue stays"
     );
+    let ev = reasons(&s);
+    let timed_out = "authentication failed: timed out";
+    assert!(ev.contains(&(HOSTNQN.into(), false, timed_out)), "{ev:?}");
     // Hosts and their secrets must be allowed hosts.
     let sub = |hosts: HostPolicy| Subsystem {
         nqn: "nqn.2026-11.io.ox:auth2".into(),

@@ -146,8 +146,10 @@ pub fn authenticate(
         ok[8] == 1 && ok.len() >= 16 + hl,
         "the target did not answer our challenge"
     );
-    let want = dhchap::ctrl_response(hash, ctrl_key, &challenge, seqnum2, t_id, hostnqn, subnqn);
-    if !dhchap::responses_match(&want, &ok[16..16 + hl]) {
+    let r2 = &ok[16..16 + hl];
+    if !dhchap::verify_ctrl_response(
+        hash, ctrl_key, &challenge, seqnum2, t_id, hostnqn, subnqn, r2,
+    ) {
         let mut failure2 = vec![0u8; 16];
         failure2[1] = 0xF0;
         le::put_u16(&mut failure2, 4, t_id);

@@ -65,12 +65,15 @@ struct Common {
     dhchap_ctrl_secret: Option<String>,
 }
 
-/// A secret given on the command line, or read from the file it names.
+/// A secret given on the command line, or read from the file it names. Errors never
+/// repeat the argument: it may be a mistyped secret.
 fn secret(arg: &str, what: &str) -> anyhow::Result<nvmf::dhchap::DhchapKey> {
     let text = if arg.starts_with("DHHC-1:") {
         arg.to_string()
     } else {
-        std::fs::read_to_string(arg).with_context(|| format!("{what}: reading {arg}"))?
+        std::fs::read_to_string(arg).map_err(|e| {
+            anyhow::anyhow!("{what}: neither a DHHC-1:XX:...: secret nor a readable file ({e})")
+        })?
     };
     nvmf::dhchap::DhchapKey::parse(&text).with_context(|| what.to_string())
 }

@@ -347,7 +347,17 @@ impl Session {
             );
         }
         self.cntlid = cqe.dw0 as u16;
-        if cqe.dw0 & CONNECT_AUTH_REQUIRED != 0 {
+        let asked = cqe.dw0 & CONNECT_AUTH_REQUIRED != 0;
+        if !asked && ep.dhchap.as_ref().is_some_and(|d| d.ctrl_key.is_some()) {
+            bail!(
+                "{} did not ask host {} to authenticate to {}, so it cannot prove the \
+                 controller secret given with --dhchap-ctrl-secret: refusing it",
+                ep.addr,
+                ep.hostnqn,
+                ep.subnqn
+            );
+        }
+        if asked {
             let Some(secrets) = &ep.dhchap else {
                 bail!(
                     "{} requires host {} to authenticate (DH-HMAC-CHAP) to {}: give \

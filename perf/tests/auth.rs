@@ -14,6 +14,8 @@ use support::{bin, free_port, run, start_oxd};
 
 const HOST: &str = "nqn.2026-11.io.ox:perf-host";
 const OTHER: &str = "nqn.2026-11.io.ox:other-host";
+/// Let in without a secret.
+const PLAIN: &str = "nqn.2026-11.io.ox:plain-host";
 
 fn secret(dir: &Path, name: &str) -> (String, std::path::PathBuf) {
     let out = run(&bin("oxd"), &["dhchap-key"]);
@@ -26,6 +28,10 @@ fn secret(dir: &Path, name: &str) -> (String, std::path::PathBuf) {
 }
 
 fn oxperf(target: &str, extra: &[&str]) -> std::process::Output {
+    oxperf_as(HOST, target, extra)
+}
+
+fn oxperf_as(host: &str, target: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "run",
         "--target",
@@ -41,7 +47,7 @@ fn oxperf(target: &str, extra: &[&str]) -> std::process::Output {
         "0",
         "--quiet",
         "--hostnqn",
-        HOST,
+        host,
     ];
     args.extend_from_slice(extra);
     run(&bin("oxperf"), &args)
@@ -92,7 +98,7 @@ size_mib = 16
 
 [[subsystem]]
 nqn = "nqn.2026-11.io.ox:sub"
-hosts = ["{HOST}", "{OTHER}"]
+hosts = ["{HOST}", "{OTHER}", "{PLAIN}"]
 listeners = ["127.0.0.1:{data}"]
 namespaces = ["m"]
 
@@ -176,6 +182,30 @@ dhchap_key_file = {other_file:?}
             text(&liar)
         );
     }
+    // A host without a secret connects as before; asking a target that does not
+    // authenticate to prove a controller secret is refused by oxperf itself.
+    let sub = format!("127.0.0.1:{data},nqn.2026-11.io.ox:sub");
+    let plain = oxperf_as(PLAIN, &sub, &[]);
+    assert!(plain.status.success(), "{}", text(&plain));
+    let distrust = oxperf_as(
+        PLAIN,
+        &sub,
+        &[
+            "--dhchap-secret",
+            &host_secret,
+            "--dhchap-ctrl-secret",
+            &ctrl_secret,
+        ],
+    );
+    assert!(!distrust.status.success());
+    assert!(
+        text(&distrust).contains("cannot prove the controller secret"),
+        "{}",
+        text(&distrust)
+    );
+    let typo = oxperf(&sub, &["--dhchap-secret", "dhhc-1:00:c2VjcmV0:"]);
+    assert!(!typo.status.success());
+    assert!(!text(&typo).contains("c2VjcmV0"), "{}", text(&typo));
     let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
     assert!(audit.contains("authenticated"), "{audit}");
     assert!(
