@@ -106,6 +106,9 @@ pub enum CallError {
     /// The daemon answered with an error.
     #[error(transparent)]
     Rpc(#[from] RpcError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A connection to the daemon's control API.
@@ -137,8 +140,9 @@ impl Client {
     }
 
     /// Connects to the API over TCP at `addr` ("host:port") and authenticates with
-    /// `token`.
-    pub fn connect_tcp(addr: &str, token: &str) -> Result<Self, CallError> {
+    /// `token`; over TLS when `ca` names the certificates to trust (a CA, or the
+    /// daemon's own certificate), checked against `addr`'s host name or IP.
+    pub fn connect_tcp(addr: &str, token: &str, ca: Option<&Path>) -> Result<Self, CallError> {
         let sock_err = |source| CallError::Socket {
             path: addr.to_string(),
             source,
@@ -147,11 +151,26 @@ impl Client {
         stream
             .set_read_timeout(Some(Duration::from_secs(600)))
             .map_err(sock_err)?;
-        let writer = stream.try_clone().map_err(sock_err)?;
+        let (reader, writer): (Box<dyn std::io::Read + Send>, Box<dyn Write + Send>) = match ca {
+            None => {
+                let writer = stream.try_clone().map_err(sock_err)?;
+                (Box::new(stream), Box::new(writer))
+            }
+            Some(ca) => {
+                let host = addr
+                    .rsplit_once(':')
+                    .map_or(addr, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let config = crate::tls::client_config(ca)?;
+                let tls = crate::tls::client_stream(config, host, stream)?;
+                (Box::new(tls.clone()), Box::new(tls))
+            }
+        };
         let mut client = Self {
             path: addr.to_string(),
-            reader: BufReader::new(Box::new(stream)),
-            writer: Box::new(writer),
+            reader: BufReader::new(reader),
+            writer,
             next_id: 1,
         };
         client.call("auth", Some(serde_json::json!({ "token": token })))?;

@@ -209,11 +209,16 @@ pub struct ControlSection {
     pub socket: Option<PathBuf>,
     /// Hash-chained audit log of every control operation; none if absent.
     pub audit_log: Option<PathBuf>,
-    /// Also serve the API over TCP at "address:port" (remote management; no TLS, so a
-    /// management network or loopback only). Needs `token_file`.
+    /// Also serve the API over TCP at "address:port" (remote management), over TLS
+    /// with `tls_cert_file` and `tls_key_file`. Needs `token_file`.
     pub listen: Option<String>,
     /// File holding the token TCP clients must present (at least 16 characters).
     pub token_file: Option<PathBuf>,
+    /// PEM certificate (chain) the TCP control API presents: with `tls_key_file`, the
+    /// API is served over TLS (`oxctl --ca-file` trusts it).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// `[reactors]`.

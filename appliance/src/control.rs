@@ -600,12 +600,13 @@ fn bdev_json(b: &Bdev) -> Value {
 }
 
 /// Serves the API over TCP at `addr` for remote management (an appliance without a
-/// shell). Every connection must first send `{"method": "auth", "params": {"token":
-/// T}}` with the token from `token_file`; the decision is audited. There is no TLS:
-/// listen on a management network or loopback only.
+/// shell), over TLS when `tls` is given (without it, the token crosses the network in
+/// the clear). Every connection must first send `{"method": "auth", "params":
+/// {"token": T}}` with the token from `token_file`; the decision is audited.
 pub fn start_tcp(
     addr: SocketAddr,
     token_file: &Path,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<State>,
 ) -> anyhow::Result<SocketAddr> {
     let token = std::fs::read_to_string(token_file)
@@ -628,12 +629,16 @@ pub fn start_tcp(
                     continue;
                 }
                 active.fetch_add(1, Ordering::SeqCst);
-                let (state, done, token) =
-                    (Arc::clone(&state), Arc::clone(&active), Arc::clone(&token));
+                let (state, done, token, tls) = (
+                    Arc::clone(&state),
+                    Arc::clone(&active),
+                    Arc::clone(&token),
+                    tls.clone(),
+                );
                 let spawned = std::thread::Builder::new()
                     .name("control-tcp-conn".into())
                     .spawn(move || {
-                        serve_tcp(stream, &token, &state);
+                        serve_tcp(stream, tls, &token, &state);
                         done.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
@@ -650,18 +655,58 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn serve_tcp(stream: std::net::TcpStream, token: &str, state: &State) {
+fn serve_tcp(
+    stream: std::net::TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    token: &str,
+    state: &State,
+) {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "unknown".into(), |a| a.to_string());
-    let who = format!("tcp {peer}");
-    // The token must come at once: a connection that does not authenticate holds a
-    // slot for seconds, not minutes.
+    // The token (and the TLS handshake before it) must come at once: a connection
+    // that does not authenticate holds a slot for seconds, not minutes.
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-    let Ok(read_half) = stream.try_clone() else {
+    let Ok(socket) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(read_half.take(4096));
+    match tls {
+        None => {
+            let Ok(read_half) = stream.try_clone() else {
+                return;
+            };
+            authenticate_and_serve(
+                read_half,
+                stream,
+                &socket,
+                &format!("tcp {peer}"),
+                token,
+                state,
+            );
+        }
+        Some(config) => {
+            let Ok(conn) = rustls::ServerConnection::new(config) else {
+                return;
+            };
+            let tls = appliance::tls::Duplex::new(rustls::StreamOwned::new(conn, stream));
+            let who = format!("tls {peer}");
+            authenticate_and_serve(tls.clone(), tls, &socket, &who, token, state);
+        }
+    }
+}
+
+/// Reads the token first, then serves requests; `socket` is the TCP stream beneath
+/// (for its timeouts).
+fn authenticate_and_serve(
+    read: impl Read,
+    stream: impl Write,
+    socket: &std::net::TcpStream,
+    who: &str,
+    token: &str,
+    state: &State,
+) {
+    let mut stream = stream;
+    let mut reader = BufReader::new(read.take(4096));
     let mut first = Vec::new();
     if reader.read_until(b'\n', &mut first).is_err() {
         return;
@@ -689,7 +734,7 @@ fn serve_tcp(stream: std::net::TcpStream, token: &str, state: &State) {
         // count of those left out), so a connection flood cannot grow the log at will.
         if let Some(suppressed) = DENIALS.admit(ok) {
             let detail = json!({ "denials_not_recorded_before": suppressed });
-            if let Err(e) = audit.record(&who, "authenticate", detail, result) {
+            if let Err(e) = audit.record(who, "authenticate", detail, result) {
                 tracing::error!("audit log: {e}");
             }
         }
@@ -697,7 +742,7 @@ fn serve_tcp(stream: std::net::TcpStream, token: &str, state: &State) {
     if !ok {
         tracing::warn!("control: {who} failed to authenticate");
         let _ = reply(
-            &stream,
+            &mut stream,
             id,
             Err(RpcError::new(
                 code::UNAUTHORIZED,
@@ -706,13 +751,13 @@ fn serve_tcp(stream: std::net::TcpStream, token: &str, state: &State) {
         );
         return;
     }
-    if reply(&stream, id, Ok(json!({ "authenticated": true }))).is_err() {
+    if reply(&mut stream, id, Ok(json!({ "authenticated": true }))).is_err() {
         return;
     }
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(600)));
+    let _ = socket.set_read_timeout(Some(std::time::Duration::from_secs(600)));
     // Whatever the client sent after the token is still in the reader's buffer.
     reader.get_mut().set_limit(u64::MAX);
-    serve_lines(reader, stream, &who, state);
+    serve_lines(reader, stream, who, state);
 }
 
 /// Denied authentications recorded per minute at most.

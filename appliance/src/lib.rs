@@ -1,8 +1,9 @@
 //! The OX appliance: what `oxd` and `oxctl` share — the control API's wire protocol
-//! ([`api`]) and the hash-chained audit log ([`audit`]).
+//! ([`api`]), TLS for it over TCP ([`tls`]) and the hash-chained audit log ([`audit`]).
 
 pub mod api;
 pub mod audit;
+pub mod tls;
 
 /// An error and its causes on one line, "outer: inner: ...", leaving out a cause
 /// whose text the message before it already ends with (many errors print their source

@@ -112,8 +112,24 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             .token_file
             .as_ref()
             .context("control.listen needs control.token_file")?;
-        let bound = control::start_tcp(addr, token, Arc::clone(&state))?;
-        tracing::info!("control API on tcp {bound} (token required)");
+        let c = &config.control;
+        let tls = match (&c.tls_cert_file, &c.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                Some(appliance::tls::server_config(cert, key).context("control.tls_cert_file")?)
+            }
+            (None, None) => None,
+            _ => anyhow::bail!("control: give both tls_cert_file and tls_key_file, or neither"),
+        };
+        let secure = tls.is_some();
+        let bound = control::start_tcp(addr, token, tls, Arc::clone(&state))?;
+        if secure {
+            tracing::info!("control API on tcp {bound} (TLS, token required)");
+        } else {
+            tracing::warn!(
+                "control API on tcp {bound} (token required) without TLS: the token \
+                 crosses the network in the clear (set control.tls_cert_file and tls_key_file)"
+            );
+        }
     }
     let _socket = match &config.control.socket {
         Some(p) => {

@@ -34,6 +34,10 @@ struct Cli {
     /// File holding the token for --connect.
     #[arg(long, global = true, env = "OXD_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// With --connect: use TLS and trust only the certificates in this PEM file (a CA,
+    /// or the daemon's own certificate, `[control] tls_cert_file`).
+    #[arg(long, global = true, env = "OXD_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Print the daemon's JSON answer instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -307,7 +311,7 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
                 .context("--connect needs --token-file (or OXD_TOKEN_FILE)")?;
             let token = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            Client::connect_tcp(addr, token.trim())
+            Client::connect_tcp(addr, token.trim(), cli.ca_file.as_deref())
                 .with_context(|| format!("connecting to oxd at {addr}"))
         }
         None => Client::connect(&cli.socket)

@@ -43,7 +43,16 @@ fn oxd_path() -> PathBuf {
 }
 
 fn start() -> Daemon {
+    start_with("")
+}
+
+/// A daemon whose `[control]` section ends with `control_extra`.
+fn start_with(control_extra: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
+    start_in(dir, control_extra)
+}
+
+fn start_in(dir: tempfile::TempDir, control_extra: &str) -> Daemon {
     let socket = dir.path().join("run/oxd.sock");
     let audit = dir.path().join("audit.log");
     let config = format!(
@@ -52,7 +61,7 @@ fn start() -> Daemon {
          [[subsystem]]\nnqn = \"nqn.2026-11.io.ox:vol0\"\nlisteners = [\"127.0.0.1:0\"]\n\
          namespaces = [\"vol0\"]\nallow_any_host = true\n\
          [control]\nsocket = {socket:?}\naudit_log = {audit:?}\n\
-         listen = \"127.0.0.1:{port}\"\ntoken_file = {token:?}\n",
+         listen = \"127.0.0.1:{port}\"\ntoken_file = {token:?}\n{control_extra}",
         port = free_port(),
         token = dir.path().join("token"),
     );
@@ -269,4 +278,81 @@ fn remote_management_over_tcp_needs_the_token_and_is_audited() {
     let log = std::fs::read_to_string(&d.audit).unwrap();
     assert_eq!(log.matches("\"action\":\"authenticate\"").count(), 3);
     assert_eq!(log.matches("denied: bad or missing token").count(), 2);
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, as PEM files in `dir`.
+fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+#[test]
+fn remote_management_over_tls_trusts_only_the_daemons_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path(), "oxd");
+    let (other, _) = certificate(dir.path(), "other");
+    let d = start_in(
+        dir,
+        &format!("tls_cert_file = {cert:?}\ntls_key_file = {key:?}\n"),
+    );
+    let token = d.dir.path().join("token");
+    let remote = |ca: Option<&Path>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_oxctl"));
+        c.args(["--connect", &d.tcp, "--token-file"]).arg(&token);
+        if let Some(ca) = ca {
+            c.arg("--ca-file").arg(ca);
+        }
+        c.args(["version", "--json"]).output().unwrap()
+    };
+    assert_eq!(json(&remote(Some(&cert)))["api"], 1);
+    let stranger = remote(Some(&other));
+    assert!(!stranger.status.success());
+    assert!(
+        String::from_utf8_lossy(&stranger.stderr).contains("invalid peer certificate"),
+        "{}",
+        String::from_utf8_lossy(&stranger.stderr)
+    );
+    // Plain TCP against the TLS port gets nowhere, and the token never left in clear.
+    let plain = remote(None);
+    assert!(!plain.status.success());
+    let log = std::fs::read_to_string(&d.audit).unwrap();
+    assert!(log.contains("\"caller\":\"tls 127.0.0.1:"), "{log}");
+    assert_eq!(
+        log.matches("\"action\":\"authenticate\"").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("0123456789abcdef"), "no token in the log");
+}
+
+#[test]
+fn half_a_tls_configuration_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = certificate(dir.path(), "oxd");
+    let socket = dir.path().join("oxd.sock");
+    std::fs::write(dir.path().join("token"), "0123456789abcdef-secret\n").unwrap();
+    let config = format!(
+        "[control]\nsocket = {socket:?}\nlisten = \"127.0.0.1:0\"\n\
+         token_file = {:?}\ntls_cert_file = {cert:?}\n",
+        dir.path().join("token")
+    );
+    let path = dir.path().join("oxd.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(oxd_path())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give both tls_cert_file and tls_key_file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
