@@ -559,7 +559,7 @@ impl Config {
             zstd_level: ox.zstd_level.unwrap_or(3),
             object_bytes: ox.object_mib.unwrap_or(8).clamp(1, 1024) << 20,
             chunk_bytes,
-            host_keys: self.host_keys()?,
+            host_keys: std::sync::RwLock::new(self.host_keys()?),
         };
         Ok(Some((settings, cores)))
     }

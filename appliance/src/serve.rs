@@ -1,5 +1,6 @@
 //! `oxd --config FILE`: serve the configured block devices over NVMe/TCP until SIGINT
-//! or SIGTERM, then stop cleanly (connections closed, in-flight I/O drained).
+//! or SIGTERM, then stop cleanly (connections closed, in-flight I/O drained). SIGHUP
+//! reloads the hosts' DH-HMAC-CHAP secrets.
 
 use std::path::Path;
 
@@ -23,9 +24,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let bdevs = config.open_bdevs()?;
     let target_config = config.target_config(&bdevs)?;
     let ox_settings = config.ox_settings()?;
-    // Block the stop signals before any thread starts, so every thread inherits the
-    // mask and only `wait_for_stop_signal` receives them.
-    let signals = stop_signals();
+    // Block the handled signals before any thread starts, so every thread inherits
+    // the mask and only `wait_for_signal` receives them.
+    let signals = handled_signals();
     // SAFETY: sigprocmask with a valid, initialised set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
     let set = ReactorSet::start(reactor_config).context("starting reactors")?;
@@ -139,7 +140,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let signal = wait_for_stop_signal(&signals);
+    let signal = loop {
+        let signal = wait_for_signal(&signals);
+        if signal != libc::SIGHUP {
+            break signal;
+        }
+        reload_host_keys(path, &target, service.as_deref(), audit.as_deref());
+    };
     tracing::info!("signal {signal}: stopping");
     // Background work first; then the reactors (in-flight I/O drained, connections
     // closed, so no host write lands after this); then what must survive a restart.
@@ -205,18 +212,59 @@ fn audit_connects(target: &Target, audit: Option<Arc<AuditLog>>) -> anyhow::Resu
     Ok(())
 }
 
-fn stop_signals() -> libc::sigset_t {
+/// SIGHUP: the `[[host]]` secrets are read again from the configuration and its files
+/// and replace the running ones (new connections use them; the rest of the file is not
+/// reloaded). A configuration that fails its checks changes nothing.
+fn reload_host_keys(
+    path: &Path,
+    target: &Target,
+    service: Option<&Service>,
+    audit: Option<&AuditLog>,
+) {
+    let reloaded = Config::load(path)
+        .and_then(|c| c.host_keys())
+        .and_then(|keys| {
+            target
+                .set_host_keys(|s| crate::config::keys_for(&s.nqn, &s.hosts, &keys))
+                .context("applying them")?;
+            Ok(keys)
+        });
+    let result = match reloaded {
+        Ok(keys) => {
+            tracing::info!("SIGHUP: {} host secrets in force", keys.len());
+            if let Some(s) = service {
+                s.set_host_keys(keys);
+            }
+            "ok".to_string()
+        }
+        Err(e) => {
+            let e = appliance::error_chain(&e);
+            tracing::error!("SIGHUP: host secrets not reloaded, the running ones stay: {e}");
+            format!("failed: {e}")
+        }
+    };
+    if let Some(a) = audit {
+        let detail = serde_json::json!({ "config": path.display().to_string() });
+        if let Err(err) = a.record("oxd", "reload_host_keys", detail, &result) {
+            tracing::error!("audit log: {err}");
+        }
+    }
+}
+
+/// The signals oxd waits for: SIGINT and SIGTERM stop it, SIGHUP reloads host secrets.
+fn handled_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         set
     }
 }
 
-fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig = 0;
     loop {
         // SAFETY: a valid signal set and a pointer to a live i32.

@@ -79,8 +79,9 @@ pub struct Settings {
     pub object_bytes: usize,
     /// Chunk size of new volumes.
     pub chunk_bytes: u64,
-    /// Hosts that must authenticate to the exports that let them in (`[[host]]`).
-    pub host_keys: Vec<nvmf::dhchap::HostKeys>,
+    /// Hosts that must authenticate to the exports that let them in (`[[host]]`);
+    /// replaced when the configuration is reloaded.
+    pub host_keys: std::sync::RwLock<Vec<nvmf::dhchap::HostKeys>>,
 }
 
 /// A long operation's progress and outcome.
@@ -204,6 +205,16 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
 }
 
 impl Service {
+    /// Replaces the hosts' DH-HMAC-CHAP secrets used for exports made from now on
+    /// (the target's live subsystems are updated by the caller).
+    pub fn set_host_keys(&self, keys: Vec<nvmf::dhchap::HostKeys>) {
+        *self
+            .settings
+            .host_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
     /// Opens the catalogue in the state directory and reopens every volume and clone
     /// in it (exports included). A clone whose store cannot be reached is listed as
     /// unavailable; the daemon runs on.
@@ -527,7 +538,15 @@ impl Service {
             nqn: e.nqn.clone(),
             serial,
             model: "OX volume".into(),
-            host_keys: crate::config::keys_for(&e.nqn, &hosts, &self.settings.host_keys),
+            host_keys: crate::config::keys_for(
+                &e.nqn,
+                &hosts,
+                &self
+                    .settings
+                    .host_keys
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner()),
+            ),
             hosts,
             namespaces: vec![Namespace::new(1, bdev.clone())],
             listeners: self.settings.export_listeners.clone(),

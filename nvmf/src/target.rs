@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use reactor::ReactorHandle;
 
 use crate::conn;
+use crate::dhchap::HostKeys;
 use crate::error::NvmfError;
 use crate::identify::DiscoveryEntry;
 use crate::listener;
@@ -390,6 +391,30 @@ impl Target {
         for id in doomed {
             self.shared.remove_ctrl(id);
         }
+        Ok(())
+    }
+
+    /// Replaces every subsystem's DH-HMAC-CHAP secrets with what `keys` gives for it
+    /// (secrets rotated): new connections authenticate with them; connections made
+    /// before keep theirs until they reconnect. Fails, changing nothing, if a
+    /// subsystem would give a secret to a host it does not allow.
+    pub fn set_host_keys(
+        &self,
+        keys: impl Fn(&Subsystem) -> Vec<HostKeys>,
+    ) -> Result<(), NvmfError> {
+        let mut subsystems = self
+            .shared
+            .subsystems
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut updated = Vec::with_capacity(subsystems.len());
+        for s in subsystems.iter() {
+            let mut new = Subsystem::clone(s);
+            new.host_keys = keys(s);
+            new.validate(&self.shared.limits)?;
+            updated.push(Arc::new(new));
+        }
+        *subsystems = updated;
         Ok(())
     }
 

@@ -131,7 +131,7 @@ dhchap_key_file = {other_file:?}
         &["key", "create", d.join("kek").to_str().unwrap()],
     );
     assert!(kek.status.success(), "{}", text(&kek));
-    let _oxd = start_oxd(&config);
+    let oxd = start_oxd(&config);
 
     for target in [
         format!("127.0.0.1:{data},nqn.2026-11.io.ox:sub"),
@@ -206,7 +206,36 @@ dhchap_key_file = {other_file:?}
     let typo = oxperf(&sub, &["--dhchap-secret", "dhhc-1:00:c2VjcmV0:"]);
     assert!(!typo.status.success());
     assert!(!text(&typo).contains("c2VjcmV0"), "{}", text(&typo));
+    // Rotated on a live appliance: a new secret in the file, SIGHUP; the old secret
+    // is refused from then on, the new one accepted, on both kinds of export. A file
+    // that fails its checks changes nothing.
+    let (rotated, _) = secret(d, "rotated.key");
+    std::fs::write(&host_file, &rotated).unwrap();
+    let hup = |oxd: &support::Oxd| {
+        // SAFETY: signalling a child process we own.
+        unsafe { libc::kill(oxd.child.id() as i32, libc::SIGHUP) };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    hup(&oxd);
+    for target in [
+        sub.clone(),
+        format!("127.0.0.1:{export},nqn.2026-11.io.ox:vol"),
+    ] {
+        let old = oxperf(&target, &["--dhchap-secret", &host_secret]);
+        assert!(
+            !old.status.success(),
+            "{target}: the old secret still works"
+        );
+        let new = oxperf(&target, &["--dhchap-secret", &rotated]);
+        assert!(new.status.success(), "{target}: {}", text(&new));
+    }
+    std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    hup(&oxd);
+    let still = oxperf(&sub, &["--dhchap-secret", &rotated]);
+    assert!(still.status.success(), "{}", text(&still));
     let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
+    assert!(audit.contains("\"action\":\"reload_host_keys\""), "{audit}");
+    assert!(audit.contains("is readable by others"), "{audit}");
     assert!(audit.contains("authenticated"), "{audit}");
     assert!(
         audit.contains("authentication failed: wrong response"),
