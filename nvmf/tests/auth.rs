@@ -477,3 +477,49 @@ fn a_queue_that_does_not_authenticate_in_time_is_closed() {
         "{e}"
     );
 }
+
+#[test]
+fn secrets_are_replaced_for_new_connections_or_not_at_all() {
+    let s = setup(Duration::from_secs(30));
+    let (mut before, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert!(matches!(
+        before.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+    let rotated = DhchapKey::generate(32, Some(Hash::Sha256)).unwrap();
+    let keys = |hostnqn: &str, key: &DhchapKey| {
+        vec![HostKeys {
+            hostnqn: hostnqn.into(),
+            key: key.clone(),
+            ctrl_key: None,
+            hash: Hash::Sha256,
+        }]
+    };
+    // A secret for a host the subsystem does not allow: refused, nothing changes.
+    let e = s
+        .target
+        .set_host_keys(|_| keys("nqn.2026-11.io.ox:stranger", &rotated))
+        .unwrap_err();
+    assert!(e.to_string().contains("not allowed"), "{e}");
+    let (mut q, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert!(matches!(
+        q.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+    s.target.set_host_keys(|_| keys(HOSTNQN, &rotated)).unwrap();
+    let (mut old, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert_eq!(
+        old.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Failure1(1)
+    );
+    let (mut new, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    assert!(matches!(
+        new.authenticate(HOSTNQN, NQN, &rotated, None),
+        AuthOutcome::Success { .. }
+    ));
+    // BOTH_WAYS lost its secret with the rotation: it now connects without one.
+    let (_, dw0) = connect(s.addr, BOTH_WAYS, 0, 0xFFFF);
+    assert_eq!(dw0 & ATR, 0);
+    // The connection made before keeps working.
+    assert!(identify(&mut before).is_success());
+}
