@@ -392,9 +392,13 @@ impl Config {
         Ok(out)
     }
 
-    /// The NVMe/TCP target configuration over `bdevs`.
-    pub fn target_config(&self, bdevs: &[Bdev]) -> anyhow::Result<TargetConfig> {
-        let host_keys = self.host_keys()?;
+    /// The NVMe/TCP target configuration over `bdevs`; `host_keys` (from
+    /// [`Self::host_keys`]) go to the subsystems that let their hosts in.
+    pub fn target_config(
+        &self,
+        bdevs: &[Bdev],
+        host_keys: &[HostKeys],
+    ) -> anyhow::Result<TargetConfig> {
         let d = Limits::default();
         let n = &self.nvmf;
         let limits = Limits {
@@ -435,11 +439,8 @@ impl Config {
                     s.nqn
                 );
             }
-            let hosts = if s.allow_any_host {
-                HostPolicy::Any
-            } else {
-                HostPolicy::Only(s.hosts.clone())
-            };
+            let hosts = host_policy(s.allow_any_host, &s.hosts);
+            warn_if_open(&s.nqn, &hosts, host_keys);
             subsystems.push(Subsystem {
                 nqn: s.nqn.clone(),
                 serial: s
@@ -447,7 +448,7 @@ impl Config {
                     .clone()
                     .unwrap_or_else(|| format!("OX{:06}", i + 1)),
                 model: s.model.clone().unwrap_or_else(|| "OX appliance".into()),
-                host_keys: keys_for(&s.nqn, &hosts, &host_keys),
+                host_keys: keys_for(&hosts, host_keys),
                 hosts,
                 namespaces,
                 listeners,
@@ -490,7 +491,10 @@ impl Config {
     /// The object-exchange settings, if `[ox]` is present: stores and keys resolved
     /// (credentials and key material read now, so a missing one fails the start with
     /// its name), and the OX core list.
-    pub fn ox_settings(&self) -> anyhow::Result<Option<(Settings, Vec<Option<usize>>)>> {
+    pub fn ox_settings(
+        &self,
+        host_keys: &[HostKeys],
+    ) -> anyhow::Result<Option<(Settings, Vec<Option<usize>>)>> {
         let Some(ox) = &self.ox else {
             if !self.stores.is_empty()
                 || !self.keys.is_empty()
@@ -559,26 +563,38 @@ impl Config {
             zstd_level: ox.zstd_level.unwrap_or(3),
             object_bytes: ox.object_mib.unwrap_or(8).clamp(1, 1024) << 20,
             chunk_bytes,
-            host_keys: std::sync::RwLock::new(self.host_keys()?),
+            host_keys: std::sync::RwLock::new(host_keys.to_vec()),
         };
         Ok(Some((settings, cores)))
     }
 }
 
-/// The secrets of the hosts `policy` lets into subsystem `nqn`: those hosts must
-/// authenticate. Warns when the subsystem lets any host in: anyone can then connect
-/// under a name that has no secret, so the secrets do not protect it.
-pub fn keys_for(nqn: &str, policy: &HostPolicy, keys: &[HostKeys]) -> Vec<HostKeys> {
+/// Who may connect: any host, or those listed.
+pub fn host_policy(allow_any_host: bool, hosts: &[String]) -> HostPolicy {
+    if allow_any_host {
+        HostPolicy::Any
+    } else {
+        HostPolicy::Only(hosts.to_vec())
+    }
+}
+
+/// The secrets of the hosts `policy` lets in: those hosts must authenticate.
+pub fn keys_for(policy: &HostPolicy, keys: &[HostKeys]) -> Vec<HostKeys> {
+    keys.iter()
+        .filter(|k| policy.allows(&k.hostnqn))
+        .cloned()
+        .collect()
+}
+
+/// Warns when subsystem `nqn` lets any host in while hosts have secrets: anyone can
+/// connect under a name that has none, so the secrets do not protect it.
+pub fn warn_if_open(nqn: &str, policy: &HostPolicy, keys: &[HostKeys]) {
     if *policy == HostPolicy::Any && !keys.is_empty() {
         tracing::warn!(
             "{nqn} lets any host in: hosts with [[host]] secrets must authenticate, but \
              any other host name connects without one (list the hosts to protect it)"
         );
     }
-    keys.iter()
-        .filter(|k| policy.allows(&k.hostnqn))
-        .cloned()
-        .collect()
 }
 
 /// Reads a DH-HMAC-CHAP secret from `path`: a regular file (not a symbolic link)
@@ -588,11 +604,17 @@ fn read_secret(path: &Path) -> anyhow::Result<DhchapKey> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let shown = path.display();
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .with_context(|| format!("reading secret {shown} (a symbolic link is refused)"))?;
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            bail!("secret {shown} is a symbolic link: refused (name the file itself)")
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading secret {shown}")),
+    };
     let meta = file
         .metadata()
         .with_context(|| format!("reading secret {shown}"))?;
@@ -606,8 +628,7 @@ fn read_secret(path: &Path) -> anyhow::Result<DhchapKey> {
             mode & 0o777
         );
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     if meta.uid() != me && meta.uid() != 0 {
         bail!(
             "secret {shown} belongs to uid {}, not to this user ({me}) or root",

@@ -22,8 +22,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let reactor_config = config.reactor_config()?;
     let bdevs = config.open_bdevs()?;
-    let target_config = config.target_config(&bdevs)?;
-    let ox_settings = config.ox_settings()?;
+    let host_keys = config.host_keys()?;
+    let target_config = config.target_config(&bdevs, &host_keys)?;
+    let ox_settings = config.ox_settings(&host_keys)?;
     // Block the handled signals before any thread starts, so every thread inherits
     // the mask and only `wait_for_signal` receives them.
     let signals = handled_signals();
@@ -221,20 +222,22 @@ fn reload_host_keys(
     service: Option<&Service>,
     audit: Option<&AuditLog>,
 ) {
+    // The service first: an export made meanwhile gets the new secrets, and the
+    // target's update below recomputes every subsystem's from the same list.
     let reloaded = Config::load(path)
         .and_then(|c| c.host_keys())
         .and_then(|keys| {
+            if let Some(s) = service {
+                s.set_host_keys(keys.clone());
+            }
             target
-                .set_host_keys(|s| crate::config::keys_for(&s.nqn, &s.hosts, &keys))
+                .set_host_keys(|s| crate::config::keys_for(&s.hosts, &keys))
                 .context("applying them")?;
-            Ok(keys)
+            Ok(keys.len())
         });
     let result = match reloaded {
-        Ok(keys) => {
-            tracing::info!("SIGHUP: {} host secrets in force", keys.len());
-            if let Some(s) = service {
-                s.set_host_keys(keys);
-            }
+        Ok(n) => {
+            tracing::info!("SIGHUP: {n} host secrets in force");
             "ok".to_string()
         }
         Err(e) => {

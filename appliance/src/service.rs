@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use bdev::{Basis, Bdev, CloneHandle, Tracking, UringConfig, VolumeHandle};
-use nvmf::{HostPolicy, Namespace, Subsystem, Target};
+use nvmf::{Namespace, Subsystem, Target};
 use ox::basis::{ObjectBasis, StoreFactory};
 use ox::cores::OxCores;
 use ox::hydrate::Thickening;
@@ -529,24 +529,21 @@ impl Service {
             .chars()
             .take(20)
             .collect();
-        let hosts = if e.allow_any_host {
-            HostPolicy::Any
-        } else {
-            HostPolicy::Only(e.hosts.clone())
+        let hosts = crate::config::host_policy(e.allow_any_host, &e.hosts);
+        let host_keys = {
+            let secrets = self
+                .settings
+                .host_keys
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            crate::config::warn_if_open(&e.nqn, &hosts, &secrets);
+            crate::config::keys_for(&hosts, &secrets)
         };
         let sub = Subsystem {
             nqn: e.nqn.clone(),
             serial,
             model: "OX volume".into(),
-            host_keys: crate::config::keys_for(
-                &e.nqn,
-                &hosts,
-                &self
-                    .settings
-                    .host_keys
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner()),
-            ),
+            host_keys,
             hosts,
             namespaces: vec![Namespace::new(1, bdev.clone())],
             listeners: self.settings.export_listeners.clone(),

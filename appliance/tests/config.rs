@@ -208,7 +208,7 @@ fn host_secrets_are_checked_and_required() {
             section(&good, "dhchap_ctrl_key_file = \"/nonexistent\"\n"),
             "reading secret /nonexistent",
         ),
-        (section(&link, ""), "a symbolic link is refused"),
+        (section(&link, ""), "is a symbolic link: refused"),
         (section(&foreign, ""), "belongs to uid 4242"),
     ];
     for (config, expected) in cases {

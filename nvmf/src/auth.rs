@@ -14,25 +14,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::dhchap::{self, Hash, HostKeys};
 use crate::le;
 
-/// Security protocol of Authentication Send/Receive (NVMe in-band authentication).
-pub(crate) const SECP: u8 = 0xE9;
-/// The DH-HMAC-CHAP protocol's SPSP0 and SPSP1.
-pub(crate) const SPSP: u8 = 0x01;
+use crate::dhchap::{DHGROUP_NULL, id, kind, message};
+pub(crate) use crate::dhchap::{SECP, SPSP};
+
 /// Largest Authentication Receive allocation length served.
 pub(crate) const MAX_RECEIVE: u32 = 8192;
 /// Largest Authentication Send accepted (a Reply with SHA-512 is 144 bytes).
 pub(crate) const MAX_SEND: u32 = 4096;
-
-const TYPE_COMMON: u8 = 0x00;
-const TYPE_DHCHAP: u8 = 0x01;
-const NEGOTIATE: u8 = 0x00;
-const CHALLENGE: u8 = 0x01;
-const REPLY: u8 = 0x02;
-const SUCCESS1: u8 = 0x03;
-const SUCCESS2: u8 = 0x04;
-const FAILURE2: u8 = 0xF0;
-const FAILURE1: u8 = 0xF1;
-const DHGROUP_NULL: u8 = 0;
 
 /// Why authentication failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +99,7 @@ pub(crate) struct Received {
     /// The message (the command's data, padded with zeros to its allocation length).
     pub message: Vec<u8>,
     /// Authentication failed: close the connection once the message is out.
-    pub close: Option<Failure>,
+    pub close: bool,
 }
 
 /// One queue's authentication.
@@ -193,7 +181,7 @@ impl Transaction {
             return Ok(());
         };
         match (kind, id) {
-            (TYPE_COMMON, NEGOTIATE) => {
+            (kind::COMMON, id::NEGOTIATE) => {
                 // Any other step: a Negotiate starts a transaction (re-authentication).
                 self.reported = false;
                 self.step = match self.negotiate(msg) {
@@ -201,14 +189,14 @@ impl Transaction {
                     Err(f) => Step::Failure1(f),
                 };
             }
-            (TYPE_COMMON, FAILURE2) => return Err(Failure::HostGaveUp),
-            (TYPE_DHCHAP, REPLY) if self.step == Step::Reply => {
+            (kind::COMMON, id::FAILURE2) => return Err(Failure::HostGaveUp),
+            (kind::DHCHAP, id::REPLY) if self.step == Step::Reply => {
                 self.step = match self.reply(msg) {
                     Ok(step) => step,
                     Err(f) => Step::Failure1(f),
                 };
             }
-            (TYPE_DHCHAP, SUCCESS2) if self.step == Step::Success2 => {
+            (kind::DHCHAP, id::SUCCESS2) if self.step == Step::Success2 => {
                 self.step = if msg.len() >= 16 && le::u16(msg, 4) == self.t_id {
                     self.authenticated = true;
                     Step::Done
@@ -223,19 +211,14 @@ impl Transaction {
 
     /// An Authentication Receive of `al` bytes: the message the current step owes.
     pub(crate) fn receive(&mut self, al: usize) -> Received {
-        let (message, close) = match std::mem::replace(&mut self.step, Step::Negotiate) {
+        let message = match std::mem::replace(&mut self.step, Step::Negotiate) {
             Step::Challenge => {
                 self.challenge = vec![0u8; self.hash.digest_len()];
-                if ring::rand::SecureRandom::fill(
-                    &ring::rand::SystemRandom::new(),
-                    &mut self.challenge,
-                )
-                .is_err()
-                {
+                if dhchap::random_bytes(&mut self.challenge).is_err() {
                     return self.failure(Failure::Failed, al);
                 }
                 self.seqnum = next_seqnum();
-                let mut m = header(TYPE_DHCHAP, CHALLENGE, self.t_id, 16);
+                let mut m = message(kind::DHCHAP, id::CHALLENGE, self.t_id, 16);
                 m[6] = self.hash.digest_len() as u8;
                 m[8] = self.hash.id();
                 m[9] = DHGROUP_NULL;
@@ -243,10 +226,10 @@ impl Transaction {
                 le::put_u32(&mut m, 12, self.seqnum);
                 m.extend_from_slice(&self.challenge);
                 self.step = Step::Reply;
-                (m, None)
+                m
             }
             Step::Success1(r2) => {
-                let mut m = header(TYPE_DHCHAP, SUCCESS1, self.t_id, 16);
+                let mut m = message(kind::DHCHAP, id::SUCCESS1, self.t_id, 16);
                 m[6] = self.hash.digest_len() as u8;
                 match r2 {
                     Some(r2) => {
@@ -256,7 +239,7 @@ impl Transaction {
                     }
                     None => self.step = Step::Done,
                 }
-                (m, None)
+                m
             }
             Step::Failure1(f) => return self.failure(f, al),
             Step::Done => {
@@ -272,18 +255,18 @@ impl Transaction {
         }
         Received {
             message: padded(message, al),
-            close,
+            close: false,
         }
     }
 
     fn failure(&mut self, f: Failure, al: usize) -> Received {
         self.step = Step::Failure1(f);
-        let mut m = header(TYPE_COMMON, FAILURE1, self.t_id, 8);
+        let mut m = message(kind::COMMON, id::FAILURE1, self.t_id, 8);
         m[6] = 0x01; // reason code: authentication failure
         m[7] = f.code();
         Received {
             message: padded(m, al),
-            close: Some(f),
+            close: true,
         }
     }
 
@@ -299,7 +282,7 @@ impl Transaction {
             return Err(Failure::HashUnusable);
         }
         let (authid, halen, dhlen) = (msg[8], usize::from(msg[10]), usize::from(msg[11]));
-        if authid != TYPE_DHCHAP || halen > 30 || dhlen > 30 {
+        if authid != kind::DHCHAP || halen > 30 || dhlen > 30 {
             return Err(Failure::IncorrectPayload);
         }
         let hashes = &msg[12..12 + halen];
@@ -366,15 +349,6 @@ impl Transaction {
     }
 }
 
-/// A message header: type, id, zeros, the transaction ID at 4, `len` bytes long.
-fn header(kind: u8, id: u8, t_id: u16, len: usize) -> Vec<u8> {
-    let mut m = vec![0u8; len];
-    m[0] = kind;
-    m[1] = id;
-    le::put_u16(&mut m, 4, t_id);
-    m
-}
-
 /// `m` zero-padded to `al` bytes (a Failure1 of 8 always fits: `al` is at least 16).
 fn padded(mut m: Vec<u8>, al: usize) -> Vec<u8> {
     m.resize(al, 0);
@@ -387,7 +361,7 @@ fn next_seqnum() -> u32 {
     static NEXT: OnceLock<AtomicU32> = OnceLock::new();
     let counter = NEXT.get_or_init(|| {
         let mut b = [0u8; 4];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        let _ = dhchap::random_bytes(&mut b);
         AtomicU32::new(u32::from_le_bytes(b))
     });
     loop {

@@ -2,9 +2,13 @@
 //!
 //! Socket I/O goes through the reactor's io_uring: one Recv is always in flight into
 //! the connection's receive buffer, and one SendMsg at a time drains its send queue
-//! (owned segments, so the kernel's view of them stays valid). Received bytes are cut
-//! into PDUs and handled in order; a framing error gets a C2HTermReq and the
-//! connection closes, without disturbing any other connection.
+//! (owned segments, so the kernel's view of them stays valid). Replies are queued, and
+//! the send starts once per reactor pass ([`Reactor::before_submit`]), so everything a
+//! pass produced leaves together (up to 64 segments, taken while under 1 MiB).
+//! Received bytes are cut into PDUs and handled in order; a framing error gets a
+//! C2HTermReq and the connection closes, without disturbing any other connection. A
+//! queue whose host must authenticate (DH-HMAC-CHAP, [`crate::auth`]) takes nothing
+//! but authentication commands until it has.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -57,16 +61,16 @@ pub(crate) fn close_by_id(id: u64) {
     }
 }
 
-/// Tells the admin queue `id`, if it lives on this reactor, that the discovery log
-/// changed.
-pub(crate) fn discovery_changed(id: u64) {
+/// Tells the admin queue `id`, if it lives on this reactor, that discovery news (a
+/// log change) awaits it.
+pub(crate) fn discovery_news(id: u64) {
     let conn = CONNS.with(|c| c.borrow().get(&id).and_then(Weak::upgrade));
     let Some(conn) = conn else { return };
     let ctrl = match &conn.st.borrow().queue {
         Some(Queue::Admin(c)) => Rc::clone(c),
         _ => return,
     };
-    ctrlr::take_discovery_change(&ctrl, &conn);
+    ctrlr::deliver_discovery_news(&ctrl, &conn);
 }
 
 /// Registers a stop hook on this reactor that closes every connection on it.
@@ -104,7 +108,31 @@ struct Seg {
     sent: usize,
 }
 
+/// How many of the queued segments one send takes: up to [`MAX_IOV`], adding them
+/// while under [`MAX_SEND`] bytes (so a large read's header and data leave together).
+fn batch_len(tx: &VecDeque<Seg>) -> usize {
+    let mut bytes = 0;
+    tx.iter()
+        .take(MAX_IOV)
+        .take_while(|s| {
+            let under = bytes < MAX_SEND;
+            bytes += s.len - s.sent;
+            under
+        })
+        .count()
+}
+
 impl Seg {
+    /// The unsent part, for a sendmsg: it points into the segment, which must stay
+    /// where it is (and be kept) until the kernel is done with it.
+    fn iovec(&self) -> libc::iovec {
+        let unsent = &self.data.bytes()[self.sent..self.len];
+        libc::iovec {
+            iov_base: unsent.as_ptr() as *mut libc::c_void,
+            iov_len: unsent.len(),
+        }
+    }
+
     /// Hands a sent buffer back to this reactor's pools.
     fn recycle(self) {
         match self.data {
@@ -201,8 +229,6 @@ struct State {
     /// Receiving is paused until the send backlog drains.
     rx_paused: bool,
     queue: Option<Queue>,
-    /// The queue ID given at Connect.
-    qid: u16,
     /// The host must authenticate (DH-HMAC-CHAP) before this queue is used.
     auth: Option<auth::Transaction>,
     sqsize: u16,
@@ -258,7 +284,6 @@ impl Conn {
                 tx_inflight: 0,
                 rx_paused: false,
                 queue: None,
-                qid: 0,
                 auth: None,
                 sqsize: 0,
                 sqhd: 0,
@@ -391,15 +416,8 @@ impl Conn {
             if st.tx.is_empty() || st.phase == Phase::Closed {
                 return false;
             }
-            let mut iov: Vec<libc::iovec> = st
-                .tx
-                .iter()
-                .take(MAX_IOV)
-                .map(|s| libc::iovec {
-                    iov_base: s.data.bytes()[s.sent..s.len].as_ptr() as *mut libc::c_void,
-                    iov_len: s.len - s.sent,
-                })
-                .collect();
+            let n = batch_len(&st.tx);
+            let mut iov: Vec<libc::iovec> = st.tx.iter().take(n).map(Seg::iovec).collect();
             // SAFETY: msghdr is plain data; all-zero is a valid empty header.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = iov.as_mut_ptr();
@@ -605,11 +623,8 @@ impl Conn {
             self.send_resp(Cqe::new(sqe.cid(), status));
             return;
         }
-        let (connected, unauthenticated) = {
-            let st = self.st.borrow();
-            let pending = st.auth.as_ref().is_some_and(|a| !a.authenticated());
-            (st.queue.is_some(), pending)
-        };
+        let connected = self.st.borrow().queue.is_some();
+        let unauthenticated = self.awaiting_auth();
         if unauthenticated
             && in_capsule.is_none()
             && sqe.direction() == Direction::HostToCtrl
@@ -751,10 +766,7 @@ impl Conn {
     // ---------------------------------------------------------------- execution
 
     fn execute(self: &Rc<Self>, sqe: Sqe, data: Option<IoBuf>, xfer: u32) {
-        let unauthenticated = {
-            let st = self.st.borrow();
-            st.auth.as_ref().is_some_and(|a| !a.authenticated())
-        };
+        let unauthenticated = self.awaiting_auth();
         let auth_command = sqe.opcode() == FABRICS
             && matches!(
                 sqe.fctype(),
@@ -778,7 +790,7 @@ impl Conn {
         };
         match route {
             Route::Admin(ctrl) => {
-                ctrlr::take_discovery_change(&ctrl, self);
+                ctrlr::deliver_discovery_news(&ctrl, self);
                 let reply = ctrlr::admin(&ctrl, self, &sqe, data.as_deref(), xfer);
                 if let Some(reply) = reply {
                     self.reply(&sqe, reply, None, xfer);
@@ -806,7 +818,6 @@ impl Conn {
                         st.sq_flow_off = c.sq_flow_off;
                         st.sqhd = 1 % (c.sqsize + 1);
                         st.queue = Some(c.queue);
-                        st.qid = c.qid;
                         st.auth = c.auth;
                         let must_authenticate = st.auth.is_some();
                         drop(st);
@@ -848,6 +859,15 @@ impl Conn {
     }
 
     // ---------------------------------------------------------------- authentication
+
+    /// The host must still authenticate this queue before using it.
+    fn awaiting_auth(&self) -> bool {
+        self.st
+            .borrow()
+            .auth
+            .as_ref()
+            .is_some_and(|a| !a.authenticated())
+    }
 
     /// Authentication Send: a DH-HMAC-CHAP message from the host (in the capsule:
     /// an unauthenticated host may not make the target allocate more).
@@ -901,7 +921,7 @@ impl Conn {
             xfer,
         );
         self.auth_progress();
-        if received.close.is_some() {
+        if received.close {
             self.auth_failed();
         }
     }
@@ -953,12 +973,7 @@ impl Conn {
     fn auth_failed(self: &Rc<Self>) {
         self.st.borrow_mut().phase = Phase::Terminating;
         self.maybe_finish_terminating();
-        let weak = Rc::downgrade(self);
-        self.reactor.after(Duration::from_secs(1), move || {
-            if let Some(c) = weak.upgrade() {
-                c.close();
-            }
-        });
+        self.close_soon();
     }
 
     /// Reports an authentication's outcome to the connect observer (the audit log):
@@ -1083,7 +1098,7 @@ impl Conn {
             pdu::capsule_resp_into(&mut resp, digests, &cqe.encode());
             self.st.borrow_mut().tx.push_back(Seg::vec(resp));
         }
-        self.flush();
+        self.schedule_send();
     }
 
     /// Completes a command held earlier (an asynchronous event request) with `reply`.
@@ -1102,12 +1117,12 @@ impl Conn {
 
     fn send_bytes(self: &Rc<Self>, bytes: Vec<u8>) {
         self.st.borrow_mut().tx.push_back(Seg::vec(bytes));
-        self.flush();
+        self.schedule_send();
     }
 
     /// Sends what is queued at the end of this reactor pass, so every reply the pass
     /// produces goes out in one SendMsg.
-    fn flush(self: &Rc<Self>) {
+    fn schedule_send(self: &Rc<Self>) {
         if self.poller.get().is_some() {
             // Poll mode: the poller sends once per pass, batching replies.
             return;
@@ -1133,31 +1148,13 @@ impl Conn {
             }
             st.sending = true;
             let mut op = st.spare_send.take().unwrap_or_else(SendOp::new);
-            // Up to MAX_IOV segments, adding them while under MAX_SEND bytes (so a
-            // large read's header and data still leave together).
-            let mut bytes = 0;
-            let n = st
-                .tx
-                .iter()
-                .take(MAX_IOV)
-                .take_while(|s| {
-                    let under = bytes < MAX_SEND;
-                    bytes += s.len - s.sent;
-                    under
-                })
-                .count();
+            let n = batch_len(&st.tx);
             op.batch.extend(st.tx.drain(..n));
             st.tx_inflight = op.batch.iter().map(|s| s.len - s.sent).sum();
             op
         };
         let SendOp { batch, iov, msg } = &mut *op;
-        iov.extend(batch.iter().map(|s| {
-            let bytes = s.data.bytes();
-            libc::iovec {
-                iov_base: bytes[s.sent..s.len].as_ptr() as *mut libc::c_void,
-                iov_len: s.len - s.sent,
-            }
-        }));
+        iov.extend(batch.iter().map(Seg::iovec));
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = iov.len();
         let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &op.msg)
@@ -1210,7 +1207,7 @@ impl Conn {
             }
             resume
         };
-        self.flush();
+        self.schedule_send();
         if resume {
             self.recv();
         }
@@ -1227,13 +1224,19 @@ impl Conn {
             st.phase = Phase::Terminating;
         }
         self.send_bytes(pdu::term_req(PduType::C2HTermReq, fatal, offending));
+        self.close_soon();
+        self.maybe_finish_terminating();
+    }
+
+    /// Closes the connection in 1 s at the latest, whether or not what is queued has
+    /// gone out by then (a host that stops reading cannot keep it).
+    fn close_soon(self: &Rc<Self>) {
         let weak = Rc::downgrade(self);
         self.reactor.after(Duration::from_secs(1), move || {
             if let Some(c) = weak.upgrade() {
                 c.close();
             }
         });
-        self.maybe_finish_terminating();
     }
 
     fn maybe_finish_terminating(self: &Rc<Self>) {

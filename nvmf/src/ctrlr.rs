@@ -2,7 +2,8 @@
 //!
 //! A controller lives on the reactor of its admin queue, which alone changes its state
 //! (properties, features, held asynchronous event requests). Its I/O queues, on any
-//! reactor, see only [`CtrlShared`]: identity, readiness and the queue map.
+//! reactor, see only [`CtrlShared`]: identity, readiness, the queue map, where the
+//! admin queue lives and whether discovery news awaits it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -96,10 +97,10 @@ const DISCOVERY_CHANGE_EVENT: u32 = 0x2 | 0xF0 << 8 | 0x70 << 16;
 /// notices, completes its oldest held asynchronous event request, or keeps the notice
 /// for the next request. Called when the target's message arrives and before every
 /// admin command.
-pub(crate) fn take_discovery_change(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Conn>) {
+pub(crate) fn deliver_discovery_news(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Conn>) {
     let cid = {
         let mut c = ctrl.borrow_mut();
-        if !c.shared.discovery_changed.swap(false, Ordering::AcqRel) {
+        if !c.shared.discovery_news.swap(false, Ordering::AcqRel) {
             return;
         }
         if c.kind != CtrlKind::Discovery
@@ -121,7 +122,6 @@ pub(crate) fn take_discovery_change(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Co
 /// What a successful Connect sets up on the connection.
 pub(crate) struct Connected {
     pub queue: Queue,
-    pub qid: u16,
     pub sqsize: u16,
     pub sq_flow_off: bool,
     /// The host must authenticate this queue before using it.
@@ -221,7 +221,7 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
                     reactor: conn.reactor().handle().clone(),
                     conn_id: conn.id(),
                 },
-                discovery_changed: AtomicBool::new(false),
+                discovery_news: AtomicBool::new(false),
             })
             .ok_or(Status::CONNECT_CTRL_BUSY)?;
         let id = shared.cntlid;
@@ -264,7 +264,6 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
         arm_keep_alive(&ctrl, conn);
         return Ok(Connected {
             queue: Queue::Admin(ctrl),
-            qid,
             sqsize,
             sq_flow_off,
             reply: result(id),
@@ -314,7 +313,6 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
     let id = ctrl.cntlid;
     Ok(Connected {
         queue: Queue::Io(Rc::new(IoQueue::new(qid, ctrl, subsystem))),
-        qid,
         sqsize,
         sq_flow_off,
         reply: result(id),

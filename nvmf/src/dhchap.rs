@@ -11,6 +11,115 @@
 
 use ring::hmac;
 
+use crate::cmd::{FABRICS, Sqe};
+use crate::le;
+
+/// Security protocol (SECP) of Authentication Send/Receive: NVMe in-band
+/// authentication.
+pub const SECP: u8 = 0xE9;
+/// SPSP0 and SPSP1 of DH-HMAC-CHAP.
+pub const SPSP: u8 = 0x01;
+/// A message's type (byte 0): common (Negotiate, failures) or DH-HMAC-CHAP.
+pub mod kind {
+    /// Negotiate, Failure1, Failure2.
+    pub const COMMON: u8 = 0x00;
+    /// Challenge, Reply, Success1, Success2.
+    pub const DHCHAP: u8 = 0x01;
+}
+/// A message's identifier (byte 1).
+pub mod id {
+    /// AUTH_Negotiate (host).
+    pub const NEGOTIATE: u8 = 0x00;
+    /// DH-HMAC-CHAP_Challenge (controller).
+    pub const CHALLENGE: u8 = 0x01;
+    /// DH-HMAC-CHAP_Reply (host).
+    pub const REPLY: u8 = 0x02;
+    /// DH-HMAC-CHAP_Success1 (controller).
+    pub const SUCCESS1: u8 = 0x03;
+    /// DH-HMAC-CHAP_Success2 (host).
+    pub const SUCCESS2: u8 = 0x04;
+    /// AUTH_Failure2 (host).
+    pub const FAILURE2: u8 = 0xF0;
+    /// AUTH_Failure1 (controller).
+    pub const FAILURE1: u8 = 0xF1;
+}
+/// The NULL Diffie-Hellman group: no DH exchange, the challenge used as it is.
+pub const DHGROUP_NULL: u8 = 0;
+
+/// An Authentication Send (`fctype::AUTH_SEND`, `len` = the message's length) or
+/// Receive (`fctype::AUTH_RECV`, `len` = the allocation length) for DH-HMAC-CHAP.
+pub fn auth_command(fctype: u8, len: u32) -> Sqe {
+    let mut sqe = Sqe::new(FABRICS, 0);
+    sqe.0[4] = fctype;
+    sqe.0[41] = SPSP;
+    sqe.0[42] = SPSP;
+    sqe.0[43] = SECP;
+    sqe.set_cdw(11, len);
+    sqe
+}
+
+/// A message header: type, identifier, zeros, the transaction ID at 4; `len` bytes.
+pub fn message(kind: u8, id: u8, t_id: u16, len: usize) -> Vec<u8> {
+    let mut m = vec![0u8; len];
+    m[0] = kind;
+    m[1] = id;
+    le::put_u16(&mut m, 4, t_id);
+    m
+}
+
+/// AUTH_Negotiate offering DH-HMAC-CHAP with `hashes` and `groups` (identifiers; at
+/// most 30 of each are sent).
+pub fn negotiate(t_id: u16, hashes: &[u8], groups: &[u8]) -> Vec<u8> {
+    let (hashes, groups) = (
+        &hashes[..hashes.len().min(30)],
+        &groups[..groups.len().min(30)],
+    );
+    let mut m = message(kind::COMMON, id::NEGOTIATE, t_id, 72);
+    m[7] = 1; // one protocol descriptor
+    m[8] = kind::DHCHAP;
+    m[10] = hashes.len() as u8;
+    m[11] = groups.len() as u8;
+    m[12..12 + hashes.len()].copy_from_slice(hashes);
+    m[42..42 + groups.len()].copy_from_slice(groups);
+    m
+}
+
+/// DH-HMAC-CHAP_Reply carrying `response`, and (bidirectional) the host's own
+/// challenge and sequence number, which must be as long as the response.
+pub fn reply(t_id: u16, response: &[u8], challenge: Option<(&[u8], u32)>) -> Vec<u8> {
+    let hl = response.len();
+    let mut m = message(kind::DHCHAP, id::REPLY, t_id, 16 + 2 * hl);
+    m[6] = hl as u8;
+    m[16..16 + hl].copy_from_slice(response);
+    if let Some((c2, s2)) = challenge.filter(|(c, _)| c.len() == hl) {
+        m[8] = 1; // CVALID
+        le::put_u32(&mut m, 12, s2);
+        m[16 + hl..].copy_from_slice(c2);
+    }
+    m
+}
+
+/// DH-HMAC-CHAP_Success2: the host accepts the controller's response.
+pub fn success2(t_id: u16) -> Vec<u8> {
+    message(kind::DHCHAP, id::SUCCESS2, t_id, 16)
+}
+
+/// AUTH_Failure2: the host refuses the controller (`explanation`: the reason code
+/// explanation, 1 for a failed check).
+pub fn failure2(t_id: u16, explanation: u8) -> Vec<u8> {
+    let mut m = message(kind::COMMON, id::FAILURE2, t_id, 8);
+    m[6] = 0x01; // reason code: authentication failure
+    m[7] = explanation;
+    m
+}
+
+/// Fills `buf` from the system's random number generator (challenges, secrets,
+/// sequence numbers).
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), KeyError> {
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), buf)
+        .map_err(|_| KeyError::Random)
+}
+
 /// Hash functions of DH-HMAC-CHAP, by their protocol identifiers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hash {
@@ -80,14 +189,14 @@ pub enum KeyError {
     /// The base64 payload does not decode.
     #[error("the secret's key is not valid base64")]
     Base64,
-    /// The key is not 32, 48 or 64 bytes (plus its CRC).
-    #[error("the secret's key is {0} bytes; it must be 32, 48 or 64 (plus a 4-byte CRC)")]
+    /// The key is not 32, 48 or 64 bytes.
+    #[error("a key of {0} bytes: it must be 32, 48 or 64")]
     Length(usize),
     /// The CRC-32 after the key does not match it.
     #[error("the secret's CRC does not match its key (mistyped or truncated?)")]
     Crc,
     /// The system's random number generator failed.
-    #[error("no random bytes from the system for a new secret")]
+    #[error("no random bytes from the system")]
     Random,
 }
 
@@ -157,8 +266,7 @@ impl DhchapKey {
             return Err(KeyError::Length(len));
         }
         let mut key = vec![0u8; len];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-            .map_err(|_| KeyError::Random)?;
+        random_bytes(&mut key)?;
         Ok(Self { transform, key })
     }
 

@@ -86,6 +86,7 @@ pub(crate) fn execute(conn: &Rc<Conn>, queue: &IoQueue, sqe: Sqe, data: Option<I
             );
         }
         io::DSM => dataset_management(conn, ns, &channel, sqe, data),
+        // Unknown opcodes were answered above, before the channel.
         _ => fail(Status::INVALID_OPCODE),
     }
 }

@@ -5,11 +5,13 @@
 //! them from a set of reactors: each accepted connection is handed to one reactor and
 //! lives there for its whole life, its socket I/O going through that reactor's
 //! io_uring. A controller's state belongs to its admin queue's reactor; its I/O
-//! queues, spread over reactors, reach it only through [`target`]'s registry at
-//! Connect time and by messages at teardown.
+//! queues, spread over reactors, reach it only through [`target`]'s registry (at
+//! Connect, or once authenticated when the host must authenticate) and by messages at
+//! teardown and for discovery log changes.
 //!
-//! The wire types ([`pdu`], [`cmd`]) are public so that initiators (oxperf) share
-//! them; the target logic is not.
+//! The wire types ([`pdu`], [`cmd`]) and DH-HMAC-CHAP's secrets, computations and
+//! messages ([`dhchap`]) are public so that initiators (oxperf) share them; the
+//! target logic is not.
 
 mod auth;
 mod bufpool;

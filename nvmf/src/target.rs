@@ -42,9 +42,9 @@ pub(crate) struct CtrlShared {
     pub queues: Mutex<HashMap<u16, QueueRef>>,
     /// Where the admin queue (which owns the controller's state) lives.
     pub admin: QueueRef,
-    /// The discovery log changed since this (discovery) controller last looked; the
-    /// message that tells its reactor is only a wake-up, so a notice is never lost.
-    pub discovery_changed: AtomicBool,
+    /// Discovery news: the log changed since this (discovery) controller last looked.
+    /// The message that tells its reactor is only a wake-up, so no notice is lost.
+    pub discovery_news: AtomicBool,
 }
 
 impl CtrlShared {
@@ -86,7 +86,8 @@ pub(crate) struct TargetShared {
     pub observer: std::sync::OnceLock<ConnectObserver>,
 }
 
-/// A host's attempt to create a controller, and the target's decision.
+/// A host's attempt to create a controller (admin-queue Connect) or to authenticate
+/// a queue (any queue), and the target's decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectEvent {
     /// The host's NQN.
@@ -95,9 +96,9 @@ pub struct ConnectEvent {
     pub subnqn: String,
     /// The listener it came in on.
     pub listener: SocketAddr,
-    /// Whether a controller was created.
+    /// Whether the controller was created, or the queue authenticated.
     pub allowed: bool,
-    /// Why not, or "ok".
+    /// "ok", "ok, authentication required", "authenticated", or why not.
     pub reason: &'static str,
 }
 
@@ -181,7 +182,7 @@ impl TargetShared {
             .values()
             .filter(|c| c.subsystem.is_none() && changed.hosts.allows(&c.hostnqn))
             .map(|c| {
-                c.discovery_changed.store(true, Ordering::Release);
+                c.discovery_news.store(true, Ordering::Release);
                 c.admin.clone()
             })
             .collect();
@@ -189,7 +190,7 @@ impl TargetShared {
             let id = q.conn_id;
             // A full mailbox loses only the wake-up: the controller's next command
             // (a keep-alive at the latest) finds the flag.
-            let _ = q.reactor.send(move || conn::discovery_changed(id));
+            let _ = q.reactor.send(move || conn::discovery_news(id));
         }
     }
 
@@ -294,8 +295,8 @@ impl Target {
         Ok(Self { shared })
     }
 
-    /// Reports every admin-queue Connect decision (host, subsystem, allowed or why
-    /// not) to `observer`; set once.
+    /// Reports every admin-queue Connect decision and every authentication outcome
+    /// (host, subsystem, allowed or why not) to `observer`; set once.
     pub fn observe_connects(&self, observer: ConnectObserver) -> Result<(), NvmfError> {
         self.shared
             .observer

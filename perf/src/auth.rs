@@ -4,8 +4,8 @@
 //! secret, a challenge of our own that the target must answer (bidirectional).
 
 use anyhow::{Context, bail, ensure};
-use nvmf::cmd::{FABRICS, Sqe, fctype};
-use nvmf::dhchap::{self, DhchapKey, Hash};
+use nvmf::cmd::fctype;
+use nvmf::dhchap::{self, DHGROUP_NULL, DhchapKey, Hash, id, kind};
 use nvmf::le;
 
 use crate::session::Session;
@@ -35,18 +35,9 @@ fn failure_reason(code: u8) -> &'static str {
     }
 }
 
-fn auth_sqe(kind: u8, len: u32) -> Sqe {
-    let mut sqe = Sqe::new(FABRICS, 0);
-    sqe.0[4] = kind;
-    sqe.0[41] = 0x01; // SPSP0: DH-HMAC-CHAP
-    sqe.0[42] = 0x01; // SPSP1
-    sqe.0[43] = 0xE9; // SECP: NVMe in-band authentication
-    sqe.set_cdw(11, len);
-    sqe
-}
-
 fn send(s: &mut Session, msg: &[u8], what: &str) -> anyhow::Result<()> {
-    let done = s.command(auth_sqe(fctype::AUTH_SEND, msg.len() as u32), msg, 0)?;
+    let sqe = dhchap::auth_command(fctype::AUTH_SEND, msg.len() as u32);
+    let done = s.command(sqe, msg, 0)?;
     ensure!(
         done.status().is_success(),
         "authentication {what}: {}",
@@ -57,7 +48,8 @@ fn send(s: &mut Session, msg: &[u8], what: &str) -> anyhow::Result<()> {
 
 /// Fetches the next message; a Failure1 is an error naming the target's reason.
 fn receive(s: &mut Session, t_id: u16, expect: u8, what: &str) -> anyhow::Result<Vec<u8>> {
-    let done = s.command(auth_sqe(fctype::AUTH_RECV, ALLOCATION), &[], ALLOCATION)?;
+    let sqe = dhchap::auth_command(fctype::AUTH_RECV, ALLOCATION);
+    let done = s.command(sqe, &[], ALLOCATION)?;
     ensure!(
         done.status().is_success(),
         "authentication {what}: {}",
@@ -65,11 +57,11 @@ fn receive(s: &mut Session, t_id: u16, expect: u8, what: &str) -> anyhow::Result
     );
     let m = done.data;
     ensure!(m.len() >= 16, "authentication {what}: {} bytes", m.len());
-    if (m[0], m[1]) == (0x00, 0xF1) {
+    if (m[0], m[1]) == (kind::COMMON, id::FAILURE1) {
         bail!("authentication refused: {}", failure_reason(m[7]));
     }
     ensure!(
-        (m[0], m[1]) == (0x01, expect),
+        (m[0], m[1]) == (kind::DHCHAP, expect),
         "authentication {what}: unexpected message {:#04x}/{:#04x}",
         m[0],
         m[1]
@@ -89,17 +81,14 @@ pub fn authenticate(
     subnqn: &str,
     t_id: u16,
 ) -> anyhow::Result<()> {
-    let mut negotiate = vec![0u8; 72];
-    le::put_u16(&mut negotiate, 4, t_id);
-    negotiate[7] = 1; // one protocol descriptor
-    negotiate[8] = 0x01; // DH-HMAC-CHAP
-    negotiate[10] = 3;
-    negotiate[11] = 1;
-    negotiate[12..15].copy_from_slice(&[1, 2, 3]); // SHA-256, -384, -512
-    negotiate[42] = 0; // the NULL DH group
-    send(s, &negotiate, "negotiate")?;
+    let hashes = [Hash::Sha256.id(), Hash::Sha384.id(), Hash::Sha512.id()];
+    send(
+        s,
+        &dhchap::negotiate(t_id, &hashes, &[DHGROUP_NULL]),
+        "negotiate",
+    )?;
 
-    let c = receive(s, t_id, 0x01, "challenge")?;
+    let c = receive(s, t_id, id::CHALLENGE, "challenge")?;
     let hash = Hash::from_id(c[8]).context("the target chose a hash we did not offer")?;
     let hl = hash.digest_len();
     ensure!(
@@ -107,7 +96,7 @@ pub fn authenticate(
         "challenge of the wrong length"
     );
     ensure!(
-        c[9] == 0 && le::u16(&c, 10) == 0,
+        c[9] == DHGROUP_NULL && le::u16(&c, 10) == 0,
         "the target chose a DH group we did not offer"
     );
     let seqnum = le::u32(&c, 12);
@@ -121,24 +110,16 @@ pub fn authenticate(
         subnqn,
     );
 
-    let mut reply = vec![0u8; 16 + 2 * hl];
-    reply[0] = 0x01;
-    reply[1] = 0x02;
-    le::put_u16(&mut reply, 4, t_id);
-    reply[6] = hl as u8;
-    reply[16..16 + hl].copy_from_slice(&response);
+    // Bidirectional: a challenge of our own, which the target must answer.
     let mut challenge = vec![0u8; hl];
-    let seqnum2 = rand_u32()?.max(1);
-    if secrets.ctrl_key.is_some() {
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut challenge)
-            .map_err(|_| anyhow::anyhow!("no random bytes for a challenge"))?;
-        reply[8] = 1; // CVALID: prove yourself too
-        le::put_u32(&mut reply, 12, seqnum2);
-        reply[16 + hl..].copy_from_slice(&challenge);
-    }
-    send(s, &reply, "reply")?;
+    let mut seq = [0u8; 4];
+    dhchap::random_bytes(&mut challenge)?;
+    dhchap::random_bytes(&mut seq)?;
+    let seqnum2 = u32::from_le_bytes(seq).max(1);
+    let ours = secrets.ctrl_key.as_ref().map(|_| (&challenge[..], seqnum2));
+    send(s, &dhchap::reply(t_id, &response, ours), "reply")?;
 
-    let ok = receive(s, t_id, 0x03, "success")?;
+    let ok = receive(s, t_id, id::SUCCESS1, "success")?;
     let Some(ctrl_key) = &secrets.ctrl_key else {
         return Ok(());
     };
@@ -150,24 +131,8 @@ pub fn authenticate(
     if !dhchap::verify_ctrl_response(
         hash, ctrl_key, &challenge, seqnum2, t_id, hostnqn, subnqn, r2,
     ) {
-        let mut failure2 = vec![0u8; 16];
-        failure2[1] = 0xF0;
-        le::put_u16(&mut failure2, 4, t_id);
-        failure2[6] = 0x01;
-        failure2[7] = 0x01;
-        let _ = send(s, &failure2, "failure");
+        let _ = send(s, &dhchap::failure2(t_id, 0x01), "failure");
         bail!("the target could not prove the controller secret: refusing it");
     }
-    let mut success2 = vec![0u8; 16];
-    success2[0] = 0x01;
-    success2[1] = 0x04;
-    le::put_u16(&mut success2, 4, t_id);
-    send(s, &success2, "confirmation")
-}
-
-fn rand_u32() -> anyhow::Result<u32> {
-    let mut b = [0u8; 4];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-        .map_err(|_| anyhow::anyhow!("no random bytes"))?;
-    Ok(u32::from_le_bytes(b))
+    send(s, &dhchap::success2(t_id), "confirmation")
 }

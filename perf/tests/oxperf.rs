@@ -165,7 +165,8 @@ fn verify_passes_against_the_appliance_across_runs() {
     assert_eq!(report["verified_blocks"], 16384);
     assert_eq!(report["unwritten_blocks"], 0);
     assert_eq!(report["total"]["errors"], 0);
-    // The same with SQ flow control kept on: every read ends with a response capsule.
+    // The same with SQ flow control kept on (each read's data is then followed by a
+    // response capsule, which oxperf must wait for): everything still verifies.
     let r = oxperf(&[
         "run",
         "--target",

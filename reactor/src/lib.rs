@@ -7,8 +7,10 @@
 //!    bounded mailbox (a full mailbox is back-pressure for the sender),
 //! 2. runs [deferred](Reactor::defer) work and due [timers](Reactor::after),
 //! 3. runs its [pollers](Reactor::register_poller), each reporting [`PollStatus`],
-//! 4. submits queued SQEs to its own io_uring and routes completions to the closures
-//!    that own the operations' buffers ([`Reactor::submit`]),
+//! 4. runs the [hooks](Reactor::before_submit) queued for the end of the pass (a
+//!    connection's send of everything the pass produced), submits queued SQEs to its
+//!    own io_uring and routes completions to the closures that own the operations'
+//!    buffers ([`Reactor::submit`]),
 //!
 //! and then, by its [`IdlePolicy`], either polls again or parks in `io_uring_enter`
 //! until a completion, a message (which rings an eventfd the ring watches) or the next

@@ -420,6 +420,7 @@ impl Reactor {
             };
             hook();
         }
+        // Hooks that ran count as work, like the SQEs they usually queue.
         let submitted = self.ring.borrow_mut().flush()? + hooked;
         self.ring.borrow_mut().reap(completions, COMPLETION_BATCH);
         let reaped = completions.len();

@@ -368,11 +368,11 @@ impl Host {
                 controller_proved: false,
             };
         }
-        let mut success2 = vec![0u8; 16];
-        success2[0] = 0x01;
-        success2[1] = 0x04;
-        le::put_u16(&mut success2, 4, t_id);
-        assert!(self.auth_send(&success2).status().is_success());
+        assert!(
+            self.auth_send(&dhchap::success2(t_id))
+                .status()
+                .is_success()
+        );
         AuthOutcome::Success {
             controller_proved: true,
         }
@@ -426,7 +426,6 @@ impl Host {
     }
 }
 
-/// A read/write-shaped command.
 /// How a DH-HMAC-CHAP transaction ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AuthOutcome {
@@ -436,46 +435,23 @@ pub enum AuthOutcome {
     Failure1(u8),
 }
 
-/// An Authentication Send/Receive command naming DH-HMAC-CHAP.
+/// An Authentication Send/Receive command naming DH-HMAC-CHAP (its length set by
+/// the caller).
 pub fn auth_sqe(fctype: u8) -> Sqe {
-    let mut sqe = Sqe::new(FABRICS, 0);
-    sqe.0[4] = fctype;
-    sqe.0[41] = 0x01; // SPSP0
-    sqe.0[42] = 0x01; // SPSP1
-    sqe.0[43] = 0xE9; // SECP
-    sqe
+    dhchap::auth_command(fctype, 0)
 }
 
 /// An AUTH_Negotiate message offering `hashes` and `groups`.
 pub fn negotiate(t_id: u16, hashes: &[u8], groups: &[u8]) -> Vec<u8> {
-    let mut m = vec![0u8; 72];
-    le::put_u16(&mut m, 4, t_id);
-    m[7] = 1; // one protocol descriptor
-    m[8] = 0x01; // DH-HMAC-CHAP
-    m[10] = hashes.len() as u8;
-    m[11] = groups.len() as u8;
-    m[12..12 + hashes.len()].copy_from_slice(hashes);
-    m[42..42 + groups.len()].copy_from_slice(groups);
-    m
+    dhchap::negotiate(t_id, hashes, groups)
 }
 
 /// A DH-HMAC-CHAP_Reply carrying `response` (and a challenge of the host's own).
 pub fn reply(t_id: u16, response: &[u8], challenge: Option<(&[u8], u32)>) -> Vec<u8> {
-    let hl = response.len();
-    let mut m = vec![0u8; 16 + 2 * hl];
-    m[0] = 0x01;
-    m[1] = 0x02;
-    le::put_u16(&mut m, 4, t_id);
-    m[6] = hl as u8;
-    m[16..16 + hl].copy_from_slice(response);
-    if let Some((c2, s2)) = challenge {
-        m[8] = 1; // CVALID
-        le::put_u32(&mut m, 12, s2);
-        m[16 + hl..].copy_from_slice(c2);
-    }
-    m
+    dhchap::reply(t_id, response, challenge)
 }
 
+/// A read/write-shaped command.
 pub fn rw(opcode: u8, nsid: u32, slba: u64, blocks: u32) -> Sqe {
     let mut sqe = Sqe::new(opcode, 0);
     sqe.set_nsid(nsid);
