@@ -371,3 +371,68 @@ fn next_seqnum() -> u32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dhchap::DhchapKey;
+
+    fn transaction() -> Transaction {
+        let keys = HostKeys {
+            hostnqn: "nqn.2026-11.io.ox:h".into(),
+            key: DhchapKey::generate(32, Some(Hash::Sha256)).unwrap_or_else(|e| panic!("{e}")),
+            ctrl_key: Some(DhchapKey::generate(32, None).unwrap_or_else(|e| panic!("{e}"))),
+            hash: Hash::Sha256,
+        };
+        Transaction::new(Arc::new(keys), "nqn.2026-11.io.ox:s")
+    }
+
+    /// Random messages, truncated valid ones and valid headers with random bodies, in
+    /// random order with receives between: never a panic, never authenticated, every
+    /// receive exactly its allocation length, and a failed transaction stays failed.
+    #[test]
+    fn hostile_messages_never_panic_or_authenticate() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let mut t = transaction();
+            for _ in 0..20 {
+                let len = (next() % 200) as usize;
+                let mut m: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                match next() % 4 {
+                    0 => {
+                        let valid = dhchap::negotiate(1, &[1, 2, 3], &[0]);
+                        m = valid[..(next() as usize % (valid.len() + 1))].to_vec();
+                    }
+                    1 if m.len() >= 2 => {
+                        m[0] = kind::DHCHAP;
+                        m[1] = id::REPLY;
+                    }
+                    2 if m.len() >= 2 => {
+                        m[0] = kind::COMMON;
+                        m[1] = id::NEGOTIATE;
+                    }
+                    _ => {}
+                }
+                let was_failed = t.failed();
+                let _ = t.send(&m);
+                assert!(
+                    !was_failed || t.failed(),
+                    "a failed transaction stays failed"
+                );
+                if next() % 2 == 0 {
+                    let al = 16 + (next() % 4096) as usize;
+                    let r = t.receive(al);
+                    assert_eq!(r.message.len(), al);
+                    assert!(!r.close || t.failed());
+                }
+                assert!(!t.authenticated(), "no response proved the secret");
+            }
+        }
+    }
+}
