@@ -523,3 +523,71 @@ fn secrets_are_replaced_for_new_connections_or_not_at_all() {
     // The connection made before keeps working.
     assert!(identify(&mut before).is_success());
 }
+
+/// Random commands (every opcode and dword, SGLs of each kind, in-capsule data) on a
+/// queue that has not authenticated: each is answered with a status and nothing else
+/// (no data, no R2T), and the status is Authentication Required unless the command
+/// was malformed before it got that far.
+#[test]
+fn nothing_passes_before_authentication() {
+    use nvmf::cmd::{Cqe, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK};
+    use nvmf::pdu::{self, PduType};
+    let s = setup(Duration::from_secs(30));
+    let (mut q, _) = connect(s.addr, HOSTNQN, 0, 0xFFFF);
+    let mut seed = 0xD1B5_4A32_D192_ED03u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let allowed = [
+        Status::AUTH_REQUIRED,
+        Status::SGL_TYPE_INVALID,
+        Status::SGL_OFFSET_INVALID,
+        Status::SGL_LENGTH_INVALID,
+        Status::INVALID_FIELD,
+    ];
+    for cid in 1..=400u16 {
+        let mut sqe = Sqe::new(0, 0);
+        for b in sqe.0.iter_mut() {
+            *b = next() as u8;
+        }
+        if next() % 3 == 0 {
+            sqe.0[0] = FABRICS;
+        }
+        if sqe.0[0] == FABRICS
+            && matches!(
+                sqe.0[4],
+                fctype::AUTH_SEND | fctype::AUTH_RECV | fctype::DISCONNECT
+            )
+        {
+            sqe.0[4] = fctype::PROPERTY_SET;
+        }
+        sqe.0[2..4].copy_from_slice(&cid.to_le_bytes());
+        let data: Vec<u8> = (0..next() % 512).map(|_| next() as u8).collect();
+        let in_capsule = !data.is_empty() && next() % 2 == 0;
+        if in_capsule {
+            sqe.set_sgl(SGL_DATA_BLOCK_OFFSET, 0, data.len() as u32);
+        } else {
+            sqe.set_sgl(SGL_TRANSPORT_DATA_BLOCK, 0, next() as u32 % (1 << 20));
+        }
+        let body = if in_capsule { &data[..] } else { &[][..] };
+        q.send(&pdu::capsule_cmd(Digests::default(), &sqe.0, body));
+        let p = q.recv().expect("an answer");
+        assert_eq!(
+            PduType::from_u8(p.kind()),
+            Some(PduType::CapsuleResp),
+            "only a status before authentication (command {:02x?})",
+            &sqe.0[..8]
+        );
+        let cqe = Cqe::decode(&p.bytes[8..24]);
+        assert_eq!(cqe.cid, cid);
+        assert!(allowed.contains(&cqe.status), "{}", cqe.status);
+    }
+    // And the queue still authenticates afterwards.
+    assert!(matches!(
+        q.authenticate(HOSTNQN, NQN, &s.host_key, None),
+        AuthOutcome::Success { .. }
+    ));
+}

@@ -710,6 +710,82 @@ fn random_garbage_never_takes_the_target_down() {
     });
 }
 
+/// Well-framed capsules with random commands (opcodes, fabrics types, every dword,
+/// SGLs of each kind, in-capsule data), on admin and I/O queues and before Connect:
+/// whatever each gets (a status, an R2T, a held request, a TermReq), the target stays
+/// up and the other connections keep working.
+#[test]
+fn random_commands_never_take_the_target_down() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 2);
+    let mut good = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..60 {
+        let mut h = match round % 3 {
+            0 => Host::connect(s.addr, d),
+            1 => Host::admin_ready(s.addr, d, NQN, 1),
+            _ => Host::io_queue(s.addr, d, NQN, a.cntlid, 2),
+        };
+        for _ in 0..40 {
+            let mut sqe = Sqe::new(0, 0);
+            for b in sqe.0.iter_mut() {
+                *b = next() as u8;
+            }
+            match next() % 4 {
+                0 => sqe.0[0] = FABRICS,
+                1 => sqe.0[0] = [io::READ, io::WRITE, io::FLUSH, io::DSM][next() as usize % 4],
+                2 => {
+                    sqe.0[0] = [admin::IDENTIFY, admin::GET_LOG_PAGE, admin::SET_FEATURES]
+                        [next() as usize % 3]
+                }
+                _ => {}
+            }
+            if sqe.0[0] == FABRICS {
+                sqe.0[4] = [0, 1, 4, 5, 6, 8, next() as u8][next() as usize % 7];
+            }
+            let data_len = (next() % 1024) as usize;
+            let data: Vec<u8> = (0..data_len).map(|_| next() as u8).collect();
+            let in_capsule = next() % 2 == 0;
+            if in_capsule {
+                sqe.set_sgl(nvmf::cmd::SGL_DATA_BLOCK_OFFSET, 0, data_len as u32);
+            } else {
+                sqe.set_sgl(
+                    nvmf::cmd::SGL_TRANSPORT_DATA_BLOCK,
+                    0,
+                    next() as u32 % (1 << 21),
+                );
+            }
+            let body = if in_capsule { &data[..] } else { &[][..] };
+            let capsule = pdu::capsule_cmd(d, &sqe.0, body);
+            if std::io::Write::write_all(&mut h.sock, &capsule).is_err() {
+                break; // terminated: fine
+            }
+        }
+        // Take whatever comes back for a moment, then go.
+        h.sock
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        while h.recv().is_some() {}
+        drop(h);
+        if round % 10 == 0 {
+            assert!(good.read(1, 0, 1, 512).status().is_success());
+        }
+    }
+    let data = pattern(7, 4096);
+    assert!(good.write(1, 8, &data, 512).status().is_success());
+    assert!(good.read(1, 8, 8, 512).data == data);
+    wait_until("the random connections to close", || {
+        s.target.connections() == 2
+    });
+}
+
 /// Starts a 64 KiB write through R2T on `q` and returns the R2T's (cid, ttag).
 fn start_r2t_write(q: &mut Host) -> (u16, u16) {
     let mut sqe = rw(io::WRITE, 1, 0, 128);
