@@ -315,16 +315,16 @@ impl Transaction {
             return Err(Failure::IncorrectPayload);
         }
         let (response, c2) = (&msg[16..16 + hl], &msg[16 + hl..16 + 2 * hl]);
-        let proved = dhchap::verify_host_response(
-            self.hash,
-            &self.keys.key,
-            &self.challenge,
-            self.seqnum,
-            self.t_id,
-            &self.keys.hostnqn,
-            &self.subnqn,
-            response,
-        );
+        let exchange = |challenge, seqnum| dhchap::Exchange {
+            hash: self.hash,
+            challenge,
+            seqnum,
+            t_id: self.t_id,
+            hostnqn: &self.keys.hostnqn,
+            subnqn: &self.subnqn,
+        };
+        let proved =
+            exchange(&self.challenge[..], self.seqnum).host_proved(&self.keys.key, response);
         if !proved {
             return Err(Failure::Failed);
         }
@@ -337,15 +337,9 @@ impl Transaction {
             return Err(Failure::NoControllerKey);
         };
         let s2 = le::u32(msg, 12);
-        Ok(Step::Success1(Some(dhchap::ctrl_response(
-            self.hash,
-            ctrl_key,
-            c2,
-            s2,
-            self.t_id,
-            &self.keys.hostnqn,
-            &self.subnqn,
-        ))))
+        Ok(Step::Success1(Some(
+            exchange(c2, s2).ctrl_response(ctrl_key),
+        )))
     }
 }
 

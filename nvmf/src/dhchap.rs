@@ -329,73 +329,65 @@ fn role_key(hash: Hash, role: Role, secret: &DhchapKey, hostnqn: &str, subnqn: &
     hmac::Key::new(hash.algorithm(), &secret.transformed(nqn))
 }
 
-/// The host's response to challenge `challenge`: HMAC under the host's transformed
-/// secret over the challenge, sequence number, transaction ID, secure channel
-/// concatenation (0), "HostHost", the host NQN, a zero byte and the subsystem NQN.
-pub fn host_response(
-    hash: Hash,
-    host_key: &DhchapKey,
-    challenge: &[u8],
-    seqnum: u32,
-    t_id: u16,
-    hostnqn: &str,
-    subnqn: &str,
-) -> Vec<u8> {
-    let key = role_key(hash, Role::Host, host_key, hostnqn, subnqn);
-    let m = response_message(Role::Host, challenge, seqnum, t_id, hostnqn, subnqn);
-    hmac::sign(&key, &m).as_ref().to_vec()
+/// What a response answers: the negotiated hash, a challenge and its sequence
+/// number, the transaction, and the two NQNs. The host's response is the HMAC under
+/// its transformed secret of the challenge, sequence number, transaction ID, secure
+/// channel concatenation (0), "HostHost", the host NQN, a zero byte and the subsystem
+/// NQN; the controller's (bidirectional authentication) the same with its secret,
+/// "Controller" and the NQNs swapped.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange<'a> {
+    /// The negotiated hash.
+    pub hash: Hash,
+    /// The challenge answered.
+    pub challenge: &'a [u8],
+    /// Its sequence number.
+    pub seqnum: u32,
+    /// The transaction ID.
+    pub t_id: u16,
+    /// The host's NQN.
+    pub hostnqn: &'a str,
+    /// The subsystem's NQN.
+    pub subnqn: &'a str,
 }
 
-/// The controller's response (bidirectional authentication): as [`host_response`]
-/// with the controller's secret, "Controller", and the two NQNs swapped.
-pub fn ctrl_response(
-    hash: Hash,
-    ctrl_key: &DhchapKey,
-    challenge: &[u8],
-    seqnum: u32,
-    t_id: u16,
-    hostnqn: &str,
-    subnqn: &str,
-) -> Vec<u8> {
-    let key = role_key(hash, Role::Controller, ctrl_key, hostnqn, subnqn);
-    let m = response_message(Role::Controller, challenge, seqnum, t_id, hostnqn, subnqn);
-    hmac::sign(&key, &m).as_ref().to_vec()
-}
+impl Exchange<'_> {
+    /// The host's response, made with its secret.
+    pub fn host_response(&self, host_key: &DhchapKey) -> Vec<u8> {
+        let (key, m) = self.tag_input(Role::Host, host_key);
+        hmac::sign(&key, &m).as_ref().to_vec()
+    }
 
-/// Whether `response` is the host's response to `challenge` (see
-/// [`host_response`]), checked in constant time.
-#[allow(clippy::too_many_arguments)]
-pub fn verify_host_response(
-    hash: Hash,
-    host_key: &DhchapKey,
-    challenge: &[u8],
-    seqnum: u32,
-    t_id: u16,
-    hostnqn: &str,
-    subnqn: &str,
-    response: &[u8],
-) -> bool {
-    let key = role_key(hash, Role::Host, host_key, hostnqn, subnqn);
-    let m = response_message(Role::Host, challenge, seqnum, t_id, hostnqn, subnqn);
-    hmac::verify(&key, &m, response).is_ok()
-}
+    /// The controller's response, made with its secret.
+    pub fn ctrl_response(&self, ctrl_key: &DhchapKey) -> Vec<u8> {
+        let (key, m) = self.tag_input(Role::Controller, ctrl_key);
+        hmac::sign(&key, &m).as_ref().to_vec()
+    }
 
-/// Whether `response` is the controller's response to `challenge` (see
-/// [`ctrl_response`]), checked in constant time.
-#[allow(clippy::too_many_arguments)]
-pub fn verify_ctrl_response(
-    hash: Hash,
-    ctrl_key: &DhchapKey,
-    challenge: &[u8],
-    seqnum: u32,
-    t_id: u16,
-    hostnqn: &str,
-    subnqn: &str,
-    response: &[u8],
-) -> bool {
-    let key = role_key(hash, Role::Controller, ctrl_key, hostnqn, subnqn);
-    let m = response_message(Role::Controller, challenge, seqnum, t_id, hostnqn, subnqn);
-    hmac::verify(&key, &m, response).is_ok()
+    /// Whether `response` is the host's, checked in constant time.
+    pub fn host_proved(&self, host_key: &DhchapKey, response: &[u8]) -> bool {
+        let (key, m) = self.tag_input(Role::Host, host_key);
+        hmac::verify(&key, &m, response).is_ok()
+    }
+
+    /// Whether `response` is the controller's, checked in constant time.
+    pub fn ctrl_proved(&self, ctrl_key: &DhchapKey, response: &[u8]) -> bool {
+        let (key, m) = self.tag_input(Role::Controller, ctrl_key);
+        hmac::verify(&key, &m, response).is_ok()
+    }
+
+    fn tag_input(&self, role: Role, secret: &DhchapKey) -> (hmac::Key, Vec<u8>) {
+        let key = role_key(self.hash, role, secret, self.hostnqn, self.subnqn);
+        let m = response_message(
+            role,
+            self.challenge,
+            self.seqnum,
+            self.t_id,
+            self.hostnqn,
+            self.subnqn,
+        );
+        (key, m)
+    }
 }
 
 /// The secrets one host authenticates with to one subsystem.
@@ -459,77 +451,55 @@ mod tests {
         let key = DhchapKey::generate(32, Some(Hash::Sha256)).unwrap();
         let other = DhchapKey::generate(32, Some(Hash::Sha256)).unwrap();
         let c = [7u8; 32];
-        let base = host_response(Hash::Sha256, &key, &c, 9, 1, "nqn.h", "nqn.s");
+        let x = Exchange {
+            hash: Hash::Sha256,
+            challenge: &c,
+            seqnum: 9,
+            t_id: 1,
+            hostnqn: "nqn.h",
+            subnqn: "nqn.s",
+        };
+        let base = x.host_response(&key);
         assert_eq!(base.len(), 32);
-        assert_eq!(
-            base,
-            host_response(Hash::Sha256, &key, &c, 9, 1, "nqn.h", "nqn.s")
-        );
+        assert_eq!(base, x.host_response(&key));
+        let c8 = [8u8; 32];
         for changed in [
-            host_response(Hash::Sha256, &other, &c, 9, 1, "nqn.h", "nqn.s"),
-            host_response(Hash::Sha256, &key, &[8; 32], 9, 1, "nqn.h", "nqn.s"),
-            host_response(Hash::Sha256, &key, &c, 10, 1, "nqn.h", "nqn.s"),
-            host_response(Hash::Sha256, &key, &c, 9, 2, "nqn.h", "nqn.s"),
-            host_response(Hash::Sha256, &key, &c, 9, 1, "nqn.x", "nqn.s"),
-            host_response(Hash::Sha256, &key, &c, 9, 1, "nqn.h", "nqn.x"),
-            ctrl_response(Hash::Sha256, &key, &c, 9, 1, "nqn.h", "nqn.s"),
+            x.host_response(&other),
+            Exchange {
+                challenge: &c8,
+                ..x
+            }
+            .host_response(&key),
+            Exchange { seqnum: 10, ..x }.host_response(&key),
+            Exchange { t_id: 2, ..x }.host_response(&key),
+            Exchange {
+                hostnqn: "nqn.x",
+                ..x
+            }
+            .host_response(&key),
+            Exchange {
+                subnqn: "nqn.x",
+                ..x
+            }
+            .host_response(&key),
+            x.ctrl_response(&key),
         ] {
             assert_ne!(changed, base);
         }
-        assert_eq!(
-            host_response(Hash::Sha512, &key, &c, 9, 1, "h", "s").len(),
-            64
+        let long = Exchange {
+            hash: Hash::Sha512,
+            ..x
+        };
+        assert_eq!(long.host_response(&key).len(), 64);
+        assert!(x.host_proved(&key, &base));
+        assert!(!x.host_proved(&key, &base[..31]));
+        assert!(!x.host_proved(&other, &base));
+        assert!(
+            !x.ctrl_proved(&key, &base),
+            "a host response is no controller response"
         );
-        assert!(verify_host_response(
-            Hash::Sha256,
-            &key,
-            &c,
-            9,
-            1,
-            "nqn.h",
-            "nqn.s",
-            &base
-        ));
-        assert!(!verify_host_response(
-            Hash::Sha256,
-            &key,
-            &c,
-            9,
-            1,
-            "nqn.h",
-            "nqn.s",
-            &base[..31]
-        ));
-        assert!(!verify_host_response(
-            Hash::Sha256,
-            &other,
-            &c,
-            9,
-            1,
-            "nqn.h",
-            "nqn.s",
-            &base
-        ));
-        let r2 = ctrl_response(Hash::Sha384, &key, &c, 9, 1, "nqn.h", "nqn.s");
-        assert!(verify_ctrl_response(
-            Hash::Sha384,
-            &key,
-            &c,
-            9,
-            1,
-            "nqn.h",
-            "nqn.s",
-            &r2
-        ));
-        assert!(!verify_ctrl_response(
-            Hash::Sha384,
-            &key,
-            &c,
-            9,
-            2,
-            "nqn.h",
-            "nqn.s",
-            &r2
-        ));
+        let r2 = x.ctrl_response(&key);
+        assert!(x.ctrl_proved(&key, &r2));
+        assert!(!Exchange { t_id: 2, ..x }.ctrl_proved(&key, &r2));
     }
 }

@@ -100,15 +100,15 @@ pub fn authenticate(
         "the target chose a DH group we did not offer"
     );
     let seqnum = le::u32(&c, 12);
-    let response = dhchap::host_response(
+    let exchange = |challenge, seqnum| dhchap::Exchange {
         hash,
-        &secrets.key,
-        &c[16..16 + hl],
+        challenge,
         seqnum,
         t_id,
         hostnqn,
         subnqn,
-    );
+    };
+    let response = exchange(&c[16..16 + hl], seqnum).host_response(&secrets.key);
 
     // Bidirectional: a challenge of our own, which the target must answer.
     let mut challenge = vec![0u8; hl];
@@ -128,9 +128,7 @@ pub fn authenticate(
         "the target did not answer our challenge"
     );
     let r2 = &ok[16..16 + hl];
-    if !dhchap::verify_ctrl_response(
-        hash, ctrl_key, &challenge, seqnum2, t_id, hostnqn, subnqn, r2,
-    ) {
+    if !exchange(&challenge, seqnum2).ctrl_proved(ctrl_key, r2) {
         let _ = send(s, &dhchap::failure2(t_id, 0x01), "failure");
         bail!("the target could not prove the controller secret: refusing it");
     }

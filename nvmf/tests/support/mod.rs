@@ -341,7 +341,15 @@ impl Host {
         assert_eq!((c[9], le::u16(c, 10)), (0, 0), "NULL DH group, no DH value");
         let seqnum = le::u32(c, 12);
         let c1 = &c[16..16 + hl];
-        let r1 = dhchap::host_response(hash, key, c1, seqnum, t_id, hostnqn, subnqn);
+        let exchange = |challenge, seqnum| dhchap::Exchange {
+            hash,
+            challenge,
+            seqnum,
+            t_id,
+            hostnqn,
+            subnqn,
+        };
+        let r1 = exchange(c1, seqnum).host_response(key);
         let c2 = vec![0x5Au8; hl];
         let s2 = 0x0102_0304u32;
         let done = self.auth_send(&reply(t_id, &r1, ctrl_key.map(|_| (&c2[..], s2))));
@@ -362,7 +370,7 @@ impl Host {
             "RVALID: the controller answers the host's challenge"
         );
         let r2 = &m[16..16 + hl];
-        let want = dhchap::ctrl_response(hash, ctrl_key, &c2, s2, t_id, hostnqn, subnqn);
+        let want = exchange(&c2, s2).ctrl_response(ctrl_key);
         if r2 != want.as_slice() {
             return AuthOutcome::Success {
                 controller_proved: false,
