@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use bdev::{Bdev, UringConfig, create_malloc, create_null, open_uring};
 use nvmf::dhchap::{DhchapKey, Hash, HostKeys};
+use nvmf::ffdhe::DhGroup;
 use nvmf::{HostPolicy, Limits, Namespace, SocketIo, Subsystem, TargetConfig};
 use ox::keys::{Kek, KekSource};
 use ox::store::http::Trust;
@@ -75,6 +76,9 @@ pub struct HostSection {
     pub dhchap_ctrl_key_file: Option<PathBuf>,
     /// `sha256` (default), `sha384` or `sha512`, used when the host offers it.
     pub dhchap_hash: Option<String>,
+    /// Diffie-Hellman group to augment challenges with, when the host offers it:
+    /// `null` (default: none), `ffdhe2048`, `ffdhe3072` or `ffdhe4096`.
+    pub dhchap_dhgroup: Option<String>,
 }
 
 /// `[[clone]]`: a clone of a snapshot in a store, created at the first start and kept
@@ -382,11 +386,22 @@ impl Config {
                 Some(path) => Some(read_secret(path).with_context(what)?),
                 None => None,
             };
+            let dhgroup = match h.dhchap_dhgroup.as_deref() {
+                None => DhGroup::Null,
+                Some(name) => DhGroup::from_name(name).with_context(|| {
+                    format!(
+                        "host {:?}: dhchap_dhgroup {name:?} is not one of null, ffdhe2048, \
+                         ffdhe3072, ffdhe4096",
+                        h.nqn
+                    )
+                })?,
+            };
             out.push(HostKeys {
                 hostnqn: h.nqn.clone(),
                 key,
                 ctrl_key,
                 hash,
+                dhgroup,
             });
         }
         Ok(out)

@@ -201,6 +201,10 @@ fn host_secrets_are_checked_and_required() {
             "dhchap_hash \"md5\" is not one of sha256, sha384, sha512",
         ),
         (
+            section(&good, "dhchap_dhgroup = \"ffdhe8192\"\n"),
+            "dhchap_dhgroup \"ffdhe8192\" is not one of null, ffdhe2048",
+        ),
+        (
             format!("{}{}", section(&good, ""), section(&good, "")),
             "is defined twice",
         ),

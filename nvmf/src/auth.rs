@@ -2,8 +2,9 @@
 //! Authentication Send commands carry Negotiate, Reply and Success2 messages; its
 //! Authentication Receive commands fetch Challenge, Success1 or Failure1.
 //!
-//! Only the NULL Diffie-Hellman group is offered (the challenge is used as it is);
-//! the Linux host offers it, as the Linux target selects it by default. A check that
+//! Diffie-Hellman groups: the one configured for the host if it offers it, else the
+//! NULL group (the challenge used as it is, as the Linux target does by default),
+//! else ffdhe2048, 3072 or 4096 as offered ([`crate::ffdhe`]). A check that
 //! fails in a Send completes the command successfully and makes the next Receive
 //! return Failure1, after which the connection closes, as the specification orders.
 
@@ -14,8 +15,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::dhchap::{self, Hash, HostKeys};
 use crate::le;
 
-use crate::dhchap::{DHGROUP_NULL, id, kind, message};
 pub(crate) use crate::dhchap::{SECP, SPSP};
+use crate::dhchap::{id, kind, message};
+use crate::ffdhe::{DhGroup, DhKeyPair, augmented_challenge};
 
 /// Largest Authentication Receive allocation length served.
 pub(crate) const MAX_RECEIVE: u32 = 8192;
@@ -111,6 +113,9 @@ pub(crate) struct Transaction {
     hash: Hash,
     challenge: Vec<u8>,
     seqnum: u32,
+    /// The negotiated Diffie-Hellman group, and this side's key pair in it.
+    group: DhGroup,
+    dh: Option<DhKeyPair>,
     authenticated: bool,
     reported: bool,
 }
@@ -127,6 +132,8 @@ impl Transaction {
             hash,
             challenge: Vec::new(),
             seqnum: 0,
+            group: DhGroup::Null,
+            dh: None,
             authenticated: false,
             reported: false,
         }
@@ -218,13 +225,22 @@ impl Transaction {
                     return self.failure(Failure::Failed, al);
                 }
                 self.seqnum = next_seqnum();
+                self.dh = match self.group {
+                    DhGroup::Null => None,
+                    group => match DhKeyPair::generate(group) {
+                        Ok(pair) => Some(pair),
+                        Err(_) => return self.failure(Failure::Failed, al),
+                    },
+                };
+                let dh_value = self.dh.as_ref().map_or(&[][..], DhKeyPair::public);
                 let mut m = message(kind::DHCHAP, id::CHALLENGE, self.t_id, 16);
                 m[6] = self.hash.digest_len() as u8;
                 m[8] = self.hash.id();
-                m[9] = DHGROUP_NULL;
-                // dhvlen (10..12) stays 0: no DH value with the NULL group.
+                m[9] = self.group.id();
+                le::put_u16(&mut m, 10, dh_value.len() as u16);
                 le::put_u32(&mut m, 12, self.seqnum);
                 m.extend_from_slice(&self.challenge);
+                m.extend_from_slice(dh_value);
                 self.step = Step::Reply;
                 m
             }
@@ -295,9 +311,19 @@ impl Transaction {
                 .find_map(|&id| Hash::from_id(id))
                 .ok_or(Failure::HashUnusable)?
         };
-        if !groups.contains(&DHGROUP_NULL) {
-            return Err(Failure::DhGroupUnusable);
-        }
+        // The configured group if offered; else NULL if offered; else the first
+        // offered that is supported.
+        let offered = |g: DhGroup| groups.contains(&g.id());
+        self.group = if offered(self.keys.dhgroup) {
+            self.keys.dhgroup
+        } else if offered(DhGroup::Null) {
+            DhGroup::Null
+        } else {
+            groups
+                .iter()
+                .find_map(|&id| DhGroup::from_id(id))
+                .ok_or(Failure::DhGroupUnusable)?
+        };
         Ok(())
     }
 
@@ -309,12 +335,27 @@ impl Transaction {
         let dhvlen = usize::from(le::u16(msg, 10));
         if le::u16(msg, 4) != self.t_id
             || hl != self.hash.digest_len()
-            || dhvlen != 0
-            || msg.len() < 16 + 2 * hl
+            || dhvlen != self.group.value_len()
+            || msg.len() < 16 + 2 * hl + dhvlen
         {
             return Err(Failure::IncorrectPayload);
         }
         let (response, c2) = (&msg[16..16 + hl], &msg[16 + hl..16 + 2 * hl]);
+        let host_value = &msg[16 + 2 * hl..16 + 2 * hl + dhvlen];
+        // With a DH group, each response answers the challenge augmented with the
+        // shared value.
+        let shared = match &self.dh {
+            None => None,
+            Some(pair) => Some(
+                pair.shared_secret(host_value)
+                    .map_err(|_| Failure::IncorrectPayload)?,
+            ),
+        };
+        let hash = self.hash;
+        let augment = |c: &[u8]| match &shared {
+            None => c.to_vec(),
+            Some(z) => augmented_challenge(hash, z, c),
+        };
         let exchange = |challenge, seqnum| dhchap::Exchange {
             hash: self.hash,
             challenge,
@@ -323,8 +364,8 @@ impl Transaction {
             hostnqn: &self.keys.hostnqn,
             subnqn: &self.subnqn,
         };
-        let proved =
-            exchange(&self.challenge[..], self.seqnum).host_proved(&self.keys.key, response);
+        let c1 = augment(&self.challenge);
+        let proved = exchange(&c1, self.seqnum).host_proved(&self.keys.key, response);
         if !proved {
             return Err(Failure::Failed);
         }
@@ -337,8 +378,9 @@ impl Transaction {
             return Err(Failure::NoControllerKey);
         };
         let s2 = le::u32(msg, 12);
+        let c2 = augment(c2);
         Ok(Step::Success1(Some(
-            exchange(c2, s2).ctrl_response(ctrl_key),
+            exchange(&c2, s2).ctrl_response(ctrl_key),
         )))
     }
 }
@@ -377,6 +419,7 @@ mod tests {
             key: DhchapKey::generate(32, Some(Hash::Sha256)).unwrap_or_else(|e| panic!("{e}")),
             ctrl_key: Some(DhchapKey::generate(32, None).unwrap_or_else(|e| panic!("{e}"))),
             hash: Hash::Sha256,
+            dhgroup: DhGroup::Ffdhe2048,
         };
         Transaction::new(Arc::new(keys), "nqn.2026-11.io.ox:s")
     }

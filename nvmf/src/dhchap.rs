@@ -84,18 +84,26 @@ pub fn negotiate(t_id: u16, hashes: &[u8], groups: &[u8]) -> Vec<u8> {
     m
 }
 
-/// DH-HMAC-CHAP_Reply carrying `response`, and (bidirectional) the host's own
-/// challenge and sequence number, which must be as long as the response.
-pub fn reply(t_id: u16, response: &[u8], challenge: Option<(&[u8], u32)>) -> Vec<u8> {
+/// DH-HMAC-CHAP_Reply carrying `response`, (bidirectional) the host's own challenge
+/// and sequence number, which must be as long as the response, and the host's
+/// Diffie-Hellman value (empty with the NULL group).
+pub fn reply(
+    t_id: u16,
+    response: &[u8],
+    challenge: Option<(&[u8], u32)>,
+    dh_value: &[u8],
+) -> Vec<u8> {
     let hl = response.len();
     let mut m = message(kind::DHCHAP, id::REPLY, t_id, 16 + 2 * hl);
     m[6] = hl as u8;
+    le::put_u16(&mut m, 10, dh_value.len() as u16);
     m[16..16 + hl].copy_from_slice(response);
     if let Some((c2, s2)) = challenge.filter(|(c, _)| c.len() == hl) {
         m[8] = 1; // CVALID
         le::put_u32(&mut m, 12, s2);
         m[16 + hl..].copy_from_slice(c2);
     }
+    m.extend_from_slice(dh_value);
     m
 }
 
@@ -402,6 +410,9 @@ pub struct HostKeys {
     pub ctrl_key: Option<DhchapKey>,
     /// The hash to use when the host offers it (otherwise the first it offers).
     pub hash: Hash,
+    /// The Diffie-Hellman group to use when the host offers it (otherwise NULL, or the
+    /// first it offers).
+    pub dhgroup: crate::ffdhe::DhGroup,
 }
 
 #[cfg(test)]

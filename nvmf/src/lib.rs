@@ -20,6 +20,7 @@ mod conn;
 mod ctrlr;
 pub mod dhchap;
 mod error;
+pub mod ffdhe;
 pub mod framing;
 pub mod identify;
 mod io;

@@ -13,6 +13,8 @@ use std::time::Duration;
 use bdev::create_malloc;
 use nvmf::cmd::{Sqe, Status, admin, fctype};
 use nvmf::dhchap::{DhchapKey, Hash, HostKeys};
+use nvmf::ffdhe::DhGroup;
+use nvmf::le;
 use nvmf::pdu::Digests;
 use nvmf::{
     ConnectEvent, HostPolicy, Limits, Namespace, SocketIo, Subsystem, Target, TargetConfig,
@@ -25,6 +27,8 @@ const NQN: &str = "nqn.2026-11.io.ox:auth";
 const BOTH_WAYS: &str = "nqn.2026-11.io.ox:host-both-ways";
 /// A third, allowed without a secret.
 const PLAIN: &str = "nqn.2026-11.io.ox:host-plain";
+/// A fourth, configured for Diffie-Hellman augmented challenges (ffdhe2048).
+const FFDHE: &str = "nqn.2026-11.io.ox:host-ffdhe";
 
 struct Setup {
     target: Target,
@@ -54,7 +58,12 @@ fn setup(auth_timeout: Duration) -> Setup {
             nqn: NQN.into(),
             serial: "OXAUTH".into(),
             model: "OX test".into(),
-            hosts: HostPolicy::Only(vec![HOSTNQN.into(), BOTH_WAYS.into(), PLAIN.into()]),
+            hosts: HostPolicy::Only(vec![
+                HOSTNQN.into(),
+                BOTH_WAYS.into(),
+                PLAIN.into(),
+                FFDHE.into(),
+            ]),
             namespaces: vec![Namespace::new(
                 1,
                 create_malloc("auth", 512, 8192, None).unwrap(),
@@ -66,12 +75,21 @@ fn setup(auth_timeout: Duration) -> Setup {
                     key: host_key.clone(),
                     ctrl_key: None,
                     hash: Hash::Sha256,
+                    dhgroup: DhGroup::Null,
                 },
                 HostKeys {
                     hostnqn: BOTH_WAYS.into(),
                     key: both_key.clone(),
                     ctrl_key: Some(ctrl_key.clone()),
                     hash: Hash::Sha384,
+                    dhgroup: DhGroup::Ffdhe3072,
+                },
+                HostKeys {
+                    hostnqn: FFDHE.into(),
+                    key: host_key.clone(),
+                    ctrl_key: Some(ctrl_key.clone()),
+                    hash: Hash::Sha256,
+                    dhgroup: DhGroup::Ffdhe2048,
                 },
             ],
         }],
@@ -294,7 +312,7 @@ fn hostile_exchanges_fail_with_the_right_reason() {
         4
     );
     assert_eq!(
-        failure_after(&mut fresh(), &negotiate(1, &all_hashes, &[1, 2])),
+        failure_after(&mut fresh(), &negotiate(1, &all_hashes, &[4, 5])),
         5
     );
     let mut m = negotiate(1, &all_hashes, &all_groups);
@@ -466,6 +484,7 @@ fn a_queue_that_does_not_authenticate_in_time_is_closed() {
             key: s.host_key.clone(),
             ctrl_key: None,
             hash: Hash::Sha256,
+            dhgroup: DhGroup::Null,
         }],
     };
     let e = s
@@ -493,6 +512,7 @@ fn secrets_are_replaced_for_new_connections_or_not_at_all() {
             key: key.clone(),
             ctrl_key: None,
             hash: Hash::Sha256,
+            dhgroup: DhGroup::Null,
         }]
     };
     // A secret for a host the subsystem does not allow: refused, nothing changes.
@@ -590,4 +610,54 @@ fn nothing_passes_before_authentication() {
         q.authenticate(HOSTNQN, NQN, &s.host_key, None),
         AuthOutcome::Success { .. }
     ));
+}
+
+#[test]
+fn diffie_hellman_augments_the_challenges_when_configured_and_offered() {
+    let s = setup(Duration::from_secs(30));
+    // Offered (the scripted host offers what Linux does): the configured group.
+    let (mut q, _) = connect(s.addr, FFDHE, 0, 0xFFFF);
+    assert_eq!(
+        q.authenticate(FFDHE, NQN, &s.host_key, Some(&s.ctrl_key)),
+        AuthOutcome::Success {
+            controller_proved: true
+        }
+    );
+    assert_eq!(q.last_dh_group, DhGroup::Ffdhe2048);
+    assert!(identify(&mut q).is_success());
+    let (mut q, _) = connect(s.addr, BOTH_WAYS, 0, 0xFFFF);
+    assert_eq!(
+        q.authenticate(BOTH_WAYS, NQN, &s.both_key, Some(&s.ctrl_key)),
+        AuthOutcome::Success {
+            controller_proved: true
+        }
+    );
+    assert_eq!(q.last_dh_group, DhGroup::Ffdhe3072);
+    // The wrong secret still fails with a group.
+    let (mut q, _) = connect(s.addr, FFDHE, 0, 0xFFFF);
+    assert_eq!(
+        q.authenticate(FFDHE, NQN, &s.both_key, None),
+        AuthOutcome::Failure1(1)
+    );
+    // A host that offers only NULL gets NULL; one that offers only groups not
+    // supported here is refused.
+    let (mut q, _) = connect(s.addr, FFDHE, 0, 0xFFFF);
+    assert!(q.auth_send(&negotiate(1, &[1], &[0])).status().is_success());
+    let c = q.auth_receive(4096).data;
+    assert_eq!(
+        (c[1], c[9], le::u16(&c, 10)),
+        (0x01, 0, 0),
+        "NULL, no value"
+    );
+    let (mut q, _) = connect(s.addr, FFDHE, 0, 0xFFFF);
+    assert_eq!(failure_after(&mut q, &negotiate(1, &[1], &[4, 5])), 5);
+    // A Reply whose DH value is out of range, or of the wrong length, fails.
+    for value in [vec![0u8; 256], vec![1u8; 100]] {
+        let (mut q, _) = connect(s.addr, FFDHE, 0, 0xFFFF);
+        q.auth_send(&negotiate(1, &[1], &[1]));
+        let c = q.auth_receive(4096).data;
+        assert_eq!((c[9], le::u16(&c, 10)), (1, 256), "ffdhe2048 and its value");
+        let r = nvmf::dhchap::reply(1, &[0; 32], None, &value);
+        assert_eq!(failure_after(&mut q, &r), 6);
+    }
 }

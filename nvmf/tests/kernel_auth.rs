@@ -1,7 +1,9 @@
 //! The real Linux kernel host (Debian's 6.12 kernel in QEMU) authenticates with
 //! DH-HMAC-CHAP: `nvme connect --dhchap-secret` gets in and moves verified data, the
 //! wrong secret is refused, `--dhchap-ctrl-secret` hears the target prove its own
-//! secret (and refuses a target whose secret is not the one it holds).
+//! secret (and refuses a target whose secret is not the one it holds); with the hosts
+//! configured for ffdhe2048 and ffdhe3072, the challenges are Diffie-Hellman
+//! augmented.
 //!
 //! Needs root (QEMU). Set `OX_LINUX_NVME` to the tool's directory if it is not at
 //! `../shared/tools/linux-nvme` from the repository.
@@ -11,6 +13,7 @@ mod support;
 
 use bdev::create_malloc;
 use nvmf::dhchap::{DhchapKey, Hash, HostKeys};
+use nvmf::ffdhe::DhGroup;
 use nvmf::{HostPolicy, Limits, Namespace, SocketIo, Subsystem, Target, TargetConfig};
 use reactor::{CoreList, ReactorConfig, ReactorSet};
 use support::guest::Guest;
@@ -18,6 +21,8 @@ use support::guest::Guest;
 const NQN: &str = "nqn.2026-11.io.ox:authenticated";
 const ONE_WAY: &str = "nqn.2014-08.org.nvmexpress:uuid:3c1f0e2a-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
 const BOTH_WAYS: &str = "nqn.2014-08.org.nvmexpress:uuid:9d8c7b6a-5f4e-4d3c-2b1a-0f9e8d7c6b5a";
+/// One way, with Diffie-Hellman augmented challenges (ffdhe2048).
+const DH_ONE_WAY: &str = "nqn.2014-08.org.nvmexpress:uuid:1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
 
 /// Connects as `host` with `secrets` (nvme connect options), checks 1 MiB written
 /// and read back at the namespace's start, disconnects; prints `@@ <label> ...`.
@@ -53,7 +58,7 @@ fn the_linux_host_authenticates_one_way_and_both_ways() {
             nqn: NQN.into(),
             serial: "OXKAUTH".into(),
             model: "OX test".into(),
-            hosts: HostPolicy::Only(vec![ONE_WAY.into(), BOTH_WAYS.into()]),
+            hosts: HostPolicy::Only(vec![ONE_WAY.into(), BOTH_WAYS.into(), DH_ONE_WAY.into()]),
             namespaces: vec![Namespace::new(
                 1,
                 create_malloc("kauth", 512, 16384, None).unwrap(),
@@ -65,12 +70,21 @@ fn the_linux_host_authenticates_one_way_and_both_ways() {
                     key: one_way.clone(),
                     ctrl_key: None,
                     hash: Hash::Sha256,
+                    dhgroup: DhGroup::Null,
                 },
                 HostKeys {
                     hostnqn: BOTH_WAYS.into(),
                     key: both_ways.clone(),
                     ctrl_key: Some(ctrl.clone()),
                     hash: Hash::Sha384,
+                    dhgroup: DhGroup::Ffdhe3072,
+                },
+                HostKeys {
+                    hostnqn: DH_ONE_WAY.into(),
+                    key: one_way.clone(),
+                    ctrl_key: None,
+                    hash: Hash::Sha256,
+                    dhgroup: DhGroup::Ffdhe2048,
                 },
             ],
         }],
@@ -84,6 +98,8 @@ fn the_linux_host_authenticates_one_way_and_both_ways() {
     let script = [
         connect_and_check("one-way", port, ONE_WAY, &secret(&one_way)),
         connect_and_check("wrong-secret", port, ONE_WAY, &secret(&wrong)),
+        connect_and_check("ffdhe2048", port, DH_ONE_WAY, &secret(&one_way)),
+        connect_and_check("ffdhe2048-wrong", port, DH_ONE_WAY, &secret(&wrong)),
         connect_and_check(
             "both-ways",
             port,
@@ -115,6 +131,13 @@ fn the_linux_host_authenticates_one_way_and_both_ways() {
         "the wrong secret is refused:\n{out}"
     );
     assert!(said("both-ways connected, data verified"), "{out}");
+    assert!(said("ffdhe2048 connected, data verified"), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ffdhe2048-wrong refused")),
+        "the wrong secret is refused with a DH group too:\n{out}"
+    );
     assert!(
         lines
             .iter()

@@ -1,11 +1,13 @@
 //! The host's side of DH-HMAC-CHAP in-band authentication, run on a queue whose
-//! Connect said the target requires it: Negotiate (SHA-256/384/512, the NULL DH
-//! group), the challenge answered with the host's secret, and, with a controller
+//! Connect said the target requires it: Negotiate (SHA-256/384/512; the NULL group and
+//! ffdhe2048/3072/4096), the challenge answered with the host's secret (augmented with
+//! the Diffie-Hellman value the target chose a group for), and, with a controller
 //! secret, a challenge of our own that the target must answer (bidirectional).
 
 use anyhow::{Context, bail, ensure};
 use nvmf::cmd::fctype;
-use nvmf::dhchap::{self, DHGROUP_NULL, DhchapKey, Hash, id, kind};
+use nvmf::dhchap::{self, DhchapKey, Hash, id, kind};
+use nvmf::ffdhe::{DhGroup, DhKeyPair, augmented_challenge};
 use nvmf::le;
 
 use crate::session::Session;
@@ -82,11 +84,8 @@ pub fn authenticate(
     t_id: u16,
 ) -> anyhow::Result<()> {
     let hashes = [Hash::Sha256.id(), Hash::Sha384.id(), Hash::Sha512.id()];
-    send(
-        s,
-        &dhchap::negotiate(t_id, &hashes, &[DHGROUP_NULL]),
-        "negotiate",
-    )?;
+    let groups: Vec<u8> = DhGroup::ALL.iter().map(|g| g.id()).collect();
+    send(s, &dhchap::negotiate(t_id, &hashes, &groups), "negotiate")?;
 
     let c = receive(s, t_id, id::CHALLENGE, "challenge")?;
     let hash = Hash::from_id(c[8]).context("the target chose a hash we did not offer")?;
@@ -95,11 +94,28 @@ pub fn authenticate(
         usize::from(c[6]) == hl && c.len() >= 16 + hl,
         "challenge of the wrong length"
     );
+    let group = DhGroup::from_id(c[9]).context("the target chose a DH group we did not offer")?;
+    let dhvlen = usize::from(le::u16(&c, 10));
     ensure!(
-        c[9] == DHGROUP_NULL && le::u16(&c, 10) == 0,
-        "the target chose a DH group we did not offer"
+        dhvlen == group.value_len() && c.len() >= 16 + hl + dhvlen,
+        "a Diffie-Hellman value of the wrong length"
     );
     let seqnum = le::u32(&c, 12);
+    // With a DH group: our key pair, the shared value, and every challenge augmented.
+    let (our_value, shared) = match group {
+        DhGroup::Null => (Vec::new(), None),
+        g => {
+            let pair = DhKeyPair::generate(g)?;
+            let z = pair
+                .shared_secret(&c[16 + hl..16 + hl + dhvlen])
+                .context("the target's Diffie-Hellman value")?;
+            (pair.public().to_vec(), Some(z))
+        }
+    };
+    let augment = |challenge: &[u8]| match &shared {
+        None => challenge.to_vec(),
+        Some(z) => augmented_challenge(hash, z, challenge),
+    };
     let exchange = |challenge, seqnum| dhchap::Exchange {
         hash,
         challenge,
@@ -108,7 +124,8 @@ pub fn authenticate(
         hostnqn,
         subnqn,
     };
-    let response = exchange(&c[16..16 + hl], seqnum).host_response(&secrets.key);
+    let c1 = augment(&c[16..16 + hl]);
+    let response = exchange(&c1, seqnum).host_response(&secrets.key);
 
     // Bidirectional: a challenge of our own, which the target must answer.
     let mut challenge = vec![0u8; hl];
@@ -117,7 +134,11 @@ pub fn authenticate(
     dhchap::random_bytes(&mut seq)?;
     let seqnum2 = u32::from_le_bytes(seq).max(1);
     let ours = secrets.ctrl_key.as_ref().map(|_| (&challenge[..], seqnum2));
-    send(s, &dhchap::reply(t_id, &response, ours), "reply")?;
+    send(
+        s,
+        &dhchap::reply(t_id, &response, ours, &our_value),
+        "reply",
+    )?;
 
     let ok = receive(s, t_id, id::SUCCESS1, "success")?;
     let Some(ctrl_key) = &secrets.ctrl_key else {
@@ -128,7 +149,8 @@ pub fn authenticate(
         "the target did not answer our challenge"
     );
     let r2 = &ok[16..16 + hl];
-    if !exchange(&challenge, seqnum2).ctrl_proved(ctrl_key, r2) {
+    let c2 = augment(&challenge);
+    if !exchange(&c2, seqnum2).ctrl_proved(ctrl_key, r2) {
         let _ = send(s, &dhchap::failure2(t_id, 0x01), "failure");
         bail!("the target could not prove the controller secret: refusing it");
     }

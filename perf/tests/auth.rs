@@ -113,6 +113,7 @@ nqn = "{HOST}"
 dhchap_key_file = {host_file:?}
 dhchap_ctrl_key_file = {ctrl_file:?}
 dhchap_hash = "sha512"
+dhchap_dhgroup = "ffdhe2048"
 
 [[host]]
 nqn = "{OTHER}"

@@ -12,6 +12,7 @@ use nvmf::cmd::{
     Cqe, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, admin, fctype,
 };
 use nvmf::dhchap::{self, DhchapKey, Hash};
+use nvmf::ffdhe::{DhGroup, DhKeyPair, augmented_challenge};
 use nvmf::le;
 use nvmf::pdu::{
     self, CommonHeader, DataHeader, Digests, FLAG_DATA_LAST, FLAG_DATA_SUCCESS, IcReq, IcResp,
@@ -40,6 +41,8 @@ pub struct Host {
     pub cid: u16,
     pub cntlid: u16,
     pub in_capsule: usize,
+    /// The Diffie-Hellman group of the last authentication.
+    pub last_dh_group: DhGroup,
 }
 
 /// Outcome of a command: completion (absent when the C2HData carried SUCCESS) and data.
@@ -90,6 +93,7 @@ impl Host {
             cid: 0,
             cntlid: 0,
             in_capsule: 8192,
+            last_dh_group: DhGroup::Null,
         }
     }
 
@@ -338,9 +342,25 @@ impl Host {
         let hl = usize::from(c[6]);
         let hash = Hash::from_id(c[8]).expect("a known hash");
         assert_eq!(hl, hash.digest_len());
-        assert_eq!((c[9], le::u16(c, 10)), (0, 0), "NULL DH group, no DH value");
+        let group = DhGroup::from_id(c[9]).expect("a group we offered");
+        let dhvlen = usize::from(le::u16(c, 10));
+        assert_eq!(dhvlen, group.value_len(), "the group's value length");
+        self.last_dh_group = group;
         let seqnum = le::u32(c, 12);
-        let c1 = &c[16..16 + hl];
+        // With a DH group: our key pair, the shared value, augmented challenges.
+        let (ours, shared) = match group {
+            DhGroup::Null => (Vec::new(), None),
+            g => {
+                let pair = DhKeyPair::generate(g).unwrap();
+                let z = pair.shared_secret(&c[16 + hl..16 + hl + dhvlen]).unwrap();
+                (pair.public().to_vec(), Some(z))
+            }
+        };
+        let augment = |challenge: &[u8]| match &shared {
+            None => challenge.to_vec(),
+            Some(z) => augmented_challenge(hash, z, challenge),
+        };
+        let c1 = &augment(&c[16..16 + hl]);
         let exchange = |challenge, seqnum| dhchap::Exchange {
             hash,
             challenge,
@@ -352,7 +372,12 @@ impl Host {
         let r1 = exchange(c1, seqnum).host_response(key);
         let c2 = vec![0x5Au8; hl];
         let s2 = 0x0102_0304u32;
-        let done = self.auth_send(&reply(t_id, &r1, ctrl_key.map(|_| (&c2[..], s2))));
+        let done = self.auth_send(&dhchap::reply(
+            t_id,
+            &r1,
+            ctrl_key.map(|_| (&c2[..], s2)),
+            &ours,
+        ));
         assert!(done.status().is_success(), "reply: {}", done.status());
         let success1 = self.auth_receive(4096);
         assert!(success1.status().is_success());
@@ -370,6 +395,7 @@ impl Host {
             "RVALID: the controller answers the host's challenge"
         );
         let r2 = &m[16..16 + hl];
+        let c2 = augment(&c2);
         let want = exchange(&c2, s2).ctrl_response(ctrl_key);
         if r2 != want.as_slice() {
             return AuthOutcome::Success {
@@ -456,7 +482,7 @@ pub fn negotiate(t_id: u16, hashes: &[u8], groups: &[u8]) -> Vec<u8> {
 
 /// A DH-HMAC-CHAP_Reply carrying `response` (and a challenge of the host's own).
 pub fn reply(t_id: u16, response: &[u8], challenge: Option<(&[u8], u32)>) -> Vec<u8> {
-    dhchap::reply(t_id, response, challenge)
+    dhchap::reply(t_id, response, challenge, &[])
 }
 
 /// A read/write-shaped command.
