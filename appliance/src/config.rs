@@ -612,48 +612,10 @@ pub fn warn_if_open(nqn: &str, policy: &HostPolicy, keys: &[HostKeys]) {
     }
 }
 
-/// Reads a DH-HMAC-CHAP secret from `path`: a regular file (not a symbolic link)
-/// owned by this user or root that no one else may read or write, as ssh insists for
-/// its keys. The checks are made on the file opened, not on the name.
+/// Reads a DH-HMAC-CHAP secret from `path`, a secret file ([`ox::secret_file`]).
 fn read_secret(path: &Path) -> anyhow::Result<DhchapKey> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let shown = path.display();
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            bail!("secret {shown} is a symbolic link: refused (name the file itself)")
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading secret {shown}")),
-    };
-    let meta = file
-        .metadata()
-        .with_context(|| format!("reading secret {shown}"))?;
-    if !meta.is_file() {
-        bail!("secret {shown} is not a regular file");
-    }
-    let mode = meta.mode();
-    if mode & 0o077 != 0 {
-        bail!(
-            "secret {shown} is readable by others (mode {:o}): chmod 600 it",
-            mode & 0o777
-        );
-    }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
-        bail!(
-            "secret {shown} belongs to uid {}, not to this user ({me}) or root",
-            meta.uid()
-        );
-    }
-    let mut text = String::new();
-    file.read_to_string(&mut text)
-        .with_context(|| format!("reading secret {shown}"))?;
-    DhchapKey::parse(&text).with_context(|| format!("secret {shown}"))
+    let text = ox::secret_file::read(path)?;
+    DhchapKey::parse(&text).with_context(|| format!("secret {}", path.display()))
 }
 
 fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
@@ -662,11 +624,19 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
             .with_context(|| format!("{key} is required for kind = \"s3\""))
     };
     match s.kind.as_str() {
-        "local" => Ok(StoreSpec::Local(
-            s.path
+        "local" => {
+            let path = s
+                .path
                 .clone()
-                .context("path is required for kind = \"local\"")?,
-        )),
+                .context("path is required for kind = \"local\"")?;
+            // Missing is fine (the store makes it); anything but a directory is not.
+            match std::fs::metadata(&path) {
+                Ok(m) if !m.is_dir() => {
+                    bail!("path {} is not a directory", path.display())
+                }
+                _ => Ok(StoreSpec::Local(path)),
+            }
+        }
         "s3" => {
             let endpoint: url::Url = need(&s.endpoint, "endpoint")?
                 .parse()
@@ -682,8 +652,8 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
                         .secret_key_file
                         .as_ref()
                         .context("credentials = \"static\" needs secret_key_file")?;
-                    let secret = std::fs::read_to_string(file)
-                        .with_context(|| format!("secret_key_file {}", file.display()))?
+                    let secret = ox::secret_file::read(file)
+                        .context("secret_key_file")?
                         .trim()
                         .to_string();
                     CredentialSource::Static {

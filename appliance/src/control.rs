@@ -609,7 +609,7 @@ pub fn start_tcp(
     tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<State>,
 ) -> anyhow::Result<SocketAddr> {
-    let token = std::fs::read_to_string(token_file)
+    let token = ox::secret_file::read(token_file)
         .with_context(|| format!("control.token_file {}", token_file.display()))?
         .trim()
         .to_string();

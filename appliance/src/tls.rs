@@ -51,10 +51,13 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-/// The daemon's side: its certificate chain and private key (PEM).
+/// The daemon's side: its certificate chain and private key (PEM; a secret file,
+/// private to this user: [`ox::secret_file`]).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certificates("certificate", cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error("private key", key, e))?;
+    let text = ox::secret_file::read(key).map_err(|e| pem_error("private key", key, e))?;
+    let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
+        .map_err(|e| pem_error("private key", key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -88,9 +88,9 @@ fn bad_object_exchange_configurations_are_named() {
     let state = dir.path().join("state");
     let ox = format!("[ox]\nstate_dir = {state:?}\n");
     let key = dir.path().join("k");
-    std::fs::write(&key, "ab".repeat(32)).unwrap();
+    write_private(&key, &"ab".repeat(32));
     let short = dir.path().join("short");
-    std::fs::write(&short, "abcd").unwrap();
+    write_private(&short, "abcd");
     let local =
         |name: &str| format!("[[store]]\nname = \"{name}\"\nkind = \"local\"\npath = \"/tmp/x\"\n");
     let cases: Vec<(String, &str)> = vec![
@@ -118,7 +118,7 @@ fn bad_object_exchange_configurations_are_named() {
             format!(
                 "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"static\"\naccess_key = \"a\"\nsecret_key_file = \"/nonexistent\"\n"
             ),
-            "secret_key_file /nonexistent",
+            "secret_key_file: reading secret /nonexistent",
         ),
         (
             format!(
@@ -192,7 +192,7 @@ fn host_secrets_are_checked_and_required() {
     let cases = [
         (
             section(&open, ""),
-            "is readable by others (mode 644): chmod 600 it",
+            "is readable or writable by others (mode 644): chmod 600 it",
         ),
         (section(&damaged, ""), "CRC does not match"),
         (section(&dir.path().join("missing"), ""), "reading secret"),
@@ -228,4 +228,70 @@ fn host_secrets_are_checked_and_required() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must be 32, 48 or 64"));
+}
+
+#[test]
+fn every_secret_file_must_be_private_and_a_local_store_a_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ox = format!("[ox]\nstate_dir = {:?}\n", d.join("state"));
+    let open = |name: &str, text: &str, mode: u32| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let kek = open("kek", &"ab".repeat(32), 0o644);
+    let kek_group = open("kek-g", &"ab".repeat(32), 0o660);
+    let s3_secret = open("s3", "secret-key", 0o644);
+    let token = open("token", "0123456789abcdef-token", 0o644);
+    let a_file = open("objects", "not a directory", 0o600);
+    let link = d.join("kek-link");
+    let private = open("kek-private", &"ab".repeat(32), 0o600);
+    std::os::unix::fs::symlink(&private, &link).unwrap();
+    let cases = [
+        (
+            format!("{ox}[[key]]\nname = \"k\"\nfile = {kek:?}\n"),
+            "(mode 644): chmod 600 it".to_string(),
+        ),
+        (
+            format!("{ox}[[key]]\nname = \"k\"\nfile = {kek_group:?}\n"),
+            "(mode 660): chmod 600 it".to_string(),
+        ),
+        (
+            format!("{ox}[[key]]\nname = \"k\"\nfile = {link:?}\n"),
+            "is a symbolic link".to_string(),
+        ),
+        (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\n\
+                 bucket = \"b\"\ncredentials = \"static\"\naccess_key = \"a\"\n\
+                 secret_key_file = {s3_secret:?}\nallow_http = true\n"
+            ),
+            "(mode 644): chmod 600 it".to_string(),
+        ),
+        (
+            format!("[control]\nlisten = \"127.0.0.1:0\"\ntoken_file = {token:?}\n"),
+            "(mode 644): chmod 600 it".to_string(),
+        ),
+        (
+            format!("{ox}[[store]]\nname = \"s\"\nkind = \"local\"\npath = {a_file:?}\n"),
+            format!("path {} is not a directory", a_file.display()),
+        ),
+    ];
+    for (config, expected) in cases {
+        let err = oxd_with(&config);
+        assert!(
+            err.contains(&expected),
+            "for\n{config}\nexpected {expected:?} in:\n{err}"
+        );
+    }
+}
+
+/// Writes a secret file as an operator must: readable by its owner only.
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }

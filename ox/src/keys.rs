@@ -56,7 +56,8 @@ impl fmt::Debug for SecretKey {
 /// Where a key-encryption key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KekSource {
-    /// A file holding 64 hex characters (whitespace ignored).
+    /// A file holding 64 hex characters (whitespace ignored), private to this user
+    /// ([`crate::secret_file`]).
     File(PathBuf),
     /// An environment variable holding 64 hex characters.
     Env(String),
@@ -85,8 +86,9 @@ impl Kek {
             reason,
         };
         let text = match source {
-            KekSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| err(format!("reading key file {}: {e}", path.display())))?,
+            KekSource::File(path) => {
+                crate::secret_file::read(path).map_err(|e| err(e.to_string()))?
+            }
             KekSource::Env(var) => std::env::var(var)
                 .map_err(|_| err(format!("environment variable {var} is not set")))?,
             KekSource::Command(cmd) => {
@@ -249,6 +251,12 @@ mod tests {
         let hexkey = "11".repeat(32);
         let path = dir.path().join("k");
         std::fs::write(&path, format!("{hexkey}\n")).unwrap();
+        let open = Kek::load("f", &KekSource::File(path.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(open.contains("chmod 600"), "{open}");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let f = Kek::load("f", &KekSource::File(path.clone())).unwrap();
         assert_eq!(f.key.bytes(), &[0x11; 32]);
         let c = Kek::load("c", &KekSource::Command(format!("cat {}", path.display()))).unwrap();

@@ -6,6 +6,7 @@
 //!   index, a manifest written last (described for people in `docs/FORMAT.md`);
 //! - [`codec`]: chunk ↔ frame (zstd, AES-256-GCM bound to volume, snapshot and
 //!   position; a checksum when encryption is off);
+//! - [`secret_file`]: secret files read only when private to this user;
 //! - [`keys`]: per-snapshot data keys wrapped by key-encryption keys from a file, an
 //!   environment variable or a command;
 //! - [`store`]: the [`store::ObjectStore`] trait with S3 and local-directory stores;
@@ -27,6 +28,7 @@ pub mod format;
 pub mod hydrate;
 pub mod journal;
 pub mod keys;
+pub mod secret_file;
 pub mod snapshot;
 pub mod store;
 pub mod throttle;

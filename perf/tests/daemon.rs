@@ -13,7 +13,7 @@ use std::process::Output;
 use std::sync::atomic::Ordering;
 
 use serde_json::Value;
-use support::{bin, free_port, ok_json, run, start_oxd};
+use support::{bin, free_port, ok_json, run, start_oxd, write_private};
 
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
@@ -75,7 +75,7 @@ fn s3_store(server: &s3server::Server, d: &std::path::Path, name: &str) -> (Stri
         panic!("the test server has static credentials")
     };
     let secret = d.join("s3.secret");
-    std::fs::write(&secret, secret_key).unwrap();
+    write_private(&secret, secret_key);
     let block = format!(
         "[[store]]\nname = \"{name}\"\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\n\
          credentials = \"static\"\naccess_key = \"{access_key}\"\nsecret_key_file = {secret:?}\n\
@@ -125,7 +125,7 @@ fn snapshot_clone_and_a_kill_9_driven_by_oxctl_and_oxperf() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (store, access_key) = s3_store(&server, d, "s3");
-    std::fs::write(d.join("kek"), "11".repeat(32)).unwrap();
+    write_private(&d.join("kek"), &"11".repeat(32));
     // The second key is made by oxctl, as an operator would.
     let kek2 = d.join("kek2");
     ok_json(run(
@@ -474,7 +474,7 @@ fn cut_short_by_a_clean_stop(lose_journal: bool) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (store, _) = s3_store(&server, d, "s3");
-    std::fs::write(d.join("kek"), "22".repeat(32)).unwrap();
+    write_private(&d.join("kek"), &"22".repeat(32));
     let port = free_port();
     let socket = d.join("oxd.sock");
     let config = d.join("oxd.toml");

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -65,7 +66,9 @@ fn start_in(dir: tempfile::TempDir, control_extra: &str) -> Daemon {
         port = free_port(),
         token = dir.path().join("token"),
     );
-    std::fs::write(dir.path().join("token"), "0123456789abcdef-secret\n").unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef-secret\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let path = dir.path().join("oxd.toml");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(oxd_path())
@@ -289,6 +292,7 @@ fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     );
     std::fs::write(&c, cert.cert.pem()).unwrap();
     std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
     (c, k)
 }
 

@@ -82,3 +82,10 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Writes a secret file (a key, an S3 secret) as an operator must: owner-only.
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
