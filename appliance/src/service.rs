@@ -145,7 +145,8 @@ struct Inner {
     catalogue: Catalogue,
     volumes: HashMap<String, LiveVolume>,
     clones: HashMap<String, LiveClone>,
-    /// Clones that could not be reopened at start, with why.
+    /// Volumes and clones that could not be reopened at start, with why: listed, never
+    /// served.
     unavailable: HashMap<String, String>,
     jobs: HashMap<u64, Arc<Job>>,
     next_job: u64,
@@ -154,6 +155,16 @@ struct Inner {
 }
 
 impl Inner {
+    /// The live volume `name`, or why there is none.
+    fn volume(&self, name: &str) -> anyhow::Result<&LiveVolume> {
+        if let Some(why) = self.unavailable.get(name) {
+            bail!("volume {name:?} is unavailable: {why}");
+        }
+        self.volumes
+            .get(name)
+            .with_context(|| format!("no volume named {name:?}"))
+    }
+
     /// Whether `name` is a volume or clone, or about to be one.
     fn taken(&self, name: &str) -> bool {
         self.catalogue.has_name(name) || self.reserved.contains(name)
@@ -250,9 +261,18 @@ impl Service {
         });
         for v in &catalogue.volumes {
             let pending = catalogue.pending.iter().any(|p| p.volume == v.name);
-            let live = service
-                .open_volume(v, false, pending)
-                .with_context(|| format!("reopening volume {}", v.name))?;
+            let live = match service.open_volume(v, Opening::Existing { pending }) {
+                Ok(live) => live,
+                Err(e) => {
+                    // Never served: a damaged or missing file would read as zeroes.
+                    tracing::error!("volume {} is unavailable: {e:#}", v.name);
+                    service
+                        .inner()
+                        .unavailable
+                        .insert(v.name.clone(), format!("{e:#}"));
+                    continue;
+                }
+            };
             let bdev = live.bdev.clone();
             service.inner().volumes.insert(v.name.clone(), live);
             if let Some(e) = &v.export
@@ -262,7 +282,7 @@ impl Service {
             }
         }
         for c in &catalogue.clones {
-            match service.open_clone(c) {
+            match service.open_clone(c, false) {
                 Ok(live) => {
                     let bdev = live.bdev.clone();
                     service.inner().clones.insert(c.name.clone(), live);
@@ -325,6 +345,9 @@ impl Service {
             .join(format!("{name}.{ext}"))
     }
 
+    /// Opens the file backing a volume or clone: made now (`create`: created or grown
+    /// to `size`), or made before and so required to be whole — a file cut short or
+    /// missing would read zeroes where data was.
     fn open_file(
         &self,
         name: &str,
@@ -332,10 +355,15 @@ impl Service {
         size: u64,
         bs: u32,
         uuid: Uuid,
+        create: bool,
     ) -> anyhow::Result<Bdev> {
         let mut c = UringConfig::new(name, path);
         c.block_size = Some(bs);
-        c.create_size = Some(size);
+        if create {
+            c.create_size = Some(size);
+        } else {
+            c.expect_size = Some(size);
+        }
         c.uuid = Some(uuid);
         match bdev::open_uring(&c) {
             Ok(b) => Ok(b),
@@ -355,15 +383,10 @@ impl Service {
 
     /// Opens a volume's file with its change tracking: the tracking saved at the last
     /// clean stop (consumed, so a crash cannot reuse a stale one), else every chunk
-    /// counts as changed (`fresh` only for a volume created just now). If a snapshot of
-    /// it is `pending` and its journal is whole, the volume takes that snapshot up again
-    /// (its point in time) before any host can write.
-    fn open_volume(
-        &self,
-        v: &VolumeRecord,
-        fresh: bool,
-        pending: bool,
-    ) -> anyhow::Result<LiveVolume> {
+    /// counts as changed (none for a volume created just now). If a snapshot of it is
+    /// `pending` and its journal is whole, the volume takes that snapshot up again (its
+    /// point in time) before any host can write.
+    fn open_volume(&self, v: &VolumeRecord, how: Opening) -> anyhow::Result<LiveVolume> {
         let uuid: Uuid = v.uuid.parse().context("uuid")?;
         let file = self.open_file(
             &format!("{}-file", v.name),
@@ -371,10 +394,12 @@ impl Service {
             v.size_bytes,
             v.block_size,
             uuid,
+            !matches!(how, Opening::Existing { .. }),
         )?;
+        let pending = how == Opening::Existing { pending: true };
         let chunks = v.size_bytes.div_ceil(v.chunk_bytes);
         let cbt = self.tracking_path(&v.name);
-        let tracking = if fresh {
+        let tracking = if how == Opening::New {
             Tracking::Fresh
         } else {
             match std::fs::read(&cbt) {
@@ -482,7 +507,8 @@ impl Service {
         }
     }
 
-    fn open_clone(&self, c: &CloneRecord) -> anyhow::Result<LiveClone> {
+    /// Opens a clone: `create`d now, or reopened (its local copy must then be whole).
+    fn open_clone(&self, c: &CloneRecord, create: bool) -> anyhow::Result<LiveClone> {
         self.set_thicken_rate(&c.name, c.thicken_mib_s);
         let loaded = self.load(&c.store, &c.manifest_key)?;
         let size = loaded.manifest.volume_bytes;
@@ -493,6 +519,7 @@ impl Service {
             size,
             512,
             uuid,
+            create,
         )?;
         let basis = ObjectBasis::new(
             loaded,
@@ -620,7 +647,7 @@ impl Service {
                 path.display()
             );
         }
-        let live = match self.open_volume(&record, true, false) {
+        let live = match self.open_volume(&record, Opening::New) {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
@@ -699,6 +726,7 @@ impl Service {
             let _ = self.target.remove_subsystem(&e.nqn);
         }
         inner.volumes.remove(name);
+        inner.unavailable.remove(name);
         let _ = std::fs::remove_file(self.volume_path(name));
         let _ = std::fs::remove_file(self.tracking_path(name));
         let _ = std::fs::remove_file(self.preserve_path(name));
@@ -715,14 +743,18 @@ impl Service {
             .iter()
             .map(|v| {
                 let stats = inner.volumes.get(&v.name).map(|l| l.bdev.stats());
-                json!({
+                let mut out = json!({
                     "name": v.name, "kind": "volume", "size_bytes": v.size_bytes,
                     "block_size": v.block_size, "chunk_bytes": v.chunk_bytes, "uuid": v.uuid,
                     "export": v.export,
                     "snapshots": inner.catalogue.snapshots.iter().filter(|s| s.volume == v.name).count(),
                     "read_bytes": stats.as_ref().map_or(0, |s| s.bytes(bdev::IoType::Read)),
                     "write_bytes": stats.as_ref().map_or(0, |s| s.bytes(bdev::IoType::Write)),
-                })
+                });
+                if let Some(why) = inner.unavailable.get(&v.name) {
+                    out["unavailable"] = json!(why);
+                }
+                out
             })
             .collect();
         let clones: Vec<Value> = inner
@@ -759,10 +791,7 @@ impl Service {
         .clone();
         let (handle, busy, uuid, parent) = {
             let inner = self.inner();
-            let live = inner
-                .volumes
-                .get(volume)
-                .with_context(|| format!("no volume named {volume:?}"))?;
+            let live = inner.volume(volume)?;
             if live.busy.swap(true, Ordering::SeqCst) {
                 bail!("volume {volume:?} is being snapshotted already");
             }
@@ -1071,7 +1100,7 @@ impl Service {
                 let _ = std::fs::remove_file(self.clone_path(name, ext));
             }
         };
-        let live = match self.open_clone(&record) {
+        let live = match self.open_clone(&record, true) {
             Ok(l) => l,
             Err(e) => {
                 remove_files();
@@ -1334,7 +1363,7 @@ impl Service {
                 path.display()
             );
         }
-        let live = self.open_volume(&record, false, false)?;
+        let live = self.open_volume(&record, Opening::Restored)?;
         let service = Arc::clone(self);
         let spec = self.store(&snap.store)?.clone();
         let name = name.to_string();
@@ -1743,6 +1772,21 @@ impl Service {
         }
         problems
     }
+}
+
+/// How a volume's file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// Created just now: made empty, nothing changed yet.
+    New,
+    /// Made now to receive a snapshot's data: every chunk counts as changed.
+    Restored,
+    /// Made before (reopened at start): it must be whole; `pending`, a snapshot of it
+    /// was running.
+    Existing {
+        /// A snapshot of it was running at the last stop.
+        pending: bool,
+    },
 }
 
 /// Store prefix of a volume's snapshots: its name for people, its UUID so that two

@@ -94,6 +94,18 @@ pub enum BdevError {
         #[source]
         source: io::Error,
     },
+    /// An existing backing file or device is not the size its device must have: cut
+    /// short or grown behind the appliance's back. Served, it would read zeroes (or
+    /// lose its tail); it is refused instead.
+    #[error("{path} is {found} bytes, but the device it backs is {expected} bytes")]
+    SizeMismatch {
+        /// The path.
+        path: PathBuf,
+        /// Bytes it must have.
+        expected: u64,
+        /// Bytes it has.
+        found: u64,
+    },
     /// O_DIRECT was asked for but the file system does not allow it.
     #[error(
         "{path}: the file system does not support O_DIRECT; use buffered mode explicitly (direct = false)"

@@ -38,6 +38,9 @@ pub struct UringConfig {
     pub direct: bool,
     /// For regular files: create the file if missing and grow it to this many bytes.
     pub create_size: Option<u64>,
+    /// The file or device must exist and have exactly this many bytes (a device the
+    /// appliance made before, reopened): never created, grown or shrunk.
+    pub expect_size: Option<u64>,
     /// Stable identity; a random one if not given.
     pub uuid: Option<Uuid>,
 }
@@ -51,6 +54,7 @@ impl UringConfig {
             block_size: None,
             direct: true,
             create_size: None,
+            expect_size: None,
             uuid: None,
         }
     }
@@ -365,6 +369,12 @@ pub fn open_uring(config: &UringConfig) -> Result<Bdev, BdevError> {
         options.custom_flags(libc::O_DIRECT);
     }
     if config.create_size.is_some() {
+        if config.expect_size.is_some() {
+            return Err(BdevError::Config {
+                name: config.name.clone(),
+                reason: "create_size and expect_size exclude each other".into(),
+            });
+        }
         options.create(true);
     }
     let file = options
@@ -400,6 +410,15 @@ pub fn open_uring(config: &UringConfig) -> Result<Bdev, BdevError> {
             ),
         });
     };
+    if let Some(expected) = config.expect_size
+        && size != expected
+    {
+        return Err(BdevError::SizeMismatch {
+            path: path.clone(),
+            expected,
+            found: size,
+        });
+    }
     let block_size = config.block_size.unwrap_or(sector);
     if block_size < sector {
         return Err(BdevError::Config {

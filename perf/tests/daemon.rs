@@ -541,3 +541,112 @@ fn ctl_list(ctl: &Ctl) -> usize {
     let c: Value = serde_json::from_str(&text).unwrap();
     c["snapshots"].as_array().unwrap().len()
 }
+
+/// A volume file cut short and a clone copy cut short while oxd was stopped: at the
+/// restart both are listed as unavailable with the reason, neither is served (a host
+/// would read zeroes where data was), and the rest of the appliance runs.
+#[test]
+fn a_cut_short_volume_file_or_clone_copy_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_private(&d.join("kek"), &"33".repeat(32));
+    let port = free_port();
+    let socket = d.join("oxd.sock");
+    let config = d.join("oxd.toml");
+    let nqn = |name: &str| format!("nqn.2026-11.io.ox:{name}");
+    std::fs::write(
+        &config,
+        format!(
+            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
+             [ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{port}\"]\n\
+             [[store]]\nname = \"l\"\nkind = \"local\"\npath = {objects:?}\n\
+             [[key]]\nname = \"k\"\nfile = {kek:?}\n\
+             [[volume]]\nname = \"v\"\nsize_mib = 4\nnqn = \"{v}\"\nallow_any_host = true\n\
+             [[volume]]\nname = \"w\"\nsize_mib = 4\nnqn = \"{w}\"\nallow_any_host = true\n",
+            state = d.join("state"),
+            objects = d.join("objects"),
+            kek = d.join("kek"),
+            v = nqn("v"),
+            w = nqn("w"),
+        ),
+    )
+    .unwrap();
+    let ctl = Ctl {
+        socket: socket.display().to_string(),
+    };
+    let target = |name: &str| format!("127.0.0.1:{port},{},1", nqn(name));
+    let mut oxd = start_oxd(&config);
+    oxperf(&target("v"), "write", "0:8192", 32, 131072, 1);
+    oxperf(&target("w"), "write", "0:8192", 32, 131072, 2);
+    let snap = ctl.ok(&["snapshot", "create", "w", "--store", "l"]);
+    let id = snap["result"]["id"].as_str().unwrap().to_string();
+    ctl.ok(&[
+        "clone",
+        "create",
+        "c",
+        "--snapshot",
+        &id,
+        "--nqn",
+        &nqn("c"),
+        "--allow-any-host",
+    ]);
+    oxperf(&target("c"), "read", "0:8192", 32, 131072, 2);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(oxd.child.id() as i32, libc::SIGTERM) };
+    assert!(oxd.child.wait().unwrap().success(), "a clean stop");
+    drop(oxd);
+    for file in ["state/volumes/v.img", "state/clones/c.img"] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join(file))
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+    }
+    let _oxd = start_oxd(&config);
+    let list = ctl.ok(&["volume", "list"]);
+    let find = |kind: &str, name: &str| {
+        list[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    for (kind, name) in [("volumes", "v"), ("clones", "c")] {
+        let why = find(kind, name)["unavailable"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            why.contains("is 1048576 bytes, but the device it backs is 4194304 bytes"),
+            "{name}: {list}"
+        );
+        // Not exported: a host finds no such subsystem.
+        let read = std::process::Command::new(bin("oxperf"))
+            .args([
+                "run",
+                "--target",
+                &target(name),
+                "-w",
+                "read",
+                "--bs",
+                "4096",
+            ])
+            .args(["--range", "0:8", "--ios", "1", "--cores", "0", "--json"])
+            .output()
+            .unwrap();
+        assert!(!read.status.success(), "{name} was served");
+    }
+    assert!(find("volumes", "w").get("unavailable").is_none(), "{list}");
+    let refused = ctl.call(&["snapshot", "create", "v", "--store", "l"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("volume \"v\" is unavailable"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // The intact volume is served and verifies.
+    let r = oxperf(&target("w"), "read", "0:8192", 32, 131072, 2);
+    assert_eq!(verified(&r), 8192, "{r}");
+}
