@@ -556,9 +556,28 @@ impl Config {
             .iter()
             .map(|l| parse_addr(l).context("ox.export_listeners"))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let chunk_bytes = ox.chunk_kib.unwrap_or(64) << 10;
-        if !(4096..=(4 << 20)).contains(&chunk_bytes) || !chunk_bytes.is_power_of_two() {
-            bail!("ox.chunk_kib must be a power of two from 4 to 4096");
+        // Exactly what the snapshot format reads back (ox::codec::CHUNK_SIZES).
+        let chunk_bytes = ox.chunk_kib.unwrap_or(64).saturating_mul(1024);
+        let readable = ox::codec::CHUNK_SIZES;
+        if !readable.contains(&(chunk_bytes as usize)) || !chunk_bytes.is_power_of_two() {
+            bail!(
+                "ox.chunk_kib = {} must be a power of two from {} to {}",
+                ox.chunk_kib.unwrap_or(64),
+                readable.start() >> 10,
+                readable.end() >> 10
+            );
+        }
+        let zstd_level = ox.zstd_level.unwrap_or(3);
+        let levels = ox::codec::ZSTD_LEVELS;
+        if !levels.contains(&zstd_level) {
+            bail!(
+                "ox.zstd_level = {zstd_level} must be from 0 (no compression) to {}",
+                levels.end()
+            );
+        }
+        let object_mib = ox.object_mib.unwrap_or(8);
+        if !(1..=1024).contains(&object_mib) {
+            bail!("ox.object_mib = {object_mib} must be from 1 to 1024");
         }
         let cores = match &ox.cores {
             None => vec![None],
@@ -575,8 +594,8 @@ impl Config {
             keys,
             throttle: Throttle::new(limit(ox.foreground_mib_s), limit(ox.background_mib_s)),
             export_listeners,
-            zstd_level: ox.zstd_level.unwrap_or(3),
-            object_bytes: ox.object_mib.unwrap_or(8).clamp(1, 1024) << 20,
+            zstd_level,
+            object_bytes: object_mib << 20,
             chunk_bytes,
             host_keys: std::sync::RwLock::new(host_keys.to_vec()),
         };

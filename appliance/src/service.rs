@@ -517,7 +517,7 @@ impl Service {
             &format!("{}-local", c.name),
             &self.clone_path(&c.name, "img"),
             size,
-            512,
+            loaded.manifest.block_size,
             uuid,
             create,
         )?;
@@ -1352,7 +1352,7 @@ impl Service {
             name: name.into(),
             uuid: Uuid::new_v4().to_string(),
             size_bytes: m.volume_bytes,
-            block_size: 512,
+            block_size: m.block_size,
             chunk_bytes: u64::from(m.chunk_bytes),
             export,
         };
@@ -1811,6 +1811,7 @@ fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&St
         let r = |i: usize| k.fetched_bytes[i].load(Ordering::Relaxed);
         let miss = k.miss_latency.snapshot();
         v["size_bytes"] = json!(l.bdev.info().size_bytes());
+        v["block_size"] = json!(l.bdev.info().block_size);
         v["chunks_present"] = json!(present);
         v["chunks_total"] = json!(total);
         v["hydration_pct"] = json!(if total == 0 {

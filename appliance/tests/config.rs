@@ -138,7 +138,38 @@ fn bad_object_exchange_configurations_are_named() {
             format!("{ox}[[key]]\nname = \"k\"\nenv = \"OX_TEST_SURELY_UNSET\"\n"),
             "OX_TEST_SURELY_UNSET is not set",
         ),
-        (format!("{ox}chunk_kib = 3\n"), "ox.chunk_kib"),
+        (
+            format!("{ox}chunk_kib = 3\n"),
+            "ox.chunk_kib = 3 must be a power of two from 64 to 1024",
+        ),
+        (
+            format!("{ox}chunk_kib = 4\n"),
+            "ox.chunk_kib = 4 must be a power of two from 64 to 1024",
+        ),
+        (
+            format!("{ox}chunk_kib = 2048\n"),
+            "ox.chunk_kib = 2048 must be",
+        ),
+        (
+            format!("{ox}chunk_kib = 18014398509481984\n"),
+            "ox.chunk_kib = 18014398509481984 must be",
+        ),
+        (
+            format!("{ox}zstd_level = 23\n"),
+            "ox.zstd_level = 23 must be from 0 (no compression) to 22",
+        ),
+        (
+            format!("{ox}zstd_level = -1\n"),
+            "ox.zstd_level = -1 must be",
+        ),
+        (
+            format!("{ox}object_mib = 0\n"),
+            "ox.object_mib = 0 must be from 1 to 1024",
+        ),
+        (
+            format!("{ox}object_mib = 1025\n"),
+            "ox.object_mib = 1025 must be",
+        ),
         (
             format!(
                 "{ox}[[volume]]\nname = \"v\"\nsize_mib = 1\nnqn = \"nqn.2026-11.io.ox:v\"\nallow_any_host = true\n"

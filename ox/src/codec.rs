@@ -40,6 +40,8 @@ pub const FLAG_ZSTD: u8 = 1;
 pub const FLAG_AES_GCM: u8 = 2;
 /// Smallest and largest chunk sizes.
 pub const CHUNK_SIZES: std::ops::RangeInclusive<usize> = (64 << 10)..=(1 << 20);
+/// zstd levels a snapshot may be written with (0: no compression).
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 0..=22;
 
 /// What a frame belongs to: checked on every decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +106,14 @@ impl Codec {
         let mut nonce_prefix = [0u8; 4];
         getrandom::fill(&mut nonce_prefix)
             .map_err(|e| OxError::Config(format!("no randomness: {e}")))?;
+        if !ZSTD_LEVELS.contains(&settings.level) {
+            return Err(OxError::Config(format!(
+                "zstd level {} is not from {} to {}",
+                settings.level,
+                ZSTD_LEVELS.start(),
+                ZSTD_LEVELS.end()
+            )));
+        }
         let compressor = if settings.level > 0 {
             Some(
                 zstd::bulk::Compressor::new(settings.level)

@@ -1,4 +1,4 @@
-//! The snapshot format (version 1): object keys, the manifest written last, and the
+//! The snapshot format (version 2): object keys, the manifest written last, and the
 //! paged chunk index. `docs/FORMAT.md` describes it for people; this module is the
 //! reference implementation.
 //!
@@ -13,9 +13,12 @@ use crate::keys::WrappedKey;
 
 /// Format version written by this build. Readers accept every version in
 /// [`READABLE_VERSIONS`].
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the manifest's `block_size`; frames and index pages are as in 1.
+pub const FORMAT_VERSION: u32 = 2;
 /// Versions this build reads.
-pub const READABLE_VERSIONS: &[u32] = &[1];
+pub const READABLE_VERSIONS: &[u32] = &[1, 2];
+/// Block sizes a volume (and so a manifest) may have.
+pub const BLOCK_SIZES: [u32; 2] = [512, 4096];
 /// Chunks described by one index page.
 pub const PAGE_CHUNKS: u64 = 16384;
 /// Bytes per index entry.
@@ -208,6 +211,10 @@ pub struct Manifest {
     pub volume_bytes: u64,
     /// Chunk size in bytes.
     pub chunk_bytes: u32,
+    /// The volume's logical block size: a clone or restore has the same (format 2;
+    /// a format 1 manifest reads as 512).
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
     /// zstd level used (0: none).
     pub zstd_level: i32,
     /// The data key, wrapped; `None` when not encrypted.
@@ -225,6 +232,10 @@ pub struct Manifest {
     pub stored_chunks: u64,
     /// Bytes of frames stored by this snapshot.
     pub stored_bytes: u64,
+}
+
+fn default_block_size() -> u32 {
+    BLOCK_SIZES[0]
 }
 
 impl Manifest {
@@ -263,6 +274,18 @@ impl Manifest {
             return Err(OxError::integrity(
                 "manifest",
                 format!("chunk size {}", m.chunk_bytes),
+            ));
+        }
+        if !BLOCK_SIZES.contains(&m.block_size)
+            || m.block_size > m.chunk_bytes
+            || !m.volume_bytes.is_multiple_of(u64::from(m.block_size))
+        {
+            return Err(OxError::integrity(
+                "manifest",
+                format!(
+                    "block size {} for {} bytes in chunks of {}",
+                    m.block_size, m.volume_bytes, m.chunk_bytes
+                ),
             ));
         }
         parse_id(&m.index_salt)?;
@@ -386,6 +409,7 @@ mod tests {
             created: 1,
             volume_bytes: 1 << 40,
             chunk_bytes: 1 << 20,
+            block_size: 4096,
             zstd_level: 1,
             key: None,
             lineage: vec![],
@@ -407,9 +431,20 @@ mod tests {
         lying.index_salt = "xyz".into();
         assert!(Manifest::from_bytes(&lying.to_bytes()).is_err());
         assert_ne!(m.page_key(0).unwrap(), m.page_key(1).unwrap());
-        let mut odd = m;
+        let mut odd = m.clone();
         odd.chunk_bytes = 1000;
         assert!(Manifest::from_bytes(&odd.to_bytes()).is_err());
+        for (bs, volume_bytes) in [(1024, 1 << 40), (0, 1 << 40), (4096, (1 << 40) + 512)] {
+            let mut odd = m.clone();
+            (odd.block_size, odd.volume_bytes) = (bs, volume_bytes);
+            assert!(Manifest::from_bytes(&odd.to_bytes()).is_err(), "{bs}");
+        }
+        // Format 1 had no block size: 512.
+        let mut v1: serde_json::Value = serde_json::from_slice(&m.to_bytes()).unwrap();
+        v1["format"] = 1.into();
+        v1.as_object_mut().unwrap().remove("block_size");
+        let read = Manifest::from_bytes(&serde_json::to_vec(&v1).unwrap()).unwrap();
+        assert_eq!((read.format, read.block_size), (1, 512));
         assert!(Manifest::from_bytes(b"{\"format\":1").is_err());
     }
 

@@ -218,6 +218,18 @@ pub(super) async fn write(
             "the parent snapshot has another size or chunk size".into(),
         ));
     }
+    // Never publish what no reader accepts: refuse before anything is uploaded.
+    let block_size = dev.block_size();
+    if !crate::codec::CHUNK_SIZES.contains(&(chunk_bytes as usize))
+        || !chunk_bytes.is_power_of_two()
+        || !format::BLOCK_SIZES.contains(&block_size)
+    {
+        return Err(OxError::Config(format!(
+            "volume {}: chunk size {chunk_bytes} with {block_size}-byte blocks cannot be \
+             snapshotted (chunks of 64 KiB to 1 MiB, a power of two; blocks of 512 or 4096)",
+            opts.volume_name
+        )));
+    }
     let start = match &resumed {
         Some(j) => Start::from_journal(
             j,
@@ -460,6 +472,7 @@ pub(super) async fn write(
         volume_bytes,
         chunk_bytes: u32::try_from(chunk_bytes)
             .map_err(|_| OxError::Config("chunk too large".into()))?,
+        block_size,
         zstd_level: start.zstd_level,
         key: wrapped,
         lineage,
