@@ -223,6 +223,49 @@ pub struct ControlSection {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// Seconds a TCP client has to authenticate, TLS handshake included (default 5).
+    pub auth_timeout_s: Option<u64>,
+    /// Seconds a request may take to arrive once begun (default 30).
+    pub request_timeout_s: Option<u64>,
+    /// Seconds a connection may wait between requests (default 600).
+    pub idle_timeout_s: Option<u64>,
+    /// Connections served at once, per listener (default 16; the Unix socket has its
+    /// own).
+    pub max_connections: Option<usize>,
+    /// TCP connections served at once from one address (default 4).
+    pub max_connections_per_peer: Option<usize>,
+}
+
+impl ControlSection {
+    /// The control listeners' limits.
+    pub fn limits(&self) -> anyhow::Result<crate::admission::Limits> {
+        let d = crate::admission::Limits::default();
+        let secs = |v: Option<u64>, default: std::time::Duration, key: &str| match v {
+            None => Ok(default),
+            Some(0) => bail!("control.{key} must be at least 1"),
+            Some(s) => Ok(std::time::Duration::from_secs(s)),
+        };
+        let count = |v: Option<usize>, default: usize, key: &str| match v {
+            None => Ok(default),
+            Some(0) => bail!("control.{key} must be at least 1"),
+            Some(n) => Ok(n),
+        };
+        Ok(crate::admission::Limits {
+            max_connections: count(self.max_connections, d.max_connections, "max_connections")?,
+            max_per_peer: count(
+                self.max_connections_per_peer,
+                d.max_per_peer,
+                "max_connections_per_peer",
+            )?,
+            auth_timeout: secs(self.auth_timeout_s, d.auth_timeout, "auth_timeout_s")?,
+            request_timeout: secs(
+                self.request_timeout_s,
+                d.request_timeout,
+                "request_timeout_s",
+            )?,
+            idle_timeout: secs(self.idle_timeout_s, d.idle_timeout, "idle_timeout_s")?,
+        })
+    }
 }
 
 /// `[reactors]`.

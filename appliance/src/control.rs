@@ -2,7 +2,7 @@
 //! line, each answered and written to the audit log with the caller's uid and pid.
 //! A connection gets its own thread (control traffic is rare and never touches the
 //! reactors' I/O path); a malformed request gets an error response and the connection
-//! and the daemon carry on.
+//! and the daemon carry on. Slots, deadlines and what is refused: [`crate::admission`].
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -11,7 +11,7 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use appliance::api::{self, MAX_REQUEST_BYTES, Request, Response, RpcError, code};
@@ -19,12 +19,10 @@ use appliance::audit::AuditLog;
 use bdev::{Bdev, IoType};
 use serde_json::{Value, json};
 
+use crate::admission::{Deadline, DeadlineStream, Limits, RateLimited, Slots};
 use crate::catalogue::ExportRecord;
 use crate::config::SubsystemSection;
 use crate::service::Service;
-
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 16;
 
 /// What the API can see of the running appliance.
 pub struct State {
@@ -40,6 +38,40 @@ pub struct State {
     pub service: Option<Arc<Service>>,
     /// The reactors, for their busy time.
     pub reactors: Option<Vec<reactor::ReactorHandle>>,
+    /// What the control listeners refused and cut short.
+    pub guard: ControlCounters,
+}
+
+/// Counts of the control API's refusals, for metrics.
+#[derive(Debug, Default)]
+pub struct ControlCounters {
+    /// Connections refused for want of a slot (in all, or for their peer).
+    pub refused: AtomicU64,
+    /// Connections closed at a deadline (authentication or a request).
+    pub timed_out: AtomicU64,
+    /// Failed authentications (bad or missing token).
+    pub auth_failures: AtomicU64,
+}
+
+/// Reports of refused, timed-out and denied connections let into the log and the
+/// audit log, per kind (each with a count of those left out).
+static REFUSALS: RateLimited = RateLimited::new(10);
+static TIMEOUTS: RateLimited = RateLimited::new(10);
+static DENIALS: RateLimited = RateLimited::new(10);
+
+/// Records `what` happening to `who` — counted by the caller; logged and audited only
+/// as `limiter` lets it through, with how many were left out since.
+fn report(state: &State, limiter: &RateLimited, who: &str, operation: &str, outcome: &str) {
+    let Some(left_out) = limiter.admit() else {
+        return;
+    };
+    tracing::warn!("control: {who}: {operation}: {outcome} ({left_out} like it not logged before)");
+    if let Some(audit) = &state.audit {
+        let detail = json!({ "not_recorded_before": left_out });
+        if let Err(e) = audit.record(who, operation, detail, outcome) {
+            tracing::error!("audit log: {e}");
+        }
+    }
 }
 
 /// A running control socket; removes its file when dropped.
@@ -53,8 +85,9 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Binds the socket at `path` (mode 0600, replacing a stale one) and serves it.
-pub fn start(path: &Path, state: Arc<State>) -> anyhow::Result<ControlSocket> {
+/// Binds the socket at `path` (mode 0600, replacing a stale one) and serves it under
+/// `limits` (per-peer limits do not apply: every local client is one peer).
+pub fn start(path: &Path, state: Arc<State>, limits: Limits) -> anyhow::Result<ControlSocket> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             anyhow::bail!(
@@ -73,31 +106,34 @@ pub fn start(path: &Path, state: Arc<State>) -> anyhow::Result<ControlSocket> {
         .with_context(|| format!("control.socket: binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("control.socket: chmod {}", path.display()))?;
-    let active = Arc::new(AtomicUsize::new(0));
+    // The local socket has slots of its own: remote clients never take them.
+    let slots = Slots::new(limits);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    let _ = reply(
-                        &stream,
-                        Value::Null,
-                        Err(RpcError::new(code::INTERNAL_ERROR, "too many connections")),
-                    );
-                    continue;
-                }
-                active.fetch_add(1, Ordering::SeqCst);
-                let (state, done) = (Arc::clone(&state), Arc::clone(&active));
-                let spawned = std::thread::Builder::new()
+                let slot = match slots.take(None) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        state.guard.refused.fetch_add(1, Ordering::Relaxed);
+                        report(&state, &REFUSALS, &caller(&stream), "connect", why.name());
+                        let _ = reply(
+                            &stream,
+                            Value::Null,
+                            Err(RpcError::new(code::INTERNAL_ERROR, why.name())),
+                        );
+                        continue;
+                    }
+                };
+                let state = Arc::clone(&state);
+                // If the thread cannot start, the closure (slot and stream) is
+                // dropped: the client sees EOF and the slot is free again.
+                let _ = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        serve(stream, &state);
-                        done.fetch_sub(1, Ordering::SeqCst);
+                        let _slot = slot;
+                        serve(stream, &state, limits);
                     });
-                if spawned.is_err() {
-                    // The closure (and its stream) is gone: the client sees EOF.
-                    active.fetch_sub(1, Ordering::SeqCst);
-                }
             }
         })
         .context("starting the control thread")?;
@@ -151,22 +187,55 @@ fn reply(
     stream.write_all(&line)
 }
 
-fn serve(stream: UnixStream, state: &State) {
+fn serve(stream: UnixStream, state: &State, limits: Limits) {
     let who = caller(&stream);
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    serve_lines(read_half, stream, &who, state);
+    // A client that stops reading its replies is cut off too.
+    let _ = stream.set_write_timeout(Some(limits.request_timeout));
+    let deadline = Deadline::new(limits.idle_timeout);
+    let reader = BufReader::new(DeadlineStream::new(read_half, deadline.clone()).take(0));
+    serve_lines(reader, stream, &deadline, limits, &who, state);
 }
 
-/// Answers requests, one per line, until the peer goes away.
-fn serve_lines(read: impl Read, mut write: impl Write, who: &str, state: &State) {
-    let mut reader = BufReader::new(read.take(u64::MAX));
+/// Answers requests, one per line, until the peer goes away or misses a deadline:
+/// `limits.idle_timeout` for a request to begin, `limits.request_timeout` for the
+/// rest of it to arrive.
+fn serve_lines<R: Read>(
+    mut reader: BufReader<std::io::Take<R>>,
+    mut write: impl Write,
+    deadline: &Deadline,
+    limits: Limits,
+    who: &str,
+    state: &State,
+) {
     loop {
         let mut line = Vec::new();
         reader.get_mut().set_limit(MAX_REQUEST_BYTES as u64 + 1);
+        deadline.set_in(limits.idle_timeout);
+        match reader.fill_buf() {
+            Ok([]) => return,
+            Ok(_) => {}
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    tracing::debug!("control: {who}: idle for {:?}, closed", limits.idle_timeout);
+                }
+                return;
+            }
+        }
+        deadline.set_in(limits.request_timeout);
         match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    state.guard.timed_out.fetch_add(1, Ordering::Relaxed);
+                    let outcome =
+                        format!("request not complete within {:?}", limits.request_timeout);
+                    report(state, &TIMEOUTS, who, "request", &outcome);
+                }
+                return;
+            }
             Ok(_) => {}
         }
         if line.len() > MAX_REQUEST_BYTES {
@@ -601,13 +670,15 @@ fn bdev_json(b: &Bdev) -> Value {
 
 /// Serves the API over TCP at `addr` for remote management (an appliance without a
 /// shell), over TLS when `tls` is given (without it, the token crosses the network in
-/// the clear). Every connection must first send `{"method": "auth", "params":
-/// {"token": T}}` with the token from `token_file`; the decision is audited.
+/// the clear), under `limits`. Every connection must first send `{"method": "auth",
+/// "params": {"token": T}}` with the token from `token_file`, all of it (and the TLS
+/// handshake) within `limits.auth_timeout`; the decision is audited.
 pub fn start_tcp(
     addr: SocketAddr,
     token_file: &Path,
     tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<State>,
+    limits: Limits,
 ) -> anyhow::Result<SocketAddr> {
     let token = ox::secret_file::read(token_file)
         .with_context(|| format!("control.token_file {}", token_file.display()))?
@@ -619,31 +690,39 @@ pub fn start_tcp(
     let listener =
         std::net::TcpListener::bind(addr).with_context(|| format!("control.listen {addr}"))?;
     let local = listener.local_addr()?;
-    let active = Arc::new(AtomicUsize::new(0));
+    let slots = Slots::new(limits);
     let token = Arc::new(token);
     std::thread::Builder::new()
         .name("control-tcp".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                let Ok(peer) = stream.peer_addr() else {
                     continue;
-                }
-                active.fetch_add(1, Ordering::SeqCst);
-                let (state, done, token, tls) = (
-                    Arc::clone(&state),
-                    Arc::clone(&active),
-                    Arc::clone(&token),
-                    tls.clone(),
-                );
-                let spawned = std::thread::Builder::new()
+                };
+                let slot = match slots.take(Some(peer.ip())) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        // Closed at once, unread: a refused peer costs nothing more.
+                        state.guard.refused.fetch_add(1, Ordering::Relaxed);
+                        report(
+                            &state,
+                            &REFUSALS,
+                            &format!("tcp {peer}"),
+                            "connect",
+                            why.name(),
+                        );
+                        continue;
+                    }
+                };
+                let (state, token, tls) = (Arc::clone(&state), Arc::clone(&token), tls.clone());
+                // If the thread cannot start, the closure (slot and stream) is
+                // dropped: the client sees EOF and the slot is free again.
+                let _ = std::thread::Builder::new()
                     .name("control-tcp-conn".into())
                     .spawn(move || {
-                        serve_tcp(stream, tls, &token, &state);
-                        done.fetch_sub(1, Ordering::SeqCst);
+                        let _slot = slot;
+                        serve_tcp(stream, peer, tls, &token, &state, limits);
                     });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                }
             }
         })
         .context("starting the TCP control thread")?;
@@ -657,50 +736,43 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 fn serve_tcp(
     stream: std::net::TcpStream,
+    peer: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
     token: &str,
     state: &State,
+    limits: Limits,
 ) {
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "unknown".into(), |a| a.to_string());
-    // The token (and the TLS handshake before it) must come at once: a connection
-    // that does not authenticate holds a slot for seconds, not minutes.
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-    let Ok(socket) = stream.try_clone() else {
+    // The TLS handshake and the token must all come within the authentication
+    // deadline: a connection that does not authenticate holds a slot for seconds.
+    let deadline = Deadline::new(limits.auth_timeout);
+    let _ = stream.set_write_timeout(Some(limits.request_timeout));
+    let Ok(read_half) = stream.try_clone() else {
         return;
     };
     match tls {
         None => {
-            let Ok(read_half) = stream.try_clone() else {
-                return;
-            };
-            authenticate_and_serve(
-                read_half,
-                stream,
-                &socket,
-                &format!("tcp {peer}"),
-                token,
-                state,
-            );
+            let reader = DeadlineStream::new(read_half, deadline.clone());
+            let who = format!("tcp {peer}");
+            authenticate_and_serve(reader, stream, &deadline, limits, &who, token, state);
         }
         Some(config) => {
             let Ok(conn) = rustls::ServerConnection::new(config) else {
                 return;
             };
-            let tls = appliance::tls::Duplex::new(rustls::StreamOwned::new(conn, stream));
+            let transport = DeadlineStream::new(stream, deadline.clone());
+            let tls = appliance::tls::Duplex::new(rustls::StreamOwned::new(conn, transport));
             let who = format!("tls {peer}");
-            authenticate_and_serve(tls.clone(), tls, &socket, &who, token, state);
+            authenticate_and_serve(tls.clone(), tls, &deadline, limits, &who, token, state);
         }
     }
 }
 
-/// Reads the token first, then serves requests; `socket` is the TCP stream beneath
-/// (for its timeouts).
+/// Reads the token first, then serves requests.
 fn authenticate_and_serve(
     read: impl Read,
     stream: impl Write,
-    socket: &std::net::TcpStream,
+    deadline: &Deadline,
+    limits: Limits,
     who: &str,
     token: &str,
     state: &State,
@@ -708,7 +780,12 @@ fn authenticate_and_serve(
     let mut stream = stream;
     let mut reader = BufReader::new(read.take(4096));
     let mut first = Vec::new();
-    if reader.read_until(b'\n', &mut first).is_err() {
+    if let Err(e) = reader.read_until(b'\n', &mut first) {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            state.guard.timed_out.fetch_add(1, Ordering::Relaxed);
+            let outcome = format!("not authenticated within {:?}", limits.auth_timeout);
+            report(state, &TIMEOUTS, who, "authenticate", &outcome);
+        }
         return;
     }
     let req: Option<Request> = serde_json::from_slice(&first).ok();
@@ -723,24 +800,17 @@ fn authenticate_and_serve(
         ),
         _ => (Value::Null, ""),
     };
-    let ok = same(given.as_bytes(), token.as_bytes());
-    if let Some(audit) = &state.audit {
-        let result = if ok {
-            "ok"
-        } else {
-            "denied: bad or missing token"
-        };
-        // Failed attempts are recorded at most DENIALS_PER_MINUTE a minute (with a
-        // count of those left out), so a connection flood cannot grow the log at will.
-        if let Some(suppressed) = DENIALS.admit(ok) {
-            let detail = json!({ "denials_not_recorded_before": suppressed });
-            if let Err(e) = audit.record(who, "authenticate", detail, result) {
-                tracing::error!("audit log: {e}");
-            }
-        }
-    }
-    if !ok {
-        tracing::warn!("control: {who} failed to authenticate");
+    if !same(given.as_bytes(), token.as_bytes()) {
+        // Counted always; logged and audited at most 10 a minute, so a flood of bad
+        // tokens cannot grow the logs at will.
+        state.guard.auth_failures.fetch_add(1, Ordering::Relaxed);
+        report(
+            state,
+            &DENIALS,
+            who,
+            "authenticate",
+            "denied: bad or missing token",
+        );
         let _ = reply(
             &mut stream,
             id,
@@ -751,40 +821,13 @@ fn authenticate_and_serve(
         );
         return;
     }
+    if let Some(audit) = &state.audit
+        && let Err(e) = audit.record(who, "authenticate", json!({}), "ok")
+    {
+        tracing::error!("audit log: {e}");
+    }
     if reply(&mut stream, id, Ok(json!({ "authenticated": true }))).is_err() {
         return;
     }
-    let _ = socket.set_read_timeout(Some(std::time::Duration::from_secs(600)));
-    // Whatever the client sent after the token is still in the reader's buffer.
-    reader.get_mut().set_limit(u64::MAX);
-    serve_lines(reader, stream, who, state);
-}
-
-/// Denied authentications recorded per minute at most.
-const DENIALS_PER_MINUTE: u32 = 10;
-
-/// Limits how many denied authentications reach the audit log.
-struct Denials(std::sync::Mutex<(std::time::Instant, u32, u64)>);
-
-static DENIALS: std::sync::LazyLock<Denials> =
-    std::sync::LazyLock::new(|| Denials(std::sync::Mutex::new((std::time::Instant::now(), 0, 0))));
-
-impl Denials {
-    /// Whether to record this attempt (successes always are); if so, how many denials
-    /// were left out since the last one recorded.
-    fn admit(&self, ok: bool) -> Option<u64> {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if s.0.elapsed() >= std::time::Duration::from_secs(60) {
-            *s = (std::time::Instant::now(), 0, s.2);
-        }
-        if ok || s.1 < DENIALS_PER_MINUTE {
-            if !ok {
-                s.1 += 1;
-            }
-            Some(std::mem::take(&mut s.2))
-        } else {
-            s.2 += 1;
-            None
-        }
-    }
+    serve_lines(reader, stream, deadline, limits, who, state);
 }

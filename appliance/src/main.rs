@@ -7,6 +7,7 @@
 //! hash-chained audit log; with `[ox]` it holds volumes, snapshots and clones
 //! (docs/OPERATIONS.md); with `[metrics]` it serves Prometheus metrics.
 
+mod admission;
 mod catalogue;
 mod config;
 mod control;

@@ -110,6 +110,29 @@ pub fn render(state: &State) -> String {
             })
             .collect()
     };
+    let g = &state.guard;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    family(
+        &mut out,
+        "ox_control_refused_total",
+        "counter",
+        "Control connections refused: every slot, or the peer's share, was taken.",
+        &[(String::new(), n(&g.refused))],
+    );
+    family(
+        &mut out,
+        "ox_control_timeouts_total",
+        "counter",
+        "Control connections closed at their authentication or request deadline.",
+        &[(String::new(), n(&g.timed_out))],
+    );
+    family(
+        &mut out,
+        "ox_control_auth_failures_total",
+        "counter",
+        "Control connections that presented a bad or no token.",
+        &[(String::new(), n(&g.auth_failures))],
+    );
     family(
         &mut out,
         "ox_bdev_ops_total",

@@ -101,7 +101,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         audit: audit.clone(),
         service: service.clone(),
         reactors: Some(set.handles().to_vec()),
+        guard: control::ControlCounters::default(),
     });
+    let limits = config.control.limits()?;
     if let Some(listen) = &config.metrics.listen {
         let addr = crate::config::parse_addr(listen).context("metrics.listen")?;
         let bound = crate::metrics::start(addr, Arc::clone(&state))?;
@@ -123,7 +125,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             _ => anyhow::bail!("control: give both tls_cert_file and tls_key_file, or neither"),
         };
         let secure = tls.is_some();
-        let bound = control::start_tcp(addr, token, tls, Arc::clone(&state))?;
+        let bound = control::start_tcp(addr, token, tls, Arc::clone(&state), limits)?;
         if secure {
             tracing::info!("control API on tcp {bound} (TLS, token required)");
         } else {
@@ -135,7 +137,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     }
     let _socket = match &config.control.socket {
         Some(p) => {
-            let s = control::start(p, state)?;
+            let s = control::start(p, state, limits)?;
             tracing::info!("control socket {}", p.display());
             Some(s)
         }

@@ -360,3 +360,118 @@ fn half_a_tls_configuration_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A TCP connection to `to` from the loopback address `from` (a peer of its own).
+fn connect_from(from: &str, to: &str) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    s.bind(&local.into()).unwrap();
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// Waits until the daemon closes `s` (EOF or reset), sending `dribble` a byte at a
+/// time meanwhile if given; returns the bytes sent. Panics if the daemon never does.
+fn closed_by_daemon(s: &mut std::net::TcpStream, dribble: bool) -> usize {
+    use std::io::Read;
+    s.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    let mut sent = 0;
+    let mut buf = [0u8; 256];
+    // A byte every 100 ms, far inside any per-read timeout; 600 of them (a minute)
+    // without being closed would mean there is no total deadline.
+    while sent < 600 {
+        match s.read(&mut buf) {
+            Ok(0) => return sent,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return sent,
+        }
+        if dribble {
+            if s.write_all(b" ").is_err() {
+                return sent;
+            }
+            sent += 1;
+        }
+    }
+    panic!("the daemon kept a connection open that never authenticated");
+}
+
+#[test]
+fn slow_and_many_clients_cannot_lock_out_management() {
+    let d = start_with("auth_timeout_s = 1\nmax_connections = 8\nmax_connections_per_peer = 3\n");
+    let good = d.dir.path().join("token");
+    let remote = || {
+        Command::new(env!("CARGO_BIN_EXE_oxctl"))
+            .args(["--connect", &d.tcp, "--token-file"])
+            .arg(&good)
+            .args(["version", "--json"])
+            .output()
+            .unwrap()
+    };
+    // One address opens 20 connections: it gets 3 slots, the rest are closed at once.
+    let mut crowd: Vec<_> = (0..20).map(|_| connect_from("127.0.0.2", &d.tcp)).collect();
+    // Others fill every slot left, each one connection that never authenticates.
+    let mut squatters: Vec<_> = (3..8)
+        .map(|i| connect_from(&format!("127.0.0.{}", 10 + i), &d.tcp))
+        .collect();
+    // Meanwhile the local operator is never locked out: the Unix socket has its own.
+    assert_eq!(json(&oxctl(&d, &["version", "--json"]))["api"], 1);
+    // A dribbler, a byte every 100 ms, is closed at its total deadline.
+    let mut dribbler = loop {
+        // Wait for a slot: the squatters' deadline frees them.
+        let mut s = connect_from("127.0.0.3", &d.tcp);
+        s.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        match std::io::Read::read(&mut s, &mut b) {
+            Ok(0) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => continue,
+            _ => break s,
+        }
+    };
+    closed_by_daemon(&mut dribbler, true);
+    for s in crowd.iter_mut().chain(squatters.iter_mut()) {
+        closed_by_daemon(s, false);
+    }
+    // The remote operator gets in once the squatters' deadline has passed.
+    loop {
+        let o = remote();
+        if o.status.success() {
+            assert_eq!(json(&o)["api"], 1);
+            break;
+        }
+    }
+    // Bad tokens, many of them: each refused, but only ten a minute are written down.
+    let bad = d.dir.path().join("bad");
+    std::fs::write(&bad, "not-the-token-at-all").unwrap();
+    for _ in 0..30 {
+        let o = Command::new(env!("CARGO_BIN_EXE_oxctl"))
+            .args(["--connect", &d.tcp, "--token-file"])
+            .arg(&bad)
+            .args(["version", "--json"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+    }
+    let log = std::fs::read_to_string(&d.audit).unwrap();
+    assert!(
+        log.contains("too many connections from this address"),
+        "refusals are audited"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tcp 127.0.0.3:") && l.contains("not authenticated within 1s")),
+        "the dribbler was cut off at its deadline, and audited"
+    );
+    assert!(
+        log.matches("too many connections").count() <= 10,
+        "refusals are rate-limited"
+    );
+    assert_eq!(
+        log.matches("denied: bad or missing token").count(),
+        10,
+        "denials are rate-limited"
+    );
+}
