@@ -295,8 +295,16 @@ pub struct NvmfSection {
     pub max_h2c_data_kib: Option<u32>,
     /// I/O queues per controller.
     pub max_io_queues: Option<u16>,
-    /// Connections across the target.
+    /// Connections across the target that have completed Connect.
     pub max_connections: Option<usize>,
+    /// Connections of a listener that have not completed Connect yet.
+    pub max_pending_connections: Option<usize>,
+    /// Of those, from one source address.
+    pub max_pending_per_address: Option<usize>,
+    /// Seconds a new connection has to send its ICReq.
+    pub icreq_timeout_s: Option<u64>,
+    /// Seconds from ICReq to a successful Connect.
+    pub connect_timeout_s: Option<u64>,
     /// Socket I/O: "uring" (default) or "poll" (requires reactors.idle = "busy").
     pub socket_io: Option<String>,
 }
@@ -471,6 +479,18 @@ impl Config {
                 .map_or(d.max_h2c_data, |k| k.saturating_mul(1024)),
             max_io_queues: n.max_io_queues.unwrap_or(d.max_io_queues),
             max_connections: n.max_connections.unwrap_or(d.max_connections),
+            max_pending_connections: n
+                .max_pending_connections
+                .unwrap_or(d.max_pending_connections),
+            max_pending_per_address: n
+                .max_pending_per_address
+                .unwrap_or(d.max_pending_per_address),
+            icreq_timeout: n
+                .icreq_timeout_s
+                .map_or(d.icreq_timeout, std::time::Duration::from_secs),
+            connect_timeout: n
+                .connect_timeout_s
+                .map_or(d.connect_timeout, std::time::Duration::from_secs),
             auth_timeout: d.auth_timeout,
         };
         let mut subsystems = Vec::new();

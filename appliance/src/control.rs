@@ -40,6 +40,31 @@ pub struct State {
     pub reactors: Option<Vec<reactor::ReactorHandle>>,
     /// What the control listeners refused and cut short.
     pub guard: ControlCounters,
+    /// Hosts' Connect decisions by outcome.
+    pub connects: Arc<ConnectCounts>,
+}
+
+/// Hosts' Connect decisions counted by outcome ("allowed", or the reason for a
+/// refusal; "unrecorded" for those the audit thread fell too far behind to see).
+/// Written by the connect audit thread, read by metrics.
+#[derive(Debug, Default)]
+pub struct ConnectCounts(std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>);
+
+impl ConnectCounts {
+    /// Counts one decision, and `lost` that were never seen.
+    pub fn count(&self, outcome: &'static str, lost: u64) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(outcome).or_default() += 1;
+        if lost > 0 {
+            *m.entry("unrecorded").or_default() += lost;
+        }
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(k, v)| (*k, *v)).collect()
+    }
 }
 
 /// Counts of the control API's refusals, for metrics.

@@ -133,6 +133,19 @@ pub fn render(state: &State) -> String {
         "Control connections that presented a bad or no token.",
         &[(String::new(), n(&g.auth_failures))],
     );
+    let connects: Vec<(String, f64)> = state
+        .connects
+        .snapshot()
+        .into_iter()
+        .map(|(outcome, n)| (format!("outcome=\"{}\"", esc(outcome)), n as f64))
+        .collect();
+    family(
+        &mut out,
+        "ox_nvmf_connects_total",
+        "counter",
+        "NVMe/TCP connection decisions by outcome: allowed, or why refused (including connections closed before Connect).",
+        &connects,
+    );
     family(
         &mut out,
         "ox_bdev_ops_total",

@@ -82,7 +82,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         Ok(())
     };
     record("start", serde_json::json!({ "config": path }))?;
-    audit_connects(&target, audit.clone())?;
+    let connects = audit_connects(&target, audit.clone())?;
     let state = Arc::new(control::State {
         bdevs: bdevs.clone(),
         subsystems: config
@@ -102,6 +102,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         service: service.clone(),
         reactors: Some(set.handles().to_vec()),
         guard: control::ControlCounters::default(),
+        connects,
     });
     let limits = config.control.limits()?;
     if let Some(listen) = &config.metrics.listen {
@@ -169,32 +170,49 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Hosts' Connect decisions go to the log (denials as warnings) and, through a thread
-/// (the reactor that decided must not wait for an fsync), to the audit log. If the
-/// audit thread falls behind by thousands of connects, the excess is counted in the
-/// log rather than blocking hosts.
-fn audit_connects(target: &Target, audit: Option<Arc<AuditLog>>) -> anyhow::Result<()> {
+/// Hosts' Connect decisions (and connections closed before a Connect) go, through a
+/// thread (the reactor that decided must not wait for an fsync), to the audit log and
+/// the log, and are counted by outcome for metrics. Every controller created is
+/// recorded; refusals — which a hostile peer can make by the thousand — at most 20 a
+/// minute, each saying how many were left out before it. If the thread falls behind
+/// by thousands, the excess is counted rather than blocking hosts.
+fn audit_connects(
+    target: &Target,
+    audit: Option<Arc<AuditLog>>,
+) -> anyhow::Result<Arc<control::ConnectCounts>> {
     let (tx, rx) = crossbeam_channel::bounded::<nvmf::ConnectEvent>(4096);
     let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let d = Arc::clone(&dropped);
     target.observe_connects(Arc::new(move |e: nvmf::ConnectEvent| {
-        if !e.allowed {
-            tracing::warn!(
-                "host {} denied access to {} on {}: {}",
-                e.hostnqn,
-                e.subnqn,
-                e.listener,
-                e.reason
-            );
-        }
         if tx.try_send(e).is_err() {
             d.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }))?;
+    let counts = Arc::new(control::ConnectCounts::default());
+    let c = Arc::clone(&counts);
+    static REFUSALS: crate::admission::RateLimited = crate::admission::RateLimited::new(20);
     std::thread::Builder::new()
         .name("audit-connects".into())
         .spawn(move || {
             for e in rx {
+                let lost = dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+                c.count(if e.allowed { "allowed" } else { e.reason }, lost);
+                let left_out = if e.allowed {
+                    0
+                } else {
+                    let Some(left_out) = REFUSALS.admit() else {
+                        continue;
+                    };
+                    tracing::warn!(
+                        "host {:?} from {} denied {:?} on {}: {} ({left_out} refusals not logged before)",
+                        e.hostnqn,
+                        e.peer,
+                        e.subnqn,
+                        e.listener,
+                        e.reason
+                    );
+                    left_out
+                };
                 let Some(a) = &audit else { continue };
                 // "ok", "ok, authentication required", "authenticated", or why not.
                 let result = if e.allowed {
@@ -202,9 +220,9 @@ fn audit_connects(target: &Target, audit: Option<Arc<AuditLog>>) -> anyhow::Resu
                 } else {
                     format!("denied: {}", e.reason)
                 };
-                let lost = dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
                 let detail = serde_json::json!({
-                    "subsystem": e.subnqn, "listener": e.listener.to_string(), "unrecorded_before": lost,
+                    "subsystem": e.subnqn, "listener": e.listener.to_string(),
+                    "peer": e.peer.to_string(), "unrecorded_before": lost + left_out,
                 });
                 if let Err(err) = a.record(&format!("host {}", e.hostnqn), "host_connect", detail, &result) {
                     tracing::error!("audit log: {err}");
@@ -212,7 +230,7 @@ fn audit_connects(target: &Target, audit: Option<Arc<AuditLog>>) -> anyhow::Resu
             }
         })
         .context("starting the connect audit thread")?;
-    Ok(())
+    Ok(counts)
 }
 
 /// SIGHUP: the `[[host]]` secrets are read again from the configuration and its files

@@ -132,3 +132,47 @@ fn linux_host_passes_on_4k_blocks() {
     let oxd = start_oxd(4096);
     host_check(&oxd, false);
 }
+
+/// While another address keeps 300 sockets open that never send an ICReq (topping
+/// them up as the appliance closes them), the real Linux host still discovers,
+/// connects and passes its checks: connections that have not sent Connect never take
+/// a real host's place.
+#[test]
+fn linux_host_passes_among_hundreds_of_idle_sockets() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let oxd = start_oxd(512);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let ports = [oxd.data_port, oxd.discovery_port];
+    let flooding = std::sync::Arc::clone(&stop);
+    let flood = std::thread::spawn(move || {
+        let mut open: Vec<std::net::TcpStream> = Vec::new();
+        let mut opened = 0u64;
+        while !flooding.load(Ordering::Relaxed) {
+            // Drop the sockets the appliance has closed.
+            open.retain(|s| {
+                let mut b = [0u8; 1];
+                matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            });
+            while open.len() < 300 {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                let from: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
+                s.bind(&from.into()).unwrap();
+                let to: std::net::SocketAddr = format!("127.0.0.1:{}", ports[open.len() % 2])
+                    .parse()
+                    .unwrap();
+                s.connect(&to.into()).unwrap();
+                s.set_nonblocking(true).unwrap();
+                open.push(s.into());
+                opened += 1;
+            }
+            // Paces the flood (a top-up every 100 ms); nothing waits on it.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        opened
+    });
+    host_check(&oxd, false);
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    assert!(opened >= 300, "{opened}");
+}

@@ -23,6 +23,7 @@ use bdev::{BdevError, Channel, IoBuf};
 use reactor::io_uring::{opcode, types};
 use reactor::{PollStatus, PollerId, Reactor, current};
 
+use crate::admission;
 use crate::auth;
 use crate::bufpool;
 use crate::cmd::{
@@ -237,7 +238,10 @@ struct State {
     cids: CidSet,
     writes: HashMap<u16, PendingWrite>,
     free_ttags: Vec<u16>,
+    /// Counted in the target's established connections (Connect succeeded).
     counted: bool,
+    /// The pending slot held until Connect succeeds.
+    pending: Option<admission::Ticket>,
 }
 
 /// A connection. Shared (`Rc`) by its in-flight socket and block operations.
@@ -246,6 +250,8 @@ pub(crate) struct Conn {
     fd: OwnedFd,
     pub(crate) target: Arc<TargetShared>,
     pub(crate) local: SocketAddr,
+    /// The host's address.
+    pub(crate) peer: SocketAddr,
     reactor: Rc<Reactor>,
     st: RefCell<State>,
     max_pdu: usize,
@@ -254,19 +260,26 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Takes over an accepted socket on the current reactor.
-    pub(crate) fn start(target: Arc<TargetShared>, fd: OwnedFd, local: SocketAddr) {
+    /// Takes over an accepted socket on the current reactor; it holds `ticket` until
+    /// its Connect succeeds, and must send its ICReq and then its Connect in time.
+    pub(crate) fn start(
+        target: Arc<TargetShared>,
+        fd: OwnedFd,
+        local: SocketAddr,
+        peer: SocketAddr,
+        ticket: admission::Ticket,
+    ) {
         let Some(reactor) = current() else { return };
         set_nodelay(&fd);
         let l = &target.limits;
         let max_pdu = (CAPSULE_CMD_HLEN + 8 + l.in_capsule.max(ADMIN_IN_CAPSULE) as usize)
             .max(SHORT_HLEN + 8 + l.max_h2c_data as usize)
             .max(IC_LEN);
-        let over_limit = target.connections.fetch_add(1, Ordering::SeqCst) >= l.max_connections;
         let conn = Rc::new(Conn {
             id: target.next_conn_id(),
             fd,
             local,
+            peer,
             reactor,
             max_pdu,
             poller: Cell::new(None),
@@ -291,14 +304,16 @@ impl Conn {
                 cids: CidSet::default(),
                 writes: HashMap::new(),
                 free_ttags: Vec::new(),
-                counted: !over_limit,
+                counted: false,
+                pending: Some(ticket),
             }),
             target,
         });
-        if over_limit {
-            // Counted only when admitted; Connect on this one fails with "busy".
-            conn.target.connections.fetch_sub(1, Ordering::SeqCst);
-        }
+        conn.close_if_still(
+            Phase::AwaitIcReq,
+            conn.target.limits.icreq_timeout,
+            "no ICReq",
+        );
         CONNS.with(|c| c.borrow_mut().insert(conn.id, Rc::downgrade(&conn)));
         if conn.target.socket_io == SocketIo::Poll {
             // The poller owns the connection until `close` unregisters it.
@@ -311,9 +326,52 @@ impl Conn {
         conn.recv();
     }
 
-    /// Whether this connection was admitted under the connection limit.
-    pub(crate) fn admitted(&self) -> bool {
-        self.st.borrow().counted
+    /// Counts this connection among the target's established ones, if there is room
+    /// (its Connect is being decided); false: the target is full.
+    fn take_established_slot(&self) -> bool {
+        let mut st = self.st.borrow_mut();
+        assert!(!st.counted, "a connection counted twice");
+        let limit = self.target.limits.max_connections;
+        if self.target.connections.fetch_add(1, Ordering::SeqCst) >= limit {
+            self.target.connections.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        st.counted = true;
+        true
+    }
+
+    /// Gives the established slot back (its Connect failed).
+    fn release_established_slot(&self) {
+        let mut st = self.st.borrow_mut();
+        assert!(
+            st.counted,
+            "an established slot given back that was never taken"
+        );
+        st.counted = false;
+        self.target.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Closes the connection after `after` unless it has left `phase` (AwaitIcReq) or,
+    /// for Ready, completed its Connect by then: a peer that never gets that far
+    /// cannot hold a socket and a pending slot.
+    fn close_if_still(
+        self: &Rc<Self>,
+        phase: Phase,
+        after: std::time::Duration,
+        what: &'static str,
+    ) {
+        let weak = Rc::downgrade(self);
+        self.reactor.after(after, move || {
+            let Some(c) = weak.upgrade() else { return };
+            let stuck = {
+                let st = c.st.borrow();
+                st.phase == phase && st.queue.is_none()
+            };
+            if stuck {
+                c.target.timed_out(c.local, c.peer, what);
+                c.close();
+            }
+        });
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -336,6 +394,8 @@ impl Conn {
             st.phase = Phase::Closed;
             st.tx.clear();
             st.writes.clear();
+            // A pending slot goes back with the ticket.
+            st.pending = None;
             (st.queue.take(), std::mem::take(&mut st.counted))
         };
         // SAFETY: shutdown on a descriptor we own; it stays open until `self` drops.
@@ -583,6 +643,11 @@ impl Conn {
             st.hpda = (usize::from(req.hpda) + 1) * 4;
             st.phase = Phase::Ready;
         }
+        self.close_if_still(
+            Phase::Ready,
+            self.target.limits.connect_timeout,
+            "no Connect",
+        );
         let resp = IcResp {
             pfv: 0,
             cpda: 0,
@@ -810,10 +875,19 @@ impl Conn {
         let connected = self.st.borrow().queue.is_some();
         let reply = match (sqe.fctype(), connected) {
             (fctype::CONNECT, false) => {
-                let outcome = ctrlr::connect(self, &sqe, data.as_deref().unwrap_or_default());
+                let outcome = if self.take_established_slot() {
+                    ctrlr::connect(self, &sqe, data.as_deref().unwrap_or_default())
+                        .inspect_err(|_| self.release_established_slot())
+                } else {
+                    let data = data.as_deref().unwrap_or_default();
+                    let busy = Status::CONNECT_CTRL_BUSY.into();
+                    Err(ctrlr::refuse(self, data, "too many connections", busy))
+                };
                 match outcome {
                     Ok(c) => {
                         let mut st = self.st.borrow_mut();
+                        // Connected: its pending slot goes back.
+                        st.pending = None;
                         st.sqsize = c.sqsize;
                         st.sq_flow_off = c.sq_flow_off;
                         st.sqhd = 1 % (c.sqsize + 1);
@@ -992,6 +1066,7 @@ impl Conn {
             hostnqn,
             subnqn,
             listener: self.local,
+            peer: self.peer,
             allowed: outcome.is_ok(),
             reason: outcome.map_or_else(auth::Failure::reason, |()| "authenticated"),
         });

@@ -132,14 +132,54 @@ pub(crate) struct Connected {
 /// Connect's result bit telling the host to authenticate (ATR).
 const AUTH_REQUIRED: u32 = 1 << 17;
 
-/// Handles Connect (`data` is the 1024-byte connect data).
+/// The host and subsystem NQNs a Connect names, as far as its data holds them.
+fn connect_nqns(data: &[u8]) -> (String, String) {
+    if data.len() < 1024 {
+        return (String::new(), String::new());
+    }
+    (le::str0(data, 512, 256), le::str0(data, 256, 256))
+}
+
+/// Tells the observer (the audit log) of a Connect decision.
+fn observe(conn: &Conn, hostnqn: &str, subnqn: &str, allowed: bool, reason: &'static str) {
+    if let Some(o) = conn.target.observer.get() {
+        o(ConnectEvent {
+            hostnqn: hostnqn.to_string(),
+            subnqn: subnqn.to_string(),
+            listener: conn.local,
+            peer: conn.peer,
+            allowed,
+            reason,
+        });
+    }
+}
+
+/// Refuses a Connect before it is examined (`reply`, for `reason`), and says so to
+/// the observer.
+pub(crate) fn refuse(conn: &Conn, data: &[u8], reason: &'static str, reply: Reply) -> Reply {
+    let (hostnqn, subnqn) = connect_nqns(data);
+    observe(conn, &hostnqn, &subnqn, false, reason);
+    reply
+}
+
+/// Handles Connect (`data` is the 1024-byte connect data); every refusal, of an admin
+/// or an I/O queue, is told to the observer with its reason.
 pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connected, Reply> {
+    decide(conn, sqe, data).map_err(|(reply, reason)| refuse(conn, data, reason, reply))
+}
+
+type Refused = (Reply, &'static str);
+
+fn decide(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connected, Refused> {
     let target = &conn.target;
     if data.len() < 1024 {
-        return Err(Status::SGL_LENGTH_INVALID.into());
+        return Err((Status::SGL_LENGTH_INVALID.into(), "Connect data too short"));
     }
     if le::u16(&sqe.0, 40) != 0 {
-        return Err(Status::CONNECT_INCOMPATIBLE_FORMAT.into());
+        return Err((
+            Status::CONNECT_INCOMPATIBLE_FORMAT.into(),
+            "unsupported Connect format",
+        ));
     }
     let qid = le::u16(&sqe.0, 42);
     let sqsize = le::u16(&sqe.0, 44);
@@ -151,25 +191,9 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
     let subnqn = le::str0(data, 256, 256);
     let hostnqn = le::str0(data, 512, 256);
     if check_nqn(&hostnqn).is_err() {
-        return Err(Reply::invalid_param(512, true));
-    }
-    if !conn.admitted() {
-        return Err(Status::CONNECT_CTRL_BUSY.into());
+        return Err((Reply::invalid_param(512, true), "invalid host NQN"));
     }
     let discovery = subnqn == DISCOVERY_NQN;
-    let observe = |allowed: bool, reason: &'static str| {
-        if qid == 0
-            && let Some(o) = target.observer.get()
-        {
-            o(ConnectEvent {
-                hostnqn: hostnqn.clone(),
-                subnqn: subnqn.clone(),
-                listener: conn.local,
-                allowed,
-                reason,
-            });
-        }
-    };
     let subsystem = if discovery {
         None
     } else {
@@ -178,12 +202,13 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
             .into_iter()
             .find(|s| s.nqn == subnqn && s.listeners.contains(&conn.local))
         else {
-            observe(false, "no such subsystem on this listener");
-            return Err(Reply::invalid_param(256, true));
+            return Err((
+                Reply::invalid_param(256, true),
+                "no such subsystem on this listener",
+            ));
         };
         if !s.hosts.allows(&hostnqn) {
-            observe(false, "host not allowed");
-            return Err(Status::CONNECT_INVALID_HOST.into());
+            return Err((Status::CONNECT_INVALID_HOST.into(), "host not allowed"));
         }
         Some(s)
     };
@@ -203,10 +228,13 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
     if qid == 0 {
         let depth = target.limits.admin_queue_depth;
         if sqsize == 0 || sqsize >= depth {
-            return Err(Reply::invalid_param(44, false));
+            return Err((Reply::invalid_param(44, false), "invalid admin queue size"));
         }
         if cntlid != 0xFFFF {
-            return Err(Reply::invalid_param(16, true));
+            return Err((
+                Reply::invalid_param(16, true),
+                "admin Connect must ask for a dynamic controller",
+            ));
         }
         let shared = target
             .add_ctrl(|id| CtrlShared {
@@ -223,7 +251,7 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
                 },
                 discovery_news: AtomicBool::new(false),
             })
-            .ok_or(Status::CONNECT_CTRL_BUSY)?;
+            .ok_or((Status::CONNECT_CTRL_BUSY.into(), "no controller ID free"))?;
         let id = shared.cntlid;
         // A subsystem removed while this Connect was deciding must not keep a
         // controller: removal lists the subsystem first, then tears down controllers.
@@ -231,10 +259,12 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
             && !target.subsystems().iter().any(|x| Arc::ptr_eq(x, s))
         {
             target.remove_ctrl(id);
-            observe(false, "subsystem removed");
-            return Err(Reply::invalid_param(256, true));
+            return Err((Reply::invalid_param(256, true), "subsystem removed"));
         }
         observe(
+            conn,
+            &hostnqn,
+            &subnqn,
             true,
             if auth.is_some() {
                 "ok, authentication required"
@@ -272,31 +302,43 @@ pub(crate) fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connect
     }
     // An I/O queue of an existing controller.
     let Some(subsystem) = subsystem else {
-        return Err(Reply::invalid_param(42, false));
+        return Err((
+            Reply::invalid_param(42, false),
+            "I/O queue on a discovery controller",
+        ));
     };
     let ctrl = target
         .ctrl(cntlid)
         .filter(|c| c.subsystem.as_ref().is_some_and(|s| s.nqn == subsystem.nqn))
-        .ok_or(Reply::invalid_param(16, true))?;
+        .ok_or((Reply::invalid_param(16, true), "no such controller"))?;
     if ctrl.hostnqn != hostnqn {
-        return Err(Reply::invalid_param(512, true));
+        return Err((
+            Reply::invalid_param(512, true),
+            "host NQN differs from the controller's",
+        ));
     }
     if ctrl.hostid != hostid {
-        return Err(Reply::invalid_param(0, true));
+        return Err((
+            Reply::invalid_param(0, true),
+            "host ID differs from the controller's",
+        ));
     }
     if !ctrl.ready.load(Ordering::SeqCst) {
-        return Err(Status::SEQUENCE_ERROR.into());
+        return Err((Status::SEQUENCE_ERROR.into(), "controller not enabled"));
     }
     if qid > ctrl.io_queues.load(Ordering::SeqCst) {
-        return Err(Reply::invalid_param(42, false));
+        return Err((
+            Reply::invalid_param(42, false),
+            "queue ID beyond the I/O queues granted",
+        ));
     }
     if sqsize == 0 || sqsize >= target.limits.queue_depth {
-        return Err(Reply::invalid_param(44, false));
+        return Err((Reply::invalid_param(44, false), "invalid I/O queue size"));
     }
     {
         let mut queues = ctrl.queues();
         if queues.contains_key(&qid) {
-            return Err(Reply::invalid_param(42, false));
+            return Err((Reply::invalid_param(42, false), "queue ID in use"));
         }
         // A queue that must authenticate is registered once it has (the connection
         // does it), so a host without the secret cannot hold the queue ID.

@@ -13,6 +13,7 @@
 //! messages ([`dhchap`]) are public so that initiators (oxperf) share them; the
 //! target logic is not.
 
+mod admission;
 mod auth;
 mod bufpool;
 pub mod cmd;

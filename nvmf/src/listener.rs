@@ -1,6 +1,7 @@
 //! Accepting connections: each listening socket is polled by one reactor through its
-//! io_uring (an Accept operation kept in flight); every accepted socket is handed, as a
-//! message, to the next reactor in turn, where it lives for its whole life.
+//! io_uring (an Accept operation kept in flight); every accepted socket takes a pending
+//! slot ([`crate::admission`]) or is closed at once, and is handed, as a message, to
+//! the next reactor in turn, where it lives for its whole life.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -11,6 +12,7 @@ use std::time::Duration;
 use reactor::io_uring::{opcode, types};
 use reactor::{ReactorHandle, current};
 
+use crate::admission;
 use crate::conn::Conn;
 use crate::error::NvmfError;
 use crate::target::TargetShared;
@@ -72,11 +74,26 @@ impl Listening {
         if res >= 0 {
             // SAFETY: a successful accept returns a new descriptor that nothing else owns.
             let fd = unsafe { OwnedFd::from_raw_fd(res) };
-            let target = Arc::clone(&self.target);
+            let socket = std::net::TcpStream::from(fd);
             let local = self.local;
-            let to = self.target.pick_reactor().clone();
-            if let Err(e) = to.send(move || Conn::start(target, fd, local)) {
-                eprintln!("nvmf: dropping connection on {local}: {e}");
+            let Ok(peer) = socket.peer_addr() else {
+                // Gone already.
+                return self.accept();
+            };
+            let target = Arc::clone(&self.target);
+            match admission::admit(r.handle(), local, peer.ip(), &target.limits) {
+                Ok(ticket) => {
+                    let fd = OwnedFd::from(socket);
+                    let to = self.target.pick_reactor().clone();
+                    if let Err(e) = to.send(move || Conn::start(target, fd, local, peer, ticket)) {
+                        eprintln!("nvmf: dropping connection on {local}: {e}");
+                    }
+                }
+                Err(why) => {
+                    // Closed unread: it cannot take a real host's place.
+                    drop(socket);
+                    target.refused(local, peer, why.reason());
+                }
             }
             self.accept();
         } else if res == -libc::ECANCELED || r.is_stopping() {

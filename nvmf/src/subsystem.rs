@@ -185,8 +185,19 @@ pub struct Limits {
     pub max_h2c_data: u32,
     /// I/O queues per controller.
     pub max_io_queues: u16,
-    /// Connections across the whole target.
+    /// Connections across the whole target that have completed Connect (queues of
+    /// controllers); one more gets "controller busy".
     pub max_connections: usize,
+    /// Connections of one listener that have not completed Connect yet; more are
+    /// closed as they are accepted.
+    pub max_pending_connections: usize,
+    /// Of those, from one source address (a host opens all its queues before it
+    /// connects them: at least `max_io_queues` + 1).
+    pub max_pending_per_address: usize,
+    /// Time from accepting a connection to its ICReq; then it is closed.
+    pub icreq_timeout: std::time::Duration,
+    /// Time from ICReq to a successful Connect; then it is closed.
+    pub connect_timeout: std::time::Duration,
     /// Time a queue that must authenticate has, from its Connect, before it is closed.
     pub auth_timeout: std::time::Duration,
 }
@@ -201,6 +212,10 @@ impl Default for Limits {
             max_h2c_data: 128 << 10,
             max_io_queues: 8,
             max_connections: 256,
+            max_pending_connections: 256,
+            max_pending_per_address: 64,
+            icreq_timeout: std::time::Duration::from_secs(5),
+            connect_timeout: std::time::Duration::from_secs(5),
             auth_timeout: std::time::Duration::from_secs(30),
         }
     }
@@ -277,6 +292,20 @@ impl TargetConfig {
         }
         if l.max_connections == 0 {
             return bad("max connections must be at least 1".into());
+        }
+        if l.max_pending_connections == 0 || l.max_pending_per_address == 0 {
+            return bad(
+                "max pending connections (in all and per address) must be at least 1".into(),
+            );
+        }
+        if l.max_pending_per_address <= usize::from(l.max_io_queues) {
+            return bad(format!(
+                "max pending connections per address {} must exceed the I/O queues per controller ({}): a host opens them all before it connects them",
+                l.max_pending_per_address, l.max_io_queues
+            ));
+        }
+        if l.icreq_timeout.is_zero() || l.connect_timeout.is_zero() {
+            return bad("ICReq and Connect time-outs must be above zero".into());
         }
         let mut nqns = HashSet::new();
         for s in &self.subsystems {

@@ -79,6 +79,11 @@ pub(crate) struct TargetShared {
     pub reactors: Vec<ReactorHandle>,
     next_reactor: AtomicUsize,
     pub connections: AtomicUsize,
+    /// Connections closed as accepted: too many not connected yet (in all, or from
+    /// their address).
+    pub refused_pending: AtomicU64,
+    /// Connections closed for sending no ICReq, or no Connect, in time.
+    pub timed_out_pending: AtomicU64,
     next_conn_id: AtomicU64,
     ctrls: Mutex<Ctrls>,
     pub genctr: AtomicU64,
@@ -96,6 +101,8 @@ pub struct ConnectEvent {
     pub subnqn: String,
     /// The listener it came in on.
     pub listener: SocketAddr,
+    /// The host's address.
+    pub peer: SocketAddr,
     /// Whether the controller was created, or the queue authenticated.
     pub allowed: bool,
     /// "ok", "ok, authentication required", "authenticated", or why not.
@@ -115,6 +122,31 @@ impl TargetShared {
     pub fn pick_reactor(&self) -> &ReactorHandle {
         let i = self.next_reactor.fetch_add(1, Ordering::Relaxed);
         &self.reactors[i % self.reactors.len()]
+    }
+
+    /// Counts and reports a connection from `peer` closed as it was accepted.
+    pub fn refused(&self, listener: SocketAddr, peer: SocketAddr, reason: &'static str) {
+        self.refused_pending.fetch_add(1, Ordering::Relaxed);
+        self.tell(listener, peer, reason);
+    }
+
+    /// Counts and reports a connection closed for `what` (no ICReq, no Connect) in time.
+    pub fn timed_out(&self, listener: SocketAddr, peer: SocketAddr, what: &'static str) {
+        self.timed_out_pending.fetch_add(1, Ordering::Relaxed);
+        self.tell(listener, peer, what);
+    }
+
+    fn tell(&self, listener: SocketAddr, peer: SocketAddr, reason: &'static str) {
+        if let Some(o) = self.observer.get() {
+            o(ConnectEvent {
+                hostnqn: String::new(),
+                subnqn: String::new(),
+                listener,
+                peer,
+                allowed: false,
+                reason,
+            });
+        }
     }
 
     pub fn next_conn_id(&self) -> u64 {
@@ -274,6 +306,8 @@ impl Target {
             reactors: reactors.to_vec(),
             next_reactor: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            refused_pending: AtomicU64::new(0),
+            timed_out_pending: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
             ctrls: Mutex::new(Ctrls {
                 map: HashMap::new(),
@@ -429,9 +463,18 @@ impl Target {
             .unwrap_or_default()
     }
 
-    /// Open connections.
+    /// Connections that have completed Connect.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed as they were accepted (too many not connected yet) and
+    /// connections closed for sending no ICReq or Connect in time.
+    pub fn pending_dropped(&self) -> (u64, u64) {
+        (
+            self.shared.refused_pending.load(Ordering::Relaxed),
+            self.shared.timed_out_pending.load(Ordering::Relaxed),
+        )
     }
 
     /// Live controllers (admin queues connected).

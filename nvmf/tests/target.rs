@@ -7,6 +7,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bdev::create_malloc;
@@ -1273,5 +1274,78 @@ fn connect_decisions_are_reported_to_the_observer() {
         s.target
             .observe_connects(std::sync::Arc::new(|_| {}))
             .is_err()
+    );
+}
+
+/// Hundreds of sockets that never send an ICReq, and dozens that send one and never a
+/// Connect, take only pending slots (a share per address): a real host still connects
+/// and does I/O among them, and every one of them is closed at its deadline (or as it
+/// was accepted), counted and reported.
+#[test]
+fn idle_sockets_never_lock_real_hosts_out() {
+    let limits = Limits {
+        max_connections: 8,
+        max_pending_connections: 64,
+        max_pending_per_address: 16,
+        icreq_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let s = setup(limits);
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&events);
+    s.target
+        .observe_connects(Arc::new(move |e| sink.lock().unwrap().push(e)))
+        .unwrap();
+    let d = Digests::default();
+    let mut silent: Vec<Host> = (0..300)
+        .map(|_| Host::raw_from("127.0.0.2", s.addr))
+        .collect();
+    let mut no_connect: Vec<Host> = (0..40)
+        .map(|i| Host::connect_from(&format!("127.0.0.{}", 10 + i % 4), s.addr, d))
+        .collect();
+    // A real host, among them: connects, opens a queue and does I/O.
+    let mut admin = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut q = Host::io_queue(s.addr, d, NQN, admin.cntlid, 1);
+    let data = pattern(77, 4096);
+    assert!(q.write(1, 8, &data, 512).status().is_success());
+    let r = q.read(1, 8, 8, 512);
+    assert!(r.status().is_success() && r.data == data);
+    // Every socket that never connected is closed: at once, or at its deadline.
+    for h in silent.iter_mut().chain(no_connect.iter_mut()) {
+        assert!(
+            h.is_closed(),
+            "a socket that never sent Connect was kept open"
+        );
+    }
+    let (refused, timed_out) = s.target.pending_dropped();
+    assert_eq!(
+        refused + timed_out,
+        340,
+        "refused {refused}, timed out {timed_out}"
+    );
+    assert!(
+        refused > 0 && timed_out >= 40,
+        "refused {refused}, timed out {timed_out}"
+    );
+    // The real host's queues outlived every deadline and still work.
+    let r = q.read(1, 8, 8, 512);
+    assert!(r.status().is_success() && r.data == data);
+    assert_eq!(admin.prop_get(0x1c, false).status(), Status::SUCCESS);
+    assert_eq!(s.target.connections(), 2);
+    let events = events.lock().unwrap();
+    let count = |reason: &str| events.iter().filter(|e| e.reason == reason).count() as u64;
+    assert_eq!(
+        count("too many connections from this address that have not sent Connect")
+            + count("too many connections that have not sent Connect"),
+        refused
+    );
+    assert_eq!(count("no ICReq") + count("no Connect"), timed_out);
+    assert_eq!(count("no Connect"), 40);
+    assert!(
+        events
+            .iter()
+            .filter(|e| !e.allowed)
+            .all(|e| e.peer.ip().to_string() != "127.0.0.1")
     );
 }

@@ -61,7 +61,16 @@ impl Done {
 impl Host {
     /// Opens a TCP connection and negotiates ICReq/ICResp.
     pub fn connect(addr: SocketAddr, digests: Digests) -> Self {
-        let mut h = Self::raw(addr);
+        Self::raw(addr).negotiate(digests)
+    }
+
+    /// Like [`Self::connect`], from the loopback address `source`.
+    pub fn connect_from(source: &str, addr: SocketAddr, digests: Digests) -> Self {
+        Self::raw_from(source, addr).negotiate(digests)
+    }
+
+    fn negotiate(self, digests: Digests) -> Self {
+        let mut h = self;
         h.digests = digests;
         let req = IcReq {
             pfv: 0,
@@ -82,7 +91,20 @@ impl Host {
 
     /// A TCP connection with nothing negotiated.
     pub fn raw(addr: SocketAddr) -> Self {
-        let sock = TcpStream::connect(addr).unwrap();
+        Self::over(TcpStream::connect(addr).unwrap())
+    }
+
+    /// A TCP connection from the loopback address `source` (a peer of its own), with
+    /// nothing negotiated.
+    pub fn raw_from(source: &str, addr: SocketAddr) -> Self {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let local: SocketAddr = format!("{source}:0").parse().unwrap();
+        s.bind(&local.into()).unwrap();
+        s.connect(&addr.into()).unwrap();
+        Self::over(TcpStream::from(s))
+    }
+
+    fn over(sock: TcpStream) -> Self {
         sock.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         sock.set_nodelay(true).unwrap();
