@@ -1260,15 +1260,41 @@ fn connect_decisions_are_reported_to_the_observer() {
     let mut h = Host::connect(s.addr, Digests::default());
     let c = h.fabric_connect(0, 31, "nqn.2026-11.io.ox:nope", HOSTNQN, 0xFFFF, 0, 0);
     assert_eq!(c.status, Status::CONNECT_INVALID_PARAM);
-    let got: Vec<nvmf::ConnectEvent> = (0..3)
+    // Bad parameters, and refused I/O queues, are reported too.
+    let mut h = Host::connect(s.addr, Digests::default());
+    let c = h.fabric_connect(0, 31, NQN, "not-an-nqn", 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAM);
+    let mut h = Host::connect(s.addr, Digests::default());
+    let c = h.fabric_connect(0, 0, NQN, HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAM);
+    let mut h = Host::connect(s.addr, Digests::default());
+    let c = h.fabric_connect(1, 31, NQN, HOSTNQN, 0x7777, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAM);
+    let mut h = Host::connect(s.addr, Digests::default());
+    let c = h.fabric_connect(1, 31, NQN, HOSTNQN, a.cntlid, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAM, "queue 1 is taken");
+    let got: Vec<nvmf::ConnectEvent> = (0..7)
         .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
         .collect();
     assert!(got[0].allowed && got[0].subnqn == NQN && got[0].hostnqn == HOSTNQN);
-    assert!(!got[1].allowed && got[1].reason == "host not allowed");
-    assert!(!got[2].allowed && got[2].reason.contains("no such subsystem"));
+    assert!(got.iter().all(|e| e.peer.ip().is_loopback()));
+    let refusals: Vec<&str> = got[1..].iter().map(|e| e.reason).collect();
+    assert!(got[1..].iter().all(|e| !e.allowed));
+    assert_eq!(
+        refusals,
+        [
+            "host not allowed",
+            "no such subsystem on this listener",
+            "invalid host NQN",
+            "invalid admin queue size",
+            "no such controller",
+            "queue ID in use",
+        ]
+    );
+    assert_eq!(got[6].hostnqn, HOSTNQN);
     assert!(
         rx.recv_timeout(Duration::from_millis(200)).is_err(),
-        "I/O queue connects are not reported"
+        "I/O queues that connect are not reported"
     );
     assert!(
         s.target

@@ -745,3 +745,75 @@ fn every_accepted_configuration_round_trips_through_snapshot_clone_and_restore()
         }
     }
 }
+
+/// Refused Connects leave a trace: each is counted by reason in the metrics, and
+/// audited and logged — at most 20 a minute, the next entry saying how many were left
+/// out — with the host's NQN, the subsystem asked for and the peer's address.
+#[test]
+fn refused_connects_are_audited_rate_limited_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (port, metrics) = (free_port(), free_port());
+    let audit = d.join("audit.log");
+    let config = d.join("oxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\naudit_log = {audit:?}\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
+             [[bdev]]\nname = \"m\"\nkind = \"malloc\"\nsize_mib = 4\n\
+             [[subsystem]]\nnqn = \"nqn.2026-11.io.ox:only\"\nlisteners = [\"127.0.0.1:{port}\"]\n\
+             namespaces = [\"m\"]\nhosts = [\"nqn.2026-11.io.ox:someone\"]\n",
+            socket = d.join("oxd.sock"),
+        ),
+    )
+    .unwrap();
+    let _oxd = start_oxd(&config);
+    let attempt = |nqn: &str| {
+        let o = run(
+            &bin("oxperf"),
+            &[
+                "run",
+                "--target",
+                &format!("127.0.0.1:{port},{nqn},1"),
+                "-w",
+                "read",
+                "--ios",
+                "1",
+            ],
+        );
+        assert!(!o.status.success(), "{nqn} was let in");
+    };
+    for _ in 0..25 {
+        attempt("nqn.2026-11.io.ox:nope");
+    }
+    attempt("nqn.2026-11.io.ox:only");
+    let count = |outcome: &str| -> u64 {
+        let text = http_get(metrics, "/metrics");
+        text.lines()
+            .find(|l| l.starts_with(&format!("ox_nvmf_connects_total{{outcome=\"{outcome}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    // The audit thread counts as it goes: wait for it to have seen every attempt.
+    while count("no such subsystem on this listener") < 25 || count("host not allowed") < 1 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(count("no such subsystem on this listener"), 25);
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let denied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"host_connect\""))
+        .collect();
+    assert_eq!(
+        denied.len(),
+        20,
+        "at most 20 refusals a minute are written down"
+    );
+    assert!(
+        denied
+            .iter()
+            .all(|l| l.contains("denied: ") && l.contains("127.0.0.1:")),
+        "{denied:?}"
+    );
+}
