@@ -37,6 +37,9 @@ pub mod code {
     pub const TOO_LARGE: i64 = -32002;
     /// A TCP connection did not authenticate.
     pub const UNAUTHORIZED: i64 = -32003;
+    /// The request clashes with what exists or runs now (a name taken, a volume
+    /// being snapshotted, a snapshot still needed): retry later or change it.
+    pub const CONFLICT: i64 = -32004;
 }
 
 /// A request.

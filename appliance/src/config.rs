@@ -604,7 +604,8 @@ impl Config {
             if keys.iter().any(|x| x.id == k.name) {
                 bail!("key.name: {:?} is defined twice", k.name);
             }
-            keys.push(Kek::load(&k.name, &source).with_context(|| format!("key {:?}", k.name))?);
+            // The error names the key already.
+            keys.push(Kek::load(&k.name, &source)?);
         }
         let mib = |v: Option<u64>| Limit::per_second(v.unwrap_or(0) << 20);
         let limit = |v: Option<u64>| {

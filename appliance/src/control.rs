@@ -279,10 +279,20 @@ fn serve_lines<R: Read>(
                 Value::Null,
                 Err(RpcError::new(code::PARSE_ERROR, format!("not JSON: {e}"))),
             ),
+            Ok(Value::Array(_)) => (
+                Value::Null,
+                Err(RpcError::new(
+                    code::INVALID_REQUEST,
+                    "batch requests are not supported: send one request per line",
+                )),
+            ),
             Ok(v) => match serde_json::from_value::<Request>(v) {
                 Err(e) => (
                     Value::Null,
-                    Err(RpcError::new(code::INVALID_REQUEST, e.to_string())),
+                    Err(RpcError::new(
+                        code::INVALID_REQUEST,
+                        format!("not a JSON-RPC 2.0 request: {e}"),
+                    )),
                 ),
                 Ok(req) if req.jsonrpc != "2.0" => (
                     req.id,
@@ -532,14 +542,17 @@ fn export_params(m: &serde_json::Map<String, Value>) -> Result<Option<ExportReco
 
 const EXPORT_KEYS: [&str; 3] = ["nqn", "hosts", "allow_any_host"];
 
+/// A service error as the client sees it: the code says what kind of refusal it is
+/// (or that the daemon failed), the message says why, each cause once.
 fn failed(e: anyhow::Error) -> RpcError {
-    let text = format!("{e:#}");
-    let code = if text.starts_with("no ") || text.contains(": no ") {
-        code::NOT_FOUND
-    } else {
-        code::INTERNAL_ERROR
+    use crate::refusal::Refusal;
+    let code = match e.chain().find_map(|c| c.downcast_ref::<Refusal>()) {
+        Some(Refusal::Invalid(_)) => code::INVALID_PARAMS,
+        Some(Refusal::NotFound(_)) => code::NOT_FOUND,
+        Some(Refusal::Conflict(_)) => code::CONFLICT,
+        None => code::INTERNAL_ERROR,
     };
-    RpcError::new(code, text)
+    RpcError::new(code, appliance::error_chain(&e))
 }
 
 fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<Value, RpcError> {

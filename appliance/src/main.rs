@@ -12,6 +12,7 @@ mod catalogue;
 mod config;
 mod control;
 mod metrics;
+mod refusal;
 mod serve;
 mod service;
 mod smoke;

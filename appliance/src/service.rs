@@ -33,6 +33,7 @@ use uuid::Uuid;
 use crate::catalogue::{
     Catalogue, CloneRecord, ExportRecord, PendingSnapshot, SnapshotRecord, VolumeRecord,
 };
+use crate::refusal::{Refusal, conflict, invalid, not_found, shown};
 
 /// An object store as configured.
 #[derive(Clone)]
@@ -158,11 +159,11 @@ impl Inner {
     /// The live volume `name`, or why there is none.
     fn volume(&self, name: &str) -> anyhow::Result<&LiveVolume> {
         if let Some(why) = self.unavailable.get(name) {
-            bail!("volume {name:?} is unavailable: {why}");
+            conflict!("volume {} is unavailable: {why}", shown(name));
         }
         self.volumes
             .get(name)
-            .with_context(|| format!("no volume named {name:?}"))
+            .ok_or_else(|| Refusal::NotFound(format!("no volume named {}", shown(name))).into())
     }
 
     /// Whether `name` is a volume or clone, or about to be one.
@@ -210,7 +211,10 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
             .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
         || name.starts_with('.')
     {
-        bail!("name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ - (not starting with .)");
+        invalid!(
+            "name {} must be 1-64 characters of A-Z a-z 0-9 . _ - (not starting with .)",
+            shown(name)
+        );
     }
     Ok(())
 }
@@ -269,7 +273,7 @@ impl Service {
                     service
                         .inner()
                         .unavailable
-                        .insert(v.name.clone(), format!("{e:#}"));
+                        .insert(v.name.clone(), appliance::error_chain(&e));
                     continue;
                 }
             };
@@ -300,7 +304,7 @@ impl Service {
                     service
                         .inner()
                         .unavailable
-                        .insert(c.name.clone(), format!("{e:#}"));
+                        .insert(c.name.clone(), appliance::error_chain(&e));
                 }
             }
         }
@@ -468,7 +472,7 @@ impl Service {
         self.settings
             .stores
             .get(name)
-            .with_context(|| format!("no store named {name:?}"))
+            .ok_or_else(|| Refusal::NotFound(format!("no store named {}", shown(name))).into())
     }
 
     /// Loads a snapshot's manifest (and unwraps its key) on an OX core.
@@ -546,7 +550,10 @@ impl Service {
 
     fn export(&self, bdev: &Bdev, e: &ExportRecord) -> anyhow::Result<Vec<SocketAddr>> {
         if self.settings.export_listeners.is_empty() {
-            bail!("ox.export_listeners is empty: nowhere to export {}", e.nqn);
+            invalid!(
+                "ox.export_listeners is empty: nowhere to export {}",
+                shown(&e.nqn)
+            );
         }
         let serial: String = bdev
             .info()
@@ -619,15 +626,15 @@ impl Service {
     ) -> anyhow::Result<Value> {
         check_name(name)?;
         if !matches!(block_size, 512 | 4096) {
-            bail!("block_size {block_size} must be 512 or 4096");
+            invalid!("block_size {block_size} must be 512 or 4096");
         }
         let chunk = self.settings.chunk_bytes;
         if size_bytes == 0 || !size_bytes.is_multiple_of(chunk.max(u64::from(block_size))) {
-            bail!("size {size_bytes} must be a positive multiple of the {chunk}-byte chunk");
+            invalid!("size {size_bytes} must be a positive multiple of the {chunk}-byte chunk");
         }
         let mut inner = self.inner();
         if inner.taken(name) {
-            bail!("a volume or clone named {name:?} exists already");
+            conflict!("a volume or clone named {} exists already", shown(name));
         }
         if let Some(e) = &export {
             self.check_export(&inner, e)?;
@@ -642,7 +649,7 @@ impl Service {
         };
         let path = self.volume_path(name);
         if path.exists() {
-            bail!(
+            conflict!(
                 "{} exists already (left over from a failed create? remove it)",
                 path.display()
             );
@@ -650,7 +657,7 @@ impl Service {
         let live = match self.open_volume(&record, Opening::New) {
             Ok(l) => l,
             Err(e) => {
-                let _ = std::fs::remove_file(&path);
+                self.remove_volume_files(name);
                 return Err(e);
             }
         };
@@ -658,7 +665,8 @@ impl Service {
         let listeners = match self.commit_create(&mut inner, name, &live.bdev, export.as_ref()) {
             Ok(l) => l,
             Err(e) => {
-                let _ = std::fs::remove_file(&path);
+                drop(live);
+                self.remove_volume_files(name);
                 return Err(e);
             }
         };
@@ -677,7 +685,10 @@ impl Service {
     ) -> anyhow::Result<Reservation> {
         let mut inner = self.inner();
         if inner.taken(name) {
-            bail!("a volume or clone named {name:?} exists already (or is being created)");
+            conflict!(
+                "a volume or clone named {} exists already (or is being created)",
+                shown(name)
+            );
         }
         if let Some(e) = export {
             self.check_export(&inner, e)?;
@@ -691,16 +702,19 @@ impl Service {
 
     fn check_export(&self, inner: &Inner, e: &ExportRecord) -> anyhow::Result<()> {
         if self.settings.export_listeners.is_empty() {
-            bail!("ox.export_listeners is empty: nowhere to export {}", e.nqn);
+            invalid!(
+                "ox.export_listeners is empty: nowhere to export {}",
+                shown(&e.nqn)
+            );
         }
         nvmf::check_nqn(&e.nqn)?;
         if inner.catalogue.exported_nqns().any(|n| n == e.nqn)
             || !self.target.listeners_of(&e.nqn).is_empty()
         {
-            bail!("NQN {} is exported already", e.nqn);
+            conflict!("NQN {} is exported already", shown(&e.nqn));
         }
         if !e.allow_any_host && e.hosts.is_empty() {
-            bail!("an export needs hosts or allow_any_host");
+            invalid!("an export needs hosts or allow_any_host");
         }
         Ok(())
     }
@@ -710,14 +724,14 @@ impl Service {
     pub fn volume_delete(&self, name: &str) -> anyhow::Result<Value> {
         let mut inner = self.inner();
         let Some(pos) = inner.catalogue.volumes.iter().position(|v| v.name == name) else {
-            bail!("no volume named {name:?}");
+            not_found!("no volume named {}", shown(name));
         };
         if inner
             .volumes
             .get(name)
             .is_some_and(|v| v.busy.load(Ordering::SeqCst))
         {
-            bail!("volume {name:?} is being snapshotted");
+            conflict!("volume {} is being snapshotted", shown(name));
         }
         let record = inner.catalogue.volumes.remove(pos);
         inner.catalogue.pending.retain(|p| p.volume != name);
@@ -727,11 +741,16 @@ impl Service {
         }
         inner.volumes.remove(name);
         inner.unavailable.remove(name);
+        self.remove_volume_files(name);
+        Ok(json!({ "name": name }))
+    }
+
+    /// Removes every file of volume `name` (deleted, or never fully created).
+    fn remove_volume_files(&self, name: &str) {
         let _ = std::fs::remove_file(self.volume_path(name));
         let _ = std::fs::remove_file(self.tracking_path(name));
         let _ = std::fs::remove_file(self.preserve_path(name));
         let _ = ox::journal::remove(&self.journal_path(name));
-        Ok(json!({ "name": name }))
     }
 
     /// Volumes and clones, with sizes, exports and counters.
@@ -781,19 +800,17 @@ impl Service {
                 .keys
                 .iter()
                 .find(|x| x.id == k)
-                .with_context(|| format!("no key named {k:?}"))?,
-            None => self
-                .settings
-                .keys
-                .first()
-                .context("no [[key]] is configured: snapshots are encrypted at rest")?,
+                .ok_or_else(|| Refusal::NotFound(format!("no key named {}", shown(k))))?,
+            None => self.settings.keys.first().ok_or_else(|| {
+                Refusal::Invalid("no [[key]] is configured: snapshots are encrypted at rest".into())
+            })?,
         }
         .clone();
         let (handle, busy, uuid, parent) = {
             let inner = self.inner();
             let live = inner.volume(volume)?;
             if live.busy.swap(true, Ordering::SeqCst) {
-                bail!("volume {volume:?} is being snapshotted already");
+                conflict!("volume {} is being snapshotted already", shown(volume));
             }
             let uuid = inner
                 .catalogue
@@ -842,7 +859,7 @@ impl Service {
                 job.outcome
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .replace(Err(format!("{e:#}")));
+                    .replace(Err(appliance::error_chain(&e)));
                 return Err(e);
             }
         }
@@ -990,7 +1007,7 @@ impl Service {
             .jobs
             .get(&id)
             .cloned()
-            .with_context(|| format!("no job {id}"))
+            .ok_or_else(|| Refusal::NotFound(format!("no job {id}")).into())
     }
 
     /// A job's state.
@@ -1015,7 +1032,7 @@ impl Service {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let Some(p) = progress else {
-            bail!(
+            invalid!(
                 "job {id} ({}) cannot be cancelled: only snapshots can",
                 job.kind
             );
@@ -1048,9 +1065,10 @@ impl Service {
             .collect();
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => bail!("no snapshot {id:?}"),
-            _ => bail!(
-                "{id:?} matches {} snapshots; give more of the ID",
+            [] => not_found!("no snapshot {}", shown(id)),
+            _ => invalid!(
+                "{} matches {} snapshots; give more of the ID",
+                shown(id),
                 matches.len()
             ),
         }
@@ -1073,13 +1091,13 @@ impl Service {
                 (s.store, s.manifest_key)
             }
             (None, Some((store, key))) => (store.to_string(), key.to_string()),
-            _ => bail!("give either snapshot, or store and manifest_key"),
+            _ => invalid!("give either snapshot, or store and manifest_key"),
         };
         let _reservation = self.reserve(name, export.as_ref())?;
         for ext in ["img", "presence", "presence.log"] {
             let p = self.clone_path(name, ext);
             if p.exists() {
-                bail!(
+                conflict!(
                     "{} exists already (left over from a failed create? remove it)",
                     p.display()
                 );
@@ -1203,7 +1221,7 @@ impl Service {
         {
             let mut inner = self.inner();
             let Some(pos) = inner.catalogue.clones.iter().position(|c| c.name == name) else {
-                bail!("no clone named {name:?}");
+                not_found!("no clone named {}", shown(name));
             };
             let live = inner
                 .clones
@@ -1215,7 +1233,7 @@ impl Service {
                 ("resume", Some(t)) => t.resume(),
                 // Pausing with no walk running records the choice for later walks.
                 ("start", _) | ("resume", None) | ("pause", None) => {}
-                _ => bail!("action {action:?} is not start, pause or resume"),
+                _ => invalid!("action {} is not start, pause or resume", shown(action)),
             }
             let c = &mut inner.catalogue.clones[pos];
             c.thicken = true;
@@ -1240,7 +1258,7 @@ impl Service {
             .clones
             .iter()
             .find(|c| c.name == name)
-            .with_context(|| format!("no clone named {name:?}"))?;
+            .ok_or_else(|| Refusal::NotFound(format!("no clone named {}", shown(name))))?;
         Ok(clone_json(
             c,
             inner.clones.get(name),
@@ -1252,7 +1270,7 @@ impl Service {
     pub fn clone_delete(&self, name: &str) -> anyhow::Result<Value> {
         let mut inner = self.inner();
         let Some(pos) = inner.catalogue.clones.iter().position(|c| c.name == name) else {
-            bail!("no clone named {name:?}");
+            not_found!("no clone named {}", shown(name));
         };
         let record = inner.catalogue.clones.remove(pos);
         self.save(&inner)?;
@@ -1310,13 +1328,15 @@ impl Service {
             Arc::clone(&self.cores),
             snap.manifest_key.clone(),
         );
-        Ok(self.spawn_job("verify", &snap.id, move |_job| {
+        Ok(self.spawn_job("verify", &snap.id, move |job| {
+            let job = Arc::clone(job);
             let report = cores
                 .run(move |ex| {
                     Box::pin(async move {
                         let store = spec.open(&ex)?;
                         let loaded = ox::snapshot::load(&*store, &key, &keks).await?;
-                        ox::hydrate::verify(&*store, &loaded).await
+                        job.total.store(loaded.manifest.chunks(), Ordering::Relaxed);
+                        ox::hydrate::verify(&*store, &loaded, &job.done).await
                     })
                 })
                 .map_err(|e| e.to_string())?
@@ -1358,7 +1378,7 @@ impl Service {
         };
         let path = self.volume_path(name);
         if path.exists() {
-            bail!(
+            conflict!(
                 "{} exists already (left over from a failed restore? remove it)",
                 path.display()
             );
@@ -1403,7 +1423,10 @@ impl Service {
                 Ok(l) => l,
                 Err(e) => {
                     drop(inner);
-                    return discard(live, format!("the restored copy is discarded: {e:#}"));
+                    return discard(
+                        live,
+                        format!("the restored copy is discarded: {}", appliance::error_chain(&e)),
+                    );
                 }
             };
             inner.volumes.insert(name.clone(), live);
@@ -1426,7 +1449,7 @@ impl Service {
         if let Some(b) = &busy
             && b.swap(true, Ordering::SeqCst)
         {
-            bail!(
+            conflict!(
                 "a snapshot of {} is running: delete after it ends",
                 snap.volume
             );
@@ -1436,7 +1459,7 @@ impl Service {
             if let Some(b) = &busy {
                 b.store(false, Ordering::SeqCst);
             }
-            bail!(
+            conflict!(
                 "a snapshot of {} is pending (it continues from its journal): delete after it ends",
                 snap.volume
             );
@@ -1457,7 +1480,7 @@ impl Service {
                 .iter()
                 .find(|s| s.parent.as_deref() == Some(snap.id.as_str()))
             {
-                bail!(
+                conflict!(
                     "snapshot {} is the parent of {}: delete that one first",
                     snap.id,
                     child.id
@@ -1469,7 +1492,7 @@ impl Service {
                 .iter()
                 .find(|c| c.manifest_key == snap.manifest_key && c.store == snap.store)
             {
-                bail!(
+                conflict!(
                     "clone {} reads from snapshot {}: delete it (or let it thicken) first",
                     c.name,
                     snap.id
@@ -1505,7 +1528,7 @@ impl Service {
             .keys
             .iter()
             .find(|k| k.id == to)
-            .with_context(|| format!("no key named {to:?}"))?
+            .ok_or_else(|| Refusal::NotFound(format!("no key named {}", shown(to))))?
             .clone();
         let snaps = self.inner().catalogue.snapshots.clone();
         let mut rewrapped = 0;

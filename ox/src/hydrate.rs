@@ -231,8 +231,13 @@ pub struct VerifyReport {
 }
 
 /// Fetches and checks every frame of the snapshot (its own and those it references),
-/// reporting each bad one instead of stopping at the first.
-pub async fn verify(store: &dyn ObjectStore, loaded: &Loaded) -> Result<VerifyReport, OxError> {
+/// reporting each bad one instead of stopping at the first; `checked` counts the
+/// chunks examined so far (of `manifest.chunks()`), for progress.
+pub async fn verify(
+    store: &dyn ObjectStore,
+    loaded: &Loaded,
+    checked: &std::sync::atomic::AtomicU64,
+) -> Result<VerifyReport, OxError> {
     let m = &loaded.manifest;
     let mut report = VerifyReport::default();
     for page in 0..m.page_count() {
@@ -244,8 +249,14 @@ pub async fn verify(store: &dyn ObjectStore, loaded: &Loaded) -> Result<VerifyRe
                 Ok(Some(_)) => report.frames += 1,
                 Err(e) => report.bad.push((chunk, e.to_string())),
             }
+            checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
+    assert_eq!(
+        report.zero + report.frames + report.bad.len() as u64,
+        m.chunks(),
+        "every chunk examined once"
+    );
     Ok(report)
 }
 

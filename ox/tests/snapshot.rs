@@ -440,7 +440,7 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
         .cores
         .run(move |_ex| {
             Box::pin(async move {
-                ox::hydrate::verify(&LocalStore::open(root).unwrap(), &l)
+                ox::hydrate::verify(&LocalStore::open(root).unwrap(), &l, &Default::default())
                     .await
                     .unwrap()
             })
@@ -481,7 +481,7 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
         .cores
         .run(move |_ex| {
             Box::pin(async move {
-                ox::hydrate::verify(&LocalStore::open(root).unwrap(), &l)
+                ox::hydrate::verify(&LocalStore::open(root).unwrap(), &l, &Default::default())
                     .await
                     .unwrap()
             })

@@ -817,3 +817,160 @@ fn refused_connects_are_audited_rate_limited_and_counted() {
         "{denied:?}"
     );
 }
+
+/// Errors a client can act on: each kind of refusal has its code (invalid -32602, not
+/// found -32001, conflict -32004, the daemon failed -32603), messages say each cause
+/// once and never echo a huge name, a batch is refused as such, a create that fails
+/// leaves no file behind, and a verify job counts its chunks.
+#[test]
+fn api_errors_say_what_kind_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_private(&d.join("kek"), &"55".repeat(32));
+    let socket = d.join("oxd.sock");
+    let config = d.join("oxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
+             [ox]\nstate_dir = {state:?}\n\
+             [[store]]\nname = \"l\"\nkind = \"local\"\npath = {objects:?}\n\
+             [[key]]\nname = \"k\"\nfile = {kek:?}\n",
+            state = d.join("state"),
+            objects = d.join("objects"),
+            kek = d.join("kek"),
+        ),
+    )
+    .unwrap();
+    let _oxd = start_oxd(&config);
+    let ctl = Ctl {
+        socket: socket.display().to_string(),
+    };
+    let call = |method: &str, params: &str| -> Value {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        writeln!(
+            s,
+            "{{\"jsonrpc\":\"2.0\",\"method\":\"{method}\",\"params\":{params},\"id\":1}}"
+        )
+        .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let error = |method: &str, params: &str| -> (i64, String) {
+        let v = call(method, params);
+        let e = &v["error"];
+        (
+            e["code"].as_i64().unwrap_or(0),
+            e["message"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let huge = "v".repeat(10_000);
+    let cases = [
+        (
+            "volume_create",
+            r#"{"name":"a","size_mib":1,"block_size":1024}"#.to_string(),
+            -32602,
+            "block_size 1024",
+        ),
+        (
+            "volume_create",
+            format!(r#"{{"name":"{huge}","size_mib":1}}"#),
+            -32602,
+            "must be 1-64 characters",
+        ),
+        (
+            "volume_delete",
+            r#"{"name":"nope"}"#.into(),
+            -32001,
+            "no volume named \"nope\"",
+        ),
+        (
+            "snapshot_create",
+            r#"{"volume":"nope","store":"l"}"#.into(),
+            -32001,
+            "no volume named",
+        ),
+        (
+            "snapshot_create",
+            r#"{"volume":"a","store":"nope"}"#.into(),
+            -32001,
+            "no store named",
+        ),
+        (
+            "clone_get",
+            r#"{"name":"nope"}"#.into(),
+            -32001,
+            "no clone named",
+        ),
+        ("job_cancel", r#"{"id":99}"#.into(), -32001, "no job 99"),
+    ];
+    for (method, params, code, text) in &cases {
+        let (got, message) = error(method, params);
+        assert_eq!(
+            got,
+            *code,
+            "{method} {}: {message}",
+            &params[..params.len().min(80)]
+        );
+        assert!(message.contains(text), "{method}: {message}");
+        assert!(
+            message.len() < 300,
+            "{method}: a {}-byte message",
+            message.len()
+        );
+    }
+    ctl.ok(&["volume", "create", "a", "--size-mib", "4"]);
+    let (code, message) = error("volume_create", r#"{"name":"a","size_mib":4}"#);
+    assert_eq!(
+        (code, message.as_str()),
+        (-32004, "a volume or clone named \"a\" exists already")
+    );
+    // Too large for the file system: the daemon's failure, said once, no file left.
+    let (code, message) = error("volume_create", r#"{"name":"big","size_mib":274877906944}"#);
+    assert_eq!(code, -32603, "{message}");
+    let first = message
+        .find("File too large")
+        .unwrap_or_else(|| panic!("{message}"));
+    assert!(
+        !message[first + 1..].contains("File too large"),
+        "{message}"
+    );
+    let left: Vec<_> = std::fs::read_dir(d.join("state/volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("big."))
+        .collect();
+    assert!(left.is_empty(), "a failed create left {left:?}");
+    // A batch is refused as such.
+    {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        writeln!(
+            s,
+            r#"[{{"jsonrpc":"2.0","method":"ox_get_version","id":1}}]"#
+        )
+        .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("batch requests are not supported")
+        );
+    }
+    // A verify job counts the chunks it checked.
+    let snap = ctl.ok(&["snapshot", "create", "a", "--store", "l"]);
+    let id = snap["result"]["id"].as_str().unwrap().to_string();
+    let v = ctl.ok(&["snapshot", "verify", &id]);
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(
+        (v["done"].as_u64(), v["total"].as_u64()),
+        (Some(64), Some(64)),
+        "{v}"
+    );
+}
