@@ -236,7 +236,10 @@ dhchap_key_file = {other_file:?}
     assert!(still.status.success(), "{}", text(&still));
     let audit = std::fs::read_to_string(d.join("audit.log")).unwrap();
     assert!(audit.contains("\"action\":\"reload_host_keys\""), "{audit}");
-    assert!(audit.contains("is readable or writable by others"), "{audit}");
+    assert!(
+        audit.contains("is readable or writable by others"),
+        "{audit}"
+    );
     assert!(audit.contains("authenticated"), "{audit}");
     assert!(
         audit.contains("authentication failed: wrong response"),
