@@ -41,6 +41,10 @@ pub struct PendingSnapshot {
     pub store: String,
     /// The key asked for (`None`: the default).
     pub key: Option<String>,
+    /// Read back before publishing, asked for this snapshot (`None`: the store's
+    /// setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
 }
 
 /// How a volume or clone is exported over NVMe/TCP.

@@ -181,6 +181,11 @@ pub struct StoreSection {
     pub allow_http: bool,
     /// local: the directory.
     pub path: Option<PathBuf>,
+    /// Read every object of a snapshot back (one GET each) and check every frame
+    /// before publishing it (default false; `oxctl snapshot create --verify` asks for
+    /// one snapshot).
+    #[serde(default)]
+    pub verify_before_publish: bool,
 }
 
 /// `[[key]]`: a key-encryption key; the first is the default for new snapshots.
@@ -661,6 +666,12 @@ impl Config {
             zstd_level,
             object_bytes: object_mib << 20,
             chunk_bytes,
+            verify_before_publish: self
+                .stores
+                .iter()
+                .filter(|s| s.verify_before_publish)
+                .map(|s| s.name.clone())
+                .collect(),
             host_keys: std::sync::RwLock::new(host_keys.to_vec()),
         };
         Ok(Some((settings, cores)))

@@ -582,12 +582,17 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
             Ok(service.volume_list())
         }
         "snapshot_create" => {
-            let m = params(p, &["volume", "store", "key"])?;
+            let m = params(p, &["volume", "store", "key", "verify"])?;
+            let verify = match m.get("verify") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(get_bool(&m, "verify")?),
+            };
             service
                 .snapshot_create(
                     need_str(&m, "volume")?,
                     need_str(&m, "store")?,
                     get_str(&m, "key")?,
+                    verify,
                 )
                 .map_err(failed)
         }

@@ -133,6 +133,21 @@ pub fn render(state: &State) -> String {
         "Control connections that presented a bad or no token.",
         &[(String::new(), n(&g.auth_failures))],
     );
+    let integrity = &ox::fetch::TOTAL;
+    family(
+        &mut out,
+        "ox_store_integrity_failures_total",
+        "counter",
+        "Objects or ranges fetched from a store that failed their integrity check (snapshot loads, clones, verify, restore).",
+        &[(String::new(), n(&integrity.failures))],
+    );
+    family(
+        &mut out,
+        "ox_store_refetches_total",
+        "counter",
+        "Fetches made again, on a fresh connection, after one failed its integrity check.",
+        &[(String::new(), n(&integrity.refetches))],
+    );
     let connects: Vec<(String, f64)> = state
         .connects
         .snapshot()
@@ -301,6 +316,20 @@ fn clones(out: &mut String, list: &Value) {
         "counter",
         "GET requests a clone made (frames and index pages).",
         &one(&|c| num(&c["gets"])),
+    );
+    family(
+        out,
+        "ox_clone_integrity_failures_total",
+        "counter",
+        "Frames and index pages a clone fetched that failed their integrity check.",
+        &one(&|c| num(&c["integrity_failures"])),
+    );
+    family(
+        out,
+        "ox_clone_refetches_total",
+        "counter",
+        "Fetches a clone made again after one failed its integrity check.",
+        &one(&|c| num(&c["refetches"])),
     );
     family(
         out,

@@ -80,6 +80,8 @@ pub struct Settings {
     pub object_bytes: usize,
     /// Chunk size of new volumes.
     pub chunk_bytes: u64,
+    /// Stores whose snapshots are read back before they are published.
+    pub verify_before_publish: std::collections::HashSet<String>,
     /// Hosts that must authenticate to the exports that let them in (`[[host]]`);
     /// replaced when the configuration is reloaded.
     pub host_keys: std::sync::RwLock<Vec<nvmf::dhchap::HostKeys>>,
@@ -786,12 +788,14 @@ impl Service {
     }
 
     /// Starts a snapshot of `volume` into `store` (incremental over the volume's last
-    /// snapshot in that store); returns the job.
+    /// snapshot in that store), read back before publishing if `verify` says so (or,
+    /// if it says nothing, the store's `verify_before_publish`); returns the job.
     pub fn snapshot_create(
         self: &Arc<Self>,
         volume: &str,
         store: &str,
         key: Option<&str>,
+        verify: Option<bool>,
     ) -> anyhow::Result<Value> {
         let spec = self.store(store)?.clone();
         let kek = match key {
@@ -842,6 +846,8 @@ impl Service {
             journal: Some(self.journal_path(volume)),
             store_name: store.to_string(),
             checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
+            verify_before_publish: verify
+                .unwrap_or_else(|| self.settings.verify_before_publish.contains(store)),
         };
         // On record until it ends, so a snapshot cut short by a stop or a crash is
         // started again at the next start.
@@ -849,6 +855,7 @@ impl Service {
             volume: volume.to_string(),
             store: store.to_string(),
             key: key.map(String::from),
+            verify,
         };
         {
             let mut inner = self.inner();
@@ -918,6 +925,12 @@ impl Service {
                         inner.catalogue.pending.retain(|p| p.volume != volume);
                         let mut result = serde_json::to_value(&record).unwrap_or_default();
                         result["resumed_at"] = json!(report.resumed_at);
+                        if let Some(r) = &report.read_back {
+                            result["read_back"] = json!({
+                                "gets": r.gets, "bytes": r.bytes, "frames": r.frames,
+                                "refetches": r.refetches,
+                            });
+                        }
                         match service.save(&inner) {
                             Ok(()) => {
                                 // Catalogued: the journal is spent (a crash before this
@@ -1644,7 +1657,7 @@ impl Service {
     pub fn resume_pending(self: &Arc<Self>) {
         let pending = self.inner().catalogue.pending.clone();
         for p in pending {
-            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref()) {
+            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), p.verify) {
                 Ok(job) => tracing::info!(
                     "snapshot of {} into {} started again (job {})",
                     p.volume,
@@ -1848,6 +1861,8 @@ fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&St
             json!(b.frame_bytes.load(Ordering::Relaxed) + b.page_bytes.load(Ordering::Relaxed));
         v["gets"] =
             json!(b.frame_gets.load(Ordering::Relaxed) + b.page_gets.load(Ordering::Relaxed));
+        v["integrity_failures"] = json!(b.integrity.failures.load(Ordering::Relaxed));
+        v["refetches"] = json!(b.integrity.refetches.load(Ordering::Relaxed));
         v["miss_latency_us"] = json!({ "count": miss.count(), "p50": miss.quantile(0.5).as_micros() as u64, "p99": miss.quantile(0.99).as_micros() as u64 });
         if let Some(t) = &l.thickening {
             v["thickening"] = json!({

@@ -44,7 +44,22 @@ impl FetchReason {
 
 /// Completion of a fetch: the chunk's bytes (exactly its length) or why not. Called on
 /// any thread.
-pub type FetchDone = Box<dyn FnOnce(Result<Vec<u8>, String>) + Send>;
+pub type FetchDone = Box<dyn FnOnce(Result<Vec<u8>, FetchError>) + Send>;
+
+/// Why a basis could not supply a chunk: a caller retries an outage later, while an
+/// integrity failure (after the basis's own refetches) means the data is damaged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// What came failed its integrity check every time it was fetched.
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    /// The basis (an object store) could not be reached or refused.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a local write, a full queue, a stopped reactor.
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// Where a clone's missing chunks come from.
 pub trait Basis: Send + Sync + 'static {
@@ -247,7 +262,7 @@ impl CloneErr for Result<(), BdevError> {
             Err(e) => Err(BdevError::Basis {
                 name: String::new(),
                 chunk: 0,
-                reason: e.to_string(),
+                reason: FetchError::Failed(e.to_string()),
             }),
         }
     }
@@ -387,7 +402,7 @@ fn start(shared: &Arc<Shared>, reactor: &Rc<Reactor>, chunk: u64, reason: FetchR
                     Err(BdevError::Basis {
                         name: s.name.clone(),
                         chunk,
-                        reason: "the reactor that fetched it stopped".into(),
+                        reason: FetchError::Failed("the reactor that fetched it stopped".into()),
                     }),
                 );
             }
@@ -401,9 +416,9 @@ fn install(
     chunk: u64,
     reason: FetchReason,
     started: Instant,
-    result: Result<Vec<u8>, String>,
+    result: Result<Vec<u8>, FetchError>,
 ) {
-    let fail = |reason_text: String| {
+    let fail = |reason_text: FetchError| {
         shared.counters.fetch_errors.fetch_add(1, Ordering::Relaxed);
         shared.finish(
             chunk,
@@ -420,14 +435,14 @@ fn install(
     };
     let len = shared.chunk_len(chunk);
     if data.len() as u64 != len {
-        return fail(format!(
+        return fail(FetchError::Integrity(format!(
             "basis returned {} bytes, expected {len}",
             data.len()
-        ));
+        )));
     }
     let local = match shared.local.channel() {
         Ok(c) => c,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(FetchError::Failed(e.to_string())),
     };
     let blocks = len / shared.block_size;
     let io = BdevIo::write(
@@ -458,7 +473,7 @@ fn install(
                 Err(BdevError::Basis {
                     name: s.name.clone(),
                     chunk,
-                    reason: format!("writing the local copy: {e}"),
+                    reason: FetchError::Failed(format!("writing the local copy: {e}")),
                 }),
             );
         }
@@ -656,7 +671,7 @@ fn release(shared: &Shared, claims: Vec<u64>, result: Result<(), String>) {
                 Err(BdevError::Basis {
                     name: shared.name.clone(),
                     chunk,
-                    reason: reason.clone(),
+                    reason: FetchError::Failed(reason.clone()),
                 }),
             ),
         }

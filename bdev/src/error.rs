@@ -145,7 +145,7 @@ pub enum BdevError {
         /// The chunk.
         chunk: u64,
         /// Why.
-        reason: String,
+        reason: crate::clone::FetchError,
     },
     /// A clone's record of present chunks could not be read or written.
     #[error("presence record {path}: {reason}")]

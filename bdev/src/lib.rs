@@ -30,7 +30,7 @@ mod volume;
 pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
 pub use buf::{IO_ALIGN, IoBuf};
 pub use clone::{
-    Basis, CloneCounters, CloneHandle, FetchDone, FetchReason, create_clone, open_clone,
+    Basis, CloneCounters, CloneHandle, FetchDone, FetchError, FetchReason, create_clone, open_clone,
 };
 pub use error::BdevError;
 pub use io::{BdevIo, IoCompletion, IoDone, IoType};

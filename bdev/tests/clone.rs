@@ -42,7 +42,7 @@ impl Basis for MemBasis {
         std::thread::spawn(move || {
             std::thread::sleep(delay);
             done(if bad {
-                Err("integrity check failed (test)".into())
+                Err(bdev::FetchError::Integrity("test".into()))
             } else {
                 Ok(data)
             })

@@ -78,6 +78,7 @@ fn main() {
                         journal: None,
                         store_name: "test".into(),
                         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
+                        verify_before_publish: false,
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

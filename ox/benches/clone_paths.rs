@@ -214,6 +214,7 @@ fn main() {
         journal: None,
         store_name: "test".into(),
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
+        verify_before_publish: false,
     };
     let local_dir = tempfile::tempdir().unwrap();
     let mut snaps = Vec::new();

@@ -76,6 +76,7 @@ fn main() {
                 journal: every.map(|_| dir.path().join("vol.snapshot")),
                 store_name: "local".into(),
                 checkpoint_every: every.unwrap_or(CHECKPOINT_EVERY),
+                verify_before_publish: false,
             };
             let (root, h, on) = (store_dir.path().to_path_buf(), h.clone(), on.clone());
             let start = Instant::now();

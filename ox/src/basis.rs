@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_executor::LocalExecutor;
-use bdev::{Basis, FetchDone, FetchReason};
+use bdev::{Basis, FetchDone, FetchError, FetchReason};
 
 use crate::cores::OxCores;
 use crate::error::OxError;
@@ -35,6 +35,8 @@ pub struct BasisCounters {
     pub page_bytes: AtomicU64,
     /// Chunks answered as zeroes without any GET.
     pub zero_chunks: AtomicU64,
+    /// Frames and index pages that failed their check, and fetches made again.
+    pub integrity: crate::fetch::IntegrityCounters,
 }
 
 struct Inner {
@@ -136,7 +138,10 @@ impl Inner {
                 .map_err(|_| OxError::Config("index page load abandoned".into()))?
                 .map_err(|e| OxError::integrity(format!("index page {page}"), e));
         }
-        let loaded = self.loaded.page(store, page).await;
+        let loaded = self
+            .loaded
+            .page(store, page, Some(&self.counters.integrity))
+            .await;
         let fetched = loaded.as_ref().map_or(0, |(_, n)| *n);
         let result = loaded.map(|(p, _)| Arc::new(p));
         let waiters = {
@@ -211,18 +216,23 @@ impl Inner {
                 self.throttle
                     .acquire(&self.name, class, u64::from(length))
                     .await;
-                let frame = store.get_range(key, offset, u64::from(length)).await?;
-                self.counters.frame_gets.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .frame_bytes
-                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
-                if frame.len() != length as usize {
-                    return Err(OxError::integrity(
-                        key,
-                        "object shorter than the index says",
-                    ));
-                }
-                src.codec()?.decode(chunk, &frame, len)
+                let codec = src.codec()?;
+                let range = Some((offset, u64::from(length)));
+                let counters = &self.counters;
+                crate::fetch::checked(&*store, key, range, Some(&counters.integrity), |frame| {
+                    counters.frame_gets.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .frame_bytes
+                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    if frame.len() != length as usize {
+                        return Err(OxError::integrity(
+                            key,
+                            "object shorter than the index says",
+                        ));
+                    }
+                    codec.decode(chunk, &frame, len)
+                })
+                .await
             }
         }
     }
@@ -243,16 +253,27 @@ impl Basis for ObjectBasis {
         let for_job = Arc::clone(&done);
         let job: crate::cores::Job = Box::new(move |ex| {
             Box::pin(async move {
-                let r = inner
-                    .fetch(&ex, chunk, reason)
-                    .await
-                    .map_err(|e| e.to_string());
+                let r = inner.fetch(&ex, chunk, reason).await.map_err(fetch_error);
                 if let Some(d) = for_job.lock().unwrap_or_else(|p| p.into_inner()).take() {
                     d(r);
                 }
             })
         });
         submit_or_retry(Arc::clone(&self.inner.cores), job, done, 0);
+    }
+}
+
+/// What a failed fetch tells the clone: damaged data (after refetches; a missing
+/// object means the snapshot is damaged too), the store out of reach, or other.
+pub fn fetch_error(e: OxError) -> FetchError {
+    match e {
+        OxError::Integrity { .. } | OxError::NotFound { .. } => {
+            FetchError::Integrity(e.to_string())
+        }
+        OxError::Unavailable { .. } | OxError::Refused { .. } => {
+            FetchError::Unavailable(e.to_string())
+        }
+        _ => FetchError::Failed(e.to_string()),
     }
 }
 
@@ -277,7 +298,9 @@ fn submit_or_retry(
         _ => {
             drop(job);
             if let Some(d) = done.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                d(Err("the OX fetch queue stayed full".into()));
+                d(Err(FetchError::Failed(
+                    "the OX fetch queue stayed full".into(),
+                )));
             }
         }
     }

@@ -232,6 +232,11 @@ pub struct Manifest {
     pub stored_chunks: u64,
     /// Bytes of frames stored by this snapshot.
     pub stored_bytes: u64,
+    /// Format 2: SHA-256 (hex) of the manifest serialised compactly without this
+    /// field, so a manifest damaged on its way is refused (and fetched again) rather
+    /// than trusted. Only in the stored bytes: `None` in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 fn default_block_size() -> u32 {
@@ -252,7 +257,21 @@ impl Manifest {
 
     /// Serialises (JSON).
     pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+        let sealed = Self {
+            checksum: Some(self.digest()),
+            ..self.clone()
+        };
+        serde_json::to_vec_pretty(&sealed).unwrap_or_default()
+    }
+
+    /// SHA-256 (hex) of this manifest serialised compactly without its checksum.
+    fn digest(&self) -> String {
+        let bare = Self {
+            checksum: None,
+            ..self.clone()
+        };
+        let bytes = serde_json::to_vec(&bare).unwrap_or_default();
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes))
     }
 
     /// Parses and checks a manifest; never trusts its numbers.
@@ -260,13 +279,20 @@ impl Manifest {
         if bytes.len() > 64 << 20 {
             return Err(OxError::integrity("manifest", "larger than 64 MiB"));
         }
-        let m: Self = serde_json::from_slice(bytes)
+        let mut m: Self = serde_json::from_slice(bytes)
             .map_err(|e| OxError::integrity("manifest", format!("not a manifest: {e}")))?;
         if !READABLE_VERSIONS.contains(&m.format) {
             return Err(OxError::Format(format!(
                 "manifest format {} (this build reads {READABLE_VERSIONS:?})",
                 m.format
             )));
+        }
+        match m.checksum.take() {
+            Some(sum) if sum == m.digest() => {}
+            Some(_) => return Err(OxError::integrity("manifest", "checksum does not match")),
+            None if m.format >= 2 => return Err(OxError::integrity("manifest", "no checksum")),
+            // Format 1 had none.
+            None => {}
         }
         if !crate::codec::CHUNK_SIZES.contains(&(m.chunk_bytes as usize))
             || !m.chunk_bytes.is_power_of_two()
@@ -418,8 +444,20 @@ mod tests {
             index_salt: hex::encode([5u8; 16]),
             stored_chunks: 0,
             stored_bytes: 0,
+            checksum: None,
         };
         assert_eq!(m.chunks(), 1 << 20);
+        // A flipped bit anywhere is refused, even one that leaves valid JSON.
+        let bytes = m.to_bytes();
+        let field = b"\"stored_chunks\": ";
+        let at = bytes.windows(field.len()).position(|w| w == field).unwrap() + field.len();
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 0x01; // 0 becomes 1: still a manifest, but not this one
+        assert!(serde_json::from_slice::<serde_json::Value>(&flipped).is_ok());
+        assert!(Manifest::from_bytes(&flipped).is_err());
+        let mut unsealed: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        unsealed.as_object_mut().unwrap().remove("checksum");
+        assert!(Manifest::from_bytes(&serde_json::to_vec(&unsealed).unwrap()).is_err());
         assert_eq!(Manifest::from_bytes(&m.to_bytes()).unwrap(), m);
         let mut future = m.clone();
         future.format = 99;
@@ -443,6 +481,7 @@ mod tests {
         let mut v1: serde_json::Value = serde_json::from_slice(&m.to_bytes()).unwrap();
         v1["format"] = 1.into();
         v1.as_object_mut().unwrap().remove("block_size");
+        v1.as_object_mut().unwrap().remove("checksum");
         let read = Manifest::from_bytes(&serde_json::to_vec(&v1).unwrap()).unwrap();
         assert_eq!((read.format, read.block_size), (1, 512));
         assert!(Manifest::from_bytes(b"{\"format\":1").is_err());

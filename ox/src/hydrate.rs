@@ -135,13 +135,13 @@ pub async fn thicken(
     }
     let rest = (0..total).filter(|c| !seen.contains(c));
     let mut next = order.into_iter().chain(rest);
-    let (tx, rx) = async_channel::unbounded::<(u64, Result<(), String>)>();
+    let (tx, rx) = async_channel::unbounded::<(u64, Result<(), bdev::BdevError>)>();
     let (mut inflight, mut exhausted, mut failure) = (0usize, false, None);
     let mut attempts: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     let issue = |chunk: u64| {
         let tx = tx.clone();
         clone.fetch_on(on, chunk, FetchReason::Thickening, move |r| {
-            let _ = tx.try_send((chunk, r.map_err(|e| e.to_string())));
+            let _ = tx.try_send((chunk, r));
         })
     };
     loop {
@@ -208,7 +208,23 @@ pub async fn thicken(
                         }
                     }
                 } else {
-                    failure.get_or_insert(OxError::integrity(format!("chunk {chunk}"), e));
+                    // An outage is not damage: say which it was.
+                    failure.get_or_insert(match e {
+                        bdev::BdevError::Basis {
+                            reason: bdev::FetchError::Integrity(why),
+                            ..
+                        } => OxError::integrity(format!("chunk {chunk}"), why),
+                        bdev::BdevError::Basis {
+                            reason: bdev::FetchError::Unavailable(why),
+                            ..
+                        } => OxError::Unavailable {
+                            op: "thickening fetch",
+                            key: format!("chunk {chunk}"),
+                            attempts: *n,
+                            message: why,
+                        },
+                        other => OxError::Config(format!("thickening chunk {chunk}: {other}")),
+                    });
                 }
             }
         }
@@ -241,7 +257,7 @@ pub async fn verify(
     let m = &loaded.manifest;
     let mut report = VerifyReport::default();
     for page in 0..m.page_count() {
-        let (index, _) = loaded.page(store, page).await?;
+        let (index, _) = loaded.page(store, page, None).await?;
         for (i, entry) in index.entries.iter().enumerate() {
             let chunk = page * PAGE_CHUNKS + i as u64;
             match decode_chunk(store, loaded, chunk, *entry).await {
@@ -287,8 +303,24 @@ async fn decode_chunk(
         .objects
         .get(object as usize)
         .ok_or_else(|| OxError::integrity("index", format!("object {object} unknown")))?;
-    let frame = store.get_range(key, offset, u64::from(length)).await?;
-    src.codec()?.decode(chunk, &frame, len).map(Some)
+    let codec = src.codec()?;
+    crate::fetch::checked(
+        store,
+        key,
+        Some((offset, u64::from(length))),
+        None,
+        |frame| {
+            if frame.len() != length as usize {
+                return Err(OxError::integrity(
+                    key,
+                    "object shorter than the index says",
+                ));
+            }
+            codec.decode(chunk, &frame, len)
+        },
+    )
+    .await
+    .map(Some)
 }
 
 /// Copies the whole snapshot onto `target` (same size), through reactor `on`: every
@@ -312,7 +344,7 @@ pub async fn restore(
     let chunk_bytes = u64::from(m.chunk_bytes);
     let mut written = 0;
     for page in 0..m.page_count() {
-        let (index, _) = loaded.page(store, page).await?;
+        let (index, _) = loaded.page(store, page, None).await?;
         for (i, entry) in index.entries.iter().enumerate() {
             let chunk = page * PAGE_CHUNKS + i as u64;
             let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes);

@@ -24,6 +24,7 @@ pub mod blockio;
 pub mod codec;
 pub mod cores;
 mod error;
+pub mod fetch;
 pub mod format;
 pub mod hydrate;
 pub mod journal;

@@ -114,6 +114,7 @@ impl World {
                         journal: None,
                         store_name: "test".into(),
                         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
+                        verify_before_publish: false,
                     };
                     snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                         .await

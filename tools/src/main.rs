@@ -161,6 +161,13 @@ enum SnapshotCommand {
         /// Key-encryption key (default: the first configured).
         #[arg(long)]
         key: Option<String>,
+        /// Read every object back and check every frame before publishing (one GET
+        /// per object), whatever the store's verify_before_publish says.
+        #[arg(long, conflicts_with = "no_verify")]
+        verify: bool,
+        /// Do not read back, whatever the store's verify_before_publish says.
+        #[arg(long)]
+        no_verify: bool,
         /// Return at once with the job ID instead of waiting.
         #[arg(long)]
         no_wait: bool,
@@ -358,11 +365,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 volume,
                 store,
                 key,
+                verify,
+                no_verify,
                 no_wait,
             } => {
                 let mut p = json!({ "volume": volume, "store": store });
                 if let Some(k) = key {
                     p["key"] = k.clone().into();
+                }
+                if *verify || *no_verify {
+                    p["verify"] = (*verify).into();
                 }
                 let job = call(&cli, "snapshot_create", Some(p))?;
                 if *no_wait { job } else { wait_for(&cli, &job)? }

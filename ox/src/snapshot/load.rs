@@ -3,6 +3,7 @@
 
 use crate::codec::{Binding, Codec, CodecSettings};
 use crate::error::OxError;
+use crate::fetch::IntegrityCounters;
 use crate::format::{IndexPage, Manifest};
 use crate::keys::{self, Kek, SecretKey};
 use crate::store::ObjectStore;
@@ -40,10 +41,10 @@ impl Source {
 
 /// Reads manifest `key` and the manifests of its lineage (one GET each; no index pages).
 pub async fn load(store: &dyn ObjectStore, key: &str, keks: &[Kek]) -> Result<Loaded, OxError> {
-    let manifest = Manifest::from_bytes(&store.get(key).await?)?;
+    let manifest = fetch_manifest(store, key).await?;
     let mut sources = vec![source_of(&manifest, keks)?];
     for a in &manifest.lineage {
-        let m = Manifest::from_bytes(&store.get(&a.manifest).await?)?;
+        let m = fetch_manifest(store, &a.manifest).await?;
         if m.snapshot != a.snapshot {
             return Err(OxError::integrity(
                 &a.manifest,
@@ -57,6 +58,14 @@ pub async fn load(store: &dyn ObjectStore, key: &str, keks: &[Kek]) -> Result<Lo
         manifest_key: key.to_string(),
         sources,
     })
+}
+
+/// Manifest `key`, fetched again if what came does not parse (see [`crate::fetch`]).
+pub(crate) async fn fetch_manifest(
+    store: &dyn ObjectStore,
+    key: &str,
+) -> Result<Manifest, OxError> {
+    crate::fetch::checked(store, key, None, None, |b| Manifest::from_bytes(&b)).await
 }
 
 fn source_of(m: &Manifest, keks: &[Kek]) -> Result<Source, OxError> {
@@ -74,11 +83,13 @@ fn source_of(m: &Manifest, keks: &[Kek]) -> Result<Source, OxError> {
 }
 
 impl Loaded {
-    /// Loads index page `page`; also returns the bytes fetched.
+    /// Loads index page `page` (fetched again if it fails its check, counted in
+    /// `counters`); also returns the bytes fetched.
     pub async fn page(
         &self,
         store: &dyn ObjectStore,
         page: u64,
+        counters: Option<&IntegrityCounters>,
     ) -> Result<(IndexPage, usize), OxError> {
         if page >= self.manifest.page_count() {
             return Err(OxError::integrity(
@@ -86,14 +97,18 @@ impl Loaded {
                 format!("no index page {page}"),
             ));
         }
-        let frame = store.get(&self.manifest.page_key(page)?).await?;
-        let decoded = IndexPage::decode(
-            &self.sources[0].codec()?,
-            page,
-            &frame,
-            self.manifest.page_chunks(page),
-            &self.manifest.page_limits(),
-        )?;
-        Ok((decoded, frame.len()))
+        let codec = self.sources[0].codec()?;
+        let key = self.manifest.page_key(page)?;
+        crate::fetch::checked(store, &key, None, counters, |frame| {
+            let decoded = IndexPage::decode(
+                &codec,
+                page,
+                &frame,
+                self.manifest.page_chunks(page),
+                &self.manifest.page_limits(),
+            )?;
+            Ok((decoded, frame.len()))
+        })
+        .await
     }
 }

@@ -14,6 +14,7 @@
 
 mod load;
 mod read_ahead;
+pub mod read_back;
 mod upload;
 mod writer;
 
@@ -64,6 +65,9 @@ pub struct SnapshotOptions {
     /// redone after a crash, and each checkpoint waits for the open uploads
     /// ([`CHECKPOINT_EVERY`] is the appliance's choice).
     pub checkpoint_every: Duration,
+    /// Read every object back and decode every frame before publishing
+    /// ([`read_back`]): one GET per object stored.
+    pub verify_before_publish: bool,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.
@@ -133,6 +137,8 @@ pub struct SnapshotReport {
     pub checkpoints: u32,
     /// See `checkpoints`.
     pub checkpoint_time: Duration,
+    /// What reading back before publishing cost, if it was asked for.
+    pub read_back: Option<read_back::ReadBack>,
 }
 
 /// The appliance's checkpoint interval for snapshot journals.

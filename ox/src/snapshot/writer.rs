@@ -389,7 +389,7 @@ pub(super) async fn write(
                 Some(p) => {
                     let page = chunk / PAGE_CHUNKS;
                     if parent_page.as_ref().is_none_or(|(n, _)| *n != page) {
-                        parent_page = Some((page, p.page(store, page).await?.0));
+                        parent_page = Some((page, p.page(store, page, None).await?.0));
                     }
                     let e = parent_page
                         .as_ref()
@@ -481,6 +481,7 @@ pub(super) async fn write(
         index_salt: hex::encode(index.salt),
         stored_chunks,
         stored_bytes: packer.uploaded,
+        checksum: None,
     };
     let bytes = manifest.to_bytes();
     let meta_bytes = index.bytes + bytes.len() as u64;
@@ -494,6 +495,23 @@ pub(super) async fn write(
         return Err(OxError::Suspended(opts.volume_name.clone()));
     }
     abandoned(handle, opts)?;
+    let read_back = if opts.verify_before_publish {
+        let mut sources = vec![super::Source {
+            key: start.data_key.clone(),
+            binding: manifest.binding()?,
+            objects: manifest.objects.clone(),
+            zstd_level: manifest.zstd_level,
+        }];
+        sources.extend(parent.iter().flat_map(|p| p.sources.iter().cloned()));
+        let to_publish = Loaded {
+            manifest: manifest.clone(),
+            manifest_key: manifest_key.clone(),
+            sources,
+        };
+        Some(super::read_back::read_back(store, &to_publish).await?)
+    } else {
+        None
+    };
     match store.put_new(&manifest_key, bytes).await {
         Ok(()) => {}
         // A resumed snapshot whose manifest an earlier attempt published after all.
@@ -518,6 +536,7 @@ pub(super) async fn write(
         resumed_at: resumed.map(|_| start.next_chunk),
         checkpoints,
         checkpoint_time,
+        read_back,
     })
 }
 
@@ -541,13 +560,12 @@ async fn published(
     snapshot: &str,
     resumed_at: u64,
 ) -> Result<Option<SnapshotReport>, OxError> {
-    let bytes = match store.get(key).await {
-        Ok(b) => b,
+    let manifest = match super::load::fetch_manifest(store, key).await {
+        Ok(m) => m,
         Err(OxError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let meta = bytes.len() as u64;
-    let manifest = Manifest::from_bytes(&bytes)?;
+    let meta = manifest.to_bytes().len() as u64;
     if manifest.snapshot != snapshot {
         return Err(OxError::integrity(key, "manifest names another snapshot"));
     }
@@ -558,6 +576,7 @@ async fn published(
         resumed_at: Some(resumed_at),
         checkpoints: 0,
         checkpoint_time: Duration::ZERO,
+        read_back: None,
         manifest_key: key.to_string(),
         manifest,
     }))

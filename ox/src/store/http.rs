@@ -162,7 +162,30 @@ impl HttpClient {
         headers: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<Response, HttpError> {
-        let exchange = self.exchange(method, url, headers, body);
+        self.request_on(method, url, headers, body, false).await
+    }
+
+    /// [`Self::request`] over a new connection, never a kept-alive one (for fetching
+    /// again what came damaged over another).
+    pub async fn request_fresh(
+        &self,
+        method: hyper::Method,
+        url: &Url,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> Result<Response, HttpError> {
+        self.request_on(method, url, headers, body, true).await
+    }
+
+    async fn request_on(
+        &self,
+        method: hyper::Method,
+        url: &Url,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+        fresh: bool,
+    ) -> Result<Response, HttpError> {
+        let exchange = self.exchange(method, url, headers, body, fresh);
         let deadline = async {
             Timer::after(self.timeout).await;
             Err(HttpError::Timeout(self.timeout))
@@ -176,6 +199,7 @@ impl HttpClient {
         url: &Url,
         headers: &[(&str, String)],
         body: Vec<u8>,
+        fresh: bool,
     ) -> Result<Response, HttpError> {
         let https = match url.scheme() {
             "https" => true,
@@ -190,7 +214,12 @@ impl HttpClient {
             .port_or_known_default()
             .unwrap_or(if https { 443 } else { 80 });
         let pool_key = (https, host.clone(), port);
-        let mut sender = match self.take_idle(&pool_key) {
+        let idle = if fresh {
+            None
+        } else {
+            self.take_idle(&pool_key)
+        };
+        let mut sender = match idle {
             Some(s) => s,
             None => self.connect(https, &host, port).await?,
         };

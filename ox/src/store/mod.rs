@@ -30,6 +30,19 @@ pub trait ObjectStore {
         offset: u64,
         len: u64,
     ) -> BoxFuture<'a, Result<Vec<u8>, OxError>>;
+    /// The whole object (`range`: `None`) or `len` bytes from `offset`, over a
+    /// connection of its own: for fetching again what failed its integrity check,
+    /// never over the connection it came on. Stores without connections read again.
+    fn get_fresh<'a>(
+        &'a self,
+        key: &'a str,
+        range: Option<(u64, u64)>,
+    ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
+        match range {
+            Some((offset, len)) => self.get_range(key, offset, len),
+            None => self.get(key),
+        }
+    }
     /// Keys starting with `prefix`, sorted.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>>;
     /// Deletes `keys` (missing ones are not an error).

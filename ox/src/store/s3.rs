@@ -3,6 +3,13 @@
 //! exponential backoff and full jitter on 5xx, throttling (429, 503 SlowDown) and
 //! connection failures, never on other 4xx; multipart upload for large objects;
 //! batched deletes; conditional create (`If-None-Match: *`) for manifests.
+//!
+//! Every PUT and UploadPart carries the body's `Content-MD5` and
+//! `x-amz-checksum-crc32c`, both signed, so the store refuses a body damaged on the way
+//! (AWS, MinIO and Ceph RGW answer 400 `BadDigest`, Garage `InvalidDigest`; Ceph
+//! before Squid checks only `Content-MD5`): such a refusal is retried like a 5xx, and a
+//! PUT counts as done only when acknowledged (and, where the store echoes the CRC32C,
+//! echoed unchanged).
 
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -172,6 +179,43 @@ pub struct S3Store {
     config: S3Config,
 }
 
+/// Error codes with which S3 servers refuse a body that does not match its checksum
+/// headers: the body was damaged on the way, so sending it again is right.
+const DIGEST_MISMATCH: &[&str] = &[
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentChecksumMismatch",
+    "XAmzContentSHA256Mismatch",
+];
+
+/// The checksums a PUT carries, base64 as the headers want them.
+struct BodyDigests {
+    md5: String,
+    crc32c: String,
+}
+
+impl BodyDigests {
+    fn of(body: &[u8]) -> Self {
+        use base64::Engine;
+        use md5::Digest;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Self {
+            md5: b64.encode(md5::Md5::digest(body)),
+            crc32c: b64.encode(crc32c::crc32c(body).to_be_bytes()),
+        }
+    }
+
+    /// Adds them to `action`'s signed headers and returns them for the request.
+    fn sign_into<'a>(&'a self, headers: &mut rusty_s3::Map<'a>) -> Vec<(&'static str, String)> {
+        headers.insert("content-md5", self.md5.as_str());
+        headers.insert("x-amz-checksum-crc32c", self.crc32c.as_str());
+        vec![
+            ("content-md5", self.md5.clone()),
+            ("x-amz-checksum-crc32c", self.crc32c.clone()),
+        ]
+    }
+}
+
 /// What one attempt concluded.
 enum Outcome {
     Done(Response),
@@ -305,31 +349,83 @@ impl S3Store {
         }
     }
 
+    /// Classification of an upload carrying `sent`: the store refusing the body as
+    /// damaged (a digest mismatch), or acknowledging it with another CRC32C than the
+    /// one sent, is retried; the rest as [`Self::classify`].
+    fn classify_upload(
+        op: &'static str,
+        key: &str,
+        sent: &BodyDigests,
+    ) -> impl Fn(Response) -> Outcome {
+        let standard = Self::classify(op, key);
+        let (key, crc) = (key.to_string(), sent.crc32c.clone());
+        move |resp: Response| {
+            if resp.status == 400 || resp.status == 403 {
+                let text = String::from_utf8_lossy(&resp.body);
+                if let Some(code) = xml_tag(&text, "Code")
+                    && DIGEST_MISMATCH.contains(&code.as_str())
+                {
+                    tracing::warn!(
+                        key,
+                        "{op}: the store refused the body as damaged on the way ({code}); sending it again"
+                    );
+                    return Outcome::Retry(format!("{op} body damaged on the way: {code}"));
+                }
+            }
+            if (200..=299).contains(&resp.status)
+                && let Some(echoed) = resp.headers.get("x-amz-checksum-crc32c")
+                && echoed.as_bytes() != crc.as_bytes()
+            {
+                tracing::warn!(
+                    key,
+                    "{op}: the store acknowledged another CRC32C; sending it again"
+                );
+                return Outcome::Retry(format!("{op} acknowledged with another checksum"));
+            }
+            standard(resp)
+        }
+    }
+
     async fn put_object(&self, key: &str, data: Vec<u8>, if_absent: bool) -> Result<(), OxError> {
         if data.len() > self.config.multipart_threshold {
             return self.put_multipart(key, &data).await;
         }
-        let url = self
-            .bucket
-            .put_object(Some(&self.credentials), key)
-            .sign(SIGN_FOR);
-        let headers: Vec<(&str, String)> = if if_absent {
-            vec![("if-none-match", "*".to_string())]
-        } else {
-            vec![]
-        };
-        self.with_retries(
-            "PUT",
-            key,
-            async || {
-                self.http
-                    .request(Method::PUT, &url, &headers, data.clone())
-                    .await
-            },
-            Self::classify("PUT", key),
-        )
-        .await
-        .map(|_| ())
+        let digests = BodyDigests::of(&data);
+        let mut action = self.bucket.put_object(Some(&self.credentials), key);
+        let mut headers = digests.sign_into(action.headers_mut());
+        let url = action.sign(SIGN_FOR);
+        if if_absent {
+            headers.push(("if-none-match", "*".to_string()));
+        }
+        let sent = std::cell::Cell::new(0u32);
+        let result = self
+            .with_retries(
+                "PUT",
+                key,
+                async || {
+                    sent.set(sent.get() + 1);
+                    self.http
+                        .request(Method::PUT, &url, &headers, data.clone())
+                        .await
+                },
+                Self::classify_upload("PUT", key, &digests),
+            )
+            .await
+            .map(|_| ());
+        match result {
+            // A conditional create refused after an earlier attempt of ours was sent:
+            // that attempt may have landed (its answer lost) — or a store that keeps a
+            // body it refused as damaged may hold a bad copy. Ours if identical; else
+            // the damaged copy is replaced (the key is this writer's own).
+            Err(OxError::AlreadyExists { .. }) if if_absent && sent.get() > 1 => {
+                if self.get_object(key, None, true).await? == data {
+                    return Ok(());
+                }
+                tracing::warn!(key, "replacing a damaged copy left by an earlier attempt");
+                Box::pin(self.put_object(key, data, false)).await
+            }
+            other => other,
+        }
     }
 
     async fn put_multipart(&self, key: &str, data: &[u8]) -> Result<(), OxError> {
@@ -373,20 +469,22 @@ impl S3Store {
         for (i, part) in data.chunks(self.config.part_size).enumerate() {
             let number = u16::try_from(i + 1)
                 .map_err(|_| OxError::Config("object needs more than 65535 parts".into()))?;
-            let url = self
-                .bucket
-                .upload_part(Some(&self.credentials), key, number, upload_id)
-                .sign(SIGN_FOR);
+            let digests = BodyDigests::of(part);
+            let mut action =
+                self.bucket
+                    .upload_part(Some(&self.credentials), key, number, upload_id);
+            let headers = digests.sign_into(action.headers_mut());
+            let url = action.sign(SIGN_FOR);
             let resp = self
                 .with_retries(
                     "UploadPart",
                     key,
                     async || {
                         self.http
-                            .request(Method::PUT, &url, &[], part.to_vec())
+                            .request(Method::PUT, &url, &headers, part.to_vec())
                             .await
                     },
-                    Self::classify("UploadPart", key),
+                    Self::classify_upload("UploadPart", key, &digests),
                 )
                 .await?;
             let etag = resp
@@ -469,7 +567,12 @@ impl S3Store {
             .ok()
     }
 
-    async fn get_object(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, OxError> {
+    async fn get_object(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        fresh: bool,
+    ) -> Result<Vec<u8>, OxError> {
         if range.is_some_and(|(_, len)| len == 0) {
             return Ok(Vec::new());
         }
@@ -486,9 +589,15 @@ impl S3Store {
                 "GET",
                 key,
                 async || {
-                    self.http
-                        .request(Method::GET, &url, &headers, Vec::new())
-                        .await
+                    if fresh {
+                        self.http
+                            .request_fresh(Method::GET, &url, &headers, Vec::new())
+                            .await
+                    } else {
+                        self.http
+                            .request(Method::GET, &url, &headers, Vec::new())
+                            .await
+                    }
                 },
                 |resp: Response| {
                     if resp.status == 416 {
@@ -632,7 +741,7 @@ impl ObjectStore for S3Store {
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
-        Box::pin(self.get_object(key, None))
+        Box::pin(self.get_object(key, None, false))
     }
 
     fn get_range<'a>(
@@ -641,7 +750,15 @@ impl ObjectStore for S3Store {
         offset: u64,
         len: u64,
     ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
-        Box::pin(self.get_object(key, Some((offset, len))))
+        Box::pin(self.get_object(key, Some((offset, len)), false))
+    }
+
+    fn get_fresh<'a>(
+        &'a self,
+        key: &'a str,
+        range: Option<(u64, u64)>,
+    ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
+        Box::pin(self.get_object(key, range, true))
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>> {

@@ -1,7 +1,9 @@
 //! An S3 server for tests: `s3s-fs` (the `s3s` crate's S3 protocol over a directory)
 //! on loopback, over HTTP or over HTTPS with a throw-away CA from rcgen, with a fault
-//! injector in front (503s, dropped connections, stalled bodies). Shared by the `ox`
-//! and `perf` test suites.
+//! injector in front (503s, dropped connections, stalled bodies) and, when switched
+//! on, [`Chaos`]: seeded random faults on any request — request and response bodies
+//! bit-flipped, truncated or swapped, 5xx, connections reset before or after the
+//! request is served, slow answers. Shared by the `ox` and `perf` test suites.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -39,6 +41,176 @@ pub struct Faults {
     /// Requests being served now, and the most at once.
     pub concurrent: AtomicU32,
     pub max_concurrent: AtomicU32,
+    /// Seeded random faults, when set.
+    pub chaos: std::sync::Mutex<Option<Arc<Chaos>>>,
+}
+
+/// The kinds of fault [`Chaos`] injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A bit of the request body flipped on its way to the store.
+    PutFlip,
+    /// The request body cut short.
+    PutTruncate,
+    /// The request body replaced by another's.
+    PutSwap,
+    /// A bit of the response body flipped.
+    GetFlip,
+    /// The response body cut short (with a matching Content-Length).
+    GetTruncate,
+    /// The response body replaced by another of the same length.
+    GetSwap,
+    /// HTTP 500 or 503.
+    ServerError,
+    /// The connection dropped before the request is served.
+    ResetBefore,
+    /// The connection dropped after the request is served (its answer lost).
+    ResetAfter,
+    /// The answer held back for a while.
+    Slow,
+}
+
+pub const FAULTS: [Fault; 10] = [
+    Fault::PutFlip,
+    Fault::PutTruncate,
+    Fault::PutSwap,
+    Fault::GetFlip,
+    Fault::GetTruncate,
+    Fault::GetSwap,
+    Fault::ServerError,
+    Fault::ResetBefore,
+    Fault::ResetAfter,
+    Fault::Slow,
+];
+
+/// Seeded random faults: each request draws from the seed and its number whether it
+/// is hit (`per_mille` in a thousand) and how. A request (method, path, range) is hit
+/// at most twice in a row, so what a client retries (and refetches) gets through.
+pub struct Chaos {
+    pub seed: u64,
+    per_mille: u64,
+    drawn: std::sync::atomic::AtomicU64,
+    injected: [AtomicU32; 10],
+    streak: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    recent: std::sync::Mutex<Vec<Bytes>>,
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Chaos {
+    pub fn new(seed: u64, per_mille: u64) -> Arc<Self> {
+        Arc::new(Self {
+            seed,
+            per_mille,
+            drawn: std::sync::atomic::AtomicU64::new(0),
+            injected: Default::default(),
+            streak: Default::default(),
+            recent: Default::default(),
+        })
+    }
+
+    /// Faults injected so far, by kind.
+    pub fn injected(&self) -> Vec<(Fault, u32)> {
+        FAULTS
+            .iter()
+            .zip(&self.injected)
+            .map(|(f, n)| (*f, n.load(Ordering::SeqCst)))
+            .collect()
+    }
+
+    /// Faults injected so far.
+    pub fn total(&self) -> u32 {
+        self.injected.iter().map(|n| n.load(Ordering::SeqCst)).sum()
+    }
+
+    fn draw(&self) -> u64 {
+        let n = self.drawn.fetch_add(1, Ordering::SeqCst);
+        mix(self.seed ^ mix(n))
+    }
+
+    /// The fault for a request, if it is hit: `put` (a body sent), `get` (an object's
+    /// body answered) or neither.
+    fn pick(&self, signature: &str, put: bool, get: bool) -> Option<Fault> {
+        let r = self.draw();
+        let mut streak = self.streak.lock().unwrap();
+        let s = streak.entry(signature.to_string()).or_default();
+        // Uploads are few beside the reads: they are hit three times as often.
+        let per_mille = if put {
+            (3 * self.per_mille).min(600)
+        } else {
+            self.per_mille
+        };
+        if r % 1000 >= per_mille || *s >= 2 {
+            *s = 0;
+            return None;
+        }
+        *s += 1;
+        let kinds: &[Fault] = match (put, get) {
+            (true, _) => &[
+                Fault::PutFlip,
+                Fault::PutTruncate,
+                Fault::PutSwap,
+                Fault::ServerError,
+                Fault::ResetBefore,
+                Fault::ResetAfter,
+                Fault::Slow,
+            ],
+            (false, true) => &[
+                Fault::GetFlip,
+                Fault::GetTruncate,
+                Fault::GetSwap,
+                Fault::ServerError,
+                Fault::ResetBefore,
+                Fault::ResetAfter,
+                Fault::Slow,
+            ],
+            _ => &[Fault::ServerError, Fault::ResetBefore, Fault::Slow],
+        };
+        let f = kinds[((r >> 20) % kinds.len() as u64) as usize];
+        let i = FAULTS.iter().position(|k| *k == f).unwrap();
+        self.injected[i].fetch_add(1, Ordering::SeqCst);
+        Some(f)
+    }
+
+    /// Damages `body` as `fault` says (flip, truncate or swap); `r` picks where.
+    fn damage(&self, fault: Fault, body: Bytes, r: u64) -> Bytes {
+        if body.is_empty() {
+            return body;
+        }
+        let mut v = body.to_vec();
+        match fault {
+            Fault::PutFlip | Fault::GetFlip => {
+                let bit = (r % (v.len() as u64 * 8)) as usize;
+                v[bit / 8] ^= 1 << (bit % 8);
+            }
+            Fault::PutTruncate | Fault::GetTruncate => v.truncate((r % v.len() as u64) as usize),
+            Fault::PutSwap | Fault::GetSwap => {
+                let recent = self.recent.lock().unwrap();
+                match recent.iter().find(|b| b.len() == v.len() && b[..] != v[..]) {
+                    Some(other) => v = other.to_vec(),
+                    None => v.reverse(),
+                }
+                if v == body[..] {
+                    v[0] ^= 0x80;
+                }
+            }
+            _ => {}
+        }
+        Bytes::from(v)
+    }
+
+    fn remember(&self, body: &Bytes) {
+        let mut recent = self.recent.lock().unwrap();
+        if recent.len() >= 64 {
+            recent.remove(0);
+        }
+        recent.push(body.clone());
+    }
 }
 
 fn take(counter: &AtomicU32) -> bool {
@@ -166,11 +338,88 @@ async fn respond(
     result
 }
 
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|e: Infallible| match e {}).boxed()
+}
+
+/// Serves `req` with `chaos` deciding whether and how to damage it.
+async fn respond_chaos(
+    s3: &s3s::service::SharedS3Service,
+    chaos: &Chaos,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Body>, std::io::Error> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let range = req
+        .headers()
+        .get(hyper::header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    // An object is /bucket/key; a listing is the bucket itself.
+    let object = path.trim_start_matches('/').contains('/');
+    let put = method == hyper::Method::PUT && object;
+    let get = method == hyper::Method::GET && object && !query.contains("list-type");
+    let signature = format!("{method} {path} {range}");
+    let fault = chaos.pick(&signature, put, get);
+    let r = chaos.draw();
+    match fault {
+        Some(Fault::ServerError) => {
+            let status = if r.is_multiple_of(2) { 500 } else { 503 };
+            let body = "<Error><Code>InternalError</Code><Message>injected</Message></Error>";
+            return hyper::Response::builder()
+                .status(status)
+                .body(full(Bytes::from(body)))
+                .map_err(io_err);
+        }
+        Some(Fault::ResetBefore) => return Err(io_err("injected reset before serving")),
+        Some(Fault::Slow) => tokio::time::sleep(Duration::from_millis(200 + r % 500)).await,
+        _ => {}
+    }
+    let (mut parts, body) = req.into_parts();
+    let mut bytes = BodyExt::collect(body).await.map_err(io_err)?.to_bytes();
+    if put {
+        chaos.remember(&bytes);
+    }
+    if let Some(f @ (Fault::PutFlip | Fault::PutTruncate | Fault::PutSwap)) = fault {
+        bytes = chaos.damage(f, bytes, r);
+        parts
+            .headers
+            .insert(hyper::header::CONTENT_LENGTH, bytes.len().into());
+    }
+    let resp = s3
+        .as_ref()
+        .call(hyper::Request::from_parts(parts, s3s::Body::from(bytes)))
+        .await
+        .map_err(|e| io_err(format!("{e:?}")))?;
+    if fault == Some(Fault::ResetAfter) {
+        return Err(io_err("injected reset after serving"));
+    }
+    let (mut parts, body) = resp.into_parts();
+    let mut bytes = BodyExt::collect(body).await.map_err(io_err)?.to_bytes();
+    if get && parts.status.is_success() {
+        chaos.remember(&bytes);
+        if let Some(f @ (Fault::GetFlip | Fault::GetTruncate | Fault::GetSwap)) = fault {
+            bytes = chaos.damage(f, bytes, r);
+        }
+    }
+    parts.headers.remove(hyper::header::TRANSFER_ENCODING);
+    parts
+        .headers
+        .insert(hyper::header::CONTENT_LENGTH, bytes.len().into());
+    Ok(hyper::Response::from_parts(parts, full(bytes)))
+}
+
 async fn respond_inner(
     s3: &s3s::service::SharedS3Service,
     faults: &Faults,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Body>, std::io::Error> {
+    let chaos = faults.chaos.lock().unwrap().clone();
+    if let Some(chaos) = chaos {
+        return respond_chaos(s3, &chaos, req).await;
+    }
     if take(&faults.unavailable) {
         let body = "<Error><Code>SlowDown</Code><Message>injected</Message></Error>";
         return hyper::Response::builder()

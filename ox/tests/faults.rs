@@ -1,0 +1,208 @@
+//! Snapshots, clone reads, thickening and verify through a store that damages what it
+//! carries: the test S3 server's seeded [`s3server::Chaos`] flips bits in, truncates
+//! and swaps request and response bodies, answers 5xx, resets connections before and
+//! after serving, and holds answers back. Whatever it does: no host read returns a
+//! wrong byte, no snapshot publishes with a bad object, and transient damage is
+//! fetched again until it gets through.
+//!
+//! `OX_FAULT_SEED` repeats a run (the seed is printed); `OX_FAULT_ROUNDS` makes it
+//! longer (`scripts/soak-faults`).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "s3server/mod.rs"]
+mod s3server;
+mod support;
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bdev::{Basis, Bdev, create_clone, create_malloc};
+use ox::basis::{ObjectBasis, StoreFactory};
+use ox::snapshot::{Loaded, load, snapshot_volume};
+use ox::store::ObjectStore;
+use ox::store::s3::{S3Config, S3Store};
+use ox::throttle::Throttle;
+use support::{CHUNK, Env, env, fresh_volume, options, random, read, write};
+
+const SIZE: u64 = 4 << 20;
+
+fn s3(config: &S3Config, ex: &Rc<async_executor::LocalExecutor<'static>>) -> S3Store {
+    let mut c = config.clone();
+    c.retries = 6;
+    c.backoff = Duration::from_millis(5);
+    c.max_backoff = Duration::from_millis(50);
+    S3Store::new(c, Rc::clone(ex)).unwrap()
+}
+
+fn load_with(env: &Env, config: &S3Config, key: &str) -> Loaded {
+    let (config, key, kek) = (config.clone(), key.to_string(), env.kek.clone());
+    env.cores
+        .run(move |ex| {
+            Box::pin(async move { load(&s3(&config, &ex), &key, &[kek]).await.unwrap() })
+        })
+        .unwrap()
+}
+
+/// A clone of snapshot `key` over RAM, fetching from the (damaging) store.
+fn clone_of(
+    env: &Env,
+    config: &S3Config,
+    key: &str,
+    n: u32,
+) -> (Bdev, ObjectBasis, bdev::CloneHandle) {
+    let loaded = load_with(env, config, key);
+    let c = config.clone();
+    let factory: StoreFactory = Arc::new(move |ex| Ok(Rc::new(s3(&c, ex)) as Rc<dyn ObjectStore>));
+    let basis = ObjectBasis::new(
+        loaded,
+        factory,
+        Arc::clone(&env.cores),
+        Throttle::default(),
+        "c",
+    );
+    let local = create_malloc(&format!("local{n}"), 512, SIZE / 512, None).unwrap();
+    let (bdev, handle) = create_clone(
+        &format!("clone{n}"),
+        local,
+        Arc::new(basis.clone()) as Arc<dyn Basis>,
+        None,
+    )
+    .unwrap();
+    (bdev, basis, handle)
+}
+
+#[test]
+fn damaged_bodies_resets_and_5xx_never_reach_a_host_or_a_published_snapshot() {
+    let seed = std::env::var("OX_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).unwrap();
+            u64::from_le_bytes(b)
+        });
+    let rounds: u32 = std::env::var("OX_FAULT_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    println!("fault injection: OX_FAULT_SEED={seed} OX_FAULT_ROUNDS={rounds}");
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let chaos = s3server::Chaos::new(seed, 150);
+    *server.faults.chaos.lock().unwrap() = Some(Arc::clone(&chaos));
+    let (vol, handle) = fresh_volume(SIZE);
+    let mut image = vec![0u8; SIZE as usize];
+    let mut parent: Option<String> = None;
+    let mut published = Vec::new();
+    for round in 0..rounds {
+        // Some chunks change (a quarter of them, random ones), some stay zero.
+        let data = random(SIZE as usize, seed ^ u64::from(round));
+        for c in 0..SIZE / CHUNK {
+            if (c + u64::from(round)) % 4 == 0 && c % 7 != 3 {
+                let at = (c * CHUNK) as usize;
+                let part = &data[at..at + CHUNK as usize];
+                write(&env, &vol, c * CHUNK, part);
+                image[at..at + CHUNK as usize].copy_from_slice(part);
+            }
+        }
+        // A snapshot through the damaging store, read back before publishing every
+        // other round.
+        let mut opts = options(&env);
+        opts.object_bytes = 256 << 10;
+        opts.verify_before_publish = round % 2 == 0;
+        let (h, r, c, k, p) = (
+            handle.clone(),
+            env.set.handles()[0].clone(),
+            config.clone(),
+            env.kek.clone(),
+            parent.clone(),
+        );
+        let report = env
+            .cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = s3(&c, &ex);
+                    let parent = match p {
+                        Some(key) => Some(load(&store, &key, &[k]).await?),
+                        None => None,
+                    };
+                    snapshot_volume(&store, &r, &h, parent.as_ref(), &opts, &Throttle::default())
+                        .await
+                })
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("seed {seed}: round {round}: snapshot failed: {e}"));
+        if let Some(rb) = &report.read_back {
+            assert_eq!(rb.frames, report.manifest.stored_chunks, "seed {seed}");
+        }
+        parent = Some(report.manifest_key.clone());
+        published.push((report.manifest_key.clone(), image.clone()));
+
+        // Clone reads: every byte right (or the read fails; it must not).
+        let (clone, basis, _) = clone_of(&env, &config, &report.manifest_key, 2 * round);
+        for (i, piece) in (0..SIZE).step_by(256 << 10).enumerate() {
+            let got = read(&env, &clone, piece, 256 << 10);
+            assert!(
+                got[..] == image[piece as usize..(piece + (256 << 10)) as usize],
+                "seed {seed}: round {round}: clone read {i} returned wrong bytes"
+            );
+        }
+        let counters = basis.counters();
+        let (fails, refetches) = (
+            counters
+                .integrity
+                .failures
+                .load(std::sync::atomic::Ordering::SeqCst),
+            counters
+                .integrity
+                .refetches
+                .load(std::sync::atomic::Ordering::SeqCst),
+        );
+        assert!(refetches <= fails, "a refetch follows each failure");
+
+        // Thickening another clone, then reading it with no store at all.
+        let (thick, _, th) = clone_of(&env, &config, &report.manifest_key, 2 * round + 1);
+        let (h, r) = (th.clone(), env.set.handles()[0].clone());
+        let control = ox::hydrate::Thickening::new();
+        let c = Arc::clone(&control);
+        env.cores
+            .run(move |_ex| Box::pin(async move { ox::hydrate::thicken(&h, &r, &c).await }))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("seed {seed}: round {round}: thickening failed: {e}"));
+        assert_eq!(th.hydration().0, th.hydration().1, "seed {seed}: thick");
+        assert!(
+            read(&env, &thick, 0, SIZE) == image,
+            "seed {seed}: thickened clone differs"
+        );
+
+        // Verify through the damaging store: nothing bad, transient damage retried.
+        let loaded = load_with(&env, &config, &report.manifest_key);
+        let c = config.clone();
+        let v = env
+            .cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    ox::hydrate::verify(&s3(&c, &ex), &loaded, &Default::default()).await
+                })
+            })
+            .unwrap()
+            .unwrap();
+        assert!(v.bad.is_empty(), "seed {seed}: verify found {:?}", v.bad);
+    }
+    let injected = chaos.injected();
+    *server.faults.chaos.lock().unwrap() = None;
+    println!("faults injected ({} in all): {injected:?}", chaos.total());
+    // With the store honest again: every published snapshot is whole and restores the
+    // image it was taken of.
+    for (i, (key, expected)) in published.iter().enumerate() {
+        let (clone, _, _) = clone_of(&env, &config, key, 1000 + i as u32);
+        assert!(
+            read(&env, &clone, 0, SIZE) == *expected,
+            "seed {seed}: snapshot {i}"
+        );
+    }
+    assert!(chaos.total() > 0, "seed {seed}: no fault was injected");
+    env.set.shutdown().unwrap();
+}

@@ -1,0 +1,97 @@
+//! What the `ox` integration tests share: reactors and OX cores, a key, volumes over
+//! RAM, block reads and writes, random data, snapshot options.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bdev::blocking::run_on;
+use bdev::{Bdev, BdevIo, IoBuf, Tracking, VolumeHandle, create_malloc, create_volume};
+use ox::cores::OxCores;
+use ox::keys::{Kek, SecretKey};
+use ox::snapshot::SnapshotOptions;
+use reactor::{CoreList, ReactorConfig, ReactorSet};
+
+pub const CHUNK: u64 = 64 << 10;
+pub const T: Duration = Duration::from_secs(30);
+
+pub struct Env {
+    pub set: ReactorSet,
+    pub cores: Arc<OxCores>,
+    pub root: PathBuf,
+    pub kek: Kek,
+    pub _dir: tempfile::TempDir,
+}
+
+pub fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    Env {
+        set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
+        cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
+        root: dir.path().to_path_buf(),
+        kek: Kek::new("test-kek", SecretKey::random().unwrap()),
+        _dir: dir,
+    }
+}
+
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn write(env: &Env, dev: &Bdev, off: u64, data: &[u8]) {
+    let io = BdevIo::write(
+        off / 512,
+        data.len() as u64 / 512,
+        vec![IoBuf::from_slice(data)],
+    );
+    run_on(&env.set.handles()[0], dev, io, T)
+        .unwrap()
+        .result
+        .unwrap();
+}
+
+pub fn read(env: &Env, dev: &Bdev, off: u64, len: u64) -> Vec<u8> {
+    let io = BdevIo::read(off / 512, len / 512, vec![IoBuf::new(len as usize)]);
+    let c = run_on(&env.set.handles()[env.set.len() - 1], dev, io, T).unwrap();
+    let d = c.data();
+    c.result.unwrap();
+    d
+}
+
+/// A fresh tracked volume of `size` bytes over RAM, 512-byte blocks.
+pub fn fresh_volume(size: u64) -> (Bdev, VolumeHandle) {
+    create_volume(
+        "vol1",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap()
+}
+
+pub fn options(env: &Env) -> SnapshotOptions {
+    SnapshotOptions {
+        prefix: "vol1/".into(),
+        zstd_level: 1,
+        kek: Some(env.kek.clone()),
+        object_bytes: 1 << 20,
+        volume_id: [9; 16],
+        volume_name: "vol1".into(),
+        progress: Arc::default(),
+        outage_patience: std::time::Duration::from_secs(60),
+        journal: None,
+        store_name: "test".into(),
+        checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
+        verify_before_publish: false,
+    }
+}
