@@ -339,6 +339,10 @@ impl Service {
         self.volume_file(name, "cbw")
     }
 
+    fn dirty_path(&self, name: &str) -> PathBuf {
+        self.volume_file(name, "dirty")
+    }
+
     fn journal_path(&self, name: &str) -> PathBuf {
         self.volume_file(name, "snapshot")
     }
@@ -420,9 +424,27 @@ impl Service {
                 Err(_) => Tracking::AllChanged,
             }
         };
+        let saved_at_stop = matches!(tracking, Tracking::Saved(_));
         let (bdev, handle) =
             bdev::create_volume(&v.name, file, v.chunk_bytes, tracking, Some(uuid))?;
         handle.set_preserve_file(&self.preserve_path(&v.name))?;
+        // The crash-consistent record of what changed: made now for a new or restored
+        // volume (a stale one of a deleted namesake goes first); after a crash (no
+        // tracking saved at a clean stop) it is what the next snapshot stores.
+        if how != (Opening::Existing { pending }) {
+            remove_dirty_record(&self.dirty_path(&v.name));
+        }
+        match handle.keep_dirty_record(&self.dirty_path(&v.name))? {
+            Some(record) if !saved_at_stop => {
+                tracing::info!(
+                    "volume {}: {} chunks changed since its last snapshot, from its change record",
+                    v.name,
+                    record.count()
+                );
+                handle.replace_changes(&record);
+            }
+            _ => {}
+        }
         let journal = self.journal_path(&v.name);
         let resumed = match ox::journal::Journal::load(&journal, chunks) {
             Ok(None) => None,
@@ -749,6 +771,7 @@ impl Service {
 
     /// Removes every file of volume `name` (deleted, or never fully created).
     fn remove_volume_files(&self, name: &str) {
+        remove_dirty_record(&self.dirty_path(name));
         let _ = std::fs::remove_file(self.volume_path(name));
         let _ = std::fs::remove_file(self.tracking_path(name));
         let _ = std::fs::remove_file(self.preserve_path(name));
@@ -933,11 +956,19 @@ impl Service {
                         }
                         match service.save(&inner) {
                             Ok(()) => {
+                                drop(inner);
                                 // Catalogued: the journal is spent (a crash before this
                                 // finds the manifest published and adopts it).
                                 let journal = service.journal_path(&volume);
                                 if let Err(e) = ox::journal::remove(&journal) {
                                     tracing::warn!("{}: {e}", journal.display());
+                                }
+                                // The change record drops what this snapshot stored
+                                // (still busy: no other snapshot can begin meanwhile).
+                                // If it cannot, it stays a superset: the next snapshot
+                                // reads more, never less.
+                                if let Err(e) = volume_handle.compact_dirty_record() {
+                                    tracing::warn!("volume {volume}: change record: {e}");
                                 }
                                 Ok(result)
                             }
@@ -1807,6 +1838,15 @@ impl Service {
             }
         }
         problems
+    }
+}
+
+/// Removes a volume's change record (`NAME.dirty`, its log and its base).
+fn remove_dirty_record(path: &Path) {
+    for ext in ["", ".log", ".base"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(ext);
+        let _ = std::fs::remove_file(PathBuf::from(p));
     }
 }
 

@@ -129,7 +129,7 @@ type Continuation = Box<dyn FnOnce(Result<(), BdevError>)>;
 /// Sends `msg` to `to`, retrying while its mailbox is full (from a reactor, on a
 /// timer; from any other thread, after a short sleep), so a wake-up is never lost to
 /// back-pressure. Only a stopped reactor drops it (its parked work is gone with it).
-fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
+pub(crate) fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
     let mut msg = msg;
     loop {
         match to.try_send(msg) {
@@ -157,7 +157,7 @@ thread_local! {
         RefCell::new((0, HashMap::new()));
 }
 
-fn park(f: impl FnOnce(Result<(), BdevError>) + 'static) -> u64 {
+pub(crate) fn park(f: impl FnOnce(Result<(), BdevError>) + 'static) -> u64 {
     PARKED.with(|p| {
         let mut p = p.borrow_mut();
         if p.0 == 0
@@ -183,7 +183,7 @@ fn fail_parked() {
     }
 }
 
-fn unpark(token: u64, result: Result<(), BdevError>) {
+pub(crate) fn unpark(token: u64, result: Result<(), BdevError>) {
     let f = PARKED.with(|p| p.borrow_mut().1.remove(&token));
     if let Some(f) = f {
         f(result);

@@ -16,6 +16,7 @@ mod bdev;
 pub mod blocking;
 mod buf;
 mod clone;
+mod dirty;
 mod error;
 pub mod fsutil;
 mod io;

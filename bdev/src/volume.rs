@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
 use crate::buf::IoBuf;
+use crate::dirty::DirtyRecord;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
 use crate::preserve::Preserve;
@@ -45,7 +46,10 @@ struct Shared {
     block_size: u64,
     chunks: u64,
     /// Chunks written since the last snapshot began (one bit each).
-    dirty: Box<[AtomicU64]>,
+    dirty: Arc<[AtomicU64]>,
+    /// The durable record of `dirty` (a superset of it on disk), if the volume keeps
+    /// one: a write is acknowledged only once its chunks are on it.
+    record: OnceLock<DirtyRecord>,
     active: AtomicBool,
     state: Box<[AtomicU8]>,
     preserved: Mutex<HashMap<u64, Vec<u8>>>,
@@ -84,8 +88,10 @@ impl Shared {
         let word = &self.dirty[(chunk / 64) as usize];
         let bit = 1 << (chunk % 64);
         // Usually set already: a load, not a locked read-modify-write, on the I/O path.
-        if word.load(Ordering::Relaxed) & bit == 0 {
-            word.fetch_or(bit, Ordering::Relaxed);
+        // SeqCst (a plain load on x86): the record's compaction relies on a write's
+        // dirty bit being visible before the write looks at the durable bit.
+        if word.load(Ordering::SeqCst) & bit == 0 {
+            word.fetch_or(bit, Ordering::SeqCst);
         }
     }
 
@@ -325,25 +331,55 @@ impl BackendChannel for VolumeChannel {
         for chunk in s.chunk_range(&io) {
             s.mark_dirty(chunk);
         }
-        // Announce the write before looking at `active`, so a snapshot that begins
-        // now waits for it (see `VolumeHandle::begin_snapshot`).
-        self.unaware.fetch_add(1, Ordering::SeqCst);
-        if !s.active.load(Ordering::SeqCst) {
-            let unaware = Arc::clone(&self.unaware);
-            return self.inner.submit(io, move |c| {
-                unaware.fetch_sub(1, Ordering::SeqCst);
-                done(c)
-            });
+        // The first write to a chunk since the record last dropped it waits until the
+        // chunk is on record; every later one finds its durable bit set.
+        if let Some(record) = s.record.get() {
+            let missing: Vec<u64> = s.chunk_range(&io).filter(|&c| !record.has(c)).collect();
+            if !missing.is_empty() {
+                let (shared, inner, reactor, unaware) = (
+                    Arc::clone(s),
+                    Rc::clone(&self.inner),
+                    Rc::clone(&self.reactor),
+                    Arc::clone(&self.unaware),
+                );
+                return record.need(missing, self.reactor.handle(), move |r| match r {
+                    Ok(()) => start_write(&shared, &inner, &reactor, &unaware, io, done),
+                    Err(e) => done(IoCompletion::err(io.bufs, e)),
+                });
+            }
         }
-        self.unaware.fetch_sub(1, Ordering::SeqCst);
-        guarded_write(
-            Arc::clone(s),
-            Rc::clone(&self.inner),
-            Rc::clone(&self.reactor),
-            io,
-            done,
-        );
+        start_write(s, &self.inner, &self.reactor, &self.unaware, io, done);
     }
+}
+
+/// Issues a host write whose chunks are marked changed (and on record): plainly, or
+/// through copy-before-write while a snapshot runs.
+fn start_write(
+    s: &Arc<Shared>,
+    inner: &Rc<Channel>,
+    reactor: &Rc<Reactor>,
+    unaware: &Arc<AtomicU64>,
+    io: BdevIo,
+    done: IoDone,
+) {
+    // Announce the write before looking at `active`, so a snapshot that begins now
+    // waits for it (see `VolumeHandle::begin_snapshot`).
+    unaware.fetch_add(1, Ordering::SeqCst);
+    if !s.active.load(Ordering::SeqCst) {
+        let unaware = Arc::clone(unaware);
+        return inner.submit(io, move |c| {
+            unaware.fetch_sub(1, Ordering::SeqCst);
+            done(c)
+        });
+    }
+    unaware.fetch_sub(1, Ordering::SeqCst);
+    guarded_write(
+        Arc::clone(s),
+        Rc::clone(inner),
+        Rc::clone(reactor),
+        io,
+        done,
+    );
 }
 
 /// Control of a volume's change tracking and snapshot state.
@@ -748,6 +784,58 @@ impl VolumeHandle {
         }
     }
 
+    /// Keeps the change tracking crash-consistent in a record at `path` (see
+    /// [`crate::dirty`]): from now on a write is acknowledged only once its chunks are
+    /// on it. Call before any host can write. A record made now starts from the
+    /// current tracking; one that was there is returned, with the snapshot it is
+    /// relative to (after a crash, adopt it with [`Self::replace_changes`]).
+    pub fn keep_dirty_record(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Option<ChangedChunks>, BdevError> {
+        let s = &self.shared;
+        let current = self.changes();
+        let (record, opened) = DirtyRecord::open(path, s.chunks, &current.bits)?;
+        s.record.set(record).map_err(|_| BdevError::Config {
+            name: s.inner.name().to_string(),
+            reason: "the volume keeps a change record already".into(),
+        })?;
+        if !opened.existed {
+            // A record made now must say what the tracking is relative to.
+            if let Some(r) = s.record.get() {
+                r.compact(current.base, Arc::clone(&s.dirty))?;
+            }
+            return Ok(None);
+        }
+        Ok(Some(ChangedChunks {
+            bits: opened.bits,
+            base: opened.base,
+        }))
+    }
+
+    /// Replaces the change tracking with `changed` (a record read back after a crash).
+    /// Call before any host can write.
+    pub fn replace_changes(&self, changed: &ChangedChunks) {
+        let s = &self.shared;
+        for (w, bits) in s.dirty.iter().zip(&changed.bits) {
+            w.store(*bits, Ordering::SeqCst);
+        }
+        *s.base.lock().unwrap_or_else(|p| p.into_inner()) = changed.base;
+    }
+
+    /// Makes the change record relative to the volume's base (the snapshot that just
+    /// succeeded and was catalogued): chunks not written since it began leave the
+    /// record. Call while no other snapshot of the volume can begin. A volume without
+    /// a record has nothing to do.
+    pub fn compact_dirty_record(&self) -> Result<(), BdevError> {
+        let s = &self.shared;
+        let Some(record) = s.record.get() else {
+            return Ok(());
+        };
+        let base = *s.base.lock().unwrap_or_else(|p| p.into_inner());
+        record.compact(base, Arc::clone(&s.dirty))
+    }
+
     /// Saves the change tracking to `path` atomically (temporary file, fsync, rename),
     /// for [`Tracking::Saved`] at the next start.
     pub fn save_changes(&self, path: &std::path::Path) -> std::io::Result<()> {
@@ -819,6 +907,7 @@ pub fn create_volume(
         block_size,
         chunks,
         dirty: initial.into_iter().map(AtomicU64::new).collect(),
+        record: OnceLock::new(),
         active: AtomicBool::new(false),
         state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
         preserved: Mutex::new(HashMap::new()),

@@ -1,7 +1,9 @@
 //! What making snapshots resumable costs their speed: the same full snapshot of a
 //! volume file (copies durable, as the daemon runs volumes) into a local-directory
 //! store, without a journal, with the appliance's checkpoint interval, and with a ten
-//! times shorter one; rounds alternate the modes, after one uncounted round. Not a test: it prints figures.
+//! times shorter one, and with the appliance's interval plus read-back before
+//! publishing (`verify_before_publish`: one GET per object); rounds alternate the
+//! modes, after one uncounted round. Not a test: it prints figures.
 //!
 //! cargo bench -p ox --bench snapshot_journal -- [--mib 2048] [--rounds 2]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -51,18 +53,28 @@ fn main() {
             .unwrap();
     }
     let kek = Kek::new("bench", SecretKey::random().unwrap());
-    let modes: [(&str, Option<Duration>); 3] = [
-        ("no journal", None),
-        ("journal, checkpoint every 5 s", Some(CHECKPOINT_EVERY)),
+    let modes: [(&str, Option<Duration>, bool); 4] = [
+        ("no journal", None, false),
+        (
+            "journal, checkpoint every 5 s",
+            Some(CHECKPOINT_EVERY),
+            false,
+        ),
         (
             "journal, checkpoint every 0.5 s",
             Some(CHECKPOINT_EVERY / 10),
+            false,
+        ),
+        (
+            "journal every 5 s, read back before publishing",
+            Some(CHECKPOINT_EVERY),
+            true,
         ),
     ];
-    let mut results: Vec<Vec<(f64, u32, Duration)>> = vec![Vec::new(); modes.len()];
+    let mut results: Vec<Vec<(f64, u32, Duration, u64)>> = vec![Vec::new(); modes.len()];
     // Round 0 warms the caches up and is not counted.
     for round in 0..=rounds {
-        for (m, (_, every)) in modes.iter().enumerate() {
+        for (m, (_, every, verify)) in modes.iter().enumerate() {
             let store_dir = tempfile::tempdir_in(dir.path()).unwrap();
             let opts = SnapshotOptions {
                 prefix: String::new(),
@@ -76,7 +88,7 @@ fn main() {
                 journal: every.map(|_| dir.path().join("vol.snapshot")),
                 store_name: "local".into(),
                 checkpoint_every: every.unwrap_or(CHECKPOINT_EVERY),
-                verify_before_publish: false,
+                verify_before_publish: *verify,
             };
             let (root, h, on) = (store_dir.path().to_path_buf(), h.clone(), on.clone());
             let start = Instant::now();
@@ -99,6 +111,7 @@ fn main() {
                 size as f64 / took.as_secs_f64() / 1e6,
                 report.checkpoints,
                 report.checkpoint_time,
+                report.read_back.map_or(0, |r| r.gets),
             ));
         }
     }
@@ -107,17 +120,18 @@ fn main() {
         size >> 20
     );
     println!(
-        "| mode | MB/s of volume (each round) | checkpoints | time in checkpoints | MB/s / no journal |"
+        "| mode | MB/s of volume (each round) | checkpoints | time in checkpoints | read-back GETs | MB/s / no journal |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let base: f64 = results[0].iter().map(|r| r.0).sum::<f64>() / rounds as f64;
-    for ((name, _), rs) in modes.iter().zip(&results) {
+    for ((name, _, _), rs) in modes.iter().zip(&results) {
         let mean = rs.iter().map(|r| r.0).sum::<f64>() / rounds as f64;
         let each: Vec<String> = rs.iter().map(|r| format!("{:.0}", r.0)).collect();
         let n: u32 = rs.iter().map(|r| r.1).sum();
         let t: Duration = rs.iter().map(|r| r.2).sum();
+        let gets: u64 = rs.iter().map(|r| r.3).sum();
         println!(
-            "| {name} | {} | {n} | {:.0} ms | ×{:.3} |",
+            "| {name} | {} | {n} | {:.0} ms | {gets} | ×{:.3} |",
             each.join(", "),
             t.as_secs_f64() * 1e3,
             mean / base
