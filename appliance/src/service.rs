@@ -434,8 +434,9 @@ impl Service {
         if how != (Opening::Existing { pending }) {
             remove_dirty_record(&self.dirty_path(&v.name));
         }
-        match handle.keep_dirty_record(&self.dirty_path(&v.name))? {
-            Some(record) if !saved_at_stop => {
+        let path = self.dirty_path(&v.name);
+        match handle.keep_dirty_record(&path) {
+            Ok(Some(record)) if !saved_at_stop => {
                 tracing::info!(
                     "volume {}: {} chunks changed since its last snapshot, from its change record",
                     v.name,
@@ -443,7 +444,27 @@ impl Service {
                 );
                 handle.replace_changes(&record);
             }
-            _ => {}
+            Ok(_) => {}
+            Err(e) => {
+                // Only the next snapshot's cost depends on it: every chunk counts as
+                // changed, and a new record starts from that.
+                tracing::warn!(
+                    "volume {}: change record {}: {e}; the next snapshot reads the whole volume",
+                    v.name,
+                    path.display()
+                );
+                let mut all = handle.changes();
+                all.mark_all();
+                all.base = None;
+                handle.replace_changes(&all);
+                remove_dirty_record(&path);
+                if let Err(e) = handle.keep_dirty_record(&path) {
+                    tracing::warn!(
+                        "volume {}: no change record ({e}): after a crash its next snapshot reads it whole",
+                        v.name
+                    );
+                }
+            }
         }
         let journal = self.journal_path(&v.name);
         let resumed = match ox::journal::Journal::load(&journal, chunks) {
@@ -1442,7 +1463,7 @@ impl Service {
             });
             let discard = |live: LiveVolume, why: String| {
                 drop(live);
-                let _ = std::fs::remove_file(&path);
+                service.remove_volume_files(&name);
                 Err(why)
             };
             let written = match copied {

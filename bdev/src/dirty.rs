@@ -103,16 +103,26 @@ impl DirtyRecord {
         initial: &[u64],
     ) -> Result<(Self, Opened), BdevError> {
         let bp = base_path(path);
-        let existed = path.exists() || bp.exists();
-        let (mut files, mut bits) = PresenceFiles::open(path, chunks)?;
+        // The base is written last when a record is made: without it, whatever else
+        // is there is a record never finished, and is made again.
+        let existed = bp.exists();
+        let (mut files, mut bits) = if existed {
+            PresenceFiles::open(path, chunks)?
+        } else {
+            let _ = std::fs::remove_file(path);
+            let mut log = path.as_os_str().to_owned();
+            log.push(".log");
+            let _ = std::fs::remove_file(PathBuf::from(log));
+            PresenceFiles::open(path, chunks)?
+        };
         let base = if existed {
             let bytes = std::fs::read(&bp).map_err(|e| damaged(&bp, e.to_string()))?;
             decode_base(&bp, &bytes)?
         } else {
-            crate::fsutil::replace_file(&bp, &encode_base(None))
-                .map_err(|e| damaged(&bp, e.to_string()))?;
             files.checkpoint(initial)?;
             bits = initial.to_vec();
+            crate::fsutil::replace_file(&bp, &encode_base(None))
+                .map_err(|e| damaged(&bp, e.to_string()))?;
             None
         };
         let durable: Arc<[AtomicU64]> = bits.iter().map(|&w| AtomicU64::new(w)).collect();

@@ -327,33 +327,27 @@ impl BackendChannel for VolumeChannel {
         ) {
             return self.inner.submit(io, done);
         }
-        let s = &self.shared;
-        for chunk in s.chunk_range(&io) {
-            s.mark_dirty(chunk);
-        }
-        // The first write to a chunk since the record last dropped it waits until the
-        // chunk is on record; every later one finds its durable bit set.
-        if let Some(record) = s.record.get() {
-            let missing: Vec<u64> = s.chunk_range(&io).filter(|&c| !record.has(c)).collect();
-            if !missing.is_empty() {
-                let (shared, inner, reactor, unaware) = (
-                    Arc::clone(s),
-                    Rc::clone(&self.inner),
-                    Rc::clone(&self.reactor),
-                    Arc::clone(&self.unaware),
-                );
-                return record.need(missing, self.reactor.handle(), move |r| match r {
-                    Ok(()) => start_write(&shared, &inner, &reactor, &unaware, io, done),
-                    Err(e) => done(IoCompletion::err(io.bufs, e)),
-                });
-            }
-        }
-        start_write(s, &self.inner, &self.reactor, &self.unaware, io, done);
+        start_write(
+            &self.shared,
+            &self.inner,
+            &self.reactor,
+            &self.unaware,
+            io,
+            done,
+        );
     }
 }
 
-/// Issues a host write whose chunks are marked changed (and on record): plainly, or
-/// through copy-before-write while a snapshot runs.
+/// Issues a host write: marks its chunks changed and, with a change record, on record
+/// (the first write to a chunk since the record last dropped it waits for that; every
+/// later one finds the durable bit set), then writes plainly, or through
+/// copy-before-write while a snapshot runs.
+///
+/// The chunks are marked after the write has decided which path it takes: a snapshot
+/// that began before it saw `active` has swapped the change set already, so the marks
+/// land in the next one (the write is after that snapshot's point in time); one that
+/// begins after it waits for the write (`unaware`) and then takes the marks with it.
+/// The record is looked at after the marks (compaction relies on that order).
 fn start_write(
     s: &Arc<Shared>,
     inner: &Rc<Channel>,
@@ -365,14 +359,40 @@ fn start_write(
     // Announce the write before looking at `active`, so a snapshot that begins now
     // waits for it (see `VolumeHandle::begin_snapshot`).
     unaware.fetch_add(1, Ordering::SeqCst);
-    if !s.active.load(Ordering::SeqCst) {
+    let active = s.active.load(Ordering::SeqCst);
+    if active {
+        unaware.fetch_sub(1, Ordering::SeqCst);
+    }
+    for chunk in s.chunk_range(&io) {
+        s.mark_dirty(chunk);
+    }
+    if let Some(record) = s.record.get() {
+        let missing: Vec<u64> = s.chunk_range(&io).filter(|&c| !record.has(c)).collect();
+        if !missing.is_empty() {
+            if !active {
+                unaware.fetch_sub(1, Ordering::SeqCst);
+            }
+            // Decided again once on record: a snapshot may begin meanwhile.
+            let (shared, inner, reactor, unaware) = (
+                Arc::clone(s),
+                Rc::clone(inner),
+                Rc::clone(reactor),
+                Arc::clone(unaware),
+            );
+            let on = reactor.handle().clone();
+            return record.need(missing, &on, move |r| match r {
+                Ok(()) => start_write(&shared, &inner, &reactor, &unaware, io, done),
+                Err(e) => done(IoCompletion::err(io.bufs, e)),
+            });
+        }
+    }
+    if !active {
         let unaware = Arc::clone(unaware);
         return inner.submit(io, move |c| {
             unaware.fetch_sub(1, Ordering::SeqCst);
             done(c)
         });
     }
-    unaware.fetch_sub(1, Ordering::SeqCst);
     guarded_write(
         Arc::clone(s),
         Rc::clone(inner),

@@ -65,10 +65,15 @@ pub async fn read_back(store: &dyn ObjectStore, loaded: &Loaded) -> Result<ReadB
     if let Some((o, frames)) = current.take() {
         check_object(store, loaded, o, &frames, &counters, &mut out).await?;
     }
-    assert_eq!(
-        out.frames, m.stored_chunks,
-        "every stored frame read back once"
-    );
+    if out.frames != m.stored_chunks {
+        return Err(OxError::integrity(
+            "read-back",
+            format!(
+                "{} frames read back, the snapshot stored {}",
+                out.frames, m.stored_chunks
+            ),
+        ));
+    }
     out.refetches = counters.refetches.into_inner();
     out.gets += out.refetches;
     Ok(out)

@@ -512,14 +512,18 @@ pub(super) async fn write(
     } else {
         None
     };
-    match store.put_new(&manifest_key, bytes).await {
+    match store.put_new(&manifest_key, bytes.clone()).await {
         Ok(()) => {}
-        // A resumed snapshot whose manifest an earlier attempt published after all.
-        Err(OxError::AlreadyExists { .. }) if resumed.is_some() => {
-            if let Some(report) =
-                published(store, &manifest_key, &snapshot_hex, start.next_chunk).await?
-            {
-                return Ok(report);
+        // Something at this snapshot's own (random) key already: the manifest an
+        // earlier attempt published after all (adopted), or a damaged copy a store
+        // kept of a body it refused (replaced).
+        Err(OxError::AlreadyExists { .. }) => {
+            match published(store, &manifest_key, &snapshot_hex, start.next_chunk).await {
+                Ok(Some(report)) if resumed.is_some() => return Ok(report),
+                Ok(Some(_)) => {}
+                Ok(None) => store.put_new(&manifest_key, bytes).await?,
+                Err(OxError::Integrity { .. }) => store.put(&manifest_key, bytes).await?,
+                Err(e) => return Err(e),
             }
         }
         Err(e) => return Err(e),

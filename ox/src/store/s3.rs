@@ -4,8 +4,8 @@
 //! connection failures, never on other 4xx; multipart upload for large objects;
 //! batched deletes; conditional create (`If-None-Match: *`) for manifests.
 //!
-//! Every PUT and UploadPart carries the body's `Content-MD5` and
-//! `x-amz-checksum-crc32c`, both signed, so the store refuses a body damaged on the way
+//! Every PUT carries the body's `Content-MD5` and `x-amz-checksum-crc32c` (each part
+//! of a multipart upload its `Content-MD5`), signed, so the store refuses a body damaged on the way
 //! (AWS, MinIO and Ceph RGW answer 400 `BadDigest`, Garage `InvalidDigest`; Ceph
 //! before Squid checks only `Content-MD5`): such a refusal is retried like a 5xx, and a
 //! PUT counts as done only when acknowledged (and, where the store echoes the CRC32C,
@@ -205,14 +205,21 @@ impl BodyDigests {
         }
     }
 
-    /// Adds them to `action`'s signed headers and returns them for the request.
-    fn sign_into<'a>(&'a self, headers: &mut rusty_s3::Map<'a>) -> Vec<(&'static str, String)> {
+    /// Adds them to `action`'s signed headers and returns them for the request; a
+    /// part of a multipart upload carries only `Content-MD5` (S3 refuses a part's
+    /// CRC32C unless the upload declared the algorithm when it was created).
+    fn sign_into<'a>(
+        &'a self,
+        headers: &mut rusty_s3::Map<'a>,
+        part: bool,
+    ) -> Vec<(&'static str, String)> {
         headers.insert("content-md5", self.md5.as_str());
-        headers.insert("x-amz-checksum-crc32c", self.crc32c.as_str());
-        vec![
-            ("content-md5", self.md5.clone()),
-            ("x-amz-checksum-crc32c", self.crc32c.clone()),
-        ]
+        let mut out = vec![("content-md5", self.md5.clone())];
+        if !part {
+            headers.insert("x-amz-checksum-crc32c", self.crc32c.as_str());
+            out.push(("x-amz-checksum-crc32c", self.crc32c.clone()));
+        }
+        out
     }
 }
 
@@ -392,7 +399,7 @@ impl S3Store {
         }
         let digests = BodyDigests::of(&data);
         let mut action = self.bucket.put_object(Some(&self.credentials), key);
-        let mut headers = digests.sign_into(action.headers_mut());
+        let mut headers = digests.sign_into(action.headers_mut(), false);
         let url = action.sign(SIGN_FOR);
         if if_absent {
             headers.push(("if-none-match", "*".to_string()));
@@ -414,15 +421,15 @@ impl S3Store {
             .map(|_| ());
         match result {
             // A conditional create refused after an earlier attempt of ours was sent:
-            // that attempt may have landed (its answer lost) — or a store that keeps a
-            // body it refused as damaged may hold a bad copy. Ours if identical; else
-            // the damaged copy is replaced (the key is this writer's own).
+            // that attempt may have landed with its answer lost. Ours if identical;
+            // anything else there is for the caller to judge (AlreadyExists).
             Err(OxError::AlreadyExists { .. }) if if_absent && sent.get() > 1 => {
-                if self.get_object(key, None, true).await? == data {
-                    return Ok(());
+                match self.get_object(key, None, true).await {
+                    Ok(there) if there == data => Ok(()),
+                    _ => Err(OxError::AlreadyExists {
+                        key: key.to_string(),
+                    }),
                 }
-                tracing::warn!(key, "replacing a damaged copy left by an earlier attempt");
-                Box::pin(self.put_object(key, data, false)).await
             }
             other => other,
         }
@@ -473,7 +480,7 @@ impl S3Store {
             let mut action =
                 self.bucket
                     .upload_part(Some(&self.credentials), key, number, upload_id);
-            let headers = digests.sign_into(action.headers_mut());
+            let headers = digests.sign_into(action.headers_mut(), true);
             let url = action.sign(SIGN_FOR);
             let resp = self
                 .with_retries(
