@@ -542,6 +542,37 @@ fn ctl_list(ctl: &Ctl) -> usize {
     c["snapshots"].as_array().unwrap().len()
 }
 
+/// The configuration of an appliance in `d` (its state, socket and key there) with a
+/// local store `l`, key `k` and exports on `port`: `ox_extra` is added to `[ox]`,
+/// `rest` after the key (volumes, say). Returns the file and a client of its socket.
+fn local_appliance(
+    d: &std::path::Path,
+    port: u16,
+    ox_extra: &str,
+    rest: &str,
+) -> (std::path::PathBuf, Ctl) {
+    write_private(&d.join("kek"), &"66".repeat(32));
+    let socket = d.join("oxd.sock");
+    let config = d.join("oxd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
+             [ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{port}\"]\n{ox_extra}\
+             [[store]]\nname = \"l\"\nkind = \"local\"\npath = {objects:?}\n\
+             [[key]]\nname = \"k\"\nfile = {kek:?}\n{rest}",
+            state = d.join("state"),
+            objects = d.join("objects"),
+            kek = d.join("kek"),
+        ),
+    )
+    .unwrap();
+    let ctl = Ctl {
+        socket: socket.display().to_string(),
+    };
+    (config, ctl)
+}
+
 /// A volume file cut short and a clone copy cut short while oxd was stopped: at the
 /// restart both are listed as unavailable with the reason, neither is served (a host
 /// would read zeroes where data was), and the rest of the appliance runs.
@@ -549,31 +580,19 @@ fn ctl_list(ctl: &Ctl) -> usize {
 fn a_cut_short_volume_file_or_clone_copy_is_never_served() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_private(&d.join("kek"), &"33".repeat(32));
     let port = free_port();
-    let socket = d.join("oxd.sock");
-    let config = d.join("oxd.toml");
     let nqn = |name: &str| format!("nqn.2026-11.io.ox:{name}");
-    std::fs::write(
-        &config,
-        format!(
-            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
-             [ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{port}\"]\n\
-             [[store]]\nname = \"l\"\nkind = \"local\"\npath = {objects:?}\n\
-             [[key]]\nname = \"k\"\nfile = {kek:?}\n\
-             [[volume]]\nname = \"v\"\nsize_mib = 4\nnqn = \"{v}\"\nallow_any_host = true\n\
+    let (config, ctl) = local_appliance(
+        d,
+        port,
+        "",
+        &format!(
+            "[[volume]]\nname = \"v\"\nsize_mib = 4\nnqn = \"{v}\"\nallow_any_host = true\n\
              [[volume]]\nname = \"w\"\nsize_mib = 4\nnqn = \"{w}\"\nallow_any_host = true\n",
-            state = d.join("state"),
-            objects = d.join("objects"),
-            kek = d.join("kek"),
             v = nqn("v"),
             w = nqn("w"),
         ),
-    )
-    .unwrap();
-    let ctl = Ctl {
-        socket: socket.display().to_string(),
-    };
+    );
     let target = |name: &str| format!("127.0.0.1:{port},{},1", nqn(name));
     let mut oxd = start_oxd(&config);
     oxperf(&target("v"), "write", "0:8192", 32, 131072, 1);
@@ -659,7 +678,6 @@ fn a_cut_short_volume_file_or_clone_copy_is_never_served() {
 fn every_accepted_configuration_round_trips_through_snapshot_clone_and_restore() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_private(&d.join("kek"), &"44".repeat(32));
     for (chunk_kib, zstd, object_mib) in [
         (64, 0, 1),
         (128, 1, 1024),
@@ -670,31 +688,19 @@ fn every_accepted_configuration_round_trips_through_snapshot_clone_and_restore()
         let run = d.join(format!("c{chunk_kib}"));
         std::fs::create_dir(&run).unwrap();
         let port = free_port();
-        let socket = run.join("oxd.sock");
-        let config = run.join("oxd.toml");
         let nqn = |name: &str| format!("nqn.2026-11.io.ox:{name}");
-        std::fs::write(
-            &config,
-            format!(
-                "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
-                 [ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{port}\"]\n\
-                 chunk_kib = {chunk_kib}\nzstd_level = {zstd}\nobject_mib = {object_mib}\n\
-                 [[store]]\nname = \"l\"\nkind = \"local\"\npath = {objects:?}\n\
-                 [[key]]\nname = \"k\"\nfile = {kek:?}\n\
-                 [[volume]]\nname = \"a\"\nsize_mib = 4\nnqn = \"{a}\"\nallow_any_host = true\n\
+        let (config, ctl) = local_appliance(
+            &run,
+            port,
+            &format!("chunk_kib = {chunk_kib}\nzstd_level = {zstd}\nobject_mib = {object_mib}\n"),
+            &format!(
+                "[[volume]]\nname = \"a\"\nsize_mib = 4\nnqn = \"{a}\"\nallow_any_host = true\n\
                  [[volume]]\nname = \"b\"\nsize_mib = 4\nblock_size = 4096\nnqn = \"{b}\"\n\
                  allow_any_host = true\n",
-                state = run.join("state"),
-                objects = run.join("objects"),
-                kek = d.join("kek"),
                 a = nqn("a"),
                 b = nqn("b"),
             ),
-        )
-        .unwrap();
-        let ctl = Ctl {
-            socket: socket.display().to_string(),
-        };
+        );
         let _oxd = start_oxd(&config);
         let target = |name: &str| format!("127.0.0.1:{port},{},1", nqn(name));
         for (vol, bs) in [("a", 512u64), ("b", 4096)] {
@@ -826,26 +832,9 @@ fn refused_connects_are_audited_rate_limited_and_counted() {
 fn api_errors_say_what_kind_they_are() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_private(&d.join("kek"), &"55".repeat(32));
+    let (config, ctl) = local_appliance(d, free_port(), "", "");
     let socket = d.join("oxd.sock");
-    let config = d.join("oxd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
-             [ox]\nstate_dir = {state:?}\n\
-             [[store]]\nname = \"l\"\nkind = \"local\"\npath = {objects:?}\n\
-             [[key]]\nname = \"k\"\nfile = {kek:?}\n",
-            state = d.join("state"),
-            objects = d.join("objects"),
-            kek = d.join("kek"),
-        ),
-    )
-    .unwrap();
     let _oxd = start_oxd(&config);
-    let ctl = Ctl {
-        socket: socket.display().to_string(),
-    };
     let call = |method: &str, params: &str| -> Value {
         use std::io::{BufRead, Write};
         let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
@@ -982,27 +971,13 @@ fn api_errors_say_what_kind_they_are() {
 fn a_crash_during_writes_keeps_the_next_snapshot_incremental() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_private(&d.join("kek"), &"66".repeat(32));
     let port = free_port();
-    let socket = d.join("oxd.sock");
-    let config = d.join("oxd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
-             [ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{port}\"]\nzstd_level = 0\n\
-             [[store]]\nname = \"l\"\nkind = \"local\"\npath = {objects:?}\n\
-             [[key]]\nname = \"k\"\nfile = {kek:?}\n\
-             [[volume]]\nname = \"v\"\nsize_mib = 64\nnqn = \"nqn.2026-11.io.ox:v\"\nallow_any_host = true\n",
-            state = d.join("state"),
-            objects = d.join("objects"),
-            kek = d.join("kek"),
-        ),
-    )
-    .unwrap();
-    let ctl = Ctl {
-        socket: socket.display().to_string(),
-    };
+    let (config, ctl) = local_appliance(
+        d,
+        port,
+        "zstd_level = 0\n",
+        "[[volume]]\nname = \"v\"\nsize_mib = 64\nnqn = \"nqn.2026-11.io.ox:v\"\nallow_any_host = true\n",
+    );
     let vol = format!("127.0.0.1:{port},nqn.2026-11.io.ox:v,1");
     let mut oxd = start_oxd(&config);
     oxperf(&vol, "write", "0:131072", 512, 131072, 1);
