@@ -193,22 +193,7 @@ impl Inner {
                 self.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
                 Ok(vec![0; len])
             }
-            Entry::Frame {
-                source,
-                object,
-                offset,
-                length,
-            } => {
-                let src = self
-                    .loaded
-                    .sources
-                    .get(usize::from(source))
-                    .ok_or_else(|| {
-                        OxError::integrity("index", format!("source {source} unknown"))
-                    })?;
-                let key = src.objects.get(object as usize).ok_or_else(|| {
-                    OxError::integrity("index", format!("object {object} unknown"))
-                })?;
+            Entry::Frame { length, .. } => {
                 let class = match reason {
                     FetchReason::ClientMiss => Class::Foreground,
                     _ => Class::Background,
@@ -216,23 +201,15 @@ impl Inner {
                 self.throttle
                     .acquire(&self.name, class, u64::from(length))
                     .await;
-                let codec = src.codec()?;
-                let range = Some((offset, u64::from(length)));
                 let counters = &self.counters;
-                crate::fetch::checked(&*store, key, range, Some(&counters.integrity), |frame| {
-                    counters.frame_gets.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .frame_bytes
-                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
-                    if frame.len() != length as usize {
-                        return Err(OxError::integrity(
-                            key,
-                            "object shorter than the index says",
-                        ));
-                    }
-                    codec.decode(chunk, &frame, len)
-                })
-                .await
+                let bytes = self
+                    .loaded
+                    .chunk(&*store, chunk, entry, Some(&counters.integrity), |n| {
+                        counters.frame_gets.fetch_add(1, Ordering::Relaxed);
+                        counters.frame_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    })
+                    .await?;
+                Ok(bytes.unwrap_or_else(|| vec![0; len]))
             }
         }
     }

@@ -18,7 +18,7 @@ use bdev::{Bdev, BdevIo, CloneHandle, FetchReason, IoBuf};
 use reactor::ReactorHandle;
 
 use crate::error::OxError;
-use crate::format::{Entry, PAGE_CHUNKS};
+use crate::format::PAGE_CHUNKS;
 use crate::snapshot::Loaded;
 use crate::store::ObjectStore;
 
@@ -260,7 +260,7 @@ pub async fn verify(
         let (index, _) = loaded.page(store, page, None).await?;
         for (i, entry) in index.entries.iter().enumerate() {
             let chunk = page * PAGE_CHUNKS + i as u64;
-            match decode_chunk(store, loaded, chunk, *entry).await {
+            match loaded.chunk(store, chunk, *entry, None, |_| {}).await {
                 Ok(None) => report.zero += 1,
                 Ok(Some(_)) => report.frames += 1,
                 Err(e) => report.bad.push((chunk, e.to_string())),
@@ -274,53 +274,6 @@ pub async fn verify(
         "every chunk examined once"
     );
     Ok(report)
-}
-
-/// The bytes of `chunk` (`None` for a zero chunk).
-async fn decode_chunk(
-    store: &dyn ObjectStore,
-    loaded: &Loaded,
-    chunk: u64,
-    entry: Entry,
-) -> Result<Option<Vec<u8>>, OxError> {
-    let m = &loaded.manifest;
-    let chunk_bytes = u64::from(m.chunk_bytes);
-    let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes) as usize;
-    let Entry::Frame {
-        source,
-        object,
-        offset,
-        length,
-    } = entry
-    else {
-        return Ok(None);
-    };
-    let src = loaded
-        .sources
-        .get(usize::from(source))
-        .ok_or_else(|| OxError::integrity("index", format!("source {source} unknown")))?;
-    let key = src
-        .objects
-        .get(object as usize)
-        .ok_or_else(|| OxError::integrity("index", format!("object {object} unknown")))?;
-    let codec = src.codec()?;
-    crate::fetch::checked(
-        store,
-        key,
-        Some((offset, u64::from(length))),
-        None,
-        |frame| {
-            if frame.len() != length as usize {
-                return Err(OxError::integrity(
-                    key,
-                    "object shorter than the index says",
-                ));
-            }
-            codec.decode(chunk, &frame, len)
-        },
-    )
-    .await
-    .map(Some)
 }
 
 /// Copies the whole snapshot onto `target` (same size), through reactor `on`: every
@@ -349,7 +302,7 @@ pub async fn restore(
             let chunk = page * PAGE_CHUNKS + i as u64;
             let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes);
             let lba = chunk * chunk_bytes / block;
-            let io = match decode_chunk(store, loaded, chunk, *entry).await? {
+            let io = match loaded.chunk(store, chunk, *entry, None, |_| {}).await? {
                 Some(data) => BdevIo::write(lba, len / block, vec![IoBuf::from_slice(&data)]),
                 None => BdevIo::write_zeroes(lba, len / block),
             };

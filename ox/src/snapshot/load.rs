@@ -4,7 +4,7 @@
 use crate::codec::{Binding, Codec, CodecSettings};
 use crate::error::OxError;
 use crate::fetch::IntegrityCounters;
-use crate::format::{IndexPage, Manifest};
+use crate::format::{Entry, IndexPage, Manifest};
 use crate::keys::{self, Kek, SecretKey};
 use crate::store::ObjectStore;
 
@@ -83,6 +83,54 @@ fn source_of(m: &Manifest, keks: &[Kek]) -> Result<Source, OxError> {
 }
 
 impl Loaded {
+    /// The bytes of `chunk`, whose index entry is `entry`: `None` for a zero chunk,
+    /// else its frame fetched (again, on a fresh connection, while it fails its check;
+    /// counted in `counters`) and decoded. `on_body` sees the length of every body
+    /// fetched.
+    pub async fn chunk(
+        &self,
+        store: &dyn ObjectStore,
+        chunk: u64,
+        entry: Entry,
+        counters: Option<&IntegrityCounters>,
+        on_body: impl Fn(usize),
+    ) -> Result<Option<Vec<u8>>, OxError> {
+        let Entry::Frame {
+            source,
+            object,
+            offset,
+            length,
+        } = entry
+        else {
+            return Ok(None);
+        };
+        let m = &self.manifest;
+        let chunk_bytes = u64::from(m.chunk_bytes);
+        let plain = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes) as usize;
+        let src = self
+            .sources
+            .get(usize::from(source))
+            .ok_or_else(|| OxError::integrity("index", format!("source {source} unknown")))?;
+        let key = src
+            .objects
+            .get(object as usize)
+            .ok_or_else(|| OxError::integrity("index", format!("object {object} unknown")))?;
+        let codec = src.codec()?;
+        let range = Some((offset, u64::from(length)));
+        crate::fetch::checked(store, key, range, counters, |frame| {
+            on_body(frame.len());
+            if frame.len() != length as usize {
+                return Err(OxError::integrity(
+                    key,
+                    "object shorter than the index says",
+                ));
+            }
+            codec.decode(chunk, &frame, plain)
+        })
+        .await
+        .map(Some)
+    }
+
     /// Loads index page `page` (fetched again if it fails its check, counted in
     /// `counters`); also returns the bytes fetched.
     pub async fn page(
