@@ -302,6 +302,8 @@ pub struct NvmfSection {
     pub max_io_queues: Option<u16>,
     /// Connections across the target that have completed Connect.
     pub max_connections: Option<usize>,
+    /// Discovery controllers across the target (apart from `max_connections`).
+    pub max_discovery_connections: Option<usize>,
     /// Connections of a listener that have not completed Connect yet.
     pub max_pending_connections: Option<usize>,
     /// Of those, from one source address.
@@ -484,6 +486,9 @@ impl Config {
                 .map_or(d.max_h2c_data, |k| k.saturating_mul(1024)),
             max_io_queues: n.max_io_queues.unwrap_or(d.max_io_queues),
             max_connections: n.max_connections.unwrap_or(d.max_connections),
+            max_discovery_connections: n
+                .max_discovery_connections
+                .unwrap_or(d.max_discovery_connections),
             max_pending_connections: n
                 .max_pending_connections
                 .unwrap_or(d.max_pending_connections),

@@ -37,7 +37,7 @@ use crate::pdu::{
     Fes, IC_LEN, IcReq, IcResp, PduType, SHORT_HLEN,
 };
 use crate::subsystem::{ADMIN_IN_CAPSULE, Namespace, SocketIo, Subsystem};
-use crate::target::{CtrlShared, QueueRef, TargetShared};
+use crate::target::{CtrlShared, Established, QueueRef, TargetShared};
 
 /// Segments handed to one SendMsg at most.
 const MAX_IOV: usize = 64;
@@ -238,8 +238,9 @@ struct State {
     cids: CidSet,
     writes: HashMap<u16, PendingWrite>,
     free_ttags: Vec<u16>,
-    /// Counted in the target's established connections (Connect succeeded).
-    counted: bool,
+    /// Counted in the target's established connections (Connect succeeded): among
+    /// the discovery controllers' or the rest.
+    counted: Option<Established>,
     /// The pending slot held until Connect succeeds.
     pending: Option<admission::Ticket>,
 }
@@ -304,7 +305,7 @@ impl Conn {
                 cids: CidSet::default(),
                 writes: HashMap::new(),
                 free_ttags: Vec::new(),
-                counted: false,
+                counted: None,
                 pending: Some(ticket),
             }),
             target,
@@ -326,29 +327,30 @@ impl Conn {
         conn.recv();
     }
 
-    /// Counts this connection among the target's established ones, if there is room
-    /// (its Connect is being decided); false: the target is full.
-    fn take_established_slot(&self) -> bool {
+    /// Counts this connection among the target's established ones of `kind`, if
+    /// there is room (its Connect is being decided); false: they are full.
+    fn take_established_slot(&self, kind: Established) -> bool {
         let mut st = self.st.borrow_mut();
-        assert!(!st.counted, "a connection counted twice");
-        let limit = self.target.limits.max_connections;
-        if self.target.connections.fetch_add(1, Ordering::SeqCst) >= limit {
-            self.target.connections.fetch_sub(1, Ordering::SeqCst);
+        assert!(st.counted.is_none(), "a connection counted twice");
+        let (count, limit) = self.target.established(kind);
+        if count.fetch_add(1, Ordering::SeqCst) >= limit {
+            count.fetch_sub(1, Ordering::SeqCst);
             return false;
         }
-        st.counted = true;
+        st.counted = Some(kind);
         true
     }
 
-    /// Gives the established slot back (its Connect failed).
+    /// Gives the established slot back (its Connect failed, or the connection closed).
     fn release_established_slot(&self) {
-        let mut st = self.st.borrow_mut();
-        assert!(
-            st.counted,
-            "an established slot given back that was never taken"
-        );
-        st.counted = false;
-        self.target.connections.fetch_sub(1, Ordering::SeqCst);
+        let kind = self.st.borrow_mut().counted.take();
+        let Some(kind) = kind else {
+            unreachable!("an established slot given back that was never taken");
+        };
+        self.target
+            .established(kind)
+            .0
+            .fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Closes the connection after `after` unless it has left `phase` (AwaitIcReq) or,
@@ -396,12 +398,12 @@ impl Conn {
             st.writes.clear();
             // A pending slot goes back with the ticket.
             st.pending = None;
-            (st.queue.take(), std::mem::take(&mut st.counted))
+            (st.queue.take(), st.counted.is_some())
         };
         // SAFETY: shutdown on a descriptor we own; it stays open until `self` drops.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
         if counted {
-            self.target.connections.fetch_sub(1, Ordering::SeqCst);
+            self.release_established_slot();
         }
         match queue {
             Some(Queue::Admin(ctrl)) => ctrlr::teardown(&ctrl, &self.target),
@@ -875,7 +877,14 @@ impl Conn {
         let connected = self.st.borrow().queue.is_some();
         let reply = match (sqe.fctype(), connected) {
             (fctype::CONNECT, false) => {
-                let outcome = if self.take_established_slot() {
+                // Discovery controllers have slots of their own: idle ones (a
+                // discovery Connect needs no host check) cannot take I/O hosts' places.
+                let kind = if ctrlr::connects_to_discovery(data.as_deref().unwrap_or_default()) {
+                    Established::Discovery
+                } else {
+                    Established::Subsystem
+                };
+                let outcome = if self.take_established_slot(kind) {
                     ctrlr::connect(self, &sqe, data.as_deref().unwrap_or_default())
                         .inspect_err(|_| self.release_established_slot())
                 } else {

@@ -140,6 +140,11 @@ fn connect_nqns(data: &[u8]) -> (String, String) {
     (le::str0(data, 512, 256), le::str0(data, 256, 256))
 }
 
+/// Whether a Connect (its `data`) asks for the discovery subsystem.
+pub(crate) fn connects_to_discovery(data: &[u8]) -> bool {
+    connect_nqns(data).1 == DISCOVERY_NQN
+}
+
 /// Tells the observer (the audit log) of a Connect decision.
 fn observe(conn: &Conn, hostnqn: &str, subnqn: &str, allowed: bool, reason: &'static str) {
     if let Some(o) = conn.target.observer.get() {

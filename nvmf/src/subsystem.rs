@@ -188,6 +188,9 @@ pub struct Limits {
     /// Connections across the whole target that have completed Connect (queues of
     /// controllers); one more gets "controller busy".
     pub max_connections: usize,
+    /// Discovery controllers across the target (counted apart from `max_connections`,
+    /// so idle ones cannot lock out I/O hosts); one more gets "controller busy".
+    pub max_discovery_connections: usize,
     /// Connections of one listener that have not completed Connect yet; more are
     /// closed as they are accepted.
     pub max_pending_connections: usize,
@@ -212,6 +215,7 @@ impl Default for Limits {
             max_h2c_data: 128 << 10,
             max_io_queues: 8,
             max_connections: 256,
+            max_discovery_connections: 64,
             max_pending_connections: 256,
             max_pending_per_address: 64,
             icreq_timeout: std::time::Duration::from_secs(5),
@@ -292,6 +296,9 @@ impl TargetConfig {
         }
         if l.max_connections == 0 {
             return bad("max connections must be at least 1".into());
+        }
+        if l.max_discovery_connections == 0 {
+            return bad("max discovery connections must be at least 1".into());
         }
         if l.max_pending_connections == 0 || l.max_pending_per_address == 0 {
             return bad(

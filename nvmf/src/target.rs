@@ -79,6 +79,8 @@ pub(crate) struct TargetShared {
     pub reactors: Vec<ReactorHandle>,
     next_reactor: AtomicUsize,
     pub connections: AtomicUsize,
+    /// Of the established connections, those of discovery controllers: counted apart.
+    pub discovery_connections: AtomicUsize,
     /// Connections closed as accepted: too many not connected yet (in all, or from
     /// their address).
     pub refused_pending: AtomicU64,
@@ -89,6 +91,15 @@ pub(crate) struct TargetShared {
     pub genctr: AtomicU64,
     /// Told of every admin-queue Connect decision (for the audit log).
     pub observer: std::sync::OnceLock<ConnectObserver>,
+}
+
+/// Which count an established connection is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Established {
+    /// Queues of subsystems' controllers (`Limits::max_connections`).
+    Subsystem,
+    /// Discovery controllers (`Limits::max_discovery_connections`).
+    Discovery,
 }
 
 /// A host's attempt to create a controller (admin-queue Connect) or to authenticate
@@ -122,6 +133,17 @@ impl TargetShared {
     pub fn pick_reactor(&self) -> &ReactorHandle {
         let i = self.next_reactor.fetch_add(1, Ordering::Relaxed);
         &self.reactors[i % self.reactors.len()]
+    }
+
+    /// The count of established connections of `kind`, and its limit.
+    pub fn established(&self, kind: Established) -> (&AtomicUsize, usize) {
+        match kind {
+            Established::Subsystem => (&self.connections, self.limits.max_connections),
+            Established::Discovery => (
+                &self.discovery_connections,
+                self.limits.max_discovery_connections,
+            ),
+        }
     }
 
     /// Counts and reports a connection from `peer` closed as it was accepted.
@@ -306,6 +328,7 @@ impl Target {
             reactors: reactors.to_vec(),
             next_reactor: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            discovery_connections: AtomicUsize::new(0),
             refused_pending: AtomicU64::new(0),
             timed_out_pending: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),

@@ -1375,3 +1375,38 @@ fn idle_sockets_never_lock_real_hosts_out() {
             .all(|e| e.peer.ip().to_string() != "127.0.0.1")
     );
 }
+
+/// Discovery controllers (whose Connect needs no host check) have slots of their
+/// own: idle ones fill those, never the slots I/O hosts connect with.
+#[test]
+fn idle_discovery_controllers_cannot_take_io_hosts_places() {
+    let limits = Limits {
+        max_connections: 2,
+        max_discovery_connections: 2,
+        ..Limits::default()
+    };
+    let s = setup(limits);
+    let d = Digests::default();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut h = Host::connect(s.addr, d);
+        let c = h.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0);
+        assert_eq!(c.status, Status::SUCCESS);
+        idle.push(h);
+    }
+    let mut third = Host::connect(s.addr, d);
+    let c = third.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_CTRL_BUSY, "discovery slots are full");
+    // An I/O host still gets its admin queue and an I/O queue.
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    assert!(q.read(1, 0, 8, 512).status().is_success());
+    assert_eq!(s.target.connections(), 2);
+    // A discovery controller that goes frees its slot.
+    drop(idle.pop());
+    wait_until("a discovery slot to free", || {
+        let mut h = Host::connect(s.addr, d);
+        h.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0).status
+            == Status::SUCCESS
+    });
+}
