@@ -1396,7 +1396,11 @@ fn idle_discovery_controllers_cannot_take_io_hosts_places() {
     }
     let mut third = Host::connect(s.addr, d);
     let c = third.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0);
-    assert_eq!(c.status, Status::CONNECT_CTRL_BUSY, "discovery slots are full");
+    assert_eq!(
+        c.status,
+        Status::CONNECT_CTRL_BUSY,
+        "discovery slots are full"
+    );
     // An I/O host still gets its admin queue and an I/O queue.
     let a = Host::admin_ready(s.addr, d, NQN, 1);
     let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
@@ -1406,7 +1410,8 @@ fn idle_discovery_controllers_cannot_take_io_hosts_places() {
     drop(idle.pop());
     wait_until("a discovery slot to free", || {
         let mut h = Host::connect(s.addr, d);
-        h.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0).status
+        h.fabric_connect(0, 31, nvmf::DISCOVERY_NQN, HOSTNQN, 0xFFFF, 0, 0)
+            .status
             == Status::SUCCESS
     });
 }
