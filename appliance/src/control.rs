@@ -21,15 +21,14 @@ use serde_json::{Value, json};
 
 use crate::admission::{Deadline, DeadlineStream, Limits, RateLimited, Slots};
 use crate::catalogue::ExportRecord;
-use crate::config::SubsystemSection;
 use crate::service::Service;
 
 /// What the API can see of the running appliance.
 pub struct State {
     /// Block devices by configuration order.
     pub bdevs: Vec<Bdev>,
-    /// Subsystems as configured, with their bound listeners.
-    pub subsystems: Vec<(SubsystemSection, Vec<String>)>,
+    /// The NVMe/TCP target: what it serves, configured or created at run time.
+    pub target: Arc<nvmf::Target>,
     /// Reactor cores.
     pub cores: Vec<usize>,
     /// The audit log, if configured.
@@ -397,25 +396,31 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
         }
         "nvmf_get_subsystems" => {
             params(p, &[])?;
-            Ok(Value::Array(
-                state
-                    .subsystems
-                    .iter()
-                    .map(|(s, listeners)| {
-                        json!({
-                            "nqn": s.nqn,
-                            "serial": s.serial,
-                            "model": s.model,
-                            "allow_any_host": s.allow_any_host,
-                            "hosts": s.hosts,
-                            "listeners": listeners,
-                            "namespaces": s.namespaces.iter().enumerate()
-                                .map(|(i, n)| json!({"nsid": i + 1, "bdev": n}))
-                                .collect::<Vec<_>>(),
-                        })
+            // What the target serves now: configured, and volumes' and clones' exports.
+            let mut list: Vec<Value> = state
+                .target
+                .subsystems()
+                .iter()
+                .map(|s| {
+                    let (any, hosts) = match &s.hosts {
+                        nvmf::HostPolicy::Any => (true, Vec::new()),
+                        nvmf::HostPolicy::Only(h) => (false, h.clone()),
+                    };
+                    json!({
+                        "nqn": s.nqn,
+                        "serial": s.serial,
+                        "model": s.model,
+                        "allow_any_host": any,
+                        "hosts": hosts,
+                        "listeners": s.listeners.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "namespaces": s.namespaces.iter()
+                            .map(|n| json!({"nsid": n.nsid, "bdev": n.bdev.name()}))
+                            .collect::<Vec<_>>(),
                     })
-                    .collect(),
-            ))
+                })
+                .collect();
+            list.sort_by(|a, b| a["nqn"].as_str().cmp(&b["nqn"].as_str()));
+            Ok(Value::Array(list))
         }
         "reactor_get_cores" => {
             params(p, &[])?;

@@ -85,18 +85,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let connects = audit_connects(&target, audit.clone())?;
     let state = Arc::new(control::State {
         bdevs: bdevs.clone(),
-        subsystems: config
-            .subsystems
-            .iter()
-            .map(|s| {
-                let l = target
-                    .listeners_of(&s.nqn)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
-                (s.clone(), l)
-            })
-            .collect(),
+        target: Arc::clone(&target),
         cores: set.handles().iter().map(|h| h.core()).collect(),
         audit: audit.clone(),
         service: service.clone(),

@@ -220,6 +220,12 @@ fn guarded_write(
             _ => return retry(shared, inner, reactor, io, done),
         }
     }
+    // The write lands after this: if it decided again under a snapshot that began
+    // since it was marked, that snapshot took the marks, so they go in again (a load
+    // when they are still there).
+    for chunk in shared.chunk_range(&io) {
+        shared.mark_dirty(chunk);
+    }
     inner.submit(io, done);
 }
 

@@ -673,9 +673,26 @@ impl Conn {
         st.cids.insert(sqe.cid())
     }
 
+    /// A new admin command whose CID is a held Asynchronous Event Request's retires
+    /// that request (it is never completed): SPDK's host, shutting down, cancels its
+    /// AERs on its own side only and reuses one of their CIDs for Property Get CC, and
+    /// the targets hosts are tested against take it.
+    fn retire_held_aer(&self, cid: u16) {
+        let mut st = self.st.borrow_mut();
+        let Some(Queue::Admin(ctrl)) = &st.queue else {
+            return;
+        };
+        let retired = ctrl.borrow_mut().retire_held_aer(cid);
+        if retired {
+            assert!(st.cids.contains(cid), "a held AER's CID is in use");
+            st.cids.remove(cid);
+        }
+    }
+
     /// Routes a command once its SGL is checked: data in the capsule, or to be
     /// fetched with R2T, or to be returned with C2HData.
     fn command(self: &Rc<Self>, sqe: Sqe, in_capsule: Option<&[u8]>) {
+        self.retire_held_aer(sqe.cid());
         let cid_ok = {
             let conflict = self.st.borrow().cids.contains(sqe.cid());
             !conflict && self.admit(&sqe)

@@ -97,6 +97,18 @@ const DISCOVERY_CHANGE_EVENT: u32 = 0x2 | 0xF0 << 8 | 0x70 << 16;
 /// notices, completes its oldest held asynchronous event request, or keeps the notice
 /// for the next request. Called when the target's message arrives and before every
 /// admin command.
+impl Controller {
+    /// Forgets the held Asynchronous Event Request with this CID, if there is one
+    /// (it will never be completed); whether there was.
+    pub(crate) fn retire_held_aer(&mut self, cid: u16) -> bool {
+        let found = self.held_aers.iter().position(|&held| held == cid);
+        if let Some(i) = found {
+            self.held_aers.remove(i);
+        }
+        found.is_some()
+    }
+}
+
 pub(crate) fn deliver_discovery_news(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Conn>) {
     let cid = {
         let mut c = ctrl.borrow_mut();
@@ -195,7 +207,11 @@ fn decide(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connected, Refused>
     let cntlid = le::u16(data, 16);
     let subnqn = le::str0(data, 256, 256);
     let hostnqn = le::str0(data, 512, 256);
-    if check_nqn(&hostnqn).is_err() {
+    // SPDK's tools send no host NQN unless told one; as SPDK's target and Linux
+    // nvmet do, that is accepted where any host may connect (it matches no allow-list
+    // entry and no secret).
+    let anonymous = hostnqn.is_empty();
+    if !anonymous && check_nqn(&hostnqn).is_err() {
         return Err((Reply::invalid_param(512, true), "invalid host NQN"));
     }
     let discovery = subnqn == DISCOVERY_NQN;
@@ -212,6 +228,12 @@ fn decide(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connected, Refused>
                 "no such subsystem on this listener",
             ));
         };
+        if anonymous && s.hosts != crate::HostPolicy::Any {
+            return Err((
+                Status::CONNECT_INVALID_HOST.into(),
+                "no host NQN, and the subsystem lets in only named hosts",
+            ));
+        }
         if !s.hosts.allows(&hostnqn) {
             return Err((Status::CONNECT_INVALID_HOST.into(), "host not allowed"));
         }

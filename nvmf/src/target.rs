@@ -486,6 +486,11 @@ impl Target {
             .unwrap_or_default()
     }
 
+    /// Every subsystem served now, configured or added while running.
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.shared.subsystems()
+    }
+
     /// Connections that have completed Connect.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::Relaxed)

@@ -1415,3 +1415,49 @@ fn idle_discovery_controllers_cannot_take_io_hosts_places() {
             == Status::SUCCESS
     });
 }
+
+/// What SPDK's host does that a target must take: a Connect without a host NQN (its
+/// tools send none unless told one) where any host may connect, and, at shutdown, a
+/// Property Get of CC reusing the CID of an Asynchronous Event Request it cancelled on
+/// its own side only.
+#[test]
+fn spdk_hosts_without_a_host_nqn_or_reusing_a_held_aer_cid_are_served() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    // No host NQN: let in where any host may connect, on the admin and I/O queues.
+    let mut a = Host::connect(s.addr, d);
+    let c = a.fabric_connect(0, 31, NQN, "", 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::SUCCESS);
+    assert!(
+        a.prop_set(0x14, (6 << 16) | (4 << 20) | 1)
+            .status()
+            .is_success()
+    );
+    let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
+    sqe.set_cdw(10, 0x07);
+    sqe.set_cdw(11, 0);
+    assert!(a.command(sqe, &[], 0).status().is_success());
+    let mut q = Host::connect(s.addr, d);
+    let c = q.fabric_connect(1, 31, NQN, "", a.cntlid, 0, 0);
+    assert_eq!(c.status, Status::SUCCESS);
+    assert!(q.read(1, 0, 8, 512).status().is_success());
+    // ... but not where only named hosts may.
+    let mut p = Host::connect(s.addr, d);
+    let c = p.fabric_connect(0, 31, PRIVATE, "", 0xFFFF, 0, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_HOST);
+    // An AER is held; a Property Get of CC reusing its CID retires it and is answered.
+    let aer = a.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    let second = a.submit(Sqe::new(admin::ASYNC_EVENT, 0));
+    a.reuse_cid(aer);
+    let cc = a.prop_get(0x14, false);
+    assert_eq!(cc.status(), Status::SUCCESS, "not a CID conflict");
+    assert_eq!(cc.cqe.unwrap().dw0 & 1, 1, "CC.EN read back");
+    // A command reusing the other held AER's CID retires that one too.
+    a.reuse_cid(second);
+    let mut sqe = Sqe::new(admin::GET_FEATURES, 0);
+    sqe.set_cdw(10, 0x07);
+    assert!(a.command(sqe, &[], 0).status().is_success());
+    // Commands with fresh CIDs go on as ever.
+    a.reuse_cid(1000);
+    assert!(a.prop_get(0x1C, false).status().is_success());
+}

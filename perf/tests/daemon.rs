@@ -610,6 +610,20 @@ fn a_cut_short_volume_file_or_clone_copy_is_never_served() {
         "--allow-any-host",
     ]);
     oxperf(&target("c"), "read", "0:8192", 32, 131072, 2);
+    // What is exported is listed: volumes' and clones' subsystems with their namespace.
+    let subsystems = ctl.ok(&["subsystems"]);
+    for name in ["v", "w", "c"] {
+        let s = subsystems
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["nqn"] == nqn(name))
+            .unwrap_or_else(|| panic!("{name} is not listed: {subsystems}"));
+        assert_eq!(s["namespaces"][0]["nsid"], 1, "{s}");
+        assert_eq!(s["namespaces"][0]["bdev"], name, "{s}");
+        assert_eq!(s["allow_any_host"], true, "{s}");
+        assert_eq!(s["listeners"][0], format!("127.0.0.1:{port}"), "{s}");
+    }
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(oxd.child.id() as i32, libc::SIGTERM) };
     assert!(oxd.child.wait().unwrap().success(), "a clean stop");

@@ -147,6 +147,12 @@ impl Host {
         }
     }
 
+    /// Makes the next command use `cid` again (as SPDK's host does at shutdown with
+    /// the CIDs of the AERs it cancelled on its own side).
+    pub fn reuse_cid(&mut self, cid: u16) {
+        self.cid = cid.wrapping_sub(1);
+    }
+
     pub fn next_cid(&mut self) -> u16 {
         self.cid = self.cid.wrapping_add(1);
         self.cid
