@@ -85,6 +85,9 @@ pub(crate) struct Controller {
     /// further changes wait for that read, as the specification masks them.
     disc_change_masked: bool,
     ka_poller: Option<PollerId>,
+    /// The listener its admin queue came in on (the current discovery subsystem's
+    /// address, for a discovery controller).
+    listener: std::net::SocketAddr,
 }
 
 /// Async Event Configuration bit: discovery log page change notices.
@@ -317,6 +320,7 @@ fn decide(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) -> Result<Connected, Refused>
             disc_change_pending: false,
             disc_change_masked: false,
             ka_poller: None,
+            listener: conn.local,
         }));
         arm_keep_alive(&ctrl, conn);
         return Ok(Connected {
@@ -619,7 +623,7 @@ fn log_page(c: &mut Controller, target: &TargetShared, sqe: &Sqe, xfer: u32) -> 
         (0x04, CtrlKind::Io) => vec![0u8; 4096],
         (0x70, CtrlKind::Discovery) => identify::discovery_log(
             target.genctr.load(Ordering::Relaxed),
-            &target.discovery_entries(&c.shared.hostnqn),
+            &target.discovery_entries(&c.shared.hostnqn, c.listener),
         ),
         _ => return Status::INVALID_LOG_PAGE.into(),
     };

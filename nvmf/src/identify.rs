@@ -201,7 +201,26 @@ pub struct DiscoveryEntry {
     pub port_id: u16,
     /// Admin queue depth the host may use.
     pub asqsz: u16,
+    /// What it describes.
+    pub kind: EntryKind,
 }
+
+/// What a discovery log entry describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// An NVM subsystem (SUBTYPE 2).
+    Subsystem,
+    /// The discovery subsystem the host is asking (SUBTYPE 3, TP 8013): explicit
+    /// persistent connections supported (it sends log change notices), and the same
+    /// log from every port.
+    CurrentDiscovery,
+}
+
+/// TREQ: secure channel not required (no TLS here; DH-HMAC-CHAP authenticates
+/// without one); SQ flow control may be disabled.
+const TREQ: u8 = 0x02 | 0x04;
+/// EFLAGS: duplicate returned information, explicit persistent connections.
+const EFLAGS_CURRENT: u16 = 0x01 | 0x02;
 
 /// Discovery log page (70h): header and 1024-byte entries.
 pub fn discovery_log(genctr: u64, entries: &[DiscoveryEntry]) -> Vec<u8> {
@@ -213,11 +232,16 @@ pub fn discovery_log(genctr: u64, entries: &[DiscoveryEntry]) -> Vec<u8> {
         let o = 1024 * (i + 1);
         b[o] = 3; // TRTYPE: TCP
         b[o + 1] = if e.addr.is_ipv4() { 1 } else { 2 }; // ADRFAM
-        b[o + 2] = 2; // SUBTYPE: NVM subsystem
-        b[o + 3] = 0x04; // TREQ: secure channel not specified; SQ flow control disable OK
+        let (subtype, eflags) = match e.kind {
+            EntryKind::Subsystem => (2, 0),
+            EntryKind::CurrentDiscovery => (3, EFLAGS_CURRENT),
+        };
+        b[o + 2] = subtype; // SUBTYPE
+        b[o + 3] = TREQ;
         put_u16(&mut b, o + 4, e.port_id);
         put_u16(&mut b, o + 6, 0xFFFF); // CNTLID: dynamic
         put_u16(&mut b, o + 8, e.asqsz);
+        put_u16(&mut b, o + 10, eflags); // EFLAGS
         put_ascii(&mut b, o + 32, 32, &e.addr.port().to_string());
         put_str0(&mut b, o + 256, 256, &e.nqn);
         put_ascii(&mut b, o + 512, 256, &e.addr.ip().to_string());
@@ -239,6 +263,7 @@ mod tests {
                 addr: "[::1]:4420".parse().unwrap(),
                 port_id: 2,
                 asqsz: 32,
+                kind: EntryKind::Subsystem,
             }],
         );
         assert_eq!(log.len(), 2048);

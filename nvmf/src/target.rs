@@ -15,8 +15,9 @@ use reactor::ReactorHandle;
 use crate::conn;
 use crate::dhchap::HostKeys;
 use crate::error::NvmfError;
-use crate::identify::DiscoveryEntry;
+use crate::identify::{DiscoveryEntry, EntryKind};
 use crate::listener;
+use crate::subsystem::DISCOVERY_NQN;
 use crate::subsystem::{Limits, SocketIo, Subsystem, TargetConfig};
 
 /// A queue of a controller, as other reactors see it.
@@ -248,21 +249,32 @@ impl TargetShared {
         }
     }
 
-    /// Discovery log entries visible to `hostnqn`.
-    pub fn discovery_entries(&self, hostnqn: &str) -> Vec<DiscoveryEntry> {
-        let mut out = Vec::new();
+    /// Discovery log entries visible to `hostnqn`, asking through the discovery
+    /// controller on listener `current`: that controller's own entry first (the
+    /// current discovery subsystem, as hosts since NVMe 2.0 / TP 8013 expect), then
+    /// every subsystem the host may see, on each of its listeners.
+    pub fn discovery_entries(&self, hostnqn: &str, current: SocketAddr) -> Vec<DiscoveryEntry> {
         let listen_addrs = self.listen_addrs();
+        let port_id =
+            |addr: &SocketAddr| listen_addrs.iter().position(|a| a == addr).unwrap_or(0) as u16;
+        let mut out = vec![DiscoveryEntry {
+            nqn: DISCOVERY_NQN.into(),
+            addr: current,
+            port_id: port_id(&current),
+            asqsz: self.limits.admin_queue_depth,
+            kind: EntryKind::CurrentDiscovery,
+        }];
         for s in &self.subsystems() {
             if !s.hosts.allows(hostnqn) {
                 continue;
             }
             for addr in &s.listeners {
-                let port_id = listen_addrs.iter().position(|a| a == addr).unwrap_or(0) as u16;
                 out.push(DiscoveryEntry {
                     nqn: s.nqn.clone(),
                     addr: *addr,
-                    port_id,
+                    port_id: port_id(addr),
                     asqsz: self.limits.admin_queue_depth,
+                    kind: EntryKind::Subsystem,
                 });
             }
         }

@@ -52,8 +52,12 @@ wait_aen() {{
   i=0
   while [ $i -lt 300 ] && [ "$(grep -c AEN /tmp/aen 2>/dev/null)" != "$1" ]; do sleep 0.1; i=$((i+1)); done
 }}
-if nvme discover {fabric} --persistent > /tmp/d1 2>&1; then
+if nvme discover {fabric} --persistent --raw=/tmp/raw > /tmp/d1 2>&1 && nvme discover {fabric} > /tmp/d1 2>&1; then
   echo "@@ PERSISTENT $(grep -c subnqn /tmp/d1)"
+  grep -o 'subtype: *.*' /tmp/d1 | sed 's/^/@@ /'
+  grep -o 'eflags: *.*' /tmp/d1 | sed 's/^/@@ /'
+  # TREQ as the log carries it (nvme-cli names only single values, not 0x06).
+  for i in 1 2; do echo "@@ TREQ $(od -An -tx1 -j $((1024*i+3)) -N1 /tmp/raw | tr -d ' ')"; done
 else
   echo "@@ FAIL persistent discovery: $(head -c 300 /tmp/d1)"
 fi
@@ -87,10 +91,27 @@ fn a_persistent_linux_discovery_controller_is_told_of_each_change() {
 
     let mut guest = Guest::boot(&guest_script(addr.port()));
     guest.wait_for("@@ READY 1");
+    // The discovery subsystem itself, then the one subsystem, as nvme-cli prints them.
+    let console = guest.console();
     assert!(
-        guest.console().contains("@@ PERSISTENT 1"),
-        "persistent discovery of one subsystem:\n{}",
-        guest.console()
+        console.contains("@@ PERSISTENT 2"),
+        "persistent discovery of itself and one subsystem:\n{console}"
+    );
+    assert!(
+        console.contains("@@ subtype: current discovery subsystem")
+            && console.contains("@@ subtype: nvme subsystem"),
+        "{console}"
+    );
+    assert!(
+        console.contains(
+            "@@ eflags:  explicit discovery connections, duplicate discovery information"
+        ),
+        "{console}"
+    );
+    assert_eq!(
+        console.matches("@@ TREQ 06").count(),
+        2,
+        "secure channel not required, SQ flow control may be off:\n{console}"
     );
     target.add_subsystem(subsystem(ADDED, addr)).unwrap();
     guest.wait_for("@@ READY 2");

@@ -519,13 +519,25 @@ fn discovery_lists_subsystems_the_host_may_see() {
     let n = le::u64(&page.data, 8) as usize;
     assert_eq!(
         n,
-        listeners.len(),
-        "only the open subsystem, once per listener"
+        1 + listeners.len(),
+        "this discovery subsystem, then only the open subsystem, once per listener"
     );
-    for i in 0..n {
+    // First the current discovery subsystem itself (TP 8013): SUBTYPE 3, EFLAGS
+    // duplicate information and explicit persistent connections, on the listener
+    // asked.
+    let own = &page.data[1024..2048];
+    assert_eq!(le::str0(own, 256, 256), nvmf::DISCOVERY_NQN);
+    assert_eq!((own[2], le::u16(own, 10)), (3, 0x3));
+    assert_eq!(le::str0(own, 32, 32).trim_end(), disc.port().to_string());
+    for i in 1..n {
         let e = &page.data[1024 * (i + 1)..1024 * (i + 2)];
         assert_eq!(le::str0(e, 256, 256), NQN);
         assert_eq!(e[0], 3);
+        assert_eq!(
+            (e[2], e[3], le::u16(e, 10)),
+            (2, 0x06, 0),
+            "NVM subsystem; TREQ: secure channel not required, SQ flow control may be off"
+        );
         let addr = le::str0(e, 512, 256).trim_end().to_string();
         let port = le::str0(e, 32, 32).trim_end().to_string();
         assert!(
