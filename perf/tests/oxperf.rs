@@ -250,8 +250,11 @@ fn discovery_and_clear_errors() {
     let d = oxperf(&["discover", &a.addr.to_string(), "--json"]);
     assert!(d.status.success(), "{}", text(&d));
     let log: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
-    assert_eq!(log[0]["subnqn"], NQN);
-    assert_eq!(log[0]["trsvcid"], a.addr.port().to_string());
+    // The discovery subsystem's own entry first, then the subsystem.
+    assert_eq!(log[0]["subnqn"], "nqn.2014-08.org.nvmexpress.discovery");
+    assert_eq!(log[0]["subtype"], 3);
+    assert_eq!(log[1]["subnqn"], NQN);
+    assert_eq!(log[1]["trsvcid"], a.addr.port().to_string());
 
     let c = core();
     let wrong = oxperf(&[
