@@ -213,7 +213,9 @@ impl Default for Limits {
             max_io_size: 1 << 20,
             in_capsule: 8192,
             max_h2c_data: 128 << 10,
-            max_io_queues: 8,
+            // Hosts ask for one per CPU (spdk_nvme_perf -P N for N); the pending
+            // per-address limit (64) must stay above it.
+            max_io_queues: 63,
             max_connections: 256,
             max_discovery_connections: 64,
             max_pending_connections: 256,

@@ -1325,6 +1325,7 @@ fn idle_sockets_never_lock_real_hosts_out() {
         max_connections: 8,
         max_pending_connections: 64,
         max_pending_per_address: 16,
+        max_io_queues: 8,
         icreq_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(2),
         ..Limits::default()
@@ -1472,4 +1473,14 @@ fn spdk_hosts_without_a_host_nqn_or_reusing_a_held_aer_cid_are_served() {
     // Commands with fresh CIDs go on as ever.
     a.reuse_cid(1000);
     assert!(a.prop_get(0x1C, false).status().is_success());
+}
+
+/// A host asking for nine I/O queues (`spdk_nvme_perf -P 9`) gets them by default.
+#[test]
+fn nine_io_queues_by_default() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 9);
+    let mut q9 = Host::io_queue(s.addr, d, NQN, a.cntlid, 9);
+    assert!(q9.read(1, 0, 8, 512).status().is_success());
 }
