@@ -432,7 +432,7 @@ impl Service {
         // volume (a stale one of a deleted namesake goes first); after a crash (no
         // tracking saved at a clean stop) it is what the next snapshot stores.
         if how != (Opening::Existing { pending }) {
-            remove_dirty_record(&self.dirty_path(&v.name));
+            bdev::remove_dirty_record(&self.dirty_path(&v.name));
         }
         let path = self.dirty_path(&v.name);
         match handle.keep_dirty_record(&path) {
@@ -457,7 +457,7 @@ impl Service {
                 all.mark_all();
                 all.base = None;
                 handle.replace_changes(&all);
-                remove_dirty_record(&path);
+                bdev::remove_dirty_record(&path);
                 if let Err(e) = handle.keep_dirty_record(&path) {
                     tracing::warn!(
                         "volume {}: no change record ({e}): after a crash its next snapshot reads it whole",
@@ -792,7 +792,7 @@ impl Service {
 
     /// Removes every file of volume `name` (deleted, or never fully created).
     fn remove_volume_files(&self, name: &str) {
-        remove_dirty_record(&self.dirty_path(name));
+        bdev::remove_dirty_record(&self.dirty_path(name));
         let _ = std::fs::remove_file(self.volume_path(name));
         let _ = std::fs::remove_file(self.tracking_path(name));
         let _ = std::fs::remove_file(self.preserve_path(name));
@@ -1859,15 +1859,6 @@ impl Service {
             }
         }
         problems
-    }
-}
-
-/// Removes a volume's change record (`NAME.dirty`, its log and its base).
-fn remove_dirty_record(path: &Path) {
-    for ext in ["", ".log", ".base"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(ext);
-        let _ = std::fs::remove_file(PathBuf::from(p));
     }
 }
 

@@ -64,6 +64,22 @@ fn base_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The files of the record at `path`: checkpoint, log and base.
+fn files(path: &Path) -> [PathBuf; 3] {
+    [
+        path.to_path_buf(),
+        crate::presence::log_path(path),
+        base_path(path),
+    ]
+}
+
+/// Removes the change record at `path` (its volume is deleted, or it is made anew).
+pub fn remove_dirty_record(path: &Path) {
+    for f in files(path) {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
 fn damaged(path: &Path, reason: impl Into<String>) -> BdevError {
     BdevError::Presence {
         path: path.display().to_string(),
@@ -106,15 +122,10 @@ impl DirtyRecord {
         // The base is written last when a record is made: without it, whatever else
         // is there is a record never finished, and is made again.
         let existed = bp.exists();
-        let (mut files, mut bits) = if existed {
-            PresenceFiles::open(path, chunks)?
-        } else {
-            let _ = std::fs::remove_file(path);
-            let mut log = path.as_os_str().to_owned();
-            log.push(".log");
-            let _ = std::fs::remove_file(PathBuf::from(log));
-            PresenceFiles::open(path, chunks)?
-        };
+        if !existed {
+            remove_dirty_record(path);
+        }
+        let (mut files, mut bits) = PresenceFiles::open(path, chunks)?;
         let base = if existed {
             let bytes = std::fs::read(&bp).map_err(|e| damaged(&bp, e.to_string()))?;
             decode_base(&bp, &bytes)?

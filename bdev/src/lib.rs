@@ -17,6 +17,7 @@ pub mod blocking;
 mod buf;
 mod clone;
 mod dirty;
+pub use dirty::remove_dirty_record;
 mod error;
 pub mod fsutil;
 mod io;

@@ -46,7 +46,7 @@ fn damaged(path: &Path, reason: String) -> BdevError {
     }
 }
 
-fn log_path(checkpoint: &Path) -> PathBuf {
+pub(crate) fn log_path(checkpoint: &Path) -> PathBuf {
     let mut p = checkpoint.as_os_str().to_owned();
     p.push(".log");
     PathBuf::from(p)

@@ -150,27 +150,26 @@ impl Chaos {
             return None;
         }
         *s += 1;
-        let kinds: &[Fault] = match (put, get) {
-            (true, _) => &[
-                Fault::PutFlip,
-                Fault::PutTruncate,
-                Fault::PutSwap,
-                Fault::ServerError,
-                Fault::ResetBefore,
-                Fault::ResetAfter,
-                Fault::Slow,
-            ],
-            (false, true) => &[
-                Fault::GetFlip,
-                Fault::GetTruncate,
-                Fault::GetSwap,
-                Fault::ServerError,
-                Fault::ResetBefore,
-                Fault::ResetAfter,
-                Fault::Slow,
-            ],
-            _ => &[Fault::ServerError, Fault::ResetBefore, Fault::Slow],
+        // What damages the body, for requests that carry one; then what any request
+        // may meet — a lost answer only where resending is harmless (uploads, reads).
+        // (The order is the seed's: a seed repeats a run only if it stays.)
+        let damage: &[Fault] = match (put, get) {
+            (true, _) => &[Fault::PutFlip, Fault::PutTruncate, Fault::PutSwap],
+            (false, true) => &[Fault::GetFlip, Fault::GetTruncate, Fault::GetSwap],
+            _ => &[],
         };
+        let lost: &[Fault] = if put || get {
+            &[Fault::ResetAfter]
+        } else {
+            &[]
+        };
+        let kinds: Vec<Fault> = [
+            damage,
+            &[Fault::ServerError, Fault::ResetBefore],
+            lost,
+            &[Fault::Slow],
+        ]
+        .concat();
         let f = kinds[((r >> 20) % kinds.len() as u64) as usize];
         let i = FAULTS.iter().position(|k| *k == f).unwrap();
         self.injected[i].fetch_add(1, Ordering::SeqCst);
