@@ -29,7 +29,8 @@ pub static TOTAL: IntegrityCounters = IntegrityCounters {
 };
 
 /// Fetches `key` (`range`: offset and length, or the whole object) and hands the body
-/// to `check`; while `check` finds it damaged ([`OxError::Integrity`]), fetches it
+/// to `check`; while `check` finds it damaged ([`OxError::Integrity`], or a
+/// [`OxError::Format`] a flipped version byte would give), fetches it
 /// again on a fresh connection, up to [`REFETCHES`] times. Other errors (the store
 /// unreachable, the object missing) return at once. `counters`, if given, count the
 /// failures and refetches as well as [`TOTAL`].
@@ -52,7 +53,10 @@ pub async fn checked<T>(
         };
         let e = match check(body) {
             Ok(v) => return Ok(v),
-            Err(e @ OxError::Integrity { .. }) => e,
+            // A version this build does not read is as likely a damaged version byte
+            // (a frame's header, a manifest without a checksum): fetched again too, and
+            // reported as it is if it stays.
+            Err(e @ (OxError::Integrity { .. } | OxError::Format(_))) => e,
             Err(e) => return Err(e),
         };
         for c in [Some(&TOTAL), counters].into_iter().flatten() {
@@ -71,5 +75,61 @@ pub async fn checked<T>(
         for c in [Some(&TOTAL), counters].into_iter().flatten() {
             c.refetches.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStore;
+    use std::cell::Cell;
+
+    /// A body that fails its check is fetched again until it passes; one whose version
+    /// byte reads as unknown is too; an error of another kind is not.
+    #[test]
+    fn damaged_bodies_are_fetched_again_and_other_errors_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().to_path_buf()).unwrap();
+        let counters = IntegrityCounters::default();
+        futures_lite::future::block_on(async {
+            store.put("k", b"body".to_vec()).await.unwrap();
+            for version_byte in [false, true] {
+                let failures = Cell::new(2);
+                let got = checked(&store, "k", None, Some(&counters), |b| {
+                    if failures.get() > 0 {
+                        failures.set(failures.get() - 1);
+                        return Err(if version_byte {
+                            OxError::Format("frame version 9".into())
+                        } else {
+                            OxError::integrity("k", "test")
+                        });
+                    }
+                    Ok(b)
+                })
+                .await
+                .unwrap();
+                assert_eq!(got, b"body");
+            }
+            let calls = Cell::new(0);
+            let e = checked(&store, "k", None, Some(&counters), |_| -> Result<(), _> {
+                calls.set(calls.get() + 1);
+                Err(OxError::Config("not damage".into()))
+            })
+            .await
+            .unwrap_err();
+            assert!(matches!(e, OxError::Config(_)));
+            assert_eq!(calls.get(), 1, "not fetched again");
+            let e = checked(&store, "k", None, None, |_| -> Result<(), _> {
+                Err(OxError::integrity("k", "always"))
+            })
+            .await
+            .unwrap_err();
+            assert!(
+                matches!(e, OxError::Integrity { .. }),
+                "reported once it stays"
+            );
+        });
+        assert_eq!(counters.failures.load(Ordering::Relaxed), 4);
+        assert_eq!(counters.refetches.load(Ordering::Relaxed), 4);
     }
 }

@@ -281,18 +281,21 @@ impl Manifest {
         }
         let mut m: Self = serde_json::from_slice(bytes)
             .map_err(|e| OxError::integrity("manifest", format!("not a manifest: {e}")))?;
+        // The checksum first: a damaged `format` is damage (fetched again), not a
+        // version this build cannot read.
+        let sum = m.checksum.take();
+        if sum.as_ref().is_some_and(|s| *s != m.digest()) {
+            return Err(OxError::integrity("manifest", "checksum does not match"));
+        }
         if !READABLE_VERSIONS.contains(&m.format) {
             return Err(OxError::Format(format!(
                 "manifest format {} (this build reads {READABLE_VERSIONS:?})",
                 m.format
             )));
         }
-        match m.checksum.take() {
-            Some(sum) if sum == m.digest() => {}
-            Some(_) => return Err(OxError::integrity("manifest", "checksum does not match")),
-            None if m.format >= 2 => return Err(OxError::integrity("manifest", "no checksum")),
-            // Format 1 had none.
-            None => {}
+        // Format 1 had none.
+        if sum.is_none() && m.format >= 2 {
+            return Err(OxError::integrity("manifest", "no checksum"));
         }
         if !crate::codec::CHUNK_SIZES.contains(&(m.chunk_bytes as usize))
             || !m.chunk_bytes.is_power_of_two()
@@ -455,6 +458,16 @@ mod tests {
         flipped[at] ^= 0x01; // 0 becomes 1: still a manifest, but not this one
         assert!(serde_json::from_slice::<serde_json::Value>(&flipped).is_ok());
         assert!(Manifest::from_bytes(&flipped).is_err());
+        // A flipped version number is damage too (fetched again), not a format this
+        // build cannot read; the fault test found "format": 2 read as 0.
+        let field = b"\"format\": ";
+        let at = bytes.windows(field.len()).position(|w| w == field).unwrap() + field.len();
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 0x02;
+        assert!(matches!(
+            Manifest::from_bytes(&flipped),
+            Err(OxError::Integrity { .. })
+        ));
         let mut unsealed: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         unsealed.as_object_mut().unwrap().remove("checksum");
         assert!(Manifest::from_bytes(&serde_json::to_vec(&unsealed).unwrap()).is_err());
