@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use bdev::{Bdev, UringConfig, create_malloc, create_null, open_uring};
@@ -314,6 +315,9 @@ pub struct NvmfSection {
     pub connect_timeout_s: Option<u64>,
     /// Socket I/O: "uring" (default) or "poll" (requires reactors.idle = "busy").
     pub socket_io: Option<String>,
+    /// Where the SMART / Health figures are kept across restarts; defaults to
+    /// `health.json` in `[ox] state_dir`. Without either they start at zero each run.
+    pub health_file: Option<PathBuf>,
 }
 
 /// `[[bdev]]`.
@@ -467,10 +471,19 @@ impl Config {
 
     /// The NVMe/TCP target configuration over `bdevs`; `host_keys` (from
     /// [`Self::host_keys`]) go to the subsystems that let their hosts in.
+    /// Where the SMART / Health figures are kept, if anywhere.
+    pub fn health_path(&self) -> Option<PathBuf> {
+        self.nvmf
+            .health_file
+            .clone()
+            .or_else(|| self.ox.as_ref().map(|o| o.state_dir.join("health.json")))
+    }
+
     pub fn target_config(
         &self,
         bdevs: &[Bdev],
         host_keys: &[HostKeys],
+        health: Arc<nvmf::health::Health>,
     ) -> anyhow::Result<TargetConfig> {
         let d = Limits::default();
         let n = &self.nvmf;
@@ -564,6 +577,7 @@ impl Config {
             discovery_listeners,
             limits,
             socket_io,
+            health,
         };
         config.validate()?;
         Ok(config)

@@ -11,6 +11,7 @@ mod admission;
 mod catalogue;
 mod config;
 mod control;
+mod health;
 mod metrics;
 mod refusal;
 mod serve;

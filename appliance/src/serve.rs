@@ -14,6 +14,7 @@ use appliance::audit::AuditLog;
 
 use crate::config::Config;
 use crate::control;
+use crate::health::HealthFile;
 use crate::service::Service;
 use ox::cores::OxCores;
 
@@ -23,7 +24,17 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let reactor_config = config.reactor_config()?;
     let bdevs = config.open_bdevs()?;
     let host_keys = config.host_keys()?;
-    let target_config = config.target_config(&bdevs, &host_keys)?;
+    // The health figures first: this start is counted (and an unclean last stop found)
+    // before anything is served.
+    let health_file = match config.health_path() {
+        Some(p) => Some(HealthFile::start(&p).context("nvmf.health_file")?),
+        None => None,
+    };
+    let health = health_file
+        .as_ref()
+        .map(|h| Arc::clone(h.health()))
+        .unwrap_or_default();
+    let target_config = config.target_config(&bdevs, &host_keys, health)?;
     let ox_settings = config.ox_settings(&host_keys)?;
     // Block the handled signals before any thread starts, so every thread inherits
     // the mask and only `wait_for_signal` receives them.
@@ -33,6 +44,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let set = ReactorSet::start(reactor_config).context("starting reactors")?;
     let target =
         Arc::new(Target::start(target_config, set.handles()).context("starting NVMe/TCP target")?);
+    if let Some(h) = &health_file {
+        h.save_periodically()?;
+    }
     let audit = match &config.control.audit_log {
         Some(p) => Some(Arc::new(AuditLog::open(p).context("control.audit_log")?)),
         None => None,
@@ -147,7 +161,10 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         s.stop_background();
     }
     set.shutdown().context("stopping reactors")?;
-    let problems = service.as_ref().map(|s| s.persist()).unwrap_or_default();
+    let mut problems = service.as_ref().map(|s| s.persist()).unwrap_or_default();
+    if let Some(Err(e)) = health_file.as_ref().map(|h| h.stop()) {
+        problems.push(appliance::error_chain(&e));
+    }
     for p in &problems {
         tracing::warn!("at stop: {p}");
     }

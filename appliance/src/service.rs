@@ -787,6 +787,7 @@ impl Service {
         inner.volumes.remove(name);
         inner.unavailable.remove(name);
         self.remove_volume_files(name);
+        self.target.health().forget(name);
         Ok(json!({ "name": name }))
     }
 
@@ -1356,6 +1357,7 @@ impl Service {
         for ext in ["img", "presence", "presence.log"] {
             let _ = std::fs::remove_file(self.clone_path(name, ext));
         }
+        self.target.health().forget(name);
         Ok(json!({ "name": name }))
     }
 

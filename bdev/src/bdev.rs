@@ -8,7 +8,7 @@
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use reactor::Reactor;
@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
+use crate::lifetime::Lifetime;
 use crate::stats::{BdevStats, ChannelStats};
 
 /// Largest single request, in bytes (io_uring results are 32-bit).
@@ -71,6 +72,12 @@ pub trait BdevBackend: Send + Sync + 'static {
     /// Creates this reactor's channel. Called on the reactor, at most once per reactor
     /// while the channel is alive.
     fn create_channel(&self, info: &BdevInfo) -> Result<Box<dyn BackendChannel>, BdevError>;
+
+    /// Blocks that hold data (allocated in the backing store), if the device can tell;
+    /// `None` counts every block as allocated.
+    fn allocated_blocks(&self, _info: &BdevInfo) -> Option<u64> {
+        None
+    }
 }
 
 /// A device's per-core context: submits validated requests on its reactor.
@@ -87,7 +94,10 @@ struct Inner {
     id: u64,
     info: BdevInfo,
     backend: Box<dyn BdevBackend>,
+    /// Every channel's statistics; also the lock under which `lifetime` is attached, so
+    /// a channel is counted by it exactly once.
     channel_stats: Mutex<Vec<Arc<ChannelStats>>>,
+    lifetime: OnceLock<Arc<Lifetime>>,
 }
 
 /// A block device, cheap to clone and to share between cores.
@@ -114,6 +124,7 @@ impl Bdev {
                 info,
                 backend: Box::new(backend),
                 channel_stats: Mutex::new(Vec::new()),
+                lifetime: OnceLock::new(),
             }),
         })
     }
@@ -163,11 +174,16 @@ impl Bdev {
         reactor.channel(self.inner.id, || {
             let backend = self.inner.backend.create_channel(&self.inner.info)?;
             let stats = Arc::new(ChannelStats::default());
-            self.inner
+            let mut all = self
+                .inner
                 .channel_stats
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push(Arc::clone(&stats));
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            all.push(Arc::clone(&stats));
+            if let Some(lifetime) = self.inner.lifetime.get() {
+                lifetime.adopt(Arc::clone(&stats));
+            }
+            drop(all);
             Ok(Channel {
                 bdev: self.clone(),
                 backend,
@@ -185,6 +201,42 @@ impl Bdev {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         BdevStats::sum(channels.iter().map(Arc::as_ref))
+    }
+
+    /// Counts this device's I/O, from its first request on, in `lifetime` (the totals
+    /// of every opening of a device of this name). A device has at most one: false if
+    /// another was attached before.
+    pub fn keep_lifetime(&self, lifetime: &Arc<Lifetime>) -> bool {
+        let all = self
+            .inner
+            .channel_stats
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.inner.lifetime.set(Arc::clone(lifetime)).is_err() {
+            return Arc::ptr_eq(self.inner.lifetime.get().unwrap_or(lifetime), lifetime);
+        }
+        for stats in all.iter() {
+            lifetime.adopt(Arc::clone(stats));
+        }
+        true
+    }
+
+    /// Lifetime totals if a [`Lifetime`] is attached, else this opening's statistics.
+    pub fn lifetime_totals(&self) -> crate::IoTotals {
+        match self.inner.lifetime.get() {
+            Some(l) => l.totals(),
+            None => crate::lifetime::totals_of(&self.stats()),
+        }
+    }
+
+    /// Blocks holding data: on a thin device (a sparse file, a clone, RAM allocated on
+    /// first write) fewer than [`Bdev::num_blocks`]; never more.
+    pub fn allocated_blocks(&self) -> u64 {
+        let all = self.inner.info.num_blocks;
+        self.inner
+            .backend
+            .allocated_blocks(&self.inner.info)
+            .map_or(all, |n| n.min(all))
     }
 
     /// Checks a request against the device; the error names the offending field.

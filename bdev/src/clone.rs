@@ -325,6 +325,19 @@ impl BdevBackend for CloneBackend {
         }
     }
 
+    /// What the local copy holds, plus every chunk still read from the basis (counted
+    /// as allocated: the snapshot may hold data there until the clone knows otherwise).
+    fn allocated_blocks(&self, info: &BdevInfo) -> Option<u64> {
+        let s = &self.shared;
+        let absent = s.chunks - s.present_count.load(Ordering::Relaxed).min(s.chunks);
+        let per_chunk = s.chunk_bytes / u64::from(info.block_size);
+        Some(
+            s.local
+                .allocated_blocks()
+                .saturating_add(absent.saturating_mul(per_chunk)),
+        )
+    }
+
     fn create_channel(&self, _info: &BdevInfo) -> Result<Box<dyn BackendChannel>, BdevError> {
         let reactor = reactor::current().ok_or(BdevError::NotOnReactor)?;
         Ok(Box::new(CloneChannel {

@@ -21,6 +21,8 @@ pub use dirty::remove_dirty_record;
 mod error;
 pub mod fsutil;
 mod io;
+mod lifetime;
+pub use lifetime::{IoTotals, Lifetime};
 mod malloc;
 mod null;
 mod presence;

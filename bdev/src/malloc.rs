@@ -153,6 +153,17 @@ impl BdevBackend for Malloc {
             block_size: u64::from(info.block_size),
         }))
     }
+
+    /// Segments written to (and not since zeroed whole), in blocks.
+    fn allocated_blocks(&self, info: &BdevInfo) -> Option<u64> {
+        let held = self
+            .store
+            .segments
+            .iter()
+            .filter(|s| s.read().unwrap_or_else(|p| p.into_inner()).is_some())
+            .count() as u64;
+        Some(held * SEGMENT / u64::from(info.block_size))
+    }
 }
 
 struct MallocChannel {

@@ -127,6 +127,10 @@ impl BdevBackend for VolumeBackend {
         self.shared.inner.supports(io_type)
     }
 
+    fn allocated_blocks(&self, _info: &BdevInfo) -> Option<u64> {
+        Some(self.shared.inner.allocated_blocks())
+    }
+
     fn create_channel(&self, _info: &BdevInfo) -> Result<Box<dyn BackendChannel>, BdevError> {
         let unaware = Arc::new(AtomicU64::new(0));
         self.shared

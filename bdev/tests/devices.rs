@@ -398,3 +398,45 @@ fn zeroing_falls_back_to_writes_where_fallocate_is_refused() {
     assert!(back == expect);
     set.shutdown().unwrap();
 }
+
+#[test]
+fn thin_devices_report_what_they_hold() {
+    let set = reactors();
+    let h = &set.handles()[0];
+    let devs = devices(512);
+    for (dev, stores) in &devs.list {
+        assert!(
+            dev.allocated_blocks() < dev.num_blocks() / 2,
+            "{}: a new device holds (almost) nothing",
+            dev.name()
+        );
+        write(h, dev, 4096, &pattern(5, 1 << 20)).unwrap();
+        let held = dev.allocated_blocks();
+        if *stores {
+            assert!(
+                held >= 2048,
+                "{}: 1 MiB written, {held} blocks held",
+                dev.name()
+            );
+            assert!(
+                held < dev.num_blocks() / 2,
+                "{}: {held} blocks held",
+                dev.name()
+            );
+        } else {
+            assert_eq!(held, 0, "{}: keeps nothing", dev.name());
+        }
+        // Zeroing a whole region gives back what the backing store can free.
+        run_on(h, dev, BdevIo::unmap(0, dev.num_blocks()), T)
+            .unwrap()
+            .result
+            .unwrap();
+        assert!(
+            dev.allocated_blocks() <= held,
+            "{}: unmapping everything frees, not allocates",
+            dev.name()
+        );
+    }
+    drop(devs);
+    set.shutdown().unwrap();
+}

@@ -19,7 +19,7 @@ use crate::cmd::{Sqe, Status, admin};
 use crate::conn::{Conn, IoQueue, Queue};
 use crate::identify::{self, AER_LIMIT, CtrlKind};
 use crate::le;
-use crate::subsystem::{DISCOVERY_NQN, check_nqn};
+use crate::subsystem::{DISCOVERY_NQN, Namespace, check_nqn};
 use crate::target::{ConnectEvent, CtrlShared, QueueRef, TargetShared};
 
 /// A command's outcome: status, result dwords and any data for the host.
@@ -617,10 +617,23 @@ fn log_page(c: &mut Controller, target: &TargetShared, sqe: &Sqe, xfer: u32) -> 
     }
     let subsystem = c.shared.subsystem.as_deref();
     let page = match (lid, c.kind) {
+        (0x00, kind) => identify::supported_logs(kind),
         (0x01, _) => vec![0u8; 64],
-        (0x02, _) => identify::smart_log(subsystem),
+        (0x02, _) => {
+            let all: Vec<&Namespace> = subsystem.iter().flat_map(|s| &s.namespaces).collect();
+            let nsid = sqe.nsid();
+            if nsid == 0 || nsid == u32::MAX {
+                identify::smart_log(&target.health, &all)
+            } else {
+                match all.iter().find(|ns| ns.nsid == nsid) {
+                    Some(ns) => identify::smart_log(&target.health, &[ns]),
+                    None => return Status::INVALID_NAMESPACE.into(),
+                }
+            }
+        }
         (0x03, _) => identify::firmware_log(),
         (0x04, CtrlKind::Io) => vec![0u8; 4096],
+        (0x05, CtrlKind::Io) => identify::command_effects(),
         (0x70, CtrlKind::Discovery) => identify::discovery_log(
             target.genctr.load(Ordering::Relaxed),
             &target.discovery_entries(&c.shared.hostnqn, c.listener),

@@ -3,11 +3,17 @@
 
 use std::net::SocketAddr;
 
+use crate::health::Health;
 use crate::le::{put_ascii, put_str0, put_u16, put_u32, put_u64};
 use crate::subsystem::{DISCOVERY_NQN, Limits, Namespace, Subsystem};
 
-/// NVMe version the controller reports: 1.3.
-pub const VERSION: u32 = 0x0001_0300;
+/// NVMe version the controller reports: 2.0. What that version makes mandatory for an
+/// NVM subsystem's I/O controller over a fabric is implemented (Identify CNS 00h–03h,
+/// 05h, 06h and 08h; the Supported Log Pages, Error, SMART / Health, Firmware Slot,
+/// Changed Namespace List and Commands Supported and Effects logs; keep alive;
+/// asynchronous events), and 2.0's readings of the health fields let a device without a
+/// temperature sensor say so (1.2–1.4 required non-zero temperature thresholds).
+pub const VERSION: u32 = 0x0002_0000;
 /// Firmware revision reported in Identify Controller.
 pub const FIRMWARE: &str = concat!("ox", env!("CARGO_PKG_VERSION"));
 /// Keep-alive granularity (KAS), in units of 100 ms.
@@ -59,9 +65,10 @@ pub fn controller(
     b[258] = 3; // ACL (0-based)
     b[259] = (AER_LIMIT - 1) as u8; // AERL (0-based)
     b[260] = 0x03; // FRMW: one slot, read-only
-    b[261] = 0x04; // LPA: extended data for Get Log Page
-    put_u16(&mut b, 266, 0x0157); // WCTEMP
-    put_u16(&mut b, 268, 0x0175); // CCTEMP
+    // LPA: SMART / Health log per namespace, Commands Supported and Effects log,
+    // extended data for Get Log Page.
+    b[261] = 0x01 | 0x02 | 0x04;
+    // WCTEMP and CCTEMP stay 0: no temperature thresholds (no sensor).
     put_u16(&mut b, 320, KAS);
     b[512] = 0x66; // SQES
     b[513] = 0x44; // CQES
@@ -99,7 +106,8 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     let blocks = ns.bdev.num_blocks();
     put_u64(&mut b, 0, blocks); // NSZE
     put_u64(&mut b, 8, blocks); // NCAP
-    put_u64(&mut b, 16, blocks); // NUSE
+    // NUSE: blocks that hold data (a thin volume or clone holds fewer than NSZE).
+    put_u64(&mut b, 16, ns.bdev.allocated_blocks());
     b[24] = 0x00; // NSFEAT
     b[25] = 0; // NLBAF (0-based: one format)
     b[26] = 0; // FLBAS: format 0
@@ -159,19 +167,24 @@ pub fn descriptors(ns: &Namespace) -> Vec<u8> {
     b
 }
 
-/// SMART / Health Information log (02h), from the namespaces' statistics.
-pub fn smart_log(subsystem: Option<&Subsystem>) -> Vec<u8> {
+/// SMART / Health Information log (02h): the lifetime I/O totals of `namespaces`
+/// (one, or all of the controller's) and the appliance's power figures.
+///
+/// Nothing is invented: there is no temperature sensor, so the composite temperature
+/// is 0 K ("not reported", as Linux's nvmet target and monitoring tools read it) and
+/// no thresholds are advertised (WCTEMP and CCTEMP are 0); there is no spare media, so
+/// available spare and its threshold are 0 — which sets no critical warning, as that
+/// needs the spare to fall *below* the threshold. Percentage used, busy time, media
+/// errors and error log entries are truly 0.
+pub fn smart_log(health: &Health, namespaces: &[&Namespace]) -> Vec<u8> {
     let mut b = vec![0u8; 512];
-    put_u16(&mut b, 1, 0x0141); // composite temperature, 321 K
-    b[3] = 100; // available spare
-    b[4] = 10; // spare threshold
     let (mut read, mut written, mut reads, mut writes) = (0u128, 0u128, 0u128, 0u128);
-    for ns in subsystem.iter().flat_map(|s| s.namespaces.iter()) {
-        let st = ns.bdev.stats();
-        read += u128::from(st.bytes(bdev::IoType::Read));
-        written += u128::from(st.bytes(bdev::IoType::Write));
-        reads += u128::from(st.ops(bdev::IoType::Read));
-        writes += u128::from(st.ops(bdev::IoType::Write));
+    for ns in namespaces {
+        let t = health.totals(ns.bdev.name());
+        read += u128::from(t.read_bytes);
+        written += u128::from(t.write_bytes);
+        reads += u128::from(t.reads);
+        writes += u128::from(t.writes);
     }
     // Data units are thousands of 512-byte units, rounded up.
     let units = |bytes: u128| (bytes / 512).div_ceil(1000);
@@ -179,6 +192,59 @@ pub fn smart_log(subsystem: Option<&Subsystem>) -> Vec<u8> {
     b[48..64].copy_from_slice(&units(written).to_le_bytes());
     b[64..80].copy_from_slice(&reads.to_le_bytes());
     b[80..96].copy_from_slice(&writes.to_le_bytes());
+    let power = health.power();
+    b[112..128].copy_from_slice(&u128::from(power.power_cycles).to_le_bytes());
+    b[128..144].copy_from_slice(&u128::from(power.power_on_secs / 3600).to_le_bytes());
+    b[144..160].copy_from_slice(&u128::from(power.unsafe_shutdowns).to_le_bytes());
+    b
+}
+
+/// Log pages a controller of `kind` answers.
+pub fn log_pages(kind: CtrlKind) -> &'static [u8] {
+    match kind {
+        CtrlKind::Io => &[0x00, 0x01, 0x02, 0x03, 0x04, 0x05],
+        CtrlKind::Discovery => &[0x00, 0x01, 0x02, 0x03, 0x70],
+    }
+}
+
+/// Supported Log Pages log (00h): LSUPP for each page answered.
+pub fn supported_logs(kind: CtrlKind) -> Vec<u8> {
+    let mut b = vec![0u8; 1024];
+    for &lid in log_pages(kind) {
+        put_u32(&mut b, 4 * usize::from(lid), 1);
+    }
+    b
+}
+
+/// Commands Supported and Effects log (05h): which admin and I/O commands are
+/// implemented (CSUPP) and which change logical block content (LBCC), so a host's
+/// passthrough knows what to revalidate.
+pub fn command_effects() -> Vec<u8> {
+    use crate::cmd::{admin, io};
+    const CSUPP: u32 = 1;
+    const LBCC: u32 = 1 << 1;
+    let mut b = vec![0u8; 4096];
+    for op in [
+        admin::GET_LOG_PAGE,
+        admin::IDENTIFY,
+        admin::ABORT,
+        admin::SET_FEATURES,
+        admin::GET_FEATURES,
+        admin::ASYNC_EVENT,
+        admin::KEEP_ALIVE,
+    ] {
+        put_u32(&mut b, 4 * usize::from(op), CSUPP);
+    }
+    for (op, effects) in [
+        (io::FLUSH, CSUPP),
+        (io::WRITE, CSUPP | LBCC),
+        (io::READ, CSUPP),
+        (io::COMPARE, CSUPP),
+        (io::WRITE_ZEROES, CSUPP | LBCC),
+        (io::DSM, CSUPP | LBCC),
+    ] {
+        put_u32(&mut b, 1024 + 4 * usize::from(op), effects);
+    }
     b
 }
 

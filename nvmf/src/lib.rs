@@ -23,6 +23,7 @@ pub mod dhchap;
 mod error;
 pub mod ffdhe;
 pub mod framing;
+pub mod health;
 pub mod identify;
 mod io;
 pub mod le;

@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bdev::Bdev;
 use uuid::Uuid;
@@ -255,6 +256,8 @@ pub struct TargetConfig {
     pub limits: Limits,
     /// Socket I/O mechanism.
     pub socket_io: SocketIo,
+    /// Lifetime figures the SMART / Health log reports (fresh by default).
+    pub health: Arc<crate::health::Health>,
 }
 
 impl TargetConfig {

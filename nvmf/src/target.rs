@@ -75,6 +75,8 @@ pub(crate) struct TargetShared {
     subsystems: RwLock<Vec<Arc<Subsystem>>>,
     pub limits: Limits,
     pub socket_io: SocketIo,
+    /// Lifetime figures for the SMART / Health log.
+    pub health: Arc<crate::health::Health>,
     /// Every address listened on; a listener's index is its port ID.
     listen_addrs: RwLock<Vec<SocketAddr>>,
     pub reactors: Vec<ReactorHandle>,
@@ -332,10 +334,14 @@ impl Target {
             .iter()
             .map(|(a, l)| l.local_addr().unwrap_or(*a))
             .collect();
+        for ns in config.subsystems.iter().flat_map(|s| &s.namespaces) {
+            config.health.attach(&ns.bdev);
+        }
         let shared = Arc::new(TargetShared {
             subsystems: RwLock::new(config.subsystems.into_iter().map(Arc::new).collect()),
             limits: config.limits,
             socket_io: config.socket_io,
+            health: config.health,
             listen_addrs: RwLock::new(listen_addrs.clone()),
             reactors: reactors.to_vec(),
             next_reactor: AtomicUsize::new(0),
@@ -373,6 +379,11 @@ impl Target {
             .map_err(|_| NvmfError::Config("a connect observer is set already".into()))
     }
 
+    /// Lifetime figures the SMART / Health log reports (for their owner to save).
+    pub fn health(&self) -> &Arc<crate::health::Health> {
+        &self.shared.health
+    }
+
     /// Addresses the target listens on (ports resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.shared.listen_addrs()
@@ -383,6 +394,9 @@ impl Target {
     /// Returns its resolved listeners.
     pub fn add_subsystem(&self, mut subsystem: Subsystem) -> Result<Vec<SocketAddr>, NvmfError> {
         subsystem.validate(&self.shared.limits)?;
+        for ns in &subsystem.namespaces {
+            self.shared.health.attach(&ns.bdev);
+        }
         let exists = |list: &[Arc<Subsystem>]| {
             if list.iter().any(|s| s.nqn == subsystem.nqn) {
                 Err(NvmfError::Config(format!(

@@ -99,6 +99,7 @@ fn setup(auth_timeout: Duration) -> Setup {
             ..Limits::default()
         },
         socket_io: SocketIo::Uring,
+        health: Default::default(),
     };
     let target = Target::start(config, set.handles()).unwrap();
     let events = Arc::new(Mutex::new(Vec::new()));

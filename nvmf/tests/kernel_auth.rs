@@ -91,6 +91,7 @@ fn the_linux_host_authenticates_one_way_and_both_ways() {
         discovery_listeners: vec![],
         limits: Limits::default(),
         socket_io: SocketIo::Uring,
+        health: Default::default(),
     };
     let target = Target::start(config, set.handles()).unwrap();
     let port = target.local_addrs()[0].port();

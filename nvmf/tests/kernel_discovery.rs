@@ -85,6 +85,7 @@ fn a_persistent_linux_discovery_controller_is_told_of_each_change() {
         discovery_listeners: vec![],
         limits: Limits::default(),
         socket_io: SocketIo::Uring,
+        health: Default::default(),
     };
     let target = Target::start(config, set.handles()).unwrap();
     let addr = target.local_addrs()[0];

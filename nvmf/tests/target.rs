@@ -78,6 +78,7 @@ fn setup_with(limits: Limits, socket_io: SocketIo, idle: IdlePolicy) -> Setup {
         discovery_listeners: vec![],
         limits,
         socket_io,
+        health: Default::default(),
     };
     let target = Target::start(config, set.handles()).unwrap();
     let addr = target.local_addrs()[0];
@@ -293,6 +294,126 @@ fn identify_and_logs_describe_the_subsystem() {
     assert_eq!(a.command(smart, &[], 512).status(), Status::INVALID_FIELD);
 }
 
+fn smart_log(a: &mut Host, nsid: u32) -> (Status, Vec<u8>) {
+    let mut smart = Sqe::new(admin::GET_LOG_PAGE, 0);
+    smart.set_cdw(10, 0x02 | (127 << 16));
+    smart.set_nsid(nsid);
+    let r = a.command(smart, &[], 512);
+    (r.status(), r.data)
+}
+
+fn u128_at(b: &[u8], at: usize) -> u128 {
+    u128::from_le_bytes(b[at..at + 16].try_into().unwrap())
+}
+
+#[test]
+fn health_is_per_namespace_and_outlives_the_connection_that_wrote() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 2);
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    // 1 MiB to namespace 1 in 256 writes; 64 KiB to namespace 2 in one; 2 reads of ns 1.
+    for i in 0..256u64 {
+        assert!(
+            q.write(1, i * 8, &pattern(i, 4096), 512)
+                .status()
+                .is_success()
+        );
+    }
+    assert!(
+        q.write(2, 0, &pattern(1, 65536), 4096)
+            .status()
+            .is_success()
+    );
+    assert!(q.read(1, 0, 8, 512).status().is_success());
+    assert!(q.read(1, 8, 8, 512).status().is_success());
+    drop(q);
+    drop(a);
+    // Another controller, on another connection, reads what the first one did.
+    let mut b = Host::admin_ready(s.addr, d, NQN, 2);
+    let (st, one) = smart_log(&mut b, 1);
+    assert!(st.is_success());
+    assert_eq!(
+        u128_at(&one, 48),
+        3,
+        "data units written: 2048 sectors, in thousands, up"
+    );
+    assert_eq!(u128_at(&one, 80), 256, "host write commands on namespace 1");
+    assert_eq!(u128_at(&one, 64), 2, "host read commands on namespace 1");
+    let (_, two) = smart_log(&mut b, 2);
+    assert_eq!((u128_at(&two, 80), u128_at(&two, 48)), (1, 1));
+    let (_, all) = smart_log(&mut b, u32::MAX);
+    assert_eq!(
+        u128_at(&all, 80),
+        257,
+        "the controller-wide log sums its namespaces"
+    );
+    assert_eq!(smart_log(&mut b, 9).0, Status::INVALID_NAMESPACE);
+    // Nothing invented: no temperature (0 K), no spare, no warnings; one power cycle.
+    assert_eq!(le::u16(&all, 1), 0, "composite temperature not reported");
+    assert_eq!((all[0], all[3], all[4]), (0, 0, 0));
+    assert_eq!(
+        u128_at(&all, 112),
+        0,
+        "power cycles: no health record given"
+    );
+
+    let mut id = Sqe::new(admin::IDENTIFY, 0);
+    id.set_cdw(10, 1);
+    let c = b.command(id, &[], 4096).data;
+    assert_eq!(le::u32(&c, 80), 0x0002_0000, "VER");
+    assert_eq!(
+        c[261], 0x07,
+        "LPA: SMART per namespace, effects log, extended data"
+    );
+    assert_eq!(
+        (le::u16(&c, 266), le::u16(&c, 268)),
+        (0, 0),
+        "no temperature thresholds"
+    );
+    let mut logs = Sqe::new(admin::GET_LOG_PAGE, 0);
+    logs.set_cdw(10, (1024 / 4 - 1) << 16);
+    let l = b.command(logs, &[], 1024).data;
+    let listed: Vec<usize> = (0..256).filter(|&i| le::u32(&l, 4 * i) & 1 == 1).collect();
+    assert_eq!(listed, [0, 1, 2, 3, 4, 5], "supported log pages");
+    let mut effects = Sqe::new(admin::GET_LOG_PAGE, 0);
+    effects.set_cdw(10, 0x05 | ((4096 / 4 - 1) << 16));
+    let e = b.command(effects, &[], 4096).data;
+    assert_eq!(
+        le::u32(&e, 4 * 0x06),
+        1,
+        "Identify: supported, changes nothing"
+    );
+    assert_eq!(
+        le::u32(&e, 1024 + 4),
+        0b11,
+        "Write: supported, changes content"
+    );
+    assert_eq!(le::u32(&e, 1024 + 4 * 0x02), 1, "Read: supported");
+    assert_eq!(le::u32(&e, 1024 + 4 * 0x0E), 0, "opcode 0Eh: not supported");
+}
+
+#[test]
+fn identify_namespace_reports_what_a_thin_device_holds() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    let mut a = Host::admin_ready(s.addr, d, NQN, 2);
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let nuse = |a: &mut Host| {
+        let mut idns = Sqe::new(admin::IDENTIFY, 0);
+        idns.set_nsid(1);
+        let ns = a.command(idns, &[], 4096).data;
+        (le::u64(&ns, 0), le::u64(&ns, 16))
+    };
+    // Malloc devices hold 2 MiB segments from their first write.
+    let (nsze, before) = nuse(&mut a);
+    assert_eq!(before, 0, "nothing written, nothing held");
+    assert!(q.write(1, 0, &pattern(3, 4096), 512).status().is_success());
+    let (_, after) = nuse(&mut a);
+    assert_eq!(after, (2 << 20) / 512, "one segment");
+    assert!(after < nsze);
+}
+
 #[test]
 fn connect_checks_name_the_bad_parameter() {
     let s = setup(Limits::default());
@@ -364,7 +485,11 @@ fn properties_and_controller_reset() {
         "MQES"
     );
     assert_eq!((cap >> 48) & 0xF, 0, "MPSMIN");
-    assert_eq!(a.prop_get(8, false).cqe.unwrap().dw0, 0x0001_0300);
+    assert_eq!(
+        a.prop_get(8, false).cqe.unwrap().dw0,
+        0x0002_0000,
+        "NVMe 2.0"
+    );
     assert_eq!(a.prop_get(0x99, false).status(), Status::INVALID_FIELD);
     let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
     assert!(q.read(1, 0, 1, 512).status().is_success());
@@ -493,6 +618,7 @@ fn discovery_lists_subsystems_the_host_may_see() {
         discovery_listeners: vec!["127.0.0.2:0".parse().unwrap()],
         limits: Limits::default(),
         socket_io: SocketIo::Uring,
+        health: Default::default(),
     };
     let target = Target::start(config, set.handles()).unwrap();
     // The discovery-only listener is the first address.

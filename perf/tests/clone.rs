@@ -64,6 +64,7 @@ fn serve(set: &ReactorSet, nqn: &str, dev: Bdev) -> (Target, SocketAddr) {
         discovery_listeners: vec![],
         limits: Limits::default(),
         socket_io: Default::default(),
+        health: Default::default(),
     };
     let t = Target::start(config, set.handles()).unwrap();
     let addr = t.local_addrs()[0];

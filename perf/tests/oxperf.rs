@@ -128,6 +128,7 @@ fn appliance(corrupt_lba: Option<u64>) -> Appliance {
         discovery_listeners: vec![],
         limits: Limits::default(),
         socket_io: Default::default(),
+        health: Default::default(),
     };
     let target = Target::start(config, set.handles()).unwrap();
     Appliance {

@@ -1,0 +1,265 @@
+//! The SMART / Health figures kept across restarts: the appliance's power-on time,
+//! power cycles and unsafe shutdowns, and each device's lifetime I/O totals.
+//!
+//! They live in one small JSON file, replaced atomically. A run marks it `running` as
+//! it starts and clears the mark only at a clean stop, so a start that finds the mark
+//! counts an unsafe shutdown (a crash, `kill -9`, a power loss). While running, the
+//! figures are saved every [`SAVE_EVERY`]: an unclean end loses at most that much of
+//! the I/O counts and power-on time, as a drive's own SMART counters may.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use bdev::IoTotals;
+use nvmf::health::{Health, PowerLife};
+use serde::{Deserialize, Serialize};
+
+/// How often a running appliance saves its figures.
+pub const SAVE_EVERY: Duration = Duration::from_secs(10);
+
+const FORMAT: u32 = 1;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    format: u32,
+    /// A run started and has not stopped cleanly.
+    running: bool,
+    power_on_secs: u64,
+    power_cycles: u64,
+    unsafe_shutdowns: u64,
+    devices: BTreeMap<String, Totals>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Totals {
+    read_bytes: u64,
+    write_bytes: u64,
+    reads: u64,
+    writes: u64,
+}
+
+/// The health file of a running appliance, and the thread that saves it.
+pub struct HealthFile {
+    path: PathBuf,
+    health: Arc<Health>,
+    /// Serialises saves (the saver thread's and the final one).
+    saving: Mutex<()>,
+    saver: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+}
+
+impl HealthFile {
+    /// Starts a run from the file at `path` (none yet: from zero): counts this power
+    /// cycle and, if the last run did not stop cleanly, an unsafe shutdown, and marks
+    /// the file `running` before anything is served. A file that cannot be read is set
+    /// aside (`.damaged`) with a warning: health figures are not worth refusing to serve.
+    pub fn start(path: &Path) -> anyhow::Result<Arc<Self>> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut saved = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice::<Saved>(&bytes) {
+                Ok(s) if s.format == FORMAT => s,
+                Ok(s) => {
+                    set_aside(path, &format!("format {} is not {FORMAT}", s.format));
+                    Saved::default()
+                }
+                Err(e) => {
+                    set_aside(path, &e.to_string());
+                    Saved::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        saved.power_cycles = saved.power_cycles.saturating_add(1);
+        if saved.running {
+            saved.unsafe_shutdowns = saved.unsafe_shutdowns.saturating_add(1);
+            tracing::warn!(
+                "the last run did not stop cleanly: unsafe shutdown {} recorded in {}",
+                saved.unsafe_shutdowns,
+                path.display()
+            );
+        }
+        let power = PowerLife {
+            power_on_secs: saved.power_on_secs,
+            power_cycles: saved.power_cycles,
+            unsafe_shutdowns: saved.unsafe_shutdowns,
+        };
+        let devices = std::mem::take(&mut saved.devices)
+            .into_iter()
+            .map(|(name, t)| {
+                let totals = IoTotals {
+                    read_bytes: t.read_bytes,
+                    write_bytes: t.write_bytes,
+                    reads: t.reads,
+                    writes: t.writes,
+                };
+                (name, totals)
+            });
+        let file = Arc::new(Self {
+            path: path.to_path_buf(),
+            health: Arc::new(Health::new(power, devices)),
+            saving: Mutex::new(()),
+            saver: Mutex::new(None),
+        });
+        file.save(true)
+            .with_context(|| format!("marking {} running", path.display()))?;
+        Ok(file)
+    }
+
+    /// The figures the target reports.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Saves every [`SAVE_EVERY`] on a thread until [`HealthFile::stop`].
+    pub fn save_periodically(self: &Arc<Self>) -> anyhow::Result<()> {
+        let (tx, rx): (Sender<()>, Receiver<()>) = channel();
+        let me = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("health".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(SAVE_EVERY) {
+                    if let Err(e) = me.save(true) {
+                        tracing::warn!("saving {}: {e}", me.path.display());
+                    }
+                }
+            })
+            .context("starting the health thread")?;
+        *self.saver.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx, thread));
+        Ok(())
+    }
+
+    /// A clean stop, once nothing is served any more: the last figures, and the
+    /// `running` mark cleared.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        if let Some((tx, thread)) = self.saver.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            drop(tx);
+            let _ = thread.join();
+        }
+        self.save(false)
+            .with_context(|| format!("saving {}", self.path.display()))
+    }
+
+    fn save(&self, running: bool) -> std::io::Result<()> {
+        let _one = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let (power, devices) = self.health.record();
+        let saved = Saved {
+            format: FORMAT,
+            running,
+            power_on_secs: power.power_on_secs,
+            power_cycles: power.power_cycles,
+            unsafe_shutdowns: power.unsafe_shutdowns,
+            devices: devices
+                .into_iter()
+                .map(|(name, t)| {
+                    let totals = Totals {
+                        read_bytes: t.read_bytes,
+                        write_bytes: t.write_bytes,
+                        reads: t.reads,
+                        writes: t.writes,
+                    };
+                    (name, totals)
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
+        bdev::fsutil::replace_file(&self.path, &bytes)
+    }
+}
+
+/// Moves an unreadable health file aside so the next save does not destroy evidence.
+fn set_aside(path: &Path, why: &str) {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".damaged");
+    let aside = PathBuf::from(aside);
+    match std::fs::rename(path, &aside) {
+        Ok(()) => tracing::warn!(
+            "{} cannot be read ({why}): moved to {}; health figures start from zero",
+            path.display(),
+            aside.display()
+        ),
+        Err(e) => tracing::warn!("{} cannot be read ({why}) nor moved: {e}", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_without_a_clean_stop_is_an_unsafe_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("health.json");
+        let first = HealthFile::start(&path).unwrap();
+        assert_eq!(first.health().power().power_cycles, 1);
+        first.stop().unwrap();
+        let second = HealthFile::start(&path).unwrap();
+        let p = second.health().power();
+        assert_eq!((p.power_cycles, p.unsafe_shutdowns), (2, 0));
+        // No stop: as after kill -9.
+        drop(second);
+        let third = HealthFile::start(&path).unwrap();
+        let p = third.health().power();
+        assert_eq!((p.power_cycles, p.unsafe_shutdowns), (3, 1));
+    }
+
+    #[test]
+    fn device_totals_survive_a_restart_and_a_new_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("health.json");
+        let file = HealthFile::start(&path).unwrap();
+        let set = reactor::ReactorSet::start(reactor::ReactorConfig::new(
+            reactor::CoreList::parse("0").unwrap(),
+        ))
+        .unwrap();
+        let write_once = |dev: &bdev::Bdev| {
+            let dev = dev.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            set.handles()[0]
+                .send(move || {
+                    let ch = dev.channel().unwrap();
+                    let buf = bdev::IoBuf::from_slice(&[7; 4096]);
+                    ch.submit(bdev::BdevIo::write(0, 8, vec![buf]), move |c| {
+                        tx.send(c.result.is_ok()).unwrap()
+                    });
+                })
+                .unwrap();
+            assert!(rx.recv().unwrap());
+        };
+        let first = bdev::create_malloc("vol", 512, 2048, None).unwrap();
+        file.health().attach(&first);
+        write_once(&first);
+        drop(first);
+        // Re-opened under the same name: the totals go on.
+        let again = bdev::create_malloc("vol", 512, 2048, None).unwrap();
+        file.health().attach(&again);
+        write_once(&again);
+        assert_eq!(file.health().totals("vol").writes, 2);
+        file.stop().unwrap();
+        drop(file);
+        let after = HealthFile::start(&path).unwrap();
+        let t = after.health().totals("vol");
+        assert_eq!((t.writes, t.write_bytes), (2, 8192));
+        after.health().forget("vol");
+        assert_eq!(after.health().totals("vol"), IoTotals::default());
+        set.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_damaged_file_is_set_aside_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("health.json");
+        std::fs::write(&path, b"{\"format\": 1, \"running\": tr").unwrap();
+        let file = HealthFile::start(&path).unwrap();
+        assert_eq!(file.health().power().power_cycles, 1);
+        assert!(dir.path().join("health.json.damaged").exists());
+    }
+}
