@@ -315,6 +315,9 @@ pub struct NvmfSection {
     pub connect_timeout_s: Option<u64>,
     /// Socket I/O: "uring" (default) or "poll" (requires reactors.idle = "busy").
     pub socket_io: Option<String>,
+    /// Which reads end with their data PDU alone: "flow-control-off" (default: on queues
+    /// whose host turned SQ flow control off) or "always" (as SPDK's target does).
+    pub c2h_success: Option<String>,
     /// Where the SMART / Health figures are kept across restarts; defaults to
     /// `health.json` in `[ox] state_dir`. Without either they start at zero each run.
     pub health_file: Option<PathBuf>,
@@ -515,6 +518,13 @@ impl Config {
                 .connect_timeout_s
                 .map_or(d.connect_timeout, std::time::Duration::from_secs),
             auth_timeout: d.auth_timeout,
+            c2h_success: match n.c2h_success.as_deref() {
+                None | Some("flow-control-off") => nvmf::C2hSuccess::FlowControlOff,
+                Some("always") => nvmf::C2hSuccess::Always,
+                Some(other) => {
+                    bail!("nvmf.c2h_success: {other:?} is not \"flow-control-off\" or \"always\"")
+                }
+            },
         };
         let mut subsystems = Vec::new();
         for (i, s) in self.subsystems.iter().enumerate() {

@@ -59,6 +59,10 @@ fn bad_configurations_are_named() {
             "[nvmf]\nmax_io_kib = 3\n".into(),
             "max I/O size 3072 must be a power of two",
         ),
+        (
+            "[nvmf]\nc2h_success = \"sometimes\"\n".into(),
+            "nvmf.c2h_success: \"sometimes\" is not \"flow-control-off\" or \"always\"",
+        ),
     ];
     for (config, expected) in cases {
         let err = oxd_with(&config);

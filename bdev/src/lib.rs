@@ -16,6 +16,7 @@ mod bdev;
 pub mod blocking;
 mod buf;
 mod clone;
+mod completions;
 mod dirty;
 pub use dirty::remove_dirty_record;
 mod error;

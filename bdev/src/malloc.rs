@@ -7,13 +7,12 @@
 //! so the lock is an uncontended atomic in practice. Racing unsynchronised copies would
 //! be undefined behaviour in Rust, which is why the locks exist at all.
 
-use std::rc::Rc;
 use std::sync::{Arc, RwLock};
 
-use reactor::Reactor;
 use uuid::Uuid;
 
 use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo};
+use crate::completions::ReadyQueue;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
 
@@ -149,7 +148,7 @@ impl BdevBackend for Malloc {
         let reactor = reactor::current().ok_or(BdevError::NotOnReactor)?;
         Ok(Box::new(MallocChannel {
             store: Arc::clone(&self.store),
-            reactor,
+            ready: ReadyQueue::new(reactor),
             block_size: u64::from(info.block_size),
         }))
     }
@@ -168,7 +167,7 @@ impl BdevBackend for Malloc {
 
 struct MallocChannel {
     store: Arc<Store>,
-    reactor: Rc<Reactor>,
+    ready: ReadyQueue,
     block_size: u64,
 }
 
@@ -200,7 +199,7 @@ impl MallocChannel {
 impl BackendChannel for MallocChannel {
     fn submit(&self, mut io: BdevIo, done: IoDone) {
         self.execute(&mut io);
-        self.reactor.defer(move || done(IoCompletion::ok(io.bufs)));
+        self.ready.complete(done, IoCompletion::ok(io.bufs));
     }
 }
 

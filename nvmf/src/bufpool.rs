@@ -20,9 +20,40 @@ const SMALL_CAP: usize = 64;
 /// Largest small vector kept.
 const SMALL_MAX: usize = 256;
 
+/// Empty buffer lists kept (a request's `bufs`, one per command in flight).
+const LISTS_KEPT: usize = 1024;
+
 thread_local! {
     static POOL: RefCell<Vec<(usize, Vec<IoBuf>)>> = const { RefCell::new(Vec::new()) };
     static SMALL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static LISTS: RefCell<Vec<Vec<IoBuf>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A request's buffer list holding `buf`, reusing a list an earlier request gave back
+/// (each command would otherwise allocate and free one).
+pub(crate) fn list_of(buf: IoBuf) -> Vec<IoBuf> {
+    let mut list = LISTS
+        .with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(1));
+    list.push(buf);
+    list
+}
+
+/// Returns an emptied buffer list for reuse on this reactor.
+pub(crate) fn give_list(list: Vec<IoBuf>) {
+    debug_assert!(
+        list.is_empty(),
+        "a list is given back once its buffers are taken"
+    );
+    if list.capacity() == 0 || !list.is_empty() {
+        return;
+    }
+    LISTS.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < LISTS_KEPT {
+            p.push(list);
+        }
+    });
 }
 
 /// An empty byte vector for a PDU header, reusing one sent earlier on this reactor.

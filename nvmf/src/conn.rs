@@ -36,8 +36,12 @@ use crate::pdu::{
     self, CAPSULE_CMD_HLEN, CH_LEN, DataHeader, Digests, FLAG_DATA_LAST, FLAG_DATA_SUCCESS, Fatal,
     Fes, IC_LEN, IcReq, IcResp, PduType, SHORT_HLEN,
 };
-use crate::subsystem::{ADMIN_IN_CAPSULE, Namespace, SocketIo, Subsystem};
+use crate::subsystem::{ADMIN_IN_CAPSULE, C2hSuccess, Namespace, SocketIo, Subsystem};
 use crate::target::{CtrlShared, Established, QueueRef, TargetShared};
+
+/// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h, Linux 5.19): a receive waits for
+/// data before its first attempt.
+const RECVSEND_POLL_FIRST: u16 = 1;
 
 /// Segments handed to one SendMsg at most.
 const MAX_IOV: usize = 64;
@@ -229,6 +233,9 @@ struct State {
     tx_inflight: usize,
     /// Receiving is paused until the send backlog drains.
     rx_paused: bool,
+    /// The last receive left the socket empty (it returned less than it had room for),
+    /// so the next one waits for data before trying to read.
+    rx_drained: bool,
     queue: Option<Queue>,
     /// The host must authenticate (DH-HMAC-CHAP) before this queue is used.
     auth: Option<auth::Transaction>,
@@ -297,6 +304,7 @@ impl Conn {
                 spare_send: None,
                 tx_inflight: 0,
                 rx_paused: false,
+                rx_drained: false,
                 queue: None,
                 auth: None,
                 sqsize: 0,
@@ -529,7 +537,17 @@ impl Conn {
         };
         let spare = buf.len() - end;
         let ptr = buf[end..].as_mut_ptr();
-        let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, spare as u32).build();
+        // A socket the last receive drained is almost surely still empty (a host at low
+        // queue depth waits for our reply): arm the wait for data at once rather than
+        // have the kernel first try a receive that finds nothing.
+        let poll_first = if self.st.borrow().rx_drained {
+            RECVSEND_POLL_FIRST
+        } else {
+            0
+        };
+        let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, spare as u32)
+            .ioprio(poll_first)
+            .build();
         let this = Rc::clone(self);
         // SAFETY: the buffer is moved into the completion closure, so it outlives the
         // operation and nothing else touches it meanwhile; moving a Vec leaves its heap
@@ -548,6 +566,7 @@ impl Conn {
         }
         {
             let mut st = self.st.borrow_mut();
+            st.rx_drained = (res as usize) < buf.len() - st.rx_end;
             st.rx_end += res as usize;
             st.rx = Some(buf);
         }
@@ -1153,7 +1172,7 @@ impl Conn {
         {
             let len = p.bytes().len().min(xfer as usize);
             if len > 0 {
-                let success = flow_off;
+                let success = flow_off || self.target.limits.c2h_success == C2hSuccess::Always;
                 let mut flags = FLAG_DATA_LAST;
                 if success {
                     flags |= FLAG_DATA_SUCCESS;

@@ -45,15 +45,15 @@ pub(crate) fn execute(conn: &Rc<Conn>, queue: &IoQueue, sqe: Sqe, data: Option<I
             let fua = sqe.cdw(12) & (1 << 30) != 0;
             match sqe.opcode() {
                 io::READ => {
-                    let io =
-                        BdevIo::read(slba, nlb, vec![bufpool::take(len as usize)]).with_fua(fua);
+                    let io = BdevIo::read(slba, nlb, bufpool::list_of(bufpool::take(len as usize)))
+                        .with_fua(fua);
                     submit(conn, &channel, sqe, io, xfer, IoType::Read);
                 }
                 io::WRITE => {
                     let Some(buf) = data else {
                         return fail(Status::SGL_LENGTH_INVALID);
                     };
-                    let io = BdevIo::write(slba, nlb, vec![buf]).with_fua(fua);
+                    let io = BdevIo::write(slba, nlb, bufpool::list_of(buf)).with_fua(fua);
                     submit(conn, &channel, sqe, io, 0, IoType::Write);
                 }
                 _ => {
@@ -139,10 +139,12 @@ fn submit(
     channel.submit(io, move |mut done: IoCompletion| match done.result {
         Ok(()) if io_type == IoType::Read => {
             let payload = done.bufs.pop().map(Payload::Buf);
+            bufpool::give_list(done.bufs);
             conn.reply(&sqe, Status::SUCCESS.into(), payload, xfer);
         }
         result => {
-            done.bufs.into_iter().for_each(bufpool::give);
+            done.bufs.drain(..).for_each(bufpool::give);
+            bufpool::give_list(done.bufs);
             let status = result.map_or_else(|e| status_of(&e, io_type), |()| Status::SUCCESS);
             conn.reply(&sqe, status.into(), None, 0);
         }

@@ -34,7 +34,7 @@ mod target;
 
 pub use error::NvmfError;
 pub use subsystem::{
-    ADMIN_IN_CAPSULE, DISCOVERY_NQN, HostPolicy, Limits, Namespace, SocketIo, Subsystem,
-    TargetConfig, check_nqn,
+    ADMIN_IN_CAPSULE, C2hSuccess, DISCOVERY_NQN, HostPolicy, Limits, Namespace, SocketIo,
+    Subsystem, TargetConfig, check_nqn,
 };
 pub use target::{ConnectEvent, ConnectObserver, Target};

@@ -204,6 +204,24 @@ pub struct Limits {
     pub connect_timeout: std::time::Duration,
     /// Time a queue that must authenticate has, from its Connect, before it is closed.
     pub auth_timeout: std::time::Duration,
+    /// Which successful reads end with their data PDU alone.
+    pub c2h_success: C2hSuccess,
+}
+
+/// When a successful read ends with its C2HData PDU alone (its SUCCESS flag set),
+/// saving the CapsuleResp PDU that would follow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum C2hSuccess {
+    /// Only on queues whose host turned SQ flow control off at Connect, as the NVMe/TCP
+    /// transport specification allows and Linux's nvmet does: the CapsuleResp left out
+    /// is what carries the SQ head pointer such a host has said it does not need.
+    #[default]
+    FlowControlOff,
+    /// On every queue, as SPDK's target does by default (its `c2h_success`). Hosts
+    /// then get no SQ head pointer for those reads: fine for hosts that never use it to
+    /// pace submissions (Linux's nvme-tcp and SPDK's initiator size their queues by
+    /// tags), not for one that does, which would see its queue as full and stall.
+    Always,
 }
 
 impl Default for Limits {
@@ -224,6 +242,7 @@ impl Default for Limits {
             icreq_timeout: std::time::Duration::from_secs(5),
             connect_timeout: std::time::Duration::from_secs(5),
             auth_timeout: std::time::Duration::from_secs(30),
+            c2h_success: C2hSuccess::FlowControlOff,
         }
     }
 }

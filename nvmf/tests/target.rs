@@ -515,7 +515,7 @@ fn properties_and_controller_reset() {
 fn sq_flow_control_off_reads_end_with_success_flag() {
     let s = setup(Limits::default());
     let d = Digests::default();
-    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    let a = Host::admin_ready(s.addr, d, NQN, 2);
     let mut q = Host::connect(s.addr, d);
     let c = q.fabric_connect(1, 31, NQN, HOSTNQN, a.cntlid, 0, 0x04);
     assert!(c.status.is_success());
@@ -526,6 +526,29 @@ fn sq_flow_control_off_reads_end_with_success_flag() {
     assert!(r.success_flag && r.cqe.is_none());
     assert!(r.data == data);
     // Failures still get a response capsule.
+    assert_eq!(q.read(1, BLOCKS, 1, 512).status(), Status::LBA_OUT_OF_RANGE);
+    // With SQ flow control on (as SPDK's host leaves it), a read gets its response.
+    let mut on = Host::io_queue(s.addr, d, NQN, a.cntlid, 2);
+    let r = on.read(1, 0, 8, 512);
+    assert!(!r.success_flag && r.cqe.is_some_and(|c| c.status.is_success()));
+}
+
+#[test]
+fn c2h_success_always_ends_every_read_with_its_data() {
+    let s = setup(Limits {
+        c2h_success: nvmf::C2hSuccess::Always,
+        ..Limits::default()
+    });
+    let d = Digests::default();
+    let a = Host::admin_ready(s.addr, d, NQN, 1);
+    // SQ flow control on: the response capsule is left out all the same, as SPDK's
+    // target does; writes and failed reads still get theirs.
+    let mut q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let data = pattern(6, 8192);
+    assert!(q.write(1, 16, &data, 512).status().is_success());
+    let r = q.read(1, 16, 16, 512);
+    assert!(r.success_flag && r.cqe.is_none());
+    assert!(r.data == data);
     assert_eq!(q.read(1, BLOCKS, 1, 512).status(), Status::LBA_OUT_OF_RANGE);
 }
 
