@@ -30,6 +30,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         Some(p) => Some(HealthFile::start(&p).context("nvmf.health_file")?),
         None => None,
     };
+    // A start that fails after this returns an error, not a crash: the record is marked
+    // clean on the way out, so a configuration error is not counted as unsafe shutdowns.
+    let _clean_on_error = CleanOnError(health_file.clone());
     let health = health_file
         .as_ref()
         .map(|h| Arc::clone(h.health()))
@@ -174,6 +177,22 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     )?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Marks the health record cleanly stopped when dropped outside a panic: `run`
+/// returning (with its final save done, or early with an error). A panic or a kill
+/// leaves it marked running, so the next start counts an unsafe shutdown.
+struct CleanOnError(Option<Arc<HealthFile>>);
+
+impl Drop for CleanOnError {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(Err(e)) = self.0.as_ref().map(|h| h.stop()) {
+            tracing::warn!("saving the health record: {}", appliance::error_chain(&e));
+        }
+    }
 }
 
 /// Hosts' Connect decisions (and connections closed before a Connect) go, through a

@@ -87,6 +87,25 @@ fn a_port_in_use_is_a_clear_error() {
 }
 
 #[test]
+fn a_start_that_fails_is_not_an_unsafe_shutdown() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let health = dir.path().join("state/health.json");
+    for _ in 0..2 {
+        let err = oxd_with(&format!(
+            "[nvmf]\nhealth_file = {health:?}\n{BDEV}[[subsystem]]\nnqn = \"nqn.2026-11.io.ox:a\"\nlisteners = [\"127.0.0.1:{port}\"]\nnamespaces = [\"m\"]\nallow_any_host = true\n"
+        ));
+        assert!(err.contains("cannot listen"), "{err}");
+    }
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&health).unwrap()).unwrap();
+    assert_eq!(record["running"], false, "{record}");
+    assert_eq!(record["power_cycles"], 2, "{record}");
+    assert_eq!(record["unsafe_shutdowns"], 0, "{record}");
+}
+
+#[test]
 fn bad_object_exchange_configurations_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

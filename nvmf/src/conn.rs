@@ -39,9 +39,17 @@ use crate::pdu::{
 use crate::subsystem::{ADMIN_IN_CAPSULE, C2hSuccess, Namespace, SocketIo, Subsystem};
 use crate::target::{CtrlShared, Established, QueueRef, TargetShared};
 
-/// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h, Linux 5.19): a receive waits for
-/// data before its first attempt.
-const RECVSEND_POLL_FIRST: u16 = 1;
+/// Largest PDU accepted before a queue's Connect succeeds: an ICReq, or a Connect (or
+/// other admin/fabrics) capsule with in-capsule data. A connection starts with a receive
+/// buffer for this and grows it to its full size once connected, so pending
+/// connections — which a peer can open by the hundred — hold little memory.
+const PRE_CONNECT_PDU: usize = CAPSULE_CMD_HLEN + 8 + ADMIN_IN_CAPSULE as usize;
+
+/// Receive buffer for PDUs of up to `max_pdu` bytes: room for two, so one arriving
+/// behind another is read without compacting first.
+fn rx_size(max_pdu: usize) -> usize {
+    (2 * max_pdu).max(16 << 10)
+}
 
 /// Segments handed to one SendMsg at most.
 const MAX_IOV: usize = 64;
@@ -233,9 +241,6 @@ struct State {
     tx_inflight: usize,
     /// Receiving is paused until the send backlog drains.
     rx_paused: bool,
-    /// The last receive left the socket empty (it returned less than it had room for),
-    /// so the next one waits for data before trying to read.
-    rx_drained: bool,
     queue: Option<Queue>,
     /// The host must authenticate (DH-HMAC-CHAP) before this queue is used.
     auth: Option<auth::Transaction>,
@@ -295,7 +300,7 @@ impl Conn {
                 phase: Phase::AwaitIcReq,
                 digests: Digests::default(),
                 hpda: 4,
-                rx: Some(vec![0u8; (2 * max_pdu).max(64 << 10)]),
+                rx: Some(vec![0u8; rx_size(PRE_CONNECT_PDU)]),
                 rx_start: 0,
                 rx_end: 0,
                 tx: VecDeque::new(),
@@ -304,7 +309,6 @@ impl Conn {
                 spare_send: None,
                 tx_inflight: 0,
                 rx_paused: false,
-                rx_drained: false,
                 queue: None,
                 auth: None,
                 sqsize: 0,
@@ -433,6 +437,15 @@ impl Conn {
 
     /// Takes the receive buffer (compacted) and the offset to receive at; `None` while
     /// closed, while a Recv owns it, or while the send backlog is over [`TX_CAP`].
+    /// The largest PDU this connection accepts now: small until its Connect succeeds.
+    fn max_pdu_now(&self, st: &State) -> usize {
+        if st.queue.is_some() {
+            self.max_pdu
+        } else {
+            PRE_CONNECT_PDU.min(self.max_pdu)
+        }
+    }
+
     fn take_rx(&self) -> Option<(Vec<u8>, usize)> {
         let mut st = self.st.borrow_mut();
         if st.phase == Phase::Closed {
@@ -444,8 +457,13 @@ impl Conn {
             return None;
         }
         let mut buf = st.rx.take()?;
+        let max_pdu = self.max_pdu_now(&st);
+        if buf.len() < rx_size(max_pdu) {
+            // Connected: from now on PDUs may be as large as the limits allow.
+            buf.resize(rx_size(max_pdu), 0);
+        }
         // Compact so that a whole PDU of up to `max_pdu` bytes fits after `rx_start`.
-        if st.rx_start > 0 && buf.len() - st.rx_start < self.max_pdu + CH_LEN {
+        if st.rx_start > 0 && buf.len() - st.rx_start < max_pdu + CH_LEN {
             let (s, e) = (st.rx_start, st.rx_end);
             buf.copy_within(s..e, 0);
             st.rx_start = 0;
@@ -537,17 +555,7 @@ impl Conn {
         };
         let spare = buf.len() - end;
         let ptr = buf[end..].as_mut_ptr();
-        // A socket the last receive drained is almost surely still empty (a host at low
-        // queue depth waits for our reply): arm the wait for data at once rather than
-        // have the kernel first try a receive that finds nothing.
-        let poll_first = if self.st.borrow().rx_drained {
-            RECVSEND_POLL_FIRST
-        } else {
-            0
-        };
-        let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, spare as u32)
-            .ioprio(poll_first)
-            .build();
+        let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, spare as u32).build();
         let this = Rc::clone(self);
         // SAFETY: the buffer is moved into the completion closure, so it outlives the
         // operation and nothing else touches it meanwhile; moving a Vec leaves its heap
@@ -566,7 +574,6 @@ impl Conn {
         }
         {
             let mut st = self.st.borrow_mut();
-            st.rx_drained = (res as usize) < buf.len() - st.rx_end;
             st.rx_end += res as usize;
             st.rx = Some(buf);
         }
@@ -619,7 +626,7 @@ impl Conn {
             FrameCtx {
                 negotiated: st.phase != Phase::AwaitIcReq,
                 digests: st.digests,
-                max_pdu: self.max_pdu,
+                max_pdu: self.max_pdu_now(&st),
                 max_h2c_data: self.target.limits.max_h2c_data,
             }
         };

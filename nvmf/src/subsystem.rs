@@ -232,13 +232,13 @@ impl Default for Limits {
             max_io_size: 1 << 20,
             in_capsule: 8192,
             max_h2c_data: 128 << 10,
-            // Hosts ask for one per CPU (spdk_nvme_perf -P N for N); the pending
-            // per-address limit (64) must stay above it.
-            max_io_queues: 63,
+            // Hosts ask for one per CPU (spdk_nvme_perf -P N for N); as many as SPDK's
+            // target allows. The pending per-address limit (128) must stay above it.
+            max_io_queues: 127,
             max_connections: 256,
             max_discovery_connections: 64,
             max_pending_connections: 256,
-            max_pending_per_address: 64,
+            max_pending_per_address: 128,
             icreq_timeout: std::time::Duration::from_secs(5),
             connect_timeout: std::time::Duration::from_secs(5),
             auth_timeout: std::time::Duration::from_secs(30),

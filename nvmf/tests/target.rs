@@ -1626,10 +1626,34 @@ fn spdk_hosts_without_a_host_nqn_or_reusing_a_held_aer_cid_are_served() {
 
 /// A host asking for nine I/O queues (`spdk_nvme_perf -P 9`) gets them by default.
 #[test]
-fn nine_io_queues_by_default() {
+fn a_host_may_connect_127_io_queues_by_default() {
     let s = setup(Limits::default());
     let d = Digests::default();
-    let a = Host::admin_ready(s.addr, d, NQN, 9);
-    let mut q9 = Host::io_queue(s.addr, d, NQN, a.cntlid, 9);
-    assert!(q9.read(1, 0, 8, 512).status().is_success());
+    let a = Host::admin_ready(s.addr, d, NQN, 127);
+    // As a host does: every queue's socket is open before the first Connect, so all of
+    // them are pending at once (and each holds only a small receive buffer meanwhile).
+    let mut queues: Vec<Host> = (0..127).map(|_| Host::connect(s.addr, d)).collect();
+    for (i, q) in queues.iter_mut().enumerate() {
+        let qid = i as u16 + 1;
+        let c = q.fabric_connect(qid, 127, NQN, HOSTNQN, a.cntlid, 0, 0);
+        assert!(c.status.is_success(), "queue {qid}: {}", c.status);
+    }
+    // Connected queues take full-size PDUs: a 128 KiB write in one H2CData burst.
+    let data = pattern(11, 128 << 10);
+    let last = queues.last_mut().unwrap();
+    assert!(last.write(1, 0, &data, 512).status().is_success());
+    assert!(last.read(1, 0, 256, 512).data == data);
+}
+
+#[test]
+fn before_connect_only_small_pdus_are_taken() {
+    let s = setup(Limits::default());
+    // A capsule claiming 64 KiB of in-capsule data before any Connect: the connection is
+    // ended with a header error, not given a 64 KiB buffer to fill.
+    let mut pdu = vec![0u8; 72];
+    pdu[0] = 0x04; // CapsuleCmd
+    pdu[2] = 72; // HLEN
+    pdu[3] = 72; // PDO
+    pdu[4..8].copy_from_slice(&(72u32 + (64 << 10)).to_le_bytes());
+    expect_fatal(s.addr, true, &pdu, Fes::InvalidHeaderField, 4);
 }
