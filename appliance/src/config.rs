@@ -472,8 +472,6 @@ impl Config {
         Ok(out)
     }
 
-    /// The NVMe/TCP target configuration over `bdevs`; `host_keys` (from
-    /// [`Self::host_keys`]) go to the subsystems that let their hosts in.
     /// Where the SMART / Health figures are kept, if anywhere.
     pub fn health_path(&self) -> Option<PathBuf> {
         self.nvmf
@@ -482,6 +480,8 @@ impl Config {
             .or_else(|| self.ox.as_ref().map(|o| o.state_dir.join("health.json")))
     }
 
+    /// The NVMe/TCP target configuration over `bdevs`; `host_keys` (from
+    /// [`Self::host_keys`]) go to the subsystems that let their hosts in.
     pub fn target_config(
         &self,
         bdevs: &[Bdev],

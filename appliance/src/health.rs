@@ -235,6 +235,8 @@ mod tests {
             assert!(rx.recv().unwrap());
         };
         let first = bdev::create_malloc("vol", 512, 2048, None).unwrap();
+        // Before it is served (a restore writing through it): not host I/O.
+        write_once(&first);
         file.health().attach(&first);
         write_once(&first);
         drop(first);
@@ -250,6 +252,35 @@ mod tests {
         assert_eq!((t.writes, t.write_bytes), (2, 8192));
         after.health().forget("vol");
         assert_eq!(after.health().totals("vol"), IoTotals::default());
+        set.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_device_keeps_the_totals_it_was_first_attached_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = HealthFile::start(&dir.path().join("health.json")).unwrap();
+        let set = reactor::ReactorSet::start(reactor::ReactorConfig::new(
+            reactor::CoreList::parse("0").unwrap(),
+        ))
+        .unwrap();
+        let dev = bdev::create_malloc("v", 512, 2048, None).unwrap();
+        file.health().attach(&dev);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dev.clone();
+        set.handles()[0]
+            .send(move || {
+                let ch = d.channel().unwrap();
+                ch.submit(
+                    bdev::BdevIo::read(0, 8, vec![bdev::IoBuf::new(4096)]),
+                    move |c| tx.send(c.result.is_ok()).unwrap(),
+                );
+            })
+            .unwrap();
+        assert!(rx.recv().unwrap());
+        // Its name forgotten while it lives, then served again: its totals come back.
+        file.health().forget("v");
+        file.health().attach(&dev);
+        assert_eq!(file.health().totals("v").reads, 1);
         set.shutdown().unwrap();
     }
 

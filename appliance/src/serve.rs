@@ -30,9 +30,10 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         Some(p) => Some(HealthFile::start(&p).context("nvmf.health_file")?),
         None => None,
     };
-    // A start that fails after this returns an error, not a crash: the record is marked
-    // clean on the way out, so a configuration error is not counted as unsafe shutdowns.
-    let _clean_on_error = CleanOnError(health_file.clone());
+    // A start that fails before anything is served returns an error, not a crash: the
+    // record is marked clean on the way out, so a configuration error is not counted as
+    // an unsafe shutdown. Once the target serves, only a clean stop clears it.
+    let mut clean_on_error = CleanOnError(health_file.clone());
     let health = health_file
         .as_ref()
         .map(|h| Arc::clone(h.health()))
@@ -47,6 +48,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let set = ReactorSet::start(reactor_config).context("starting reactors")?;
     let target =
         Arc::new(Target::start(target_config, set.handles()).context("starting NVMe/TCP target")?);
+    clean_on_error.0 = None;
     if let Some(h) = &health_file {
         h.save_periodically()?;
     }
@@ -179,9 +181,11 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Marks the health record cleanly stopped when dropped outside a panic: `run`
-/// returning (with its final save done, or early with an error). A panic or a kill
-/// leaves it marked running, so the next start counts an unsafe shutdown.
+/// Marks the health record cleanly stopped when dropped outside a panic, unless
+/// disarmed: `run` failing before the target serves. After that only the explicit
+/// stop, once the reactors stopped cleanly and state was persisted, clears the mark;
+/// a panic, an error while serving or a kill leaves it, and the next start counts an
+/// unsafe shutdown.
 struct CleanOnError(Option<Arc<HealthFile>>);
 
 impl Drop for CleanOnError {

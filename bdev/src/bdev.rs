@@ -203,9 +203,10 @@ impl Bdev {
         BdevStats::sum(channels.iter().map(Arc::as_ref))
     }
 
-    /// Counts this device's I/O, from its first request on, in `lifetime` (the totals
-    /// of every opening of a device of this name). A device has at most one: false if
-    /// another was attached before.
+    /// Counts this device's I/O from now on in `lifetime` (the totals of every opening
+    /// of a device of this name); what it did before (a restore written through it
+    /// before it was served) is not counted. A device has at most one: false if
+    /// another was attached before (see [`Bdev::lifetime`]).
     pub fn keep_lifetime(&self, lifetime: &Arc<Lifetime>) -> bool {
         let all = self
             .inner
@@ -219,6 +220,11 @@ impl Bdev {
             lifetime.adopt(Arc::clone(stats));
         }
         true
+    }
+
+    /// The lifetime totals this device counts into, if attached.
+    pub fn lifetime(&self) -> Option<Arc<Lifetime>> {
+        self.inner.lifetime.get().cloned()
     }
 
     /// Lifetime totals if a [`Lifetime`] is attached, else this opening's statistics.

@@ -36,8 +36,38 @@ impl ReadyQueue {
     pub(crate) fn complete(&self, done: IoDone, completion: IoCompletion) {
         self.inner.ready.borrow_mut().push((done, completion));
         if !self.inner.scheduled.replace(true) {
-            let inner = Rc::clone(&self.inner);
-            self.reactor.defer(move || deliver(&inner));
+            let batch = Batch {
+                inner: Rc::clone(&self.inner),
+                delivered: false,
+            };
+            self.reactor.defer(move || batch.deliver());
+        }
+    }
+}
+
+/// One scheduled delivery. Dropped undelivered (a reactor that stops without draining
+/// its deferred work drops it, so whatever holds the reactor can be freed), it drops
+/// what was queued: the queued completions hold their channel, which holds this queue.
+struct Batch {
+    inner: Rc<Inner>,
+    delivered: bool,
+}
+
+impl Batch {
+    fn deliver(mut self) {
+        self.delivered = true;
+        deliver(&self.inner);
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if !self.delivered {
+            // Break the cycle queue → completion → channel → queue. (Taken out before
+            // it is dropped: a completion's drop must not find the queue borrowed.)
+            let undelivered = std::mem::take(&mut *self.inner.ready.borrow_mut());
+            self.inner.scheduled.set(false);
+            drop(undelivered);
         }
     }
 }

@@ -49,6 +49,17 @@ pub(crate) fn totals_of(stats: &BdevStats) -> IoTotals {
     }
 }
 
+/// What `channel` counted beyond `before`.
+fn since(channel: &ChannelStats, before: IoTotals) -> IoTotals {
+    let now = totals_of(&BdevStats::sum(std::iter::once(channel)));
+    IoTotals {
+        read_bytes: now.read_bytes.saturating_sub(before.read_bytes),
+        write_bytes: now.write_bytes.saturating_sub(before.write_bytes),
+        reads: now.reads.saturating_sub(before.reads),
+        writes: now.writes.saturating_sub(before.writes),
+    }
+}
+
 /// The lifetime totals of one named device across its openings.
 #[derive(Default)]
 pub struct Lifetime {
@@ -59,8 +70,9 @@ pub struct Lifetime {
 struct Counted {
     /// Persisted figures plus those of channels whose device has gone.
     base: IoTotals,
-    /// Channels of devices still open.
-    channels: Vec<Arc<ChannelStats>>,
+    /// Channels of devices still open, each with what it had counted before it was
+    /// adopted (not counted here: I/O before a device was served, such as a restore).
+    channels: Vec<(Arc<ChannelStats>, IoTotals)>,
 }
 
 impl Lifetime {
@@ -77,26 +89,31 @@ impl Lifetime {
     /// The base plus every registered channel's counts.
     pub fn totals(&self) -> IoTotals {
         let counted = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let live = BdevStats::sum(counted.channels.iter().map(Arc::as_ref));
-        counted.base.plus(totals_of(&live))
+        counted
+            .channels
+            .iter()
+            .fold(counted.base, |sum, (c, before)| sum.plus(since(c, *before)))
     }
 
-    /// Counts `stats` from now on. Channels nobody else holds any more (their device
-    /// was closed: they cannot change) are folded into the base, so reopening a device
-    /// many times keeps this small.
+    /// Counts what `stats` counts from now on. Channels nobody else holds any more
+    /// (their device was closed: they cannot change) are folded into the base, so
+    /// reopening a device many times keeps this small.
     pub(crate) fn adopt(&self, stats: Arc<ChannelStats>) {
         let mut counted = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut gone = Vec::new();
-        counted.channels.retain(|c| {
-            let alive = Arc::strong_count(c) > 1;
-            if !alive {
-                gone.push(Arc::clone(c));
+        let mut folded = IoTotals::default();
+        counted.channels.retain_mut(|(c, before)| {
+            // `get_mut` succeeds only for the last holder, and (unlike a count) its
+            // check synchronises with the other holders' drops: every count the
+            // channel's reactor made is visible below.
+            let gone = Arc::get_mut(c).is_some();
+            if gone {
+                folded = folded.plus(since(c, *before));
             }
-            alive
+            !gone
         });
-        let folded = totals_of(&BdevStats::sum(gone.iter().map(Arc::as_ref)));
         counted.base = counted.base.plus(folded);
-        counted.channels.push(stats);
+        let before = since(&stats, IoTotals::default());
+        counted.channels.push((stats, before));
     }
 }
 

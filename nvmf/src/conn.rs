@@ -435,8 +435,6 @@ impl Conn {
 
     // ---------------------------------------------------------------- receive side
 
-    /// Takes the receive buffer (compacted) and the offset to receive at; `None` while
-    /// closed, while a Recv owns it, or while the send backlog is over [`TX_CAP`].
     /// The largest PDU this connection accepts now: small until its Connect succeeds.
     fn max_pdu_now(&self, st: &State) -> usize {
         if st.queue.is_some() {
@@ -446,6 +444,9 @@ impl Conn {
         }
     }
 
+    /// Takes the receive buffer (compacted, and grown once connected) and the offset to
+    /// receive at; `None` while closed, while a Recv owns it, or while the send backlog
+    /// is over [`TX_CAP`].
     fn take_rx(&self) -> Option<(Vec<u8>, usize)> {
         let mut st = self.st.borrow_mut();
         if st.phase == Phase::Closed {
@@ -1179,7 +1180,11 @@ impl Conn {
         {
             let len = p.bytes().len().min(xfer as usize);
             if len > 0 {
-                let success = flow_off || self.target.limits.c2h_success == C2hSuccess::Always;
+                // The data PDU can stand for the response only when the response would
+                // carry nothing else: a success with no command-specific result.
+                let success = (flow_off || self.target.limits.c2h_success == C2hSuccess::Always)
+                    && reply.dw0 == 0
+                    && reply.dw1 == 0;
                 let mut flags = FLAG_DATA_LAST;
                 if success {
                     flags |= FLAG_DATA_SUCCESS;

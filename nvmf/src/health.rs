@@ -58,16 +58,20 @@ impl Health {
 
     /// Counts `bdev`'s I/O in the lifetime totals of its name.
     pub fn attach(&self, bdev: &Bdev) {
+        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         let lifetime = Arc::clone(
-            self.devices
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            devices
                 .entry(bdev.name().to_string())
                 .or_insert_with(|| Lifetime::new(IoTotals::default())),
         );
-        // A device counts into the first totals it was attached to: re-exporting it
-        // (here or by another target) keeps counting there.
-        bdev.keep_lifetime(&lifetime);
+        // A device counts into the first totals it was attached to (re-exported after
+        // its name was forgotten, or attached by another target): report and save
+        // those under its name.
+        if !bdev.keep_lifetime(&lifetime)
+            && let Some(own) = bdev.lifetime()
+        {
+            devices.insert(bdev.name().to_string(), own);
+        }
     }
 
     /// Drops the totals of a device that no longer exists (a deleted volume), so a

@@ -65,9 +65,14 @@ pub fn controller(
     b[258] = 3; // ACL (0-based)
     b[259] = (AER_LIMIT - 1) as u8; // AERL (0-based)
     b[260] = 0x03; // FRMW: one slot, read-only
-    // LPA: SMART / Health log per namespace, Commands Supported and Effects log,
-    // extended data for Get Log Page.
-    b[261] = 0x01 | 0x02 | 0x04;
+    // LPA: extended data for Get Log Page; an I/O controller also keeps the SMART /
+    // Health log per namespace and the Commands Supported and Effects log (a discovery
+    // controller has neither, and a host reads the effects log if this says it may).
+    b[261] = if kind == CtrlKind::Io {
+        0x01 | 0x02 | 0x04
+    } else {
+        0x04
+    };
     // WCTEMP and CCTEMP stay 0: no temperature thresholds (no sensor).
     put_u16(&mut b, 320, KAS);
     b[512] = 0x66; // SQES
@@ -179,7 +184,13 @@ pub fn descriptors(ns: &Namespace) -> Vec<u8> {
 pub fn smart_log(health: &Health, namespaces: &[&Namespace]) -> Vec<u8> {
     let mut b = vec![0u8; 512];
     let (mut read, mut written, mut reads, mut writes) = (0u128, 0u128, 0u128, 0u128);
+    let mut counted: Vec<&str> = Vec::new();
     for ns in namespaces {
+        // A device behind two namespaces is one device: count it once.
+        if counted.contains(&ns.bdev.name()) {
+            continue;
+        }
+        counted.push(ns.bdev.name());
         let t = health.totals(ns.bdev.name());
         read += u128::from(t.read_bytes);
         written += u128::from(t.write_bytes);

@@ -235,7 +235,9 @@ impl Default for Limits {
             // Hosts ask for one per CPU (spdk_nvme_perf -P N for N); as many as SPDK's
             // target allows. The pending per-address limit (128) must stay above it.
             max_io_queues: 127,
-            max_connections: 256,
+            // Two hosts with 127 queues each fit in 256 (a queue costs about 256 KiB
+            // of receive buffer while connected): four in 512.
+            max_connections: 512,
             max_discovery_connections: 64,
             max_pending_connections: 256,
             max_pending_per_address: 128,

@@ -1260,8 +1260,14 @@ fn discovery_controller(addr: SocketAddr, hostnqn: &str, notices: bool) -> Host 
     enable(&mut h);
     let mut idc = Sqe::new(admin::IDENTIFY, 0);
     idc.set_cdw(10, 1);
-    let oaes = le::u32(&h.command(idc, &[], 4096).data, 92);
-    assert_ne!(oaes & 1 << 31, 0, "OAES: discovery log change notices");
+    let id = h.command(idc, &[], 4096).data;
+    assert_ne!(
+        le::u32(&id, 92) & 1 << 31,
+        0,
+        "OAES: discovery log change notices"
+    );
+    // No effects log or per-namespace SMART claimed where there is none to read.
+    assert_eq!(id[261], 0x04, "LPA of a discovery controller");
     if notices {
         set_async_events(&mut h, 1 << 31);
     }
