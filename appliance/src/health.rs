@@ -45,6 +45,28 @@ struct Totals {
     writes: u64,
 }
 
+impl From<Totals> for IoTotals {
+    fn from(t: Totals) -> Self {
+        Self {
+            read_bytes: t.read_bytes,
+            write_bytes: t.write_bytes,
+            reads: t.reads,
+            writes: t.writes,
+        }
+    }
+}
+
+impl From<IoTotals> for Totals {
+    fn from(t: IoTotals) -> Self {
+        Self {
+            read_bytes: t.read_bytes,
+            write_bytes: t.write_bytes,
+            reads: t.reads,
+            writes: t.writes,
+        }
+    }
+}
+
 /// The health file of a running appliance, and the thread that saves it.
 pub struct HealthFile {
     path: PathBuf,
@@ -94,15 +116,7 @@ impl HealthFile {
         };
         let devices = std::mem::take(&mut saved.devices)
             .into_iter()
-            .map(|(name, t)| {
-                let totals = IoTotals {
-                    read_bytes: t.read_bytes,
-                    write_bytes: t.write_bytes,
-                    reads: t.reads,
-                    writes: t.writes,
-                };
-                (name, totals)
-            });
+            .map(|(name, t)| (name, IoTotals::from(t)));
         let file = Arc::new(Self {
             path: path.to_path_buf(),
             health: Arc::new(Health::new(power, devices)),
@@ -159,15 +173,7 @@ impl HealthFile {
             unsafe_shutdowns: power.unsafe_shutdowns,
             devices: devices
                 .into_iter()
-                .map(|(name, t)| {
-                    let totals = Totals {
-                        read_bytes: t.read_bytes,
-                        write_bytes: t.write_bytes,
-                        reads: t.reads,
-                        writes: t.writes,
-                    };
-                    (name, totals)
-                })
+                .map(|(name, t)| (name, Totals::from(t)))
                 .collect(),
         };
         let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
