@@ -200,6 +200,29 @@ fn set_aside(path: &Path, why: &str) {
 mod tests {
     use super::*;
 
+    fn one_reactor() -> reactor::ReactorSet {
+        let cores = reactor::CoreList::parse("0").unwrap();
+        reactor::ReactorSet::start(reactor::ReactorConfig::new(cores)).unwrap()
+    }
+
+    /// Runs `io` on `dev` from the set's reactor and waits for it to succeed.
+    fn run_io(set: &reactor::ReactorSet, dev: &bdev::Bdev, io: bdev::BdevIo) {
+        let dev = dev.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        set.handles()[0]
+            .send(move || {
+                let ch = dev.channel().unwrap();
+                ch.submit(io, move |c| tx.send(c.result.is_ok()).unwrap());
+            })
+            .unwrap();
+        assert!(rx.recv().unwrap());
+    }
+
+    fn write_once(set: &reactor::ReactorSet, dev: &bdev::Bdev) {
+        let buf = bdev::IoBuf::from_slice(&[7; 4096]);
+        run_io(set, dev, bdev::BdevIo::write(0, 8, vec![buf]));
+    }
+
     #[test]
     fn a_start_without_a_clean_stop_is_an_unsafe_shutdown() {
         let dir = tempfile::tempdir().unwrap();
@@ -222,34 +245,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("health.json");
         let file = HealthFile::start(&path).unwrap();
-        let set = reactor::ReactorSet::start(reactor::ReactorConfig::new(
-            reactor::CoreList::parse("0").unwrap(),
-        ))
-        .unwrap();
-        let write_once = |dev: &bdev::Bdev| {
-            let dev = dev.clone();
-            let (tx, rx) = std::sync::mpsc::channel();
-            set.handles()[0]
-                .send(move || {
-                    let ch = dev.channel().unwrap();
-                    let buf = bdev::IoBuf::from_slice(&[7; 4096]);
-                    ch.submit(bdev::BdevIo::write(0, 8, vec![buf]), move |c| {
-                        tx.send(c.result.is_ok()).unwrap()
-                    });
-                })
-                .unwrap();
-            assert!(rx.recv().unwrap());
-        };
+        let set = one_reactor();
         let first = bdev::create_malloc("vol", 512, 2048, None).unwrap();
         // Before it is served (a restore writing through it): not host I/O.
-        write_once(&first);
+        write_once(&set, &first);
         file.health().attach(&first);
-        write_once(&first);
+        write_once(&set, &first);
         drop(first);
         // Re-opened under the same name: the totals go on.
         let again = bdev::create_malloc("vol", 512, 2048, None).unwrap();
         file.health().attach(&again);
-        write_once(&again);
+        write_once(&set, &again);
         assert_eq!(file.health().totals("vol").writes, 2);
         file.stop().unwrap();
         drop(file);
@@ -265,24 +271,11 @@ mod tests {
     fn a_device_keeps_the_totals_it_was_first_attached_to() {
         let dir = tempfile::tempdir().unwrap();
         let file = HealthFile::start(&dir.path().join("health.json")).unwrap();
-        let set = reactor::ReactorSet::start(reactor::ReactorConfig::new(
-            reactor::CoreList::parse("0").unwrap(),
-        ))
-        .unwrap();
+        let set = one_reactor();
         let dev = bdev::create_malloc("v", 512, 2048, None).unwrap();
         file.health().attach(&dev);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let d = dev.clone();
-        set.handles()[0]
-            .send(move || {
-                let ch = d.channel().unwrap();
-                ch.submit(
-                    bdev::BdevIo::read(0, 8, vec![bdev::IoBuf::new(4096)]),
-                    move |c| tx.send(c.result.is_ok()).unwrap(),
-                );
-            })
-            .unwrap();
-        assert!(rx.recv().unwrap());
+        let read = bdev::BdevIo::read(0, 8, vec![bdev::IoBuf::new(4096)]);
+        run_io(&set, &dev, read);
         // Its name forgotten while it lives, then served again: its totals come back.
         file.health().forget("v");
         file.health().attach(&dev);

@@ -227,14 +227,6 @@ impl Bdev {
         self.inner.lifetime.get().cloned()
     }
 
-    /// Lifetime totals if a [`Lifetime`] is attached, else this opening's statistics.
-    pub fn lifetime_totals(&self) -> crate::IoTotals {
-        match self.inner.lifetime.get() {
-            Some(l) => l.totals(),
-            None => crate::lifetime::totals_of(&self.stats()),
-        }
-    }
-
     /// Blocks holding data: on a thin device (a sparse file, a clone, RAM allocated on
     /// first write) fewer than [`Bdev::num_blocks`]; never more.
     pub fn allocated_blocks(&self) -> u64 {
