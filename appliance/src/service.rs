@@ -1909,7 +1909,7 @@ fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&St
         } else {
             present as f64 * 100.0 / total as f64
         });
-        v["host_read_bytes"] = json!(k.host_read_bytes.load(Ordering::Relaxed));
+        v["host_read_bytes"] = json!(l.handle.host_read_bytes());
         v["fetched_bytes"] = json!({ "client_miss": r(0), "prefetch": r(1), "thickening": r(2) });
         v["object_bytes"] =
             json!(b.frame_bytes.load(Ordering::Relaxed) + b.page_bytes.load(Ordering::Relaxed));

@@ -336,4 +336,19 @@ impl Channel {
             }),
         );
     }
+
+    /// Passes down a request that a device stacked on this one (a volume, a clone) has
+    /// validated and counted already, for the same blocks: it is not validated or
+    /// counted again here, so a stacked device costs its own logic and nothing more.
+    /// Requests the stacked device makes up itself go through [`Channel::submit`].
+    pub(crate) fn pass(&self, io: BdevIo, done: IoDone) {
+        if self.reactor.is_stopping() {
+            let bufs = io.bufs;
+            return self
+                .reactor
+                .defer(move || done(IoCompletion::err(bufs, BdevError::ShuttingDown)));
+        }
+        debug_assert!(self.bdev.validate(&io).is_ok(), "passed an invalid request");
+        self.backend.submit(io, done);
+    }
 }

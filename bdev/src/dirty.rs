@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use reactor::ReactorHandle;
 
-use crate::clone::{deliver, park, unpark};
 use crate::error::BdevError;
+use crate::park::{deliver, park, unpark};
 use crate::presence::PresenceFiles;
 
 /// A request to the record's thread.

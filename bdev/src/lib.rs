@@ -26,6 +26,7 @@ mod lifetime;
 pub use lifetime::{IoTotals, Lifetime};
 mod malloc;
 mod null;
+mod park;
 mod presence;
 mod preserve;
 mod stats;

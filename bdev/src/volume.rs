@@ -230,7 +230,7 @@ fn guarded_write(
     for chunk in shared.chunk_range(&io) {
         shared.mark_dirty(chunk);
     }
-    inner.submit(io, done);
+    inner.pass(io, done);
 }
 
 /// A copy-before-write in progress.
@@ -335,7 +335,7 @@ impl BackendChannel for VolumeChannel {
             io.io_type,
             IoType::Write | IoType::WriteZeroes | IoType::Unmap
         ) {
-            return self.inner.submit(io, done);
+            return self.inner.pass(io, done);
         }
         start_write(
             &self.shared,
@@ -398,10 +398,13 @@ fn start_write(
     }
     if !active {
         let unaware = Arc::clone(unaware);
-        return inner.submit(io, move |c| {
-            unaware.fetch_sub(1, Ordering::SeqCst);
-            done(c)
-        });
+        return inner.pass(
+            io,
+            Box::new(move |c| {
+                unaware.fetch_sub(1, Ordering::SeqCst);
+                done(c)
+            }),
+        );
     }
     guarded_write(
         Arc::clone(s),

@@ -314,6 +314,60 @@ fn overlapping_writes_from_two_reactors_never_wait_on_each_other() {
     set.shutdown().unwrap();
 }
 
+/// Two reactors, each reading and writing its own 4 KiB blocks (interleaved, so every
+/// chunk is shared) at random, while the owner (reactor 0) fetches: reads always see
+/// the basis where the reactor has not written and its own last write where it has.
+#[test]
+fn two_reactors_at_random_over_shared_chunks_always_read_what_they_wrote() {
+    let (set, clone, handle, basis) = setup(None, 0);
+    assert!(set.len() >= 2, "needs two reactors");
+    let blocks = (16 * CHUNK + 4096) / 4096;
+    let threads: Vec<_> = (0..2u64)
+        .map(|me| {
+            let (set_handle, clone, image) = (
+                set.handles()[me as usize].clone(),
+                clone.clone(),
+                basis.image.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut written: HashMap<u64, Vec<u8>> = HashMap::new();
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (me + 1);
+                for op in 0..600u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let block = (x % (blocks / 2)) * 2 + me;
+                    let off = block * 4096;
+                    if x.is_multiple_of(3) {
+                        let data = pattern(4096, (op + me) as u8);
+                        let io = BdevIo::write(off / 512, 8, vec![IoBuf::from_slice(&data)]);
+                        run_on(&set_handle, &clone, io, T).unwrap().result.unwrap();
+                        written.insert(block, data);
+                    } else {
+                        let io = BdevIo::read(off / 512, 8, vec![IoBuf::new(4096)]);
+                        let done = run_on(&set_handle, &clone, io, T).unwrap();
+                        let got = done.data();
+                        done.result.unwrap();
+                        let want = written
+                            .get(&block)
+                            .cloned()
+                            .unwrap_or_else(|| image[off as usize..off as usize + 4096].to_vec());
+                        assert!(got == want, "reactor {me}, op {op}: block {block} is wrong");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (present, total) = handle.hydration();
+    assert!(present <= total);
+    // Every chunk a reactor touched was fetched at most once.
+    assert!(basis.fetches.lock().unwrap().values().all(|&n| n == 1));
+    set.shutdown().unwrap();
+}
+
 /// A clone over a file-backed local copy with a presence record in `dir`.
 fn durable_clone(
     set: &ReactorSet,

@@ -137,6 +137,11 @@ impl ReactorHandle {
         (Self { shared }, rx)
     }
 
+    /// Whether both handles lead to the same reactor (indexes repeat across sets).
+    pub fn same(&self, other: &ReactorHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Position of this reactor in its set (0-based).
     pub fn index(&self) -> usize {
         self.shared.index

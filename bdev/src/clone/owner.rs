@@ -1,0 +1,272 @@
+//! The clone's owner: the one reactor that holds its [`Core`] and carries out what the
+//! core decides. Channels on other reactors send it events as messages; on the owner
+//! itself they are applied in place. Fetch answers always arrive as messages (a basis
+//! answers on any thread, sometimes before `fetch` returns).
+//!
+//! Messages that change the state: `Need` (a read miss, read-ahead, thickening),
+//! `Plan` and `WriteEnded` (a write over absent chunks), `Fetched` (the basis), and
+//! `Installed` (the owner's own local write). What the owner publishes for every core
+//! — the `presence` bits, the present count, the client fetches in flight — it alone
+//! writes, with plain stores, so readers on the I/O path need only loads.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use reactor::{Reactor, ReactorHandle};
+
+use super::core::{Action, ChunkError, Core, Event};
+use super::journal::Note;
+use super::{FetchError, FetchReason, Shared, bump, publish};
+use crate::buf::IoBuf;
+use crate::error::BdevError;
+use crate::io::{BdevIo, IoCompletion};
+use crate::park::{Answer, deliver, unpark_with};
+
+/// Who waits: a continuation parked on a reactor, by token.
+pub(super) type Waiter = (ReactorHandle, u64);
+
+/// The owner's state of one clone.
+pub(super) struct Owned {
+    shared: Arc<Shared>,
+    core: RefCell<Core<Waiter>>,
+    /// When each client-miss fetch began (for the miss latency).
+    started: RefCell<HashMap<u64, Instant>>,
+}
+
+impl Owned {
+    fn new(shared: &Arc<Shared>) -> Self {
+        // Only the owner writes the published bits, so they are the state as it was
+        // when the last owner state was dropped (or as the record opened it).
+        let present = shared
+            .presence
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect();
+        Self {
+            shared: Arc::clone(shared),
+            core: RefCell::new(Core::new(shared.chunks, present)),
+            started: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+/// The owner's state of `shared` on reactor `r`, made on first use.
+fn owned(shared: &Arc<Shared>, r: &Reactor) -> Rc<Owned> {
+    match r.channel(shared.id, || {
+        Ok::<_, std::convert::Infallible>(Owned::new(shared))
+    }) {
+        Ok(o) => o,
+        Err(never) => match never {},
+    }
+}
+
+/// Sends `event` to the clone's owner (applied in place when this is the owner). If
+/// the owner has stopped, its waiter is failed.
+pub(super) fn send(shared: &Arc<Shared>, owner: &ReactorHandle, event: Event<Waiter>) {
+    if let Some(r) = reactor::current()
+        && r.handle().same(owner)
+    {
+        return apply(shared, &r, event);
+    }
+    let s = Arc::clone(shared);
+    let (tx, rx) = crossbeam_channel::bounded::<Event<Waiter>>(1);
+    // The event travels inside the message; if the owner is gone it comes back here
+    // through the channel, to fail its waiter.
+    let _ = tx.send(event);
+    let inbox = rx.clone();
+    let sent = deliver(
+        owner.clone(),
+        Box::new(move || {
+            if let (Some(r), Ok(e)) = (reactor::current(), inbox.try_recv()) {
+                apply(&s, &r, e);
+            }
+        }),
+    );
+    if !sent && let Ok(e) = rx.try_recv() {
+        refuse(shared, e);
+    }
+}
+
+/// Fails the waiter of an event the owner never got.
+fn refuse(shared: &Shared, event: Event<Waiter>) {
+    let waiter = match event {
+        Event::Need { waiter, .. } => waiter,
+        Event::Plan { waiter, .. } => Some(waiter),
+        _ => None,
+    };
+    if let Some((to, token)) = waiter {
+        let e = BdevError::Basis {
+            name: shared.name.clone(),
+            chunk: 0,
+            reason: FetchError::Failed("the clone's owner reactor has stopped".into()),
+        };
+        wake(&to, token, Err(e));
+    }
+}
+
+/// Applies `event` on the owner `r` and carries out the actions.
+pub(super) fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Waiter>) {
+    let o = owned(shared, r);
+    // The borrow ends before any action runs: an action may apply further events.
+    let actions = o.core.borrow_mut().apply(event);
+    let (count, clients) = {
+        let core = o.core.borrow();
+        (core.present_count(), core.client_fetches())
+    };
+    shared.present_count.store(count, Ordering::Release);
+    shared.misses_in_flight.store(clients, Ordering::Release);
+    for a in actions {
+        act(&o, r, a);
+    }
+}
+
+fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Waiter>) {
+    let s = &o.shared;
+    match action {
+        Action::Fetch { chunk, reason } => {
+            if reason == FetchReason::ClientMiss {
+                o.started.borrow_mut().insert(chunk, Instant::now());
+            }
+            let (shared, home) = (Arc::clone(s), r.handle().clone());
+            s.basis.fetch(
+                chunk,
+                reason,
+                Box::new(move |result| {
+                    let len = shared.chunk_len(chunk);
+                    let result = result.and_then(|d| {
+                        if d.len() as u64 == len {
+                            Ok(d)
+                        } else {
+                            Err(FetchError::Integrity(format!(
+                                "basis returned {} bytes, expected {len}",
+                                d.len()
+                            )))
+                        }
+                    });
+                    // Always by message, even on the owner: the core is busy applying.
+                    let s2 = Arc::clone(&shared);
+                    deliver(
+                        home,
+                        Box::new(move || {
+                            if let Some(r) = reactor::current() {
+                                apply(&s2, &r, Event::Fetched { chunk, result });
+                            }
+                        }),
+                    );
+                }),
+            );
+        }
+        Action::Install { chunk, data, .. } => {
+            let len = s.chunk_len(chunk);
+            let io = BdevIo::write(
+                chunk * s.chunk_bytes / s.block_size,
+                len / s.block_size,
+                vec![IoBuf::from_slice(&data)],
+            );
+            let shared = Arc::clone(s);
+            let installed = move |result: Result<(), BdevError>| {
+                if let Some(r) = reactor::current() {
+                    let result = result.map_err(|e| e.to_string());
+                    apply(&shared, &r, Event::Installed { chunk, result });
+                }
+            };
+            match s.local.channel() {
+                Ok(local) => local.submit(io, move |c: IoCompletion| installed(c.result)),
+                Err(e) => r.defer(move || installed(Err(e))),
+            }
+        }
+        Action::Present { chunk, fetched } => {
+            publish(&s.presence[(chunk / 64) as usize], 1 << (chunk % 64));
+            match fetched {
+                Some(reason) => {
+                    let i = reason as usize;
+                    bump(&s.counters.fetched_bytes[i], s.chunk_len(chunk));
+                    bump(&s.counters.fetches[i], 1);
+                    if let Some(t) = o.started.borrow_mut().remove(&chunk) {
+                        s.counters.miss_latency.record(t.elapsed());
+                        s.last_miss_end_us
+                            .store(s.epoch.elapsed().as_micros() as u64, Ordering::Release);
+                    }
+                    if let Some(j) = &s.journal {
+                        // Recorded lazily: a fetched chunk lost in a crash is fetched again.
+                        let _ = j.tx.try_send(Note::Installed(chunk));
+                    }
+                }
+                None => bump(&s.counters.written_whole, 1),
+            }
+        }
+        Action::Failed { chunk } => {
+            bump(&s.counters.fetch_errors, 1);
+            if o.started.borrow_mut().remove(&chunk).is_some() {
+                s.last_miss_end_us
+                    .store(s.epoch.elapsed().as_micros() as u64, Ordering::Release);
+            }
+        }
+        Action::Wake {
+            waiter: (to, token),
+            result,
+        } => {
+            let result = result.map(|()| Answer::Done).map_err(|e| basis_error(s, e));
+            wake(&to, token, result);
+        }
+        Action::Granted {
+            waiter: (to, token),
+            chunks,
+            ..
+        } => wake(&to, token, Ok(Answer::Granted(chunks))),
+    }
+}
+
+fn basis_error(s: &Shared, e: ChunkError) -> BdevError {
+    BdevError::Basis {
+        name: s.name.clone(),
+        chunk: e.chunk,
+        reason: e.reason,
+    }
+}
+
+/// Wakes `token` on `to`: in place when that is this reactor.
+fn wake(to: &ReactorHandle, token: u64, result: Result<Answer, BdevError>) {
+    match reactor::current() {
+        Some(r) if r.handle().same(to) => unpark_with(token, result),
+        _ => {
+            deliver(to.clone(), Box::new(move || unpark_with(token, result)));
+        }
+    }
+}
+
+/// Runs `f` on the owner's core and returns its answer: in place on the owner, by a
+/// blocking call from a thread that is not a reactor; `None` from another reactor
+/// (which must not block) or if the owner has stopped.
+pub(super) fn query<R: Send + 'static>(
+    shared: &Arc<Shared>,
+    owner: &ReactorHandle,
+    f: impl FnOnce(&Core<Waiter>) -> R + Send + 'static,
+) -> Option<R> {
+    match reactor::current() {
+        Some(r) if r.handle().same(owner) => Some(f(&owned(shared, &r).core.borrow())),
+        Some(_) => None,
+        None => {
+            let s = Arc::clone(shared);
+            owner
+                .call(std::time::Duration::from_secs(30), move || {
+                    reactor::current().map(|r| f(&owned(&s, &r).core.borrow()))
+                })
+                .ok()
+                .flatten()
+        }
+    }
+}
+
+/// Drops the owner's state of a clone that is gone (its device dropped).
+pub(super) fn release(id: u64, owner: &ReactorHandle) {
+    let _ = owner.send(move || {
+        if let Some(r) = reactor::current() {
+            r.release_channel::<Owned>(id);
+        }
+    });
+}
