@@ -126,7 +126,8 @@ fn capsule<'a>(ch: &CommonHeader, pdu: &'a [u8], ctx: &FrameCtx) -> Result<HostP
 fn h2c_data<'a>(ch: &CommonHeader, pdu: &'a [u8], ctx: &FrameCtx) -> Result<HostPdu<'a>, Fatal> {
     let has_ddgst = pdu::check_frame(ch, SHORT_HLEN, ctx.digests, ctx.max_pdu)?;
     check_hdgst(pdu, SHORT_HLEN, ctx.digests)?;
-    let header = DataHeader::parse(pdu);
+    // check_frame made sure of a whole header.
+    let header = DataHeader::parse(pdu).ok_or(Fatal::new(Fes::InvalidHeaderField, 4))?;
     let (data, data_ok) = data_of(ch, pdu, has_ddgst)?;
     if data.len() != header.length as usize {
         return Err(Fatal::new(Fes::InvalidHeaderField, 16));

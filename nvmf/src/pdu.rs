@@ -312,14 +312,14 @@ pub struct DataHeader {
 }
 
 impl DataHeader {
-    /// Parses bytes 8..24 of a data or R2T header.
-    pub fn parse(h: &[u8]) -> Self {
-        Self {
+    /// Parses bytes 8..24 of a data or R2T header; `None` if `h` is shorter.
+    pub fn parse(h: &[u8]) -> Option<Self> {
+        (h.len() >= SHORT_HLEN).then(|| Self {
             cccid: le::u16(h, 8),
             ttag: le::u16(h, 10),
             offset: le::u32(h, 12),
             length: le::u32(h, 16),
-        }
+        })
     }
 
     fn write(&self, out: &mut [u8]) {
@@ -603,7 +603,8 @@ mod tests {
         assert_eq!(ch.pdo, 28);
         assert_eq!(ch.plen, 28 + 512 + 4);
         assert_eq!(ch.flags, FLAG_HDGST | FLAG_DDGST | FLAG_DATA_LAST);
-        assert_eq!(DataHeader::parse(&h).offset, 4096);
+        assert_eq!(DataHeader::parse(&h).map(|h| h.offset), Some(4096));
+        assert!(DataHeader::parse(&h[..23]).is_none());
         assert_eq!(&h[24..28], &digest(&h[..24]));
     }
 }

@@ -956,7 +956,7 @@ fn start_r2t_write(q: &mut Host) -> (u16, u16) {
     q.send(&pdu::capsule_cmd(q.digests, &sqe.0, &[]));
     let r2t = q.recv().unwrap();
     assert_eq!(r2t.kind(), PduType::R2T as u8);
-    let h = pdu::DataHeader::parse(&r2t.bytes);
+    let h = pdu::DataHeader::parse(&r2t.bytes).expect("a whole R2T header");
     assert_eq!((h.cccid, h.offset, h.length), (500, 0, 65536));
     (h.cccid, h.ttag)
 }
@@ -1175,7 +1175,7 @@ fn replies_cut_short_by_a_full_socket_resume_in_order_and_intact() {
         let p = q.recv().expect("every reply arrives");
         match PduType::from_u8(p.kind()) {
             Some(PduType::C2HData) => {
-                let h = nvmf::pdu::DataHeader::parse(&p.bytes);
+                let h = nvmf::pdu::DataHeader::parse(&p.bytes).expect("a whole data header");
                 let pdo = usize::from(p.ch.pdo);
                 let buf = got.entry(h.cccid).or_default();
                 assert_eq!(

@@ -509,7 +509,7 @@ impl Queue {
                         "{label}: header digest mismatch"
                     );
                 }
-                let h = DataHeader::parse(p);
+                let h = DataHeader::parse(p).ok_or_else(|| anyhow!("{label}: short C2HData"))?;
                 let pdo = usize::from(ch.pdo);
                 let end = pdo + h.length as usize;
                 ensure!(end <= plen, "{label}: C2HData longer than its PDU");
@@ -543,7 +543,8 @@ impl Queue {
                 Ok(())
             }
             Some(PduType::R2T) => {
-                let h = DataHeader::parse(&self.rx[start..start + plen]);
+                let h = DataHeader::parse(&self.rx[start..start + plen])
+                    .ok_or_else(|| anyhow!("{label}: short R2T"))?;
                 let slot = self
                     .slots
                     .get(usize::from(h.cccid))

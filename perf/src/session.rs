@@ -242,7 +242,7 @@ impl Session {
                     });
                 }
                 Some(PduType::C2HData) => {
-                    let h = DataHeader::parse(&bytes);
+                    let h = DataHeader::parse(&bytes).context("short C2HData")?;
                     let pdo = usize::from(ch.pdo);
                     let end = pdo + h.length as usize;
                     ensure!(end <= bytes.len(), "C2HData longer than its PDU");
@@ -260,7 +260,7 @@ impl Session {
                     }
                 }
                 Some(PduType::R2T) => {
-                    let h = DataHeader::parse(&bytes);
+                    let h = DataHeader::parse(&bytes).context("short R2T")?;
                     let (start, end) = (h.offset as usize, (h.offset + h.length) as usize);
                     ensure!(end <= write.len(), "R2T beyond the write's data");
                     self.send_h2c(cid, h.ttag, h.offset, &write[start..end])?;

@@ -194,7 +194,7 @@ impl Host {
                     };
                 }
                 Some(PduType::C2HData) => {
-                    let h = DataHeader::parse(&p.bytes);
+                    let h = DataHeader::parse(&p.bytes).expect("a whole data header");
                     assert_eq!(h.cccid, cid);
                     assert_eq!(h.offset as usize, data.len());
                     let pdo = usize::from(p.ch.pdo);
@@ -214,7 +214,7 @@ impl Host {
                     }
                 }
                 Some(PduType::R2T) => {
-                    let h = DataHeader::parse(&p.bytes);
+                    let h = DataHeader::parse(&p.bytes).expect("a whole data header");
                     assert_eq!(h.cccid, cid);
                     self.send_h2c(
                         cid,
