@@ -7,6 +7,9 @@
 //! two; each figure is the median over rounds.
 //!
 //! Prints IOPS and the reactor thread's CPU time per I/O of both, and layer / RAM.
+//! Then the clone's miss path: cold 4 KiB reads at QD 1 of a clone whose basis answers
+//! at once from another thread, over a file-backed local copy (so the figure is the clone's own cost: hops, install,
+//! answer), beside the same reads once the chunks are present.
 //!
 //! cargo bench -p bdev --bench layers -- [--ops 2000000] [--rounds 5]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -17,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bdev::{
-    Basis, Bdev, BdevIo, Channel, FetchDone, FetchReason, IoBuf, Tracking, create_clone,
-    create_malloc, create_volume, open_clone,
+    Basis, Bdev, BdevIo, Channel, FetchDone, FetchReason, IoBuf, Tracking, UringConfig,
+    create_clone, create_malloc, create_volume, open_clone, open_uring,
 };
 use crossbeam_channel::Sender;
 use reactor::{CoreList, ReactorConfig, ReactorHandle, ReactorSet};
@@ -41,6 +44,52 @@ impl Basis for Zeroes {
     fn size_bytes(&self) -> Option<u64> {
         Some(SIZE)
     }
+}
+
+/// A basis on its own thread (as an OX core is), answering at once from memory: what
+/// a miss costs the clone itself, without any store's latency.
+struct Courier {
+    tx: Sender<(u64, FetchDone)>,
+}
+
+impl Courier {
+    fn start() -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded::<(u64, FetchDone)>();
+        std::thread::spawn(move || {
+            for (chunk, done) in rx {
+                done(Ok(vec![chunk as u8; CHUNK as usize]));
+            }
+        });
+        Self { tx }
+    }
+}
+
+impl Basis for Courier {
+    fn chunk_bytes(&self) -> u64 {
+        CHUNK
+    }
+    fn fetch(&self, chunk: u64, _reason: FetchReason, done: FetchDone) {
+        let _ = self.tx.send((chunk, done));
+    }
+    fn size_bytes(&self) -> Option<u64> {
+        Some(SIZE)
+    }
+}
+
+/// Latencies of 4 KiB reads at QD 1 from a thread, one in each chunk: (p50, p99) µs.
+fn qd1_reads(on: &ReactorHandle, dev: &Bdev) -> (f64, f64) {
+    let chunks = SIZE / CHUNK;
+    let mut lat: Vec<f64> = (0..chunks)
+        .map(|c| {
+            let io = BdevIo::read(c * CHUNK / u64::from(BLOCK) + 8, 8, vec![IoBuf::new(4096)]);
+            let t = Instant::now();
+            let done = bdev::blocking::run_on(on, dev, io, Duration::from_secs(30)).unwrap();
+            done.result.unwrap();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    (lat[lat.len() / 2], lat[lat.len() * 99 / 100])
 }
 
 fn thread_cpu() -> Duration {
@@ -235,6 +284,37 @@ fn main() {
                 cpu(1) / cpu(0)
             );
         }
+    }
+    // The miss path: cold reads of a fresh clone whose basis answers at once from
+    // another thread, beside the same reads once every chunk is present.
+    println!();
+    println!(
+        "4 KiB reads at QD 1 from a thread, one per chunk ({} chunks), {rounds} clones over files",
+        SIZE / CHUNK
+    );
+    println!("{:<28} {:>9} {:>9}", "read", "p50 µs", "p99 µs");
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // The local copy is a file, as the daemon's are (O_DIRECT where it can be).
+        let mut c = UringConfig::new("flocal", tmp.path().join(format!("local{round}.img")));
+        c.create_size = Some(SIZE);
+        c.block_size = Some(BLOCK);
+        let local = open_uring(&c).or_else(|_| {
+            c.direct = false;
+            open_uring(&c)
+        });
+        let (fresh, _h) =
+            create_clone("fresh", local.unwrap(), Arc::new(Courier::start()), None).unwrap();
+        cold.push(qd1_reads(&on, &fresh));
+        warm.push(qd1_reads(&on, &fresh));
+    }
+    for (name, v) in [
+        ("miss (basis answers at once)", &cold),
+        ("hit (same chunks, present)", &warm),
+    ] {
+        let p50 = med(&v.iter().map(|x| x.0).collect::<Vec<_>>());
+        let p99 = med(&v.iter().map(|x| x.1).collect::<Vec<_>>());
+        println!("{name:<28} {p50:>9.1} {p99:>9.1}");
     }
     set.shutdown().unwrap();
 }

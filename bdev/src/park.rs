@@ -18,6 +18,8 @@ pub(crate) enum Answer {
     Done,
     /// A clone write's plan was granted these chunks (claimed for it): it may go ahead.
     Granted(Vec<u64>),
+    /// A clone read's chunk, just fetched (the local copy is being written behind it).
+    Data(std::sync::Arc<Vec<u8>>),
 }
 
 /// Work to resume once another thread has answered.

@@ -13,6 +13,7 @@
 //! state, owned by its thread (`journal.rs`), not this core's.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use super::{FetchError, FetchReason};
 
@@ -48,6 +49,11 @@ pub(crate) enum Event<W> {
         reason: FetchReason,
         waiter: Option<W>,
     },
+    /// `waiter` reads within `chunk` alone and wants its bytes: answered from the
+    /// fetched bytes in memory the moment they arrive ([`Action::Serve`]), while they
+    /// are written to the local copy behind it; from the local copy if present or filled
+    /// by a write ([`Action::Wake`]).
+    Read { chunk: u64, waiter: W },
     /// A write (plan `plan`) covers `whole` chunks whole and `partial` ones in part. If
     /// nothing must be waited for, every absent whole chunk is claimed for it at once
     /// ([`Action::Granted`]); otherwise it claims nothing, waits for what it must (the
@@ -86,8 +92,10 @@ pub(crate) enum Action<W> {
     Install {
         chunk: u64,
         reason: FetchReason,
-        data: Vec<u8>,
+        data: Arc<Vec<u8>>,
     },
+    /// Answer reader `waiter` with the chunk's bytes (fetched, not yet installed).
+    Serve { waiter: W, data: Arc<Vec<u8>> },
     /// `chunk` is present now: publish it to the hit paths of every core. `fetched`:
     /// by a fetch for that reason (`None`: filled by a host write).
     Present {
@@ -112,10 +120,25 @@ pub(crate) enum Action<W> {
 
 /// A chunk on its way to being present, and who waits for it.
 #[derive(Debug)]
-struct Pending {
+struct Pending<W> {
     state: Chunk,
     /// Gates waiting for it.
     gates: Vec<u64>,
+    /// Readers waiting for its bytes (only while fetching).
+    readers: Vec<W>,
+    /// Its bytes while installing: readers arriving meanwhile are served from them.
+    data: Option<Arc<Vec<u8>>>,
+}
+
+impl<W> Pending<W> {
+    fn new(state: Chunk) -> Self {
+        Self {
+            state,
+            gates: Vec::new(),
+            readers: Vec::new(),
+            data: None,
+        }
+    }
 }
 
 /// Someone waiting for several chunks: woken when the last settles.
@@ -135,7 +158,7 @@ pub(crate) struct Core<W> {
     chunks: u64,
     present: Vec<u64>,
     present_count: u64,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<u64, Pending<W>>,
     gates: HashMap<u64, Gate<W>>,
     next_gate: u64,
     /// Pending chunks a host waits on (fetched for, or upgraded to, a client miss).
@@ -221,6 +244,7 @@ impl<W> Core<W> {
                 partial,
                 waiter,
             } => self.plan(plan, &whole, &partial, waiter, &mut actions),
+            Event::Read { chunk, waiter } => self.read(chunk, waiter, &mut actions),
             Event::Fetched { chunk, result } => {
                 let reason = match self.state(chunk) {
                     Chunk::Fetching(r) => r,
@@ -228,7 +252,19 @@ impl<W> Core<W> {
                 };
                 match result {
                     Ok(data) => {
+                        let data = Arc::new(data);
                         self.set(chunk, Chunk::Installing(reason));
+                        let p = self
+                            .pending
+                            .get_mut(&chunk)
+                            .unwrap_or_else(|| panic!("chunk {chunk} is not pending"));
+                        p.data = Some(Arc::clone(&data));
+                        for waiter in std::mem::take(&mut p.readers) {
+                            actions.push(Action::Serve {
+                                waiter,
+                                data: Arc::clone(&data),
+                            });
+                        }
                         actions.push(Action::Install {
                             chunk,
                             reason,
@@ -310,34 +346,10 @@ impl<W> Core<W> {
             match self.state(chunk) {
                 Chunk::Present => continue,
                 Chunk::Absent => {
-                    self.pending.insert(
-                        chunk,
-                        Pending {
-                            state: Chunk::Fetching(reason),
-                            gates: Vec::new(),
-                        },
-                    );
-                    if reason == FetchReason::ClientMiss {
-                        self.client_fetches += 1;
-                        if self.hot.len() >= HOT {
-                            self.hot.pop_front();
-                        }
-                        self.hot.push_back(chunk);
-                    }
-                    out.push(Action::Fetch { chunk, reason });
+                    self.start_fetch(chunk, reason, out);
                 }
-                Chunk::Fetching(r) | Chunk::Installing(r)
-                    if reason == FetchReason::ClientMiss && r != FetchReason::ClientMiss =>
-                {
-                    // A host now waits on a background fetch: it counts as a miss.
-                    let upgraded = match self.state(chunk) {
-                        Chunk::Fetching(_) => Chunk::Fetching(reason),
-                        _ => Chunk::Installing(reason),
-                    };
-                    self.set(chunk, upgraded);
-                    self.client_fetches += 1;
-                }
-                Chunk::Fetching(_) | Chunk::Installing(_) | Chunk::Claimed(_) => {}
+                Chunk::Fetching(_) | Chunk::Installing(_) => self.upgrade(chunk, reason),
+                Chunk::Claimed(_) => {}
             }
             if let Some(g) = gate
                 && let Some(p) = self.pending.get_mut(&chunk)
@@ -349,6 +361,75 @@ impl<W> Core<W> {
                 }
             }
         }
+    }
+
+    fn start_fetch(&mut self, chunk: u64, reason: FetchReason, out: &mut Vec<Action<W>>) {
+        self.pending
+            .insert(chunk, Pending::new(Chunk::Fetching(reason)));
+        if reason == FetchReason::ClientMiss {
+            self.client_fetches += 1;
+            if self.hot.len() >= HOT {
+                self.hot.pop_front();
+            }
+            self.hot.push_back(chunk);
+        }
+        out.push(Action::Fetch { chunk, reason });
+    }
+
+    /// A host now waits on a background fetch of `chunk`: it counts as a client miss.
+    fn upgrade(&mut self, chunk: u64, reason: FetchReason) {
+        let upgraded = match self.state(chunk) {
+            Chunk::Fetching(r) if r != reason && reason == FetchReason::ClientMiss => {
+                Chunk::Fetching(reason)
+            }
+            Chunk::Installing(r) if r != reason && reason == FetchReason::ClientMiss => {
+                Chunk::Installing(reason)
+            }
+            _ => return,
+        };
+        self.set(chunk, upgraded);
+        self.client_fetches += 1;
+    }
+
+    fn read(&mut self, chunk: u64, waiter: W, out: &mut Vec<Action<W>>) {
+        assert!(
+            chunk < self.chunks,
+            "chunk {chunk} beyond the clone's {}",
+            self.chunks
+        );
+        match self.state(chunk) {
+            Chunk::Present => out.push(Action::Wake {
+                waiter,
+                result: Ok(()),
+            }),
+            Chunk::Absent => {
+                self.start_fetch(chunk, FetchReason::ClientMiss, out);
+                self.readers_of(chunk).push(waiter);
+            }
+            Chunk::Fetching(_) => {
+                self.upgrade(chunk, FetchReason::ClientMiss);
+                self.readers_of(chunk).push(waiter);
+            }
+            Chunk::Installing(_) => {
+                let data = self.pending.get(&chunk).and_then(|p| p.data.clone());
+                let data =
+                    data.unwrap_or_else(|| panic!("chunk {chunk} installing without its bytes"));
+                out.push(Action::Serve { waiter, data });
+            }
+            Chunk::Claimed(_) => {
+                // Filled by a write: read the local copy once it is done.
+                let gate = self.open_gate(waiter);
+                self.need(&[chunk], FetchReason::ClientMiss, Some(gate), out);
+            }
+        }
+    }
+
+    fn readers_of(&mut self, chunk: u64) -> &mut Vec<W> {
+        &mut self
+            .pending
+            .get_mut(&chunk)
+            .unwrap_or_else(|| panic!("chunk {chunk} is not pending"))
+            .readers
     }
 
     fn plan(
@@ -374,13 +455,8 @@ impl<W> Core<W> {
                     self.chunks
                 );
                 if self.state(chunk) == Chunk::Absent {
-                    self.pending.insert(
-                        chunk,
-                        Pending {
-                            state: Chunk::Claimed(plan),
-                            gates: Vec::new(),
-                        },
-                    );
+                    self.pending
+                        .insert(chunk, Pending::new(Chunk::Claimed(plan)));
                     claimed.push(chunk);
                 }
             }
@@ -414,6 +490,14 @@ impl<W> Core<W> {
         {
             assert!(self.client_fetches > 0, "client fetch count underflow");
             self.client_fetches -= 1;
+        }
+        assert!(
+            p.readers.is_empty() || result.is_err(),
+            "chunk {chunk} settled with readers never served"
+        );
+        for waiter in p.readers {
+            let result = result.clone();
+            out.push(Action::Wake { waiter, result });
         }
         for g in p.gates {
             let gate = self
@@ -491,6 +575,17 @@ impl<W> Core<W> {
             for g in &p.gates {
                 *waits.entry(*g).or_default() += 1;
             }
+            assert!(
+                p.readers.is_empty() || matches!(p.state, Chunk::Fetching(_)),
+                "readers waiting on chunk {chunk} while {:?}",
+                p.state
+            );
+            assert_eq!(
+                p.data.is_some(),
+                matches!(p.state, Chunk::Installing(_)),
+                "chunk {chunk}: bytes held while {:?}",
+                p.state
+            );
         }
         assert_eq!(clients, self.client_fetches, "client fetch count");
         for (g, gate) in &self.gates {
@@ -541,6 +636,7 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Asked {
         Need(Vec<u64>),
+        Read(u64),
         Plan { whole: Vec<u64>, partial: Vec<u64> },
     }
 
@@ -614,13 +710,25 @@ mod tests {
                                     assert!(self.core.is_present(c), "woken before {c} present");
                                 }
                             }
-                            (Asked::Need(_), Err(_)) => {}
+                            (Asked::Read(c), Ok(())) => {
+                                assert!(self.core.is_present(c), "reader woken before {c} present")
+                            }
+                            (Asked::Need(_) | Asked::Read(_), Err(_)) => {}
                             // A plan woken plans again, whatever happened meanwhile.
                             (plan @ Asked::Plan { .. }, _) => {
                                 self.replans += 1;
                                 self.replan.push((waiter, plan));
                             }
                         }
+                    }
+                    Action::Serve { waiter, data } => {
+                        let asked = self.waiting.remove(&waiter).expect("served once");
+                        self.woken += 1;
+                        let Asked::Read(c) = asked else {
+                            panic!("served bytes to {asked:?}")
+                        };
+                        assert!(matches!(self.core.state(c), Chunk::Installing(_)));
+                        assert_eq!(*data, vec![c as u8], "served another chunk's bytes");
                     }
                     Action::Granted {
                         waiter,
@@ -661,6 +769,7 @@ mod tests {
                     reason: REASONS[self.rng.below(3) as usize],
                     waiter: Some(waiter),
                 },
+                Asked::Read(chunk) => Event::Read { chunk, waiter },
                 Asked::Plan { whole, partial } => Event::Plan {
                     plan: waiter,
                     whole,
@@ -679,7 +788,7 @@ mod tests {
         /// One random step; `drain` only answers (no new requests, no failures).
         fn step(&mut self, drain: bool) -> bool {
             let ok = drain || self.rng.below(8) != 0;
-            match self.rng.below(if drain { 4 } else { 7 }) {
+            match self.rng.below(if drain { 4 } else { 8 }) {
                 0 if !self.replan.is_empty() => {
                     let (w, asked) = self.replan.swap_remove(0);
                     self.ask(asked, w);
@@ -687,7 +796,7 @@ mod tests {
                 1 => {
                     if let Some(chunk) = self.rng.pick(&self.fetching) {
                         let result = if ok {
-                            Ok(vec![0])
+                            Ok(vec![chunk as u8])
                         } else {
                             Err(FetchError::Unavailable("test".into()))
                         };
@@ -728,6 +837,11 @@ mod tests {
                         partial: partial.to_vec(),
                     };
                     self.ask(asked, w);
+                }
+                7 => {
+                    let w = self.new_waiter();
+                    let chunk = self.rng.below(CHUNKS);
+                    self.ask(Asked::Read(chunk), w);
                 }
                 _ => {}
             }

@@ -165,7 +165,7 @@ fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Waiter>) {
             let io = BdevIo::write(
                 chunk * s.chunk_bytes / s.block_size,
                 len / s.block_size,
-                vec![IoBuf::from_slice(&data)],
+                vec![IoBuf::from_slice(data.as_slice())],
             );
             let shared = Arc::clone(s);
             let installed = move |result: Result<(), BdevError>| {
@@ -213,6 +213,10 @@ fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Waiter>) {
             let result = result.map(|()| Answer::Done).map_err(|e| basis_error(s, e));
             wake(&to, token, result);
         }
+        Action::Serve {
+            waiter: (to, token),
+            data,
+        } => wake(&to, token, Ok(Answer::Data(data))),
         Action::Granted {
             waiter: (to, token),
             chunks,
