@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use reactor::ReactorHandle;
 
@@ -25,29 +26,54 @@ pub(crate) enum Answer {
 /// Work to resume once another thread has answered.
 type Continuation = Box<dyn FnOnce(Result<Answer, BdevError>)>;
 
-/// Sends `msg` to `to`, retrying while its mailbox is full (from a reactor, on a
-/// timer; from any other thread, after a short sleep), so a wake-up is never lost to
-/// back-pressure. Only a stopped reactor drops it (its parked work is gone with it).
+/// Sends `msg` to `to`, retrying while its mailbox is full, so a wake-up is never lost
+/// to back-pressure: from a reactor on its timer, from any other thread (an OX core, a
+/// journal) through the courier, so the sender never waits. Only a stopped reactor
+/// drops it (its parked work is gone with it). Messages retried this way may overtake
+/// one another; none of those sent here depend on their order.
 pub(crate) fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
-    let mut msg = msg;
-    loop {
-        match to.try_send(msg) {
-            Ok(()) => return true,
-            Err((reactor::ReactorError::MailboxFull { .. }, m)) => match reactor::current() {
-                Some(r) => {
-                    r.after(std::time::Duration::from_micros(50), move || {
-                        deliver(to, m);
-                    });
-                    return true;
-                }
-                None => {
-                    std::thread::sleep(std::time::Duration::from_micros(50));
-                    msg = m;
-                }
-            },
-            Err(_) => return false,
-        }
+    match to.try_send(msg) {
+        Ok(()) => true,
+        Err((reactor::ReactorError::MailboxFull { .. }, m)) => match reactor::current() {
+            Some(r) => {
+                r.after(std::time::Duration::from_micros(50), move || {
+                    deliver(to, m);
+                });
+                true
+            }
+            None => courier().send((to, m)).is_ok(),
+        },
+        Err(_) => false,
     }
+}
+
+/// The thread that holds messages for full mailboxes on behalf of threads that must not
+/// wait, retrying each until its reactor takes it or has stopped.
+fn courier() -> &'static crossbeam_channel::Sender<(ReactorHandle, reactor::Message)> {
+    static COURIER: OnceLock<crossbeam_channel::Sender<(ReactorHandle, reactor::Message)>> =
+        OnceLock::new();
+    COURIER.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<(ReactorHandle, reactor::Message)>();
+        let spawned = std::thread::Builder::new()
+            .name("courier".into())
+            .spawn(move || {
+                for (to, msg) in rx {
+                    let mut next = Some(msg);
+                    while let Some(m) = next.take() {
+                        if let Err((reactor::ReactorError::MailboxFull { .. }, m)) = to.try_send(m)
+                        {
+                            next = Some(m);
+                            std::thread::sleep(std::time::Duration::from_micros(50));
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // Without a courier a full mailbox drops the message: say so loudly.
+            eprintln!("bdev: cannot start the courier thread: {e}");
+        }
+        tx
+    })
 }
 
 thread_local! {
@@ -99,4 +125,45 @@ pub(crate) fn unpark_with(token: u64, result: Result<Answer, BdevError>) {
 /// [`unpark_with`] for "done" or an error.
 pub(crate) fn unpark(token: u64, result: Result<(), BdevError>) {
     unpark_with(token, result.map(|()| Answer::Done));
+}
+
+#[cfg(test)]
+mod tests {
+    use reactor::{CoreList, ReactorConfig, ReactorSet};
+
+    use super::*;
+
+    /// A thread that is not a reactor never waits on a full mailbox: with the reactor
+    /// held up and its mailbox full, every message is still handed over at once, and
+    /// each arrives once the reactor goes on. (Had `deliver` waited, this would hang:
+    /// the reactor is released only after the last `deliver` returns.)
+    #[test]
+    fn a_full_mailbox_never_holds_up_a_thread_that_is_not_a_reactor() {
+        let mut config = ReactorConfig::new(CoreList::parse("0").expect("core 0"));
+        config.mailbox_depth = 4;
+        let set = ReactorSet::start(config).expect("a reactor");
+        let to = set.handles()[0].clone();
+        let (hold_tx, hold_rx) = crossbeam_channel::bounded::<()>(0);
+        to.send(move || {
+            let _ = hold_rx.recv();
+        })
+        .expect("the holding message");
+        let (arrived, arrivals) = crossbeam_channel::unbounded::<()>();
+        for _ in 0..100 {
+            let a = arrived.clone();
+            assert!(deliver(
+                to.clone(),
+                Box::new(move || {
+                    let _ = a.send(());
+                })
+            ));
+        }
+        hold_tx.send(()).expect("the reactor is held");
+        for _ in 0..100 {
+            arrivals
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every message arrives");
+        }
+        set.shutdown().expect("shutdown");
+    }
 }

@@ -284,16 +284,11 @@ impl HttpClient {
 
     async fn connect(&self, https: bool, host: &str, port: u16) -> Result<Sender, HttpError> {
         let target = format!("{host}:{port}");
-        let addr = (host, port)
-            .to_socket_addrs()
+        let addr = resolve(host, port)
+            .await
             .map_err(|source| HttpError::Connect {
                 host: target.clone(),
                 source,
-            })?
-            .next()
-            .ok_or_else(|| HttpError::Connect {
-                host: target.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
             })?;
         let tcp = Async::<TcpStream>::connect(addr)
             .await
@@ -337,4 +332,28 @@ impl HttpClient {
             .detach();
         Ok(sender)
     }
+}
+
+/// The first address of `host`: an IP literal at once; a name looked up on a thread of
+/// its own, so that a slow or unreachable DNS server never stalls the OX core (and the
+/// fetches of every clone on it) that is opening the connection.
+async fn resolve(host: &str, port: u16) -> std::io::Result<std::net::SocketAddr> {
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = literal.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, port));
+    }
+    let (tx, rx) = async_channel::bounded(1);
+    let name = host.to_string();
+    std::thread::Builder::new()
+        .name("dns".into())
+        .spawn(move || {
+            let first = (name.as_str(), port).to_socket_addrs().and_then(|mut a| {
+                a.next()
+                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
+            });
+            let _ = tx.try_send(first);
+        })?;
+    rx.recv()
+        .await
+        .map_err(|_| std::io::Error::other("the name lookup thread ended without an answer"))?
 }
