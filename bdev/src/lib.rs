@@ -25,6 +25,8 @@ mod io;
 mod lifetime;
 pub use lifetime::{IoTotals, Lifetime};
 mod malloc;
+mod nondurable;
+pub use nondurable::{Cut, PowerSwitch, create_nondurable};
 mod null;
 mod park;
 mod presence;
