@@ -30,6 +30,8 @@ pub struct Thickening {
     fetched: AtomicU64,
     window: AtomicUsize,
     started: std::sync::OnceLock<Instant>,
+    /// Notified at every pause, resume, stop and window change.
+    changed: event_listener::Event,
 }
 
 /// Fetches a walk keeps in flight unless told otherwise.
@@ -43,6 +45,7 @@ impl Default for Thickening {
             fetched: AtomicU64::new(0),
             window: AtomicUsize::new(DEFAULT_WINDOW),
             started: std::sync::OnceLock::new(),
+            changed: event_listener::Event::new(),
         }
     }
 }
@@ -57,6 +60,7 @@ impl Thickening {
     /// at once.
     pub fn set_window(&self, window: usize) {
         self.window.store(window.max(1), Ordering::Relaxed);
+        self.changed.notify(usize::MAX);
     }
 
     fn window(&self) -> usize {
@@ -70,16 +74,19 @@ impl Thickening {
     /// Pauses after the current chunk.
     pub fn pause(&self) {
         self.paused.store(true, Ordering::SeqCst);
+        self.changed.notify(usize::MAX);
     }
 
     /// Resumes.
     pub fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
+        self.changed.notify(usize::MAX);
     }
 
     /// Stops for good after the current chunk.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
+        self.changed.notify(usize::MAX);
     }
 
     /// Whether paused.
@@ -174,7 +181,19 @@ pub async fn thicken(
             if control.is_stopped() || failure.is_some() || exhausted {
                 break;
             }
-            async_io::Timer::after(Duration::from_millis(5)).await;
+            // Nothing in flight and nothing may start (paused, or a host waits on the
+            // basis): wait for whichever changes that, not on a timer.
+            let changed = control.changed.listen();
+            if control.is_stopped() || (!control.is_paused() && clone.misses_in_flight() == 0) {
+                continue;
+            }
+            let settled = async {
+                if control.is_paused() {
+                    futures_lite::future::pending::<()>().await;
+                }
+                clone.misses_settled().await;
+            };
+            futures_lite::future::or(changed, settled).await;
             continue;
         }
         // A fetch whose reactor stopped never answers: give up on the walk then.

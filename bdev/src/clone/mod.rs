@@ -136,6 +136,8 @@ struct Shared {
     present_count: AtomicU64,
     /// Chunks hosts wait on the basis for (written by the owner only).
     misses_in_flight: AtomicU64,
+    /// Notified when `misses_in_flight` falls to 0 (background work waits on it).
+    misses_done: event_listener::Event,
     /// When the last client miss ended, µs since `epoch` (written by the owner only):
     /// background work yields while hosts are reading cold data.
     last_miss_end_us: AtomicU64,
@@ -555,6 +557,21 @@ impl CloneHandle {
         self.shared.misses_in_flight.load(Ordering::Acquire)
     }
 
+    /// Resolves once no host waits on the basis (at once if none does now).
+    pub async fn misses_settled(&self) {
+        loop {
+            if self.misses_in_flight() == 0 {
+                return;
+            }
+            let settled = self.shared.misses_done.listen();
+            // Looked at again once listening, so the last miss ending cannot be missed.
+            if self.misses_in_flight() == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
+
     /// Whether a client-miss fetch ended within `grace`: hosts are reading cold data.
     /// Background fetches (thickening) hold back then, so client misses never queue
     /// behind them.
@@ -772,6 +789,7 @@ fn build(
         chunks,
         present_count: AtomicU64::new(0),
         misses_in_flight: AtomicU64::new(0),
+        misses_done: event_listener::Event::new(),
         last_miss_end_us: AtomicU64::new(0),
         epoch: Instant::now(),
         counters: CloneCounters::default(),

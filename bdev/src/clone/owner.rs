@@ -118,7 +118,11 @@ pub(super) fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Waiter>)
         (core.present_count(), core.client_fetches())
     };
     shared.present_count.store(count, Ordering::Release);
+    let before = shared.misses_in_flight.load(Ordering::Relaxed);
     shared.misses_in_flight.store(clients, Ordering::Release);
+    if clients == 0 && before > 0 {
+        shared.misses_done.notify(usize::MAX);
+    }
     for a in actions {
         act(&o, r, a);
     }
