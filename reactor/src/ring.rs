@@ -78,6 +78,7 @@ impl Ring {
             }
         };
         self.in_flight += 1;
+        self.check_slots();
         self.enqueue(entry.user_data(u64::from(slot)));
     }
 
@@ -149,15 +150,30 @@ impl Ring {
                         continue;
                     };
                     self.free.push(slot as u32);
+                    assert!(self.in_flight > 0, "a completion with nothing in flight");
                     self.in_flight -= 1;
                     out.push((handler, cqe.result()));
                 }
             }
         }
+        drop(cq);
+        self.check_slots();
         if woken {
             drain_eventfd(self.wake_fd);
         }
         woken
+    }
+
+    /// Every operation in flight holds exactly one slot; every other slot is free.
+    fn check_slots(&self) {
+        assert_eq!(
+            self.in_flight + self.free.len(),
+            self.slots.len(),
+            "ring slots: {} in flight + {} free != {} slots",
+            self.in_flight,
+            self.free.len(),
+            self.slots.len()
+        );
     }
 
     /// Whether completions are waiting to be reaped.
