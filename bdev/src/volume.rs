@@ -8,17 +8,26 @@
 //! ahead (`preserve`), so that a snapshot interrupted by a restart or a crash resumes
 //! with the same point-in-time image ([`VolumeHandle::resume_snapshot`]).
 //!
-//! Per-chunk snapshot state is one atomic byte, so writes to chunks already read (or
-//! when no snapshot runs) pay two atomic loads; only the first write to an unread chunk
-//! during a snapshot takes the slow path.
+//! Who owns what:
+//! - whether a snapshot runs is each reactor's own [`Mode`], changed by messages a
+//!   begin or an end sends it; a write outside a snapshot reads it and counts itself in
+//!   it (plain cells), so a begin can wait for the writes that did not see it. Nothing
+//!   shared is written, except a chunk's change bit by the first write to the chunk
+//!   since the last snapshot began (one `fetch_or` per chunk per snapshot interval;
+//!   every later write finds it set with a load).
+//! - per-chunk snapshot state is one atomic byte, changed by compare-and-swap by the
+//!   writers and the snapshot's reader (not yet owned by one reactor: that is the next
+//!   step); writes to chunks already read pay a load, and only the first write to an
+//!   unread chunk during a snapshot takes the slow path.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use reactor::Reactor;
+use reactor::{Reactor, ReactorHandle};
 use uuid::Uuid;
 
 use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
@@ -26,6 +35,7 @@ use crate::buf::IoBuf;
 use crate::dirty::DirtyRecord;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
+use crate::park::deliver;
 use crate::preserve::Preserve;
 
 const NOT_READ: u8 = 0;
@@ -36,6 +46,9 @@ const PRESERVED: u8 = 4;
 /// Read by the snapshot, but not yet covered by its journal: with a durable store of
 /// copies, a write still copies it first, since a restart would read it again.
 const READ: u8 = 5;
+
+/// Names volumes' [`Mode`]s on the reactors.
+static NEXT_VOLUME: AtomicU64 = AtomicU64::new(1);
 
 /// How long a write waits before looking again at a chunk another party is copying.
 const RETRY: Duration = Duration::from_micros(50);
@@ -50,7 +63,6 @@ struct Shared {
     /// The durable record of `dirty` (a superset of it on disk), if the volume keeps
     /// one: a write is acknowledged only once its chunks are on it.
     record: OnceLock<DirtyRecord>,
-    active: AtomicBool,
     state: Box<[AtomicU8]>,
     preserved: Mutex<HashMap<u64, Vec<u8>>>,
     /// Where copies go durably, if the volume has such a store (else `preserved`).
@@ -60,10 +72,12 @@ struct Shared {
     /// The running snapshot was taken up again after a restart and nobody has
     /// continued it yet ([`VolumeHandle::take_resumed`]).
     resumed: AtomicBool,
-    /// Per channel: writes started without seeing an active snapshot and not finished
-    /// yet. One counter per channel, so concurrent writers on different cores do not
-    /// contend on one cache line; a snapshot sums them.
-    unaware: Mutex<Vec<Arc<AtomicU64>>>,
+    /// Names this volume's [`Mode`] on each reactor.
+    id: u64,
+    /// What every reactor's [`Mode`] is told, and who has one.
+    modes: Mutex<Modes>,
+    /// The running begin's wait for writes that did not see it.
+    settling: Mutex<Arc<Settling>>,
     /// A snapshot holds this volume (begin … end).
     running: AtomicBool,
     /// Bumped at every begin and end, so a copy-before-write read that straddles one is
@@ -118,8 +132,142 @@ struct VolumeChannel {
     shared: Arc<Shared>,
     inner: Rc<Channel>,
     reactor: Rc<Reactor>,
-    /// This channel's count of writes that did not see an active snapshot.
-    unaware: Arc<AtomicU64>,
+    mode: Rc<Mode>,
+}
+
+/// Whether a snapshot runs, as one reactor sees it, and its writes that did not see
+/// one. Owned by that reactor: changed only there, by its own writes and by the
+/// messages a snapshot's begin and end send it ([`flip`]), so a write outside a
+/// snapshot touches nothing shared.
+struct Mode {
+    /// Writes go through copy-before-write.
+    guarded: Cell<bool>,
+    /// The generation of the last begin or end applied (a late message of an older
+    /// one is ignored: messages may overtake one another).
+    generation: Cell<u64>,
+    /// Writes issued unguarded and not finished.
+    plain: Cell<u64>,
+    /// A begin waiting for those writes (it is told when this is dropped).
+    waiting: RefCell<Option<Arrival>>,
+}
+
+impl Mode {
+    fn end_plain(&self) {
+        assert!(self.plain.get() > 0, "more plain writes ended than began");
+        self.plain.set(self.plain.get() - 1);
+        if self.plain.get() == 0 {
+            drop(self.waiting.borrow_mut().take());
+        }
+    }
+}
+
+/// One reactor's arrival at a [`Settling`], made when dropped: once its unguarded
+/// writes are done, or when the message carrying it is dropped unrun (a stopped
+/// reactor has no writes left), so a begin is never left waiting for nobody.
+struct Arrival(Arc<Settling>);
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.0.arrive();
+    }
+}
+
+/// A begin waiting for every reactor's writes that did not see it: one arrival each.
+struct Settling {
+    left: AtomicUsize,
+    /// Notified when the last reactor arrives.
+    done: event_listener::Event,
+}
+
+impl Settling {
+    fn new(reactors: usize) -> Arc<Self> {
+        Arc::new(Self {
+            left: AtomicUsize::new(reactors),
+            done: event_listener::Event::new(),
+        })
+    }
+
+    /// One reactor has no write left that did not see the begin (once per reactor per
+    /// snapshot, off the I/O path).
+    fn arrive(&self) {
+        let before = self.left.fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "a reactor settled twice");
+        if before == 1 {
+            self.done.notify(usize::MAX);
+        }
+    }
+
+    fn settled(&self) -> bool {
+        self.left.load(Ordering::Acquire) == 0
+    }
+}
+
+/// The reactors with a channel of the volume (each holds a [`Mode`]) and what their
+/// modes are told. Changed under its lock by channel creation, begins and ends, so a
+/// new channel either is told by a begin or an end, or starts from what it set.
+struct Modes {
+    reactors: Vec<ReactorHandle>,
+    /// A snapshot runs.
+    guarded: bool,
+    /// Bumped at every change of `guarded`: orders the messages that carry it.
+    epoch: u64,
+}
+
+impl Shared {
+    fn modes(&self) -> MutexGuard<'_, Modes> {
+        self.modes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets every reactor's mode to `guarded`; a begin (`settle`) also learns when the
+    /// writes that did not see it are done ([`VolumeHandle::writes_settled`]).
+    fn set_modes(&self, guarded: bool, settle: bool) {
+        let (reactors, epoch, settling) = {
+            let mut m = self.modes();
+            m.guarded = guarded;
+            m.epoch += 1;
+            let settling = settle.then(|| {
+                let fresh = Settling::new(m.reactors.len());
+                *self.settling.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&fresh);
+                fresh
+            });
+            (m.reactors.clone(), m.epoch, settling)
+        };
+        flip(self.id, &reactors, guarded, epoch, settling);
+    }
+}
+
+/// Tells every reactor with a channel of the volume that a snapshot now runs
+/// (`guarded`, with `settling` to report to once its unguarded writes are done) or no
+/// longer runs, as of `generation` (the epoch of [`Modes`]).
+fn flip(
+    id: u64,
+    reactors: &[ReactorHandle],
+    guarded: bool,
+    generation: u64,
+    settling: Option<Arc<Settling>>,
+) {
+    for to in reactors.iter().cloned() {
+        // Arrives when dropped: at once here, or parked until this reactor's
+        // unguarded writes are done.
+        let arrival = settling.as_ref().map(|s| Arrival(Arc::clone(s)));
+        deliver(
+            to,
+            Box::new(move || {
+                let mode =
+                    reactor::current().and_then(|r| r.channel::<Mode, ()>(id, || Err(())).ok());
+                // No channel here any more, or a newer begin or end was applied.
+                let Some(mode) = mode.filter(|m| m.generation.get() < generation) else {
+                    return;
+                };
+                mode.generation.set(generation);
+                mode.guarded.set(guarded);
+                // An older begin's wait is over (its snapshot ended); this one's
+                // waits for the writes in flight, if any.
+                let parked = arrival.filter(|_| mode.plain.get() > 0);
+                *mode.waiting.borrow_mut() = parked;
+            }),
+        );
+    }
 }
 
 impl BdevBackend for VolumeBackend {
@@ -132,17 +280,25 @@ impl BdevBackend for VolumeBackend {
     }
 
     fn create_channel(&self, _info: &BdevInfo) -> Result<Box<dyn BackendChannel>, BdevError> {
-        let unaware = Arc::new(AtomicU64::new(0));
-        self.shared
-            .unaware
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&unaware));
+        let s = &self.shared;
+        let reactor = reactor::current().ok_or(BdevError::NotOnReactor)?;
+        let mode = reactor.channel(s.id, || {
+            let mut m = s.modes();
+            if !m.reactors.iter().any(|h| h.same(reactor.handle())) {
+                m.reactors.push(reactor.handle().clone());
+            }
+            Ok::<_, BdevError>(Mode {
+                guarded: Cell::new(m.guarded),
+                generation: Cell::new(m.epoch),
+                plain: Cell::new(0),
+                waiting: RefCell::new(None),
+            })
+        })?;
         Ok(Box::new(VolumeChannel {
-            shared: Arc::clone(&self.shared),
-            inner: self.shared.inner.channel()?,
-            reactor: reactor::current().ok_or(BdevError::NotOnReactor)?,
-            unaware,
+            shared: Arc::clone(s),
+            inner: s.inner.channel()?,
+            reactor,
+            mode,
         }))
     }
 }
@@ -341,7 +497,7 @@ impl BackendChannel for VolumeChannel {
             &self.shared,
             &self.inner,
             &self.reactor,
-            &self.unaware,
+            &self.mode,
             io,
             done,
         );
@@ -353,25 +509,24 @@ impl BackendChannel for VolumeChannel {
 /// later one finds the durable bit set), then writes plainly, or through
 /// copy-before-write while a snapshot runs.
 ///
-/// The chunks are marked after the write has decided which path it takes: a snapshot
-/// that began before it saw `active` has swapped the change set already, so the marks
-/// land in the next one (the write is after that snapshot's point in time); one that
-/// begins after it waits for the write (`unaware`) and then takes the marks with it.
-/// The record is looked at after the marks (compaction relies on that order).
+/// Whether a snapshot runs is this reactor's [`Mode`]: a write issued before a begin's
+/// message reaches it is counted, and the begin waits for it
+/// ([`VolumeHandle::writes_settled`]). The chunks are marked after the write has
+/// decided its path: a snapshot whose begin it did not see either swapped the change
+/// set before the marks (they land in the next one, and [`VolumeHandle::settle`] adds
+/// them to this one once the write is done) or after (they are in this one). The record
+/// is looked at after the marks (compaction relies on that order).
 fn start_write(
     s: &Arc<Shared>,
     inner: &Rc<Channel>,
     reactor: &Rc<Reactor>,
-    unaware: &Arc<AtomicU64>,
+    mode: &Rc<Mode>,
     io: BdevIo,
     done: IoDone,
 ) {
-    // Announce the write before looking at `active`, so a snapshot that begins now
-    // waits for it (see `VolumeHandle::begin_snapshot`).
-    unaware.fetch_add(1, Ordering::SeqCst);
-    let active = s.active.load(Ordering::SeqCst);
-    if active {
-        unaware.fetch_sub(1, Ordering::SeqCst);
+    let guarded = mode.guarded.get();
+    if !guarded {
+        mode.plain.set(mode.plain.get() + 1);
     }
     for chunk in s.chunk_range(&io) {
         s.mark_dirty(chunk);
@@ -379,29 +534,29 @@ fn start_write(
     if let Some(record) = s.record.get() {
         let missing: Vec<u64> = s.chunk_range(&io).filter(|&c| !record.has(c)).collect();
         if !missing.is_empty() {
-            if !active {
-                unaware.fetch_sub(1, Ordering::SeqCst);
+            if !guarded {
+                mode.end_plain();
             }
             // Decided again once on record: a snapshot may begin meanwhile.
-            let (shared, inner, reactor, unaware) = (
+            let (shared, inner, reactor, mode) = (
                 Arc::clone(s),
                 Rc::clone(inner),
                 Rc::clone(reactor),
-                Arc::clone(unaware),
+                Rc::clone(mode),
             );
             let on = reactor.handle().clone();
             return record.need(missing, &on, move |r| match r {
-                Ok(()) => start_write(&shared, &inner, &reactor, &unaware, io, done),
+                Ok(()) => start_write(&shared, &inner, &reactor, &mode, io, done),
                 Err(e) => done(IoCompletion::err(io.bufs, e)),
             });
         }
     }
-    if !active {
-        let unaware = Arc::clone(unaware);
+    if !guarded {
+        let mode = Rc::clone(mode);
         return inner.pass(
             io,
             Box::new(move |c| {
-                unaware.fetch_sub(1, Ordering::SeqCst);
+                mode.end_plain();
                 done(c)
             }),
         );
@@ -608,7 +763,7 @@ impl VolumeHandle {
             .iter()
             .map(|w| w.swap(0, Ordering::AcqRel))
             .collect();
-        s.active.store(true, Ordering::SeqCst);
+        s.set_modes(true, true);
         let base = *s.base.lock().unwrap_or_else(|p| p.into_inner());
         Ok(ChangedChunks { bits, base })
     }
@@ -665,7 +820,7 @@ impl VolumeHandle {
         }
         s.committed.store(next, Ordering::SeqCst);
         s.resumed.store(true, Ordering::SeqCst);
-        s.active.store(true, Ordering::SeqCst);
+        s.set_modes(true, false);
         Ok(saved.len())
     }
 
@@ -710,11 +865,33 @@ impl VolumeHandle {
     /// the snapshot waits for this, then calls [`Self::settle`].
     pub fn writes_settled(&self) -> bool {
         self.shared
-            .unaware
+            .settling
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .all(|c| c.load(Ordering::SeqCst) == 0)
+            .settled()
+    }
+
+    /// Resolves once every write that started before [`Self::begin_snapshot`] has
+    /// finished (the event [`Self::writes_settled`] looks at).
+    pub async fn writes_settle(&self) {
+        let settling = Arc::clone(
+            &self
+                .shared
+                .settling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        loop {
+            if settling.settled() {
+                return;
+            }
+            let done = settling.done.listen();
+            // Looked at again once listening, so the last arrival cannot be missed.
+            if settling.settled() {
+                return;
+            }
+            done.await;
+        }
     }
 
     /// Adds to `changed` the chunks written between taking the change set and the
@@ -883,7 +1060,7 @@ impl VolumeHandle {
             let _preserved = s.preserved();
             s.generation.fetch_add(1, Ordering::SeqCst);
         }
-        s.active.store(false, Ordering::SeqCst);
+        s.set_modes(false, false);
         s.resumed.store(false, Ordering::SeqCst);
         for st in s.state.iter() {
             st.store(DONE, Ordering::Relaxed);
@@ -941,13 +1118,18 @@ pub fn create_volume(
         chunks,
         dirty: initial.into_iter().map(AtomicU64::new).collect(),
         record: OnceLock::new(),
-        active: AtomicBool::new(false),
         state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
         preserved: Mutex::new(HashMap::new()),
         store: OnceLock::new(),
         committed: AtomicU64::new(0),
         resumed: AtomicBool::new(false),
-        unaware: Mutex::new(Vec::new()),
+        id: NEXT_VOLUME.fetch_add(1, Ordering::Relaxed),
+        modes: Mutex::new(Modes {
+            reactors: Vec::new(),
+            guarded: false,
+            epoch: 0,
+        }),
+        settling: Mutex::new(Settling::new(0)),
         running: AtomicBool::new(false),
         generation: AtomicU64::new(0),
         base: Mutex::new(base),

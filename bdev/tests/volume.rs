@@ -39,6 +39,7 @@ fn one_snapshot_at_a_time_and_changes_are_tracked_and_preserved() {
         h.begin_snapshot().is_err(),
         "a second snapshot while one runs"
     );
+    futures_lite::future::block_on(h.writes_settle());
     assert!(h.writes_settled());
     h.settle(&mut changed);
     assert_eq!(changed.count(), 2);
@@ -296,5 +297,77 @@ fn the_change_record_survives_a_crash_and_compacts_to_the_new_base() {
     drop(h);
     let (_vol, _h, kept) = open(Tracking::Fresh);
     assert_eq!(kept.unwrap().count(), 64, "made from every chunk changed");
+    set.shutdown().unwrap();
+}
+
+/// A basis that answers only when told: a write waiting on it stays in flight.
+struct HeldBasis {
+    asked: crossbeam_channel::Sender<bdev::FetchDone>,
+}
+
+impl bdev::Basis for HeldBasis {
+    fn chunk_bytes(&self) -> u64 {
+        CHUNK
+    }
+    fn fetch(&self, _chunk: u64, _reason: bdev::FetchReason, done: bdev::FetchDone) {
+        let _ = self.asked.send(done);
+    }
+}
+
+/// A begin waits for the writes each reactor issued before it heard of the snapshot
+/// (and takes their chunks), and a reactor that first writes to the volume during the
+/// snapshot starts guarded: its write keeps the chunk's old contents for the snapshot.
+#[test]
+fn a_begin_waits_for_writes_in_flight_and_late_reactors_start_guarded() {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    assert!(set.len() >= 2, "needs two reactors");
+    let (asked, fetches) = crossbeam_channel::unbounded();
+    // The volume over a clone whose partial writes wait for a fetch we hold back.
+    let local = create_malloc("m", 512, (8 * CHUNK) / 512, None).unwrap();
+    let (clone, _ch) =
+        bdev::create_clone("c", local, std::sync::Arc::new(HeldBasis { asked }), None).unwrap();
+    let (vol, h) = create_volume("v", clone, CHUNK, Tracking::Fresh, None).unwrap();
+    let partial = BdevIo::write(
+        (2 * CHUNK + 4096) / 512,
+        8,
+        vec![IoBuf::from_slice(&[7; 4096])],
+    );
+    let in_flight = bdev::blocking::submit_on(&set.handles()[1], &vol, partial).unwrap();
+    let fetch = fetches
+        .recv_timeout(T)
+        .expect("the write asks for its chunk");
+    let mut changed = h.begin_snapshot().unwrap();
+    assert!(
+        !h.writes_settled(),
+        "a write issued before the begin is still in flight"
+    );
+    fetch(Ok(vec![0; CHUNK as usize]));
+    in_flight.recv_timeout(T).unwrap().result.unwrap();
+    futures_lite::future::block_on(h.writes_settle());
+    h.settle(&mut changed);
+    assert!(
+        changed.contains(2),
+        "the settled write's chunk is in the snapshot"
+    );
+    // Reactor 0 writes to the volume for the first time, during the snapshot. Chunk 5
+    // is absent from the clone: the copy-before-write reads it (a fetch), then writes.
+    let late = BdevIo::write(
+        5 * CHUNK / 512,
+        CHUNK / 512,
+        vec![IoBuf::from_slice(&[9; CHUNK as usize])],
+    );
+    let late = bdev::blocking::submit_on(&set.handles()[0], &vol, late).unwrap();
+    fetches
+        .recv_timeout(T)
+        .expect("the copy reads the old chunk")(Ok(vec![3; CHUNK as usize]));
+    late.recv_timeout(T).unwrap().result.unwrap();
+    let Ok(Claim::Copy(old)) = h.claim_chunk(5) else {
+        panic!("no copy of chunk 5: the late reactor wrote unguarded")
+    };
+    assert!(
+        old.iter().all(|&b| b == 3),
+        "the copy is the chunk before the write"
+    );
+    h.end_snapshot(None);
     set.shutdown().unwrap();
 }

@@ -174,9 +174,7 @@ pub async fn snapshot_volume(
                 changed: Some(changed.clone()),
                 journal: None,
             };
-            while !handle.writes_settled() {
-                async_io::Timer::after(Duration::from_micros(100)).await;
-            }
+            handle.writes_settle().await;
             handle.settle(&mut changed);
             let parent_id = parent
                 .map(|p| p.manifest.binding().map(|b| b.snapshot))
