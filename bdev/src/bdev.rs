@@ -189,6 +189,7 @@ impl Bdev {
                 backend,
                 stats,
                 reactor: Rc::clone(&reactor),
+                submitting: std::cell::Cell::new(false),
             })
         })
     }
@@ -299,6 +300,9 @@ pub struct Channel {
     backend: Box<dyn BackendChannel>,
     stats: Arc<ChannelStats>,
     reactor: Rc<Reactor>,
+    /// Inside `backend.submit`: a completion now would break the rule that `done`
+    /// never runs before `submit` returns (checked in debug builds).
+    submitting: std::cell::Cell<bool>,
 }
 
 impl Channel {
@@ -327,14 +331,21 @@ impl Channel {
         let bytes = io.num_blocks * u64::from(self.bdev.block_size());
         let start = Instant::now();
         let this = Rc::clone(self);
+        let was = self.submitting.replace(true);
         self.backend.submit(
             io,
             Box::new(move |completion: IoCompletion| {
+                debug_assert!(
+                    !this.submitting.get(),
+                    "{}: a request completed inside its own submit",
+                    this.bdev.name()
+                );
                 this.stats
                     .record(io_type, bytes, start.elapsed(), completion.result.is_ok());
                 done(completion);
             }),
         );
+        self.submitting.set(was);
     }
 
     /// Passes down a request that a device stacked on this one (a volume, a clone) has

@@ -30,7 +30,7 @@ type Continuation = Box<dyn FnOnce(Result<Answer, BdevError>)>;
 /// to back-pressure: from a reactor on its timer, from any other thread (an OX core, a
 /// journal) through the courier, so the sender never waits. Only a stopped reactor
 /// drops it (its parked work is gone with it). Messages retried this way may overtake
-/// one another; none of those sent here depend on their order.
+/// one another: those that care carry an order of their own (a volume's begin epoch).
 pub(crate) fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
     match to.try_send(msg) {
         Ok(()) => true,
@@ -114,11 +114,16 @@ fn fail_parked() {
     }
 }
 
-/// Wakes the continuation parked as `token` on this reactor (if it still is).
-pub(crate) fn unpark_with(token: u64, result: Result<Answer, BdevError>) {
+/// Wakes the continuation parked as `token` on this reactor; false if none is (it was
+/// failed at shutdown already).
+pub(crate) fn unpark_with(token: u64, result: Result<Answer, BdevError>) -> bool {
     let f = PARKED.with(|p| p.borrow_mut().1.remove(&token));
-    if let Some(f) = f {
-        f(result);
+    match f {
+        Some(f) => {
+            f(result);
+            true
+        }
+        None => false,
     }
 }
 

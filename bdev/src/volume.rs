@@ -9,12 +9,13 @@
 //! with the same point-in-time image ([`VolumeHandle::resume_snapshot`]).
 //!
 //! Who owns what:
-//! - whether a snapshot runs is each reactor's own [`Mode`], changed by messages a
-//!   begin or an end sends it; a write outside a snapshot reads it and counts itself in
-//!   it (plain cells), so a begin can wait for the writes that did not see it. Nothing
-//!   shared is written, except a chunk's change bit by the first write to the chunk
-//!   since the last snapshot began (one `fetch_or` per chunk per snapshot interval;
-//!   every later write finds it set with a load).
+//! - whether a snapshot runs is one flag written by begin and end and loaded by every
+//!   write (one flag for all reactors, so a write acknowledged after a guarded one is
+//!   guarded too). A write that saw no snapshot counts itself in its reactor's own
+//!   [`Mode`] (plain cells); a begin asks each reactor by message to say when those
+//!   writes are done. Nothing shared is written by a write outside a snapshot, except a
+//!   chunk's change bit by the first write to the chunk since the last snapshot began
+//!   (one `fetch_or` per chunk per snapshot interval; later writes find it set).
 //! - per-chunk snapshot state is one atomic byte, changed by compare-and-swap by the
 //!   writers and the snapshot's reader (not yet owned by one reactor: that is the next
 //!   step); writes to chunks already read pay a load, and only the first write to an
@@ -74,7 +75,10 @@ struct Shared {
     resumed: AtomicBool,
     /// Names this volume's [`Mode`] on each reactor.
     id: u64,
-    /// What every reactor's [`Mode`] is told, and who has one.
+    /// A snapshot runs: writes go through copy-before-write. Written at begin and end
+    /// only; every write loads it.
+    active: AtomicBool,
+    /// Who has a [`Mode`] of this volume.
     modes: Mutex<Modes>,
     /// The running begin's wait for writes that did not see it.
     settling: Mutex<Arc<Settling>>,
@@ -135,15 +139,13 @@ struct VolumeChannel {
     mode: Rc<Mode>,
 }
 
-/// Whether a snapshot runs, as one reactor sees it, and its writes that did not see
-/// one. Owned by that reactor: changed only there, by its own writes and by the
-/// messages a snapshot's begin and end send it ([`flip`]), so a write outside a
-/// snapshot touches nothing shared.
+/// One reactor's writes issued while no snapshot ran and not finished yet, and the
+/// begin that waits for them. Owned by that reactor: changed only there, by its own
+/// writes and by the message a begin sends it ([`ask_settle`]), so a write outside a
+/// snapshot writes nothing shared.
 struct Mode {
-    /// Writes go through copy-before-write.
-    guarded: Cell<bool>,
-    /// The generation of the last begin or end applied (a late message of an older
-    /// one is ignored: messages may overtake one another).
+    /// The epoch of the last begin heard (a late message of an older one is ignored:
+    /// messages may overtake one another).
     generation: Cell<u64>,
     /// Writes issued unguarded and not finished.
     plain: Cell<u64>,
@@ -202,14 +204,12 @@ impl Settling {
     }
 }
 
-/// The reactors with a channel of the volume (each holds a [`Mode`]) and what their
-/// modes are told. Changed under its lock by channel creation, begins and ends, so a
-/// new channel either is told by a begin or an end, or starts from what it set.
+/// The reactors with a channel of the volume (each holds a [`Mode`]). Changed under its
+/// lock by channel creation, begins and ends, so a new channel either hears a begin or
+/// starts after it.
 struct Modes {
     reactors: Vec<ReactorHandle>,
-    /// A snapshot runs.
-    guarded: bool,
-    /// Bumped at every change of `guarded`: orders the messages that carry it.
+    /// Bumped at every begin and end: orders the messages a begin sends.
     epoch: u64,
 }
 
@@ -218,12 +218,15 @@ impl Shared {
         self.modes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets every reactor's mode to `guarded`; a begin (`settle`) also learns when the
-    /// writes that did not see it are done ([`VolumeHandle::writes_settled`]).
-    fn set_modes(&self, guarded: bool, settle: bool) {
+    /// Starts (`true`) or ends guarding writes. Every write looks at `active` as it
+    /// starts, so one acknowledged after another that was guarded is guarded too: a
+    /// snapshot never holds a later write without an earlier one. A begin (`settle`)
+    /// also asks every reactor to say when its writes that did not see it are done
+    /// ([`VolumeHandle::writes_settled`]).
+    fn set_active(&self, active: bool, settle: bool) {
         let (reactors, epoch, settling) = {
             let mut m = self.modes();
-            m.guarded = guarded;
+            self.active.store(active, Ordering::SeqCst);
             m.epoch += 1;
             let settling = settle.then(|| {
                 let fresh = Settling::new(m.reactors.len());
@@ -232,38 +235,32 @@ impl Shared {
             });
             (m.reactors.clone(), m.epoch, settling)
         };
-        flip(self.id, &reactors, guarded, epoch, settling);
+        if let Some(settling) = settling {
+            ask_settle(self.id, &reactors, epoch, &settling);
+        }
     }
 }
 
-/// Tells every reactor with a channel of the volume that a snapshot now runs
-/// (`guarded`, with `settling` to report to once its unguarded writes are done) or no
-/// longer runs, as of `generation` (the epoch of [`Modes`]).
-fn flip(
-    id: u64,
-    reactors: &[ReactorHandle],
-    guarded: bool,
-    generation: u64,
-    settling: Option<Arc<Settling>>,
-) {
+/// Asks every reactor with a channel of the volume to arrive at `settling` once the
+/// writes it issued before seeing the begin of `epoch` are done.
+fn ask_settle(id: u64, reactors: &[ReactorHandle], epoch: u64, settling: &Arc<Settling>) {
     for to in reactors.iter().cloned() {
         // Arrives when dropped: at once here, or parked until this reactor's
-        // unguarded writes are done.
-        let arrival = settling.as_ref().map(|s| Arrival(Arc::clone(s)));
+        // unguarded writes are done (or with the message, if it is never run).
+        let arrival = Arrival(Arc::clone(settling));
         deliver(
             to,
             Box::new(move || {
                 let mode =
                     reactor::current().and_then(|r| r.channel::<Mode, ()>(id, || Err(())).ok());
-                // No channel here any more, or a newer begin or end was applied.
-                let Some(mode) = mode.filter(|m| m.generation.get() < generation) else {
+                // No channel here any more, or a newer begin was heard.
+                let Some(mode) = mode.filter(|m| m.generation.get() < epoch) else {
                     return;
                 };
-                mode.generation.set(generation);
-                mode.guarded.set(guarded);
+                mode.generation.set(epoch);
                 // An older begin's wait is over (its snapshot ended); this one's
                 // waits for the writes in flight, if any.
-                let parked = arrival.filter(|_| mode.plain.get() > 0);
+                let parked = Some(arrival).filter(|_| mode.plain.get() > 0);
                 *mode.waiting.borrow_mut() = parked;
             }),
         );
@@ -288,7 +285,6 @@ impl BdevBackend for VolumeBackend {
                 m.reactors.push(reactor.handle().clone());
             }
             Ok::<_, BdevError>(Mode {
-                guarded: Cell::new(m.guarded),
                 generation: Cell::new(m.epoch),
                 plain: Cell::new(0),
                 waiting: RefCell::new(None),
@@ -509,9 +505,9 @@ impl BackendChannel for VolumeChannel {
 /// later one finds the durable bit set), then writes plainly, or through
 /// copy-before-write while a snapshot runs.
 ///
-/// Whether a snapshot runs is this reactor's [`Mode`]: a write issued before a begin's
-/// message reaches it is counted, and the begin waits for it
-/// ([`VolumeHandle::writes_settled`]). The chunks are marked after the write has
+/// A write that sees no snapshot running is counted in this reactor's [`Mode`], and a
+/// begin that it did not see waits for it ([`VolumeHandle::writes_settled`]). The
+/// chunks are marked after the write has
 /// decided its path: a snapshot whose begin it did not see either swapped the change
 /// set before the marks (they land in the next one, and [`VolumeHandle::settle`] adds
 /// them to this one once the write is done) or after (they are in this one). The record
@@ -524,7 +520,7 @@ fn start_write(
     io: BdevIo,
     done: IoDone,
 ) {
-    let guarded = mode.guarded.get();
+    let guarded = s.active.load(Ordering::Acquire);
     if !guarded {
         mode.plain.set(mode.plain.get() + 1);
     }
@@ -729,7 +725,8 @@ impl VolumeHandle {
 
     /// Starts a point-in-time snapshot: from now on, writes preserve unread chunks.
     /// Returns the chunks changed since the previous snapshot began (and starts a new
-    /// change set). Waits for writes that started before the snapshot to finish.
+    /// change set). Writes that started before it may still be running: the snapshot
+    /// point is once they are done ([`Self::writes_settle`], then [`Self::settle`]).
     pub fn begin_snapshot(&self) -> Result<ChangedChunks, BdevError> {
         let s = &self.shared;
         self.hold()?;
@@ -763,7 +760,7 @@ impl VolumeHandle {
             .iter()
             .map(|w| w.swap(0, Ordering::AcqRel))
             .collect();
-        s.set_modes(true, true);
+        s.set_active(true, true);
         let base = *s.base.lock().unwrap_or_else(|p| p.into_inner());
         Ok(ChangedChunks { bits, base })
     }
@@ -820,7 +817,7 @@ impl VolumeHandle {
         }
         s.committed.store(next, Ordering::SeqCst);
         s.resumed.store(true, Ordering::SeqCst);
-        s.set_modes(true, false);
+        s.set_active(true, false);
         Ok(saved.len())
     }
 
@@ -1060,7 +1057,7 @@ impl VolumeHandle {
             let _preserved = s.preserved();
             s.generation.fetch_add(1, Ordering::SeqCst);
         }
-        s.set_modes(false, false);
+        s.set_active(false, false);
         s.resumed.store(false, Ordering::SeqCst);
         for st in s.state.iter() {
             st.store(DONE, Ordering::Relaxed);
@@ -1126,9 +1123,9 @@ pub fn create_volume(
         id: NEXT_VOLUME.fetch_add(1, Ordering::Relaxed),
         modes: Mutex::new(Modes {
             reactors: Vec::new(),
-            guarded: false,
             epoch: 0,
         }),
+        active: AtomicBool::new(false),
         settling: Mutex::new(Settling::new(0)),
         running: AtomicBool::new(false),
         generation: AtomicU64::new(0),

@@ -94,8 +94,13 @@ impl Model {
     }
 }
 
+/// Runs `io` from a reactor picked by `r` (the owner, or another: both paths run).
+fn io_on(set: &ReactorSet, r: u64, dev: &Bdev, io: BdevIo) -> bdev::IoCompletion {
+    run_on(&set.handles()[(r % set.len() as u64) as usize], dev, io, T).unwrap()
+}
+
 fn io(set: &ReactorSet, dev: &Bdev, io: BdevIo) -> bdev::IoCompletion {
-    run_on(&set.handles()[0], dev, io, T).unwrap()
+    io_on(set, 0, dev, io)
 }
 
 /// One seed: `cuts` power cuts, each after a random run of reads, writes (some FUA,
@@ -186,7 +191,7 @@ fn run(seed: u64, cuts: u32, lying: bool) -> (u32, u64) {
                     let w =
                         BdevIo::write(b * BLOCK / 512, BLOCK / 512, vec![IoBuf::from_slice(&data)])
                             .with_fua(fua);
-                    io(&set, &clone, w).result.unwrap();
+                    io_on(&set, r >> 40, &clone, w).result.unwrap();
                     model.wrote(b, data, fua);
                 }
                 8 => {
@@ -196,7 +201,7 @@ fn run(seed: u64, cuts: u32, lying: bool) -> (u32, u64) {
                     let data = vec![version; CHUNK as usize];
                     let w =
                         BdevIo::write(c * CHUNK / 512, CHUNK / 512, vec![IoBuf::from_slice(&data)]);
-                    io(&set, &clone, w).result.unwrap();
+                    io_on(&set, r >> 40, &clone, w).result.unwrap();
                     for b in c * CHUNK / BLOCK..(c + 1) * CHUNK / BLOCK {
                         model.wrote(b, vec![version; BLOCK as usize], false);
                     }
@@ -207,7 +212,26 @@ fn run(seed: u64, cuts: u32, lying: bool) -> (u32, u64) {
                 }
             }
         }
+        // Writes still in flight when the power goes: each may land, whole or in part,
+        // or not at all, acknowledged or not.
+        let in_flight: Vec<_> = (0..rng.next() % 4)
+            .map(|_| {
+                let r = rng.next();
+                let b = (r >> 8) % blocks;
+                version = version.wrapping_add(1);
+                let data = vec![version; BLOCK as usize];
+                let w = BdevIo::write(b * BLOCK / 512, BLOCK / 512, vec![IoBuf::from_slice(&data)]);
+                model.since.entry(b).or_default().push(data);
+                let on = &set.handles()[((r >> 40) % set.len() as u64) as usize];
+                bdev::blocking::submit_on(on, &clone, w).unwrap()
+            })
+            .collect();
         switch.cut();
+        for rx in in_flight {
+            let _ = rx
+                .recv_timeout(T)
+                .expect("a write in flight at the cut hung");
+        }
         // Nothing more reaches the old clone's record; the new one takes it over.
         handle.retire().unwrap();
         drop((clone, handle));

@@ -555,6 +555,11 @@ pub fn discover(ep: &Endpoint) -> anyhow::Result<Vec<DiscoveryRecord>> {
     s.connect(&ep, 0, 31, 0xFFFF, 0)?;
     s.enable()?;
     let head = s.log_page(0x70, 0, 1024)?;
+    ensure!(
+        head.len() >= 16,
+        "discovery log header of {} bytes",
+        head.len()
+    );
     let numrec = le::u64(&head, 8).min(1024) as u32;
     let page = s.log_page(0x70, 0, 1024 * (numrec + 1))?;
     let mut out = Vec::new();

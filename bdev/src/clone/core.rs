@@ -562,9 +562,6 @@ impl<W> Core<W> {
                 "pending as {:?}",
                 p.state
             );
-            if let Chunk::Claimed(_) = p.state {
-                // A claim has no waiters of its own: others wait through their gates.
-            }
             if matches!(
                 p.state,
                 Chunk::Fetching(FetchReason::ClientMiss)

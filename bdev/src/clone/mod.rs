@@ -1,7 +1,9 @@
 //! `clone`: a volume that is readable and writable at once over a basis held elsewhere
 //! (a snapshot in object storage). Reads go to the local copy when a chunk is present
 //! and otherwise become a *miss*: a fetch handed to the basis (OX fetch cores), whose
-//! data is installed in the local copy before the read completes from it.
+//! data is installed in the local copy. A read within one chunk is answered from the
+//! fetched bytes as they arrive; one spanning chunks reads the local copy once they are
+//! all installed.
 //!
 //! Writes never lose bytes over an unfetched chunk: a write covering whole chunks makes
 //! them present by itself; a write covering part of a chunk first fetches it
@@ -134,7 +136,7 @@ struct Shared {
     presence: Arc<[AtomicU64]>,
     /// Chunks present (written by the owner only).
     present_count: AtomicU64,
-    /// Chunks hosts wait on the basis for (written by the owner only).
+    /// Chunks hosts wait for, being fetched or installed (written by the owner only).
     misses_in_flight: AtomicU64,
     /// Notified when `misses_in_flight` falls to 0 (background work waits on it).
     misses_done: event_listener::Event,
@@ -297,8 +299,9 @@ impl CloneChannel {
         if first == last {
             // The usual miss: answered from the fetched bytes, not the local copy.
             let at = (io.offset_blocks * s.block_size - first * s.chunk_bytes) as usize;
+            let name = s.name.clone();
             let token = park_for(move |r| match r {
-                Ok(Answer::Data(data)) => done(copy_out(io, &data, at)),
+                Ok(Answer::Data(data)) => done(copy_out(io, &data, at, &name, first)),
                 Ok(_) => local.pass(io, done),
                 Err(e) => done(IoCompletion::err(io.bufs, e)),
             });
@@ -330,7 +333,7 @@ impl CloneChannel {
 }
 
 /// Completes read `io` from `data`, its chunk's bytes, starting `at` bytes into it.
-fn copy_out(io: BdevIo, data: &[u8], at: usize) -> IoCompletion {
+fn copy_out(io: BdevIo, data: &[u8], at: usize, name: &str, chunk: u64) -> IoCompletion {
     let mut bufs = io.bufs;
     let mut at = at;
     for b in &mut bufs {
@@ -341,8 +344,8 @@ fn copy_out(io: BdevIo, data: &[u8], at: usize) -> IoCompletion {
                 // The request lies within the chunk (checked by the caller), and the
                 // bytes are the chunk's length (checked on arrival).
                 let e = BdevError::Basis {
-                    name: String::new(),
-                    chunk: 0,
+                    name: name.to_string(),
+                    chunk,
                     reason: FetchError::Failed("a read beyond its chunk's bytes".into()),
                 };
                 return IoCompletion::err(bufs, e);
@@ -381,7 +384,7 @@ impl Modify {
             }
         }
         let plan = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let waiter = (self.reactor.handle().clone(), 0);
+        let here = self.reactor.handle().clone();
         let (shared, owner) = (Arc::clone(&self.shared), self.owner.clone());
         let token = park_for(move |r| match r {
             Ok(Answer::Granted(claims)) => self.write(io, done, Some((plan, claims))),
@@ -395,7 +398,7 @@ impl Modify {
                 plan,
                 whole,
                 partial,
-                waiter: (waiter.0, token),
+                waiter: (here, token),
             },
         );
     }

@@ -64,39 +64,55 @@ fn owned(shared: &Arc<Shared>, r: &Reactor) -> Rc<Owned> {
     }
 }
 
-/// Sends `event` to the clone's owner (applied in place when this is the owner). If
-/// the owner has stopped, its waiter is failed.
+/// The owner's state of `shared` on reactor `r`, if it has one.
+fn existing(shared: &Shared, r: &Reactor) -> Option<Rc<Owned>> {
+    r.channel::<Owned, ()>(shared.id, || Err(())).ok()
+}
+
+/// An event on its way to the owner. If the message carrying it is dropped unrun (the
+/// owner has stopped, or never takes it), its waiter is failed rather than left parked.
+struct InTransit {
+    shared: Arc<Shared>,
+    event: Option<Event<Waiter>>,
+}
+
+impl Drop for InTransit {
+    fn drop(&mut self) {
+        if let Some(e) = self.event.take() {
+            refuse(&self.shared, e);
+        }
+    }
+}
+
+/// Sends `event` to the clone's owner (applied in place when this is the owner).
 pub(super) fn send(shared: &Arc<Shared>, owner: &ReactorHandle, event: Event<Waiter>) {
     if let Some(r) = reactor::current()
         && r.handle().same(owner)
     {
         return apply(shared, &r, event);
     }
-    let s = Arc::clone(shared);
-    let (tx, rx) = crossbeam_channel::bounded::<Event<Waiter>>(1);
-    // The event travels inside the message; if the owner is gone it comes back here
-    // through the channel, to fail its waiter.
-    let _ = tx.send(event);
-    let inbox = rx.clone();
-    let sent = deliver(
+    let mut carried = InTransit {
+        shared: Arc::clone(shared),
+        event: Some(event),
+    };
+    deliver(
         owner.clone(),
         Box::new(move || {
-            if let (Some(r), Ok(e)) = (reactor::current(), inbox.try_recv()) {
-                apply(&s, &r, e);
+            if let Some(r) = reactor::current()
+                && let Some(e) = carried.event.take()
+            {
+                apply(&carried.shared, &r, e);
             }
         }),
     );
-    if !sent && let Ok(e) = rx.try_recv() {
-        refuse(shared, e);
-    }
 }
 
 /// Fails the waiter of an event the owner never got.
 fn refuse(shared: &Shared, event: Event<Waiter>) {
     let waiter = match event {
         Event::Need { waiter, .. } => waiter,
-        Event::Plan { waiter, .. } => Some(waiter),
-        _ => None,
+        Event::Read { waiter, .. } | Event::Plan { waiter, .. } => Some(waiter),
+        Event::Fetched { .. } | Event::Installed { .. } | Event::WriteEnded { .. } => None,
     };
     if let Some((to, token)) = waiter {
         let e = BdevError::Basis {
@@ -110,7 +126,14 @@ fn refuse(shared: &Shared, event: Event<Waiter>) {
 
 /// Applies `event` on the owner `r` and carries out the actions.
 pub(super) fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Waiter>) {
-    let o = owned(shared, r);
+    let o = match &event {
+        Event::Need { .. } | Event::Read { .. } | Event::Plan { .. } => owned(shared, r),
+        // An answer for a state already released (the clone is gone): nobody waits.
+        _ => match existing(shared, r) {
+            Some(o) => o,
+            None => return,
+        },
+    };
     // The borrow ends before any action runs: an action may apply further events.
     let actions = o.core.borrow_mut().apply(event);
     let (count, clients) = {
@@ -223,9 +246,30 @@ fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Waiter>) {
         } => wake(&to, token, Ok(Answer::Data(data))),
         Action::Granted {
             waiter: (to, token),
+            plan,
             chunks,
-            ..
-        } => wake(&to, token, Ok(Answer::Granted(chunks))),
+        } => {
+            let mut grant = Grant {
+                shared: Arc::clone(s),
+                owner: r.handle().clone(),
+                plan,
+                chunks: Some(chunks),
+            };
+            let hand_over = move || {
+                if let Some(chunks) = grant.chunks.take()
+                    && !unpark_with(token, Ok(Answer::Granted(chunks.clone())))
+                {
+                    // Nobody to write them: the claims go back (on drop, below).
+                    grant.chunks = Some(chunks);
+                }
+            };
+            match reactor::current() {
+                Some(here) if here.handle().same(&to) => here.defer(hand_over),
+                _ => {
+                    deliver(to, Box::new(hand_over));
+                }
+            }
+        }
     }
 }
 
@@ -237,12 +281,43 @@ fn basis_error(s: &Shared, e: ChunkError) -> BdevError {
     }
 }
 
-/// Wakes `token` on `to`: in place when that is this reactor.
+/// Claims granted to a write, on their way to it. If the write is gone (its
+/// continuation failed at shutdown, the message dropped), the claims are ended as
+/// failed, so the chunks do not stay claimed for good.
+struct Grant {
+    shared: Arc<Shared>,
+    owner: ReactorHandle,
+    plan: u64,
+    chunks: Option<Vec<u64>>,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if let Some(chunks) = self.chunks.take() {
+            let event = Event::WriteEnded {
+                plan: self.plan,
+                chunks,
+                result: Err("the write that claimed it is gone".into()),
+            };
+            send(&self.shared, &self.owner, event);
+        }
+    }
+}
+
+/// Wakes `token` on `to`: on this reactor's next turn when that is this reactor (a
+/// request never completes inside its own `submit`), else by message.
 fn wake(to: &ReactorHandle, token: u64, result: Result<Answer, BdevError>) {
     match reactor::current() {
-        Some(r) if r.handle().same(to) => unpark_with(token, result),
+        Some(r) if r.handle().same(to) => r.defer(move || {
+            unpark_with(token, result);
+        }),
         _ => {
-            deliver(to.clone(), Box::new(move || unpark_with(token, result)));
+            deliver(
+                to.clone(),
+                Box::new(move || {
+                    unpark_with(token, result);
+                }),
+            );
         }
     }
 }
@@ -256,13 +331,15 @@ pub(super) fn query<R: Send + 'static>(
     f: impl FnOnce(&Core<Waiter>) -> R + Send + 'static,
 ) -> Option<R> {
     match reactor::current() {
-        Some(r) if r.handle().same(owner) => Some(f(&owned(shared, &r).core.borrow())),
+        Some(r) if r.handle().same(owner) => existing(shared, &r).map(|o| f(&o.core.borrow())),
         Some(_) => None,
         None => {
             let s = Arc::clone(shared);
             owner
                 .call(std::time::Duration::from_secs(30), move || {
-                    reactor::current().map(|r| f(&owned(&s, &r).core.borrow()))
+                    reactor::current()
+                        .and_then(|r| existing(&s, &r))
+                        .map(|o| f(&o.core.borrow()))
                 })
                 .ok()
                 .flatten()
@@ -272,9 +349,12 @@ pub(super) fn query<R: Send + 'static>(
 
 /// Drops the owner's state of a clone that is gone (its device dropped).
 pub(super) fn release(id: u64, owner: &ReactorHandle) {
-    let _ = owner.send(move || {
-        if let Some(r) = reactor::current() {
-            r.release_channel::<Owned>(id);
-        }
-    });
+    deliver(
+        owner.clone(),
+        Box::new(move || {
+            if let Some(r) = reactor::current() {
+                r.release_channel::<Owned>(id);
+            }
+        }),
+    );
 }
