@@ -185,13 +185,12 @@ impl DirtyRecord {
             .send(Note::Need(chunks, reactor.clone(), token))
             .is_err()
         {
-            unpark(
-                token,
-                Err(BdevError::Presence {
-                    path: String::new(),
-                    reason: "the volume's change record has stopped".into(),
-                }),
-            );
+            // On this reactor's next turn: the caller may be inside a submit.
+            let e = BdevError::Presence {
+                path: String::new(),
+                reason: "the volume's change record has stopped".into(),
+            };
+            deliver(reactor.clone(), Box::new(move || unpark(token, Err(e))));
         }
     }
 

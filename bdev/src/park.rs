@@ -30,7 +30,8 @@ type Continuation = Box<dyn FnOnce(Result<Answer, BdevError>)>;
 /// to back-pressure: from a reactor on its timer, from any other thread (an OX core, a
 /// journal) through the courier, so the sender never waits. Only a stopped reactor
 /// drops it (its parked work is gone with it). Messages retried this way may overtake
-/// one another: those that care carry an order of their own (a volume's begin epoch).
+/// one another: those that care carry an order of their own (a volume's begin epoch;
+/// a clone's release sets a flag its late requests are checked against).
 pub(crate) fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
     match to.try_send(msg) {
         Ok(()) => true,

@@ -379,10 +379,37 @@ fn guarded_write(
     // The write lands after this: if it decided again under a snapshot that began
     // since it was marked, that snapshot took the marks, so they go in again (a load
     // when they are still there).
-    for chunk in shared.chunk_range(&io) {
+    let generation = shared.generation.load(Ordering::SeqCst);
+    let chunks = shared.chunk_range(&io);
+    for chunk in chunks.clone() {
         shared.mark_dirty(chunk);
     }
-    inner.pass(io, done);
+    let on = reactor.handle().clone();
+    inner.pass(
+        io,
+        Box::new(move |c| {
+            if shared.generation.load(Ordering::SeqCst) == generation {
+                return done(c);
+            }
+            // A snapshot ended and another began while this write was in flight: the
+            // new one took its marks and may have read the chunks before it landed, so
+            // they are marked again for the next one (and put on record first).
+            for chunk in chunks.clone() {
+                shared.mark_dirty(chunk);
+            }
+            let missing: Vec<u64> = match shared.record.get() {
+                Some(record) => chunks.filter(|&ch| !record.has(ch)).collect(),
+                None => Vec::new(),
+            };
+            match shared.record.get().filter(|_| !missing.is_empty()) {
+                Some(record) => record.need(missing, &on, move |r| match r {
+                    Ok(()) => done(c),
+                    Err(e) => done(IoCompletion::err(c.bufs, e)),
+                }),
+                None => done(c),
+            }
+        }),
+    );
 }
 
 /// A copy-before-write in progress.

@@ -371,3 +371,45 @@ fn a_begin_waits_for_writes_in_flight_and_late_reactors_start_guarded() {
     h.end_snapshot(None);
     set.shutdown().unwrap();
 }
+
+/// A write that is still in flight when one snapshot ends and the next begins is marked
+/// again for the snapshot after: the new one may have read its chunk before it landed.
+#[test]
+fn a_write_in_flight_across_end_and_begin_is_kept_for_the_next_snapshot() {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let (asked, fetches) = crossbeam_channel::unbounded();
+    let local = create_malloc("m", 512, (8 * CHUNK) / 512, None).unwrap();
+    let (clone, _ch) =
+        bdev::create_clone("c", local, std::sync::Arc::new(HeldBasis { asked }), None).unwrap();
+    let (vol, h) = create_volume("v", clone, CHUNK, Tracking::Fresh, None).unwrap();
+    let first = h.begin_snapshot().unwrap();
+    futures_lite::future::block_on(h.writes_settle());
+    // Chunk 2 is not needed by the first snapshot: a write to it passes straight
+    // through, guarded, and waits in the clone below for its chunk.
+    h.skip_chunk(2);
+    let partial = BdevIo::write(
+        (2 * CHUNK + 4096) / 512,
+        8,
+        vec![IoBuf::from_slice(&[7; 4096])],
+    );
+    let in_flight = bdev::blocking::submit_on(&set.handles()[0], &vol, partial).unwrap();
+    let fetch = fetches
+        .recv_timeout(T)
+        .expect("the write asks for its chunk");
+    h.end_snapshot(None);
+    let second = h.begin_snapshot().unwrap();
+    assert!(
+        second.contains(2),
+        "the write marked its chunk for the second snapshot"
+    );
+    // It lands only now, after the second snapshot could have read chunk 2.
+    fetch(Ok(vec![0; CHUNK as usize]));
+    in_flight.recv_timeout(T).unwrap().result.unwrap();
+    assert!(
+        h.changes().contains(2),
+        "the chunk is marked again for the third snapshot"
+    );
+    drop(first);
+    h.end_snapshot(None);
+    set.shutdown().unwrap();
+}

@@ -132,6 +132,9 @@ struct Shared {
     chunks: u64,
     /// The reactor that owns the chunk states: given at open, else the first that asks.
     owner: OnceLock<ReactorHandle>,
+    /// The device is gone and the owner told to drop its state: a request still on its
+    /// way (read-ahead, thickening) is refused rather than given a fresh state.
+    released: std::sync::atomic::AtomicBool,
     /// One bit per chunk: present locally (written by the owner only).
     presence: Arc<[AtomicU64]>,
     /// Chunks present (written by the owner only).
@@ -206,6 +209,7 @@ struct CloneBackend {
 
 impl Drop for CloneBackend {
     fn drop(&mut self) {
+        self.shared.released.store(true, Ordering::SeqCst);
         if let Some(owner) = self.shared.owner.get() {
             owner::release(self.shared.id, owner);
         }
@@ -607,6 +611,12 @@ impl CloneHandle {
         done: impl FnOnce(Result<(), BdevError>) + Send + 'static,
     ) -> Result<(), BdevError> {
         let shared = Arc::clone(&self.shared);
+        if shared.released.load(Ordering::SeqCst) {
+            return Err(BdevError::Config {
+                name: shared.name.clone(),
+                reason: "the clone is gone".into(),
+            });
+        }
         if chunk >= shared.chunks {
             return Err(BdevError::Config {
                 name: shared.name.clone(),
@@ -781,6 +791,7 @@ fn build(
     let shared = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         owner,
+        released: std::sync::atomic::AtomicBool::new(false),
         name: name.to_string(),
         local,
         basis,

@@ -127,7 +127,14 @@ fn refuse(shared: &Shared, event: Event<Waiter>) {
 /// Applies `event` on the owner `r` and carries out the actions.
 pub(super) fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Waiter>) {
     let o = match &event {
-        Event::Need { .. } | Event::Read { .. } | Event::Plan { .. } => owned(shared, r),
+        Event::Need { .. } | Event::Read { .. } | Event::Plan { .. } => {
+            match existing(shared, r) {
+                Some(o) => o,
+                // A request that overtook the release: the clone is gone.
+                None if shared.released.load(Ordering::SeqCst) => return refuse(shared, event),
+                None => owned(shared, r),
+            }
+        }
         // An answer for a state already released (the clone is gone): nobody waits.
         _ => match existing(shared, r) {
             Some(o) => o,
