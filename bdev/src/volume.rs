@@ -267,6 +267,24 @@ fn ask_settle(id: u64, reactors: &[ReactorHandle], epoch: u64, settling: &Arc<Se
     }
 }
 
+impl Drop for VolumeBackend {
+    /// The volume is gone: every reactor drops its [`Mode`] of it.
+    fn drop(&mut self) {
+        let id = self.shared.id;
+        let reactors = std::mem::take(&mut self.shared.modes().reactors);
+        for to in reactors {
+            deliver(
+                to,
+                Box::new(move || {
+                    if let Some(r) = reactor::current() {
+                        r.release_channel::<Mode>(id);
+                    }
+                }),
+            );
+        }
+    }
+}
+
 impl BdevBackend for VolumeBackend {
     fn supports(&self, io_type: IoType) -> bool {
         self.shared.inner.supports(io_type)

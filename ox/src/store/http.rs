@@ -353,7 +353,23 @@ async fn resolve(host: &str, port: u16) -> std::io::Result<std::net::SocketAddr>
             });
             let _ = tx.try_send(first);
         })?;
-    rx.recv()
-        .await
-        .map_err(|_| std::io::Error::other("the name lookup thread ended without an answer"))?
+    let answer = futures_lite::future::or(async { Some(rx.recv().await) }, async {
+        async_io::Timer::after(NAME_LOOKUP_PATIENCE).await;
+        None
+    })
+    .await;
+    match answer {
+        Some(Ok(first)) => first,
+        Some(Err(_)) => Err(std::io::Error::other(
+            "the name lookup thread ended without an answer",
+        )),
+        // The thread finishes on its own; its answer is dropped.
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("looking up {host} took longer than {NAME_LOOKUP_PATIENCE:?}"),
+        )),
+    }
 }
+
+/// How long a connection waits for its endpoint's name to be looked up.
+const NAME_LOOKUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
