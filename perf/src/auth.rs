@@ -4,7 +4,7 @@
 //! the Diffie-Hellman value the target chose a group for), and, with a controller
 //! secret, a challenge of our own that the target must answer (bidirectional).
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, anyhow, bail, ensure};
 use nvmf::cmd::fctype;
 use nvmf::dhchap::{self, DhchapKey, Hash, id, kind};
 use nvmf::ffdhe::{DhGroup, DhKeyPair, augmented_challenge};
@@ -140,7 +140,15 @@ pub fn authenticate(
         "reply",
     )?;
 
-    let ok = receive(s, t_id, id::SUCCESS1, "success")?;
+    // A target that refuses our response may end the connection instead of (or right
+    // after) sending its Failure1: that is a refusal too, not a transport error.
+    let ok = receive(s, t_id, id::SUCCESS1, "success").map_err(|e| {
+        if e.chain().any(|c| c.is::<crate::session::Closed>()) {
+            anyhow!("authentication refused: the target closed the connection after our reply")
+        } else {
+            e
+        }
+    })?;
     let Some(ctrl_key) = &secrets.ctrl_key else {
         return Ok(());
     };

@@ -459,12 +459,20 @@ impl Session {
     }
 }
 
+/// The target ended the connection (callers that expect it in some states, such as a
+/// refused authentication, look for this).
+#[derive(Debug, thiserror::Error)]
+#[error("the target closed the connection")]
+pub struct Closed;
+
 fn timeout_msg(e: std::io::Error) -> anyhow::Error {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
             anyhow!("timed out waiting for the target")
         }
-        std::io::ErrorKind::UnexpectedEof => anyhow!("the target closed the connection"),
+        std::io::ErrorKind::UnexpectedEof
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::BrokenPipe => anyhow!(Closed),
         _ => anyhow!(e),
     }
 }
