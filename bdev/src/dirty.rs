@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use reactor::ReactorHandle;
 
 use crate::error::BdevError;
+use crate::medium::Medium;
 use crate::park::{deliver, park, unpark};
 use crate::presence::PresenceFiles;
 
@@ -75,8 +76,14 @@ fn files(path: &Path) -> [PathBuf; 3] {
 
 /// Removes the change record at `path` (its volume is deleted, or it is made anew).
 pub fn remove_dirty_record(path: &Path) {
+    remove_files(&crate::medium::Local, path);
+}
+
+/// Removes the record's files from `medium` (best effort: a record without its base is
+/// made anew whatever else is left of it).
+fn remove_files(medium: &dyn Medium, path: &Path) {
     for f in files(path) {
-        let _ = std::fs::remove_file(f);
+        let _ = medium.remove(&f);
     }
 }
 
@@ -114,6 +121,7 @@ impl DirtyRecord {
     /// Opens the record at `path` for a volume of `chunks` chunks, or makes one
     /// holding `initial` (relative to no snapshot) if there is none.
     pub(crate) fn open(
+        medium: Arc<dyn Medium>,
         path: &Path,
         chunks: u64,
         initial: &[u64],
@@ -121,18 +129,20 @@ impl DirtyRecord {
         let bp = base_path(path);
         // The base is written last when a record is made: without it, whatever else
         // is there is a record never finished, and is made again.
-        let existed = bp.exists();
+        let existed = medium
+            .exists(&bp)
+            .map_err(|e| damaged(&bp, e.to_string()))?;
         if !existed {
-            remove_dirty_record(path);
+            remove_files(&*medium, path);
         }
-        let (mut files, mut bits) = PresenceFiles::open(path, chunks)?;
+        let (mut files, mut bits) = PresenceFiles::open(Arc::clone(&medium), path, chunks)?;
         let base = if existed {
-            let bytes = std::fs::read(&bp).map_err(|e| damaged(&bp, e.to_string()))?;
+            let bytes = medium.read(&bp).map_err(|e| damaged(&bp, e.to_string()))?;
             decode_base(&bp, &bytes)?
         } else {
             files.checkpoint(initial)?;
             bits = initial.to_vec();
-            crate::fsutil::replace_file(&bp, &encode_base(None))
+            crate::medium::replace_file(&*medium, &bp, &encode_base(None))
                 .map_err(|e| damaged(&bp, e.to_string()))?;
             None
         };
@@ -140,6 +150,7 @@ impl DirtyRecord {
         let (tx, rx) = crossbeam_channel::unbounded();
         let work = Work {
             rx,
+            medium,
             files,
             base_path: bp,
             durable: Arc::clone(&durable),
@@ -231,6 +242,7 @@ impl Drop for DirtyRecord {
 /// Everything the record's thread owns.
 struct Work {
     rx: crossbeam_channel::Receiver<Note>,
+    medium: Arc<dyn Medium>,
     files: PresenceFiles,
     base_path: PathBuf,
     durable: Arc<[AtomicU64]>,
@@ -320,7 +332,7 @@ impl Work {
         }
         // The base first: with the old set still on disk, a crash now leaves a
         // superset of what changed since `base`.
-        crate::fsutil::replace_file(&self.base_path, &encode_base(base))
+        crate::medium::replace_file(&*self.medium, &self.base_path, &encode_base(base))
             .map_err(|e| damaged(&self.base_path, e.to_string()))?;
         self.files.checkpoint(&keep)
     }

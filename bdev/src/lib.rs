@@ -25,8 +25,11 @@ mod io;
 mod lifetime;
 pub use lifetime::{IoTotals, Lifetime};
 mod malloc;
+pub mod medium;
 mod nondurable;
 pub use nondurable::{Cut, PowerSwitch, create_nondurable};
+mod nondurable_medium;
+pub use nondurable_medium::NonDurableMedium;
 mod null;
 mod park;
 mod presence;
@@ -38,7 +41,8 @@ mod volume;
 pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
 pub use buf::{IO_ALIGN, IoBuf};
 pub use clone::{
-    Basis, CloneCounters, CloneHandle, FetchDone, FetchError, FetchReason, create_clone, open_clone,
+    Basis, CloneCounters, CloneHandle, FetchDone, FetchError, FetchReason, create_clone,
+    open_clone, open_clone_on,
 };
 pub use error::BdevError;
 pub use io::{BdevIo, IoCompletion, IoDone, IoType};

@@ -13,19 +13,20 @@
 //! - log record: `0x4F58504C` ("OXPL"), count (u32), chunk numbers (u64 each), CRC32C
 //!   (u32) of everything before it in the record.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::BdevError;
+use crate::medium::{Medium, MediumFile};
 
 const CHECKPOINT_MAGIC: &[u8; 8] = b"OXPRS002";
 const RECORD_MAGIC: u32 = 0x4F58_504C;
 
 /// The checkpoint and log of one clone's presence, owned by its journal thread.
 pub(crate) struct PresenceFiles {
+    medium: Arc<dyn Medium>,
     checkpoint: PathBuf,
-    log: File,
+    log: Box<dyn MediumFile>,
     log_len: u64,
     chunks: u64,
     /// A failed append left bytes that could not be cut off.
@@ -127,8 +128,12 @@ impl PresenceFiles {
     /// Opens (or creates) the presence record at `path` for a clone of `chunks`
     /// chunks and returns it with the present set. A damaged checkpoint is an error,
     /// never an empty set: the clone could otherwise fetch over written bytes.
-    pub(crate) fn open(path: &Path, chunks: u64) -> Result<(Self, Vec<u64>), BdevError> {
-        let mut words = match std::fs::read(path) {
+    pub(crate) fn open(
+        medium: Arc<dyn Medium>,
+        path: &Path,
+        chunks: u64,
+    ) -> Result<(Self, Vec<u64>), BdevError> {
+        let mut words = match medium.read(path) {
             Ok(bytes) => decode_checkpoint(&bytes, chunks).map_err(|r| damaged(path, r))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 vec![0; chunks.div_ceil(64) as usize]
@@ -136,32 +141,27 @@ impl PresenceFiles {
             Err(e) => return Err(io_err(path, "reading the checkpoint", e)),
         };
         let lp = log_path(path);
-        let mut log = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lp)
+        let mut log = medium
+            .open(&lp, false)
             .map_err(|e| io_err(&lp, "opening the log", e))?;
-        let mut bytes = Vec::new();
-        log.read_to_end(&mut bytes)
+        let bytes = log
+            .read_all()
             .map_err(|e| io_err(&lp, "reading the log", e))?;
         let valid = replay(&bytes, chunks, &mut words) as u64;
         // Cut a torn tail so new records follow the last good one.
         if valid != bytes.len() as u64 {
             log.set_len(valid)
-                .and_then(|()| log.sync_all())
+                .and_then(|()| log.sync())
                 .map_err(|e| io_err(&lp, "cutting a torn record", e))?;
         }
-        log.seek(SeekFrom::Start(valid))
-            .map_err(|e| io_err(&lp, "seeking the log", e))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_err(dir, "syncing the directory", e))?;
-        }
+        // The log's name (if it was made now) must outlive a crash before the first
+        // record in it is trusted to.
+        medium
+            .sync_dir(&lp)
+            .map_err(|e| io_err(&lp, "syncing its directory", e))?;
         Ok((
             Self {
+                medium,
                 checkpoint: path.to_path_buf(),
                 log,
                 log_len: valid,
@@ -183,14 +183,14 @@ impl PresenceFiles {
         let crc = crc32c::crc32c(&rec);
         rec.extend_from_slice(&crc.to_le_bytes());
         let lp = log_path(&self.checkpoint);
-        if let Err(e) = self.log.write_all(&rec).and_then(|()| self.log.sync_data()) {
+        let written = self
+            .log
+            .write_at(self.log_len, &rec)
+            .and_then(|()| self.log.sync());
+        if let Err(e) = written {
             // Cut whatever part of the record got out, so the next record follows the
             // last good one; if even that fails, the next commit writes a checkpoint.
-            let cut = self
-                .log
-                .set_len(self.log_len)
-                .and_then(|()| self.log.seek(SeekFrom::Start(self.log_len)).map(|_| ()));
-            self.torn = cut.is_err();
+            self.torn = self.log.set_len(self.log_len).is_err();
             return Err(io_err(&lp, "appending", e));
         }
         self.log_len += rec.len() as u64;
@@ -206,13 +206,12 @@ impl PresenceFiles {
     /// Replaces the checkpoint with `words` and empties the log.
     pub(crate) fn checkpoint(&mut self, words: &[u64]) -> Result<(), BdevError> {
         let path = &self.checkpoint;
-        crate::fsutil::replace_file(path, &encode_checkpoint(self.chunks, words))
+        crate::medium::replace_file(&*self.medium, path, &encode_checkpoint(self.chunks, words))
             .map_err(|e| io_err(path, "writing the checkpoint", e))?;
         let lp = log_path(path);
         self.log
             .set_len(0)
-            .and_then(|()| self.log.seek(SeekFrom::Start(0)).map(|_| ()))
-            .and_then(|()| self.log.sync_all())
+            .and_then(|()| self.log.sync())
             .map_err(|e| io_err(&lp, "emptying the log", e))?;
         self.log_len = 0;
         self.torn = false;
@@ -228,7 +227,7 @@ mod tests {
     fn the_log_replays_over_the_checkpoint_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p");
-        let (mut f, words) = PresenceFiles::open(&path, 130).unwrap();
+        let (mut f, words) = PresenceFiles::open(crate::medium::local(), &path, 130).unwrap();
         assert_eq!(words, vec![0, 0, 0]);
         f.append(&[0, 65]).unwrap();
         f.checkpoint(&[1, 2, 0]).unwrap();
@@ -243,7 +242,7 @@ mod tests {
         log.extend_from_slice(&7u32.to_le_bytes());
         log.extend_from_slice(&[1, 2, 3]);
         std::fs::write(&lp, &log).unwrap();
-        let (mut f, words) = PresenceFiles::open(&path, 130).unwrap();
+        let (mut f, words) = PresenceFiles::open(crate::medium::local(), &path, 130).unwrap();
         assert_eq!(
             words,
             vec![1 | 1 << 3, 2, 1 << 1],
@@ -252,7 +251,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&lp).unwrap().len() as usize, good);
         f.append(&[64]).unwrap();
         drop(f);
-        let (_, words) = PresenceFiles::open(&path, 130).unwrap();
+        let (_, words) = PresenceFiles::open(crate::medium::local(), &path, 130).unwrap();
         assert_eq!(words, vec![1 | 1 << 3, 3, 1 << 1]);
     }
 
@@ -260,15 +259,21 @@ mod tests {
     fn a_damaged_or_foreign_checkpoint_is_an_error_not_an_empty_set() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p");
-        let (mut f, _) = PresenceFiles::open(&path, 100).unwrap();
+        let (mut f, _) = PresenceFiles::open(crate::medium::local(), &path, 100).unwrap();
         f.checkpoint(&[7, 0]).unwrap();
         drop(f);
-        let err = PresenceFiles::open(&path, 200).err().unwrap().to_string();
+        let err = PresenceFiles::open(crate::medium::local(), &path, 200)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("written for 100 chunks"), "{err}");
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[17] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        let err = PresenceFiles::open(&path, 100).err().unwrap().to_string();
+        let err = PresenceFiles::open(crate::medium::local(), &path, 100)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("checksum"), "{err}");
     }
 }

@@ -1045,9 +1045,19 @@ impl VolumeHandle {
         &self,
         path: &std::path::Path,
     ) -> Result<Option<ChangedChunks>, BdevError> {
+        self.keep_dirty_record_on(crate::medium::local(), path)
+    }
+
+    /// [`Self::keep_dirty_record`] with the record on `medium` (a power-cut test puts
+    /// it on one that loses what was never synced).
+    pub fn keep_dirty_record_on(
+        &self,
+        medium: Arc<dyn crate::medium::Medium>,
+        path: &std::path::Path,
+    ) -> Result<Option<ChangedChunks>, BdevError> {
         let s = &self.shared;
         let current = self.changes();
-        let (record, opened) = DirtyRecord::open(path, s.chunks, &current.bits)?;
+        let (record, opened) = DirtyRecord::open(medium, path, s.chunks, &current.bits)?;
         s.record.set(record).map_err(|_| BdevError::Config {
             name: s.inner.name().to_string(),
             reason: "the volume keeps a change record already".into(),
@@ -1077,8 +1087,10 @@ impl VolumeHandle {
 
     /// Makes the change record relative to the volume's base (the snapshot that just
     /// succeeded and was catalogued): chunks not written since it began leave the
-    /// record. Call while no other snapshot of the volume can begin. A volume without
-    /// a record has nothing to do.
+    /// record. Call while no other snapshot of the volume can begin, and only for a
+    /// snapshot that flushed the volume at its point (else a power cut can take from
+    /// the volume writes the snapshot holds, in chunks no longer on record). A volume
+    /// without a record has nothing to do.
     pub fn compact_dirty_record(&self) -> Result<(), BdevError> {
         let s = &self.shared;
         let Some(record) = s.record.get() else {

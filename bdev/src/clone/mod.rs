@@ -39,6 +39,7 @@ use self::journal::{Journal, JournalWork, Note};
 use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
+use crate::medium::Medium;
 use crate::park::{Answer, park, park_for, unpark};
 use crate::presence::PresenceFiles;
 
@@ -709,7 +710,38 @@ pub fn open_clone(
     presence: &std::path::Path,
     flush_on: ReactorHandle,
 ) -> Result<(Bdev, CloneHandle), BdevError> {
-    build(name, local, basis, uuid, Some((presence, flush_on)))
+    let record = Record {
+        medium: crate::medium::local(),
+        path: presence,
+        flush_on,
+    };
+    build(name, local, basis, uuid, Some(record))
+}
+
+/// [`open_clone`] with the presence record on `medium` (a power-cut test puts it on
+/// one that loses what was never synced).
+pub fn open_clone_on(
+    medium: Arc<dyn Medium>,
+    name: &str,
+    local: Bdev,
+    basis: Arc<dyn Basis>,
+    uuid: Option<Uuid>,
+    presence: &std::path::Path,
+    flush_on: ReactorHandle,
+) -> Result<(Bdev, CloneHandle), BdevError> {
+    let record = Record {
+        medium,
+        path: presence,
+        flush_on,
+    };
+    build(name, local, basis, uuid, Some(record))
+}
+
+/// Where a clone's presence is recorded, and the reactor that flushes for it.
+struct Record<'a> {
+    medium: Arc<dyn Medium>,
+    path: &'a std::path::Path,
+    flush_on: ReactorHandle,
 }
 
 fn build(
@@ -717,7 +749,7 @@ fn build(
     local: Bdev,
     basis: Arc<dyn Basis>,
     uuid: Option<Uuid>,
-    record: Option<(&std::path::Path, ReactorHandle)>,
+    record: Option<Record<'_>>,
 ) -> Result<(Bdev, CloneHandle), BdevError> {
     let info = BdevInfo {
         name: name.to_string(),
@@ -747,14 +779,18 @@ fn build(
     let chunks = size.div_ceil(chunk_bytes);
     let words = chunks.div_ceil(64) as usize;
     let owner = OnceLock::new();
-    if let Some((_, flush_on)) = &record {
+    if let Some(r) = &record {
         // The reactor that flushes the local copy for the record owns the chunks too.
-        let _ = owner.set(flush_on.clone());
+        let _ = owner.set(r.flush_on.clone());
     }
     let (presence, journal): (Arc<[AtomicU64]>, Option<Journal>) = match record {
         None => ((0..words).map(|_| AtomicU64::new(0)).collect(), None),
-        Some((path, flush_on)) => {
-            let (files, mut present) = PresenceFiles::open(path, chunks)?;
+        Some(Record {
+            medium,
+            path,
+            flush_on,
+        }) => {
+            let (files, mut present) = PresenceFiles::open(medium, path, chunks)?;
             // Bits beyond the last chunk never count.
             if !chunks.is_multiple_of(64)
                 && let Some(last) = present.last_mut()

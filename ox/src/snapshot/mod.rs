@@ -176,6 +176,11 @@ pub async fn snapshot_volume(
             };
             handle.writes_settle().await;
             handle.settle(&mut changed);
+            // What the snapshot reads must be durable on the volume: once it is
+            // catalogued the change record forgets those chunks, and a power cut that
+            // lost writes the host never flushed would leave them differing from it,
+            // unseen by every later incremental snapshot.
+            crate::blockio::run(on, handle.inner(), bdev::BdevIo::flush()).await?;
             let parent_id = parent
                 .map(|p| p.manifest.binding().map(|b| b.snapshot))
                 .transpose()?;
