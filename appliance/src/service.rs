@@ -472,7 +472,10 @@ impl Service {
             Ok(Some((j, changed))) if pending => Some(
                 j.token()
                     .map_err(anyhow::Error::from)
-                    .and_then(|t| Ok(handle.resume_snapshot(t, j.next_chunk, &changed)?))
+                    .and_then(|t| {
+                        let on = &self.reactors[0];
+                        Ok(handle.resume_snapshot(t, j.next_chunk, &changed, on)?)
+                    })
                     .map(|copies| (j.next_chunk, copies))
                     .map_err(|e| (e, changed)),
             ),

@@ -52,10 +52,10 @@ fn volume(
 
 /// Latencies (µs) of one 4 KiB write to each chunk, with or without a snapshot.
 fn round(set: &ReactorSet, vol: &Bdev, h: &VolumeHandle, chunks: u64, snapshot: bool) -> Vec<f64> {
-    if snapshot {
-        h.begin_snapshot().unwrap();
-    }
     let on = &set.handles()[0];
+    if snapshot {
+        futures_lite::future::block_on(h.begin_snapshot(on)).unwrap();
+    }
     // Each round's writes are the chunks' first since the base: the record drops them.
     h.compact_dirty_record().unwrap();
     let lat = (0..chunks)
@@ -113,7 +113,7 @@ fn main() {
         all[2].extend(round(&set, &dv, &dh, chunks, true));
         // No snapshot: the record is emptied (as after a catalogued snapshot) so every
         // write is a chunk's first again.
-        rh.begin_snapshot().unwrap();
+        futures_lite::future::block_on(rh.begin_snapshot(&set.handles()[0])).unwrap();
         rh.end_snapshot(None);
         all[3].extend(round(&set, &rv, &rh, chunks, false));
     }

@@ -155,6 +155,14 @@ pub enum BdevError {
         /// What went wrong.
         reason: String,
     },
+    /// A volume's snapshot state refused or failed a request.
+    #[error("snapshot of volume {name}: {reason}")]
+    Snapshot {
+        /// The volume.
+        name: String,
+        /// What happened.
+        reason: String,
+    },
     /// A volume's durable store of copy-before-write chunks could not be used.
     #[error("snapshot copy store {path}: {reason}")]
     Preserve {

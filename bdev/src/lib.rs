@@ -34,6 +34,7 @@ mod null;
 mod park;
 mod presence;
 mod preserve;
+mod reply;
 mod stats;
 mod uring;
 mod volume;

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::bdev::Bdev;
 use crate::buf::IoBuf;
@@ -41,9 +41,6 @@ pub(crate) struct Preserve {
     chunks: u64,
     /// The running snapshot's token, written into every header.
     token: Mutex<[u8; 16]>,
-    /// Copies submitted and not completed: the file may not be reset while a copy of
-    /// an earlier snapshot could still land in it.
-    pub(crate) in_flight: AtomicU64,
     /// The running snapshot was abandoned (the marker is on disk), and why.
     abandoned: AtomicBool,
     reason: Mutex<Option<String>>,
@@ -91,7 +88,6 @@ impl Preserve {
             volume_bytes,
             chunks,
             token: Mutex::new([0; 16]),
-            in_flight: AtomicU64::new(0),
             abandoned: AtomicBool::new(false),
             reason: Mutex::new(None),
         })

@@ -43,7 +43,7 @@ fn a_copy_that_cannot_be_written_abandons_the_snapshot_not_the_host_write() {
     for c in 0..8 {
         write(c, 1).unwrap();
     }
-    let mut changed = h.begin_snapshot().unwrap();
+    let mut changed = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     h.settle(&mut changed);
     let token = h.snapshot_token().unwrap();
     // The state disk "fills up": only the first two slots can still be written.
@@ -71,11 +71,13 @@ fn a_copy_that_cannot_be_written_abandons_the_snapshot_not_the_host_write() {
     let malloc = create_malloc("m2", 512, 8 * CHUNK / 512, None).unwrap();
     let (_v2, h2) = create_volume("v2", malloc, CHUNK, Tracking::AllChanged, None).unwrap();
     h2.set_preserve_file(&store).unwrap();
-    let err = h2.resume_snapshot(token, 0, &changed).unwrap_err();
+    let err = h2
+        .resume_snapshot(token, 0, &changed, &set.handles()[0])
+        .unwrap_err();
     assert!(err.to_string().contains("abandoned"), "{err}");
     // The next snapshot starts clean, armed again.
     h.end_snapshot(Some(&changed));
-    h.begin_snapshot().unwrap();
+    futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     assert_eq!(h.snapshot_abandoned(), None);
     assert!(!marker.exists() && dir.path().join("v.cbw.abandoned.armed").exists());
     h.end_snapshot(None);

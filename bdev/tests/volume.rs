@@ -34,9 +34,9 @@ fn one_snapshot_at_a_time_and_changes_are_tracked_and_preserved() {
     };
     write(0, 1);
     write(3 * CHUNK / 512, 1);
-    let mut changed = h.begin_snapshot().unwrap();
+    let mut changed = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     assert!(
-        h.begin_snapshot().is_err(),
+        futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).is_err(),
         "a second snapshot while one runs"
     );
     futures_lite::future::block_on(h.writes_settle());
@@ -46,21 +46,24 @@ fn one_snapshot_at_a_time_and_changes_are_tracked_and_preserved() {
     assert!(changed.contains(0) && changed.contains(3));
     // A write to chunk 0 during the snapshot: the old contents are kept for it.
     write(0, 2);
-    let Ok(Claim::Copy(old)) = h.claim_chunk(0) else {
+    let Ok(Claim::Copy(old)) = futures_lite::future::block_on(h.claim_chunk(0)) else {
         panic!("no copy of chunk 0")
     };
     assert!(old[..4096].iter().all(|&b| b == 1));
     // Chunk 3 is read from the device, then released.
-    assert!(matches!(h.claim_chunk(3), Ok(Claim::Device)));
+    assert!(matches!(
+        futures_lite::future::block_on(h.claim_chunk(3)),
+        Ok(Claim::Device)
+    ));
     h.chunk_read(3);
     h.end_snapshot(None);
     // The write during the snapshot counts for the next one.
-    let next = h.begin_snapshot().unwrap();
+    let next = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     assert_eq!(next.count(), 1);
     assert!(next.contains(0));
     // A failed snapshot gives its changes back.
     h.end_snapshot(Some(&next));
-    let again = h.begin_snapshot().unwrap();
+    let again = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     assert!(again.contains(0));
     h.end_snapshot(None);
     set.shutdown().unwrap();
@@ -102,7 +105,7 @@ fn written_then_snapshot(
     for c in 0..chunks {
         write_chunk(set, vol, c, 1);
     }
-    let mut changed = h.begin_snapshot().unwrap();
+    let mut changed = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     h.settle(&mut changed);
     let token = h.snapshot_token().expect("a token while the snapshot runs");
     (changed, token)
@@ -117,7 +120,7 @@ fn read_all(set: &ReactorSet, dev: &Bdev, lba: u64, blocks: u64) -> Vec<u8> {
 
 /// What the snapshot would store for `chunk` (its contents at the snapshot point).
 fn snapshot_view(set: &ReactorSet, vol: &Bdev, h: &VolumeHandle, chunk: u64) -> Vec<u8> {
-    match h.claim_chunk(chunk) {
+    match futures_lite::future::block_on(h.claim_chunk(chunk)) {
         Ok(Claim::Copy(d)) => d,
         Ok(Claim::Saved {
             dev,
@@ -129,7 +132,7 @@ fn snapshot_view(set: &ReactorSet, vol: &Bdev, h: &VolumeHandle, chunk: u64) -> 
             h.chunk_read(chunk);
             d
         }
-        Err(()) => panic!("chunk {chunk} is being copied"),
+        Err(e) => panic!("claiming chunk {chunk}: {e}"),
     }
 }
 
@@ -150,7 +153,6 @@ fn durable_copies_keep_the_snapshot_point_across_a_crash() {
     for c in 0..4 {
         write_chunk(&set, &vol, c, 2);
     }
-    assert!(h.copies_settled());
     // A crash: nothing ends the snapshot.
     drop((vol, h));
     set.shutdown().unwrap();
@@ -158,12 +160,13 @@ fn durable_copies_keep_the_snapshot_point_across_a_crash() {
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let (vol, h) = open_durable(dir.path(), 8);
     assert_eq!(
-        h.resume_snapshot(token, 1, &changed).unwrap(),
+        h.resume_snapshot(token, 1, &changed, &set.handles()[0])
+            .unwrap(),
         3,
         "copies of 1, 2 and 3"
     );
     assert!(
-        h.begin_snapshot().is_err(),
+        futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).is_err(),
         "the resumed snapshot holds the volume"
     );
     assert_eq!(h.take_resumed(), Some(token));
@@ -186,7 +189,11 @@ fn durable_copies_keep_the_snapshot_point_across_a_crash() {
     set.shutdown().unwrap();
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let (_vol, h) = open_durable(dir.path(), 8);
-    assert_eq!(h.resume_snapshot(token, 0, &changed).unwrap(), 0);
+    assert_eq!(
+        h.resume_snapshot(token, 0, &changed, &set.handles()[0])
+            .unwrap(),
+        0
+    );
     h.end_snapshot(None);
     set.shutdown().unwrap();
 }
@@ -212,7 +219,8 @@ fn a_torn_or_foreign_copy_is_not_taken_for_a_copy() {
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let (_vol, h) = open_durable(dir.path(), 4);
     assert_eq!(
-        h.resume_snapshot([0xee; 16], 0, &changed).unwrap(),
+        h.resume_snapshot([0xee; 16], 0, &changed, &set.handles()[0])
+            .unwrap(),
         0,
         "another snapshot's token"
     );
@@ -220,12 +228,19 @@ fn a_torn_or_foreign_copy_is_not_taken_for_a_copy() {
     drop((_vol, h));
     let (_vol, h) = open_durable(dir.path(), 4);
     assert_eq!(
-        h.resume_snapshot(token, 0, &changed).unwrap(),
+        h.resume_snapshot(token, 0, &changed, &set.handles()[0])
+            .unwrap(),
         1,
         "only chunk 1"
     );
-    assert!(matches!(h.claim_chunk(1), Ok(Claim::Saved { .. })));
-    assert!(matches!(h.claim_chunk(2), Ok(Claim::Device)));
+    assert!(matches!(
+        futures_lite::future::block_on(h.claim_chunk(1)),
+        Ok(Claim::Saved { .. })
+    ));
+    assert!(matches!(
+        futures_lite::future::block_on(h.claim_chunk(2)),
+        Ok(Claim::Device)
+    ));
     set.shutdown().unwrap();
 }
 
@@ -267,7 +282,7 @@ fn the_change_record_survives_a_crash_and_compacts_to_the_new_base() {
     h.replace_changes(&kept);
     // A snapshot begins (taking chunks 1, 5, 9); chunk 20 is written meanwhile; it
     // succeeds and is catalogued as base [3; 16]: the record keeps only chunk 20.
-    let changed = h.begin_snapshot().unwrap();
+    let changed = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     assert_eq!(changed.count(), 3);
     write(&vol, 20);
     h.end_snapshot(None);
@@ -336,7 +351,7 @@ fn a_begin_waits_for_writes_in_flight_and_late_reactors_start_guarded() {
     let fetch = fetches
         .recv_timeout(T)
         .expect("the write asks for its chunk");
-    let mut changed = h.begin_snapshot().unwrap();
+    let mut changed = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     assert!(
         !h.writes_settled(),
         "a write issued before the begin is still in flight"
@@ -361,7 +376,7 @@ fn a_begin_waits_for_writes_in_flight_and_late_reactors_start_guarded() {
         .recv_timeout(T)
         .expect("the copy reads the old chunk")(Ok(vec![3; CHUNK as usize]));
     late.recv_timeout(T).unwrap().result.unwrap();
-    let Ok(Claim::Copy(old)) = h.claim_chunk(5) else {
+    let Ok(Claim::Copy(old)) = futures_lite::future::block_on(h.claim_chunk(5)) else {
         panic!("no copy of chunk 5: the late reactor wrote unguarded")
     };
     assert!(
@@ -382,7 +397,7 @@ fn a_write_in_flight_across_end_and_begin_is_kept_for_the_next_snapshot() {
     let (clone, _ch) =
         bdev::create_clone("c", local, std::sync::Arc::new(HeldBasis { asked }), None).unwrap();
     let (vol, h) = create_volume("v", clone, CHUNK, Tracking::Fresh, None).unwrap();
-    let first = h.begin_snapshot().unwrap();
+    let first = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     futures_lite::future::block_on(h.writes_settle());
     // Chunk 2 is not needed by the first snapshot: a write to it passes straight
     // through, guarded, and waits in the clone below for its chunk.
@@ -397,7 +412,7 @@ fn a_write_in_flight_across_end_and_begin_is_kept_for_the_next_snapshot() {
         .recv_timeout(T)
         .expect("the write asks for its chunk");
     h.end_snapshot(None);
-    let second = h.begin_snapshot().unwrap();
+    let second = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     assert!(
         second.contains(2),
         "the write marked its chunk for the second snapshot"

@@ -273,7 +273,7 @@ fn snapshot(
     tally: &mut Tally,
 ) -> Result<(), bdev::BdevError> {
     let h = &vol.handle;
-    let mut changed = h.begin_snapshot().unwrap();
+    let mut changed = futures_lite::future::block_on(h.begin_snapshot(&set.handles()[0])).unwrap();
     futures_lite::future::block_on(h.writes_settle());
     h.settle(&mut changed);
     assert_eq!(
@@ -303,7 +303,7 @@ fn snapshot(
             continue;
         }
         let per = CHUNK / BLOCK;
-        let data = match h.claim_chunk(c) {
+        let data = match futures_lite::future::block_on(h.claim_chunk(c)) {
             Ok(Claim::Device) => {
                 let read = BdevIo::read(
                     c * CHUNK / 512,
@@ -321,7 +321,7 @@ fn snapshot(
                 data
             }
             Ok(Claim::Saved { .. }) => unreachable!("no store of copies"),
-            Err(()) => unreachable!("no write is in flight while the snapshot claims"),
+            Err(e) => panic!("the snapshot claims chunk {c}: {e}"),
         };
         for (i, block) in data.chunks(BLOCK as usize).enumerate() {
             image[(c * per) as usize + i] = block.to_vec();

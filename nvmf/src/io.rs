@@ -117,12 +117,13 @@ pub(crate) fn status_of(error: &BdevError, io_type: IoType) -> Status {
         | BdevError::TooLarge { .. } => Status::INVALID_FIELD,
         BdevError::Unsupported { .. } => Status::INVALID_OPCODE,
         BdevError::ShuttingDown => Status::ABORTED_SQ_DELETION,
-        BdevError::Io { .. } | BdevError::ShortTransfer { .. } | BdevError::Basis { .. } => {
-            match io_type {
-                IoType::Read => Status::UNRECOVERED_READ,
-                _ => Status::WRITE_FAULT,
-            }
-        }
+        BdevError::Io { .. }
+        | BdevError::ShortTransfer { .. }
+        | BdevError::Basis { .. }
+        | BdevError::Snapshot { .. } => match io_type {
+            IoType::Read => Status::UNRECOVERED_READ,
+            _ => Status::WRITE_FAULT,
+        },
         _ => Status::INTERNAL,
     }
 }

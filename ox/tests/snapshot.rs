@@ -683,6 +683,7 @@ fn a_snapshot_dropped_mid_way_releases_the_volume_and_keeps_its_changes() {
 /// A tracked volume on a file with a durable store of copies, as the daemon opens it
 /// (after a restart: the snapshot its journal describes is taken up again).
 fn durable_volume(
+    env: &Env,
     dir: &std::path::Path,
     size: u64,
     journal: &std::path::Path,
@@ -695,8 +696,13 @@ fn durable_volume(
     let (vol, h) = create_volume("vol1", file, CHUNK, Tracking::AllChanged, None).unwrap();
     h.set_preserve_file(&dir.join("vol1.cbw")).unwrap();
     if let Some((j, changed)) = ox::journal::Journal::load(journal, h.chunks()).unwrap() {
-        h.resume_snapshot(j.token().unwrap(), j.next_chunk, &changed)
-            .unwrap();
+        h.resume_snapshot(
+            j.token().unwrap(),
+            j.next_chunk,
+            &changed,
+            &env.set.handles()[0],
+        )
+        .unwrap();
     }
     (vol, h)
 }
@@ -721,7 +727,7 @@ fn cut_short_then_continued(crash: bool) {
     let journal = local.path().join("vol1.snapshot");
     let size = 64 << 20;
     let chunks = size / CHUNK;
-    let (vol, handle) = durable_volume(local.path(), size, &journal);
+    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
     let before = random(size as usize, 81);
     write(&env, &vol, 0, &before);
     let crash_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -822,7 +828,7 @@ fn cut_short_then_continued(crash: bool) {
     drop((vol, handle));
     // The next start: the volume takes the snapshot up again before any host writes,
     // and hosts write once more before it continues.
-    let (vol, handle) = durable_volume(local.path(), size, &journal);
+    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
     let last = random(size as usize, 84);
     write(&env, &vol, 0, &last);
     let report = run(&handle, Arc::default(), 1 << 30)
@@ -869,7 +875,7 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
     let journal = local.path().join("vol1.snapshot");
     let size = 4 << 20;
     let chunks = size / CHUNK;
-    let (vol, handle) = durable_volume(local.path(), size, &journal);
+    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
     write(&env, &vol, 0, &random(size as usize, 91));
     // A real journal to start from: a snapshot suspended as soon as it began.
     let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
@@ -947,7 +953,7 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
         }
         let value = changes;
         std::fs::write(&journal, serde_json::to_vec(&j).unwrap()).unwrap();
-        let (_vol, handle) = durable_volume(local.path(), size, &journal);
+        let (_vol, handle) = durable_volume(&env, local.path(), size, &journal);
         let mut opts = options(&env);
         opts.journal = Some(journal.clone());
         let err = run(&handle, opts.clone()).unwrap_err();

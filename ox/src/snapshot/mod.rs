@@ -162,11 +162,9 @@ pub async fn snapshot_volume(
     let (changed, resumed) = match resumed {
         Some((j, changed)) => (changed, Some(j)),
         None => {
-            while !handle.copies_settled() {
-                async_io::Timer::after(Duration::from_millis(1)).await;
-            }
             let mut changed = handle
-                .begin_snapshot()
+                .begin_snapshot(on)
+                .await
                 .map_err(|e| OxError::Config(e.to_string()))?;
             // Ended on every path out of here until the writer takes over.
             let mut guard = SnapshotGuard {
@@ -189,6 +187,8 @@ pub async fn snapshot_volume(
                 // asked for: only a full read is correct.
                 changed.mark_all();
             }
+            // Writes go over the chunks it does not need without copying them.
+            handle.need_only(&changed);
             // Handed over to the writer's guard below.
             guard.changed = None;
             (changed, None)

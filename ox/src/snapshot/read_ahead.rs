@@ -24,42 +24,47 @@ pub(super) enum Ahead {
 /// Device reads a snapshot keeps in flight ahead of the encoder.
 const READ_AHEAD: usize = 8;
 
-/// Starts reading what the snapshot stores for `chunk`: `None` if a write is copying
-/// it right now (ask again shortly).
-pub(super) fn start_chunk(
+/// Starts reading what the snapshot stores for `chunk` (waiting while a write copies
+/// it).
+pub(super) async fn start_chunk(
     chunk: u64,
     handle: &VolumeHandle,
     read: &impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
     on: &ReactorHandle,
-) -> Result<Option<Ahead>, OxError> {
-    Ok(Some(match handle.claim_chunk(chunk) {
-        Ok(Claim::Copy(data)) => Ahead::Ready(data),
-        Ok(Claim::Saved {
+) -> Result<Ahead, OxError> {
+    let claim = handle
+        .claim_chunk(chunk)
+        .await
+        .map_err(|e| match handle.snapshot_abandoned() {
+            Some(why) => OxError::Config(format!("the snapshot was abandoned: {why}")),
+            None => OxError::Config(e.to_string()),
+        })?;
+    Ok(match claim {
+        Claim::Copy(data) => Ahead::Ready(data),
+        Claim::Saved {
             dev,
             offset_blocks,
             num_blocks,
-        }) => Ahead::Reading(crate::blockio::start_read(
+        } => Ahead::Reading(crate::blockio::start_read(
             on,
             &dev,
             offset_blocks,
             num_blocks,
             || {},
         )?),
-        Ok(Claim::Device) => match read(chunk) {
+        Claim::Device => match read(chunk) {
             Ok(p) => Ahead::Reading(p),
             Err(e) => {
                 handle.chunk_read(chunk);
                 return Err(e);
             }
         },
-        Err(()) => return Ok(None),
-    }))
+    })
 }
 
 impl ReadAhead {
-    /// Claims and starts reading changed chunks from `at` on, up to the window; stops
-    /// at a chunk a write is copying right now (it is claimed later, in order).
-    pub(super) fn fill(
+    /// Claims and starts reading changed chunks from `at` on, up to the window.
+    pub(super) async fn fill(
         &mut self,
         at: u64,
         chunks: u64,
@@ -72,10 +77,8 @@ impl ReadAhead {
         while self.queue.len() < READ_AHEAD && self.scan < chunks.min(at + 4 * READ_AHEAD as u64) {
             let c = self.scan;
             if changed.contains(c) {
-                match start_chunk(c, handle, read, on)? {
-                    Some(item) => self.queue.push_back((c, item)),
-                    None => return Ok(()),
-                }
+                let item = start_chunk(c, handle, read, on).await?;
+                self.queue.push_back((c, item));
             }
             self.scan += 1;
         }

@@ -341,9 +341,6 @@ pub(super) async fn write(
     }
     let mut last_checkpoint = Instant::now();
     for chunk in start.next_chunk..chunks {
-        if !changed.contains(chunk) {
-            handle.skip_chunk(chunk);
-        }
         if progress.is_cancelled() {
             return Err(OxError::Config(format!(
                 "snapshot of {} cancelled at chunk {chunk}; nothing was published",
@@ -426,17 +423,12 @@ pub(super) async fn write(
                 h.chunk_read_in(c, generation)
             })
         };
-        ahead.fill(chunk, chunks, changed, handle, &read, on)?;
+        ahead
+            .fill(chunk, chunks, changed, handle, &read, on)
+            .await?;
         let item = match ahead.take(chunk) {
             Some(item) => item,
-            None => loop {
-                match start_chunk(chunk, handle, &read, on)? {
-                    Some(item) => break item,
-                    None => {
-                        async_io::Timer::after(Duration::from_micros(50)).await;
-                    }
-                }
-            },
+            None => start_chunk(chunk, handle, &read, on).await?,
         };
         let data = match item {
             Ahead::Ready(d) => d,

@@ -16,15 +16,17 @@
 //!   writes are done. Nothing shared is written by a write outside a snapshot, except a
 //!   chunk's change bit by the first write to the chunk since the last snapshot began
 //!   (one `fetch_or` per chunk per snapshot interval; later writes find it set).
-//! - per-chunk snapshot state is one atomic byte, changed by compare-and-swap by the
-//!   writers and the snapshot's reader (not yet owned by one reactor: that is the next
-//!   step); writes to chunks already read pay a load, and only the first write to an
-//!   unread chunk during a snapshot takes the slow path.
+//! - per-chunk snapshot state (unread, being read, read, being copied, copied, done) is
+//!   owned by one reactor, the volume's owner (`owner`), as an explicit state per chunk
+//!   in a core with no I/O inside (`core`). Writes on any reactor and the snapshot's
+//!   reader (on an OX core) send it messages; it copies chunks before writes, and
+//!   publishes one bit per chunk saying a write may go over it without asking. So a
+//!   write during a snapshot to a chunk already read or copied pays a load; only one
+//!   to a chunk the snapshot still needs asks the owner, and waits for its copy.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -32,27 +34,24 @@ use reactor::{Reactor, ReactorHandle};
 use uuid::Uuid;
 
 use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
-use crate::buf::IoBuf;
 use crate::dirty::DirtyRecord;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
-use crate::park::deliver;
+use crate::park::{deliver, park};
 use crate::preserve::Preserve;
+use crate::reply::reply;
 
-const NOT_READ: u8 = 0;
-const READING: u8 = 1;
-const DONE: u8 = 2;
-const PRESERVING: u8 = 3;
-const PRESERVED: u8 = 4;
-/// Read by the snapshot, but not yet covered by its journal: with a durable store of
-/// copies, a write still copies it first, since a restart would read it again.
-const READ: u8 = 5;
+mod core;
+mod owner;
 
-/// Names volumes' [`Mode`]s on the reactors.
+use self::core::{Event, Kept, Source};
+use self::owner::{Answered, Asker};
+
+/// Names volumes' [`Mode`]s and owner states on the reactors.
 static NEXT_VOLUME: AtomicU64 = AtomicU64::new(1);
 
-/// How long a write waits before looking again at a chunk another party is copying.
-const RETRY: Duration = Duration::from_micros(50);
+/// How long a control thread waits for the owner to take a snapshot up again.
+const RESUME_WAIT: Duration = Duration::from_secs(30);
 
 struct Shared {
     inner: Bdev,
@@ -64,12 +63,14 @@ struct Shared {
     /// The durable record of `dirty` (a superset of it on disk), if the volume keeps
     /// one: a write is acknowledged only once its chunks are on it.
     record: OnceLock<DirtyRecord>,
-    state: Box<[AtomicU8]>,
-    preserved: Mutex<HashMap<u64, Vec<u8>>>,
-    /// Where copies go durably, if the volume has such a store (else `preserved`).
+    /// One bit per chunk, published by the owner: a write may go over the chunk
+    /// without asking (no snapshot needs it, or the snapshot has it).
+    free: Box<[AtomicU64]>,
+    /// The reactor that owns the snapshot state (the first to make a channel of the
+    /// volume, or to begin a snapshot of it).
+    owner: OnceLock<ReactorHandle>,
+    /// Where copies go durably, if the volume has such a store (else in memory).
     store: OnceLock<Preserve>,
-    /// Chunks before this are covered by the running snapshot's journal.
-    committed: AtomicU64,
     /// The running snapshot was taken up again after a restart and nobody has
     /// continued it yet ([`VolumeHandle::take_resumed`]).
     resumed: AtomicBool,
@@ -84,18 +85,15 @@ struct Shared {
     settling: Mutex<Arc<Settling>>,
     /// A snapshot holds this volume (begin … end).
     running: AtomicBool,
-    /// Bumped at every begin and end, so a copy-before-write read that straddles one is
-    /// recognised as stale and thrown away.
+    /// Bumped at every begin and end: names the running snapshot in what is sent to
+    /// the owner (which ignores what is stale), and tells a write that landed across
+    /// an end and a begin to mark its chunks again.
     generation: AtomicU64,
     /// The snapshot the change set is relative to (`None`: an all-zero volume).
     base: Mutex<Option<[u8; 16]>>,
 }
 
 impl Shared {
-    fn preserved(&self) -> MutexGuard<'_, HashMap<u64, Vec<u8>>> {
-        self.preserved.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn chunk_range(&self, io: &BdevIo) -> std::ops::RangeInclusive<u64> {
         let start = io.offset_blocks * self.block_size;
         let end = start + io.num_blocks.max(1) * self.block_size - 1;
@@ -113,13 +111,35 @@ impl Shared {
         }
     }
 
-    /// A chunk's state once the snapshot has read it: with a durable store, writes
-    /// keep copying it until the journal covers it ([`VolumeHandle::commit_through`]).
-    fn after_read(&self) -> u8 {
-        if self.store.get().is_some() {
-            READ
-        } else {
-            DONE
+    /// Whether the owner has published `chunk` free for writes.
+    fn is_free(&self, chunk: u64) -> bool {
+        self.free[(chunk / 64) as usize].load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
+    }
+
+    /// Sends `event` to the owner, if there is one (there is once a snapshot began).
+    fn tell(self: &Arc<Self>, event: Event<owner::Writer, Asker>) {
+        if let Some(o) = self.owner.get() {
+            owner::send(self, o, event);
+        }
+    }
+
+    /// Asks the owner and waits for its answer.
+    async fn ask(
+        self: &Arc<Self>,
+        owner: &ReactorHandle,
+        event: impl FnOnce(Asker) -> Event<owner::Writer, Asker>,
+    ) -> Result<Answered, BdevError> {
+        let (tx, rx) = reply();
+        owner::send(self, owner, event(tx));
+        rx.wait()
+            .await
+            .ok_or_else(|| self.snapshot_error("its owner reactor has stopped"))
+    }
+
+    fn snapshot_error(&self, reason: &str) -> BdevError {
+        BdevError::Snapshot {
+            name: self.inner.name().to_string(),
+            reason: reason.to_string(),
         }
     }
 
@@ -268,9 +288,13 @@ fn ask_settle(id: u64, reactors: &[ReactorHandle], epoch: u64, settling: &Arc<Se
 }
 
 impl Drop for VolumeBackend {
-    /// The volume is gone: every reactor drops its [`Mode`] of it.
+    /// The volume is gone: every reactor drops its [`Mode`] of it, and the owner its
+    /// snapshot state.
     fn drop(&mut self) {
         let id = self.shared.id;
+        if let Some(o) = self.shared.owner.get() {
+            owner::release(id, o);
+        }
         let reactors = std::mem::take(&mut self.shared.modes().reactors);
         for to in reactors {
             deliver(
@@ -297,6 +321,7 @@ impl BdevBackend for VolumeBackend {
     fn create_channel(&self, _info: &BdevInfo) -> Result<Box<dyn BackendChannel>, BdevError> {
         let s = &self.shared;
         let reactor = reactor::current().ok_or(BdevError::NotOnReactor)?;
+        s.owner.get_or_init(|| reactor.handle().clone());
         let mode = reactor.channel(s.id, || {
             let mut m = s.modes();
             if !m.reactors.iter().any(|h| h.same(reactor.handle())) {
@@ -317,7 +342,9 @@ impl BdevBackend for VolumeBackend {
     }
 }
 
-/// Copies chunks the running snapshot still needs, then submits the write.
+/// Writes while a snapshot runs: at once over chunks the owner has published free;
+/// otherwise the owner first copies what the snapshot still needs of them (or waits
+/// for the snapshot to finish reading them) and then lets the write go ahead.
 fn guarded_write(
     shared: Arc<Shared>,
     inner: Rc<Channel>,
@@ -325,75 +352,26 @@ fn guarded_write(
     io: BdevIo,
     done: IoDone,
 ) {
-    for chunk in shared.chunk_range(&io) {
-        let state = &shared.state[chunk as usize];
-        let from = state.load(Ordering::Acquire);
-        match from {
-            DONE | PRESERVED => continue,
-            // The snapshot is abandoned (recorded durably): nothing to keep any more.
-            NOT_READ | READ if shared.store.get().is_some_and(Preserve::is_abandoned) => continue,
-            NOT_READ | READ => {
-                if state
-                    .compare_exchange(from, PRESERVING, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err()
-                {
-                    return retry(shared, inner, reactor, io, done);
-                }
-                // Save the old contents for the snapshot, then look again.
-                let len = shared.chunk_len(chunk);
-                let read = BdevIo::read(
-                    chunk * shared.chunk_bytes / shared.block_size,
-                    len / shared.block_size,
-                    vec![IoBuf::new(len as usize)],
-                );
-                let (s, i, r) = (Arc::clone(&shared), Rc::clone(&inner), Rc::clone(&reactor));
-                let generation = shared.generation.load(Ordering::SeqCst);
-                return inner.submit(read, move |c: IoCompletion| {
-                    let state = &s.state[chunk as usize];
-                    // Checked and published under the lock that begin/end bump the
-                    // generation under, so a stale copy can never be published.
-                    let mut preserved = s.preserved();
-                    if s.generation.load(Ordering::SeqCst) != generation {
-                        // The snapshot this copy was for has ended (or another began):
-                        // throw it away and decide again under the current one.
-                        drop(preserved);
-                        return guarded_write(s, i, r, io, done);
-                    }
-                    let old = IoCompletion::ok(c.bufs);
-                    match (c.result, s.store.get()) {
-                        (Ok(()), Some(store)) => {
-                            // Counted and stamped while the generation is known to be
-                            // current: a new snapshot waits for it, and a copy can
-                            // never carry a later snapshot's token.
-                            store.in_flight.fetch_add(1, Ordering::SeqCst);
-                            let copy = Copy {
-                                chunk,
-                                from,
-                                generation,
-                                token: store.token(),
-                            };
-                            drop(preserved);
-                            save_durably(s, i, r, io, done, copy, old.bufs);
-                        }
-                        (Ok(()), None) => {
-                            preserved.insert(chunk, old.data());
-                            state.store(PRESERVED, Ordering::Release);
-                            drop(preserved);
-                            guarded_write(s, i, r, io, done);
-                        }
-                        (Err(e), _) => {
-                            drop(preserved);
-                            // Leave the chunk to the snapshot reader; fail the write
-                            // rather than lose the point-in-time image.
-                            state.store(from, Ordering::Release);
-                            done(IoCompletion::err(io.bufs, e));
-                        }
-                    }
-                });
-            }
-            _ => return retry(shared, inner, reactor, io, done),
-        }
-    }
+    let chunks = shared.chunk_range(&io);
+    let owner = shared.owner.get().cloned();
+    let Some(owner) = owner.filter(|_| !chunks.clone().all(|c| shared.is_free(c))) else {
+        return land(shared, inner, reactor, io, done);
+    };
+    let (s, i, r) = (Arc::clone(&shared), inner, Rc::clone(&reactor));
+    let token = park(move |result| match result {
+        Ok(()) => land(s, i, r, io, done),
+        Err(e) => done(IoCompletion::err(io.bufs, e)),
+    });
+    let event = Event::Guard {
+        waiter: (reactor.handle().clone(), token),
+        first: *chunks.start(),
+        last: *chunks.end(),
+    };
+    owner::send(&shared, &owner, event);
+}
+
+/// Lands a write the snapshot (if any) has nothing to keep from.
+fn land(shared: Arc<Shared>, inner: Rc<Channel>, reactor: Rc<Reactor>, io: BdevIo, done: IoDone) {
     // The write lands after this: if it decided again under a snapshot that began
     // since it was marked, that snapshot took the marks, so they go in again (a load
     // when they are still there).
@@ -430,100 +408,11 @@ fn guarded_write(
     );
 }
 
-/// A copy-before-write in progress.
-struct Copy {
-    chunk: u64,
-    /// The chunk's state before (`NOT_READ` or `READ`), restored if the copy fails.
-    from: u8,
-    /// The snapshot it is for, and that snapshot's token.
-    generation: u64,
-    token: [u8; 16],
-}
-
-/// Writes a chunk's old contents (`old`, just read) to the volume's store of copies,
-/// then goes on with the host write. If the copy cannot be written (the state disk is
-/// full or failing), the snapshot is abandoned rather than the host's write failed —
-/// unless even abandoning it cannot be recorded.
-fn save_durably(
-    shared: Arc<Shared>,
-    inner: Rc<Channel>,
-    reactor: Rc<Reactor>,
-    io: BdevIo,
-    done: IoDone,
-    copy: Copy,
-    old: Vec<IoBuf>,
-) {
-    let Copy {
-        chunk,
-        from,
-        generation,
-        token,
-    } = copy;
-    let Some(store) = shared.store.get() else {
-        return guarded_write(shared, inner, reactor, io, done);
-    };
-    let channel = match store.bdev.channel() {
-        Ok(c) => c,
-        Err(e) => {
-            store.in_flight.fetch_sub(1, Ordering::SeqCst);
-            shared.state[chunk as usize].store(from, Ordering::Release);
-            return done(IoCompletion::err(io.bufs, e));
-        }
-    };
-    let write = store.copy_write(chunk, &token, old);
-    channel.submit(write, move |c: IoCompletion| {
-        let s = shared;
-        let preserved = s.preserved();
-        if let Some(store) = s.store.get() {
-            store.in_flight.fetch_sub(1, Ordering::SeqCst);
-        }
-        if s.generation.load(Ordering::SeqCst) != generation {
-            drop(preserved);
-            return guarded_write(s, inner, reactor, io, done);
-        }
-        match c.result {
-            Ok(()) => {
-                // A chunk the snapshot has read already needs the copy only if a
-                // restart makes it read the chunk again.
-                let now = if from == READ { DONE } else { PRESERVED };
-                s.state[chunk as usize].store(now, Ordering::Release);
-                drop(preserved);
-                guarded_write(s, inner, reactor, io, done);
-            }
-            Err(e) => match s.store.get().filter(|_| !stopping(&e)).map(|p| {
-                p.abandon(&format!(
-                    "the copy of chunk {chunk} could not be written: {e}"
-                ))
-            }) {
-                Some(Ok(())) => {
-                    // Recorded durably: no restart will continue this snapshot, so the
-                    // host's write may go ahead over the chunk.
-                    s.state[chunk as usize].store(DONE, Ordering::Release);
-                    drop(preserved);
-                    guarded_write(s, inner, reactor, io, done);
-                }
-                _ => {
-                    s.state[chunk as usize].store(from, Ordering::Release);
-                    drop(preserved);
-                    done(IoCompletion::err(io.bufs, e));
-                }
-            },
-        }
-    });
-}
-
 /// Whether `e` says the appliance is stopping (a copy cancelled at shutdown): that
 /// fails the host's write but does not abandon the snapshot, which resumes.
-fn stopping(e: &BdevError) -> bool {
+pub(super) fn stopping(e: &BdevError) -> bool {
     matches!(e, BdevError::ShuttingDown)
         || matches!(e, BdevError::Io { errno, .. } if *errno == libc::ECANCELED)
-}
-
-fn retry(shared: Arc<Shared>, inner: Rc<Channel>, reactor: Rc<Reactor>, io: BdevIo, done: IoDone) {
-    let r = Rc::clone(&reactor);
-    r.after(RETRY, move || {
-        guarded_write(shared, inner, reactor, io, done)
-    });
 }
 
 impl BackendChannel for VolumeChannel {
@@ -738,15 +627,6 @@ impl VolumeHandle {
         })
     }
 
-    /// Whether no copy of an earlier snapshot is still being written to the store (a
-    /// new snapshot waits for this before [`Self::begin_snapshot`]).
-    pub fn copies_settled(&self) -> bool {
-        self.shared
-            .store
-            .get()
-            .is_none_or(|p| p.in_flight.load(Ordering::SeqCst) == 0)
-    }
-
     /// The running snapshot's token (names its durable copies), if the volume has a
     /// store for them and a snapshot holds it.
     pub fn snapshot_token(&self) -> Option<[u8; 16]> {
@@ -772,34 +652,33 @@ impl VolumeHandle {
     /// Returns the chunks changed since the previous snapshot began (and starts a new
     /// change set). Writes that started before it may still be running: the snapshot
     /// point is once they are done ([`Self::writes_settle`], then [`Self::settle`]).
-    pub fn begin_snapshot(&self) -> Result<ChangedChunks, BdevError> {
+    /// `on` owns the volume's snapshot state if no reactor does yet. Waits first for
+    /// copies of an earlier snapshot still being written (they carry its token).
+    pub async fn begin_snapshot(&self, on: &ReactorHandle) -> Result<ChangedChunks, BdevError> {
         let s = &self.shared;
         self.hold()?;
-        {
-            // Under the lock copies are counted and stamped under: none of an earlier
-            // snapshot is in flight, and none can start once the generation moves on.
-            let mut preserved = s.preserved();
-            if let Some(store) = s.store.get() {
-                let ready = if self.copies_settled() {
-                    store.reset(*Uuid::new_v4().as_bytes())
-                } else {
-                    Err(BdevError::Config {
-                        name: s.inner.name().to_string(),
-                        reason: "copies of the previous snapshot are still being written".into(),
-                    })
-                };
-                if let Err(e) = ready {
-                    s.running.store(false, Ordering::SeqCst);
-                    return Err(e);
-                }
-            }
-            s.generation.fetch_add(1, Ordering::SeqCst);
-            preserved.clear();
+        // Until it has begun, however this ends (an error, or the caller dropping
+        // it while it waits), the volume is released again.
+        let mut beginning = Beginning {
+            handle: self,
+            armed: true,
+        };
+        let owner = s.owner.get_or_init(|| on.clone()).clone();
+        let after = s.generation.load(Ordering::SeqCst);
+        s.ask(&owner, |waiter| Event::Drain { after, waiter })
+            .await?;
+        if let Some(store) = s.store.get() {
+            store.reset(*Uuid::new_v4().as_bytes())?;
         }
-        for st in s.state.iter() {
-            st.store(NOT_READ, Ordering::Relaxed);
-        }
-        s.committed.store(0, Ordering::SeqCst);
+        let generation = s.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let durable = s.store.get().is_some();
+        s.ask(&owner, |waiter| Event::Begin {
+            generation,
+            durable,
+            waiter,
+        })
+        .await?;
+        beginning.armed = false;
         let bits = s
             .dirty
             .iter()
@@ -814,12 +693,15 @@ impl VolumeHandle {
     /// chunk before `next` when it stopped: the chunks from `next` on that are in
     /// `changed` are protected again, each either still unchanged on the volume or saved
     /// in the store of copies (found by scanning it). Call before any host can
-    /// write. Returns how many saved copies were found.
+    /// write, from a thread that is not the owner's reactor (it waits for the owner;
+    /// `on` owns the volume's snapshot state if no reactor does yet). Returns how many
+    /// saved copies were found.
     pub fn resume_snapshot(
         &self,
         token: [u8; 16],
         next: u64,
         changed: &ChangedChunks,
+        on: &ReactorHandle,
     ) -> Result<usize, BdevError> {
         let s = &self.shared;
         let store = s.store.get().ok_or_else(|| BdevError::Config {
@@ -844,26 +726,25 @@ impl VolumeHandle {
         let _ = store.arm();
         self.hold()?;
         store.adopt(token);
-        {
-            let _preserved = s.preserved();
-            s.generation.fetch_add(1, Ordering::SeqCst);
+        let owner = s.owner.get_or_init(|| on.clone()).clone();
+        let generation = s.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let (tx, rx) = reply();
+        let found = saved.len();
+        let event = Event::Resume {
+            generation,
+            next,
+            changed: changed.bits.clone(),
+            saved,
+            waiter: tx,
+        };
+        owner::send(s, &owner, event);
+        if !matches!(rx.wait_blocking(RESUME_WAIT), Some(Answered::Ready)) {
+            self.end_snapshot(None);
+            return Err(s.snapshot_error("its owner reactor did not take it up again"));
         }
-        for (c, st) in s.state.iter().enumerate() {
-            let c = c as u64;
-            let state = if c >= next && changed.contains(c) {
-                NOT_READ
-            } else {
-                DONE
-            };
-            st.store(state, Ordering::Relaxed);
-        }
-        for &c in &saved {
-            s.state[c as usize].store(PRESERVED, Ordering::Relaxed);
-        }
-        s.committed.store(next, Ordering::SeqCst);
         s.resumed.store(true, Ordering::SeqCst);
         s.set_active(true, false);
-        Ok(saved.len())
+        Ok(found)
     }
 
     /// Why the running snapshot was abandoned, if it was: a copy-before-write copy
@@ -946,12 +827,21 @@ impl VolumeHandle {
     }
 
     /// The chunk's content at the snapshot point is not needed (unchanged since the
-    /// base): drop any copy a write saved for it.
+    /// base): writes go over it, and any copy a write saved for it is dropped.
     pub fn skip_chunk(&self, chunk: u64) {
-        let state = &self.shared.state[chunk as usize];
-        if state.swap(DONE, Ordering::AcqRel) == PRESERVED {
-            self.shared.preserved().remove(&chunk);
-        }
+        let generation = self.generation();
+        self.shared.tell(Event::Skip { generation, chunk });
+    }
+
+    /// The running snapshot needs only the chunks in `changed` (its final change set,
+    /// once [`Self::settle`]d): writes go over the others without copying them.
+    pub fn need_only(&self, changed: &ChangedChunks) {
+        let generation = self.generation();
+        let changed = changed.bits.clone();
+        self.shared.tell(Event::Needed {
+            generation,
+            changed,
+        });
     }
 
     /// Records that the change set is now relative to snapshot `id`.
@@ -960,49 +850,55 @@ impl VolumeHandle {
     }
 
     /// What the snapshot should read for `chunk`: a copy a write saved, or the device
-    /// (the chunk is then protected until [`Self::chunk_read`]). `Err(())` means a
-    /// write is copying it right now: ask again shortly.
-    #[allow(clippy::result_unit_err)]
-    pub fn claim_chunk(&self, chunk: u64) -> Result<Claim, ()> {
+    /// (the chunk is then held from writes until [`Self::chunk_read`]). Waits while a
+    /// write is copying the chunk. An error if no snapshot runs (or it was abandoned).
+    pub async fn claim_chunk(&self, chunk: u64) -> Result<Claim, BdevError> {
         let s = &self.shared;
-        let state = &s.state[chunk as usize];
-        match state.compare_exchange(NOT_READ, READING, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => Ok(Claim::Device),
-            Err(PRESERVED) => {
-                let copy = s.preserved().remove(&chunk);
-                state.store(DONE, Ordering::Release);
-                Ok(match (copy, s.store.get()) {
-                    (Some(data), _) => Claim::Copy(data),
-                    (None, Some(store)) => {
-                        let (offset_blocks, num_blocks) = store.copy_blocks(chunk);
-                        Claim::Saved {
-                            dev: store.bdev.clone(),
-                            offset_blocks,
-                            num_blocks,
-                        }
-                    }
-                    (None, None) => Claim::Device,
+        let generation = self.generation();
+        let owner = s
+            .owner
+            .get()
+            .cloned()
+            .ok_or_else(|| s.snapshot_error("no snapshot is running"))?;
+        let answer = s
+            .ask(&owner, |waiter| Event::Claim {
+                generation,
+                chunk,
+                waiter,
+            })
+            .await?;
+        match answer {
+            Answered::Source(Source::Device) => Ok(Claim::Device),
+            Answered::Source(Source::Kept(Kept::Memory(data))) => Ok(Claim::Copy(data)),
+            Answered::Source(Source::Kept(Kept::Saved)) => {
+                let store = s
+                    .store
+                    .get()
+                    .ok_or_else(|| s.snapshot_error("a saved copy, but no store of copies"))?;
+                let (offset_blocks, num_blocks) = store.copy_blocks(chunk);
+                Ok(Claim::Saved {
+                    dev: store.bdev.clone(),
+                    offset_blocks,
+                    num_blocks,
                 })
             }
-            Err(DONE | READ) => Ok(Claim::Device),
-            Err(_) => Err(()),
+            Answered::Refused | Answered::Ready => Err(s.snapshot_error(&format!(
+                "chunk {chunk} was claimed, but the snapshot is no longer running \
+                 (or was abandoned)"
+            ))),
         }
     }
 
     /// The snapshot has read `chunk` from the device: writes may go ahead.
     pub fn chunk_read(&self, chunk: u64) {
-        self.shared.state[chunk as usize].store(self.shared.after_read(), Ordering::Release);
+        self.chunk_read_in(chunk, self.generation());
     }
 
     /// The snapshot's journal now covers every chunk before `next`: writes to those
     /// need no copies any more (see [`Self::chunk_read`]).
     pub fn commit_through(&self, next: u64) {
-        let s = &self.shared;
-        let next = next.min(s.chunks);
-        let from = s.committed.swap(next, Ordering::AcqRel).min(next);
-        for st in &s.state[from as usize..next as usize] {
-            let _ = st.compare_exchange(READ, DONE, Ordering::AcqRel, Ordering::Acquire);
-        }
+        let generation = self.generation();
+        self.shared.tell(Event::Commit { generation, next });
     }
 
     /// Which snapshot is running (changes at every begin and end): a read started
@@ -1015,11 +911,7 @@ impl VolumeHandle {
     /// releases the chunk only if the snapshot of `generation` is still the one running,
     /// never one that began after it.
     pub fn chunk_read_in(&self, chunk: u64, generation: u64) {
-        let s = &self.shared;
-        let _preserved = s.preserved();
-        if s.generation.load(Ordering::SeqCst) == generation {
-            s.state[chunk as usize].store(s.after_read(), Ordering::Release);
-        }
+        self.shared.tell(Event::ChunkRead { generation, chunk });
     }
 
     /// The chunks changed since the last snapshot began, without resetting them (to
@@ -1110,16 +1002,11 @@ impl VolumeHandle {
     /// into the change set so the next snapshot stores those chunks.
     pub fn end_snapshot(&self, failed: Option<&ChangedChunks>) {
         let s = &self.shared;
-        {
-            let _preserved = s.preserved();
-            s.generation.fetch_add(1, Ordering::SeqCst);
-        }
+        let generation = s.generation.fetch_add(1, Ordering::SeqCst) + 1;
         s.set_active(false, false);
+        // The owner frees every chunk, lets waiting writes go ahead and drops copies.
+        s.tell(Event::End { generation });
         s.resumed.store(false, Ordering::SeqCst);
-        for st in s.state.iter() {
-            st.store(DONE, Ordering::Relaxed);
-        }
-        s.preserved().clear();
         if let Some(store) = s.store.get() {
             store.release();
         }
@@ -1127,6 +1014,20 @@ impl VolumeHandle {
             self.add_changes(c);
         }
         s.running.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A snapshot beginning: ended again if dropped before it has begun.
+struct Beginning<'a> {
+    handle: &'a VolumeHandle,
+    armed: bool,
+}
+
+impl Drop for Beginning<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.handle.end_snapshot(None);
+        }
     }
 }
 
@@ -1172,10 +1073,9 @@ pub fn create_volume(
         chunks,
         dirty: initial.into_iter().map(AtomicU64::new).collect(),
         record: OnceLock::new(),
-        state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
-        preserved: Mutex::new(HashMap::new()),
+        free: (0..words).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        owner: OnceLock::new(),
         store: OnceLock::new(),
-        committed: AtomicU64::new(0),
         resumed: AtomicBool::new(false),
         id: NEXT_VOLUME.fetch_add(1, Ordering::Relaxed),
         modes: Mutex::new(Modes {

@@ -1,0 +1,246 @@
+//! The volume's owner: the one reactor that holds its snapshot [`Core`] and carries out
+//! what the core decides. Writes on other reactors and the snapshot (on an OX core)
+//! send it events as messages; on the owner itself they are applied in place.
+//!
+//! Messages that change the state: `Drain`, `Begin`, `Resume` and `End` (the snapshot's
+//! control), `Guard` (a write over chunks not published free), `Claim`, `ChunkRead`,
+//! `Commit` and `Skip` (the snapshot's reader), and `Copied` (the owner's own
+//! copy-before-write). What it publishes for every reactor — one bit per chunk, set
+//! when writes may go over it without asking — it alone writes, with plain stores, so
+//! writes need only loads.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use reactor::{Reactor, ReactorHandle};
+
+use super::core::{Action, Copied, Core, Event, Kept, Source};
+use super::{Shared, stopping};
+use crate::buf::IoBuf;
+use crate::error::BdevError;
+use crate::io::{BdevIo, IoCompletion};
+use crate::park::{Answer, deliver, unpark_with};
+use crate::reply::Reply;
+
+/// A write parked on its reactor, by token.
+pub(super) type Writer = (ReactorHandle, u64);
+
+/// How the owner answers the snapshot's requests.
+#[derive(Debug)]
+pub(super) enum Answered {
+    /// Drained, begun or resumed.
+    Ready,
+    /// What to read for a claimed chunk.
+    Source(Source),
+    /// The claim is for a snapshot that is not running, or was abandoned.
+    Refused,
+}
+
+/// Someone not parked on a reactor waiting for the owner.
+pub(super) type Asker = Reply<Answered>;
+
+/// The owner's state of one volume.
+pub(super) struct Owned {
+    shared: Arc<Shared>,
+    core: RefCell<Core<Writer, Asker>>,
+}
+
+/// The owner's state of `shared` on reactor `r`, made on first use.
+fn owned(shared: &Arc<Shared>, r: &Reactor) -> Rc<Owned> {
+    match r.channel(shared.id, || {
+        Ok::<_, std::convert::Infallible>(Owned {
+            shared: Arc::clone(shared),
+            core: RefCell::new(Core::new(shared.chunks)),
+        })
+    }) {
+        Ok(o) => o,
+        Err(never) => match never {},
+    }
+}
+
+/// An event on its way to the owner. If the message carrying it is dropped unrun (the
+/// owner has stopped), its waiter is failed rather than left parked; an asker learns
+/// it from its reply being dropped.
+struct InTransit {
+    event: Option<Event<Writer, Asker>>,
+}
+
+impl Drop for InTransit {
+    fn drop(&mut self) {
+        if let Some(Event::Guard {
+            waiter: (to, token),
+            ..
+        }) = self.event.take()
+        {
+            wake(&to, token, Err(BdevError::ShuttingDown));
+        }
+    }
+}
+
+/// Sends `event` to the volume's owner (applied in place when this is the owner).
+pub(super) fn send(shared: &Arc<Shared>, owner: &ReactorHandle, event: Event<Writer, Asker>) {
+    if let Some(r) = reactor::current()
+        && r.handle().same(owner)
+    {
+        return apply(shared, &r, event);
+    }
+    let mut carried = InTransit { event: Some(event) };
+    let shared = Arc::clone(shared);
+    deliver(
+        owner.clone(),
+        Box::new(move || {
+            if let Some(r) = reactor::current()
+                && let Some(e) = carried.event.take()
+            {
+                apply(&shared, &r, e);
+            }
+        }),
+    );
+}
+
+/// Applies `event` on the owner `r`, publishes what changed and carries out the
+/// actions.
+fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Writer, Asker>) {
+    let o = owned(shared, r);
+    // The borrow ends before any action runs: an action may apply further events.
+    let actions = {
+        let mut core = o.core.borrow_mut();
+        let actions = core.apply(event);
+        publish(shared, &mut core);
+        actions
+    };
+    for a in actions {
+        act(&o, r, a);
+    }
+}
+
+/// Publishes the free bit of every chunk whose state changed.
+fn publish(s: &Shared, core: &mut Core<Writer, Asker>) {
+    let set = |chunk: u64, free: bool| {
+        let word = &s.free[(chunk / 64) as usize];
+        let bit = 1u64 << (chunk % 64);
+        // Only the owner writes these words: a load and a store, no locked update.
+        let old = word.load(Ordering::Relaxed);
+        let new = if free { old | bit } else { old & !bit };
+        if new != old {
+            word.store(new, Ordering::Release);
+        }
+    };
+    match core.take_touched() {
+        None => (0..core.len()).for_each(|c| set(c, core.free(c))),
+        Some(chunks) => chunks.into_iter().for_each(|c| set(c, core.free(c))),
+    }
+}
+
+fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Writer, Asker>) {
+    let s = &o.shared;
+    match action {
+        Action::Copy { generation, chunk } => copy(s, r, generation, chunk),
+        Action::Proceed((to, token)) => wake(&to, token, Ok(Answer::Done)),
+        Action::Fail((to, token), chunk, reason) => {
+            let e = BdevError::Snapshot {
+                name: s.inner.name().to_string(),
+                reason: format!("chunk {chunk}: its copy for the snapshot failed: {reason}"),
+            };
+            wake(&to, token, Err(e));
+        }
+        Action::Serve(asker, source) => asker.send(Answered::Source(source)),
+        Action::Refuse(asker) => asker.send(Answered::Refused),
+        Action::Ready(asker) => asker.send(Answered::Ready),
+    }
+}
+
+/// Copies `chunk`'s contents for snapshot `generation` — into memory, or durably into
+/// the volume's store of copies — and reports how it went.
+fn copy(s: &Arc<Shared>, r: &Rc<Reactor>, generation: u64, chunk: u64) {
+    let len = s.chunk_len(chunk);
+    let read = BdevIo::read(
+        chunk * s.chunk_bytes / s.block_size,
+        len / s.block_size,
+        vec![IoBuf::new(len as usize)],
+    );
+    let shared = Arc::clone(s);
+    let here = Rc::clone(r);
+    let report = move |how: Copied| {
+        apply(
+            &shared,
+            &here,
+            Event::Copied {
+                generation,
+                chunk,
+                how,
+            },
+        );
+    };
+    let channel = match s.inner.channel() {
+        Ok(c) => c,
+        Err(e) => {
+            return r.defer(move || report(Copied::Failed(e.to_string())));
+        }
+    };
+    let shared = Arc::clone(s);
+    channel.submit(read, move |c: IoCompletion| {
+        if let Err(e) = c.result {
+            return report(Copied::Failed(e.to_string()));
+        }
+        let Some(store) = shared.store.get() else {
+            return report(Copied::Kept(Kept::Memory(IoCompletion::ok(c.bufs).data())));
+        };
+        let channel = match store.bdev.channel() {
+            Ok(ch) => ch,
+            Err(e) => return report(Copied::Failed(e.to_string())),
+        };
+        let write = store.copy_write(chunk, &store.token(), c.bufs);
+        let shared = Arc::clone(&shared);
+        channel.submit(write, move |c: IoCompletion| match c.result {
+            Ok(()) => report(Copied::Kept(Kept::Saved)),
+            // Cancelled at shutdown: the write fails, the snapshot resumes later.
+            Err(e) if stopping(&e) => report(Copied::Failed(e.to_string())),
+            Err(e) => {
+                let abandoned = shared.store.get().map(|p| {
+                    p.abandon(&format!(
+                        "the copy of chunk {chunk} could not be written: {e}"
+                    ))
+                });
+                // Recorded durably: no restart continues this snapshot, so the host's
+                // writes may go ahead over every chunk.
+                match abandoned {
+                    Some(Ok(())) => report(Copied::Abandoned),
+                    _ => report(Copied::Failed(e.to_string())),
+                }
+            }
+        });
+    });
+}
+
+/// Wakes `token` on `to`: on this reactor's next turn when that is this reactor (a
+/// request never completes inside its own `submit`), else by message.
+fn wake(to: &ReactorHandle, token: u64, result: Result<Answer, BdevError>) {
+    match reactor::current() {
+        Some(r) if r.handle().same(to) => r.defer(move || {
+            unpark_with(token, result);
+        }),
+        _ => {
+            deliver(
+                to.clone(),
+                Box::new(move || {
+                    unpark_with(token, result);
+                }),
+            );
+        }
+    }
+}
+
+/// Drops the owner's state of a volume that is gone (its device dropped).
+pub(super) fn release(id: u64, owner: &ReactorHandle) {
+    deliver(
+        owner.clone(),
+        Box::new(move || {
+            if let Some(r) = reactor::current() {
+                r.release_channel::<Owned>(id);
+            }
+        }),
+    );
+}
