@@ -40,6 +40,10 @@ pub trait MediumFile: Send {
     fn set_len(&mut self, len: u64) -> io::Result<()>;
     /// Makes the contents and length durable.
     fn sync(&mut self) -> io::Result<()>;
+    /// Makes the contents durable, and the length (`fdatasync`): no other metadata.
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.sync()
+    }
 }
 
 /// The real file system.
@@ -104,6 +108,10 @@ impl MediumFile for File {
 
     fn sync(&mut self) -> io::Result<()> {
         self.sync_all()
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
     }
 }
 

@@ -7,8 +7,8 @@
 //!   sector independently (torn, reordered), and the length either the synced one or
 //!   the current one (a grown file may end in zeroes);
 //! - names (create, rename, remove): those made durable by a sync of their directory;
-//!   of the rest, a random prefix in the order they were made (a journaling file
-//!   system commits its metadata in order). A rename is atomic.
+//!   of the rest, any subset (each kept or lost, in the order they were made: POSIX
+//!   promises no order). A rename is atomic.
 //!
 //! Everything opened before a cut — the [`Medium`] from [`NonDurableMedium::mount`]
 //! and its files — fails from then on, as the old process's would; mount again for
@@ -222,16 +222,20 @@ impl State {
         let s = self;
         s.power_on += 1;
         let pending = std::mem::take(&mut s.pending);
-        let keep = (s.next_random() % (pending.len() as u64 + 1)) as usize;
         let mut names = std::mem::take(&mut s.durable_names);
-        for op in &pending[..keep] {
-            op.apply(&mut names);
-        }
         let mut cut = MediumCut {
             files_torn: 0,
-            names_kept: keep as u64,
-            names_lost: (pending.len() - keep) as u64,
+            names_kept: 0,
+            names_lost: 0,
         };
+        for op in &pending {
+            if s.next_random().is_multiple_of(2) {
+                op.apply(&mut names);
+                cut.names_kept += 1;
+            } else {
+                cut.names_lost += 1;
+            }
+        }
         let mut inodes = std::mem::take(&mut s.inodes);
         // Files no name reaches are gone.
         inodes.retain(|ino, _| names.values().any(|n| n == ino));

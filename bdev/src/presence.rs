@@ -186,7 +186,7 @@ impl PresenceFiles {
         let written = self
             .log
             .write_at(self.log_len, &rec)
-            .and_then(|()| self.log.sync());
+            .and_then(|()| self.log.sync_data());
         if let Err(e) = written {
             // Cut whatever part of the record got out, so the next record follows the
             // last good one; if even that fails, the next commit writes a checkpoint.

@@ -71,6 +71,12 @@ struct Shared {
     owner: OnceLock<ReactorHandle>,
     /// Where copies go durably, if the volume has such a store (else in memory).
     store: OnceLock<Preserve>,
+    /// The volume's device is gone: its owner state is dropped and never made again.
+    released: AtomicBool,
+    /// Bumped right after each begin takes the change set: a write whose chunks were
+    /// marked before a swap and that lands after it marks them again, so the next
+    /// change set has them too.
+    swaps: AtomicU64,
     /// The running snapshot was taken up again after a restart and nobody has
     /// continued it yet ([`VolumeHandle::take_resumed`]).
     resumed: AtomicBool,
@@ -86,8 +92,7 @@ struct Shared {
     /// A snapshot holds this volume (begin … end).
     running: AtomicBool,
     /// Bumped at every begin and end: names the running snapshot in what is sent to
-    /// the owner (which ignores what is stale), and tells a write that landed across
-    /// an end and a begin to mark its chunks again.
+    /// the owner, which ignores what is stale.
     generation: AtomicU64,
     /// The snapshot the change set is relative to (`None`: an all-zero volume).
     base: Mutex<Option<[u8; 16]>>,
@@ -292,6 +297,7 @@ impl Drop for VolumeBackend {
     /// snapshot state.
     fn drop(&mut self) {
         let id = self.shared.id;
+        self.shared.released.store(true, Ordering::SeqCst);
         if let Some(o) = self.shared.owner.get() {
             owner::release(id, o);
         }
@@ -363,7 +369,7 @@ fn guarded_write(
         Err(e) => done(IoCompletion::err(io.bufs, e)),
     });
     let event = Event::Guard {
-        waiter: (reactor.handle().clone(), token),
+        waiter: owner::Writer::new(reactor.handle().clone(), token),
         first: *chunks.start(),
         last: *chunks.end(),
     };
@@ -372,10 +378,10 @@ fn guarded_write(
 
 /// Lands a write the snapshot (if any) has nothing to keep from.
 fn land(shared: Arc<Shared>, inner: Rc<Channel>, reactor: Rc<Reactor>, io: BdevIo, done: IoDone) {
-    // The write lands after this: if it decided again under a snapshot that began
-    // since it was marked, that snapshot took the marks, so they go in again (a load
-    // when they are still there).
-    let generation = shared.generation.load(Ordering::SeqCst);
+    // The write lands after this. If a begin takes the change set between its marks
+    // and its landing, that snapshot has the marks but may read the chunks before the
+    // write lands (a guarded write is not one a begin waits for), so they go in again.
+    let swaps = shared.swaps.load(Ordering::SeqCst);
     let chunks = shared.chunk_range(&io);
     for chunk in chunks.clone() {
         shared.mark_dirty(chunk);
@@ -384,12 +390,11 @@ fn land(shared: Arc<Shared>, inner: Rc<Channel>, reactor: Rc<Reactor>, io: BdevI
     inner.pass(
         io,
         Box::new(move |c| {
-            if shared.generation.load(Ordering::SeqCst) == generation {
+            if shared.swaps.load(Ordering::SeqCst) == swaps {
                 return done(c);
             }
-            // A snapshot ended and another began while this write was in flight: the
-            // new one took its marks and may have read the chunks before it landed, so
-            // they are marked again for the next one (and put on record first).
+            // The change set was taken while this write was in flight: its chunks are
+            // marked again for the next one (and put on record first).
             for chunk in chunks.clone() {
                 shared.mark_dirty(chunk);
             }
@@ -684,6 +689,7 @@ impl VolumeHandle {
             .iter()
             .map(|w| w.swap(0, Ordering::AcqRel))
             .collect();
+        s.swaps.fetch_add(1, Ordering::SeqCst);
         s.set_active(true, true);
         let base = *s.base.lock().unwrap_or_else(|p| p.into_inner());
         Ok(ChangedChunks { bits, base })
@@ -852,6 +858,8 @@ impl VolumeHandle {
     /// What the snapshot should read for `chunk`: a copy a write saved, or the device
     /// (the chunk is then held from writes until [`Self::chunk_read`]). Waits while a
     /// write is copying the chunk. An error if no snapshot runs (or it was abandoned).
+    /// A claim dropped unfinished may leave the chunk held until the snapshot ends:
+    /// its caller ends the snapshot when it gives up.
     pub async fn claim_chunk(&self, chunk: u64) -> Result<Claim, BdevError> {
         let s = &self.shared;
         let generation = self.generation();
@@ -1076,6 +1084,8 @@ pub fn create_volume(
         free: (0..words).map(|_| AtomicU64::new(u64::MAX)).collect(),
         owner: OnceLock::new(),
         store: OnceLock::new(),
+        released: AtomicBool::new(false),
+        swaps: AtomicU64::new(0),
         resumed: AtomicBool::new(false),
         id: NEXT_VOLUME.fetch_add(1, Ordering::Relaxed),
         modes: Mutex::new(Modes {

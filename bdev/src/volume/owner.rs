@@ -24,8 +24,39 @@ use crate::io::{BdevIo, IoCompletion};
 use crate::park::{Answer, deliver, unpark_with};
 use crate::reply::Reply;
 
-/// A write parked on its reactor, by token.
-pub(super) type Writer = (ReactorHandle, u64);
+/// A write parked on its reactor, by token. Dropped unanswered (its message lost,
+/// the owner's state released, the owner stopped), it wakes the write with an error
+/// rather than leave it parked.
+#[derive(Debug)]
+pub(super) struct Writer {
+    to: ReactorHandle,
+    token: u64,
+    answered: bool,
+}
+
+impl Writer {
+    /// The write parked as `token` on `to`.
+    pub(super) fn new(to: ReactorHandle, token: u64) -> Self {
+        Self {
+            to,
+            token,
+            answered: false,
+        }
+    }
+
+    fn answer(mut self, result: Result<Answer, BdevError>) {
+        self.answered = true;
+        wake(&self.to, self.token, result);
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.answered {
+            wake(&self.to, self.token, Err(BdevError::ShuttingDown));
+        }
+    }
+}
 
 /// How the owner answers the snapshot's requests.
 #[derive(Debug)]
@@ -47,54 +78,36 @@ pub(super) struct Owned {
     core: RefCell<Core<Writer, Asker>>,
 }
 
-/// The owner's state of `shared` on reactor `r`, made on first use.
-fn owned(shared: &Arc<Shared>, r: &Reactor) -> Rc<Owned> {
-    match r.channel(shared.id, || {
-        Ok::<_, std::convert::Infallible>(Owned {
+/// The owner's state of `shared` on reactor `r`, made on first use — never once the
+/// volume is gone (a late message must not raise a fresh state).
+fn owned(shared: &Arc<Shared>, r: &Reactor) -> Option<Rc<Owned>> {
+    r.channel(shared.id, || {
+        if shared.released.load(Ordering::SeqCst) {
+            return Err(());
+        }
+        Ok(Owned {
             shared: Arc::clone(shared),
             core: RefCell::new(Core::new(shared.chunks)),
         })
-    }) {
-        Ok(o) => o,
-        Err(never) => match never {},
-    }
+    })
+    .ok()
 }
 
-/// An event on its way to the owner. If the message carrying it is dropped unrun (the
-/// owner has stopped), its waiter is failed rather than left parked; an asker learns
-/// it from its reply being dropped.
-struct InTransit {
-    event: Option<Event<Writer, Asker>>,
-}
-
-impl Drop for InTransit {
-    fn drop(&mut self) {
-        if let Some(Event::Guard {
-            waiter: (to, token),
-            ..
-        }) = self.event.take()
-        {
-            wake(&to, token, Err(BdevError::ShuttingDown));
-        }
-    }
-}
-
-/// Sends `event` to the volume's owner (applied in place when this is the owner).
+/// Sends `event` to the volume's owner (applied in place when this is the owner). If
+/// it never arrives, its waiters learn so as it is dropped (see [`Writer`], and a
+/// dropped reply).
 pub(super) fn send(shared: &Arc<Shared>, owner: &ReactorHandle, event: Event<Writer, Asker>) {
     if let Some(r) = reactor::current()
         && r.handle().same(owner)
     {
         return apply(shared, &r, event);
     }
-    let mut carried = InTransit { event: Some(event) };
     let shared = Arc::clone(shared);
     deliver(
         owner.clone(),
         Box::new(move || {
-            if let Some(r) = reactor::current()
-                && let Some(e) = carried.event.take()
-            {
-                apply(&shared, &r, e);
+            if let Some(r) = reactor::current() {
+                apply(&shared, &r, event);
             }
         }),
     );
@@ -103,7 +116,10 @@ pub(super) fn send(shared: &Arc<Shared>, owner: &ReactorHandle, event: Event<Wri
 /// Applies `event` on the owner `r`, publishes what changed and carries out the
 /// actions.
 fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Writer, Asker>) {
-    let o = owned(shared, r);
+    // The volume is gone: the event is dropped, and with it its waiters are told.
+    let Some(o) = owned(shared, r) else {
+        return;
+    };
     // The borrow ends before any action runs: an action may apply further events.
     let actions = {
         let mut core = o.core.borrow_mut();
@@ -116,21 +132,32 @@ fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Writer, Asker>) {
     }
 }
 
-/// Publishes the free bit of every chunk whose state changed.
+/// Publishes the free bit of every chunk whose state changed (only the owner writes
+/// these words: a load and a store, no locked update).
 fn publish(s: &Shared, core: &mut Core<Writer, Asker>) {
-    let set = |chunk: u64, free: bool| {
-        let word = &s.free[(chunk / 64) as usize];
-        let bit = 1u64 << (chunk % 64);
-        // Only the owner writes these words: a load and a store, no locked update.
-        let old = word.load(Ordering::Relaxed);
-        let new = if free { old | bit } else { old & !bit };
-        if new != old {
-            word.store(new, Ordering::Release);
-        }
-    };
     match core.take_touched() {
-        None => (0..core.len()).for_each(|c| set(c, core.free(c))),
-        Some(chunks) => chunks.into_iter().for_each(|c| set(c, core.free(c))),
+        None => {
+            for (w, word) in s.free.iter().enumerate() {
+                let first = w as u64 * 64;
+                let bits = (first..(first + 64).min(core.len()))
+                    .filter(|&c| core.free(c))
+                    .fold(0u64, |b, c| b | 1 << (c % 64));
+                if word.load(Ordering::Relaxed) != bits {
+                    word.store(bits, Ordering::Release);
+                }
+            }
+        }
+        Some(chunks) => {
+            for c in chunks {
+                let word = &s.free[(c / 64) as usize];
+                let bit = 1u64 << (c % 64);
+                let old = word.load(Ordering::Relaxed);
+                let new = if core.free(c) { old | bit } else { old & !bit };
+                if new != old {
+                    word.store(new, Ordering::Release);
+                }
+            }
+        }
     }
 }
 
@@ -138,13 +165,13 @@ fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Writer, Asker>) {
     let s = &o.shared;
     match action {
         Action::Copy { generation, chunk } => copy(s, r, generation, chunk),
-        Action::Proceed((to, token)) => wake(&to, token, Ok(Answer::Done)),
-        Action::Fail((to, token), chunk, reason) => {
+        Action::Proceed(writer) => writer.answer(Ok(Answer::Done)),
+        Action::Fail(writer, chunk, reason) => {
             let e = BdevError::Snapshot {
                 name: s.inner.name().to_string(),
                 reason: format!("chunk {chunk}: its copy for the snapshot failed: {reason}"),
             };
-            wake(&to, token, Err(e));
+            writer.answer(Err(e));
         }
         Action::Serve(asker, source) => asker.send(Answered::Source(source)),
         Action::Refuse(asker) => asker.send(Answered::Refused),
