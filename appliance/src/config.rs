@@ -180,6 +180,15 @@ pub struct StoreSection {
     /// s3: allow plain http:// endpoints (default false).
     #[serde(default)]
     pub allow_http: bool,
+    /// s3: "path" (`endpoint/bucket/key`, the default) or "virtual"
+    /// (`bucket.endpoint/key`, for endpoints that take only virtual-hosted style).
+    pub addressing: Option<String>,
+    /// s3: "headers" (SigV4 in the Authorization header, as the SDKs sign: the
+    /// default) or "query" (presigned URLs).
+    pub signing: Option<String>,
+    /// s3: connect to this address ("IP:PORT") instead of where the endpoint's host
+    /// resolves; the host still names the server (`Host`, TLS).
+    pub connect_to: Option<String>,
     /// local: the directory.
     pub path: Option<PathBuf>,
     /// Read every object of a snapshot back (one GET each) and check every frame
@@ -795,6 +804,22 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
                 credentials,
             );
             c.allow_http = s.allow_http;
+            c.path_style = match s.addressing.as_deref() {
+                None | Some("path") => true,
+                Some("virtual") => false,
+                Some(other) => bail!("addressing {other:?} is not \"path\" or \"virtual\""),
+            };
+            c.signing = match s.signing.as_deref() {
+                None | Some("headers") => ox::store::s3::Signing::Headers,
+                Some("query") => ox::store::s3::Signing::Query,
+                Some(other) => bail!("signing {other:?} is not \"headers\" or \"query\""),
+            };
+            if let Some(addr) = &s.connect_to {
+                c.connect_to = Some(
+                    addr.parse()
+                        .with_context(|| format!("connect_to {addr:?} is not IP:PORT"))?,
+                );
+            }
             if let Some(ca) = &s.ca_file {
                 c.trust = Trust::CaBundle(ca.clone());
             }

@@ -150,6 +150,18 @@ fn bad_object_exchange_configurations_are_named() {
             "set allow_http = true",
         ),
         (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"static\"\naccess_key = \"a\"\nsecret_key_file = {key:?}\nallow_http = true\naddressing = \"sideways\"\n"
+            ),
+            "addressing \"sideways\" is not \"path\" or \"virtual\"",
+        ),
+        (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"static\"\naccess_key = \"a\"\nsecret_key_file = {key:?}\nallow_http = true\nsigning = \"v2\"\n"
+            ),
+            "signing \"v2\" is not \"headers\" or \"query\"",
+        ),
+        (
             format!("{ox}[[key]]\nname = \"k\"\nfile = {key:?}\nenv = \"X\"\n"),
             "exactly one of file, env, command",
         ),

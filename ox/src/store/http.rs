@@ -136,6 +136,9 @@ pub struct HttpClient {
     tls: Option<Arc<ClientConfig>>,
     timeout: Duration,
     idle: RefCell<HashMap<(bool, String, u16), Vec<Sender>>>,
+    /// Connect here instead of where the URL's host resolves (the host still names
+    /// the server: `Host`, TLS server name).
+    connect_to: Option<std::net::SocketAddr>,
 }
 
 impl HttpClient {
@@ -151,7 +154,15 @@ impl HttpClient {
             tls,
             timeout,
             idle: RefCell::new(HashMap::new()),
+            connect_to: None,
         }
+    }
+
+    /// Connects to `addr` whatever the URLs' hosts resolve to (split-horizon names,
+    /// test beds), still naming the host in `Host` and to TLS.
+    pub fn with_connect_to(mut self, addr: Option<std::net::SocketAddr>) -> Self {
+        self.connect_to = addr;
+        self
     }
 
     /// Sends one request and reads the whole response, within the timeout.
@@ -284,12 +295,15 @@ impl HttpClient {
 
     async fn connect(&self, https: bool, host: &str, port: u16) -> Result<Sender, HttpError> {
         let target = format!("{host}:{port}");
-        let addr = resolve(host, port)
-            .await
-            .map_err(|source| HttpError::Connect {
-                host: target.clone(),
-                source,
-            })?;
+        let addr = match self.connect_to {
+            Some(addr) => addr,
+            None => resolve(host, port)
+                .await
+                .map_err(|source| HttpError::Connect {
+                    host: target.clone(),
+                    source,
+                })?,
+        };
         let tcp = Async::<TcpStream>::connect(addr)
             .await
             .map_err(|source| HttpError::Connect {

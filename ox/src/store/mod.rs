@@ -5,6 +5,7 @@
 pub mod http;
 pub mod local;
 pub mod s3;
+mod sigv4;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,5 +1,6 @@
-//! S3 and S3-compatible stores: requests signed with AWS Signature V4 by `rusty-s3`
-//! (presigned URLs, query-string authentication), sent by [`HttpClient`]; retries with
+//! S3 and S3-compatible stores: requests built by `rusty-s3` and signed with AWS
+//! Signature V4 in the `Authorization` header (`sigv4`; presigned URLs if
+//! [`Signing::Query`] is asked for), sent by [`HttpClient`]; retries with
 //! exponential backoff and full jitter on 5xx, throttling (429, 503 SlowDown) and
 //! connection failures, never on other 4xx; multipart upload for large objects;
 //! batched deletes; conditional create (`If-None-Match: *`) for manifests.
@@ -13,7 +14,7 @@
 
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_executor::LocalExecutor;
 use async_io::Timer;
@@ -23,6 +24,7 @@ use rusty_s3::{Bucket, Credentials, UrlStyle};
 use url::Url;
 
 use super::http::{HttpClient, HttpError, Response, Trust, tls_config};
+use super::sigv4::Signer;
 use super::{BoxFuture, ObjectStore};
 use crate::error::OxError;
 
@@ -49,6 +51,15 @@ pub enum CredentialSource {
     },
 }
 
+/// How requests are authenticated: both are AWS Signature Version 4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signing {
+    /// In the `Authorization` header, as the SDKs sign (the default).
+    Headers,
+    /// In the query string (presigned URLs), for servers that want that.
+    Query,
+}
+
 /// S3 store settings.
 #[derive(Debug, Clone)]
 pub struct S3Config {
@@ -60,6 +71,11 @@ pub struct S3Config {
     pub region: String,
     /// Path-style (`endpoint/bucket/key`) rather than virtual-hosted addressing.
     pub path_style: bool,
+    /// How requests are authenticated.
+    pub signing: Signing,
+    /// Connect to this address instead of where the endpoint's host resolves (the
+    /// host still names the server: split-horizon names, test beds).
+    pub connect_to: Option<std::net::SocketAddr>,
     /// Credentials.
     pub credentials: CredentialSource,
     /// TLS trust for https endpoints.
@@ -88,6 +104,8 @@ impl S3Config {
             bucket: bucket.to_string(),
             region: region.to_string(),
             path_style: true,
+            signing: Signing::Headers,
+            connect_to: None,
             credentials,
             trust: Trust::System,
             allow_http: false,
@@ -277,13 +295,37 @@ impl S3Store {
         } else {
             None
         };
-        let http = HttpClient::new(executor, tls, config.timeout);
+        let http =
+            HttpClient::new(executor, tls, config.timeout).with_connect_to(config.connect_to);
         Ok(Self {
             bucket,
             credentials,
             http,
             config,
         })
+    }
+
+    /// The request `presigned` stands for, authenticated as configured: the URL to
+    /// send, and `headers` with what header signing adds (signed at this moment; a
+    /// request's retries reuse it, well inside the 15 minutes S3 allows).
+    fn authorize<'h>(
+        &self,
+        method: &Method,
+        presigned: Url,
+        mut headers: Vec<(&'h str, String)>,
+    ) -> (Url, Vec<(&'h str, String)>) {
+        if self.config.signing == Signing::Query {
+            return (presigned, headers);
+        }
+        let signer = Signer {
+            access_key: self.credentials.key(),
+            secret_key: self.credentials.secret(),
+            session_token: self.credentials.token(),
+            region: &self.config.region,
+        };
+        let (url, added) = signer.sign(method, &presigned, &headers, SystemTime::now());
+        headers.extend(added);
+        (url, headers)
     }
 
     /// Runs `attempt` with retries and backoff; `classify` turns a response into an
@@ -404,6 +446,7 @@ impl S3Store {
         if if_absent {
             headers.push(("if-none-match", "*".to_string()));
         }
+        let (url, headers) = self.authorize(&Method::PUT, url, headers);
         let sent = std::cell::Cell::new(0u32);
         let result = self
             .with_retries(
@@ -438,11 +481,16 @@ impl S3Store {
     async fn put_multipart(&self, key: &str, data: &[u8]) -> Result<(), OxError> {
         let url =
             CreateMultipartUpload::new(&self.bucket, Some(&self.credentials), key).sign(SIGN_FOR);
+        let (url, headers) = self.authorize(&Method::POST, url, Vec::new());
         let resp = self
             .with_retries(
                 "CreateMultipartUpload",
                 key,
-                async || self.http.request(Method::POST, &url, &[], Vec::new()).await,
+                async || {
+                    self.http
+                        .request(Method::POST, &url, &headers, Vec::new())
+                        .await
+                },
                 Self::classify("CreateMultipartUpload", key),
             )
             .await?;
@@ -462,9 +510,10 @@ impl S3Store {
                 .bucket
                 .abort_multipart_upload(Some(&self.credentials), key, &upload_id)
                 .sign(SIGN_FOR);
+            let (abort, headers) = self.authorize(&Method::DELETE, abort, Vec::new());
             let _ = self
                 .http
-                .request(Method::DELETE, &abort, &[], Vec::new())
+                .request(Method::DELETE, &abort, &headers, Vec::new())
                 .await;
         }
         result
@@ -482,6 +531,7 @@ impl S3Store {
                     .upload_part(Some(&self.credentials), key, number, upload_id);
             let headers = digests.sign_into(action.headers_mut(), true);
             let url = action.sign(SIGN_FOR);
+            let (url, headers) = self.authorize(&Method::PUT, url, headers);
             let resp = self
                 .with_retries(
                     "UploadPart",
@@ -514,6 +564,7 @@ impl S3Store {
             etags.iter().map(String::as_str),
         );
         let url = complete.sign(SIGN_FOR);
+        let (url, headers) = self.authorize(&Method::POST, url, Vec::new());
         let body = complete.body().into_bytes();
         let result = self
             .with_retries(
@@ -521,7 +572,7 @@ impl S3Store {
                 key,
                 async || {
                     self.http
-                        .request(Method::POST, &url, &[], body.clone())
+                        .request(Method::POST, &url, &headers, body.clone())
                         .await
                 },
                 Self::classify("CompleteMultipartUpload", key),
@@ -558,9 +609,10 @@ impl S3Store {
             .bucket
             .head_object(Some(&self.credentials), key)
             .sign(SIGN_FOR);
+        let (url, headers) = self.authorize(&Method::HEAD, url, Vec::new());
         let resp = self
             .http
-            .request(Method::HEAD, &url, &[], Vec::new())
+            .request(Method::HEAD, &url, &headers, Vec::new())
             .await
             .ok()?;
         if resp.status != 200 {
@@ -591,6 +643,7 @@ impl S3Store {
             Some((off, len)) => vec![("range", format!("bytes={off}-{}", off + len - 1))],
             None => vec![],
         };
+        let (url, headers) = self.authorize(&Method::GET, url, headers);
         let resp = self
             .with_retries(
                 "GET",
@@ -647,11 +700,16 @@ impl S3Store {
                 action.with_continuation_token(t.clone());
             }
             let url = action.sign(SIGN_FOR);
+            let (url, headers) = self.authorize(&Method::GET, url, Vec::new());
             let resp = self
                 .with_retries(
                     "LIST",
                     prefix,
-                    async || self.http.request(Method::GET, &url, &[], Vec::new()).await,
+                    async || {
+                        self.http
+                            .request(Method::GET, &url, &headers, Vec::new())
+                            .await
+                    },
                     Self::classify("LIST", prefix),
                 )
                 .await?;
@@ -685,7 +743,7 @@ impl S3Store {
             action.set_quiet(true);
             let url = action.sign(SIGN_FOR);
             let (body, md5) = action.body_with_md5();
-            let headers = vec![("content-md5", md5)];
+            let (url, headers) = self.authorize(&Method::POST, url, vec![("content-md5", md5)]);
             let first = batch.first().cloned().unwrap_or_default();
             let resp = self
                 .with_retries(

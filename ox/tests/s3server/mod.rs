@@ -43,6 +43,9 @@ pub struct Faults {
     pub max_concurrent: AtomicU32,
     /// Seeded random faults, when set.
     pub chaos: std::sync::Mutex<Option<Arc<Chaos>>>,
+    /// Each request's `Host` and whether it was signed in the `Authorization` header
+    /// (else in the query string).
+    pub seen: std::sync::Mutex<Vec<(String, bool)>>,
 }
 
 /// The kinds of fault [`Chaos`] injects.
@@ -227,13 +230,14 @@ pub struct Server {
 }
 
 pub fn start_server(tls: bool) -> Server {
+    start_server_with(tls, false)
+}
+
+/// `virtual_hosts`: the server is `localhost:PORT` and takes virtual-hosted requests
+/// (`BUCKET.localhost:PORT`) as well as path-style ones.
+pub fn start_server_with(tls: bool, virtual_hosts: bool) -> Server {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join(BUCKET)).unwrap();
-    let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
-    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS, SECRET));
-    let s3 = builder.build().into_shared();
-    let faults = Arc::new(Faults::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -243,6 +247,15 @@ pub fn start_server(tls: bool) -> Server {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
+    let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS, SECRET));
+    if virtual_hosts {
+        let domain = format!("localhost:{}", addr.port());
+        builder.set_host(s3s::host::SingleDomain::new(&domain).unwrap());
+    }
+    let s3 = builder.build().into_shared();
+    let faults = Arc::new(Faults::default());
     let (acceptor, ca_pem) = if tls {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -323,6 +336,14 @@ async fn respond(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Body>, std::io::Error> {
     let number = faults.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let in_header = req.headers().contains_key(hyper::header::AUTHORIZATION);
+    faults.seen.lock().unwrap().push((host, in_header));
     if faults.stall_at.load(Ordering::SeqCst) == number {
         faults.stall.fetch_add(1, Ordering::SeqCst);
     }
