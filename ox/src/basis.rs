@@ -247,7 +247,7 @@ pub fn fetch_error(e: OxError) -> FetchError {
         OxError::Integrity { .. } | OxError::NotFound { .. } => {
             FetchError::Integrity(e.to_string())
         }
-        OxError::Unavailable { .. } | OxError::Refused { .. } => {
+        OxError::Unavailable { .. } | OxError::Refused { .. } | OxError::Untrusted { .. } => {
             FetchError::Unavailable(e.to_string())
         }
         _ => FetchError::Failed(e.to_string()),

@@ -51,6 +51,19 @@ pub enum OxError {
         /// The store's error code and message.
         message: String,
     },
+    /// The store's TLS certificate is not vouched for by the configured trust: a
+    /// configuration error, never retried (no retry would succeed).
+    #[error(
+        "{op} {key:?}: the store is not trusted (check ca_file or the system's CAs): {message}"
+    )]
+    Untrusted {
+        /// Operation.
+        op: &'static str,
+        /// Object key.
+        key: String,
+        /// The TLS failure.
+        message: String,
+    },
     /// The store failed or could not be reached, after every retry.
     #[error("{op} {key:?} failed after {attempts} attempt(s): {message}")]
     Unavailable {

@@ -72,6 +72,60 @@ fn clone_of(
     (bdev, basis, handle)
 }
 
+/// A store whose certificate the appliance does not trust fails a snapshot at once,
+/// with the reason, however long the snapshot would wait out an outage (an hour
+/// here): a configuration error is not an outage.
+#[test]
+fn an_untrusted_store_fails_a_snapshot_at_once_with_the_reason() {
+    let env = env();
+    let server = s3server::start_server(true);
+    // Trust another CA than the one that signed the server's certificate.
+    let other = s3server::start_server(true);
+    let mut config = S3Config::new(
+        format!("https://localhost:{}", server.addr.port())
+            .parse()
+            .unwrap(),
+        s3server::BUCKET,
+        "us-east-1",
+        ox::store::s3::CredentialSource::Static {
+            access_key: s3server::ACCESS.into(),
+            secret_key: s3server::SECRET.into(),
+        },
+    );
+    config.trust =
+        ox::store::http::Trust::CaBundle(other.ca_pem.as_ref().unwrap().path().to_path_buf());
+    let (vol, handle) = fresh_volume(SIZE);
+    write(&env, &vol, 0, &random(SIZE as usize, 5));
+    let mut opts = options(&env);
+    opts.outage_patience = Duration::from_secs(3600);
+    let (h, r) = (handle.clone(), env.set.handles()[0].clone());
+    let result = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = s3(&config, &ex);
+                snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .unwrap();
+    let e = result.expect_err("an untrusted store cannot take a snapshot");
+    assert!(matches!(e, ox::OxError::Untrusted { .. }), "{e}");
+    assert!(e.to_string().contains("not trusted"), "{e}");
+    // One refused handshake per request in flight, never a retry.
+    let refused = server
+        .faults
+        .tls_refused
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=16).contains(&refused), "{refused} handshakes");
+    // The volume is free for the next snapshot.
+    let on = env.set.handles()[0].clone();
+    futures_lite::future::block_on(handle.begin_snapshot(&on)).expect("the volume is free");
+    handle.end_snapshot(None);
+    env.set.shutdown().unwrap();
+}
+
 #[test]
 fn damaged_bodies_resets_and_5xx_never_reach_a_host_or_a_published_snapshot() {
     let seed = std::env::var("OX_FAULT_SEED")

@@ -351,10 +351,9 @@ impl S3Store {
                 },
                 Err(e) if e.retryable() => last = e.to_string(),
                 Err(e) => {
-                    return Err(OxError::Unavailable {
+                    return Err(OxError::Untrusted {
                         op,
                         key: key.to_string(),
-                        attempts: attempt + 1,
                         message: e.to_string(),
                     });
                 }

@@ -46,6 +46,8 @@ pub struct Faults {
     /// Each request's `Host` and whether it was signed in the `Authorization` header
     /// (else in the query string).
     pub seen: std::sync::Mutex<Vec<(String, bool)>>,
+    /// TLS handshakes that failed (the client did not trust the certificate).
+    pub tls_refused: AtomicU32,
 }
 
 /// The kinds of fault [`Chaos`] injects.
@@ -295,6 +297,7 @@ pub fn start_server_with(tls: bool, virtual_hosts: bool) -> Server {
             let s3 = s3.clone();
             let faults = Arc::clone(&f);
             let acceptor = acceptor.clone();
+            let refused = Arc::clone(&f);
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let s3 = s3.clone();
@@ -305,13 +308,16 @@ pub fn start_server_with(tls: bool, virtual_hosts: bool) -> Server {
                     hyper_util::rt::TokioExecutor::new(),
                 );
                 match acceptor {
-                    Some(a) => {
-                        if let Ok(tls) = a.accept(tcp).await {
+                    Some(a) => match a.accept(tcp).await {
+                        Ok(tls) => {
                             let _ = builder
                                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                                 .await;
                         }
-                    }
+                        Err(_) => {
+                            refused.tls_refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                    },
                     None => {
                         let _ = builder
                             .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
