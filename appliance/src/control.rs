@@ -472,6 +472,7 @@ const OX_METHODS: &[&str] = &[
     "key_rotate",
     "key_list",
     "store_list",
+    "store_check",
     "clone_create",
     "clone_get",
     "clone_delete",
@@ -630,6 +631,10 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         "store_list" => {
             params(p, &[])?;
             Ok(service.store_list())
+        }
+        "store_check" => {
+            let m = params(p, &["name"])?;
+            service.store_check(need_str(&m, "name")?).map_err(failed)
         }
         "key_rotate" => {
             let m = params(p, &["to"])?;

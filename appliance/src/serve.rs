@@ -70,6 +70,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             service.ensure_volumes(&config.volumes)?;
             service.ensure_clones(&config.clones)?;
             service.resume_pending();
+            service.check_stores_in_background();
             tracing::info!("object exchange on, state in {}", state_dir.display());
             Some(service)
         }

@@ -159,6 +159,49 @@ fn the_same_over_https_with_a_custom_ca() {
     run(async |ex| exercise(&store(&server, SECRET, &ex).unwrap()).await);
 }
 
+/// `oxctl store check`: every step passes on a good store and leaves nothing behind;
+/// a wrong secret and an untrusted certificate each fail the first step with the
+/// reason.
+#[test]
+fn a_store_check_passes_or_names_the_step_and_the_reason() {
+    use ox::store::check::check;
+    let server = start_server(false);
+    let c = run(async |ex| check(&store(&server, SECRET, &ex).unwrap(), "", "t1").await);
+    assert!(c.ok(), "{c:?}");
+    let names: Vec<&str> = c.steps.iter().map(|s| s.name).collect();
+    assert_eq!(names, ["list", "put", "get", "delete", "gone"]);
+    let left = run(async |ex| store(&server, SECRET, &ex).unwrap().list("").await.unwrap());
+    assert!(left.is_empty(), "{left:?}");
+
+    let c = run(async |ex| check(&store(&server, "wrong", &ex).unwrap(), "", "t2").await);
+    let failed = c.failure().expect("a wrong secret fails");
+    assert_eq!(failed.name, "list");
+    let why = failed.error.as_deref().unwrap_or_default();
+    assert!(why.contains("403"), "{why}");
+
+    let tls = start_server(true);
+    let other = start_server(true);
+    let c = run(async |ex| {
+        let mut config = S3Config::new(
+            format!("https://localhost:{}", tls.addr.port())
+                .parse()
+                .unwrap(),
+            BUCKET,
+            "us-east-1",
+            CredentialSource::Static {
+                access_key: ACCESS.into(),
+                secret_key: SECRET.into(),
+            },
+        );
+        config.trust = Trust::CaBundle(other.ca_pem.as_ref().unwrap().path().to_path_buf());
+        check(&S3Store::new(config, Rc::clone(&ex)).unwrap(), "", "t3").await
+    });
+    let failed = c.failure().expect("an untrusted certificate fails");
+    assert_eq!(failed.name, "list");
+    let why = failed.error.as_deref().unwrap_or_default();
+    assert!(why.contains("not trusted"), "{why}");
+}
+
 #[test]
 fn a_wrong_secret_is_refused_without_retries() {
     let server = start_server(false);

@@ -573,6 +573,43 @@ fn local_appliance(
     (config, ctl)
 }
 
+/// `oxctl store check`: a local store and the S3 test server pass every step; a store
+/// with a wrong secret fails naming the step and the reason, and oxctl exits non-zero.
+#[test]
+fn a_store_check_names_the_failing_step_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = s3server::start_server(false);
+    let (good, _) = s3_store(&server, d, "s3");
+    let bad_secret = d.join("bad.secret");
+    write_private(&bad_secret, "not-the-secret");
+    let bad = good.replace("name = \"s3\"", "name = \"bad\"").replace(
+        &format!("{:?}", d.join("s3.secret")),
+        &format!("{bad_secret:?}"),
+    );
+    assert_ne!(good, bad);
+    let (config, ctl) = local_appliance(d, free_port(), "", &format!("{good}{bad}"));
+    let _oxd = start_oxd(&config);
+    for name in ["l", "s3"] {
+        let c = ctl.ok(&["store", "check", name]);
+        assert_eq!(c["ok"], true, "{c}");
+        let steps: Vec<&str> = c["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["step"].as_str().unwrap())
+            .collect();
+        assert_eq!(steps, ["list", "put", "get", "delete", "gone"], "{c}");
+    }
+    let out = ctl.call(&["store", "check", "bad"]);
+    assert!(!out.status.success(), "a failed check fails oxctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("failed its check at \"list\"") && err.contains("403"),
+        "{err}"
+    );
+}
+
 /// A volume file cut short and a clone copy cut short while oxd was stopped: at the
 /// restart both are listed as unavailable with the reason, neither is served (a host
 /// would read zeroes where data was), and the rest of the appliance runs.

@@ -211,6 +211,12 @@ enum SnapshotCommand {
 enum StoreCommand {
     /// The object stores oxd is configured with (no credentials shown).
     List,
+    /// Check a store as oxd reaches it: list, put a probe object, read it back,
+    /// delete it (each step timed); fails naming the step and the reason.
+    Check {
+        /// The store, as named in the daemon's configuration.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -408,6 +414,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Store {
             command: StoreCommand::List,
         } => call(&cli, "store_list", None)?,
+        Command::Store {
+            command: StoreCommand::Check { name },
+        } => call(&cli, "store_check", Some(json!({ "name": name })))?,
         Command::Key { command } => match command {
             KeyCommand::List => call(&cli, "key_list", None)?,
             KeyCommand::Create { file } => create_key(file)?,
@@ -487,6 +496,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if result.get("state").and_then(Value::as_str) == Some("failed") {
         anyhow::bail!("job {} failed: {}", result["id"], result["error"]);
+    }
+    if result.get("ok") == Some(&Value::Bool(false)) {
+        let failed = result["steps"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| !s["error"].is_null()))
+            .cloned()
+            .unwrap_or_default();
+        anyhow::bail!(
+            "store {} failed its check at {}: {}",
+            result["store"],
+            failed["step"],
+            failed["error"]
+        );
     }
     Ok(())
 }
@@ -754,6 +776,21 @@ fn print_human(command: &Command, r: &Value) {
         | Command::Clone {
             command: CloneCommand::Delete { .. },
         } => println!("deleted {}", s(&r["name"])),
+        Command::Store {
+            command: StoreCommand::Check { .. },
+        } => {
+            for step in r["steps"].as_array().into_iter().flatten() {
+                let outcome = match &step["error"] {
+                    Value::Null => "ok".to_string(),
+                    e => format!("FAILED: {}", s(e)),
+                };
+                println!(
+                    "{:<8} {:>7} ms  {outcome}",
+                    s(&step["step"]),
+                    s(&step["ms"])
+                );
+            }
+        }
         _ => {
             println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
         }

@@ -2,6 +2,7 @@
 //! directory (the embedded default). Methods return futures run by an OX core's
 //! executor, never on a reactor.
 
+pub mod check;
 pub mod http;
 pub mod local;
 pub mod s3;
