@@ -128,6 +128,37 @@ pub(crate) fn unpark_with(token: u64, result: Result<Answer, BdevError>) -> bool
     }
 }
 
+/// Wakes `token` on `to`: on this reactor's next turn when that is this reactor (a
+/// request never completes inside its own `submit`), else by message.
+pub(crate) fn wake(to: &ReactorHandle, token: u64, result: Result<Answer, BdevError>) {
+    match reactor::current() {
+        Some(r) if r.handle().same(to) => r.defer(move || {
+            unpark_with(token, result);
+        }),
+        _ => {
+            deliver(
+                to.clone(),
+                Box::new(move || {
+                    unpark_with(token, result);
+                }),
+            );
+        }
+    }
+}
+
+/// Drops `owner`'s per-core object `T` keyed `id` (a device's owner state, once the
+/// device is gone), by message.
+pub(crate) fn release_on<T: 'static>(id: u64, owner: &ReactorHandle) {
+    deliver(
+        owner.clone(),
+        Box::new(move || {
+            if let Some(r) = reactor::current() {
+                r.release_channel::<T>(id);
+            }
+        }),
+    );
+}
+
 /// [`unpark_with`] for "done" or an error.
 pub(crate) fn unpark(token: u64, result: Result<(), BdevError>) {
     unpark_with(token, result.map(|()| Answer::Done));

@@ -17,9 +17,13 @@
 //! practice, not by construction.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "../../bdev/tests/common/mod.rs"]
+mod common;
 #[path = "s3server/mod.rs"]
 mod s3server;
 mod support;
+
+use common::{Model, Rng};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,71 +46,26 @@ use support::{CHUNK, Env, T, env, options};
 const SIZE: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const BLOCKS: u64 = SIZE / BLOCK;
-const SECTOR: usize = 512;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// A device's model (shared with the power-cut tests) with what the simulation adds.
+trait Blocks {
+    fn of(image: Vec<Vec<u8>>) -> Self;
+    /// Every block as it reads now.
+    fn image(&self) -> Vec<Vec<u8>>;
+    /// After a cut: what the device holds now is the durable truth.
+    fn settle(&mut self, now: Vec<Vec<u8>>);
 }
 
-/// What each block of a device may hold: its durable version, then versions written
-/// since the last flush (any of which a cut may leave, sector by sector).
-#[derive(Clone)]
-struct Blocks {
-    durable: Vec<Vec<u8>>,
-    since: HashMap<u64, Vec<Vec<u8>>>,
-}
-
-impl Blocks {
-    fn new(image: Vec<Vec<u8>>) -> Self {
+impl Blocks for Model {
+    fn of(image: Vec<Vec<u8>>) -> Self {
         Self {
             durable: image,
             since: HashMap::new(),
         }
     }
-    fn current(&self, b: u64) -> &[u8] {
-        self.since
-            .get(&b)
-            .and_then(|v| v.last())
-            .unwrap_or(&self.durable[b as usize])
-    }
     fn image(&self) -> Vec<Vec<u8>> {
         (0..BLOCKS).map(|b| self.current(b).to_vec()).collect()
     }
-    fn wrote(&mut self, b: u64, data: Vec<u8>, fua: bool) {
-        if fua {
-            self.since.remove(&b);
-            self.durable[b as usize] = data;
-        } else {
-            self.since.entry(b).or_default().push(data);
-        }
-    }
-    fn flushed(&mut self) {
-        for (b, mut v) in self.since.drain() {
-            if let Some(last) = v.pop() {
-                self.durable[b as usize] = last;
-            }
-        }
-    }
-    fn possible(&self, b: u64, got: &[u8]) -> bool {
-        let mut candidates = vec![&self.durable[b as usize]];
-        candidates.extend(self.since.get(&b).into_iter().flatten());
-        got.chunks(SECTOR).enumerate().all(|(i, s)| {
-            candidates
-                .iter()
-                .any(|c| &c[i * SECTOR..(i + 1) * SECTOR] == s)
-        })
-    }
-    /// After a cut: what the device holds now is the durable truth.
     fn settle(&mut self, now: Vec<Vec<u8>>) {
         self.durable = now;
         self.since.clear();
@@ -162,7 +121,7 @@ struct LiveClone {
     medium: NonDurableMedium,
     presence: PathBuf,
     key: String,
-    model: Blocks,
+    model: Model,
 }
 
 struct Sim {
@@ -176,7 +135,7 @@ struct Sim {
     handle: VolumeHandle,
     vol_switch: PowerSwitch,
     vol_medium: NonDurableMedium,
-    model: Blocks,
+    model: Model,
     /// Snapshots taken, newest last: (manifest key, image).
     snapshots: Vec<(String, Vec<Vec<u8>>)>,
     clones: Vec<LiveClone>,
@@ -224,7 +183,7 @@ impl Sim {
             handle,
             vol_switch,
             vol_medium,
-            model: Blocks::new(vec![vec![0; BLOCK as usize]; BLOCKS as usize]),
+            model: Model::of(vec![vec![0; BLOCK as usize]; BLOCKS as usize]),
             snapshots: Vec::new(),
             clones: Vec::new(),
             tally: Tally::default(),
@@ -400,7 +359,7 @@ impl Sim {
             medium,
             presence,
             key,
-            model: Blocks::new(image),
+            model: Model::of(image),
         });
         self.tally.clones += 1;
     }

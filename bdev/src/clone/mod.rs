@@ -710,12 +710,8 @@ pub fn open_clone(
     presence: &std::path::Path,
     flush_on: ReactorHandle,
 ) -> Result<(Bdev, CloneHandle), BdevError> {
-    let record = Record {
-        medium: crate::medium::local(),
-        path: presence,
-        flush_on,
-    };
-    build(name, local, basis, uuid, Some(record))
+    let medium = crate::medium::local();
+    open_clone_on(medium, name, local, basis, uuid, presence, flush_on)
 }
 
 /// [`open_clone`] with the presence record on `medium` (a power-cut test puts it on

@@ -24,7 +24,7 @@ use super::{FetchError, FetchReason, Shared, bump, publish};
 use crate::buf::IoBuf;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion};
-use crate::park::{Answer, deliver, unpark_with};
+use crate::park::{Answer, deliver, unpark_with, wake};
 
 /// Who waits: a continuation parked on a reactor, by token.
 pub(super) type Waiter = (ReactorHandle, u64);
@@ -311,24 +311,6 @@ impl Drop for Grant {
     }
 }
 
-/// Wakes `token` on `to`: on this reactor's next turn when that is this reactor (a
-/// request never completes inside its own `submit`), else by message.
-fn wake(to: &ReactorHandle, token: u64, result: Result<Answer, BdevError>) {
-    match reactor::current() {
-        Some(r) if r.handle().same(to) => r.defer(move || {
-            unpark_with(token, result);
-        }),
-        _ => {
-            deliver(
-                to.clone(),
-                Box::new(move || {
-                    unpark_with(token, result);
-                }),
-            );
-        }
-    }
-}
-
 /// Runs `f` on the owner's core and returns its answer: in place on the owner, by a
 /// blocking call from a thread that is not a reactor; `None` from another reactor
 /// (which must not block) or if the owner has stopped.
@@ -356,12 +338,5 @@ pub(super) fn query<R: Send + 'static>(
 
 /// Drops the owner's state of a clone that is gone (its device dropped).
 pub(super) fn release(id: u64, owner: &ReactorHandle) {
-    deliver(
-        owner.clone(),
-        Box::new(move || {
-            if let Some(r) = reactor::current() {
-                r.release_channel::<Owned>(id);
-            }
-        }),
-    );
+    crate::park::release_on::<Owned>(id, owner);
 }

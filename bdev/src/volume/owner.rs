@@ -21,7 +21,7 @@ use super::{Shared, stopping};
 use crate::buf::IoBuf;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion};
-use crate::park::{Answer, deliver, unpark_with};
+use crate::park::{Answer, deliver, wake};
 use crate::reply::Reply;
 
 /// A write parked on its reactor, by token. Dropped unanswered (its message lost,
@@ -242,32 +242,7 @@ fn copy(s: &Arc<Shared>, r: &Rc<Reactor>, generation: u64, chunk: u64) {
     });
 }
 
-/// Wakes `token` on `to`: on this reactor's next turn when that is this reactor (a
-/// request never completes inside its own `submit`), else by message.
-fn wake(to: &ReactorHandle, token: u64, result: Result<Answer, BdevError>) {
-    match reactor::current() {
-        Some(r) if r.handle().same(to) => r.defer(move || {
-            unpark_with(token, result);
-        }),
-        _ => {
-            deliver(
-                to.clone(),
-                Box::new(move || {
-                    unpark_with(token, result);
-                }),
-            );
-        }
-    }
-}
-
 /// Drops the owner's state of a volume that is gone (its device dropped).
 pub(super) fn release(id: u64, owner: &ReactorHandle) {
-    deliver(
-        owner.clone(),
-        Box::new(move || {
-            if let Some(r) = reactor::current() {
-                r.release_channel::<Owned>(id);
-            }
-        }),
-    );
+    crate::park::release_on::<Owned>(id, owner);
 }

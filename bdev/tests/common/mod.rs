@@ -16,6 +16,11 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
+
+    /// A number below `n` (0 if `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
 }
 
 /// What each 4 KiB block may hold: its durable version, then versions acknowledged

@@ -204,6 +204,20 @@ impl Signer<'_> {
 mod tests {
     use super::*;
 
+    /// The signer and the moment of AWS's documented examples.
+    fn example() -> (Signer<'static>, SystemTime) {
+        let signer = Signer {
+            access_key: "AKIAIOSFODNN7EXAMPLE",
+            secret_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            session_token: None,
+            region: "us-east-1",
+        };
+        (
+            signer,
+            UNIX_EPOCH + std::time::Duration::from_secs(1_369_353_600),
+        )
+    }
+
     #[test]
     fn dates_are_utc_civil_dates() {
         let at = |s: u64| amz_date(UNIX_EPOCH + std::time::Duration::from_secs(s));
@@ -224,13 +238,7 @@ mod tests {
     /// hash that of an empty body).
     #[test]
     fn the_documented_example_signs_alike() {
-        let signer = Signer {
-            access_key: "AKIAIOSFODNN7EXAMPLE",
-            secret_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-            session_token: None,
-            region: "us-east-1",
-        };
-        let now = UNIX_EPOCH + std::time::Duration::from_secs(1_369_353_600);
+        let (signer, now) = example();
         let url = Url::parse("https://examplebucket.s3.amazonaws.com/test.txt").unwrap();
         let empty = sha256_hex(b"");
         let (_, headers) = signer.sign_with(
@@ -257,13 +265,7 @@ mod tests {
     /// matching the signer's: a wrong piece changes the signature.
     #[test]
     fn the_signature_covers_method_path_query_headers_and_date() {
-        let signer = Signer {
-            access_key: "AKIAIOSFODNN7EXAMPLE",
-            secret_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-            session_token: None,
-            region: "us-east-1",
-        };
-        let now = UNIX_EPOCH + std::time::Duration::from_secs(1_369_353_600);
+        let (signer, now) = example();
         let url = Url::parse(
             "https://examplebucket.s3.amazonaws.com/test.txt?X-Amz-Signature=abc&X-Amz-Date=x",
         )
