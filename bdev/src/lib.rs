@@ -36,6 +36,8 @@ mod presence;
 mod preserve;
 mod reply;
 mod stats;
+#[cfg(test)]
+mod test_rng;
 mod uring;
 mod volume;
 

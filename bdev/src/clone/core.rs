@@ -606,28 +606,7 @@ mod tests {
 
     use super::*;
 
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn pick<T: Copy>(&mut self, from: &BTreeSet<T>) -> Option<T> {
-            let n = from.len() as u64;
-            (n > 0).then(|| {
-                *from
-                    .iter()
-                    .nth(self.below(n) as usize)
-                    .unwrap_or_else(|| unreachable!())
-            })
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// What a test waiter waits for.
     #[derive(Debug, Clone)]
