@@ -126,6 +126,57 @@ fn an_untrusted_store_fails_a_snapshot_at_once_with_the_reason() {
     env.set.shutdown().unwrap();
 }
 
+/// A snapshot waiting out a store that answers nothing but 503 (an hour's patience)
+/// stops as soon as it is cancelled, with the reason, and the volume is free again.
+#[test]
+fn a_snapshot_waiting_out_an_outage_stops_when_cancelled() {
+    let env = env();
+    let server = s3server::start_server(false);
+    server
+        .faults
+        .unavailable
+        .store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+    let config = server.client_config();
+    let (vol, handle) = fresh_volume(SIZE);
+    write(&env, &vol, 0, &random(SIZE as usize, 6));
+    let mut opts = options(&env);
+    opts.outage_patience = Duration::from_secs(3600);
+    let progress = Arc::clone(&opts.progress);
+    let (h, r, c) = (handle.clone(), env.set.handles()[0].clone(), config.clone());
+    let cores = Arc::clone(&env.cores);
+    let snapshot = std::thread::spawn(move || {
+        cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = s3(&c, &ex);
+                    snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .unwrap()
+    });
+    // Once the store has refused a few requests, the operator cancels.
+    while server
+        .faults
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst)
+        < 3
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    progress.cancel();
+    let e = snapshot
+        .join()
+        .unwrap()
+        .expect_err("a cancelled snapshot fails");
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    let on = env.set.handles()[0].clone();
+    futures_lite::future::block_on(handle.begin_snapshot(&on)).expect("the volume is free");
+    handle.end_snapshot(None);
+    env.set.shutdown().unwrap();
+}
+
 #[test]
 fn damaged_bodies_resets_and_5xx_never_reach_a_host_or_a_published_snapshot() {
     let seed = std::env::var("OX_FAULT_SEED")

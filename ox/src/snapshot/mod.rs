@@ -81,6 +81,8 @@ pub struct SnapshotProgress {
     pub bytes_uploaded: std::sync::atomic::AtomicU64,
     cancelled: std::sync::atomic::AtomicBool,
     suspended: std::sync::atomic::AtomicBool,
+    /// Notified when it is cancelled (what waits on the store stops waiting).
+    stop: event_listener::Event,
 }
 
 impl SnapshotProgress {
@@ -89,6 +91,22 @@ impl SnapshotProgress {
     pub fn cancel(&self) {
         self.cancelled
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.notify(usize::MAX);
+    }
+
+    /// Resolves once the snapshot is cancelled.
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            if self.is_cancelled() {
+                return;
+            }
+            let stop = self.stop.listen();
+            // Looked at again once listening, so a cancel cannot be missed.
+            if self.is_cancelled() {
+                return;
+            }
+            stop.await;
+        }
     }
 
     fn is_cancelled(&self) -> bool {

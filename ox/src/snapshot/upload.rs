@@ -68,13 +68,12 @@ impl<'a> Packer<'a> {
         let data = std::mem::take(&mut self.current);
         self.uploaded += data.len() as u64;
         self.objects.push(key.clone());
-        let (store, throttle, name) = (self.store, self.throttle, &self.opts.volume_name);
-        let patience = self.opts.outage_patience;
+        let (store, throttle, opts) = (self.store, self.throttle, self.opts);
         self.in_flight.push_back(Box::pin(async move {
             throttle
-                .acquire(name, Class::Background, data.len() as u64)
+                .acquire(&opts.volume_name, Class::Background, data.len() as u64)
                 .await;
-            put_patiently(store, &key, data, patience).await
+            put_patiently(store, &key, data, opts).await
         }));
         self.drive().await?;
         while self.in_flight.len() > UPLOADS_IN_FLIGHT {
@@ -108,25 +107,36 @@ impl<'a> Packer<'a> {
     }
 }
 
-/// PUTs `data`, waiting out an unavailable store for up to `patience` (a refusal or
-/// any other error fails at once).
+/// PUTs `data`, waiting out an unavailable store for up to the snapshot's outage
+/// patience (a refusal or any other error fails at once); a cancel ends the wait at
+/// once, whatever the store is doing.
 async fn put_patiently(
     store: &dyn ObjectStore,
     key: &str,
     data: Vec<u8>,
-    patience: Duration,
+    opts: &SnapshotOptions,
 ) -> Result<(), OxError> {
-    let deadline = std::time::Instant::now() + patience;
-    let mut pause = Duration::from_millis(100);
-    loop {
-        match store.put(key, data.clone()).await {
-            Err(OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
-                async_io::Timer::after(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+    let deadline = std::time::Instant::now() + opts.outage_patience;
+    let put = async {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match store.put(key, data.clone()).await {
+                Err(OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
+                    async_io::Timer::after(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
             }
-            other => return other,
         }
-    }
+    };
+    let cancelled = async {
+        opts.progress.cancelled().await;
+        Err(OxError::Config(format!(
+            "snapshot of {} cancelled while storing {key}; nothing was published",
+            opts.volume_name
+        )))
+    };
+    futures_lite::future::or(put, cancelled).await
 }
 
 /// The index being written: the page being built, and what has been stored.
@@ -174,6 +184,6 @@ impl IndexWriter {
         let key = format::page_key(&opts.prefix, &self.salt, self.pages);
         self.pages += 1;
         self.bytes += frame.len() as u64;
-        put_patiently(store, &key, frame, opts.outage_patience).await
+        put_patiently(store, &key, frame, opts).await
     }
 }
