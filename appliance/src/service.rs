@@ -196,6 +196,8 @@ pub struct Service {
     audit: Option<Arc<appliance::audit::AuditLog>>,
     /// Set when a clean stop begins: jobs failing from then on stay pending.
     stopping: AtomicBool,
+    /// Each store's last check (at start, or `store_check`), shown by `store_list`.
+    checks: Mutex<HashMap<String, Value>>,
 }
 
 fn now_secs() -> u64 {
@@ -255,6 +257,7 @@ impl Service {
             target,
             audit,
             stopping: AtomicBool::new(false),
+            checks: Mutex::new(HashMap::new()),
             inner: Mutex::new(Inner {
                 catalogue: catalogue.clone(),
                 volumes: HashMap::new(),
@@ -1679,6 +1682,11 @@ impl Service {
 
     /// The configured stores (names, kinds and where; never credentials).
     pub fn store_list(&self) -> Value {
+        let checks = self
+            .checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut list: Vec<Value> = self
             .settings
             .stores
@@ -1686,9 +1694,11 @@ impl Service {
             .map(|(name, spec)| match spec {
                 StoreSpec::S3(c) => json!({
                     "name": name, "kind": "s3", "endpoint": c.endpoint.as_str(),
-                    "bucket": c.bucket, "region": c.region,
+                    "bucket": c.bucket, "region": c.region, "check": checks.get(name),
                 }),
-                StoreSpec::Local(p) => json!({ "name": name, "kind": "local", "path": p }),
+                StoreSpec::Local(p) => json!({
+                    "name": name, "kind": "local", "path": p, "check": checks.get(name),
+                }),
             })
             .collect();
         list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
@@ -1720,6 +1730,17 @@ impl Service {
             .iter()
             .map(|s| json!({ "step": s.name, "ms": s.millis, "error": s.error }))
             .collect();
+        let failed = check.failure();
+        let last = json!({
+            "ok": check.ok(),
+            "at": now_secs(),
+            "step": failed.map(|s| s.name),
+            "error": failed.and_then(|s| s.error.clone()),
+        });
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), last);
         Ok(json!({ "store": name, "ok": check.ok(), "steps": steps }))
     }
 

@@ -601,6 +601,31 @@ fn a_store_check_names_the_failing_step_and_the_reason() {
             .collect();
         assert_eq!(steps, ["list", "put", "get", "delete", "gone"], "{c}");
     }
+    // oxd checked every store at start: the listing says how each went.
+    let checked = |list: &Value, name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["check"].clone())
+            .unwrap_or_default()
+    };
+    let list = loop {
+        let list = ctl.ok(&["store", "list"]);
+        if ["l", "s3", "bad"]
+            .iter()
+            .all(|n| !checked(&list, n).is_null())
+        {
+            break list;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(checked(&list, "l")["ok"], true, "{list}");
+    assert_eq!(checked(&list, "s3")["ok"], true, "{list}");
+    let bad = checked(&list, "bad");
+    assert_eq!(bad["ok"], false, "{list}");
+    assert_eq!(bad["step"], "list", "{list}");
+    assert!(bad["error"].as_str().unwrap().contains("403"), "{list}");
     let out = ctl.call(&["store", "check", "bad"]);
     assert!(!out.status.success(), "a failed check fails oxctl");
     let err = String::from_utf8_lossy(&out.stderr);
