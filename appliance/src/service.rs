@@ -1709,6 +1709,12 @@ impl Service {
     /// delete it, see it gone; see `ox::store::check`): each step with its time, the
     /// first failure with its reason.
     pub fn store_check(&self, name: &str) -> anyhow::Result<Value> {
+        self.check_store(name, true)
+    }
+
+    /// [`Self::store_check`]; `newest`: its outcome replaces one recorded meanwhile
+    /// (else a check at start, finishing late, keeps an operator's newer one).
+    fn check_store(&self, name: &str, newest: bool) -> anyhow::Result<Value> {
         let spec = self.store(name)?.clone();
         let token = uuid::Uuid::new_v4().simple().to_string();
         let check = self.cores.run(move |ex| {
@@ -1737,10 +1743,11 @@ impl Service {
             "step": failed.map(|s| s.name),
             "error": failed.and_then(|s| s.error.clone()),
         });
-        self.checks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), last);
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        if newest || !checks.contains_key(name) {
+            checks.insert(name.to_string(), last);
+        }
+        drop(checks);
         Ok(json!({ "store": name, "ok": check.ok(), "steps": steps }))
     }
 
@@ -1754,7 +1761,7 @@ impl Service {
                 let mut names: Vec<String> = service.settings.stores.keys().cloned().collect();
                 names.sort();
                 for name in names {
-                    match service.store_check(&name) {
+                    match service.check_store(&name, false) {
                         Ok(v) if v["ok"] == json!(true) => {
                             tracing::info!("store {name}: checked (list, put, get, delete)");
                         }

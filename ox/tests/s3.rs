@@ -202,6 +202,46 @@ fn a_store_check_passes_or_names_the_step_and_the_reason() {
     assert!(why.contains("not trusted"), "{why}");
 }
 
+/// A connection dropped in the middle of the TLS handshake (a store or a load balancer
+/// restarting) is an outage, retried — not an untrusted certificate.
+#[test]
+fn a_handshake_cut_short_is_retried_not_called_untrusted() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let e = run(async |ex| {
+        let mut c = S3Config::new(
+            format!("https://localhost:{port}").parse().unwrap(),
+            BUCKET,
+            "us-east-1",
+            CredentialSource::Static {
+                access_key: ACCESS.into(),
+                secret_key: SECRET.into(),
+            },
+        );
+        c.retries = 2;
+        c.backoff = Duration::from_millis(5);
+        S3Store::new(c, Rc::clone(&ex))
+            .unwrap()
+            .get("ox1/d/x")
+            .await
+            .unwrap_err()
+    });
+    assert!(matches!(e, OxError::Unavailable { attempts: 3, .. }), "{e}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "every attempt connected"
+    );
+}
+
 #[test]
 fn a_wrong_secret_is_refused_without_retries() {
     let server = start_server(false);

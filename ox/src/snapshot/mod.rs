@@ -81,7 +81,7 @@ pub struct SnapshotProgress {
     pub bytes_uploaded: std::sync::atomic::AtomicU64,
     cancelled: std::sync::atomic::AtomicBool,
     suspended: std::sync::atomic::AtomicBool,
-    /// Notified when it is cancelled (what waits on the store stops waiting).
+    /// Notified when it is cancelled or suspended (what waits stops waiting).
     stop: event_listener::Event,
 }
 
@@ -96,13 +96,22 @@ impl SnapshotProgress {
 
     /// Resolves once the snapshot is cancelled.
     pub(crate) async fn cancelled(&self) {
+        self.until(|p| p.is_cancelled()).await;
+    }
+
+    /// Resolves once the snapshot is cancelled or suspended.
+    pub(crate) async fn stopped(&self) {
+        self.until(|p| p.is_cancelled() || p.is_suspended()).await;
+    }
+
+    async fn until(&self, done: impl Fn(&Self) -> bool) {
         loop {
-            if self.is_cancelled() {
+            if done(self) {
                 return;
             }
             let stop = self.stop.listen();
-            // Looked at again once listening, so a cancel cannot be missed.
-            if self.is_cancelled() {
+            // Looked at again once listening, so a notification cannot be missed.
+            if done(self) {
                 return;
             }
             stop.await;
@@ -119,6 +128,7 @@ impl SnapshotProgress {
     pub fn suspend(&self) {
         self.suspended
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.notify(usize::MAX);
     }
 
     fn is_suspended(&self) -> bool {

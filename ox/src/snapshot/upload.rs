@@ -70,9 +70,13 @@ impl<'a> Packer<'a> {
         self.objects.push(key.clone());
         let (store, throttle, opts) = (self.store, self.throttle, self.opts);
         self.in_flight.push_back(Box::pin(async move {
-            throttle
-                .acquire(&opts.volume_name, Class::Background, data.len() as u64)
-                .await;
+            let share = async {
+                throttle
+                    .acquire(&opts.volume_name, Class::Background, data.len() as u64)
+                    .await;
+                Ok(())
+            };
+            futures_lite::future::or(share, cancelled(opts)).await?;
             put_patiently(store, &key, data, opts).await
         }));
         self.drive().await?;
@@ -122,21 +126,31 @@ async fn put_patiently(
         loop {
             match store.put(key, data.clone()).await {
                 Err(OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
-                    async_io::Timer::after(pause).await;
+                    // A stop for a restart does not wait out an outage either (the
+                    // journal's last checkpoint stands); a put under way is let finish.
+                    let pause_or_stop = async {
+                        async_io::Timer::after(pause).await;
+                    };
+                    futures_lite::future::or(pause_or_stop, opts.progress.stopped()).await;
+                    if opts.progress.is_suspended() {
+                        return Err(OxError::Suspended(opts.volume_name.clone()));
+                    }
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
                 other => return other,
             }
         }
     };
-    let cancelled = async {
-        opts.progress.cancelled().await;
-        Err(OxError::Config(format!(
-            "snapshot of {} cancelled while storing {key}; nothing was published",
-            opts.volume_name
-        )))
-    };
-    futures_lite::future::or(put, cancelled).await
+    futures_lite::future::or(put, cancelled(opts)).await
+}
+
+/// Resolves, with the error a cancelled snapshot fails with, once it is cancelled.
+async fn cancelled(opts: &SnapshotOptions) -> Result<(), OxError> {
+    opts.progress.cancelled().await;
+    Err(OxError::Config(format!(
+        "snapshot of {} cancelled; nothing was published",
+        opts.volume_name
+    )))
 }
 
 /// The index being written: the page being built, and what has been stored.

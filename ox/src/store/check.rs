@@ -30,7 +30,7 @@ pub struct Check {
 }
 
 impl Check {
-    /// The step that failed, if one did.
+    /// The first step that failed, if one did.
     pub fn failure(&self) -> Option<&Step> {
         self.steps.iter().find(|s| s.error.is_some())
     }
@@ -92,11 +92,12 @@ pub async fn check(store: &dyn ObjectStore, prefix: &str, token: &str) -> Check 
         )),
         Err(e) => Err(e),
     };
-    if c.step("get", read).await.is_none() {
-        return c;
-    }
+    let read_back = c.step("get", read).await.is_some();
+    // Once stored, the probe is deleted whatever the read said (and the read, if it
+    // failed, stays the failure reported).
     let delete = async || store.delete(std::slice::from_ref(&key)).await;
-    if c.step("delete", delete).await.is_none() {
+    let deleted = c.step("delete", delete).await.is_some();
+    if !read_back || !deleted {
         return c;
     }
     let gone = async || match store.get(&key).await {

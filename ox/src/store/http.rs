@@ -55,9 +55,33 @@ pub enum HttpError {
 }
 
 impl HttpError {
-    /// Whether a retry might succeed (a certificate problem will not go away).
+    /// Whether a retry might succeed: a certificate the configured trust does not
+    /// vouch for will not go away; a connection dropped mid-handshake (a store or a
+    /// load balancer restarting) may.
     pub fn retryable(&self) -> bool {
-        !matches!(self, Self::Tls { .. })
+        match self {
+            Self::Tls { source, .. } => !untrusted(source),
+            _ => true,
+        }
+    }
+}
+
+/// Whether a TLS failure is about the server's certificate (a configuration error) rather
+/// than the connection.
+fn untrusted(e: &std::io::Error) -> bool {
+    use rustls::{AlertDescription as A, Error};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(_) | Error::NoCertificatesPresented) => true,
+        Some(Error::AlertReceived(alert)) => matches!(
+            alert,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+        ),
+        _ => false,
     }
 }
 

@@ -173,8 +173,10 @@ impl Signer<'_> {
             .collect::<Vec<_>>()
             .join(";");
         let canonical_headers: String = signed.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
+        // What is signed is what the URL will send.
         let canonical = format!(
             "{method}\n{path}\n{query}\n{canonical_headers}\n{names}\n{payload}",
+            path = url.path(),
             query = url.query().unwrap_or_default(),
         );
         let day = &date[..8];
