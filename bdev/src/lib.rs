@@ -11,6 +11,16 @@
 //!
 //! Devices: [`create_malloc`] (RAM, sparse), [`create_null`] (discards writes, reads
 //! zeroes) and [`open_uring`] (a file or block device through the reactor's io_uring).
+//! Layers: [`create_volume`] (change tracking, copy-before-write snapshots) and
+//! [`open_clone`] (a local copy filled from a [`Basis`] on demand).
+//!
+//! Who owns what: each clone's chunk states and each volume's snapshot states belong to
+//! one owner reactor, as a pure core (`clone::core`, `volume::core`: `apply(event) ->
+//! actions`) that the owner runs (`clone::owner`, `volume::owner`); other reactors and
+//! the OX cores change them only by messages, and read only the bits the owner
+//! publishes. Records on local files (`presence`, `dirty`) are owned by their own
+//! thread each, and reach the file system through a [`medium::Medium`] so that power-cut
+//! tests can put them on a [`NonDurableMedium`] (beside [`create_nondurable`] devices).
 
 mod bdev;
 pub mod blocking;
