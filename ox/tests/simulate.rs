@@ -126,6 +126,8 @@ struct LiveClone {
 
 struct Sim {
     env: Env,
+    /// The S3 test server (stopped with the run).
+    _server: s3server::Server,
     config: S3Config,
     rng: Rng,
     seed: u64,
@@ -162,8 +164,6 @@ impl Sim {
         let config = server.client_config();
         let chaos = s3server::Chaos::new(seed, 60);
         *server.faults.chaos.lock().unwrap() = Some(Arc::clone(&chaos));
-        // The server lives as long as the process's test: leaked on purpose.
-        std::mem::forget(server);
         let (media, vol_switch) = create_nondurable("vol-media", 512, SIZE / 512, seed).unwrap();
         let vol_medium = NonDurableMedium::new(seed ^ 0x51D);
         let (vol, handle) = create_volume("vol1", media, CHUNK, Tracking::Fresh, None).unwrap();
@@ -175,6 +175,7 @@ impl Sim {
         );
         Self {
             env,
+            _server: server,
             config,
             rng: Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             seed,
