@@ -480,3 +480,72 @@ fn a_miss_still_waiting_at_shutdown_is_failed_not_lost() {
         c.result
     );
 }
+
+/// A basis that answers at once and records every batch it is asked for.
+struct BatchBasis {
+    batches: Mutex<Vec<(FetchReason, Vec<u64>)>>,
+}
+
+impl Basis for BatchBasis {
+    fn chunk_bytes(&self) -> u64 {
+        CHUNK
+    }
+
+    fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone) {
+        self.fetch_batch(vec![(chunk, done)], reason);
+    }
+
+    fn fetch_batch(&self, batch: Vec<(u64, FetchDone)>, reason: FetchReason) {
+        let chunks = batch.iter().map(|(c, _)| *c).collect();
+        self.batches.lock().unwrap().push((reason, chunks));
+        for (chunk, done) in batch {
+            done(Ok(pattern(CHUNK as usize, chunk as u8)));
+        }
+    }
+}
+
+#[test]
+fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window() {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let chunks = 1024u64;
+    let basis = Arc::new(BatchBasis {
+        batches: Mutex::new(Vec::new()),
+    });
+    let local = create_malloc("local", 512, chunks * CHUNK / 512, None).unwrap();
+    let (clone, _handle) =
+        create_clone("clone", local, Arc::clone(&basis) as Arc<dyn Basis>, None).unwrap();
+    let mut furthest = 0;
+    for at in (0..chunks / 2 * CHUNK).step_by(128 << 10) {
+        let got = read(&set, &clone, 0, at, 128 << 10).unwrap();
+        let first = at / CHUNK;
+        assert!(got[..CHUNK as usize] == pattern(CHUNK as usize, first as u8)[..]);
+        let batches = basis.batches.lock().unwrap();
+        furthest = batches
+            .iter()
+            .flat_map(|(_, c)| c.iter().copied())
+            .max()
+            .unwrap();
+        assert!(
+            furthest <= first + 1 + 128,
+            "read-ahead reached chunk {furthest} from a reader at {first}"
+        );
+    }
+    let batches = basis.batches.lock().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for (_, b) in batches.iter() {
+        for c in b {
+            assert!(seen.insert(*c), "chunk {c} fetched twice");
+        }
+    }
+    let ahead: Vec<usize> = batches
+        .iter()
+        .filter(|(r, _)| *r == FetchReason::Prefetch)
+        .map(|(_, b)| b.len())
+        .collect();
+    assert_eq!(ahead.first(), Some(&16), "the window starts at 16 chunks");
+    assert!(ahead.iter().all(|&n| n <= 128), "{ahead:?}");
+    // Once grown, the window is asked for in halves: runs long enough to coalesce.
+    assert!(ahead.iter().filter(|&&n| n >= 64).count() >= 4, "{ahead:?}");
+    assert!(furthest >= chunks / 2, "read-ahead ran ahead of the reader");
+    set.shutdown().unwrap();
+}

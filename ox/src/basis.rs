@@ -1,6 +1,8 @@
 //! A snapshot in an object store as the basis of a clone: `bdev::Basis` whose fetches
-//! run on OX cores — index page (cached), ranged GET of exactly the chunk's frame,
-//! verify, decrypt, decompress — and complete back on the reactor that asked.
+//! run on OX cores — index page (cached), ranged GET of exactly the chunks' frames,
+//! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
+//! of adjacent chunks (a sequential reader's read-ahead) travels in ranged GETs of up
+//! to [`RUN_BYTES`] each, all in flight at once; a lone miss is one GET of one frame.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -25,8 +27,10 @@ pub type StoreFactory =
 /// Object-store traffic of one basis.
 #[derive(Debug, Default)]
 pub struct BasisCounters {
-    /// Ranged GETs of frames.
+    /// Ranged GETs of frames (a GET may carry several adjacent frames).
     pub frame_gets: AtomicU64,
+    /// Frames fetched.
+    pub frames: AtomicU64,
     /// Bytes of frames fetched.
     pub frame_bytes: AtomicU64,
     /// Index pages fetched.
@@ -167,12 +171,8 @@ impl Inner {
         result
     }
 
-    async fn fetch(
-        &self,
-        ex: &Rc<LocalExecutor<'static>>,
-        chunk: u64,
-        reason: FetchReason,
-    ) -> Result<Vec<u8>, OxError> {
+    /// Chunk `chunk`'s index entry, and its length in the volume.
+    async fn entry(&self, store: &dyn ObjectStore, chunk: u64) -> Result<(Entry, usize), OxError> {
         let m = &self.loaded.manifest;
         let chunk_bytes = u64::from(m.chunk_bytes);
         if chunk >= m.chunks() {
@@ -181,38 +181,121 @@ impl Inner {
             )));
         }
         let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes) as usize;
-        let store = self.store(ex)?;
-        let page = self.page(&*store, chunk / PAGE_CHUNKS).await?;
+        let page = self.page(store, chunk / PAGE_CHUNKS).await?;
         let entry = page
             .entries
             .get((chunk % PAGE_CHUNKS) as usize)
             .copied()
             .unwrap_or(Entry::Zero);
-        match entry {
-            Entry::Zero => {
-                self.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
-                Ok(vec![0; len])
+        Ok((entry, len))
+    }
+
+    /// Fetches `batch` (ascending chunks): zero chunks are answered at once; frames
+    /// that lie back to back in one object are gathered into runs of at most
+    /// [`RUN_BYTES`], each one ranged GET, and the runs go out at once on this core.
+    async fn fetch_batch(
+        self: Arc<Self>,
+        ex: Rc<LocalExecutor<'static>>,
+        batch: Vec<(u64, FetchDone)>,
+        reason: FetchReason,
+    ) {
+        let store = match self.store(&ex) {
+            Ok(s) => s,
+            Err(e) => {
+                let e = fetch_error(e);
+                return batch.into_iter().for_each(|(_, d)| d(Err(e.clone())));
             }
-            Entry::Frame { length, .. } => {
-                let class = match reason {
-                    FetchReason::ClientMiss => Class::Foreground,
-                    _ => Class::Background,
-                };
-                self.throttle
-                    .acquire(&self.name, class, u64::from(length))
-                    .await;
-                let counters = &self.counters;
-                let bytes = self
-                    .loaded
-                    .chunk(&*store, chunk, entry, Some(&counters.integrity), |n| {
-                        counters.frame_gets.fetch_add(1, Ordering::Relaxed);
-                        counters.frame_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    })
-                    .await?;
-                Ok(bytes.unwrap_or_else(|| vec![0; len]))
+        };
+        let mut runs: Vec<Run> = Vec::new();
+        for (chunk, done) in batch {
+            let (entry, len) = match self.entry(&*store, chunk).await {
+                Ok(e) => e,
+                Err(e) => {
+                    done(Err(fetch_error(e)));
+                    continue;
+                }
+            };
+            let Entry::Frame {
+                source,
+                object,
+                offset,
+                length,
+            } = entry
+            else {
+                self.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                done(Ok(vec![0; len]));
+                continue;
+            };
+            match runs.last_mut() {
+                Some(run)
+                    if run.at == (source, object, offset)
+                        && run.bytes + u64::from(length) <= RUN_BYTES =>
+                {
+                    run.at.2 += u64::from(length);
+                    run.bytes += u64::from(length);
+                    run.chunks.push((chunk, entry, done));
+                }
+                _ => runs.push(Run {
+                    at: (source, object, offset + u64::from(length)),
+                    bytes: u64::from(length),
+                    chunks: vec![(chunk, entry, done)],
+                }),
+            }
+        }
+        for run in runs {
+            let (me, store) = (Arc::clone(&self), Rc::clone(&store));
+            ex.spawn(async move { me.fetch_run(&*store, run, reason).await })
+                .detach();
+        }
+    }
+
+    /// One ranged GET for `run`, within the throttle; each chunk's `done` gets its
+    /// bytes, or all get the error.
+    async fn fetch_run(&self, store: &dyn ObjectStore, run: Run, reason: FetchReason) {
+        let class = match reason {
+            FetchReason::ClientMiss => Class::Foreground,
+            _ => Class::Background,
+        };
+        self.throttle.acquire(&self.name, class, run.bytes).await;
+        let counters = &self.counters;
+        let entries: Vec<(u64, Entry)> = run.chunks.iter().map(|(c, e, _)| (*c, *e)).collect();
+        let frames = entries.len() as u64;
+        let result = self
+            .loaded
+            .run(store, &entries, Some(&counters.integrity), |n| {
+                counters.frame_gets.fetch_add(1, Ordering::Relaxed);
+                counters.frames.fetch_add(frames, Ordering::Relaxed);
+                counters.frame_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            })
+            .await;
+        match result {
+            Ok(decoded) => {
+                for ((_, _, done), bytes) in run.chunks.into_iter().zip(decoded) {
+                    done(Ok(bytes));
+                }
+            }
+            Err(e) => {
+                let e = fetch_error(e);
+                for (_, _, done) in run.chunks {
+                    done(Err(e.clone()));
+                }
             }
         }
     }
+}
+
+/// The most stored bytes one ranged GET carries: a read-ahead's adjacent frames travel
+/// in a few requests of this size, which go out at once over several connections.
+/// Large enough that a request's fixed cost (a round trip, the server's first byte) is
+/// small beside its transfer; small enough that a read-ahead window is several.
+pub const RUN_BYTES: u64 = 2 << 20;
+
+/// Frames back to back in one object, fetched together.
+struct Run {
+    /// Source, object and the offset just past the last frame.
+    at: (u16, u32, u64),
+    bytes: u64,
+    chunks: Vec<(u64, Entry, FetchDone)>,
 }
 
 impl Basis for ObjectBasis {
@@ -225,20 +308,28 @@ impl Basis for ObjectBasis {
     }
 
     fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone) {
+        self.fetch_batch(vec![(chunk, done)], reason);
+    }
+
+    fn fetch_batch(&self, mut batch: Vec<(u64, FetchDone)>, reason: FetchReason) {
+        batch.sort_by_key(|(chunk, _)| *chunk);
         let inner = Arc::clone(&self.inner);
-        let done = Arc::new(Mutex::new(Some(done)));
-        let for_job = Arc::clone(&done);
+        // The job takes the batch when it runs; if it never does, the queue's refusal
+        // answers whatever is still here.
+        let waiting: Waiting = Arc::new(Mutex::new(batch));
+        let for_job = Arc::clone(&waiting);
         let job: crate::cores::Job = Box::new(move |ex| {
             Box::pin(async move {
-                let r = inner.fetch(&ex, chunk, reason).await.map_err(fetch_error);
-                if let Some(d) = for_job.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    d(r);
-                }
+                let batch = std::mem::take(&mut *for_job.lock().unwrap_or_else(|p| p.into_inner()));
+                inner.fetch_batch(ex, batch, reason).await;
             })
         });
-        submit_or_retry(Arc::clone(&self.inner.cores), job, done, 0);
+        submit_or_retry(Arc::clone(&self.inner.cores), job, waiting, 0);
     }
 }
+
+/// Fetches handed to a job not yet run.
+type Waiting = Arc<Mutex<Vec<(u64, FetchDone)>>>;
 
 /// What a failed fetch tells the clone: damaged data (after refetches; a missing
 /// object means the snapshot is damaged too), the store out of reach, or other.
@@ -257,12 +348,7 @@ pub fn fetch_error(e: OxError) -> FetchError {
 /// Queues a fetch; when the OX queue is full, tries again shortly from the reactor's
 /// timer (back-pressure without blocking the reactor), and gives up with an error
 /// after about a second.
-fn submit_or_retry(
-    cores: Arc<OxCores>,
-    job: crate::cores::Job,
-    done: Arc<Mutex<Option<FetchDone>>>,
-    attempt: u32,
-) {
+fn submit_or_retry(cores: Arc<OxCores>, job: crate::cores::Job, done: Waiting, attempt: u32) {
     let Err(job) = cores.try_submit(job) else {
         return;
     };
@@ -274,7 +360,8 @@ fn submit_or_retry(
         }
         _ => {
             drop(job);
-            if let Some(d) = done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let batch = std::mem::take(&mut *done.lock().unwrap_or_else(|p| p.into_inner()));
+            for (_, d) in batch {
                 d(Err(FetchError::Failed(
                     "the OX fetch queue stayed full".into(),
                 )));

@@ -20,7 +20,7 @@ use reactor::{Reactor, ReactorHandle};
 
 use super::core::{Action, ChunkError, Core, Event};
 use super::journal::Note;
-use super::{FetchError, FetchReason, Shared, bump, publish};
+use super::{FetchDone, FetchError, FetchReason, Shared, bump, publish};
 use crate::buf::IoBuf;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion};
@@ -153,47 +153,61 @@ pub(super) fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Waiter>)
     if clients == 0 && before > 0 {
         shared.misses_done.notify(usize::MAX);
     }
+    // The fetches of one event go to the basis together, a batch per reason, so a
+    // read-ahead's adjacent chunks can travel in a few requests.
+    let mut fetches: Vec<(FetchReason, Vec<(u64, FetchDone)>)> = Vec::new();
     for a in actions {
-        act(&o, r, a);
+        match a {
+            Action::Fetch { chunk, reason } => {
+                if reason == FetchReason::ClientMiss {
+                    o.started.borrow_mut().insert(chunk, Instant::now());
+                }
+                let done = fetched(shared, r.handle().clone(), chunk);
+                match fetches.iter_mut().find(|(why, _)| *why == reason) {
+                    Some((_, batch)) => batch.push((chunk, done)),
+                    None => fetches.push((reason, vec![(chunk, done)])),
+                }
+            }
+            a => act(&o, r, a),
+        }
     }
+    for (reason, batch) in fetches {
+        shared.basis.fetch_batch(batch, reason);
+    }
+}
+
+/// What the basis calls when `chunk` arrives (on any thread): checks its length and
+/// hands it to the owner `home` as an event.
+fn fetched(shared: &Arc<Shared>, home: ReactorHandle, chunk: u64) -> FetchDone {
+    let shared = Arc::clone(shared);
+    Box::new(move |result| {
+        let len = shared.chunk_len(chunk);
+        let result = result.and_then(|d| {
+            if d.len() as u64 == len {
+                Ok(d)
+            } else {
+                Err(FetchError::Integrity(format!(
+                    "basis returned {} bytes, expected {len}",
+                    d.len()
+                )))
+            }
+        });
+        // Always by message, even on the owner: the core is busy applying.
+        deliver(
+            home,
+            Box::new(move || {
+                if let Some(r) = reactor::current() {
+                    apply(&shared, &r, Event::Fetched { chunk, result });
+                }
+            }),
+        );
+    })
 }
 
 fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Waiter>) {
     let s = &o.shared;
     match action {
-        Action::Fetch { chunk, reason } => {
-            if reason == FetchReason::ClientMiss {
-                o.started.borrow_mut().insert(chunk, Instant::now());
-            }
-            let (shared, home) = (Arc::clone(s), r.handle().clone());
-            s.basis.fetch(
-                chunk,
-                reason,
-                Box::new(move |result| {
-                    let len = shared.chunk_len(chunk);
-                    let result = result.and_then(|d| {
-                        if d.len() as u64 == len {
-                            Ok(d)
-                        } else {
-                            Err(FetchError::Integrity(format!(
-                                "basis returned {} bytes, expected {len}",
-                                d.len()
-                            )))
-                        }
-                    });
-                    // Always by message, even on the owner: the core is busy applying.
-                    let s2 = Arc::clone(&shared);
-                    deliver(
-                        home,
-                        Box::new(move || {
-                            if let Some(r) = reactor::current() {
-                                apply(&s2, &r, Event::Fetched { chunk, result });
-                            }
-                        }),
-                    );
-                }),
-            );
-        }
+        Action::Fetch { .. } => unreachable!("fetches are batched by apply"),
         Action::Install { chunk, data, .. } => {
             let len = s.chunk_len(chunk);
             let io = BdevIo::write(

@@ -95,18 +95,56 @@ impl Loaded {
         counters: Option<&IntegrityCounters>,
         on_body: impl Fn(usize),
     ) -> Result<Option<Vec<u8>>, OxError> {
-        let Entry::Frame {
-            source,
-            object,
-            offset,
-            length,
-        } = entry
-        else {
+        if entry == Entry::Zero {
             return Ok(None);
+        }
+        let mut decoded = self
+            .run(store, &[(chunk, entry)], counters, on_body)
+            .await?;
+        Ok(decoded.pop())
+    }
+
+    /// The bytes of a run of chunks whose frames lie back to back in one data object
+    /// (`chunks`: each chunk with its index entry, in the object's order), fetched in
+    /// one ranged GET (again, on a fresh connection, while any frame fails its check;
+    /// counted in `counters`) and decoded. `on_body` sees the length of every body
+    /// fetched.
+    pub async fn run(
+        &self,
+        store: &dyn ObjectStore,
+        chunks: &[(u64, Entry)],
+        counters: Option<&IntegrityCounters>,
+        on_body: impl Fn(usize),
+    ) -> Result<Vec<Vec<u8>>, OxError> {
+        let mut frames = Vec::with_capacity(chunks.len());
+        let mut at = None;
+        for &(chunk, entry) in chunks {
+            let Entry::Frame {
+                source,
+                object,
+                offset,
+                length,
+            } = entry
+            else {
+                return Err(OxError::Config(format!("chunk {chunk} has no frame")));
+            };
+            let (s, o, end) = at.unwrap_or((source, object, offset));
+            if (s, o, end) != (source, object, offset) {
+                return Err(OxError::Config(format!(
+                    "chunk {chunk}: its frame does not follow the run's"
+                )));
+            }
+            at = Some((source, object, offset + u64::from(length)));
+            frames.push((chunk, length as usize));
+        }
+        let (Some(&(_, first)), Some((source, object, end))) = (chunks.first(), at) else {
+            return Ok(Vec::new());
+        };
+        let Entry::Frame { offset, .. } = first else {
+            return Ok(Vec::new());
         };
         let m = &self.manifest;
         let chunk_bytes = u64::from(m.chunk_bytes);
-        let plain = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes) as usize;
         let src = self
             .sources
             .get(usize::from(source))
@@ -116,19 +154,29 @@ impl Loaded {
             .get(object as usize)
             .ok_or_else(|| OxError::integrity("index", format!("object {object} unknown")))?;
         let codec = src.codec()?;
-        let range = Some((offset, u64::from(length)));
-        crate::fetch::checked(store, key, range, counters, |frame| {
-            on_body(frame.len());
-            if frame.len() != length as usize {
+        let total = end - offset;
+        crate::fetch::checked(store, key, Some((offset, total)), counters, |body| {
+            on_body(body.len());
+            if body.len() as u64 != total {
                 return Err(OxError::integrity(
                     key,
                     "object shorter than the index says",
                 ));
             }
-            codec.decode(chunk, &frame, plain)
+            let mut rest = &body[..];
+            let mut out = Vec::with_capacity(frames.len());
+            for &(chunk, length) in &frames {
+                let (frame, after) = rest.split_at(length);
+                rest = after;
+                let plain = m
+                    .volume_bytes
+                    .saturating_sub(chunk * chunk_bytes)
+                    .min(chunk_bytes);
+                out.push(codec.decode(chunk, frame, plain as usize)?);
+            }
+            Ok(out)
         })
         .await
-        .map(Some)
     }
 
     /// Loads index page `page` (fetched again if it fails its check, counted in

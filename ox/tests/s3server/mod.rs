@@ -20,6 +20,9 @@ use hyper::body::Frame;
 pub const ACCESS: &str = "AKIAOXTEST";
 pub const SECRET: &str = "ox-test-secret-key";
 pub const BUCKET: &str = "ox-bucket";
+/// Not S3: `GET` here answers the server's request and GET-byte counts as JSON, so a
+/// benchmark in another network namespace can read what the server saw.
+pub const STATS_PATH: &str = "/_ox_stats";
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -48,6 +51,10 @@ pub struct Faults {
     pub seen: std::sync::Mutex<Vec<(String, bool)>>,
     /// TLS handshakes that failed (the client did not trust the certificate).
     pub tls_refused: AtomicU32,
+    /// Object GETs answered with a body, and the bytes of those bodies (counted at
+    /// the server, as a benchmark wants them).
+    pub gets: std::sync::atomic::AtomicU64,
+    pub get_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The kinds of fault [`Chaos`] injects.
@@ -238,22 +245,35 @@ pub fn start_server(tls: bool) -> Server {
 /// `virtual_hosts`: the server is `localhost:PORT` and takes virtual-hosted requests
 /// (`BUCKET.localhost:PORT`) as well as path-style ones.
 pub fn start_server_with(tls: bool, virtual_hosts: bool) -> Server {
+    start_server_on("127.0.0.1:0", tls, virtual_hosts.then_some(""), 1)
+}
+
+/// A plain-HTTP server listening on `bind` with `threads` worker threads (the
+/// stand-alone server of the network test bed); with `domain` (`HOST:PORT`), it takes
+/// virtual-hosted requests (`BUCKET.HOST:PORT`) too.
+pub fn start_server_at(bind: &str, threads: usize, domain: Option<&str>) -> Server {
+    start_server_on(bind, false, domain, threads)
+}
+
+/// `domain`: `Some("")` for `localhost:PORT`.
+fn start_server_on(bind: &str, tls: bool, domain: Option<&str>, threads: usize) -> Server {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join(BUCKET)).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(threads.max(1))
         .enable_all()
         .build()
         .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind(bind)).unwrap();
     let addr = listener.local_addr().unwrap();
     let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS, SECRET));
-    if virtual_hosts {
-        let domain = format!("localhost:{}", addr.port());
+    if let Some(domain) = domain {
+        let domain = match domain {
+            "" => format!("localhost:{}", addr.port()),
+            d => d.to_string(),
+        };
         builder.set_host(s3s::host::SingleDomain::new(&domain).unwrap());
     }
     let s3 = builder.build().into_shared();
@@ -341,6 +361,17 @@ async fn respond(
     faults: &Faults,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Body>, std::io::Error> {
+    if req.uri().path() == STATS_PATH {
+        let body = format!(
+            "{{\"requests\":{},\"gets\":{},\"get_bytes\":{}}}",
+            faults.requests.load(Ordering::SeqCst),
+            faults.gets.load(Ordering::SeqCst),
+            faults.get_bytes.load(Ordering::SeqCst)
+        );
+        return hyper::Response::builder()
+            .body(full(Bytes::from(body)))
+            .map_err(io_err);
+    }
     let number = faults.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let host = req
         .headers()
@@ -461,10 +492,21 @@ async fn respond_inner(
         // An error from the service makes hyper drop the connection without a response.
         return Err(io_err("injected connection drop"));
     }
+    let get = req.method() == hyper::Method::GET
+        && req.uri().path().trim_start_matches('/').contains('/');
     let resp = hyper::service::Service::call(s3, req)
         .await
         .map_err(|e| io_err(format!("{e:?}")))?;
     let (parts, body) = resp.into_parts();
+    if get && parts.status.is_success() {
+        let len = parts
+            .headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        faults.gets.fetch_add(1, Ordering::SeqCst);
+        faults.get_bytes.fetch_add(len, Ordering::SeqCst);
+    }
     if take(&faults.stall) {
         let bytes = BodyExt::collect(body).await.map_err(io_err)?.to_bytes();
         let half = bytes.len() / 2;

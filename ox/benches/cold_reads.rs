@@ -1,0 +1,361 @@
+//! Cold clone reads against an object store that may be far away: the S3 test server in
+//! process on loopback, or the one of the network test bed (`scripts/netem-bed up`,
+//! then `OX_BED_ENDPOINT` or `--endpoint`), with requests and bytes counted at the
+//! server. One run, side by side:
+//!
+//! 1. a bare 4 KiB ranged GET on a kept-alive connection vs on a fresh one (a
+//!    delayed-ACK stall shows as a kept-alive GET slower than a fresh one);
+//! 2. cold 4 KiB clone reads at QD 1, scattered (each a miss);
+//! 3. a cold sequential read, 128 KiB requests, 16 in flight: MB/s, GETs, and bytes
+//!    the server sent per byte read.
+//!
+//! The volume holds incompressible bytes, so what moves is what is read (as with
+//! s3backer over the same data: `scripts/bench-vs-s3backer`). The test server
+//! (s3s-fs) hashes the whole object on every GET: objects are 1 MiB unless
+//! `--object-mib` says.
+//!
+//! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../tests/s3server/mod.rs"]
+mod s3server;
+mod support;
+
+use std::io::{Read, Write};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::blocking::{run_on, submit_on};
+use bdev::{Basis, Bdev, BdevIo, IoBuf, Tracking, create_clone, create_malloc, create_volume};
+use ox::basis::{ObjectBasis, StoreFactory};
+use ox::cores::OxCores;
+use ox::keys::{Kek, SecretKey};
+use ox::snapshot::{Loaded, SnapshotOptions, load, snapshot_volume};
+use ox::store::ObjectStore;
+use ox::store::s3::{CredentialSource, S3Config, S3Store};
+use ox::throttle::Throttle;
+use reactor::{CoreList, ReactorConfig, ReactorHandle, ReactorSet};
+use support::arg;
+
+const CHUNK: u64 = 64 << 10;
+const T: Duration = Duration::from_secs(120);
+
+fn pct(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// Incompressible bytes from `seed`.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The server's counts: requests, object GETs, GET bytes.
+fn stats(endpoint: &str) -> (u64, u64, u64) {
+    let hostport = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    write!(
+        s,
+        "GET {} HTTP/1.0\r\nHost: {hostport}\r\n\r\n",
+        s3server::STATS_PATH
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let field = |name: &str| -> u64 {
+        let at = body.find(&format!("\"{name}\":")).unwrap() + name.len() + 3;
+        body[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    (field("requests"), field("gets"), field("get_bytes"))
+}
+
+struct World {
+    set: ReactorSet,
+    cores: Arc<OxCores>,
+    config: S3Config,
+    kek: Kek,
+    size: u64,
+}
+
+impl World {
+    fn on(&self) -> ReactorHandle {
+        self.set.handles()[0].clone()
+    }
+
+    fn load(&self, key: &str) -> Loaded {
+        let (c, key, k) = (self.config.clone(), key.to_string(), self.kek.clone());
+        self.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = S3Store::new(c, ex).unwrap();
+                    load(&store, &key, &[k]).await.unwrap()
+                })
+            })
+            .unwrap()
+    }
+
+    fn clone_of(&self, key: &str, n: usize) -> (Bdev, ObjectBasis) {
+        let c = self.config.clone();
+        let factory: StoreFactory = Arc::new(move |ex| {
+            Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
+        });
+        let basis = ObjectBasis::new(
+            self.load(key),
+            factory,
+            Arc::clone(&self.cores),
+            Throttle::default(),
+            "c",
+        );
+        let local = create_malloc(&format!("local{n}"), 512, self.size / 512, None).unwrap();
+        // The local copy is a disk already there: a RAM device allocates (and the kernel
+        // may compact memory for) its huge pages on first write, a few ms each, which
+        // a miss would otherwise pay.
+        let zeroes = vec![0u8; 1 << 20];
+        for at in (0..self.size).step_by(1 << 20) {
+            let io = BdevIo::write(at / 512, 2048, vec![IoBuf::from_slice(&zeroes)]);
+            run_on(&self.on(), &local, io, T).unwrap().result.unwrap();
+        }
+        let (dev, _) = create_clone(
+            &format!("clone{n}"),
+            local,
+            Arc::new(basis.clone()) as Arc<dyn Basis>,
+            None,
+        )
+        .unwrap();
+        (dev, basis)
+    }
+
+    fn timed_read(&self, dev: &Bdev, off: u64, len: u64) -> Duration {
+        let start = Instant::now();
+        let io = BdevIo::read(off / 512, len / 512, vec![IoBuf::new(len as usize)]);
+        run_on(&self.on(), dev, io, T).unwrap().result.unwrap();
+        start.elapsed()
+    }
+
+    /// Reads the whole device in `req`-byte requests, `depth` in flight.
+    fn sequential(&self, dev: &Bdev, req: u64, depth: usize) -> Duration {
+        let start = Instant::now();
+        let mut next = 0u64;
+        let mut inflight = std::collections::VecDeque::new();
+        while next < self.size || !inflight.is_empty() {
+            while inflight.len() < depth && next < self.size {
+                let io = BdevIo::read(next / 512, req / 512, vec![IoBuf::new(req as usize)]);
+                inflight.push_back(submit_on(&self.on(), dev, io).unwrap());
+                next += req;
+            }
+            let rx = inflight.pop_front().unwrap();
+            rx.recv_timeout(T).unwrap().result.unwrap();
+        }
+        start.elapsed()
+    }
+}
+
+fn main() {
+    let size = arg("--mib", 256) << 20;
+    let reads = arg("--reads", 100);
+    let object_mib = arg("--object-mib", 1) as usize;
+    let args: Vec<String> = std::env::args().collect();
+    let endpoint = args
+        .iter()
+        .position(|a| a == "--endpoint")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| std::env::var("OX_BED_ENDPOINT").ok());
+    let local_server = endpoint.is_none().then(|| s3server::start_server(false));
+    let endpoint =
+        endpoint.unwrap_or_else(|| format!("http://{}", local_server.as_ref().unwrap().addr));
+    let mut config = S3Config::new(
+        endpoint.parse().unwrap(),
+        s3server::BUCKET,
+        "us-east-1",
+        CredentialSource::Static {
+            access_key: s3server::ACCESS.into(),
+            secret_key: s3server::SECRET.into(),
+        },
+    );
+    config.allow_http = true;
+    let w = World {
+        set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
+        cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
+        config,
+        kek: Kek::new("bench", SecretKey::random().unwrap()),
+        size,
+    };
+    println!(
+        "endpoint {endpoint}, {} MiB volume, {object_mib} MiB objects\n",
+        size >> 20
+    );
+
+    let (vol, vh) = create_volume(
+        "vol",
+        create_malloc("m", 512, size / 512, None).unwrap(),
+        CHUNK,
+        Tracking::Fresh,
+        None,
+    )
+    .unwrap();
+    for i in 0..size >> 20 {
+        let piece = noise(1 << 20, i + 1);
+        let io = BdevIo::write(i << 11, 2048, vec![IoBuf::from_slice(&piece)]);
+        run_on(&w.on(), &vol, io, T).unwrap().result.unwrap();
+    }
+    let opts = SnapshotOptions {
+        prefix: format!("bench-{}/", std::process::id()),
+        zstd_level: 1,
+        kek: Some(w.kek.clone()),
+        object_bytes: object_mib << 20,
+        volume_id: [1; 16],
+        volume_name: "bench".into(),
+        progress: Arc::default(),
+        outage_patience: Duration::from_secs(60),
+        journal: None,
+        store_name: "bench".into(),
+        checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
+        verify_before_publish: false,
+    };
+    let (c, r, o, h) = (w.config.clone(), w.on(), opts, vh.clone());
+    let start = Instant::now();
+    let report = w
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                snapshot_volume(&store, &r, &h, None, &o, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    println!(
+        "snapshot: {} MiB in {:.2?} ({:.1} MB/s of volume)\n",
+        size >> 20,
+        start.elapsed(),
+        size as f64 / start.elapsed().as_secs_f64() / 1e6
+    );
+    let objects = w.load(&report.manifest_key).sources[0].objects.clone();
+    let object = objects[0].clone();
+
+    // 1. Bare GETs: kept-alive vs fresh connection, and one frame's worth.
+    let frame_len = report.data_bytes / (size / CHUNK);
+    let (c, o, n, all) = (w.config.clone(), object.clone(), reads, objects.clone());
+    let (mut kept, mut fresh, mut frame): (Vec<Duration>, Vec<Duration>, Vec<Duration>) = w
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                store.get_range(&o, 0, 4096).await.unwrap();
+                let (mut a, mut b, mut f) = (Vec::new(), Vec::new(), Vec::new());
+                for i in 0..n {
+                    let span = ((object_mib as u64) << 20).saturating_sub(frame_len).max(1);
+                    let off = (i * 7919 * 4096) % span;
+                    let t = Instant::now();
+                    store.get_range(&o, off, 4096).await.unwrap();
+                    a.push(t.elapsed());
+                    let t = Instant::now();
+                    store.get_fresh(&o, Some((off, 4096))).await.unwrap();
+                    b.push(t.elapsed());
+                    let t = Instant::now();
+                    let other = &all[(i as usize * 37) % all.len()];
+                    store.get_range(other, off, frame_len).await.unwrap();
+                    f.push(t.elapsed());
+                }
+                (a, b, f)
+            })
+        })
+        .unwrap();
+    kept.sort();
+    fresh.sort();
+    frame.sort();
+    println!("## 1. Bare 4 KiB ranged GET ({reads} each, alternating)\n");
+    println!("| connection | p50 | p99 |");
+    println!("|---|---|---|");
+    println!(
+        "| kept alive | {:.2?} | {:.2?} |",
+        pct(&kept, 50),
+        pct(&kept, 99)
+    );
+    println!(
+        "| fresh | {:.2?} | {:.2?} |",
+        pct(&fresh, 50),
+        pct(&fresh, 99)
+    );
+    println!(
+        "| kept alive, one frame ({frame_len} B) | {:.2?} | {:.2?} |",
+        pct(&frame, 50),
+        pct(&frame, 99)
+    );
+
+    // 2. Cold 4 KiB reads at QD 1, scattered distinct chunks.
+    let (clone, _) = w.clone_of(&report.manifest_key, 0);
+    let chunks = size / CHUNK;
+    let before = stats(&endpoint);
+    let mut x = 12345u64;
+    let mut seen = std::collections::HashSet::new();
+    let mut cold = Vec::new();
+    while (cold.len() as u64) < reads.min(chunks / 4) {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let c = (x >> 33) % chunks;
+        if seen.insert(c) && !seen.contains(&(c + 1)) && (c == 0 || !seen.contains(&(c - 1))) {
+            cold.push(w.timed_read(&clone, c * CHUNK + 8192, 4096));
+        }
+    }
+    let after = stats(&endpoint);
+    cold.sort();
+    println!(
+        "\n## 2. Cold 4 KiB clone read, QD 1 ({} reads)\n",
+        cold.len()
+    );
+    println!("| read | p50 | p99 | GETs | KiB sent per read |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| cold clone read | {:.2?} | {:.2?} | {} | {:.0} |",
+        pct(&cold, 50),
+        pct(&cold, 99),
+        after.1 - before.1,
+        (after.2 - before.2) as f64 / 1024.0 / cold.len() as f64
+    );
+    println!(
+        "\ncold read p50 - kept-alive 4 KiB GET p50: {:.2?}; - frame GET p50: {:.2?}",
+        pct(&cold, 50).saturating_sub(pct(&kept, 50)),
+        pct(&cold, 50).saturating_sub(pct(&frame, 50))
+    );
+
+    // 3. Cold sequential read, 128 KiB x 16 in flight.
+    let (clone, basis) = w.clone_of(&report.manifest_key, 1);
+    let before = stats(&endpoint);
+    let took = w.sequential(&clone, 128 << 10, 16);
+    let after = stats(&endpoint);
+    let c = basis.counters();
+    let (gets, sent) = (after.1 - before.1, after.2 - before.2);
+    println!("\n## 3. Cold sequential read, 128 KiB x 16 in flight\n");
+    println!(
+        "| MB/s | GETs at the server | MiB sent by the server | sent / read | frames per GET |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {:.1} | {gets} | {:.1} | {:.3} | {:.1} |",
+        size as f64 / took.as_secs_f64() / 1e6,
+        sent as f64 / 1048576.0,
+        sent as f64 / size as f64,
+        c.frames.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / c.frame_gets
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(1) as f64
+    );
+    w.set.shutdown().unwrap();
+}

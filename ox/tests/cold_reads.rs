@@ -1,0 +1,160 @@
+//! What a cold clone costs the object store, counted at the S3 test server: a
+//! sequential reader's read-ahead travels in few ranged GETs of adjacent frames, and
+//! moves about what it reads; a lone 4 KiB miss costs one GET of one frame.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "s3server/mod.rs"]
+mod s3server;
+mod support;
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bdev::{Basis, Bdev, create_clone, create_malloc};
+use ox::basis::{ObjectBasis, StoreFactory};
+use ox::snapshot::{load, snapshot_volume};
+use ox::store::ObjectStore;
+use ox::store::s3::{S3Config, S3Store};
+use ox::throttle::Throttle;
+use support::{CHUNK, Env, env, fresh_volume, options, random, read, write};
+
+const SIZE: u64 = 64 << 20;
+
+fn clone_of(env: &Env, config: &S3Config, key: &str, name: &str) -> (Bdev, ObjectBasis) {
+    let (c, key, kek) = (config.clone(), key.to_string(), env.kek.clone());
+    let loaded = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                load(&S3Store::new(c, ex).unwrap(), &key, &[kek])
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    let c = config.clone();
+    let factory: StoreFactory = Arc::new(move |ex| {
+        Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
+    });
+    let basis = ObjectBasis::new(
+        loaded,
+        factory,
+        Arc::clone(&env.cores),
+        Throttle::default(),
+        "c",
+    );
+    let local = create_malloc(&format!("{name}-local"), 512, SIZE / 512, None).unwrap();
+    let (dev, _) =
+        create_clone(name, local, Arc::new(basis.clone()) as Arc<dyn Basis>, None).unwrap();
+    (dev, basis)
+}
+
+#[test]
+fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (vol, handle) = fresh_volume(SIZE);
+    // Incompressible: every frame is a whole chunk and a little more.
+    let image = random(SIZE as usize, 41);
+    for at in (0..SIZE).step_by(1 << 20) {
+        write(
+            &env,
+            &vol,
+            at,
+            &image[at as usize..(at + (1 << 20)) as usize],
+        );
+    }
+    let mut opts = options(&env);
+    opts.object_bytes = 4 << 20;
+    let (h, r, c) = (handle.clone(), env.set.handles()[0].clone(), config.clone());
+    let report = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "seq");
+    let c = basis.counters();
+    let served = |f: &s3server::Faults| {
+        (
+            f.gets.load(Ordering::SeqCst),
+            f.get_bytes.load(Ordering::SeqCst),
+        )
+    };
+    let (gets0, bytes0) = served(&server.faults);
+
+    // A sequential reader, 128 KiB at a time, of the first half.
+    let half = SIZE / 2;
+    for at in (0..half).step_by(128 << 10) {
+        let got = read(&env, &clone, at, 128 << 10);
+        assert!(
+            got[..] == image[at as usize..(at + (128 << 10)) as usize],
+            "wrong bytes at {at}"
+        );
+    }
+    // (Read-ahead past the reader may still be in flight: the bounds hold throughout.)
+    let read_chunks = half / CHUNK;
+    let frames = c.frames.load(Ordering::SeqCst);
+    let gets = c.frame_gets.load(Ordering::SeqCst);
+    let frame_bytes = c.frame_bytes.load(Ordering::SeqCst);
+    println!(
+        "sequential: {read_chunks} chunks read, {frames} frames in {gets} GETs, {frame_bytes} bytes"
+    );
+    assert!(
+        frames >= read_chunks,
+        "{frames} frames for {read_chunks} chunks"
+    );
+    // What runs past the reader is at most the read-ahead window (8 MiB).
+    assert!(frames <= read_chunks + 128, "{frames} frames");
+    assert!(
+        gets * 8 <= frames,
+        "{gets} GETs for {frames} frames: adjacent frames travel together"
+    );
+    assert!(frame_bytes <= frames * (CHUNK + 256), "{frame_bytes} bytes");
+
+    // Lone 4 KiB misses, on a clone of their own: one GET of one frame each.
+    let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "lone");
+    let c = basis.counters();
+    for (i, chunk) in (SIZE * 3 / 4 / CHUNK..SIZE / CHUNK).step_by(5).enumerate() {
+        let (f, g) = (
+            c.frames.load(Ordering::SeqCst),
+            c.frame_gets.load(Ordering::SeqCst),
+        );
+        let at = chunk * CHUNK + 4096;
+        let got = read(&env, &clone, at, 4096);
+        assert!(
+            got[..] == image[at as usize..at as usize + 4096],
+            "miss {i}"
+        );
+        assert_eq!(
+            c.frames.load(Ordering::SeqCst),
+            f + 1,
+            "miss {i}: one frame"
+        );
+        assert_eq!(
+            c.frame_gets.load(Ordering::SeqCst),
+            g + 1,
+            "miss {i}: one GET"
+        );
+    }
+
+    // The server counted at least what the bases did (it counts a GET as it answers,
+    // a basis once the body has arrived).
+    let (gets1, bytes1) = served(&server.faults);
+    let counted_gets =
+        c.frame_gets.load(Ordering::SeqCst) + c.page_gets.load(Ordering::SeqCst) + gets;
+    assert!(
+        gets1 - gets0 > counted_gets,
+        "server {} GETs, bases {counted_gets}",
+        gets1 - gets0
+    );
+    assert!(bytes1 - bytes0 >= c.frame_bytes.load(Ordering::SeqCst) + frame_bytes);
+    env.set.shutdown().unwrap();
+}
