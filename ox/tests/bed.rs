@@ -1,0 +1,198 @@
+//! Cold clone reads against a store behind a slow link: the network test bed
+//! (`scripts/netem-bed`: the S3 test server in a network namespace of its own, behind a
+//! bandwidth cap and a 20 ms round trip), counted at the server. A sequential reader's
+//! frames travel in few GETs and what moves is what it reads; a lone miss is one GET of
+//! one frame. (The figures of this bed are `cargo bench -p ox --bench cold_reads`.)
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "s3server/mod.rs"]
+mod s3server;
+mod support;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bdev::{Basis, create_clone, create_malloc};
+use ox::basis::{ObjectBasis, StoreFactory};
+use ox::snapshot::{load, snapshot_volume};
+use ox::store::ObjectStore;
+use ox::store::s3::{CredentialSource, S3Config, S3Store};
+use ox::throttle::Throttle;
+use support::{CHUNK, env, fresh_volume, options, random, read, write};
+
+const ENDPOINT: &str = "http://10.231.0.2:9000";
+const SIZE: u64 = 16 << 20;
+
+/// The bed, up while this lives.
+struct Bed {
+    script: PathBuf,
+}
+
+impl Bed {
+    /// Brings the bed up with the server `cargo test` built beside this test.
+    fn up(rtt_ms: u32, rate_mbit: u32) -> Self {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let script = root.join("scripts/netem-bed");
+        let exe = std::env::current_exe().unwrap();
+        let server = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .unwrap()
+            .join("examples/s3_test_server");
+        assert!(server.exists(), "{} not built", server.display());
+        let out = Command::new(&script)
+            .args(["up", "--rtt-ms", &rtt_ms.to_string()])
+            .args(["--rate-mbit", &rate_mbit.to_string()])
+            .env("OX_BED_SERVER", &server)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "netem-bed up: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { script }
+    }
+
+    /// The server's counts: object GETs and their bytes.
+    fn served(&self) -> (u64, u64) {
+        let mut s = std::net::TcpStream::connect("10.231.0.2:9000").unwrap();
+        write!(s, "GET {} HTTP/1.0\r\n\r\n", s3server::STATS_PATH).unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        let field = |name: &str| -> u64 {
+            let at = body.find(&format!("\"{name}\":")).unwrap() + name.len() + 3;
+            body[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap()
+        };
+        (field("gets"), field("get_bytes"))
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.script).arg("down").status();
+    }
+}
+
+#[test]
+fn over_a_slow_link_sequential_reads_move_what_they_read_in_few_gets() {
+    let bed = Bed::up(20, 400);
+    let env = env();
+    let mut config = S3Config::new(
+        ENDPOINT.parse().unwrap(),
+        s3server::BUCKET,
+        "us-east-1",
+        CredentialSource::Static {
+            access_key: s3server::ACCESS.into(),
+            secret_key: s3server::SECRET.into(),
+        },
+    );
+    config.allow_http = true;
+    let (vol, handle) = fresh_volume(SIZE);
+    let image = random(SIZE as usize, 5);
+    for at in (0..SIZE).step_by(1 << 20) {
+        write(
+            &env,
+            &vol,
+            at,
+            &image[at as usize..(at + (1 << 20)) as usize],
+        );
+    }
+    let (h, r, c, o) = (
+        handle.clone(),
+        env.set.handles()[0].clone(),
+        config.clone(),
+        options(&env),
+    );
+    let report = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                snapshot_volume(&store, &r, &h, None, &o, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    let open = |name: &str| {
+        let (c, key, kek) = (config.clone(), report.manifest_key.clone(), env.kek.clone());
+        let loaded = env
+            .cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    load(&S3Store::new(c, ex).unwrap(), &key, &[kek])
+                        .await
+                        .unwrap()
+                })
+            })
+            .unwrap();
+        let c = config.clone();
+        let factory: StoreFactory = Arc::new(move |ex| {
+            Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
+        });
+        let basis = ObjectBasis::new(
+            loaded,
+            factory,
+            Arc::clone(&env.cores),
+            Throttle::default(),
+            name,
+        );
+        let local = create_malloc(&format!("{name}-local"), 512, SIZE / 512, None).unwrap();
+        let (dev, _) =
+            create_clone(name, local, Arc::new(basis.clone()) as Arc<dyn Basis>, None).unwrap();
+        (dev, basis)
+    };
+
+    // The whole volume, sequentially: nothing runs past its end.
+    let (clone, basis) = open("seq");
+    let before = bed.served();
+    for at in (0..SIZE).step_by(128 << 10) {
+        let got = read(&env, &clone, at, 128 << 10);
+        assert!(
+            got[..] == image[at as usize..(at + (128 << 10)) as usize],
+            "at {at}"
+        );
+    }
+    let c = basis.counters();
+    let (frames, gets) = (
+        c.frames.load(Ordering::SeqCst),
+        c.frame_gets.load(Ordering::SeqCst),
+    );
+    assert_eq!(frames, SIZE / CHUNK, "each frame fetched once");
+    assert!(gets * 8 <= frames, "{gets} GETs for {frames} frames");
+    let after = bed.served();
+    let sent = after.1 - before.1;
+    println!(
+        "sequential over the bed: {} GETs at the server, {sent} bytes for {SIZE} read",
+        after.0 - before.0
+    );
+    assert!(
+        sent as f64 <= SIZE as f64 * 1.05,
+        "{sent} bytes sent for {SIZE} read"
+    );
+
+    // A lone 4 KiB miss: one GET of one frame.
+    let (clone, basis) = open("lone");
+    let before = bed.served();
+    let at = 100 * CHUNK + 4096;
+    assert!(read(&env, &clone, at, 4096)[..] == image[at as usize..at as usize + 4096]);
+    let after = bed.served();
+    let c = basis.counters();
+    assert_eq!(c.frames.load(Ordering::SeqCst), 1);
+    assert_eq!(c.frame_gets.load(Ordering::SeqCst), 1);
+    // The index page, then the frame.
+    assert_eq!(after.0 - before.0, 2, "GETs at the server");
+    assert!(after.1 - before.1 <= CHUNK + 4096 + c.page_bytes.load(Ordering::SeqCst));
+    env.set.shutdown().unwrap();
+}
