@@ -159,7 +159,7 @@ impl Inner {
                 _ => Vec::new(),
             }
         };
-        if result.is_ok() {
+        if result.is_ok() && fetched > 0 {
             self.counters.page_gets.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .page_bytes

@@ -1,4 +1,4 @@
-//! The snapshot format (version 2): object keys, the manifest written last, and the
+//! The snapshot format (version 3): object keys, the manifest written last, and the
 //! paged chunk index. `docs/FORMAT.md` describes it for people; this module is the
 //! reference implementation.
 //!
@@ -13,10 +13,11 @@ use crate::keys::WrappedKey;
 
 /// Format version written by this build. Readers accept every version in
 /// [`READABLE_VERSIONS`].
-/// Version 2 added the manifest's `block_size`; frames and index pages are as in 1.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 2 added the manifest's `block_size`; version 3 its `empty_pages` (index
+/// pages not stored because they hold nothing); frames and index pages are as in 1.
+pub const FORMAT_VERSION: u32 = 3;
 /// Versions this build reads.
-pub const READABLE_VERSIONS: &[u32] = &[1, 2];
+pub const READABLE_VERSIONS: &[u32] = &[1, 2, 3];
 /// Block sizes a volume (and so a manifest) may have.
 pub const BLOCK_SIZES: [u32; 2] = [512, 4096];
 /// Chunks described by one index page.
@@ -184,6 +185,37 @@ pub fn page_key(prefix: &str, salt: &[u8; 16], page: u64) -> String {
     index_key(prefix, &id)
 }
 
+/// The key and message of a manifest's `empty_pages` tag: HMAC-SHA256 under a key
+/// derived from the snapshot's data key, over the snapshot ID and the ranges.
+fn empty_pages_mac(
+    key: &crate::keys::SecretKey,
+    snapshot: &str,
+    ranges: &[[u64; 2]],
+) -> (ring::hmac::Key, Vec<u8>) {
+    let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.bytes());
+    let sub = ring::hmac::sign(&derive, b"ox-empty-pages-key-v1");
+    let mut msg = b"ox-empty-pages-v1\0".to_vec();
+    msg.extend_from_slice(snapshot.as_bytes());
+    for r in ranges {
+        msg.extend_from_slice(&r[0].to_le_bytes());
+        msg.extend_from_slice(&r[1].to_le_bytes());
+    }
+    (
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, sub.as_ref()),
+        msg,
+    )
+}
+
+/// The tag (hex) of `ranges` as the `empty_pages` of snapshot `snapshot`.
+pub fn empty_pages_tag(
+    key: &crate::keys::SecretKey,
+    snapshot: &str,
+    ranges: &[[u64; 2]],
+) -> String {
+    let (key, msg) = empty_pages_mac(key, snapshot, ranges);
+    hex::encode(ring::hmac::sign(&key, &msg).as_ref())
+}
+
 /// An ancestor whose frames this snapshot references.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ancestor {
@@ -228,6 +260,16 @@ pub struct Manifest {
     /// Random salt (hex) from which index page keys derive: see [`page_key`]. Page n
     /// covers chunks [n × PAGE_CHUNKS, ...).
     pub index_salt: String,
+    /// Format 3: index pages not stored because every chunk they cover is zero, as
+    /// ascending ranges `[first, end)` of page numbers. A sparse volume's snapshot
+    /// stores pages only where it holds data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub empty_pages: Vec<[u64; 2]>,
+    /// When encrypted: an HMAC (hex) of `empty_pages` under a key derived from the
+    /// data key ([`empty_pages_tag`]), so only whoever holds the key can declare pages
+    /// empty (the checksum below is no secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_pages_tag: Option<String>,
     /// Chunks stored by this snapshot (not referenced).
     pub stored_chunks: u64,
     /// Bytes of frames stored by this snapshot.
@@ -318,6 +360,22 @@ impl Manifest {
             ));
         }
         parse_id(&m.index_salt)?;
+        if m.format < 3 && (!m.empty_pages.is_empty() || m.empty_pages_tag.is_some()) {
+            return Err(OxError::integrity(
+                "manifest",
+                format!("empty_pages in a format {} manifest", m.format),
+            ));
+        }
+        let mut end = 0;
+        for &[first, stop] in &m.empty_pages {
+            if first < end || stop <= first || stop > m.page_count() {
+                return Err(OxError::integrity(
+                    "manifest",
+                    format!("empty_pages range [{first}, {stop})"),
+                ));
+            }
+            end = stop;
+        }
         if m.lineage.len() > usize::from(u16::MAX) {
             return Err(OxError::integrity("manifest", "lineage too long"));
         }
@@ -327,6 +385,34 @@ impl Manifest {
     /// Number of index pages.
     pub fn page_count(&self) -> u64 {
         self.chunks().div_ceil(PAGE_CHUNKS)
+    }
+
+    /// Checks that the data key vouches for `empty_pages` (an encrypted snapshot's
+    /// manifest may not declare pages empty without it); `key`: the unwrapped data key.
+    pub fn check_empty_pages(&self, key: Option<&crate::keys::SecretKey>) -> Result<(), OxError> {
+        let Some(key) = key.filter(|_| !self.empty_pages.is_empty()) else {
+            return Ok(());
+        };
+        let (mac, msg) = empty_pages_mac(key, &self.snapshot, &self.empty_pages);
+        let tag = self
+            .empty_pages_tag
+            .as_deref()
+            .and_then(|t| hex::decode(t).ok())
+            .unwrap_or_default();
+        ring::hmac::verify(&mac, &msg, &tag).map_err(|_| {
+            OxError::integrity("manifest", "empty_pages not vouched for by the data key")
+        })
+    }
+
+    /// Whether index page `page` was not stored because it holds nothing.
+    pub fn page_is_empty(&self, page: u64) -> bool {
+        let i = self.empty_pages.partition_point(|r| r[1] <= page);
+        self.empty_pages.get(i).is_some_and(|r| r[0] <= page)
+    }
+
+    /// Index pages stored.
+    pub fn stored_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.page_count()).filter(|&p| !self.page_is_empty(p))
     }
 
     /// Key of index page `page`.
@@ -431,6 +517,8 @@ mod tests {
     #[test]
     fn manifests_are_checked() {
         let m = Manifest {
+            empty_pages: Vec::new(),
+            empty_pages_tag: None,
             format: FORMAT_VERSION,
             snapshot: hex::encode([3u8; 16]),
             volume: hex::encode([4u8; 16]),
@@ -498,6 +586,37 @@ mod tests {
         let read = Manifest::from_bytes(&serde_json::to_vec(&v1).unwrap()).unwrap();
         assert_eq!((read.format, read.block_size), (1, 512));
         assert!(Manifest::from_bytes(b"{\"format\":1").is_err());
+        // Empty pages: ascending, disjoint ranges within the index (1 TiB of 1 MiB
+        // chunks: 64 pages), and only in format 3.
+        let mut sparse = m.clone();
+        sparse.empty_pages = vec![[0, 5], [6, 64]];
+        let read = Manifest::from_bytes(&sparse.to_bytes()).unwrap();
+        assert!(read.page_is_empty(0) && read.page_is_empty(4) && read.page_is_empty(63));
+        assert!(!read.page_is_empty(5));
+        assert_eq!(read.stored_pages().collect::<Vec<_>>(), vec![5]);
+        for ranges in [
+            vec![[0, 5], [4, 8]],
+            vec![[3, 3]],
+            vec![[0, 65]],
+            vec![[6, 8], [0, 2]],
+        ] {
+            let mut odd = m.clone();
+            odd.empty_pages = ranges.clone();
+            assert!(Manifest::from_bytes(&odd.to_bytes()).is_err(), "{ranges:?}");
+        }
+        let mut old = sparse.clone();
+        old.format = 2;
+        assert!(Manifest::from_bytes(&old.to_bytes()).is_err());
+        // With a data key, only its tag vouches for them.
+        let key = crate::keys::SecretKey::random().unwrap();
+        assert!(sparse.check_empty_pages(None).is_ok());
+        assert!(sparse.check_empty_pages(Some(&key)).is_err());
+        sparse.empty_pages_tag = Some(empty_pages_tag(&key, &sparse.snapshot, &sparse.empty_pages));
+        assert!(sparse.check_empty_pages(Some(&key)).is_ok());
+        let other = crate::keys::SecretKey::random().unwrap();
+        assert!(sparse.check_empty_pages(Some(&other)).is_err());
+        sparse.empty_pages = vec![[0, 6], [6, 64]];
+        assert!(sparse.check_empty_pages(Some(&key)).is_err());
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct Journal {
     pub pages: u64,
     /// Bytes of index pages stored.
     pub index_bytes: u64,
+    /// Of the first `pages`, those not stored because they hold nothing (ranges of
+    /// page numbers, as the manifest's `empty_pages`).
+    #[serde(default)]
+    pub empty_pages: Vec<[u64; 2]>,
     /// Entries (hex, as in an index page) of the page being built: chunks from
     /// `pages × PAGE_CHUNKS` to `next_chunk`.
     pub page_entries: String,
@@ -163,6 +167,7 @@ mod tests {
             objects: vec!["v/ox1/d/x".into()],
             pages: 0,
             index_bytes: 0,
+            empty_pages: Vec::new(),
             page_entries: "00".repeat(100),
             stored_chunks: 1,
             uploaded: 100,

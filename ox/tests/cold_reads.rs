@@ -1,6 +1,7 @@
-//! What a cold clone costs the object store, counted at the S3 test server: a
-//! sequential reader's read-ahead travels in few ranged GETs of adjacent frames, and
-//! moves about what it reads; a lone 4 KiB miss costs one GET of one frame.
+//! What snapshots and cold clones cost the object store, counted at the S3 test
+//! server: a sequential reader's read-ahead travels in few ranged GETs of adjacent
+//! frames, and moves about what it reads; a lone 4 KiB miss costs one GET of one
+//! frame; a sparse volume's snapshot costs requests for its data, not its size.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "s3server/mod.rs"]
@@ -22,6 +23,16 @@ use support::{CHUNK, Env, env, fresh_volume, options, random, read, write};
 const SIZE: u64 = 64 << 20;
 
 fn clone_of(env: &Env, config: &S3Config, key: &str, name: &str) -> (Bdev, ObjectBasis) {
+    clone_of_size(env, config, key, name, SIZE)
+}
+
+fn clone_of_size(
+    env: &Env,
+    config: &S3Config,
+    key: &str,
+    name: &str,
+    size: u64,
+) -> (Bdev, ObjectBasis) {
     let (c, key, kek) = (config.clone(), key.to_string(), env.kek.clone());
     let loaded = env
         .cores
@@ -44,7 +55,7 @@ fn clone_of(env: &Env, config: &S3Config, key: &str, name: &str) -> (Bdev, Objec
         Throttle::default(),
         "c",
     );
-    let local = create_malloc(&format!("{name}-local"), 512, SIZE / 512, None).unwrap();
+    let local = create_malloc(&format!("{name}-local"), 512, size / 512, None).unwrap();
     let (dev, _) =
         create_clone(name, local, Arc::new(basis.clone()) as Arc<dyn Basis>, None).unwrap();
     (dev, basis)
@@ -156,5 +167,98 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
         gets1 - gets0
     );
     assert!(bytes1 - bytes0 >= c.frame_bytes.load(Ordering::SeqCst) + frame_bytes);
+    env.set.shutdown().unwrap();
+}
+
+#[test]
+fn a_sparse_1_tib_snapshot_costs_requests_for_its_data_not_its_size() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let size = 1u64 << 40;
+    let (vol, handle) = fresh_volume(size);
+    let extent = random(4 << 20, 3);
+    let (far, near) = (300u64 << 30, 5u64 << 30);
+    write(&env, &vol, far, &extent);
+    write(&env, &vol, near, &random(4096, 4));
+    let requests = || u64::from(server.faults.requests.load(Ordering::SeqCst));
+    let before = requests();
+    let (h, r, c, o) = (
+        handle.clone(),
+        env.set.handles()[0].clone(),
+        config.clone(),
+        options(&env),
+    );
+    let report = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                snapshot_volume(&store, &r, &h, None, &o, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    let spent = requests() - before;
+    let m = &report.manifest;
+    println!(
+        "1 TiB holding 4 MiB + 4 KiB: {spent} requests, {} data objects, pages stored {:?}",
+        m.objects.len(),
+        m.stored_pages().collect::<Vec<_>>()
+    );
+    // Pages of 16,384 chunks (1 GiB): data in pages 5 and 300 only.
+    assert_eq!(m.empty_pages, vec![[0, 5], [6, 300], [301, 1024]]);
+    assert!(
+        m.empty_pages_tag.is_some(),
+        "encrypted: the key vouches for them"
+    );
+    // The data objects, two index pages and the manifest: O(data), not 1,024 pages.
+    assert_eq!(spent, m.objects.len() as u64 + 2 + 1, "requests");
+
+    // A clone reads the data, and unwritten space with no request at all.
+    let (clone, basis) = clone_of_size(&env, &config, &report.manifest_key, "sparse", size);
+    assert!(read(&env, &clone, far, 4 << 20) == extent);
+    let before = requests();
+    assert!(
+        read(&env, &clone, 700 << 30, 1 << 20)
+            .iter()
+            .all(|&b| b == 0)
+    );
+    assert_eq!(requests(), before, "an empty page is not fetched");
+    assert_eq!(basis.counters().page_gets.load(Ordering::SeqCst), 1);
+
+    // Only the data key can declare pages empty: a manifest edited to call page 300
+    // empty (its checksum recomputed) is refused, with or without the old tag.
+    let (c, key) = (config.clone(), report.manifest_key.clone());
+    let stored = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move { S3Store::new(c, ex).unwrap().get(&key).await.unwrap() })
+        })
+        .unwrap();
+    for keep_tag in [true, false] {
+        let mut forged = ox::format::Manifest::from_bytes(&stored).unwrap();
+        forged.empty_pages = vec![[0, 1024]];
+        if !keep_tag {
+            forged.empty_pages_tag = None;
+        }
+        let (c, kek, bytes) = (config.clone(), env.kek.clone(), forged.to_bytes());
+        let e = env
+            .cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = S3Store::new(c, ex).unwrap();
+                    store.put("vol1/forged", bytes).await.unwrap();
+                    load(&store, "vol1/forged", &[kek]).await.map(|_| ())
+                })
+            })
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(e, ox::OxError::Integrity { .. }) && e.to_string().contains("empty_pages"),
+            "{e}"
+        );
+    }
     env.set.shutdown().unwrap();
 }

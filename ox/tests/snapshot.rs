@@ -924,6 +924,10 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
         ),
         ("pages", serde_json::json!({ "pages": u64::MAX })),
         (
+            "empty_pages",
+            serde_json::json!({ "empty_pages": [[0, 1]], "pages": 0 }),
+        ),
+        (
             "nonce_prefixes",
             serde_json::json!({ "nonce_prefixes": ["zz"] }),
         ),

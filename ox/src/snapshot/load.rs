@@ -74,6 +74,7 @@ fn source_of(m: &Manifest, keks: &[Kek]) -> Result<Source, OxError> {
         .as_ref()
         .map(|w| keys::unwrap(keks, w, &m.snapshot))
         .transpose()?;
+    m.check_empty_pages(key.as_ref())?;
     Ok(Source {
         key,
         binding: m.binding()?,
@@ -192,6 +193,11 @@ impl Loaded {
                 "manifest",
                 format!("no index page {page}"),
             ));
+        }
+        if self.manifest.page_is_empty(page) {
+            // Not stored: every chunk it covers is zero (the data key vouched for it).
+            let entries = vec![Entry::Zero; self.manifest.page_chunks(page)];
+            return Ok((IndexPage { entries }, 0));
         }
         let codec = self.sources[0].codec()?;
         let key = self.manifest.page_key(page)?;

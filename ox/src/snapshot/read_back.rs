@@ -38,7 +38,8 @@ pub async fn read_back(store: &dyn ObjectStore, loaded: &Loaded) -> Result<ReadB
     let m = &loaded.manifest;
     for page in 0..m.page_count() {
         let (index, n) = loaded.page(store, page, Some(&counters)).await?;
-        out.gets += 1;
+        // An empty page was not stored: nothing fetched.
+        out.gets += u64::from(n > 0);
         out.bytes += n as u64;
         for (i, entry) in index.entries.iter().enumerate() {
             let Entry::Frame {

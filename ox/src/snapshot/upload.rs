@@ -163,6 +163,8 @@ pub(super) struct IndexWriter {
     pub(super) pages: u64,
     /// Bytes of the pages stored.
     pub(super) bytes: u64,
+    /// Pages not stored because every entry is zero (ranges, ascending).
+    pub(super) empty: Vec<[u64; 2]>,
 }
 
 impl IndexWriter {
@@ -181,7 +183,9 @@ impl IndexWriter {
         Ok(())
     }
 
-    /// Stores the page being built, if it holds anything.
+    /// Stores the page being built, if it holds anything: a page of zero entries
+    /// only joins the manifest's `empty_pages`, so a sparse volume's snapshot costs
+    /// requests for its data, not its size.
     pub(super) async fn flush(
         &mut self,
         store: &dyn ObjectStore,
@@ -194,6 +198,15 @@ impl IndexWriter {
         let page = IndexPage {
             entries: std::mem::take(&mut self.entries),
         };
+        if page.entries.iter().all(|e| *e == Entry::Zero) {
+            match self.empty.last_mut() {
+                Some(r) if r[1] == self.pages => r[1] += 1,
+                _ => self.empty.push([self.pages, self.pages + 1]),
+            }
+            self.pages += 1;
+            self.entries.reserve(PAGE_CHUNKS as usize);
+            return Ok(());
+        }
         let frame = page.encode(codec, self.pages)?;
         let key = format::page_key(&opts.prefix, &self.salt, self.pages);
         self.pages += 1;

@@ -34,6 +34,7 @@ struct Start {
     objects: Vec<String>,
     pages: u64,
     index_bytes: u64,
+    empty_pages: Vec<[u64; 2]>,
     entries: Vec<Entry>,
     stored_chunks: u64,
     uploaded: u64,
@@ -55,6 +56,7 @@ impl Start {
             objects: Vec::new(),
             pages: 0,
             index_bytes: 0,
+            empty_pages: Vec::new(),
             entries: Vec::with_capacity(PAGE_CHUNKS as usize),
             stored_chunks: 0,
             uploaded: 0,
@@ -85,6 +87,13 @@ impl Start {
             || j.index_bytes > most
         {
             return Err(bad("counters"));
+        }
+        let mut end = 0;
+        for &[first, stop] in &j.empty_pages {
+            if first < end || stop <= first || stop > j.pages {
+                return Err(bad("empty pages"));
+            }
+            end = stop;
         }
         let data_key = match (&opts.kek, &j.key) {
             (Some(kek), Some(w)) => Some(keys::unwrap(std::slice::from_ref(kek), w, &j.snapshot)?),
@@ -129,6 +138,7 @@ impl Start {
             objects: j.objects.clone(),
             pages: j.pages,
             index_bytes: j.index_bytes,
+            empty_pages: j.empty_pages.clone(),
             entries,
             stored_chunks: j.stored_chunks,
             uploaded: j.uploaded,
@@ -162,6 +172,7 @@ impl Journaling<'_> {
             objects: packer.objects.clone(),
             pages: index.pages,
             index_bytes: index.bytes,
+            empty_pages: index.empty.clone(),
             page_entries: hex::encode(
                 IndexPage {
                     entries: index.entries.clone(),
@@ -283,6 +294,7 @@ pub(super) async fn write(
         salt: start.salt,
         pages: start.pages,
         bytes: start.index_bytes,
+        empty: start.empty_pages.clone(),
     };
     let base = match (&resumed, journal_path) {
         (_, None) => None,
@@ -313,6 +325,7 @@ pub(super) async fn write(
                 objects: Vec::new(),
                 pages: 0,
                 index_bytes: 0,
+                empty_pages: Vec::new(),
                 page_entries: String::new(),
                 stored_chunks: 0,
                 uploaded: 0,
@@ -471,6 +484,12 @@ pub(super) async fn write(
         objects: packer.objects.clone(),
         index_prefix: opts.prefix.clone(),
         index_salt: hex::encode(index.salt),
+        empty_pages_tag: start
+            .data_key
+            .as_ref()
+            .filter(|_| !index.empty.is_empty())
+            .map(|k| format::empty_pages_tag(k, &snapshot_hex, &index.empty)),
+        empty_pages: index.empty,
         stored_chunks,
         stored_bytes: packer.uploaded,
         checksum: None,
