@@ -109,6 +109,16 @@ impl World {
     }
 
     fn clone_of(&self, key: &str, n: usize) -> (Bdev, ObjectBasis) {
+        let (dev, basis, _) = self.clone_with(key, n, Throttle::default());
+        (dev, basis)
+    }
+
+    fn clone_with(
+        &self,
+        key: &str,
+        n: usize,
+        throttle: Throttle,
+    ) -> (Bdev, ObjectBasis, bdev::CloneHandle) {
         let c = self.config.clone();
         let factory: StoreFactory = Arc::new(move |ex| {
             Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
@@ -117,7 +127,7 @@ impl World {
             self.load(key),
             factory,
             Arc::clone(&self.cores),
-            Throttle::default(),
+            throttle,
             "c",
         );
         let local = create_malloc(&format!("local{n}"), 512, self.size / 512, None).unwrap();
@@ -129,14 +139,14 @@ impl World {
             let io = BdevIo::write(at / 512, 2048, vec![IoBuf::from_slice(&zeroes)]);
             run_on(&self.on(), &local, io, T).unwrap().result.unwrap();
         }
-        let (dev, _) = create_clone(
+        let (dev, handle) = create_clone(
             &format!("clone{n}"),
             local,
             Arc::new(basis.clone()) as Arc<dyn Basis>,
             None,
         )
         .unwrap();
-        (dev, basis)
+        (dev, basis, handle)
     }
 
     fn timed_read(&self, dev: &Bdev, off: u64, len: u64) -> Duration {
@@ -162,6 +172,24 @@ impl World {
         }
         start.elapsed()
     }
+}
+
+/// Cold 4 KiB reads at QD 1 of distinct chunks of the top half, none adjacent.
+fn scattered(w: &World, dev: &Bdev, n: u64, skip: impl Fn(u64) -> bool) -> Vec<Duration> {
+    let chunks = w.size / CHUNK;
+    let mut x = 12345u64;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    while (out.len() as u64) < n.min(chunks / 8) {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let c = chunks / 2 + (x >> 33) % (chunks / 2);
+        if seen.insert(c) && !seen.contains(&(c + 1)) && !seen.contains(&(c - 1)) && !skip(c) {
+            out.push(w.timed_read(dev, c * CHUNK + 8192, 4096));
+        }
+    }
+    out
 }
 
 fn main() {
@@ -300,24 +328,14 @@ fn main() {
 
     // 2. Cold 4 KiB reads at QD 1, scattered distinct chunks.
     let (clone, _) = w.clone_of(&report.manifest_key, 0);
-    let chunks = size / CHUNK;
+    // The first miss also fetches the index page: not counted.
+    w.timed_read(&clone, 0, 4096);
     let before = stats(&endpoint);
-    let mut x = 12345u64;
-    let mut seen = std::collections::HashSet::new();
-    let mut cold = Vec::new();
-    while (cold.len() as u64) < reads.min(chunks / 4) {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let c = (x >> 33) % chunks;
-        if seen.insert(c) && !seen.contains(&(c + 1)) && (c == 0 || !seen.contains(&(c - 1))) {
-            cold.push(w.timed_read(&clone, c * CHUNK + 8192, 4096));
-        }
-    }
+    let mut cold = scattered(&w, &clone, reads, |_| false);
     let after = stats(&endpoint);
     cold.sort();
     println!(
-        "\n## 2. Cold 4 KiB clone read, QD 1 ({} reads)\n",
+        "\n## 2. Cold 4 KiB clone read, QD 1 ({} reads, after a first that loads the index page)\n",
         cold.len()
     );
     println!("| read | p50 | p99 | GETs | KiB sent per read |");
@@ -356,6 +374,60 @@ fn main() {
             / c.frame_gets
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .max(1) as f64
+    );
+
+    // 4. Thickening beside a host reading cold data at QD 1, under a background limit.
+    let limit = arg("--thicken-mib", 16) << 20;
+    let throttle = ox::throttle::Throttle::new(
+        ox::throttle::Limit::NONE,
+        ox::throttle::Limit::per_second(limit),
+    );
+    let burst = ox::throttle::Limit::per_second(limit).burst;
+    throttle.try_acquire("c", ox::throttle::Class::Background, burst);
+    let (clone, basis, handle) = w.clone_with(&report.manifest_key, 2, throttle);
+    let control = ox::hydrate::Thickening::new();
+    let walker = {
+        let (h, r, c, cores) = (
+            handle.clone(),
+            w.on(),
+            Arc::clone(&control),
+            Arc::clone(&w.cores),
+        );
+        std::thread::spawn(move || {
+            cores
+                .run(move |_ex| {
+                    Box::pin(async move { ox::hydrate::thicken(&h, &r, &c).await.unwrap() })
+                })
+                .unwrap()
+        })
+    };
+    let thick = || handle.counters().fetched_bytes[2].load(std::sync::atomic::Ordering::Relaxed);
+    let host = || handle.counters().fetched_bytes[0].load(std::sync::atomic::Ordering::Relaxed);
+    w.timed_read(&clone, 0, 4096);
+    let (t0, h0, start) = (thick(), host(), Instant::now());
+    let mut busy = scattered(&w, &clone, reads, |c| handle.is_present(c));
+    let took = start.elapsed().as_secs_f64();
+    let (t1, h1) = (thick(), host());
+    control.stop();
+    walker.join().unwrap();
+    let _ = basis;
+    busy.sort();
+    let (thick_rate, host_rate) = ((t1 - t0) as f64 / took, (h1 - h0) as f64 / took);
+    let room = limit as f64 - host_rate;
+    println!("\n## 4. Thickening beside a host's cold 4 KiB reads at QD 1\n");
+    println!(
+        "| background limit | host fetch rate | thickening rate | thickening / (limit - host) | host p50 | host p99 | host p99 / idle p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {:.1} MB/s | {:.2} MB/s | {:.2} MB/s | {:.2} | {:.2?} | {:.2?} | {:.2} |",
+        limit as f64 / 1e6,
+        host_rate / 1e6,
+        thick_rate / 1e6,
+        thick_rate / room,
+        pct(&busy, 50),
+        pct(&busy, 99),
+        pct(&busy, 99).as_secs_f64() / pct(&cold, 99).as_secs_f64()
     );
     w.set.shutdown().unwrap();
 }

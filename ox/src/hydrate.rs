@@ -2,12 +2,14 @@
 //! it no longer needs its basis), restoring a snapshot to a local device, and verifying
 //! (scrubbing) every frame of a snapshot.
 //!
-//! Thickening runs on an OX core as background traffic, with a small window of fetches
-//! in flight (so a store's latency, not the window, is what a slow link costs): the
-//! basis charges it to the background bucket of the throttle, and client misses, which
-//! are foreground, are never queued behind more than a window of thickening fetches;
-//! while a host waits on the basis the walk starts no fetch, and for a short grace
-//! after it keeps a single one in flight.
+//! Thickening runs on an OX core as background traffic, with a small window of runs
+//! in flight (each up to [`RUN_CHUNKS`] adjacent chunks, which the basis fetches in
+//! one ranged GET; so a store's latency, not the window, is what a slow link costs):
+//! the basis charges it to the background bucket of the throttle. While hosts read
+//! cold data (a host waits on the basis, or did within a short grace) it keeps going
+//! with [`SHARING_WINDOW`] short runs of [`SHARING_RUN`] chunks in flight: a host's
+//! miss then queues behind at most that much thickening on the link, and thickening
+//! still uses the bandwidth the host leaves.
 //! It can be paused, resumed and stopped, and reports progress.
 
 use std::sync::Arc;
@@ -34,8 +36,17 @@ pub struct Thickening {
     changed: event_listener::Event,
 }
 
-/// Fetches a walk keeps in flight unless told otherwise.
+/// Runs a walk keeps in flight unless told otherwise.
 pub const DEFAULT_WINDOW: usize = 8;
+
+/// The most adjacent chunks a walk asks for at once (1 MiB at 64 KiB chunks).
+pub const RUN_CHUNKS: usize = 16;
+
+/// While hosts read cold data: runs in flight, and their length in chunks (256 KiB at
+/// 64 KiB chunks: a few ms of a host's miss queued behind it on a slow link).
+pub const SHARING_WINDOW: usize = 2;
+/// See [`SHARING_WINDOW`].
+pub const SHARING_RUN: usize = 4;
 
 impl Default for Thickening {
     fn default() -> Self {
@@ -141,34 +152,47 @@ pub async fn thicken(
         }
     }
     let rest = (0..total).filter(|c| !seen.contains(c));
-    let mut next = order.into_iter().chain(rest);
-    let (tx, rx) = async_channel::unbounded::<(u64, Result<(), bdev::BdevError>)>();
+    let mut next = order
+        .into_iter()
+        .chain(rest)
+        .filter(|&c| !clone.is_present(c))
+        .peekable();
+    let (tx, rx) = async_channel::unbounded::<(Vec<u64>, Result<(), bdev::BdevError>)>();
     let (mut inflight, mut exhausted, mut failure) = (0usize, false, None);
     let mut attempts: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
-    let issue = |chunk: u64| {
+    let issue = |run: Vec<u64>| {
         let tx = tx.clone();
-        clone.fetch_on(on, chunk, FetchReason::Thickening, move |r| {
-            let _ = tx.try_send((chunk, r));
+        let asked = run.clone();
+        clone.fetch_many_on(on, asked, FetchReason::Thickening, move |r| {
+            let _ = tx.try_send((run, r));
         })
     };
     loop {
         let halted = control.is_stopped() || failure.is_some();
         if !halted && !control.is_paused() {
-            // Behind client reads: nothing new while a host waits on the basis, one
-            // fetch at a time while hosts are reading cold data.
-            let window = if clone.misses_in_flight() > 0 {
-                0
-            } else if clone.missed_within(CLIENT_GRACE) {
-                1
+            // Beside client reads: short runs, few in flight, while hosts are reading
+            // cold data.
+            let sharing = clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE);
+            let (window, run_len) = if sharing {
+                (SHARING_WINDOW.min(control.window()), SHARING_RUN)
             } else {
-                control.window()
+                (control.window(), RUN_CHUNKS)
             };
             while inflight < window && !exhausted {
-                let Some(chunk) = next.by_ref().find(|&c| !clone.is_present(c)) else {
+                // The next absent chunks, while adjacent.
+                let Some(first) = next.next() else {
                     exhausted = true;
                     break;
                 };
-                match issue(chunk) {
+                let mut run = vec![first];
+                while run.len() < run_len
+                    && let Some(&c) = next.peek()
+                    && c == run[run.len() - 1] + 1
+                {
+                    run.push(c);
+                    next.next();
+                }
+                match issue(run) {
                     Ok(()) => inflight += 1,
                     Err(e) => {
                         failure = Some(OxError::Config(e.to_string()));
@@ -202,16 +226,19 @@ pub async fn thicken(
             None
         })
         .await;
-        let Some((chunk, result)) = next else {
+        let Some((run, result)) = next else {
             failure.get_or_insert(OxError::Config(
                 "a thickening fetch got no answer (reactor stopped?)".into(),
             ));
             break;
         };
         inflight -= 1;
+        let chunk = run[0];
         match result {
             Ok(()) => {
-                control.fetched.fetch_add(1, Ordering::Relaxed);
+                control
+                    .fetched
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 // A store hiccup is retried a few times, backing off, before the walk
@@ -220,7 +247,7 @@ pub async fn thicken(
                 *n += 1;
                 if *n <= FETCH_RETRIES && !control.is_stopped() {
                     async_io::Timer::after(Duration::from_millis(500) * *n).await;
-                    match issue(chunk) {
+                    match issue(run) {
                         Ok(()) => inflight += 1,
                         Err(e) => {
                             failure.get_or_insert(OxError::Config(e.to_string()));

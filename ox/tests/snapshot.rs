@@ -1030,3 +1030,81 @@ fn thickening_starts_around_recent_misses() {
     assert_eq!(h.hydration(), (512, 512));
     env.set.shutdown().unwrap();
 }
+
+/// A basis that answers at once, except chunk `held`, whose fetches it keeps until
+/// told; it reports every fetch it starts, with its reason.
+struct Held {
+    held: u64,
+    parked: std::sync::Mutex<Vec<bdev::FetchDone>>,
+    started: std::sync::mpsc::SyncSender<(u64, bdev::FetchReason)>,
+}
+
+impl Basis for Held {
+    fn chunk_bytes(&self) -> u64 {
+        CHUNK
+    }
+
+    fn fetch(&self, chunk: u64, reason: bdev::FetchReason, done: bdev::FetchDone) {
+        let _ = self.started.try_send((chunk, reason));
+        if chunk == self.held {
+            self.parked.lock().unwrap().push(done);
+        } else {
+            done(Ok(vec![chunk as u8; CHUNK as usize]));
+        }
+    }
+}
+
+#[test]
+fn thickening_goes_on_beside_a_host_waiting_on_a_miss() {
+    let env = env();
+    let chunks = 512u64;
+    let (started, seen) = std::sync::mpsc::sync_channel(4096);
+    let basis = Arc::new(Held {
+        held: 400,
+        parked: std::sync::Mutex::new(Vec::new()),
+        started,
+    });
+    let local = create_malloc("held-local", 512, chunks * CHUNK / 512, None).unwrap();
+    let (clone, handle) =
+        create_clone("held", local, Arc::clone(&basis) as Arc<dyn Basis>, None).unwrap();
+    // A host reads chunk 400: its miss stays in flight until released.
+    let host = bdev::blocking::submit_on(
+        &env.set.handles()[0],
+        &clone,
+        bdev::BdevIo::read(400 * CHUNK / 512, 8, vec![bdev::IoBuf::new(4096)]),
+    )
+    .unwrap();
+    assert_eq!(seen.recv_timeout(T).unwrap(), (400, bdev::FetchReason::ClientMiss));
+    assert_eq!(handle.misses_in_flight(), 1);
+    // Thickening starts while the host waits, and keeps fetching.
+    let control = ox::hydrate::Thickening::new();
+    let walker = {
+        let (h, r, c) = (handle.clone(), env.set.handles()[0].clone(), Arc::clone(&control));
+        let cores = Arc::clone(&env.cores);
+        std::thread::spawn(move || {
+            cores
+                .run(move |_ex| Box::pin(async move { ox::hydrate::thicken(&h, &r, &c).await }))
+                .unwrap()
+        })
+    };
+    let mut thickened = 0;
+    while thickened < 64 {
+        let (_, reason) = seen.recv_timeout(T).expect("thickening stalled beside the host");
+        if reason == bdev::FetchReason::Thickening {
+            thickened += 1;
+        }
+    }
+    assert!(host.try_recv().is_err(), "the host's miss is still held");
+    assert_eq!(handle.misses_in_flight(), 1);
+    // Released, the host's read completes with its chunk, and the walk finishes.
+    for done in basis.parked.lock().unwrap().drain(..) {
+        done(Ok(vec![400u16 as u8; CHUNK as usize]));
+    }
+    let c = host.recv_timeout(T).unwrap();
+    assert!(c.result.is_ok());
+    assert!(c.data().iter().all(|&b| b == 400u16 as u8));
+    let fetched = walker.join().unwrap().unwrap();
+    assert_eq!(handle.hydration(), (chunks, chunks));
+    assert!(fetched >= chunks - 1, "{fetched}");
+    env.set.shutdown().unwrap();
+}

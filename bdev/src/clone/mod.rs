@@ -642,6 +642,19 @@ impl CloneHandle {
         reason: FetchReason,
         done: impl FnOnce(Result<(), BdevError>) + Send + 'static,
     ) -> Result<(), BdevError> {
+        self.fetch_many_on(on, vec![chunk], reason, done)
+    }
+
+    /// Makes `chunks` present, asked in one event so the basis gets them as one batch
+    /// (adjacent ones travel together); `done` runs on `on` once all are (or one
+    /// failed).
+    pub fn fetch_many_on(
+        &self,
+        on: &ReactorHandle,
+        chunks: Vec<u64>,
+        reason: FetchReason,
+        done: impl FnOnce(Result<(), BdevError>) + Send + 'static,
+    ) -> Result<(), BdevError> {
         let shared = Arc::clone(&self.shared);
         if shared.released.load(Ordering::SeqCst) {
             return Err(BdevError::Config {
@@ -649,7 +662,7 @@ impl CloneHandle {
                 reason: "the clone is gone".into(),
             });
         }
-        if chunk >= shared.chunks {
+        if let Some(chunk) = chunks.iter().find(|&&c| c >= shared.chunks) {
             return Err(BdevError::Config {
                 name: shared.name.clone(),
                 reason: format!("chunk {chunk} is beyond the clone's {}", shared.chunks),
@@ -663,7 +676,7 @@ impl CloneHandle {
             let token = park(done);
             let waiter = Some((reactor.handle().clone(), token));
             let event = Event::Need {
-                chunks: vec![chunk],
+                chunks,
                 reason,
                 waiter,
             };
