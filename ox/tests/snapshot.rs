@@ -1074,12 +1074,19 @@ fn thickening_goes_on_beside_a_host_waiting_on_a_miss() {
         bdev::BdevIo::read(400 * CHUNK / 512, 8, vec![bdev::IoBuf::new(4096)]),
     )
     .unwrap();
-    assert_eq!(seen.recv_timeout(T).unwrap(), (400, bdev::FetchReason::ClientMiss));
+    assert_eq!(
+        seen.recv_timeout(T).unwrap(),
+        (400, bdev::FetchReason::ClientMiss)
+    );
     assert_eq!(handle.misses_in_flight(), 1);
     // Thickening starts while the host waits, and keeps fetching.
     let control = ox::hydrate::Thickening::new();
     let walker = {
-        let (h, r, c) = (handle.clone(), env.set.handles()[0].clone(), Arc::clone(&control));
+        let (h, r, c) = (
+            handle.clone(),
+            env.set.handles()[0].clone(),
+            Arc::clone(&control),
+        );
         let cores = Arc::clone(&env.cores);
         std::thread::spawn(move || {
             cores
@@ -1089,7 +1096,9 @@ fn thickening_goes_on_beside_a_host_waiting_on_a_miss() {
     };
     let mut thickened = 0;
     while thickened < 64 {
-        let (_, reason) = seen.recv_timeout(T).expect("thickening stalled beside the host");
+        let (_, reason) = seen
+            .recv_timeout(T)
+            .expect("thickening stalled beside the host");
         if reason == bdev::FetchReason::Thickening {
             thickened += 1;
         }
