@@ -181,6 +181,9 @@ impl Inner {
             )));
         }
         let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes) as usize;
+        if m.page_is_empty(chunk / PAGE_CHUNKS) {
+            return Ok((Entry::Zero, len));
+        }
         let page = self.page(store, chunk / PAGE_CHUNKS).await?;
         let entry = page
             .entries
@@ -226,17 +229,25 @@ impl Inner {
                 done(Ok(vec![0; len]));
                 continue;
             };
+            // An offset no object can have (a hostile index) is damage, not a panic.
+            let Some(end) = offset.checked_add(u64::from(length)) else {
+                done(Err(fetch_error(OxError::integrity(
+                    format!("chunk {chunk}"),
+                    "frame offset out of range",
+                ))));
+                continue;
+            };
             match runs.last_mut() {
                 Some(run)
                     if run.at == (source, object, offset)
                         && run.bytes + u64::from(length) <= RUN_BYTES =>
                 {
-                    run.at.2 += u64::from(length);
+                    run.at.2 = end;
                     run.bytes += u64::from(length);
                     run.chunks.push((chunk, entry, done));
                 }
                 _ => runs.push(Run {
-                    at: (source, object, offset + u64::from(length)),
+                    at: (source, object, end),
                     bytes: u64::from(length),
                     chunks: vec![(chunk, entry, done)],
                 }),
@@ -249,14 +260,25 @@ impl Inner {
         }
     }
 
+    /// Waits for the throttle to pass `bytes`, a slice at a time: a large run takes
+    /// its turns beside small requests instead of waiting for a bucket they keep low.
+    async fn pass(&self, class: Class, mut bytes: u64) {
+        while bytes > 0 {
+            let n = bytes.min(THROTTLE_SLICE);
+            self.throttle.acquire(&self.name, class, n).await;
+            bytes -= n;
+        }
+    }
+
     /// One ranged GET for `run`, within the throttle; each chunk's `done` gets its
-    /// bytes, or all get the error.
+    /// bytes. If the run stays damaged after its refetches, each frame is fetched
+    /// alone, so only a frame that is bad itself fails.
     async fn fetch_run(&self, store: &dyn ObjectStore, run: Run, reason: FetchReason) {
         let class = match reason {
             FetchReason::ClientMiss => Class::Foreground,
             _ => Class::Background,
         };
-        self.throttle.acquire(&self.name, class, run.bytes).await;
+        self.pass(class, run.bytes).await;
         let counters = &self.counters;
         let entries: Vec<(u64, Entry)> = run.chunks.iter().map(|(c, e, _)| (*c, *e)).collect();
         let frames = entries.len() as u64;
@@ -274,6 +296,28 @@ impl Inner {
                     done(Ok(bytes));
                 }
             }
+            Err(OxError::Integrity { .. } | OxError::Format(_)) if run.chunks.len() > 1 => {
+                for (chunk, entry, done) in run.chunks {
+                    let Entry::Frame { length, .. } = entry else {
+                        done(Err(FetchError::Failed(format!("chunk {chunk}: no frame"))));
+                        continue;
+                    };
+                    self.pass(class, u64::from(length)).await;
+                    let alone = self
+                        .loaded
+                        .chunk(store, chunk, entry, Some(&counters.integrity), |n| {
+                            counters.frame_gets.fetch_add(1, Ordering::Relaxed);
+                            counters.frames.fetch_add(1, Ordering::Relaxed);
+                            counters.frame_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        })
+                        .await;
+                    done(match alone {
+                        Ok(Some(bytes)) => Ok(bytes),
+                        Ok(None) => Err(FetchError::Failed(format!("chunk {chunk}: no frame"))),
+                        Err(e) => Err(fetch_error(e)),
+                    });
+                }
+            }
             Err(e) => {
                 let e = fetch_error(e);
                 for (_, _, done) in run.chunks {
@@ -283,6 +327,9 @@ impl Inner {
         }
     }
 }
+
+/// The throttle passes a run's bytes in slices of at most this.
+const THROTTLE_SLICE: u64 = 256 << 10;
 
 /// The most stored bytes one ranged GET carries: a read-ahead's adjacent frames travel
 /// in a few requests of this size, which go out at once over several connections.

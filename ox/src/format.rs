@@ -11,7 +11,8 @@ use crate::codec::{Codec, is_zero};
 use crate::error::OxError;
 use crate::keys::WrappedKey;
 
-/// Format version written by this build. Readers accept every version in
+/// The newest format version this build writes: it writes 2 when a snapshot leaves no
+/// index page out, so earlier readers still read it. Readers accept every version in
 /// [`READABLE_VERSIONS`].
 /// Version 2 added the manifest's `block_size`; version 3 its `empty_pages` (index
 /// pages not stored because they hold nothing); frames and index pages are as in 1.
@@ -186,17 +187,19 @@ pub fn page_key(prefix: &str, salt: &[u8; 16], page: u64) -> String {
 }
 
 /// The key and message of a manifest's `empty_pages` tag: HMAC-SHA256 under a key
-/// derived from the snapshot's data key, over the snapshot ID and the ranges.
-fn empty_pages_mac(
-    key: &crate::keys::SecretKey,
-    snapshot: &str,
-    ranges: &[[u64; 2]],
-) -> (ring::hmac::Key, Vec<u8>) {
+/// derived from the snapshot's data key, over what says which bytes a page covers
+/// (snapshot, volume, index salt, volume and chunk size) and the ranges.
+fn empty_pages_mac(key: &crate::keys::SecretKey, m: &Manifest) -> (ring::hmac::Key, Vec<u8>) {
     let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.bytes());
     let sub = ring::hmac::sign(&derive, b"ox-empty-pages-key-v1");
     let mut msg = b"ox-empty-pages-v1\0".to_vec();
-    msg.extend_from_slice(snapshot.as_bytes());
-    for r in ranges {
+    for text in [&m.snapshot, &m.volume, &m.index_salt] {
+        msg.extend_from_slice(text.as_bytes());
+        msg.push(0);
+    }
+    msg.extend_from_slice(&m.volume_bytes.to_le_bytes());
+    msg.extend_from_slice(&m.chunk_bytes.to_le_bytes());
+    for r in &m.empty_pages {
         msg.extend_from_slice(&r[0].to_le_bytes());
         msg.extend_from_slice(&r[1].to_le_bytes());
     }
@@ -204,16 +207,6 @@ fn empty_pages_mac(
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, sub.as_ref()),
         msg,
     )
-}
-
-/// The tag (hex) of `ranges` as the `empty_pages` of snapshot `snapshot`.
-pub fn empty_pages_tag(
-    key: &crate::keys::SecretKey,
-    snapshot: &str,
-    ranges: &[[u64; 2]],
-) -> String {
-    let (key, msg) = empty_pages_mac(key, snapshot, ranges);
-    hex::encode(ring::hmac::sign(&key, &msg).as_ref())
 }
 
 /// An ancestor whose frames this snapshot references.
@@ -393,7 +386,7 @@ impl Manifest {
         let Some(key) = key.filter(|_| !self.empty_pages.is_empty()) else {
             return Ok(());
         };
-        let (mac, msg) = empty_pages_mac(key, &self.snapshot, &self.empty_pages);
+        let (mac, msg) = empty_pages_mac(key, self);
         let tag = self
             .empty_pages_tag
             .as_deref()
@@ -402,6 +395,14 @@ impl Manifest {
         ring::hmac::verify(&mac, &msg, &tag).map_err(|_| {
             OxError::integrity("manifest", "empty_pages not vouched for by the data key")
         })
+    }
+
+    /// Sets `empty_pages_tag` for the data key `key` (none without empty pages).
+    pub fn seal_empty_pages(&mut self, key: &crate::keys::SecretKey) {
+        self.empty_pages_tag = (!self.empty_pages.is_empty()).then(|| {
+            let (mac, msg) = empty_pages_mac(key, self);
+            hex::encode(ring::hmac::sign(&mac, &msg).as_ref())
+        });
     }
 
     /// Whether index page `page` was not stored because it holds nothing.
@@ -611,12 +612,17 @@ mod tests {
         let key = crate::keys::SecretKey::random().unwrap();
         assert!(sparse.check_empty_pages(None).is_ok());
         assert!(sparse.check_empty_pages(Some(&key)).is_err());
-        sparse.empty_pages_tag = Some(empty_pages_tag(&key, &sparse.snapshot, &sparse.empty_pages));
+        sparse.seal_empty_pages(&key);
         assert!(sparse.check_empty_pages(Some(&key)).is_ok());
         let other = crate::keys::SecretKey::random().unwrap();
         assert!(sparse.check_empty_pages(Some(&other)).is_err());
-        sparse.empty_pages = vec![[0, 6], [6, 64]];
-        assert!(sparse.check_empty_pages(Some(&key)).is_err());
+        // The ranges and what says which bytes a page covers are both bound.
+        let mut wider = sparse.clone();
+        wider.empty_pages = vec![[0, 6], [6, 64]];
+        assert!(wider.check_empty_pages(Some(&key)).is_err());
+        let mut regeared = sparse.clone();
+        (regeared.chunk_bytes, regeared.volume_bytes) = (1 << 16, 1 << 36);
+        assert!(regeared.check_empty_pages(Some(&key)).is_err());
     }
 
     #[test]

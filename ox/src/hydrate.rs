@@ -3,11 +3,11 @@
 //! (scrubbing) every frame of a snapshot.
 //!
 //! Thickening runs on an OX core as background traffic, with a small window of runs
-//! in flight (each up to [`RUN_CHUNKS`] adjacent chunks, which the basis fetches in
+//! in flight (each up to [`RUN_BYTES`] of adjacent chunks, which the basis fetches in
 //! one ranged GET; so a store's latency, not the window, is what a slow link costs):
 //! the basis charges it to the background bucket of the throttle. While hosts read
 //! cold data (a host waits on the basis, or did within a short grace) it keeps going
-//! with [`SHARING_WINDOW`] short runs of [`SHARING_RUN`] chunks in flight: a host's
+//! with [`SHARING_WINDOW`] short runs of [`SHARING_RUN_BYTES`] in flight: a host's
 //! miss then queues behind at most that much thickening on the link, and thickening
 //! still uses the bandwidth the host leaves.
 //! It can be paused, resumed and stopped, and reports progress.
@@ -39,14 +39,14 @@ pub struct Thickening {
 /// Runs a walk keeps in flight unless told otherwise.
 pub const DEFAULT_WINDOW: usize = 8;
 
-/// The most adjacent chunks a walk asks for at once (1 MiB at 64 KiB chunks).
-pub const RUN_CHUNKS: usize = 16;
+/// The most of adjacent chunks a walk asks for at once (at least one chunk).
+pub const RUN_BYTES: u64 = 1 << 20;
 
-/// While hosts read cold data: runs in flight, and their length in chunks (256 KiB at
-/// 64 KiB chunks: a few ms of a host's miss queued behind it on a slow link).
+/// While hosts read cold data: runs in flight, and their length (at least one chunk:
+/// a few ms of a host's miss queued behind it on a slow link).
 pub const SHARING_WINDOW: usize = 2;
 /// See [`SHARING_WINDOW`].
-pub const SHARING_RUN: usize = 4;
+pub const SHARING_RUN_BYTES: u64 = 256 << 10;
 
 impl Default for Thickening {
     fn default() -> Self {
@@ -173,11 +173,12 @@ pub async fn thicken(
             // Beside client reads: short runs, few in flight, while hosts are reading
             // cold data.
             let sharing = clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE);
-            let (window, run_len) = if sharing {
-                (SHARING_WINDOW.min(control.window()), SHARING_RUN)
+            let (window, run_bytes) = if sharing {
+                (SHARING_WINDOW.min(control.window()), SHARING_RUN_BYTES)
             } else {
-                (control.window(), RUN_CHUNKS)
+                (control.window(), RUN_BYTES)
             };
+            let run_len = (run_bytes / clone.chunk_bytes()).max(1) as usize;
             while inflight < window && !exhausted {
                 // The next absent chunks, while adjacent.
                 let Some(first) = next.next() else {

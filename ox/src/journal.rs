@@ -56,7 +56,7 @@ pub struct Journal {
     pub index_bytes: u64,
     /// Of the first `pages`, those not stored because they hold nothing (ranges of
     /// page numbers, as the manifest's `empty_pages`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub empty_pages: Vec<[u64; 2]>,
     /// Entries (hex, as in an index page) of the page being built: chunks from
     /// `pages × PAGE_CHUNKS` to `next_chunk`.

@@ -228,6 +228,41 @@ fn a_sparse_1_tib_snapshot_costs_requests_for_its_data_not_its_size() {
     assert_eq!(requests(), before, "an empty page is not fetched");
     assert_eq!(basis.counters().page_gets.load(Ordering::SeqCst), 1);
 
+    // An incremental snapshot over it: the parent's empty pages are read as empty (no
+    // request), its stored pages once, and the child stores pages where it has data.
+    let more = random(4096, 5);
+    write(&env, &vol, 800 << 30, &more);
+    let before = requests();
+    let (h, r, c, o, k, parent_key) = (
+        handle.clone(),
+        env.set.handles()[0].clone(),
+        config.clone(),
+        options(&env),
+        env.kek.clone(),
+        report.manifest_key.clone(),
+    );
+    let child = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                let parent = load(&store, &parent_key, &[k]).await.unwrap();
+                snapshot_volume(&store, &r, &h, Some(&parent), &o, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    let spent = requests() - before;
+    let m = &child.manifest;
+    assert_eq!(m.stored_pages().collect::<Vec<_>>(), vec![5, 300, 800]);
+    // The parent's manifest and its 2 pages; the child's objects, 3 pages, manifest.
+    assert_eq!(spent, 1 + 2 + m.objects.len() as u64 + 3 + 1, "requests");
+    let (clone, _) = clone_of_size(&env, &config, &child.manifest_key, "child", size);
+    assert!(read(&env, &clone, far, 4 << 20) == extent);
+    assert!(read(&env, &clone, 800 << 30, 4096) == more);
+    assert!(read(&env, &clone, 600 << 30, 4096).iter().all(|&b| b == 0));
+
     // Only the data key can declare pages empty: a manifest edited to call page 300
     // empty (its checksum recomputed) is refused, with or without the old tag.
     let (c, key) = (config.clone(), report.manifest_key.clone());
@@ -260,5 +295,86 @@ fn a_sparse_1_tib_snapshot_costs_requests_for_its_data_not_its_size() {
             "{e}"
         );
     }
+    env.set.shutdown().unwrap();
+}
+
+#[test]
+fn a_frame_damaged_at_rest_fails_only_its_own_chunk_not_its_run() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (vol, handle) = fresh_volume(SIZE);
+    let image = random(SIZE as usize, 43);
+    for at in (0..SIZE).step_by(1 << 20) {
+        write(
+            &env,
+            &vol,
+            at,
+            &image[at as usize..(at + (1 << 20)) as usize],
+        );
+    }
+    let mut opts = options(&env);
+    opts.object_bytes = 4 << 20;
+    let (h, r, c) = (handle.clone(), env.set.handles()[0].clone(), config.clone());
+    let report = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    // Damage chunk 40's frame where the server keeps it.
+    let bad = 40u64;
+    let (c, key, kek) = (config.clone(), report.manifest_key.clone(), env.kek.clone());
+    let (object, offset) = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex).unwrap();
+                let loaded = load(&store, &key, &[kek]).await.unwrap();
+                let (page, _) = loaded.page(&store, 0, None).await.unwrap();
+                let ox::format::Entry::Frame { object, offset, .. } = page.entries[bad as usize]
+                else {
+                    panic!("chunk {bad} has no frame");
+                };
+                (loaded.sources[0].objects[object as usize].clone(), offset)
+            })
+        })
+        .unwrap();
+    let path = server.dir.path().join(s3server::BUCKET).join(&object);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset as usize + 100] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+
+    // A sequential reader, a chunk at a time: its read-ahead fetches runs of frames,
+    // and only the damaged chunk fails (after its refetches), never its neighbours.
+    let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "damaged");
+    for chunk in 0..SIZE / CHUNK / 2 {
+        let at = chunk * CHUNK;
+        let io = bdev::BdevIo::read(
+            at / 512,
+            CHUNK / 512,
+            vec![bdev::IoBuf::new(CHUNK as usize)],
+        );
+        let done = bdev::blocking::run_on(&env.set.handles()[0], &clone, io, support::T).unwrap();
+        if chunk == bad {
+            assert!(done.result.is_err(), "the damaged chunk read as data");
+        } else {
+            assert!(done.result.is_ok(), "chunk {chunk}: {:?}", done.result);
+            assert!(
+                done.data()[..] == image[at as usize..(at + CHUNK) as usize],
+                "chunk {chunk}"
+            );
+        }
+    }
+    let c = basis.counters();
+    assert!(
+        c.integrity.failures.load(Ordering::SeqCst) >= 4,
+        "refetched first"
+    );
     env.set.shutdown().unwrap();
 }

@@ -163,13 +163,14 @@ struct Shared {
     counters: CloneCounters,
 }
 
-/// The most chunks fetched ahead of a sequential reader: 8 MiB at the usual 64 KiB
-/// chunk, a bandwidth-delay product of 1 Gbit/s at 60 ms round trips. A reader starts
-/// with [`FIRST_READ_AHEAD`] and the window doubles while it stays sequential.
-const READ_AHEAD: u64 = 128;
+/// The most fetched ahead of a sequential reader: 8 MiB, a bandwidth-delay product of
+/// 1 Gbit/s at 60 ms round trips (in chunks, at least 2, whatever the chunk size). A
+/// reader starts with [`FIRST_READ_AHEAD_BYTES`] and the window doubles while it stays
+/// sequential.
+const READ_AHEAD_BYTES: u64 = 8 << 20;
 
-/// The read-ahead window of a reader just found sequential: 1 MiB at 64 KiB chunks.
-const FIRST_READ_AHEAD: u64 = 16;
+/// The read-ahead window of a reader just found sequential (at least one chunk).
+const FIRST_READ_AHEAD_BYTES: u64 = 1 << 20;
 
 /// Names clones' owner states and write plans.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -285,7 +286,7 @@ impl CloneChannel {
 
     /// A read that starts where the previous one ended fetches the next chunks ahead
     /// (only those absent: on a hydrated clone this is a few loads). The window starts
-    /// at [`FIRST_READ_AHEAD`] chunks and doubles, up to the clone's read-ahead, each
+    /// at [`FIRST_READ_AHEAD_BYTES`] and doubles, up to the clone's read-ahead, each
     /// time the reader has used half of it; it is asked for in those halves, so the
     /// basis gets runs of adjacent chunks it can fetch in a few requests.
     fn read_ahead(&self, io: &BdevIo, last_chunk: u64) {
@@ -300,7 +301,10 @@ impl CloneChannel {
         }
         let next = last_chunk + 1;
         let (window, frontier) = match self.window.get() {
-            0 => (FIRST_READ_AHEAD.min(most), next),
+            0 => (
+                (FIRST_READ_AHEAD_BYTES / s.chunk_bytes).max(1).min(most),
+                next,
+            ),
             w => (w.min(most), self.frontier.get().max(next)),
         };
         if frontier - next >= window.div_ceil(2) && self.window.get() != 0 {
@@ -883,7 +887,7 @@ fn build(
         last_miss_end_us: AtomicU64::new(0),
         epoch: Instant::now(),
         counters: CloneCounters::default(),
-        read_ahead: AtomicU64::new(READ_AHEAD),
+        read_ahead: AtomicU64::new((READ_AHEAD_BYTES / chunk_bytes).max(2)),
     });
     let present: u64 = shared
         .presence

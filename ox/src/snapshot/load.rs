@@ -135,7 +135,10 @@ impl Loaded {
                     "chunk {chunk}: its frame does not follow the run's"
                 )));
             }
-            at = Some((source, object, offset + u64::from(length)));
+            let end = offset.checked_add(u64::from(length)).ok_or_else(|| {
+                OxError::integrity(format!("chunk {chunk}"), "frame offset out of range")
+            })?;
+            at = Some((source, object, end));
             frames.push((chunk, length as usize));
         }
         let (Some(&(_, first)), Some((source, object, end))) = (chunks.first(), at) else {

@@ -466,8 +466,13 @@ pub(super) async fn write(
     }
     index.flush(store, opts, &mut codec).await?;
     packer.finish().await?;
-    let manifest = Manifest {
-        format: FORMAT_VERSION,
+    let mut manifest = Manifest {
+        // Format 2 readers can read it unless it leaves pages out.
+        format: if index.empty.is_empty() {
+            2
+        } else {
+            FORMAT_VERSION
+        },
         snapshot: snapshot_hex.clone(),
         volume: hex::encode(opts.volume_id),
         parent: parent.map(|p| p.manifest.snapshot.clone()),
@@ -484,16 +489,15 @@ pub(super) async fn write(
         objects: packer.objects.clone(),
         index_prefix: opts.prefix.clone(),
         index_salt: hex::encode(index.salt),
-        empty_pages_tag: start
-            .data_key
-            .as_ref()
-            .filter(|_| !index.empty.is_empty())
-            .map(|k| format::empty_pages_tag(k, &snapshot_hex, &index.empty)),
+        empty_pages_tag: None,
         empty_pages: index.empty,
         stored_chunks,
         stored_bytes: packer.uploaded,
         checksum: None,
     };
+    if let Some(k) = &start.data_key {
+        manifest.seal_empty_pages(k);
+    }
     let bytes = manifest.to_bytes();
     let meta_bytes = index.bytes + bytes.len() as u64;
     if progress.is_cancelled() {
