@@ -241,6 +241,25 @@ pub fn render(state: &State) -> String {
                 .map(|(v, b)| (format!("volume=\"{v}\""), b))
                 .collect::<Vec<_>>(),
         );
+        let retries: Vec<(String, f64)> = service
+            .store_list()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["kind"] == "s3")
+            .map(|s| {
+                let name = esc(s["name"].as_str().unwrap_or(""));
+                let n = s["retries"].as_u64().unwrap_or(0) as f64;
+                (format!("store=\"{name}\""), n)
+            })
+            .collect();
+        family(
+            &mut out,
+            "ox_store_retries_total",
+            "counter",
+            "Requests to an S3 store sent again after a failure worth retrying (5xx, 429, reset, timeout), by store; the last one's reason is in store_list.",
+            &retries,
+        );
     }
     if let Some(reactors) = &state.reactors {
         let mut busy = Vec::new();

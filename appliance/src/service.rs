@@ -96,6 +96,9 @@ pub struct Job {
     total: AtomicU64,
     bytes: AtomicU64,
     progress: Mutex<Option<Arc<SnapshotProgress>>>,
+    /// The store's retry log, and its count and the time (Unix seconds) when the job
+    /// began: the job shows the retries made since.
+    retries: Option<(Arc<ox::store::retries::RetryLog>, u64, u64)>,
     outcome: Mutex<Option<Result<Value, String>>>,
 }
 
@@ -114,6 +117,22 @@ impl Job {
             self.bytes
                 .store(p.bytes_uploaded.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        let outage = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|p| p.outage())
+            .map(|(since, reason)| json!({ "since": since, "reason": reason }));
+        let (retries, last_retry) = match &self.retries {
+            Some((log, count, began)) => (
+                json!(log.count().saturating_sub(*count)),
+                log.last()
+                    .filter(|r| r.at >= *began)
+                    .map(|r| json!({ "at": r.at, "op": r.op, "key": r.key, "reason": r.reason })),
+            ),
+            None => (json!(0), None),
+        };
         let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         let (state, result, error) = match outcome.as_ref() {
             None => ("running", Value::Null, Value::Null),
@@ -125,6 +144,7 @@ impl Job {
             "done": self.done.load(Ordering::Relaxed),
             "total": self.total.load(Ordering::Relaxed),
             "bytes": self.bytes.load(Ordering::Relaxed),
+            "retries": retries, "last_retry": last_retry, "outage": outage,
             "result": result, "error": error,
         })
     }
@@ -884,7 +904,13 @@ impl Service {
             (live.handle.clone(), Arc::clone(&live.busy), uuid, parent)
         };
         let progress = Arc::new(SnapshotProgress::default());
-        let job = self.new_job("snapshot", volume, Some(Arc::clone(&progress)));
+        let retried = self.store(store).ok().cloned();
+        let job = self.new_job(
+            "snapshot",
+            volume,
+            Some(Arc::clone(&progress)),
+            retried.as_ref(),
+        );
         let opts = SnapshotOptions {
             prefix: snapshot_prefix(volume, &uuid),
             zstd_level: self.settings.zstd_level,
@@ -1056,7 +1082,17 @@ impl Service {
         kind: &str,
         target: &str,
         progress: Option<Arc<SnapshotProgress>>,
+        store: Option<&StoreSpec>,
     ) -> Arc<Job> {
+        let retries = match store {
+            Some(StoreSpec::S3(c)) => {
+                let began = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                Some((Arc::clone(&c.retry_log), c.retry_log.count(), began))
+            }
+            _ => None,
+        };
         let mut inner = self.inner();
         let id = inner.next_job;
         inner.next_job += 1;
@@ -1068,6 +1104,7 @@ impl Service {
             total: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             progress: Mutex::new(progress),
+            retries,
             outcome: Mutex::new(None),
         });
         inner.jobs.insert(id, Arc::clone(&job));
@@ -1374,7 +1411,7 @@ impl Service {
         target: &str,
         work: impl FnOnce(&Arc<Job>) -> Result<Value, String> + Send + 'static,
     ) -> Value {
-        let job = self.new_job(kind, target, None);
+        let job = self.new_job(kind, target, None, None);
         let j = Arc::clone(&job);
         let spawned = std::thread::Builder::new()
             .name(kind.into())
@@ -1695,6 +1732,10 @@ impl Service {
                 StoreSpec::S3(c) => json!({
                     "name": name, "kind": "s3", "endpoint": c.endpoint.as_str(),
                     "bucket": c.bucket, "region": c.region, "check": checks.get(name),
+                    "retries": c.retry_log.count(),
+                    "last_retry": c.retry_log.last().map(|r| json!({
+                        "at": r.at, "op": r.op, "key": r.key, "reason": r.reason,
+                    })),
                 }),
                 StoreSpec::Local(p) => json!({
                     "name": name, "kind": "local", "path": p, "check": checks.get(name),

@@ -163,15 +163,20 @@ fn a_snapshot_waiting_out_an_outage_stops_when_cancelled() {
             })
             .unwrap()
     });
-    // Once the store has refused a few requests, the operator cancels.
-    while server
-        .faults
-        .requests
-        .load(std::sync::atomic::Ordering::SeqCst)
-        < 3
-    {
+    // While it waits, the wait and the store's retries are visible, with the reason.
+    while progress.outage().is_none() {
         std::thread::sleep(Duration::from_millis(10));
     }
+    let (since, reason) = progress.outage().unwrap();
+    assert!(since > 0 && reason.contains("SlowDown"), "{reason}");
+    assert!(
+        config.retry_log.count() >= 6,
+        "the store's own retries came first"
+    );
+    let last = config.retry_log.last().unwrap();
+    assert!(last.reason.contains("SlowDown"), "{last:?}");
+    assert_eq!(last.op, "PUT");
+    // The operator cancels.
     progress.cancel();
     let e = snapshot
         .join()

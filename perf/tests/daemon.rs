@@ -316,11 +316,30 @@ file = {kek2:?}
     // store down, so the kill lands while the snapshot is uploading.
     oxperf(&vol, "write", "8192:512", 2, 131072, 3);
     server.faults.delay_ms.store(500, Ordering::SeqCst);
+    // Its first requests meet 503s: the job shows the retries while they happen.
+    server.faults.unavailable.store(2, Ordering::SeqCst);
     let running = ctl.ok(&["snapshot", "create", "vol0", "--store", "s3", "--no-wait"]);
     assert_eq!(running["state"], "running", "{running}");
     let job_id = running["id"].to_string();
     ctl.examining(&job_id);
-    assert_eq!(ctl.ok(&["job", "get", &job_id])["state"], "running");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let job = loop {
+        let job = ctl.ok(&["job", "get", &job_id]);
+        if job["retries"].as_u64().unwrap() >= 1 || std::time::Instant::now() > deadline {
+            break job;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(job["state"], "running", "{job}");
+    assert!(job["retries"].as_u64().unwrap() >= 1, "{job}");
+    assert!(
+        job["last_retry"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("SlowDown")),
+        "{job}"
+    );
+    let stores = ctl.ok(&["store", "list"]);
+    assert!(stores[1]["retries"].as_u64().unwrap() >= 1, "{stores}");
     // Deleting a snapshot of the volume now could collect the new one's objects.
     let second_id = second["result"]["id"].as_str().unwrap();
     let o = ctl.call(&["snapshot", "delete", second_id]);

@@ -81,6 +81,9 @@ pub struct SnapshotProgress {
     pub bytes_uploaded: std::sync::atomic::AtomicU64,
     cancelled: std::sync::atomic::AtomicBool,
     suspended: std::sync::atomic::AtomicBool,
+    /// While an upload waits out a store outage: since when (seconds since the Unix
+    /// epoch) and what the store answered.
+    outage: std::sync::Mutex<Option<(u64, String)>>,
     /// Notified when it is cancelled or suspended (what waits stops waiting).
     stop: event_listener::Event,
 }
@@ -133,6 +136,28 @@ impl SnapshotProgress {
 
     fn is_suspended(&self) -> bool {
         self.suspended.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// While the snapshot waits out a store outage: since when (seconds since the Unix
+    /// epoch) and the store's last answer.
+    pub fn outage(&self) -> Option<(u64, String)> {
+        self.outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records that an upload waits out an outage (`Some(reason)`), or no longer.
+    pub(crate) fn set_outage(&self, reason: Option<String>) {
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        *outage = reason.map(|r| {
+            let since = outage.as_ref().map(|(s, _)| *s).unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            });
+            (since, r)
+        });
     }
 
     /// Fraction done, 0.0–1.0.

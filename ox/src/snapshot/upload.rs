@@ -125,7 +125,8 @@ async fn put_patiently(
         let mut pause = Duration::from_millis(100);
         loop {
             match store.put(key, data.clone()).await {
-                Err(OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
+                Err(e @ OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
+                    opts.progress.set_outage(Some(e.to_string()));
                     // A stop for a restart does not wait out an outage either (the
                     // journal's last checkpoint stands); a put under way is let finish.
                     let pause_or_stop = async {
@@ -137,7 +138,10 @@ async fn put_patiently(
                     }
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                other => return other,
+                other => {
+                    opts.progress.set_outage(None);
+                    return other;
+                }
             }
         }
     };

@@ -5,6 +5,7 @@
 pub mod check;
 pub mod http;
 pub mod local;
+pub mod retries;
 pub mod s3;
 mod sigv4;
 

@@ -94,6 +94,8 @@ pub struct S3Config {
     pub multipart_threshold: usize,
     /// Part size (at least 5 MiB except the last, as S3 requires).
     pub part_size: usize,
+    /// Where this store's retries are counted: shared by every clone of these settings.
+    pub retry_log: std::sync::Arc<super::retries::RetryLog>,
 }
 
 impl S3Config {
@@ -115,6 +117,7 @@ impl S3Config {
             max_backoff: Duration::from_secs(5),
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
+            retry_log: std::sync::Arc::default(),
         }
     }
 }
@@ -341,6 +344,7 @@ impl S3Store {
         let mut last = String::new();
         for attempt in 0..attempts {
             if attempt > 0 {
+                self.config.retry_log.record(op, key, &last);
                 Timer::after(self.backoff(attempt)).await;
             }
             match send().await {
