@@ -782,9 +782,11 @@ pub fn start_tcp(
     Ok(local)
 }
 
-/// Equal without revealing where they differ.
+/// Equal without revealing where they differ (`subtle`'s constant-time comparison;
+/// only the length may show).
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 fn serve_tcp(

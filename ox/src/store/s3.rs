@@ -412,17 +412,15 @@ impl S3Store {
         let standard = Self::classify(op, key);
         let (key, crc) = (key.to_string(), sent.crc32c.clone());
         move |resp: Response| {
-            if resp.status == 400 || resp.status == 403 {
-                let text = String::from_utf8_lossy(&resp.body);
-                if let Some(code) = xml_tag(&text, "Code")
-                    && DIGEST_MISMATCH.contains(&code.as_str())
-                {
-                    tracing::warn!(
-                        key,
-                        "{op}: the store refused the body as damaged on the way ({code}); sending it again"
-                    );
-                    return Outcome::Retry(format!("{op} body damaged on the way: {code}"));
-                }
+            if (resp.status == 400 || resp.status == 403)
+                && let Some(code) = error_code(&resp.body)
+                && DIGEST_MISMATCH.contains(&code.as_str())
+            {
+                tracing::warn!(
+                    key,
+                    "{op}: the store refused the body as damaged on the way ({code}); sending it again"
+                );
+                return Outcome::Retry(format!("{op} body damaged on the way: {code}"));
             }
             if (200..=299).contains(&resp.status)
                 && let Some(echoed) = resp.headers.get("x-amz-checksum-crc32c")
@@ -716,17 +714,15 @@ impl S3Store {
                     Self::classify("LIST", prefix),
                 )
                 .await?;
-            // Parsed leniently: S3-compatible servers differ in which fields they
-            // send (some omit ETag), and only keys and the token matter here.
-            let text = String::from_utf8_lossy(&resp.body);
-            for contents in text.split("<Contents>").skip(1) {
-                if let Some(key) = xml_tag(contents, "Key") {
-                    out.push(key);
-                }
-            }
-            let truncated = xml_tag(&text, "IsTruncated").is_some_and(|t| t == "true");
-            match xml_tag(&text, "NextContinuationToken") {
-                Some(t) if truncated && !t.is_empty() => token = Some(t),
+            let page = ListPage::parse(&resp.body).map_err(|e| {
+                OxError::integrity(
+                    format!("LIST {prefix}"),
+                    format!("the answer does not parse: {e}"),
+                )
+            })?;
+            out.extend(page.contents.into_iter().map(|o| o.key));
+            match page.next_continuation_token {
+                Some(t) if page.is_truncated && !t.is_empty() => token = Some(t),
                 _ => break,
             }
         }
@@ -773,29 +769,64 @@ impl S3Store {
     }
 }
 
-/// The text of the first `<name>` element in `xml`, entities decoded.
-fn xml_tag(xml: &str, name: &str) -> Option<String> {
-    let open = format!("<{name}>");
-    let close = format!("</{name}>");
-    let start = xml.find(&open)? + open.len();
-    let end = xml[start..].find(&close)? + start;
-    Some(
-        xml[start..end]
-            .replace("&lt;", "<")
-            .replace("&gt;", ">")
-            .replace("&quot;", "\"")
-            .replace("&apos;", "'")
-            .replace("&amp;", "&"),
-    )
+/// What a ListObjectsV2 answer says that matters here: the keys and where to go on.
+/// Read by an XML parser (quick-xml), leniently: S3-compatible servers differ in which
+/// fields they send (some omit ETag), and fields not named here are ignored.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListPage {
+    /// The bucket: every listing names it, so a body that is not a listing (an HTML
+    /// error page from a proxy) is refused instead of read as no keys.
+    #[allow(dead_code)]
+    name: String,
+    #[serde(default)]
+    contents: Vec<Listed>,
+    #[serde(default)]
+    is_truncated: bool,
+    next_continuation_token: Option<String>,
+}
+
+/// One object of a listing.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Listed {
+    key: String,
+}
+
+impl ListPage {
+    fn parse(body: &[u8]) -> Result<Self, quick_xml::DeError> {
+        quick_xml::de::from_str(&String::from_utf8_lossy(body))
+    }
+}
+
+/// An S3 error body: `<Error><Code>…</Code><Message>…</Message>…</Error>`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ErrorBody {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// The error code of an S3 error body, if it is one.
+fn error_code(body: &[u8]) -> Option<String> {
+    quick_xml::de::from_str::<ErrorBody>(&String::from_utf8_lossy(body))
+        .ok()?
+        .code
 }
 
 /// The `Code` and `Message` of an S3 error body, or its start.
 fn error_text(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    match (xml_tag(&text, "Code"), xml_tag(&text, "Message")) {
-        (Some(c), Some(m)) => format!("{c}: {m}"),
-        (Some(c), None) => c,
-        _ => text.chars().take(200).collect(),
+    let parsed = quick_xml::de::from_str::<ErrorBody>(&String::from_utf8_lossy(body));
+    match parsed.unwrap_or_default() {
+        ErrorBody {
+            code: Some(c),
+            message: Some(m),
+        } => format!("{c}: {m}"),
+        ErrorBody {
+            code: Some(c),
+            message: None,
+        } => c,
+        _ => String::from_utf8_lossy(body).chars().take(200).collect(),
     }
 }
 
@@ -856,5 +887,58 @@ mod tests {
     fn error_bodies_are_summarised() {
         let body = b"<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>bad sig</Message></Error>";
         assert_eq!(error_text(body), "SignatureDoesNotMatch: bad sig");
+        assert_eq!(error_code(body).as_deref(), Some("SignatureDoesNotMatch"));
+        assert_eq!(error_text(b"not xml at all"), "not xml at all");
+        assert_eq!(error_code(b"<Error><Mess"), None);
+    }
+
+    proptest::proptest! {
+        /// Whatever a server (or something in its way) answers, the parsers return.
+        #[test]
+        fn no_answer_makes_the_parsers_panic(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            xmlish in "(<[A-Za-z]{1,12}>|</[A-Za-z]{1,12}>|[a-z&;<>/ ]{0,8}){0,24}",
+        ) {
+            let _ = ListPage::parse(&body);
+            let _ = error_text(&body);
+            let _ = ListPage::parse(xmlish.as_bytes());
+            let _ = error_code(xmlish.as_bytes());
+        }
+    }
+
+    /// Listings as servers send them: with or without ETag and namespaces, keys with
+    /// entities, a continuation; anything that is not a listing is an error, not an
+    /// empty list.
+    #[test]
+    fn listings_are_parsed_leniently_and_garbage_is_refused() {
+        let body = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>
+  <IsTruncated>true</IsTruncated>
+  <Contents><Key>p/a&amp;b</Key><LastModified>2026-12-05T00:00:00.000Z</LastModified><ETag>&quot;x&quot;</ETag><Size>3</Size></Contents>
+  <Contents><Key>p/c</Key><Size>0</Size></Contents>
+  <NextContinuationToken>tok/+=</NextContinuationToken>
+</ListBucketResult>"#;
+        let page = ListPage::parse(body).unwrap();
+        let keys: Vec<&str> = page.contents.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["p/a&b", "p/c"]);
+        assert!(page.is_truncated);
+        assert_eq!(page.next_continuation_token.as_deref(), Some("tok/+="));
+        let empty = ListPage::parse(
+            b"<ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated></ListBucketResult>",
+        )
+        .unwrap();
+        assert!(empty.contents.is_empty() && !empty.is_truncated);
+        for garbage in [
+            &b"<html>502 Bad Gateway"[..],
+            b"",
+            b"<ListBucketResult><Contents><Key>a",
+        ] {
+            assert!(
+                ListPage::parse(garbage).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(garbage)
+            );
+        }
     }
 }
