@@ -12,17 +12,10 @@ mod support;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Command;
-use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bdev::{Basis, create_clone, create_malloc};
-use ox::basis::{ObjectBasis, StoreFactory};
-use ox::snapshot::{load, snapshot_volume};
-use ox::store::ObjectStore;
-use ox::store::s3::{CredentialSource, S3Config, S3Store};
-use ox::throttle::Throttle;
-use support::{CHUNK, env, fresh_volume, options, random, read, write};
+use ox::store::s3::{CredentialSource, S3Config};
+use support::{CHUNK, clone_s3, env, fresh_volume, options, random, read, snapshot_s3, write};
 
 const ENDPOINT: &str = "http://10.231.0.2:9000";
 const SIZE: u64 = 16 << 20;
@@ -114,49 +107,9 @@ fn over_a_slow_link_sequential_reads_move_what_they_read_in_few_gets() {
             &image[at as usize..(at + (1 << 20)) as usize],
         );
     }
-    let (h, r, c, o) = (
-        handle.clone(),
-        env.set.handles()[0].clone(),
-        config.clone(),
-        options(&env),
-    );
-    let report = env
-        .cores
-        .run(move |ex| {
-            Box::pin(async move {
-                let store = S3Store::new(c, ex).unwrap();
-                snapshot_volume(&store, &r, &h, None, &o, &Throttle::default())
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
+    let report = snapshot_s3(&env, &config, &handle, None, options(&env));
     let open = |name: &str| {
-        let (c, key, kek) = (config.clone(), report.manifest_key.clone(), env.kek.clone());
-        let loaded = env
-            .cores
-            .run(move |ex| {
-                Box::pin(async move {
-                    load(&S3Store::new(c, ex).unwrap(), &key, &[kek])
-                        .await
-                        .unwrap()
-                })
-            })
-            .unwrap();
-        let c = config.clone();
-        let factory: StoreFactory = Arc::new(move |ex| {
-            Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
-        });
-        let basis = ObjectBasis::new(
-            loaded,
-            factory,
-            Arc::clone(&env.cores),
-            Throttle::default(),
-            name,
-        );
-        let local = create_malloc(&format!("{name}-local"), 512, SIZE / 512, None).unwrap();
-        let (dev, _) =
-            create_clone(name, local, Arc::new(basis.clone()) as Arc<dyn Basis>, None).unwrap();
+        let (dev, basis, _) = clone_s3(&env, &config, &report.manifest_key, name, SIZE);
         (dev, basis)
     };
 

@@ -8,17 +8,14 @@
 mod s3server;
 mod support;
 
-use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bdev::{Basis, Bdev, create_clone, create_malloc};
-use ox::basis::{ObjectBasis, StoreFactory};
-use ox::snapshot::{load, snapshot_volume};
+use bdev::Bdev;
+use ox::basis::ObjectBasis;
+use ox::snapshot::load;
 use ox::store::ObjectStore;
 use ox::store::s3::{S3Config, S3Store};
-use ox::throttle::Throttle;
-use support::{CHUNK, Env, env, fresh_volume, options, random, read, write};
+use support::{CHUNK, Env, clone_s3, env, fresh_volume, options, random, read, snapshot_s3, write};
 
 const SIZE: u64 = 64 << 20;
 
@@ -33,31 +30,7 @@ fn clone_of_size(
     name: &str,
     size: u64,
 ) -> (Bdev, ObjectBasis) {
-    let (c, key, kek) = (config.clone(), key.to_string(), env.kek.clone());
-    let loaded = env
-        .cores
-        .run(move |ex| {
-            Box::pin(async move {
-                load(&S3Store::new(c, ex).unwrap(), &key, &[kek])
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
-    let c = config.clone();
-    let factory: StoreFactory = Arc::new(move |ex| {
-        Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
-    });
-    let basis = ObjectBasis::new(
-        loaded,
-        factory,
-        Arc::clone(&env.cores),
-        Throttle::default(),
-        "c",
-    );
-    let local = create_malloc(&format!("{name}-local"), 512, size / 512, None).unwrap();
-    let (dev, _) =
-        create_clone(name, local, Arc::new(basis.clone()) as Arc<dyn Basis>, None).unwrap();
+    let (dev, basis, _) = clone_s3(env, config, key, name, size);
     (dev, basis)
 }
 
@@ -79,18 +52,7 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     }
     let mut opts = options(&env);
     opts.object_bytes = 4 << 20;
-    let (h, r, c) = (handle.clone(), env.set.handles()[0].clone(), config.clone());
-    let report = env
-        .cores
-        .run(move |ex| {
-            Box::pin(async move {
-                let store = S3Store::new(c, ex).unwrap();
-                snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
+    let report = snapshot_s3(&env, &config, &handle, None, opts);
     let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "seq");
     let c = basis.counters();
     let served = |f: &s3server::Faults| {
@@ -183,23 +145,7 @@ fn a_sparse_1_tib_snapshot_costs_requests_for_its_data_not_its_size() {
     write(&env, &vol, near, &random(4096, 4));
     let requests = || u64::from(server.faults.requests.load(Ordering::SeqCst));
     let before = requests();
-    let (h, r, c, o) = (
-        handle.clone(),
-        env.set.handles()[0].clone(),
-        config.clone(),
-        options(&env),
-    );
-    let report = env
-        .cores
-        .run(move |ex| {
-            Box::pin(async move {
-                let store = S3Store::new(c, ex).unwrap();
-                snapshot_volume(&store, &r, &h, None, &o, &Throttle::default())
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
+    let report = snapshot_s3(&env, &config, &handle, None, options(&env));
     let spent = requests() - before;
     let m = &report.manifest;
     println!(
@@ -233,26 +179,13 @@ fn a_sparse_1_tib_snapshot_costs_requests_for_its_data_not_its_size() {
     let more = random(4096, 5);
     write(&env, &vol, 800 << 30, &more);
     let before = requests();
-    let (h, r, c, o, k, parent_key) = (
-        handle.clone(),
-        env.set.handles()[0].clone(),
-        config.clone(),
+    let child = snapshot_s3(
+        &env,
+        &config,
+        &handle,
+        Some(&report.manifest_key),
         options(&env),
-        env.kek.clone(),
-        report.manifest_key.clone(),
     );
-    let child = env
-        .cores
-        .run(move |ex| {
-            Box::pin(async move {
-                let store = S3Store::new(c, ex).unwrap();
-                let parent = load(&store, &parent_key, &[k]).await.unwrap();
-                snapshot_volume(&store, &r, &h, Some(&parent), &o, &Throttle::default())
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
     let spent = requests() - before;
     let m = &child.manifest;
     assert_eq!(m.stored_pages().collect::<Vec<_>>(), vec![5, 300, 800]);
@@ -315,18 +248,7 @@ fn a_frame_damaged_at_rest_fails_only_its_own_chunk_not_its_run() {
     }
     let mut opts = options(&env);
     opts.object_bytes = 4 << 20;
-    let (h, r, c) = (handle.clone(), env.set.handles()[0].clone(), config.clone());
-    let report = env
-        .cores
-        .run(move |ex| {
-            Box::pin(async move {
-                let store = S3Store::new(c, ex).unwrap();
-                snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
-                    .await
-                    .unwrap()
-            })
-        })
-        .unwrap();
+    let report = snapshot_s3(&env, &config, &handle, None, opts);
     // Damage chunk 40's frame where the server keeps it.
     let bad = 40u64;
     let (c, key, kek) = (config.clone(), report.manifest_key.clone(), env.kek.clone());

@@ -95,3 +95,81 @@ pub fn options(env: &Env) -> SnapshotOptions {
         verify_before_publish: false,
     }
 }
+
+/// Snapshots the volume of `handle` into the S3 store of `config`, incrementally over
+/// the snapshot `parent` (a manifest key) if given.
+pub fn snapshot_s3(
+    env: &Env,
+    config: &ox::store::s3::S3Config,
+    handle: &VolumeHandle,
+    parent: Option<&str>,
+    opts: SnapshotOptions,
+) -> ox::snapshot::SnapshotReport {
+    let (h, r, c, k) = (
+        handle.clone(),
+        env.set.handles()[0].clone(),
+        config.clone(),
+        env.kek.clone(),
+    );
+    let parent = parent.map(str::to_string);
+    env.cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = ox::store::s3::S3Store::new(c, ex).unwrap();
+                let parent = match parent {
+                    Some(key) => Some(ox::snapshot::load(&store, &key, &[k]).await.unwrap()),
+                    None => None,
+                };
+                let throttle = ox::throttle::Throttle::default();
+                ox::snapshot::snapshot_volume(&store, &r, &h, parent.as_ref(), &opts, &throttle)
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap()
+}
+
+/// A cold clone `name` of the snapshot `key` in the S3 store of `config`, over a fresh
+/// RAM copy of `size` bytes.
+pub fn clone_s3(
+    env: &Env,
+    config: &ox::store::s3::S3Config,
+    key: &str,
+    name: &str,
+    size: u64,
+) -> (Bdev, ox::basis::ObjectBasis, bdev::CloneHandle) {
+    use std::rc::Rc;
+    let (c, key, kek) = (config.clone(), key.to_string(), env.kek.clone());
+    let loaded = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = ox::store::s3::S3Store::new(c, ex).unwrap();
+                ox::snapshot::load(&store, &key, &[kek]).await.unwrap()
+            })
+        })
+        .unwrap();
+    let c = config.clone();
+    let factory: ox::basis::StoreFactory = Arc::new(move |ex| {
+        Ok(
+            Rc::new(ox::store::s3::S3Store::new(c.clone(), Rc::clone(ex))?)
+                as Rc<dyn ox::store::ObjectStore>,
+        )
+    });
+    let basis = ox::basis::ObjectBasis::new(
+        loaded,
+        factory,
+        Arc::clone(&env.cores),
+        ox::throttle::Throttle::default(),
+        name,
+    );
+    let local = create_malloc(&format!("{name}-local"), 512, size / 512, None).unwrap();
+    let (dev, handle) = bdev::create_clone(
+        name,
+        local,
+        Arc::new(basis.clone()) as Arc<dyn bdev::Basis>,
+        None,
+    )
+    .unwrap();
+    (dev, basis, handle)
+}
