@@ -21,7 +21,6 @@
 mod s3server;
 mod support;
 
-use std::io::{Read, Write};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,26 +60,8 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 /// The server's counts: requests, object GETs, GET bytes.
 fn stats(endpoint: &str) -> (u64, u64, u64) {
-    let hostport = endpoint.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(hostport).unwrap();
-    write!(
-        s,
-        "GET {} HTTP/1.0\r\nHost: {hostport}\r\n\r\n",
-        s3server::STATS_PATH
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    let field = |name: &str| -> u64 {
-        let at = body.find(&format!("\"{name}\":")).unwrap() + name.len() + 3;
-        body[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse()
-            .unwrap()
-    };
-    (field("requests"), field("gets"), field("get_bytes"))
+    let s = s3server::served_at(endpoint.trim_start_matches("http://").trim_end_matches('/'));
+    (s.requests, s.gets, s.get_bytes)
 }
 
 struct World {

@@ -9,13 +9,12 @@
 mod s3server;
 mod support;
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
 use ox::store::s3::{CredentialSource, S3Config};
-use support::{CHUNK, clone_s3, env, fresh_volume, options, random, read, snapshot_s3, write};
+use support::{CHUNK, clone_s3, env, filled_volume, options, read, snapshot_s3};
 
 const ENDPOINT: &str = "http://10.231.0.2:9000";
 const SIZE: u64 = 16 << 20;
@@ -54,20 +53,8 @@ impl Bed {
 
     /// The server's counts: object GETs and their bytes.
     fn served(&self) -> (u64, u64) {
-        let mut s = std::net::TcpStream::connect("10.231.0.2:9000").unwrap();
-        write!(s, "GET {} HTTP/1.0\r\n\r\n", s3server::STATS_PATH).unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        let field = |name: &str| -> u64 {
-            let at = body.find(&format!("\"{name}\":")).unwrap() + name.len() + 3;
-            body[at..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .unwrap()
-        };
-        (field("gets"), field("get_bytes"))
+        let s = s3server::served_at("10.231.0.2:9000");
+        (s.gets, s.get_bytes)
     }
 }
 
@@ -97,16 +84,7 @@ fn over_a_slow_link_sequential_reads_move_what_they_read_in_few_gets() {
         },
     );
     config.allow_http = true;
-    let (vol, handle) = fresh_volume(SIZE);
-    let image = random(SIZE as usize, 5);
-    for at in (0..SIZE).step_by(1 << 20) {
-        write(
-            &env,
-            &vol,
-            at,
-            &image[at as usize..(at + (1 << 20)) as usize],
-        );
-    }
+    let (_vol, handle, image) = filled_volume(&env, SIZE, 5);
     let report = snapshot_s3(&env, &config, &handle, None, options(&env));
     let open = |name: &str| {
         let (dev, basis, _) = clone_s3(&env, &config, &report.manifest_key, name, SIZE);

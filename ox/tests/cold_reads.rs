@@ -15,7 +15,10 @@ use ox::basis::ObjectBasis;
 use ox::snapshot::load;
 use ox::store::ObjectStore;
 use ox::store::s3::{S3Config, S3Store};
-use support::{CHUNK, Env, clone_s3, env, fresh_volume, options, random, read, snapshot_s3, write};
+use support::{
+    CHUNK, Env, clone_s3, env, filled_volume, fresh_volume, options, random, read, snapshot_s3,
+    write,
+};
 
 const SIZE: u64 = 64 << 20;
 
@@ -39,17 +42,8 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     let env = env();
     let server = s3server::start_server(false);
     let config = server.client_config();
-    let (vol, handle) = fresh_volume(SIZE);
     // Incompressible: every frame is a whole chunk and a little more.
-    let image = random(SIZE as usize, 41);
-    for at in (0..SIZE).step_by(1 << 20) {
-        write(
-            &env,
-            &vol,
-            at,
-            &image[at as usize..(at + (1 << 20)) as usize],
-        );
-    }
+    let (_vol, handle, image) = filled_volume(&env, SIZE, 41);
     let mut opts = options(&env);
     opts.object_bytes = 4 << 20;
     let report = snapshot_s3(&env, &config, &handle, None, opts);
@@ -236,16 +230,7 @@ fn a_frame_damaged_at_rest_fails_only_its_own_chunk_not_its_run() {
     let env = env();
     let server = s3server::start_server(false);
     let config = server.client_config();
-    let (vol, handle) = fresh_volume(SIZE);
-    let image = random(SIZE as usize, 43);
-    for at in (0..SIZE).step_by(1 << 20) {
-        write(
-            &env,
-            &vol,
-            at,
-            &image[at as usize..(at + (1 << 20)) as usize],
-        );
-    }
+    let (_vol, handle, image) = filled_volume(&env, SIZE, 43);
     let mut opts = options(&env);
     opts.object_bytes = 4 << 20;
     let report = snapshot_s3(&env, &config, &handle, None, opts);

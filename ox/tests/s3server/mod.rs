@@ -30,6 +30,32 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// What a server answered: requests, object GETs and their body bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub requests: u64,
+    pub gets: u64,
+    pub get_bytes: u64,
+}
+
+/// The counts of the server at `hostport` (in this process or another, such as the
+/// network test bed's), read from its [`STATS_PATH`].
+pub fn served_at(hostport: &str) -> Served {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    write!(s, "GET {STATS_PATH} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let n = |name: &str| v[name].as_u64().unwrap();
+    Served {
+        requests: n("requests"),
+        gets: n("gets"),
+        get_bytes: n("get_bytes"),
+    }
+}
+
 /// Faults to inject into the next requests.
 #[derive(Default)]
 pub struct Faults {

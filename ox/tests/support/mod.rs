@@ -79,6 +79,17 @@ pub fn fresh_volume(size: u64) -> (Bdev, VolumeHandle) {
     .unwrap()
 }
 
+/// A tracked volume of `size` bytes filled with random bytes from `seed` (1 MiB at a
+/// time), and those bytes.
+pub fn filled_volume(env: &Env, size: u64, seed: u64) -> (Bdev, VolumeHandle, Vec<u8>) {
+    let (vol, handle) = fresh_volume(size);
+    let image = random(size as usize, seed);
+    for (i, piece) in image.chunks(1 << 20).enumerate() {
+        write(env, &vol, (i as u64) << 20, piece);
+    }
+    (vol, handle, image)
+}
+
 pub fn options(env: &Env) -> SnapshotOptions {
     SnapshotOptions {
         prefix: "vol1/".into(),
