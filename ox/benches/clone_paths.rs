@@ -18,23 +18,22 @@
 mod s3server;
 mod support;
 
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev::blocking::{run_on, submit_on};
-use bdev::{Basis, Bdev, BdevIo, IoBuf, Tracking, create_clone, create_malloc, create_volume};
-use ox::basis::{ObjectBasis, StoreFactory};
+use bdev::blocking::run_on;
+use bdev::{BdevIo, IoBuf, Tracking, create_malloc, create_volume};
 use ox::codec::{Binding, Codec, CodecSettings};
 use ox::cores::OxCores;
-use ox::hydrate::{Thickening, thicken};
+use ox::hydrate::Thickening;
 use ox::keys::{Kek, SecretKey};
-use ox::snapshot::{Loaded, SnapshotOptions, load, snapshot_volume};
+use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::ObjectStore;
 use ox::store::local::LocalStore;
-use ox::store::s3::{S3Config, S3Store};
+use ox::store::s3::S3Store;
 use ox::throttle::{Class, Limit, Throttle};
-use reactor::{CoreList, ReactorConfig, ReactorHandle, ReactorSet};
+use reactor::{CoreList, ReactorConfig, ReactorSet};
+use support::world::World;
 use support::{arg, text};
 
 const CHUNK: u64 = 64 << 10;
@@ -51,105 +50,6 @@ fn pct(sorted: &[Duration], p: usize) -> Duration {
 
 fn mbs(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
-}
-
-struct World {
-    set: ReactorSet,
-    cores: Arc<OxCores>,
-    config: S3Config,
-    kek: Kek,
-    size: u64,
-}
-
-impl World {
-    fn on(&self, i: usize) -> ReactorHandle {
-        self.set.handles()[i].clone()
-    }
-
-    fn load(&self, key: &str) -> Loaded {
-        let (c, key, k) = (self.config.clone(), key.to_string(), self.kek.clone());
-        self.cores
-            .run(move |ex| {
-                Box::pin(async move {
-                    let store = S3Store::new(c, ex).unwrap();
-                    load(&store, &key, &[k]).await.unwrap()
-                })
-            })
-            .unwrap()
-    }
-
-    /// A cold clone of the snapshot over a fresh malloc copy.
-    fn clone_of(
-        &self,
-        loaded: Loaded,
-        throttle: Throttle,
-    ) -> (Bdev, bdev::CloneHandle, ObjectBasis) {
-        let c = self.config.clone();
-        let factory: StoreFactory = Arc::new(move |ex| {
-            Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
-        });
-        let basis = ObjectBasis::new(loaded, factory, Arc::clone(&self.cores), throttle, "c");
-        let local = create_malloc("local", 512, self.size / 512, None).unwrap();
-        let (dev, handle) = create_clone(
-            "clone",
-            local,
-            Arc::new(basis.clone()) as Arc<dyn Basis>,
-            None,
-        )
-        .unwrap();
-        (dev, handle, basis)
-    }
-
-    /// Reads `len` bytes at `off` and returns how long it took.
-    fn timed_read(&self, dev: &Bdev, off: u64, len: u64) -> Duration {
-        let start = Instant::now();
-        let c = run_on(
-            &self.on(0),
-            dev,
-            BdevIo::read(off / 512, len / 512, vec![IoBuf::new(len as usize)]),
-            T,
-        )
-        .unwrap();
-        c.result.unwrap();
-        start.elapsed()
-    }
-
-    /// Reads the whole device sequentially in 128 KiB requests, 8 in flight.
-    fn sequential(&self, dev: &Bdev) -> Duration {
-        let start = Instant::now();
-        let (req, depth) = (128u64 << 10, 8usize);
-        let mut next = 0u64;
-        let mut inflight = std::collections::VecDeque::new();
-        while next < self.size || !inflight.is_empty() {
-            while inflight.len() < depth && next < self.size {
-                let io = BdevIo::read(next / 512, req / 512, vec![IoBuf::new(req as usize)]);
-                inflight.push_back(submit_on(&self.on(0), dev, io).unwrap());
-                next += req;
-            }
-            let rx = inflight.pop_front().unwrap();
-            rx.recv_timeout(T).unwrap().result.unwrap();
-        }
-        start.elapsed()
-    }
-
-    /// Runs a thickening walk on an OX core in the background.
-    fn thicken(
-        &self,
-        handle: &bdev::CloneHandle,
-        control: &Arc<Thickening>,
-    ) -> std::thread::JoinHandle<u64> {
-        let (h, r, c, cores) = (
-            handle.clone(),
-            self.on(1),
-            Arc::clone(control),
-            Arc::clone(&self.cores),
-        );
-        std::thread::spawn(move || {
-            cores
-                .run(move |_ex| Box::pin(async move { thicken(&h, &r, &c).await.unwrap() }))
-                .unwrap()
-        })
-    }
 }
 
 /// Random distinct chunks in `lo..hi`, a stride apart so no read looks sequential.
@@ -289,7 +189,7 @@ fn main() {
     let chunks = size / CHUNK;
 
     // 2. Cold 4 KiB reads vs bare ranged GETs of the same sizes.
-    let (clone, _h, _) = w.clone_of(loaded, Throttle::default());
+    let (clone, _h, _) = w.clone_of(loaded, 0, Throttle::default(), false);
     let mut cold: Vec<Duration> = scattered(reads, 0, chunks)
         .into_iter()
         .map(|c| w.timed_read(&clone, c * CHUNK + 8192, 4096))
@@ -345,14 +245,14 @@ fn main() {
     );
 
     // 3. Sequential read of a cold clone vs the thick volume.
-    let (clone, _h, _) = w.clone_of(w.load(&report.manifest_key), Throttle::default());
-    let cold_seq = w.sequential(&clone);
-    let thick_seq = w.sequential(&vol);
+    let (clone, _h, _) = w.clone_of(w.load(&report.manifest_key), 1, Throttle::default(), false);
+    let cold_seq = w.sequential(&clone, 128 << 10, 8);
+    let thick_seq = w.sequential(&vol, 128 << 10, 8);
     println!("## 3. Sequential read, 128 KiB x 8 in flight\n");
     println!("| device | MB/s |");
     println!("|---|---|");
     println!(
-        "| cold clone (read-ahead 16 chunks) | {:.0} |",
+        "| cold clone (read-ahead growing to 8 MiB) | {:.0} |",
         mbs(size, cold_seq)
     );
     println!(
@@ -368,10 +268,10 @@ fn main() {
     let throttle = Throttle::new(Limit::NONE, Limit::per_second(limit));
     // Drain the burst allowance so the measurement sees the steady rate.
     throttle.try_acquire("c", Class::Background, Limit::per_second(limit).burst);
-    let (clone, h, basis) = w.clone_of(w.load(&report.manifest_key), throttle);
+    let (clone, h, basis) = w.clone_of(w.load(&report.manifest_key), 2, throttle, false);
     let control = Thickening::new();
     let start = Instant::now();
-    let walker = w.thicken(&h, &control);
+    let walker = w.thicken(&h, &control, 1);
     let fetched = walker.join().unwrap();
     let took = start.elapsed();
     let bytes: u64 = h.counters().fetched_bytes[2].load(std::sync::atomic::Ordering::Relaxed);
@@ -399,9 +299,14 @@ fn main() {
     // walk goes up from chunk 0, the client reads the top half.
     let mut p = Vec::new();
     for busy in [false, true] {
-        let (clone, h, _) = w.clone_of(w.load(&report.manifest_key), Throttle::default());
+        let (clone, h, _) = w.clone_of(
+            w.load(&report.manifest_key),
+            3 + usize::from(busy),
+            Throttle::default(),
+            false,
+        );
         let control = Thickening::new();
-        let walker = busy.then(|| w.thicken(&h, &control));
+        let walker = busy.then(|| w.thicken(&h, &control, 1));
         let mut lat: Vec<Duration> = scattered(reads, chunks / 2, chunks)
             .into_iter()
             .filter(|&c| !h.is_present(c))

@@ -21,24 +21,22 @@
 mod s3server;
 mod support;
 
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev::blocking::{run_on, submit_on};
-use bdev::{Basis, Bdev, BdevIo, IoBuf, Tracking, create_clone, create_malloc, create_volume};
-use ox::basis::{ObjectBasis, StoreFactory};
+use bdev::blocking::run_on;
+use bdev::{Bdev, BdevIo, IoBuf, Tracking, create_malloc, create_volume};
 use ox::cores::OxCores;
 use ox::keys::{Kek, SecretKey};
-use ox::snapshot::{Loaded, SnapshotOptions, load, snapshot_volume};
+use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::ObjectStore;
 use ox::store::s3::{CredentialSource, S3Config, S3Store};
 use ox::throttle::Throttle;
-use reactor::{CoreList, ReactorConfig, ReactorHandle, ReactorSet};
+use reactor::{CoreList, ReactorConfig, ReactorSet};
 use support::arg;
+use support::world::{T, World};
 
 const CHUNK: u64 = 64 << 10;
-const T: Duration = Duration::from_secs(120);
 
 fn pct(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
@@ -62,97 +60,6 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 fn stats(endpoint: &str) -> (u64, u64, u64) {
     let s = s3server::served_at(endpoint.trim_start_matches("http://").trim_end_matches('/'));
     (s.requests, s.gets, s.get_bytes)
-}
-
-struct World {
-    set: ReactorSet,
-    cores: Arc<OxCores>,
-    config: S3Config,
-    kek: Kek,
-    size: u64,
-}
-
-impl World {
-    fn on(&self) -> ReactorHandle {
-        self.set.handles()[0].clone()
-    }
-
-    fn load(&self, key: &str) -> Loaded {
-        let (c, key, k) = (self.config.clone(), key.to_string(), self.kek.clone());
-        self.cores
-            .run(move |ex| {
-                Box::pin(async move {
-                    let store = S3Store::new(c, ex).unwrap();
-                    load(&store, &key, &[k]).await.unwrap()
-                })
-            })
-            .unwrap()
-    }
-
-    fn clone_of(&self, key: &str, n: usize) -> (Bdev, ObjectBasis) {
-        let (dev, basis, _) = self.clone_with(key, n, Throttle::default());
-        (dev, basis)
-    }
-
-    fn clone_with(
-        &self,
-        key: &str,
-        n: usize,
-        throttle: Throttle,
-    ) -> (Bdev, ObjectBasis, bdev::CloneHandle) {
-        let c = self.config.clone();
-        let factory: StoreFactory = Arc::new(move |ex| {
-            Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
-        });
-        let basis = ObjectBasis::new(
-            self.load(key),
-            factory,
-            Arc::clone(&self.cores),
-            throttle,
-            "c",
-        );
-        let local = create_malloc(&format!("local{n}"), 512, self.size / 512, None).unwrap();
-        // The local copy is a disk already there: a RAM device allocates (and the kernel
-        // may compact memory for) its huge pages on first write, a few ms each, which
-        // a miss would otherwise pay.
-        let zeroes = vec![0u8; 1 << 20];
-        for at in (0..self.size).step_by(1 << 20) {
-            let io = BdevIo::write(at / 512, 2048, vec![IoBuf::from_slice(&zeroes)]);
-            run_on(&self.on(), &local, io, T).unwrap().result.unwrap();
-        }
-        let (dev, handle) = create_clone(
-            &format!("clone{n}"),
-            local,
-            Arc::new(basis.clone()) as Arc<dyn Basis>,
-            None,
-        )
-        .unwrap();
-        (dev, basis, handle)
-    }
-
-    fn timed_read(&self, dev: &Bdev, off: u64, len: u64) -> Duration {
-        let start = Instant::now();
-        let io = BdevIo::read(off / 512, len / 512, vec![IoBuf::new(len as usize)]);
-        run_on(&self.on(), dev, io, T).unwrap().result.unwrap();
-        start.elapsed()
-    }
-
-    /// Reads the whole device in `req`-byte requests, `depth` in flight.
-    fn sequential(&self, dev: &Bdev, req: u64, depth: usize) -> Duration {
-        let start = Instant::now();
-        let mut next = 0u64;
-        let mut inflight = std::collections::VecDeque::new();
-        while next < self.size || !inflight.is_empty() {
-            while inflight.len() < depth && next < self.size {
-                let io = BdevIo::read(next / 512, req / 512, vec![IoBuf::new(req as usize)]);
-                inflight.push_back(submit_on(&self.on(), dev, io).unwrap());
-                next += req;
-            }
-            let rx = inflight.pop_front().unwrap();
-            rx.recv_timeout(T).unwrap().result.unwrap();
-        }
-        start.elapsed()
-    }
 }
 
 /// Cold 4 KiB reads at QD 1 of distinct chunks of the top half, none adjacent.
@@ -219,7 +126,7 @@ fn main() {
     for i in 0..size >> 20 {
         let piece = noise(1 << 20, i + 1);
         let io = BdevIo::write(i << 11, 2048, vec![IoBuf::from_slice(&piece)]);
-        run_on(&w.on(), &vol, io, T).unwrap().result.unwrap();
+        run_on(&w.on(0), &vol, io, T).unwrap().result.unwrap();
     }
     let opts = SnapshotOptions {
         prefix: format!("bench-{}/", std::process::id()),
@@ -235,7 +142,7 @@ fn main() {
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
     };
-    let (c, r, o, h) = (w.config.clone(), w.on(), opts, vh.clone());
+    let (c, r, o, h) = (w.config.clone(), w.on(0), opts, vh.clone());
     let start = Instant::now();
     let report = w
         .cores
@@ -308,7 +215,7 @@ fn main() {
     );
 
     // 2. Cold 4 KiB reads at QD 1, scattered distinct chunks.
-    let (clone, _) = w.clone_of(&report.manifest_key, 0);
+    let (clone, _, _) = w.clone_of(w.load(&report.manifest_key), 0, Throttle::default(), true);
     // The first miss also fetches the index page: not counted.
     w.timed_read(&clone, 0, 4096);
     let before = stats(&endpoint);
@@ -335,7 +242,7 @@ fn main() {
     );
 
     // 3. Cold sequential read, 128 KiB x 16 in flight.
-    let (clone, basis) = w.clone_of(&report.manifest_key, 1);
+    let (clone, _, basis) = w.clone_of(w.load(&report.manifest_key), 1, Throttle::default(), true);
     let before = stats(&endpoint);
     let took = w.sequential(&clone, 128 << 10, 16);
     let after = stats(&endpoint);
@@ -365,23 +272,9 @@ fn main() {
     );
     let burst = ox::throttle::Limit::per_second(limit).burst;
     throttle.try_acquire("c", ox::throttle::Class::Background, burst);
-    let (clone, basis, handle) = w.clone_with(&report.manifest_key, 2, throttle);
+    let (clone, handle, basis) = w.clone_of(w.load(&report.manifest_key), 2, throttle, true);
     let control = ox::hydrate::Thickening::new();
-    let walker = {
-        let (h, r, c, cores) = (
-            handle.clone(),
-            w.on(),
-            Arc::clone(&control),
-            Arc::clone(&w.cores),
-        );
-        std::thread::spawn(move || {
-            cores
-                .run(move |_ex| {
-                    Box::pin(async move { ox::hydrate::thicken(&h, &r, &c).await.unwrap() })
-                })
-                .unwrap()
-        })
-    };
+    let walker = w.thicken(&handle, &control, 0);
     let thick = || handle.counters().fetched_bytes[2].load(std::sync::atomic::Ordering::Relaxed);
     let host = || handle.counters().fetched_bytes[0].load(std::sync::atomic::Ordering::Relaxed);
     w.timed_read(&clone, 0, 4096);

@@ -1,0 +1,126 @@
+//! What the clone benches share: reactors, an OX core and an S3 store; loading a
+//! snapshot, a cold clone of it over RAM, timed and sequential reads, a thickening walk.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::blocking::{run_on, submit_on};
+use bdev::{Basis, Bdev, BdevIo, CloneHandle, IoBuf, create_clone, create_malloc};
+use ox::basis::{ObjectBasis, StoreFactory};
+use ox::cores::OxCores;
+use ox::hydrate::{Thickening, thicken};
+use ox::keys::Kek;
+use ox::snapshot::{Loaded, load};
+use ox::store::ObjectStore;
+use ox::store::s3::{S3Config, S3Store};
+use ox::throttle::Throttle;
+use reactor::{ReactorHandle, ReactorSet};
+
+/// How long a bench waits for any one I/O.
+pub const T: Duration = Duration::from_secs(120);
+
+pub struct World {
+    pub set: ReactorSet,
+    pub cores: Arc<OxCores>,
+    pub config: S3Config,
+    pub kek: Kek,
+    /// Volume size.
+    pub size: u64,
+}
+
+impl World {
+    pub fn on(&self, i: usize) -> ReactorHandle {
+        self.set.handles()[i].clone()
+    }
+
+    pub fn load(&self, key: &str) -> Loaded {
+        let (c, key, k) = (self.config.clone(), key.to_string(), self.kek.clone());
+        self.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = S3Store::new(c, ex).unwrap();
+                    load(&store, &key, &[k]).await.unwrap()
+                })
+            })
+            .unwrap()
+    }
+
+    /// A cold clone `n` of `loaded` over a fresh RAM copy. `allocated`: the copy is
+    /// written through first, as a disk already there (a RAM device allocates its huge
+    /// pages on first write, a few ms each, which a miss would otherwise pay).
+    pub fn clone_of(
+        &self,
+        loaded: Loaded,
+        n: usize,
+        throttle: Throttle,
+        allocated: bool,
+    ) -> (Bdev, CloneHandle, ObjectBasis) {
+        let c = self.config.clone();
+        let factory: StoreFactory = Arc::new(move |ex| {
+            Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
+        });
+        let basis = ObjectBasis::new(loaded, factory, Arc::clone(&self.cores), throttle, "c");
+        let local = create_malloc(&format!("local{n}"), 512, self.size / 512, None).unwrap();
+        if allocated {
+            let zeroes = vec![0u8; 1 << 20];
+            for at in (0..self.size).step_by(1 << 20) {
+                let io = BdevIo::write(at / 512, 2048, vec![IoBuf::from_slice(&zeroes)]);
+                run_on(&self.on(0), &local, io, T).unwrap().result.unwrap();
+            }
+        }
+        let (dev, handle) = create_clone(
+            &format!("clone{n}"),
+            local,
+            Arc::new(basis.clone()) as Arc<dyn Basis>,
+            None,
+        )
+        .unwrap();
+        (dev, handle, basis)
+    }
+
+    /// Reads `len` bytes at `off` on reactor 0 and returns how long it took.
+    pub fn timed_read(&self, dev: &Bdev, off: u64, len: u64) -> Duration {
+        let start = Instant::now();
+        let io = BdevIo::read(off / 512, len / 512, vec![IoBuf::new(len as usize)]);
+        run_on(&self.on(0), dev, io, T).unwrap().result.unwrap();
+        start.elapsed()
+    }
+
+    /// Reads the whole device in `req`-byte requests, `depth` in flight.
+    pub fn sequential(&self, dev: &Bdev, req: u64, depth: usize) -> Duration {
+        let start = Instant::now();
+        let mut next = 0u64;
+        let mut inflight = std::collections::VecDeque::new();
+        while next < self.size || !inflight.is_empty() {
+            while inflight.len() < depth && next < self.size {
+                let io = BdevIo::read(next / 512, req / 512, vec![IoBuf::new(req as usize)]);
+                inflight.push_back(submit_on(&self.on(0), dev, io).unwrap());
+                next += req;
+            }
+            let rx = inflight.pop_front().unwrap();
+            rx.recv_timeout(T).unwrap().result.unwrap();
+        }
+        start.elapsed()
+    }
+
+    /// Runs a thickening walk (through reactor `on`) on an OX core in the background.
+    pub fn thicken(
+        &self,
+        handle: &CloneHandle,
+        control: &Arc<Thickening>,
+        on: usize,
+    ) -> std::thread::JoinHandle<u64> {
+        let (h, r, c, cores) = (
+            handle.clone(),
+            self.on(on),
+            Arc::clone(control),
+            Arc::clone(&self.cores),
+        );
+        std::thread::spawn(move || {
+            cores
+                .run(move |_ex| Box::pin(async move { thicken(&h, &r, &c).await.unwrap() }))
+                .unwrap()
+        })
+    }
+}
