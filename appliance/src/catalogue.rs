@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-/// Catalogue format version written. 2 added `thicken_mib_s` to clones, 3 `pending`.
-const VERSION: u32 = 3;
+/// Catalogue format version written. 2 added `thicken_mib_s` to clones, 3 `pending`,
+/// 4 `appliance` and snapshots' `listed`.
+const VERSION: u32 = 4;
 
 /// Versions this build reads (older ones lack fields that have defaults).
-const READABLE: [u32; 3] = [1, 2, 3];
+const READABLE: [u32; 4] = [1, 2, 3, 4];
 
 /// Everything the daemon must find again after a restart.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -20,6 +21,10 @@ const READABLE: [u32; 3] = [1, 2, 3];
 pub struct Catalogue {
     /// Format version.
     pub version: u32,
+    /// This appliance's identity in the stores' catalogues (a UUID made at its first
+    /// start, kept for good; empty in catalogues older than version 4 until loaded).
+    #[serde(default)]
+    pub appliance: String,
     /// Volumes (local, snapshottable).
     pub volumes: Vec<VolumeRecord>,
     /// Clones of snapshots.
@@ -138,6 +143,11 @@ pub struct SnapshotRecord {
     pub meta_bytes: u64,
     /// Chunks read from the volume.
     pub chunks_read: u64,
+    /// Recorded in the store's own catalogue (the bucket): false until that write
+    /// succeeds, and for snapshots taken before it existed; such entries are written
+    /// at the volume's next snapshot into the store.
+    #[serde(default)]
+    pub listed: bool,
 }
 
 impl Catalogue {
@@ -146,7 +156,8 @@ impl Catalogue {
         state_dir.join("catalogue.json")
     }
 
-    /// Loads the catalogue of `state_dir` (empty if there is none yet).
+    /// Loads the catalogue of `state_dir` (empty if there is none yet). One without
+    /// an appliance identity gets a new one, which the caller must save.
     pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
         let path = Self::path(state_dir);
         let text = match std::fs::read_to_string(&path) {
@@ -154,6 +165,7 @@ impl Catalogue {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Self {
                     version: VERSION,
+                    appliance: uuid::Uuid::new_v4().to_string(),
                     ..Self::default()
                 });
             }
@@ -168,8 +180,13 @@ impl Catalogue {
                 c.version
             );
         }
+        let appliance = match c.appliance.as_str() {
+            "" => uuid::Uuid::new_v4().to_string(),
+            id => id.to_string(),
+        };
         Ok(Self {
             version: VERSION,
+            appliance,
             ..c
         })
     }
@@ -221,10 +238,20 @@ mod tests {
             chunk_bytes: 65536,
             export: None,
         });
+        assert_eq!(c.appliance.len(), 36, "a new appliance gets an identity");
         c.save(dir.path()).unwrap();
         let again = Catalogue::load(dir.path()).unwrap();
         assert_eq!(again.volumes[0].name, "v");
+        assert_eq!(again.appliance, c.appliance, "and keeps it");
         assert!(again.has_name("v") && !again.has_name("w"));
+        // A catalogue from before identities gets one.
+        std::fs::write(
+            Catalogue::path(dir.path()),
+            br#"{"version": 3, "volumes": [], "clones": [], "snapshots": []}"#,
+        )
+        .unwrap();
+        let old = Catalogue::load(dir.path()).unwrap();
+        assert!(!old.appliance.is_empty() && old.appliance != c.appliance);
         std::fs::write(Catalogue::path(dir.path()), b"{\"version\": 1, \"volu").unwrap();
         let e = Catalogue::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("damaged"), "{e}");

@@ -473,6 +473,7 @@ const OX_METHODS: &[&str] = &[
     "key_list",
     "store_list",
     "store_check",
+    "store_browse",
     "clone_create",
     "clone_get",
     "clone_delete",
@@ -641,19 +642,59 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
             service.key_rotate(need_str(&m, "to")?).map_err(failed)
         }
         "clone_create" => {
-            let m = with(&["name", "snapshot", "store", "manifest_key", "thicken"])?;
-            let source = match (get_str(&m, "store")?, get_str(&m, "manifest_key")?) {
-                (Some(s), Some(k)) => Some((s, k)),
-                (None, None) => None,
-                _ => return Err(invalid("store and manifest_key go together")),
+            let m = with(&[
+                "name",
+                "snapshot",
+                "store",
+                "manifest_key",
+                "volume",
+                "latest",
+                "thicken",
+            ])?;
+            use crate::service::{CloneSource, InBucket};
+            let source = match (
+                get_str(&m, "snapshot")?,
+                get_str(&m, "store")?,
+                get_str(&m, "manifest_key")?,
+                get_str(&m, "volume")?,
+                get_bool(&m, "latest")?,
+            ) {
+                (Some(id), None, None, None, false) => CloneSource::Catalogued(id),
+                (None, Some(store), Some(key), None, false) => CloneSource::Manifest { store, key },
+                (None, Some(store), None, Some(volume), true) => CloneSource::Bucket {
+                    store,
+                    volume,
+                    which: InBucket::Latest,
+                },
+                (Some(id), Some(store), None, Some(volume), false) => CloneSource::Bucket {
+                    store,
+                    volume,
+                    which: InBucket::Snapshot(id),
+                },
+                _ => {
+                    return Err(invalid(
+                        "name the snapshot one way: snapshot (catalogued here); store and \
+                         manifest_key; or store, volume and latest (or snapshot)",
+                    ));
+                }
             };
             service
                 .clone_create(
                     need_str(&m, "name")?,
-                    get_str(&m, "snapshot")?,
                     source,
                     get_bool(&m, "thicken")?,
                     export_params(&m)?,
+                )
+                .map_err(failed)
+        }
+        "store_browse" => {
+            let m = params(p, &["store", "volume", "limit", "after"])?;
+            service
+                .store_browse(
+                    need_str(&m, "store")?,
+                    get_str(&m, "volume")?,
+                    get_u64(&m, "limit")?,
+                    get_str(&m, "after")?,
                 )
                 .map_err(failed)
         }

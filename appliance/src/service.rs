@@ -30,10 +30,36 @@ use reactor::ReactorHandle;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+mod bucket;
+
+pub use bucket::InBucket;
+
 use crate::catalogue::{
     Catalogue, CloneRecord, ExportRecord, PendingSnapshot, SnapshotRecord, VolumeRecord,
 };
 use crate::refusal::{Refusal, conflict, invalid, not_found, shown};
+
+/// The snapshot a new clone reads.
+pub enum CloneSource<'a> {
+    /// One this appliance catalogued, by ID.
+    Catalogued(&'a str),
+    /// A manifest in a store, by key.
+    Manifest {
+        /// The store.
+        store: &'a str,
+        /// The manifest's key.
+        key: &'a str,
+    },
+    /// One found through the store's own catalogue (another appliance's, say).
+    Bucket {
+        /// The store.
+        store: &'a str,
+        /// The volume: name, identity or prefix.
+        volume: &'a str,
+        /// Which of its snapshots.
+        which: InBucket<'a>,
+    },
+}
 
 /// An object store as configured.
 #[derive(Clone)]
@@ -221,9 +247,13 @@ pub struct Service {
 }
 
 fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Checks a name used for files and NQNs.
@@ -270,6 +300,13 @@ impl Service {
                 .with_context(|| format!("ox.state_dir: {}", d.display()))?;
         }
         let catalogue = Catalogue::load(&settings.state_dir)?;
+        // A new appliance identity (first start, or a catalogue from before there was
+        // one) is kept before anything is written under it.
+        let on_disk =
+            std::fs::read_to_string(Catalogue::path(&settings.state_dir)).unwrap_or_default();
+        if !on_disk.contains(&catalogue.appliance) {
+            catalogue.save(&settings.state_dir)?;
+        }
         let service = Arc::new(Self {
             settings,
             reactors,
@@ -881,28 +918,46 @@ impl Service {
             })?,
         }
         .clone();
-        let (handle, busy, uuid, parent) = {
+        let me = self.me();
+        let (handle, busy, volume_record, parent, backlog) = {
             let inner = self.inner();
             let live = inner.volume(volume)?;
-            if live.busy.swap(true, Ordering::SeqCst) {
-                conflict!("volume {} is being snapshotted already", shown(volume));
-            }
-            let uuid = inner
+            let volume_record = inner
                 .catalogue
                 .volumes
                 .iter()
                 .find(|v| v.name == volume)
-                .map(|v| v.uuid.clone())
-                .unwrap_or_default();
-            let parent = inner
-                .catalogue
-                .snapshots
-                .iter()
-                .rev()
-                .find(|s| s.volume == volume && s.store == store)
+                .cloned()
+                .ok_or_else(|| Refusal::NotFound(format!("no volume named {}", shown(volume))))?;
+            if live.busy.swap(true, Ordering::SeqCst) {
+                conflict!("volume {} is being snapshotted already", shown(volume));
+            }
+            let mine = || {
+                inner
+                    .catalogue
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.volume == volume && s.store == store)
+            };
+            let parent = mine()
+                .next_back()
                 .map(|s| (s.id.clone(), s.manifest_key.clone()));
-            (live.handle.clone(), Arc::clone(&live.busy), uuid, parent)
+            // Snapshots the bucket's catalogue is still owed (its write failed, or they
+            // predate it): written before this one.
+            let backlog: Vec<_> = mine()
+                .filter(|s| !s.listed)
+                .map(|s| bucket::entry_of(s, &volume_record, &me, s.created * 1000, None))
+                .collect();
+            (
+                live.handle.clone(),
+                Arc::clone(&live.busy),
+                volume_record,
+                parent,
+                backlog,
+            )
         };
+        let uuid = volume_record.uuid.clone();
+        let head = self.head_of(&volume_record);
         let progress = Arc::new(SnapshotProgress::default());
         let retried = self.store(store).ok().cloned();
         let job = self.new_job(
@@ -964,14 +1019,34 @@ impl Service {
                     service.settings.throttle.clone(),
                 );
                 let parent_key = parent.as_ref().map(|p| p.1.clone());
+                let me = service.me();
+                let (snapshot_of, store_name) = (volume.clone(), store.clone());
                 let result = service.cores.run(move |ex| {
                     Box::pin(async move {
                         let store = spec.open(&ex)?;
+                        // The volume's place in the store is this appliance's, or the
+                        // snapshot is not taken at all.
+                        let prefix = opts.prefix.clone();
+                        ox::snapshot::patiently(&opts, async || {
+                            ox::bucket::claim(&*store, &prefix, &head).await
+                        })
+                        .await?;
+                        let mut caught_up = Vec::new();
+                        for entry in &backlog {
+                            match ox::bucket::record(&*store, &prefix, entry).await {
+                                Ok(()) => caught_up.push(entry.snapshot.clone()),
+                                Err(e) => tracing::warn!(
+                                    "volume {}: snapshot {} is not in the store's catalogue yet: {e}",
+                                    entry.name,
+                                    entry.snapshot
+                                ),
+                            }
+                        }
                         let parent = match &parent_key {
                             Some(k) => Some(ox::snapshot::load(&*store, k, &keks).await?),
                             None => None,
                         };
-                        ox::snapshot::snapshot_volume(
+                        let report = ox::snapshot::snapshot_volume(
                             &*store,
                             &on,
                             &handle,
@@ -979,28 +1054,52 @@ impl Service {
                             &opts,
                             &throttle,
                         )
-                        .await
-                    })
-                });
-                let outcome = match result {
-                    Ok(Ok(report)) => {
-                        let kek = report.manifest.key.as_ref().map(|k| k.kek_id.clone());
-                        service.audit_key_use("wrap", kek.as_deref(), &report.manifest_key, "ok");
-                        let record = SnapshotRecord {
+                        .await?;
+                        let created_ms = now_ms();
+                        let mut record = SnapshotRecord {
                             id: report.manifest.snapshot.clone(),
-                            volume: volume.clone(),
-                            store,
+                            volume: snapshot_of,
+                            store: store_name,
                             manifest_key: report.manifest_key.clone(),
-                            parent: parent.map(|p| p.0),
-                            created: now_secs(),
+                            parent: parent.map(|p| p.manifest.snapshot),
+                            created: created_ms / 1000,
                             data_bytes: report.data_bytes,
                             meta_bytes: report.meta_bytes,
                             chunks_read: report.chunks_read,
+                            listed: false,
                         };
+                        // Published: a failure to list it in the bucket does not undo
+                        // that; the entry is written again at the next snapshot.
+                        let kek = report.manifest.key.as_ref().map(|k| k.kek_id.clone());
+                        let entry = bucket::entry_of(&record, &volume_record, &me, created_ms, kek);
+                        let listed = ox::snapshot::patiently(&opts, async || {
+                            ox::bucket::record(&*store, &prefix, &entry).await
+                        })
+                        .await;
+                        record.listed = listed.is_ok();
+                        Ok::<_, ox::OxError>((report, record, listed.err(), caught_up))
+                    })
+                });
+                let outcome = match result {
+                    Ok(Ok((report, record, unlisted, caught_up))) => {
+                        let kek = report.manifest.key.as_ref().map(|k| k.kek_id.clone());
+                        service.audit_key_use("wrap", kek.as_deref(), &report.manifest_key, "ok");
                         let mut inner = service.inner();
+                        for s in inner.catalogue.snapshots.iter_mut() {
+                            if caught_up.contains(&s.id) {
+                                s.listed = true;
+                            }
+                        }
                         inner.catalogue.snapshots.push(record.clone());
                         inner.catalogue.pending.retain(|p| p.volume != volume);
                         let mut result = serde_json::to_value(&record).unwrap_or_default();
+                        if let Some(e) = &unlisted {
+                            tracing::warn!(
+                                "volume {volume}: snapshot {} is published but not yet in the store's catalogue: {e}",
+                                record.id
+                            );
+                            result["unlisted"] = e.to_string().into();
+                        }
                         result["resumed_at"] = json!(report.resumed_at);
                         if let Some(r) = &report.read_back {
                             result["read_back"] = json!({
@@ -1188,19 +1287,25 @@ impl Service {
     pub fn clone_create(
         self: &Arc<Self>,
         name: &str,
-        snapshot: Option<&str>,
-        source: Option<(&str, &str)>,
+        source: CloneSource<'_>,
         thicken: bool,
         export: Option<ExportRecord>,
     ) -> anyhow::Result<Value> {
         check_name(name)?;
-        let (store, manifest_key) = match (snapshot, source) {
-            (Some(id), None) => {
+        let (store, manifest_key) = match source {
+            CloneSource::Catalogued(id) => {
                 let s = self.snapshot(id)?;
                 (s.store, s.manifest_key)
             }
-            (None, Some((store, key))) => (store.to_string(), key.to_string()),
-            _ => invalid!("give either snapshot, or store and manifest_key"),
+            CloneSource::Manifest { store, key } => (store.to_string(), key.to_string()),
+            CloneSource::Bucket {
+                store,
+                volume,
+                which,
+            } => (
+                store.to_string(),
+                self.find_in_bucket(store, volume, which)?,
+            ),
         };
         let _reservation = self.reserve(name, export.as_ref())?;
         for ext in ["img", "presence", "presence.log"] {
@@ -1609,16 +1714,19 @@ impl Service {
                 );
             }
         }
-        let prefix = snap
-            .manifest_key
-            .strip_suffix(&format!("ox1/m/{}", snap.id))
-            .context("the manifest key has an unexpected form")?
-            .to_string();
+        let prefix = bucket::prefix_of(&snap.manifest_key)?;
         let spec = self.store(&snap.store)?.clone();
-        let (keks, key) = (self.settings.keys.clone(), snap.manifest_key.clone());
+        let (keks, key, id) = (
+            self.settings.keys.clone(),
+            snap.manifest_key.clone(),
+            snap.id.clone(),
+        );
         let removed = self.cores.run(move |ex| {
             Box::pin(async move {
                 let store = spec.open(&ex)?;
+                // Out of the bucket's catalogue first: a browse never offers a
+                // snapshot whose manifest is gone.
+                ox::bucket::forget(&*store, &prefix, &id).await?;
                 store.delete(std::slice::from_ref(&key)).await?;
                 ox::snapshot::collect_orphans(&*store, &prefix, &keks).await
             })
@@ -1705,8 +1813,10 @@ impl Service {
                         ExportRecord::from_config(c.nqn.as_ref(), &c.hosts, c.allow_any_host);
                     self.clone_create(
                         &c.name,
-                        None,
-                        Some((&c.store, &c.manifest_key)),
+                        CloneSource::Manifest {
+                            store: &c.store,
+                            key: &c.manifest_key,
+                        },
                         c.thicken,
                         export,
                     )

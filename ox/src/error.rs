@@ -76,6 +76,19 @@ pub enum OxError {
         /// The last failure.
         message: String,
     },
+    /// A volume's place in the store belongs to another appliance (the bucket's
+    /// catalogue says so); only an explicit adoption takes it over.
+    #[error(
+        "volume {volume}: its place in the store belongs to appliance {owner_name} ({owner}); taking it over is an explicit adoption"
+    )]
+    Owned {
+        /// The volume.
+        volume: String,
+        /// The owner's identity.
+        owner: String,
+        /// The owner's name.
+        owner_name: String,
+    },
     /// A snapshot stopped for a restart of the appliance; its journal lets the next
     /// start continue it where it was.
     #[error("snapshot of {0} suspended for a restart; it continues at the next start")]

@@ -21,6 +21,7 @@
 
 pub mod basis;
 pub mod blockio;
+pub mod bucket;
 pub mod codec;
 pub mod cores;
 mod error;

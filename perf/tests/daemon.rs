@@ -9,11 +9,12 @@ mod s3server;
 
 mod support;
 
-use std::process::Output;
 use std::sync::atomic::Ordering;
 
 use serde_json::Value;
-use support::{bin, free_port, ok_json, run, start_oxd, write_private};
+use support::{
+    Ctl, bin, free_port, ok_json, oxperf, run, s3_store, start_oxd, verified, write_private,
+};
 
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
@@ -28,103 +29,12 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
-struct Ctl {
-    socket: String,
-}
-
-impl Ctl {
-    fn call(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--socket", &self.socket, "--json"];
-        all.extend_from_slice(args);
-        run(&bin("oxctl"), &all)
-    }
-
-    fn ok(&self, args: &[&str]) -> Value {
-        ok_json(self.call(args))
-    }
-
-    /// Job `id` once it is no longer running.
-    fn finished(&self, id: &str) -> Value {
-        loop {
-            let j = self.ok(&["job", "get", id]);
-            if j["state"] != "running" {
-                return j;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-
-    /// Waits until snapshot job `id` has begun examining chunks (its point in time is
-    /// taken and its journal written).
-    fn examining(&self, id: &str) {
-        while self.ok(&["job", "get", id])["done"].as_u64() == Some(0) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
-
-/// The `[[store]]` block naming the S3 test server `name` (its secret written to a
-/// file in `d`, as an operator would), and the access key.
-fn s3_store(server: &s3server::Server, d: &std::path::Path, name: &str) -> (String, String) {
-    let s3 = server.client_config();
-    let ox::store::s3::CredentialSource::Static {
-        access_key,
-        secret_key,
-    } = &s3.credentials
-    else {
-        panic!("the test server has static credentials")
-    };
-    let secret = d.join("s3.secret");
-    write_private(&secret, secret_key);
-    let block = format!(
-        "[[store]]\nname = \"{name}\"\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\n\
-         credentials = \"static\"\naccess_key = \"{access_key}\"\nsecret_key_file = {secret:?}\n\
-         allow_http = true\n",
-        s3.endpoint, s3.bucket
-    );
-    (block, access_key.clone())
-}
-
-/// oxperf over `range` (FIRST:COUNT blocks) of `target`, `bs` bytes at a time.
-fn oxperf(target: &str, workload: &str, range: &str, ios: u64, bs: u32, seed: u64) -> Value {
-    ok_json(run(
-        &bin("oxperf"),
-        &[
-            "run",
-            "--target",
-            target,
-            "-w",
-            workload,
-            "--bs",
-            &bs.to_string(),
-            "--range",
-            range,
-            "--ios",
-            &ios.to_string(),
-            "--qd",
-            "8",
-            "--verify",
-            "--seed",
-            &seed.to_string(),
-            "--cores",
-            "0",
-            "--json",
-        ],
-    ))
-}
-
-fn verified(r: &Value) -> u64 {
-    assert!(r["mismatch"].is_null(), "data mismatch: {r}");
-    assert_eq!(r["unwritten_blocks"], 0, "{r}");
-    r["verified_blocks"].as_u64().unwrap()
-}
-
 #[test]
 fn snapshot_clone_and_a_kill_9_driven_by_oxctl_and_oxperf() {
     let server = s3server::start_server(false);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (store, access_key) = s3_store(&server, d, "s3");
+    let (store, access_key) = s3_store(&server.client_config(), d, "s3");
     write_private(&d.join("kek"), &"11".repeat(32));
     // The second key is made by oxctl, as an operator would.
     let kek2 = d.join("kek2");
@@ -497,7 +407,7 @@ fn cut_short_by_a_clean_stop(lose_journal: bool) {
     let server = s3server::start_server(false);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (store, _) = s3_store(&server, d, "s3");
+    let (store, _) = s3_store(&server.client_config(), d, "s3");
     write_private(&d.join("kek"), &"22".repeat(32));
     let port = free_port();
     let socket = d.join("oxd.sock");
@@ -604,7 +514,7 @@ fn a_store_check_names_the_failing_step_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let server = s3server::start_server(false);
-    let (good, _) = s3_store(&server, d, "s3");
+    let (good, _) = s3_store(&server.client_config(), d, "s3");
     let bad_secret = d.join("bad.secret");
     write_private(&bad_secret, "not-the-secret");
     let bad = good.replace("name = \"s3\"", "name = \"bad\"").replace(

@@ -217,6 +217,22 @@ enum StoreCommand {
         /// The store, as named in the daemon's configuration.
         name: String,
     },
+    /// What the store's own catalogue holds, whichever appliance wrote it: its
+    /// volumes (owner, size) with their newest snapshots, or one volume's snapshots,
+    /// newest first, a page at a time.
+    Browse {
+        /// The store, as named in the daemon's configuration.
+        name: String,
+        /// One volume (its name, identity or prefix): its snapshots.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Snapshots shown (per volume, or in the page; 1 to 1000).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// The page after this one (the `next` of the page before).
+        #[arg(long, requires = "volume")]
+        after: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -243,15 +259,24 @@ enum CloneCommand {
     Create {
         /// Name of the clone.
         name: String,
-        /// Snapshot ID (or a unique prefix) from `oxctl snapshot list`.
-        #[arg(long, conflicts_with_all = ["store", "manifest_key"])]
+        /// Snapshot ID (or a unique prefix) from `oxctl snapshot list`; with --store
+        /// and --volume, that volume's snapshot in the store (`oxctl store browse`).
+        #[arg(long, conflicts_with_all = ["manifest_key", "latest"])]
         snapshot: Option<String>,
-        /// A store holding a snapshot taken elsewhere...
-        #[arg(long, requires = "manifest_key")]
+        /// A store holding a snapshot taken elsewhere: with --manifest-key, or with
+        /// --volume and --latest (or --snapshot) to find it in the store's catalogue.
+        #[arg(long)]
         store: Option<String>,
-        /// ...and its manifest key.
-        #[arg(long, requires = "store")]
+        /// The snapshot's manifest key in --store.
+        #[arg(long, requires = "store", conflicts_with = "volume")]
         manifest_key: Option<String>,
+        /// A volume in --store's catalogue (its name, identity or prefix), whichever
+        /// appliance took its snapshots.
+        #[arg(long, requires = "store")]
+        volume: Option<String>,
+        /// The newest snapshot of --volume.
+        #[arg(long, requires = "volume")]
+        latest: bool,
         /// Copy every chunk in the background (within the bandwidth policy).
         #[arg(long)]
         thicken: bool,
@@ -417,6 +442,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Store {
             command: StoreCommand::Check { name },
         } => call(&cli, "store_check", Some(json!({ "name": name })))?,
+        Command::Store {
+            command:
+                StoreCommand::Browse {
+                    name,
+                    volume,
+                    limit,
+                    after,
+                },
+        } => {
+            let mut p = json!({ "store": name });
+            if let Some(v) = volume {
+                p["volume"] = v.clone().into();
+            }
+            if let Some(l) = limit {
+                p["limit"] = (*l).into();
+            }
+            if let Some(a) = after {
+                p["after"] = a.clone().into();
+            }
+            call(&cli, "store_browse", Some(p))?
+        }
         Command::Key { command } => match command {
             KeyCommand::List => call(&cli, "key_list", None)?,
             KeyCommand::Create { file } => create_key(file)?,
@@ -428,17 +474,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 snapshot,
                 store,
                 manifest_key,
+                volume,
+                latest,
                 thicken,
                 export,
             } => {
                 let mut p = serde_json::Map::new();
                 p.insert("name".into(), name.clone().into());
-                if let Some(s) = snapshot {
-                    p.insert("snapshot".into(), s.clone().into());
+                for (key, value) in [
+                    ("snapshot", snapshot),
+                    ("store", store),
+                    ("manifest_key", manifest_key),
+                    ("volume", volume),
+                ] {
+                    if let Some(v) = value {
+                        p.insert(key.into(), v.clone().into());
+                    }
                 }
-                if let (Some(s), Some(k)) = (store, manifest_key) {
-                    p.insert("store".into(), s.clone().into());
-                    p.insert("manifest_key".into(), k.clone().into());
+                if *latest {
+                    p.insert("latest".into(), true.into());
                 }
                 p.insert("thicken".into(), (*thicken).into());
                 export.add_to(&mut p);
@@ -791,9 +845,78 @@ fn print_human(command: &Command, r: &Value) {
                 );
             }
         }
+        Command::Store {
+            command: StoreCommand::Browse { .. },
+        } => {
+            let snapshot_line = |v: &Value| {
+                println!(
+                    "    {}  {:>9} ago  {:>10} stored  by {}  key {}{}",
+                    s(&v["id"]),
+                    age(v["created"].as_u64().unwrap_or(0)),
+                    human_bytes(v["stored_bytes"].as_u64().unwrap_or(0)),
+                    s(&v["appliance"]["name"]),
+                    s(&v["key"]),
+                    match v["key_here"] {
+                        Value::Bool(false) => " (not configured here)",
+                        _ => "",
+                    }
+                );
+            };
+            let volume_lines = |v: &Value| {
+                println!(
+                    "{}  {}  {}  owner {}{}",
+                    s(&v["name"]),
+                    s(&v["volume"]),
+                    human_bytes(v["size_bytes"].as_u64().unwrap_or(0)),
+                    s(&v["owner"]["name"]),
+                    if v["owned_here"] == Value::Bool(true) {
+                        " (this appliance)"
+                    } else {
+                        ""
+                    }
+                );
+                for snap in v["snapshots"].as_array().into_iter().flatten() {
+                    snapshot_line(snap);
+                }
+                if v["more"] == Value::Bool(true) {
+                    println!(
+                        "    … older: oxctl store browse STORE --volume {}",
+                        s(&v["volume"])
+                    );
+                }
+                if let Value::String(next) = &v["next"] {
+                    println!("    … older: --after {next}");
+                }
+            };
+            match r["volumes"].as_array() {
+                Some(volumes) => {
+                    for v in volumes {
+                        volume_lines(v);
+                    }
+                    for u in r["unreadable"].as_array().into_iter().flatten() {
+                        println!("{}  UNREADABLE: {}", s(&u["prefix"]), s(&u["reason"]));
+                    }
+                }
+                None => volume_lines(r),
+            }
+        }
         _ => {
             println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
         }
+    }
+}
+
+/// How long ago `secs` (Unix seconds) was, roughly.
+fn age(secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let d = now.saturating_sub(secs);
+    match d {
+        0..60 => format!("{d}s"),
+        60..3600 => format!("{}m", d / 60),
+        3600..86400 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
     }
 }
 

@@ -33,6 +33,7 @@ use crate::throttle::Throttle;
 use writer::write;
 
 pub use load::{Loaded, Source, load};
+pub use upload::patiently;
 
 /// How to write a snapshot.
 #[derive(Debug, Clone)]

@@ -111,20 +111,28 @@ impl<'a> Packer<'a> {
     }
 }
 
-/// PUTs `data`, waiting out an unavailable store for up to the snapshot's outage
-/// patience (a refusal or any other error fails at once); a cancel ends the wait at
-/// once, whatever the store is doing.
+/// PUTs `data`, waiting out an unavailable store as [`patiently`] does.
 async fn put_patiently(
     store: &dyn ObjectStore,
     key: &str,
     data: Vec<u8>,
     opts: &SnapshotOptions,
 ) -> Result<(), OxError> {
+    patiently(opts, async || store.put(key, data.clone()).await).await
+}
+
+/// Runs `op` for a snapshot, again while the store is unavailable, for up to the
+/// snapshot's outage patience (a refusal or any other error fails at once); a cancel
+/// ends the wait at once, whatever the store is doing.
+pub async fn patiently<T>(
+    opts: &SnapshotOptions,
+    mut op: impl AsyncFnMut() -> Result<T, OxError>,
+) -> Result<T, OxError> {
     let deadline = std::time::Instant::now() + opts.outage_patience;
     let put = async {
         let mut pause = Duration::from_millis(100);
         loop {
-            match store.put(key, data.clone()).await {
+            match op().await {
                 Err(e @ OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
                     opts.progress.set_outage(Some(e.to_string()));
                     // A stop for a restart does not wait out an outage either (the
@@ -149,7 +157,7 @@ async fn put_patiently(
 }
 
 /// Resolves, with the error a cancelled snapshot fails with, once it is cancelled.
-async fn cancelled(opts: &SnapshotOptions) -> Result<(), OxError> {
+async fn cancelled<T>(opts: &SnapshotOptions) -> Result<T, OxError> {
     opts.progress.cancelled().await;
     Err(OxError::Config(format!(
         "snapshot of {} cancelled; nothing was published",

@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
 
-use super::{BoxFuture, ObjectStore};
+use super::{BoxFuture, Listing, ObjectStore};
 use crate::error::OxError;
 
 /// Objects in a directory.
@@ -101,7 +101,14 @@ impl LocalStore {
 
     fn list_sync(&self, prefix: &str) -> Result<Vec<String>, OxError> {
         let mut out = Vec::new();
-        let mut stack = vec![self.root.clone()];
+        // Only the directory the prefix names is walked, not the whole store.
+        let dir = match prefix.rfind('/') {
+            Some(at) => self
+                .path(&prefix[..at])
+                .unwrap_or_else(|_| self.root.clone()),
+            None => self.root.clone(),
+        };
+        let mut stack = vec![dir];
         while let Some(dir) = stack.pop() {
             let entries = match fs::read_dir(&dir) {
                 Ok(e) => e,
@@ -150,6 +157,19 @@ impl ObjectStore for LocalStore {
         len: u64,
     ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
         Box::pin(async move { self.read_range(key, offset, Some(len)) })
+    }
+
+    fn list_page<'a>(
+        &'a self,
+        prefix: &'a str,
+        delimiter: Option<&'a str>,
+        after: Option<&'a str>,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Listing, OxError>> {
+        Box::pin(async move {
+            let all = self.list_sync(prefix)?;
+            Ok(super::page_of(&all, prefix, delimiter, after, max))
+        })
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>> {

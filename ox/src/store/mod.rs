@@ -48,6 +48,106 @@ pub trait ObjectStore {
     }
     /// Keys starting with `prefix`, sorted.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>>;
+    /// One page of what lies under `prefix`, in key order: at most `max` entries, each
+    /// a key or (with a `delimiter`) a common prefix standing for every key that has the
+    /// delimiter after `prefix`; `after` is the page's `next` from the page before. For
+    /// catalogues that must stay cheap however many objects a bucket holds.
+    fn list_page<'a>(
+        &'a self,
+        prefix: &'a str,
+        delimiter: Option<&'a str>,
+        after: Option<&'a str>,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Listing, OxError>>;
     /// Deletes `keys` (missing ones are not an error).
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>>;
+}
+
+/// One page of a listing ([`ObjectStore::list_page`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// Keys, in order.
+    pub keys: Vec<String>,
+    /// Common prefixes (each ends with the delimiter), in order.
+    pub prefixes: Vec<String>,
+    /// Where the next page begins (`None`: this was the last).
+    pub next: Option<String>,
+}
+
+impl Listing {
+    /// The last entry (key or prefix) in order.
+    pub fn last(&self) -> Option<&str> {
+        self.keys
+            .last()
+            .max(self.prefixes.last())
+            .map(String::as_str)
+    }
+}
+
+/// A page of `sorted` keys under `prefix` as [`ObjectStore::list_page`] gives it, for
+/// stores that can list every key cheaply (the next page begins after the last entry).
+pub fn page_of(
+    sorted: &[String],
+    prefix: &str,
+    delimiter: Option<&str>,
+    after: Option<&str>,
+    max: usize,
+) -> Listing {
+    let max = max.max(1);
+    let mut out = Listing::default();
+    let mut taken = 0usize;
+    let mut last: Option<String> = None;
+    for key in sorted.iter().filter(|k| k.starts_with(prefix)) {
+        let rest = &key[prefix.len()..];
+        let entry = match delimiter.filter(|d| !d.is_empty()).and_then(|d| {
+            rest.find(d)
+                .map(|at| format!("{prefix}{}", &rest[..at + d.len()]))
+        }) {
+            Some(common) => common,
+            None => key.clone(),
+        };
+        if after.is_some_and(|a| entry.as_str() <= a) || last.as_ref() == Some(&entry) {
+            continue;
+        }
+        if taken == max {
+            out.next = last.clone();
+            break;
+        }
+        if entry == *key {
+            out.keys.push(entry.clone());
+        } else {
+            out.prefixes.push(entry.clone());
+        }
+        taken += 1;
+        last = Some(entry);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_group_by_delimiter_and_go_on_where_they_stopped() {
+        let keys: Vec<String> = ["a/1", "a/2", "b", "c/x/1", "c/y", "d/1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let top = page_of(&keys, "", Some("/"), None, 2);
+        assert_eq!(top.prefixes, ["a/"]);
+        assert_eq!(top.keys, ["b"]);
+        let rest = page_of(&keys, "", Some("/"), top.next.as_deref(), 2);
+        assert_eq!(rest.prefixes, ["c/", "d/"]);
+        assert_eq!(rest.next, None);
+        let under = page_of(&keys, "c/", Some("/"), None, 10);
+        assert_eq!(
+            (under.prefixes, under.keys),
+            (vec!["c/x/".to_string()], vec!["c/y".to_string()])
+        );
+        let flat = page_of(&keys, "", None, Some("b"), 1);
+        assert_eq!(flat.keys, ["c/x/1"]);
+        assert_eq!(flat.next.as_deref(), Some("c/x/1"));
+        assert_eq!(page_of(&keys, "", None, None, 0).keys.len(), 1);
+    }
 }

@@ -25,7 +25,7 @@ use url::Url;
 
 use super::http::{HttpClient, HttpError, Response, Trust, tls_config};
 use super::sigv4::Signer;
-use super::{BoxFuture, ObjectStore};
+use super::{BoxFuture, Listing, ObjectStore};
 use crate::error::OxError;
 
 /// How long presigned requests stay valid.
@@ -730,6 +730,60 @@ impl S3Store {
         Ok(out)
     }
 
+    async fn list_one_page(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Listing, OxError> {
+        let mut action = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
+        action.with_prefix(prefix);
+        if let Some(d) = delimiter {
+            action.with_delimiter(d);
+        }
+        // Paged by start-after (the last entry of the page before), which every server
+        // takes; some (s3s-fs) ignore continuation tokens, delimiters and max-keys.
+        if let Some(t) = after {
+            action.with_start_after(t);
+        }
+        action.with_max_keys(max.clamp(1, 1000));
+        let url = action.sign(SIGN_FOR);
+        let (url, headers) = self.authorize(&Method::GET, url, Vec::new());
+        let resp = self
+            .with_retries(
+                "LIST",
+                prefix,
+                async || {
+                    self.http
+                        .request(Method::GET, &url, &headers, Vec::new())
+                        .await
+                },
+                Self::classify("LIST", prefix),
+            )
+            .await?;
+        let page = ListPage::parse(&resp.body).map_err(|e| {
+            OxError::integrity(
+                format!("LIST {prefix}"),
+                format!("the answer does not parse: {e}"),
+            )
+        })?;
+        // What the server sent, grouped and cut to size here as well: a server that
+        // ignores the delimiter or max-keys still gives the page asked for.
+        let mut entries: Vec<String> = page
+            .contents
+            .into_iter()
+            .map(|o| o.key)
+            .chain(page.common_prefixes.into_iter().map(|p| p.prefix))
+            .collect();
+        entries.sort();
+        let mut listing = super::page_of(&entries, prefix, delimiter, after, max);
+        if listing.next.is_none() && page.is_truncated {
+            listing.next = listing.last().map(String::from);
+        }
+        Ok(listing)
+    }
+
     async fn delete_objects(&self, keys: &[String]) -> Result<(), OxError> {
         for batch in keys.chunks(1000) {
             let ids: Vec<ObjectIdentifier> = batch
@@ -782,6 +836,8 @@ struct ListPage {
     #[serde(default)]
     contents: Vec<Listed>,
     #[serde(default)]
+    common_prefixes: Vec<CommonPrefix>,
+    #[serde(default)]
     is_truncated: bool,
     next_continuation_token: Option<String>,
 }
@@ -791,6 +847,13 @@ struct ListPage {
 #[serde(rename_all = "PascalCase")]
 struct Listed {
     key: String,
+}
+
+/// A common prefix of a listing with a delimiter.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CommonPrefix {
+    prefix: String,
 }
 
 impl ListPage {
@@ -858,6 +921,16 @@ impl ObjectStore for S3Store {
         range: Option<(u64, u64)>,
     ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
         Box::pin(self.get_object(key, range, true))
+    }
+
+    fn list_page<'a>(
+        &'a self,
+        prefix: &'a str,
+        delimiter: Option<&'a str>,
+        after: Option<&'a str>,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Listing, OxError>> {
+        Box::pin(self.list_one_page(prefix, delimiter, after, max))
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>> {

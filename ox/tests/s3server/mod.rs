@@ -30,12 +30,13 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-/// What a server answered: requests, object GETs and their body bytes.
+/// What a server answered: requests, object GETs and their body bytes, listings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Served {
     pub requests: u64,
     pub gets: u64,
     pub get_bytes: u64,
+    pub lists: u64,
 }
 
 /// The counts of the server at `hostport` (in this process or another, such as the
@@ -53,6 +54,7 @@ pub fn served_at(hostport: &str) -> Served {
         requests: n("requests"),
         gets: n("gets"),
         get_bytes: n("get_bytes"),
+        lists: n("lists"),
     }
 }
 
@@ -81,6 +83,8 @@ pub struct Faults {
     /// the server, as a benchmark wants them).
     pub gets: std::sync::atomic::AtomicU64,
     pub get_bytes: std::sync::atomic::AtomicU64,
+    /// Listings (ListObjectsV2 pages) answered.
+    pub lists: std::sync::atomic::AtomicU64,
 }
 
 /// The kinds of fault [`Chaos`] injects.
@@ -389,10 +393,11 @@ async fn respond(
 ) -> Result<hyper::Response<Body>, std::io::Error> {
     if req.uri().path() == STATS_PATH {
         let body = format!(
-            "{{\"requests\":{},\"gets\":{},\"get_bytes\":{}}}",
+            "{{\"requests\":{},\"gets\":{},\"get_bytes\":{},\"lists\":{}}}",
             faults.requests.load(Ordering::SeqCst),
             faults.gets.load(Ordering::SeqCst),
-            faults.get_bytes.load(Ordering::SeqCst)
+            faults.get_bytes.load(Ordering::SeqCst),
+            faults.lists.load(Ordering::SeqCst)
         );
         return hyper::Response::builder()
             .body(full(Bytes::from(body)))
@@ -518,8 +523,11 @@ async fn respond_inner(
         // An error from the service makes hyper drop the connection without a response.
         return Err(io_err("injected connection drop"));
     }
+    let list = req.method() == hyper::Method::GET
+        && req.uri().query().is_some_and(|q| q.contains("list-type=2"));
     let get = req.method() == hyper::Method::GET
-        && req.uri().path().trim_start_matches('/').contains('/');
+        && req.uri().path().trim_start_matches('/').contains('/')
+        && !list;
     let resp = hyper::service::Service::call(s3, req)
         .await
         .map_err(|e| io_err(format!("{e:?}")))?;
@@ -532,6 +540,9 @@ async fn respond_inner(
             .unwrap_or(0);
         faults.gets.fetch_add(1, Ordering::SeqCst);
         faults.get_bytes.fetch_add(len, Ordering::SeqCst);
+    }
+    if list && parts.status.is_success() {
+        faults.lists.fetch_add(1, Ordering::SeqCst);
     }
     if take(&faults.stall) {
         let bytes = BodyExt::collect(body).await.map_err(io_err)?.to_bytes();

@@ -1,5 +1,5 @@
 //! What the end-to-end tests of the appliance share: its binaries, a running oxd,
-//! command output as JSON, free ports.
+//! oxctl and oxperf runs, command output as JSON, free ports.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -88,4 +88,94 @@ pub fn write_private(path: &Path, text: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+pub struct Ctl {
+    pub socket: String,
+}
+
+impl Ctl {
+    pub fn call(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--socket", &self.socket, "--json"];
+        all.extend_from_slice(args);
+        run(&bin("oxctl"), &all)
+    }
+
+    pub fn ok(&self, args: &[&str]) -> Value {
+        ok_json(self.call(args))
+    }
+
+    /// Job `id` once it is no longer running.
+    pub fn finished(&self, id: &str) -> Value {
+        loop {
+            let j = self.ok(&["job", "get", id]);
+            if j["state"] != "running" {
+                return j;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until snapshot job `id` has begun examining chunks (its point in time is
+    /// taken and its journal written).
+    pub fn examining(&self, id: &str) {
+        while self.ok(&["job", "get", id])["done"].as_u64() == Some(0) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// The `[[store]]` block naming the S3 server of `s3` as `name` (its secret written to a
+/// file in `d`, as an operator would), and the access key.
+pub fn s3_store(s3: &ox::store::s3::S3Config, d: &Path, name: &str) -> (String, String) {
+    let ox::store::s3::CredentialSource::Static {
+        access_key,
+        secret_key,
+    } = &s3.credentials
+    else {
+        panic!("the test server has static credentials")
+    };
+    let secret = d.join("s3.secret");
+    write_private(&secret, secret_key);
+    let block = format!(
+        "[[store]]\nname = \"{name}\"\nkind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\n\
+         credentials = \"static\"\naccess_key = \"{access_key}\"\nsecret_key_file = {secret:?}\n\
+         allow_http = true\n",
+        s3.endpoint, s3.bucket
+    );
+    (block, access_key.clone())
+}
+
+/// oxperf over `range` (FIRST:COUNT blocks) of `target`, `bs` bytes at a time.
+pub fn oxperf(target: &str, workload: &str, range: &str, ios: u64, bs: u32, seed: u64) -> Value {
+    ok_json(run(
+        &bin("oxperf"),
+        &[
+            "run",
+            "--target",
+            target,
+            "-w",
+            workload,
+            "--bs",
+            &bs.to_string(),
+            "--range",
+            range,
+            "--ios",
+            &ios.to_string(),
+            "--qd",
+            "8",
+            "--verify",
+            "--seed",
+            &seed.to_string(),
+            "--cores",
+            "0",
+            "--json",
+        ],
+    ))
+}
+
+pub fn verified(r: &Value) -> u64 {
+    assert!(r["mismatch"].is_null(), "data mismatch: {r}");
+    assert_eq!(r["unwritten_blocks"], 0, "{r}");
+    r["verified_blocks"].as_u64().unwrap()
 }

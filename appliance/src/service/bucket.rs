@@ -1,0 +1,231 @@
+//! The service's side of the bucket's catalogue (`ox::bucket`): this appliance's
+//! identity in it, the records its snapshots leave there, browsing a store, and
+//! finding a snapshot there by volume without this appliance's own catalogue — what a
+//! second appliance does when the first is gone.
+
+use anyhow::Context;
+use ox::bucket::{self, Appliance, SnapshotEntry, VolumeHead};
+use serde_json::{Value, json};
+
+use super::{Service, now_secs};
+use crate::catalogue::{SnapshotRecord, VolumeRecord};
+use crate::refusal::{Refusal, invalid, not_found, shown};
+
+/// Snapshots shown per volume by a browse of a whole store, unless asked otherwise.
+const SHOWN_PER_VOLUME: usize = 3;
+
+/// At most this many snapshots in one page.
+const MAX_PAGE: usize = 1000;
+
+/// Where, in a store, a snapshot is to be found for a new clone.
+pub enum InBucket<'a> {
+    /// The newest of the volume.
+    Latest,
+    /// This one (its ID).
+    Snapshot(&'a str),
+}
+
+impl Service {
+    /// This appliance as the bucket's records name it.
+    pub(super) fn me(&self) -> Appliance {
+        let id = self.inner().catalogue.appliance.clone();
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        Appliance { id, name }
+    }
+
+    /// The head record a snapshot of `v` claims in its store.
+    pub(super) fn head_of(&self, v: &VolumeRecord) -> VolumeHead {
+        VolumeHead {
+            format: bucket::FORMAT,
+            volume: v.uuid.clone(),
+            name: v.name.clone(),
+            volume_bytes: v.size_bytes,
+            block_size: v.block_size,
+            chunk_bytes: v.chunk_bytes,
+            owner: self.me(),
+            since: now_secs(),
+            adopted_from: None,
+            checksum: String::new(),
+        }
+    }
+
+    /// `store_browse`: the volumes in `store` and their newest snapshots, or (with
+    /// `volume`) a page of one volume's snapshots, newest first, from `after`.
+    pub fn store_browse(
+        &self,
+        store: &str,
+        volume: Option<&str>,
+        limit: Option<u64>,
+        after: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        let spec = self.store(store)?.clone();
+        let me = self.me();
+        let keys: Vec<String> = self.settings.keys.iter().map(|k| k.id.clone()).collect();
+        let limit = match limit {
+            None => None,
+            Some(n @ 1..=1000) => Some(n as usize),
+            Some(n) => invalid!("limit must be 1 to {MAX_PAGE}, not {n}"),
+        };
+        if after.is_some() && volume.is_none() {
+            invalid!("after pages through one volume's snapshots: give volume too");
+        }
+        let (volume, after) = (volume.map(String::from), after.map(String::from));
+        let found = self.cores.run(move |ex| {
+            Box::pin(async move {
+                let store = spec.open(&ex)?;
+                match volume {
+                    None => {
+                        let per = limit.unwrap_or(SHOWN_PER_VOLUME);
+                        bucket::browse(&*store, per).await.map(Found::All)
+                    }
+                    Some(v) => {
+                        let (prefix, head) = bucket::find(&*store, &v).await?;
+                        let page = bucket::snapshots(
+                            &*store,
+                            &head,
+                            &prefix,
+                            after.as_deref(),
+                            limit.unwrap_or(MAX_PAGE),
+                        )
+                        .await?;
+                        Ok(Found::One(prefix, Box::new(head), page))
+                    }
+                }
+            })
+        });
+        let found = found?.map_err(|e| refusal_of(e, store))?;
+        let shown = |e: &SnapshotEntry| snapshot_json(e, &keys);
+        Ok(match found {
+            Found::All(b) => json!({
+                "store": store,
+                "appliance": me,
+                "volumes": b.volumes.iter().map(|v| {
+                    let mut j = head_json(&v.prefix, &v.head, &me);
+                    j["snapshots"] = v.snapshots.iter().map(shown).collect();
+                    j["more"] = v.more.into();
+                    j
+                }).collect::<Vec<_>>(),
+                "unreadable": b.unreadable.iter()
+                    .map(|u| json!({ "prefix": u.prefix, "reason": u.reason }))
+                    .collect::<Vec<_>>(),
+            }),
+            Found::One(prefix, head, page) => {
+                let mut j = head_json(&prefix, &head, &me);
+                j["store"] = store.into();
+                j["snapshots"] = page.snapshots.iter().map(shown).collect();
+                j["next"] = page.next.into();
+                j
+            }
+        })
+    }
+
+    /// The manifest key of a snapshot of `volume` (name, identity or prefix) in
+    /// `store`, found through the bucket's catalogue alone.
+    pub(super) fn find_in_bucket(
+        &self,
+        store: &str,
+        volume: &str,
+        which: InBucket<'_>,
+    ) -> anyhow::Result<String> {
+        let spec = self.store(store)?.clone();
+        let volume = volume.to_string();
+        let wanted = match which {
+            InBucket::Latest => None,
+            InBucket::Snapshot(id) => Some(id.to_ascii_lowercase()),
+        };
+        let found = self.cores.run(move |ex| {
+            Box::pin(async move {
+                let store = spec.open(&ex)?;
+                let (prefix, head) = bucket::find(&*store, &volume).await?;
+                let entry = match &wanted {
+                    None => bucket::latest(&*store, &head, &prefix).await?,
+                    Some(id) => bucket::snapshot(&*store, &head, &prefix, id).await?,
+                };
+                Ok::<_, ox::OxError>((head, entry))
+            })
+        })?;
+        let (head, entry) = found.map_err(|e| refusal_of(e, store))?;
+        match entry {
+            Some(e) => Ok(e.manifest),
+            None => not_found!(
+                "volume {} in store {} has no snapshot{}",
+                shown(&head.name),
+                shown(store),
+                match which {
+                    InBucket::Latest => String::new(),
+                    InBucket::Snapshot(id) => format!(" {}", shown(id)),
+                }
+            ),
+        }
+    }
+}
+
+enum Found {
+    All(bucket::Browse),
+    One(String, Box<VolumeHead>, bucket::SnapshotPage),
+}
+
+/// The bucket's entry for a snapshot this appliance catalogued.
+pub(super) fn entry_of(
+    s: &SnapshotRecord,
+    v: &VolumeRecord,
+    me: &Appliance,
+    created_ms: u64,
+    kek: Option<String>,
+) -> SnapshotEntry {
+    SnapshotEntry {
+        format: bucket::FORMAT,
+        snapshot: s.id.clone(),
+        volume: v.uuid.clone(),
+        name: v.name.clone(),
+        manifest: s.manifest_key.clone(),
+        parent: s.parent.clone(),
+        created_ms,
+        volume_bytes: v.size_bytes,
+        block_size: v.block_size,
+        stored_bytes: s.data_bytes,
+        appliance: me.clone(),
+        kek,
+        checksum: String::new(),
+    }
+}
+
+/// The prefix a manifest key lies under (`PREFIX ox1/m/ID`).
+pub(super) fn prefix_of(manifest_key: &str) -> anyhow::Result<String> {
+    manifest_key
+        .rfind("ox1/m/")
+        .map(|at| manifest_key[..at].to_string())
+        .with_context(|| format!("manifest key {manifest_key:?} has an unexpected form"))
+}
+
+fn head_json(prefix: &str, h: &VolumeHead, me: &Appliance) -> Value {
+    json!({
+        "name": h.name, "volume": h.volume, "prefix": prefix,
+        "size_bytes": h.volume_bytes, "block_size": h.block_size,
+        "owner": h.owner, "owned_here": h.owner.id == me.id, "since": h.since,
+        "adopted_from": h.adopted_from,
+    })
+}
+
+fn snapshot_json(e: &SnapshotEntry, keys: &[String]) -> Value {
+    json!({
+        "id": e.snapshot, "manifest_key": e.manifest, "parent": e.parent,
+        "created": e.created_ms / 1000, "stored_bytes": e.stored_bytes,
+        "appliance": e.appliance, "key": e.kek,
+        "key_here": e.kek.as_ref().map(|k| keys.contains(k)),
+    })
+}
+
+/// What the bucket said, as a refusal where it is one.
+fn refusal_of(e: ox::OxError, store: &str) -> anyhow::Error {
+    match e {
+        ox::OxError::NotFound { key } => {
+            Refusal::NotFound(format!("store {}: no {key}", shown(store))).into()
+        }
+        ox::OxError::Config(m) => Refusal::Invalid(m).into(),
+        ox::OxError::Owned { .. } => Refusal::Conflict(e.to_string()).into(),
+        e => anyhow::Error::new(e).context(format!("store {}", shown(store))),
+    }
+}
