@@ -30,6 +30,8 @@ pub mod format;
 pub mod hydrate;
 pub mod journal;
 pub mod keys;
+pub mod policy;
+pub mod retention;
 pub mod secret_file;
 pub mod snapshot;
 pub mod store;

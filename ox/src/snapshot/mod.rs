@@ -32,6 +32,7 @@ use crate::store::ObjectStore;
 use crate::throttle::Throttle;
 use writer::write;
 
+pub(crate) use load::fetch_manifest;
 pub use load::{Loaded, Source, load};
 pub use upload::patiently;
 

@@ -1,0 +1,278 @@
+//! Retiring snapshots and collecting what only they used, in one volume's prefix, by
+//! mark and sweep from the bucket's catalogue — safe beside other appliances reading.
+//!
+//! Snapshots are incremental: a later snapshot's index points into the data objects of
+//! its ancestors, and decoding those frames needs each ancestor's manifest (its wrapped
+//! data key and object list). So retiring a snapshot is two steps:
+//!
+//! 1. **Retire** ([`retire`]): its entry leaves the bucket's catalogue (nobody is offered
+//!    it any more) and a tombstone records when.
+//! 2. **Sweep** ([`sweep`]), at least a grace period later: the live set is every listed
+//!    snapshot, every snapshot another appliance holds for a clone (`ox1/h/`), every
+//!    tombstone younger than the grace period, and what the caller names (its own
+//!    clones). Everything their lineages name is needed. A manifest nobody needs goes,
+//!    with its index pages and data objects. A manifest that is needed only as an
+//!    ancestor keeps its manifest (its key) and the data objects a live snapshot's index
+//!    still points into; its index pages and its other objects go.
+//!
+//! The grace period covers a reader that found an entry just before it was retired:
+//! it has that long to open the snapshot and place its hold. Objects no manifest names
+//! (a failed upload's) are not this module's (`collect_orphans`).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bucket;
+use crate::error::OxError;
+use crate::format::{self, Entry, Manifest};
+use crate::keys::Kek;
+use crate::snapshot::{Loaded, load};
+use crate::store::ObjectStore;
+
+/// A tombstone: `PREFIX ox1/t/<snapshot-id>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tombstone {
+    /// The snapshot.
+    pub snapshot: String,
+    /// When it was retired (Unix seconds).
+    pub retired: u64,
+}
+
+/// A hold: `PREFIX ox1/h/<appliance>-<clone>`, placed by an appliance that serves a
+/// clone of a snapshot in this prefix, removed when the clone is deleted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hold {
+    /// The snapshot's manifest key.
+    pub manifest: String,
+    /// Who holds it.
+    pub appliance: bucket::Appliance,
+    /// The clone (its identity).
+    pub clone: String,
+    /// When it was placed (Unix seconds).
+    pub since: u64,
+}
+
+fn tombstone_key(prefix: &str, snapshot: &str) -> String {
+    format!("{prefix}ox1/t/{snapshot}")
+}
+
+/// The key of a hold.
+pub fn hold_key(prefix: &str, appliance: &str, clone: &str) -> String {
+    format!("{prefix}ox1/h/{appliance}-{clone}")
+}
+
+/// Places a hold on a snapshot for a clone: retention keeps it (and its ancestors)
+/// while the hold is there.
+pub async fn hold(store: &dyn ObjectStore, prefix: &str, h: &Hold) -> Result<(), OxError> {
+    let body = serde_json::to_vec(h).map_err(|e| OxError::Config(e.to_string()))?;
+    store
+        .put(&hold_key(prefix, &h.appliance.id, &h.clone), body)
+        .await
+}
+
+/// Removes a hold.
+pub async fn release(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    appliance: &str,
+    clone: &str,
+) -> Result<(), OxError> {
+    store.delete(&[hold_key(prefix, appliance, clone)]).await
+}
+
+/// Takes snapshots `ids` out of the bucket's catalogue, leaving a tombstone dated
+/// `now` for each: a later [`sweep`] collects them.
+pub async fn retire(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    ids: &[String],
+    now: u64,
+) -> Result<(), OxError> {
+    for id in ids {
+        let t = Tombstone {
+            snapshot: id.clone(),
+            retired: now,
+        };
+        let body = serde_json::to_vec(&t).map_err(|e| OxError::Config(e.to_string()))?;
+        store.put(&tombstone_key(prefix, id), body).await?;
+    }
+    let wanted: HashSet<String> = ids.iter().map(|id| format!("-{id}")).collect();
+    let entries: Vec<String> = store
+        .list(&bucket::entries_prefix(prefix))
+        .await?
+        .into_iter()
+        .filter(|k| k.rfind('-').is_some_and(|at| wanted.contains(&k[at..])))
+        .collect();
+    store.delete(&entries).await
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Snapshots live (listed, held, within the grace period, or named by the caller).
+    pub live: usize,
+    /// Manifests kept only as ancestors (their keys).
+    pub ancestors: usize,
+    /// Manifests deleted.
+    pub manifests: usize,
+    /// Index pages deleted.
+    pub pages: usize,
+    /// Data objects deleted.
+    pub objects: usize,
+    /// Data objects kept for live snapshots' frames although their snapshot is gone.
+    pub objects_kept: usize,
+    /// LISTs made.
+    pub lists: usize,
+    /// Index pages read to find live frames.
+    pub pages_read: usize,
+}
+
+/// Collects what the volume at `prefix` no longer needs (see the module
+/// documentation). `also_live`: manifest keys the caller needs (its own clones).
+/// Run it while no snapshot of the volume is being written.
+pub async fn sweep(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    keks: &[Kek],
+    also_live: &[String],
+    now: u64,
+    grace_s: u64,
+) -> Result<Swept, OxError> {
+    let mut out = Swept::default();
+    let manifest_of = |id: &str| -> Result<String, OxError> {
+        Ok(format::manifest_key(prefix, &format::parse_id(id)?))
+    };
+    // Mark: what is live.
+    let mut live: BTreeSet<String> = also_live
+        .iter()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    for key in store.list(&bucket::entries_prefix(prefix)).await? {
+        let id = key.rsplit('-').next().unwrap_or_default();
+        live.insert(manifest_of(id)?);
+    }
+    for key in store.list(&format!("{prefix}ox1/h/")).await? {
+        let h: Hold = parse(&key, &store.get(&key).await?)?;
+        if h.manifest.starts_with(prefix) {
+            live.insert(h.manifest);
+        }
+    }
+    let mut tombstones = BTreeMap::new();
+    for key in store.list(&format!("{prefix}ox1/t/")).await? {
+        let t: Tombstone = parse(&key, &store.get(&key).await?)?;
+        if now < t.retired.saturating_add(grace_s) {
+            live.insert(manifest_of(&t.snapshot)?);
+        }
+        tombstones.insert(manifest_of(&t.snapshot)?, key);
+    }
+    out.lists += 3;
+    let mut loaded: Vec<Loaded> = Vec::new();
+    let mut needed: BTreeSet<String> = BTreeSet::new();
+    for key in &live {
+        match load(store, key, keks).await {
+            Ok(l) => {
+                needed.insert(key.clone());
+                needed.extend(l.manifest.lineage.iter().map(|a| a.manifest.clone()));
+                loaded.push(l);
+            }
+            // Held or listed but gone: nothing of it to keep.
+            Err(OxError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.live = loaded.len();
+    // Sweep: every manifest in the prefix that is not live, and what it names that is
+    // still there (what an earlier sweep deleted is not asked for again).
+    let all = store.list(&format!("{prefix}ox1/m/")).await?;
+    let present: HashSet<String> = store
+        .list(&format!("{prefix}ox1/d/"))
+        .await?
+        .into_iter()
+        .chain(store.list(&format!("{prefix}ox1/i/")).await?)
+        .collect();
+    out.lists += 3;
+    let ancestors: BTreeSet<&String> = all
+        .iter()
+        .filter(|k| needed.contains(*k) && !live.contains(*k))
+        .collect();
+    out.ancestors = ancestors.len();
+    // Objects of ancestors that live snapshots' frames still point into.
+    let mut in_use: HashSet<(String, u32)> = HashSet::new();
+    if !ancestors.is_empty() {
+        for l in &loaded {
+            for page in 0..l.manifest.page_count() {
+                if l.manifest.page_is_empty(page) {
+                    continue;
+                }
+                let (p, _) = l.page(store, page, None).await?;
+                out.pages_read += 1;
+                for e in p.entries {
+                    if let Entry::Frame { source, object, .. } = e {
+                        let m = match source {
+                            0 => &l.manifest_key,
+                            s => match l.manifest.lineage.get(usize::from(s) - 1) {
+                                Some(a) => &a.manifest,
+                                None => continue,
+                            },
+                        };
+                        if ancestors.contains(m) {
+                            in_use.insert((m.clone(), object));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for key in &all {
+        if live.contains(key) {
+            continue;
+        }
+        let m = match crate::snapshot::fetch_manifest(store, key).await {
+            Ok(m) => m,
+            Err(OxError::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut pages = stored_pages(&m)?;
+        pages.retain(|k| present.contains(k));
+        out.pages += pages.len();
+        store.delete(&pages).await?;
+        let keep_key = ancestors.contains(key);
+        let mut gone = Vec::new();
+        for (i, object) in m.objects.iter().enumerate() {
+            if !present.contains(object) {
+                continue;
+            }
+            if keep_key && in_use.contains(&(key.clone(), i as u32)) {
+                out.objects_kept += 1;
+            } else {
+                gone.push(object.clone());
+            }
+        }
+        out.objects += gone.len();
+        store.delete(&gone).await?;
+        if !keep_key {
+            store.delete(std::slice::from_ref(key)).await?;
+            out.manifests += 1;
+            if let Some(t) = tombstones.get(key) {
+                store.delete(std::slice::from_ref(t)).await?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The index pages a manifest stored.
+fn stored_pages(m: &Manifest) -> Result<Vec<String>, OxError> {
+    (0..m.page_count())
+        .filter(|p| !m.page_is_empty(*p))
+        .map(|p| m.page_key(p))
+        .collect()
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, OxError> {
+    serde_json::from_slice(bytes).map_err(|e| OxError::integrity(key, format!("not a record: {e}")))
+}
