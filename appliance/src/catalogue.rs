@@ -9,7 +9,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// Catalogue format version written. 2 added `thicken_mib_s` to clones, 3 `pending`,
-/// 4 `appliance` and snapshots' `listed`.
+/// 4 `appliance`, snapshots' `listed` and `policies`.
 const VERSION: u32 = 4;
 
 /// Versions this build reads (older ones lack fields that have defaults).
@@ -34,6 +34,9 @@ pub struct Catalogue {
     /// Snapshots asked for and not finished: started again at the next start.
     #[serde(default)]
     pub pending: Vec<PendingSnapshot>,
+    /// Protection policies, one per volume at most.
+    #[serde(default)]
+    pub policies: Vec<ox::policy::Policy>,
 }
 
 /// A snapshot that was running when the daemon stopped or died.

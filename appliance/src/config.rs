@@ -57,6 +57,9 @@ pub struct Config {
     /// Clones the appliance must have (created at start if missing).
     #[serde(default, rename = "clone")]
     pub clones: Vec<CloneSection>,
+    /// Protection policies (each replaces its volume's policy set through the API).
+    #[serde(default, rename = "policy")]
+    pub policies: Vec<ox::policy::Policy>,
     /// Hosts that must authenticate (DH-HMAC-CHAP) wherever they connect.
     #[serde(default, rename = "host")]
     pub hosts: Vec<HostSection>,

@@ -474,6 +474,9 @@ const OX_METHODS: &[&str] = &[
     "store_list",
     "store_check",
     "store_browse",
+    "policy_set",
+    "policy_delete",
+    "policy_list",
     "clone_create",
     "clone_get",
     "clone_delete",
@@ -686,6 +689,35 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
                     export_params(&m)?,
                 )
                 .map_err(failed)
+        }
+        "policy_set" => {
+            let m = params(
+                p,
+                &[
+                    "volume",
+                    "store",
+                    "every_s",
+                    "key",
+                    "keep_last",
+                    "hourly",
+                    "daily",
+                    "weekly",
+                    "monthly",
+                ],
+            )?;
+            let policy: ox::policy::Policy = serde_json::from_value(Value::Object(m))
+                .map_err(|e| invalid(format!("policy: {e}")))?;
+            service.policy_set(policy).map_err(failed)
+        }
+        "policy_delete" => {
+            let m = params(p, &["volume"])?;
+            service
+                .policy_delete(need_str(&m, "volume")?)
+                .map_err(failed)
+        }
+        "policy_list" => {
+            params(p, &[])?;
+            Ok(service.policy_list())
         }
         "store_browse" => {
             let m = params(p, &["store", "volume", "limit", "after"])?;

@@ -241,6 +241,58 @@ pub fn render(state: &State) -> String {
                 .map(|(v, b)| (format!("volume=\"{v}\""), b))
                 .collect::<Vec<_>>(),
         );
+        let policies = service.policy_list();
+        let per_policy = |field: &str| -> Vec<(String, f64)> {
+            policies
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    let v = esc(p["volume"].as_str().unwrap_or(""));
+                    Some((format!("volume=\"{v}\""), p[field].as_u64()? as f64))
+                })
+                .collect()
+        };
+        for (name, kind, help, field) in [
+            (
+                "ox_policy_last_success_timestamp_seconds",
+                "gauge",
+                "When the newest snapshot of a protected volume was taken (Unix seconds).",
+                "last_success",
+            ),
+            (
+                "ox_policy_rpo_seconds",
+                "gauge",
+                "Age of a protected volume's newest snapshot: what a disaster would lose now.",
+                "rpo_s",
+            ),
+            (
+                "ox_policy_runs_total",
+                "counter",
+                "Snapshots a policy started since the daemon started.",
+                "runs",
+            ),
+            (
+                "ox_policy_failures_total",
+                "counter",
+                "Policy snapshots or retentions that failed since the daemon started.",
+                "failures",
+            ),
+            (
+                "ox_policy_retired_snapshots_total",
+                "counter",
+                "Snapshots a policy's retention retired since the daemon started.",
+                "retired",
+            ),
+            (
+                "ox_policy_swept_objects_total",
+                "counter",
+                "Objects (data and index) retention removed from the store since the daemon started.",
+                "swept_objects",
+            ),
+        ] {
+            family(&mut out, name, kind, help, &per_policy(field));
+        }
         let retries: Vec<(String, f64)> = service
             .store_list()
             .as_array()

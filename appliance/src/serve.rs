@@ -69,7 +69,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             )?;
             service.ensure_volumes(&config.volumes)?;
             service.ensure_clones(&config.clones)?;
+            service.ensure_policies(&config.policies)?;
             service.resume_pending();
+            service.start_policies();
             service.check_stores_in_background();
             tracing::info!("object exchange on, state in {}", state_dir.display());
             Some(service)

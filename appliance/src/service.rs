@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 mod bucket;
+mod policies;
 
 pub use bucket::InBucket;
 
@@ -244,6 +245,8 @@ pub struct Service {
     stopping: AtomicBool,
     /// Each store's last check (at start, or `store_check`), shown by `store_list`.
     checks: Mutex<HashMap<String, Value>>,
+    /// Protection policies' running state.
+    policies: policies::Policies,
 }
 
 fn now_secs() -> u64 {
@@ -315,6 +318,7 @@ impl Service {
             audit,
             stopping: AtomicBool::new(false),
             checks: Mutex::new(HashMap::new()),
+            policies: policies::Policies::default(),
             inner: Mutex::new(Inner {
                 catalogue: catalogue.clone(),
                 volumes: HashMap::new(),
@@ -1147,6 +1151,8 @@ impl Service {
                 // on this, and a new snapshot must see the outcome.
                 busy.store(false, Ordering::SeqCst);
                 *job2.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+                // A policy may be waiting for this volume, or for this job.
+                service.wake_policies();
             });
         if let Err(e) = spawned {
             let mut inner = self.inner();
@@ -1332,7 +1338,10 @@ impl Service {
                 let _ = std::fs::remove_file(self.clone_path(name, ext));
             }
         };
-        let live = match self.open_clone(&record, true) {
+        let live = match self
+            .open_clone(&record, true)
+            .and_then(|l| self.hold(&record, true).map(|()| l))
+        {
             Ok(l) => l,
             Err(e) => {
                 remove_files();
@@ -1501,11 +1510,16 @@ impl Service {
                 tracing::warn!("clone {name}: stopping its presence journal: {e}");
             }
         }
+        drop(inner);
         self.set_thicken_rate(name, None);
         for ext in ["img", "presence", "presence.log"] {
             let _ = std::fs::remove_file(self.clone_path(name, ext));
         }
         self.target.health().forget(name);
+        // Last: a hold left behind keeps a snapshot longer, never loses one.
+        if let Err(e) = self.hold(&record, false) {
+            tracing::warn!("clone {name}: its hold on the snapshot stays: {e:#}");
+        }
         Ok(json!({ "name": name }))
     }
 
@@ -2031,6 +2045,7 @@ impl Service {
     /// (thickening walks) stops.
     pub fn stop_background(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.stop_policies();
         let inner = self.inner();
         for c in inner.clones.values() {
             if let Some(t) = &c.thickening {

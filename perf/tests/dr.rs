@@ -1,11 +1,13 @@
 //! Disaster recovery as an operator drills it, through `oxctl` and `oxperf` only: two
 //! appliances (separate processes, state directories, ports and identities) share one
-//! bucket on the S3 test server. Appliance A serves a volume and snapshots it; a host
-//! goes on writing; A is killed (`kill -9`) and its state directory deleted. Appliance
-//! B, which never saw A's catalogue, browses the bucket, clones A's newest snapshot and
-//! serves it: the host reads exactly that snapshot's data. The figures a drill is for
-//! (RPO: what was written after the newest snapshot; RTO: from the kill to the first
-//! good read on B) are printed.
+//! bucket on the S3 test server. Appliance A serves a volume protected by a policy that
+//! snapshots it every 2 s while a host writes; A is killed (`kill -9`) and its state
+//! directory deleted. Appliance B, which never saw A's catalogue, browses the bucket,
+//! clones A's newest snapshot and serves it: the host reads everything written before
+//! the last run, and of what came after, each block whole or never written. The
+//! figures a drill is for (RPO: what the host wrote that B does not have; RTO: from the
+//! kill to the first good read on B) are printed. And a policy on its own: due at
+//! once, retention leaving its set in both catalogues, metrics, bad input refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../../ox/tests/s3server/mod.rs"]
@@ -17,6 +19,17 @@ use std::path::Path;
 use std::time::Instant;
 
 use support::{Ctl, free_port, oxperf, s3_store, start_oxd, verified, write_private};
+
+/// The policy of volume `db` on the appliance of `ctl`.
+fn policy(ctl: &Ctl) -> serde_json::Value {
+    let all = ctl.ok(&["policy", "list"]);
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["volume"] == "db")
+        .unwrap()
+        .clone()
+}
 
 /// The configuration of appliance `name` in `d`, exporting on `port`, with the shared
 /// store `store` and key file `kek`.
@@ -67,21 +80,33 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
         "--allow-any-host",
     ]);
     let on_a = format!("127.0.0.1:{port_a},{nqn_a},1");
+    // Protected every 2 s, keeping the newest 3, while the host writes its first 8 MiB.
+    let set = a.ok(&[
+        "policy",
+        "set",
+        "db",
+        "--store",
+        "s3",
+        "--every",
+        "2",
+        "--keep-last",
+        "3",
+    ]);
+    assert_eq!(set["every_s"], 2, "{set}");
     oxperf(&on_a, "write", "0:16384", 128, 65536, 1);
-    let first = a.ok(&["snapshot", "create", "db", "--store", "s3"]);
-    assert_eq!(first["state"], "done", "{first}");
-    // More of the same range, then the newest snapshot.
-    oxperf(&on_a, "write", "0:16384", 64, 65536, 1);
-    let newest = a.ok(&["snapshot", "create", "db", "--store", "s3"]);
-    assert_eq!(newest["state"], "done", "{newest}");
-    let newest_id = newest["result"]["id"].as_str().unwrap().to_string();
-    assert_eq!(newest["result"]["listed"], true, "{newest}");
-    // The host writes on after it: what a disaster now loses (the RPO).
-    let lost = oxperf(&on_a, "write", "32768:4096", 64, 32768, 2);
-    let lost_bytes = lost["total"]["bytes"]
-        .as_u64()
-        .or_else(|| lost["bytes"].as_u64())
-        .unwrap_or(64 * 32768);
+    // A policy snapshot begun after those writes, so it holds all of them.
+    let runs_then = policy(&a)["runs"].as_u64().unwrap();
+    let newest_id = loop {
+        let p = policy(&a);
+        if p["runs"].as_u64().unwrap() > runs_then && p["job"].is_null() {
+            assert_eq!(p["failures"], 0, "{p}");
+            break p["newest"].as_str().unwrap().to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // The host writes on (seed 2): what the next run does not take before the
+    // disaster is lost (the RPO, measured on B below).
+    oxperf(&on_a, "write", "32768:4096", 64, 32768, 2);
 
     // The disaster: A dies and its state with it.
     let killed = Instant::now();
@@ -102,11 +127,18 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
     assert_eq!(db["size_bytes"], 32u64 << 20);
     assert_eq!(db["owned_here"], false, "A owns it, not B: {found}");
     assert_ne!(db["owner"]["id"], found["appliance"]["id"]);
+    // The policy kept the newest 3; the rest left the store's catalogue.
     let snaps = db["snapshots"].as_array().unwrap();
-    assert_eq!(snaps.len(), 2, "{found}");
-    assert_eq!(snaps[0]["id"], newest_id.as_str(), "newest first");
-    assert_eq!(snaps[1]["id"], first["result"]["id"]);
-    assert_eq!(snaps[0]["parent"], first["result"]["id"]);
+    assert!((1..=3).contains(&snaps.len()), "{found}");
+    assert_eq!(db["more"], false, "{found}");
+    for pair in snaps.windows(2) {
+        assert_eq!(pair[0]["parent"], pair[1]["id"], "newest first: {found}");
+        assert!(pair[0]["created"].as_u64() >= pair[1]["created"].as_u64());
+    }
+    assert!(
+        snaps.iter().any(|s| s["id"] == newest_id.as_str()) || snaps.len() == 3,
+        "the snapshot holding the first writes, or 3 newer: {found}"
+    );
     assert_eq!(snaps[0]["key"], "k1");
     assert_eq!(snaps[0]["key_here"], true);
 
@@ -130,24 +162,31 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
     let read = oxperf(&on_b, "read", "0:128", 1, 65536, 1);
     let rto = killed.elapsed();
     assert_eq!(verified(&read), 128);
-    // Everything the newest snapshot holds is there...
+    // Everything written before the last policy run is there...
     assert_eq!(
         verified(&oxperf(&on_b, "read", "0:16384", 128, 65536, 1)),
         16384
     );
-    // ...and what was written after it is not (the range reads as never written).
+    // ...and of what came after, each block is either there whole or reads as never
+    // written: never wrong. What is missing is the RPO.
     let after = oxperf(&on_b, "read", "32768:4096", 64, 32768, 2);
     assert!(after["mismatch"].is_null(), "{after}");
-    assert_eq!(after["unwritten_blocks"], 4096, "{after}");
+    let unwritten = after["unwritten_blocks"].as_u64().unwrap();
+    assert_eq!(
+        unwritten + after["verified_blocks"].as_u64().unwrap(),
+        4096,
+        "{after}"
+    );
+    let lost_bytes = unwritten * 512;
     let clone = b.ok(&["clone", "get", "db-dr"]);
     assert_eq!(
         clone["manifest_key"], snaps[0]["manifest_key"],
         "the clone reads the newest snapshot: {clone}"
     );
     println!(
-        "drill: RPO {lost_bytes} bytes written after the newest snapshot; RTO {:.2} s from \
-         kill -9 to the first good read on the second appliance (its start, browse and \
-         clone included)",
+        "drill: RPO {lost_bytes} of 2097152 bytes written after the last policy run were \
+         lost; RTO {:.2} s from kill -9 to the first good read on the second appliance \
+         (its start, browse and clone included)",
         rto.as_secs_f64()
     );
 
@@ -162,33 +201,33 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
         "1",
     ]);
     assert_eq!(by_id["snapshots"].as_array().unwrap().len(), 1);
-    assert_eq!(by_id["snapshots"][0]["id"], newest_id.as_str());
-    let older = b.ok(&[
-        "store",
-        "browse",
-        "s3",
-        "--volume",
-        "db",
-        "--limit",
-        "1",
-        "--after",
-        by_id["next"].as_str().unwrap(),
-    ]);
-    assert_eq!(older["snapshots"][0]["id"], first["result"]["id"]);
-    assert!(older["next"].is_null(), "{older}");
-    // An older snapshot by ID, through the bucket.
-    let first_id = first["result"]["id"].as_str().unwrap();
-    b.ok(&[
-        "clone",
-        "create",
-        "db-old",
-        "--store",
-        "s3",
-        "--volume",
-        "db",
-        "--snapshot",
-        first_id,
-    ]);
+    assert_eq!(by_id["snapshots"][0]["id"], snaps[0]["id"]);
+    if snaps.len() > 1 {
+        let older = b.ok(&[
+            "store",
+            "browse",
+            "s3",
+            "--volume",
+            "db",
+            "--limit",
+            "1",
+            "--after",
+            by_id["next"].as_str().unwrap(),
+        ]);
+        assert_eq!(older["snapshots"][0]["id"], snaps[1]["id"]);
+        // An older snapshot by ID, through the bucket.
+        b.ok(&[
+            "clone",
+            "create",
+            "db-old",
+            "--store",
+            "s3",
+            "--volume",
+            "db",
+            "--snapshot",
+            snaps[1]["id"].as_str().unwrap(),
+        ]);
+    }
     let o = b.call(&[
         "clone", "create", "x", "--store", "s3", "--volume", "nope", "--latest",
     ]);
@@ -198,4 +237,140 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Waits until the policy of `db` has ended a run begun after `runs` runs (and the
+/// retention after it), and returns the policy.
+fn run_after(ctl: &Ctl, runs: u64) -> serde_json::Value {
+    loop {
+        let p = policy(ctl);
+        if p["runs"].as_u64().unwrap() > runs && p["job"].is_null() {
+            return p;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
+    let server = s3server::start_server(false);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, _) = s3_store(&server.client_config(), d, "s3");
+    let kek = d.join("kek");
+    write_private(&kek, &"42".repeat(32));
+    let metrics = free_port();
+    // Declared in the configuration: hourly, so after the first run nothing is due
+    // for an hour.
+    let extra = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
+         [[volume]]\nname = \"db\"\nsize_mib = 16\n\
+         [[policy]]\nvolume = \"db\"\nstore = \"s3\"\nevery_s = 3600\nkeep_last = 2\n"
+    );
+    let (config, ctl) = appliance(&d.join("a"), free_port(), &format!("{store}{extra}"), &kek);
+    let oxd = start_oxd(&config);
+    // Never snapshotted: due at once.
+    let p = run_after(&ctl, 0);
+    assert_eq!(p["runs"], 1, "{p}");
+    assert_eq!(p["failures"], 0, "{p}");
+    assert!(p["rpo_s"].as_u64().unwrap() < 3600, "{p}");
+    assert!(p["next_due"].as_u64().unwrap() > p["last_success"].as_u64().unwrap());
+    assert_eq!(ctl.ok(&["snapshot", "list"]).as_array().unwrap().len(), 1);
+
+    // Every second, for five runs; then hourly again, so the last run's retention is
+    // the last word.
+    ctl.ok(&[
+        "policy",
+        "set",
+        "db",
+        "--store",
+        "s3",
+        "--every",
+        "1",
+        "--keep-last",
+        "2",
+    ]);
+    run_after(&ctl, 5);
+    ctl.ok(&[
+        "policy",
+        "set",
+        "db",
+        "--store",
+        "s3",
+        "--every",
+        "3600",
+        "--keep-last",
+        "2",
+    ]);
+    let p = loop {
+        let p = policy(&ctl);
+        if p["job"].is_null() && p["retired"].as_u64().unwrap() + 2 == p["runs"].as_u64().unwrap() {
+            break p;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(p["failures"], 0, "{p}");
+    let kept = ctl.ok(&["snapshot", "list"]);
+    assert_eq!(kept.as_array().unwrap().len(), 2, "{kept}");
+    let found = ctl.ok(&["store", "browse", "s3"]);
+    let listed: Vec<&serde_json::Value> = found["volumes"][0]["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["id"])
+        .collect();
+    assert_eq!(listed.len(), 2, "the store's catalogue agrees: {found}");
+    for s in kept.as_array().unwrap() {
+        assert!(listed.contains(&&s["id"]), "{found}");
+    }
+    // The newest kept one is whole.
+    let newest = kept[1]["id"].as_str().unwrap();
+    let job = ctl.ok(&["snapshot", "verify", newest]);
+    assert_eq!(job["state"], "done", "{job}");
+
+    // What an operator's monitoring reads.
+    let text = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: oxd\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    for name in [
+        "ox_policy_rpo_seconds{volume=\"db\"}",
+        "ox_policy_last_success_timestamp_seconds{volume=\"db\"}",
+        "ox_policy_failures_total{volume=\"db\"} 0",
+        "ox_policy_retired_snapshots_total{volume=\"db\"}",
+    ] {
+        assert!(text.contains(name), "no {name} in\n{text}");
+    }
+
+    // Bad policies are refused, naming what is wrong.
+    for (args, says) in [
+        (vec!["--store", "s3", "--every", "0"], "every_s"),
+        (
+            vec!["--store", "nowhere", "--every", "60"],
+            "no store named",
+        ),
+        (
+            vec!["--store", "s3", "--every", "60", "--key", "k9"],
+            "no key named",
+        ),
+    ] {
+        let mut all = vec!["policy", "set", "db"];
+        all.extend(args);
+        let o = ctl.call(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{all:?}: {err}");
+    }
+    let o = ctl.call(&["policy", "set", "nope", "--store", "s3", "--every", "60"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no volume named"));
+    ctl.ok(&["policy", "delete", "db"]);
+    assert!(ctl.ok(&["policy", "list"]).as_array().unwrap().is_empty());
+    drop(oxd);
 }

@@ -77,6 +77,11 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Protection policies: snapshots on a schedule, and what is kept.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Key-encryption keys: list, create, rotate.
     Key {
         #[command(subcommand)]
@@ -232,6 +237,50 @@ enum StoreCommand {
         /// The page after this one (the `next` of the page before).
         #[arg(long, requires = "volume")]
         after: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Protect a volume: a snapshot into STORE every --every seconds; after each, keep
+    /// the newest --keep-last and the newest of each of the last --hourly hours,
+    /// --daily days, --weekly weeks and --monthly months (that have one), and collect
+    /// the rest. Replaces the volume's policy.
+    Set {
+        /// The volume.
+        volume: String,
+        /// The store.
+        #[arg(long)]
+        store: String,
+        /// Seconds between snapshots.
+        #[arg(long)]
+        every: u64,
+        /// Key to wrap them under (default: the daemon's first).
+        #[arg(long)]
+        key: Option<String>,
+        /// Keep the newest N.
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest of each of the last N hours.
+        #[arg(long, default_value_t = 0)]
+        hourly: u32,
+        /// ... days.
+        #[arg(long, default_value_t = 0)]
+        daily: u32,
+        /// ... weeks.
+        #[arg(long, default_value_t = 0)]
+        weekly: u32,
+        /// ... months.
+        #[arg(long, default_value_t = 0)]
+        monthly: u32,
+    },
+    /// Every policy: its recovery point now (age of the newest snapshot), next run,
+    /// failures, and what retention did.
+    List,
+    /// Stop protecting a volume (its snapshots stay).
+    Delete {
+        /// The volume.
+        volume: String,
     },
 }
 
@@ -463,6 +512,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             call(&cli, "store_browse", Some(p))?
         }
+        Command::Policy { command } => match command {
+            PolicyCommand::Set {
+                volume,
+                store,
+                every,
+                key,
+                keep_last,
+                hourly,
+                daily,
+                weekly,
+                monthly,
+            } => {
+                let mut p = json!({
+                    "volume": volume, "store": store, "every_s": every,
+                    "keep_last": keep_last, "hourly": hourly, "daily": daily,
+                    "weekly": weekly, "monthly": monthly,
+                });
+                if let Some(k) = key {
+                    p["key"] = k.clone().into();
+                }
+                call(&cli, "policy_set", Some(p))?
+            }
+            PolicyCommand::List => call(&cli, "policy_list", None)?,
+            PolicyCommand::Delete { volume } => {
+                call(&cli, "policy_delete", Some(json!({ "volume": volume })))?
+            }
+        },
         Command::Key { command } => match command {
             KeyCommand::List => call(&cli, "key_list", None)?,
             KeyCommand::Create { file } => create_key(file)?,
@@ -843,6 +919,34 @@ fn print_human(command: &Command, r: &Value) {
                     s(&step["step"]),
                     s(&step["ms"])
                 );
+            }
+        }
+        Command::Policy {
+            command: PolicyCommand::List,
+        } => {
+            for p in r.as_array().into_iter().flatten() {
+                println!(
+                    "{}  every {}s into {}  RPO now {}  next in {}  runs {}  failures {}  retired {}",
+                    s(&p["volume"]),
+                    s(&p["every_s"]),
+                    s(&p["store"]),
+                    p["rpo_s"].as_u64().map_or("-".into(), |v| format!("{v}s")),
+                    p["next_due"].as_u64().map_or("-".into(), |d| {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |x| x.as_secs());
+                        format!("{}s", d.saturating_sub(now))
+                    }),
+                    s(&p["runs"]),
+                    s(&p["failures"]),
+                    s(&p["retired"]),
+                );
+                if let Value::Object(e) = &p["last_error"] {
+                    println!(
+                        "    last error: {}",
+                        e.get("error").map(s).unwrap_or_default()
+                    );
+                }
             }
         }
         Command::Store {

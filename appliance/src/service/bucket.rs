@@ -8,7 +8,7 @@ use ox::bucket::{self, Appliance, SnapshotEntry, VolumeHead};
 use serde_json::{Value, json};
 
 use super::{Service, now_secs};
-use crate::catalogue::{SnapshotRecord, VolumeRecord};
+use crate::catalogue::{CloneRecord, SnapshotRecord, VolumeRecord};
 use crate::refusal::{Refusal, invalid, not_found, shown};
 
 /// Snapshots shown per volume by a browse of a whole store, unless asked otherwise.
@@ -159,6 +159,34 @@ impl Service {
                 }
             ),
         }
+    }
+}
+
+impl Service {
+    /// Places (`on`) or removes this appliance's hold on the snapshot clone `c` reads,
+    /// so that no appliance's retention sweeps it away meanwhile.
+    pub(super) fn hold(&self, c: &CloneRecord, on: bool) -> anyhow::Result<()> {
+        let spec = self.store(&c.store)?.clone();
+        let prefix = prefix_of(&c.manifest_key)?;
+        let hold = ox::retention::Hold {
+            manifest: c.manifest_key.clone(),
+            appliance: self.me(),
+            clone: c.uuid.clone(),
+            since: now_secs(),
+        };
+        self.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = spec.open(&ex)?;
+                    if on {
+                        ox::retention::hold(&*store, &prefix, &hold).await
+                    } else {
+                        ox::retention::release(&*store, &prefix, &hold.appliance.id, &hold.clone)
+                            .await
+                    }
+                })
+            })?
+            .with_context(|| format!("the hold of clone {} in store {}", c.name, c.store))
     }
 }
 

@@ -1,0 +1,451 @@
+//! Protection policies as the appliance runs them: a thread that starts each volume's
+//! snapshot when its policy says it is due (at once after a start that missed runs),
+//! never while one of that volume is running, and after each success applies the
+//! policy's retention — the snapshots it no longer keeps leave the store's catalogue
+//! and what nothing needs any more is swept (`ox::retention`). What to do when is
+//! `ox::policy`'s (pure); this module does it.
+//!
+//! The thread waits for the next due time or for an event (a policy set or deleted, a
+//! snapshot ended, a stop), whichever comes first.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ox::policy::Policy;
+use serde_json::{Value, json};
+
+use super::{Service, bucket, now_secs};
+use crate::refusal::{Refusal, invalid, not_found, shown};
+
+/// How long a retired snapshot stays in the store before it is swept: a reader that
+/// found it just before (another appliance opening a clone) has this long to place its
+/// hold.
+pub const GRACE_S: u64 = 600;
+
+/// The longest the thread sleeps without looking (a clock stepped forward is noticed).
+const LOOK_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
+
+/// The policies' running state, owned by the service.
+#[derive(Default)]
+pub(super) struct Policies {
+    state: Mutex<Runtime>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Runtime {
+    status: HashMap<String, Status>,
+    stopping: bool,
+    running: bool,
+    /// Bumped by every wake, so one that comes during a pass is not lost.
+    wakes: u64,
+}
+
+/// What a volume's policy has done since the daemon started.
+#[derive(Default, Clone)]
+struct Status {
+    /// Its snapshot job running now.
+    job: Option<u64>,
+    runs: u64,
+    failures: u64,
+    last_error: Option<(u64, String)>,
+    retired: u64,
+    swept_objects: u64,
+    swept_manifests: u64,
+    last_retention: Option<Value>,
+}
+
+impl Policies {
+    fn lock(&self) -> MutexGuard<'_, Runtime> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Service {
+    /// Wakes the policy thread: something it waits for may have happened.
+    pub(super) fn wake_policies(&self) {
+        self.policies.lock().wakes += 1;
+        self.policies.wake.notify_all();
+    }
+
+    /// `policy_set`: protects `p.volume` by `p` (replacing its policy, if any).
+    pub fn policy_set(self: &Arc<Self>, p: Policy) -> anyhow::Result<Value> {
+        self.check_policy(&p)?;
+        {
+            let mut inner = self.inner();
+            inner.catalogue.policies.retain(|q| q.volume != p.volume);
+            inner.catalogue.policies.push(p.clone());
+            self.save(&inner)?;
+        }
+        self.wake_policies();
+        self.policy_json(&p)
+    }
+
+    fn check_policy(&self, p: &Policy) -> anyhow::Result<()> {
+        if let Some(why) = p.problem() {
+            invalid!("{why}");
+        }
+        self.store(&p.store)?;
+        if let Some(k) = &p.key
+            && !self.settings.keys.iter().any(|x| &x.id == k)
+        {
+            return Err(Refusal::NotFound(format!("no key named {}", shown(k))).into());
+        }
+        if !self
+            .inner()
+            .catalogue
+            .volumes
+            .iter()
+            .any(|v| v.name == p.volume)
+        {
+            not_found!("no volume named {}", shown(&p.volume));
+        }
+        Ok(())
+    }
+
+    /// `policy_delete`: the volume is protected no more (its snapshots stay).
+    pub fn policy_delete(&self, volume: &str) -> anyhow::Result<Value> {
+        let mut inner = self.inner();
+        let before = inner.catalogue.policies.len();
+        inner.catalogue.policies.retain(|q| q.volume != volume);
+        if inner.catalogue.policies.len() == before {
+            not_found!("volume {} has no policy", shown(volume));
+        }
+        self.save(&inner)?;
+        drop(inner);
+        self.wake_policies();
+        Ok(json!({ "volume": volume }))
+    }
+
+    /// `policy_list`: every policy with what it has done.
+    pub fn policy_list(&self) -> Value {
+        let policies = self.inner().catalogue.policies.clone();
+        Value::Array(
+            policies
+                .iter()
+                .filter_map(|p| self.policy_json(p).ok())
+                .collect(),
+        )
+    }
+
+    fn policy_json(&self, p: &Policy) -> anyhow::Result<Value> {
+        let (newest, newest_at) = match self.newest_snapshot(&p.volume, &p.store) {
+            Some((id, t)) => (Some(id), Some(t)),
+            None => (None, None),
+        };
+        let now = now_secs();
+        let status = self
+            .policies
+            .lock()
+            .status
+            .get(&p.volume)
+            .cloned()
+            .unwrap_or_default();
+        let mut v = serde_json::to_value(p)?;
+        v["newest"] = newest.into();
+        v["last_success"] = newest_at.into();
+        // The recovery point now: what a disaster would lose.
+        v["rpo_s"] = newest_at.map(|t| now.saturating_sub(t)).into();
+        v["next_due"] = p.due(newest_at, now).into();
+        v["job"] = status.job.into();
+        v["runs"] = status.runs.into();
+        v["failures"] = status.failures.into();
+        v["last_error"] = status
+            .last_error
+            .map(|(at, e)| json!({ "at": at, "error": e }))
+            .into();
+        v["retired"] = status.retired.into();
+        v["swept_objects"] = status.swept_objects.into();
+        v["swept_manifests"] = status.swept_manifests.into();
+        v["last_retention"] = status.last_retention.unwrap_or(Value::Null);
+        Ok(v)
+    }
+
+    /// The newest snapshot of `volume` in `store` this appliance catalogued, and when.
+    fn newest_snapshot(&self, volume: &str, store: &str) -> Option<(String, u64)> {
+        self.inner()
+            .catalogue
+            .snapshots
+            .iter()
+            .filter(|s| s.volume == volume && s.store == store)
+            .max_by_key(|s| s.created)
+            .map(|s| (s.id.clone(), s.created))
+    }
+
+    /// Puts the configuration's `[[policy]]` sections in place (each replaces the
+    /// volume's policy set through the API, if any).
+    pub fn ensure_policies(&self, declared: &[Policy]) -> anyhow::Result<()> {
+        for p in declared {
+            self.check_policy(p)
+                .map_err(|e| anyhow::anyhow!("[[policy]] of volume {:?}: {e:#}", p.volume))?;
+        }
+        if declared.is_empty() {
+            return Ok(());
+        }
+        let mut inner = self.inner();
+        for p in declared {
+            inner.catalogue.policies.retain(|q| q.volume != p.volume);
+            inner.catalogue.policies.push(p.clone());
+        }
+        self.save(&inner)
+    }
+
+    /// Starts the policy thread (once).
+    pub fn start_policies(self: &Arc<Self>) {
+        {
+            let mut rt = self.policies.lock();
+            if rt.running {
+                return;
+            }
+            rt.running = true;
+        }
+        let service = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("policies".into())
+            .spawn(move || service.run_policies());
+        if let Err(e) = spawned {
+            tracing::error!("protection policies cannot run: {e}");
+        }
+    }
+
+    /// Stops the policy thread (a snapshot it started runs on, as any other).
+    pub(super) fn stop_policies(&self) {
+        self.policies.lock().stopping = true;
+        self.wake_policies();
+    }
+
+    fn run_policies(self: Arc<Self>) {
+        loop {
+            let seen = self.policies.lock().wakes;
+            let wait = self.policy_pass();
+            let rt = self.policies.lock();
+            if rt.stopping {
+                return;
+            }
+            if rt.wakes == seen {
+                let _ = self
+                    .policies
+                    .wake
+                    .wait_timeout(rt, wait.min(LOOK_AT_LEAST_EVERY));
+            }
+        }
+    }
+
+    /// One look at every policy: jobs that ended are accounted for (retention after a
+    /// success), due snapshots started. Returns how long until the next is due.
+    fn policy_pass(self: &Arc<Self>) -> Duration {
+        let policies = self.inner().catalogue.policies.clone();
+        let mut next = LOOK_AT_LEAST_EVERY;
+        self.policies
+            .lock()
+            .status
+            .retain(|v, _| policies.iter().any(|p| &p.volume == v));
+        for p in &policies {
+            if self.policies.lock().stopping || self.stopping.load(Ordering::SeqCst) {
+                return next;
+            }
+            let job = self
+                .policies
+                .lock()
+                .status
+                .entry(p.volume.clone())
+                .or_default()
+                .job;
+            if let Some(id) = job {
+                match self.job_outcome(id) {
+                    None => continue,
+                    Some(outcome) => {
+                        self.finished_run(p, outcome);
+                        self.policies
+                            .lock()
+                            .status
+                            .entry(p.volume.clone())
+                            .or_default()
+                            .job = None;
+                    }
+                }
+            }
+            let now = now_secs();
+            let due = p.due(
+                self.newest_snapshot(&p.volume, &p.store).map(|(_, t)| t),
+                now,
+            );
+            if due > now {
+                next = next.min(Duration::from_secs(due - now));
+                continue;
+            }
+            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), None) {
+                Ok(job) => {
+                    let id = job["id"].as_u64();
+                    let mut rt = self.policies.lock();
+                    let s = rt.status.entry(p.volume.clone()).or_default();
+                    s.job = id;
+                    s.runs += 1;
+                    if let Some(a) = &self.audit
+                        && let Err(e) = a.record(
+                            "oxd",
+                            "policy_snapshot",
+                            json!({ "volume": p.volume, "store": p.store, "job": id }),
+                            "started",
+                        )
+                    {
+                        tracing::error!("audit log: {e}");
+                    }
+                }
+                // Another snapshot of the volume is running: its end wakes us.
+                Err(e) if matches!(e.downcast_ref::<Refusal>(), Some(Refusal::Conflict(_))) => {}
+                Err(e) => self.policy_failed(p, &appliance::error_chain(&e)),
+            }
+        }
+        next
+    }
+
+    fn job_outcome(&self, id: u64) -> Option<Result<Value, String>> {
+        let job = self.job(id).ok()?;
+        job.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn policy_failed(&self, p: &Policy, error: &str) {
+        tracing::warn!("volume {}: protection policy: {error}", p.volume);
+        let mut rt = self.policies.lock();
+        let s = rt.status.entry(p.volume.clone()).or_default();
+        s.failures += 1;
+        s.last_error = Some((now_secs(), error.to_string()));
+    }
+
+    /// A policy's snapshot ended: after a success, its retention.
+    fn finished_run(self: &Arc<Self>, p: &Policy, outcome: Result<Value, String>) {
+        if let Err(e) = outcome {
+            // A stop suspends snapshots: not the policy's failure (it continues).
+            if !self.stopping.load(Ordering::SeqCst) {
+                self.policy_failed(p, &e);
+            }
+            return;
+        }
+        match self.apply_retention(p) {
+            Ok(report) => {
+                let mut rt = self.policies.lock();
+                let s = rt.status.entry(p.volume.clone()).or_default();
+                s.retired += report["retired"].as_array().map_or(0, Vec::len) as u64;
+                s.swept_objects += report["swept"]["objects"].as_u64().unwrap_or(0)
+                    + report["swept"]["pages"].as_u64().unwrap_or(0);
+                s.swept_manifests += report["swept"]["manifests"].as_u64().unwrap_or(0);
+                s.last_retention = Some(report);
+            }
+            Err(e) => self.policy_failed(p, &format!("retention: {}", appliance::error_chain(&e))),
+        }
+    }
+
+    /// Applies `p`'s retention to its volume's snapshots in its store: those it no
+    /// longer keeps (and no clone here reads) are retired from the store's catalogue
+    /// and this one, then the volume's prefix is swept.
+    fn apply_retention(self: &Arc<Self>, p: &Policy) -> anyhow::Result<Value> {
+        let (busy, snapshots, clones) = {
+            let inner = self.inner();
+            let live = inner.volume(&p.volume)?;
+            let snapshots: Vec<_> = inner
+                .catalogue
+                .snapshots
+                .iter()
+                .filter(|s| s.volume == p.volume && s.store == p.store)
+                .cloned()
+                .collect();
+            let clones: Vec<String> = inner
+                .catalogue
+                .clones
+                .iter()
+                .filter(|c| c.store == p.store)
+                .map(|c| c.manifest_key.clone())
+                .collect();
+            (Arc::clone(&live.busy), snapshots, clones)
+        };
+        // Like a delete: never beside a snapshot of the volume (its objects have no
+        // manifest yet), nor one a restart cut short.
+        if busy.swap(true, Ordering::SeqCst) {
+            return Ok(json!({ "skipped": "a snapshot of the volume is running" }));
+        }
+        let release = scopeguard(&busy);
+        if self.journal_path(&p.volume).exists() {
+            return Ok(json!({ "skipped": "a snapshot of the volume is pending" }));
+        }
+        let times: Vec<(String, u64)> = snapshots
+            .iter()
+            .map(|s| (s.id.clone(), s.created))
+            .collect();
+        let kept = p.keep(&times);
+        let retired: Vec<String> = snapshots
+            .iter()
+            .filter(|s| !kept.contains(s.id.as_str()) && !clones.contains(&s.manifest_key))
+            .map(|s| s.id.clone())
+            .collect();
+        let live: Vec<String> = snapshots
+            .iter()
+            .filter(|s| !retired.contains(&s.id))
+            .map(|s| s.manifest_key.clone())
+            .chain(clones)
+            .collect();
+        let Some(prefix) = snapshots
+            .first()
+            .map(|s| bucket::prefix_of(&s.manifest_key))
+            .transpose()?
+        else {
+            return Ok(json!({ "retired": [] }));
+        };
+        let spec = self.store(&p.store)?.clone();
+        let (keks, gone) = (self.settings.keys.clone(), retired.clone());
+        let now = now_secs();
+        let swept = self.cores.run(move |ex| {
+            Box::pin(async move {
+                let store = spec.open(&ex)?;
+                ox::retention::retire(&*store, &prefix, &gone, now).await?;
+                ox::retention::sweep(&*store, &prefix, &keks, &live, now, GRACE_S).await
+            })
+        })??;
+        {
+            let mut inner = self.inner();
+            inner
+                .catalogue
+                .snapshots
+                .retain(|s| !retired.contains(&s.id));
+            self.save(&inner)?;
+        }
+        drop(release);
+        let report = json!({
+            "at": now,
+            "kept": kept.len(),
+            "retired": retired,
+            "swept": {
+                "manifests": swept.manifests, "pages": swept.pages, "objects": swept.objects,
+                "objects_kept": swept.objects_kept, "ancestors": swept.ancestors,
+                "live": swept.live, "lists": swept.lists, "pages_read": swept.pages_read,
+            },
+        });
+        if let Some(a) = &self.audit
+            && let Err(e) = a.record(
+                "oxd",
+                "retention",
+                json!({ "volume": p.volume, "store": p.store, "report": report }),
+                "ok",
+            )
+        {
+            tracing::error!("audit log: {e}");
+        }
+        Ok(report)
+    }
+}
+
+/// Clears `busy` when dropped.
+fn scopeguard(busy: &std::sync::atomic::AtomicBool) -> impl Drop + '_ {
+    struct Clear<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Clear<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    Clear(busy)
+}
