@@ -114,6 +114,10 @@ pub struct Settings {
     pub host_keys: std::sync::RwLock<Vec<nvmf::dhchap::HostKeys>>,
 }
 
+/// Jobs kept in memory for `job_get` and `job_list` (finished ones beyond this are
+/// forgotten, oldest first).
+const MAX_JOBS: usize = 1000;
+
 /// A long operation's progress and outcome.
 pub struct Job {
     id: u64,
@@ -247,6 +251,8 @@ pub struct Service {
     checks: Mutex<HashMap<String, Value>>,
     /// Protection policies' running state.
     policies: policies::Policies,
+    /// This appliance in the stores' catalogues (fixed from start to stop).
+    appliance: ox::bucket::Appliance,
 }
 
 fn now_secs() -> u64 {
@@ -319,6 +325,7 @@ impl Service {
             stopping: AtomicBool::new(false),
             checks: Mutex::new(HashMap::new()),
             policies: policies::Policies::default(),
+            appliance: bucket::appliance(&catalogue.appliance),
             inner: Mutex::new(Inner {
                 catalogue: catalogue.clone(),
                 volumes: HashMap::new(),
@@ -1213,6 +1220,25 @@ impl Service {
             outcome: Mutex::new(None),
         });
         inner.jobs.insert(id, Arc::clone(&job));
+        // Bounded: the oldest finished jobs go first (a policy every second makes many).
+        if inner.jobs.len() > MAX_JOBS {
+            let mut finished: Vec<u64> = inner
+                .jobs
+                .iter()
+                .filter(|(_, j)| {
+                    j.outcome
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_some()
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            finished.sort_unstable();
+            let excess = inner.jobs.len() - MAX_JOBS;
+            for old in finished.into_iter().take(excess) {
+                inner.jobs.remove(&old);
+            }
+        }
         job
     }
 
@@ -1348,21 +1374,31 @@ impl Service {
                 return Err(e);
             }
         };
+        // Undoes the create after the hold was placed (without the service's lock,
+        // which the hold's removal takes).
+        let held = record.clone();
+        let undo = || {
+            remove_files();
+            if let Err(e) = self.hold(&held, false) {
+                tracing::warn!("clone {name}: its hold on the snapshot stays: {e:#}");
+            }
+        };
         let mut inner = self.inner();
         if let Some(e) = &export
             && let Err(err) = self.check_export(&inner, e)
         {
             drop(inner);
             drop(live);
-            remove_files();
+            undo();
             return Err(err);
         }
         inner.catalogue.clones.push(record);
         let listeners = match self.commit_create(&mut inner, name, &live.bdev, export.as_ref()) {
             Ok(l) => l,
             Err(e) => {
+                drop(inner);
                 drop(live);
-                remove_files();
+                undo();
                 return Err(e);
             }
         };
@@ -1696,25 +1732,20 @@ impl Service {
         let result = self.delete_snapshot(&snap);
         if let Some(b) = busy {
             b.store(false, Ordering::SeqCst);
+            self.wake_policies();
         }
         result
     }
 
+    /// Deletes a snapshot at once: it leaves both catalogues, and the volume's prefix is
+    /// swept. A snapshot that a kept one builds on stays as that one's ancestor (its
+    /// manifest, and the objects still read through it). Refused while a clone reads
+    /// it, here or (by its hold) on another appliance, or if another appliance owns
+    /// the volume's place in the store.
     fn delete_snapshot(&self, snap: &SnapshotRecord) -> anyhow::Result<Value> {
-        {
+        let prefix = bucket::prefix_of(&snap.manifest_key)?;
+        let also_live: Vec<String> = {
             let inner = self.inner();
-            if let Some(child) = inner
-                .catalogue
-                .snapshots
-                .iter()
-                .find(|s| s.parent.as_deref() == Some(snap.id.as_str()))
-            {
-                conflict!(
-                    "snapshot {} is the parent of {}: delete that one first",
-                    snap.id,
-                    child.id
-                );
-            }
             if let Some(c) = inner
                 .catalogue
                 .clones
@@ -1727,28 +1758,84 @@ impl Service {
                     snap.id
                 );
             }
-        }
-        let prefix = bucket::prefix_of(&snap.manifest_key)?;
+            inner
+                .catalogue
+                .snapshots
+                .iter()
+                .filter(|s| s.store == snap.store && s.id != snap.id)
+                .map(|s| s.manifest_key.clone())
+                .chain(
+                    inner
+                        .catalogue
+                        .clones
+                        .iter()
+                        .filter(|c| c.store == snap.store)
+                        .map(|c| c.manifest_key.clone()),
+                )
+                .filter(|k| k.starts_with(&prefix))
+                .collect()
+        };
         let spec = self.store(&snap.store)?.clone();
-        let (keks, key, id) = (
+        let (keks, key, id, me) = (
             self.settings.keys.clone(),
             snap.manifest_key.clone(),
             snap.id.clone(),
+            self.me(),
         );
-        let removed = self.cores.run(move |ex| {
+        let now = now_secs();
+        let outcome = self.cores.run(move |ex| {
             Box::pin(async move {
                 let store = spec.open(&ex)?;
-                // Out of the bucket's catalogue first: a browse never offers a
-                // snapshot whose manifest is gone.
-                ox::bucket::forget(&*store, &prefix, &id).await?;
-                store.delete(std::slice::from_ref(&key)).await?;
-                ox::snapshot::collect_orphans(&*store, &prefix, &keks).await
+                if let Some(h) = ox::bucket::head(&*store, &prefix).await?
+                    && h.owner.id != me.id
+                {
+                    return Ok(Err(format!(
+                        "the volume's place in the store belongs to appliance {}",
+                        h.owner.name
+                    )));
+                }
+                for hold in ox::retention::holds(&*store, &prefix).await? {
+                    if hold.manifest == key {
+                        return Ok(Err(format!(
+                            "a clone on appliance {} reads it",
+                            hold.appliance.name
+                        )));
+                    }
+                }
+                // An operator's delete does not wait out the grace period.
+                let retired_at = now.saturating_sub(policies::GRACE_S);
+                ox::retention::retire(&*store, &prefix, std::slice::from_ref(&id), retired_at)
+                    .await?;
+                let swept = ox::retention::sweep(
+                    &*store,
+                    &prefix,
+                    &keks,
+                    &also_live,
+                    now,
+                    policies::GRACE_S,
+                )
+                .await?;
+                let orphans = ox::snapshot::collect_orphans(&*store, &prefix, &keks).await?;
+                let kept = match store.get(&key).await {
+                    Ok(_) => true,
+                    Err(ox::OxError::NotFound { .. }) => false,
+                    Err(e) => return Err(e),
+                };
+                Ok::<_, ox::OxError>(Ok((swept, orphans.len(), kept)))
             })
         })??;
+        let (swept, orphans, kept) = match outcome {
+            Ok(o) => o,
+            Err(why) => conflict!("snapshot {} cannot be deleted: {why}", snap.id),
+        };
         let mut inner = self.inner();
         inner.catalogue.snapshots.retain(|s| s.id != snap.id);
         self.save(&inner)?;
-        Ok(json!({ "id": snap.id, "objects_deleted": removed.len() + 1 }))
+        Ok(json!({
+            "id": snap.id,
+            "objects_deleted": swept.manifests + swept.pages + swept.objects + orphans,
+            "kept_as_ancestor": kept,
+        }))
     }
 
     /// Re-wraps the data key of every catalogued snapshot under key `to` (which must be
@@ -1764,36 +1851,58 @@ impl Service {
             .clone();
         let snaps = self.inner().catalogue.snapshots.clone();
         let mut rewrapped = 0;
+        // Each catalogued snapshot and every ancestor it builds on (a retired one stays
+        // as an ancestor, and loading needs its key too), each once.
+        let mut done: std::collections::HashSet<(String, String)> = Default::default();
         for snap in &snaps {
             let spec = self.store(&snap.store)?.clone();
-            let (keks, key, new, id) = (
-                self.settings.keys.clone(),
-                snap.manifest_key.clone(),
-                new.clone(),
-                snap.id.clone(),
-            );
-            let changed = self
-                .cores
-                .run(move |ex| {
-                    Box::pin(async move {
-                        let store = spec.open(&ex)?;
-                        let mut m = ox::format::Manifest::from_bytes(&store.get(&key).await?)?;
-                        let Some(wrapped) = &m.key else {
-                            return Ok(false);
-                        };
-                        if wrapped.kek_id == new.id {
-                            return Ok(false);
-                        }
-                        m.key = Some(ox::keys::rewrap(&keks, wrapped, &new, &id)?);
-                        store.put(&key, m.to_bytes()).await?;
-                        Ok::<_, ox::OxError>(true)
-                    })
-                })?
-                .with_context(|| format!("snapshot {}", snap.id))?;
-            if changed {
-                self.audit_key_use("rewrap", Some(to), &snap.manifest_key, "ok");
+            let lineage = {
+                let (spec, key) = (spec.clone(), snap.manifest_key.clone());
+                self.cores
+                    .run(move |ex| {
+                        Box::pin(async move {
+                            let store = spec.open(&ex)?;
+                            let m = ox::format::Manifest::from_bytes(&store.get(&key).await?)?;
+                            Ok::<_, ox::OxError>(m.lineage)
+                        })
+                    })?
+                    .with_context(|| format!("snapshot {}", snap.id))?
+            };
+            let all = std::iter::once((snap.id.clone(), snap.manifest_key.clone()))
+                .chain(lineage.into_iter().map(|a| (a.snapshot, a.manifest)));
+            for (id, manifest) in all {
+                if !done.insert((snap.store.clone(), manifest.clone())) {
+                    continue;
+                }
+                let (keks, key, new, spec) = (
+                    self.settings.keys.clone(),
+                    manifest.clone(),
+                    new.clone(),
+                    spec.clone(),
+                );
+                let changed = self
+                    .cores
+                    .run(move |ex| {
+                        Box::pin(async move {
+                            let store = spec.open(&ex)?;
+                            let mut m = ox::format::Manifest::from_bytes(&store.get(&key).await?)?;
+                            let Some(wrapped) = &m.key else {
+                                return Ok(false);
+                            };
+                            if wrapped.kek_id == new.id {
+                                return Ok(false);
+                            }
+                            m.key = Some(ox::keys::rewrap(&keks, wrapped, &new, &id)?);
+                            store.put(&key, m.to_bytes()).await?;
+                            Ok::<_, ox::OxError>(true)
+                        })
+                    })?
+                    .with_context(|| format!("snapshot {}", snap.id))?;
+                if changed {
+                    self.audit_key_use("rewrap", Some(to), &manifest, "ok");
+                }
+                rewrapped += u64::from(changed);
             }
-            rewrapped += u64::from(changed);
         }
         Ok(json!({ "key": to, "snapshots": snaps.len(), "rewrapped": rewrapped }))
     }

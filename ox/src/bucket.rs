@@ -368,9 +368,12 @@ async fn entry(
             e.format
         )));
     }
+    let manifest = crate::format::parse_id(&e.snapshot)
+        .map(|id| crate::format::manifest_key(prefix, &id))
+        .ok();
     if e.snapshot != named
         || e.volume != head.volume
-        || !e.manifest.starts_with(prefix)
+        || manifest.as_deref() != Some(e.manifest.as_str())
         || entry_key(prefix, e.created_ms, &e.snapshot) != key
     {
         return Err(OxError::integrity(
@@ -412,9 +415,10 @@ pub struct Browse {
     pub unreadable: Vec<Unreadable>,
 }
 
-/// Every volume in the bucket with its `per_volume` newest snapshots. Prefixes without
-/// a head (other data, or volumes not snapshotted since the catalogue existed) are
-/// left out; damaged heads are reported, not fatal.
+/// Every volume in the bucket with its `per_volume` newest snapshots (0: none, and no
+/// request for them). Prefixes without a head (other data, or volumes not snapshotted
+/// since the catalogue existed) are left out; a damaged head or entry is reported with
+/// its volume, never fatal to the others.
 pub async fn browse(store: &dyn ObjectStore, per_volume: usize) -> Result<Browse, OxError> {
     let mut out = Browse::default();
     let mut after: Option<String> = None;
@@ -435,7 +439,20 @@ pub async fn browse(store: &dyn ObjectStore, per_volume: usize) -> Result<Browse
                 }
                 Err(e) => return Err(e),
             };
-            let page = snapshots(store, &head, prefix, None, per_volume).await?;
+            let page = match per_volume {
+                0 => SnapshotPage::default(),
+                n => match snapshots(store, &head, prefix, None, n).await {
+                    Ok(p) => p,
+                    Err(e @ (OxError::Integrity { .. } | OxError::Format(_))) => {
+                        out.unreadable.push(Unreadable {
+                            prefix: prefix.clone(),
+                            reason: e.to_string(),
+                        });
+                        SnapshotPage::default()
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
             out.volumes.push(VolumeListing {
                 prefix: prefix.clone(),
                 head,

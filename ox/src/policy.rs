@@ -58,10 +58,13 @@ impl Policy {
         newest.map_or(now, |t| t.saturating_add(self.every_s))
     }
 
-    /// The snapshots (ID, creation time in Unix seconds) the policy keeps.
+    /// The snapshots (ID, creation time in Unix seconds), in the order they were
+    /// taken, that the policy keeps. Of two taken in the same second the later one in
+    /// the list is the newer (the one the next snapshot builds on).
     pub fn keep<'a>(&self, snapshots: &'a [(String, u64)]) -> BTreeSet<&'a str> {
-        let mut newest_first: Vec<&(String, u64)> = snapshots.iter().collect();
-        newest_first.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+        let mut newest_first: Vec<&(String, u64)> = snapshots.iter().rev().collect();
+        // Stable: equal times keep their (reversed) order.
+        newest_first.sort_by_key(|s| std::cmp::Reverse(s.1));
         let mut kept = BTreeSet::new();
         if let Some(n) = newest_first.first() {
             kept.insert(n.0.as_str());
@@ -194,6 +197,9 @@ mod tests {
         }
         assert_eq!(kept, want);
         assert!(kept.contains(newest.as_str()));
+        // Of two taken in one second, the later taken is the newest.
+        let same = [("b".to_string(), 5), ("a".to_string(), 5)];
+        assert_eq!(policy().keep(&same), BTreeSet::from(["a"]));
         // Nothing asked for: the newest only.
         assert_eq!(policy().keep(&snaps).len(), 1);
         assert!(policy().keep(&[]).is_empty());

@@ -73,6 +73,15 @@ pub async fn hold(store: &dyn ObjectStore, prefix: &str, h: &Hold) -> Result<(),
         .await
 }
 
+/// The holds on snapshots of the volume at `prefix`.
+pub async fn holds(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<Hold>, OxError> {
+    let mut out = Vec::new();
+    for key in store.list(&format!("{prefix}ox1/h/")).await? {
+        out.push(parse(&key, &store.get(&key).await?)?);
+    }
+    Ok(out)
+}
+
 /// Removes a hold.
 pub async fn release(
     store: &dyn ObjectStore,
@@ -131,8 +140,14 @@ pub struct Swept {
 }
 
 /// Collects what the volume at `prefix` no longer needs (see the module
-/// documentation). `also_live`: manifest keys the caller needs (its own clones).
-/// Run it while no snapshot of the volume is being written.
+/// documentation). `also_live`: manifest keys the caller needs (its own clones and
+/// unlisted snapshots). Only the volume's owner sweeps, and never while a snapshot of
+/// the volume is being written or waits to be continued from its journal.
+///
+/// Fails, deleting nothing, if a live snapshot cannot be loaded whole (an ancestor's
+/// manifest missing or damaged): what it needs is then unknown. A manifest that does
+/// not name the snapshot its key does is left alone, and nothing a live snapshot
+/// stores or reads is ever deleted, whatever another manifest claims.
 pub async fn sweep(
     store: &dyn ObjectStore,
     prefix: &str,
@@ -155,8 +170,7 @@ pub async fn sweep(
         let id = key.rsplit('-').next().unwrap_or_default();
         live.insert(manifest_of(id)?);
     }
-    for key in store.list(&format!("{prefix}ox1/h/")).await? {
-        let h: Hold = parse(&key, &store.get(&key).await?)?;
+    for h in holds(store, prefix).await? {
         if h.manifest.starts_with(prefix) {
             live.insert(h.manifest);
         }
@@ -169,75 +183,98 @@ pub async fn sweep(
         }
         tombstones.insert(manifest_of(&t.snapshot)?, key);
     }
-    out.lists += 3;
-    let mut loaded: Vec<Loaded> = Vec::new();
-    let mut needed: BTreeSet<String> = BTreeSet::new();
-    for key in &live {
-        match load(store, key, keks).await {
-            Ok(l) => {
-                needed.insert(key.clone());
-                needed.extend(l.manifest.lineage.iter().map(|a| a.manifest.clone()));
-                loaded.push(l);
-            }
-            // Held or listed but gone: nothing of it to keep.
-            Err(OxError::NotFound { .. }) => {}
+    // Every manifest in the prefix, read once: one that names another snapshot than
+    // its key is nobody's to judge; one younger than the grace period and not retired
+    // is live (its entry may not be written yet).
+    let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
+    let mut foreign = 0usize;
+    for key in store.list(&format!("{prefix}ox1/m/")).await? {
+        let m = match crate::snapshot::fetch_manifest(store, &key).await {
+            Ok(m) => m,
+            Err(OxError::NotFound { .. }) => continue,
             Err(e) => return Err(e),
+        };
+        if manifest_of(&m.snapshot).ok().as_deref() != Some(key.as_str()) {
+            foreign += 1;
+            continue;
         }
+        if now < m.created.saturating_add(grace_s) && !tombstones.contains_key(&key) {
+            live.insert(key.clone());
+        }
+        manifests.insert(key, m);
     }
-    out.live = loaded.len();
-    // Sweep: every manifest in the prefix that is not live, and what it names that is
-    // still there (what an earlier sweep deleted is not asked for again).
-    let all = store.list(&format!("{prefix}ox1/m/")).await?;
     let present: HashSet<String> = store
         .list(&format!("{prefix}ox1/d/"))
         .await?
         .into_iter()
         .chain(store.list(&format!("{prefix}ox1/i/")).await?)
         .collect();
-    out.lists += 3;
-    let ancestors: BTreeSet<&String> = all
-        .iter()
+    out.lists += 6;
+    // Every live snapshot loaded whole, or no sweep at all.
+    let mut loaded: Vec<Loaded> = Vec::new();
+    let mut needed: BTreeSet<String> = BTreeSet::new();
+    for key in &live {
+        if !manifests.contains_key(key) {
+            // Listed or held, but its manifest is gone (or names another snapshot):
+            // nothing of it to keep.
+            continue;
+        }
+        let l = load(store, key, keks).await?;
+        needed.insert(key.clone());
+        needed.extend(l.manifest.lineage.iter().map(|a| a.manifest.clone()));
+        loaded.push(l);
+    }
+    out.live = loaded.len();
+    let ancestors: BTreeSet<&String> = manifests
+        .keys()
         .filter(|k| needed.contains(*k) && !live.contains(*k))
         .collect();
     out.ancestors = ancestors.len();
-    // Objects of ancestors that live snapshots' frames still point into.
+    // What must stay whatever any manifest says: everything live snapshots store, and
+    // the objects of ancestors their frames point into.
+    let mut protected: HashSet<String> = HashSet::new();
     let mut in_use: HashSet<(String, u32)> = HashSet::new();
-    if !ancestors.is_empty() {
-        for l in &loaded {
-            for page in 0..l.manifest.page_count() {
-                if l.manifest.page_is_empty(page) {
-                    continue;
-                }
-                let (p, _) = l.page(store, page, None).await?;
-                out.pages_read += 1;
-                for e in p.entries {
-                    if let Entry::Frame { source, object, .. } = e {
-                        let m = match source {
-                            0 => &l.manifest_key,
-                            s => match l.manifest.lineage.get(usize::from(s) - 1) {
-                                Some(a) => &a.manifest,
-                                None => continue,
-                            },
-                        };
-                        if ancestors.contains(m) {
-                            in_use.insert((m.clone(), object));
-                        }
+    for l in &loaded {
+        protected.extend(l.manifest.objects.iter().cloned());
+        protected.extend(stored_pages(&l.manifest)?);
+        if ancestors.is_empty() {
+            continue;
+        }
+        for page in 0..l.manifest.page_count() {
+            if l.manifest.page_is_empty(page) {
+                continue;
+            }
+            let (p, _) = l.page(store, page, None).await?;
+            out.pages_read += 1;
+            for e in p.entries {
+                if let Entry::Frame { source, object, .. } = e {
+                    let Some(s) = l.sources.get(usize::from(source)) else {
+                        continue;
+                    };
+                    if let Some(o) = s.objects.get(object as usize) {
+                        protected.insert(o.clone());
+                    }
+                    let m = match source {
+                        0 => &l.manifest_key,
+                        s => match l.manifest.lineage.get(usize::from(s) - 1) {
+                            Some(a) => &a.manifest,
+                            None => continue,
+                        },
+                    };
+                    if ancestors.contains(m) {
+                        in_use.insert((m.clone(), object));
                     }
                 }
             }
         }
     }
-    for key in &all {
+    // Sweep.
+    for (key, m) in &manifests {
         if live.contains(key) {
             continue;
         }
-        let m = match crate::snapshot::fetch_manifest(store, key).await {
-            Ok(m) => m,
-            Err(OxError::NotFound { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        let mut pages = stored_pages(&m)?;
-        pages.retain(|k| present.contains(k));
+        let mut pages = stored_pages(m)?;
+        pages.retain(|k| present.contains(k) && !protected.contains(k));
         out.pages += pages.len();
         store.delete(&pages).await?;
         let keep_key = ancestors.contains(key);
@@ -246,7 +283,8 @@ pub async fn sweep(
             if !present.contains(object) {
                 continue;
             }
-            if keep_key && in_use.contains(&(key.clone(), i as u32)) {
+            if protected.contains(object) || (keep_key && in_use.contains(&(key.clone(), i as u32)))
+            {
                 out.objects_kept += 1;
             } else {
                 gone.push(object.clone());
@@ -261,6 +299,11 @@ pub async fn sweep(
                 store.delete(std::slice::from_ref(t)).await?;
             }
         }
+    }
+    if foreign > 0 {
+        tracing::warn!(
+            "{prefix}: {foreign} manifest(s) name another snapshot than their key; left alone"
+        );
     }
     Ok(out)
 }

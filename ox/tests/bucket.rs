@@ -247,15 +247,28 @@ fn damaged_or_misplaced_records_are_refused_not_read() {
         bucket::record(&s, "db.aaaa/", &good).await.unwrap();
         let key = bucket::entry_key("db.aaaa/", good.created_ms, &good.snapshot);
 
-        // A flipped bit.
+        // A flipped bit in a value (still valid JSON: only the checksum can tell).
         let mut bytes = s.get(&key).await.unwrap();
-        let at = bytes.iter().position(|&c| c == b'k').unwrap();
-        bytes[at] = b'j';
+        let field = b"\"stored_bytes\": 10";
+        let at = bytes.windows(field.len()).position(|w| w == field).unwrap() + field.len() - 1;
+        bytes[at] = b'1';
         s.put(&key, bytes).await.unwrap();
         let e = bucket::snapshots(&s, &a, "db.aaaa/", None, 10)
             .await
             .unwrap_err();
-        assert!(matches!(e, OxError::Integrity { .. }), "{e}");
+        assert!(e.to_string().contains("checksum does not match"), "{e}");
+        // An entry pointing at another manifest of the same volume than its own.
+        let mut wrong = good.clone();
+        wrong.manifest = format!("db.aaaa/ox1/m/{:032x}", 99);
+        bucket::record(&s, "db.aaaa/", &wrong).await.unwrap();
+        let e = bucket::latest(&s, &a, "db.aaaa/").await.unwrap_err();
+        assert!(e.to_string().contains("does not match"), "{e}");
+        // A damaged entry in one volume does not hide the others from a browse.
+        let found = bucket::browse(&s, 3).await.unwrap();
+        assert_eq!(found.volumes.len(), 2);
+        assert_eq!(found.unreadable.len(), 1);
+        assert_eq!(found.unreadable[0].prefix, "db.aaaa/");
+        assert!(bucket::find(&s, "web").await.is_ok());
         bucket::record(&s, "db.aaaa/", &good).await.unwrap();
         assert_eq!(
             bucket::latest(&s, &a, "db.aaaa/").await.unwrap().unwrap(),

@@ -23,8 +23,9 @@ use support::{CHUNK, env, fresh_volume, options, random, write};
 const SIZE: u64 = 16 * CHUNK;
 const PREFIX: &str = "vol1/";
 const HOUR: u64 = 3600;
-/// Monday 2026-11-30 00:00 UTC.
-const MONDAY: u64 = 20_787 * 86_400;
+/// Monday 2100-01-04 00:00 UTC: the simulated clock runs well after the real one, so
+/// manifests (dated by the real clock) are never young to it.
+const MONDAY: u64 = 47_485 * 86_400;
 const GRACE: u64 = 600;
 
 /// What a week-long grandfather-father-son policy keeps at `now`, worked out by
@@ -521,6 +522,119 @@ fn held_and_recently_retired_snapshots_are_kept_and_ancestors_keep_only_live_fra
         assert_eq!(s.manifests, 3, "{s:?}");
         let left = store.list(PREFIX).await.unwrap();
         assert!(left.is_empty(), "{left:?}");
+    });
+    drop(vol);
+}
+
+#[test]
+fn a_sweep_never_deletes_what_live_snapshots_need_whatever_the_store_says() {
+    let env = env();
+    let (vol, handle) = fresh_volume(SIZE);
+    let mut keys: Vec<String> = Vec::new();
+    let mut image = vec![0u8; SIZE as usize];
+    for n in 1..=3u64 {
+        let data = random(CHUNK as usize, n);
+        write(&env, &vol, (n % 4) * CHUNK, &data);
+        image[((n % 4) * CHUNK) as usize..((n % 4 + 1) * CHUNK) as usize].copy_from_slice(&data);
+        let parent = keys.last().cloned();
+        let (h, reactor, kek, opts) = (
+            handle.clone(),
+            env.set.handles()[0].clone(),
+            env.kek.clone(),
+            options(&env),
+        );
+        keys.push(on_store(&env, async move |store| {
+            let parent = match parent {
+                Some(k) => Some(load(&store, &k, &[kek]).await.unwrap()),
+                None => None,
+            };
+            snapshot_volume(
+                &store,
+                &reactor,
+                &h,
+                parent.as_ref(),
+                &opts,
+                &Throttle::default(),
+            )
+            .await
+            .unwrap()
+            .manifest_key
+        }));
+    }
+    let id = |key: &str| key.rsplit('/').next().unwrap().to_string();
+    let (s1, s2, s3) = (keys[0].clone(), keys[1].clone(), keys[2].clone());
+    let kek = env.kek.clone();
+    on_store(&env, async move |store| {
+        let keks = std::slice::from_ref(&kek);
+        let count = async |store: &LocalStore| store.list(PREFIX).await.unwrap().len();
+        // Just written, with no entry yet (as between a manifest and its entry): young
+        // manifests are live, so a sweep now takes nothing.
+        let real_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let before = count(&store).await;
+        let s = retention::sweep(&store, PREFIX, keks, &[], real_now, GRACE)
+            .await
+            .unwrap();
+        assert_eq!((s.manifests, s.objects, s.pages), (0, 0, 0), "{s:?}");
+        assert_eq!(count(&store).await, before);
+
+        // A retired snapshot's manifest edited to name s3's objects as its own (its
+        // checksum made again): s3 stores them, so they stay.
+        let m2 = store.get(&s2).await.unwrap();
+        let mut m = ox::format::Manifest::from_bytes(&m2).unwrap();
+        let m3 = ox::format::Manifest::from_bytes(&store.get(&s3).await.unwrap()).unwrap();
+        m.objects.extend(m3.objects.iter().cloned());
+        store.put(&s2, m.to_bytes()).await.unwrap();
+        // The same manifest under a key that is not its own is nobody's to judge.
+        let stray = format!("{PREFIX}ox1/m/{:032x}", 7);
+        store.put(&stray, m.to_bytes()).await.unwrap();
+        retention::retire(&store, PREFIX, &[id(&s2)], MONDAY)
+            .await
+            .unwrap();
+        let s = retention::sweep(
+            &store,
+            PREFIX,
+            keks,
+            std::slice::from_ref(&s3),
+            MONDAY + GRACE,
+            GRACE,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.manifests, 0, "s2 is s3's ancestor: {s:?}");
+        for o in &m3.objects {
+            assert!(
+                store.get(o).await.is_ok(),
+                "{o} of the live snapshot is gone"
+            );
+        }
+        assert!(
+            store.get(&stray).await.is_ok(),
+            "the stray manifest is left alone"
+        );
+        store.put(&s2, m2).await.unwrap();
+        assert_eq!(read_back(&store, &s3, &kek).await, image);
+
+        // An ancestor's manifest lost: what s3 needs is unknown, so nothing goes.
+        let m1 = store.get(&s1).await.unwrap();
+        store.delete(std::slice::from_ref(&s1)).await.unwrap();
+        let before = count(&store).await;
+        let e = retention::sweep(
+            &store,
+            PREFIX,
+            keks,
+            std::slice::from_ref(&s3),
+            MONDAY + GRACE,
+            GRACE,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ox::OxError::NotFound { .. }), "{e}");
+        assert_eq!(count(&store).await, before, "nothing deleted");
+        store.put(&s1, m1).await.unwrap();
+        assert_eq!(read_back(&store, &s3, &kek).await, image);
     });
     drop(vol);
 }

@@ -350,10 +350,10 @@ file = {kek2:?}
         verified(&oxperf(&vol1, "read", "0:16384", 64, 131072, 1)),
         16384
     );
-    // The parent is kept while the child builds on it and a clone reads from it.
+    // A snapshot a clone reads from is not deleted.
     let o = ctl.call(&["snapshot", "delete", &id]);
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("parent of"),
+        String::from_utf8_lossy(&o.stderr).contains("reads from snapshot"),
         "{o:?}"
     );
     let third_id = third["result"]["id"].as_str().unwrap();

@@ -309,7 +309,8 @@ enum CloneCommand {
         /// Name of the clone.
         name: String,
         /// Snapshot ID (or a unique prefix) from `oxctl snapshot list`; with --store
-        /// and --volume, that volume's snapshot in the store (`oxctl store browse`).
+        /// and --volume, that volume's snapshot in the store, by its whole ID (`oxctl
+        /// store browse`).
         #[arg(long, conflicts_with_all = ["manifest_key", "latest"])]
         snapshot: Option<String>,
         /// A store holding a snapshot taken elsewhere: with --manifest-key, or with

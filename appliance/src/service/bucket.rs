@@ -17,6 +17,18 @@ const SHOWN_PER_VOLUME: usize = 3;
 /// At most this many snapshots in one page.
 const MAX_PAGE: usize = 1000;
 
+/// This appliance as records name it: its identity (kept in the catalogue) and its
+/// host name.
+pub(super) fn appliance(id: &str) -> Appliance {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    Appliance {
+        id: id.to_string(),
+        name,
+    }
+}
+
 /// Where, in a store, a snapshot is to be found for a new clone.
 pub enum InBucket<'a> {
     /// The newest of the volume.
@@ -28,11 +40,7 @@ pub enum InBucket<'a> {
 impl Service {
     /// This appliance as the bucket's records name it.
     pub(super) fn me(&self) -> Appliance {
-        let id = self.inner().catalogue.appliance.clone();
-        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
-        Appliance { id, name }
+        self.appliance.clone()
     }
 
     /// The head record a snapshot of `v` claims in its store.

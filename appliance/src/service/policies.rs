@@ -24,6 +24,9 @@ use crate::refusal::{Refusal, invalid, not_found, shown};
 /// hold.
 pub const GRACE_S: u64 = 600;
 
+/// The longest a failing policy waits before trying again.
+const MAX_BACKOFF_S: u64 = 900;
+
 /// The longest the thread sleeps without looking (a clock stepped forward is noticed).
 const LOOK_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
 
@@ -50,6 +53,10 @@ struct Status {
     job: Option<u64>,
     runs: u64,
     failures: u64,
+    /// Failures in a row, and when to try again after the last (Unix seconds): a
+    /// policy that fails at once is not run again at once.
+    in_a_row: u32,
+    retry_at: u64,
     last_error: Option<(u64, String)>,
     retired: u64,
     swept_objects: u64,
@@ -268,10 +275,18 @@ impl Service {
                 }
             }
             let now = now_secs();
-            let due = p.due(
-                self.newest_snapshot(&p.volume, &p.store).map(|(_, t)| t),
-                now,
-            );
+            let retry_at = self
+                .policies
+                .lock()
+                .status
+                .get(&p.volume)
+                .map_or(0, |s| s.retry_at);
+            let due = p
+                .due(
+                    self.newest_snapshot(&p.volume, &p.store).map(|(_, t)| t),
+                    now,
+                )
+                .max(retry_at);
             if due > now {
                 next = next.min(Duration::from_secs(due - now));
                 continue;
@@ -315,6 +330,12 @@ impl Service {
         let mut rt = self.policies.lock();
         let s = rt.status.entry(p.volume.clone()).or_default();
         s.failures += 1;
+        s.in_a_row = s.in_a_row.saturating_add(1);
+        // 30 s, doubling, at most 15 minutes, and never later than the next interval.
+        let backoff = (30u64 << s.in_a_row.min(5).saturating_sub(1))
+            .min(MAX_BACKOFF_S)
+            .min(p.every_s);
+        s.retry_at = now_secs() + backoff;
         s.last_error = Some((now_secs(), error.to_string()));
     }
 
@@ -331,6 +352,8 @@ impl Service {
             Ok(report) => {
                 let mut rt = self.policies.lock();
                 let s = rt.status.entry(p.volume.clone()).or_default();
+                s.in_a_row = 0;
+                s.retry_at = 0;
                 s.retired += report["retired"].as_array().map_or(0, Vec::len) as u64;
                 s.swept_objects += report["swept"]["objects"].as_u64().unwrap_or(0)
                     + report["swept"]["pages"].as_u64().unwrap_or(0);
@@ -345,14 +368,28 @@ impl Service {
     /// longer keeps (and no clone here reads) are retired from the store's catalogue
     /// and this one, then the volume's prefix is swept.
     fn apply_retention(self: &Arc<Self>, p: &Policy) -> anyhow::Result<Value> {
-        let (busy, snapshots, clones) = {
+        let (busy, snapshots, clones, head) = {
             let inner = self.inner();
             let live = inner.volume(&p.volume)?;
+            let record = inner
+                .catalogue
+                .volumes
+                .iter()
+                .find(|v| v.name == p.volume)
+                .ok_or_else(|| {
+                    Refusal::NotFound(format!("no volume named {}", shown(&p.volume)))
+                })?;
+            // This volume's prefix only: not an older volume's of the same name.
+            let prefix = super::snapshot_prefix(&record.name, &record.uuid);
             let snapshots: Vec<_> = inner
                 .catalogue
                 .snapshots
                 .iter()
-                .filter(|s| s.volume == p.volume && s.store == p.store)
+                .filter(|s| {
+                    s.volume == p.volume
+                        && s.store == p.store
+                        && s.manifest_key.starts_with(&prefix)
+                })
                 .cloned()
                 .collect();
             let clones: Vec<String> = inner
@@ -362,7 +399,12 @@ impl Service {
                 .filter(|c| c.store == p.store)
                 .map(|c| c.manifest_key.clone())
                 .collect();
-            (Arc::clone(&live.busy), snapshots, clones)
+            (
+                Arc::clone(&live.busy),
+                snapshots,
+                clones,
+                self.head_of(record),
+            )
         };
         // Like a delete: never beside a snapshot of the volume (its objects have no
         // manifest yet), nor one a restart cut short.
@@ -402,6 +444,8 @@ impl Service {
         let swept = self.cores.run(move |ex| {
             Box::pin(async move {
                 let store = spec.open(&ex)?;
+                // Only the owner retires and sweeps.
+                ox::bucket::claim(&*store, &prefix, &head).await?;
                 ox::retention::retire(&*store, &prefix, &gone, now).await?;
                 ox::retention::sweep(&*store, &prefix, &keks, &live, now, GRACE_S).await
             })
@@ -415,6 +459,7 @@ impl Service {
             self.save(&inner)?;
         }
         drop(release);
+        self.wake_policies();
         let report = json!({
             "at": now,
             "kept": kept.len(),

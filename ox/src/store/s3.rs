@@ -779,7 +779,12 @@ impl S3Store {
         entries.sort();
         let mut listing = super::page_of(&entries, prefix, delimiter, after, max);
         if listing.next.is_none() && page.is_truncated {
-            listing.next = listing.last().map(String::from);
+            // Go on after what this page showed, or, if all of it was grouped into
+            // the entry already seen, after the last thing the server sent.
+            listing.next = listing
+                .last()
+                .or(entries.last().map(String::as_str))
+                .map(String::from);
         }
         Ok(listing)
     }
