@@ -471,6 +471,9 @@ const OX_METHODS: &[&str] = &[
     "snapshot_delete",
     "key_rotate",
     "key_list",
+    "key_receiver",
+    "key_export",
+    "key_import",
     "store_list",
     "store_check",
     "store_browse",
@@ -689,6 +692,23 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
                     export_params(&m)?,
                 )
                 .map_err(failed)
+        }
+        "key_receiver" => {
+            params(p, &[])?;
+            service.key_receiver().map_err(failed)
+        }
+        "key_export" => {
+            let m = params(p, &["key", "to"])?;
+            service
+                .key_export(need_str(&m, "key")?, need_str(&m, "to")?)
+                .map_err(failed)
+        }
+        "key_import" => {
+            let m = params(p, &["sealed"])?;
+            let sealed: ox::transfer::Sealed =
+                serde_json::from_value(m.get("sealed").cloned().unwrap_or(Value::Null))
+                    .map_err(|e| invalid(format!("sealed: {e}")))?;
+            service.key_import(&sealed).map_err(failed)
         }
         "policy_set" => {
             let m = params(

@@ -32,6 +32,7 @@ use uuid::Uuid;
 
 mod bucket;
 mod policies;
+mod transfer;
 
 pub use bucket::InBucket;
 

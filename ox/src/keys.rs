@@ -79,6 +79,22 @@ impl Kek {
         Self { id: id.into(), key }
     }
 
+    /// Its key material (for sealing it for another appliance).
+    pub(crate) fn secret(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// The key material as a key file holds it (64 hex characters): for writing a key
+    /// file, never for logs.
+    pub fn hex(&self) -> String {
+        hex::encode(self.key.bytes())
+    }
+
+    /// Whether `other` holds the same key material.
+    pub fn same_key(&self, other: &Kek) -> bool {
+        self.key.bytes() == other.key.bytes()
+    }
+
     /// Loads the KEK `id` from `source`; errors name the key ID and the source.
     pub fn load(id: &str, source: &KekSource) -> Result<Self, OxError> {
         let err = |reason: String| OxError::Key {

@@ -36,5 +36,6 @@ pub mod secret_file;
 pub mod snapshot;
 pub mod store;
 pub mod throttle;
+pub mod transfer;
 
 pub use error::OxError;

@@ -40,10 +40,11 @@ fn appliance(d: &Path, port: u16, store: &str, kek: &Path) -> (std::path::PathBu
     std::fs::write(
         &config,
         format!(
-            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\n\
+            "[reactors]\ncores = \"0\"\n[control]\nsocket = {socket:?}\naudit_log = {audit:?}\n\
              [ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{port}\"]\n\
              zstd_level = 1\nobject_mib = 1\n{store}\n[[key]]\nname = \"k1\"\nfile = {kek:?}\n",
             state = d.join("state"),
+            audit = d.join("audit.log"),
         ),
     )
     .unwrap();
@@ -381,4 +382,138 @@ fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
     ctl.ok(&["policy", "delete", "db"]);
     assert!(ctl.ok(&["policy", "list"]).as_array().unwrap().is_empty());
     drop(oxd);
+}
+
+#[test]
+fn a_key_moves_to_another_appliance_sealed_for_it_alone() {
+    let server = s3server::start_server(false);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, _) = s3_store(&server.client_config(), d, "s3");
+    // A has k1; B has a key of its own and not A's.
+    let kek_a = d.join("kek-a");
+    write_private(&kek_a, &"5a".repeat(32));
+    let kek_b = d.join("kek-b");
+    write_private(&kek_b, &"b0".repeat(32));
+    let port_a = free_port();
+    let (config_a, a) = appliance(&d.join("a"), port_a, &store, &kek_a);
+    let _oxd_a = start_oxd(&config_a);
+    let nqn = "nqn.2026-12.io.ox:db";
+    a.ok(&[
+        "volume",
+        "create",
+        "db",
+        "--size-mib",
+        "16",
+        "--nqn",
+        nqn,
+        "--allow-any-host",
+    ]);
+    oxperf(
+        &format!("127.0.0.1:{port_a},{nqn},1"),
+        "write",
+        "0:8192",
+        64,
+        65536,
+        3,
+    );
+    assert_eq!(
+        a.ok(&["snapshot", "create", "db", "--store", "s3"])["state"],
+        "done"
+    );
+
+    let port_b = free_port();
+    let b_dir = d.join("b");
+    let (config_b, b) = appliance(&b_dir, port_b, &store, &kek_b);
+    let config_b_text = std::fs::read_to_string(&config_b)
+        .unwrap()
+        .replace("name = \"k1\"", "name = \"own\"");
+    std::fs::write(&config_b, &config_b_text).unwrap();
+    let mut oxd_b = start_oxd(&config_b);
+    let found = b.ok(&["store", "browse", "s3"]);
+    assert_eq!(
+        found["volumes"][0]["snapshots"][0]["key_here"], false,
+        "{found}"
+    );
+    let o = b.call(&[
+        "clone", "create", "x", "--store", "s3", "--volume", "db", "--latest",
+    ]);
+    assert!(!o.status.success(), "without A's key B cannot open it");
+
+    // B says who it is; A seals k1 for B; B opens it.
+    let receiver = b.ok(&["key", "receiver"]);
+    let public = receiver["public_key"].as_str().unwrap();
+    let sealed = d.join("k1.sealed");
+    a.ok(&[
+        "key",
+        "export",
+        "k1",
+        "--to",
+        public,
+        "--out",
+        sealed.to_str().unwrap(),
+    ]);
+    let sealed_text = std::fs::read_to_string(&sealed).unwrap();
+    assert!(
+        !sealed_text.contains(&"5a".repeat(32)),
+        "never in the clear"
+    );
+    // Sealed for B, useless to any other appliance (A's own receiver key, say).
+    let o = a.call(&["key", "import", sealed.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("sealed for another appliance"),
+        "{o:?}"
+    );
+    let imported = b.ok(&["key", "import", sealed.to_str().unwrap()]);
+    assert_eq!(imported["key"], "k1", "{imported}");
+    let file = imported["file"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(file).unwrap().trim(),
+        "5a".repeat(32)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Neither appliance's audit log holds the key.
+    for log in [d.join("a").join("audit.log"), b_dir.join("audit.log")] {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("key_export") || text.contains("key_import"));
+        assert!(!text.contains(&"5a".repeat(32)), "{}", log.display());
+    }
+
+    // B configured with it (as the import says), restarted: the clone opens and reads.
+    drop(oxd_b.child.kill());
+    oxd_b.child.wait().unwrap();
+    std::fs::write(
+        &config_b,
+        format!("{config_b_text}{}", imported["configure"].as_str().unwrap()),
+    )
+    .unwrap();
+    oxd_b = start_oxd(&config_b);
+    let nqn_b = "nqn.2026-12.io.ox:db-b";
+    b.ok(&[
+        "clone",
+        "create",
+        "db-b",
+        "--store",
+        "s3",
+        "--volume",
+        "db",
+        "--latest",
+        "--nqn",
+        nqn_b,
+        "--allow-any-host",
+    ]);
+    let read = oxperf(
+        &format!("127.0.0.1:{port_b},{nqn_b},1"),
+        "read",
+        "0:8192",
+        64,
+        65536,
+        3,
+    );
+    assert_eq!(verified(&read), 8192);
+    drop(oxd_b);
 }

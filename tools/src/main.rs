@@ -300,6 +300,27 @@ enum KeyCommand {
         /// The key to wrap under.
         to: String,
     },
+    /// This appliance's receiver key: what another appliance seals a key for it with
+    /// (`key export --to`).
+    Receiver,
+    /// Seal key NAME for the appliance whose receiver key is --to, into --out (a file
+    /// only that appliance can open; never the key in the clear).
+    Export {
+        /// The key (as configured here).
+        name: String,
+        /// The receiving appliance's `oxctl key receiver` public key.
+        #[arg(long)]
+        to: String,
+        /// Where to write the sealed key (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Open a key sealed for this appliance (`key export` elsewhere) into
+    /// STATE_DIR/keys/NAME.key; prints the [[key]] section to add (then restart oxd).
+    Import {
+        /// The sealed key file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -544,6 +565,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             KeyCommand::List => call(&cli, "key_list", None)?,
             KeyCommand::Create { file } => create_key(file)?,
             KeyCommand::Rotate { to } => call(&cli, "key_rotate", Some(json!({ "to": to })))?,
+            KeyCommand::Receiver => call(&cli, "key_receiver", None)?,
+            KeyCommand::Export { name, to, out } => {
+                let sealed = call(&cli, "key_export", Some(json!({ "key": name, "to": to })))?;
+                write_new_private(out, &serde_json::to_vec_pretty(&sealed)?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                json!({ "key": name, "file": out })
+            }
+            KeyCommand::Import { file } => {
+                let text =
+                    std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+                let sealed: Value = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not a sealed key", file.display()))?;
+                call(&cli, "key_import", Some(json!({ "sealed": sealed })))?
+            }
         },
         Command::Clone { command } => match command {
             CloneCommand::Create {
@@ -645,6 +680,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Writes 32 random bytes as hex to a new file only its owner can read.
+/// Writes `bytes` to a new file only its owner can read.
+fn write_new_private(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 fn create_key(file: &std::path::Path) -> anyhow::Result<Value> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
