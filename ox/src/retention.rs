@@ -17,7 +17,7 @@
 //!
 //! The grace period covers a reader that found an entry just before it was retired:
 //! it has that long to open the snapshot and place its hold. Objects no manifest names
-//! (a failed upload's) are not this module's (`collect_orphans`).
+//! (a failed upload's) are not this module's: `ox::snapshot::collect_orphans`, run beside it.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 

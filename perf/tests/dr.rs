@@ -286,6 +286,19 @@ fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
     assert!(p["next_due"].as_u64().unwrap() > p["last_success"].as_u64().unwrap());
     assert_eq!(ctl.ok(&["snapshot", "list"]).as_array().unwrap().len(), 1);
 
+    // What a crashed upload leaves: a data object no manifest names.
+    let prefix = ctl.ok(&["store", "browse", "s3"])["volumes"][0]["prefix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let orphan = server
+        .dir
+        .path()
+        .join(s3server::BUCKET)
+        .join(format!("{prefix}ox1/d/{}", "ab".repeat(16)));
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"left by a crash").unwrap();
+
     // Every second, for five runs; then hourly again, so the last run's retention is
     // the last word.
     ctl.ok(&[
@@ -315,6 +328,10 @@ fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
         p["job"].is_null() && p["retired"].as_u64().unwrap() + 2 == p["runs"].as_u64().unwrap()
     });
     assert_eq!(p["failures"], 0, "{p}");
+    assert!(
+        !orphan.exists(),
+        "retention collects what failed uploads left"
+    );
     let kept = ctl.ok(&["snapshot", "list"]);
     assert_eq!(kept.as_array().unwrap().len(), 2, "{kept}");
     let found = ctl.ok(&["store", "browse", "s3"]);

@@ -356,7 +356,8 @@ impl Service {
                 s.retry_at = 0;
                 s.retired += report["retired"].as_array().map_or(0, Vec::len) as u64;
                 s.swept_objects += report["swept"]["objects"].as_u64().unwrap_or(0)
-                    + report["swept"]["pages"].as_u64().unwrap_or(0);
+                    + report["swept"]["pages"].as_u64().unwrap_or(0)
+                    + report["swept"]["orphans"].as_u64().unwrap_or(0);
                 s.swept_manifests += report["swept"]["manifests"].as_u64().unwrap_or(0);
                 s.last_retention = Some(report);
             }
@@ -447,9 +448,14 @@ impl Service {
                 // Only the owner retires and sweeps.
                 ox::bucket::claim(&*store, &prefix, &head).await?;
                 ox::retention::retire(&*store, &prefix, &gone, now).await?;
-                ox::retention::sweep(&*store, &prefix, &keks, &live, now, GRACE_S).await
+                let swept =
+                    ox::retention::sweep(&*store, &prefix, &keks, &live, now, GRACE_S).await?;
+                // What failed uploads left (no snapshot of the volume runs now).
+                let orphans = ox::snapshot::collect_orphans(&*store, &prefix, &keks).await?;
+                Ok::<_, ox::OxError>((swept, orphans.len()))
             })
         })??;
+        let (swept, orphans) = swept;
         {
             let mut inner = self.inner();
             inner
@@ -468,6 +474,7 @@ impl Service {
                 "manifests": swept.manifests, "pages": swept.pages, "objects": swept.objects,
                 "objects_kept": swept.objects_kept, "ancestors": swept.ancestors,
                 "live": swept.live, "lists": swept.lists, "pages_read": swept.pages_read,
+                "orphans": orphans,
             },
         });
         if let Some(a) = &self.audit
