@@ -18,27 +18,43 @@ pub fn submit_on(
     bdev: &Bdev,
     io: BdevIo,
 ) -> Result<Receiver<IoCompletion>, BdevError> {
+    submit_within(on, bdev, io, None)
+}
+
+/// Like [`submit_on`], but waits up to `patience` (`Some`) for room in a full mailbox.
+fn submit_within(
+    on: &ReactorHandle,
+    bdev: &Bdev,
+    io: BdevIo,
+    patience: Option<Duration>,
+) -> Result<Receiver<IoCompletion>, BdevError> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let bdev = bdev.clone();
-    on.send(move || match bdev.channel() {
+    let msg: reactor::Message = Box::new(move || match bdev.channel() {
         Ok(channel) => channel.submit(io, move |completion| {
             let _ = tx.send(completion);
         }),
         Err(e) => {
             let _ = tx.send(IoCompletion::err(io.bufs, e));
         }
-    })?;
+    });
+    match patience {
+        Some(p) => on.send_within(msg, p),
+        None => on.try_send(msg),
+    }
+    .map_err(|(e, _)| BdevError::Reactor(e))?;
     Ok(rx)
 }
 
-/// Runs `io` on reactor `on` and waits up to `timeout` for it to complete.
+/// Runs `io` on reactor `on` and waits for it to complete: up to `timeout` for room in
+/// the reactor's mailbox if it is full, and up to `timeout` for the completion.
 pub fn run_on(
     on: &ReactorHandle,
     bdev: &Bdev,
     io: BdevIo,
     timeout: Duration,
 ) -> Result<IoCompletion, BdevError> {
-    let rx = submit_on(on, bdev, io)?;
+    let rx = submit_within(on, bdev, io, Some(timeout))?;
     rx.recv_timeout(timeout).map_err(|_| {
         BdevError::Reactor(ReactorError::Timeout {
             reactor: on.index(),

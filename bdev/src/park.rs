@@ -26,30 +26,27 @@ pub(crate) enum Answer {
 /// Work to resume once another thread has answered.
 type Continuation = Box<dyn FnOnce(Result<Answer, BdevError>)>;
 
-/// Sends `msg` to `to`, retrying while its mailbox is full, so a wake-up is never lost
-/// to back-pressure: from a reactor on its timer, from any other thread (an OX core, a
-/// journal) through the courier, so the sender never waits. Only a stopped reactor
-/// drops it (its parked work is gone with it). Messages retried this way may overtake
-/// one another: those that care carry an order of their own (a volume's begin epoch;
-/// a clone's release sets a flag its late requests are checked against).
+/// Sends `msg` to `to`; a message its full mailbox cannot take now goes to the
+/// courier, which waits for room, so a wake-up is never lost to back-pressure and the
+/// sender (a reactor, an OX core, a journal) never waits. Only a stopped reactor drops
+/// it (its parked work is gone with it). Messages that waited this way may be
+/// overtaken by later ones: those that care carry an order of their own (a volume's
+/// begin epoch; a clone's release sets a flag its late requests are checked against).
 pub(crate) fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
     match to.try_send(msg) {
         Ok(()) => true,
-        Err((reactor::ReactorError::MailboxFull { .. }, m)) => match reactor::current() {
-            Some(r) => {
-                r.after(std::time::Duration::from_micros(50), move || {
-                    deliver(to, m);
-                });
-                true
-            }
-            None => courier().send((to, m)).is_ok(),
-        },
+        Err((reactor::ReactorError::MailboxFull { .. }, m)) => courier().send((to, m)).is_ok(),
         Err(_) => false,
     }
 }
 
+/// How long the courier waits for room at once before it waits again (it is woken by
+/// room, not by this).
+const COURIER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The thread that holds messages for full mailboxes on behalf of threads that must not
-/// wait, retrying each until its reactor takes it or has stopped.
+/// wait, handing each over as soon as its reactor has room, or dropping it once the
+/// reactor has stopped.
 fn courier() -> &'static crossbeam_channel::Sender<(ReactorHandle, reactor::Message)> {
     static COURIER: OnceLock<crossbeam_channel::Sender<(ReactorHandle, reactor::Message)>> =
         OnceLock::new();
@@ -61,10 +58,10 @@ fn courier() -> &'static crossbeam_channel::Sender<(ReactorHandle, reactor::Mess
                 for (to, msg) in rx {
                     let mut next = Some(msg);
                     while let Some(m) = next.take() {
-                        if let Err((reactor::ReactorError::MailboxFull { .. }, m)) = to.try_send(m)
+                        if let Err((reactor::ReactorError::MailboxFull { .. }, m)) =
+                            to.send_within(m, COURIER_PATIENCE)
                         {
                             next = Some(m);
-                            std::thread::sleep(std::time::Duration::from_micros(50));
                         }
                     }
                 }

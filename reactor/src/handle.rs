@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering, fence};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 
 use crate::error::ReactorError;
 
@@ -183,6 +183,41 @@ impl ReactorHandle {
                 Err((refused(ReactorError::MailboxFull { reactor }), msg))
             }
             Err(TrySendError::Disconnected(msg)) => {
+                Err((refused(ReactorError::Stopped { reactor }), msg))
+            }
+        }
+    }
+
+    /// Like [`try_send`](Self::try_send), but a full mailbox is waited on for up to
+    /// `patience` — woken when the reactor takes a message, not by polling — for
+    /// threads that are not reactors and may wait (a courier, a journal, the control
+    /// plane). Never call it from a reactor: it blocks.
+    pub fn send_within(
+        &self,
+        msg: Message,
+        patience: Duration,
+    ) -> Result<(), (ReactorError, Message)> {
+        debug_assert!(
+            crate::current().is_none(),
+            "a reactor must never wait for room in a mailbox"
+        );
+        let reactor = self.shared.index;
+        // Counted before it can be received (as in `try_send`): a message waiting for
+        // room is on its way, and a stop waits for it.
+        self.shared.sent.0.fetch_add(1, Ordering::Relaxed);
+        let refused = |e| {
+            self.shared.sent.0.fetch_sub(1, Ordering::Relaxed);
+            e
+        };
+        match self.shared.tx.send_timeout(msg, patience) {
+            Ok(()) => {
+                self.wake_if_sleeping();
+                Ok(())
+            }
+            Err(SendTimeoutError::Timeout(msg)) => {
+                Err((refused(ReactorError::MailboxFull { reactor }), msg))
+            }
+            Err(SendTimeoutError::Disconnected(msg)) => {
                 Err((refused(ReactorError::Stopped { reactor }), msg))
             }
         }

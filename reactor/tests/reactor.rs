@@ -209,11 +209,42 @@ fn full_mailbox_is_back_pressure() {
         matches!(refused, Err(ReactorError::MailboxFull { reactor: 0 })),
         "{refused:?}"
     );
+    // A thread that may wait does, for no longer than it said: still full.
+    let waited = h.send_within(Box::new(|| {}), Duration::from_millis(1));
+    assert!(
+        matches!(waited, Err((ReactorError::MailboxFull { reactor: 0 }, _))),
+        "{:?}",
+        waited.err().map(|e| e.0)
+    );
+    // And is let in as soon as the reactor takes a message, with all the patience it
+    // needs (the release comes from here, after the wait has begun).
+    let late = Arc::clone(&ran);
+    let waiter = std::thread::spawn({
+        let h = h.clone();
+        move || {
+            h.send_within(
+                Box::new(move || {
+                    late.fetch_add(1, Ordering::SeqCst);
+                }),
+                Duration::from_secs(3600),
+            )
+            .map_err(|e| e.0)
+        }
+    });
     release_tx.send(()).unwrap();
+    waiter.join().unwrap().unwrap();
+    let handle = h.clone();
     set.shutdown().unwrap();
+    // A stopped reactor is no one to wait for.
+    let gone = handle.send_within(Box::new(|| {}), Duration::from_secs(3600));
+    assert!(
+        matches!(gone, Err((ReactorError::Stopped { reactor: 0 }, _))),
+        "{:?}",
+        gone.err().map(|e| e.0)
+    );
     assert_eq!(
         ran.load(Ordering::SeqCst),
-        4,
+        5,
         "queued messages are drained at shutdown"
     );
 }

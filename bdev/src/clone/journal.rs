@@ -72,26 +72,16 @@ pub(super) struct JournalWork {
 }
 
 impl JournalWork {
-    /// Flushes the local copy through its reactor, waiting out a full mailbox (a busy
-    /// reactor is no reason to fail the writes waiting on this commit).
+    /// Flushes the local copy through its reactor, waiting for room in a full mailbox
+    /// (a busy reactor is no reason to fail the writes waiting on this commit).
     fn flush_local(&self) -> Result<(), BdevError> {
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            match crate::blocking::run_on(
-                &self.flush_on,
-                &self.local,
-                BdevIo::flush(),
-                std::time::Duration::from_secs(60),
-            ) {
-                Ok(c) => return c.result,
-                Err(BdevError::Reactor(reactor::ReactorError::MailboxFull { .. }))
-                    if Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        crate::blocking::run_on(
+            &self.flush_on,
+            &self.local,
+            BdevIo::flush(),
+            std::time::Duration::from_secs(60),
+        )?
+        .result
     }
 
     pub(super) fn run(mut self) {
