@@ -534,3 +534,66 @@ fn a_key_moves_to_another_appliance_sealed_for_it_alone() {
     assert_eq!(verified(&read), 8192);
     drop(oxd_b);
 }
+
+/// Copies directory `from` to `to` (regular files and directories).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn two_appliances_never_write_one_volume_into_one_bucket() {
+    let server = s3server::start_server(false);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, _) = s3_store(&server.client_config(), d, "s3");
+    let kek = d.join("kek");
+    write_private(&kek, &"42".repeat(32));
+    let (config_a, a) = appliance(&d.join("a"), free_port(), &store, &kek);
+    let mut oxd_a = start_oxd(&config_a);
+    a.ok(&["volume", "create", "db", "--size-mib", "16"]);
+    assert_eq!(
+        a.ok(&["snapshot", "create", "db", "--store", "s3"])["state"],
+        "done"
+    );
+    // A second appliance made from a copy of A's state (a restored backup, a copied
+    // disk) while A lives on: the same volume, another appliance.
+    oxd_a.child.kill().unwrap();
+    oxd_a.child.wait().unwrap();
+    copy_dir(&d.join("a").join("state"), &d.join("c").join("state"));
+    let catalogue = d.join("c").join("state").join("catalogue.json");
+    let mut c_state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&catalogue).unwrap()).unwrap();
+    c_state["appliance"] = "c0000000-0000-4000-8000-000000000000".into();
+    std::fs::write(&catalogue, serde_json::to_vec(&c_state).unwrap()).unwrap();
+    let _oxd_a = start_oxd(&config_a);
+    let (config_c, c) = appliance(&d.join("c"), free_port(), &store, &kek);
+    let _oxd_c = start_oxd(&config_c);
+    // C's snapshot of "db" is refused, saying whose it is; A's goes on.
+    let job = c.call(&["snapshot", "create", "db", "--store", "s3"]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&job.stdout),
+        String::from_utf8_lossy(&job.stderr)
+    );
+    assert!(out.contains("belongs to appliance"), "{out}");
+    assert_eq!(
+        a.ok(&["snapshot", "create", "db", "--store", "s3"])["state"],
+        "done"
+    );
+    let found = a.ok(&["store", "browse", "s3"]);
+    assert_eq!(
+        found["volumes"][0]["snapshots"].as_array().unwrap().len(),
+        2,
+        "{found}"
+    );
+    assert_eq!(found["volumes"][0]["owned_here"], true);
+}
