@@ -332,6 +332,37 @@ fn on_store<T: Send + 'static>(
         .unwrap()
 }
 
+/// Snapshots the volume of `handle` into the local store of `env` with `opts`,
+/// incrementally over the snapshot `parent` (a manifest key) if given; its report.
+fn take(
+    env: &support::Env,
+    handle: &bdev::VolumeHandle,
+    parent: Option<String>,
+    opts: ox::snapshot::SnapshotOptions,
+) -> ox::snapshot::SnapshotReport {
+    let (h, reactor, kek) = (
+        handle.clone(),
+        env.set.handles()[0].clone(),
+        env.kek.clone(),
+    );
+    on_store(env, async move |store| {
+        let parent = match parent {
+            Some(k) => Some(load(&store, &k, &[kek]).await.unwrap()),
+            None => None,
+        };
+        snapshot_volume(
+            &store,
+            &reactor,
+            &h,
+            parent.as_ref(),
+            &opts,
+            &Throttle::default(),
+        )
+        .await
+        .unwrap()
+    })
+}
+
 /// How many of the data objects manifest `m` names are in the store.
 async fn objects(store: &LocalStore, m: &str) -> usize {
     let text = store.get(m).await.unwrap();
@@ -380,31 +411,10 @@ fn held_and_recently_retired_snapshots_are_kept_and_ancestors_keep_only_live_fra
             image[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize].copy_from_slice(&data);
         }
         let parent = taken.last().map(|t| t.0.clone());
-        let (h, reactor, kek) = (
-            handle.clone(),
-            env.set.handles()[0].clone(),
-            env.kek.clone(),
-        );
         let mut opts = options(&env);
         // Two frames per object, so an ancestor's objects can be partly in use.
         opts.object_bytes = 2 * CHUNK as usize;
-        let key = on_store(&env, async move |store| {
-            let parent = match parent {
-                Some(k) => Some(load(&store, &k, &[kek]).await.unwrap()),
-                None => None,
-            };
-            let r = snapshot_volume(
-                &store,
-                &reactor,
-                &h,
-                parent.as_ref(),
-                &opts,
-                &Throttle::default(),
-            )
-            .await
-            .unwrap();
-            r.manifest_key
-        });
+        let key = take(&env, &handle, parent, opts).manifest_key;
         taken.push((key, image.clone()));
     }
     let id = |key: &str| key.rsplit('/').next().unwrap().to_string();
@@ -537,29 +547,7 @@ fn a_sweep_never_deletes_what_live_snapshots_need_whatever_the_store_says() {
         write(&env, &vol, (n % 4) * CHUNK, &data);
         image[((n % 4) * CHUNK) as usize..((n % 4 + 1) * CHUNK) as usize].copy_from_slice(&data);
         let parent = keys.last().cloned();
-        let (h, reactor, kek, opts) = (
-            handle.clone(),
-            env.set.handles()[0].clone(),
-            env.kek.clone(),
-            options(&env),
-        );
-        keys.push(on_store(&env, async move |store| {
-            let parent = match parent {
-                Some(k) => Some(load(&store, &k, &[kek]).await.unwrap()),
-                None => None,
-            };
-            snapshot_volume(
-                &store,
-                &reactor,
-                &h,
-                parent.as_ref(),
-                &opts,
-                &Throttle::default(),
-            )
-            .await
-            .unwrap()
-            .manifest_key
-        }));
+        keys.push(take(&env, &handle, parent, options(&env)).manifest_key);
     }
     let id = |key: &str| key.rsplit('/').next().unwrap().to_string();
     let (s1, s2, s3) = (keys[0].clone(), keys[1].clone(), keys[2].clone());

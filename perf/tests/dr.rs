@@ -20,6 +20,15 @@ use std::time::Instant;
 
 use support::{Ctl, free_port, oxperf, s3_store, start_oxd, verified, write_private};
 
+/// The S3 test server, a directory for the appliances, and the `[[store]]` section
+/// naming the server as "s3".
+fn bed() -> (s3server::Server, tempfile::TempDir, String) {
+    let server = s3server::start_server(false);
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = s3_store(&server.client_config(), dir.path(), "s3");
+    (server, dir, store)
+}
+
 /// The policy of volume `db` on the appliance of `ctl`.
 fn policy(ctl: &Ctl) -> serde_json::Value {
     let all = ctl.ok(&["policy", "list"]);
@@ -56,10 +65,8 @@ fn appliance(d: &Path, port: u16, store: &str, kek: &Path) -> (std::path::PathBu
 
 #[test]
 fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
-    let server = s3server::start_server(false);
-    let dir = tempfile::tempdir().unwrap();
+    let (_server, dir, store) = bed();
     let d = dir.path();
-    let (store, _) = s3_store(&server.client_config(), d, "s3");
     // The key-encryption key both appliances hold (how it moves is the operator's
     // key procedure; here both read one file).
     let kek = d.join("kek");
@@ -262,10 +269,8 @@ fn waiting_for(ctl: &Ctl, done: impl Fn(&serde_json::Value) -> bool) -> serde_js
 
 #[test]
 fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
-    let server = s3server::start_server(false);
-    let dir = tempfile::tempdir().unwrap();
+    let (server, dir, store) = bed();
     let d = dir.path();
-    let (store, _) = s3_store(&server.client_config(), d, "s3");
     let kek = d.join("kek");
     write_private(&kek, &"42".repeat(32));
     let metrics = free_port();
@@ -403,10 +408,8 @@ fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
 
 #[test]
 fn a_key_moves_to_another_appliance_sealed_for_it_alone() {
-    let server = s3server::start_server(false);
-    let dir = tempfile::tempdir().unwrap();
+    let (_server, dir, store) = bed();
     let d = dir.path();
-    let (store, _) = s3_store(&server.client_config(), d, "s3");
     // A has k1; B has a key of its own and not A's.
     let kek_a = d.join("kek-a");
     write_private(&kek_a, &"5a".repeat(32));
@@ -551,10 +554,8 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn two_appliances_never_write_one_volume_into_one_bucket() {
-    let server = s3server::start_server(false);
-    let dir = tempfile::tempdir().unwrap();
+    let (_server, dir, store) = bed();
     let d = dir.path();
-    let (store, _) = s3_store(&server.client_config(), d, "s3");
     let kek = d.join("kek");
     write_private(&kek, &"42".repeat(32));
     let (config_a, a) = appliance(&d.join("a"), free_port(), &store, &kek);

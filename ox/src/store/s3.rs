@@ -695,31 +695,13 @@ impl S3Store {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut action = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
-            action.with_prefix(prefix);
-            if let Some(t) = &token {
-                action.with_continuation_token(t.clone());
-            }
-            let url = action.sign(SIGN_FOR);
-            let (url, headers) = self.authorize(&Method::GET, url, Vec::new());
-            let resp = self
-                .with_retries(
-                    "LIST",
-                    prefix,
-                    async || {
-                        self.http
-                            .request(Method::GET, &url, &headers, Vec::new())
-                            .await
-                    },
-                    Self::classify("LIST", prefix),
-                )
+            let page = self
+                .list_request(prefix, |action| {
+                    if let Some(t) = &token {
+                        action.with_continuation_token(t.clone());
+                    }
+                })
                 .await?;
-            let page = ListPage::parse(&resp.body).map_err(|e| {
-                OxError::integrity(
-                    format!("LIST {prefix}"),
-                    format!("the answer does not parse: {e}"),
-                )
-            })?;
             out.extend(page.contents.into_iter().map(|o| o.key));
             match page.next_continuation_token {
                 Some(t) if page.is_truncated && !t.is_empty() => token = Some(t),
@@ -730,24 +712,16 @@ impl S3Store {
         Ok(out)
     }
 
-    async fn list_one_page(
+    /// One ListObjectsV2 request under `prefix`, with what `shape` adds (a
+    /// continuation, a delimiter...), retried as any request, its answer parsed.
+    async fn list_request(
         &self,
         prefix: &str,
-        delimiter: Option<&str>,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<Listing, OxError> {
+        shape: impl FnOnce(&mut ListObjectsV2<'_>),
+    ) -> Result<ListPage, OxError> {
         let mut action = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
         action.with_prefix(prefix);
-        if let Some(d) = delimiter {
-            action.with_delimiter(d);
-        }
-        // Paged by start-after (the last entry of the page before), which every server
-        // takes; some (s3s-fs) ignore continuation tokens, delimiters and max-keys.
-        if let Some(t) = after {
-            action.with_start_after(t);
-        }
-        action.with_max_keys(max.clamp(1, 1000));
+        shape(&mut action);
         let url = action.sign(SIGN_FOR);
         let (url, headers) = self.authorize(&Method::GET, url, Vec::new());
         let resp = self
@@ -762,12 +736,34 @@ impl S3Store {
                 Self::classify("LIST", prefix),
             )
             .await?;
-        let page = ListPage::parse(&resp.body).map_err(|e| {
+        ListPage::parse(&resp.body).map_err(|e| {
             OxError::integrity(
                 format!("LIST {prefix}"),
                 format!("the answer does not parse: {e}"),
             )
-        })?;
+        })
+    }
+
+    async fn list_one_page(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Listing, OxError> {
+        // Paged by start-after (the last entry of the page before), which every server
+        // takes; some (s3s-fs) ignore continuation tokens, delimiters and max-keys.
+        let page = self
+            .list_request(prefix, |action| {
+                if let Some(d) = delimiter {
+                    action.with_delimiter(d.to_string());
+                }
+                if let Some(t) = after {
+                    action.with_start_after(t.to_string());
+                }
+                action.with_max_keys(max.clamp(1, 1000));
+            })
+            .await?;
         // What the server sent, grouped and cut to size here as well: a server that
         // ignores the delimiter or max-keys still gives the page asked for.
         let mut entries: Vec<String> = page
