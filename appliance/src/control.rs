@@ -301,7 +301,16 @@ fn serve_lines<R: Read>(
                     )),
                 ),
                 Ok(req) => {
-                    let result = dispatch(state, &req.method, req.params.as_ref());
+                    // A key leaves sealed, but for whoever asks: only root on this
+                    // machine's socket may ask, not a token holder over the network.
+                    let result = if req.method == "key_export" && !who.starts_with("uid=0 ") {
+                        Err(RpcError::new(
+                            code::INVALID_PARAMS,
+                            "key_export is served only to root on the local control socket",
+                        ))
+                    } else {
+                        dispatch(state, &req.method, req.params.as_ref())
+                    };
                     if let Some(audit) = &state.audit {
                         let outcome = match &result {
                             Ok(_) => "ok".to_string(),

@@ -2069,7 +2069,7 @@ impl Service {
                 .keys
                 .iter()
                 .enumerate()
-                .map(|(i, k)| json!({ "name": k.id, "default": i == 0 }))
+                .map(|(i, k)| json!({ "name": k.id, "default": i == 0, "check": k.check_value() }))
                 .collect(),
         )
     }

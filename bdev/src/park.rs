@@ -35,7 +35,9 @@ type Continuation = Box<dyn FnOnce(Result<Answer, BdevError>)>;
 pub(crate) fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
     match to.try_send(msg) {
         Ok(()) => true,
-        Err((reactor::ReactorError::MailboxFull { .. }, m)) => courier().send((to, m)).is_ok(),
+        Err((reactor::ReactorError::MailboxFull { .. }, m)) => {
+            courier(to.index()).send((to, m)).is_ok()
+        }
         Err(_) => false,
     }
 }
@@ -44,34 +46,45 @@ pub(crate) fn deliver(to: ReactorHandle, msg: reactor::Message) -> bool {
 /// room, not by this).
 const COURIER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The thread that holds messages for full mailboxes on behalf of threads that must not
-/// wait, handing each over as soon as its reactor has room, or dropping it once the
-/// reactor has stopped.
-fn courier() -> &'static crossbeam_channel::Sender<(ReactorHandle, reactor::Message)> {
-    static COURIER: OnceLock<crossbeam_channel::Sender<(ReactorHandle, reactor::Message)>> =
-        OnceLock::new();
-    COURIER.get_or_init(|| {
-        let (tx, rx) = crossbeam_channel::unbounded::<(ReactorHandle, reactor::Message)>();
-        let spawned = std::thread::Builder::new()
-            .name("courier".into())
-            .spawn(move || {
-                for (to, msg) in rx {
-                    let mut next = Some(msg);
-                    while let Some(m) = next.take() {
-                        if let Err((reactor::ReactorError::MailboxFull { .. }, m)) =
-                            to.send_within(m, COURIER_PATIENCE)
-                        {
-                            next = Some(m);
+/// A courier's queue of messages for full mailboxes.
+type Courier = crossbeam_channel::Sender<(ReactorHandle, reactor::Message)>;
+
+/// The thread that holds messages for reactor `index`'s full mailbox on behalf of
+/// threads that must not wait, handing each over as soon as that reactor has room, or
+/// dropping it once the reactor has stopped. One per reactor, so a stalled reactor
+/// holds back only its own messages. (The map is behind a mutex: taken only when a
+/// mailbox is full, never on a reactor's ordinary path.)
+fn courier(index: usize) -> Courier {
+    static COURIERS: OnceLock<std::sync::Mutex<HashMap<usize, Courier>>> = OnceLock::new();
+    let mut couriers = COURIERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    couriers
+        .entry(index)
+        .or_insert_with(|| {
+            let (tx, rx) = crossbeam_channel::unbounded::<(ReactorHandle, reactor::Message)>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("courier-{index}"))
+                .spawn(move || {
+                    for (to, msg) in rx {
+                        let mut next = Some(msg);
+                        while let Some(m) = next.take() {
+                            if let Err((reactor::ReactorError::MailboxFull { .. }, m)) =
+                                to.send_within(m, COURIER_PATIENCE)
+                            {
+                                next = Some(m);
+                            }
                         }
                     }
-                }
-            });
-        if let Err(e) = spawned {
-            // Without a courier a full mailbox drops the message: say so loudly.
-            eprintln!("bdev: cannot start the courier thread: {e}");
-        }
-        tx
-    })
+                });
+            if let Err(e) = spawned {
+                // Without a courier a full mailbox drops the message: say so loudly.
+                eprintln!("bdev: cannot start the courier thread: {e}");
+            }
+            tx
+        })
+        .clone()
 }
 
 thread_local! {

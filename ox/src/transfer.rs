@@ -10,6 +10,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+
 use std::path::Path;
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
@@ -122,6 +123,36 @@ pub fn seal(kek: &Kek, to: &str) -> Result<Sealed, OxError> {
     })
 }
 
+/// Writes `bytes` to a new owner-only file at `path` as one step: written and synced
+/// beside it, linked into place (refused if something is there already: that one
+/// stays), and the directory synced.
+pub fn write_private_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .map_or("key".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let linked = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
 impl Receiver {
     /// The transfer key pair kept at `path` (64 hex characters, owner-only), made
     /// there if there is none.
@@ -132,14 +163,9 @@ impl Receiver {
         };
         if !path.exists() {
             let secret = random::<32>()?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(io)?;
-            f.write_all(hex::encode(secret).as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
+            // Whole and durable, or not there: a crash never leaves a short key, and
+            // of two made at once the first stays.
+            write_private_once(path, hex::encode(secret).as_bytes()).map_err(io)?;
         }
         let text = crate::secret_file::read(path).map_err(|e| err("transfer", e.to_string()))?;
         let bytes: [u8; 32] = hex::decode(text.trim())

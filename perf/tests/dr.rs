@@ -486,6 +486,9 @@ fn a_key_moves_to_another_appliance_sealed_for_it_alone() {
     );
     let imported = b.ok(&["key", "import", sealed.to_str().unwrap()]);
     assert_eq!(imported["key"], "k1", "{imported}");
+    // The operator compares check values: the key B opened is the one A has.
+    let on_a = a.ok(&["key", "list"]);
+    assert_eq!(imported["check"], on_a[0]["check"], "{imported} {on_a}");
     let file = imported["file"].as_str().unwrap();
     assert_eq!(
         std::fs::read_to_string(file).unwrap().trim(),
@@ -499,7 +502,11 @@ fn a_key_moves_to_another_appliance_sealed_for_it_alone() {
     // Neither appliance's audit log holds the key.
     for log in [d.join("a").join("audit.log"), b_dir.join("audit.log")] {
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(text.contains("key_export") || text.contains("key_import"));
+        assert!(
+            text.contains("\"purpose\":\"export\"") || text.contains("\"purpose\":\"import\""),
+            "the key's use is recorded: {}",
+            log.display()
+        );
         assert!(!text.contains(&"5a".repeat(32)), "{}", log.display());
     }
 

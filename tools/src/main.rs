@@ -567,10 +567,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             KeyCommand::Rotate { to } => call(&cli, "key_rotate", Some(json!({ "to": to })))?,
             KeyCommand::Receiver => call(&cli, "key_receiver", None)?,
             KeyCommand::Export { name, to, out } => {
-                let sealed = call(&cli, "key_export", Some(json!({ "key": name, "to": to })))?;
-                write_new_private(out, &serde_json::to_vec_pretty(&sealed)?)
+                let r = call(&cli, "key_export", Some(json!({ "key": name, "to": to })))?;
+                write_new_private(out, &serde_json::to_vec_pretty(&r["sealed"])?)
                     .with_context(|| format!("writing {}", out.display()))?;
-                json!({ "key": name, "file": out })
+                json!({ "key": name, "file": out, "check": r["check"] })
             }
             KeyCommand::Import { file } => {
                 let text =

@@ -62,6 +62,10 @@ struct Status {
     swept_objects: u64,
     swept_manifests: u64,
     last_retention: Option<Value>,
+    /// Objects no manifest named at the last retention: deleted if still so at the
+    /// next (an object named by a manifest a lagging listing missed is never judged
+    /// by one look).
+    orphans: std::collections::BTreeSet<String>,
 }
 
 impl Policies {
@@ -441,6 +445,13 @@ impl Service {
         };
         let spec = self.store(&p.store)?.clone();
         let (keks, gone) = (self.settings.keys.clone(), retired.clone());
+        let seen = self
+            .policies
+            .lock()
+            .status
+            .get(&p.volume)
+            .map(|s| s.orphans.clone())
+            .unwrap_or_default();
         let now = now_secs();
         let swept = self.cores.run(move |ex| {
             Box::pin(async move {
@@ -450,12 +461,36 @@ impl Service {
                 ox::retention::retire(&*store, &prefix, &gone, now).await?;
                 let swept =
                     ox::retention::sweep(&*store, &prefix, &keks, &live, now, GRACE_S).await?;
-                // What failed uploads left (no snapshot of the volume runs now).
-                let orphans = ox::snapshot::collect_orphans(&*store, &prefix, &keks).await?;
-                Ok::<_, ox::OxError>((swept, orphans.len()))
+                // What failed uploads left (no snapshot of the volume runs now), if no
+                // manifest named it at the last look either; best effort.
+                let orphans = async {
+                    let now: std::collections::BTreeSet<String> =
+                        ox::snapshot::orphans(&*store, &prefix)
+                            .await?
+                            .into_iter()
+                            .collect();
+                    let gone: Vec<String> = now.intersection(&seen).cloned().collect();
+                    store.delete(&gone).await?;
+                    let left = now.difference(&seen).cloned().collect();
+                    Ok::<_, ox::OxError>((gone.len(), left))
+                }
+                .await;
+                Ok::<_, ox::OxError>((swept, orphans))
             })
         })??;
         let (swept, orphans) = swept;
+        let (orphans, orphans_error) = match orphans {
+            Ok((gone, left)) => {
+                self.policies
+                    .lock()
+                    .status
+                    .entry(p.volume.clone())
+                    .or_default()
+                    .orphans = left;
+                (gone, None)
+            }
+            Err(e) => (0, Some(e.to_string())),
+        };
         {
             let mut inner = self.inner();
             inner
@@ -475,6 +510,7 @@ impl Service {
                 "objects_kept": swept.objects_kept, "ancestors": swept.ancestors,
                 "live": swept.live, "lists": swept.lists, "pages_read": swept.pages_read,
                 "orphans": orphans,
+                "orphans_error": orphans_error,
             },
         });
         if let Some(a) = &self.audit

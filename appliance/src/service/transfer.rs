@@ -1,10 +1,10 @@
 //! Moving key-encryption keys between appliances (`ox::transfer`): this appliance's
 //! receiver key, one of its keys sealed for another appliance, and a key sealed for
-//! this one opened into a key file under the state directory. No key material crosses
-//! the control API or reaches the audit log.
+//! this one opened into a key file under the state directory. No key material in the
+//! clear crosses the control API or reaches the audit log; a sealed key is given only
+//! to root on the local control socket (whoever holds it can choose the receiver).
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 
 use anyhow::Context;
 use ox::transfer::{Receiver, Sealed};
@@ -42,7 +42,7 @@ impl Service {
             &format!("sealed for {}", &sealed.to[..16]),
             "ok",
         );
-        Ok(serde_json::to_value(sealed)?)
+        Ok(json!({ "sealed": sealed, "check": kek.check_value() }))
     }
 
     /// `key_import`: opens a key sealed for this appliance and keeps it as
@@ -70,21 +70,18 @@ impl Service {
                 conflict!("{} holds a different key", path.display());
             }
         } else {
-            let write = || -> std::io::Result<()> {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)?;
-                f.write_all(kek.hex().as_bytes())?;
-                f.sync_all()?;
-                std::fs::File::open(&dir)?.sync_all()
-            };
-            write().with_context(|| format!("writing {}", path.display()))?;
+            ox::transfer::write_private_once(&path, kek.hex().as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            let there = ox::keys::Kek::load(&kek.id, &ox::keys::KekSource::File(path.clone()))
+                .with_context(|| format!("{}", path.display()))?;
+            if !there.same_key(&kek) {
+                conflict!("{} holds a different key", path.display());
+            }
         }
         self.audit_key_use("import", Some(&kek.id), &path.display().to_string(), "ok");
         Ok(json!({
             "key": kek.id,
+            "check": kek.check_value(),
             "file": path,
             "configured": self.settings.keys.iter().any(|k| k.id == kek.id),
             "configure": format!("[[key]]\nname = {:?}\nfile = {:?}\n", kek.id, path),

@@ -366,13 +366,17 @@ pub async fn collect_orphans(
     prefix: &str,
     _keks: &[Kek],
 ) -> Result<Vec<String>, OxError> {
+    let orphans = orphans(store, prefix).await?;
+    store.delete(&orphans).await?;
+    Ok(orphans)
+}
+
+/// The objects under `prefix` that no manifest references now. A manifest listed and
+/// then not found is an error (its objects are not judged by a listing that lost it).
+pub async fn orphans(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<String>, OxError> {
     let mut referenced = std::collections::HashSet::new();
     for key in store.list(&format!("{prefix}ox1/m/")).await? {
-        let m = match fetch_manifest(store, &key).await {
-            Ok(m) => m,
-            Err(OxError::NotFound { .. }) => continue,
-            Err(e) => return Err(e),
-        };
+        let m = fetch_manifest(store, &key).await?;
         referenced.extend(m.objects.iter().cloned());
         for page in 0..m.page_count() {
             referenced.insert(m.page_key(page)?);
@@ -386,6 +390,5 @@ pub async fn collect_orphans(
             }
         }
     }
-    store.delete(&orphans).await?;
     Ok(orphans)
 }
