@@ -363,6 +363,20 @@ fn take(
     })
 }
 
+/// A sweep at `now` with snapshot `live` named live by the caller.
+async fn sweep_at(store: &LocalStore, kek: &ox::keys::Kek, live: &str, now: u64) -> Swept {
+    retention::sweep(
+        store,
+        PREFIX,
+        std::slice::from_ref(kek),
+        &[live.to_string()],
+        now,
+        GRACE,
+    )
+    .await
+    .unwrap()
+}
+
 /// How many of the data objects manifest `m` names are in the store.
 async fn objects(store: &LocalStore, m: &str) -> usize {
     let text = store.get(m).await.unwrap();
@@ -447,29 +461,11 @@ fn held_and_recently_retired_snapshots_are_kept_and_ancestors_keep_only_live_fra
         let before = (objects(&store, &a).await, objects(&store, &b).await);
         assert_eq!(before, (8, 8));
         // Within the grace period: nothing of them goes (a reader may be opening one).
-        let s = retention::sweep(
-            &store,
-            PREFIX,
-            std::slice::from_ref(&kek),
-            std::slice::from_ref(&c),
-            now + GRACE - 1,
-            GRACE,
-        )
-        .await
-        .unwrap();
+        let s = sweep_at(&store, &kek, &c, now + GRACE - 1).await;
         assert_eq!((s.manifests, s.objects, s.pages), (0, 0, 0), "{s:?}");
         // After it: s1 is held, so whole; s2 is only s3's ancestor, so it keeps the
         // objects s3's frames are in (4 of its 8) and loses its index.
-        let s = retention::sweep(
-            &store,
-            PREFIX,
-            std::slice::from_ref(&kek),
-            std::slice::from_ref(&c),
-            now + GRACE,
-            GRACE,
-        )
-        .await
-        .unwrap();
+        let s = sweep_at(&store, &kek, &c, now + GRACE).await;
         assert_eq!((s.manifests, s.objects, s.pages), (0, 4, 1), "{s:?}");
         assert_eq!(
             (objects(&store, &a).await, objects(&store, &b).await),
@@ -487,16 +483,7 @@ fn held_and_recently_retired_snapshots_are_kept_and_ancestors_keep_only_live_fra
         );
         // The clone goes: s1 is s3's ancestor too, but none of its frames is in use.
         retention::release(&store, PREFIX, "b", "c1").await.unwrap();
-        let s = retention::sweep(
-            &store,
-            PREFIX,
-            std::slice::from_ref(&kek),
-            std::slice::from_ref(&c),
-            now + GRACE,
-            GRACE,
-        )
-        .await
-        .unwrap();
+        let s = sweep_at(&store, &kek, &c, now + GRACE).await;
         assert_eq!(
             (s.manifests, s.objects, s.pages, s.ancestors),
             (0, 8, 1, 2),
@@ -504,16 +491,7 @@ fn held_and_recently_retired_snapshots_are_kept_and_ancestors_keep_only_live_fra
         );
         assert_eq!(read_back(&store, &c, &kek).await, images[2]);
         // A sweep finds nothing more to do.
-        let s = retention::sweep(
-            &store,
-            PREFIX,
-            std::slice::from_ref(&kek),
-            std::slice::from_ref(&c),
-            now + GRACE,
-            GRACE,
-        )
-        .await
-        .unwrap();
+        let s = sweep_at(&store, &kek, &c, now + GRACE).await;
         assert_eq!((s.manifests, s.objects, s.pages), (0, 0, 0), "{s:?}");
         // With s3 retired too, everything goes.
         retention::retire(&store, PREFIX, &[id(&c)], now)

@@ -20,13 +20,21 @@ use std::time::Instant;
 
 use support::{Ctl, free_port, oxperf, s3_store, start_oxd, verified, write_private};
 
-/// The S3 test server, a directory for the appliances, and the `[[store]]` section
-/// naming the server as "s3".
-fn bed() -> (s3server::Server, tempfile::TempDir, String) {
+/// The S3 test server, a directory for the appliances, the `[[store]]` section naming
+/// the server as "s3", and a key file (the key appliances that share it hold; how a
+/// key moves is the operator's key procedure, tested on its own below).
+fn bed() -> (
+    s3server::Server,
+    tempfile::TempDir,
+    String,
+    std::path::PathBuf,
+) {
     let server = s3server::start_server(false);
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = s3_store(&server.client_config(), dir.path(), "s3");
-    (server, dir, store)
+    let kek = dir.path().join("kek");
+    write_private(&kek, &"42".repeat(32));
+    (server, dir, store, kek)
 }
 
 /// The policy of volume `db` on the appliance of `ctl`.
@@ -65,12 +73,8 @@ fn appliance(d: &Path, port: u16, store: &str, kek: &Path) -> (std::path::PathBu
 
 #[test]
 fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
-    let (_server, dir, store) = bed();
+    let (_server, dir, store, kek) = bed();
     let d = dir.path();
-    // The key-encryption key both appliances hold (how it moves is the operator's
-    // key procedure; here both read one file).
-    let kek = d.join("kek");
-    write_private(&kek, &"42".repeat(32));
 
     // Appliance A: a 32 MiB volume; the host writes its first 8 MiB (seed 1).
     let port_a = free_port();
@@ -269,10 +273,8 @@ fn waiting_for(ctl: &Ctl, done: impl Fn(&serde_json::Value) -> bool) -> serde_js
 
 #[test]
 fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
-    let (server, dir, store) = bed();
+    let (server, dir, store, kek) = bed();
     let d = dir.path();
-    let kek = d.join("kek");
-    write_private(&kek, &"42".repeat(32));
     let metrics = free_port();
     // Declared in the configuration: hourly, so after the first run nothing is due
     // for an hour.
@@ -408,7 +410,7 @@ fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
 
 #[test]
 fn a_key_moves_to_another_appliance_sealed_for_it_alone() {
-    let (_server, dir, store) = bed();
+    let (_server, dir, store, _) = bed();
     let d = dir.path();
     // A has k1; B has a key of its own and not A's.
     let kek_a = d.join("kek-a");
@@ -561,10 +563,8 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn two_appliances_never_write_one_volume_into_one_bucket() {
-    let (_server, dir, store) = bed();
+    let (_server, dir, store, kek) = bed();
     let d = dir.path();
-    let kek = d.join("kek");
-    write_private(&kek, &"42".repeat(32));
     let (config_a, a) = appliance(&d.join("a"), free_port(), &store, &kek);
     let mut oxd_a = start_oxd(&config_a);
     a.ok(&["volume", "create", "db", "--size-mib", "16"]);
