@@ -162,33 +162,24 @@ pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxE
     }
 }
 
+/// The credentials of `profile` in an AWS shared credentials file, read by an INI
+/// parser (rust-ini), with escapes and quotes off: secrets are taken as written.
 fn parse_shared_credentials(text: &str, profile: &str) -> Option<Credentials> {
-    let (mut key, mut secret, mut token) = (None, None, None);
-    let mut in_profile = false;
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            in_profile = name.trim() == profile;
-            continue;
-        }
-        if !in_profile {
-            continue;
-        }
-        if let Some((k, v)) = line.split_once('=') {
-            let v = v.trim().to_string();
-            match k.trim() {
-                "aws_access_key_id" => key = Some(v),
-                "aws_secret_access_key" => secret = Some(v),
-                "aws_session_token" => token = Some(v),
-                _ => {}
-            }
-        }
-    }
-    Some(match token {
-        Some(t) => Credentials::new_with_token(key?, secret?, t),
-        None => Credentials::new(key?, secret?),
+    let ini = ini::Ini::load_from_str_opt(
+        text,
+        ini::ParseOption {
+            enabled_quote: false,
+            enabled_escape: false,
+            ..ini::ParseOption::default()
+        },
+    )
+    .ok()?;
+    let section = ini.section(Some(profile))?;
+    let get = |k: &str| section.get(k).map(|v| v.trim().to_string());
+    let (key, secret) = (get("aws_access_key_id")?, get("aws_secret_access_key")?);
+    Some(match get("aws_session_token") {
+        Some(t) => Credentials::new_with_token(key, secret, t),
+        None => Credentials::new(key, secret),
     })
 }
 
@@ -949,9 +940,9 @@ mod tests {
 
     #[test]
     fn shared_credentials_file_profiles() {
-        let text = "[default]\naws_access_key_id = A\naws_secret_access_key = B\n\n[other]\naws_access_key_id=C\naws_secret_access_key=D\naws_session_token=T\n";
+        let text = "# comment\n[default]\naws_access_key_id = A\naws_secret_access_key = B/x+y=\n\n; other\n[other]\naws_access_key_id=C\naws_secret_access_key=D\naws_session_token=T\n";
         let d = parse_shared_credentials(text, "default").unwrap();
-        assert_eq!((d.key(), d.secret(), d.token()), ("A", "B", None));
+        assert_eq!((d.key(), d.secret(), d.token()), ("A", "B/x+y=", None));
         let o = parse_shared_credentials(text, "other").unwrap();
         assert_eq!((o.key(), o.secret(), o.token()), ("C", "D", Some("T")));
         assert!(parse_shared_credentials(text, "missing").is_none());
@@ -974,6 +965,8 @@ mod tests {
             xmlish in "(<[A-Za-z]{1,12}>|</[A-Za-z]{1,12}>|[a-z&;<>/ ]{0,8}){0,24}",
         ) {
             let _ = ListPage::parse(&body);
+            let _ = parse_shared_credentials(&String::from_utf8_lossy(&body), "default");
+            let _ = parse_shared_credentials(&xmlish, "default");
             let _ = error_text(&body);
             let _ = ListPage::parse(xmlish.as_bytes());
             let _ = error_code(xmlish.as_bytes());
