@@ -98,6 +98,20 @@ pub struct VolumeRecord {
     pub chunk_bytes: u64,
     /// NVMe/TCP export, if any.
     pub export: Option<ExportRecord>,
+    /// The snapshot it began as (a volume over a snapshot: what it has not written or
+    /// fetched is read from there), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<BasisRecord>,
+}
+
+/// The snapshot a volume began as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasisRecord {
+    /// Its store.
+    pub store: String,
+    /// Its manifest key.
+    pub manifest_key: String,
 }
 
 /// A clone: a local copy and presence record over a snapshot in a store.
@@ -240,6 +254,7 @@ mod tests {
             block_size: 512,
             chunk_bytes: 65536,
             export: None,
+            basis: None,
         });
         assert_eq!(c.appliance.len(), 36, "a new appliance gets an identity");
         c.save(dir.path()).unwrap();

@@ -535,6 +535,44 @@ fn get_bool(m: &serde_json::Map<String, Value>, key: &str) -> Result<bool, RpcEr
     }
 }
 
+/// The snapshot named by `snapshot`, `store`, `manifest_key`, `volume` and `latest`,
+/// if any: one catalogued here; a manifest in a store; or a volume's snapshot in a
+/// store's catalogue, its newest or by ID.
+fn snapshot_source(
+    m: &serde_json::Map<String, Value>,
+) -> Result<Option<crate::service::CloneSource<'_>>, RpcError> {
+    use crate::service::{CloneSource, InBucket};
+    Ok(Some(
+        match (
+            get_str(m, "snapshot")?,
+            get_str(m, "store")?,
+            get_str(m, "manifest_key")?,
+            get_str(m, "volume")?,
+            get_bool(m, "latest")?,
+        ) {
+            (None, None, None, None, false) => return Ok(None),
+            (Some(id), None, None, None, false) => CloneSource::Catalogued(id),
+            (None, Some(store), Some(key), None, false) => CloneSource::Manifest { store, key },
+            (None, Some(store), None, Some(volume), true) => CloneSource::Bucket {
+                store,
+                volume,
+                which: InBucket::Latest,
+            },
+            (Some(id), Some(store), None, Some(volume), false) => CloneSource::Bucket {
+                store,
+                volume,
+                which: InBucket::Snapshot(id),
+            },
+            _ => {
+                return Err(invalid(
+                    "name the snapshot one way: snapshot (catalogued here); store and \
+                     manifest_key; or store, volume and latest (or snapshot)",
+                ));
+            }
+        },
+    ))
+}
+
 /// The export asked for by `nqn`, `hosts` and `allow_any_host`, if any.
 fn export_params(m: &serde_json::Map<String, Value>) -> Result<Option<ExportRecord>, RpcError> {
     let Some(nqn) = get_str(m, "nqn")? else {
@@ -584,7 +622,26 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
     };
     match method {
         "volume_create" => {
-            let m = with(&["name", "size_mib", "block_size"])?;
+            let m = with(&[
+                "name",
+                "size_mib",
+                "block_size",
+                "snapshot",
+                "store",
+                "manifest_key",
+                "volume",
+                "latest",
+            ])?;
+            if let Some(source) = snapshot_source(&m)? {
+                if m.contains_key("size_mib") || m.contains_key("block_size") {
+                    return Err(invalid(
+                        "a volume over a snapshot takes its size and block size from it",
+                    ));
+                }
+                return service
+                    .volume_create_from(need_str(&m, "name")?, source, export_params(&m)?)
+                    .map_err(failed);
+            }
             let size = get_u64(&m, "size_mib")?
                 .ok_or_else(|| invalid("size_mib is required"))?
                 .checked_mul(1 << 20)
@@ -666,33 +723,8 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
                 "latest",
                 "thicken",
             ])?;
-            use crate::service::{CloneSource, InBucket};
-            let source = match (
-                get_str(&m, "snapshot")?,
-                get_str(&m, "store")?,
-                get_str(&m, "manifest_key")?,
-                get_str(&m, "volume")?,
-                get_bool(&m, "latest")?,
-            ) {
-                (Some(id), None, None, None, false) => CloneSource::Catalogued(id),
-                (None, Some(store), Some(key), None, false) => CloneSource::Manifest { store, key },
-                (None, Some(store), None, Some(volume), true) => CloneSource::Bucket {
-                    store,
-                    volume,
-                    which: InBucket::Latest,
-                },
-                (Some(id), Some(store), None, Some(volume), false) => CloneSource::Bucket {
-                    store,
-                    volume,
-                    which: InBucket::Snapshot(id),
-                },
-                _ => {
-                    return Err(invalid(
-                        "name the snapshot one way: snapshot (catalogued here); store and \
-                         manifest_key; or store, volume and latest (or snapshot)",
-                    ));
-                }
-            };
+            let source =
+                snapshot_source(&m)?.ok_or_else(|| invalid("name the snapshot to clone"))?;
             service
                 .clone_create(
                     need_str(&m, "name")?,

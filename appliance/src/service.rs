@@ -185,6 +185,9 @@ impl Job {
 struct LiveVolume {
     bdev: Bdev,
     handle: VolumeHandle,
+    /// For a volume over a snapshot: the device under it that reads what it lacks
+    /// from the store (its presence is saved at a clean stop).
+    over: Option<CloneHandle>,
     /// A snapshot of it is running.
     busy: Arc<AtomicBool>,
 }
@@ -470,19 +473,32 @@ impl Service {
     /// point in time) before any host can write.
     fn open_volume(&self, v: &VolumeRecord, how: Opening) -> anyhow::Result<LiveVolume> {
         let uuid: Uuid = v.uuid.parse().context("uuid")?;
-        let file = self.open_file(
-            &format!("{}-file", v.name),
-            &self.volume_path(&v.name),
-            v.size_bytes,
-            v.block_size,
-            uuid,
-            !matches!(how, Opening::Existing { .. }),
-        )?;
-        let pending = how == Opening::Existing { pending: true };
+        let create = !matches!(how, Opening::Existing { .. });
         let chunks = v.size_bytes.div_ceil(v.chunk_bytes);
+        // A volume over a snapshot starts with no change since that snapshot.
+        let (file, over, fresh) = match &v.basis {
+            None => (
+                self.open_file(
+                    &format!("{}-file", v.name),
+                    &self.volume_path(&v.name),
+                    v.size_bytes,
+                    v.block_size,
+                    uuid,
+                    create,
+                )?,
+                None,
+                Tracking::Fresh,
+            ),
+            Some(b) => {
+                let (dev, handle, base) = self.open_over(v, b, uuid, create)?;
+                let none = bdev::ChangedChunks::none(chunks, Some(base));
+                (dev, Some(handle), Tracking::Saved(none))
+            }
+        };
+        let pending = how == Opening::Existing { pending: true };
         let cbt = self.tracking_path(&v.name);
         let tracking = if how == Opening::New {
-            Tracking::Fresh
+            fresh
         } else {
             match std::fs::read(&cbt) {
                 Ok(bytes) => {
@@ -584,8 +600,48 @@ impl Service {
         Ok(LiveVolume {
             bdev,
             handle,
+            over,
             busy: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The device of a volume over snapshot `b`: its local file holds what the volume
+    /// wrote or fetched (its presence record says which chunks), the rest is read from
+    /// the snapshot as hosts ask. Also the snapshot's ID, the volume's first change
+    /// base.
+    fn open_over(
+        &self,
+        v: &VolumeRecord,
+        b: &crate::catalogue::BasisRecord,
+        uuid: Uuid,
+        create: bool,
+    ) -> anyhow::Result<(Bdev, CloneHandle, [u8; 16])> {
+        let loaded = self.load(&b.store, &b.manifest_key)?;
+        let base = loaded.manifest.binding()?.snapshot;
+        let local = self.open_file(
+            &format!("{}-file", v.name),
+            &self.volume_path(&v.name),
+            v.size_bytes,
+            v.block_size,
+            uuid,
+            create,
+        )?;
+        let basis = ObjectBasis::new(
+            loaded,
+            self.store(&b.store)?.factory(),
+            Arc::clone(&self.cores),
+            self.settings.throttle.clone(),
+            &v.name,
+        );
+        let (dev, handle) = bdev::open_clone(
+            &format!("{}-over", v.name),
+            local,
+            Arc::new(basis) as Arc<dyn Basis>,
+            None,
+            &self.volume_file(&v.name, "presence"),
+            self.reactors[0].clone(),
+        )?;
+        Ok((dev, handle, base))
     }
 
     fn store(&self, name: &str) -> anyhow::Result<&StoreSpec> {
@@ -766,6 +822,7 @@ impl Service {
             block_size,
             chunk_bytes: chunk,
             export: export.clone(),
+            basis: None,
         };
         let path = self.volume_path(name);
         if path.exists() {
@@ -861,8 +918,15 @@ impl Service {
         }
         inner.volumes.remove(name);
         inner.unavailable.remove(name);
+        drop(inner);
         self.remove_volume_files(name);
         self.target.health().forget(name);
+        // Last: a hold left behind keeps a snapshot longer, never loses one.
+        if let Some(b) = &record.basis
+            && let Err(e) = self.hold_on(&b.store, &b.manifest_key, &record.uuid, name, false)
+        {
+            tracing::warn!("volume {name}: its hold on the snapshot it began as stays: {e:#}");
+        }
         Ok(json!({ "name": name }))
     }
 
@@ -873,6 +937,9 @@ impl Service {
         let _ = std::fs::remove_file(self.tracking_path(name));
         let _ = std::fs::remove_file(self.preserve_path(name));
         let _ = ox::journal::remove(&self.journal_path(name));
+        for ext in ["presence", "presence.log"] {
+            let _ = std::fs::remove_file(self.volume_file(name, ext));
+        }
     }
 
     /// Volumes and clones, with sizes, exports and counters.
@@ -951,9 +1018,22 @@ impl Service {
                     .iter()
                     .filter(|s| s.volume == volume && s.store == store)
             };
+            // Incremental over its own newest snapshot in this store; a volume over a
+            // snapshot, before it has one, over the snapshot it began as (its lineage
+            // then continues that volume's, whichever appliance took it).
             let parent = mine()
                 .next_back()
-                .map(|s| (s.id.clone(), s.manifest_key.clone()));
+                .map(|s| (s.id.clone(), s.manifest_key.clone()))
+                .or_else(|| {
+                    volume_record
+                        .basis
+                        .as_ref()
+                        .filter(|b| b.store == store)
+                        .and_then(|b| {
+                            let id = b.manifest_key.rsplit('/').next()?.to_string();
+                            Some((id, b.manifest_key.clone()))
+                        })
+                });
             // Snapshots the bucket's catalogue is still owed (its write failed, or they
             // predate it): written before this one.
             let backlog: Vec<_> = mine()
@@ -1325,21 +1405,7 @@ impl Service {
         export: Option<ExportRecord>,
     ) -> anyhow::Result<Value> {
         check_name(name)?;
-        let (store, manifest_key) = match source {
-            CloneSource::Catalogued(id) => {
-                let s = self.snapshot(id)?;
-                (s.store, s.manifest_key)
-            }
-            CloneSource::Manifest { store, key } => (store.to_string(), key.to_string()),
-            CloneSource::Bucket {
-                store,
-                volume,
-                which,
-            } => (
-                store.to_string(),
-                self.find_in_bucket(store, volume, which)?,
-            ),
-        };
+        let (store, manifest_key) = self.resolve(source)?;
         let _reservation = self.reserve(name, export.as_ref())?;
         for ext in ["img", "presence", "presence.log"] {
             let p = self.clone_path(name, ext);
@@ -1411,6 +1477,105 @@ impl Service {
         Ok(
             json!({ "name": name, "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>() }),
         )
+    }
+
+    /// The store and manifest key a clone or volume is to begin from.
+    fn resolve(&self, source: CloneSource<'_>) -> anyhow::Result<(String, String)> {
+        Ok(match source {
+            CloneSource::Catalogued(id) => {
+                let s = self.snapshot(id)?;
+                (s.store, s.manifest_key)
+            }
+            CloneSource::Manifest { store, key } => (store.to_string(), key.to_string()),
+            CloneSource::Bucket {
+                store,
+                volume,
+                which,
+            } => (
+                store.to_string(),
+                self.find_in_bucket(store, volume, which)?,
+            ),
+        })
+    }
+
+    /// Creates volume `name` over a snapshot: readable and writable at once (what it
+    /// lacks is read from the snapshot as hosts ask), and snapshotted like any volume —
+    /// its first snapshot incremental over the one it began as, into that snapshot's
+    /// store, so only what it changed is stored. It holds that snapshot.
+    pub fn volume_create_from(
+        self: &Arc<Self>,
+        name: &str,
+        source: CloneSource<'_>,
+        export: Option<ExportRecord>,
+    ) -> anyhow::Result<Value> {
+        check_name(name)?;
+        let (store, manifest_key) = self.resolve(source)?;
+        let _reservation = self.reserve(name, export.as_ref())?;
+        for path in [self.volume_path(name), self.volume_file(name, "presence")] {
+            if path.exists() {
+                conflict!(
+                    "{} exists already (left over from a failed create? remove it)",
+                    path.display()
+                );
+            }
+        }
+        let m = self.load(&store, &manifest_key)?.manifest;
+        let record = VolumeRecord {
+            name: name.into(),
+            uuid: Uuid::new_v4().to_string(),
+            size_bytes: m.volume_bytes,
+            block_size: m.block_size,
+            chunk_bytes: u64::from(m.chunk_bytes),
+            export: export.clone(),
+            basis: Some(crate::catalogue::BasisRecord {
+                store: store.clone(),
+                manifest_key: manifest_key.clone(),
+            }),
+        };
+        let undo = |held: bool| {
+            self.remove_volume_files(name);
+            if held && let Err(e) = self.hold_on(&store, &manifest_key, &record.uuid, name, false) {
+                tracing::warn!("volume {name}: its hold on the snapshot stays: {e:#}");
+            }
+        };
+        let live = match self.open_volume(&record, Opening::New) {
+            Ok(l) => l,
+            Err(e) => {
+                undo(false);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.hold_on(&store, &manifest_key, &record.uuid, name, true) {
+            drop(live);
+            undo(false);
+            return Err(e);
+        }
+        let mut inner = self.inner();
+        if let Some(e) = &export
+            && let Err(err) = self.check_export(&inner, e)
+        {
+            drop(inner);
+            drop(live);
+            undo(true);
+            return Err(err);
+        }
+        inner.catalogue.volumes.push(record.clone());
+        let listeners = match self.commit_create(&mut inner, name, &live.bdev, export.as_ref()) {
+            Ok(l) => l,
+            Err(e) => {
+                drop(inner);
+                drop(live);
+                undo(true);
+                return Err(e);
+            }
+        };
+        inner.volumes.insert(name.into(), live);
+        Ok(json!({
+            "name": name,
+            "store": store,
+            "manifest_key": manifest_key,
+            "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        }))
     }
 
     fn start_thickening(self: &Arc<Self>, name: &str, paused: bool) {
@@ -1641,6 +1806,7 @@ impl Service {
             block_size: m.block_size,
             chunk_bytes: u64::from(m.chunk_bytes),
             export,
+            basis: None,
         };
         let path = self.volume_path(name);
         if path.exists() {
@@ -2226,7 +2392,12 @@ impl Service {
                 continue;
             }
             let saved = sync(&self.volume_path(name))
-                .and_then(|()| v.handle.save_changes(&self.tracking_path(name)));
+                .and_then(|()| v.handle.save_changes(&self.tracking_path(name)))
+                .map_err(|e| e.to_string())
+                .and_then(|()| match &v.over {
+                    Some(h) => h.checkpoint_flushed().map_err(|e| e.to_string()),
+                    None => Ok(()),
+                });
             if let Err(e) = saved {
                 problems.push(format!("volume {name}: {e}"));
             }

@@ -605,3 +605,127 @@ fn two_appliances_never_write_one_volume_into_one_bucket() {
     );
     assert_eq!(found["volumes"][0]["owned_here"], true);
 }
+
+#[test]
+fn a_volume_over_another_appliances_snapshot_stores_only_its_changes() {
+    let (_server, dir, store, kek) = bed();
+    let d = dir.path();
+    // A: 16 MiB written (seed 1), snapshotted.
+    let port_a = free_port();
+    let (config_a, a) = appliance(&d.join("a"), port_a, &store, &kek);
+    let _oxd_a = start_oxd(&config_a);
+    let nqn = "nqn.2026-12.io.ox:db";
+    a.ok(&[
+        "volume",
+        "create",
+        "db",
+        "--size-mib",
+        "32",
+        "--nqn",
+        nqn,
+        "--allow-any-host",
+    ]);
+    oxperf(
+        &format!("127.0.0.1:{port_a},{nqn},1"),
+        "write",
+        "0:32768",
+        128,
+        131072,
+        1,
+    );
+    let first = a.ok(&["snapshot", "create", "db", "--store", "s3"]);
+    assert_eq!(first["state"], "done", "{first}");
+
+    // B goes on from A's newest snapshot as a volume of its own.
+    let port_b = free_port();
+    let (config_b, b) = appliance(&d.join("b"), port_b, &store, &kek);
+    let mut oxd_b = start_oxd(&config_b);
+    let nqn_b = "nqn.2026-12.io.ox:db-b";
+    let made = b.ok(&[
+        "volume",
+        "create",
+        "db-b",
+        "--from-store",
+        "s3",
+        "--from-volume",
+        "db",
+        "--latest",
+        "--nqn",
+        nqn_b,
+        "--allow-any-host",
+    ]);
+    assert_eq!(
+        made["manifest_key"], first["result"]["manifest_key"],
+        "{made}"
+    );
+    let on_b = format!("127.0.0.1:{port_b},{nqn_b},1");
+    assert_eq!(
+        verified(&oxperf(&on_b, "read", "0:32768", 128, 131072, 1)),
+        32768
+    );
+    // The host changes 1 MiB of it; then B dies and comes back.
+    oxperf(&on_b, "write", "40960:2048", 16, 65536, 5);
+    oxd_b.child.kill().unwrap();
+    oxd_b.child.wait().unwrap();
+    drop(oxd_b);
+    let _oxd_b = start_oxd(&config_b);
+    // Its first snapshot builds on A's: only the 16 chunks B changed are read and stored.
+    let snap = b.ok(&["snapshot", "create", "db-b", "--store", "s3"]);
+    assert_eq!(snap["state"], "done", "{snap}");
+    assert_eq!(snap["result"]["parent"], first["result"]["id"], "{snap}");
+    assert_eq!(snap["result"]["chunks_read"], 16, "{snap}");
+    let stored = snap["result"]["data_bytes"].as_u64().unwrap();
+    assert!(
+        stored < 2 << 20,
+        "only the changed MiB is stored, not 16: {stored}"
+    );
+
+    // A third appliance opens B's snapshot: A's data and B's changes, through one
+    // lineage that crosses from B's volume into A's.
+    let port_c = free_port();
+    let (config_c, c) = appliance(&d.join("c"), port_c, &store, &kek);
+    let _oxd_c = start_oxd(&config_c);
+    let found = c.ok(&["store", "browse", "s3", "--volume", "db-b"]);
+    assert_eq!(
+        found["snapshots"][0]["parent"], first["result"]["id"],
+        "{found}"
+    );
+    let nqn_c = "nqn.2026-12.io.ox:db-c";
+    c.ok(&[
+        "clone",
+        "create",
+        "db-c",
+        "--store",
+        "s3",
+        "--volume",
+        "db-b",
+        "--latest",
+        "--nqn",
+        nqn_c,
+        "--allow-any-host",
+    ]);
+    let on_c = format!("127.0.0.1:{port_c},{nqn_c},1");
+    assert_eq!(
+        verified(&oxperf(&on_c, "read", "0:32768", 128, 131072, 1)),
+        32768
+    );
+    assert_eq!(
+        verified(&oxperf(&on_c, "read", "40960:2048", 16, 65536, 5)),
+        2048
+    );
+    println!(
+        "a volume over another appliance's 16 MiB snapshot, 1 MiB changed: stored {stored} bytes"
+    );
+
+    // B's volume holds A's snapshot, so A cannot delete it from under it.
+    let o = a.call(&[
+        "snapshot",
+        "delete",
+        first["result"]["id"].as_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("reads it"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -132,16 +132,35 @@ impl ExportArgs {
 
 #[derive(Subcommand)]
 enum VolumeCommand {
-    /// Create a volume (a file in the daemon's state directory).
+    /// Create a volume (a file in the daemon's state directory): empty, of --size-mib;
+    /// or over a snapshot found in --from-store's catalogue (--from-volume with --latest
+    /// or --snapshot ID), readable and writable at once, whose snapshots into that store
+    /// continue the snapshot's lineage and store only what this volume changed.
     Create {
         /// Name (A-Z a-z 0-9 . _ -).
         name: String,
         /// Size in MiB (a multiple of the chunk size).
-        #[arg(long)]
-        size_mib: u64,
+        #[arg(
+            long,
+            required_unless_present = "from_store",
+            conflicts_with = "from_store"
+        )]
+        size_mib: Option<u64>,
         /// 512 or 4096.
         #[arg(long, default_value_t = 512)]
         block_size: u32,
+        /// The store holding the snapshot to begin from.
+        #[arg(long, requires = "from_volume")]
+        from_store: Option<String>,
+        /// The volume (name, identity or prefix) in --from-store's catalogue.
+        #[arg(long, requires = "from_store")]
+        from_volume: Option<String>,
+        /// Its newest snapshot.
+        #[arg(long, requires = "from_volume", conflicts_with = "snapshot")]
+        latest: bool,
+        /// That snapshot (its whole ID).
+        #[arg(long, requires = "from_volume")]
+        snapshot: Option<String>,
         #[command(flatten)]
         export: ExportArgs,
     },
@@ -448,12 +467,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 size_mib,
                 block_size,
+                from_store,
+                from_volume,
+                latest,
+                snapshot,
                 export,
             } => {
                 let mut p = serde_json::Map::new();
                 p.insert("name".into(), name.clone().into());
-                p.insert("size_mib".into(), (*size_mib).into());
-                p.insert("block_size".into(), (*block_size).into());
+                match (size_mib, from_store, from_volume) {
+                    (Some(size), _, _) => {
+                        p.insert("size_mib".into(), (*size).into());
+                        p.insert("block_size".into(), (*block_size).into());
+                    }
+                    (None, Some(store), Some(volume)) => {
+                        p.insert("store".into(), store.clone().into());
+                        p.insert("volume".into(), volume.clone().into());
+                        match snapshot {
+                            Some(id) => p.insert("snapshot".into(), id.clone().into()),
+                            None => p.insert("latest".into(), (*latest).into()),
+                        };
+                    }
+                    _ => anyhow::bail!("give --size-mib, or --from-store and --from-volume"),
+                }
                 export.add_to(&mut p);
                 call(&cli, "volume_create", Some(p.into()))?
             }

@@ -174,12 +174,25 @@ impl Service {
     /// Places (`on`) or removes this appliance's hold on the snapshot clone `c` reads,
     /// so that no appliance's retention sweeps it away meanwhile.
     pub(super) fn hold(&self, c: &CloneRecord, on: bool) -> anyhow::Result<()> {
-        let spec = self.store(&c.store)?.clone();
-        let prefix = prefix_of(&c.manifest_key)?;
+        self.hold_on(&c.store, &c.manifest_key, &c.uuid, &c.name, on)
+    }
+
+    /// Places or removes the hold of the clone or volume `name` (identity `holder`)
+    /// on snapshot `manifest_key` in `store`.
+    pub(super) fn hold_on(
+        &self,
+        store: &str,
+        manifest_key: &str,
+        holder: &str,
+        name: &str,
+        on: bool,
+    ) -> anyhow::Result<()> {
+        let spec = self.store(store)?.clone();
+        let prefix = prefix_of(manifest_key)?;
         let hold = ox::retention::Hold {
-            manifest: c.manifest_key.clone(),
+            manifest: manifest_key.to_string(),
             appliance: self.me(),
-            clone: c.uuid.clone(),
+            clone: holder.to_string(),
             since: now_secs(),
         };
         self.cores
@@ -194,7 +207,7 @@ impl Service {
                     }
                 })
             })?
-            .with_context(|| format!("the hold of clone {} in store {}", c.name, c.store))
+            .with_context(|| format!("the hold of {name} in store {store}"))
     }
 }
 

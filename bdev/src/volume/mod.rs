@@ -540,6 +540,14 @@ pub enum Claim {
 }
 
 impl ChangedChunks {
+    /// No chunk of `chunks` changed since snapshot `base` (`None`: an all-zero volume).
+    pub fn none(chunks: u64, base: Option<[u8; 16]>) -> Self {
+        Self {
+            bits: vec![0; chunks.div_ceil(64) as usize],
+            base,
+        }
+    }
+
     /// Serialises for saving across restarts: magic, chunk count, bitmap, CRC32C.
     pub fn to_bytes(&self, chunks: u64) -> Vec<u8> {
         let mut b = TRACKING_MAGIC.to_vec();
