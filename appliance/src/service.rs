@@ -916,13 +916,24 @@ impl Service {
         if let Some(e) = &record.export {
             let _ = self.target.remove_subsystem(&e.nqn);
         }
-        inner.volumes.remove(name);
+        let live = inner.volumes.remove(name);
         inner.unavailable.remove(name);
+        // Its snapshots stay, and build on the snapshot it began as: that one stays
+        // held while any of them is catalogued here.
+        let snapshots_left = inner.catalogue.snapshots.iter().any(|s| s.volume == name);
         drop(inner);
+        // Nothing may be written to its presence record once its files are gone.
+        if let Some(h) = live.as_ref().and_then(|l| l.over.as_ref())
+            && let Err(e) = h.retire()
+        {
+            tracing::warn!("volume {name}: stopping its presence journal: {e}");
+        }
+        drop(live);
         self.remove_volume_files(name);
         self.target.health().forget(name);
         // Last: a hold left behind keeps a snapshot longer, never loses one.
         if let Some(b) = &record.basis
+            && !snapshots_left
             && let Err(e) = self.hold_on(&b.store, &b.manifest_key, &record.uuid, name, false)
         {
             tracing::warn!("volume {name}: its hold on the snapshot it began as stays: {e:#}");
@@ -1511,7 +1522,11 @@ impl Service {
         check_name(name)?;
         let (store, manifest_key) = self.resolve(source)?;
         let _reservation = self.reserve(name, export.as_ref())?;
-        for path in [self.volume_path(name), self.volume_file(name, "presence")] {
+        for path in [
+            self.volume_path(name),
+            self.volume_file(name, "presence"),
+            self.volume_file(name, "presence.log"),
+        ] {
             if path.exists() {
                 conflict!(
                     "{} exists already (left over from a failed create? remove it)",
@@ -2035,8 +2050,12 @@ impl Service {
                     })?
                     .with_context(|| format!("snapshot {}", snap.id))?
             };
+            // Only manifests in this volume's own place: an ancestor another appliance's
+            // volume keeps (a volume over its snapshot) is that appliance's to rotate.
+            let own = bucket::prefix_of(&snap.manifest_key)?;
             let all = std::iter::once((snap.id.clone(), snap.manifest_key.clone()))
-                .chain(lineage.into_iter().map(|a| (a.snapshot, a.manifest)));
+                .chain(lineage.into_iter().map(|a| (a.snapshot, a.manifest)))
+                .filter(|(_, m)| m.starts_with(&own));
             for (id, manifest) in all {
                 if !done.insert((snap.store.clone(), manifest.clone())) {
                     continue;
