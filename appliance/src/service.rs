@@ -626,22 +626,49 @@ impl Service {
             uuid,
             create,
         )?;
-        let basis = ObjectBasis::new(
-            loaded,
-            self.store(&b.store)?.factory(),
-            Arc::clone(&self.cores),
-            self.settings.throttle.clone(),
-            &v.name,
-        );
-        let (dev, handle) = bdev::open_clone(
+        let (dev, handle, _) = self.over_snapshot(
             &format!("{}-over", v.name),
+            &v.name,
             local,
-            Arc::new(basis) as Arc<dyn Basis>,
+            loaded,
+            &b.store,
             None,
             &self.volume_file(&v.name, "presence"),
-            self.reactors[0].clone(),
         )?;
         Ok((dev, handle, base))
+    }
+
+    /// A device over snapshot `loaded` in `store`: what `local` lacks (its presence
+    /// record at `presence` says which chunks it has) read from the snapshot as hosts
+    /// ask, under the bandwidth policy as `throttled`. A clone's, or a volume's over a
+    /// snapshot.
+    #[allow(clippy::too_many_arguments)]
+    fn over_snapshot(
+        &self,
+        name: &str,
+        throttled: &str,
+        local: Bdev,
+        loaded: Loaded,
+        store: &str,
+        uuid: Option<Uuid>,
+        presence: &Path,
+    ) -> anyhow::Result<(Bdev, CloneHandle, ObjectBasis)> {
+        let basis = ObjectBasis::new(
+            loaded,
+            self.store(store)?.factory(),
+            Arc::clone(&self.cores),
+            self.settings.throttle.clone(),
+            throttled,
+        );
+        let (dev, handle) = bdev::open_clone(
+            name,
+            local,
+            Arc::new(basis.clone()) as Arc<dyn Basis>,
+            uuid,
+            presence,
+            self.reactors[0].clone(),
+        )?;
+        Ok((dev, handle, basis))
     }
 
     fn store(&self, name: &str) -> anyhow::Result<&StoreSpec> {
@@ -701,20 +728,14 @@ impl Service {
             uuid,
             create,
         )?;
-        let basis = ObjectBasis::new(
-            loaded,
-            self.store(&c.store)?.factory(),
-            Arc::clone(&self.cores),
-            self.settings.throttle.clone(),
+        let (bdev, handle, basis) = self.over_snapshot(
             &c.name,
-        );
-        let (bdev, handle) = bdev::open_clone(
             &c.name,
             local,
-            Arc::new(basis.clone()) as Arc<dyn Basis>,
+            loaded,
+            &c.store,
             Some(uuid),
             &self.clone_path(&c.name, "presence"),
-            self.reactors[0].clone(),
         )?;
         Ok(LiveClone {
             bdev,
