@@ -478,14 +478,7 @@ impl Service {
         // A volume over a snapshot starts with no change since that snapshot.
         let (file, over, fresh) = match &v.basis {
             None => (
-                self.open_file(
-                    &format!("{}-file", v.name),
-                    &self.volume_path(&v.name),
-                    v.size_bytes,
-                    v.block_size,
-                    uuid,
-                    create,
-                )?,
+                self.volume_file_device(v, uuid, create)?,
                 None,
                 Tracking::Fresh,
             ),
@@ -605,6 +598,24 @@ impl Service {
         })
     }
 
+    /// The block device of volume `v`'s file (its data, or over a snapshot what it
+    /// wrote or fetched).
+    fn volume_file_device(
+        &self,
+        v: &VolumeRecord,
+        uuid: Uuid,
+        create: bool,
+    ) -> anyhow::Result<Bdev> {
+        self.open_file(
+            &format!("{}-file", v.name),
+            &self.volume_path(&v.name),
+            v.size_bytes,
+            v.block_size,
+            uuid,
+            create,
+        )
+    }
+
     /// The device of a volume over snapshot `b`: its local file holds what the volume
     /// wrote or fetched (its presence record says which chunks), the rest is read from
     /// the snapshot as hosts ask. Also the snapshot's ID, the volume's first change
@@ -618,14 +629,7 @@ impl Service {
     ) -> anyhow::Result<(Bdev, CloneHandle, [u8; 16])> {
         let loaded = self.load(&b.store, &b.manifest_key)?;
         let base = loaded.manifest.binding()?.snapshot;
-        let local = self.open_file(
-            &format!("{}-file", v.name),
-            &self.volume_path(&v.name),
-            v.size_bytes,
-            v.block_size,
-            uuid,
-            create,
-        )?;
+        let local = self.volume_file_device(v, uuid, create)?;
         let (dev, handle, _) = self.over_snapshot(
             &format!("{}-over", v.name),
             &v.name,
@@ -1055,16 +1059,13 @@ impl Service {
             // then continues that volume's, whichever appliance took it).
             let parent = mine()
                 .next_back()
-                .map(|s| (s.id.clone(), s.manifest_key.clone()))
+                .map(|s| s.manifest_key.clone())
                 .or_else(|| {
                     volume_record
                         .basis
                         .as_ref()
                         .filter(|b| b.store == store)
-                        .and_then(|b| {
-                            let id = b.manifest_key.rsplit('/').next()?.to_string();
-                            Some((id, b.manifest_key.clone()))
-                        })
+                        .map(|b| b.manifest_key.clone())
                 });
             // Snapshots the bucket's catalogue is still owed (its write failed, or they
             // predate it): written before this one.
@@ -1142,7 +1143,7 @@ impl Service {
                     service.settings.keys.clone(),
                     service.settings.throttle.clone(),
                 );
-                let parent_key = parent.as_ref().map(|p| p.1.clone());
+                let parent_key = parent;
                 let me = service.me();
                 let (snapshot_of, store_name) = (volume.clone(), store.clone());
                 let result = service.cores.run(move |ex| {

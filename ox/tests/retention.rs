@@ -559,16 +559,7 @@ fn a_sweep_never_deletes_what_live_snapshots_need_whatever_the_store_says() {
         retention::retire(&store, PREFIX, &[id(&s2)], MONDAY)
             .await
             .unwrap();
-        let s = retention::sweep(
-            &store,
-            PREFIX,
-            keks,
-            std::slice::from_ref(&s3),
-            MONDAY + GRACE,
-            GRACE,
-        )
-        .await
-        .unwrap();
+        let s = sweep_at(&store, &kek, &s3, MONDAY + GRACE).await;
         assert_eq!(s.manifests, 0, "s2 is s3's ancestor: {s:?}");
         for o in &m3.objects {
             assert!(

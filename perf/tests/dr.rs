@@ -37,6 +37,24 @@ fn bed() -> (
     (server, dir, store, kek)
 }
 
+/// Creates volume `db` of `size_mib` on the appliance of `ctl`, exported to any host
+/// on `port`; the oxperf target of it.
+fn export_db(ctl: &Ctl, port: u16, size_mib: u32) -> String {
+    let nqn = "nqn.2026-12.io.ox:db";
+    let size = size_mib.to_string();
+    ctl.ok(&[
+        "volume",
+        "create",
+        "db",
+        "--size-mib",
+        &size,
+        "--nqn",
+        nqn,
+        "--allow-any-host",
+    ]);
+    format!("127.0.0.1:{port},{nqn},1")
+}
+
 /// The policy of volume `db` on the appliance of `ctl`.
 fn policy(ctl: &Ctl) -> serde_json::Value {
     let all = ctl.ok(&["policy", "list"]);
@@ -80,18 +98,7 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
     let port_a = free_port();
     let (config_a, a) = appliance(&d.join("a"), port_a, &store, &kek);
     let mut oxd_a = start_oxd(&config_a);
-    let nqn_a = "nqn.2026-12.io.ox:db";
-    a.ok(&[
-        "volume",
-        "create",
-        "db",
-        "--size-mib",
-        "32",
-        "--nqn",
-        nqn_a,
-        "--allow-any-host",
-    ]);
-    let on_a = format!("127.0.0.1:{port_a},{nqn_a},1");
+    let on_a = export_db(&a, port_a, 32);
     // Protected every 2 s, keeping the newest 3, while the host writes its first 8 MiB.
     let set = a.ok(&[
         "policy",
@@ -420,25 +427,7 @@ fn a_key_moves_to_another_appliance_sealed_for_it_alone() {
     let port_a = free_port();
     let (config_a, a) = appliance(&d.join("a"), port_a, &store, &kek_a);
     let _oxd_a = start_oxd(&config_a);
-    let nqn = "nqn.2026-12.io.ox:db";
-    a.ok(&[
-        "volume",
-        "create",
-        "db",
-        "--size-mib",
-        "16",
-        "--nqn",
-        nqn,
-        "--allow-any-host",
-    ]);
-    oxperf(
-        &format!("127.0.0.1:{port_a},{nqn},1"),
-        "write",
-        "0:8192",
-        64,
-        65536,
-        3,
-    );
+    oxperf(&export_db(&a, port_a, 16), "write", "0:8192", 64, 65536, 3);
     assert_eq!(
         a.ok(&["snapshot", "create", "db", "--store", "s3"])["state"],
         "done"
@@ -614,19 +603,8 @@ fn a_volume_over_another_appliances_snapshot_stores_only_its_changes() {
     let port_a = free_port();
     let (config_a, a) = appliance(&d.join("a"), port_a, &store, &kek);
     let _oxd_a = start_oxd(&config_a);
-    let nqn = "nqn.2026-12.io.ox:db";
-    a.ok(&[
-        "volume",
-        "create",
-        "db",
-        "--size-mib",
-        "32",
-        "--nqn",
-        nqn,
-        "--allow-any-host",
-    ]);
     oxperf(
-        &format!("127.0.0.1:{port_a},{nqn},1"),
+        &export_db(&a, port_a, 32),
         "write",
         "0:32768",
         128,
