@@ -9,7 +9,6 @@
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
 
 use reactor::Reactor;
 use uuid::Uuid;
@@ -329,7 +328,9 @@ impl Channel {
         }
         let io_type = io.io_type;
         let bytes = io.num_blocks * u64::from(self.bdev.block_size());
-        let start = Instant::now();
+        // The TSC (through quanta), not clock_gettime: a request's latency is taken
+        // twice per request, and the vDSO call cost ~5 % of a target core at 1 M IOPS.
+        let start = quanta::Instant::now();
         let this = Rc::clone(self);
         let was = self.submitting.replace(true);
         self.backend.submit(

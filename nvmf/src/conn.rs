@@ -558,12 +558,14 @@ impl Conn {
         let ptr = buf[end..].as_mut_ptr();
         let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), ptr, spare as u32).build();
         let this = Rc::clone(self);
+        // Late: the replies this pass queues leave before the receive, which on a
+        // quiet socket arms a poll inside the submit (QD 1 latency).
         // SAFETY: the buffer is moved into the completion closure, so it outlives the
         // operation and nothing else touches it meanwhile; moving a Vec leaves its heap
         // allocation (where `ptr` points) in place.
         unsafe {
             self.reactor
-                .submit(entry, Box::new(move |res| this.received(buf, res)))
+                .submit_late(entry, Box::new(move |res| this.received(buf, res)))
         };
     }
 

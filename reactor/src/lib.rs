@@ -9,8 +9,9 @@
 //! 3. runs its [pollers](Reactor::register_poller), each reporting [`PollStatus`],
 //! 4. runs the [hooks](Reactor::before_submit) queued for the end of the pass (a
 //!    connection's send of everything the pass produced), submits queued SQEs to its
-//!    own io_uring and routes completions to the closures that own the operations'
-//!    buffers ([`Reactor::submit`]),
+//!    own io_uring (those queued [late](Reactor::submit_late), receives that
+//!    usually wait, last) and routes completions to the closures that own the
+//!    operations' buffers ([`Reactor::submit`]),
 //!
 //! and then, by its [`IdlePolicy`], either polls again or parks in `io_uring_enter`
 //! until a completion, a message (which rings an eventfd the ring watches) or the next

@@ -192,6 +192,18 @@ impl Reactor {
         unsafe { self.ring.borrow_mut().push(entry, on_complete) }
     }
 
+    /// As [`Reactor::submit`], but the SQE goes to the kernel after every other SQE
+    /// queued by the time the pass submits. For an operation that usually waits (a
+    /// receive on an idle socket arms a poll in the kernel before the submit returns):
+    /// the pass's sends, queued later in the pass, leave before that work.
+    ///
+    /// # Safety
+    /// As for [`Reactor::submit`].
+    pub unsafe fn submit_late(&self, entry: squeue::Entry, on_complete: OnComplete) {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.ring.borrow_mut().push_late(entry, on_complete) }
+    }
+
     /// Operations on this reactor's ring whose completion has not run yet.
     pub fn ops_in_flight(&self) -> usize {
         self.ring.borrow().in_flight()

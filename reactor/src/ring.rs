@@ -27,6 +27,8 @@ pub(crate) struct Ring {
     free: Vec<u32>,
     /// SQEs that did not fit in the submission queue; pushed on the next flush.
     backlog: VecDeque<squeue::Entry>,
+    /// SQEs to queue after everything else, at the next flush (see [`Ring::push_late`]).
+    late: Vec<squeue::Entry>,
     in_flight: usize,
     wake_fd: RawFd,
     wake_armed: bool,
@@ -50,6 +52,7 @@ impl Ring {
             slots: Vec::new(),
             free: Vec::new(),
             backlog: VecDeque::new(),
+            late: Vec::new(),
             in_flight: 0,
             wake_fd,
             wake_armed: false,
@@ -67,6 +70,22 @@ impl Ring {
     /// Every pointer in `entry` must stay valid until `on_complete` is called (normally
     /// by being owned by `on_complete`).
     pub(crate) unsafe fn push(&mut self, entry: squeue::Entry, on_complete: OnComplete) {
+        let slot = self.take_slot(on_complete);
+        self.enqueue(entry.user_data(u64::from(slot)));
+    }
+
+    /// As [`Ring::push`], but the SQE is queued at the next flush, after every SQE
+    /// queued before that flush.
+    ///
+    /// # Safety
+    /// As for [`Ring::push`].
+    pub(crate) unsafe fn push_late(&mut self, entry: squeue::Entry, on_complete: OnComplete) {
+        let slot = self.take_slot(on_complete);
+        self.late.push(entry.user_data(u64::from(slot)));
+    }
+
+    /// A slot holding `on_complete`, counted in flight.
+    fn take_slot(&mut self, on_complete: OnComplete) -> u32 {
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some(on_complete);
@@ -79,7 +98,16 @@ impl Ring {
         };
         self.in_flight += 1;
         self.check_slots();
-        self.enqueue(entry.user_data(u64::from(slot)));
+        slot
+    }
+
+    /// Queues the SQEs held back by [`Ring::push_late`], behind everything queued.
+    fn queue_late(&mut self) {
+        let mut late = std::mem::take(&mut self.late);
+        for entry in late.drain(..) {
+            self.enqueue(entry);
+        }
+        self.late = late;
     }
 
     fn enqueue(&mut self, entry: squeue::Entry) {
@@ -97,6 +125,7 @@ impl Ring {
     /// Moves backlogged SQEs into the queue and submits whatever is queued.
     /// Returns the number of SQEs handed to the kernel.
     pub(crate) fn flush(&mut self) -> io::Result<usize> {
+        self.queue_late();
         let mut submitted = 0;
         loop {
             {
@@ -222,6 +251,9 @@ impl Ring {
     /// Asks the kernel to cancel every operation in flight; each completes with
     /// `-ECANCELED` (or its real result if it finished first).
     pub(crate) fn cancel_all(&mut self) {
+        // Ahead of the cancel, so that it finds them (a receive queued after it would
+        // be left waiting, and hold the reactor's stop).
+        self.queue_late();
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
             .user_data(CANCEL);

@@ -311,6 +311,11 @@ fn shutdown_completes_in_flight_ring_operations() {
 
 #[test]
 fn shutdown_cancels_operations_that_never_finish() {
+    shutdown_cancels_a_read_that_never_finishes(false);
+    shutdown_cancels_a_read_that_never_finishes(true);
+}
+
+fn shutdown_cancels_a_read_that_never_finishes(late: bool) {
     let mut config = ReactorConfig::new(CoreList::from_cores(&CoreList::available()[..1]).unwrap());
     config.drain_timeout = Duration::from_millis(100);
     let set = ReactorSet::start(config).unwrap();
@@ -319,15 +324,17 @@ fn shutdown_cancels_operations_that_never_finish() {
         let (reader, writer) = std::io::pipe().unwrap();
         let mut buf = vec![0u8; 64];
         let entry = opcode::Read::new(types::Fd(reader.as_raw_fd()), buf.as_mut_ptr(), 64).build();
+        let done: reactor::OnComplete = Box::new(move |res| {
+            drop((buf, reader, writer));
+            tx.send(res).unwrap();
+        });
         // SAFETY: the buffer and both pipe ends move into the closure, outliving the read.
         unsafe {
-            current().unwrap().submit(
-                entry,
-                Box::new(move |res| {
-                    drop((buf, reader, writer));
-                    tx.send(res).unwrap();
-                }),
-            )
+            if late {
+                current().unwrap().submit_late(entry, done);
+            } else {
+                current().unwrap().submit(entry, done);
+            }
         };
     })
     .unwrap();
@@ -408,6 +415,60 @@ fn shutdown_waits_for_work_a_message_leaves_behind() {
     // the deferred send, nothing is queued or running as a message, and the reactor
     // must still not be taken for drained.
     assert_eq!(hops_run_by_shutdown(true), 2001);
+}
+
+#[test]
+fn late_submissions_reach_the_kernel_after_everything_queued_before_the_submit() {
+    // A Nop completes inside the submit, so completion order is submission order.
+    let set = all_cores(IdlePolicy::Interrupt);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    set.call(0, move || {
+        let r = current().unwrap();
+        let order = Rc::new(std::cell::RefCell::new(Vec::new()));
+        let nop = |what: &'static str, late: bool| {
+            let (o, tx) = (Rc::clone(&order), tx.clone());
+            let done: reactor::OnComplete = Box::new(move |_| {
+                o.borrow_mut().push(what);
+                if o.borrow().len() == 4 {
+                    tx.send(o.borrow().clone()).unwrap();
+                }
+            });
+            // SAFETY: a Nop points at no memory.
+            unsafe {
+                if late {
+                    r.submit_late(opcode::Nop::new().build(), done);
+                } else {
+                    r.submit(opcode::Nop::new().build(), done);
+                }
+            }
+        };
+        nop("late 1", true);
+        nop("early 1", false);
+        nop("late 2", true);
+        let r2 = Rc::clone(&r);
+        // Queued by a hook, just before the submit, and still ahead of the late ones.
+        r.before_submit(move || {
+            let (o, tx) = (Rc::clone(&order), tx.clone());
+            // SAFETY: a Nop points at no memory.
+            unsafe {
+                r2.submit(
+                    opcode::Nop::new().build(),
+                    Box::new(move |_| {
+                        o.borrow_mut().push("from a hook");
+                        if o.borrow().len() == 4 {
+                            tx.send(o.borrow().clone()).unwrap();
+                        }
+                    }),
+                )
+            };
+        });
+    })
+    .unwrap();
+    assert_eq!(
+        rx.recv_timeout(T).unwrap(),
+        ["early 1", "from a hook", "late 1", "late 2"]
+    );
+    set.shutdown().unwrap();
 }
 
 #[test]
