@@ -65,6 +65,10 @@ pub struct BdevIo {
     pub bufs: Vec<IoBuf>,
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
+    /// Made by the appliance itself (a snapshot reading the volume, a copy of a chunk
+    /// before a write over it), not a host:
+    /// devices that guess a host's next reads (a clone's read-ahead) leave it out.
+    pub internal: bool,
 }
 
 impl BdevIo {
@@ -76,6 +80,7 @@ impl BdevIo {
             num_blocks,
             bufs,
             fua: false,
+            internal: false,
         }
     }
 
@@ -87,6 +92,7 @@ impl BdevIo {
             num_blocks,
             bufs,
             fua: false,
+            internal: false,
         }
     }
 
@@ -111,6 +117,12 @@ impl BdevIo {
         self
     }
 
+    /// Same request, marked as the appliance's own (see [`BdevIo::internal`]).
+    pub fn internal(mut self) -> Self {
+        self.internal = true;
+        self
+    }
+
     fn no_data(io_type: IoType, offset_blocks: u64, num_blocks: u64) -> Self {
         Self {
             io_type,
@@ -118,6 +130,7 @@ impl BdevIo {
             num_blocks,
             bufs: Vec::new(),
             fua: false,
+            internal: false,
         }
     }
 

@@ -77,7 +77,9 @@ pub async fn read(
     start_read(on, bdev, lba, blocks, || {})?.finish().await
 }
 
-/// Starts reading `blocks` blocks at `lba`; `then` runs on the reactor when done.
+/// Starts reading `blocks` blocks at `lba`; `then` runs on the reactor when done. The
+/// read is the appliance's own ([`BdevIo::internal`]): a clone under the volume does not
+/// take it for a host reading ahead.
 pub fn start_read(
     on: &ReactorHandle,
     bdev: &Bdev,
@@ -89,7 +91,7 @@ pub fn start_read(
     start_then(
         on,
         bdev,
-        BdevIo::read(lba, blocks, vec![IoBuf::new(len)]),
+        BdevIo::read(lba, blocks, vec![IoBuf::new(len)]).internal(),
         then,
     )
 }

@@ -330,7 +330,9 @@ impl CloneChannel {
     fn read(&self, io: BdevIo, done: IoDone) {
         let s = &self.shared;
         let chunks = s.chunks_of(&io);
-        self.read_ahead(&io, *chunks.end());
+        if !io.internal {
+            self.read_ahead(&io, *chunks.end());
+        }
         if chunks.clone().all(|c| s.is_present(c)) {
             return self.local.pass(io, done);
         }

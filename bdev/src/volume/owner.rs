@@ -187,7 +187,8 @@ fn copy(s: &Arc<Shared>, r: &Rc<Reactor>, generation: u64, chunk: u64) {
         chunk * s.chunk_bytes / s.block_size,
         len / s.block_size,
         vec![IoBuf::new(len as usize)],
-    );
+    )
+    .internal();
     let shared = Arc::clone(s);
     let here = Rc::clone(r);
     let report = move |how: Copied| {
