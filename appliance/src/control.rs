@@ -631,7 +631,9 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
                 "manifest_key",
                 "volume",
                 "latest",
+                "seed",
             ])?;
+            let seed = get_str(&m, "seed")?;
             if let Some(source) = snapshot_source(&m)? {
                 if m.contains_key("size_mib") || m.contains_key("block_size") {
                     return Err(invalid(
@@ -639,8 +641,11 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
                     ));
                 }
                 return service
-                    .volume_create_from(need_str(&m, "name")?, source, export_params(&m)?)
+                    .volume_create_from(need_str(&m, "name")?, source, export_params(&m)?, seed)
                     .map_err(failed);
+            }
+            if seed.is_some() {
+                return Err(invalid("seed applies only to a volume over a snapshot"));
             }
             let size = get_u64(&m, "size_mib")?
                 .ok_or_else(|| invalid("size_mib is required"))?

@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 mod bucket;
+mod failback;
 mod policies;
 mod transfer;
 
@@ -473,7 +474,7 @@ impl Service {
     /// point in time) before any host can write.
     fn open_volume(&self, v: &VolumeRecord, how: Opening) -> anyhow::Result<LiveVolume> {
         let uuid: Uuid = v.uuid.parse().context("uuid")?;
-        let create = !matches!(how, Opening::Existing { .. });
+        let create = matches!(how, Opening::New | Opening::Restored);
         let chunks = v.size_bytes.div_ceil(v.chunk_bytes);
         // A volume over a snapshot starts with no change since that snapshot.
         let (file, over, fresh) = match &v.basis {
@@ -490,7 +491,7 @@ impl Service {
         };
         let pending = how == Opening::Existing { pending: true };
         let cbt = self.tracking_path(&v.name);
-        let tracking = if how == Opening::New {
+        let tracking = if matches!(how, Opening::New | Opening::Seeded) {
             fresh
         } else {
             match std::fs::read(&cbt) {
@@ -1535,11 +1536,16 @@ impl Service {
     /// lacks is read from the snapshot as hosts ask), and snapshotted like any volume —
     /// its first snapshot incremental over the one it began as, into that snapshot's
     /// store, so only what it changed is stored. It holds that snapshot.
+    ///
+    /// With `seed` (fail-back), its local copy starts as a copy of volume `seed`, whose
+    /// last snapshot that snapshot must descend from: only the chunks changed since, on
+    /// either side, are read from the store (see `failback`).
     pub fn volume_create_from(
         self: &Arc<Self>,
         name: &str,
         source: CloneSource<'_>,
         export: Option<ExportRecord>,
+        seed: Option<&str>,
     ) -> anyhow::Result<Value> {
         check_name(name)?;
         let (store, manifest_key) = self.resolve(source)?;
@@ -1556,7 +1562,8 @@ impl Service {
                 );
             }
         }
-        let m = self.load(&store, &manifest_key)?.manifest;
+        let loaded = self.load(&store, &manifest_key)?;
+        let m = loaded.manifest.clone();
         let record = VolumeRecord {
             name: name.into(),
             uuid: Uuid::new_v4().to_string(),
@@ -1575,7 +1582,22 @@ impl Service {
                 tracing::warn!("volume {name}: its hold on the snapshot stays: {e:#}");
             }
         };
-        let live = match self.open_volume(&record, Opening::New) {
+        let seeded = match seed {
+            None => None,
+            Some(seed) => match self.seed_from(seed, name, &store, loaded) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    undo(false);
+                    return Err(e);
+                }
+            },
+        };
+        let how = if seeded.is_some() {
+            Opening::Seeded
+        } else {
+            Opening::New
+        };
+        let live = match self.open_volume(&record, how) {
             Ok(l) => l,
             Err(e) => {
                 undo(false);
@@ -1612,6 +1634,7 @@ impl Service {
             "store": store,
             "manifest_key": manifest_key,
             "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "seeded": seeded.as_ref().map(failback::Seeded::to_json),
         }))
     }
 
@@ -2452,6 +2475,9 @@ impl Service {
 enum Opening {
     /// Created just now: made empty, nothing changed yet.
     New,
+    /// Created just now over a snapshot, its file and presence record made already
+    /// (seeded from another volume): nothing changed yet.
+    Seeded,
     /// Made now to receive a snapshot's data: every chunk counts as changed.
     Restored,
     /// Made before (reopened at start): it must be whole; `pending`, a snapshot of it

@@ -43,6 +43,7 @@ pub use nondurable_medium::NonDurableMedium;
 mod null;
 mod park;
 mod presence;
+pub use presence::seed_presence;
 mod preserve;
 mod reply;
 mod stats;

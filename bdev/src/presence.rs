@@ -124,6 +124,36 @@ fn replay(log: &[u8], chunks: u64, words: &mut [u64]) -> usize {
     }
 }
 
+/// Writes a new presence record at `path` saying the chunks set in `present` (bit
+/// `c % 64` of word `c / 64`) of a clone of `chunks` chunks are present, durably: for a
+/// local copy made whole by other means (seeded from a volume that holds those chunks'
+/// bytes) before the clone first opens it. Refused if a record is there already.
+pub fn seed_presence(path: &Path, chunks: u64, present: &[u64]) -> Result<(), BdevError> {
+    let words = chunks.div_ceil(64) as usize;
+    if present.len() != words {
+        return Err(damaged(
+            path,
+            format!(
+                "{} words of presence for {chunks} chunks, not {words}",
+                present.len()
+            ),
+        ));
+    }
+    let log = log_path(path);
+    if path.exists() || log.exists() {
+        return Err(damaged(path, "a presence record is there already".into()));
+    }
+    // Bits past the last chunk stay clear, as the checkpoint's readers expect.
+    let mut present = present.to_vec();
+    if !chunks.is_multiple_of(64)
+        && let Some(last) = present.last_mut()
+    {
+        *last &= (1 << (chunks % 64)) - 1;
+    }
+    crate::fsutil::replace_file(path, &encode_checkpoint(chunks, &present))
+        .map_err(|e| io_err(path, "writing the checkpoint", e))
+}
+
 impl PresenceFiles {
     /// Opens (or creates) the presence record at `path` for a clone of `chunks`
     /// chunks and returns it with the present set. A damaged checkpoint is an error,

@@ -24,6 +24,7 @@ pub mod blockio;
 pub mod bucket;
 pub mod codec;
 pub mod cores;
+pub mod diff;
 mod error;
 pub mod fetch;
 pub mod format;

@@ -707,3 +707,185 @@ fn a_volume_over_another_appliances_snapshot_stores_only_its_changes() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
+    let (server, dir, store, kek) = bed();
+    let d = dir.path();
+    let served = || s3server::served_at(&server.addr.to_string());
+    // A: 16 MiB written (seed 1) and snapshotted; then its host writes 512 KiB more
+    // (seed 7), which the other side never sees.
+    let port_a = free_port();
+    let (config_a, a) = appliance(&d.join("a"), port_a, &store, &kek);
+    let mut oxd_a = start_oxd(&config_a);
+    let on_a = export_db(&a, port_a, 32);
+    oxperf(&on_a, "write", "0:32768", 128, 131072, 1);
+    let first = a.ok(&["snapshot", "create", "db", "--store", "s3"]);
+    assert_eq!(first["state"], "done", "{first}");
+    oxperf(&on_a, "write", "32768:1024", 8, 65536, 7);
+
+    // A is lost; B goes on from A's snapshot, its host changes 1 MiB (seed 5), and B
+    // snapshots that into the same store on top of A's.
+    oxd_a.child.kill().unwrap();
+    oxd_a.child.wait().unwrap();
+    let port_b = free_port();
+    let (config_b, b) = appliance(&d.join("b"), port_b, &store, &kek);
+    let _oxd_b = start_oxd(&config_b);
+    let nqn_b = "nqn.2026-12.io.ox:db-b";
+    b.ok(&[
+        "volume",
+        "create",
+        "db-b",
+        "--from-store",
+        "s3",
+        "--from-volume",
+        "db",
+        "--latest",
+        "--nqn",
+        nqn_b,
+        "--allow-any-host",
+    ]);
+    let on_b = format!("127.0.0.1:{port_b},{nqn_b},1");
+    oxperf(&on_b, "write", "40960:2048", 16, 65536, 5);
+    let theirs = b.ok(&["snapshot", "create", "db-b", "--store", "s3"]);
+    assert_eq!(theirs["state"], "done", "{theirs}");
+    assert_eq!(
+        theirs["result"]["parent"], first["result"]["id"],
+        "{theirs}"
+    );
+
+    // A comes back (after its kill -9, its change record still says what its host
+    // wrote since its snapshot) and fails back: a volume over B's snapshot, seeded
+    // from its old one.
+    drop(oxd_a);
+    let _oxd_a = start_oxd(&config_a);
+    let wrong = a.call(&[
+        "volume",
+        "create",
+        "db-x",
+        "--from-store",
+        "s3",
+        "--from-volume",
+        "db-b",
+        "--latest",
+        "--seed",
+        "nothing",
+    ]);
+    assert!(!wrong.status.success());
+    let before = served();
+    let nqn_back = "nqn.2026-12.io.ox:db-back";
+    let back = a.ok(&[
+        "volume",
+        "create",
+        "db-back",
+        "--from-store",
+        "s3",
+        "--from-volume",
+        "db-b",
+        "--latest",
+        "--seed",
+        "db",
+        "--nqn",
+        nqn_back,
+        "--allow-any-host",
+    ]);
+    let seeded = &back["seeded"];
+    // 64 KiB chunks: B changed 16 of them, A's host 8 (different ones).
+    assert_eq!(seeded["changed_in_snapshot"], 16, "{back}");
+    assert_eq!(seeded["changed_in_seed"], 8, "{back}");
+    assert_eq!(seeded["chunks_to_fetch"], 24, "{back}");
+    assert!(
+        seeded["copied_bytes"].as_u64().unwrap() >= 16 << 20,
+        "{back}"
+    );
+
+    // The host on A now reads B's volume: A's data, B's changes, and none of what A's
+    // host wrote after the snapshot (zeroes there, as on B).
+    let on_back = format!("127.0.0.1:{port_a},{nqn_back},1");
+    assert_eq!(
+        verified(&oxperf(&on_back, "read", "0:32768", 128, 131072, 1)),
+        32768
+    );
+    assert_eq!(
+        verified(&oxperf(&on_back, "read", "40960:2048", 16, 65536, 5)),
+        2048
+    );
+    let gone = oxperf(&on_back, "read", "32768:1024", 8, 65536, 7);
+    assert_eq!(gone["unwritten_blocks"], 1024, "{gone}");
+    let after = served();
+    let fetched = after.get_bytes - before.get_bytes;
+    // The same without a seed, side by side: every written chunk comes from the store.
+    let nqn_full = "nqn.2026-12.io.ox:db-full";
+    a.ok(&[
+        "volume",
+        "create",
+        "db-full",
+        "--from-store",
+        "s3",
+        "--from-volume",
+        "db-b",
+        "--latest",
+        "--nqn",
+        nqn_full,
+        "--allow-any-host",
+    ]);
+    let on_full = format!("127.0.0.1:{port_a},{nqn_full},1");
+    assert_eq!(
+        verified(&oxperf(&on_full, "read", "0:32768", 128, 131072, 1)),
+        32768
+    );
+    oxperf(&on_full, "read", "40960:2048", 16, 65536, 5);
+    oxperf(&on_full, "read", "32768:1024", 8, 65536, 7);
+    let full = served();
+    println!(
+        "fail-back of a 32 MiB volume (16 MiB written), 1 MiB changed there and 512 KiB here, \
+         the same reads: seeded {} GETs, {fetched} bytes from the store; unseeded {} GETs, {} bytes",
+        after.gets - before.gets,
+        full.gets - after.gets,
+        full.get_bytes - after.get_bytes
+    );
+    // The 24 changed chunks (1.5 MiB before compression), index pages and manifests:
+    // not the 17 MiB the volume holds.
+    assert!(fetched < 4 << 20, "{fetched} bytes fetched");
+    assert!(full.get_bytes - after.get_bytes > 4 * fetched);
+
+    // Its first snapshot continues B's lineage and stores nothing it did not write.
+    let next = a.ok(&["snapshot", "create", "db-back", "--store", "s3"]);
+    assert_eq!(next["state"], "done", "{next}");
+    assert_eq!(next["result"]["parent"], theirs["result"]["id"], "{next}");
+    assert_eq!(next["result"]["chunks_read"], 0, "{next}");
+
+    // And back to B, seeded from its volume over A's first snapshot, which holds only
+    // the 16 chunks its host wrote: the rest of it is no copy, and is read from the
+    // store.
+    let nqn_b2 = "nqn.2026-12.io.ox:db-b2";
+    let again = b.ok(&[
+        "volume",
+        "create",
+        "db-b2",
+        "--from-store",
+        "s3",
+        "--from-volume",
+        "db-back",
+        "--latest",
+        "--seed",
+        "db-b",
+        "--nqn",
+        nqn_b2,
+        "--allow-any-host",
+    ]);
+    assert_eq!(again["seeded"]["changed_in_snapshot"], 0, "{again}");
+    assert_eq!(again["seeded"]["changed_in_seed"], 0, "{again}");
+    // (Its snapshot read those 16 through the device under it and fetched nothing
+    // else: a snapshot's reads are not a host's, and start no read-ahead.)
+    assert_eq!(again["seeded"]["chunks_to_fetch"], 512 - 16, "{again}");
+    let on_b2 = format!("127.0.0.1:{port_b},{nqn_b2},1");
+    assert_eq!(
+        verified(&oxperf(&on_b2, "read", "0:32768", 128, 131072, 1)),
+        32768
+    );
+    assert_eq!(
+        verified(&oxperf(&on_b2, "read", "40960:2048", 16, 65536, 5)),
+        2048
+    );
+}

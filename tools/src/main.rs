@@ -161,6 +161,11 @@ enum VolumeCommand {
         /// That snapshot (its whole ID).
         #[arg(long, requires = "from_volume")]
         snapshot: Option<String>,
+        /// Fail-back: a volume here whose last snapshot that snapshot descends from
+        /// (taken into the same store), whose data is copied locally so that only the
+        /// chunks changed since (there or here) are read from the store.
+        #[arg(long, requires = "from_volume")]
+        seed: Option<String>,
         #[command(flatten)]
         export: ExportArgs,
     },
@@ -471,6 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 from_volume,
                 latest,
                 snapshot,
+                seed,
                 export,
             } => {
                 let mut p = serde_json::Map::new();
@@ -487,6 +493,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             Some(id) => p.insert("snapshot".into(), id.clone().into()),
                             None => p.insert("latest".into(), (*latest).into()),
                         };
+                        if let Some(seed) = seed {
+                            p.insert("seed".into(), seed.clone().into());
+                        }
                     }
                     _ => anyhow::bail!("give --size-mib, or --from-store and --from-volume"),
                 }
