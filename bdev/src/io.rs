@@ -66,8 +66,8 @@ pub struct BdevIo {
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
     /// Made by the appliance itself (a snapshot reading the volume, a copy of a chunk
-    /// before a write over it), not a host:
-    /// devices that guess a host's next reads (a clone's read-ahead) leave it out.
+    /// before a write over it), not a host: a clone does not read ahead of such a
+    /// read of chunks it holds.
     pub internal: bool,
 }
 

@@ -254,6 +254,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_seeded_record_opens_with_its_chunks_present_and_is_made_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        assert!(
+            seed_presence(&path, 130, &[1, 2]).is_err(),
+            "130 chunks take 3 words"
+        );
+        // Bits past the last chunk are dropped.
+        seed_presence(&path, 130, &[u64::MAX, 0, u64::MAX]).unwrap();
+        assert!(seed_presence(&path, 130, &[0, 0, 0]).is_err(), "made once");
+        let (mut f, words) = PresenceFiles::open(crate::medium::local(), &path, 130).unwrap();
+        assert_eq!(words, vec![u64::MAX, 0, 0b11]);
+        f.append(&[64]).unwrap();
+        drop(f);
+        let (_, words) = PresenceFiles::open(crate::medium::local(), &path, 130).unwrap();
+        assert_eq!(words, vec![u64::MAX, 1, 0b11]);
+    }
+
+    #[test]
     fn the_log_replays_over_the_checkpoint_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p");

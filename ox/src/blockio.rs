@@ -79,7 +79,7 @@ pub async fn read(
 
 /// Starts reading `blocks` blocks at `lba`; `then` runs on the reactor when done. The
 /// read is the appliance's own ([`BdevIo::internal`]): a clone under the volume does not
-/// take it for a host reading ahead.
+/// read ahead of it where it holds the chunks.
 pub fn start_read(
     on: &ReactorHandle,
     bdev: &Bdev,

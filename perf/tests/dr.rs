@@ -759,19 +759,44 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
     // from its old one.
     drop(oxd_a);
     let _oxd_a = start_oxd(&config_a);
-    let wrong = a.call(&[
-        "volume",
-        "create",
-        "db-x",
-        "--from-store",
-        "s3",
-        "--from-volume",
-        "db-b",
-        "--latest",
-        "--seed",
-        "nothing",
-    ]);
-    assert!(!wrong.status.success());
+    // Seeds that cannot be: none by that name, one never snapshotted, one of another
+    // size, one whose last snapshot is not in the lineage. Each refused with why, and
+    // nothing is left behind.
+    a.ok(&["volume", "create", "fresh", "--size-mib", "32"]);
+    a.ok(&["volume", "create", "small", "--size-mib", "16"]);
+    a.ok(&["volume", "create", "other", "--size-mib", "32"]);
+    let other = a.ok(&["snapshot", "create", "other", "--store", "s3"]);
+    assert_eq!(other["state"], "done", "{other}");
+    for (seed, why) in [
+        ("nothing", "no volume named \"nothing\""),
+        ("fresh", "never snapshotted"),
+        ("small", "geometry"),
+        ("other", "does not descend"),
+    ] {
+        let wrong = a.call(&[
+            "volume",
+            "create",
+            "db-x",
+            "--from-store",
+            "s3",
+            "--from-volume",
+            "db-b",
+            "--latest",
+            "--seed",
+            seed,
+        ]);
+        let err = String::from_utf8_lossy(&wrong.stderr);
+        assert!(
+            !wrong.status.success() && err.contains(why),
+            "{seed}: {err}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(d.join("a/state/volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("db-x"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     let before = served();
     let nqn_back = "nqn.2026-12.io.ox:db-back";
     let back = a.ok(&[
@@ -790,10 +815,12 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
         "--allow-any-host",
     ]);
     let seeded = &back["seeded"];
-    // 64 KiB chunks: B changed 16 of them, A's host 8 (different ones).
+    // 64 KiB chunks: B stored 16 of them; A's host wrote 8 others, which B's snapshot
+    // holds as zeroes (made so in the copy, not fetched); 240 were never written.
     assert_eq!(seeded["changed_in_snapshot"], 16, "{back}");
     assert_eq!(seeded["changed_in_seed"], 8, "{back}");
-    assert_eq!(seeded["chunks_to_fetch"], 24, "{back}");
+    assert_eq!(seeded["zero_in_snapshot"], 512 - 256 - 16, "{back}");
+    assert_eq!(seeded["chunks_to_fetch"], 16, "{back}");
     assert!(
         seeded["copied_bytes"].as_u64().unwrap() >= 16 << 20,
         "{back}"
@@ -844,7 +871,7 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
         full.gets - after.gets,
         full.get_bytes - after.get_bytes
     );
-    // The 24 changed chunks (1.5 MiB before compression), index pages and manifests:
+    // The 16 changed chunks (1 MiB before compression), index pages and manifests:
     // not the 17 MiB the volume holds.
     assert!(fetched < 4 << 20, "{fetched} bytes fetched");
     assert!(full.get_bytes - after.get_bytes > 4 * fetched);
@@ -876,9 +903,12 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
     ]);
     assert_eq!(again["seeded"]["changed_in_snapshot"], 0, "{again}");
     assert_eq!(again["seeded"]["changed_in_seed"], 0, "{again}");
-    // (Its snapshot read those 16 through the device under it and fetched nothing
-    // else: a snapshot's reads are not a host's, and start no read-ahead.)
-    assert_eq!(again["seeded"]["chunks_to_fetch"], 512 - 16, "{again}");
+    // Its 240 zero chunks are zeroed in the copy; of the 272 others it held only the
+    // 16 it wrote. (Its snapshot read those 16 through the device under it and
+    // fetched nothing else: a snapshot's reads are not a host's, and start no
+    // read-ahead.)
+    assert_eq!(again["seeded"]["zero_in_snapshot"], 240, "{again}");
+    assert_eq!(again["seeded"]["chunks_to_fetch"], 256, "{again}");
     let on_b2 = format!("127.0.0.1:{port_b},{nqn_b2},1");
     assert_eq!(
         verified(&oxperf(&on_b2, "read", "0:32768", 128, 131072, 1)),

@@ -161,9 +161,9 @@ enum VolumeCommand {
         /// That snapshot (its whole ID).
         #[arg(long, requires = "from_volume")]
         snapshot: Option<String>,
-        /// Fail-back: a volume here whose last snapshot that snapshot descends from
-        /// (taken into the same store), whose data is copied locally so that only the
-        /// chunks changed since (there or here) are read from the store.
+        /// Fail-back: a volume here whose last snapshot (wherever it was taken) is that
+        /// snapshot or one of its ancestors; its data is copied locally so that only
+        /// the chunks changed since, there or here, are read from the store.
         #[arg(long, requires = "from_volume")]
         seed: Option<String>,
         #[command(flatten)]

@@ -2,15 +2,18 @@
 //! copy of a volume here that holds an ancestor of that snapshot. When appliance B
 //! went on from A's snapshot S (a volume over S, snapshotted on top of it into the
 //! same store), A makes its volume again from B's newest snapshot T with `seed` naming
-//! its old volume: only the chunks T changed since S, and those the old volume changed
-//! since S, are read from the store; the rest is local.
+//! its old volume: only the chunks T stored since S, and those the old volume's hosts
+//! wrote since S, are read from the store; the rest is local, and chunks T holds as
+//! zeroes are made zero in the copy.
 //!
-//! Which chunks T changed is read from the two snapshots' index pages
-//! ([`ox::diff::changed_since`]). The seed's change tracking says what it changed since
-//! S; it is read before its file is copied and again after, so a chunk a host wrote
-//! meanwhile counts as changed and is fetched, never taken from a copy made while it
-//! was written (a write marks its chunk before it is issued). A seed that is itself
-//! over a snapshot gives only the chunks it held before the copy began.
+//! Which chunks T stored since S is read from T's index pages
+//! ([`ox::diff::changed_since`]). S is the seed's change base: its last snapshot,
+//! wherever it went, which must be in T's lineage. The seed's change tracking says
+//! what it changed since S; it is read once the seed is held and again after its file
+//! is copied, so a chunk a host wrote meanwhile counts as changed and is fetched, never
+//! taken from a copy made while it was written (a write marks its chunk before it is
+//! issued). A seed that is itself over a snapshot gives only the chunks it held before
+//! the copy began.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +31,7 @@ pub(super) struct Seeded {
     chunks: u64,
     to_fetch: u64,
     changed_there: u64,
+    zero_there: u64,
     changed_here: u64,
     copied_bytes: u64,
     index_pages: u64,
@@ -41,6 +45,7 @@ impl Seeded {
             "chunks": self.chunks,
             "chunks_to_fetch": self.to_fetch,
             "changed_in_snapshot": self.changed_there,
+            "zero_in_snapshot": self.zero_there,
             "changed_in_seed": self.changed_here,
             "copied_bytes": self.copied_bytes,
             "index_pages_read": self.index_pages,
@@ -60,9 +65,31 @@ impl Drop for NoSnapshot {
 }
 
 impl Service {
+    /// The seed's handle, presence (if it is over a snapshot), snapshot flag and
+    /// identity, with its geometry checked against snapshot `to`.
+    fn seed_of(&self, seed: &str, to: &Loaded) -> anyhow::Result<SeedVolume> {
+        let m = &to.manifest;
+        let v = self.seed_of_locked(&self.inner(), seed)?;
+        if v.geometry != (m.volume_bytes, u64::from(m.chunk_bytes), m.block_size) {
+            invalid!(
+                "volume {} ({} bytes, chunks of {}, blocks of {}) is not of the snapshot's \
+                 geometry ({} bytes, chunks of {}, blocks of {})",
+                shown(seed),
+                v.geometry.0,
+                v.geometry.1,
+                v.geometry.2,
+                m.volume_bytes,
+                m.chunk_bytes,
+                m.block_size
+            );
+        }
+        Ok(v)
+    }
+
     /// Makes volume `name`'s local copy (which must not exist yet) from volume `seed`'s
     /// data and writes its presence record: present where `to` (in `store`) holds what
-    /// the copy holds. `to` must descend from the snapshot `seed`'s changes count from.
+    /// the copy holds, or zeroes (made so in the copy). `to` must descend from the
+    /// snapshot `seed`'s changes count from.
     pub(super) fn seed_from(
         &self,
         seed: &str,
@@ -70,110 +97,136 @@ impl Service {
         store: &str,
         to: Loaded,
     ) -> anyhow::Result<Seeded> {
+        let first = self.seed_of(seed, &to)?;
+        let Some(base) = first.handle.changes().base.map(hex::encode) else {
+            invalid!(
+                "volume {} has no snapshot its changes count from (it was never \
+                 snapshotted): it cannot seed; create the volume without seed",
+                shown(seed)
+            );
+        };
         let m = to.manifest.clone();
-        let (handle, over, busy, size, chunk_bytes, block_size) = {
+        if m.snapshot != base && !m.lineage.iter().any(|a| a.snapshot == base) {
+            invalid!(
+                "snapshot {} does not descend from {base}, the last snapshot of volume {} \
+                 (in whichever store it went): it cannot seed",
+                m.snapshot,
+                shown(seed)
+            );
+        }
+        // Which chunks the snapshot stored after the seed's: from its index, before the
+        // seed is held (this part does not depend on the seed's data).
+        let spec = self.store(store)?.clone();
+        let ancestor = base.clone();
+        let changed = self
+            .cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let s = spec.open(&ex)?;
+                    ox::diff::changed_since(&*s, &to, &ancestor).await
+                })
+            })?
+            .with_context(|| format!("comparing with snapshot {base}"))?;
+
+        // Hold the seed: no snapshot of it starts or ends (moving its change base),
+        // and it is not deleted, while it is copied. Taken under the catalogue lock,
+        // as a snapshot takes it, and only if it is still the volume looked at.
+        let seed_now = {
             let inner = self.inner();
-            let live = inner.volume(seed)?;
-            let record = inner
-                .catalogue
-                .volumes
-                .iter()
-                .find(|v| v.name == seed)
-                .ok_or_else(|| Refusal::NotFound(format!("no volume named {}", shown(seed))))?;
-            (
-                live.handle.clone(),
-                live.over.clone(),
-                Arc::clone(&live.busy),
-                record.size_bytes,
-                record.chunk_bytes,
-                record.block_size,
-            )
-        };
-        if (size, chunk_bytes, block_size)
-            != (m.volume_bytes, u64::from(m.chunk_bytes), m.block_size)
-        {
-            invalid!(
-                "volume {seed} ({size} bytes, chunks of {chunk_bytes}, blocks of {block_size}) \
-                 is not of the snapshot's geometry ({} bytes, chunks of {}, blocks of {})",
-                m.volume_bytes,
-                m.chunk_bytes,
-                m.block_size
-            );
-        }
-        if busy.swap(true, Ordering::SeqCst) {
-            conflict!("volume {seed} is being snapshotted: seed once that is done");
-        }
-        let _no_snapshot = NoSnapshot(busy);
-        let before = handle.changes();
-        let Some(base) = before.base.map(hex::encode) else {
-            invalid!(
-                "volume {seed} does not know which snapshot its changes count from (never \
-                 snapshotted, or restarted after a crash): it cannot seed; create the volume \
-                 without seed"
-            );
-        };
-        let ancestor = if m.snapshot == base {
-            None
-        } else {
-            match m.lineage.iter().find(|a| a.snapshot == base) {
-                Some(a) => Some(a.manifest.clone()),
-                None => invalid!(
-                    "snapshot {} does not descend from {base}, the last snapshot of volume \
-                     {seed} (in store {store}): it cannot seed",
-                    m.snapshot
-                ),
+            let now = self.seed_of_locked(&inner, seed)?;
+            if now.uuid != first.uuid {
+                conflict!("volume {} was replaced meanwhile", shown(seed));
             }
+            if now.busy.swap(true, Ordering::SeqCst) {
+                conflict!(
+                    "volume {} is being snapshotted: seed once that is done",
+                    shown(seed)
+                );
+            }
+            now
         };
+        let _held = NoSnapshot(Arc::clone(&seed_now.busy));
+        let before = seed_now.handle.changes();
+        if before.base.map(hex::encode).as_deref() != Some(base.as_str()) {
+            conflict!("volume {}'s last snapshot changed meanwhile", shown(seed));
+        }
         let chunks = m.chunks();
         // Chunks a seed over a snapshot lacks are holes in its file: not a copy.
-        let held: Option<Vec<bool>> = over.map(|o| (0..chunks).map(|c| o.is_present(c)).collect());
-
-        let changed = match ancestor {
-            None => None,
-            Some(key) => {
-                let from = self.load(store, &key)?;
-                let spec = self.store(store)?.clone();
-                let diff = self.cores.run(move |ex| {
-                    Box::pin(async move {
-                        let s = spec.open(&ex)?;
-                        ox::diff::changed_since(&*s, &from, &to).await
-                    })
-                })?;
-                Some(diff.with_context(|| format!("comparing with snapshot {base}"))?)
-            }
-        };
+        let held: Option<Vec<bool>> = seed_now
+            .over
+            .as_ref()
+            .map(|o| (0..chunks).map(|c| o.is_present(c)).collect());
         let (src, dst) = (self.volume_path(seed), self.volume_path(name));
         let copied_bytes = bdev::fsutil::copy_sparse(&src, &dst)
             .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-        let after = handle.changes();
-        if after.base != before.base {
-            conflict!("volume {seed}'s change base moved while it was copied");
-        }
+        // Every write issued since `before` marked its chunk first: a chunk written
+        // during the copy is in `after`, and is fetched.
+        let after = seed_now.handle.changes();
 
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&dst)
+            .with_context(|| format!("{}", dst.display()))?;
         let mut present = vec![0u64; chunks.div_ceil(64) as usize];
-        let (mut to_fetch, mut changed_there, mut changed_here) = (0, 0, 0);
+        let (mut to_fetch, mut changed_here) = (0, 0);
         for c in 0..chunks {
-            let there = changed.as_ref().is_some_and(|d| d.contains(c));
-            let here = before.contains(c) || after.contains(c);
-            let lacked = held.as_ref().is_some_and(|h| !h[c as usize]);
-            changed_there += u64::from(there);
+            let here = after.contains(c);
             changed_here += u64::from(here);
-            if there || here || lacked {
+            let lacked = held.as_ref().is_some_and(|h| !h[c as usize]);
+            if changed.is_zero(c) {
+                // Known without the store: zeroes, made so here.
+                let at = c * m.chunk_bytes as u64;
+                let len = (m.volume_bytes - at).min(u64::from(m.chunk_bytes));
+                bdev::fsutil::zero_range(&file, at, len)
+                    .with_context(|| format!("zeroing chunk {c} of {}", dst.display()))?;
+            } else if changed.is_newer(c) || here || lacked {
                 to_fetch += 1;
-            } else {
-                present[(c / 64) as usize] |= 1 << (c % 64);
+                continue;
             }
+            present[(c / 64) as usize] |= 1 << (c % 64);
         }
+        file.sync_all()
+            .with_context(|| format!("syncing {}", dst.display()))?;
+        drop(file);
         bdev::seed_presence(&self.volume_file(name, "presence"), chunks, &present)?;
         Ok(Seeded {
             seed: seed.to_string(),
             chunks,
             to_fetch,
-            changed_there,
+            changed_there: changed.newer_count(),
+            zero_there: changed.zero_count(),
             changed_here,
             copied_bytes,
-            index_pages: changed.as_ref().map_or(0, |d| d.pages_fetched),
-            index_bytes: changed.as_ref().map_or(0, |d| d.page_bytes),
+            index_pages: changed.pages_fetched,
+            index_bytes: changed.page_bytes,
         })
     }
+
+    /// [`Service::seed_of`]'s lookup, under the catalogue lock the caller holds.
+    fn seed_of_locked(&self, inner: &super::Inner, seed: &str) -> anyhow::Result<SeedVolume> {
+        let live = inner.volume(seed)?;
+        let record = inner
+            .catalogue
+            .volumes
+            .iter()
+            .find(|v| v.name == seed)
+            .ok_or_else(|| Refusal::NotFound(format!("no volume named {}", shown(seed))))?;
+        Ok(SeedVolume {
+            handle: live.handle.clone(),
+            over: live.over.clone(),
+            busy: Arc::clone(&live.busy),
+            uuid: record.uuid.clone(),
+            geometry: (record.size_bytes, record.chunk_bytes, record.block_size),
+        })
+    }
+}
+
+/// The volume seeding another, as looked up.
+struct SeedVolume {
+    handle: bdev::VolumeHandle,
+    over: Option<bdev::CloneHandle>,
+    busy: Arc<AtomicBool>,
+    uuid: String,
+    /// Size, chunk and block size in bytes.
+    geometry: (u64, u64, u32),
 }

@@ -330,10 +330,14 @@ impl CloneChannel {
     fn read(&self, io: BdevIo, done: IoDone) {
         let s = &self.shared;
         let chunks = s.chunks_of(&io);
-        if !io.internal {
+        let hit = chunks.clone().all(|c| s.is_present(c));
+        // The appliance's own reads of what is here (a snapshot reading the chunks
+        // written here) say nothing of what a host reads next; once they miss (a
+        // snapshot reading the whole volume), reading ahead pays as for a host.
+        if !(io.internal && hit) {
             self.read_ahead(&io, *chunks.end());
         }
-        if chunks.clone().all(|c| s.is_present(c)) {
+        if hit {
             return self.local.pass(io, done);
         }
         let (first, last) = (*chunks.start(), *chunks.end());
