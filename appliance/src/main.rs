@@ -68,21 +68,39 @@ fn dhchap_key(a: &DhchapKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs to stdout (the journal under systemd): level and message, with time when on a
-/// terminal. `RUST_LOG` filters (default `info`). Nothing secret is ever logged.
+/// Logs to stdout, one line per event: time (UTC), level, the module that speaks, the
+/// message and its fields as key=value. Under systemd, when stdout is the journal, the
+/// time is left to the journal. `RUST_LOG` filters (default `info`). Nothing secret is
+/// ever logged.
 fn logging() {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_writer(std::io::stdout);
-    if std::io::stdout().is_terminal() {
-        builder.init();
+    if stdout_is_the_journal() {
+        builder.without_time().init();
     } else {
-        // The journal (or whoever reads the pipe) stamps the time itself.
-        builder.without_time().with_ansi(false).init();
+        builder.init();
+    }
+}
+
+/// Whether stdout is connected to the systemd journal: `JOURNAL_STREAM` (set by
+/// systemd) names the device and inode of the journal's stream, and they are stdout's.
+fn stdout_is_the_journal() -> bool {
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.split_once(':') else {
+        return false;
+    };
+    match rustix::fs::fstat(std::io::stdout()) {
+        Ok(st) => {
+            dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
+        }
+        Err(_) => false,
     }
 }
 

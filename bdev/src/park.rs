@@ -80,7 +80,7 @@ fn courier(index: usize) -> Courier {
                 });
             if let Err(e) = spawned {
                 // Without a courier a full mailbox drops the message: say so loudly.
-                eprintln!("bdev: cannot start the courier thread: {e}");
+                tracing::error!(error = %e, "cannot start the courier thread");
             }
             tx
         })

@@ -413,10 +413,10 @@ fn arm_keep_alive(ctrl: &Rc<RefCell<Controller>>, conn: &Rc<Conn>) {
                 c.last_seen.elapsed() > c.kato + period
             };
             if expired {
-                eprintln!(
-                    "nvmf: controller {} (host {}) missed its keep-alive; tearing it down",
-                    ctrl.borrow().shared.cntlid,
-                    ctrl.borrow().shared.hostnqn
+                tracing::info!(
+                    cntlid = ctrl.borrow().shared.cntlid,
+                    host = %ctrl.borrow().shared.hostnqn,
+                    "controller missed its keep-alive; tearing it down"
                 );
                 conn.close();
             }

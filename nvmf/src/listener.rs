@@ -3,11 +3,12 @@
 //! slot ([`crate::admission`]) or is closed at once, and is handed, as a message, to
 //! the next reactor in turn, where it lives for its whole life.
 
+use std::cell::Cell;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reactor::io_uring::{opcode, types};
 use reactor::{ReactorHandle, current};
@@ -30,6 +31,7 @@ pub(crate) fn spawn(
             target,
             listener,
             local,
+            failures: Repeats::new(REPEAT_EVERY),
         });
         if let Some(r) = current() {
             let weak = Rc::downgrade(&l);
@@ -51,6 +53,52 @@ struct Listening {
     target: Arc<TargetShared>,
     listener: TcpListener,
     local: SocketAddr,
+    /// Failed accepts: out of descriptors, the listener retries every 10 ms, and says
+    /// so at most every [`REPEAT_EVERY`].
+    failures: Repeats,
+}
+
+/// How often a listener that keeps failing to accept says so.
+const REPEAT_EVERY: Duration = Duration::from_secs(10);
+
+/// A repeating failure, told once and then at most once per period with how many
+/// happened since the last line.
+struct Repeats {
+    period: Duration,
+    unlogged: Cell<u64>,
+    logged: Cell<Option<Instant>>,
+}
+
+impl Repeats {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            unlogged: Cell::new(0),
+            logged: Cell::new(None),
+        }
+    }
+
+    /// Counts a failure at `now`; `Some(failures since the last line, this one
+    /// included)` when a line is due.
+    fn failed(&self, now: Instant) -> Option<u64> {
+        let n = self.unlogged.get() + 1;
+        if self
+            .logged
+            .get()
+            .is_some_and(|t| now.saturating_duration_since(t) < self.period)
+        {
+            self.unlogged.set(n);
+            return None;
+        }
+        self.logged.set(Some(now));
+        self.unlogged.set(0);
+        Some(n)
+    }
+
+    /// The failures are over; `Some(failures not told yet)` if any were told at all.
+    fn recovered(&self) -> Option<u64> {
+        self.logged.take().map(|_| self.unlogged.replace(0))
+    }
 }
 
 impl Listening {
@@ -72,6 +120,9 @@ impl Listening {
     fn accepted(self: &Rc<Self>, res: i32) {
         let Some(r) = current() else { return };
         if res >= 0 {
+            if let Some(untold) = self.failures.recovered() {
+                tracing::info!(listener = %self.local, untold, "accepting again");
+            }
             // SAFETY: a successful accept returns a new descriptor that nothing else owns.
             let fd = unsafe { OwnedFd::from_raw_fd(res) };
             let socket = std::net::TcpStream::from(fd);
@@ -86,7 +137,7 @@ impl Listening {
                     let fd = OwnedFd::from(socket);
                     let to = self.target.pick_reactor().clone();
                     if let Err(e) = to.send(move || Conn::start(target, fd, local, peer, ticket)) {
-                        eprintln!("nvmf: dropping connection on {local}: {e}");
+                        tracing::warn!(listener = %local, %peer, error = %e, "connection dropped");
                     }
                 }
                 Err(why) => {
@@ -99,14 +150,40 @@ impl Listening {
         } else if res == -libc::ECANCELED || r.is_stopping() {
             // Reactor shutting down: stop accepting; the socket closes with `self`.
         } else {
-            // Out of descriptors or memory: back off briefly rather than spin.
+            // Out of descriptors or memory: back off briefly rather than spin, and say
+            // so once, then at most every REPEAT_EVERY with the count.
             let this = Rc::clone(self);
-            eprintln!(
-                "nvmf: accept on {} failed: {}",
-                self.local,
-                std::io::Error::from_raw_os_error(-res)
-            );
+            if let Some(failures) = self.failures.failed(Instant::now()) {
+                tracing::warn!(
+                    listener = %self.local,
+                    error = %std::io::Error::from_raw_os_error(-res),
+                    failures,
+                    "accept failed; retrying every 10 ms"
+                );
+            }
             r.after(Duration::from_millis(10), move || this.accept());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeating_failure_is_told_once_per_period_with_its_count() {
+        let r = Repeats::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        assert_eq!(r.recovered(), None, "nothing failed");
+        assert_eq!(r.failed(at(0)), Some(1), "the first is told");
+        for ms in (10..10_000).step_by(10) {
+            assert_eq!(r.failed(at(ms)), None, "then quiet for the period");
+        }
+        assert_eq!(r.failed(at(10_000)), Some(1000), "then the count since");
+        assert_eq!(r.failed(at(10_010)), None);
+        assert_eq!(r.recovered(), Some(1), "the untold one, at recovery");
+        assert_eq!(r.recovered(), None);
+        assert_eq!(r.failed(at(10_020)), Some(1), "a new spell is told at once");
     }
 }
