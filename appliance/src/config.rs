@@ -170,10 +170,14 @@ pub struct StoreSection {
     /// s3: region (default "us-east-1").
     pub region: Option<String>,
     /// s3: "env" (AWS_* variables, the default), "file" (shared credentials file,
-    /// `profile`), or "static" with `access_key`/`secret_key_file`.
+    /// `profile`), "process" (what `credential_process` prints), or "static" with
+    /// `access_key`/`secret_key_file`.
     pub credentials: Option<String>,
     /// s3: profile for credentials = "file".
     pub profile: Option<String>,
+    /// s3: for credentials = "process", the program and its arguments (run without a
+    /// shell) printing credentials as the AWS SDKs' `credential_process` does.
+    pub credential_process: Option<Vec<String>>,
     /// s3: access key ID for credentials = "static".
     pub access_key: Option<String>,
     /// s3: file holding the secret key for credentials = "static" (never inline).
@@ -796,7 +800,15 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
                         secret_key: secret,
                     }
                 }
-                other => bail!("credentials {other:?} is not env, file or static"),
+                "process" => match &s.credential_process {
+                    Some(command) if !command.is_empty() => CredentialSource::Process {
+                        command: command.clone(),
+                    },
+                    _ => bail!(
+                        "credentials = \"process\" needs credential_process = [\"program\", \"args\"...]"
+                    ),
+                },
+                other => bail!("credentials {other:?} is not env, file, process or static"),
             };
             // Resolve now: missing credentials fail the start, naming the store.
             ox::store::s3::resolve_credentials(&credentials).context("credentials")?;

@@ -162,6 +162,18 @@ fn bad_object_exchange_configurations_are_named() {
             "signing \"v2\" is not \"headers\" or \"query\"",
         ),
         (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"process\"\n"
+            ),
+            "credentials = \"process\" needs credential_process",
+        ),
+        (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"process\"\ncredential_process = [\"/bin/false\"]\n"
+            ),
+            "credential_process /bin/false: exit status: 1",
+        ),
+        (
             format!("{ox}[[key]]\nname = \"k\"\nfile = {key:?}\nenv = \"X\"\n"),
             "exactly one of file, env, command",
         ),

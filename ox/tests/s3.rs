@@ -373,3 +373,44 @@ fn a_multipart_completion_that_timed_out_but_succeeded_is_not_an_error() {
         assert!(s.get("ox1/d/slow-complete").await.unwrap() == big);
     });
 }
+
+#[test]
+fn credentials_from_a_command_sign_requests_and_wrong_ones_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = start_server(false);
+    let dir = tempfile::tempdir().unwrap();
+    let helper = |name: &str, secret: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho '{{\"Version\": 1, \"AccessKeyId\": \"{ACCESS}\", \
+                 \"SecretAccessKey\": \"{secret}\", \"Expiration\": \"2999-01-01T00:00:00Z\"}}'\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        vec![path.display().to_string()]
+    };
+    let open = |command: Vec<String>, ex: &Rc<LocalExecutor<'static>>| {
+        let endpoint = format!("http://127.0.0.1:{}", server.addr.port())
+            .parse()
+            .unwrap();
+        let mut c = S3Config::new(
+            endpoint,
+            BUCKET,
+            "us-east-1",
+            CredentialSource::Process { command },
+        );
+        c.allow_http = true;
+        S3Store::new(c, Rc::clone(ex))
+    };
+    run(async |ex| {
+        let s = open(helper("good", SECRET), &ex).unwrap();
+        s.put("ox1/d/from-a-command", vec![7; 100]).await.unwrap();
+        assert_eq!(s.get("ox1/d/from-a-command").await.unwrap(), vec![7; 100]);
+        let bad = open(helper("bad", "not-the-secret"), &ex).unwrap();
+        let e = bad.put("ox1/d/x", vec![1]).await.unwrap_err();
+        assert!(matches!(&e, OxError::Refused { status: 403, .. }), "{e}");
+    });
+}

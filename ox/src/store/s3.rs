@@ -49,6 +49,12 @@ pub enum CredentialSource {
         /// Profile name.
         profile: String,
     },
+    /// What a command prints, as the SDKs' `credential_process` (see
+    /// [`super::credential_process`]).
+    Process {
+        /// The program and its arguments (no shell).
+        command: Vec<String>,
+    },
 }
 
 /// How requests are authenticated: both are AWS Signature Version 4.
@@ -159,6 +165,7 @@ pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxE
                 ))
             })
         }
+        CredentialSource::Process { command } => super::credential_process::credentials(command),
     }
 }
 
