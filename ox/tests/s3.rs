@@ -412,5 +412,22 @@ fn credentials_from_a_command_sign_requests_and_wrong_ones_are_refused() {
         let bad = open(helper("bad", "not-the-secret"), &ex).unwrap();
         let e = bad.put("ox1/d/x", vec![1]).await.unwrap_err();
         assert!(matches!(&e, OxError::Refused { status: 403, .. }), "{e}");
+
+        // A store kept open follows the command's renewals: these expire at once, so
+        // each request asks again, and the secret it reads changes under it.
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        let path = dir.path().join("renewing");
+        let body = format!(
+            "#!/bin/sh\nprintf '{{\"Version\": 1, \"AccessKeyId\": \"{ACCESS}\", \"SecretAccessKey\": \"%s\", \"Expiration\": \"2000-01-01T00:00:00Z\"}}' \"$(cat {})\"\n",
+            secret.display()
+        );
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let renewing = open(vec![path.display().to_string()], &ex).unwrap();
+        renewing.put("ox1/d/renewed", vec![1]).await.unwrap();
+        std::fs::write(&secret, "revoked").unwrap();
+        let e = renewing.put("ox1/d/renewed", vec![2]).await.unwrap_err();
+        assert!(matches!(&e, OxError::Refused { status: 403, .. }), "{e}");
     });
 }

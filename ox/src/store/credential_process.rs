@@ -1,16 +1,19 @@
 //! Credentials from a command, as the AWS SDKs' `credential_process`: the command
 //! prints `{"Version": 1, "AccessKeyId": …, "SecretAccessKey": …, "SessionToken": …,
 //! "Expiration": "RFC 3339"}` (the last two optional) on stdout. What it gives is kept
-//! until five minutes before it expires (for good, without an expiry), so a store
-//! opened for each job runs the command once per credentials' life, not per open.
+//! until five minutes before it expires (for good, without an expiry); a store asks
+//! for its credentials at each request, so it follows every renewal while the command
+//! runs once per credentials' life.
 //!
 //! The command is run without a shell (the configuration gives its arguments as a
-//! list), with no input, and given [`TIMEOUT`] to answer before it is killed. Its
-//! output is never logged or echoed in an error: only its exit status and the first
-//! line of what it wrote on stderr.
+//! list), with no input, in a process group of its own, and given [`TIMEOUT`] to
+//! answer before the group is killed. It runs where it is asked for: a renewal holds
+//! that thread (an OX core) for as long as the command takes. Its output is never
+//! logged or echoed in an error: only its exit status and the first line of what it
+//! wrote on stderr.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::Read as _;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -78,55 +81,104 @@ fn failed(command: &[String], why: impl std::fmt::Display) -> OxError {
     ))
 }
 
+/// Most of its stdout read (the JSON is a few hundred bytes) and of its stderr.
+const MAX_OUT: u64 = 64 << 10;
+const MAX_ERR: u64 = 4 << 10;
+
 fn run(command: &[String], timeout: Duration) -> Result<Cached, OxError> {
+    use std::os::unix::process::CommandExt;
     let Some((program, args)) = command.split_first() else {
         return Err(failed(command, "no command given"));
     };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| failed(command, format!("cannot run it: {e}")))?;
-    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+    // In a process group of its own, so that a timeout kills whatever it started too
+    // (and their ends of its pipes go with them).
+    let spawn = || {
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+    };
+    let mut child = spawn();
+    for _ in 0..3 {
+        // A program just written may still be open for writing in a process another
+        // thread forked (ETXTBSY): a moment later it runs.
+        match &child {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(10));
+                child = spawn();
+            }
+            _ => break,
+        }
+    }
+    let mut child = child.map_err(|e| failed(command, format!("cannot run it: {e}")))?;
+    let pid = child.id();
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
         return Err(failed(command, "no pipes to it"));
     };
-    // Read both pipes to their end on threads, so a chatty stderr cannot block the
-    // command, and wait for the answer at most `timeout`.
+    // Its output read and its exit awaited on a thread, within `timeout`. Its stderr
+    // is read on another and waited for only if it failed: something it left running
+    // may hold stderr open long after it answered.
     let (tx, rx) = std::sync::mpsc::channel();
-    let err_reader = std::thread::spawn(move || {
-        let mut e = Vec::new();
-        let _ = stderr.read_to_end(&mut e);
-        e
-    });
-    std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let read = stdout.read_to_end(&mut out).map(|_| out);
-        let _ = tx.send(read);
-    });
-    let out = match rx.recv_timeout(timeout) {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => return Err(failed(command, format!("reading its output: {e}"))),
+    let (err_tx, err_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::Builder::new()
+        .name("credential-process".into())
+        .spawn(move || {
+            let err_reader = std::thread::Builder::new().spawn(move || {
+                let mut e = Vec::new();
+                let _ = stderr.take(MAX_ERR).read_to_end(&mut e);
+                let _ = err_tx.send(e);
+            });
+            let mut out = Vec::new();
+            let read = stdout.take(MAX_OUT).read_to_end(&mut out);
+            let status = child.wait();
+            let _ = tx.send((read.map(|_| out), status));
+            drop(err_reader);
+        });
+    if let Err(e) = waiter {
+        let _ = rustix::process::kill_process_group(
+            rustix::process::Pid::from_raw(pid as i32).ok_or_else(|| failed(command, "no pid"))?,
+            rustix::process::Signal::KILL,
+        );
+        return Err(failed(command, format!("cannot wait for it: {e}")));
+    }
+    let started = std::time::Instant::now();
+    let (out, status) = match rx.recv_timeout(timeout) {
+        Ok(answer) => answer,
         Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
+            if let Some(group) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             return Err(failed(
                 command,
                 format!("no answer within {} s; killed", timeout.as_secs()),
             ));
         }
     };
-    let status = child
-        .wait()
-        .map_err(|e| failed(command, format!("waiting for it: {e}")))?;
-    let err = err_reader.join().unwrap_or_default();
+    let out = out.map_err(|e| failed(command, format!("reading its output: {e}")))?;
+    let status = status.map_err(|e| failed(command, format!("waiting for it: {e}")))?;
     if !status.success() {
-        let first = String::from_utf8_lossy(&err);
-        let first = first.lines().next().unwrap_or("").chars().take(200);
+        let left = timeout.saturating_sub(started.elapsed());
+        let err = err_rx.recv_timeout(left).unwrap_or_default();
+        let err = String::from_utf8_lossy(&err);
+        let first: String = err
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect();
         return Err(failed(
             command,
-            format!("{status}: {}", first.collect::<String>()),
+            if first.is_empty() {
+                status.to_string()
+            } else {
+                format!("{status}: {first}")
+            },
         ));
     }
     parse(command, &out)
@@ -275,6 +327,19 @@ mod tests {
             assert!(e.contains(why) && e.contains(name), "{name}: {e}");
             assert!(!e.contains("SECRET-OUT"), "{name}: output echoed: {e}");
         }
+        // Something it leaves running holds stderr (and is in its process group): the
+        // answer counts, and nothing waits for it.
+        let left = script(
+            d,
+            "leaves",
+            r#"sleep 5 > /dev/null &
+echo '{"Version": 1, "AccessKeyId": "AK4", "SecretAccessKey": "SK4"}'"#,
+        );
+        let got = credentials_within(&left, Duration::from_secs(30)).unwrap();
+        assert_eq!(got.key(), "AK4");
+        let silent = script(d, "silent", "exit 4");
+        let e = credentials(&silent).err().unwrap().to_string();
+        assert!(e.ends_with("exit status: 4"), "{e}");
         let e = credentials(&["/nonexistent/helper".to_string()])
             .err()
             .unwrap();

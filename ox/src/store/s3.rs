@@ -306,11 +306,24 @@ impl S3Store {
         })
     }
 
+    /// The credentials to sign with now: those resolved at open, or, from a command,
+    /// its current answer (kept until shortly before it expires; a long-lived store
+    /// follows each renewal).
+    fn credentials(&self) -> Result<Credentials, OxError> {
+        match &self.config.credentials {
+            CredentialSource::Process { command } => {
+                super::credential_process::credentials(command)
+            }
+            _ => Ok(self.credentials.clone()),
+        }
+    }
+
     /// The request `presigned` stands for, authenticated as configured: the URL to
     /// send, and `headers` with what header signing adds (signed at this moment; a
     /// request's retries reuse it, well inside the 15 minutes S3 allows).
     fn authorize<'h>(
         &self,
+        credentials: &Credentials,
         method: &Method,
         presigned: Url,
         mut headers: Vec<(&'h str, String)>,
@@ -319,9 +332,9 @@ impl S3Store {
             return (presigned, headers);
         }
         let signer = Signer {
-            access_key: self.credentials.key(),
-            secret_key: self.credentials.secret(),
-            session_token: self.credentials.token(),
+            access_key: credentials.key(),
+            secret_key: credentials.secret(),
+            session_token: credentials.token(),
             region: &self.config.region,
         };
         let (url, added) = signer.sign(method, &presigned, &headers, SystemTime::now());
@@ -435,17 +448,18 @@ impl S3Store {
     }
 
     async fn put_object(&self, key: &str, data: Vec<u8>, if_absent: bool) -> Result<(), OxError> {
+        let credentials = self.credentials()?;
         if data.len() > self.config.multipart_threshold {
             return self.put_multipart(key, &data).await;
         }
         let digests = BodyDigests::of(&data);
-        let mut action = self.bucket.put_object(Some(&self.credentials), key);
+        let mut action = self.bucket.put_object(Some(&credentials), key);
         let mut headers = digests.sign_into(action.headers_mut(), false);
         let url = action.sign(SIGN_FOR);
         if if_absent {
             headers.push(("if-none-match", "*".to_string()));
         }
-        let (url, headers) = self.authorize(&Method::PUT, url, headers);
+        let (url, headers) = self.authorize(&credentials, &Method::PUT, url, headers);
         let sent = std::cell::Cell::new(0u32);
         let result = self
             .with_retries(
@@ -478,9 +492,9 @@ impl S3Store {
     }
 
     async fn put_multipart(&self, key: &str, data: &[u8]) -> Result<(), OxError> {
-        let url =
-            CreateMultipartUpload::new(&self.bucket, Some(&self.credentials), key).sign(SIGN_FOR);
-        let (url, headers) = self.authorize(&Method::POST, url, Vec::new());
+        let credentials = self.credentials()?;
+        let url = CreateMultipartUpload::new(&self.bucket, Some(&credentials), key).sign(SIGN_FOR);
+        let (url, headers) = self.authorize(&credentials, &Method::POST, url, Vec::new());
         let resp = self
             .with_retries(
                 "CreateMultipartUpload",
@@ -507,9 +521,9 @@ impl S3Store {
             // Best effort: do not leave the parts billed.
             let abort = self
                 .bucket
-                .abort_multipart_upload(Some(&self.credentials), key, &upload_id)
+                .abort_multipart_upload(Some(&credentials), key, &upload_id)
                 .sign(SIGN_FOR);
-            let (abort, headers) = self.authorize(&Method::DELETE, abort, Vec::new());
+            let (abort, headers) = self.authorize(&credentials, &Method::DELETE, abort, Vec::new());
             let _ = self
                 .http
                 .request(Method::DELETE, &abort, &headers, Vec::new())
@@ -519,18 +533,19 @@ impl S3Store {
     }
 
     async fn upload_parts(&self, key: &str, data: &[u8], upload_id: &str) -> Result<(), OxError> {
+        let credentials = self.credentials()?;
         let total = data.len();
         let mut etags = Vec::new();
         for (i, part) in data.chunks(self.config.part_size).enumerate() {
             let number = u16::try_from(i + 1)
                 .map_err(|_| OxError::Config("object needs more than 65535 parts".into()))?;
             let digests = BodyDigests::of(part);
-            let mut action =
-                self.bucket
-                    .upload_part(Some(&self.credentials), key, number, upload_id);
+            let mut action = self
+                .bucket
+                .upload_part(Some(&credentials), key, number, upload_id);
             let headers = digests.sign_into(action.headers_mut(), true);
             let url = action.sign(SIGN_FOR);
-            let (url, headers) = self.authorize(&Method::PUT, url, headers);
+            let (url, headers) = self.authorize(&credentials, &Method::PUT, url, headers);
             let resp = self
                 .with_retries(
                     "UploadPart",
@@ -557,13 +572,13 @@ impl S3Store {
             etags.push(etag);
         }
         let complete = self.bucket.complete_multipart_upload(
-            Some(&self.credentials),
+            Some(&credentials),
             key,
             upload_id,
             etags.iter().map(String::as_str),
         );
         let url = complete.sign(SIGN_FOR);
-        let (url, headers) = self.authorize(&Method::POST, url, Vec::new());
+        let (url, headers) = self.authorize(&credentials, &Method::POST, url, Vec::new());
         let body = complete.body().into_bytes();
         let result = self
             .with_retries(
@@ -604,11 +619,12 @@ impl S3Store {
 
     /// The object's size, if it exists (HEAD).
     async fn object_size(&self, key: &str) -> Option<u64> {
+        let credentials = self.credentials().ok()?;
         let url = self
             .bucket
-            .head_object(Some(&self.credentials), key)
+            .head_object(Some(&credentials), key)
             .sign(SIGN_FOR);
-        let (url, headers) = self.authorize(&Method::HEAD, url, Vec::new());
+        let (url, headers) = self.authorize(&credentials, &Method::HEAD, url, Vec::new());
         let resp = self
             .http
             .request(Method::HEAD, &url, &headers, Vec::new())
@@ -631,18 +647,19 @@ impl S3Store {
         range: Option<(u64, u64)>,
         fresh: bool,
     ) -> Result<Vec<u8>, OxError> {
+        let credentials = self.credentials()?;
         if range.is_some_and(|(_, len)| len == 0) {
             return Ok(Vec::new());
         }
         let url = self
             .bucket
-            .get_object(Some(&self.credentials), key)
+            .get_object(Some(&credentials), key)
             .sign(SIGN_FOR);
         let headers: Vec<(&str, String)> = match range {
             Some((off, len)) => vec![("range", format!("bytes={off}-{}", off + len - 1))],
             None => vec![],
         };
-        let (url, headers) = self.authorize(&Method::GET, url, headers);
+        let (url, headers) = self.authorize(&credentials, &Method::GET, url, headers);
         let resp = self
             .with_retries(
                 "GET",
@@ -717,11 +734,12 @@ impl S3Store {
         prefix: &str,
         shape: impl FnOnce(&mut ListObjectsV2<'_>),
     ) -> Result<ListPage, OxError> {
-        let mut action = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
+        let credentials = self.credentials()?;
+        let mut action = ListObjectsV2::new(&self.bucket, Some(&credentials));
         action.with_prefix(prefix);
         shape(&mut action);
         let url = action.sign(SIGN_FOR);
-        let (url, headers) = self.authorize(&Method::GET, url, Vec::new());
+        let (url, headers) = self.authorize(&credentials, &Method::GET, url, Vec::new());
         let resp = self
             .with_retries(
                 "LIST",
@@ -784,18 +802,18 @@ impl S3Store {
     }
 
     async fn delete_objects(&self, keys: &[String]) -> Result<(), OxError> {
+        let credentials = self.credentials()?;
         for batch in keys.chunks(1000) {
             let ids: Vec<ObjectIdentifier> = batch
                 .iter()
                 .map(|k| ObjectIdentifier::new(k.clone()))
                 .collect();
-            let mut action = self
-                .bucket
-                .delete_objects(Some(&self.credentials), ids.iter());
+            let mut action = self.bucket.delete_objects(Some(&credentials), ids.iter());
             action.set_quiet(true);
             let url = action.sign(SIGN_FOR);
             let (body, md5) = action.body_with_md5();
-            let (url, headers) = self.authorize(&Method::POST, url, vec![("content-md5", md5)]);
+            let (url, headers) =
+                self.authorize(&credentials, &Method::POST, url, vec![("content-md5", md5)]);
             let first = batch.first().cloned().unwrap_or_default();
             let resp = self
                 .with_retries(
