@@ -23,6 +23,19 @@ fn store(
     secret: &str,
     ex: &Rc<LocalExecutor<'static>>,
 ) -> Result<S3Store, OxError> {
+    let credentials = CredentialSource::Static {
+        access_key: ACCESS.into(),
+        secret_key: secret.into(),
+    };
+    store_with(server, credentials, ex)
+}
+
+/// A store on `server` signing with `credentials`.
+fn store_with(
+    server: &Server,
+    credentials: CredentialSource,
+    ex: &Rc<LocalExecutor<'static>>,
+) -> Result<S3Store, OxError> {
     let scheme = if server.ca_pem.is_some() {
         "https"
     } else {
@@ -36,15 +49,7 @@ fn store(
     let endpoint = format!("{scheme}://{host}:{}", server.addr.port())
         .parse()
         .unwrap();
-    let mut c = S3Config::new(
-        endpoint,
-        BUCKET,
-        "us-east-1",
-        CredentialSource::Static {
-            access_key: ACCESS.into(),
-            secret_key: secret.into(),
-        },
-    );
+    let mut c = S3Config::new(endpoint, BUCKET, "us-east-1", credentials);
     c.allow_http = true;
     c.timeout = Duration::from_millis(1500);
     c.backoff = Duration::from_millis(10);
@@ -393,17 +398,7 @@ fn credentials_from_a_command_sign_requests_and_wrong_ones_are_refused() {
         vec![path.display().to_string()]
     };
     let open = |command: Vec<String>, ex: &Rc<LocalExecutor<'static>>| {
-        let endpoint = format!("http://127.0.0.1:{}", server.addr.port())
-            .parse()
-            .unwrap();
-        let mut c = S3Config::new(
-            endpoint,
-            BUCKET,
-            "us-east-1",
-            CredentialSource::Process { command },
-        );
-        c.allow_http = true;
-        S3Store::new(c, Rc::clone(ex))
+        store_with(&server, CredentialSource::Process { command }, ex)
     };
     run(async |ex| {
         let s = open(helper("good", SECRET), &ex).unwrap();

@@ -55,6 +55,35 @@ fn export_db(ctl: &Ctl, port: u16, size_mib: u32) -> String {
     format!("127.0.0.1:{port},{nqn},1")
 }
 
+/// Creates volume `name` on the appliance of `ctl` over the newest snapshot of volume
+/// `from` in store "s3" (seeded from volume `seed`), exported to any host as `nqn`;
+/// the answer.
+fn volume_over(
+    ctl: &Ctl,
+    name: &str,
+    from: &str,
+    nqn: &str,
+    seed: Option<&str>,
+) -> serde_json::Value {
+    let mut args = vec![
+        "volume",
+        "create",
+        name,
+        "--from-store",
+        "s3",
+        "--from-volume",
+        from,
+        "--latest",
+        "--nqn",
+        nqn,
+        "--allow-any-host",
+    ];
+    if let Some(seed) = seed {
+        args.extend(["--seed", seed]);
+    }
+    ctl.ok(&args)
+}
+
 /// The policy of volume `db` on the appliance of `ctl`.
 fn policy(ctl: &Ctl) -> serde_json::Value {
     let all = ctl.ok(&["policy", "list"]);
@@ -619,19 +648,7 @@ fn a_volume_over_another_appliances_snapshot_stores_only_its_changes() {
     let (config_b, b) = appliance(&d.join("b"), port_b, &store, &kek);
     let mut oxd_b = start_oxd(&config_b);
     let nqn_b = "nqn.2026-12.io.ox:db-b";
-    let made = b.ok(&[
-        "volume",
-        "create",
-        "db-b",
-        "--from-store",
-        "s3",
-        "--from-volume",
-        "db",
-        "--latest",
-        "--nqn",
-        nqn_b,
-        "--allow-any-host",
-    ]);
+    let made = volume_over(&b, "db-b", "db", nqn_b, None);
     assert_eq!(
         made["manifest_key"], first["result"]["manifest_key"],
         "{made}"
@@ -732,19 +749,7 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
     let (config_b, b) = appliance(&d.join("b"), port_b, &store, &kek);
     let _oxd_b = start_oxd(&config_b);
     let nqn_b = "nqn.2026-12.io.ox:db-b";
-    b.ok(&[
-        "volume",
-        "create",
-        "db-b",
-        "--from-store",
-        "s3",
-        "--from-volume",
-        "db",
-        "--latest",
-        "--nqn",
-        nqn_b,
-        "--allow-any-host",
-    ]);
+    volume_over(&b, "db-b", "db", nqn_b, None);
     let on_b = format!("127.0.0.1:{port_b},{nqn_b},1");
     oxperf(&on_b, "write", "40960:2048", 16, 65536, 5);
     let theirs = b.ok(&["snapshot", "create", "db-b", "--store", "s3"]);
@@ -769,7 +774,7 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
     assert_eq!(other["state"], "done", "{other}");
     for (seed, why) in [
         ("nothing", "no volume named \"nothing\""),
-        ("fresh", "never snapshotted"),
+        ("fresh", "no snapshot its changes count from"),
         ("small", "geometry"),
         ("other", "does not descend"),
     ] {
@@ -799,21 +804,7 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
     assert!(left.is_empty(), "{left:?}");
     let before = served();
     let nqn_back = "nqn.2026-12.io.ox:db-back";
-    let back = a.ok(&[
-        "volume",
-        "create",
-        "db-back",
-        "--from-store",
-        "s3",
-        "--from-volume",
-        "db-b",
-        "--latest",
-        "--seed",
-        "db",
-        "--nqn",
-        nqn_back,
-        "--allow-any-host",
-    ]);
+    let back = volume_over(&a, "db-back", "db-b", nqn_back, Some("db"));
     let seeded = &back["seeded"];
     // 64 KiB chunks: B stored 16 of them; A's host wrote 8 others, which B's snapshot
     // holds as zeroes (made so in the copy, not fetched); 240 were never written.
@@ -843,19 +834,7 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
     let fetched = after.get_bytes - before.get_bytes;
     // The same without a seed, side by side: every written chunk comes from the store.
     let nqn_full = "nqn.2026-12.io.ox:db-full";
-    a.ok(&[
-        "volume",
-        "create",
-        "db-full",
-        "--from-store",
-        "s3",
-        "--from-volume",
-        "db-b",
-        "--latest",
-        "--nqn",
-        nqn_full,
-        "--allow-any-host",
-    ]);
+    volume_over(&a, "db-full", "db-b", nqn_full, None);
     let on_full = format!("127.0.0.1:{port_a},{nqn_full},1");
     assert_eq!(
         verified(&oxperf(&on_full, "read", "0:32768", 128, 131072, 1)),
@@ -886,21 +865,7 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
     // the 16 chunks its host wrote: the rest of it is no copy, and is read from the
     // store.
     let nqn_b2 = "nqn.2026-12.io.ox:db-b2";
-    let again = b.ok(&[
-        "volume",
-        "create",
-        "db-b2",
-        "--from-store",
-        "s3",
-        "--from-volume",
-        "db-back",
-        "--latest",
-        "--seed",
-        "db-b",
-        "--nqn",
-        nqn_b2,
-        "--allow-any-host",
-    ]);
+    let again = volume_over(&b, "db-b2", "db-back", nqn_b2, Some("db-b"));
     assert_eq!(again["seeded"]["changed_in_snapshot"], 0, "{again}");
     assert_eq!(again["seeded"]["changed_in_seed"], 0, "{again}");
     // Its 240 zero chunks are zeroed in the copy; of the 272 others it held only the

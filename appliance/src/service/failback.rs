@@ -100,8 +100,9 @@ impl Service {
         let first = self.seed_of(seed, &to)?;
         let Some(base) = first.handle.changes().base.map(hex::encode) else {
             invalid!(
-                "volume {} has no snapshot its changes count from (it was never \
-                 snapshotted): it cannot seed; create the volume without seed",
+                "volume {} has no snapshot its changes count from (never snapshotted, or \
+                 its last snapshot attempt was abandoned): it cannot seed until its next \
+                 snapshot; or create the volume without seed",
                 shown(seed)
             );
         };
@@ -167,24 +168,37 @@ impl Service {
             .write(true)
             .open(&dst)
             .with_context(|| format!("{}", dst.display()))?;
+        let zero = |(from, to): (u64, u64)| {
+            bdev::fsutil::zero_range(&file, from, to - from)
+                .with_context(|| format!("zeroing bytes {from}..{to} of {}", dst.display()))
+        };
+        let chunk_bytes = u64::from(m.chunk_bytes);
         let mut present = vec![0u64; chunks.div_ceil(64) as usize];
         let (mut to_fetch, mut changed_here) = (0, 0);
+        // Runs of zero chunks, zeroed a run at a time.
+        let mut zeroes: Option<(u64, u64)> = None;
         for c in 0..chunks {
             let here = after.contains(c);
             changed_here += u64::from(here);
             let lacked = held.as_ref().is_some_and(|h| !h[c as usize]);
             if changed.is_zero(c) {
                 // Known without the store: zeroes, made so here.
-                let at = c * m.chunk_bytes as u64;
-                let len = (m.volume_bytes - at).min(u64::from(m.chunk_bytes));
-                bdev::fsutil::zero_range(&file, at, len)
-                    .with_context(|| format!("zeroing chunk {c} of {}", dst.display()))?;
+                let at = c * chunk_bytes;
+                let end = (at + chunk_bytes).min(m.volume_bytes);
+                zeroes = match zeroes {
+                    Some((from, to)) if to == at => Some((from, end)),
+                    run => {
+                        run.map(zero).transpose()?;
+                        Some((at, end))
+                    }
+                };
             } else if changed.is_newer(c) || here || lacked {
                 to_fetch += 1;
                 continue;
             }
             present[(c / 64) as usize] |= 1 << (c % 64);
         }
+        zeroes.map(zero).transpose()?;
         file.sync_all()
             .with_context(|| format!("syncing {}", dst.display()))?;
         drop(file);
