@@ -29,8 +29,10 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Credentials are fetched again this long before they expire.
 const EARLY: Duration = Duration::from_secs(300);
 
-/// What each command gave, and until when. A lock, not an owner: taken once per store
-/// open (never on an I/O path), and what it guards is tiny.
+/// What each command gave, and until when. A lock, not an owner: taken once per S3
+/// request of a store whose credentials come from a command (tens of nanoseconds
+/// beside the request's milliseconds; never on the block I/O path), held only to look
+/// up or replace one entry.
 static CACHE: Mutex<Option<HashMap<Vec<String>, Cached>>> = Mutex::new(None);
 
 #[derive(Clone)]
