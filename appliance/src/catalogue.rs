@@ -104,6 +104,27 @@ pub struct VolumeRecord {
     pub basis: Option<BasisRecord>,
 }
 
+impl VolumeRecord {
+    /// A new volume `name` (a fresh identity) of the geometry snapshot `m` records: a
+    /// restore of it, or a volume over it (`basis`).
+    pub fn of_snapshot(
+        name: &str,
+        m: &ox::format::Manifest,
+        export: Option<ExportRecord>,
+        basis: Option<BasisRecord>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            size_bytes: m.volume_bytes,
+            block_size: m.block_size,
+            chunk_bytes: u64::from(m.chunk_bytes),
+            export,
+            basis,
+        }
+    }
+}
+
 /// The snapshot a volume began as.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

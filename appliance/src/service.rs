@@ -1563,19 +1563,11 @@ impl Service {
             }
         }
         let loaded = self.load(&store, &manifest_key)?;
-        let m = loaded.manifest.clone();
-        let record = VolumeRecord {
-            name: name.into(),
-            uuid: Uuid::new_v4().to_string(),
-            size_bytes: m.volume_bytes,
-            block_size: m.block_size,
-            chunk_bytes: u64::from(m.chunk_bytes),
-            export: export.clone(),
-            basis: Some(crate::catalogue::BasisRecord {
-                store: store.clone(),
-                manifest_key: manifest_key.clone(),
-            }),
+        let basis = crate::catalogue::BasisRecord {
+            store: store.clone(),
+            manifest_key: manifest_key.clone(),
         };
+        let record = VolumeRecord::of_snapshot(name, &loaded.manifest, export.clone(), Some(basis));
         let undo = |held: bool| {
             self.remove_volume_files(name);
             if held && let Err(e) = self.hold_on(&store, &manifest_key, &record.uuid, name, false) {
@@ -1858,16 +1850,7 @@ impl Service {
         let snap = self.snapshot(id)?;
         let reservation = self.reserve(name, export.as_ref())?;
         let loaded = self.load(&snap.store, &snap.manifest_key)?;
-        let m = &loaded.manifest;
-        let record = VolumeRecord {
-            name: name.into(),
-            uuid: Uuid::new_v4().to_string(),
-            size_bytes: m.volume_bytes,
-            block_size: m.block_size,
-            chunk_bytes: u64::from(m.chunk_bytes),
-            export,
-            basis: None,
-        };
+        let record = VolumeRecord::of_snapshot(name, &loaded.manifest, export, None);
         let path = self.volume_path(name);
         if path.exists() {
             conflict!(

@@ -55,6 +55,24 @@ fn export_db(ctl: &Ctl, port: u16, size_mib: u32) -> String {
     format!("127.0.0.1:{port},{nqn},1")
 }
 
+/// Creates clone `name` on the appliance of `ctl` of the newest snapshot of volume
+/// `volume` in store "s3", exported to any host as `nqn`; the answer.
+fn clone_latest(ctl: &Ctl, name: &str, volume: &str, nqn: &str) -> serde_json::Value {
+    ctl.ok(&[
+        "clone",
+        "create",
+        name,
+        "--store",
+        "s3",
+        "--volume",
+        volume,
+        "--latest",
+        "--nqn",
+        nqn,
+        "--allow-any-host",
+    ])
+}
+
 /// Creates volume `name` on the appliance of `ctl` over the newest snapshot of volume
 /// `from` in store "s3" (seeded from volume `seed`), exported to any host as `nqn`;
 /// the answer.
@@ -186,19 +204,7 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
     assert_eq!(snaps[0]["key_here"], true);
 
     let nqn_b = "nqn.2026-12.io.ox:db-dr";
-    let made = b.ok(&[
-        "clone",
-        "create",
-        "db-dr",
-        "--store",
-        "s3",
-        "--volume",
-        "db",
-        "--latest",
-        "--nqn",
-        nqn_b,
-        "--allow-any-host",
-    ]);
+    let made = clone_latest(&b, "db-dr", "db", nqn_b);
     assert_eq!(made["name"], "db-dr", "{made}");
     let on_b = format!("127.0.0.1:{port_b},{nqn_b},1");
     // The first read the host gets on B ends the outage.
@@ -540,19 +546,7 @@ fn a_key_moves_to_another_appliance_sealed_for_it_alone() {
     .unwrap();
     oxd_b = start_oxd(&config_b);
     let nqn_b = "nqn.2026-12.io.ox:db-b";
-    b.ok(&[
-        "clone",
-        "create",
-        "db-b",
-        "--store",
-        "s3",
-        "--volume",
-        "db",
-        "--latest",
-        "--nqn",
-        nqn_b,
-        "--allow-any-host",
-    ]);
+    clone_latest(&b, "db-b", "db", nqn_b);
     let read = oxperf(
         &format!("127.0.0.1:{port_b},{nqn_b},1"),
         "read",
@@ -686,19 +680,7 @@ fn a_volume_over_another_appliances_snapshot_stores_only_its_changes() {
         "{found}"
     );
     let nqn_c = "nqn.2026-12.io.ox:db-c";
-    c.ok(&[
-        "clone",
-        "create",
-        "db-c",
-        "--store",
-        "s3",
-        "--volume",
-        "db-b",
-        "--latest",
-        "--nqn",
-        nqn_c,
-        "--allow-any-host",
-    ]);
+    clone_latest(&c, "db-c", "db-b", nqn_c);
     let on_c = format!("127.0.0.1:{port_c},{nqn_c},1");
     assert_eq!(
         verified(&oxperf(&on_c, "read", "0:32768", 128, 131072, 1)),
