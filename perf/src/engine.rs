@@ -56,6 +56,9 @@ pub struct Job {
     pub verify: Option<u64>,
     /// Abandon a command after this long.
     pub timeout: Duration,
+    /// After the last I/O completes, send a Flush and wait for it (as fio's
+    /// `end_fsync`): what was written is then durable, not only acknowledged.
+    pub flush_at_end: bool,
 }
 
 /// Shared run controls and progress.
@@ -105,6 +108,16 @@ pub struct QueueResult {
 enum Op {
     Read,
     Write,
+    Flush,
+}
+
+/// Where a queue is with its Flush at the end of the run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum EndFlush {
+    NotWanted,
+    Wanted,
+    Sent,
+    Done,
 }
 
 struct Slot {
@@ -147,6 +160,7 @@ pub struct Queue {
     measure_start: Option<Instant>,
     result: QueueResult,
     progress: Arc<Progress>,
+    end_flush: EndFlush,
 }
 
 impl Queue {
@@ -233,6 +247,11 @@ impl Queue {
                 verified: 0,
                 mismatch: None,
             },
+            end_flush: if job.flush_at_end {
+                EndFlush::Wanted
+            } else {
+                EndFlush::NotWanted
+            },
             job,
             progress,
         })
@@ -262,10 +281,21 @@ impl Queue {
         }
     }
 
-    /// Issues commands while there is room, time and budget.
+    fn budget_spent(&self) -> bool {
+        self.job.io_limit > 0 && self.issued >= self.job.io_limit
+    }
+
+    /// Issues commands while there is room, time and budget; then the Flush at the end.
     fn issue(&mut self, now: Instant, stopping: bool) {
+        if self.end_flush == EndFlush::Wanted
+            && (stopping || self.budget_spent())
+            && self.in_flight() == 0
+        {
+            self.submit_flush(now);
+            return;
+        }
         while !stopping && !self.free.is_empty() {
-            if self.job.io_limit > 0 && self.issued >= self.job.io_limit {
+            if self.budget_spent() {
                 return;
             }
             if self.interval > Duration::ZERO {
@@ -321,6 +351,7 @@ impl Queue {
         }
         let in_capsule;
         match op {
+            Op::Flush => unreachable!("a Flush is sent by submit_flush"),
             Op::Read => {
                 sqe.set_sgl(SGL_TRANSPORT_DATA_BLOCK, 0, len as u32);
                 in_capsule = false;
@@ -366,6 +397,23 @@ impl Queue {
         self.issued += 1;
     }
 
+    fn submit_flush(&mut self, now: Instant) {
+        let Some(slot_id) = self.free.pop() else {
+            return;
+        };
+        let mut sqe = Sqe::new(io::FLUSH, slot_id);
+        sqe.set_nsid(self.job.ns.nsid);
+        encode_capsule(&mut self.tx, self.digests, &sqe, &[]);
+        let slot = &mut self.slots[usize::from(slot_id)];
+        slot.op = Op::Flush;
+        slot.lba = 0;
+        slot.blocks = 0;
+        slot.started = now;
+        slot.received = 0;
+        slot.busy = true;
+        self.end_flush = EndFlush::Sent;
+    }
+
     /// One pass: issue, send, receive, complete. Returns whether anything happened.
     pub fn poll(&mut self, now: Instant, control: &Control) -> anyhow::Result<bool> {
         let stopping = control.stop.load(Ordering::Relaxed) || self.result.mismatch.is_some();
@@ -401,15 +449,20 @@ impl Queue {
         r.latency.reset();
     }
 
-    /// Whether all commands have completed.
+    fn flush_outstanding(&self) -> bool {
+        matches!(self.end_flush, EndFlush::Wanted | EndFlush::Sent)
+    }
+
+    /// Whether all commands have completed (the Flush at the end too).
     pub fn idle(&self) -> bool {
-        self.in_flight() == 0 && self.tx_pos == self.tx.len()
+        self.in_flight() == 0 && self.tx_pos == self.tx.len() && !self.flush_outstanding()
     }
 
     /// Whether this queue has nothing more to do (I/O budget spent or verify failed).
     pub fn finished(&self) -> bool {
-        let budget_spent = self.job.io_limit > 0 && self.issued >= self.job.io_limit;
-        (budget_spent || self.result.mismatch.is_some()) && self.in_flight() == 0
+        (self.budget_spent() || self.result.mismatch.is_some())
+            && self.in_flight() == 0
+            && !self.flush_outstanding()
     }
 
     fn flush(&mut self) -> anyhow::Result<bool> {
@@ -612,10 +665,22 @@ impl Queue {
         let latency = now.saturating_duration_since(slot.started);
         let bytes = blocks * bs as u64;
         self.free.push(cid);
+        if op == Op::Flush {
+            debug_assert_eq!(self.end_flush, EndFlush::Sent);
+            self.end_flush = EndFlush::Done;
+            if !status.is_success() {
+                self.result.errors += 1;
+                self.result
+                    .first_error
+                    .get_or_insert_with(|| format!("flush at the end of the run: {status}"));
+            }
+            return Ok(());
+        }
         if let Some(seed) = self.job.verify {
             self.unit_busy[unit] = false;
             if status.is_success() {
                 match op {
+                    Op::Flush => {}
                     Op::Write => self.gens[unit] = generation,
                     Op::Read => {
                         let slot = &self.slots[usize::from(cid)];
@@ -663,6 +728,7 @@ impl Queue {
             match op {
                 Op::Read => self.result.reads += 1,
                 Op::Write => self.result.writes += 1,
+                Op::Flush => {}
             }
             self.result.bytes += bytes;
             let ns = latency.as_nanos().clamp(1, 120_000_000_000) as u64;

@@ -165,6 +165,11 @@ struct RunArgs {
     /// Seed of verify blocks (use the same seed to verify an earlier run's writes).
     #[arg(long, default_value_t = 0x0F0F_0F0F)]
     seed: u64,
+    /// After its last I/O, each queue pair sends a Flush and waits for it (as fio's
+    /// end_fsync): the writes are then durable, not only acknowledged. A failed Flush
+    /// counts as a failed command.
+    #[arg(long)]
+    flush: bool,
     /// Do not print progress once a second.
     #[arg(long)]
     quiet: bool,
@@ -429,6 +434,7 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
                 rate: a.rate.map_or(0.0, |r| r / total_queues as f64),
                 verify: a.verify.then_some(a.seed),
                 timeout,
+                flush_at_end: a.flush,
             };
             let label = format!("{}/{}/q{}", spec.addr, spec.nsid, q + 1);
             let i = queues.len();
@@ -437,7 +443,7 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
         controllers.push(ctrl);
     }
     let workload = format!(
-        "{} bs={} qd={} qpairs={} targets={} cores={:?}{}",
+        "{} bs={} qd={} qpairs={} targets={} cores={:?}{}{}",
         match a.workload {
             Workload::Read => "read",
             Workload::Write => "write",
@@ -450,7 +456,8 @@ fn run(a: &RunArgs) -> anyhow::Result<ExitCode> {
         a.qpairs,
         specs.len(),
         cores,
-        if a.verify { " verify" } else { "" }
+        if a.verify { " verify" } else { "" },
+        if a.flush { " flush" } else { "" }
     );
 
     // SAFETY: installing an async-signal-safe handler that only stores an atomic.

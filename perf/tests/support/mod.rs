@@ -31,7 +31,8 @@ impl Drop for Oxd {
 }
 
 /// Starts oxd on `config` and waits until its control socket is up (its stderr is
-/// passed through; it is killed when dropped).
+/// passed through, and its stdout too when `OXD_ECHO` is set; it is killed when
+/// dropped).
 pub fn start_oxd(config: &Path) -> Oxd {
     let mut child = Command::new(bin("oxd"))
         .arg("--config")
@@ -57,7 +58,13 @@ pub fn start_oxd(config: &Path) -> Oxd {
             eprintln!("{line}");
         }
     });
-    std::thread::spawn(move || for _ in lines {});
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if std::env::var_os("OXD_ECHO").is_some() {
+                eprintln!("oxd| {l}");
+            }
+        }
+    });
     Oxd { child }
 }
 
@@ -148,30 +155,28 @@ pub fn s3_store(s3: &ox::store::s3::S3Config, d: &Path, name: &str) -> (String, 
 
 /// oxperf over `range` (FIRST:COUNT blocks) of `target`, `bs` bytes at a time.
 pub fn oxperf(target: &str, workload: &str, range: &str, ios: u64, bs: u32, seed: u64) -> Value {
-    ok_json(run(
-        &bin("oxperf"),
-        &[
-            "run",
-            "--target",
-            target,
-            "-w",
-            workload,
-            "--bs",
-            &bs.to_string(),
-            "--range",
-            range,
-            "--ios",
-            &ios.to_string(),
-            "--qd",
-            "8",
-            "--verify",
-            "--seed",
-            &seed.to_string(),
-            "--cores",
-            "0",
-            "--json",
-        ],
-    ))
+    oxperf_with(target, workload, range, ios, bs, seed, &[])
+}
+
+/// [`oxperf`] with `extra` arguments (`--flush`).
+pub fn oxperf_with(
+    target: &str,
+    workload: &str,
+    range: &str,
+    ios: u64,
+    bs: u32,
+    seed: u64,
+    extra: &[&str],
+) -> Value {
+    let ios = ios.to_string();
+    let bs = bs.to_string();
+    let seed = seed.to_string();
+    let mut args = vec![
+        "run", "--target", target, "-w", workload, "--bs", &bs, "--range", range, "--ios", &ios,
+        "--qd", "8", "--verify", "--seed", &seed, "--cores", "0", "--json",
+    ];
+    args.extend_from_slice(extra);
+    ok_json(run(&bin("oxperf"), &args))
 }
 
 pub fn verified(r: &Value) -> u64 {
