@@ -673,6 +673,12 @@ impl Service {
             presence,
             self.reactors[0].clone(),
         )?;
+        // Where hosts read first, a first miss then costs one GET, not two (index page,
+        // then frame); a clone with every chunk here needs no page.
+        let (present, total) = handle.hydration();
+        if present < total {
+            drop(basis.prefetch_index());
+        }
         Ok((dev, handle, basis))
     }
 

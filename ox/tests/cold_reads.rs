@@ -285,3 +285,47 @@ fn a_frame_damaged_at_rest_fails_only_its_own_chunk_not_its_run() {
     );
     env.set.shutdown().unwrap();
 }
+
+#[test]
+fn a_clone_loads_its_index_pages_as_it_opens_so_a_first_miss_costs_one_get() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let gets = || server.faults.gets.load(Ordering::SeqCst);
+
+    // A dense volume of one index page: loaded at open, then each miss is its frame.
+    let (_vol, handle, image) = filled_volume(&env, SIZE, 43);
+    let report = snapshot_s3(&env, &config, &handle, None, options(&env));
+    let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "dense");
+    assert_eq!(basis.pages_to_prefetch(), vec![0]);
+    assert_eq!(basis.prefetch_index().recv().unwrap(), 1, "pages loaded");
+    let before = gets();
+    let at = 37 * CHUNK + 8192;
+    assert!(read(&env, &clone, at, 4096) == image[at as usize..at as usize + 4096]);
+    assert_eq!(gets() - before, 1, "the first miss is one GET: its frame");
+    assert_eq!(basis.counters().page_gets.load(Ordering::SeqCst), 1);
+
+    // A sparse 1 TiB volume with data in six GiB-wide stretches: only its first and
+    // last stored pages are loaded ahead; a first miss elsewhere costs its page too.
+    let size = 1u64 << 40;
+    let (vol, handle) = fresh_volume(size);
+    let pages = [2u64, 5, 9, 300, 700, 1000];
+    for &p in &pages {
+        write(&env, &vol, p << 30, &random(4096, p));
+    }
+    let report = snapshot_s3(&env, &config, &handle, None, options(&env));
+    let (clone, basis) = clone_of_size(&env, &config, &report.manifest_key, "sparse", size);
+    assert_eq!(basis.pages_to_prefetch(), vec![2, 1000]);
+    assert_eq!(basis.prefetch_index().recv().unwrap(), 2, "pages loaded");
+    let before = gets();
+    assert!(read(&env, &clone, 1000 << 30, 4096) == random(4096, 1000));
+    assert_eq!(gets() - before, 1, "a prefetched page: the frame alone");
+    let before = gets();
+    assert!(read(&env, &clone, 300 << 30, 4096) == random(4096, 300));
+    assert_eq!(
+        gets() - before,
+        2,
+        "a page not loaded ahead: the page, then the frame"
+    );
+    assert_eq!(basis.counters().page_gets.load(Ordering::SeqCst), 3);
+}
