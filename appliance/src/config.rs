@@ -810,8 +810,14 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
                 },
                 other => bail!("credentials {other:?} is not env, file, process or static"),
             };
-            // Resolve now: missing credentials fail the start, naming the store.
-            ox::store::s3::resolve_credentials(&credentials).context("credentials")?;
+            // Resolve now: missing credentials fail the start, naming the store (a
+            // command is run once here, and its answer kept for the first requests).
+            match &credentials {
+                CredentialSource::Process { command } => {
+                    ox::store::credential_process::prime(command).context("credentials")?
+                }
+                other => drop(ox::store::s3::resolve_credentials(other).context("credentials")?),
+            }
             let mut c = S3Config::new(
                 endpoint,
                 &bucket,

@@ -408,21 +408,26 @@ fn credentials_from_a_command_sign_requests_and_wrong_ones_are_refused() {
         let e = bad.put("ox1/d/x", vec![1]).await.unwrap_err();
         assert!(matches!(&e, OxError::Refused { status: 403, .. }), "{e}");
 
-        // A store kept open follows the command's renewals: these expire at once, so
-        // each request asks again, and the secret it reads changes under it.
+        // A store kept open asks the command again once the store refuses what it
+        // gave (keys rotated before their expiry), and only then.
         let secret = dir.path().join("secret");
-        std::fs::write(&secret, SECRET).unwrap();
-        let path = dir.path().join("renewing");
+        std::fs::write(&secret, "not-yet-the-secret").unwrap();
+        let path = dir.path().join("rotating");
+        let runs = dir.path().join("runs");
         let body = format!(
-            "#!/bin/sh\nprintf '{{\"Version\": 1, \"AccessKeyId\": \"{ACCESS}\", \"SecretAccessKey\": \"%s\", \"Expiration\": \"2000-01-01T00:00:00Z\"}}' \"$(cat {})\"\n",
+            "#!/bin/sh\necho x >> {}\nprintf '{{\"Version\": 1, \"AccessKeyId\": \"{ACCESS}\", \"SecretAccessKey\": \"%s\", \"Expiration\": \"2999-01-01T00:00:00Z\"}}' \"$(cat {})\"\n",
+            runs.display(),
             secret.display()
         );
         std::fs::write(&path, body).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let renewing = open(vec![path.display().to_string()], &ex).unwrap();
-        renewing.put("ox1/d/renewed", vec![1]).await.unwrap();
-        std::fs::write(&secret, "revoked").unwrap();
-        let e = renewing.put("ox1/d/renewed", vec![2]).await.unwrap_err();
+        let rotating = open(vec![path.display().to_string()], &ex).unwrap();
+        let e = rotating.put("ox1/d/rotated", vec![1]).await.unwrap_err();
         assert!(matches!(&e, OxError::Refused { status: 403, .. }), "{e}");
+        std::fs::write(&secret, SECRET).unwrap();
+        rotating.put("ox1/d/rotated", vec![2]).await.unwrap();
+        rotating.put("ox1/d/rotated", vec![3]).await.unwrap();
+        let ran = std::fs::read_to_string(&runs).unwrap().lines().count();
+        assert_eq!(ran, 2, "asked again after the refusal, then kept");
     });
 }

@@ -1,16 +1,21 @@
 //! Credentials from a command, as the AWS SDKs' `credential_process`: the command
 //! prints `{"Version": 1, "AccessKeyId": …, "SecretAccessKey": …, "SessionToken": …,
 //! "Expiration": "RFC 3339"}` (the last two optional) on stdout. What it gives is kept
-//! until five minutes before it expires (for good, without an expiry); a store asks
-//! for its credentials at each request, so it follows every renewal while the command
-//! runs once per credentials' life.
+//! until it expires (for good, without an expiry); a store asks for its credentials at
+//! each request, so it follows every renewal while the command runs once per
+//! credentials' life. Five minutes before they expire a renewal starts in the
+//! background, and requests go on with the current ones meanwhile; only when there are
+//! none still valid (the first request, a renewal that kept failing, credentials the
+//! store refused) do requests wait for the command, and then for one run of it however
+//! many wait. An answer that has expired already is an error, not credentials. A store
+//! that refuses credentials (HTTP 403) makes them [`forget`]: the next request asks the
+//! command again (keys revoked or rotated before their expiry).
 //!
 //! The command is run without a shell (the configuration gives its arguments as a
-//! list), with no input, in a process group of its own, and given [`TIMEOUT`] to
-//! answer before the group is killed. It runs where it is asked for: a renewal holds
-//! that thread (an OX core) for as long as the command takes. Its output is never
-//! logged or echoed in an error: only its exit status and the first line of what it
-//! wrote on stderr.
+//! list), with no input, in a process group of its own, on a thread of its own (never
+//! on an OX core: a request waits for it asynchronously), and given [`TIMEOUT`] to
+//! answer before the group is killed. Its output is never logged or echoed in an
+//! error: only its exit status and the first line of what it wrote on stderr.
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -29,16 +34,32 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Credentials are fetched again this long before they expire.
 const EARLY: Duration = Duration::from_secs(300);
 
-/// What each command gave, and until when. A lock, not an owner: taken once per S3
-/// request of a store whose credentials come from a command (tens of nanoseconds
-/// beside the request's milliseconds; never on the block I/O path), held only to look
-/// up or replace one entry.
-static CACHE: Mutex<Option<HashMap<Vec<String>, Cached>>> = Mutex::new(None);
+/// What each command gave, and until when, and who waits for its run. A lock, not an
+/// owner: taken once per S3 request of a store whose credentials come from a command
+/// (tens of nanoseconds beside the request's milliseconds; never on the block I/O
+/// path), held only to look up or change one entry.
+static CACHE: Mutex<Option<HashMap<Vec<String>, Entry>>> = Mutex::new(None);
 
 #[derive(Clone)]
 struct Cached {
     credentials: Credentials,
     expires: Option<SystemTime>,
+}
+
+/// One command's state.
+#[derive(Default)]
+struct Entry {
+    cached: Option<Cached>,
+    /// A run in progress, and the requests waiting for its answer.
+    running: Option<Vec<Waiter>>,
+    /// Runs started (for tests and the log).
+    runs: u64,
+}
+
+type Waiter = async_channel::Sender<Result<Credentials, String>>;
+
+fn cache() -> std::sync::MutexGuard<'static, Option<HashMap<Vec<String>, Entry>>> {
+    CACHE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Deserialize)]
@@ -51,29 +72,154 @@ struct Output {
     expiration: Option<String>,
 }
 
-/// The credentials `command` gives (from the cache while they are fresh).
-pub fn credentials(command: &[String]) -> Result<Credentials, OxError> {
-    credentials_within(command, TIMEOUT)
+/// The credentials `command` gives: the cached ones while they are valid (renewed in
+/// the background when they are about to expire), else the answer of a run.
+pub async fn credentials(command: &[String]) -> Result<Credentials, OxError> {
+    credentials_within(command, TIMEOUT).await
 }
 
 /// [`credentials`] with the command given `timeout`.
-pub fn credentials_within(command: &[String], timeout: Duration) -> Result<Credentials, OxError> {
+pub async fn credentials_within(
+    command: &[String],
+    timeout: Duration,
+) -> Result<Credentials, OxError> {
     let now = SystemTime::now();
-    {
-        let cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.as_ref().and_then(|m| m.get(command))
-            && c.expires.is_none_or(|e| now + EARLY < e)
-        {
+    let answer = {
+        let mut cache = cache();
+        let entry = cache
+            .get_or_insert_with(HashMap::new)
+            .entry(command.to_vec())
+            .or_default();
+        let valid = entry
+            .cached
+            .as_ref()
+            .filter(|c| c.expires.is_none_or(|e| now < e));
+        let fresh = valid.is_some_and(|c| c.expires.is_none_or(|e| now + EARLY < e));
+        if let (true, Some(c)) = (fresh, valid) {
             return Ok(c.credentials.clone());
         }
-    }
-    let fresh = run(command, timeout)?;
-    CACHE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        let valid = valid.map(|c| c.credentials.clone());
+        let (tx, rx) = async_channel::bounded(1);
+        match &mut entry.running {
+            Some(waiters) => {
+                if valid.is_none() {
+                    waiters.push(tx);
+                }
+            }
+            None => {
+                entry.running = Some(if valid.is_none() {
+                    vec![tx]
+                } else {
+                    Vec::new()
+                });
+                entry.runs += 1;
+                start(command, timeout);
+            }
+        }
+        // Still valid: this request goes on with them while the renewal runs.
+        if let Some(c) = valid {
+            return Ok(c);
+        }
+        rx
+    };
+    answer
+        .recv()
+        .await
+        .map_err(|_| failed(command, "its run was abandoned"))?
+        .map_err(OxError::Config)
+}
+
+/// Runs `command` now, on this thread, and keeps its answer: for checking a
+/// configuration at start (never on an OX core), so a broken command fails the start.
+pub fn prime(command: &[String]) -> Result<(), OxError> {
+    let c = run(command, TIMEOUT).and_then(|c| unexpired(command, c))?;
+    let mut cache = cache();
+    let entry = cache
         .get_or_insert_with(HashMap::new)
-        .insert(command.to_vec(), fresh.clone());
-    Ok(fresh.credentials)
+        .entry(command.to_vec())
+        .or_default();
+    entry.cached = Some(c);
+    entry.runs += 1;
+    Ok(())
+}
+
+/// Drops what `command` gave (the store refused it): the next request runs it again.
+pub fn forget(command: &[String]) {
+    if let Some(entry) = cache().as_mut().and_then(|m| m.get_mut(command))
+        && entry.cached.take().is_some()
+    {
+        tracing::warn!(
+            command = command.first().map_or("", String::as_str),
+            "the store refused the credentials the command gave: asking it again"
+        );
+    }
+}
+
+/// Runs `command` on a thread of its own; its answer goes to the cache and to every
+/// request waiting for it.
+fn start(command: &[String], timeout: Duration) {
+    let cmd = command.to_vec();
+    let spawned = std::thread::Builder::new()
+        .name("credential-process".into())
+        .spawn(move || {
+            let answer = run(&cmd, timeout).and_then(|c| unexpired(&cmd, c));
+            finish(&cmd, answer);
+        });
+    if let Err(e) = spawned {
+        finish(
+            command,
+            Err(failed(command, format!("cannot start it: {e}"))),
+        );
+    }
+}
+
+/// An answer that has expired already cannot sign anything.
+fn unexpired(command: &[String], c: Cached) -> Result<Cached, OxError> {
+    match c.expires {
+        Some(e) if e <= SystemTime::now() => Err(failed(
+            command,
+            format!(
+                "it answered with credentials that expired at {} (check this machine's clock, or the command)",
+                time::OffsetDateTime::from(e)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            ),
+        )),
+        _ => Ok(c),
+    }
+}
+
+fn finish(command: &[String], answer: Result<Cached, OxError>) {
+    let waiters = {
+        let mut cache = cache();
+        let entry = cache
+            .get_or_insert_with(HashMap::new)
+            .entry(command.to_vec())
+            .or_default();
+        if let Ok(c) = &answer {
+            entry.cached = Some(c.clone());
+        }
+        entry.running.take().unwrap_or_default()
+    };
+    if let Err(e) = &answer {
+        tracing::warn!("{e}");
+    }
+    let answer = answer.map(|c| c.credentials).map_err(|e| match e {
+        OxError::Config(m) => m,
+        e => e.to_string(),
+    });
+    for w in waiters {
+        let _ = w.try_send(answer.clone());
+    }
+}
+
+/// How many times `command` was started.
+#[cfg(test)]
+fn runs_of(command: &[String]) -> u64 {
+    cache()
+        .as_ref()
+        .and_then(|m| m.get(command))
+        .map_or(0, |e| e.runs)
 }
 
 fn failed(command: &[String], why: impl std::fmt::Display) -> OxError {
@@ -231,6 +377,7 @@ fn parse(command: &[String], out: &[u8]) -> Result<Cached, OxError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use futures_lite::future::block_on;
     use std::os::unix::fs::PermissionsExt;
 
     /// A script in `dir` that counts its runs in `dir/runs` and then runs `body`.
@@ -259,9 +406,9 @@ mod tests {
             "lasting",
             r#"echo '{"Version": 1, "AccessKeyId": "AK", "SecretAccessKey": "SK", "SessionToken": "T", "Expiration": "2999-01-01T00:00:00Z"}'"#,
         );
-        let c = credentials(&lasting).unwrap();
+        let c = block_on(credentials(&lasting)).unwrap();
         assert_eq!((c.key(), c.secret(), c.token()), ("AK", "SK", Some("T")));
-        credentials(&lasting).unwrap();
+        block_on(credentials(&lasting)).unwrap();
         assert_eq!(runs(d, "lasting"), 1, "kept");
 
         let expiring = script(
@@ -269,18 +416,40 @@ mod tests {
             "expiring",
             r#"echo '{"Version": 1, "AccessKeyId": "AK2", "SecretAccessKey": "SK2", "Expiration": "2026-01-01T00:00:00+00:00"}'"#,
         );
-        assert_eq!(credentials(&expiring).unwrap().key(), "AK2");
-        credentials(&expiring).unwrap();
-        assert_eq!(runs(d, "expiring"), 2, "asked again: expired");
+        let e = block_on(credentials(&expiring)).err().unwrap().to_string();
+        assert!(e.contains("expired at 2026-01-01T00:00:00Z"), "{e}");
+        assert!(block_on(credentials(&expiring)).is_err());
+        assert_eq!(runs(d, "expiring"), 2, "an expired answer is not kept");
+
+        // About to expire: the request goes on with them, a renewal starts beside it.
+        let soon = time::OffsetDateTime::now_utc() + Duration::from_secs(120);
+        let soon = soon
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let renewing = script(
+            d,
+            "renewing",
+            &format!(
+                r#"echo '{{"Version": 1, "AccessKeyId": "AK5", "SecretAccessKey": "SK5", "Expiration": "{soon}"}}'"#
+            ),
+        );
+        assert_eq!(block_on(credentials(&renewing)).unwrap().key(), "AK5");
+        assert_eq!(runs_of(&renewing), 1);
+        assert_eq!(block_on(credentials(&renewing)).unwrap().key(), "AK5");
+        assert_eq!(runs_of(&renewing), 2, "renewed in the background");
 
         let forever = script(
             d,
             "forever",
             r#"echo '{"Version": 1, "AccessKeyId": "AK3", "SecretAccessKey": "SK3"}'"#,
         );
-        credentials(&forever).unwrap();
-        credentials(&forever).unwrap();
+        block_on(credentials(&forever)).unwrap();
+        block_on(credentials(&forever)).unwrap();
         assert_eq!(runs(d, "forever"), 1, "no expiry: kept");
+        // Refused by the store: asked again.
+        forget(&forever);
+        block_on(credentials(&forever)).unwrap();
+        assert_eq!(runs(d, "forever"), 2, "forgotten after a refusal");
     }
 
     #[test]
@@ -329,7 +498,10 @@ mod tests {
             } else {
                 TIMEOUT
             };
-            let e = credentials_within(&cmd, timeout).err().unwrap().to_string();
+            let e = block_on(credentials_within(&cmd, timeout))
+                .err()
+                .unwrap()
+                .to_string();
             assert!(e.contains(why) && e.contains(name), "{name}: {e}");
             assert!(!e.contains("SECRET-OUT"), "{name}: output echoed: {e}");
         }
@@ -341,15 +513,15 @@ mod tests {
             r#"sleep 5 > /dev/null &
 echo '{"Version": 1, "AccessKeyId": "AK4", "SecretAccessKey": "SK4"}'"#,
         );
-        let got = credentials_within(&left, Duration::from_secs(30)).unwrap();
+        let got = block_on(credentials_within(&left, Duration::from_secs(30))).unwrap();
         assert_eq!(got.key(), "AK4");
         let silent = script(d, "silent", "exit 4");
-        let e = credentials(&silent).err().unwrap().to_string();
+        let e = block_on(credentials(&silent)).err().unwrap().to_string();
         assert!(e.ends_with("exit status: 4"), "{e}");
-        let e = credentials(&["/nonexistent/helper".to_string()])
+        let e = block_on(credentials(&["/nonexistent/helper".to_string()]))
             .err()
             .unwrap();
         assert!(e.to_string().contains("cannot run it"), "{e}");
-        assert!(credentials(&[]).is_err());
+        assert!(block_on(credentials(&[])).is_err());
     }
 }

@@ -165,7 +165,9 @@ pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxE
                 ))
             })
         }
-        CredentialSource::Process { command } => super::credential_process::credentials(command),
+        // Asked for at each request (see `S3Store::credentials`), never here: opening a
+        // store on an OX core must not wait for a command.
+        CredentialSource::Process { .. } => Ok(Credentials::new("", "")),
     }
 }
 
@@ -309,10 +311,10 @@ impl S3Store {
     /// The credentials to sign with now: those resolved at open, or, from a command,
     /// its current answer (kept until shortly before it expires; a long-lived store
     /// follows each renewal).
-    fn credentials(&self) -> Result<Credentials, OxError> {
+    async fn credentials(&self) -> Result<Credentials, OxError> {
         match &self.config.credentials {
             CredentialSource::Process { command } => {
-                super::credential_process::credentials(command)
+                super::credential_process::credentials(command).await
             }
             _ => Ok(self.credentials.clone()),
         }
@@ -361,7 +363,16 @@ impl S3Store {
             match send().await {
                 Ok(resp) => match classify(resp) {
                     Outcome::Done(r) => return Ok(r),
-                    Outcome::Fail(e) => return Err(e),
+                    Outcome::Fail(e) => {
+                        if let (
+                            OxError::Refused { status: 403, .. },
+                            CredentialSource::Process { command },
+                        ) = (&e, &self.config.credentials)
+                        {
+                            super::credential_process::forget(command);
+                        }
+                        return Err(e);
+                    }
                     Outcome::Retry(why) => last = why,
                 },
                 Err(e) if e.retryable() => last = e.to_string(),
@@ -448,7 +459,7 @@ impl S3Store {
     }
 
     async fn put_object(&self, key: &str, data: Vec<u8>, if_absent: bool) -> Result<(), OxError> {
-        let credentials = self.credentials()?;
+        let credentials = self.credentials().await?;
         if data.len() > self.config.multipart_threshold {
             return self.put_multipart(key, &data).await;
         }
@@ -492,7 +503,7 @@ impl S3Store {
     }
 
     async fn put_multipart(&self, key: &str, data: &[u8]) -> Result<(), OxError> {
-        let credentials = self.credentials()?;
+        let credentials = self.credentials().await?;
         let url = CreateMultipartUpload::new(&self.bucket, Some(&credentials), key).sign(SIGN_FOR);
         let (url, headers) = self.authorize(&credentials, &Method::POST, url, Vec::new());
         let resp = self
@@ -533,7 +544,7 @@ impl S3Store {
     }
 
     async fn upload_parts(&self, key: &str, data: &[u8], upload_id: &str) -> Result<(), OxError> {
-        let credentials = self.credentials()?;
+        let credentials = self.credentials().await?;
         let total = data.len();
         let mut etags = Vec::new();
         for (i, part) in data.chunks(self.config.part_size).enumerate() {
@@ -619,7 +630,7 @@ impl S3Store {
 
     /// The object's size, if it exists (HEAD).
     async fn object_size(&self, key: &str) -> Option<u64> {
-        let credentials = self.credentials().ok()?;
+        let credentials = self.credentials().await.ok()?;
         let url = self
             .bucket
             .head_object(Some(&credentials), key)
@@ -647,7 +658,7 @@ impl S3Store {
         range: Option<(u64, u64)>,
         fresh: bool,
     ) -> Result<Vec<u8>, OxError> {
-        let credentials = self.credentials()?;
+        let credentials = self.credentials().await?;
         if range.is_some_and(|(_, len)| len == 0) {
             return Ok(Vec::new());
         }
@@ -734,7 +745,7 @@ impl S3Store {
         prefix: &str,
         shape: impl FnOnce(&mut ListObjectsV2<'_>),
     ) -> Result<ListPage, OxError> {
-        let credentials = self.credentials()?;
+        let credentials = self.credentials().await?;
         let mut action = ListObjectsV2::new(&self.bucket, Some(&credentials));
         action.with_prefix(prefix);
         shape(&mut action);
@@ -802,7 +813,7 @@ impl S3Store {
     }
 
     async fn delete_objects(&self, keys: &[String]) -> Result<(), OxError> {
-        let credentials = self.credentials()?;
+        let credentials = self.credentials().await?;
         for batch in keys.chunks(1000) {
             let ids: Vec<ObjectIdentifier> = batch
                 .iter()
