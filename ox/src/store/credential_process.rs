@@ -8,8 +8,10 @@
 //! none still valid (the first request, a renewal that kept failing, credentials the
 //! store refused) do requests wait for the command, and then for one run of it however
 //! many wait. An answer that has expired already is an error, not credentials. A store
-//! that refuses credentials (HTTP 403) makes them [`forget`]: the next request asks the
-//! command again (keys revoked or rotated before their expiry).
+//! that refuses the credentials themselves (HTTP 403 naming them invalid, expired or not
+//! matching; not a policy's refusal) makes them [`forget`]: the next request asks the
+//! command again (keys revoked or rotated before their expiry). A renewal that fails is
+//! tried again after [`RENEWAL_BACKOFF`] while the current credentials still serve.
 //!
 //! The command is run without a shell (the configuration gives its arguments as a
 //! list), with no input, in a process group of its own, on a thread of its own (never
@@ -54,7 +56,13 @@ struct Entry {
     running: Option<Vec<Waiter>>,
     /// Runs started (for tests and the log).
     runs: u64,
+    /// When the last run failed.
+    failed_at: Option<std::time::Instant>,
 }
+
+/// After a failed renewal, how long requests go on with the current credentials
+/// before one tries again.
+const RENEWAL_BACKOFF: Duration = Duration::from_secs(10);
 
 type Waiter = async_channel::Sender<Result<Credentials, String>>;
 
@@ -84,7 +92,7 @@ pub async fn credentials_within(
     timeout: Duration,
 ) -> Result<Credentials, OxError> {
     let now = SystemTime::now();
-    let answer = {
+    let (valid, answer, begin) = {
         let mut cache = cache();
         let entry = cache
             .get_or_insert_with(HashMap::new)
@@ -99,13 +107,21 @@ pub async fn credentials_within(
             return Ok(c.credentials.clone());
         }
         let valid = valid.map(|c| c.credentials.clone());
+        // A renewal that just failed is not tried again at every request while the
+        // current credentials still serve.
+        let resting = valid.is_some()
+            && entry
+                .failed_at
+                .is_some_and(|t| t.elapsed() < RENEWAL_BACKOFF);
         let (tx, rx) = async_channel::bounded(1);
+        let mut begin = false;
         match &mut entry.running {
             Some(waiters) => {
                 if valid.is_none() {
                     waiters.push(tx);
                 }
             }
+            None if resting => {}
             None => {
                 entry.running = Some(if valid.is_none() {
                     vec![tx]
@@ -113,15 +129,19 @@ pub async fn credentials_within(
                     Vec::new()
                 });
                 entry.runs += 1;
-                start(command, timeout);
+                begin = true;
             }
         }
-        // Still valid: this request goes on with them while the renewal runs.
-        if let Some(c) = valid {
-            return Ok(c);
-        }
-        rx
+        (valid, rx, begin)
     };
+    // Started with the lock released (a failure to start answers under it).
+    if begin {
+        start(command, timeout);
+    }
+    // Still valid: this request goes on with them while the renewal runs.
+    if let Some(c) = valid {
+        return Ok(c);
+    }
     answer
         .recv()
         .await
@@ -162,7 +182,10 @@ fn start(command: &[String], timeout: Duration) {
     let spawned = std::thread::Builder::new()
         .name("credential-process".into())
         .spawn(move || {
-            let answer = run(&cmd, timeout).and_then(|c| unexpired(&cmd, c));
+            // Whatever happens in the run, its waiters get an answer.
+            let answer = std::panic::catch_unwind(|| run(&cmd, timeout))
+                .unwrap_or_else(|_| Err(failed(&cmd, "its run panicked")))
+                .and_then(|c| unexpired(&cmd, c));
             finish(&cmd, answer);
         });
     if let Err(e) = spawned {
@@ -196,8 +219,12 @@ fn finish(command: &[String], answer: Result<Cached, OxError>) {
             .get_or_insert_with(HashMap::new)
             .entry(command.to_vec())
             .or_default();
-        if let Ok(c) = &answer {
-            entry.cached = Some(c.clone());
+        match &answer {
+            Ok(c) => {
+                entry.cached = Some(c.clone());
+                entry.failed_at = None;
+            }
+            Err(_) => entry.failed_at = Some(std::time::Instant::now()),
         }
         entry.running.take().unwrap_or_default()
     };
@@ -414,10 +441,10 @@ mod tests {
         let expiring = script(
             d,
             "expiring",
-            r#"echo '{"Version": 1, "AccessKeyId": "AK2", "SecretAccessKey": "SK2", "Expiration": "2026-01-01T00:00:00+00:00"}'"#,
+            r#"echo '{"Version": 1, "AccessKeyId": "AK2", "SecretAccessKey": "SK2", "Expiration": "2000-01-01T00:00:00+00:00"}'"#,
         );
         let e = block_on(credentials(&expiring)).err().unwrap().to_string();
-        assert!(e.contains("expired at 2026-01-01T00:00:00Z"), "{e}");
+        assert!(e.contains("expired at 2000-01-01T00:00:00Z"), "{e}");
         assert!(block_on(credentials(&expiring)).is_err());
         assert_eq!(runs(d, "expiring"), 2, "an expired answer is not kept");
 

@@ -128,7 +128,8 @@ impl S3Config {
     }
 }
 
-/// Resolves credentials from their source.
+/// Resolves credentials from their source (not those from a command: a store asks
+/// `credential_process` for those at each request).
 pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxError> {
     match source {
         CredentialSource::Static {
@@ -167,7 +168,9 @@ pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxE
         }
         // Asked for at each request (see `S3Store::credentials`), never here: opening a
         // store on an OX core must not wait for a command.
-        CredentialSource::Process { .. } => Ok(Credentials::new("", "")),
+        CredentialSource::Process { .. } => Err(OxError::Config(
+            "credentials from a command are asked for at each request".into(),
+        )),
     }
 }
 
@@ -292,7 +295,11 @@ impl S3Store {
                 config.bucket, config.endpoint
             ))
         })?;
-        let credentials = resolve_credentials(&config.credentials)?;
+        let credentials = match &config.credentials {
+            // Never used: such a store asks the command's cache at each request.
+            CredentialSource::Process { .. } => Credentials::new("", ""),
+            other => resolve_credentials(other)?,
+        };
         let tls = if config.endpoint.scheme() == "https" {
             Some(tls_config(&config.trust)?)
         } else {
@@ -361,20 +368,25 @@ impl S3Store {
                 Timer::after(self.backoff(attempt)).await;
             }
             match send().await {
-                Ok(resp) => match classify(resp) {
-                    Outcome::Done(r) => return Ok(r),
-                    Outcome::Fail(e) => {
-                        if let (
-                            OxError::Refused { status: 403, .. },
-                            CredentialSource::Process { command },
-                        ) = (&e, &self.config.credentials)
-                        {
-                            super::credential_process::forget(command);
+                Ok(resp) => {
+                    // Refused for the credentials themselves (not for a policy, a
+                    // missing key or the clock): a command is asked for new ones.
+                    let stale = resp.status == 403
+                        && error_code(&resp.body)
+                            .is_some_and(|c| CREDENTIAL_REFUSALS.contains(&c.as_str()));
+                    match classify(resp) {
+                        Outcome::Done(r) => return Ok(r),
+                        Outcome::Fail(e) => {
+                            if let (true, CredentialSource::Process { command }) =
+                                (stale, &self.config.credentials)
+                            {
+                                super::credential_process::forget(command);
+                            }
+                            return Err(e);
                         }
-                        return Err(e);
+                        Outcome::Retry(why) => last = why,
                     }
-                    Outcome::Retry(why) => last = why,
-                },
+                }
                 Err(e) if e.retryable() => last = e.to_string(),
                 Err(e) => {
                     return Err(OxError::Untrusted {
@@ -897,6 +909,16 @@ struct ErrorBody {
     code: Option<String>,
     message: Option<String>,
 }
+
+/// Error codes with which S3 refuses credentials themselves (unknown, expired or
+/// revoked keys; a secret that no longer matches).
+const CREDENTIAL_REFUSALS: &[&str] = &[
+    "InvalidAccessKeyId",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "SignatureDoesNotMatch",
+];
 
 /// The error code of an S3 error body, if it is one.
 fn error_code(body: &[u8]) -> Option<String> {

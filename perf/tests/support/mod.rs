@@ -112,13 +112,18 @@ impl Ctl {
         ok_json(self.call(args))
     }
 
-    /// Job `id` once it is no longer running.
+    /// Job `id` once it is no longer running (a test fails after ten minutes of it).
     pub fn finished(&self, id: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
         loop {
             let j = self.ok(&["job", "get", id]);
             if j["state"] != "running" {
                 return j;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} still running: {j}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
