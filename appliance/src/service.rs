@@ -198,6 +198,8 @@ struct LiveClone {
     handle: CloneHandle,
     basis: ObjectBasis,
     thickening: Option<Arc<Thickening>>,
+    /// The fetch of its snapshot's working set, while it runs.
+    warming: Option<Arc<Thickening>>,
 }
 
 struct Inner {
@@ -748,11 +750,13 @@ impl Service {
             Some(uuid),
             &self.clone_path(&c.name, "presence"),
         )?;
+        let warming = self.start_warming(&c.name, &handle, &basis);
         Ok(LiveClone {
             bdev,
             handle,
             basis,
             thickening: None,
+            warming,
         })
     }
 
@@ -1098,6 +1102,9 @@ impl Service {
             Some(Arc::clone(&progress)),
             retried.as_ref(),
         );
+        // What hosts read since the last snapshot: its clones fetch that first. Given
+        // back if this snapshot does not publish.
+        let heat = handle.take_heat();
         let opts = SnapshotOptions {
             prefix: snapshot_prefix(volume, &uuid),
             zstd_level: self.settings.zstd_level,
@@ -1112,6 +1119,7 @@ impl Service {
             checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
             verify_before_publish: verify
                 .unwrap_or_else(|| self.settings.verify_before_publish.contains(store)),
+            working_set: Some(heat.clone()),
         };
         // On record until it ends, so a snapshot cut short by a stop or a crash is
         // started again at the next start.
@@ -1126,6 +1134,7 @@ impl Service {
             inner.catalogue.pending.retain(|p| p.volume != volume);
             inner.catalogue.pending.push(pending);
             if let Err(e) = self.save(&inner) {
+                handle.restore_heat(&heat);
                 busy.store(false, Ordering::SeqCst);
                 job.outcome
                     .lock()
@@ -1136,6 +1145,7 @@ impl Service {
         }
         let busy_after_spawn_failure = Arc::clone(&busy);
         let volume_handle = handle.clone();
+        let heat_after_spawn_failure = (handle.clone(), heat.clone());
         let (service, job2, volume, store) = (
             Arc::clone(self),
             Arc::clone(&job),
@@ -1266,6 +1276,9 @@ impl Service {
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
+                if outcome.is_err() {
+                    volume_handle.restore_heat(&heat);
+                }
                 // A failure of its own (not the daemon stopping) ends the request.
                 if outcome.is_err() && !service.stopping.load(Ordering::SeqCst) {
                     service.release_resumed(&volume, &volume_handle);
@@ -1283,6 +1296,8 @@ impl Service {
                 service.wake_policies();
             });
         if let Err(e) = spawned {
+            let (h, heat) = heat_after_spawn_failure;
+            h.restore_heat(&heat);
             let mut inner = self.inner();
             inner.catalogue.pending.retain(|p| p.volume != job.target);
             let _ = self.save(&inner);
@@ -1636,6 +1651,45 @@ impl Service {
         }))
     }
 
+    /// Fetches the snapshot's working set into clone `name` in the background, if it
+    /// lacks chunks (a new clone; one whose warm-up a restart cut short goes on).
+    /// Returns the walk's control (stopped with the clone, or at a stop of oxd).
+    fn start_warming(
+        &self,
+        name: &str,
+        handle: &CloneHandle,
+        basis: &ObjectBasis,
+    ) -> Option<Arc<Thickening>> {
+        let (present, total) = handle.hydration();
+        if present == total {
+            return None;
+        }
+        let control = Thickening::new();
+        let c = Arc::clone(&control);
+        let (handle, basis) = (handle.clone(), basis.clone());
+        let (on, cores) = (self.reactors[0].clone(), Arc::clone(&self.cores));
+        let name = name.to_string();
+        let _ = std::thread::Builder::new()
+            .name("warm".into())
+            .spawn(move || {
+                let r = cores.run(move |ex| {
+                    Box::pin(async move { ox::hydrate::warm(&basis, &ex, &handle, &on, &c).await })
+                });
+                match r {
+                    Ok(Ok(w)) if w.listed > 0 => tracing::info!(
+                        clone = name,
+                        listed = w.listed,
+                        fetched = w.fetched,
+                        "working set fetched"
+                    ),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(clone = name, "working set not fetched: {e}"),
+                    Err(e) => tracing::error!(clone = name, "working set not fetched: {e}"),
+                }
+            });
+        Some(control)
+    }
+
     fn start_thickening(self: &Arc<Self>, name: &str, paused: bool) {
         let mut inner = self.inner();
         let Some(live) = inner.clones.get_mut(name) else {
@@ -1762,7 +1816,7 @@ impl Service {
         }
         inner.unavailable.remove(name);
         if let Some(live) = inner.clones.remove(name) {
-            if let Some(t) = &live.thickening {
+            for t in live.thickening.iter().chain(&live.warming) {
                 t.stop();
             }
             // Nothing may be written to the record once its files are gone.
@@ -2377,7 +2431,7 @@ impl Service {
         self.stop_policies();
         let inner = self.inner();
         for c in inner.clones.values() {
-            if let Some(t) = &c.thickening {
+            for t in c.thickening.iter().chain(&c.warming) {
                 t.stop();
             }
         }

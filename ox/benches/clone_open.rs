@@ -79,6 +79,7 @@ fn main() {
                         store_name: "test".into(),
                         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
                         verify_before_publish: false,
+                        working_set: None,
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

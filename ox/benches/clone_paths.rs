@@ -3,7 +3,8 @@
 //!
 //! 1. snapshot MB/s vs the codec's own encode rate on one core (its limit here);
 //! 2. a cold 4 KiB clone read (miss: ranged GET, verify, decrypt, decompress, install)
-//!    vs a bare ranged GET of 4 KiB and of one frame, on the same server;
+//!    vs a bare ranged GET of 4 KiB and of one frame, on the same server; and the
+//!    first read of a clone just opened, with its index page loaded ahead or not;
 //! 3. sequential clone read MB/s (cold, read-ahead on) vs the thick source volume;
 //! 4. thickening rate vs its bandwidth limit;
 //! 5. client cold-read latency while thickening runs at full speed vs with it idle.
@@ -38,6 +39,8 @@ use support::{arg, text};
 
 const CHUNK: u64 = 64 << 10;
 const T: Duration = Duration::from_secs(60);
+/// Clones opened, with and without their index page loaded ahead, for 2b.
+const FIRST_READS: u64 = 20;
 
 /// Text-like data: compresses about 2:1, like much of what volumes hold.
 fn data(len: usize) -> Vec<u8> {
@@ -115,6 +118,7 @@ fn main() {
         store_name: "test".into(),
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
+        working_set: None,
     };
     let local_dir = tempfile::tempdir().unwrap();
     let mut snaps = Vec::new();
@@ -242,6 +246,42 @@ fn main() {
         "\ncold read / 4 KiB GET (p50): x{:.2}; / frame GET: x{:.2}\n",
         pct(&cold, 50).as_secs_f64() / pct(&get4k, 50).as_secs_f64(),
         pct(&cold, 50).as_secs_f64() / pct(&get_frame, 50).as_secs_f64()
+    );
+
+    // 2b. The first read of a clone just opened: its index page loaded as it opened
+    // (as the daemon's clones do) or not (the page, then the frame), alternately.
+    let mut first: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..FIRST_READS {
+        for (k, ahead) in [false, true].into_iter().enumerate() {
+            let n = 100 + 2 * i as usize + k;
+            let loaded = w.load(&report.manifest_key);
+            // Allocated: the local copy's first write then costs what a disk's does.
+            let (clone, _h, basis) = w.clone_of(loaded, n, Throttle::default(), true);
+            if ahead {
+                assert_eq!(basis.prefetch_index().recv().unwrap(), 1);
+            }
+            let c = (i * 7919 + 13) % chunks;
+            first[k].push(w.timed_read(&clone, c * CHUNK + 8192, 4096));
+        }
+    }
+    first.iter_mut().for_each(|v| v.sort());
+    println!("## 2b. First 4 KiB read of a clone just opened ({FIRST_READS} clones each)\n");
+    println!("| index page | GETs | p50 | p99 |");
+    println!("|---|---|---|---|");
+    for (k, what) in ["fetched by the read", "loaded as the clone opened"]
+        .iter()
+        .enumerate()
+    {
+        println!(
+            "| {what} | {} | {:.2?} | {:.2?} |",
+            2 - k,
+            pct(&first[k], 50),
+            pct(&first[k], 99)
+        );
+    }
+    println!(
+        "\nloaded ahead / fetched by the read (p50): x{:.2}\n",
+        pct(&first[1], 50).as_secs_f64() / pct(&first[0], 50).as_secs_f64()
     );
 
     // 3. Sequential read of a cold clone vs the thick volume.

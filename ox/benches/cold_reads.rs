@@ -141,6 +141,7 @@ fn main() {
         store_name: "bench".into(),
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
+        working_set: None,
     };
     let (c, r, o, h) = (w.config.clone(), w.on(0), opts, vh.clone());
     let start = Instant::now();

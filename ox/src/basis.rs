@@ -158,6 +158,18 @@ impl ObjectBasis {
     }
 }
 
+impl ObjectBasis {
+    /// The snapshot's working set, if it stored one, fetched with this basis's store
+    /// on OX core `ex`.
+    pub async fn working_set(
+        &self,
+        ex: &Rc<LocalExecutor<'static>>,
+    ) -> Result<Option<crate::format::WorkingSet>, OxError> {
+        let store = self.inner.store(ex)?;
+        self.inner.loaded.working_set(&*store).await
+    }
+}
+
 /// A snapshot with at most this many stored index pages has them all loaded as its
 /// clone opens (a dense 4 GiB volume with 64 KiB chunks; any sparse one whose data lies
 /// in four GiB-wide stretches).

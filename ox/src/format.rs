@@ -163,6 +163,73 @@ impl IndexPage {
     }
 }
 
+/// The pseudo page number of a snapshot's working set ([`WorkingSet`]): its key is
+/// that page's ([`page_key`]) and its frame is bound to `PAGE_INDEX_BASE + WORKING_SET_PAGE`
+/// — far beyond any real page (a volume has at most 2^48 of them) — so it cannot be
+/// taken for a page or a data frame, and needs no field in the manifest.
+pub const WORKING_SET_PAGE: u64 = 1 << 60;
+
+/// The chunks the volume's hosts read in the interval before a snapshot, one bit per
+/// chunk (64 to a little-endian word): what a new clone of the snapshot fetches first.
+/// Stored, when not empty, as one frame like an index page (compressed, encrypted and
+/// bound like them); it holds chunk numbers only, never data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkingSet {
+    /// One bit per chunk.
+    pub words: Vec<u64>,
+}
+
+impl WorkingSet {
+    /// Bytes of the bitmap of a volume of `chunks` chunks.
+    pub fn len_for(chunks: u64) -> usize {
+        chunks.div_ceil(64) as usize * 8
+    }
+
+    /// Chunks in the set, ascending.
+    pub fn chunks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            (0..64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| i as u64 * 64 + b)
+        })
+    }
+
+    /// Chunks in the set.
+    pub fn len(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Whether no chunk is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// Encodes the set as its frame.
+    pub fn encode(&self, codec: &mut Codec) -> Result<Vec<u8>, OxError> {
+        let bytes: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        codec.encode_always(PAGE_INDEX_BASE + WORKING_SET_PAGE, &bytes)
+    }
+
+    /// Decodes the frame of a volume of `chunks` chunks: exactly its bitmap, with no
+    /// bit beyond the last chunk.
+    pub fn decode(codec: &Codec, frame: &[u8], chunks: u64) -> Result<Self, OxError> {
+        let len = Self::len_for(chunks);
+        let bytes = codec.decode(PAGE_INDEX_BASE + WORKING_SET_PAGE, frame, len)?;
+        let words: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .collect();
+        let tail = chunks % 64;
+        if tail != 0 && words.last().is_some_and(|&w| w >> tail != 0) {
+            return Err(OxError::integrity(
+                "working set",
+                format!("names a chunk beyond the volume's {chunks}"),
+            ));
+        }
+        Ok(Self { words })
+    }
+}
+
 /// Bounds an index entry must respect.
 #[derive(Debug, Clone, Copy)]
 pub struct PageLimits {
@@ -423,6 +490,11 @@ impl Manifest {
             &parse_id(&self.index_salt)?,
             page,
         ))
+    }
+
+    /// Key of this snapshot's working set ([`WorkingSet`]), which may not exist.
+    pub fn working_set_key(&self) -> Result<String, OxError> {
+        self.page_key(WORKING_SET_PAGE)
     }
 
     /// Bounds for this snapshot's index entries.

@@ -152,18 +152,76 @@ pub async fn thicken(
         }
     }
     let rest = (0..total).filter(|c| !seen.contains(c));
-    let mut next = order
-        .into_iter()
-        .chain(rest)
-        .filter(|&c| !clone.is_present(c))
-        .peekable();
+    walk(
+        clone,
+        on,
+        control,
+        order.into_iter().chain(rest),
+        FetchReason::Thickening,
+        true,
+    )
+    .await
+}
+
+/// What [`warm`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Warmed {
+    /// Chunks in the snapshot's working set (0: it stored none).
+    pub listed: u64,
+    /// Of those, chunks fetched (the rest were here already).
+    pub fetched: u64,
+}
+
+/// Fetches the snapshot's working set into a new clone, before anything else in the
+/// background: the chunks its volume's hosts read lately, as the snapshot recorded
+/// them (`format::WorkingSet`), in runs of adjacent chunks, at full window even while
+/// hosts read (they are about to read these), within the background bandwidth;
+/// `control` stops it. A snapshot without one costs one GET (answered "not found").
+pub async fn warm(
+    basis: &crate::basis::ObjectBasis,
+    ex: &std::rc::Rc<async_executor::LocalExecutor<'static>>,
+    clone: &CloneHandle,
+    on: &ReactorHandle,
+    control: &Thickening,
+) -> Result<Warmed, OxError> {
+    let Some(set) = basis.working_set(ex).await? else {
+        return Ok(Warmed::default());
+    };
+    let (_, total) = clone.hydration();
+    let listed = set.len();
+    let chunks: Vec<u64> = set.chunks().filter(|&c| c < total).collect();
+    let fetched = walk(
+        clone,
+        on,
+        control,
+        chunks.into_iter(),
+        FetchReason::Prefetch,
+        // What hosts are about to read: it does not step back for their misses.
+        false,
+    )
+    .await?;
+    Ok(Warmed { listed, fetched })
+}
+
+/// Fetches the chunks of `order` not present yet, for `reason`, in runs of adjacent
+/// ones, a window of runs in flight, until done or stopped; `yields`: stepping back to
+/// short runs while hosts read cold data. Returns the number of chunks fetched.
+async fn walk(
+    clone: &CloneHandle,
+    on: &ReactorHandle,
+    control: &Thickening,
+    order: impl Iterator<Item = u64>,
+    reason: FetchReason,
+    yields: bool,
+) -> Result<u64, OxError> {
+    let mut next = order.filter(|&c| !clone.is_present(c)).peekable();
     let (tx, rx) = async_channel::unbounded::<(Vec<u64>, Result<(), bdev::BdevError>)>();
     let (mut inflight, mut exhausted, mut failure) = (0usize, false, None);
     let mut attempts: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     let issue = |run: Vec<u64>| {
         let tx = tx.clone();
         let asked = run.clone();
-        clone.fetch_many_on(on, asked, FetchReason::Thickening, move |r| {
+        clone.fetch_many_on(on, asked, reason, move |r| {
             let _ = tx.try_send((run, r));
         })
     };
@@ -171,8 +229,9 @@ pub async fn thicken(
         let halted = control.is_stopped() || failure.is_some();
         if !halted && !control.is_paused() {
             // Beside client reads: short runs, few in flight, while hosts are reading
-            // cold data.
-            let sharing = clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE);
+            // cold data (unless what is fetched is what they will read).
+            let sharing =
+                yields && (clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE));
             let (window, run_bytes) = if sharing {
                 (SHARING_WINDOW.min(control.window()), SHARING_RUN_BYTES)
             } else {
@@ -229,7 +288,7 @@ pub async fn thicken(
         .await;
         let Some((run, result)) = next else {
             failure.get_or_insert(OxError::Config(
-                "a thickening fetch got no answer (reactor stopped?)".into(),
+                "a background fetch got no answer (reactor stopped?)".into(),
             ));
             break;
         };
@@ -265,12 +324,14 @@ pub async fn thicken(
                             reason: bdev::FetchError::Unavailable(why),
                             ..
                         } => OxError::Unavailable {
-                            op: "thickening fetch",
+                            op: "background fetch",
                             key: format!("chunk {chunk}"),
                             attempts: *n,
                             message: why,
                         },
-                        other => OxError::Config(format!("thickening chunk {chunk}: {other}")),
+                        other => {
+                            OxError::Config(format!("background fetch of chunk {chunk}: {other}"))
+                        }
                     });
                 }
             }

@@ -308,12 +308,15 @@ pub async fn sweep(
     Ok(out)
 }
 
-/// The index pages a manifest stored.
+/// The index pages a manifest stored, and the key of its working set (which it may
+/// not have stored: callers keep only keys the store lists).
 fn stored_pages(m: &Manifest) -> Result<Vec<String>, OxError> {
-    (0..m.page_count())
+    let mut keys: Vec<String> = (0..m.page_count())
         .filter(|p| !m.page_is_empty(*p))
         .map(|p| m.page_key(p))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    keys.push(m.working_set_key()?);
+    Ok(keys)
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, OxError> {

@@ -116,6 +116,7 @@ impl World {
                         store_name: "test".into(),
                         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
                         verify_before_publish: false,
+                        working_set: None,
                     };
                     snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                         .await

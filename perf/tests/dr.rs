@@ -866,3 +866,57 @@ fn fail_back_reads_from_the_store_only_what_changed_on_either_side() {
         2048
     );
 }
+
+#[test]
+fn a_new_clone_fetches_first_where_hosts_read_the_volume() {
+    let (_server, dir, store, kek) = bed();
+    let d = dir.path();
+    let port = free_port();
+    let (config, ctl) = appliance(&d.join("a"), port, &store, &kek);
+    let _oxd = start_oxd(&config);
+    let on = export_db(&ctl, port, 32);
+    // The host writes the whole volume, then reads 2 MiB at 8 MiB and 1 MiB at 20 MiB:
+    // 48 chunks of 64 KiB are its working set.
+    oxperf(&on, "write", "0:65536", 256, 131072, 1);
+    assert_eq!(
+        verified(&oxperf(&on, "read", "16384:4096", 16, 131072, 1)),
+        4096
+    );
+    assert_eq!(
+        verified(&oxperf(&on, "read", "40960:2048", 8, 131072, 1)),
+        2048
+    );
+    let job = ctl.ok(&["snapshot", "create", "db", "--store", "s3"]);
+    assert_eq!(job["state"], "done", "{job}");
+
+    // A new clone fetches those first, by itself, before any host reads it.
+    let nqn = "nqn.2026-12.io.ox:warm";
+    clone_latest(&ctl, "warm", "db", nqn);
+    let give_up = Instant::now() + std::time::Duration::from_secs(300);
+    let got = loop {
+        let got = ctl.ok(&["clone", "get", "warm"]);
+        if got["chunks_present"] == 48 {
+            break got;
+        }
+        assert!(Instant::now() < give_up, "never warmed: {got}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(
+        got["fetched_bytes"]["prefetch"].as_u64().unwrap() > 0,
+        "{got}"
+    );
+    assert_eq!(got["fetched_bytes"]["client_miss"], 0, "{got}");
+    // The host's reads there then cost the store nothing.
+    let target = format!("127.0.0.1:{port},{nqn},1");
+    assert_eq!(
+        verified(&oxperf(&target, "read", "16384:4096", 16, 131072, 1)),
+        4096
+    );
+    assert_eq!(
+        verified(&oxperf(&target, "read", "40960:2048", 8, 131072, 1)),
+        2048
+    );
+    let after = ctl.ok(&["clone", "get", "warm"]);
+    assert_eq!(after["gets"], got["gets"], "{after}");
+    assert_eq!(after["chunks_present"], 48, "{after}");
+}

@@ -60,6 +60,10 @@ struct Shared {
     chunks: u64,
     /// Chunks written since the last snapshot began (one bit each).
     dirty: Arc<[AtomicU64]>,
+    /// Chunks hosts read since the last snapshot took this (one bit each): the working
+    /// set a new clone of that snapshot fetches first. A hint, not state: see
+    /// [`Shared::mark_read`].
+    heat: Box<[AtomicU64]>,
     /// The durable record of `dirty` (a superset of it on disk), if the volume keeps
     /// one: a write is acknowledged only once its chunks are on it.
     record: OnceLock<DirtyRecord>,
@@ -113,6 +117,18 @@ impl Shared {
         // dirty bit being visible before the write looks at the durable bit.
         if word.load(Ordering::SeqCst) & bit == 0 {
             word.fetch_or(bit, Ordering::SeqCst);
+        }
+    }
+
+    /// Notes that a host read `chunk`. Set once per chunk per snapshot interval with a
+    /// plain load and store, no read-modify-write: two reactors setting bits of one
+    /// word at once may lose one, which costs a chunk of a clone's warm-up, never data.
+    fn mark_read(&self, chunk: u64) {
+        let word = &self.heat[(chunk / 64) as usize];
+        let bit = 1 << (chunk % 64);
+        let now = word.load(Ordering::Relaxed);
+        if now & bit == 0 {
+            word.store(now | bit, Ordering::Relaxed);
         }
     }
 
@@ -426,6 +442,13 @@ impl BackendChannel for VolumeChannel {
             io.io_type,
             IoType::Write | IoType::WriteZeroes | IoType::Unmap
         ) {
+            // A host's read is part of its working set; the appliance's own (a
+            // snapshot reading the volume) is not.
+            if io.io_type == IoType::Read && !io.internal {
+                for chunk in self.shared.chunk_range(&io) {
+                    self.shared.mark_read(chunk);
+                }
+            }
             return self.inner.pass(io, done);
         }
         start_write(
@@ -930,6 +953,23 @@ impl VolumeHandle {
         self.shared.tell(Event::ChunkRead { generation, chunk });
     }
 
+    /// The chunks hosts read since the last call (one bit per chunk, 64 to a word),
+    /// cleared: a snapshot records them as its volume's working set.
+    pub fn take_heat(&self) -> Vec<u64> {
+        self.shared
+            .heat
+            .iter()
+            .map(|w| w.swap(0, Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Gives back what [`Self::take_heat`] took (a snapshot that did not publish).
+    pub fn restore_heat(&self, words: &[u64]) {
+        for (w, bits) in self.shared.heat.iter().zip(words) {
+            w.fetch_or(*bits, Ordering::Relaxed);
+        }
+    }
+
     /// The chunks changed since the last snapshot began, without resetting them (to
     /// save at shutdown; see [`ChangedChunks::to_bytes`]).
     pub fn changes(&self) -> ChangedChunks {
@@ -1088,6 +1128,7 @@ pub fn create_volume(
         block_size,
         chunks,
         dirty: initial.into_iter().map(AtomicU64::new).collect(),
+        heat: (0..words).map(|_| AtomicU64::new(0)).collect(),
         record: OnceLock::new(),
         free: (0..words).map(|_| AtomicU64::new(u64::MAX)).collect(),
         owner: OnceLock::new(),

@@ -183,6 +183,26 @@ impl Loaded {
         .await
     }
 
+    /// The snapshot's working set, if it stored one (fetched again if it fails its
+    /// check; damage that stays is an error).
+    pub async fn working_set(
+        &self,
+        store: &dyn ObjectStore,
+    ) -> Result<Option<crate::format::WorkingSet>, OxError> {
+        let key = self.manifest.working_set_key()?;
+        let codec = self.sources[0].codec()?;
+        let chunks = self.manifest.chunks();
+        match crate::fetch::checked(store, &key, None, None, |frame| {
+            crate::format::WorkingSet::decode(&codec, &frame, chunks)
+        })
+        .await
+        {
+            Ok(set) => Ok(Some(set)),
+            Err(OxError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Loads index page `page` (fetched again if it fails its check, counted in
     /// `counters`); also returns the bytes fetched.
     pub async fn page(

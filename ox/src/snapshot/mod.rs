@@ -70,6 +70,10 @@ pub struct SnapshotOptions {
     /// Read every object back and decode every frame before publishing
     /// ([`read_back`]): one GET per object stored.
     pub verify_before_publish: bool,
+    /// The chunks the volume's hosts read lately (one bit each, 64 to a word, as
+    /// `bdev::VolumeHandle::take_heat` gives them), stored beside the manifest as the
+    /// snapshot's [`crate::format::WorkingSet`] when any is set.
+    pub working_set: Option<Vec<u64>>,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.
@@ -381,6 +385,7 @@ pub async fn orphans(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<String
         for page in 0..m.page_count() {
             referenced.insert(m.page_key(page)?);
         }
+        referenced.insert(m.working_set_key()?);
     }
     let mut orphans = Vec::new();
     for kind in ["d", "i"] {

@@ -466,6 +466,7 @@ pub(super) async fn write(
     }
     index.flush(store, opts, &mut codec).await?;
     packer.finish().await?;
+    let working_set_bytes = store_working_set(store, opts, &index.salt, chunks, &mut codec).await?;
     let mut manifest = Manifest {
         // Format 2 readers can read it unless it leaves pages out.
         format: if index.empty.is_empty() {
@@ -499,7 +500,7 @@ pub(super) async fn write(
         manifest.seal_empty_pages(k);
     }
     let bytes = manifest.to_bytes();
-    let meta_bytes = index.bytes + bytes.len() as u64;
+    let meta_bytes = index.bytes + working_set_bytes + bytes.len() as u64;
     if progress.is_cancelled() {
         return Err(OxError::Config(format!(
             "snapshot of {} cancelled before publishing",
@@ -599,4 +600,39 @@ async fn published(
         manifest_key: key.to_string(),
         manifest,
     }))
+}
+
+/// Stores the volume's working set beside the manifest-to-be, if the options carry one
+/// with any chunk in it (and of this volume's size: another is left out, with a
+/// warning). Returns the bytes stored.
+async fn store_working_set(
+    store: &dyn ObjectStore,
+    opts: &SnapshotOptions,
+    salt: &[u8; 16],
+    chunks: u64,
+    codec: &mut Codec,
+) -> Result<u64, OxError> {
+    let Some(words) = opts
+        .working_set
+        .as_ref()
+        .filter(|w| w.iter().any(|&b| b != 0))
+    else {
+        return Ok(0);
+    };
+    if words.len() * 8 != format::WorkingSet::len_for(chunks) {
+        tracing::warn!(
+            volume = opts.volume_name,
+            "working set of {} words for {chunks} chunks: not stored",
+            words.len()
+        );
+        return Ok(0);
+    }
+    let set = format::WorkingSet {
+        words: words.clone(),
+    };
+    let frame = set.encode(codec)?;
+    let len = frame.len() as u64;
+    let key = format::page_key(&opts.prefix, salt, format::WORKING_SET_PAGE);
+    store.put(&key, frame).await?;
+    Ok(len)
 }

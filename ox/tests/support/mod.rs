@@ -104,6 +104,7 @@ pub fn options(env: &Env) -> SnapshotOptions {
         store_name: "test".into(),
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
+        working_set: None,
     }
 }
 

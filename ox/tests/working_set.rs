@@ -1,0 +1,115 @@
+//! A snapshot records where its volume's hosts read (its working set), beside the
+//! manifest and never with data; a new clone fetches that first, in few ranged GETs,
+//! before anything else in the background. Counted at the S3 test server.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "s3server/mod.rs"]
+mod s3server;
+mod support;
+
+use std::sync::atomic::Ordering;
+
+use ox::hydrate::Warmed;
+use support::{CHUNK, clone_s3, env, filled_volume, options, read, snapshot_s3};
+
+const SIZE: u64 = 64 << 20;
+
+#[test]
+fn a_snapshot_records_what_hosts_read_and_its_clone_fetches_that_first() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let gets = || server.faults.gets.load(Ordering::SeqCst);
+    let (vol, handle, image) = filled_volume(&env, SIZE, 47);
+    // Writing reads nothing: no working set yet.
+    assert!(handle.take_heat().iter().all(|&w| w == 0));
+
+    // A host reads ten adjacent chunks and a few bytes of one more.
+    let _ = read(&env, &vol, 100 * CHUNK, 10 * CHUNK);
+    let _ = read(&env, &vol, 500 * CHUNK + 4096, 4096);
+    let mut opts = options(&env);
+    opts.working_set = Some(handle.take_heat());
+    let report = snapshot_s3(&env, &config, &handle, None, opts);
+    // The snapshot's own reads of the whole volume are not a host's.
+    assert!(handle.take_heat().iter().all(|&w| w == 0));
+
+    let (clone, basis, clone_handle) = clone_s3(&env, &config, &report.manifest_key, "c", SIZE);
+    let warm = |basis: ox::basis::ObjectBasis, h: bdev::CloneHandle| {
+        let on = env.set.handles()[0].clone();
+        env.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    ox::hydrate::warm(&basis, &ex, &h, &on, &ox::hydrate::Thickening::default())
+                        .await
+                })
+            })
+            .unwrap()
+    };
+    let before = gets();
+    let warmed = warm(basis.clone(), clone_handle.clone()).unwrap();
+    assert_eq!(
+        warmed,
+        Warmed {
+            listed: 11,
+            fetched: 11
+        }
+    );
+    let present: Vec<u64> = (0..SIZE / CHUNK)
+        .filter(|&c| clone_handle.is_present(c))
+        .collect();
+    let expected: Vec<u64> = (100..110).chain([500]).collect();
+    assert_eq!(present, expected, "exactly the working set");
+    // The working set, the index page, and one ranged GET per run of adjacent chunks.
+    assert_eq!(gets() - before, 1 + 1 + 2, "GETs");
+    // The host's reads of it then cost nothing more, and read the snapshot's bytes.
+    let before = gets();
+    let at = (100 * CHUNK) as usize;
+    assert!(read(&env, &clone, 100 * CHUNK, 10 * CHUNK) == image[at..at + 10 * CHUNK as usize]);
+    assert_eq!(gets(), before, "served from the clone");
+    // Warming again fetches nothing.
+    assert_eq!(
+        warm(basis, clone_handle).unwrap(),
+        Warmed {
+            listed: 11,
+            fetched: 0
+        }
+    );
+
+    // A snapshot without one: nothing to warm, one GET asking.
+    let report2 = snapshot_s3(
+        &env,
+        &config,
+        &handle,
+        Some(&report.manifest_key),
+        options(&env),
+    );
+    let (_c2, basis2, h2) = clone_s3(&env, &config, &report2.manifest_key, "c2", SIZE);
+    let requests = || server.faults.requests.load(Ordering::SeqCst);
+    let before = requests();
+    assert_eq!(warm(basis2, h2).unwrap(), Warmed::default());
+    assert_eq!(requests() - before, 1);
+
+    // The working set is the snapshot's: no collector takes it for an orphan, and a
+    // damaged one is refused as damage (the clone still reads as its snapshot).
+    let (c, prefix) = (config.clone(), "vol1/".to_string());
+    let orphans = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = ox::store::s3::S3Store::new(c, ex).unwrap();
+                ox::snapshot::orphans(&store, &prefix).await.unwrap()
+            })
+        })
+        .unwrap();
+    assert!(orphans.is_empty(), "{orphans:?}");
+    let key = report.manifest.working_set_key().unwrap();
+    let path = server.dir.path().join(s3server::BUCKET).join(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+    let (c3, basis3, h3) = clone_s3(&env, &config, &report.manifest_key, "c3", SIZE);
+    let e = warm(basis3, h3).unwrap_err();
+    assert!(e.to_string().contains("integrity"), "{e}");
+    assert!(read(&env, &c3, 100 * CHUNK, 4096) == image[at..at + 4096]);
+}
