@@ -202,6 +202,15 @@ struct LiveClone {
     warming: Option<Arc<Thickening>>,
 }
 
+impl Drop for LiveClone {
+    /// A clone that is gone (deleted, or a create undone) fetches nothing more.
+    fn drop(&mut self) {
+        for t in self.thickening.iter().chain(&self.warming) {
+            t.stop();
+        }
+    }
+}
+
 struct Inner {
     catalogue: Catalogue,
     volumes: HashMap<String, LiveVolume>,
@@ -750,7 +759,7 @@ impl Service {
             Some(uuid),
             &self.clone_path(&c.name, "presence"),
         )?;
-        let warming = self.start_warming(&c.name, &handle, &basis);
+        let warming = self.start_warming(&c.name, &handle, &basis, c.paused);
         Ok(LiveClone {
             bdev,
             handle,
@@ -1652,19 +1661,24 @@ impl Service {
     }
 
     /// Fetches the snapshot's working set into clone `name` in the background, if it
-    /// lacks chunks (a new clone; one whose warm-up a restart cut short goes on).
-    /// Returns the walk's control (stopped with the clone, or at a stop of oxd).
+    /// lacks chunks (a new clone; one whose warm-up a restart cut short goes on);
+    /// `paused` as the clone's background fetching is. Returns the walk's control
+    /// (paused and resumed with thickening, stopped with the clone or at a stop of oxd).
     fn start_warming(
         &self,
         name: &str,
         handle: &CloneHandle,
         basis: &ObjectBasis,
+        paused: bool,
     ) -> Option<Arc<Thickening>> {
         let (present, total) = handle.hydration();
         if present == total {
             return None;
         }
         let control = Thickening::new();
+        if paused {
+            control.pause();
+        }
         let c = Arc::clone(&control);
         let (handle, basis) = (handle.clone(), basis.clone());
         let (on, cores) = (self.reactors[0].clone(), Arc::clone(&self.cores));
@@ -1764,6 +1778,14 @@ impl Service {
                 .clones
                 .get(name)
                 .with_context(|| format!("clone {name:?} is unavailable"))?;
+            // The working set's fetch, while it runs, pauses and resumes with it.
+            if let Some(w) = &live.warming {
+                match action {
+                    "pause" => w.pause(),
+                    "resume" | "start" => w.resume(),
+                    _ => {}
+                }
+            }
             let t = live.thickening.clone();
             match (action, &t) {
                 ("pause", Some(t)) => t.pause(),

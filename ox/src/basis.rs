@@ -160,13 +160,25 @@ impl ObjectBasis {
 
 impl ObjectBasis {
     /// The snapshot's working set, if it stored one, fetched with this basis's store
-    /// on OX core `ex`.
+    /// on OX core `ex` (counted with the index pages).
     pub async fn working_set(
         &self,
         ex: &Rc<LocalExecutor<'static>>,
     ) -> Result<Option<crate::format::WorkingSet>, OxError> {
         let store = self.inner.store(ex)?;
-        self.inner.loaded.working_set(&*store).await
+        let counters = &self.inner.counters;
+        let found = self
+            .inner
+            .loaded
+            .working_set(&*store, Some(&counters.integrity))
+            .await?;
+        Ok(found.map(|(set, bytes)| {
+            counters.page_gets.fetch_add(1, Ordering::Relaxed);
+            counters
+                .page_bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+            set
+        }))
     }
 }
 

@@ -165,7 +165,7 @@ impl IndexPage {
 
 /// The pseudo page number of a snapshot's working set ([`WorkingSet`]): its key is
 /// that page's ([`page_key`]) and its frame is bound to `PAGE_INDEX_BASE + WORKING_SET_PAGE`
-/// — far beyond any real page (a volume has at most 2^48 of them) — so it cannot be
+/// — far beyond any real page (a volume has at most about 2^34 of them) — so it cannot be
 /// taken for a page or a data frame, and needs no field in the manifest.
 pub const WORKING_SET_PAGE: u64 = 1 << 60;
 
@@ -180,9 +180,18 @@ pub struct WorkingSet {
 }
 
 impl WorkingSet {
+    /// The largest share of a volume a working set may name (stored or fetched): one
+    /// a host read nearly whole says nothing about where to start.
+    pub const MAX_SHARE_PCT: u64 = 25;
+
     /// Bytes of the bitmap of a volume of `chunks` chunks.
     pub fn len_for(chunks: u64) -> usize {
         chunks.div_ceil(64) as usize * 8
+    }
+
+    /// Whether the set names no more than [`Self::MAX_SHARE_PCT`] of `chunks`.
+    pub fn worth_storing(&self, chunks: u64) -> bool {
+        self.len().saturating_mul(100) <= chunks.saturating_mul(Self::MAX_SHARE_PCT)
     }
 
     /// Chunks in the set, ascending.

@@ -189,12 +189,17 @@ pub async fn warm(
     };
     let (_, total) = clone.hydration();
     let listed = set.len();
-    let chunks: Vec<u64> = set.chunks().filter(|&c| c < total).collect();
+    // A set naming most of the volume (written by another build) is not a working set:
+    // thickening is the way to fetch everything.
+    if !set.worth_storing(total) {
+        tracing::info!("working set of {listed} of {total} chunks: too large, not fetched");
+        return Ok(Warmed { listed, fetched: 0 });
+    }
     let fetched = walk(
         clone,
         on,
         control,
-        chunks.into_iter(),
+        set.chunks().filter(|&c| c < total),
         FetchReason::Prefetch,
         // What hosts are about to read: it does not step back for their misses.
         false,

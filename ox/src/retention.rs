@@ -127,7 +127,7 @@ pub struct Swept {
     pub ancestors: usize,
     /// Manifests deleted.
     pub manifests: usize,
-    /// Index pages deleted.
+    /// Index pages (and working sets) deleted.
     pub pages: usize,
     /// Data objects deleted.
     pub objects: usize,

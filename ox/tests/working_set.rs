@@ -112,4 +112,37 @@ fn a_snapshot_records_what_hosts_read_and_its_clone_fetches_that_first() {
     let e = warm(basis3, h3).unwrap_err();
     assert!(e.to_string().contains("integrity"), "{e}");
     assert!(read(&env, &c3, 100 * CHUNK, 4096) == image[at..at + 4096]);
+
+    // A host that read more than a quarter of the volume (a backup, a scan) leaves no
+    // working set: it would say nothing about where to start.
+    let _ = read(&env, &vol, 0, SIZE / 2);
+    let mut opts = options(&env);
+    opts.working_set = Some(handle.take_heat());
+    let whole = snapshot_s3(&env, &config, &handle, Some(&report2.manifest_key), opts);
+    let stored = |r: &ox::snapshot::SnapshotReport| {
+        let key = r.manifest.working_set_key().unwrap();
+        server.dir.path().join(s3server::BUCKET).join(key).exists()
+    };
+    assert!(!stored(&whole), "a scan is not a working set");
+
+    // Retention deletes a deleted snapshot's working set with it, and keeps a live
+    // one's.
+    let _ = read(&env, &vol, 7 * CHUNK, 4096);
+    let mut opts = options(&env);
+    opts.working_set = Some(handle.take_heat());
+    let live = snapshot_s3(&env, &config, &handle, Some(&whole.manifest_key), opts);
+    assert!(stored(&report) && stored(&live));
+    let (c, kek, keep) = (config.clone(), env.kek.clone(), live.manifest_key.clone());
+    env.cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = ox::store::s3::S3Store::new(c, ex).unwrap();
+                ox::retention::sweep(&store, "vol1/", &[kek], &[keep], u64::MAX / 2, 0)
+                    .await
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert!(!stored(&report), "deleted with its snapshot");
+    assert!(stored(&live), "kept with its snapshot");
 }

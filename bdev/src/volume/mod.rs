@@ -61,8 +61,7 @@ struct Shared {
     /// Chunks written since the last snapshot began (one bit each).
     dirty: Arc<[AtomicU64]>,
     /// Chunks hosts read since the last snapshot took this (one bit each): the working
-    /// set a new clone of that snapshot fetches first. A hint, not state: see
-    /// [`Shared::mark_read`].
+    /// set a new clone of that snapshot fetches first. A hint, not state.
     heat: Box<[AtomicU64]>,
     /// The durable record of `dirty` (a superset of it on disk), if the volume keeps
     /// one: a write is acknowledged only once its chunks are on it.
@@ -120,15 +119,15 @@ impl Shared {
         }
     }
 
-    /// Notes that a host read `chunk`. Set once per chunk per snapshot interval with a
-    /// plain load and store, no read-modify-write: two reactors setting bits of one
-    /// word at once may lose one, which costs a chunk of a clone's warm-up, never data.
+    /// Notes that a host read `chunk`. Usually set already: a load. The first read of a
+    /// chunk since the last snapshot took the set pays one relaxed `fetch_or` (as
+    /// `mark_dirty` does for writes): a plain store could erase bits other reactors,
+    /// or a snapshot giving the set back, set meanwhile.
     fn mark_read(&self, chunk: u64) {
         let word = &self.heat[(chunk / 64) as usize];
         let bit = 1 << (chunk % 64);
-        let now = word.load(Ordering::Relaxed);
-        if now & bit == 0 {
-            word.store(now | bit, Ordering::Relaxed);
+        if word.load(Ordering::Relaxed) & bit == 0 {
+            word.fetch_or(bit, Ordering::Relaxed);
         }
     }
 

@@ -183,17 +183,22 @@ impl Loaded {
         .await
     }
 
-    /// The snapshot's working set, if it stored one (fetched again if it fails its
-    /// check; damage that stays is an error).
+    /// The snapshot's working set, if it stored one, and the bytes fetched (fetched
+    /// again if it fails its check, counted in `counters`; damage that stays is an
+    /// error).
     pub async fn working_set(
         &self,
         store: &dyn ObjectStore,
-    ) -> Result<Option<crate::format::WorkingSet>, OxError> {
+        counters: Option<&IntegrityCounters>,
+    ) -> Result<Option<(crate::format::WorkingSet, usize)>, OxError> {
         let key = self.manifest.working_set_key()?;
         let codec = self.sources[0].codec()?;
         let chunks = self.manifest.chunks();
-        match crate::fetch::checked(store, &key, None, None, |frame| {
-            crate::format::WorkingSet::decode(&codec, &frame, chunks)
+        match crate::fetch::checked(store, &key, None, counters, |frame| {
+            Ok((
+                crate::format::WorkingSet::decode(&codec, &frame, chunks)?,
+                frame.len(),
+            ))
         })
         .await
         {

@@ -466,7 +466,6 @@ pub(super) async fn write(
     }
     index.flush(store, opts, &mut codec).await?;
     packer.finish().await?;
-    let working_set_bytes = store_working_set(store, opts, &index.salt, chunks, &mut codec).await?;
     let mut manifest = Manifest {
         // Format 2 readers can read it unless it leaves pages out.
         format: if index.empty.is_empty() {
@@ -500,7 +499,7 @@ pub(super) async fn write(
         manifest.seal_empty_pages(k);
     }
     let bytes = manifest.to_bytes();
-    let meta_bytes = index.bytes + working_set_bytes + bytes.len() as u64;
+    let mut meta_bytes = index.bytes + bytes.len() as u64;
     if progress.is_cancelled() {
         return Err(OxError::Config(format!(
             "snapshot of {} cancelled before publishing",
@@ -511,6 +510,7 @@ pub(super) async fn write(
         return Err(OxError::Suspended(opts.volume_name.clone()));
     }
     abandoned(handle, opts)?;
+    meta_bytes += store_working_set(store, opts, &index.salt, chunks, &mut codec).await;
     let read_back = if opts.verify_before_publish {
         let mut sources = vec![super::Source {
             key: start.data_key.clone(),
@@ -603,36 +603,62 @@ async fn published(
 }
 
 /// Stores the volume's working set beside the manifest-to-be, if the options carry one
-/// with any chunk in it (and of this volume's size: another is left out, with a
-/// warning). Returns the bytes stored.
+/// with any chunk in it, of this volume's size, and no larger than
+/// [`format::WorkingSet::MAX_SHARE_PCT`] per cent of it (a host that read everything — a backup, a
+/// scan — says nothing about where to start). Best effort: a hint is never worth
+/// failing a snapshot for; what goes wrong is logged. Created only if absent, so an
+/// attempt that continues after a crash never replaces the set a published manifest
+/// already has. Returns the bytes stored.
 async fn store_working_set(
     store: &dyn ObjectStore,
     opts: &SnapshotOptions,
     salt: &[u8; 16],
     chunks: u64,
     codec: &mut Codec,
-) -> Result<u64, OxError> {
+) -> u64 {
     let Some(words) = opts
         .working_set
         .as_ref()
         .filter(|w| w.iter().any(|&b| b != 0))
     else {
-        return Ok(0);
+        return 0;
     };
+    let volume = &opts.volume_name;
     if words.len() * 8 != format::WorkingSet::len_for(chunks) {
         tracing::warn!(
-            volume = opts.volume_name,
+            volume,
             "working set of {} words for {chunks} chunks: not stored",
             words.len()
         );
-        return Ok(0);
+        return 0;
     }
     let set = format::WorkingSet {
         words: words.clone(),
     };
-    let frame = set.encode(codec)?;
-    let len = frame.len() as u64;
+    if !set.worth_storing(chunks) {
+        tracing::info!(
+            volume,
+            "hosts read {} of {chunks} chunks: too much to be a working set, not stored",
+            set.len()
+        );
+        return 0;
+    }
     let key = format::page_key(&opts.prefix, salt, format::WORKING_SET_PAGE);
-    store.put(&key, frame).await?;
-    Ok(len)
+    let stored = match set.encode(codec) {
+        Ok(frame) => {
+            let len = frame.len() as u64;
+            super::patiently(opts, async || store.put_new(&key, frame.clone()).await)
+                .await
+                .map(|()| len)
+        }
+        Err(e) => Err(e),
+    };
+    match stored {
+        Ok(len) => len,
+        Err(OxError::AlreadyExists { .. }) => 0,
+        Err(e) => {
+            tracing::warn!(volume, "working set not stored: {e}");
+            0
+        }
+    }
 }
