@@ -431,3 +431,34 @@ fn credentials_from_a_command_sign_requests_and_wrong_ones_are_refused() {
         assert_eq!(ran, 2, "asked again after the refusal, then kept");
     });
 }
+
+#[test]
+fn a_multipart_upload_cut_short_by_a_cancel_is_aborted() {
+    let server = start_server(false);
+    run(async |ex| {
+        let s = store(&server, SECRET, &ex).unwrap();
+        let big: Vec<u8> = (0..13u32 << 20).map(|i| (i % 239) as u8).collect();
+        // Create, then the first part: its response is held back, and the upload's
+        // future is dropped while it waits (as a cancelled snapshot drops it).
+        let before = server.faults.requests.load(Ordering::SeqCst);
+        server.faults.stall_at.store(before + 2, Ordering::SeqCst);
+        let part_sent = async {
+            while server.faults.requests.load(Ordering::SeqCst) < before + 2 {
+                async_io::Timer::after(Duration::from_millis(5)).await;
+            }
+            Err::<(), OxError>(OxError::Config("cut short".into()))
+        };
+        let cut = futures_lite::future::or(s.put("ox1/d/cut-short", big), part_sent).await;
+        assert!(cut.is_err());
+        // The abort goes out by itself, in the background.
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        while server.faults.multipart_aborts.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < give_up, "never aborted");
+            async_io::Timer::after(Duration::from_millis(5)).await;
+        }
+        assert!(
+            s.get("ox1/d/cut-short").await.is_err(),
+            "nothing was stored"
+        );
+    });
+}

@@ -182,6 +182,19 @@ impl HttpClient {
         }
     }
 
+    /// A client of the same settings and executor with no connections of its own, and
+    /// that executor: for a request that must outlive the caller (sent from a drop).
+    pub fn detached(&self) -> (Self, Rc<LocalExecutor<'static>>) {
+        let client = Self {
+            executor: Rc::clone(&self.executor),
+            tls: self.tls.clone(),
+            timeout: self.timeout,
+            idle: RefCell::new(HashMap::new()),
+            connect_to: self.connect_to,
+        };
+        (client, Rc::clone(&self.executor))
+    }
+
     /// Connects to `addr` whatever the URLs' hosts resolve to (split-horizon names,
     /// test beds), still naming the host in `Host` and to TLS.
     pub fn with_connect_to(mut self, addr: Option<std::net::SocketAddr>) -> Self {

@@ -539,19 +539,38 @@ impl S3Store {
                 message: format!("unreadable response: {e}"),
             })?;
         let upload_id = created.upload_id().to_string();
+        // Signed now, sent if the upload does not complete: failed, or dropped (the
+        // snapshot cancelled), so its parts are not left stored and billed.
+        let abort = self
+            .bucket
+            .abort_multipart_upload(Some(&credentials), key, &upload_id)
+            .sign(SIGN_FOR);
+        let (abort, headers) = self.authorize(&credentials, &Method::DELETE, abort, Vec::new());
+        let mut guard = AbortUpload {
+            request: Some((
+                abort,
+                headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            )),
+            http: &self.http,
+        };
         let result = self.upload_parts(key, data, &upload_id).await;
         if result.is_err() {
-            // Best effort: do not leave the parts billed.
-            let abort = self
-                .bucket
-                .abort_multipart_upload(Some(&credentials), key, &upload_id)
-                .sign(SIGN_FOR);
-            let (abort, headers) = self.authorize(&credentials, &Method::DELETE, abort, Vec::new());
-            let _ = self
-                .http
-                .request(Method::DELETE, &abort, &headers, Vec::new())
-                .await;
+            // Best effort, and waited for here.
+            if let Some((url, headers)) = guard.request.take() {
+                let headers: Vec<(&str, String)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.clone()))
+                    .collect();
+                let _ = self
+                    .http
+                    .request(Method::DELETE, &url, &headers, Vec::new())
+                    .await;
+            }
         }
+        guard.request = None;
         result
     }
 
@@ -908,6 +927,37 @@ impl ListPage {
 struct ErrorBody {
     code: Option<String>,
     message: Option<String>,
+}
+
+/// A multipart upload's abort, signed ahead: sent in the background if this is dropped
+/// while it still holds it (the upload's future dropped before it completed or failed).
+/// Signed for [`SIGN_FOR`], which an upload of one object stays well inside.
+struct AbortUpload<'a> {
+    request: Option<(Url, Vec<(String, String)>)>,
+    http: &'a HttpClient,
+}
+
+impl Drop for AbortUpload<'_> {
+    fn drop(&mut self) {
+        let Some((url, headers)) = self.request.take() else {
+            return;
+        };
+        let (client, executor) = self.http.detached();
+        executor
+            .spawn(async move {
+                let headers: Vec<(&str, String)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.clone()))
+                    .collect();
+                if let Err(e) = client
+                    .request(Method::DELETE, &url, &headers, Vec::new())
+                    .await
+                {
+                    tracing::warn!("aborting a multipart upload cut short: {e}");
+                }
+            })
+            .detach();
+    }
 }
 
 /// Error codes with which S3 refuses credentials themselves (unknown, expired or

@@ -85,6 +85,8 @@ pub struct Faults {
     pub get_bytes: std::sync::atomic::AtomicU64,
     /// Listings (ListObjectsV2 pages) answered.
     pub lists: std::sync::atomic::AtomicU64,
+    /// Multipart uploads aborted (DELETE with an uploadId).
+    pub multipart_aborts: AtomicU32,
 }
 
 /// The kinds of fault [`Chaos`] injects.
@@ -412,6 +414,11 @@ async fn respond(
         .to_string();
     let in_header = req.headers().contains_key(hyper::header::AUTHORIZATION);
     faults.seen.lock().unwrap().push((host, in_header));
+    if req.method() == hyper::Method::DELETE
+        && req.uri().query().is_some_and(|q| q.contains("uploadId="))
+    {
+        faults.multipart_aborts.fetch_add(1, Ordering::SeqCst);
+    }
     if faults.stall_at.load(Ordering::SeqCst) == number {
         faults.stall.fetch_add(1, Ordering::SeqCst);
     }
