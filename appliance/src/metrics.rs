@@ -1,19 +1,26 @@
-//! Prometheus metrics over HTTP (`GET /metrics`, text format 0.0.4), served by hyper on
-//! its own thread: per-device I/O counters and latency, clone hydration and object
-//! traffic by reason, snapshot uploads, and reactor busy time.
+//! Prometheus metrics over HTTP (`GET /metrics`, OpenMetrics text), served by hyper on
+//! its own thread: per-device I/O counters and latency histograms, clone hydration and
+//! object traffic by reason, snapshots and policies (RPO), stores, control and NVMe/TCP
+//! connection decisions, and reactor busy time. Encoded by `prometheus-client` from
+//! typed state read at each scrape (a [`Collector`]): nothing is kept twice, and a
+//! field renamed in the service fails to compile here instead of exporting 0.
+//! [`FAMILIES`] lists every family, for the docs and the dashboard's test.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::Context;
 use async_io::Async;
-use bdev::IoType;
+use bdev::{IoType, LatencyHistogram};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use serde_json::Value;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use smol_hyper::rt::FuturesIo;
 
 use crate::control::State;
@@ -24,6 +31,7 @@ pub fn start(addr: SocketAddr, state: Arc<State>) -> anyhow::Result<SocketAddr> 
     let listener = TcpListener::bind(addr).with_context(|| format!("metrics.listen: {addr}"))?;
     let local = listener.local_addr()?;
     let listener = Async::new(listener).context("metrics listener")?;
+    let registry = Arc::new(registry_of(state));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
@@ -35,11 +43,13 @@ pub fn start(addr: SocketAddr, state: Arc<State>) -> anyhow::Result<SocketAddr> 
                         async_io::Timer::after(std::time::Duration::from_millis(100)).await;
                         continue;
                     };
-                    let state = Arc::clone(&state);
+                    let registry = Arc::clone(&registry);
                     ex.spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
-                            let state = Arc::clone(&state);
-                            async move { Ok::<_, std::convert::Infallible>(respond(&state, &req)) }
+                            let registry = Arc::clone(&registry);
+                            async move {
+                                Ok::<_, std::convert::Infallible>(respond(&registry, &req))
+                            }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(FuturesIo::new(stream), service)
@@ -53,9 +63,16 @@ pub fn start(addr: SocketAddr, state: Arc<State>) -> anyhow::Result<SocketAddr> 
     Ok(local)
 }
 
-fn respond(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn respond(registry: &Registry, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let (status, body) = if req.uri().path() == "/metrics" {
-        (StatusCode::OK, render(state))
+        let mut text = String::new();
+        match prometheus_client::encoding::text::encode(&mut text, registry) {
+            Ok(()) => (StatusCode::OK, text),
+            Err(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics could not be encoded\n".to_string(),
+            ),
+        }
     } else {
         (
             StatusCode::NOT_FOUND,
@@ -66,383 +83,570 @@ fn respond(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Full
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
     );
     resp
 }
 
-/// Escapes a label value.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The registry of oxd's metrics: one collector reading `state` at each scrape.
+pub fn registry_of(state: Arc<State>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exporter(state)));
+    registry
 }
 
-/// Writes one metric family: `# HELP`, `# TYPE`, then its samples.
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, v) in samples {
-        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+/// What a family is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Exposed as `NAME_total`.
+    Counter,
+    /// Exposed as `NAME`.
+    Gauge,
+    /// Exposed as `NAME_bucket` (with `le`), `NAME_sum` and `NAME_count`.
+    Histogram,
+}
+
+/// One metric family: its name (a counter's without `_total`), kind and help.
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+const fn f(name: &'static str, kind: Kind, help: &'static str) -> Family {
+    Family { name, kind, help }
+}
+
+/// Every family oxd exports.
+pub const FAMILIES: &[Family] = &[
+    f(
+        "ox_control_refused",
+        Kind::Counter,
+        "Control connections refused: every slot, or the peer's share, was taken.",
+    ),
+    f(
+        "ox_control_timeouts",
+        Kind::Counter,
+        "Control connections closed at their authentication or request deadline.",
+    ),
+    f(
+        "ox_control_auth_failures",
+        Kind::Counter,
+        "Control connections that presented a bad or no token.",
+    ),
+    f(
+        "ox_store_integrity_failures",
+        Kind::Counter,
+        "Objects or ranges fetched from a store that failed their integrity check (snapshot loads, clones, verify, restore).",
+    ),
+    f(
+        "ox_store_refetches",
+        Kind::Counter,
+        "Fetches made again, on a fresh connection, after one failed its integrity check.",
+    ),
+    f(
+        "ox_nvmf_connects",
+        Kind::Counter,
+        "NVMe/TCP connection decisions by outcome: allowed, or why refused (including connections closed before Connect).",
+    ),
+    f(
+        "ox_bdev_ops",
+        Kind::Counter,
+        "Completed requests by device and type.",
+    ),
+    f(
+        "ox_bdev_bytes",
+        Kind::Counter,
+        "Bytes moved by device and type.",
+    ),
+    f(
+        "ox_bdev_errors",
+        Kind::Counter,
+        "Failed requests by device.",
+    ),
+    f(
+        "ox_bdev_latency_seconds",
+        Kind::Histogram,
+        "Request latency, submit to completion, by device.",
+    ),
+    f(
+        "ox_clone_hydration_ratio",
+        Kind::Gauge,
+        "Share of a clone's chunks present locally.",
+    ),
+    f(
+        "ox_clone_host_read_bytes",
+        Kind::Counter,
+        "Bytes hosts read from a clone.",
+    ),
+    f(
+        "ox_clone_object_gets",
+        Kind::Counter,
+        "GET requests a clone made (frames, index pages, its working set).",
+    ),
+    f(
+        "ox_clone_integrity_failures",
+        Kind::Counter,
+        "Frames and index pages a clone fetched that failed their integrity check.",
+    ),
+    f(
+        "ox_clone_refetches",
+        Kind::Counter,
+        "Fetches a clone made again after one failed its integrity check.",
+    ),
+    f(
+        "ox_clone_object_bytes",
+        Kind::Counter,
+        "Bytes a clone fetched from its object store.",
+    ),
+    f(
+        "ox_clone_fetched_bytes",
+        Kind::Counter,
+        "Bytes of chunks a clone made present, by reason (client_miss, prefetch, thickening).",
+    ),
+    f(
+        "ox_clone_miss_latency_seconds",
+        Kind::Histogram,
+        "Client miss latency: miss to chunk present, by clone.",
+    ),
+    f(
+        "ox_snapshot_stored_bytes",
+        Kind::Gauge,
+        "Bytes stored by the catalogued snapshots, by volume (falls when one is deleted).",
+    ),
+    f(
+        "ox_snapshots",
+        Kind::Gauge,
+        "Catalogued snapshots, by volume.",
+    ),
+    f(
+        "ox_policy_last_success_timestamp_seconds",
+        Kind::Gauge,
+        "When the newest snapshot of a protected volume was taken (Unix seconds).",
+    ),
+    f(
+        "ox_policy_rpo_seconds",
+        Kind::Gauge,
+        "Age of a protected volume's newest snapshot: what a disaster would lose now.",
+    ),
+    f(
+        "ox_policy_runs",
+        Kind::Counter,
+        "Snapshots a policy started since the daemon started.",
+    ),
+    f(
+        "ox_policy_failures",
+        Kind::Counter,
+        "Policy snapshots or retentions that failed since the daemon started.",
+    ),
+    f(
+        "ox_policy_retired_snapshots",
+        Kind::Counter,
+        "Snapshots a policy's retention retired since the daemon started.",
+    ),
+    f(
+        "ox_policy_swept_objects",
+        Kind::Counter,
+        "Objects (data and index) retention removed from the store since the daemon started.",
+    ),
+    f(
+        "ox_store_retries",
+        Kind::Counter,
+        "Requests to an S3 store sent again after a failure worth retrying (5xx, 429, reset, timeout), by store; the last one's reason is in store_list.",
+    ),
+    f(
+        "ox_reactor_busy_seconds",
+        Kind::Counter,
+        "Time reactors spent in passes that found work.",
+    ),
+    f(
+        "ox_reactor_idle_seconds",
+        Kind::Counter,
+        "Time reactors spent idle or parked.",
+    ),
+    f(
+        "ox_reactor_busy_ratio",
+        Kind::Gauge,
+        "Busy share of each reactor since start.",
+    ),
+];
+
+/// Latency histogram bounds, in seconds: 10 µs to 10 s.
+const LATENCY_BOUNDS: [f64; 19] = [
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A value of a sample.
+enum Value {
+    Int(u64),
+    Float(f64),
+    Latency(LatencyHistogram),
+}
+
+/// Reads oxd's state at each scrape.
+#[derive(Debug)]
+struct Exporter(Arc<State>);
+
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State").finish_non_exhaustive()
     }
 }
 
-/// The whole exposition.
-pub fn render(state: &State) -> String {
-    let mut out = String::new();
-    let dynamic = state
-        .service
-        .as_ref()
-        .map(|s| s.bdevs())
-        .unwrap_or_default();
-    let bdevs: Vec<&bdev::Bdev> = state.bdevs.iter().chain(dynamic.iter()).collect();
-    let stats: Vec<(String, bdev::BdevStats)> =
-        bdevs.iter().map(|b| (esc(b.name()), b.stats())).collect();
-    let per_kind = |f: &dyn Fn(&bdev::BdevStats, IoType) -> u64| -> Vec<(String, f64)> {
-        stats
+/// Encodes family `name` (declared in [`FAMILIES`]) with its samples.
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    samples: impl IntoIterator<Item = (Labels, Value)>,
+) -> fmt::Result {
+    let Some(fam) = FAMILIES.iter().find(|f| f.name == name) else {
+        debug_assert!(false, "metric family {name} is not declared in FAMILIES");
+        return Ok(());
+    };
+    let kind = match fam.kind {
+        Kind::Counter => MetricType::Counter,
+        Kind::Gauge => MetricType::Gauge,
+        Kind::Histogram => MetricType::Histogram,
+    };
+    let mut m = enc.encode_descriptor(fam.name, fam.help, None, kind)?;
+    for (labels, value) in samples {
+        let mut one = m.encode_family(&labels)?;
+        match (fam.kind, value) {
+            (Kind::Counter, Value::Int(v)) => one.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
+            (Kind::Counter, Value::Float(v)) => {
+                one.encode_counter::<NoLabelSet, _, u64>(&v, None)?
+            }
+            (Kind::Gauge, Value::Int(v)) => one.encode_gauge(&v)?,
+            (Kind::Gauge, Value::Float(v)) => one.encode_gauge(&v)?,
+            (Kind::Histogram, Value::Latency(h)) => one.encode_histogram::<NoLabelSet>(
+                h.sum().as_secs_f64(),
+                h.count(),
+                &h.between(&LATENCY_BOUNDS),
+                None,
+            )?,
+            _ => debug_assert!(false, "a sample of {name} does not fit its kind"),
+        }
+    }
+    Ok(())
+}
+
+fn one(labels: Labels, v: Value) -> std::iter::Once<(Labels, Value)> {
+    std::iter::once((labels, v))
+}
+
+impl Collector for Exporter {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let state = &self.0;
+        let e = &mut enc;
+        let n = |c: &std::sync::atomic::AtomicU64| {
+            Value::Int(c.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        let g = &state.guard;
+        family(e, "ox_control_refused", one(vec![], n(&g.refused)))?;
+        family(e, "ox_control_timeouts", one(vec![], n(&g.timed_out)))?;
+        family(
+            e,
+            "ox_control_auth_failures",
+            one(vec![], n(&g.auth_failures)),
+        )?;
+        let integrity = &ox::fetch::TOTAL;
+        family(
+            e,
+            "ox_store_integrity_failures",
+            one(vec![], n(&integrity.failures)),
+        )?;
+        family(
+            e,
+            "ox_store_refetches",
+            one(vec![], n(&integrity.refetches)),
+        )?;
+        family(
+            e,
+            "ox_nvmf_connects",
+            state
+                .connects
+                .snapshot()
+                .into_iter()
+                .map(|(outcome, c)| (vec![("outcome", outcome.to_string())], Value::Int(c))),
+        )?;
+
+        let dynamic = state
+            .service
+            .as_ref()
+            .map(|s| s.bdevs())
+            .unwrap_or_default();
+        let stats: Vec<(String, bdev::BdevStats)> = state
+            .bdevs
             .iter()
-            .flat_map(|(n, s)| {
+            .chain(dynamic.iter())
+            .map(|b| (b.name().to_string(), b.stats()))
+            .collect();
+        let per_type = |f: fn(&bdev::BdevStats, IoType) -> u64| {
+            stats.iter().flat_map(move |(name, s)| {
                 IoType::ALL.iter().map(move |t| {
                     (
-                        format!("bdev=\"{n}\",type=\"{}\"", t.name()),
-                        f(s, *t) as f64,
+                        vec![("bdev", name.clone()), ("type", t.name().to_string())],
+                        Value::Int(f(s, *t)),
                     )
                 })
             })
-            .collect()
-    };
-    let g = &state.guard;
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
-    family(
-        &mut out,
-        "ox_control_refused_total",
-        "counter",
-        "Control connections refused: every slot, or the peer's share, was taken.",
-        &[(String::new(), n(&g.refused))],
-    );
-    family(
-        &mut out,
-        "ox_control_timeouts_total",
-        "counter",
-        "Control connections closed at their authentication or request deadline.",
-        &[(String::new(), n(&g.timed_out))],
-    );
-    family(
-        &mut out,
-        "ox_control_auth_failures_total",
-        "counter",
-        "Control connections that presented a bad or no token.",
-        &[(String::new(), n(&g.auth_failures))],
-    );
-    let integrity = &ox::fetch::TOTAL;
-    family(
-        &mut out,
-        "ox_store_integrity_failures_total",
-        "counter",
-        "Objects or ranges fetched from a store that failed their integrity check (snapshot loads, clones, verify, restore).",
-        &[(String::new(), n(&integrity.failures))],
-    );
-    family(
-        &mut out,
-        "ox_store_refetches_total",
-        "counter",
-        "Fetches made again, on a fresh connection, after one failed its integrity check.",
-        &[(String::new(), n(&integrity.refetches))],
-    );
-    let connects: Vec<(String, f64)> = state
-        .connects
-        .snapshot()
-        .into_iter()
-        .map(|(outcome, n)| (format!("outcome=\"{}\"", esc(outcome)), n as f64))
-        .collect();
-    family(
-        &mut out,
-        "ox_nvmf_connects_total",
-        "counter",
-        "NVMe/TCP connection decisions by outcome: allowed, or why refused (including connections closed before Connect).",
-        &connects,
-    );
-    family(
-        &mut out,
-        "ox_bdev_ops_total",
-        "counter",
-        "Completed requests by device and type.",
-        &per_kind(&|s, t| s.ops(t)),
-    );
-    family(
-        &mut out,
-        "ox_bdev_bytes_total",
-        "counter",
-        "Bytes moved by device and type.",
-        &per_kind(&|s, t| s.bytes(t)),
-    );
-    family(
-        &mut out,
-        "ox_bdev_errors_total",
-        "counter",
-        "Failed requests by device.",
-        &stats
-            .iter()
-            .map(|(n, s)| (format!("bdev=\"{n}\""), s.errors as f64))
-            .collect::<Vec<_>>(),
-    );
-    let mut lat = Vec::new();
-    for (n, s) in &stats {
-        for q in [0.5, 0.9, 0.99] {
-            lat.push((
-                format!("bdev=\"{n}\",quantile=\"{q}\""),
-                s.latency.quantile(q).as_secs_f64(),
-            ));
-        }
-    }
-    family(
-        &mut out,
-        "ox_bdev_latency_seconds",
-        "summary",
-        "Request latency, submit to completion.",
-        &lat,
-    );
-    for (n, s) in &stats {
-        let count = s.latency.count();
-        let _ = writeln!(out, "ox_bdev_latency_seconds_count{{bdev=\"{n}\"}} {count}");
-        let _ = writeln!(
-            out,
-            "ox_bdev_latency_seconds_sum{{bdev=\"{n}\"}} {}",
-            s.latency.mean().as_secs_f64() * count as f64
-        );
-    }
-    if let Some(service) = &state.service {
-        clones(&mut out, &service.volume_list());
-        let mut uploaded: std::collections::BTreeMap<String, f64> = Default::default();
-        let mut count: std::collections::BTreeMap<String, f64> = Default::default();
-        for s in service.snapshot_list(None).as_array().into_iter().flatten() {
-            let v = esc(s["volume"].as_str().unwrap_or(""));
-            *uploaded.entry(v.clone()).or_default() += (s["data_bytes"].as_u64().unwrap_or(0)
-                + s["meta_bytes"].as_u64().unwrap_or(0))
-                as f64;
-            *count.entry(v).or_default() += 1.0;
-        }
-        family(
-            &mut out,
-            "ox_snapshot_stored_bytes",
-            "gauge",
-            "Bytes stored by the catalogued snapshots, by volume (falls when one is deleted).",
-            &uploaded
-                .into_iter()
-                .map(|(v, b)| (format!("volume=\"{v}\""), b))
-                .collect::<Vec<_>>(),
-        );
-        family(
-            &mut out,
-            "ox_snapshots",
-            "gauge",
-            "Catalogued snapshots, by volume.",
-            &count
-                .into_iter()
-                .map(|(v, b)| (format!("volume=\"{v}\""), b))
-                .collect::<Vec<_>>(),
-        );
-        let policies = service.policy_list();
-        let per_policy = |field: &str| -> Vec<(String, f64)> {
-            policies
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| {
-                    let v = esc(p["volume"].as_str().unwrap_or(""));
-                    Some((format!("volume=\"{v}\""), p[field].as_u64()? as f64))
-                })
-                .collect()
         };
-        for (name, kind, help, field) in [
-            (
+        family(e, "ox_bdev_ops", per_type(|s, t| s.ops(t)))?;
+        family(e, "ox_bdev_bytes", per_type(|s, t| s.bytes(t)))?;
+        family(
+            e,
+            "ox_bdev_errors",
+            stats
+                .iter()
+                .map(|(name, s)| (vec![("bdev", name.clone())], Value::Int(s.errors))),
+        )?;
+        family(
+            e,
+            "ox_bdev_latency_seconds",
+            stats.iter().map(|(name, s)| {
+                (
+                    vec![("bdev", name.clone())],
+                    Value::Latency(s.latency.clone()),
+                )
+            }),
+        )?;
+
+        if let Some(service) = &state.service {
+            let clones = service.clone_views();
+            let per_clone = |f: fn(&crate::service::CloneView) -> Value| {
+                clones
+                    .iter()
+                    .map(move |c| (vec![("clone", c.name.clone())], f(c)))
+            };
+            family(
+                e,
+                "ox_clone_hydration_ratio",
+                per_clone(|c| Value::Float(c.hydration())),
+            )?;
+            family(
+                e,
+                "ox_clone_host_read_bytes",
+                per_clone(|c| Value::Int(c.host_read_bytes)),
+            )?;
+            family(e, "ox_clone_object_gets", per_clone(|c| Value::Int(c.gets)))?;
+            family(
+                e,
+                "ox_clone_integrity_failures",
+                per_clone(|c| Value::Int(c.integrity_failures)),
+            )?;
+            family(
+                e,
+                "ox_clone_refetches",
+                per_clone(|c| Value::Int(c.refetches)),
+            )?;
+            family(
+                e,
+                "ox_clone_object_bytes",
+                per_clone(|c| Value::Int(c.object_bytes)),
+            )?;
+            family(
+                e,
+                "ox_clone_fetched_bytes",
+                clones.iter().flat_map(|c| {
+                    c.fetched_bytes.iter().map(|(reason, bytes)| {
+                        (
+                            vec![("clone", c.name.clone()), ("reason", reason.to_string())],
+                            Value::Int(*bytes),
+                        )
+                    })
+                }),
+            )?;
+            family(
+                e,
+                "ox_clone_miss_latency_seconds",
+                per_clone(|c| Value::Latency(c.miss_latency.clone())),
+            )?;
+
+            let totals = service.snapshot_totals();
+            family(
+                e,
+                "ox_snapshot_stored_bytes",
+                totals.iter().map(|t| {
+                    (
+                        vec![("volume", t.volume.clone())],
+                        Value::Int(t.stored_bytes),
+                    )
+                }),
+            )?;
+            family(
+                e,
+                "ox_snapshots",
+                totals
+                    .iter()
+                    .map(|t| (vec![("volume", t.volume.clone())], Value::Int(t.snapshots))),
+            )?;
+
+            let policies = service.policy_views();
+            let per_policy = |f: fn(&crate::service::PolicyView) -> Option<u64>| {
+                policies.iter().filter_map(move |p| {
+                    Some((vec![("volume", p.volume.clone())], Value::Int(f(p)?)))
+                })
+            };
+            family(
+                e,
                 "ox_policy_last_success_timestamp_seconds",
-                "gauge",
-                "When the newest snapshot of a protected volume was taken (Unix seconds).",
-                "last_success",
-            ),
-            (
-                "ox_policy_rpo_seconds",
-                "gauge",
-                "Age of a protected volume's newest snapshot: what a disaster would lose now.",
-                "rpo_s",
-            ),
-            (
-                "ox_policy_runs_total",
-                "counter",
-                "Snapshots a policy started since the daemon started.",
-                "runs",
-            ),
-            (
-                "ox_policy_failures_total",
-                "counter",
-                "Policy snapshots or retentions that failed since the daemon started.",
-                "failures",
-            ),
-            (
-                "ox_policy_retired_snapshots_total",
-                "counter",
-                "Snapshots a policy's retention retired since the daemon started.",
-                "retired",
-            ),
-            (
-                "ox_policy_swept_objects_total",
-                "counter",
-                "Objects (data and index) retention removed from the store since the daemon started.",
-                "swept_objects",
-            ),
-        ] {
-            family(&mut out, name, kind, help, &per_policy(field));
+                per_policy(|p| p.last_success),
+            )?;
+            family(e, "ox_policy_rpo_seconds", per_policy(|p| p.rpo_s))?;
+            family(e, "ox_policy_runs", per_policy(|p| Some(p.runs)))?;
+            family(e, "ox_policy_failures", per_policy(|p| Some(p.failures)))?;
+            family(
+                e,
+                "ox_policy_retired_snapshots",
+                per_policy(|p| Some(p.retired)),
+            )?;
+            family(
+                e,
+                "ox_policy_swept_objects",
+                per_policy(|p| Some(p.swept_objects)),
+            )?;
+            family(
+                e,
+                "ox_store_retries",
+                service
+                    .store_retries()
+                    .into_iter()
+                    .map(|(store, n)| (vec![("store", store)], Value::Int(n))),
+            )?;
         }
-        let retries: Vec<(String, f64)> = service
-            .store_list()
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["kind"] == "s3")
-            .map(|s| {
-                let name = esc(s["name"].as_str().unwrap_or(""));
-                let n = s["retries"].as_u64().unwrap_or(0) as f64;
-                (format!("store=\"{name}\""), n)
-            })
-            .collect();
-        family(
-            &mut out,
-            "ox_store_retries_total",
-            "counter",
-            "Requests to an S3 store sent again after a failure worth retrying (5xx, 429, reset, timeout), by store; the last one's reason is in store_list.",
-            &retries,
-        );
-    }
-    if let Some(reactors) = &state.reactors {
-        let mut busy = Vec::new();
-        let mut idle = Vec::new();
-        let mut ratio = Vec::new();
-        for r in reactors {
-            let s = r.stats();
-            let l = format!("reactor=\"{}\",core=\"{}\"", r.index(), r.core());
-            busy.push((l.clone(), s.busy.as_secs_f64()));
-            idle.push((l.clone(), s.idle.as_secs_f64()));
-            ratio.push((l, s.busy_fraction()));
+
+        if let Some(reactors) = &state.reactors {
+            let each: Vec<(Labels, reactor::ReactorStats)> = reactors
+                .iter()
+                .map(|r| {
+                    (
+                        vec![
+                            ("reactor", r.index().to_string()),
+                            ("core", r.core().to_string()),
+                        ],
+                        r.stats(),
+                    )
+                })
+                .collect();
+            family(
+                e,
+                "ox_reactor_busy_seconds",
+                each.iter()
+                    .map(|(l, s)| (l.clone(), Value::Float(s.busy.as_secs_f64()))),
+            )?;
+            family(
+                e,
+                "ox_reactor_idle_seconds",
+                each.iter()
+                    .map(|(l, s)| (l.clone(), Value::Float(s.idle.as_secs_f64()))),
+            )?;
+            family(
+                e,
+                "ox_reactor_busy_ratio",
+                each.iter()
+                    .map(|(l, s)| (l.clone(), Value::Float(s.busy_fraction()))),
+            )?;
         }
-        family(
-            &mut out,
-            "ox_reactor_busy_seconds_total",
-            "counter",
-            "Time reactors spent in passes that found work.",
-            &busy,
-        );
-        family(
-            &mut out,
-            "ox_reactor_idle_seconds_total",
-            "counter",
-            "Time reactors spent idle or parked.",
-            &idle,
-        );
-        family(
-            &mut out,
-            "ox_reactor_busy_ratio",
-            "gauge",
-            "Busy share of each reactor since start.",
-            &ratio,
-        );
+        Ok(())
     }
-    out
 }
 
-fn clones(out: &mut String, list: &Value) {
-    let cl: Vec<&Value> = list["clones"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c.get("chunks_total").is_some())
-        .collect();
-    let one = |key: &dyn Fn(&Value) -> f64| -> Vec<(String, f64)> {
-        cl.iter()
-            .map(|c| {
-                (
-                    format!("clone=\"{}\"", esc(c["name"].as_str().unwrap_or(""))),
-                    key(c),
-                )
-            })
-            .collect()
-    };
-    let num = |v: &Value| v.as_f64().unwrap_or(0.0);
-    family(
-        out,
-        "ox_clone_hydration_ratio",
-        "gauge",
-        "Share of a clone's chunks present locally.",
-        &one(&|c| num(&c["hydration_pct"]) / 100.0),
-    );
-    family(
-        out,
-        "ox_clone_host_read_bytes_total",
-        "counter",
-        "Bytes hosts read from a clone.",
-        &one(&|c| num(&c["host_read_bytes"])),
-    );
-    family(
-        out,
-        "ox_clone_object_gets_total",
-        "counter",
-        "GET requests a clone made (frames and index pages).",
-        &one(&|c| num(&c["gets"])),
-    );
-    family(
-        out,
-        "ox_clone_integrity_failures_total",
-        "counter",
-        "Frames and index pages a clone fetched that failed their integrity check.",
-        &one(&|c| num(&c["integrity_failures"])),
-    );
-    family(
-        out,
-        "ox_clone_refetches_total",
-        "counter",
-        "Fetches a clone made again after one failed its integrity check.",
-        &one(&|c| num(&c["refetches"])),
-    );
-    family(
-        out,
-        "ox_clone_object_bytes_total",
-        "counter",
-        "Bytes a clone fetched from its object store.",
-        &one(&|c| num(&c["object_bytes"])),
-    );
-    let mut by_reason = Vec::new();
-    for c in &cl {
-        for reason in ["client_miss", "prefetch", "thickening"] {
-            by_reason.push((
-                format!(
-                    "clone=\"{}\",reason=\"{reason}\"",
-                    esc(c["name"].as_str().unwrap_or(""))
-                ),
-                num(&c["fetched_bytes"][reason]),
-            ));
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// The names a family is exposed under.
+    fn exposed(f: &Family) -> Vec<String> {
+        match f.kind {
+            Kind::Counter => vec![format!("{}_total", f.name)],
+            Kind::Gauge => vec![f.name.to_string()],
+            Kind::Histogram => ["bucket", "sum", "count"]
+                .iter()
+                .map(|s| format!("{}_{s}", f.name))
+                .collect(),
         }
     }
-    family(
-        out,
-        "ox_clone_fetched_bytes_total",
-        "counter",
-        "Bytes of chunks a clone made present, by reason.",
-        &by_reason,
-    );
-    let mut miss = Vec::new();
-    for c in &cl {
-        let n = esc(c["name"].as_str().unwrap_or(""));
-        for (q, k) in [("0.5", "p50"), ("0.99", "p99")] {
-            miss.push((
-                format!("clone=\"{n}\",quantile=\"{q}\""),
-                num(&c["miss_latency_us"][k]) / 1e6,
-            ));
+
+    #[test]
+    fn families_are_named_once_and_as_prometheus_wants() {
+        let mut names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), FAMILIES.len(), "a family declared twice");
+        for f in FAMILIES {
+            assert!(f.name.starts_with("ox_"), "{}", f.name);
+            assert!(
+                !f.name.ends_with("_total"),
+                "{}: the encoder adds _total",
+                f.name
+            );
+            assert!(
+                f.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{}",
+                f.name
+            );
+            assert!(!f.help.is_empty(), "{}", f.name);
         }
     }
-    family(
-        out,
-        "ox_clone_miss_latency_seconds",
-        "summary",
-        "Client miss latency: miss to chunk present.",
-        &miss,
-    );
+
+    /// The dashboard in docs/grafana loads (valid JSON, panels with queries) and every
+    /// metric its queries name is one oxd exports.
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_metrics() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/grafana/oxd.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert!(dash["title"].is_string() && dash["uid"].is_string());
+        let known: Vec<String> = FAMILIES.iter().flat_map(exposed).collect();
+        let panels = dash["panels"].as_array().expect("panels");
+        assert!(!panels.is_empty());
+        let mut ids = Vec::new();
+        let mut used = std::collections::BTreeSet::new();
+        for p in panels {
+            ids.push(p["id"].as_u64().expect("a panel id"));
+            let title = p["title"].as_str().expect("a panel title");
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{title}: no query");
+            for t in targets {
+                let expr = t["expr"].as_str().expect("a query");
+                let mut names = 0;
+                let mut rest = expr;
+                while let Some(at) = rest.find("ox_") {
+                    let tail = &rest[at..];
+                    let end = tail
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(tail.len());
+                    let name = &tail[..end];
+                    assert!(
+                        known.iter().any(|k| k == name),
+                        "{title}: {name} is not exported (query {expr})"
+                    );
+                    used.insert(name.to_string());
+                    names += 1;
+                    rest = &tail[end..];
+                }
+                assert!(names > 0, "{title}: the query {expr} names no ox_ metric");
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+        // Every family is on the dashboard somewhere.
+        for f in FAMILIES {
+            assert!(
+                exposed(f).iter().any(|n| used.contains(n)),
+                "{} is on no panel",
+                f.name
+            );
+        }
+    }
 }

@@ -32,8 +32,11 @@ use uuid::Uuid;
 
 mod bucket;
 mod failback;
+mod observe;
 mod policies;
 mod transfer;
+
+pub use observe::{CloneView, PolicyView};
 
 pub use bucket::InBucket;
 
@@ -2569,28 +2572,25 @@ fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&St
         v["unavailable"] = json!(why);
     }
     if let Some(l) = live {
-        let (present, total) = l.handle.hydration();
-        let k = l.handle.counters();
-        let b = l.basis.counters();
-        let r = |i: usize| k.fetched_bytes[i].load(Ordering::Relaxed);
-        let miss = k.miss_latency.snapshot();
+        // The same reading the metrics export.
+        let c = CloneView::of(&c.name, l);
+        let miss = &c.miss_latency;
         v["size_bytes"] = json!(l.bdev.info().size_bytes());
         v["block_size"] = json!(l.bdev.info().block_size);
-        v["chunks_present"] = json!(present);
-        v["chunks_total"] = json!(total);
-        v["hydration_pct"] = json!(if total == 0 {
-            100.0
-        } else {
-            present as f64 * 100.0 / total as f64
-        });
-        v["host_read_bytes"] = json!(l.handle.host_read_bytes());
-        v["fetched_bytes"] = json!({ "client_miss": r(0), "prefetch": r(1), "thickening": r(2) });
-        v["object_bytes"] =
-            json!(b.frame_bytes.load(Ordering::Relaxed) + b.page_bytes.load(Ordering::Relaxed));
-        v["gets"] =
-            json!(b.frame_gets.load(Ordering::Relaxed) + b.page_gets.load(Ordering::Relaxed));
-        v["integrity_failures"] = json!(b.integrity.failures.load(Ordering::Relaxed));
-        v["refetches"] = json!(b.integrity.refetches.load(Ordering::Relaxed));
+        v["chunks_present"] = json!(c.chunks_present);
+        v["chunks_total"] = json!(c.chunks_total);
+        v["hydration_pct"] = json!(c.hydration() * 100.0);
+        v["host_read_bytes"] = json!(c.host_read_bytes);
+        v["fetched_bytes"] = c
+            .fetched_bytes
+            .iter()
+            .map(|(reason, bytes)| (reason.to_string(), json!(bytes)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        v["object_bytes"] = json!(c.object_bytes);
+        v["gets"] = json!(c.gets);
+        v["integrity_failures"] = json!(c.integrity_failures);
+        v["refetches"] = json!(c.refetches);
         v["miss_latency_us"] = json!({ "count": miss.count(), "p50": miss.quantile(0.5).as_micros() as u64, "p99": miss.quantile(0.99).as_micros() as u64 });
         if let Some(t) = &l.thickening {
             v["thickening"] = json!({

@@ -226,6 +226,28 @@ impl LatencyHistogram {
         Duration::from_nanos(self.max_ns)
     }
 
+    /// Sum of the latencies recorded.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_ns)
+    }
+
+    /// Counts between upper bounds `le` (ascending, in seconds), for a Prometheus
+    /// histogram: each of this histogram's buckets counts at the first bound its upper
+    /// edge does not exceed (so to within its ~12 % width); a last entry at `f64::MAX`
+    /// (`+Inf`) holds those beyond the last bound. Not cumulative.
+    pub fn between(&self, le: &[f64]) -> Vec<(f64, u64)> {
+        let mut out: Vec<(f64, u64)> = le.iter().map(|&b| (b, 0)).chain([(f64::MAX, 0)]).collect();
+        for (bucket, &count) in self.buckets.iter().enumerate() {
+            if count == 0 {
+                continue;
+            }
+            let upper = bucket_upper(bucket) as f64 / 1e9;
+            let i = le.iter().position(|&b| upper <= b).unwrap_or(le.len());
+            out[i].1 += count;
+        }
+        out
+    }
+
     /// The latency at or below which `q` (0.0–1.0) of requests completed; an upper
     /// bound within one bucket's width, never above the maximum seen.
     pub fn quantile(&self, q: f64) -> Duration {
@@ -248,6 +270,22 @@ impl LatencyHistogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_buckets_count_each_value_once_at_its_bound() {
+        let h = SharedHistogram::default();
+        for us in [5u64, 50, 50, 500, 5_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let s = h.snapshot();
+        let b = s.between(&[1e-5, 1e-4, 1e-3, 1.0]);
+        assert_eq!(
+            b,
+            vec![(1e-5, 1), (1e-4, 2), (1e-3, 1), (1.0, 0), (f64::MAX, 1)]
+        );
+        assert_eq!(s.count(), 5);
+        assert_eq!(s.sum(), Duration::from_micros(5_000_605));
+    }
 
     #[test]
     fn buckets_are_monotonic_and_cover_values() {

@@ -190,6 +190,14 @@ file = {kek2:?}
     assert!(sample("ox_clone_hydration_ratio{clone=\"c0\"}") > 0.0);
     assert!(sample("ox_snapshots{volume=\"vol0\"}") == 1.0);
     assert!(text.contains("ox_reactor_busy_ratio{reactor=\"0\""));
+    // Latencies are histograms (OpenMetrics text, ending with its EOF marker).
+    assert!(sample("ox_bdev_latency_seconds_count{bdev=\"vol0\"}") >= 64.0);
+    assert!(
+        sample("ox_bdev_latency_seconds_bucket{le=\"+Inf\",bdev=\"vol0\"}")
+            == sample("ox_bdev_latency_seconds_count{bdev=\"vol0\"}")
+    );
+    assert!(sample("ox_clone_miss_latency_seconds_count{clone=\"c0\"}") > 0.0);
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
     assert!(http_get(metrics_port, "/nope").starts_with("HTTP/1.1 404"));
 
     // Hostile requests are refused and the daemon carries on.

@@ -46,6 +46,14 @@ struct Runtime {
     wakes: u64,
 }
 
+/// The counts of a volume's policy [`Status`] others read.
+pub(super) struct PolicyCounts {
+    pub runs: u64,
+    pub failures: u64,
+    pub retired: u64,
+    pub swept_objects: u64,
+}
+
 /// What a volume's policy has done since the daemon started.
 #[derive(Default, Clone)]
 struct Status {
@@ -174,8 +182,25 @@ impl Service {
         Ok(v)
     }
 
+    /// What `volume`'s policy did since the daemon started (runs, failures, retention).
+    pub(super) fn policy_status(&self, volume: &str) -> PolicyCounts {
+        let s = self
+            .policies
+            .lock()
+            .status
+            .get(volume)
+            .cloned()
+            .unwrap_or_default();
+        PolicyCounts {
+            runs: s.runs,
+            failures: s.failures,
+            retired: s.retired,
+            swept_objects: s.swept_objects,
+        }
+    }
+
     /// The newest snapshot of `volume` in `store` this appliance catalogued, and when.
-    fn newest_snapshot(&self, volume: &str, store: &str) -> Option<(String, u64)> {
+    pub(super) fn newest_snapshot(&self, volume: &str, store: &str) -> Option<(String, u64)> {
         self.inner()
             .catalogue
             .snapshots

@@ -1,0 +1,152 @@
+//! What the metrics exporter reads of the service, as types: a field renamed or
+//! dropped here fails to compile where it is read, instead of exporting 0 (as reading
+//! the control API's JSON by field name did).
+
+use std::sync::atomic::Ordering;
+
+use bdev::LatencyHistogram;
+
+use super::StoreSpec;
+use super::{LiveClone, Service, now_secs};
+
+/// A live clone's hydration and traffic.
+pub struct CloneView {
+    pub name: String,
+    pub chunks_present: u64,
+    pub chunks_total: u64,
+    pub host_read_bytes: u64,
+    /// Bytes made present, by reason: client misses, prefetch (read-ahead and the
+    /// working set), thickening.
+    pub fetched_bytes: [(&'static str, u64); 3],
+    /// Frames and index pages fetched from the store, and their bytes.
+    pub gets: u64,
+    pub object_bytes: u64,
+    pub integrity_failures: u64,
+    pub refetches: u64,
+    /// Client miss to chunk present.
+    pub miss_latency: LatencyHistogram,
+}
+
+impl CloneView {
+    pub(super) fn of(name: &str, l: &LiveClone) -> Self {
+        let (present, total) = l.handle.hydration();
+        let k = l.handle.counters();
+        let b = l.basis.counters();
+        let r = |i: usize| k.fetched_bytes[i].load(Ordering::Relaxed);
+        Self {
+            name: name.to_string(),
+            chunks_present: present,
+            chunks_total: total,
+            host_read_bytes: l.handle.host_read_bytes(),
+            fetched_bytes: [
+                ("client_miss", r(0)),
+                ("prefetch", r(1)),
+                ("thickening", r(2)),
+            ],
+            gets: b.frame_gets.load(Ordering::Relaxed) + b.page_gets.load(Ordering::Relaxed),
+            object_bytes: b.frame_bytes.load(Ordering::Relaxed)
+                + b.page_bytes.load(Ordering::Relaxed),
+            integrity_failures: b.integrity.failures.load(Ordering::Relaxed),
+            refetches: b.integrity.refetches.load(Ordering::Relaxed),
+            miss_latency: k.miss_latency.snapshot(),
+        }
+    }
+
+    /// Share of the clone's chunks present locally (1 for an empty one).
+    pub fn hydration(&self) -> f64 {
+        if self.chunks_total == 0 {
+            1.0
+        } else {
+            self.chunks_present as f64 / self.chunks_total as f64
+        }
+    }
+}
+
+/// A volume's catalogued snapshots.
+pub struct SnapshotTotals {
+    pub volume: String,
+    pub snapshots: u64,
+    /// Bytes they stored (data and metadata).
+    pub stored_bytes: u64,
+}
+
+/// What a volume's protection policy did since the daemon started, and its RPO now.
+pub struct PolicyView {
+    pub volume: String,
+    /// When its newest snapshot was taken (Unix seconds), and its age now.
+    pub last_success: Option<u64>,
+    pub rpo_s: Option<u64>,
+    pub runs: u64,
+    pub failures: u64,
+    pub retired: u64,
+    pub swept_objects: u64,
+}
+
+impl Service {
+    /// The live clones, by name.
+    pub fn clone_views(&self) -> Vec<CloneView> {
+        let inner = self.inner();
+        let mut v: Vec<CloneView> = inner
+            .clones
+            .iter()
+            .map(|(name, l)| CloneView::of(name, l))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Catalogued snapshots per volume, by volume name.
+    pub fn snapshot_totals(&self) -> Vec<SnapshotTotals> {
+        let mut by: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+        let inner = self.inner();
+        for s in &inner.catalogue.snapshots {
+            let e = by.entry(s.volume.as_str()).or_default();
+            e.0 += 1;
+            e.1 += s.data_bytes + s.meta_bytes;
+        }
+        by.into_iter()
+            .map(|(volume, (snapshots, stored_bytes))| SnapshotTotals {
+                volume: volume.to_string(),
+                snapshots,
+                stored_bytes,
+            })
+            .collect()
+    }
+
+    /// Each protected volume's policy.
+    pub fn policy_views(&self) -> Vec<PolicyView> {
+        let policies = self.inner().catalogue.policies.clone();
+        let now = now_secs();
+        policies
+            .iter()
+            .map(|p| {
+                let newest = self.newest_snapshot(&p.volume, &p.store).map(|(_, t)| t);
+                let s = self.policy_status(&p.volume);
+                PolicyView {
+                    volume: p.volume.clone(),
+                    last_success: newest,
+                    rpo_s: newest.map(|t| now.saturating_sub(t)),
+                    runs: s.runs,
+                    failures: s.failures,
+                    retired: s.retired,
+                    swept_objects: s.swept_objects,
+                }
+            })
+            .collect()
+    }
+
+    /// Requests each S3 store sent again after a retryable failure, by store name.
+    pub fn store_retries(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .settings
+            .stores
+            .iter()
+            .filter_map(|(name, spec)| match spec {
+                StoreSpec::S3(c) => Some((name.clone(), c.retry_log.count())),
+                StoreSpec::Local(_) => None,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
