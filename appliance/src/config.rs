@@ -223,7 +223,7 @@ pub struct KeySection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
-    /// "address:port" serving `GET /metrics` (Prometheus text); none if absent.
+    /// "address:port" serving `GET /metrics` (OpenMetrics text); none if absent.
     pub listen: Option<String>,
 }
 

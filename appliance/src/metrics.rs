@@ -316,6 +316,9 @@ fn family(
     };
     let mut m = enc.encode_descriptor(fam.name, fam.help, None, kind)?;
     for (labels, value) in samples {
+        // The encoder writes label values as they are: a device's name comes from the
+        // configuration and may hold what the text format must escape.
+        let labels: Labels = labels.into_iter().map(|(k, v)| (k, escaped(&v))).collect();
         let mut one = m.encode_family(&labels)?;
         match (fam.kind, value) {
             (Kind::Counter, Value::Int(v)) => one.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
@@ -334,6 +337,13 @@ fn family(
         }
     }
     Ok(())
+}
+
+/// A label value as the text format writes it: `\\`, `\"` and `\n` escaped.
+fn escaped(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn one(labels: Labels, v: Value) -> std::iter::Once<(Labels, Value)> {
@@ -572,6 +582,37 @@ mod tests {
                 .map(|s| format!("{}_{s}", f.name))
                 .collect(),
         }
+    }
+
+    /// Encodes one family of `samples` as the exporter does.
+    #[derive(Debug)]
+    struct Fixed(&'static str, Vec<(String, u64)>);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+            let samples = self
+                .1
+                .iter()
+                .map(|(name, v)| (vec![("bdev", name.clone())], Value::Int(*v)));
+            family(&mut enc, self.0, samples)
+        }
+    }
+
+    #[test]
+    fn hostile_label_values_are_escaped() {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Fixed(
+            "ox_bdev_errors",
+            vec![("a\"b\\c\nd".into(), 1)],
+        )));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("ox_bdev_errors_total{bdev=\"a\\\"b\\\\c\\nd\"} 1\n"),
+            "{text}"
+        );
+        // One sample line, one HELP, one TYPE, the EOF: nothing broke the line.
+        assert_eq!(text.lines().count(), 4, "{text}");
     }
 
     #[test]

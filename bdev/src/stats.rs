@@ -231,18 +231,26 @@ impl LatencyHistogram {
         Duration::from_nanos(self.sum_ns)
     }
 
-    /// Counts between upper bounds `le` (ascending, in seconds), for a Prometheus
-    /// histogram: each of this histogram's buckets counts at the first bound its upper
-    /// edge does not exceed (so to within its ~12 % width); a last entry at `f64::MAX`
-    /// (`+Inf`) holds those beyond the last bound. Not cumulative.
-    pub fn between(&self, le: &[f64]) -> Vec<(f64, u64)> {
-        let mut out: Vec<(f64, u64)> = le.iter().map(|&b| (b, 0)).chain([(f64::MAX, 0)]).collect();
+    /// Counts for a Prometheus histogram near upper bounds `near` (ascending, in
+    /// seconds), not cumulative: each bound is moved to the upper edge of this
+    /// histogram's bucket holding it (at most ~12 % above it), so that every value is
+    /// counted at exactly the right bound; a last entry at `f64::MAX` (`+Inf`) holds
+    /// those beyond the last.
+    pub fn between(&self, near: &[f64]) -> Vec<(f64, u64)> {
+        let edges: Vec<usize> = near.iter().map(|&b| bucket_of((b * 1e9) as u64)).collect();
+        let mut out: Vec<(f64, u64)> = edges
+            .iter()
+            .map(|&e| (bucket_upper(e) as f64 / 1e9, 0))
+            .chain([(f64::MAX, 0)])
+            .collect();
         for (bucket, &count) in self.buckets.iter().enumerate() {
             if count == 0 {
                 continue;
             }
-            let upper = bucket_upper(bucket) as f64 / 1e9;
-            let i = le.iter().position(|&b| upper <= b).unwrap_or(le.len());
+            let i = edges
+                .iter()
+                .position(|&e| bucket <= e)
+                .unwrap_or(edges.len());
             out[i].1 += count;
         }
         out
@@ -279,10 +287,27 @@ mod tests {
         }
         let s = h.snapshot();
         let b = s.between(&[1e-5, 1e-4, 1e-3, 1.0]);
-        assert_eq!(
-            b,
-            vec![(1e-5, 1), (1e-4, 2), (1e-3, 1), (1.0, 0), (f64::MAX, 1)]
-        );
+        let counts: Vec<u64> = b.iter().map(|(_, n)| *n).collect();
+        assert_eq!(counts, vec![1, 2, 1, 0, 1]);
+        assert_eq!(b[4].0, f64::MAX);
+        // Each bound is its bucket's upper edge, at or a little above the one asked.
+        for ((edge, _), asked) in b.iter().zip([1e-5, 1e-4, 1e-3, 1.0]) {
+            assert!(
+                *edge >= asked && *edge <= asked * 1.13,
+                "{edge} for {asked}"
+            );
+        }
+        // A value just under a bound counts at it, one just over it above it.
+        let h = SharedHistogram::default();
+        h.record(Duration::from_nanos(999_000));
+        h.record(Duration::from_nanos((b[2].0 * 1e9).round() as u64 + 1));
+        let near: Vec<u64> = h
+            .snapshot()
+            .between(&[1e-3])
+            .iter()
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(near, vec![1, 1]);
         assert_eq!(s.count(), 5);
         assert_eq!(s.sum(), Duration::from_micros(5_000_605));
     }

@@ -438,10 +438,10 @@ fn a_multipart_upload_cut_short_by_a_cancel_is_aborted() {
     run(async |ex| {
         let s = store(&server, SECRET, &ex).unwrap();
         let big: Vec<u8> = (0..13u32 << 20).map(|i| (i % 239) as u8).collect();
-        // Create, then the first part: its response is held back, and the upload's
-        // future is dropped while it waits (as a cancelled snapshot drops it).
+        // Create, then the first part: every answer is slow, and the upload's future
+        // is dropped once the part is at the server (as a cancelled snapshot drops it).
         let before = server.faults.requests.load(Ordering::SeqCst);
-        server.faults.stall_at.store(before + 2, Ordering::SeqCst);
+        server.faults.delay_ms.store(300, Ordering::SeqCst);
         let part_sent = async {
             while server.faults.requests.load(Ordering::SeqCst) < before + 2 {
                 async_io::Timer::after(Duration::from_millis(5)).await;
@@ -450,7 +450,8 @@ fn a_multipart_upload_cut_short_by_a_cancel_is_aborted() {
         };
         let cut = futures_lite::future::or(s.put("ox1/d/cut-short", big), part_sent).await;
         assert!(cut.is_err());
-        // The abort goes out by itself, in the background.
+        server.faults.delay_ms.store(0, Ordering::SeqCst);
+        // The abort goes out by itself, in the background, and the store takes it.
         let give_up = std::time::Instant::now() + Duration::from_secs(60);
         while server.faults.multipart_aborts.load(Ordering::SeqCst) == 0 {
             assert!(std::time::Instant::now() < give_up, "never aborted");

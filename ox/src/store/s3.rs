@@ -558,16 +558,20 @@ impl S3Store {
         };
         let result = self.upload_parts(key, data, &upload_id).await;
         if result.is_err() {
-            // Best effort, and waited for here.
-            if let Some((url, headers)) = guard.request.take() {
-                let headers: Vec<(&str, String)> = headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.clone()))
-                    .collect();
-                let _ = self
-                    .http
-                    .request(Method::DELETE, &url, &headers, Vec::new())
-                    .await;
+            // Best effort, waited for here, signed now (the upload may have run long);
+            // the guard stays armed until it is sent, in case this is dropped meanwhile.
+            let credentials = self.credentials().await.unwrap_or(credentials);
+            let abort = self
+                .bucket
+                .abort_multipart_upload(Some(&credentials), key, &upload_id)
+                .sign(SIGN_FOR);
+            let (abort, headers) = self.authorize(&credentials, &Method::DELETE, abort, Vec::new());
+            if let Err(e) = self
+                .http
+                .request(Method::DELETE, &abort, &headers, Vec::new())
+                .await
+            {
+                tracing::warn!(key, "aborting a failed multipart upload: {e}");
             }
         }
         guard.request = None;

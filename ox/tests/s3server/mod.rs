@@ -85,7 +85,7 @@ pub struct Faults {
     pub get_bytes: std::sync::atomic::AtomicU64,
     /// Listings (ListObjectsV2 pages) answered.
     pub lists: std::sync::atomic::AtomicU64,
-    /// Multipart uploads aborted (DELETE with an uploadId).
+    /// Multipart uploads aborted (DELETE with an uploadId, answered with success).
     pub multipart_aborts: AtomicU32,
 }
 
@@ -414,11 +414,8 @@ async fn respond(
         .to_string();
     let in_header = req.headers().contains_key(hyper::header::AUTHORIZATION);
     faults.seen.lock().unwrap().push((host, in_header));
-    if req.method() == hyper::Method::DELETE
-        && req.uri().query().is_some_and(|q| q.contains("uploadId="))
-    {
-        faults.multipart_aborts.fetch_add(1, Ordering::SeqCst);
-    }
+    let abort = req.method() == hyper::Method::DELETE
+        && req.uri().query().is_some_and(|q| q.contains("uploadId="));
     if faults.stall_at.load(Ordering::SeqCst) == number {
         faults.stall.fetch_add(1, Ordering::SeqCst);
     }
@@ -430,6 +427,9 @@ async fn respond(
     }
     let result = respond_inner(s3, faults, req).await;
     faults.concurrent.fetch_sub(1, Ordering::SeqCst);
+    if abort && result.as_ref().is_ok_and(|r| r.status().is_success()) {
+        faults.multipart_aborts.fetch_add(1, Ordering::SeqCst);
+    }
     result
 }
 
