@@ -28,6 +28,7 @@ mod cutfs;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
+use cutfs::Rng;
 use support::{Ctl, Oxd, free_port, oxperf_with, s3_store, start_oxd, verified, write_private};
 
 /// 512-byte blocks per unit of the model: one 64 KiB I/O.
@@ -49,17 +50,6 @@ enum Unit {
     Acked(u64),
     /// Whatever a cut left of an acknowledged write: not checked until written again.
     Unknown,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// A device the host writes and checks: a volume or a clone.

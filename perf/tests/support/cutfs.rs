@@ -271,10 +271,11 @@ pub struct CutStats {
     pub dsync_writes: u64,
 }
 
-struct Rng(u64);
+/// A seeded xorshift sequence (the test's own and the cuts').
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -380,6 +381,27 @@ impl State {
             },
         );
         ino
+    }
+
+    /// A new file or directory `name` in `dir` (`None`: the name is taken).
+    fn make(
+        &mut self,
+        dir: u64,
+        name: &OsStr,
+        kind: Kind,
+        perm: u16,
+        req: &Request,
+    ) -> Option<FileAttr> {
+        if self.names.contains_key(&(dir, name.to_os_string())) {
+            return None;
+        }
+        let ino = self.new_inode(kind, perm, (req.uid(), req.gid()));
+        self.change_names(vec![NameChange {
+            dir,
+            name: name.into(),
+            ino: Some(ino),
+        }]);
+        self.attr(ino)
     }
 
     fn cut(&mut self) {
@@ -584,22 +606,11 @@ impl Filesystem for CutFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let mut s = self.lock();
-        if s.names.contains_key(&(parent.0, name.to_os_string())) {
-            return reply.error(Errno::EEXIST);
+        let perm = (mode & !umask & 0o7777) as u16;
+        match self.lock().make(parent.0, name, Kind::Dir, perm, req) {
+            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            None => reply.error(Errno::EEXIST),
         }
-        let ino = s.new_inode(
-            Kind::Dir,
-            (mode & !umask & 0o7777) as u16,
-            (req.uid(), req.gid()),
-        );
-        s.change_names(vec![NameChange {
-            dir: parent.0,
-            name: name.into(),
-            ino: Some(ino),
-        }]);
-        let attr = s.attr(ino).expect("present");
-        reply.entry(&TTL, &attr, Generation(0));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -725,22 +736,12 @@ impl Filesystem for CutFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mut s = self.lock();
-        if s.names.contains_key(&(parent.0, name.to_os_string())) {
-            return reply.error(Errno::EEXIST);
+        let perm = (mode & !umask & 0o7777) as u16;
+        let kind = Kind::File(Contents::default());
+        match self.lock().make(parent.0, name, kind, perm, req) {
+            Some(attr) => reply.created(&TTL, &attr, Generation(0), FileHandle(0), direct()),
+            None => reply.error(Errno::EEXIST),
         }
-        let ino = s.new_inode(
-            Kind::File(Contents::default()),
-            (mode & !umask & 0o7777) as u16,
-            (req.uid(), req.gid()),
-        );
-        s.change_names(vec![NameChange {
-            dir: parent.0,
-            name: name.into(),
-            ino: Some(ino),
-        }]);
-        let attr = s.attr(ino).expect("present");
-        reply.created(&TTL, &attr, Generation(0), FileHandle(0), direct());
     }
 
     fn read(
