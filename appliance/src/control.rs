@@ -472,6 +472,7 @@ fn not_found(method: &str) -> RpcError {
 const OX_METHODS: &[&str] = &[
     "volume_create",
     "volume_delete",
+    "volume_adopt",
     "volume_list",
     "snapshot_create",
     "snapshot_list",
@@ -660,6 +661,12 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         "volume_delete" => {
             let m = params(p, &["name"])?;
             service.volume_delete(need_str(&m, "name")?).map_err(failed)
+        }
+        "volume_adopt" => {
+            let m = params(p, &["name", "store"])?;
+            service
+                .volume_adopt(need_str(&m, "name")?, need_str(&m, "store")?)
+                .map_err(failed)
         }
         "volume_list" => {
             params(p, &[])?;

@@ -616,6 +616,38 @@ fn two_appliances_never_write_one_volume_into_one_bucket() {
         "{found}"
     );
     assert_eq!(found["volumes"][0]["owned_here"], true);
+
+    // The takeover is explicit: C adopts the volume's place (A is to go for good).
+    // C's snapshots go in from then on, and A's are refused, saying whose it is.
+    let a_id = found["appliance"]["id"].as_str().unwrap().to_string();
+    let adopted = c.ok(&["volume", "adopt", "db", "--store", "s3"]);
+    assert_eq!(adopted["adopted_from"]["id"], a_id.as_str(), "{adopted}");
+    assert_eq!(
+        c.ok(&["snapshot", "create", "db", "--store", "s3"])["state"],
+        "done"
+    );
+    let job = a.call(&["snapshot", "create", "db", "--store", "s3"]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&job.stdout),
+        String::from_utf8_lossy(&job.stderr)
+    );
+    assert!(out.contains("belongs to appliance"), "{out}");
+    let seen = c.ok(&["store", "browse", "s3"]);
+    let db = &seen["volumes"][0];
+    assert_eq!(db["owned_here"], true, "{seen}");
+    assert_eq!(db["adopted_from"]["id"], a_id.as_str(), "{seen}");
+    assert_eq!(db["snapshots"].as_array().unwrap().len(), 3, "{seen}");
+    // Adopting what has no place in the store yet, or a volume that is not here, is
+    // refused with the reason.
+    c.ok(&["volume", "create", "fresh", "--size-mib", "16"]);
+    let o = c.call(&["volume", "adopt", "fresh", "--store", "s3"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nothing to adopt"),
+        "{o:?}"
+    );
+    let o = c.call(&["volume", "adopt", "nope", "--store", "s3"]);
+    assert!(!o.status.success(), "{o:?}");
 }
 
 #[test]

@@ -174,6 +174,16 @@ enum VolumeCommand {
         /// Name.
         name: String,
     },
+    /// Take a volume's place in a store over for this appliance (after the appliance
+    /// that owns it is gone for good): its snapshots go there from now on, and the
+    /// other appliance's are refused.
+    Adopt {
+        /// Name.
+        name: String,
+        /// Store.
+        #[arg(long)]
+        store: String,
+    },
     /// Volumes and clones.
     List,
 }
@@ -502,6 +512,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 export.add_to(&mut p);
                 call(&cli, "volume_create", Some(p.into()))?
             }
+            VolumeCommand::Adopt { name, store } => call(
+                &cli,
+                "volume_adopt",
+                Some(json!({ "name": name, "store": store })),
+            )?,
             VolumeCommand::Delete { name } => {
                 call(&cli, "volume_delete", Some(json!({ "name": name })))?
             }
@@ -994,6 +1009,14 @@ fn print_human(command: &Command, r: &Value) {
                 println!("created {}, exported on {}", s(&r["name"]), at.join(" "));
             }
         }
+        Command::Volume {
+            command: VolumeCommand::Adopt { .. },
+        } => println!(
+            "{} in {} is this appliance's now (adopted from {})",
+            s(&r["name"]),
+            s(&r["store"]),
+            s(&r["adopted_from"]["name"])
+        ),
         Command::Volume {
             command: VolumeCommand::Delete { .. },
         }

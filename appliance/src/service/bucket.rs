@@ -59,6 +59,75 @@ impl Service {
         }
     }
 
+    /// `volume_adopt`: takes the place of local volume `name` in `store` over for this
+    /// appliance (the explicit takeover, once the appliance that owns it is gone for
+    /// good: a copy of its state brought up as another appliance, say). The head names
+    /// this appliance from now on, and the one before in `adopted_from`; that one's
+    /// next snapshot into it is refused. Not while a snapshot of the volume runs.
+    pub fn volume_adopt(&self, name: &str, store: &str) -> anyhow::Result<Value> {
+        let spec = self.store(store)?.clone();
+        let (record, busy) = {
+            let inner = self.inner();
+            let live = inner.volume(name)?;
+            let record = inner
+                .catalogue
+                .volumes
+                .iter()
+                .find(|v| v.name == name)
+                .cloned()
+                .ok_or_else(|| Refusal::NotFound(format!("no volume named {}", shown(name))))?;
+            (record, std::sync::Arc::clone(&live.busy))
+        };
+        if busy.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Refusal::Conflict(format!(
+                "a snapshot of {} is running: adopt after it ends",
+                shown(name)
+            ))
+            .into());
+        }
+        let prefix = super::snapshot_prefix(name, &record.uuid);
+        let me = self.me();
+        let by = me.clone();
+        let key = prefix.clone();
+        let before = self
+            .cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = spec.open(&ex)?;
+                    bucket::adopt(&*store, &key, &by, now_secs()).await
+                })
+            })?
+            .map_err(|e| match e {
+                ox::OxError::NotFound { .. } => Refusal::NotFound(format!(
+                    "{} has no place in store {} yet (no snapshot of it there): nothing to adopt",
+                    shown(name),
+                    shown(store)
+                ))
+                .into(),
+                e => anyhow::Error::from(e),
+            })
+            .with_context(|| format!("adopting {} in store {}", shown(name), shown(store)))?;
+        if before.volume != record.uuid {
+            tracing::warn!(
+                volume = name,
+                "the head adopted names volume {} where {} was expected",
+                before.volume,
+                record.uuid
+            );
+        }
+        tracing::info!(
+            volume = name,
+            store,
+            from = before.owner.id,
+            "adopted: its snapshots go into the store from this appliance now"
+        );
+        Ok(json!({
+            "name": name, "store": store, "prefix": prefix,
+            "owner": { "id": me.id, "name": me.name },
+            "adopted_from": { "id": before.owner.id, "name": before.owner.name },
+        }))
+    }
+
     /// `store_browse`: the volumes in `store` and their newest snapshots, or (with
     /// `volume`) a page of one volume's snapshots, newest first, from `after`.
     pub fn store_browse(
