@@ -172,9 +172,17 @@ pub fn entry_key(prefix: &str, created_ms: u64, snapshot: &str) -> String {
 
 /// The volume's head, if it has one.
 pub async fn head(store: &dyn ObjectStore, prefix: &str) -> Result<Option<VolumeHead>, OxError> {
+    Ok(tagged_head(store, prefix).await?.map(|(h, _)| h))
+}
+
+/// The volume's head record and its version tag (for a conditional replace).
+async fn tagged_head(
+    store: &dyn ObjectStore,
+    prefix: &str,
+) -> Result<Option<(VolumeHead, Option<String>)>, OxError> {
     let key = head_key(prefix);
-    match store.get(&key).await {
-        Ok(bytes) => Ok(Some(VolumeHead::parse(&key, &bytes)?.check(&key)?)),
+    match store.get_tagged(&key).await {
+        Ok((bytes, tag)) => Ok(Some((VolumeHead::parse(&key, &bytes)?.check(&key)?, tag))),
         Err(OxError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e),
     }
@@ -189,18 +197,19 @@ pub async fn claim(
     wanted: &VolumeHead,
 ) -> Result<(), OxError> {
     let key = head_key(prefix);
-    // Twice at most: a head created by someone else between our GET and our create is
-    // read again and judged.
-    for _ in 0..2 {
-        match head(store, prefix).await? {
-            Some(h) if h.owner.id != wanted.owner.id => {
+    // A few times at most: a head created or changed by someone else (an adoption)
+    // between our GET and our write is read again and judged; the write is
+    // conditional on the head we read, so it never undoes another's change.
+    for _ in 0..3 {
+        match tagged_head(store, prefix).await? {
+            Some((h, _)) if h.owner.id != wanted.owner.id => {
                 return Err(OxError::Owned {
                     volume: wanted.name.clone(),
                     owner: h.owner.id,
                     owner_name: h.owner.name,
                 });
             }
-            Some(h) if h.volume != wanted.volume => {
+            Some((h, _)) if h.volume != wanted.volume => {
                 return Err(OxError::integrity(
                     &key,
                     format!(
@@ -209,7 +218,7 @@ pub async fn claim(
                     ),
                 ));
             }
-            Some(h) => {
+            Some((h, tag)) => {
                 let current = VolumeHead {
                     since: h.since,
                     adopted_from: h.adopted_from.clone(),
@@ -221,7 +230,14 @@ pub async fn claim(
                     ..h
                 };
                 if stored != current {
-                    store.put(&key, current.to_bytes()).await?;
+                    match store
+                        .put_if_match(&key, current.to_bytes(), tag.as_deref())
+                        .await
+                    {
+                        Ok(()) => {}
+                        Err(OxError::AlreadyExists { .. }) => continue,
+                        Err(e) => return Err(e),
+                    }
                 }
                 return Ok(());
             }
@@ -245,18 +261,29 @@ pub async fn adopt(
     now_secs: u64,
 ) -> Result<VolumeHead, OxError> {
     let key = head_key(prefix);
-    let before = head(store, prefix)
-        .await?
-        .ok_or_else(|| OxError::NotFound { key: key.clone() })?;
-    let after = VolumeHead {
-        owner: by.clone(),
-        since: now_secs,
-        adopted_from: (before.owner != *by).then(|| before.owner.clone()),
-        checksum: String::new(),
-        ..before.clone()
-    };
-    store.put(&key, after.to_bytes()).await?;
-    Ok(before)
+    // Conditional on the head read: a concurrent change (another adoption, the owner
+    // updating it) is read again, so the last one to write knows what it replaced.
+    for _ in 0..3 {
+        let (before, tag) = tagged_head(store, prefix)
+            .await?
+            .ok_or_else(|| OxError::NotFound { key: key.clone() })?;
+        let after = VolumeHead {
+            owner: by.clone(),
+            since: now_secs,
+            adopted_from: (before.owner != *by).then(|| before.owner.clone()),
+            checksum: String::new(),
+            ..before.clone()
+        };
+        match store
+            .put_if_match(&key, after.to_bytes(), tag.as_deref())
+            .await
+        {
+            Ok(()) => return Ok(before),
+            Err(OxError::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(OxError::integrity(&key, "changes under us"))
 }
 
 /// Records a published snapshot in the bucket (idempotent: the same entry may be

@@ -27,6 +27,23 @@ pub trait ObjectStore {
     fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>>;
     /// The whole object.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, OxError>>;
+    /// The whole object and its version tag (S3's ETag), for a later
+    /// [`Self::put_if_match`]; `None` where the store keeps none.
+    fn get_tagged<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Tagged, OxError>> {
+        Box::pin(async move { Ok((self.get(key).await?, None)) })
+    }
+    /// Replaces the object at `key` only if it still has version tag `tag` (as
+    /// [`Self::get_tagged`] gave it): [`OxError::AlreadyExists`] if it changed since.
+    /// Without a tag (a store that keeps none) it replaces it, as [`Self::put`] does.
+    fn put_if_match<'a>(
+        &'a self,
+        key: &'a str,
+        data: Vec<u8>,
+        tag: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), OxError>> {
+        let _ = tag;
+        self.put(key, data)
+    }
     /// `len` bytes from `offset`; fewer only if the object ends first.
     fn get_range<'a>(
         &'a self,
@@ -63,6 +80,9 @@ pub trait ObjectStore {
     /// Deletes `keys` (missing ones are not an error).
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>>;
 }
+
+/// An object and its version tag ([`ObjectStore::get_tagged`]).
+pub type Tagged = (Vec<u8>, Option<String>);
 
 /// One page of a listing ([`ObjectStore::list_page`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -471,8 +471,21 @@ impl S3Store {
     }
 
     async fn put_object(&self, key: &str, data: Vec<u8>, if_absent: bool) -> Result<(), OxError> {
+        self.put_conditional(key, data, if_absent, None).await
+    }
+
+    /// A PUT; `if_absent`: only if nothing is there (`If-None-Match: *`); `if_match`:
+    /// only if the object there still has this ETag (`If-Match`). A refusal (412) is
+    /// [`OxError::AlreadyExists`].
+    async fn put_conditional(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        if_absent: bool,
+        if_match: Option<&str>,
+    ) -> Result<(), OxError> {
         let credentials = self.credentials().await?;
-        if data.len() > self.config.multipart_threshold {
+        if data.len() > self.config.multipart_threshold && if_match.is_none() {
             return self.put_multipart(key, &data).await;
         }
         let digests = BodyDigests::of(&data);
@@ -481,6 +494,9 @@ impl S3Store {
         let url = action.sign(SIGN_FOR);
         if if_absent {
             headers.push(("if-none-match", "*".to_string()));
+        }
+        if let Some(tag) = if_match {
+            headers.push(("if-match", tag.to_string()));
         }
         let (url, headers) = self.authorize(&credentials, &Method::PUT, url, headers);
         let sent = std::cell::Cell::new(0u32);
@@ -693,9 +709,21 @@ impl S3Store {
         range: Option<(u64, u64)>,
         fresh: bool,
     ) -> Result<Vec<u8>, OxError> {
+        self.get_object_tagged(key, range, fresh)
+            .await
+            .map(|(body, _)| body)
+    }
+
+    /// [`Self::get_object`] with the object's ETag, if the store gave one.
+    async fn get_object_tagged(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        fresh: bool,
+    ) -> Result<super::Tagged, OxError> {
         let credentials = self.credentials().await?;
         if range.is_some_and(|(_, len)| len == 0) {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let url = self
             .bucket
@@ -734,13 +762,18 @@ impl S3Store {
                 },
             )
             .await?;
+        let tag = resp
+            .headers
+            .get(hyper::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         if let Some((_, len)) = range {
             if resp.status == 200 {
                 // The store ignored the range: cut it ourselves.
                 let (off, _) = range.unwrap_or_default();
                 let start = (off as usize).min(resp.body.len());
                 let end = start.saturating_add(len as usize).min(resp.body.len());
-                return Ok(resp.body[start..end].to_vec());
+                return Ok((resp.body[start..end].to_vec(), tag));
             }
             if resp.body.len() as u64 > len {
                 return Err(OxError::integrity(
@@ -749,7 +782,7 @@ impl S3Store {
                 ));
             }
         }
-        Ok(resp.body)
+        Ok((resp.body, tag))
     }
 
     async fn list_objects(&self, prefix: &str) -> Result<Vec<String>, OxError> {
@@ -1008,6 +1041,19 @@ impl ObjectStore for S3Store {
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
         Box::pin(self.get_object(key, None, false))
+    }
+
+    fn get_tagged<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<super::Tagged, OxError>> {
+        Box::pin(self.get_object_tagged(key, None, false))
+    }
+
+    fn put_if_match<'a>(
+        &'a self,
+        key: &'a str,
+        data: Vec<u8>,
+        tag: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), OxError>> {
+        Box::pin(self.put_conditional(key, data, false, tag))
     }
 
     fn get_range<'a>(

@@ -87,6 +87,50 @@ pub struct Faults {
     pub lists: std::sync::atomic::AtomicU64,
     /// Multipart uploads aborted (DELETE with an uploadId, answered with success).
     pub multipart_aborts: AtomicU32,
+    /// Where the objects are (s3s-fs's root), for conditional PUTs: s3s-fs ignores
+    /// `If-None-Match` and `If-Match`, so the server checks them in front of it, as S3
+    /// does (the ETag of an object put whole is its MD5, as s3s-fs gives it).
+    pub root: std::sync::OnceLock<std::path::PathBuf>,
+    /// Conditional PUTs refused (412).
+    pub preconditions_failed: AtomicU32,
+}
+
+/// Whether `req`, a PUT with `If-None-Match: *` or `If-Match: ETAG`, finds the object
+/// otherwise than its condition asks.
+fn precondition_failed(faults: &Faults, req: &hyper::Request<hyper::body::Incoming>) -> bool {
+    if req.method() != hyper::Method::PUT
+        || req.uri().query().is_some_and(|q| q.contains("uploadId="))
+    {
+        return false;
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let (none_match, if_match) = (header("if-none-match"), header("if-match"));
+    if none_match.is_none() && if_match.is_none() {
+        return false;
+    }
+    let Some(root) = faults.root.get() else {
+        return false;
+    };
+    let path = req.uri().path().trim_start_matches('/');
+    let virtual_host = header("host").is_some_and(|h| h.starts_with(&format!("{BUCKET}.")));
+    let file = if virtual_host {
+        root.join(BUCKET).join(path)
+    } else {
+        root.join(path)
+    };
+    let current = std::fs::read(&file).ok();
+    if none_match == Some("*") && current.is_some() {
+        return true;
+    }
+    match (if_match, current) {
+        (Some(_), None) => true,
+        (Some(tag), Some(bytes)) => {
+            use md5::Digest;
+            let md5 = hex::encode(md5::Md5::digest(&bytes));
+            tag.trim_matches('"') != md5
+        }
+        (None, _) => false,
+    }
 }
 
 /// The kinds of fault [`Chaos`] injects.
@@ -310,6 +354,7 @@ fn start_server_on(bind: &str, tls: bool, domain: Option<&str>, threads: usize) 
     }
     let s3 = builder.build().into_shared();
     let faults = Arc::new(Faults::default());
+    let _ = faults.root.set(dir.path().to_path_buf());
     let (acceptor, ca_pem) = if tls {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -414,6 +459,14 @@ async fn respond(
         .to_string();
     let in_header = req.headers().contains_key(hyper::header::AUTHORIZATION);
     faults.seen.lock().unwrap().push((host, in_header));
+    if precondition_failed(faults, &req) {
+        faults.preconditions_failed.fetch_add(1, Ordering::SeqCst);
+        let body = "<Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you specified did not hold</Message></Error>";
+        return hyper::Response::builder()
+            .status(412)
+            .body(full(Bytes::from(body)))
+            .map_err(io_err);
+    }
     let abort = req.method() == hyper::Method::DELETE
         && req.uri().query().is_some_and(|q| q.contains("uploadId="));
     if faults.stall_at.load(Ordering::SeqCst) == number {
