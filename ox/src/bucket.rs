@@ -235,7 +235,9 @@ pub async fn claim(
                         .await
                     {
                         Ok(()) => {}
-                        Err(OxError::AlreadyExists { .. }) => continue,
+                        // Changed since it was read (gone, where a store says so with
+                        // 404): read again and judge.
+                        Err(OxError::AlreadyExists { .. } | OxError::NotFound { .. }) => continue,
                         Err(e) => return Err(e),
                     }
                 }
@@ -253,10 +255,14 @@ pub async fn claim(
 
 /// Takes a volume's prefix over for `by` (the explicit takeover, after its owner is
 /// gone or handed it on): its head names `by` from now on, and the owner before it in
-/// `adopted_from`. Returns the head as it was.
+/// `adopted_from`. Returns the head as it was; one `by` owns already is left as it is
+/// (so an adoption run again, or retried after a lost answer, keeps who was displaced).
+/// `volume`: the identity the head must name (a head of another volume is refused,
+/// untouched).
 pub async fn adopt(
     store: &dyn ObjectStore,
     prefix: &str,
+    volume: Option<&str>,
     by: &Appliance,
     now_secs: u64,
 ) -> Result<VolumeHead, OxError> {
@@ -267,10 +273,21 @@ pub async fn adopt(
         let (before, tag) = tagged_head(store, prefix)
             .await?
             .ok_or_else(|| OxError::NotFound { key: key.clone() })?;
+        if let Some(v) = volume
+            && before.volume != v
+        {
+            return Err(OxError::integrity(
+                &key,
+                format!("names volume {} where {v} was expected", before.volume),
+            ));
+        }
+        if before.owner.id == by.id {
+            return Ok(before);
+        }
         let after = VolumeHead {
             owner: by.clone(),
             since: now_secs,
-            adopted_from: (before.owner != *by).then(|| before.owner.clone()),
+            adopted_from: Some(before.owner.clone()),
             checksum: String::new(),
             ..before.clone()
         };
@@ -279,7 +296,8 @@ pub async fn adopt(
             .await
         {
             Ok(()) => return Ok(before),
-            Err(OxError::AlreadyExists { .. }) => continue,
+            // Changed since it was read (or gone, where a store says so with 404).
+            Err(OxError::AlreadyExists { .. } | OxError::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         }
     }

@@ -186,7 +186,7 @@ fn a_volume_belongs_to_one_appliance_until_another_adopts_it() {
             other => panic!("{other:?}"),
         }
         // Until it adopts the volume explicitly.
-        let before = bucket::adopt(&s, "db.aaaa/", &appliance("west"), 7)
+        let before = bucket::adopt(&s, "db.aaaa/", None, &appliance("west"), 7)
             .await
             .unwrap();
         assert_eq!(before.owner.name, "east");
@@ -197,10 +197,29 @@ fn a_volume_belongs_to_one_appliance_until_another_adopts_it() {
         bucket::claim(&s, "db.aaaa/", &theirs).await.unwrap();
         let e = bucket::claim(&s, "db.aaaa/", &mine).await.unwrap_err();
         assert!(e.to_string().contains("belongs to appliance west"), "{e}");
+        // Adopting again (a retry after a lost answer, an operator running it twice)
+        // changes nothing and keeps who was displaced.
+        let again = bucket::adopt(&s, "db.aaaa/", None, &appliance("west"), 8)
+            .await
+            .unwrap();
+        assert_eq!(again.owner.name, "west");
+        assert_eq!(again.adopted_from.as_ref().unwrap().name, "east");
+        let now = bucket::head(&s, "db.aaaa/").await.unwrap().unwrap();
+        assert_eq!(
+            (now.since, now.adopted_from.unwrap().name),
+            (7, "east".into())
+        );
+        // A head naming another volume is refused, untouched.
+        let e = bucket::adopt(&s, "db.aaaa/", Some("bbbb"), &appliance("north"), 9)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("where bbbb was expected"), "{e}");
+        let now = bucket::head(&s, "db.aaaa/").await.unwrap().unwrap();
+        assert_eq!(now.owner.name, "west");
 
         // Adopting what is not there says so.
         assert!(matches!(
-            bucket::adopt(&s, "none.0000/", &appliance("west"), 7).await,
+            bucket::adopt(&s, "none.0000/", None, &appliance("west"), 7).await,
             Err(OxError::NotFound { .. })
         ));
     });
@@ -344,7 +363,7 @@ impl ObjectStore for Racing<'_> {
     ) -> Fut<'a, ()> {
         Box::pin(async move {
             if self.adopt_first.replace(false) {
-                bucket::adopt(self.inner, self.prefix, &appliance("west"), 9).await?;
+                bucket::adopt(self.inner, self.prefix, None, &appliance("west"), 9).await?;
             }
             self.inner.put_if_match(key, data, tag).await
         })

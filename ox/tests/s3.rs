@@ -332,13 +332,24 @@ fn retries_carry_requests_across_injected_faults() {
         let e = s.get("ox1/d/r").await.unwrap_err().to_string();
         assert!(e.contains("4 attempt") && e.contains("SlowDown"), "{e}");
         server.faults.unavailable.store(0, Ordering::SeqCst);
-        // A conditional create refuses to overwrite (where the server supports it).
+        // A conditional create refuses to overwrite, and a conditional replace refuses
+        // a version other than the one read.
         s.put_new("ox1/m/once", vec![1]).await.unwrap();
-        match s.put_new("ox1/m/once", vec![2]).await {
-            Err(OxError::AlreadyExists { .. }) => {}
-            Ok(()) => eprintln!("note: this server ignores If-None-Match"),
-            Err(e) => panic!("{e}"),
-        }
+        assert!(matches!(
+            s.put_new("ox1/m/once", vec![2]).await,
+            Err(OxError::AlreadyExists { .. })
+        ));
+        let (body, tag) = s.get_tagged("ox1/m/once").await.unwrap();
+        assert_eq!(body, vec![1]);
+        let tag = tag.expect("the server gives an ETag");
+        s.put_if_match("ox1/m/once", vec![3], Some(&tag))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.put_if_match("ox1/m/once", vec![4], Some(&tag)).await,
+            Err(OxError::AlreadyExists { .. })
+        ));
+        assert_eq!(s.get("ox1/m/once").await.unwrap(), vec![3]);
     });
 }
 

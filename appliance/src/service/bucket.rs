@@ -78,23 +78,33 @@ impl Service {
                 .ok_or_else(|| Refusal::NotFound(format!("no volume named {}", shown(name))))?;
             (record, std::sync::Arc::clone(&live.busy))
         };
-        if busy.load(std::sync::atomic::Ordering::SeqCst) {
+        // Held for the adoption, as a snapshot holds it: none begins, and the volume is
+        // not deleted, meanwhile.
+        if busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Err(Refusal::Conflict(format!(
-                "a snapshot of {} is running: adopt after it ends",
+                "a snapshot of {} is running (or it is being adopted or deleted): adopt after it ends",
                 shown(name)
             ))
             .into());
         }
+        struct Release(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _held = Release(busy);
         let prefix = super::snapshot_prefix(name, &record.uuid);
         let me = self.me();
         let by = me.clone();
         let key = prefix.clone();
+        let uuid = record.uuid.clone();
         let before = self
             .cores
             .run(move |ex| {
                 Box::pin(async move {
                     let store = spec.open(&ex)?;
-                    bucket::adopt(&*store, &key, &by, now_secs()).await
+                    bucket::adopt(&*store, &key, Some(&uuid), &by, now_secs()).await
                 })
             })?
             .map_err(|e| match e {
@@ -107,24 +117,22 @@ impl Service {
                 e => anyhow::Error::from(e),
             })
             .with_context(|| format!("adopting {} in store {}", shown(name), shown(store)))?;
-        if before.volume != record.uuid {
-            tracing::warn!(
-                volume = name,
-                "the head adopted names volume {} where {} was expected",
-                before.volume,
-                record.uuid
-            );
-        }
         tracing::info!(
             volume = name,
             store,
             from = before.owner.id,
             "adopted: its snapshots go into the store from this appliance now"
         );
+        // Adopted before (run again): who was displaced then.
+        let from = if before.owner.id == me.id {
+            before.adopted_from.unwrap_or(before.owner)
+        } else {
+            before.owner
+        };
         Ok(json!({
             "name": name, "store": store, "prefix": prefix,
             "owner": { "id": me.id, "name": me.name },
-            "adopted_from": { "id": before.owner.id, "name": before.owner.name },
+            "adopted_from": { "id": from.id, "name": from.name },
         }))
     }
 

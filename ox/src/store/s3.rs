@@ -423,6 +423,14 @@ impl S3Store {
             200..=299 => Outcome::Done(resp),
             404 => Outcome::Fail(OxError::NotFound { key: key.clone() }),
             412 => Outcome::Fail(OxError::AlreadyExists { key: key.clone() }),
+            // Not a passing trouble: a store that does not do what was asked (say a
+            // conditional write) will not do it on a retry either.
+            501 => Outcome::Fail(OxError::Refused {
+                op,
+                key: key.clone(),
+                status: 501,
+                message: error_text(&resp.body),
+            }),
             429 | 500..=599 => {
                 Outcome::Retry(format!("HTTP {}: {}", resp.status, error_text(&resp.body)))
             }
@@ -514,6 +522,22 @@ impl S3Store {
             )
             .await
             .map(|_| ());
+        let result = match result {
+            // Two conditional writes to one key at once: AWS refuses the later with 409
+            // ConditionalRequestConflict; for the caller it is what 412 is.
+            Err(OxError::Refused {
+                status: 409,
+                ref message,
+                ..
+            }) if (if_absent || if_match.is_some())
+                && message.contains("ConditionalRequestConflict") =>
+            {
+                Err(OxError::AlreadyExists {
+                    key: key.to_string(),
+                })
+            }
+            other => other,
+        };
         match result {
             // A conditional create refused after an earlier attempt of ours was sent:
             // that attempt may have landed with its answer lost. Ours if identical;
