@@ -1132,6 +1132,8 @@ impl Service {
             verify_before_publish: verify
                 .unwrap_or_else(|| self.settings.verify_before_publish.contains(store)),
             working_set: Some(heat.clone()),
+            // Published only while this appliance still owns the volume's place.
+            owner: Some(self.me().id),
         };
         // On record until it ends, so a snapshot cut short by a stop or a crash is
         // started again at the next start.

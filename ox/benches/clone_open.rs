@@ -80,6 +80,7 @@ fn main() {
                         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
                         verify_before_publish: false,
                         working_set: None,
+                        owner: None,
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

@@ -119,6 +119,7 @@ fn main() {
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
         working_set: None,
+        owner: None,
     };
     let local_dir = tempfile::tempdir().unwrap();
     let mut snaps = Vec::new();

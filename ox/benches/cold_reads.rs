@@ -142,6 +142,7 @@ fn main() {
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
         working_set: None,
+        owner: None,
     };
     let (c, r, o, h) = (w.config.clone(), w.on(0), opts, vh.clone());
     let start = Instant::now();

@@ -90,6 +90,7 @@ fn main() {
                 checkpoint_every: every.unwrap_or(CHECKPOINT_EVERY),
                 verify_before_publish: *verify,
                 working_set: None,
+                owner: None,
             };
             let (root, h, on) = (store_dir.path().to_path_buf(), h.clone(), on.clone());
             let start = Instant::now();

@@ -138,6 +138,7 @@ fn main() {
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
         working_set: Some(heat),
+        owner: None,
     };
     let (c, r, vh2) = (w.config.clone(), w.on(0), vh.clone());
     let report = w

@@ -6,6 +6,7 @@
 
 #[path = "s3server/mod.rs"]
 mod s3server;
+mod support;
 
 use std::rc::Rc;
 
@@ -332,62 +333,6 @@ fn damaged_or_misplaced_records_are_refused_not_read() {
     });
 }
 
-/// A store through which another appliance ("west") adopts the volume between a
-/// claim's read of the head and its write: just before the first conditional write.
-struct Racing<'a> {
-    inner: &'a S3Store,
-    prefix: &'static str,
-    adopt_first: std::cell::Cell<bool>,
-}
-
-type Fut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, OxError>> + 'a>>;
-
-impl ObjectStore for Racing<'_> {
-    fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> Fut<'a, ()> {
-        self.inner.put(key, data)
-    }
-    fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> Fut<'a, ()> {
-        self.inner.put_new(key, data)
-    }
-    fn get<'a>(&'a self, key: &'a str) -> Fut<'a, Vec<u8>> {
-        self.inner.get(key)
-    }
-    fn get_tagged<'a>(&'a self, key: &'a str) -> Fut<'a, (Vec<u8>, Option<String>)> {
-        self.inner.get_tagged(key)
-    }
-    fn put_if_match<'a>(
-        &'a self,
-        key: &'a str,
-        data: Vec<u8>,
-        tag: Option<&'a str>,
-    ) -> Fut<'a, ()> {
-        Box::pin(async move {
-            if self.adopt_first.replace(false) {
-                bucket::adopt(self.inner, self.prefix, None, &appliance("west"), 9).await?;
-            }
-            self.inner.put_if_match(key, data, tag).await
-        })
-    }
-    fn get_range<'a>(&'a self, key: &'a str, offset: u64, len: u64) -> Fut<'a, Vec<u8>> {
-        self.inner.get_range(key, offset, len)
-    }
-    fn list<'a>(&'a self, prefix: &'a str) -> Fut<'a, Vec<String>> {
-        self.inner.list(prefix)
-    }
-    fn list_page<'a>(
-        &'a self,
-        prefix: &'a str,
-        delimiter: Option<&'a str>,
-        after: Option<&'a str>,
-        max: usize,
-    ) -> Fut<'a, ox::store::Listing> {
-        self.inner.list_page(prefix, delimiter, after, max)
-    }
-    fn delete<'a>(&'a self, keys: &'a [String]) -> Fut<'a, ()> {
-        self.inner.delete(keys)
-    }
-}
-
 #[test]
 fn a_claim_never_undoes_an_adoption_made_between_its_read_and_its_write() {
     let server = start_server(false);
@@ -400,10 +345,15 @@ fn a_claim_never_undoes_an_adoption_made_between_its_read_and_its_write() {
             volume_bytes: 2 << 30,
             ..east.clone()
         };
-        let racing = Racing {
+        // (The head's first conditional write is east's; west adopts just before.)
+        let west = appliance("west");
+        let racing = support::Hooked {
             inner: &s,
-            prefix: "db.race/",
-            adopt_first: std::cell::Cell::new(true),
+            at: "db.race/ox1/volume",
+            reads: false,
+            hook: std::cell::RefCell::new(Some(Box::pin(async {
+                bucket::adopt(&s, "db.race/", None, &west, 9).await.unwrap();
+            }))),
         };
         let e = bucket::claim(&racing, "db.race/", &grown)
             .await

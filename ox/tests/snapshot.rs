@@ -1117,3 +1117,63 @@ fn thickening_goes_on_beside_a_host_waiting_on_a_miss() {
     assert!(fetched >= chunks - 1, "{fetched}");
     env.set.shutdown().unwrap();
 }
+
+#[test]
+fn a_snapshot_of_a_volume_adopted_while_it_uploads_publishes_nothing() {
+    use ox::bucket::{self, Appliance, VolumeHead};
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (vol, handle) = fresh_volume(8 << 20);
+    write(&env, &vol, 0, &random(1 << 20, 5));
+    let who = |name: &str| Appliance {
+        id: format!("{name}-0000-4000-8000-000000000000"),
+        name: name.into(),
+    };
+    let mut opts = options(&env);
+    opts.owner = Some(who("east").id);
+    let head = VolumeHead {
+        format: bucket::FORMAT,
+        volume: "11".repeat(16),
+        name: "vol1".into(),
+        volume_bytes: 8 << 20,
+        block_size: 512,
+        chunk_bytes: CHUNK,
+        owner: who("east"),
+        since: 1,
+        adopted_from: None,
+        checksum: String::new(),
+    };
+    let (h, r) = (handle.clone(), env.set.handles()[0].clone());
+    let (published, manifests) = env
+        .cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = ox::store::s3::S3Store::new(config, ex).unwrap();
+                bucket::claim(&store, "vol1/", &head).await.unwrap();
+                // West adopts the volume after east's snapshot uploaded its data,
+                // before east looks at the volume's head one last time to publish.
+                let west = who("west");
+                let hooked = support::Hooked {
+                    inner: &store,
+                    at: "ox1/volume",
+                    reads: true,
+                    hook: std::cell::RefCell::new(Some(Box::pin(async {
+                        bucket::adopt(&store, "vol1/", None, &west, 9)
+                            .await
+                            .unwrap();
+                    }))),
+                };
+                let throttle = Throttle::default();
+                let published = snapshot_volume(&hooked, &r, &h, None, &opts, &throttle).await;
+                let manifests = store.list("vol1/ox1/m/").await.unwrap();
+                (published.map(|_| ()), manifests)
+            })
+        })
+        .unwrap();
+    match published {
+        Err(ox::OxError::Owned { owner_name, .. }) => assert_eq!(owner_name, "west"),
+        other => panic!("published into a volume adopted meanwhile: {other:?}"),
+    }
+    assert!(manifests.is_empty(), "{manifests:?}");
+}

@@ -117,6 +117,7 @@ impl World {
                         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
                         verify_before_publish: false,
                         working_set: None,
+                        owner: None,
                     };
                     snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                         .await

@@ -74,6 +74,11 @@ pub struct SnapshotOptions {
     /// `bdev::VolumeHandle::take_heat` gives them), stored beside the manifest as the
     /// snapshot's [`crate::format::WorkingSet`] when any is set.
     pub working_set: Option<Vec<u64>>,
+    /// The appliance that must still own the volume's place in the store (its head
+    /// record, `crate::bucket`) when the snapshot publishes: one adopted by another
+    /// appliance while this snapshot uploaded publishes nothing ([`OxError::Owned`]),
+    /// since the new owner may be collecting what no manifest names. `None`: no check.
+    pub owner: Option<String>,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.

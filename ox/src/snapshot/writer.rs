@@ -510,6 +510,7 @@ pub(super) async fn write(
         return Err(OxError::Suspended(opts.volume_name.clone()));
     }
     abandoned(handle, opts)?;
+    still_owner(store, opts).await?;
     meta_bytes += store_working_set(store, opts, &index.salt, chunks, &mut codec).await;
     let read_back = if opts.verify_before_publish {
         let mut sources = vec![super::Source {
@@ -660,5 +661,26 @@ async fn store_working_set(
             tracing::warn!(volume, "working set not stored: {e}");
             0
         }
+    }
+}
+
+/// Refuses to publish into a volume's place another appliance adopted meanwhile (see
+/// [`SnapshotOptions::owner`]). The check is as late as it can be, just before the
+/// manifest; what is left is the time of one PUT.
+async fn still_owner(store: &dyn ObjectStore, opts: &SnapshotOptions) -> Result<(), OxError> {
+    let Some(me) = &opts.owner else {
+        return Ok(());
+    };
+    let head = super::patiently(opts, async || {
+        crate::bucket::head(store, &opts.prefix).await
+    })
+    .await?;
+    match head {
+        Some(h) if h.owner.id != *me => Err(OxError::Owned {
+            volume: opts.volume_name.clone(),
+            owner: h.owner.id,
+            owner_name: h.owner.name,
+        }),
+        _ => Ok(()),
     }
 }

@@ -105,6 +105,7 @@ pub fn options(env: &Env) -> SnapshotOptions {
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
         working_set: None,
+        owner: None,
     }
 }
 
@@ -184,4 +185,81 @@ pub fn clone_s3(
     )
     .unwrap();
     (dev, basis, handle)
+}
+
+type Fut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ox::OxError>> + 'a>>;
+
+/// A store through which something happens at one moment: `hook` runs once, just
+/// before the first conditional write (`put_new` or `put_if_match`) — or, with
+/// `reads`, versioned read (`get_tagged`) — of a key containing `at`: another
+/// appliance acting between two steps of a writer.
+pub struct Hooked<'a> {
+    pub inner: &'a dyn ox::store::ObjectStore,
+    pub at: &'static str,
+    pub reads: bool,
+    pub hook:
+        std::cell::RefCell<Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>>>,
+}
+
+impl Hooked<'_> {
+    async fn maybe_hook(&self, key: &str) {
+        if key.contains(self.at) {
+            let hook = self.hook.borrow_mut().take();
+            if let Some(h) = hook {
+                h.await;
+            }
+        }
+    }
+}
+
+impl ox::store::ObjectStore for Hooked<'_> {
+    fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> Fut<'a, ()> {
+        self.inner.put(key, data)
+    }
+    fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.maybe_hook(key).await;
+            self.inner.put_new(key, data).await
+        })
+    }
+    fn put_if_match<'a>(
+        &'a self,
+        key: &'a str,
+        data: Vec<u8>,
+        tag: Option<&'a str>,
+    ) -> Fut<'a, ()> {
+        Box::pin(async move {
+            self.maybe_hook(key).await;
+            self.inner.put_if_match(key, data, tag).await
+        })
+    }
+    fn get<'a>(&'a self, key: &'a str) -> Fut<'a, Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_tagged<'a>(&'a self, key: &'a str) -> Fut<'a, ox::store::Tagged> {
+        Box::pin(async move {
+            if self.reads {
+                self.maybe_hook(key).await;
+            }
+            self.inner.get_tagged(key).await
+        })
+    }
+    fn get_range<'a>(&'a self, key: &'a str, offset: u64, len: u64) -> Fut<'a, Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> Fut<'a, Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn list_page<'a>(
+        &'a self,
+        prefix: &'a str,
+        delimiter: Option<&'a str>,
+        after: Option<&'a str>,
+        max: usize,
+    ) -> Fut<'a, ox::store::Listing> {
+        self.inner.list_page(prefix, delimiter, after, max)
+    }
+    fn delete<'a>(&'a self, keys: &'a [String]) -> Fut<'a, ()> {
+        self.inner.delete(keys)
+    }
 }
