@@ -322,3 +322,63 @@ fn stored_pages(m: &Manifest) -> Result<Vec<String>, OxError> {
 fn parse<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, OxError> {
     serde_json::from_slice(bytes).map_err(|e| OxError::integrity(key, format!("not a record: {e}")))
 }
+
+/// Enters in the bucket's catalogue every snapshot published under `prefix` that is
+/// neither listed nor retired (its entry was never written: a crash between manifest
+/// and entry, an entry's write that failed, left for its appliance's next snapshot to
+/// write). For a new owner of the volume (an adoption): the old owner will write no
+/// more entries, and a snapshot in no catalogue would be collected by the new owner's
+/// retention. Entered as `by` (the appliance that took it: the owner before), for
+/// volume `volume` named `name`. Returns the snapshot IDs entered.
+pub async fn enter_unlisted(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    volume: &str,
+    name: &str,
+    by: &bucket::Appliance,
+) -> Result<Vec<String>, OxError> {
+    let listed: HashSet<String> = store
+        .list(&bucket::entries_prefix(prefix))
+        .await?
+        .iter()
+        .filter_map(|k| k.rsplit('-').next().map(str::to_string))
+        .collect();
+    let retired: HashSet<String> = store
+        .list(&format!("{prefix}ox1/t/"))
+        .await?
+        .iter()
+        .filter_map(|k| k.rsplit('/').next().map(str::to_string))
+        .collect();
+    let mut entered = Vec::new();
+    for key in store.list(&format!("{prefix}ox1/m/")).await? {
+        let Some(id) = key.rsplit('/').next() else {
+            continue;
+        };
+        if listed.contains(id) || retired.contains(id) {
+            continue;
+        }
+        let m = crate::snapshot::fetch_manifest(store, &key).await?;
+        if m.snapshot != id {
+            // Not the snapshot its key says: not this prefix's to enter.
+            continue;
+        }
+        let entry = bucket::SnapshotEntry {
+            format: bucket::FORMAT,
+            snapshot: m.snapshot.clone(),
+            volume: volume.to_string(),
+            name: name.to_string(),
+            manifest: key.clone(),
+            parent: m.parent.clone(),
+            created_ms: m.created.saturating_mul(1000),
+            volume_bytes: m.volume_bytes,
+            block_size: m.block_size,
+            stored_bytes: m.stored_bytes,
+            appliance: by.clone(),
+            kek: m.key.as_ref().map(|k| k.kek_id.clone()),
+            checksum: String::new(),
+        };
+        bucket::record(store, prefix, &entry).await?;
+        entered.push(m.snapshot);
+    }
+    Ok(entered)
+}

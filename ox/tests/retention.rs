@@ -595,3 +595,54 @@ fn a_sweep_never_deletes_what_live_snapshots_need_whatever_the_store_says() {
     });
     drop(vol);
 }
+
+#[test]
+fn an_adopter_enters_what_the_owner_before_published_and_never_listed() {
+    let env = env();
+    let (vol, handle) = fresh_volume(SIZE);
+    let mut keys: Vec<String> = Vec::new();
+    for i in 0..3u64 {
+        write(&env, &vol, 0, &random(4096, i));
+        let report = take(&env, &handle, keys.last().cloned(), options(&env));
+        keys.push(report.manifest_key);
+    }
+    let id_of = |k: &str| k.rsplit('/').next().unwrap().to_string();
+    let ids: Vec<String> = keys.iter().map(|k| id_of(k)).collect();
+    let unlisted = ids[2].clone();
+    let owner = Appliance {
+        id: "east-0000-4000-8000-000000000000".into(),
+        name: "east".into(),
+    };
+    // The first is listed, the second retired; the third never got its entry.
+    let (entered, again) = on_store(&env, async move |store| {
+        let entry = SnapshotEntry {
+            format: bucket::FORMAT,
+            snapshot: ids[0].clone(),
+            volume: "vol-uuid".into(),
+            name: "vol1".into(),
+            manifest: keys[0].clone(),
+            parent: None,
+            created_ms: 1_000_000,
+            volume_bytes: SIZE,
+            block_size: 512,
+            stored_bytes: 1,
+            appliance: owner.clone(),
+            kek: None,
+            checksum: String::new(),
+        };
+        bucket::record(&store, PREFIX, &entry).await.unwrap();
+        retention::retire(&store, PREFIX, &[ids[1].clone()], 5)
+            .await
+            .unwrap();
+        let entered = retention::enter_unlisted(&store, PREFIX, "vol-uuid", "vol1", &owner)
+            .await
+            .unwrap();
+        // Entered once: a second pass finds nothing more to enter.
+        let again = retention::enter_unlisted(&store, PREFIX, "vol-uuid", "vol1", &owner)
+            .await
+            .unwrap();
+        (entered, again)
+    });
+    assert_eq!(entered, vec![unlisted], "only the unlisted, unretired one");
+    assert!(again.is_empty(), "{again:?}");
+}

@@ -99,12 +99,23 @@ impl Service {
         let by = me.clone();
         let key = prefix.clone();
         let uuid = record.uuid.clone();
-        let before = self
+        let (before, entered) = self
             .cores
             .run(move |ex| {
                 Box::pin(async move {
                     let store = spec.open(&ex)?;
-                    bucket::adopt(&*store, &key, Some(&uuid), &by, now_secs()).await
+                    let before = bucket::adopt(&*store, &key, Some(&uuid), &by, now_secs()).await?;
+                    // What the owner before published and never entered would be in no
+                    // catalogue now, and go with this appliance's next retention.
+                    let entered = ox::retention::enter_unlisted(
+                        &*store,
+                        &key,
+                        &before.volume,
+                        &before.name,
+                        &before.owner,
+                    )
+                    .await?;
+                    Ok::<_, ox::OxError>((before, entered))
                 })
             })?
             .map_err(|e| match e {
@@ -133,6 +144,7 @@ impl Service {
             "name": name, "store": store, "prefix": prefix,
             "owner": { "id": me.id, "name": me.name },
             "adopted_from": { "id": from.id, "name": from.name },
+            "entered": entered,
         }))
     }
 
