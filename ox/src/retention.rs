@@ -323,20 +323,32 @@ fn parse<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, OxE
     serde_json::from_slice(bytes).map_err(|e| OxError::integrity(key, format!("not a record: {e}")))
 }
 
+/// What [`enter_unlisted`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Entered {
+    /// Snapshots entered.
+    pub entered: Vec<String>,
+    /// Manifests left out, and why (not whole: a sweep kept only the key of an
+    /// ancestor; unreadable; another volume's).
+    pub skipped: Vec<(String, String)>,
+}
+
 /// Enters in the bucket's catalogue every snapshot published under `prefix` that is
 /// neither listed nor retired (its entry was never written: a crash between manifest
 /// and entry, an entry's write that failed, left for its appliance's next snapshot to
-/// write). For a new owner of the volume (an adoption): the old owner will write no
-/// more entries, and a snapshot in no catalogue would be collected by the new owner's
-/// retention. Entered as `by` (the appliance that took it: the owner before), for
-/// volume `volume` named `name`. Returns the snapshot IDs entered.
+/// write) and is whole (every index page and data object it stores is there). For a
+/// new owner of the volume (an adoption): the old owner will write no more entries,
+/// and a snapshot in no catalogue would be collected by the new owner's retention.
+/// Entered as `by` (the appliance that took it: the owner before), for volume
+/// `volume` (its UUID) named `name`. A manifest that cannot be read is skipped, not
+/// an error: what was adopted stays adopted.
 pub async fn enter_unlisted(
     store: &dyn ObjectStore,
     prefix: &str,
     volume: &str,
     name: &str,
     by: &bucket::Appliance,
-) -> Result<Vec<String>, OxError> {
+) -> Result<Entered, OxError> {
     let listed: HashSet<String> = store
         .list(&bucket::entries_prefix(prefix))
         .await?
@@ -349,7 +361,18 @@ pub async fn enter_unlisted(
         .iter()
         .filter_map(|k| k.rsplit('/').next().map(str::to_string))
         .collect();
-    let mut entered = Vec::new();
+    let present: HashSet<String> = store
+        .list(&format!("{prefix}ox1/d/"))
+        .await?
+        .into_iter()
+        .chain(store.list(&format!("{prefix}ox1/i/")).await?)
+        .collect();
+    let volume_hex: String = volume
+        .chars()
+        .filter(|c| *c != '-')
+        .collect::<String>()
+        .to_lowercase();
+    let mut out = Entered::default();
     for key in store.list(&format!("{prefix}ox1/m/")).await? {
         let Some(id) = key.rsplit('/').next() else {
             continue;
@@ -357,9 +380,31 @@ pub async fn enter_unlisted(
         if listed.contains(id) || retired.contains(id) {
             continue;
         }
-        let m = crate::snapshot::fetch_manifest(store, &key).await?;
-        if m.snapshot != id {
-            // Not the snapshot its key says: not this prefix's to enter.
+        // Only what is at its own key: a snapshot's manifest, not stray objects.
+        let own = format::parse_id(id)
+            .map(|parsed| format::manifest_key(prefix, &parsed) == key)
+            .unwrap_or(false);
+        if !own {
+            out.skipped.push((key, "not a manifest's key".into()));
+            continue;
+        }
+        let m = match crate::snapshot::fetch_manifest(store, &key).await {
+            Ok(m) => m,
+            Err(e) => {
+                out.skipped.push((key, e.to_string()));
+                continue;
+            }
+        };
+        if m.snapshot != id || m.volume != volume_hex {
+            out.skipped.push((key, "another snapshot or volume".into()));
+            continue;
+        }
+        let mut needed = stored_pages(&m)?;
+        needed.pop(); // its working set, which it need not have
+        needed.extend(m.objects.iter().cloned());
+        if let Some(gone) = needed.iter().find(|k| !present.contains(*k)) {
+            out.skipped
+                .push((key, format!("not whole: {gone} is gone")));
             continue;
         }
         let entry = bucket::SnapshotEntry {
@@ -378,7 +423,7 @@ pub async fn enter_unlisted(
             checksum: String::new(),
         };
         bucket::record(store, prefix, &entry).await?;
-        entered.push(m.snapshot);
+        out.entered.push(m.snapshot);
     }
-    Ok(entered)
+    Ok(out)
 }

@@ -598,13 +598,17 @@ fn a_sweep_never_deletes_what_live_snapshots_need_whatever_the_store_says() {
 
 #[test]
 fn an_adopter_enters_what_the_owner_before_published_and_never_listed() {
+    // The volume identity `options` gives snapshots ([9; 16]), as a UUID.
+    const VOLUME: &str = "09090909-0909-0909-0909-090909090909";
     let env = env();
     let (vol, handle) = fresh_volume(SIZE);
     let mut keys: Vec<String> = Vec::new();
-    for i in 0..3u64 {
+    let mut objects: Vec<Vec<String>> = Vec::new();
+    for i in 0..4u64 {
         write(&env, &vol, 0, &random(4096, i));
         let report = take(&env, &handle, keys.last().cloned(), options(&env));
         keys.push(report.manifest_key);
+        objects.push(report.manifest.objects.clone());
     }
     let id_of = |k: &str| k.rsplit('/').next().unwrap().to_string();
     let ids: Vec<String> = keys.iter().map(|k| id_of(k)).collect();
@@ -613,12 +617,15 @@ fn an_adopter_enters_what_the_owner_before_published_and_never_listed() {
         id: "east-0000-4000-8000-000000000000".into(),
         name: "east".into(),
     };
-    // The first is listed, the second retired; the third never got its entry.
-    let (entered, again) = on_store(&env, async move |store| {
+    // The first is listed, the second retired; the third never got its entry; the
+    // fourth neither, but a data object of it is gone (as a sweep leaves an ancestor
+    // kept only for its key).
+    let broken = objects[3].clone();
+    let (entered, again, other) = on_store(&env, async move |store| {
         let entry = SnapshotEntry {
             format: bucket::FORMAT,
             snapshot: ids[0].clone(),
-            volume: "vol-uuid".into(),
+            volume: VOLUME.into(),
             name: "vol1".into(),
             manifest: keys[0].clone(),
             parent: None,
@@ -634,15 +641,38 @@ fn an_adopter_enters_what_the_owner_before_published_and_never_listed() {
         retention::retire(&store, PREFIX, &[ids[1].clone()], 5)
             .await
             .unwrap();
-        let entered = retention::enter_unlisted(&store, PREFIX, "vol-uuid", "vol1", &owner)
+        store.delete(&broken[..1]).await.unwrap();
+        let entered = retention::enter_unlisted(&store, PREFIX, VOLUME, "vol1", &owner)
             .await
             .unwrap();
         // Entered once: a second pass finds nothing more to enter.
-        let again = retention::enter_unlisted(&store, PREFIX, "vol-uuid", "vol1", &owner)
+        let again = retention::enter_unlisted(&store, PREFIX, VOLUME, "vol1", &owner)
             .await
             .unwrap();
-        (entered, again)
+        // A manifest of another volume, or one whose objects are gone (a sweep kept
+        // only an ancestor's key), is not entered.
+        let other = retention::enter_unlisted(
+            &store,
+            PREFIX,
+            "22222222-2222-2222-2222-222222222222",
+            "vol1",
+            &owner,
+        )
+        .await
+        .unwrap();
+        (entered, again, other)
     });
-    assert_eq!(entered, vec![unlisted], "only the unlisted, unretired one");
-    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(
+        entered.entered,
+        vec![unlisted],
+        "only the unlisted, unretired, whole one"
+    );
+    assert_eq!(entered.skipped.len(), 1, "{entered:?}");
+    assert!(entered.skipped[0].1.contains("not whole"), "{entered:?}");
+    assert!(again.entered.is_empty(), "{again:?}");
+    assert!(other.entered.is_empty(), "{other:?}");
+    assert!(
+        other.skipped.iter().any(|(_, why)| why.contains("another")),
+        "{other:?}"
+    );
 }

@@ -1132,6 +1132,8 @@ fn a_snapshot_of_a_volume_adopted_while_it_uploads_publishes_nothing() {
     };
     let mut opts = options(&env);
     opts.owner = Some(who("east").id);
+    // The last look comes after a read-back of everything stored (however long).
+    opts.verify_before_publish = true;
     let head = VolumeHead {
         format: bucket::FORMAT,
         volume: "11".repeat(16),

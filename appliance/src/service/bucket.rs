@@ -94,6 +94,15 @@ impl Service {
             }
         }
         let _held = Release(busy);
+        // A snapshot cut short and waiting to continue from its journal would publish
+        // into the place it began in: let it end first.
+        if self.journal_path(name).exists() {
+            return Err(Refusal::Conflict(format!(
+                "a snapshot of {} is pending (it continues from its journal): adopt after it ends",
+                shown(name)
+            ))
+            .into());
+        }
         let prefix = super::snapshot_prefix(name, &record.uuid);
         let me = self.me();
         let by = me.clone();
@@ -105,8 +114,14 @@ impl Service {
                 Box::pin(async move {
                     let store = spec.open(&ex)?;
                     let before = bucket::adopt(&*store, &key, Some(&uuid), &by, now_secs()).await?;
+                    if before.owner.id == by.id {
+                        // Adopted before: nothing changed, nothing to enter.
+                        return Ok::<_, ox::OxError>((before, Default::default()));
+                    }
                     // What the owner before published and never entered would be in no
                     // catalogue now, and go with this appliance's next retention.
+                    // Adopted already whatever this finds: a manifest it cannot read
+                    // is reported, not an error.
                     let entered = ox::retention::enter_unlisted(
                         &*store,
                         &key,
@@ -114,8 +129,12 @@ impl Service {
                         &before.name,
                         &before.owner,
                     )
-                    .await?;
-                    Ok::<_, ox::OxError>((before, entered))
+                    .await
+                    .unwrap_or_else(|e| ox::retention::Entered {
+                        entered: Vec::new(),
+                        skipped: vec![(key.clone(), format!("not looked through: {e}"))],
+                    });
+                    Ok((before, entered))
                 })
             })?
             .map_err(|e| match e {
@@ -128,23 +147,32 @@ impl Service {
                 e => anyhow::Error::from(e),
             })
             .with_context(|| format!("adopting {} in store {}", shown(name), shown(store)))?;
-        tracing::info!(
-            volume = name,
-            store,
-            from = before.owner.id,
-            "adopted: its snapshots go into the store from this appliance now"
-        );
         // Adopted before (run again): who was displaced then.
         let from = if before.owner.id == me.id {
             before.adopted_from.unwrap_or(before.owner)
         } else {
             before.owner
         };
+        tracing::info!(
+            volume = name,
+            store,
+            from = from.id,
+            entered = entered.entered.len(),
+            "adopted: its snapshots go into the store from this appliance now"
+        );
+        for (manifest, why) in &entered.skipped {
+            tracing::warn!(
+                volume = name,
+                manifest,
+                "not entered in the store's catalogue: {why}"
+            );
+        }
         Ok(json!({
             "name": name, "store": store, "prefix": prefix,
             "owner": { "id": me.id, "name": me.name },
             "adopted_from": { "id": from.id, "name": from.name },
-            "entered": entered,
+            "entered": entered.entered,
+            "skipped": entered.skipped.iter().map(|(m, why)| json!({"manifest": m, "why": why})).collect::<Vec<_>>(),
         }))
     }
 

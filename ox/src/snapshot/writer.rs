@@ -510,7 +510,6 @@ pub(super) async fn write(
         return Err(OxError::Suspended(opts.volume_name.clone()));
     }
     abandoned(handle, opts)?;
-    still_owner(store, opts).await?;
     meta_bytes += store_working_set(store, opts, &index.salt, chunks, &mut codec).await;
     let read_back = if opts.verify_before_publish {
         let mut sources = vec![super::Source {
@@ -529,6 +528,8 @@ pub(super) async fn write(
     } else {
         None
     };
+    // The last look before publishing: after the read-back, however long it took.
+    still_owner(store, opts).await?;
     match store.put_new(&manifest_key, bytes.clone()).await {
         Ok(()) => {}
         // Something at this snapshot's own (random) key already: the manifest an
