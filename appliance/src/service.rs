@@ -425,6 +425,12 @@ impl Service {
         self.volume_file(name, "cbt")
     }
 
+    /// Where a clean stop keeps what hosts read since the volume's last snapshot (its
+    /// next snapshot's working set), read back and removed at the next start.
+    fn heat_path(&self, name: &str) -> PathBuf {
+        self.volume_file(name, "heat")
+    }
+
     fn preserve_path(&self, name: &str) -> PathBuf {
         self.volume_file(name, "cbw")
     }
@@ -524,6 +530,19 @@ impl Service {
         let (bdev, handle) =
             bdev::create_volume(&v.name, file, v.chunk_bytes, tracking, Some(uuid))?;
         handle.set_preserve_file(&self.preserve_path(&v.name))?;
+        // What hosts read before a clean stop still counts for the next snapshot's
+        // working set (a hint: one unreadable or of another size is dropped).
+        let heat = self.heat_path(&v.name);
+        if let Ok(bytes) = std::fs::read(&heat) {
+            let words: Vec<u64> = bytes
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+                .collect();
+            if words.len() as u64 == chunks.div_ceil(64) {
+                handle.restore_heat(&words);
+            }
+            let _ = bdev::fsutil::remove_file(&heat);
+        }
         // The crash-consistent record of what changed: made now for a new or restored
         // volume (a stale one of a deleted namesake goes first); after a crash (no
         // tracking saved at a clean stop) it is what the next snapshot stores.
@@ -994,6 +1013,7 @@ impl Service {
         bdev::remove_dirty_record(&self.dirty_path(name));
         let _ = std::fs::remove_file(self.volume_path(name));
         let _ = std::fs::remove_file(self.tracking_path(name));
+        let _ = std::fs::remove_file(self.heat_path(name));
         let _ = std::fs::remove_file(self.preserve_path(name));
         let _ = ox::journal::remove(&self.journal_path(name));
         for ext in ["presence", "presence.log"] {
@@ -2524,6 +2544,18 @@ impl Service {
                     "volume {name}: a snapshot was still running; every chunk counts as changed at the next start"
                 ));
                 continue;
+            }
+            // What hosts read since the last snapshot: the next one's working set.
+            let heat: Vec<u8> = v
+                .handle
+                .take_heat()
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            if heat.iter().any(|&b| b != 0)
+                && let Err(e) = bdev::fsutil::replace_file(&self.heat_path(name), &heat)
+            {
+                tracing::warn!(volume = name, "its working set is not kept: {e}");
             }
             let saved = sync(&self.volume_path(name))
                 .and_then(|()| v.handle.save_changes(&self.tracking_path(name)))

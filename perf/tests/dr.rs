@@ -911,7 +911,7 @@ fn a_new_clone_fetches_first_where_hosts_read_the_volume() {
     let d = dir.path();
     let port = free_port();
     let (config, ctl) = appliance(&d.join("a"), port, &store, &kek);
-    let _oxd = start_oxd(&config);
+    let mut oxd = start_oxd(&config);
     let on = export_db(&ctl, port, 32);
     // The host writes the whole volume, then reads 2 MiB at 8 MiB and 1 MiB at 20 MiB:
     // 48 chunks of 64 KiB are its working set.
@@ -923,6 +923,20 @@ fn a_new_clone_fetches_first_where_hosts_read_the_volume() {
     assert_eq!(
         verified(&oxperf(&on, "read", "40960:2048", 8, 131072, 1)),
         2048
+    );
+    // A clean stop (an upgrade, say) keeps what hosts read for the next snapshot.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(oxd.child.id() as i32, libc::SIGTERM) };
+    assert!(oxd.child.wait().unwrap().success(), "a clean stop");
+    drop(oxd);
+    assert!(
+        d.join("a/state/volumes/db.heat").exists(),
+        "kept at the stop"
+    );
+    let _oxd = start_oxd(&config);
+    assert!(
+        !d.join("a/state/volumes/db.heat").exists(),
+        "taken back at the start"
     );
     let job = ctl.ok(&["snapshot", "create", "db", "--store", "s3"]);
     assert_eq!(job["state"], "done", "{job}");
