@@ -531,18 +531,24 @@ impl Service {
             bdev::create_volume(&v.name, file, v.chunk_bytes, tracking, Some(uuid))?;
         handle.set_preserve_file(&self.preserve_path(&v.name))?;
         // What hosts read before a clean stop still counts for the next snapshot's
-        // working set (a hint: one unreadable or of another size is dropped).
+        // working set: this volume's only, not a deleted namesake's (a hint: one of
+        // another size is dropped, bits beyond the last chunk cleared).
         let heat = self.heat_path(&v.name);
-        if let Ok(bytes) = std::fs::read(&heat) {
-            let words: Vec<u64> = bytes
+        if let (Opening::Existing { .. }, Ok(bytes)) = (how, std::fs::read(&heat))
+            && bytes.len() as u64 == chunks.div_ceil(64) * 8
+        {
+            let mut words: Vec<u64> = bytes
                 .chunks_exact(8)
                 .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
                 .collect();
-            if words.len() as u64 == chunks.div_ceil(64) {
-                handle.restore_heat(&words);
+            if let Some(last) = words.last_mut()
+                && !chunks.is_multiple_of(64)
+            {
+                *last &= (1u64 << (chunks % 64)) - 1;
             }
-            let _ = bdev::fsutil::remove_file(&heat);
+            handle.restore_heat(&words);
         }
+        let _ = bdev::fsutil::remove_file(&heat);
         // The crash-consistent record of what changed: made now for a new or restored
         // volume (a stale one of a deleted namesake goes first); after a crash (no
         // tracking saved at a clean stop) it is what the next snapshot stores.
