@@ -22,23 +22,18 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev::blocking::run_on;
-use bdev::{BdevIo, IoBuf, Tracking, create_malloc, create_volume};
 use ox::codec::{Binding, Codec, CodecSettings};
-use ox::cores::OxCores;
 use ox::hydrate::Thickening;
-use ox::keys::{Kek, SecretKey};
+use ox::keys::SecretKey;
 use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::ObjectStore;
 use ox::store::local::LocalStore;
 use ox::store::s3::S3Store;
 use ox::throttle::{Class, Limit, Throttle};
-use reactor::{CoreList, ReactorConfig, ReactorSet};
 use support::world::World;
 use support::{arg, text};
 
 const CHUNK: u64 = 64 << 10;
-const T: Duration = Duration::from_secs(60);
 /// Clones opened, with and without their index page loaded ahead, for 2b.
 const FIRST_READS: u64 = 20;
 
@@ -77,30 +72,9 @@ fn main() {
     let reads = arg("--reads", 300);
     let limit = arg("--limit-mib", 8) << 20;
     let server = s3server::start_server(false);
-    let w = World {
-        set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
-        cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
-        config: server.client_config(),
-        kek: Kek::new("bench", SecretKey::random().unwrap()),
-        size,
-    };
+    let w = World::start(server.client_config(), size);
     let image = data(size as usize);
-    let (vol, vh) = create_volume(
-        "vol",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
-    for (i, piece) in image.chunks(1 << 20).enumerate() {
-        let io = BdevIo::write(
-            (i as u64) << 11,
-            piece.len() as u64 / 512,
-            vec![IoBuf::from_slice(piece)],
-        );
-        run_on(&w.on(0), &vol, io, T).unwrap().result.unwrap();
-    }
+    let (vol, vh) = w.volume(|i| image[(i << 20) as usize..((i + 1) << 20) as usize].to_vec());
 
     // 1. Snapshot vs the codec on one core: to the S3 server, and to a local
     // directory store (no server sharing the two cores).

@@ -24,17 +24,13 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev::blocking::run_on;
-use bdev::{Bdev, BdevIo, IoBuf, Tracking, create_malloc, create_volume};
-use ox::cores::OxCores;
-use ox::keys::{Kek, SecretKey};
+use bdev::Bdev;
 use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::ObjectStore;
 use ox::store::s3::{CredentialSource, S3Config, S3Store};
 use ox::throttle::Throttle;
-use reactor::{CoreList, ReactorConfig, ReactorSet};
 use support::arg;
-use support::world::{T, World};
+use support::world::World;
 
 const CHUNK: u64 = 64 << 10;
 
@@ -103,31 +99,13 @@ fn main() {
         },
     );
     config.allow_http = true;
-    let w = World {
-        set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
-        cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
-        config,
-        kek: Kek::new("bench", SecretKey::random().unwrap()),
-        size,
-    };
+    let w = World::start(config, size);
     println!(
         "endpoint {endpoint}, {} MiB volume, {object_mib} MiB objects\n",
         size >> 20
     );
 
-    let (vol, vh) = create_volume(
-        "vol",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
-    for i in 0..size >> 20 {
-        let piece = noise(1 << 20, i + 1);
-        let io = BdevIo::write(i << 11, 2048, vec![IoBuf::from_slice(&piece)]);
-        run_on(&w.on(0), &vol, io, T).unwrap().result.unwrap();
-    }
+    let (_vol, vh) = w.volume(|i| noise(1 << 20, i + 1));
     let opts = SnapshotOptions {
         prefix: format!("bench-{}/", std::process::id()),
         zstd_level: 1,

@@ -19,18 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bdev::blocking::run_on;
-use bdev::{BdevIo, IoBuf, Tracking, create_malloc, create_volume};
-use ox::cores::OxCores;
-use ox::keys::{Kek, SecretKey};
 use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::s3::{CredentialSource, S3Config, S3Store};
 use ox::throttle::Throttle;
-use reactor::{CoreList, ReactorConfig, ReactorSet};
-use support::world::{T, World};
+use support::world::World;
 use support::{arg, text};
-
-const CHUNK: u64 = 64 << 10;
 
 /// A boot-like trace over `size` bytes: `clusters` runs of 4–16 adjacent reads of 4–64
 /// KiB (files read whole), and as many scattered 4 KiB reads (metadata, libraries'
@@ -91,30 +84,9 @@ fn main() {
         s3server::Server::client_config,
     );
     config.allow_http = true;
-    let w = World {
-        set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
-        cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
-        config,
-        kek: Kek::new("bench", SecretKey::random().unwrap()),
-        size,
-    };
-    let (vol, vh) = create_volume(
-        "vol",
-        create_malloc("m", 512, size / 512, None).unwrap(),
-        CHUNK,
-        Tracking::Fresh,
-        None,
-    )
-    .unwrap();
+    let w = World::start(config, size);
     let image = text(size as usize, 5);
-    for (i, piece) in image.chunks(1 << 20).enumerate() {
-        let io = BdevIo::write(
-            (i as u64) << 11,
-            piece.len() as u64 / 512,
-            vec![IoBuf::from_slice(piece)],
-        );
-        run_on(&w.on(0), &vol, io, T).unwrap().result.unwrap();
-    }
+    let (vol, vh) = w.volume(|i| image[(i << 20) as usize..((i + 1) << 20) as usize].to_vec());
 
     // The host boots from the volume: that is what the volume records.
     let trace = boot_trace(size, clusters, 11);

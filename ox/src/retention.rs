@@ -349,18 +349,17 @@ pub async fn enter_unlisted(
     name: &str,
     by: &bucket::Appliance,
 ) -> Result<Entered, OxError> {
-    let listed: HashSet<String> = store
-        .list(&bucket::entries_prefix(prefix))
-        .await?
-        .iter()
-        .filter_map(|k| k.rsplit('-').next().map(str::to_string))
-        .collect();
-    let retired: HashSet<String> = store
-        .list(&format!("{prefix}ox1/t/"))
-        .await?
-        .iter()
-        .filter_map(|k| k.rsplit('/').next().map(str::to_string))
-        .collect();
+    // Snapshot IDs end entry keys (`…-ID`) and tombstone keys (`…/ID`).
+    let ids = async |under: String, after: char| -> Result<HashSet<String>, OxError> {
+        Ok(store
+            .list(&under)
+            .await?
+            .iter()
+            .filter_map(|k| k.rsplit(after).next().map(str::to_string))
+            .collect())
+    };
+    let listed = ids(bucket::entries_prefix(prefix), '-').await?;
+    let retired = ids(format!("{prefix}ox1/t/"), '/').await?;
     let present: HashSet<String> = store
         .list(&format!("{prefix}ox1/d/"))
         .await?

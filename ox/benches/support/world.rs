@@ -30,6 +30,42 @@ pub struct World {
 }
 
 impl World {
+    /// Reactors on every core, one OX core, a fresh key, over the store of `config`,
+    /// for volumes of `size` bytes.
+    pub fn start(config: S3Config, size: u64) -> Self {
+        use reactor::{CoreList, ReactorConfig};
+        Self {
+            set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
+            cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
+            config,
+            kek: Kek::new("bench", ox::keys::SecretKey::random().unwrap()),
+            size,
+        }
+    }
+
+    /// A tracked volume of `size` bytes over RAM (64 KiB chunks), each MiB `i` of it
+    /// written with `mib(i)` through reactor 0.
+    pub fn volume(&self, mut mib: impl FnMut(u64) -> Vec<u8>) -> (Bdev, bdev::VolumeHandle) {
+        let (vol, vh) = bdev::create_volume(
+            "vol",
+            create_malloc("m", 512, self.size / 512, None).unwrap(),
+            64 << 10,
+            bdev::Tracking::Fresh,
+            None,
+        )
+        .unwrap();
+        for i in 0..self.size.div_ceil(1 << 20) {
+            let piece = mib(i);
+            let io = BdevIo::write(
+                i << 11,
+                piece.len() as u64 / 512,
+                vec![IoBuf::from_slice(&piece)],
+            );
+            run_on(&self.on(0), &vol, io, T).unwrap().result.unwrap();
+        }
+        (vol, vh)
+    }
+
     pub fn on(&self, i: usize) -> ReactorHandle {
         self.set.handles()[i].clone()
     }
