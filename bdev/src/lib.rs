@@ -46,6 +46,8 @@ mod presence;
 pub use presence::seed_presence;
 mod preserve;
 mod reply;
+#[cfg(test)]
+mod sim;
 mod stats;
 #[cfg(test)]
 mod test_rng;

@@ -23,7 +23,9 @@ use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
 /// Granularity of what survives a cut: a sector is written whole or not at all.
 const SECTOR: usize = 512;
 
-struct State {
+/// The drive's media and volatile cache: shared by the device below and by the
+/// deterministic simulator (`crate::sim`), which drives it on one thread.
+pub(crate) struct State {
     /// What survives any cut.
     media: Vec<u8>,
     /// Sectors acknowledged but not yet durable, by sector number (the last write of
@@ -37,7 +39,18 @@ struct State {
 }
 
 impl State {
-    fn read(&self, offset: usize, out: &mut [u8]) {
+    /// A drive of `bytes` zeroed bytes; `seed` decides what a cut keeps.
+    pub(crate) fn new(bytes: usize, seed: u64) -> Self {
+        Self {
+            media: vec![0; bytes],
+            cache: BTreeMap::new(),
+            power_on: 0,
+            lies: false,
+            rng: seed | 1,
+        }
+    }
+
+    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {
         out.copy_from_slice(&self.media[offset..offset + out.len()]);
         let first = (offset / SECTOR) as u64;
         let last = ((offset + out.len()).div_ceil(SECTOR)) as u64;
@@ -48,7 +61,7 @@ impl State {
         }
     }
 
-    fn write(&mut self, offset: usize, data: &[u8], durable: bool) {
+    pub(crate) fn write(&mut self, offset: usize, data: &[u8], durable: bool) {
         assert!(
             offset.is_multiple_of(SECTOR) && data.len().is_multiple_of(SECTOR),
             "writes are whole sectors"
@@ -65,11 +78,27 @@ impl State {
         }
     }
 
-    fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         for (sector, data) in std::mem::take(&mut self.cache) {
             let at = sector as usize * SECTOR;
             self.media[at..at + SECTOR].copy_from_slice(&data);
         }
+    }
+
+    /// Cuts the power: each cached sector lands or is lost (seeded).
+    pub(crate) fn cut(&mut self) -> Cut {
+        self.power_on += 1;
+        let mut cut = Cut { landed: 0, lost: 0 };
+        for (sector, data) in std::mem::take(&mut self.cache) {
+            if self.next_random().is_multiple_of(2) {
+                let at = sector as usize * SECTOR;
+                self.media[at..at + SECTOR].copy_from_slice(&data);
+                cut.landed += 1;
+            } else {
+                cut.lost += 1;
+            }
+        }
+        cut
     }
 
     fn next_random(&mut self) -> u64 {
@@ -104,19 +133,7 @@ impl PowerSwitch {
     /// Cuts the power: each cached sector lands or is lost (seeded), and every request
     /// to the device from now on fails.
     pub fn cut(&self) -> Cut {
-        let mut s = self.state();
-        s.power_on += 1;
-        let mut cut = Cut { landed: 0, lost: 0 };
-        for (sector, data) in std::mem::take(&mut s.cache) {
-            if s.next_random().is_multiple_of(2) {
-                let at = sector as usize * SECTOR;
-                s.media[at..at + SECTOR].copy_from_slice(&data);
-                cut.landed += 1;
-            } else {
-                cut.lost += 1;
-            }
-        }
-        cut
+        self.state().cut()
     }
 
     /// The media as a new device, as after power comes back (call after [`Self::cut`]).
@@ -233,13 +250,7 @@ pub fn create_nondurable(
         reason: "too large for a RAM device".into(),
     })?;
     let switch = PowerSwitch {
-        state: Arc::new(Mutex::new(State {
-            media: vec![0; bytes],
-            cache: BTreeMap::new(),
-            power_on: 0,
-            lies: false,
-            rng: seed | 1,
-        })),
+        state: Arc::new(Mutex::new(State::new(bytes, seed))),
         info,
     };
     Ok((device(&switch, 0)?, switch))

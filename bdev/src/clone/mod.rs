@@ -21,7 +21,7 @@
 //! - the presence record (what is durable) belongs to the journal thread
 //!   (`journal.rs`), which alone writes its `durable` bits.
 
-mod core;
+pub(crate) mod core;
 mod journal;
 mod owner;
 

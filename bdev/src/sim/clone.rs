@@ -1,0 +1,1081 @@
+//! One clone in the simulator: its core, its presence record, its local drive, the
+//! store behind it and the hosts in front of it (see the module docs of `sim`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::model::{BLOCK, Model, fill};
+use super::{Clock, Micros};
+use crate::clone::core::{Action, Chunk, Core, Event};
+use crate::clone::{FetchError, FetchReason};
+use crate::nondurable;
+use crate::nondurable_medium::NonDurableMedium;
+use crate::presence::PresenceFiles;
+use crate::test_rng::Rng;
+
+/// Blocks per chunk.
+const CHUNK_BLOCKS: u64 = 8;
+const CHUNK_BYTES: usize = CHUNK_BLOCKS as usize * BLOCK;
+/// How long a fetched chunk may wait to be recorded (as `clone::journal`).
+const LAZY_RECORD: Micros = 200_000;
+/// Fetches of one chunk the basis tries before it gives up (as ox's basis).
+const STORE_ATTEMPTS: u32 = 3;
+
+/// Rules of the clone's protocol broken on purpose, to show the simulator catches it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Flaws {
+    /// Acknowledge a write before the chunks it touched are on the presence record.
+    pub(crate) ack_before_record: bool,
+    /// Write the presence record without flushing the local copy first.
+    pub(crate) record_before_flush: bool,
+}
+
+/// One run.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) seed: u64,
+    /// Host operations to issue.
+    pub(crate) ops: u64,
+    pub(crate) hosts: usize,
+    pub(crate) chunks: u64,
+    /// Mean host operations between power cuts.
+    pub(crate) ops_per_cut: u64,
+    /// Percent of GETs the store answers with a 503, a corrupted or a truncated body.
+    pub(crate) store_faults: u64,
+    pub(crate) flaws: Flaws,
+}
+
+impl Config {
+    pub(crate) fn new(seed: u64, ops: u64) -> Self {
+        Self {
+            seed,
+            ops,
+            hosts: 3,
+            // Not a multiple of 64: the presence bitmap's last word is partial.
+            chunks: 40,
+            ops_per_cut: 80,
+            // A healthy store, a flaky one, one in trouble.
+            store_faults: [3, 10, 35][(seed % 3) as usize],
+            flaws: Flaws::default(),
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Stats {
+    pub(crate) events: u64,
+    pub(crate) host_ops: u64,
+    pub(crate) reads: u64,
+    pub(crate) reads_failed: u64,
+    pub(crate) writes_acked: u64,
+    pub(crate) writes_failed: u64,
+    pub(crate) flushes: u64,
+    pub(crate) blocks_checked: u64,
+    pub(crate) cuts: u64,
+    /// Cuts in the middle of the presence record's own writes.
+    pub(crate) cuts_mid_record: u64,
+    pub(crate) sectors_lost: u64,
+    pub(crate) blocks_checked_after_cut: u64,
+    pub(crate) fetches: u64,
+    pub(crate) store_faults: u64,
+    pub(crate) fetch_failures: u64,
+    /// Reads answered from a fetched chunk's bytes before they were installed.
+    pub(crate) served_from_fetch: u64,
+    /// Chunks filled whole by a host write (claimed, never fetched).
+    pub(crate) claimed_whole: u64,
+    pub(crate) commits: u64,
+    pub(crate) checkpoints: u64,
+    pub(crate) thickened: u64,
+    pub(crate) simulated_us: u64,
+    /// A digest of the run's event order, for checking that a seed replays exactly.
+    pub(crate) fingerprint: u64,
+}
+
+impl Stats {
+    pub(crate) fn add(&mut self, o: &Stats) {
+        self.events += o.events;
+        self.host_ops += o.host_ops;
+        self.reads += o.reads;
+        self.reads_failed += o.reads_failed;
+        self.writes_acked += o.writes_acked;
+        self.writes_failed += o.writes_failed;
+        self.flushes += o.flushes;
+        self.blocks_checked += o.blocks_checked;
+        self.cuts += o.cuts;
+        self.cuts_mid_record += o.cuts_mid_record;
+        self.sectors_lost += o.sectors_lost;
+        self.blocks_checked_after_cut += o.blocks_checked_after_cut;
+        self.fetches += o.fetches;
+        self.store_faults += o.store_faults;
+        self.fetch_failures += o.fetch_failures;
+        self.served_from_fetch += o.served_from_fetch;
+        self.claimed_whole += o.claimed_whole;
+        self.commits += o.commits;
+        self.checkpoints += o.checkpoints;
+        self.thickened += o.thickened;
+        self.simulated_us += o.simulated_us;
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} events, {} host operations ({} reads, {} failed, {} writes acknowledged, {} \
+             failed, {} flushes), {} blocks checked in reads, {} power cuts ({} mid-record, {} sectors \
+             lost), {} blocks checked after cuts, {} fetches ({} store faults, {} fetches \
+             failed), {} reads served from fetched bytes, {} chunks claimed whole, {} \
+             commits, {} checkpoints, {} chunks thickened",
+            self.events,
+            self.host_ops,
+            self.reads,
+            self.reads_failed,
+            self.writes_acked,
+            self.writes_failed,
+            self.flushes,
+            self.blocks_checked,
+            self.cuts,
+            self.cuts_mid_record,
+            self.sectors_lost,
+            self.blocks_checked_after_cut,
+            self.fetches,
+            self.store_faults,
+            self.fetch_failures,
+            self.served_from_fetch,
+            self.claimed_whole,
+            self.commits,
+            self.checkpoints,
+            self.thickened
+        )
+    }
+}
+
+/// Runs one seed; `Err` says which check failed.
+pub(crate) fn run(config: &Config) -> Result<Stats, String> {
+    let mut world = World::new(config)?;
+    world.run()?;
+    world.stats.simulated_us = world.clock.now();
+    Ok(world.stats)
+}
+
+/// A host request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write {
+        fua: bool,
+    },
+    /// Deallocation: reads back as zeroes (a clone writes zeroes locally).
+    Trim,
+    Flush,
+}
+
+#[derive(Debug)]
+struct Op {
+    /// `None`: a read checking the clone after a power cut.
+    host: Option<usize>,
+    kind: Kind,
+    first: u64,
+    blocks: u64,
+    /// A write's version.
+    version: u64,
+    /// A read's floor per block; a flush's acknowledged versions when it was issued.
+    floors: Vec<u64>,
+    /// A write's claimed chunks (its plan).
+    claims: Option<(u64, Vec<u64>)>,
+}
+
+impl Op {
+    fn chunks(&self) -> std::ops::RangeInclusive<u64> {
+        self.first / CHUNK_BLOCKS..=(self.first + self.blocks - 1) / CHUNK_BLOCKS
+    }
+
+    fn covers_whole(&self, chunk: u64) -> bool {
+        let (start, end) = (chunk * CHUNK_BLOCKS, (chunk + 1) * CHUNK_BLOCKS);
+        self.first <= start && self.first + self.blocks >= end
+    }
+}
+
+/// What an answer to a waiter goes on with.
+#[derive(Debug)]
+enum Cont {
+    /// A read within one chunk (`Event::Read`).
+    ReadOne(u64),
+    /// A read of several chunks (`Event::Need`).
+    ReadMany(u64),
+    /// A write's plan.
+    Plan(u64),
+    /// A write waiting for the presence record.
+    Durable(u64),
+}
+
+/// An answer to a waiter, as the owner would deliver it.
+#[derive(Debug)]
+enum Answer {
+    Done,
+    Data(Arc<Vec<u8>>),
+    Granted(Vec<u64>),
+    Failed(String),
+}
+
+#[derive(Debug)]
+enum DiskIo {
+    Read(u64),
+    Write(u64),
+    Flush(u64),
+    Install { chunk: u64, data: Arc<Vec<u8>> },
+}
+
+#[derive(Debug)]
+enum Ev {
+    Host(usize),
+    Disk(DiskIo),
+    Store {
+        chunk: u64,
+        attempt: u32,
+    },
+    Answer {
+        token: u64,
+        answer: Answer,
+    },
+    /// The journal's flush ended: write the record.
+    Commit,
+    /// Lazily noted chunks are due.
+    Lazy,
+    Thicken,
+    Cut,
+}
+
+/// The presence journal's state (as `clone::journal`'s thread keeps it).
+struct Journal {
+    files: PresenceFiles,
+    /// One bit per chunk on the record.
+    durable: Vec<u64>,
+    lazy: Vec<u64>,
+    lazy_since: Option<Micros>,
+    /// Chunks writes wait on, and their tokens.
+    needs: Vec<(Vec<u64>, u64)>,
+    checkpoints: u64,
+    committing: Option<Commit>,
+}
+
+/// A commit in flight: its batch, the checkpoint's words (if it writes one) and the
+/// tokens of the writes waiting on it.
+struct Commit {
+    batch: Vec<u64>,
+    words: Option<Vec<u64>>,
+    waiting: Vec<u64>,
+}
+
+fn bit(words: &[u64], chunk: u64) -> bool {
+    words[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+}
+
+struct World {
+    config: Config,
+    rng: Rng,
+    clock: Clock<(u64, Ev)>,
+    /// Power-on count: events of an earlier one are dropped.
+    power: u64,
+    medium: NonDurableMedium,
+    path: PathBuf,
+    drive: nondurable::State,
+    core: Core<u64>,
+    journal: Journal,
+    model: Model,
+    ops: BTreeMap<u64, Op>,
+    conts: BTreeMap<u64, Cont>,
+    next_id: u64,
+    issued: u64,
+    /// Host `h`'s last read ended at this block (for read-ahead).
+    last_read_end: Vec<u64>,
+    /// Reads checking the clone after a cut, still to finish.
+    verifying: u64,
+    thicken_cursor: u64,
+    stats: Stats,
+}
+
+impl World {
+    fn new(config: &Config) -> Result<Self, String> {
+        let medium = NonDurableMedium::new(config.seed);
+        let path = Path::new("/clone/presence").to_path_buf();
+        let (files, words) = PresenceFiles::open(medium.mount(), &path, config.chunks)
+            .map_err(|e| format!("opening the presence record: {e}"))?;
+        let bytes = config.chunks as usize * CHUNK_BYTES;
+        let mut w = Self {
+            config: config.clone(),
+            rng: Rng(config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            clock: Clock::new(),
+            power: 0,
+            medium,
+            path,
+            drive: nondurable::State::new(bytes, config.seed ^ 0x5EED),
+            core: Core::new(config.chunks, words.clone()),
+            journal: Journal {
+                files,
+                durable: words,
+                lazy: Vec::new(),
+                lazy_since: None,
+                needs: Vec::new(),
+                checkpoints: 0,
+                committing: None,
+            },
+            model: Model::new(config.chunks * CHUNK_BLOCKS),
+            ops: BTreeMap::new(),
+            conts: BTreeMap::new(),
+            next_id: 1,
+            issued: 0,
+            last_read_end: vec![u64::MAX; config.hosts],
+            verifying: 0,
+            thicken_cursor: 0,
+            stats: Stats::default(),
+        };
+        w.start_power_on();
+        Ok(w)
+    }
+
+    fn at(&mut self, after: Micros, ev: Ev) {
+        self.clock.after(after, (self.power, ev));
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.rng.below(hi - lo + 1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.rng.below(100) < percent
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        while let Some((power, ev)) = self.clock.next() {
+            if power != self.power {
+                continue;
+            }
+            self.stats.events += 1;
+            self.stats.fingerprint = self
+                .stats
+                .fingerprint
+                .rotate_left(5)
+                .wrapping_add(self.clock.now() ^ discriminant(&ev));
+            self.event(ev)?;
+        }
+        // The last power-on ends in a cut too: what the hosts left must survive it.
+        if self.verifying == 0 && self.ops.is_empty() {
+            self.cut(false)?;
+            while let Some((power, ev)) = self.clock.next() {
+                if power == self.power {
+                    self.stats.events += 1;
+                    self.event(ev)?;
+                }
+            }
+        }
+        assert!(self.ops.is_empty(), "operations left: {:?}", self.ops);
+        assert_eq!(self.verifying, 0, "checks left after the last cut");
+        Ok(())
+    }
+
+    fn event(&mut self, ev: Ev) -> Result<(), String> {
+        match ev {
+            Ev::Host(h) => self.host(h),
+            Ev::Disk(io) => self.disk_done(io),
+            Ev::Store { chunk, attempt } => {
+                self.store_answer(chunk, attempt);
+                Ok(())
+            }
+            Ev::Answer { token, answer } => self.answer(token, answer),
+            Ev::Commit => self.commit(),
+            Ev::Lazy => {
+                self.maybe_commit();
+                Ok(())
+            }
+            Ev::Thicken => {
+                self.thicken();
+                Ok(())
+            }
+            Ev::Cut => self.cut(false),
+        }
+    }
+
+    // ------------------------------------------------------------------ the core
+
+    /// Applies `event` to the core, checks it, and carries out its actions as the
+    /// owner reactor does.
+    fn apply(&mut self, event: Event<u64>) {
+        let actions = self.core.apply(event);
+        self.core.check();
+        for a in actions {
+            match a {
+                Action::Fetch { chunk, .. } => {
+                    self.stats.fetches += 1;
+                    let t = self.store_latency();
+                    self.at(t, Ev::Store { chunk, attempt: 1 });
+                }
+                Action::Install { chunk, data, .. } => {
+                    let t = self.between(20, 300);
+                    self.at(t, Ev::Disk(DiskIo::Install { chunk, data }));
+                }
+                Action::Serve { waiter, data } => {
+                    self.stats.served_from_fetch += 1;
+                    self.answer_soon(waiter, Answer::Data(data));
+                }
+                Action::Present { chunk, fetched } => {
+                    if fetched.is_some() {
+                        // Recorded lazily: a fetched chunk lost in a cut is fetched again.
+                        self.journal.lazy.push(chunk);
+                        if self.journal.lazy_since.is_none() {
+                            self.journal.lazy_since = Some(self.clock.now());
+                            self.at(LAZY_RECORD, Ev::Lazy);
+                        }
+                    } else {
+                        self.stats.claimed_whole += 1;
+                    }
+                }
+                Action::Failed { .. } => self.stats.fetch_failures += 1,
+                Action::Wake { waiter, result } => {
+                    let answer = match result {
+                        Ok(()) => Answer::Done,
+                        Err(e) => Answer::Failed(format!("chunk {}: {}", e.chunk, e.reason)),
+                    };
+                    self.answer_soon(waiter, answer);
+                }
+                Action::Granted { waiter, chunks, .. } => {
+                    self.answer_soon(waiter, Answer::Granted(chunks));
+                }
+            }
+        }
+    }
+
+    /// Delivers `answer` to `token` after a message's hop.
+    fn answer_soon(&mut self, token: u64, answer: Answer) {
+        let t = self.between(1, 5);
+        self.at(t, Ev::Answer { token, answer });
+    }
+
+    // ------------------------------------------------------------------ the store
+
+    fn store_latency(&mut self) -> Micros {
+        // A region's first byte: a few ms, a slow tail of ten times that.
+        let base = self.between(2_000, 20_000);
+        if self.chance(3) { base * 10 } else { base }
+    }
+
+    /// The store's answer to one GET of `chunk`, checked as ox's basis checks it
+    /// (integrity of the body, then its length as the owner checks it).
+    fn store_answer(&mut self, chunk: u64, attempt: u32) {
+        let mut body = vec![0u8; CHUNK_BYTES];
+        for (i, b) in body.chunks_mut(BLOCK).enumerate() {
+            fill(chunk * CHUNK_BLOCKS + i as u64, 0, b);
+        }
+        let sum = crc32c::crc32c(&body);
+        let faulty = self.chance(self.config.store_faults);
+        let failure = match self.rng.below(9) {
+            _ if !faulty => None,
+            0..=5 => Some(FetchError::Unavailable("HTTP 503".into())),
+            6..=7 => {
+                let at = self.rng.below(CHUNK_BYTES as u64) as usize;
+                body[at] ^= 1 + self.rng.below(255) as u8;
+                None
+            }
+            _ => {
+                let keep = self.rng.below(CHUNK_BYTES as u64) as usize;
+                body.truncate(keep);
+                None
+            }
+        };
+        let failure = failure.or_else(|| {
+            (crc32c::crc32c(&body) != sum)
+                .then(|| FetchError::Integrity(format!("chunk {chunk}: checksum mismatch")))
+        });
+        if let Some(e) = failure {
+            self.stats.store_faults += 1;
+            if attempt < STORE_ATTEMPTS {
+                let t = (1_000 << attempt) + self.store_latency();
+                self.at(
+                    t,
+                    Ev::Store {
+                        chunk,
+                        attempt: attempt + 1,
+                    },
+                );
+                return;
+            }
+            return self.apply(Event::Fetched {
+                chunk,
+                result: Err(e),
+            });
+        }
+        assert_eq!(body.len(), CHUNK_BYTES, "a body that passed its checksum");
+        self.apply(Event::Fetched {
+            chunk,
+            result: Ok(body),
+        });
+    }
+
+    // ------------------------------------------------------------------ the drive
+
+    fn disk_done(&mut self, io: DiskIo) -> Result<(), String> {
+        match io {
+            DiskIo::Install { chunk, data } => {
+                self.drive
+                    .write(chunk as usize * CHUNK_BYTES, data.as_slice(), false);
+                self.apply(Event::Installed {
+                    chunk,
+                    result: Ok(()),
+                });
+                Ok(())
+            }
+            DiskIo::Read(op) => {
+                let o = &self.ops[&op];
+                let mut bytes = vec![0u8; o.blocks as usize * BLOCK];
+                self.drive.read(o.first as usize * BLOCK, &mut bytes);
+                self.read_done(op, Ok(bytes))
+            }
+            DiskIo::Write(op) => {
+                let o = &self.ops[&op];
+                let fua = matches!(o.kind, Kind::Write { fua: true });
+                let mut bytes = vec![0u8; o.blocks as usize * BLOCK];
+                if o.kind != Kind::Trim {
+                    for (i, b) in bytes.chunks_mut(BLOCK).enumerate() {
+                        fill(o.first + i as u64, o.version, b);
+                    }
+                }
+                self.drive.write(o.first as usize * BLOCK, &bytes, fua);
+                self.written(op);
+                Ok(())
+            }
+            DiskIo::Flush(op) => {
+                self.drive.flush();
+                let o = self.ops.remove(&op).expect("flush op");
+                self.model.flushed(&o.floors);
+                self.stats.flushes += 1;
+                self.host_idle(o.host);
+                Ok(())
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ hosts
+
+    fn host(&mut self, h: usize) -> Result<(), String> {
+        if self.issued >= self.config.ops {
+            return Ok(());
+        }
+        self.issued += 1;
+        self.stats.host_ops += 1;
+        if self.rng.below(200) == 0 {
+            // An operator's checkpoint (as at a clean stop or `Note::Checkpoint`).
+            self.journal.checkpoints += 1;
+            self.maybe_commit();
+        }
+        let blocks = self.model.blocks();
+        let roll = self.rng.below(100);
+        let (kind, first, n) = if roll < 12 {
+            (Kind::Flush, 0, 0)
+        } else if roll < 55 {
+            let n = if self.chance(50) {
+                CHUNK_BLOCKS * self.between(1, 2)
+            } else {
+                self.between(1, 12)
+            };
+            let first = if n.is_multiple_of(CHUNK_BLOCKS) {
+                self.rng.below(blocks / CHUNK_BLOCKS) * CHUNK_BLOCKS
+            } else {
+                self.rng.below(blocks)
+            };
+            let n = n.min(blocks - first);
+            let kind = match self.rng.below(10) {
+                0..=1 => Kind::Write { fua: true },
+                2 => Kind::Trim,
+                _ => Kind::Write { fua: false },
+            };
+            if self.model.free(first, n) {
+                (kind, first, n)
+            } else {
+                (Kind::Read, first, n)
+            }
+        } else {
+            let n = self.between(1, 16);
+            let end = self.last_read_end[h];
+            let first = if end < blocks && self.chance(30) {
+                end
+            } else {
+                self.rng.below(blocks)
+            };
+            (Kind::Read, first, n.min(blocks - first))
+        };
+        let id = self.id();
+        let mut op = Op {
+            host: Some(h),
+            kind,
+            first,
+            blocks: n,
+            version: 0,
+            floors: Vec::new(),
+            claims: None,
+        };
+        match kind {
+            Kind::Flush => {
+                op.floors = self.model.acked();
+                self.ops.insert(id, op);
+                let t = self.between(100, 2_000);
+                self.at(t, Ev::Disk(DiskIo::Flush(id)));
+            }
+            Kind::Read => {
+                op.floors = self.model.read_floors(first, n);
+                let sequential = self.last_read_end[h] == first;
+                self.last_read_end[h] = first + n;
+                let last_chunk = *op.chunks().end();
+                self.ops.insert(id, op);
+                if sequential {
+                    self.read_ahead(last_chunk);
+                }
+                self.read(id);
+            }
+            Kind::Write { .. } | Kind::Trim => {
+                op.version = self.model.begin_write(first, n, kind == Kind::Trim);
+                self.ops.insert(id, op);
+                self.write_start(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// A host's next request after a pause.
+    fn host_idle(&mut self, host: Option<usize>) {
+        if let Some(h) = host {
+            let t = self.between(0, 200);
+            self.at(t, Ev::Host(h));
+        }
+    }
+
+    /// A sequential reader's next two chunks, fetched ahead (as the channel does,
+    /// with a fixed window).
+    fn read_ahead(&mut self, last_chunk: u64) {
+        let absent: Vec<u64> = (last_chunk + 1..(last_chunk + 3).min(self.config.chunks))
+            .filter(|&c| !self.core.is_present(c))
+            .collect();
+        if !absent.is_empty() {
+            self.apply(Event::Need {
+                chunks: absent,
+                reason: FetchReason::Prefetch,
+                waiter: None,
+            });
+        }
+    }
+
+    /// A read, as the clone's channel does it: from the local copy if every chunk is
+    /// present; a miss within one chunk is answered from the fetched bytes.
+    fn read(&mut self, id: u64) {
+        let chunks = self.ops[&id].chunks();
+        if chunks.clone().all(|c| self.core.is_present(c)) {
+            let t = self.between(10, 200);
+            return self.at(t, Ev::Disk(DiskIo::Read(id)));
+        }
+        let token = self.id();
+        let (first, last) = (*chunks.start(), *chunks.end());
+        if first == last {
+            self.conts.insert(token, Cont::ReadOne(id));
+            return self.apply(Event::Read {
+                chunk: first,
+                waiter: token,
+            });
+        }
+        let missing: Vec<u64> = chunks.filter(|&c| !self.core.is_present(c)).collect();
+        self.conts.insert(token, Cont::ReadMany(id));
+        self.apply(Event::Need {
+            chunks: missing,
+            reason: FetchReason::ClientMiss,
+            waiter: Some(token),
+        });
+    }
+
+    fn read_done(&mut self, id: u64, result: Result<Vec<u8>, String>) -> Result<(), String> {
+        let op = self.ops.remove(&id).expect("read op");
+        let bytes = match result {
+            Ok(b) => b,
+            Err(_) if op.host.is_none() => {
+                // A check after a cut must read: try again.
+                self.ops.insert(id, op);
+                self.read(id);
+                return Ok(());
+            }
+            Err(_) => {
+                self.stats.reads_failed += 1;
+                self.host_idle(op.host);
+                return Ok(());
+            }
+        };
+        self.stats.reads += 1;
+        for (i, b) in bytes.chunks(BLOCK).enumerate() {
+            let block = op.first + i as u64;
+            let v = self
+                .model
+                .check(block, op.floors[i], b)
+                .map_err(|e| format!("{} at {} µs: {e}", what(&op), self.clock.now()))?;
+            self.stats.blocks_checked += 1;
+            if op.host.is_none() {
+                self.model.settled(block, v);
+                self.stats.blocks_checked_after_cut += 1;
+            }
+        }
+        if op.host.is_none() {
+            self.verifying -= 1;
+            if self.verifying == 0 {
+                self.resume();
+            }
+        }
+        self.host_idle(op.host);
+        Ok(())
+    }
+
+    /// A write, as the clone's channel starts it: over present chunks straight to the
+    /// local copy; otherwise the owner plans it (absent chunks it covers whole are
+    /// claimed for it, partial ones fetched first, then it plans again).
+    fn write_start(&mut self, id: u64) {
+        let op = &self.ops[&id];
+        let chunks = op.chunks();
+        if chunks.clone().all(|c| self.core.is_present(c)) {
+            return self.write(id, None);
+        }
+        let (mut whole, mut partial) = (Vec::new(), Vec::new());
+        for c in chunks.filter(|&c| !self.core.is_present(c)) {
+            if op.covers_whole(c) {
+                whole.push(c);
+            } else {
+                partial.push(c);
+            }
+        }
+        let plan = self.id();
+        self.conts.insert(plan, Cont::Plan(id));
+        self.apply(Event::Plan {
+            plan,
+            whole,
+            partial,
+            waiter: plan,
+        });
+    }
+
+    fn write(&mut self, id: u64, claims: Option<(u64, Vec<u64>)>) {
+        let op = self.ops.get_mut(&id).expect("write op");
+        op.claims = claims;
+        let t = self.between(20, 300);
+        self.at(t, Ev::Disk(DiskIo::Write(id)));
+    }
+
+    /// The write's bytes are in the local copy: it is acknowledged once every chunk it
+    /// touched is on the presence record (else a restart would fetch over it).
+    fn written(&mut self, id: u64) {
+        let op = &self.ops[&id];
+        let needed: Vec<u64> = op
+            .chunks()
+            .filter(|&c| !bit(&self.journal.durable, c))
+            .collect();
+        if needed.is_empty() || self.config.flaws.ack_before_record {
+            return self.write_end(id, Ok(()));
+        }
+        let token = self.id();
+        self.conts.insert(token, Cont::Durable(id));
+        self.journal.needs.push((needed, token));
+        self.maybe_commit();
+    }
+
+    fn write_end(&mut self, id: u64, result: Result<(), String>) {
+        let op = self.ops.remove(&id).expect("write op");
+        if let Some((plan, chunks)) = op.claims.clone() {
+            self.apply(Event::WriteEnded {
+                plan,
+                chunks,
+                result: result.clone(),
+            });
+        }
+        let fua = matches!(op.kind, Kind::Write { fua: true });
+        self.model
+            .end_write(op.first, op.blocks, op.version, result.is_ok(), fua);
+        if result.is_ok() {
+            self.stats.writes_acked += 1;
+        } else {
+            self.stats.writes_failed += 1;
+        }
+        self.host_idle(op.host);
+    }
+
+    fn answer(&mut self, token: u64, answer: Answer) -> Result<(), String> {
+        let cont = self
+            .conts
+            .remove(&token)
+            .expect("a waiter for every answer");
+        match (cont, answer) {
+            (Cont::ReadOne(id), Answer::Data(data)) => {
+                let o = &self.ops[&id];
+                let at = (o.first % CHUNK_BLOCKS) as usize * BLOCK;
+                let bytes = data[at..at + o.blocks as usize * BLOCK].to_vec();
+                self.read_done(id, Ok(bytes))
+            }
+            (Cont::ReadOne(id) | Cont::ReadMany(id), Answer::Done) => {
+                let t = self.between(10, 200);
+                self.at(t, Ev::Disk(DiskIo::Read(id)));
+                Ok(())
+            }
+            (Cont::ReadOne(id) | Cont::ReadMany(id), Answer::Failed(e)) => {
+                self.read_done(id, Err(e))
+            }
+            (Cont::Plan(id), Answer::Granted(chunks)) => {
+                self.write(id, Some((token, chunks)));
+                Ok(())
+            }
+            (Cont::Plan(id), Answer::Done) => {
+                self.write_start(id);
+                Ok(())
+            }
+            (Cont::Plan(id) | Cont::Durable(id), Answer::Failed(e)) => {
+                self.write_end(id, Err(e));
+                Ok(())
+            }
+            (Cont::Durable(id), Answer::Done) => {
+                self.write_end(id, Ok(()));
+                Ok(())
+            }
+            (cont, answer) => panic!("{cont:?} answered with {answer:?}"),
+        }
+    }
+
+    // ------------------------------------------------------------------ thickening
+
+    /// Background thickening: the next absent chunks, two at a time.
+    fn thicken(&mut self) {
+        let chunks = self.config.chunks;
+        let mut next = Vec::new();
+        for _ in 0..chunks {
+            let c = self.thicken_cursor;
+            self.thicken_cursor = (c + 1) % chunks;
+            if self.core.state(c) == Chunk::Absent {
+                next.push(c);
+                if next.len() == 2 {
+                    break;
+                }
+            }
+        }
+        if next.is_empty() {
+            return;
+        }
+        self.stats.thickened += next.len() as u64;
+        self.apply(Event::Need {
+            chunks: next,
+            reason: FetchReason::Thickening,
+            waiter: None,
+        });
+        let t = self.between(5_000, 40_000);
+        self.at(t, Ev::Thicken);
+    }
+
+    // ------------------------------------------------------------------ the journal
+
+    /// Starts a commit if one is due and none runs (as the journal thread's loop).
+    fn maybe_commit(&mut self) {
+        let j = &mut self.journal;
+        if j.committing.is_some() {
+            return;
+        }
+        let lazy_due = j.lazy.len() >= 8192
+            || j.lazy_since
+                .is_some_and(|t| self.clock.now() >= t + LAZY_RECORD);
+        if j.needs.is_empty() && j.checkpoints == 0 && !lazy_due {
+            return;
+        }
+        j.lazy_since = None;
+        let mut batch: Vec<u64> = j
+            .lazy
+            .drain(..)
+            .chain(j.needs.iter().flat_map(|n| n.0.iter().copied()))
+            .filter(|&c| !bit(&j.durable, c))
+            .collect();
+        batch.sort_unstable();
+        batch.dedup();
+        let full = j.checkpoints > 0 || j.files.wants_checkpoint();
+        let waiting: Vec<u64> = j.needs.drain(..).map(|(_, t)| t).collect();
+        if full {
+            j.checkpoints = 0;
+        }
+        if batch.is_empty() && !full {
+            for token in waiting {
+                self.answer_soon(token, Answer::Done);
+            }
+            return;
+        }
+        // The present set is read before the flush: each of its chunks was written
+        // locally before being marked, so the flush covers it.
+        let words = full.then(|| {
+            (0..self.journal.durable.len())
+                .map(|i| {
+                    let present = (0..64)
+                        .map(|b| i as u64 * 64 + b)
+                        .filter(|&c| c < self.config.chunks && self.core.is_present(c))
+                        .fold(0u64, |w, c| w | 1 << (c % 64));
+                    present | self.journal.durable[i]
+                })
+                .collect::<Vec<u64>>()
+        });
+        self.journal.committing = Some(Commit {
+            batch,
+            words,
+            waiting,
+        });
+        let t = if self.config.flaws.record_before_flush {
+            self.between(50, 500)
+        } else {
+            self.between(100, 2_000)
+        };
+        self.at(t, Ev::Commit);
+    }
+
+    /// The commit's flush ended (unless flawed): write the record.
+    fn commit(&mut self) -> Result<(), String> {
+        let Commit {
+            batch,
+            words,
+            waiting,
+        } = self.journal.committing.take().expect("a commit");
+        if !self.config.flaws.record_before_flush {
+            self.drive.flush();
+        }
+        self.stats.commits += 1;
+        let result = match &words {
+            Some(words) => {
+                let mut words = words.clone();
+                for &c in &batch {
+                    words[(c / 64) as usize] |= 1 << (c % 64);
+                }
+                self.stats.checkpoints += 1;
+                self.journal.files.checkpoint(&words).map(|()| {
+                    self.journal.durable = words;
+                })
+            }
+            None => self.journal.files.append(&batch).map(|()| {
+                for &c in &batch {
+                    self.journal.durable[(c / 64) as usize] |= 1 << (c % 64);
+                }
+            }),
+        };
+        if self.medium.failed().is_some() {
+            // The power failed in the middle of the record's own writes.
+            return self.cut(true);
+        }
+        for token in waiting {
+            let answer = match &result {
+                Ok(()) => Answer::Done,
+                Err(e) => Answer::Failed(e.to_string()),
+            };
+            self.answer_soon(token, answer);
+        }
+        self.maybe_commit();
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ power
+
+    /// Cuts the power (`blown`: the medium cut itself mid-change), brings the clone
+    /// back from what is durable, and reads every block back before hosts go on.
+    fn cut(&mut self, blown: bool) -> Result<(), String> {
+        self.stats.cuts += 1;
+        if blown {
+            self.stats.cuts_mid_record += 1;
+        } else {
+            self.medium.cut();
+        }
+        self.medium.fail_after(None);
+        self.stats.sectors_lost += self.drive.cut().lost;
+        self.power += 1;
+        let floors = self.model.power_cut();
+        self.ops.clear();
+        self.conts.clear();
+        self.verifying = 0;
+        let (files, words) =
+            PresenceFiles::open(self.medium.mount(), &self.path, self.config.chunks)
+                .map_err(|e| format!("after cut {}: {e}", self.stats.cuts))?;
+        self.core = Core::new(self.config.chunks, words.clone());
+        self.journal = Journal {
+            files,
+            durable: words,
+            lazy: Vec::new(),
+            lazy_since: None,
+            needs: Vec::new(),
+            checkpoints: 0,
+            committing: None,
+        };
+        // Read every chunk back, each block against what is durable.
+        for chunk in 0..self.config.chunks {
+            let first = chunk * CHUNK_BLOCKS;
+            let id = self.id();
+            self.ops.insert(
+                id,
+                Op {
+                    host: None,
+                    kind: Kind::Read,
+                    first,
+                    blocks: CHUNK_BLOCKS,
+                    version: 0,
+                    floors: floors[first as usize..(first + CHUNK_BLOCKS) as usize].to_vec(),
+                    claims: None,
+                },
+            );
+            self.verifying += 1;
+            self.read(id);
+        }
+        Ok(())
+    }
+
+    /// Hosts go on after the checks of a power-on.
+    fn resume(&mut self) {
+        if self.issued < self.config.ops {
+            self.start_power_on();
+        }
+    }
+
+    fn start_power_on(&mut self) {
+        self.last_read_end.fill(u64::MAX);
+        for h in 0..self.config.hosts {
+            self.host_idle(Some(h));
+        }
+        self.at(1_000, Ev::Thicken);
+        // The next cut: after about `ops_per_cut` operations' time, or (one in
+        // three) in the middle of one of the presence record's next changes.
+        let mean = self.config.ops_per_cut * 500;
+        let t = self.between(mean / 4, mean * 2);
+        self.at(t, Ev::Cut);
+        if self.chance(33) {
+            let changes = self.rng.below(8);
+            self.medium.fail_after(Some(changes));
+        }
+    }
+}
+
+fn what(op: &Op) -> String {
+    match op.host {
+        Some(h) => format!(
+            "host {h}'s {:?} of blocks {}+{}",
+            op.kind, op.first, op.blocks
+        ),
+        None => format!("the check after a cut of blocks {}+{}", op.first, op.blocks),
+    }
+}
+
+fn discriminant(ev: &Ev) -> u64 {
+    match ev {
+        Ev::Host(h) => 1 + *h as u64 * 16,
+        Ev::Disk(_) => 2,
+        Ev::Store { chunk, .. } => 3 + chunk * 16,
+        Ev::Answer { token, .. } => 4 + token * 16,
+        Ev::Commit => 5,
+        Ev::Lazy => 6,
+        Ev::Thicken => 7,
+        Ev::Cut => 8,
+    }
+}
