@@ -23,6 +23,9 @@ const LAZY_RECORD: Micros = 200_000;
 /// Fetches of one chunk the basis tries before it gives up (as ox's basis).
 const STORE_ATTEMPTS: u32 = 3;
 
+/// More events than any run needs: a run still going is stuck.
+const EVENTS_AT_MOST: u64 = 50_000_000;
+
 /// Rules of the clone's protocol broken on purpose, to show the simulator catches it.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Flaws {
@@ -243,6 +246,8 @@ enum Ev {
     },
     /// The journal's flush ended: write the record.
     Commit,
+    /// A message reaches the owner.
+    Core(Event<u64>),
     /// Lazily noted chunks are due.
     Lazy,
     Thicken,
@@ -295,6 +300,8 @@ struct World {
     /// Reads checking the clone after a cut, still to finish.
     verifying: u64,
     thicken_cursor: u64,
+    /// When each lane's last message reaches the owner.
+    lanes: Vec<Micros>,
     stats: Stats,
 }
 
@@ -331,6 +338,7 @@ impl World {
             last_read_end: vec![u64::MAX; config.hosts],
             verifying: 0,
             thicken_cursor: 0,
+            lanes: vec![0; config.hosts + 2],
             stats: Stats::default(),
         };
         w.start_power_on();
@@ -360,6 +368,9 @@ impl World {
                 continue;
             }
             self.stats.events += 1;
+            if self.stats.events > EVENTS_AT_MOST {
+                return Err(format!("no end after {EVENTS_AT_MOST} events"));
+            }
             self.stats.fingerprint = self
                 .stats
                 .fingerprint
@@ -392,6 +403,10 @@ impl World {
             }
             Ev::Answer { token, answer } => self.answer(token, answer),
             Ev::Commit => self.commit(),
+            Ev::Core(e) => {
+                self.apply(e);
+                Ok(())
+            }
             Ev::Lazy => {
                 self.maybe_commit();
                 Ok(())
@@ -451,6 +466,20 @@ impl World {
                 }
             }
         }
+    }
+
+    /// Sends `event` to the owner from `lane` (a host's reactor, the checks after a
+    /// cut, thickening): it arrives after a message's hop, in order with the lane's
+    /// earlier messages but in any order with other lanes'.
+    fn send(&mut self, lane: usize, event: Event<u64>) {
+        let now = self.clock.now();
+        let at = (now + self.between(1, 5)).max(self.lanes[lane]);
+        self.lanes[lane] = at;
+        self.at(at - now, Ev::Core(event));
+    }
+
+    fn lane(&self, host: Option<usize>) -> usize {
+        host.unwrap_or(self.config.hosts)
     }
 
     /// Delivers `answer` to `token` after a message's hop.
@@ -635,7 +664,7 @@ impl World {
                 let last_chunk = *op.chunks().end();
                 self.ops.insert(id, op);
                 if sequential {
-                    self.read_ahead(last_chunk);
+                    self.read_ahead(h, last_chunk);
                 }
                 self.read(id);
             }
@@ -658,16 +687,19 @@ impl World {
 
     /// A sequential reader's next two chunks, fetched ahead (as the channel does,
     /// with a fixed window).
-    fn read_ahead(&mut self, last_chunk: u64) {
+    fn read_ahead(&mut self, lane: usize, last_chunk: u64) {
         let absent: Vec<u64> = (last_chunk + 1..(last_chunk + 3).min(self.config.chunks))
             .filter(|&c| !self.core.is_present(c))
             .collect();
         if !absent.is_empty() {
-            self.apply(Event::Need {
-                chunks: absent,
-                reason: FetchReason::Prefetch,
-                waiter: None,
-            });
+            self.send(
+                lane,
+                Event::Need {
+                    chunks: absent,
+                    reason: FetchReason::Prefetch,
+                    waiter: None,
+                },
+            );
         }
     }
 
@@ -680,21 +712,28 @@ impl World {
             return self.at(t, Ev::Disk(DiskIo::Read(id)));
         }
         let token = self.id();
+        let lane = self.lane(self.ops[&id].host);
         let (first, last) = (*chunks.start(), *chunks.end());
         if first == last {
             self.conts.insert(token, Cont::ReadOne(id));
-            return self.apply(Event::Read {
-                chunk: first,
-                waiter: token,
-            });
+            return self.send(
+                lane,
+                Event::Read {
+                    chunk: first,
+                    waiter: token,
+                },
+            );
         }
         let missing: Vec<u64> = chunks.filter(|&c| !self.core.is_present(c)).collect();
         self.conts.insert(token, Cont::ReadMany(id));
-        self.apply(Event::Need {
-            chunks: missing,
-            reason: FetchReason::ClientMiss,
-            waiter: Some(token),
-        });
+        self.send(
+            lane,
+            Event::Need {
+                chunks: missing,
+                reason: FetchReason::ClientMiss,
+                waiter: Some(token),
+            },
+        );
     }
 
     fn read_done(&mut self, id: u64, result: Result<Vec<u8>, String>) -> Result<(), String> {
@@ -753,14 +792,18 @@ impl World {
                 partial.push(c);
             }
         }
+        let lane = self.lane(op.host);
         let plan = self.id();
         self.conts.insert(plan, Cont::Plan(id));
-        self.apply(Event::Plan {
-            plan,
-            whole,
-            partial,
-            waiter: plan,
-        });
+        self.send(
+            lane,
+            Event::Plan {
+                plan,
+                whole,
+                partial,
+                waiter: plan,
+            },
+        );
     }
 
     fn write(&mut self, id: u64, claims: Option<(u64, Vec<u64>)>) {
@@ -790,11 +833,15 @@ impl World {
     fn write_end(&mut self, id: u64, result: Result<(), String>) {
         let op = self.ops.remove(&id).expect("write op");
         if let Some((plan, chunks)) = op.claims.clone() {
-            self.apply(Event::WriteEnded {
-                plan,
-                chunks,
-                result: result.clone(),
-            });
+            let lane = self.lane(op.host);
+            self.send(
+                lane,
+                Event::WriteEnded {
+                    plan,
+                    chunks,
+                    result: result.clone(),
+                },
+            );
         }
         let fua = matches!(op.kind, Kind::Write { fua: true });
         self.model
@@ -867,11 +914,15 @@ impl World {
             return;
         }
         self.stats.thickened += next.len() as u64;
-        self.apply(Event::Need {
-            chunks: next,
-            reason: FetchReason::Thickening,
-            waiter: None,
-        });
+        let lane = self.config.hosts + 1;
+        self.send(
+            lane,
+            Event::Need {
+                chunks: next,
+                reason: FetchReason::Thickening,
+                waiter: None,
+            },
+        );
         let t = self.between(5_000, 40_000);
         self.at(t, Ev::Thicken);
     }
@@ -997,6 +1048,7 @@ impl World {
         self.ops.clear();
         self.conts.clear();
         self.verifying = 0;
+        self.lanes.fill(0);
         let (files, words) =
             PresenceFiles::open(self.medium.mount(), &self.path, self.config.chunks)
                 .map_err(|e| format!("after cut {}: {e}", self.stats.cuts))?;
@@ -1077,5 +1129,6 @@ fn discriminant(ev: &Ev) -> u64 {
         Ev::Lazy => 6,
         Ev::Thicken => 7,
         Ev::Cut => 8,
+        Ev::Core(_) => 9,
     }
 }

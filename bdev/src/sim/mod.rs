@@ -1,37 +1,45 @@
-//! A deterministic simulator of a clone: one thread, a simulated clock, one seed.
+//! A deterministic simulator of clones and volumes: one thread, a simulated clock,
+//! one seed.
 //!
-//! The clone's real chunk-state core (`clone::core`) and its real presence record
-//! (`presence`, on a [`NonDurableMedium`](crate::NonDurableMedium)) run against a
-//! simulated local drive (`nondurable`'s drive: unflushed sectors lost, kept or
-//! reordered at a power cut), a simulated object store (latency with a slow tail,
-//! answers out of order, 5xx, corrupted and truncated bodies) and simulated hosts
-//! (reads, partial and whole-chunk writes, FUA writes, flushes), with background
-//! thickening, checkpoints and power cuts — some of them in the middle of the presence
-//! record's own writes. Every event comes off one queue ordered by simulated time, so
-//! a seed replays exactly: a failure prints its seed, and `OX_SIM_SEED=N` runs that one.
+//! Each run is one device with its real state machines and records, against simulated
+//! parts: a local drive (`nondurable`'s drive: unflushed sectors lost, kept or
+//! reordered at a power cut), an object store (latency with a slow tail, answers out
+//! of order, 5xx, corrupted and truncated bodies), hosts on their own reactors
+//! (reads, partial and whole-chunk writes, FUA writes, deallocations, flushes), and
+//! power cuts — a third of them inside a record's own writes (the
+//! [`NonDurableMedium`](crate::NonDurableMedium) failing mid-change). Messages between
+//! reactors take a hop: in order from one sender, in any order across senders. Every
+//! event comes off one queue ordered by simulated time, so a seed replays exactly: a
+//! failure prints its seed, and `OX_DSIM_SEED=N` runs that one.
 //!
-//! What the simulator plays itself is the glue the owner reactor and the journal thread
-//! carry out (`clone::owner`, `clone::journal`, the channel's read and write paths in
-//! `clone`): it follows their order of steps — a write is acknowledged once every
-//! chunk it touched is on the record, a commit flushes the local copy before it
-//! records, a fetched chunk is recorded lazily — so a change to that order must be
-//! made here too. [`Flaws`] breaks each rule on purpose, and the tests check that the
-//! simulator then fails.
+//! - `clone`: the chunk-state core (`clone::core`) and the presence record
+//!   (`presence`), with misses, read-ahead, whole-chunk claims, thickening and
+//!   checkpoints.
+//! - `volume`: the snapshot core (`volume::core`) and the change record (`dirty`'s
+//!   files), with incremental snapshots taken while hosts write (copy-before-write)
+//!   and uploaded with faults, and the record compacted after each.
 //!
-//! Checked all the time: the core's own invariants after every event (`Core::check`);
-//! every host read returns, for each block, the snapshot's bytes or a version written
-//! no earlier than the one acknowledged when the read was issued; after every power
-//! cut, every block reads as the version last made durable (flushed after it was
-//! acknowledged, or written with FUA) or one written after it, never older, never the
-//! snapshot's bytes over a durable write, never bytes of no version.
+//! What the simulator plays itself is the glue the owner reactors and the records'
+//! threads carry out (each module names what it follows): it keeps their order of
+//! steps — a write is acknowledged once its chunks are on record, a commit flushes
+//! the local copy before it records, a snapshot flushes its volume at its point — so a
+//! change to that order must be made here too. Each module's `Flaws` breaks such a
+//! rule on purpose, and the tests check that the simulator then fails.
+//!
+//! Checked all the time: the cores' invariants (`Core::check` after every clone
+//! event, the volume core's own assertions); every host read returns, for each block,
+//! the basis's bytes or a version written no earlier than the one acknowledged when the
+//! read was issued; after every power cut, every block reads as the version last made
+//! durable (flushed after it was acknowledged, or written with FUA) or one written
+//! after it, never older, never the basis's bytes over a durable write, never bytes of
+//! no version; every snapshot read back through its parents is the volume at its point.
 
 mod clone;
 mod model;
+mod volume;
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-
-pub(crate) use clone::{Config, Flaws, Stats, run};
 
 /// Simulated time, in microseconds.
 pub(crate) type Micros = u64;
@@ -101,94 +109,190 @@ impl<E> Clock<E> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{clone, volume};
 
     fn env(name: &str) -> Option<u64> {
         std::env::var(name).ok().and_then(|v| v.parse().ok())
     }
 
-    /// Runs `seeds` (or `OX_SIM_SEED` alone), printing the totals.
-    fn run_seeds(seeds: std::ops::Range<u64>, config: impl Fn(u64) -> Config) -> Stats {
-        let seeds = match env("OX_SIM_SEED") {
+    /// The seeds to run: `OX_DSIM_SEED` alone, or `OX_DSIM_SEEDS` (else `default`).
+    fn seeds(default: u64) -> std::ops::Range<u64> {
+        match env("OX_DSIM_SEED") {
             Some(s) => s..s + 1,
-            None => seeds,
-        };
+            None => 0..env("OX_DSIM_SEEDS").unwrap_or(default),
+        }
+    }
+
+    /// Runs every seed of `seeds` through `run`, adding up what they did.
+    fn run_seeds<S: Default + std::fmt::Display>(
+        what: &str,
+        seeds: std::ops::Range<u64>,
+        run: impl Fn(u64) -> Result<S, String>,
+        add: impl Fn(&mut S, &S),
+        counts: impl Fn(&S) -> (u64, u64, u64),
+    ) -> S {
         let started = std::time::Instant::now();
-        let mut total = Stats::default();
+        let mut total = S::default();
         for seed in seeds.clone() {
-            match run(&config(seed)) {
-                Ok(stats) => total.add(&stats),
-                Err(e) => panic!("seed {seed}: {e} (repeat with OX_SIM_SEED={seed})"),
+            match run(seed) {
+                Ok(stats) => add(&mut total, &stats),
+                Err(e) => panic!(
+                    "{what}, seed {seed}: {e} (repeat with OX_DSIM_SEED={seed} cargo test -p \
+                     bdev --lib sim)"
+                ),
             }
         }
         let secs = started.elapsed().as_secs_f64();
+        let (events, ops, simulated_us) = counts(&total);
         eprintln!(
-            "{} seeds in {secs:.1} s: {total}; {:.0} events/s, {:.0} host operations/s, \
-             {:.0} simulated seconds",
+            "{what}: {} seeds in {secs:.1} s: {total}; {:.0} events/s, {:.0} host \
+             operations/s, {:.0} simulated seconds",
             seeds.end - seeds.start,
-            total.events as f64 / secs,
-            total.host_ops as f64 / secs,
-            total.simulated_us as f64 / 1e6,
+            events as f64 / secs,
+            ops as f64 / secs,
+            simulated_us as f64 / 1e6,
         );
         total
     }
 
+    fn ops() -> u64 {
+        env("OX_DSIM_OPS").unwrap_or(1000)
+    }
+
     #[test]
     fn clones_keep_every_durable_write_through_faults_and_power_cuts() {
-        let seeds = env("OX_SIM_SEEDS").unwrap_or(100);
-        let ops = env("OX_SIM_OPS").unwrap_or(1000);
-        let total = run_seeds(0..seeds, |seed| Config::new(seed, ops));
+        let seeds = seeds(100);
+        let n = seeds.end - seeds.start;
+        let total = run_seeds(
+            "clones",
+            seeds,
+            |seed| clone::run(&clone::Config::new(seed, ops())),
+            clone::Stats::add,
+            |s| (s.events, s.host_ops, s.simulated_us),
+        );
         // The run must have reached what it claims to check.
-        assert!(total.cuts >= seeds, "{total}");
-        assert!(total.cuts_mid_record > 0, "{total}");
+        assert!(total.cuts >= n, "{total}");
         assert!(total.blocks_checked_after_cut > 0, "{total}");
-        assert!(
-            total.served_from_fetch > 0 && total.claimed_whole > 0,
-            "{total}"
+        if n >= 20 {
+            assert!(total.cuts_mid_record > 0, "{total}");
+            assert!(
+                total.served_from_fetch > 0 && total.claimed_whole > 0,
+                "{total}"
+            );
+            assert!(
+                total.store_faults > 0 && total.fetch_failures > 0,
+                "{total}"
+            );
+            assert!(total.writes_failed > 0 && total.reads_failed > 0, "{total}");
+            assert!(total.checkpoints > 0 && total.thickened > 0, "{total}");
+        }
+    }
+
+    #[test]
+    fn snapshots_equal_their_volume_through_faults_and_power_cuts() {
+        let seeds = seeds(100);
+        let n = seeds.end - seeds.start;
+        let total = run_seeds(
+            "volumes",
+            seeds,
+            |seed| volume::run(&volume::Config::new(seed, ops())),
+            volume::Stats::add,
+            |s| (s.events, s.host_ops, s.simulated_us),
         );
-        assert!(
-            total.store_faults > 0 && total.fetch_failures > 0,
-            "{total}"
-        );
-        assert!(total.writes_failed > 0 && total.reads_failed > 0, "{total}");
-        assert!(total.checkpoints > 0 && total.thickened > 0, "{total}");
+        assert!(total.cuts >= n && total.snapshots_after_cut >= n, "{total}");
+        if n >= 20 {
+            assert!(
+                total.cuts_mid_record > 0 && total.compactions > 0,
+                "{total}"
+            );
+            assert!(total.copies > 0 && total.snapshots_failed > 0, "{total}");
+        }
     }
 
     #[test]
     fn the_same_seed_replays_the_same_run() {
-        let a = run(&Config::new(7, 300)).expect("seed 7");
-        let b = run(&Config::new(7, 300)).expect("seed 7");
-        assert_eq!(a.fingerprint, b.fingerprint);
-        assert_eq!(a.events, b.events);
-        assert_eq!(a.simulated_us, b.simulated_us);
+        let a = clone::run(&clone::Config::new(7, 300)).expect("seed 7");
+        let b = clone::run(&clone::Config::new(7, 300)).expect("seed 7");
+        assert_eq!(
+            (a.fingerprint, a.events, a.simulated_us),
+            (b.fingerprint, b.events, b.simulated_us)
+        );
+        let a = volume::run(&volume::Config::new(7, 300)).expect("seed 7");
+        let b = volume::run(&volume::Config::new(7, 300)).expect("seed 7");
+        assert_eq!(
+            (a.fingerprint, a.events, a.simulated_us),
+            (b.fingerprint, b.events, b.simulated_us)
+        );
     }
 
-    /// The first seed (of 40) at which `flaws` is caught, if any.
-    fn caught(flaws: Flaws) -> Option<(u64, String)> {
-        (0..40).find_map(|seed| {
-            let mut c = Config::new(seed, 400);
+    /// The first of 100 seeds at which `run` fails, if any.
+    fn caught(run: impl Fn(u64) -> Result<(), String>) -> Option<(u64, String)> {
+        (0..100).find_map(|seed| run(seed).err().map(|e| (seed, e)))
+    }
+
+    fn clone_with(flaws: clone::Flaws) -> Option<(u64, String)> {
+        caught(|seed| {
+            let mut c = clone::Config::new(seed, 1000);
             c.flaws = flaws;
-            run(&c).err().map(|e| (seed, e))
+            clone::run(&c).map(drop)
+        })
+    }
+
+    fn volume_with(flaws: volume::Flaws) -> Option<(u64, String)> {
+        caught(|seed| {
+            let mut c = volume::Config::new(seed, 1000);
+            c.flaws = flaws;
+            volume::run(&c).map(drop)
         })
     }
 
     #[test]
-    fn a_write_acknowledged_before_its_chunk_is_on_record_is_caught() {
-        let flaws = Flaws {
+    fn a_clone_write_acknowledged_before_its_chunk_is_on_record_is_caught() {
+        let flaws = clone::Flaws {
             ack_before_record: true,
-            ..Flaws::default()
+            ..Default::default()
         };
-        let (seed, e) = caught(flaws).expect("the simulator misses an early acknowledgement");
+        let (seed, e) = clone_with(flaws).expect("an early acknowledgement went unnoticed");
         eprintln!("caught at seed {seed}: {e}");
     }
 
     #[test]
-    fn a_record_written_before_the_local_copy_is_flushed_is_caught() {
-        let flaws = Flaws {
+    fn a_presence_record_written_before_the_local_copy_is_flushed_is_caught() {
+        let flaws = clone::Flaws {
             record_before_flush: true,
-            ..Flaws::default()
+            ..Default::default()
         };
-        let (seed, e) = caught(flaws).expect("the simulator misses a record ahead of its data");
+        let (seed, e) = clone_with(flaws).expect("a record ahead of its data went unnoticed");
+        eprintln!("caught at seed {seed}: {e}");
+    }
+
+    #[test]
+    fn a_volume_write_acknowledged_before_its_change_is_on_record_is_caught() {
+        let flaws = volume::Flaws {
+            ack_before_record: true,
+            ..Default::default()
+        };
+        let (seed, e) = volume_with(flaws).expect("an unrecorded change went unnoticed");
+        eprintln!("caught at seed {seed}: {e}");
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_flush_its_volume_is_caught() {
+        let flaws = volume::Flaws {
+            no_flush_at_point: true,
+            ..Default::default()
+        };
+        let (seed, e) = volume_with(flaws).expect("a snapshot of unflushed data went unnoticed");
+        eprintln!("caught at seed {seed}: {e}");
+    }
+
+    #[test]
+    fn writes_over_chunks_the_snapshot_is_reading_are_caught() {
+        let flaws = volume::Flaws {
+            writes_over_reads: true,
+            ..Default::default()
+        };
+        let (seed, e) = volume_with(flaws).expect("a write under a snapshot's read went unnoticed");
         eprintln!("caught at seed {seed}: {e}");
     }
 }

@@ -244,6 +244,13 @@ impl<W, C> Core<W, C> {
         }
     }
 
+    /// Lets writes go over chunks the snapshot is reading: a broken core, for showing
+    /// that the tests catch it.
+    #[cfg(test)]
+    pub(crate) fn break_reads(&mut self) {
+        self.broken = true;
+    }
+
     /// The number of chunks.
     pub(crate) fn len(&self) -> u64 {
         self.chunks.len() as u64

@@ -41,7 +41,7 @@ use crate::park::{deliver, park};
 use crate::preserve::Preserve;
 use crate::reply::reply;
 
-mod core;
+pub(crate) mod core;
 mod owner;
 
 use self::core::{Event, Kept, Source};

@@ -1,0 +1,1132 @@
+//! One tracked volume in the simulator: its snapshot core, its change tracking and
+//! change record, a snapshot writer taking incremental snapshots into a simulated
+//! store, and hosts writing and reading through copy-before-write, with power cuts.
+//!
+//! Checked: every published snapshot, read back through its chain of parents, holds
+//! exactly the volume at its point — each block the version of the last write that went
+//! to the volume before the snapshot began (a write still landing that a begin does not
+//! wait for may be in or out) — including the first snapshot after a power cut, which
+//! knows what changed only from the change record; every host read and every block
+//! after a cut as for clones (`model`).
+//!
+//! The glue this plays — the channel's write path (`volume::start_write`, `land`,
+//! `guarded_write`), the owner's copies, the record's commits and compaction
+//! (`dirty`), the snapshot writer's order of steps (`ox::snapshot`) — follows those in
+//! order of steps; copies are kept in memory (a power cut ends the snapshot, and the
+//! next one starts over from the change record).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use super::model::{BLOCK, Model, fill, version_of};
+use super::{Clock, Micros};
+use crate::nondurable;
+use crate::nondurable_medium::NonDurableMedium;
+use crate::presence::PresenceFiles;
+use crate::test_rng::Rng;
+use crate::volume::core::{Action, Copied, Core, Event, Kept, Source};
+
+const CHUNK_BLOCKS: u64 = 8;
+const CHUNK_BYTES: usize = CHUNK_BLOCKS as usize * BLOCK;
+/// PUTs of one object the writer tries before the snapshot fails.
+const PUT_ATTEMPTS: u32 = 3;
+/// Chunks the writer reads and uploads at once.
+const CLAIMS_IN_FLIGHT: usize = 6;
+
+/// Rules broken on purpose, to show the simulator catches it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Flaws {
+    /// Acknowledge a write before its chunks are on the change record.
+    pub(crate) ack_before_record: bool,
+    /// Take the snapshot without flushing the volume at its point.
+    pub(crate) no_flush_at_point: bool,
+    /// A core that lets writes over chunks the snapshot is reading.
+    pub(crate) writes_over_reads: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) seed: u64,
+    pub(crate) ops: u64,
+    pub(crate) hosts: usize,
+    pub(crate) chunks: u64,
+    pub(crate) ops_per_cut: u64,
+    pub(crate) put_faults: u64,
+    /// Percent of host requests that are flushes (some hosts rarely flush).
+    pub(crate) flush_percent: u64,
+    pub(crate) flaws: Flaws,
+}
+
+impl Config {
+    pub(crate) fn new(seed: u64, ops: u64) -> Self {
+        Self {
+            seed,
+            ops,
+            hosts: 3,
+            chunks: 40,
+            ops_per_cut: 400,
+            put_faults: [2, 8, 25][(seed % 3) as usize],
+            flush_percent: [4, 1, 0][(seed / 3 % 3) as usize],
+            flaws: Flaws::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Stats {
+    pub(crate) events: u64,
+    pub(crate) host_ops: u64,
+    pub(crate) writes_acked: u64,
+    pub(crate) writes_guarded: u64,
+    pub(crate) copies: u64,
+    pub(crate) snapshots: u64,
+    pub(crate) snapshots_failed: u64,
+    /// Snapshots taken first after a power cut.
+    pub(crate) snapshots_after_cut: u64,
+    pub(crate) chunks_uploaded: u64,
+    pub(crate) blocks_checked: u64,
+    pub(crate) cuts: u64,
+    pub(crate) cuts_mid_record: u64,
+    pub(crate) compactions: u64,
+    pub(crate) simulated_us: u64,
+    pub(crate) fingerprint: u64,
+}
+
+impl Stats {
+    pub(crate) fn add(&mut self, o: &Stats) {
+        self.events += o.events;
+        self.host_ops += o.host_ops;
+        self.writes_acked += o.writes_acked;
+        self.writes_guarded += o.writes_guarded;
+        self.copies += o.copies;
+        self.snapshots += o.snapshots;
+        self.snapshots_failed += o.snapshots_failed;
+        self.snapshots_after_cut += o.snapshots_after_cut;
+        self.chunks_uploaded += o.chunks_uploaded;
+        self.blocks_checked += o.blocks_checked;
+        self.cuts += o.cuts;
+        self.cuts_mid_record += o.cuts_mid_record;
+        self.compactions += o.compactions;
+        self.simulated_us += o.simulated_us;
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} events, {} host operations ({} writes acknowledged, {} through the snapshot's \
+             guard, {} copies before writes), {} snapshots published ({} first after a cut, \
+             {} failed), {} chunks uploaded, {} blocks checked, {} power cuts ({} \
+             mid-record), {} compactions",
+            self.events,
+            self.host_ops,
+            self.writes_acked,
+            self.writes_guarded,
+            self.copies,
+            self.snapshots,
+            self.snapshots_after_cut,
+            self.snapshots_failed,
+            self.chunks_uploaded,
+            self.blocks_checked,
+            self.cuts,
+            self.cuts_mid_record,
+            self.compactions,
+        )
+    }
+}
+
+pub(crate) fn run(config: &Config) -> Result<Stats, String> {
+    let mut w = World::new(config)?;
+    w.run()?;
+    w.stats.simulated_us = w.clock.now();
+    Ok(w.stats)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write { fua: bool },
+    Flush,
+}
+
+#[derive(Debug)]
+struct Op {
+    host: usize,
+    kind: Kind,
+    first: u64,
+    blocks: u64,
+    version: u64,
+    floors: Vec<u64>,
+    /// The change-set swaps seen when a guarded write landed.
+    swaps: Option<u64>,
+    /// A plain write (one no snapshot guards).
+    plain: bool,
+}
+
+impl Op {
+    fn chunks(&self) -> std::ops::RangeInclusive<u64> {
+        self.first / CHUNK_BLOCKS..=(self.first + self.blocks - 1) / CHUNK_BLOCKS
+    }
+}
+
+#[derive(Debug)]
+enum Ev {
+    Host(usize),
+    /// A host request's device I/O ended.
+    Disk(u64),
+    /// A write's chunks are on the change record: it decides its path again.
+    Recorded(u64),
+    /// A landed write's chunks are on the record again (after a swap).
+    Rerecorded(u64),
+    /// A copy's read of the volume ended.
+    Copied {
+        generation: u64,
+        chunk: u64,
+    },
+    /// The record's commit ended.
+    RecordCommit,
+    /// A message reaches the owner.
+    Core(Event<u64, u64>),
+    /// The owner let a guarded write go ahead.
+    Land(u64),
+    SnapStart,
+    /// The snapshot's flush at its point ended.
+    SnapFlushed,
+    /// A claim's read of the volume ended.
+    ChunkRead {
+        chunk: u64,
+    },
+    /// A PUT's answer.
+    Put {
+        chunk: u64,
+        data: Vec<u8>,
+        attempt: u32,
+    },
+    Cut,
+}
+
+/// A published snapshot.
+struct Snap {
+    parent: Option<u64>,
+    chunks: BTreeMap<u64, Vec<u8>>,
+}
+
+/// The running snapshot.
+struct Running {
+    id: u64,
+    parent: Option<u64>,
+    /// Its change set (after settling).
+    changed: Vec<u64>,
+    /// Per block: the version it must hold, or either of two.
+    expect: Vec<(u64, Option<u64>)>,
+    /// Plain writes it waits for (issued before it began).
+    settling: BTreeSet<u64>,
+    /// Chunks still to claim, in order.
+    todo: Vec<u64>,
+    in_flight: u64,
+    uploaded: BTreeMap<u64, Vec<u8>>,
+    failed: bool,
+    after_cut: bool,
+    phase: Phase,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Settling,
+    Flushing,
+    Reading,
+}
+
+/// The change record (as `dirty`'s thread keeps it).
+struct Record {
+    files: PresenceFiles,
+    durable: Vec<u64>,
+    needs: Vec<(Vec<u64>, Ev)>,
+    committing: Option<(Vec<u64>, Vec<Ev>)>,
+}
+
+fn bit(words: &[u64], chunk: u64) -> bool {
+    words[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+}
+
+fn set(words: &mut [u64], chunk: u64) {
+    words[(chunk / 64) as usize] |= 1 << (chunk % 64);
+}
+
+struct World {
+    config: Config,
+    rng: Rng,
+    clock: Clock<(u64, Ev)>,
+    power: u64,
+    medium: NonDurableMedium,
+    path: PathBuf,
+    drive: nondurable::State,
+    core: Core<u64, u64>,
+    record: Record,
+    model: Model,
+    /// Per block: the version of the last write sent to the volume.
+    decided: Vec<u64>,
+    /// Writes sent to the volume and not yet done: per block, the version before.
+    landing: BTreeMap<u64, u64>,
+    dirty: Vec<u64>,
+    base: Option<u64>,
+    active: bool,
+    generation: u64,
+    swaps: u64,
+    plain: BTreeSet<u64>,
+    ops: BTreeMap<u64, Op>,
+    next_id: u64,
+    issued: u64,
+    snaps: BTreeMap<u64, Snap>,
+    latest: Option<u64>,
+    running: Option<Running>,
+    /// A snapshot waits for its drain.
+    draining: bool,
+    /// The next snapshot is the first since a power cut.
+    after_cut: bool,
+    /// When each lane's last message reaches the owner.
+    lanes: Vec<Micros>,
+    stats: Stats,
+}
+
+impl World {
+    fn new(config: &Config) -> Result<Self, String> {
+        let medium = NonDurableMedium::new(config.seed);
+        let path = Path::new("/volume/changes").to_path_buf();
+        let words = config.chunks.div_ceil(64) as usize;
+        let mut drive = nondurable::State::new(config.chunks as usize * CHUNK_BYTES, config.seed);
+        // The volume starts as version 0 of every block, durably.
+        let mut block = vec![0u8; BLOCK];
+        for b in 0..config.chunks * CHUNK_BLOCKS {
+            fill(b, 0, &mut block);
+            drive.write(b as usize * BLOCK, &block, true);
+        }
+        let (files, bits) =
+            PresenceFiles::open(medium.mount(), &path, config.chunks).map_err(|e| e.to_string())?;
+        let mut core = Core::new(config.chunks);
+        if config.flaws.writes_over_reads {
+            core.break_reads();
+        }
+        let mut w = Self {
+            config: config.clone(),
+            rng: Rng(config.seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1),
+            clock: Clock::new(),
+            power: 0,
+            medium,
+            path,
+            drive,
+            core,
+            record: Record {
+                files,
+                durable: bits,
+                needs: Vec::new(),
+                committing: None,
+            },
+            model: Model::new(config.chunks * CHUNK_BLOCKS),
+            decided: vec![0; (config.chunks * CHUNK_BLOCKS) as usize],
+            landing: BTreeMap::new(),
+            dirty: vec![0; words],
+            base: None,
+            active: false,
+            generation: 0,
+            swaps: 0,
+            plain: BTreeSet::new(),
+            ops: BTreeMap::new(),
+            next_id: 0,
+            issued: 0,
+            snaps: BTreeMap::new(),
+            latest: None,
+            running: None,
+            draining: false,
+            after_cut: false,
+            lanes: vec![0; config.hosts + 1],
+            stats: Stats::default(),
+        };
+        w.power_on();
+        Ok(w)
+    }
+
+    fn at(&mut self, after: Micros, ev: Ev) {
+        self.clock.after(after, (self.power, ev));
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.rng.below(hi - lo + 1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.rng.below(100) < percent
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let mut last_cut = false;
+        loop {
+            while let Some((power, ev)) = self.clock.next() {
+                if power != self.power {
+                    continue;
+                }
+                self.stats.events += 1;
+                if self.stats.events > EVENTS_AT_MOST {
+                    return Err(format!("no end after {EVENTS_AT_MOST} events"));
+                }
+                self.stats.fingerprint = self
+                    .stats
+                    .fingerprint
+                    .rotate_left(7)
+                    .wrapping_add(self.clock.now());
+                self.event(ev)?;
+            }
+            assert!(self.ops.is_empty(), "operations left: {:?}", self.ops);
+            assert!(self.running.is_none(), "a snapshot never ended");
+            // The hosts are done: one more cut, and a snapshot after it.
+            if self.after_cut {
+                self.snap_start()?;
+                continue;
+            }
+            if last_cut {
+                return Ok(());
+            }
+            last_cut = true;
+            self.cut(false)?;
+        }
+    }
+
+    fn event(&mut self, ev: Ev) -> Result<(), String> {
+        match ev {
+            Ev::Host(h) => self.host(h),
+            Ev::Disk(id) => self.disk_done(id),
+            Ev::Recorded(id) => {
+                self.start_write(id);
+                Ok(())
+            }
+            Ev::Rerecorded(id) => {
+                self.write_done(id);
+                Ok(())
+            }
+            Ev::Copied { generation, chunk } => {
+                let mut data = vec![0u8; CHUNK_BYTES];
+                self.drive.read(chunk as usize * CHUNK_BYTES, &mut data);
+                self.stats.copies += 1;
+                self.apply(Event::Copied {
+                    generation,
+                    chunk,
+                    how: Copied::Kept(Kept::Memory(data)),
+                });
+                Ok(())
+            }
+            Ev::RecordCommit => self.record_commit(),
+            Ev::Core(e) => {
+                self.apply(e);
+                Ok(())
+            }
+            Ev::Land(id) => {
+                self.land(id);
+                Ok(())
+            }
+            Ev::SnapStart => self.snap_start(),
+            Ev::SnapFlushed => {
+                self.drive.flush();
+                self.snap_read_on()
+            }
+            Ev::ChunkRead { chunk } => {
+                let mut data = vec![0u8; CHUNK_BYTES];
+                self.drive.read(chunk as usize * CHUNK_BYTES, &mut data);
+                let generation = self.generation;
+                self.send(self.config.hosts, Event::ChunkRead { generation, chunk });
+                self.put(chunk, data, 1);
+                Ok(())
+            }
+            Ev::Put {
+                chunk,
+                data,
+                attempt,
+            } => self.put_answer(chunk, data, attempt),
+            Ev::Cut => self.cut(false),
+        }
+    }
+
+    /// Sends `event` to the owner from `lane` (a host's reactor; the snapshot writer's
+    /// is `hosts`): it arrives after a message's hop, in order with the lane's earlier
+    /// messages but in any order with other lanes'.
+    fn send(&mut self, lane: usize, event: Event<u64, u64>) {
+        let now = self.clock.now();
+        let at = (now + self.between(1, 5)).max(self.lanes[lane]);
+        self.lanes[lane] = at;
+        self.at(at - now, Ev::Core(event));
+    }
+
+    fn apply(&mut self, event: Event<u64, u64>) {
+        let actions = self.core.apply(event);
+        for a in actions {
+            match a {
+                Action::Copy { generation, chunk } => {
+                    let t = self.between(10, 200);
+                    self.at(t, Ev::Copied { generation, chunk });
+                }
+                Action::Proceed(id) => {
+                    let t = self.between(1, 5);
+                    self.at(t, Ev::Land(id));
+                }
+                Action::Fail(id, chunk, reason) => {
+                    panic!("write {id} failed over chunk {chunk}: {reason} (copies never fail)")
+                }
+                Action::Serve(chunk, Source::Device) => {
+                    let t = self.between(10, 200);
+                    self.at(t, Ev::ChunkRead { chunk });
+                }
+                Action::Serve(chunk, Source::Kept(Kept::Memory(data))) => self.put(chunk, data, 1),
+                Action::Serve(chunk, Source::Kept(Kept::Saved)) => {
+                    panic!("chunk {chunk}: a saved copy, but copies are kept in memory")
+                }
+                Action::Refuse(chunk) => panic!("the claim of chunk {chunk} was refused"),
+                Action::Ready(DRAINED) => self.begin(),
+                Action::Ready(_) => {}
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ hosts
+
+    fn host(&mut self, h: usize) -> Result<(), String> {
+        if self.issued >= self.config.ops {
+            return Ok(());
+        }
+        self.issued += 1;
+        self.stats.host_ops += 1;
+        let blocks = self.model.blocks();
+        let roll = self.rng.below(100);
+        let n = self.between(1, 12);
+        let first = self.rng.below(blocks - n + 1);
+        let kind = match roll {
+            r if r < self.config.flush_percent => Kind::Flush,
+            r if r < 60 && self.model.free(first, n) => Kind::Write {
+                fua: self.chance(15),
+            },
+            _ => Kind::Read,
+        };
+        let id = self.id();
+        let mut op = Op {
+            host: h,
+            kind,
+            first,
+            blocks: n,
+            version: 0,
+            floors: Vec::new(),
+            swaps: None,
+            plain: false,
+        };
+        match kind {
+            Kind::Flush => {
+                op.floors = self.model.acked();
+                self.ops.insert(id, op);
+                let t = self.between(100, 2_000);
+                self.at(t, Ev::Disk(id));
+            }
+            Kind::Read => {
+                op.floors = self.model.read_floors(first, n);
+                self.ops.insert(id, op);
+                let t = self.between(10, 200);
+                self.at(t, Ev::Disk(id));
+            }
+            Kind::Write { .. } => {
+                op.version = self.model.begin_write(first, n, false);
+                self.ops.insert(id, op);
+                self.start_write(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn host_next(&mut self, h: usize) {
+        let t = self.between(0, 300);
+        self.at(t, Ev::Host(h));
+    }
+
+    /// As `volume::start_write`: marks the chunks changed, puts them on record first
+    /// (then decides again), and writes plainly or through the snapshot's guard.
+    fn start_write(&mut self, id: u64) {
+        let guarded = self.active;
+        let chunks = self.ops[&id].chunks();
+        for c in chunks.clone() {
+            set(&mut self.dirty, c);
+        }
+        let missing: Vec<u64> = chunks
+            .clone()
+            .filter(|&c| !bit(&self.record.durable, c))
+            .collect();
+        if !missing.is_empty() && !self.config.flaws.ack_before_record {
+            self.record.needs.push((missing, Ev::Recorded(id)));
+            return self.record_maybe();
+        }
+        if !guarded {
+            self.plain.insert(id);
+            self.ops.get_mut(&id).expect("write").plain = true;
+            return self.send_write(id);
+        }
+        self.stats.writes_guarded += 1;
+        if chunks.clone().all(|c| self.core.free(c)) {
+            return self.land(id);
+        }
+        let lane = self.ops[&id].host;
+        self.send(
+            lane,
+            Event::Guard {
+                waiter: id,
+                first: *chunks.start(),
+                last: *chunks.end(),
+            },
+        );
+    }
+
+    /// As `volume::land`: a guarded write goes to the volume, its chunks marked again
+    /// if a begin took the change set while it was landing.
+    fn land(&mut self, id: u64) {
+        let swaps = self.swaps;
+        let op = self.ops.get_mut(&id).expect("write");
+        op.swaps = Some(swaps);
+        for c in op.chunks() {
+            set(&mut self.dirty, c);
+        }
+        self.send_write(id);
+    }
+
+    /// Sends a write to the volume. Until it is done, a begin may find either its
+    /// version or the one before in a block it covers: a write in flight at the
+    /// snapshot's begin is in it or not, block by block, as a power cut could leave it.
+    fn send_write(&mut self, id: u64) {
+        let op = &self.ops[&id];
+        for b in op.first..op.first + op.blocks {
+            self.landing.insert(b, self.decided[b as usize]);
+            self.decided[b as usize] = op.version;
+        }
+        let t = self.between(20, 300);
+        self.at(t, Ev::Disk(id));
+    }
+
+    fn disk_done(&mut self, id: u64) -> Result<(), String> {
+        let op = &self.ops[&id];
+        match op.kind {
+            Kind::Flush => {
+                self.drive.flush();
+                let op = self.ops.remove(&id).expect("flush");
+                self.model.flushed(&op.floors);
+                self.host_next(op.host);
+            }
+            Kind::Read => {
+                let mut bytes = vec![0u8; op.blocks as usize * BLOCK];
+                self.drive.read(op.first as usize * BLOCK, &mut bytes);
+                let op = self.ops.remove(&id).expect("read");
+                for (i, b) in bytes.chunks(BLOCK).enumerate() {
+                    let block = op.first + i as u64;
+                    self.model
+                        .check(block, op.floors[i], b)
+                        .map_err(|e| format!("host {}'s read: {e}", op.host))?;
+                    self.stats.blocks_checked += 1;
+                }
+                self.host_next(op.host);
+            }
+            Kind::Write { fua } => {
+                let mut bytes = vec![0u8; op.blocks as usize * BLOCK];
+                for (i, b) in bytes.chunks_mut(BLOCK).enumerate() {
+                    fill(op.first + i as u64, op.version, b);
+                }
+                self.drive.write(op.first as usize * BLOCK, &bytes, fua);
+                for b in op.first..op.first + op.blocks {
+                    self.landing.remove(&b);
+                }
+                if op.plain {
+                    self.plain.remove(&id);
+                    self.write_done(id);
+                    return self.settled(id);
+                }
+                if op.swaps.is_some_and(|s| s != self.swaps) {
+                    // The change set was taken while it landed: marked again for the
+                    // next one, and on record first.
+                    let chunks = op.chunks();
+                    for c in chunks.clone() {
+                        set(&mut self.dirty, c);
+                    }
+                    let missing: Vec<u64> =
+                        chunks.filter(|&c| !bit(&self.record.durable, c)).collect();
+                    if !missing.is_empty() && !self.config.flaws.ack_before_record {
+                        self.record.needs.push((missing, Ev::Rerecorded(id)));
+                        self.record_maybe();
+                        return Ok(());
+                    }
+                }
+                self.write_done(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_done(&mut self, id: u64) {
+        let op = self.ops.remove(&id).expect("write");
+        let fua = op.kind == Kind::Write { fua: true };
+        self.model
+            .end_write(op.first, op.blocks, op.version, true, fua);
+        self.stats.writes_acked += 1;
+        self.host_next(op.host);
+    }
+
+    // ------------------------------------------------------------------ the record
+
+    fn record_maybe(&mut self) {
+        let r = &mut self.record;
+        if r.committing.is_some() || r.needs.is_empty() {
+            return;
+        }
+        let mut batch: Vec<u64> = r
+            .needs
+            .iter()
+            .flat_map(|n| n.0.iter().copied())
+            .filter(|&c| !bit(&r.durable, c))
+            .collect();
+        batch.sort_unstable();
+        batch.dedup();
+        let then = r.needs.drain(..).map(|(_, ev)| ev).collect();
+        r.committing = Some((batch, then));
+        let t = self.between(100, 1_500);
+        self.at(t, Ev::RecordCommit);
+    }
+
+    /// As `dirty::Work::commit`: one append (or checkpoint) for every write waiting.
+    fn record_commit(&mut self) -> Result<(), String> {
+        let (batch, then) = self.record.committing.take().expect("a commit");
+        let result = if batch.is_empty() {
+            Ok(())
+        } else if self.record.files.wants_checkpoint() {
+            let mut words = self.record.durable.clone();
+            for &c in &batch {
+                set(&mut words, c);
+            }
+            self.record.files.checkpoint(&words)
+        } else {
+            self.record.files.append(&batch)
+        };
+        if self.medium.failed().is_some() {
+            return self.cut(true);
+        }
+        result.map_err(|e| format!("the change record: {e}"))?;
+        for &c in &batch {
+            set(&mut self.record.durable, c);
+        }
+        for ev in then {
+            let t = self.between(1, 5);
+            self.at(t, ev);
+        }
+        self.record_maybe();
+        Ok(())
+    }
+
+    /// As `dirty::Work::compact`: the record becomes relative to `base`, keeping only
+    /// the chunks written since it began; the base is written first.
+    fn compact(&mut self) -> Result<(), String> {
+        let keep: Vec<u64> = self
+            .record
+            .durable
+            .iter()
+            .zip(&self.dirty)
+            .map(|(d, w)| d & w)
+            .collect();
+        self.record.durable.clone_from(&keep);
+        let mounted = self.medium.mount();
+        let result =
+            crate::medium::replace_file(&*mounted, &base_path(&self.path), &encode_base(self.base))
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    self.record
+                        .files
+                        .checkpoint(&keep)
+                        .map_err(|e| e.to_string())
+                });
+        if self.medium.failed().is_some() {
+            return self.cut(true);
+        }
+        result.map_err(|e| format!("compacting the change record: {e}"))?;
+        self.stats.compactions += 1;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ snapshots
+
+    /// As `ox::snapshot`: wait for copies of the snapshot before (a drain), begin
+    /// (the change set swapped), wait for the writes that did not see the begin, flush
+    /// the volume, need only what changed, read it.
+    fn snap_start(&mut self) -> Result<(), String> {
+        if self.running.is_some() || self.draining {
+            return Ok(());
+        }
+        self.draining = true;
+        let after = self.generation;
+        self.apply(Event::Drain {
+            after,
+            waiter: DRAINED,
+        });
+        Ok(())
+    }
+
+    /// The drain is done: the snapshot begins.
+    fn begin(&mut self) {
+        self.draining = false;
+        self.generation += 1;
+        let generation = self.generation;
+        self.apply(Event::Begin {
+            generation,
+            durable: false,
+            waiter: BEGUN,
+        });
+        let words = self.dirty.len();
+        let changed = std::mem::replace(&mut self.dirty, vec![0; words]);
+        self.swaps += 1;
+        self.active = true;
+        let expect = self
+            .decided
+            .iter()
+            .enumerate()
+            .map(|(b, &v)| (v, self.landing.get(&(b as u64)).copied()))
+            .collect();
+        let id = self.id();
+        self.running = Some(Running {
+            id,
+            parent: self.latest,
+            changed,
+            expect,
+            settling: self.plain.clone(),
+            todo: Vec::new(),
+            in_flight: 0,
+            uploaded: BTreeMap::new(),
+            failed: false,
+            after_cut: std::mem::take(&mut self.after_cut),
+            phase: Phase::Settling,
+        });
+        // Errors surface from the events that go on with it.
+        let _ = self.settled(0);
+    }
+
+    /// Plain write `id` is done (0: none): a snapshot waiting for it may go on.
+    fn settled(&mut self, id: u64) -> Result<(), String> {
+        let Some(r) = &mut self.running else {
+            return Ok(());
+        };
+        r.settling.remove(&id);
+        if r.phase != Phase::Settling || !r.settling.is_empty() {
+            return Ok(());
+        }
+        // Settle: what was written since the swap belongs to this snapshot too.
+        for (c, d) in r.changed.iter_mut().zip(&self.dirty) {
+            *c |= d;
+        }
+        r.phase = Phase::Flushing;
+        if self.config.flaws.no_flush_at_point {
+            return self.snap_read_on();
+        }
+        let t = self.between(100, 2_000);
+        self.at(t, Ev::SnapFlushed);
+        Ok(())
+    }
+
+    fn snap_read_on(&mut self) -> Result<(), String> {
+        let generation = self.generation;
+        let chunks = self.config.chunks;
+        let Some(r) = &mut self.running else {
+            return Ok(());
+        };
+        if self.base != r.parent {
+            // Relative to another snapshot than the parent: only a full read is right.
+            r.changed.iter_mut().for_each(|w| *w = u64::MAX);
+        }
+        let changed = r.changed.clone();
+        r.todo = (0..chunks).rev().filter(|&c| bit(&changed, c)).collect();
+        r.phase = Phase::Reading;
+        self.send(
+            self.config.hosts,
+            Event::Needed {
+                generation,
+                changed,
+            },
+        );
+        for _ in 0..CLAIMS_IN_FLIGHT {
+            self.claim_next();
+        }
+        self.maybe_publish()
+    }
+
+    fn claim_next(&mut self) {
+        let generation = self.generation;
+        let Some(r) = &mut self.running else { return };
+        if r.failed {
+            return;
+        }
+        let Some(chunk) = r.todo.pop() else { return };
+        r.in_flight += 1;
+        self.send(
+            self.config.hosts,
+            Event::Claim {
+                generation,
+                chunk,
+                waiter: chunk,
+            },
+        );
+    }
+
+    fn put(&mut self, chunk: u64, data: Vec<u8>, attempt: u32) {
+        let t = self.between(1_000, 10_000);
+        self.at(
+            t,
+            Ev::Put {
+                chunk,
+                data,
+                attempt,
+            },
+        );
+    }
+
+    fn put_answer(&mut self, chunk: u64, data: Vec<u8>, attempt: u32) -> Result<(), String> {
+        if self.chance(self.config.put_faults) {
+            if attempt < PUT_ATTEMPTS {
+                self.put(chunk, data, attempt + 1);
+                return Ok(());
+            }
+            let r = self.running.as_mut().expect("a snapshot");
+            r.failed = true;
+        } else {
+            let r = self.running.as_mut().expect("a snapshot");
+            r.uploaded.insert(chunk, data);
+            self.stats.chunks_uploaded += 1;
+        }
+        let r = self.running.as_mut().expect("a snapshot");
+        r.in_flight -= 1;
+        self.claim_next();
+        self.maybe_publish()
+    }
+
+    /// Ends the snapshot once nothing is in flight: published (and checked) if every
+    /// chunk went up, else failed with its changes given back.
+    fn maybe_publish(&mut self) -> Result<(), String> {
+        let Some(r) = &self.running else {
+            return Ok(());
+        };
+        if r.phase != Phase::Reading || r.in_flight > 0 || (!r.todo.is_empty() && !r.failed) {
+            return Ok(());
+        }
+        let r = self.running.take().expect("a snapshot");
+        self.generation += 1;
+        self.active = false;
+        let generation = self.generation;
+        self.send(self.config.hosts, Event::End { generation });
+        if r.failed {
+            self.stats.snapshots_failed += 1;
+            for (d, c) in self.dirty.iter_mut().zip(&r.changed) {
+                *d |= c;
+            }
+            self.after_cut |= r.after_cut;
+            self.next_snapshot();
+            return Ok(());
+        }
+        self.snaps.insert(
+            r.id,
+            Snap {
+                parent: r.parent,
+                chunks: r.uploaded,
+            },
+        );
+        self.latest = Some(r.id);
+        self.stats.snapshots += 1;
+        if r.after_cut {
+            self.stats.snapshots_after_cut += 1;
+        }
+        self.check_snapshot(r.id, &r.expect)?;
+        self.base = Some(r.id);
+        self.next_snapshot();
+        self.compact()
+    }
+
+    fn next_snapshot(&mut self) {
+        if self.issued < self.config.ops {
+            let t = self.between(5_000, 40_000);
+            self.at(t, Ev::SnapStart);
+        }
+    }
+
+    /// Reads snapshot `id` back through its parents: each block must be the version
+    /// expected of it.
+    fn check_snapshot(&mut self, id: u64, expect: &[(u64, Option<u64>)]) -> Result<(), String> {
+        let mut image = vec![0u8; CHUNK_BYTES];
+        for chunk in 0..self.config.chunks {
+            let mut at = Some(id);
+            let mut found = None;
+            while let Some(s) = at {
+                let snap = &self.snaps[&s];
+                if let Some(bytes) = snap.chunks.get(&chunk) {
+                    found = Some((s, bytes));
+                    break;
+                }
+                at = snap.parent;
+            }
+            match found {
+                Some((_, bytes)) => image.copy_from_slice(bytes),
+                None => {
+                    for (i, b) in image.chunks_mut(BLOCK).enumerate() {
+                        fill(chunk * CHUNK_BLOCKS + i as u64, 0, b);
+                    }
+                }
+            }
+            for (i, bytes) in image.chunks(BLOCK).enumerate() {
+                let block = chunk * CHUNK_BLOCKS + i as u64;
+                let (want, or) = expect[block as usize];
+                let got = version_of(block, bytes);
+                if got != Some(want) && (or.is_none() || got != or) {
+                    return Err(format!(
+                        "snapshot {id} (from snapshot {:?}) holds version {got:?} of block \
+                         {block}, not {want}{} (cut {}, {} snapshots)",
+                        found.map(|f| f.0),
+                        or.map(|o| format!(" or {o}")).unwrap_or_default(),
+                        self.stats.cuts,
+                        self.stats.snapshots,
+                    ));
+                }
+                self.stats.blocks_checked += 1;
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ power
+
+    /// Cuts the power (`blown`: the medium cut itself mid-change). The running
+    /// snapshot is gone; the volume comes back from what is durable (every block
+    /// checked), its change tracking from the record.
+    fn cut(&mut self, blown: bool) -> Result<(), String> {
+        self.stats.cuts += 1;
+        if blown {
+            self.stats.cuts_mid_record += 1;
+        } else {
+            self.medium.cut();
+        }
+        self.medium.fail_after(None);
+        self.drive.cut();
+        self.power += 1;
+        let floors = self.model.power_cut();
+        self.ops.clear();
+        self.plain.clear();
+        self.landing.clear();
+        self.running = None;
+        self.draining = false;
+        self.active = false;
+        // A new core counts generations from 0 again.
+        self.generation = 0;
+        self.lanes.fill(0);
+        let mut bytes = vec![0u8; BLOCK];
+        for (block, &floor) in floors.iter().enumerate() {
+            self.drive.read(block * BLOCK, &mut bytes);
+            let v = self
+                .model
+                .check(block as u64, floor, &bytes)
+                .map_err(|e| format!("after cut {}: {e}", self.stats.cuts))?;
+            self.model.settled(block as u64, v);
+            self.decided[block] = v;
+            self.stats.blocks_checked += 1;
+        }
+        self.core = Core::new(self.config.chunks);
+        if self.config.flaws.writes_over_reads {
+            self.core.break_reads();
+        }
+        self.open_record()?;
+        self.after_cut = true;
+        self.power_on();
+        Ok(())
+    }
+
+    /// As `dirty::DirtyRecord::open` and the appliance's start: a record that was
+    /// there gives the change tracking and its base; without one every chunk counts as
+    /// changed.
+    fn open_record(&mut self) -> Result<(), String> {
+        let mounted = self.medium.mount();
+        let bp = base_path(&self.path);
+        let existed = mounted.exists(&bp).map_err(|e| e.to_string())?;
+        if !existed {
+            let _ = crate::medium::remove_file(&*mounted, &self.path);
+            let _ = crate::medium::remove_file(&*mounted, &crate::presence::log_path(&self.path));
+        }
+        let (mut files, bits) = PresenceFiles::open(
+            std::sync::Arc::clone(&mounted),
+            &self.path,
+            self.config.chunks,
+        )
+        .map_err(|e| format!("after cut {}: {e}", self.stats.cuts))?;
+        let (bits, base) = if existed {
+            let bytes = mounted.read(&bp).map_err(|e| e.to_string())?;
+            (bits, decode_base(&bytes).ok_or("a damaged base record")?)
+        } else {
+            let all = vec![u64::MAX; bits.len()];
+            files.checkpoint(&all).map_err(|e| e.to_string())?;
+            crate::medium::replace_file(&*mounted, &bp, &encode_base(None))
+                .map_err(|e| e.to_string())?;
+            (all, None)
+        };
+        self.dirty = bits.clone();
+        self.base = base;
+        self.record = Record {
+            files,
+            durable: bits,
+            needs: Vec::new(),
+            committing: None,
+        };
+        Ok(())
+    }
+
+    fn power_on(&mut self) {
+        if self.issued >= self.config.ops {
+            return;
+        }
+        for h in 0..self.config.hosts {
+            self.host_next(h);
+        }
+        let t = self.between(1_000, 30_000);
+        self.at(t, Ev::SnapStart);
+        let mean = self.config.ops_per_cut * 500;
+        let t = self.between(mean / 4, mean * 2);
+        self.at(t, Ev::Cut);
+        if self.chance(33) {
+            let changes = self.rng.below(8);
+            self.medium.fail_after(Some(changes));
+        }
+    }
+}
+
+/// More events than any run needs: a run still going is stuck.
+const EVENTS_AT_MOST: u64 = 50_000_000;
+
+/// Waiter of the snapshot's drain.
+const DRAINED: u64 = u64::MAX;
+/// Waiter of its begin.
+const BEGUN: u64 = u64::MAX - 1;
+
+fn base_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".base");
+    PathBuf::from(p)
+}
+
+/// The base record: a flag and the snapshot's number (the simulator's ids).
+fn encode_base(base: Option<u64>) -> Vec<u8> {
+    let mut b = vec![u8::from(base.is_some())];
+    b.extend_from_slice(&base.unwrap_or(0).to_le_bytes());
+    b
+}
+
+fn decode_base(bytes: &[u8]) -> Option<Option<u64>> {
+    let id = u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?);
+    match bytes.first()? {
+        0 => Some(None),
+        1 => Some(Some(id)),
+        _ => None,
+    }
+}
