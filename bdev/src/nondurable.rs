@@ -29,8 +29,13 @@ pub(crate) struct State {
     /// What survives any cut.
     media: Vec<u8>,
     /// Sectors acknowledged but not yet durable, by sector number (the last write of
-    /// each: a drive never lands an older write of a sector over a newer one).
-    cache: BTreeMap<u64, Vec<u8>>,
+    /// each: a drive never lands an older write of a sector over a newer one), with the
+    /// write's sequence number.
+    cache: BTreeMap<u64, (u64, Vec<u8>)>,
+    /// The sequence number of the write each sector's media holds (none: never written).
+    media_seq: BTreeMap<u64, u64>,
+    /// Writes so far, sector by sector.
+    writes: u64,
     /// Which power-on the device belongs to: requests to an older one fail.
     power_on: u64,
     /// A drive that lies: flushes and FUA are acknowledged and do nothing.
@@ -38,12 +43,18 @@ pub(crate) struct State {
     rng: u64,
 }
 
+/// Sectors cached when a flush was issued (see [`State::cached`]).
+#[cfg(test)]
+pub(crate) type Cached = Vec<(u64, u64, Vec<u8>)>;
+
 impl State {
     /// A drive of `bytes` zeroed bytes; `seed` decides what a cut keeps.
     pub(crate) fn new(bytes: usize, seed: u64) -> Self {
         Self {
             media: vec![0; bytes],
             cache: BTreeMap::new(),
+            media_seq: BTreeMap::new(),
+            writes: 0,
             power_on: 0,
             lies: false,
             rng: seed | 1,
@@ -54,7 +65,7 @@ impl State {
         out.copy_from_slice(&self.media[offset..offset + out.len()]);
         let first = (offset / SECTOR) as u64;
         let last = ((offset + out.len()).div_ceil(SECTOR)) as u64;
-        for (&sector, data) in self.cache.range(first..last) {
+        for (&sector, (_, data)) in self.cache.range(first..last) {
             let at = sector as usize * SECTOR;
             let (from, to) = (at.max(offset), (at + SECTOR).min(offset + out.len()));
             out[from - offset..to - offset].copy_from_slice(&data[from - at..to - at]);
@@ -68,20 +79,52 @@ impl State {
         );
         for (i, s) in data.chunks(SECTOR).enumerate() {
             let sector = (offset / SECTOR + i) as u64;
+            self.writes += 1;
             if durable {
                 self.cache.remove(&sector);
-                let at = sector as usize * SECTOR;
-                self.media[at..at + SECTOR].copy_from_slice(s);
+                self.land(sector, self.writes, s);
             } else {
-                self.cache.insert(sector, s.to_vec());
+                self.cache.insert(sector, (self.writes, s.to_vec()));
             }
         }
     }
 
+    /// Puts write `seq` of `sector` on the media.
+    fn land(&mut self, sector: u64, seq: u64, data: &[u8]) {
+        let at = sector as usize * SECTOR;
+        self.media[at..at + SECTOR].copy_from_slice(data);
+        self.media_seq.insert(sector, seq);
+    }
+
     pub(crate) fn flush(&mut self) {
-        for (sector, data) in std::mem::take(&mut self.cache) {
-            let at = sector as usize * SECTOR;
-            self.media[at..at + SECTOR].copy_from_slice(&data);
+        for (sector, (seq, data)) in std::mem::take(&mut self.cache) {
+            self.land(sector, seq, &data);
+        }
+    }
+
+    /// The sectors acknowledged and not yet durable: a flush issued now makes these
+    /// durable when it ends ([`Self::persist`]), and no more.
+    #[cfg(test)]
+    pub(crate) fn cached(&self) -> Cached {
+        self.cache
+            .iter()
+            .map(|(&s, (seq, d))| (s, *seq, d.clone()))
+            .collect()
+    }
+
+    /// Makes `sectors` (what [`Self::cached`] gave when a flush was issued) durable,
+    /// unless the media holds a newer write of a sector already (a FUA write since); a
+    /// sector written again since stays cached with its newer bytes.
+    #[cfg(test)]
+    pub(crate) fn persist(&mut self, sectors: Cached) {
+        for (sector, seq, data) in sectors {
+            if self.media_seq.get(&sector).is_some_and(|&m| m >= seq) {
+                continue;
+            }
+            if self.cache.get(&sector).is_some_and(|(c, _)| *c == seq) {
+                self.cache.remove(&sector);
+            }
+            self.land(sector, seq, &data);
         }
     }
 
@@ -89,10 +132,9 @@ impl State {
     pub(crate) fn cut(&mut self) -> Cut {
         self.power_on += 1;
         let mut cut = Cut { landed: 0, lost: 0 };
-        for (sector, data) in std::mem::take(&mut self.cache) {
+        for (sector, (seq, data)) in std::mem::take(&mut self.cache) {
             if self.next_random().is_multiple_of(2) {
-                let at = sector as usize * SECTOR;
-                self.media[at..at + SECTOR].copy_from_slice(&data);
+                self.land(sector, seq, &data);
                 cut.landed += 1;
             } else {
                 cut.lost += 1;

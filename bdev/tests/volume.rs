@@ -387,10 +387,14 @@ fn a_begin_waits_for_writes_in_flight_and_late_reactors_start_guarded() {
     set.shutdown().unwrap();
 }
 
-/// A write that is still in flight when one snapshot ends and the next begins is marked
-/// again for the snapshot after: the new one may have read its chunk before it landed.
+/// A write one snapshot let go ahead that is still on its way to the device when the
+/// next begins is waited for by that one, as writes that saw no snapshot are: its
+/// chunk was marked in the change set the new snapshot took, so the snapshot must
+/// flush and read the chunk after it (else a power cut could take from the volume a
+/// write the snapshot holds, in a chunk the change record then drops). The
+/// deterministic simulator found this (`sim::volume`, seed 68 before the fix).
 #[test]
-fn a_write_in_flight_across_end_and_begin_is_kept_for_the_next_snapshot() {
+fn a_write_landing_across_end_and_begin_is_waited_for_by_the_next_snapshot() {
     let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
     let (asked, fetches) = crossbeam_channel::unbounded();
     let local = create_malloc("m", 512, (8 * CHUNK) / 512, None).unwrap();
@@ -417,13 +421,18 @@ fn a_write_in_flight_across_end_and_begin_is_kept_for_the_next_snapshot() {
         second.contains(2),
         "the write marked its chunk for the second snapshot"
     );
-    // It lands only now, after the second snapshot could have read chunk 2.
+    // Every reactor has heard the begin once it runs a message sent after it.
+    for r in set.handles() {
+        r.call(T, || ()).unwrap();
+    }
+    assert!(
+        !h.writes_settled(),
+        "the second snapshot does not wait for the write still landing"
+    );
     fetch(Ok(vec![0; CHUNK as usize]));
     in_flight.recv_timeout(T).unwrap().result.unwrap();
-    assert!(
-        h.changes().contains(2),
-        "the chunk is marked again for the third snapshot"
-    );
+    futures_lite::future::block_on(h.writes_settle());
+    assert!(h.writes_settled());
     drop(first);
     h.end_snapshot(None);
     set.shutdown().unwrap();

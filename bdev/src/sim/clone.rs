@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::model::{BLOCK, Model, fill};
-use super::{Clock, Micros};
+use super::{CHUNK_BLOCKS, CHUNK_BYTES, Clock, Draw, EVENTS_AT_MOST, Micros, bit};
 use crate::clone::core::{Action, Chunk, Core, Event};
 use crate::clone::{FetchError, FetchReason};
 use crate::nondurable;
@@ -15,16 +15,10 @@ use crate::nondurable_medium::NonDurableMedium;
 use crate::presence::PresenceFiles;
 use crate::test_rng::Rng;
 
-/// Blocks per chunk.
-const CHUNK_BLOCKS: u64 = 8;
-const CHUNK_BYTES: usize = CHUNK_BLOCKS as usize * BLOCK;
 /// How long a fetched chunk may wait to be recorded (as `clone::journal`).
 const LAZY_RECORD: Micros = 200_000;
 /// Fetches of one chunk the basis tries before it gives up (as ox's basis).
 const STORE_ATTEMPTS: u32 = 3;
-
-/// More events than any run needs: a run still going is stuck.
-const EVENTS_AT_MOST: u64 = 50_000_000;
 
 /// Rules of the clone's protocol broken on purpose, to show the simulator catches it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -189,6 +183,8 @@ struct Op {
     floors: Vec<u64>,
     /// A write's claimed chunks (its plan).
     claims: Option<(u64, Vec<u64>)>,
+    /// A flush's sectors: those cached when it was issued.
+    flushing: nondurable::Cached,
 }
 
 impl Op {
@@ -273,10 +269,8 @@ struct Commit {
     batch: Vec<u64>,
     words: Option<Vec<u64>>,
     waiting: Vec<u64>,
-}
-
-fn bit(words: &[u64], chunk: u64) -> bool {
-    words[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+    /// What its flush of the local copy makes durable: what was cached when it began.
+    flushing: nondurable::Cached,
 }
 
 struct World {
@@ -355,11 +349,11 @@ impl World {
     }
 
     fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.rng.below(hi - lo + 1)
+        self.rng.between(lo, hi)
     }
 
     fn chance(&mut self, percent: u64) -> bool {
-        self.rng.below(100) < percent
+        self.rng.chance(percent)
     }
 
     fn run(&mut self) -> Result<(), String> {
@@ -384,6 +378,9 @@ impl World {
             while let Some((power, ev)) = self.clock.next() {
                 if power == self.power {
                     self.stats.events += 1;
+                    if self.stats.events > EVENTS_AT_MOST {
+                        return Err(format!("no end after {EVENTS_AT_MOST} events"));
+                    }
                     self.event(ev)?;
                 }
             }
@@ -581,8 +578,8 @@ impl World {
                 Ok(())
             }
             DiskIo::Flush(op) => {
-                self.drive.flush();
                 let o = self.ops.remove(&op).expect("flush op");
+                self.drive.persist(o.flushing);
                 self.model.flushed(&o.floors);
                 self.stats.flushes += 1;
                 self.host_idle(o.host);
@@ -649,10 +646,12 @@ impl World {
             version: 0,
             floors: Vec::new(),
             claims: None,
+            flushing: Vec::new(),
         };
         match kind {
             Kind::Flush => {
                 op.floors = self.model.acked();
+                op.flushing = self.drive.cached();
                 self.ops.insert(id, op);
                 let t = self.between(100, 2_000);
                 self.at(t, Ev::Disk(DiskIo::Flush(id)));
@@ -974,10 +973,16 @@ impl World {
                 })
                 .collect::<Vec<u64>>()
         });
+        let flushing = if self.config.flaws.record_before_flush {
+            Vec::new()
+        } else {
+            self.drive.cached()
+        };
         self.journal.committing = Some(Commit {
             batch,
             words,
             waiting,
+            flushing,
         });
         let t = if self.config.flaws.record_before_flush {
             self.between(50, 500)
@@ -993,10 +998,9 @@ impl World {
             batch,
             words,
             waiting,
+            flushing,
         } = self.journal.committing.take().expect("a commit");
-        if !self.config.flaws.record_before_flush {
-            self.drive.flush();
-        }
+        self.drive.persist(flushing);
         self.stats.commits += 1;
         let result = match &words {
             Some(words) => {
@@ -1076,6 +1080,7 @@ impl World {
                     version: 0,
                     floors: floors[first as usize..(first + CHUNK_BLOCKS) as usize].to_vec(),
                     claims: None,
+                    flushing: Vec::new(),
                 },
             );
             self.verifying += 1;

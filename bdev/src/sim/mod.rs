@@ -7,8 +7,9 @@
 //! of order, 5xx, corrupted and truncated bodies), hosts on their own reactors
 //! (reads, partial and whole-chunk writes, FUA writes, deallocations, flushes), and
 //! power cuts — a third of them inside a record's own writes (the
-//! [`NonDurableMedium`](crate::NonDurableMedium) failing mid-change). Messages between
-//! reactors take a hop: in order from one sender, in any order across senders. Every
+//! [`NonDurableMedium`](crate::NonDurableMedium) failing mid-change). Messages to an
+//! owner take a hop, in order from one sender and in any order across senders; its
+//! answers, and the records' and devices' completions, take their own. Every
 //! event comes off one queue ordered by simulated time, so a seed replays exactly: a
 //! failure prints its seed, and `OX_DSIM_SEED=N` runs that one.
 //!
@@ -40,6 +41,37 @@ mod volume;
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+
+use crate::test_rng::Rng;
+
+/// Blocks per chunk (of `model::BLOCK` bytes): small devices, many chunks.
+const CHUNK_BLOCKS: u64 = 8;
+const CHUNK_BYTES: usize = CHUNK_BLOCKS as usize * model::BLOCK;
+/// More events than any run needs: a run still going is stuck.
+const EVENTS_AT_MOST: u64 = 50_000_000;
+
+/// Whether `chunk`'s bit is set in `words` (64 chunks to a word).
+fn bit(words: &[u64], chunk: u64) -> bool {
+    words[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+}
+
+/// The simulators' draws from their seeded generator.
+trait Draw {
+    /// A number from `lo` to `hi`, both included.
+    fn between(&mut self, lo: u64, hi: u64) -> u64;
+    /// True `percent` times in a hundred.
+    fn chance(&mut self, percent: u64) -> bool;
+}
+
+impl Draw for Rng {
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
 
 /// Simulated time, in microseconds.
 pub(crate) type Micros = u64;
@@ -283,6 +315,16 @@ mod tests {
             ..Default::default()
         };
         let (seed, e) = volume_with(flaws).expect("a snapshot of unflushed data went unnoticed");
+        eprintln!("caught at seed {seed}: {e}");
+    }
+
+    #[test]
+    fn a_begin_that_does_not_wait_for_landing_writes_is_caught() {
+        let flaws = volume::Flaws {
+            begin_ignores_landing: true,
+            ..Default::default()
+        };
+        let (seed, e) = volume_with(flaws).expect("a write landing across a begin went unnoticed");
         eprintln!("caught at seed {seed}: {e}");
     }
 

@@ -35,7 +35,8 @@ pub(super) fn version_of(block: u64, bytes: &[u8]) -> Option<u64> {
 /// One block's history.
 #[derive(Debug, Default)]
 struct Block {
-    /// Versions written (in flight, acknowledged, failed) at or after `durable`.
+    /// Versions written (in flight, acknowledged, failed); after a power cut, only the
+    /// one the block was found to hold.
     written: BTreeSet<u64>,
     /// The last acknowledged version.
     acked: u64,

@@ -3,11 +3,18 @@
 //! store, and hosts writing and reading through copy-before-write, with power cuts.
 //!
 //! Checked: every published snapshot, read back through its chain of parents, holds
-//! exactly the volume at its point — each block the version of the last write that went
-//! to the volume before the snapshot began (a write still landing that a begin does not
-//! wait for may be in or out) — including the first snapshot after a power cut, which
-//! knows what changed only from the change record; every host read and every block
-//! after a cut as for clones (`model`).
+//! exactly the volume at its point — each block the version of the last write sent to
+//! the volume before the snapshot began (the begin waits for those still landing; a
+//! write the snapshot before let go that is not sent yet may be in or out) — including
+//! the first snapshot after a power cut, which knows what changed only from the change
+//! record; no chunk leaves the change record while a write over it is on its way; every
+//! host read and every block after a cut as for clones (`model`).
+//!
+//! The drive shows a write's bytes to reads from when it is sent, a flush covers only
+//! writes done when it was issued, and now and then a write takes tens of
+//! milliseconds: so a snapshot can read bytes a power cut then takes from the volume.
+//! That is how this found a begin that did not wait for writes a snapshot before had
+//! let go and that were still landing (fixed in `volume::Mode::landed_before`).
 //!
 //! The glue this plays — the channel's write path (`volume::start_write`, `land`,
 //! `guarded_write`), the owner's copies, the record's commits and compaction
@@ -19,19 +26,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::model::{BLOCK, Model, fill, version_of};
-use super::{Clock, Micros};
+use super::{CHUNK_BLOCKS, CHUNK_BYTES, Clock, Draw, EVENTS_AT_MOST, Micros, bit};
 use crate::nondurable;
 use crate::nondurable_medium::NonDurableMedium;
 use crate::presence::PresenceFiles;
 use crate::test_rng::Rng;
 use crate::volume::core::{Action, Copied, Core, Event, Kept, Source};
 
-const CHUNK_BLOCKS: u64 = 8;
-const CHUNK_BYTES: usize = CHUNK_BLOCKS as usize * BLOCK;
 /// PUTs of one object the writer tries before the snapshot fails.
 const PUT_ATTEMPTS: u32 = 3;
 /// Chunks the writer reads and uploads at once.
 const CLAIMS_IN_FLIGHT: usize = 6;
+/// No write (ids start at 1).
+const NO_WRITE: u64 = 0;
+/// Waiter of the snapshot's drain.
+const DRAINED: u64 = u64::MAX;
+/// Waiter of its begin.
+const BEGUN: u64 = u64::MAX - 1;
 
 /// Rules broken on purpose, to show the simulator catches it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -42,15 +53,23 @@ pub(crate) struct Flaws {
     pub(crate) no_flush_at_point: bool,
     /// A core that lets writes over chunks the snapshot is reading.
     pub(crate) writes_over_reads: bool,
+    /// A begin that waits only for writes no snapshot guarded, not for those a
+    /// snapshot let go ahead and that are still landing (the appliance before this
+    /// simulator found it).
+    pub(crate) begin_ignores_landing: bool,
 }
 
+/// One run.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) seed: u64,
+    /// Host operations to issue.
     pub(crate) ops: u64,
     pub(crate) hosts: usize,
     pub(crate) chunks: u64,
+    /// Mean host operations between power cuts.
     pub(crate) ops_per_cut: u64,
+    /// Percent of PUTs the store fails (a snapshot fails after three for one object).
     pub(crate) put_faults: u64,
     /// Percent of host requests that are flushes (some hosts rarely flush).
     pub(crate) flush_percent: u64,
@@ -72,6 +91,7 @@ impl Config {
     }
 }
 
+/// What a run did.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Stats {
     pub(crate) events: u64,
@@ -158,10 +178,15 @@ struct Op {
     blocks: u64,
     version: u64,
     floors: Vec<u64>,
-    /// The change-set swaps seen when a guarded write landed.
-    swaps: Option<u64>,
+    /// A guarded write not yet sent to the volume (waiting for the snapshot's leave,
+    /// or on its way with it).
+    guarded: bool,
     /// A plain write (one no snapshot guards).
     plain: bool,
+    /// A write sent to the volume and not done.
+    in_device: bool,
+    /// A flush's sectors: those cached when it was issued.
+    flushing: nondurable::Cached,
 }
 
 impl Op {
@@ -177,8 +202,6 @@ enum Ev {
     Disk(u64),
     /// A write's chunks are on the change record: it decides its path again.
     Recorded(u64),
-    /// A landed write's chunks are on the record again (after a swap).
-    Rerecorded(u64),
     /// A copy's read of the volume ended.
     Copied {
         generation: u64,
@@ -191,8 +214,8 @@ enum Ev {
     /// The owner let a guarded write go ahead.
     Land(u64),
     SnapStart,
-    /// The snapshot's flush at its point ended.
-    SnapFlushed,
+    /// The snapshot's flush at its point ended: these sectors are durable.
+    SnapFlushed(nondurable::Cached),
     /// A claim's read of the volume ended.
     ChunkRead {
         chunk: u64,
@@ -204,6 +227,24 @@ enum Ev {
         attempt: u32,
     },
     Cut,
+}
+
+impl Ev {
+    /// Which event this is, for the run's fingerprint.
+    fn discriminant(&self) -> u64 {
+        match self {
+            Ev::Host(h) => 1 + 16 * *h as u64,
+            Ev::Disk(id) | Ev::Recorded(id) | Ev::Land(id) => 2 + 16 * id,
+            Ev::Copied { chunk, .. } | Ev::ChunkRead { chunk } | Ev::Put { chunk, .. } => {
+                3 + 16 * chunk
+            }
+            Ev::RecordCommit => 4,
+            Ev::Core(_) => 5,
+            Ev::SnapStart => 6,
+            Ev::SnapFlushed(_) => 7,
+            Ev::Cut => 8,
+        }
+    }
 }
 
 /// A published snapshot.
@@ -246,10 +287,6 @@ struct Record {
     committing: Option<(Vec<u64>, Vec<Ev>)>,
 }
 
-fn bit(words: &[u64], chunk: u64) -> bool {
-    words[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
-}
-
 fn set(words: &mut [u64], chunk: u64) {
     words[(chunk / 64) as usize] |= 1 << (chunk % 64);
 }
@@ -267,13 +304,11 @@ struct World {
     model: Model,
     /// Per block: the version of the last write sent to the volume.
     decided: Vec<u64>,
-    /// Writes sent to the volume and not yet done: per block, the version before.
-    landing: BTreeMap<u64, u64>,
+
     dirty: Vec<u64>,
     base: Option<u64>,
     active: bool,
     generation: u64,
-    swaps: u64,
     plain: BTreeSet<u64>,
     ops: BTreeMap<u64, Op>,
     next_id: u64,
@@ -287,6 +322,10 @@ struct World {
     after_cut: bool,
     /// When each lane's last message reaches the owner.
     lanes: Vec<Micros>,
+    /// A check failed inside an action (reported after the event).
+    failure: Option<String>,
+    /// The change record is to be compacted once the commit in flight is done.
+    compact_pending: bool,
     stats: Stats,
 }
 
@@ -294,7 +333,6 @@ impl World {
     fn new(config: &Config) -> Result<Self, String> {
         let medium = NonDurableMedium::new(config.seed);
         let path = Path::new("/volume/changes").to_path_buf();
-        let words = config.chunks.div_ceil(64) as usize;
         let mut drive = nondurable::State::new(config.chunks as usize * CHUNK_BYTES, config.seed);
         // The volume starts as version 0 of every block, durably.
         let mut block = vec![0u8; BLOCK];
@@ -302,8 +340,8 @@ impl World {
             fill(b, 0, &mut block);
             drive.write(b as usize * BLOCK, &block, true);
         }
-        let (files, bits) =
-            PresenceFiles::open(medium.mount(), &path, config.chunks).map_err(|e| e.to_string())?;
+        // A fresh volume: a record made now, relative to no snapshot, holding nothing.
+        let (record, dirty, base) = open_record(&medium, &path, config.chunks, false)?;
         let mut core = Core::new(config.chunks);
         if config.flaws.writes_over_reads {
             core.break_reads();
@@ -317,20 +355,13 @@ impl World {
             path,
             drive,
             core,
-            record: Record {
-                files,
-                durable: bits,
-                needs: Vec::new(),
-                committing: None,
-            },
+            record,
             model: Model::new(config.chunks * CHUNK_BLOCKS),
             decided: vec![0; (config.chunks * CHUNK_BLOCKS) as usize],
-            landing: BTreeMap::new(),
-            dirty: vec![0; words],
-            base: None,
+            dirty,
+            base,
             active: false,
             generation: 0,
-            swaps: 0,
             plain: BTreeSet::new(),
             ops: BTreeMap::new(),
             next_id: 0,
@@ -341,6 +372,8 @@ impl World {
             draining: false,
             after_cut: false,
             lanes: vec![0; config.hosts + 1],
+            failure: None,
+            compact_pending: false,
             stats: Stats::default(),
         };
         w.power_on();
@@ -357,16 +390,18 @@ impl World {
     }
 
     fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.rng.below(hi - lo + 1)
+        self.rng.between(lo, hi)
     }
 
     fn chance(&mut self, percent: u64) -> bool {
-        self.rng.below(100) < percent
+        self.rng.chance(percent)
     }
 
     fn run(&mut self) -> Result<(), String> {
         let mut last_cut = false;
-        loop {
+        // Each turn ends a power-on or a snapshot after the hosts are done: a run that
+        // needs more is stuck.
+        for _ in 0..1_000 {
             while let Some((power, ev)) = self.clock.next() {
                 if power != self.power {
                     continue;
@@ -379,8 +414,11 @@ impl World {
                     .stats
                     .fingerprint
                     .rotate_left(7)
-                    .wrapping_add(self.clock.now());
+                    .wrapping_add(self.clock.now() ^ ev.discriminant());
                 self.event(ev)?;
+                if let Some(e) = self.failure.take() {
+                    return Err(e);
+                }
             }
             assert!(self.ops.is_empty(), "operations left: {:?}", self.ops);
             assert!(self.running.is_none(), "a snapshot never ended");
@@ -395,6 +433,7 @@ impl World {
             last_cut = true;
             self.cut(false)?;
         }
+        Err("no end after 1,000 power-ons and snapshots".into())
     }
 
     fn event(&mut self, ev: Ev) -> Result<(), String> {
@@ -405,13 +444,8 @@ impl World {
                 self.start_write(id);
                 Ok(())
             }
-            Ev::Rerecorded(id) => {
-                self.write_done(id);
-                Ok(())
-            }
             Ev::Copied { generation, chunk } => {
-                let mut data = vec![0u8; CHUNK_BYTES];
-                self.drive.read(chunk as usize * CHUNK_BYTES, &mut data);
+                let data = self.read_volume(chunk * CHUNK_BLOCKS, CHUNK_BLOCKS);
                 self.stats.copies += 1;
                 self.apply(Event::Copied {
                     generation,
@@ -430,13 +464,12 @@ impl World {
                 Ok(())
             }
             Ev::SnapStart => self.snap_start(),
-            Ev::SnapFlushed => {
-                self.drive.flush();
+            Ev::SnapFlushed(sectors) => {
+                self.drive.persist(sectors);
                 self.snap_read_on()
             }
             Ev::ChunkRead { chunk } => {
-                let mut data = vec![0u8; CHUNK_BYTES];
-                self.drive.read(chunk as usize * CHUNK_BYTES, &mut data);
+                let data = self.read_volume(chunk * CHUNK_BLOCKS, CHUNK_BLOCKS);
                 let generation = self.generation;
                 self.send(self.config.hosts, Event::ChunkRead { generation, chunk });
                 self.put(chunk, data, 1);
@@ -463,7 +496,12 @@ impl World {
 
     fn apply(&mut self, event: Event<u64, u64>) {
         let actions = self.core.apply(event);
+        let power = self.power;
         for a in actions {
+            if self.power != power {
+                // A power cut on the way: the rest died with the core.
+                return;
+            }
             match a {
                 Action::Copy { generation, chunk } => {
                     let t = self.between(10, 200);
@@ -518,12 +556,15 @@ impl World {
             blocks: n,
             version: 0,
             floors: Vec::new(),
-            swaps: None,
+            guarded: false,
             plain: false,
+            in_device: false,
+            flushing: Vec::new(),
         };
         match kind {
             Kind::Flush => {
                 op.floors = self.model.acked();
+                op.flushing = self.drive.cached();
                 self.ops.insert(id, op);
                 let t = self.between(100, 2_000);
                 self.at(t, Ev::Disk(id));
@@ -570,6 +611,7 @@ impl World {
             return self.send_write(id);
         }
         self.stats.writes_guarded += 1;
+        self.ops.get_mut(&id).expect("write").guarded = true;
         if chunks.clone().all(|c| self.core.free(c)) {
             return self.land(id);
         }
@@ -584,28 +626,32 @@ impl World {
         );
     }
 
-    /// As `volume::land`: a guarded write goes to the volume, its chunks marked again
-    /// if a begin took the change set while it was landing.
+    /// As `volume::land`: a guarded write marks its chunks and goes to the volume; a
+    /// begin from now on waits for it (`Mode::landed_before`).
     fn land(&mut self, id: u64) {
-        let swaps = self.swaps;
         let op = self.ops.get_mut(&id).expect("write");
-        op.swaps = Some(swaps);
+        op.guarded = false;
         for c in op.chunks() {
             set(&mut self.dirty, c);
         }
         self.send_write(id);
     }
 
-    /// Sends a write to the volume. Until it is done, a begin may find either its
-    /// version or the one before in a block it covers: a write in flight at the
-    /// snapshot's begin is in it or not, block by block, as a power cut could leave it.
+    /// Sends a write to the volume. Its bytes can be read at once (a read, or a
+    /// snapshot's, may see them before the write is done: [`Self::read_volume`]), a
+    /// flush covers them only once it is done, and it is done after a while — now and
+    /// then a long while, as a drive that stalls.
     fn send_write(&mut self, id: u64) {
-        let op = &self.ops[&id];
+        let op = self.ops.get_mut(&id).expect("write");
+        op.in_device = true;
         for b in op.first..op.first + op.blocks {
-            self.landing.insert(b, self.decided[b as usize]);
             self.decided[b as usize] = op.version;
         }
-        let t = self.between(20, 300);
+        let t = if self.chance(3) {
+            self.between(20_000, 80_000)
+        } else {
+            self.between(20, 300)
+        };
         self.at(t, Ev::Disk(id));
     }
 
@@ -613,14 +659,13 @@ impl World {
         let op = &self.ops[&id];
         match op.kind {
             Kind::Flush => {
-                self.drive.flush();
                 let op = self.ops.remove(&id).expect("flush");
+                self.drive.persist(op.flushing);
                 self.model.flushed(&op.floors);
                 self.host_next(op.host);
             }
             Kind::Read => {
-                let mut bytes = vec![0u8; op.blocks as usize * BLOCK];
-                self.drive.read(op.first as usize * BLOCK, &mut bytes);
+                let bytes = self.read_volume(op.first, op.blocks);
                 let op = self.ops.remove(&id).expect("read");
                 for (i, b) in bytes.chunks(BLOCK).enumerate() {
                     let block = op.first + i as u64;
@@ -632,38 +677,32 @@ impl World {
                 self.host_next(op.host);
             }
             Kind::Write { fua } => {
-                let mut bytes = vec![0u8; op.blocks as usize * BLOCK];
-                for (i, b) in bytes.chunks_mut(BLOCK).enumerate() {
-                    fill(op.first + i as u64, op.version, b);
-                }
-                self.drive.write(op.first as usize * BLOCK, &bytes, fua);
-                for b in op.first..op.first + op.blocks {
-                    self.landing.remove(&b);
-                }
-                if op.plain {
-                    self.plain.remove(&id);
-                    self.write_done(id);
-                    return self.settled(id);
-                }
-                if op.swaps.is_some_and(|s| s != self.swaps) {
-                    // The change set was taken while it landed: marked again for the
-                    // next one, and on record first.
-                    let chunks = op.chunks();
-                    for c in chunks.clone() {
-                        set(&mut self.dirty, c);
-                    }
-                    let missing: Vec<u64> =
-                        chunks.filter(|&c| !bit(&self.record.durable, c)).collect();
-                    if !missing.is_empty() && !self.config.flaws.ack_before_record {
-                        self.record.needs.push((missing, Ev::Rerecorded(id)));
-                        self.record_maybe();
-                        return Ok(());
-                    }
-                }
+                self.drive
+                    .write(op.first as usize * BLOCK, &write_bytes(op), fua);
+                self.ops.get_mut(&id).expect("write").in_device = false;
                 self.write_done(id);
+                return self.settled(id);
             }
         }
         Ok(())
+    }
+
+    /// What a read of `blocks` blocks at `first` finds: the drive, and over it the
+    /// writes sent and not yet done (hosts never have two over one block).
+    fn read_volume(&self, first: u64, blocks: u64) -> Vec<u8> {
+        let mut bytes = vec![0u8; blocks as usize * BLOCK];
+        self.drive.read(first as usize * BLOCK, &mut bytes);
+        for op in self.ops.values().filter(|o| o.in_device) {
+            let written = write_bytes(op);
+            for b in op.first.max(first)..(op.first + op.blocks).min(first + blocks) {
+                let (from, to) = (
+                    (b - op.first) as usize * BLOCK,
+                    (b - first) as usize * BLOCK,
+                );
+                bytes[to..to + BLOCK].copy_from_slice(&written[from..from + BLOCK]);
+            }
+        }
+        bytes
     }
 
     fn write_done(&mut self, id: u64) {
@@ -721,6 +760,11 @@ impl World {
             let t = self.between(1, 5);
             self.at(t, ev);
         }
+        if self.compact_pending && self.record.needs.is_empty() {
+            self.compact_pending = false;
+            self.compact()?;
+            self.next_snapshot();
+        }
         self.record_maybe();
         Ok(())
     }
@@ -735,6 +779,20 @@ impl World {
             .zip(&self.dirty)
             .map(|(d, w)| d & w)
             .collect();
+        // A chunk leaves the record only once no write over it is on its way: one on
+        // its way was sent before the snapshot began (the snapshot waited for it) or
+        // marked its chunks in the change set kept.
+        if let Some(o) = self.ops.values().find(|o| {
+            o.in_device
+                && o.chunks()
+                    .any(|c| bit(&self.record.durable, c) && !bit(&keep, c))
+        }) {
+            return Err(format!(
+                "the change record drops a chunk of blocks {}+{} while a write (version {}) \
+                 is on its way there",
+                o.first, o.blocks, o.version
+            ));
+        }
         self.record.durable.clone_from(&keep);
         let mounted = self.medium.mount();
         let result =
@@ -760,7 +818,7 @@ impl World {
     /// (the change set swapped), wait for the writes that did not see the begin, flush
     /// the volume, need only what changed, read it.
     fn snap_start(&mut self) -> Result<(), String> {
-        if self.running.is_some() || self.draining {
+        if self.running.is_some() || self.draining || self.compact_pending {
             return Ok(());
         }
         self.draining = true;
@@ -784,13 +842,22 @@ impl World {
         });
         let words = self.dirty.len();
         let changed = std::mem::replace(&mut self.dirty, vec![0; words]);
-        self.swaps += 1;
         self.active = true;
+        // What the snapshot must hold: every write sent to the volume by now (the
+        // begin waits for those still landing), and of a guarded write not yet sent
+        // (let go by the snapshot before, it does not ask this one) its version or the
+        // one before: it was not done when this one began.
+        let guarded: BTreeMap<u64, u64> = self
+            .ops
+            .values()
+            .filter(|o| o.guarded)
+            .flat_map(|o| (o.first..o.first + o.blocks).map(|b| (b, o.version)))
+            .collect();
         let expect = self
             .decided
             .iter()
             .enumerate()
-            .map(|(b, &v)| (v, self.landing.get(&(b as u64)).copied()))
+            .map(|(b, &v)| (v, guarded.get(&(b as u64)).copied()))
             .collect();
         let id = self.id();
         self.running = Some(Running {
@@ -798,7 +865,15 @@ impl World {
             parent: self.latest,
             changed,
             expect,
-            settling: self.plain.clone(),
+            // As `Mode::heard_begin`: every write on the volume now.
+            settling: self
+                .ops
+                .iter()
+                .filter(|(_, o)| {
+                    o.in_device && (o.plain || !self.config.flaws.begin_ignores_landing)
+                })
+                .map(|(&id, _)| id)
+                .collect(),
             todo: Vec::new(),
             in_flight: 0,
             uploaded: BTreeMap::new(),
@@ -806,11 +881,13 @@ impl World {
             after_cut: std::mem::take(&mut self.after_cut),
             phase: Phase::Settling,
         });
-        // Errors surface from the events that go on with it.
-        let _ = self.settled(0);
+        if let Err(e) = self.settled(NO_WRITE) {
+            self.failure.get_or_insert(e);
+        }
     }
 
-    /// Plain write `id` is done (0: none): a snapshot waiting for it may go on.
+    /// Plain write `id` is done ([`NO_WRITE`]: none): a snapshot waiting for it may go
+    /// on.
     fn settled(&mut self, id: u64) -> Result<(), String> {
         let Some(r) = &mut self.running else {
             return Ok(());
@@ -828,7 +905,8 @@ impl World {
             return self.snap_read_on();
         }
         let t = self.between(100, 2_000);
-        self.at(t, Ev::SnapFlushed);
+        let sectors = self.drive.cached();
+        self.at(t, Ev::SnapFlushed(sectors));
         Ok(())
     }
 
@@ -944,13 +1022,26 @@ impl World {
         }
         self.check_snapshot(r.id, &r.expect)?;
         self.base = Some(r.id);
+        // As the record's thread: what writes asked for before is recorded first.
+        if self.record.committing.is_some() || !self.record.needs.is_empty() {
+            self.compact_pending = true;
+            self.record_maybe();
+            return Ok(());
+        }
+        self.compact()?;
         self.next_snapshot();
-        self.compact()
+        Ok(())
     }
 
+    /// Schedules the next snapshot: usually a while after this one, sometimes at once
+    /// (a policy catching up), while writes this one guarded may still be landing.
     fn next_snapshot(&mut self) {
         if self.issued < self.config.ops {
-            let t = self.between(5_000, 40_000);
+            let t = if self.chance(30) {
+                self.between(0, 500)
+            } else {
+                self.between(5_000, 40_000)
+            };
             self.at(t, Ev::SnapStart);
         }
     }
@@ -1012,13 +1103,33 @@ impl World {
         }
         self.medium.fail_after(None);
         self.drive.cut();
+        // Writes not done: each of their blocks reached the media, or not.
+        let landing: Vec<Vec<u8>> = self
+            .ops
+            .values()
+            .filter(|o| o.in_device)
+            .map(write_bytes)
+            .collect();
+        let firsts: Vec<u64> = self
+            .ops
+            .values()
+            .filter(|o| o.in_device)
+            .map(|o| o.first)
+            .collect();
+        for (bytes, first) in landing.iter().zip(firsts) {
+            for (i, block) in bytes.chunks(BLOCK).enumerate() {
+                if self.chance(50) {
+                    self.drive.write((first as usize + i) * BLOCK, block, true);
+                }
+            }
+        }
         self.power += 1;
         let floors = self.model.power_cut();
         self.ops.clear();
         self.plain.clear();
-        self.landing.clear();
         self.running = None;
         self.draining = false;
+        self.compact_pending = false;
         self.active = false;
         // A new core counts generations from 0 again.
         self.generation = 0;
@@ -1038,47 +1149,11 @@ impl World {
         if self.config.flaws.writes_over_reads {
             self.core.break_reads();
         }
-        self.open_record()?;
+        let (record, dirty, base) = open_record(&self.medium, &self.path, self.config.chunks, true)
+            .map_err(|e| format!("after cut {}: {e}", self.stats.cuts))?;
+        (self.record, self.dirty, self.base) = (record, dirty, base);
         self.after_cut = true;
         self.power_on();
-        Ok(())
-    }
-
-    /// As `dirty::DirtyRecord::open` and the appliance's start: a record that was
-    /// there gives the change tracking and its base; without one every chunk counts as
-    /// changed.
-    fn open_record(&mut self) -> Result<(), String> {
-        let mounted = self.medium.mount();
-        let bp = base_path(&self.path);
-        let existed = mounted.exists(&bp).map_err(|e| e.to_string())?;
-        if !existed {
-            let _ = crate::medium::remove_file(&*mounted, &self.path);
-            let _ = crate::medium::remove_file(&*mounted, &crate::presence::log_path(&self.path));
-        }
-        let (mut files, bits) = PresenceFiles::open(
-            std::sync::Arc::clone(&mounted),
-            &self.path,
-            self.config.chunks,
-        )
-        .map_err(|e| format!("after cut {}: {e}", self.stats.cuts))?;
-        let (bits, base) = if existed {
-            let bytes = mounted.read(&bp).map_err(|e| e.to_string())?;
-            (bits, decode_base(&bytes).ok_or("a damaged base record")?)
-        } else {
-            let all = vec![u64::MAX; bits.len()];
-            files.checkpoint(&all).map_err(|e| e.to_string())?;
-            crate::medium::replace_file(&*mounted, &bp, &encode_base(None))
-                .map_err(|e| e.to_string())?;
-            (all, None)
-        };
-        self.dirty = bits.clone();
-        self.base = base;
-        self.record = Record {
-            files,
-            durable: bits,
-            needs: Vec::new(),
-            committing: None,
-        };
         Ok(())
     }
 
@@ -1101,13 +1176,52 @@ impl World {
     }
 }
 
-/// More events than any run needs: a run still going is stuck.
-const EVENTS_AT_MOST: u64 = 50_000_000;
+/// As `dirty::DirtyRecord::open` and the appliance's start: a record that was there
+/// gives the change tracking and the snapshot it is relative to; one made now (no base
+/// file: never finished) holds every chunk after a crash (`crashed`), none for a fresh
+/// volume.
+fn open_record(
+    medium: &NonDurableMedium,
+    path: &Path,
+    chunks: u64,
+    crashed: bool,
+) -> Result<(Record, Vec<u64>, Option<u64>), String> {
+    let mounted = medium.mount();
+    let bp = base_path(path);
+    let existed = mounted.exists(&bp).map_err(|e| e.to_string())?;
+    if !existed {
+        let _ = crate::medium::remove_file(&*mounted, path);
+        let _ = crate::medium::remove_file(&*mounted, &crate::presence::log_path(path));
+    }
+    let (mut files, bits) = PresenceFiles::open(std::sync::Arc::clone(&mounted), path, chunks)
+        .map_err(|e| e.to_string())?;
+    let (bits, base) = if existed {
+        let bytes = mounted.read(&bp).map_err(|e| e.to_string())?;
+        (bits, decode_base(&bytes).ok_or("a damaged base record")?)
+    } else {
+        let initial = vec![if crashed { u64::MAX } else { 0 }; bits.len()];
+        files.checkpoint(&initial).map_err(|e| e.to_string())?;
+        crate::medium::replace_file(&*mounted, &bp, &encode_base(None))
+            .map_err(|e| e.to_string())?;
+        (initial, None)
+    };
+    let record = Record {
+        files,
+        durable: bits.clone(),
+        needs: Vec::new(),
+        committing: None,
+    };
+    Ok((record, bits, base))
+}
 
-/// Waiter of the snapshot's drain.
-const DRAINED: u64 = u64::MAX;
-/// Waiter of its begin.
-const BEGUN: u64 = u64::MAX - 1;
+/// The bytes write `op` puts on the volume.
+fn write_bytes(op: &Op) -> Vec<u8> {
+    let mut bytes = vec![0u8; op.blocks as usize * BLOCK];
+    for (i, b) in bytes.chunks_mut(BLOCK).enumerate() {
+        fill(op.first + i as u64, op.version, b);
+    }
+    bytes
+}
 
 fn base_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();

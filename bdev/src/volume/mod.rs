@@ -76,10 +76,6 @@ struct Shared {
     store: OnceLock<Preserve>,
     /// The volume's device is gone: its owner state is dropped and never made again.
     released: AtomicBool,
-    /// Bumped right after each begin takes the change set: a write whose chunks were
-    /// marked before a swap and that lands after it marks them again, so the next
-    /// change set has them too.
-    swaps: AtomicU64,
     /// The running snapshot was taken up again after a restart and nobody has
     /// continued it yet ([`VolumeHandle::take_resumed`]).
     resumed: AtomicBool,
@@ -179,16 +175,25 @@ struct VolumeChannel {
     mode: Rc<Mode>,
 }
 
-/// One reactor's writes issued while no snapshot ran and not finished yet, and the
-/// begin that waits for them. Owned by that reactor: changed only there, by its own
-/// writes and by the message a begin sends it ([`ask_settle`]), so a write outside a
-/// snapshot writes nothing shared.
+/// One reactor's writes on the device that a begin must wait for — those issued while
+/// no snapshot ran, and those a snapshot let go ahead before the begin was heard — and
+/// the begin that waits for them. Owned by that reactor: changed only there, by its
+/// own writes and by the message a begin sends it ([`ask_settle`]), so a write outside
+/// a snapshot writes nothing shared.
 struct Mode {
     /// The epoch of the last begin heard (a late message of an older one is ignored:
     /// messages may overtake one another).
     generation: Cell<u64>,
     /// Writes issued unguarded and not finished.
     plain: Cell<u64>,
+    /// Guarded writes sent to the device since the last begin heard, not finished.
+    landing: Cell<u64>,
+    /// Guarded writes sent to the device before the last begin heard, not finished.
+    /// That begin waits for them as for plain writes: it took the change set their
+    /// chunks were marked in, and its flush and its reads must come after them, or a
+    /// power cut could take from the volume a write the snapshot holds, in a chunk
+    /// the change record then drops.
+    landed_before: Cell<u64>,
     /// A begin waiting for those writes (it is told when this is dropped).
     waiting: RefCell<Option<Arrival>>,
 }
@@ -197,7 +202,40 @@ impl Mode {
     fn end_plain(&self) {
         assert!(self.plain.get() > 0, "more plain writes ended than began");
         self.plain.set(self.plain.get() - 1);
-        if self.plain.get() == 0 {
+        self.maybe_settled();
+    }
+
+    /// A guarded write goes to the device: returns the epoch it went under.
+    fn begin_landing(&self) -> u64 {
+        self.landing.set(self.landing.get() + 1);
+        self.generation.get()
+    }
+
+    /// The guarded write that went to the device under `epoch` is done.
+    fn end_landing(&self, epoch: u64) {
+        let count = if epoch == self.generation.get() {
+            &self.landing
+        } else {
+            &self.landed_before
+        };
+        assert!(count.get() > 0, "more guarded writes ended than landed");
+        count.set(count.get() - 1);
+        self.maybe_settled();
+    }
+
+    /// A begin heard now waits for every write on the device until now.
+    fn heard_begin(&self, epoch: u64) {
+        self.generation.set(epoch);
+        self.landed_before
+            .set(self.landed_before.get() + self.landing.replace(0));
+    }
+
+    fn settled(&self) -> bool {
+        self.plain.get() == 0 && self.landed_before.get() == 0
+    }
+
+    fn maybe_settled(&self) {
+        if self.settled() {
             drop(self.waiting.borrow_mut().take());
         }
     }
@@ -297,10 +335,10 @@ fn ask_settle(id: u64, reactors: &[ReactorHandle], epoch: u64, settling: &Arc<Se
                 let Some(mode) = mode.filter(|m| m.generation.get() < epoch) else {
                     return;
                 };
-                mode.generation.set(epoch);
+                mode.heard_begin(epoch);
                 // An older begin's wait is over (its snapshot ended); this one's
-                // waits for the writes in flight, if any.
-                let parked = Some(arrival).filter(|_| mode.plain.get() > 0);
+                // waits for the writes on the device, if any.
+                let parked = Some(arrival).filter(|_| !mode.settled());
                 *mode.waiting.borrow_mut() = parked;
             }),
         );
@@ -351,6 +389,8 @@ impl BdevBackend for VolumeBackend {
             Ok::<_, BdevError>(Mode {
                 generation: Cell::new(m.epoch),
                 plain: Cell::new(0),
+                landing: Cell::new(0),
+                landed_before: Cell::new(0),
                 waiting: RefCell::new(None),
             })
         })?;
@@ -370,17 +410,18 @@ fn guarded_write(
     shared: Arc<Shared>,
     inner: Rc<Channel>,
     reactor: Rc<Reactor>,
+    mode: Rc<Mode>,
     io: BdevIo,
     done: IoDone,
 ) {
     let chunks = shared.chunk_range(&io);
     let owner = shared.owner.get().cloned();
     let Some(owner) = owner.filter(|_| !chunks.clone().all(|c| shared.is_free(c))) else {
-        return land(shared, inner, reactor, io, done);
+        return land(shared, inner, mode, io, done);
     };
-    let (s, i, r) = (Arc::clone(&shared), inner, Rc::clone(&reactor));
+    let (s, i) = (Arc::clone(&shared), inner);
     let token = park(move |result| match result {
-        Ok(()) => land(s, i, r, io, done),
+        Ok(()) => land(s, i, mode, io, done),
         Err(e) => done(IoCompletion::err(io.bufs, e)),
     });
     let event = Event::Guard {
@@ -391,39 +432,22 @@ fn guarded_write(
     owner::send(&shared, &owner, event);
 }
 
-/// Lands a write the snapshot (if any) has nothing to keep from.
-fn land(shared: Arc<Shared>, inner: Rc<Channel>, reactor: Rc<Reactor>, io: BdevIo, done: IoDone) {
-    // The write lands after this. If a begin takes the change set between its marks
-    // and its landing, that snapshot has the marks but may read the chunks before the
-    // write lands (a guarded write is not one a begin waits for), so they go in again.
-    let swaps = shared.swaps.load(Ordering::SeqCst);
-    let chunks = shared.chunk_range(&io);
-    for chunk in chunks.clone() {
+/// Lands a write the snapshot (if any) has nothing to keep from. Until it is done, the
+/// next begin this reactor hears waits for it (see [`Mode::landed_before`]).
+fn land(shared: Arc<Shared>, inner: Rc<Channel>, mode: Rc<Mode>, io: BdevIo, done: IoDone) {
+    // Marked, and counted as landing, in one turn of this reactor: a begin that takes
+    // the change set holding these marks is heard here after both, so it waits for
+    // the write to be done before it flushes and reads the chunks. One heard before
+    // the marks finds them in the next change set.
+    for chunk in shared.chunk_range(&io) {
         shared.mark_dirty(chunk);
     }
-    let on = reactor.handle().clone();
+    let epoch = mode.begin_landing();
     inner.pass(
         io,
         Box::new(move |c| {
-            if shared.swaps.load(Ordering::SeqCst) == swaps {
-                return done(c);
-            }
-            // The change set was taken while this write was in flight: its chunks are
-            // marked again for the next one (and put on record first).
-            for chunk in chunks.clone() {
-                shared.mark_dirty(chunk);
-            }
-            let missing: Vec<u64> = match shared.record.get() {
-                Some(record) => chunks.filter(|&ch| !record.has(ch)).collect(),
-                None => Vec::new(),
-            };
-            match shared.record.get().filter(|_| !missing.is_empty()) {
-                Some(record) => record.need(missing, &on, move |r| match r {
-                    Ok(()) => done(c),
-                    Err(e) => done(IoCompletion::err(c.bufs, e)),
-                }),
-                None => done(c),
-            }
+            mode.end_landing(epoch);
+            done(c)
         }),
     );
 }
@@ -522,6 +546,7 @@ fn start_write(
         Arc::clone(s),
         Rc::clone(inner),
         Rc::clone(reactor),
+        Rc::clone(mode),
         io,
         done,
     );
@@ -719,7 +744,6 @@ impl VolumeHandle {
             .iter()
             .map(|w| w.swap(0, Ordering::AcqRel))
             .collect();
-        s.swaps.fetch_add(1, Ordering::SeqCst);
         s.set_active(true, true);
         let base = *s.base.lock().unwrap_or_else(|p| p.into_inner());
         Ok(ChangedChunks { bits, base })
@@ -1133,7 +1157,6 @@ pub fn create_volume(
         owner: OnceLock::new(),
         store: OnceLock::new(),
         released: AtomicBool::new(false),
-        swaps: AtomicU64::new(0),
         resumed: AtomicBool::new(false),
         id: NEXT_VOLUME.fetch_add(1, Ordering::Relaxed),
         modes: Mutex::new(Modes {
