@@ -329,6 +329,16 @@ mod tests {
     }
 
     #[test]
+    fn a_write_that_lands_without_looking_at_the_record_again_is_caught() {
+        let flaws = volume::Flaws {
+            land_without_record: true,
+            ..Default::default()
+        };
+        let (seed, e) = volume_with(flaws).expect("a write off the record went unnoticed");
+        eprintln!("caught at seed {seed}: {e}");
+    }
+
+    #[test]
     fn writes_over_chunks_the_snapshot_is_reading_are_caught() {
         let flaws = volume::Flaws {
             writes_over_reads: true,

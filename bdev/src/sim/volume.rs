@@ -57,6 +57,9 @@ pub(crate) struct Flaws {
     /// snapshot let go ahead and that are still landing (the appliance before this
     /// simulator found it).
     pub(crate) begin_ignores_landing: bool,
+    /// A guarded write that lands without looking at the change record again (the
+    /// appliance before this simulator found it).
+    pub(crate) land_without_record: bool,
 }
 
 /// One run.
@@ -508,7 +511,13 @@ impl World {
                     self.at(t, Ev::Copied { generation, chunk });
                 }
                 Action::Proceed(id) => {
-                    let t = self.between(1, 5);
+                    // Now and then the leave waits behind a busy reactor's mail for
+                    // as long as a whole snapshot takes.
+                    let t = if self.chance(2) {
+                        self.between(20_000, 80_000)
+                    } else {
+                        self.between(1, 5)
+                    };
                     self.at(t, Ev::Land(id));
                 }
                 Action::Fail(id, chunk, reason) => {
@@ -626,14 +635,21 @@ impl World {
         );
     }
 
-    /// As `volume::land`: a guarded write marks its chunks and goes to the volume; a
-    /// begin from now on waits for it (`Mode::landed_before`).
+    /// As `volume::land`: a guarded write marks its chunks, puts back on the change
+    /// record any the record dropped meanwhile (then lands again), and goes to the
+    /// volume; a begin from now on waits for it (`Mode::landed_before`).
     fn land(&mut self, id: u64) {
-        let op = self.ops.get_mut(&id).expect("write");
-        op.guarded = false;
-        for c in op.chunks() {
+        let chunks = self.ops[&id].chunks();
+        for c in chunks.clone() {
             set(&mut self.dirty, c);
         }
+        let missing: Vec<u64> = chunks.filter(|&c| !bit(&self.record.durable, c)).collect();
+        let flaws = self.config.flaws;
+        if !missing.is_empty() && !flaws.ack_before_record && !flaws.land_without_record {
+            self.record.needs.push((missing, Ev::Land(id)));
+            return self.record_maybe();
+        }
+        self.ops.get_mut(&id).expect("write").guarded = false;
         self.send_write(id);
     }
 
@@ -707,6 +723,17 @@ impl World {
 
     fn write_done(&mut self, id: u64) {
         let op = self.ops.remove(&id).expect("write");
+        // The rule of the change record: a write is acknowledged only with its chunks
+        // on it.
+        if let Some(c) = op.chunks().find(|&c| !bit(&self.record.durable, c))
+            && !self.config.flaws.ack_before_record
+        {
+            self.failure.get_or_insert(format!(
+                "write version {} of blocks {}+{} is acknowledged with chunk {c} off the \
+                 change record",
+                op.version, op.first, op.blocks
+            ));
+        }
         let fua = op.kind == Kind::Write { fua: true };
         self.model
             .end_write(op.first, op.blocks, op.version, true, fua);

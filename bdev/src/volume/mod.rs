@@ -11,9 +11,10 @@
 //! Who owns what:
 //! - whether a snapshot runs is one flag written by begin and end and loaded by every
 //!   write (one flag for all reactors, so a write acknowledged after a guarded one is
-//!   guarded too). A write that saw no snapshot counts itself in its reactor's own
-//!   [`Mode`] (plain cells); a begin asks each reactor by message to say when those
-//!   writes are done. Nothing shared is written by a write outside a snapshot, except a
+//!   guarded too). A write that saw no snapshot, and one a snapshot let go ahead,
+//!   counts itself in its reactor's own [`Mode`] (plain cells) while it is on the
+//!   device; a begin asks each reactor by message to say when those it had sent
+//!   before hearing the begin are done. Nothing shared is written by a write outside a snapshot, except a
 //!   chunk's change bit by the first write to the chunk since the last snapshot began
 //!   (one `fetch_or` per chunk per snapshot interval; later writes find it set).
 //! - per-chunk snapshot state (unread, being read, read, being copied, copied, done) is
@@ -241,8 +242,8 @@ impl Mode {
     }
 }
 
-/// One reactor's arrival at a [`Settling`], made when dropped: once its unguarded
-/// writes are done, or when the message carrying it is dropped unrun (a stopped
+/// One reactor's arrival at a [`Settling`], made when dropped: once the writes it
+/// must wait for ([`Mode::settled`]) are done, or when the message carrying it is dropped unrun (a stopped
 /// reactor has no writes left), so a begin is never left waiting for nobody.
 struct Arrival(Arc<Settling>);
 
@@ -320,11 +321,12 @@ impl Shared {
 }
 
 /// Asks every reactor with a channel of the volume to arrive at `settling` once the
-/// writes it issued before seeing the begin of `epoch` are done.
+/// writes it sent to the device before hearing the begin of `epoch`, and those it
+/// issued unguarded, are done.
 fn ask_settle(id: u64, reactors: &[ReactorHandle], epoch: u64, settling: &Arc<Settling>) {
     for to in reactors.iter().cloned() {
-        // Arrives when dropped: at once here, or parked until this reactor's
-        // unguarded writes are done (or with the message, if it is never run).
+        // Arrives when dropped: at once here, or parked until this reactor's writes
+        // to wait for are done (or with the message, if it is never run).
         let arrival = Arrival(Arc::clone(settling));
         deliver(
             to,
@@ -417,11 +419,11 @@ fn guarded_write(
     let chunks = shared.chunk_range(&io);
     let owner = shared.owner.get().cloned();
     let Some(owner) = owner.filter(|_| !chunks.clone().all(|c| shared.is_free(c))) else {
-        return land(shared, inner, mode, io, done);
+        return land(shared, inner, reactor, mode, io, done);
     };
-    let (s, i) = (Arc::clone(&shared), inner);
+    let (s, i, r) = (Arc::clone(&shared), inner, Rc::clone(&reactor));
     let token = park(move |result| match result {
-        Ok(()) => land(s, i, mode, io, done),
+        Ok(()) => land(s, i, r, mode, io, done),
         Err(e) => done(IoCompletion::err(io.bufs, e)),
     });
     let event = Event::Guard {
@@ -434,13 +436,37 @@ fn guarded_write(
 
 /// Lands a write the snapshot (if any) has nothing to keep from. Until it is done, the
 /// next begin this reactor hears waits for it (see [`Mode::landed_before`]).
-fn land(shared: Arc<Shared>, inner: Rc<Channel>, mode: Rc<Mode>, io: BdevIo, done: IoDone) {
-    // Marked, and counted as landing, in one turn of this reactor: a begin that takes
-    // the change set holding these marks is heard here after both, so it waits for
-    // the write to be done before it flushes and reads the chunks. One heard before
-    // the marks finds them in the next change set.
-    for chunk in shared.chunk_range(&io) {
+fn land(
+    shared: Arc<Shared>,
+    inner: Rc<Channel>,
+    reactor: Rc<Reactor>,
+    mode: Rc<Mode>,
+    io: BdevIo,
+    done: IoDone,
+) {
+    // Marked, looked up on the record, and counted as landing in one turn of this
+    // reactor: a begin that takes the change set holding these marks is heard here
+    // after all three, so it waits for the write to be done before it flushes and
+    // reads the chunks; one heard before the marks finds them in the next change set.
+    let chunks = shared.chunk_range(&io);
+    for chunk in chunks.clone() {
         shared.mark_dirty(chunk);
+    }
+    // The record is looked at after the marks (compaction relies on that order). A
+    // write that waited at the owner, or for its leave, while a whole snapshot began,
+    // read and was catalogued may find its chunks dropped from the record since
+    // `start_write` looked: they go back on first, and it lands marked again.
+    let missing: Vec<u64> = match shared.record.get() {
+        Some(record) => chunks.filter(|&c| !record.has(c)).collect(),
+        None => Vec::new(),
+    };
+    if let Some(record) = shared.record.get().filter(|_| !missing.is_empty()) {
+        let on = reactor.handle().clone();
+        let s = Arc::clone(&shared);
+        return record.need(missing, &on, move |r| match r {
+            Ok(()) => land(s, inner, reactor, mode, io, done),
+            Err(e) => done(IoCompletion::err(io.bufs, e)),
+        });
     }
     let epoch = mode.begin_landing();
     inner.pass(
@@ -710,8 +736,11 @@ impl VolumeHandle {
 
     /// Starts a point-in-time snapshot: from now on, writes preserve unread chunks.
     /// Returns the chunks changed since the previous snapshot began (and starts a new
-    /// change set). Writes that started before it may still be running: the snapshot
-    /// point is once they are done ([`Self::writes_settle`], then [`Self::settle`]).
+    /// change set). Writes on the device when it began may still be running: the
+    /// snapshot point is once they are done ([`Self::writes_settle`], then
+    /// [`Self::settle`]). A guarded write of the snapshot before still waiting for its
+    /// leave is not waited for: it lands in this snapshot or not, block by block, as it
+    /// would at a power cut.
     /// `on` owns the volume's snapshot state if no reactor does yet. Waits first for
     /// copies of an earlier snapshot still being written (they carry its token).
     pub async fn begin_snapshot(&self, on: &ReactorHandle) -> Result<ChangedChunks, BdevError> {
@@ -844,8 +873,8 @@ impl VolumeHandle {
         }
     }
 
-    /// Whether every write that started before [`Self::begin_snapshot`] has finished;
-    /// the snapshot waits for this, then calls [`Self::settle`].
+    /// Whether every write on the device when [`Self::begin_snapshot`] began has
+    /// finished; the snapshot waits for this, then calls [`Self::settle`].
     pub fn writes_settled(&self) -> bool {
         self.shared
             .settling
@@ -854,7 +883,7 @@ impl VolumeHandle {
             .settled()
     }
 
-    /// Resolves once every write that started before [`Self::begin_snapshot`] has
+    /// Resolves once every write on the device when [`Self::begin_snapshot`] began has
     /// finished (the event [`Self::writes_settled`] looks at).
     pub async fn writes_settle(&self) {
         let settling = Arc::clone(
