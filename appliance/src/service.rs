@@ -2163,7 +2163,10 @@ impl Service {
 
     /// Re-wraps the data key of every catalogued snapshot under key `to` (which must be
     /// configured, like the keys they are wrapped under now): after it, the old key
-    /// can be retired from the configuration.
+    /// can be retired from the configuration. Only in volume places this appliance
+    /// owns: the snapshots of a volume another appliance adopted are that one's to
+    /// rotate (they are listed as skipped, with the owner). Each manifest is replaced
+    /// only if it did not change since it was read (read again and retried if it did).
     pub fn key_rotate(&self, to: &str) -> anyhow::Result<Value> {
         let new = self
             .settings
@@ -2173,12 +2176,47 @@ impl Service {
             .ok_or_else(|| Refusal::NotFound(format!("no key named {}", shown(to))))?
             .clone();
         let snaps = self.inner().catalogue.snapshots.clone();
+        let me = self.me();
         let mut rewrapped = 0;
+        let mut skipped = Vec::new();
+        // Who owns each volume place (store, prefix) met, looked up once.
+        let mut owners: std::collections::HashMap<(String, String), Option<ox::bucket::Appliance>> =
+            Default::default();
         // Each catalogued snapshot and every ancestor it builds on (a retired one stays
         // as an ancestor, and loading needs its key too), each once.
         let mut done: std::collections::HashSet<(String, String)> = Default::default();
         for snap in &snaps {
             let spec = self.store(&snap.store)?.clone();
+            let own = bucket::prefix_of(&snap.manifest_key)?;
+            let place = (snap.store.clone(), own.clone());
+            if !owners.contains_key(&place) {
+                let (spec, prefix) = (spec.clone(), own.clone());
+                let owner = self
+                    .cores
+                    .run(move |ex| {
+                        Box::pin(async move {
+                            let store = spec.open(&ex)?;
+                            Ok::<_, ox::OxError>(
+                                ox::bucket::head(&*store, &prefix).await?.map(|h| h.owner),
+                            )
+                        })
+                    })?
+                    .with_context(|| format!("the owner of snapshot {}'s volume", snap.id))?;
+                owners.insert(place.clone(), owner);
+            }
+            let elsewhere = owners
+                .get(&place)
+                .cloned()
+                .flatten()
+                .filter(|o| o.id != me.id);
+            if let Some(owner) = elsewhere {
+                skipped.push(json!({
+                    "snapshot": snap.id,
+                    "volume": snap.volume,
+                    "owner": { "id": owner.id, "name": owner.name },
+                }));
+                continue;
+            }
             let lineage = {
                 let (spec, key) = (spec.clone(), snap.manifest_key.clone());
                 self.cores
@@ -2193,7 +2231,6 @@ impl Service {
             };
             // Only manifests in this volume's own place: an ancestor another appliance's
             // volume keeps (a volume over its snapshot) is that appliance's to rotate.
-            let own = bucket::prefix_of(&snap.manifest_key)?;
             let all = std::iter::once((snap.id.clone(), snap.manifest_key.clone()))
                 .chain(lineage.into_iter().map(|a| (a.snapshot, a.manifest)))
                 .filter(|(_, m)| m.starts_with(&own));
@@ -2212,16 +2249,25 @@ impl Service {
                     .run(move |ex| {
                         Box::pin(async move {
                             let store = spec.open(&ex)?;
-                            let mut m = ox::format::Manifest::from_bytes(&store.get(&key).await?)?;
-                            let Some(wrapped) = &m.key else {
-                                return Ok(false);
-                            };
-                            if wrapped.kek_id == new.id {
-                                return Ok(false);
+                            let mut attempts = 0;
+                            loop {
+                                let (bytes, tag) = store.get_tagged(&key).await?;
+                                let mut m = ox::format::Manifest::from_bytes(&bytes)?;
+                                let Some(wrapped) = &m.key else {
+                                    return Ok(false);
+                                };
+                                if wrapped.kek_id == new.id {
+                                    return Ok(false);
+                                }
+                                m.key = Some(ox::keys::rewrap(&keks, wrapped, &new, &id)?);
+                                match store.put_if_match(&key, m.to_bytes(), tag.as_deref()).await {
+                                    Err(ox::OxError::AlreadyExists { .. }) if attempts < 3 => {
+                                        // Changed since it was read: read it again.
+                                        attempts += 1;
+                                    }
+                                    other => return other.map(|()| true),
+                                }
                             }
-                            m.key = Some(ox::keys::rewrap(&keks, wrapped, &new, &id)?);
-                            store.put(&key, m.to_bytes()).await?;
-                            Ok::<_, ox::OxError>(true)
                         })
                     })?
                     .with_context(|| format!("snapshot {}", snap.id))?;
@@ -2231,7 +2277,12 @@ impl Service {
                 rewrapped += u64::from(changed);
             }
         }
-        Ok(json!({ "key": to, "snapshots": snaps.len(), "rewrapped": rewrapped }))
+        Ok(json!({
+            "key": to,
+            "snapshots": snaps.len(),
+            "rewrapped": rewrapped,
+            "skipped": skipped,
+        }))
     }
 
     /// Creates the clones the configuration declares that the catalogue lacks, and

@@ -638,6 +638,18 @@ fn two_appliances_never_write_one_volume_into_one_bucket() {
         String::from_utf8_lossy(&job.stderr)
     );
     assert!(out.contains("belongs to appliance"), "{out}");
+    // Nor does A rewrite the manifests of db's snapshots to rotate keys: they are in
+    // C's place now, and listed as skipped with C as their owner.
+    let rotated = a.ok(&["key", "rotate", "k1"]);
+    let skipped = rotated["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 2, "{rotated}");
+    assert!(
+        skipped
+            .iter()
+            .all(|s| s["owner"]["id"] == "c0000000-0000-4000-8000-000000000000"),
+        "{rotated}"
+    );
+    assert_eq!(rotated["rewrapped"], 0, "{rotated}");
     // (More than the 3 a browse shows by default: a 4th would be the refused one.)
     let seen = c.ok(&["store", "browse", "s3", "--limit", "10"]);
     let db = &seen["volumes"][0];
