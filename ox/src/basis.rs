@@ -451,7 +451,13 @@ impl Basis for ObjectBasis {
                 inner.fetch_batch(ex, batch, reason).await;
             })
         });
-        submit_or_retry(Arc::clone(&self.inner.cores), job, waiting, 0);
+        if self.inner.cores.submit_soon(job).is_err() {
+            // The cores have stopped: whatever the job did not take is answered here.
+            let batch = std::mem::take(&mut *waiting.lock().unwrap_or_else(|p| p.into_inner()));
+            for (_, d) in batch {
+                d(Err(FetchError::Failed("the OX cores have stopped".into())));
+            }
+        }
     }
 }
 
@@ -469,30 +475,5 @@ pub fn fetch_error(e: OxError) -> FetchError {
             FetchError::Unavailable(e.to_string())
         }
         _ => FetchError::Failed(e.to_string()),
-    }
-}
-
-/// Queues a fetch; when the OX queue is full, tries again shortly from the reactor's
-/// timer (back-pressure without blocking the reactor), and gives up with an error
-/// after about a second.
-fn submit_or_retry(cores: Arc<OxCores>, job: crate::cores::Job, done: Waiting, attempt: u32) {
-    let Err(job) = cores.try_submit(job) else {
-        return;
-    };
-    match reactor::current() {
-        Some(r) if attempt < 10_000 => {
-            r.after(std::time::Duration::from_micros(100), move || {
-                submit_or_retry(cores, job, done, attempt + 1)
-            });
-        }
-        _ => {
-            drop(job);
-            let batch = std::mem::take(&mut *done.lock().unwrap_or_else(|p| p.into_inner()));
-            for (_, d) in batch {
-                d(Err(FetchError::Failed(
-                    "the OX fetch queue stayed full".into(),
-                )));
-            }
-        }
     }
 }

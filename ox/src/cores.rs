@@ -1,7 +1,8 @@
 //! OX cores: dedicated threads, pinned like reactors but separate from them, each
 //! running a single-threaded async-io executor. Object-store I/O, zstd and AES run
 //! here, never on a reactor. Work arrives as jobs on a bounded channel; a full channel
-//! is back-pressure for the sender.
+//! is back-pressure for the sender — or, for a sender that must not wait (a reactor),
+//! the job goes to a courier thread that hands it over the moment there is room.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +21,9 @@ pub type Job =
 pub struct OxCores {
     tx: async_channel::Sender<Job>,
     threads: Vec<JoinHandle<()>>,
+    /// Jobs the queue had no room for, on their way to it ([`Self::submit_soon`]).
+    courier: Option<std::sync::mpsc::Sender<Job>>,
+    courier_thread: Option<JoinHandle<()>>,
 }
 
 impl OxCores {
@@ -53,7 +57,43 @@ impl OxCores {
                 .map_err(|e| OxError::Config(format!("starting OX core {i}: {e}")))?;
             threads.push(t);
         }
-        Ok(Self { tx, threads })
+        // Waits for room on behalf of senders that must not (woken by room, never by
+        // a timer); ends when the cores stop or the last sender is gone.
+        let (courier, held) = std::sync::mpsc::channel::<Job>();
+        let to = tx.clone();
+        let courier_thread = std::thread::Builder::new()
+            .name("ox-courier".into())
+            .spawn(move || {
+                for job in held {
+                    if to.send_blocking(job).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| OxError::Config(format!("starting the OX courier: {e}")))?;
+        Ok(Self {
+            tx,
+            threads,
+            courier: Some(courier),
+            courier_thread: Some(courier_thread),
+        })
+    }
+
+    /// Queues `job` without waiting: at once if the queue has room, else through the
+    /// courier, which hands it over as soon as it has (jobs queued this way may be
+    /// overtaken by later ones). An error only once the cores have stopped.
+    pub fn submit_soon(&self, job: Job) -> Result<(), OxError> {
+        let stopped = || OxError::Config("OX cores have stopped".into());
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(async_channel::TrySendError::Full(job)) => self
+                .courier
+                .as_ref()
+                .ok_or_else(stopped)?
+                .send(job)
+                .map_err(|_| stopped()),
+            Err(async_channel::TrySendError::Closed(_)) => Err(stopped()),
+        }
     }
 
     /// Queues `job`, waiting if the queue is full.
@@ -86,7 +126,16 @@ impl OxCores {
 
     /// Stops accepting jobs, lets queued and running ones finish, joins the threads.
     pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
         self.tx.close();
+        // The courier ends too: its sends fail once the queue is closed.
+        drop(self.courier.take());
+        if let Some(t) = self.courier_thread.take() {
+            let _ = t.join();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -95,10 +144,7 @@ impl OxCores {
 
 impl Drop for OxCores {
     fn drop(&mut self) {
-        self.tx.close();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
@@ -107,6 +153,42 @@ mod tests {
     use super::*;
     use crate::store::ObjectStore;
     use crate::store::local::LocalStore;
+
+    #[test]
+    fn jobs_a_full_queue_turns_away_wait_for_room_and_all_run() {
+        let cores = OxCores::start(&[None], 1).unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (ran, arrivals) = std::sync::mpsc::channel::<usize>();
+        // The one core is busy until told, so the queue (room for one) fills.
+        cores
+            .submit_soon(Box::new(move |_ex| {
+                Box::pin(async move {
+                    let _ = held.recv();
+                })
+            }))
+            .unwrap();
+        for i in 0..50 {
+            let ran = ran.clone();
+            cores
+                .submit_soon(Box::new(move |_ex| {
+                    Box::pin(async move {
+                        let _ = ran.send(i);
+                    })
+                }))
+                .unwrap();
+        }
+        release.send(()).unwrap();
+        let mut seen: Vec<usize> = (0..50)
+            .map(|_| {
+                arrivals
+                    .recv_timeout(std::time::Duration::from_secs(60))
+                    .unwrap()
+            })
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        cores.shutdown();
+    }
 
     #[test]
     fn jobs_run_on_ox_threads_not_the_caller() {

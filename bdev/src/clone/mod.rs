@@ -508,22 +508,16 @@ fn unmap_as_zeroes(local: &Rc<Channel>, io: BdevIo, done: IoDone) {
 }
 
 /// Asks the journal to make `chunks` durable, then to release `token` on `reactor`.
-/// A full journal queue is retried on a timer; a journal that is gone fails the token.
+/// A journal that is gone fails the token.
 fn request_durable(shared: &Arc<Shared>, chunks: Vec<u64>, reactor: &Rc<Reactor>, token: u64) {
     let Some(journal) = &shared.journal else {
         return unpark(token, Ok(()));
     };
     match journal
         .tx
-        .try_send(Note::Need(chunks, reactor.handle().clone(), token))
+        .send(Note::Need(chunks, reactor.handle().clone(), token))
     {
         Ok(()) => {}
-        Err(crossbeam_channel::TrySendError::Full(Note::Need(chunks, _, _))) => {
-            let (s, r) = (Arc::clone(shared), Rc::clone(reactor));
-            reactor.after(std::time::Duration::from_micros(100), move || {
-                request_durable(&s, chunks, &r, token);
-            });
-        }
         Err(_) => unpark(
             token,
             Err(BdevError::Presence {
@@ -849,7 +843,9 @@ fn build(
             }
             let presence: Arc<[AtomicU64]> = present.iter().map(|&w| AtomicU64::new(w)).collect();
             let durable: Arc<[AtomicU64]> = present.iter().map(|&w| AtomicU64::new(w)).collect();
-            let (tx, rx) = crossbeam_channel::bounded(16384);
+            // Unbounded: what waits in it is bounded by the clone's writes and fetches
+            // in flight, and a write waiting for the record must never be turned away.
+            let (tx, rx) = crossbeam_channel::unbounded();
             let work = JournalWork {
                 rx,
                 files,
