@@ -301,6 +301,19 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The appliance other than `me` that owns the volume place `prefix` (its head record
+/// names it), if any.
+async fn owned_elsewhere(
+    store: &dyn ox::store::ObjectStore,
+    prefix: &str,
+    me: &str,
+) -> Result<Option<ox::bucket::Appliance>, ox::OxError> {
+    Ok(ox::bucket::head(store, prefix)
+        .await?
+        .map(|h| h.owner)
+        .filter(|o| o.id != me))
+}
+
 impl Service {
     /// Replaces the hosts' DH-HMAC-CHAP secrets used for exports made from now on
     /// (the target's live subsystems are updated by the caller).
@@ -2179,37 +2192,24 @@ impl Service {
         let me = self.me();
         let mut rewrapped = 0;
         let mut skipped = Vec::new();
-        // Who owns each volume place (store, prefix) met, looked up once.
-        let mut owners: std::collections::HashMap<(String, String), Option<ox::bucket::Appliance>> =
-            Default::default();
         // Each catalogued snapshot and every ancestor it builds on (a retired one stays
         // as an ancestor, and loading needs its key too), each once.
         let mut done: std::collections::HashSet<(String, String)> = Default::default();
         for snap in &snaps {
             let spec = self.store(&snap.store)?.clone();
             let own = bucket::prefix_of(&snap.manifest_key)?;
-            let place = (snap.store.clone(), own.clone());
-            if !owners.contains_key(&place) {
-                let (spec, prefix) = (spec.clone(), own.clone());
-                let owner = self
-                    .cores
+            let owner = {
+                let (spec, prefix, me) = (spec.clone(), own.clone(), me.id.clone());
+                self.cores
                     .run(move |ex| {
                         Box::pin(async move {
                             let store = spec.open(&ex)?;
-                            Ok::<_, ox::OxError>(
-                                ox::bucket::head(&*store, &prefix).await?.map(|h| h.owner),
-                            )
+                            owned_elsewhere(&*store, &prefix, &me).await
                         })
                     })?
-                    .with_context(|| format!("the owner of snapshot {}'s volume", snap.id))?;
-                owners.insert(place.clone(), owner);
-            }
-            let elsewhere = owners
-                .get(&place)
-                .cloned()
-                .flatten()
-                .filter(|o| o.id != me.id);
-            if let Some(owner) = elsewhere {
+                    .with_context(|| format!("the owner of snapshot {}'s volume", snap.id))?
+            };
+            if let Some(owner) = owner {
                 skipped.push(json!({
                     "snapshot": snap.id,
                     "volume": snap.volume,
@@ -2238,11 +2238,13 @@ impl Service {
                 if !done.insert((snap.store.clone(), manifest.clone())) {
                     continue;
                 }
-                let (keks, key, new, spec) = (
+                let (keks, key, new, spec, prefix, me) = (
                     self.settings.keys.clone(),
                     manifest.clone(),
                     new.clone(),
                     spec.clone(),
+                    own.clone(),
+                    me.id.clone(),
                 );
                 let changed = self
                     .cores
@@ -2251,7 +2253,16 @@ impl Service {
                             let store = spec.open(&ex)?;
                             let mut attempts = 0;
                             loop {
-                                let (bytes, tag) = store.get_tagged(&key).await?;
+                                // Looked at again just before each write: an adoption
+                                // since the first look stops the rotation of its place.
+                                if owned_elsewhere(&*store, &prefix, &me).await?.is_some() {
+                                    return Ok(false);
+                                }
+                                let (bytes, tag) = match store.get_tagged(&key).await {
+                                    // Deleted meanwhile (retention): nothing to re-wrap.
+                                    Err(ox::OxError::NotFound { .. }) => return Ok(false),
+                                    other => other?,
+                                };
                                 let mut m = ox::format::Manifest::from_bytes(&bytes)?;
                                 let Some(wrapped) = &m.key else {
                                     return Ok(false);
@@ -2260,11 +2271,14 @@ impl Service {
                                     return Ok(false);
                                 }
                                 m.key = Some(ox::keys::rewrap(&keks, wrapped, &new, &id)?);
+                                // Conditional where the store gives version tags (S3's
+                                // ETags); without one (a local directory) it replaces.
                                 match store.put_if_match(&key, m.to_bytes(), tag.as_deref()).await {
                                     Err(ox::OxError::AlreadyExists { .. }) if attempts < 3 => {
                                         // Changed since it was read: read it again.
                                         attempts += 1;
                                     }
+                                    Err(ox::OxError::NotFound { .. }) => return Ok(false),
                                     other => return other.map(|()| true),
                                 }
                             }

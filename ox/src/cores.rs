@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_executor::LocalExecutor;
@@ -23,6 +24,10 @@ pub struct OxCores {
     threads: Vec<JoinHandle<()>>,
     /// Jobs the queue had no room for, on their way to it ([`Self::submit_soon`]).
     courier: Option<std::sync::mpsc::Sender<Job>>,
+    /// Jobs with the courier: while any are, later ones queue behind them, so none
+    /// waits for ever behind senders that keep finding room first. (A shared count, on
+    /// a cold miss's path only: one atomic add per fetch sent, next to a GET.)
+    held: Arc<std::sync::atomic::AtomicUsize>,
     courier_thread: Option<JoinHandle<()>>,
 }
 
@@ -59,15 +64,17 @@ impl OxCores {
         }
         // Waits for room on behalf of senders that must not (woken by room, never by
         // a timer); ends when the cores stop or the last sender is gone.
-        let (courier, held) = std::sync::mpsc::channel::<Job>();
-        let to = tx.clone();
+        let (courier, jobs) = std::sync::mpsc::channel::<Job>();
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (to, count) = (tx.clone(), Arc::clone(&held));
         let courier_thread = std::thread::Builder::new()
             .name("ox-courier".into())
             .spawn(move || {
-                for job in held {
+                for job in jobs {
                     if to.send_blocking(job).is_err() {
                         return;
                     }
+                    count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 }
             })
             .map_err(|e| OxError::Config(format!("starting the OX courier: {e}")))?;
@@ -75,25 +82,32 @@ impl OxCores {
             tx,
             threads,
             courier: Some(courier),
+            held,
             courier_thread: Some(courier_thread),
         })
     }
 
-    /// Queues `job` without waiting: at once if the queue has room, else through the
-    /// courier, which hands it over as soon as it has (jobs queued this way may be
-    /// overtaken by later ones). An error only once the cores have stopped.
+    /// Queues `job` without waiting: at once if the queue has room and nothing waits
+    /// for it, else through the courier, which hands jobs over in order as soon as
+    /// there is room. An error only once the cores have stopped.
     pub fn submit_soon(&self, job: Job) -> Result<(), OxError> {
+        use std::sync::atomic::Ordering;
         let stopped = || OxError::Config("OX cores have stopped".into());
-        match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(async_channel::TrySendError::Full(job)) => self
-                .courier
-                .as_ref()
-                .ok_or_else(stopped)?
-                .send(job)
-                .map_err(|_| stopped()),
-            Err(async_channel::TrySendError::Closed(_)) => Err(stopped()),
-        }
+        let job = if self.held.load(Ordering::Acquire) == 0 {
+            match self.tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(async_channel::TrySendError::Full(job)) => job,
+                Err(async_channel::TrySendError::Closed(_)) => return Err(stopped()),
+            }
+        } else {
+            job
+        };
+        let courier = self.courier.as_ref().ok_or_else(stopped)?;
+        self.held.fetch_add(1, Ordering::AcqRel);
+        courier.send(job).map_err(|_| {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+            stopped()
+        })
     }
 
     /// Queues `job`, waiting if the queue is full.

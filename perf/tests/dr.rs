@@ -580,14 +580,19 @@ fn two_appliances_never_write_one_volume_into_one_bucket() {
     let (config_a, a) = appliance(&d.join("a"), free_port(), &store, &kek);
     let mut oxd_a = start_oxd(&config_a);
     a.ok(&["volume", "create", "db", "--size-mib", "16"]);
-    assert_eq!(
-        a.ok(&["snapshot", "create", "db", "--store", "s3"])["state"],
-        "done"
-    );
+    let first = a.ok(&["snapshot", "create", "db", "--store", "s3"]);
+    assert_eq!(first["state"], "done", "{first}");
     // A second appliance made from a copy of A's state (a restored backup, a copied
     // disk) while A lives on: the same volume, another appliance.
     oxd_a.child.kill().unwrap();
     oxd_a.child.wait().unwrap();
+    // A restarts with a second key (k1 stays first: new snapshots use it), which C
+    // does not have.
+    let k2 = d.join("k2");
+    write_private(&k2, &"17".repeat(32));
+    let mut text = std::fs::read_to_string(&config_a).unwrap();
+    text.push_str(&format!("[[key]]\nname = \"k2\"\nfile = {k2:?}\n"));
+    std::fs::write(&config_a, text).unwrap();
     copy_dir(&d.join("a").join("state"), &d.join("c").join("state"));
     let catalogue = d.join("c").join("state").join("catalogue.json");
     let mut c_state: serde_json::Value =
@@ -639,8 +644,9 @@ fn two_appliances_never_write_one_volume_into_one_bucket() {
     );
     assert!(out.contains("belongs to appliance"), "{out}");
     // Nor does A rewrite the manifests of db's snapshots to rotate keys: they are in
-    // C's place now, and listed as skipped with C as their owner.
-    let rotated = a.ok(&["key", "rotate", "k1"]);
+    // C's place now, and listed as skipped with C as their owner — and C, which has no
+    // k2, still reads them.
+    let rotated = a.ok(&["key", "rotate", "k2"]);
     let skipped = rotated["skipped"].as_array().unwrap();
     assert_eq!(skipped.len(), 2, "{rotated}");
     assert!(
@@ -650,6 +656,9 @@ fn two_appliances_never_write_one_volume_into_one_bucket() {
         "{rotated}"
     );
     assert_eq!(rotated["rewrapped"], 0, "{rotated}");
+    let id = first["result"]["id"].as_str().unwrap();
+    let checked = c.ok(&["snapshot", "verify", id]);
+    assert_eq!(checked["state"], "done", "{checked}");
     // (More than the 3 a browse shows by default: a 4th would be the refused one.)
     let seen = c.ok(&["store", "browse", "s3", "--limit", "10"]);
     let db = &seen["volumes"][0];

@@ -122,8 +122,8 @@ impl fmt::Display for Stats {
         write!(
             f,
             "{} events, {} host operations ({} reads, {} failed, {} writes acknowledged, {} \
-             failed, {} flushes), {} blocks checked in reads, {} power cuts ({} mid-record, {} sectors \
-             lost), {} blocks checked after cuts, {} fetches ({} store faults, {} fetches \
+             failed, {} flushes), {} blocks checked in reads, {} power cuts ({} mid-record, \
+             {} sectors lost), {} blocks checked after cuts, {} fetches ({} store faults, {} fetches \
              failed), {} reads served from fetched bytes, {} chunks claimed whole, {} \
              commits, {} checkpoints, {} chunks thickened",
             self.events,

@@ -14,9 +14,10 @@
 //!   guarded too). A write that saw no snapshot, and one a snapshot let go ahead,
 //!   counts itself in its reactor's own [`Mode`] (plain cells) while it is on the
 //!   device; a begin asks each reactor by message to say when those it had sent
-//!   before hearing the begin are done. Nothing shared is written by a write outside a snapshot, except a
-//!   chunk's change bit by the first write to the chunk since the last snapshot began
-//!   (one `fetch_or` per chunk per snapshot interval; later writes find it set).
+//!   before hearing the begin are done. Nothing shared is written by a write outside
+//!   a snapshot, except a chunk's change bit by the first write to the chunk since the
+//!   last snapshot began (one `fetch_or` per chunk per snapshot interval; later writes
+//!   find it set).
 //! - per-chunk snapshot state (unread, being read, read, being copied, copied, done) is
 //!   owned by one reactor, the volume's owner (`owner`), as an explicit state per chunk
 //!   in a core with no I/O inside (`core`). Writes on any reactor and the snapshot's
@@ -243,8 +244,9 @@ impl Mode {
 }
 
 /// One reactor's arrival at a [`Settling`], made when dropped: once the writes it
-/// must wait for ([`Mode::settled`]) are done, or when the message carrying it is dropped unrun (a stopped
-/// reactor has no writes left), so a begin is never left waiting for nobody.
+/// must wait for ([`Mode::settled`]) are done, or when the message carrying it is
+/// dropped unrun (a stopped reactor has no writes left), so a begin is never left
+/// waiting for nobody.
 struct Arrival(Arc<Settling>);
 
 impl Drop for Arrival {
