@@ -1,0 +1,162 @@
+//! The S3 store against a third, independent server: s3rver (a Node.js S3 server: its
+//! own XML, multipart, ranges and errors). It checks a request's access key
+//! (`S3RVER`), its SigV4 headers and its clock, but not SigV4 signatures themselves
+//! (unimplemented there). The store's own requests, and a whole snapshot written to it
+//! and read back through a clone.
+//!
+//! Needs s3rver (`scripts/install-test-deps` installs it into ~/.cache/ox-s3rver).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::Duration;
+
+use async_executor::LocalExecutor;
+use ox::OxError;
+use ox::store::ObjectStore;
+use ox::store::s3::{CredentialSource, S3Config, S3Store, Signing};
+use support::{clone_s3, env, filled_volume, options, read, snapshot_s3};
+
+/// An s3rver on a free port with bucket `ox-test`, stopped when dropped.
+struct S3rver {
+    child: Child,
+    port: u16,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for S3rver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where `scripts/install-test-deps` puts it (`OX_S3RVER` overrides).
+fn s3rver_bin() -> PathBuf {
+    std::env::var_os("OX_S3RVER").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".cache/ox-s3rver/node_modules/.bin/s3rver")
+        },
+        PathBuf::from,
+    )
+}
+
+fn start() -> S3rver {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = tempfile::tempdir().unwrap();
+    let bin = s3rver_bin();
+    let mut child = Command::new(&bin)
+        .arg("-d")
+        .arg(data.path())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--silent"])
+        .args(["--configure-bucket", "ox-test"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} not started ({e}): scripts/install-test-deps installs it",
+                bin.display()
+            )
+        });
+    // Ready once it accepts connections.
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("s3rver exited: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    S3rver {
+        child,
+        port,
+        _data: data,
+    }
+}
+
+fn config(s: &S3rver, key: &str, signing: Signing) -> S3Config {
+    let mut c = S3Config::new(
+        format!("http://127.0.0.1:{}", s.port).parse().unwrap(),
+        "ox-test",
+        "us-east-1",
+        CredentialSource::Static {
+            access_key: key.into(),
+            secret_key: "S3RVER".into(),
+        },
+    );
+    c.allow_http = true;
+    c.signing = signing;
+    c.retries = 1;
+    c.backoff = Duration::from_millis(10);
+    c.multipart_threshold = 6 << 20;
+    c.part_size = 5 << 20;
+    c
+}
+
+fn run<T>(f: impl AsyncFnOnce(Rc<LocalExecutor<'static>>) -> T) -> T {
+    let ex = Rc::new(LocalExecutor::new());
+    async_io::block_on(ex.run(f(Rc::clone(&ex))))
+}
+
+#[test]
+fn s3rver_takes_what_the_store_sends_and_refuses_an_unknown_key() {
+    let server = start();
+    run(async |ex| {
+        for signing in [Signing::Headers, Signing::Query] {
+            let s = S3Store::new(config(&server, "S3RVER", signing), Rc::clone(&ex)).unwrap();
+            let small: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            s.put("vol/ox1/d/a", small.clone()).await.unwrap();
+            assert_eq!(s.get("vol/ox1/d/a").await.unwrap(), small);
+            assert_eq!(
+                s.get_range("vol/ox1/d/a", 1000, 5000).await.unwrap(),
+                &small[1000..6000]
+            );
+            // Multipart: 11 MiB in three parts.
+            let big: Vec<u8> = (0..11u32 << 20).map(|i| (i % 239) as u8).collect();
+            s.put("vol/ox1/d/big", big.clone()).await.unwrap();
+            assert!(s.get("vol/ox1/d/big").await.unwrap() == big);
+            s.put_new("vol/ox1/m/x", vec![1]).await.unwrap();
+            // s3rver ignores the condition of a create (If-None-Match): a second one
+            // replaces the first, as OPERATIONS.md's table of servers says.
+            s.put_new("vol/ox1/m/x", vec![2]).await.unwrap();
+            assert_eq!(s.get("vol/ox1/m/x").await.unwrap(), [2]);
+            let listed = s.list("vol/ox1/").await.unwrap();
+            assert_eq!(
+                listed,
+                ["vol/ox1/d/a", "vol/ox1/d/big", "vol/ox1/m/x"],
+                "{signing:?}"
+            );
+            s.delete(&listed).await.unwrap();
+            assert!(s.list("vol/").await.unwrap().is_empty());
+            assert!(matches!(
+                s.get("vol/ox1/d/a").await,
+                Err(OxError::NotFound { .. })
+            ));
+        }
+        // A key the server does not know is refused, not retried.
+        let bad = S3Store::new(config(&server, "NOBODY", Signing::Headers), ex).unwrap();
+        let e = bad.put("vol/ox1/d/b", vec![1]).await.unwrap_err();
+        assert!(matches!(e, OxError::Refused { status: 403, .. }), "{e}");
+    });
+}
+
+#[test]
+fn a_snapshot_written_to_s3rver_reads_back_through_a_clone() {
+    let server = start();
+    let config = config(&server, "S3RVER", Signing::Headers);
+    let env = env();
+    let size = 16 << 20;
+    let (_vol, handle, image) = filled_volume(&env, size, 29);
+    let report = snapshot_s3(&env, &config, &handle, None, options(&env));
+    let (clone, _, _) = clone_s3(&env, &config, &report.manifest_key, "c", size);
+    assert!(read(&env, &clone, 0, size) == image, "the clone differs");
+    env.set.shutdown().unwrap();
+}
