@@ -117,7 +117,15 @@ fn decode_base(path: &Path, bytes: &[u8]) -> Result<Option<[u8; 16]>, BdevError>
     }
 }
 
-impl DirtyRecord {
+/// The record's files and the steps that change them, in the order a crash relies on.
+/// Owned by the record's thread (and run by the deterministic simulator, `crate::sim`).
+pub(crate) struct RecordFiles {
+    medium: Arc<dyn Medium>,
+    files: PresenceFiles,
+    base_path: PathBuf,
+}
+
+impl RecordFiles {
     /// Opens the record at `path` for a volume of `chunks` chunks, or makes one
     /// holding `initial` (relative to no snapshot) if there is none.
     pub(crate) fn open(
@@ -146,13 +154,66 @@ impl DirtyRecord {
                 .map_err(|e| damaged(&bp, e.to_string()))?;
             None
         };
-        let durable: Arc<[AtomicU64]> = bits.iter().map(|&w| AtomicU64::new(w)).collect();
+        let opened = Opened {
+            bits,
+            base,
+            existed,
+        };
+        Ok((
+            Self {
+                medium,
+                files,
+                base_path: bp,
+            },
+            opened,
+        ))
+    }
+
+    /// Puts `batch` on record, one sync for all: appended, or in a checkpoint of
+    /// `durable` (the words on record now) with it when the log has grown.
+    pub(crate) fn commit(&mut self, durable: &[u64], batch: &[u64]) -> Result<(), BdevError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if self.files.wants_checkpoint() {
+            let mut words = durable.to_vec();
+            for &c in batch {
+                words[(c / 64) as usize] |= 1 << (c % 64);
+            }
+            self.files.checkpoint(&words)
+        } else {
+            self.files.append(batch)
+        }
+    }
+
+    /// Makes the record relative to `base` and holding `keep`: the base first, so a
+    /// crash in between leaves the old set, a superset of what changed since `base`.
+    pub(crate) fn compact(
+        &mut self,
+        base: Option<[u8; 16]>,
+        keep: &[u64],
+    ) -> Result<(), BdevError> {
+        crate::medium::replace_file(&*self.medium, &self.base_path, &encode_base(base))
+            .map_err(|e| damaged(&self.base_path, e.to_string()))?;
+        self.files.checkpoint(keep)
+    }
+}
+
+impl DirtyRecord {
+    /// Opens the record at `path` for a volume of `chunks` chunks, or makes one
+    /// holding `initial` (relative to no snapshot) if there is none.
+    pub(crate) fn open(
+        medium: Arc<dyn Medium>,
+        path: &Path,
+        chunks: u64,
+        initial: &[u64],
+    ) -> Result<(Self, Opened), BdevError> {
+        let (files, opened) = RecordFiles::open(medium, path, chunks, initial)?;
+        let durable: Arc<[AtomicU64]> = opened.bits.iter().map(|&w| AtomicU64::new(w)).collect();
         let (tx, rx) = crossbeam_channel::unbounded();
         let work = Work {
             rx,
-            medium,
             files,
-            base_path: bp,
             durable: Arc::clone(&durable),
         };
         let thread = std::thread::Builder::new()
@@ -165,11 +226,7 @@ impl DirtyRecord {
                 durable,
                 thread: Some(thread),
             },
-            Opened {
-                bits,
-                base,
-                existed,
-            },
+            opened,
         ))
     }
 
@@ -242,9 +299,7 @@ impl Drop for DirtyRecord {
 /// Everything the record's thread owns.
 struct Work {
     rx: crossbeam_channel::Receiver<Note>,
-    medium: Arc<dyn Medium>,
-    files: PresenceFiles,
-    base_path: PathBuf,
+    files: RecordFiles,
     durable: Arc<[AtomicU64]>,
 }
 
@@ -281,22 +336,12 @@ impl Work {
             .collect();
         batch.sort_unstable();
         batch.dedup();
-        let result = if batch.is_empty() {
-            Ok(())
-        } else if self.files.wants_checkpoint() {
-            let mut words: Vec<u64> = self
-                .durable
-                .iter()
-                .map(|w| w.load(Ordering::SeqCst))
-                .collect();
-            for &c in &batch {
-                words[(c / 64) as usize] |= 1 << (c % 64);
-            }
-            self.files.checkpoint(&words)
-        } else {
-            self.files.append(&batch)
-        }
-        .map_err(|e| e.to_string());
+        let words: Vec<u64> = self
+            .durable
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst))
+            .collect();
+        let result = self.files.commit(&words, &batch).map_err(|e| e.to_string());
         if result.is_ok() {
             for &c in &batch {
                 self.durable[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::SeqCst);
@@ -330,10 +375,6 @@ impl Work {
             d.fetch_or(late, Ordering::SeqCst);
             keep.push(before & (written | late));
         }
-        // The base first: with the old set still on disk, a crash now leaves a
-        // superset of what changed since `base`.
-        crate::medium::replace_file(&*self.medium, &self.base_path, &encode_base(base))
-            .map_err(|e| damaged(&self.base_path, e.to_string()))?;
-        self.files.checkpoint(&keep)
+        self.files.compact(base, &keep)
     }
 }

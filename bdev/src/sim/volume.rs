@@ -16,10 +16,11 @@
 //! That is how this found a begin that did not wait for writes a snapshot before had
 //! let go and that were still landing (fixed in `volume::Mode::landed_before`).
 //!
-//! The glue this plays — the channel's write path (`volume::start_write`, `land`,
-//! `guarded_write`), the owner's copies, the record's commits and compaction
-//! (`dirty`), the snapshot writer's order of steps (`ox::snapshot`) — follows those in
-//! order of steps; copies are kept in memory (a power cut ends the snapshot, and the
+//! The change record's files are the appliance's own (`dirty::RecordFiles`: opening,
+//! commits, compaction with its base written first). The glue this plays — the
+//! channel's write path (`volume::start_write`, `land`, `guarded_write`), the owner's
+//! copies, the record thread's batching (`dirty::Work`), the snapshot writer's order
+//! of steps (`ox::snapshot`) — follows those in order of steps; copies are kept in memory (a power cut ends the snapshot, and the
 //! next one starts over from the change record).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,9 +28,9 @@ use std::path::{Path, PathBuf};
 
 use super::model::{BLOCK, Model, fill, version_of};
 use super::{CHUNK_BLOCKS, CHUNK_BYTES, Clock, Draw, EVENTS_AT_MOST, Micros, bit};
+use crate::dirty::RecordFiles;
 use crate::nondurable;
 use crate::nondurable_medium::NonDurableMedium;
-use crate::presence::PresenceFiles;
 use crate::test_rng::Rng;
 use crate::volume::core::{Action, Copied, Core, Event, Kept, Source};
 
@@ -284,7 +285,7 @@ enum Phase {
 
 /// The change record (as `dirty`'s thread keeps it).
 struct Record {
-    files: PresenceFiles,
+    files: RecordFiles,
     durable: Vec<u64>,
     needs: Vec<(Vec<u64>, Ev)>,
     committing: Option<(Vec<u64>, Vec<Ev>)>,
@@ -765,17 +766,7 @@ impl World {
     /// As `dirty::Work::commit`: one append (or checkpoint) for every write waiting.
     fn record_commit(&mut self) -> Result<(), String> {
         let (batch, then) = self.record.committing.take().expect("a commit");
-        let result = if batch.is_empty() {
-            Ok(())
-        } else if self.record.files.wants_checkpoint() {
-            let mut words = self.record.durable.clone();
-            for &c in &batch {
-                set(&mut words, c);
-            }
-            self.record.files.checkpoint(&words)
-        } else {
-            self.record.files.append(&batch)
-        };
+        let result = self.record.files.commit(&self.record.durable, &batch);
         if self.medium.failed().is_some() {
             return self.cut(true);
         }
@@ -821,16 +812,7 @@ impl World {
             ));
         }
         self.record.durable.clone_from(&keep);
-        let mounted = self.medium.mount();
-        let result =
-            crate::medium::replace_file(&*mounted, &base_path(&self.path), &encode_base(self.base))
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    self.record
-                        .files
-                        .checkpoint(&keep)
-                        .map_err(|e| e.to_string())
-                });
+        let result = self.record.files.compact(self.base.map(base_id), &keep);
         if self.medium.failed().is_some() {
             return self.cut(true);
         }
@@ -1203,42 +1185,38 @@ impl World {
     }
 }
 
-/// As `dirty::DirtyRecord::open` and the appliance's start: a record that was there
-/// gives the change tracking and the snapshot it is relative to; one made now (no base
-/// file: never finished) holds every chunk after a crash (`crashed`), none for a fresh
-/// volume.
+/// As the appliance's start: the change record (`dirty::RecordFiles`, the appliance's
+/// own) that was there gives the change tracking and the snapshot it is relative to;
+/// one made now holds every chunk after a crash (`crashed`), none for a fresh volume.
 fn open_record(
     medium: &NonDurableMedium,
     path: &Path,
     chunks: u64,
     crashed: bool,
 ) -> Result<(Record, Vec<u64>, Option<u64>), String> {
-    let mounted = medium.mount();
-    let bp = base_path(path);
-    let existed = mounted.exists(&bp).map_err(|e| e.to_string())?;
-    if !existed {
-        let _ = crate::medium::remove_file(&*mounted, path);
-        let _ = crate::medium::remove_file(&*mounted, &crate::presence::log_path(path));
-    }
-    let (mut files, bits) = PresenceFiles::open(std::sync::Arc::clone(&mounted), path, chunks)
-        .map_err(|e| e.to_string())?;
-    let (bits, base) = if existed {
-        let bytes = mounted.read(&bp).map_err(|e| e.to_string())?;
-        (bits, decode_base(&bytes).ok_or("a damaged base record")?)
-    } else {
-        let initial = vec![if crashed { u64::MAX } else { 0 }; bits.len()];
-        files.checkpoint(&initial).map_err(|e| e.to_string())?;
-        crate::medium::replace_file(&*mounted, &bp, &encode_base(None))
-            .map_err(|e| e.to_string())?;
-        (initial, None)
-    };
+    let initial = vec![if crashed { u64::MAX } else { 0 }; chunks.div_ceil(64) as usize];
+    let (files, opened) =
+        RecordFiles::open(medium.mount(), path, chunks, &initial).map_err(|e| e.to_string())?;
     let record = Record {
         files,
-        durable: bits.clone(),
+        durable: opened.bits.clone(),
         needs: Vec::new(),
         committing: None,
     };
-    Ok((record, bits, base))
+    Ok((record, opened.bits, opened.base.map(id_of)))
+}
+
+/// A snapshot's number as the record's base names it (an ID of 16 bytes).
+fn base_id(id: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&id.to_le_bytes());
+    b
+}
+
+fn id_of(base: [u8; 16]) -> u64 {
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&base[..8]);
+    u64::from_le_bytes(n)
 }
 
 /// The bytes write `op` puts on the volume.
@@ -1248,26 +1226,4 @@ fn write_bytes(op: &Op) -> Vec<u8> {
         fill(op.first + i as u64, op.version, b);
     }
     bytes
-}
-
-fn base_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".base");
-    PathBuf::from(p)
-}
-
-/// The base record: a flag and the snapshot's number (the simulator's ids).
-fn encode_base(base: Option<u64>) -> Vec<u8> {
-    let mut b = vec![u8::from(base.is_some())];
-    b.extend_from_slice(&base.unwrap_or(0).to_le_bytes());
-    b
-}
-
-fn decode_base(bytes: &[u8]) -> Option<Option<u64>> {
-    let id = u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?);
-    match bytes.first()? {
-        0 => Some(None),
-        1 => Some(Some(id)),
-        _ => None,
-    }
 }
