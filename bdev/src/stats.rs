@@ -3,6 +3,14 @@
 //! Each per-core channel owns one [`ChannelStats`] and is its only writer, so recording
 //! is a handful of relaxed loads and stores: no lock and no locked instruction on the
 //! I/O path. Readers on any thread sum the channels into a [`BdevStats`] snapshot.
+//!
+//! The latency histogram is written here rather than taken from `hdrhistogram` (which
+//! oxperf uses, in one thread): an `hdrhistogram::Histogram` records through `&mut`, so
+//! letting the metrics exporter and the control socket read it while its reactor
+//! records would need a lock, or a copy per read handed over by message. Log-linear
+//! buckets of relaxed atomics with a single writer let any thread take a snapshot
+//! while the I/O path pays a load and a store (`SharedHistogram`, for events from many
+//! threads, pays an atomic add instead).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
