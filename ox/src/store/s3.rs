@@ -949,8 +949,11 @@ impl S3Store {
 ///
 /// Every listing asks for `encoding-type=url` (rusty-s3 always does, so that keys
 /// any XML can carry come back): AWS and Garage then percent-encode the keys and
-/// prefixes they send and say so in `EncodingType`; others ignore the request and send
-/// them as they are. [`Self::parse`] gives them back as stored either way.
+/// prefixes they send and say so in `EncodingType`, and [`Self::parse`] decodes them.
+/// Some servers say so without encoding fully (s3s-fs encodes nothing, moto leaves
+/// `/`): decoding those is harmless for the appliance's own keys (letters, digits,
+/// `.`, `_`, `-`, `/` and hex IDs), while a foreign key with `+` or `%` in a shared
+/// bucket could read wrong there.
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct ListPage {
@@ -1222,8 +1225,8 @@ mod tests {
 
     /// A listing a server url-encoded, as asked (AWS, Garage): keys and prefixes come
     /// back as stored. Found against Garage, whose listings of every key with a "/"
-    /// came back as `vol%2Fox1%2F…` before; the servers the tests start ignore the
-    /// request.
+    /// came back as `vol%2Fox1%2F…` before; the servers the tests start do not encode
+    /// a "/".
     #[test]
     fn url_encoded_listings_give_the_keys_as_stored() {
         let body = br#"<ListBucketResult><Name>b</Name><EncodingType>url</EncodingType>
