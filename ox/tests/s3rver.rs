@@ -21,6 +21,7 @@ use async_executor::LocalExecutor;
 use ox::OxError;
 use ox::store::ObjectStore;
 use ox::store::s3::{CredentialSource, S3Config, S3Store, Signing};
+use support::servers::{Conditions, Listings, round_trip};
 use support::{clone_s3, env, filled_volume, options, read, snapshot_s3};
 
 /// An s3rver on a free port with bucket `ox-test`, stopped when dropped.
@@ -56,6 +57,9 @@ fn start() -> S3rver {
         .arg(data.path())
         .args(["-a", "127.0.0.1", "-p", "0", "--silent"])
         .args(["--configure-bucket", "ox-test"])
+        // Its continuation tokens use a cipher OpenSSL 3 (Node 17 on) keeps only in its
+        // legacy provider: without it every truncated listing is HTTP 500.
+        .env("NODE_OPTIONS", "--openssl-legacy-provider")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -119,42 +123,13 @@ fn s3rver_takes_what_the_store_sends_and_refuses_an_unknown_key() {
         for signing in [Signing::Headers, Signing::Query] {
             let c = config(&server, "S3RVER", "S3RVER", signing);
             let s = S3Store::new(c, Rc::clone(&ex)).unwrap();
-            let small: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-            s.put("vol/ox1/d/a", small.clone()).await.unwrap();
-            assert_eq!(s.get("vol/ox1/d/a").await.unwrap(), small);
-            assert_eq!(
-                s.get_range("vol/ox1/d/a", 1000, 5000).await.unwrap(),
-                &small[1000..6000]
-            );
-            // Multipart: 11 MiB in three parts.
-            let big: Vec<u8> = (0..11u32 << 20).map(|i| (i % 239) as u8).collect();
-            s.put("vol/ox1/d/big", big.clone()).await.unwrap();
-            assert!(s.get("vol/ox1/d/big").await.unwrap() == big);
-            s.put_new("vol/ox1/m/x", vec![1]).await.unwrap();
             // s3rver ignores the conditions of a PUT, as OPERATIONS.md's table of
             // servers says: a second create replaces the first (If-None-Match), and a
             // replacement of a version changed since passes (If-Match).
-            s.put_new("vol/ox1/m/x", vec![2]).await.unwrap();
-            assert_eq!(s.get("vol/ox1/m/x").await.unwrap(), [2]);
-            let (_, tag) = s.get_tagged("vol/ox1/m/x").await.unwrap();
-            assert!(tag.is_some(), "it gives version tags");
-            s.put("vol/ox1/m/x", vec![3]).await.unwrap();
-            s.put_if_match("vol/ox1/m/x", vec![4], tag.as_deref())
-                .await
-                .unwrap();
-            assert_eq!(s.get("vol/ox1/m/x").await.unwrap(), [4]);
-            let listed = s.list("vol/ox1/").await.unwrap();
-            assert_eq!(
-                listed,
-                ["vol/ox1/d/a", "vol/ox1/d/big", "vol/ox1/m/x"],
-                "{signing:?}"
-            );
-            s.delete(&listed).await.unwrap();
-            assert!(s.list("vol/").await.unwrap().is_empty());
-            assert!(matches!(
-                s.get("vol/ox1/d/a").await,
-                Err(OxError::NotFound { .. })
-            ));
+            let what = format!("{signing:?}");
+            round_trip(&s, "vol/", &what, Conditions::Ignored, Listings::Paged).await;
+            let c = ox::store::check::check(&s, "vol/", "probe").await;
+            assert!(c.ok(), "{what}: store check: {c:?}");
         }
         // A key the server does not know is refused.
         let c = config(&server, "NOBODY", "S3RVER", Signing::Headers);

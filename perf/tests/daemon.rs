@@ -541,7 +541,11 @@ fn a_store_check_names_the_failing_step_and_the_reason() {
             .iter()
             .map(|s| s["step"].as_str().unwrap())
             .collect();
-        assert_eq!(steps, ["list", "put", "get", "delete", "gone"], "{c}");
+        assert_eq!(
+            steps,
+            ["list", "put", "get", "listed", "delete", "gone"],
+            "{c}"
+        );
     }
     // oxd checked every store at start: the listing says how each went.
     let checked = |list: &Value, name: &str| {

@@ -980,7 +980,9 @@ fn a_new_clone_fetches_first_where_hosts_read_the_volume() {
         "{got}"
     );
     assert_eq!(got["fetched_bytes"]["client_miss"], 0, "{got}");
-    // The host's reads there then cost the store nothing.
+    // The host's reads there then wait for the store nowhere. (They are sequential, so
+    // near the set's end the clone's read-ahead rightly asks for what follows it, as
+    // prefetch; whether that has landed when the clone is looked at is timing.)
     let target = format!("127.0.0.1:{port},{nqn},1");
     assert_eq!(
         verified(&oxperf(&target, "read", "16384:4096", 16, 131072, 1)),
@@ -991,6 +993,6 @@ fn a_new_clone_fetches_first_where_hosts_read_the_volume() {
         2048
     );
     let after = ctl.ok(&["clone", "get", "warm"]);
-    assert_eq!(after["gets"], got["gets"], "{after}");
-    assert_eq!(after["chunks_present"], 48, "{after}");
+    assert_eq!(after["fetched_bytes"]["client_miss"], 0, "{after}");
+    assert!(after["chunks_present"].as_u64().unwrap() >= 48, "{after}");
 }

@@ -1,7 +1,7 @@
 //! `check`: what `oxctl store check` and oxd's start do with a store, so that a wrong
 //! endpoint, secret, CA or bucket is found at once with its reason, not by the first
-//! snapshot: list, store a probe object, read it back, delete it, see it gone. Each
-//! step is timed; the first that fails ends the check and names why.
+//! snapshot: list, store a probe object, read it back, find it in a listing, delete it,
+//! see it gone. Each step is timed; the first that fails ends the check and names why.
 
 use std::time::Instant;
 
@@ -14,7 +14,7 @@ pub const PROBE_PREFIX: &str = "ox-check/";
 /// One step of a check.
 #[derive(Debug, Clone)]
 pub struct Step {
-    /// `list`, `put`, `get`, `delete` or `gone`.
+    /// `list`, `put`, `get`, `listed`, `delete` or `gone`.
     pub name: &'static str,
     /// How long it took.
     pub millis: u64,
@@ -93,11 +93,18 @@ pub async fn check(store: &dyn ObjectStore, prefix: &str, token: &str) -> Check 
         Err(e) => Err(e),
     };
     let read_back = c.step("get", read).await.is_some();
-    // Once stored, the probe is deleted whatever the read said (and the read, if it
-    // failed, stays the failure reported).
+    // Listings are how the catalogue, retention and collection find objects: the probe
+    // must be in one, named as written (a server that listed it encoded, or only some
+    // time after the write, would mislead all of them). Paged as browsing pages.
+    let listed = read_back
+        && c.step("listed", async || listed(store, &dir, &key).await)
+            .await
+            .is_some();
+    // Once stored, the probe is deleted whatever the steps before said (and the first
+    // of them that failed stays the failure reported).
     let delete = async || store.delete(std::slice::from_ref(&key)).await;
     let deleted = c.step("delete", delete).await.is_some();
-    if !read_back || !deleted {
+    if !listed || !deleted {
         return c;
     }
     let gone = async || match store.get(&key).await {
@@ -109,4 +116,114 @@ pub async fn check(store: &dyn ObjectStore, prefix: &str, token: &str) -> Check 
     };
     c.step("gone", gone).await;
     c
+}
+
+/// Whether `key` is in the listing of `dir` (by "/", a page at a time).
+async fn listed(store: &dyn ObjectStore, dir: &str, key: &str) -> Result<(), OxError> {
+    let (mut after, mut seen, mut first) = (None::<String>, 0usize, None::<String>);
+    loop {
+        let page = store
+            .list_page(dir, Some("/"), after.as_deref(), 1000)
+            .await?;
+        if page.keys.iter().any(|k| k == key) {
+            return Ok(());
+        }
+        seen += page.keys.len() + page.prefixes.len();
+        if first.is_none() {
+            first = page.keys.iter().chain(&page.prefixes).next().cloned();
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => {
+                let shown = first.map_or_else(String::new, |f| format!(", such as {f:?}"));
+                return Err(OxError::Config(format!(
+                    "probe object {key} is not in a listing of {dir} ({seen} entries there{shown})"
+                )));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::local::LocalStore;
+    use crate::store::{BoxFuture, Listing};
+
+    /// A store whose listings come back url-encoded, as a server's would if the client
+    /// did not decode them.
+    struct Encoding(LocalStore);
+
+    impl ObjectStore for Encoding {
+        fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
+            self.0.put(key, data)
+        }
+        fn put_new<'a>(
+            &'a self,
+            key: &'a str,
+            data: Vec<u8>,
+        ) -> BoxFuture<'a, Result<(), OxError>> {
+            self.0.put_new(key, data)
+        }
+        fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
+            self.0.get(key)
+        }
+        fn get_range<'a>(
+            &'a self,
+            key: &'a str,
+            offset: u64,
+            len: u64,
+        ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
+            self.0.get_range(key, offset, len)
+        }
+        fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>> {
+            self.0.list(prefix)
+        }
+        fn list_page<'a>(
+            &'a self,
+            prefix: &'a str,
+            delimiter: Option<&'a str>,
+            after: Option<&'a str>,
+            max: usize,
+        ) -> BoxFuture<'a, Result<Listing, OxError>> {
+            Box::pin(async move {
+                let mut page = self.0.list_page(prefix, delimiter, after, max).await?;
+                for k in &mut page.keys {
+                    *k = k.replace('/', "%2F");
+                }
+                Ok(page)
+            })
+        }
+        fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>> {
+            self.0.delete(keys)
+        }
+    }
+
+    /// A probe the listing shows changed fails the check at `listed`, saying what the
+    /// listing showed, and is deleted all the same.
+    #[test]
+    fn a_probe_missing_from_listings_fails_the_check_and_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = LocalStore::open(dir.path()).unwrap();
+        let c = async_io::block_on(check(&good, "p/", "t1"));
+        let names: Vec<&str> = c.steps.iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            ["list", "put", "get", "listed", "delete", "gone"],
+            "{c:?}"
+        );
+        assert!(c.ok(), "{c:?}");
+
+        let bad = Encoding(LocalStore::open(dir.path()).unwrap());
+        let c = async_io::block_on(check(&bad, "p/", "t2"));
+        let failed = c.failure().unwrap();
+        assert_eq!(failed.name, "listed", "{c:?}");
+        let why = failed.error.as_deref().unwrap();
+        assert!(why.contains("p%2Fox-check%2Ft2"), "{why}");
+        let names: Vec<&str> = c.steps.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["list", "put", "get", "listed", "delete"], "{c:?}");
+        let left = async_io::block_on(good.list("")).unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
 }

@@ -872,13 +872,14 @@ impl S3Store {
     ) -> Result<Listing, OxError> {
         // Paged by start-after (the last entry of the page before), which every server
         // takes; some (s3s-fs) ignore continuation tokens, delimiters and max-keys.
+        let start_after = after.map(|a| start_after(prefix, delimiter, a));
         let page = self
             .list_request(prefix, |action| {
                 if let Some(d) = delimiter {
                     action.with_delimiter(d.to_string());
                 }
-                if let Some(t) = after {
-                    action.with_start_after(t.to_string());
+                if let Some(t) = start_after {
+                    action.with_start_after(t);
                 }
                 action.with_max_keys(max.clamp(1, 1000));
             })
@@ -900,6 +901,17 @@ impl S3Store {
                 .last()
                 .or(entries.last().map(String::as_str))
                 .map(String::from);
+        }
+        // Each page must move past the one before, or walking them would never end:
+        // a server that ignores start-after, or lists again what it was told to skip,
+        // is an error here rather than a hang in the catalogue.
+        if let (Some(next), Some(after)) = (&listing.next, after)
+            && next.as_str() <= after
+        {
+            return Err(OxError::integrity(
+                format!("LIST {prefix}"),
+                format!("the page after {after:?} did not go past it (it ends at {next:?})"),
+            ));
         }
         Ok(listing)
     }
@@ -969,6 +981,22 @@ struct ListPage {
     is_truncated: bool,
     next_continuation_token: Option<String>,
     encoding_type: Option<String>,
+}
+
+/// Where the server is to start a page that follows `after` (a page's last entry). A
+/// common prefix stands for every key under it, and a server told to start after the
+/// prefix itself lists those keys, and so the prefix, again: with one entry a page,
+/// paging never ended (Garage 2.5 does this, as S3 defines start-after). Start after
+/// the greatest key under it instead: the prefix followed by the greatest character.
+/// (Under a delimiter no listed key holds the delimiter past `prefix`, so an entry
+/// ending with it is a common prefix.)
+fn start_after(prefix: &str, delimiter: Option<&str>, after: &str) -> String {
+    match delimiter.filter(|d| !d.is_empty()) {
+        Some(d) if after.len() > prefix.len() && after.ends_with(d) => {
+            format!("{after}{}", char::MAX)
+        }
+        _ => after.to_string(),
+    }
 }
 
 /// One object of a listing.
@@ -1160,6 +1188,18 @@ mod tests {
         let o = parse_shared_credentials(text, "other").unwrap();
         assert_eq!((o.key(), o.secret(), o.token()), ("C", "D", Some("T")));
         assert!(parse_shared_credentials(text, "missing").is_none());
+    }
+
+    /// A page after a common prefix starts past every key under it, and only then.
+    #[test]
+    fn a_page_after_a_common_prefix_starts_past_every_key_under_it() {
+        let past = start_after("v/", Some("/"), "v/a/");
+        assert_eq!(past, format!("v/a/{}", char::MAX));
+        assert!(past.as_str() > "v/a/zzz/1" && past.as_str() > "v/a/~");
+        assert!(past.as_str() < "v/a0" && past.as_str() < "v/b");
+        assert_eq!(start_after("v/", Some("/"), "v/key"), "v/key");
+        assert_eq!(start_after("v/", None, "v/a/"), "v/a/");
+        assert_eq!(start_after("v/", Some("/"), "v/"), "v/");
     }
 
     #[test]

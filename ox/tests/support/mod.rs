@@ -2,6 +2,8 @@
 //! RAM, block reads and writes, random data, snapshot options.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
