@@ -2371,8 +2371,8 @@ impl Service {
         Value::Array(list)
     }
 
-    /// Checks store `name` on an OX core (list, put a probe object, read it back,
-    /// delete it, see it gone; see `ox::store::check`): each step with its time, the
+    /// Checks store `name` on an OX core (list, put a probe object, read it back, find
+    /// it in a listing, delete it, see it gone; see `ox::store::check`): each step with its time, the
     /// first failure with its reason.
     pub fn store_check(&self, name: &str) -> anyhow::Result<Value> {
         self.check_store(name, true)
@@ -2429,7 +2429,9 @@ impl Service {
                 for name in names {
                     match service.check_store(&name, false) {
                         Ok(v) if v["ok"] == json!(true) => {
-                            tracing::info!("store {name}: checked (list, put, get, delete)");
+                            tracing::info!(
+                                "store {name}: checked (list, put, get, listed, delete, gone)"
+                            );
                         }
                         Ok(v) => {
                             let failed = v["steps"]

@@ -250,8 +250,8 @@ enum SnapshotCommand {
 enum StoreCommand {
     /// The object stores oxd is configured with (no credentials shown).
     List,
-    /// Check a store as oxd reaches it: list, put a probe object, read it back,
-    /// delete it (each step timed); fails naming the step and the reason.
+    /// Check a store as oxd reaches it: list, put a probe object, read it back, find
+    /// it in a listing, delete it, see it gone (each step timed); fails naming the step and the reason.
     Check {
         /// The store, as named in the daemon's configuration.
         name: String,

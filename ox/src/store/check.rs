@@ -129,8 +129,14 @@ async fn listed(store: &dyn ObjectStore, dir: &str, key: &str) -> Result<(), OxE
             return Ok(());
         }
         seen += page.keys.len() + page.prefixes.len();
-        if first.is_none() {
-            first = page.keys.iter().chain(&page.prefixes).next().cloned();
+        // What the listing shows nearest the probe: an entry holding its token (the
+        // probe's key changed), else the first.
+        let token = key.rsplit('/').next().unwrap_or(key);
+        let near = page.keys.iter().chain(&page.prefixes);
+        if let Some(k) = near.clone().find(|k| k.contains(token)) {
+            first = Some(k.clone());
+        } else if first.is_none() {
+            first = near.clone().next().cloned();
         }
         match page.next {
             Some(next) => after = Some(next),

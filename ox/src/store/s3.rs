@@ -894,6 +894,21 @@ impl S3Store {
             .collect();
         entries.sort();
         let mut listing = super::page_of(&entries, prefix, delimiter, after, max);
+        // Each page must move past the one before, or walking them would never end (or
+        // end early, taken for the whole): a server that sends a truncated page with
+        // nothing in it, ignores start-after, or lists again what it was told to skip
+        // is an error here rather than a hang or a short listing in the catalogue.
+        let stuck = |why: String| OxError::Unavailable {
+            op: "LIST",
+            key: prefix.to_string(),
+            attempts: 1,
+            message: why,
+        };
+        if page.is_truncated && entries.is_empty() {
+            return Err(stuck(
+                "the server said there was more but sent nothing".into(),
+            ));
+        }
         if listing.next.is_none() && page.is_truncated {
             // Go on after what this page showed, or, if all of it was grouped into
             // the entry already seen, after the last thing the server sent.
@@ -902,16 +917,12 @@ impl S3Store {
                 .or(entries.last().map(String::as_str))
                 .map(String::from);
         }
-        // Each page must move past the one before, or walking them would never end:
-        // a server that ignores start-after, or lists again what it was told to skip,
-        // is an error here rather than a hang in the catalogue.
         if let (Some(next), Some(after)) = (&listing.next, after)
             && next.as_str() <= after
         {
-            return Err(OxError::integrity(
-                format!("LIST {prefix}"),
-                format!("the page after {after:?} did not go past it (it ends at {next:?})"),
-            ));
+            return Err(stuck(format!(
+                "the server's page after {after:?} did not go past it (it ends at {next:?})"
+            )));
         }
         Ok(listing)
     }
@@ -983,19 +994,22 @@ struct ListPage {
     encoding_type: Option<String>,
 }
 
-/// Where the server is to start a page that follows `after` (a page's last entry). A
-/// common prefix stands for every key under it, and a server told to start after the
-/// prefix itself lists those keys, and so the prefix, again: with one entry a page,
-/// paging never ended (Garage 2.5 does this, as S3 defines start-after). Start after
-/// the greatest key under it instead: the prefix followed by the greatest character.
-/// (Under a delimiter no listed key holds the delimiter past `prefix`, so an entry
-/// ending with it is a common prefix.)
+/// Where the server is to start a page that follows `after` (a page's last entry, or
+/// the last key a server sent). A common prefix stands for every key under it, and a
+/// server told to start after the prefix itself lists those keys, and so the prefix,
+/// again: with one entry a page, paging never ended (Garage 2.5 does this, which is
+/// what S3's definition of start-after implies). So where `after` lies in a group (it
+/// holds the delimiter past `prefix`, grouped as [`super::page_of`] groups), the page
+/// starts after the group's prefix followed by the greatest character: past every key
+/// of the group that has no character above it (every key the appliance writes).
 fn start_after(prefix: &str, delimiter: Option<&str>, after: &str) -> String {
-    match delimiter.filter(|d| !d.is_empty()) {
-        Some(d) if after.len() > prefix.len() && after.ends_with(d) => {
-            format!("{after}{}", char::MAX)
-        }
-        _ => after.to_string(),
+    let group = delimiter.filter(|d| !d.is_empty()).and_then(|d| {
+        let rest = after.strip_prefix(prefix)?;
+        rest.find(d).map(|at| &after[..prefix.len() + at + d.len()])
+    });
+    match group {
+        Some(g) => format!("{g}{}", char::MAX),
+        None => after.to_string(),
     }
 }
 
@@ -1200,6 +1214,15 @@ mod tests {
         assert_eq!(start_after("v/", Some("/"), "v/key"), "v/key");
         assert_eq!(start_after("v/", None, "v/a/"), "v/a/");
         assert_eq!(start_after("v/", Some("/"), "v/"), "v/");
+        // A key in a group already shown (a server that ignored the delimiter) skips
+        // the rest of the group.
+        assert_eq!(start_after("v/", Some("/"), "v/a/b/c"), past);
+        // Grouped as page_of groups: the delimiter's first place past the prefix.
+        assert_eq!(start_after("xa", Some("ab"), "xab"), "xab");
+        assert_eq!(
+            start_after("xa", Some("ab"), "xaxaby"),
+            format!("xaxab{}", char::MAX)
+        );
     }
 
     #[test]
