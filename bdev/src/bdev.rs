@@ -338,7 +338,7 @@ impl Channel {
         let was = self.submitting.replace(true);
         self.backend.submit(
             io,
-            Box::new(move |completion: IoCompletion| {
+            IoDone::new(move |completion: IoCompletion| {
                 debug_assert!(
                     !this.submitting.get(),
                     "{}: a request completed inside its own submit",
@@ -361,7 +361,7 @@ impl Channel {
             let bufs = io.bufs;
             return self
                 .reactor
-                .defer(move || done(IoCompletion::err(bufs, BdevError::ShuttingDown)));
+                .defer(move || done.complete(IoCompletion::err(bufs, BdevError::ShuttingDown)));
         }
         debug_assert!(self.bdev.validate(&io).is_ok(), "passed an invalid request");
         self.backend.submit(io, done);

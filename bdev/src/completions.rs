@@ -78,7 +78,7 @@ fn deliver(inner: &Inner) {
     let mut batch = std::mem::take(&mut *inner.spare.borrow_mut());
     std::mem::swap(&mut batch, &mut *inner.ready.borrow_mut());
     for (done, completion) in batch.drain(..) {
-        done(completion);
+        done.complete(completion);
     }
     *inner.spare.borrow_mut() = batch;
 }
@@ -100,12 +100,12 @@ mod tests {
                 let seen = Rc::new(RefCell::new(Vec::new()));
                 for i in 0..3 {
                     let (seen, queue2, tx) = (Rc::clone(&seen), Rc::clone(&queue), tx.clone());
-                    let done: IoDone = Box::new(move |_| {
+                    let done = IoDone::new(move |_| {
                         seen.borrow_mut().push(i);
                         if i == 1 {
                             // Queued from a delivery: comes in the next batch, last.
                             let seen = Rc::clone(&seen);
-                            let next: IoDone = Box::new(move |_| {
+                            let next = IoDone::new(move |_| {
                                 seen.borrow_mut().push(9);
                                 tx.send(seen.borrow().clone()).unwrap();
                             });

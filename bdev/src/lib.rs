@@ -64,7 +64,7 @@ pub use clone::{
     open_clone, open_clone_on,
 };
 pub use error::BdevError;
-pub use io::{BdevIo, IoCompletion, IoDone, IoType};
+pub use io::{BdevIo, Finished, IoCompletion, IoDone, IoType};
 pub use malloc::create_malloc;
 pub use null::create_null;
 pub use stats::{BdevStats, ChannelStats, LatencyHistogram, SharedHistogram};

@@ -123,7 +123,7 @@ impl BackendChannel for UringChannel {
                     .flags(types::FsyncFlags::DATASYNC)
                     .build();
                 let on_complete = Box::new(move |res: i32| {
-                    done(finish(io.bufs, IoType::Flush, res));
+                    done.complete(finish(io.bufs, IoType::Flush, res));
                 });
                 // SAFETY: fsync references no memory.
                 unsafe { self.reactor.submit(entry, on_complete) };
@@ -260,7 +260,7 @@ impl Transfer {
             Ok(())
         };
         let Transfer { io, done, .. } = self;
-        done(IoCompletion {
+        done.complete(IoCompletion {
             bufs: io.bufs,
             result,
         });
@@ -299,7 +299,7 @@ impl Zeroing {
                 return self.write_next();
             }
             let io_type = self.io_type;
-            (self.done)(finish(Vec::new(), io_type, res));
+            self.done.complete(finish(Vec::new(), io_type, res));
         });
         // SAFETY: fallocate references no memory.
         unsafe { reactor.submit(entry, on_complete) };
@@ -307,7 +307,7 @@ impl Zeroing {
 
     fn write_next(mut self) {
         if self.offset >= self.end {
-            return (self.done)(IoCompletion::ok(Vec::new()));
+            return self.done.complete(IoCompletion::ok(Vec::new()));
         }
         let len = (self.end - self.offset).min(ZERO_CHUNK);
         let zeroes = self
@@ -325,7 +325,7 @@ impl Zeroing {
             if res <= 0 {
                 let errno = if res == 0 { libc::EIO } else { -res };
                 let io_type = self.io_type;
-                return (self.done)(IoCompletion::err(
+                return self.done.complete(IoCompletion::err(
                     Vec::new(),
                     BdevError::Io { io_type, errno },
                 ));

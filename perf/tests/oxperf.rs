@@ -76,7 +76,7 @@ impl BackendChannel for CorruptingChannel {
                     left -= buf.len();
                 }
             }
-            done(c)
+            done.complete(c)
         });
     }
 }

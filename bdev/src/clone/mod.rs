@@ -347,9 +347,9 @@ impl CloneChannel {
             let at = (io.offset_blocks * s.block_size - first * s.chunk_bytes) as usize;
             let name = s.name.clone();
             let token = park_for(move |r| match r {
-                Ok(Answer::Data(data)) => done(copy_out(io, &data, at, &name, first)),
+                Ok(Answer::Data(data)) => done.complete(copy_out(io, &data, at, &name, first)),
                 Ok(_) => local.pass(io, done),
-                Err(e) => done(IoCompletion::err(io.bufs, e)),
+                Err(e) => done.complete(IoCompletion::err(io.bufs, e)),
             });
             let waiter = self.waiter(token);
             return owner::send(
@@ -364,7 +364,7 @@ impl CloneChannel {
         let missing: Vec<u64> = chunks.filter(|&c| !s.is_present(c)).collect();
         let token = park(move |r| match r {
             Ok(()) => local.pass(io, done),
-            Err(e) => done(IoCompletion::err(io.bufs, e)),
+            Err(e) => done.complete(IoCompletion::err(io.bufs, e)),
         });
         owner::send(
             s,
@@ -435,7 +435,7 @@ impl Modify {
         let token = park_for(move |r| match r {
             Ok(Answer::Granted(claims)) => self.write(io, done, Some((plan, claims))),
             Ok(Answer::Done | Answer::Data(_)) => self.start(io, done),
-            Err(e) => done(IoCompletion::err(io.bufs, e)),
+            Err(e) => done.complete(IoCompletion::err(io.bufs, e)),
         });
         owner::send(
             &shared,
@@ -461,7 +461,7 @@ impl Modify {
             return self.local.pass(io, done);
         }
         let (local, reactor) = (Rc::clone(&self.local), Rc::clone(&self.reactor));
-        let after = Box::new(move |c: IoCompletion| {
+        let after = IoDone::new(move |c: IoCompletion| {
             let end = move |result: Result<(), String>| {
                 if let Some((plan, chunks)) = claims {
                     let event = Event::WriteEnded {
@@ -474,21 +474,21 @@ impl Modify {
             };
             if let Err(e) = &c.result {
                 end(Err(e.to_string()));
-                return done(c);
+                return done.complete(c);
             }
             let needed: Vec<u64> = touched.filter(|&ch| !s.is_durable(ch)).collect();
             if needed.is_empty() {
                 end(Ok(()));
-                return done(c);
+                return done.complete(c);
             }
             let token = park(move |result| match result {
                 Ok(()) => {
                     end(Ok(()));
-                    done(c)
+                    done.complete(c)
                 }
                 Err(e) => {
                     end(Err(e.to_string()));
-                    done(IoCompletion::err(c.bufs, e))
+                    done.complete(IoCompletion::err(c.bufs, e))
                 }
             });
             request_durable(&s, needed, &reactor, token);
@@ -504,7 +504,10 @@ impl Modify {
 /// Deallocation of a clone must read back as zeroes, not as the basis: it becomes
 /// Write Zeroes on the local copy.
 fn unmap_as_zeroes(local: &Rc<Channel>, io: BdevIo, done: IoDone) {
-    local.submit(BdevIo::write_zeroes(io.offset_blocks, io.num_blocks), done);
+    local.submit(
+        BdevIo::write_zeroes(io.offset_blocks, io.num_blocks),
+        move |c| done.complete(c),
+    );
 }
 
 /// Asks the journal to make `chunks` durable, then to release `token` on `reactor`.

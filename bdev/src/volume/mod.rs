@@ -38,7 +38,7 @@ use uuid::Uuid;
 use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
 use crate::dirty::DirtyRecord;
 use crate::error::BdevError;
-use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
+use crate::io::{BdevIo, Finished, IoCompletion, IoDone, IoType};
 use crate::park::{deliver, park};
 use crate::preserve::Preserve;
 use crate::reply::reply;
@@ -198,6 +198,13 @@ struct Mode {
     landed_before: Cell<u64>,
     /// A begin waiting for those writes (it is told when this is dropped).
     waiting: RefCell<Option<Arrival>>,
+}
+
+impl Finished for Mode {
+    /// A plain write is done.
+    fn finished(&self) {
+        self.end_plain();
+    }
 }
 
 impl Mode {
@@ -426,7 +433,7 @@ fn guarded_write(
     let (s, i, r) = (Arc::clone(&shared), inner, Rc::clone(&reactor));
     let token = park(move |result| match result {
         Ok(()) => land(s, i, r, mode, io, done),
-        Err(e) => done(IoCompletion::err(io.bufs, e)),
+        Err(e) => done.complete(IoCompletion::err(io.bufs, e)),
     });
     let event = Event::Guard {
         waiter: owner::Writer::new(reactor.handle().clone(), token),
@@ -467,15 +474,15 @@ fn land(
         let s = Arc::clone(&shared);
         return record.need(missing, &on, move |r| match r {
             Ok(()) => land(s, inner, reactor, mode, io, done),
-            Err(e) => done(IoCompletion::err(io.bufs, e)),
+            Err(e) => done.complete(IoCompletion::err(io.bufs, e)),
         });
     }
     let epoch = mode.begin_landing();
     inner.pass(
         io,
-        Box::new(move |c| {
+        IoDone::new(move |c| {
             mode.end_landing(epoch);
-            done(c)
+            done.complete(c)
         }),
     );
 }
@@ -556,19 +563,14 @@ fn start_write(
             let on = reactor.handle().clone();
             return record.need(missing, &on, move |r| match r {
                 Ok(()) => start_write(&shared, &inner, &reactor, &mode, io, done),
-                Err(e) => done(IoCompletion::err(io.bufs, e)),
+                Err(e) => done.complete(IoCompletion::err(io.bufs, e)),
             });
         }
     }
     if !guarded {
-        let mode = Rc::clone(mode);
-        return inner.pass(
-            io,
-            Box::new(move |c| {
-                mode.end_plain();
-                done(c)
-            }),
-        );
+        // Counted out when it completes, by the completion itself (no closure per write).
+        let note: Rc<dyn Finished> = Rc::<Mode>::clone(mode);
+        return inner.pass(io, done.noting(note));
     }
     guarded_write(
         Arc::clone(s),
