@@ -177,7 +177,7 @@ impl IoCompletion {
 /// ([`IoDone::complete`]): the submitter's closure and, before it, what a device
 /// stacked on another must learn of the request's end ([`IoDone::noting`]: a volume
 /// counting its writes in flight), without a closure of its own per request. (A boxed
-/// closure per write was most of what a volume added to a RAM device's write.)
+/// closure per write was a large share of what a volume added to a RAM device's write.)
 pub struct IoDone {
     then: Box<dyn FnOnce(IoCompletion)>,
     first: Option<Rc<dyn Finished>>,
@@ -245,12 +245,14 @@ mod tests {
             assert!(c.result.is_ok());
             s.borrow_mut().push("submitter");
         });
-        let inner: Rc<dyn Finished> = Rc::new(Log(Rc::clone(&seen), "inner"));
-        let outer: Rc<dyn Finished> = Rc::new(Log(Rc::clone(&seen), "outer"));
-        done.noting(inner)
-            .noting(outer)
+        let first: Rc<dyn Finished> = Rc::new(Log(Rc::clone(&seen), "noted first"));
+        let second: Rc<dyn Finished> = Rc::new(Log(Rc::clone(&seen), "noted second"));
+        done.noting(first)
+            .noting(second)
             .complete(IoCompletion::ok(Vec::new()));
-        assert_eq!(*seen.borrow(), ["outer", "inner", "submitter"]);
+        // The later note learns first, as nested closures did: a device noting a request
+        // it got from above learns of its end before the one above it.
+        assert_eq!(*seen.borrow(), ["noted second", "noted first", "submitter"]);
 
         // Dropped without completing (a reactor stopping): nobody hears of it.
         seen.borrow_mut().clear();
