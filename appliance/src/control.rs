@@ -486,6 +486,7 @@ const OX_METHODS: &[&str] = &[
     "key_import",
     "store_list",
     "store_check",
+    "store_collect",
     "store_browse",
     "policy_set",
     "policy_delete",
@@ -720,6 +721,12 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         "store_check" => {
             let m = params(p, &["name"])?;
             service.store_check(need_str(&m, "name")?).map_err(failed)
+        }
+        "store_collect" => {
+            let m = params(p, &["name", "dry_run"])?;
+            service
+                .store_collect(need_str(&m, "name")?, get_bool(&m, "dry_run")?)
+                .map_err(failed)
         }
         "key_rotate" => {
             let m = params(p, &["to"])?;

@@ -2378,6 +2378,57 @@ impl Service {
         self.check_store(name, true)
     }
 
+    /// Collects what failed uploads and deleted snapshots left in store `name`, across
+    /// the bucket — every volume place, whichever appliance wrote it (`ox::collect`):
+    /// objects no manifest names, older than the grace (`ox::lease::ORPHAN_GRACE_S`),
+    /// in places no upload holds a live lease in. `dry_run`: what would go, and nothing
+    /// goes (its keys listed, up to [`COLLECT_KEYS_SHOWN`]).
+    pub fn store_collect(&self, name: &str, dry_run: bool) -> anyhow::Result<Value> {
+        let spec = self.store(name)?.clone();
+        let now = now_secs();
+        let c = self.cores.run(move |ex| {
+            Box::pin(async move {
+                let store = spec.open(&ex)?;
+                ox::collect::collect(&*store, "", now, ox::lease::ORPHAN_GRACE_S, dry_run).await
+            })
+        })??;
+        tracing::info!(
+            "store {name}: {} {} objects ({} bytes) no manifest names in {} places; kept {} \
+             younger than the grace; {} places left alone; {} LISTs, {} GETs",
+            if dry_run {
+                "would collect"
+            } else {
+                "collected"
+            },
+            c.objects,
+            c.bytes,
+            c.places,
+            c.young,
+            c.skipped.len(),
+            c.lists,
+            c.gets
+        );
+        let mut out = json!({
+            "store": name,
+            "dry_run": dry_run,
+            "places": c.places,
+            "objects": c.objects,
+            "bytes": c.bytes,
+            "young": c.young,
+            "ageless": c.ageless,
+            "grace_s": ox::lease::ORPHAN_GRACE_S,
+            "requests": { "lists": c.lists, "gets": c.gets, "deletes": c.deletes },
+            "skipped": c.skipped.iter().map(|(prefix, reason)| json!({
+                "prefix": prefix, "reason": reason,
+            })).collect::<Vec<_>>(),
+        });
+        if dry_run {
+            out["keys"] = json!(&c.keys[..c.keys.len().min(COLLECT_KEYS_SHOWN)]);
+            out["keys_truncated"] = json!(c.keys.len() > COLLECT_KEYS_SHOWN);
+        }
+        Ok(out)
+    }
+
     /// [`Self::store_check`]; `newest`: its outcome replaces one recorded meanwhile
     /// (else a check at start, finishing late, keeps an operator's newer one).
     fn check_store(&self, name: &str, newest: bool) -> anyhow::Result<Value> {
@@ -2665,6 +2716,9 @@ enum Opening {
 
 /// Store prefix of a volume's snapshots: its name for people, its UUID so that two
 /// appliances' volumes of the same name never share objects.
+/// The most keys a dry [`Service::store_collect`] lists.
+pub const COLLECT_KEYS_SHOWN: usize = 1000;
+
 fn snapshot_prefix(volume: &str, uuid: &str) -> String {
     let id: String = uuid.chars().filter(|c| *c != '-').take(12).collect();
     format!("{volume}.{id}/")

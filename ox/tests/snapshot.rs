@@ -711,19 +711,28 @@ fn durable_volume(
 
 #[test]
 fn a_snapshot_suspended_for_a_restart_continues_with_the_same_point_in_time() {
-    cut_short_then_continued(false);
+    cut_short_then_continued(false, false);
 }
 
 #[test]
 fn a_snapshot_cut_short_by_a_crash_continues_with_the_same_point_in_time() {
-    cut_short_then_continued(true);
+    cut_short_then_continued(true, false);
+}
+
+#[test]
+fn a_snapshot_whose_upload_lease_lapsed_while_stopped_starts_its_upload_over() {
+    cut_short_then_continued(true, true);
 }
 
 /// A snapshot of a 64 MiB volume that hosts overwrite while it runs is cut short —
 /// suspended for a clean stop, or (`crash`) abandoned where it stands after a periodic
 /// checkpoint, once hosts have overwritten chunks it had read since — and continued
-/// after the volume is reopened as at a restart, with more host writes.
-fn cut_short_then_continued(crash: bool) {
+/// after the volume is reopened as at a restart, with more host writes. With `lapse`,
+/// its upload lease is made older than a writer may trust while it is stopped (the
+/// appliance down for half a day): what it stored may have been collected, and what
+/// it stored before the stop is no longer kept at its point in time, so it is given up
+/// and a new snapshot of the volume as it is then is taken, under a new ID.
+fn cut_short_then_continued(crash: bool, lapse: bool) {
     let env = env();
     let local = tempfile::tempdir().unwrap();
     let journal = local.path().join("vol1.snapshot");
@@ -827,6 +836,34 @@ fn cut_short_then_continued(crash: bool) {
         .unwrap()
         .0
         .snapshot;
+    // Its upload lease outlives the stop (the upload goes on at the next start); with
+    // `lapse`, it is made as old as a stop of half a day leaves it.
+    let lease_of = |id: String| {
+        let root = env.root.clone();
+        env.cores
+            .run(move |_ex| {
+                Box::pin(async move {
+                    let store = LocalStore::open(root).unwrap();
+                    ox::lease::read(&store, "vol1/", &id).await.unwrap()
+                })
+            })
+            .unwrap()
+    };
+    let held = lease_of(snapshot_id.clone()).expect("the lease outlives the stop");
+    if lapse {
+        let (root, id) = (env.root.clone(), snapshot_id.clone());
+        let then = ox::lease::now_secs() - ox::lease::TRUSTED_S - 1;
+        env.cores
+            .run(move |_ex| {
+                Box::pin(async move {
+                    let store = LocalStore::open(root).unwrap();
+                    ox::lease::renew(&store, "vol1/", &id, None, held.started, then)
+                        .await
+                        .unwrap()
+                })
+            })
+            .unwrap();
+    }
     drop((vol, handle));
     // The next start: the volume takes the snapshot up again before any host writes,
     // and hosts write once more before it continues.
@@ -841,19 +878,28 @@ fn cut_short_then_continued(crash: bool) {
     eprintln!(
         "crash {crash}: continued from chunk {resume_at} of {chunks} (had read up to {at_stop})"
     );
-    assert_eq!(report.resumed_at, Some(resume_at));
-    assert_eq!(report.manifest.snapshot, snapshot_id, "the same snapshot");
+    if lapse {
+        assert_eq!(report.resumed_at, None, "started over");
+        assert_ne!(report.manifest.snapshot, snapshot_id, "under a new ID");
+    } else {
+        assert_eq!(report.resumed_at, Some(resume_at));
+        assert_eq!(report.manifest.snapshot, snapshot_id, "the same snapshot");
+    }
     assert_eq!(report.manifest.stored_chunks, chunks);
-    // The clone has exactly the image of the moment the snapshot began.
+    // Published: no lease is left, the first attempt's nor this one's.
+    assert_eq!(lease_of(snapshot_id.clone()), None);
+    assert_eq!(lease_of(report.manifest.snapshot.clone()), None);
+    // The clone has exactly the image of the moment the snapshot began (with `lapse`,
+    // the moment the new one did).
     let (clone, _) = open_clone(&env, &report.manifest_key, size);
     assert!(
-        read(&env, &clone, 0, size) == before,
+        read(&env, &clone, 0, size) == if lapse { last.clone() } else { before },
         "not the point-in-time image"
     );
     assert!(read(&env, &vol, 0, size) == last);
     // What the first attempt stored before its checkpoint is part of the snapshot, not
     // stored again: only the objects it had in flight when it stopped are orphans
-    // (starting over would have orphaned every object stored before the checkpoint).
+    // (starting over orphans every object stored before the checkpoint).
     let (root, kek) = (env.root.clone(), env.kek.clone());
     let orphans = env
         .cores
@@ -866,7 +912,11 @@ fn cut_short_then_continued(crash: bool) {
             })
         })
         .unwrap();
-    assert!(orphans.len() <= 8, "{} orphans", orphans.len());
+    if lapse {
+        assert!(orphans.len() > 8, "{} orphans", orphans.len());
+    } else {
+        assert!(orphans.len() <= 8, "{} orphans", orphans.len());
+    }
     env.set.shutdown().unwrap();
 }
 
@@ -959,6 +1009,23 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
         }
         let value = changes;
         std::fs::write(&journal, serde_json::to_vec(&j).unwrap()).unwrap();
+        // Its upload lease as the stop left it (the case before released it): without
+        // one the upload would be given up before its journal is read.
+        let (root, id) = (
+            env.root.clone(),
+            good["snapshot"].as_str().unwrap().to_string(),
+        );
+        env.cores
+            .run(move |_ex| {
+                Box::pin(async move {
+                    let store = LocalStore::open(root).unwrap();
+                    let now = ox::lease::now_secs();
+                    ox::lease::renew(&store, "vol1/", &id, None, now, now)
+                        .await
+                        .unwrap()
+                })
+            })
+            .unwrap();
         let (_vol, handle) = durable_volume(&env, local.path(), size, &journal);
         let mut opts = options(&env);
         opts.journal = Some(journal.clone());

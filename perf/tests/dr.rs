@@ -996,3 +996,76 @@ fn a_new_clone_fetches_first_where_hosts_read_the_volume() {
     assert_eq!(after["fetched_bytes"]["client_miss"], 0, "{after}");
     assert!(after["chunks_present"].as_u64().unwrap() >= 48, "{after}");
 }
+
+/// `oxctl store collect` on a second appliance: a snapshot cut short on A by `kill -9`
+/// keeps its upload lease, so B's collection leaves A's volume place alone and says
+/// whose upload runs there; once A has restarted and finished that snapshot, the lease
+/// is gone, and B's collection goes through the place (what the cut left is younger
+/// than the grace: kept, and counted).
+#[test]
+fn a_collection_leaves_alone_an_upload_a_crash_cut_short_on_another_appliance() {
+    let (server, dir, store, kek) = bed();
+    let d = dir.path();
+    let (port_a, port_b) = (free_port(), free_port());
+    let (config_a, a) = appliance(&d.join("a"), port_a, &store, &kek);
+    let (config_b, b) = appliance(&d.join("b"), port_b, &store, &kek);
+    let mut oxd_a = start_oxd(&config_a);
+    let _oxd_b = start_oxd(&config_b);
+    let on = export_db(&a, port_a, 16);
+    oxperf(&on, "write", "0:32768", 128, 131072, 1);
+    // Slow uploads: the snapshot is still uploading when A dies.
+    server
+        .faults
+        .delay_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
+    let running = a.ok(&["snapshot", "create", "db", "--store", "s3", "--no-wait"]);
+    a.examining(&running["id"].to_string());
+    oxd_a.child.kill().unwrap();
+    oxd_a.child.wait().unwrap();
+    drop(oxd_a);
+    server
+        .faults
+        .delay_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+
+    let browsed = b.ok(&["store", "browse", "s3"]);
+    let owner_a = browsed["volumes"][0]["owner"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let place = browsed["volumes"][0]["prefix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let held = b.ok(&["store", "collect", "s3", "--dry-run"]);
+    assert_eq!(held["objects"], 0, "{held}");
+    assert_eq!(held["keys"], serde_json::json!([]), "{held}");
+    let skipped = held["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{held}");
+    assert_eq!(skipped[0]["prefix"], place.as_str(), "{held}");
+    let why = skipped[0]["reason"].as_str().unwrap();
+    assert!(
+        why.contains("being written") && why.contains(&owner_a),
+        "{why}"
+    );
+    // One LIST of the top level, one of the place's leases.
+    assert_eq!(held["requests"]["lists"], 2, "{held}");
+
+    // A restarts and finishes the snapshot; its lease goes with it.
+    let _oxd_a = start_oxd(&config_a);
+    let done = a.finished("1");
+    assert_eq!(done["state"], "done", "{done}");
+    let after = b.ok(&["store", "collect", "s3"]);
+    assert_eq!(after["skipped"], serde_json::json!([]), "{after}");
+    assert_eq!(after["objects"], 0, "younger than the grace: {after}");
+    assert_eq!(after["places"], 1, "{after}");
+    assert_eq!(after["requests"]["lists"], 5, "{after}");
+    // The snapshot reads back whole on B, through a clone.
+    let nqn = "nqn.2026-12.io.ox:after";
+    clone_latest(&b, "after", "db", nqn);
+    let target = format!("127.0.0.1:{port_b},{nqn},1");
+    assert_eq!(
+        verified(&oxperf(&target, "read", "0:32768", 128, 131072, 1)),
+        32768
+    );
+}

@@ -251,10 +251,21 @@ enum StoreCommand {
     /// The object stores oxd is configured with (no credentials shown).
     List,
     /// Check a store as oxd reaches it: list, put a probe object, read it back, find
-    /// it in a listing, delete it, see it gone (each step timed); fails naming the step and the reason.
+    /// it in a listing, delete it, see it gone (each step timed); fails naming the step
+    /// and the reason.
     Check {
         /// The store, as named in the daemon's configuration.
         name: String,
+    },
+    /// Collect what failed uploads and deleted snapshots left, across the bucket:
+    /// objects no manifest names, older than a day, in every volume place no upload
+    /// holds (whichever appliance wrote them).
+    Collect {
+        /// The store, as named in the daemon's configuration.
+        name: String,
+        /// Say what would be deleted, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// What the store's own catalogue holds, whichever appliance wrote it: its
     /// volumes (owner, size) with their newest snapshots, or one volume's snapshots,
@@ -573,6 +584,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Store {
             command: StoreCommand::Check { name },
         } => call(&cli, "store_check", Some(json!({ "name": name })))?,
+        Command::Store {
+            command: StoreCommand::Collect { name, dry_run },
+        } => call(
+            &cli,
+            "store_collect",
+            Some(json!({ "name": name, "dry_run": dry_run })),
+        )?,
         Command::Store {
             command:
                 StoreCommand::Browse {
@@ -1036,6 +1054,28 @@ fn print_human(command: &Command, r: &Value) {
                     s(&step["step"]),
                     s(&step["ms"])
                 );
+            }
+        }
+        Command::Store {
+            command: StoreCommand::Collect { .. },
+        } => {
+            let dry = r["dry_run"] == json!(true);
+            for k in r["keys"].as_array().into_iter().flatten() {
+                println!("would delete {}", s(k));
+            }
+            println!(
+                "{} {} objects ({} bytes) in {} places; kept {} younger than {} s; {} LISTs, {} GETs",
+                if dry { "would collect" } else { "collected" },
+                s(&r["objects"]),
+                s(&r["bytes"]),
+                s(&r["places"]),
+                s(&r["young"]),
+                s(&r["grace_s"]),
+                s(&r["requests"]["lists"]),
+                s(&r["requests"]["gets"]),
+            );
+            for p in r["skipped"].as_array().into_iter().flatten() {
+                println!("left alone {}: {}", s(&p["prefix"]), s(&p["reason"]));
             }
         }
         Command::Policy {

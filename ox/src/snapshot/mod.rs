@@ -220,7 +220,28 @@ pub async fn snapshot_volume(
     throttle: &Throttle,
 ) -> Result<SnapshotReport, OxError> {
     let resumed = match &opts.journal {
-        Some(path) => resumable(path, handle, parent, opts)?,
+        Some(path) => match resumable(path, handle, parent, opts)? {
+            Some((j, changed)) if lease_lapsed(store, opts, &j).await? => {
+                // What it stored may have been collected, and the chunks it stored
+                // before the stop are no longer kept at their point in time: it cannot
+                // go on. Its changes go to the next snapshot, which begins now.
+                tracing::warn!(
+                    "snapshot of {}: its upload lease lapsed while it was stopped (what it \
+                     stored may have been collected), so it is given up; a new one begins",
+                    opts.volume_name
+                );
+                handle.end_snapshot(Some(&changed));
+                journal::remove(path)?;
+                if let Err(e) = crate::lease::release(store, &opts.prefix, &j.snapshot).await {
+                    tracing::warn!(
+                        "snapshot of {}: its old upload lease stays: {e}",
+                        opts.volume_name
+                    );
+                }
+                None
+            }
+            resumed => resumed,
+        },
         None => None,
     };
     let (changed, resumed) = match resumed {
@@ -278,7 +299,9 @@ pub async fn snapshot_volume(
         opts,
         throttle,
     };
-    let result = write(from_to, &changed, resumed, journal.as_deref()).await;
+    let mut leased = None;
+    let result = write(from_to, &changed, resumed, journal.as_deref(), &mut leased).await;
+    let mut keep_lease = false;
     match &result {
         Ok(report) => {
             guard.changed = None;
@@ -297,10 +320,48 @@ pub async fn snapshot_volume(
         {
             guard.changed = None;
             guard.journal = None;
+            keep_lease = true;
         }
         Err(_) => {}
     }
+    // Published or given up: the upload's objects are a manifest's or orphans now.
+    // (Kept where the journal is: the upload continues at the next start.)
+    if let Some(s) = leased.filter(|_| !keep_lease)
+        && let Err(e) = crate::lease::release(store, &opts.prefix, &s).await
+    {
+        tracing::warn!(
+            "snapshot of {}: its upload lease {s} stays (collection waits out the grace \
+             there): {e}",
+            opts.volume_name
+        );
+    }
     result
+}
+
+/// Whether the upload the journal `j` describes can no longer trust what it stored: not
+/// published yet, and its lease ([`crate::lease`]) gone or last renewed longer ago than
+/// a writer may trust ([`crate::lease::TRUSTED_S`]).
+async fn lease_lapsed(
+    store: &dyn ObjectStore,
+    opts: &SnapshotOptions,
+    j: &Journal,
+) -> Result<bool, OxError> {
+    let manifest = format::manifest_key(&opts.prefix, &format::parse_id(&j.snapshot)?);
+    let published = patiently(opts, async || match store.get(&manifest).await {
+        Ok(_) => Ok(true),
+        Err(OxError::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e),
+    })
+    .await?;
+    if published {
+        return Ok(false);
+    }
+    let lease = patiently(opts, async || {
+        crate::lease::read(store, &opts.prefix, &j.snapshot).await
+    })
+    .await?;
+    let now = crate::lease::now_secs();
+    Ok(lease.is_none_or(|l| now > l.renewed.saturating_add(crate::lease::TRUSTED_S)))
 }
 
 /// The journal at `path` and its change set, if the volume took up the snapshot it
@@ -380,9 +441,17 @@ pub async fn collect_orphans(
     Ok(orphans)
 }
 
-/// The objects under `prefix` that no manifest references now. A manifest listed and
-/// then not found is an error (its objects are not judged by a listing that lost it).
+/// The objects under `prefix` that no manifest references now: none while an upload
+/// there holds a live lease, or one that cannot be read ([`crate::lease`]: what it
+/// stored has no manifest yet). A manifest listed and then not found is an error (its
+/// objects are not judged by a listing that lost it).
 pub async fn orphans(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<String>, OxError> {
+    let now = crate::lease::now_secs();
+    for (_, lease) in crate::lease::all(store, prefix).await? {
+        if lease.is_err() || lease.is_ok_and(|l| l.live(now, crate::lease::ORPHAN_GRACE_S)) {
+            return Ok(Vec::new());
+        }
+    }
     let mut referenced = std::collections::HashSet::new();
     for key in store.list(&format!("{prefix}ox1/m/")).await? {
         let m = fetch_manifest(store, &key).await?;

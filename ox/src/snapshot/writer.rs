@@ -12,6 +12,7 @@ use crate::error::OxError;
 use crate::format::{self, Ancestor, Entry, FORMAT_VERSION, IndexPage, Manifest, PAGE_CHUNKS};
 use crate::journal::{JOURNAL_VERSION, Journal};
 use crate::keys::{self, SecretKey};
+use crate::lease;
 use crate::store::ObjectStore;
 use crate::throttle::Throttle;
 
@@ -202,12 +203,14 @@ pub(super) struct FromTo<'a> {
 }
 
 /// Writes the snapshot of the `changed` chunks, fresh or continuing `resumed`,
-/// checkpointing into `journal_path` if given.
+/// checkpointing into `journal_path` if given. `leased` is set to the snapshot whose
+/// upload lease ([`crate::lease`]) this holds, for the caller to release.
 pub(super) async fn write(
     from_to: FromTo<'_>,
     changed: &bdev::ChangedChunks,
     resumed: Option<Journal>,
     journal_path: Option<&Path>,
+    leased: &mut Option<String>,
 ) -> Result<SnapshotReport, OxError> {
     let FromTo {
         store,
@@ -241,6 +244,10 @@ pub(super) async fn write(
             opts.volume_name
         )));
     }
+    if let Some(j) = &resumed {
+        // Its lease, taken before the stop, is this attempt's to renew and release.
+        *leased = Some(j.snapshot.clone());
+    }
     let start = match &resumed {
         Some(j) => Start::from_journal(
             j,
@@ -260,6 +267,12 @@ pub(super) async fn write(
     {
         return Ok(report);
     }
+    // Before anything is stored: a collector leaves this place alone while it is held.
+    let mut held = super::patiently(opts, async || {
+        lease::Held::take(store, &opts.prefix, &snapshot_hex, opts.owner.as_deref()).await
+    })
+    .await?;
+    *leased = Some(snapshot_hex.clone());
     let binding = Binding {
         volume: opts.volume_id,
         snapshot,
@@ -377,6 +390,7 @@ pub(super) async fn write(
             return Err(OxError::Suspended(opts.volume_name.clone()));
         }
         abandoned(handle, opts)?;
+        super::patiently(opts, async || held.renew_if_due(store).await).await?;
         if let Some(j) = &journaling
             && last_checkpoint.elapsed() >= opts.checkpoint_every
         {
@@ -510,6 +524,7 @@ pub(super) async fn write(
         return Err(OxError::Suspended(opts.volume_name.clone()));
     }
     abandoned(handle, opts)?;
+    super::patiently(opts, async || held.renew(store).await).await?;
     meta_bytes += store_working_set(store, opts, &index.salt, chunks, &mut codec).await;
     let read_back = if opts.verify_before_publish {
         let mut sources = vec![super::Source {
@@ -528,7 +543,17 @@ pub(super) async fn write(
     } else {
         None
     };
-    // The last look before publishing: after the read-back, however long it took.
+    // The last looks before publishing: after the read-back, however long it took.
+    super::patiently(opts, async || held.renew(store).await).await?;
+    if held.lapsed() {
+        return Err(OxError::Config(format!(
+            "snapshot of {}: its upload lease went unrenewed for more than {} s, so a \
+             collector may have deleted what it stored; nothing was published, and the \
+             next snapshot stores its changes",
+            opts.volume_name,
+            lease::TRUSTED_S
+        )));
+    }
     still_owner(store, opts).await?;
     match store.put_new(&manifest_key, bytes.clone()).await {
         Ok(()) => {}

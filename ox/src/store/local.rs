@@ -176,6 +176,35 @@ impl ObjectStore for LocalStore {
         Box::pin(async move { self.list_sync(prefix) })
     }
 
+    fn list_info<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<(Vec<super::ObjectInfo>, u64), OxError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for key in self.list_sync(prefix)? {
+                let path = self.path(&key)?;
+                let meta = match fs::metadata(&path) {
+                    Ok(m) => m,
+                    // Deleted since the listing.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(&path)(e)),
+                };
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs());
+                out.push(super::ObjectInfo {
+                    key,
+                    size: Some(meta.len()),
+                    modified,
+                });
+            }
+            Ok((out, 1))
+        })
+    }
+
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>> {
         Box::pin(async move {
             for key in keys {

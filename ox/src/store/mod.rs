@@ -79,6 +79,38 @@ pub trait ObjectStore {
     ) -> BoxFuture<'a, Result<Listing, OxError>>;
     /// Deletes `keys` (missing ones are not an error).
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>>;
+    /// Every object under `prefix` with its size and age, in key order, and how many
+    /// LIST requests that took. By default the keys alone (sizes and ages unknown: a
+    /// collector deletes nothing by age there).
+    fn list_info<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<(Vec<ObjectInfo>, u64), OxError>> {
+        Box::pin(async move {
+            let keys = self.list(prefix).await?;
+            let info = keys
+                .into_iter()
+                .map(|key| ObjectInfo {
+                    key,
+                    size: None,
+                    modified: None,
+                })
+                .collect();
+            Ok((info, 1))
+        })
+    }
+}
+
+/// An object as a listing shows it ([`ObjectStore::list_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its key.
+    pub key: String,
+    /// Its size in bytes, if the listing gave it.
+    pub size: Option<u64>,
+    /// When it was last written (Unix seconds, the store's clock), if the listing gave
+    /// it.
+    pub modified: Option<u64>,
 }
 
 /// An object and its version tag ([`ObjectStore::get_tagged`]).

@@ -25,7 +25,7 @@ use url::Url;
 
 use super::http::{HttpClient, HttpError, Response, Trust, tls_config};
 use super::sigv4::Signer;
-use super::{BoxFuture, Listing, ObjectStore};
+use super::{BoxFuture, Listing, ObjectInfo, ObjectStore};
 use crate::error::OxError;
 
 /// How long presigned requests stay valid.
@@ -810,8 +810,15 @@ impl S3Store {
     }
 
     async fn list_objects(&self, prefix: &str) -> Result<Vec<String>, OxError> {
+        let (objects, _) = self.list_objects_info(prefix).await?;
+        Ok(objects.into_iter().map(|o| o.key).collect())
+    }
+
+    /// Every object under `prefix` with its size and age, and the LIST requests made.
+    async fn list_objects_info(&self, prefix: &str) -> Result<(Vec<ObjectInfo>, u64), OxError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
+        let mut requests = 0;
         loop {
             let page = self
                 .list_request(prefix, |action| {
@@ -820,14 +827,19 @@ impl S3Store {
                     }
                 })
                 .await?;
-            out.extend(page.contents.into_iter().map(|o| o.key));
+            requests += 1;
+            out.extend(page.contents.into_iter().map(|o| ObjectInfo {
+                modified: o.last_modified.as_deref().and_then(unix_seconds),
+                size: o.size,
+                key: o.key,
+            }));
             match page.next_continuation_token {
                 Some(t) if page.is_truncated && !t.is_empty() => token = Some(t),
                 _ => break,
             }
         }
-        out.sort();
-        Ok(out)
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok((out, requests))
     }
 
     /// One ListObjectsV2 request under `prefix`, with what `shape` adds (a
@@ -1018,6 +1030,21 @@ fn start_after(prefix: &str, delimiter: Option<&str>, after: &str) -> String {
 #[serde(rename_all = "PascalCase")]
 struct Listed {
     key: String,
+    /// Every server sends them; read leniently all the same (a collector keeps an
+    /// object whose age it does not know).
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    last_modified: Option<String>,
+}
+
+/// An RFC 3339 time (a listing's `LastModified`, `2026-12-05T19:50:24.000Z`) as Unix
+/// seconds; `None` if it does not parse or lies before 1970.
+fn unix_seconds(text: &str) -> Option<u64> {
+    let t =
+        time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    u64::try_from(t.unix_timestamp()).ok()
 }
 
 /// A common prefix of a listing with a delimiter.
@@ -1185,6 +1212,13 @@ impl ObjectStore for S3Store {
         Box::pin(self.list_objects(prefix))
     }
 
+    fn list_info<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<(Vec<ObjectInfo>, u64), OxError>> {
+        Box::pin(self.list_objects_info(prefix))
+    }
+
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>> {
         Box::pin(self.delete_objects(keys))
     }
@@ -1266,6 +1300,18 @@ mod tests {
         let page = ListPage::parse(body).unwrap();
         let keys: Vec<&str> = page.contents.iter().map(|o| o.key.as_str()).collect();
         assert_eq!(keys, ["p/a&b", "p/c"]);
+        // Sizes and ages, where the server gave them (the second gave no time).
+        let sizes: Vec<Option<u64>> = page.contents.iter().map(|o| o.size).collect();
+        assert_eq!(sizes, [Some(3), Some(0)]);
+        let ages: Vec<Option<u64>> = page
+            .contents
+            .iter()
+            .map(|o| o.last_modified.as_deref().and_then(unix_seconds))
+            .collect();
+        assert_eq!(ages, [Some(1_796_428_800), None]);
+        assert_eq!(unix_seconds("2026-12-05T00:00:01Z"), Some(1_796_428_801));
+        assert_eq!(unix_seconds("1969-12-31T23:59:59Z"), None);
+        assert_eq!(unix_seconds("yesterday"), None);
         assert!(page.is_truncated);
         assert_eq!(page.next_continuation_token.as_deref(), Some("tok/+="));
         let empty = ListPage::parse(

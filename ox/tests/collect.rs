@@ -1,0 +1,179 @@
+//! Collection across a bucket (`ox::collect`) against the S3 test server, its requests
+//! counted at the server: what failed uploads left is deleted in every volume place
+//! once older than the grace; what a manifest names, what is younger, a place whose
+//! upload still holds its lease, and prefixes that are not volume places are left
+//! alone; a dry run deletes nothing; the snapshot still reads back whole.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "s3server/mod.rs"]
+mod s3server;
+mod support;
+
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+use async_executor::LocalExecutor;
+use ox::collect::collect;
+use ox::lease;
+use ox::store::ObjectStore;
+use ox::store::s3::S3Store;
+use s3server::{Server, served_at, start_server};
+use support::{clone_s3, env, filled_volume, options, read, snapshot_s3};
+
+fn run<T>(server: &Server, f: impl AsyncFnOnce(S3Store) -> T) -> T {
+    let ex = Rc::new(LocalExecutor::new());
+    let store = S3Store::new(server.client_config(), Rc::clone(&ex)).unwrap();
+    async_io::block_on(ex.run(f(store)))
+}
+
+/// What a crashed upload leaves in a place: data objects and index pages no manifest
+/// names (4 KiB each here).
+async fn leftovers(s: &S3Store, place: &str, n: u32) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let kind = if i % 2 == 0 { "d" } else { "i" };
+        let key = format!("{place}ox1/{kind}/{:032x}", 0xdead_0000 + u64::from(i));
+        s.put(&key, vec![i as u8; 4096]).await.unwrap();
+        keys.push(key);
+    }
+    keys
+}
+
+#[test]
+fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone() {
+    let server = start_server(false);
+    let config = server.client_config();
+    let env = env();
+    let size = 8 << 20;
+    // vol1/: a published snapshot, and what a crashed upload left beside it.
+    let (_vol, handle, image) = filled_volume(&env, size, 41);
+    let report = snapshot_s3(&env, &config, &handle, None, options(&env));
+    let grace = 3600;
+    let now = lease::now_secs();
+    let later = now + grace + 1;
+    let (named, gone, kept, other) = run(&server, async |s| {
+        let named = s.list("vol1/").await.unwrap();
+        let mut gone = leftovers(&s, "vol1/", 6).await;
+        // vol2/: an upload in progress (its lease renewed as recently as the collector's
+        // clock reads) and what it stored so far.
+        let kept = leftovers(&s, "vol2/", 4).await;
+        lease::renew(&s, "vol2/", "ab", Some("B"), now, later)
+            .await
+            .unwrap();
+        // vol3/: a writer gone long ago, its lease left behind, and its leftovers.
+        gone.extend(leftovers(&s, "vol3/", 3).await);
+        lease::renew(&s, "vol3/", "cd", Some("C"), now - 10, now - 10)
+            .await
+            .unwrap();
+        // other/: not a volume place (no ox1/ under it).
+        s.put("other/data", vec![1; 10]).await.unwrap();
+        (named, gone, kept, vec!["other/data".to_string()])
+    });
+    let all_keys = |s: &Server| {
+        run(s, async |store| {
+            store
+                .list("")
+                .await
+                .unwrap()
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+        })
+    };
+    let before = all_keys(&server);
+
+    // Now: every leftover is younger than the grace (and both leases are live). Nothing
+    // is deleted.
+    let young = run(&server, async |s| {
+        collect(&s, "", now, grace, false).await.unwrap()
+    });
+    assert_eq!((young.objects, young.young), (0, 6), "{young:?}");
+    assert_eq!(young.skipped.len(), 2, "{young:?}");
+    assert_eq!(all_keys(&server), before);
+
+    // Later, dry: what would go, and nothing goes.
+    let dry = run(&server, async |s| {
+        collect(&s, "", later, grace, true).await.unwrap()
+    });
+    let want: BTreeSet<String> = gone.iter().cloned().collect();
+    assert_eq!(dry.keys.iter().cloned().collect::<BTreeSet<_>>(), want);
+    assert_eq!((dry.objects, dry.bytes), (9, 9 * 4096));
+    assert_eq!(all_keys(&server), before);
+
+    // Later, for real, with the requests counted at the server.
+    let at = served_at(&server.addr.to_string());
+    let done = run(&server, async |s| {
+        collect(&s, "", later, grace, false).await.unwrap()
+    });
+    let served = served_at(&server.addr.to_string());
+    eprintln!("{done:?}");
+    assert_eq!(done.keys.iter().cloned().collect::<BTreeSet<_>>(), want);
+    assert_eq!((done.objects, done.bytes, done.places), (9, 9 * 4096, 4));
+    // One LIST of the top level, four per place (leases, manifests, data, index), and
+    // one in the place a live lease stops.
+    assert_eq!(done.lists, 1 + 4 * 3 + 1);
+    assert_eq!(served.lists - at.lists, done.lists);
+    assert_eq!(done.skipped.len(), 1, "{:?}", done.skipped);
+    assert_eq!(done.skipped[0].0, "vol2/");
+    assert!(
+        done.skipped[0].1.contains("appliance B"),
+        "{:?}",
+        done.skipped
+    );
+    let after = all_keys(&server);
+    for k in named.iter().chain(&kept).chain(&other) {
+        assert!(after.contains(k), "{k} was deleted");
+    }
+    for k in &gone {
+        assert!(!after.contains(k), "{k} is still there");
+    }
+    // The leases stay: each is its writer's to release.
+    assert!(after.contains("vol3/ox1/u/cd") && after.contains("vol2/ox1/u/ab"));
+
+    // Once vol2's upload has lapsed, its leftovers go too.
+    let much_later = later + grace + 1;
+    let last = run(&server, async |s| {
+        collect(&s, "", much_later, grace, false).await.unwrap()
+    });
+    assert_eq!(last.objects, 4, "{last:?}");
+    assert!(last.skipped.is_empty(), "{:?}", last.skipped);
+
+    // The snapshot reads back whole.
+    let (clone, _, _) = clone_s3(&env, &config, &report.manifest_key, "c", size);
+    assert!(read(&env, &clone, 0, size) == image, "the clone differs");
+    env.set.shutdown().unwrap();
+}
+
+/// A manifest that cannot be read leaves its place alone (its objects might be what it
+/// names); the other places are collected.
+#[test]
+fn a_damaged_manifest_leaves_its_place_alone() {
+    let server = start_server(false);
+    let now = lease::now_secs();
+    let later = now + 3601;
+    let (gone, kept) = run(&server, async |s| {
+        let kept = leftovers(&s, "vol1/", 2).await;
+        s.put(
+            "vol1/ox1/m/0123456789abcdef0123456789abcdef",
+            b"{not a manifest".to_vec(),
+        )
+        .await
+        .unwrap();
+        (leftovers(&s, "vol2/", 2).await, kept)
+    });
+    let done = run(&server, async |s| {
+        collect(&s, "", later, 3600, false).await.unwrap()
+    });
+    assert_eq!(done.objects, 2, "{done:?}");
+    assert_eq!(done.keys, gone);
+    assert_eq!(done.skipped.len(), 1);
+    assert_eq!(done.skipped[0].0, "vol1/");
+    assert!(
+        done.skipped[0].1.contains("cannot be read"),
+        "{:?}",
+        done.skipped
+    );
+    let left = run(&server, async |s| s.list("vol1/").await.unwrap());
+    for k in kept {
+        assert!(left.contains(&k));
+    }
+}
