@@ -674,7 +674,7 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
             Ok(service.volume_list())
         }
         "snapshot_create" => {
-            let m = params(p, &["volume", "store", "key", "verify"])?;
+            let m = params(p, &["volume", "store", "key", "verify", "full"])?;
             let verify = match m.get("verify") {
                 None | Some(Value::Null) => None,
                 Some(_) => Some(get_bool(&m, "verify")?),
@@ -685,6 +685,7 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
                     need_str(&m, "store")?,
                     get_str(&m, "key")?,
                     verify,
+                    get_bool(&m, "full")?,
                 )
                 .map_err(failed)
         }

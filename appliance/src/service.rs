@@ -1073,14 +1073,16 @@ impl Service {
     }
 
     /// Starts a snapshot of `volume` into `store` (incremental over the volume's last
-    /// snapshot in that store), read back before publishing if `verify` says so (or,
-    /// if it says nothing, the store's `verify_before_publish`); returns the job.
+    /// snapshot in that store; `full`: over none, every chunk read and stored), read
+    /// back before publishing if `verify` says so (or, if it says nothing, the store's
+    /// `verify_before_publish`); returns the job.
     pub fn snapshot_create(
         self: &Arc<Self>,
         volume: &str,
         store: &str,
         key: Option<&str>,
         verify: Option<bool>,
+        full: bool,
     ) -> anyhow::Result<Value> {
         let spec = self.store(store)?.clone();
         let kek = match key {
@@ -1118,15 +1120,18 @@ impl Service {
             };
             // Incremental over its own newest snapshot in this store; a volume over a
             // snapshot, before it has one, over the snapshot it began as (its lineage
-            // then continues that volume's, whichever appliance took it).
+            // then continues that volume's, whichever appliance took it). A full one
+            // over none: the volume's change set then names every chunk, as it does
+            // for any snapshot over another parent than the last one's.
             let parent = mine()
                 .next_back()
+                .filter(|_| !full)
                 .map(|s| s.manifest_key.clone())
                 .or_else(|| {
                     volume_record
                         .basis
                         .as_ref()
-                        .filter(|b| b.store == store)
+                        .filter(|b| b.store == store && !full)
                         .map(|b| b.manifest_key.clone())
                 });
             // Snapshots the bucket's catalogue is still owed (its write failed, or they
@@ -2389,7 +2394,7 @@ impl Service {
         let c = self.cores.run(move |ex| {
             Box::pin(async move {
                 let store = spec.open(&ex)?;
-                ox::collect::collect(&*store, "", now, ox::lease::ORPHAN_GRACE_S, dry_run).await
+                ox::collect::collect(&*store, "", now, dry_run).await
             })
         })??;
         tracing::info!(
@@ -2416,6 +2421,7 @@ impl Service {
             "bytes": c.bytes,
             "young": c.young,
             "ageless": c.ageless,
+            "dead_leases": c.dead_leases,
             "grace_s": ox::lease::ORPHAN_GRACE_S,
             "requests": { "lists": c.lists, "gets": c.gets, "deletes": c.deletes },
             "skipped": c.skipped.iter().map(|(prefix, reason)| json!({
@@ -2525,7 +2531,7 @@ impl Service {
     pub fn resume_pending(self: &Arc<Self>) {
         let pending = self.inner().catalogue.pending.clone();
         for p in pending {
-            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), p.verify) {
+            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), p.verify, false) {
                 Ok(job) => tracing::info!(
                     "snapshot of {} into {} started again (job {})",
                     p.volume,
@@ -2714,11 +2720,11 @@ enum Opening {
     },
 }
 
-/// Store prefix of a volume's snapshots: its name for people, its UUID so that two
-/// appliances' volumes of the same name never share objects.
 /// The most keys a dry [`Service::store_collect`] lists.
 pub const COLLECT_KEYS_SHOWN: usize = 1000;
 
+/// Store prefix of a volume's snapshots: its name for people, its UUID so that two
+/// appliances' volumes of the same name never share objects.
 fn snapshot_prefix(volume: &str, uuid: &str) -> String {
     let id: String = uuid.chars().filter(|c| *c != '-').take(12).collect();
     format!("{volume}.{id}/")

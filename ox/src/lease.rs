@@ -126,7 +126,8 @@ pub async fn all(
     Ok(out)
 }
 
-fn parse(key: &str, bytes: &[u8]) -> Result<Lease, OxError> {
+/// The lease stored at `key`, checked.
+pub fn parse(key: &str, bytes: &[u8]) -> Result<Lease, OxError> {
     let lease: Lease = serde_json::from_slice(bytes)
         .map_err(|e| OxError::integrity(format!("upload lease {key}"), e.to_string()))?;
     if lease.format != LEASE_FORMAT {
@@ -138,8 +139,10 @@ fn parse(key: &str, bytes: &[u8]) -> Result<Lease, OxError> {
     Ok(lease)
 }
 
-/// What a writer knows of its own lease: when it last renewed it (by its monotonic
-/// clock), so it can tell whether it ever left it unrenewed too long.
+/// What a writer knows of its own lease: when it last renewed it, by its monotonic
+/// clock and by the wall clock (a machine suspended, or a virtual machine paused, stops
+/// the first and not the second, nor the collectors' clocks), so it can tell whether it
+/// ever left it unrenewed too long.
 #[derive(Debug)]
 pub struct Held {
     prefix: String,
@@ -147,33 +150,39 @@ pub struct Held {
     appliance: Option<String>,
     started: u64,
     renewed_at: std::time::Instant,
+    renewed_wall: u64,
     /// Set once a renewal came later than [`TRUSTED_S`] after the one before.
     lapsed: bool,
 }
 
 impl Held {
-    /// Takes the lease of `snapshot` under `prefix` now.
+    /// Takes the lease of `snapshot` under `prefix` now. `before`: the lease an earlier
+    /// attempt of the same upload held (a resumed one), whose age at this moment counts
+    /// as a gap between renewals.
     pub async fn take(
         store: &dyn ObjectStore,
         prefix: &str,
         snapshot: &str,
         appliance: Option<&str>,
+        before: Option<&Lease>,
     ) -> Result<Self, OxError> {
         let now = now_secs();
-        renew(store, prefix, snapshot, appliance, now, now).await?;
+        let started = before.map_or(now, |l| l.started);
+        renew(store, prefix, snapshot, appliance, started, now).await?;
         Ok(Self {
             prefix: prefix.to_string(),
             snapshot: snapshot.to_string(),
             appliance: appliance.map(str::to_string),
-            started: now,
+            started,
             renewed_at: std::time::Instant::now(),
-            lapsed: false,
+            renewed_wall: now,
+            lapsed: before.is_some_and(|l| now.saturating_sub(l.renewed) > TRUSTED_S),
         })
     }
 
     /// Renews the lease if [`RENEW_S`] have passed since the last renewal.
     pub async fn renew_if_due(&mut self, store: &dyn ObjectStore) -> Result<(), OxError> {
-        if self.renewed_at.elapsed().as_secs() < RENEW_S {
+        if self.since_renewed() < RENEW_S {
             return Ok(());
         }
         self.renew(store).await
@@ -181,7 +190,6 @@ impl Held {
 
     /// Renews the lease now.
     pub async fn renew(&mut self, store: &dyn ObjectStore) -> Result<(), OxError> {
-        let since = self.renewed_at.elapsed().as_secs();
         let prefix = self.prefix.clone();
         let snapshot = self.snapshot.clone();
         let appliance = self.appliance.clone();
@@ -195,15 +203,22 @@ impl Held {
         )
         .await?;
         // Judged by when the renewal before ended, so a slow PUT counts against it.
-        self.lapsed |= since > TRUSTED_S;
+        self.lapsed |= self.since_renewed() > TRUSTED_S;
         self.renewed_at = std::time::Instant::now();
+        self.renewed_wall = now_secs();
         Ok(())
     }
 
     /// Whether the lease may have looked abandoned to a collector at some point: what
     /// was stored before then may have been collected.
     pub fn lapsed(&self) -> bool {
-        self.lapsed || self.renewed_at.elapsed().as_secs() > TRUSTED_S
+        self.lapsed || self.since_renewed() > TRUSTED_S
+    }
+
+    /// Seconds since the last renewal, by whichever clock says more.
+    fn since_renewed(&self) -> u64 {
+        let wall = now_secs().saturating_sub(self.renewed_wall);
+        self.renewed_at.elapsed().as_secs().max(wall)
     }
 }
 

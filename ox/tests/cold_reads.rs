@@ -153,8 +153,9 @@ fn a_sparse_1_tib_snapshot_costs_requests_for_its_data_not_its_size() {
         m.empty_pages_tag.is_some(),
         "encrypted: the key vouches for them"
     );
-    // The data objects, two index pages and the manifest: O(data), not 1,024 pages.
-    assert_eq!(spent, m.objects.len() as u64 + 2 + 1, "requests");
+    // The data objects, two index pages, the manifest, and the upload's lease taken and
+    // released: O(data), not 1,024 pages.
+    assert_eq!(spent, m.objects.len() as u64 + 2 + 1 + 2, "requests");
 
     // A clone reads the data, and unwritten space with no request at all.
     let (clone, basis) = clone_of_size(&env, &config, &report.manifest_key, "sparse", size);
@@ -183,8 +184,13 @@ fn a_sparse_1_tib_snapshot_costs_requests_for_its_data_not_its_size() {
     let spent = requests() - before;
     let m = &child.manifest;
     assert_eq!(m.stored_pages().collect::<Vec<_>>(), vec![5, 300, 800]);
-    // The parent's manifest and its 2 pages; the child's objects, 3 pages, manifest.
-    assert_eq!(spent, 1 + 2 + m.objects.len() as u64 + 3 + 1, "requests");
+    // The parent's manifest and its 2 pages; the child's objects, 3 pages, manifest,
+    // and its lease taken and released.
+    assert_eq!(
+        spent,
+        1 + 2 + m.objects.len() as u64 + 3 + 1 + 2,
+        "requests"
+    );
     let (clone, _) = clone_of_size(&env, &config, &child.manifest_key, "child", size);
     assert!(read(&env, &clone, far, 4 << 20) == extent);
     assert!(read(&env, &clone, 800 << 30, 4096) == more);

@@ -48,7 +48,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
     // vol1/: a published snapshot, and what a crashed upload left beside it.
     let (_vol, handle, image) = filled_volume(&env, size, 41);
     let report = snapshot_s3(&env, &config, &handle, None, options(&env));
-    let grace = 3600;
+    let grace = lease::ORPHAN_GRACE_S;
     let now = lease::now_secs();
     let later = now + grace + 1;
     let (named, gone, kept, other) = run(&server, async |s| {
@@ -84,7 +84,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
     // Now: every leftover is younger than the grace (and both leases are live). Nothing
     // is deleted.
     let young = run(&server, async |s| {
-        collect(&s, "", now, grace, false).await.unwrap()
+        collect(&s, "", now, false).await.unwrap()
     });
     assert_eq!((young.objects, young.young), (0, 6), "{young:?}");
     assert_eq!(young.skipped.len(), 2, "{young:?}");
@@ -92,25 +92,31 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
 
     // Later, dry: what would go, and nothing goes.
     let dry = run(&server, async |s| {
-        collect(&s, "", later, grace, true).await.unwrap()
+        collect(&s, "", later, true).await.unwrap()
     });
-    let want: BTreeSet<String> = gone.iter().cloned().collect();
+    // vol3's lease, a day old, goes with its leftovers.
+    let want: BTreeSet<String> = gone
+        .iter()
+        .cloned()
+        .chain(["vol3/ox1/u/cd".to_string()])
+        .collect();
     assert_eq!(dry.keys.iter().cloned().collect::<BTreeSet<_>>(), want);
-    assert_eq!((dry.objects, dry.bytes), (9, 9 * 4096));
+    assert_eq!((dry.objects, dry.bytes, dry.dead_leases), (9, 9 * 4096, 1));
     assert_eq!(all_keys(&server), before);
 
     // Later, for real, with the requests counted at the server.
     let at = served_at(&server.addr.to_string());
     let done = run(&server, async |s| {
-        collect(&s, "", later, grace, false).await.unwrap()
+        collect(&s, "", later, false).await.unwrap()
     });
     let served = served_at(&server.addr.to_string());
     eprintln!("{done:?}");
     assert_eq!(done.keys.iter().cloned().collect::<BTreeSet<_>>(), want);
-    assert_eq!((done.objects, done.bytes, done.places), (9, 9 * 4096, 4));
-    // One LIST of the top level, four per place (leases, manifests, data, index), and
-    // one in the place a live lease stops.
-    assert_eq!(done.lists, 1 + 4 * 3 + 1);
+    assert_eq!((done.objects, done.bytes, done.places), (9, 9 * 4096, 3));
+    // One LIST of the top level and one of each prefix there (other/ is no place),
+    // then four per place (leases, manifests, data, index), and one in the place a
+    // live lease stops.
+    assert_eq!(done.lists, 1 + 4 + 4 * 2 + 1);
     assert_eq!(served.lists - at.lists, done.lists);
     assert_eq!(done.skipped.len(), 1, "{:?}", done.skipped);
     assert_eq!(done.skipped[0].0, "vol2/");
@@ -123,18 +129,17 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
     for k in named.iter().chain(&kept).chain(&other) {
         assert!(after.contains(k), "{k} was deleted");
     }
-    for k in &gone {
+    for k in &want {
         assert!(!after.contains(k), "{k} is still there");
     }
-    // The leases stay: each is its writer's to release.
-    assert!(after.contains("vol3/ox1/u/cd") && after.contains("vol2/ox1/u/ab"));
+    assert!(after.contains("vol2/ox1/u/ab"), "a live lease stays");
 
     // Once vol2's upload has lapsed, its leftovers go too.
     let much_later = later + grace + 1;
     let last = run(&server, async |s| {
-        collect(&s, "", much_later, grace, false).await.unwrap()
+        collect(&s, "", much_later, false).await.unwrap()
     });
-    assert_eq!(last.objects, 4, "{last:?}");
+    assert_eq!((last.objects, last.dead_leases), (4, 1), "{last:?}");
     assert!(last.skipped.is_empty(), "{:?}", last.skipped);
 
     // The snapshot reads back whole.
@@ -149,7 +154,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
 fn a_damaged_manifest_leaves_its_place_alone() {
     let server = start_server(false);
     let now = lease::now_secs();
-    let later = now + 3601;
+    let later = now + lease::ORPHAN_GRACE_S + 1;
     let (gone, kept) = run(&server, async |s| {
         let kept = leftovers(&s, "vol1/", 2).await;
         s.put(
@@ -161,11 +166,41 @@ fn a_damaged_manifest_leaves_its_place_alone() {
         (leftovers(&s, "vol2/", 2).await, kept)
     });
     let done = run(&server, async |s| {
-        collect(&s, "", later, 3600, false).await.unwrap()
+        collect(&s, "", later, false).await.unwrap()
     });
     assert_eq!(done.objects, 2, "{done:?}");
     assert_eq!(done.keys, gone);
     assert_eq!(done.skipped.len(), 1);
+    assert_eq!(done.skipped[0].0, "vol1/");
+    assert!(
+        done.skipped[0].1.contains("cannot be read"),
+        "{:?}",
+        done.skipped
+    );
+    let left = run(&server, async |s| s.list("vol1/").await.unwrap());
+    for k in kept {
+        assert!(left.contains(&k));
+    }
+}
+
+/// A lease that cannot be read leaves its place alone (it may be a live upload's), and
+/// a request failing in one place leaves that place, not the collection.
+#[test]
+fn a_damaged_lease_leaves_its_place_alone() {
+    let server = start_server(false);
+    let later = lease::now_secs() + lease::ORPHAN_GRACE_S + 1;
+    let (gone, kept) = run(&server, async |s| {
+        let kept = leftovers(&s, "vol1/", 2).await;
+        s.put("vol1/ox1/u/00ff", b"{ damaged".to_vec())
+            .await
+            .unwrap();
+        (leftovers(&s, "vol2/", 2).await, kept)
+    });
+    let done = run(&server, async |s| {
+        collect(&s, "", later, false).await.unwrap()
+    });
+    assert_eq!(done.keys, gone, "{done:?}");
+    assert_eq!(done.skipped.len(), 1, "{done:?}");
     assert_eq!(done.skipped[0].0, "vol1/");
     assert!(
         done.skipped[0].1.contains("cannot be read"),

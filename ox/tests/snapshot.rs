@@ -464,6 +464,11 @@ fn a_cancelled_snapshot_publishes_nothing_keeps_its_changes_and_leaves_collectab
             Box::pin(async move {
                 let store = LocalStore::open(root).unwrap();
                 let m = store.list("vol1/ox1/m/").await.unwrap();
+                // Given up: its upload lease is released (or its orphans would wait).
+                assert_eq!(
+                    store.list("vol1/ox1/u/").await.unwrap(),
+                    Vec::<String>::new()
+                );
                 let o = ox::snapshot::collect_orphans(&store, "vol1/", &[kek])
                     .await
                     .unwrap();

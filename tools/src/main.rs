@@ -210,6 +210,10 @@ enum SnapshotCommand {
         /// Return at once with the job ID instead of waiting.
         #[arg(long)]
         no_wait: bool,
+        /// A full snapshot: every chunk read and stored, over no parent (a new
+        /// lineage; later snapshots are incremental over it).
+        #[arg(long)]
+        full: bool,
     },
     /// Snapshots taken by this appliance.
     List {
@@ -541,8 +545,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 verify,
                 no_verify,
                 no_wait,
+                full,
             } => {
                 let mut p = json!({ "volume": volume, "store": store });
+                if *full {
+                    p["full"] = true.into();
+                }
                 if let Some(k) = key {
                     p["key"] = k.clone().into();
                 }
@@ -1064,13 +1072,16 @@ fn print_human(command: &Command, r: &Value) {
                 println!("would delete {}", s(k));
             }
             println!(
-                "{} {} objects ({} bytes) in {} places; kept {} younger than {} s; {} LISTs, {} GETs",
+                "{} {} objects ({} bytes) and {} dead upload leases in {} places; kept {} \
+                 younger than {} s and {} of unknown age; {} LISTs, {} GETs",
                 if dry { "would collect" } else { "collected" },
                 s(&r["objects"]),
                 s(&r["bytes"]),
+                s(&r["dead_leases"]),
                 s(&r["places"]),
                 s(&r["young"]),
                 s(&r["grace_s"]),
+                s(&r["ageless"]),
                 s(&r["requests"]["lists"]),
                 s(&r["requests"]["gets"]),
             );

@@ -320,7 +320,7 @@ impl Service {
                 next = next.min(Duration::from_secs(due - now));
                 continue;
             }
-            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), None) {
+            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), None, false) {
                 Ok(job) => {
                     let id = job["id"].as_u64();
                     let mut rt = self.policies.lock();

@@ -220,28 +220,35 @@ pub async fn snapshot_volume(
     throttle: &Throttle,
 ) -> Result<SnapshotReport, OxError> {
     let resumed = match &opts.journal {
-        Some(path) => match resumable(path, handle, parent, opts)? {
-            Some((j, changed)) if lease_lapsed(store, opts, &j).await? => {
-                // What it stored may have been collected, and the chunks it stored
-                // before the stop are no longer kept at their point in time: it cannot
-                // go on. Its changes go to the next snapshot, which begins now.
-                tracing::warn!(
-                    "snapshot of {}: its upload lease lapsed while it was stopped (what it \
-                     stored may have been collected), so it is given up; a new one begins",
-                    opts.volume_name
-                );
-                handle.end_snapshot(Some(&changed));
-                journal::remove(path)?;
-                if let Err(e) = crate::lease::release(store, &opts.prefix, &j.snapshot).await {
-                    tracing::warn!(
-                        "snapshot of {}: its old upload lease stays: {e}",
-                        opts.volume_name
-                    );
-                }
-                None
+        Some(path) => {
+            let (resumed, stale) = resumable(path, handle, parent, opts)?;
+            if let Some((prefix, snapshot)) = stale {
+                release_lease(store, &prefix, &snapshot, opts).await;
             }
-            resumed => resumed,
-        },
+            match resumed {
+                Some((j, changed)) => match lease_lapsed(store, opts, &j).await {
+                    Ok(false) => Some((j, changed)),
+                    // What it stored may have been collected (or the store cannot say,
+                    // however long it was waited for), and the chunks it stored before
+                    // the stop are no longer kept at their point in time: it cannot go
+                    // on. Its changes go to the next snapshot, which begins now.
+                    lapsed => {
+                        handle.end_snapshot(Some(&changed));
+                        release_lease(store, &opts.prefix, &j.snapshot, opts).await;
+                        journal::remove(path)?;
+                        lapsed?;
+                        tracing::warn!(
+                            "snapshot of {}: its upload lease lapsed while it was stopped \
+                             (what it stored may have been collected), so it is given up; \
+                             a new one begins",
+                            opts.volume_name
+                        );
+                        None
+                    }
+                },
+                None => None,
+            }
+        }
         None => None,
     };
     let (changed, resumed) = match resumed {
@@ -357,29 +364,64 @@ async fn lease_lapsed(
         return Ok(false);
     }
     let lease = patiently(opts, async || {
-        crate::lease::read(store, &opts.prefix, &j.snapshot).await
+        match crate::lease::read(store, &opts.prefix, &j.snapshot).await {
+            // Damaged: it says nothing a writer may trust.
+            Err(OxError::Integrity { .. } | OxError::Format(_)) => Ok(None),
+            read => read,
+        }
     })
     .await?;
     let now = crate::lease::now_secs();
     Ok(lease.is_none_or(|l| now > l.renewed.saturating_add(crate::lease::TRUSTED_S)))
 }
 
+/// Releases the upload lease of `snapshot` under `prefix`; one that stays (the store
+/// unreachable) keeps collection from the place until it is a day old, and is said.
+async fn release_lease(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    snapshot: &str,
+    opts: &SnapshotOptions,
+) {
+    if let Err(e) = crate::lease::release(store, prefix, snapshot).await {
+        tracing::warn!(
+            "snapshot of {}: its upload lease {snapshot} stays (collection waits a day \
+             there): {e}",
+            opts.volume_name
+        );
+    }
+}
+
+/// A journal the volume took up and can continue, with its change set.
+type Resumed = Option<(Journal, bdev::ChangedChunks)>;
+
 /// The journal at `path` and its change set, if the volume took up the snapshot it
 /// describes after a restart and that snapshot can continue with these settings.
 /// Otherwise the journal is removed (and a snapshot taken up is ended, its changes kept
-/// for the next attempt).
+/// for the next attempt), and the upload lease it held, if it can be told (its prefix
+/// and snapshot), is returned for the caller to release.
 fn resumable(
     path: &Path,
     handle: &VolumeHandle,
     parent: Option<&Loaded>,
     opts: &SnapshotOptions,
-) -> Result<Option<(Journal, bdev::ChangedChunks)>, OxError> {
+) -> Result<(Resumed, Option<(String, String)>), OxError> {
+    // (Only a lease in this store: one in another stays until it is a day old.)
+    let lease_of = |j: Journal| (j.store == opts.store_name).then_some((j.prefix, j.snapshot));
+    let stale_lease = || {
+        Journal::load(path, handle.chunks())
+            .ok()
+            .flatten()
+            .and_then(|(j, _)| lease_of(j))
+    };
     let Some(token) = handle.take_resumed() else {
+        let mut stale = None;
         if handle.snapshot_token().is_none() {
             // A journal left by an attempt that ended (or never took up): stale.
+            stale = stale_lease();
             journal::remove(path)?;
         }
-        return Ok(None);
+        return Ok((None, stale));
     };
     let loaded = Journal::load(path, handle.chunks());
     let fits = |j: &Journal| {
@@ -395,13 +437,17 @@ fn resumable(
             }
     };
     match loaded {
-        Ok(Some((j, changed))) if fits(&j) => Ok(Some((j, changed))),
-        _ => {
+        Ok(Some((j, changed))) if fits(&j) => Ok((Some((j, changed)), None)),
+        loaded => {
+            let stale = match loaded {
+                Ok(Some((j, _))) => lease_of(j),
+                _ => None,
+            };
             let mut changed = journal::changes_or_all(path, handle);
             changed.base = None;
             handle.end_snapshot(Some(&changed));
             journal::remove(path)?;
-            Ok(None)
+            Ok((None, stale))
         }
     }
 }

@@ -268,8 +268,26 @@ pub(super) async fn write(
         return Ok(report);
     }
     // Before anything is stored: a collector leaves this place alone while it is held.
+    // A resumed upload's lease as the stop left it: its age counts as a gap (checked
+    // when it was taken up, but time has passed since).
+    let before = match &resumed {
+        Some(_) => {
+            super::patiently(opts, async || {
+                lease::read(store, &opts.prefix, &snapshot_hex).await
+            })
+            .await?
+        }
+        None => None,
+    };
     let mut held = super::patiently(opts, async || {
-        lease::Held::take(store, &opts.prefix, &snapshot_hex, opts.owner.as_deref()).await
+        lease::Held::take(
+            store,
+            &opts.prefix,
+            &snapshot_hex,
+            opts.owner.as_deref(),
+            before.as_ref(),
+        )
+        .await
     })
     .await?;
     *leased = Some(snapshot_hex.clone());
@@ -524,7 +542,7 @@ pub(super) async fn write(
         return Err(OxError::Suspended(opts.volume_name.clone()));
     }
     abandoned(handle, opts)?;
-    super::patiently(opts, async || held.renew(store).await).await?;
+    super::patiently(opts, async || held.renew_if_due(store).await).await?;
     meta_bytes += store_working_set(store, opts, &index.salt, chunks, &mut codec).await;
     let read_back = if opts.verify_before_publish {
         let mut sources = vec![super::Source {
@@ -539,12 +557,20 @@ pub(super) async fn write(
             manifest_key: manifest_key.clone(),
             sources,
         };
-        Some(super::read_back::read_back(store, &to_publish).await?)
+        let checking = super::read_back::read_back(store, &to_publish);
+        // The lease is renewed meanwhile: a read-back can take as long as the upload.
+        let renewing = async {
+            loop {
+                async_io::Timer::after(Duration::from_secs(lease::RENEW_S)).await;
+                super::patiently(opts, async || held.renew(store).await).await?;
+            }
+        };
+        Some(futures_lite::future::or(checking, renewing).await?)
     } else {
         None
     };
     // The last looks before publishing: after the read-back, however long it took.
-    super::patiently(opts, async || held.renew(store).await).await?;
+    super::patiently(opts, async || held.renew_if_due(store).await).await?;
     if held.lapsed() {
         return Err(OxError::Config(format!(
             "snapshot of {}: its upload lease went unrenewed for more than {} s, so a \
@@ -558,12 +584,20 @@ pub(super) async fn write(
     match store.put_new(&manifest_key, bytes.clone()).await {
         Ok(()) => {}
         // Something at this snapshot's own (random) key already: the manifest an
-        // earlier attempt published after all (adopted), or a damaged copy a store
-        // kept of a body it refused (replaced).
+        // earlier attempt published after all (adopted, if this attempt continues
+        // one), or a damaged copy a store kept of a body it refused (replaced). Within
+        // one attempt, what is there can only be an earlier try of this very PUT, taken
+        // as not done (S3Store compares it with these bytes first): it is replaced
+        // whatever a read of it says now — a read can be served the bytes sent (by a
+        // cache, say) while the store keeps a damaged copy. (The simulator's seed 1
+        // found this: a reply swapped for the body sent made a damaged manifest look
+        // published.)
+        Err(OxError::AlreadyExists { .. }) if resumed.is_none() => {
+            store.put(&manifest_key, bytes).await?;
+        }
         Err(OxError::AlreadyExists { .. }) => {
             match published(store, &manifest_key, &snapshot_hex, start.next_chunk).await {
-                Ok(Some(report)) if resumed.is_some() => return Ok(report),
-                Ok(Some(_)) => {}
+                Ok(Some(report)) => return Ok(report),
                 Ok(None) => store.put_new(&manifest_key, bytes).await?,
                 Err(OxError::Integrity { .. }) => store.put(&manifest_key, bytes).await?,
                 Err(e) => return Err(e),
