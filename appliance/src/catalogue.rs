@@ -53,6 +53,9 @@ pub struct PendingSnapshot {
     /// setting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<bool>,
+    /// A full snapshot (over no parent), asked for this one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 /// How a volume or clone is exported over NVMe/TCP.

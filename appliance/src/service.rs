@@ -1186,6 +1186,7 @@ impl Service {
             store: store.to_string(),
             key: key.map(String::from),
             verify,
+            full,
         };
         {
             let mut inner = self.inner();
@@ -2531,7 +2532,7 @@ impl Service {
     pub fn resume_pending(self: &Arc<Self>) {
         let pending = self.inner().catalogue.pending.clone();
         for p in pending {
-            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), p.verify, false) {
+            match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), p.verify, p.full) {
                 Ok(job) => tracing::info!(
                     "snapshot of {} into {} started again (job {})",
                     p.volume,

@@ -91,9 +91,10 @@ async fn places(
     for p in candidates {
         let ours = format!("{p}ox1/");
         let mut holds = false;
-        walk(store, &p, out, |q| holds |= q == ours).await?;
-        if holds {
-            found.push(p);
+        match walk(store, &p, out, |q| holds |= q == ours).await {
+            Ok(()) if holds => found.push(p),
+            Ok(()) => {}
+            Err(e) => out.skipped.push((p, format!("stopped there: {e}"))),
         }
     }
     Ok(found)
@@ -190,7 +191,7 @@ async fn collect_place(
         }
         named.insert(manifest.working_set_key()?);
     }
-    let mut doomed = Vec::new();
+    let (mut doomed, mut bytes) = (Vec::new(), 0);
     for kind in ["d", "i"] {
         let (objects, pages) = store.list_info(&format!("{place}ox1/{kind}/")).await?;
         out.lists += pages;
@@ -200,7 +201,7 @@ async fn collect_place(
             }
             match o.modified {
                 Some(t) if t.saturating_add(ORPHAN_GRACE_S) <= now => {
-                    out.bytes += o.size.unwrap_or(0);
+                    bytes += o.size.unwrap_or(0);
                     doomed.push(o.key);
                 }
                 Some(_) => out.young += 1,
@@ -208,15 +209,19 @@ async fn collect_place(
             }
         }
     }
-    out.objects += doomed.len() as u64;
-    out.dead_leases += dead.len() as u64;
+    let (objects, leases) = (doomed.len() as u64, dead.len() as u64);
     // Dead leases go too: each names an upload that ended without releasing it, or
-    // whose writer, finding it gone or old, gives up rather than publish.
+    // one that can publish nothing (a writer whose lease went unrenewed that long
+    // refuses to; a resumed one finding it gone or old gives up).
     doomed.extend(dead);
     if !dry && !doomed.is_empty() {
         store.delete(&doomed).await?;
         out.deletes += doomed.len().div_ceil(1000) as u64;
     }
+    // Counted once done (a failed delete leaves the place in `skipped`, uncounted).
+    out.objects += objects;
+    out.bytes += bytes;
+    out.dead_leases += leases;
     out.keys.extend(doomed);
     Ok(())
 }

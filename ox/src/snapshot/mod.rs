@@ -228,6 +228,9 @@ pub async fn snapshot_volume(
             match resumed {
                 Some((j, changed)) => match lease_lapsed(store, opts, &j).await {
                     Ok(false) => Some((j, changed)),
+                    // A stop while it waited for the store: the journal stands, as when
+                    // the writer itself is suspended.
+                    Err(e @ OxError::Suspended(_)) => return Err(e),
                     // What it stored may have been collected (or the store cannot say,
                     // however long it was waited for), and the chunks it stored before
                     // the stop are no longer kept at their point in time: it cannot go
@@ -236,7 +239,14 @@ pub async fn snapshot_volume(
                         handle.end_snapshot(Some(&changed));
                         release_lease(store, &opts.prefix, &j.snapshot, opts).await;
                         journal::remove(path)?;
-                        lapsed?;
+                        if let Err(e) = lapsed {
+                            return Err(OxError::Config(format!(
+                                "snapshot of {} cut short by a restart is given up (its \
+                                 changes go to the next one): its upload lease could not \
+                                 be read: {e}",
+                                opts.volume_name
+                            )));
+                        }
                         tracing::warn!(
                             "snapshot of {}: its upload lease lapsed while it was stopped \
                              (what it stored may have been collected), so it is given up; \

@@ -272,10 +272,20 @@ pub(super) async fn write(
     // when it was taken up, but time has passed since).
     let before = match &resumed {
         Some(_) => {
-            super::patiently(opts, async || {
+            let before = super::patiently(opts, async || {
                 lease::read(store, &opts.prefix, &snapshot_hex).await
             })
-            .await?
+            .await?;
+            if before.is_none() {
+                // Gone since it was looked at: a collector may have judged it dead.
+                return Err(OxError::Config(format!(
+                    "snapshot of {}: its upload lease is gone, so what it stored may have \
+                     been collected; nothing was published, and the next snapshot stores \
+                     its changes",
+                    opts.volume_name
+                )));
+            }
+            before
         }
         None => None,
     };
@@ -581,29 +591,30 @@ pub(super) async fn write(
         )));
     }
     still_owner(store, opts).await?;
-    match store.put_new(&manifest_key, bytes.clone()).await {
-        Ok(()) => {}
-        // Something at this snapshot's own (random) key already: the manifest an
-        // earlier attempt published after all (adopted, if this attempt continues
-        // one), or a damaged copy a store kept of a body it refused (replaced). Within
-        // one attempt, what is there can only be an earlier try of this very PUT, taken
-        // as not done (S3Store compares it with these bytes first): it is replaced
-        // whatever a read of it says now — a read can be served the bytes sent (by a
-        // cache, say) while the store keeps a damaged copy. (The simulator's seed 1
-        // found this: a reply swapped for the body sent made a damaged manifest look
-        // published.)
-        Err(OxError::AlreadyExists { .. }) if resumed.is_none() => {
-            store.put(&manifest_key, bytes).await?;
-        }
-        Err(OxError::AlreadyExists { .. }) => {
-            match published(store, &manifest_key, &snapshot_hex, start.next_chunk).await {
-                Ok(Some(report)) => return Ok(report),
-                Ok(None) => store.put_new(&manifest_key, bytes).await?,
-                Err(OxError::Integrity { .. }) => store.put(&manifest_key, bytes).await?,
-                Err(e) => return Err(e),
+    if resumed.is_none() {
+        // This attempt's own random key: nothing else writes there, so a plain PUT. (A
+        // conditional create retried after its body was damaged on the way could only
+        // judge what the store kept by reading it back, and a read can be served the
+        // bytes sent — by a cache, say — while the store keeps a damaged copy: the
+        // simulator's seed 1 found a snapshot published that way over a manifest that
+        // failed its checksum.)
+        store.put(&manifest_key, bytes).await?;
+    } else {
+        match store.put_new(&manifest_key, bytes.clone()).await {
+            Ok(()) => {}
+            // Something at this snapshot's key already: the manifest the attempt it
+            // continues published after all (adopted), or a damaged copy a store kept
+            // of a body it refused (replaced).
+            Err(OxError::AlreadyExists { .. }) => {
+                match published(store, &manifest_key, &snapshot_hex, start.next_chunk).await {
+                    Ok(Some(report)) => return Ok(report),
+                    Ok(None) => store.put_new(&manifest_key, bytes).await?,
+                    Err(OxError::Integrity { .. }) => store.put(&manifest_key, bytes).await?,
+                    Err(e) => return Err(e),
+                }
             }
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
     }
     progress
         .chunks_done
