@@ -212,3 +212,41 @@ fn a_damaged_lease_leaves_its_place_alone() {
         assert!(left.contains(&k));
     }
 }
+
+/// What a collection costs grows with the places, not the objects: one LIST of the top
+/// level and one of each prefix there, and four per place. Counted at the server: 20
+/// places, one of them holding 1,200 more leftovers. (The test server answers a
+/// listing in one page however long: a server that pages at 1,000 keys costs one LIST
+/// more per 1,000 objects in a directory.)
+#[test]
+fn a_collection_costs_a_few_lists_per_place_whatever_the_objects() {
+    let server = start_server(false);
+    run(&server, async |s| {
+        for v in 0..20 {
+            leftovers(&s, &format!("v{v:02}/"), 2).await;
+        }
+        // 1,200 more data objects in v00/.
+        for i in 0..1200u32 {
+            let key = format!("v00/ox1/d/{:032x}", 0xbeef_0000 + u64::from(i));
+            s.put(&key, vec![7; 64]).await.unwrap();
+        }
+    });
+    let later = lease::now_secs() + lease::ORPHAN_GRACE_S + 1;
+    let at = served_at(&server.addr.to_string());
+    let done = run(&server, async |s| {
+        collect(&s, "", later, false).await.unwrap()
+    });
+    let served = served_at(&server.addr.to_string());
+    eprintln!(
+        "{} places, {} objects ({} bytes): {} LISTs, {} GETs, {} DELETE batches",
+        done.places, done.objects, done.bytes, done.lists, done.gets, done.deletes
+    );
+    assert_eq!((done.places, done.objects), (20, 20 * 2 + 1200));
+    assert_eq!(done.bytes, 20 * 2 * 4096 + 1200 * 64);
+    assert_eq!(done.lists, 1 + 20 + 4 * 20);
+    assert_eq!(served.lists - at.lists, done.lists);
+    // A batch of up to 1,000 keys a place: v00 holds 1,202.
+    assert_eq!((done.gets, done.deletes), (0, 20 + 1));
+    let left = run(&server, async |s| s.list("").await.unwrap());
+    assert!(left.is_empty(), "{left:?}");
+}
