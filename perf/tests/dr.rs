@@ -665,6 +665,55 @@ fn two_appliances_never_write_one_volume_into_one_bucket() {
     assert_eq!(db["owned_here"], true, "{seen}");
     assert_eq!(db["adopted_from"]["id"], a_id.as_str(), "{seen}");
     assert_eq!(db["snapshots"].as_array().unwrap().len(), 3, "{seen}");
+    let a_only = a
+        .ok(&["snapshot", "list"])
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !c.ok(&["snapshot", "list"]).to_string().contains(&a_only),
+        "A's second snapshot is in the store's catalogue, not in C's"
+    );
+    // C's policy keeps the newest only: the snapshot A took into the place, which C's
+    // own catalogue never had, is retired with C's others (once a run has been, the
+    // policy goes hourly, so the last run's retention is the last word).
+    c.ok(&[
+        "policy",
+        "set",
+        "db",
+        "--store",
+        "s3",
+        "--every",
+        "1",
+        "--keep-last",
+        "1",
+    ]);
+    run_after(&c, 0);
+    c.ok(&[
+        "policy",
+        "set",
+        "db",
+        "--store",
+        "s3",
+        "--every",
+        "3600",
+        "--keep-last",
+        "1",
+    ]);
+    let p = waiting_for(&c, |p| p["job"].is_null());
+    assert_eq!(p["failures"], 0, "{p}");
+    let seen = c.ok(&["store", "browse", "s3", "--limit", "10"]);
+    let left = seen["volumes"][0]["snapshots"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "{seen}");
+    assert_eq!(
+        left[0]["appliance"]["id"], "c0000000-0000-4000-8000-000000000000",
+        "{seen}"
+    );
+    assert!(!seen.to_string().contains(&a_only), "{seen}");
     // Adopting what has no place in the store yet, or a volume that is not here, is
     // refused with the reason.
     c.ok(&["volume", "create", "fresh", "--size-mib", "16"]);

@@ -445,22 +445,6 @@ impl Service {
         if self.journal_path(&p.volume).exists() {
             return Ok(json!({ "skipped": "a snapshot of the volume is pending" }));
         }
-        let times: Vec<(String, u64)> = snapshots
-            .iter()
-            .map(|s| (s.id.clone(), s.created))
-            .collect();
-        let kept = p.keep(&times);
-        let retired: Vec<String> = snapshots
-            .iter()
-            .filter(|s| !kept.contains(s.id.as_str()) && !clones.contains(&s.manifest_key))
-            .map(|s| s.id.clone())
-            .collect();
-        let live: Vec<String> = snapshots
-            .iter()
-            .filter(|s| !retired.contains(&s.id))
-            .map(|s| s.manifest_key.clone())
-            .chain(clones)
-            .collect();
         let Some(prefix) = snapshots
             .first()
             .map(|s| bucket::prefix_of(&s.manifest_key))
@@ -469,7 +453,7 @@ impl Service {
             return Ok(json!({ "retired": [] }));
         };
         let spec = self.store(&p.store)?.clone();
-        let (keks, gone) = (self.settings.keys.clone(), retired.clone());
+        let (keks, policy) = (self.settings.keys.clone(), p.clone());
         let seen = self
             .policies
             .lock()
@@ -483,7 +467,51 @@ impl Service {
                 let store = spec.open(&ex)?;
                 // Only the owner retires and sweeps.
                 ox::bucket::claim(&*store, &prefix, &head).await?;
-                ox::retention::retire(&*store, &prefix, &gone, now).await?;
+                // The place's snapshots another appliance took (before this one
+                // adopted the volume) are in the store's catalogue and not in this
+                // one's: the policy keeps or retires them with the volume's own, or an
+                // adoption would keep them forever.
+                let mut foreign = Vec::new();
+                let mut after: Option<String> = None;
+                loop {
+                    let page =
+                        ox::bucket::snapshots(&*store, &head, &prefix, after.as_deref(), 1000)
+                            .await?;
+                    foreign.extend(
+                        page.snapshots
+                            .into_iter()
+                            .filter(|e| !snapshots.iter().any(|s| s.id == e.snapshot)),
+                    );
+                    match page.next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                }
+                let times: Vec<(String, u64)> = snapshots
+                    .iter()
+                    .map(|s| (s.id.clone(), s.created))
+                    .chain(
+                        foreign
+                            .iter()
+                            .map(|e| (e.snapshot.clone(), e.created_ms / 1000)),
+                    )
+                    .collect();
+                let kept = policy.keep(&times);
+                let kept_n = kept.len();
+                let retired: Vec<String> = snapshots
+                    .iter()
+                    .map(|s| (&s.id, &s.manifest_key))
+                    .chain(foreign.iter().map(|e| (&e.snapshot, &e.manifest)))
+                    .filter(|(id, key)| !kept.contains(id.as_str()) && !clones.contains(key))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let live: Vec<String> = snapshots
+                    .iter()
+                    .filter(|s| !retired.contains(&s.id))
+                    .map(|s| s.manifest_key.clone())
+                    .chain(clones)
+                    .collect();
+                ox::retention::retire(&*store, &prefix, &retired, now).await?;
                 let swept =
                     ox::retention::sweep(&*store, &prefix, &keks, &live, now, GRACE_S).await?;
                 // What failed uploads left (no snapshot of the volume runs now), if no
@@ -500,10 +528,10 @@ impl Service {
                     Ok::<_, ox::OxError>((gone.len(), left))
                 }
                 .await;
-                Ok::<_, ox::OxError>((swept, orphans))
+                Ok::<_, ox::OxError>((swept, orphans, retired, kept_n))
             })
         })??;
-        let (swept, orphans) = swept;
+        let (swept, orphans, retired, kept) = swept;
         let (orphans, orphans_error) = match orphans {
             Ok((gone, left)) => {
                 self.policies
@@ -528,7 +556,7 @@ impl Service {
         self.wake_policies();
         let report = json!({
             "at": now,
-            "kept": kept.len(),
+            "kept": kept,
             "retired": retired,
             "swept": {
                 "manifests": swept.manifests, "pages": swept.pages, "objects": swept.objects,
