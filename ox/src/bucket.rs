@@ -170,6 +170,20 @@ pub fn entry_key(prefix: &str, created_ms: u64, snapshot: &str) -> String {
     )
 }
 
+/// The creation time (ms) and snapshot ID an entry's key names (see [`entry_key`]), if
+/// it is one: what retention needs of an entry, without reading it.
+pub fn parse_entry_key(prefix: &str, key: &str) -> Option<(u64, String)> {
+    let rest = key.strip_prefix(&entries_prefix(prefix))?;
+    let (order, id) = rest.split_once('-')?;
+    if order.len() != 20 || !order.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let created_ms = u64::MAX.checked_sub(order.parse::<u64>().ok()?)?;
+    // Canonical (lowercase) IDs only: the manifest key is derived from it.
+    let canonical = hex::encode(crate::format::parse_id(id).ok()?);
+    (canonical == id).then_some((created_ms, canonical))
+}
+
 /// The volume's head, if it has one.
 pub async fn head(store: &dyn ObjectStore, prefix: &str) -> Result<Option<VolumeHead>, OxError> {
     Ok(tagged_head(store, prefix).await?.map(|(h, _)| h))
@@ -562,4 +576,33 @@ async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) 
     })
     .await;
     done.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An entry's key gives back its time and ID; anything else under the entries'
+    /// directory gives nothing (and is never retired by reading its key).
+    #[test]
+    fn entry_keys_give_back_their_time_and_id() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let key = entry_key("v/", 1_796_428_800_123, id);
+        assert_eq!(
+            parse_entry_key("v/", &key),
+            Some((1_796_428_800_123, id.to_string()))
+        );
+        assert_eq!(parse_entry_key("w/", &key), None, "another place's");
+        for bad in [
+            "v/ox1/s/",
+            "v/ox1/s/123-0123456789abcdef0123456789abcdef",
+            &format!("v/ox1/s/{:020}-{}", 5, "0123456789ABCDEF0123456789ABCDEF"),
+            &format!("v/ox1/s/{:020}-{}", 5, "0123"),
+            &format!("v/ox1/s/{:020}{}", 5, id),
+            &format!("v/ox1/s/99999999999999999999-{id}"),
+        ] {
+            assert_eq!(parse_entry_key("v/", bad), None, "{bad}");
+        }
+    }
 }

@@ -147,17 +147,7 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
     let mut oxd_a = start_oxd(&config_a);
     let on_a = export_db(&a, port_a, 32);
     // Protected every 2 s, keeping the newest 3, while the host writes its first 8 MiB.
-    let set = a.ok(&[
-        "policy",
-        "set",
-        "db",
-        "--store",
-        "s3",
-        "--every",
-        "2",
-        "--keep-last",
-        "3",
-    ]);
+    let set = set_policy(&a, 2, 3);
     assert_eq!(set["every_s"], 2, "{set}");
     oxperf(&on_a, "write", "0:16384", 128, 65536, 1);
     // A policy snapshot begun after those writes, so it holds all of them.
@@ -288,6 +278,23 @@ fn a_second_appliance_brings_up_the_newest_snapshot_of_a_lost_one() {
     );
 }
 
+/// Sets the policy of `db`: a snapshot into "s3" every `every_s` seconds, keeping the
+/// newest `keep_last`. The answer.
+fn set_policy(ctl: &Ctl, every_s: u64, keep_last: u64) -> serde_json::Value {
+    let (every, keep) = (every_s.to_string(), keep_last.to_string());
+    ctl.ok(&[
+        "policy",
+        "set",
+        "db",
+        "--store",
+        "s3",
+        "--every",
+        &every,
+        "--keep-last",
+        &keep,
+    ])
+}
+
 /// Waits until the policy of `db` has ended a run begun after `runs` runs (and the
 /// retention after it), and returns the policy.
 fn run_after(ctl: &Ctl, runs: u64) -> serde_json::Value {
@@ -350,29 +357,9 @@ fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
 
     // Every second, for five runs; then hourly again, so the last run's retention is
     // the last word.
-    ctl.ok(&[
-        "policy",
-        "set",
-        "db",
-        "--store",
-        "s3",
-        "--every",
-        "1",
-        "--keep-last",
-        "2",
-    ]);
+    set_policy(&ctl, 1, 2);
     run_after(&ctl, 5);
-    ctl.ok(&[
-        "policy",
-        "set",
-        "db",
-        "--store",
-        "s3",
-        "--every",
-        "3600",
-        "--keep-last",
-        "2",
-    ]);
+    set_policy(&ctl, 3600, 2);
     let p = waiting_for(&ctl, |p| {
         p["job"].is_null() && p["retired"].as_u64().unwrap() + 2 == p["runs"].as_u64().unwrap()
     });
@@ -681,30 +668,14 @@ fn two_appliances_never_write_one_volume_into_one_bucket() {
     // C's policy keeps the newest only: the snapshot A took into the place, which C's
     // own catalogue never had, is retired with C's others (once a run has been, the
     // policy goes hourly, so the last run's retention is the last word).
-    c.ok(&[
-        "policy",
-        "set",
-        "db",
-        "--store",
-        "s3",
-        "--every",
-        "1",
-        "--keep-last",
-        "1",
-    ]);
+    set_policy(&c, 1, 1);
     run_after(&c, 0);
-    c.ok(&[
-        "policy",
-        "set",
-        "db",
-        "--store",
-        "s3",
-        "--every",
-        "3600",
-        "--keep-last",
-        "1",
-    ]);
-    let p = waiting_for(&c, |p| p["job"].is_null());
+    set_policy(&c, 3600, 1);
+    // Settled: every snapshot but one retired — the three the place held and each
+    // run's (a run the every-second policy began before the change included).
+    let p = waiting_for(&c, |p| {
+        p["job"].is_null() && p["retired"].as_u64().unwrap() + 1 == 3 + p["runs"].as_u64().unwrap()
+    });
     assert_eq!(p["failures"], 0, "{p}");
     let seen = c.ok(&["store", "browse", "s3", "--limit", "10"]);
     let left = seen["volumes"][0]["snapshots"].as_array().unwrap();

@@ -8,7 +8,7 @@
 //! The thread waits for the next due time or for an event (a policy set or deleted, a
 //! snapshot ended, a stop), whichever comes first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -398,9 +398,32 @@ impl Service {
     /// longer keeps (and no clone here reads) are retired from the store's catalogue
     /// and this one, then the volume's prefix is swept.
     fn apply_retention(self: &Arc<Self>, p: &Policy) -> anyhow::Result<Value> {
-        let (busy, snapshots, clones, head) = {
+        let (busy, head) = {
             let inner = self.inner();
             let live = inner.volume(&p.volume)?;
+            let record = inner
+                .catalogue
+                .volumes
+                .iter()
+                .find(|v| v.name == p.volume)
+                .ok_or_else(|| {
+                    Refusal::NotFound(format!("no volume named {}", shown(&p.volume)))
+                })?;
+            (Arc::clone(&live.busy), self.head_of(record))
+        };
+        // Like a delete: never beside a snapshot of the volume (its objects have no
+        // manifest yet), nor one a restart cut short.
+        if busy.swap(true, Ordering::SeqCst) {
+            return Ok(json!({ "skipped": "a snapshot of the volume is running" }));
+        }
+        let release = scopeguard(&busy);
+        if self.journal_path(&p.volume).exists() {
+            return Ok(json!({ "skipped": "a snapshot of the volume is pending" }));
+        }
+        // Read once no snapshot of the volume can begin or end: one that ended between
+        // would pass for another appliance's below.
+        let (snapshots, clones) = {
+            let inner = self.inner();
             let record = inner
                 .catalogue
                 .volumes
@@ -429,22 +452,8 @@ impl Service {
                 .filter(|c| c.store == p.store)
                 .map(|c| c.manifest_key.clone())
                 .collect();
-            (
-                Arc::clone(&live.busy),
-                snapshots,
-                clones,
-                self.head_of(record),
-            )
+            (snapshots, clones)
         };
-        // Like a delete: never beside a snapshot of the volume (its objects have no
-        // manifest yet), nor one a restart cut short.
-        if busy.swap(true, Ordering::SeqCst) {
-            return Ok(json!({ "skipped": "a snapshot of the volume is running" }));
-        }
-        let release = scopeguard(&busy);
-        if self.journal_path(&p.volume).exists() {
-            return Ok(json!({ "skipped": "a snapshot of the volume is pending" }));
-        }
         let Some(prefix) = snapshots
             .first()
             .map(|s| bucket::prefix_of(&s.manifest_key))
@@ -467,47 +476,57 @@ impl Service {
                 let store = spec.open(&ex)?;
                 // Only the owner retires and sweeps.
                 ox::bucket::claim(&*store, &prefix, &head).await?;
-                // The place's snapshots another appliance took (before this one
-                // adopted the volume) are in the store's catalogue and not in this
-                // one's: the policy keeps or retires them with the volume's own, or an
-                // adoption would keep them forever.
-                let mut foreign = Vec::new();
-                let mut after: Option<String> = None;
-                loop {
-                    let page =
-                        ox::bucket::snapshots(&*store, &head, &prefix, after.as_deref(), 1000)
-                            .await?;
-                    foreign.extend(
-                        page.snapshots
-                            .into_iter()
-                            .filter(|e| !snapshots.iter().any(|s| s.id == e.snapshot)),
-                    );
-                    match page.next {
-                        Some(n) => after = Some(n),
-                        None => break,
-                    }
-                }
-                let times: Vec<(String, u64)> = snapshots
+                // The place's snapshots the store's catalogue lists and this one does
+                // not (taken by the appliance that owned the place before this one
+                // adopted it): the policy keeps or retires them with the volume's own,
+                // or an adoption would keep them forever. Read from the entries' keys
+                // alone (one LIST a thousand: their time and ID); a key that does not
+                // parse is never retired here.
+                let own: HashSet<&str> = snapshots.iter().map(|s| s.id.as_str()).collect();
+                let foreign: Vec<(u64, String)> = store
+                    .list(&ox::bucket::entries_prefix(&prefix))
+                    .await?
                     .iter()
-                    .map(|s| (s.id.clone(), s.created))
+                    .filter_map(|k| ox::bucket::parse_entry_key(&prefix, k))
+                    .filter(|(_, id)| !own.contains(id.as_str()))
+                    .collect();
+                // Oldest first, as `keep` wants them; at equal times this appliance's
+                // own come later, and so win.
+                let mut times: Vec<(String, u64, bool)> = snapshots
+                    .iter()
+                    .map(|s| (s.id.clone(), s.created, true))
                     .chain(
                         foreign
                             .iter()
-                            .map(|e| (e.snapshot.clone(), e.created_ms / 1000)),
+                            .map(|(ms, id)| (id.clone(), ms / 1000, false)),
                     )
                     .collect();
-                let kept = policy.keep(&times);
+                times.sort_by_key(|(_, t, mine)| (*t, *mine));
+                let times: Vec<(String, u64)> =
+                    times.into_iter().map(|(id, t, _)| (id, t)).collect();
+                let mut kept = policy.keep(&times);
+                // Always this appliance's own newest, whatever another appliance's
+                // clock said of its snapshots: the next snapshot builds on it.
+                if let Some(newest) = snapshots.last() {
+                    kept.insert(newest.id.as_str());
+                }
                 let kept_n = kept.len();
+                let manifest = |id: &str| {
+                    ox::format::parse_id(id)
+                        .map(|b| ox::format::manifest_key(&prefix, &b))
+                        .unwrap_or_default()
+                };
                 let retired: Vec<String> = snapshots
                     .iter()
-                    .map(|s| (&s.id, &s.manifest_key))
-                    .chain(foreign.iter().map(|e| (&e.snapshot, &e.manifest)))
+                    .map(|s| (s.id.clone(), s.manifest_key.clone()))
+                    .chain(foreign.iter().map(|(_, id)| (id.clone(), manifest(id))))
                     .filter(|(id, key)| !kept.contains(id.as_str()) && !clones.contains(key))
-                    .map(|(id, _)| id.clone())
+                    .map(|(id, _)| id)
                     .collect();
+                let gone: HashSet<&str> = retired.iter().map(String::as_str).collect();
                 let live: Vec<String> = snapshots
                     .iter()
-                    .filter(|s| !retired.contains(&s.id))
+                    .filter(|s| !gone.contains(s.id.as_str()))
                     .map(|s| s.manifest_key.clone())
                     .chain(clones)
                     .collect();
