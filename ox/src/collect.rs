@@ -137,11 +137,12 @@ async fn collect_place(
     let mut dead = Vec::new();
     for l in &leases {
         out.gets += 1;
-        let read = match store.get(&l.key).await {
-            Ok(bytes) => lease::parse(&l.key, &bytes),
+        let read = match lease::fetch(store, &l.key).await {
             // Released since the listing: that upload has ended.
             Err(OxError::NotFound { .. }) => continue,
+            Err(e @ (OxError::Integrity { .. } | OxError::Format(_))) => Err(e),
             Err(e) => return Err(e),
+            Ok(lease) => Ok(lease),
         };
         let why = match read {
             Ok(lease) if lease.live(now, ORPHAN_GRACE_S) => format!(

@@ -95,11 +95,17 @@ pub async fn read(
     snapshot: &str,
 ) -> Result<Option<Lease>, OxError> {
     let key = key(prefix, snapshot);
-    match store.get(&key).await {
-        Ok(bytes) => parse(&key, &bytes).map(Some),
+    match fetch(store, &key).await {
         Err(OxError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
+        read => read.map(Some),
     }
+}
+
+/// The lease at `key`, read again on a fresh connection while it fails its check (a
+/// reply damaged on the way is not a damaged lease: taken for one, it would give up an
+/// upload that could go on, or leave a place uncollected).
+pub async fn fetch(store: &dyn ObjectStore, key: &str) -> Result<Lease, OxError> {
+    crate::fetch::checked(store, key, None, None, |bytes| parse(key, &bytes)).await
 }
 
 /// Removes the lease of `snapshot` under `prefix` (gone already is not an error).
@@ -115,11 +121,12 @@ pub async fn all(
 ) -> Result<Vec<(String, Result<Lease, OxError>)>, OxError> {
     let mut out = Vec::new();
     for key in store.list(&format!("{prefix}{LEASE_DIR}")).await? {
-        let lease = match store.get(&key).await {
-            Ok(bytes) => parse(&key, &bytes),
+        let lease = match fetch(store, &key).await {
             // Released between the listing and the read: nothing runs there now.
             Err(OxError::NotFound { .. }) => continue,
+            Err(e @ (OxError::Integrity { .. } | OxError::Format(_))) => Err(e),
             Err(e) => return Err(e),
+            Ok(l) => Ok(l),
         };
         out.push((key, lease));
     }

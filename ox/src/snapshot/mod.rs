@@ -343,14 +343,8 @@ pub async fn snapshot_volume(
     }
     // Published or given up: the upload's objects are a manifest's or orphans now.
     // (Kept where the journal is: the upload continues at the next start.)
-    if let Some(s) = leased.filter(|_| !keep_lease)
-        && let Err(e) = crate::lease::release(store, &opts.prefix, &s).await
-    {
-        tracing::warn!(
-            "snapshot of {}: its upload lease {s} stays (collection waits out the grace \
-             there): {e}",
-            opts.volume_name
-        );
+    if let Some(s) = leased.filter(|_| !keep_lease) {
+        release_lease(store, &opts.prefix, &s, opts).await;
     }
     result
 }
