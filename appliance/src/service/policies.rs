@@ -398,7 +398,7 @@ impl Service {
     /// longer keeps (and no clone here reads) are retired from the store's catalogue
     /// and this one, then the volume's prefix is swept.
     fn apply_retention(self: &Arc<Self>, p: &Policy) -> anyhow::Result<Value> {
-        let (busy, head) = {
+        let (busy, head, place) = {
             let inner = self.inner();
             let live = inner.volume(&p.volume)?;
             let record = inner
@@ -409,7 +409,9 @@ impl Service {
                 .ok_or_else(|| {
                     Refusal::NotFound(format!("no volume named {}", shown(&p.volume)))
                 })?;
-            (Arc::clone(&live.busy), self.head_of(record))
+            // This volume's prefix only: not an older volume's of the same name.
+            let place = super::snapshot_prefix(&record.name, &record.uuid);
+            (Arc::clone(&live.busy), self.head_of(record), place)
         };
         // Like a delete: never beside a snapshot of the volume (its objects have no
         // manifest yet), nor one a restart cut short.
@@ -424,24 +426,12 @@ impl Service {
         // would pass for another appliance's below.
         let (snapshots, clones) = {
             let inner = self.inner();
-            let record = inner
-                .catalogue
-                .volumes
-                .iter()
-                .find(|v| v.name == p.volume)
-                .ok_or_else(|| {
-                    Refusal::NotFound(format!("no volume named {}", shown(&p.volume)))
-                })?;
-            // This volume's prefix only: not an older volume's of the same name.
-            let prefix = super::snapshot_prefix(&record.name, &record.uuid);
             let snapshots: Vec<_> = inner
                 .catalogue
                 .snapshots
                 .iter()
                 .filter(|s| {
-                    s.volume == p.volume
-                        && s.store == p.store
-                        && s.manifest_key.starts_with(&prefix)
+                    s.volume == p.volume && s.store == p.store && s.manifest_key.starts_with(&place)
                 })
                 .cloned()
                 .collect();
