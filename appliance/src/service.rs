@@ -1378,6 +1378,26 @@ impl Service {
             return;
         }
         let journal = self.journal_path(volume);
+        // Its upload lease goes with it, in the background (the store may be slow or
+        // down; a lease left behind only keeps collection from the place for a day).
+        if let Ok(Some((j, _))) = ox::journal::Journal::load(&journal, handle.chunks())
+            && let Ok(spec) = self.store(&j.store).cloned()
+        {
+            let cores = Arc::clone(&self.cores);
+            let _ = std::thread::Builder::new()
+                .name("lease-release".into())
+                .spawn(move || {
+                    let released = cores.run(move |ex| {
+                        Box::pin(async move {
+                            let store = spec.open(&ex)?;
+                            ox::lease::release(&*store, &j.prefix, &j.snapshot).await
+                        })
+                    });
+                    if let Err(e) = released.map_err(anyhow::Error::from).and_then(|r| Ok(r?)) {
+                        tracing::warn!("an upload lease given up with its snapshot stays: {e}");
+                    }
+                });
+        }
         handle.end_snapshot(Some(&ox::journal::changes_or_all(&journal, handle)));
         if let Err(e) = ox::journal::remove(&journal) {
             tracing::warn!("{}: {e}", journal.display());

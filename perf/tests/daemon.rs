@@ -1115,3 +1115,76 @@ fn a_full_snapshot_reads_every_chunk_over_no_parent_and_starts_a_lineage() {
         512
     );
 }
+
+/// A snapshot cut short by a stop keeps its upload lease for the next start; when that
+/// start cannot continue it (here: its parent's manifest is gone from the store), the
+/// snapshot is given up and its lease released, so collection is not kept from the
+/// volume's place for a day.
+#[test]
+fn a_snapshot_given_up_at_the_restart_releases_its_upload_lease() {
+    let server = s3server::start_server(false);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, _) = s3_store(&server.client_config(), d, "s3");
+    let port = free_port();
+    let nqn = "nqn.2026-11.io.ox:v";
+    let (config, ctl) = local_appliance(
+        d,
+        port,
+        "object_mib = 1\n",
+        &format!(
+            "{store}[[volume]]\nname = \"v\"\nsize_mib = 16\nnqn = \"{nqn}\"\nallow_any_host = true\n"
+        ),
+    );
+    let vol = format!("127.0.0.1:{port},{nqn},1");
+    let mut oxd = start_oxd(&config);
+    oxperf(&vol, "write", "0:32768", 128, 131072, 1);
+    let first = ctl.ok(&["snapshot", "create", "v", "--store", "s3"]);
+    assert_eq!(first["state"], "done", "{first}");
+    oxperf(&vol, "write", "4096:512", 2, 131072, 2);
+    server.faults.delay_ms.store(500, Ordering::SeqCst);
+    let running = ctl.ok(&["snapshot", "create", "v", "--store", "s3", "--no-wait"]);
+    ctl.examining(&running["id"].to_string());
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(oxd.child.id() as i32, libc::SIGTERM) };
+    assert!(oxd.child.wait().unwrap().success(), "a clean stop");
+    drop(oxd);
+    server.faults.delay_ms.store(0, Ordering::SeqCst);
+    let bucket = server.dir.path().join(s3server::BUCKET);
+    let leases = || {
+        let mut found = Vec::new();
+        for place in std::fs::read_dir(&bucket).unwrap() {
+            let dir = place.unwrap().path().join("ox1/u");
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                found.extend(entries.map(|e| e.unwrap().path()));
+            }
+        }
+        found
+    };
+    assert_eq!(leases().len(), 1, "the stop keeps the upload's lease");
+    // The parent's manifest is lost: the snapshot cannot go on at the next start.
+    let manifest = first["result"]["manifest_key"].as_str().unwrap();
+    std::fs::remove_file(bucket.join(manifest)).unwrap();
+    let _oxd = start_oxd(&config);
+    // (oxctl exits non-zero on a failed job: its answer is read from what it printed.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let again = loop {
+        let o = ctl.call(&["job", "get", "1"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if !v.is_null() && v["state"] != "running" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "job 1: {o:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(again["state"], "failed", "{again}");
+    assert!(
+        again["error"].as_str().unwrap().contains("not found"),
+        "{again}"
+    );
+    // Released in the background: waited for, as long as it takes.
+    while !leases().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the lease stays");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
