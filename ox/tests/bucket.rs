@@ -8,20 +8,11 @@
 mod s3server;
 mod support;
 
-use std::rc::Rc;
-
-use async_executor::LocalExecutor;
 use ox::OxError;
 use ox::bucket::{self, Appliance, SnapshotEntry, VolumeHead};
 use ox::store::ObjectStore;
-use ox::store::s3::S3Store;
 use s3server::{Server, served_at, start_server};
-
-fn run<T>(server: &Server, f: impl AsyncFnOnce(S3Store) -> T) -> T {
-    let ex = Rc::new(LocalExecutor::new());
-    let store = S3Store::new(server.client_config(), Rc::clone(&ex)).unwrap();
-    async_io::block_on(ex.run(f(store)))
-}
+use support::servers::with_store;
 
 fn appliance(name: &str) -> Appliance {
     Appliance {
@@ -74,12 +65,14 @@ fn browsing_costs_the_same_few_requests_at_three_snapshots_or_twelve_hundred() {
     let server = start_server(false);
     let cost = |server: &Server| {
         let before = counts(server);
-        let found = run(server, async |s| bucket::browse(&s, 5).await.unwrap());
+        let found = with_store(server.client_config(), async |s| {
+            bucket::browse(&s, 5).await.unwrap()
+        });
         let after = counts(server);
         (found, (after.0 - before.0, after.1 - before.1))
     };
     let (a, b) = (head("db", "aaaa", "east"), head("web", "bbbb", "east"));
-    run(&server, async |s| {
+    with_store(server.client_config(), async |s| {
         bucket::claim(&s, "db.aaaa/", &a).await.unwrap();
         bucket::claim(&s, "web.bbbb/", &b).await.unwrap();
         for n in 0..3 {
@@ -113,7 +106,7 @@ fn browsing_costs_the_same_few_requests_at_three_snapshots_or_twelve_hundred() {
     // newest entries and a GET of each shown.
     assert_eq!(few_cost, (1 + 2, 2 + 3 + 1), "LISTs and GETs");
 
-    run(&server, async |s| {
+    with_store(server.client_config(), async |s| {
         for n in 3..1200 {
             bucket::record(&s, "db.aaaa/", &entry(&a, "db.aaaa/", n))
                 .await
@@ -136,7 +129,7 @@ fn browsing_costs_the_same_few_requests_at_three_snapshots_or_twelve_hundred() {
     );
 
     // Paging on through every snapshot, older and older.
-    let all = run(&server, async |s| {
+    let all = with_store(server.client_config(), async |s| {
         let mut all = Vec::new();
         let mut after = None;
         loop {
@@ -156,7 +149,7 @@ fn browsing_costs_the_same_few_requests_at_three_snapshots_or_twelve_hundred() {
         "newest first throughout"
     );
 
-    let latest = run(&server, async |s| {
+    let latest = with_store(server.client_config(), async |s| {
         bucket::latest(&s, &a, "db.aaaa/").await.unwrap()
     });
     assert_eq!(latest.unwrap().created_ms, 1_001_199);
@@ -165,7 +158,7 @@ fn browsing_costs_the_same_few_requests_at_three_snapshots_or_twelve_hundred() {
 #[test]
 fn a_volume_belongs_to_one_appliance_until_another_adopts_it() {
     let server = start_server(false);
-    run(&server, async |s| {
+    with_store(server.client_config(), async |s| {
         let mine = head("db", "aaaa", "east");
         bucket::claim(&s, "db.aaaa/", &mine).await.unwrap();
         // The owner claims again (renamed): brought up to date.
@@ -229,7 +222,7 @@ fn a_volume_belongs_to_one_appliance_until_another_adopts_it() {
 #[test]
 fn volumes_are_found_by_name_or_identity_and_a_shared_name_is_refused() {
     let server = start_server(false);
-    run(&server, async |s| {
+    with_store(server.client_config(), async |s| {
         for (p, h) in [
             ("db.aaaa/", head("db", "aaaa-1", "east")),
             ("db.bbbb/", head("db", "bbbb-2", "west")),
@@ -258,7 +251,7 @@ fn volumes_are_found_by_name_or_identity_and_a_shared_name_is_refused() {
 #[test]
 fn damaged_or_misplaced_records_are_refused_not_read() {
     let server = start_server(false);
-    run(&server, async |s| {
+    with_store(server.client_config(), async |s| {
         let a = head("db", "aaaa", "east");
         let b = head("web", "bbbb", "east");
         bucket::claim(&s, "db.aaaa/", &a).await.unwrap();
@@ -336,7 +329,7 @@ fn damaged_or_misplaced_records_are_refused_not_read() {
 #[test]
 fn a_claim_never_undoes_an_adoption_made_between_its_read_and_its_write() {
     let server = start_server(false);
-    run(&server, async |s| {
+    with_store(server.client_config(), async |s| {
         let east = head("db", "race-id", "east");
         bucket::claim(&s, "db.race/", &east).await.unwrap();
         // East's next snapshot has a new size to record in the head; west adopts the

@@ -10,21 +10,14 @@ mod s3server;
 mod support;
 
 use std::collections::BTreeSet;
-use std::rc::Rc;
 
-use async_executor::LocalExecutor;
 use ox::collect::collect;
 use ox::lease;
 use ox::store::ObjectStore;
 use ox::store::s3::S3Store;
 use s3server::{Server, served_at, start_server};
+use support::servers::with_store;
 use support::{clone_s3, env, filled_volume, options, read, snapshot_s3};
-
-fn run<T>(server: &Server, f: impl AsyncFnOnce(S3Store) -> T) -> T {
-    let ex = Rc::new(LocalExecutor::new());
-    let store = S3Store::new(server.client_config(), Rc::clone(&ex)).unwrap();
-    async_io::block_on(ex.run(f(store)))
-}
 
 /// What a crashed upload leaves in a place: data objects and index pages no manifest
 /// names (4 KiB each here).
@@ -51,7 +44,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
     let grace = lease::ORPHAN_GRACE_S;
     let now = lease::now_secs();
     let later = now + grace + 1;
-    let (named, gone, kept, other) = run(&server, async |s| {
+    let (named, gone, kept, other) = with_store(server.client_config(), async |s| {
         let named = s.list("vol1/").await.unwrap();
         let mut gone = leftovers(&s, "vol1/", 6).await;
         // vol2/: an upload in progress (its lease renewed as recently as the collector's
@@ -70,7 +63,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
         (named, gone, kept, vec!["other/data".to_string()])
     });
     let all_keys = |s: &Server| {
-        run(s, async |store| {
+        with_store(s.client_config(), async |store| {
             store
                 .list("")
                 .await
@@ -83,7 +76,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
 
     // Now: every leftover is younger than the grace (and both leases are live). Nothing
     // is deleted.
-    let young = run(&server, async |s| {
+    let young = with_store(server.client_config(), async |s| {
         collect(&s, "", now, false).await.unwrap()
     });
     assert_eq!((young.objects, young.young), (0, 6), "{young:?}");
@@ -91,7 +84,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
     assert_eq!(all_keys(&server), before);
 
     // Later, dry: what would go, and nothing goes.
-    let dry = run(&server, async |s| {
+    let dry = with_store(server.client_config(), async |s| {
         collect(&s, "", later, true).await.unwrap()
     });
     // vol3's lease, a day old, goes with its leftovers.
@@ -106,7 +99,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
 
     // Later, for real, with the requests counted at the server.
     let at = served_at(&server.addr.to_string());
-    let done = run(&server, async |s| {
+    let done = with_store(server.client_config(), async |s| {
         collect(&s, "", later, false).await.unwrap()
     });
     let served = served_at(&server.addr.to_string());
@@ -136,7 +129,7 @@ fn collection_takes_old_orphans_everywhere_and_leaves_uploads_in_progress_alone(
 
     // Once vol2's upload has lapsed, its leftovers go too.
     let much_later = later + grace + 1;
-    let last = run(&server, async |s| {
+    let last = with_store(server.client_config(), async |s| {
         collect(&s, "", much_later, false).await.unwrap()
     });
     assert_eq!((last.objects, last.dead_leases), (4, 1), "{last:?}");
@@ -169,12 +162,12 @@ fn a_damaged_lease_leaves_its_place_alone() {
 fn damaged_record_leaves_its_place_alone(key: &str, body: &[u8]) {
     let server = start_server(false);
     let later = lease::now_secs() + lease::ORPHAN_GRACE_S + 1;
-    let (gone, kept) = run(&server, async |s| {
+    let (gone, kept) = with_store(server.client_config(), async |s| {
         let kept = leftovers(&s, "vol1/", 2).await;
         s.put(key, body.to_vec()).await.unwrap();
         (leftovers(&s, "vol2/", 2).await, kept)
     });
-    let done = run(&server, async |s| {
+    let done = with_store(server.client_config(), async |s| {
         collect(&s, "", later, false).await.unwrap()
     });
     assert_eq!(done.keys, gone, "{done:?}");
@@ -186,7 +179,9 @@ fn damaged_record_leaves_its_place_alone(key: &str, body: &[u8]) {
         "{:?}",
         done.skipped
     );
-    let left = run(&server, async |s| s.list("vol1/").await.unwrap());
+    let left = with_store(server.client_config(), async |s| {
+        s.list("vol1/").await.unwrap()
+    });
     for k in kept {
         assert!(left.contains(&k));
     }
@@ -200,7 +195,7 @@ fn damaged_record_leaves_its_place_alone(key: &str, body: &[u8]) {
 #[test]
 fn a_collection_costs_a_few_lists_per_place_whatever_the_objects() {
     let server = start_server(false);
-    run(&server, async |s| {
+    with_store(server.client_config(), async |s| {
         for v in 0..20 {
             leftovers(&s, &format!("v{v:02}/"), 2).await;
         }
@@ -212,7 +207,7 @@ fn a_collection_costs_a_few_lists_per_place_whatever_the_objects() {
     });
     let later = lease::now_secs() + lease::ORPHAN_GRACE_S + 1;
     let at = served_at(&server.addr.to_string());
-    let done = run(&server, async |s| {
+    let done = with_store(server.client_config(), async |s| {
         collect(&s, "", later, false).await.unwrap()
     });
     let served = served_at(&server.addr.to_string());
@@ -226,6 +221,6 @@ fn a_collection_costs_a_few_lists_per_place_whatever_the_objects() {
     assert_eq!(served.lists - at.lists, done.lists);
     // A batch of up to 1,000 keys a place: v00 holds 1,202.
     assert_eq!((done.gets, done.deletes), (0, 20 + 1));
-    let left = run(&server, async |s| s.list("").await.unwrap());
+    let left = with_store(server.client_config(), async |s| s.list("").await.unwrap());
     assert!(left.is_empty(), "{left:?}");
 }

@@ -16,8 +16,8 @@ use std::time::Duration;
 use async_executor::LocalExecutor;
 use ox::OxError;
 use ox::store::ObjectStore;
-use ox::store::s3::{CredentialSource, S3Config, S3Store, Signing};
-use support::servers::{Conditions, Listings, round_trip};
+use ox::store::s3::{S3Store, Signing};
+use support::servers::{Conditions, Listings, loopback_config, round_trip};
 
 /// A moto server on a free port, stopped when dropped.
 struct Moto {
@@ -85,22 +85,7 @@ fn store(
     signing: Signing,
     ex: &Rc<LocalExecutor<'static>>,
 ) -> S3Store {
-    let mut c = S3Config::new(
-        format!("http://127.0.0.1:{}", m.port).parse().unwrap(),
-        "ox-test",
-        "us-east-1",
-        CredentialSource::Static {
-            access_key: key.into(),
-            secret_key: secret.into(),
-        },
-    );
-    c.allow_http = true;
-    c.signing = signing;
-    c.retries = 1;
-    c.backoff = Duration::from_millis(10);
-    c.multipart_threshold = 6 << 20;
-    c.part_size = 5 << 20;
-    S3Store::new(c, Rc::clone(ex)).unwrap()
+    S3Store::new(loopback_config(m.port, key, secret, signing), Rc::clone(ex)).unwrap()
 }
 
 fn run<T>(f: impl AsyncFnOnce(Rc<LocalExecutor<'static>>) -> T) -> T {

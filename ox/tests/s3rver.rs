@@ -15,13 +15,12 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
-use std::time::Duration;
 
 use async_executor::LocalExecutor;
 use ox::OxError;
 use ox::store::ObjectStore;
-use ox::store::s3::{CredentialSource, S3Config, S3Store, Signing};
-use support::servers::{Conditions, Listings, round_trip};
+use ox::store::s3::{S3Config, S3Store, Signing};
+use support::servers::{Conditions, Listings, loopback_config, round_trip};
 use support::{clone_s3, env, filled_volume, options, read, snapshot_s3};
 
 /// An s3rver on a free port with bucket `ox-test`, stopped when dropped.
@@ -94,22 +93,7 @@ fn start() -> S3rver {
 }
 
 fn config(s: &S3rver, key: &str, secret: &str, signing: Signing) -> S3Config {
-    let mut c = S3Config::new(
-        format!("http://127.0.0.1:{}", s.port).parse().unwrap(),
-        "ox-test",
-        "us-east-1",
-        CredentialSource::Static {
-            access_key: key.into(),
-            secret_key: secret.into(),
-        },
-    );
-    c.allow_http = true;
-    c.signing = signing;
-    c.retries = 1;
-    c.backoff = Duration::from_millis(10);
-    c.multipart_threshold = 6 << 20;
-    c.part_size = 5 << 20;
-    c
+    loopback_config(s.port, key, secret, signing)
 }
 
 fn run<T>(f: impl AsyncFnOnce(Rc<LocalExecutor<'static>>) -> T) -> T {

@@ -3,6 +3,36 @@
 
 use ox::OxError;
 use ox::store::ObjectStore;
+use ox::store::s3::{CredentialSource, S3Config, Signing};
+
+/// Runs `f` with an S3 store of `config` on an executor of this thread, to its end.
+pub fn with_store<T>(config: S3Config, f: impl AsyncFnOnce(ox::store::s3::S3Store) -> T) -> T {
+    let ex = std::rc::Rc::new(async_executor::LocalExecutor::new());
+    let store = ox::store::s3::S3Store::new(config, std::rc::Rc::clone(&ex)).unwrap();
+    async_io::block_on(ex.run(f(store)))
+}
+
+/// Settings for a server the tests start on loopback `port` with bucket `ox-test`:
+/// static credentials, plain HTTP, one retry after 10 ms, and multipart above 6 MiB
+/// in 5 MiB parts (so an 11 MiB object is three parts).
+pub fn loopback_config(port: u16, key: &str, secret: &str, signing: Signing) -> S3Config {
+    let mut c = S3Config::new(
+        format!("http://127.0.0.1:{port}").parse().unwrap(),
+        "ox-test",
+        "us-east-1",
+        CredentialSource::Static {
+            access_key: key.into(),
+            secret_key: secret.into(),
+        },
+    );
+    c.allow_http = true;
+    c.signing = signing;
+    c.retries = 1;
+    c.backoff = std::time::Duration::from_millis(10);
+    c.multipart_threshold = 6 << 20;
+    c.part_size = 5 << 20;
+    c
+}
 
 /// What a server does with the conditions of a PUT (`If-None-Match`, `If-Match`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
