@@ -1178,6 +1178,7 @@ impl Service {
             working_set: Some(heat.clone()),
             // Published only while this appliance still owns the volume's place.
             owner: Some(self.me().id),
+            clock: Default::default(),
         };
         // On record until it ends, so a snapshot cut short by a stop or a crash is
         // started again at the next start.
@@ -1756,9 +1757,13 @@ impl Service {
         let _ = std::thread::Builder::new()
             .name("warm".into())
             .spawn(move || {
+                let walk = Arc::clone(&c);
                 let r = cores.run(move |ex| {
-                    Box::pin(async move { ox::hydrate::warm(&basis, &ex, &handle, &on, &c).await })
+                    Box::pin(
+                        async move { ox::hydrate::warm(&basis, &ex, &handle, &on, &walk).await },
+                    )
                 });
+                c.finish();
                 match r {
                     Ok(Ok(w)) if w.listed > 0 => tracing::info!(
                         clone = name,
@@ -2784,6 +2789,11 @@ fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&St
             v["thickening"] = json!({
                 "paused": t.is_paused(), "fetched": t.fetched(),
                 "eta_s": t.eta(&l.handle).map(|d| d.as_secs()),
+            });
+        }
+        if let Some(w) = l.warming.as_ref().filter(|w| !w.is_finished()) {
+            v["warming"] = json!({
+                "paused": w.is_paused(), "fetched": w.fetched(), "setbacks": w.setbacks(),
             });
         }
     }

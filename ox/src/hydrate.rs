@@ -11,9 +11,12 @@
 //! miss then queues behind at most that much thickening on the link, and thickening
 //! still uses the bandwidth the host leaves.
 //! It can be paused, resumed and stopped, and reports progress.
+//!
+//! A new clone's working set is fetched first ([`warm`]) the same way; while the
+//! store is unavailable that walk waits, backing off, and goes on where it was.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bdev::{Bdev, BdevIo, CloneHandle, FetchReason, IoBuf};
@@ -32,7 +35,11 @@ pub struct Thickening {
     fetched: AtomicU64,
     window: AtomicUsize,
     started: std::sync::OnceLock<Instant>,
-    /// Notified at every pause, resume, stop and window change.
+    /// Times the walk failed (the store unavailable) and waited to go on.
+    setbacks: AtomicU32,
+    /// Set by whoever ran the walk once it is over.
+    finished: AtomicBool,
+    /// Notified at every pause, resume, stop, window change, setback and finish.
     changed: event_listener::Event,
 }
 
@@ -56,6 +63,8 @@ impl Default for Thickening {
             fetched: AtomicU64::new(0),
             window: AtomicUsize::new(DEFAULT_WINDOW),
             started: std::sync::OnceLock::new(),
+            setbacks: AtomicU32::new(0),
+            finished: AtomicBool::new(false),
             changed: event_listener::Event::new(),
         }
     }
@@ -103,6 +112,45 @@ impl Thickening {
     /// Whether paused.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Times the walk failed with the store unavailable and waited to go on.
+    pub fn setbacks(&self) -> u32 {
+        self.setbacks.load(Ordering::Relaxed)
+    }
+
+    /// Marks the walk over (its runner calls this when it returns).
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::SeqCst);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Whether the walk is over.
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    /// A listener notified at the next change of any state above: another thread
+    /// waits on it (checking the state after listening, so no change is missed).
+    pub fn listen(&self) -> event_listener::EventListener {
+        self.changed.listen()
+    }
+
+    /// Waits `pause`, or until stopped.
+    async fn rest(&self, pause: Duration) {
+        let stopped = async {
+            loop {
+                let changed = self.changed.listen();
+                if self.is_stopped() {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        futures_lite::future::or(stopped, async {
+            async_io::Timer::after(pause).await;
+        })
+        .await;
     }
 
     /// Chunks this walk has fetched.
@@ -172,11 +220,22 @@ pub struct Warmed {
     pub fetched: u64,
 }
 
+/// The first wait of [`warm`] after the store failed it, doubled at each failure in a
+/// row up to [`WARM_RETRY_MOST`].
+pub const WARM_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// See [`WARM_RETRY_FIRST`].
+pub const WARM_RETRY_MOST: Duration = Duration::from_secs(60);
+
 /// Fetches the snapshot's working set into a new clone, before anything else in the
 /// background: the chunks its volume's hosts read lately, as the snapshot recorded
 /// them (`format::WorkingSet`), in runs of adjacent chunks, at full window even while
 /// hosts read (they are about to read these), within the background bandwidth;
 /// `control` stops it. A snapshot without one costs one GET (answered "not found").
+///
+/// While the store is unavailable it waits and tries again (a setback on `control`),
+/// fetching only what is still missing, until done or stopped: a warm-up must not end
+/// for good at an outage a restart would have outlived. Damage (an integrity failure)
+/// or a local failure ends it.
 pub async fn warm(
     basis: &crate::basis::ObjectBasis,
     ex: &std::rc::Rc<async_executor::LocalExecutor<'static>>,
@@ -184,8 +243,41 @@ pub async fn warm(
     on: &ReactorHandle,
     control: &Thickening,
 ) -> Result<Warmed, OxError> {
+    let before = control.fetched();
+    let mut pause = WARM_RETRY_FIRST;
+    loop {
+        match warm_once(basis, ex, clone, on, control).await {
+            Ok(listed) => {
+                return Ok(Warmed {
+                    listed,
+                    fetched: control.fetched() - before,
+                });
+            }
+            Err(e @ OxError::Unavailable { .. }) if !control.is_stopped() => {
+                tracing::warn!("working set: {e}; trying again in {} s", pause.as_secs());
+                control.setbacks.fetch_add(1, Ordering::Relaxed);
+                control.changed.notify(usize::MAX);
+                control.rest(pause).await;
+                pause = (pause * 2).min(WARM_RETRY_MOST);
+                if control.is_stopped() {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One attempt of [`warm`]; returns the chunks the working set lists.
+async fn warm_once(
+    basis: &crate::basis::ObjectBasis,
+    ex: &std::rc::Rc<async_executor::LocalExecutor<'static>>,
+    clone: &CloneHandle,
+    on: &ReactorHandle,
+    control: &Thickening,
+) -> Result<u64, OxError> {
     let Some(set) = basis.working_set(ex).await? else {
-        return Ok(Warmed::default());
+        return Ok(0);
     };
     let (_, total) = clone.hydration();
     let listed = set.len();
@@ -193,9 +285,9 @@ pub async fn warm(
     // thickening is the way to fetch everything.
     if !set.worth_storing(total) {
         tracing::info!("working set of {listed} of {total} chunks: too large, not fetched");
-        return Ok(Warmed { listed, fetched: 0 });
+        return Ok(listed);
     }
-    let fetched = walk(
+    walk(
         clone,
         on,
         control,
@@ -205,7 +297,7 @@ pub async fn warm(
         false,
     )
     .await?;
-    Ok(Warmed { listed, fetched })
+    Ok(listed)
 }
 
 /// Fetches the chunks of `order` not present yet, for `reason`, in runs of adjacent

@@ -146,3 +146,56 @@ fn a_snapshot_records_what_hosts_read_and_its_clone_fetches_that_first() {
     assert!(!stored(&report), "deleted with its snapshot");
     assert!(stored(&live), "kept with its snapshot");
 }
+
+/// A warm-up the store fails (an outage) is not over: it waits, backing off, and goes
+/// on once the store answers again, fetching the whole working set.
+#[test]
+fn a_warm_up_waits_out_an_outage_and_goes_on() {
+    use event_listener::Listener as _;
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (vol, handle, image) = filled_volume(&env, SIZE, 48);
+    let _ = read(&env, &vol, 200 * CHUNK, 6 * CHUNK);
+    let mut opts = options(&env);
+    opts.working_set = Some(handle.take_heat());
+    let report = snapshot_s3(&env, &config, &handle, None, opts);
+    let (clone, basis, h) = clone_s3(&env, &config, &report.manifest_key, "c", SIZE);
+
+    // The store goes down; it comes back once the warm-up has failed and is waiting.
+    server.faults.unavailable.store(u32::MAX, Ordering::SeqCst);
+    let control = ox::hydrate::Thickening::new();
+    let restorer = {
+        let (control, faults) = (control.clone(), server.faults.clone());
+        std::thread::spawn(move || {
+            loop {
+                let changed = control.listen();
+                if control.setbacks() > 0 {
+                    break;
+                }
+                changed.wait();
+            }
+            faults.unavailable.store(0, Ordering::SeqCst);
+        })
+    };
+    let on = env.set.handles()[0].clone();
+    let (c, h2) = (control.clone(), h.clone());
+    let warmed = env
+        .cores
+        .run(move |ex| Box::pin(async move { ox::hydrate::warm(&basis, &ex, &h2, &on, &c).await }))
+        .unwrap()
+        .unwrap();
+    restorer.join().unwrap();
+    assert!(control.setbacks() >= 1);
+    assert_eq!(
+        warmed,
+        Warmed {
+            listed: 6,
+            fetched: 6
+        }
+    );
+    let present: Vec<u64> = (0..SIZE / CHUNK).filter(|&c| h.is_present(c)).collect();
+    assert_eq!(present, (200..206).collect::<Vec<_>>());
+    let at = (200 * CHUNK) as usize;
+    assert!(read(&env, &clone, 200 * CHUNK, 6 * CHUNK) == image[at..at + 6 * CHUNK as usize]);
+}
