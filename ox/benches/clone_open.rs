@@ -81,6 +81,7 @@ fn main() {
                         verify_before_publish: false,
                         working_set: None,
                         owner: None,
+                        clock: Default::default(),
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

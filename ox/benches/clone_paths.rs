@@ -94,6 +94,7 @@ fn main() {
         verify_before_publish: false,
         working_set: None,
         owner: None,
+        clock: Default::default(),
     };
     let local_dir = tempfile::tempdir().unwrap();
     let mut snaps = Vec::new();

@@ -121,6 +121,7 @@ fn main() {
         verify_before_publish: false,
         working_set: None,
         owner: None,
+        clock: Default::default(),
     };
     let (c, r, o, h) = (w.config.clone(), w.on(0), opts, vh.clone());
     let start = Instant::now();

@@ -91,6 +91,7 @@ fn main() {
                 verify_before_publish: *verify,
                 working_set: None,
                 owner: None,
+                clock: Default::default(),
             };
             let (root, h, on) = (store_dir.path().to_path_buf(), h.clone(), on.clone());
             let start = Instant::now();

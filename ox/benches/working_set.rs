@@ -111,6 +111,7 @@ fn main() {
         verify_before_publish: false,
         working_set: Some(heat),
         owner: None,
+        clock: Default::default(),
     };
     let (c, r, vh2) = (w.config.clone(), w.on(0), vh.clone());
     let report = w

@@ -11,9 +11,13 @@
 //!   `G` and no lease in its place was renewed within `G`;
 //! - a writer trusts what it stored earlier only while its lease was never left
 //!   unrenewed for more than `G / 2` ([`TRUSTED_S`]): a resumed snapshot whose lease is
-//!   older (or gone) starts its upload over, and one whose renewals stalled that long
-//!   publishes nothing. The other half of `G` is the clocks' allowance: appliances'
+//!   older (or gone) is given up (its changes go to the next snapshot), and one whose
+//!   renewals stalled that long publishes nothing. The other half of `G` is the clocks' allowance: appliances'
 //!   clocks may differ by up to `G / 2` (NTP keeps them far closer).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -156,7 +160,8 @@ pub struct Held {
     snapshot: String,
     appliance: Option<String>,
     started: u64,
-    renewed_at: std::time::Instant,
+    clock: Clock,
+    renewed_at: Instant,
     renewed_wall: u64,
     /// Set once a renewal came later than [`TRUSTED_S`] after the one before.
     lapsed: bool,
@@ -172,8 +177,9 @@ impl Held {
         snapshot: &str,
         appliance: Option<&str>,
         before: Option<&Lease>,
+        clock: &Clock,
     ) -> Result<Self, OxError> {
-        let now = now_secs();
+        let now = clock.wall_secs();
         let started = before.map_or(now, |l| l.started);
         renew(store, prefix, snapshot, appliance, started, now).await?;
         Ok(Self {
@@ -181,7 +187,8 @@ impl Held {
             snapshot: snapshot.to_string(),
             appliance: appliance.map(str::to_string),
             started,
-            renewed_at: std::time::Instant::now(),
+            clock: clock.clone(),
+            renewed_at: clock.monotonic(),
             renewed_wall: now,
             lapsed: before.is_some_and(|l| now.saturating_sub(l.renewed) > TRUSTED_S),
         })
@@ -206,13 +213,13 @@ impl Held {
             &snapshot,
             appliance.as_deref(),
             self.started,
-            now_secs(),
+            self.clock.wall_secs(),
         )
         .await?;
         // Judged by when the renewal before ended, so a slow PUT counts against it.
         self.lapsed |= self.since_renewed() > TRUSTED_S;
-        self.renewed_at = std::time::Instant::now();
-        self.renewed_wall = now_secs();
+        self.renewed_at = self.clock.monotonic();
+        self.renewed_wall = self.clock.wall_secs();
         Ok(())
     }
 
@@ -224,8 +231,52 @@ impl Held {
 
     /// Seconds since the last renewal, by whichever clock says more.
     fn since_renewed(&self) -> u64 {
-        let wall = now_secs().saturating_sub(self.renewed_wall);
-        self.renewed_at.elapsed().as_secs().max(wall)
+        let wall = self.clock.wall_secs().saturating_sub(self.renewed_wall);
+        let monotonic = self
+            .clock
+            .monotonic()
+            .saturating_duration_since(self.renewed_at);
+        monotonic.as_secs().max(wall)
+    }
+}
+
+/// The clocks a writer judges its lease by: this machine's, or this machine's moved
+/// ahead ([`Clock::movable`]), so a test can show what a long pause (a machine
+/// suspended, a store stalled for hours) does without waiting for it. Moving it is
+/// one atomic add, read once per chunk by a snapshot writer: not on a host's I/O path.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    ahead: Option<Arc<AtomicU64>>,
+}
+
+impl Clock {
+    /// A clock that [`Clock::advance`] moves ahead (both of its readings).
+    pub fn movable() -> Self {
+        Self {
+            ahead: Some(Arc::default()),
+        }
+    }
+
+    /// Moves the clock (and every copy of it) `secs` ahead; nothing for the
+    /// machine's own.
+    pub fn advance(&self, secs: u64) {
+        if let Some(a) = &self.ahead {
+            a.fetch_add(secs, Ordering::SeqCst);
+        }
+    }
+
+    fn ahead(&self) -> u64 {
+        self.ahead.as_ref().map_or(0, |a| a.load(Ordering::SeqCst))
+    }
+
+    /// Seconds since the Unix epoch.
+    pub fn wall_secs(&self) -> u64 {
+        now_secs().saturating_add(self.ahead())
+    }
+
+    /// The monotonic clock's now.
+    pub fn monotonic(&self) -> Instant {
+        Instant::now() + Duration::from_secs(self.ahead())
     }
 }
 

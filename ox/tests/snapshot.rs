@@ -488,6 +488,123 @@ fn a_cancelled_snapshot_publishes_nothing_keeps_its_changes_and_leaves_collectab
     env.set.shutdown().unwrap();
 }
 
+/// A store whose upload stalls longer than a writer may trust its lease: as the first
+/// data object is stored, the writer's clocks move ahead past `lease::TRUSTED_S` (what
+/// a machine suspended for half a day, or a store stalled that long, does to them).
+struct StallsOnce {
+    inner: LocalStore,
+    clock: ox::lease::Clock,
+    stalled: std::sync::atomic::AtomicBool,
+}
+
+impl StallsOnce {
+    fn stall_at(&self, key: &str) {
+        if key.contains("/ox1/d/") && !self.stalled.swap(true, Ordering::SeqCst) {
+            self.clock.advance(ox::lease::TRUSTED_S + 1);
+        }
+    }
+}
+
+impl ObjectStore for StallsOnce {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Vec<u8>,
+    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
+        self.stall_at(key);
+        self.inner.put(key, data)
+    }
+    fn put_new<'a>(
+        &'a self,
+        key: &'a str,
+        data: Vec<u8>,
+    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
+        self.stall_at(key);
+        self.inner.put_new(key, data)
+    }
+    fn get<'a>(&'a self, key: &'a str) -> ox::store::BoxFuture<'a, Result<Vec<u8>, ox::OxError>> {
+        self.inner.get(key)
+    }
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> ox::store::BoxFuture<'a, Result<Vec<u8>, ox::OxError>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> ox::store::BoxFuture<'a, Result<Vec<String>, ox::OxError>> {
+        self.inner.list(prefix)
+    }
+    fn list_page<'a>(
+        &'a self,
+        prefix: &'a str,
+        delimiter: Option<&'a str>,
+        after: Option<&'a str>,
+        max: usize,
+    ) -> ox::store::BoxFuture<'a, Result<ox::store::Listing, ox::OxError>> {
+        self.inner.list_page(prefix, delimiter, after, max)
+    }
+    fn delete<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
+        self.inner.delete(keys)
+    }
+}
+
+/// A writer whose lease went unrenewed longer than it may trust (a collector elsewhere
+/// may have taken what it stored for orphans) publishes nothing, even though it renewed
+/// since; its changes go to the next snapshot, which holds the volume whole.
+#[test]
+fn a_writer_whose_lease_renewals_stalled_publishes_nothing() {
+    let env = env();
+    let size = 8 << 20;
+    let (vol, handle) = fresh_volume(size);
+    let data = random(size as usize, 23);
+    write(&env, &vol, 0, &data);
+    let mut opts = options(&env);
+    opts.clock = ox::lease::Clock::movable();
+    let (root, h, reactor) = (
+        env.root.clone(),
+        handle.clone(),
+        env.set.handles()[0].clone(),
+    );
+    let (err, manifests, leases) = env
+        .cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = StallsOnce {
+                    inner: LocalStore::open(root).unwrap(),
+                    clock: opts.clock.clone(),
+                    stalled: Default::default(),
+                };
+                let err = snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
+                    .await
+                    .unwrap_err();
+                assert!(store.stalled.load(Ordering::SeqCst), "data was stored");
+                let m = store.list("vol1/ox1/m/").await.unwrap();
+                let u = store.list("vol1/ox1/u/").await.unwrap();
+                (err.to_string(), m, u)
+            })
+        })
+        .unwrap();
+    assert!(err.contains("went unrenewed"), "{err}");
+    assert!(manifests.is_empty(), "published nothing: {manifests:?}");
+    assert!(
+        leases.is_empty(),
+        "given up, its lease released: {leases:?}"
+    );
+    let s = snapshot(&env, &handle, None, Throttle::default());
+    assert_eq!(s.manifest.stored_chunks, size / CHUNK);
+    let (clone, _) = open_clone(&env, &s.manifest_key, size);
+    assert!(read(&env, &clone, 0, size) == data);
+    env.set.shutdown().unwrap();
+}
+
 #[test]
 fn change_tracking_survives_a_clean_restart_and_a_crash_costs_a_full_read() {
     let env = env();

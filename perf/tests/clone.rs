@@ -118,6 +118,7 @@ impl World {
                         verify_before_publish: false,
                         working_set: None,
                         owner: None,
+                        clock: Default::default(),
                     };
                     snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                         .await

@@ -400,18 +400,24 @@ file = {kek2:?}
 
 #[test]
 fn a_snapshot_cut_short_by_a_clean_stop_continues_reading_only_the_changes() {
-    cut_short_by_a_clean_stop(false);
+    cut_short_by_a_clean_stop(false, false);
 }
 
 #[test]
 fn a_snapshot_whose_journal_is_lost_starts_over_and_still_stores_every_change() {
-    cut_short_by_a_clean_stop(true);
+    cut_short_by_a_clean_stop(true, false);
+}
+
+#[test]
+fn a_full_snapshot_cut_short_by_a_clean_stop_continues_full() {
+    cut_short_by_a_clean_stop(false, true);
 }
 
 /// A snapshot of 4 changed chunks is cut short by SIGTERM; oxd takes it up again at the
 /// restart — continuing it from its journal, or (`lose_journal`) starting over with
-/// the journal damaged, when the change set it held must not be lost.
-fn cut_short_by_a_clean_stop(lose_journal: bool) {
+/// the journal damaged, when the change set it held must not be lost. `full`: the
+/// snapshot cut short is `--full`, and continues as one (every chunk, no parent).
+fn cut_short_by_a_clean_stop(lose_journal: bool, full: bool) {
     let server = s3server::start_server(false);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -443,7 +449,11 @@ fn cut_short_by_a_clean_stop(lose_journal: bool) {
     // 4 chunks change; their snapshot is cut short by SIGTERM while uploading.
     oxperf(&vol, "write", "4096:512", 2, 131072, 2);
     server.faults.delay_ms.store(500, Ordering::SeqCst);
-    let running = ctl.ok(&["snapshot", "create", "v", "--store", "s3", "--no-wait"]);
+    let mut create = vec!["snapshot", "create", "v", "--store", "s3", "--no-wait"];
+    if full {
+        create.push("--full");
+    }
+    let running = ctl.ok(&create);
     assert_eq!(running["state"], "running", "{running}");
     ctl.examining(&running["id"].to_string());
     // SAFETY: kill(2) on our own child's pid.
@@ -467,8 +477,14 @@ fn cut_short_by_a_clean_stop(lose_journal: bool) {
         !lose_journal,
         "continued or started over: {again}"
     );
-    assert_eq!(again["result"]["chunks_read"], 4, "{again}");
-    assert_eq!(again["result"]["parent"], first["result"]["id"]);
+    if full {
+        // Every chunk of the 16 MiB volume, over no parent.
+        assert!(again["result"]["parent"].is_null(), "{again}");
+        assert_eq!(again["result"]["chunks_read"], 256, "{again}");
+    } else {
+        assert_eq!(again["result"]["chunks_read"], 4, "{again}");
+        assert_eq!(again["result"]["parent"], first["result"]["id"]);
+    }
     assert_eq!(ctl_list(&ctl), 2);
     assert!(
         !journal.exists(),

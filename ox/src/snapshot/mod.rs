@@ -79,6 +79,8 @@ pub struct SnapshotOptions {
     /// appliance while this snapshot uploaded publishes nothing ([`OxError::Owned`]),
     /// since the new owner may be collecting what no manifest names. `None`: no check.
     pub owner: Option<String>,
+    /// The clocks the upload's lease is judged by (the machine's, but in tests).
+    pub clock: crate::lease::Clock,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.
@@ -495,7 +497,20 @@ pub async fn collect_orphans(
 /// there holds a live lease, or one that cannot be read ([`crate::lease`]: what it
 /// stored has no manifest yet). A manifest listed and then not found is an error (its
 /// objects are not judged by a listing that lost it).
+///
+/// The order of the listings is what makes this safe beside an upload that starts
+/// meanwhile (another appliance's, after an adoption): objects are listed first, then
+/// leases, then manifests. An upload takes its lease before it stores anything and
+/// releases it only after its manifest is published, so any object listed is either
+/// an upload's whose lease the lease listing still sees, or one a manifest listed
+/// after it names, or truly orphaned (its upload gave up, or its lease expired).
+/// Listed the other way round, an upload starting between the lease listing and the
+/// object listing would lose its objects.
 pub async fn orphans(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<String>, OxError> {
+    let mut objects = Vec::new();
+    for kind in ["d", "i"] {
+        objects.extend(store.list(&format!("{prefix}ox1/{kind}/")).await?);
+    }
     let now = crate::lease::now_secs();
     for (_, lease) in crate::lease::all(store, prefix).await? {
         if lease.is_err() || lease.is_ok_and(|l| l.live(now, crate::lease::ORPHAN_GRACE_S)) {
@@ -511,13 +526,91 @@ pub async fn orphans(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<String
         }
         referenced.insert(m.working_set_key()?);
     }
-    let mut orphans = Vec::new();
-    for kind in ["d", "i"] {
-        for key in store.list(&format!("{prefix}ox1/{kind}/")).await? {
-            if !referenced.contains(&key) {
-                orphans.push(key);
-            }
+    objects.retain(|key| !referenced.contains(key));
+    Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::store::local::LocalStore;
+    use crate::store::{BoxFuture, Listing};
+
+    /// A store in which an upload starts (its lease taken, then an object stored) just
+    /// after the first listing anyone asks of it.
+    struct UploadStarts {
+        inner: LocalStore,
+        started: AtomicBool,
+    }
+
+    impl ObjectStore for UploadStarts {
+        fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
+            self.inner.put(key, data)
+        }
+        fn put_new<'a>(
+            &'a self,
+            key: &'a str,
+            data: Vec<u8>,
+        ) -> BoxFuture<'a, Result<(), OxError>> {
+            self.inner.put_new(key, data)
+        }
+        fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
+            self.inner.get(key)
+        }
+        fn get_range<'a>(
+            &'a self,
+            key: &'a str,
+            offset: u64,
+            len: u64,
+        ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
+            self.inner.get_range(key, offset, len)
+        }
+        fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>> {
+            Box::pin(async move {
+                let listed = self.inner.list(prefix).await;
+                if !self.started.swap(true, Ordering::SeqCst) {
+                    let now = crate::lease::now_secs();
+                    crate::lease::renew(&self.inner, "v/", "0a0b", None, now, now).await?;
+                    self.inner.put("v/ox1/d/new", vec![1]).await?;
+                }
+                listed
+            })
+        }
+        fn list_page<'a>(
+            &'a self,
+            prefix: &'a str,
+            delimiter: Option<&'a str>,
+            after: Option<&'a str>,
+            max: usize,
+        ) -> BoxFuture<'a, Result<Listing, OxError>> {
+            self.inner.list_page(prefix, delimiter, after, max)
+        }
+        fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>> {
+            self.inner.delete(keys)
         }
     }
-    Ok(orphans)
+
+    /// An upload that starts while orphans are being judged never has its objects taken
+    /// for orphans, whichever listing it starts after (here: the first).
+    #[test]
+    fn an_upload_starting_meanwhile_keeps_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = UploadStarts {
+            inner: LocalStore::open(dir.path()).unwrap(),
+            started: AtomicBool::new(true),
+        };
+        async_io::block_on(async {
+            store.put("v/ox1/d/old", vec![0]).await.unwrap();
+            // Nothing running: the leftover is an orphan.
+            assert_eq!(orphans(&store, "v/").await.unwrap(), ["v/ox1/d/old"]);
+            // An upload starts after the first listing: nothing is an orphan now.
+            store.started.store(false, Ordering::SeqCst);
+            assert_eq!(orphans(&store, "v/").await.unwrap(), Vec::<String>::new());
+            assert!(store.started.load(Ordering::SeqCst));
+            assert!(store.get("v/ox1/d/new").await.is_ok());
+        });
+    }
 }

@@ -296,6 +296,7 @@ pub(super) async fn write(
             &snapshot_hex,
             opts.owner.as_deref(),
             before.as_ref(),
+            &opts.clock,
         )
         .await
     })

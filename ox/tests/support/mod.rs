@@ -108,6 +108,7 @@ pub fn options(env: &Env) -> SnapshotOptions {
         verify_before_publish: false,
         working_set: None,
         owner: None,
+        clock: Default::default(),
     }
 }
 
