@@ -1754,7 +1754,7 @@ impl Service {
         let (handle, basis) = (handle.clone(), basis.clone());
         let (on, cores) = (self.reactors[0].clone(), Arc::clone(&self.cores));
         let name = name.to_string();
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("warm".into())
             .spawn(move || {
                 let walk = Arc::clone(&c);
@@ -1765,6 +1765,11 @@ impl Service {
                 });
                 c.finish();
                 match r {
+                    Ok(Ok(w)) if c.is_stopped() => tracing::info!(
+                        clone = name,
+                        fetched = w.fetched,
+                        "working set fetch stopped"
+                    ),
                     Ok(Ok(w)) if w.listed > 0 => tracing::info!(
                         clone = name,
                         listed = w.listed,
@@ -1776,6 +1781,10 @@ impl Service {
                     Err(e) => tracing::error!(clone = name, "working set not fetched: {e}"),
                 }
             });
+        if let Err(e) = spawned {
+            tracing::error!("working set not fetched: {e}");
+            control.finish();
+        }
         Some(control)
     }
 

@@ -465,15 +465,15 @@ impl Basis for ObjectBasis {
 type Waiting = Arc<Mutex<Vec<(u64, FetchDone)>>>;
 
 /// What a failed fetch tells the clone: damaged data (after refetches; a missing
-/// object means the snapshot is damaged too), the store out of reach, or other.
+/// object means the snapshot is damaged too), the store out of reach, the store
+/// refusing, or other.
 pub fn fetch_error(e: OxError) -> FetchError {
     match e {
         OxError::Integrity { .. } | OxError::NotFound { .. } => {
             FetchError::Integrity(e.to_string())
         }
-        OxError::Unavailable { .. } | OxError::Refused { .. } | OxError::Untrusted { .. } => {
-            FetchError::Unavailable(e.to_string())
-        }
+        OxError::Unavailable { .. } => FetchError::Unavailable(e.to_string()),
+        OxError::Refused { .. } | OxError::Untrusted { .. } => FetchError::Refused(e.to_string()),
         _ => FetchError::Failed(e.to_string()),
     }
 }

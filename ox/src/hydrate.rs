@@ -87,7 +87,8 @@ impl Thickening {
         self.window.load(Ordering::Relaxed)
     }
 
-    fn is_stopped(&self) -> bool {
+    /// Whether stopped.
+    pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
     }
 
@@ -137,20 +138,24 @@ impl Thickening {
     }
 
     /// Waits `pause`, or until stopped.
+    /// Waits `pause`, then while paused; ends at once when stopped.
     async fn rest(&self, pause: Duration) {
-        let stopped = async {
-            loop {
-                let changed = self.changed.listen();
-                if self.is_stopped() {
-                    return;
-                }
-                changed.await;
-            }
-        };
-        futures_lite::future::or(stopped, async {
+        let waited = async {
             async_io::Timer::after(pause).await;
-        })
-        .await;
+            self.until(|c| !c.is_paused()).await;
+        };
+        futures_lite::future::or(self.until(Self::is_stopped), waited).await;
+    }
+
+    /// Waits until `cond` holds (checked at every change).
+    async fn until(&self, cond: impl Fn(&Self) -> bool) {
+        loop {
+            let changed = self.changed.listen();
+            if cond(self) {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Chunks this walk has fetched.
@@ -244,48 +249,60 @@ pub async fn warm(
     control: &Thickening,
 ) -> Result<Warmed, OxError> {
     let before = control.fetched();
+    let listed = std::cell::Cell::new(0);
     let mut pause = WARM_RETRY_FIRST;
+    let warmed = |listed: &std::cell::Cell<u64>| Warmed {
+        listed: listed.get(),
+        fetched: control.fetched() - before,
+    };
     loop {
-        match warm_once(basis, ex, clone, on, control).await {
-            Ok(listed) => {
-                return Ok(Warmed {
-                    listed,
-                    fetched: control.fetched() - before,
-                });
-            }
-            Err(e @ OxError::Unavailable { .. }) if !control.is_stopped() => {
+        if control.is_stopped() {
+            return Ok(warmed(&listed));
+        }
+        // A stop ends it at once, even with a request in flight to a store that hangs
+        // (dropping the attempt is safe: fetches only fill chunks).
+        let attempt = async { Some(warm_once(basis, ex, clone, on, control, &listed).await) };
+        let stopped = async {
+            control.until(Thickening::is_stopped).await;
+            None
+        };
+        match futures_lite::future::or(attempt, stopped).await {
+            None | Some(Ok(())) => return Ok(warmed(&listed)),
+            Some(Err(e @ OxError::Unavailable { .. })) => {
                 tracing::warn!("working set: {e}; trying again in {} s", pause.as_secs());
                 control.setbacks.fetch_add(1, Ordering::Relaxed);
                 control.changed.notify(usize::MAX);
                 control.rest(pause).await;
                 pause = (pause * 2).min(WARM_RETRY_MOST);
-                if control.is_stopped() {
-                    return Err(e);
-                }
             }
-            Err(e) => return Err(e),
+            Some(Err(e)) => return Err(e),
         }
     }
 }
 
-/// One attempt of [`warm`]; returns the chunks the working set lists.
+/// One attempt of [`warm`]; sets `listed` to the chunks the working set lists once it
+/// is read.
 async fn warm_once(
     basis: &crate::basis::ObjectBasis,
     ex: &std::rc::Rc<async_executor::LocalExecutor<'static>>,
     clone: &CloneHandle,
     on: &ReactorHandle,
     control: &Thickening,
-) -> Result<u64, OxError> {
+    listed: &std::cell::Cell<u64>,
+) -> Result<(), OxError> {
     let Some(set) = basis.working_set(ex).await? else {
-        return Ok(0);
+        return Ok(());
     };
     let (_, total) = clone.hydration();
-    let listed = set.len();
+    listed.set(set.len());
     // A set naming most of the volume (written by another build) is not a working set:
     // thickening is the way to fetch everything.
     if !set.worth_storing(total) {
-        tracing::info!("working set of {listed} of {total} chunks: too large, not fetched");
-        return Ok(listed);
+        tracing::info!(
+            "working set of {} of {total} chunks: too large, not fetched",
+            set.len()
+        );
+        return Ok(());
     }
     walk(
         clone,
@@ -297,7 +314,7 @@ async fn warm_once(
         false,
     )
     .await?;
-    Ok(listed)
+    Ok(())
 }
 
 /// Fetches the chunks of `order` not present yet, for `reason`, in runs of adjacent

@@ -12,8 +12,9 @@
 //! - a writer trusts what it stored earlier only while its lease was never left
 //!   unrenewed for more than `G / 2` ([`TRUSTED_S`]): a resumed snapshot whose lease is
 //!   older (or gone) is given up (its changes go to the next snapshot), and one whose
-//!   renewals stalled that long publishes nothing. The other half of `G` is the clocks' allowance: appliances'
-//!   clocks may differ by up to `G / 2` (NTP keeps them far closer).
+//!   renewals stalled that long publishes nothing. The other half of `G` is the
+//!   clocks' allowance: appliances' clocks may differ by up to `G / 2` (NTP keeps them
+//!   far closer).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -274,9 +275,11 @@ impl Clock {
         now_secs().saturating_add(self.ahead())
     }
 
-    /// The monotonic clock's now.
+    /// The monotonic clock's now (at most as far ahead as `Instant` can go).
     pub fn monotonic(&self) -> Instant {
-        Instant::now() + Duration::from_secs(self.ahead())
+        let now = Instant::now();
+        now.checked_add(Duration::from_secs(self.ahead()))
+            .unwrap_or(now)
     }
 }
 

@@ -468,7 +468,7 @@ fn cut_short_by_a_clean_stop(lose_journal: bool, full: bool) {
         std::fs::write(&journal, "{ damaged").unwrap();
     }
     // Restarted: the snapshot continues by itself (or starts over), reading only the
-    // 4 changed chunks — and all of them.
+    // 4 changed chunks — and all of them (a full one: every chunk).
     let _oxd = start_oxd(&config);
     let again = ctl.finished("1");
     assert_eq!(again["state"], "done", "{again}");

@@ -65,9 +65,13 @@ pub enum FetchError {
     /// What came failed its integrity check every time it was fetched.
     #[error("integrity check failed: {0}")]
     Integrity(String),
-    /// The basis (an object store) could not be reached or refused.
+    /// The basis (an object store) could not be reached, or failed.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The basis refused (an object store's 4xx, a certificate not trusted): no retry
+    /// would succeed, so it is not an outage to wait out.
+    #[error("refused: {0}")]
+    Refused(String),
     /// Anything else: a local write, a full queue, a stopped reactor.
     #[error("{0}")]
     Failed(String),

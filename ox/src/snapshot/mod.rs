@@ -377,7 +377,7 @@ async fn lease_lapsed(
         }
     })
     .await?;
-    let now = crate::lease::now_secs();
+    let now = opts.clock.wall_secs();
     Ok(lease.is_none_or(|l| now > l.renewed.saturating_add(crate::lease::TRUSTED_S)))
 }
 
@@ -505,7 +505,8 @@ pub async fn collect_orphans(
 /// an upload's whose lease the lease listing still sees, or one a manifest listed
 /// after it names, or truly orphaned (its upload gave up, or its lease expired).
 /// Listed the other way round, an upload starting between the lease listing and the
-/// object listing would lose its objects.
+/// object listing would lose its objects. This relies on a listing showing an object
+/// once its PUT is answered (AWS S3, Garage and MinIO do), as [`crate::collect`] does.
 pub async fn orphans(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<String>, OxError> {
     let mut objects = Vec::new();
     for kind in ["d", "i"] {
