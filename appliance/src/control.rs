@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
-use appliance::api::{self, MAX_REQUEST_BYTES, Request, Response, RpcError, code};
-use appliance::audit::AuditLog;
 use bdev::{Bdev, IoType};
+use ox_api::api::{self, MAX_REQUEST_BYTES, Request, Response, RpcError, code};
+use ox_api::audit::AuditLog;
+use ox_api::methods::*;
 use serde_json::{Value, json};
 
 use crate::admission::{Deadline, DeadlineStream, Limits, RateLimited, Slots};
@@ -317,7 +318,7 @@ fn serve_lines<R: Read>(
                             Err(e) => format!("error: {}", e.message),
                         };
                         // The token of an `auth` request is never written down.
-                        let detail = if req.method == "auth" {
+                        let detail = if req.method == Auth::NAME {
                             json!({ "params": "(not recorded)" })
                         } else {
                             json!({ "params": req.params })
@@ -344,45 +345,15 @@ fn serve_lines<R: Read>(
     }
 }
 
-/// Parameters as an object with only the `allowed` keys.
-fn params(p: Option<&Value>, allowed: &[&str]) -> Result<serde_json::Map<String, Value>, RpcError> {
-    let map = match p {
-        None | Some(Value::Null) => serde_json::Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => {
-            return Err(RpcError::new(
-                code::INVALID_PARAMS,
-                "params must be an object",
-            ));
-        }
-    };
-    if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(RpcError::new(
-            code::INVALID_PARAMS,
-            format!("unknown parameter {k:?} (known: {})", allowed.join(", ")),
-        ));
-    }
-    Ok(map)
-}
-
-fn optional_name(map: &serde_json::Map<String, Value>) -> Result<Option<&str>, RpcError> {
-    match map.get("name") {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(RpcError::new(code::INVALID_PARAMS, "name must be a string")),
-    }
-}
-
 /// Runs one method.
 fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, RpcError> {
     match method {
-        "ox_get_version" => {
-            params(p, &[])?;
+        OxGetVersion::NAME => {
+            parse::<OxGetVersion>(p)?;
             Ok(json!({ "api": api::API_VERSION, "oxd": env!("CARGO_PKG_VERSION") }))
         }
-        "bdev_get_bdevs" => {
-            let map = params(p, &["name"])?;
-            let name = optional_name(&map)?;
+        BdevGetBdevs::NAME => {
+            let BdevGetBdevs { name } = parse(p)?;
             let dynamic = state
                 .service
                 .as_ref()
@@ -392,7 +363,7 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
                 .bdevs
                 .iter()
                 .chain(dynamic.iter())
-                .filter(|b| name.is_none_or(|n| n == b.name()))
+                .filter(|b| name.as_deref().is_none_or(|n| n == b.name()))
                 .map(bdev_json)
                 .collect();
             if let (Some(n), true) = (name, list.is_empty()) {
@@ -403,8 +374,8 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
             }
             Ok(Value::Array(list))
         }
-        "nvmf_get_subsystems" => {
-            params(p, &[])?;
+        NvmfGetSubsystems::NAME => {
+            parse::<NvmfGetSubsystems>(p)?;
             // What the target serves now: configured, and volumes' and clones' exports.
             let mut list: Vec<Value> = state
                 .target
@@ -431,17 +402,17 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
             list.sort_by(|a, b| a["nqn"].as_str().cmp(&b["nqn"].as_str()));
             Ok(Value::Array(list))
         }
-        "reactor_get_cores" => {
-            params(p, &[])?;
+        ReactorGetCores::NAME => {
+            parse::<ReactorGetCores>(p)?;
             Ok(json!({ "cores": state.cores }))
         }
-        "audit_verify" => {
-            params(p, &[])?;
+        AuditVerify::NAME => {
+            parse::<AuditVerify>(p)?;
             let Some(audit) = &state.audit else {
                 return Err(RpcError::new(code::NOT_FOUND, "no audit log is configured"));
             };
             // The entry for this very call is written after the check.
-            match appliance::audit::verify(audit.path()) {
+            match ox_api::audit::verify(audit.path()) {
                 Ok((entries, last)) => Ok(json!({
                     "path": audit.path(), "entries": entries, "last_hash": last, "intact": true
                 })),
@@ -452,7 +423,7 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
         }
         _ => match &state.service {
             Some(service) => ox_method(service, method, p),
-            None if OX_METHODS.contains(&method) => Err(RpcError::new(
+            None if SERVICE_METHODS.contains(&method) => Err(RpcError::new(
                 code::NOT_FOUND,
                 format!("{method}: object exchange is not configured (no [ox] section)"),
             )),
@@ -468,90 +439,57 @@ fn not_found(method: &str) -> RpcError {
     )
 }
 
-/// Methods served by the volume/snapshot/clone service.
-const OX_METHODS: &[&str] = &[
-    "volume_create",
-    "volume_delete",
-    "volume_adopt",
-    "volume_list",
-    "snapshot_create",
-    "snapshot_list",
-    "snapshot_verify",
-    "snapshot_restore",
-    "snapshot_delete",
-    "key_rotate",
-    "key_list",
-    "key_receiver",
-    "key_export",
-    "key_import",
-    "store_list",
-    "store_check",
-    "store_collect",
-    "store_browse",
-    "policy_set",
-    "policy_delete",
-    "policy_list",
-    "clone_create",
-    "clone_get",
-    "clone_delete",
-    "clone_thicken",
-    "job_get",
-    "job_list",
-    "job_cancel",
+/// Methods served by the volume/snapshot/clone service (every method but those
+/// [`dispatch`] answers itself, and `auth`).
+const SERVICE_METHODS: &[&str] = &[
+    VolumeCreate::NAME,
+    VolumeDelete::NAME,
+    VolumeAdopt::NAME,
+    VolumeList::NAME,
+    SnapshotCreate::NAME,
+    SnapshotList::NAME,
+    SnapshotVerify::NAME,
+    SnapshotRestore::NAME,
+    SnapshotDelete::NAME,
+    KeyRotate::NAME,
+    KeyList::NAME,
+    KeyReceiver::NAME,
+    KeyExport::NAME,
+    KeyImport::NAME,
+    StoreList::NAME,
+    StoreCheck::NAME,
+    StoreCollect::NAME,
+    StoreBrowse::NAME,
+    PolicySet::NAME,
+    PolicyDelete::NAME,
+    PolicyList::NAME,
+    CloneCreate::NAME,
+    CloneGet::NAME,
+    CloneDelete::NAME,
+    CloneThicken::NAME,
+    JobGet::NAME,
+    JobList::NAME,
+    JobCancel::NAME,
 ];
 
 fn invalid(msg: impl Into<String>) -> RpcError {
     RpcError::new(code::INVALID_PARAMS, msg)
 }
 
-fn get_str<'a>(
-    m: &'a serde_json::Map<String, Value>,
-    key: &str,
-) -> Result<Option<&'a str>, RpcError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(invalid(format!("{key} must be a string"))),
-    }
-}
-
-fn need_str<'a>(m: &'a serde_json::Map<String, Value>, key: &str) -> Result<&'a str, RpcError> {
-    get_str(m, key)?.ok_or_else(|| invalid(format!("{key} is required")))
-}
-
-fn get_u64(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<u64>, RpcError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| invalid(format!("{key} must be a non-negative integer"))),
-    }
-}
-
-fn get_bool(m: &serde_json::Map<String, Value>, key: &str) -> Result<bool, RpcError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(invalid(format!("{key} must be true or false"))),
-    }
-}
-
 /// The snapshot named by `snapshot`, `store`, `manifest_key`, `volume` and `latest`,
 /// if any: one catalogued here; a manifest in a store; or a volume's snapshot in a
 /// store's catalogue, its newest or by ID.
-fn snapshot_source(
-    m: &serde_json::Map<String, Value>,
-) -> Result<Option<crate::service::CloneSource<'_>>, RpcError> {
+fn snapshot_source<'a>(
+    snapshot: Option<&'a str>,
+    store: Option<&'a str>,
+    manifest_key: Option<&'a str>,
+    volume: Option<&'a str>,
+    latest: Option<bool>,
+) -> Result<Option<crate::service::CloneSource<'a>>, RpcError> {
     use crate::service::{CloneSource, InBucket};
+    let latest = latest.unwrap_or(false);
     Ok(Some(
-        match (
-            get_str(m, "snapshot")?,
-            get_str(m, "store")?,
-            get_str(m, "manifest_key")?,
-            get_str(m, "volume")?,
-            get_bool(m, "latest")?,
-        ) {
+        match (snapshot, store, manifest_key, volume, latest) {
             (None, None, None, None, false) => return Ok(None),
             (Some(id), None, None, None, false) => CloneSource::Catalogued(id),
             (None, Some(store), Some(key), None, false) => CloneSource::Manifest { store, key },
@@ -568,7 +506,7 @@ fn snapshot_source(
             _ => {
                 return Err(invalid(
                     "name the snapshot one way: snapshot (catalogued here); store and \
-                     manifest_key; or store, volume and latest (or snapshot)",
+                 manifest_key; or store, volume and latest (or snapshot)",
                 ));
             }
         },
@@ -576,33 +514,23 @@ fn snapshot_source(
 }
 
 /// The export asked for by `nqn`, `hosts` and `allow_any_host`, if any.
-fn export_params(m: &serde_json::Map<String, Value>) -> Result<Option<ExportRecord>, RpcError> {
-    let Some(nqn) = get_str(m, "nqn")? else {
-        if m.contains_key("hosts") || m.contains_key("allow_any_host") {
+fn export_params(
+    nqn: Option<String>,
+    hosts: Option<Vec<String>>,
+    allow_any_host: Option<bool>,
+) -> Result<Option<ExportRecord>, RpcError> {
+    let Some(nqn) = nqn else {
+        if hosts.is_some() || allow_any_host.is_some() {
             return Err(invalid("hosts and allow_any_host need nqn"));
         }
         return Ok(None);
     };
-    let hosts = match m.get("hosts") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|h| {
-                h.as_str()
-                    .map(String::from)
-                    .ok_or_else(|| invalid("hosts must be strings"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(invalid("hosts must be a list of host NQNs")),
-    };
     Ok(Some(ExportRecord {
-        nqn: nqn.into(),
-        hosts,
-        allow_any_host: get_bool(m, "allow_any_host")?,
+        nqn,
+        hosts: hosts.unwrap_or_default(),
+        allow_any_host: allow_any_host.unwrap_or(false),
     }))
 }
-
-const EXPORT_KEYS: [&str; 3] = ["nqn", "hosts", "allow_any_host"];
 
 /// A service error as the client sees it: the code says what kind of refusal it is
 /// (or that the daemon failed), the message says why, each cause once.
@@ -614,234 +542,194 @@ fn failed(e: anyhow::Error) -> RpcError {
         Some(Refusal::Conflict(_)) => code::CONFLICT,
         None => code::INTERNAL_ERROR,
     };
-    RpcError::new(code, appliance::error_chain(&e))
+    RpcError::new(code, ox_api::error_chain(&e))
 }
 
 fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<Value, RpcError> {
-    let with = |extra: &[&str]| -> Result<serde_json::Map<String, Value>, RpcError> {
-        let keys: Vec<&str> = extra.iter().chain(EXPORT_KEYS.iter()).copied().collect();
-        params(p, &keys)
-    };
     match method {
-        "volume_create" => {
-            let m = with(&[
-                "name",
-                "size_mib",
-                "block_size",
-                "snapshot",
-                "store",
-                "manifest_key",
-                "volume",
-                "latest",
-                "seed",
-            ])?;
-            let seed = get_str(&m, "seed")?;
-            if let Some(source) = snapshot_source(&m)? {
-                if m.contains_key("size_mib") || m.contains_key("block_size") {
+        VolumeCreate::NAME => {
+            let m: VolumeCreate = parse(p)?;
+            let source = snapshot_source(
+                m.snapshot.as_deref(),
+                m.store.as_deref(),
+                m.manifest_key.as_deref(),
+                m.volume.as_deref(),
+                m.latest,
+            )?;
+            let export = export_params(m.nqn, m.hosts, m.allow_any_host)?;
+            if let Some(source) = source {
+                if m.size_mib.is_some() || m.block_size.is_some() {
                     return Err(invalid(
                         "a volume over a snapshot takes its size and block size from it",
                     ));
                 }
                 return service
-                    .volume_create_from(need_str(&m, "name")?, source, export_params(&m)?, seed)
+                    .volume_create_from(&m.name, source, export, m.seed.as_deref())
                     .map_err(failed);
             }
-            if seed.is_some() {
+            if m.seed.is_some() {
                 return Err(invalid("seed applies only to a volume over a snapshot"));
             }
-            let size = get_u64(&m, "size_mib")?
+            let size = m
+                .size_mib
                 .ok_or_else(|| invalid("size_mib is required"))?
                 .checked_mul(1 << 20)
                 .ok_or_else(|| invalid("size_mib is too large"))?;
-            let bs = get_u64(&m, "block_size")?.unwrap_or(512);
+            let bs = m.block_size.unwrap_or(512);
             let bs = u32::try_from(bs).map_err(|_| invalid("block_size must be 512 or 4096"))?;
             service
-                .volume_create(need_str(&m, "name")?, size, bs, export_params(&m)?)
+                .volume_create(&m.name, size, bs, export)
                 .map_err(failed)
         }
-        "volume_delete" => {
-            let m = params(p, &["name"])?;
-            service.volume_delete(need_str(&m, "name")?).map_err(failed)
+        VolumeDelete::NAME => {
+            let m: VolumeDelete = parse(p)?;
+            service.volume_delete(&m.name).map_err(failed)
         }
-        "volume_adopt" => {
-            let m = params(p, &["name", "store"])?;
-            service
-                .volume_adopt(need_str(&m, "name")?, need_str(&m, "store")?)
-                .map_err(failed)
+        VolumeAdopt::NAME => {
+            let m: VolumeAdopt = parse(p)?;
+            service.volume_adopt(&m.name, &m.store).map_err(failed)
         }
-        "volume_list" => {
-            params(p, &[])?;
+        VolumeList::NAME => {
+            parse::<VolumeList>(p)?;
             Ok(service.volume_list())
         }
-        "snapshot_create" => {
-            let m = params(p, &["volume", "store", "key", "verify", "full"])?;
-            let verify = match m.get("verify") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(get_bool(&m, "verify")?),
-            };
+        SnapshotCreate::NAME => {
+            let m: SnapshotCreate = parse(p)?;
             service
                 .snapshot_create(
-                    need_str(&m, "volume")?,
-                    need_str(&m, "store")?,
-                    get_str(&m, "key")?,
-                    verify,
-                    get_bool(&m, "full")?,
+                    &m.volume,
+                    &m.store,
+                    m.key.as_deref(),
+                    m.verify,
+                    m.full.unwrap_or(false),
                 )
                 .map_err(failed)
         }
-        "snapshot_list" => {
-            let m = params(p, &["volume"])?;
-            Ok(service.snapshot_list(get_str(&m, "volume")?))
+        SnapshotList::NAME => {
+            let m: SnapshotList = parse(p)?;
+            Ok(service.snapshot_list(m.volume.as_deref()))
         }
-        "snapshot_verify" => {
-            let m = params(p, &["id"])?;
-            service.snapshot_verify(need_str(&m, "id")?).map_err(failed)
+        SnapshotVerify::NAME => {
+            let m: SnapshotVerify = parse(p)?;
+            service.snapshot_verify(&m.id).map_err(failed)
         }
-        "snapshot_restore" => {
-            let m = with(&["id", "name"])?;
+        SnapshotRestore::NAME => {
+            let m: SnapshotRestore = parse(p)?;
+            let export = export_params(m.nqn, m.hosts, m.allow_any_host)?;
             service
-                .snapshot_restore(
-                    need_str(&m, "id")?,
-                    need_str(&m, "name")?,
-                    export_params(&m)?,
-                )
+                .snapshot_restore(&m.id, &m.name, export)
                 .map_err(failed)
         }
-        "snapshot_delete" => {
-            let m = params(p, &["id"])?;
-            service.snapshot_delete(need_str(&m, "id")?).map_err(failed)
+        SnapshotDelete::NAME => {
+            let m: SnapshotDelete = parse(p)?;
+            service.snapshot_delete(&m.id).map_err(failed)
         }
-        "key_list" => {
-            params(p, &[])?;
+        KeyList::NAME => {
+            parse::<KeyList>(p)?;
             Ok(service.key_list())
         }
-        "store_list" => {
-            params(p, &[])?;
+        StoreList::NAME => {
+            parse::<StoreList>(p)?;
             Ok(service.store_list())
         }
-        "store_check" => {
-            let m = params(p, &["name"])?;
-            service.store_check(need_str(&m, "name")?).map_err(failed)
+        StoreCheck::NAME => {
+            let m: StoreCheck = parse(p)?;
+            service.store_check(&m.name).map_err(failed)
         }
-        "store_collect" => {
-            let m = params(p, &["name", "dry_run"])?;
+        StoreCollect::NAME => {
+            let m: StoreCollect = parse(p)?;
             service
-                .store_collect(need_str(&m, "name")?, get_bool(&m, "dry_run")?)
+                .store_collect(&m.name, m.dry_run.unwrap_or(false))
                 .map_err(failed)
         }
-        "key_rotate" => {
-            let m = params(p, &["to"])?;
-            service.key_rotate(need_str(&m, "to")?).map_err(failed)
+        KeyRotate::NAME => {
+            let m: KeyRotate = parse(p)?;
+            service.key_rotate(&m.to).map_err(failed)
         }
-        "clone_create" => {
-            let m = with(&[
-                "name",
-                "snapshot",
-                "store",
-                "manifest_key",
-                "volume",
-                "latest",
-                "thicken",
-            ])?;
-            let source =
-                snapshot_source(&m)?.ok_or_else(|| invalid("name the snapshot to clone"))?;
+        CloneCreate::NAME => {
+            let m: CloneCreate = parse(p)?;
+            let source = snapshot_source(
+                m.snapshot.as_deref(),
+                m.store.as_deref(),
+                m.manifest_key.as_deref(),
+                m.volume.as_deref(),
+                m.latest,
+            )?
+            .ok_or_else(|| invalid("name the snapshot to clone"))?;
+            let export = export_params(m.nqn, m.hosts, m.allow_any_host)?;
             service
-                .clone_create(
-                    need_str(&m, "name")?,
-                    source,
-                    get_bool(&m, "thicken")?,
-                    export_params(&m)?,
-                )
+                .clone_create(&m.name, source, m.thicken.unwrap_or(false), export)
                 .map_err(failed)
         }
-        "key_receiver" => {
-            params(p, &[])?;
+        KeyReceiver::NAME => {
+            parse::<KeyReceiver>(p)?;
             service.key_receiver().map_err(failed)
         }
-        "key_export" => {
-            let m = params(p, &["key", "to"])?;
-            service
-                .key_export(need_str(&m, "key")?, need_str(&m, "to")?)
-                .map_err(failed)
+        KeyExport::NAME => {
+            let m: KeyExport = parse(p)?;
+            service.key_export(&m.key, &m.to).map_err(failed)
         }
-        "key_import" => {
-            let m = params(p, &["sealed"])?;
+        KeyImport::NAME => {
+            let m: KeyImport = parse(p)?;
             let sealed: ox::transfer::Sealed =
-                serde_json::from_value(m.get("sealed").cloned().unwrap_or(Value::Null))
-                    .map_err(|e| invalid(format!("sealed: {e}")))?;
+                serde_json::from_value(m.sealed).map_err(|e| invalid(format!("sealed: {e}")))?;
             service.key_import(&sealed).map_err(failed)
         }
-        "policy_set" => {
-            let m = params(
-                p,
-                &[
-                    "volume",
-                    "store",
-                    "every_s",
-                    "key",
-                    "keep_last",
-                    "hourly",
-                    "daily",
-                    "weekly",
-                    "monthly",
-                ],
-            )?;
-            let policy: ox::policy::Policy = serde_json::from_value(Value::Object(m))
-                .map_err(|e| invalid(format!("policy: {e}")))?;
-            service.policy_set(policy).map_err(failed)
-        }
-        "policy_delete" => {
-            let m = params(p, &["volume"])?;
+        PolicySet::NAME => {
+            let m: PolicySet = parse(p)?;
             service
-                .policy_delete(need_str(&m, "volume")?)
+                .policy_set(ox::policy::Policy {
+                    volume: m.volume,
+                    store: m.store,
+                    every_s: m.every_s,
+                    key: m.key,
+                    keep_last: m.keep_last.unwrap_or(0),
+                    hourly: m.hourly.unwrap_or(0),
+                    daily: m.daily.unwrap_or(0),
+                    weekly: m.weekly.unwrap_or(0),
+                    monthly: m.monthly.unwrap_or(0),
+                })
                 .map_err(failed)
         }
-        "policy_list" => {
-            params(p, &[])?;
+        PolicyDelete::NAME => {
+            let m: PolicyDelete = parse(p)?;
+            service.policy_delete(&m.volume).map_err(failed)
+        }
+        PolicyList::NAME => {
+            parse::<PolicyList>(p)?;
             Ok(service.policy_list())
         }
-        "store_browse" => {
-            let m = params(p, &["store", "volume", "limit", "after"])?;
+        StoreBrowse::NAME => {
+            let m: StoreBrowse = parse(p)?;
             service
-                .store_browse(
-                    need_str(&m, "store")?,
-                    get_str(&m, "volume")?,
-                    get_u64(&m, "limit")?,
-                    get_str(&m, "after")?,
-                )
+                .store_browse(&m.store, m.volume.as_deref(), m.limit, m.after.as_deref())
                 .map_err(failed)
         }
-        "clone_get" => {
-            let m = params(p, &["name"])?;
-            service.clone_get(need_str(&m, "name")?).map_err(failed)
+        CloneGet::NAME => {
+            let m: CloneGet = parse(p)?;
+            service.clone_get(&m.name).map_err(failed)
         }
-        "clone_delete" => {
-            let m = params(p, &["name"])?;
-            service.clone_delete(need_str(&m, "name")?).map_err(failed)
+        CloneDelete::NAME => {
+            let m: CloneDelete = parse(p)?;
+            service.clone_delete(&m.name).map_err(failed)
         }
-        "clone_thicken" => {
-            let m = params(p, &["name", "action", "mib_s"])?;
+        CloneThicken::NAME => {
+            let m: CloneThicken = parse(p)?;
             service
-                .clone_thicken(
-                    need_str(&m, "name")?,
-                    need_str(&m, "action")?,
-                    get_u64(&m, "mib_s")?,
-                )
+                .clone_thicken(&m.name, m.action, m.mib_s)
                 .map_err(failed)
         }
-        "job_get" => {
-            let m = params(p, &["id"])?;
-            let id = get_u64(&m, "id")?.ok_or_else(|| invalid("id is required"))?;
-            service.job_get(id).map_err(failed)
+        JobGet::NAME => {
+            let m: JobGet = parse(p)?;
+            service.job_get(m.id).map_err(failed)
         }
-        "job_list" => {
-            params(p, &[])?;
+        JobList::NAME => {
+            parse::<JobList>(p)?;
             Ok(service.job_list())
         }
-        "job_cancel" => {
-            let m = params(p, &["id"])?;
-            let id = get_u64(&m, "id")?.ok_or_else(|| invalid("id is required"))?;
-            service.job_cancel(id).map_err(failed)
+        JobCancel::NAME => {
+            let m: JobCancel = parse(p)?;
+            service.job_cancel(m.id).map_err(failed)
         }
         _ => Err(not_found(method)),
     }
@@ -969,7 +857,7 @@ fn serve_tcp(
                 return;
             };
             let transport = DeadlineStream::new(stream, deadline.clone());
-            let tls = appliance::tls::Duplex::new(rustls::StreamOwned::new(conn, transport));
+            let tls = ox_api::tls::Duplex::new(rustls::StreamOwned::new(conn, transport));
             let who = format!("tls {peer}");
             authenticate_and_serve(tls.clone(), tls, &deadline, limits, &who, token, state);
         }
@@ -999,15 +887,11 @@ fn authenticate_and_serve(
     }
     let req: Option<Request> = serde_json::from_slice(&first).ok();
     let (id, given) = match &req {
-        Some(r) if r.method == "auth" => (
+        Some(r) if r.method == Auth::NAME => (
             r.id.clone(),
-            r.params
-                .as_ref()
-                .and_then(|p| p.get("token"))
-                .and_then(Value::as_str)
-                .unwrap_or(""),
+            parse::<Auth>(r.params.as_ref()).map_or_else(|_| String::new(), |a| a.token),
         ),
-        _ => (Value::Null, ""),
+        _ => (Value::Null, String::new()),
     };
     if !same(given.as_bytes(), token.as_bytes()) {
         // Counted always; logged and audited at most 10 a minute, so a flood of bad

@@ -122,7 +122,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the whole context chain on one line, without a backtrace.
-            eprintln!("oxd: error: {}", appliance::error_chain(&e));
+            eprintln!("oxd: error: {}", ox_api::error_chain(&e));
             ExitCode::FAILURE
         }
     }

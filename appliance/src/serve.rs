@@ -10,7 +10,7 @@ use reactor::ReactorSet;
 
 use std::sync::Arc;
 
-use appliance::audit::AuditLog;
+use ox_api::audit::AuditLog;
 
 use crate::config::Config;
 use crate::control;
@@ -131,7 +131,10 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         let c = &config.control;
         let tls = match (&c.tls_cert_file, &c.tls_key_file) {
             (Some(cert), Some(key)) => {
-                Some(appliance::tls::server_config(cert, key).context("control.tls_cert_file")?)
+                // A secret file, private to this user.
+                let pem = ox::secret_file::read(key)
+                    .with_context(|| format!("control.tls_key_file {}", key.display()))?;
+                Some(ox_api::tls::server_config(cert, key, &pem).context("control.tls_cert_file")?)
             }
             (None, None) => None,
             _ => anyhow::bail!("control: give both tls_cert_file and tls_key_file, or neither"),
@@ -171,7 +174,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     set.shutdown().context("stopping reactors")?;
     let mut problems = service.as_ref().map(|s| s.persist()).unwrap_or_default();
     if let Some(Err(e)) = health_file.as_ref().map(|h| h.stop()) {
-        problems.push(appliance::error_chain(&e));
+        problems.push(ox_api::error_chain(&e));
     }
     for p in &problems {
         tracing::warn!("at stop: {p}");
@@ -197,7 +200,7 @@ impl Drop for CleanOnError {
             return;
         }
         if let Some(Err(e)) = self.0.as_ref().map(|h| h.stop()) {
-            tracing::warn!("saving the health record: {}", appliance::error_chain(&e));
+            tracing::warn!("saving the health record: {}", ox_api::error_chain(&e));
         }
     }
 }
@@ -293,7 +296,7 @@ fn reload_host_keys(
             "ok".to_string()
         }
         Err(e) => {
-            let e = appliance::error_chain(&e);
+            let e = ox_api::error_chain(&e);
             tracing::error!("SIGHUP: host secrets not reloaded, the running ones stay: {e}");
             format!("failed: {e}")
         }

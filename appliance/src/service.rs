@@ -26,6 +26,7 @@ use ox::store::ObjectStore;
 use ox::store::local::LocalStore;
 use ox::store::s3::{S3Config, S3Store};
 use ox::throttle::Throttle;
+use ox_api::methods::ThickenAction;
 use reactor::ReactorHandle;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -263,7 +264,7 @@ pub struct Service {
     cores: Arc<OxCores>,
     target: Arc<Target>,
     inner: Mutex<Inner>,
-    audit: Option<Arc<appliance::audit::AuditLog>>,
+    audit: Option<Arc<ox_api::audit::AuditLog>>,
     /// Set when a clean stop begins: jobs failing from then on stay pending.
     stopping: AtomicBool,
     /// Each store's last check (at start, or `store_check`), shown by `store_list`.
@@ -333,7 +334,7 @@ impl Service {
         reactors: Vec<ReactorHandle>,
         cores: Arc<OxCores>,
         target: Arc<Target>,
-        audit: Option<Arc<appliance::audit::AuditLog>>,
+        audit: Option<Arc<ox_api::audit::AuditLog>>,
     ) -> anyhow::Result<Arc<Self>> {
         for sub in ["volumes", "clones"] {
             let d = settings.state_dir.join(sub);
@@ -378,7 +379,7 @@ impl Service {
                     service
                         .inner()
                         .unavailable
-                        .insert(v.name.clone(), appliance::error_chain(&e));
+                        .insert(v.name.clone(), ox_api::error_chain(&e));
                     continue;
                 }
             };
@@ -409,7 +410,7 @@ impl Service {
                     service
                         .inner()
                         .unavailable
-                        .insert(c.name.clone(), appliance::error_chain(&e));
+                        .insert(c.name.clone(), ox_api::error_chain(&e));
                 }
             }
         }
@@ -1199,7 +1200,7 @@ impl Service {
                 job.outcome
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .replace(Err(appliance::error_chain(&e)));
+                    .replace(Err(ox_api::error_chain(&e)));
                 return Err(e);
             }
         }
@@ -1850,9 +1851,10 @@ impl Service {
     pub fn clone_thicken(
         self: &Arc<Self>,
         name: &str,
-        action: &str,
+        action: ThickenAction,
         mib_s: Option<u64>,
     ) -> anyhow::Result<Value> {
+        let pause = action == ThickenAction::Pause;
         {
             let mut inner = self.inner();
             let Some(pos) = inner.catalogue.clones.iter().position(|c| c.name == name) else {
@@ -1865,29 +1867,26 @@ impl Service {
             // The working set's fetch, while it runs, pauses and resumes with it.
             if let Some(w) = &live.warming {
                 match action {
-                    "pause" => w.pause(),
-                    "resume" | "start" => w.resume(),
-                    _ => {}
+                    ThickenAction::Pause => w.pause(),
+                    ThickenAction::Resume | ThickenAction::Start => w.resume(),
                 }
             }
-            let t = live.thickening.clone();
-            match (action, &t) {
-                ("pause", Some(t)) => t.pause(),
-                ("resume", Some(t)) => t.resume(),
+            match (action, &live.thickening) {
+                (ThickenAction::Pause, Some(t)) => t.pause(),
+                (ThickenAction::Resume, Some(t)) => t.resume(),
                 // Pausing with no walk running records the choice for later walks.
-                ("start", _) | ("resume", None) | ("pause", None) => {}
-                _ => invalid!("action {} is not start, pause or resume", shown(action)),
+                (ThickenAction::Start, _) | (_, None) => {}
             }
             let c = &mut inner.catalogue.clones[pos];
             c.thicken = true;
-            c.paused = action == "pause";
+            c.paused = pause;
             if let Some(m) = mib_s {
                 c.thicken_mib_s = Some(m);
                 self.set_thicken_rate(name, Some(m));
             }
             self.save(&inner)?;
         }
-        if action != "pause" {
+        if !pause {
             self.start_thickening(name, false);
         }
         self.clone_get(name)
@@ -2066,7 +2065,7 @@ impl Service {
                     drop(inner);
                     return discard(
                         live,
-                        format!("the restored copy is discarded: {}", appliance::error_chain(&e)),
+                        format!("the restored copy is discarded: {}", ox_api::error_chain(&e)),
                     );
                 }
             };

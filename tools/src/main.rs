@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use appliance::api::{Client, DEFAULT_SOCKET};
 use clap::{Parser, Subcommand};
+use ox_api::api::{API_VERSION, CallError, Client, DEFAULT_SOCKET, code};
+use ox_api::methods::{self as m, Method};
 use serde_json::{Value, json};
 
 /// Operator CLI for the OX appliance.
@@ -121,11 +122,16 @@ struct ExportArgs {
 }
 
 impl ExportArgs {
-    fn add_to(&self, p: &mut serde_json::Map<String, Value>) {
-        if let Some(n) = &self.nqn {
-            p.insert("nqn".into(), n.clone().into());
-            p.insert("hosts".into(), self.hosts.clone().into());
-            p.insert("allow_any_host".into(), self.allow_any_host.into());
+    /// `nqn`, `hosts` and `allow_any_host` as the API takes them (hosts and
+    /// allow_any_host only with an NQN).
+    fn params(&self) -> (Option<String>, Option<Vec<String>>, Option<bool>) {
+        match &self.nqn {
+            Some(n) => (
+                Some(n.clone()),
+                Some(self.hosts.clone()),
+                Some(self.allow_any_host),
+            ),
+            None => (None, None, None),
         }
     }
 }
@@ -418,7 +424,8 @@ enum CloneCommand {
         /// Name.
         name: String,
         /// start, pause or resume.
-        action: String,
+        #[arg(value_parser = thicken_action)]
+        action: m::ThickenAction,
         /// This clone's thickening bandwidth in MiB/s (0: only the global limit).
         #[arg(long)]
         mib_s: Option<u64>,
@@ -454,7 +461,7 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("oxctl: error: {}", appliance::error_chain(&e));
+            eprintln!("oxctl: error: {}", ox_api::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -478,20 +485,59 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
 }
 
 fn call(cli: &Cli, method: &str, params: Option<Value>) -> anyhow::Result<Value> {
-    client(cli)?
-        .call(method, params)
-        .with_context(|| format!("{method} failed"))
+    let mut client = client(cli)?;
+    let r = client.call(method, params);
+    answered(&mut client, method, r)
+}
+
+/// Calls method `M` with `params`.
+fn invoke<M: Method>(cli: &Cli, params: &M) -> anyhow::Result<Value> {
+    let mut client = client(cli)?;
+    let r = client.invoke(params);
+    answered(&mut client, M::NAME, r)
+}
+
+/// The answer to `method`; a refusal the daemon may give because it is another build
+/// (a method or parameter it does not know) says which builds met.
+fn answered(
+    client: &mut Client,
+    method: &str,
+    r: Result<Value, CallError>,
+) -> anyhow::Result<Value> {
+    let e = match r {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let unknown = matches!(&e, CallError::Rpc(rpc)
+        if rpc.code == code::METHOD_NOT_FOUND
+            || (rpc.code == code::INVALID_PARAMS && rpc.message.contains("unknown field")));
+    let ours = (env!("CARGO_PKG_VERSION"), u64::from(API_VERSION));
+    let theirs = if unknown {
+        client.invoke(&m::OxGetVersion {}).ok().map(|v| {
+            (
+                v["oxd"].as_str().unwrap_or("?").to_string(),
+                v["api"].as_u64().unwrap_or(0),
+            )
+        })
+    } else {
+        None
+    };
+    let e = anyhow::Error::new(e).context(format!("{method} failed"));
+    match theirs {
+        Some((oxd, api)) if oxd != ours.0 || api != ours.1 => Err(e.context(format!(
+            "oxd {oxd} (API {api}) is another build than oxctl {} (API {}): it may not \
+                 know this method or parameter",
+            ours.0, ours.1
+        ))),
+        _ => Err(e),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let result = match &cli.command {
-        Command::Version => call(&cli, "ox_get_version", None)?,
-        Command::Bdevs { name } => call(
-            &cli,
-            "bdev_get_bdevs",
-            name.as_ref().map(|n| serde_json::json!({ "name": n })),
-        )?,
-        Command::Subsystems => call(&cli, "nvmf_get_subsystems", None)?,
+        Command::Version => invoke(&cli, &m::OxGetVersion {})?,
+        Command::Bdevs { name } => invoke(&cli, &m::BdevGetBdevs { name: name.clone() })?,
+        Command::Subsystems => invoke(&cli, &m::NvmfGetSubsystems {})?,
         Command::Volume { command } => match command {
             VolumeCommand::Create {
                 name,
@@ -504,38 +550,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed,
                 export,
             } => {
-                let mut p = serde_json::Map::new();
-                p.insert("name".into(), name.clone().into());
+                let (nqn, hosts, allow_any_host) = export.params();
+                let mut p = m::VolumeCreate {
+                    name: name.clone(),
+                    size_mib: None,
+                    block_size: None,
+                    snapshot: None,
+                    store: None,
+                    manifest_key: None,
+                    volume: None,
+                    latest: None,
+                    seed: None,
+                    nqn,
+                    hosts,
+                    allow_any_host,
+                };
                 match (size_mib, from_store, from_volume) {
                     (Some(size), _, _) => {
-                        p.insert("size_mib".into(), (*size).into());
-                        p.insert("block_size".into(), (*block_size).into());
+                        p.size_mib = Some(*size);
+                        p.block_size = Some(u64::from(*block_size));
                     }
                     (None, Some(store), Some(volume)) => {
-                        p.insert("store".into(), store.clone().into());
-                        p.insert("volume".into(), volume.clone().into());
+                        p.store = Some(store.clone());
+                        p.volume = Some(volume.clone());
                         match snapshot {
-                            Some(id) => p.insert("snapshot".into(), id.clone().into()),
-                            None => p.insert("latest".into(), (*latest).into()),
-                        };
-                        if let Some(seed) = seed {
-                            p.insert("seed".into(), seed.clone().into());
+                            Some(id) => p.snapshot = Some(id.clone()),
+                            None => p.latest = Some(*latest),
                         }
+                        p.seed.clone_from(seed);
                     }
                     _ => anyhow::bail!("give --size-mib, or --from-store and --from-volume"),
                 }
-                export.add_to(&mut p);
-                call(&cli, "volume_create", Some(p.into()))?
+                invoke(&cli, &p)?
             }
-            VolumeCommand::Adopt { name, store } => call(
+            VolumeCommand::Adopt { name, store } => invoke(
                 &cli,
-                "volume_adopt",
-                Some(json!({ "name": name, "store": store })),
+                &m::VolumeAdopt {
+                    name: name.clone(),
+                    store: store.clone(),
+                },
             )?,
             VolumeCommand::Delete { name } => {
-                call(&cli, "volume_delete", Some(json!({ "name": name })))?
+                invoke(&cli, &m::VolumeDelete { name: name.clone() })?
             }
-            VolumeCommand::List => call(&cli, "volume_list", None)?,
+            VolumeCommand::List => invoke(&cli, &m::VolumeList {})?,
         },
         Command::Snapshot { command } => match command {
             SnapshotCommand::Create {
@@ -547,26 +605,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 no_wait,
                 full,
             } => {
-                let mut p = json!({ "volume": volume, "store": store });
-                if *full {
-                    p["full"] = true.into();
-                }
-                if let Some(k) = key {
-                    p["key"] = k.clone().into();
-                }
-                if *verify || *no_verify {
-                    p["verify"] = (*verify).into();
-                }
-                let job = call(&cli, "snapshot_create", Some(p))?;
+                let p = m::SnapshotCreate {
+                    volume: volume.clone(),
+                    store: store.clone(),
+                    key: key.clone(),
+                    verify: (*verify || *no_verify).then_some(*verify),
+                    full: full.then_some(true),
+                };
+                let job = invoke(&cli, &p)?;
                 if *no_wait { job } else { wait_for(&cli, &job)? }
             }
-            SnapshotCommand::List { volume } => call(
+            SnapshotCommand::List { volume } => invoke(
                 &cli,
-                "snapshot_list",
-                volume.as_ref().map(|v| json!({ "volume": v })),
+                &m::SnapshotList {
+                    volume: volume.clone(),
+                },
             )?,
             SnapshotCommand::Verify { id, no_wait } => {
-                let job = call(&cli, "snapshot_verify", Some(json!({ "id": id })))?;
+                let job = invoke(&cli, &m::SnapshotVerify { id: id.clone() })?;
                 if *no_wait { job } else { wait_for(&cli, &job)? }
             }
             SnapshotCommand::Restore {
@@ -575,29 +631,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 export,
                 no_wait,
             } => {
-                let mut p = serde_json::Map::new();
-                p.insert("id".into(), id.clone().into());
-                p.insert("name".into(), name.clone().into());
-                export.add_to(&mut p);
-                let job = call(&cli, "snapshot_restore", Some(p.into()))?;
+                let (nqn, hosts, allow_any_host) = export.params();
+                let p = m::SnapshotRestore {
+                    id: id.clone(),
+                    name: name.clone(),
+                    nqn,
+                    hosts,
+                    allow_any_host,
+                };
+                let job = invoke(&cli, &p)?;
                 if *no_wait { job } else { wait_for(&cli, &job)? }
             }
-            SnapshotCommand::Delete { id } => {
-                call(&cli, "snapshot_delete", Some(json!({ "id": id })))?
-            }
+            SnapshotCommand::Delete { id } => invoke(&cli, &m::SnapshotDelete { id: id.clone() })?,
         },
         Command::Store {
             command: StoreCommand::List,
-        } => call(&cli, "store_list", None)?,
+        } => invoke(&cli, &m::StoreList {})?,
         Command::Store {
             command: StoreCommand::Check { name },
-        } => call(&cli, "store_check", Some(json!({ "name": name })))?,
+        } => invoke(&cli, &m::StoreCheck { name: name.clone() })?,
         Command::Store {
             command: StoreCommand::Collect { name, dry_run },
-        } => call(
+        } => invoke(
             &cli,
-            "store_collect",
-            Some(json!({ "name": name, "dry_run": dry_run })),
+            &m::StoreCollect {
+                name: name.clone(),
+                dry_run: Some(*dry_run),
+            },
         )?,
         Command::Store {
             command:
@@ -607,19 +667,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     limit,
                     after,
                 },
-        } => {
-            let mut p = json!({ "store": name });
-            if let Some(v) = volume {
-                p["volume"] = v.clone().into();
-            }
-            if let Some(l) = limit {
-                p["limit"] = (*l).into();
-            }
-            if let Some(a) = after {
-                p["after"] = a.clone().into();
-            }
-            call(&cli, "store_browse", Some(p))?
-        }
+        } => invoke(
+            &cli,
+            &m::StoreBrowse {
+                store: name.clone(),
+                volume: volume.clone(),
+                limit: *limit,
+                after: after.clone(),
+            },
+        )?,
         Command::Policy { command } => match command {
             PolicyCommand::Set {
                 volume,
@@ -631,29 +687,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 daily,
                 weekly,
                 monthly,
-            } => {
-                let mut p = json!({
-                    "volume": volume, "store": store, "every_s": every,
-                    "keep_last": keep_last, "hourly": hourly, "daily": daily,
-                    "weekly": weekly, "monthly": monthly,
-                });
-                if let Some(k) = key {
-                    p["key"] = k.clone().into();
-                }
-                call(&cli, "policy_set", Some(p))?
-            }
-            PolicyCommand::List => call(&cli, "policy_list", None)?,
-            PolicyCommand::Delete { volume } => {
-                call(&cli, "policy_delete", Some(json!({ "volume": volume })))?
-            }
+            } => invoke(
+                &cli,
+                &m::PolicySet {
+                    volume: volume.clone(),
+                    store: store.clone(),
+                    every_s: *every,
+                    key: key.clone(),
+                    keep_last: Some(*keep_last),
+                    hourly: Some(*hourly),
+                    daily: Some(*daily),
+                    weekly: Some(*weekly),
+                    monthly: Some(*monthly),
+                },
+            )?,
+            PolicyCommand::List => invoke(&cli, &m::PolicyList {})?,
+            PolicyCommand::Delete { volume } => invoke(
+                &cli,
+                &m::PolicyDelete {
+                    volume: volume.clone(),
+                },
+            )?,
         },
         Command::Key { command } => match command {
-            KeyCommand::List => call(&cli, "key_list", None)?,
+            KeyCommand::List => invoke(&cli, &m::KeyList {})?,
             KeyCommand::Create { file } => create_key(file)?,
-            KeyCommand::Rotate { to } => call(&cli, "key_rotate", Some(json!({ "to": to })))?,
-            KeyCommand::Receiver => call(&cli, "key_receiver", None)?,
+            KeyCommand::Rotate { to } => invoke(&cli, &m::KeyRotate { to: to.clone() })?,
+            KeyCommand::Receiver => invoke(&cli, &m::KeyReceiver {})?,
             KeyCommand::Export { name, to, out } => {
-                let r = call(&cli, "key_export", Some(json!({ "key": name, "to": to })))?;
+                let r = invoke(
+                    &cli,
+                    &m::KeyExport {
+                        key: name.clone(),
+                        to: to.clone(),
+                    },
+                )?;
                 write_new_private(out, &serde_json::to_vec_pretty(&r["sealed"])?)
                     .with_context(|| format!("writing {}", out.display()))?;
                 json!({ "key": name, "file": out, "check": r["check"] })
@@ -663,7 +731,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
                 let sealed: Value = serde_json::from_slice(&text)
                     .with_context(|| format!("{} is not a sealed key", file.display()))?;
-                call(&cli, "key_import", Some(json!({ "sealed": sealed })))?
+                invoke(&cli, &m::KeyImport { sealed })?
             }
         },
         Command::Clone { command } => match command {
@@ -677,49 +745,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 thicken,
                 export,
             } => {
-                let mut p = serde_json::Map::new();
-                p.insert("name".into(), name.clone().into());
-                for (key, value) in [
-                    ("snapshot", snapshot),
-                    ("store", store),
-                    ("manifest_key", manifest_key),
-                    ("volume", volume),
-                ] {
-                    if let Some(v) = value {
-                        p.insert(key.into(), v.clone().into());
-                    }
-                }
-                if *latest {
-                    p.insert("latest".into(), true.into());
-                }
-                p.insert("thicken".into(), (*thicken).into());
-                export.add_to(&mut p);
-                call(&cli, "clone_create", Some(p.into()))?
+                let (nqn, hosts, allow_any_host) = export.params();
+                let p = m::CloneCreate {
+                    name: name.clone(),
+                    snapshot: snapshot.clone(),
+                    store: store.clone(),
+                    manifest_key: manifest_key.clone(),
+                    volume: volume.clone(),
+                    latest: latest.then_some(true),
+                    thicken: Some(*thicken),
+                    nqn,
+                    hosts,
+                    allow_any_host,
+                };
+                invoke(&cli, &p)?
             }
-            CloneCommand::Get { name } => call(&cli, "clone_get", Some(json!({ "name": name })))?,
-            CloneCommand::Delete { name } => {
-                call(&cli, "clone_delete", Some(json!({ "name": name })))?
-            }
+            CloneCommand::Get { name } => invoke(&cli, &m::CloneGet { name: name.clone() })?,
+            CloneCommand::Delete { name } => invoke(&cli, &m::CloneDelete { name: name.clone() })?,
             CloneCommand::Thicken {
                 name,
                 action,
                 mib_s,
-            } => {
-                let mut p = json!({ "name": name, "action": action });
-                if let Some(m) = mib_s {
-                    p["mib_s"] = (*m).into();
-                }
-                call(&cli, "clone_thicken", Some(p))?
-            }
+            } => invoke(
+                &cli,
+                &m::CloneThicken {
+                    name: name.clone(),
+                    action: *action,
+                    mib_s: *mib_s,
+                },
+            )?,
         },
         Command::Job { command } => match command {
-            JobCommand::Get { id } => call(&cli, "job_get", Some(json!({ "id": id })))?,
-            JobCommand::List => call(&cli, "job_list", None)?,
-            JobCommand::Cancel { id } => call(&cli, "job_cancel", Some(json!({ "id": id })))?,
+            JobCommand::Get { id } => invoke(&cli, &m::JobGet { id: *id })?,
+            JobCommand::List => invoke(&cli, &m::JobList {})?,
+            JobCommand::Cancel { id } => invoke(&cli, &m::JobCancel { id: *id })?,
         },
         Command::Audit {
             command: AuditCommand::Verify { file: Some(file) },
-        } => match appliance::audit::verify(file) {
+        } => match ox_api::audit::verify(file) {
             Ok((entries, last)) => {
                 serde_json::json!({"path": file, "intact": true, "entries": entries, "last_hash": last})
             }
@@ -767,6 +830,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Writes 32 random bytes as hex to a new file only its owner can read.
 /// Writes `bytes` to a new file only its owner can read.
+/// A `clone thicken` action from its name.
+fn thicken_action(s: &str) -> Result<m::ThickenAction, String> {
+    match s {
+        "start" => Ok(m::ThickenAction::Start),
+        "pause" => Ok(m::ThickenAction::Pause),
+        "resume" => Ok(m::ThickenAction::Resume),
+        _ => Err(format!("{s:?} is not start, pause or resume")),
+    }
+}
+
 fn write_new_private(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -828,7 +901,7 @@ fn wait_for(cli: &Cli, job: &Value) -> anyhow::Result<Value> {
     );
     let mut client = client(cli)?;
     loop {
-        let j = client.call("job_get", Some(json!({ "id": id })))?;
+        let j = client.invoke(&m::JobGet { id })?;
         bar.set_length(j["total"].as_u64().unwrap_or(0));
         bar.set_position(j["done"].as_u64().unwrap_or(0));
         bar.set_message(format!(

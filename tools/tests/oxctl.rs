@@ -475,3 +475,63 @@ fn slow_and_many_clients_cannot_lock_out_management() {
         "denials are rate-limited"
     );
 }
+
+/// Against a daemon of another build that does not know a method (here a stand-in on
+/// a socket, answering as an older oxd would), oxctl says which builds met; against
+/// one of the same build, a refusal is shown as it is.
+#[test]
+fn an_unknown_method_at_another_build_says_which_builds_met() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("old.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let serve = |version: &'static str| {
+        let listener = listener.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // oxctl's call, then its version query, on one connection.
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            for _ in 0..2 {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 {
+                    return;
+                }
+                let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let answer = if req["method"] == "ox_get_version" {
+                    serde_json::json!({"jsonrpc": "2.0", "id": req["id"],
+                        "result": {"api": 1, "oxd": version}})
+                } else {
+                    serde_json::json!({"jsonrpc": "2.0", "id": req["id"],
+                        "error": {"code": -32601, "message": "no method \"store_collect\""}})
+                };
+                writeln!(writer, "{answer}").unwrap();
+            }
+        })
+    };
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_oxctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["store", "collect", "s3"])
+            .output()
+            .unwrap()
+    };
+    let old = serve("0.0.1");
+    let out = run();
+    old.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("oxd 0.0.1 (API 1) is another build than oxctl"),
+        "{err}"
+    );
+    assert!(err.contains("no method"), "{err}");
+
+    let same = serve(env!("CARGO_PKG_VERSION"));
+    let out = run();
+    same.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!err.contains("another build"), "{err}");
+    assert!(err.contains("no method"), "{err}");
+}

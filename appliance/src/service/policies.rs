@@ -340,7 +340,7 @@ impl Service {
                 }
                 // Another snapshot of the volume is running: its end wakes us.
                 Err(e) if matches!(e.downcast_ref::<Refusal>(), Some(Refusal::Conflict(_))) => {}
-                Err(e) => self.policy_failed(p, &appliance::error_chain(&e)),
+                Err(e) => self.policy_failed(p, &ox_api::error_chain(&e)),
             }
         }
         next
@@ -390,7 +390,7 @@ impl Service {
                 s.swept_manifests += report["swept"]["manifests"].as_u64().unwrap_or(0);
                 s.last_retention = Some(report);
             }
-            Err(e) => self.policy_failed(p, &format!("retention: {}", appliance::error_chain(&e))),
+            Err(e) => self.policy_failed(p, &format!("retention: {}", ox_api::error_chain(&e))),
         }
     }
 

@@ -176,8 +176,19 @@ impl Client {
             writer,
             next_id: 1,
         };
-        client.call("auth", Some(serde_json::json!({ "token": token })))?;
+        client.invoke(&crate::methods::Auth {
+            token: token.to_string(),
+        })?;
         Ok(client)
+    }
+
+    /// Calls method `M` with `params` and returns its result.
+    pub fn invoke<M: crate::methods::Method>(
+        &mut self,
+        params: &M,
+    ) -> Result<serde_json::Value, CallError> {
+        let p = crate::methods::to_params(params).map_err(|e| CallError::Garbled(e.to_string()))?;
+        self.call(M::NAME, Some(p))
     }
 
     /// Calls `method` with `params` and returns its result.

@@ -51,12 +51,15 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-/// The daemon's side: its certificate chain and private key (PEM; a secret file,
-/// private to this user: [`ox::secret_file`]).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// The daemon's side: its certificate chain (a PEM file) and private key (`key_pem`,
+/// read by the caller from the secret file `key`, which names it in errors).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certificates("certificate", cert)?;
-    let text = ox::secret_file::read(key).map_err(|e| pem_error("private key", key, e))?;
-    let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| pem_error("private key", key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)

@@ -1,0 +1,519 @@
+//! Every control-API method's parameters, typed: what oxd accepts and what oxctl (or
+//! any Rust client) sends, one struct per method. Unknown fields are refused, a field
+//! of the wrong type is named in the error ([`parse`]), and a missing optional field
+//! means the same as `null`. `docs/API.md` lists the same methods and fields; a test
+//! keeps them in step.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{RpcError, code};
+
+/// A method of the control API: its name on the wire, and its parameters (the type
+/// implementing this).
+pub trait Method: Serialize + DeserializeOwned {
+    /// The method's name.
+    const NAME: &'static str;
+    /// Its parameters' names, as on the wire.
+    const FIELDS: &'static [&'static str];
+}
+
+/// Parses the parameters of method `M` (absent or `null`: none given). An error is
+/// [`code::INVALID_PARAMS`] naming the field at fault.
+pub fn parse<M: Method>(params: Option<&serde_json::Value>) -> Result<M, RpcError> {
+    let empty = serde_json::Value::Object(serde_json::Map::new());
+    let value = match params {
+        None | Some(serde_json::Value::Null) => &empty,
+        Some(v @ serde_json::Value::Object(_)) => v,
+        Some(_) => {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "params must be an object",
+            ));
+        }
+    };
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        };
+        RpcError::new(code::INVALID_PARAMS, message)
+    })
+}
+
+/// The parameters as sent: an object without the fields left unset (`null`).
+pub fn to_params<M: Method>(m: &M) -> Result<serde_json::Value, serde_json::Error> {
+    let mut v = serde_json::to_value(m)?;
+    if let serde_json::Value::Object(map) = &mut v {
+        map.retain(|_, v| !v.is_null());
+    }
+    Ok(v)
+}
+
+/// Declares a method's parameter struct and its [`Method`] implementation from one
+/// list of fields, so the names the test checks against API.md are the struct's own.
+macro_rules! method {
+    (
+        $(#[$meta:meta])*
+        $ty:ident = $wire:literal {
+            $( $(#[$fmeta:meta])* $field:ident : $fty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $ty {
+            $( $(#[$fmeta])* pub $field: $fty, )*
+        }
+
+        impl Method for $ty {
+            const NAME: &'static str = $wire;
+            const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+        }
+    };
+}
+
+method! {
+    /// The API and daemon versions.
+    OxGetVersion = "ox_get_version" {}
+}
+
+method! {
+    /// Block devices, or the one named.
+    BdevGetBdevs = "bdev_get_bdevs" {
+        /// Only this one.
+        name: Option<String>,
+    }
+}
+
+method! {
+    /// Every NVMe/TCP subsystem served: configured, and volumes' and clones' exports.
+    NvmfGetSubsystems = "nvmf_get_subsystems" {}
+}
+
+method! {
+    /// The reactors' cores.
+    ReactorGetCores = "reactor_get_cores" {}
+}
+
+method! {
+    /// Checks the audit log's hash chain.
+    AuditVerify = "audit_verify" {}
+}
+
+method! {
+    /// Authenticates a TCP connection (its first request).
+    Auth = "auth" {
+        /// The control token.
+        token: String,
+    }
+}
+
+method! {
+    /// Creates a volume: empty (`size_mib`), or over a snapshot, named one way — a
+    /// catalogued `snapshot`; `store` and `manifest_key`; or `store`, `volume` and
+    /// `latest` (or `snapshot`) from the store's catalogue.
+    VolumeCreate = "volume_create" {
+        /// Its name.
+        name: String,
+        /// Size of an empty volume.
+        size_mib: Option<u64>,
+        /// 512 or 4096 (empty volumes; default 512).
+        block_size: Option<u64>,
+        /// A snapshot's ID.
+        snapshot: Option<String>,
+        /// A store's name.
+        store: Option<String>,
+        /// A manifest's key in `store`.
+        manifest_key: Option<String>,
+        /// A volume in `store`'s catalogue.
+        volume: Option<String>,
+        /// That volume's newest snapshot.
+        latest: Option<bool>,
+        /// What the new volume seeds its lineage from (fail-back).
+        seed: Option<String>,
+        /// Export it under this NQN.
+        nqn: Option<String>,
+        /// Host NQNs allowed to connect (with `nqn`).
+        hosts: Option<Vec<String>>,
+        /// Any host may connect (with `nqn`).
+        allow_any_host: Option<bool>,
+    }
+}
+
+method! {
+    /// Deletes a volume.
+    VolumeDelete = "volume_delete" {
+        /// Its name.
+        name: String,
+    }
+}
+
+method! {
+    /// Takes over a volume's place in a store from the appliance that owned it.
+    VolumeAdopt = "volume_adopt" {
+        /// The volume.
+        name: String,
+        /// The store.
+        store: String,
+    }
+}
+
+method! {
+    /// Every volume.
+    VolumeList = "volume_list" {}
+}
+
+method! {
+    /// Starts a snapshot of a volume into a store (a job).
+    SnapshotCreate = "snapshot_create" {
+        /// The volume.
+        volume: String,
+        /// The store.
+        store: String,
+        /// Wrap it under this key (default: the default key).
+        key: Option<String>,
+        /// Read it back before publishing (default: the store's setting).
+        verify: Option<bool>,
+        /// Every chunk, over no parent.
+        full: Option<bool>,
+    }
+}
+
+method! {
+    /// Snapshots in the catalogue, of one volume or all.
+    SnapshotList = "snapshot_list" {
+        /// Only this volume's.
+        volume: Option<String>,
+    }
+}
+
+method! {
+    /// Starts fetching and checking every frame of a snapshot (a job).
+    SnapshotVerify = "snapshot_verify" {
+        /// The snapshot's ID.
+        id: String,
+    }
+}
+
+method! {
+    /// Starts restoring a snapshot into a new volume (a job).
+    SnapshotRestore = "snapshot_restore" {
+        /// The snapshot's ID.
+        id: String,
+        /// The new volume's name.
+        name: String,
+        /// Export it under this NQN.
+        nqn: Option<String>,
+        /// Host NQNs allowed to connect (with `nqn`).
+        hosts: Option<Vec<String>>,
+        /// Any host may connect (with `nqn`).
+        allow_any_host: Option<bool>,
+    }
+}
+
+method! {
+    /// Deletes a snapshot no clone or later snapshot needs.
+    SnapshotDelete = "snapshot_delete" {
+        /// The snapshot's ID.
+        id: String,
+    }
+}
+
+method! {
+    /// The keys (never their secrets).
+    KeyList = "key_list" {}
+}
+
+method! {
+    /// Makes another key the default for new snapshots.
+    KeyRotate = "key_rotate" {
+        /// The key's name.
+        to: String,
+    }
+}
+
+method! {
+    /// This appliance's public key for receiving sealed keys.
+    KeyReceiver = "key_receiver" {}
+}
+
+method! {
+    /// Seals a key for another appliance (root on the local socket only).
+    KeyExport = "key_export" {
+        /// The key's name.
+        key: String,
+        /// The receiver's public key (from its `key_receiver`).
+        to: String,
+    }
+}
+
+method! {
+    /// Imports a key sealed for this appliance.
+    KeyImport = "key_import" {
+        /// What `key_export` wrote (its JSON, as is).
+        sealed: serde_json::Value,
+    }
+}
+
+method! {
+    /// The stores configured.
+    StoreList = "store_list" {}
+}
+
+method! {
+    /// Runs a store's check (every step a snapshot needs).
+    StoreCheck = "store_check" {
+        /// The store's name.
+        name: String,
+    }
+}
+
+method! {
+    /// Collects what failed uploads left across a store's bucket.
+    StoreCollect = "store_collect" {
+        /// The store's name.
+        name: String,
+        /// Only say what would go.
+        dry_run: Option<bool>,
+    }
+}
+
+method! {
+    /// Volumes in a store's catalogue, or one volume's snapshots (paged).
+    StoreBrowse = "store_browse" {
+        /// The store's name.
+        store: String,
+        /// This volume's snapshots.
+        volume: Option<String>,
+        /// At most this many.
+        limit: Option<u64>,
+        /// After this one (the page before's `next`).
+        after: Option<String>,
+    }
+}
+
+method! {
+    /// Sets a volume's protection policy.
+    PolicySet = "policy_set" {
+        /// The volume.
+        volume: String,
+        /// The store its snapshots go to.
+        store: String,
+        /// Seconds between snapshots.
+        every_s: u64,
+        /// Wrap them under this key (default: the default key).
+        key: Option<String>,
+        /// Keep the newest this many.
+        keep_last: Option<u32>,
+        /// Keep the newest of each of the last this many hours.
+        hourly: Option<u32>,
+        /// ... days.
+        daily: Option<u32>,
+        /// ... weeks.
+        weekly: Option<u32>,
+        /// ... months.
+        monthly: Option<u32>,
+    }
+}
+
+method! {
+    /// Removes a volume's protection policy.
+    PolicyDelete = "policy_delete" {
+        /// The volume.
+        volume: String,
+    }
+}
+
+method! {
+    /// Every policy, with its state.
+    PolicyList = "policy_list" {}
+}
+
+method! {
+    /// Creates a clone of a snapshot, named one way (as for `volume_create`).
+    CloneCreate = "clone_create" {
+        /// Its name.
+        name: String,
+        /// A snapshot's ID.
+        snapshot: Option<String>,
+        /// A store's name.
+        store: Option<String>,
+        /// A manifest's key in `store`.
+        manifest_key: Option<String>,
+        /// A volume in `store`'s catalogue.
+        volume: Option<String>,
+        /// That volume's newest snapshot.
+        latest: Option<bool>,
+        /// Thicken it in the background from the start.
+        thicken: Option<bool>,
+        /// Export it under this NQN.
+        nqn: Option<String>,
+        /// Host NQNs allowed to connect (with `nqn`).
+        hosts: Option<Vec<String>>,
+        /// Any host may connect (with `nqn`).
+        allow_any_host: Option<bool>,
+    }
+}
+
+method! {
+    /// A clone's hydration, traffic and background fetching.
+    CloneGet = "clone_get" {
+        /// Its name.
+        name: String,
+    }
+}
+
+method! {
+    /// Deletes a clone (the snapshot stays).
+    CloneDelete = "clone_delete" {
+        /// Its name.
+        name: String,
+    }
+}
+
+/// What `clone_thicken` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThickenAction {
+    /// Starts (or resumes) thickening.
+    Start,
+    /// Pauses it (and the working set's fetch).
+    Pause,
+    /// Resumes it.
+    Resume,
+}
+
+method! {
+    /// Starts, pauses or resumes a clone's thickening; sets its bandwidth.
+    CloneThicken = "clone_thicken" {
+        /// The clone.
+        name: String,
+        /// What to do.
+        action: ThickenAction,
+        /// Its own thickening bandwidth (0: only the global background limit).
+        mib_s: Option<u64>,
+    }
+}
+
+method! {
+    /// A job's state and result.
+    JobGet = "job_get" {
+        /// Its ID.
+        id: u64,
+    }
+}
+
+method! {
+    /// Every job.
+    JobList = "job_list" {}
+}
+
+method! {
+    /// Cancels a job.
+    JobCancel = "job_cancel" {
+        /// Its ID.
+        id: u64,
+    }
+}
+
+/// Every method: its name and its parameters' names, for documentation and checks.
+pub const ALL: &[(&str, &[&str])] = &[
+    entry::<OxGetVersion>(),
+    entry::<BdevGetBdevs>(),
+    entry::<NvmfGetSubsystems>(),
+    entry::<ReactorGetCores>(),
+    entry::<AuditVerify>(),
+    entry::<VolumeCreate>(),
+    entry::<VolumeDelete>(),
+    entry::<VolumeAdopt>(),
+    entry::<VolumeList>(),
+    entry::<SnapshotCreate>(),
+    entry::<SnapshotList>(),
+    entry::<SnapshotVerify>(),
+    entry::<SnapshotRestore>(),
+    entry::<SnapshotDelete>(),
+    entry::<KeyList>(),
+    entry::<KeyRotate>(),
+    entry::<KeyReceiver>(),
+    entry::<KeyExport>(),
+    entry::<KeyImport>(),
+    entry::<StoreList>(),
+    entry::<StoreCheck>(),
+    entry::<StoreCollect>(),
+    entry::<StoreBrowse>(),
+    entry::<PolicySet>(),
+    entry::<PolicyDelete>(),
+    entry::<PolicyList>(),
+    entry::<CloneCreate>(),
+    entry::<CloneGet>(),
+    entry::<CloneDelete>(),
+    entry::<CloneThicken>(),
+    entry::<JobGet>(),
+    entry::<JobList>(),
+    entry::<JobCancel>(),
+];
+
+const fn entry<M: Method>() -> (&'static str, &'static [&'static str]) {
+    (M::NAME, M::FIELDS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Names the field at fault, refuses unknown fields and non-objects, and takes a
+    /// missing optional field and `null` alike.
+    #[test]
+    fn parse_names_the_field_at_fault() {
+        let e = parse::<VolumeCreate>(Some(&serde_json::json!({"name": "a", "size_mib": "x"})))
+            .unwrap_err();
+        assert_eq!(e.code, code::INVALID_PARAMS);
+        assert!(e.message.starts_with("size_mib: invalid type"), "{e}");
+        let e = parse::<VolumeDelete>(Some(&serde_json::json!({"nmae": "a"}))).unwrap_err();
+        assert!(e.message.contains("unknown field `nmae`"), "{e}");
+        let e = parse::<VolumeDelete>(Some(&serde_json::json!({}))).unwrap_err();
+        assert!(e.message.contains("missing field `name`"), "{e}");
+        let e = parse::<VolumeList>(Some(&serde_json::json!([1]))).unwrap_err();
+        assert_eq!(e.message, "params must be an object");
+        let e = parse::<CloneThicken>(Some(&serde_json::json!({"name": "c", "action": "go"})))
+            .unwrap_err();
+        assert!(e.message.starts_with("action: unknown variant `go`"), "{e}");
+        let e = parse::<VolumeCreate>(Some(&serde_json::json!({"name": "a", "hosts": ["h", 1]})))
+            .unwrap_err();
+        assert!(e.message.starts_with("hosts[1]: invalid type"), "{e}");
+        assert!(parse::<VolumeList>(None).is_ok());
+        assert!(parse::<VolumeList>(Some(&serde_json::Value::Null)).is_ok());
+        let a = parse::<SnapshotList>(Some(&serde_json::json!({"volume": null}))).unwrap();
+        assert_eq!(
+            a,
+            parse::<SnapshotList>(Some(&serde_json::json!({}))).unwrap()
+        );
+    }
+
+    /// What a client sends parses back to itself, without the fields left unset.
+    #[test]
+    fn params_round_trip_without_unset_fields() {
+        let c = CloneThicken {
+            name: "c".into(),
+            action: ThickenAction::Pause,
+            mib_s: None,
+        };
+        let v = to_params(&c).unwrap();
+        assert_eq!(v, serde_json::json!({"name": "c", "action": "pause"}));
+        assert_eq!(parse::<CloneThicken>(Some(&v)).unwrap(), c);
+    }
+
+    /// Every method once, each with its own name.
+    #[test]
+    fn every_method_is_listed_once() {
+        let mut names: Vec<&str> = ALL.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n);
+    }
+}

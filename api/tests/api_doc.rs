@@ -1,0 +1,61 @@
+//! docs/API.md and the typed methods say the same: every method has its row, every row
+//! is a method, and each row's parameters column names every field the method takes
+//! (the word "export" standing for `nqn`, `hosts` and `allow_any_host`, as the document
+//! says above its table).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+
+/// The method rows of API.md: name, and the parameters column.
+fn rows() -> BTreeMap<String, String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/API.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut rows = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("| `") else {
+            continue;
+        };
+        let Some((name, rest)) = rest.split_once("` |") else {
+            continue;
+        };
+        // Tables of error codes and the like start with something else than a name.
+        if !name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            continue;
+        }
+        let params = rest.split(" | ").next().unwrap_or("").to_string();
+        assert!(
+            rows.insert(name.to_string(), params).is_none(),
+            "{name} has two rows"
+        );
+    }
+    rows
+}
+
+#[test]
+fn api_md_lists_every_method_with_every_parameter() {
+    let rows = rows();
+    for (name, fields) in ox_api::methods::ALL {
+        let params = rows
+            .get(*name)
+            .unwrap_or_else(|| panic!("API.md has no row for {name}"));
+        for field in *fields {
+            let export = matches!(*field, "nqn" | "hosts" | "allow_any_host");
+            // `field` alone, or with a value: `field: true`.
+            let named =
+                params.contains(&format!("`{field}`")) || params.contains(&format!("`{field}: "));
+            assert!(
+                named || (export && params.contains("export")),
+                "API.md's row for {name} does not name its parameter {field}: {params}"
+            );
+        }
+        if fields.is_empty() {
+            assert!(params.trim() == "none", "{name} takes none: {params}");
+        }
+    }
+    for name in rows.keys() {
+        assert!(
+            ox_api::methods::ALL.iter().any(|(n, _)| n == name),
+            "API.md lists {name}, which is no method"
+        );
+    }
+}
