@@ -106,6 +106,9 @@ pub enum CallError {
     /// The daemon answered something that is not a response.
     #[error("the daemon's answer is not a JSON-RPC response: {0}")]
     Garbled(String),
+    /// The parameters could not be put into JSON (on this side).
+    #[error("the request's parameters: {0}")]
+    Params(serde_json::Error),
     /// The daemon answered with an error.
     #[error(transparent)]
     Rpc(#[from] RpcError),
@@ -187,7 +190,7 @@ impl Client {
         &mut self,
         params: &M,
     ) -> Result<serde_json::Value, CallError> {
-        let p = crate::methods::to_params(params).map_err(|e| CallError::Garbled(e.to_string()))?;
+        let p = crate::methods::to_params(params).map_err(CallError::Params)?;
         self.call(M::NAME, Some(p))
     }
 

@@ -34,13 +34,24 @@ pub fn parse<M: Method>(params: Option<&serde_json::Value>) -> Result<M, RpcErro
     };
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let message = if path == "." {
-            e.inner().to_string()
+        let inner = clipped(&e.inner().to_string(), 160);
+        // An unknown field's message names it already.
+        let message = if path == "." || inner.starts_with("unknown field") {
+            inner
         } else {
-            format!("{path}: {}", e.inner())
+            format!("{}: {inner}", clipped(&path, 64))
         };
         RpcError::new(code::INVALID_PARAMS, message)
     })
+}
+
+/// `s` cut to at most `max` characters, saying how long it was: an error never echoes
+/// a huge value a client sent (into the reply and the audit log).
+fn clipped(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((at, _)) => format!("{}… ({} bytes)", &s[..at], s.len()),
+    }
 }
 
 /// The parameters as sent: an object without the fields left unset (`null`).
@@ -103,12 +114,24 @@ method! {
     AuditVerify = "audit_verify" {}
 }
 
-method! {
-    /// Authenticates a TCP connection (its first request).
-    Auth = "auth" {
-        /// The control token.
-        token: String,
+/// Authenticates a TCP connection (its first request). Unlike the other methods it
+/// ignores fields it does not know (a client may send more), and its `Debug` hides the
+/// token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    /// The control token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("token", &"(hidden)").finish()
     }
+}
+
+impl Method for Auth {
+    const NAME: &'static str = "auth";
+    const FIELDS: &'static [&'static str] = &["token"];
 }
 
 method! {
@@ -419,7 +442,8 @@ method! {
     }
 }
 
-/// Every method: its name and its parameters' names, for documentation and checks.
+/// Every method but `auth` (which only opens a TCP connection, and API.md describes
+/// apart): its name and its parameters' names, for documentation and checks.
 pub const ALL: &[(&str, &[&str])] = &[
     entry::<OxGetVersion>(),
     entry::<BdevGetBdevs>(),
@@ -474,7 +498,18 @@ mod tests {
         assert_eq!(e.code, code::INVALID_PARAMS);
         assert!(e.message.starts_with("size_mib: invalid type"), "{e}");
         let e = parse::<VolumeDelete>(Some(&serde_json::json!({"nmae": "a"}))).unwrap_err();
-        assert!(e.message.contains("unknown field `nmae`"), "{e}");
+        assert_eq!(e.message, "unknown field `nmae`, expected `name`");
+        // A huge value or key is not echoed whole.
+        let huge = "x".repeat(10_000);
+        let e = parse::<CloneThicken>(Some(&serde_json::json!({"name": "c", "action": huge})))
+            .unwrap_err();
+        assert!(e.message.len() < 300, "{e}");
+        let e = parse::<VolumeDelete>(Some(&serde_json::json!({ huge.clone(): 1 }))).unwrap_err();
+        assert!(e.message.len() < 300, "{e}");
+        let e = parse::<VolumeCreate>(Some(&serde_json::json!({"name": "a", "size_mib": huge})))
+            .unwrap_err();
+        assert!(e.message.starts_with("size_mib: invalid type"), "{e}");
+        assert!(e.message.len() < 300, "{e}");
         let e = parse::<VolumeDelete>(Some(&serde_json::json!({}))).unwrap_err();
         assert!(e.message.contains("missing field `name`"), "{e}");
         let e = parse::<VolumeList>(Some(&serde_json::json!([1]))).unwrap_err();

@@ -304,7 +304,7 @@ fn serve_lines<R: Read>(
                 Ok(req) => {
                     // A key leaves sealed, but for whoever asks: only root on this
                     // machine's socket may ask, not a token holder over the network.
-                    let result = if req.method == "key_export" && !who.starts_with("uid=0 ") {
+                    let result = if req.method == KeyExport::NAME && !who.starts_with("uid=0 ") {
                         Err(RpcError::new(
                             code::INVALID_PARAMS,
                             "key_export is served only to root on the local control socket",

@@ -932,6 +932,19 @@ fn api_errors_say_what_kind_they_are() {
             "no clone named",
         ),
         ("job_cancel", r#"{"id":99}"#.into(), -32001, "no job 99"),
+        // A huge value of the wrong kind, or a huge unknown key: named, not echoed whole.
+        (
+            "clone_thicken",
+            format!(r#"{{"name":"c","action":"{huge}"}}"#),
+            -32602,
+            "action: unknown variant",
+        ),
+        (
+            "volume_delete",
+            format!(r#"{{"{huge}":1}}"#),
+            -32602,
+            "unknown field",
+        ),
     ];
     for (method, params, code, text) in &cases {
         let (got, message) = error(method, params);

@@ -510,7 +510,10 @@ fn answered(
     };
     let unknown = matches!(&e, CallError::Rpc(rpc)
         if rpc.code == code::METHOD_NOT_FOUND
-            || (rpc.code == code::INVALID_PARAMS && rpc.message.contains("unknown field")));
+            || (rpc.code == code::INVALID_PARAMS
+                // This build's daemons, and those before typed parameters.
+                && (rpc.message.contains("unknown field")
+                    || rpc.message.contains("unknown parameter"))));
     let ours = (env!("CARGO_PKG_VERSION"), u64::from(API_VERSION));
     let theirs = if unknown {
         client.invoke(&m::OxGetVersion {}).ok().map(|v| {
@@ -790,7 +793,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Audit {
             command: AuditCommand::Verify { file: None },
-        } => call(&cli, "audit_verify", None)?,
+        } => invoke(&cli, &m::AuditVerify {})?,
         Command::Call { method, params } => {
             let p = params
                 .as_deref()
@@ -828,8 +831,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes 32 random bytes as hex to a new file only its owner can read.
-/// Writes `bytes` to a new file only its owner can read.
 /// A `clone thicken` action from its name.
 fn thicken_action(s: &str) -> Result<m::ThickenAction, String> {
     match s {
@@ -840,6 +841,7 @@ fn thicken_action(s: &str) -> Result<m::ThickenAction, String> {
     }
 }
 
+/// Writes `bytes` to a new file only its owner can read.
 fn write_new_private(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -852,6 +854,7 @@ fn write_new_private(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()
     f.sync_all()
 }
 
+/// Writes 32 random bytes as hex to a new file only its owner can read.
 fn create_key(file: &std::path::Path) -> anyhow::Result<Value> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

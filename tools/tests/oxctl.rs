@@ -484,7 +484,7 @@ fn an_unknown_method_at_another_build_says_which_builds_met() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("old.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    let serve = |version: &'static str| {
+    let serve = |version: &'static str, error: serde_json::Value| {
         let listener = listener.try_clone().unwrap();
         std::thread::spawn(move || {
             // oxctl's call, then its version query, on one connection.
@@ -501,8 +501,7 @@ fn an_unknown_method_at_another_build_says_which_builds_met() {
                     serde_json::json!({"jsonrpc": "2.0", "id": req["id"],
                         "result": {"api": 1, "oxd": version}})
                 } else {
-                    serde_json::json!({"jsonrpc": "2.0", "id": req["id"],
-                        "error": {"code": -32601, "message": "no method \"store_collect\""}})
+                    serde_json::json!({"jsonrpc": "2.0", "id": req["id"], "error": error})
                 };
                 writeln!(writer, "{answer}").unwrap();
             }
@@ -516,7 +515,8 @@ fn an_unknown_method_at_another_build_says_which_builds_met() {
             .output()
             .unwrap()
     };
-    let old = serve("0.0.1");
+    let no_method = serde_json::json!({"code": -32601, "message": "no method \"store_collect\""});
+    let old = serve("0.0.1", no_method.clone());
     let out = run();
     old.join().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -527,7 +527,16 @@ fn an_unknown_method_at_another_build_says_which_builds_met() {
     );
     assert!(err.contains("no method"), "{err}");
 
-    let same = serve(env!("CARGO_PKG_VERSION"));
+    // A parameter it does not take, in the words of builds before typed parameters.
+    let unknown = serde_json::json!({"code": -32602,
+        "message": "unknown parameter \"dry_run\" (known: name)"});
+    let old = serve("0.0.1", unknown);
+    let out = run();
+    old.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is another build than oxctl"), "{err}");
+
+    let same = serve(env!("CARGO_PKG_VERSION"), no_method);
     let out = run();
     same.join().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
