@@ -1,5 +1,6 @@
 //! The SMART / Health figures kept across restarts: the appliance's power-on time,
-//! power cycles and unsafe shutdowns, and each device's lifetime I/O totals.
+//! power cycles and unsafe shutdowns, each device's lifetime I/O totals, and each
+//! clone's object-exchange counters ([`CloneTotals`]: what it fetched, and why).
 //!
 //! They live in one small JSON file, replaced atomically. A run marks it `running` as
 //! it starts and clears the mark only at a clean stop, so a start that finds the mark
@@ -34,7 +35,55 @@ struct Saved {
     power_cycles: u64,
     unsafe_shutdowns: u64,
     devices: BTreeMap<String, Totals>,
+    /// By clone UUID (a clone deleted and made again under its name starts from zero).
+    /// Absent in files of builds before clone counters were kept.
+    #[serde(default)]
+    clones: BTreeMap<String, CloneTotals>,
 }
+
+/// A clone's counters over its whole life, across restarts: what hosts read, what was
+/// made present and why, and its traffic with the store. A running clone counts from
+/// zero; what it is shown and saved as is the sum with what it had counted before.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneTotals {
+    /// Bytes hosts read from it.
+    pub host_read_bytes: u64,
+    /// Bytes made present for hosts' misses.
+    pub client_miss_bytes: u64,
+    /// ... by read-ahead and the snapshot's working set.
+    pub prefetch_bytes: u64,
+    /// ... by thickening.
+    pub thickening_bytes: u64,
+    /// Frames' and index pages' GETs.
+    pub gets: u64,
+    /// Their bytes.
+    pub object_bytes: u64,
+    /// Bodies that failed their integrity check.
+    pub integrity_failures: u64,
+    /// Fetches made again after one.
+    pub refetches: u64,
+}
+
+impl CloneTotals {
+    /// The sum, field by field.
+    #[must_use]
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            host_read_bytes: self.host_read_bytes.saturating_add(o.host_read_bytes),
+            client_miss_bytes: self.client_miss_bytes.saturating_add(o.client_miss_bytes),
+            prefetch_bytes: self.prefetch_bytes.saturating_add(o.prefetch_bytes),
+            thickening_bytes: self.thickening_bytes.saturating_add(o.thickening_bytes),
+            gets: self.gets.saturating_add(o.gets),
+            object_bytes: self.object_bytes.saturating_add(o.object_bytes),
+            integrity_failures: self.integrity_failures.saturating_add(o.integrity_failures),
+            refetches: self.refetches.saturating_add(o.refetches),
+        }
+    }
+}
+
+/// Where a running appliance's clones' totals come from at each save, by UUID.
+type CloneSource = Box<dyn Fn() -> Vec<(String, CloneTotals)> + Send + Sync>;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +123,10 @@ pub struct HealthFile {
     /// Serialises saves (the saver thread's and the final one).
     saving: Mutex<()>,
     saver: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    /// Clones' totals as last saved (at start: as the last run left them; those
+    /// deleted since: forgotten).
+    clone_bases: Mutex<BTreeMap<String, CloneTotals>>,
+    clone_source: Mutex<Option<CloneSource>>,
 }
 
 impl HealthFile {
@@ -122,6 +175,8 @@ impl HealthFile {
             health: Arc::new(Health::new(power, devices)),
             saving: Mutex::new(()),
             saver: Mutex::new(None),
+            clone_bases: Mutex::new(std::mem::take(&mut saved.clones)),
+            clone_source: Mutex::new(None),
         });
         file.save(true)
             .with_context(|| format!("marking {} running", path.display()))?;
@@ -131,6 +186,36 @@ impl HealthFile {
     /// The figures the target reports.
     pub fn health(&self) -> &Arc<Health> {
         &self.health
+    }
+
+    /// What the clone of `uuid` had counted when last saved, for it to go on from as
+    /// it opens (zero for a new one).
+    pub fn clone_base(&self, uuid: &str) -> CloneTotals {
+        self.clone_bases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uuid)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Where each save reads the open clones' totals (their base included), by UUID;
+    /// a clone it does not name keeps what was saved last (one unavailable now).
+    /// Totals of clones not in `known` (deleted) are dropped.
+    pub fn track_clones(&self, source: CloneSource, known: &std::collections::HashSet<String>) {
+        self.clone_bases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|uuid, _| known.contains(uuid));
+        *self.clone_source.lock().unwrap_or_else(|p| p.into_inner()) = Some(source);
+    }
+
+    /// Forgets the totals of the clone of `uuid` (deleted).
+    pub fn forget_clone(&self, uuid: &str) {
+        self.clone_bases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uuid);
     }
 
     /// Saves every [`SAVE_EVERY`] on a thread until [`HealthFile::stop`].
@@ -165,6 +250,21 @@ impl HealthFile {
     fn save(&self, running: bool) -> std::io::Result<()> {
         let _one = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let (power, devices) = self.health.record();
+        // The running clones' totals, read first (their source takes the service's
+        // lock), then kept as the figures to fall back on: a later save that cannot
+        // read them (the service gone) never goes back to older ones.
+        let open = self
+            .clone_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|source| source())
+            .unwrap_or_default();
+        let clones = {
+            let mut bases = self.clone_bases.lock().unwrap_or_else(|p| p.into_inner());
+            bases.extend(open);
+            bases.clone()
+        };
         let saved = Saved {
             format: FORMAT,
             running,
@@ -175,6 +275,7 @@ impl HealthFile {
                 .into_iter()
                 .map(|(name, t)| (name, Totals::from(t)))
                 .collect(),
+            clones,
         };
         let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
         bdev::fsutil::replace_file(&self.path, &bytes)
@@ -265,6 +366,44 @@ mod tests {
         after.health().forget("vol");
         assert_eq!(after.health().totals("vol"), IoTotals::default());
         set.shutdown().unwrap();
+    }
+
+    /// A clone's totals come back after a restart; a save that cannot read the open
+    /// clones keeps the last figures; deleted clones' totals go.
+    #[test]
+    fn clone_totals_survive_a_restart_and_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("health.json");
+        let file = HealthFile::start(&path).unwrap();
+        let t = CloneTotals {
+            gets: 3,
+            client_miss_bytes: 4096,
+            ..CloneTotals::default()
+        };
+        let open = Arc::new(Mutex::new(vec![
+            ("u1".to_string(), t),
+            ("u2".to_string(), t),
+        ]));
+        let source = Arc::clone(&open);
+        file.track_clones(
+            Box::new(move || source.lock().unwrap().clone()),
+            &std::collections::HashSet::new(),
+        );
+        file.stop().unwrap();
+        // The source then reads nothing (the service gone): the figures stay.
+        open.lock().unwrap().clear();
+        file.stop().unwrap();
+        drop(file);
+        let after = HealthFile::start(&path).unwrap();
+        assert_eq!(after.clone_base("u1"), t);
+        assert_eq!(after.clone_base("u3"), CloneTotals::default());
+        assert_eq!(t.plus(t).gets, 6);
+        // u2 was deleted while the appliance was down; u1 is deleted now.
+        let known = ["u1".to_string()].into_iter().collect();
+        after.track_clones(Box::new(Vec::new), &known);
+        assert_eq!(after.clone_base("u2"), CloneTotals::default());
+        after.forget_clone("u1");
+        assert_eq!(after.clone_base("u1"), CloneTotals::default());
     }
 
     #[test]

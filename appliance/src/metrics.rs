@@ -173,6 +173,16 @@ pub const FAMILIES: &[Family] = &[
         "Request latency, submit to completion, by device.",
     ),
     f(
+        "ox_device_lifetime_bytes",
+        Kind::Counter,
+        "Bytes hosts read and wrote over NVMe/TCP by device, over its whole life: kept across restarts (the SMART log's data units).",
+    ),
+    f(
+        "ox_device_lifetime_ops",
+        Kind::Counter,
+        "Host read and write commands by device, over its whole life: kept across restarts.",
+    ),
+    f(
         "ox_clone_hydration_ratio",
         Kind::Gauge,
         "Share of a clone's chunks present locally.",
@@ -425,6 +435,27 @@ impl Collector for Exporter {
                     Value::Latency(s.latency.clone()),
                 )
             }),
+        )?;
+        let (_, lifetimes) = state.target.health().record();
+        let per_op = |read: fn(&bdev::IoTotals) -> u64, write: fn(&bdev::IoTotals) -> u64| {
+            lifetimes.iter().flat_map(move |(name, t)| {
+                [("read", read(t)), ("write", write(t))].map(|(op, v)| {
+                    (
+                        vec![("device", name.clone()), ("op", op.to_string())],
+                        Value::Int(v),
+                    )
+                })
+            })
+        };
+        family(
+            e,
+            "ox_device_lifetime_bytes",
+            per_op(|t| t.read_bytes, |t| t.write_bytes),
+        )?;
+        family(
+            e,
+            "ox_device_lifetime_ops",
+            per_op(|t| t.reads, |t| t.writes),
         )?;
 
         if let Some(service) = &state.service {

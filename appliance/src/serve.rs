@@ -66,6 +66,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
                 ox_cores,
                 Arc::clone(&target),
                 audit.clone(),
+                health_file.clone(),
             )?;
             service.ensure_volumes(&config.volumes)?;
             service.ensure_clones(&config.clones)?;

@@ -44,6 +44,7 @@ pub use bucket::InBucket;
 use crate::catalogue::{
     Catalogue, CloneRecord, ExportRecord, PendingSnapshot, SnapshotRecord, VolumeRecord,
 };
+use crate::health::{CloneTotals, HealthFile};
 use crate::refusal::{Refusal, conflict, invalid, not_found, shown};
 
 /// The snapshot a new clone reads.
@@ -204,6 +205,8 @@ struct LiveClone {
     thickening: Option<Arc<Thickening>>,
     /// The fetch of its snapshot's working set, while it runs.
     warming: Option<Arc<Thickening>>,
+    /// What it had counted before this opening (the health file's; zero for a new one).
+    base: CloneTotals,
 }
 
 impl Drop for LiveClone {
@@ -265,6 +268,8 @@ pub struct Service {
     target: Arc<Target>,
     inner: Mutex<Inner>,
     audit: Option<Arc<ox_api::audit::AuditLog>>,
+    /// Where clones' counters are kept across restarts, if anywhere.
+    health_file: Option<Arc<HealthFile>>,
     /// Set when a clean stop begins: jobs failing from then on stay pending.
     stopping: AtomicBool,
     /// Each store's last check (at start, or `store_check`), shown by `store_list`.
@@ -335,6 +340,7 @@ impl Service {
         cores: Arc<OxCores>,
         target: Arc<Target>,
         audit: Option<Arc<ox_api::audit::AuditLog>>,
+        health_file: Option<Arc<HealthFile>>,
     ) -> anyhow::Result<Arc<Self>> {
         for sub in ["volumes", "clones"] {
             let d = settings.state_dir.join(sub);
@@ -355,6 +361,7 @@ impl Service {
             cores,
             target,
             audit,
+            health_file,
             stopping: AtomicBool::new(false),
             checks: Mutex::new(HashMap::new()),
             policies: policies::Policies::default(),
@@ -369,6 +376,14 @@ impl Service {
                 reserved: std::collections::HashSet::new(),
             }),
         });
+        if let Some(h) = &service.health_file {
+            let weak = Arc::downgrade(&service);
+            let known = catalogue.clones.iter().map(|c| c.uuid.clone()).collect();
+            h.track_clones(
+                Box::new(move || weak.upgrade().map(|s| s.clone_totals()).unwrap_or_default()),
+                &known,
+            );
+        }
         for v in &catalogue.volumes {
             let pending = catalogue.pending.iter().any(|p| p.volume == v.name);
             let live = match service.open_volume(v, Opening::Existing { pending }) {
@@ -802,12 +817,18 @@ impl Service {
             &self.clone_path(&c.name, "presence"),
         )?;
         let warming = self.start_warming(&c.name, &handle, &basis, c.paused);
+        let base = self
+            .health_file
+            .as_ref()
+            .map(|h| h.clone_base(&c.uuid))
+            .unwrap_or_default();
         Ok(LiveClone {
             bdev,
             handle,
             basis,
             thickening: None,
             warming,
+            base,
         })
     }
 
@@ -1892,6 +1913,20 @@ impl Service {
         self.clone_get(name)
     }
 
+    /// Every open clone's counters over its life, by UUID (for the health file).
+    fn clone_totals(&self) -> Vec<(String, CloneTotals)> {
+        let inner = self.inner();
+        inner
+            .catalogue
+            .clones
+            .iter()
+            .filter_map(|c| {
+                let l = inner.clones.get(&c.name)?;
+                Some((c.uuid.clone(), CloneView::of(&c.name, l).totals()))
+            })
+            .collect()
+    }
+
     /// A clone's hydration, traffic and thickening state.
     pub fn clone_get(&self, name: &str) -> anyhow::Result<Value> {
         let inner = self.inner();
@@ -1935,6 +1970,9 @@ impl Service {
             let _ = std::fs::remove_file(self.clone_path(name, ext));
         }
         self.target.health().forget(name);
+        if let Some(h) = &self.health_file {
+            h.forget_clone(&record.uuid);
+        }
         // Last: a hold left behind keeps a snapshot longer, never loses one.
         if let Err(e) = self.hold(&record, false) {
             tracing::warn!("clone {name}: its hold on the snapshot stays: {e:#}");

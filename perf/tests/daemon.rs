@@ -1111,7 +1111,7 @@ fn a_full_snapshot_reads_every_chunk_over_no_parent_and_starts_a_lineage() {
             "[[volume]]\nname = \"v\"\nsize_mib = 8\nnqn = \"{nqn}\"\nallow_any_host = true\n"
         ),
     );
-    let _oxd = start_oxd(&config);
+    let mut oxd = start_oxd(&config);
     let vol = format!("127.0.0.1:{port},{nqn},1");
     oxperf(&vol, "write", "0:16384", 64, 131072, 5);
     let first = ctl.ok(&["snapshot", "create", "v", "--store", "l"]);
@@ -1143,6 +1143,37 @@ fn a_full_snapshot_reads_every_chunk_over_no_parent_and_starts_a_lineage() {
         verified(&oxperf(&clone, "read", "4096:512", 2, 131072, 6)),
         512
     );
+
+    // The clone's counters are kept across a restart (in the health file).
+    let before = ctl.ok(&["clone", "get", "f"]);
+    assert!(before["gets"].as_u64().unwrap() > 0, "{before}");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(oxd.child.id() as i32, libc::SIGTERM) };
+    assert!(oxd.child.wait().unwrap().success(), "a clean stop");
+    drop(oxd);
+    let _oxd = start_oxd(&config);
+    let after = ctl.ok(&["clone", "get", "f"]);
+    for counter in [
+        "host_read_bytes",
+        "fetched_bytes",
+        "integrity_failures",
+        "refetches",
+    ] {
+        assert_eq!(after[counter], before[counter], "{counter}: {after}");
+    }
+    // Reopening reads its index pages again: more, never fewer.
+    for counter in ["gets", "object_bytes"] {
+        let (a, b) = (after[counter].as_u64(), before[counter].as_u64());
+        assert!(a >= b, "{counter}: {after}");
+    }
+    // Deleted and made again under its name: from zero.
+    ctl.ok(&["clone", "delete", "f"]);
+    let again = ctl.ok(&["clone", "create", "f", "--snapshot", &id]);
+    assert_eq!(again["name"], "f", "{again}");
+    let fresh = ctl.ok(&["clone", "get", "f"]);
+    assert_eq!(fresh["host_read_bytes"], 0, "{fresh}");
+    // Its opening's index page, no more.
+    assert!(fresh["gets"].as_u64() < before["gets"].as_u64(), "{fresh}");
 }
 
 /// A snapshot cut short by a stop keeps its upload lease for the next start; when that

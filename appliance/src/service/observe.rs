@@ -8,8 +8,10 @@ use bdev::LatencyHistogram;
 
 use super::StoreSpec;
 use super::{LiveClone, Service, now_secs};
+use crate::health::CloneTotals;
 
-/// A live clone's hydration and traffic.
+/// A live clone's hydration and traffic; the counters over its whole life (what it
+/// counted before this opening, kept in the health file, plus what it counted since).
 pub struct CloneView {
     pub name: String,
     pub chunks_present: u64,
@@ -33,22 +35,52 @@ impl CloneView {
         let k = l.handle.counters();
         let b = l.basis.counters();
         let r = |i: usize| k.fetched_bytes[i].load(Ordering::Relaxed);
-        Self {
-            name: name.to_string(),
-            chunks_present: present,
-            chunks_total: total,
+        let now = CloneTotals {
             host_read_bytes: l.handle.host_read_bytes(),
-            fetched_bytes: [
-                ("client_miss", r(0)),
-                ("prefetch", r(1)),
-                ("thickening", r(2)),
-            ],
+            client_miss_bytes: r(0),
+            prefetch_bytes: r(1),
+            thickening_bytes: r(2),
             gets: b.frame_gets.load(Ordering::Relaxed) + b.page_gets.load(Ordering::Relaxed),
             object_bytes: b.frame_bytes.load(Ordering::Relaxed)
                 + b.page_bytes.load(Ordering::Relaxed),
             integrity_failures: b.integrity.failures.load(Ordering::Relaxed),
             refetches: b.integrity.refetches.load(Ordering::Relaxed),
+        };
+        let t = l.base.plus(now);
+        Self {
+            name: name.to_string(),
+            chunks_present: present,
+            chunks_total: total,
+            host_read_bytes: t.host_read_bytes,
+            fetched_bytes: [
+                ("client_miss", t.client_miss_bytes),
+                ("prefetch", t.prefetch_bytes),
+                ("thickening", t.thickening_bytes),
+            ],
+            gets: t.gets,
+            object_bytes: t.object_bytes,
+            integrity_failures: t.integrity_failures,
+            refetches: t.refetches,
             miss_latency: k.miss_latency.snapshot(),
+        }
+    }
+
+    /// Its counters as the health file keeps them.
+    pub fn totals(&self) -> CloneTotals {
+        let [
+            (_, client_miss_bytes),
+            (_, prefetch_bytes),
+            (_, thickening_bytes),
+        ] = self.fetched_bytes;
+        CloneTotals {
+            host_read_bytes: self.host_read_bytes,
+            client_miss_bytes,
+            prefetch_bytes,
+            thickening_bytes,
+            gets: self.gets,
+            object_bytes: self.object_bytes,
+            integrity_failures: self.integrity_failures,
+            refetches: self.refetches,
         }
     }
 
