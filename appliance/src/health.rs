@@ -1,6 +1,7 @@
 //! The SMART / Health figures kept across restarts: the appliance's power-on time,
-//! power cycles and unsafe shutdowns, each device's lifetime I/O totals, and each
-//! clone's object-exchange counters ([`CloneTotals`]: what it fetched, and why).
+//! power cycles and unsafe shutdowns, each device's lifetime I/O totals, and (in a file
+//! beside it, which builds that do not know it leave alone) each clone's
+//! object-exchange counters ([`CloneTotals`]: what it fetched, and why).
 //!
 //! They live in one small JSON file, replaced atomically. A run marks it `running` as
 //! it starts and clears the mark only at a clean stop, so a start that finds the mark
@@ -35,9 +36,14 @@ struct Saved {
     power_cycles: u64,
     unsafe_shutdowns: u64,
     devices: BTreeMap<String, Totals>,
+}
+
+/// The clones' file (beside the health file, so that one stays as older builds read it).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedClones {
+    format: u32,
     /// By clone UUID (a clone deleted and made again under its name starts from zero).
-    /// Absent in files of builds before clone counters were kept.
-    #[serde(default)]
     clones: BTreeMap<String, CloneTotals>,
 }
 
@@ -82,8 +88,19 @@ impl CloneTotals {
     }
 }
 
-/// Where a running appliance's clones' totals come from at each save, by UUID.
-type CloneSource = Box<dyn Fn() -> Vec<(String, CloneTotals)> + Send + Sync>;
+/// What a save learns of the appliance's clones: every catalogued clone's UUID, and
+/// the totals of those open (their base included).
+#[derive(Debug, Default)]
+pub struct OpenClones {
+    /// Every clone in the catalogue (others' totals are dropped: deleted).
+    pub known: std::collections::HashSet<String>,
+    /// Open clones' totals by UUID.
+    pub totals: Vec<(String, CloneTotals)>,
+}
+
+/// Where each save reads the clones; `None` once there is nothing to read (the
+/// service gone), when the figures last saved stand.
+type ClonesSource = Box<dyn Fn() -> Option<OpenClones> + Send + Sync>;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,10 +140,10 @@ pub struct HealthFile {
     /// Serialises saves (the saver thread's and the final one).
     saving: Mutex<()>,
     saver: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
-    /// Clones' totals as last saved (at start: as the last run left them; those
-    /// deleted since: forgotten).
+    /// Clones' totals as last saved (at start: as the last run left them).
     clone_bases: Mutex<BTreeMap<String, CloneTotals>>,
-    clone_source: Mutex<Option<CloneSource>>,
+    /// Where saves read the clones ([`HealthFile::track_clones`]).
+    clone_source: Mutex<Option<ClonesSource>>,
 }
 
 impl HealthFile {
@@ -175,7 +192,7 @@ impl HealthFile {
             health: Arc::new(Health::new(power, devices)),
             saving: Mutex::new(()),
             saver: Mutex::new(None),
-            clone_bases: Mutex::new(std::mem::take(&mut saved.clones)),
+            clone_bases: Mutex::new(read_clones(&clones_path(path))),
             clone_source: Mutex::new(None),
         });
         file.save(true)
@@ -199,23 +216,10 @@ impl HealthFile {
             .unwrap_or_default()
     }
 
-    /// Where each save reads the open clones' totals (their base included), by UUID;
-    /// a clone it does not name keeps what was saved last (one unavailable now).
-    /// Totals of clones not in `known` (deleted) are dropped.
-    pub fn track_clones(&self, source: CloneSource, known: &std::collections::HashSet<String>) {
-        self.clone_bases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|uuid, _| known.contains(uuid));
+    /// Where each save reads the clones: an open clone's totals replace what was saved;
+    /// a known clone not open (unavailable now) keeps it; an unknown one's go.
+    pub fn track_clones(&self, source: ClonesSource) {
         *self.clone_source.lock().unwrap_or_else(|p| p.into_inner()) = Some(source);
-    }
-
-    /// Forgets the totals of the clone of `uuid` (deleted).
-    pub fn forget_clone(&self, uuid: &str) {
-        self.clone_bases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uuid);
     }
 
     /// Saves every [`SAVE_EVERY`] on a thread until [`HealthFile::stop`].
@@ -250,19 +254,21 @@ impl HealthFile {
     fn save(&self, running: bool) -> std::io::Result<()> {
         let _one = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let (power, devices) = self.health.record();
-        // The running clones' totals, read first (their source takes the service's
-        // lock), then kept as the figures to fall back on: a later save that cannot
-        // read them (the service gone) never goes back to older ones.
+        // The clones, read first (their source takes the service's lock), then kept as
+        // the figures to fall back on: a later save that cannot read them (the
+        // service gone) never goes back to older ones.
         let open = self
             .clone_source
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|source| source())
-            .unwrap_or_default();
+            .and_then(|source| source());
         let clones = {
             let mut bases = self.clone_bases.lock().unwrap_or_else(|p| p.into_inner());
-            bases.extend(open);
+            if let Some(open) = open {
+                bases.retain(|uuid, _| open.known.contains(uuid));
+                bases.extend(open.totals);
+            }
             bases.clone()
         };
         let saved = Saved {
@@ -275,10 +281,44 @@ impl HealthFile {
                 .into_iter()
                 .map(|(name, t)| (name, Totals::from(t)))
                 .collect(),
-            clones,
         };
         let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
-        bdev::fsutil::replace_file(&self.path, &bytes)
+        bdev::fsutil::replace_file(&self.path, &bytes)?;
+        let clones = SavedClones {
+            format: FORMAT,
+            clones,
+        };
+        let bytes = serde_json::to_vec_pretty(&clones).map_err(std::io::Error::other)?;
+        bdev::fsutil::replace_file(&clones_path(&self.path), &bytes)
+    }
+}
+
+/// Where the clones' totals are kept: beside the health file (`health.json`:
+/// `health.clones.json`).
+fn clones_path(health: &Path) -> PathBuf {
+    health.with_extension("clones.json")
+}
+
+/// The clones' totals saved at `path`: none if there is no file; one that cannot be
+/// read is set aside, and they start from zero.
+fn read_clones(path: &Path) -> BTreeMap<String, CloneTotals> {
+    match std::fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice::<SavedClones>(&bytes) {
+            Ok(s) if s.format == FORMAT => s.clones,
+            Ok(s) => {
+                set_aside(path, &format!("format {} is not {FORMAT}", s.format));
+                BTreeMap::new()
+            }
+            Err(e) => {
+                set_aside(path, &e.to_string());
+                BTreeMap::new()
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!("{}: {e}; clones' counters start from zero", path.display());
+            BTreeMap::new()
+        }
     }
 }
 
@@ -368,8 +408,9 @@ mod tests {
         set.shutdown().unwrap();
     }
 
-    /// A clone's totals come back after a restart; a save that cannot read the open
-    /// clones keeps the last figures; deleted clones' totals go.
+    /// A clone's totals come back after a restart, from their own file (the health
+    /// file stays as older builds read it); a save that cannot read the clones keeps
+    /// the last figures; a clone no longer catalogued loses its totals.
     #[test]
     fn clone_totals_survive_a_restart_and_never_go_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -380,30 +421,33 @@ mod tests {
             client_miss_bytes: 4096,
             ..CloneTotals::default()
         };
-        let open = Arc::new(Mutex::new(vec![
-            ("u1".to_string(), t),
-            ("u2".to_string(), t),
-        ]));
-        let source = Arc::clone(&open);
-        file.track_clones(
-            Box::new(move || source.lock().unwrap().clone()),
-            &std::collections::HashSet::new(),
-        );
+        let open = move |uuids: &[&str]| OpenClones {
+            known: uuids.iter().map(|u| u.to_string()).collect(),
+            totals: uuids.iter().map(|u| (u.to_string(), t)).collect(),
+        };
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let g = Arc::clone(&gone);
+        file.track_clones(Box::new(move || {
+            (!g.load(std::sync::atomic::Ordering::SeqCst)).then(|| open(&["u1", "u2"]))
+        }));
         file.stop().unwrap();
         // The source then reads nothing (the service gone): the figures stay.
-        open.lock().unwrap().clear();
+        gone.store(true, std::sync::atomic::Ordering::SeqCst);
         file.stop().unwrap();
         drop(file);
+        let health: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(health.get("clones").is_none(), "{health}");
         let after = HealthFile::start(&path).unwrap();
         assert_eq!(after.clone_base("u1"), t);
         assert_eq!(after.clone_base("u3"), CloneTotals::default());
-        assert_eq!(t.plus(t).gets, 6);
-        // u2 was deleted while the appliance was down; u1 is deleted now.
-        let known = ["u1".to_string()].into_iter().collect();
-        after.track_clones(Box::new(Vec::new), &known);
-        assert_eq!(after.clone_base("u2"), CloneTotals::default());
-        after.forget_clone("u1");
-        assert_eq!(after.clone_base("u1"), CloneTotals::default());
+        // u2 was deleted.
+        after.track_clones(Box::new(move || Some(open(&["u1"]))));
+        after.stop().unwrap();
+        drop(after);
+        let again = HealthFile::start(&path).unwrap();
+        assert_eq!(again.clone_base("u1"), t);
+        assert_eq!(again.clone_base("u2"), CloneTotals::default());
     }
 
     #[test]

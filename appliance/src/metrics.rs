@@ -173,14 +173,14 @@ pub const FAMILIES: &[Family] = &[
         "Request latency, submit to completion, by device.",
     ),
     f(
-        "ox_device_lifetime_bytes",
-        Kind::Counter,
-        "Bytes hosts read and wrote over NVMe/TCP by device, over its whole life: kept across restarts (the SMART log's data units).",
+        "ox_bdev_lifetime_bytes",
+        Kind::Gauge,
+        "Bytes hosts read and wrote over NVMe/TCP by device over its whole life, kept across restarts (the SMART log's data units); saved every 10 s, so an unclean stop may step it back: read it as is, not through rate().",
     ),
     f(
-        "ox_device_lifetime_ops",
-        Kind::Counter,
-        "Host read and write commands by device, over its whole life: kept across restarts.",
+        "ox_bdev_lifetime_ops",
+        Kind::Gauge,
+        "Host read and write commands by device over its whole life, kept across restarts as ox_bdev_lifetime_bytes is.",
     ),
     f(
         "ox_clone_hydration_ratio",
@@ -221,6 +221,16 @@ pub const FAMILIES: &[Family] = &[
         "ox_clone_miss_latency_seconds",
         Kind::Histogram,
         "Client miss latency: miss to chunk present, by clone.",
+    ),
+    f(
+        "ox_clone_lifetime_fetched_bytes",
+        Kind::Gauge,
+        "Bytes of chunks a clone made present over its whole life, by reason, kept across restarts; saved every 10 s, so an unclean stop may step it back: read it as is, not through rate().",
+    ),
+    f(
+        "ox_clone_lifetime_object_bytes",
+        Kind::Gauge,
+        "Bytes a clone fetched from its store over its whole life (frames and index pages), kept across restarts as ox_clone_lifetime_fetched_bytes is.",
     ),
     f(
         "ox_snapshot_stored_bytes",
@@ -441,7 +451,7 @@ impl Collector for Exporter {
             lifetimes.iter().flat_map(move |(name, t)| {
                 [("read", read(t)), ("write", write(t))].map(|(op, v)| {
                     (
-                        vec![("device", name.clone()), ("op", op.to_string())],
+                        vec![("bdev", name.clone()), ("type", op.to_string())],
                         Value::Int(v),
                     )
                 })
@@ -449,14 +459,10 @@ impl Collector for Exporter {
         };
         family(
             e,
-            "ox_device_lifetime_bytes",
+            "ox_bdev_lifetime_bytes",
             per_op(|t| t.read_bytes, |t| t.write_bytes),
         )?;
-        family(
-            e,
-            "ox_device_lifetime_ops",
-            per_op(|t| t.reads, |t| t.writes),
-        )?;
+        family(e, "ox_bdev_lifetime_ops", per_op(|t| t.reads, |t| t.writes))?;
 
         if let Some(service) = &state.service {
             let clones = service.clone_views();
@@ -507,6 +513,23 @@ impl Collector for Exporter {
                 e,
                 "ox_clone_miss_latency_seconds",
                 per_clone(|c| Value::Latency(c.miss_latency.clone())),
+            )?;
+            family(
+                e,
+                "ox_clone_lifetime_fetched_bytes",
+                clones.iter().flat_map(|c| {
+                    crate::service::fetched(&c.lifetime).map(|(reason, bytes)| {
+                        (
+                            vec![("clone", c.name.clone()), ("reason", reason.to_string())],
+                            Value::Int(bytes),
+                        )
+                    })
+                }),
+            )?;
+            family(
+                e,
+                "ox_clone_lifetime_object_bytes",
+                per_clone(|c| Value::Int(c.lifetime.object_bytes)),
             )?;
 
             let totals = service.snapshot_totals();

@@ -37,14 +37,14 @@ mod observe;
 mod policies;
 mod transfer;
 
-pub use observe::{CloneView, PolicyView};
+pub use observe::{CloneView, PolicyView, fetched};
 
 pub use bucket::InBucket;
 
 use crate::catalogue::{
     Catalogue, CloneRecord, ExportRecord, PendingSnapshot, SnapshotRecord, VolumeRecord,
 };
-use crate::health::{CloneTotals, HealthFile};
+use crate::health::{CloneTotals, HealthFile, OpenClones};
 use crate::refusal::{Refusal, conflict, invalid, not_found, shown};
 
 /// The snapshot a new clone reads.
@@ -378,11 +378,7 @@ impl Service {
         });
         if let Some(h) = &service.health_file {
             let weak = Arc::downgrade(&service);
-            let known = catalogue.clones.iter().map(|c| c.uuid.clone()).collect();
-            h.track_clones(
-                Box::new(move || weak.upgrade().map(|s| s.clone_totals()).unwrap_or_default()),
-                &known,
-            );
+            h.track_clones(Box::new(move || weak.upgrade().map(|s| s.clone_totals())));
         }
         for v in &catalogue.volumes {
             let pending = catalogue.pending.iter().any(|p| p.volume == v.name);
@@ -1913,18 +1909,21 @@ impl Service {
         self.clone_get(name)
     }
 
-    /// Every open clone's counters over its life, by UUID (for the health file).
-    fn clone_totals(&self) -> Vec<(String, CloneTotals)> {
+    /// Every catalogued clone's UUID, and the open ones' counters over their life (for
+    /// the health file).
+    fn clone_totals(&self) -> OpenClones {
         let inner = self.inner();
-        inner
-            .catalogue
-            .clones
-            .iter()
-            .filter_map(|c| {
-                let l = inner.clones.get(&c.name)?;
-                Some((c.uuid.clone(), CloneView::of(&c.name, l).totals()))
-            })
-            .collect()
+        let clones = &inner.catalogue.clones;
+        OpenClones {
+            known: clones.iter().map(|c| c.uuid.clone()).collect(),
+            totals: clones
+                .iter()
+                .filter_map(|c| {
+                    let l = inner.clones.get(&c.name)?;
+                    Some((c.uuid.clone(), CloneView::of(&c.name, l).lifetime))
+                })
+                .collect(),
+        }
     }
 
     /// A clone's hydration, traffic and thickening state.
@@ -1970,9 +1969,6 @@ impl Service {
             let _ = std::fs::remove_file(self.clone_path(name, ext));
         }
         self.target.health().forget(name);
-        if let Some(h) = &self.health_file {
-            h.forget_clone(&record.uuid);
-        }
         // Last: a hold left behind keeps a snapshot longer, never loses one.
         if let Err(e) = self.hold(&record, false) {
             tracing::warn!("clone {name}: its hold on the snapshot stays: {e:#}");
@@ -2819,17 +2815,18 @@ fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&St
         v["chunks_present"] = json!(c.chunks_present);
         v["chunks_total"] = json!(c.chunks_total);
         v["hydration_pct"] = json!(c.hydration() * 100.0);
-        v["host_read_bytes"] = json!(c.host_read_bytes);
-        v["fetched_bytes"] = c
-            .fetched_bytes
+        // Over the clone's whole life, across restarts.
+        let t = &c.lifetime;
+        v["host_read_bytes"] = json!(t.host_read_bytes);
+        v["fetched_bytes"] = fetched(t)
             .iter()
             .map(|(reason, bytes)| (reason.to_string(), json!(bytes)))
             .collect::<serde_json::Map<_, _>>()
             .into();
-        v["object_bytes"] = json!(c.object_bytes);
-        v["gets"] = json!(c.gets);
-        v["integrity_failures"] = json!(c.integrity_failures);
-        v["refetches"] = json!(c.refetches);
+        v["object_bytes"] = json!(t.object_bytes);
+        v["gets"] = json!(t.gets);
+        v["integrity_failures"] = json!(t.integrity_failures);
+        v["refetches"] = json!(t.refetches);
         v["miss_latency_us"] = json!({ "count": miss.count(), "p50": miss.quantile(0.5).as_micros() as u64, "p99": miss.quantile(0.99).as_micros() as u64 });
         if let Some(t) = &l.thickening {
             v["thickening"] = json!({

@@ -10,8 +10,10 @@ use super::StoreSpec;
 use super::{LiveClone, Service, now_secs};
 use crate::health::CloneTotals;
 
-/// A live clone's hydration and traffic; the counters over its whole life (what it
-/// counted before this opening, kept in the health file, plus what it counted since).
+/// A live clone's hydration and traffic: this opening's counters (what the metrics'
+/// counters export: they start from zero with each run, as Prometheus expects), and
+/// the same over the clone's whole life (`lifetime`: what it counted before, kept in the
+/// health file, plus these), which `clone_get` shows.
 pub struct CloneView {
     pub name: String,
     pub chunks_present: u64,
@@ -27,6 +29,8 @@ pub struct CloneView {
     pub refetches: u64,
     /// Client miss to chunk present.
     pub miss_latency: LatencyHistogram,
+    /// The counters above over the clone's whole life.
+    pub lifetime: CloneTotals,
 }
 
 impl CloneView {
@@ -46,41 +50,18 @@ impl CloneView {
             integrity_failures: b.integrity.failures.load(Ordering::Relaxed),
             refetches: b.integrity.refetches.load(Ordering::Relaxed),
         };
-        let t = l.base.plus(now);
         Self {
             name: name.to_string(),
             chunks_present: present,
             chunks_total: total,
-            host_read_bytes: t.host_read_bytes,
-            fetched_bytes: [
-                ("client_miss", t.client_miss_bytes),
-                ("prefetch", t.prefetch_bytes),
-                ("thickening", t.thickening_bytes),
-            ],
-            gets: t.gets,
-            object_bytes: t.object_bytes,
-            integrity_failures: t.integrity_failures,
-            refetches: t.refetches,
+            host_read_bytes: now.host_read_bytes,
+            fetched_bytes: fetched(&now),
+            gets: now.gets,
+            object_bytes: now.object_bytes,
+            integrity_failures: now.integrity_failures,
+            refetches: now.refetches,
             miss_latency: k.miss_latency.snapshot(),
-        }
-    }
-
-    /// Its counters as the health file keeps them.
-    pub fn totals(&self) -> CloneTotals {
-        let [
-            (_, client_miss_bytes),
-            (_, prefetch_bytes),
-            (_, thickening_bytes),
-        ] = self.fetched_bytes;
-        CloneTotals {
-            host_read_bytes: self.host_read_bytes,
-            client_miss_bytes,
-            prefetch_bytes,
-            thickening_bytes,
-            gets: self.gets,
-            object_bytes: self.object_bytes,
-            integrity_failures: self.integrity_failures,
-            refetches: self.refetches,
+            lifetime: l.base.plus(now),
         }
     }
 
@@ -92,6 +73,15 @@ impl CloneView {
             self.chunks_present as f64 / self.chunks_total as f64
         }
     }
+}
+
+/// Bytes made present by reason, named as the API and the metrics name them.
+pub fn fetched(t: &CloneTotals) -> [(&'static str, u64); 3] {
+    [
+        ("client_miss", t.client_miss_bytes),
+        ("prefetch", t.prefetch_bytes),
+        ("thickening", t.thickening_bytes),
+    ]
 }
 
 /// A volume's catalogued snapshots.
