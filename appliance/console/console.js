@@ -286,8 +286,10 @@ async function signIn(given) {
   $("login").hidden = true;
   $("console").hidden = false;
   $("sign-out").hidden = false;
-  await refresh();
+  // A refresh that fails (the appliance busy, a connection refused) says so and the
+  // next one tries again.
   timer = setInterval(() => refresh().catch(showError), REFRESH_MS);
+  await refresh().catch(showError);
 }
 
 function signOut(why) {

@@ -43,6 +43,9 @@ pub struct Config {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// The web console.
+    #[serde(default)]
+    pub console: ConsoleSection,
     /// Object exchange: where state lives, OX cores, bandwidth, exports.
     pub ox: Option<OxSection>,
     /// Object stores.
@@ -217,6 +220,15 @@ pub struct KeySection {
     pub env: Option<String>,
     /// A command printing 64 hex characters (a KMS hook).
     pub command: Option<String>,
+}
+
+/// `[console]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSection {
+    /// "address:port" serving the web console (behind `[control] token_file`, over TLS
+    /// with `[control]`'s certificate if set); none if absent.
+    pub listen: Option<String>,
 }
 
 /// `[metrics]`.

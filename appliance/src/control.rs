@@ -80,13 +80,19 @@ pub struct ControlCounters {
 
 /// Reports of refused, timed-out and denied connections let into the log and the
 /// audit log, per kind (each with a count of those left out).
-static REFUSALS: RateLimited = RateLimited::new(10);
-static TIMEOUTS: RateLimited = RateLimited::new(10);
-static DENIALS: RateLimited = RateLimited::new(10);
+pub(crate) static REFUSALS: RateLimited = RateLimited::new(10);
+pub(crate) static TIMEOUTS: RateLimited = RateLimited::new(10);
+pub(crate) static DENIALS: RateLimited = RateLimited::new(10);
 
 /// Records `what` happening to `who` — counted by the caller; logged and audited only
 /// as `limiter` lets it through, with how many were left out since.
-fn report(state: &State, limiter: &RateLimited, who: &str, operation: &str, outcome: &str) {
+pub(crate) fn report(
+    state: &State,
+    limiter: &RateLimited,
+    who: &str,
+    operation: &str,
+    outcome: &str,
+) {
     let Some(left_out) = limiter.admit() else {
         return;
     };
@@ -274,74 +280,81 @@ fn serve_lines<R: Read>(
             );
             return;
         }
-        let (id, result) = match serde_json::from_slice::<Value>(&line) {
-            Err(e) => (
-                Value::Null,
-                Err(RpcError::new(code::PARSE_ERROR, format!("not JSON: {e}"))),
-            ),
-            Ok(Value::Array(_)) => (
-                Value::Null,
-                Err(RpcError::new(
-                    code::INVALID_REQUEST,
-                    "batch requests are not supported: send one request per line",
-                )),
-            ),
-            Ok(v) => match serde_json::from_value::<Request>(v) {
-                Err(e) => (
-                    Value::Null,
-                    Err(RpcError::new(
-                        code::INVALID_REQUEST,
-                        format!("not a JSON-RPC 2.0 request: {e}"),
-                    )),
-                ),
-                Ok(req) if req.jsonrpc != "2.0" => (
-                    req.id,
-                    Err(RpcError::new(
-                        code::INVALID_REQUEST,
-                        "jsonrpc must be \"2.0\"",
-                    )),
-                ),
-                Ok(req) => {
-                    // A key leaves sealed, but for whoever asks: only root on this
-                    // machine's socket may ask, not a token holder over the network.
-                    let result = if req.method == KeyExport::NAME && !who.starts_with("uid=0 ") {
-                        Err(RpcError::new(
-                            code::INVALID_PARAMS,
-                            "key_export is served only to root on the local control socket",
-                        ))
-                    } else {
-                        dispatch(state, &req.method, req.params.as_ref())
-                    };
-                    if let Some(audit) = &state.audit {
-                        let outcome = match &result {
-                            Ok(_) => "ok".to_string(),
-                            Err(e) => format!("error: {}", e.message),
-                        };
-                        // The token of an `auth` request is never written down.
-                        let detail = if req.method == Auth::NAME {
-                            json!({ "params": "(not recorded)" })
-                        } else {
-                            json!({ "params": req.params })
-                        };
-                        if let Err(e) = audit.record(who, &req.method, detail, &outcome) {
-                            // An operation that cannot be audited is not answered as done.
-                            tracing::error!("audit log: {e}");
-                            (
-                                req.id,
-                                Err(RpcError::new(code::INTERNAL_ERROR, e.to_string())),
-                            )
-                        } else {
-                            (req.id, result)
-                        }
-                    } else {
-                        (req.id, result)
-                    }
-                }
-            },
-        };
+        let (id, result) = answer(state, who, &line);
         if reply(&mut write, id, result).is_err() {
             return;
         }
+    }
+}
+
+/// Answers one request line from `who`: parsed, run, written to the audit log (before
+/// the answer, which is an error if the entry cannot be written). The same for every
+/// listener: the Unix socket, TCP, and the web console.
+pub(crate) fn answer(state: &State, who: &str, line: &[u8]) -> (Value, Result<Value, RpcError>) {
+    match serde_json::from_slice::<Value>(line) {
+        Err(e) => (
+            Value::Null,
+            Err(RpcError::new(code::PARSE_ERROR, format!("not JSON: {e}"))),
+        ),
+        Ok(Value::Array(_)) => (
+            Value::Null,
+            Err(RpcError::new(
+                code::INVALID_REQUEST,
+                "batch requests are not supported: send one request per line",
+            )),
+        ),
+        Ok(v) => match serde_json::from_value::<Request>(v) {
+            Err(e) => (
+                Value::Null,
+                Err(RpcError::new(
+                    code::INVALID_REQUEST,
+                    format!("not a JSON-RPC 2.0 request: {e}"),
+                )),
+            ),
+            Ok(req) if req.jsonrpc != "2.0" => (
+                req.id,
+                Err(RpcError::new(
+                    code::INVALID_REQUEST,
+                    "jsonrpc must be \"2.0\"",
+                )),
+            ),
+            Ok(req) => {
+                // A key leaves sealed, but for whoever asks: only root on this
+                // machine's socket may ask, not a token holder over the network.
+                let result = if req.method == KeyExport::NAME && !who.starts_with("uid=0 ") {
+                    Err(RpcError::new(
+                        code::INVALID_PARAMS,
+                        "key_export is served only to root on the local control socket",
+                    ))
+                } else {
+                    dispatch(state, &req.method, req.params.as_ref())
+                };
+                if let Some(audit) = &state.audit {
+                    let outcome = match &result {
+                        Ok(_) => "ok".to_string(),
+                        Err(e) => format!("error: {}", e.message),
+                    };
+                    // The token of an `auth` request is never written down.
+                    let detail = if req.method == Auth::NAME {
+                        json!({ "params": "(not recorded)" })
+                    } else {
+                        json!({ "params": req.params })
+                    };
+                    if let Err(e) = audit.record(who, &req.method, detail, &outcome) {
+                        // An operation that cannot be audited is not answered as done.
+                        tracing::error!("audit log: {e}");
+                        (
+                            req.id,
+                            Err(RpcError::new(code::INTERNAL_ERROR, e.to_string())),
+                        )
+                    } else {
+                        (req.id, result)
+                    }
+                } else {
+                    (req.id, result)
+                }
+            }
+        },
     }
 }
 
@@ -395,6 +408,9 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
                         "listeners": s.listeners.iter().map(ToString::to_string).collect::<Vec<_>>(),
                         "namespaces": s.namespaces.iter()
                             .map(|n| json!({"nsid": n.nsid, "bdev": n.bdev.name()}))
+                            .collect::<Vec<_>>(),
+                        "controllers": state.target.controllers_of(&s.nqn).iter()
+                            .map(|c| json!({"cntlid": c.cntlid, "hostnqn": c.hostnqn, "io_queues": c.io_queues}))
                             .collect::<Vec<_>>(),
                     })
                 })
@@ -763,6 +779,19 @@ fn bdev_json(b: &Bdev) -> Value {
     })
 }
 
+/// The control token in `token_file` (a secret file, private to this user), at least
+/// 16 characters.
+pub fn read_token(token_file: &Path) -> anyhow::Result<String> {
+    let token = ox::secret_file::read(token_file)
+        .with_context(|| format!("control.token_file {}", token_file.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        anyhow::bail!("control.token_file: the token must be at least 16 characters");
+    }
+    Ok(token)
+}
+
 /// Serves the API over TCP at `addr` for remote management (an appliance without a
 /// shell), over TLS when `tls` is given (without it, the token crosses the network in
 /// the clear), under `limits`. Every connection must first send `{"method": "auth",
@@ -775,13 +804,7 @@ pub fn start_tcp(
     state: Arc<State>,
     limits: Limits,
 ) -> anyhow::Result<SocketAddr> {
-    let token = ox::secret_file::read(token_file)
-        .with_context(|| format!("control.token_file {}", token_file.display()))?
-        .trim()
-        .to_string();
-    if token.len() < 16 {
-        anyhow::bail!("control.token_file: the token must be at least 16 characters");
-    }
+    let token = read_token(token_file)?;
     let listener =
         std::net::TcpListener::bind(addr).with_context(|| format!("control.listen {addr}"))?;
     let local = listener.local_addr()?;
@@ -826,7 +849,7 @@ pub fn start_tcp(
 
 /// Equal without revealing where they differ (`subtle`'s constant-time comparison;
 /// only the length may show).
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
 }

@@ -10,6 +10,7 @@
 mod admission;
 mod catalogue;
 mod config;
+mod console;
 mod control;
 mod health;
 mod metrics;

@@ -122,6 +122,18 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         let bound = crate::metrics::start(addr, Arc::clone(&state))?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
+    // TLS for the TCP control API and the web console: [control]'s certificate.
+    let c = &config.control;
+    let tls = match (&c.tls_cert_file, &c.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            // A secret file, private to this user.
+            let pem = ox::secret_file::read(key)
+                .with_context(|| format!("control.tls_key_file {}", key.display()))?;
+            Some(ox_api::tls::server_config(cert, key, &pem).context("control.tls_cert_file")?)
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("control: give both tls_cert_file and tls_key_file, or neither"),
+    };
     if let Some(listen) = &config.control.listen {
         let addr = crate::config::parse_addr(listen).context("control.listen")?;
         let token = config
@@ -129,24 +141,31 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             .token_file
             .as_ref()
             .context("control.listen needs control.token_file")?;
-        let c = &config.control;
-        let tls = match (&c.tls_cert_file, &c.tls_key_file) {
-            (Some(cert), Some(key)) => {
-                // A secret file, private to this user.
-                let pem = ox::secret_file::read(key)
-                    .with_context(|| format!("control.tls_key_file {}", key.display()))?;
-                Some(ox_api::tls::server_config(cert, key, &pem).context("control.tls_cert_file")?)
-            }
-            (None, None) => None,
-            _ => anyhow::bail!("control: give both tls_cert_file and tls_key_file, or neither"),
-        };
         let secure = tls.is_some();
-        let bound = control::start_tcp(addr, token, tls, Arc::clone(&state), limits)?;
+        let bound = control::start_tcp(addr, token, tls.clone(), Arc::clone(&state), limits)?;
         if secure {
             tracing::info!("control API on tcp {bound} (TLS, token required)");
         } else {
             tracing::warn!(
                 "control API on tcp {bound} (token required) without TLS: the token \
+                 crosses the network in the clear (set control.tls_cert_file and tls_key_file)"
+            );
+        }
+    }
+    if let Some(listen) = &config.console.listen {
+        let addr = crate::config::parse_addr(listen).context("console.listen")?;
+        let token_file = c
+            .token_file
+            .as_ref()
+            .context("console.listen needs control.token_file (the console's sign-in)")?;
+        let token = control::read_token(token_file)?;
+        let secure = tls.is_some();
+        let bound = crate::console::start(addr, token, tls.clone(), Arc::clone(&state), limits)?;
+        if secure {
+            tracing::info!("web console on https://{bound}/ (TLS, token required)");
+        } else {
+            tracing::warn!(
+                "web console on http://{bound}/ (token required) without TLS: the token \
                  crosses the network in the clear (set control.tls_cert_file and tls_key_file)"
             );
         }

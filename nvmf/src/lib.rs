@@ -37,4 +37,4 @@ pub use subsystem::{
     ADMIN_IN_CAPSULE, C2hSuccess, DISCOVERY_NQN, HostPolicy, Limits, Namespace, SocketIo,
     Subsystem, TargetConfig, check_nqn,
 };
-pub use target::{ConnectEvent, ConnectObserver, Target};
+pub use target::{ConnectEvent, ConnectObserver, ControllerInfo, Target};

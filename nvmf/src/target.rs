@@ -535,4 +535,35 @@ impl Target {
     pub fn controllers(&self) -> usize {
         self.shared.ctrl_count()
     }
+
+    /// The live controllers of subsystem `nqn`: which hosts are connected, ordered by
+    /// controller ID. (Takes the controller registry's lock, as Connect does; never on
+    /// an I/O path.)
+    pub fn controllers_of(&self, nqn: &str) -> Vec<ControllerInfo> {
+        let mut list: Vec<ControllerInfo> = self
+            .shared
+            .ctrls()
+            .map
+            .values()
+            .filter(|c| c.subsystem.as_ref().is_some_and(|s| s.nqn == nqn))
+            .map(|c| ControllerInfo {
+                cntlid: c.cntlid,
+                hostnqn: c.hostnqn.clone(),
+                io_queues: c.queues().len(),
+            })
+            .collect();
+        list.sort_by_key(|c| c.cntlid);
+        list
+    }
+}
+
+/// A live controller of a subsystem, as [`Target::controllers_of`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerInfo {
+    /// Its controller ID.
+    pub cntlid: u16,
+    /// The host that connected it.
+    pub hostnqn: String,
+    /// I/O queues connected.
+    pub io_queues: usize,
 }

@@ -588,6 +588,42 @@ fn keep_alive_timeout_tears_down_the_controller_and_its_queues() {
     wait_until("controller teardown", || s.target.controllers() == 0);
 }
 
+/// Which hosts are connected to a subsystem, with their I/O queues, while they are;
+/// none once they go.
+#[test]
+fn controllers_of_a_subsystem_name_the_hosts_connected() {
+    let s = setup(Limits::default());
+    let d = Digests::default();
+    assert!(s.target.controllers_of(NQN).is_empty());
+    let mut a = Host::admin_ready(s.addr, d, NQN, 1);
+    let q = Host::io_queue(s.addr, d, NQN, a.cntlid, 1);
+    let listed = s.target.controllers_of(NQN);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (
+            listed[0].cntlid,
+            listed[0].hostnqn.as_str(),
+            listed[0].io_queues
+        ),
+        (a.cntlid, HOSTNQN, 1)
+    );
+    assert!(
+        s.target
+            .controllers_of("nqn.2026-01.io.ox:other")
+            .is_empty()
+    );
+    assert!(
+        a.command(Sqe::new(admin::KEEP_ALIVE, 0), &[], 0)
+            .status()
+            .is_success()
+    );
+    drop(q);
+    drop(a);
+    wait_until("controller teardown", || {
+        s.target.controllers_of(NQN).is_empty()
+    });
+}
+
 #[test]
 fn connection_limit_is_a_clean_busy_status() {
     let limits = Limits {

@@ -4,8 +4,11 @@
 // hydration is watched while thickening (started from its button) fetches it whole.
 // Prints one JSON object (what it saw) and leaves a screenshot.
 //
-// Usage: node drive.mjs URL TOKEN SCREENSHOT   (NODE_PATH names playwright-core's home)
-import { chromium } from "playwright-core";
+// Usage: OX_PLAYWRIGHT=DIR node drive.mjs URL TOKEN SCREENSHOT  (DIR: the node_modules
+// holding playwright-core)
+import { createRequire } from "node:module";
+
+const { chromium } = createRequire(process.env.OX_PLAYWRIGHT + "/")("playwright-core");
 
 const [url, token, screenshot] = process.argv.slice(2);
 const seen = { hydration: [] };
@@ -23,7 +26,21 @@ try {
   const page = await context.newPage();
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
-  await page.goto(url);
+  const failed = [];
+  page.on("requestfailed", (r) => failed.push(r.url() + " " + (r.failure() || {}).errorText));
+  seen.failed_requests = failed;
+  const first = await page.goto(url);
+  seen.csp = first.headers()["content-security-policy"];
+  // The API refuses what is not a signed-in POST, from the page's own origin.
+  seen.statuses = await page.evaluate(async () => {
+    const post = (headers, body) => fetch("/api", { method: "POST", headers, body });
+    return {
+      get: (await fetch("/api")).status,
+      no_token: (await post({}, "{}")).status,
+      bad_token: (await post({ Authorization: "Bearer nope" }, "{}")).status,
+      unknown: (await fetch("/nothing-here")).status,
+    };
+  });
 
   await page.fill("#token", "not-the-token-at-all");
   await page.click("#sign-in");
@@ -42,7 +59,7 @@ try {
   await page.waitForFunction(() =>
     [...document.querySelectorAll("#jobs tbody tr")].some((r) => r.cells[3].textContent === "done"),
     null, { timeout: 120000 });
-  await page.waitForSelector("#clone-snapshot option");
+  await page.waitForSelector("#clone-snapshot option", { state: "attached" });
   seen.snapshots = await page.$$eval("#snapshots tbody tr", (rows) => rows.length);
 
   // A clone of it, not thickened: nothing fetched yet.
@@ -65,6 +82,17 @@ try {
   seen.clone_row = await page.$eval("#clones tbody tr", (r) => r.textContent);
   await page.screenshot({ path: screenshot, fullPage: true });
   seen.page_errors = errors;
+} catch (e) {
+  // What the page said, for the failure's report.
+  const pages = browser.contexts().flatMap((c) => c.pages());
+  for (const p of pages) {
+    const said = await p.evaluate(() => ({
+      login: document.getElementById("login-error").textContent,
+      error: document.getElementById("error").textContent,
+    })).catch(() => null);
+    console.error("page:", JSON.stringify(said), "seen:", JSON.stringify(seen));
+  }
+  throw e;
 } finally {
   await browser.close();
 }
