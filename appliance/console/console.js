@@ -9,6 +9,9 @@ const GRAPH_POINTS = 60;
 let token = sessionStorage.getItem("ox-token");
 let nextId = 1;
 let timer = null;
+// Refreshes run one after another, in order (never two at once, never an older one
+// drawn over a newer one): each is chained after the one before.
+let chain = Promise.resolve();
 // Throughput samples: [{at, read, write}] (bytes per second), newest last.
 const samples = [];
 let lastTotals = null;
@@ -126,7 +129,13 @@ function exportOf(e) {
   return e ? e.nqn : "";
 }
 
-async function refresh() {
+/** Refreshes the page, after any refresh already running. */
+function refresh() {
+  chain = chain.then(redraw, redraw);
+  return chain;
+}
+
+async function redraw() {
   const [list, snaps, policies, jobs, subsystems, stores, bdevs] = await Promise.all([
     call("volume_list"),
     call("snapshot_list"),
@@ -287,15 +296,18 @@ async function signIn(given) {
   $("console").hidden = false;
   $("sign-out").hidden = false;
   // A refresh that fails (the appliance busy, a connection refused) says so and the
-  // next one tries again.
-  timer = setInterval(() => refresh().catch(showError), REFRESH_MS);
-  await refresh().catch(showError);
+  // next one tries again; the next starts REFRESH_MS after one ends.
+  const tick = async () => {
+    await refresh().catch(showError);
+    if (token) timer = setTimeout(tick, REFRESH_MS);
+  };
+  await tick();
 }
 
 function signOut(why) {
   sessionStorage.removeItem("ox-token");
   token = null;
-  if (timer) clearInterval(timer);
+  if (timer) clearTimeout(timer);
   timer = null;
   $("console").hidden = true;
   $("sign-out").hidden = true;
@@ -342,5 +354,7 @@ document.addEventListener("DOMContentLoaded", () => {
       showError(e);
     }
   });
-  if (token) signIn(token).catch(() => signOut());
+  // Signed in before this load: again, keeping the token unless it is refused (a
+  // network error leaves it for the next try).
+  if (token) signIn(token).catch((e) => { $("login-error").textContent = String(e.message || e); });
 });

@@ -122,9 +122,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         let bound = crate::metrics::start(addr, Arc::clone(&state))?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
-    // TLS for the TCP control API and the web console: [control]'s certificate.
+    // TLS for the TCP control API and the web console: [control]'s certificate, read
+    // only when one of them listens (as before the console, a certificate configured
+    // for later stops nothing).
     let c = &config.control;
+    let listening = c.listen.is_some() || config.console.listen.is_some();
     let tls = match (&c.tls_cert_file, &c.tls_key_file) {
+        _ if !listening => None,
         (Some(cert), Some(key)) => {
             // A secret file, private to this user.
             let pem = ox::secret_file::read(key)

@@ -536,28 +536,34 @@ impl Target {
         self.shared.ctrl_count()
     }
 
-    /// The live controllers of subsystem `nqn`: which hosts are connected, ordered by
-    /// controller ID. (Takes the controller registry's lock, as Connect does; never on
-    /// an I/O path.)
-    pub fn controllers_of(&self, nqn: &str) -> Vec<ControllerInfo> {
-        let mut list: Vec<ControllerInfo> = self
-            .shared
-            .ctrls()
-            .map
-            .values()
-            .filter(|c| c.subsystem.as_ref().is_some_and(|s| s.nqn == nqn))
-            .map(|c| ControllerInfo {
-                cntlid: c.cntlid,
-                hostnqn: c.hostnqn.clone(),
-                io_queues: c.queues().len(),
-            })
-            .collect();
-        list.sort_by_key(|c| c.cntlid);
-        list
+    /// The live controllers by subsystem NQN: which hosts are connected, each list
+    /// ordered by controller ID (discovery controllers left out). One pass over the
+    /// controller registry, holding its lock (as Connect does) only to copy it; each
+    /// controller's queues are counted after. Never on an I/O path.
+    pub fn connected(&self) -> HashMap<String, Vec<ControllerInfo>> {
+        let ctrls: Vec<Arc<CtrlShared>> = self.shared.ctrls().map.values().cloned().collect();
+        let mut by_nqn: HashMap<String, Vec<ControllerInfo>> = HashMap::new();
+        for c in ctrls {
+            let Some(s) = &c.subsystem else {
+                continue;
+            };
+            by_nqn
+                .entry(s.nqn.clone())
+                .or_default()
+                .push(ControllerInfo {
+                    cntlid: c.cntlid,
+                    hostnqn: c.hostnqn.clone(),
+                    io_queues: c.queues().len(),
+                });
+        }
+        for list in by_nqn.values_mut() {
+            list.sort_by_key(|c| c.cntlid);
+        }
+        by_nqn
     }
 }
 
-/// A live controller of a subsystem, as [`Target::controllers_of`] reports it.
+/// A live controller of a subsystem, as [`Target::connected`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerInfo {
     /// Its controller ID.

@@ -23,6 +23,10 @@ const browser = await chromium.launch({
 try {
   // The console's certificate is the test's own, self-signed.
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 1400 } });
+  // No step has a time limit of its own (a slow machine is not a failure); the test
+  // bounds the whole run.
+  context.setDefaultTimeout(0);
+  context.setDefaultNavigationTimeout(0);
   const page = await context.newPage();
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
@@ -58,7 +62,7 @@ try {
   await page.click("#snapshot-form button");
   await page.waitForFunction(() =>
     [...document.querySelectorAll("#jobs tbody tr")].some((r) => r.cells[3].textContent === "done"),
-    null, { timeout: 120000 });
+    null);
   await page.waitForSelector("#clone-snapshot option", { state: "attached" });
   seen.snapshots = await page.$$eval("#snapshots tbody tr", (rows) => rows.length);
 
@@ -71,12 +75,11 @@ try {
 
   // Thickening from its button; hydration watched until whole.
   await page.click("#clones tbody tr button:text('thicken')");
-  // Polled as the page refreshes; ten minutes at most (a hang is a failure).
-  for (let polls = 0; ; polls++) {
+  // Polled as the page refreshes, until whole (the test bounds the whole run).
+  for (;;) {
     const h = await hydration();
     if (seen.hydration[seen.hydration.length - 1] !== h) seen.hydration.push(h);
     if (h >= 1) break;
-    if (polls > 2400) throw new Error("hydration stuck at " + h);
     await page.waitForTimeout(250);
   }
   seen.clone_row = await page.$eval("#clones tbody tr", (r) => r.textContent);
@@ -86,10 +89,13 @@ try {
   // What the page said, for the failure's report.
   const pages = browser.contexts().flatMap((c) => c.pages());
   for (const p of pages) {
-    const said = await p.evaluate(() => ({
-      login: document.getElementById("login-error").textContent,
-      error: document.getElementById("error").textContent,
-    })).catch(() => null);
+    const said = await Promise.race([
+      p.evaluate(() => ({
+        login: document.getElementById("login-error").textContent,
+        error: document.getElementById("error").textContent,
+      })).catch(() => null),
+      new Promise((done) => setTimeout(() => done("(the page did not answer)"), 10000)),
+    ]);
     console.error("page:", JSON.stringify(said), "seen:", JSON.stringify(seen));
   }
   throw e;
