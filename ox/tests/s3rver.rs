@@ -6,7 +6,8 @@
 //! it ignores the conditions of a PUT (`If-None-Match`, `If-Match`).
 //!
 //! Needs s3rver (`scripts/install-test-deps` installs it into
-//! ~/.cache/ox-s3rver-3.7.1).
+//! ~/.cache/ox-s3rver-3.7.1, with the dependency tree pinned by
+//! scripts/s3rver/package-lock.json).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod support;
