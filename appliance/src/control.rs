@@ -96,7 +96,13 @@ pub(crate) fn report(
     let Some(left_out) = limiter.admit() else {
         return;
     };
-    tracing::warn!("control: {who}: {operation}: {outcome} ({left_out} like it not logged before)");
+    tracing::warn!(
+        caller = who,
+        operation,
+        outcome,
+        not_logged_before = left_out,
+        "control"
+    );
     if let Some(audit) = &state.audit {
         let detail = json!({ "not_recorded_before": left_out });
         if let Err(e) = audit.record(who, operation, detail, outcome) {
@@ -250,7 +256,7 @@ fn serve_lines<R: Read>(
             Ok(_) => {}
             Err(e) => {
                 if e.kind() == std::io::ErrorKind::TimedOut {
-                    tracing::debug!("control: {who}: idle for {:?}, closed", limits.idle_timeout);
+                    tracing::debug!(caller = who, idle = ?limits.idle_timeout, "control: closed");
                 }
                 return;
             }

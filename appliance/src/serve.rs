@@ -263,12 +263,13 @@ fn audit_connects(
                         continue;
                     };
                     tracing::warn!(
-                        "host {:?} from {} denied {:?} on {}: {} ({left_out} refusals not logged before)",
-                        e.hostnqn,
-                        e.peer,
-                        e.subnqn,
-                        e.listener,
-                        e.reason
+                        host = %e.hostnqn,
+                        peer = %e.peer,
+                        subsystem = %e.subnqn,
+                        listener = %e.listener,
+                        reason = e.reason,
+                        not_logged_before = left_out,
+                        "host denied"
                     );
                     left_out
                 };
@@ -283,7 +284,12 @@ fn audit_connects(
                     "subsystem": e.subnqn, "listener": e.listener.to_string(),
                     "peer": e.peer.to_string(), "unrecorded_before": lost + left_out,
                 });
-                if let Err(err) = a.record(&format!("host {}", e.hostnqn), "host_connect", detail, &result) {
+                if let Err(err) = a.record(
+                    &format!("host {}", e.hostnqn),
+                    "host_connect",
+                    detail,
+                    &result,
+                ) {
                     tracing::error!("audit log: {err}");
                 }
             }

@@ -386,7 +386,7 @@ impl Service {
                 Ok(live) => live,
                 Err(e) => {
                     // Never served: a damaged or missing file would read as zeroes.
-                    tracing::error!("volume {} is unavailable: {e:#}", v.name);
+                    tracing::error!(volume = %v.name, error = %ox_api::error_chain(&e), "unavailable");
                     service
                         .inner()
                         .unavailable
@@ -399,7 +399,7 @@ impl Service {
             if let Some(e) = &v.export
                 && let Err(err) = service.export(&bdev, e)
             {
-                tracing::error!("volume {} is not exported: {err:#}", v.name);
+                tracing::error!(volume = %v.name, error = %ox_api::error_chain(&err), "not exported");
             }
         }
         for c in &catalogue.clones {
@@ -410,14 +410,14 @@ impl Service {
                     if let Some(e) = &c.export
                         && let Err(err) = service.export(&bdev, e)
                     {
-                        tracing::error!("clone {} is not exported: {err:#}", c.name);
+                        tracing::error!(clone = %c.name, error = %ox_api::error_chain(&err), "not exported");
                     }
                     if c.thicken {
                         service.start_thickening(&c.name, c.paused);
                     }
                 }
                 Err(e) => {
-                    tracing::error!("clone {} is unavailable: {e:#}", c.name);
+                    tracing::error!(clone = %c.name, error = %ox_api::error_chain(&e), "unavailable");
                     service
                         .inner()
                         .unavailable
@@ -584,9 +584,9 @@ impl Service {
         match handle.keep_dirty_record(&path) {
             Ok(Some(record)) if !saved_at_stop => {
                 tracing::info!(
-                    "volume {}: {} chunks changed since its last snapshot, from its change record",
-                    v.name,
-                    record.count()
+                    volume = %v.name,
+                    chunks = record.count(),
+                    "changed since its last snapshot, from its change record"
                 );
                 handle.replace_changes(&record);
             }
@@ -595,9 +595,10 @@ impl Service {
                 // Only the next snapshot's cost depends on it: every chunk counts as
                 // changed, and a new record starts from that.
                 tracing::warn!(
-                    "volume {}: change record {}: {e}; the next snapshot reads the whole volume",
-                    v.name,
-                    path.display()
+                    volume = %v.name,
+                    path = %path.display(),
+                    error = %e,
+                    "change record unreadable: the next snapshot reads the whole volume"
                 );
                 let mut all = handle.changes();
                 all.mark_all();
@@ -606,8 +607,9 @@ impl Service {
                 bdev::remove_dirty_record(&path);
                 if let Err(e) = handle.keep_dirty_record(&path) {
                     tracing::warn!(
-                        "volume {}: no change record ({e}): after a crash its next snapshot reads it whole",
-                        v.name
+                        volume = %v.name,
+                        error = %e,
+                        "no change record: after a crash its next snapshot reads it whole"
                     );
                 }
             }
@@ -637,14 +639,18 @@ impl Service {
         match resumed {
             None => {}
             Some(Ok((at, copies))) => tracing::info!(
-                "volume {}: its snapshot continues from chunk {at} of {chunks} ({copies} chunks kept by copy-before-write)",
-                v.name
+                volume = %v.name,
+                at,
+                chunks,
+                copies,
+                "its snapshot continues (copies: chunks kept by copy-before-write)"
             ),
             Some(Err((e, changed))) => {
                 if pending {
                     tracing::warn!(
-                        "volume {}: its pending snapshot starts over ({e:#})",
-                        v.name
+                        volume = %v.name,
+                        error = %ox_api::error_chain(&e),
+                        "its pending snapshot starts over"
                     );
                 }
                 // The chunks that snapshot was to store go back to the tracking, so
@@ -864,7 +870,7 @@ impl Service {
         };
         let listeners = self.target.add_subsystem(sub)?;
         let at: Vec<String> = listeners.iter().map(ToString::to_string).collect();
-        tracing::info!("exported {} as {} on {}", bdev.name(), e.nqn, at.join(" "));
+        tracing::info!(device = bdev.name(), nqn = %e.nqn, on = %at.join(" "), "exported");
         Ok(listeners)
     }
 
@@ -1030,7 +1036,7 @@ impl Service {
         if let Some(h) = live.as_ref().and_then(|l| l.over.as_ref())
             && let Err(e) = h.retire()
         {
-            tracing::warn!("volume {name}: stopping its presence journal: {e}");
+            tracing::warn!(volume = name, error = %e, "stopping its presence journal");
         }
         drop(live);
         self.remove_volume_files(name);
@@ -1040,7 +1046,7 @@ impl Service {
             && !snapshots_left
             && let Err(e) = self.hold_on(&b.store, &b.manifest_key, &record.uuid, name, false)
         {
-            tracing::warn!("volume {name}: its hold on the snapshot it began as stays: {e:#}");
+            tracing::warn!(volume = name, error = %ox_api::error_chain(&e), "its hold on the snapshot it began as stays");
         }
         Ok(json!({ "name": name }))
     }
@@ -1256,9 +1262,10 @@ impl Service {
                             match ox::bucket::record(&*store, &prefix, entry).await {
                                 Ok(()) => caught_up.push(entry.snapshot.clone()),
                                 Err(e) => tracing::warn!(
-                                    "volume {}: snapshot {} is not in the store's catalogue yet: {e}",
-                                    entry.name,
-                                    entry.snapshot
+                                    volume = %entry.name,
+                                    snapshot = %entry.snapshot,
+                                    error = %e,
+                                    "not in the store's catalogue yet"
                                 ),
                             }
                         }
@@ -1315,8 +1322,10 @@ impl Service {
                         let mut result = serde_json::to_value(&record).unwrap_or_default();
                         if let Some(e) = &unlisted {
                             tracing::warn!(
-                                "volume {volume}: snapshot {} is published but not yet in the store's catalogue: {e}",
-                                record.id
+                                volume,
+                                snapshot = %record.id,
+                                error = %e,
+                                "published but not yet in the store's catalogue"
                             );
                             result["unlisted"] = e.to_string().into();
                         }
@@ -1334,14 +1343,14 @@ impl Service {
                                 // finds the manifest published and adopts it).
                                 let journal = service.journal_path(&volume);
                                 if let Err(e) = ox::journal::remove(&journal) {
-                                    tracing::warn!("{}: {e}", journal.display());
+                                    tracing::warn!(path = %journal.display(), error = %e, "snapshot journal");
                                 }
                                 // The change record drops what this snapshot stored
                                 // (still busy: no other snapshot can begin meanwhile).
                                 // If it cannot, it stays a superset: the next snapshot
                                 // reads more, never less.
                                 if let Err(e) = volume_handle.compact_dirty_record() {
-                                    tracing::warn!("volume {volume}: change record: {e}");
+                                    tracing::warn!(volume, error = %e, "change record");
                                 }
                                 Ok(result)
                             }
@@ -1363,7 +1372,7 @@ impl Service {
                     let mut inner = service.inner();
                     inner.catalogue.pending.retain(|p| p.volume != volume);
                     if let Err(e) = service.save(&inner) {
-                        tracing::error!("saving the catalogue: {e:#}");
+                        tracing::error!(error = %ox_api::error_chain(&e), "saving the catalogue");
                     }
                 }
                 // Released last, once the catalogue says how it ended: a clean stop waits
@@ -1413,13 +1422,13 @@ impl Service {
                         })
                     });
                     if let Err(e) = released.map_err(anyhow::Error::from).and_then(|r| Ok(r?)) {
-                        tracing::warn!("an upload lease given up with its snapshot stays: {e}");
+                        tracing::warn!(error = %e, "an upload lease given up with its snapshot stays");
                     }
                 });
         }
         handle.end_snapshot(Some(&ox::journal::changes_or_all(&journal, handle)));
         if let Err(e) = ox::journal::remove(&journal) {
-            tracing::warn!("{}: {e}", journal.display());
+            tracing::warn!(path = %journal.display(), error = %e, "snapshot journal");
         }
     }
 
@@ -1600,7 +1609,7 @@ impl Service {
         let undo = || {
             remove_files();
             if let Err(e) = self.hold(&held, false) {
-                tracing::warn!("clone {name}: its hold on the snapshot stays: {e:#}");
+                tracing::warn!(clone = name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
             }
         };
         let mut inner = self.inner();
@@ -1690,7 +1699,7 @@ impl Service {
         let undo = |held: bool| {
             self.remove_volume_files(name);
             if held && let Err(e) = self.hold_on(&store, &manifest_key, &record.uuid, name, false) {
-                tracing::warn!("volume {name}: its hold on the snapshot stays: {e:#}");
+                tracing::warn!(volume = name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
             }
         };
         let seeded = match seed {
@@ -1795,8 +1804,10 @@ impl Service {
                         "working set fetched"
                     ),
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::warn!(clone = name, "working set not fetched: {e}"),
-                    Err(e) => tracing::error!(clone = name, "working set not fetched: {e}"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(clone = name, error = %e, "working set not fetched")
+                    }
+                    Err(e) => tracing::error!(clone = name, error = %e, "working set not fetched"),
                 }
             });
         if let Err(e) = spawned {
@@ -1846,9 +1857,9 @@ impl Service {
                     live.thickening = None;
                 }
                 match r {
-                    Ok(Ok(n)) => tracing::info!("clone {name}: thickening fetched {n} chunks"),
-                    Ok(Err(e)) => tracing::warn!("clone {name}: thickening stopped: {e}"),
-                    Err(e) => tracing::error!("clone {name}: thickening not run: {e}"),
+                    Ok(Ok(n)) => tracing::info!(clone = name, chunks = n, "thickening fetched"),
+                    Ok(Err(e)) => tracing::warn!(clone = name, error = %e, "thickening stopped"),
+                    Err(e) => tracing::error!(clone = name, error = %e, "thickening not run"),
                 }
             });
     }
@@ -1960,7 +1971,7 @@ impl Service {
             }
             // Nothing may be written to the record once its files are gone.
             if let Err(e) = live.handle.retire() {
-                tracing::warn!("clone {name}: stopping its presence journal: {e}");
+                tracing::warn!(clone = name, error = %e, "stopping its presence journal");
             }
         }
         drop(inner);
@@ -1971,7 +1982,7 @@ impl Service {
         self.target.health().forget(name);
         // Last: a hold left behind keeps a snapshot longer, never loses one.
         if let Err(e) = self.hold(&record, false) {
-            tracing::warn!("clone {name}: its hold on the snapshot stays: {e:#}");
+            tracing::warn!(clone = name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
         }
         Ok(json!({ "name": name }))
     }
@@ -2466,20 +2477,16 @@ impl Service {
             })
         })??;
         tracing::info!(
-            "store {name}: {} {} objects ({} bytes) no manifest names in {} places; kept {} \
-             younger than the grace; {} places left alone; {} LISTs, {} GETs",
-            if dry_run {
-                "would collect"
-            } else {
-                "collected"
-            },
-            c.objects,
-            c.bytes,
-            c.places,
-            c.young,
-            c.skipped.len(),
-            c.lists,
-            c.gets
+            store = name,
+            dry_run,
+            objects = c.objects,
+            bytes = c.bytes,
+            places = c.places,
+            kept_young = c.young,
+            places_left_alone = c.skipped.len(),
+            lists = c.lists,
+            gets = c.gets,
+            "collected objects no manifest names (a dry run: would have)"
         );
         let mut out = json!({
             "store": name,
@@ -2555,7 +2562,8 @@ impl Service {
                     match service.check_store(&name, false) {
                         Ok(v) if v["ok"] == json!(true) => {
                             tracing::info!(
-                                "store {name}: checked (list, put, get, listed, delete, gone)"
+                                store = name,
+                                "checked (list, put, get, listed, delete, gone)"
                             );
                         }
                         Ok(v) => {
@@ -2565,13 +2573,14 @@ impl Service {
                                 .cloned()
                                 .unwrap_or_default();
                             tracing::warn!(
-                                "store {name}: check failed at {}: {}; snapshots and clones \
-                                 of it will fail until it is fixed (oxctl store check {name})",
-                                failed["step"].as_str().unwrap_or("?"),
-                                failed["error"].as_str().unwrap_or("?")
+                                store = name,
+                                step = failed["step"].as_str().unwrap_or("?"),
+                                error = failed["error"].as_str().unwrap_or("?"),
+                                "check failed: snapshots and clones of it will fail until it \
+                                 is fixed (oxctl store check)"
                             );
                         }
-                        Err(e) => tracing::warn!("store {name}: check could not run: {e:#}"),
+                        Err(e) => tracing::warn!(store = name, error = %ox_api::error_chain(&e), "check could not run"),
                     }
                 }
             });
@@ -2601,13 +2610,13 @@ impl Service {
         for p in pending {
             match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), p.verify, p.full) {
                 Ok(job) => tracing::info!(
-                    "snapshot of {} into {} started again (job {})",
-                    p.volume,
-                    p.store,
-                    job["id"]
+                    volume = %p.volume,
+                    store = %p.store,
+                    job = %job["id"],
+                    "snapshot started again"
                 ),
                 Err(e) => {
-                    tracing::error!("snapshot of {} not started again: {e:#}", p.volume);
+                    tracing::error!(volume = %p.volume, error = %ox_api::error_chain(&e), "snapshot not started again");
                     let handle = self
                         .inner()
                         .volumes
@@ -2753,7 +2762,7 @@ impl Service {
             if heat.iter().any(|&b| b != 0)
                 && let Err(e) = bdev::fsutil::replace_file(&self.heat_path(name), &heat)
             {
-                tracing::warn!(volume = name, "its working set is not kept: {e}");
+                tracing::warn!(volume = name, error = %e, "its working set is not kept");
             }
             let saved = sync(&self.volume_path(name))
                 .and_then(|()| v.handle.save_changes(&self.tracking_path(name)))

@@ -355,7 +355,7 @@ impl Service {
     }
 
     fn policy_failed(&self, p: &Policy, error: &str) {
-        tracing::warn!("volume {}: protection policy: {error}", p.volume);
+        tracing::warn!(volume = %p.volume, store = %p.store, %error, "protection policy run failed");
         let mut rt = self.policies.lock();
         let s = rt.status.entry(p.volume.clone()).or_default();
         s.failures += 1;
