@@ -97,9 +97,9 @@ pub(crate) fn report(
         return;
     };
     tracing::warn!(
-        caller = who,
-        operation,
-        outcome,
+        caller = %who,
+        operation = %operation,
+        outcome = %outcome,
         not_logged_before = left_out,
         "control"
     );
@@ -256,7 +256,7 @@ fn serve_lines<R: Read>(
             Ok(_) => {}
             Err(e) => {
                 if e.kind() == std::io::ErrorKind::TimedOut {
-                    tracing::debug!(caller = who, idle = ?limits.idle_timeout, "control: closed");
+                    tracing::debug!(caller = %who, idle = ?limits.idle_timeout, "control: closed");
                 }
                 return;
             }

@@ -267,7 +267,7 @@ fn audit_connects(
                         peer = %e.peer,
                         subsystem = %e.subnqn,
                         listener = %e.listener,
-                        reason = e.reason,
+                        reason = %e.reason,
                         not_logged_before = left_out,
                         "host denied"
                     );

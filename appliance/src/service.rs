@@ -870,7 +870,7 @@ impl Service {
         };
         let listeners = self.target.add_subsystem(sub)?;
         let at: Vec<String> = listeners.iter().map(ToString::to_string).collect();
-        tracing::info!(device = bdev.name(), nqn = %e.nqn, on = %at.join(" "), "exported");
+        tracing::info!(device = %bdev.name(), nqn = %e.nqn, on = %at.join(" "), "exported");
         Ok(listeners)
     }
 
@@ -1036,7 +1036,7 @@ impl Service {
         if let Some(h) = live.as_ref().and_then(|l| l.over.as_ref())
             && let Err(e) = h.retire()
         {
-            tracing::warn!(volume = name, error = %e, "stopping its presence journal");
+            tracing::warn!(volume = %name, error = %e, "stopping its presence journal");
         }
         drop(live);
         self.remove_volume_files(name);
@@ -1046,7 +1046,7 @@ impl Service {
             && !snapshots_left
             && let Err(e) = self.hold_on(&b.store, &b.manifest_key, &record.uuid, name, false)
         {
-            tracing::warn!(volume = name, error = %ox_api::error_chain(&e), "its hold on the snapshot it began as stays");
+            tracing::warn!(volume = %name, error = %ox_api::error_chain(&e), "its hold on the snapshot it began as stays");
         }
         Ok(json!({ "name": name }))
     }
@@ -1322,7 +1322,7 @@ impl Service {
                         let mut result = serde_json::to_value(&record).unwrap_or_default();
                         if let Some(e) = &unlisted {
                             tracing::warn!(
-                                volume,
+                                volume = %volume,
                                 snapshot = %record.id,
                                 error = %e,
                                 "published but not yet in the store's catalogue"
@@ -1350,7 +1350,7 @@ impl Service {
                                 // If it cannot, it stays a superset: the next snapshot
                                 // reads more, never less.
                                 if let Err(e) = volume_handle.compact_dirty_record() {
-                                    tracing::warn!(volume, error = %e, "change record");
+                                    tracing::warn!(volume = %volume, error = %e, "change record");
                                 }
                                 Ok(result)
                             }
@@ -1609,7 +1609,7 @@ impl Service {
         let undo = || {
             remove_files();
             if let Err(e) = self.hold(&held, false) {
-                tracing::warn!(clone = name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
+                tracing::warn!(clone = %name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
             }
         };
         let mut inner = self.inner();
@@ -1699,7 +1699,7 @@ impl Service {
         let undo = |held: bool| {
             self.remove_volume_files(name);
             if held && let Err(e) = self.hold_on(&store, &manifest_key, &record.uuid, name, false) {
-                tracing::warn!(volume = name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
+                tracing::warn!(volume = %name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
             }
         };
         let seeded = match seed {
@@ -1793,21 +1793,21 @@ impl Service {
                 c.finish();
                 match r {
                     Ok(Ok(w)) if c.is_stopped() => tracing::info!(
-                        clone = name,
+                        clone = %name,
                         fetched = w.fetched,
                         "working set fetch stopped"
                     ),
                     Ok(Ok(w)) if w.listed > 0 => tracing::info!(
-                        clone = name,
+                        clone = %name,
                         listed = w.listed,
                         fetched = w.fetched,
                         "working set fetched"
                     ),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
-                        tracing::warn!(clone = name, error = %e, "working set not fetched")
+                        tracing::warn!(clone = %name, error = %e, "working set not fetched")
                     }
-                    Err(e) => tracing::error!(clone = name, error = %e, "working set not fetched"),
+                    Err(e) => tracing::error!(clone = %name, error = %e, "working set not fetched"),
                 }
             });
         if let Err(e) = spawned {
@@ -1857,9 +1857,9 @@ impl Service {
                     live.thickening = None;
                 }
                 match r {
-                    Ok(Ok(n)) => tracing::info!(clone = name, chunks = n, "thickening fetched"),
-                    Ok(Err(e)) => tracing::warn!(clone = name, error = %e, "thickening stopped"),
-                    Err(e) => tracing::error!(clone = name, error = %e, "thickening not run"),
+                    Ok(Ok(n)) => tracing::info!(clone = %name, chunks = n, "thickening fetched"),
+                    Ok(Err(e)) => tracing::warn!(clone = %name, error = %e, "thickening stopped"),
+                    Err(e) => tracing::error!(clone = %name, error = %e, "thickening not run"),
                 }
             });
     }
@@ -1971,7 +1971,7 @@ impl Service {
             }
             // Nothing may be written to the record once its files are gone.
             if let Err(e) = live.handle.retire() {
-                tracing::warn!(clone = name, error = %e, "stopping its presence journal");
+                tracing::warn!(clone = %name, error = %e, "stopping its presence journal");
             }
         }
         drop(inner);
@@ -1982,7 +1982,7 @@ impl Service {
         self.target.health().forget(name);
         // Last: a hold left behind keeps a snapshot longer, never loses one.
         if let Err(e) = self.hold(&record, false) {
-            tracing::warn!(clone = name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
+            tracing::warn!(clone = %name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
         }
         Ok(json!({ "name": name }))
     }
@@ -2477,7 +2477,7 @@ impl Service {
             })
         })??;
         tracing::info!(
-            store = name,
+            store = %name,
             dry_run,
             objects = c.objects,
             bytes = c.bytes,
@@ -2562,7 +2562,7 @@ impl Service {
                     match service.check_store(&name, false) {
                         Ok(v) if v["ok"] == json!(true) => {
                             tracing::info!(
-                                store = name,
+                                store = %name,
                                 "checked (list, put, get, listed, delete, gone)"
                             );
                         }
@@ -2573,14 +2573,14 @@ impl Service {
                                 .cloned()
                                 .unwrap_or_default();
                             tracing::warn!(
-                                store = name,
+                                store = %name,
                                 step = failed["step"].as_str().unwrap_or("?"),
                                 error = failed["error"].as_str().unwrap_or("?"),
                                 "check failed: snapshots and clones of it will fail until it \
                                  is fixed (oxctl store check)"
                             );
                         }
-                        Err(e) => tracing::warn!(store = name, error = %ox_api::error_chain(&e), "check could not run"),
+                        Err(e) => tracing::warn!(store = %name, error = %ox_api::error_chain(&e), "check could not run"),
                     }
                 }
             });
@@ -2762,7 +2762,7 @@ impl Service {
             if heat.iter().any(|&b| b != 0)
                 && let Err(e) = bdev::fsutil::replace_file(&self.heat_path(name), &heat)
             {
-                tracing::warn!(volume = name, error = %e, "its working set is not kept");
+                tracing::warn!(volume = %name, error = %e, "its working set is not kept");
             }
             let saved = sync(&self.volume_path(name))
                 .and_then(|()| v.handle.save_changes(&self.tracking_path(name)))

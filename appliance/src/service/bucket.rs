@@ -154,15 +154,15 @@ impl Service {
             before.owner
         };
         tracing::info!(
-            volume = name,
-            store,
+            volume = %name,
+            store = %store,
             from = from.id,
             entered = entered.entered.len(),
             "adopted: its snapshots go into the store from this appliance now"
         );
         for (manifest, why) in &entered.skipped {
             tracing::warn!(
-                volume = name,
+                volume = %name,
                 manifest,
                 "not entered in the store's catalogue: {why}"
             );
