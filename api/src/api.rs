@@ -185,7 +185,20 @@ impl Client {
         Ok(client)
     }
 
-    /// Calls method `M` with `params` and returns its result.
+    /// Calls method `M` with `params` and returns its result, typed; a result that is
+    /// not of its type (a daemon of another build) is [`CallError::Garbled`], naming the
+    /// field.
+    pub fn request<M: crate::methods::Method>(
+        &mut self,
+        params: &M,
+    ) -> Result<M::Result, CallError> {
+        let v = self.invoke(params)?;
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            CallError::Garbled(format!("{} result: {}: {}", M::NAME, e.path(), e.inner()))
+        })
+    }
+
+    /// Calls method `M` with `params` and returns its result as JSON.
     pub fn invoke<M: crate::methods::Method>(
         &mut self,
         params: &M,

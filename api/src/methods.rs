@@ -9,13 +9,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{RpcError, code};
 
-/// A method of the control API: its name on the wire, and its parameters (the type
-/// implementing this).
+/// A method of the control API: its name on the wire, its parameters (the type
+/// implementing this) and its result.
 pub trait Method: Serialize + DeserializeOwned {
     /// The method's name.
     const NAME: &'static str;
     /// Its parameters' names, as on the wire.
     const FIELDS: &'static [&'static str];
+    /// What it answers: a typed result where one is defined ([`Version`], [`Job`]),
+    /// else the JSON as docs/API.md describes it.
+    type Result: Serialize + DeserializeOwned;
 }
 
 /// Parses the parameters of method `M` (absent or `null`: none given). An error is
@@ -72,6 +75,19 @@ macro_rules! method {
             $( $(#[$fmeta:meta])* $field:ident : $fty:ty ),* $(,)?
         }
     ) => {
+        method! {
+            $(#[$meta])*
+            $ty = $wire -> serde_json::Value {
+                $( $(#[$fmeta])* $field : $fty ),*
+            }
+        }
+    };
+    (
+        $(#[$meta:meta])*
+        $ty:ident = $wire:literal -> $result:ty {
+            $( $(#[$fmeta:meta])* $field:ident : $fty:ty ),* $(,)?
+        }
+    ) => {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -82,13 +98,14 @@ macro_rules! method {
         impl Method for $ty {
             const NAME: &'static str = $wire;
             const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+            type Result = $result;
         }
     };
 }
 
 method! {
     /// The API and daemon versions.
-    OxGetVersion = "ox_get_version" {}
+    OxGetVersion = "ox_get_version" -> Version {}
 }
 
 method! {
@@ -132,6 +149,7 @@ impl std::fmt::Debug for Auth {
 impl Method for Auth {
     const NAME: &'static str = "auth";
     const FIELDS: &'static [&'static str] = &["token"];
+    type Result = serde_json::Value;
 }
 
 method! {
@@ -191,7 +209,7 @@ method! {
 
 method! {
     /// Starts a snapshot of a volume into a store (a job).
-    SnapshotCreate = "snapshot_create" {
+    SnapshotCreate = "snapshot_create" -> Job {
         /// The volume.
         volume: String,
         /// The store.
@@ -215,7 +233,7 @@ method! {
 
 method! {
     /// Starts fetching and checking every frame of a snapshot (a job).
-    SnapshotVerify = "snapshot_verify" {
+    SnapshotVerify = "snapshot_verify" -> Job {
         /// The snapshot's ID.
         id: String,
     }
@@ -223,7 +241,7 @@ method! {
 
 method! {
     /// Starts restoring a snapshot into a new volume (a job).
-    SnapshotRestore = "snapshot_restore" {
+    SnapshotRestore = "snapshot_restore" -> Job {
         /// The snapshot's ID.
         id: String,
         /// The new volume's name.
@@ -423,7 +441,7 @@ method! {
 
 method! {
     /// A job's state and result.
-    JobGet = "job_get" {
+    JobGet = "job_get" -> Job {
         /// Its ID.
         id: u64,
     }
@@ -431,15 +449,92 @@ method! {
 
 method! {
     /// Every job.
-    JobList = "job_list" {}
+    JobList = "job_list" -> Vec<Job> {}
 }
 
 method! {
     /// Cancels a job.
-    JobCancel = "job_cancel" {
+    JobCancel = "job_cancel" -> Job {
         /// Its ID.
         id: u64,
     }
+}
+
+/// What `ox_get_version` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Version {
+    /// The API's version ([`crate::api::API_VERSION`]).
+    pub api: u32,
+    /// The daemon's package version.
+    pub oxd: String,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Still running.
+    Running,
+    /// Ended with a result.
+    Done,
+    /// Ended with an error.
+    Failed,
+}
+
+/// A store request retried, as a job or store shows the latest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// The request (GET, PUT, …).
+    pub op: String,
+    /// Its object key.
+    pub key: String,
+    /// Why it was retried.
+    pub reason: String,
+}
+
+/// A store outage a job is waiting out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outage {
+    /// Since when (Unix seconds).
+    pub since: u64,
+    /// The last failure.
+    pub reason: String,
+}
+
+/// A background job (a snapshot, a verify, a restore): what `job_get` answers, and the
+/// methods that start one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Its ID.
+    pub id: u64,
+    /// `snapshot`, `verify`, `restore`.
+    pub kind: String,
+    /// What it works on (a volume, a snapshot).
+    pub target: String,
+    /// Running, done or failed.
+    pub state: JobState,
+    /// Chunks done, of `total`.
+    pub done: u64,
+    /// Chunks in all (0 until known).
+    pub total: u64,
+    /// Bytes uploaded (a snapshot).
+    pub bytes: u64,
+    /// Store retries since it began (a snapshot).
+    pub retries: u64,
+    /// The latest of them.
+    pub last_retry: Option<Retry>,
+    /// The outage it waits out now, if any.
+    pub outage: Option<Outage>,
+    /// What it produced, once done (by kind, as docs/API.md describes).
+    pub result: serde_json::Value,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// Every method but `auth` (which only opens a TCP connection, and API.md describes

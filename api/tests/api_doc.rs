@@ -8,6 +8,11 @@ use std::collections::BTreeMap;
 
 /// The method rows of API.md: name, and the parameters column.
 fn rows() -> BTreeMap<String, String> {
+    columns().into_iter().map(|(n, (p, _))| (n, p)).collect()
+}
+
+/// The method rows of API.md: name, and the parameters and result columns.
+fn columns() -> BTreeMap<String, (String, String)> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/API.md");
     let text = std::fs::read_to_string(path).unwrap();
     let mut rows = BTreeMap::new();
@@ -22,9 +27,11 @@ fn rows() -> BTreeMap<String, String> {
         if !name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
             continue;
         }
-        let params = rest.split(" | ").next().unwrap_or("").to_string();
+        let mut cells = rest.split(" | ");
+        let params = cells.next().unwrap_or("").to_string();
+        let result = cells.next().unwrap_or("").to_string();
         assert!(
-            rows.insert(name.to_string(), params).is_none(),
+            rows.insert(name.to_string(), (params, result)).is_none(),
             "{name} has two rows"
         );
     }
@@ -57,5 +64,47 @@ fn api_md_lists_every_method_with_every_parameter() {
             ox_api::methods::ALL.iter().any(|(n, _)| n == name),
             "API.md lists {name}, which is no method"
         );
+    }
+}
+
+/// The typed results' fields are the ones API.md's result column names.
+#[test]
+fn api_md_names_every_field_of_the_typed_results() {
+    use ox_api::methods::{Job, JobState, Version};
+    let columns = columns();
+    let fields =
+        |v: serde_json::Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+    let version = fields(
+        serde_json::to_value(Version {
+            api: 1,
+            oxd: String::new(),
+        })
+        .unwrap(),
+    );
+    let job = fields(
+        serde_json::to_value(Job {
+            id: 1,
+            kind: String::new(),
+            target: String::new(),
+            state: JobState::Running,
+            done: 0,
+            total: 0,
+            bytes: 0,
+            retries: 0,
+            last_retry: None,
+            outage: None,
+            result: serde_json::Value::Null,
+            error: None,
+        })
+        .unwrap(),
+    );
+    for (method, names) in [("ox_get_version", &version), ("job_get", &job)] {
+        let (_, result) = &columns[method];
+        for name in names {
+            assert!(
+                result.contains(name.as_str()),
+                "API.md's result for {method} does not name {name}: {result}"
+            );
+        }
     }
 }

@@ -1256,3 +1256,80 @@ fn a_snapshot_given_up_at_the_restart_releases_its_upload_lease() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// The typed results of `ox-api` are exactly what oxd answers: each is read with
+/// unknown fields refused, so a field added on one side only fails here. Every method
+/// with a typed result is called: the version, and the jobs (snapshot, verify, restore;
+/// get, list, cancel).
+#[test]
+fn typed_results_are_what_oxd_answers() {
+    use ox_api::methods::{self as m, JobState};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let nqn = "nqn.2026-11.io.ox:v";
+    let (config, ctl) = local_appliance(
+        d,
+        port,
+        "",
+        &format!(
+            "[[volume]]\nname = \"v\"\nsize_mib = 8\nnqn = \"{nqn}\"\nallow_any_host = true\n"
+        ),
+    );
+    let _oxd = start_oxd(&config);
+    oxperf(
+        &format!("127.0.0.1:{port},{nqn},1"),
+        "write",
+        "0:16384",
+        64,
+        131072,
+        3,
+    );
+    let mut c = ox_api::api::Client::connect(std::path::Path::new(&ctl.socket)).unwrap();
+    let v = c.request(&m::OxGetVersion {}).unwrap();
+    assert_eq!(v.api, ox_api::api::API_VERSION);
+    // Waits for a job's end (each look is a request: the daemon's answer is the event).
+    let mut finished = |id: u64| loop {
+        let j = c.request(&m::JobGet { id }).unwrap();
+        if j.state != JobState::Running {
+            return j;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut c2 = ox_api::api::Client::connect(std::path::Path::new(&ctl.socket)).unwrap();
+    let started = c2
+        .request(&m::SnapshotCreate {
+            volume: "v".into(),
+            store: "l".into(),
+            key: None,
+            verify: None,
+            full: None,
+        })
+        .unwrap();
+    assert_eq!(
+        (started.kind.as_str(), started.target.as_str()),
+        ("snapshot", "v")
+    );
+    let snap = finished(started.id);
+    assert_eq!(snap.state, JobState::Done, "{snap:?}");
+    assert_eq!(snap.error, None);
+    let id = snap.result["id"].as_str().unwrap().to_string();
+    let verify = c2.request(&m::SnapshotVerify { id: id.clone() }).unwrap();
+    let verified = finished(verify.id);
+    assert_eq!(verified.state, JobState::Done, "{verified:?}");
+    let restore = c2
+        .request(&m::SnapshotRestore {
+            id,
+            name: "r".into(),
+            nqn: None,
+            hosts: None,
+            allow_any_host: None,
+        })
+        .unwrap();
+    assert_eq!(finished(restore.id).state, JobState::Done);
+    let jobs = c2.request(&m::JobList {}).unwrap();
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    // Cancelling a snapshot that has ended answers the job as it is.
+    let cancelled = c2.request(&m::JobCancel { id: started.id }).unwrap();
+    assert_eq!(cancelled.state, JobState::Done);
+}

@@ -516,12 +516,10 @@ fn answered(
                     || rpc.message.contains("unknown parameter"))));
     let ours = (env!("CARGO_PKG_VERSION"), u64::from(API_VERSION));
     let theirs = if unknown {
-        client.invoke(&m::OxGetVersion {}).ok().map(|v| {
-            (
-                v["oxd"].as_str().unwrap_or("?").to_string(),
-                v["api"].as_u64().unwrap_or(0),
-            )
-        })
+        client
+            .request(&m::OxGetVersion {})
+            .ok()
+            .map(|v| (v.oxd, u64::from(v.api)))
     } else {
         None
     };
@@ -904,18 +902,18 @@ fn wait_for(cli: &Cli, job: &Value) -> anyhow::Result<Value> {
     );
     let mut client = client(cli)?;
     loop {
-        let j = client.invoke(&m::JobGet { id })?;
-        bar.set_length(j["total"].as_u64().unwrap_or(0));
-        bar.set_position(j["done"].as_u64().unwrap_or(0));
+        let j = client.request(&m::JobGet { id })?;
+        bar.set_length(j.total);
+        bar.set_position(j.done);
         bar.set_message(format!(
             "{} {} ({} uploaded)",
-            j["kind"].as_str().unwrap_or("job"),
-            j["target"].as_str().unwrap_or(""),
-            human_bytes(j["bytes"].as_u64().unwrap_or(0))
+            j.kind,
+            j.target,
+            human_bytes(j.bytes)
         ));
-        if j["state"] != "running" {
+        if j.state != m::JobState::Running {
             bar.finish_and_clear();
-            return Ok(j);
+            return Ok(serde_json::to_value(j)?);
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
