@@ -185,9 +185,9 @@ impl Client {
         Ok(client)
     }
 
-    /// Calls method `M` with `params` and returns its result, typed; a result that is
-    /// not of its type (a daemon of another build) is [`CallError::Garbled`], naming the
-    /// field.
+    /// Calls method `M` with `params` and returns its result, typed (fields it does not
+    /// know are left out); a result that is not of its type is [`CallError::Garbled`],
+    /// naming the field.
     pub fn request<M: crate::methods::Method>(
         &mut self,
         params: &M,

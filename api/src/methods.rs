@@ -461,8 +461,11 @@ method! {
 }
 
 /// What `ox_get_version` answers.
+///
+/// Result types take fields they do not know (a newer daemon may add some: API.md's
+/// versioning promise), unlike parameters; the test that calls each against oxd
+/// checks that the two sides name the same fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Version {
     /// The API's version ([`crate::api::API_VERSION`]).
     pub api: u32,
@@ -480,11 +483,13 @@ pub enum JobState {
     Done,
     /// Ended with an error.
     Failed,
+    /// A state this client does not know (a newer daemon's).
+    #[serde(other)]
+    Other,
 }
 
 /// A store request retried, as a job or store shows the latest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Retry {
     /// When (Unix seconds).
     pub at: u64,
@@ -498,7 +503,6 @@ pub struct Retry {
 
 /// A store outage a job is waiting out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Outage {
     /// Since when (Unix seconds).
     pub since: u64,
@@ -509,7 +513,6 @@ pub struct Outage {
 /// A background job (a snapshot, a verify, a restore): what `job_get` answers, and the
 /// methods that start one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Job {
     /// Its ID.
     pub id: u64,
@@ -525,11 +528,14 @@ pub struct Job {
     pub total: u64,
     /// Bytes uploaded (a snapshot).
     pub bytes: u64,
-    /// Store retries since it began (a snapshot).
+    /// Store retries since it began (a snapshot; absent from older daemons).
+    #[serde(default)]
     pub retries: u64,
     /// The latest of them.
+    #[serde(default)]
     pub last_retry: Option<Retry>,
     /// The outage it waits out now, if any.
+    #[serde(default)]
     pub outage: Option<Outage>,
     /// What it produced, once done (by kind, as docs/API.md describes).
     pub result: serde_json::Value,

@@ -757,8 +757,9 @@ pub fn keys_for(policy: &HostPolicy, keys: &[HostKeys]) -> Vec<HostKeys> {
 pub fn warn_if_open(nqn: &str, policy: &HostPolicy, keys: &[HostKeys]) {
     if *policy == HostPolicy::Any && !keys.is_empty() {
         tracing::warn!(
-            "{nqn} lets any host in: hosts with [[host]] secrets must authenticate, but \
-             any other host name connects without one (list the hosts to protect it)"
+            subsystem = nqn,
+            "lets any host in: hosts with [[host]] secrets must authenticate, but any \
+             other host name connects without one (list the hosts to protect it)"
         );
     }
 }

@@ -86,10 +86,10 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             .map(ToString::to_string)
             .collect();
         tracing::info!(
-            "serving {} ({} namespace(s)) on {}",
-            s.nqn,
-            s.namespaces.len(),
-            addrs.join(" ")
+            subsystem = %s.nqn,
+            namespaces = s.namespaces.len(),
+            on = %addrs.join(" "),
+            "serving"
         );
     }
     let all: Vec<String> = target
@@ -263,9 +263,11 @@ fn audit_connects(
                         continue;
                     };
                     tracing::warn!(
-                        host = %e.hostnqn,
+                        // As sent, quoted and escaped: a host's Connect data is not
+                        // to write lines of its own into the log.
+                        host = ?e.hostnqn,
                         peer = %e.peer,
-                        subsystem = %e.subnqn,
+                        subsystem = ?e.subnqn,
                         listener = %e.listener,
                         reason = %e.reason,
                         not_logged_before = left_out,

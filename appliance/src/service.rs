@@ -504,8 +504,9 @@ impl Service {
                 let b =
                     bdev::open_uring(&c).with_context(|| format!("opening {}", path.display()))?;
                 tracing::warn!(
-                    "{}: O_DIRECT refused ({direct}); using buffered I/O",
-                    path.display()
+                    path = %path.display(),
+                    error = %direct,
+                    "O_DIRECT refused; using buffered I/O"
                 );
                 Ok(b)
             }
@@ -870,7 +871,7 @@ impl Service {
         };
         let listeners = self.target.add_subsystem(sub)?;
         let at: Vec<String> = listeners.iter().map(ToString::to_string).collect();
-        tracing::info!(device = %bdev.name(), nqn = %e.nqn, on = %at.join(" "), "exported");
+        tracing::info!(device = %bdev.name(), subsystem = %e.nqn, on = %at.join(" "), "exported");
         Ok(listeners)
     }
 
@@ -1778,6 +1779,7 @@ impl Service {
             control.pause();
         }
         let c = Arc::clone(&control);
+        let clone = name.to_string();
         let (handle, basis) = (handle.clone(), basis.clone());
         let (on, cores) = (self.reactors[0].clone(), Arc::clone(&self.cores));
         let name = name.to_string();
@@ -1811,7 +1813,7 @@ impl Service {
                 }
             });
         if let Err(e) = spawned {
-            tracing::error!("working set not fetched: {e}");
+            tracing::error!(clone = %clone, error = %e, "working set not fetched");
             control.finish();
         }
         Some(control)
@@ -2574,8 +2576,8 @@ impl Service {
                                 .unwrap_or_default();
                             tracing::warn!(
                                 store = %name,
-                                step = failed["step"].as_str().unwrap_or("?"),
-                                error = failed["error"].as_str().unwrap_or("?"),
+                                step = %failed["step"].as_str().unwrap_or("?"),
+                                error = %failed["error"].as_str().unwrap_or("?"),
                                 "check failed: snapshots and clones of it will fail until it \
                                  is fixed (oxctl store check)"
                             );

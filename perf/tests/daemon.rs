@@ -1257,13 +1257,30 @@ fn a_snapshot_given_up_at_the_restart_releases_its_upload_lease() {
     }
 }
 
-/// The typed results of `ox-api` are exactly what oxd answers: each is read with
-/// unknown fields refused, so a field added on one side only fails here. Every method
-/// with a typed result is called: the version, and the jobs (snapshot, verify, restore;
-/// get, list, cancel).
+/// The typed results of `ox-api` are exactly what oxd answers: each call's raw answer
+/// and its typed reading, written back, have the same shape, so a field on one side
+/// only (added to oxd, or to the type) fails here. Every method with a typed result is
+/// called: the version, and the jobs (snapshot, verify, restore; get, list, cancel).
 #[test]
 fn typed_results_are_what_oxd_answers() {
-    use ox_api::methods::{self as m, JobState};
+    use ox_api::methods::{self as m, JobState, Method};
+    /// The JSON's shape: its keys, all the way down.
+    fn shape(v: &Value) -> Value {
+        match v {
+            Value::Object(o) => {
+                Value::Object(o.iter().map(|(k, v)| (k.clone(), shape(v))).collect())
+            }
+            Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+            _ => Value::Null,
+        }
+    }
+    fn strict<M: Method>(c: &mut ox_api::api::Client, params: &M) -> M::Result {
+        let raw = c.invoke(params).unwrap();
+        let typed: M::Result = serde_json::from_value(raw.clone()).unwrap();
+        let back = serde_json::to_value(&typed).unwrap();
+        assert_eq!(shape(&back), shape(&raw), "{}: {raw}", M::NAME);
+        typed
+    }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_port();
@@ -1286,50 +1303,51 @@ fn typed_results_are_what_oxd_answers() {
         3,
     );
     let mut c = ox_api::api::Client::connect(std::path::Path::new(&ctl.socket)).unwrap();
-    let v = c.request(&m::OxGetVersion {}).unwrap();
+    let v = strict(&mut c, &m::OxGetVersion {});
     assert_eq!(v.api, ox_api::api::API_VERSION);
     // Waits for a job's end (each look is a request: the daemon's answer is the event).
-    let mut finished = |id: u64| loop {
-        let j = c.request(&m::JobGet { id }).unwrap();
+    let finished = |c: &mut ox_api::api::Client, id: u64| loop {
+        let j = strict(c, &m::JobGet { id });
         if j.state != JobState::Running {
             return j;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let mut c2 = ox_api::api::Client::connect(std::path::Path::new(&ctl.socket)).unwrap();
-    let started = c2
-        .request(&m::SnapshotCreate {
+    let started = strict(
+        &mut c,
+        &m::SnapshotCreate {
             volume: "v".into(),
             store: "l".into(),
             key: None,
             verify: None,
             full: None,
-        })
-        .unwrap();
+        },
+    );
     assert_eq!(
         (started.kind.as_str(), started.target.as_str()),
         ("snapshot", "v")
     );
-    let snap = finished(started.id);
+    let snap = finished(&mut c, started.id);
     assert_eq!(snap.state, JobState::Done, "{snap:?}");
     assert_eq!(snap.error, None);
     let id = snap.result["id"].as_str().unwrap().to_string();
-    let verify = c2.request(&m::SnapshotVerify { id: id.clone() }).unwrap();
-    let verified = finished(verify.id);
+    let verify = strict(&mut c, &m::SnapshotVerify { id: id.clone() });
+    let verified = finished(&mut c, verify.id);
     assert_eq!(verified.state, JobState::Done, "{verified:?}");
-    let restore = c2
-        .request(&m::SnapshotRestore {
+    let restore = strict(
+        &mut c,
+        &m::SnapshotRestore {
             id,
             name: "r".into(),
             nqn: None,
             hosts: None,
             allow_any_host: None,
-        })
-        .unwrap();
-    assert_eq!(finished(restore.id).state, JobState::Done);
-    let jobs = c2.request(&m::JobList {}).unwrap();
+        },
+    );
+    assert_eq!(finished(&mut c, restore.id).state, JobState::Done);
+    let jobs = strict(&mut c, &m::JobList {});
     assert_eq!(jobs.len(), 3, "{jobs:?}");
     // Cancelling a snapshot that has ended answers the job as it is.
-    let cancelled = c2.request(&m::JobCancel { id: started.id }).unwrap();
+    let cancelled = strict(&mut c, &m::JobCancel { id: started.id });
     assert_eq!(cancelled.state, JobState::Done);
 }

@@ -156,15 +156,16 @@ impl Service {
         tracing::info!(
             volume = %name,
             store = %store,
-            from = from.id,
+            from = %from.id,
             entered = entered.entered.len(),
             "adopted: its snapshots go into the store from this appliance now"
         );
         for (manifest, why) in &entered.skipped {
             tracing::warn!(
                 volume = %name,
-                manifest,
-                "not entered in the store's catalogue: {why}"
+                key = %manifest,
+                error = %why,
+                "not entered in the store's catalogue"
             );
         }
         Ok(json!({
