@@ -79,8 +79,10 @@ namespaces = ["ram0"]
     let mut discovery_port = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Some((_, rest)) = line.split_once(&format!("serving {NQN} ")) {
-            let addr = rest.rsplit(' ').next().unwrap();
+        // "serving subsystem=NQN namespaces=1 on=ADDR" (the log's key=value fields).
+        if line.contains(" serving ") && line.contains(&format!("subsystem={NQN} ")) {
+            let (_, addr) = line.split_once(" on=").unwrap();
+            let addr = addr.split(' ').next().unwrap();
             data_port = Some(addr.rsplit(':').next().unwrap().parse().unwrap());
         }
         if let Some((_, rest)) = line.split_once("listening on ") {

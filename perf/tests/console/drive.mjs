@@ -36,15 +36,18 @@ try {
   const first = await page.goto(url);
   seen.csp = first.headers()["content-security-policy"];
   // The API refuses what is not a signed-in POST, from the page's own origin.
-  seen.statuses = await page.evaluate(async () => {
+  seen.statuses = await page.evaluate(async (token) => {
     const post = (headers, body) => fetch("/api", { method: "POST", headers, body });
+    const signed = { Authorization: "Bearer " + token };
     return {
       get: (await fetch("/api")).status,
       no_token: (await post({}, "{}")).status,
       bad_token: (await post({ Authorization: "Bearer nope" }, "{}")).status,
       unknown: (await fetch("/nothing-here")).status,
+      too_large: (await post(signed, "x".repeat(2 << 20))).status,
+      not_json: await (await post(signed, "not json")).json().then((a) => a.error.code),
     };
-  });
+  }, token);
 
   await page.fill("#token", "not-the-token-at-all");
   await page.click("#sign-in");
