@@ -401,7 +401,7 @@ method! {
 
 method! {
     /// A clone's hydration, traffic and background fetching.
-    CloneGet = "clone_get" {
+    CloneGet = "clone_get" -> CloneInfo {
         /// Its name.
         name: String,
     }
@@ -429,7 +429,7 @@ pub enum ThickenAction {
 
 method! {
     /// Starts, pauses or resumes a clone's thickening; sets its bandwidth.
-    CloneThicken = "clone_thicken" {
+    CloneThicken = "clone_thicken" -> CloneInfo {
         /// The clone.
         name: String,
         /// What to do.
@@ -541,6 +541,130 @@ pub struct Job {
     pub result: serde_json::Value,
     /// Why it failed.
     pub error: Option<String>,
+}
+
+/// Where a volume or clone is exported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    /// The subsystem's NQN (the device is namespace 1).
+    pub nqn: String,
+    /// Host NQNs allowed (ignored when `allow_any_host`).
+    pub hosts: Vec<String>,
+    /// Any host may connect.
+    pub allow_any_host: bool,
+}
+
+/// Bytes a clone made present, by reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fetched {
+    /// For hosts' misses.
+    pub client_miss: u64,
+    /// By read-ahead and the snapshot's working set.
+    pub prefetch: u64,
+    /// By thickening.
+    pub thickening: u64,
+}
+
+/// A clone's client-miss latency, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissLatency {
+    /// Misses measured.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+}
+
+/// A clone's thickening walk while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Thickening {
+    /// Paused by the operator.
+    pub paused: bool,
+    /// Chunks this walk fetched.
+    pub fetched: u64,
+    /// Seconds to completion at this walk's rate, once it has one.
+    pub eta_s: Option<u64>,
+}
+
+/// The fetch of a new clone's working set while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warming {
+    /// Paused with thickening.
+    pub paused: bool,
+    /// Chunks fetched.
+    pub fetched: u64,
+    /// Times the store was unavailable and it waited to go on.
+    pub setbacks: u32,
+}
+
+/// A clone, as `clone_get` (and `clone_thicken`) answer: its record, and while it is
+/// open its hydration and traffic (counters over its whole life, across restarts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloneInfo {
+    /// Its name.
+    pub name: String,
+    /// `clone`.
+    pub kind: String,
+    /// Its identity.
+    pub uuid: String,
+    /// The store holding its snapshot.
+    pub store: String,
+    /// The snapshot's manifest key.
+    pub manifest_key: String,
+    /// Where it is exported, if anywhere.
+    pub export: Option<Export>,
+    /// Thickening wanted.
+    pub thicken: bool,
+    /// Thickening paused by the operator.
+    pub paused: bool,
+    /// Its own thickening bandwidth, MiB/s.
+    pub thicken_mib_s: Option<u64>,
+    /// Why it could not be opened (then nothing below is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+    /// Its size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// Its block size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    /// Chunks present locally, of `chunks_total`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_present: Option<u64>,
+    /// Its chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_total: Option<u64>,
+    /// Share present, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hydration_pct: Option<f64>,
+    /// Bytes hosts read from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_read_bytes: Option<u64>,
+    /// Bytes made present, by reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_bytes: Option<Fetched>,
+    /// Bytes of frames and index pages fetched from the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_bytes: Option<u64>,
+    /// Their GETs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gets: Option<u64>,
+    /// Bodies that failed their integrity check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity_failures: Option<u64>,
+    /// Fetches made again after one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refetches: Option<u64>,
+    /// Client-miss latency (this run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miss_latency_us: Option<MissLatency>,
+    /// Thickening, while a walk runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thickening: Option<Thickening>,
+    /// The working set's fetch, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warming: Option<Warming>,
 }
 
 /// Every method but `auth` (which only opens a TCP connection, and API.md describes

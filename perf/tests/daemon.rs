@@ -1337,7 +1337,7 @@ fn typed_results_are_what_oxd_answers() {
     let restore = strict(
         &mut c,
         &m::SnapshotRestore {
-            id,
+            id: id.clone(),
             name: "r".into(),
             nqn: None,
             hosts: None,
@@ -1350,4 +1350,29 @@ fn typed_results_are_what_oxd_answers() {
     // Cancelling a snapshot that has ended answers the job as it is.
     let cancelled = strict(&mut c, &m::JobCancel { id: started.id });
     assert_eq!(cancelled.state, JobState::Done);
+    // A clone, open: every figure given.
+    c.invoke(&m::CloneCreate {
+        name: "c".into(),
+        snapshot: Some(id),
+        store: None,
+        manifest_key: None,
+        volume: None,
+        latest: None,
+        thicken: None,
+        nqn: None,
+        hosts: None,
+        allow_any_host: None,
+    })
+    .unwrap();
+    let clone = strict(&mut c, &m::CloneGet { name: "c".into() });
+    assert_eq!(clone.chunks_total, Some(128), "{clone:?}");
+    let paused = strict(
+        &mut c,
+        &m::CloneThicken {
+            name: "c".into(),
+            action: m::ThickenAction::Pause,
+            mib_s: None,
+        },
+    );
+    assert!(paused.paused && paused.thicken, "{paused:?}");
 }
