@@ -47,6 +47,9 @@ const BROWSER_CONNECTIONS: usize = 16;
 /// Connections in all: a few browsers' worth, so one address cannot take them all.
 const CONNECTIONS: usize = 4 * BROWSER_CONNECTIONS;
 
+/// The most of a refused request's body read before its connection is closed.
+const DRAIN_BYTES: usize = 64 << 10;
+
 /// API calls running at once (each on a thread of its own): a call whose client went
 /// away still runs to its end, so the count, not the connections, bounds the threads.
 pub const MAX_CALLS: usize = 16;
@@ -109,6 +112,7 @@ pub fn start(
                             state,
                             token,
                             calls,
+                            request_timeout: limits.request_timeout,
                         };
                         match tls {
                             None => serve(stream, conn, limits).await,
@@ -157,6 +161,8 @@ struct Conn {
     token: Arc<String>,
     /// API calls running, across connections ([`MAX_CALLS`]).
     calls: Arc<AtomicUsize>,
+    /// The control API's request deadline.
+    request_timeout: Duration,
 }
 
 /// Serves HTTP/1.1 on one connection: a request's headers must arrive within the
@@ -216,6 +222,17 @@ async fn api(req: Request<hyper::body::Incoming>, conn: &Conn) -> Response<Full<
             "authenticate",
             "denied: bad or missing token",
         );
+        // The (small) body read first, within the deadline: a connection closed with
+        // bytes unread is reset, and the client would see that, not this answer.
+        let drained = Limited::new(req.into_body(), DRAIN_BYTES).collect();
+        let deadline = Timer::after(conn.request_timeout);
+        let read = async {
+            let _ = drained.await;
+        };
+        let late = async {
+            let _ = deadline.await;
+        };
+        futures_lite::future::or(read, late).await;
         let e = RpcError::new(code::UNAUTHORIZED, "authenticate with a valid token");
         return closing(rpc(
             StatusCode::UNAUTHORIZED,
