@@ -204,7 +204,7 @@ method! {
 
 method! {
     /// Every volume.
-    VolumeList = "volume_list" {}
+    VolumeList = "volume_list" -> Volumes {}
 }
 
 method! {
@@ -225,7 +225,7 @@ method! {
 
 method! {
     /// Snapshots in the catalogue, of one volume or all.
-    SnapshotList = "snapshot_list" {
+    SnapshotList = "snapshot_list" -> Vec<Snapshot> {
         /// Only this volume's.
         volume: Option<String>,
     }
@@ -665,6 +665,69 @@ pub struct CloneInfo {
     /// The working set's fetch, while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warming: Option<Warming>,
+}
+
+/// A volume, as `volume_list` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Its name.
+    pub name: String,
+    /// `volume`.
+    pub kind: String,
+    /// Its size.
+    pub size_bytes: u64,
+    /// Its block size.
+    pub block_size: u32,
+    /// Its chunk size (change tracking, snapshots).
+    pub chunk_bytes: u64,
+    /// Its identity.
+    pub uuid: String,
+    /// Where it is exported, if anywhere.
+    pub export: Option<Export>,
+    /// Its catalogued snapshots.
+    pub snapshots: u64,
+    /// Bytes read from it and written to it (this run).
+    pub read_bytes: u64,
+    /// See `read_bytes`.
+    pub write_bytes: u64,
+    /// Why it could not be opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}
+
+/// What `volume_list` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Volumes {
+    /// The volumes.
+    pub volumes: Vec<VolumeInfo>,
+    /// The clones, each as `clone_get` answers.
+    pub clones: Vec<CloneInfo>,
+}
+
+/// A snapshot this appliance took, as `snapshot_list` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Its ID (hex).
+    pub id: String,
+    /// The volume it was taken of.
+    pub volume: String,
+    /// The store it lives in.
+    pub store: String,
+    /// Its manifest's key.
+    pub manifest_key: String,
+    /// The snapshot it is incremental over, if any.
+    pub parent: Option<String>,
+    /// When (Unix seconds).
+    pub created: u64,
+    /// Bytes of frames uploaded.
+    pub data_bytes: u64,
+    /// Bytes of index pages and manifest uploaded.
+    pub meta_bytes: u64,
+    /// Chunks read from the volume.
+    pub chunks_read: u64,
+    /// Entered in the store's own catalogue.
+    #[serde(default)]
+    pub listed: bool,
 }
 
 /// Every method but `auth` (which only opens a TCP connection, and API.md describes

@@ -135,10 +135,43 @@ fn api_md_names_every_field_of_the_typed_results() {
     );
     let mut clone = clone;
     clone.extend(["fetched_bytes", "miss_latency_us", "thickening", "warming"].map(String::from));
+    let volume = fields(
+        serde_json::to_value(ox_api::methods::VolumeInfo {
+            name: String::new(),
+            kind: String::new(),
+            size_bytes: 0,
+            block_size: 512,
+            chunk_bytes: 0,
+            uuid: String::new(),
+            export: None,
+            snapshots: 0,
+            read_bytes: 0,
+            write_bytes: 0,
+            unavailable: Some(String::new()),
+        })
+        .unwrap(),
+    );
+    let snapshot = fields(
+        serde_json::to_value(ox_api::methods::Snapshot {
+            id: String::new(),
+            volume: String::new(),
+            store: String::new(),
+            manifest_key: String::new(),
+            parent: None,
+            created: 0,
+            data_bytes: 0,
+            meta_bytes: 0,
+            chunks_read: 0,
+            listed: false,
+        })
+        .unwrap(),
+    );
     for (method, names) in [
         ("ox_get_version", &version),
         ("job_get", &job),
         ("clone_get", &clone),
+        ("volume_list", &volume),
+        ("snapshot_list", &snapshot),
     ] {
         let (_, result) = &columns[method];
         for name in names {

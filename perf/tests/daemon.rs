@@ -1375,4 +1375,10 @@ fn typed_results_are_what_oxd_answers() {
         },
     );
     assert!(paused.paused && paused.thicken, "{paused:?}");
+    let listed = strict(&mut c, &m::VolumeList {});
+    assert_eq!(listed.volumes.len(), 2, "v and the restored r: {listed:?}");
+    assert_eq!(listed.clones.len(), 1, "{listed:?}");
+    let snaps = strict(&mut c, &m::SnapshotList { volume: None });
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert!(snaps[0].listed && snaps[0].parent.is_none(), "{snaps:?}");
 }
