@@ -265,7 +265,7 @@ method! {
 
 method! {
     /// The keys (never their secrets).
-    KeyList = "key_list" {}
+    KeyList = "key_list" -> Vec<KeyInfo> {}
 }
 
 method! {
@@ -370,7 +370,7 @@ method! {
 
 method! {
     /// Every policy, with its state.
-    PolicyList = "policy_list" {}
+    PolicyList = "policy_list" -> Vec<PolicyInfo> {}
 }
 
 method! {
@@ -728,6 +728,75 @@ pub struct Snapshot {
     /// Entered in the store's own catalogue.
     #[serde(default)]
     pub listed: bool,
+}
+
+/// A key-encryption key, as `key_list` lists it (never its material).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// Its name.
+    pub name: String,
+    /// New snapshots are wrapped under it.
+    pub default: bool,
+    /// 8 bytes of HMAC-SHA256 under it of a fixed label (hex): equal on two appliances
+    /// exactly when they hold the same key.
+    pub check: String,
+}
+
+/// A policy run's failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyError {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// Why.
+    pub error: String,
+}
+
+/// A protection policy and what it did, as `policy_list` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// The volume.
+    pub volume: String,
+    /// The store its snapshots go to.
+    pub store: String,
+    /// Seconds between snapshots.
+    pub every_s: u64,
+    /// The key they are wrapped under (absent: the default key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Keep the newest this many.
+    pub keep_last: u32,
+    /// Keep the newest of each of the last this many hours.
+    pub hourly: u32,
+    /// ... days.
+    pub daily: u32,
+    /// ... weeks.
+    pub weekly: u32,
+    /// ... months.
+    pub monthly: u32,
+    /// The newest snapshot's ID.
+    pub newest: Option<String>,
+    /// When it was taken (Unix seconds).
+    pub last_success: Option<u64>,
+    /// Its age now: what a disaster would lose.
+    pub rpo_s: Option<u64>,
+    /// When the next is due (Unix seconds).
+    pub next_due: u64,
+    /// The snapshot job running for it, if any.
+    pub job: Option<u64>,
+    /// Runs since the daemon started.
+    pub runs: u64,
+    /// Of those, failures.
+    pub failures: u64,
+    /// The latest failure.
+    pub last_error: Option<PolicyError>,
+    /// Snapshots retired since start.
+    pub retired: u64,
+    /// Objects swept since start.
+    pub swept_objects: u64,
+    /// Manifests swept since start.
+    pub swept_manifests: u64,
+    /// The last retention run (as docs/API.md describes it), if any.
+    pub last_retention: serde_json::Value,
 }
 
 /// Every method but `auth` (which only opens a TCP connection, and API.md describes

@@ -166,7 +166,43 @@ fn api_md_names_every_field_of_the_typed_results() {
         })
         .unwrap(),
     );
+    let key = fields(
+        serde_json::to_value(ox_api::methods::KeyInfo {
+            name: String::new(),
+            default: true,
+            check: String::new(),
+        })
+        .unwrap(),
+    );
+    let policy = fields(
+        serde_json::to_value(ox_api::methods::PolicyInfo {
+            volume: String::new(),
+            store: String::new(),
+            every_s: 60,
+            key: Some(String::new()),
+            keep_last: 0,
+            hourly: 0,
+            daily: 0,
+            weekly: 0,
+            monthly: 0,
+            newest: None,
+            last_success: None,
+            rpo_s: None,
+            next_due: 0,
+            job: None,
+            runs: 0,
+            failures: 0,
+            last_error: None,
+            retired: 0,
+            swept_objects: 0,
+            swept_manifests: 0,
+            last_retention: serde_json::Value::Null,
+        })
+        .unwrap(),
+    );
     for (method, names) in [
+        ("key_list", &key),
+        ("policy_list", &policy),
         ("ox_get_version", &version),
         ("job_get", &job),
         ("clone_get", &clone),

@@ -1381,4 +1381,22 @@ fn typed_results_are_what_oxd_answers() {
     let snaps = strict(&mut c, &m::SnapshotList { volume: None });
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert!(snaps[0].listed && snaps[0].parent.is_none(), "{snaps:?}");
+    let keys = strict(&mut c, &m::KeyList {});
+    assert_eq!((keys.len(), keys[0].default), (1, true), "{keys:?}");
+    // A policy, with a snapshot already there: its RPO is that snapshot's age.
+    c.invoke(&m::PolicySet {
+        volume: "v".into(),
+        store: "l".into(),
+        every_s: 3600,
+        key: None,
+        keep_last: Some(2),
+        hourly: None,
+        daily: None,
+        weekly: None,
+        monthly: None,
+    })
+    .unwrap();
+    let policies = strict(&mut c, &m::PolicyList {});
+    assert_eq!(policies.len(), 1, "{policies:?}");
+    assert_eq!(policies[0].keep_last, 2);
 }
