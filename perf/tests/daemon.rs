@@ -492,6 +492,11 @@ fn cut_short_by_a_clean_stop(lose_journal: bool, full: bool) {
     );
 }
 
+/// The configuration of volume `v`, of `mib`, exported as `nqn` to any host.
+fn volume_v(mib: u64, nqn: &str) -> String {
+    format!("[[volume]]\nname = \"v\"\nsize_mib = {mib}\nnqn = \"{nqn}\"\nallow_any_host = true\n")
+}
+
 /// Snapshots in the catalogue, read from the file (the daemon may be down).
 fn ctl_list(ctl: &Ctl) -> usize {
     let state = std::path::Path::new(&ctl.socket).with_file_name("state");
@@ -1027,7 +1032,7 @@ fn a_crash_during_writes_keeps_the_next_snapshot_incremental() {
         d,
         port,
         "zstd_level = 0\n",
-        "[[volume]]\nname = \"v\"\nsize_mib = 64\nnqn = \"nqn.2026-11.io.ox:v\"\nallow_any_host = true\n",
+        &volume_v(64, "nqn.2026-11.io.ox:v"),
     );
     let vol = format!("127.0.0.1:{port},nqn.2026-11.io.ox:v,1");
     let mut oxd = start_oxd(&config);
@@ -1103,14 +1108,7 @@ fn a_full_snapshot_reads_every_chunk_over_no_parent_and_starts_a_lineage() {
     let d = dir.path();
     let port = free_port();
     let nqn = "nqn.2026-11.io.ox:v";
-    let (config, ctl) = local_appliance(
-        d,
-        port,
-        "",
-        &format!(
-            "[[volume]]\nname = \"v\"\nsize_mib = 8\nnqn = \"{nqn}\"\nallow_any_host = true\n"
-        ),
-    );
+    let (config, ctl) = local_appliance(d, port, "", &volume_v(8, nqn));
     let mut oxd = start_oxd(&config);
     let vol = format!("127.0.0.1:{port},{nqn},1");
     oxperf(&vol, "write", "0:16384", 64, 131072, 5);
@@ -1200,9 +1198,7 @@ fn a_snapshot_given_up_at_the_restart_releases_its_upload_lease() {
         d,
         port,
         "object_mib = 1\n",
-        &format!(
-            "{store}[[volume]]\nname = \"v\"\nsize_mib = 16\nnqn = \"{nqn}\"\nallow_any_host = true\n"
-        ),
+        &format!("{store}{}", volume_v(16, nqn)),
     );
     let vol = format!("127.0.0.1:{port},{nqn},1");
     let mut oxd = start_oxd(&config);
@@ -1285,14 +1281,7 @@ fn typed_results_are_what_oxd_answers() {
     let d = dir.path();
     let port = free_port();
     let nqn = "nqn.2026-11.io.ox:v";
-    let (config, ctl) = local_appliance(
-        d,
-        port,
-        "",
-        &format!(
-            "[[volume]]\nname = \"v\"\nsize_mib = 8\nnqn = \"{nqn}\"\nallow_any_host = true\n"
-        ),
-    );
+    let (config, ctl) = local_appliance(d, port, "", &volume_v(8, nqn));
     let _oxd = start_oxd(&config);
     oxperf(
         &format!("127.0.0.1:{port},{nqn},1"),
