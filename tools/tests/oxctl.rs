@@ -75,12 +75,19 @@ fn start_in(dir: tempfile::TempDir, control_extra: &str) -> Daemon {
         .arg("--config")
         .arg(&path)
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut tcp = String::new();
     loop {
-        let line = lines.next().expect("oxd exited before serving").unwrap();
+        let Some(line) = lines.next() else {
+            // Why it stopped, for the failure's report (a port taken meanwhile, say).
+            let mut why = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut why);
+            panic!("oxd exited before serving: {why}");
+        };
+        let line = line.unwrap();
         if let Some((_, rest)) = line.split_once("control API on tcp ") {
             tcp = rest.split(' ').next().unwrap().to_string();
         }
