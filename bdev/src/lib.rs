@@ -59,6 +59,7 @@ mod volume;
 
 pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
 pub use buf::{IO_ALIGN, IoBuf};
+pub use clone::walk;
 pub use clone::{
     Basis, CloneCounters, CloneHandle, FetchDone, FetchError, FetchReason, create_clone,
     open_clone, open_clone_on,

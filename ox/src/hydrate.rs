@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bdev::walk::{Answered, Failure, Now, Walk};
 use bdev::{Bdev, BdevIo, CloneHandle, FetchReason, IoBuf};
 use reactor::ReactorHandle;
 
@@ -43,17 +44,7 @@ pub struct Thickening {
     changed: event_listener::Event,
 }
 
-/// Runs a walk keeps in flight unless told otherwise.
-pub const DEFAULT_WINDOW: usize = 8;
-
-/// The most of adjacent chunks a walk asks for at once (at least one chunk).
-pub const RUN_BYTES: u64 = 1 << 20;
-
-/// While hosts read cold data: runs in flight, and their length (at least one chunk:
-/// a few ms of a host's miss queued behind it on a slow link).
-pub const SHARING_WINDOW: usize = 2;
-/// See [`SHARING_WINDOW`].
-pub const SHARING_RUN_BYTES: u64 = 256 << 10;
+pub use bdev::walk::{DEFAULT_WINDOW, RUN_BYTES, SHARING_RUN_BYTES, SHARING_WINDOW};
 
 impl Default for Thickening {
     fn default() -> Self {
@@ -173,17 +164,11 @@ impl Thickening {
     }
 }
 
-/// Attempts at a chunk whose fetch failed, after the first.
-const FETCH_RETRIES: u32 = 3;
-
 /// How long the walk waits for any one answer before deciding its reactor is gone.
 const FETCH_PATIENCE: Duration = Duration::from_secs(300);
 
 /// How long thickening holds back after a host last waited on the basis.
 const CLIENT_GRACE: Duration = Duration::from_millis(20);
-
-/// Chunks on each side of a recent miss that thickening fetches first.
-const HOT_SPAN: u64 = 32;
 
 /// Walks every chunk of `clone` (around recent misses first), fetching the missing ones through reactor `on`, until
 /// done or stopped. Returns the number of chunks fetched.
@@ -194,22 +179,11 @@ pub async fn thicken(
 ) -> Result<u64, OxError> {
     let _ = control.started.set(Instant::now());
     let (_, total) = clone.hydration();
-    // Hot first: the neighbourhoods of recent client misses, then everything in order.
-    let mut order: Vec<u64> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for h in clone.hot_chunks() {
-        for c in h.saturating_sub(HOT_SPAN)..(h + HOT_SPAN).min(total) {
-            if seen.insert(c) {
-                order.push(c);
-            }
-        }
-    }
-    let rest = (0..total).filter(|c| !seen.contains(c));
     walk(
         clone,
         on,
         control,
-        order.into_iter().chain(rest),
+        bdev::walk::hot_first(&clone.hot_chunks(), total),
         FetchReason::Thickening,
         true,
     )
@@ -317,9 +291,11 @@ async fn warm_once(
     Ok(())
 }
 
-/// Fetches the chunks of `order` not present yet, for `reason`, in runs of adjacent
-/// ones, a window of runs in flight, until done or stopped; `yields`: stepping back to
-/// short runs while hosts read cold data. Returns the number of chunks fetched.
+/// Fetches the chunks of `order` not present yet, for `reason`, as
+/// [`bdev::walk::Walk`] decides (runs of adjacent chunks, a window of them in
+/// flight, retries), until done or stopped; `yields`: stepping back to short runs
+/// while hosts read cold data. This carries out the walk's decisions and waits for
+/// what changes them. Returns the number of chunks fetched so far by `control`.
 async fn walk(
     clone: &CloneHandle,
     on: &ReactorHandle,
@@ -328,10 +304,8 @@ async fn walk(
     reason: FetchReason,
     yields: bool,
 ) -> Result<u64, OxError> {
-    let mut next = order.filter(|&c| !clone.is_present(c)).peekable();
+    let mut walk = Walk::new(order, clone.chunk_bytes(), yields);
     let (tx, rx) = async_channel::unbounded::<(Vec<u64>, Result<(), bdev::BdevError>)>();
-    let (mut inflight, mut exhausted, mut failure) = (0usize, false, None);
-    let mut attempts: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     let issue = |run: Vec<u64>| {
         let tx = tx.clone();
         let asked = run.clone();
@@ -339,44 +313,20 @@ async fn walk(
             let _ = tx.try_send((run, r));
         })
     };
+    let now = || Now {
+        stopped: control.is_stopped(),
+        paused: control.is_paused(),
+        sharing: clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE),
+        window: control.window(),
+    };
     loop {
-        let halted = control.is_stopped() || failure.is_some();
-        if !halted && !control.is_paused() {
-            // Beside client reads: short runs, few in flight, while hosts are reading
-            // cold data (unless what is fetched is what they will read).
-            let sharing =
-                yields && (clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE));
-            let (window, run_bytes) = if sharing {
-                (SHARING_WINDOW.min(control.window()), SHARING_RUN_BYTES)
-            } else {
-                (control.window(), RUN_BYTES)
-            };
-            let run_len = (run_bytes / clone.chunk_bytes()).max(1) as usize;
-            while inflight < window && !exhausted {
-                // The next absent chunks, while adjacent.
-                let Some(first) = next.next() else {
-                    exhausted = true;
-                    break;
-                };
-                let mut run = vec![first];
-                while run.len() < run_len
-                    && let Some(&c) = next.peek()
-                    && c == run[run.len() - 1] + 1
-                {
-                    run.push(c);
-                    next.next();
-                }
-                match issue(run) {
-                    Ok(()) => inflight += 1,
-                    Err(e) => {
-                        failure = Some(OxError::Config(e.to_string()));
-                        break;
-                    }
-                }
+        while let Some(run) = walk.next_run(now(), |c| clone.is_present(c)) {
+            if let Err(e) = issue(run.clone()) {
+                walk.refused(&run, e);
             }
         }
-        if inflight == 0 {
-            if control.is_stopped() || failure.is_some() || exhausted {
+        if walk.in_flight() == 0 {
+            if walk.is_over(control.is_stopped()) {
                 break;
             }
             // Nothing in flight and nothing may start (paused, or a host waits on the
@@ -401,59 +351,48 @@ async fn walk(
         })
         .await;
         let Some((run, result)) = next else {
-            failure.get_or_insert(OxError::Config(
+            return Err(OxError::Config(
                 "a background fetch got no answer (reactor stopped?)".into(),
             ));
-            break;
         };
-        inflight -= 1;
-        let chunk = run[0];
-        match result {
-            Ok(()) => {
-                control
-                    .fetched
-                    .fetch_add(run.len() as u64, Ordering::Relaxed);
+        match walk.answered(run, result, control.is_stopped()) {
+            Answered::Fetched(n) => {
+                control.fetched.fetch_add(n, Ordering::Relaxed);
             }
-            Err(e) => {
-                // A store hiccup is retried a few times, backing off, before the walk
-                // gives up (the clone stays correct either way: misses still work).
-                let n = attempts.entry(chunk).or_default();
-                *n += 1;
-                if *n <= FETCH_RETRIES && !control.is_stopped() {
-                    async_io::Timer::after(Duration::from_millis(500) * *n).await;
-                    match issue(run) {
-                        Ok(()) => inflight += 1,
-                        Err(e) => {
-                            failure.get_or_insert(OxError::Config(e.to_string()));
-                        }
-                    }
-                } else {
-                    // An outage is not damage: say which it was.
-                    failure.get_or_insert(match e {
-                        bdev::BdevError::Basis {
-                            reason: bdev::FetchError::Integrity(why),
-                            ..
-                        } => OxError::integrity(format!("chunk {chunk}"), why),
-                        bdev::BdevError::Basis {
-                            reason: bdev::FetchError::Unavailable(why),
-                            ..
-                        } => OxError::Unavailable {
-                            op: "background fetch",
-                            key: format!("chunk {chunk}"),
-                            attempts: *n,
-                            message: why,
-                        },
-                        other => {
-                            OxError::Config(format!("background fetch of chunk {chunk}: {other}"))
-                        }
-                    });
+            Answered::Retry { run, after } => {
+                // A store hiccup: asked for again, backing off.
+                async_io::Timer::after(after).await;
+                if let Err(e) = issue(run.clone()) {
+                    walk.refused(&run, e);
                 }
             }
+            Answered::GaveUp => {}
         }
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(control.fetched()),
+    match walk.end() {
+        Ok(_) => Ok(control.fetched()),
+        // An outage is not damage: say which it was.
+        Err(Failure {
+            chunk,
+            attempts,
+            error,
+        }) => Err(match error {
+            _ if attempts == 0 => OxError::Config(error.to_string()),
+            bdev::BdevError::Basis {
+                reason: bdev::FetchError::Integrity(why),
+                ..
+            } => OxError::integrity(format!("chunk {chunk}"), why),
+            bdev::BdevError::Basis {
+                reason: bdev::FetchError::Unavailable(why),
+                ..
+            } => OxError::Unavailable {
+                op: "background fetch",
+                key: format!("chunk {chunk}"),
+                attempts,
+                message: why,
+            },
+            other => OxError::Config(format!("background fetch of chunk {chunk}: {other}")),
+        }),
     }
 }
 

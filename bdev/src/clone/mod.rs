@@ -24,6 +24,7 @@
 pub(crate) mod core;
 mod journal;
 mod owner;
+pub mod walk;
 
 use std::cell::Cell;
 use std::rc::Rc;

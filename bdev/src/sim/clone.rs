@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use super::model::{BLOCK, Model, fill};
 use super::{CHUNK_BLOCKS, CHUNK_BYTES, Clock, Draw, EVENTS_AT_MOST, Micros, bit};
-use crate::clone::core::{Action, Chunk, Core, Event};
+use crate::clone::core::{Action, Core, Event};
+use crate::clone::walk::{Answered, Now, Walk, hot_first};
 use crate::clone::{FetchError, FetchReason};
 use crate::nondurable;
 use crate::nondurable_medium::NonDurableMedium;
@@ -19,6 +20,12 @@ use crate::test_rng::Rng;
 const LAZY_RECORD: Micros = 200_000;
 /// Fetches of one chunk the basis tries before it gives up (as ox's basis).
 const STORE_ATTEMPTS: u32 = 3;
+/// The chunk size thickening's walk is told: the simulated clone's small chunks stand
+/// for 256 KiB ones, so its runs are 4 chunks long, 1 while hosts read cold data.
+const WALK_CHUNK_BYTES: u64 = 256 << 10;
+
+/// Thickening's walk, as `ox::hydrate` runs it (the appliance's own [`Walk`]).
+type Thickening = Walk<Box<dyn Iterator<Item = u64>>, String>;
 
 /// Rules of the clone's protocol broken on purpose, to show the simulator catches it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -85,7 +92,11 @@ pub(crate) struct Stats {
     pub(crate) claimed_whole: u64,
     pub(crate) commits: u64,
     pub(crate) checkpoints: u64,
+    /// Chunks thickening's walk fetched.
     pub(crate) thickened: u64,
+    /// Runs it asked for again after a failure, and walks that failed.
+    pub(crate) thicken_retries: u64,
+    pub(crate) thickenings_failed: u64,
     pub(crate) simulated_us: u64,
     /// A digest of the run's event order, for checking that a seed replays exactly.
     pub(crate) fingerprint: u64,
@@ -113,6 +124,8 @@ impl Stats {
         self.commits += o.commits;
         self.checkpoints += o.checkpoints;
         self.thickened += o.thickened;
+        self.thicken_retries += o.thicken_retries;
+        self.thickenings_failed += o.thickenings_failed;
         self.simulated_us += o.simulated_us;
     }
 }
@@ -125,7 +138,7 @@ impl fmt::Display for Stats {
              failed, {} flushes), {} blocks checked in reads, {} power cuts ({} mid-record, \
              {} sectors lost), {} blocks checked after cuts, {} fetches ({} store faults, {} fetches \
              failed), {} reads served from fetched bytes, {} chunks claimed whole, {} \
-             commits, {} checkpoints, {} chunks thickened",
+             commits, {} checkpoints, {} chunks thickened ({} runs retried, {} walks failed)",
             self.events,
             self.host_ops,
             self.reads,
@@ -145,7 +158,9 @@ impl fmt::Display for Stats {
             self.claimed_whole,
             self.commits,
             self.checkpoints,
-            self.thickened
+            self.thickened,
+            self.thicken_retries,
+            self.thickenings_failed
         )
     }
 }
@@ -209,6 +224,8 @@ enum Cont {
     Plan(u64),
     /// A write waiting for the presence record.
     Durable(u64),
+    /// A run of thickening's walk.
+    Thicken(Vec<u64>),
 }
 
 /// An answer to a waiter, as the owner would deliver it.
@@ -246,7 +263,12 @@ enum Ev {
     Core(Event<u64>),
     /// Lazily noted chunks are due.
     Lazy,
+    /// Thickening starts (or starts again after it failed).
     Thicken,
+    /// The operator pauses or resumes thickening.
+    ThickenPause,
+    /// A failed run of thickening is due to be asked for again.
+    ThickenRetry(Vec<u64>),
     Cut,
 }
 
@@ -293,7 +315,10 @@ struct World {
     last_read_end: Vec<u64>,
     /// Reads checking the clone after a cut, still to finish.
     verifying: u64,
-    thicken_cursor: u64,
+    /// Thickening's walk, while one runs; its window; whether paused.
+    thickening: Option<Thickening>,
+    thicken_window: usize,
+    thicken_paused: bool,
     /// When each lane's last message reaches the owner.
     lanes: Vec<Micros>,
     stats: Stats,
@@ -331,7 +356,9 @@ impl World {
             issued: 0,
             last_read_end: vec![u64::MAX; config.hosts],
             verifying: 0,
-            thicken_cursor: 0,
+            thickening: None,
+            thicken_window: 1 + (config.seed / 9 % 8) as usize,
+            thicken_paused: false,
             lanes: vec![0; config.hosts + 2],
             stats: Stats::default(),
         };
@@ -409,7 +436,21 @@ impl World {
                 Ok(())
             }
             Ev::Thicken => {
+                self.thicken_start();
+                Ok(())
+            }
+            Ev::ThickenPause => {
+                // Every pause is followed by a resume.
+                self.thicken_paused = !self.thicken_paused;
+                if self.thicken_paused {
+                    let t = self.between(1_000, 50_000);
+                    self.at(t, Ev::ThickenPause);
+                }
                 self.thicken();
+                Ok(())
+            }
+            Ev::ThickenRetry(run) => {
+                self.thicken_ask(run);
                 Ok(())
             }
             Ev::Cut => self.cut(false),
@@ -889,41 +930,89 @@ impl World {
                 self.write_end(id, Ok(()));
                 Ok(())
             }
+            (Cont::Thicken(run), Answer::Done) => {
+                self.thicken_answered(run, Ok(()));
+                Ok(())
+            }
+            (Cont::Thicken(run), Answer::Failed(e)) => {
+                self.thicken_answered(run, Err(e));
+                Ok(())
+            }
             (cont, answer) => panic!("{cont:?} answered with {answer:?}"),
         }
     }
 
     // ------------------------------------------------------------------ thickening
 
-    /// Background thickening: the next absent chunks, two at a time.
+    /// Thickening begins: the appliance's walk over the chunks around recent misses
+    /// first, then the rest.
+    fn thicken_start(&mut self) {
+        let order = hot_first(&self.core.hot(), self.config.chunks);
+        self.thickening = Some(Walk::new(Box::new(order), WALK_CHUNK_BYTES, true));
+        self.thicken();
+    }
+
+    /// Asks for what the walk decides now, as `ox::hydrate` does after every change.
     fn thicken(&mut self) {
-        let chunks = self.config.chunks;
-        let mut next = Vec::new();
-        for _ in 0..chunks {
-            let c = self.thicken_cursor;
-            self.thicken_cursor = (c + 1) % chunks;
-            if self.core.state(c) == Chunk::Absent {
-                next.push(c);
-                if next.len() == 2 {
-                    break;
-                }
+        let now = Now {
+            stopped: false,
+            paused: self.thicken_paused,
+            sharing: self.core.client_fetches() > 0,
+            window: self.thicken_window,
+        };
+        let mut runs = Vec::new();
+        if let Some(walk) = &mut self.thickening {
+            let core = &self.core;
+            while let Some(run) = walk.next_run(now, |c| core.is_present(c)) {
+                runs.push(run);
             }
         }
-        if next.is_empty() {
-            return;
+        for run in runs {
+            self.thicken_ask(run);
         }
-        self.stats.thickened += next.len() as u64;
+        if self.thickening.as_ref().is_some_and(|w| w.is_over(false)) {
+            let walk = self.thickening.take().expect("a walk");
+            if walk.end().is_err() {
+                // It failed (the store in trouble): the operator starts it again.
+                self.stats.thickenings_failed += 1;
+                let t = self.between(5_000, 40_000);
+                self.at(t, Ev::Thicken);
+            }
+        }
+    }
+
+    /// Asks the owner for `run`, for thickening.
+    fn thicken_ask(&mut self, run: Vec<u64>) {
+        let token = self.id();
+        self.conts.insert(token, Cont::Thicken(run.clone()));
         let lane = self.config.hosts + 1;
         self.send(
             lane,
             Event::Need {
-                chunks: next,
+                chunks: run,
                 reason: FetchReason::Thickening,
-                waiter: None,
+                waiter: Some(token),
             },
         );
-        let t = self.between(5_000, 40_000);
-        self.at(t, Ev::Thicken);
+    }
+
+    fn thicken_answered(&mut self, run: Vec<u64>, result: Result<(), String>) {
+        let Some(walk) = &mut self.thickening else {
+            panic!("an answer to thickening with no walk");
+        };
+        match walk.answered(run, result, false) {
+            Answered::Retry { run, after } => {
+                self.stats.thicken_retries += 1;
+                self.at(after.as_micros() as Micros, Ev::ThickenRetry(run));
+            }
+            Answered::Fetched(n) => self.stats.thickened += n,
+            Answered::GaveUp => {}
+        }
+        self.thicken();
+        if !self.thicken_paused && self.chance(5) {
+            let t = self.between(1_000, 20_000);
+            self.at(t, Ev::ThickenPause);
+        }
     }
 
     // ------------------------------------------------------------------ the journal
@@ -1051,6 +1140,8 @@ impl World {
         let floors = self.model.power_cut();
         self.ops.clear();
         self.conts.clear();
+        self.thickening = None;
+        self.thicken_paused = false;
         self.verifying = 0;
         self.lanes.fill(0);
         let (files, words) =
@@ -1133,6 +1224,8 @@ fn discriminant(ev: &Ev) -> u64 {
         Ev::Commit => 5,
         Ev::Lazy => 6,
         Ev::Thicken => 7,
+        Ev::ThickenPause => 10,
+        Ev::ThickenRetry(run) => 11 + run[0] * 16,
         Ev::Cut => 8,
         Ev::Core(_) => 9,
     }

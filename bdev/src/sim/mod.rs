@@ -13,9 +13,10 @@
 //! event comes off one queue ordered by simulated time, so a seed replays exactly: a
 //! failure prints its seed, and `OX_DSIM_SEED=N` runs that one.
 //!
-//! - `clone`: the chunk-state core (`clone::core`) and the presence record
-//!   (`presence`), with misses, read-ahead, whole-chunk claims, thickening and
-//!   checkpoints.
+//! - `clone`: the chunk-state core (`clone::core`), the presence record (`presence`)
+//!   and thickening's walk (`clone::walk`, as `ox::hydrate` runs it: runs of adjacent
+//!   chunks around recent misses first, a window that shrinks while hosts miss,
+//!   retries, pauses), with misses, read-ahead, whole-chunk claims and checkpoints.
 //! - `volume`: the snapshot core (`volume::core`) and the change record (`dirty`'s
 //!   files), with incremental snapshots taken while hosts write (copy-before-write)
 //!   and uploaded with faults, and the record compacted after each.

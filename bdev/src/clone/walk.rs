@@ -1,0 +1,344 @@
+//! The decisions of a walk over a clone's chunks — thickening, a new clone's warm-up:
+//! which chunks to ask for, in what runs, how many at once, what to retry, and when the
+//! walk is over. No I/O, no clock and no locks: whoever runs the walk (`ox::hydrate` on
+//! an OX core, the simulator in tests) asks it for runs, carries them out as fetches
+//! ([`crate::CloneHandle::fetch_many_on`]), and tells it each answer. So the simulator
+//! runs the appliance's own walk, not a copy of its order of steps.
+//!
+//! A walk asks for the absent chunks of its order in runs of adjacent ones (one ranged
+//! GET each at the basis), keeping a window of runs in flight. A walk that *yields*
+//! (thickening) steps back to [`SHARING_WINDOW`] runs of [`SHARING_RUN_BYTES`] while
+//! hosts read cold data, so a host's miss queues behind little of it on the link. A
+//! failed run is asked for again up to [`FETCH_RETRIES`] times, backing off; then the
+//! walk fails (the clone stays correct either way: misses still work).
+
+use std::collections::HashMap;
+use std::iter::Peekable;
+use std::time::Duration;
+
+/// Runs a walk keeps in flight unless told otherwise.
+pub const DEFAULT_WINDOW: usize = 8;
+
+/// The most of adjacent chunks a walk asks for at once (at least one chunk).
+pub const RUN_BYTES: u64 = 1 << 20;
+
+/// While hosts read cold data: runs in flight, and their length (at least one chunk:
+/// a few ms of a host's miss queued behind it on a slow link).
+pub const SHARING_WINDOW: usize = 2;
+/// See [`SHARING_WINDOW`].
+pub const SHARING_RUN_BYTES: u64 = 256 << 10;
+
+/// Attempts at a run whose fetch failed, after the first.
+pub const FETCH_RETRIES: u32 = 3;
+
+/// Wait before the `n`-th attempt again at a failed run (`n` from 1).
+pub const RETRY_STEP: Duration = Duration::from_millis(500);
+
+/// Chunks on each side of a recent miss that thickening fetches first.
+pub const HOT_SPAN: u64 = 32;
+
+/// Thickening's order over a clone of `total` chunks: the neighbourhoods of the
+/// chunks hosts missed lately (`hot`) first, then every other chunk in order.
+pub fn hot_first(hot: &[u64], total: u64) -> impl Iterator<Item = u64> + use<> {
+    let mut order: Vec<u64> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for &h in hot {
+        for c in h.saturating_sub(HOT_SPAN)..h.saturating_add(HOT_SPAN).min(total) {
+            if seen.insert(c) {
+                order.push(c);
+            }
+        }
+    }
+    order
+        .into_iter()
+        .chain((0..total).filter(move |c| !seen.contains(c)))
+}
+
+/// What a walk may do at the moment it is asked for runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Stopped for good: ask for nothing more, end once nothing is in flight.
+    pub stopped: bool,
+    /// Paused: ask for nothing until resumed.
+    pub paused: bool,
+    /// Hosts are reading cold data (waiting on the basis now, or did a moment ago).
+    pub sharing: bool,
+    /// Runs to keep in flight (at least one).
+    pub window: usize,
+}
+
+/// Why a walk failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure<E> {
+    /// The first chunk of the run that failed.
+    pub chunk: u64,
+    /// Attempts at that run (0: a fetch could not even be asked for).
+    pub attempts: u32,
+    /// The last error.
+    pub error: E,
+}
+
+/// What an answer to a run leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answered {
+    /// The run's chunks are present.
+    Fetched(u64),
+    /// Ask for `run` again after `after` (it still counts as in flight).
+    Retry {
+        /// The run, as before.
+        run: Vec<u64>,
+        /// How long to wait first.
+        after: Duration,
+    },
+    /// The walk failed (see [`Walk::end`]); nothing more is asked for.
+    GaveUp,
+}
+
+/// One walk over `order` (the chunks to fetch, in the order to fetch them), with
+/// errors of type `E`.
+pub struct Walk<I: Iterator<Item = u64>, E> {
+    order: Peekable<I>,
+    chunk_bytes: u64,
+    yields: bool,
+    in_flight: usize,
+    exhausted: bool,
+    failure: Option<Failure<E>>,
+    /// Failed attempts so far, by a run's first chunk.
+    attempts: HashMap<u64, u32>,
+    fetched: u64,
+}
+
+impl<I: Iterator<Item = u64>, E> Walk<I, E> {
+    /// A walk over `order` on a clone of `chunk_bytes` chunks; `yields`: stepping back
+    /// to short runs while hosts read cold data.
+    pub fn new(order: I, chunk_bytes: u64, yields: bool) -> Self {
+        assert!(chunk_bytes > 0, "a clone's chunks have a size");
+        Self {
+            order: order.peekable(),
+            chunk_bytes,
+            yields,
+            in_flight: 0,
+            exhausted: false,
+            failure: None,
+            attempts: HashMap::new(),
+            fetched: 0,
+        }
+    }
+
+    /// The next run to ask for now, if the window has room and the walk may go on:
+    /// the next chunks of the order that are not `present`, while adjacent. The caller
+    /// asks for it at once, or calls [`Walk::refused`].
+    pub fn next_run(&mut self, now: Now, present: impl Fn(u64) -> bool) -> Option<Vec<u64>> {
+        if now.stopped || now.paused || self.failure.is_some() || self.exhausted {
+            return None;
+        }
+        let (window, run_bytes) = if self.yields && now.sharing {
+            (SHARING_WINDOW.min(now.window.max(1)), SHARING_RUN_BYTES)
+        } else {
+            (now.window.max(1), RUN_BYTES)
+        };
+        if self.in_flight >= window {
+            return None;
+        }
+        let run_len = (run_bytes / self.chunk_bytes).max(1) as usize;
+        let Some(first) = self.order.by_ref().find(|&c| !present(c)) else {
+            self.exhausted = true;
+            return None;
+        };
+        let mut run = vec![first];
+        while run.len() < run_len
+            && let Some(&c) = self.order.peek()
+            && c == run[run.len() - 1] + 1
+            && !present(c)
+        {
+            run.push(c);
+            self.order.next();
+        }
+        self.in_flight += 1;
+        Some(run)
+    }
+
+    /// The fetch of `run` (from [`Walk::next_run`] or a retry) could not be asked for:
+    /// the walk fails.
+    pub fn refused(&mut self, run: &[u64], error: E) {
+        assert!(self.in_flight > 0, "a refused run was in flight");
+        self.in_flight -= 1;
+        self.failure.get_or_insert(Failure {
+            chunk: run.first().copied().unwrap_or(0),
+            attempts: 0,
+            error,
+        });
+    }
+
+    /// The answer to `run`; `stopped`: the walk was stopped meanwhile (no retry then).
+    pub fn answered(&mut self, run: Vec<u64>, result: Result<(), E>, stopped: bool) -> Answered {
+        assert!(self.in_flight > 0, "an answer to a run in flight");
+        assert!(!run.is_empty(), "runs hold a chunk at least");
+        self.in_flight -= 1;
+        let chunk = run[0];
+        match result {
+            Ok(()) => {
+                let n = run.len() as u64;
+                self.fetched += n;
+                Answered::Fetched(n)
+            }
+            Err(error) => {
+                let n = self.attempts.entry(chunk).or_default();
+                *n += 1;
+                if *n <= FETCH_RETRIES && !stopped && self.failure.is_none() {
+                    self.in_flight += 1;
+                    Answered::Retry {
+                        run,
+                        after: RETRY_STEP * *n,
+                    }
+                } else {
+                    let attempts = *n;
+                    self.failure.get_or_insert(Failure {
+                        chunk,
+                        attempts,
+                        error,
+                    });
+                    Answered::GaveUp
+                }
+            }
+        }
+    }
+
+    /// Runs asked for and not answered yet (retries waiting included).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Chunks this walk has fetched.
+    pub fn fetched(&self) -> u64 {
+        self.fetched
+    }
+
+    /// Whether the walk is over: nothing in flight, and stopped, failed or through its
+    /// order. (Nothing in flight and not over: it waits for a resume or for hosts to
+    /// stop missing.)
+    pub fn is_over(&self, stopped: bool) -> bool {
+        self.in_flight == 0 && (stopped || self.failure.is_some() || self.exhausted)
+    }
+
+    /// How the walk ended: the chunks it fetched, or why it failed.
+    pub fn end(self) -> Result<u64, Failure<E>> {
+        assert_eq!(self.in_flight, 0, "a walk ends with nothing in flight");
+        match self.failure {
+            Some(f) => Err(f),
+            None => Ok(self.fetched),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: u64 = 64 << 10;
+
+    fn now(window: usize, sharing: bool) -> Now {
+        Now {
+            stopped: false,
+            paused: false,
+            sharing,
+            window,
+        }
+    }
+
+    #[test]
+    fn runs_are_adjacent_absent_chunks_within_the_window() {
+        let present = |c: u64| c == 3 || c == 40;
+        let mut w: Walk<_, ()> = Walk::new(0..50u64, CHUNK, true);
+        let a = w.next_run(now(2, false), present).unwrap();
+        assert_eq!(a, vec![0, 1, 2], "a present chunk ends a run");
+        let b = w.next_run(now(2, false), present).unwrap();
+        assert_eq!(b, (4..20).collect::<Vec<_>>(), "1 MiB of 64 KiB chunks");
+        assert_eq!(
+            w.next_run(now(2, false), present),
+            None,
+            "the window is full"
+        );
+        assert_eq!(w.answered(a, Ok(()), false), Answered::Fetched(3));
+        // Sharing: short runs, two at most in flight.
+        let c = w.next_run(now(8, true), present).unwrap();
+        assert_eq!(c, vec![20, 21, 22, 23]);
+        assert_eq!(w.next_run(now(8, true), present), None);
+        w.answered(b, Ok(()), false);
+        w.answered(c, Ok(()), false);
+        let mut rest = Vec::new();
+        while let Some(r) = w.next_run(now(100, false), present) {
+            rest.push(r);
+        }
+        assert_eq!(rest, vec![(24..40).collect::<Vec<_>>(), (41..50).collect()]);
+        assert!(!w.is_over(false), "runs still in flight");
+        for r in rest {
+            w.answered(r, Ok(()), false);
+        }
+        assert!(w.is_over(false));
+        assert_eq!(w.end(), Ok(48));
+    }
+
+    #[test]
+    fn a_failed_run_is_retried_backing_off_then_fails_the_walk() {
+        let mut w: Walk<_, &str> = Walk::new(0..1u64, CHUNK, false);
+        let mut run = w.next_run(now(1, false), |_| false).unwrap();
+        for n in 1..=FETCH_RETRIES {
+            match w.answered(run, Err("503"), false) {
+                Answered::Retry { run: again, after } => {
+                    assert_eq!(after, RETRY_STEP * n);
+                    run = again;
+                }
+                other => panic!("attempt {n}: {other:?}"),
+            }
+            assert_eq!(w.in_flight(), 1, "a retry stays in flight");
+        }
+        assert_eq!(w.answered(run, Err("503"), false), Answered::GaveUp);
+        assert!(w.is_over(false));
+        let f = w.end().unwrap_err();
+        assert_eq!(
+            (f.chunk, f.attempts, f.error),
+            (0, FETCH_RETRIES + 1, "503")
+        );
+    }
+
+    #[test]
+    fn a_stop_ends_it_with_no_retry_and_a_pause_asks_for_nothing() {
+        let mut w: Walk<_, &str> = Walk::new(0..100u64, CHUNK, false);
+        let paused = Now {
+            paused: true,
+            ..now(4, false)
+        };
+        assert_eq!(w.next_run(paused, |_| false), None);
+        assert!(!w.is_over(false), "a paused walk waits");
+        let run = w.next_run(now(4, false), |_| false).unwrap();
+        assert_eq!(w.answered(run, Err("reset"), true), Answered::GaveUp);
+        let stopped = Now {
+            stopped: true,
+            ..now(4, false)
+        };
+        assert_eq!(w.next_run(stopped, |_| false), None);
+        assert!(w.is_over(true));
+    }
+
+    #[test]
+    fn a_refused_fetch_fails_the_walk_and_nothing_more_is_asked() {
+        let mut w: Walk<_, &str> = Walk::new(0..100u64, CHUNK, false);
+        let run = w.next_run(now(4, false), |_| false).unwrap();
+        w.refused(&run, "the clone is gone");
+        assert_eq!(w.next_run(now(4, false), |_| false), None);
+        assert!(w.is_over(false));
+        assert_eq!(w.end().unwrap_err().attempts, 0);
+    }
+
+    #[test]
+    fn thickening_goes_around_recent_misses_first() {
+        let order: Vec<u64> = hot_first(&[100, 110], 200).collect();
+        assert_eq!(order.len(), 200, "every chunk once");
+        assert_eq!(order[..74], (68..142).collect::<Vec<_>>()[..]);
+        assert_eq!(order[74..78], [0, 1, 2, 3]);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..200).collect::<Vec<_>>());
+    }
+}
