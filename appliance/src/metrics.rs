@@ -275,7 +275,22 @@ pub const FAMILIES: &[Family] = &[
     f(
         "ox_store_retries",
         Kind::Counter,
-        "Requests to an S3 store sent again after a failure worth retrying (5xx, 429, reset, timeout), by store; the last one's reason is in store_list.",
+        "Requests to an S3 store sent again after a failure worth retrying, by store and kind (slow_down: 429 or 503; server_error: other 5xx; damaged: a body damaged on the way; timeout; connection); the last one's reason is in store_list.",
+    ),
+    f(
+        "ox_store_failures",
+        Kind::Counter,
+        "Requests to an S3 store that failed for good, by store and kind (unavailable: still failing after its retries; refused: 4xx or 501; untrusted: the server's certificate).",
+    ),
+    f(
+        "ox_throttle_waits",
+        Kind::Counter,
+        "Transfers to or from a store that waited on the bandwidth limits, by volume or clone and class (foreground: host misses; background: snapshots, prefetch, thickening).",
+    ),
+    f(
+        "ox_throttle_wait_seconds",
+        Kind::Counter,
+        "Time those transfers waited on the bandwidth limits, by volume or clone and class.",
     ),
     f(
         "ox_reactor_busy_seconds",
@@ -575,13 +590,37 @@ impl Collector for Exporter {
                 "ox_policy_swept_objects",
                 per_policy(|p| Some(p.swept_objects)),
             )?;
+            let (mut retries, mut failures) = (Vec::new(), Vec::new());
+            for s in service.store_troubles() {
+                let sample = |(kind, n): (&str, u64)| {
+                    (
+                        vec![("store", s.store.clone()), ("kind", kind.to_string())],
+                        Value::Int(n),
+                    )
+                };
+                retries.extend(s.retries.iter().copied().map(sample));
+                failures.extend(s.failures.iter().copied().map(sample));
+            }
+            family(e, "ox_store_retries", retries)?;
+            family(e, "ox_store_failures", failures)?;
+            let waits = service.throttle_waits();
+            let per_wait = |f: fn(&ox::throttle::Waited) -> Value| {
+                waits.iter().map(move |(volume, class, w)| {
+                    (
+                        vec![("volume", volume.clone()), ("class", class.to_string())],
+                        f(w),
+                    )
+                })
+            };
             family(
                 e,
-                "ox_store_retries",
-                service
-                    .store_retries()
-                    .into_iter()
-                    .map(|(store, n)| (vec![("store", store)], Value::Int(n))),
+                "ox_throttle_waits",
+                per_wait(|w| Value::Int(w.transfers)),
+            )?;
+            family(
+                e,
+                "ox_throttle_wait_seconds",
+                per_wait(|w| Value::Float(w.time.as_secs_f64())),
             )?;
         }
 

@@ -126,6 +126,17 @@ pub struct Throttle {
 struct State {
     global: Pair,
     volumes: HashMap<String, Pair>,
+    /// What transfers waited for their tokens, by volume and class.
+    waited: HashMap<(String, Class), Waited>,
+}
+
+/// What a volume's transfers of one class waited on the bandwidth limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Waited {
+    /// Transfers that had to wait.
+    pub transfers: u64,
+    /// Their time waiting, in all.
+    pub time: Duration,
 }
 
 impl Default for Throttle {
@@ -141,6 +152,7 @@ impl Throttle {
             inner: Arc::new(Mutex::new(State {
                 global: pair(foreground, background),
                 volumes: HashMap::new(),
+                waited: HashMap::new(),
             })),
         }
     }
@@ -183,15 +195,37 @@ impl Throttle {
         wait
     }
 
-    /// Waits until `n` bytes may pass, then takes them.
+    /// Waits until `n` bytes may pass, then takes them; what it waited is counted
+    /// ([`Throttle::waited`]).
     pub async fn acquire(&self, volume: &str, class: Class, n: u64) {
+        let mut began = None;
         loop {
             let wait = self.try_acquire(volume, class, n);
             if wait.is_zero() {
-                return;
+                break;
             }
+            began.get_or_insert_with(Instant::now);
             async_io::Timer::after(wait).await;
         }
+        if let Some(began) = began {
+            let mut s = self.state();
+            let w = s.waited.entry((volume.to_string(), class)).or_default();
+            w.transfers += 1;
+            w.time += began.elapsed();
+        }
+    }
+
+    /// What each volume's transfers waited on the limits since the start, by class:
+    /// how much the limits hold traffic back.
+    pub fn waited(&self) -> Vec<(String, Class, Waited)> {
+        let mut v: Vec<_> = self
+            .state()
+            .waited
+            .iter()
+            .map(|((volume, class), w)| (volume.clone(), *class, *w))
+            .collect();
+        v.sort_by(|a, b| (&a.0, a.1 == Class::Background).cmp(&(&b.0, b.1 == Class::Background)));
+        v
     }
 }
 
@@ -236,5 +270,12 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+        // The transfers past the burst waited, and that is counted.
+        let waited = t.waited();
+        assert_eq!(waited.len(), 1, "{waited:?}");
+        let (volume, class, w) = &waited[0];
+        assert_eq!((volume.as_str(), *class), ("v", Class::Foreground));
+        assert!((1..=16).contains(&w.transfers), "{w:?}");
+        assert!(!w.time.is_zero() && w.time <= start.elapsed(), "{w:?}");
     }
 }

@@ -263,6 +263,20 @@ file = {kek2:?}
     );
     let stores = ctl.ok(&["store", "list"]);
     assert!(stores[1]["retries"].as_u64().unwrap() >= 1, "{stores}");
+    // Metrics count them by kind: 503 SlowDown is a store asking to slow down.
+    let text = http_get(metrics_port, "/metrics");
+    let retries = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ox_store_retries_total{store=\"s3\",kind=\"slow_down\"} "))
+        .unwrap_or_else(|| panic!("no slow_down retries of s3 in\n{text}"));
+    assert!(retries.parse::<u64>().unwrap() >= 1, "{retries}");
+    for family in [
+        "ox_store_failures",
+        "ox_throttle_waits",
+        "ox_throttle_wait_seconds",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family} counter")), "{text}");
+    }
     // Deleting a snapshot of the volume now could collect the new one's objects.
     let second_id = second["result"]["id"].as_str().unwrap();
     let o = ctl.call(&["snapshot", "delete", second_id]);

@@ -84,6 +84,15 @@ pub fn fetched(t: &CloneTotals) -> [(&'static str, u64); 3] {
     ]
 }
 
+/// What an S3 store's requests met since the daemon started.
+pub struct StoreTroubles {
+    pub store: String,
+    /// Retries after a retryable failure, by kind (`slow_down`, `server_error`, ...).
+    pub retries: Vec<(&'static str, u64)>,
+    /// Requests that failed for good, by kind (`unavailable`, `refused`, `untrusted`).
+    pub failures: Vec<(&'static str, u64)>,
+}
+
 /// A volume's catalogued snapshots.
 pub struct SnapshotTotals {
     pub volume: String,
@@ -157,18 +166,40 @@ impl Service {
             .collect()
     }
 
-    /// Requests each S3 store sent again after a retryable failure, by store name.
-    pub fn store_retries(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self
+    /// What each S3 store's requests met, by store name: retries after a retryable
+    /// failure and requests that failed for good, each by kind.
+    pub fn store_troubles(&self) -> Vec<StoreTroubles> {
+        let mut v: Vec<StoreTroubles> = self
             .settings
             .stores
             .iter()
             .filter_map(|(name, spec)| match spec {
-                StoreSpec::S3(c) => Some((name.clone(), c.retry_log.count())),
+                StoreSpec::S3(c) => Some(StoreTroubles {
+                    store: name.clone(),
+                    retries: c.retry_log.by_kind().map(|(k, n)| (k.name(), n)).to_vec(),
+                    failures: c.retry_log.failures().map(|(k, n)| (k.name(), n)).to_vec(),
+                }),
                 StoreSpec::Local(_) => None,
             })
             .collect();
-        v.sort();
+        v.sort_by(|a, b| a.store.cmp(&b.store));
         v
+    }
+
+    /// What each volume's (or clone's) store traffic waited on the bandwidth limits,
+    /// by class (`foreground`, `background`).
+    pub fn throttle_waits(&self) -> Vec<(String, &'static str, ox::throttle::Waited)> {
+        self.settings
+            .throttle
+            .waited()
+            .into_iter()
+            .map(|(volume, class, w)| {
+                let class = match class {
+                    ox::throttle::Class::Foreground => "foreground",
+                    ox::throttle::Class::Background => "background",
+                };
+                (volume, class, w)
+            })
+            .collect()
     }
 }

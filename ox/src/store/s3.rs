@@ -24,6 +24,7 @@ use rusty_s3::{Bucket, Credentials, UrlStyle};
 use url::Url;
 
 use super::http::{HttpClient, HttpError, Response, Trust, tls_config};
+use super::retries::{Failed, Trouble};
 use super::sigv4::Signer;
 use super::{BoxFuture, Listing, ObjectInfo, ObjectStore};
 use crate::error::OxError;
@@ -250,7 +251,7 @@ impl BodyDigests {
 /// What one attempt concluded.
 enum Outcome {
     Done(Response),
-    Retry(String),
+    Retry(Trouble, String),
     Fail(OxError),
 }
 
@@ -361,10 +362,11 @@ impl S3Store {
         classify: impl Fn(Response) -> Outcome,
     ) -> Result<Response, OxError> {
         let attempts = self.config.retries + 1;
-        let mut last = String::new();
+        let log = &self.config.retry_log;
+        let mut last = (Trouble::Connection, String::new());
         for attempt in 0..attempts {
             if attempt > 0 {
-                self.config.retry_log.record(op, key, &last);
+                log.record(op, key, last.0, &last.1);
                 Timer::after(self.backoff(attempt)).await;
             }
             match send().await {
@@ -382,13 +384,23 @@ impl S3Store {
                             {
                                 super::credential_process::forget(command);
                             }
+                            if let OxError::Refused { .. } = e {
+                                log.failed(Failed::Refused);
+                            }
                             return Err(e);
                         }
-                        Outcome::Retry(why) => last = why,
+                        Outcome::Retry(kind, why) => last = (kind, why),
                     }
                 }
-                Err(e) if e.retryable() => last = e.to_string(),
+                Err(e) if e.retryable() => {
+                    let kind = match e {
+                        HttpError::Timeout(_) => Trouble::Timeout,
+                        _ => Trouble::Connection,
+                    };
+                    last = (kind, e.to_string());
+                }
                 Err(e) => {
+                    log.failed(Failed::Untrusted);
                     return Err(OxError::Untrusted {
                         op,
                         key: key.to_string(),
@@ -397,11 +409,12 @@ impl S3Store {
                 }
             }
         }
+        log.failed(Failed::Unavailable);
         Err(OxError::Unavailable {
             op,
             key: key.to_string(),
             attempts,
-            message: last,
+            message: last.1,
         })
     }
 
@@ -432,7 +445,15 @@ impl S3Store {
                 message: error_text(&resp.body),
             }),
             429 | 500..=599 => {
-                Outcome::Retry(format!("HTTP {}: {}", resp.status, error_text(&resp.body)))
+                let kind = if matches!(resp.status, 429 | 503) {
+                    Trouble::SlowDown
+                } else {
+                    Trouble::ServerError
+                };
+                Outcome::Retry(
+                    kind,
+                    format!("HTTP {}: {}", resp.status, error_text(&resp.body)),
+                )
             }
             status => Outcome::Fail(OxError::Refused {
                 op,
@@ -462,7 +483,10 @@ impl S3Store {
                     key,
                     "{op}: the store refused the body as damaged on the way ({code}); sending it again"
                 );
-                return Outcome::Retry(format!("{op} body damaged on the way: {code}"));
+                return Outcome::Retry(
+                    Trouble::Damaged,
+                    format!("{op} body damaged on the way: {code}"),
+                );
             }
             if (200..=299).contains(&resp.status)
                 && let Some(echoed) = resp.headers.get("x-amz-checksum-crc32c")
@@ -472,7 +496,10 @@ impl S3Store {
                     key,
                     "{op}: the store acknowledged another CRC32C; sending it again"
                 );
-                return Outcome::Retry(format!("{op} acknowledged with another checksum"));
+                return Outcome::Retry(
+                    Trouble::Damaged,
+                    format!("{op} acknowledged with another checksum"),
+                );
             }
             standard(resp)
         }
