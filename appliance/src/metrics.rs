@@ -732,6 +732,45 @@ mod tests {
         }
     }
 
+    /// The families, their kinds and their help are those docs/metrics.txt lists: a
+    /// renamed or retyped metric breaks operators' dashboards and alerts, so it must be
+    /// a deliberate change of that file (and said in the release notes), never a
+    /// side effect.
+    #[test]
+    fn metric_families_are_the_golden_list() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.txt");
+        let golden = std::fs::read_to_string(path).unwrap();
+        let mut now = String::from(GOLDEN_HEADER);
+        for f in FAMILIES {
+            let kind = match f.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            };
+            now.push_str(&format!(
+                "{} {kind}\n    {}\n",
+                exposed(f).join(" "),
+                f.help
+            ));
+        }
+        if golden != now {
+            let (g, n): (Vec<_>, Vec<_>) = (golden.lines().collect(), now.lines().collect());
+            let gone: Vec<_> = g.iter().filter(|l| !n.contains(l)).collect();
+            let new: Vec<_> = n.iter().filter(|l| !g.contains(l)).collect();
+            panic!(
+                "the exported metrics differ from docs/metrics.txt\nonly in the file: \
+                 {gone:#?}\nonly exported: {new:#?}\nIf the change is meant, write this into \
+                 the file:\n{now}"
+            );
+        }
+    }
+
+    const GOLDEN_HEADER: &str = "\
+# Every metric family oxd exports at /metrics: the names as Prometheus sees them, the
+# type, and the help. Checked against the code by appliance/src/metrics.rs
+# (metric_families_are_the_golden_list): change it only on purpose.
+";
+
     /// The dashboard in docs/grafana loads (valid JSON, panels with queries) and every
     /// metric its queries name is one oxd exports.
     #[test]
