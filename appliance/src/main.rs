@@ -13,6 +13,7 @@ mod config;
 mod console;
 mod control;
 mod health;
+mod logs;
 mod metrics;
 mod refusal;
 mod serve;
@@ -69,49 +70,13 @@ fn dhchap_key(a: &DhchapKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs to stdout, one line per event: time (UTC), level, the module that speaks, the
-/// message and its fields as key=value. Under systemd, when stdout is the journal, the
-/// time is left to the journal. `RUST_LOG` filters (default `info`). Nothing secret is
-/// ever logged.
-fn logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_writer(std::io::stdout);
-    if stdout_is_the_journal() {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Whether stdout is connected to the systemd journal: `JOURNAL_STREAM` (set by
-/// systemd) names the device and inode of the journal's stream, and they are stdout's.
-fn stdout_is_the_journal() -> bool {
-    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = stream.split_once(':') else {
-        return false;
-    };
-    match rustix::fs::fstat(std::io::stdout()) {
-        Ok(st) => {
-            dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
-        }
-        Err(_) => false,
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match (cli.command, cli.config) {
         (Some(Command::Smoke(args)), None) => smoke::run(&args),
         (Some(Command::DhchapKey(args)), None) => dhchap_key(&args),
         (None, Some(path)) => {
-            logging();
+            logs::init();
             serve::run(&path)
         }
         (Some(_), Some(_)) => Err(anyhow::anyhow!("--config does not apply to subcommands")),
