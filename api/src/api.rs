@@ -117,6 +117,14 @@ pub enum CallError {
     Tls(#[from] crate::tls::TlsError),
 }
 
+/// Reads `v`, an answer to method `M`, as its typed result (fields it does not know are
+/// left out); one that is not of its type is [`CallError::Garbled`], naming the field.
+/// For a client that keeps the answer as it came too (to show it as is).
+pub fn decode<M: crate::methods::Method>(v: &serde_json::Value) -> Result<M::Result, CallError> {
+    serde_path_to_error::deserialize(v)
+        .map_err(|e| CallError::Garbled(format!("{} result: {}: {}", M::NAME, e.path(), e.inner())))
+}
+
 /// A connection to the daemon's control API.
 pub struct Client {
     path: String,
@@ -179,7 +187,7 @@ impl Client {
             writer,
             next_id: 1,
         };
-        client.invoke(&crate::methods::Auth {
+        client.request(&crate::methods::Auth {
             token: token.to_string(),
         })?;
         Ok(client)
@@ -193,9 +201,7 @@ impl Client {
         params: &M,
     ) -> Result<M::Result, CallError> {
         let v = self.invoke(params)?;
-        serde_path_to_error::deserialize(v).map_err(|e| {
-            CallError::Garbled(format!("{} result: {}: {}", M::NAME, e.path(), e.inner()))
-        })
+        decode::<M>(&v)
     }
 
     /// Calls method `M` with `params` and returns its result as JSON.

@@ -1,8 +1,9 @@
-//! Every control-API method's parameters, typed: what oxd accepts and what oxctl (or
-//! any Rust client) sends, one struct per method. Unknown fields are refused, a field
-//! of the wrong type is named in the error ([`parse`]), and a missing optional field
-//! means the same as `null`. `docs/API.md` lists the same methods and fields; a test
-//! keeps them in step.
+//! Every control-API method, typed: its parameters — what oxd accepts and what oxctl
+//! (or any Rust client) sends, one struct per method — and its result, what oxd
+//! answers. Unknown parameters are refused, one of the wrong type is named in the
+//! error ([`parse`]), and a missing optional one means the same as `null`; a result
+//! takes fields it does not know (a newer daemon's). `docs/API.md` lists the same
+//! methods and fields; a test keeps them in step.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -16,8 +17,7 @@ pub trait Method: Serialize + DeserializeOwned {
     const NAME: &'static str;
     /// Its parameters' names, as on the wire.
     const FIELDS: &'static [&'static str];
-    /// What it answers: a typed result where one is defined ([`Version`], [`Job`]),
-    /// else the JSON as docs/API.md describes it.
+    /// What it answers, as docs/API.md describes it.
     type Result: Serialize + DeserializeOwned;
 }
 
@@ -66,22 +66,10 @@ pub fn to_params<M: Method>(m: &M) -> Result<serde_json::Value, serde_json::Erro
     Ok(v)
 }
 
-/// Declares a method's parameter struct and its [`Method`] implementation from one
-/// list of fields, so the names the test checks against API.md are the struct's own.
+/// Declares a method's parameter struct and its [`Method`] implementation (with its
+/// result type) from one list of fields, so the names the test checks against API.md
+/// are the struct's own.
 macro_rules! method {
-    (
-        $(#[$meta:meta])*
-        $ty:ident = $wire:literal {
-            $( $(#[$fmeta:meta])* $field:ident : $fty:ty ),* $(,)?
-        }
-    ) => {
-        method! {
-            $(#[$meta])*
-            $ty = $wire -> serde_json::Value {
-                $( $(#[$fmeta])* $field : $fty ),*
-            }
-        }
-    };
     (
         $(#[$meta:meta])*
         $ty:ident = $wire:literal -> $result:ty {
@@ -110,7 +98,7 @@ method! {
 
 method! {
     /// Block devices, or the one named.
-    BdevGetBdevs = "bdev_get_bdevs" {
+    BdevGetBdevs = "bdev_get_bdevs" -> Vec<BdevInfo> {
         /// Only this one.
         name: Option<String>,
     }
@@ -118,17 +106,17 @@ method! {
 
 method! {
     /// Every NVMe/TCP subsystem served: configured, and volumes' and clones' exports.
-    NvmfGetSubsystems = "nvmf_get_subsystems" {}
+    NvmfGetSubsystems = "nvmf_get_subsystems" -> Vec<SubsystemInfo> {}
 }
 
 method! {
     /// The reactors' cores.
-    ReactorGetCores = "reactor_get_cores" {}
+    ReactorGetCores = "reactor_get_cores" -> Cores {}
 }
 
 method! {
     /// Checks the audit log's hash chain.
-    AuditVerify = "audit_verify" {}
+    AuditVerify = "audit_verify" -> AuditReport {}
 }
 
 /// Authenticates a TCP connection (its first request). Unlike the other methods it
@@ -149,14 +137,14 @@ impl std::fmt::Debug for Auth {
 impl Method for Auth {
     const NAME: &'static str = "auth";
     const FIELDS: &'static [&'static str] = &["token"];
-    type Result = serde_json::Value;
+    type Result = Authenticated;
 }
 
 method! {
     /// Creates a volume: empty (`size_mib`), or over a snapshot, named one way — a
     /// catalogued `snapshot`; `store` and `manifest_key`; or `store`, `volume` and
     /// `latest` (or `snapshot`) from the store's catalogue.
-    VolumeCreate = "volume_create" {
+    VolumeCreate = "volume_create" -> VolumeCreated {
         /// Its name.
         name: String,
         /// Size of an empty volume.
@@ -186,7 +174,7 @@ method! {
 
 method! {
     /// Deletes a volume.
-    VolumeDelete = "volume_delete" {
+    VolumeDelete = "volume_delete" -> Deleted {
         /// Its name.
         name: String,
     }
@@ -194,7 +182,7 @@ method! {
 
 method! {
     /// Takes over a volume's place in a store from the appliance that owned it.
-    VolumeAdopt = "volume_adopt" {
+    VolumeAdopt = "volume_adopt" -> Adopted {
         /// The volume.
         name: String,
         /// The store.
@@ -257,7 +245,7 @@ method! {
 
 method! {
     /// Deletes a snapshot no clone or later snapshot needs.
-    SnapshotDelete = "snapshot_delete" {
+    SnapshotDelete = "snapshot_delete" -> SnapshotDeleted {
         /// The snapshot's ID.
         id: String,
     }
@@ -270,7 +258,7 @@ method! {
 
 method! {
     /// Makes another key the default for new snapshots.
-    KeyRotate = "key_rotate" {
+    KeyRotate = "key_rotate" -> Rotated {
         /// The key's name.
         to: String,
     }
@@ -278,12 +266,12 @@ method! {
 
 method! {
     /// This appliance's public key for receiving sealed keys.
-    KeyReceiver = "key_receiver" {}
+    KeyReceiver = "key_receiver" -> ReceiverKey {}
 }
 
 method! {
     /// Seals a key for another appliance (root on the local socket only).
-    KeyExport = "key_export" {
+    KeyExport = "key_export" -> ExportedKey {
         /// The key's name.
         key: String,
         /// The receiver's public key (from its `key_receiver`).
@@ -293,7 +281,7 @@ method! {
 
 method! {
     /// Imports a key sealed for this appliance.
-    KeyImport = "key_import" {
+    KeyImport = "key_import" -> ImportedKey {
         /// What `key_export` wrote (its JSON, as is).
         sealed: serde_json::Value,
     }
@@ -301,12 +289,12 @@ method! {
 
 method! {
     /// The stores configured.
-    StoreList = "store_list" {}
+    StoreList = "store_list" -> Vec<StoreInfo> {}
 }
 
 method! {
     /// Runs a store's check (every step a snapshot needs).
-    StoreCheck = "store_check" {
+    StoreCheck = "store_check" -> CheckReport {
         /// The store's name.
         name: String,
     }
@@ -314,7 +302,7 @@ method! {
 
 method! {
     /// Collects what failed uploads left across a store's bucket.
-    StoreCollect = "store_collect" {
+    StoreCollect = "store_collect" -> Collected {
         /// The store's name.
         name: String,
         /// Only say what would go.
@@ -324,7 +312,7 @@ method! {
 
 method! {
     /// Volumes in a store's catalogue, or one volume's snapshots (paged).
-    StoreBrowse = "store_browse" {
+    StoreBrowse = "store_browse" -> Browsed {
         /// The store's name.
         store: String,
         /// This volume's snapshots.
@@ -338,7 +326,7 @@ method! {
 
 method! {
     /// Sets a volume's protection policy.
-    PolicySet = "policy_set" {
+    PolicySet = "policy_set" -> PolicyInfo {
         /// The volume.
         volume: String,
         /// The store its snapshots go to.
@@ -362,7 +350,7 @@ method! {
 
 method! {
     /// Removes a volume's protection policy.
-    PolicyDelete = "policy_delete" {
+    PolicyDelete = "policy_delete" -> PolicyDeleted {
         /// The volume.
         volume: String,
     }
@@ -375,7 +363,7 @@ method! {
 
 method! {
     /// Creates a clone of a snapshot, named one way (as for `volume_create`).
-    CloneCreate = "clone_create" {
+    CloneCreate = "clone_create" -> Created {
         /// Its name.
         name: String,
         /// A snapshot's ID.
@@ -409,7 +397,7 @@ method! {
 
 method! {
     /// Deletes a clone (the snapshot stays).
-    CloneDelete = "clone_delete" {
+    CloneDelete = "clone_delete" -> Deleted {
         /// Its name.
         name: String,
     }
@@ -799,6 +787,542 @@ pub struct PolicyInfo {
     pub last_retention: serde_json::Value,
 }
 
+/// Reads a field oxd gives as a value or `null` where it applies and leaves out where
+/// it does not: `null` is `Some(None)`, so that written back it is `null` again (with
+/// `#[serde(default)]`, a field left out is `None`, and skipped when written).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// What `auth` answers when the token is right (a wrong one is an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authenticated {
+    /// Always true.
+    pub authenticated: bool,
+}
+
+/// A kind of I/O's count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoCount {
+    /// Requests completed.
+    pub ops: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// A block device's I/O by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoStats {
+    /// Reads.
+    pub read: IoCount,
+    /// Writes.
+    pub write: IoCount,
+    /// Flushes.
+    pub flush: IoCount,
+    /// Write-zeroes.
+    pub write_zeroes: IoCount,
+    /// Unmaps (deallocations).
+    pub unmap: IoCount,
+}
+
+/// A block device's I/O latency, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Mean.
+    pub mean: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Longest.
+    pub max: u64,
+}
+
+/// A block device, as `bdev_get_bdevs` lists it: a configured device, a volume or a
+/// clone. Counters are this run's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BdevInfo {
+    /// Its name.
+    pub name: String,
+    /// Its block size.
+    pub block_size: u32,
+    /// Its blocks.
+    pub num_blocks: u64,
+    /// Its size.
+    pub size_bytes: u64,
+    /// Its identity.
+    pub uuid: String,
+    /// I/O completed, by kind.
+    pub stats: IoStats,
+    /// I/O that failed.
+    pub errors: u64,
+    /// How long I/O took.
+    pub latency_us: Latency,
+}
+
+/// A namespace of a subsystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceInfo {
+    /// Its ID.
+    pub nsid: u32,
+    /// The block device it serves.
+    pub bdev: String,
+}
+
+/// A host's controller on a subsystem, connected now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    /// Its ID.
+    pub cntlid: u16,
+    /// The host's NQN.
+    pub hostnqn: String,
+    /// I/O queues it has.
+    pub io_queues: u64,
+}
+
+/// An NVMe/TCP subsystem, as `nvmf_get_subsystems` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubsystemInfo {
+    /// Its NQN.
+    pub nqn: String,
+    /// Its serial number.
+    pub serial: String,
+    /// Its model.
+    pub model: String,
+    /// Any host may connect.
+    pub allow_any_host: bool,
+    /// Host NQNs allowed (empty when `allow_any_host`).
+    pub hosts: Vec<String>,
+    /// Addresses it is served on.
+    pub listeners: Vec<String>,
+    /// Its namespaces.
+    pub namespaces: Vec<NamespaceInfo>,
+    /// Hosts' controllers connected now.
+    pub controllers: Vec<ControllerInfo>,
+}
+
+/// What `reactor_get_cores` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cores {
+    /// The cores the reactors run on.
+    pub cores: Vec<usize>,
+}
+
+/// What `audit_verify` answers (and `oxctl audit verify FILE` finds): the chain intact,
+/// with `entries` and `last_hash`, or broken, with `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditReport {
+    /// The log's file.
+    pub path: String,
+    /// No entry was changed, removed or reordered.
+    pub intact: bool,
+    /// Entries in it (intact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u64>,
+    /// The last entry's hash (intact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_hash: Option<String>,
+    /// Where and how the chain breaks (broken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What `clone_create` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Created {
+    /// Its name.
+    pub name: String,
+    /// Addresses it is exported on (none if not exported).
+    pub listeners: Vec<String>,
+}
+
+/// What seeding a new volume's local copy from a volume here did (fail-back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seeded {
+    /// The volume it was seeded from.
+    pub seed: String,
+    /// The volume's chunks.
+    pub chunks: u64,
+    /// Of those, to be read from the store.
+    pub chunks_to_fetch: u64,
+    /// Chunks the snapshot stored since the seed's last snapshot.
+    pub changed_in_snapshot: u64,
+    /// Chunks the snapshot holds as zeroes (made so locally).
+    pub zero_in_snapshot: u64,
+    /// Chunks the seed's hosts wrote since its last snapshot.
+    pub changed_in_seed: u64,
+    /// Bytes copied from the seed.
+    pub copied_bytes: u64,
+    /// The snapshot's index pages read to compare.
+    pub index_pages_read: u64,
+    /// Their bytes.
+    pub index_bytes_read: u64,
+}
+
+/// What `volume_create` answers; a volume over a snapshot also names the snapshot and
+/// its seeding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeCreated {
+    /// Its name.
+    pub name: String,
+    /// Addresses it is exported on (none if not exported).
+    pub listeners: Vec<String>,
+    /// The store holding the snapshot it is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// That snapshot's manifest key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_key: Option<String>,
+    /// Over a snapshot: its seeding, `Some(None)` without `seed`.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub seeded: Option<Option<Seeded>>,
+}
+
+/// What `volume_delete` and `clone_delete` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// The volume's or clone's name.
+    pub name: String,
+}
+
+/// An appliance, as the store's catalogue names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appliance {
+    /// Its identity, never reused.
+    pub id: String,
+    /// A name for people (its host name).
+    pub name: String,
+}
+
+/// A manifest an adoption did not enter in the store's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotEntered {
+    /// Its key.
+    pub manifest: String,
+    /// Why.
+    pub why: String,
+}
+
+/// What `volume_adopt` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adopted {
+    /// The volume.
+    pub name: String,
+    /// The store.
+    pub store: String,
+    /// The volume's place in it.
+    pub prefix: String,
+    /// Its owner now: this appliance.
+    pub owner: Appliance,
+    /// Its owner before.
+    pub adopted_from: Appliance,
+    /// Snapshots the owner before published and never entered in the store's
+    /// catalogue, entered now.
+    pub entered: Vec<String>,
+    /// Those left out.
+    pub skipped: Vec<NotEntered>,
+}
+
+/// What `snapshot_delete` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDeleted {
+    /// The snapshot's ID.
+    pub id: String,
+    /// Objects deleted from the store.
+    pub objects_deleted: u64,
+    /// Its manifest stays, as a remaining snapshot builds on it.
+    pub kept_as_ancestor: bool,
+}
+
+/// A snapshot `key_rotate` left alone: its volume's place belongs to another appliance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateSkipped {
+    /// The snapshot's ID.
+    pub snapshot: String,
+    /// Its volume.
+    pub volume: String,
+    /// The place's owner.
+    pub owner: Appliance,
+}
+
+/// What `key_rotate` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotated {
+    /// The key rotated to.
+    pub key: String,
+    /// Snapshots in the catalogue.
+    pub snapshots: u64,
+    /// Manifests re-wrapped (ancestors included).
+    pub rewrapped: u64,
+    /// Snapshots left alone.
+    pub skipped: Vec<RotateSkipped>,
+}
+
+/// What `key_receiver` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiverKey {
+    /// This appliance.
+    pub appliance: Appliance,
+    /// Its X25519 receiver key (hex).
+    pub public_key: String,
+}
+
+/// What `key_export` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportedKey {
+    /// The key sealed for the receiver (docs/FORMAT.md): kept as JSON, to hand to
+    /// `key_import` as it is, whatever fields a newer daemon puts in it.
+    pub sealed: serde_json::Value,
+    /// The key's check value (as `key_list` shows it).
+    pub check: String,
+}
+
+/// What `key_import` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedKey {
+    /// The key's name.
+    pub key: String,
+    /// Its check value.
+    pub check: String,
+    /// The file it was written to.
+    pub file: String,
+    /// A key of that name is configured already.
+    pub configured: bool,
+    /// The `[[key]]` section to add to the configuration.
+    pub configure: String,
+}
+
+/// A store's last check, as `store_list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastCheck {
+    /// Every step passed.
+    pub ok: bool,
+    /// When (Unix seconds).
+    pub at: u64,
+    /// The first step that failed.
+    pub step: Option<String>,
+    /// Why.
+    pub error: Option<String>,
+}
+
+/// A store, as `store_list` lists it (never its credentials): an S3 bucket, with its
+/// endpoint, bucket, region and retries, or a local directory, with its path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreInfo {
+    /// Its name.
+    pub name: String,
+    /// `s3` or `local`.
+    pub kind: String,
+    /// The S3 endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// The region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The local directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Its last check (none before the first).
+    pub check: Option<LastCheck>,
+    /// Requests sent again since start (S3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u64>,
+    /// The latest of them (S3: `Some(None)` before any).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub last_retry: Option<Option<Retry>>,
+}
+
+/// A step of a store check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckStep {
+    /// `open`, `list`, `put`, `get`, `listed`, `delete` or `gone`.
+    pub step: String,
+    /// How long it took.
+    pub ms: u64,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// What `store_check` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// The store.
+    pub store: String,
+    /// Every step passed.
+    pub ok: bool,
+    /// The steps, up to the first that failed.
+    pub steps: Vec<CheckStep>,
+}
+
+/// Requests a collection made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectRequests {
+    /// LISTs (pages).
+    pub lists: u64,
+    /// GETs (manifests and leases).
+    pub gets: u64,
+    /// DELETE batches.
+    pub deletes: u64,
+}
+
+/// A place a collection, or a browse, left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceSkipped {
+    /// Its prefix.
+    pub prefix: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// What `store_collect` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collected {
+    /// The store.
+    pub store: String,
+    /// Nothing was deleted: what would be.
+    pub dry_run: bool,
+    /// Volume places looked at.
+    pub places: u64,
+    /// Objects deleted (or that would be).
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Objects kept as younger than the grace.
+    pub young: u64,
+    /// Objects kept as the listing gave no age.
+    pub ageless: u64,
+    /// Leases older than the grace, deleted with the objects.
+    pub dead_leases: u64,
+    /// The grace, in seconds.
+    pub grace_s: u64,
+    /// Requests made.
+    pub requests: CollectRequests,
+    /// Places left alone.
+    pub skipped: Vec<PlaceSkipped>,
+    /// A dry run's keys that would be deleted (leases included), up to 1,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<String>>,
+    /// A dry run's `keys` are not all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_truncated: Option<bool>,
+}
+
+/// A volume in a store's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketVolume {
+    /// Its name.
+    pub name: String,
+    /// Its identity.
+    pub volume: String,
+    /// Its place in the store.
+    pub prefix: String,
+    /// Its size.
+    pub size_bytes: u64,
+    /// Its block size.
+    pub block_size: u32,
+    /// The appliance its snapshots go there from.
+    pub owner: Appliance,
+    /// That is this appliance.
+    pub owned_here: bool,
+    /// Since when (Unix seconds).
+    pub since: u64,
+    /// The owner before, if it was adopted.
+    pub adopted_from: Option<Appliance>,
+}
+
+/// A snapshot in a store's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketSnapshot {
+    /// Its ID.
+    pub id: String,
+    /// Its manifest's key.
+    pub manifest_key: String,
+    /// The snapshot it builds on, if any.
+    pub parent: Option<String>,
+    /// When (Unix seconds).
+    pub created: u64,
+    /// Bytes of frames it stored.
+    pub stored_bytes: u64,
+    /// The appliance that took it.
+    pub appliance: Appliance,
+    /// The key-encryption key it needs.
+    pub key: Option<String>,
+    /// That key is configured on this appliance.
+    pub key_here: Option<bool>,
+}
+
+/// A volume in a browse of a whole store, with its newest snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrowsedVolume {
+    /// The volume.
+    #[serde(flatten)]
+    pub head: BucketVolume,
+    /// Its newest snapshots, newest first.
+    pub snapshots: Vec<BucketSnapshot>,
+    /// It has older ones.
+    pub more: bool,
+}
+
+/// A browse of a whole store's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreCatalogue {
+    /// The store.
+    pub store: String,
+    /// This appliance.
+    pub appliance: Appliance,
+    /// Its volumes.
+    pub volumes: Vec<BrowsedVolume>,
+    /// Places that are not a volume's, or whose record is damaged.
+    pub unreadable: Vec<PlaceSkipped>,
+}
+
+/// A page of one volume's snapshots in a store's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumePage {
+    /// The store.
+    pub store: String,
+    /// The volume.
+    #[serde(flatten)]
+    pub head: BucketVolume,
+    /// Its snapshots, newest first.
+    pub snapshots: Vec<BucketSnapshot>,
+    /// The page after this one (`after`), if any.
+    pub next: Option<String>,
+}
+
+/// What `store_browse` answers: the whole store, or (with `volume`) a page of one
+/// volume's snapshots. Told apart by their fields (`volumes` is the store's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Browsed {
+    /// Without `volume`.
+    Store(StoreCatalogue),
+    /// With `volume`.
+    Volume(VolumePage),
+}
+
+/// What `policy_delete` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDeleted {
+    /// The volume.
+    pub volume: String,
+}
+
 /// Every method but `auth` (which only opens a TCP connection, and API.md describes
 /// apart): its name and its parameters' names, for documentation and checks.
 pub const ALL: &[(&str, &[&str])] = &[
@@ -897,6 +1421,40 @@ mod tests {
         let v = to_params(&c).unwrap();
         assert_eq!(v, serde_json::json!({"name": "c", "action": "pause"}));
         assert_eq!(parse::<CloneThicken>(Some(&v)).unwrap(), c);
+    }
+
+    /// A field oxd gives as `null` where it applies and leaves out where it does not
+    /// is written back as it came, either way; fields a newer daemon adds are left out;
+    /// a browse is read as the kind it is.
+    #[test]
+    fn results_read_back_as_they_came() {
+        use serde_json::json;
+        for v in [
+            json!({"name": "a", "listeners": []}),
+            json!({"name": "a", "listeners": [], "store": "l", "manifest_key": "k", "seeded": null}),
+        ] {
+            let r: VolumeCreated = serde_json::from_value(v.clone()).unwrap();
+            assert_eq!(serde_json::to_value(&r).unwrap(), v);
+        }
+        let newer = json!({"name": "a", "listeners": [], "later": 1});
+        let r: VolumeCreated = serde_json::from_value(newer).unwrap();
+        assert_eq!(r.seeded, None);
+        let me = json!({"id": "i", "name": "n"});
+        let head = json!({"name": "v", "volume": "u", "prefix": "p", "size_bytes": 1,
+            "block_size": 512, "owner": me, "owned_here": true, "since": 0,
+            "adopted_from": null, "snapshots": []});
+        let mut page = head.clone();
+        page["store"] = json!("l");
+        page["next"] = json!("x");
+        let r: Browsed = serde_json::from_value(page.clone()).unwrap();
+        assert!(matches!(&r, Browsed::Volume(p) if p.next.as_deref() == Some("x")));
+        assert_eq!(serde_json::to_value(&r).unwrap(), page);
+        let mut listed = head;
+        listed["more"] = json!(false);
+        let store = json!({"store": "l", "appliance": me, "volumes": [listed], "unreadable": []});
+        let r: Browsed = serde_json::from_value(store.clone()).unwrap();
+        assert!(matches!(&r, Browsed::Store(s) if s.volumes[0].head.name == "v"));
+        assert_eq!(serde_json::to_value(&r).unwrap(), store);
     }
 
     /// Every method once, each with its own name.

@@ -393,7 +393,10 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
     match method {
         OxGetVersion::NAME => {
             parse::<OxGetVersion>(p)?;
-            Ok(json!({ "api": api::API_VERSION, "oxd": env!("CARGO_PKG_VERSION") }))
+            typed::<OxGetVersion>(Version {
+                api: api::API_VERSION,
+                oxd: env!("CARGO_PKG_VERSION").to_string(),
+            })
         }
         BdevGetBdevs::NAME => {
             let BdevGetBdevs { name } = parse(p)?;
@@ -402,12 +405,12 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
                 .as_ref()
                 .map(|s| s.bdevs())
                 .unwrap_or_default();
-            let list: Vec<Value> = state
+            let list: Vec<BdevInfo> = state
                 .bdevs
                 .iter()
                 .chain(dynamic.iter())
                 .filter(|b| name.as_deref().is_none_or(|n| n == b.name()))
-                .map(bdev_json)
+                .map(bdev_info)
                 .collect();
             if let (Some(n), true) = (name, list.is_empty()) {
                 return Err(RpcError::new(
@@ -415,43 +418,57 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
                     format!("no bdev named {n:?}"),
                 ));
             }
-            Ok(Value::Array(list))
+            typed::<BdevGetBdevs>(list)
         }
         NvmfGetSubsystems::NAME => {
             parse::<NvmfGetSubsystems>(p)?;
             // What the target serves now: configured, and volumes' and clones' exports.
             let connected = state.target.connected();
-            let mut list: Vec<Value> = state
+            let mut list: Vec<SubsystemInfo> = state
                 .target
                 .subsystems()
                 .iter()
                 .map(|s| {
-                    let (any, hosts) = match &s.hosts {
+                    let (allow_any_host, hosts) = match &s.hosts {
                         nvmf::HostPolicy::Any => (true, Vec::new()),
                         nvmf::HostPolicy::Only(h) => (false, h.clone()),
                     };
-                    json!({
-                        "nqn": s.nqn,
-                        "serial": s.serial,
-                        "model": s.model,
-                        "allow_any_host": any,
-                        "hosts": hosts,
-                        "listeners": s.listeners.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                        "namespaces": s.namespaces.iter()
-                            .map(|n| json!({"nsid": n.nsid, "bdev": n.bdev.name()}))
-                            .collect::<Vec<_>>(),
-                        "controllers": connected.get(&s.nqn).into_iter().flatten()
-                            .map(|c| json!({"cntlid": c.cntlid, "hostnqn": c.hostnqn, "io_queues": c.io_queues}))
-                            .collect::<Vec<_>>(),
-                    })
+                    SubsystemInfo {
+                        nqn: s.nqn.clone(),
+                        serial: s.serial.clone(),
+                        model: s.model.clone(),
+                        allow_any_host,
+                        hosts,
+                        listeners: s.listeners.iter().map(ToString::to_string).collect(),
+                        namespaces: s
+                            .namespaces
+                            .iter()
+                            .map(|n| NamespaceInfo {
+                                nsid: n.nsid,
+                                bdev: n.bdev.name().to_string(),
+                            })
+                            .collect(),
+                        controllers: connected
+                            .get(&s.nqn)
+                            .into_iter()
+                            .flatten()
+                            .map(|c| ControllerInfo {
+                                cntlid: c.cntlid,
+                                hostnqn: c.hostnqn.clone(),
+                                io_queues: c.io_queues as u64,
+                            })
+                            .collect(),
+                    }
                 })
                 .collect();
-            list.sort_by(|a, b| a["nqn"].as_str().cmp(&b["nqn"].as_str()));
-            Ok(Value::Array(list))
+            list.sort_by(|a, b| a.nqn.cmp(&b.nqn));
+            typed::<NvmfGetSubsystems>(list)
         }
         ReactorGetCores::NAME => {
             parse::<ReactorGetCores>(p)?;
-            Ok(json!({ "cores": state.cores }))
+            typed::<ReactorGetCores>(Cores {
+                cores: state.cores.clone(),
+            })
         }
         AuditVerify::NAME => {
             parse::<AuditVerify>(p)?;
@@ -459,14 +476,7 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
                 return Err(RpcError::new(code::NOT_FOUND, "no audit log is configured"));
             };
             // The entry for this very call is written after the check.
-            match ox_api::audit::verify(audit.path()) {
-                Ok((entries, last)) => Ok(json!({
-                    "path": audit.path(), "entries": entries, "last_hash": last, "intact": true
-                })),
-                Err(e) => {
-                    Ok(json!({ "path": audit.path(), "intact": false, "error": e.to_string() }))
-                }
-            }
+            typed::<AuditVerify>(ox_api::audit::report(audit.path()))
         }
         _ => match &state.service {
             Some(service) => ox_method(service, method, p),
@@ -477,6 +487,18 @@ fn dispatch(state: &State, method: &str, p: Option<&Value>) -> Result<Value, Rpc
             None => Err(not_found(method)),
         },
     }
+}
+
+/// Method `M`'s result as JSON: oxd answers with the very type clients read, so the
+/// two cannot drift apart.
+fn typed<M: Method>(result: M::Result) -> Result<Value, RpcError> {
+    serde_json::to_value(result)
+        .map_err(|e| RpcError::new(code::INTERNAL_ERROR, format!("{}: {e}", M::NAME)))
+}
+
+/// What the service did for method `M` ([`typed`]), or why it did not ([`failed`]).
+fn served<M: Method>(result: anyhow::Result<M::Result>) -> Result<Value, RpcError> {
+    typed::<M>(result.map_err(failed)?)
 }
 
 fn not_found(method: &str) -> RpcError {
@@ -610,9 +632,12 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
                         "a volume over a snapshot takes its size and block size from it",
                     ));
                 }
-                return service
-                    .volume_create_from(&m.name, source, export, m.seed.as_deref())
-                    .map_err(failed);
+                return served::<VolumeCreate>(service.volume_create_from(
+                    &m.name,
+                    source,
+                    export,
+                    m.seed.as_deref(),
+                ));
             }
             if m.seed.is_some() {
                 return Err(invalid("seed applies only to a volume over a snapshot"));
@@ -624,17 +649,15 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
                 .ok_or_else(|| invalid("size_mib is too large"))?;
             let bs = m.block_size.unwrap_or(512);
             let bs = u32::try_from(bs).map_err(|_| invalid("block_size must be 512 or 4096"))?;
-            service
-                .volume_create(&m.name, size, bs, export)
-                .map_err(failed)
+            served::<VolumeCreate>(service.volume_create(&m.name, size, bs, export))
         }
         VolumeDelete::NAME => {
             let m: VolumeDelete = parse(p)?;
-            service.volume_delete(&m.name).map_err(failed)
+            served::<VolumeDelete>(service.volume_delete(&m.name))
         }
         VolumeAdopt::NAME => {
             let m: VolumeAdopt = parse(p)?;
-            service.volume_adopt(&m.name, &m.store).map_err(failed)
+            served::<VolumeAdopt>(service.volume_adopt(&m.name, &m.store))
         }
         VolumeList::NAME => {
             parse::<VolumeList>(p)?;
@@ -669,7 +692,7 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         }
         SnapshotDelete::NAME => {
             let m: SnapshotDelete = parse(p)?;
-            service.snapshot_delete(&m.id).map_err(failed)
+            served::<SnapshotDelete>(service.snapshot_delete(&m.id))
         }
         KeyList::NAME => {
             parse::<KeyList>(p)?;
@@ -677,21 +700,19 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         }
         StoreList::NAME => {
             parse::<StoreList>(p)?;
-            Ok(service.store_list())
+            typed::<StoreList>(service.store_list())
         }
         StoreCheck::NAME => {
             let m: StoreCheck = parse(p)?;
-            service.store_check(&m.name).map_err(failed)
+            served::<StoreCheck>(service.store_check(&m.name))
         }
         StoreCollect::NAME => {
             let m: StoreCollect = parse(p)?;
-            service
-                .store_collect(&m.name, m.dry_run.unwrap_or(false))
-                .map_err(failed)
+            served::<StoreCollect>(service.store_collect(&m.name, m.dry_run.unwrap_or(false)))
         }
         KeyRotate::NAME => {
             let m: KeyRotate = parse(p)?;
-            service.key_rotate(&m.to).map_err(failed)
+            served::<KeyRotate>(service.key_rotate(&m.to))
         }
         CloneCreate::NAME => {
             let m: CloneCreate = parse(p)?;
@@ -704,53 +725,57 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
             )?
             .ok_or_else(|| invalid("name the snapshot to clone"))?;
             let export = export_params(m.nqn, m.hosts, m.allow_any_host)?;
-            service
-                .clone_create(&m.name, source, m.thicken.unwrap_or(false), export)
-                .map_err(failed)
+            served::<CloneCreate>(service.clone_create(
+                &m.name,
+                source,
+                m.thicken.unwrap_or(false),
+                export,
+            ))
         }
         KeyReceiver::NAME => {
             parse::<KeyReceiver>(p)?;
-            service.key_receiver().map_err(failed)
+            served::<KeyReceiver>(service.key_receiver())
         }
         KeyExport::NAME => {
             let m: KeyExport = parse(p)?;
-            service.key_export(&m.key, &m.to).map_err(failed)
+            served::<KeyExport>(service.key_export(&m.key, &m.to))
         }
         KeyImport::NAME => {
             let m: KeyImport = parse(p)?;
             let sealed: ox::transfer::Sealed =
                 serde_json::from_value(m.sealed).map_err(|e| invalid(format!("sealed: {e}")))?;
-            service.key_import(&sealed).map_err(failed)
+            served::<KeyImport>(service.key_import(&sealed))
         }
         PolicySet::NAME => {
             let m: PolicySet = parse(p)?;
-            service
-                .policy_set(ox::policy::Policy {
-                    volume: m.volume,
-                    store: m.store,
-                    every_s: m.every_s,
-                    key: m.key,
-                    keep_last: m.keep_last.unwrap_or(0),
-                    hourly: m.hourly.unwrap_or(0),
-                    daily: m.daily.unwrap_or(0),
-                    weekly: m.weekly.unwrap_or(0),
-                    monthly: m.monthly.unwrap_or(0),
-                })
-                .map_err(failed)
+            served::<PolicySet>(service.policy_set(ox::policy::Policy {
+                volume: m.volume,
+                store: m.store,
+                every_s: m.every_s,
+                key: m.key,
+                keep_last: m.keep_last.unwrap_or(0),
+                hourly: m.hourly.unwrap_or(0),
+                daily: m.daily.unwrap_or(0),
+                weekly: m.weekly.unwrap_or(0),
+                monthly: m.monthly.unwrap_or(0),
+            }))
         }
         PolicyDelete::NAME => {
             let m: PolicyDelete = parse(p)?;
-            service.policy_delete(&m.volume).map_err(failed)
+            served::<PolicyDelete>(service.policy_delete(&m.volume))
         }
         PolicyList::NAME => {
             parse::<PolicyList>(p)?;
-            Ok(service.policy_list())
+            typed::<PolicyList>(service.policy_list())
         }
         StoreBrowse::NAME => {
             let m: StoreBrowse = parse(p)?;
-            service
-                .store_browse(&m.store, m.volume.as_deref(), m.limit, m.after.as_deref())
-                .map_err(failed)
+            served::<StoreBrowse>(service.store_browse(
+                &m.store,
+                m.volume.as_deref(),
+                m.limit,
+                m.after.as_deref(),
+            ))
         }
         CloneGet::NAME => {
             let m: CloneGet = parse(p)?;
@@ -758,7 +783,7 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         }
         CloneDelete::NAME => {
             let m: CloneDelete = parse(p)?;
-            service.clone_delete(&m.name).map_err(failed)
+            served::<CloneDelete>(service.clone_delete(&m.name))
         }
         CloneThicken::NAME => {
             let m: CloneThicken = parse(p)?;
@@ -782,32 +807,39 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
     }
 }
 
-fn bdev_json(b: &Bdev) -> Value {
+fn bdev_info(b: &Bdev) -> BdevInfo {
     let s = b.stats();
-    let ops: serde_json::Map<String, Value> = IoType::ALL
-        .iter()
-        .map(|t| {
-            (
-                t.name().to_string(),
-                json!({"ops": s.ops(*t), "bytes": s.bytes(*t)}),
-            )
-        })
-        .collect();
-    json!({
-        "name": b.name(),
-        "block_size": b.block_size(),
-        "num_blocks": b.num_blocks(),
-        "size_bytes": b.info().size_bytes(),
-        "uuid": b.info().uuid.to_string(),
-        "stats": ops,
-        "errors": s.errors,
-        "latency_us": {
-            "mean": s.latency.mean().as_micros() as u64,
-            "p50": s.latency.quantile(0.5).as_micros() as u64,
-            "p99": s.latency.quantile(0.99).as_micros() as u64,
-            "max": s.latency.max().as_micros() as u64,
+    let mut stats = IoStats::default();
+    for t in IoType::ALL {
+        // Every kind of I/O has its field: a new kind does not build until it has one.
+        let count = match t {
+            IoType::Read => &mut stats.read,
+            IoType::Write => &mut stats.write,
+            IoType::Flush => &mut stats.flush,
+            IoType::WriteZeroes => &mut stats.write_zeroes,
+            IoType::Unmap => &mut stats.unmap,
+        };
+        *count = IoCount {
+            ops: s.ops(t),
+            bytes: s.bytes(t),
+        };
+    }
+    let us = |d: std::time::Duration| d.as_micros() as u64;
+    BdevInfo {
+        name: b.name().to_string(),
+        block_size: b.block_size(),
+        num_blocks: b.num_blocks(),
+        size_bytes: b.info().size_bytes(),
+        uuid: b.info().uuid.to_string(),
+        stats,
+        errors: s.errors,
+        latency_us: Latency {
+            mean: us(s.latency.mean()),
+            p50: us(s.latency.quantile(0.5)),
+            p99: us(s.latency.quantile(0.99)),
+            max: us(s.latency.max()),
         },
-    })
+    }
 }
 
 /// The control token in `token_file` (a secret file, private to this user), at least
@@ -973,7 +1005,10 @@ fn authenticate_and_serve(
     {
         tracing::error!("audit log: {e}");
     }
-    if reply(&mut stream, id, Ok(json!({ "authenticated": true }))).is_err() {
+    let welcome = typed::<Auth>(Authenticated {
+        authenticated: true,
+    });
+    if reply(&mut stream, id, welcome).is_err() {
         return;
     }
     serve_lines(reader, stream, deadline, limits, who, state);

@@ -26,7 +26,7 @@ use ox::store::ObjectStore;
 use ox::store::local::LocalStore;
 use ox::store::s3::{S3Config, S3Store};
 use ox::throttle::Throttle;
-use ox_api::methods::ThickenAction;
+use ox_api::methods::{self as api, ThickenAction};
 use reactor::ReactorHandle;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -273,7 +273,7 @@ pub struct Service {
     /// Set when a clean stop begins: jobs failing from then on stay pending.
     stopping: AtomicBool,
     /// Each store's last check (at start, or `store_check`), shown by `store_list`.
-    checks: Mutex<HashMap<String, Value>>,
+    checks: Mutex<HashMap<String, api::LastCheck>>,
     /// Protection policies' running state.
     policies: policies::Policies,
     /// This appliance in the stores' catalogues (fixed from start to stop).
@@ -910,7 +910,7 @@ impl Service {
         size_bytes: u64,
         block_size: u32,
         export: Option<ExportRecord>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<api::VolumeCreated> {
         check_name(name)?;
         if !matches!(block_size, 512 | 4096) {
             invalid!("block_size {block_size} must be 512 or 4096");
@@ -959,9 +959,13 @@ impl Service {
             }
         };
         inner.volumes.insert(name.into(), live);
-        Ok(
-            json!({ "name": name, "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>() }),
-        )
+        Ok(api::VolumeCreated {
+            name: name.to_string(),
+            listeners: listeners.iter().map(ToString::to_string).collect(),
+            store: None,
+            manifest_key: None,
+            seeded: None,
+        })
     }
 
     /// Holds `name` for a create that runs partly without the lock, after checking it
@@ -1009,7 +1013,7 @@ impl Service {
 
     /// Deletes a volume (its file and change tracking; its snapshots stay in the
     /// store and in the catalogue).
-    pub fn volume_delete(&self, name: &str) -> anyhow::Result<Value> {
+    pub fn volume_delete(&self, name: &str) -> anyhow::Result<api::Deleted> {
         let mut inner = self.inner();
         let Some(pos) = inner.catalogue.volumes.iter().position(|v| v.name == name) else {
             not_found!("no volume named {}", shown(name));
@@ -1049,7 +1053,9 @@ impl Service {
         {
             tracing::warn!(volume = %name, error = %ox_api::error_chain(&e), "its hold on the snapshot it began as stays");
         }
-        Ok(json!({ "name": name }))
+        Ok(api::Deleted {
+            name: name.to_string(),
+        })
     }
 
     /// Removes every file of volume `name` (deleted, or never fully created).
@@ -1566,7 +1572,7 @@ impl Service {
         source: CloneSource<'_>,
         thicken: bool,
         export: Option<ExportRecord>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<api::Created> {
         check_name(name)?;
         let (store, manifest_key) = self.resolve(source)?;
         let _reservation = self.reserve(name, export.as_ref())?;
@@ -1637,9 +1643,10 @@ impl Service {
         if thicken {
             self.start_thickening(name, false);
         }
-        Ok(
-            json!({ "name": name, "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>() }),
-        )
+        Ok(api::Created {
+            name: name.to_string(),
+            listeners: listeners.iter().map(ToString::to_string).collect(),
+        })
     }
 
     /// The store and manifest key a clone or volume is to begin from.
@@ -1675,7 +1682,7 @@ impl Service {
         source: CloneSource<'_>,
         export: Option<ExportRecord>,
         seed: Option<&str>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<api::VolumeCreated> {
         check_name(name)?;
         let (store, manifest_key) = self.resolve(source)?;
         let _reservation = self.reserve(name, export.as_ref())?;
@@ -1750,13 +1757,13 @@ impl Service {
             }
         };
         inner.volumes.insert(name.into(), live);
-        Ok(json!({
-            "name": name,
-            "store": store,
-            "manifest_key": manifest_key,
-            "listeners": listeners.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "seeded": seeded.as_ref().map(failback::Seeded::to_json),
-        }))
+        Ok(api::VolumeCreated {
+            name: name.to_string(),
+            listeners: listeners.iter().map(ToString::to_string).collect(),
+            store: Some(store),
+            manifest_key: Some(manifest_key),
+            seeded: Some(seeded.as_ref().map(failback::Seeded::to_api)),
+        })
     }
 
     /// Fetches the snapshot's working set into clone `name` in the background, if it
@@ -1956,7 +1963,7 @@ impl Service {
     }
 
     /// Deletes a clone (local copy and presence record; the snapshot stays).
-    pub fn clone_delete(&self, name: &str) -> anyhow::Result<Value> {
+    pub fn clone_delete(&self, name: &str) -> anyhow::Result<api::Deleted> {
         let mut inner = self.inner();
         let Some(pos) = inner.catalogue.clones.iter().position(|c| c.name == name) else {
             not_found!("no clone named {}", shown(name));
@@ -1986,7 +1993,9 @@ impl Service {
         if let Err(e) = self.hold(&record, false) {
             tracing::warn!(clone = %name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");
         }
-        Ok(json!({ "name": name }))
+        Ok(api::Deleted {
+            name: name.to_string(),
+        })
     }
 
     /// Runs `work` on a thread as a job; its outcome is recorded when it ends.
@@ -2124,7 +2133,7 @@ impl Service {
     /// Deletes a snapshot: its manifest, then every object no remaining snapshot of
     /// the volume references. Refused while a later snapshot builds on it or a clone
     /// reads from it.
-    pub fn snapshot_delete(&self, id: &str) -> anyhow::Result<Value> {
+    pub fn snapshot_delete(&self, id: &str) -> anyhow::Result<api::SnapshotDeleted> {
         let snap = self.snapshot(id)?;
         // A snapshot of the volume uploading now has objects no manifest references
         // yet: orphan collection would take them. Hold the volume for the delete.
@@ -2164,7 +2173,7 @@ impl Service {
     /// manifest, and the objects still read through it). Refused while a clone reads
     /// it, here or (by its hold) on another appliance, or if another appliance owns
     /// the volume's place in the store.
-    fn delete_snapshot(&self, snap: &SnapshotRecord) -> anyhow::Result<Value> {
+    fn delete_snapshot(&self, snap: &SnapshotRecord) -> anyhow::Result<api::SnapshotDeleted> {
         let prefix = bucket::prefix_of(&snap.manifest_key)?;
         let also_live: Vec<String> = {
             let inner = self.inner();
@@ -2253,11 +2262,11 @@ impl Service {
         let mut inner = self.inner();
         inner.catalogue.snapshots.retain(|s| s.id != snap.id);
         self.save(&inner)?;
-        Ok(json!({
-            "id": snap.id,
-            "objects_deleted": swept.manifests + swept.pages + swept.objects + orphans,
-            "kept_as_ancestor": kept,
-        }))
+        Ok(api::SnapshotDeleted {
+            id: snap.id.clone(),
+            objects_deleted: (swept.manifests + swept.pages + swept.objects + orphans) as u64,
+            kept_as_ancestor: kept,
+        })
     }
 
     /// Re-wraps the data key of every catalogued snapshot under key `to` (which must be
@@ -2266,7 +2275,7 @@ impl Service {
     /// owns: the snapshots of a volume another appliance adopted are that one's to
     /// rotate (they are listed as skipped, with the owner). Each manifest is replaced
     /// only if it did not change since it was read (read again and retried if it did).
-    pub fn key_rotate(&self, to: &str) -> anyhow::Result<Value> {
+    pub fn key_rotate(&self, to: &str) -> anyhow::Result<api::Rotated> {
         let new = self
             .settings
             .keys
@@ -2296,11 +2305,11 @@ impl Service {
                     .with_context(|| format!("the owner of snapshot {}'s volume", snap.id))?
             };
             if let Some(owner) = owner {
-                skipped.push(json!({
-                    "snapshot": snap.id,
-                    "volume": snap.volume,
-                    "owner": { "id": owner.id, "name": owner.name },
-                }));
+                skipped.push(api::RotateSkipped {
+                    snapshot: snap.id.clone(),
+                    volume: snap.volume.clone(),
+                    owner: bucket::named(&owner),
+                });
                 continue;
             }
             let lineage = {
@@ -2377,12 +2386,12 @@ impl Service {
                 rewrapped += u64::from(changed);
             }
         }
-        Ok(json!({
-            "key": to,
-            "snapshots": snaps.len(),
-            "rewrapped": rewrapped,
-            "skipped": skipped,
-        }))
+        Ok(api::Rotated {
+            key: to.to_string(),
+            snapshots: snaps.len() as u64,
+            rewrapped,
+            skipped,
+        })
     }
 
     /// Creates the clones the configuration declares that the catalogue lacks, and
@@ -2429,38 +2438,57 @@ impl Service {
     }
 
     /// The configured stores (names, kinds and where; never credentials).
-    pub fn store_list(&self) -> Value {
+    pub fn store_list(&self) -> Vec<api::StoreInfo> {
         let checks = self
             .checks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut list: Vec<Value> = self
+        let mut list: Vec<api::StoreInfo> = self
             .settings
             .stores
             .iter()
-            .map(|(name, spec)| match spec {
-                StoreSpec::S3(c) => json!({
-                    "name": name, "kind": "s3", "endpoint": c.endpoint.as_str(),
-                    "bucket": c.bucket, "region": c.region, "check": checks.get(name),
-                    "retries": c.retry_log.count(),
-                    "last_retry": c.retry_log.last().map(|r| json!({
-                        "at": r.at, "op": r.op, "key": r.key, "reason": r.reason,
-                    })),
-                }),
-                StoreSpec::Local(p) => json!({
-                    "name": name, "kind": "local", "path": p, "check": checks.get(name),
-                }),
+            .map(|(name, spec)| {
+                let check = checks.get(name).cloned();
+                match spec {
+                    StoreSpec::S3(c) => api::StoreInfo {
+                        name: name.clone(),
+                        kind: "s3".into(),
+                        endpoint: Some(c.endpoint.as_str().to_string()),
+                        bucket: Some(c.bucket.clone()),
+                        region: Some(c.region.clone()),
+                        path: None,
+                        check,
+                        retries: Some(c.retry_log.count()),
+                        last_retry: Some(c.retry_log.last().map(|r| api::Retry {
+                            at: r.at,
+                            op: r.op.to_string(),
+                            key: r.key.clone(),
+                            reason: r.reason.clone(),
+                        })),
+                    },
+                    StoreSpec::Local(p) => api::StoreInfo {
+                        name: name.clone(),
+                        kind: "local".into(),
+                        endpoint: None,
+                        bucket: None,
+                        region: None,
+                        path: Some(p.display().to_string()),
+                        check,
+                        retries: None,
+                        last_retry: None,
+                    },
+                }
             })
             .collect();
-        list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        Value::Array(list)
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
     /// Checks store `name` on an OX core (list, put a probe object, read it back, find
     /// it in a listing, delete it, see it gone; see `ox::store::check`): each step with its time, the
     /// first failure with its reason.
-    pub fn store_check(&self, name: &str) -> anyhow::Result<Value> {
+    pub fn store_check(&self, name: &str) -> anyhow::Result<api::CheckReport> {
         self.check_store(name, true)
     }
 
@@ -2469,7 +2497,7 @@ impl Service {
     /// objects no manifest names, older than the grace (`ox::lease::ORPHAN_GRACE_S`),
     /// in places no upload holds a live lease in. `dry_run`: what would go, and nothing
     /// goes (its keys listed, up to [`COLLECT_KEYS_SHOWN`]).
-    pub fn store_collect(&self, name: &str, dry_run: bool) -> anyhow::Result<Value> {
+    pub fn store_collect(&self, name: &str, dry_run: bool) -> anyhow::Result<api::Collected> {
         let spec = self.store(name)?.clone();
         let now = now_secs();
         let c = self.cores.run(move |ex| {
@@ -2490,31 +2518,35 @@ impl Service {
             gets = c.gets,
             "collected objects no manifest names (a dry run: would have)"
         );
-        let mut out = json!({
-            "store": name,
-            "dry_run": dry_run,
-            "places": c.places,
-            "objects": c.objects,
-            "bytes": c.bytes,
-            "young": c.young,
-            "ageless": c.ageless,
-            "dead_leases": c.dead_leases,
-            "grace_s": ox::lease::ORPHAN_GRACE_S,
-            "requests": { "lists": c.lists, "gets": c.gets, "deletes": c.deletes },
-            "skipped": c.skipped.iter().map(|(prefix, reason)| json!({
-                "prefix": prefix, "reason": reason,
-            })).collect::<Vec<_>>(),
-        });
-        if dry_run {
-            out["keys"] = json!(&c.keys[..c.keys.len().min(COLLECT_KEYS_SHOWN)]);
-            out["keys_truncated"] = json!(c.keys.len() > COLLECT_KEYS_SHOWN);
-        }
-        Ok(out)
+        let shown = c.keys.len().min(COLLECT_KEYS_SHOWN);
+        Ok(api::Collected {
+            store: name.to_string(),
+            dry_run,
+            places: c.places,
+            objects: c.objects,
+            bytes: c.bytes,
+            young: c.young,
+            ageless: c.ageless,
+            dead_leases: c.dead_leases,
+            grace_s: ox::lease::ORPHAN_GRACE_S,
+            requests: api::CollectRequests {
+                lists: c.lists,
+                gets: c.gets,
+                deletes: c.deletes,
+            },
+            skipped: c
+                .skipped
+                .into_iter()
+                .map(|(prefix, reason)| api::PlaceSkipped { prefix, reason })
+                .collect(),
+            keys: dry_run.then(|| c.keys[..shown].to_vec()),
+            keys_truncated: dry_run.then_some(c.keys.len() > COLLECT_KEYS_SHOWN),
+        })
     }
 
     /// [`Self::store_check`]; `newest`: its outcome replaces one recorded meanwhile
     /// (else a check at start, finishing late, keeps an operator's newer one).
-    fn check_store(&self, name: &str, newest: bool) -> anyhow::Result<Value> {
+    fn check_store(&self, name: &str, newest: bool) -> anyhow::Result<api::CheckReport> {
         let spec = self.store(name)?.clone();
         let token = uuid::Uuid::new_v4().simple().to_string();
         let check = self.cores.run(move |ex| {
@@ -2531,24 +2563,32 @@ impl Service {
                 }
             })
         })?;
-        let steps: Vec<Value> = check
+        let steps: Vec<api::CheckStep> = check
             .steps
             .iter()
-            .map(|s| json!({ "step": s.name, "ms": s.millis, "error": s.error }))
+            .map(|s| api::CheckStep {
+                step: s.name.to_string(),
+                ms: s.millis,
+                error: s.error.clone(),
+            })
             .collect();
         let failed = check.failure();
-        let last = json!({
-            "ok": check.ok(),
-            "at": now_secs(),
-            "step": failed.map(|s| s.name),
-            "error": failed.and_then(|s| s.error.clone()),
-        });
+        let last = api::LastCheck {
+            ok: check.ok(),
+            at: now_secs(),
+            step: failed.map(|s| s.name.to_string()),
+            error: failed.and_then(|s| s.error.clone()),
+        };
         let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         if newest || !checks.contains_key(name) {
             checks.insert(name.to_string(), last);
         }
         drop(checks);
-        Ok(json!({ "store": name, "ok": check.ok(), "steps": steps }))
+        Ok(api::CheckReport {
+            store: name.to_string(),
+            ok: check.ok(),
+            steps,
+        })
     }
 
     /// Checks every configured store in the background and logs the outcome (a wrong
@@ -2562,22 +2602,18 @@ impl Service {
                 names.sort();
                 for name in names {
                     match service.check_store(&name, false) {
-                        Ok(v) if v["ok"] == json!(true) => {
+                        Ok(c) if c.ok => {
                             tracing::info!(
                                 store = %name,
                                 "checked (list, put, get, listed, delete, gone)"
                             );
                         }
-                        Ok(v) => {
-                            let failed = v["steps"]
-                                .as_array()
-                                .and_then(|s| s.iter().find(|s| !s["error"].is_null()))
-                                .cloned()
-                                .unwrap_or_default();
+                        Ok(c) => {
+                            let failed = c.steps.iter().find(|s| s.error.is_some());
                             tracing::warn!(
                                 store = %name,
-                                step = %failed["step"].as_str().unwrap_or("?"),
-                                error = %failed["error"].as_str().unwrap_or("?"),
+                                step = %failed.map_or("?", |s| s.step.as_str()),
+                                error = %failed.and_then(|s| s.error.as_deref()).unwrap_or("?"),
                                 "check failed: snapshots and clones of it will fail until it \
                                  is fixed (oxctl store check)"
                             );

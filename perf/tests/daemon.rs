@@ -263,6 +263,9 @@ file = {kek2:?}
     );
     let stores = ctl.ok(&["store", "list"]);
     assert!(stores[1]["retries"].as_u64().unwrap() >= 1, "{stores}");
+    // An S3 store's last retry, as its type reads it.
+    let typed = typed_as::<ox_api::methods::StoreList>(&stores);
+    assert!(typed[1].last_retry.as_ref().is_some_and(Option::is_some));
     // Metrics count them by kind: 503 SlowDown is a store asking to slow down.
     let text = http_get(metrics_port, "/metrics");
     let retries = text
@@ -380,10 +383,8 @@ file = {kek2:?}
     );
     let third_id = third["result"]["id"].as_str().unwrap();
     let deleted = ctl.ok(&["snapshot", "delete", third_id]);
-    assert!(
-        deleted["objects_deleted"].as_u64().unwrap() >= 2,
-        "{deleted}"
-    );
+    let deleted = typed_as::<ox_api::methods::SnapshotDelete>(&deleted);
+    assert!(deleted.objects_deleted >= 2, "{deleted:?}");
     assert_eq!(ctl.ok(&["snapshot", "list"]).as_array().unwrap().len(), 2);
     // The remaining snapshots are whole after the orphan collection.
     let checked = ctl.ok(&[
@@ -569,6 +570,7 @@ fn a_store_check_names_the_failing_step_and_the_reason() {
     let _oxd = start_oxd(&config);
     for name in ["l", "s3"] {
         let c = ctl.ok(&["store", "check", name]);
+        typed_as::<ox_api::methods::StoreCheck>(&c);
         assert_eq!(c["ok"], true, "{c}");
         let steps: Vec<&str> = c["steps"]
             .as_array()
@@ -601,6 +603,8 @@ fn a_store_check_names_the_failing_step_and_the_reason() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
+    // Both kinds of store, as their type reads them.
+    typed_as::<ox_api::methods::StoreList>(&list);
     assert_eq!(checked(&list, "l")["ok"], true, "{list}");
     assert_eq!(checked(&list, "s3")["ok"], true, "{list}");
     let bad = checked(&list, "bad");
@@ -609,6 +613,10 @@ fn a_store_check_names_the_failing_step_and_the_reason() {
     assert!(bad["error"].as_str().unwrap().contains("403"), "{list}");
     let out = ctl.call(&["store", "check", "bad"]);
     assert!(!out.status.success(), "a failed check fails oxctl");
+    // Its answer, printed all the same.
+    let failed =
+        typed_as::<ox_api::methods::StoreCheck>(&serde_json::from_slice(&out.stdout).unwrap());
+    assert!(failed.steps[0].error.is_some(), "{failed:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("failed its check at \"list\"") && err.contains("403"),
@@ -1267,47 +1275,88 @@ fn a_snapshot_given_up_at_the_restart_releases_its_upload_lease() {
     }
 }
 
+/// The JSON's shape: its keys, all the way down.
+fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+        _ => Value::Null,
+    }
+}
+
+/// `raw`, oxd's answer to method `M`, read as `M`'s typed result — which, written back,
+/// has the same shape: a field on one side only (added to oxd, or to the type) fails.
+fn typed_as<M: ox_api::methods::Method>(raw: &Value) -> M::Result {
+    let typed: M::Result =
+        serde_json::from_value(raw.clone()).unwrap_or_else(|e| panic!("{}: {e}: {raw}", M::NAME));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(shape(&back), shape(raw), "{}: {raw}", M::NAME);
+    typed
+}
+
 /// The typed results of `ox-api` are exactly what oxd answers: each call's raw answer
-/// and its typed reading, written back, have the same shape, so a field on one side
-/// only (added to oxd, or to the type) fails here. Every method with a typed result is
-/// called: the version, and the jobs (snapshot, verify, restore; get, list, cancel).
+/// and its typed reading, written back, have the same shape ([`typed_as`]). Every
+/// method is called (but `auth`, over TCP: tools/tests/oxctl.rs), most of them both
+/// ways where their answers differ in shape (a volume empty, over a snapshot, seeded;
+/// a store's whole catalogue and a volume's page; a collection dry or not).
 #[test]
 fn typed_results_are_what_oxd_answers() {
     use ox_api::methods::{self as m, JobState, Method};
-    /// The JSON's shape: its keys, all the way down.
-    fn shape(v: &Value) -> Value {
-        match v {
-            Value::Object(o) => {
-                Value::Object(o.iter().map(|(k, v)| (k.clone(), shape(v))).collect())
-            }
-            Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
-            _ => Value::Null,
-        }
-    }
     fn strict<M: Method>(c: &mut ox_api::api::Client, params: &M) -> M::Result {
-        let raw = c.invoke(params).unwrap();
-        let typed: M::Result = serde_json::from_value(raw.clone()).unwrap();
-        let back = serde_json::to_value(&typed).unwrap();
-        assert_eq!(shape(&back), shape(&raw), "{}: {raw}", M::NAME);
-        typed
+        typed_as::<M>(&c.invoke(params).unwrap())
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_port();
     let nqn = "nqn.2026-11.io.ox:v";
     let (config, ctl) = local_appliance(d, port, "", &volume_v(8, nqn));
-    let _oxd = start_oxd(&config);
-    oxperf(
-        &format!("127.0.0.1:{port},{nqn},1"),
-        "write",
-        "0:16384",
-        64,
-        131072,
-        3,
+    // An audit log, for audit_verify.
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[control]\n",
+        &format!("[control]\naudit_log = {:?}\n", d.join("audit.log")),
+        1,
     );
+    std::fs::write(&config, text).unwrap();
+    let _oxd = start_oxd(&config);
+    let target = format!("127.0.0.1:{port},{nqn},1");
+    oxperf(&target, "write", "0:16384", 64, 131072, 3);
     let mut c = ox_api::api::Client::connect(std::path::Path::new(&ctl.socket)).unwrap();
     let v = strict(&mut c, &m::OxGetVersion {});
     assert_eq!(v.api, ox_api::api::API_VERSION);
+    let cores = strict(&mut c, &m::ReactorGetCores {});
+    assert_eq!(cores.cores, [0]);
+    let bdevs = strict(&mut c, &m::BdevGetBdevs { name: None });
+    assert_eq!(bdevs.len(), 1, "{bdevs:?}");
+    let one = strict(
+        &mut c,
+        &m::BdevGetBdevs {
+            name: Some("v".into()),
+        },
+    );
+    assert!(one[0].stats.write.bytes >= 8 << 20, "{one:?}");
+    // A host connected while the subsystems are listed: its controller is shown.
+    let mut host = std::process::Command::new(bin("oxperf"))
+        .args(["run", "--target", &target, "-w", "randread", "--bs", "4096"])
+        .args(["--range", "0:16384", "--time", "600", "--cores", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let subsystems = loop {
+        let s = strict(&mut c, &m::NvmfGetSubsystems {});
+        if !s[0].controllers.is_empty() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no host: {s:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = host.kill();
+    let _ = host.wait();
+    assert_eq!(subsystems[0].nqn, nqn, "{subsystems:?}");
+    assert_eq!(subsystems[0].namespaces[0].bdev, "v", "{subsystems:?}");
+    let audit = strict(&mut c, &m::AuditVerify {});
+    assert!(audit.intact && audit.error.is_none(), "{audit:?}");
     // Waits for a job's end (each look is a request: the daemon's answer is the event).
     let finished = |c: &mut ox_api::api::Client, id: u64| loop {
         let j = strict(c, &m::JobGet { id });
@@ -1316,16 +1365,14 @@ fn typed_results_are_what_oxd_answers() {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let started = strict(
-        &mut c,
-        &m::SnapshotCreate {
-            volume: "v".into(),
-            store: "l".into(),
-            key: None,
-            verify: None,
-            full: None,
-        },
-    );
+    let snapshot = |volume: &str| m::SnapshotCreate {
+        volume: volume.into(),
+        store: "l".into(),
+        key: None,
+        verify: None,
+        full: None,
+    };
+    let started = strict(&mut c, &snapshot("v"));
     assert_eq!(
         (started.kind.as_str(), started.target.as_str()),
         ("snapshot", "v")
@@ -1354,19 +1401,22 @@ fn typed_results_are_what_oxd_answers() {
     let cancelled = strict(&mut c, &m::JobCancel { id: started.id });
     assert_eq!(cancelled.state, JobState::Done);
     // A clone, open: every figure given.
-    c.invoke(&m::CloneCreate {
-        name: "c".into(),
-        snapshot: Some(id),
-        store: None,
-        manifest_key: None,
-        volume: None,
-        latest: None,
-        thicken: None,
-        nqn: None,
-        hosts: None,
-        allow_any_host: None,
-    })
-    .unwrap();
+    let created = strict(
+        &mut c,
+        &m::CloneCreate {
+            name: "c".into(),
+            snapshot: Some(id.clone()),
+            store: None,
+            manifest_key: None,
+            volume: None,
+            latest: None,
+            thicken: None,
+            nqn: Some("nqn.2026-11.io.ox:c".into()),
+            hosts: None,
+            allow_any_host: Some(true),
+        },
+    );
+    assert_eq!(created.listeners, [format!("127.0.0.1:{port}")]);
     let clone = strict(&mut c, &m::CloneGet { name: "c".into() });
     assert_eq!(clone.chunks_total, Some(128), "{clone:?}");
     let paused = strict(
@@ -1378,28 +1428,136 @@ fn typed_results_are_what_oxd_answers() {
         },
     );
     assert!(paused.paused && paused.thicken, "{paused:?}");
+    // Volumes: empty; over the snapshot; over it seeded from v (whose last it is).
+    let volume =
+        |name: &str, size_mib: Option<u64>, snapshot: Option<&str>, seed| m::VolumeCreate {
+            name: name.into(),
+            size_mib,
+            block_size: None,
+            snapshot: snapshot.map(String::from),
+            store: None,
+            manifest_key: None,
+            volume: None,
+            latest: None,
+            seed,
+            nqn: None,
+            hosts: None,
+            allow_any_host: None,
+        };
+    let empty = strict(&mut c, &volume("e", Some(4), None, None));
+    assert!(
+        empty.listeners.is_empty() && empty.seeded.is_none(),
+        "{empty:?}"
+    );
+    let over = strict(&mut c, &volume("o", None, Some(&id), None));
+    assert_eq!(over.seeded, Some(None), "{over:?}");
+    let seeded = strict(&mut c, &volume("s", None, Some(&id), Some("v".into())));
+    let how = seeded.seeded.flatten().unwrap();
+    assert_eq!((how.seed.as_str(), how.chunks), ("v", 128), "{how:?}");
     let listed = strict(&mut c, &m::VolumeList {});
-    assert_eq!(listed.volumes.len(), 2, "v and the restored r: {listed:?}");
+    assert_eq!(listed.volumes.len(), 5, "v, r, e, o, s: {listed:?}");
     assert_eq!(listed.clones.len(), 1, "{listed:?}");
     let snaps = strict(&mut c, &m::SnapshotList { volume: None });
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert!(snaps[0].listed && snaps[0].parent.is_none(), "{snaps:?}");
+    // A snapshot nothing needs, deleted.
+    let of_e = strict(&mut c, &snapshot("e"));
+    let of_e = finished(&mut c, of_e.id);
+    let e_id = of_e.result["id"].as_str().unwrap().to_string();
+    let deleted = strict(&mut c, &m::SnapshotDelete { id: e_id.clone() });
+    assert_eq!((deleted.id, deleted.kept_as_ancestor), (e_id, false));
+    // Keys: listed, rotated, and sent to this appliance itself.
     let keys = strict(&mut c, &m::KeyList {});
     assert_eq!((keys.len(), keys[0].default), (1, true), "{keys:?}");
-    // A policy, with a snapshot already there: its RPO is that snapshot's age.
-    c.invoke(&m::PolicySet {
-        volume: "v".into(),
+    let rotated = strict(&mut c, &m::KeyRotate { to: "k".into() });
+    assert_eq!(
+        (rotated.snapshots, rotated.rewrapped),
+        (1, 0),
+        "{rotated:?}"
+    );
+    let receiver = strict(&mut c, &m::KeyReceiver {});
+    let exported = strict(
+        &mut c,
+        &m::KeyExport {
+            key: "k".into(),
+            to: receiver.public_key,
+        },
+    );
+    assert_eq!(exported.check, keys[0].check);
+    let imported = strict(
+        &mut c,
+        &m::KeyImport {
+            sealed: exported.sealed,
+        },
+    );
+    assert!(imported.configured, "{imported:?}");
+    // Stores: listed, checked, collected (dry and not), browsed both ways.
+    let check = strict(&mut c, &m::StoreCheck { name: "l".into() });
+    assert!(check.ok, "{check:?}");
+    let stores = strict(&mut c, &m::StoreList {});
+    assert_eq!(
+        stores[0].path,
+        Some(d.join("objects").display().to_string())
+    );
+    assert!(stores[0].check.as_ref().is_some_and(|c| c.ok), "{stores:?}");
+    for dry_run in [true, false] {
+        let collected = strict(
+            &mut c,
+            &m::StoreCollect {
+                name: "l".into(),
+                dry_run: Some(dry_run),
+            },
+        );
+        assert_eq!(collected.keys.is_some(), dry_run, "{collected:?}");
+    }
+    let browse = |volume: Option<&str>| m::StoreBrowse {
         store: "l".into(),
-        every_s: 3600,
-        key: None,
-        keep_last: Some(2),
-        hourly: None,
-        daily: None,
-        weekly: None,
-        monthly: None,
-    })
-    .unwrap();
+        volume: volume.map(String::from),
+        limit: None,
+        after: None,
+    };
+    let m::Browsed::Store(whole) = strict(&mut c, &browse(None)) else {
+        panic!("a browse of the whole store is read as one")
+    };
+    assert!(
+        whole.volumes.iter().any(|v| v.head.name == "v"),
+        "{whole:?}"
+    );
+    let m::Browsed::Volume(page) = strict(&mut c, &browse(Some("v"))) else {
+        panic!("a browse of a volume is read as one")
+    };
+    assert_eq!((page.head.name.as_str(), page.snapshots.len()), ("v", 1));
+    let adopted = strict(
+        &mut c,
+        &m::VolumeAdopt {
+            name: "v".into(),
+            store: "l".into(),
+        },
+    );
+    assert_eq!(adopted.owner, adopted.adopted_from, "adopted already");
+    // A policy, with a snapshot already there: its RPO is that snapshot's age.
+    let set = strict(
+        &mut c,
+        &m::PolicySet {
+            volume: "v".into(),
+            store: "l".into(),
+            every_s: 3600,
+            key: None,
+            keep_last: Some(2),
+            hourly: None,
+            daily: None,
+            weekly: None,
+            monthly: None,
+        },
+    );
+    assert_eq!(set.newest.as_deref(), Some(id.as_str()), "{set:?}");
     let policies = strict(&mut c, &m::PolicyList {});
     assert_eq!(policies.len(), 1, "{policies:?}");
     assert_eq!(policies[0].keep_last, 2);
+    let unset = strict(&mut c, &m::PolicyDelete { volume: "v".into() });
+    assert_eq!(unset.volume, "v");
+    let gone = strict(&mut c, &m::CloneDelete { name: "c".into() });
+    assert_eq!(gone.name, "c");
+    let gone = strict(&mut c, &m::VolumeDelete { name: "e".into() });
+    assert_eq!(gone.name, "e");
 }

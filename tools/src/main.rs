@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ox_api::api::{API_VERSION, CallError, Client, DEFAULT_SOCKET, code};
+use ox_api::api::{API_VERSION, CallError, Client, DEFAULT_SOCKET, code, decode};
 use ox_api::methods::{self as m, Method};
 use serde_json::{Value, json};
 
@@ -490,20 +490,28 @@ fn call(cli: &Cli, method: &str, params: Option<Value>) -> anyhow::Result<Value>
     answered(&mut client, method, r)
 }
 
-/// Calls method `M` with `params`.
+/// Calls method `M` with `params`: its answer as it came (what --json shows).
 fn invoke<M: Method>(cli: &Cli, params: &M) -> anyhow::Result<Value> {
     let mut client = client(cli)?;
     let r = client.invoke(params);
     answered(&mut client, M::NAME, r)
 }
 
+/// Calls method `M` with `params`: its typed result.
+fn request<M: Method>(cli: &Cli, params: &M) -> anyhow::Result<M::Result> {
+    let mut client = client(cli)?;
+    let r = client.request(params);
+    answered(&mut client, M::NAME, r)
+}
+
+/// `r`, an answer to method `M`, as its typed result.
+fn typed<M: Method>(r: &Value) -> anyhow::Result<M::Result> {
+    Ok(decode::<M>(r)?)
+}
+
 /// The answer to `method`; a refusal the daemon may give because it is another build
 /// (a method or parameter it does not know) says which builds met.
-fn answered(
-    client: &mut Client,
-    method: &str,
-    r: Result<Value, CallError>,
-) -> anyhow::Result<Value> {
+fn answered<T>(client: &mut Client, method: &str, r: Result<T, CallError>) -> anyhow::Result<T> {
     let e = match r {
         Ok(v) => return Ok(v),
         Err(e) => e,
@@ -614,7 +622,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     full: full.then_some(true),
                 };
                 let job = invoke(&cli, &p)?;
-                if *no_wait { job } else { wait_for(&cli, &job)? }
+                if *no_wait {
+                    job
+                } else {
+                    wait_for(&cli, typed::<m::SnapshotCreate>(&job)?.id)?
+                }
             }
             SnapshotCommand::List { volume } => invoke(
                 &cli,
@@ -624,7 +636,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?,
             SnapshotCommand::Verify { id, no_wait } => {
                 let job = invoke(&cli, &m::SnapshotVerify { id: id.clone() })?;
-                if *no_wait { job } else { wait_for(&cli, &job)? }
+                if *no_wait {
+                    job
+                } else {
+                    wait_for(&cli, typed::<m::SnapshotVerify>(&job)?.id)?
+                }
             }
             SnapshotCommand::Restore {
                 id,
@@ -641,7 +657,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     allow_any_host,
                 };
                 let job = invoke(&cli, &p)?;
-                if *no_wait { job } else { wait_for(&cli, &job)? }
+                if *no_wait {
+                    job
+                } else {
+                    wait_for(&cli, typed::<m::SnapshotRestore>(&job)?.id)?
+                }
             }
             SnapshotCommand::Delete { id } => invoke(&cli, &m::SnapshotDelete { id: id.clone() })?,
         },
@@ -716,16 +736,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             KeyCommand::Rotate { to } => invoke(&cli, &m::KeyRotate { to: to.clone() })?,
             KeyCommand::Receiver => invoke(&cli, &m::KeyReceiver {})?,
             KeyCommand::Export { name, to, out } => {
-                let r = invoke(
+                let r = request(
                     &cli,
                     &m::KeyExport {
                         key: name.clone(),
                         to: to.clone(),
                     },
                 )?;
-                write_new_private(out, &serde_json::to_vec_pretty(&r["sealed"])?)
+                write_new_private(out, &serde_json::to_vec_pretty(&r.sealed)?)
                     .with_context(|| format!("writing {}", out.display()))?;
-                json!({ "key": name, "file": out, "check": r["check"] })
+                json!({ "key": name, "file": out, "check": r.check })
             }
             KeyCommand::Import { file } => {
                 let text =
@@ -783,12 +803,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Audit {
             command: AuditCommand::Verify { file: Some(file) },
-        } => match ox_api::audit::verify(file) {
-            Ok((entries, last)) => {
-                serde_json::json!({"path": file, "intact": true, "entries": entries, "last_hash": last})
-            }
-            Err(e) => serde_json::json!({"path": file, "intact": false, "error": e.to_string()}),
-        },
+        } => serde_json::to_value(ox_api::audit::report(file))?,
         Command::Audit {
             command: AuditCommand::Verify { file: None },
         } => invoke(&cli, &m::AuditVerify {})?,
@@ -804,7 +819,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
-        print_human(&cli.command, &result);
+        print_human(&cli.command, &result)?;
     }
     // A broken audit chain or a failed job is a failure for scripts too.
     if result.get("intact") == Some(&Value::Bool(false)) {
@@ -884,11 +899,9 @@ fn create_key(file: &std::path::Path) -> anyhow::Result<Value> {
     Ok(json!({ "file": file, "created": true }))
 }
 
-/// Polls a job until it ends, with a progress bar on a terminal (hidden otherwise).
-fn wait_for(cli: &Cli, job: &Value) -> anyhow::Result<Value> {
-    let id = job["id"]
-        .as_u64()
-        .context("the daemon returned no job id")?;
+/// Polls job `id` until it ends, with a progress bar on a terminal (hidden otherwise);
+/// returns its last answer, as it came.
+fn wait_for(cli: &Cli, id: u64) -> anyhow::Result<Value> {
     let bar = indicatif::ProgressBar::new(0);
     if cli.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -902,7 +915,8 @@ fn wait_for(cli: &Cli, job: &Value) -> anyhow::Result<Value> {
     );
     let mut client = client(cli)?;
     loop {
-        let j = client.request(&m::JobGet { id })?;
+        let raw = client.invoke(&m::JobGet { id })?;
+        let j = decode::<m::JobGet>(&raw)?;
         bar.set_length(j.total);
         bar.set_position(j.done);
         bar.set_message(format!(
@@ -913,100 +927,97 @@ fn wait_for(cli: &Cli, job: &Value) -> anyhow::Result<Value> {
         ));
         if j.state != m::JobState::Running {
             bar.finish_and_clear();
-            return Ok(serde_json::to_value(j)?);
+            return Ok(raw);
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
-fn print_human(command: &Command, r: &Value) {
-    let s = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    };
+/// `r`, the answer to `command`, for people: read as its method's typed result (a
+/// command without a view of its own shows the JSON).
+fn print_human(command: &Command, r: &Value) -> anyhow::Result<()> {
     match command {
-        Command::Version => println!("oxd {} (control API {})", s(&r["oxd"]), s(&r["api"])),
+        Command::Version => {
+            let v = typed::<m::OxGetVersion>(r)?;
+            println!("oxd {} (control API {})", v.oxd, v.api);
+        }
         Command::Bdevs { .. } => {
+            let bdevs = typed::<m::BdevGetBdevs>(r)?;
             println!(
                 "{:<16} {:>12} {:>6} {:>12} {:>12} {:>8}  UUID",
                 "NAME", "SIZE", "BLOCK", "READ OPS", "WRITE OPS", "ERRORS"
             );
-            for b in r.as_array().into_iter().flatten() {
+            for b in bdevs {
                 println!(
                     "{:<16} {:>12} {:>6} {:>12} {:>12} {:>8}  {}",
-                    s(&b["name"]),
-                    human_bytes(b["size_bytes"].as_u64().unwrap_or(0)),
-                    s(&b["block_size"]),
-                    s(&b["stats"]["read"]["ops"]),
-                    s(&b["stats"]["write"]["ops"]),
-                    s(&b["errors"]),
-                    s(&b["uuid"]),
+                    b.name,
+                    human_bytes(b.size_bytes),
+                    b.block_size,
+                    b.stats.read.ops,
+                    b.stats.write.ops,
+                    b.errors,
+                    b.uuid,
                 );
             }
         }
         Command::Subsystems => {
-            for sub in r.as_array().into_iter().flatten() {
-                println!("{}", s(&sub["nqn"]));
-                let l: Vec<String> = sub["listeners"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(s)
-                    .collect();
-                println!("  listeners:  {}", l.join(" "));
-                for ns in sub["namespaces"].as_array().into_iter().flatten() {
-                    println!("  namespace {}: {}", s(&ns["nsid"]), s(&ns["bdev"]));
+            for sub in typed::<m::NvmfGetSubsystems>(r)? {
+                println!("{}", sub.nqn);
+                println!("  listeners:  {}", sub.listeners.join(" "));
+                for ns in &sub.namespaces {
+                    println!("  namespace {}: {}", ns.nsid, ns.bdev);
                 }
-                if sub["allow_any_host"] == Value::Bool(true) {
+                if sub.allow_any_host {
                     println!("  hosts:      any");
                 } else {
-                    for h in sub["hosts"].as_array().into_iter().flatten() {
-                        println!("  host:       {}", s(h));
+                    for h in &sub.hosts {
+                        println!("  host:       {h}");
                     }
                 }
             }
         }
         Command::Audit { .. } => {
-            if r["intact"] == Value::Bool(true) {
+            let a = typed::<m::AuditVerify>(r)?;
+            if a.intact {
                 println!(
                     "{}: intact, {} entries, last hash {}",
-                    s(&r["path"]),
-                    s(&r["entries"]),
-                    s(&r["last_hash"])
+                    a.path,
+                    or_dash(a.entries),
+                    or_dash(a.last_hash)
                 );
             } else {
-                println!("{}: BROKEN: {}", s(&r["path"]), s(&r["error"]));
+                println!("{}: BROKEN: {}", a.path, or_dash(a.error));
             }
         }
         Command::Volume {
             command: VolumeCommand::List,
         } => {
+            let list = typed::<m::VolumeList>(r)?;
             println!(
                 "{:<16} {:<7} {:>12} {:>9}  EXPORT / STATE",
                 "NAME", "KIND", "SIZE", "HYDRATED"
             );
-            for v in r["volumes"].as_array().into_iter().flatten() {
+            for v in &list.volumes {
                 println!(
                     "{:<16} {:<7} {:>12} {:>9}  {}",
-                    s(&v["name"]),
+                    v.name,
                     "volume",
-                    human_bytes(v["size_bytes"].as_u64().unwrap_or(0)),
+                    human_bytes(v.size_bytes),
                     "-",
-                    s(&v["export"]["nqn"]),
+                    or_dash(v.export.as_ref().map(|e| &e.nqn)),
                 );
             }
-            for c in r["clones"].as_array().into_iter().flatten() {
-                let state = match c.get("unavailable") {
-                    Some(why) => format!("UNAVAILABLE: {}", s(why)),
-                    None => s(&c["export"]["nqn"]),
+            for c in &list.clones {
+                let state = match &c.unavailable {
+                    Some(why) => format!("UNAVAILABLE: {why}"),
+                    None => or_dash(c.export.as_ref().map(|e| &e.nqn)),
                 };
                 println!(
                     "{:<16} {:<7} {:>12} {:>8.1}%  {}",
-                    s(&c["name"]),
+                    c.name,
                     "clone",
-                    human_bytes(c["size_bytes"].as_u64().unwrap_or(0)),
-                    c["hydration_pct"].as_f64().unwrap_or(0.0),
+                    human_bytes(c.size_bytes.unwrap_or(0)),
+                    c.hydration_pct.unwrap_or(0.0),
                     state,
                 );
             }
@@ -1014,242 +1025,265 @@ fn print_human(command: &Command, r: &Value) {
         Command::Snapshot {
             command: SnapshotCommand::List { .. },
         } => {
+            let list = typed::<m::SnapshotList>(r)?;
             println!(
                 "{:<34} {:<16} {:<10} {:>12}  MANIFEST",
                 "ID", "VOLUME", "STORE", "UPLOADED"
             );
-            for x in r.as_array().into_iter().flatten() {
+            for x in list {
                 println!(
                     "{:<34} {:<16} {:<10} {:>12}  {}",
-                    s(&x["id"]),
-                    s(&x["volume"]),
-                    s(&x["store"]),
-                    human_bytes(
-                        x["data_bytes"].as_u64().unwrap_or(0)
-                            + x["meta_bytes"].as_u64().unwrap_or(0)
-                    ),
-                    s(&x["manifest_key"]),
+                    x.id,
+                    x.volume,
+                    x.store,
+                    human_bytes(x.data_bytes.saturating_add(x.meta_bytes)),
+                    x.manifest_key,
                 );
             }
         }
         Command::Snapshot {
             command: SnapshotCommand::Create { .. },
-        } if r["state"] == "done" => {
-            let x = &r["result"];
+        } => {
+            let job = typed::<m::SnapshotCreate>(r)?;
+            if job.state != m::JobState::Done {
+                // Still running (--no-wait), or failed: the job as it is.
+                return print_json(r);
+            }
+            let x: m::Snapshot =
+                serde_json::from_value(job.result).context("the snapshot job's result")?;
             println!(
                 "snapshot {} of {}: {} chunks read, {} uploaded, manifest {}",
-                s(&x["id"]),
-                s(&x["volume"]),
-                s(&x["chunks_read"]),
-                human_bytes(
-                    x["data_bytes"].as_u64().unwrap_or(0) + x["meta_bytes"].as_u64().unwrap_or(0)
-                ),
-                s(&x["manifest_key"]),
+                x.id,
+                x.volume,
+                x.chunks_read,
+                human_bytes(x.data_bytes.saturating_add(x.meta_bytes)),
+                x.manifest_key,
             );
         }
         Command::Clone {
             command: CloneCommand::Get { .. } | CloneCommand::Thicken { .. },
         } => {
-            println!("{}: {}", s(&r["name"]), s(&r["manifest_key"]));
+            // `clone_thicken` answers as `clone_get` does.
+            let c = typed::<m::CloneGet>(r)?;
+            println!("{}: {}", c.name, c.manifest_key);
             println!(
                 "  hydrated      {:.1}% ({} of {} chunks)",
-                r["hydration_pct"].as_f64().unwrap_or(0.0),
-                s(&r["chunks_present"]),
-                s(&r["chunks_total"])
+                c.hydration_pct.unwrap_or(0.0),
+                or_dash(c.chunks_present),
+                or_dash(c.chunks_total)
             );
             println!(
                 "  host reads    {}",
-                human_bytes(r["host_read_bytes"].as_u64().unwrap_or(0))
+                human_bytes(c.host_read_bytes.unwrap_or(0))
             );
-            for reason in ["client_miss", "prefetch", "thickening"] {
+            let fetched = c.fetched_bytes;
+            for (reason, bytes) in [
+                ("client_miss", fetched.map(|f| f.client_miss)),
+                ("prefetch", fetched.map(|f| f.prefetch)),
+                ("thickening", fetched.map(|f| f.thickening)),
+            ] {
                 println!(
                     "  fetched ({reason:<11}) {}",
-                    human_bytes(r["fetched_bytes"][reason].as_u64().unwrap_or(0))
+                    human_bytes(bytes.unwrap_or(0))
                 );
             }
             println!(
                 "  object store  {} in {} GETs",
-                human_bytes(r["object_bytes"].as_u64().unwrap_or(0)),
-                s(&r["gets"])
+                human_bytes(c.object_bytes.unwrap_or(0)),
+                or_dash(c.gets)
             );
+            let miss = c.miss_latency_us;
             println!(
                 "  miss latency  p50 {} µs, p99 {} µs ({} misses)",
-                s(&r["miss_latency_us"]["p50"]),
-                s(&r["miss_latency_us"]["p99"]),
-                s(&r["miss_latency_us"]["count"])
+                or_dash(miss.map(|l| l.p50)),
+                or_dash(miss.map(|l| l.p99)),
+                or_dash(miss.map(|l| l.count))
             );
-            if let Some(t) = r.get("thickening") {
+            if let Some(t) = c.thickening {
                 println!(
                     "  thickening    {}, {} chunks fetched, ETA {} s",
-                    if t["paused"] == true {
-                        "paused"
-                    } else {
-                        "running"
-                    },
-                    s(&t["fetched"]),
-                    s(&t["eta_s"])
+                    if t.paused { "paused" } else { "running" },
+                    t.fetched,
+                    or_dash(t.eta_s)
                 );
             }
         }
         Command::Volume {
             command: VolumeCommand::Create { .. },
+        } => {
+            let v = typed::<m::VolumeCreate>(r)?;
+            print_created(&v.name, &v.listeners);
         }
-        | Command::Clone {
+        Command::Clone {
             command: CloneCommand::Create { .. },
         } => {
-            let at: Vec<String> = r["listeners"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(s)
-                .collect();
-            if at.is_empty() {
-                println!("created {} (not exported)", s(&r["name"]));
-            } else {
-                println!("created {}, exported on {}", s(&r["name"]), at.join(" "));
-            }
+            let c = typed::<m::CloneCreate>(r)?;
+            print_created(&c.name, &c.listeners);
         }
         Command::Volume {
             command: VolumeCommand::Adopt { .. },
-        } => println!(
-            "{} in {} is this appliance's now (adopted from {})",
-            s(&r["name"]),
-            s(&r["store"]),
-            s(&r["adopted_from"]["name"])
-        ),
+        } => {
+            let a = typed::<m::VolumeAdopt>(r)?;
+            println!(
+                "{} in {} is this appliance's now (adopted from {})",
+                a.name, a.store, a.adopted_from.name
+            );
+        }
         Command::Volume {
             command: VolumeCommand::Delete { .. },
-        }
-        | Command::Clone {
+        } => println!("deleted {}", typed::<m::VolumeDelete>(r)?.name),
+        Command::Clone {
             command: CloneCommand::Delete { .. },
-        } => println!("deleted {}", s(&r["name"])),
+        } => println!("deleted {}", typed::<m::CloneDelete>(r)?.name),
         Command::Store {
             command: StoreCommand::Check { .. },
         } => {
-            for step in r["steps"].as_array().into_iter().flatten() {
-                let outcome = match &step["error"] {
-                    Value::Null => "ok".to_string(),
-                    e => format!("FAILED: {}", s(e)),
+            for step in typed::<m::StoreCheck>(r)?.steps {
+                let outcome = match &step.error {
+                    None => "ok".to_string(),
+                    Some(e) => format!("FAILED: {e}"),
                 };
-                println!(
-                    "{:<8} {:>7} ms  {outcome}",
-                    s(&step["step"]),
-                    s(&step["ms"])
-                );
+                println!("{:<8} {:>7} ms  {outcome}", step.step, step.ms);
             }
         }
         Command::Store {
             command: StoreCommand::Collect { .. },
         } => {
-            let dry = r["dry_run"] == json!(true);
-            for k in r["keys"].as_array().into_iter().flatten() {
-                println!("would delete {}", s(k));
+            let c = typed::<m::StoreCollect>(r)?;
+            for k in c.keys.iter().flatten() {
+                println!("would delete {k}");
             }
             println!(
                 "{} {} objects ({} bytes) and {} dead upload leases in {} places; kept {} \
                  younger than {} s and {} of unknown age; {} LISTs, {} GETs",
-                if dry { "would collect" } else { "collected" },
-                s(&r["objects"]),
-                s(&r["bytes"]),
-                s(&r["dead_leases"]),
-                s(&r["places"]),
-                s(&r["young"]),
-                s(&r["grace_s"]),
-                s(&r["ageless"]),
-                s(&r["requests"]["lists"]),
-                s(&r["requests"]["gets"]),
+                if c.dry_run {
+                    "would collect"
+                } else {
+                    "collected"
+                },
+                c.objects,
+                c.bytes,
+                c.dead_leases,
+                c.places,
+                c.young,
+                c.grace_s,
+                c.ageless,
+                c.requests.lists,
+                c.requests.gets,
             );
-            for p in r["skipped"].as_array().into_iter().flatten() {
-                println!("left alone {}: {}", s(&p["prefix"]), s(&p["reason"]));
+            for p in &c.skipped {
+                println!("left alone {}: {}", p.prefix, p.reason);
             }
         }
         Command::Policy {
             command: PolicyCommand::List,
         } => {
-            for p in r.as_array().into_iter().flatten() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |x| x.as_secs());
+            for p in typed::<m::PolicyList>(r)? {
                 println!(
-                    "{}  every {}s into {}  RPO now {}  next in {}  runs {}  failures {}  retired {}",
-                    s(&p["volume"]),
-                    s(&p["every_s"]),
-                    s(&p["store"]),
-                    p["rpo_s"].as_u64().map_or("-".into(), |v| format!("{v}s")),
-                    p["next_due"].as_u64().map_or("-".into(), |d| {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |x| x.as_secs());
-                        format!("{}s", d.saturating_sub(now))
-                    }),
-                    s(&p["runs"]),
-                    s(&p["failures"]),
-                    s(&p["retired"]),
+                    "{}  every {}s into {}  RPO now {}  next in {}s  runs {}  failures {}  retired {}",
+                    p.volume,
+                    p.every_s,
+                    p.store,
+                    p.rpo_s.map_or("-".into(), |v| format!("{v}s")),
+                    p.next_due.saturating_sub(now),
+                    p.runs,
+                    p.failures,
+                    p.retired,
                 );
-                if let Value::Object(e) = &p["last_error"] {
-                    println!(
-                        "    last error: {}",
-                        e.get("error").map(s).unwrap_or_default()
-                    );
+                if let Some(e) = &p.last_error {
+                    println!("    last error: {}", e.error);
                 }
             }
         }
         Command::Store {
             command: StoreCommand::Browse { .. },
         } => {
-            let snapshot_line = |v: &Value| {
+            let snapshot_line = |v: &m::BucketSnapshot| {
                 println!(
                     "    {}  {:>9} ago  {:>10} stored  by {}  key {}{}",
-                    s(&v["id"]),
-                    age(v["created"].as_u64().unwrap_or(0)),
-                    human_bytes(v["stored_bytes"].as_u64().unwrap_or(0)),
-                    s(&v["appliance"]["name"]),
-                    s(&v["key"]),
-                    match v["key_here"] {
-                        Value::Bool(false) => " (not configured here)",
-                        _ => "",
+                    v.id,
+                    age(v.created),
+                    human_bytes(v.stored_bytes),
+                    v.appliance.name,
+                    or_dash(v.key.as_deref()),
+                    if v.key_here == Some(false) {
+                        " (not configured here)"
+                    } else {
+                        ""
                     }
                 );
             };
-            let volume_lines = |v: &Value| {
+            // A volume, its snapshots, and where older ones are: `more` in a browse of
+            // the store, `next` in a page of the volume's.
+            let volume_lines = |v: &m::BucketVolume,
+                                snapshots: &[m::BucketSnapshot],
+                                more: bool,
+                                next: Option<&str>| {
                 println!(
                     "{}  {}  {}  owner {}{}",
-                    s(&v["name"]),
-                    s(&v["volume"]),
-                    human_bytes(v["size_bytes"].as_u64().unwrap_or(0)),
-                    s(&v["owner"]["name"]),
-                    if v["owned_here"] == Value::Bool(true) {
+                    v.name,
+                    v.volume,
+                    human_bytes(v.size_bytes),
+                    v.owner.name,
+                    if v.owned_here {
                         " (this appliance)"
                     } else {
                         ""
                     }
                 );
-                for snap in v["snapshots"].as_array().into_iter().flatten() {
+                for snap in snapshots {
                     snapshot_line(snap);
                 }
-                if v["more"] == Value::Bool(true) {
+                if more {
                     println!(
                         "    … older: oxctl store browse STORE --volume {}",
-                        s(&v["volume"])
+                        v.volume
                     );
                 }
-                if let Value::String(next) = &v["next"] {
+                if let Some(next) = next {
                     println!("    … older: --after {next}");
                 }
             };
-            match r["volumes"].as_array() {
-                Some(volumes) => {
-                    for v in volumes {
-                        volume_lines(v);
+            match typed::<m::StoreBrowse>(r)? {
+                m::Browsed::Store(store) => {
+                    for v in &store.volumes {
+                        volume_lines(&v.head, &v.snapshots, v.more, None);
                     }
-                    for u in r["unreadable"].as_array().into_iter().flatten() {
-                        println!("{}  UNREADABLE: {}", s(&u["prefix"]), s(&u["reason"]));
+                    for u in &store.unreadable {
+                        println!("{}  UNREADABLE: {}", u.prefix, u.reason);
                     }
                 }
-                None => volume_lines(r),
+                m::Browsed::Volume(page) => {
+                    volume_lines(&page.head, &page.snapshots, false, page.next.as_deref());
+                }
             }
         }
-        _ => {
-            println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
-        }
+        _ => print_json(r)?,
     }
+    Ok(())
+}
+
+/// `r` as indented JSON.
+fn print_json(r: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(r)?);
+    Ok(())
+}
+
+/// A new volume's or clone's name, and where it is exported.
+fn print_created(name: &str, listeners: &[String]) {
+    if listeners.is_empty() {
+        println!("created {name} (not exported)");
+    } else {
+        println!("created {name}, exported on {}", listeners.join(" "));
+    }
+}
+
+/// `v`, or "-" for none.
+fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
 /// How long ago `secs` (Unix seconds) was, roughly.

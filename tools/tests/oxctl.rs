@@ -123,26 +123,75 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// What oxctl printed for people, having succeeded.
+fn human(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "oxctl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+/// The JSON's shape: its keys, all the way down.
+fn shape(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+        _ => Value::Null,
+    }
+}
+
+/// `raw`, oxd's answer to method `M`, read as `M`'s typed result — which, written back,
+/// has the same shape (a field on one side only fails).
+fn typed_as<M: ox_api::methods::Method>(raw: &serde_json::Value) -> M::Result {
+    let typed = ox_api::api::decode::<M>(raw).unwrap();
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(shape(&back), shape(raw), "{}: {raw}", M::NAME);
+    typed
+}
+
 #[test]
 fn oxctl_shows_what_oxd_serves() {
+    use ox_api::methods as m;
     let d = start();
     let v = json(&oxctl(&d, &["version", "--json"]));
-    assert_eq!(v["api"], 1);
+    assert_eq!(typed_as::<m::OxGetVersion>(&v).api, 1);
     let b = json(&oxctl(&d, &["bdevs", "--json"]));
     assert_eq!(b[0]["name"], "vol0");
     assert_eq!(b[0]["size_bytes"], 16 << 20);
+    typed_as::<m::BdevGetBdevs>(&b);
     let s = json(&oxctl(&d, &["subsystems", "--json"]));
     assert_eq!(s[0]["nqn"], "nqn.2026-11.io.ox:vol0");
     assert_eq!(s[0]["namespaces"][0]["bdev"], "vol0");
-    assert!(
-        s[0]["listeners"][0]
-            .as_str()
-            .unwrap()
-            .starts_with("127.0.0.1:")
+    let listener = typed_as::<m::NvmfGetSubsystems>(&s)[0].listeners[0].clone();
+    assert!(listener.starts_with("127.0.0.1:"), "{listener}");
+    let cores = json(&oxctl(&d, &["call", "reactor_get_cores"]));
+    assert_eq!(typed_as::<m::ReactorGetCores>(&cores).cores, [0]);
+    // Human output too, read from the typed results.
+    assert_eq!(
+        human(&oxctl(&d, &["version"])),
+        format!("oxd {} (control API 1)\n", env!("CARGO_PKG_VERSION"))
     );
-    // Human output too.
-    let o = oxctl(&d, &["bdevs"]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("16.0 MiB"));
+    let out = human(&oxctl(&d, &["bdevs"]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with("NAME                     SIZE  BLOCK"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("vol0                 16.0 MiB    512            0"),
+        "{out}"
+    );
+    assert_eq!(
+        human(&oxctl(&d, &["subsystems"])),
+        format!(
+            "nqn.2026-11.io.ox:vol0\n  listeners:  {listener}\n  namespace 1: vol0\n  \
+             hosts:      any\n"
+        )
+    );
     // A missing device is a clear error and a failing exit status.
     let o = oxctl(&d, &["bdevs", "--name", "nope"]);
     assert!(!o.status.success());
@@ -218,6 +267,7 @@ fn the_audit_log_records_every_call_and_tampering_is_detected() {
     assert!(!o.status.success());
     let online = json(&oxctl(&d, &["audit", "verify", "--json"]));
     assert_eq!(online["intact"], true);
+    typed_as::<ox_api::methods::AuditVerify>(&online);
     // SIGTERM: the daemon records its stop.
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
@@ -252,6 +302,14 @@ fn the_audit_log_records_every_call_and_tampering_is_detected() {
     let file = d.audit.to_str().unwrap().to_string();
     let offline = json(&oxctl(&d, &["audit", "verify", &file, "--json"]));
     assert_eq!(offline["entries"], 5);
+    let out = human(&oxctl(&d, &["audit", "verify", &file]));
+    assert_eq!(
+        out,
+        format!(
+            "{file}: intact, 5 entries, last hash {}\n",
+            offline["last_hash"].as_str().unwrap()
+        )
+    );
     // Someone rewrites history: a failed call made to look successful.
     std::fs::write(&d.audit, text.replacen("error: no bdev", "ok, no bdev", 1)).unwrap();
     let o = oxctl(&d, &["audit", "verify", &file]);
@@ -278,6 +336,16 @@ fn remote_management_over_tcp_needs_the_token_and_is_audited() {
     let o = remote(&bad);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("authenticate first"));
+    // The answer to a good token, as its type reads it.
+    let mut s = std::net::TcpStream::connect(&d.tcp).unwrap();
+    s.write_all(
+        b"{\"jsonrpc\":\"2.0\",\"method\":\"auth\",\"params\":{\"token\":\"0123456789abcdef-secret\"},\"id\":1}\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(typed_as::<ox_api::methods::Auth>(&answer["result"]).authenticated);
     // A raw connection that skips authentication gets nothing else.
     let mut s = std::net::TcpStream::connect(&d.tcp).unwrap();
     s.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"bdev_get_bdevs\",\"id\":1}\n")
@@ -286,7 +354,7 @@ fn remote_management_over_tcp_needs_the_token_and_is_audited() {
     BufReader::new(&s).read_line(&mut answer).unwrap();
     assert!(answer.contains("-32003"), "{answer}");
     let log = std::fs::read_to_string(&d.audit).unwrap();
-    assert_eq!(log.matches("\"action\":\"authenticate\"").count(), 3);
+    assert_eq!(log.matches("\"action\":\"authenticate\"").count(), 4);
     assert_eq!(log.matches("denied: bad or missing token").count(), 2);
 }
 
@@ -550,4 +618,122 @@ fn an_unknown_method_at_another_build_says_which_builds_met() {
     assert!(!out.status.success());
     assert!(!err.contains("another build"), "{err}");
     assert!(err.contains("no method"), "{err}");
+}
+
+/// A daemon with volumes (`[ox]`: local store `l`, key `k`, exports on `export`).
+fn start_with_ox(export: u16) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, "77".repeat(32)).unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The `[control]` section is the file's last: what follows it are new sections.
+    let ox = format!(
+        "[ox]\nstate_dir = {state:?}\nexport_listeners = [\"127.0.0.1:{export}\"]\n\
+         [[store]]\nname = \"l\"\nkind = \"local\"\npath = {objects:?}\n\
+         [[key]]\nname = \"k\"\nfile = {kek:?}\n",
+        state = dir.path().join("state"),
+        objects = dir.path().join("objects"),
+    );
+    start_in(dir, &ox)
+}
+
+/// The volume, snapshot, clone, store and policy commands' output for people, each
+/// read from its method's typed result.
+#[test]
+fn the_service_commands_show_what_oxd_answers() {
+    let port = free_port();
+    let d = start_with_ox(port);
+    let run = |args: &[&str]| human(&oxctl(&d, args));
+    assert_eq!(
+        run(&["volume", "create", "a", "--size-mib", "4"]),
+        "created a (not exported)\n"
+    );
+    assert_eq!(
+        run(&[
+            "volume",
+            "create",
+            "x",
+            "--size-mib",
+            "4",
+            "--nqn",
+            "nqn.2026-11.io.ox:x",
+            "--allow-any-host"
+        ]),
+        format!("created x, exported on 127.0.0.1:{port}\n")
+    );
+    let out = run(&["snapshot", "create", "a", "--store", "l"]);
+    let id = json(&oxctl(&d, &["snapshot", "list", "--json"]))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        out.starts_with(&format!("snapshot {id} of a: 0 chunks read, ")),
+        "{out}"
+    );
+    let out = run(&["snapshot", "list"]);
+    assert!(out.lines().nth(1).unwrap().starts_with(&id), "{out}");
+    assert_eq!(
+        run(&["clone", "create", "c", "--snapshot", &id]),
+        "created c (not exported)\n"
+    );
+    let out = run(&["clone", "get", "c"]);
+    assert!(
+        out.contains("\n  hydrated      0.0% (0 of 64 chunks)\n")
+            && out.contains("\n  fetched (thickening ) 0 B\n"),
+        "{out}"
+    );
+    assert_eq!(
+        run(&[
+            "volume",
+            "create",
+            "f",
+            "--from-store",
+            "l",
+            "--from-volume",
+            "a",
+            "--latest",
+            "--seed",
+            "a"
+        ]),
+        "created f (not exported)\n"
+    );
+    let out = run(&["volume", "list"]);
+    assert!(
+        out.contains("\nx                volume       4.0 MiB         -  nqn.2026-11.io.ox:x\n")
+            && out.contains("\nc                clone        4.0 MiB      0.0%  -\n"),
+        "{out}"
+    );
+    let out = run(&["store", "check", "l"]);
+    assert_eq!(out.lines().count(), 6, "{out}");
+    assert!(out.lines().all(|l| l.ends_with(" ms  ok")), "{out}");
+    let out = run(&["store", "collect", "l", "--dry-run"]);
+    assert!(
+        out.starts_with("would collect 0 objects (0 bytes)"),
+        "{out}"
+    );
+    for args in [
+        &["store", "browse", "l"][..],
+        &["store", "browse", "l", "--volume", "a"],
+    ] {
+        let out = run(args);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].starts_with("a  ") && lines[0].ends_with(" (this appliance)"),
+            "{out}"
+        );
+        assert!(
+            lines[1].starts_with(&format!("    {id} ")) && lines[1].ends_with("key k"),
+            "{out}"
+        );
+    }
+    run(&["policy", "set", "a", "--store", "l", "--every", "3600"]);
+    let out = run(&["policy", "list"]);
+    assert!(out.starts_with("a  every 3600s into l  RPO now "), "{out}");
+    let out = run(&["volume", "adopt", "a", "--store", "l"]);
+    assert!(
+        out.starts_with("a in l is this appliance's now (adopted from "),
+        "{out}"
+    );
+    assert_eq!(run(&["clone", "delete", "c"]), "deleted c\n");
+    assert_eq!(run(&["volume", "delete", "f"]), "deleted f\n");
 }

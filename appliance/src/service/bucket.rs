@@ -5,7 +5,7 @@
 
 use anyhow::Context;
 use ox::bucket::{self, Appliance, SnapshotEntry, VolumeHead};
-use serde_json::{Value, json};
+use ox_api::methods as api;
 
 use super::{Service, now_secs};
 use crate::catalogue::{CloneRecord, SnapshotRecord, VolumeRecord};
@@ -26,6 +26,14 @@ pub(super) fn appliance(id: &str) -> Appliance {
     Appliance {
         id: id.to_string(),
         name,
+    }
+}
+
+/// `a` as the control API names an appliance.
+pub(super) fn named(a: &Appliance) -> api::Appliance {
+    api::Appliance {
+        id: a.id.clone(),
+        name: a.name.clone(),
     }
 }
 
@@ -64,7 +72,7 @@ impl Service {
     /// good: a copy of its state brought up as another appliance, say). The head names
     /// this appliance from now on, and the one before in `adopted_from`; that one's
     /// next snapshot into it is refused. Not while a snapshot of the volume runs.
-    pub fn volume_adopt(&self, name: &str, store: &str) -> anyhow::Result<Value> {
+    pub fn volume_adopt(&self, name: &str, store: &str) -> anyhow::Result<api::Adopted> {
         let spec = self.store(store)?.clone();
         let (record, busy) = {
             let inner = self.inner();
@@ -168,13 +176,19 @@ impl Service {
                 "not entered in the store's catalogue"
             );
         }
-        Ok(json!({
-            "name": name, "store": store, "prefix": prefix,
-            "owner": { "id": me.id, "name": me.name },
-            "adopted_from": { "id": from.id, "name": from.name },
-            "entered": entered.entered,
-            "skipped": entered.skipped.iter().map(|(m, why)| json!({"manifest": m, "why": why})).collect::<Vec<_>>(),
-        }))
+        Ok(api::Adopted {
+            name: name.to_string(),
+            store: store.to_string(),
+            prefix,
+            owner: named(&me),
+            adopted_from: named(&from),
+            entered: entered.entered,
+            skipped: entered
+                .skipped
+                .into_iter()
+                .map(|(manifest, why)| api::NotEntered { manifest, why })
+                .collect(),
+        })
     }
 
     /// `store_browse`: the volumes in `store` and their newest snapshots, or (with
@@ -185,7 +199,7 @@ impl Service {
         volume: Option<&str>,
         limit: Option<u64>,
         after: Option<&str>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<api::Browsed> {
         let spec = self.store(store)?.clone();
         let me = self.me();
         let keys: Vec<String> = self.settings.keys.iter().map(|k| k.id.clone()).collect();
@@ -222,28 +236,35 @@ impl Service {
             })
         });
         let found = found?.map_err(|e| refusal_of(e, store))?;
-        let shown = |e: &SnapshotEntry| snapshot_json(e, &keys);
+        let shown = |e: &SnapshotEntry| bucket_snapshot(e, &keys);
         Ok(match found {
-            Found::All(b) => json!({
-                "store": store,
-                "appliance": me,
-                "volumes": b.volumes.iter().map(|v| {
-                    let mut j = head_json(&v.prefix, &v.head, &me);
-                    j["snapshots"] = v.snapshots.iter().map(shown).collect();
-                    j["more"] = v.more.into();
-                    j
-                }).collect::<Vec<_>>(),
-                "unreadable": b.unreadable.iter()
-                    .map(|u| json!({ "prefix": u.prefix, "reason": u.reason }))
-                    .collect::<Vec<_>>(),
+            Found::All(b) => api::Browsed::Store(api::StoreCatalogue {
+                store: store.to_string(),
+                appliance: named(&me),
+                volumes: b
+                    .volumes
+                    .iter()
+                    .map(|v| api::BrowsedVolume {
+                        head: bucket_volume(&v.prefix, &v.head, &me),
+                        snapshots: v.snapshots.iter().map(shown).collect(),
+                        more: v.more,
+                    })
+                    .collect(),
+                unreadable: b
+                    .unreadable
+                    .into_iter()
+                    .map(|u| api::PlaceSkipped {
+                        prefix: u.prefix,
+                        reason: u.reason,
+                    })
+                    .collect(),
             }),
-            Found::One(prefix, head, page) => {
-                let mut j = head_json(&prefix, &head, &me);
-                j["store"] = store.into();
-                j["snapshots"] = page.snapshots.iter().map(shown).collect();
-                j["next"] = page.next.into();
-                j
-            }
+            Found::One(prefix, head, page) => api::Browsed::Volume(api::VolumePage {
+                store: store.to_string(),
+                head: bucket_volume(&prefix, &head, &me),
+                snapshots: page.snapshots.iter().map(shown).collect(),
+                next: page.next,
+            }),
         })
     }
 
@@ -367,22 +388,33 @@ pub(super) fn prefix_of(manifest_key: &str) -> anyhow::Result<String> {
         .with_context(|| format!("manifest key {manifest_key:?} has an unexpected form"))
 }
 
-fn head_json(prefix: &str, h: &VolumeHead, me: &Appliance) -> Value {
-    json!({
-        "name": h.name, "volume": h.volume, "prefix": prefix,
-        "size_bytes": h.volume_bytes, "block_size": h.block_size,
-        "owner": h.owner, "owned_here": h.owner.id == me.id, "since": h.since,
-        "adopted_from": h.adopted_from,
-    })
+/// A volume's head record under `prefix`, as `store_browse` shows it to `me`.
+fn bucket_volume(prefix: &str, h: &VolumeHead, me: &Appliance) -> api::BucketVolume {
+    api::BucketVolume {
+        name: h.name.clone(),
+        volume: h.volume.clone(),
+        prefix: prefix.to_string(),
+        size_bytes: h.volume_bytes,
+        block_size: h.block_size,
+        owner: named(&h.owner),
+        owned_here: h.owner.id == me.id,
+        since: h.since,
+        adopted_from: h.adopted_from.as_ref().map(named),
+    }
 }
 
-fn snapshot_json(e: &SnapshotEntry, keys: &[String]) -> Value {
-    json!({
-        "id": e.snapshot, "manifest_key": e.manifest, "parent": e.parent,
-        "created": e.created_ms / 1000, "stored_bytes": e.stored_bytes,
-        "appliance": e.appliance, "key": e.kek,
-        "key_here": e.kek.as_ref().map(|k| keys.contains(k)),
-    })
+/// A snapshot's entry, as `store_browse` shows it to an appliance with `keys`.
+fn bucket_snapshot(e: &SnapshotEntry, keys: &[String]) -> api::BucketSnapshot {
+    api::BucketSnapshot {
+        id: e.snapshot.clone(),
+        manifest_key: e.manifest.clone(),
+        parent: e.parent.clone(),
+        created: e.created_ms / 1000,
+        stored_bytes: e.stored_bytes,
+        appliance: named(&e.appliance),
+        key: e.kek.clone(),
+        key_here: e.kek.as_ref().map(|k| keys.contains(k)),
+    }
 }
 
 /// What the bucket said, as a refusal where it is one.

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use ox::snapshot::Loaded;
-use serde_json::{Value, json};
 
 use super::Service;
 use crate::refusal::{Refusal, conflict, invalid, shown};
@@ -39,18 +38,19 @@ pub(super) struct Seeded {
 }
 
 impl Seeded {
-    pub(super) fn to_json(&self) -> Value {
-        json!({
-            "seed": self.seed,
-            "chunks": self.chunks,
-            "chunks_to_fetch": self.to_fetch,
-            "changed_in_snapshot": self.changed_there,
-            "zero_in_snapshot": self.zero_there,
-            "changed_in_seed": self.changed_here,
-            "copied_bytes": self.copied_bytes,
-            "index_pages_read": self.index_pages,
-            "index_bytes_read": self.index_bytes,
-        })
+    /// As `volume_create` answers it.
+    pub(super) fn to_api(&self) -> ox_api::methods::Seeded {
+        ox_api::methods::Seeded {
+            seed: self.seed.clone(),
+            chunks: self.chunks,
+            chunks_to_fetch: self.to_fetch,
+            changed_in_snapshot: self.changed_there,
+            zero_in_snapshot: self.zero_there,
+            changed_in_seed: self.changed_here,
+            copied_bytes: self.copied_bytes,
+            index_pages_read: self.index_pages,
+            index_bytes_read: self.index_bytes,
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ox::policy::Policy;
+use ox_api::methods as api;
 use serde_json::{Value, json};
 
 use super::{Service, bucket, now_secs};
@@ -90,7 +91,7 @@ impl Service {
     }
 
     /// `policy_set`: protects `p.volume` by `p` (replacing its policy, if any).
-    pub fn policy_set(self: &Arc<Self>, p: Policy) -> anyhow::Result<Value> {
+    pub fn policy_set(self: &Arc<Self>, p: Policy) -> anyhow::Result<api::PolicyInfo> {
         self.check_policy(&p)?;
         {
             let mut inner = self.inner();
@@ -99,7 +100,7 @@ impl Service {
             self.save(&inner)?;
         }
         self.wake_policies();
-        self.policy_json(&p)
+        Ok(self.policy_info(&p))
     }
 
     fn check_policy(&self, p: &Policy) -> anyhow::Result<()> {
@@ -125,7 +126,7 @@ impl Service {
     }
 
     /// `policy_delete`: the volume is protected no more (its snapshots stay).
-    pub fn policy_delete(&self, volume: &str) -> anyhow::Result<Value> {
+    pub fn policy_delete(&self, volume: &str) -> anyhow::Result<api::PolicyDeleted> {
         let mut inner = self.inner();
         let before = inner.catalogue.policies.len();
         inner.catalogue.policies.retain(|q| q.volume != volume);
@@ -135,21 +136,19 @@ impl Service {
         self.save(&inner)?;
         drop(inner);
         self.wake_policies();
-        Ok(json!({ "volume": volume }))
+        Ok(api::PolicyDeleted {
+            volume: volume.to_string(),
+        })
     }
 
     /// `policy_list`: every policy with what it has done.
-    pub fn policy_list(&self) -> Value {
+    pub fn policy_list(&self) -> Vec<api::PolicyInfo> {
         let policies = self.inner().catalogue.policies.clone();
-        Value::Array(
-            policies
-                .iter()
-                .filter_map(|p| self.policy_json(p).ok())
-                .collect(),
-        )
+        policies.iter().map(|p| self.policy_info(p)).collect()
     }
 
-    fn policy_json(&self, p: &Policy) -> anyhow::Result<Value> {
+    /// Policy `p` and what it did, as `policy_list` shows it.
+    fn policy_info(&self, p: &Policy) -> api::PolicyInfo {
         let (newest, newest_at) = match self.newest_snapshot(&p.volume, &p.store) {
             Some((id, t)) => (Some(id), Some(t)),
             None => (None, None),
@@ -162,24 +161,45 @@ impl Service {
             .get(&p.volume)
             .cloned()
             .unwrap_or_default();
-        let mut v = serde_json::to_value(p)?;
-        v["newest"] = newest.into();
-        v["last_success"] = newest_at.into();
-        // The recovery point now: what a disaster would lose.
-        v["rpo_s"] = newest_at.map(|t| now.saturating_sub(t)).into();
-        v["next_due"] = p.due(newest_at, now).into();
-        v["job"] = status.job.into();
-        v["runs"] = status.runs.into();
-        v["failures"] = status.failures.into();
-        v["last_error"] = status
-            .last_error
-            .map(|(at, e)| json!({ "at": at, "error": e }))
-            .into();
-        v["retired"] = status.retired.into();
-        v["swept_objects"] = status.swept_objects.into();
-        v["swept_manifests"] = status.swept_manifests.into();
-        v["last_retention"] = status.last_retention.unwrap_or(Value::Null);
-        Ok(v)
+        // Every field of the policy, named: one added to it does not build until it
+        // is shown here too.
+        let Policy {
+            volume,
+            store,
+            every_s,
+            key,
+            keep_last,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+        } = p.clone();
+        api::PolicyInfo {
+            volume,
+            store,
+            every_s,
+            key,
+            keep_last,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+            newest,
+            last_success: newest_at,
+            // The recovery point now: what a disaster would lose.
+            rpo_s: newest_at.map(|t| now.saturating_sub(t)),
+            next_due: p.due(newest_at, now),
+            job: status.job,
+            runs: status.runs,
+            failures: status.failures,
+            last_error: status
+                .last_error
+                .map(|(at, error)| api::PolicyError { at, error }),
+            retired: status.retired,
+            swept_objects: status.swept_objects,
+            swept_manifests: status.swept_manifests,
+            last_retention: status.last_retention.unwrap_or(Value::Null),
+        }
     }
 
     /// What `volume`'s policy did since the daemon started (runs, failures, retention).

@@ -8,9 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 
 use anyhow::Context;
 use ox::transfer::{Receiver, Sealed};
-use serde_json::{Value, json};
+use ox_api::methods as api;
 
-use super::{Service, check_name};
+use super::{Service, bucket, check_name};
 use crate::refusal::{Refusal, conflict, invalid};
 
 impl Service {
@@ -20,12 +20,15 @@ impl Service {
     }
 
     /// `key_receiver`: the public key other appliances seal keys for this one with.
-    pub fn key_receiver(&self) -> anyhow::Result<Value> {
-        Ok(json!({ "appliance": self.me(), "public_key": self.receiver()?.public_hex() }))
+    pub fn key_receiver(&self) -> anyhow::Result<api::ReceiverKey> {
+        Ok(api::ReceiverKey {
+            appliance: bucket::named(&self.me()),
+            public_key: self.receiver()?.public_hex(),
+        })
     }
 
     /// `key_export`: key `name` sealed for the appliance whose receiver key is `to`.
-    pub fn key_export(&self, name: &str, to: &str) -> anyhow::Result<Value> {
+    pub fn key_export(&self, name: &str, to: &str) -> anyhow::Result<api::ExportedKey> {
         let kek = self
             .settings
             .keys
@@ -42,12 +45,15 @@ impl Service {
             &format!("sealed for {}", &sealed.to[..16]),
             "ok",
         );
-        Ok(json!({ "sealed": sealed, "check": kek.check_value() }))
+        Ok(api::ExportedKey {
+            sealed: serde_json::to_value(&sealed)?,
+            check: kek.check_value(),
+        })
     }
 
     /// `key_import`: opens a key sealed for this appliance and keeps it as
     /// `state_dir/keys/NAME.key` (owner-only), for a `[[key]]` section to name.
-    pub fn key_import(&self, sealed: &Sealed) -> anyhow::Result<Value> {
+    pub fn key_import(&self, sealed: &Sealed) -> anyhow::Result<api::ImportedKey> {
         check_name(&sealed.key).context("key")?;
         let kek = match self.receiver()?.open(sealed) {
             Ok(k) => k,
@@ -79,12 +85,12 @@ impl Service {
             }
         }
         self.audit_key_use("import", Some(&kek.id), &path.display().to_string(), "ok");
-        Ok(json!({
-            "key": kek.id,
-            "check": kek.check_value(),
-            "file": path,
-            "configured": self.settings.keys.iter().any(|k| k.id == kek.id),
-            "configure": format!("[[key]]\nname = {:?}\nfile = {:?}\n", kek.id, path),
-        }))
+        Ok(api::ImportedKey {
+            check: kek.check_value(),
+            file: path.display().to_string(),
+            configured: self.settings.keys.iter().any(|k| k.id == kek.id),
+            configure: format!("[[key]]\nname = {:?}\nfile = {:?}\n", kek.id, path),
+            key: kek.id,
+        })
     }
 }
