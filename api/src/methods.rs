@@ -525,7 +525,9 @@ pub struct Job {
     /// The outage it waits out now, if any.
     #[serde(default)]
     pub outage: Option<Outage>,
-    /// What it produced, once done (by kind, as docs/API.md describes).
+    /// What it produced, once done (else `null`). Kept as JSON, as oxd keeps it: it
+    /// differs by kind (a snapshot's record, a verify's report, a restore's volume; as
+    /// docs/API.md describes), and a newer daemon may add kinds.
     pub result: serde_json::Value,
     /// Why it failed.
     pub error: Option<String>,
@@ -716,6 +718,10 @@ pub struct Snapshot {
     /// Entered in the store's own catalogue.
     #[serde(default)]
     pub listed: bool,
+    /// How long the attempt that published it took, in milliseconds (0: not known —
+    /// catalogued before oxd recorded it, or from an older daemon).
+    #[serde(default)]
+    pub duration_ms: u64,
 }
 
 /// A key-encryption key, as `key_list` lists it (never its material).

@@ -363,6 +363,7 @@ fn samples() -> Vec<(&'static str, Value)> {
             meta_bytes: 0,
             chunks_read: 0,
             listed: false,
+            duration_ms: 0,
         }]),
         sample::<SnapshotVerify>(job()),
         sample::<SnapshotRestore>(job()),

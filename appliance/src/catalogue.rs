@@ -9,11 +9,11 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// Catalogue format version written. 2 added `thicken_mib_s` to clones, 3 `pending`,
-/// 4 `appliance`, snapshots' `listed` and `policies`.
-const VERSION: u32 = 4;
+/// 4 `appliance`, snapshots' `listed` and `policies`, 5 snapshots' `duration_ms`.
+const VERSION: u32 = 5;
 
 /// Versions this build reads (older ones lack fields that have defaults).
-const READABLE: [u32; 4] = [1, 2, 3, 4];
+const READABLE: [u32; 5] = [1, 2, 3, 4, 5];
 
 /// Everything the daemon must find again after a restart.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -189,6 +189,10 @@ pub struct SnapshotRecord {
     /// at the volume's next snapshot into the store.
     #[serde(default)]
     pub listed: bool,
+    /// How long taking it took, in milliseconds: the attempt that published it, at
+    /// least 1. 0: not known (catalogued before durations were recorded).
+    #[serde(default)]
+    pub duration_ms: u64,
 }
 
 impl Catalogue {
@@ -294,6 +298,17 @@ mod tests {
         .unwrap();
         let old = Catalogue::load(dir.path()).unwrap();
         assert!(!old.appliance.is_empty() && old.appliance != c.appliance);
+        // A snapshot catalogued before durations were recorded: not known (0).
+        std::fs::write(
+            Catalogue::path(dir.path()),
+            br#"{"version": 4, "volumes": [], "clones": [], "snapshots": [{"id": "a",
+                "volume": "v", "store": "l", "manifest_key": "k", "parent": null,
+                "created": 1, "data_bytes": 0, "meta_bytes": 0, "chunks_read": 0,
+                "listed": true}]}"#,
+        )
+        .unwrap();
+        let old = Catalogue::load(dir.path()).unwrap();
+        assert_eq!((old.version, old.snapshots[0].duration_ms), (VERSION, 0));
         std::fs::write(Catalogue::path(dir.path()), b"{\"version\": 1, \"volu").unwrap();
         let e = Catalogue::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("damaged"), "{e}");

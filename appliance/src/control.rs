@@ -661,34 +661,30 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         }
         VolumeList::NAME => {
             parse::<VolumeList>(p)?;
-            Ok(service.volume_list())
+            typed::<VolumeList>(service.volume_list())
         }
         SnapshotCreate::NAME => {
             let m: SnapshotCreate = parse(p)?;
-            service
-                .snapshot_create(
-                    &m.volume,
-                    &m.store,
-                    m.key.as_deref(),
-                    m.verify,
-                    m.full.unwrap_or(false),
-                )
-                .map_err(failed)
+            served::<SnapshotCreate>(service.snapshot_create(
+                &m.volume,
+                &m.store,
+                m.key.as_deref(),
+                m.verify,
+                m.full.unwrap_or(false),
+            ))
         }
         SnapshotList::NAME => {
             let m: SnapshotList = parse(p)?;
-            Ok(service.snapshot_list(m.volume.as_deref()))
+            typed::<SnapshotList>(service.snapshot_list(m.volume.as_deref()))
         }
         SnapshotVerify::NAME => {
             let m: SnapshotVerify = parse(p)?;
-            service.snapshot_verify(&m.id).map_err(failed)
+            served::<SnapshotVerify>(service.snapshot_verify(&m.id))
         }
         SnapshotRestore::NAME => {
             let m: SnapshotRestore = parse(p)?;
             let export = export_params(m.nqn, m.hosts, m.allow_any_host)?;
-            service
-                .snapshot_restore(&m.id, &m.name, export)
-                .map_err(failed)
+            served::<SnapshotRestore>(service.snapshot_restore(&m.id, &m.name, export))
         }
         SnapshotDelete::NAME => {
             let m: SnapshotDelete = parse(p)?;
@@ -696,7 +692,7 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         }
         KeyList::NAME => {
             parse::<KeyList>(p)?;
-            Ok(service.key_list())
+            typed::<KeyList>(service.key_list())
         }
         StoreList::NAME => {
             parse::<StoreList>(p)?;
@@ -779,7 +775,7 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         }
         CloneGet::NAME => {
             let m: CloneGet = parse(p)?;
-            service.clone_get(&m.name).map_err(failed)
+            served::<CloneGet>(service.clone_get(&m.name))
         }
         CloneDelete::NAME => {
             let m: CloneDelete = parse(p)?;
@@ -787,21 +783,19 @@ fn ox_method(service: &Arc<Service>, method: &str, p: Option<&Value>) -> Result<
         }
         CloneThicken::NAME => {
             let m: CloneThicken = parse(p)?;
-            service
-                .clone_thicken(&m.name, m.action, m.mib_s)
-                .map_err(failed)
+            served::<CloneThicken>(service.clone_thicken(&m.name, m.action, m.mib_s))
         }
         JobGet::NAME => {
             let m: JobGet = parse(p)?;
-            service.job_get(m.id).map_err(failed)
+            served::<JobGet>(service.job_get(m.id))
         }
         JobList::NAME => {
             parse::<JobList>(p)?;
-            Ok(service.job_list())
+            typed::<JobList>(service.job_list())
         }
         JobCancel::NAME => {
             let m: JobCancel = parse(p)?;
-            service.job_cancel(m.id).map_err(failed)
+            served::<JobCancel>(service.job_cancel(m.id))
         }
         _ => Err(not_found(method)),
     }

@@ -243,6 +243,11 @@ pub const FAMILIES: &[Family] = &[
         "Catalogued snapshots, by volume.",
     ),
     f(
+        "ox_snapshot_last_duration_seconds",
+        Kind::Gauge,
+        "How long the newest catalogued snapshot of a volume took (of those whose duration is known), by volume.",
+    ),
+    f(
         "ox_policy_last_success_timestamp_seconds",
         Kind::Gauge,
         "When the newest snapshot of a protected volume was taken (Unix seconds).",
@@ -564,6 +569,17 @@ impl Collector for Exporter {
                 totals
                     .iter()
                     .map(|t| (vec![("volume", t.volume.clone())], Value::Int(t.snapshots))),
+            )?;
+            family(
+                e,
+                "ox_snapshot_last_duration_seconds",
+                totals.iter().filter_map(|t| {
+                    let ms = t.last_duration_ms?;
+                    Some((
+                        vec![("volume", t.volume.clone())],
+                        Value::Float(ms as f64 / 1000.0),
+                    ))
+                }),
             )?;
 
             let policies = service.policy_views();

@@ -137,11 +137,15 @@ pub struct Job {
     /// The store's retry log, and its count and the time (Unix seconds) when the job
     /// began: the job shows the retries made since.
     retries: Option<(Arc<ox::store::retries::RetryLog>, u64, u64)>,
+    /// How it ended, once it has: its result, or why it failed. The result is JSON, as
+    /// [`api::Job`] carries it: each kind of job produces its own (a snapshot's record,
+    /// a verify's report, a restore's volume).
     outcome: Mutex<Option<Result<Value, String>>>,
 }
 
 impl Job {
-    fn json(&self) -> Value {
+    /// The job as the API shows it (`job_get`, and the methods that start one).
+    fn info(&self) -> api::Job {
         if let Some(p) = self
             .progress
             .lock()
@@ -161,30 +165,44 @@ impl Job {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .and_then(|p| p.outage())
-            .map(|(since, reason)| json!({ "since": since, "reason": reason }));
+            .map(|(since, reason)| api::Outage { since, reason });
         let (retries, last_retry) = match &self.retries {
             Some((log, count, began)) => (
-                json!(log.count().saturating_sub(*count)),
-                log.last()
-                    .filter(|r| r.at >= *began)
-                    .map(|r| json!({ "at": r.at, "op": r.op, "key": r.key, "reason": r.reason })),
+                log.count().saturating_sub(*count),
+                log.last().filter(|r| r.at >= *began).map(retry_info),
             ),
-            None => (json!(0), None),
+            None => (0, None),
         };
         let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         let (state, result, error) = match outcome.as_ref() {
-            None => ("running", Value::Null, Value::Null),
-            Some(Ok(v)) => ("done", v.clone(), Value::Null),
-            Some(Err(e)) => ("failed", Value::Null, Value::String(e.clone())),
+            None => (api::JobState::Running, Value::Null, None),
+            Some(Ok(v)) => (api::JobState::Done, v.clone(), None),
+            Some(Err(e)) => (api::JobState::Failed, Value::Null, Some(e.clone())),
         };
-        json!({
-            "id": self.id, "kind": self.kind, "target": self.target, "state": state,
-            "done": self.done.load(Ordering::Relaxed),
-            "total": self.total.load(Ordering::Relaxed),
-            "bytes": self.bytes.load(Ordering::Relaxed),
-            "retries": retries, "last_retry": last_retry, "outage": outage,
-            "result": result, "error": error,
-        })
+        api::Job {
+            id: self.id,
+            kind: self.kind.clone(),
+            target: self.target.clone(),
+            state,
+            done: self.done.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            retries,
+            last_retry,
+            outage,
+            result,
+            error,
+        }
+    }
+}
+
+/// A store's retry as the API shows it (a job's, a store's latest).
+fn retry_info(r: ox::store::retries::Retry) -> api::Retry {
+    api::Retry {
+        at: r.at,
+        op: r.op.to_string(),
+        key: r.key,
+        reason: r.reason,
     }
 }
 
@@ -1072,35 +1090,42 @@ impl Service {
     }
 
     /// Volumes and clones, with sizes, exports and counters.
-    pub fn volume_list(&self) -> Value {
+    pub fn volume_list(&self) -> api::Volumes {
         let inner = self.inner();
-        let vols: Vec<Value> = inner
+        let volumes = inner
             .catalogue
             .volumes
             .iter()
             .map(|v| {
                 let stats = inner.volumes.get(&v.name).map(|l| l.bdev.stats());
-                let mut out = json!({
-                    "name": v.name, "kind": "volume", "size_bytes": v.size_bytes,
-                    "block_size": v.block_size, "chunk_bytes": v.chunk_bytes, "uuid": v.uuid,
-                    "export": v.export,
-                    "snapshots": inner.catalogue.snapshots.iter().filter(|s| s.volume == v.name).count(),
-                    "read_bytes": stats.as_ref().map_or(0, |s| s.bytes(bdev::IoType::Read)),
-                    "write_bytes": stats.as_ref().map_or(0, |s| s.bytes(bdev::IoType::Write)),
-                });
-                if let Some(why) = inner.unavailable.get(&v.name) {
-                    out["unavailable"] = json!(why);
+                let moved = |t| stats.as_ref().map_or(0, |s| s.bytes(t));
+                api::VolumeInfo {
+                    name: v.name.clone(),
+                    kind: "volume".into(),
+                    size_bytes: v.size_bytes,
+                    block_size: v.block_size,
+                    chunk_bytes: v.chunk_bytes,
+                    uuid: v.uuid.clone(),
+                    export: v.export.as_ref().map(export_info),
+                    snapshots: inner
+                        .catalogue
+                        .snapshots
+                        .iter()
+                        .filter(|s| s.volume == v.name)
+                        .count() as u64,
+                    read_bytes: moved(bdev::IoType::Read),
+                    write_bytes: moved(bdev::IoType::Write),
+                    unavailable: inner.unavailable.get(&v.name).cloned(),
                 }
-                out
             })
             .collect();
-        let clones: Vec<Value> = inner
+        let clones = inner
             .catalogue
             .clones
             .iter()
-            .map(|c| clone_json(c, inner.clones.get(&c.name), inner.unavailable.get(&c.name)))
+            .map(|c| clone_info(c, inner.clones.get(&c.name), inner.unavailable.get(&c.name)))
             .collect();
-        json!({ "volumes": vols, "clones": clones })
+        api::Volumes { volumes, clones }
     }
 
     /// Starts a snapshot of `volume` into `store` (incremental over the volume's last
@@ -1114,7 +1139,7 @@ impl Service {
         key: Option<&str>,
         verify: Option<bool>,
         full: bool,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<api::Job> {
         let spec = self.store(store)?.clone();
         let kek = match key {
             Some(k) => self
@@ -1301,6 +1326,8 @@ impl Service {
                             meta_bytes: report.meta_bytes,
                             chunks_read: report.chunks_read,
                             listed: false,
+                            // At least 1: 0 is "not known".
+                            duration_ms: report.elapsed.as_millis().max(1) as u64,
                         };
                         // Published: a failure to list it in the bucket does not undo
                         // that; the entry is written again at the next snapshot.
@@ -1326,7 +1353,10 @@ impl Service {
                         }
                         inner.catalogue.snapshots.push(record.clone());
                         inner.catalogue.pending.retain(|p| p.volume != volume);
-                        let mut result = serde_json::to_value(&record).unwrap_or_default();
+                        // The snapshot as `snapshot_list` shows it (what clients read
+                        // it as), with what this attempt did besides.
+                        let mut result =
+                            serde_json::to_value(snapshot_info(&record)).unwrap_or_default();
                         if let Some(e) = &unlisted {
                             tracing::warn!(
                                 volume = %volume,
@@ -1402,7 +1432,7 @@ impl Service {
                 .unwrap_or_else(|p| p.into_inner())
                 .replace(Err(e.to_string()));
         }
-        Ok(job.json())
+        Ok(job.info())
     }
 
     /// Ends a snapshot `handle` took up again at the start that will not continue
@@ -1501,20 +1531,20 @@ impl Service {
     }
 
     /// A job's state.
-    pub fn job_get(&self, id: u64) -> anyhow::Result<Value> {
-        Ok(self.job(id)?.json())
+    pub fn job_get(&self, id: u64) -> anyhow::Result<api::Job> {
+        Ok(self.job(id)?.info())
     }
 
-    /// Every job since start.
-    pub fn job_list(&self) -> Value {
+    /// Every job since start, oldest first.
+    pub fn job_list(&self) -> Vec<api::Job> {
         let jobs: Vec<Arc<Job>> = self.inner().jobs.values().cloned().collect();
-        let mut list: Vec<Value> = jobs.iter().map(|j| j.json()).collect();
-        list.sort_by_key(|j| j["id"].as_u64());
-        Value::Array(list)
+        let mut list: Vec<api::Job> = jobs.iter().map(|j| j.info()).collect();
+        list.sort_by_key(|j| j.id);
+        list
     }
 
     /// Asks a running job to stop.
-    pub fn job_cancel(&self, id: u64) -> anyhow::Result<Value> {
+    pub fn job_cancel(&self, id: u64) -> anyhow::Result<api::Job> {
         let job = self.job(id)?;
         let progress = job
             .progress
@@ -1528,21 +1558,18 @@ impl Service {
             );
         };
         p.cancel();
-        Ok(job.json())
+        Ok(job.info())
     }
 
     /// Snapshots in the catalogue, optionally of one volume.
-    pub fn snapshot_list(&self, volume: Option<&str>) -> Value {
-        let inner = self.inner();
-        Value::Array(
-            inner
-                .catalogue
-                .snapshots
-                .iter()
-                .filter(|s| volume.is_none_or(|v| v == s.volume))
-                .map(|s| serde_json::to_value(s).unwrap_or_default())
-                .collect(),
-        )
+    pub fn snapshot_list(&self, volume: Option<&str>) -> Vec<api::Snapshot> {
+        self.inner()
+            .catalogue
+            .snapshots
+            .iter()
+            .filter(|s| volume.is_none_or(|v| v == s.volume))
+            .map(snapshot_info)
+            .collect()
     }
 
     fn snapshot(&self, id: &str) -> anyhow::Result<SnapshotRecord> {
@@ -1890,7 +1917,7 @@ impl Service {
         name: &str,
         action: ThickenAction,
         mib_s: Option<u64>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<api::CloneInfo> {
         let pause = action == ThickenAction::Pause;
         {
             let mut inner = self.inner();
@@ -1947,7 +1974,7 @@ impl Service {
     }
 
     /// A clone's hydration, traffic and thickening state.
-    pub fn clone_get(&self, name: &str) -> anyhow::Result<Value> {
+    pub fn clone_get(&self, name: &str) -> anyhow::Result<api::CloneInfo> {
         let inner = self.inner();
         let c = inner
             .catalogue
@@ -1955,7 +1982,7 @@ impl Service {
             .iter()
             .find(|c| c.name == name)
             .ok_or_else(|| Refusal::NotFound(format!("no clone named {}", shown(name))))?;
-        Ok(clone_json(
+        Ok(clone_info(
             c,
             inner.clones.get(name),
             inner.unavailable.get(name),
@@ -2004,7 +2031,7 @@ impl Service {
         kind: &str,
         target: &str,
         work: impl FnOnce(&Arc<Job>) -> Result<Value, String> + Send + 'static,
-    ) -> Value {
+    ) -> api::Job {
         let job = self.new_job(kind, target, None, None);
         let j = Arc::clone(&job);
         let spawned = std::thread::Builder::new()
@@ -2019,12 +2046,12 @@ impl Service {
                 .unwrap_or_else(|p| p.into_inner())
                 .replace(Err(e.to_string()));
         }
-        job.json()
+        job.info()
     }
 
     /// Starts fetching and checking every frame of a snapshot (its own and those it
     /// references); the job's result lists every bad frame.
-    pub fn snapshot_verify(self: &Arc<Self>, id: &str) -> anyhow::Result<Value> {
+    pub fn snapshot_verify(self: &Arc<Self>, id: &str) -> anyhow::Result<api::Job> {
         let snap = self.snapshot(id)?;
         let spec = self.store(&snap.store)?.clone();
         let (keks, cores, key) = (
@@ -2066,7 +2093,7 @@ impl Service {
         id: &str,
         name: &str,
         export: Option<ExportRecord>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<api::Job> {
         check_name(name)?;
         let snap = self.snapshot(id)?;
         let reservation = self.reserve(name, export.as_ref())?;
@@ -2460,12 +2487,7 @@ impl Service {
                         path: None,
                         check,
                         retries: Some(c.retry_log.count()),
-                        last_retry: Some(c.retry_log.last().map(|r| api::Retry {
-                            at: r.at,
-                            op: r.op.to_string(),
-                            key: r.key.clone(),
-                            reason: r.reason.clone(),
-                        })),
+                        last_retry: Some(c.retry_log.last().map(retry_info)),
                     },
                     StoreSpec::Local(p) => api::StoreInfo {
                         name: name.clone(),
@@ -2628,15 +2650,17 @@ impl Service {
     }
 
     /// The configured key-encryption keys (names, the default first; never material).
-    pub fn key_list(&self) -> Value {
-        Value::Array(
-            self.settings
-                .keys
-                .iter()
-                .enumerate()
-                .map(|(i, k)| json!({ "name": k.id, "default": i == 0, "check": k.check_value() }))
-                .collect(),
-        )
+    pub fn key_list(&self) -> Vec<api::KeyInfo> {
+        self.settings
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| api::KeyInfo {
+                name: k.id.clone(),
+                default: i == 0,
+                check: k.check_value(),
+            })
+            .collect()
     }
 
     /// Starts again the snapshots a stop or a crash cut short: each continues from its
@@ -2650,7 +2674,7 @@ impl Service {
                 Ok(job) => tracing::info!(
                     volume = %p.volume,
                     store = %p.store,
-                    job = %job["id"],
+                    job = job.id,
                     "snapshot started again"
                 ),
                 Err(e) => {
@@ -2845,47 +2869,107 @@ fn snapshot_prefix(volume: &str, uuid: &str) -> String {
     format!("{volume}.{id}/")
 }
 
-fn clone_json(c: &CloneRecord, live: Option<&LiveClone>, unavailable: Option<&String>) -> Value {
-    let mut v = json!({
-        "name": c.name, "kind": "clone", "uuid": c.uuid, "store": c.store,
-        "manifest_key": c.manifest_key, "export": c.export, "thicken": c.thicken, "paused": c.paused, "thicken_mib_s": c.thicken_mib_s,
+/// An export as the API shows it.
+fn export_info(e: &ExportRecord) -> api::Export {
+    api::Export {
+        nqn: e.nqn.clone(),
+        hosts: e.hosts.clone(),
+        allow_any_host: e.allow_any_host,
+    }
+}
+
+/// A catalogued snapshot as `snapshot_list` shows it.
+fn snapshot_info(s: &SnapshotRecord) -> api::Snapshot {
+    api::Snapshot {
+        id: s.id.clone(),
+        volume: s.volume.clone(),
+        store: s.store.clone(),
+        manifest_key: s.manifest_key.clone(),
+        parent: s.parent.clone(),
+        created: s.created,
+        data_bytes: s.data_bytes,
+        meta_bytes: s.meta_bytes,
+        chunks_read: s.chunks_read,
+        listed: s.listed,
+        duration_ms: s.duration_ms,
+    }
+}
+
+/// A clone as `clone_get` (and `volume_list`) show it: its record, why it could not be
+/// opened if it could not, and while it is open its hydration and traffic.
+fn clone_info(
+    c: &CloneRecord,
+    live: Option<&LiveClone>,
+    unavailable: Option<&String>,
+) -> api::CloneInfo {
+    let mut info = api::CloneInfo {
+        name: c.name.clone(),
+        kind: "clone".into(),
+        uuid: c.uuid.clone(),
+        store: c.store.clone(),
+        manifest_key: c.manifest_key.clone(),
+        export: c.export.as_ref().map(export_info),
+        thicken: c.thicken,
+        paused: c.paused,
+        thicken_mib_s: c.thicken_mib_s,
+        unavailable: unavailable.cloned(),
+        size_bytes: None,
+        block_size: None,
+        chunks_present: None,
+        chunks_total: None,
+        hydration_pct: None,
+        host_read_bytes: None,
+        fetched_bytes: None,
+        object_bytes: None,
+        gets: None,
+        integrity_failures: None,
+        refetches: None,
+        miss_latency_us: None,
+        thickening: None,
+        warming: None,
+    };
+    let Some(l) = live else {
+        return info;
+    };
+    // The same reading the metrics export.
+    let view = CloneView::of(&c.name, l);
+    let miss = &view.miss_latency;
+    let us = |q| miss.quantile(q).as_micros() as u64;
+    info.size_bytes = Some(l.bdev.info().size_bytes());
+    info.block_size = Some(l.bdev.info().block_size);
+    info.chunks_present = Some(view.chunks_present);
+    info.chunks_total = Some(view.chunks_total);
+    info.hydration_pct = Some(view.hydration() * 100.0);
+    // Over the clone's whole life, across restarts.
+    let t = &view.lifetime;
+    info.host_read_bytes = Some(t.host_read_bytes);
+    info.fetched_bytes = Some(api::Fetched {
+        client_miss: t.client_miss_bytes,
+        prefetch: t.prefetch_bytes,
+        thickening: t.thickening_bytes,
     });
-    if let Some(why) = unavailable {
-        v["unavailable"] = json!(why);
-    }
-    if let Some(l) = live {
-        // The same reading the metrics export.
-        let c = CloneView::of(&c.name, l);
-        let miss = &c.miss_latency;
-        v["size_bytes"] = json!(l.bdev.info().size_bytes());
-        v["block_size"] = json!(l.bdev.info().block_size);
-        v["chunks_present"] = json!(c.chunks_present);
-        v["chunks_total"] = json!(c.chunks_total);
-        v["hydration_pct"] = json!(c.hydration() * 100.0);
-        // Over the clone's whole life, across restarts.
-        let t = &c.lifetime;
-        v["host_read_bytes"] = json!(t.host_read_bytes);
-        v["fetched_bytes"] = fetched(t)
-            .iter()
-            .map(|(reason, bytes)| (reason.to_string(), json!(bytes)))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-        v["object_bytes"] = json!(t.object_bytes);
-        v["gets"] = json!(t.gets);
-        v["integrity_failures"] = json!(t.integrity_failures);
-        v["refetches"] = json!(t.refetches);
-        v["miss_latency_us"] = json!({ "count": miss.count(), "p50": miss.quantile(0.5).as_micros() as u64, "p99": miss.quantile(0.99).as_micros() as u64 });
-        if let Some(t) = &l.thickening {
-            v["thickening"] = json!({
-                "paused": t.is_paused(), "fetched": t.fetched(),
-                "eta_s": t.eta(&l.handle).map(|d| d.as_secs()),
-            });
-        }
-        if let Some(w) = l.warming.as_ref().filter(|w| !w.is_finished()) {
-            v["warming"] = json!({
-                "paused": w.is_paused(), "fetched": w.fetched(), "setbacks": w.setbacks(),
-            });
-        }
-    }
-    v
+    info.object_bytes = Some(t.object_bytes);
+    info.gets = Some(t.gets);
+    info.integrity_failures = Some(t.integrity_failures);
+    info.refetches = Some(t.refetches);
+    info.miss_latency_us = Some(api::MissLatency {
+        count: miss.count(),
+        p50: us(0.5),
+        p99: us(0.99),
+    });
+    info.thickening = l.thickening.as_ref().map(|t| api::Thickening {
+        paused: t.is_paused(),
+        fetched: t.fetched(),
+        eta_s: t.eta(&l.handle).map(|d| d.as_secs()),
+    });
+    info.warming = l
+        .warming
+        .as_ref()
+        .filter(|w| !w.is_finished())
+        .map(|w| api::Warming {
+            paused: w.is_paused(),
+            fetched: w.fetched(),
+            setbacks: w.setbacks(),
+        });
+    info
 }

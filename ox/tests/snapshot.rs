@@ -53,9 +53,19 @@ fn snapshot(
                     Some(k) => Some(load(&store, &k, &[kek]).await.unwrap()),
                     None => None,
                 };
-                snapshot_volume(&store, &reactor, &h, parent.as_ref(), &opts, &throttle)
-                    .await
-                    .unwrap()
+                let began = std::time::Instant::now();
+                let report =
+                    snapshot_volume(&store, &reactor, &h, parent.as_ref(), &opts, &throttle)
+                        .await
+                        .unwrap();
+                // The time it took is measured, within the time the call took.
+                let outer = began.elapsed();
+                assert!(
+                    !report.elapsed.is_zero() && report.elapsed <= outer,
+                    "{:?} of {outer:?}",
+                    report.elapsed
+                );
+                report
             })
         })
         .unwrap()

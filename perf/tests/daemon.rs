@@ -189,6 +189,15 @@ file = {kek2:?}
     assert!(sample("ox_clone_fetched_bytes_total{clone=\"c0\",reason=\"client_miss\"}") > 0.0);
     assert!(sample("ox_clone_hydration_ratio{clone=\"c0\"}") > 0.0);
     assert!(sample("ox_snapshots{volume=\"vol0\"}") == 1.0);
+    // How long the snapshot took: listed, and the volume's newest known duration.
+    let duration_ms = list[0]["duration_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no duration_ms in {list}"));
+    assert_eq!(
+        sample("ox_snapshot_last_duration_seconds{volume=\"vol0\"}"),
+        duration_ms as f64 / 1000.0,
+        "{list}"
+    );
     assert!(text.contains("ox_reactor_busy_ratio{reactor=\"0\""));
     // Latencies are histograms (OpenMetrics text, ending with its EOF marker).
     assert!(sample("ox_bdev_latency_seconds_count{bdev=\"vol0\"}") >= 64.0);
@@ -1460,6 +1469,10 @@ fn typed_results_are_what_oxd_answers() {
     let snaps = strict(&mut c, &m::SnapshotList { volume: None });
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert!(snaps[0].listed && snaps[0].parent.is_none(), "{snaps:?}");
+    assert!(
+        snaps[0].duration_ms > 0,
+        "a duration is recorded: {snaps:?}"
+    );
     // A snapshot nothing needs, deleted.
     let of_e = strict(&mut c, &snapshot("e"));
     let of_e = finished(&mut c, of_e.id);

@@ -99,6 +99,8 @@ pub struct SnapshotTotals {
     pub snapshots: u64,
     /// Bytes they stored (data and metadata).
     pub stored_bytes: u64,
+    /// How long the newest of them whose duration is known took, in milliseconds.
+    pub last_duration_ms: Option<u64>,
 }
 
 /// What a volume's protection policy did since the daemon started, and its RPO now.
@@ -128,20 +130,25 @@ impl Service {
 
     /// Catalogued snapshots per volume, by volume name.
     pub fn snapshot_totals(&self) -> Vec<SnapshotTotals> {
-        let mut by: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+        let mut by: std::collections::BTreeMap<&str, SnapshotTotals> = Default::default();
         let inner = self.inner();
+        // Oldest first: the last duration known is the newest's.
         for s in &inner.catalogue.snapshots {
-            let e = by.entry(s.volume.as_str()).or_default();
-            e.0 += 1;
-            e.1 += s.data_bytes + s.meta_bytes;
+            let t = by
+                .entry(s.volume.as_str())
+                .or_insert_with(|| SnapshotTotals {
+                    volume: s.volume.clone(),
+                    snapshots: 0,
+                    stored_bytes: 0,
+                    last_duration_ms: None,
+                });
+            t.snapshots += 1;
+            t.stored_bytes += s.data_bytes + s.meta_bytes;
+            if s.duration_ms > 0 {
+                t.last_duration_ms = Some(s.duration_ms);
+            }
         }
-        by.into_iter()
-            .map(|(volume, (snapshots, stored_bytes))| SnapshotTotals {
-                volume: volume.to_string(),
-                snapshots,
-                stored_bytes,
-            })
-            .collect()
+        by.into_values().collect()
     }
 
     /// Each protected volume's policy.

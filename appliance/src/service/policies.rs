@@ -342,10 +342,10 @@ impl Service {
             }
             match self.snapshot_create(&p.volume, &p.store, p.key.as_deref(), None, false) {
                 Ok(job) => {
-                    let id = job["id"].as_u64();
+                    let id = job.id;
                     let mut rt = self.policies.lock();
                     let s = rt.status.entry(p.volume.clone()).or_default();
-                    s.job = id;
+                    s.job = Some(id);
                     s.runs += 1;
                     if let Some(a) = &self.audit
                         && let Err(e) = a.record(

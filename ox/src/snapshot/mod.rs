@@ -205,6 +205,10 @@ pub struct SnapshotReport {
     pub checkpoint_time: Duration,
     /// What reading back before publishing cost, if it was asked for.
     pub read_back: Option<read_back::ReadBack>,
+    /// How long this attempt took: [`snapshot_volume`] from its start to its return
+    /// (for a snapshot an earlier attempt published and this one adopted, the time
+    /// this attempt took to find it).
+    pub elapsed: Duration,
 }
 
 /// The appliance's checkpoint interval for snapshot journals.
@@ -221,6 +225,7 @@ pub async fn snapshot_volume(
     opts: &SnapshotOptions,
     throttle: &Throttle,
 ) -> Result<SnapshotReport, OxError> {
+    let began = std::time::Instant::now();
     let resumed = match &opts.journal {
         Some(path) => {
             let (resumed, stale) = resumable(path, handle, parent, opts)?;
@@ -319,7 +324,7 @@ pub async fn snapshot_volume(
         throttle,
     };
     let mut leased = None;
-    let result = write(from_to, &changed, resumed, journal.as_deref(), &mut leased).await;
+    let mut result = write(from_to, &changed, resumed, journal.as_deref(), &mut leased).await;
     let mut keep_lease = false;
     match &result {
         Ok(report) => {
@@ -347,6 +352,9 @@ pub async fn snapshot_volume(
     // (Kept where the journal is: the upload continues at the next start.)
     if let Some(s) = leased.filter(|_| !keep_lease) {
         release_lease(store, &opts.prefix, &s, opts).await;
+    }
+    if let Ok(report) = &mut result {
+        report.elapsed = began.elapsed();
     }
     result
 }
