@@ -351,9 +351,13 @@ async fn walk(
         })
         .await;
         let Some((run, result)) = next else {
-            return Err(OxError::Config(
-                "a background fetch got no answer (reactor stopped?)".into(),
-            ));
+            // A failure it met before wins: a warm-up waits out an outage.
+            return Err(match walk.abandon() {
+                Some(failure) => failed(failure),
+                None => {
+                    OxError::Config("a background fetch got no answer (reactor stopped?)".into())
+                }
+            });
         };
         match walk.answered(run, result, control.is_stopped()) {
             Answered::Fetched(n) => {
@@ -371,28 +375,34 @@ async fn walk(
     }
     match walk.end() {
         Ok(_) => Ok(control.fetched()),
-        // An outage is not damage: say which it was.
-        Err(Failure {
-            chunk,
+        Err(failure) => Err(failed(failure)),
+    }
+}
+
+/// Why a walk failed, as an error that tells an outage from damage.
+fn failed(
+    Failure {
+        chunk,
+        attempts,
+        error,
+    }: Failure<bdev::BdevError>,
+) -> OxError {
+    match error {
+        _ if attempts == 0 => OxError::Config(error.to_string()),
+        bdev::BdevError::Basis {
+            reason: bdev::FetchError::Integrity(why),
+            ..
+        } => OxError::integrity(format!("chunk {chunk}"), why),
+        bdev::BdevError::Basis {
+            reason: bdev::FetchError::Unavailable(why),
+            ..
+        } => OxError::Unavailable {
+            op: "background fetch",
+            key: format!("chunk {chunk}"),
             attempts,
-            error,
-        }) => Err(match error {
-            _ if attempts == 0 => OxError::Config(error.to_string()),
-            bdev::BdevError::Basis {
-                reason: bdev::FetchError::Integrity(why),
-                ..
-            } => OxError::integrity(format!("chunk {chunk}"), why),
-            bdev::BdevError::Basis {
-                reason: bdev::FetchError::Unavailable(why),
-                ..
-            } => OxError::Unavailable {
-                op: "background fetch",
-                key: format!("chunk {chunk}"),
-                attempts,
-                message: why,
-            },
-            other => OxError::Config(format!("background fetch of chunk {chunk}: {other}")),
-        }),
+            message: why,
+        },
+        other => OxError::Config(format!("background fetch of chunk {chunk}: {other}")),
     }
 }
 

@@ -171,6 +171,7 @@ impl<I: Iterator<Item = u64>, E> Walk<I, E> {
     }
 
     /// The answer to `run`; `stopped`: the walk was stopped meanwhile (no retry then).
+    /// Once the walk has failed, a failed run is not tried again either.
     pub fn answered(&mut self, run: Vec<u64>, result: Result<(), E>, stopped: bool) -> Answered {
         assert!(self.in_flight > 0, "an answer to a run in flight");
         assert!(!run.is_empty(), "runs hold a chunk at least");
@@ -219,6 +220,13 @@ impl<I: Iterator<Item = u64>, E> Walk<I, E> {
     /// stop missing.)
     pub fn is_over(&self, stopped: bool) -> bool {
         self.in_flight == 0 && (stopped || self.failure.is_some() || self.exhausted)
+    }
+
+    /// Why the walk failed, if it did, for a caller that gives it up with runs still
+    /// in flight (their answers will never come): the first failure it recorded wins
+    /// over the caller's own reason.
+    pub fn abandon(self) -> Option<Failure<E>> {
+        self.failure
     }
 
     /// How the walk ended: the chunks it fetched, or why it failed.
@@ -304,6 +312,12 @@ mod tests {
 
     #[test]
     fn a_stop_ends_it_with_no_retry_and_a_pause_asks_for_nothing() {
+        let stopped = Now {
+            stopped: true,
+            ..now(4, false)
+        };
+        // Stopped with a run in flight: over once it is answered, and only because
+        // of the stop (the walk has neither failed nor gone through its order).
         let mut w: Walk<_, &str> = Walk::new(0..100u64, CHUNK, false);
         let paused = Now {
             paused: true,
@@ -312,13 +326,31 @@ mod tests {
         assert_eq!(w.next_run(paused, |_| false), None);
         assert!(!w.is_over(false), "a paused walk waits");
         let run = w.next_run(now(4, false), |_| false).unwrap();
-        assert_eq!(w.answered(run, Err("reset"), true), Answered::GaveUp);
-        let stopped = Now {
-            stopped: true,
-            ..now(4, false)
-        };
+        assert!(!w.is_over(true), "a run is in flight");
+        assert_eq!(w.answered(run, Ok(()), true), Answered::Fetched(16));
         assert_eq!(w.next_run(stopped, |_| false), None);
+        assert!(!w.is_over(false) && w.is_over(true));
+        assert_eq!(w.end(), Ok(16));
+        // A run failing after a stop is not tried again.
+        let mut w: Walk<_, &str> = Walk::new(0..100u64, CHUNK, false);
+        let run = w.next_run(now(4, false), |_| false).unwrap();
+        assert_eq!(w.answered(run, Err("reset"), true), Answered::GaveUp);
         assert!(w.is_over(true));
+    }
+
+    #[test]
+    fn a_walk_given_up_with_runs_in_flight_says_its_first_failure() {
+        let mut w: Walk<_, &str> = Walk::new(0..100u64, CHUNK, false);
+        let a = w.next_run(now(4, false), |_| false).unwrap();
+        let _b = w.next_run(now(4, false), |_| false).unwrap();
+        for _ in 0..=FETCH_RETRIES {
+            w.answered(a.clone(), Err("503"), false);
+        }
+        let f = w.abandon().expect("it failed");
+        assert_eq!((f.chunk, f.error), (0, "503"));
+        let mut w: Walk<_, &str> = Walk::new(0..100u64, CHUNK, false);
+        w.next_run(now(4, false), |_| false).unwrap();
+        assert_eq!(w.abandon(), None, "nothing failed");
     }
 
     #[test]

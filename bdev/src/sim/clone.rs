@@ -26,6 +26,9 @@ const WALK_CHUNK_BYTES: u64 = 256 << 10;
 
 /// Thickening's walk, as `ox::hydrate` runs it (the appliance's own [`Walk`]).
 type Thickening = Walk<Box<dyn Iterator<Item = u64>>, String>;
+/// The walk's waits before a retry (half a second and more) pass this many times
+/// faster here, so that they end before the next power cut.
+const RETRY_SPEEDUP: u64 = 1_000;
 
 /// Rules of the clone's protocol broken on purpose, to show the simulator catches it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -97,6 +100,8 @@ pub(crate) struct Stats {
     /// Runs it asked for again after a failure, and walks that failed.
     pub(crate) thicken_retries: u64,
     pub(crate) thickenings_failed: u64,
+    /// Times the store was down a while (every request a 503).
+    pub(crate) outages: u64,
     pub(crate) simulated_us: u64,
     /// A digest of the run's event order, for checking that a seed replays exactly.
     pub(crate) fingerprint: u64,
@@ -126,6 +131,7 @@ impl Stats {
         self.thickened += o.thickened;
         self.thicken_retries += o.thicken_retries;
         self.thickenings_failed += o.thickenings_failed;
+        self.outages += o.outages;
         self.simulated_us += o.simulated_us;
     }
 }
@@ -138,7 +144,7 @@ impl fmt::Display for Stats {
              failed, {} flushes), {} blocks checked in reads, {} power cuts ({} mid-record, \
              {} sectors lost), {} blocks checked after cuts, {} fetches ({} store faults, {} fetches \
              failed), {} reads served from fetched bytes, {} chunks claimed whole, {} \
-             commits, {} checkpoints, {} chunks thickened ({} runs retried, {} walks failed)",
+             commits, {} checkpoints, {} chunks thickened ({} runs retried, {} walks failed), {} store outages",
             self.events,
             self.host_ops,
             self.reads,
@@ -160,7 +166,8 @@ impl fmt::Display for Stats {
             self.checkpoints,
             self.thickened,
             self.thicken_retries,
-            self.thickenings_failed
+            self.thickenings_failed,
+            self.outages
         )
     }
 }
@@ -267,6 +274,10 @@ enum Ev {
     Thicken,
     /// The operator pauses or resumes thickening.
     ThickenPause,
+    /// The operator stops thickening (it is started again later).
+    ThickenStop,
+    /// The store answers every request with a 503 for this long.
+    Outage(Micros),
     /// A failed run of thickening is due to be asked for again.
     ThickenRetry(Vec<u64>),
     Cut,
@@ -319,6 +330,9 @@ struct World {
     thickening: Option<Thickening>,
     thicken_window: usize,
     thicken_paused: bool,
+    thicken_stopped: bool,
+    /// The store answers 503 to everything until then.
+    outage_until: Micros,
     /// When each lane's last message reaches the owner.
     lanes: Vec<Micros>,
     stats: Stats,
@@ -359,6 +373,8 @@ impl World {
             thickening: None,
             thicken_window: 1 + (config.seed / 9 % 8) as usize,
             thicken_paused: false,
+            thicken_stopped: false,
+            outage_until: 0,
             lanes: vec![0; config.hosts + 2],
             stats: Stats::default(),
         };
@@ -450,7 +466,20 @@ impl World {
                 Ok(())
             }
             Ev::ThickenRetry(run) => {
+                self.stats.thicken_retries += 1;
                 self.thicken_ask(run);
+                Ok(())
+            }
+            Ev::ThickenStop => {
+                if self.thickening.is_some() {
+                    self.thicken_stopped = true;
+                    self.thicken();
+                }
+                Ok(())
+            }
+            Ev::Outage(length) => {
+                self.stats.outages += 1;
+                self.outage_until = self.clock.now() + length;
                 Ok(())
             }
             Ev::Cut => self.cut(false),
@@ -529,6 +558,10 @@ impl World {
     // ------------------------------------------------------------------ the store
 
     fn store_latency(&mut self) -> Micros {
+        // A store that is down answers at once.
+        if self.clock.now() < self.outage_until {
+            return self.between(100, 1_000);
+        }
         // A region's first byte: a few ms, a slow tail of ten times that.
         let base = self.between(2_000, 20_000);
         if self.chance(3) { base * 10 } else { base }
@@ -542,9 +575,12 @@ impl World {
             fill(chunk * CHUNK_BLOCKS + i as u64, 0, b);
         }
         let sum = crc32c::crc32c(&body);
-        let faulty = self.chance(self.config.store_faults);
+        let faulty = self.clock.now() < self.outage_until || self.chance(self.config.store_faults);
         let failure = match self.rng.below(9) {
             _ if !faulty => None,
+            _ if self.clock.now() < self.outage_until => {
+                Some(FetchError::Unavailable("HTTP 503 (an outage)".into()))
+            }
             0..=5 => Some(FetchError::Unavailable("HTTP 503".into())),
             6..=7 => {
                 let at = self.rng.below(CHUNK_BYTES as u64) as usize;
@@ -955,7 +991,7 @@ impl World {
     /// Asks for what the walk decides now, as `ox::hydrate` does after every change.
     fn thicken(&mut self) {
         let now = Now {
-            stopped: false,
+            stopped: self.thicken_stopped,
             paused: self.thicken_paused,
             sharing: self.core.client_fetches() > 0,
             window: self.thicken_window,
@@ -970,11 +1006,20 @@ impl World {
         for run in runs {
             self.thicken_ask(run);
         }
-        if self.thickening.as_ref().is_some_and(|w| w.is_over(false)) {
+        if self
+            .thickening
+            .as_ref()
+            .is_some_and(|w| w.is_over(self.thicken_stopped))
+        {
             let walk = self.thickening.take().expect("a walk");
-            if walk.end().is_err() {
-                // It failed (the store in trouble): the operator starts it again.
+            let failed = walk.end().is_err();
+            if failed {
                 self.stats.thickenings_failed += 1;
+            }
+            if failed || self.thicken_stopped {
+                // Failed (the store in trouble) or stopped: the operator starts it
+                // again.
+                self.thicken_stopped = false;
                 let t = self.between(5_000, 40_000);
                 self.at(t, Ev::Thicken);
             }
@@ -1000,10 +1045,10 @@ impl World {
         let Some(walk) = &mut self.thickening else {
             panic!("an answer to thickening with no walk");
         };
-        match walk.answered(run, result, false) {
+        match walk.answered(run, result, self.thicken_stopped) {
             Answered::Retry { run, after } => {
-                self.stats.thicken_retries += 1;
-                self.at(after.as_micros() as Micros, Ev::ThickenRetry(run));
+                let after = after.as_micros() as Micros / RETRY_SPEEDUP;
+                self.at(after, Ev::ThickenRetry(run));
             }
             Answered::Fetched(n) => self.stats.thickened += n,
             Answered::GaveUp => {}
@@ -1012,6 +1057,10 @@ impl World {
         if !self.thicken_paused && self.chance(5) {
             let t = self.between(1_000, 20_000);
             self.at(t, Ev::ThickenPause);
+        }
+        if self.chance(2) {
+            let t = self.between(0, 5_000);
+            self.at(t, Ev::ThickenStop);
         }
     }
 
@@ -1142,6 +1191,8 @@ impl World {
         self.conts.clear();
         self.thickening = None;
         self.thicken_paused = false;
+        self.thicken_stopped = false;
+        self.outage_until = 0;
         self.verifying = 0;
         self.lanes.fill(0);
         let (files, words) =
@@ -1193,6 +1244,12 @@ impl World {
             self.host_idle(Some(h));
         }
         self.at(1_000, Ev::Thicken);
+        // A store that goes down now and then (one seed in four): every request a
+        // 503 for long enough that thickening gives up.
+        if self.config.seed % 4 == 3 && self.chance(50) {
+            let (at, length) = (self.between(0, 3_000), self.between(30_000, 100_000));
+            self.at(at, Ev::Outage(length));
+        }
         // The next cut: after about `ops_per_cut` operations' time, or (one in
         // three) in the middle of one of the presence record's next changes.
         let mean = self.config.ops_per_cut * 500;
@@ -1225,6 +1282,8 @@ fn discriminant(ev: &Ev) -> u64 {
         Ev::Lazy => 6,
         Ev::Thicken => 7,
         Ev::ThickenPause => 10,
+        Ev::ThickenStop => 12,
+        Ev::Outage(_) => 13,
         Ev::ThickenRetry(run) => 11 + run[0] * 16,
         Ev::Cut => 8,
         Ev::Core(_) => 9,
