@@ -176,19 +176,6 @@ fn a_snapshot_waiting_out_an_outage_stops_when_cancelled() {
     let last = config.retry_log.last().unwrap();
     assert!(last.reason.contains("SlowDown"), "{last:?}");
     assert_eq!(last.op, "PUT");
-    // Counted by kind, as metrics show them: every retry was a 503 SlowDown, and the
-    // requests that gave up after their retries failed as unavailable.
-    use ox::store::retries::{Failed, Trouble};
-    let by_kind = config.retry_log.by_kind();
-    let all: u64 = by_kind.iter().map(|(_, n)| n).sum();
-    assert!(all <= config.retry_log.count(), "{by_kind:?}");
-    for (kind, n) in by_kind {
-        assert!((kind == Trouble::SlowDown) == (n >= 6), "{by_kind:?}");
-    }
-    let failures = config.retry_log.failures();
-    for (why, n) in failures {
-        assert!((why == Failed::Unavailable) == (n >= 1), "{failures:?}");
-    }
     // The operator cancels.
     progress.cancel();
     let e = snapshot
@@ -196,6 +183,19 @@ fn a_snapshot_waiting_out_an_outage_stops_when_cancelled() {
         .unwrap()
         .expect_err("a cancelled snapshot fails");
     assert!(e.to_string().contains("cancelled"), "{e}");
+    // Counted by kind, as metrics show them: every retry was a 503 SlowDown, and the
+    // requests that gave up after their retries failed as unavailable.
+    use ox::store::retries::{Failed, Trouble};
+    let by_kind = config.retry_log.by_kind();
+    let all: u64 = by_kind.iter().map(|(_, n)| n).sum();
+    assert_eq!(all, config.retry_log.count(), "{by_kind:?}");
+    for (kind, n) in by_kind {
+        assert_eq!(kind == Trouble::SlowDown, n > 0, "{by_kind:?}");
+    }
+    let failures = config.retry_log.failures();
+    for (why, n) in failures {
+        assert_eq!(why == Failed::Unavailable, n > 0, "{failures:?}");
+    }
     let on = env.set.handles()[0].clone();
     futures_lite::future::block_on(handle.begin_snapshot(&on)).expect("the volume is free");
     handle.end_snapshot(None);

@@ -68,6 +68,18 @@ pub enum Failed {
 }
 
 impl Failed {
+    /// The kind of failure `e` is, if it is one (a missing key or one that exists
+    /// already is an answer; damage found in a body is counted as integrity failures).
+    pub fn of(e: &crate::error::OxError) -> Option<Self> {
+        use crate::error::OxError as E;
+        match e {
+            E::Unavailable { .. } => Some(Failed::Unavailable),
+            E::Refused { .. } => Some(Failed::Refused),
+            E::Untrusted { .. } => Some(Failed::Untrusted),
+            _ => None,
+        }
+    }
+
     /// Every kind, in the order they are counted.
     pub const ALL: [Failed; 3] = [Failed::Unavailable, Failed::Refused, Failed::Untrusted];
 

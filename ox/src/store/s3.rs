@@ -204,6 +204,16 @@ pub struct S3Store {
     config: S3Config,
 }
 
+/// Error codes of a store asking its clients to slow down (with a 503; a 429 always
+/// does).
+const THROTTLED: &[&str] = &[
+    "SlowDown",
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+];
+
 /// Error codes with which S3 servers refuse a body that does not match its checksum
 /// headers: the body was damaged on the way, so sending it again is right.
 const DIGEST_MISMATCH: &[&str] = &[
@@ -384,9 +394,6 @@ impl S3Store {
                             {
                                 super::credential_process::forget(command);
                             }
-                            if let OxError::Refused { .. } = e {
-                                log.failed(Failed::Refused);
-                            }
                             return Err(e);
                         }
                         Outcome::Retry(kind, why) => last = (kind, why),
@@ -400,7 +407,6 @@ impl S3Store {
                     last = (kind, e.to_string());
                 }
                 Err(e) => {
-                    log.failed(Failed::Untrusted);
                     return Err(OxError::Untrusted {
                         op,
                         key: key.to_string(),
@@ -409,7 +415,6 @@ impl S3Store {
                 }
             }
         }
-        log.failed(Failed::Unavailable);
         Err(OxError::Unavailable {
             op,
             key: key.to_string(),
@@ -445,7 +450,11 @@ impl S3Store {
                 message: error_text(&resp.body),
             }),
             429 | 500..=599 => {
-                let kind = if matches!(resp.status, 429 | 503) {
+                // A 503 is throttling only when the store says so: a proxy's or a
+                // node's 503 is an outage.
+                let throttled = resp.status == 429
+                    || error_code(&resp.body).is_some_and(|c| THROTTLED.contains(&c.as_str()));
+                let kind = if throttled {
                     Trouble::SlowDown
                 } else {
                     Trouble::ServerError
@@ -1182,21 +1191,40 @@ fn error_text(body: &[u8]) -> String {
     }
 }
 
+impl S3Store {
+    /// What `op` ends with, counted in the store's log if it failed for good (after
+    /// its own retries): counted here, where a request's outcome is final — not where
+    /// a refusal may still turn out to be "already exists", or a body a store answered
+    /// 200 to is found to be an error.
+    async fn tallied<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, OxError>>,
+    ) -> Result<T, OxError> {
+        let result = op.await;
+        if let Err(e) = &result
+            && let Some(why) = Failed::of(e)
+        {
+            self.config.retry_log.failed(why);
+        }
+        result
+    }
+}
+
 impl ObjectStore for S3Store {
     fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
-        Box::pin(self.put_object(key, data, false))
+        Box::pin(self.tallied(self.put_object(key, data, false)))
     }
 
     fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
-        Box::pin(self.put_object(key, data, true))
+        Box::pin(self.tallied(self.put_object(key, data, true)))
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
-        Box::pin(self.get_object(key, None, false))
+        Box::pin(self.tallied(self.get_object(key, None, false)))
     }
 
     fn get_tagged<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<super::Tagged, OxError>> {
-        Box::pin(self.get_object_tagged(key, None, false))
+        Box::pin(self.tallied(self.get_object_tagged(key, None, false)))
     }
 
     fn put_if_match<'a>(
@@ -1205,7 +1233,7 @@ impl ObjectStore for S3Store {
         data: Vec<u8>,
         tag: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), OxError>> {
-        Box::pin(self.put_conditional(key, data, false, tag))
+        Box::pin(self.tallied(self.put_conditional(key, data, false, tag)))
     }
 
     fn get_range<'a>(
@@ -1214,7 +1242,7 @@ impl ObjectStore for S3Store {
         offset: u64,
         len: u64,
     ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
-        Box::pin(self.get_object(key, Some((offset, len)), false))
+        Box::pin(self.tallied(self.get_object(key, Some((offset, len)), false)))
     }
 
     fn get_fresh<'a>(
@@ -1222,7 +1250,7 @@ impl ObjectStore for S3Store {
         key: &'a str,
         range: Option<(u64, u64)>,
     ) -> BoxFuture<'a, Result<Vec<u8>, OxError>> {
-        Box::pin(self.get_object(key, range, true))
+        Box::pin(self.tallied(self.get_object(key, range, true)))
     }
 
     fn list_page<'a>(
@@ -1232,22 +1260,22 @@ impl ObjectStore for S3Store {
         after: Option<&'a str>,
         max: usize,
     ) -> BoxFuture<'a, Result<Listing, OxError>> {
-        Box::pin(self.list_one_page(prefix, delimiter, after, max))
+        Box::pin(self.tallied(self.list_one_page(prefix, delimiter, after, max)))
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>> {
-        Box::pin(self.list_objects(prefix))
+        Box::pin(self.tallied(self.list_objects(prefix)))
     }
 
     fn list_info<'a>(
         &'a self,
         prefix: &'a str,
     ) -> BoxFuture<'a, Result<(Vec<ObjectInfo>, u64), OxError>> {
-        Box::pin(self.list_objects_info(prefix))
+        Box::pin(self.tallied(self.list_objects_info(prefix)))
     }
 
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), OxError>> {
-        Box::pin(self.delete_objects(keys))
+        Box::pin(self.tallied(self.delete_objects(keys)))
     }
 }
 
