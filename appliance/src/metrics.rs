@@ -108,16 +108,28 @@ pub enum Kind {
     Histogram,
 }
 
-/// One metric family: its name (a counter's without `_total`), kind and help.
+/// One metric family: its name (a counter's without `_total`), kind, the names of
+/// its labels (every sample has these, in this order) and help.
 #[derive(Debug)]
 pub struct Family {
     pub name: &'static str,
     pub kind: Kind,
+    pub labels: &'static [&'static str],
     pub help: &'static str,
 }
 
-const fn f(name: &'static str, kind: Kind, help: &'static str) -> Family {
-    Family { name, kind, help }
+const fn f(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Family {
+    Family {
+        name,
+        kind,
+        labels,
+        help,
+    }
 }
 
 /// Every family oxd exports.
@@ -125,191 +137,229 @@ pub const FAMILIES: &[Family] = &[
     f(
         "ox_control_refused",
         Kind::Counter,
+        &[],
         "Control connections refused: every slot, or the peer's share, was taken.",
     ),
     f(
         "ox_control_timeouts",
         Kind::Counter,
+        &[],
         "Control connections closed at their authentication or request deadline.",
     ),
     f(
         "ox_control_auth_failures",
         Kind::Counter,
+        &[],
         "Control connections that presented a bad or no token.",
     ),
     f(
         "ox_store_integrity_failures",
         Kind::Counter,
+        &[],
         "Objects or ranges fetched from a store that failed their integrity check (snapshot loads, clones, verify, restore).",
     ),
     f(
         "ox_store_refetches",
         Kind::Counter,
+        &[],
         "Fetches made again, on a fresh connection, after one failed its integrity check.",
     ),
     f(
         "ox_nvmf_connects",
         Kind::Counter,
+        &["outcome"],
         "NVMe/TCP connection decisions by outcome: allowed, or why refused (including connections closed before Connect).",
     ),
     f(
         "ox_bdev_ops",
         Kind::Counter,
+        &["bdev", "type"],
         "Completed requests by device and type.",
     ),
     f(
         "ox_bdev_bytes",
         Kind::Counter,
+        &["bdev", "type"],
         "Bytes moved by device and type.",
     ),
     f(
         "ox_bdev_errors",
         Kind::Counter,
+        &["bdev"],
         "Failed requests by device.",
     ),
     f(
         "ox_bdev_latency_seconds",
         Kind::Histogram,
+        &["bdev"],
         "Request latency, submit to completion, by device.",
     ),
     f(
         "ox_bdev_lifetime_bytes",
         Kind::Gauge,
+        &["bdev", "type"],
         "Bytes hosts read and wrote over NVMe/TCP by device over its whole life, kept across restarts (the SMART log's data units); saved every 10 s, so an unclean stop may step it back: read it as is, not through rate().",
     ),
     f(
         "ox_bdev_lifetime_ops",
         Kind::Gauge,
+        &["bdev", "type"],
         "Host read and write commands by device over its whole life, kept across restarts as ox_bdev_lifetime_bytes is.",
     ),
     f(
         "ox_clone_hydration_ratio",
         Kind::Gauge,
+        &["clone"],
         "Share of a clone's chunks present locally.",
     ),
     f(
         "ox_clone_host_read_bytes",
         Kind::Counter,
+        &["clone"],
         "Bytes hosts read from a clone.",
     ),
     f(
         "ox_clone_object_gets",
         Kind::Counter,
+        &["clone"],
         "GET requests a clone made (frames, index pages, its working set).",
     ),
     f(
         "ox_clone_integrity_failures",
         Kind::Counter,
+        &["clone"],
         "Frames and index pages a clone fetched that failed their integrity check.",
     ),
     f(
         "ox_clone_refetches",
         Kind::Counter,
+        &["clone"],
         "Fetches a clone made again after one failed its integrity check.",
     ),
     f(
         "ox_clone_object_bytes",
         Kind::Counter,
+        &["clone"],
         "Bytes a clone fetched from its object store.",
     ),
     f(
         "ox_clone_fetched_bytes",
         Kind::Counter,
+        &["clone", "reason"],
         "Bytes of chunks a clone made present, by reason (client_miss, prefetch, thickening).",
     ),
     f(
         "ox_clone_miss_latency_seconds",
         Kind::Histogram,
+        &["clone"],
         "Client miss latency: miss to chunk present, by clone.",
     ),
     f(
         "ox_clone_lifetime_fetched_bytes",
         Kind::Gauge,
+        &["clone", "reason"],
         "Bytes of chunks a clone made present over its whole life, by reason, kept across restarts; saved every 10 s, so an unclean stop may step it back: read it as is, not through rate().",
     ),
     f(
         "ox_clone_lifetime_object_bytes",
         Kind::Gauge,
+        &["clone"],
         "Bytes a clone fetched from its store over its whole life (frames and index pages), kept across restarts as ox_clone_lifetime_fetched_bytes is.",
     ),
     f(
         "ox_snapshot_stored_bytes",
         Kind::Gauge,
+        &["volume"],
         "Bytes stored by the catalogued snapshots, by volume (falls when one is deleted).",
     ),
     f(
         "ox_snapshots",
         Kind::Gauge,
+        &["volume"],
         "Catalogued snapshots, by volume.",
     ),
     f(
         "ox_snapshot_last_duration_seconds",
         Kind::Gauge,
+        &["volume"],
         "How long the newest catalogued snapshot of a volume took (of those whose duration is known), by volume.",
     ),
     f(
         "ox_policy_last_success_timestamp_seconds",
         Kind::Gauge,
+        &["volume"],
         "When the newest snapshot of a protected volume was taken (Unix seconds).",
     ),
     f(
         "ox_policy_rpo_seconds",
         Kind::Gauge,
+        &["volume"],
         "Age of a protected volume's newest snapshot: what a disaster would lose now.",
     ),
     f(
         "ox_policy_runs",
         Kind::Counter,
+        &["volume"],
         "Snapshots a policy started since the daemon started.",
     ),
     f(
         "ox_policy_failures",
         Kind::Counter,
+        &["volume"],
         "Policy snapshots or retentions that failed since the daemon started.",
     ),
     f(
         "ox_policy_retired_snapshots",
         Kind::Counter,
+        &["volume"],
         "Snapshots a policy's retention retired since the daemon started.",
     ),
     f(
         "ox_policy_swept_objects",
         Kind::Counter,
+        &["volume"],
         "Objects (data and index) retention removed from the store since the daemon started.",
     ),
     f(
         "ox_store_retries",
         Kind::Counter,
-        "Requests to an S3 store sent again after a failure worth retrying, by store and kind (slow_down: 429 or 503; server_error: other 5xx; damaged: a body damaged on the way; timeout; connection); the last one's reason is in store_list.",
+        &["store", "kind"],
+        "Requests to an S3 store sent again after a failure worth retrying, by store and kind (slow_down: 429, or 503 with a slow-down code; server_error: other 5xx; damaged: a body damaged on the way; timeout; connection); the last one's reason is in store_list.",
     ),
     f(
         "ox_store_failures",
         Kind::Counter,
-        "Requests to an S3 store that failed for good, by store and kind (unavailable: still failing after its retries; refused: 4xx or 501; untrusted: the server's certificate).",
+        &["store", "kind"],
+        "Requests to an S3 store that still failed after their own retries, by store and kind (unavailable; refused: 4xx or 501; untrusted: the server's certificate).",
     ),
     f(
         "ox_throttle_waits",
         Kind::Counter,
-        "Transfers to or from a store that waited on the bandwidth limits, by volume or clone and class (foreground: host misses; background: snapshots, prefetch, thickening).",
+        &["bdev", "class"],
+        "Transfers to or from a store that waited on the bandwidth limits, by volume or clone (bdev) and class (foreground: host misses; background: snapshots, prefetch, thickening).",
     ),
     f(
         "ox_throttle_wait_seconds",
         Kind::Counter,
-        "Time those transfers waited on the bandwidth limits, by volume or clone and class.",
+        &["bdev", "class"],
+        "Time those transfers waited on the bandwidth limits, by volume or clone (bdev) and class.",
     ),
     f(
         "ox_reactor_busy_seconds",
         Kind::Counter,
+        &["reactor", "core"],
         "Time reactors spent in passes that found work.",
     ),
     f(
         "ox_reactor_idle_seconds",
         Kind::Counter,
+        &["reactor", "core"],
         "Time reactors spent idle or parked.",
     ),
     f(
         "ox_reactor_busy_ratio",
         Kind::Gauge,
+        &["reactor", "core"],
         "Busy share of each reactor since start.",
     ),
 ];
@@ -356,6 +406,14 @@ fn family(
     };
     let mut m = enc.encode_descriptor(fam.name, fam.help, None, kind)?;
     for (labels, value) in samples {
+        debug_assert!(
+            labels
+                .iter()
+                .map(|(k, _)| *k)
+                .eq(fam.labels.iter().copied()),
+            "a sample of {name} has labels {labels:?}, not {:?}",
+            fam.labels
+        );
         // The encoder writes label values as they are: a device's name comes from the
         // configuration and may hold what the text format must escape.
         let labels: Labels = labels.into_iter().map(|(k, v)| (k, escaped(&v))).collect();
@@ -623,7 +681,7 @@ impl Collector for Exporter {
             let per_wait = |f: fn(&ox::throttle::Waited) -> Value| {
                 waits.iter().map(move |(volume, class, w)| {
                     (
-                        vec![("volume", volume.clone()), ("class", class.to_string())],
+                        vec![("bdev", volume.clone()), ("class", class.to_string())],
                         f(w),
                     )
                 })
@@ -748,7 +806,7 @@ mod tests {
         }
     }
 
-    /// The families, their kinds and their help are those docs/metrics.txt lists: a
+    /// The families, their kinds, labels and help are those docs/metrics.txt lists: a
     /// renamed or retyped metric breaks operators' dashboards and alerts, so it must be
     /// a deliberate change of that file (and said in the release notes), never a
     /// side effect.
@@ -764,8 +822,9 @@ mod tests {
                 Kind::Histogram => "histogram",
             };
             now.push_str(&format!(
-                "{} {kind}\n    {}\n",
+                "{} {kind} {{{}}}\n    {}\n",
                 exposed(f).join(" "),
+                f.labels.join(","),
                 f.help
             ));
         }
@@ -783,7 +842,7 @@ mod tests {
 
     const GOLDEN_HEADER: &str = "\
 # Every metric family oxd exports at /metrics: the names as Prometheus sees them, the
-# type, and the help. Checked against the code by appliance/src/metrics.rs
+# type, the labels, and the help. Checked against the code by appliance/src/metrics.rs
 # (metric_families_are_the_golden_list): change it only on purpose.
 ";
 

@@ -1064,6 +1064,7 @@ impl Service {
         drop(live);
         self.remove_volume_files(name);
         self.target.health().forget(name);
+        self.settings.throttle.forget(name);
         // Last: a hold left behind keeps a snapshot longer, never loses one.
         if let Some(b) = &record.basis
             && !snapshots_left
@@ -2016,6 +2017,7 @@ impl Service {
             let _ = std::fs::remove_file(self.clone_path(name, ext));
         }
         self.target.health().forget(name);
+        self.settings.throttle.forget(name);
         // Last: a hold left behind keeps a snapshot longer, never loses one.
         if let Err(e) = self.hold(&record, false) {
             tracing::warn!(clone = %name, error = %ox_api::error_chain(&e), "its hold on the snapshot stays");

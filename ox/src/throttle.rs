@@ -198,21 +198,26 @@ impl Throttle {
     /// Waits until `n` bytes may pass, then takes them; what it waited is counted
     /// ([`Throttle::waited`]).
     pub async fn acquire(&self, volume: &str, class: Class, n: u64) {
-        let mut began = None;
+        // Counted however the wait ends: done, or dropped (a cancelled transfer).
+        let mut waiting = Waiting {
+            throttle: self,
+            volume,
+            class,
+            began: None,
+        };
         loop {
             let wait = self.try_acquire(volume, class, n);
             if wait.is_zero() {
                 break;
             }
-            began.get_or_insert_with(Instant::now);
+            waiting.began.get_or_insert_with(Instant::now);
             async_io::Timer::after(wait).await;
         }
-        if let Some(began) = began {
-            let mut s = self.state();
-            let w = s.waited.entry((volume.to_string(), class)).or_default();
-            w.transfers += 1;
-            w.time += began.elapsed();
-        }
+    }
+
+    /// Forgets what `volume`'s transfers waited (it was deleted).
+    pub fn forget(&self, volume: &str) {
+        self.state().waited.retain(|(v, _), _| v != volume);
     }
 
     /// What each volume's transfers waited on the limits since the start, by class:
@@ -226,6 +231,28 @@ impl Throttle {
             .collect();
         v.sort_by(|a, b| (&a.0, a.1 == Class::Background).cmp(&(&b.0, b.1 == Class::Background)));
         v
+    }
+}
+
+/// A transfer waiting for its tokens: counted in [`Throttle::waited`] when it ends.
+struct Waiting<'a> {
+    throttle: &'a Throttle,
+    volume: &'a str,
+    class: Class,
+    began: Option<Instant>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(began) = self.began {
+            let mut s = self.throttle.state();
+            let w = s
+                .waited
+                .entry((self.volume.to_string(), self.class))
+                .or_default();
+            w.transfers += 1;
+            w.time += began.elapsed();
+        }
     }
 }
 
@@ -277,5 +304,22 @@ mod tests {
         assert_eq!((volume.as_str(), *class), ("v", Class::Foreground));
         assert!((1..=16).contains(&w.transfers), "{w:?}");
         assert!(!w.time.is_zero() && w.time <= start.elapsed(), "{w:?}");
+        // A transfer dropped while it waits is counted too; a deleted volume's waits
+        // are forgotten.
+        let before = t.waited()[0].2.transfers;
+        let dropped = futures_lite::future::block_on(futures_lite::future::or(
+            async {
+                t.acquire("v", Class::Foreground, 8 << 20).await;
+                false
+            },
+            async {
+                futures_lite::future::yield_now().await;
+                true
+            },
+        ));
+        assert!(dropped, "the 8 MiB transfer waits past a yield");
+        assert_eq!(t.waited()[0].2.transfers, before + 1);
+        t.forget("v");
+        assert!(t.waited().is_empty());
     }
 }
