@@ -3,11 +3,12 @@
 //! journal, the time is left to the journal. `RUST_LOG` filters (default `info`).
 //! Nothing secret is ever logged.
 //!
-//! Repeats are rate-limited: a warning or an error from one place in the code (a
-//! store failing every request, a peer reconnecting in a loop) is written at most
-//! [`BURST`] times per [`PERIOD`]; the first line from that place after some were left
-//! out says how many (`repeats_suppressed=N`). Information lines (starts, stops,
-//! exports) are never left out.
+//! Repeats are rate-limited: a warning or an error from one place in the code about
+//! one subject (a store failing every request, a peer reconnecting in a loop) is
+//! written at most [`BURST`] times per [`PERIOD`]; the first such line after some were
+//! left out says how many (`repeats_suppressed=N`). The subject is what the event's
+//! [`SUBJECTS`] fields name, so one noisy peer or volume never silences the lines
+//! about another. Information lines (starts, stops, exports) are never left out.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,10 +20,28 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Lines one place may write per [`PERIOD`].
+/// Lines one place may write about one subject per [`PERIOD`].
 pub const BURST: u32 = 20;
 /// See [`BURST`].
 pub const PERIOD: Duration = Duration::from_secs(10);
+
+/// The fields that name what an event is about (OPERATIONS.md lists them).
+pub const SUBJECTS: &[&str] = &[
+    "volume",
+    "clone",
+    "store",
+    "snapshot",
+    "device",
+    "subsystem",
+    "host",
+    "peer",
+    "listener",
+    "caller",
+];
+
+/// Budgets kept at most: past this (a flood of ever new peers), the budgets whose
+/// period is over go; if that is not enough, new subjects share their place's budget.
+const SUBJECTS_KEPT: usize = 4096;
 
 /// Starts logging (once, before anything else logs).
 pub fn init() {
@@ -111,7 +130,7 @@ struct Repeats<F> {
     inner: F,
     /// The budget of each place that warned. A lock on the logging path only: the
     /// reactors log only on faults, and a fault's line costs far more than this.
-    budgets: Mutex<HashMap<Identifier, Budget>>,
+    budgets: Mutex<HashMap<(Identifier, String), Budget>>,
     /// The time now (the machine's, but in tests).
     clock: Box<dyn Fn() -> Instant + Send + Sync>,
 }
@@ -134,11 +153,34 @@ impl<F> Repeats<F> {
         if *meta.level() > Level::WARN {
             return Admit::Line;
         }
+        let mut subject = Subject(String::new());
+        event.record(&mut subject);
+        // Records from the `log` crate share one place per level: their target
+        // (the module that wrote them) tells them apart.
+        let mut key = (meta.callsite(), format!("{} {}", meta.target(), subject.0));
         let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        if budgets.len() >= SUBJECTS_KEPT && !budgets.contains_key(&key) {
+            budgets.retain(|_, b| now.saturating_duration_since(b.since) < PERIOD);
+            if budgets.len() >= SUBJECTS_KEPT {
+                key.1 = meta.target().to_string();
+            }
+        }
         budgets
-            .entry(meta.callsite())
+            .entry(key)
             .or_insert_with(|| Budget::new(now))
             .admit(now)
+    }
+}
+
+/// The values of an event's [`SUBJECTS`] fields, as `name=value` words.
+struct Subject(String);
+
+impl tracing::field::Visit for Subject {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if SUBJECTS.contains(&field.name()) {
+            use std::fmt::Write as _;
+            let _ = write!(self.0, "{}={value:?} ", field.name());
+        }
     }
 }
 
@@ -228,18 +270,21 @@ mod tests {
             .with_writer(move || sink.clone())
             .event_format(repeats)
             .finish();
-        let warn = |i: u32| tracing::warn!(attempt = i, "the store failed");
+        let warn = |store: &str, i: u32| tracing::warn!(store, attempt = i, "the store failed");
         tracing::subscriber::with_default(subscriber, || {
             for i in 0..BURST + 7 {
-                warn(i);
+                warn("s3", i);
                 tracing::info!(i, "an export");
             }
+            // Another store's lines have their own budget.
+            warn("other", 0);
             later.store(true, std::sync::atomic::Ordering::Relaxed);
-            warn(99);
+            warn("s3", 99);
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let warned = text.matches("the store failed").count();
-        assert_eq!(warned, BURST as usize + 1, "{text}");
+        assert_eq!(warned, BURST as usize + 2, "{text}");
+        assert_eq!(text.matches("store=\"other\"").count(), 1, "{text}");
         assert_eq!(text.matches("an export").count(), (BURST + 7) as usize);
         let last = text.lines().last().unwrap();
         assert!(
