@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 
 use serde_json::Value;
 use support::{
-    Ctl, bin, free_port, ok_json, oxperf, run, s3_store, start_oxd, verified, write_private,
+    Ctl, KillOnDrop, bin, free_port, ok_json, oxperf, run, s3_store, start_oxd, verified,
+    write_private,
 };
 
 fn http_get(port: u16, path: &str) -> String {
@@ -1081,30 +1082,31 @@ fn a_crash_during_writes_keeps_the_next_snapshot_incremental() {
             .unwrap()
     };
     let before = written(&ctl);
-    let mut writer = std::process::Command::new(bin("oxperf"))
-        .args(["run", "--target", &vol, "-w", "randwrite", "--bs", "4096"])
-        .args([
-            "--range",
-            "65536:16384",
-            "--time",
-            "600",
-            "--qd",
-            "4",
-            "--cores",
-            "0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let writer = KillOnDrop(
+        std::process::Command::new(bin("oxperf"))
+            .args(["run", "--target", &vol, "-w", "randwrite", "--bs", "4096"])
+            .args([
+                "--range",
+                "65536:16384",
+                "--time",
+                "600",
+                "--qd",
+                "4",
+                "--cores",
+                "0",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     while written(&ctl) < before + (1 << 20) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     oxd.child.kill().unwrap();
     oxd.child.wait().unwrap();
     drop(oxd);
-    let _ = writer.kill();
-    let _ = writer.wait();
+    drop(writer);
     // What changed since the first snapshot, as the volume file says.
     let now = std::fs::read(&image).unwrap();
     let changed = baseline
@@ -1344,13 +1346,15 @@ fn typed_results_are_what_oxd_answers() {
     );
     assert!(one[0].stats.write.bytes >= 8 << 20, "{one:?}");
     // A host connected while the subsystems are listed: its controller is shown.
-    let mut host = std::process::Command::new(bin("oxperf"))
-        .args(["run", "--target", &target, "-w", "randread", "--bs", "4096"])
-        .args(["--range", "0:16384", "--time", "600", "--cores", "0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let host = KillOnDrop(
+        std::process::Command::new(bin("oxperf"))
+            .args(["run", "--target", &target, "-w", "randread", "--bs", "4096"])
+            .args(["--range", "0:16384", "--time", "600", "--cores", "0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let subsystems = loop {
         let s = strict(&mut c, &m::NvmfGetSubsystems {});
@@ -1360,8 +1364,7 @@ fn typed_results_are_what_oxd_answers() {
         assert!(std::time::Instant::now() < deadline, "no host: {s:?}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let _ = host.kill();
-    let _ = host.wait();
+    drop(host);
     assert_eq!(subsystems[0].nqn, nqn, "{subsystems:?}");
     assert_eq!(subsystems[0].namespaces[0].bdev, "v", "{subsystems:?}");
     let audit = strict(&mut c, &m::AuditVerify {});

@@ -818,8 +818,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
-    } else {
-        print_human(&cli.command, &result)?;
+    } else if let Err(e) = print_human(&cli.command, &result) {
+        // What was asked is done: the answer is shown as oxd sent it even if this
+        // oxctl cannot read it as text (a daemon of another build, say), and the
+        // command still succeeds, so a script does not do it twice.
+        eprintln!("oxctl: cannot show oxd's answer as text ({e:#}); as oxd sent it:");
+        println!("{}", serde_json::to_string_pretty(&result)?);
     }
     // A broken audit chain or a failed job is a failure for scripts too.
     if result.get("intact") == Some(&Value::Bool(false)) {

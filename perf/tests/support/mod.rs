@@ -23,6 +23,17 @@ pub struct Oxd {
     pub child: Child,
 }
 
+/// A process killed and reaped when dropped, so a test that fails midway leaves none
+/// behind (a host load started for minutes, say).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Oxd {
     fn drop(&mut self) {
         let _ = self.child.kill();
