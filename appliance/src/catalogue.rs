@@ -216,15 +216,24 @@ impl Catalogue {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let c: Self = serde_json::from_str(&text)
+        // The version first: a later build's catalogue (with fields this one does not
+        // know) is told apart from a damaged one, so an operator going back to an
+        // older build is not sent to restore a backup.
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let Versioned { version } = serde_json::from_str(&text)
             .with_context(|| format!("{} is damaged", path.display()))?;
-        if !READABLE.contains(&c.version) {
+        if !READABLE.contains(&version) {
             anyhow::bail!(
-                "{} has format version {}, this oxd reads {READABLE:?}",
+                "{} has format version {version}, this oxd reads {READABLE:?} (a later \
+                 build wrote it: see docs/OPERATIONS.md, Upgrade)",
                 path.display(),
-                c.version
             );
         }
+        let c: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged", path.display()))?;
         let appliance = match c.appliance.as_str() {
             "" => uuid::Uuid::new_v4().to_string(),
             id => id.to_string(),
@@ -312,5 +321,17 @@ mod tests {
         std::fs::write(Catalogue::path(dir.path()), b"{\"version\": 1, \"volu").unwrap();
         let e = Catalogue::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("damaged"), "{e}");
+        // A later build's catalogue, with a field this one does not know: its version
+        // is what is said, not damage.
+        std::fs::write(
+            Catalogue::path(dir.path()),
+            br#"{"version": 99, "volumes": [], "clones": [], "snapshots": [], "later": 1}"#,
+        )
+        .unwrap();
+        let e = Catalogue::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("format version 99") && !e.contains("damaged"),
+            "{e}"
+        );
     }
 }

@@ -130,7 +130,7 @@ struct Repeats<F> {
     inner: F,
     /// The budget of each place that warned. A lock on the logging path only: the
     /// reactors log only on faults, and a fault's line costs far more than this.
-    budgets: Mutex<HashMap<(Identifier, String), Budget>>,
+    budgets: Mutex<Kept>,
     /// The time now (the machine's, but in tests).
     clock: Box<dyn Fn() -> Instant + Send + Sync>,
 }
@@ -143,7 +143,10 @@ impl<F> Repeats<F> {
     fn with_clock(inner: F, clock: Box<dyn Fn() -> Instant + Send + Sync>) -> Self {
         Self {
             inner,
-            budgets: Mutex::new(HashMap::new()),
+            budgets: Mutex::new(Kept {
+                budgets: HashMap::new(),
+                swept: Instant::now(),
+            }),
             clock,
         }
     }
@@ -158,9 +161,17 @@ impl<F> Repeats<F> {
         // Records from the `log` crate share one place per level: their target
         // (the module that wrote them) tells them apart.
         let mut key = (meta.callsite(), format!("{} {}", meta.target(), subject.0));
-        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let Kept { budgets, swept } = &mut *kept;
         if budgets.len() >= SUBJECTS_KEPT && !budgets.contains_key(&key) {
-            budgets.retain(|_, b| now.saturating_duration_since(b.since) < PERIOD);
+            // Full: the budgets whose period is over go (those with lines left out
+            // stay, to say so), at most once a second however hard it floods.
+            if now.saturating_duration_since(*swept) >= SWEEP_EVERY {
+                *swept = now;
+                budgets.retain(|_, b| {
+                    now.saturating_duration_since(b.since) < PERIOD || b.suppressed > 0
+                });
+            }
             if budgets.len() >= SUBJECTS_KEPT {
                 key.1 = meta.target().to_string();
             }
@@ -172,14 +183,40 @@ impl<F> Repeats<F> {
     }
 }
 
+/// The budgets, and when they were last swept.
+struct Kept {
+    budgets: HashMap<(Identifier, String), Budget>,
+    swept: Instant,
+}
+
+/// How often a full set of budgets is swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// The values of an event's [`SUBJECTS`] fields, as `name=value` words.
 struct Subject(String);
 
+/// Who a subject field names, for its budget: a peer (`peer=1.2.3.4:5678`, a
+/// control `caller=tcp 1.2.3.4:5678`) by its address without the port, a local caller
+/// (`uid=0 pid=42`) by its user: reconnecting in a loop is one subject, not a new one
+/// each time.
+fn who<'a>(field: &str, value: &'a str) -> &'a str {
+    let value = value.trim_matches('"');
+    match field {
+        "peer" | "caller" if value.contains("pid=") => {
+            value.split_whitespace().next().unwrap_or(value)
+        }
+        "peer" | "caller" => value.rsplit_once(':').map_or(value, |(addr, _)| addr),
+        _ => value,
+    }
+}
+
 impl tracing::field::Visit for Subject {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if SUBJECTS.contains(&field.name()) {
+        let name = field.name();
+        if SUBJECTS.contains(&name) {
             use std::fmt::Write as _;
-            let _ = write!(self.0, "{}={value:?} ", field.name());
+            let value = format!("{value:?}");
+            let _ = write!(self.0, "{name}={} ", who(name, &value));
         }
     }
 }
@@ -215,6 +252,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_one_subject_whatever_its_port() {
+        assert_eq!(who("peer", "10.0.0.1:40001"), "10.0.0.1");
+        assert_eq!(who("peer", "[::1]:40001"), "[::1]");
+        assert_eq!(who("caller", "\"tcp 10.0.0.1:5\""), "tcp 10.0.0.1");
+        assert_eq!(who("caller", "\"uid=0 pid=42\""), "uid=0");
+        assert_eq!(who("volume", "\"v:1\""), "v:1");
+    }
 
     #[test]
     fn a_place_writes_its_burst_per_period_then_says_how_many_it_left_out() {

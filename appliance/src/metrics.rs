@@ -330,7 +330,7 @@ pub const FAMILIES: &[Family] = &[
         "ox_store_failures",
         Kind::Counter,
         &["store", "kind"],
-        "Requests to an S3 store that still failed after their own retries, by store and kind (unavailable; refused: 4xx or 501; untrusted: the server's certificate).",
+        "Requests to an S3 store that still failed after their own retries, by store and kind (unavailable; refused: 4xx or 501; untrusted: the server's certificate; damaged: a success answer that cannot be right, such as a listing that does not parse).",
     ),
     f(
         "ox_throttle_waits",
@@ -854,7 +854,6 @@ mod tests {
         let text = std::fs::read_to_string(path).unwrap();
         let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
         assert!(dash["title"].is_string() && dash["uid"].is_string());
-        let known: Vec<String> = FAMILIES.iter().flat_map(exposed).collect();
         let panels = dash["panels"].as_array().expect("panels");
         assert!(!panels.is_empty());
         let mut ids = Vec::new();
@@ -867,6 +866,8 @@ mod tests {
             for t in targets {
                 let expr = t["expr"].as_str().expect("a query");
                 let mut names = 0;
+                // The labels of the families the query reads (and histograms' `le`).
+                let mut labels = vec!["le"];
                 let mut rest = expr;
                 while let Some(at) = rest.find("ox_") {
                     let tail = &rest[at..];
@@ -874,15 +875,31 @@ mod tests {
                         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                         .unwrap_or(tail.len());
                     let name = &tail[..end];
-                    assert!(
-                        known.iter().any(|k| k == name),
-                        "{title}: {name} is not exported (query {expr})"
-                    );
+                    let family = FAMILIES
+                        .iter()
+                        .find(|f| exposed(f).iter().any(|n| n == name));
+                    let Some(family) = family else {
+                        panic!("{title}: {name} is not exported (query {expr})");
+                    };
+                    labels.extend(family.labels);
                     used.insert(name.to_string());
                     names += 1;
                     rest = &tail[end..];
                 }
                 assert!(names > 0, "{title}: the query {expr} names no ox_ metric");
+                // Every label it groups by is one those families have.
+                let mut rest = expr;
+                while let Some(at) = rest.find("by (") {
+                    let tail = &rest[at + 4..];
+                    let end = tail.find(')').expect("a closed by (...)");
+                    for label in tail[..end].split(',').map(str::trim) {
+                        assert!(
+                            labels.contains(&label),
+                            "{title}: no family of the query has label {label} ({expr})"
+                        );
+                    }
+                    rest = &tail[end..];
+                }
             }
         }
         ids.sort_unstable();

@@ -146,6 +146,12 @@ pub struct Job {
 impl Job {
     /// The job as the API shows it (`job_get`, and the methods that start one).
     fn info(&self) -> api::Job {
+        // The outcome first: a job that ends meanwhile shows its progress complete.
+        let outcome = self
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(p) = self
             .progress
             .lock()
@@ -173,7 +179,6 @@ impl Job {
             ),
             None => (0, None),
         };
-        let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         let (state, result, error) = match outcome.as_ref() {
             None => (api::JobState::Running, Value::Null, None),
             Some(Ok(v)) => (api::JobState::Done, v.clone(), None),
@@ -1328,7 +1333,10 @@ impl Service {
                             chunks_read: report.chunks_read,
                             listed: false,
                             // At least 1: 0 is "not known".
-                            duration_ms: report.elapsed.as_millis().max(1) as u64,
+                            // 0: not known (found published by an earlier attempt).
+                            duration_ms: report
+                                .elapsed
+                                .map_or(0, |e| e.as_millis().max(1) as u64),
                         };
                         // Published: a failure to list it in the bucket does not undo
                         // that; the entry is written again at the next snapshot.

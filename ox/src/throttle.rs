@@ -128,6 +128,8 @@ struct State {
     volumes: HashMap<String, Pair>,
     /// What transfers waited for their tokens, by volume and class.
     waited: HashMap<(String, Class), Waited>,
+    /// Times each volume was forgotten: a wait that began before is not counted.
+    forgotten: HashMap<String, u64>,
 }
 
 /// What a volume's transfers of one class waited on the bandwidth limits.
@@ -153,6 +155,7 @@ impl Throttle {
                 global: pair(foreground, background),
                 volumes: HashMap::new(),
                 waited: HashMap::new(),
+                forgotten: HashMap::new(),
             })),
         }
     }
@@ -204,6 +207,7 @@ impl Throttle {
             volume,
             class,
             began: None,
+            forgotten: self.state().forgotten.get(volume).copied().unwrap_or(0),
         };
         loop {
             let wait = self.try_acquire(volume, class, n);
@@ -215,9 +219,12 @@ impl Throttle {
         }
     }
 
-    /// Forgets what `volume`'s transfers waited (it was deleted).
+    /// Forgets what `volume`'s transfers waited (it was deleted), and the waits of its
+    /// transfers still going: a new volume of that name starts from nothing.
     pub fn forget(&self, volume: &str) {
-        self.state().waited.retain(|(v, _), _| v != volume);
+        let mut s = self.state();
+        s.waited.retain(|(v, _), _| v != volume);
+        *s.forgotten.entry(volume.to_string()).or_default() += 1;
     }
 
     /// What each volume's transfers waited on the limits since the start, by class:
@@ -240,12 +247,17 @@ struct Waiting<'a> {
     volume: &'a str,
     class: Class,
     began: Option<Instant>,
+    /// The volume's count of [`Throttle::forget`]s when the transfer began.
+    forgotten: u64,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some(began) = self.began {
             let mut s = self.throttle.state();
+            if s.forgotten.get(self.volume).copied().unwrap_or(0) != self.forgotten {
+                return;
+            }
             let w = s
                 .waited
                 .entry((self.volume.to_string(), self.class))
@@ -307,6 +319,14 @@ mod tests {
         // A transfer dropped while it waits is counted too; a deleted volume's waits
         // are forgotten.
         let before = t.waited()[0].2.transfers;
+        // A limit so low the next transfer cannot pass, however slow this machine.
+        t.set_global(
+            Class::Foreground,
+            Limit {
+                rate: 1,
+                burst: 1 << 20,
+            },
+        );
         let dropped = futures_lite::future::block_on(futures_lite::future::or(
             async {
                 t.acquire("v", Class::Foreground, 8 << 20).await;
@@ -321,5 +341,19 @@ mod tests {
         assert_eq!(t.waited()[0].2.transfers, before + 1);
         t.forget("v");
         assert!(t.waited().is_empty());
+        // A transfer that began waiting before its volume was forgotten is not
+        // counted when it ends.
+        futures_lite::future::block_on(async {
+            let mut waiting = std::pin::pin!(t.acquire("v", Class::Foreground, 1 << 20));
+            assert!(
+                futures_lite::future::poll_once(waiting.as_mut())
+                    .await
+                    .is_none(),
+                "it waits"
+            );
+            t.forget("v");
+            // The waiting transfer is dropped here, after the forget.
+        });
+        assert!(t.waited().is_empty(), "{:?}", t.waited());
     }
 }

@@ -1082,7 +1082,7 @@ fn a_crash_during_writes_keeps_the_next_snapshot_incremental() {
             .unwrap()
     };
     let before = written(&ctl);
-    let writer = KillOnDrop(
+    let mut writer = KillOnDrop(
         std::process::Command::new(bin("oxperf"))
             .args(["run", "--target", &vol, "-w", "randwrite", "--bs", "4096"])
             .args([
@@ -1101,6 +1101,11 @@ fn a_crash_during_writes_keeps_the_next_snapshot_incremental() {
             .unwrap(),
     );
     while written(&ctl) < before + (1 << 20) {
+        // A writer that ended (it could not connect, say) writes nothing more.
+        assert!(
+            writer.0.try_wait().unwrap().is_none(),
+            "the writer ended before writing 1 MiB"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     oxd.child.kill().unwrap();

@@ -205,10 +205,10 @@ pub struct SnapshotReport {
     pub checkpoint_time: Duration,
     /// What reading back before publishing cost, if it was asked for.
     pub read_back: Option<read_back::ReadBack>,
-    /// How long this attempt took: [`snapshot_volume`] from its start to its return
-    /// (for a snapshot an earlier attempt published and this one adopted, the time
-    /// this attempt took to find it).
-    pub elapsed: Duration,
+    /// How long this attempt took: [`snapshot_volume`] from its start to its return.
+    /// `None` for a snapshot an earlier attempt published and this one only found
+    /// (its time is not known). For a resumed snapshot, this attempt's time alone.
+    pub elapsed: Option<Duration>,
 }
 
 /// The appliance's checkpoint interval for snapshot journals.
@@ -353,8 +353,12 @@ pub async fn snapshot_volume(
     if let Some(s) = leased.filter(|_| !keep_lease) {
         release_lease(store, &opts.prefix, &s, opts).await;
     }
-    if let Ok(report) = &mut result {
-        report.elapsed = began.elapsed();
+    if let Ok(SnapshotReport {
+        elapsed: Some(elapsed),
+        ..
+    }) = &mut result
+    {
+        *elapsed = began.elapsed();
     }
     result
 }

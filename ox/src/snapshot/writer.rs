@@ -631,7 +631,7 @@ pub(super) async fn write(
         checkpoint_time,
         read_back,
         // Timed by `snapshot_volume`, which returns it.
-        elapsed: Duration::ZERO,
+        elapsed: Some(Duration::ZERO),
     })
 }
 
@@ -672,8 +672,8 @@ async fn published(
         checkpoints: 0,
         checkpoint_time: Duration::ZERO,
         read_back: None,
-        // Timed by `snapshot_volume`, as for any report.
-        elapsed: Duration::ZERO,
+        // Published by an earlier attempt: how long that took is not known.
+        elapsed: None,
         manifest_key: key.to_string(),
         manifest,
     }))

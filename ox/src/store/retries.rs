@@ -20,7 +20,9 @@ pub struct RetryLog {
 /// What a request met that is worth sending it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trouble {
-    /// The store asked to slow down (HTTP 429 or 503).
+    /// The store asked to slow down (HTTP 429, or a 503 whose error code says so; a
+    /// 503 with any other code, `ServiceUnavailable` included, is a server error:
+    /// proxies and nodes going down answer so).
     SlowDown,
     /// Another server error (5xx).
     ServerError,
@@ -65,23 +67,34 @@ pub enum Failed {
     Refused,
     /// The server's certificate is not trusted.
     Untrusted,
+    /// The store answered success with what cannot be right (a listing that does not
+    /// parse, a range of another length).
+    Damaged,
 }
 
 impl Failed {
-    /// The kind of failure `e` is, if it is one (a missing key or one that exists
-    /// already is an answer; damage found in a body is counted as integrity failures).
+    /// The kind of failure `e` is, if it is one, as a store method returns it (a
+    /// missing key or one that exists already is an answer; a frame that fails its
+    /// checksum is found by the caller, after the store answered, and counted as an
+    /// integrity failure there).
     pub fn of(e: &crate::error::OxError) -> Option<Self> {
         use crate::error::OxError as E;
         match e {
             E::Unavailable { .. } => Some(Failed::Unavailable),
             E::Refused { .. } => Some(Failed::Refused),
             E::Untrusted { .. } => Some(Failed::Untrusted),
+            E::Integrity { .. } | E::Format(_) => Some(Failed::Damaged),
             _ => None,
         }
     }
 
     /// Every kind, in the order they are counted.
-    pub const ALL: [Failed; 3] = [Failed::Unavailable, Failed::Refused, Failed::Untrusted];
+    pub const ALL: [Failed; 4] = [
+        Failed::Unavailable,
+        Failed::Refused,
+        Failed::Untrusted,
+        Failed::Damaged,
+    ];
 
     /// Its name in metrics.
     pub fn name(self) -> &'static str {
@@ -89,6 +102,7 @@ impl Failed {
             Failed::Unavailable => "unavailable",
             Failed::Refused => "refused",
             Failed::Untrusted => "untrusted",
+            Failed::Damaged => "damaged",
         }
     }
 }
