@@ -10,29 +10,25 @@
 //! teardown and for discovery log changes.
 //!
 //! The wire types ([`pdu`], [`cmd`]) and DH-HMAC-CHAP's secrets, computations and
-//! messages ([`dhchap`]) are public so that initiators (oxperf) share them; the
-//! target logic is not.
+//! messages ([`dhchap`]) live in `nvmf-wire`, which initiators (oxperf) use without
+//! this crate; they are re-exported here. The target logic is not public.
 
 mod admission;
 mod auth;
 mod bufpool;
-pub mod cmd;
 mod conn;
 mod ctrlr;
-pub mod dhchap;
 mod error;
-pub mod ffdhe;
 pub mod framing;
 pub mod health;
 pub mod identify;
 mod io;
-pub mod le;
 mod listener;
-pub mod pdu;
 mod subsystem;
 mod target;
 
 pub use error::NvmfError;
+pub use nvmf_wire::{cmd, dhchap, ffdhe, le, pdu};
 pub use subsystem::{
     ADMIN_IN_CAPSULE, C2hSuccess, DISCOVERY_NQN, HostPolicy, Limits, Namespace, SocketIo,
     Subsystem, TargetConfig, check_nqn,

@@ -13,8 +13,7 @@ use uuid::Uuid;
 use crate::dhchap::HostKeys;
 use crate::error::NvmfError;
 
-/// The well-known NQN of the discovery subsystem.
-pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
+pub use nvmf_wire::DISCOVERY_NQN;
 
 /// Which hosts may connect to a subsystem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,8 +261,7 @@ pub enum SocketIo {
     Poll,
 }
 
-/// In-capsule data accepted on admin and fabrics queues (8 KiB, as Linux assumes).
-pub const ADMIN_IN_CAPSULE: u32 = 8192;
+pub use nvmf_wire::ADMIN_IN_CAPSULE;
 
 /// Everything the target serves.
 #[derive(Clone, Default)]

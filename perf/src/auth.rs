@@ -5,10 +5,10 @@
 //! secret, a challenge of our own that the target must answer (bidirectional).
 
 use anyhow::{Context, anyhow, bail, ensure};
-use nvmf::cmd::fctype;
-use nvmf::dhchap::{self, DhchapKey, Hash, id, kind};
-use nvmf::ffdhe::{DhGroup, DhKeyPair, augmented_challenge};
-use nvmf::le;
+use nvmf_wire::cmd::fctype;
+use nvmf_wire::dhchap::{self, DhchapKey, Hash, id, kind};
+use nvmf_wire::ffdhe::{DhGroup, DhKeyPair, augmented_challenge};
+use nvmf_wire::le;
 
 use crate::session::Session;
 

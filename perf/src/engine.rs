@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure};
 use hdrhistogram::Histogram;
-use nvmf::cmd::{Cqe, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, io};
-use nvmf::pdu::{
+use nvmf_wire::cmd::{Cqe, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, io};
+use nvmf_wire::pdu::{
     self, CommonHeader, DataHeader, Digests, FLAG_DATA_LAST, FLAG_DATA_SUCCESS, PduType,
 };
 

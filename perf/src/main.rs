@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nvmf::pdu::Digests;
+use nvmf_wire::pdu::Digests;
 
 use crate::engine::{Control, Job, Pattern, Progress, Queue, QueueResult};
 use crate::report::Report;
@@ -67,7 +67,7 @@ struct Common {
 
 /// A secret given on the command line, or read from the file it names. Errors never
 /// repeat the argument: it may be a mistyped secret.
-fn secret(arg: &str, what: &str) -> anyhow::Result<nvmf::dhchap::DhchapKey> {
+fn secret(arg: &str, what: &str) -> anyhow::Result<nvmf_wire::dhchap::DhchapKey> {
     let text = if arg.starts_with("DHHC-1:") {
         arg.to_string()
     } else {
@@ -75,7 +75,7 @@ fn secret(arg: &str, what: &str) -> anyhow::Result<nvmf::dhchap::DhchapKey> {
             anyhow::anyhow!("{what}: neither a DHHC-1:XX:...: secret nor a readable file ({e})")
         })?
     };
-    nvmf::dhchap::DhchapKey::parse(&text).with_context(|| what.to_string())
+    nvmf_wire::dhchap::DhchapKey::parse(&text).with_context(|| what.to_string())
 }
 
 fn dhchap(c: &Common) -> anyhow::Result<Option<auth::HostSecrets>> {

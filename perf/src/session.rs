@@ -7,18 +7,18 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail, ensure};
-use nvmf::cmd::{
+use nvmf_wire::cmd::{
     Cqe, FABRICS, SGL_DATA_BLOCK_OFFSET, SGL_TRANSPORT_DATA_BLOCK, Sqe, Status, admin, fctype,
 };
-use nvmf::le;
+use nvmf_wire::le;
 
 use crate::auth::{HostSecrets, authenticate};
-use nvmf::pdu::{
+use nvmf_wire::pdu::{
     self, CommonHeader, DataHeader, Digests, FLAG_DATA_SUCCESS, IcReq, IcResp, PduType,
 };
 
 /// The well-known discovery NQN.
-pub use nvmf::DISCOVERY_NQN;
+pub use nvmf_wire::DISCOVERY_NQN;
 
 /// Default host NQN when none is given.
 pub const DEFAULT_HOSTNQN: &str =
@@ -148,7 +148,7 @@ impl Session {
             maxh2cdata: 0,
             cntlid: 0,
             cid: 0,
-            in_capsule: nvmf::ADMIN_IN_CAPSULE as usize,
+            in_capsule: nvmf_wire::ADMIN_IN_CAPSULE as usize,
         };
         let req = IcReq {
             pfv: 0,

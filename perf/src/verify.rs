@@ -2,7 +2,7 @@
 //! run's seed and a generation, and carries a CRC32C of itself, so any read can be
 //! checked without a copy of the data: misplaced, stale or damaged blocks all show.
 
-use nvmf::le;
+use nvmf_wire::le;
 
 /// Bytes 0..8 of every verify block.
 pub const MAGIC: &[u8; 8] = b"OXPERFv1";

@@ -1,14 +1,17 @@
-//! oxctl speaks only the API's types: it does not build the daemon's engine.
+//! The tools speak only wire and API types: neither oxctl nor oxperf builds the
+//! daemon's engine.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-#[test]
-fn oxctl_depends_on_no_part_of_the_daemons_engine() {
+use std::collections::BTreeSet;
+
+/// The crates `package` depends on to run (dev-dependencies left out).
+fn runtime_crates(package: &str) -> BTreeSet<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = std::process::Command::new(cargo)
         .args([
             "tree",
             "-p",
-            "tools",
+            package,
             "-e",
             "normal",
             "--prefix",
@@ -23,21 +26,39 @@ fn oxctl_depends_on_no_part_of_the_daemons_engine() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tree = String::from_utf8_lossy(&out.stdout);
-    let crates: std::collections::BTreeSet<&str> = tree
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .collect();
+        .map(str::to_string)
+        .collect()
+}
+
+/// The daemon's engine: what a tool must not build.
+const ENGINE: [&str; 8] = [
+    "appliance",
+    "reactor",
+    "bdev",
+    "nvmf",
+    "ox",
+    "io-uring",
+    "zstd",
+    "aes-gcm",
+];
+
+#[test]
+fn oxctl_depends_on_no_part_of_the_daemons_engine() {
+    let crates = runtime_crates("tools");
     assert!(crates.contains("ox-api"), "{crates:?}");
-    for engine in [
-        "appliance",
-        "reactor",
-        "bdev",
-        "nvmf",
-        "ox",
-        "io-uring",
-        "zstd",
-    ] {
+    for engine in ENGINE {
         assert!(!crates.contains(engine), "oxctl depends on {engine}");
+    }
+}
+
+#[test]
+fn oxperf_speaks_nvme_tcp_through_the_wire_types_alone() {
+    let crates = runtime_crates("perf");
+    assert!(crates.contains("nvmf-wire"), "{crates:?}");
+    for engine in ENGINE {
+        assert!(!crates.contains(engine), "oxperf depends on {engine}");
     }
 }
