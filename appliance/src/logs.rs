@@ -145,7 +145,7 @@ impl<F> Repeats<F> {
             inner,
             budgets: Mutex::new(Kept {
                 budgets: HashMap::new(),
-                swept: Instant::now(),
+                swept: clock(),
             }),
             clock,
         }
@@ -165,11 +165,13 @@ impl<F> Repeats<F> {
         let Kept { budgets, swept } = &mut *kept;
         if budgets.len() >= SUBJECTS_KEPT && !budgets.contains_key(&key) {
             // Full: the budgets whose period is over go (those with lines left out
-            // stay, to say so), at most once a second however hard it floods.
+            // stay a few periods more, to say so if their subject speaks again), at
+            // most once a second however hard it floods.
             if now.saturating_duration_since(*swept) >= SWEEP_EVERY {
                 *swept = now;
                 budgets.retain(|_, b| {
-                    now.saturating_duration_since(b.since) < PERIOD || b.suppressed > 0
+                    let age = now.saturating_duration_since(b.since);
+                    age < PERIOD || (b.suppressed > 0 && age < PERIOD * 6)
                 });
             }
             if budgets.len() >= SUBJECTS_KEPT {

@@ -330,7 +330,7 @@ pub const FAMILIES: &[Family] = &[
         "ox_store_failures",
         Kind::Counter,
         &["store", "kind"],
-        "Requests to an S3 store that still failed after their own retries, by store and kind (unavailable; refused: 4xx or 501; untrusted: the server's certificate; damaged: a success answer that cannot be right, such as a listing that does not parse).",
+        "Requests to an S3 store that still failed after their own retries, by store and kind (unavailable; refused: 4xx or 501; untrusted: the server's certificate; damaged: a success answer that cannot be right, such as a listing that does not parse or a range longer than asked).",
     ),
     f(
         "ox_throttle_waits",
@@ -887,18 +887,30 @@ mod tests {
                     rest = &tail[end..];
                 }
                 assert!(names > 0, "{title}: the query {expr} names no ox_ metric");
-                // Every label it groups by is one those families have.
-                let mut rest = expr;
-                while let Some(at) = rest.find("by (") {
-                    let tail = &rest[at + 4..];
-                    let end = tail.find(')').expect("a closed by (...)");
-                    for label in tail[..end].split(',').map(str::trim) {
-                        assert!(
-                            labels.contains(&label),
-                            "{title}: no family of the query has label {label} ({expr})"
-                        );
+                // Every label it groups by (or leaves out) is one those families
+                // have, and so is every label its legend shows.
+                let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+                let mut named: Vec<&str> = Vec::new();
+                for keyword in ["by", "without"] {
+                    for (at, _) in expr.match_indices(keyword) {
+                        let before = expr[..at].chars().next_back();
+                        let after = expr[at + keyword.len()..].trim_start();
+                        if before.is_some_and(ident) || !after.starts_with('(') {
+                            continue;
+                        }
+                        let end = after.find(')').expect("a closed group");
+                        named.extend(after[1..end].split(',').map(str::trim));
                     }
-                    rest = &tail[end..];
+                }
+                let legend = t["legendFormat"].as_str().unwrap_or("");
+                for part in legend.split("{{").skip(1) {
+                    named.push(part.split("}}").next().unwrap_or("").trim());
+                }
+                for label in named.into_iter().filter(|l| !l.is_empty()) {
+                    assert!(
+                        labels.contains(&label),
+                        "{title}: no family of the query has label {label} ({expr})"
+                    );
                 }
             }
         }

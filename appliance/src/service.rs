@@ -1332,8 +1332,8 @@ impl Service {
                             meta_bytes: report.meta_bytes,
                             chunks_read: report.chunks_read,
                             listed: false,
-                            // At least 1: 0 is "not known".
-                            // 0: not known (found published by an earlier attempt).
+                            // At least 1 when known; 0: not known (found published by
+                            // an earlier attempt).
                             duration_ms: report
                                 .elapsed
                                 .map_or(0, |e| e.as_millis().max(1) as u64),

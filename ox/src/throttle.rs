@@ -319,7 +319,8 @@ mod tests {
         // A transfer dropped while it waits is counted too; a deleted volume's waits
         // are forgotten.
         let before = t.waited()[0].2.transfers;
-        // A limit so low the next transfer cannot pass, however slow this machine.
+        // A limit so low the next transfer cannot pass, however slow this machine:
+        // what the bucket holds is taken first, and it refills at a byte a second.
         t.set_global(
             Class::Foreground,
             Limit {
@@ -327,6 +328,7 @@ mod tests {
                 burst: 1 << 20,
             },
         );
+        while t.try_acquire("v", Class::Foreground, 1 << 20).is_zero() {}
         let dropped = futures_lite::future::block_on(futures_lite::future::or(
             async {
                 t.acquire("v", Class::Foreground, 8 << 20).await;

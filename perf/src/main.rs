@@ -1,6 +1,6 @@
 //! `oxperf`: an NVMe/TCP initiator and load generator, for the OX appliance or any
-//! NVMe/TCP target. It shares `nvmf`'s wire types (PDUs, commands) and nothing of its
-//! target logic.
+//! NVMe/TCP target. It speaks the protocol through `nvmf-wire` (PDUs, commands,
+//! DH-HMAC-CHAP), the types the target uses too, and builds nothing of the target.
 
 mod auth;
 mod engine;

@@ -822,6 +822,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // What was asked is done: the answer is shown as oxd sent it even if this
         // oxctl cannot read it as text (a daemon of another build, say), and the
         // command still succeeds, so a script does not do it twice.
+        // (tools/tests/oxctl.rs looks for this text: keep them the same.)
         eprintln!("oxctl: cannot show oxd's answer as text ({e:#}); as oxd sent it:");
         println!("{}", serde_json::to_string_pretty(&result)?);
     }

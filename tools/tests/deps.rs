@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-/// The crates `package` depends on to run (dev-dependencies left out).
+/// The crates `package` depends on to build and run (dev-dependencies left out).
 fn runtime_crates(package: &str) -> BTreeSet<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = std::process::Command::new(cargo)
@@ -13,7 +13,7 @@ fn runtime_crates(package: &str) -> BTreeSet<String> {
             "-p",
             package,
             "-e",
-            "normal",
+            "normal,build",
             "--prefix",
             "none",
             "--offline",

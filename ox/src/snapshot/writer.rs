@@ -608,7 +608,13 @@ pub(super) async fn write(
             // of a body it refused (replaced).
             Err(OxError::AlreadyExists { .. }) => {
                 match published(store, &manifest_key, &snapshot_hex, start.next_chunk).await {
-                    Ok(Some(report)) => return Ok(report),
+                    // This attempt read and uploaded it: its time is known.
+                    Ok(Some(report)) => {
+                        return Ok(SnapshotReport {
+                            elapsed: Some(Duration::ZERO),
+                            ..report
+                        });
+                    }
                     Ok(None) => store.put_new(&manifest_key, bytes).await?,
                     Err(OxError::Integrity { .. }) => store.put(&manifest_key, bytes).await?,
                     Err(e) => return Err(e),

@@ -68,7 +68,7 @@ pub enum Failed {
     /// The server's certificate is not trusted.
     Untrusted,
     /// The store answered success with what cannot be right (a listing that does not
-    /// parse, a range of another length).
+    /// parse, a range longer than asked).
     Damaged,
 }
 
