@@ -20,8 +20,16 @@
 //! commits, compaction with its base written first). The glue this plays — the
 //! channel's write path (`volume::start_write`, `land`, `guarded_write`), the owner's
 //! copies, the record thread's batching (`dirty::Work`), the snapshot writer's order
-//! of steps (`ox::snapshot`) — follows those in order of steps; copies are kept in memory (a power cut ends the snapshot, and the
-//! next one starts over from the change record).
+//! of steps (`ox::snapshot`) — follows those in order of steps.
+//!
+//! Half the seeds run as the appliance does (`Config::durable`): copies before writes
+//! go to the volume's durable store (done with FUA before the write goes ahead, as
+//! `preserve`), chunks read stay copied-before-write until a journal checkpoint
+//! covers them (the core's `Commit`), and a snapshot a power cut stops is taken up
+//! again at the next power-on from its last checkpoint (the core's `Resume`, with the
+//! copies that survived) and must still equal the volume at its first point in time.
+//! The other half keep copies in memory: a power cut ends the snapshot, and the next
+//! one starts over from the change record.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -44,6 +52,10 @@ const NO_WRITE: u64 = 0;
 const DRAINED: u64 = u64::MAX;
 /// Waiter of its begin.
 const BEGUN: u64 = u64::MAX - 1;
+/// Waiter of a resume after a power cut.
+const RESUMED: u64 = u64::MAX - 2;
+/// Uploads between a durable snapshot's journal checkpoints.
+const CHECKPOINT_EVERY: u32 = 3;
 
 /// Rules broken on purpose, to show the simulator catches it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -61,6 +73,12 @@ pub(crate) struct Flaws {
     /// A guarded write that lands without looking at the change record again (the
     /// appliance before this simulator found it).
     pub(crate) land_without_record: bool,
+    /// A snapshot taken up again after a power cut that ignores the copies saved
+    /// before it (reads the volume instead).
+    pub(crate) resume_without_copies: bool,
+    /// A checkpoint that tells the volume its chunks need no copies before the journal
+    /// naming them is durable.
+    pub(crate) commit_before_journal: bool,
 }
 
 /// One run.
@@ -77,6 +95,10 @@ pub(crate) struct Config {
     pub(crate) put_faults: u64,
     /// Percent of host requests that are flushes (some hosts rarely flush).
     pub(crate) flush_percent: u64,
+    /// Copies before writes go to the volume's durable store, snapshots checkpoint a
+    /// journal, and one cut short by a power cut is taken up again after it, as the
+    /// appliance does (else copies are kept in memory and a cut ends the snapshot).
+    pub(crate) durable: bool,
     pub(crate) flaws: Flaws,
 }
 
@@ -90,6 +112,7 @@ impl Config {
             ops_per_cut: 400,
             put_faults: [2, 8, 25][(seed % 3) as usize],
             flush_percent: [4, 1, 0][(seed / 3 % 3) as usize],
+            durable: (seed / 9).is_multiple_of(2),
             flaws: Flaws::default(),
         }
     }
@@ -112,6 +135,10 @@ pub(crate) struct Stats {
     pub(crate) cuts: u64,
     pub(crate) cuts_mid_record: u64,
     pub(crate) compactions: u64,
+    /// Journal checkpoints of durable snapshots, and snapshots taken up again after a
+    /// cut (from their journal, with the copies saved before it).
+    pub(crate) checkpoints: u64,
+    pub(crate) resumed: u64,
     pub(crate) simulated_us: u64,
     pub(crate) fingerprint: u64,
 }
@@ -131,6 +158,8 @@ impl Stats {
         self.cuts += o.cuts;
         self.cuts_mid_record += o.cuts_mid_record;
         self.compactions += o.compactions;
+        self.checkpoints += o.checkpoints;
+        self.resumed += o.resumed;
         self.simulated_us += o.simulated_us;
     }
 }
@@ -142,7 +171,8 @@ impl std::fmt::Display for Stats {
             "{} events, {} host operations ({} writes acknowledged, {} through the snapshot's \
              guard, {} copies before writes), {} snapshots published ({} first after a cut, \
              {} failed), {} chunks uploaded, {} blocks checked, {} power cuts ({} \
-             mid-record), {} compactions",
+             mid-record), {} compactions, {} checkpoints, {} snapshots taken up again after a \
+             cut",
             self.events,
             self.host_ops,
             self.writes_acked,
@@ -156,6 +186,8 @@ impl std::fmt::Display for Stats {
             self.cuts,
             self.cuts_mid_record,
             self.compactions,
+            self.checkpoints,
+            self.resumed,
         )
     }
 }
@@ -270,6 +302,10 @@ struct Running {
     /// Chunks still to claim, in order.
     todo: Vec<u64>,
     in_flight: u64,
+    /// Chunks claimed and not uploaded yet.
+    claimed: BTreeSet<u64>,
+    /// Uploads since the last checkpoint.
+    since_checkpoint: u32,
     uploaded: BTreeMap<u64, Vec<u8>>,
     failed: bool,
     after_cut: bool,
@@ -281,6 +317,19 @@ enum Phase {
     Settling,
     Flushing,
     Reading,
+}
+
+/// A durable snapshot's journal as its last checkpoint saved it (as `ox::journal`:
+/// saved atomically, so a cut keeps the last one whole): what it is, and every chunk
+/// it stored below `next`.
+#[derive(Clone)]
+struct Journal {
+    id: u64,
+    parent: Option<u64>,
+    changed: Vec<u64>,
+    expect: Vec<(u64, Option<u64>)>,
+    next: u64,
+    uploaded: BTreeMap<u64, Vec<u8>>,
 }
 
 /// The change record (as `dirty`'s thread keeps it).
@@ -330,6 +379,13 @@ struct World {
     failure: Option<String>,
     /// The change record is to be compacted once the commit in flight is done.
     compact_pending: bool,
+    /// The volume's durable store of copies (as `preserve`): the running snapshot's
+    /// copies whose write (with FUA) is done, by chunk.
+    copies: BTreeMap<u64, Vec<u8>>,
+    /// The running durable snapshot's journal, if it has saved one.
+    journal: Option<Journal>,
+    /// `Flaws::commit_before_journal`: the checkpoint the journal has not saved yet.
+    lagging: Option<(u64, BTreeMap<u64, Vec<u8>>)>,
     stats: Stats,
 }
 
@@ -378,6 +434,9 @@ impl World {
             lanes: vec![0; config.hosts + 1],
             failure: None,
             compact_pending: false,
+            copies: BTreeMap::new(),
+            journal: None,
+            lagging: None,
             stats: Stats::default(),
         };
         w.power_on();
@@ -451,10 +510,17 @@ impl World {
             Ev::Copied { generation, chunk } => {
                 let data = self.read_volume(chunk * CHUNK_BLOCKS, CHUNK_BLOCKS);
                 self.stats.copies += 1;
+                let kept = if self.config.durable {
+                    // Written with FUA and done: it survives any cut from now on.
+                    self.copies.insert(chunk, data);
+                    Kept::Saved
+                } else {
+                    Kept::Memory(data)
+                };
                 self.apply(Event::Copied {
                     generation,
                     chunk,
-                    how: Copied::Kept(Kept::Memory(data)),
+                    how: Copied::Kept(kept),
                 });
                 Ok(())
             }
@@ -530,10 +596,14 @@ impl World {
                 }
                 Action::Serve(chunk, Source::Kept(Kept::Memory(data))) => self.put(chunk, data, 1),
                 Action::Serve(chunk, Source::Kept(Kept::Saved)) => {
-                    panic!("chunk {chunk}: a saved copy, but copies are kept in memory")
+                    let Some(data) = self.copies.get(&chunk).cloned() else {
+                        panic!("chunk {chunk}: a saved copy the store of copies does not hold")
+                    };
+                    self.put(chunk, data, 1);
                 }
                 Action::Refuse(chunk) => panic!("the claim of chunk {chunk} was refused"),
                 Action::Ready(DRAINED) => self.begin(),
+                Action::Ready(RESUMED) => self.resumed(),
                 Action::Ready(_) => {}
             }
         }
@@ -844,9 +914,11 @@ impl World {
         self.draining = false;
         self.generation += 1;
         let generation = self.generation;
+        // A new point in time: the store of copies starts empty (a new token).
+        self.copies.clear();
         self.apply(Event::Begin {
             generation,
-            durable: false,
+            durable: self.config.durable,
             waiter: BEGUN,
         });
         let words = self.dirty.len();
@@ -885,6 +957,8 @@ impl World {
                 .collect(),
             todo: Vec::new(),
             in_flight: 0,
+            claimed: BTreeSet::new(),
+            since_checkpoint: 0,
             uploaded: BTreeMap::new(),
             failed: false,
             after_cut: std::mem::take(&mut self.after_cut),
@@ -932,6 +1006,17 @@ impl World {
         let changed = r.changed.clone();
         r.todo = (0..chunks).rev().filter(|&c| bit(&changed, c)).collect();
         r.phase = Phase::Reading;
+        if self.config.durable {
+            // As `ox::snapshot`: the first checkpoint, before anything is read.
+            self.journal = Some(Journal {
+                id: r.id,
+                parent: r.parent,
+                changed: r.changed.clone(),
+                expect: r.expect.clone(),
+                next: 0,
+                uploaded: BTreeMap::new(),
+            });
+        }
         self.send(
             self.config.hosts,
             Event::Needed {
@@ -953,6 +1038,7 @@ impl World {
         }
         let Some(chunk) = r.todo.pop() else { return };
         r.in_flight += 1;
+        r.claimed.insert(chunk);
         self.send(
             self.config.hosts,
             Event::Claim {
@@ -986,12 +1072,53 @@ impl World {
         } else {
             let r = self.running.as_mut().expect("a snapshot");
             r.uploaded.insert(chunk, data);
+            r.since_checkpoint += 1;
             self.stats.chunks_uploaded += 1;
         }
         let r = self.running.as_mut().expect("a snapshot");
         r.in_flight -= 1;
+        r.claimed.remove(&chunk);
+        if self.config.durable && !r.failed && r.since_checkpoint >= CHECKPOINT_EVERY {
+            self.checkpoint();
+        }
         self.claim_next();
         self.maybe_publish()
+    }
+
+    /// As `ox::snapshot`'s checkpoint: the journal records every chunk stored below the
+    /// first one not stored yet, durably; then the volume may stop copying those.
+    fn checkpoint(&mut self) {
+        let chunks = self.config.chunks;
+        let Some(r) = &mut self.running else { return };
+        r.since_checkpoint = 0;
+        let next = [r.todo.last(), r.claimed.first()]
+            .into_iter()
+            .flatten()
+            .min()
+            .copied()
+            .unwrap_or(chunks);
+        let uploaded: BTreeMap<u64, Vec<u8>> = r
+            .uploaded
+            .range(..next)
+            .map(|(&c, d)| (c, d.clone()))
+            .collect();
+        let Some(j) = &mut self.journal else {
+            panic!("a durable snapshot checkpoints a journal it saved first")
+        };
+        assert_eq!(j.id, r.id, "the journal is the running snapshot's");
+        assert!(next >= j.next, "a checkpoint never goes back");
+        if self.config.flaws.commit_before_journal {
+            // The journal saves the checkpoint before this one: it lags what the
+            // volume is told.
+            if let Some((n, u)) = self.lagging.replace((next, uploaded)) {
+                (j.next, j.uploaded) = (n, u);
+            }
+        } else {
+            (j.next, j.uploaded) = (next, uploaded);
+        }
+        self.stats.checkpoints += 1;
+        let generation = self.generation;
+        self.send(self.config.hosts, Event::Commit { generation, next });
     }
 
     /// Ends the snapshot once nothing is in flight: published (and checked) if every
@@ -1004,6 +1131,9 @@ impl World {
             return Ok(());
         }
         let r = self.running.take().expect("a snapshot");
+        // Published or given up: its journal and its copies are spent.
+        (self.journal, self.lagging) = (None, None);
+        self.copies.clear();
         self.generation += 1;
         self.active = false;
         let generation = self.generation;
@@ -1040,6 +1170,41 @@ impl World {
         self.compact()?;
         self.next_snapshot();
         Ok(())
+    }
+
+    /// The snapshot the cut stopped is taken up again: it reads what its journal had
+    /// not stored, to the same point in time.
+    fn resumed(&mut self) {
+        let Some(j) = self.journal.clone() else {
+            panic!("a resume without a journal")
+        };
+        let chunks = self.config.chunks;
+        self.stats.resumed += 1;
+        self.active = true;
+        self.running = Some(Running {
+            id: j.id,
+            parent: j.parent,
+            todo: (j.next..chunks)
+                .rev()
+                .filter(|&c| bit(&j.changed, c))
+                .collect(),
+            changed: j.changed,
+            expect: j.expect,
+            settling: BTreeSet::new(),
+            in_flight: 0,
+            claimed: BTreeSet::new(),
+            since_checkpoint: 0,
+            uploaded: j.uploaded,
+            failed: false,
+            after_cut: false,
+            phase: Phase::Reading,
+        });
+        for _ in 0..CLAIMS_IN_FLIGHT {
+            self.claim_next();
+        }
+        if let Err(e) = self.maybe_publish() {
+            self.failure.get_or_insert(e);
+        }
     }
 
     /// Schedules the next snapshot: usually a while after this one, sometimes at once
@@ -1167,6 +1332,30 @@ impl World {
     }
 
     fn power_on(&mut self) {
+        // As the appliance's start, before any host can write: a durable snapshot the
+        // cut stopped is taken up again from its journal, with the copies saved for
+        // the chunks it had not stored.
+        if let Some(j) = &self.journal {
+            let (next, changed) = (j.next, j.changed.clone());
+            let saved = if self.config.flaws.resume_without_copies {
+                Vec::new()
+            } else {
+                self.copies
+                    .keys()
+                    .copied()
+                    .filter(|&c| c >= next && bit(&changed, c))
+                    .collect()
+            };
+            self.generation += 1;
+            self.lagging = None;
+            self.apply(Event::Resume {
+                generation: self.generation,
+                next,
+                changed,
+                saved,
+                waiter: RESUMED,
+            });
+        }
         if self.issued >= self.config.ops {
             return;
         }
