@@ -1472,10 +1472,13 @@ impl Service {
                     }
                 });
         }
-        handle.end_snapshot(Some(&ox::journal::changes_or_all(&journal, handle)));
+        // The journal first, durably, then the end: ended first, a crash between the
+        // two would take the snapshot up again with its copies dropped.
+        let changed = ox::journal::changes_or_all(&journal, handle);
         if let Err(e) = ox::journal::remove(&journal) {
-            tracing::warn!(path = %journal.display(), error = %e, "snapshot journal");
+            tracing::error!(path = %journal.display(), error = %e, "snapshot journal not removed: a crash before it is would take up a snapshot that ended");
         }
+        handle.end_snapshot(Some(&changed));
     }
 
     fn new_job(

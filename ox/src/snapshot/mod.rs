@@ -243,9 +243,11 @@ pub async fn snapshot_volume(
                     // the stop are no longer kept at their point in time: it cannot go
                     // on. Its changes go to the next snapshot, which begins now.
                     lapsed => {
+                        // The journal first (see `SnapshotGuard`).
+                        let removed = journal::remove(path);
                         handle.end_snapshot(Some(&changed));
+                        removed?;
                         release_lease(store, &opts.prefix, &j.snapshot, opts).await;
-                        journal::remove(path)?;
                         if let Err(e) = lapsed {
                             return Err(OxError::Config(format!(
                                 "snapshot of {} cut short by a restart is given up (its \
@@ -463,8 +465,12 @@ fn resumable(
             };
             let mut changed = journal::changes_or_all(path, handle);
             changed.base = None;
+            // The journal goes first, durably: ended first, a crash before the removal
+            // would take the snapshot up again with its copies dropped and hosts'
+            // writes gone over its chunks.
+            let removed = journal::remove(path);
             handle.end_snapshot(Some(&changed));
-            journal::remove(path)?;
+            removed?;
             Ok((None, stale))
         }
     }
@@ -480,12 +486,16 @@ struct SnapshotGuard<'a> {
 
 impl Drop for SnapshotGuard<'_> {
     fn drop(&mut self) {
+        // The journal first, durably, then the end: ended first, a crash between the
+        // two would take the snapshot up again at the next start with its copies
+        // dropped and hosts' writes gone over its chunks unguarded.
+        if let Some(path) = self.journal.take()
+            && let Err(e) = journal::remove(&path)
+        {
+            tracing::error!(path = %path.display(), error = %e, "snapshot journal not removed: a crash before it is would take up a snapshot that ended");
+        }
         if let Some(c) = self.changed.take() {
             self.handle.end_snapshot(Some(&c));
-        }
-        if let Some(path) = self.journal.take() {
-            // A journal left behind is recognised as stale and removed next time.
-            let _ = journal::remove(&path);
         }
     }
 }
