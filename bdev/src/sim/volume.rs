@@ -79,6 +79,9 @@ pub(crate) struct Flaws {
     /// A checkpoint that tells the volume its chunks need no copies before the journal
     /// naming them is durable.
     pub(crate) commit_before_journal: bool,
+    /// A snapshot that failed is ended (copies dropped, writes no longer guarded)
+    /// before its journal is removed (the appliance before this simulator's review).
+    pub(crate) journal_after_end: bool,
 }
 
 /// One run.
@@ -139,6 +142,8 @@ pub(crate) struct Stats {
     /// cut (from their journal, with the copies saved before it).
     pub(crate) checkpoints: u64,
     pub(crate) resumed: u64,
+    /// Of those, published (and read back whole against their first point in time).
+    pub(crate) resumed_published: u64,
     pub(crate) simulated_us: u64,
     pub(crate) fingerprint: u64,
 }
@@ -160,6 +165,7 @@ impl Stats {
         self.compactions += o.compactions;
         self.checkpoints += o.checkpoints;
         self.resumed += o.resumed;
+        self.resumed_published += o.resumed_published;
         self.simulated_us += o.simulated_us;
     }
 }
@@ -172,7 +178,7 @@ impl std::fmt::Display for Stats {
              guard, {} copies before writes), {} snapshots published ({} first after a cut, \
              {} failed), {} chunks uploaded, {} blocks checked, {} power cuts ({} \
              mid-record), {} compactions, {} checkpoints, {} snapshots taken up again after a \
-             cut",
+             cut ({} of them published)",
             self.events,
             self.host_ops,
             self.writes_acked,
@@ -188,6 +194,7 @@ impl std::fmt::Display for Stats {
             self.compactions,
             self.checkpoints,
             self.resumed,
+            self.resumed_published,
         )
     }
 }
@@ -262,6 +269,16 @@ enum Ev {
         data: Vec<u8>,
         attempt: u32,
     },
+    /// A checkpoint's journal is durable.
+    JournalSaved {
+        id: u64,
+        next: u64,
+        uploaded: BTreeMap<u64, Vec<u8>>,
+    },
+    /// A spent journal is removed (`Flaws::journal_after_end`).
+    JournalRemoved {
+        id: u64,
+    },
     Cut,
 }
 
@@ -279,6 +296,8 @@ impl Ev {
             Ev::SnapStart => 6,
             Ev::SnapFlushed(_) => 7,
             Ev::Cut => 8,
+            Ev::JournalSaved { next, .. } => 9 + 16 * next,
+            Ev::JournalRemoved { id } => 10 + 16 * id,
         }
     }
 }
@@ -306,6 +325,10 @@ struct Running {
     claimed: BTreeSet<u64>,
     /// Uploads since the last checkpoint.
     since_checkpoint: u32,
+    /// A checkpoint's journal is being saved.
+    saving: bool,
+    /// Taken up again after a cut.
+    resumed: bool,
     uploaded: BTreeMap<u64, Vec<u8>>,
     failed: bool,
     after_cut: bool,
@@ -384,8 +407,6 @@ struct World {
     copies: BTreeMap<u64, Vec<u8>>,
     /// The running durable snapshot's journal, if it has saved one.
     journal: Option<Journal>,
-    /// `Flaws::commit_before_journal`: the checkpoint the journal has not saved yet.
-    lagging: Option<(u64, BTreeMap<u64, Vec<u8>>)>,
     stats: Stats,
 }
 
@@ -436,7 +457,6 @@ impl World {
             compact_pending: false,
             copies: BTreeMap::new(),
             journal: None,
-            lagging: None,
             stats: Stats::default(),
         };
         w.power_on();
@@ -511,8 +531,11 @@ impl World {
                 let data = self.read_volume(chunk * CHUNK_BLOCKS, CHUNK_BLOCKS);
                 self.stats.copies += 1;
                 let kept = if self.config.durable {
-                    // Written with FUA and done: it survives any cut from now on.
-                    self.copies.insert(chunk, data);
+                    // Written with FUA and done: it survives any cut from now on (the
+                    // store holds the running snapshot's copies only).
+                    if generation == self.generation && self.running.is_some() {
+                        self.copies.insert(chunk, data);
+                    }
                     Kept::Saved
                 } else {
                     Kept::Memory(data)
@@ -550,6 +573,16 @@ impl World {
                 data,
                 attempt,
             } => self.put_answer(chunk, data, attempt),
+            Ev::JournalSaved { id, next, uploaded } => {
+                self.journal_saved(id, next, uploaded);
+                Ok(())
+            }
+            Ev::JournalRemoved { id } => {
+                if self.journal.as_ref().is_some_and(|j| j.id == id) {
+                    self.journal = None;
+                }
+                Ok(())
+            }
             Ev::Cut => self.cut(false),
         }
     }
@@ -959,6 +992,8 @@ impl World {
             in_flight: 0,
             claimed: BTreeSet::new(),
             since_checkpoint: 0,
+            saving: false,
+            resumed: false,
             uploaded: BTreeMap::new(),
             failed: false,
             after_cut: std::mem::take(&mut self.after_cut),
@@ -1085,12 +1120,17 @@ impl World {
         self.maybe_publish()
     }
 
-    /// As `ox::snapshot`'s checkpoint: the journal records every chunk stored below the
-    /// first one not stored yet, durably; then the volume may stop copying those.
+    /// As `ox::snapshot`'s checkpoint: the journal is saved (a while: a file written,
+    /// synced and renamed) recording every chunk stored below the first one not stored
+    /// yet; once it is durable, the volume may stop copying those.
     fn checkpoint(&mut self) {
         let chunks = self.config.chunks;
         let Some(r) = &mut self.running else { return };
+        if r.saving {
+            return;
+        }
         r.since_checkpoint = 0;
+        r.saving = true;
         let next = [r.todo.last(), r.claimed.first()]
             .into_iter()
             .flatten()
@@ -1102,23 +1142,36 @@ impl World {
             .range(..next)
             .map(|(&c, d)| (c, d.clone()))
             .collect();
-        let Some(j) = &mut self.journal else {
-            panic!("a durable snapshot checkpoints a journal it saved first")
-        };
-        assert_eq!(j.id, r.id, "the journal is the running snapshot's");
-        assert!(next >= j.next, "a checkpoint never goes back");
+        let id = r.id;
         if self.config.flaws.commit_before_journal {
-            // The journal saves the checkpoint before this one: it lags what the
-            // volume is told.
-            if let Some((n, u)) = self.lagging.replace((next, uploaded)) {
-                (j.next, j.uploaded) = (n, u);
-            }
-        } else {
-            (j.next, j.uploaded) = (next, uploaded);
+            let generation = self.generation;
+            self.send(self.config.hosts, Event::Commit { generation, next });
         }
+        // A file written, synced, renamed and its directory synced: a few ms, on a
+        // busy disk tens.
+        let t = if self.chance(20) {
+            self.between(10_000, 40_000)
+        } else {
+            self.between(500, 5_000)
+        };
+        self.at(t, Ev::JournalSaved { id, next, uploaded });
+    }
+
+    /// The checkpoint's journal is durable (a cut before this keeps the one before).
+    fn journal_saved(&mut self, id: u64, next: u64, uploaded: BTreeMap<u64, Vec<u8>>) {
+        let Some(j) = self.journal.as_mut().filter(|j| j.id == id) else {
+            return;
+        };
+        assert!(next >= j.next, "a checkpoint never goes back");
+        (j.next, j.uploaded) = (next, uploaded);
         self.stats.checkpoints += 1;
-        let generation = self.generation;
-        self.send(self.config.hosts, Event::Commit { generation, next });
+        if let Some(r) = self.running.as_mut().filter(|r| r.id == id) {
+            r.saving = false;
+        }
+        if !self.config.flaws.commit_before_journal {
+            let generation = self.generation;
+            self.send(self.config.hosts, Event::Commit { generation, next });
+        }
     }
 
     /// Ends the snapshot once nothing is in flight: published (and checked) if every
@@ -1131,8 +1184,17 @@ impl World {
             return Ok(());
         }
         let r = self.running.take().expect("a snapshot");
-        // Published or given up: its journal and its copies are spent.
-        (self.journal, self.lagging) = (None, None);
+        // Published or given up: its journal and its copies are spent. The journal
+        // goes first: a snapshot ended with its journal still there would be taken up
+        // again after a cut, with its copies dropped.
+        if r.failed && self.config.flaws.journal_after_end {
+            // (In the appliance one path released the upload's lease in between: a
+            // store round trip, longer in an outage.)
+            let t = self.between(1_000, 100_000);
+            self.at(t, Ev::JournalRemoved { id: r.id });
+        } else {
+            self.journal = None;
+        }
         self.copies.clear();
         self.generation += 1;
         self.active = false;
@@ -1156,6 +1218,9 @@ impl World {
         );
         self.latest = Some(r.id);
         self.stats.snapshots += 1;
+        if r.resumed {
+            self.stats.resumed_published += 1;
+        }
         if r.after_cut {
             self.stats.snapshots_after_cut += 1;
         }
@@ -1194,6 +1259,8 @@ impl World {
             in_flight: 0,
             claimed: BTreeSet::new(),
             since_checkpoint: 0,
+            saving: false,
+            resumed: true,
             uploaded: j.uploaded,
             failed: false,
             after_cut: false,
@@ -1347,7 +1414,6 @@ impl World {
                     .collect()
             };
             self.generation += 1;
-            self.lagging = None;
             self.apply(Event::Resume {
                 generation: self.generation,
                 next,
