@@ -254,6 +254,8 @@ mod tests {
                 total.checkpoints > 0 && total.resumed_published > 0,
                 "{total}"
             );
+            // Copies that could not be stored failed writes or abandoned snapshots.
+            assert!(total.writes_failed > 0 && total.abandoned > 0, "{total}");
         }
     }
 
@@ -387,6 +389,22 @@ mod tests {
         };
         let (seed, e) = volume_with_copies(flaws, true)
             .expect("a snapshot taken up again after it ended went unnoticed");
+        eprintln!("caught at seed {seed}: {e}");
+    }
+
+    #[test]
+    fn an_abandoned_snapshot_taken_up_again_is_caught() {
+        let flaws = volume::Flaws {
+            resume_abandoned: true,
+            ..Default::default()
+        };
+        // A store of copies in trouble: one copy in twenty abandons its snapshot.
+        let (seed, e) = caught(|seed| {
+            let mut c = volume::Config::new(seed, 1000);
+            (c.flaws, c.durable, c.abandon_permille) = (flaws, true, 50);
+            volume::run(&c).map(drop)
+        })
+        .expect("an abandoned snapshot published after a cut went unnoticed");
         eprintln!("caught at seed {seed}: {e}");
     }
 

@@ -82,6 +82,9 @@ pub(crate) struct Flaws {
     /// A snapshot that failed is ended (copies dropped, writes no longer guarded)
     /// before its journal is removed (the appliance before this simulator's review).
     pub(crate) journal_after_end: bool,
+    /// A snapshot abandoned (a copy could not be stored, so writes went ahead without
+    /// copies) taken up again after a cut.
+    pub(crate) resume_abandoned: bool,
 }
 
 /// One run.
@@ -102,6 +105,9 @@ pub(crate) struct Config {
     /// journal, and one cut short by a power cut is taken up again after it, as the
     /// appliance does (else copies are kept in memory and a cut ends the snapshot).
     pub(crate) durable: bool,
+    /// Per thousand durable copies: those whose write fails and abandons the snapshot
+    /// (the rest of the failures, 3 per thousand, fail the writes waiting instead).
+    pub(crate) abandon_permille: u64,
     pub(crate) flaws: Flaws,
 }
 
@@ -116,6 +122,7 @@ impl Config {
             put_faults: [2, 8, 25][(seed % 3) as usize],
             flush_percent: [4, 1, 0][(seed / 3 % 3) as usize],
             durable: (seed / 9).is_multiple_of(2),
+            abandon_permille: 5,
             flaws: Flaws::default(),
         }
     }
@@ -127,6 +134,10 @@ pub(crate) struct Stats {
     pub(crate) events: u64,
     pub(crate) host_ops: u64,
     pub(crate) writes_acked: u64,
+    /// Writes failed because the copy they waited for could not be stored.
+    pub(crate) writes_failed: u64,
+    /// Snapshots abandoned because a copy could not be stored.
+    pub(crate) abandoned: u64,
     pub(crate) writes_guarded: u64,
     pub(crate) copies: u64,
     pub(crate) snapshots: u64,
@@ -153,6 +164,8 @@ impl Stats {
         self.events += o.events;
         self.host_ops += o.host_ops;
         self.writes_acked += o.writes_acked;
+        self.writes_failed += o.writes_failed;
+        self.abandoned += o.abandoned;
         self.writes_guarded += o.writes_guarded;
         self.copies += o.copies;
         self.snapshots += o.snapshots;
@@ -178,7 +191,8 @@ impl std::fmt::Display for Stats {
              guard, {} copies before writes), {} snapshots published ({} first after a cut, \
              {} failed), {} chunks uploaded, {} blocks checked, {} power cuts ({} \
              mid-record), {} compactions, {} checkpoints, {} snapshots taken up again after a \
-             cut ({} of them published)",
+             cut ({} of them published), {} writes failed and {} snapshots abandoned as copies \
+             could not be stored",
             self.events,
             self.host_ops,
             self.writes_acked,
@@ -195,6 +209,8 @@ impl std::fmt::Display for Stats {
             self.checkpoints,
             self.resumed,
             self.resumed_published,
+            self.writes_failed,
+            self.abandoned,
         )
     }
 }
@@ -407,6 +423,8 @@ struct World {
     copies: BTreeMap<u64, Vec<u8>>,
     /// The running durable snapshot's journal, if it has saved one.
     journal: Option<Journal>,
+    /// The store of copies' durable mark that the running snapshot was abandoned.
+    abandoned: bool,
     stats: Stats,
 }
 
@@ -457,6 +475,7 @@ impl World {
             compact_pending: false,
             copies: BTreeMap::new(),
             journal: None,
+            abandoned: false,
             stats: Stats::default(),
         };
         w.power_on();
@@ -530,20 +549,38 @@ impl World {
             Ev::Copied { generation, chunk } => {
                 let data = self.read_volume(chunk * CHUNK_BLOCKS, CHUNK_BLOCKS);
                 self.stats.copies += 1;
-                let kept = if self.config.durable {
-                    // Written with FUA and done: it survives any cut from now on (the
-                    // store holds the running snapshot's copies only).
-                    if generation == self.generation && self.running.is_some() {
-                        self.copies.insert(chunk, data);
-                    }
-                    Kept::Saved
+                let current = generation == self.generation && self.running.is_some();
+                let how = if !self.config.durable {
+                    Copied::Kept(Kept::Memory(data))
                 } else {
-                    Kept::Memory(data)
+                    let abandon = self.config.abandon_permille;
+                    match self.rng.below(1000) {
+                        // The store of copies failed this write, and its mark that
+                        // the snapshot is abandoned is durable: writes need no copies,
+                        // and the snapshot must fail (as `preserve`).
+                        n if n < abandon => {
+                            if current {
+                                self.abandoned = true;
+                                self.stats.abandoned += 1;
+                            }
+                            Copied::Abandoned
+                        }
+                        // It failed, and so did the mark: the writes waiting fail.
+                        n if n < abandon + 3 => Copied::Failed("the store of copies failed".into()),
+                        // Written with FUA and done: it survives any cut from now on
+                        // (the store holds the running snapshot's copies only).
+                        _ => {
+                            if current {
+                                self.copies.insert(chunk, data);
+                            }
+                            Copied::Kept(Kept::Saved)
+                        }
+                    }
                 };
                 self.apply(Event::Copied {
                     generation,
                     chunk,
-                    how: Copied::Kept(kept),
+                    how,
                 });
                 Ok(())
             }
@@ -620,8 +657,9 @@ impl World {
                     };
                     self.at(t, Ev::Land(id));
                 }
-                Action::Fail(id, chunk, reason) => {
-                    panic!("write {id} failed over chunk {chunk}: {reason} (copies never fail)")
+                Action::Fail(id, _, _) => {
+                    assert!(self.config.durable, "copies in memory never fail");
+                    self.write_failed(id);
                 }
                 Action::Serve(chunk, Source::Device) => {
                     let t = self.between(10, 200);
@@ -634,7 +672,17 @@ impl World {
                     };
                     self.put(chunk, data, 1);
                 }
-                Action::Refuse(chunk) => panic!("the claim of chunk {chunk} was refused"),
+                Action::Refuse(chunk) => {
+                    // Only an abandoned snapshot's claims are refused: it fails.
+                    assert!(self.abandoned, "the claim of chunk {chunk} was refused");
+                    let r = self.running.as_mut().expect("a snapshot claims");
+                    r.failed = true;
+                    r.in_flight -= 1;
+                    r.claimed.remove(&chunk);
+                    if let Err(e) = self.maybe_publish() {
+                        self.failure.get_or_insert(e);
+                    }
+                }
                 Action::Ready(DRAINED) => self.begin(),
                 Action::Ready(RESUMED) => self.resumed(),
                 Action::Ready(_) => {}
@@ -825,6 +873,16 @@ impl World {
         bytes
     }
 
+    /// A guarded write failed (the copy it waited for could not be stored): never
+    /// sent, never acknowledged.
+    fn write_failed(&mut self, id: u64) {
+        let op = self.ops.remove(&id).expect("write");
+        self.model
+            .end_write(op.first, op.blocks, op.version, false, false);
+        self.stats.writes_failed += 1;
+        self.host_next(op.host);
+    }
+
     fn write_done(&mut self, id: u64) {
         let op = self.ops.remove(&id).expect("write");
         // The rule of the change record: a write is acknowledged only with its chunks
@@ -949,6 +1007,7 @@ impl World {
         let generation = self.generation;
         // A new point in time: the store of copies starts empty (a new token).
         self.copies.clear();
+        self.abandoned = false;
         self.apply(Event::Begin {
             generation,
             durable: self.config.durable,
@@ -1071,6 +1130,11 @@ impl World {
         if r.failed {
             return;
         }
+        if self.abandoned {
+            // As `ox::snapshot`'s check before each chunk: it fails.
+            r.failed = true;
+            return;
+        }
         let Some(chunk) = r.todo.pop() else { return };
         r.in_flight += 1;
         r.claimed.insert(chunk);
@@ -1183,10 +1247,13 @@ impl World {
         if r.phase != Phase::Reading || r.in_flight > 0 || (!r.todo.is_empty() && !r.failed) {
             return Ok(());
         }
-        let r = self.running.take().expect("a snapshot");
+        let mut r = self.running.take().expect("a snapshot");
+        // As `ox::snapshot`'s last look before publishing: abandoned, it fails.
+        r.failed |= self.abandoned;
         // Published or given up: its journal and its copies are spent. The journal
         // goes first: a snapshot ended with its journal still there would be taken up
         // again after a cut, with its copies dropped.
+        self.abandoned = false;
         if r.failed && self.config.flaws.journal_after_end {
             // (In the appliance one path released the upload's lease in between: a
             // store round trip, longer in an outage.)
@@ -1402,6 +1469,14 @@ impl World {
         // As the appliance's start, before any host can write: a durable snapshot the
         // cut stopped is taken up again from its journal, with the copies saved for
         // the chunks it had not stored.
+        if self.abandoned {
+            // As `VolumeHandle::resume_snapshot`: an abandoned snapshot is never taken
+            // up again; its journal goes, and its changes stay on the record.
+            if !self.config.flaws.resume_abandoned {
+                self.journal = None;
+            }
+            self.abandoned = false;
+        }
         if let Some(j) = &self.journal {
             let (next, changed) = (j.next, j.changed.clone());
             let saved = if self.config.flaws.resume_without_copies {
