@@ -677,12 +677,14 @@ impl Service {
                         "its pending snapshot starts over"
                     );
                 }
+                // The journal goes first, durably: with it still there and the copies
+                // dropped, a crash would take the snapshot up again without them.
+                ox::journal::remove(&journal)
+                    .with_context(|| format!("removing {}", journal.display()))?;
                 // The chunks that snapshot was to store go back to the tracking, so
                 // the next snapshot does not miss them.
                 handle.add_changes(&changed);
                 handle.discard_copies();
-                ox::journal::remove(&journal)
-                    .with_context(|| format!("removing {}", journal.display()))?;
             }
         }
         Ok(LiveVolume {
@@ -1473,12 +1475,18 @@ impl Service {
                 });
         }
         // The journal first, durably, then the end: ended first, a crash between the
-        // two would take the snapshot up again with its copies dropped.
+        // two would take the snapshot up again with its copies dropped. Not removed,
+        // it is not ended: the next start takes it up again, copies and all.
         let changed = ox::journal::changes_or_all(&journal, handle);
-        if let Err(e) = ox::journal::remove(&journal) {
-            tracing::error!(path = %journal.display(), error = %e, "snapshot journal not removed: a crash before it is would take up a snapshot that ended");
+        match ox::journal::remove(&journal) {
+            Ok(()) => handle.end_snapshot(Some(&changed)),
+            Err(e) => tracing::error!(
+                volume,
+                path = %journal.display(),
+                error = %e,
+                "snapshot journal not removed: the snapshot stays held (writes keep their copies) until oxd restarts and takes it up again"
+            ),
         }
-        handle.end_snapshot(Some(&changed));
     }
 
     fn new_job(

@@ -832,7 +832,9 @@ impl VolumeHandle {
         };
         owner::send(s, &owner, event);
         if !matches!(rx.wait_blocking(RESUME_WAIT), Some(Answered::Ready)) {
-            self.end_snapshot(None);
+            // Ended, but its copies kept: the caller removes the journal first, then
+            // discards them ([`Self::discard_copies`]).
+            self.end(None, false);
             return Err(s.snapshot_error("its owner reactor did not take it up again"));
         }
         s.resumed.store(true, Ordering::SeqCst);
@@ -1113,13 +1115,18 @@ impl VolumeHandle {
     /// Ends the snapshot (its copies are dropped). If it failed, `changed` goes back
     /// into the change set so the next snapshot stores those chunks.
     pub fn end_snapshot(&self, failed: Option<&ChangedChunks>) {
+        self.end(failed, true);
+    }
+
+    /// [`Self::end_snapshot`], releasing the store of copies or not.
+    fn end(&self, failed: Option<&ChangedChunks>, release_copies: bool) {
         let s = &self.shared;
         let generation = s.generation.fetch_add(1, Ordering::SeqCst) + 1;
         s.set_active(false, false);
         // The owner frees every chunk, lets waiting writes go ahead and drops copies.
         s.tell(Event::End { generation });
         s.resumed.store(false, Ordering::SeqCst);
-        if let Some(store) = s.store.get() {
+        if let Some(store) = s.store.get().filter(|_| release_copies) {
             store.release();
         }
         if let Some(c) = failed {

@@ -243,11 +243,14 @@ pub async fn snapshot_volume(
                     // the stop are no longer kept at their point in time: it cannot go
                     // on. Its changes go to the next snapshot, which begins now.
                     lapsed => {
-                        // The journal first (see `SnapshotGuard`).
+                        // The journal first (see `SnapshotGuard`); the lease goes
+                        // either way.
                         let removed = journal::remove(path);
-                        handle.end_snapshot(Some(&changed));
-                        removed?;
+                        if removed.is_ok() {
+                            handle.end_snapshot(Some(&changed));
+                        }
                         release_lease(store, &opts.prefix, &j.snapshot, opts).await;
+                        removed?;
                         if let Err(e) = lapsed {
                             return Err(OxError::Config(format!(
                                 "snapshot of {} cut short by a restart is given up (its \
@@ -467,10 +470,10 @@ fn resumable(
             changed.base = None;
             // The journal goes first, durably: ended first, a crash before the removal
             // would take the snapshot up again with its copies dropped and hosts'
-            // writes gone over its chunks.
-            let removed = journal::remove(path);
+            // writes gone over its chunks. Not removed, it is not ended (see
+            // `SnapshotGuard`).
+            journal::remove(path)?;
             handle.end_snapshot(Some(&changed));
-            removed?;
             Ok((None, stale))
         }
     }
@@ -488,11 +491,14 @@ impl Drop for SnapshotGuard<'_> {
     fn drop(&mut self) {
         // The journal first, durably, then the end: ended first, a crash between the
         // two would take the snapshot up again at the next start with its copies
-        // dropped and hosts' writes gone over its chunks unguarded.
+        // dropped and hosts' writes gone over its chunks unguarded. A journal that
+        // cannot be removed leaves the snapshot held (writes keep their copies, and
+        // its changes are in the journal) until a restart takes it up again.
         if let Some(path) = self.journal.take()
             && let Err(e) = journal::remove(&path)
         {
-            tracing::error!(path = %path.display(), error = %e, "snapshot journal not removed: a crash before it is would take up a snapshot that ended");
+            tracing::error!(path = %path.display(), error = %e, "snapshot journal not removed: the snapshot stays held until oxd restarts and takes it up again");
+            return;
         }
         if let Some(c) = self.changed.take() {
             self.handle.end_snapshot(Some(&c));
