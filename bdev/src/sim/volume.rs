@@ -559,7 +559,7 @@ impl World {
                         // the snapshot is abandoned is durable: writes need no copies,
                         // and the snapshot must fail (as `preserve`).
                         n if n < abandon => {
-                            if current {
+                            if current && !self.abandoned {
                                 self.abandoned = true;
                                 self.stats.abandoned += 1;
                             }
@@ -1223,15 +1223,18 @@ impl World {
 
     /// The checkpoint's journal is durable (a cut before this keeps the one before).
     fn journal_saved(&mut self, id: u64, next: u64, uploaded: BTreeMap<u64, Vec<u8>>) {
+        // The writer awaits its checkpoint: one of a snapshot that ended meanwhile is
+        // not its (a cut drops the event with the power-on).
+        let Some(r) = self.running.as_mut().filter(|r| r.id == id) else {
+            return;
+        };
+        r.saving = false;
         let Some(j) = self.journal.as_mut().filter(|j| j.id == id) else {
             return;
         };
         assert!(next >= j.next, "a checkpoint never goes back");
         (j.next, j.uploaded) = (next, uploaded);
         self.stats.checkpoints += 1;
-        if let Some(r) = self.running.as_mut().filter(|r| r.id == id) {
-            r.saving = false;
-        }
         if !self.config.flaws.commit_before_journal {
             let generation = self.generation;
             self.send(self.config.hosts, Event::Commit { generation, next });
@@ -1253,7 +1256,7 @@ impl World {
         // Published or given up: its journal and its copies are spent. The journal
         // goes first: a snapshot ended with its journal still there would be taken up
         // again after a cut, with its copies dropped.
-        self.abandoned = false;
+        // (The mark of abandonment stays until the next begin, as `preserve`'s.)
         if r.failed && self.config.flaws.journal_after_end {
             // (In the appliance one path released the upload's lease in between: a
             // store round trip, longer in an outage.)
