@@ -321,8 +321,9 @@ async fn walk(
     };
     loop {
         while let Some(run) = walk.next_run(now(), |c| clone.is_present(c)) {
-            if let Err(e) = issue(run.clone()) {
-                walk.refused(&run, e);
+            let first = run[0];
+            if let Err(e) = issue(run) {
+                walk.refused(first, e);
             }
         }
         if walk.in_flight() == 0 {
@@ -366,8 +367,9 @@ async fn walk(
             Answered::Retry { run, after } => {
                 // A store hiccup: asked for again, backing off.
                 async_io::Timer::after(after).await;
-                if let Err(e) = issue(run.clone()) {
-                    walk.refused(&run, e);
+                let first = run[0];
+                if let Err(e) = issue(run) {
+                    walk.refused(first, e);
                 }
             }
             Answered::GaveUp => {}

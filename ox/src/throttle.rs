@@ -207,14 +207,17 @@ impl Throttle {
             volume,
             class,
             began: None,
-            forgotten: self.state().forgotten.get(volume).copied().unwrap_or(0),
         };
         loop {
             let wait = self.try_acquire(volume, class, n);
             if wait.is_zero() {
                 break;
             }
-            waiting.began.get_or_insert_with(Instant::now);
+            // A transfer that never waits costs nothing more than its tokens.
+            if waiting.began.is_none() {
+                let forgotten = self.state().forgotten.get(volume).copied().unwrap_or(0);
+                waiting.began = Some((Instant::now(), forgotten));
+            }
             async_io::Timer::after(wait).await;
         }
     }
@@ -246,16 +249,15 @@ struct Waiting<'a> {
     throttle: &'a Throttle,
     volume: &'a str,
     class: Class,
-    began: Option<Instant>,
-    /// The volume's count of [`Throttle::forget`]s when the transfer began.
-    forgotten: u64,
+    /// When it began to wait, and its volume's count of [`Throttle::forget`]s then.
+    began: Option<(Instant, u64)>,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if let Some(began) = self.began {
+        if let Some((began, forgotten)) = self.began {
             let mut s = self.throttle.state();
-            if s.forgotten.get(self.volume).copied().unwrap_or(0) != self.forgotten {
+            if s.forgotten.get(self.volume).copied().unwrap_or(0) != forgotten {
                 return;
             }
             let w = s

@@ -158,13 +158,13 @@ impl<I: Iterator<Item = u64>, E> Walk<I, E> {
         Some(run)
     }
 
-    /// The fetch of `run` (from [`Walk::next_run`] or a retry) could not be asked for:
-    /// the walk fails.
-    pub fn refused(&mut self, run: &[u64], error: E) {
+    /// The fetch of the run starting at chunk `first` (from [`Walk::next_run`] or a
+    /// retry) could not be asked for: the walk fails.
+    pub fn refused(&mut self, first: u64, error: E) {
         assert!(self.in_flight > 0, "a refused run was in flight");
         self.in_flight -= 1;
         self.failure.get_or_insert(Failure {
-            chunk: run.first().copied().unwrap_or(0),
+            chunk: first,
             attempts: 0,
             error,
         });
@@ -357,7 +357,7 @@ mod tests {
     fn a_refused_fetch_fails_the_walk_and_nothing_more_is_asked() {
         let mut w: Walk<_, &str> = Walk::new(0..100u64, CHUNK, false);
         let run = w.next_run(now(4, false), |_| false).unwrap();
-        w.refused(&run, "the clone is gone");
+        w.refused(run[0], "the clone is gone");
         assert_eq!(w.next_run(now(4, false), |_| false), None);
         assert!(w.is_over(false));
         assert_eq!(w.end().unwrap_err().attempts, 0);

@@ -297,23 +297,25 @@ mod tests {
     }
 
     fn volume_with(flaws: volume::Flaws) -> Option<(u64, String)> {
-        caught(|seed, broken| {
-            let mut c = volume::Config::new(seed, 1000);
-            if broken {
-                c.flaws = flaws;
-            }
-            volume::run(&c).map(drop)
-        })
+        volume_tuned(flaws, |_| {})
     }
 
     /// As [`volume_with`], every seed with copies kept durably (`true`) or in memory.
     fn volume_with_copies(flaws: volume::Flaws, durable: bool) -> Option<(u64, String)> {
+        volume_tuned(flaws, |c| c.durable = durable)
+    }
+
+    /// As [`volume_with`], every seed's configuration changed by `tune` first.
+    fn volume_tuned(
+        flaws: volume::Flaws,
+        tune: impl Fn(&mut volume::Config),
+    ) -> Option<(u64, String)> {
         caught(|seed, broken| {
             let mut c = volume::Config::new(seed, 1000);
+            tune(&mut c);
             if broken {
                 c.flaws = flaws;
             }
-            c.durable = durable;
             volume::run(&c).map(drop)
         })
     }
@@ -411,15 +413,8 @@ mod tests {
             ..Default::default()
         };
         // A store of copies in trouble: one copy in twenty abandons its snapshot.
-        let (seed, e) = caught(|seed, broken| {
-            let mut c = volume::Config::new(seed, 1000);
-            (c.durable, c.abandon_permille) = (true, 50);
-            if broken {
-                c.flaws = flaws;
-            }
-            volume::run(&c).map(drop)
-        })
-        .expect("an abandoned snapshot published after a cut went unnoticed");
+        let (seed, e) = volume_tuned(flaws, |c| (c.durable, c.abandon_permille) = (true, 50))
+            .expect("an abandoned snapshot published after a cut went unnoticed");
         eprintln!("caught at seed {seed}: {e}");
     }
 
