@@ -259,6 +259,32 @@ mod tests {
         }
     }
 
+    /// The rarer ends of a snapshot, made common: journals that cannot be removed
+    /// (the snapshot held until a restart takes it up), and cuts between a manifest
+    /// and its catalogue (the snapshot taken up is found published).
+    #[test]
+    fn held_and_published_snapshots_taken_up_again_stay_right() {
+        let seeds = seeds(40);
+        let n = seeds.end - seeds.start;
+        let total = run_seeds(
+            "volumes held",
+            seeds,
+            |seed| {
+                let mut c = volume::Config::new(seed, ops());
+                (c.durable, c.removals_failing_permille, c.ops_per_cut) = (true, 300, 100);
+                volume::run(&c)
+            },
+            volume::Stats::add,
+            |s| (s.events, s.host_ops, s.simulated_us),
+        );
+        if n >= 20 {
+            assert!(
+                total.held > 0 && total.found_published > 0 && total.resumed_published > 0,
+                "{total}"
+            );
+        }
+    }
+
     #[test]
     fn the_same_seed_replays_the_same_run() {
         let a = clone::run(&clone::Config::new(7, 300)).expect("seed 7");

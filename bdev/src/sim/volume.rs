@@ -17,10 +17,14 @@
 //! let go and that were still landing (fixed in `volume::Mode::landed_before`).
 //!
 //! The change record's files are the appliance's own (`dirty::RecordFiles`: opening,
-//! commits, compaction with its base written first). The glue this plays — the
-//! channel's write path (`volume::start_write`, `land`, `guarded_write`), the owner's
-//! copies, the record thread's batching (`dirty::Work`), the snapshot writer's order
-//! of steps (`ox::snapshot`) — follows those in order of steps.
+//! commits, compaction with its base written first), and so is the snapshot's order of
+//! steps (`volume::steps`, which `ox::snapshot` follows): begin, settle, flush, need
+//! only, when reading may start, checkpoints and their commits, and how an attempt
+//! ends — published, given back (its journal removed first) or held. The glue this
+//! plays — the channel's write path (`volume::start_write`, `land`, `guarded_write`),
+//! the owner's copies, the record thread's batching (`dirty::Work`), the writer's
+//! claims and uploads, the service's catalogue and start — follows those in order of
+//! steps.
 //!
 //! Half the seeds run as the appliance does (`Config::durable`): copies before writes
 //! go to the volume's durable store (done with FUA before the write goes ahead, as
@@ -41,6 +45,7 @@ use crate::nondurable;
 use crate::nondurable_medium::NonDurableMedium;
 use crate::test_rng::Rng;
 use crate::volume::core::{Action, Copied, Core, Event, Kept, Source};
+use crate::volume::steps::{self, Steps};
 
 /// PUTs of one object the writer tries before the snapshot fails.
 const PUT_ATTEMPTS: u32 = 3;
@@ -77,14 +82,26 @@ pub(crate) struct Flaws {
     /// before it (reads the volume instead).
     pub(crate) resume_without_copies: bool,
     /// A checkpoint that tells the volume its chunks need no copies before the journal
-    /// naming them is durable.
+    /// naming them is durable (`volume::steps` broken so).
     pub(crate) commit_before_journal: bool,
     /// A snapshot that failed is ended (copies dropped, writes no longer guarded)
-    /// before its journal is removed (the appliance before this simulator's review).
+    /// before its journal is removed (the appliance before this simulator's review;
+    /// `volume::steps` broken so).
     pub(crate) journal_after_end: bool,
     /// A snapshot abandoned (a copy could not be stored, so writes went ahead without
     /// copies) taken up again after a cut.
     pub(crate) resume_abandoned: bool,
+}
+
+impl Flaws {
+    /// A snapshot attempt's steps, with a journal if `journal`, broken as these say.
+    fn steps(&self, journal: bool) -> Steps {
+        let flaws = steps::Flaws {
+            commit_before_journal: self.commit_before_journal,
+            journal_after_end: self.journal_after_end,
+        };
+        Steps::with_flaws(journal, flaws)
+    }
 }
 
 /// One run.
@@ -108,6 +125,9 @@ pub(crate) struct Config {
     /// Per thousand durable copies: those whose write fails and abandons the snapshot
     /// (the rest of the failures, 3 per thousand, fail the writes waiting instead).
     pub(crate) abandon_permille: u64,
+    /// Per thousand removals of a journal: those that fail (the snapshot is then held
+    /// until a restart takes it up again).
+    pub(crate) removals_failing_permille: u64,
     pub(crate) flaws: Flaws,
 }
 
@@ -123,6 +143,7 @@ impl Config {
             flush_percent: [4, 1, 0][(seed / 3 % 3) as usize],
             durable: (seed / 9).is_multiple_of(2),
             abandon_permille: 5,
+            removals_failing_permille: 20,
             flaws: Flaws::default(),
         }
     }
@@ -155,6 +176,11 @@ pub(crate) struct Stats {
     pub(crate) resumed: u64,
     /// Of those, published (and read back whole against their first point in time).
     pub(crate) resumed_published: u64,
+    /// Of those, found published already (a cut after the manifest, before the
+    /// catalogue removed the journal).
+    pub(crate) found_published: u64,
+    /// Snapshots held because their journal could not be removed.
+    pub(crate) held: u64,
     pub(crate) simulated_us: u64,
     pub(crate) fingerprint: u64,
 }
@@ -179,6 +205,8 @@ impl Stats {
         self.checkpoints += o.checkpoints;
         self.resumed += o.resumed;
         self.resumed_published += o.resumed_published;
+        self.found_published += o.found_published;
+        self.held += o.held;
         self.simulated_us += o.simulated_us;
     }
 }
@@ -191,8 +219,9 @@ impl std::fmt::Display for Stats {
              guard, {} copies before writes), {} snapshots published ({} first after a cut, \
              {} failed), {} chunks uploaded, {} blocks checked, {} power cuts ({} \
              mid-record), {} compactions, {} checkpoints, {} snapshots taken up again after a \
-             cut ({} of them published), {} writes failed and {} snapshots abandoned as copies \
-             could not be stored",
+             cut ({} of them published, {} found published already), {} held as their journal \
+             could not be removed, {} writes failed and {} snapshots abandoned as copies could \
+             not be stored",
             self.events,
             self.host_ops,
             self.writes_acked,
@@ -209,6 +238,8 @@ impl std::fmt::Display for Stats {
             self.checkpoints,
             self.resumed,
             self.resumed_published,
+            self.found_published,
+            self.held,
             self.writes_failed,
             self.abandoned,
         )
@@ -291,8 +322,14 @@ enum Ev {
         next: u64,
         uploaded: BTreeMap<u64, Vec<u8>>,
     },
-    /// A spent journal is removed (`Flaws::journal_after_end`).
+    /// The journal of a snapshot that did not publish is removed (`ok`), or could not
+    /// be.
     JournalRemoved {
+        ok: bool,
+    },
+    /// The published snapshot is in the catalogue, and its journal removed (as the
+    /// service does once the writer returns).
+    Catalogued {
         id: u64,
     },
     Cut,
@@ -313,7 +350,8 @@ impl Ev {
             Ev::SnapFlushed(_) => 7,
             Ev::Cut => 8,
             Ev::JournalSaved { next, .. } => 9 + 16 * next,
-            Ev::JournalRemoved { id } => 10 + 16 * id,
+            Ev::JournalRemoved { ok } => 10 + 16 * u64::from(*ok),
+            Ev::Catalogued { id } => 11 + 16 * id,
         }
     }
 }
@@ -341,21 +379,27 @@ struct Running {
     claimed: BTreeSet<u64>,
     /// Uploads since the last checkpoint.
     since_checkpoint: u32,
-    /// A checkpoint's journal is being saved.
-    saving: bool,
     /// Taken up again after a cut.
     resumed: bool,
+    /// Held (its journal could not be removed) until a cut takes it up again.
+    held: bool,
     uploaded: BTreeMap<u64, Vec<u8>>,
     failed: bool,
+    /// Taken up again and found published already: only ended.
+    adopted: bool,
     after_cut: bool,
     phase: Phase,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
+    /// A taken-up snapshot's journal is checked.
+    Checking,
     Settling,
     Flushing,
     Reading,
+    /// Finished: ending, published or held.
+    Finished,
 }
 
 /// A durable snapshot's journal as its last checkpoint saved it (as `ox::journal`:
@@ -408,14 +452,14 @@ struct World {
     snaps: BTreeMap<u64, Snap>,
     latest: Option<u64>,
     running: Option<Running>,
-    /// A snapshot waits for its drain.
-    draining: bool,
     /// The next snapshot is the first since a power cut.
     after_cut: bool,
     /// When each lane's last message reaches the owner.
     lanes: Vec<Micros>,
     /// A check failed inside an action (reported after the event).
     failure: Option<String>,
+    /// The published snapshot is being catalogued (its journal removed).
+    cataloguing: bool,
     /// The change record is to be compacted once the commit in flight is done.
     compact_pending: bool,
     /// The volume's durable store of copies (as `preserve`): the running snapshot's
@@ -425,6 +469,8 @@ struct World {
     journal: Option<Journal>,
     /// The store of copies' durable mark that the running snapshot was abandoned.
     abandoned: bool,
+    /// The snapshot attempt's steps (`volume::steps`), from its start to its end.
+    steps: Option<Steps>,
     stats: Stats,
 }
 
@@ -468,14 +514,15 @@ impl World {
             snaps: BTreeMap::new(),
             latest: None,
             running: None,
-            draining: false,
             after_cut: false,
             lanes: vec![0; config.hosts + 1],
             failure: None,
+            cataloguing: false,
             compact_pending: false,
             copies: BTreeMap::new(),
             journal: None,
             abandoned: false,
+            steps: None,
             stats: Stats::default(),
         };
         w.power_on();
@@ -523,6 +570,11 @@ impl World {
                 }
             }
             assert!(self.ops.is_empty(), "operations left: {:?}", self.ops);
+            if self.running.as_ref().is_some_and(|r| r.held) {
+                // Held (its journal could not be removed): a restart takes it up.
+                self.cut(false)?;
+                continue;
+            }
             assert!(self.running.is_none(), "a snapshot never ended");
             // The hosts are done: one more cut, and a snapshot after it.
             if self.after_cut {
@@ -596,7 +648,8 @@ impl World {
             Ev::SnapStart => self.snap_start(),
             Ev::SnapFlushed(sectors) => {
                 self.drive.persist(sectors);
-                self.snap_read_on()
+                self.flushed();
+                Ok(())
             }
             Ev::ChunkRead { chunk } => {
                 let data = self.read_volume(chunk * CHUNK_BLOCKS, CHUNK_BLOCKS);
@@ -614,12 +667,14 @@ impl World {
                 self.journal_saved(id, next, uploaded);
                 Ok(())
             }
-            Ev::JournalRemoved { id } => {
-                if self.journal.as_ref().is_some_and(|j| j.id == id) {
+            Ev::JournalRemoved { ok } => {
+                if ok {
                     self.journal = None;
                 }
+                self.step(steps::Event::JournalRemoved { ok });
                 Ok(())
             }
+            Ev::Catalogued { id } => self.catalogued(id),
             Ev::Cut => self.cut(false),
         }
     }
@@ -651,7 +706,7 @@ impl World {
                     // Now and then the leave waits behind a busy reactor's mail for
                     // as long as a whole snapshot takes.
                     let t = if self.chance(2) {
-                        self.between(20_000, 80_000)
+                        self.between(20_000, 150_000)
                     } else {
                         self.between(1, 5)
                     };
@@ -984,25 +1039,153 @@ impl World {
 
     // ------------------------------------------------------------------ snapshots
 
-    /// As `ox::snapshot`: wait for copies of the snapshot before (a drain), begin
-    /// (the change set swapped), wait for the writes that did not see the begin, flush
-    /// the volume, need only what changed, read it.
+    /// Applies `event` to the attempt's steps (`volume::steps`: the appliance's own
+    /// order) and carries out what they ask, as `ox::snapshot` does.
+    fn step(&mut self, event: steps::Event) {
+        let Some(s) = self.steps.as_mut() else {
+            panic!("{event:?} with no snapshot attempt")
+        };
+        let actions = s.apply(event);
+        let power = self.power;
+        for action in actions {
+            if self.power != power {
+                // A power cut on the way (a compaction's): the rest died with it.
+                return;
+            }
+            if let Err(e) = self.carry_out(action) {
+                self.failure.get_or_insert(e);
+            }
+        }
+        if self.steps.as_ref().is_some_and(Steps::done) {
+            self.steps = None;
+        }
+    }
+
+    fn carry_out(&mut self, action: steps::Action) -> Result<(), String> {
+        use steps::Action as A;
+        let generation = self.generation;
+        match action {
+            A::CheckJournal => {
+                // As `ox::snapshot::resumable`: the journal of the snapshot taken up
+                // fits (the simulator's configuration never changes).
+                let Some(j) = &self.journal else {
+                    panic!("a snapshot taken up without a journal")
+                };
+                let next = Some(j.next);
+                self.step(steps::Event::Checked {
+                    next,
+                    start_over: false,
+                });
+            }
+            A::Begin => {
+                // As `VolumeHandle::begin_snapshot`: the copies of the snapshot before
+                // drain first (they carry its token).
+                self.apply(Event::Drain {
+                    after: generation,
+                    waiter: DRAINED,
+                });
+            }
+            A::AwaitWrites => self.settled(NO_WRITE)?,
+            A::Settle => {
+                // What was written since the swap belongs to this snapshot too.
+                let r = self.running.as_mut().expect("a snapshot settles");
+                for (c, d) in r.changed.iter_mut().zip(&self.dirty) {
+                    *c |= d;
+                }
+            }
+            A::Flush => {
+                if self.config.flaws.no_flush_at_point {
+                    self.flushed();
+                } else {
+                    let t = self.between(100, 2_000);
+                    let sectors = self.drive.cached();
+                    self.at(t, Ev::SnapFlushed(sectors));
+                }
+            }
+            A::ReadAll => {
+                let r = self.running.as_mut().expect("a snapshot");
+                r.changed.iter_mut().for_each(|w| *w = u64::MAX);
+            }
+            A::NeedOnly => {
+                let changed = self.running.as_ref().expect("a snapshot").changed.clone();
+                self.send(
+                    self.config.hosts,
+                    Event::Needed {
+                        generation,
+                        changed,
+                    },
+                );
+            }
+            A::Write { from } => self.write_from(from)?,
+            A::SaveJournal { next } => {
+                let r = self.running.as_ref().expect("a snapshot checkpoints");
+                let uploaded: BTreeMap<u64, Vec<u8>> = r
+                    .uploaded
+                    .range(..next)
+                    .map(|(&c, d)| (c, d.clone()))
+                    .collect();
+                let id = r.id;
+                // A file written, synced, renamed and its directory synced: a few ms,
+                // on a busy disk tens.
+                let t = if self.chance(20) {
+                    self.between(10_000, 40_000)
+                } else {
+                    self.between(500, 5_000)
+                };
+                self.at(t, Ev::JournalSaved { id, next, uploaded });
+            }
+            A::Commit { next } => {
+                self.send(self.config.hosts, Event::Commit { generation, next });
+            }
+            A::RemoveJournal => {
+                // A file unlinked and its directory synced: a few ms, on a busy disk
+                // tens; now and then it fails. (Broken so, the appliance released the
+                // upload's lease before it: a store round trip, longer in an outage.)
+                let t = if self.chance(10) || self.config.flaws.journal_after_end {
+                    self.between(10_000, 100_000)
+                } else {
+                    self.between(500, 5_000)
+                };
+                let ok = self.rng.below(1000) >= self.config.removals_failing_permille;
+                self.at(t, Ev::JournalRemoved { ok });
+            }
+            A::End { give_back } => self.end(give_back),
+            A::SetBase => {
+                self.base = self.latest;
+                // The service catalogues it and removes its journal (two files synced:
+                // tens of µs on a fast drive, ms on a busy one), then compacts the
+                // change record; no snapshot begins meanwhile.
+                self.cataloguing = true;
+                let id = self.latest.expect("a snapshot published");
+                let t = self.between(20, 5_000);
+                self.at(t, Ev::Catalogued { id });
+            }
+            A::Hold => {
+                let r = self.running.as_mut().expect("a snapshot is held");
+                r.held = true;
+                self.stats.held += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a snapshot attempt, unless one runs (or is held), or the last one is not
+    /// catalogued yet.
     fn snap_start(&mut self) -> Result<(), String> {
-        if self.running.is_some() || self.draining || self.compact_pending {
+        if self.running.is_some()
+            || self.steps.is_some()
+            || self.cataloguing
+            || self.compact_pending
+        {
             return Ok(());
         }
-        self.draining = true;
-        let after = self.generation;
-        self.apply(Event::Drain {
-            after,
-            waiter: DRAINED,
-        });
+        self.steps = Some(self.config.flaws.steps(self.config.durable));
+        self.step(steps::Event::Start { taken_up: false });
         Ok(())
     }
 
     /// The drain is done: the snapshot begins.
     fn begin(&mut self) {
-        self.draining = false;
         self.generation += 1;
         let generation = self.generation;
         // A new point in time: the store of copies starts empty (a new token).
@@ -1051,16 +1234,17 @@ impl World {
             in_flight: 0,
             claimed: BTreeSet::new(),
             since_checkpoint: 0,
-            saving: false,
             resumed: false,
+            held: false,
             uploaded: BTreeMap::new(),
             failed: false,
+            adopted: false,
             after_cut: std::mem::take(&mut self.after_cut),
             phase: Phase::Settling,
         });
-        if let Err(e) = self.settled(NO_WRITE) {
-            self.failure.get_or_insert(e);
-        }
+        self.step(steps::Event::Begun {
+            durable: self.config.durable,
+        });
     }
 
     /// Plain write `id` is done ([`NO_WRITE`]: none): a snapshot waiting for it may go
@@ -1073,71 +1257,73 @@ impl World {
         if r.phase != Phase::Settling || !r.settling.is_empty() {
             return Ok(());
         }
-        // Settle: what was written since the swap belongs to this snapshot too.
-        for (c, d) in r.changed.iter_mut().zip(&self.dirty) {
-            *c |= d;
-        }
         r.phase = Phase::Flushing;
-        if self.config.flaws.no_flush_at_point {
-            return self.snap_read_on();
-        }
-        let t = self.between(100, 2_000);
-        let sectors = self.drive.cached();
-        self.at(t, Ev::SnapFlushed(sectors));
+        self.step(steps::Event::Settled);
         Ok(())
     }
 
-    fn snap_read_on(&mut self) -> Result<(), String> {
-        let generation = self.generation;
+    /// The volume is flushed at the snapshot's point.
+    fn flushed(&mut self) {
+        let Some(r) = &self.running else { return };
+        let base_matches = self.base == r.parent;
+        self.step(steps::Event::Flushed { base_matches });
+    }
+
+    /// As `ox::snapshot`'s writer: reads the changed chunks from `from` on, a few at
+    /// once, after the first checkpoint (with a journal); one an earlier attempt
+    /// published already (a cut before its catalogue) is only found.
+    fn write_from(&mut self, from: u64) -> Result<(), String> {
         let chunks = self.config.chunks;
-        let Some(r) = &mut self.running else {
-            return Ok(());
-        };
-        if self.base != r.parent {
-            // Relative to another snapshot than the parent: only a full read is right.
-            r.changed.iter_mut().for_each(|w| *w = u64::MAX);
-        }
-        let changed = r.changed.clone();
-        r.todo = (0..chunks).rev().filter(|&c| bit(&changed, c)).collect();
+        let r = self.running.as_mut().expect("a snapshot writes");
+        let changed = &r.changed;
+        r.todo = (from..chunks).rev().filter(|&c| bit(changed, c)).collect();
         r.phase = Phase::Reading;
-        if self.config.durable {
-            // As `ox::snapshot`: the first checkpoint, before anything is read.
-            self.journal = Some(Journal {
-                id: r.id,
-                parent: r.parent,
-                changed: r.changed.clone(),
-                expect: r.expect.clone(),
-                next: 0,
-                uploaded: BTreeMap::new(),
-            });
+        if self.snaps.contains_key(&r.id) {
+            r.adopted = true;
+            r.todo.clear();
+            return self.maybe_publish();
         }
-        self.send(
-            self.config.hosts,
-            Event::Needed {
-                generation,
-                changed,
-            },
-        );
-        for _ in 0..CLAIMS_IN_FLIGHT {
-            self.claim_next();
+        if self.steps.as_ref().is_some_and(Steps::journaling) {
+            r.since_checkpoint = 0;
+            self.step(steps::Event::CheckpointDue { next: from });
         }
+        self.claim_more();
         self.maybe_publish()
     }
 
-    fn claim_next(&mut self) {
+    /// Claims chunks until [`CLAIMS_IN_FLIGHT`] are.
+    fn claim_more(&mut self) {
+        while self
+            .running
+            .as_ref()
+            .is_some_and(|r| (r.in_flight as usize) < CLAIMS_IN_FLIGHT)
+            && self.claim_next()
+        {}
+    }
+
+    /// Claims the next chunk to read, if the snapshot may; says whether it did.
+    fn claim_next(&mut self) -> bool {
         let generation = self.generation;
-        let Some(r) = &mut self.running else { return };
-        if r.failed {
-            return;
+        if !self.steps.as_ref().is_some_and(Steps::may_claim) {
+            return false;
+        }
+        let Some(r) = &mut self.running else {
+            return false;
+        };
+        if r.failed || r.phase != Phase::Reading {
+            return false;
         }
         if self.abandoned {
             // As `ox::snapshot`'s check before each chunk: it fails.
             r.failed = true;
-            return;
+            return false;
         }
-        let Some(chunk) = r.todo.pop() else { return };
+        let Some(chunk) = r.todo.pop() else {
+            return false;
+        };
         r.in_flight += 1;
         r.claimed.insert(chunk);
+        self.step(steps::Event::Claimed(chunk));
         self.send(
             self.config.hosts,
             Event::Claim {
@@ -1146,6 +1332,7 @@ impl World {
                 waiter: chunk,
             },
         );
+        true
     }
 
     fn put(&mut self, chunk: u64, data: Vec<u8>, attempt: u32) {
@@ -1161,88 +1348,74 @@ impl World {
     }
 
     fn put_answer(&mut self, chunk: u64, data: Vec<u8>, attempt: u32) -> Result<(), String> {
-        if self.chance(self.config.put_faults) {
-            if attempt < PUT_ATTEMPTS {
-                self.put(chunk, data, attempt + 1);
-                return Ok(());
-            }
-            let r = self.running.as_mut().expect("a snapshot");
-            r.failed = true;
-        } else {
-            let r = self.running.as_mut().expect("a snapshot");
-            r.uploaded.insert(chunk, data);
-            r.since_checkpoint += 1;
-            self.stats.chunks_uploaded += 1;
+        let stored = !self.chance(self.config.put_faults);
+        if !stored && attempt < PUT_ATTEMPTS {
+            self.put(chunk, data, attempt + 1);
+            return Ok(());
         }
         let r = self.running.as_mut().expect("a snapshot");
         r.in_flight -= 1;
         r.claimed.remove(&chunk);
-        if self.config.durable && !r.failed && r.since_checkpoint >= CHECKPOINT_EVERY {
-            self.checkpoint();
+        if stored {
+            r.uploaded.insert(chunk, data);
+            r.since_checkpoint += 1;
+            self.stats.chunks_uploaded += 1;
+            self.step(steps::Event::Handed(chunk));
+        } else {
+            r.failed = true;
         }
-        self.claim_next();
+        self.checkpoint();
+        self.claim_more();
         self.maybe_publish()
     }
 
-    /// As `ox::snapshot`'s checkpoint: the journal is saved (a while: a file written,
-    /// synced and renamed) recording every chunk stored below the first one not stored
-    /// yet; once it is durable, the volume may stop copying those.
+    /// A checkpoint every few uploads, one at a time (as `ox::snapshot`'s, every few
+    /// seconds): at the first chunk not stored yet.
     fn checkpoint(&mut self) {
         let chunks = self.config.chunks;
         let Some(r) = &mut self.running else { return };
-        if r.saving {
+        let Some(s) = &self.steps else { return };
+        if !s.journaling() || s.saving() || r.failed || r.since_checkpoint < CHECKPOINT_EVERY {
             return;
         }
         r.since_checkpoint = 0;
-        r.saving = true;
         let next = [r.todo.last(), r.claimed.first()]
             .into_iter()
             .flatten()
             .min()
             .copied()
             .unwrap_or(chunks);
-        let uploaded: BTreeMap<u64, Vec<u8>> = r
-            .uploaded
-            .range(..next)
-            .map(|(&c, d)| (c, d.clone()))
-            .collect();
-        let id = r.id;
-        if self.config.flaws.commit_before_journal {
-            let generation = self.generation;
-            self.send(self.config.hosts, Event::Commit { generation, next });
-        }
-        // A file written, synced, renamed and its directory synced: a few ms, on a
-        // busy disk tens.
-        let t = if self.chance(20) {
-            self.between(10_000, 40_000)
-        } else {
-            self.between(500, 5_000)
-        };
-        self.at(t, Ev::JournalSaved { id, next, uploaded });
+        self.step(steps::Event::CheckpointDue { next });
     }
 
     /// The checkpoint's journal is durable (a cut before this keeps the one before).
     fn journal_saved(&mut self, id: u64, next: u64, uploaded: BTreeMap<u64, Vec<u8>>) {
-        // The writer awaits its checkpoint: one of a snapshot that ended meanwhile is
-        // not its (a cut drops the event with the power-on).
-        let Some(r) = self.running.as_mut().filter(|r| r.id == id) else {
-            return;
-        };
-        r.saving = false;
-        let Some(j) = self.journal.as_mut().filter(|j| j.id == id) else {
-            return;
-        };
-        assert!(next >= j.next, "a checkpoint never goes back");
-        (j.next, j.uploaded) = (next, uploaded);
+        let r = self.running.as_ref().expect("a snapshot saves its journal");
+        // An attempt waits for its checkpoint before it ends.
+        assert_eq!(r.id, id, "a journal saved for another snapshot");
+        if let Some(j) = &self.journal
+            && j.id == id
+        {
+            assert!(next >= j.next, "a checkpoint never goes back");
+        }
+        self.journal = Some(Journal {
+            id,
+            parent: r.parent,
+            changed: r.changed.clone(),
+            expect: r.expect.clone(),
+            next,
+            uploaded,
+        });
         self.stats.checkpoints += 1;
-        if !self.config.flaws.commit_before_journal {
-            let generation = self.generation;
-            self.send(self.config.hosts, Event::Commit { generation, next });
+        self.step(steps::Event::Saved { next });
+        self.claim_more();
+        if let Err(e) = self.maybe_publish() {
+            self.failure.get_or_insert(e);
         }
     }
 
-    /// Ends the snapshot once nothing is in flight: published (and checked) if every
-    /// chunk went up, else failed with its changes given back.
+    /// Finishes the attempt once nothing is in flight (its checkpoint included):
+    /// published (and checked) if every chunk went up, else failed.
     fn maybe_publish(&mut self) -> Result<(), String> {
         let Some(r) = &self.running else {
             return Ok(());
@@ -1250,52 +1423,69 @@ impl World {
         if r.phase != Phase::Reading || r.in_flight > 0 || (!r.todo.is_empty() && !r.failed) {
             return Ok(());
         }
-        let mut r = self.running.take().expect("a snapshot");
-        // As `ox::snapshot`'s last look before publishing: abandoned, it fails.
-        r.failed |= self.abandoned;
-        // Published or given up: its journal and its copies are spent. The journal
-        // goes first: a snapshot ended with its journal still there would be taken up
-        // again after a cut, with its copies dropped.
-        // (The mark of abandonment stays until the next begin, as `preserve`'s.)
-        if r.failed && self.config.flaws.journal_after_end {
-            // (In the appliance one path released the upload's lease in between: a
-            // store round trip, longer in an outage.)
-            let t = self.between(1_000, 100_000);
-            self.at(t, Ev::JournalRemoved { id: r.id });
-        } else {
-            self.journal = None;
+        if self.steps.as_ref().is_some_and(Steps::saving) {
+            return Ok(());
         }
+        // As `ox::snapshot`'s last look before publishing: abandoned, it fails.
+        let failed = r.failed || self.abandoned;
+        let (id, adopted) = (r.id, r.adopted);
+        if !failed {
+            let r = self.running.as_mut().expect("a snapshot");
+            let (parent, chunks) = (r.parent, std::mem::take(&mut r.uploaded));
+            if adopted {
+                self.stats.found_published += 1;
+            } else {
+                self.snaps.insert(id, Snap { parent, chunks });
+                self.stats.snapshots += 1;
+                if r.resumed {
+                    self.stats.resumed_published += 1;
+                }
+                if r.after_cut {
+                    self.stats.snapshots_after_cut += 1;
+                }
+                let expect = std::mem::take(&mut r.expect);
+                self.check_snapshot(id, &expect)?;
+            }
+            self.latest = Some(id);
+        }
+        self.running.as_mut().expect("a snapshot").phase = Phase::Finished;
+        let finish = steps::Finish {
+            published: !failed,
+            abandoned: self.abandoned,
+            ..Default::default()
+        };
+        self.step(steps::Event::Finished(finish));
+        Ok(())
+    }
+
+    /// As `VolumeHandle::end_snapshot`: the owner frees every chunk and drops the
+    /// copies; a snapshot that did not publish gives its changes back.
+    fn end(&mut self, give_back: bool) {
+        let r = self.running.take().expect("a snapshot ends");
+        // (The mark of abandonment stays until the next begin, as `preserve`'s.)
         self.copies.clear();
         self.generation += 1;
         self.active = false;
         let generation = self.generation;
         self.send(self.config.hosts, Event::End { generation });
-        if r.failed {
+        if give_back {
             self.stats.snapshots_failed += 1;
             for (d, c) in self.dirty.iter_mut().zip(&r.changed) {
                 *d |= c;
             }
             self.after_cut |= r.after_cut;
             self.next_snapshot();
-            return Ok(());
         }
-        self.snaps.insert(
-            r.id,
-            Snap {
-                parent: r.parent,
-                chunks: r.uploaded,
-            },
-        );
-        self.latest = Some(r.id);
-        self.stats.snapshots += 1;
-        if r.resumed {
-            self.stats.resumed_published += 1;
+    }
+
+    /// The published snapshot `id` is catalogued and its journal removed: the change
+    /// record is compacted (once the writes it waits for are recorded), and the next
+    /// snapshot scheduled.
+    fn catalogued(&mut self, id: u64) -> Result<(), String> {
+        if self.journal.as_ref().is_some_and(|j| j.id == id) {
+            self.journal = None;
         }
-        if r.after_cut {
-            self.stats.snapshots_after_cut += 1;
-        }
-        self.check_snapshot(r.id, &r.expect)?;
-        self.base = Some(r.id);
+        self.cataloguing = false;
         // As the record's thread: what writes asked for before is recorded first.
         if self.record.committing.is_some() || !self.record.needs.is_empty() {
             self.compact_pending = true;
@@ -1307,41 +1497,35 @@ impl World {
         Ok(())
     }
 
-    /// The snapshot the cut stopped is taken up again: it reads what its journal had
-    /// not stored, to the same point in time.
+    /// The snapshot the cut stopped is taken up again (as the service's start and
+    /// `ox::snapshot`): it reads what its journal had not stored, to the same point in
+    /// time.
     fn resumed(&mut self) {
         let Some(j) = self.journal.clone() else {
             panic!("a resume without a journal")
         };
-        let chunks = self.config.chunks;
         self.stats.resumed += 1;
         self.active = true;
         self.running = Some(Running {
             id: j.id,
             parent: j.parent,
-            todo: (j.next..chunks)
-                .rev()
-                .filter(|&c| bit(&j.changed, c))
-                .collect(),
+            todo: Vec::new(),
             changed: j.changed,
             expect: j.expect,
             settling: BTreeSet::new(),
             in_flight: 0,
             claimed: BTreeSet::new(),
             since_checkpoint: 0,
-            saving: false,
             resumed: true,
+            held: false,
             uploaded: j.uploaded,
             failed: false,
+            adopted: false,
             after_cut: false,
-            phase: Phase::Reading,
+            phase: Phase::Checking,
         });
-        for _ in 0..CLAIMS_IN_FLIGHT {
-            self.claim_next();
-        }
-        if let Err(e) = self.maybe_publish() {
-            self.failure.get_or_insert(e);
-        }
+        self.steps = Some(self.config.flaws.steps(true));
+        self.step(steps::Event::Start { taken_up: true });
     }
 
     /// Schedules the next snapshot: usually a while after this one, sometimes at once
@@ -1439,7 +1623,8 @@ impl World {
         self.ops.clear();
         self.plain.clear();
         self.running = None;
-        self.draining = false;
+        self.steps = None;
+        self.cataloguing = false;
         self.compact_pending = false;
         self.active = false;
         // A new core counts generations from 0 again.

@@ -45,6 +45,7 @@ use crate::reply::reply;
 
 pub(crate) mod core;
 mod owner;
+pub mod steps;
 
 use self::core::{Event, Kept, Source};
 use self::owner::{Answered, Asker};
