@@ -1477,15 +1477,13 @@ impl Service {
         // The journal first, durably, then the end: ended first, a crash between the
         // two would take the snapshot up again with its copies dropped. Not removed,
         // it is not ended: the next start takes it up again, copies and all.
-        let changed = ox::journal::changes_or_all(&journal, handle);
-        match ox::journal::remove(&journal) {
-            Ok(()) => handle.end_snapshot(Some(&changed)),
-            Err(e) => tracing::error!(
+        if let Err(e) = ox::snapshot::give_up_taken_up(handle, &self.reactors[0], &journal) {
+            tracing::error!(
                 volume,
                 path = %journal.display(),
                 error = %e,
                 "snapshot journal not removed: the snapshot stays held (writes keep their copies) until oxd restarts and takes it up again"
-            ),
+            );
         }
     }
 

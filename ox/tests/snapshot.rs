@@ -1175,6 +1175,121 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
     env.set.shutdown().unwrap();
 }
 
+/// Runs `snapshot_volume` of `h` over no parent with `opts`, on the OX cores.
+fn snapshot_with(env: &Env, h: &VolumeHandle, opts: SnapshotOptions) -> Result<String, String> {
+    let (root, h, reactor) = (env.root.clone(), h.clone(), env.set.handles()[0].clone());
+    env.cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
+                    .await
+                    .map(|r| r.manifest.snapshot)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .unwrap()
+}
+
+/// Puts a directory with a file in it where the journal goes: no journal can be saved
+/// or removed there.
+fn block_journal(journal: &std::path::Path) {
+    std::fs::create_dir(journal).unwrap();
+    std::fs::write(journal.join("in-the-way"), b"x").unwrap();
+}
+
+/// Takes a snapshot of `handle` (over no parent) that is suspended as soon as it began,
+/// leaving its journal for the next start to take up.
+fn suspended_at_once(env: &Env, handle: &VolumeHandle, journal: &std::path::Path) {
+    let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
+    progress.suspend();
+    let mut opts = options(env);
+    opts.journal = Some(journal.to_path_buf());
+    opts.progress = progress;
+    let err = snapshot_with(env, handle, opts).unwrap_err();
+    assert!(err.contains("suspended"), "{err}");
+}
+
+/// A snapshot taken up at a start whose journal can be neither read nor removed is
+/// given up, but stays held (its volume keeps its copies) rather than ending with a
+/// journal that might be read at the next start: taken up again then with its copies
+/// dropped, it would publish hosts' later writes. Once the journal is back, the next
+/// start takes it up again and it publishes its first point in time.
+#[test]
+fn a_snapshot_whose_journal_cannot_be_removed_stays_held_until_a_restart() {
+    let env = env();
+    let local = tempfile::tempdir().unwrap();
+    let journal = local.path().join("vol1.snapshot");
+    let size = 4 << 20;
+    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
+    let image = random(size as usize, 95);
+    write(&env, &vol, 0, &image);
+    suspended_at_once(&env, &handle, &journal);
+    drop((vol, handle));
+    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
+    // Hosts write over it: the held snapshot keeps copies of what they overwrite.
+    write(&env, &vol, 0, &random(size as usize, 96));
+    let aside = local.path().join("aside");
+    std::fs::rename(&journal, &aside).unwrap();
+    block_journal(&journal);
+    let mut opts = options(&env);
+    opts.journal = Some(journal.clone());
+    let err = snapshot_with(&env, &handle, opts.clone()).unwrap_err();
+    assert!(err.contains("vol1.snapshot"), "{err}");
+    assert!(handle.snapshot_token().is_some(), "held");
+    // Held: another snapshot cannot begin until a restart.
+    let again = snapshot_with(&env, &handle, opts.clone()).unwrap_err();
+    assert!(again.contains("already running"), "{again}");
+    drop((vol, handle));
+    std::fs::remove_dir_all(&journal).unwrap();
+    std::fs::rename(&aside, &journal).unwrap();
+    let (_vol, handle) = durable_volume(&env, local.path(), size, &journal);
+    assert!(handle.snapshot_token().is_some(), "taken up again");
+    let key = snapshot_with(&env, &handle, opts).unwrap();
+    let key = format!("vol1/ox1/m/{key}");
+    let (clone, _) = open_clone(&env, &key, size);
+    assert!(
+        read(&env, &clone, 0, size) == image,
+        "its first point in time"
+    );
+    env.set.shutdown().unwrap();
+}
+
+/// A snapshot taken up at a start whose job then failed is given up journal first; a
+/// journal that cannot be removed leaves it held (copies kept), and once it can be,
+/// the snapshot ends and gives its changes back.
+#[test]
+fn a_snapshot_taken_up_and_given_up_removes_its_journal_before_it_ends() {
+    let env = env();
+    let local = tempfile::tempdir().unwrap();
+    let journal = local.path().join("vol1.snapshot");
+    let size = 4 << 20;
+    let chunks = size / CHUNK;
+    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
+    write(&env, &vol, 0, &random(size as usize, 97));
+    suspended_at_once(&env, &handle, &journal);
+    drop((vol, handle));
+    let (_vol, handle) = durable_volume(&env, local.path(), size, &journal);
+    assert!(handle.take_resumed().is_some(), "taken up");
+    let reactor = &env.set.handles()[0];
+    let aside = local.path().join("aside");
+    std::fs::rename(&journal, &aside).unwrap();
+    block_journal(&journal);
+    let err = ox::snapshot::give_up_taken_up(&handle, reactor, &journal).unwrap_err();
+    assert!(err.to_string().contains("vol1.snapshot"), "{err}");
+    assert!(
+        handle.snapshot_token().is_some(),
+        "held while its journal stays"
+    );
+    std::fs::remove_dir_all(&journal).unwrap();
+    std::fs::rename(&aside, &journal).unwrap();
+    ox::snapshot::give_up_taken_up(&handle, reactor, &journal).unwrap();
+    assert!(!journal.exists());
+    assert_eq!(handle.snapshot_token(), None, "ended");
+    assert_eq!(handle.changes().count(), chunks, "its changes given back");
+    env.set.shutdown().unwrap();
+}
+
 /// A basis in memory that records the order chunks are fetched in.
 struct Recording {
     image: Vec<u8>,

@@ -420,11 +420,12 @@ impl Steps {
             "published in {phase:?}"
         );
         match phase {
-            Phase::Idle | Phase::Done | Phase::Ending | Phase::GivingUp { .. } => {
+            Phase::Done | Phase::Ending | Phase::GivingUp { .. } => {
                 panic!("snapshot steps: finished in {phase:?}")
             }
-            // Nothing began (a begin that fails ends itself).
-            Phase::Beginning => {
+            // Nothing began (it failed before its start, or its begin failed: a begin
+            // that fails ends itself).
+            Phase::Idle | Phase::Beginning => {
                 self.phase = Phase::Done;
                 Vec::new()
             }
@@ -688,7 +689,10 @@ mod tests {
     }
 
     #[test]
-    fn a_begin_that_failed_ends_nothing() {
+    fn an_attempt_that_failed_before_it_began_ends_nothing() {
+        let mut s = Steps::new(true);
+        assert_eq!(s.apply(Event::Finished(failed())), []);
+        assert!(s.done());
         let mut s = Steps::new(true);
         s.apply(Event::Start { taken_up: false });
         assert_eq!(s.apply(Event::Finished(failed())), []);

@@ -12,6 +12,7 @@
 //! it has stored every few seconds; after a restart or a crash it continues from the
 //! last checkpoint with the same point in time, snapshot ID and data key.
 
+mod attempt;
 mod load;
 mod read_ahead;
 pub mod read_back;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bdev::VolumeHandle;
+use bdev::steps::{Event, Finish};
 use reactor::ReactorHandle;
 
 use crate::error::OxError;
@@ -30,6 +32,7 @@ use crate::journal::{self, Journal};
 use crate::keys::Kek;
 use crate::store::ObjectStore;
 use crate::throttle::Throttle;
+use attempt::{Attempt, Next};
 use writer::write;
 
 pub(crate) use load::fetch_manifest;
@@ -216,7 +219,8 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 /// Snapshots the tracked volume `handle` (read through `volume` on reactor `on`) into
 /// `store`, incrementally over `parent` if given. Continues the snapshot a restart cut
-/// short, if the volume took one up again and its journal fits.
+/// short, if the volume took one up again and its journal fits. The steps that touch
+/// the volume and the journal follow [`bdev::steps`] (see [`attempt`]).
 pub async fn snapshot_volume(
     store: &dyn ObjectStore,
     on: &ReactorHandle,
@@ -226,100 +230,13 @@ pub async fn snapshot_volume(
     throttle: &Throttle,
 ) -> Result<SnapshotReport, OxError> {
     let began = std::time::Instant::now();
-    let resumed = match &opts.journal {
-        Some(path) => {
-            let (resumed, stale) = resumable(path, handle, parent, opts)?;
-            if let Some((prefix, snapshot)) = stale {
-                release_lease(store, &prefix, &snapshot, opts).await;
-            }
-            match resumed {
-                Some((j, changed)) => match lease_lapsed(store, opts, &j).await {
-                    Ok(false) => Some((j, changed)),
-                    // A stop while it waited for the store: the journal stands, as when
-                    // the writer itself is suspended.
-                    Err(e @ OxError::Suspended(_)) => return Err(e),
-                    // What it stored may have been collected (or the store cannot say,
-                    // however long it was waited for), and the chunks it stored before
-                    // the stop are no longer kept at their point in time: it cannot go
-                    // on. Its changes go to the next snapshot, which begins now.
-                    lapsed => {
-                        // The journal first (see `SnapshotGuard`); the lease goes
-                        // either way.
-                        let removed = journal::remove(path);
-                        if removed.is_ok() {
-                            handle.end_snapshot(Some(&changed));
-                        }
-                        release_lease(store, &opts.prefix, &j.snapshot, opts).await;
-                        removed?;
-                        if let Err(e) = lapsed {
-                            return Err(OxError::Config(format!(
-                                "snapshot of {} cut short by a restart is given up (its \
-                                 changes go to the next one): its upload lease could not \
-                                 be read: {e}",
-                                opts.volume_name
-                            )));
-                        }
-                        tracing::warn!(
-                            "snapshot of {}: its upload lease lapsed while it was stopped \
-                             (what it stored may have been collected), so it is given up; \
-                             a new one begins",
-                            opts.volume_name
-                        );
-                        None
-                    }
-                },
-                None => None,
-            }
-        }
-        None => None,
-    };
-    let (changed, resumed) = match resumed {
-        Some((j, changed)) => (changed, Some(j)),
-        None => {
-            let mut changed = handle
-                .begin_snapshot(on)
-                .await
-                .map_err(|e| OxError::Config(e.to_string()))?;
-            // Ended on every path out of here until the writer takes over.
-            let mut guard = SnapshotGuard {
-                handle,
-                changed: Some(changed.clone()),
-                journal: None,
-            };
-            handle.writes_settle().await;
-            handle.settle(&mut changed);
-            // What the snapshot reads must be durable on the volume: once it is
-            // catalogued the change record forgets those chunks, and a power cut that
-            // lost writes the host never flushed would leave them differing from it,
-            // unseen by every later incremental snapshot.
-            crate::blockio::run(on, handle.inner(), bdev::BdevIo::flush()).await?;
-            let parent_id = parent
-                .map(|p| p.manifest.binding().map(|b| b.snapshot))
-                .transpose()?;
-            if changed.base != parent_id {
-                // The change set is relative to another snapshot than the parent
-                // asked for: only a full read is correct.
-                changed.mark_all();
-            }
-            // Writes go over the chunks it does not need without copying them.
-            handle.need_only(&changed);
-            // Handed over to the writer's guard below.
-            guard.changed = None;
-            (changed, None)
-        }
-    };
-    // From here on, however this future ends (error, cancel, or being dropped), the
-    // volume is released and keeps its changes for the next attempt — except when
-    // suspended for a restart, which keeps the point in time for the next start.
-    let journal = opts
-        .journal
-        .clone()
-        .filter(|_| handle.snapshot_token().is_some());
-    let mut guard = SnapshotGuard {
-        handle,
-        changed: Some(changed.clone()),
-        journal: journal.clone(),
-    };
+    let parent_id = parent
+        .map(|p| p.manifest.binding().map(|b| b.snapshot))
+        .transpose()?;
+    // However this ends (an error, a cancel, or being dropped), the attempt ends as its
+    // steps say: published, given back (its journal removed first), or held for the
+    // next start.
+    let mut attempt = Attempt::new(handle, on, opts.journal.as_deref(), parent_id);
     let from_to = writer::FromTo {
         store,
         on,
@@ -329,33 +246,24 @@ pub async fn snapshot_volume(
         throttle,
     };
     let mut leased = None;
-    let mut result = write(from_to, &changed, resumed, journal.as_deref(), &mut leased).await;
-    let mut keep_lease = false;
-    match &result {
-        Ok(report) => {
-            guard.changed = None;
-            guard.journal = None;
-            handle.end_snapshot(None);
-            handle.set_base(Some(format::parse_id(&report.manifest.snapshot)?));
-        }
+    let mut result = start_and_write(from_to, &mut attempt, &mut leased).await;
+    let published = match &result {
+        Ok(report) => Some(format::parse_id(&report.manifest.snapshot)?),
+        Err(_) => None,
+    };
+    let finish = Finish {
+        published: published.is_some(),
         // Suspended, or failing because the appliance is stopping under it (its
-        // reactors gone): the journal's last checkpoint stands — if there is one, and
-        // the snapshot was neither cancelled nor abandoned.
-        Err(e)
-            if journal.as_deref().is_some_and(Path::exists)
-                && (matches!(e, OxError::Suspended(_)) || opts.progress.is_suspended())
-                && !opts.progress.is_cancelled()
-                && handle.snapshot_abandoned().is_none() =>
-        {
-            guard.changed = None;
-            guard.journal = None;
-            keep_lease = true;
-        }
-        Err(_) => {}
-    }
+        // reactors gone): the journal's last checkpoint stands, if there is one.
+        suspended: matches!(result, Err(OxError::Suspended(_))) || opts.progress.is_suspended(),
+        cancelled: opts.progress.is_cancelled(),
+        abandoned: handle.snapshot_abandoned().is_some(),
+    };
+    let held = attempt.finish(finish, published);
+    drop(attempt);
     // Published or given up: the upload's objects are a manifest's or orphans now.
-    // (Kept where the journal is: the upload continues at the next start.)
-    if let Some(s) = leased.filter(|_| !keep_lease) {
+    // (Kept while the snapshot is held: the upload continues at the next start.)
+    if let Some(s) = leased.filter(|_| !held) {
         release_lease(store, &opts.prefix, &s, opts).await;
     }
     if let Ok(SnapshotReport {
@@ -366,6 +274,142 @@ pub async fn snapshot_volume(
         *elapsed = began.elapsed();
     }
     result
+}
+
+/// Starts `attempt` — continuing the snapshot the volume took up again, if its journal
+/// fits and its upload lease held, else beginning one — and writes it. `leased` is set
+/// to the snapshot whose upload lease this holds.
+async fn start_and_write(
+    from_to: writer::FromTo<'_>,
+    attempt: &mut Attempt<'_>,
+    leased: &mut Option<String>,
+) -> Result<SnapshotReport, OxError> {
+    let writer::FromTo {
+        store,
+        handle,
+        opts,
+        ..
+    } = from_to;
+    let taken_up = match &opts.journal {
+        Some(path) => {
+            let token = handle.take_resumed();
+            if token.is_none() && handle.snapshot_token().is_none() {
+                // A journal left by an attempt that ended (or never took up): stale.
+                let stale = stale_lease(path, handle, opts);
+                journal::remove(path)?;
+                if let Some((prefix, snapshot)) = stale {
+                    release_lease(store, &prefix, &snapshot, opts).await;
+                }
+            }
+            token
+        }
+        None => None,
+    };
+    let mut next = attempt
+        .step(Event::Start {
+            taken_up: taken_up.is_some(),
+        })
+        .await?;
+    let mut resumed = None;
+    if let (Next::CheckJournal, Some(token), Some(path)) = (next, taken_up, &opts.journal) {
+        let (j, changed) = match fitting(path, token, handle, from_to) {
+            Ok(fits) => fits,
+            // It cannot continue: given up, its journal first, and a fresh one begins.
+            Err((changed, stale)) => {
+                attempt.taken_up(changed);
+                next = attempt
+                    .step(Event::Checked {
+                        next: None,
+                        start_over: true,
+                    })
+                    .await?;
+                if let Some((prefix, snapshot)) = stale {
+                    release_lease(store, &prefix, &snapshot, opts).await;
+                }
+                if let Some(e) = attempt.unremoved() {
+                    return Err(e);
+                }
+                return write_next(from_to, attempt, next, None, leased).await;
+            }
+        };
+        attempt.taken_up(changed);
+        match lease_lapsed(store, opts, &j).await {
+            Ok(false) => {
+                next = attempt
+                    .step(Event::Checked {
+                        next: Some(j.next_chunk),
+                        start_over: false,
+                    })
+                    .await?;
+                resumed = Some(j);
+            }
+            // A stop while it waited for the store: the journal stands, as when the
+            // writer itself is suspended.
+            Err(e @ OxError::Suspended(_)) => return Err(e),
+            // What it stored may have been collected (or the store cannot say, however
+            // long it was waited for), and the chunks it stored before the stop are no
+            // longer kept at their point in time: it cannot go on. Its changes go to
+            // the next snapshot, which begins now (or at the next attempt, when the
+            // lease could not be read).
+            lapsed => {
+                next = attempt
+                    .step(Event::Checked {
+                        next: None,
+                        start_over: lapsed.is_ok(),
+                    })
+                    .await?;
+                release_lease(store, &opts.prefix, &j.snapshot, opts).await;
+                if let Some(e) = attempt.unremoved() {
+                    return Err(e);
+                }
+                if let Err(e) = lapsed {
+                    return Err(OxError::Config(format!(
+                        "snapshot of {} cut short by a restart is given up (its changes go \
+                         to the next one): its upload lease could not be read: {e}",
+                        opts.volume_name
+                    )));
+                }
+                tracing::warn!(
+                    "snapshot of {}: its upload lease lapsed while it was stopped (what it \
+                     stored may have been collected), so it is given up; a new one begins",
+                    opts.volume_name
+                );
+            }
+        }
+    }
+    write_next(from_to, attempt, next, resumed, leased).await
+}
+
+/// Writes the snapshot where the steps say (`next`), continuing `resumed` if given.
+async fn write_next(
+    from_to: writer::FromTo<'_>,
+    attempt: &mut Attempt<'_>,
+    next: Next,
+    resumed: Option<Journal>,
+    leased: &mut Option<String>,
+) -> Result<SnapshotReport, OxError> {
+    match next {
+        Next::Write(from) => write(from_to, attempt, from, resumed, leased).await,
+        Next::CheckJournal | Next::Done => Err(OxError::Config(format!(
+            "snapshot of {}: its steps left nothing to write ({next:?})",
+            from_to.opts.volume_name
+        ))),
+    }
+}
+
+/// Gives up the snapshot `handle` took up again at the start that will not continue
+/// after all (its job failed before reaching it): its journal at `journal` is removed,
+/// durably, then the snapshot ends, its changes given back (in [`bdev::steps`]'
+/// order). A journal that cannot be removed leaves it held, copies and all, for the
+/// next start to take up (the error says why). `on` owns the volume's snapshot state if
+/// no reactor does yet.
+pub fn give_up_taken_up(
+    handle: &VolumeHandle,
+    on: &ReactorHandle,
+    journal: &Path,
+) -> Result<(), OxError> {
+    let changed = journal::changes_or_all(journal, handle);
+    Attempt::new(handle, on, Some(journal), None).give_up(changed)
 }
 
 /// Whether the upload the journal `j` describes can no longer trust what it stored: not
@@ -415,38 +459,36 @@ async fn release_lease(
     }
 }
 
-/// A journal the volume took up and can continue, with its change set.
-type Resumed = Option<(Journal, bdev::ChangedChunks)>;
-
-/// The journal at `path` and its change set, if the volume took up the snapshot it
-/// describes after a restart and that snapshot can continue with these settings.
-/// Otherwise the journal is removed (and a snapshot taken up is ended, its changes kept
-/// for the next attempt), and the upload lease it held, if it can be told (its prefix
-/// and snapshot), is returned for the caller to release.
-fn resumable(
+/// The upload lease the journal at `path` names, if it is in this snapshot's store.
+fn stale_lease(
     path: &Path,
     handle: &VolumeHandle,
-    parent: Option<&Loaded>,
     opts: &SnapshotOptions,
-) -> Result<(Resumed, Option<(String, String)>), OxError> {
-    // (Only a lease in this store: one in another stays until it is a day old.)
-    let lease_of = |j: Journal| (j.store == opts.store_name).then_some((j.prefix, j.snapshot));
-    let stale_lease = || {
-        Journal::load(path, handle.chunks())
-            .ok()
-            .flatten()
-            .and_then(|(j, _)| lease_of(j))
-    };
-    let Some(token) = handle.take_resumed() else {
-        let mut stale = None;
-        if handle.snapshot_token().is_none() {
-            // A journal left by an attempt that ended (or never took up): stale.
-            stale = stale_lease();
-            journal::remove(path)?;
-        }
-        return Ok((None, stale));
-    };
-    let loaded = Journal::load(path, handle.chunks());
+) -> Option<(String, String)> {
+    Journal::load(path, handle.chunks())
+        .ok()
+        .flatten()
+        .and_then(|(j, _)| lease_of(j, opts))
+}
+
+/// A journal's upload lease, if it is in this snapshot's store (one in another stays
+/// until it is a day old).
+fn lease_of(j: Journal, opts: &SnapshotOptions) -> Option<(String, String)> {
+    (j.store == opts.store_name).then_some((j.prefix, j.snapshot))
+}
+
+/// The journal at `path` and its change set, if it describes the snapshot `token` the
+/// volume took up and that snapshot can continue with these settings. Otherwise what
+/// it gives back — its change set (or every chunk, if that cannot be read) — and the
+/// upload lease it held, if it can be told, for the caller to release.
+#[allow(clippy::type_complexity)]
+fn fitting(
+    path: &Path,
+    token: [u8; 16],
+    handle: &VolumeHandle,
+    from_to: writer::FromTo<'_>,
+) -> Result<(Journal, bdev::ChangedChunks), (bdev::ChangedChunks, Option<(String, String)>)> {
+    let writer::FromTo { parent, opts, .. } = from_to;
     let fits = |j: &Journal| {
         j.token().is_ok_and(|t| t == token)
             && j.store == opts.store_name
@@ -459,49 +501,16 @@ fn resumable(
                 _ => false,
             }
     };
-    match loaded {
-        Ok(Some((j, changed))) if fits(&j) => Ok((Some((j, changed)), None)),
+    match Journal::load(path, handle.chunks()) {
+        Ok(Some((j, changed))) if fits(&j) => Ok((j, changed)),
         loaded => {
             let stale = match loaded {
-                Ok(Some((j, _))) => lease_of(j),
+                Ok(Some((j, _))) => lease_of(j, opts),
                 _ => None,
             };
             let mut changed = journal::changes_or_all(path, handle);
             changed.base = None;
-            // The journal goes first, durably: ended first, a crash before the removal
-            // would take the snapshot up again with its copies dropped and hosts'
-            // writes gone over its chunks. Not removed, it is not ended (see
-            // `SnapshotGuard`).
-            journal::remove(path)?;
-            handle.end_snapshot(Some(&changed));
-            Ok((None, stale))
-        }
-    }
-}
-
-/// Ends a snapshot that did not finish: the volume is released and its changes kept;
-/// its journal (if any) is removed.
-struct SnapshotGuard<'a> {
-    handle: &'a VolumeHandle,
-    changed: Option<bdev::ChangedChunks>,
-    journal: Option<PathBuf>,
-}
-
-impl Drop for SnapshotGuard<'_> {
-    fn drop(&mut self) {
-        // The journal first, durably, then the end: ended first, a crash between the
-        // two would take the snapshot up again at the next start with its copies
-        // dropped and hosts' writes gone over its chunks unguarded. A journal that
-        // cannot be removed leaves the snapshot held (writes keep their copies, and
-        // its changes are in the journal) until a restart takes it up again.
-        if let Some(path) = self.journal.take()
-            && let Err(e) = journal::remove(&path)
-        {
-            tracing::error!(path = %path.display(), error = %e, "snapshot journal not removed: the snapshot stays held until oxd restarts and takes it up again");
-            return;
-        }
-        if let Some(c) = self.changed.take() {
-            self.handle.end_snapshot(Some(&c));
+            Err((changed, stale))
         }
     }
 }

@@ -5,6 +5,8 @@ use reactor::ReactorHandle;
 
 use crate::error::OxError;
 
+use super::attempt::Attempt;
+
 /// Changed chunks read ahead of the encoder, so reading the next chunks from the device
 /// overlaps encoding and uploading this one.
 #[derive(Default)]
@@ -28,10 +30,12 @@ const READ_AHEAD: usize = 8;
 /// it).
 pub(super) async fn start_chunk(
     chunk: u64,
+    attempt: &mut Attempt<'_>,
     handle: &VolumeHandle,
     read: &impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
     on: &ReactorHandle,
 ) -> Result<Ahead, OxError> {
+    attempt.claimed(chunk);
     let claim = handle
         .claim_chunk(chunk)
         .await
@@ -64,11 +68,13 @@ pub(super) async fn start_chunk(
 
 impl ReadAhead {
     /// Claims and starts reading changed chunks from `at` on, up to the window.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn fill(
         &mut self,
         at: u64,
         chunks: u64,
         changed: &bdev::ChangedChunks,
+        attempt: &mut Attempt<'_>,
         handle: &VolumeHandle,
         read: &impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
         on: &ReactorHandle,
@@ -77,7 +83,7 @@ impl ReadAhead {
         while self.queue.len() < READ_AHEAD && self.scan < chunks.min(at + 4 * READ_AHEAD as u64) {
             let c = self.scan;
             if changed.contains(c) {
-                let item = start_chunk(c, handle, read, on).await?;
+                let item = start_chunk(c, attempt, handle, read, on).await?;
                 self.queue.push_back((c, item));
             }
             self.scan += 1;

@@ -16,6 +16,7 @@ use crate::lease;
 use crate::store::ObjectStore;
 use crate::throttle::Throttle;
 
+use super::attempt::Attempt;
 use super::read_ahead::{Ahead, ReadAhead, start_chunk};
 use super::upload::{IndexWriter, Packer};
 use super::{Loaded, SnapshotOptions, SnapshotReport};
@@ -153,15 +154,15 @@ struct Journaling<'a> {
     path: &'a Path,
     /// What every checkpoint repeats (identity, key, settings).
     base: Journal,
-    handle: &'a VolumeHandle,
 }
 
 impl Journaling<'_> {
     /// Saves a checkpoint at `next_chunk`: every object sealed and stored first, so
-    /// the journal names only what is in the store; then the volume may stop copying
-    /// the chunks it covers.
+    /// the journal names only what is in the store; then (as `attempt`'s steps say,
+    /// once the journal is durable) the volume may stop copying the chunks it covers.
     async fn checkpoint(
         &self,
+        attempt: &mut Attempt<'_>,
         next_chunk: u64,
         packer: &mut Packer<'_>,
         index: &IndexWriter,
@@ -185,9 +186,7 @@ impl Journaling<'_> {
             chunks_read,
             ..self.base.clone()
         };
-        journal.save(self.path)?;
-        self.handle.commit_through(next_chunk);
-        Ok(())
+        attempt.checkpoint(next_chunk, || journal.save(self.path))
     }
 }
 
@@ -202,14 +201,15 @@ pub(super) struct FromTo<'a> {
     pub(super) throttle: &'a Throttle,
 }
 
-/// Writes the snapshot of the `changed` chunks, fresh or continuing `resumed`,
-/// checkpointing into `journal_path` if given. `leased` is set to the snapshot whose
-/// upload lease ([`crate::lease`]) this holds, for the caller to release.
+/// Writes the snapshot of `attempt`'s changed chunks from chunk `from` on, fresh or
+/// continuing `resumed`, checkpointing its journal if it keeps one. `leased` is set to
+/// the snapshot whose upload lease ([`crate::lease`]) this holds, for the caller to
+/// release.
 pub(super) async fn write(
     from_to: FromTo<'_>,
-    changed: &bdev::ChangedChunks,
+    attempt: &mut Attempt<'_>,
+    from: u64,
     resumed: Option<Journal>,
-    journal_path: Option<&Path>,
     leased: &mut Option<String>,
 ) -> Result<SnapshotReport, OxError> {
     let FromTo {
@@ -220,6 +220,9 @@ pub(super) async fn write(
         opts,
         throttle,
     } = from_to;
+    // (A copy: the attempt is told of every claim meanwhile.)
+    let changed = &attempt.changed().clone();
+    let journal_path = opts.journal.as_deref().filter(|_| attempt.journaling());
     let dev = handle.inner();
     let volume_bytes = dev.info().size_bytes();
     let chunk_bytes = handle.chunk_bytes();
@@ -258,6 +261,10 @@ pub(super) async fn write(
         )?,
         None => Start::fresh(opts)?,
     };
+    assert_eq!(
+        start.next_chunk, from,
+        "a snapshot written from where its steps say"
+    );
     let snapshot = start.snapshot;
     let snapshot_hex = hex::encode(snapshot);
     let manifest_key = format::manifest_key(&opts.prefix, &snapshot);
@@ -377,7 +384,7 @@ pub(super) async fn write(
     };
     let journaling = journal_path
         .zip(base)
-        .map(|(path, base)| Journaling { path, base, handle });
+        .map(|(path, base)| Journaling { path, base });
     let mut parent_page: Option<(u64, IndexPage)> = None;
     let mut ahead = ReadAhead::default();
     let mut chunks_read = start.chunks_read;
@@ -391,7 +398,7 @@ pub(super) async fn write(
     let (mut checkpoints, mut checkpoint_time) = (0, Duration::ZERO);
     if let Some(j) = &journaling {
         let counts = (stored_chunks, chunks_read);
-        j.checkpoint(start.next_chunk, &mut packer, &index, counts)
+        j.checkpoint(attempt, start.next_chunk, &mut packer, &index, counts)
             .await?;
     }
     let mut last_checkpoint = Instant::now();
@@ -408,7 +415,8 @@ pub(super) async fn write(
             if let Some(j) = &journaling
                 && handle.snapshot_abandoned().is_none()
             {
-                let last = j.checkpoint(chunk, &mut packer, &index, (stored_chunks, chunks_read));
+                let counts = (stored_chunks, chunks_read);
+                let last = j.checkpoint(attempt, chunk, &mut packer, &index, counts);
                 let patience = async {
                     async_io::Timer::after(SUSPEND_PATIENCE).await;
                     Ok(())
@@ -424,8 +432,14 @@ pub(super) async fn write(
             && last_checkpoint.elapsed() >= opts.checkpoint_every
         {
             let began = Instant::now();
-            j.checkpoint(chunk, &mut packer, &index, (stored_chunks, chunks_read))
-                .await?;
+            j.checkpoint(
+                attempt,
+                chunk,
+                &mut packer,
+                &index,
+                (stored_chunks, chunks_read),
+            )
+            .await?;
             last_checkpoint = Instant::now();
             checkpoints += 1;
             checkpoint_time += last_checkpoint - began;
@@ -480,11 +494,11 @@ pub(super) async fn write(
             })
         };
         ahead
-            .fill(chunk, chunks, changed, handle, &read, on)
+            .fill(chunk, chunks, changed, attempt, handle, &read, on)
             .await?;
         let item = match ahead.take(chunk) {
             Some(item) => item,
-            None => start_chunk(chunk, handle, &read, on).await?,
+            None => start_chunk(chunk, attempt, handle, &read, on).await?,
         };
         let data = match item {
             Ahead::Ready(d) => d,
@@ -505,6 +519,7 @@ pub(super) async fn write(
                 }
             }
         };
+        attempt.handed(chunk);
         index.push(entry, store, opts, &mut codec).await?;
     }
     index.flush(store, opts, &mut codec).await?;
