@@ -1414,9 +1414,16 @@ impl Service {
                 if outcome.is_err() {
                     volume_handle.restore_heat(&heat);
                 }
-                // A failure of its own (not the daemon stopping) ends the request.
+                // A failure of its own (not the daemon stopping) ends the request —
+                // unless its snapshot stays held (its journal could not be removed):
+                // pending, the next start takes it up again, copies, journal and all.
                 if outcome.is_err() && !service.stopping.load(Ordering::SeqCst) {
                     service.release_resumed(&volume, &volume_handle);
+                }
+                if outcome.is_err()
+                    && !service.stopping.load(Ordering::SeqCst)
+                    && volume_handle.snapshot_token().is_none()
+                {
                     let mut inner = service.inner();
                     inner.catalogue.pending.retain(|p| p.volume != volume);
                     if let Err(e) = service.save(&inner) {
@@ -1477,13 +1484,8 @@ impl Service {
         // The journal first, durably, then the end: ended first, a crash between the
         // two would take the snapshot up again with its copies dropped. Not removed,
         // it is not ended: the next start takes it up again, copies and all.
-        if let Err(e) = ox::snapshot::give_up_taken_up(handle, &self.reactors[0], &journal) {
-            tracing::error!(
-                volume,
-                path = %journal.display(),
-                error = %e,
-                "snapshot journal not removed: the snapshot stays held (writes keep their copies) until oxd restarts and takes it up again"
-            );
+        if let Err(e) = ox::snapshot::give_up_taken_up(handle, &journal) {
+            tracing::error!(volume, path = %journal.display(), "{e}");
         }
     }
 

@@ -21,9 +21,13 @@
 //! publishes. Records on local files (`presence`, `dirty`) are owned by their own
 //! thread each, and reach the file system through a [`medium::Medium`] so that power-cut
 //! tests can put them on a [`NonDurableMedium`] (beside [`create_nondurable`] devices).
-//! Because the cores do no I/O, the tests' deterministic simulator (`sim`) runs them,
-//! with the records on such a medium, on one thread against a simulated clock, drive,
-//! store, hosts and power cuts.
+//! Decisions made off the reactors are pure cores too: a thickening walk's
+//! ([`walk`]: which chunks, how many at once, what to retry) and a snapshot attempt's
+//! order of steps ([`steps`]: begin, settle, flush, checkpoints and their commits,
+//! ending journal first), which the OX cores carry out (`ox::hydrate`,
+//! `ox::snapshot`). Because the cores do no I/O, the tests' deterministic simulator
+//! (`sim`) runs them, with the records on such a medium, on one thread against a
+//! simulated clock, drive, store, hosts and power cuts.
 
 mod bdev;
 pub mod blocking;

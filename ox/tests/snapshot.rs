@@ -1271,11 +1271,10 @@ fn a_snapshot_taken_up_and_given_up_removes_its_journal_before_it_ends() {
     drop((vol, handle));
     let (_vol, handle) = durable_volume(&env, local.path(), size, &journal);
     assert!(handle.take_resumed().is_some(), "taken up");
-    let reactor = &env.set.handles()[0];
     let aside = local.path().join("aside");
     std::fs::rename(&journal, &aside).unwrap();
     block_journal(&journal);
-    let err = ox::snapshot::give_up_taken_up(&handle, reactor, &journal).unwrap_err();
+    let err = ox::snapshot::give_up_taken_up(&handle, &journal).unwrap_err();
     assert!(err.to_string().contains("vol1.snapshot"), "{err}");
     assert!(
         handle.snapshot_token().is_some(),
@@ -1283,7 +1282,7 @@ fn a_snapshot_taken_up_and_given_up_removes_its_journal_before_it_ends() {
     );
     std::fs::remove_dir_all(&journal).unwrap();
     std::fs::rename(&aside, &journal).unwrap();
-    ox::snapshot::give_up_taken_up(&handle, reactor, &journal).unwrap();
+    ox::snapshot::give_up_taken_up(&handle, &journal).unwrap();
     assert!(!journal.exists());
     assert_eq!(handle.snapshot_token(), None, "ended");
     assert_eq!(handle.changes().count(), chunks, "its changes given back");

@@ -128,6 +128,15 @@ pub(crate) struct Config {
     /// Per thousand removals of a journal: those that fail (the snapshot is then held
     /// until a restart takes it up again).
     pub(crate) removals_failing_permille: u64,
+    /// Every journal removal takes 10–100 ms, as when the appliance released an upload
+    /// lease (a store round trip) before it.
+    pub(crate) slow_removals: bool,
+    /// Per thousand journal saves: those that fail (the new journal in place or not;
+    /// the snapshot fails).
+    pub(crate) save_failing_permille: u64,
+    /// Per thousand snapshots taken up again: those whose journal no longer fits the
+    /// settings (given up, journal first; a fresh one begins).
+    pub(crate) unfit_permille: u64,
     pub(crate) flaws: Flaws,
 }
 
@@ -144,6 +153,9 @@ impl Config {
             durable: (seed / 9).is_multiple_of(2),
             abandon_permille: 5,
             removals_failing_permille: 20,
+            slow_removals: false,
+            save_failing_permille: 10,
+            unfit_permille: 50,
             flaws: Flaws::default(),
         }
     }
@@ -181,6 +193,10 @@ pub(crate) struct Stats {
     pub(crate) found_published: u64,
     /// Snapshots held because their journal could not be removed.
     pub(crate) held: u64,
+    /// Snapshots taken up again whose journal did not fit: given up.
+    pub(crate) given_up: u64,
+    /// Journal saves that failed (their snapshot with them).
+    pub(crate) saves_failed: u64,
     pub(crate) simulated_us: u64,
     pub(crate) fingerprint: u64,
 }
@@ -207,6 +223,8 @@ impl Stats {
         self.resumed_published += o.resumed_published;
         self.found_published += o.found_published;
         self.held += o.held;
+        self.given_up += o.given_up;
+        self.saves_failed += o.saves_failed;
         self.simulated_us += o.simulated_us;
     }
 }
@@ -219,9 +237,10 @@ impl std::fmt::Display for Stats {
              guard, {} copies before writes), {} snapshots published ({} first after a cut, \
              {} failed), {} chunks uploaded, {} blocks checked, {} power cuts ({} \
              mid-record), {} compactions, {} checkpoints, {} snapshots taken up again after a \
-             cut ({} of them published, {} found published already), {} held as their journal \
-             could not be removed, {} writes failed and {} snapshots abandoned as copies could \
-             not be stored",
+             cut ({} of them published, {} found published already, {} given up as their \
+             journal did not fit), {} held as their journal could not be removed, {} journal \
+             saves failed, {} writes failed and {} snapshots abandoned as copies could not be \
+             stored",
             self.events,
             self.host_ops,
             self.writes_acked,
@@ -239,7 +258,9 @@ impl std::fmt::Display for Stats {
             self.resumed,
             self.resumed_published,
             self.found_published,
+            self.given_up,
             self.held,
+            self.saves_failed,
             self.writes_failed,
             self.abandoned,
         )
@@ -1056,8 +1077,11 @@ impl World {
                 self.failure.get_or_insert(e);
             }
         }
-        if self.steps.as_ref().is_some_and(Steps::done) {
-            self.steps = None;
+        match &self.steps {
+            Some(s) if s.done() => self.steps = None,
+            // A snapshot taken up was given up: a fresh one begins.
+            Some(s) if s.idle() => self.step(steps::Event::Start { taken_up: false }),
+            _ => {}
         }
     }
 
@@ -1066,15 +1090,21 @@ impl World {
         let generation = self.generation;
         match action {
             A::CheckJournal => {
-                // As `ox::snapshot::resumable`: the journal of the snapshot taken up
-                // fits (the simulator's configuration never changes).
+                // As `ox::snapshot`'s check (`fitting`): the journal of the snapshot
+                // taken up fits, unless the settings changed meanwhile (a new key,
+                // another store): then it is given up, journal first, and a fresh
+                // snapshot begins.
                 let Some(j) = &self.journal else {
                     panic!("a snapshot taken up without a journal")
                 };
-                let next = Some(j.next);
+                let next = j.next;
+                let fits = self.rng.below(1000) >= self.config.unfit_permille;
+                if !fits {
+                    self.stats.given_up += 1;
+                }
                 self.step(steps::Event::Checked {
-                    next,
-                    start_over: false,
+                    next: fits.then_some(next),
+                    start_over: true,
                 });
             }
             A::Begin => {
@@ -1139,9 +1169,8 @@ impl World {
             }
             A::RemoveJournal => {
                 // A file unlinked and its directory synced: a few ms, on a busy disk
-                // tens; now and then it fails. (Broken so, the appliance released the
-                // upload's lease before it: a store round trip, longer in an outage.)
-                let t = if self.chance(10) || self.config.flaws.journal_after_end {
+                // tens; now and then it fails.
+                let t = if self.chance(10) || self.config.slow_removals {
                     self.between(10_000, 100_000)
                 } else {
                     self.between(500, 5_000)
@@ -1388,7 +1417,9 @@ impl World {
         self.step(steps::Event::CheckpointDue { next });
     }
 
-    /// The checkpoint's journal is durable (a cut before this keeps the one before).
+    /// The checkpoint's journal is durable (a cut before this keeps the one before), or
+    /// its save failed — the new journal in place or not — and the snapshot fails, as
+    /// `ox::snapshot`'s writer does.
     fn journal_saved(&mut self, id: u64, next: u64, uploaded: BTreeMap<u64, Vec<u8>>) {
         let r = self.running.as_ref().expect("a snapshot saves its journal");
         // An attempt waits for its checkpoint before it ends.
@@ -1398,16 +1429,27 @@ impl World {
         {
             assert!(next >= j.next, "a checkpoint never goes back");
         }
-        self.journal = Some(Journal {
-            id,
-            parent: r.parent,
-            changed: r.changed.clone(),
-            expect: r.expect.clone(),
-            next,
-            uploaded,
-        });
-        self.stats.checkpoints += 1;
-        self.step(steps::Event::Saved { next });
+        let failed = self.rng.below(1000) < self.config.save_failing_permille;
+        let in_place = !failed || self.chance(50);
+        let r = self.running.as_ref().expect("a snapshot");
+        if in_place {
+            self.journal = Some(Journal {
+                id,
+                parent: r.parent,
+                changed: r.changed.clone(),
+                expect: r.expect.clone(),
+                next,
+                uploaded,
+            });
+        }
+        if failed {
+            self.stats.saves_failed += 1;
+            self.running.as_mut().expect("a snapshot").failed = true;
+            self.step(steps::Event::SaveFailed { next });
+        } else {
+            self.stats.checkpoints += 1;
+            self.step(steps::Event::Saved { next });
+        }
         self.claim_more();
         if let Err(e) = self.maybe_publish() {
             self.failure.get_or_insert(e);
@@ -1426,8 +1468,9 @@ impl World {
         if self.steps.as_ref().is_some_and(Steps::saving) {
             return Ok(());
         }
-        // As `ox::snapshot`'s last look before publishing: abandoned, it fails.
-        let failed = r.failed || self.abandoned;
+        // As `ox::snapshot`'s last look before publishing: abandoned, it fails (one
+        // found published already is only adopted, before that look).
+        let failed = r.failed || (self.abandoned && !r.adopted);
         let (id, adopted) = (r.id, r.adopted);
         if !failed {
             let r = self.running.as_mut().expect("a snapshot");

@@ -8,15 +8,16 @@
 //! The rules it keeps (each asserted where it lives):
 //! - the snapshot's point is the begin, once the writes on the device then are done and
 //!   the volume is flushed: only then is the change set final and read;
-//! - with a journal, nothing is claimed before the journal naming the snapshot is
-//!   durable (it records the nonce prefix the frames are sealed under), and the volume
+//! - with a journal, nothing is claimed before this attempt's first journal is durable
+//!   (it records the nonce prefix this attempt seals frames under), and the volume
 //!   is told chunks need no copies ([`Action::Commit`]) only once a journal covering
 //!   them is durable; checkpoints never go back, and cover only chunks whose frames
 //!   were handed to the store;
 //! - a snapshot that ends without publishing removes its journal, durably, before it
 //!   ends (dropping its copies and giving its changes back): ended first, a crash in
 //!   between would take it up again with its copies gone and hosts' writes over its
-//!   chunks. A journal that cannot be removed leaves the snapshot held, copies and all;
+//!   chunks. A journal that cannot be removed leaves the snapshot held, copies and all
+//!   (unless no journal was ever asked for: then nothing can take it up);
 //! - a snapshot stopped for a restart keeps its point in time only if a journal holds
 //!   it, and never once cancelled or abandoned.
 
@@ -34,8 +35,8 @@ pub enum Event {
     },
     /// The taken-up snapshot's journal was checked: `Some(next)` continues it (every
     /// chunk below `next` is stored); `None` gives it up (another configuration, a
-    /// damaged journal, a lapsed upload lease), then a fresh snapshot begins if
-    /// `start_over`.
+    /// damaged journal, a lapsed upload lease), and with `start_over` the steps are
+    /// ready for a fresh [`Event::Start`] once it has ended ([`Steps::idle`]).
     Checked {
         /// See the variant.
         next: Option<u64>,
@@ -171,7 +172,11 @@ pub struct Steps {
     wanted: bool,
     /// The attempt keeps a journal.
     journaling: bool,
-    /// A journal naming this snapshot is durable.
+    /// A durable journal holds the snapshot (it was taken up, or saved one).
+    journaled: bool,
+    /// A journal may name the snapshot (it was taken up, or asked to save one).
+    asked: bool,
+    /// This attempt's first journal is durable.
     saved: bool,
     /// The last durable checkpoint.
     checkpointed: Option<u64>,
@@ -201,6 +206,8 @@ impl Steps {
             phase: Phase::Idle,
             wanted: journal,
             journaling: false,
+            journaled: false,
+            asked: false,
             saved: false,
             checkpointed: None,
             saving: None,
@@ -223,8 +230,8 @@ impl Steps {
         self.journaling
     }
 
-    /// The writer may claim chunks now: it is writing, and with a journal, one naming
-    /// the snapshot is durable.
+    /// The writer may claim chunks now: it is writing, and with a journal, this
+    /// attempt's first one is durable.
     pub fn may_claim(&self) -> bool {
         self.phase == Phase::Writing && (!self.journaling || self.saved)
     }
@@ -239,6 +246,12 @@ impl Steps {
         self.phase == Phase::Done
     }
 
+    /// Nothing started yet, or a taken-up snapshot was given up to start over: the
+    /// next event is [`Event::Start`].
+    pub fn idle(&self) -> bool {
+        self.phase == Phase::Idle
+    }
+
     /// Applies `event`; returns what to do, in order.
     pub fn apply(&mut self, event: Event) -> Vec<Action> {
         let phase = self.phase;
@@ -251,7 +264,7 @@ impl Steps {
                 if taken_up {
                     assert!(self.wanted, "a snapshot taken up again has a journal");
                     // A taken-up snapshot's copies are durable, and its journal is.
-                    (self.journaling, self.saved) = (true, true);
+                    (self.journaling, self.journaled, self.asked) = (true, true, true);
                     self.phase = Phase::Checking;
                     vec![Action::CheckJournal]
                 } else {
@@ -348,6 +361,7 @@ impl Steps {
                     );
                 }
                 self.saving = Some(next);
+                self.asked = true;
                 let mut actions = vec![Action::SaveJournal { next }];
                 if self.flaws.commit_before_journal {
                     actions.push(Action::Commit { next });
@@ -361,7 +375,7 @@ impl Steps {
                     "a journal saved unasked ({phase:?})"
                 );
                 self.saving = None;
-                self.saved = true;
+                (self.saved, self.journaled) = (true, true);
                 self.checkpointed = Some(next);
                 if self.flaws.commit_before_journal {
                     Vec::new()
@@ -381,24 +395,30 @@ impl Steps {
             Event::Finished(finish) => self.finish(finish),
             Event::JournalRemoved { ok } => match phase {
                 Phase::GivingUp { start_over } if ok => {
-                    if start_over {
-                        *self = Self {
-                            phase: Phase::Beginning,
+                    *self = if start_over {
+                        // Ready to begin afresh (the driver says when: it may have a
+                        // lease to release first).
+                        Self {
+                            flaws: self.flaws,
                             ..Self::new(self.wanted)
-                        };
-                        vec![Action::End { give_back: true }, Action::Begin]
+                        }
                     } else {
-                        self.phase = Phase::Done;
-                        vec![Action::End { give_back: true }]
-                    }
+                        Self {
+                            phase: Phase::Done,
+                            ..Self::new(self.wanted)
+                        }
+                    };
+                    vec![Action::End { give_back: true }]
                 }
-                Phase::Ending if ok => {
+                // (Broken so, it ended before.)
+                Phase::Ending if self.flaws.journal_after_end => {
                     self.phase = Phase::Done;
-                    if self.flaws.journal_after_end {
-                        Vec::new()
-                    } else {
-                        vec![Action::End { give_back: true }]
-                    }
+                    Vec::new()
+                }
+                // Removed; or no journal was ever asked for, so none can take it up.
+                Phase::Ending if ok || !self.asked => {
+                    self.phase = Phase::Done;
+                    vec![Action::End { give_back: true }]
                 }
                 Phase::GivingUp { .. } | Phase::Ending => {
                     self.phase = Phase::Done;
@@ -435,7 +455,7 @@ impl Steps {
                 self.phase = Phase::Done;
                 vec![Action::End { give_back: false }, Action::SetBase]
             }
-            _ if f.suspended && !f.cancelled && !f.abandoned && self.saved => {
+            _ if f.suspended && !f.cancelled && !f.abandoned && self.journaled => {
                 self.phase = Phase::Done;
                 vec![Action::Hold]
             }
@@ -559,6 +579,8 @@ mod tests {
             next: Some(5),
             start_over: false,
         });
+        s.apply(Event::CheckpointDue { next: 5 });
+        s.apply(Event::Saved { next: 5 });
         s.apply(Event::Claimed(4));
     }
 
@@ -582,11 +604,21 @@ mod tests {
             [Action::End { give_back: true }]
         );
         assert!(s.done());
-        // A journal that cannot be removed holds the snapshot.
+        // A journal that cannot be removed holds the snapshot, once one was asked for.
+        let mut s = fresh(true, true);
+        s.apply(Event::Flushed { base_matches: true });
+        s.apply(Event::CheckpointDue { next: 0 });
+        s.apply(Event::SaveFailed { next: 0 });
+        s.apply(Event::Finished(failed()));
+        assert_eq!(s.apply(Event::JournalRemoved { ok: false }), [Action::Hold]);
+        // None asked for: nothing can take it up, so it ends.
         let mut s = fresh(true, true);
         s.apply(Event::Flushed { base_matches: true });
         s.apply(Event::Finished(failed()));
-        assert_eq!(s.apply(Event::JournalRemoved { ok: false }), [Action::Hold]);
+        assert_eq!(
+            s.apply(Event::JournalRemoved { ok: false }),
+            [Action::End { give_back: true }]
+        );
         // Without a journal, it ends at once.
         let mut s = fresh(true, false);
         assert_eq!(
@@ -653,11 +685,24 @@ mod tests {
             }),
             [Action::Write { from: 7 }]
         );
-        // Its journal is durable already: held when suspended, even before a checkpoint.
+        // Nothing is claimed before this attempt's journal (its nonce prefix) is durable.
+        assert!(!s.may_claim());
+        s.apply(Event::CheckpointDue { next: 7 });
+        assert!(!s.may_claim());
+        s.apply(Event::Saved { next: 7 });
+        assert!(s.may_claim());
+        // Its journal was durable already: held when suspended, even before this
+        // attempt's first checkpoint.
         let suspended = Finish {
             suspended: true,
             ..failed()
         };
+        let mut s = Steps::new(true);
+        s.apply(Event::Start { taken_up: true });
+        s.apply(Event::Checked {
+            next: Some(7),
+            start_over: false,
+        });
         assert_eq!(s.apply(Event::Finished(suspended)), [Action::Hold]);
 
         let mut s = Steps::new(true);
@@ -671,8 +716,10 @@ mod tests {
         );
         assert_eq!(
             s.apply(Event::JournalRemoved { ok: true }),
-            [Action::End { give_back: true }, Action::Begin]
+            [Action::End { give_back: true }]
         );
+        assert!(s.idle() && !s.done());
+        assert_eq!(s.apply(Event::Start { taken_up: false }), [Action::Begin]);
         assert_eq!(
             s.apply(Event::Begun { durable: true }),
             [Action::AwaitWrites]
@@ -719,6 +766,7 @@ mod tests {
             s.apply(Event::Finished(failed())),
             [Action::End { give_back: true }, Action::RemoveJournal]
         );
-        assert_eq!(s.apply(Event::JournalRemoved { ok: true }), []);
+        assert_eq!(s.apply(Event::JournalRemoved { ok: false }), []);
+        assert!(s.done());
     }
 }

@@ -11,6 +11,7 @@ use bdev::steps::{Action, Event, Finish, Steps};
 use bdev::{ChangedChunks, VolumeHandle};
 use reactor::ReactorHandle;
 
+use super::SnapshotProgress;
 use crate::error::OxError;
 use crate::journal;
 
@@ -21,17 +22,22 @@ pub(super) enum Next {
     CheckJournal,
     /// Write the snapshot from this chunk on.
     Write(u64),
+    /// The snapshot taken up was given up: start a fresh one ([`Event::Start`]).
+    StartOver,
     /// The attempt is over.
     Done,
 }
 
 /// A snapshot attempt: its steps, and what carrying them out needs. Dropped before it
-/// is over (an error, a cancel, its future dropped), it ends as a failure would: its
-/// journal removed first, then its changes given back.
+/// is over (its future dropped), it ends as its progress says: suspended (with a
+/// durable journal), held; else as a failure, its journal removed first, then its
+/// changes given back.
 pub(super) struct Attempt<'a> {
     steps: Steps,
     handle: &'a VolumeHandle,
-    on: &'a ReactorHandle,
+    /// Owns the volume's snapshot state if no reactor does yet; also flushes it.
+    on: Option<&'a ReactorHandle>,
+    progress: Option<&'a SnapshotProgress>,
     journal: Option<&'a Path>,
     /// The parent's snapshot ID: a change set relative to another is read whole.
     parent: Option<[u8; 16]>,
@@ -46,10 +52,27 @@ pub(super) struct Attempt<'a> {
 
 impl<'a> Attempt<'a> {
     /// An attempt on `handle` (owned by `on` if no reactor owns it yet), with a journal
-    /// at `journal` if given, over the parent snapshot `parent`.
+    /// at `journal` if given, over the parent snapshot `parent`, stopped as `progress`
+    /// says.
     pub(super) fn new(
         handle: &'a VolumeHandle,
         on: &'a ReactorHandle,
+        journal: Option<&'a Path>,
+        parent: Option<[u8; 16]>,
+        progress: &'a SnapshotProgress,
+    ) -> Self {
+        Self::with(handle, Some(on), Some(progress), journal, parent)
+    }
+
+    /// An attempt only to give up the snapshot `handle` took up again ([`Self::give_up`]).
+    pub(super) fn giving_up(handle: &'a VolumeHandle, journal: Option<&'a Path>) -> Self {
+        Self::with(handle, None, None, journal, None)
+    }
+
+    fn with(
+        handle: &'a VolumeHandle,
+        on: Option<&'a ReactorHandle>,
+        progress: Option<&'a SnapshotProgress>,
         journal: Option<&'a Path>,
         parent: Option<[u8; 16]>,
     ) -> Self {
@@ -57,6 +80,7 @@ impl<'a> Attempt<'a> {
             steps: Steps::new(journal.is_some()),
             handle,
             on,
+            progress,
             journal,
             parent,
             changed: None,
@@ -83,7 +107,7 @@ impl<'a> Attempt<'a> {
                 Action::Begin => {
                     self.changed = Some(
                         self.handle
-                            .begin_snapshot(self.on)
+                            .begin_snapshot(self.reactor()?)
                             .await
                             .map_err(|e| OxError::Config(e.to_string()))?,
                     );
@@ -99,8 +123,8 @@ impl<'a> Attempt<'a> {
                     // is catalogued the change record forgets those chunks, and a
                     // power cut that lost writes the host never flushed would leave
                     // them differing from it, unseen by every later snapshot.
-                    crate::blockio::run(self.on, self.handle.inner(), bdev::BdevIo::flush())
-                        .await?;
+                    let flush = bdev::BdevIo::flush();
+                    crate::blockio::run(self.reactor()?, self.handle.inner(), flush).await?;
                     let base_matches = self.changed().base == self.parent;
                     Some(Event::Flushed { base_matches })
                 }
@@ -110,11 +134,19 @@ impl<'a> Attempt<'a> {
                 actions.extend(self.steps.apply(event));
             }
         }
+        if self.steps.idle() {
+            return Ok(Next::StartOver);
+        }
         assert!(
             self.steps.done(),
             "snapshot steps stopped with nothing to do"
         );
         Ok(Next::Done)
+    }
+
+    fn reactor(&self) -> Result<&'a ReactorHandle, OxError> {
+        self.on
+            .ok_or_else(|| OxError::Config("a snapshot attempt without a reactor".into()))
     }
 
     /// Carries out an action that needs no waiting; returns what it leads to.
@@ -130,7 +162,13 @@ impl<'a> Attempt<'a> {
             Action::RemoveJournal => {
                 let removed = self.journal.map_or(Ok(()), journal::remove);
                 let ok = removed.is_ok();
-                self.unremoved = removed.err();
+                self.unremoved = removed.err().map(|e| {
+                    OxError::Config(format!(
+                        "the snapshot's journal could not be removed, so the snapshot stays \
+                         held (writes keep their copies) until oxd restarts and takes it up \
+                         again: {e}"
+                    ))
+                });
                 return Some(Event::JournalRemoved { ok });
             }
             Action::End { give_back } => {
@@ -255,7 +293,7 @@ impl<'a> Attempt<'a> {
     /// error is the snapshot's own).
     fn log_unremoved(&mut self) {
         if let Some(e) = self.unremoved.take() {
-            tracing::error!(error = %e, "snapshot journal not removed: the snapshot stays held until oxd restarts and takes it up again");
+            tracing::error!(volume = self.handle.inner().name(), "{e}");
         }
     }
 
@@ -268,9 +306,16 @@ impl<'a> Attempt<'a> {
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         // (Not while a broken invariant unwinds: the snapshot stays held, journal and
-        // copies kept, for the next start to take up.)
+        // copies kept, for the next start to take up. Nor with a journal being saved,
+        // which cannot be: saves do not wait.)
         if !self.steps.done() && !self.steps.saving() && !std::thread::panicking() {
-            self.step_now(Event::Finished(Finish::default()));
+            let finish = self.progress.map_or_else(Finish::default, |p| Finish {
+                published: false,
+                suspended: p.is_suspended(),
+                cancelled: p.is_cancelled(),
+                abandoned: self.handle.snapshot_abandoned().is_some(),
+            });
+            self.step_now(Event::Finished(finish));
             self.log_unremoved();
         }
     }

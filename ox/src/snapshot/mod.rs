@@ -217,7 +217,7 @@ pub struct SnapshotReport {
 /// The appliance's checkpoint interval for snapshot journals.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
-/// Snapshots the tracked volume `handle` (read through `volume` on reactor `on`) into
+/// Snapshots the tracked volume `handle` (read and flushed on reactor `on`) into
 /// `store`, incrementally over `parent` if given. Continues the snapshot a restart cut
 /// short, if the volume took one up again and its journal fits. The steps that touch
 /// the volume and the journal follow [`bdev::steps`] (see [`attempt`]).
@@ -236,7 +236,8 @@ pub async fn snapshot_volume(
     // However this ends (an error, a cancel, or being dropped), the attempt ends as its
     // steps say: published, given back (its journal removed first), or held for the
     // next start.
-    let mut attempt = Attempt::new(handle, on, opts.journal.as_deref(), parent_id);
+    let journal = opts.journal.as_deref();
+    let mut attempt = Attempt::new(handle, on, journal, parent_id, &opts.progress);
     let from_to = writer::FromTo {
         store,
         on,
@@ -247,8 +248,16 @@ pub async fn snapshot_volume(
     };
     let mut leased = None;
     let mut result = start_and_write(from_to, &mut attempt, &mut leased).await;
-    let published = match &result {
-        Ok(report) => Some(format::parse_id(&report.manifest.snapshot)?),
+    let published = match result
+        .as_ref()
+        .map(|r| format::parse_id(&r.manifest.snapshot))
+    {
+        Ok(Ok(id)) => Some(id),
+        // (Never: the writer made that ID.)
+        Ok(Err(e)) => {
+            result = Err(e);
+            None
+        }
         Err(_) => None,
     };
     let finish = Finish {
@@ -317,18 +326,8 @@ async fn start_and_write(
             // It cannot continue: given up, its journal first, and a fresh one begins.
             Err((changed, stale)) => {
                 attempt.taken_up(changed);
-                next = attempt
-                    .step(Event::Checked {
-                        next: None,
-                        start_over: true,
-                    })
-                    .await?;
-                if let Some((prefix, snapshot)) = stale {
-                    release_lease(store, &prefix, &snapshot, opts).await;
-                }
-                if let Some(e) = attempt.unremoved() {
-                    return Err(e);
-                }
+                give_up(attempt, true, stale, store, opts).await?;
+                next = attempt.step(Event::Start { taken_up: false }).await?;
                 return write_next(from_to, attempt, next, None, leased).await;
             }
         };
@@ -352,16 +351,8 @@ async fn start_and_write(
             // the next snapshot, which begins now (or at the next attempt, when the
             // lease could not be read).
             lapsed => {
-                next = attempt
-                    .step(Event::Checked {
-                        next: None,
-                        start_over: lapsed.is_ok(),
-                    })
-                    .await?;
-                release_lease(store, &opts.prefix, &j.snapshot, opts).await;
-                if let Some(e) = attempt.unremoved() {
-                    return Err(e);
-                }
+                let lease = Some((opts.prefix.clone(), j.snapshot.clone()));
+                give_up(attempt, lapsed.is_ok(), lease, store, opts).await?;
                 if let Err(e) = lapsed {
                     return Err(OxError::Config(format!(
                         "snapshot of {} cut short by a restart is given up (its changes go \
@@ -374,10 +365,42 @@ async fn start_and_write(
                      stored may have been collected), so it is given up; a new one begins",
                     opts.volume_name
                 );
+                next = attempt.step(Event::Start { taken_up: false }).await?;
             }
         }
     }
     write_next(from_to, attempt, next, resumed, leased).await
+}
+
+/// Gives up the snapshot `attempt` took up (its journal first, then its end), then
+/// releases the upload `lease` it held (the prefix and snapshot), whatever the removal
+/// did; fails if the journal stays (the snapshot is held). With `start_over`, the
+/// attempt is ready to begin a fresh snapshot.
+async fn give_up(
+    attempt: &mut Attempt<'_>,
+    start_over: bool,
+    lease: Option<(String, String)>,
+    store: &dyn ObjectStore,
+    opts: &SnapshotOptions,
+) -> Result<(), OxError> {
+    let checked = Event::Checked {
+        next: None,
+        start_over,
+    };
+    let next = attempt.step(checked).await?;
+    if let Some((prefix, snapshot)) = lease {
+        release_lease(store, &prefix, &snapshot, opts).await;
+    }
+    if let Some(e) = attempt.unremoved() {
+        return Err(e);
+    }
+    let expected = if start_over {
+        Next::StartOver
+    } else {
+        Next::Done
+    };
+    debug_assert_eq!(next, expected, "a snapshot given up");
+    Ok(())
 }
 
 /// Writes the snapshot where the steps say (`next`), continuing `resumed` if given.
@@ -390,7 +413,7 @@ async fn write_next(
 ) -> Result<SnapshotReport, OxError> {
     match next {
         Next::Write(from) => write(from_to, attempt, from, resumed, leased).await,
-        Next::CheckJournal | Next::Done => Err(OxError::Config(format!(
+        Next::CheckJournal | Next::StartOver | Next::Done => Err(OxError::Config(format!(
             "snapshot of {}: its steps left nothing to write ({next:?})",
             from_to.opts.volume_name
         ))),
@@ -401,15 +424,10 @@ async fn write_next(
 /// after all (its job failed before reaching it): its journal at `journal` is removed,
 /// durably, then the snapshot ends, its changes given back (in [`bdev::steps`]'
 /// order). A journal that cannot be removed leaves it held, copies and all, for the
-/// next start to take up (the error says why). `on` owns the volume's snapshot state if
-/// no reactor does yet.
-pub fn give_up_taken_up(
-    handle: &VolumeHandle,
-    on: &ReactorHandle,
-    journal: &Path,
-) -> Result<(), OxError> {
+/// next start to take up (the error says why).
+pub fn give_up_taken_up(handle: &VolumeHandle, journal: &Path) -> Result<(), OxError> {
     let changed = journal::changes_or_all(journal, handle);
-    Attempt::new(handle, on, Some(journal), None).give_up(changed)
+    Attempt::giving_up(handle, Some(journal)).give_up(changed)
 }
 
 /// Whether the upload the journal `j` describes can no longer trust what it stored: not

@@ -261,7 +261,7 @@ pub(super) async fn write(
         )?,
         None => Start::fresh(opts)?,
     };
-    assert_eq!(
+    debug_assert_eq!(
         start.next_chunk, from,
         "a snapshot written from where its steps say"
     );
