@@ -260,8 +260,9 @@ mod tests {
     }
 
     /// The rarer ends of a snapshot, made common: journals that cannot be removed
-    /// (the snapshot held until a restart takes it up), and cuts between a manifest
-    /// and its catalogue (the snapshot taken up is found published).
+    /// (the snapshot held until a restart takes it up), cuts between a manifest and
+    /// its catalogue (the snapshot taken up is found published), journals that no
+    /// longer fit or could not be saved, and clean stops that suspend a snapshot.
     #[test]
     fn held_and_published_snapshots_taken_up_again_stay_right() {
         let seeds = seeds(40);
@@ -283,6 +284,7 @@ mod tests {
                 "{total}"
             );
             assert!(total.given_up > 0 && total.saves_failed > 0, "{total}");
+            assert!(total.restarts > 0 && total.suspended > 0, "{total}");
         }
     }
 

@@ -34,6 +34,12 @@
 //! copies that survived) and must still equal the volume at its first point in time.
 //! The other half keep copies in memory: a power cut ends the snapshot, and the next
 //! one starts over from the change record.
+//!
+//! Besides power cuts, the appliance now and then stops cleanly (hosts stop, a
+//! running snapshot is suspended after a last checkpoint and held, and the power goes
+//! off with everything on the media); journal saves and removals take time and now and
+//! then fail; a journal taken up may no longer fit; and a cut may come between a
+//! manifest and its catalogue, so the snapshot taken up is found published.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -193,6 +199,10 @@ pub(crate) struct Stats {
     pub(crate) found_published: u64,
     /// Snapshots held because their journal could not be removed.
     pub(crate) held: u64,
+    /// Clean stops (the appliance stopped and started again, nothing lost), and the
+    /// snapshots they suspended and held for the next start.
+    pub(crate) restarts: u64,
+    pub(crate) suspended: u64,
     /// Snapshots taken up again whose journal did not fit: given up.
     pub(crate) given_up: u64,
     /// Journal saves that failed (their snapshot with them).
@@ -223,6 +233,8 @@ impl Stats {
         self.resumed_published += o.resumed_published;
         self.found_published += o.found_published;
         self.held += o.held;
+        self.restarts += o.restarts;
+        self.suspended += o.suspended;
         self.given_up += o.given_up;
         self.saves_failed += o.saves_failed;
         self.simulated_us += o.simulated_us;
@@ -234,13 +246,13 @@ impl std::fmt::Display for Stats {
         write!(
             f,
             "{} events, {} host operations ({} writes acknowledged, {} through the snapshot's \
-             guard, {} copies before writes), {} snapshots published ({} first after a cut, \
-             {} failed), {} chunks uploaded, {} blocks checked, {} power cuts ({} \
-             mid-record), {} compactions, {} checkpoints, {} snapshots taken up again after a \
-             cut ({} of them published, {} found published already, {} given up as their \
-             journal did not fit), {} held as their journal could not be removed, {} journal \
-             saves failed, {} writes failed and {} snapshots abandoned as copies could not be \
-             stored",
+             guard, {} copies before writes), {} snapshots published ({} first after a cut or \
+             restart, {} failed), {} chunks uploaded, {} blocks checked, {} power cuts ({} \
+             mid-record), {} clean restarts ({} snapshots suspended by them), {} compactions, \
+             {} checkpoints, {} snapshots taken up again after a cut or restart ({} of them \
+             published, {} found published already, {} given up as their journal did not \
+             fit), {} held as their journal could not be removed, {} journal saves failed, {} \
+             writes failed and {} snapshots abandoned as copies could not be stored",
             self.events,
             self.host_ops,
             self.writes_acked,
@@ -253,6 +265,8 @@ impl std::fmt::Display for Stats {
             self.blocks_checked,
             self.cuts,
             self.cuts_mid_record,
+            self.restarts,
+            self.suspended,
             self.compactions,
             self.checkpoints,
             self.resumed,
@@ -354,6 +368,9 @@ enum Ev {
         id: u64,
     },
     Cut,
+    /// A clean stop of the appliance: hosts stop, a running snapshot is suspended, and
+    /// once all is quiet the power goes off with nothing lost, and on again.
+    Stop,
 }
 
 impl Ev {
@@ -370,6 +387,7 @@ impl Ev {
             Ev::SnapStart => 6,
             Ev::SnapFlushed(_) => 7,
             Ev::Cut => 8,
+            Ev::Stop => 12,
             Ev::JournalSaved { next, .. } => 9 + 16 * next,
             Ev::JournalRemoved { ok } => 10 + 16 * u64::from(*ok),
             Ev::Catalogued { id } => 11 + 16 * id,
@@ -402,8 +420,14 @@ struct Running {
     since_checkpoint: u32,
     /// Taken up again after a cut.
     resumed: bool,
-    /// Held (its journal could not be removed) until a cut takes it up again.
+    /// Held (its journal could not be removed, or suspended) until a cut or a restart
+    /// takes it up again.
     held: bool,
+    /// Suspended by a clean stop: it claims nothing more and ends held (with a durable
+    /// journal), after one last checkpoint.
+    suspended: bool,
+    /// Its last checkpoint before the stop was asked for.
+    last_checkpoint: bool,
     uploaded: BTreeMap<u64, Vec<u8>>,
     failed: bool,
     /// Taken up again and found published already: only ended.
@@ -488,6 +512,8 @@ struct World {
     copies: BTreeMap<u64, Vec<u8>>,
     /// The running durable snapshot's journal, if it has saved one.
     journal: Option<Journal>,
+    /// A clean stop is under way.
+    stopping: bool,
     /// The store of copies' durable mark that the running snapshot was abandoned.
     abandoned: bool,
     /// The snapshot attempt's steps (`volume::steps`), from its start to its end.
@@ -542,6 +568,7 @@ impl World {
             compact_pending: false,
             copies: BTreeMap::new(),
             journal: None,
+            stopping: false,
             abandoned: false,
             steps: None,
             stats: Stats::default(),
@@ -586,6 +613,9 @@ impl World {
                     .rotate_left(7)
                     .wrapping_add(self.clock.now() ^ ev.discriminant());
                 self.event(ev)?;
+                if self.stopping && self.failure.is_none() {
+                    self.maybe_stopped()?;
+                }
                 if let Some(e) = self.failure.take() {
                     return Err(e);
                 }
@@ -593,7 +623,7 @@ impl World {
             assert!(self.ops.is_empty(), "operations left: {:?}", self.ops);
             if self.running.as_ref().is_some_and(|r| r.held) {
                 // Held (its journal could not be removed): a restart takes it up.
-                self.cut(false)?;
+                self.cut(Off::Cut)?;
                 continue;
             }
             assert!(self.running.is_none(), "a snapshot never ended");
@@ -606,7 +636,7 @@ impl World {
                 return Ok(());
             }
             last_cut = true;
-            self.cut(false)?;
+            self.cut(Off::Cut)?;
         }
         Err("no end after 1,000 power-ons and snapshots".into())
     }
@@ -696,7 +726,18 @@ impl World {
                 Ok(())
             }
             Ev::Catalogued { id } => self.catalogued(id),
-            Ev::Cut => self.cut(false),
+            Ev::Cut => self.cut(Off::Cut),
+            Ev::Stop => {
+                self.stopping = true;
+                if let Some(r) = self
+                    .running
+                    .as_mut()
+                    .filter(|r| !r.held && r.phase != Phase::Finished)
+                {
+                    r.suspended = true;
+                }
+                self.maybe_publish()
+            }
         }
     }
 
@@ -769,7 +810,7 @@ impl World {
     // ------------------------------------------------------------------ hosts
 
     fn host(&mut self, h: usize) -> Result<(), String> {
-        if self.issued >= self.config.ops {
+        if self.issued >= self.config.ops || self.stopping {
             return Ok(());
         }
         self.issued += 1;
@@ -1005,7 +1046,7 @@ impl World {
         let (batch, then) = self.record.committing.take().expect("a commit");
         let result = self.record.files.commit(&self.record.durable, &batch);
         if self.medium.failed().is_some() {
-            return self.cut(true);
+            return self.cut(Off::Blown);
         }
         result.map_err(|e| format!("the change record: {e}"))?;
         for &c in &batch {
@@ -1051,7 +1092,7 @@ impl World {
         self.record.durable.clone_from(&keep);
         let result = self.record.files.compact(self.base.map(base_id), &keep);
         if self.medium.failed().is_some() {
-            return self.cut(true);
+            return self.cut(Off::Blown);
         }
         result.map_err(|e| format!("compacting the change record: {e}"))?;
         self.stats.compactions += 1;
@@ -1192,7 +1233,11 @@ impl World {
             A::Hold => {
                 let r = self.running.as_mut().expect("a snapshot is held");
                 r.held = true;
-                self.stats.held += 1;
+                if r.suspended {
+                    self.stats.suspended += 1;
+                } else {
+                    self.stats.held += 1;
+                }
             }
         }
         Ok(())
@@ -1205,6 +1250,7 @@ impl World {
             || self.steps.is_some()
             || self.cataloguing
             || self.compact_pending
+            || self.stopping
         {
             return Ok(());
         }
@@ -1265,6 +1311,8 @@ impl World {
             since_checkpoint: 0,
             resumed: false,
             held: false,
+            suspended: false,
+            last_checkpoint: false,
             uploaded: BTreeMap::new(),
             failed: false,
             adopted: false,
@@ -1339,7 +1387,7 @@ impl World {
         let Some(r) = &mut self.running else {
             return false;
         };
-        if r.failed || r.phase != Phase::Reading {
+        if r.failed || r.suspended || r.phase != Phase::Reading {
             return false;
         }
         if self.abandoned {
@@ -1462,15 +1510,28 @@ impl World {
         let Some(r) = &self.running else {
             return Ok(());
         };
-        if r.phase != Phase::Reading || r.in_flight > 0 || (!r.todo.is_empty() && !r.failed) {
+        let stopped = r.failed || r.suspended;
+        if r.phase != Phase::Reading || r.in_flight > 0 || (!r.todo.is_empty() && !stopped) {
             return Ok(());
         }
-        if self.steps.as_ref().is_some_and(Steps::saving) {
+        let Some(steps) = &self.steps else {
+            return Ok(());
+        };
+        if steps.saving() {
+            return Ok(());
+        }
+        if r.suspended && !r.failed && !r.last_checkpoint && steps.journaling() && !self.abandoned {
+            // As `ox::snapshot`'s writer, suspended: a last checkpoint first.
+            let next = r.todo.last().copied().unwrap_or(self.config.chunks);
+            self.running.as_mut().expect("a snapshot").last_checkpoint = true;
+            self.step(steps::Event::CheckpointDue { next });
             return Ok(());
         }
         // As `ox::snapshot`'s last look before publishing: abandoned, it fails (one
-        // found published already is only adopted, before that look).
-        let failed = r.failed || (self.abandoned && !r.adopted);
+        // found published already is only adopted, before that look); suspended, it
+        // stops.
+        let failed = !r.adopted && (r.failed || r.suspended || self.abandoned);
+        let suspended = r.suspended && !r.adopted;
         let (id, adopted) = (r.id, r.adopted);
         if !failed {
             let r = self.running.as_mut().expect("a snapshot");
@@ -1494,8 +1555,9 @@ impl World {
         self.running.as_mut().expect("a snapshot").phase = Phase::Finished;
         let finish = steps::Finish {
             published: !failed,
+            suspended,
             abandoned: self.abandoned,
-            ..Default::default()
+            cancelled: false,
         };
         self.step(steps::Event::Finished(finish));
         Ok(())
@@ -1561,6 +1623,8 @@ impl World {
             since_checkpoint: 0,
             resumed: true,
             held: false,
+            suspended: false,
+            last_checkpoint: false,
             uploaded: j.uploaded,
             failed: false,
             adopted: false,
@@ -1629,16 +1693,44 @@ impl World {
 
     // ------------------------------------------------------------------ power
 
-    /// Cuts the power (`blown`: the medium cut itself mid-change). The running
-    /// snapshot is gone; the volume comes back from what is durable (every block
-    /// checked), its change tracking from the record.
-    fn cut(&mut self, blown: bool) -> Result<(), String> {
-        self.stats.cuts += 1;
-        if blown {
-            self.stats.cuts_mid_record += 1;
-        } else {
-            self.medium.cut();
+    /// A clean stop is over once no host request is left, no snapshot runs (one may be
+    /// held) and the change record and catalogue are quiet: the power goes off with
+    /// everything on the media (oxd syncs as it stops), and on again.
+    fn maybe_stopped(&mut self) -> Result<(), String> {
+        let quiet = self.ops.is_empty()
+            && self.steps.is_none()
+            && self.running.as_ref().is_none_or(|r| r.held)
+            && self.record.committing.is_none()
+            && self.record.needs.is_empty()
+            && !self.cataloguing
+            && !self.compact_pending;
+        if !quiet {
+            return Ok(());
         }
+        let cached = self.drive.cached();
+        self.drive.persist(cached);
+        self.cut(Off::Clean)
+    }
+
+    /// Turns the power off (see [`Off`]). The running snapshot is gone (one held is
+    /// taken up again at the power-on); the volume comes back from what is durable
+    /// (every block checked), its change tracking from the record.
+    fn cut(&mut self, how: Off) -> Result<(), String> {
+        match how {
+            Off::Cut => {
+                self.stats.cuts += 1;
+                self.medium.cut();
+            }
+            Off::Blown => {
+                self.stats.cuts += 1;
+                self.stats.cuts_mid_record += 1;
+            }
+            Off::Clean => {
+                self.stats.restarts += 1;
+                self.medium.cut();
+            }
+        }
+        self.stopping = false;
         self.medium.fail_after(None);
         self.drive.cut();
         // Writes not done: each of their blocks reached the media, or not.
@@ -1739,11 +1831,26 @@ impl World {
         let mean = self.config.ops_per_cut * 500;
         let t = self.between(mean / 4, mean * 2);
         self.at(t, Ev::Cut);
+        if self.chance(30) {
+            let t = self.between(mean / 4, mean * 2);
+            self.at(t, Ev::Stop);
+        }
         if self.chance(33) {
             let changes = self.rng.below(8);
             self.medium.fail_after(Some(changes));
         }
     }
+}
+
+/// How the power goes off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Off {
+    /// A power cut: what was not flushed may be lost.
+    Cut,
+    /// A power cut the record's medium made itself, in the middle of a change.
+    Blown,
+    /// After a clean stop: everything is on the media.
+    Clean,
 }
 
 /// As the appliance's start: the change record (`dirty::RecordFiles`, the appliance's
