@@ -1212,6 +1212,18 @@ impl Service {
                 backlog,
             )
         };
+        // A snapshot an earlier one left held (its journal could not be removed then)
+        // is given up now, journal first; while it cannot be, no other begins.
+        if handle.snapshot_token().is_some() && !handle.resumed_waiting() {
+            let journal = self.journal_path(volume);
+            if let Err(e) = ox::snapshot::give_up_held(&handle, &journal) {
+                busy.store(false, Ordering::SeqCst);
+                conflict!(
+                    "an earlier snapshot of volume {} is still held: {e}",
+                    shown(volume)
+                );
+            }
+        }
         let uuid = volume_record.uuid.clone();
         let head = self.head_of(&volume_record);
         let progress = Arc::new(SnapshotProgress::default());
@@ -1414,16 +1426,11 @@ impl Service {
                 if outcome.is_err() {
                     volume_handle.restore_heat(&heat);
                 }
-                // A failure of its own (not the daemon stopping) ends the request —
-                // unless its snapshot stays held (its journal could not be removed):
-                // pending, the next start takes it up again, copies, journal and all.
+                // A failure of its own (not the daemon stopping) ends the request. (A
+                // snapshot held because its journal could not be removed is not
+                // pending: the volume's next snapshot, or the next start, gives it up.)
                 if outcome.is_err() && !service.stopping.load(Ordering::SeqCst) {
                     service.release_resumed(&volume, &volume_handle);
-                }
-                if outcome.is_err()
-                    && !service.stopping.load(Ordering::SeqCst)
-                    && volume_handle.snapshot_token().is_none()
-                {
                     let mut inner = service.inner();
                     inner.catalogue.pending.retain(|p| p.volume != volume);
                     if let Err(e) = service.save(&inner) {
@@ -1484,7 +1491,7 @@ impl Service {
         // The journal first, durably, then the end: ended first, a crash between the
         // two would take the snapshot up again with its copies dropped. Not removed,
         // it is not ended: the next start takes it up again, copies and all.
-        if let Err(e) = ox::snapshot::give_up_taken_up(handle, &journal) {
+        if let Err(e) = ox::snapshot::give_up_held(handle, &journal) {
             tracing::error!(volume, path = %journal.display(), "{e}");
         }
     }

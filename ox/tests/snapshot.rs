@@ -1213,22 +1213,21 @@ fn suspended_at_once(env: &Env, handle: &VolumeHandle, journal: &std::path::Path
 /// A snapshot taken up at a start whose journal can be neither read nor removed is
 /// given up, but stays held (its volume keeps its copies) rather than ending with a
 /// journal that might be read at the next start: taken up again then with its copies
-/// dropped, it would publish hosts' later writes. Once the journal is back, the next
-/// start takes it up again and it publishes its first point in time.
+/// dropped, it would publish hosts' later writes. No other snapshot begins while it is
+/// held; once its journal can be removed, the next request gives it up (as the daemon
+/// does), and the snapshot after it stores every chunk.
 #[test]
-fn a_snapshot_whose_journal_cannot_be_removed_stays_held_until_a_restart() {
+fn a_snapshot_whose_journal_cannot_be_removed_stays_held_until_it_can_be() {
     let env = env();
     let local = tempfile::tempdir().unwrap();
     let journal = local.path().join("vol1.snapshot");
     let size = 4 << 20;
+    let chunks = size / CHUNK;
     let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
-    let image = random(size as usize, 95);
-    write(&env, &vol, 0, &image);
+    write(&env, &vol, 0, &random(size as usize, 95));
     suspended_at_once(&env, &handle, &journal);
     drop((vol, handle));
     let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
-    // Hosts write over it: the held snapshot keeps copies of what they overwrite.
-    write(&env, &vol, 0, &random(size as usize, 96));
     let aside = local.path().join("aside");
     std::fs::rename(&journal, &aside).unwrap();
     block_journal(&journal);
@@ -1237,20 +1236,25 @@ fn a_snapshot_whose_journal_cannot_be_removed_stays_held_until_a_restart() {
     let err = snapshot_with(&env, &handle, opts.clone()).unwrap_err();
     assert!(err.contains("vol1.snapshot"), "{err}");
     assert!(handle.snapshot_token().is_some(), "held");
-    // Held: another snapshot cannot begin until a restart.
+    // Hosts write on; no other snapshot begins while it is held.
+    let now = random(size as usize, 96);
+    write(&env, &vol, 0, &now);
     let again = snapshot_with(&env, &handle, opts.clone()).unwrap_err();
     assert!(again.contains("already running"), "{again}");
-    drop((vol, handle));
+    let err = ox::snapshot::give_up_held(&handle, &journal).unwrap_err();
+    assert!(err.to_string().contains("stays held"), "{err}");
+    assert!(handle.snapshot_token().is_some(), "still held");
     std::fs::remove_dir_all(&journal).unwrap();
     std::fs::rename(&aside, &journal).unwrap();
-    let (_vol, handle) = durable_volume(&env, local.path(), size, &journal);
-    assert!(handle.snapshot_token().is_some(), "taken up again");
+    ox::snapshot::give_up_held(&handle, &journal).unwrap();
+    assert!(!journal.exists());
+    assert_eq!(handle.snapshot_token(), None, "ended");
+    assert_eq!(handle.changes().count(), chunks, "its changes given back");
     let key = snapshot_with(&env, &handle, opts).unwrap();
-    let key = format!("vol1/ox1/m/{key}");
-    let (clone, _) = open_clone(&env, &key, size);
+    let (clone, _) = open_clone(&env, &format!("vol1/ox1/m/{key}"), size);
     assert!(
-        read(&env, &clone, 0, size) == image,
-        "its first point in time"
+        read(&env, &clone, 0, size) == now,
+        "the volume as it is now"
     );
     env.set.shutdown().unwrap();
 }
@@ -1274,7 +1278,7 @@ fn a_snapshot_taken_up_and_given_up_removes_its_journal_before_it_ends() {
     let aside = local.path().join("aside");
     std::fs::rename(&journal, &aside).unwrap();
     block_journal(&journal);
-    let err = ox::snapshot::give_up_taken_up(&handle, &journal).unwrap_err();
+    let err = ox::snapshot::give_up_held(&handle, &journal).unwrap_err();
     assert!(err.to_string().contains("vol1.snapshot"), "{err}");
     assert!(
         handle.snapshot_token().is_some(),
@@ -1282,7 +1286,7 @@ fn a_snapshot_taken_up_and_given_up_removes_its_journal_before_it_ends() {
     );
     std::fs::remove_dir_all(&journal).unwrap();
     std::fs::rename(&aside, &journal).unwrap();
-    ox::snapshot::give_up_taken_up(&handle, &journal).unwrap();
+    ox::snapshot::give_up_held(&handle, &journal).unwrap();
     assert!(!journal.exists());
     assert_eq!(handle.snapshot_token(), None, "ended");
     assert_eq!(handle.changes().count(), chunks, "its changes given back");

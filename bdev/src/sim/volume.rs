@@ -426,8 +426,10 @@ struct Running {
     /// Suspended by a clean stop: it claims nothing more and ends held (with a durable
     /// journal), after one last checkpoint.
     suspended: bool,
-    /// Its last checkpoint before the stop was asked for.
+    /// Its last checkpoint before the stop was asked for (or given up on).
     last_checkpoint: bool,
+    /// Its journal could not be removed.
+    removal_failed: bool,
     uploaded: BTreeMap<u64, Vec<u8>>,
     failed: bool,
     /// Taken up again and found published already: only ended.
@@ -514,6 +516,11 @@ struct World {
     journal: Option<Journal>,
     /// A clean stop is under way.
     stopping: bool,
+    /// A snapshot is pending in the catalogue (from its request until it is catalogued,
+    /// or fails other than by a stop): only a pending one is taken up at a start.
+    pending: bool,
+    /// The attempt failed (not by a stop): its request ends once the attempt is over.
+    failing: bool,
     /// The store of copies' durable mark that the running snapshot was abandoned.
     abandoned: bool,
     /// The snapshot attempt's steps (`volume::steps`), from its start to its end.
@@ -569,6 +576,8 @@ impl World {
             copies: BTreeMap::new(),
             journal: None,
             stopping: false,
+            pending: false,
+            failing: false,
             abandoned: false,
             steps: None,
             stats: Stats::default(),
@@ -721,6 +730,8 @@ impl World {
             Ev::JournalRemoved { ok } => {
                 if ok {
                     self.journal = None;
+                } else if let Some(r) = self.running.as_mut() {
+                    r.removal_failed = true;
                 }
                 self.step(steps::Event::JournalRemoved { ok });
                 Ok(())
@@ -810,7 +821,10 @@ impl World {
     // ------------------------------------------------------------------ hosts
 
     fn host(&mut self, h: usize) -> Result<(), String> {
-        if self.issued >= self.config.ops || self.stopping {
+        // (A stop lets hosts go on until the running snapshot is suspended and held.)
+        let stopped =
+            self.stopping && self.steps.is_none() && self.running.as_ref().is_none_or(|r| r.held);
+        if self.issued >= self.config.ops || stopped {
             return Ok(());
         }
         self.issued += 1;
@@ -1119,7 +1133,12 @@ impl World {
             }
         }
         match &self.steps {
-            Some(s) if s.done() => self.steps = None,
+            Some(s) if s.done() => {
+                self.steps = None;
+                if std::mem::take(&mut self.failing) {
+                    self.pending = false;
+                }
+            }
             // A snapshot taken up was given up: a fresh one begins.
             Some(s) if s.idle() => self.step(steps::Event::Start { taken_up: false }),
             _ => {}
@@ -1216,7 +1235,9 @@ impl World {
                 } else {
                     self.between(500, 5_000)
                 };
-                let ok = self.rng.below(1000) >= self.config.removals_failing_permille;
+                // (Nothing there: removed at once, as `journal::remove`.)
+                let ok = self.journal.is_none()
+                    || self.rng.below(1000) >= self.config.removals_failing_permille;
                 self.at(t, Ev::JournalRemoved { ok });
             }
             A::End { give_back } => self.end(give_back),
@@ -1233,10 +1254,10 @@ impl World {
             A::Hold => {
                 let r = self.running.as_mut().expect("a snapshot is held");
                 r.held = true;
-                if r.suspended {
-                    self.stats.suspended += 1;
-                } else {
+                if r.removal_failed {
                     self.stats.held += 1;
+                } else {
+                    self.stats.suspended += 1;
                 }
             }
         }
@@ -1246,6 +1267,16 @@ impl World {
     /// Starts a snapshot attempt, unless one runs (or is held), or the last one is not
     /// catalogued yet.
     fn snap_start(&mut self) -> Result<(), String> {
+        if self.steps.is_none()
+            && !self.stopping
+            && self
+                .running
+                .as_ref()
+                .is_some_and(|r| r.held && r.removal_failed)
+        {
+            self.give_up_held();
+            return Ok(());
+        }
         if self.running.is_some()
             || self.steps.is_some()
             || self.cataloguing
@@ -1254,9 +1285,23 @@ impl World {
         {
             return Ok(());
         }
+        self.pending = true;
         self.steps = Some(self.config.flaws.steps(self.config.durable));
         self.step(steps::Event::Start { taken_up: false });
         Ok(())
+    }
+
+    /// As the service's next snapshot request: a snapshot an earlier one left held (its
+    /// journal could not be removed) is given up first, in the steps' order.
+    fn give_up_held(&mut self) {
+        let mut s = self.config.flaws.steps(true);
+        let asked = s.apply(steps::Event::Start { taken_up: true });
+        assert_eq!(asked, [steps::Action::CheckJournal], "giving up");
+        self.steps = Some(s);
+        self.step(steps::Event::Checked {
+            next: None,
+            start_over: false,
+        });
     }
 
     /// The drain is done: the snapshot begins.
@@ -1311,7 +1356,9 @@ impl World {
             since_checkpoint: 0,
             resumed: false,
             held: false,
-            suspended: false,
+            removal_failed: false,
+            // (One job's progress: a stop while it began suspends it too.)
+            suspended: self.stopping,
             last_checkpoint: false,
             uploaded: BTreeMap::new(),
             failed: false,
@@ -1520,18 +1567,31 @@ impl World {
         if steps.saving() {
             return Ok(());
         }
-        if r.suspended && !r.failed && !r.last_checkpoint && steps.journaling() && !self.abandoned {
-            // As `ox::snapshot`'s writer, suspended: a last checkpoint first.
-            let next = r.todo.last().copied().unwrap_or(self.config.chunks);
+        if r.suspended
+            && !r.failed
+            && !r.last_checkpoint
+            && !r.adopted
+            && steps.journaling()
+            && !self.abandoned
+            && let Some(&next) = r.todo.last()
+        {
+            // As `ox::snapshot`'s writer, suspended before its last chunk: a last
+            // checkpoint first — unless its uploads take too long (as
+            // `SUSPEND_PATIENCE`), now and then.
             self.running.as_mut().expect("a snapshot").last_checkpoint = true;
-            self.step(steps::Event::CheckpointDue { next });
-            return Ok(());
+            if self.chance(80) {
+                self.step(steps::Event::CheckpointDue { next });
+                return Ok(());
+            }
         }
         // As `ox::snapshot`'s last look before publishing: abandoned, it fails (one
         // found published already is only adopted, before that look); suspended, it
         // stops.
+        let r = self.running.as_ref().expect("a snapshot");
         let failed = !r.adopted && (r.failed || r.suspended || self.abandoned);
         let suspended = r.suspended && !r.adopted;
+        // The service: a failure of its own ends the request, once the attempt is over.
+        self.failing = failed && !suspended;
         let (id, adopted) = (r.id, r.adopted);
         if !failed {
             let r = self.running.as_mut().expect("a snapshot");
@@ -1590,6 +1650,7 @@ impl World {
         if self.journal.as_ref().is_some_and(|j| j.id == id) {
             self.journal = None;
         }
+        self.pending = false;
         self.cataloguing = false;
         // As the record's thread: what writes asked for before is recorded first.
         if self.record.committing.is_some() || !self.record.needs.is_empty() {
@@ -1611,6 +1672,7 @@ impl World {
         };
         self.stats.resumed += 1;
         self.active = true;
+        assert!(self.pending, "only a pending snapshot is taken up");
         self.running = Some(Running {
             id: j.id,
             parent: j.parent,
@@ -1623,6 +1685,7 @@ impl World {
             since_checkpoint: 0,
             resumed: true,
             held: false,
+            removal_failed: false,
             suspended: false,
             last_checkpoint: false,
             uploaded: j.uploaded,
@@ -1759,6 +1822,8 @@ impl World {
         self.plain.clear();
         self.running = None;
         self.steps = None;
+        // (The service never heard how the attempt ended: its request stays pending.)
+        self.failing = false;
         self.cataloguing = false;
         self.compact_pending = false;
         self.active = false;
@@ -1799,6 +1864,12 @@ impl World {
                 self.journal = None;
             }
             self.abandoned = false;
+        }
+        if !self.pending {
+            // As the service's start: a journal of no pending snapshot (one held
+            // because its journal could not be removed) goes; its changes are on the
+            // record.
+            self.journal = None;
         }
         if let Some(j) = &self.journal {
             let (next, changed) = (j.next, j.changed.clone());

@@ -880,6 +880,12 @@ impl VolumeHandle {
         }
     }
 
+    /// Whether a snapshot [`Self::resume_snapshot`] took up again waits for its writer
+    /// (no caller has taken it with [`Self::take_resumed`] yet).
+    pub fn resumed_waiting(&self) -> bool {
+        self.shared.resumed.load(Ordering::SeqCst)
+    }
+
     /// Whether every write on the device when [`Self::begin_snapshot`] began has
     /// finished; the snapshot waits for this, then calls [`Self::settle`].
     pub fn writes_settled(&self) -> bool {

@@ -47,6 +47,8 @@ pub(super) struct Attempt<'a> {
     published: Option<[u8; 16]>,
     /// Why the journal could not be removed, if it could not.
     unremoved: Option<OxError>,
+    /// A removal of the journal failed (a snapshot then held is not continued).
+    removal_failed: bool,
     held: bool,
 }
 
@@ -86,6 +88,7 @@ impl<'a> Attempt<'a> {
             changed: None,
             published: None,
             unremoved: None,
+            removal_failed: false,
             held: false,
         }
     }
@@ -165,10 +168,11 @@ impl<'a> Attempt<'a> {
                 self.unremoved = removed.err().map(|e| {
                     OxError::Config(format!(
                         "the snapshot's journal could not be removed, so the snapshot stays \
-                         held (writes keep their copies) until oxd restarts and takes it up \
-                         again: {e}"
+                         held (writes keep their copies) until it can be: the volume's next \
+                         snapshot, or the next start, gives it up: {e}"
                     ))
                 });
+                self.removal_failed |= !ok;
                 return Some(Event::JournalRemoved { ok });
             }
             Action::End { give_back } => {
@@ -279,14 +283,16 @@ impl<'a> Attempt<'a> {
 
     /// Ends the attempt as `finish` says (unless its steps ended it already: a
     /// snapshot taken up and given up); `published` names the snapshot published.
-    /// Returns whether the snapshot stays held (for the next start to take up).
+    /// Returns whether the snapshot stays held for the next start to continue (its
+    /// upload lease kept): suspended with a durable journal. (One held because its
+    /// journal could not be removed is given up later, not continued.)
     pub(super) fn finish(&mut self, finish: Finish, published: Option<[u8; 16]>) -> bool {
         if !self.steps.done() {
             self.published = published;
             self.step_now(Event::Finished(finish));
             self.log_unremoved();
         }
-        self.held
+        self.held && !self.removal_failed
     }
 
     /// Says why the journal of a snapshot that ended failing was not removed (its

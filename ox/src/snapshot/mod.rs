@@ -268,11 +268,11 @@ pub async fn snapshot_volume(
         cancelled: opts.progress.is_cancelled(),
         abandoned: handle.snapshot_abandoned().is_some(),
     };
-    let held = attempt.finish(finish, published);
+    let continues = attempt.finish(finish, published);
     drop(attempt);
     // Published or given up: the upload's objects are a manifest's or orphans now.
-    // (Kept while the snapshot is held: the upload continues at the next start.)
-    if let Some(s) = leased.filter(|_| !held) {
+    // (Kept while the snapshot is held for the next start to continue.)
+    if let Some(s) = leased.filter(|_| !continues) {
         release_lease(store, &opts.prefix, &s, opts).await;
     }
     if let Ok(SnapshotReport {
@@ -420,12 +420,13 @@ async fn write_next(
     }
 }
 
-/// Gives up the snapshot `handle` took up again at the start that will not continue
-/// after all (its job failed before reaching it): its journal at `journal` is removed,
-/// durably, then the snapshot ends, its changes given back (in [`bdev::steps`]'
-/// order). A journal that cannot be removed leaves it held, copies and all, for the
-/// next start to take up (the error says why).
-pub fn give_up_taken_up(handle: &VolumeHandle, journal: &Path) -> Result<(), OxError> {
+/// Gives up the snapshot `handle` holds that no attempt runs — one taken up again at
+/// the start whose job failed before reaching it, or one an attempt left held because
+/// its journal could not be removed: its journal at `journal` is removed, durably,
+/// then the snapshot ends, its changes given back (in [`bdev::steps`]' order). A
+/// journal that still cannot be removed leaves it held, copies and all (the error says
+/// why).
+pub fn give_up_held(handle: &VolumeHandle, journal: &Path) -> Result<(), OxError> {
     let changed = journal::changes_or_all(journal, handle);
     Attempt::giving_up(handle, Some(journal)).give_up(changed)
 }

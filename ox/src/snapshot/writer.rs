@@ -261,10 +261,12 @@ pub(super) async fn write(
         )?,
         None => Start::fresh(opts)?,
     };
-    debug_assert_eq!(
-        start.next_chunk, from,
-        "a snapshot written from where its steps say"
-    );
+    if start.next_chunk != from {
+        return Err(OxError::Config(format!(
+            "snapshot of {}: its journal continues at chunk {}, its steps at {from}",
+            opts.volume_name, start.next_chunk
+        )));
+    }
     let snapshot = start.snapshot;
     let snapshot_hex = hex::encode(snapshot);
     let manifest_key = format::manifest_key(&opts.prefix, &snapshot);
