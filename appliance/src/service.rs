@@ -1162,7 +1162,13 @@ impl Service {
         }
         .clone();
         let me = self.me();
-        let (handle, busy, volume_record, parent, backlog) = {
+        if self.stopping.load(Ordering::SeqCst) {
+            conflict!(
+                "oxd is stopping: no snapshot of {} begins now",
+                shown(volume)
+            );
+        }
+        let (handle, busy, volume_record, parent, backlog, pending_here) = {
             let inner = self.inner();
             let live = inner.volume(volume)?;
             let volume_record = inner
@@ -1210,16 +1216,19 @@ impl Service {
                 volume_record,
                 parent,
                 backlog,
+                inner.catalogue.pending.iter().any(|p| p.volume == volume),
             )
         };
-        // A snapshot an earlier one left held (its journal could not be removed then)
-        // is given up now, journal first; while it cannot be, no other begins.
-        if handle.snapshot_token().is_some() && !handle.resumed_waiting() {
+        // A snapshot an earlier one left held (its journal could not be removed then; it
+        // is no longer pending) is given up now, journal first; while it cannot be, no
+        // other begins. (One pending is the next start's to continue.)
+        if handle.snapshot_token().is_some() && !handle.resumed_waiting() && !pending_here {
             let journal = self.journal_path(volume);
             if let Err(e) = ox::snapshot::give_up_held(&handle, &journal) {
                 busy.store(false, Ordering::SeqCst);
                 conflict!(
-                    "an earlier snapshot of volume {} is still held: {e}",
+                    "an earlier snapshot of volume {} is still held, and could not be given \
+                     up now: {e}",
                     shown(volume)
                 );
             }
@@ -1426,10 +1435,18 @@ impl Service {
                 if outcome.is_err() {
                     volume_handle.restore_heat(&heat);
                 }
-                // A failure of its own (not the daemon stopping) ends the request. (A
-                // snapshot held because its journal could not be removed is not
-                // pending: the volume's next snapshot, or the next start, gives it up.)
-                if outcome.is_err() && !service.stopping.load(Ordering::SeqCst) {
+                // A failure of its own (not the daemon stopping) ends the request, and
+                // so does a cancel, whenever it came: a cancelled snapshot is never
+                // continued. (A snapshot held because its journal could not be removed
+                // is not pending then: the volume's next snapshot, or the next start,
+                // gives it up.)
+                let cancelled = job2
+                    .progress
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .is_some_and(|p| p.is_cancelled());
+                if outcome.is_err() && (!service.stopping.load(Ordering::SeqCst) || cancelled) {
                     service.release_resumed(&volume, &volume_handle);
                     let mut inner = service.inner();
                     inner.catalogue.pending.retain(|p| p.volume != volume);
@@ -1490,7 +1507,8 @@ impl Service {
         }
         // The journal first, durably, then the end: ended first, a crash between the
         // two would take the snapshot up again with its copies dropped. Not removed,
-        // it is not ended: the next start takes it up again, copies and all.
+        // it is not ended: it stays held, copies and all, until the volume's next
+        // snapshot or the next start gives it up.
         if let Err(e) = ox::snapshot::give_up_held(handle, &journal) {
             tracing::error!(volume, path = %journal.display(), "{e}");
         }

@@ -139,11 +139,14 @@ pub fn changes_or_all(path: &Path, handle: &bdev::VolumeHandle) -> ChangedChunks
     })
 }
 
-/// Removes the journal at `path` (nothing there is not an error).
+/// Removes the journal at `path` (nothing there is not an error): its change set first,
+/// so a removal that fails half-way leaves a journal that does not load (whoever finds
+/// it gives every chunk back), never a change set without its journal (which nothing
+/// would give back).
 pub fn remove(path: &Path) -> Result<(), OxError> {
-    bdev::fsutil::remove_file(path).map_err(|e| OxError::io(path, e))?;
     let cp = changed_path(path);
-    bdev::fsutil::remove_file(&cp).map_err(|e| OxError::io(&cp, e))
+    bdev::fsutil::remove_file(&cp).map_err(|e| OxError::io(&cp, e))?;
+    bdev::fsutil::remove_file(path).map_err(|e| OxError::io(path, e))
 }
 
 #[cfg(test)]

@@ -260,9 +260,10 @@ mod tests {
     }
 
     /// The rarer ends of a snapshot, made common: journals that cannot be removed
-    /// (the snapshot held until a restart takes it up), cuts between a manifest and
-    /// its catalogue (the snapshot taken up is found published), journals that no
-    /// longer fit or could not be saved, and clean stops that suspend a snapshot.
+    /// (the snapshot held until the next one or a power-on gives it up), cuts between a
+    /// manifest and its catalogue (the snapshot taken up is found published), journals
+    /// that no longer fit or could not be saved, and clean stops that suspend a
+    /// snapshot.
     #[test]
     fn held_and_published_snapshots_taken_up_again_stay_right() {
         let seeds = seeds(40);

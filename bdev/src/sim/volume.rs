@@ -132,7 +132,7 @@ pub(crate) struct Config {
     /// (the rest of the failures, 3 per thousand, fail the writes waiting instead).
     pub(crate) abandon_permille: u64,
     /// Per thousand removals of a journal: those that fail (the snapshot is then held
-    /// until a restart takes it up again).
+    /// until the next snapshot or a power-on gives it up).
     pub(crate) removals_failing_permille: u64,
     /// Every journal removal takes 10–100 ms, as when the appliance released an upload
     /// lease (a store round trip) before it.
@@ -420,8 +420,8 @@ struct Running {
     since_checkpoint: u32,
     /// Taken up again after a cut.
     resumed: bool,
-    /// Held (its journal could not be removed, or suspended) until a cut or a restart
-    /// takes it up again.
+    /// Held: suspended, until the power-on takes it up again; or because its journal
+    /// could not be removed, until the next snapshot or a power-on gives it up.
     held: bool,
     /// Suspended by a clean stop: it claims nothing more and ends held (with a durable
     /// journal), after one last checkpoint.
@@ -631,7 +631,7 @@ impl World {
             }
             assert!(self.ops.is_empty(), "operations left: {:?}", self.ops);
             if self.running.as_ref().is_some_and(|r| r.held) {
-                // Held (its journal could not be removed): a restart takes it up.
+                // Held (its journal could not be removed): a power-on gives it up.
                 self.cut(Off::Cut)?;
                 continue;
             }
@@ -1135,7 +1135,8 @@ impl World {
         match &self.steps {
             Some(s) if s.done() => {
                 self.steps = None;
-                if std::mem::take(&mut self.failing) {
+                // (As the service: a failure during a stop leaves it pending.)
+                if std::mem::take(&mut self.failing) && !self.stopping {
                     self.pending = false;
                 }
             }
@@ -1256,6 +1257,8 @@ impl World {
                 r.held = true;
                 if r.removal_failed {
                     self.stats.held += 1;
+                    // (Its job fails: the attempt, or a start's giving up.)
+                    self.failing |= !r.suspended;
                 } else {
                     self.stats.suspended += 1;
                 }

@@ -143,7 +143,9 @@ pub enum Action {
     },
     /// The published snapshot is the change set's base from now on.
     SetBase,
-    /// Leave the snapshot held, copies and journal kept, for the next start to take up.
+    /// Leave the snapshot held, copies and journal kept: suspended with a durable
+    /// journal, for the next start to continue; else (its journal could not be
+    /// removed) until it can be given up.
     Hold,
 }
 

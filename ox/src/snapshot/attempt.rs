@@ -312,8 +312,8 @@ impl<'a> Attempt<'a> {
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         // (Not while a broken invariant unwinds: the snapshot stays held, journal and
-        // copies kept, for the next start to take up. Nor with a journal being saved,
-        // which cannot be: saves do not wait.)
+        // copies kept, until it is given up. Nor with a journal being saved, which
+        // cannot be: saves do not wait.)
         if !self.steps.done() && !self.steps.saving() && !std::thread::panicking() {
             let finish = self.progress.map_or_else(Finish::default, |p| Finish {
                 published: false,

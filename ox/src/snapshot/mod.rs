@@ -137,7 +137,8 @@ impl SnapshotProgress {
         }
     }
 
-    fn is_cancelled(&self) -> bool {
+    /// Whether it was cancelled ([`Self::cancel`]).
+    pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
     }
 
