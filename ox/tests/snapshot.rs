@@ -1061,27 +1061,8 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
     let chunks = size / CHUNK;
     let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
     write(&env, &vol, 0, &random(size as usize, 91));
-    // A real journal to start from: a snapshot suspended as soon as it began.
-    let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
-    progress.suspend();
-    let mut opts = options(&env);
-    opts.journal = Some(journal.clone());
-    opts.progress = progress;
-    let run = |h: &VolumeHandle, opts: SnapshotOptions| {
-        let (root, h, reactor) = (env.root.clone(), h.clone(), env.set.handles()[0].clone());
-        env.cores
-            .run(move |_ex| {
-                Box::pin(async move {
-                    let store = LocalStore::open(root).unwrap();
-                    snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-            })
-            .unwrap()
-    };
-    let err = run(&handle, opts).unwrap_err();
-    assert!(err.contains("suspended"), "{err}");
+    // A real journal to start from.
+    suspended_at_once(&env, &handle, &journal);
     drop((vol, handle));
     let good = std::fs::read_to_string(&journal).unwrap();
     let good: serde_json::Value = serde_json::from_str(&good).unwrap();
@@ -1161,13 +1142,13 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
         let (_vol, handle) = durable_volume(&env, local.path(), size, &journal);
         let mut opts = options(&env);
         opts.journal = Some(journal.clone());
-        let err = run(&handle, opts.clone()).unwrap_err();
+        let err = snapshot_with(&env, &handle, opts.clone()).unwrap_err();
         eprintln!("{field} = {value}: {err}");
         assert!(err.contains("snapshot journal"), "{field}: {err}");
         // The volume is released, the journal gone, and the next snapshot works.
         assert_eq!(handle.snapshot_token(), None, "{field}");
         assert!(!journal.exists(), "{field}");
-        let report = run(&handle, opts).unwrap();
+        let report = snapshot_with(&env, &handle, opts).unwrap();
         assert_eq!(report.manifest.stored_chunks, chunks, "{field}");
         // Leave a journal for the next case to damage.
         std::fs::write(&journal, serde_json::to_vec(&good).unwrap()).unwrap();
@@ -1176,7 +1157,11 @@ fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
 }
 
 /// Runs `snapshot_volume` of `h` over no parent with `opts`, on the OX cores.
-fn snapshot_with(env: &Env, h: &VolumeHandle, opts: SnapshotOptions) -> Result<String, String> {
+fn snapshot_with(
+    env: &Env,
+    h: &VolumeHandle,
+    opts: SnapshotOptions,
+) -> Result<ox::snapshot::SnapshotReport, String> {
     let (root, h, reactor) = (env.root.clone(), h.clone(), env.set.handles()[0].clone());
     env.cores
         .run(move |_ex| {
@@ -1184,7 +1169,6 @@ fn snapshot_with(env: &Env, h: &VolumeHandle, opts: SnapshotOptions) -> Result<S
                 let store = LocalStore::open(root).unwrap();
                 snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                     .await
-                    .map(|r| r.manifest.snapshot)
                     .map_err(|e| e.to_string())
             })
         })
@@ -1250,8 +1234,8 @@ fn a_snapshot_whose_journal_cannot_be_removed_stays_held_until_it_can_be() {
     assert!(!journal.exists());
     assert_eq!(handle.snapshot_token(), None, "ended");
     assert_eq!(handle.changes().count(), chunks, "its changes given back");
-    let key = snapshot_with(&env, &handle, opts).unwrap();
-    let (clone, _) = open_clone(&env, &format!("vol1/ox1/m/{key}"), size);
+    let report = snapshot_with(&env, &handle, opts).unwrap();
+    let (clone, _) = open_clone(&env, &report.manifest_key, size);
     assert!(
         read(&env, &clone, 0, size) == now,
         "the volume as it is now"

@@ -66,7 +66,8 @@ impl<'a> Attempt<'a> {
         Self::with(handle, Some(on), Some(progress), journal, parent)
     }
 
-    /// An attempt only to give up the snapshot `handle` took up again ([`Self::give_up`]).
+    /// An attempt only to give up the snapshot `handle` holds that no attempt runs
+    /// ([`Self::give_up`]).
     pub(super) fn giving_up(handle: &'a VolumeHandle, journal: Option<&'a Path>) -> Self {
         Self::with(handle, None, None, journal, None)
     }
@@ -212,9 +213,9 @@ impl<'a> Attempt<'a> {
         self.changed = Some(changed);
     }
 
-    /// Gives up, unchecked, the snapshot the volume took up again, giving `changed`
-    /// back: its journal removed first, then ended; held if the journal stays (the
-    /// error says why).
+    /// Gives up, unchecked, the snapshot the volume holds (taken up again at a start, or
+    /// left held by an attempt), giving `changed` back: its journal removed first, then
+    /// ended; still held if the journal stays (the error says why).
     pub(super) fn give_up(&mut self, changed: ChangedChunks) -> Result<(), OxError> {
         self.changed = Some(changed);
         let asked = self.steps.apply(Event::Start { taken_up: true });
