@@ -1055,15 +1055,10 @@ fn cut_short_then_continued(crash: bool, lapse: bool) {
 #[test]
 fn a_hostile_journal_fails_the_snapshot_cleanly_and_releases_the_volume() {
     let env = env();
-    let local = tempfile::tempdir().unwrap();
-    let journal = local.path().join("vol1.snapshot");
-    let size = 4 << 20;
-    let chunks = size / CHUNK;
-    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
-    write(&env, &vol, 0, &random(size as usize, 91));
     // A real journal to start from.
-    suspended_at_once(&env, &handle, &journal);
-    drop((vol, handle));
+    let (local, journal) = journal_to_take_up(&env, 91);
+    let size = TAKEN_UP_BYTES;
+    let chunks = size / CHUNK;
     let good = std::fs::read_to_string(&journal).unwrap();
     let good: serde_json::Value = serde_json::from_str(&good).unwrap();
     // One index entry (for chunk 0), in the page layout.
@@ -1182,16 +1177,25 @@ fn block_journal(journal: &std::path::Path) {
     std::fs::write(journal.join("in-the-way"), b"x").unwrap();
 }
 
-/// Takes a snapshot of `handle` (over no parent) that is suspended as soon as it began,
-/// leaving its journal for the next start to take up.
-fn suspended_at_once(env: &Env, handle: &VolumeHandle, journal: &std::path::Path) {
+/// The size of the volumes [`journal_to_take_up`] makes.
+const TAKEN_UP_BYTES: u64 = 4 << 20;
+
+/// A durable volume in a new directory, written with `seed`'s data, whose snapshot (over
+/// no parent) was suspended as soon as it began: its journal waits for the next open of
+/// the volume ([`durable_volume`]) to take it up. Returns the directory and the journal.
+fn journal_to_take_up(env: &Env, seed: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let local = tempfile::tempdir().unwrap();
+    let journal = local.path().join("vol1.snapshot");
+    let (vol, handle) = durable_volume(env, local.path(), TAKEN_UP_BYTES, &journal);
+    write(env, &vol, 0, &random(TAKEN_UP_BYTES as usize, seed));
     let progress: Arc<ox::snapshot::SnapshotProgress> = Arc::default();
     progress.suspend();
     let mut opts = options(env);
-    opts.journal = Some(journal.to_path_buf());
+    opts.journal = Some(journal.clone());
     opts.progress = progress;
-    let err = snapshot_with(env, handle, opts).unwrap_err();
+    let err = snapshot_with(env, &handle, opts).unwrap_err();
     assert!(err.contains("suspended"), "{err}");
+    (local, journal)
 }
 
 /// A snapshot taken up at a start whose journal can be neither read nor removed is
@@ -1203,14 +1207,9 @@ fn suspended_at_once(env: &Env, handle: &VolumeHandle, journal: &std::path::Path
 #[test]
 fn a_snapshot_whose_journal_cannot_be_removed_stays_held_until_it_can_be() {
     let env = env();
-    let local = tempfile::tempdir().unwrap();
-    let journal = local.path().join("vol1.snapshot");
-    let size = 4 << 20;
+    let (local, journal) = journal_to_take_up(&env, 95);
+    let size = TAKEN_UP_BYTES;
     let chunks = size / CHUNK;
-    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
-    write(&env, &vol, 0, &random(size as usize, 95));
-    suspended_at_once(&env, &handle, &journal);
-    drop((vol, handle));
     let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
     let aside = local.path().join("aside");
     std::fs::rename(&journal, &aside).unwrap();
@@ -1249,14 +1248,9 @@ fn a_snapshot_whose_journal_cannot_be_removed_stays_held_until_it_can_be() {
 #[test]
 fn a_snapshot_taken_up_and_given_up_removes_its_journal_before_it_ends() {
     let env = env();
-    let local = tempfile::tempdir().unwrap();
-    let journal = local.path().join("vol1.snapshot");
-    let size = 4 << 20;
+    let (local, journal) = journal_to_take_up(&env, 97);
+    let size = TAKEN_UP_BYTES;
     let chunks = size / CHUNK;
-    let (vol, handle) = durable_volume(&env, local.path(), size, &journal);
-    write(&env, &vol, 0, &random(size as usize, 97));
-    suspended_at_once(&env, &handle, &journal);
-    drop((vol, handle));
     let (_vol, handle) = durable_volume(&env, local.path(), size, &journal);
     assert!(handle.take_resumed().is_some(), "taken up");
     let aside = local.path().join("aside");
