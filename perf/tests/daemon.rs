@@ -1220,6 +1220,33 @@ fn a_full_snapshot_reads_every_chunk_over_no_parent_and_starts_a_lineage() {
     assert!(at(&fresh, &["gets"]) < at(&before, &["gets"]), "{fresh}");
 }
 
+/// A stale snapshot journal that cannot be removed (a directory in the way of its change
+/// set) fails the next snapshot before it begins, naming the file: nothing is held, no
+/// change is lost, and once the way is clear the snapshot after it stores every chunk.
+#[test]
+fn a_stale_journal_that_cannot_be_removed_fails_the_snapshot_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let nqn = "nqn.2026-11.io.ox:v";
+    let (config, ctl) = local_appliance(d, port, "", &volume_v(8, nqn));
+    let _oxd = start_oxd(&config);
+    let vol = format!("127.0.0.1:{port},{nqn},1");
+    oxperf(&vol, "write", "0:16384", 64, 131072, 5);
+    let in_the_way = d.join("state/volumes/v.snapshot.changed");
+    std::fs::create_dir_all(in_the_way.join("x")).unwrap();
+    // (oxctl exits non-zero on a failed job: its answer is read from what it printed.)
+    let o = ctl.call(&["snapshot", "create", "v", "--store", "l"]);
+    let failed: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(failed["state"], "failed", "{o:?}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("v.snapshot.changed"), "{failed}");
+    std::fs::remove_dir_all(&in_the_way).unwrap();
+    let next = ctl.ok(&["snapshot", "create", "v", "--store", "l"]);
+    assert_eq!(next["state"], "done", "{next}");
+    assert_eq!(next["result"]["chunks_read"], 128, "{next}");
+}
+
 /// A snapshot cut short by a stop keeps its upload lease for the next start; when that
 /// start cannot continue it (here: its parent's manifest is gone from the store), the
 /// snapshot is given up and its lease released, so collection is not kept from the
