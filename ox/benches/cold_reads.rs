@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bdev::Bdev;
 use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::ObjectStore;
-use ox::store::s3::{CredentialSource, S3Config, S3Store};
+use ox::store::s3::{S3Config, S3Store};
 use ox::throttle::Throttle;
 use support::arg;
 use support::world::World;
@@ -52,9 +52,16 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// The server's counts: requests, object GETs, GET bytes.
+/// The server's counts: requests, object GETs, GET bytes (on the bed, where
+/// `OX_BED_STATS` says).
 fn stats(endpoint: &str) -> (u64, u64, u64) {
-    let s = s3server::served_at(endpoint.trim_start_matches("http://").trim_end_matches('/'));
+    let at = std::env::var("OX_BED_STATS").unwrap_or_else(|_| {
+        endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .into()
+    });
+    let s = s3server::served_at(&at);
     (s.requests, s.gets, s.get_bytes)
 }
 
@@ -93,10 +100,7 @@ fn main() {
         endpoint.parse().unwrap(),
         s3server::BUCKET,
         "us-east-1",
-        CredentialSource::Static {
-            access_key: s3server::ACCESS.into(),
-            secret_key: s3server::SECRET.into(),
-        },
+        support::bed_credentials(s3server::ACCESS, s3server::SECRET),
     );
     config.allow_http = true;
     let w = World::start(config, size);
@@ -124,6 +128,7 @@ fn main() {
         clock: Default::default(),
     };
     let (c, r, o, h) = (w.config.clone(), w.on(0), opts, vh.clone());
+    let before = stats(&endpoint);
     let start = Instant::now();
     let report = w
         .cores
@@ -136,11 +141,13 @@ fn main() {
             })
         })
         .unwrap();
+    let took = start.elapsed();
+    let after = stats(&endpoint);
     println!(
-        "snapshot: {} MiB in {:.2?} ({:.1} MB/s of volume)\n",
+        "snapshot: {} MiB in {took:.2?} ({:.1} MB/s of volume), {} requests at the server\n",
         size >> 20,
-        start.elapsed(),
-        size as f64 / start.elapsed().as_secs_f64() / 1e6
+        size as f64 / took.as_secs_f64() / 1e6,
+        after.0 - before.0
     );
     let objects = w.load(&report.manifest_key).sources[0].objects.clone();
     let object = objects[0].clone();

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ox::snapshot::{SnapshotOptions, snapshot_volume};
-use ox::store::s3::{CredentialSource, S3Config, S3Store};
+use ox::store::s3::{S3Config, S3Store};
 use ox::throttle::Throttle;
 use support::world::World;
 use support::{arg, text};
@@ -75,10 +75,7 @@ fn main() {
                 bed.as_deref().unwrap_or_default().parse().unwrap(),
                 s3server::BUCKET,
                 "us-east-1",
-                CredentialSource::Static {
-                    access_key: s3server::ACCESS.into(),
-                    secret_key: s3server::SECRET.into(),
-                },
+                support::bed_credentials(s3server::ACCESS, s3server::SECRET),
             )
         },
         s3server::Server::client_config,

@@ -1,6 +1,6 @@
 //! Cold clone reads against a store behind a slow link: the network test bed
 //! (`scripts/netem-bed`: the S3 test server in a network namespace of its own, behind a
-//! bandwidth cap and a 20 ms round trip), counted at the server. A sequential reader's
+//! link of packets with a bandwidth cap and a 20 ms round trip), counted at the server. A sequential reader's
 //! frames travel in few GETs and what moves is what it reads; a lone miss is one GET of
 //! one frame. (The figures of this bed are `cargo bench -p ox --bench cold_reads`.)
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -25,21 +25,25 @@ struct Bed {
 }
 
 impl Bed {
-    /// Brings the bed up with the server `cargo test` built beside this test.
+    /// Brings the bed up with the server and link `cargo test` built beside this test.
     fn up(rtt_ms: u32, rate_mbit: u32) -> Self {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let script = root.join("scripts/netem-bed");
         let exe = std::env::current_exe().unwrap();
-        let server = exe
+        let examples = exe
             .parent()
             .and_then(|deps| deps.parent())
             .unwrap()
-            .join("examples/s3_test_server");
-        assert!(server.exists(), "{} not built", server.display());
+            .join("examples");
+        let (server, link) = (examples.join("s3_test_server"), examples.join("bed_link"));
+        for built in [&server, &link] {
+            assert!(built.exists(), "{} not built", built.display());
+        }
         let out = Command::new(&script)
             .args(["up", "--rtt-ms", &rtt_ms.to_string()])
             .args(["--rate-mbit", &rate_mbit.to_string()])
             .env("OX_BED_SERVER", &server)
+            .env("OX_BED_LINK", &link)
             .output()
             .unwrap();
         assert!(

@@ -25,3 +25,14 @@ pub fn text(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The credentials of the network test bed's server: `OX_BED_ACCESS` and
+/// `OX_BED_SECRET` (`scripts/netem-bed up` prints them), else `access` and `secret`
+/// (the S3 test server's).
+pub fn bed_credentials(access: &str, secret: &str) -> ox::store::s3::CredentialSource {
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    ox::store::s3::CredentialSource::Static {
+        access_key: var("OX_BED_ACCESS", access),
+        secret_key: var("OX_BED_SECRET", secret),
+    }
+}

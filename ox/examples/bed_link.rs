@@ -1,0 +1,232 @@
+//! The network test bed's link (`scripts/netem-bed`): two TUN devices joined by this
+//! process, which holds every IP packet for half the round trip (plus jitter, never
+//! reordering a direction) and drops a share of them, as `tc netem` would. This
+//! machine's kernel has no netem; a link of packets keeps TCP end to end (the
+//! client's and the server's own handshakes, windows, ACKs and retransmissions),
+//! where a delay line that relays bytes would answer for each side. The bandwidth cap
+//! is `tc tbf` on both devices (what the kernel sends into them comes out here).
+//!
+//! ```text
+//! cargo run --release -p ox --example bed_link -- --outer oxbed0 --inner oxbed1 \
+//!     [--rtt-ms 20] [--jitter-ms 0] [--loss-pct 0] [--count-port 9000] \
+//!     [--stats 127.0.0.1:9001 --metrics 10.231.0.2:3903]
+//! ```
+//!
+//! It creates both devices and keeps them while it runs; the script moves the inner
+//! one into the server's namespace and gives both their addresses. Packets the kernel
+//! sends into one device are written into the other, due time first.
+//!
+//! `--count-port P` counts the TCP payload bytes leaving port P on the inner side (what
+//! the server sent, retransmissions included). `--stats ADDR` answers `GET /_ox_stats`
+//! as the S3 test server does: those bytes, and the requests of the server whose
+//! Prometheus metrics are at `--metrics` (Garage's `api_s3_request_counter`).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// `TUNSETIFF`: `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// The largest packet a TUN device hands over (its MTU may be raised up to this).
+const MAX_PACKET: usize = 65_536;
+
+/// `struct ifreq` as `TUNSETIFF` reads it: the name, then the flags.
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Opens a new TUN device `name` (IP packets, no extra header).
+fn tun(name: &str) -> File {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("/dev/net/tun");
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: IFF_TUN | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    assert!(name.len() < 16, "device name {name} too long");
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `req` is a live `struct ifreq` (name and flags where the kernel reads
+    // them, padded to its size); the ioctl reads and writes only within it.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+    assert!(
+        rc == 0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    file
+}
+
+/// One direction of the link.
+struct Direction {
+    one_way: Duration,
+    jitter: Duration,
+    /// Packets dropped per 2^32.
+    loss: u64,
+    seed: u64,
+    /// Counts the payload of TCP segments from this port, if any.
+    count: Option<(u16, Arc<AtomicU64>)>,
+}
+
+/// The TCP payload length of an IPv4 packet from `port`, if it is one.
+fn tcp_payload_from(packet: &[u8], port: u16) -> Option<u64> {
+    let (&first, rest) = packet.split_first()?;
+    if first >> 4 != 4 || rest.len() < 19 || packet[9] != 6 {
+        return None;
+    }
+    let ihl = usize::from(first & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+    let tcp = packet.get(ihl..total)?;
+    if tcp.len() < 20 || u16::from_be_bytes([tcp[0], tcp[1]]) != port {
+        return None;
+    }
+    let header = usize::from(tcp[12] >> 4) * 4;
+    Some(tcp.len().saturating_sub(header) as u64)
+}
+
+/// Reads packets from `from`, and writes each into `to` when it is due (or drops it).
+fn run(mut from: File, mut to: File, d: Direction) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        for (due, packet) in rx {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            // A packet the other side cannot take now is lost, as on a wire.
+            let _ = to.write(&packet);
+        }
+    });
+    let mut seed = d.seed | 1;
+    let mut last = Instant::now();
+    let mut buf = vec![0u8; MAX_PACKET];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("reading a packet: {e}"),
+        };
+        let arrived = Instant::now();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        if (seed >> 32) < d.loss {
+            continue;
+        }
+        let packet = &buf[..n];
+        if let Some((port, count)) = &d.count
+            && let Some(bytes) = tcp_payload_from(packet, *port)
+        {
+            count.fetch_add(bytes, Ordering::Relaxed);
+        }
+        let spread = d.jitter.mul_f64((seed & 0xffff) as f64 / 65_536.0 * 2.0);
+        let due = (arrived + d.one_way + spread).max(last);
+        last = due;
+        if tx.send((due, packet.to_vec())).is_err() {
+            return;
+        }
+    }
+}
+
+/// The Prometheus text at `addr` (`GET /metrics`).
+fn metrics(addr: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
+/// The sum of the `api_s3_request_counter` samples (of one endpoint, if named).
+fn requests(text: &str, endpoint: Option<&str>) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("api_s3_request_counter{"))
+        .filter(|l| endpoint.is_none_or(|e| l.contains(&format!("api_endpoint=\"{e}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Answers every request on `listen` with the counts, as JSON.
+fn serve_stats(listen: &str, metrics_at: Option<String>, sent: Arc<AtomicU64>) {
+    let listener = std::net::TcpListener::bind(listen).expect("--stats address");
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        // The request is read whole first: closing with some of it unread would reset
+        // the connection under the answer.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = metrics_at.as_deref().map(metrics).unwrap_or_default();
+        let body = format!(
+            "{{\"requests\":{},\"gets\":{},\"get_bytes\":{},\"lists\":{}}}",
+            requests(&text, None),
+            requests(&text, Some("GetObject")),
+            sent.load(Ordering::Relaxed),
+            requests(&text, Some("ListObjects")) + requests(&text, Some("ListObjectsV2")),
+        );
+        let _ = write!(
+            conn,
+            "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let number = |name: &str| -> f64 { value(name).map_or(0.0, |v| v.parse().expect(name)) };
+    let outer = tun(&value("--outer").expect("--outer NAME"));
+    let inner = tun(&value("--inner").expect("--inner NAME"));
+    let one_way = Duration::from_secs_f64(number("--rtt-ms") / 2000.0);
+    let jitter = Duration::from_secs_f64(number("--jitter-ms") / 2000.0);
+    let loss = (number("--loss-pct") / 100.0 * 4_294_967_296.0) as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let count = value("--count-port").map(|p| (p.parse().expect("--count-port"), sent.clone()));
+    let direction = |seed, count| Direction {
+        one_way,
+        jitter,
+        loss,
+        seed,
+        count,
+    };
+    let (outer2, inner2) = (outer.try_clone().unwrap(), inner.try_clone().unwrap());
+    let d = direction(0x9E37_79B9_7F4A_7C15, None);
+    std::thread::spawn(move || run(outer, inner2, d));
+    let d = direction(0xD1B5_4A32_D192_ED03, count);
+    std::thread::spawn(move || run(inner, outer2, d));
+    println!("link up: rtt {} ms", one_way.as_secs_f64() * 2000.0);
+    match value("--stats") {
+        Some(listen) => serve_stats(&listen, value("--metrics"), sent),
+        None => loop {
+            std::thread::park();
+        },
+    }
+}
