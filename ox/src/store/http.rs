@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use async_executor::LocalExecutor;
 use async_io::{Async, Timer};
 use bytes::Bytes;
+use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::TlsConnector;
 use futures_rustls::rustls::pki_types::pem::PemObject;
 use futures_rustls::rustls::pki_types::{CertificateDer, ServerName};
@@ -348,6 +350,7 @@ impl HttpClient {
                 source,
             })?;
         let _ = tcp.get_ref().set_nodelay(true);
+        let tcp = QuickAck(tcp);
         if https {
             let config = self
                 .tls
@@ -382,6 +385,79 @@ impl HttpClient {
             })
             .detach();
         Ok(sender)
+    }
+}
+
+/// A connection to a store that acknowledges what it receives at once. A server that
+/// leaves Nagle's algorithm on (Garage does) holds a response's last small segment until
+/// what it sent before is acknowledged, and Linux delays a client's ACKs (up to 40 ms)
+/// on a connection that answers what it receives: every small response on a kept-alive
+/// connection would wait for that timer. Quick ACKs, turned on after each read and
+/// write, send the pending ACK as the response is read. The kernel may turn them off
+/// again (the option is not permanent), hence every time; a failure to set it only
+/// costs that wait.
+struct QuickAck(Async<TcpStream>);
+
+impl QuickAck {
+    fn ack_at_once(&self) {
+        let _ = socket2::SockRef::from(self.0.get_ref()).set_tcp_quickack(true);
+    }
+}
+
+impl AsyncRead for QuickAck {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let read = Pin::new(&mut this.0).poll_read(cx, buf);
+        if matches!(read, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.ack_at_once();
+        }
+        read
+    }
+}
+
+impl AsyncWrite for QuickAck {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.0).poll_write(cx, buf);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.ack_at_once();
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.0).poll_write_vectored(cx, bufs);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.ack_at_once();
+        }
+        written
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_close(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_close(cx)
     }
 }
 
@@ -424,3 +500,45 @@ async fn resolve(host: &str, port: u16) -> std::io::Result<std::net::SocketAddr>
 
 /// How long a connection waits for its endpoint's name to be looked up.
 const NAME_LOOKUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// After reading an answer, a connection acknowledges at once, where a
+    /// request-and-answer exchange leaves a plain Linux socket delaying its ACKs.
+    #[test]
+    fn a_connection_acknowledges_what_it_reads_at_once() {
+        const ROUNDS: usize = 8;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = [0u8; 7];
+            for _ in 0..ROUNDS {
+                s.read_exact(&mut request).unwrap();
+                s.write_all(b"answer").unwrap();
+            }
+            // Open until the client has looked.
+            let _ = s.read(&mut request);
+        });
+        futures_lite::future::block_on(async {
+            let mut conn = QuickAck(Async::<TcpStream>::connect(addr).await.unwrap());
+            let mut answer = [0u8; 6];
+            for round in 0..ROUNDS {
+                conn.write_all(b"request").await.unwrap();
+                conn.read_exact(&mut answer).await.unwrap();
+                assert_eq!(&answer, b"answer");
+                let quick = socket2::SockRef::from(conn.0.get_ref())
+                    .tcp_quickack()
+                    .unwrap();
+                assert!(quick, "round {round}: ACKs are delayed after a read");
+            }
+        });
+        server.join().unwrap();
+    }
+}
