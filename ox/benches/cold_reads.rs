@@ -52,15 +52,19 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// The server's counts: requests, object GETs, GET bytes (on the bed, where
-/// `OX_BED_STATS` says).
+/// The server's counts: requests, object GETs, GET bytes (where `OX_BED_STATS` says
+/// when `endpoint` is the bed's).
 fn stats(endpoint: &str) -> (u64, u64, u64) {
-    let at = std::env::var("OX_BED_STATS").unwrap_or_else(|_| {
-        endpoint
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .into()
-    });
+    let bed = std::env::var("OX_BED_ENDPOINT").is_ok_and(|e| e == endpoint);
+    let at = std::env::var("OX_BED_STATS")
+        .ok()
+        .filter(|_| bed)
+        .unwrap_or_else(|| {
+            endpoint
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .into()
+        });
     let s = s3server::served_at(&at);
     (s.requests, s.gets, s.get_bytes)
 }

@@ -1,6 +1,7 @@
 //! The network test bed's link (`scripts/netem-bed`): two TUN devices joined by this
-//! process, which holds every IP packet for half the round trip (plus jitter, never
-//! reordering a direction) and drops a share of them, as `tc netem` would. This
+//! process, which holds every IP packet for half the round trip (plus up to
+//! `--jitter-ms`, uniformly, never reordering a direction: the round trip grows by the
+//! jitter on average) and drops a share of them, as `tc netem` would. This
 //! machine's kernel has no netem; a link of packets keeps TCP end to end (the
 //! client's and the server's own handshakes, windows, ACKs and retransmissions),
 //! where a delay line that relays bytes would answer for each side. The bandwidth cap
@@ -16,10 +17,13 @@
 //! one into the server's namespace and gives both their addresses. Packets the kernel
 //! sends into one device are written into the other, due time first.
 //!
-//! `--count-port P` counts the TCP payload bytes leaving port P on the inner side (what
-//! the server sent, retransmissions included). `--stats ADDR` answers `GET /_ox_stats`
-//! as the S3 test server does: those bytes, and the requests of the server whose
-//! Prometheus metrics are at `--metrics` (Garage's `api_s3_request_counter`).
+//! `--count-port P` counts the TCP payload bytes leaving port P on the inner side: what
+//! the server sent (HTTP headers, every kind of answer, retransmissions and what the
+//! link then drops included). `--stats ADDR` answers `GET /_ox_stats` as the S3 test
+//! server does: those bytes as `get_bytes`, and the requests of the server whose
+//! Prometheus metrics are at `--metrics` (Garage's `api_s3_request_counter`, read
+//! across the link). If either direction stops, the process ends: a bed with a dead
+//! link must not look up.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::fs::File;
@@ -35,6 +39,9 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
+/// How long the counts wait for the server's metrics, or a client for its request.
+const STATS_PATIENCE: Duration = Duration::from_secs(5);
+
 /// The largest packet a TUN device hands over (its MTU may be raised up to this).
 const MAX_PACKET: usize = 65_536;
 
@@ -45,6 +52,9 @@ struct IfReq {
     flags: libc::c_short,
     _pad: [u8; 22],
 }
+
+// The kernel copies in and out all of a `struct ifreq`: 40 bytes on Linux.
+const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
 
 /// Opens a new TUN device `name` (IP packets, no extra header).
 fn tun(name: &str) -> File {
@@ -82,13 +92,17 @@ struct Direction {
     count: Option<(u16, Arc<AtomicU64>)>,
 }
 
-/// The TCP payload length of an IPv4 packet from `port`, if it is one.
+/// The TCP payload length of an IPv4 packet from `port`, if it is one (and the first
+/// or only fragment, whose TCP header it holds).
 fn tcp_payload_from(packet: &[u8], port: u16) -> Option<u64> {
-    let (&first, rest) = packet.split_first()?;
-    if first >> 4 != 4 || rest.len() < 19 || packet[9] != 6 {
+    if packet.len() < 20 || packet[0] >> 4 != 4 || packet[9] != 6 {
         return None;
     }
-    let ihl = usize::from(first & 0x0f) * 4;
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    let fragment_offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
+    if ihl < 20 || fragment_offset != 0 {
+        return None;
+    }
     let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
     let tcp = packet.get(ihl..total)?;
     if tcp.len() < 20 || u16::from_be_bytes([tcp[0], tcp[1]]) != port {
@@ -119,20 +133,23 @@ fn run(mut from: File, mut to: File, d: Direction) {
             Ok(0) => return,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("reading a packet: {e}"),
+            Err(e) => {
+                eprintln!("reading a packet: {e}");
+                return;
+            }
         };
         let arrived = Instant::now();
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        if (seed >> 32) < d.loss {
-            continue;
-        }
         let packet = &buf[..n];
         if let Some((port, count)) = &d.count
             && let Some(bytes) = tcp_payload_from(packet, *port)
         {
             count.fetch_add(bytes, Ordering::Relaxed);
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        if (seed >> 32) < d.loss {
+            continue;
         }
         let spread = d.jitter.mul_f64((seed & 0xffff) as f64 / 65_536.0 * 2.0);
         let due = (arrived + d.one_way + spread).max(last);
@@ -144,14 +161,22 @@ fn run(mut from: File, mut to: File, d: Direction) {
 }
 
 /// The Prometheus text at `addr` (`GET /metrics`).
-fn metrics(addr: &str) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+fn metrics(addr: &str) -> std::io::Result<String> {
+    let to = addr
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
+    let mut s = std::net::TcpStream::connect_timeout(&to, STATS_PATIENCE)?;
+    s.set_read_timeout(Some(STATS_PATIENCE))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text
+    s.read_to_string(&mut text)?;
+    if !text.starts_with("HTTP/1.1 200") && !text.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!(
+            "{addr}: {}",
+            text.lines().next().unwrap_or("no answer")
+        )));
+    }
+    Ok(text)
 }
 
 /// The sum of the `api_s3_request_counter` samples (of one endpoint, if named).
@@ -163,11 +188,12 @@ fn requests(text: &str, endpoint: Option<&str>) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// Answers every request on `listen` with the counts, as JSON.
-fn serve_stats(listen: &str, metrics_at: Option<String>, sent: Arc<AtomicU64>) {
-    let listener = std::net::TcpListener::bind(listen).expect("--stats address");
+/// Answers every request on `listener` with the counts, as JSON (502 when the server's
+/// metrics cannot be read: never counts of zero that are not).
+fn serve_stats(listener: std::net::TcpListener, metrics_at: &str, sent: &AtomicU64) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(STATS_PATIENCE));
         // The request is read whole first: closing with some of it unread would reset
         // the connection under the answer.
         let mut head = Vec::new();
@@ -178,7 +204,17 @@ fn serve_stats(listen: &str, metrics_at: Option<String>, sent: Arc<AtomicU64>) {
                 Ok(n) => head.extend_from_slice(&buf[..n]),
             }
         }
-        let text = metrics_at.as_deref().map(metrics).unwrap_or_default();
+        let text = match metrics(metrics_at) {
+            Ok(text) => text,
+            Err(e) => {
+                let _ = write!(
+                    conn,
+                    "HTTP/1.0 502 Bad Gateway\r\nContent-Length: {}\r\n\r\n{e}",
+                    e.to_string().len()
+                );
+                continue;
+            }
+        };
         let body = format!(
             "{{\"requests\":{},\"gets\":{},\"get_bytes\":{},\"lists\":{}}}",
             requests(&text, None),
@@ -203,6 +239,12 @@ fn main() {
             .cloned()
     };
     let number = |name: &str| -> f64 { value(name).map_or(0.0, |v| v.parse().expect(name)) };
+    // The counts' port first: a port in use stops the bed before it has a link.
+    let stats = value("--stats").map(|listen| {
+        let metrics = value("--metrics").expect("--stats needs --metrics HOST:PORT");
+        let listener = std::net::TcpListener::bind(&listen).expect("--stats address");
+        (listener, metrics)
+    });
     let outer = tun(&value("--outer").expect("--outer NAME"));
     let inner = tun(&value("--inner").expect("--inner NAME"));
     let one_way = Duration::from_secs_f64(number("--rtt-ms") / 2000.0);
@@ -218,13 +260,20 @@ fn main() {
         count,
     };
     let (outer2, inner2) = (outer.try_clone().unwrap(), inner.try_clone().unwrap());
+    // Either direction ending (or panicking) ends the process.
     let d = direction(0x9E37_79B9_7F4A_7C15, None);
-    std::thread::spawn(move || run(outer, inner2, d));
+    std::thread::spawn(move || {
+        run(outer, inner2, d);
+        std::process::exit(1)
+    });
     let d = direction(0xD1B5_4A32_D192_ED03, count);
-    std::thread::spawn(move || run(inner, outer2, d));
+    std::thread::spawn(move || {
+        run(inner, outer2, d);
+        std::process::exit(1)
+    });
     println!("link up: rtt {} ms", one_way.as_secs_f64() * 2000.0);
-    match value("--stats") {
-        Some(listen) => serve_stats(&listen, value("--metrics"), sent),
+    match stats {
+        Some((listener, metrics)) => serve_stats(listener, &metrics, &sent),
         None => loop {
             std::thread::park();
         },

@@ -1,6 +1,7 @@
 //! Cold clone reads against a store behind a slow link: the network test bed
-//! (`scripts/netem-bed`: the S3 test server in a network namespace of its own, behind a
-//! link of packets with a bandwidth cap and a 20 ms round trip), counted at the server. A sequential reader's
+//! (`scripts/netem-bed`: the S3 test server in a network namespace of its own, behind
+//! a link of packets with a bandwidth cap and a 20 ms round trip), counted at the
+//! server. A sequential reader's
 //! frames travel in few GETs and what moves is what it reads; a lone miss is one GET of
 //! one frame. (The figures of this bed are `cargo bench -p ox --bench cold_reads`.)
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -74,6 +75,10 @@ fn over_a_slow_link_sequential_reads_move_what_they_read_in_few_gets() {
     let uid = Command::new("id").arg("-u").output().unwrap().stdout;
     if String::from_utf8_lossy(&uid).trim() != "0" {
         eprintln!("skipped: the network test bed needs root (network namespaces)");
+        return;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: the network test bed's link needs TUN devices (/dev/net/tun)");
         return;
     }
     let bed = Bed::up(20, 400);
