@@ -7,9 +7,11 @@
 //! one ranged GET; so a store's latency, not the window, is what a slow link costs):
 //! the basis charges it to the background bucket of the throttle. While hosts read
 //! cold data (a host waits on the basis, or did within a short grace) it keeps going
-//! with [`SHARING_WINDOW`] short runs of [`SHARING_RUN_BYTES`] in flight: a host's
-//! miss then queues behind at most that much thickening on the link, and thickening
-//! still uses the bandwidth the host leaves.
+//! with short runs of [`SHARING_RUN_BYTES`] in flight, as many as keep
+//! [`bdev::walk::SHARING_RATE`] going over the time a run takes (the quickest of the
+//! last [`LATENCY_SAMPLES`] answers; at least [`SHARING_WINDOW`]): a host's miss then
+//! queues behind little thickening on the link, and thickening still uses the
+//! bandwidth the host leaves, on a far store as on a near one.
 //! It can be paused, resumed and stopped, and reports progress.
 //!
 //! A new clone's working set is fetched first ([`warm`]) the same way; while the
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bdev::walk::{Answered, Failure, Now, Walk};
+use bdev::walk::{Answered, Failure, Now, Walk, sharing_window};
 use bdev::{Bdev, BdevIo, CloneHandle, FetchReason, IoBuf};
 use reactor::ReactorHandle;
 
@@ -291,6 +293,30 @@ async fn warm_once(
     Ok(())
 }
 
+/// Answers a walk's round trip is judged on: the quickest of them is the store's
+/// latency without the throttle's waits or a host's runs queued ahead.
+pub const LATENCY_SAMPLES: usize = 16;
+
+/// How long a walk's runs take to be answered, as the quickest of the last few.
+#[derive(Debug, Default)]
+struct RunLatency {
+    last: std::collections::VecDeque<Duration>,
+}
+
+impl RunLatency {
+    fn answered(&mut self, took: Duration) {
+        if self.last.len() == LATENCY_SAMPLES {
+            self.last.pop_front();
+        }
+        self.last.push_back(took);
+    }
+
+    /// The quickest recent answer (zero before the first).
+    fn quickest(&self) -> Duration {
+        self.last.iter().copied().min().unwrap_or_default()
+    }
+}
+
 /// Fetches the chunks of `order` not present yet, for `reason`, as
 /// [`bdev::walk::Walk`] decides (runs of adjacent chunks, a window of them in
 /// flight, retries), until done or stopped; `yields`: stepping back to short runs
@@ -305,22 +331,29 @@ async fn walk(
     yields: bool,
 ) -> Result<u64, OxError> {
     let mut walk = Walk::new(order, clone.chunk_bytes(), yields);
-    let (tx, rx) = async_channel::unbounded::<(Vec<u64>, Result<(), bdev::BdevError>)>();
+    type Answer = (Vec<u64>, Instant, Result<(), bdev::BdevError>);
+    let (tx, rx) = async_channel::unbounded::<Answer>();
     let issue = |run: Vec<u64>| {
         let tx = tx.clone();
         let asked = run.clone();
+        let at = Instant::now();
         clone.fetch_many_on(on, asked, reason, move |r| {
-            let _ = tx.try_send((run, r));
+            let _ = tx.try_send((run, at, r));
         })
     };
-    let now = || Now {
-        stopped: control.is_stopped(),
-        paused: control.is_paused(),
-        sharing: clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE),
-        window: control.window(),
+    let mut latency = RunLatency::default();
+    let now = |latency: &RunLatency| {
+        let window = control.window();
+        Now {
+            stopped: control.is_stopped(),
+            paused: control.is_paused(),
+            sharing: clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE),
+            window,
+            sharing_window: sharing_window(latency.quickest(), window),
+        }
     };
     loop {
-        while let Some(run) = walk.next_run(now(), |c| clone.is_present(c)) {
+        while let Some(run) = walk.next_run(now(&latency), |c| clone.is_present(c)) {
             let first = run[0];
             if let Err(e) = issue(run) {
                 walk.refused(first, e);
@@ -351,7 +384,7 @@ async fn walk(
             None
         })
         .await;
-        let Some((run, result)) = next else {
+        let Some((run, asked_at, result)) = next else {
             // A failure it met before wins: a warm-up waits out an outage.
             return Err(match walk.abandon() {
                 Some(failure) => failed(failure),
@@ -360,6 +393,9 @@ async fn walk(
                 }
             });
         };
+        if result.is_ok() {
+            latency.answered(asked_at.elapsed());
+        }
         match walk.answered(run, result, control.is_stopped()) {
             Answered::Fetched(n) => {
                 control.fetched.fetch_add(n, Ordering::Relaxed);

@@ -7,8 +7,10 @@
 //!
 //! A walk asks for the absent chunks of its order in runs of adjacent ones (one ranged
 //! GET each at the basis), keeping a window of runs in flight. A walk that *yields*
-//! (thickening) steps back to [`SHARING_WINDOW`] runs of [`SHARING_RUN_BYTES`] while
-//! hosts read cold data, so a host's miss queues behind little of it on the link. A
+//! (thickening) steps back to short runs of [`SHARING_RUN_BYTES`] while hosts read
+//! cold data: as many as keep [`SHARING_RATE`] going over the store's round trip
+//! ([`sharing_window`]), so a host's miss queues behind little of it on the link, and
+//! a far store gets as much of it as a near one. A
 //! failed run is asked for again up to [`FETCH_RETRIES`] times, backing off; then the
 //! walk fails (the clone stays correct either way: misses still work).
 
@@ -22,11 +24,25 @@ pub const DEFAULT_WINDOW: usize = 8;
 /// The most of adjacent chunks a walk asks for at once (at least one chunk).
 pub const RUN_BYTES: u64 = 1 << 20;
 
-/// While hosts read cold data: runs in flight, and their length (at least one chunk:
-/// a few ms of a host's miss queued behind it on a slow link).
+/// While hosts read cold data: the fewest runs in flight, and their length (at least
+/// one chunk: a few ms of a host's miss queued behind it on a slow link).
 pub const SHARING_WINDOW: usize = 2;
 /// See [`SHARING_WINDOW`].
 pub const SHARING_RUN_BYTES: u64 = 256 << 10;
+
+/// What thickening keeps going beside hosts reading cold data, in bytes a second: the
+/// share that left hosts' p99 within 1.1× of idle on a 20 ms, 400 Mbit/s link
+/// (BENCHMARKS.md, thickening beside a host).
+pub const SHARING_RATE: u64 = 16 << 20;
+
+/// Runs to keep in flight beside hosts when a run takes `latency` to be answered:
+/// enough for [`SHARING_RATE`] over that time (a bandwidth-delay product), at least
+/// [`SHARING_WINDOW`] and at most `window`.
+pub fn sharing_window(latency: Duration, window: usize) -> usize {
+    let bytes = SHARING_RATE as f64 * latency.as_secs_f64();
+    let runs = (bytes / SHARING_RUN_BYTES as f64).ceil() as usize;
+    runs.clamp(SHARING_WINDOW, window.max(SHARING_WINDOW))
+}
 
 /// Attempts at a run whose fetch failed, after the first.
 pub const FETCH_RETRIES: u32 = 3;
@@ -65,6 +81,9 @@ pub struct Now {
     pub sharing: bool,
     /// Runs to keep in flight (at least one).
     pub window: usize,
+    /// Runs to keep in flight while sharing, if the walk yields ([`sharing_window`];
+    /// at least one, at most `window`).
+    pub sharing_window: usize,
 }
 
 /// Why a walk failed.
@@ -133,7 +152,10 @@ impl<I: Iterator<Item = u64>, E> Walk<I, E> {
             return None;
         }
         let (window, run_bytes) = if self.yields && now.sharing {
-            (SHARING_WINDOW.min(now.window.max(1)), SHARING_RUN_BYTES)
+            (
+                now.sharing_window.clamp(1, now.window.max(1)),
+                SHARING_RUN_BYTES,
+            )
         } else {
             (now.window.max(1), RUN_BYTES)
         };
@@ -251,7 +273,38 @@ mod tests {
             paused: false,
             sharing,
             window,
+            sharing_window: SHARING_WINDOW,
         }
+    }
+
+    #[test]
+    fn beside_hosts_a_far_store_gets_more_runs_in_flight() {
+        assert_eq!(sharing_window(Duration::ZERO, 8), SHARING_WINDOW);
+        assert_eq!(sharing_window(Duration::from_millis(20), 8), 2);
+        assert_eq!(sharing_window(Duration::from_millis(60), 8), 4);
+        assert_eq!(sharing_window(Duration::from_millis(120), 8), 8);
+        assert_eq!(
+            sharing_window(Duration::from_secs(5), 8),
+            8,
+            "never past the window"
+        );
+        assert_eq!(sharing_window(Duration::from_secs(5), 1), SHARING_WINDOW);
+        // The walk keeps what it is told beside hosts, within its window.
+        let mut w: Walk<_, ()> = Walk::new(0..100u64, CHUNK, true);
+        let far = Now {
+            sharing_window: 4,
+            ..now(8, true)
+        };
+        let runs: Vec<_> = std::iter::from_fn(|| w.next_run(far, |_| false)).collect();
+        assert_eq!(runs.len(), 4);
+        assert!(runs.iter().all(|r| r.len() == 4), "short runs: {runs:?}");
+        let narrow = Now {
+            sharing_window: 4,
+            ..now(2, true)
+        };
+        let mut w: Walk<_, ()> = Walk::new(0..100u64, CHUNK, true);
+        let runs: Vec<_> = std::iter::from_fn(|| w.next_run(narrow, |_| false)).collect();
+        assert_eq!(runs.len(), 2, "the window bounds it");
     }
 
     #[test]

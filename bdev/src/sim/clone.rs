@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::model::{BLOCK, Model, fill};
 use super::{CHUNK_BLOCKS, CHUNK_BYTES, Clock, Draw, EVENTS_AT_MOST, Micros, bit};
 use crate::clone::core::{Action, Core, Event};
-use crate::clone::walk::{Answered, Now, Walk, hot_first};
+use crate::clone::walk::{Answered, Now, SHARING_WINDOW, Walk, hot_first};
 use crate::clone::{FetchError, FetchReason};
 use crate::nondurable;
 use crate::nondurable_medium::NonDurableMedium;
@@ -995,6 +995,9 @@ impl World {
             paused: self.thicken_paused,
             sharing: self.core.client_fetches() > 0,
             window: self.thicken_window,
+            // The fewest runs beside hosts (the appliance scales them with the
+            // store's latency; which runs the walk asks for is what is tried here).
+            sharing_window: SHARING_WINDOW,
         };
         let mut runs = Vec::new();
         if let Some(walk) = &mut self.thickening {
