@@ -1913,6 +1913,7 @@ impl Service {
         if paused {
             control.pause();
         }
+        control.limited_by(self.settings.throttle.clone(), name);
         live.thickening = Some(Arc::clone(&control));
         let (handle, on, cores) = (
             live.handle.clone(),

@@ -264,8 +264,10 @@ fn main() {
     );
     let burst = ox::throttle::Limit::per_second(limit).burst;
     throttle.try_acquire("c", ox::throttle::Class::Background, burst);
-    let (clone, handle, basis) = w.clone_of(w.load(&report.manifest_key), 2, throttle, true);
+    let (clone, handle, basis) =
+        w.clone_of(w.load(&report.manifest_key), 2, throttle.clone(), true);
     let control = ox::hydrate::Thickening::new();
+    control.limited_by(throttle.clone(), "c");
     let walker = w.thicken(&handle, &control, 0);
     let thick = || handle.counters().fetched_bytes[2].load(std::sync::atomic::Ordering::Relaxed);
     let host = || handle.counters().fetched_bytes[0].load(std::sync::atomic::Ordering::Relaxed);
@@ -274,6 +276,7 @@ fn main() {
     let mut busy = scattered(&w, &clone, reads, |c| handle.is_present(c));
     let took = start.elapsed().as_secs_f64();
     let (t1, h1) = (thick(), host());
+    let beside = control.sharing_window();
     control.stop();
     walker.join().unwrap();
     let _ = basis;
@@ -282,11 +285,11 @@ fn main() {
     let room = limit as f64 - host_rate;
     println!("\n## 4. Thickening beside a host's cold 4 KiB reads at QD 1\n");
     println!(
-        "| background limit | host fetch rate | thickening rate | thickening / (limit - host) | host p50 | host p99 | host p99 / idle p99 |"
+        "| background limit | host fetch rate | thickening rate | thickening / (limit - host) | runs beside the host | host p50 | host p99 | host p99 / idle p99 |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {:.1} MB/s | {:.2} MB/s | {:.2} MB/s | {:.2} | {:.2?} | {:.2?} | {:.2} |",
+        "| {:.1} MB/s | {:.2} MB/s | {:.2} MB/s | {:.2} | {beside} | {:.2?} | {:.2?} | {:.2} |",
         limit as f64 / 1e6,
         host_rate / 1e6,
         thick_rate / 1e6,

@@ -260,7 +260,7 @@ fn main() {
         count,
     };
     let (outer2, inner2) = (outer.try_clone().unwrap(), inner.try_clone().unwrap());
-    // Either direction ending (or panicking) ends the process.
+    // Either direction ending ends the process.
     let d = direction(0x9E37_79B9_7F4A_7C15, None);
     std::thread::spawn(move || {
         run(outer, inner2, d);

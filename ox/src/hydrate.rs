@@ -8,10 +8,10 @@
 //! the basis charges it to the background bucket of the throttle. While hosts read
 //! cold data (a host waits on the basis, or did within a short grace) it keeps going
 //! with short runs of [`SHARING_RUN_BYTES`] in flight, as many as keep
-//! [`bdev::walk::SHARING_RATE`] going over the time a run takes (the quickest of the
-//! last [`LATENCY_SAMPLES`] answers; at least [`SHARING_WINDOW`]): a host's miss then
-//! queues behind little thickening on the link, and thickening still uses the
-//! bandwidth the host leaves, on a far store as on a near one.
+//! [`bdev::walk::SHARING_RATE`] going over the quickest time a run of the walk has
+//! taken ([`RunLatency`]; at least [`SHARING_WINDOW`]): a host's miss then queues
+//! behind little thickening on the link, and thickening still uses the bandwidth the
+//! host leaves, on a far store as on a near one.
 //! It can be paused, resumed and stopped, and reports progress.
 //!
 //! A new clone's working set is fetched first ([`warm`]) the same way; while the
@@ -37,6 +37,11 @@ pub struct Thickening {
     stopped: AtomicBool,
     fetched: AtomicU64,
     window: AtomicUsize,
+    /// Runs the walk keeps in flight beside hosts now (what it last worked out).
+    sharing_window: AtomicUsize,
+    /// Where the walk's background limit is: the throttle, and the name its runs
+    /// pass it under.
+    limited_by: std::sync::OnceLock<(crate::throttle::Throttle, String)>,
     started: std::sync::OnceLock<Instant>,
     /// Times the walk failed (the store unavailable) and waited to go on.
     setbacks: AtomicU32,
@@ -55,6 +60,8 @@ impl Default for Thickening {
             stopped: AtomicBool::new(false),
             fetched: AtomicU64::new(0),
             window: AtomicUsize::new(DEFAULT_WINDOW),
+            sharing_window: AtomicUsize::new(SHARING_WINDOW),
+            limited_by: std::sync::OnceLock::new(),
             started: std::sync::OnceLock::new(),
             setbacks: AtomicU32::new(0),
             finished: AtomicBool::new(false),
@@ -74,6 +81,25 @@ impl Thickening {
     pub fn set_window(&self, window: usize) {
         self.window.store(window.max(1), Ordering::Relaxed);
         self.changed.notify(usize::MAX);
+    }
+
+    /// Tells the walk its runs pass `throttle` as `volume`'s background traffic: beside
+    /// hosts it keeps no more runs going than that limit lets by.
+    pub fn limited_by(&self, throttle: crate::throttle::Throttle, volume: &str) {
+        let _ = self.limited_by.set((throttle, volume.to_string()));
+    }
+
+    /// The background limit of the walk's runs now, bytes a second (0: none known).
+    fn limit(&self) -> u64 {
+        self.limited_by
+            .get()
+            .map_or(0, |(t, v)| t.rate(v, crate::throttle::Class::Background))
+    }
+
+    /// Runs the walk keeps in flight while hosts read cold data, as it last worked
+    /// them out from the store's round trip.
+    pub fn sharing_window(&self) -> usize {
+        self.sharing_window.load(Ordering::Relaxed)
     }
 
     fn window(&self) -> usize {
@@ -293,27 +319,25 @@ async fn warm_once(
     Ok(())
 }
 
-/// Answers a walk's round trip is judged on: the quickest of them is the store's
-/// latency without the throttle's waits or a host's runs queued ahead.
-pub const LATENCY_SAMPLES: usize = 16;
-
-/// How long a walk's runs take to be answered, as the quickest of the last few.
+/// How long a walk's runs take to be answered: the quickest of all its answers, as
+/// BBR keeps its least round trip. Not a recent one: with its own runs queued on the
+/// link or at the throttle, each run takes longer the more are in flight, and a window
+/// worked out from recent times would grow on its own queue. The quickest can only
+/// shrink the window; a store that grows slower later keeps the smaller share (the
+/// safe side).
 #[derive(Debug, Default)]
 struct RunLatency {
-    last: std::collections::VecDeque<Duration>,
+    quickest: Option<Duration>,
 }
 
 impl RunLatency {
     fn answered(&mut self, took: Duration) {
-        if self.last.len() == LATENCY_SAMPLES {
-            self.last.pop_front();
-        }
-        self.last.push_back(took);
+        self.quickest = Some(self.quickest.map_or(took, |q| q.min(took)));
     }
 
-    /// The quickest recent answer (zero before the first).
+    /// The quickest answer so far (zero before the first: the fewest runs).
     fn quickest(&self) -> Duration {
-        self.last.iter().copied().min().unwrap_or_default()
+        self.quickest.unwrap_or_default()
     }
 }
 
@@ -331,25 +355,29 @@ async fn walk(
     yields: bool,
 ) -> Result<u64, OxError> {
     let mut walk = Walk::new(order, clone.chunk_bytes(), yields);
-    type Answer = (Vec<u64>, Instant, Result<(), bdev::BdevError>);
+    // Each answer with how long it took, timed where it lands (not when this loop,
+    // perhaps backing off for a retry, gets to it).
+    type Answer = (Vec<u64>, Duration, Result<(), bdev::BdevError>);
     let (tx, rx) = async_channel::unbounded::<Answer>();
     let issue = |run: Vec<u64>| {
         let tx = tx.clone();
         let asked = run.clone();
         let at = Instant::now();
         clone.fetch_many_on(on, asked, reason, move |r| {
-            let _ = tx.try_send((run, at, r));
+            let _ = tx.try_send((run, at.elapsed(), r));
         })
     };
     let mut latency = RunLatency::default();
     let now = |latency: &RunLatency| {
         let window = control.window();
+        let sharing = sharing_window(latency.quickest(), control.limit(), window);
+        control.sharing_window.store(sharing, Ordering::Relaxed);
         Now {
             stopped: control.is_stopped(),
             paused: control.is_paused(),
             sharing: clone.misses_in_flight() > 0 || clone.missed_within(CLIENT_GRACE),
             window,
-            sharing_window: sharing_window(latency.quickest(), window),
+            sharing_window: sharing,
         }
     };
     loop {
@@ -384,7 +412,7 @@ async fn walk(
             None
         })
         .await;
-        let Some((run, asked_at, result)) = next else {
+        let Some((run, took, result)) = next else {
             // A failure it met before wins: a warm-up waits out an outage.
             return Err(match walk.abandon() {
                 Some(failure) => failed(failure),
@@ -394,7 +422,7 @@ async fn walk(
             });
         };
         if result.is_ok() {
-            latency.answered(asked_at.elapsed());
+            latency.answered(took);
         }
         match walk.answered(run, result, control.is_stopped()) {
             Answered::Fetched(n) => {
@@ -520,4 +548,23 @@ pub async fn restore(
         }
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walks_latency_is_its_quickest_answer_and_never_grows() {
+        let mut l = RunLatency::default();
+        assert_eq!(l.quickest(), Duration::ZERO, "before the first answer");
+        l.answered(Duration::from_millis(60));
+        assert_eq!(l.quickest(), Duration::from_millis(60));
+        l.answered(Duration::from_millis(45));
+        for _ in 0..100 {
+            // Its own runs queued ahead: slower answers do not move it.
+            l.answered(Duration::from_millis(400));
+        }
+        assert_eq!(l.quickest(), Duration::from_millis(45));
+    }
 }

@@ -123,6 +123,12 @@ pub struct Throttle {
     inner: Arc<Mutex<State>>,
 }
 
+impl std::fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Throttle").finish_non_exhaustive()
+    }
+}
+
 struct State {
     global: Pair,
     volumes: HashMap<String, Pair>,
@@ -162,6 +168,19 @@ impl Throttle {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The rate `volume`'s `class` traffic may have now, bytes a second: the lower of
+    /// its own limit and the global one (0: unlimited).
+    pub fn rate(&self, volume: &str, class: Class) -> u64 {
+        let s = self.state();
+        let i = slot(class);
+        let own = s.volumes.get(volume).map_or(0, |p| p[i].rate);
+        [s.global[i].rate, own]
+            .into_iter()
+            .filter(|&r| r > 0)
+            .min()
+            .unwrap_or(0)
     }
 
     /// Changes a global limit at run time.
@@ -273,6 +292,20 @@ impl Drop for Waiting<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volumes_rate_is_the_lower_of_its_own_and_the_global_limit() {
+        let t = Throttle::new(Limit::NONE, Limit::per_second(8 << 20));
+        assert_eq!(t.rate("v", Class::Background), 8 << 20, "global only");
+        assert_eq!(t.rate("v", Class::Foreground), 0, "unlimited");
+        t.set_volume("v", Class::Background, Limit::per_second(2 << 20));
+        assert_eq!(t.rate("v", Class::Background), 2 << 20);
+        t.set_volume("v", Class::Background, Limit::per_second(64 << 20));
+        assert_eq!(t.rate("v", Class::Background), 8 << 20);
+        t.set_global(Class::Background, Limit::NONE);
+        assert_eq!(t.rate("v", Class::Background), 64 << 20);
+        assert_eq!(t.rate("w", Class::Background), 0);
+    }
 
     #[test]
     fn buckets_pace_transfers_and_limits_change_live() {

@@ -30,18 +30,26 @@ pub const SHARING_WINDOW: usize = 2;
 /// See [`SHARING_WINDOW`].
 pub const SHARING_RUN_BYTES: u64 = 256 << 10;
 
-/// What thickening keeps going beside hosts reading cold data, in bytes a second: the
-/// share that left hosts' p99 within 1.1× of idle on a 20 ms, 400 Mbit/s link
-/// (BENCHMARKS.md, thickening beside a host).
+/// What thickening keeps going beside hosts reading cold data, in bytes a second:
+/// about what [`SHARING_WINDOW`] runs carry over a 20 ms round trip, where the fixed
+/// share beside hosts was measured (BENCHMARKS.md, thickening beside a host: hosts'
+/// p99 within 1.1× of idle in most runs, not all). Above a link of this rate
+/// (134 Mbit/s) the share beside hosts is the throttle's to bound.
 pub const SHARING_RATE: u64 = 16 << 20;
 
-/// Runs to keep in flight beside hosts when a run takes `latency` to be answered:
-/// enough for [`SHARING_RATE`] over that time (a bandwidth-delay product), at least
-/// [`SHARING_WINDOW`] and at most `window`.
-pub fn sharing_window(latency: Duration, window: usize) -> usize {
-    let bytes = SHARING_RATE as f64 * latency.as_secs_f64();
+/// Runs to keep in flight beside hosts when a run takes `latency` to be answered and
+/// the walk may have `limit` bytes a second (0: no limit): enough for [`SHARING_RATE`],
+/// or the limit if lower, over that time (a bandwidth-delay product), at least
+/// [`SHARING_WINDOW`] and at most `window` (at least one). Runs beyond the limit would
+/// only wait their turn, and go on the link together when they get it.
+pub fn sharing_window(latency: Duration, limit: u64, window: usize) -> usize {
+    let rate = match limit {
+        0 => SHARING_RATE,
+        l => l.min(SHARING_RATE),
+    };
+    let bytes = rate as f64 * latency.as_secs_f64();
     let runs = (bytes / SHARING_RUN_BYTES as f64).ceil() as usize;
-    runs.clamp(SHARING_WINDOW, window.max(SHARING_WINDOW))
+    runs.max(SHARING_WINDOW).min(window.max(1))
 }
 
 /// Attempts at a run whose fetch failed, after the first.
@@ -279,16 +287,23 @@ mod tests {
 
     #[test]
     fn beside_hosts_a_far_store_gets_more_runs_in_flight() {
-        assert_eq!(sharing_window(Duration::ZERO, 8), SHARING_WINDOW);
-        assert_eq!(sharing_window(Duration::from_millis(20), 8), 2);
-        assert_eq!(sharing_window(Duration::from_millis(60), 8), 4);
-        assert_eq!(sharing_window(Duration::from_millis(120), 8), 8);
+        assert_eq!(sharing_window(Duration::ZERO, 0, 8), SHARING_WINDOW);
+        assert_eq!(sharing_window(Duration::from_millis(20), 0, 8), 2);
+        assert_eq!(sharing_window(Duration::from_millis(60), 0, 8), 4);
+        assert_eq!(sharing_window(Duration::from_millis(120), 0, 8), 8);
         assert_eq!(
-            sharing_window(Duration::from_secs(5), 8),
+            sharing_window(Duration::from_secs(5), 0, 8),
             8,
             "never past the window"
         );
-        assert_eq!(sharing_window(Duration::from_secs(5), 1), SHARING_WINDOW);
+        assert_eq!(
+            sharing_window(Duration::from_secs(5), 0, 1),
+            1,
+            "nor past a window of 1"
+        );
+        // A limit below the sharing rate keeps fewer runs going: no more than it lets by.
+        assert_eq!(sharing_window(Duration::from_millis(120), 8 << 20, 8), 4);
+        assert_eq!(sharing_window(Duration::from_millis(120), 64 << 20, 8), 8);
         // The walk keeps what it is told beside hosts, within its window.
         let mut w: Walk<_, ()> = Walk::new(0..100u64, CHUNK, true);
         let far = Now {

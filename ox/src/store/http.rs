@@ -509,9 +509,10 @@ mod tests {
 
     use super::*;
 
-    /// Exchanges `rounds` requests and answers with a server on `addr`, the requests
-    /// written on the socket itself (so only reads go through the wrapper, if any),
-    /// and says after each answer read whether the socket acknowledges at once.
+    /// Exchanges a few requests and answers with a server of its own, the requests
+    /// written on the socket itself (so only reads go through the wrapper, when
+    /// `wrapped`), and says after each answer read whether the socket acknowledges at
+    /// once.
     fn quick_after_each_answer(wrapped: bool) -> Vec<bool> {
         const ROUNDS: usize = 8;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
