@@ -276,7 +276,11 @@ fn main() {
     let mut busy = scattered(&w, &clone, reads, |c| handle.is_present(c));
     let took = start.elapsed().as_secs_f64();
     let (t1, h1) = (thick(), host());
-    let beside = control.sharing_window();
+    let beside = format!(
+        "{} ({:.1?} quickest)",
+        control.sharing_window(),
+        control.quickest_run()
+    );
     control.stop();
     walker.join().unwrap();
     let _ = basis;

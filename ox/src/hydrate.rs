@@ -8,10 +8,11 @@
 //! the basis charges it to the background bucket of the throttle. While hosts read
 //! cold data (a host waits on the basis, or did within a short grace) it keeps going
 //! with short runs of [`SHARING_RUN_BYTES`] in flight, as many as keep
-//! [`bdev::walk::SHARING_RATE`] going over the quickest time a run of the walk has
-//! taken ([`RunLatency`]; at least [`SHARING_WINDOW`]): a host's miss then queues
-//! behind little thickening on the link, and thickening still uses the bandwidth the
-//! host leaves, on a far store as on a near one.
+//! [`bdev::walk::SHARING_RATE`] (or the walk's background limit, if lower) going over
+//! the quickest time a short run of this walk has taken to be answered (at least
+//! [`SHARING_WINDOW`], at most its window): a host's miss then queues behind little
+//! thickening on the link, and thickening still uses the bandwidth the host leaves,
+//! on a far store as on a near one.
 //! It can be paused, resumed and stopped, and reports progress.
 //!
 //! A new clone's working set is fetched first ([`warm`]) the same way; while the
@@ -39,6 +40,8 @@ pub struct Thickening {
     window: AtomicUsize,
     /// Runs the walk keeps in flight beside hosts now (what it last worked out).
     sharing_window: AtomicUsize,
+    /// The quickest a short run of the walk was answered, µs (0: none yet).
+    quickest_run_us: AtomicU64,
     /// Where the walk's background limit is: the throttle, and the name its runs
     /// pass it under.
     limited_by: std::sync::OnceLock<(crate::throttle::Throttle, String)>,
@@ -61,6 +64,7 @@ impl Default for Thickening {
             fetched: AtomicU64::new(0),
             window: AtomicUsize::new(DEFAULT_WINDOW),
             sharing_window: AtomicUsize::new(SHARING_WINDOW),
+            quickest_run_us: AtomicU64::new(0),
             limited_by: std::sync::OnceLock::new(),
             started: std::sync::OnceLock::new(),
             setbacks: AtomicU32::new(0),
@@ -84,7 +88,8 @@ impl Thickening {
     }
 
     /// Tells the walk its runs pass `throttle` as `volume`'s background traffic: beside
-    /// hosts it keeps no more runs going than that limit lets by.
+    /// hosts it keeps no more runs going than that limit lets by (the whole limit: as
+    /// if the walk had it to itself). Once per walk; a second call is ignored.
     pub fn limited_by(&self, throttle: crate::throttle::Throttle, volume: &str) {
         let _ = self.limited_by.set((throttle, volume.to_string()));
     }
@@ -97,9 +102,14 @@ impl Thickening {
     }
 
     /// Runs the walk keeps in flight while hosts read cold data, as it last worked
-    /// them out from the store's round trip.
+    /// them out (from its quickest short run and its background limit).
     pub fn sharing_window(&self) -> usize {
         self.sharing_window.load(Ordering::Relaxed)
+    }
+
+    /// The quickest a short run of the walk was answered (zero: none yet).
+    pub fn quickest_run(&self) -> Duration {
+        Duration::from_micros(self.quickest_run_us.load(Ordering::Relaxed))
     }
 
     fn window(&self) -> usize {
@@ -319,12 +329,14 @@ async fn warm_once(
     Ok(())
 }
 
-/// How long a walk's runs take to be answered: the quickest of all its answers, as
-/// BBR keeps its least round trip. Not a recent one: with its own runs queued on the
-/// link or at the throttle, each run takes longer the more are in flight, and a window
+/// How long a walk's short runs (those asked for beside hosts) take to be answered:
+/// the quickest of all of them. Not a recent one: with its own runs queued on the link
+/// or at the throttle, each run takes longer the more are in flight, and a window
 /// worked out from recent times would grow on its own queue. The quickest can only
-/// shrink the window; a store that grows slower later keeps the smaller share (the
-/// safe side).
+/// shrink the window; a store that grows slower later keeps the smaller share, and a
+/// run answered without a GET of its own (its chunks already on their way for a host)
+/// pins it at [`SHARING_WINDOW`] for the rest of the walk: the safe side, the share
+/// before it followed the round trip.
 #[derive(Debug, Default)]
 struct RunLatency {
     quickest: Option<Duration>,
@@ -356,22 +368,27 @@ async fn walk(
 ) -> Result<u64, OxError> {
     let mut walk = Walk::new(order, clone.chunk_bytes(), yields);
     // Each answer with how long it took, timed where it lands (not when this loop,
-    // perhaps backing off for a retry, gets to it).
-    type Answer = (Vec<u64>, Duration, Result<(), bdev::BdevError>);
+    // perhaps backing off for a retry, gets to it), if it is one to time: a short run
+    // asked for beside hosts, what the share beside hosts is worked out for.
+    type Answer = (Vec<u64>, Option<Duration>, Result<(), bdev::BdevError>);
     let (tx, rx) = async_channel::unbounded::<Answer>();
-    let issue = |run: Vec<u64>| {
+    let issue = |run: Vec<u64>, timed: bool| {
         let tx = tx.clone();
         let asked = run.clone();
         let at = Instant::now();
         clone.fetch_many_on(on, asked, reason, move |r| {
-            let _ = tx.try_send((run, at.elapsed(), r));
+            let _ = tx.try_send((run, timed.then(|| at.elapsed()), r));
         })
     };
     let mut latency = RunLatency::default();
     let now = |latency: &RunLatency| {
         let window = control.window();
-        let sharing = sharing_window(latency.quickest(), control.limit(), window);
+        let quickest = latency.quickest();
+        let sharing = sharing_window(quickest, control.limit(), window);
         control.sharing_window.store(sharing, Ordering::Relaxed);
+        control
+            .quickest_run_us
+            .store(quickest.as_micros() as u64, Ordering::Relaxed);
         Now {
             stopped: control.is_stopped(),
             paused: control.is_paused(),
@@ -381,9 +398,13 @@ async fn walk(
         }
     };
     loop {
-        while let Some(run) = walk.next_run(now(&latency), |c| clone.is_present(c)) {
+        loop {
+            let n = now(&latency);
+            let Some(run) = walk.next_run(n, |c| clone.is_present(c)) else {
+                break;
+            };
             let first = run[0];
-            if let Err(e) = issue(run) {
+            if let Err(e) = issue(run, yields && n.sharing) {
                 walk.refused(first, e);
             }
         }
@@ -421,7 +442,7 @@ async fn walk(
                 }
             });
         };
-        if result.is_ok() {
+        if let (Ok(()), Some(took)) = (&result, took) {
             latency.answered(took);
         }
         match walk.answered(run, result, control.is_stopped()) {
@@ -432,7 +453,7 @@ async fn walk(
                 // A store hiccup: asked for again, backing off.
                 async_io::Timer::after(after).await;
                 let first = run[0];
-                if let Err(e) = issue(run) {
+                if let Err(e) = issue(run, false) {
                     walk.refused(first, e);
                 }
             }

@@ -8,9 +8,10 @@
 //! A walk asks for the absent chunks of its order in runs of adjacent ones (one ranged
 //! GET each at the basis), keeping a window of runs in flight. A walk that *yields*
 //! (thickening) steps back to short runs of [`SHARING_RUN_BYTES`] while hosts read
-//! cold data: as many as keep [`SHARING_RATE`] going over the store's round trip
-//! ([`sharing_window`]), so a host's miss queues behind little of it on the link, and
-//! a far store gets as much of it as a near one. A
+//! cold data: as many as keep [`SHARING_RATE`] (or the walk's limit, if lower) going
+//! over the time a short run takes ([`sharing_window`]), so a host's miss queues
+//! behind little of it on the link, and a far store gets as much of it as a near
+//! one. A
 //! failed run is asked for again up to [`FETCH_RETRIES`] times, backing off; then the
 //! walk fails (the clone stays correct either way: misses still work).
 
@@ -31,10 +32,10 @@ pub const SHARING_WINDOW: usize = 2;
 pub const SHARING_RUN_BYTES: u64 = 256 << 10;
 
 /// What thickening keeps going beside hosts reading cold data, in bytes a second:
-/// about what [`SHARING_WINDOW`] runs carry over a 20 ms round trip, where the fixed
-/// share beside hosts was measured (BENCHMARKS.md, thickening beside a host: hosts'
-/// p99 within 1.1× of idle in most runs, not all). Above a link of this rate
-/// (134 Mbit/s) the share beside hosts is the throttle's to bound.
+/// about what [`SHARING_WINDOW`] runs carried where the fixed share beside hosts was
+/// measured (runs answered in ~30 ms on a 20 ms link; BENCHMARKS.md, thickening beside
+/// a host: hosts' p99 within 1.1× of idle in most runs, not all). A background limit
+/// below this rate bounds the share instead.
 pub const SHARING_RATE: u64 = 16 << 20;
 
 /// Runs to keep in flight beside hosts when a run takes `latency` to be answered and
