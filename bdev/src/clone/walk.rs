@@ -10,10 +10,9 @@
 //! (thickening) steps back to short runs of [`SHARING_RUN_BYTES`] while hosts read
 //! cold data: as many as keep [`SHARING_RATE`] (or the walk's limit, if lower) going
 //! over the time a short run takes ([`sharing_window`]), so a host's miss queues
-//! behind little of it on the link, and a far store gets as much of it as a near
-//! one. A
-//! failed run is asked for again up to [`FETCH_RETRIES`] times, backing off; then the
-//! walk fails (the clone stays correct either way: misses still work).
+//! behind little of it on the link, and a far store gets as much of it as a near one.
+//! A failed run is asked for again up to [`FETCH_RETRIES`] times, backing off; then
+//! the walk fails (the clone stays correct either way: misses still work).
 
 use std::collections::HashMap;
 use std::iter::Peekable;
