@@ -588,4 +588,23 @@ mod tests {
         }
         assert_eq!(l.quickest(), Duration::from_millis(45));
     }
+
+    #[test]
+    fn a_walk_limited_by_a_throttle_reads_its_volumes_limit_as_it_changes() {
+        use crate::throttle::{Class, Limit, Throttle};
+        let control = Thickening::new();
+        assert_eq!(control.limit(), 0, "no limit known");
+        let throttle = Throttle::new(Limit::NONE, Limit::per_second(32 << 20));
+        control.limited_by(throttle.clone(), "c");
+        assert_eq!(control.limit(), 32 << 20, "the global limit");
+        throttle.set_volume("c", Class::Background, Limit::per_second(4 << 20));
+        assert_eq!(control.limit(), 4 << 20, "the clone's own, set later");
+        throttle.set_volume("other", Class::Background, Limit::per_second(1 << 20));
+        assert_eq!(control.limit(), 4 << 20, "not another volume's");
+        // What the walk then keeps beside hosts on a far store: what 4 MiB/s lets by.
+        let far = Duration::from_millis(120);
+        assert_eq!(sharing_window(far, control.limit(), DEFAULT_WINDOW), 2);
+        throttle.set_volume("c", Class::Background, Limit::NONE);
+        assert_eq!(sharing_window(far, control.limit(), DEFAULT_WINDOW), 8);
+    }
 }
