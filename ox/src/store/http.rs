@@ -9,6 +9,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_executor::LocalExecutor;
@@ -399,64 +400,53 @@ impl HttpClient {
 struct QuickAck(Async<TcpStream>);
 
 impl QuickAck {
-    fn ack_at_once(&self) {
-        let _ = socket2::SockRef::from(self.0.get_ref()).set_tcp_quickack(true);
+    /// After a read or write that moved bytes: quick ACKs on again. Passes `moved` on.
+    fn ack_at_once(&self, moved: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if matches!(moved, Poll::Ready(Ok(n)) if n > 0) {
+            let _ = socket2::SockRef::from(self.0.get_ref()).set_tcp_quickack(true);
+        }
+        moved
     }
 }
 
 impl AsyncRead for QuickAck {
     fn poll_read(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         buf: &mut [u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let read = Pin::new(&mut this.0).poll_read(cx, buf);
-        if matches!(read, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            this.ack_at_once();
-        }
-        read
+        this.ack_at_once(read)
     }
 }
 
 impl AsyncWrite for QuickAck {
     fn poll_write(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.0).poll_write(cx, buf);
-        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            this.ack_at_once();
-        }
-        written
+        this.ack_at_once(written)
     }
 
     fn poll_write_vectored(
         self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.0).poll_write_vectored(cx, bufs);
-        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            this.ack_at_once();
-        }
-        written
+        this.ack_at_once(written)
     }
 
-    fn poll_flush(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
 
-    fn poll_close(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_close(cx)
     }
 }
