@@ -21,8 +21,9 @@
 //! publishes. Records on local files (`presence`, `dirty`) are owned by their own
 //! thread each, and reach the file system through a [`medium::Medium`] so that power-cut
 //! tests can put them on a [`NonDurableMedium`] (beside [`create_nondurable`] devices).
-//! Decisions made off the reactors are pure cores too: a thickening walk's
-//! ([`walk`]: which chunks, how many at once, what to retry) and a snapshot attempt's
+//! Other decisions are pure cores too: on the reactors, a sequential reader's
+//! read-ahead ([`read_ahead`]); off them, a thickening walk's ([`walk`]: which
+//! chunks, how many at once, what to retry) and a snapshot attempt's
 //! order of steps ([`steps`]: begin, settle, flush, checkpoints and their commits,
 //! ending journal first), which the OX cores carry out (`ox::hydrate`,
 //! `ox::snapshot`). Because the cores do no I/O, the tests' deterministic simulator
@@ -63,11 +64,11 @@ mod volume;
 
 pub use bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel, MAX_IO_BYTES};
 pub use buf::{IO_ALIGN, IoBuf};
-pub use clone::walk;
 pub use clone::{
     Basis, CloneCounters, CloneHandle, FetchDone, FetchError, FetchReason, create_clone,
     open_clone, open_clone_on,
 };
+pub use clone::{read_ahead, walk};
 pub use error::BdevError;
 pub use io::{BdevIo, Finished, IoCompletion, IoDone, IoType};
 pub use malloc::create_malloc;

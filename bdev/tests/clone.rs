@@ -481,9 +481,11 @@ fn a_miss_still_waiting_at_shutdown_is_failed_not_lost() {
     );
 }
 
-/// A basis that answers at once and records every batch it is asked for.
+/// A basis that answers after `delay` (at once if zero), wants the read-ahead that
+/// delay calls for, and records every batch it is asked for.
 struct BatchBasis {
     batches: Mutex<Vec<(FetchReason, Vec<u64>)>>,
+    delay: Duration,
 }
 
 impl Basis for BatchBasis {
@@ -495,11 +497,26 @@ impl Basis for BatchBasis {
         self.fetch_batch(vec![(chunk, done)], reason);
     }
 
+    fn read_ahead_bytes(&self) -> Option<u64> {
+        (!self.delay.is_zero()).then(|| bdev::read_ahead::wanted_bytes(self.delay, 0))
+    }
+
     fn fetch_batch(&self, batch: Vec<(u64, FetchDone)>, reason: FetchReason) {
         let chunks = batch.iter().map(|(c, _)| *c).collect();
         self.batches.lock().unwrap().push((reason, chunks));
-        for (chunk, done) in batch {
-            done(Ok(pattern(CHUNK as usize, chunk as u8)));
+        let answer = move || {
+            for (chunk, done) in batch {
+                done(Ok(pattern(CHUNK as usize, chunk as u8)));
+            }
+        };
+        if self.delay.is_zero() {
+            answer();
+        } else {
+            let delay = self.delay;
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                answer();
+            });
         }
     }
 }
@@ -510,10 +527,13 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
     let chunks = 1024u64;
     let basis = Arc::new(BatchBasis {
         batches: Mutex::new(Vec::new()),
+        delay: Duration::ZERO,
     });
     let local = create_malloc("local", 512, chunks * CHUNK / 512, None).unwrap();
-    let (clone, _handle) =
+    let (clone, handle) =
         create_clone("clone", local, Arc::clone(&basis) as Arc<dyn Basis>, None).unwrap();
+    // The clone's own read-ahead (8 MiB), whatever its quickest miss took here.
+    handle.set_read_ahead(128);
     let mut furthest = 0;
     for at in (0..chunks / 2 * CHUNK).step_by(128 << 10) {
         let got = read(&set, &clone, 0, at, 128 << 10).unwrap();
@@ -547,5 +567,51 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
     // Once grown, the window is asked for in halves: runs long enough to coalesce.
     assert!(ahead.iter().filter(|&&n| n >= 64).count() >= 4, "{ahead:?}");
     assert!(furthest >= chunks / 2, "read-ahead ran ahead of the reader");
+    set.shutdown().unwrap();
+}
+
+#[test]
+fn a_sequential_reader_of_a_far_store_gets_the_window_its_fetches_need() {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let chunks = 2048u64;
+    // Every fetch takes 50 ms: 8 MiB ahead carries at most half of it per 50 ms (84
+    // MB/s); the basis wants what carries 1 Gbit/s, 2 × 125 MB/s × 50 ms = 12.5 MB (191
+    // chunks).
+    let basis = Arc::new(BatchBasis {
+        batches: Mutex::new(Vec::new()),
+        delay: Duration::from_millis(50),
+    });
+    let local = create_malloc("local", 512, chunks * CHUNK / 512, None).unwrap();
+    let (clone, _handle) =
+        create_clone("clone", local, Arc::clone(&basis) as Arc<dyn Basis>, None).unwrap();
+    let (mut furthest, mut most_ahead) = (0, 0);
+    for at in (0..chunks / 2 * CHUNK).step_by(128 << 10) {
+        let got = read(&set, &clone, 0, at, 128 << 10).unwrap();
+        let first = at / CHUNK;
+        assert!(got[..CHUNK as usize] == pattern(CHUNK as usize, first as u8)[..]);
+        let batches = basis.batches.lock().unwrap();
+        furthest = batches
+            .iter()
+            .flat_map(|(_, c)| c.iter().copied())
+            .max()
+            .unwrap();
+        most_ahead = most_ahead.max(furthest - first - 1);
+        assert!(
+            furthest <= first + 2 + (64 << 20) / CHUNK,
+            "read-ahead reached chunk {furthest} from a reader at {first}, past its most"
+        );
+    }
+    assert!(
+        most_ahead > 128,
+        "read-ahead stayed within 8 MiB ({most_ahead} chunks) of a store 50 ms away"
+    );
+    assert!(furthest >= chunks / 2);
+    let batches = basis.batches.lock().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for (_, b) in batches.iter() {
+        for c in b {
+            assert!(seen.insert(*c), "chunk {c} fetched twice");
+        }
+    }
     set.shutdown().unwrap();
 }

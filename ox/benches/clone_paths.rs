@@ -268,7 +268,7 @@ fn main() {
     println!("| device | MB/s |");
     println!("|---|---|");
     println!(
-        "| cold clone (read-ahead growing to 8 MiB) | {:.0} |",
+        "| cold clone (read-ahead growing to 8 MiB, or more on a far store) | {:.0} |",
         mbs(size, cold_seq)
     );
     println!(

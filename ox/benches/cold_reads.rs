@@ -7,14 +7,16 @@
 //!    delayed-ACK stall shows as a kept-alive GET slower than a fresh one);
 //! 2. cold 4 KiB clone reads at QD 1, scattered (each a miss);
 //! 3. a cold sequential read, 128 KiB requests, 16 in flight: MB/s, GETs, and bytes
-//!    the server sent per byte read.
+//!    the server sent per byte read (`--read-ahead-mib N`: a fixed read-ahead instead
+//!    of the one sized by the clone's quickest miss).
 //!
 //! The volume holds incompressible bytes, so what moves is what is read (as with
 //! s3backer over the same data: `scripts/bench-vs-s3backer`). The test server
 //! (s3s-fs) hashes the whole object on every GET: objects are 1 MiB unless
 //! `--object-mib` says.
 //!
-//! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL]
+//! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
+//!     --read-ahead-mib N]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -24,7 +26,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev::Bdev;
+use bdev::{Basis, Bdev};
 use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::ObjectStore;
 use ox::store::s3::{S3Config, S3Store};
@@ -234,7 +236,12 @@ fn main() {
     );
 
     // 3. Cold sequential read, 128 KiB x 16 in flight.
-    let (clone, _, basis) = w.clone_of(w.load(&report.manifest_key), 1, Throttle::default(), true);
+    let (clone, seq_handle, basis) =
+        w.clone_of(w.load(&report.manifest_key), 1, Throttle::default(), true);
+    let fixed = arg("--read-ahead-mib", 0);
+    if fixed > 0 {
+        seq_handle.set_read_ahead((fixed << 20) / CHUNK);
+    }
     let before = stats(&endpoint);
     let took = w.sequential(&clone, 128 << 10, 16);
     let after = stats(&endpoint);
@@ -242,18 +249,19 @@ fn main() {
     let (gets, sent) = (after.1 - before.1, after.2 - before.2);
     println!("\n## 3. Cold sequential read, 128 KiB x 16 in flight\n");
     println!(
-        "| MB/s | GETs at the server | MiB sent by the server | sent / read | frames per GET |"
+        "| MB/s | GETs at the server | MiB sent by the server | sent / read | frames per GET | read-ahead the basis wants |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| {:.1} | {gets} | {:.1} | {:.3} | {:.1} |",
+        "| {:.1} | {gets} | {:.1} | {:.3} | {:.1} | {:.1} MiB |",
         size as f64 / took.as_secs_f64() / 1e6,
         sent as f64 / 1048576.0,
         sent as f64 / size as f64,
         c.frames.load(std::sync::atomic::Ordering::Relaxed) as f64
             / c.frame_gets
                 .load(std::sync::atomic::Ordering::Relaxed)
-                .max(1) as f64
+                .max(1) as f64,
+        basis.read_ahead_bytes().unwrap_or(0) as f64 / 1048576.0
     );
 
     // 4. Thickening beside a host reading cold data at QD 1, under a background limit.

@@ -3,6 +3,8 @@
 //! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
 //! of adjacent chunks (a sequential reader's read-ahead) travels in ranged GETs of up
 //! to [`RUN_BYTES`] each, all in flight at once; a lone miss is one GET of one frame.
+//! The quickest GET so far sizes a sequential reader's read-ahead
+//! ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for ahead.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -52,6 +54,12 @@ struct Inner {
     name: String,
     pages: Mutex<HashMap<u64, PageSlot>>,
     counters: BasisCounters,
+    /// The quickest frame GET so far, µs from asking to the whole body (`u64::MAX`:
+    /// none yet).
+    quickest_get_us: AtomicU64,
+    /// What a sequential reader should have asked for ahead, from the quickest GET and
+    /// the clone's background limit (0: no GET yet).
+    read_ahead_bytes: AtomicU64,
 }
 
 /// An index page: loaded, or being loaded with others waiting for it.
@@ -92,6 +100,8 @@ impl ObjectBasis {
                 name: name.to_string(),
                 pages: Mutex::new(HashMap::new()),
                 counters: BasisCounters::default(),
+                quickest_get_us: AtomicU64::new(u64::MAX),
+                read_ahead_bytes: AtomicU64::new(0),
             }),
         }
     }
@@ -340,6 +350,23 @@ impl Inner {
         }
     }
 
+    /// Notes a frame GET that took `took` (a refetch's includes the attempts before it:
+    /// never the quickest), and what a sequential reader should then ask for ahead.
+    fn got_body(&self, took: std::time::Duration) {
+        let us = (took.as_micros() as u64).max(1);
+        // A read-modify-write shared by the OX cores fetching for this clone: once per
+        // GET, each at least a round trip long, never on a reactor.
+        let quickest = self
+            .quickest_get_us
+            .fetch_min(us, Ordering::Relaxed)
+            .min(us);
+        let limit = self.throttle.rate(&self.name, Class::Background);
+        let wanted =
+            bdev::read_ahead::wanted_bytes(std::time::Duration::from_micros(quickest), limit);
+        self.read_ahead_bytes
+            .store(wanted.max(1), Ordering::Relaxed);
+    }
+
     /// Waits for the throttle to pass `bytes`, a slice at a time: a large run takes
     /// its turns beside small requests instead of waiting for a bucket they keep low.
     async fn pass(&self, class: Class, mut bytes: u64) {
@@ -362,9 +389,11 @@ impl Inner {
         let counters = &self.counters;
         let entries: Vec<(u64, Entry)> = run.chunks.iter().map(|(c, e, _)| (*c, *e)).collect();
         let frames = entries.len() as u64;
+        let asked = std::time::Instant::now();
         let result = self
             .loaded
             .run(store, &entries, Some(&counters.integrity), |n| {
+                self.got_body(asked.elapsed());
                 counters.frame_gets.fetch_add(1, Ordering::Relaxed);
                 counters.frames.fetch_add(frames, Ordering::Relaxed);
                 counters.frame_bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -432,6 +461,13 @@ impl Basis for ObjectBasis {
 
     fn size_bytes(&self) -> Option<u64> {
         Some(self.inner.loaded.manifest.volume_bytes)
+    }
+
+    fn read_ahead_bytes(&self) -> Option<u64> {
+        match self.inner.read_ahead_bytes.load(Ordering::Relaxed) {
+            0 => None,
+            b => Some(b),
+        }
     }
 
     fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone) {

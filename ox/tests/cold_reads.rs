@@ -1,7 +1,8 @@
 //! What snapshots and cold clones cost the object store, counted at the S3 test
 //! server: a sequential reader's read-ahead travels in few ranged GETs of adjacent
-//! frames, and moves about what it reads; a lone 4 KiB miss costs one GET of one
-//! frame; a sparse volume's snapshot costs requests for its data, not its size.
+//! frames, and moves about what it reads, with more asked for ahead where GETs take
+//! long; a lone 4 KiB miss costs one GET of one frame; a sparse volume's snapshot
+//! costs requests for its data, not its size.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "s3server/mod.rs"]
@@ -10,7 +11,7 @@ mod support;
 
 use std::sync::atomic::Ordering;
 
-use bdev::Bdev;
+use bdev::{Basis, Bdev};
 use ox::basis::ObjectBasis;
 use ox::snapshot::load;
 use ox::store::ObjectStore;
@@ -47,7 +48,9 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     let mut opts = options(&env);
     opts.object_bytes = 4 << 20;
     let report = snapshot_s3(&env, &config, &handle, None, opts);
-    let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "seq");
+    let (clone, basis, clone_handle) = clone_s3(&env, &config, &report.manifest_key, "seq", SIZE);
+    // The clone's own read-ahead (8 MiB), however long this server's GETs take.
+    clone_handle.set_read_ahead(128);
     let c = basis.counters();
     let served = |f: &s3server::Faults| {
         (
@@ -124,6 +127,35 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     );
     assert!(bytes1 - bytes0 >= c.frame_bytes.load(Ordering::SeqCst) + frame_bytes);
     env.set.shutdown().unwrap();
+}
+
+#[test]
+fn a_store_whose_gets_take_long_wants_more_read_ahead() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (_vol, handle, image) = filled_volume(&env, SIZE, 43);
+    let mut opts = options(&env);
+    opts.object_bytes = 4 << 20;
+    let report = snapshot_s3(&env, &config, &handle, None, opts);
+    // Every request now takes 50 ms more: a store far away.
+    server.faults.delay_ms.store(50, Ordering::SeqCst);
+    let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "far");
+    assert_eq!(basis.read_ahead_bytes(), None, "no frame fetched yet");
+    for at in (0..SIZE / 4).step_by(128 << 10) {
+        let got = read(&env, &clone, at, 128 << 10);
+        assert!(
+            got[..] == image[at as usize..(at + (128 << 10)) as usize],
+            "wrong bytes at {at}"
+        );
+    }
+    // Every GET took 50 ms or more: what carries 1 Gbit/s over 50 ms, twice.
+    let wanted = basis.read_ahead_bytes().expect("frames were fetched");
+    let least = bdev::read_ahead::wanted_bytes(std::time::Duration::from_millis(50), 0);
+    assert!(
+        wanted >= least,
+        "{wanted} bytes wanted ahead, less than {least}"
+    );
 }
 
 #[test]

@@ -224,6 +224,8 @@ fn reading_10_mib_of_a_1_tib_clone_moves_about_10_mib() {
         "opening a 1 TiB clone is one GET"
     );
     let (clone, clone_handle, basis) = world.clone_of(loaded, TIB);
+    // The clone's own read-ahead (8 MiB), however long the test server's GETs take.
+    clone_handle.set_read_ahead(128);
     let (clone_target, dst) = serve(set, "nqn.2026-11.io.ox:e2e-clone", clone);
 
     // 4. Read the extent from the clone over NVMe/TCP and verify every block.

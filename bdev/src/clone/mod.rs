@@ -24,6 +24,7 @@
 pub(crate) mod core;
 mod journal;
 mod owner;
+pub mod read_ahead;
 pub mod walk;
 
 use std::cell::Cell;
@@ -37,6 +38,7 @@ use uuid::Uuid;
 
 use self::core::Event;
 use self::journal::{Journal, JournalWork, Note};
+use self::read_ahead::{Geometry, MOST_READ_AHEAD_BYTES, READ_AHEAD_BYTES, ReadAhead};
 use crate::bdev::{BackendChannel, Bdev, BdevBackend, BdevInfo, Channel};
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion, IoDone, IoType};
@@ -94,6 +96,12 @@ pub trait Basis: Send + Sync + 'static {
     }
     /// Size of the image in bytes, if known; a clone's local copy must match it.
     fn size_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// The bytes a sequential reader should have asked for ahead of it, as this basis
+    /// sees its store now ([`read_ahead::wanted_bytes`] of its quickest fetch and its
+    /// limit), if it has fetched anything yet. Read on the I/O path: a load, no lock.
+    fn read_ahead_bytes(&self) -> Option<u64> {
         None
     }
 }
@@ -163,19 +171,12 @@ struct Shared {
     epoch: Instant,
     /// The durable record of presence, if this clone keeps one.
     journal: Option<Journal>,
-    /// The most chunks fetched ahead of a sequential reader.
+    /// Chunks fetched ahead of a sequential reader: the least its window grows to...
     read_ahead: AtomicU64,
+    /// ...and the most, where the basis wants more (see [`read_ahead`]).
+    most_read_ahead: AtomicU64,
     counters: CloneCounters,
 }
-
-/// The most fetched ahead of a sequential reader: 8 MiB, a bandwidth-delay product of
-/// 1 Gbit/s at 60 ms round trips (in chunks, at least 2, whatever the chunk size). A
-/// reader starts with [`FIRST_READ_AHEAD_BYTES`] and the window doubles while it stays
-/// sequential.
-const READ_AHEAD_BYTES: u64 = 8 << 20;
-
-/// The read-ahead window of a reader just found sequential (at least one chunk).
-const FIRST_READ_AHEAD_BYTES: u64 = 1 << 20;
 
 /// Names clones' owner states and write plans.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -240,13 +241,8 @@ struct CloneChannel {
     owner: ReactorHandle,
     local: Rc<Channel>,
     reactor: Rc<Reactor>,
-    /// Where the last read on this channel ended (bytes): a read starting there is
-    /// sequential and triggers read-ahead.
-    last_end: Cell<u64>,
-    /// The sequential reader's read-ahead window (chunks; 0: not sequential) and the
-    /// first chunk past what it has asked for.
-    window: Cell<u64>,
-    frontier: Cell<u64>,
+    /// The read-ahead of the reader on this channel.
+    ahead: Cell<ReadAhead>,
 }
 
 impl BdevBackend for CloneBackend {
@@ -277,9 +273,7 @@ impl BdevBackend for CloneBackend {
             shared: Arc::clone(&self.shared),
             local: self.shared.local.channel()?,
             reactor,
-            last_end: Cell::new(u64::MAX),
-            window: Cell::new(0),
-            frontier: Cell::new(0),
+            ahead: Cell::new(ReadAhead::default()),
         }))
     }
 }
@@ -290,35 +284,27 @@ impl CloneChannel {
     }
 
     /// A read that starts where the previous one ended fetches the next chunks ahead
-    /// (only those absent: on a hydrated clone this is a few loads). The window starts
-    /// at [`FIRST_READ_AHEAD_BYTES`] and doubles, up to the clone's read-ahead, each
-    /// time the reader has used half of it; it is asked for in those halves, so the
-    /// basis gets runs of adjacent chunks it can fetch in a few requests.
+    /// (only those absent: on a hydrated clone this is a few loads), as its
+    /// [`ReadAhead`] decides.
     fn read_ahead(&self, io: &BdevIo, last_chunk: u64) {
         let s = &self.shared;
         let start = io.offset_blocks * s.block_size;
         let end = start + io.num_blocks * s.block_size;
-        let sequential = self.last_end.replace(end) == start;
-        let most = s.read_ahead.load(Ordering::Relaxed);
-        if !sequential || most == 0 {
-            self.window.set(0);
-            return;
-        }
-        let next = last_chunk + 1;
-        let (window, frontier) = match self.window.get() {
-            0 => (
-                (FIRST_READ_AHEAD_BYTES / s.chunk_bytes).max(1).min(most),
-                next,
-            ),
-            w => (w.min(most), self.frontier.get().max(next)),
+        let clone = Geometry {
+            read_ahead: s.read_ahead.load(Ordering::Relaxed),
+            most: s.most_read_ahead.load(Ordering::Relaxed),
+            chunk_bytes: s.chunk_bytes,
+            chunks: s.chunks,
+            wanted_bytes: s.basis.read_ahead_bytes(),
         };
-        if frontier - next >= window.div_ceil(2) && self.window.get() != 0 {
-            return;
-        }
-        let until = (next + window).min(s.chunks);
-        self.window.set((window * 2).min(most));
-        self.frontier.set(until.max(frontier));
-        let absent: Vec<u64> = (frontier..until).filter(|&c| !s.is_present(c)).collect();
+        let mut ahead = self.ahead.get();
+        let asked = ahead.on_read((start, end), last_chunk, clone);
+        self.ahead.set(ahead);
+        let absent: Vec<u64> = asked
+            .into_iter()
+            .flatten()
+            .filter(|&c| !s.is_present(c))
+            .collect();
         if !absent.is_empty() {
             owner::send(
                 s,
@@ -634,9 +620,11 @@ impl CloneHandle {
                 < grace.as_micros() as u64
     }
 
-    /// Sets how many chunks a sequential reader gets fetched ahead (0: none).
+    /// Sets how many chunks a sequential reader gets fetched ahead, whatever the store's
+    /// latency (0: none).
     pub fn set_read_ahead(&self, chunks: u64) {
         self.shared.read_ahead.store(chunks, Ordering::Relaxed);
+        self.shared.most_read_ahead.store(chunks, Ordering::Relaxed);
     }
 
     /// Chunk size.
@@ -898,6 +886,7 @@ fn build(
         epoch: Instant::now(),
         counters: CloneCounters::default(),
         read_ahead: AtomicU64::new((READ_AHEAD_BYTES / chunk_bytes).max(2)),
+        most_read_ahead: AtomicU64::new((MOST_READ_AHEAD_BYTES / chunk_bytes).max(2)),
     });
     let present: u64 = shared
         .presence

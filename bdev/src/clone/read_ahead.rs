@@ -1,0 +1,339 @@
+//! A sequential reader's read-ahead: which chunks to fetch ahead of a host reading a
+//! clone in order. Decided from the reads alone and what the basis says its store
+//! needs (no I/O, no clock), so a test can feed it a reader and a store of any speed.
+//!
+//! The window starts at [`FIRST_READ_AHEAD_BYTES`]. Each time the reader has read half
+//! of what is asked for ahead of it, more is asked for and the window doubles, up to
+//! its ceiling: it grows as fast as the reader reads, so a short run of sequential
+//! reads asks for little. At the ceiling it is asked for in halves, so the basis gets
+//! runs of adjacent chunks it can fetch in a few requests.
+//!
+//! A reader that outruns its fetches gets about half its window per fetch's time (the
+//! other half is what it is reading): at 60 ms round trips, on a server that answers in
+//! two, 8 MiB carries ~34 MB/s. So the ceiling is what the basis wants
+//! ([`wanted_bytes`]: twice what keeps [`READ_AHEAD_RATE`], or the clone's limit if
+//! lower, going over the quickest fetch it has made), never less than the clone's
+//! read-ahead ([`READ_AHEAD_BYTES`]) nor more than [`MOST_READ_AHEAD_BYTES`] (a clone
+//! given a read-ahead of its own keeps that): a store a few ms away keeps the clone's
+//! read-ahead, a far one gets the window its round trips need. A read out of order
+//! starts over.
+
+use std::ops::Range;
+use std::time::Duration;
+
+/// The most fetched ahead of a sequential reader on a store near enough: 8 MiB (in
+/// chunks, at least 2, whatever the chunk size).
+pub const READ_AHEAD_BYTES: u64 = 8 << 20;
+
+/// The read-ahead window of a reader just found sequential (at least one chunk).
+pub const FIRST_READ_AHEAD_BYTES: u64 = 1 << 20;
+
+/// The rate a sequential reader's window is sized to carry where no limit is lower, in
+/// bytes a second: 1 Gbit/s, an appliance's link to its region.
+pub const READ_AHEAD_RATE: u64 = 125_000_000;
+
+/// The most fetched ahead of a sequential reader on any store: 64 MiB, about twice the
+/// bandwidth-delay product of [`READ_AHEAD_RATE`] at 250 ms. It is in flight, not held
+/// in memory: fetched chunks go to the local copy.
+pub const MOST_READ_AHEAD_BYTES: u64 = 64 << 20;
+
+/// The bytes a sequential reader should have asked for ahead of it where a fetch takes
+/// `quickest` with nothing queued before it and the reader's fetches may have `limit`
+/// bytes a second (0: no limit): twice the bandwidth-delay product of
+/// [`READ_AHEAD_RATE`], or of the limit if lower.
+pub fn wanted_bytes(quickest: Duration, limit: u64) -> u64 {
+    let rate = match limit {
+        0 => READ_AHEAD_RATE,
+        l => l.min(READ_AHEAD_RATE),
+    };
+    (2.0 * rate as f64 * quickest.as_secs_f64()).ceil() as u64
+}
+
+/// The clone as the read-ahead sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    /// The clone's read-ahead, in chunks (0: none): the least the ceiling is.
+    pub read_ahead: u64,
+    /// The most the ceiling is, in chunks (below `read_ahead`: `read_ahead`).
+    pub most: u64,
+    /// Chunk size in bytes.
+    pub chunk_bytes: u64,
+    /// Chunks in the volume.
+    pub chunks: u64,
+    /// What the basis wants asked for ahead ([`wanted_bytes`]), if it knows yet.
+    pub wanted_bytes: Option<u64>,
+}
+
+impl Geometry {
+    /// The most a window may be (chunks; 0: no read-ahead).
+    pub fn ceiling(&self) -> u64 {
+        if self.read_ahead == 0 {
+            return 0;
+        }
+        let wanted = self
+            .wanted_bytes
+            .map_or(0, |b| b.div_ceil(self.chunk_bytes.max(1)));
+        wanted.clamp(self.read_ahead, self.most.max(self.read_ahead))
+    }
+}
+
+/// One reader's read-ahead (one per channel: the reader on that reactor).
+#[derive(Clone, Copy, Debug)]
+pub struct ReadAhead {
+    /// Where the last read ended (bytes): a read starting there is sequential.
+    last_end: u64,
+    /// The window last asked for (chunks; 0: not sequential).
+    window: u64,
+    /// The first chunk past what has been asked for.
+    frontier: u64,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        Self {
+            last_end: u64::MAX,
+            window: 0,
+            frontier: 0,
+        }
+    }
+}
+
+impl ReadAhead {
+    /// A read of bytes `start..end` whose last chunk is `last_chunk`: the chunks to ask
+    /// for ahead of it, if any (the caller leaves out those present).
+    pub fn on_read(
+        &mut self,
+        (start, end): (u64, u64),
+        last_chunk: u64,
+        clone: Geometry,
+    ) -> Option<Range<u64>> {
+        let sequential = std::mem::replace(&mut self.last_end, end) == start;
+        let ceiling = clone.ceiling();
+        if !sequential || ceiling == 0 {
+            *self = Self {
+                last_end: end,
+                ..Self::default()
+            };
+            return None;
+        }
+        let next = last_chunk + 1;
+        let (window, from) = match self.window {
+            0 => (
+                (FIRST_READ_AHEAD_BYTES / clone.chunk_bytes.max(1))
+                    .max(1)
+                    .min(ceiling),
+                next,
+            ),
+            w => {
+                let frontier = self.frontier.max(next);
+                if frontier - next > w.min(ceiling) / 2 {
+                    return None;
+                }
+                (w.saturating_mul(2).min(ceiling), frontier)
+            }
+        };
+        let until = next.saturating_add(window).min(clone.chunks);
+        self.window = window;
+        self.frontier = until.max(from);
+        assert!(window <= ceiling, "read-ahead window past its ceiling");
+        assert!(until <= clone.chunks, "read-ahead past the volume's end");
+        (from < until).then_some(from..until)
+    }
+
+    /// The window the reader is at (chunks; 0: not sequential).
+    #[cfg(test)]
+    fn window(&self) -> u64 {
+        self.window
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: u64 = 64 << 10;
+
+    fn geometry(chunks: u64, wanted_bytes: Option<u64>) -> Geometry {
+        Geometry {
+            read_ahead: READ_AHEAD_BYTES / CHUNK,
+            most: MOST_READ_AHEAD_BYTES / CHUNK,
+            chunk_bytes: CHUNK,
+            chunks,
+            wanted_bytes,
+        }
+    }
+
+    /// A reader of 128 KiB requests over a store whose every fetch takes `latency` and
+    /// whose link carries `link` bytes a second: chunks asked for arrive after the
+    /// latency, no faster than the link, in order; the reader takes each as it arrives,
+    /// and the basis wants what its quickest fetch calls for. Returns the window the
+    /// reader ends at (bytes), the rate it read at over its last quarter (bytes a
+    /// second), and the chunks asked for ahead.
+    fn read_through(latency: Duration, link: f64, chunks: u64) -> (u64, f64, u64) {
+        let mut ahead = ReadAhead::default();
+        let mut quickest: Option<Duration> = None;
+        // When each chunk arrives (seconds), once asked for.
+        let mut arrives = vec![f64::INFINITY; chunks as usize];
+        let mut link_free = 0.0f64;
+        let mut now = 0.0f64;
+        let mut quarter = None;
+        let mut asked_ahead = 0;
+        let fetch = |asked: f64, link_free: &mut f64, quickest: &mut Option<Duration>| {
+            *link_free = link_free.max(asked + latency.as_secs_f64()) + CHUNK as f64 / link;
+            let took = Duration::from_secs_f64(*link_free - asked);
+            *quickest = Some(quickest.map_or(took, |q| q.min(took)));
+            *link_free
+        };
+        for first in (0..chunks).step_by(2) {
+            let last = (first + 1).min(chunks - 1);
+            // The read waits for its chunks; one not asked for is a miss, fetched now.
+            for c in first..=last {
+                if arrives[c as usize].is_infinite() {
+                    arrives[c as usize] = fetch(now, &mut link_free, &mut quickest);
+                }
+                now = now.max(arrives[c as usize]);
+            }
+            let wanted = quickest.map(|q| wanted_bytes(q, 0));
+            let span = (first * CHUNK, (last + 1) * CHUNK);
+            let asked = ahead.on_read(span, last, geometry(chunks, wanted));
+            for c in asked.into_iter().flatten() {
+                assert!(
+                    arrives[c as usize].is_infinite(),
+                    "chunk {c} asked for twice"
+                );
+                arrives[c as usize] = fetch(now, &mut link_free, &mut quickest);
+                asked_ahead += 1;
+            }
+            assert!(
+                ahead.frontier <= last + 1 + MOST_READ_AHEAD_BYTES / CHUNK,
+                "read-ahead ran past its most"
+            );
+            if quarter.is_none() && first >= chunks * 3 / 4 {
+                quarter = Some((now, first * CHUNK));
+            }
+        }
+        let (at, from) = quarter.unwrap_or((0.0, 0));
+        let rate = (chunks * CHUNK - from) as f64 / (now - at);
+        (ahead.window() * CHUNK, rate, asked_ahead)
+    }
+
+    #[test]
+    fn a_far_store_gets_a_window_that_fills_the_link() {
+        // 250 ms a fetch, a 50 MB/s link: a bandwidth-delay product of 12.5 MB, where
+        // the clone's read-ahead alone carries half of 8 MiB in 250 ms (16.8 MB/s).
+        let link = 50e6;
+        let (window, rate, _) = read_through(Duration::from_millis(250), link, 16384);
+        assert!(window > 2 * 12_500_000, "window {window}");
+        assert!(window <= MOST_READ_AHEAD_BYTES, "window {window}");
+        assert!(rate > 0.95 * link, "rate {rate}");
+        // 125 ms (60 ms round trips, a server answering in two): 8 MiB carried 34 MB/s.
+        let (window, rate, _) = read_through(Duration::from_millis(125), link, 16384);
+        assert!(window > 2 * 6_250_000, "window {window}");
+        assert!(rate > 0.95 * link, "rate {rate}");
+    }
+
+    #[test]
+    fn a_near_store_keeps_the_clone_s_read_ahead() {
+        // 1 ms a fetch on a 1 GB/s link: 8 MiB in flight are plenty.
+        let (window, rate, _) = read_through(Duration::from_millis(1), 1e9, 16384);
+        assert_eq!(window, READ_AHEAD_BYTES);
+        assert!(rate > 0.95e9, "rate {rate}");
+    }
+
+    #[test]
+    fn a_short_run_of_sequential_reads_asks_for_little_however_far_the_store() {
+        // 16 reads of 128 KiB (2 MiB) from a store 250 ms away, whose basis wants
+        // 62.5 MB ahead: what is asked for grows with what was read.
+        let clone = geometry(1 << 20, Some(wanted_bytes(Duration::from_millis(250), 0)));
+        assert_eq!(clone.ceiling(), MOST_READ_AHEAD_BYTES / CHUNK - 70);
+        let mut ahead = ReadAhead::default();
+        let mut asked = 0;
+        for first in (0..32).step_by(2) {
+            let span = (first * CHUNK, (first + 2) * CHUNK);
+            let range = ahead.on_read(span, first + 1, clone);
+            asked += range.map_or(0, |r| r.end - r.start);
+        }
+        // Ahead of a reader at chunk n lie at most 2 × n chunks (plus the first window):
+        // 88 here, against the ceiling's 954.
+        assert!(asked <= 3 * 32, "{asked} chunks asked for after reading 32");
+        // A long run goes on to the ceiling.
+        let (_, _, asked) = read_through(Duration::from_millis(250), 50e6, 4096);
+        assert!(asked > 4000, "{asked}");
+    }
+
+    #[test]
+    fn the_ceiling_is_what_the_basis_wants_within_its_bounds() {
+        let base = READ_AHEAD_BYTES / CHUNK;
+        let most = MOST_READ_AHEAD_BYTES / CHUNK;
+        assert_eq!(geometry(1 << 20, None).ceiling(), base);
+        let at = |ms| {
+            let wanted = wanted_bytes(Duration::from_millis(ms), 0);
+            geometry(1 << 20, Some(wanted)).ceiling()
+        };
+        assert_eq!(at(1), base);
+        // 2 × 125 MB/s × 100 ms = 25 MB.
+        assert_eq!(wanted_bytes(Duration::from_millis(100), 0), 25_000_000);
+        assert_eq!(at(100), 25_000_000u64.div_ceil(CHUNK));
+        assert_eq!(at(10_000), most);
+        // A limit below the rate wants less: 2 × 50 MB/s × 100 ms.
+        assert_eq!(
+            wanted_bytes(Duration::from_millis(100), 50_000_000),
+            10_000_000
+        );
+        assert_eq!(
+            wanted_bytes(Duration::from_millis(100), 10 << 30),
+            25_000_000
+        );
+        let none = Geometry {
+            read_ahead: 0,
+            ..geometry(1 << 20, Some(25_000_000))
+        };
+        assert_eq!(none.ceiling(), 0);
+        let huge = Geometry {
+            read_ahead: 4 * most,
+            ..geometry(1 << 20, None)
+        };
+        assert_eq!(huge.ceiling(), 4 * most);
+        // A clone given a read-ahead of its own keeps it, however far the store.
+        let fixed = Geometry {
+            read_ahead: 4,
+            most: 4,
+            ..geometry(1 << 20, Some(25_000_000))
+        };
+        assert_eq!(fixed.ceiling(), 4);
+    }
+
+    #[test]
+    fn a_read_out_of_order_starts_over() {
+        let clone = geometry(1 << 20, None);
+        let mut ahead = ReadAhead::default();
+        assert_eq!(ahead.on_read((0, CHUNK), 0, clone), None);
+        assert_eq!(
+            ahead.on_read((CHUNK, 2 * CHUNK), 1, clone),
+            Some(2..2 + FIRST_READ_AHEAD_BYTES / CHUNK)
+        );
+        assert_eq!(ahead.on_read((0, CHUNK), 0, clone), None);
+        assert_eq!(ahead.window(), 0);
+        // No read-ahead at all where the clone has none.
+        let none = Geometry {
+            read_ahead: 0,
+            ..clone
+        };
+        assert_eq!(ahead.on_read((CHUNK, 2 * CHUNK), 1, none), None);
+    }
+
+    #[test]
+    fn the_window_stops_at_the_volume_s_end() {
+        let small = geometry(20, None);
+        let mut ahead = ReadAhead::default();
+        let _ = ahead.on_read((0, CHUNK), 0, small);
+        assert_eq!(ahead.on_read((CHUNK, 2 * CHUNK), 1, small), Some(2..18));
+        // More is asked for once half of what is ahead has been read: at chunk 10,
+        // 8 chunks of 16 ahead (to 18) are left.
+        for c in 2..20 {
+            let asked = ahead.on_read((c * CHUNK, (c + 1) * CHUNK), c, small);
+            let expected = (c == 9).then_some(18..20);
+            assert_eq!(asked, expected, "at chunk {c}");
+        }
+    }
+}
