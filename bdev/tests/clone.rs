@@ -530,10 +530,8 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
         delay: Duration::ZERO,
     });
     let local = create_malloc("local", 512, chunks * CHUNK / 512, None).unwrap();
-    let (clone, handle) =
+    let (clone, _handle) =
         create_clone("clone", local, Arc::clone(&basis) as Arc<dyn Basis>, None).unwrap();
-    // The clone's own read-ahead (8 MiB), whatever its quickest miss took here.
-    handle.set_read_ahead(128);
     let mut furthest = 0;
     for at in (0..chunks / 2 * CHUNK).step_by(128 << 10) {
         let got = read(&set, &clone, 0, at, 128 << 10).unwrap();
@@ -604,6 +602,11 @@ fn a_sequential_reader_of_a_far_store_gets_the_window_its_fetches_need() {
     assert!(
         most_ahead > 128,
         "read-ahead stayed within 8 MiB ({most_ahead} chunks) of a store 50 ms away"
+    );
+    let wanted = bdev::read_ahead::wanted_bytes(Duration::from_millis(50), 0);
+    assert!(
+        most_ahead <= wanted.div_ceil(CHUNK),
+        "read-ahead ran {most_ahead} chunks ahead, more than the basis wants"
     );
     assert!(furthest >= chunks / 2);
     let batches = basis.batches.lock().unwrap();

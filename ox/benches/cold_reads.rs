@@ -7,8 +7,8 @@
 //!    delayed-ACK stall shows as a kept-alive GET slower than a fresh one);
 //! 2. cold 4 KiB clone reads at QD 1, scattered (each a miss);
 //! 3. a cold sequential read, 128 KiB requests, 16 in flight: MB/s, GETs, and bytes
-//!    the server sent per byte read (`--read-ahead-mib N`: a fixed read-ahead instead
-//!    of the one sized by the clone's quickest miss).
+//!    the server sent per byte read, and the read-ahead the basis wants from its
+//!    quickest GET (`--read-ahead-mib N`: a fixed read-ahead instead).
 //!
 //! The volume holds incompressible bytes, so what moves is what is read (as with
 //! s3backer over the same data: `scripts/bench-vs-s3backer`). The test server

@@ -55,11 +55,10 @@ struct Inner {
     pages: Mutex<HashMap<u64, PageSlot>>,
     counters: BasisCounters,
     /// The quickest frame GET so far, µs from asking to the whole body (`u64::MAX`:
-    /// none yet).
+    /// none yet): with `background_limit`, what sizes a sequential reader's read-ahead.
     quickest_get_us: AtomicU64,
-    /// What a sequential reader should have asked for ahead, from the quickest GET and
-    /// the clone's background limit (0: no GET yet).
-    read_ahead_bytes: AtomicU64,
+    /// The clone's background limit as of its last frame GET (bytes a second; 0: none).
+    background_limit: AtomicU64,
 }
 
 /// An index page: loaded, or being loaded with others waiting for it.
@@ -101,7 +100,7 @@ impl ObjectBasis {
                 pages: Mutex::new(HashMap::new()),
                 counters: BasisCounters::default(),
                 quickest_get_us: AtomicU64::new(u64::MAX),
-                read_ahead_bytes: AtomicU64::new(0),
+                background_limit: AtomicU64::new(0),
             }),
         }
     }
@@ -350,21 +349,21 @@ impl Inner {
         }
     }
 
-    /// Notes a frame GET that took `took` (a refetch's includes the attempts before it:
-    /// never the quickest), and what a sequential reader should then ask for ahead.
+    /// Notes a frame GET that took `took` (a refetch's includes the attempts before it,
+    /// so it is the quickest only if every GET was as slow), and the clone's background
+    /// limit now: what sizes a sequential reader's read-ahead ([`Basis::read_ahead_bytes`]).
     fn got_body(&self, took: std::time::Duration) {
         let us = (took.as_micros() as u64).max(1);
-        // A read-modify-write shared by the OX cores fetching for this clone: once per
-        // GET, each at least a round trip long, never on a reactor.
-        let quickest = self
-            .quickest_get_us
-            .fetch_min(us, Ordering::Relaxed)
-            .min(us);
+        // The OX cores fetching for this clone share the minimum: a read-modify-write,
+        // on an OX core, only when a GET is quicker than all before it (a few times in a
+        // clone's life).
+        if us < self.quickest_get_us.load(Ordering::Relaxed) {
+            self.quickest_get_us.fetch_min(us, Ordering::Relaxed);
+        }
+        // The throttle's lock, on an OX core, once per GET: `pass` took it for every
+        // 256 KiB slice of this one.
         let limit = self.throttle.rate(&self.name, Class::Background);
-        let wanted =
-            bdev::read_ahead::wanted_bytes(std::time::Duration::from_micros(quickest), limit);
-        self.read_ahead_bytes
-            .store(wanted.max(1), Ordering::Relaxed);
+        self.background_limit.store(limit, Ordering::Relaxed);
     }
 
     /// Waits for the throttle to pass `bytes`, a slice at a time: a large run takes
@@ -464,9 +463,13 @@ impl Basis for ObjectBasis {
     }
 
     fn read_ahead_bytes(&self) -> Option<u64> {
-        match self.inner.read_ahead_bytes.load(Ordering::Relaxed) {
-            0 => None,
-            b => Some(b),
+        let inner = &self.inner;
+        match inner.quickest_get_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(bdev::read_ahead::wanted_bytes(
+                std::time::Duration::from_micros(us),
+                inner.background_limit.load(Ordering::Relaxed),
+            )),
         }
     }
 

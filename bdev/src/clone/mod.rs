@@ -100,7 +100,8 @@ pub trait Basis: Send + Sync + 'static {
     }
     /// The bytes a sequential reader should have asked for ahead of it, as this basis
     /// sees its store now ([`read_ahead::wanted_bytes`] of its quickest fetch and its
-    /// limit), if it has fetched anything yet. Read on the I/O path: a load, no lock.
+    /// limit), once it has fetched data (zero chunks do not count). Called on the I/O
+    /// path for every sequential read: loads, no lock.
     fn read_ahead_bytes(&self) -> Option<u64> {
         None
     }
@@ -171,7 +172,7 @@ struct Shared {
     epoch: Instant,
     /// The durable record of presence, if this clone keeps one.
     journal: Option<Journal>,
-    /// Chunks fetched ahead of a sequential reader: the least its window grows to...
+    /// Chunks fetched ahead of a sequential reader: the least its ceiling is...
     read_ahead: AtomicU64,
     /// ...and the most, where the basis wants more (see [`read_ahead`]).
     most_read_ahead: AtomicU64,

@@ -33,8 +33,9 @@ pub const FIRST_READ_AHEAD_BYTES: u64 = 1 << 20;
 pub const READ_AHEAD_RATE: u64 = 125_000_000;
 
 /// The most fetched ahead of a sequential reader on any store: 64 MiB, about twice the
-/// bandwidth-delay product of [`READ_AHEAD_RATE`] at 250 ms. It is in flight, not held
-/// in memory: fetched chunks go to the local copy.
+/// bandwidth-delay product of [`READ_AHEAD_RATE`] at 250 ms. Fetched chunks go to the
+/// local copy as they arrive; what is in memory at once is the runs arriving together
+/// (up to the half window asked for at once, each run's body held while it decodes).
 pub const MOST_READ_AHEAD_BYTES: u64 = 64 << 20;
 
 /// The bytes a sequential reader should have asked for ahead of it where a fetch takes

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::model::{BLOCK, Model, fill};
 use super::{CHUNK_BLOCKS, CHUNK_BYTES, Clock, Draw, EVENTS_AT_MOST, Micros, bit};
 use crate::clone::core::{Action, Core, Event};
+use crate::clone::read_ahead::{Geometry, ReadAhead};
 use crate::clone::walk::{Answered, Now, SHARING_WINDOW, Walk, hot_first};
 use crate::clone::{FetchError, FetchReason};
 use crate::nondurable;
@@ -322,8 +323,11 @@ struct World {
     conts: BTreeMap<u64, Cont>,
     next_id: u64,
     issued: u64,
-    /// Host `h`'s last read ended at this block (for read-ahead).
+    /// Host `h`'s last read ended at this block (where it may read on from).
     last_read_end: Vec<u64>,
+    /// Host `h`'s read-ahead (the channel's own), and the most it asks for (chunks).
+    ahead: Vec<ReadAhead>,
+    read_ahead: u64,
     /// Reads checking the clone after a cut, still to finish.
     verifying: u64,
     /// Thickening's walk, while one runs; its window; whether paused.
@@ -369,6 +373,8 @@ impl World {
             next_id: 1,
             issued: 0,
             last_read_end: vec![u64::MAX; config.hosts],
+            ahead: vec![ReadAhead::default(); config.hosts],
+            read_ahead: 2 + config.seed / 5 % 6,
             verifying: 0,
             thickening: None,
             thicken_window: 1 + (config.seed / 9 % 8) as usize,
@@ -735,13 +741,10 @@ impl World {
             }
             Kind::Read => {
                 op.floors = self.model.read_floors(first, n);
-                let sequential = self.last_read_end[h] == first;
                 self.last_read_end[h] = first + n;
                 let last_chunk = *op.chunks().end();
                 self.ops.insert(id, op);
-                if sequential {
-                    self.read_ahead(h, last_chunk);
-                }
+                self.read_ahead(h, (first, first + n), last_chunk);
                 self.read(id);
             }
             Kind::Write { .. } | Kind::Trim => {
@@ -761,10 +764,21 @@ impl World {
         }
     }
 
-    /// A sequential reader's next two chunks, fetched ahead (as the channel does,
-    /// with a fixed window).
-    fn read_ahead(&mut self, lane: usize, last_chunk: u64) {
-        let absent: Vec<u64> = (last_chunk + 1..(last_chunk + 3).min(self.config.chunks))
+    /// What host `lane`'s read of blocks `start..end` asks for ahead: the channel's own
+    /// [`ReadAhead`], with a small window of its own (2 to 7 chunks, by seed).
+    fn read_ahead(&mut self, lane: usize, (start, end): (u64, u64), last_chunk: u64) {
+        let clone = Geometry {
+            read_ahead: self.read_ahead,
+            most: self.read_ahead,
+            chunk_bytes: CHUNK_BYTES as u64,
+            chunks: self.config.chunks,
+            wanted_bytes: None,
+        };
+        let span = (start * BLOCK as u64, end * BLOCK as u64);
+        let asked = self.ahead[lane].on_read(span, last_chunk, clone);
+        let absent: Vec<u64> = asked
+            .into_iter()
+            .flatten()
             .filter(|&c| !self.core.is_present(c))
             .collect();
         if !absent.is_empty() {
@@ -1243,6 +1257,7 @@ impl World {
 
     fn start_power_on(&mut self) {
         self.last_read_end.fill(u64::MAX);
+        self.ahead.fill(ReadAhead::default());
         for h in 0..self.config.hosts {
             self.host_idle(Some(h));
         }
