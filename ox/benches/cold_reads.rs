@@ -8,7 +8,9 @@
 //! 2. cold 4 KiB clone reads at QD 1, scattered (each a miss);
 //! 3. a cold sequential read, 128 KiB requests, 16 in flight: MB/s, GETs, and bytes
 //!    the server sent per byte read, and the read-ahead the basis wants from its
-//!    quickest GET (`--read-ahead-mib N`: a fixed read-ahead instead).
+//!    quickest GET (`--read-ahead-mib N`: a fixed read-ahead instead); then (3b) cold
+//!    4 KiB reads at QD 1 of another clone while a cold sequential read runs;
+//! 4. thickening under a background limit beside a host's cold 4 KiB reads at QD 1.
 //!
 //! The volume holds incompressible bytes, so what moves is what is read (as with
 //! s3backer over the same data: `scripts/bench-vs-s3backer`). The test server
@@ -73,11 +75,22 @@ fn stats(endpoint: &str) -> (u64, u64, u64) {
 
 /// Cold 4 KiB reads at QD 1 of distinct chunks of the top half, none adjacent.
 fn scattered(w: &World, dev: &Bdev, n: u64, skip: impl Fn(u64) -> bool) -> Vec<Duration> {
+    scattered_while(w, dev, n, skip, || true)
+}
+
+/// [`scattered`], stopping early once `going` says so.
+fn scattered_while(
+    w: &World,
+    dev: &Bdev,
+    n: u64,
+    skip: impl Fn(u64) -> bool,
+    going: impl Fn() -> bool,
+) -> Vec<Duration> {
     let chunks = w.size / CHUNK;
     let mut x = 12345u64;
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
-    while (out.len() as u64) < n.min(chunks / 8) {
+    while (out.len() as u64) < n.min(chunks / 8) && going() {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -262,6 +275,52 @@ fn main() {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .max(1) as f64,
         basis.read_ahead_bytes().unwrap_or(0) as f64 / 1048576.0
+    );
+
+    // 3b. Another host's cold 4 KiB reads at QD 1, of a clone of its own, while a cold
+    // sequential read runs: what a lone miss waits behind the reader's read-ahead.
+    let (seq, seq_handle, seq_basis) =
+        w.clone_of(w.load(&report.manifest_key), 5, Throttle::default(), true);
+    if fixed > 0 {
+        seq_handle.set_read_ahead((fixed << 20) / CHUNK);
+    }
+    let (lone, _, _) = w.clone_of(w.load(&report.manifest_key), 6, Throttle::default(), true);
+    w.timed_read(&lone, 0, 4096);
+    let reading = std::sync::atomic::AtomicBool::new(true);
+    let (mut beside, seq_took) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let took = w.sequential(&seq, 128 << 10, 16);
+            reading.store(false, std::sync::atomic::Ordering::Relaxed);
+            took
+        });
+        let beside = scattered_while(
+            &w,
+            &lone,
+            reads,
+            |_| false,
+            || reading.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        (beside, reader.join().unwrap())
+    });
+    beside.sort();
+    println!(
+        "
+## 3b. Cold 4 KiB reads of another clone, QD 1, beside the sequential read
+"
+    );
+    println!(
+        "| reads | p50 | p99 | p50 / idle p50 | p99 / idle p99 | sequential MB/s | read-ahead wanted |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {:.2?} | {:.2?} | {:.2} | {:.2} | {:.1} | {:.1} MiB |",
+        beside.len(),
+        pct(&beside, 50),
+        pct(&beside, 99),
+        pct(&beside, 50).as_secs_f64() / pct(&cold, 50).as_secs_f64(),
+        pct(&beside, 99).as_secs_f64() / pct(&cold, 99).as_secs_f64(),
+        size as f64 / seq_took.as_secs_f64() / 1e6,
+        seq_basis.read_ahead_bytes().unwrap_or(0) as f64 / 1048576.0
     );
 
     // 4. Thickening beside a host reading cold data at QD 1, under a background limit.
