@@ -38,16 +38,25 @@ fn clone_of_size(
     (dev, basis)
 }
 
+/// A volume of incompressible bytes from `seed` (every frame a whole chunk and a little
+/// more), snapshotted into `config`'s store in 4 MiB objects: its bytes, and the report.
+fn incompressible_snapshot(
+    env: &Env,
+    config: &S3Config,
+    seed: u64,
+) -> (Vec<u8>, ox::snapshot::SnapshotReport) {
+    let (_vol, handle, image) = filled_volume(env, SIZE, seed);
+    let mut opts = options(env);
+    opts.object_bytes = 4 << 20;
+    (image, snapshot_s3(env, config, &handle, None, opts))
+}
+
 #[test]
 fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     let env = env();
     let server = s3server::start_server(false);
     let config = server.client_config();
-    // Incompressible: every frame is a whole chunk and a little more.
-    let (_vol, handle, image) = filled_volume(&env, SIZE, 41);
-    let mut opts = options(&env);
-    opts.object_bytes = 4 << 20;
-    let report = snapshot_s3(&env, &config, &handle, None, opts);
+    let (image, report) = incompressible_snapshot(&env, &config, 41);
     let (clone, basis, clone_handle) = clone_s3(&env, &config, &report.manifest_key, "seq", SIZE);
     // The clone's own read-ahead (8 MiB), however long this server's GETs take.
     clone_handle.set_read_ahead(128);
@@ -134,10 +143,7 @@ fn a_store_whose_gets_take_long_wants_more_read_ahead() {
     let env = env();
     let server = s3server::start_server(false);
     let config = server.client_config();
-    let (_vol, handle, image) = filled_volume(&env, SIZE, 43);
-    let mut opts = options(&env);
-    opts.object_bytes = 4 << 20;
-    let report = snapshot_s3(&env, &config, &handle, None, opts);
+    let (image, report) = incompressible_snapshot(&env, &config, 43);
     // Every request now takes 50 ms more: a store far away.
     server.faults.delay_ms.store(50, Ordering::SeqCst);
     let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "far");
@@ -268,10 +274,7 @@ fn a_frame_damaged_at_rest_fails_only_its_own_chunk_not_its_run() {
     let env = env();
     let server = s3server::start_server(false);
     let config = server.client_config();
-    let (_vol, handle, image) = filled_volume(&env, SIZE, 43);
-    let mut opts = options(&env);
-    opts.object_bytes = 4 << 20;
-    let report = snapshot_s3(&env, &config, &handle, None, opts);
+    let (image, report) = incompressible_snapshot(&env, &config, 43);
     // Damage chunk 40's frame where the server keeps it.
     let bad = 40u64;
     let (c, key, kek) = (config.clone(), report.manifest_key.clone(), env.kek.clone());

@@ -237,13 +237,26 @@ file = {kek2:?}
 
     // kill -9 in the middle of things — thickening running, a snapshot uploading —
     // then restart: every acknowledged write is there, the clone's presence record
-    // agrees with its data, and the interrupted snapshot never appears.
+    // agrees with its data, and the interrupted snapshot never appears. (The read
+    // above asked for up to twice as much ahead of it: this clone may be whole
+    // already, and thickening then has nothing left to fetch.)
     ctl.ok(&["clone", "thicken", "c0", "resume", "--mib-s", "4"]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let before = ctl.ok(&["clone", "get", "c0"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let before = loop {
+        let c = ctl.ok(&["clone", "get", "c0"]);
+        let whole = c["chunks_present"] == c["chunks_total"];
+        if whole
+            || c["fetched_bytes"]["thickening"].as_u64().unwrap() > 0
+            || std::time::Instant::now() > deadline
+        {
+            break c;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert!(
-        before["fetched_bytes"]["thickening"].as_u64().unwrap() > 0,
-        "{before}"
+        before["fetched_bytes"]["thickening"].as_u64().unwrap() > 0
+            || before["chunks_present"] == before["chunks_total"],
+        "thickening fetched nothing of a clone not yet whole: {before}"
     );
     // Rewrite the same data (so the snapshot has chunks to upload) and slow the
     // store down, so the kill lands while the snapshot is uploading.
