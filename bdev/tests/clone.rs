@@ -564,7 +564,7 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
     let (most_ahead, furthest) = read_half_in_order(&basis, chunks);
     assert!(
         most_ahead <= 128,
-        "read-ahead reached {most_ahead} chunks ahead"
+        "read-ahead reached {most_ahead} chunks ahead of the reader, past its window"
     );
     let ahead: Vec<usize> = basis
         .batches
@@ -578,7 +578,10 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
     assert!(ahead.iter().all(|&n| n <= 128), "{ahead:?}");
     // Once grown, the window is asked for in halves: runs long enough to coalesce.
     assert!(ahead.iter().filter(|&&n| n >= 64).count() >= 4, "{ahead:?}");
-    assert!(furthest >= chunks / 2, "read-ahead ran ahead of the reader");
+    assert!(
+        furthest >= chunks / 2,
+        "read-ahead never ran ahead of the reader"
+    );
 }
 
 #[test]
@@ -590,7 +593,8 @@ fn a_sequential_reader_of_a_far_store_gets_the_window_its_fetches_need() {
         batches: Mutex::new(Vec::new()),
         delay: Duration::from_millis(50),
     });
-    let (most_ahead, furthest) = read_half_in_order(&basis, 2048);
+    let chunks = 2048;
+    let (most_ahead, furthest) = read_half_in_order(&basis, chunks);
     assert!(
         most_ahead > 128,
         "read-ahead stayed within 8 MiB ({most_ahead} chunks) of a store 50 ms away"
@@ -600,5 +604,8 @@ fn a_sequential_reader_of_a_far_store_gets_the_window_its_fetches_need() {
         most_ahead <= wanted.div_ceil(CHUNK),
         "read-ahead ran {most_ahead} chunks ahead, more than the basis wants"
     );
-    assert!(furthest >= 1024);
+    assert!(
+        furthest >= chunks / 2,
+        "read-ahead never ran ahead of the reader"
+    );
 }

@@ -235,28 +235,34 @@ file = {kek2:?}
     assert_eq!(second["result"]["chunks_read"], 4, "{second}");
     assert_eq!(second["result"]["parent"], id.as_str());
 
-    // kill -9 in the middle of things — thickening running, a snapshot uploading —
+    // kill -9 in the middle of things — a snapshot uploading, thickening resumed —
     // then restart: every acknowledged write is there, the clone's presence record
-    // agrees with its data, and the interrupted snapshot never appears. (The read
-    // above asked for up to twice as much ahead of it: this clone may be whole
-    // already, and thickening then has nothing left to fetch.)
+    // agrees with its data, and the interrupted snapshot never appears. (The host's
+    // read above and its read-ahead, as much again, cover the volume's data: the
+    // clone may be whole by now, and thickening then has nothing left to fetch.)
+    let counts = |c: &serde_json::Value| {
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{c}"));
+        (
+            n(&c["chunks_present"]),
+            n(&c["chunks_total"]),
+            n(&c["fetched_bytes"]["thickening"]),
+        )
+    };
+    let (_, _, thickened) = counts(&ctl.ok(&["clone", "get", "c0"]));
     ctl.ok(&["clone", "thicken", "c0", "resume", "--mib-s", "4"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let before = loop {
         let c = ctl.ok(&["clone", "get", "c0"]);
-        let whole = c["chunks_present"] == c["chunks_total"];
-        if whole
-            || c["fetched_bytes"]["thickening"].as_u64().unwrap() > 0
-            || std::time::Instant::now() > deadline
-        {
+        let (present, total, now) = counts(&c);
+        if present == total || now > thickened || std::time::Instant::now() > deadline {
             break c;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
+    let (present, total, now) = counts(&before);
     assert!(
-        before["fetched_bytes"]["thickening"].as_u64().unwrap() > 0
-            || before["chunks_present"] == before["chunks_total"],
-        "thickening fetched nothing of a clone not yet whole: {before}"
+        present == total || now > thickened,
+        "the resumed thickening fetched nothing of a clone not yet whole: {before}"
     );
     // Rewrite the same data (so the snapshot has chunks to upload) and slow the
     // store down, so the kill lands while the snapshot is uploading.

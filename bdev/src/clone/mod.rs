@@ -101,7 +101,7 @@ pub trait Basis: Send + Sync + 'static {
     /// The bytes a sequential reader should have asked for ahead of it, as this basis
     /// sees its store now ([`read_ahead::wanted_bytes`] of its quickest fetch and its
     /// limit), once it has fetched data (zero chunks do not count). Called on the I/O
-    /// path for every sequential read: loads, no lock.
+    /// path for every read of a clone with read-ahead, hits included: loads, no lock.
     fn read_ahead_bytes(&self) -> Option<u64> {
         None
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::model::{BLOCK, Model, fill};
 use super::{CHUNK_BLOCKS, CHUNK_BYTES, Clock, Draw, EVENTS_AT_MOST, Micros, bit};
 use crate::clone::core::{Action, Core, Event};
-use crate::clone::read_ahead::{Geometry, ReadAhead};
+use crate::clone::read_ahead::{FIRST_READ_AHEAD_BYTES, Geometry, ReadAhead};
 use crate::clone::walk::{Answered, Now, SHARING_WINDOW, Walk, hot_first};
 use crate::clone::{FetchError, FetchReason};
 use crate::nondurable;
@@ -770,7 +770,10 @@ impl World {
         let clone = Geometry {
             read_ahead: self.read_ahead,
             most: self.read_ahead,
-            chunk_bytes: CHUNK_BYTES as u64,
+            // Chunks as large as the first window, so the window starts at one chunk
+            // and grows to its ceiling as on a real clone (the size enters nothing
+            // else: reads are told in bytes, chunks by number).
+            chunk_bytes: FIRST_READ_AHEAD_BYTES,
             chunks: self.config.chunks,
             wanted_bytes: None,
         };

@@ -223,7 +223,7 @@ mod tests {
             assert!(total.outages > 0 && total.thicken_retries > 0, "{total}");
         }
         if seeds_from_zero && n >= 100 && ops() == 1000 {
-            // Thickening's walk gave up in outages (in 2 of the first 100 seeds at
+            // Thickening's walk gave up in outages (4 walks in the first 100 seeds at
             // the default length: a fact of these seeds, checked so that a change
             // that stops walks from failing is noticed).
             assert!(total.thickenings_failed > 0, "{total}");
