@@ -11,23 +11,13 @@ use crate::throttle::{Class, Throttle};
 
 use super::SnapshotOptions;
 
-/// Bytes of sealed objects uploading at once while encoding goes on: 32 MiB, four of
-/// the default 8 MiB objects, and as many more of smaller ones (a store 150 ms away
-/// needs ~15 MB in flight to fill 400 Mbit/s).
-const UPLOAD_BYTES_IN_FLIGHT: usize = 32 << 20;
-
-/// The fewest uploads in flight, whatever the object size.
+/// Uploads in flight at once while encoding goes on.
 const UPLOADS_IN_FLIGHT: usize = 4;
-
-/// Uploads to keep in flight for objects of `object_bytes`.
-fn uploads_in_flight(object_bytes: usize) -> usize {
-    (UPLOAD_BYTES_IN_FLIGHT / object_bytes.max(1)).max(UPLOADS_IN_FLIGHT)
-}
 
 type Upload<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OxError>> + 'a>>;
 
 /// Packs frames into data objects and uploads sealed objects in the background: up to
-/// [`uploads_in_flight`] PUTs progress while the next chunks are read and encoded.
+/// [`UPLOADS_IN_FLIGHT`] PUTs progress while the next chunks are read and encoded.
 pub(super) struct Packer<'a> {
     store: &'a dyn ObjectStore,
     throttle: &'a Throttle,
@@ -90,7 +80,7 @@ impl<'a> Packer<'a> {
             put_patiently(store, &key, data, opts).await
         }));
         self.drive().await?;
-        while self.in_flight.len() > uploads_in_flight(self.opts.object_bytes) {
+        while self.in_flight.len() > UPLOADS_IN_FLIGHT {
             if let Some(oldest) = self.in_flight.pop_front() {
                 oldest.await?;
             }
@@ -234,17 +224,5 @@ impl IndexWriter {
         self.pages += 1;
         self.bytes += frame.len() as u64;
         put_patiently(store, &key, frame, opts).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_objects_upload_more_at_once_large_ones_no_fewer_than_four() {
-        assert_eq!(uploads_in_flight(8 << 20), 4);
-        assert_eq!(uploads_in_flight(1 << 20), 32);
-        assert_eq!(uploads_in_flight(64 << 20), 4);
     }
 }
