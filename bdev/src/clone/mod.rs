@@ -101,7 +101,7 @@ pub trait Basis: Send + Sync + 'static {
     /// The bytes a sequential reader should have asked for ahead of it, as this basis
     /// sees its store now ([`read_ahead::wanted_bytes`] of its quickest fetch and its
     /// limit), once it has fetched data (zero chunks do not count). Called on the I/O
-    /// path for every read of a clone with read-ahead, hits included: loads, no lock.
+    /// path for every sequential read, hits included: loads, no lock.
     fn read_ahead_bytes(&self) -> Option<u64> {
         None
     }
@@ -291,7 +291,7 @@ impl CloneChannel {
         let s = &self.shared;
         let start = io.offset_blocks * s.block_size;
         let end = start + io.num_blocks * s.block_size;
-        let clone = Geometry {
+        let clone = || Geometry {
             read_ahead: s.read_ahead.load(Ordering::Relaxed),
             most: s.most_read_ahead.load(Ordering::Relaxed),
             chunk_bytes: s.chunk_bytes,

@@ -66,6 +66,15 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// No read-ahead.
+    const NONE: Self = Self {
+        read_ahead: 0,
+        most: 0,
+        chunk_bytes: 1,
+        chunks: 0,
+        wanted_bytes: None,
+    };
+
     /// The most a window may be (chunks; 0: no read-ahead).
     pub fn ceiling(&self) -> u64 {
         if self.read_ahead == 0 {
@@ -101,16 +110,23 @@ impl Default for ReadAhead {
 
 impl ReadAhead {
     /// A read of bytes `start..end` whose last chunk is `last_chunk`: the chunks to ask
-    /// for ahead of it, if any (the caller leaves out those present).
+    /// for ahead of it, if any (the caller leaves out those present). `clone` is asked
+    /// for only if the read is sequential.
     pub fn on_read(
         &mut self,
         (start, end): (u64, u64),
         last_chunk: u64,
-        clone: Geometry,
+        clone: impl FnOnce() -> Geometry,
     ) -> Option<Range<u64>> {
         let sequential = std::mem::replace(&mut self.last_end, end) == start;
-        let ceiling = clone.ceiling();
-        if !sequential || ceiling == 0 {
+        let (clone, ceiling) = match sequential {
+            true => {
+                let clone = clone();
+                (clone, clone.ceiling())
+            }
+            false => (Geometry::NONE, 0),
+        };
+        if ceiling == 0 {
             *self = Self {
                 last_end: end,
                 ..Self::default()
@@ -196,7 +212,7 @@ mod tests {
             }
             let wanted = quickest.map(|q| wanted_bytes(q, 0));
             let span = (first * CHUNK, (last + 1) * CHUNK);
-            let asked = ahead.on_read(span, last, geometry(chunks, wanted));
+            let asked = ahead.on_read(span, last, || geometry(chunks, wanted));
             for c in asked.into_iter().flatten() {
                 assert!(
                     arrives[c as usize].is_infinite(),
@@ -251,7 +267,7 @@ mod tests {
         let mut asked = 0;
         for first in (0..32).step_by(2) {
             let span = (first * CHUNK, (first + 2) * CHUNK);
-            let range = ahead.on_read(span, first + 1, clone);
+            let range = ahead.on_read(span, first + 1, || clone);
             asked += range.map_or(0, |r| r.end - r.start);
         }
         // Ahead of a reader at chunk n lie at most 2 × n chunks (plus the first window):
@@ -308,31 +324,31 @@ mod tests {
     fn a_read_out_of_order_starts_over() {
         let clone = geometry(1 << 20, None);
         let mut ahead = ReadAhead::default();
-        assert_eq!(ahead.on_read((0, CHUNK), 0, clone), None);
+        assert_eq!(ahead.on_read((0, CHUNK), 0, || clone), None);
         assert_eq!(
-            ahead.on_read((CHUNK, 2 * CHUNK), 1, clone),
+            ahead.on_read((CHUNK, 2 * CHUNK), 1, || clone),
             Some(2..2 + FIRST_READ_AHEAD_BYTES / CHUNK)
         );
-        assert_eq!(ahead.on_read((0, CHUNK), 0, clone), None);
+        assert_eq!(ahead.on_read((0, CHUNK), 0, || clone), None);
         assert_eq!(ahead.window(), 0);
         // No read-ahead at all where the clone has none.
         let none = Geometry {
             read_ahead: 0,
             ..clone
         };
-        assert_eq!(ahead.on_read((CHUNK, 2 * CHUNK), 1, none), None);
+        assert_eq!(ahead.on_read((CHUNK, 2 * CHUNK), 1, || none), None);
     }
 
     #[test]
     fn the_window_stops_at_the_volume_s_end() {
         let small = geometry(20, None);
         let mut ahead = ReadAhead::default();
-        let _ = ahead.on_read((0, CHUNK), 0, small);
-        assert_eq!(ahead.on_read((CHUNK, 2 * CHUNK), 1, small), Some(2..18));
+        let _ = ahead.on_read((0, CHUNK), 0, || small);
+        assert_eq!(ahead.on_read((CHUNK, 2 * CHUNK), 1, || small), Some(2..18));
         // More is asked for once half of what is ahead has been read: at chunk 10,
         // 8 chunks of 16 ahead (to 18) are left.
         for c in 2..20 {
-            let asked = ahead.on_read((c * CHUNK, (c + 1) * CHUNK), c, small);
+            let asked = ahead.on_read((c * CHUNK, (c + 1) * CHUNK), c, || small);
             let expected = (c == 9).then_some(18..20);
             assert_eq!(asked, expected, "at chunk {c}");
         }

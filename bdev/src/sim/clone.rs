@@ -778,7 +778,7 @@ impl World {
             wanted_bytes: None,
         };
         let span = (start * BLOCK as u64, end * BLOCK as u64);
-        let asked = self.ahead[lane].on_read(span, last_chunk, clone);
+        let asked = self.ahead[lane].on_read(span, last_chunk, || clone);
         let absent: Vec<u64> = asked
             .into_iter()
             .flatten()
