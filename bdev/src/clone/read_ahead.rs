@@ -119,13 +119,8 @@ impl ReadAhead {
         clone: impl FnOnce() -> Geometry,
     ) -> Option<Range<u64>> {
         let sequential = std::mem::replace(&mut self.last_end, end) == start;
-        let (clone, ceiling) = match sequential {
-            true => {
-                let clone = clone();
-                (clone, clone.ceiling())
-            }
-            false => (Geometry::NONE, 0),
-        };
+        let clone = if sequential { clone() } else { Geometry::NONE };
+        let ceiling = clone.ceiling();
         if ceiling == 0 {
             *self = Self {
                 last_end: end,
