@@ -10,9 +10,9 @@
 //! with short runs of [`SHARING_RUN_BYTES`] in flight, as many as keep
 //! [`bdev::walk::SHARING_RATE`] (or the walk's background limit, if lower) going over
 //! the quickest time a short run of this walk has taken to be answered (at least
-//! [`SHARING_WINDOW`], at most its window): a host's miss then queues behind little
-//! thickening on the link, and thickening still uses the bandwidth the host leaves,
-//! on a far store as on a near one.
+//! [`SHARING_WINDOW`], at most what carries its window's bytes): a host's miss then
+//! queues behind little thickening on the link, and thickening still uses the
+//! bandwidth the host leaves, on a far store as on a near one.
 //! It can be paused, resumed and stopped, and reports progress.
 //!
 //! A new clone's working set is fetched first ([`warm`]) the same way; while the

@@ -10,7 +10,9 @@
 //! (thickening) steps back to short runs of [`SHARING_RUN_BYTES`] while hosts read
 //! cold data: as many as keep [`SHARING_RATE`] (or the walk's limit, if lower) going
 //! over the time a short run takes ([`sharing_window`]), so a host's miss queues
-//! behind little of it on the link, and a far store gets as much of it as a near one.
+//! behind little of it on the link, and a far store gets as much of it as a near one
+//! (up to the bytes the walk keeps in flight alone: its window of long runs, in short
+//! ones).
 //! A failed run is asked for again up to [`FETCH_RETRIES`] times, backing off; then
 //! the walk fails (the clone stays correct either way: misses still work).
 
@@ -40,8 +42,13 @@ pub const SHARING_RATE: u64 = 16 << 20;
 /// Runs to keep in flight beside hosts when a run takes `latency` to be answered and
 /// the walk may have `limit` bytes a second (0: no limit): enough for [`SHARING_RATE`],
 /// or the limit if lower, over that time (a bandwidth-delay product), at least
-/// [`SHARING_WINDOW`] and at most `window` (at least one). Runs beyond the limit would
-/// only wait their turn, and go on the link together when they get it.
+/// [`SHARING_WINDOW`], and no more short runs than carry the bytes of `window` long
+/// ones (at least one). Runs beyond the limit would only wait their turn, and go on
+/// the link together when they get it.
+///
+/// The most is the walk's own bytes in flight, not its count of runs: at 150 ms round
+/// trips a short run takes ~300 ms on a server that answers in two, and 8 of them
+/// carried 7 MB/s, under half of [`SHARING_RATE`].
 pub fn sharing_window(latency: Duration, limit: u64, window: usize) -> usize {
     let rate = match limit {
         0 => SHARING_RATE,
@@ -49,7 +56,10 @@ pub fn sharing_window(latency: Duration, limit: u64, window: usize) -> usize {
     };
     let bytes = rate as f64 * latency.as_secs_f64();
     let runs = (bytes / SHARING_RUN_BYTES as f64).ceil() as usize;
-    runs.max(SHARING_WINDOW).min(window.max(1))
+    let most = window
+        .max(1)
+        .saturating_mul((RUN_BYTES / SHARING_RUN_BYTES) as usize);
+    runs.max(SHARING_WINDOW).min(most)
 }
 
 /// Attempts at a run whose fetch failed, after the first.
@@ -90,7 +100,7 @@ pub struct Now {
     /// Runs to keep in flight (at least one).
     pub window: usize,
     /// Runs to keep in flight while sharing, if the walk yields ([`sharing_window`];
-    /// at least one, at most `window`).
+    /// at least one, at most the short runs that carry `window` long runs' bytes).
     pub sharing_window: usize,
 }
 
@@ -159,18 +169,21 @@ impl<I: Iterator<Item = u64>, E> Walk<I, E> {
         if now.stopped || now.paused || self.failure.is_some() || self.exhausted {
             return None;
         }
-        let (window, run_bytes) = if self.yields && now.sharing {
-            (
-                now.sharing_window.clamp(1, now.window.max(1)),
-                SHARING_RUN_BYTES,
-            )
+        let chunks = |bytes: u64| (bytes / self.chunk_bytes).max(1);
+        let (long, short) = (chunks(RUN_BYTES), chunks(SHARING_RUN_BYTES));
+        let (window, run_len) = if self.yields && now.sharing {
+            // No more short runs than carry the chunks of the window's long runs.
+            let most = now
+                .window
+                .max(1)
+                .saturating_mul((long / short).max(1) as usize);
+            (now.sharing_window.clamp(1, most), short as usize)
         } else {
-            (now.window.max(1), RUN_BYTES)
+            (now.window.max(1), long as usize)
         };
         if self.in_flight >= window {
             return None;
         }
-        let run_len = (run_bytes / self.chunk_bytes).max(1) as usize;
         let Some(first) = self.order.by_ref().find(|&c| !present(c)) else {
             self.exhausted = true;
             return None;
@@ -291,15 +304,17 @@ mod tests {
         assert_eq!(sharing_window(Duration::from_millis(20), 0, 8), 2);
         assert_eq!(sharing_window(Duration::from_millis(60), 0, 8), 4);
         assert_eq!(sharing_window(Duration::from_millis(120), 0, 8), 8);
+        // 150 ms round trips on a server answering in two: 16 MiB/s over 300 ms.
+        assert_eq!(sharing_window(Duration::from_millis(300), 0, 8), 20);
         assert_eq!(
             sharing_window(Duration::from_secs(5), 0, 8),
-            8,
-            "never past the window"
+            32,
+            "never past the window's bytes: 8 runs of 1 MiB, in runs of 256 KiB"
         );
         assert_eq!(
             sharing_window(Duration::from_secs(5), 0, 1),
-            1,
-            "nor past a window of 1"
+            4,
+            "nor past a window of one run's bytes"
         );
         // A limit below the sharing rate keeps fewer runs going: no more than it lets by.
         assert_eq!(sharing_window(Duration::from_millis(120), 8 << 20, 8), 4);
@@ -319,7 +334,22 @@ mod tests {
         };
         let mut w: Walk<_, ()> = Walk::new(0..100u64, CHUNK, true);
         let runs: Vec<_> = std::iter::from_fn(|| w.next_run(narrow, |_| false)).collect();
-        assert_eq!(runs.len(), 2, "the window bounds it");
+        assert_eq!(runs.len(), 4, "the window's bytes allow it");
+        let wide = Now {
+            sharing_window: 40,
+            ..now(2, true)
+        };
+        let mut w: Walk<_, ()> = Walk::new(0..100u64, CHUNK, true);
+        let runs: Vec<_> = std::iter::from_fn(|| w.next_run(wide, |_| false)).collect();
+        assert_eq!(
+            runs.len(),
+            8,
+            "the window's bytes bound it: 2 MiB in 256 KiB runs"
+        );
+        // Chunks of 1 MiB: short runs are a whole chunk, as long as long ones.
+        let mut w: Walk<_, ()> = Walk::new(0..100u64, 1 << 20, true);
+        let runs: Vec<_> = std::iter::from_fn(|| w.next_run(wide, |_| false)).collect();
+        assert_eq!(runs.len(), 2, "no more chunks in flight than the window's");
     }
 
     #[test]
