@@ -1,6 +1,11 @@
 //! Storing what a snapshot writes: frames packed into data objects uploaded in the
 //! background, and index pages as they fill.
 
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::codec::Codec;
@@ -11,13 +16,31 @@ use crate::throttle::{Class, Throttle};
 
 use super::SnapshotOptions;
 
-/// Uploads in flight at once while encoding goes on.
+/// Bytes of sealed objects uploading at once while encoding goes on: 32 MiB, four of
+/// the default 8 MiB objects, and as many more of smaller ones (a store 150 ms away
+/// needs ~15 MB in flight to fill 400 Mbit/s, and each PUT's connection starts from
+/// TCP's initial window).
+const UPLOAD_BYTES_IN_FLIGHT: usize = 32 << 20;
+
+/// Uploads let be in flight however large their objects, so large objects still
+/// overlap (four of 64 MiB hold 256 MiB while they upload).
 const UPLOADS_IN_FLIGHT: usize = 4;
 
-type Upload<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OxError>> + 'a>>;
+/// A sealed object on its way to the store.
+struct Upload<'a> {
+    /// Waits for the throttle, then PUTs the object.
+    put: Pin<Box<dyn Future<Output = Result<(), OxError>> + 'a>>,
+    bytes: usize,
+    /// The throttle has let the object's bytes by: its PUT is under way.
+    admitted: Rc<Cell<bool>>,
+}
 
-/// Packs frames into data objects and uploads sealed objects in the background: up to
-/// [`UPLOADS_IN_FLIGHT`] PUTs progress while the next chunks are read and encoded.
+/// Packs frames into data objects and uploads sealed objects in the background while
+/// the next chunks are read and encoded: as many PUTs as fit in
+/// [`UPLOAD_BYTES_IN_FLIGHT`] (or [`UPLOADS_IN_FLIGHT`], if more), and no more than
+/// one sealed object waiting for the throttle, so a throttled snapshot reads and
+/// encodes no further ahead of what its limit lets by than that object and the one
+/// being filled.
 pub(super) struct Packer<'a> {
     store: &'a dyn ObjectStore,
     throttle: &'a Throttle,
@@ -27,7 +50,7 @@ pub(super) struct Packer<'a> {
     pub(super) objects: Vec<String>,
     /// Bytes of the objects sealed so far.
     pub(super) uploaded: u64,
-    in_flight: std::collections::VecDeque<Upload<'a>>,
+    in_flight: Vec<Upload<'a>>,
 }
 
 impl<'a> Packer<'a> {
@@ -46,7 +69,7 @@ impl<'a> Packer<'a> {
             current: Vec::new(),
             objects,
             uploaded,
-            in_flight: std::collections::VecDeque::new(),
+            in_flight: Vec::new(),
         }
     }
 
@@ -69,45 +92,68 @@ impl<'a> Packer<'a> {
         self.uploaded += data.len() as u64;
         self.objects.push(key.clone());
         let (store, throttle, opts) = (self.store, self.throttle, self.opts);
-        self.in_flight.push_back(Box::pin(async move {
+        let bytes = data.len();
+        let admitted = Rc::new(Cell::new(false));
+        let let_by = Rc::clone(&admitted);
+        let put = Box::pin(async move {
             let share = async {
                 throttle
                     .acquire(&opts.volume_name, Class::Background, data.len() as u64)
                     .await;
+                let_by.set(true);
                 Ok(())
             };
             futures_lite::future::or(share, cancelled(opts)).await?;
             put_patiently(store, &key, data, opts).await
-        }));
-        self.drive().await?;
-        while self.in_flight.len() > UPLOADS_IN_FLIGHT {
-            if let Some(oldest) = self.in_flight.pop_front() {
-                oldest.await?;
+        });
+        self.in_flight.push(Upload {
+            put,
+            bytes,
+            admitted,
+        });
+        self.until(Self::has_room).await
+    }
+
+    /// Whether another object may be sealed: at most one waits for the throttle, and
+    /// the uploads fit in [`UPLOAD_BYTES_IN_FLIGHT`] or are at most [`UPLOADS_IN_FLIGHT`].
+    fn has_room(&self) -> bool {
+        let waiting = self.in_flight.iter().filter(|u| !u.admitted.get()).count();
+        let bytes: usize = self.in_flight.iter().map(|u| u.bytes).sum();
+        waiting <= 1
+            && (bytes <= UPLOAD_BYTES_IN_FLIGHT || self.in_flight.len() <= UPLOADS_IN_FLIGHT)
+    }
+
+    /// Drives the uploads, dropping the finished ones, until `done` holds (or one fails).
+    async fn until(&mut self, done: fn(&Self) -> bool) -> Result<(), OxError> {
+        std::future::poll_fn(|cx| {
+            let mut i = 0;
+            while i < self.in_flight.len() {
+                match self.in_flight[i].put.as_mut().poll(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.in_flight.remove(i);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => i += 1,
+                }
             }
-        }
-        Ok(())
+            if done(self) {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Gives every upload in flight a turn; collects the finished ones.
     pub(super) async fn drive(&mut self) -> Result<(), OxError> {
-        let mut still = std::collections::VecDeque::new();
-        while let Some(mut up) = self.in_flight.pop_front() {
-            match futures_lite::future::poll_once(&mut up).await {
-                Some(result) => result?,
-                None => still.push_back(up),
-            }
-        }
-        self.in_flight = still;
-        Ok(())
+        self.until(|_| true).await
     }
 
     /// Seals the last object and waits for every upload.
     pub(super) async fn finish(&mut self) -> Result<(), OxError> {
         self.seal().await?;
-        while let Some(up) = self.in_flight.pop_front() {
-            up.await?;
-        }
-        Ok(())
+        self.until(|p| p.in_flight.is_empty()).await
     }
 }
 
