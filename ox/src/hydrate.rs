@@ -80,8 +80,9 @@ impl Thickening {
         Arc::new(Self::default())
     }
 
-    /// Sets how many fetches the walk keeps in flight (at least one); takes effect
-    /// at once.
+    /// Sets how many runs the walk keeps in flight (at least one; beside hosts, as many
+    /// short runs as carry their chunks at most: [`bdev::walk::most_sharing_runs`]);
+    /// takes effect at once.
     pub fn set_window(&self, window: usize) {
         self.window.store(window.max(1), Ordering::Relaxed);
         self.changed.notify(usize::MAX);
@@ -381,10 +382,13 @@ async fn walk(
         })
     };
     let mut latency = RunLatency::default();
+    // Runs to ask for again, each once its back-off has passed (they wait together:
+    // a hiccup that fails every run in flight costs one back-off, not one each).
+    let mut retries: Vec<(Instant, Vec<u64>)> = Vec::new();
     let now = |latency: &RunLatency| {
         let window = control.window();
         let quickest = latency.quickest();
-        let sharing = sharing_window(quickest, control.limit(), window);
+        let sharing = sharing_window(quickest, control.limit(), window, clone.chunk_bytes());
         control.sharing_window.store(sharing, Ordering::Relaxed);
         control
             .quickest_run_us
@@ -398,6 +402,13 @@ async fn walk(
         }
     };
     loop {
+        let due = Instant::now();
+        for (_, run) in retries.extract_if(.., |(at, _)| *at <= due) {
+            let first = run[0];
+            if let Err(e) = issue(run, false) {
+                walk.refused(first, e);
+            }
+        }
         loop {
             let n = now(&latency);
             let Some(run) = walk.next_run(n, |c| clone.is_present(c)) else {
@@ -428,12 +439,21 @@ async fn walk(
             continue;
         }
         // A fetch whose reactor stopped never answers: give up on the walk then.
-        let next = futures_lite::future::or(async { rx.recv().await.ok() }, async {
-            async_io::Timer::after(FETCH_PATIENCE).await;
-            None
+        let retry_due = retries.iter().map(|(at, _)| *at).min();
+        let next = futures_lite::future::or(async { rx.recv().await.ok().map(Some) }, async {
+            match retry_due {
+                Some(at) => {
+                    async_io::Timer::at(at).await;
+                    Some(None)
+                }
+                None => {
+                    async_io::Timer::after(FETCH_PATIENCE).await;
+                    None
+                }
+            }
         })
         .await;
-        let Some((run, took, result)) = next else {
+        let Some(next) = next else {
             // A failure it met before wins: a warm-up waits out an outage.
             return Err(match walk.abandon() {
                 Some(failure) => failed(failure),
@@ -441,6 +461,10 @@ async fn walk(
                     OxError::Config("a background fetch got no answer (reactor stopped?)".into())
                 }
             });
+        };
+        // A retry's back-off has passed: asked for at the top of the loop.
+        let Some((run, took, result)) = next else {
+            continue;
         };
         if let (Ok(()), Some(took)) = (&result, took) {
             latency.answered(took);
@@ -451,11 +475,7 @@ async fn walk(
             }
             Answered::Retry { run, after } => {
                 // A store hiccup: asked for again, backing off.
-                async_io::Timer::after(after).await;
-                let first = run[0];
-                if let Err(e) = issue(run, false) {
-                    walk.refused(first, e);
-                }
+                retries.push((Instant::now() + after, run));
             }
             Answered::GaveUp => {}
         }
@@ -603,8 +623,14 @@ mod tests {
         assert_eq!(control.limit(), 4 << 20, "not another volume's");
         // What the walk then keeps beside hosts on a far store: what 4 MiB/s lets by.
         let far = Duration::from_millis(120);
-        assert_eq!(sharing_window(far, control.limit(), DEFAULT_WINDOW), 2);
+        assert_eq!(
+            sharing_window(far, control.limit(), DEFAULT_WINDOW, 64 << 10),
+            2
+        );
         throttle.set_volume("c", Class::Background, Limit::NONE);
-        assert_eq!(sharing_window(far, control.limit(), DEFAULT_WINDOW), 8);
+        assert_eq!(
+            sharing_window(far, control.limit(), DEFAULT_WINDOW, 64 << 10),
+            8
+        );
     }
 }

@@ -40,26 +40,38 @@ pub const SHARING_RUN_BYTES: u64 = 256 << 10;
 pub const SHARING_RATE: u64 = 16 << 20;
 
 /// Runs to keep in flight beside hosts when a run takes `latency` to be answered and
-/// the walk may have `limit` bytes a second (0: no limit): enough for [`SHARING_RATE`],
-/// or the limit if lower, over that time (a bandwidth-delay product), at least
-/// [`SHARING_WINDOW`], and no more short runs than carry the bytes of `window` long
-/// ones (at least one). Runs beyond the limit would only wait their turn, and go on
-/// the link together when they get it.
+/// the walk, over chunks of `chunk_bytes`, may have `limit` bytes a second (0: no
+/// limit): enough for [`SHARING_RATE`], or the limit if lower, over that time (a
+/// bandwidth-delay product), at least [`SHARING_WINDOW`], and no more short runs than
+/// carry the chunks of `window` long ones ([`most_sharing_runs`]). Runs beyond the
+/// limit would only wait their turn, and go on the link together when they get it.
 ///
-/// The most is the walk's own bytes in flight, not its count of runs: at 150 ms round
+/// The most is the walk's own chunks in flight, not its count of runs: at 150 ms round
 /// trips a short run takes ~300 ms on a server that answers in two, and 8 of them
-/// carried 7 MB/s, under half of [`SHARING_RATE`].
-pub fn sharing_window(latency: Duration, limit: u64, window: usize) -> usize {
+/// carried 7 MB/s, under half of [`SHARING_RATE`]. A link slower than that rate makes
+/// its runs slow too, and so more of them: there the background limit, set below the
+/// link, is what keeps hosts' misses from queueing behind them.
+pub fn sharing_window(latency: Duration, limit: u64, window: usize, chunk_bytes: u64) -> usize {
     let rate = match limit {
         0 => SHARING_RATE,
         l => l.min(SHARING_RATE),
     };
-    let bytes = rate as f64 * latency.as_secs_f64();
-    let runs = (bytes / SHARING_RUN_BYTES as f64).ceil() as usize;
-    let most = window
-        .max(1)
-        .saturating_mul((RUN_BYTES / SHARING_RUN_BYTES) as usize);
-    runs.max(SHARING_WINDOW).min(most)
+    let short = run_chunks(SHARING_RUN_BYTES, chunk_bytes) * chunk_bytes.max(1);
+    let runs = (rate as f64 * latency.as_secs_f64() / short as f64).ceil() as usize;
+    runs.max(SHARING_WINDOW)
+        .min(most_sharing_runs(window, chunk_bytes))
+}
+
+/// Chunks in a run of at most `bytes` (at least one).
+fn run_chunks(bytes: u64, chunk_bytes: u64) -> u64 {
+    (bytes / chunk_bytes.max(1)).max(1)
+}
+
+/// The most short runs beside hosts: as many as carry the chunks of `window` (at least
+/// one) runs of [`RUN_BYTES`], the walk's own in flight when it has the link alone.
+pub fn most_sharing_runs(window: usize, chunk_bytes: u64) -> usize {
+    let per_run = run_chunks(RUN_BYTES, chunk_bytes) / run_chunks(SHARING_RUN_BYTES, chunk_bytes);
+    window.max(1).saturating_mul(per_run.max(1) as usize)
 }
 
 /// Attempts at a run whose fetch failed, after the first.
@@ -100,7 +112,7 @@ pub struct Now {
     /// Runs to keep in flight (at least one).
     pub window: usize,
     /// Runs to keep in flight while sharing, if the walk yields ([`sharing_window`];
-    /// at least one, at most the short runs that carry `window` long runs' bytes).
+    /// at least one, at most [`most_sharing_runs`] of `window`).
     pub sharing_window: usize,
 }
 
@@ -169,18 +181,13 @@ impl<I: Iterator<Item = u64>, E> Walk<I, E> {
         if now.stopped || now.paused || self.failure.is_some() || self.exhausted {
             return None;
         }
-        let chunks = |bytes: u64| (bytes / self.chunk_bytes).max(1);
-        let (long, short) = (chunks(RUN_BYTES), chunks(SHARING_RUN_BYTES));
-        let (window, run_len) = if self.yields && now.sharing {
-            // No more short runs than carry the chunks of the window's long runs.
-            let most = now
-                .window
-                .max(1)
-                .saturating_mul((long / short).max(1) as usize);
-            (now.sharing_window.clamp(1, most), short as usize)
+        let (window, run_bytes) = if self.yields && now.sharing {
+            let most = most_sharing_runs(now.window, self.chunk_bytes);
+            (now.sharing_window.clamp(1, most), SHARING_RUN_BYTES)
         } else {
-            (now.window.max(1), long as usize)
+            (now.window.max(1), RUN_BYTES)
         };
+        let run_len = run_chunks(run_bytes, self.chunk_bytes) as usize;
         if self.in_flight >= window {
             return None;
         }
@@ -300,26 +307,32 @@ mod tests {
 
     #[test]
     fn beside_hosts_a_far_store_gets_more_runs_in_flight() {
-        assert_eq!(sharing_window(Duration::ZERO, 0, 8), SHARING_WINDOW);
-        assert_eq!(sharing_window(Duration::from_millis(20), 0, 8), 2);
-        assert_eq!(sharing_window(Duration::from_millis(60), 0, 8), 4);
-        assert_eq!(sharing_window(Duration::from_millis(120), 0, 8), 8);
+        assert_eq!(sharing_window(Duration::ZERO, 0, 8, CHUNK), SHARING_WINDOW);
+        assert_eq!(sharing_window(Duration::from_millis(20), 0, 8, CHUNK), 2);
+        assert_eq!(sharing_window(Duration::from_millis(60), 0, 8, CHUNK), 4);
+        assert_eq!(sharing_window(Duration::from_millis(120), 0, 8, CHUNK), 8);
         // 150 ms round trips on a server answering in two: 16 MiB/s over 300 ms.
-        assert_eq!(sharing_window(Duration::from_millis(300), 0, 8), 20);
+        assert_eq!(sharing_window(Duration::from_millis(300), 0, 8, CHUNK), 20);
         assert_eq!(
-            sharing_window(Duration::from_secs(5), 0, 8),
+            sharing_window(Duration::from_secs(5), 0, 8, CHUNK),
             32,
             "never past the window's bytes: 8 runs of 1 MiB, in runs of 256 KiB"
         );
         assert_eq!(
-            sharing_window(Duration::from_secs(5), 0, 1),
+            sharing_window(Duration::from_secs(5), 0, 1, CHUNK),
             4,
             "nor past a window of one run's bytes"
         );
         // A limit below the sharing rate keeps fewer runs going: no more than it lets by.
-        assert_eq!(sharing_window(Duration::from_millis(120), 8 << 20, 8), 4);
-        assert_eq!(sharing_window(Duration::from_millis(120), 64 << 20, 8), 8);
-        // The walk keeps what it is told beside hosts, within its window.
+        assert_eq!(
+            sharing_window(Duration::from_millis(120), 8 << 20, 8, CHUNK),
+            4
+        );
+        assert_eq!(
+            sharing_window(Duration::from_millis(120), 64 << 20, 8, CHUNK),
+            8
+        );
+        // The walk keeps what it is told beside hosts, within what its window carries.
         let mut w: Walk<_, ()> = Walk::new(0..100u64, CHUNK, true);
         let far = Now {
             sharing_window: 4,
@@ -346,7 +359,13 @@ mod tests {
             8,
             "the window's bytes bound it: 2 MiB in 256 KiB runs"
         );
-        // Chunks of 1 MiB: short runs are a whole chunk, as long as long ones.
+        // Chunks of 512 KiB: short runs are a whole chunk, half a long one; 1 MiB:
+        // short runs are as long as long ones. The count follows.
+        let ms = Duration::from_millis;
+        assert_eq!(sharing_window(ms(300), 0, 8, 512 << 10), 10);
+        assert_eq!(sharing_window(ms(5000), 0, 8, 512 << 10), 16);
+        assert_eq!(sharing_window(ms(5000), 0, 8, 1 << 20), 8);
+        assert_eq!(most_sharing_runs(0, CHUNK), 4);
         let mut w: Walk<_, ()> = Walk::new(0..100u64, 1 << 20, true);
         let runs: Vec<_> = std::iter::from_fn(|| w.next_run(wide, |_| false)).collect();
         assert_eq!(runs.len(), 2, "no more chunks in flight than the window's");

@@ -10,7 +10,7 @@ use super::model::{BLOCK, Model, fill};
 use super::{CHUNK_BLOCKS, CHUNK_BYTES, Clock, Draw, EVENTS_AT_MOST, Micros, bit};
 use crate::clone::core::{Action, Core, Event};
 use crate::clone::read_ahead::{FIRST_READ_AHEAD_BYTES, Geometry, ReadAhead};
-use crate::clone::walk::{Answered, Now, SHARING_WINDOW, Walk, hot_first};
+use crate::clone::walk::{Answered, Now, Walk, hot_first, most_sharing_runs};
 use crate::clone::{FetchError, FetchReason};
 use crate::nondurable;
 use crate::nondurable_medium::NonDurableMedium;
@@ -330,9 +330,11 @@ struct World {
     read_ahead: u64,
     /// Reads checking the clone after a cut, still to finish.
     verifying: u64,
-    /// Thickening's walk, while one runs; its window; whether paused.
+    /// Thickening's walk, while one runs; its window, and its short runs beside hosts
+    /// (by seed, from one to the most its window allows); whether paused.
     thickening: Option<Thickening>,
     thicken_window: usize,
+    thicken_sharing: usize,
     thicken_paused: bool,
     thicken_stopped: bool,
     /// The store answers 503 to everything until then.
@@ -378,6 +380,10 @@ impl World {
             verifying: 0,
             thickening: None,
             thicken_window: 1 + (config.seed / 9 % 8) as usize,
+            thicken_sharing: {
+                let window = 1 + (config.seed / 9 % 8) as usize;
+                1 + (config.seed / 73) as usize % most_sharing_runs(window, WALK_CHUNK_BYTES)
+            },
             thicken_paused: false,
             thicken_stopped: false,
             outage_until: 0,
@@ -1012,9 +1018,9 @@ impl World {
             paused: self.thicken_paused,
             sharing: self.core.client_fetches() > 0,
             window: self.thicken_window,
-            // The fewest runs beside hosts (the appliance scales them with the
-            // store's latency; which runs the walk asks for is what is tried here).
-            sharing_window: SHARING_WINDOW,
+            // The appliance scales the runs beside hosts with the store's latency;
+            // here the seed picks them, up to the most the window allows.
+            sharing_window: self.thicken_sharing,
         };
         let mut runs = Vec::new();
         if let Some(walk) = &mut self.thickening {
