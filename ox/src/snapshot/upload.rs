@@ -23,8 +23,12 @@ use super::SnapshotOptions;
 const UPLOAD_BYTES_IN_FLIGHT: usize = 32 << 20;
 
 /// Uploads let be in flight however large their objects, so large objects still
-/// overlap (four of 64 MiB hold 256 MiB while they upload).
+/// overlap (four of 64 MiB hold 256 MiB while they upload, and a PUT's copy of each
+/// as much again).
 const UPLOADS_IN_FLIGHT: usize = 4;
+
+/// The most uploads in flight however small their objects (each holds a connection).
+const MOST_UPLOADS_IN_FLIGHT: usize = 64;
 
 /// A sealed object on its way to the store.
 struct Upload<'a> {
@@ -37,10 +41,11 @@ struct Upload<'a> {
 
 /// Packs frames into data objects and uploads sealed objects in the background while
 /// the next chunks are read and encoded: as many PUTs as fit in
-/// [`UPLOAD_BYTES_IN_FLIGHT`] (or [`UPLOADS_IN_FLIGHT`], if more), and no more than
-/// one sealed object waiting for the throttle, so a throttled snapshot reads and
-/// encodes no further ahead of what its limit lets by than that object and the one
-/// being filled.
+/// [`UPLOAD_BYTES_IN_FLIGHT`] (or [`UPLOADS_IN_FLIGHT`], if more; at most
+/// [`MOST_UPLOADS_IN_FLIGHT`]). Sealing an object returns once at most that object
+/// waits for the throttle, so a throttled snapshot encodes no further ahead of what
+/// its limit lets by than that object and the one being filled (the volume's own
+/// read-ahead aside).
 pub(super) struct Packer<'a> {
     store: &'a dyn ObjectStore,
     throttle: &'a Throttle,
@@ -115,12 +120,15 @@ impl<'a> Packer<'a> {
     }
 
     /// Whether another object may be sealed: at most one waits for the throttle, and
-    /// the uploads fit in [`UPLOAD_BYTES_IN_FLIGHT`] or are at most [`UPLOADS_IN_FLIGHT`].
+    /// the uploads fit in [`UPLOAD_BYTES_IN_FLIGHT`] or are at most
+    /// [`UPLOADS_IN_FLIGHT`], and are no more than [`MOST_UPLOADS_IN_FLIGHT`].
     fn has_room(&self) -> bool {
         let waiting = self.in_flight.iter().filter(|u| !u.admitted.get()).count();
         let bytes: usize = self.in_flight.iter().map(|u| u.bytes).sum();
+        let uploads = self.in_flight.len();
         waiting <= 1
-            && (bytes <= UPLOAD_BYTES_IN_FLIGHT || self.in_flight.len() <= UPLOADS_IN_FLIGHT)
+            && uploads <= MOST_UPLOADS_IN_FLIGHT
+            && (bytes <= UPLOAD_BYTES_IN_FLIGHT || uploads <= UPLOADS_IN_FLIGHT)
     }
 
     /// Drives the uploads, dropping the finished ones, until `done` holds (or one fails).
@@ -132,7 +140,11 @@ impl<'a> Packer<'a> {
                     Poll::Ready(Ok(())) => {
                         self.in_flight.remove(i);
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => {
+                        // Finished: never polled again, whatever the caller does next.
+                        let _ = self.in_flight.remove(i);
+                        return Poll::Ready(Err(e));
+                    }
                     Poll::Pending => i += 1,
                 }
             }
