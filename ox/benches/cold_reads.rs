@@ -15,10 +15,12 @@
 //! The volume holds incompressible bytes, so what moves is what is read (as with
 //! s3backer over the same data: `scripts/bench-vs-s3backer`). The test server
 //! (s3s-fs) hashes the whole object on every GET: objects are 1 MiB unless
-//! `--object-mib` says.
+//! `--object-mib` says. The snapshot keeps no journal unless `--journal 1` (as the
+//! appliance does for its volumes: a checkpoint every 5 s, each waiting for the
+//! uploads in flight).
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
-//!     --read-ahead-mib N]
+//!     --read-ahead-mib N --journal 1]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -129,6 +131,12 @@ fn main() {
     );
 
     let (_vol, vh) = w.volume(|i| noise(1 << 20, i + 1));
+    let state = tempfile::tempdir().unwrap();
+    let journaled = arg("--journal", 0) == 1;
+    let journal = journaled.then(|| {
+        vh.set_preserve_file(&state.path().join("vol.cbw")).unwrap();
+        state.path().join("vol.snapshot")
+    });
     let opts = SnapshotOptions {
         prefix: format!("bench-{}/", std::process::id()),
         zstd_level: 1,
@@ -138,7 +146,7 @@ fn main() {
         volume_name: "bench".into(),
         progress: Arc::default(),
         outage_patience: Duration::from_secs(60),
-        journal: None,
+        journal,
         store_name: "bench".into(),
         checkpoint_every: ox::snapshot::CHECKPOINT_EVERY,
         verify_before_publish: false,
@@ -163,10 +171,11 @@ fn main() {
     let took = start.elapsed();
     let after = stats(&endpoint);
     println!(
-        "snapshot: {} MiB in {took:.2?} ({:.1} MB/s of volume), {} requests at the server\n",
+        "snapshot: {} MiB in {took:.2?} ({:.1} MB/s of volume), {} requests at the server, journal {}\n",
         size >> 20,
         size as f64 / took.as_secs_f64() / 1e6,
-        after.0 - before.0
+        after.0 - before.0,
+        if journaled { "checkpointed" } else { "none" },
     );
     let objects = w.load(&report.manifest_key).sources[0].objects.clone();
     let object = objects[0].clone();
