@@ -23,8 +23,8 @@ use super::SnapshotOptions;
 const UPLOAD_BYTES_IN_FLIGHT: usize = 32 << 20;
 
 /// Uploads let be in flight however large their objects, so large objects still
-/// overlap (four of 64 MiB hold 256 MiB while they upload, and a PUT's copy of each
-/// as much again).
+/// overlap (objects may be up to 1 GiB: four then hold 4 GiB while they upload, their
+/// PUTs' copies as much again, and the object being filled one more).
 const UPLOADS_IN_FLIGHT: usize = 4;
 
 /// The most uploads in flight however small their objects (each holds a connection).
@@ -42,10 +42,10 @@ struct Upload<'a> {
 /// Packs frames into data objects and uploads sealed objects in the background while
 /// the next chunks are read and encoded: as many PUTs as fit in
 /// [`UPLOAD_BYTES_IN_FLIGHT`] (or [`UPLOADS_IN_FLIGHT`], if more; at most
-/// [`MOST_UPLOADS_IN_FLIGHT`]). Sealing an object returns once at most that object
-/// waits for the throttle, so a throttled snapshot encodes no further ahead of what
-/// its limit lets by than that object and the one being filled (the volume's own
-/// read-ahead aside).
+/// [`MOST_UPLOADS_IN_FLIGHT`]). An object is sealed (its upload begun) once the
+/// uploads have room for it and none waits for the throttle, so a throttled snapshot
+/// encodes no further ahead of what its limit lets by than that object and the one
+/// being filled (the volume's own read-ahead aside).
 pub(super) struct Packer<'a> {
     store: &'a dyn ObjectStore,
     throttle: &'a Throttle,
@@ -92,12 +92,13 @@ impl<'a> Packer<'a> {
         if self.current.is_empty() {
             return Ok(());
         }
+        let bytes = self.current.len();
+        self.until(|p| p.has_room(bytes)).await?;
         let key = format::data_key(&self.opts.prefix, &format::random_id()?);
         let data = std::mem::take(&mut self.current);
         self.uploaded += data.len() as u64;
         self.objects.push(key.clone());
         let (store, throttle, opts) = (self.store, self.throttle, self.opts);
-        let bytes = data.len();
         let admitted = Rc::new(Cell::new(false));
         let let_by = Rc::clone(&admitted);
         let put = Box::pin(async move {
@@ -116,23 +117,28 @@ impl<'a> Packer<'a> {
             bytes,
             admitted,
         });
-        self.until(Self::has_room).await
+        assert!(
+            self.in_flight.len() <= MOST_UPLOADS_IN_FLIGHT,
+            "uploads past their most"
+        );
+        // Its first turn: the throttle sees it now.
+        self.drive().await
     }
 
-    /// Whether another object may be sealed: at most one waits for the throttle, and
-    /// the uploads fit in [`UPLOAD_BYTES_IN_FLIGHT`] or are at most
-    /// [`UPLOADS_IN_FLIGHT`], and are no more than [`MOST_UPLOADS_IN_FLIGHT`].
-    fn has_room(&self) -> bool {
-        let waiting = self.in_flight.iter().filter(|u| !u.admitted.get()).count();
-        let bytes: usize = self.in_flight.iter().map(|u| u.bytes).sum();
-        let uploads = self.in_flight.len();
-        waiting <= 1
+    /// Whether an object of `bytes` may be sealed now: no upload waits for the
+    /// throttle, and with it the uploads fit in [`UPLOAD_BYTES_IN_FLIGHT`] or are at
+    /// most [`UPLOADS_IN_FLIGHT`], and are no more than [`MOST_UPLOADS_IN_FLIGHT`].
+    fn has_room(&self, bytes: usize) -> bool {
+        let waiting = self.in_flight.iter().any(|u| !u.admitted.get());
+        let bytes = bytes + self.in_flight.iter().map(|u| u.bytes).sum::<usize>();
+        let uploads = self.in_flight.len() + 1;
+        !waiting
             && uploads <= MOST_UPLOADS_IN_FLIGHT
             && (bytes <= UPLOAD_BYTES_IN_FLIGHT || uploads <= UPLOADS_IN_FLIGHT)
     }
 
     /// Drives the uploads, dropping the finished ones, until `done` holds (or one fails).
-    async fn until(&mut self, done: fn(&Self) -> bool) -> Result<(), OxError> {
+    async fn until(&mut self, done: impl Fn(&Self) -> bool) -> Result<(), OxError> {
         std::future::poll_fn(|cx| {
             let mut i = 0;
             while i < self.in_flight.len() {

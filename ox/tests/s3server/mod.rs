@@ -68,6 +68,11 @@ pub struct Faults {
     pub stall_at: AtomicU32,
     /// Delay every request by this many milliseconds (a slow store).
     pub delay_ms: AtomicU32,
+    /// Hold each PUT of a data object (a key under `ox1/d/`) until this many requests
+    /// are being served at once (0: none), or until no request has come for a second
+    /// (the client sends no more while these wait); then let them all go on (and set
+    /// it back to 0).
+    pub gather: AtomicU32,
     pub requests: AtomicU32,
     /// Requests being served now, and the most at once.
     pub concurrent: AtomicU32,
@@ -477,6 +482,21 @@ async fn respond(
     let delay = faults.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+    }
+    let data_put = req.method() == hyper::Method::PUT && req.uri().path().contains("/ox1/d/");
+    let (mut seen, mut since) = (number, std::time::Instant::now());
+    while data_put && faults.gather.load(Ordering::SeqCst) > 0 {
+        let gather = faults.gather.load(Ordering::SeqCst);
+        let now = faults.requests.load(Ordering::SeqCst);
+        if now != seen {
+            (seen, since) = (now, std::time::Instant::now());
+        }
+        if faults.concurrent.load(Ordering::SeqCst) >= gather
+            || since.elapsed() > Duration::from_secs(1)
+        {
+            faults.gather.store(0, Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let result = respond_inner(s3, faults, req).await;
     faults.concurrent.fetch_sub(1, Ordering::SeqCst);
