@@ -368,9 +368,9 @@ async fn walk(
     yields: bool,
 ) -> Result<u64, OxError> {
     let mut walk = Walk::new(order, clone.chunk_bytes(), yields);
-    // Each answer with how long it took, timed where it lands (not when this loop,
-    // perhaps backing off for a retry, gets to it), if it is one to time: a short run
-    // asked for beside hosts, what the share beside hosts is worked out for.
+    // Each answer with how long it took, timed where it lands (not when this loop gets
+    // to it), if it is one to time: a short run asked for beside hosts, what the
+    // share beside hosts is worked out for.
     type Answer = (Vec<u64>, Option<Duration>, Result<(), bdev::BdevError>);
     let (tx, rx) = async_channel::unbounded::<Answer>();
     let issue = |run: Vec<u64>, timed: bool| {
@@ -402,6 +402,12 @@ async fn walk(
         }
     };
     loop {
+        // A walk stopped, or failed, asks for nothing more: its retries are let go.
+        if control.is_stopped() || walk.failed() {
+            for _ in retries.drain(..) {
+                walk.withdrawn();
+            }
+        }
         let due = Instant::now();
         for (_, run) in retries.extract_if(.., |(at, _)| *at <= due) {
             let first = run[0];
@@ -439,13 +445,22 @@ async fn walk(
             continue;
         }
         // A fetch whose reactor stopped never answers: give up on the walk then.
+        // Retries waiting: a stop ends their wait too.
         let retry_due = retries.iter().map(|(at, _)| *at).min();
+        let stopped = control.changed.listen();
         let next = futures_lite::future::or(async { rx.recv().await.ok().map(Some) }, async {
             match retry_due {
-                Some(at) => {
-                    async_io::Timer::at(at).await;
+                Some(at) if !control.is_stopped() => {
+                    futures_lite::future::or(
+                        async {
+                            async_io::Timer::at(at).await;
+                        },
+                        stopped,
+                    )
+                    .await;
                     Some(None)
                 }
+                Some(_) => Some(None),
                 None => {
                     async_io::Timer::after(FETCH_PATIENCE).await;
                     None
@@ -462,7 +477,7 @@ async fn walk(
                 }
             });
         };
-        // A retry's back-off has passed: asked for at the top of the loop.
+        // A retry's back-off has passed, or the walk was stopped: seen to at the top.
         let Some((run, took, result)) = next else {
             continue;
         };

@@ -255,6 +255,18 @@ impl<I: Iterator<Item = u64>, E> Walk<I, E> {
         }
     }
 
+    /// A retry ([`Answered::Retry`]) the caller will not ask for after all (the walk
+    /// was stopped, or failed, while it waited): no longer in flight, and no failure.
+    pub fn withdrawn(&mut self) {
+        assert!(self.in_flight > 0, "a withdrawn retry was in flight");
+        self.in_flight -= 1;
+    }
+
+    /// Whether a run has failed for good (nothing more is asked for).
+    pub fn failed(&self) -> bool {
+        self.failure.is_some()
+    }
+
     /// Runs asked for and not answered yet (retries waiting included).
     pub fn in_flight(&self) -> usize {
         self.in_flight
@@ -453,6 +465,17 @@ mod tests {
         let run = w.next_run(now(4, false), |_| false).unwrap();
         assert_eq!(w.answered(run, Err("reset"), true), Answered::GaveUp);
         assert!(w.is_over(true));
+        // A retry waiting when the walk is stopped is let go: the walk ends well.
+        let mut w: Walk<_, &str> = Walk::new(0..100u64, CHUNK, false);
+        let run = w.next_run(now(4, false), |_| false).unwrap();
+        assert!(matches!(
+            w.answered(run, Err("503"), false),
+            Answered::Retry { .. }
+        ));
+        assert!(!w.is_over(true), "the retry is in flight");
+        w.withdrawn();
+        assert!(w.is_over(true) && !w.failed());
+        assert_eq!(w.end(), Ok(0));
     }
 
     #[test]

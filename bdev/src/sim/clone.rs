@@ -382,7 +382,9 @@ impl World {
             thicken_window: 1 + (config.seed / 9 % 8) as usize,
             thicken_sharing: {
                 let window = 1 + (config.seed / 9 % 8) as usize;
-                1 + (config.seed / 73) as usize % most_sharing_runs(window, WALK_CHUNK_BYTES)
+                // Mixed, so neighbouring seeds try different counts.
+                let mixed = config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+                1 + mixed as usize % most_sharing_runs(window, WALK_CHUNK_BYTES)
             },
             thicken_paused: false,
             thicken_stopped: false,
