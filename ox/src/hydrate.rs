@@ -447,7 +447,7 @@ async fn walk(
         // A fetch whose reactor stopped never answers: give up on the walk then.
         // Retries waiting: a stop ends their wait too.
         let retry_due = retries.iter().map(|(at, _)| *at).min();
-        let stopped = control.changed.listen();
+        let control_changed = control.changed.listen();
         let next = futures_lite::future::or(async { rx.recv().await.ok().map(Some) }, async {
             match retry_due {
                 Some(at) if !control.is_stopped() => {
@@ -455,7 +455,7 @@ async fn walk(
                         async {
                             async_io::Timer::at(at).await;
                         },
-                        stopped,
+                        control_changed,
                     )
                     .await;
                     Some(None)
