@@ -707,7 +707,7 @@ fn uploads_to_s3_are_pipelined() {
     let mut opts = options(&env);
     opts.object_bytes = 1 << 20;
     // The store holds the data PUTs until more are at once than 32 MiB of 1 MiB
-    // objects allow (each a frame past 1 MiB: 31), or none come any more, whatever
+    // objects allow (each a frame past 1 MiB: 31), or none come for 3 s, whatever
     // the load: 4 uploads at a time (as there were) stop at 4.
     server.faults.gather.store(33, Ordering::SeqCst);
     let (h, r) = (handle.clone(), env.set.handles()[0].clone());

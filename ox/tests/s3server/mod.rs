@@ -69,8 +69,9 @@ pub struct Faults {
     /// Delay every request by this many milliseconds (a slow store).
     pub delay_ms: AtomicU32,
     /// Hold each PUT of a data object (a key under `ox1/d/`) until this many requests
-    /// are being served at once (0: none), or until no request has come for a second
-    /// (the client sends no more while these wait); then let them all go on (and set
+    /// are being served at once (0: none), or until no request has come for 3 s (the
+    /// client sends no more while these wait; a client ten times slower than this
+    /// machine encodes an object well within that); then let them all go on (and set
     /// it back to 0).
     pub gather: AtomicU32,
     pub requests: AtomicU32,
@@ -492,7 +493,7 @@ async fn respond(
             (seen, since) = (now, std::time::Instant::now());
         }
         if faults.concurrent.load(Ordering::SeqCst) >= gather
-            || since.elapsed() > Duration::from_secs(1)
+            || since.elapsed() > Duration::from_secs(3)
         {
             faults.gather.store(0, Ordering::SeqCst);
         }
