@@ -351,6 +351,9 @@ impl World {
         let (files, words) = PresenceFiles::open(medium.mount(), &path, config.chunks)
             .map_err(|e| format!("opening the presence record: {e}"))?;
         let bytes = config.chunks as usize * CHUNK_BYTES;
+        let thicken_window = 1 + (config.seed / 9 % 8) as usize;
+        // Mixed, so neighbouring seeds try different counts of runs beside hosts.
+        let mixed = config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
         let mut w = Self {
             config: config.clone(),
             rng: Rng(config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
@@ -379,13 +382,9 @@ impl World {
             read_ahead: 2 + config.seed / 5 % 6,
             verifying: 0,
             thickening: None,
-            thicken_window: 1 + (config.seed / 9 % 8) as usize,
-            thicken_sharing: {
-                let window = 1 + (config.seed / 9 % 8) as usize;
-                // Mixed, so neighbouring seeds try different counts.
-                let mixed = config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
-                1 + mixed as usize % most_sharing_runs(window, WALK_CHUNK_BYTES)
-            },
+            thicken_window,
+            thicken_sharing: 1 + mixed as usize
+                % most_sharing_runs(thicken_window, WALK_CHUNK_BYTES),
             thicken_paused: false,
             thicken_stopped: false,
             outage_until: 0,
