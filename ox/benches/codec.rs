@@ -1,9 +1,10 @@
 //! Codec throughput per core: encode and decode MB/s for compressible, incompressible
-//! and zero data at 1 MiB chunks, and AES-256-GCM alone through `ring` (the provider
-//! rustls already brings) and through the `aes-gcm` crate. Writes the sample data to
-//! files so `scripts/bench-codec` can run `zstd -b1` on exactly the same bytes.
+//! and zero data in 1 MiB chunks (`--chunk-kib` for others), and AES-256-GCM alone
+//! through `ring` (the provider rustls already brings) and through the `aes-gcm` crate.
+//! Writes the sample data to files so `scripts/bench-codec` can run `zstd -b1` on
+//! exactly the same bytes.
 //!
-//! cargo bench -p ox --bench codec [-- --secs 2 --out DIR]
+//! cargo bench -p ox --bench codec [-- --secs 2 --out DIR --chunk-kib 1024]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::{Duration, Instant};
@@ -13,8 +14,6 @@ use aes_gcm::{Aes256Gcm, KeyInit};
 use ox::codec::{Binding, Codec, CodecSettings};
 use ox::keys::SecretKey;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-
-const CHUNK: usize = 1 << 20;
 
 /// Text-like data that zstd -1 compresses about 3-4×.
 fn compressible(len: usize) -> Vec<u8> {
@@ -84,6 +83,8 @@ fn main() {
     };
     let secs: f64 = arg("--secs").map_or(2.0, |s| s.parse().unwrap());
     let out = arg("--out");
+    // 1 MiB by default (the figures beside zstd's CLI); volumes default to 64 KiB.
+    let chunk: usize = arg("--chunk-kib").map_or(1024, |s| s.parse().unwrap()) << 10;
     let key = SecretKey::random().unwrap();
     let binding = Binding {
         volume: [1; 16],
@@ -94,16 +95,16 @@ fn main() {
         (
             "compressible",
             (0..16)
-                .map(|i| compressible(CHUNK + i)[i..].to_vec())
+                .map(|i| compressible(chunk + i)[i..].to_vec())
                 .collect(),
         ),
         (
             "incompressible",
             (0..16)
-                .map(|i| incompressible(CHUNK + i)[i..].to_vec())
+                .map(|i| incompressible(chunk + i)[i..].to_vec())
                 .collect(),
         ),
-        ("zero", (0..16).map(|_| vec![0u8; CHUNK]).collect()),
+        ("zero", (0..16).map(|_| vec![0u8; chunk]).collect()),
     ];
     if let Some(dir) = &out {
         for (name, chunks) in &kinds {
@@ -115,7 +116,7 @@ fn main() {
     for (name, chunks) in &kinds {
         let mut codec = Codec::new(CodecSettings { level: 1 }, Some(&key), binding).unwrap();
         let mut i = 0;
-        let enc = rate(secs, CHUNK, || {
+        let enc = rate(secs, chunk, || {
             let c = &chunks[i % chunks.len()];
             std::hint::black_box(codec.encode(i as u64, c).unwrap());
             i += 1;
@@ -127,16 +128,16 @@ fn main() {
             .collect();
         let stored: usize = frames.iter().flatten().map(Vec::len).sum();
         let mut j = 0;
-        let dec = rate(secs, CHUNK, || {
+        let dec = rate(secs, chunk, || {
             let k = j % chunks.len();
             if let Some(f) = &frames[k] {
-                std::hint::black_box(codec.decode(k as u64, f, CHUNK).unwrap());
+                std::hint::black_box(codec.decode(k as u64, f, chunk).unwrap());
             }
             j += 1;
         });
         let mut z = zstd::bulk::Compressor::new(1).unwrap();
         let mut k = 0;
-        let zonly = rate(secs, CHUNK, || {
+        let zonly = rate(secs, chunk, || {
             std::hint::black_box(z.compress(&chunks[k % chunks.len()]).unwrap());
             k += 1;
         });
@@ -147,13 +148,13 @@ fn main() {
         };
         println!(
             "| {name} | {enc:.0} | {dec} | {:.3} | {zonly:.0} |",
-            stored as f64 / (chunks.len() * CHUNK) as f64
+            stored as f64 / (chunks.len() * chunk) as f64
         );
     }
-    // AES-256-GCM alone, 1 MiB buffers, in place.
-    let mut buf = incompressible(CHUNK);
+    // AES-256-GCM alone, a chunk in place.
+    let mut buf = incompressible(chunk);
     let ring_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.bytes()).unwrap());
-    let ring_rate = rate(secs, CHUNK, || {
+    let ring_rate = rate(secs, chunk, || {
         let tag = ring_key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key([7; 12]),
@@ -164,14 +165,14 @@ fn main() {
         let _ = std::hint::black_box(tag);
     });
     let rc = Aes256Gcm::new_from_slice(key.bytes()).unwrap();
-    let rc_rate = rate(secs, CHUNK, || {
+    let rc_rate = rate(secs, chunk, || {
         let tag = rc
             .encrypt_in_place_detached(&[7u8; 12].into(), b"aad", &mut buf)
             .unwrap();
         let _ = std::hint::black_box(tag);
     });
     println!();
-    println!("| AES-256-GCM seal, 1 MiB | MB/s |");
+    println!("| AES-256-GCM seal, {} KiB | MB/s |", chunk >> 10);
     println!("|---|---|");
     println!("| ring 0.17 (rustls' provider) | {ring_rate:.0} |");
     println!("| aes-gcm 0.10 crate | {rc_rate:.0} |");
