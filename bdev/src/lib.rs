@@ -75,4 +75,6 @@ pub use malloc::create_malloc;
 pub use null::create_null;
 pub use stats::{BdevStats, ChannelStats, LatencyHistogram, SharedHistogram};
 pub use uring::{UringConfig, open_uring};
-pub use volume::{ChangedChunks, Claim, Tracking, VolumeHandle, create_volume, steps};
+pub use volume::{
+    ChangedChunks, Claim, PendingClaim, Tracking, VolumeHandle, create_volume, steps,
+};

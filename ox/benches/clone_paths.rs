@@ -1,7 +1,9 @@
 //! The data paths of snapshots and clones against the S3 test server on loopback, each
 //! beside its natural peer in one run:
 //!
-//! 1. snapshot MB/s vs the codec's own encode rate on one core (its limit here);
+//! 1. snapshot MB/s vs the codec's own encode rate on one core (its limit here): into a
+//!    store that drops the data objects (the path's own limit), a local directory, and
+//!    the S3 test server;
 //! 2. a cold 4 KiB clone read (miss: ranged GET, verify, decrypt, decompress, install)
 //!    vs a bare ranged GET of 4 KiB and of one frame, on the same server; and the
 //!    first read of a clone just opened, with its index page loaded ahead or not;
@@ -13,6 +15,8 @@
 //! grows with the object size: objects are 1 MiB here unless `--object-mib` says.
 //!
 //! cargo bench -p ox --bench clone_paths [-- --mib 256 --reads 300 --limit-mib 8 --object-mib 1]
+//! (`--snapshot-only 1`: part 1 alone; `--s3 0`: part 1 without the S3 server, for
+//! profiles of the snapshot path.)
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -30,6 +34,7 @@ use ox::store::ObjectStore;
 use ox::store::local::LocalStore;
 use ox::store::s3::S3Store;
 use ox::throttle::{Class, Limit, Throttle};
+use support::sink::SinkStore;
 use support::world::World;
 use support::{arg, text};
 
@@ -67,6 +72,24 @@ fn scattered(n: u64, lo: u64, hi: u64) -> Vec<u64> {
     out
 }
 
+/// Where part 1's snapshots go.
+#[derive(Clone, Copy)]
+enum Target {
+    Sink,
+    Local,
+    S3,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Sink => "a store dropping the data objects",
+            Target::Local => "a local directory store",
+            Target::S3 => "the S3 server",
+        }
+    }
+}
+
 fn main() {
     let size = arg("--mib", 256) << 20;
     let reads = arg("--reads", 300);
@@ -98,7 +121,15 @@ fn main() {
     };
     let local_dir = tempfile::tempdir().unwrap();
     let mut snaps = Vec::new();
-    for to_s3 in [false, true] {
+    // Where each snapshot goes: a store that drops the data objects (the path's own
+    // limit), a local directory, and (unless `--s3 0`, to profile without the test
+    // server on the same two cores) the S3 test server.
+    let targets: &[Target] = if arg("--s3", 1) == 1 {
+        &[Target::Sink, Target::Local, Target::S3]
+    } else {
+        &[Target::Sink, Target::Local]
+    };
+    for &to in targets {
         let (c, r, o, vh, dir) = (
             w.config.clone(),
             w.on(0),
@@ -111,10 +142,12 @@ fn main() {
             .cores
             .run(move |ex| {
                 Box::pin(async move {
-                    let store: Box<dyn ObjectStore> = if to_s3 {
-                        Box::new(S3Store::new(c, ex).unwrap())
-                    } else {
-                        Box::new(LocalStore::open(dir).unwrap())
+                    let store: Box<dyn ObjectStore> = match to {
+                        Target::S3 => Box::new(S3Store::new(c, ex).unwrap()),
+                        Target::Local => Box::new(LocalStore::open(dir).unwrap()),
+                        Target::Sink => Box::new(SinkStore {
+                            kept: LocalStore::open(dir).unwrap(),
+                        }),
                     };
                     snapshot_volume(&*store, &r, &vh, None, &o, &Throttle::default())
                         .await
@@ -122,9 +155,9 @@ fn main() {
                 })
             })
             .unwrap();
-        snaps.push((start.elapsed(), report));
+        snaps.push((start.elapsed(), report, to));
     }
-    let report = snaps[1].1.clone();
+    let report = snaps[snaps.len() - 1].1.clone();
     let key = SecretKey::random().unwrap();
     let binding = Binding {
         volume: [1; 16],
@@ -143,12 +176,10 @@ fn main() {
     println!("## 1. Snapshot vs the codec (zstd 1 + AES-256-GCM, 64 KiB chunks)\n");
     println!("| path | MB/s of volume | stored/raw |");
     println!("|---|---|---|");
-    for ((took, r), to) in snaps
-        .iter()
-        .zip(["a local directory store", "the S3 server"])
-    {
+    for (took, r, to) in &snaps {
         println!(
-            "| snapshot to {to} (read, encode on 1 OX core, PUT, index, manifest) | {:.0} | {:.2} |",
+            "| snapshot to {} (read, encode on 1 OX core, PUT, index, manifest) | {:.0} | {:.2} |",
+            to.name(),
             mbs(size, *took),
             (r.data_bytes + r.meta_bytes) as f64 / size as f64
         );
@@ -158,12 +189,21 @@ fn main() {
         mbs(size, enc),
         stored as f64 / size as f64
     );
-    println!(
-        "\nsnapshot / codec: x{:.2} (local directory), x{:.2} (S3 server)\n",
-        enc.as_secs_f64() / snaps[0].0.as_secs_f64(),
-        enc.as_secs_f64() / snaps[1].0.as_secs_f64()
-    );
+    let ratios: Vec<String> = snaps
+        .iter()
+        .map(|(took, _, to)| {
+            format!(
+                "x{:.2} ({})",
+                enc.as_secs_f64() / took.as_secs_f64(),
+                to.name()
+            )
+        })
+        .collect();
+    println!("\nsnapshot / codec: {}\n", ratios.join(", "));
 
+    if arg("--snapshot-only", 0) == 1 || arg("--s3", 1) == 0 {
+        return;
+    }
     let loaded = w.load(&report.manifest_key);
     let object = loaded.sources[0].objects[0].clone();
     let chunks = size / CHUNK;

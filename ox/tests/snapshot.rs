@@ -1479,3 +1479,150 @@ fn a_snapshot_of_a_volume_adopted_while_it_uploads_publishes_nothing() {
     }
     assert!(manifests.is_empty(), "{manifests:?}");
 }
+
+/// A local-directory store whose data-object PUTs wait until the test opens its gate
+/// (closes the channel), counting those waiting.
+struct GatedStore {
+    inner: LocalStore,
+    gate: async_channel::Receiver<()>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ObjectStore for GatedStore {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Vec<u8>,
+    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
+        Box::pin(async move {
+            if key.contains("/ox1/d/") {
+                self.held.fetch_add(1, Ordering::SeqCst);
+                let _ = self.gate.recv().await;
+            }
+            self.inner.put(key, data).await
+        })
+    }
+
+    fn put_new<'a>(
+        &'a self,
+        key: &'a str,
+        data: Vec<u8>,
+    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
+        self.inner.put_new(key, data)
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> ox::store::BoxFuture<'a, Result<Vec<u8>, ox::OxError>> {
+        self.inner.get(key)
+    }
+
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> ox::store::BoxFuture<'a, Result<Vec<u8>, ox::OxError>> {
+        self.inner.get_range(key, offset, len)
+    }
+
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> ox::store::BoxFuture<'a, Result<Vec<String>, ox::OxError>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_page<'a>(
+        &'a self,
+        prefix: &'a str,
+        delimiter: Option<&'a str>,
+        after: Option<&'a str>,
+        max: usize,
+    ) -> ox::store::BoxFuture<'a, Result<ox::store::Listing, ox::OxError>> {
+        self.inner.list_page(prefix, delimiter, after, max)
+    }
+
+    fn delete<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
+        self.inner.delete(keys)
+    }
+}
+
+/// Opens the gate when dropped: also when the test fails, so the snapshot it holds
+/// finishes and the test ends instead of hanging.
+struct Opens(Option<async_channel::Sender<()>>);
+
+impl Drop for Opens {
+    fn drop(&mut self) {
+        self.0.take();
+    }
+}
+
+/// While a snapshot waits on its uploads (the store takes none), hosts' writes to every
+/// chunk go ahead — those the snapshot has claimed and read ahead of its encoder too —
+/// and the snapshot, once the store takes its objects, still holds the volume as it
+/// was when it began.
+#[test]
+fn host_writes_go_ahead_while_a_snapshot_waits_on_its_uploads() {
+    let env = env();
+    // More than the uploads in flight hold, the object being filled and the read-ahead.
+    let size = 48 << 20;
+    let (vol, handle, before) = support::filled_volume(&env, size, 91);
+    let after = random(size as usize, 92);
+    let (open, gate) = async_channel::bounded::<()>(1);
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Incompressible chunks: an object is sealed at 16 frames, just over 1 MiB, and
+    // as many sealed objects upload at once as fit in the bytes allowed in flight.
+    let object = 16 * (CHUNK as usize + ox::codec::HEADER_LEN + ox::codec::TAG_LEN);
+    let in_flight = ox::snapshot::UPLOAD_BYTES_IN_FLIGHT / object;
+    let snap = std::thread::scope(|s| {
+        let opens = Opens(Some(open));
+        let (root, h, r, opts, held_by_store) = (
+            env.root.clone(),
+            handle.clone(),
+            env.set.handles()[0].clone(),
+            options(&env),
+            Arc::clone(&held),
+        );
+        let cores = Arc::clone(&env.cores);
+        let t = s.spawn(move || {
+            cores
+                .run(move |_ex| {
+                    Box::pin(async move {
+                        let store = GatedStore {
+                            inner: LocalStore::open(root).unwrap(),
+                            gate,
+                            held: held_by_store,
+                        };
+                        snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
+                            .await
+                            .unwrap()
+                    })
+                })
+                .unwrap()
+        });
+        // Every upload the snapshot may have in flight is waiting: it can only wait.
+        while held.load(Ordering::SeqCst) < in_flight {
+            assert!(
+                !t.is_finished(),
+                "the snapshot ended while its uploads were held"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Each write fails the test if it is held for the helper's 30 s.
+        for (i, piece) in after.chunks(1 << 20).enumerate() {
+            write(&env, &vol, (i as u64) << 20, piece);
+        }
+        drop(opens);
+        t.join().unwrap()
+    });
+    assert_eq!(snap.manifest.stored_chunks, size / CHUNK);
+    assert!(read(&env, &vol, 0, size) == after);
+    let (clone, _) = open_clone(&env, &snap.manifest_key, size);
+    assert!(
+        read(&env, &clone, 0, size) == before,
+        "the clone differs from the volume as the snapshot began"
+    );
+    env.set.shutdown().unwrap();
+}

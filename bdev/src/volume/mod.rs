@@ -957,6 +957,13 @@ impl VolumeHandle {
     /// A claim dropped unfinished may leave the chunk held until the snapshot ends:
     /// its caller ends the snapshot when it gives up.
     pub async fn claim_chunk(&self, chunk: u64) -> Result<Claim, BdevError> {
+        self.send_claim(chunk)?.finish().await
+    }
+
+    /// [`Self::claim_chunk`] without waiting for the answer: the claim is on its way to
+    /// the owner reactor when this returns, so a snapshot sends several at once
+    /// instead of paying a round trip to the owner per chunk.
+    pub fn send_claim(&self, chunk: u64) -> Result<PendingClaim, BdevError> {
         let s = &self.shared;
         let generation = self.generation();
         let owner = s
@@ -964,13 +971,41 @@ impl VolumeHandle {
             .get()
             .cloned()
             .ok_or_else(|| s.snapshot_error("no snapshot is running"))?;
-        let answer = s
-            .ask(&owner, |waiter| Event::Claim {
+        let (waiter, answer) = reply();
+        owner::send(
+            s,
+            &owner,
+            Event::Claim {
                 generation,
                 chunk,
                 waiter,
-            })
-            .await?;
+            },
+        );
+        Ok(PendingClaim {
+            shared: Arc::clone(s),
+            chunk,
+            answer,
+        })
+    }
+}
+
+/// A claim sent to the volume's owner reactor ([`VolumeHandle::send_claim`]), its
+/// answer to come.
+pub struct PendingClaim {
+    shared: Arc<Shared>,
+    chunk: u64,
+    answer: crate::reply::Pending<Answered>,
+}
+
+impl PendingClaim {
+    /// What the snapshot should read for the chunk (see [`VolumeHandle::claim_chunk`]).
+    pub async fn finish(self) -> Result<Claim, BdevError> {
+        let (s, chunk) = (&self.shared, self.chunk);
+        let answer = self
+            .answer
+            .wait()
+            .await
+            .ok_or_else(|| s.snapshot_error("its owner reactor has stopped"))?;
         match answer {
             Answered::Source(Source::Device) => Ok(Claim::Device),
             Answered::Source(Source::Kept(Kept::Memory(data))) => Ok(Claim::Copy(data)),
@@ -992,7 +1027,9 @@ impl VolumeHandle {
             ))),
         }
     }
+}
 
+impl VolumeHandle {
     /// The snapshot has read `chunk` from the device: writes may go ahead.
     pub fn chunk_read(&self, chunk: u64) {
         self.chunk_read_in(chunk, self.generation());

@@ -1,6 +1,7 @@
 //! What the OX benches share: arguments and test data, and the clone benches' world.
 #![allow(dead_code)]
 
+pub mod sink;
 pub mod world;
 
 /// The value after `name` on the command line, or `default`.

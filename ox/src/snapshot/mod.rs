@@ -37,7 +37,7 @@ use writer::write;
 
 pub(crate) use load::fetch_manifest;
 pub use load::{Loaded, Source, load};
-pub use upload::patiently;
+pub use upload::{UPLOAD_BYTES_IN_FLIGHT, patiently};
 
 /// How to write a snapshot.
 #[derive(Debug, Clone)]

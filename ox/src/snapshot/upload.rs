@@ -20,7 +20,7 @@ use super::SnapshotOptions;
 /// the default 8 MiB objects, and as many more of smaller ones (a store 150 ms away
 /// needs ~15 MB in flight to fill 400 Mbit/s, and each PUT's connection starts from
 /// TCP's initial window).
-const UPLOAD_BYTES_IN_FLIGHT: usize = 32 << 20;
+pub const UPLOAD_BYTES_IN_FLIGHT: usize = 32 << 20;
 
 /// Uploads let be in flight however large their objects, so large objects still
 /// overlap (objects may be up to 1 GiB: four then hold 4 GiB while they upload, their

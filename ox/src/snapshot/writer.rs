@@ -388,7 +388,7 @@ pub(super) async fn write(
         .zip(base)
         .map(|(path, base)| Journaling { path, base });
     let mut parent_page: Option<(u64, IndexPage)> = None;
-    let mut ahead = ReadAhead::default();
+    let mut ahead = ReadAhead::new(chunk_bytes);
     let mut chunks_read = start.chunks_read;
     let mut stored_chunks = start.stored_chunks;
     let progress = &opts.progress;
