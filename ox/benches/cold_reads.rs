@@ -16,11 +16,11 @@
 //! s3backer over the same data: `scripts/bench-vs-s3backer`). The test server
 //! (s3s-fs) hashes the whole object on every GET: objects are 1 MiB unless
 //! `--object-mib` says. The snapshot keeps no journal unless `--journal 1` (as the
-//! appliance does for its volumes: a checkpoint every 5 s, each waiting for the
-//! uploads in flight).
+//! appliance does for its volumes: a checkpoint every 5 s). `--snapshot-only 1` stops
+//! after the snapshot.
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
-//!     --read-ahead-mib N --journal 1]
+//!     --read-ahead-mib N --journal 1 --snapshot-only 1]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -177,6 +177,9 @@ fn main() {
         after.0 - before.0,
         if journaled { "checkpointed" } else { "none" },
     );
+    if arg("--snapshot-only", 0) == 1 {
+        return;
+    }
     let objects = w.load(&report.manifest_key).sources[0].objects.clone();
     let object = objects[0].clone();
 

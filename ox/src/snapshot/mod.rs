@@ -66,9 +66,10 @@ pub struct SnapshotOptions {
     /// The object store's name, recorded in the journal: a snapshot continues only
     /// into the store it began in.
     pub store_name: String,
-    /// How often a snapshot with a journal checkpoints it: at most this much work is
-    /// redone after a crash, and each checkpoint waits for the open uploads
-    /// ([`CHECKPOINT_EVERY`] is the appliance's choice).
+    /// How often a snapshot with a journal takes a checkpoint: it seals the object
+    /// being filled and is saved once the objects it names are stored, the encoder
+    /// going on meanwhile; about this much work, and the uploads in flight, are redone
+    /// after a crash ([`CHECKPOINT_EVERY`] is the appliance's choice).
     pub checkpoint_every: Duration,
     /// Read every object back and decode every frame before publishing
     /// ([`read_back`]): one GET per object stored.
@@ -202,8 +203,9 @@ pub struct SnapshotReport {
     pub chunks_read: u64,
     /// The chunk this attempt continued from, if it continued an earlier one.
     pub resumed_at: Option<u64>,
-    /// Journal checkpoints this attempt wrote, and the time they took (waiting for
-    /// uploads included).
+    /// Journal checkpoints this attempt wrote after its first, and the time the encoder
+    /// waited on them (for room to seal, and for a checkpoint taken earlier whose
+    /// objects were still uploading when the next was due).
     pub checkpoints: u32,
     /// See `checkpoints`.
     pub checkpoint_time: Duration,

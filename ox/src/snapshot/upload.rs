@@ -35,6 +35,8 @@ struct Upload<'a> {
     /// Waits for the throttle, then PUTs the object.
     put: Pin<Box<dyn Future<Output = Result<(), OxError>> + 'a>>,
     bytes: usize,
+    /// The object's number (its place in [`Packer::objects`]).
+    object: usize,
     /// The throttle has let the object's bytes by: its PUT is under way.
     admitted: Rc<Cell<bool>>,
 }
@@ -115,6 +117,7 @@ impl<'a> Packer<'a> {
         self.in_flight.push(Upload {
             put,
             bytes,
+            object: self.objects.len() - 1,
             admitted,
         });
         assert!(
@@ -161,6 +164,25 @@ impl<'a> Packer<'a> {
             }
         })
         .await
+    }
+
+    /// How many of the objects sealed so far, from the first, are stored (uploads
+    /// finish in any order; the first one still uploading ends the count).
+    pub(super) fn stored(&self) -> usize {
+        self.in_flight
+            .iter()
+            .map(|u| u.object)
+            .min()
+            .unwrap_or(self.objects.len())
+    }
+
+    /// Waits until the first `objects` sealed are stored (driving every upload).
+    pub(super) async fn stored_through(&mut self, objects: usize) -> Result<(), OxError> {
+        assert!(
+            objects <= self.objects.len(),
+            "waiting for objects not sealed"
+        );
+        self.until(|p| p.stored() >= objects).await
     }
 
     /// Gives every upload in flight a turn; collects the finished ones.

@@ -156,19 +156,54 @@ struct Journaling<'a> {
     base: Journal,
 }
 
+/// A checkpoint taken (the object being filled sealed, the journal as it stands then)
+/// but not saved yet: saved once every object its journal names is stored. The encoder
+/// goes on meanwhile, so a far store's uploads are not drained at every checkpoint.
+struct Taken {
+    journal: Journal,
+    next_chunk: u64,
+    /// Objects its journal names: the first this many sealed.
+    objects: usize,
+}
+
 impl Journaling<'_> {
-    /// Saves a checkpoint at `next_chunk`: every object sealed and stored first, so
-    /// the journal names only what is in the store; then (as `attempt`'s steps say,
-    /// once the journal is durable) the volume may stop copying the chunks it covers.
+    /// Saves a checkpoint at `next_chunk` ([`Self::take`], then [`Self::save`]).
     async fn checkpoint(
         &self,
         attempt: &mut Attempt<'_>,
         next_chunk: u64,
         packer: &mut Packer<'_>,
         index: &IndexWriter,
-        (stored_chunks, chunks_read): (u64, u64),
+        counts: (u64, u64),
     ) -> Result<(), OxError> {
-        packer.finish().await?;
+        let taken = self.take(next_chunk, packer, index, counts).await?;
+        self.save(attempt, taken, packer).await
+    }
+
+    /// Saves `taken` once every object it names is stored (waiting for those uploads
+    /// only), so the journal names only what is in the store; then (as `attempt`'s
+    /// steps say, once the journal is durable) the volume may stop copying the chunks
+    /// it covers.
+    async fn save(
+        &self,
+        attempt: &mut Attempt<'_>,
+        taken: Taken,
+        packer: &mut Packer<'_>,
+    ) -> Result<(), OxError> {
+        packer.stored_through(taken.objects).await?;
+        attempt.checkpoint(taken.next_chunk, || taken.journal.save(self.path))
+    }
+
+    /// Takes a checkpoint at `next_chunk` (every chunk before it handed to the packer):
+    /// seals the object being filled and records the journal as it stands.
+    async fn take(
+        &self,
+        next_chunk: u64,
+        packer: &mut Packer<'_>,
+        index: &IndexWriter,
+        (stored_chunks, chunks_read): (u64, u64),
+    ) -> Result<Taken, OxError> {
+        packer.seal().await?;
         let journal = Journal {
             next_chunk,
             objects: packer.objects.clone(),
@@ -186,7 +221,11 @@ impl Journaling<'_> {
             chunks_read,
             ..self.base.clone()
         };
-        attempt.checkpoint(next_chunk, || journal.save(self.path))
+        Ok(Taken {
+            journal,
+            next_chunk,
+            objects: packer.objects.len(),
+        })
     }
 }
 
@@ -404,6 +443,8 @@ pub(super) async fn write(
             .await?;
     }
     let mut last_checkpoint = Instant::now();
+    // A checkpoint taken, waiting for its objects to be stored before it is saved.
+    let mut taken: Option<Taken> = None;
     for chunk in start.next_chunk..chunks {
         if progress.is_cancelled() {
             return Err(OxError::Config(format!(
@@ -418,33 +459,46 @@ pub(super) async fn write(
                 && handle.snapshot_abandoned().is_none()
             {
                 let counts = (stored_chunks, chunks_read);
-                let last = j.checkpoint(attempt, chunk, &mut packer, &index, counts);
+                let last = async {
+                    j.checkpoint(attempt, chunk, &mut packer, &index, counts)
+                        .await
+                        .is_ok()
+                };
                 let patience = async {
                     async_io::Timer::after(SUSPEND_PATIENCE).await;
-                    Ok(())
+                    false
                 };
-                // Either way the journal is whole: the previous checkpoint, or this.
-                let _ = futures_lite::future::or(last, patience).await;
+                // Either way the journal is whole: this checkpoint, the one taken
+                // before it if its objects are stored by now, or the one saved last.
+                if !futures_lite::future::or(last, patience).await
+                    && let Some(t) = taken.take()
+                    && packer.stored() >= t.objects
+                {
+                    let _ = j.save(attempt, t, &mut packer).await;
+                }
             }
             return Err(OxError::Suspended(opts.volume_name.clone()));
         }
         abandoned(handle, opts)?;
         super::patiently(opts, async || held.renew_if_due(store).await).await?;
-        if let Some(j) = &journaling
-            && last_checkpoint.elapsed() >= opts.checkpoint_every
-        {
-            let began = Instant::now();
-            j.checkpoint(
-                attempt,
-                chunk,
-                &mut packer,
-                &index,
-                (stored_chunks, chunks_read),
-            )
-            .await?;
-            last_checkpoint = Instant::now();
-            checkpoints += 1;
-            checkpoint_time += last_checkpoint - began;
+        if let Some(j) = &journaling {
+            if let Some(t) = taken.take_if(|t| packer.stored() >= t.objects) {
+                j.save(attempt, t, &mut packer).await?;
+                checkpoints += 1;
+            }
+            if last_checkpoint.elapsed() >= opts.checkpoint_every {
+                let began = Instant::now();
+                // At most one waits: the one before is saved first (its uploads began
+                // a checkpoint interval ago).
+                if let Some(t) = taken.take() {
+                    j.save(attempt, t, &mut packer).await?;
+                    checkpoints += 1;
+                }
+                let counts = (stored_chunks, chunks_read);
+                taken = Some(j.take(chunk, &mut packer, &index, counts).await?);
+                last_checkpoint = Instant::now();
+                checkpoint_time += last_checkpoint - began;
+            }
         }
         progress
             .chunks_done
