@@ -67,9 +67,10 @@ pub struct SnapshotOptions {
     /// into the store it began in.
     pub store_name: String,
     /// How often a snapshot with a journal takes a checkpoint: it seals the object
-    /// being filled and is saved once the objects it names are stored, the encoder
-    /// going on meanwhile; about this much work, and the uploads in flight, are redone
-    /// after a crash ([`CHECKPOINT_EVERY`] is the appliance's choice).
+    /// being filled and is saved once the objects it names are stored (by the next
+    /// checkpoint at the latest), the encoder going on meanwhile; up to about twice
+    /// this much work is redone after a crash ([`CHECKPOINT_EVERY`] is the appliance's
+    /// choice).
     pub checkpoint_every: Duration,
     /// Read every object back and decode every frame before publishing
     /// ([`read_back`]): one GET per object stored.
@@ -203,9 +204,9 @@ pub struct SnapshotReport {
     pub chunks_read: u64,
     /// The chunk this attempt continued from, if it continued an earlier one.
     pub resumed_at: Option<u64>,
-    /// Journal checkpoints this attempt wrote after its first, and the time the encoder
-    /// waited on them (for room to seal, and for a checkpoint taken earlier whose
-    /// objects were still uploading when the next was due).
+    /// Journal checkpoints this attempt saved after its first, and the time the encoder
+    /// spent on them (taking them: room to seal; saving them: the wait for a
+    /// checkpoint's objects when the next is due, the journal's write and fsync).
     pub checkpoints: u32,
     /// See `checkpoints`.
     pub checkpoint_time: Duration,

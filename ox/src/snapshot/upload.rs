@@ -58,6 +58,8 @@ pub(super) struct Packer<'a> {
     /// Bytes of the objects sealed so far.
     pub(super) uploaded: u64,
     in_flight: Vec<Upload<'a>>,
+    /// The first object whose upload failed: never counted stored, nor any after it.
+    failed: Option<usize>,
 }
 
 impl<'a> Packer<'a> {
@@ -77,6 +79,7 @@ impl<'a> Packer<'a> {
             objects,
             uploaded,
             in_flight: Vec::new(),
+            failed: None,
         }
     }
 
@@ -150,8 +153,10 @@ impl<'a> Packer<'a> {
                         self.in_flight.remove(i);
                     }
                     Poll::Ready(Err(e)) => {
-                        // Finished: never polled again, whatever the caller does next.
-                        let _ = self.in_flight.remove(i);
+                        // Finished: never polled again, whatever the caller does next,
+                        // and never counted stored.
+                        let object = self.in_flight.remove(i).object;
+                        self.failed = Some(self.failed.map_or(object, |f| f.min(object)));
                         return Poll::Ready(Err(e));
                     }
                     Poll::Pending => i += 1,
@@ -167,21 +172,29 @@ impl<'a> Packer<'a> {
     }
 
     /// How many of the objects sealed so far, from the first, are stored (uploads
-    /// finish in any order; the first one still uploading ends the count).
+    /// finish in any order; the first one still uploading, or whose upload failed,
+    /// ends the count).
     pub(super) fn stored(&self) -> usize {
         self.in_flight
             .iter()
             .map(|u| u.object)
+            .chain(self.failed)
             .min()
             .unwrap_or(self.objects.len())
     }
 
-    /// Waits until the first `objects` sealed are stored (driving every upload).
+    /// Waits until the first `objects` sealed are stored (driving every upload); an
+    /// error if one of them failed to upload (now, or before).
     pub(super) async fn stored_through(&mut self, objects: usize) -> Result<(), OxError> {
         assert!(
             objects <= self.objects.len(),
             "waiting for objects not sealed"
         );
+        if let Some(f) = self.failed.filter(|f| *f < objects) {
+            return Err(OxError::Config(format!(
+                "the upload of data object {f} of this snapshot failed"
+            )));
+        }
         self.until(|p| p.stored() >= objects).await
     }
 
@@ -310,5 +323,130 @@ impl IndexWriter {
         self.pages += 1;
         self.bytes += frame.len() as u64;
         put_patiently(store, &key, frame, opts).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::Listing;
+
+    /// A store that takes every PUT at once but the `fail`-th (1-based), which it refuses.
+    struct Refuses {
+        puts: Cell<usize>,
+        fail: usize,
+    }
+
+    impl ObjectStore for Refuses {
+        fn put<'a>(
+            &'a self,
+            _: &'a str,
+            _: Vec<u8>,
+        ) -> crate::store::BoxFuture<'a, Result<(), OxError>> {
+            self.puts.set(self.puts.get() + 1);
+            let refused = self.puts.get() == self.fail;
+            Box::pin(async move {
+                if refused {
+                    Err(OxError::Config("refused".into()))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+
+        fn put_new<'a>(
+            &'a self,
+            key: &'a str,
+            data: Vec<u8>,
+        ) -> crate::store::BoxFuture<'a, Result<(), OxError>> {
+            self.put(key, data)
+        }
+
+        fn get<'a>(&'a self, _: &'a str) -> crate::store::BoxFuture<'a, Result<Vec<u8>, OxError>> {
+            Box::pin(async { Err(OxError::Config("no gets".into())) })
+        }
+
+        fn get_range<'a>(
+            &'a self,
+            _: &'a str,
+            _: u64,
+            _: u64,
+        ) -> crate::store::BoxFuture<'a, Result<Vec<u8>, OxError>> {
+            Box::pin(async { Err(OxError::Config("no gets".into())) })
+        }
+
+        fn list<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> crate::store::BoxFuture<'a, Result<Vec<String>, OxError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+
+        fn list_page<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a str>,
+            _: Option<&'a str>,
+            _: usize,
+        ) -> crate::store::BoxFuture<'a, Result<Listing, OxError>> {
+            Box::pin(async { Err(OxError::Config("no lists".into())) })
+        }
+
+        fn delete<'a>(
+            &'a self,
+            _: &'a [String],
+        ) -> crate::store::BoxFuture<'a, Result<(), OxError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn options() -> SnapshotOptions {
+        SnapshotOptions {
+            prefix: String::new(),
+            zstd_level: 1,
+            kek: None,
+            object_bytes: 4,
+            volume_id: [1; 16],
+            volume_name: "v".into(),
+            progress: Arc::default(),
+            outage_patience: Duration::from_secs(60),
+            journal: None,
+            store_name: "s".into(),
+            checkpoint_every: super::super::CHECKPOINT_EVERY,
+            verify_before_publish: false,
+            working_set: None,
+            owner: None,
+            clock: Default::default(),
+        }
+    }
+
+    /// An object whose upload failed is never counted stored, nor any sealed after it,
+    /// so no checkpoint's journal can name it (a stop that goes on after the failure
+    /// must not save one that does).
+    #[test]
+    fn a_failed_upload_ends_the_objects_counted_stored() {
+        let (store, throttle, opts) = (
+            Refuses {
+                puts: Cell::new(0),
+                fail: 2,
+            },
+            Throttle::default(),
+            options(),
+        );
+        let mut packer = Packer::new(&store, &throttle, &opts, Vec::new(), 0);
+        futures_lite::future::block_on(async {
+            packer.add(b"obj0").await.unwrap();
+            assert_eq!(packer.stored(), 1);
+            assert!(packer.add(b"obj1").await.is_err(), "its upload was refused");
+            assert_eq!(packer.stored(), 1);
+            packer.add(b"obj2").await.unwrap();
+            assert_eq!((packer.objects.len(), packer.stored()), (3, 1));
+            packer.stored_through(1).await.unwrap();
+            assert!(packer.stored_through(2).await.is_err());
+            assert!(packer.stored_through(3).await.is_err());
+        });
     }
 }

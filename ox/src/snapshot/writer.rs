@@ -482,22 +482,23 @@ pub(super) async fn write(
         abandoned(handle, opts)?;
         super::patiently(opts, async || held.renew_if_due(store).await).await?;
         if let Some(j) = &journaling {
-            if let Some(t) = taken.take_if(|t| packer.stored() >= t.objects) {
+            let began = Instant::now();
+            let due = last_checkpoint.elapsed() >= opts.checkpoint_every;
+            // Saved once its objects are stored; and at most one waits: when the next
+            // is due, the one before is saved first (its uploads began an interval ago).
+            let save = taken.take_if(|t| due || packer.stored() >= t.objects);
+            let saving = save.is_some();
+            if let Some(t) = save {
                 j.save(attempt, t, &mut packer).await?;
                 checkpoints += 1;
             }
-            if last_checkpoint.elapsed() >= opts.checkpoint_every {
-                let began = Instant::now();
-                // At most one waits: the one before is saved first (its uploads began
-                // a checkpoint interval ago).
-                if let Some(t) = taken.take() {
-                    j.save(attempt, t, &mut packer).await?;
-                    checkpoints += 1;
-                }
+            if due {
                 let counts = (stored_chunks, chunks_read);
                 taken = Some(j.take(chunk, &mut packer, &index, counts).await?);
                 last_checkpoint = Instant::now();
-                checkpoint_time += last_checkpoint - began;
+            }
+            if due || saving {
+                checkpoint_time += began.elapsed();
             }
         }
         progress
