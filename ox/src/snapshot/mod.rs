@@ -99,9 +99,8 @@ pub struct SnapshotProgress {
     pub bytes_uploaded: std::sync::atomic::AtomicU64,
     cancelled: std::sync::atomic::AtomicBool,
     suspended: std::sync::atomic::AtomicBool,
-    /// While an upload waits out a store outage: since when (seconds since the Unix
-    /// epoch) and what the store answered.
-    outage: std::sync::Mutex<Option<(u64, String)>>,
+    /// The operations waiting out a store outage, since when and why.
+    outage: std::sync::Mutex<Outage>,
     /// Notified when it is cancelled or suspended (what waits stops waiting).
     stop: event_listener::Event,
 }
@@ -163,20 +162,20 @@ impl SnapshotProgress {
         self.outage
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .since
             .clone()
     }
 
-    /// Records that an upload waits out an outage (`Some(reason)`), or no longer.
-    pub(crate) fn set_outage(&self, reason: Option<String>) {
-        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
-        *outage = reason.map(|r| {
-            let since = outage.as_ref().map(|(s, _)| *s).unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-            });
-            (since, r)
-        });
+    /// An operation of the snapshot begins waiting out an outage; the outage shows
+    /// until every operation waiting has stopped (each [`OutageWait`] dropped), so one
+    /// upload getting through while others still wait does not hide it.
+    pub(crate) fn outage_wait(&self) -> OutageWait<'_> {
+        self.outage_state().waiting += 1;
+        OutageWait { progress: self }
+    }
+
+    fn outage_state(&self) -> std::sync::MutexGuard<'_, Outage> {
+        self.outage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Fraction done, 0.0–1.0.
@@ -186,6 +185,44 @@ impl SnapshotProgress {
             return 0.0;
         }
         self.chunks_done.load(std::sync::atomic::Ordering::Relaxed) as f64 / total as f64
+    }
+}
+
+/// The operations of a snapshot waiting out a store outage, and since when (seconds
+/// since the Unix epoch) and with what answer the store keeps them waiting.
+#[derive(Debug, Default)]
+struct Outage {
+    waiting: usize,
+    since: Option<(u64, String)>,
+}
+
+/// One operation waiting out an outage ([`SnapshotProgress::outage_wait`]): dropped
+/// when it stops waiting (it got through, failed, or was cancelled).
+pub(crate) struct OutageWait<'a> {
+    progress: &'a SnapshotProgress,
+}
+
+impl OutageWait<'_> {
+    /// The store's latest answer to this operation.
+    pub(crate) fn answered(&self, reason: String) {
+        let mut o = self.progress.outage_state();
+        let since = o.since.as_ref().map(|(s, _)| *s).unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        });
+        o.since = Some((since, reason));
+    }
+}
+
+impl Drop for OutageWait<'_> {
+    fn drop(&mut self) {
+        let mut o = self.progress.outage_state();
+        assert!(o.waiting > 0, "an outage wait ended twice");
+        o.waiting -= 1;
+        if o.waiting == 0 {
+            o.since = None;
+        }
     }
 }
 
@@ -599,6 +636,29 @@ mod tests {
     use super::*;
     use crate::store::local::LocalStore;
     use crate::store::{BoxFuture, Listing};
+
+    /// The outage shows while any operation waits it out, with the latest answer and
+    /// the time the first began waiting; only the last to stop waiting clears it.
+    #[test]
+    fn an_outage_shows_until_the_last_operation_waiting_stops() {
+        let p = SnapshotProgress::default();
+        assert_eq!(p.outage(), None);
+        let first = p.outage_wait();
+        first.answered("503 one".into());
+        let since = p.outage().map(|(s, _)| s);
+        assert!(since.is_some_and(|s| s > 0));
+        let second = p.outage_wait();
+        second.answered("503 two".into());
+        assert_eq!(p.outage(), since.map(|s| (s, "503 two".to_string())));
+        drop(second);
+        assert_eq!(
+            p.outage().map(|(s, _)| s),
+            since,
+            "one got through, one still waits"
+        );
+        drop(first);
+        assert_eq!(p.outage(), None);
+    }
 
     /// A store in which an upload starts (its lease taken, then an object stored) just
     /// after the first listing anyone asks of it.

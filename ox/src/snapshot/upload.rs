@@ -230,10 +230,15 @@ pub async fn patiently<T>(
     let deadline = std::time::Instant::now() + opts.outage_patience;
     let put = async {
         let mut pause = Duration::from_millis(100);
+        // Shows the outage while this waits (dropped when it stops: on any return,
+        // and when a cancel drops this future).
+        let mut waiting = None;
         loop {
             match op().await {
                 Err(e @ OxError::Unavailable { .. }) if std::time::Instant::now() < deadline => {
-                    opts.progress.set_outage(Some(e.to_string()));
+                    waiting
+                        .get_or_insert_with(|| opts.progress.outage_wait())
+                        .answered(e.to_string());
                     // A stop for a restart does not wait out an outage either (the
                     // journal's last checkpoint stands); a put under way is let finish.
                     let pause_or_stop = async {
@@ -245,10 +250,7 @@ pub async fn patiently<T>(
                     }
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                other => {
-                    opts.progress.set_outage(None);
-                    return other;
-                }
+                other => return other,
             }
         }
     };
