@@ -190,6 +190,11 @@ fn a_snapshot_waiting_out_an_outage_stops_when_cancelled() {
         .unwrap()
         .expect_err("a cancelled snapshot fails");
     assert!(e.to_string().contains("cancelled"), "{e}");
+    assert_eq!(
+        progress.outage(),
+        None,
+        "nothing waits out the outage any more"
+    );
     // Counted by kind, as metrics show them: the store's 503 SlowDowns as slow_down
     // (a connection the server closed may add a retry of another kind), and the
     // requests that gave up after their retries as unavailable, none as refused,
