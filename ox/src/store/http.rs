@@ -211,9 +211,10 @@ impl HttpClient {
         method: hyper::Method,
         url: &Url,
         headers: &[(&str, String)],
-        body: Vec<u8>,
+        body: impl Into<Bytes>,
     ) -> Result<Response, HttpError> {
-        self.request_on(method, url, headers, body, false).await
+        self.request_on(method, url, headers, body.into(), false)
+            .await
     }
 
     /// [`Self::request`] over a new connection, never a kept-alive one (for fetching
@@ -223,9 +224,10 @@ impl HttpClient {
         method: hyper::Method,
         url: &Url,
         headers: &[(&str, String)],
-        body: Vec<u8>,
+        body: impl Into<Bytes>,
     ) -> Result<Response, HttpError> {
-        self.request_on(method, url, headers, body, true).await
+        self.request_on(method, url, headers, body.into(), true)
+            .await
     }
 
     async fn request_on(
@@ -233,7 +235,7 @@ impl HttpClient {
         method: hyper::Method,
         url: &Url,
         headers: &[(&str, String)],
-        body: Vec<u8>,
+        body: Bytes,
         fresh: bool,
     ) -> Result<Response, HttpError> {
         let exchange = self.exchange(method, url, headers, body, fresh);
@@ -249,7 +251,7 @@ impl HttpClient {
         method: hyper::Method,
         url: &Url,
         headers: &[(&str, String)],
-        body: Vec<u8>,
+        body: Bytes,
         fresh: bool,
     ) -> Result<Response, HttpError> {
         let https = match url.scheme() {
@@ -291,7 +293,7 @@ impl HttpClient {
             req = req.header(*k, v);
         }
         let req = req
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
         let resp = sender
             .send_request(req)

@@ -529,6 +529,8 @@ impl S3Store {
         if_match: Option<&str>,
     ) -> Result<(), OxError> {
         let credentials = self.credentials().await?;
+        // Shared, not copied, by every attempt (an object may be up to 1 GiB).
+        let data = bytes::Bytes::from(data);
         if data.len() > self.config.multipart_threshold && if_match.is_none() {
             return self.put_multipart(key, &data).await;
         }
@@ -580,7 +582,7 @@ impl S3Store {
             // anything else there is for the caller to judge (AlreadyExists).
             Err(OxError::AlreadyExists { .. }) if if_absent && sent.get() > 1 => {
                 match self.get_object(key, None, true).await {
-                    Ok(there) if there == data => Ok(()),
+                    Ok(there) if there[..] == data[..] => Ok(()),
                     _ => Err(OxError::AlreadyExists {
                         key: key.to_string(),
                     }),
@@ -590,7 +592,7 @@ impl S3Store {
         }
     }
 
-    async fn put_multipart(&self, key: &str, data: &[u8]) -> Result<(), OxError> {
+    async fn put_multipart(&self, key: &str, data: &bytes::Bytes) -> Result<(), OxError> {
         let credentials = self.credentials().await?;
         let url = CreateMultipartUpload::new(&self.bucket, Some(&credentials), key).sign(SIGN_FOR);
         let (url, headers) = self.authorize(&credentials, &Method::POST, url, Vec::new());
@@ -654,14 +656,22 @@ impl S3Store {
         result
     }
 
-    async fn upload_parts(&self, key: &str, data: &[u8], upload_id: &str) -> Result<(), OxError> {
+    async fn upload_parts(
+        &self,
+        key: &str,
+        data: &bytes::Bytes,
+        upload_id: &str,
+    ) -> Result<(), OxError> {
         let credentials = self.credentials().await?;
         let total = data.len();
         let mut etags = Vec::new();
-        for (i, part) in data.chunks(self.config.part_size).enumerate() {
+        let part_size = self.config.part_size.max(1);
+        for (i, start) in (0..total).step_by(part_size).enumerate() {
+            // A view of the object, shared by every attempt: no copy.
+            let part = data.slice(start..(start + part_size).min(total));
             let number = u16::try_from(i + 1)
                 .map_err(|_| OxError::Config("object needs more than 65535 parts".into()))?;
-            let digests = BodyDigests::of(part);
+            let digests = BodyDigests::of(&part);
             let mut action = self
                 .bucket
                 .upload_part(Some(&credentials), key, number, upload_id);
@@ -674,7 +684,7 @@ impl S3Store {
                     key,
                     async || {
                         self.http
-                            .request(Method::PUT, &url, &headers, part.to_vec())
+                            .request(Method::PUT, &url, &headers, part.clone())
                             .await
                     },
                     Self::classify_upload("UploadPart", key, &digests),
