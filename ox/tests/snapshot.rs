@@ -498,39 +498,37 @@ fn a_cancelled_snapshot_publishes_nothing_keeps_its_changes_and_leaves_collectab
     env.set.shutdown().unwrap();
 }
 
-/// A store whose upload stalls longer than a writer may trust its lease: as the first
-/// data object is stored, the writer's clocks move ahead past `lease::TRUSTED_S` (what
-/// a machine suspended for half a day, or a store stalled that long, does to them).
-struct StallsOnce {
+/// A local-directory store that runs `before` ahead of every PUT of a data object (a
+/// key under `ox1/d/`): what happens to a writer while its data is being stored.
+struct BeforeDataPuts<F> {
     inner: LocalStore,
-    clock: ox::lease::Clock,
-    stalled: std::sync::atomic::AtomicBool,
+    before: F,
 }
 
-impl StallsOnce {
-    fn stall_at(&self, key: &str) {
-        if key.contains("/ox1/d/") && !self.stalled.swap(true, Ordering::SeqCst) {
-            self.clock.advance(ox::lease::TRUSTED_S + 1);
-        }
-    }
-}
-
-impl ObjectStore for StallsOnce {
+impl<F: Fn() -> ox::store::BoxFuture<'static, ()>> ObjectStore for BeforeDataPuts<F> {
     fn put<'a>(
         &'a self,
         key: &'a str,
         data: Vec<u8>,
     ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
-        self.stall_at(key);
-        self.inner.put(key, data)
+        Box::pin(async move {
+            if key.contains("/ox1/d/") {
+                (self.before)().await;
+            }
+            self.inner.put(key, data).await
+        })
     }
     fn put_new<'a>(
         &'a self,
         key: &'a str,
         data: Vec<u8>,
     ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
-        self.stall_at(key);
-        self.inner.put_new(key, data)
+        Box::pin(async move {
+            if key.contains("/ox1/d/") {
+                (self.before)().await;
+            }
+            self.inner.put_new(key, data).await
+        })
     }
     fn get<'a>(&'a self, key: &'a str) -> ox::store::BoxFuture<'a, Result<Vec<u8>, ox::OxError>> {
         self.inner.get(key)
@@ -587,15 +585,25 @@ fn a_writer_whose_lease_renewals_stalled_publishes_nothing() {
         .cores
         .run(move |_ex| {
             Box::pin(async move {
-                let store = StallsOnce {
+                // The upload stalls longer than a writer may trust its lease: as the
+                // first data object is stored, the writer's clocks move ahead past
+                // `lease::TRUSTED_S` (what a machine suspended for half a day, or a
+                // store stalled that long, does to them).
+                let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (clock, stalls) = (opts.clock.clone(), Arc::clone(&stalled));
+                let store = BeforeDataPuts {
                     inner: LocalStore::open(root).unwrap(),
-                    clock: opts.clock.clone(),
-                    stalled: Default::default(),
+                    before: move || -> ox::store::BoxFuture<'static, ()> {
+                        if !stalls.swap(true, Ordering::SeqCst) {
+                            clock.advance(ox::lease::TRUSTED_S + 1);
+                        }
+                        Box::pin(async {})
+                    },
                 };
                 let err = snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                     .await
                     .unwrap_err();
-                assert!(store.stalled.load(Ordering::SeqCst), "data was stored");
+                assert!(stalled.load(Ordering::SeqCst), "data was stored");
                 let m = store.list("vol1/ox1/m/").await.unwrap();
                 let u = store.list("vol1/ox1/u/").await.unwrap();
                 (err.to_string(), m, u)
@@ -1480,75 +1488,6 @@ fn a_snapshot_of_a_volume_adopted_while_it_uploads_publishes_nothing() {
     assert!(manifests.is_empty(), "{manifests:?}");
 }
 
-/// A local-directory store whose data-object PUTs wait until the test opens its gate
-/// (closes the channel), counting those waiting.
-struct GatedStore {
-    inner: LocalStore,
-    gate: async_channel::Receiver<()>,
-    held: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl ObjectStore for GatedStore {
-    fn put<'a>(
-        &'a self,
-        key: &'a str,
-        data: Vec<u8>,
-    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
-        Box::pin(async move {
-            if key.contains("/ox1/d/") {
-                self.held.fetch_add(1, Ordering::SeqCst);
-                let _ = self.gate.recv().await;
-            }
-            self.inner.put(key, data).await
-        })
-    }
-
-    fn put_new<'a>(
-        &'a self,
-        key: &'a str,
-        data: Vec<u8>,
-    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
-        self.inner.put_new(key, data)
-    }
-
-    fn get<'a>(&'a self, key: &'a str) -> ox::store::BoxFuture<'a, Result<Vec<u8>, ox::OxError>> {
-        self.inner.get(key)
-    }
-
-    fn get_range<'a>(
-        &'a self,
-        key: &'a str,
-        offset: u64,
-        len: u64,
-    ) -> ox::store::BoxFuture<'a, Result<Vec<u8>, ox::OxError>> {
-        self.inner.get_range(key, offset, len)
-    }
-
-    fn list<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> ox::store::BoxFuture<'a, Result<Vec<String>, ox::OxError>> {
-        self.inner.list(prefix)
-    }
-
-    fn list_page<'a>(
-        &'a self,
-        prefix: &'a str,
-        delimiter: Option<&'a str>,
-        after: Option<&'a str>,
-        max: usize,
-    ) -> ox::store::BoxFuture<'a, Result<ox::store::Listing, ox::OxError>> {
-        self.inner.list_page(prefix, delimiter, after, max)
-    }
-
-    fn delete<'a>(
-        &'a self,
-        keys: &'a [String],
-    ) -> ox::store::BoxFuture<'a, Result<(), ox::OxError>> {
-        self.inner.delete(keys)
-    }
-}
-
 /// Opens the gate when dropped: also when the test fails, so the snapshot it holds
 /// finishes and the test ends instead of hanging.
 struct Opens(Option<async_channel::Sender<()>>);
@@ -1590,10 +1529,17 @@ fn host_writes_go_ahead_while_a_snapshot_waits_on_its_uploads() {
             cores
                 .run(move |_ex| {
                     Box::pin(async move {
-                        let store = GatedStore {
+                        // Each data PUT counts itself held, then waits for the gate
+                        // to open (the channel to close).
+                        let store = BeforeDataPuts {
                             inner: LocalStore::open(root).unwrap(),
-                            gate,
-                            held: held_by_store,
+                            before: move || -> ox::store::BoxFuture<'static, ()> {
+                                held_by_store.fetch_add(1, Ordering::SeqCst);
+                                let gate = gate.clone();
+                                Box::pin(async move {
+                                    let _ = gate.recv().await;
+                                })
+                            },
                         };
                         snapshot_volume(&store, &r, &h, None, &opts, &Throttle::default())
                             .await
