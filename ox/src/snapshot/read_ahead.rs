@@ -105,6 +105,10 @@ impl ReadAhead {
     /// its read in flight (a claimed chunk holds hosts' writes to it until its read is
     /// done, and an encoder waiting on an upload must not hold them up); on an error,
     /// every claim sent is still seen through to its read, which releases the chunk.
+    /// Answers are taken in claim order: while a host write copies one chunk of the
+    /// batch (its answer waits for the copy), the later chunks, already answered, stay
+    /// held without a read until that copy is done (about one copy's time more for
+    /// hosts' writes to them; the copy depends on nothing here, so it always ends).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn fill(
         &mut self,
