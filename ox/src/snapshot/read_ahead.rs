@@ -105,10 +105,8 @@ impl ReadAhead {
     /// its read in flight (a claimed chunk holds hosts' writes to it until its read is
     /// done, and an encoder waiting on an upload must not hold them up); on an error,
     /// every claim sent is still seen through to its read, which releases the chunk.
-    /// Answers are taken in claim order: while a host write copies one chunk of the
-    /// batch (its answer waits for the copy), the later chunks, already answered, stay
-    /// held without a read until that copy is done (about one copy's time more for
-    /// hosts' writes to them; the copy depends on nothing here, so it always ends).
+    /// Each read starts as its claim's answer comes: a claim whose answer waits on a
+    /// host write's copy holds no other chunk of the batch without its read.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn fill(
         &mut self,
@@ -141,8 +139,35 @@ impl ReadAhead {
             }
             self.scan += 1;
         }
-        for (c, claim) in claims {
-            match start_read(c, claim, handle, read, on).await {
+        // Each read starts as soon as its own answer comes, whatever the order: a claim
+        // waiting on a host write's copy holds no other chunk's read back.
+        let mut reads: Vec<_> = claims
+            .into_iter()
+            .map(|(c, claim)| (c, Box::pin(start_read(c, claim, handle, read, on))))
+            .collect();
+        let mut started: Vec<Option<Result<Ahead, OxError>>> = reads.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut waiting = false;
+            for ((_, r), done) in reads.iter_mut().zip(started.iter_mut()) {
+                if done.is_none() {
+                    match r.as_mut().poll(cx) {
+                        std::task::Poll::Ready(result) => *done = Some(result),
+                        std::task::Poll::Pending => waiting = true,
+                    }
+                }
+            }
+            if waiting {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        for ((c, _), result) in reads.into_iter().zip(started) {
+            let Some(result) = result else {
+                unreachable!("every read was seen through above")
+            };
+            match result {
                 Ok(item) if failed.is_none() => self.queue.push_back((c, item)),
                 // Its read (if any) releases the chunk when done; nobody waits for it.
                 Ok(_) => {}
