@@ -167,9 +167,15 @@ impl IoCompletion {
         }
     }
 
-    /// The buffers concatenated (convenient in tests and tools, not on the I/O path).
+    /// The buffers concatenated: one copy of each (a snapshot's reads and
+    /// copy-before-write copies take chunks this way). A byte-by-byte collect here was
+    /// most of what the reactor spent serving a snapshot's reads.
     pub fn data(&self) -> Vec<u8> {
-        self.bufs.iter().flat_map(|b| b.iter().copied()).collect()
+        let mut data = Vec::with_capacity(self.bufs.iter().map(|b| b.len()).sum());
+        for b in &self.bufs {
+            data.extend_from_slice(b);
+        }
+        data
     }
 }
 
