@@ -1264,6 +1264,7 @@ impl Service {
             // Published only while this appliance still owns the volume's place.
             owner: Some(self.me().id),
             clock: Default::default(),
+            encode_on: self.cores.set(),
         };
         // On record until it ends, so a snapshot cut short by a stop or a crash is
         // started again at the next start.

@@ -82,6 +82,7 @@ fn main() {
                         working_set: None,
                         owner: None,
                         clock: Default::default(),
+                        encode_on: Default::default(),
                     };
                     snapshot_volume(&store, &r, &handle, None, &opts, &Throttle::default())
                         .await

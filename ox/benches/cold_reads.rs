@@ -153,6 +153,7 @@ fn main() {
         working_set: None,
         owner: None,
         clock: Default::default(),
+        encode_on: Default::default(),
     };
     let (c, r, o, h) = (w.config.clone(), w.on(0), opts, vh.clone());
     let before = stats(&endpoint);

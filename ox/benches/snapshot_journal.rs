@@ -92,6 +92,7 @@ fn main() {
                 working_set: None,
                 owner: None,
                 clock: Default::default(),
+                encode_on: Default::default(),
             };
             let (root, h, on) = (store_dir.path().to_path_buf(), h.clone(), on.clone());
             let start = Instant::now();

@@ -109,6 +109,7 @@ fn main() {
         working_set: Some(heat),
         owner: None,
         clock: Default::default(),
+        encode_on: Default::default(),
     };
     let (c, r, vh2) = (w.config.clone(), w.on(0), vh.clone());
     let report = w

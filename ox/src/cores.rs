@@ -3,11 +3,15 @@
 //! here, never on a reactor. Work arrives as jobs on a bounded channel; a full channel
 //! is back-pressure for the sender — or, for a sender that must not wait (a reactor),
 //! the job goes to a courier thread that hands it over the moment there is room.
+//! Each core also takes jobs meant for it alone ([`CoreSet`]): a snapshot's encoders,
+//! one on every OX core.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use async_executor::LocalExecutor;
@@ -18,9 +22,71 @@ use crate::error::OxError;
 pub type Job =
     Box<dyn FnOnce(Rc<LocalExecutor<'static>>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
+thread_local! {
+    /// On an OX core's thread: its set's id and its place in the set.
+    static CURRENT: Cell<Option<(u64, usize)>> = const { Cell::new(None) };
+}
+
+/// Ids of the sets of OX cores started (tests start several in one process).
+static SETS: AtomicU64 = AtomicU64::new(0);
+
+/// The OX cores of one set, each reachable on its own: where a job goes to one core in
+/// particular (see [`OxCores::set`]). Cloned freely; the default has no core.
+#[derive(Clone, Default)]
+pub struct CoreSet {
+    id: u64,
+    cores: Vec<async_channel::Sender<Job>>,
+}
+
+impl std::fmt::Debug for CoreSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CoreSet({} cores)", self.cores.len())
+    }
+}
+
+impl CoreSet {
+    /// How many cores the set has.
+    pub fn len(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// Whether it has none.
+    pub fn is_empty(&self) -> bool {
+        self.cores.is_empty()
+    }
+
+    /// The set's cores but the one the caller runs on (all of them if it runs on none
+    /// of the set's): where work a core shares with the others goes.
+    pub fn others(&self) -> Vec<OneCore> {
+        let me = CURRENT
+            .get()
+            .filter(|(set, _)| *set == self.id)
+            .map(|(_, i)| i);
+        (0..self.cores.len())
+            .filter(|i| Some(*i) != me)
+            .map(|i| OneCore(self.cores[i].clone()))
+            .collect()
+    }
+}
+
+/// One OX core, to run jobs on.
+pub struct OneCore(async_channel::Sender<Job>);
+
+impl OneCore {
+    /// Runs `job` on this core (its queue is unbounded: few such jobs, each long). An
+    /// error once the cores have stopped.
+    pub fn submit(&self, job: Job) -> Result<(), OxError> {
+        self.0
+            .try_send(job)
+            .map_err(|_| OxError::Config("OX cores have stopped".into()))
+    }
+}
+
 /// A running set of OX cores.
 pub struct OxCores {
     tx: async_channel::Sender<Job>,
+    /// Each core's own queue ([`CoreSet`]).
+    set: CoreSet,
     threads: Vec<JoinHandle<()>>,
     /// Jobs the queue had no room for, on their way to it ([`Self::submit_soon`]).
     courier: Option<std::sync::mpsc::Sender<Job>>,
@@ -39,17 +105,25 @@ impl OxCores {
             return Err(OxError::Config("at least one OX core".into()));
         }
         let (tx, rx) = async_channel::bounded::<Job>(queue.max(1));
+        let mut set = CoreSet {
+            id: SETS.fetch_add(1, Ordering::Relaxed),
+            cores: Vec::new(),
+        };
         let mut threads = Vec::new();
         for (i, core) in cores.iter().copied().enumerate() {
             let rx = rx.clone();
+            let (own_tx, own) = async_channel::unbounded::<Job>();
+            set.cores.push(own_tx);
+            let set_id = set.id;
             let t = std::thread::Builder::new()
                 .name(format!("ox-core-{i}"))
                 .spawn(move || {
                     if let Some(c) = core {
                         core_affinity::set_for_current(core_affinity::CoreId { id: c });
                     }
+                    CURRENT.set(Some((set_id, i)));
                     let ex = Rc::new(LocalExecutor::new());
-                    let run = {
+                    let take = |rx: async_channel::Receiver<Job>| {
                         let ex = Rc::clone(&ex);
                         async move {
                             while let Ok(job) = rx.recv().await {
@@ -57,6 +131,7 @@ impl OxCores {
                             }
                         }
                     };
+                    let run = futures_lite::future::zip(take(rx), take(own));
                     async_io::block_on(ex.run(run));
                 })
                 .map_err(|e| OxError::Config(format!("starting OX core {i}: {e}")))?;
@@ -80,6 +155,7 @@ impl OxCores {
             .map_err(|e| OxError::Config(format!("starting the OX courier: {e}")))?;
         Ok(Self {
             tx,
+            set,
             threads,
             courier: Some(courier),
             held,
@@ -108,6 +184,11 @@ impl OxCores {
             self.held.fetch_sub(1, Ordering::AcqRel);
             stopped()
         })
+    }
+
+    /// Each core on its own, to place jobs on one in particular.
+    pub fn set(&self) -> CoreSet {
+        self.set.clone()
     }
 
     /// Queues `job`, waiting if the queue is full.
@@ -145,6 +226,9 @@ impl OxCores {
 
     fn stop(&mut self) {
         self.tx.close();
+        for own in &self.set.cores {
+            own.close();
+        }
         // The courier ends too: its sends fail once the queue is closed.
         drop(self.courier.take());
         if let Some(t) = self.courier_thread.take() {
@@ -201,6 +285,41 @@ mod tests {
             .collect();
         seen.sort_unstable();
         assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        cores.shutdown();
+    }
+
+    #[test]
+    fn a_job_placed_on_one_core_runs_there_and_others_leaves_out_the_callers_core() {
+        let cores = OxCores::start(&[None, None, None], 4).unwrap();
+        let set = cores.set();
+        assert_eq!(set.others().len(), 3, "the caller is on none of them");
+        // From a job on the set's cores: the two others, and a job placed on each runs
+        // on a thread of its own, not the caller's.
+        let (mine, theirs) = cores
+            .run(move |_ex| {
+                Box::pin(async move {
+                    let (tx, rx) = async_channel::unbounded();
+                    let others = set.others();
+                    for core in &others {
+                        let tx = tx.clone();
+                        core.submit(Box::new(move |_ex| {
+                            Box::pin(async move {
+                                let _ = tx.send(std::thread::current().id()).await;
+                            })
+                        }))
+                        .unwrap();
+                    }
+                    let mut theirs = Vec::new();
+                    for _ in &others {
+                        theirs.push(rx.recv().await.unwrap());
+                    }
+                    (std::thread::current().id(), theirs)
+                })
+            })
+            .unwrap();
+        assert_eq!(theirs.len(), 2);
+        assert!(!theirs.contains(&mine) && theirs[0] != theirs[1]);
+        assert!(CoreSet::default().others().is_empty());
         cores.shutdown();
     }
 

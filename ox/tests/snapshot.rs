@@ -15,6 +15,7 @@ use bdev::{
     Basis, Bdev, BdevIo, IoBuf, Tracking, VolumeHandle, create_clone, create_malloc, create_volume,
 };
 use ox::basis::{ObjectBasis, StoreFactory};
+use ox::format::Entry;
 use ox::keys::{Kek, SecretKey};
 use ox::snapshot::{Loaded, SnapshotOptions, SnapshotReport, load, snapshot_volume};
 use ox::store::ObjectStore;
@@ -25,7 +26,7 @@ use ox::throttle::{Limit, Throttle};
 mod s3server;
 mod support;
 
-use support::{CHUNK, Env, T, env, fresh_volume, options, random, read, write};
+use support::{CHUNK, Env, T, env, env_with_cores, fresh_volume, options, random, read, write};
 
 /// Stores for basis fetches: the local directory at `root`, one per OX core.
 fn local_factory(root: PathBuf) -> StoreFactory {
@@ -121,6 +122,95 @@ fn open_clone_handle(
     )
     .unwrap();
     (clone, basis, h)
+}
+
+/// The nonces of snapshot `manifest_key`'s own frames: its data frames', and its
+/// index pages'.
+fn nonces(env: &Env, manifest_key: &str) -> (Vec<[u8; 12]>, Vec<[u8; 12]>) {
+    let loaded = load_snapshot(env, manifest_key);
+    let root = env.root.clone();
+    env.cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                let nonce = |frame: &[u8]| -> [u8; 12] { frame[16..28].try_into().unwrap() };
+                let (mut data, mut pages) = (Vec::new(), Vec::new());
+                for page in 0..loaded.manifest.page_count() {
+                    let entries = loaded.page(&store, page, None).await.unwrap().0.entries;
+                    for e in entries {
+                        if let Entry::Frame {
+                            source: 0,
+                            object,
+                            offset,
+                            length,
+                        } = e
+                        {
+                            let key = &loaded.sources[0].objects[object as usize];
+                            let frame = store.get_range(key, offset, length.into()).await;
+                            data.push(nonce(&frame.unwrap()));
+                        }
+                    }
+                }
+                for page in loaded.manifest.stored_pages() {
+                    let key = loaded.manifest.page_key(page).unwrap();
+                    pages.push(nonce(&store.get(&key).await.unwrap()));
+                }
+                (data, pages)
+            })
+        })
+        .unwrap()
+}
+
+fn assert_unique<'a>(nonces: impl Iterator<Item = &'a [u8; 12]>) {
+    let mut seen = std::collections::HashSet::new();
+    for n in nonces {
+        assert!(seen.insert(*n), "nonce {} used twice", hex::encode(n));
+    }
+}
+
+/// With two OX cores a snapshot encodes on both: what it stores is the volume, chunk
+/// for chunk, over a parent too (unchanged chunks between changed ones, zero chunks
+/// among them); data frames were encoded on the other core (a nonce prefix that is not
+/// the writer's own, which seals the index pages); and no nonce repeats.
+#[test]
+fn a_snapshot_encodes_on_every_ox_core_and_stores_the_volume_in_order() {
+    let env = env_with_cores(2);
+    let size = 32 << 20;
+    let (vol, handle) = fresh_volume(size);
+    let image = random(size as usize, 91);
+    write(&env, &vol, 0, &image);
+    let first = snapshot(&env, &handle, None, Throttle::default());
+    // Every third chunk changes and every seventh becomes zeros.
+    let mut now = image.clone();
+    for c in (0..size / CHUNK).filter(|c| c % 3 == 0 || c % 7 == 0) {
+        let data = match c % 7 {
+            0 => vec![0; CHUNK as usize],
+            _ => random(CHUNK as usize, 1000 + c),
+        };
+        write(&env, &vol, c * CHUNK, &data);
+        now[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize].copy_from_slice(&data);
+    }
+    let parent = Some(first.manifest_key.clone());
+    let second = snapshot(&env, &handle, parent, Throttle::default());
+    assert!(second.manifest.stored_chunks < first.manifest.stored_chunks / 2);
+    for (report, want) in [(&first, &image), (&second, &now)] {
+        let (clone, _) = open_clone(&env, &report.manifest_key, size);
+        assert!(
+            read(&env, &clone, 0, size) == *want,
+            "the clone of {} is not the volume",
+            report.manifest_key
+        );
+        let (data, pages) = nonces(&env, &report.manifest_key);
+        assert_eq!(data.len() as u64, report.manifest.stored_chunks);
+        assert_unique(data.iter().chain(&pages));
+        let writer: Vec<&[u8]> = pages.iter().map(|n| &n[..4]).collect();
+        assert!(!writer.is_empty());
+        assert!(
+            data.iter().any(|n| !writer.contains(&&n[..4])),
+            "no data frame was encoded on the other core"
+        );
+    }
+    env.set.shutdown().unwrap();
 }
 
 #[test]
@@ -856,17 +946,24 @@ fn durable_volume(
 
 #[test]
 fn a_snapshot_suspended_for_a_restart_continues_with_the_same_point_in_time() {
-    cut_short_then_continued(false, false);
+    cut_short_then_continued(false, false, 1);
 }
 
 #[test]
 fn a_snapshot_cut_short_by_a_crash_continues_with_the_same_point_in_time() {
-    cut_short_then_continued(true, false);
+    cut_short_then_continued(true, false, 1);
 }
 
 #[test]
 fn a_snapshot_whose_upload_lease_lapsed_while_stopped_starts_its_upload_over() {
-    cut_short_then_continued(true, true);
+    cut_short_then_continued(true, true, 1);
+}
+
+/// As the first, with two OX cores: chunks are encoded on both, and handed over in
+/// order at each checkpoint and at the stop.
+#[test]
+fn a_snapshot_encoded_on_two_cores_continues_after_a_restart_with_the_same_point_in_time() {
+    cut_short_then_continued(false, false, 2);
 }
 
 /// A snapshot of a 64 MiB volume that hosts overwrite while it runs is cut short —
@@ -877,8 +974,11 @@ fn a_snapshot_whose_upload_lease_lapsed_while_stopped_starts_its_upload_over() {
 /// appliance down for half a day): what it stored may have been collected, and what
 /// it stored before the stop is no longer kept at its point in time, so it is given up
 /// and a new snapshot of the volume as it is then is taken, under a new ID.
-fn cut_short_then_continued(crash: bool, lapse: bool) {
-    let env = env();
+///
+/// On `ox_cores` OX cores. Whatever the stop, no nonce repeats under the snapshot's
+/// key (the attempt that continues uses nonce prefixes of its own).
+fn cut_short_then_continued(crash: bool, lapse: bool, ox_cores: usize) {
+    let env = env_with_cores(ox_cores);
     let local = tempfile::tempdir().unwrap();
     let journal = local.path().join("vol1.snapshot");
     let size = 64 << 20;
@@ -1042,6 +1142,9 @@ fn cut_short_then_continued(crash: bool, lapse: bool) {
         "not the point-in-time image"
     );
     assert!(read(&env, &vol, 0, size) == last);
+    let (data, pages) = nonces(&env, &report.manifest_key);
+    assert_eq!(data.len() as u64, chunks);
+    assert_unique(data.iter().chain(&pages));
     // What the first attempt stored before its checkpoint is part of the snapshot, not
     // stored again: only the objects it had in flight when it stopped are orphans
     // (starting over orphans every object stored before the checkpoint).

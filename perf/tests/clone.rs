@@ -119,6 +119,7 @@ impl World {
                         working_set: None,
                         owner: None,
                         clock: Default::default(),
+                        encode_on: Default::default(),
                     };
                     snapshot_volume(&store, &reactor, &h, None, &opts, &Throttle::default())
                         .await

@@ -33,14 +33,27 @@ impl World {
     /// Reactors on every core, one OX core, a fresh key, over the store of `config`,
     /// for volumes of `size` bytes.
     pub fn start(config: S3Config, size: u64) -> Self {
+        Self::start_idle(config, size, reactor::IdlePolicy::default())
+    }
+
+    /// The same with reactors that idle as `idle` says.
+    pub fn start_idle(config: S3Config, size: u64, idle: reactor::IdlePolicy) -> Self {
         use reactor::{CoreList, ReactorConfig};
+        let reactors = ReactorConfig::new(CoreList::all_available().unwrap()).with_idle(idle);
         Self {
-            set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
+            set: ReactorSet::start(reactors).unwrap(),
             cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
             config,
             kek: Kek::new("bench", ox::keys::SecretKey::random().unwrap()),
             size,
         }
+    }
+
+    /// The same with `n` OX cores (unpinned) in place of one.
+    #[allow(dead_code)]
+    pub fn with_ox_cores(mut self, n: usize) -> Self {
+        self.cores = Arc::new(OxCores::start(&vec![None; n.max(1)], 256).unwrap());
+        self
     }
 
     /// A tracked volume of `size` bytes over RAM (64 KiB chunks), each MiB `i` of it

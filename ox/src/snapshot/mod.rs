@@ -13,6 +13,7 @@
 //! last checkpoint with the same point in time, snapshot ID and data key.
 
 mod attempt;
+mod encode;
 mod load;
 mod read_ahead;
 pub mod read_back;
@@ -86,6 +87,9 @@ pub struct SnapshotOptions {
     pub owner: Option<String>,
     /// The clocks the upload's lease is judged by (the machine's, but in tests).
     pub clock: crate::lease::Clock,
+    /// The OX cores that encode the snapshot's chunks beside the one it runs on (see
+    /// `encode`); none: it encodes every chunk itself.
+    pub encode_on: crate::cores::CoreSet,
 }
 
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.

@@ -422,6 +422,7 @@ mod tests {
             working_set: None,
             owner: None,
             clock: Default::default(),
+            encode_on: Default::default(),
         }
     }
 

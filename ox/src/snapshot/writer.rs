@@ -17,6 +17,7 @@ use crate::store::ObjectStore;
 use crate::throttle::Throttle;
 
 use super::attempt::Attempt;
+use super::encode::{Done, Encoders};
 use super::read_ahead::{Ahead, ReadAhead, start_chunk};
 use super::upload::{IndexWriter, Packer};
 use super::{Loaded, SnapshotOptions, SnapshotReport};
@@ -362,6 +363,23 @@ pub(super) async fn write(
         binding,
     )?;
     codec.avoid_nonce_prefixes(&start.nonce_prefixes)?;
+    // This attempt's nonce prefixes: its own codec's, then one per other OX core's
+    // encoder (the journal records them before any is used).
+    let mut prefixes = start.nonce_prefixes.clone();
+    prefixes.push(codec.nonce_prefix());
+    let mut encoders = Encoders::start(codec, opts.encode_on.others(), chunk_bytes, || {
+        let settings = CodecSettings {
+            level: start.zstd_level,
+        };
+        let mut c = Codec::new(settings, start.data_key.as_ref(), binding)?;
+        c.avoid_nonce_prefixes(&prefixes)?;
+        prefixes.push(c.nonce_prefix());
+        Ok(c)
+    })?;
+    let new_prefixes: Vec<String> = prefixes[start.nonce_prefixes.len()..]
+        .iter()
+        .map(hex::encode)
+        .collect();
     let mut packer = Packer::new(store, throttle, opts, start.objects.clone(), start.uploaded);
     let lineage: Vec<Ancestor> = match parent {
         Some(p) => std::iter::once(Ancestor {
@@ -393,7 +411,7 @@ pub(super) async fn write(
                 .nonce_prefixes
                 .iter()
                 .cloned()
-                .chain(std::iter::once(hex::encode(codec.nonce_prefix())))
+                .chain(new_prefixes.iter().cloned())
                 .collect(),
             ..j.clone()
         }),
@@ -410,7 +428,7 @@ pub(super) async fn write(
                 zstd_level: start.zstd_level,
                 key: wrapped.clone(),
                 index_salt: hex::encode(index.salt),
-                nonce_prefixes: vec![hex::encode(codec.nonce_prefix())],
+                nonce_prefixes: new_prefixes.clone(),
                 next_chunk: 0,
                 objects: Vec::new(),
                 pages: 0,
@@ -457,7 +475,17 @@ pub(super) async fn write(
             // if the uploads in flight finish soon; a stop does not wait longer.
             if let Some(j) = &journaling
                 && handle.snapshot_abandoned().is_none()
+                && let Ok(frames) = hand_over(
+                    from_to,
+                    &mut encoders,
+                    true,
+                    &mut packer,
+                    &mut index,
+                    attempt,
+                )
+                .await
             {
+                stored_chunks += frames;
                 let counts = (stored_chunks, chunks_read);
                 let last = async {
                     j.checkpoint(attempt, chunk, &mut packer, &index, counts)
@@ -493,6 +521,16 @@ pub(super) async fn write(
                 checkpoints += 1;
             }
             if due {
+                // Every chunk before this one handed over first.
+                stored_chunks += hand_over(
+                    from_to,
+                    &mut encoders,
+                    true,
+                    &mut packer,
+                    &mut index,
+                    attempt,
+                )
+                .await?;
                 let counts = (stored_chunks, chunks_read);
                 taken = Some(j.take(chunk, &mut packer, &index, counts).await?);
                 last_checkpoint = Instant::now();
@@ -537,49 +575,58 @@ pub(super) async fn write(
                     }
                 }
             };
-            index.push(entry, store, opts, &mut codec).await?;
-            continue;
+            encoders.unchanged(chunk, entry);
+        } else {
+            // A device read releases its chunk to writers the moment it completes (on the
+            // reactor), not when the encoder gets to it: an encoder waiting on a slow
+            // upload must not hold host writes up.
+            let read = |c: u64| {
+                let len = (volume_bytes - c * chunk_bytes).min(chunk_bytes);
+                let (h, generation) = (handle.clone(), handle.generation());
+                crate::blockio::start_read(
+                    on,
+                    dev,
+                    c * chunk_bytes / block,
+                    len / block,
+                    move || h.chunk_read_in(c, generation),
+                )
+            };
+            ahead
+                .fill(chunk, chunks, changed, attempt, handle, &read, on)
+                .await?;
+            let item = match ahead.take(chunk) {
+                Some(item) => item,
+                None => start_chunk(chunk, attempt, handle, &read, on).await?,
+            };
+            let data = match item {
+                Ahead::Ready(d) => d,
+                Ahead::Reading(p) => p.finish().await?,
+            };
+            chunks_read += 1;
+            packer.drive().await?;
+            encoders.add(chunk, data)?;
         }
-        // A device read releases its chunk to writers the moment it completes (on the
-        // reactor), not when the encoder gets to it: an encoder waiting on a slow
-        // upload must not hold host writes up.
-        let read = |c: u64| {
-            let len = (volume_bytes - c * chunk_bytes).min(chunk_bytes);
-            let (h, generation) = (handle.clone(), handle.generation());
-            crate::blockio::start_read(on, dev, c * chunk_bytes / block, len / block, move || {
-                h.chunk_read_in(c, generation)
-            })
-        };
-        ahead
-            .fill(chunk, chunks, changed, attempt, handle, &read, on)
-            .await?;
-        let item = match ahead.take(chunk) {
-            Some(item) => item,
-            None => start_chunk(chunk, attempt, handle, &read, on).await?,
-        };
-        let data = match item {
-            Ahead::Ready(d) => d,
-            Ahead::Reading(p) => p.finish().await?,
-        };
-        chunks_read += 1;
-        packer.drive().await?;
-        let entry = match codec.encode(chunk, &data)? {
-            None => Entry::Zero,
-            Some(frame) => {
-                let (object, offset) = packer.add(&frame).await?;
-                stored_chunks += 1;
-                Entry::Frame {
-                    source: 0,
-                    object,
-                    offset,
-                    length: frame.len() as u32,
-                }
-            }
-        };
-        attempt.handed(chunk);
-        index.push(entry, store, opts, &mut codec).await?;
+        // What the encoders have done goes to the packer and the index, in order.
+        stored_chunks += hand_over(
+            from_to,
+            &mut encoders,
+            false,
+            &mut packer,
+            &mut index,
+            attempt,
+        )
+        .await?;
     }
-    index.flush(store, opts, &mut codec).await?;
+    stored_chunks += hand_over(
+        from_to,
+        &mut encoders,
+        true,
+        &mut packer,
+        &mut index,
+        attempt,
+    )
+    .await?;
+    index.flush(store, opts, encoders.codec()).await?;
     packer.finish().await?;
     let mut manifest = Manifest {
         // Format 2 readers can read it unless it leaves pages out.
@@ -626,7 +673,7 @@ pub(super) async fn write(
     }
     abandoned(handle, opts)?;
     super::patiently(opts, async || held.renew_if_due(store).await).await?;
-    meta_bytes += store_working_set(store, opts, &index.salt, chunks, &mut codec).await;
+    meta_bytes += store_working_set(store, opts, &index.salt, chunks, encoders.codec()).await;
     let read_back = if opts.verify_before_publish {
         let mut sources = vec![super::Source {
             key: start.data_key.clone(),
@@ -711,6 +758,44 @@ pub(super) async fn write(
         // Timed by `snapshot_volume`, which returns it.
         elapsed: Some(Duration::ZERO),
     })
+}
+
+/// Hands the chunks the encoders have done, in chunk order, to the packer and the
+/// index: every chunk they hold if `all` (waiting for them), else those done already.
+/// Returns the frames it added.
+async fn hand_over(
+    from_to: FromTo<'_>,
+    encoders: &mut Encoders,
+    all: bool,
+    packer: &mut Packer<'_>,
+    index: &mut IndexWriter,
+    attempt: &mut Attempt<'_>,
+) -> Result<u64, OxError> {
+    let mut frames = 0;
+    while let Some((chunk, done)) = encoders.next(all).await? {
+        let entry = match done {
+            Done::Unchanged(entry) => entry,
+            Done::Encoded(None) => {
+                attempt.handed(chunk);
+                Entry::Zero
+            }
+            Done::Encoded(Some(frame)) => {
+                let (object, offset) = packer.add(&frame).await?;
+                frames += 1;
+                attempt.handed(chunk);
+                Entry::Frame {
+                    source: 0,
+                    object,
+                    offset,
+                    length: frame.len() as u32,
+                }
+            }
+        };
+        index
+            .push(entry, from_to.store, from_to.opts, encoders.codec())
+            .await?;
+    }
+    Ok(frames)
 }
 
 /// Fails if the volume abandoned the snapshot (a copy-before-write copy could not be

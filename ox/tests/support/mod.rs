@@ -27,10 +27,15 @@ pub struct Env {
 }
 
 pub fn env() -> Env {
+    env_with_cores(1)
+}
+
+/// The same with `ox_cores` OX cores (a snapshot encodes on all of them).
+pub fn env_with_cores(ox_cores: usize) -> Env {
     let dir = tempfile::tempdir().unwrap();
     Env {
         set: ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap(),
-        cores: Arc::new(OxCores::start(&[None], 256).unwrap()),
+        cores: Arc::new(OxCores::start(&vec![None; ox_cores], 256).unwrap()),
         root: dir.path().to_path_buf(),
         kek: Kek::new("test-kek", SecretKey::random().unwrap()),
         _dir: dir,
@@ -109,6 +114,7 @@ pub fn options(env: &Env) -> SnapshotOptions {
         working_set: None,
         owner: None,
         clock: Default::default(),
+        encode_on: env.cores.set(),
     }
 }
 
