@@ -9,7 +9,7 @@
 //! - the snapshot's point is the begin, once the writes on the device then are done and
 //!   the volume is flushed: only then is the change set final and read;
 //! - with a journal, nothing is claimed before this attempt's first journal is durable
-//!   (it records the nonce prefix this attempt seals frames under), and the volume
+//!   (it records the nonce prefixes this attempt seals frames under), and the volume
 //!   is told chunks need no copies ([`Action::Commit`]) only once a journal covering
 //!   them is durable; checkpoints never go back, and cover only chunks whose frames
 //!   were handed to the store;
@@ -687,7 +687,7 @@ mod tests {
             }),
             [Action::Write { from: 7 }]
         );
-        // Nothing is claimed before this attempt's journal (its nonce prefix) is durable.
+        // Nothing is claimed before this attempt's journal (its nonce prefixes) is durable.
         assert!(!s.may_claim());
         s.apply(Event::CheckpointDue { next: 7 });
         assert!(!s.may_claim());

@@ -4,24 +4,32 @@
 //! Chunks go to the other cores in batches (a message each way per batch, not per
 //! chunk) while one has room; the writer encodes a batch itself only when none has, so
 //! its own core, which also reads, packs and uploads, takes what the others cannot.
-//! Results come back in chunk order, whoever encoded them: the index, the objects and
+//! Chunks come back in chunk order, whoever encoded them: the index, the objects and
 //! the journal see the same sequence as with one core. Each encoder has a nonce prefix
 //! of its own, recorded in the journal, so no nonce repeats under the snapshot's key.
 //! With no other core, each chunk is encoded as it comes, as it always was.
+//!
+//! Encoding yields between chunks, here and on the other cores: a batch at a high
+//! zstd level takes long, and clients' misses are fetched on the same cores.
 
 use std::collections::VecDeque;
+
+use futures_lite::future::yield_now;
 
 use crate::codec::Codec;
 use crate::cores::OneCore;
 use crate::error::OxError;
 use crate::format::Entry;
 
-/// Bytes of chunks sent to another core at once: enough work (~1 ms) that the two
-/// messages are a small part of it.
+/// Bytes of chunks sent to another core at once: enough work that the two messages
+/// are a small part of it.
 const BATCH_BYTES: u64 = 1 << 20;
 
 /// Batches each other core may hold (one being encoded, one waiting).
 const BATCHES_PER_CORE: usize = 2;
+
+/// Unchanged chunks the writer may hold behind chunks being encoded (an entry each).
+const MOST_UNCHANGED: usize = 1 << 16;
 
 /// What the encoders give back for one chunk.
 pub(super) enum Done {
@@ -31,22 +39,29 @@ pub(super) enum Done {
     Unchanged(Entry),
 }
 
-type Encoded = Vec<Result<Option<Vec<u8>>, OxError>>;
+/// A chunk held, in chunk order.
+enum Held {
+    /// Read, to be encoded here.
+    Data(Vec<u8>),
+    /// Being encoded on another core: its frame is the next of its batch's answer.
+    Away,
+    Unchanged(Entry),
+}
+
+type Answer = Vec<Result<Option<Vec<u8>>, OxError>>;
 
 /// A batch of chunks for another core, and where its frames go.
 struct Batch {
     chunks: Vec<(u64, Vec<u8>)>,
-    reply: async_channel::Sender<Encoded>,
+    reply: async_channel::Sender<Answer>,
 }
 
-/// Chunks in chunk order, done or being encoded elsewhere.
-enum Group {
-    Done(VecDeque<(u64, Done)>),
-    Away {
-        chunks: Vec<u64>,
-        lane: usize,
-        reply: async_channel::Receiver<Encoded>,
-    },
+/// Chunks in chunk order; those `Away` wait for `answer` from `lane`.
+struct Group {
+    chunks: VecDeque<(u64, Held)>,
+    away: Option<(usize, async_channel::Receiver<Answer>)>,
+    /// The frames of the answer, in order, once it came.
+    frames: VecDeque<Result<Option<Vec<u8>>, OxError>>,
 }
 
 /// An encoder on another OX core.
@@ -61,15 +76,16 @@ pub(super) struct Encoders {
     /// The writer's own codec (for index pages too).
     codec: Codec,
     lanes: Vec<Lane>,
-    /// Chunks per batch (1 with no other core: each is encoded as it comes).
+    /// Chunks read per batch (1 with no other core: each is encoded as it comes).
     batch_chunks: usize,
-    /// The batch being gathered.
-    gathering: Vec<(u64, Vec<u8>)>,
-    /// Unchanged chunks after the batch being gathered (kept behind it).
-    behind: VecDeque<(u64, Done)>,
+    /// The batch being gathered (read chunks, and unchanged ones between them).
+    gathering: Vec<(u64, Held)>,
+    /// Read chunks in `gathering`.
+    gathered: usize,
     groups: VecDeque<Group>,
-    /// Chunks in `gathering`, `behind` and `groups`.
-    held: usize,
+    /// Read chunks held, and unchanged ones.
+    held_read: usize,
+    held_unchanged: usize,
 }
 
 impl Encoders {
@@ -90,12 +106,12 @@ impl Encoders {
                 Box::pin(async move {
                     // Ends when the writer drops its side (done, failed or stopped).
                     while let Ok(batch) = rx.recv().await {
-                        let encoded = batch
-                            .chunks
-                            .iter()
-                            .map(|(chunk, data)| codec.encode(*chunk, data))
-                            .collect();
-                        let _ = batch.reply.send(encoded).await;
+                        let mut answer = Vec::with_capacity(batch.chunks.len());
+                        for (chunk, data) in &batch.chunks {
+                            answer.push(codec.encode(*chunk, data));
+                            yield_now().await;
+                        }
+                        let _ = batch.reply.send(answer).await;
                     }
                 })
             }))?;
@@ -111,9 +127,10 @@ impl Encoders {
             lanes,
             batch_chunks,
             gathering: Vec::new(),
-            behind: VecDeque::new(),
+            gathered: 0,
             groups: VecDeque::new(),
-            held: 0,
+            held_read: 0,
+            held_unchanged: 0,
         })
     }
 
@@ -122,23 +139,27 @@ impl Encoders {
         &mut self.codec
     }
 
-    /// Chunks the writer may hold before it waits for the oldest: every other core's
-    /// batches, the one being gathered and one encoded here.
-    fn most_held(&self) -> usize {
-        self.batch_chunks * (self.lanes.len() * BATCHES_PER_CORE + 2)
+    /// The first chunk held (every chunk before it has come back from [`Self::next`]).
+    pub(super) fn first_held(&self) -> Option<u64> {
+        self.groups
+            .iter()
+            .find_map(|g| g.chunks.front())
+            .or(self.gathering.first())
+            .map(|(chunk, _)| *chunk)
     }
 
-    /// Takes chunk `chunk`'s data to encode (here when no other core has room). Its
-    /// frame comes back from [`Self::next`] in chunk order.
+    /// Read chunks held (not come back yet).
+    pub(super) fn held_read(&self) -> usize {
+        self.held_read
+    }
+
+    /// Takes chunk `chunk`'s data to encode (here when no other core has room). It
+    /// comes back from [`Self::next`] in chunk order.
     pub(super) fn add(&mut self, chunk: u64, data: Vec<u8>) -> Result<(), OxError> {
-        debug_assert!(self.behind.is_empty() || !self.gathering.is_empty());
-        if !self.behind.is_empty() {
-            // Unchanged chunks wait behind the batch: send it before this one.
-            self.send()?;
-        }
-        self.gathering.push((chunk, data));
-        self.held += 1;
-        if self.gathering.len() >= self.batch_chunks {
+        self.gathering.push((chunk, Held::Data(data)));
+        self.gathered += 1;
+        self.held_read += 1;
+        if self.gathered >= self.batch_chunks {
             self.send()?;
         }
         Ok(())
@@ -146,107 +167,128 @@ impl Encoders {
 
     /// Takes unchanged chunk `chunk`'s entry, to come back in chunk order.
     pub(super) fn unchanged(&mut self, chunk: u64, entry: Entry) {
-        let item = (chunk, Done::Unchanged(entry));
-        self.held += 1;
-        if !self.gathering.is_empty() {
-            self.behind.push_back(item);
-        } else if let Some(Group::Done(done)) = self.groups.back_mut() {
-            done.push_back(item);
-        } else {
-            self.groups.push_back(Group::Done(VecDeque::from([item])));
+        let item = (chunk, Held::Unchanged(entry));
+        self.held_unchanged += 1;
+        match self.groups.back_mut() {
+            // Nothing gathered: it follows the last group (or is one of its own).
+            Some(g) if self.gathering.is_empty() && g.away.is_none() => g.chunks.push_back(item),
+            _ if self.gathering.is_empty() => self.groups.push_back(Group {
+                chunks: VecDeque::from([item]),
+                away: None,
+                frames: VecDeque::new(),
+            }),
+            _ => self.gathering.push(item),
         }
     }
 
-    /// The next chunk in order if it is done — waiting for it if `wait`, or if the
-    /// writer holds as many as it may — or `None` when none is held (or, not waiting,
-    /// the next is not done).
+    /// The next chunk in chunk order if it is done — waiting for it if `wait`, or if
+    /// the writer holds more than it may — or `None` when none is held (or, not
+    /// waiting, the next is not done yet).
     pub(super) async fn next(&mut self, wait: bool) -> Result<Option<(u64, Done)>, OxError> {
-        let wait = wait || self.held > self.most_held();
+        let most_read = self.batch_chunks * (self.lanes.len() * BATCHES_PER_CORE + 2);
+        let wait = wait || self.held_read > most_read || self.held_unchanged > MOST_UNCHANGED;
         loop {
-            match self.groups.front_mut() {
-                Some(Group::Done(done)) => match done.pop_front() {
-                    Some(item) => {
-                        self.held -= 1;
-                        return Ok(Some(item));
-                    }
-                    None => {
-                        self.groups.pop_front();
-                    }
-                },
-                Some(Group::Away {
-                    chunks,
-                    lane,
-                    reply,
-                }) => {
-                    let answer = if wait {
-                        reply.recv().await.ok()
-                    } else {
-                        match reply.try_recv() {
-                            Ok(a) => Some(a),
-                            Err(async_channel::TryRecvError::Empty) => return Ok(None),
-                            Err(async_channel::TryRecvError::Closed) => None,
-                        }
-                    };
-                    let encoded = answer.ok_or_else(|| {
-                        OxError::Config("an OX core stopped encoding the snapshot".into())
-                    })?;
-                    assert_eq!(encoded.len(), chunks.len(), "a batch's frames");
-                    self.lanes[*lane].away -= 1;
-                    let done = chunks
-                        .iter()
-                        .zip(encoded)
-                        .map(|(&c, e)| e.map(|f| (c, Done::Encoded(f))))
-                        .collect::<Result<VecDeque<_>, _>>()?;
-                    self.groups[0] = Group::Done(done);
+            let Some(group) = self.groups.front_mut() else {
+                if wait && !self.gathering.is_empty() {
+                    self.send()?;
+                    continue;
                 }
-                None if wait && !self.gathering.is_empty() => self.send()?,
-                None => {
-                    debug_assert!(self.behind.is_empty() || !self.gathering.is_empty());
-                    return Ok(None);
+                return Ok(None);
+            };
+            let Some((chunk, held)) = group.chunks.pop_front() else {
+                debug_assert!(group.frames.is_empty(), "an answer's frames left over");
+                self.groups.pop_front();
+                continue;
+            };
+            let done = match held {
+                Held::Unchanged(entry) => {
+                    self.held_unchanged -= 1;
+                    Done::Unchanged(entry)
                 }
-            }
+                Held::Data(data) => {
+                    let frame = self.codec.encode(chunk, &data)?;
+                    self.held_read -= 1;
+                    if !group.chunks.is_empty() {
+                        // More of a batch encoded here follow: let other work in.
+                        yield_now().await;
+                    }
+                    Done::Encoded(frame)
+                }
+                Held::Away => {
+                    if let Some((lane, answer)) = group.away.take() {
+                        let answer = if wait {
+                            answer.recv().await.ok()
+                        } else {
+                            match answer.try_recv() {
+                                Ok(a) => Some(a),
+                                Err(async_channel::TryRecvError::Empty) => {
+                                    // Not back yet: it stays first.
+                                    group.chunks.push_front((chunk, Held::Away));
+                                    group.away = Some((lane, answer));
+                                    return Ok(None);
+                                }
+                                Err(async_channel::TryRecvError::Closed) => None,
+                            }
+                        };
+                        let answer = answer.ok_or_else(stopped)?;
+                        let sent = 1 + group
+                            .chunks
+                            .iter()
+                            .filter(|(_, h)| matches!(h, Held::Away))
+                            .count();
+                        assert_eq!(answer.len(), sent, "a frame for each chunk sent");
+                        self.lanes[lane].away -= 1;
+                        group.frames = answer.into();
+                    }
+                    // (One per chunk sent, as asserted when the answer came.)
+                    let frame = group.frames.pop_front().ok_or_else(stopped)??;
+                    self.held_read -= 1;
+                    Done::Encoded(frame)
+                }
+            };
+            return Ok(Some((chunk, done)));
         }
     }
 
-    /// Sends the batch being gathered to a core with room, or encodes it here if none
-    /// has; the unchanged chunks behind it follow it.
+    /// Sends the read chunks being gathered to a core with room, or keeps them to be
+    /// encoded here if none has; the unchanged chunks among them keep their places.
     fn send(&mut self) -> Result<(), OxError> {
         if self.gathering.is_empty() {
             return Ok(());
         }
-        let chunks = std::mem::take(&mut self.gathering);
+        let mut gathered = std::mem::take(&mut self.gathering);
+        self.gathered = 0;
         let room = (0..self.lanes.len())
             .filter(|&i| self.lanes[i].away < BATCHES_PER_CORE)
             .min_by_key(|&i| self.lanes[i].away);
-        let group = match room {
+        let away = match room {
             Some(lane) => {
+                let mut chunks = Vec::with_capacity(self.batch_chunks);
+                for (chunk, held) in &mut gathered {
+                    match std::mem::replace(held, Held::Away) {
+                        Held::Data(data) => chunks.push((*chunk, data)),
+                        unchanged => *held = unchanged,
+                    }
+                }
                 let (reply, answer) = async_channel::bounded(1);
-                let numbers = chunks.iter().map(|(c, _)| *c).collect();
                 self.lanes[lane]
                     .tx
                     .try_send(Batch { chunks, reply })
-                    .map_err(|_| {
-                        OxError::Config("an OX core stopped encoding the snapshot".into())
-                    })?;
+                    .map_err(|_| stopped())?;
                 self.lanes[lane].away += 1;
-                Group::Away {
-                    chunks: numbers,
-                    lane,
-                    reply: answer,
-                }
+                Some((lane, answer))
             }
-            None => Group::Done(
-                chunks
-                    .into_iter()
-                    .map(|(c, data)| self.codec.encode(c, &data).map(|f| (c, Done::Encoded(f))))
-                    .collect::<Result<_, _>>()?,
-            ),
+            None => None,
         };
-        self.groups.push_back(group);
-        if !self.behind.is_empty() {
-            let behind = std::mem::take(&mut self.behind);
-            self.groups.push_back(Group::Done(behind));
-        }
+        self.groups.push_back(Group {
+            chunks: gathered.into(),
+            away,
+            frames: VecDeque::new(),
+        });
         Ok(())
     }
+}
+
+fn stopped() -> OxError {
+    OxError::Config("an OX core stopped encoding the snapshot".into())
 }

@@ -453,7 +453,7 @@ pub(super) async fn write(
         .chunks_total
         .store(chunks, std::sync::atomic::Ordering::Relaxed);
     // The first checkpoint records the journal (and a resumed snapshot's new nonce
-    // prefix) before anything is encoded.
+    // prefixes) before anything is encoded.
     let (mut checkpoints, mut checkpoint_time) = (0, Duration::ZERO);
     if let Some(j) = &journaling {
         let counts = (stored_chunks, chunks_read);
@@ -475,20 +475,13 @@ pub(super) async fn write(
             // if the uploads in flight finish soon; a stop does not wait longer.
             if let Some(j) = &journaling
                 && handle.snapshot_abandoned().is_none()
-                && let Ok(frames) = hand_over(
-                    from_to,
-                    &mut encoders,
-                    true,
-                    &mut packer,
-                    &mut index,
-                    attempt,
-                )
-                .await
             {
-                stored_chunks += frames;
-                let counts = (stored_chunks, chunks_read);
+                // At the first chunk the encoders hold (all before it are in the index
+                // and the packer): a stop waits for no encoder.
+                let at = encoders.first_held().unwrap_or(chunk);
+                let counts = (stored_chunks, chunks_read - encoders.held_read() as u64);
                 let last = async {
-                    j.checkpoint(attempt, chunk, &mut packer, &index, counts)
+                    j.checkpoint(attempt, at, &mut packer, &index, counts)
                         .await
                         .is_ok()
                 };
@@ -521,18 +514,10 @@ pub(super) async fn write(
                 checkpoints += 1;
             }
             if due {
-                // Every chunk before this one handed over first.
-                stored_chunks += hand_over(
-                    from_to,
-                    &mut encoders,
-                    true,
-                    &mut packer,
-                    &mut index,
-                    attempt,
-                )
-                .await?;
-                let counts = (stored_chunks, chunks_read);
-                taken = Some(j.take(chunk, &mut packer, &index, counts).await?);
+                // At the first chunk the encoders hold, as at a stop.
+                let at = encoders.first_held().unwrap_or(chunk);
+                let counts = (stored_chunks, chunks_read - encoders.held_read() as u64);
+                taken = Some(j.take(at, &mut packer, &index, counts).await?);
                 last_checkpoint = Instant::now();
             }
             if due || saving {
@@ -761,8 +746,9 @@ pub(super) async fn write(
 }
 
 /// Hands the chunks the encoders have done, in chunk order, to the packer and the
-/// index: every chunk they hold if `all` (waiting for them), else those done already.
-/// Returns the frames it added.
+/// index: every chunk they hold if `all` (waiting for them), else those done already
+/// (waiting for the first only while they hold more than they may). Returns the frames
+/// it added.
 async fn hand_over(
     from_to: FromTo<'_>,
     encoders: &mut Encoders,
@@ -775,20 +761,22 @@ async fn hand_over(
     while let Some((chunk, done)) = encoders.next(all).await? {
         let entry = match done {
             Done::Unchanged(entry) => entry,
-            Done::Encoded(None) => {
+            Done::Encoded(frame) => {
+                let entry = match frame {
+                    None => Entry::Zero,
+                    Some(frame) => {
+                        let (object, offset) = packer.add(&frame).await?;
+                        frames += 1;
+                        Entry::Frame {
+                            source: 0,
+                            object,
+                            offset,
+                            length: frame.len() as u32,
+                        }
+                    }
+                };
                 attempt.handed(chunk);
-                Entry::Zero
-            }
-            Done::Encoded(Some(frame)) => {
-                let (object, offset) = packer.add(&frame).await?;
-                frames += 1;
-                attempt.handed(chunk);
-                Entry::Frame {
-                    source: 0,
-                    object,
-                    offset,
-                    length: frame.len() as u32,
-                }
+                entry
             }
         };
         index
