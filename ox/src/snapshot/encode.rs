@@ -108,6 +108,10 @@ impl Encoders {
                     while let Ok(batch) = rx.recv().await {
                         let mut answer = Vec::with_capacity(batch.chunks.len());
                         for (chunk, data) in &batch.chunks {
+                            if batch.reply.is_closed() {
+                                // The writer is gone: nothing waits for the rest.
+                                break;
+                            }
                             answer.push(codec.encode(*chunk, data));
                             yield_now().await;
                         }
@@ -183,7 +187,9 @@ impl Encoders {
 
     /// The next chunk in chunk order if it is done — waiting for it if `wait`, or if
     /// the writer holds more than it may — or `None` when none is held (or, not
-    /// waiting, the next is not done yet).
+    /// waiting, the next is not done yet). Not cancel-safe: a chunk taken before an
+    /// await is lost if the future is dropped there (the writer never races it; it
+    /// drops the encoders whole when it stops).
     pub(super) async fn next(&mut self, wait: bool) -> Result<Option<(u64, Done)>, OxError> {
         let most_read = self.batch_chunks * (self.lanes.len() * BATCHES_PER_CORE + 2);
         let wait = wait || self.held_read > most_read || self.held_unchanged > MOST_UNCHANGED;
