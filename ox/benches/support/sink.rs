@@ -24,6 +24,17 @@ impl ObjectStore for SinkStore {
         self.kept.put(key, data)
     }
 
+    fn put_shared<'a>(
+        &'a self,
+        key: &'a str,
+        data: bytes::Bytes,
+    ) -> BoxFuture<'a, Result<(), OxError>> {
+        if self.drops(key) {
+            return Box::pin(async { Ok(()) });
+        }
+        self.kept.put_shared(key, data)
+    }
+
     fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
         if self.drops(key) {
             return Box::pin(async { Ok(()) });

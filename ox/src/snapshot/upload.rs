@@ -210,14 +210,16 @@ impl<'a> Packer<'a> {
     }
 }
 
-/// PUTs `data`, waiting out an unavailable store as [`patiently`] does.
+/// PUTs `data`, waiting out an unavailable store as [`patiently`] does (each try
+/// shares the bytes: no copy of the object per try, the first included).
 async fn put_patiently(
     store: &dyn ObjectStore,
     key: &str,
     data: Vec<u8>,
     opts: &SnapshotOptions,
 ) -> Result<(), OxError> {
-    patiently(opts, async || store.put(key, data.clone()).await).await
+    let data = bytes::Bytes::from(data);
+    patiently(opts, async || store.put_shared(key, data.clone()).await).await
 }
 
 /// Runs `op` for a snapshot, again while the store is unavailable, for up to the

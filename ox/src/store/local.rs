@@ -142,6 +142,14 @@ impl ObjectStore for LocalStore {
         Box::pin(async move { self.write(key, &data, false) })
     }
 
+    fn put_shared<'a>(
+        &'a self,
+        key: &'a str,
+        data: bytes::Bytes,
+    ) -> BoxFuture<'a, Result<(), OxError>> {
+        Box::pin(async move { self.write(key, &data, false) })
+    }
+
     fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
         Box::pin(async move { self.write(key, &data, true) })
     }

@@ -22,6 +22,16 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 pub trait ObjectStore {
     /// Stores `data` under `key`, replacing any object there.
     fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>>;
+    /// Stores `data` under `key` as [`Self::put`] does, from bytes the caller goes on
+    /// sharing: a PUT tried again (a snapshot waiting out an outage) sends the same
+    /// bytes, not a copy made for each try. The default copies them for `put`.
+    fn put_shared<'a>(
+        &'a self,
+        key: &'a str,
+        data: bytes::Bytes,
+    ) -> BoxFuture<'a, Result<(), OxError>> {
+        self.put(key, data.to_vec())
+    }
     /// Stores `data` under `key` only if nothing is there
     /// ([`OxError::AlreadyExists`] otherwise) — where the store can tell.
     fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>>;

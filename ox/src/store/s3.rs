@@ -515,7 +515,8 @@ impl S3Store {
     }
 
     async fn put_object(&self, key: &str, data: Vec<u8>, if_absent: bool) -> Result<(), OxError> {
-        self.put_conditional(key, data, if_absent, None).await
+        self.put_conditional(key, data.into(), if_absent, None)
+            .await
     }
 
     /// A PUT; `if_absent`: only if nothing is there (`If-None-Match: *`); `if_match`:
@@ -524,13 +525,12 @@ impl S3Store {
     async fn put_conditional(
         &self,
         key: &str,
-        data: Vec<u8>,
+        // Shared, not copied, by every attempt (an object may be up to 1 GiB).
+        data: bytes::Bytes,
         if_absent: bool,
         if_match: Option<&str>,
     ) -> Result<(), OxError> {
         let credentials = self.credentials().await?;
-        // Shared, not copied, by every attempt (an object may be up to 1 GiB).
-        let data = bytes::Bytes::from(data);
         if data.len() > self.config.multipart_threshold && if_match.is_none() {
             return self.put_multipart(key, &data).await;
         }
@@ -1225,6 +1225,14 @@ impl ObjectStore for S3Store {
         Box::pin(self.tallied(self.put_object(key, data, false)))
     }
 
+    fn put_shared<'a>(
+        &'a self,
+        key: &'a str,
+        data: bytes::Bytes,
+    ) -> BoxFuture<'a, Result<(), OxError>> {
+        Box::pin(self.tallied(self.put_conditional(key, data, false, None)))
+    }
+
     fn put_new<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), OxError>> {
         Box::pin(self.tallied(self.put_object(key, data, true)))
     }
@@ -1243,7 +1251,7 @@ impl ObjectStore for S3Store {
         data: Vec<u8>,
         tag: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), OxError>> {
-        Box::pin(self.tallied(self.put_conditional(key, data, false, tag)))
+        Box::pin(self.tallied(self.put_conditional(key, data.into(), false, tag)))
     }
 
     fn get_range<'a>(
