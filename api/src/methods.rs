@@ -575,6 +575,10 @@ pub struct Thickening {
     pub fetched: u64,
     /// Seconds to completion at this walk's rate, once it has one.
     pub eta_s: Option<u64>,
+    /// Runs the store failed that wait to be asked again (their back-off, or, paused,
+    /// the resume). Absent from older daemons' answers.
+    #[serde(default)]
+    pub retrying: u64,
 }
 
 /// The fetch of a new clone's working set while it runs.

@@ -181,6 +181,7 @@ fn clone_info() -> CloneInfo {
             paused: false,
             fetched: 0,
             eta_s: None,
+            retrying: 0,
         }),
         warming: Some(Warming {
             paused: false,

@@ -3009,6 +3009,7 @@ fn clone_info(
         paused: t.is_paused(),
         fetched: t.fetched(),
         eta_s: t.eta(&l.handle).map(|d| d.as_secs()),
+        retrying: t.retrying() as u64,
     });
     info.warming = l
         .warming

@@ -48,6 +48,8 @@ pub struct Thickening {
     started: std::sync::OnceLock<Instant>,
     /// Times the walk failed (the store unavailable) and waited to go on.
     setbacks: AtomicU32,
+    /// Runs the store failed that wait to be asked again (their back-off, or a resume).
+    retrying: AtomicUsize,
     /// Set by whoever ran the walk once it is over.
     finished: AtomicBool,
     /// Notified at every pause, resume, stop, window change, setback and finish.
@@ -68,6 +70,7 @@ impl Default for Thickening {
             limited_by: std::sync::OnceLock::new(),
             started: std::sync::OnceLock::new(),
             setbacks: AtomicU32::new(0),
+            retrying: AtomicUsize::new(0),
             finished: AtomicBool::new(false),
             changed: event_listener::Event::new(),
         }
@@ -106,6 +109,12 @@ impl Thickening {
     /// them out (from its quickest short run and its background limit).
     pub fn sharing_window(&self) -> usize {
         self.sharing_window.load(Ordering::Relaxed)
+    }
+
+    /// Runs the store failed that wait to be asked again (their back-off, or, paused,
+    /// the resume).
+    pub fn retrying(&self) -> usize {
+        self.retrying.load(Ordering::Relaxed)
     }
 
     /// The quickest a short run of the walk was answered (zero: none yet).
@@ -408,13 +417,15 @@ async fn walk(
                 walk.withdrawn();
             }
         }
-        let due = Instant::now();
-        for (_, run) in retries.extract_if(.., |(at, _)| *at <= due) {
+        // A paused walk asks for nothing, retries included: they wait for the resume.
+        let due = (!control.is_paused()).then(Instant::now);
+        for (_, run) in retries.extract_if(.., |(at, _)| due.is_some_and(|due| *at <= due)) {
             let first = run[0];
             if let Err(e) = issue(run, false) {
                 walk.refused(first, e);
             }
         }
+        control.retrying.store(retries.len(), Ordering::Relaxed);
         loop {
             let n = now(&latency);
             let Some(run) = walk.next_run(n, |c| clone.is_present(c)) else {
@@ -450,7 +461,13 @@ async fn walk(
         let control_changed = control.changed.listen();
         let next = futures_lite::future::or(async { rx.recv().await.ok().map(Some) }, async {
             match retry_due {
-                Some(at) if !control.is_stopped() => {
+                Some(_) if control.is_stopped() => Some(None),
+                // Paused: retries wait for the resume (or a stop), not their back-off.
+                Some(_) if control.is_paused() => {
+                    control_changed.await;
+                    Some(None)
+                }
+                Some(at) => {
                     futures_lite::future::or(
                         async {
                             async_io::Timer::at(at).await;
@@ -460,7 +477,6 @@ async fn walk(
                     .await;
                     Some(None)
                 }
-                Some(_) => Some(None),
                 None => {
                     async_io::Timer::after(FETCH_PATIENCE).await;
                     None
@@ -491,6 +507,7 @@ async fn walk(
             Answered::Retry { run, after } => {
                 // A store hiccup: asked for again, backing off.
                 retries.push((Instant::now() + after, run));
+                control.retrying.store(retries.len(), Ordering::Relaxed);
             }
             Answered::GaveUp => {}
         }

@@ -220,6 +220,63 @@ fn a_snapshot_waiting_out_an_outage_stops_when_cancelled() {
     env.set.shutdown().unwrap();
 }
 
+/// A paused thickening asks the store for nothing, not even again for a run the
+/// store failed: that run waits for the resume, not its back-off; once resumed (and
+/// the store back) the clone is thickened whole.
+#[test]
+fn a_paused_thickening_asks_nothing_again_until_resumed() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (vol, handle) = fresh_volume(SIZE);
+    let image = random(SIZE as usize, 7);
+    write(&env, &vol, 0, &image);
+    let report = support::snapshot_s3(&env, &config, &handle, None, options(&env));
+    let (thick, _, th) = clone_of(&env, &config, &report.manifest_key, 0);
+    // One run at a time, and every request fails from now on.
+    server.faults.unavailable.store(u32::MAX, SeqCst);
+    let control = ox::hydrate::Thickening::new();
+    control.set_window(1);
+    let (h, r, c) = (
+        th.clone(),
+        env.set.handles()[0].clone(),
+        Arc::clone(&control),
+    );
+    let cores = Arc::clone(&env.cores);
+    let walker = std::thread::spawn(move || {
+        cores
+            .run(move |_ex| Box::pin(async move { ox::hydrate::thicken(&h, &r, &c).await }))
+            .unwrap()
+    });
+    // The run failed (after the store's own retries) and waits out its back-off
+    // (`bdev::walk::RETRY_STEP`, half a second): pause now.
+    while control.retrying() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    control.pause();
+    let asked = server.faults.requests.load(SeqCst);
+    // Four back-offs later nothing has been asked again.
+    std::thread::sleep(bdev::walk::RETRY_STEP * 4);
+    assert_eq!(
+        server.faults.requests.load(SeqCst),
+        asked,
+        "a paused walk asked again"
+    );
+    assert_eq!(control.retrying(), 1, "the run still waits");
+    assert_eq!(th.hydration().0, 0);
+    server.faults.unavailable.store(0, SeqCst);
+    control.resume();
+    let fetched = walker.join().unwrap().unwrap();
+    assert_eq!(fetched, SIZE / CHUNK);
+    assert_eq!(control.retrying(), 0);
+    assert!(
+        read(&env, &thick, 0, SIZE) == image,
+        "thickened clone differs"
+    );
+    env.set.shutdown().unwrap();
+}
+
 #[test]
 fn damaged_bodies_resets_and_5xx_never_reach_a_host_or_a_published_snapshot() {
     let seed = std::env::var("OX_FAULT_SEED")

@@ -1106,10 +1106,14 @@ fn print_human(command: &Command, r: &Value) -> anyhow::Result<()> {
             );
             if let Some(t) = c.thickening {
                 println!(
-                    "  thickening    {}, {} chunks fetched, ETA {} s",
+                    "  thickening    {}, {} chunks fetched, ETA {} s{}",
                     if t.paused { "paused" } else { "running" },
                     t.fetched,
-                    or_dash(t.eta_s)
+                    or_dash(t.eta_s),
+                    match t.retrying {
+                        0 => String::new(),
+                        n => format!(", {n} runs the store failed waiting to be asked again"),
+                    }
                 );
             }
         }
