@@ -419,13 +419,17 @@ async fn walk(
         }
         // A paused walk asks for nothing, retries included: they wait for the resume.
         let due = (!control.is_paused()).then(Instant::now);
-        for (_, run) in retries.extract_if(.., |(at, _)| due.is_some_and(|due| *at <= due)) {
+        let asked: Vec<_> = retries
+            .extract_if(.., |(at, _)| due.is_some_and(|due| *at <= due))
+            .collect();
+        // (Counted before they are asked for: while it shows one waiting, none is.)
+        control.retrying.store(retries.len(), Ordering::Relaxed);
+        for (_, run) in asked {
             let first = run[0];
             if let Err(e) = issue(run, false) {
                 walk.refused(first, e);
             }
         }
-        control.retrying.store(retries.len(), Ordering::Relaxed);
         loop {
             let n = now(&latency);
             let Some(run) = walk.next_run(n, |c| clone.is_present(c)) else {

@@ -255,6 +255,11 @@ fn a_paused_thickening_asks_nothing_again_until_resumed() {
         std::thread::sleep(Duration::from_millis(1));
     }
     control.pause();
+    // Waiting again once paused (should the back-off have passed before the pause, the
+    // run was asked for once more and failed again): nothing of it is in flight then.
+    while control.retrying() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let asked = server.faults.requests.load(SeqCst);
     // Four back-offs later nothing has been asked again.
     std::thread::sleep(bdev::walk::RETRY_STEP * 4);

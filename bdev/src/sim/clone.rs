@@ -279,8 +279,9 @@ enum Ev {
     ThickenStop,
     /// The store answers every request with a 503 for this long.
     Outage(Micros),
-    /// A failed run of thickening is due to be asked for again.
-    ThickenRetry(Vec<u64>),
+    /// A failed run of thickening (`thicken_retries`' entry) is due to be asked for
+    /// again.
+    ThickenRetry(u64),
     Cut,
 }
 
@@ -337,6 +338,9 @@ struct World {
     thicken_sharing: usize,
     thicken_paused: bool,
     thicken_stopped: bool,
+    /// Runs the store failed that wait to be asked again, by id, and whether their
+    /// back-off has passed (a paused walk keeps them until the resume).
+    thicken_retries: BTreeMap<u64, (Vec<u64>, bool)>,
     /// The store answers 503 to everything until then.
     outage_until: Micros,
     /// When each lane's last message reaches the owner.
@@ -387,6 +391,7 @@ impl World {
                 % most_sharing_runs(thicken_window, WALK_CHUNK_BYTES),
             thicken_paused: false,
             thicken_stopped: false,
+            thicken_retries: BTreeMap::new(),
             outage_until: 0,
             lanes: vec![0; config.hosts + 2],
             stats: Stats::default(),
@@ -478,9 +483,12 @@ impl World {
                 self.thicken();
                 Ok(())
             }
-            Ev::ThickenRetry(run) => {
-                self.stats.thicken_retries += 1;
-                self.thicken_ask(run);
+            Ev::ThickenRetry(id) => {
+                // (Gone if the walk was stopped, failed, or cut by a power loss since.)
+                if let Some((_, due)) = self.thicken_retries.get_mut(&id) {
+                    *due = true;
+                    self.thicken();
+                }
                 Ok(())
             }
             Ev::ThickenStop => {
@@ -1014,6 +1022,27 @@ impl World {
 
     /// Asks for what the walk decides now, as `ox::hydrate` does after every change.
     fn thicken(&mut self) {
+        // A walk stopped or failed lets its retries go; a paused one keeps them, and
+        // asks for those due once resumed.
+        if let Some(walk) = &mut self.thickening
+            && (self.thicken_stopped || walk.failed())
+        {
+            for _ in std::mem::take(&mut self.thicken_retries) {
+                walk.withdrawn();
+            }
+        }
+        if !self.thicken_paused {
+            let due: Vec<u64> = (self.thicken_retries.iter())
+                .filter(|(_, (_, due))| *due)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in due {
+                if let Some((run, _)) = self.thicken_retries.remove(&id) {
+                    self.stats.thicken_retries += 1;
+                    self.thicken_ask(run);
+                }
+            }
+        }
         let now = Now {
             stopped: self.thicken_stopped,
             paused: self.thicken_paused,
@@ -1075,7 +1104,9 @@ impl World {
         match walk.answered(run, result, self.thicken_stopped) {
             Answered::Retry { run, after } => {
                 let after = after.as_micros() as Micros / RETRY_SPEEDUP;
-                self.at(after, Ev::ThickenRetry(run));
+                let id = self.id();
+                self.thicken_retries.insert(id, (run, false));
+                self.at(after, Ev::ThickenRetry(id));
             }
             Answered::Fetched(n) => self.stats.thickened += n,
             Answered::GaveUp => {}
@@ -1217,6 +1248,7 @@ impl World {
         self.ops.clear();
         self.conts.clear();
         self.thickening = None;
+        self.thicken_retries.clear();
         self.thicken_paused = false;
         self.thicken_stopped = false;
         self.outage_until = 0;
@@ -1312,7 +1344,7 @@ fn discriminant(ev: &Ev) -> u64 {
         Ev::ThickenPause => 10,
         Ev::ThickenStop => 12,
         Ev::Outage(_) => 13,
-        Ev::ThickenRetry(run) => 11 + run[0] * 16,
+        Ev::ThickenRetry(id) => 11 + id * 16,
         Ev::Cut => 8,
         Ev::Core(_) => 9,
     }
