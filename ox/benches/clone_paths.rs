@@ -112,7 +112,8 @@ fn main() {
     let object_mib = arg("--object-mib", 1) as usize;
     let opts = SnapshotOptions {
         prefix: String::new(),
-        zstd_level: 1,
+        // `--zstd N`: the level (1 by default).
+        zstd_level: arg("--zstd", 1) as i32,
         kek: Some(w.kek.clone()),
         object_bytes: object_mib << 20,
         volume_id: [1; 16],
@@ -172,7 +173,8 @@ fn main() {
         volume: [1; 16],
         snapshot: [2; 16],
     };
-    let mut codec = Codec::new(CodecSettings { level: 1 }, Some(&key), binding).unwrap();
+    let level = opts.zstd_level;
+    let mut codec = Codec::new(CodecSettings { level }, Some(&key), binding).unwrap();
     let start = Instant::now();
     let mut stored = 0u64;
     for (i, c) in image.chunks(CHUNK as usize).enumerate() {
@@ -182,7 +184,7 @@ fn main() {
             .map_or(0, |f| f.len() as u64);
     }
     let enc = start.elapsed();
-    println!("## 1. Snapshot vs the codec (zstd 1 + AES-256-GCM, 64 KiB chunks)\n");
+    println!("## 1. Snapshot vs the codec (zstd {level} + AES-256-GCM, 64 KiB chunks)\n");
     println!("| path | MB/s of volume | stored/raw |");
     println!("|---|---|---|");
     for (took, r, to) in &snaps {

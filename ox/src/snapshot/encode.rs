@@ -43,6 +43,8 @@ pub(super) enum Done {
 enum Held {
     /// Read, to be encoded here.
     Data(Vec<u8>),
+    /// Encoded here already (while the writer waited for another core): its frame.
+    Encoded(Option<Vec<u8>>),
     /// Being encoded on another core: its frame is the next of its batch's answer.
     Away,
     Unchanged(Entry),
@@ -62,6 +64,8 @@ struct Group {
     away: Option<(usize, async_channel::Receiver<Answer>)>,
     /// The frames of the answer, in order, once it came.
     frames: VecDeque<Result<Option<Vec<u8>>, OxError>>,
+    /// Its chunks still `Data`.
+    kept: usize,
 }
 
 /// An encoder on another OX core.
@@ -180,6 +184,7 @@ impl Encoders {
                 chunks: VecDeque::from([item]),
                 away: None,
                 frames: VecDeque::new(),
+                kept: 0,
             }),
             _ => self.gathering.push(item),
         }
@@ -187,9 +192,10 @@ impl Encoders {
 
     /// The next chunk in chunk order if it is done — waiting for it if `wait`, or if
     /// the writer holds more than it may — or `None` when none is held (or, not
-    /// waiting, the next is not done yet). Not cancel-safe: a chunk taken before an
-    /// await is lost if the future is dropped there (the writer never races it; it
-    /// drops the encoders whole when it stops).
+    /// waiting, the next is not done yet). While it waits for another core, it encodes
+    /// the chunks kept here. Not cancel-safe: a chunk taken before an await is lost if
+    /// the future is dropped there (the writer never races it; it drops the encoders
+    /// whole when it stops).
     pub(super) async fn next(&mut self, wait: bool) -> Result<Option<(u64, Done)>, OxError> {
         let most_read = self.batch_chunks * (self.lanes.len() * BATCHES_PER_CORE + 2);
         let wait = wait || self.held_read > most_read || self.held_unchanged > MOST_UNCHANGED;
@@ -201,10 +207,39 @@ impl Encoders {
                 }
                 return Ok(None);
             };
-            let Some((chunk, held)) = group.chunks.pop_front() else {
+            let Some((_, first)) = group.chunks.front() else {
                 debug_assert!(group.frames.is_empty(), "an answer's frames left over");
                 self.groups.pop_front();
                 continue;
+            };
+            if let (Held::Away, Some((lane, answer))) = (first, &group.away) {
+                let (lane, answer) = (*lane, answer.clone());
+                let answer = match answer.try_recv() {
+                    Ok(a) => Some(a),
+                    Err(async_channel::TryRecvError::Closed) => None,
+                    Err(async_channel::TryRecvError::Empty) if !wait => return Ok(None),
+                    Err(async_channel::TryRecvError::Empty) => {
+                        // Not back yet: what is kept here is encoded meanwhile.
+                        if self.encode_kept()? {
+                            yield_now().await;
+                            continue;
+                        }
+                        answer.recv().await.ok()
+                    }
+                };
+                let answer = answer.ok_or_else(stopped)?;
+                let group = &mut self.groups[0];
+                let sent = (group.chunks.iter())
+                    .filter(|(_, h)| matches!(h, Held::Away))
+                    .count();
+                assert_eq!(answer.len(), sent, "a frame for each chunk sent");
+                self.lanes[lane].away -= 1;
+                group.frames = answer.into();
+                group.away = None;
+                continue;
+            }
+            let Some((chunk, held)) = group.chunks.pop_front() else {
+                unreachable!("a first chunk, seen above");
             };
             let done = match held {
                 Held::Unchanged(entry) => {
@@ -213,6 +248,7 @@ impl Encoders {
                 }
                 Held::Data(data) => {
                     let frame = self.codec.encode(chunk, &data)?;
+                    group.kept -= 1;
                     self.held_read -= 1;
                     if !group.chunks.is_empty() {
                         // More of a batch encoded here follow: let other work in.
@@ -220,32 +256,11 @@ impl Encoders {
                     }
                     Done::Encoded(frame)
                 }
+                Held::Encoded(frame) => {
+                    self.held_read -= 1;
+                    Done::Encoded(frame)
+                }
                 Held::Away => {
-                    if let Some((lane, answer)) = group.away.take() {
-                        let answer = if wait {
-                            answer.recv().await.ok()
-                        } else {
-                            match answer.try_recv() {
-                                Ok(a) => Some(a),
-                                Err(async_channel::TryRecvError::Empty) => {
-                                    // Not back yet: it stays first.
-                                    group.chunks.push_front((chunk, Held::Away));
-                                    group.away = Some((lane, answer));
-                                    return Ok(None);
-                                }
-                                Err(async_channel::TryRecvError::Closed) => None,
-                            }
-                        };
-                        let answer = answer.ok_or_else(stopped)?;
-                        let sent = 1 + group
-                            .chunks
-                            .iter()
-                            .filter(|(_, h)| matches!(h, Held::Away))
-                            .count();
-                        assert_eq!(answer.len(), sent, "a frame for each chunk sent");
-                        self.lanes[lane].away -= 1;
-                        group.frames = answer.into();
-                    }
                     // (One per chunk sent, as asserted when the answer came.)
                     let frame = group.frames.pop_front().ok_or_else(stopped)??;
                     self.held_read -= 1;
@@ -254,6 +269,22 @@ impl Encoders {
             };
             return Ok(Some((chunk, done)));
         }
+    }
+
+    /// Encodes the first chunk kept here that is not encoded yet; false if there is
+    /// none.
+    fn encode_kept(&mut self) -> Result<bool, OxError> {
+        let Some(group) = self.groups.iter_mut().find(|g| g.kept > 0) else {
+            return Ok(false);
+        };
+        for (chunk, held) in &mut group.chunks {
+            if let Held::Data(data) = held {
+                *held = Held::Encoded(self.codec.encode(*chunk, data)?);
+                group.kept -= 1;
+                return Ok(true);
+            }
+        }
+        unreachable!("a group keeping {} chunks has none", group.kept)
     }
 
     /// Sends the read chunks being gathered to a core with room, or keeps them to be
@@ -286,10 +317,14 @@ impl Encoders {
             }
             None => None,
         };
+        let kept = (gathered.iter())
+            .filter(|(_, h)| matches!(h, Held::Data(_)))
+            .count();
         self.groups.push_back(Group {
             chunks: gathered.into(),
             away,
             frames: VecDeque::new(),
+            kept,
         });
         Ok(())
     }
