@@ -213,6 +213,8 @@ impl Encoders {
                 continue;
             };
             if let (Held::Away, Some((lane, answer))) = (first, &group.away) {
+                // (A clone of the receiver: `encode_kept` needs all of `self`, and one
+                // dropped mid-wait leaves the group as it was.)
                 let (lane, answer) = (*lane, answer.clone());
                 let answer = match answer.try_recv() {
                     Ok(a) => Some(a),
@@ -332,4 +334,96 @@ impl Encoders {
 
 fn stopped() -> OxError {
     OxError::Config("an OX core stopped encoding the snapshot".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Binding, CodecSettings};
+    use crate::cores::OxCores;
+    use crate::keys::SecretKey;
+
+    const CHUNK: usize = 64 << 10;
+
+    fn chunk(n: u64) -> Vec<u8> {
+        // Compressible, and different for every chunk.
+        (0..CHUNK).map(|i| ((i / 97) as u64 ^ n) as u8).collect()
+    }
+
+    /// With the other core busy, two batches wait for it and the third is kept; while
+    /// the writer waits for the first answer it encodes the kept one; once the other
+    /// core answers, every chunk comes back once, in order, each frame its chunk's.
+    #[test]
+    fn the_writer_encodes_what_it_kept_while_it_waits_and_order_holds() {
+        let cores = OxCores::start(&[None], 4).unwrap();
+        let (release, busy) = std::sync::mpsc::channel::<()>();
+        cores
+            .submit_blocking(Box::new(move |_ex| {
+                Box::pin(async move {
+                    let _ = busy.recv();
+                })
+            }))
+            .unwrap();
+        let key = SecretKey::random().unwrap();
+        let binding = Binding {
+            volume: [1; 16],
+            snapshot: [2; 16],
+        };
+        let codec = || Codec::new(CodecSettings { level: 1 }, Some(&key), binding);
+        let others = cores.set().others();
+        assert_eq!(others.len(), 1, "this thread is on none of the set's cores");
+        let mut enc = Encoders::start(codec().unwrap(), others, CHUNK as u64, codec).unwrap();
+        let batch = enc.batch_chunks as u64;
+        assert_eq!(batch, 16);
+        for n in 0..3 * batch {
+            enc.add(n, chunk(n)).unwrap();
+            if n == batch {
+                // An unchanged chunk between read ones keeps its place.
+                enc.unchanged(1000, Entry::Zero);
+            }
+        }
+        assert_eq!(enc.lanes[0].away, 2);
+        assert_eq!(enc.groups.len(), 3);
+        assert_eq!(enc.groups[2].kept as u64, batch, "the third batch is kept");
+        // Waiting on the busy core: the kept chunks are encoded, one a poll.
+        futures_lite::future::block_on(async {
+            let mut next = Box::pin(enc.next(true));
+            for _ in 0..=batch {
+                assert!(futures_lite::future::poll_once(&mut next).await.is_none());
+            }
+        });
+        assert_eq!(enc.groups[2].kept, 0);
+        assert!(
+            enc.groups[2]
+                .chunks
+                .iter()
+                .all(|(_, h)| matches!(h, Held::Encoded(_)))
+        );
+        assert_eq!(enc.first_held(), Some(0));
+        assert_eq!(enc.held_read(), 3 * batch as usize);
+        release.send(()).unwrap();
+        let mut order = Vec::new();
+        futures_lite::future::block_on(async {
+            while let Some((n, done)) = enc.next(true).await.unwrap() {
+                match done {
+                    Done::Unchanged(e) => {
+                        assert_eq!((n, e), (1000, Entry::Zero));
+                    }
+                    Done::Encoded(frame) => {
+                        let frame = frame.expect("not all zeros");
+                        let back = codec().unwrap().decode(n, &frame, CHUNK).unwrap();
+                        assert!(back == chunk(n), "chunk {n}'s frame");
+                    }
+                }
+                order.push(n);
+            }
+        });
+        let mut want: Vec<u64> = (0..3 * batch).collect();
+        want.insert(batch as usize + 1, 1000);
+        assert_eq!(order, want);
+        assert_eq!((enc.held_read(), enc.first_held()), (0, None));
+        assert_eq!(enc.lanes[0].away, 0);
+        drop(enc);
+        cores.shutdown();
+    }
 }
