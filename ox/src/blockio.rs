@@ -1,6 +1,7 @@
 //! Block I/O from OX cores: a request travels to a reactor as a message and its
 //! completion comes back on an async channel, so an OX core awaits it without blocking
-//! its executor.
+//! its executor. The buffers read come back as they are: any copy is the OX core's,
+//! not the reactor's.
 
 use bdev::{Bdev, BdevIo, IoBuf};
 use reactor::ReactorHandle;
@@ -9,8 +10,27 @@ use crate::error::OxError;
 
 /// A request sent to a reactor whose completion is still to be awaited.
 pub struct Pending {
-    rx: async_channel::Receiver<Result<Vec<u8>, String>>,
+    rx: async_channel::Receiver<Result<Vec<IoBuf>, String>>,
     name: String,
+}
+
+/// Bytes read, or kept: the buffer a read filled (no copy), or bytes already in a
+/// `Vec`.
+pub enum Bytes {
+    /// The buffer a read filled.
+    Read(IoBuf),
+    /// Bytes kept elsewhere (a copy taken before a write, or several buffers joined).
+    Kept(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Read(b) => b,
+            Self::Kept(v) => v,
+        }
+    }
 }
 
 /// Sends `io` on `bdev` to reactor `on` without waiting for it.
@@ -31,8 +51,7 @@ pub fn start_then(
     on.send(move || match dev.channel() {
         Ok(ch) => ch.submit(io, move |c| {
             then();
-            let data = c.data();
-            let _ = tx.try_send(c.result.map(|()| data).map_err(|e| e.to_string()));
+            let _ = tx.try_send(c.result.map(|()| c.bufs).map_err(|e| e.to_string()));
         }),
         Err(e) => {
             then();
@@ -48,8 +67,33 @@ pub fn start_then(
 
 impl Pending {
     /// Waits for the request; returns the data it read (empty for requests that read
-    /// nothing).
+    /// nothing), in one `Vec`.
     pub async fn finish(self) -> Result<Vec<u8>, OxError> {
+        let bufs = self.buffers().await?;
+        let mut data = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+        for b in &bufs {
+            data.extend_from_slice(b);
+        }
+        Ok(data)
+    }
+
+    /// Waits for the request; returns what it read, in the buffer it read into when
+    /// there was one (as [`start_read`] asks), else in one `Vec`.
+    pub async fn finish_bytes(self) -> Result<Bytes, OxError> {
+        let mut bufs = self.buffers().await?;
+        if bufs.len() == 1
+            && let Some(buf) = bufs.pop()
+        {
+            return Ok(Bytes::Read(buf));
+        }
+        let mut data = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+        for b in &bufs {
+            data.extend_from_slice(b);
+        }
+        Ok(Bytes::Kept(data))
+    }
+
+    async fn buffers(self) -> Result<Vec<IoBuf>, OxError> {
         self.rx
             .recv()
             .await

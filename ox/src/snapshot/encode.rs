@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 
 use futures_lite::future::yield_now;
 
+use crate::blockio::Bytes;
 use crate::codec::Codec;
 use crate::cores::OneCore;
 use crate::error::OxError;
@@ -42,7 +43,7 @@ pub(super) enum Done {
 /// A chunk held, in chunk order.
 enum Held {
     /// Read, to be encoded here.
-    Data(Vec<u8>),
+    Data(Bytes),
     /// Encoded here already (while the writer waited for another core): its frame.
     Encoded(Option<Vec<u8>>),
     /// Being encoded on another core: its frame is the next of its batch's answer.
@@ -54,7 +55,7 @@ type Answer = Vec<Result<Option<Vec<u8>>, OxError>>;
 
 /// A batch of chunks for another core, and where its frames go.
 struct Batch {
-    chunks: Vec<(u64, Vec<u8>)>,
+    chunks: Vec<(u64, Bytes)>,
     reply: async_channel::Sender<Answer>,
 }
 
@@ -163,7 +164,7 @@ impl Encoders {
 
     /// Takes chunk `chunk`'s data to encode (here when no other core has room). It
     /// comes back from [`Self::next`] in chunk order.
-    pub(super) fn add(&mut self, chunk: u64, data: Vec<u8>) -> Result<(), OxError> {
+    pub(super) fn add(&mut self, chunk: u64, data: Bytes) -> Result<(), OxError> {
         self.gathering.push((chunk, Held::Data(data)));
         self.gathered += 1;
         self.held_read += 1;
@@ -376,7 +377,7 @@ mod tests {
         let batch = enc.batch_chunks as u64;
         assert_eq!(batch, 16);
         for n in 0..3 * batch {
-            enc.add(n, chunk(n)).unwrap();
+            enc.add(n, Bytes::Kept(chunk(n))).unwrap();
             if n == batch {
                 // An unchanged chunk between read ones keeps its place.
                 enc.unchanged(1000, Entry::Zero);

@@ -22,7 +22,7 @@ pub(super) struct ReadAhead {
 /// A chunk read ahead: preserved contents, or a read in flight (of the device, which
 /// holds the chunk from writes until done, or of a durable copy).
 pub(super) enum Ahead {
-    Ready(Vec<u8>),
+    Ready(crate::blockio::Bytes),
     Reading(crate::blockio::Pending),
 }
 
@@ -50,7 +50,7 @@ async fn start_read(
 ) -> Result<Ahead, OxError> {
     let claim = claim.finish().await.map_err(|e| claim_failed(handle, e))?;
     Ok(match claim {
-        Claim::Copy(data) => Ahead::Ready(data),
+        Claim::Copy(data) => Ahead::Ready(crate::blockio::Bytes::Kept(data)),
         Claim::Saved {
             dev,
             offset_blocks,

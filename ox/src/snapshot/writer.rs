@@ -585,7 +585,7 @@ pub(super) async fn write(
             };
             let data = match item {
                 Ahead::Ready(d) => d,
-                Ahead::Reading(p) => p.finish().await?,
+                Ahead::Reading(p) => p.finish_bytes().await?,
             };
             chunks_read += 1;
             packer.drive().await?;
