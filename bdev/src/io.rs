@@ -167,9 +167,9 @@ impl IoCompletion {
         }
     }
 
-    /// The buffers concatenated: one copy of each (a snapshot's reads and
-    /// copy-before-write copies take chunks this way). A byte-by-byte collect here was
-    /// most of what the reactor spent serving a snapshot's reads.
+    /// The buffers concatenated: one copy of each (a copy-before-write copy kept in
+    /// memory is taken this way). A byte-by-byte collect here was most of what the
+    /// reactor spent serving a snapshot's reads when they were taken this way too.
     pub fn data(&self) -> Vec<u8> {
         let mut data = Vec::with_capacity(self.bufs.iter().map(|b| b.len()).sum());
         for b in &self.bufs {

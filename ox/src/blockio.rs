@@ -105,10 +105,10 @@ impl Pending {
     }
 }
 
-/// Runs `io` on `bdev` through reactor `on`; returns the data it read (empty for
-/// requests that read nothing).
-pub async fn run(on: &ReactorHandle, bdev: &Bdev, io: BdevIo) -> Result<Vec<u8>, OxError> {
-    start(on, bdev, io)?.finish().await
+/// Runs `io` on `bdev` through reactor `on`, for what it does, not what it reads
+/// (writes, flushes): its buffers are dropped unread.
+pub async fn run(on: &ReactorHandle, bdev: &Bdev, io: BdevIo) -> Result<(), OxError> {
+    start(on, bdev, io)?.buffers().await.map(drop)
 }
 
 /// Reads `blocks` blocks at `lba`.
