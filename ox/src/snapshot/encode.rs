@@ -2,8 +2,10 @@
 //! encoder on each other core of its set ([`crate::cores::CoreSet`]).
 //!
 //! Chunks go to the other cores in batches (a message each way per batch, not per
-//! chunk) while one has room; the writer encodes a batch itself only when none has, so
-//! its own core, which also reads, packs and uploads, takes what the others cannot.
+//! chunk) while one has room; the writer keeps a batch for itself only when none has,
+//! so its own core, which also reads, packs and uploads, takes what the others cannot.
+//! It encodes what it kept while it waits for another core's answer, or when the batch
+//! comes to the front.
 //! Chunks come back in chunk order, whoever encoded them: the index, the objects and
 //! the journal see the same sequence as with one core. Each encoder has a nonce prefix
 //! of its own, recorded in the journal, so no nonce repeats under the snapshot's key.
