@@ -241,6 +241,7 @@ impl Encoders {
                 self.lanes[lane].away -= 1;
                 group.frames = answer.into();
                 group.away = None;
+                self.offload()?;
                 continue;
             }
             let Some((chunk, held)) = group.chunks.pop_front() else {
@@ -300,28 +301,7 @@ impl Encoders {
         }
         let mut gathered = std::mem::take(&mut self.gathering);
         self.gathered = 0;
-        let room = (0..self.lanes.len())
-            .filter(|&i| self.lanes[i].away < BATCHES_PER_CORE)
-            .min_by_key(|&i| self.lanes[i].away);
-        let away = match room {
-            Some(lane) => {
-                let mut chunks = Vec::with_capacity(self.batch_chunks);
-                for (chunk, held) in &mut gathered {
-                    match std::mem::replace(held, Held::Away) {
-                        Held::Data(data) => chunks.push((*chunk, data)),
-                        unchanged => *held = unchanged,
-                    }
-                }
-                let (reply, answer) = async_channel::bounded(1);
-                self.lanes[lane]
-                    .tx
-                    .try_send(Batch { chunks, reply })
-                    .map_err(|_| stopped())?;
-                self.lanes[lane].away += 1;
-                Some((lane, answer))
-            }
-            None => None,
-        };
+        let away = send_away(&mut self.lanes, gathered.iter_mut(), self.batch_chunks)?;
         let kept = (gathered.iter())
             .filter(|(_, h)| matches!(h, Held::Data(_)))
             .count();
@@ -333,6 +313,54 @@ impl Encoders {
         });
         Ok(())
     }
+
+    /// Sends what the writer kept to cores that have room again: it encodes only what
+    /// no other core can take.
+    fn offload(&mut self) -> Result<(), OxError> {
+        for group in (self.groups.iter_mut()).filter(|g| g.kept > 0 && g.away.is_none()) {
+            match send_away(&mut self.lanes, group.chunks.iter_mut(), group.kept)? {
+                Some(away) => {
+                    group.away = Some(away);
+                    group.kept = 0;
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends the read chunks among `chunks` (`read` of them) to the core of `lanes` with
+/// the most room, if one has room, marking them away: which core, and where its answer
+/// comes.
+fn send_away<'a>(
+    lanes: &mut [Lane],
+    chunks: impl Iterator<Item = &'a mut (u64, Held)>,
+    read: usize,
+) -> Result<Option<(usize, async_channel::Receiver<Answer>)>, OxError> {
+    let Some(lane) = (0..lanes.len())
+        .filter(|&i| lanes[i].away < BATCHES_PER_CORE)
+        .min_by_key(|&i| lanes[i].away)
+    else {
+        return Ok(None);
+    };
+    let mut batch = Vec::with_capacity(read);
+    for (chunk, held) in chunks {
+        match std::mem::replace(held, Held::Away) {
+            Held::Data(data) => batch.push((*chunk, data)),
+            other => *held = other,
+        }
+    }
+    let (reply, answer) = async_channel::bounded(1);
+    lanes[lane]
+        .tx
+        .try_send(Batch {
+            chunks: batch,
+            reply,
+        })
+        .map_err(|_| stopped())?;
+    lanes[lane].away += 1;
+    Ok(Some((lane, answer)))
 }
 
 fn stopped() -> OxError {
