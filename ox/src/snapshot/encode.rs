@@ -457,4 +457,73 @@ mod tests {
         drop(enc);
         cores.shutdown();
     }
+
+    /// A batch the writer kept and began to encode goes, what is left of it, to the
+    /// other core once that core answers: a group of chunks encoded here and chunks
+    /// encoded there, which come back in order all the same.
+    #[test]
+    fn what_the_writer_kept_goes_to_a_core_with_room_again() {
+        let cores = OxCores::start(&[None], 4).unwrap();
+        let (release, busy) = std::sync::mpsc::channel::<()>();
+        cores
+            .submit_blocking(Box::new(move |_ex| {
+                Box::pin(async move {
+                    let _ = busy.recv();
+                })
+            }))
+            .unwrap();
+        let key = SecretKey::random().unwrap();
+        let binding = Binding {
+            volume: [3; 16],
+            snapshot: [4; 16],
+        };
+        let codec = || Codec::new(CodecSettings { level: 1 }, Some(&key), binding);
+        let others = cores.set().others();
+        let mut enc = Encoders::start(codec().unwrap(), others, CHUNK as u64, codec).unwrap();
+        let batch = enc.batch_chunks as u64;
+        for n in 0..3 * batch {
+            enc.add(n, Bytes::Kept(chunk(n))).unwrap();
+        }
+        // Four of the kept batch's chunks are encoded here while the writer waits.
+        futures_lite::future::block_on(async {
+            let mut next = Box::pin(enc.next(true));
+            for _ in 0..4 {
+                assert!(futures_lite::future::poll_once(&mut next).await.is_none());
+            }
+        });
+        assert_eq!(enc.groups[2].kept as u64, batch - 4);
+        release.send(()).unwrap();
+        // Not waiting (nothing more is encoded here) until the first answer is in.
+        let first = loop {
+            if let Some(item) = futures_lite::future::block_on(enc.next(false)).unwrap() {
+                break item;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert_eq!(first.0, 0);
+        let kept = &enc.groups[2];
+        assert!(
+            kept.away.is_some() && kept.kept == 0,
+            "sent to the other core"
+        );
+        let held: Vec<bool> = (kept.chunks.iter())
+            .map(|(_, h)| matches!(h, Held::Encoded(_)))
+            .collect();
+        assert_eq!(held.iter().filter(|e| **e).count(), 4, "four encoded here");
+        let mut order = vec![first.0];
+        futures_lite::future::block_on(async {
+            while let Some((n, done)) = enc.next(true).await.unwrap() {
+                let Done::Encoded(Some(frame)) = done else {
+                    panic!("chunk {n}: not a frame");
+                };
+                let back = codec().unwrap().decode(n, &frame, CHUNK).unwrap();
+                assert!(back == chunk(n), "chunk {n}'s frame");
+                order.push(n);
+            }
+        });
+        assert_eq!(order, (0..3 * batch).collect::<Vec<_>>());
+        assert_eq!((enc.held_read(), enc.lanes[0].away), (0, 0));
+        drop(enc);
+        cores.shutdown();
+    }
 }
