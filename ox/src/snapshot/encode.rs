@@ -381,11 +381,23 @@ mod tests {
         (0..CHUNK).map(|i| ((i / 97) as u64 ^ n) as u8).collect()
     }
 
-    /// With the other core busy, two batches wait for it and the third is kept; while
-    /// the writer waits for the first answer it encodes the kept one; once the other
-    /// core answers, every chunk comes back once, in order, each frame its chunk's.
-    #[test]
-    fn the_writer_encodes_what_it_kept_while_it_waits_and_order_holds() {
+    /// A codec as the encoders' (same key and binding), to decode what they encode.
+    fn codec(key: &SecretKey) -> Result<Codec, OxError> {
+        let binding = Binding {
+            volume: [1; 16],
+            snapshot: [2; 16],
+        };
+        Codec::new(CodecSettings { level: 1 }, Some(key), binding)
+    }
+
+    /// One other OX core, held busy until the sender is used, and encoders over it
+    /// (this test's thread is the writer's) that have been given three batches of
+    /// chunks 0, 1, …: two wait for the busy core, the third is kept. With `unchanged`,
+    /// an unchanged chunk numbered 1000 follows the second batch's first chunk.
+    fn three_batches_one_kept(
+        key: &SecretKey,
+        unchanged: bool,
+    ) -> (OxCores, std::sync::mpsc::Sender<()>, Encoders) {
         let cores = OxCores::start(&[None], 4).unwrap();
         let (release, busy) = std::sync::mpsc::channel::<()>();
         cores
@@ -395,27 +407,34 @@ mod tests {
                 })
             }))
             .unwrap();
-        let key = SecretKey::random().unwrap();
-        let binding = Binding {
-            volume: [1; 16],
-            snapshot: [2; 16],
-        };
-        let codec = || Codec::new(CodecSettings { level: 1 }, Some(&key), binding);
         let others = cores.set().others();
         assert_eq!(others.len(), 1, "this thread is on none of the set's cores");
-        let mut enc = Encoders::start(codec().unwrap(), others, CHUNK as u64, codec).unwrap();
+        let mut enc =
+            Encoders::start(codec(key).unwrap(), others, CHUNK as u64, || codec(key)).unwrap();
         let batch = enc.batch_chunks as u64;
         assert_eq!(batch, 16);
         for n in 0..3 * batch {
             enc.add(n, Bytes::Kept(chunk(n))).unwrap();
-            if n == batch {
-                // An unchanged chunk between read ones keeps its place.
+            if unchanged && n == batch {
                 enc.unchanged(1000, Entry::Zero);
             }
         }
         assert_eq!(enc.lanes[0].away, 2);
         assert_eq!(enc.groups.len(), 3);
         assert_eq!(enc.groups[2].kept as u64, batch, "the third batch is kept");
+        (cores, release, enc)
+    }
+
+    /// With the other core busy, two batches wait for it and the third is kept; while
+    /// the writer waits for the first answer it encodes the kept one; once the other
+    /// core answers, every chunk comes back once, in order, each frame its chunk's.
+    #[test]
+    fn the_writer_encodes_what_it_kept_while_it_waits_and_order_holds() {
+        let key = SecretKey::random().unwrap();
+        // An unchanged chunk between read ones that go to the other core keeps its
+        // place.
+        let (cores, release, mut enc) = three_batches_one_kept(&key, true);
+        let batch = enc.batch_chunks as u64;
         // Waiting on the busy core: the kept chunks are encoded, one a poll.
         futures_lite::future::block_on(async {
             let mut next = Box::pin(enc.next(true));
@@ -442,7 +461,7 @@ mod tests {
                     }
                     Done::Encoded(frame) => {
                         let frame = frame.expect("not all zeros");
-                        let back = codec().unwrap().decode(n, &frame, CHUNK).unwrap();
+                        let back = codec(&key).unwrap().decode(n, &frame, CHUNK).unwrap();
                         assert!(back == chunk(n), "chunk {n}'s frame");
                     }
                 }
@@ -463,27 +482,9 @@ mod tests {
     /// encoded there, which come back in order all the same.
     #[test]
     fn what_the_writer_kept_goes_to_a_core_with_room_again() {
-        let cores = OxCores::start(&[None], 4).unwrap();
-        let (release, busy) = std::sync::mpsc::channel::<()>();
-        cores
-            .submit_blocking(Box::new(move |_ex| {
-                Box::pin(async move {
-                    let _ = busy.recv();
-                })
-            }))
-            .unwrap();
         let key = SecretKey::random().unwrap();
-        let binding = Binding {
-            volume: [3; 16],
-            snapshot: [4; 16],
-        };
-        let codec = || Codec::new(CodecSettings { level: 1 }, Some(&key), binding);
-        let others = cores.set().others();
-        let mut enc = Encoders::start(codec().unwrap(), others, CHUNK as u64, codec).unwrap();
+        let (cores, release, mut enc) = three_batches_one_kept(&key, false);
         let batch = enc.batch_chunks as u64;
-        for n in 0..3 * batch {
-            enc.add(n, Bytes::Kept(chunk(n))).unwrap();
-        }
         // Four of the kept batch's chunks are encoded here while the writer waits.
         futures_lite::future::block_on(async {
             let mut next = Box::pin(enc.next(true));
@@ -516,7 +517,7 @@ mod tests {
                 let Done::Encoded(Some(frame)) = done else {
                     panic!("chunk {n}: not a frame");
                 };
-                let back = codec().unwrap().decode(n, &frame, CHUNK).unwrap();
+                let back = codec(&key).unwrap().decode(n, &frame, CHUNK).unwrap();
                 assert!(back == chunk(n), "chunk {n}'s frame");
                 order.push(n);
             }
