@@ -180,6 +180,70 @@ fn the_same_over_https_with_a_custom_ca() {
     run(async |ex| exercise(&store(&server, SECRET, &ex).unwrap()).await);
 }
 
+/// A ranged GET over plain HTTP asks for a whole number of the connection's TCP
+/// segments where that costs at most an eighth more (a server that leaves Nagle's
+/// algorithm on then has no small last segment to hold for a round trip), the bytes
+/// added before the range where there are enough, and returns exactly the bytes wanted;
+/// at an object's end, what is there. Over HTTPS it asks for the range as it is. What
+/// was asked is counted at the server.
+#[test]
+fn a_ranged_get_asks_for_whole_segments_and_returns_what_was_wanted() {
+    for https in [false, true] {
+        let server = start_server(https);
+        // The segment size of a connection to the server, as the store's see it.
+        let probe = std::net::TcpStream::connect(server.addr).unwrap();
+        let mss = u64::from(socket2::SockRef::from(&probe).tcp_mss().unwrap());
+        drop(probe);
+        let data: Vec<u8> = (0..3 * mss).map(|i| (i % 241) as u8).collect();
+        let sent = || server.faults.get_bytes.load(Ordering::SeqCst);
+        run(async |ex| {
+            let s = store(&server, SECRET, &ex).unwrap();
+            s.put("ox1/d/seg", data.clone()).await.unwrap();
+            // An object a little short of one segment.
+            let small = &data[..(mss - mss / 32) as usize];
+            s.put("ox1/d/small", small.to_vec()).await.unwrap();
+            // (object, offset, length wanted, bytes a plain-HTTP store asks for).
+            let cases = [
+                // An eighth or less short of a segment, at the start: a segment from it.
+                ("seg", 0, mss - mss / 16, mss),
+                // The same inside the object, and ending at its end: a segment ending
+                // where the range ends.
+                ("seg", mss, mss - mss / 16, mss),
+                ("seg", 2 * mss + 300, mss - 300, mss),
+                // Whole segments already.
+                ("seg", 10, 2 * mss, 2 * mss),
+                // Half a segment: rounding would double it; asked as it is.
+                ("seg", 7, mss / 2, mss / 2),
+                // Rounded up past the object's end: the server sends what there is.
+                ("small", 0, small.len() as u64 - 5, small.len() as u64),
+            ];
+            for (name, off, len, asked) in cases {
+                let object = if name == "seg" { &data[..] } else { small };
+                let before = sent();
+                let got = s
+                    .get_range(&format!("ox1/d/{name}"), off, len)
+                    .await
+                    .unwrap();
+                assert!(
+                    got == object[off as usize..(off + len) as usize],
+                    "{off}+{len}"
+                );
+                let expect = if https { len } else { asked };
+                assert_eq!(sent() - before, expect, "{name} {off}+{len} https={https}");
+            }
+            // Past the end as before: what the object holds, or nothing.
+            let tail = s.get_range("ox1/d/seg", 3 * mss - 50, 100).await.unwrap();
+            assert!(tail == data[(3 * mss - 50) as usize..]);
+            let tail = s
+                .get_range("ox1/d/small", small.len() as u64 - 50, 100)
+                .await;
+            assert!(tail.unwrap() == small[small.len() - 50..]);
+            let past = s.get_range("ox1/d/small", 2 * mss, 4096).await.unwrap();
+            assert!(past.is_empty());
+        });
+    }
+}
+
 /// `oxctl store check`: every step passes on a good store and leaves nothing behind;
 /// a wrong secret and an untrusted certificate each fail the first step with the
 /// reason.

@@ -2,7 +2,7 @@
 //! rustls (system roots or a custom CA bundle), kept-alive connections reused per
 //! host, and a deadline on every request. It runs on an OX core's local executor.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
@@ -166,6 +166,9 @@ pub struct HttpClient {
     /// Connect here instead of where the URL's host resolves (the host still names
     /// the server: `Host`, TLS server name).
     connect_to: Option<std::net::SocketAddr>,
+    /// The TCP maximum segment size of the last plain-HTTP connection made, if one was:
+    /// see [`Self::segment_size`].
+    segment: Cell<Option<u32>>,
 }
 
 impl HttpClient {
@@ -182,7 +185,22 @@ impl HttpClient {
             timeout,
             idle: RefCell::new(HashMap::new()),
             connect_to: None,
+            segment: Cell::new(None),
         }
+    }
+
+    /// The TCP maximum segment size of this client's plain-HTTP connections (the last
+    /// one made), once one is made; `None` before, and over TLS only. A server that
+    /// leaves Nagle's algorithm on holds the last segment of a small answer while one it
+    /// sent before (the headers) is unacknowledged: one round trip more, which no ACK
+    /// of ours can save. An answer whose body is a whole number of segments has no such
+    /// last segment, so a ranged GET may ask for a little more to end on one (see
+    /// `S3Store`). Both ends' segment sizes are the smaller of the two ends' MTUs less
+    /// headers, so ours is the server's on a symmetric path; a wrong one costs only the
+    /// bytes asked for in vain. Under TLS the records' framing hides where segments
+    /// end, so nothing is offered there.
+    pub fn segment_size(&self) -> Option<u32> {
+        self.segment.get()
     }
 
     /// A client of the same settings and executor with no connections of its own, and
@@ -194,6 +212,7 @@ impl HttpClient {
             timeout: self.timeout,
             idle: RefCell::new(HashMap::new()),
             connect_to: self.connect_to,
+            segment: Cell::new(self.segment.get()),
         };
         (client, Rc::clone(&self.executor))
     }
@@ -353,6 +372,9 @@ impl HttpClient {
                 source,
             })?;
         let _ = tcp.get_ref().set_nodelay(true);
+        if !https && let Ok(mss) = socket2::SockRef::from(tcp.get_ref()).tcp_mss() {
+            self.segment.set(Some(mss).filter(|&m| m > 0));
+        }
         let tcp = QuickAck(tcp);
         if https {
             let config = self
