@@ -195,6 +195,7 @@ fn main() {
                 let store = S3Store::new(c.clone(), Rc::clone(&ex)).unwrap();
                 let fresh_store = S3Store::new(c, ex).unwrap();
                 store.get_range(&o, 0, 4096).await.unwrap();
+                fresh_store.get_range(&o, 0, 4096).await.unwrap();
                 let (mut a, mut b, mut f) = (Vec::new(), Vec::new(), Vec::new());
                 for i in 0..n {
                     let span = ((object_mib as u64) << 20).saturating_sub(frame_len).max(1);

@@ -240,6 +240,13 @@ fn a_ranged_get_asks_for_whole_segments_and_returns_what_was_wanted() {
             assert!(tail.unwrap() == small[small.len() - 50..]);
             let past = s.get_range("ox1/d/small", 2 * mss, 4096).await.unwrap();
             assert!(past.is_empty());
+            // Past the end, with the bytes added before reaching into the object: the
+            // server sends those, and nothing is returned.
+            let before = sent();
+            let past = s.get_range("ox1/d/seg", 3 * mss + 10, mss - mss / 16).await;
+            assert!(past.unwrap().is_empty());
+            let expect = if https { 0 } else { mss / 16 - 10 };
+            assert_eq!(sent() - before, expect, "past the end, https={https}");
         });
     }
 }
