@@ -93,7 +93,8 @@ impl Pending {
         Ok(Bytes::Kept(data))
     }
 
-    async fn buffers(self) -> Result<Vec<IoBuf>, OxError> {
+    /// Waits for the request; returns the buffers it read into, as they are.
+    pub async fn buffers(self) -> Result<Vec<IoBuf>, OxError> {
         self.rx
             .recv()
             .await
@@ -132,10 +133,29 @@ pub fn start_read(
     then: impl FnOnce() + Send + 'static,
 ) -> Result<Pending, OxError> {
     let len = (blocks * u64::from(bdev.block_size())) as usize;
+    start_read_into(on, bdev, lba, vec![IoBuf::new(len)], then)
+}
+
+/// [`start_read`] of the blocks at `lba` that fill `bufs`, one after another: one
+/// request for several pieces, each of which comes back in its own buffer. Each
+/// buffer's length must be a whole number of blocks.
+pub fn start_read_into(
+    on: &ReactorHandle,
+    bdev: &Bdev,
+    lba: u64,
+    bufs: Vec<IoBuf>,
+    then: impl FnOnce() + Send + 'static,
+) -> Result<Pending, OxError> {
+    let block = u64::from(bdev.block_size()).max(1);
+    let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    debug_assert!(
+        bufs.iter().all(|b| (b.len() as u64).is_multiple_of(block)),
+        "buffers of whole blocks"
+    );
     start_then(
         on,
         bdev,
-        BdevIo::read(lba, blocks, vec![IoBuf::new(len)]).internal(),
+        BdevIo::read(lba, bytes / block, bufs).internal(),
         then,
     )
 }

@@ -113,6 +113,34 @@ pub(super) fn send(shared: &Arc<Shared>, owner: &ReactorHandle, event: Event<Wri
     );
 }
 
+/// [`send`] for several events in one message (one wake-up of the owner's reactor),
+/// applied in order.
+pub(super) fn send_all(
+    shared: &Arc<Shared>,
+    owner: &ReactorHandle,
+    events: Vec<Event<Writer, Asker>>,
+) {
+    if let Some(r) = reactor::current()
+        && r.handle().same(owner)
+    {
+        for event in events {
+            apply(shared, &r, event);
+        }
+        return;
+    }
+    let shared = Arc::clone(shared);
+    deliver(
+        owner.clone(),
+        Box::new(move || {
+            if let Some(r) = reactor::current() {
+                for event in events {
+                    apply(&shared, &r, event);
+                }
+            }
+        }),
+    );
+}
+
 /// Applies `event` on the owner `r`, publishes what changed and carries out the
 /// actions.
 fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Writer, Asker>) {

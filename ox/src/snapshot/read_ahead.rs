@@ -11,8 +11,11 @@ use super::attempt::Attempt;
 /// encoding and uploading this chunk. Claims go to the volume's owner reactor in
 /// batches, once half the window has been used, and all their answers are awaited
 /// together: the encoder pays one round trip to the owner per batch, not per chunk.
+/// Adjacent chunks to be read from the device whose answers come together are read by
+/// one request, each into a buffer of its own: one message to the reactor and one
+/// completion for up to [`MOST_IN_RUN`] chunks.
 pub(super) struct ReadAhead {
-    queue: std::collections::VecDeque<(u64, Ahead)>,
+    queue: std::collections::VecDeque<(u64, Queued)>,
     /// The next chunk to consider.
     scan: u64,
     /// Chunks claimed and read ahead at most.
@@ -25,6 +28,30 @@ pub(super) enum Ahead {
     Ready(crate::blockio::Bytes),
     Reading(crate::blockio::Pending),
 }
+
+/// A chunk in the read-ahead's queue.
+enum Queued {
+    /// Read or being read on its own.
+    One(Ahead),
+    /// The first of `chunks` adjacent chunks read by one request, a buffer each.
+    Run {
+        read: crate::blockio::Pending,
+        chunks: usize,
+    },
+    /// A later chunk of the run before it in the queue.
+    InRun,
+}
+
+/// Adjacent chunks one device request reads at most.
+const MOST_IN_RUN: usize = 16;
+
+/// Reads `n` adjacent chunks from the first given, each into a buffer of its own, and
+/// releases each to writers when done.
+pub(super) trait ReadChunks:
+    Fn(u64, usize) -> Result<crate::blockio::Pending, OxError>
+{
+}
+impl<F: Fn(u64, usize) -> Result<crate::blockio::Pending, OxError>> ReadChunks for F {}
 
 /// Bytes of chunks a snapshot keeps claimed and read ahead of the encoder (at least
 /// [`LEAST_AHEAD`] chunks, at most [`MOST_AHEAD`]).
@@ -45,10 +72,25 @@ async fn start_read(
     chunk: u64,
     claim: PendingClaim,
     handle: &VolumeHandle,
-    read: &impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
+    read: &impl ReadChunks,
     on: &ReactorHandle,
 ) -> Result<Ahead, OxError> {
     let claim = claim.finish().await.map_err(|e| claim_failed(handle, e))?;
+    match claim {
+        Claim::Device => match read(chunk, 1) {
+            Ok(p) => Ok(Ahead::Reading(p)),
+            Err(e) => {
+                handle.chunk_read(chunk);
+                Err(e)
+            }
+        },
+        other => kept_or_saved(other, on),
+    }
+}
+
+/// What to read for a chunk the device does not hold for the snapshot: its contents
+/// kept before a write, or where they were saved.
+fn kept_or_saved(claim: Claim, on: &ReactorHandle) -> Result<Ahead, OxError> {
     Ok(match claim {
         Claim::Copy(data) => Ahead::Ready(crate::blockio::Bytes::Kept(data)),
         Claim::Saved {
@@ -62,13 +104,7 @@ async fn start_read(
             num_blocks,
             || {},
         )?),
-        Claim::Device => match read(chunk) {
-            Ok(p) => Ahead::Reading(p),
-            Err(e) => {
-                handle.chunk_read(chunk);
-                return Err(e);
-            }
-        },
+        Claim::Device => unreachable!("a device read is started by its run"),
     })
 }
 
@@ -77,7 +113,7 @@ pub(super) async fn start_chunk(
     chunk: u64,
     attempt: &mut Attempt<'_>,
     handle: &VolumeHandle,
-    read: &impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
+    read: &impl ReadChunks,
     on: &ReactorHandle,
 ) -> Result<Ahead, OxError> {
     attempt.claimed(chunk);
@@ -105,8 +141,9 @@ impl ReadAhead {
     /// its read in flight (a claimed chunk holds hosts' writes to it until its read is
     /// done, and an encoder waiting on an upload must not hold them up); on an error,
     /// every claim sent is still seen through to its read, which releases the chunk.
-    /// Each read starts as its claim's answer comes: a claim whose answer waits on a
-    /// host write's copy holds no other chunk of the batch without its read.
+    /// Reads start as their claims' answers come: adjacent chunks answered together go
+    /// in one request, and a claim whose answer waits on a host write's copy holds no
+    /// other chunk of the batch without its read.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn fill(
         &mut self,
@@ -115,47 +152,102 @@ impl ReadAhead {
         changed: &bdev::ChangedChunks,
         attempt: &mut Attempt<'_>,
         handle: &VolumeHandle,
-        read: &impl Fn(u64) -> Result<crate::blockio::Pending, OxError>,
+        read: &impl ReadChunks,
         on: &ReactorHandle,
     ) -> Result<(), OxError> {
         self.scan = self.scan.max(at);
         if self.queue.len() > self.window / 2 {
             return Ok(());
         }
-        let mut claims = Vec::with_capacity(self.window);
-        let mut failed = None;
+        let mut wanted = Vec::with_capacity(self.window);
         let end = chunks.min(at + 4 * self.window as u64);
-        while self.queue.len() + claims.len() < self.window && self.scan < end {
+        while self.queue.len() + wanted.len() < self.window && self.scan < end {
             let c = self.scan;
             if changed.contains(c) {
                 attempt.claimed(c);
-                match handle.send_claim(c) {
-                    Ok(claim) => claims.push((c, claim)),
-                    Err(e) => {
-                        failed = Some(claim_failed(handle, e));
-                        break;
-                    }
-                }
+                wanted.push(c);
             }
             self.scan += 1;
         }
-        // Each read starts as soon as its own answer comes, whatever the order: a claim
-        // waiting on a host write's copy holds no other chunk's read back.
-        let mut reads: Vec<_> = claims
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        // One message for the batch's claims: the owner's reactor is woken once.
+        let (claims, mut failed) = match handle.send_claims(&wanted) {
+            Ok(claims) => (claims, None),
+            Err(e) => (Vec::new(), Some(claim_failed(handle, e))),
+        };
+        let mut answers: Vec<_> = wanted
             .into_iter()
-            .map(|(c, claim)| (c, Box::pin(start_read(c, claim, handle, read, on))))
+            .zip(claims)
+            .map(|(c, claim)| (c, Box::pin(claim.finish())))
             .collect();
-        let mut started: Vec<Option<Result<Ahead, OxError>>> = reads.iter().map(|_| None).collect();
+        // Each claim's outcome, in chunk order; `None` while its answer is awaited.
+        let mut started: Vec<Option<Result<Queued, OxError>>> =
+            answers.iter().map(|_| None).collect();
+        // Adjacent chunks answered "read the device" and not yet read: where the first
+        // is in `answers`, and how many.
+        let mut run: Option<(usize, usize)> = None;
+        let start_run = |run: &mut Option<(usize, usize)>,
+                         started: &mut Vec<Option<Result<Queued, OxError>>>,
+                         answers: &[(u64, _)]| {
+            let Some((first, n)) = run.take() else {
+                return;
+            };
+            let chunk = answers[first].0;
+            started[first] = Some(match read(chunk, n) {
+                Ok(p) if n == 1 => Ok(Queued::One(Ahead::Reading(p))),
+                Ok(p) => Ok(Queued::Run { read: p, chunks: n }),
+                Err(e) => {
+                    for c in chunk..chunk + n as u64 {
+                        handle.chunk_read(c);
+                    }
+                    Err(e)
+                }
+            });
+        };
         std::future::poll_fn(|cx| {
             let mut waiting = false;
-            for ((_, r), done) in reads.iter_mut().zip(started.iter_mut()) {
-                if done.is_none() {
-                    match r.as_mut().poll(cx) {
-                        std::task::Poll::Ready(result) => *done = Some(result),
-                        std::task::Poll::Pending => waiting = true,
+            for i in 0..answers.len() {
+                if started[i].is_some() {
+                    continue;
+                }
+                let std::task::Poll::Ready(answer) = answers[i].1.as_mut().poll(cx) else {
+                    // A gap: what was answered before it is read now.
+                    start_run(&mut run, &mut started, &answers);
+                    waiting = true;
+                    continue;
+                };
+                match answer {
+                    Ok(Claim::Device) => {
+                        match run {
+                            Some((first, n))
+                                if first + n == i
+                                    && answers[first].0 + n as u64 == answers[i].0
+                                    && n < MOST_IN_RUN =>
+                            {
+                                run = Some((first, n + 1));
+                            }
+                            _ => {
+                                start_run(&mut run, &mut started, &answers);
+                                run = Some((i, 1));
+                            }
+                        }
+                        // Its place is taken; the run's first says how it is read.
+                        started[i] = Some(Ok(Queued::InRun));
+                    }
+                    Ok(other) => {
+                        start_run(&mut run, &mut started, &answers);
+                        started[i] = Some(kept_or_saved(other, on).map(Queued::One));
+                    }
+                    Err(e) => {
+                        start_run(&mut run, &mut started, &answers);
+                        started[i] = Some(Err(claim_failed(handle, e)));
                     }
                 }
             }
+            // Nothing answered waits for what is still to come.
+            start_run(&mut run, &mut started, &answers);
             if waiting {
                 std::task::Poll::Pending
             } else {
@@ -163,9 +255,9 @@ impl ReadAhead {
             }
         })
         .await;
-        for ((c, _), result) in reads.into_iter().zip(started) {
+        for ((c, _), result) in answers.into_iter().zip(started) {
             let Some(result) = result else {
-                unreachable!("every read was seen through above")
+                unreachable!("every claim was seen through above")
             };
             match result {
                 Ok(item) if failed.is_none() => self.queue.push_back((c, item)),
@@ -179,11 +271,29 @@ impl ReadAhead {
         failed.map_or(Ok(()), Err)
     }
 
-    /// The read-ahead of `chunk`, if it was started.
-    pub(super) fn take(&mut self, chunk: u64) -> Option<Ahead> {
-        match self.queue.front() {
-            Some((c, _)) if *c == chunk => self.queue.pop_front().map(|(_, a)| a),
-            _ => None,
+    /// The read-ahead of `chunk`, if it was started. The first chunk of a run waits for
+    /// the run's read and leaves the others' buffers in their places.
+    pub(super) async fn take(&mut self, chunk: u64) -> Result<Option<Ahead>, OxError> {
+        if self.queue.front().is_none_or(|(c, _)| *c != chunk) {
+            return Ok(None);
         }
+        let Some((_, queued)) = self.queue.pop_front() else {
+            unreachable!("a first chunk, seen above")
+        };
+        let (read, n) = match queued {
+            Queued::One(ahead) => return Ok(Some(ahead)),
+            Queued::Run { read, chunks } => (read, chunks),
+            Queued::InRun => unreachable!("chunk {chunk} of a run taken before its first"),
+        };
+        let mut bufs = read.buffers().await?.into_iter();
+        assert_eq!(bufs.len(), n, "a buffer for each chunk of the run");
+        let Some(first) = bufs.next() else {
+            unreachable!("a run of {n} chunks")
+        };
+        for ((c, slot), buf) in self.queue.iter_mut().zip(bufs) {
+            assert!(matches!(slot, Queued::InRun), "chunk {c} follows its run");
+            *slot = Queued::One(Ahead::Ready(crate::blockio::Bytes::Read(buf)));
+        }
+        Ok(Some(Ahead::Ready(crate::blockio::Bytes::Read(first))))
     }
 }

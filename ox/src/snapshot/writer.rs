@@ -565,21 +565,26 @@ pub(super) async fn write(
             // A device read releases its chunk to writers the moment it completes (on the
             // reactor), not when the encoder gets to it: an encoder waiting on a slow
             // upload must not hold host writes up.
-            let read = |c: u64| {
-                let len = (volume_bytes - c * chunk_bytes).min(chunk_bytes);
+            // Chunks `c..c + n`, a buffer each, released as the read completes.
+            let read = |c: u64, n: usize| {
+                let after = c + n as u64;
+                let bufs = (c..after)
+                    .map(|k| {
+                        let len = (volume_bytes - k * chunk_bytes).min(chunk_bytes);
+                        bdev::IoBuf::new(len as usize)
+                    })
+                    .collect();
                 let (h, generation) = (handle.clone(), handle.generation());
-                crate::blockio::start_read(
-                    on,
-                    dev,
-                    c * chunk_bytes / block,
-                    len / block,
-                    move || h.chunk_read_in(c, generation),
-                )
+                crate::blockio::start_read_into(on, dev, c * chunk_bytes / block, bufs, move || {
+                    for k in c..after {
+                        h.chunk_read_in(k, generation);
+                    }
+                })
             };
             ahead
                 .fill(chunk, chunks, changed, attempt, handle, &read, on)
                 .await?;
-            let item = match ahead.take(chunk) {
+            let item = match ahead.take(chunk).await? {
                 Some(item) => item,
                 None => start_chunk(chunk, attempt, handle, &read, on).await?,
             };
