@@ -13,13 +13,16 @@ use super::attempt::Attempt;
 /// together: the encoder pays one round trip to the owner per batch, not per chunk.
 /// Adjacent chunks to be read from the device whose answers come together are read by
 /// one request, each into a buffer of its own: one message to the reactor and one
-/// completion for up to [`MOST_IN_RUN`] chunks.
+/// completion for up to [`RUN_BYTES`] of chunks (the request releases them all to
+/// writers when it completes).
 pub(super) struct ReadAhead {
     queue: std::collections::VecDeque<(u64, Queued)>,
     /// The next chunk to consider.
     scan: u64,
     /// Chunks claimed and read ahead at most.
     window: usize,
+    /// Chunks one device request reads at most.
+    most_in_run: usize,
 }
 
 /// A chunk read ahead: preserved contents, or a read in flight (of the device, which
@@ -31,7 +34,7 @@ pub(super) enum Ahead {
 
 /// A chunk in the read-ahead's queue.
 enum Queued {
-    /// Read or being read on its own.
+    /// Read or being read on its own, or its buffer from its run's read.
     One(Ahead),
     /// The first of `chunks` adjacent chunks read by one request, a buffer each.
     Run {
@@ -42,11 +45,12 @@ enum Queued {
     InRun,
 }
 
-/// Adjacent chunks one device request reads at most.
-const MOST_IN_RUN: usize = 16;
+/// Bytes of adjacent chunks one device request reads at most (16 of 64 KiB): a host
+/// write to the first of them waits for the whole request.
+const RUN_BYTES: u64 = 1 << 20;
 
 /// Reads `n` adjacent chunks from the first given, each into a buffer of its own, and
-/// releases each to writers when done.
+/// releases them all to writers when the request completes.
 pub(super) trait ReadChunks:
     Fn(u64, usize) -> Result<crate::blockio::Pending, OxError>
 {
@@ -133,6 +137,9 @@ impl ReadAhead {
             queue: std::collections::VecDeque::with_capacity(window),
             scan: 0,
             window,
+            most_in_run: usize::try_from(RUN_BYTES / chunk_bytes.max(1))
+                .unwrap_or(1)
+                .max(1),
         }
     }
 
@@ -224,7 +231,7 @@ impl ReadAhead {
                             Some((first, n))
                                 if first + n == i
                                     && answers[first].0 + n as u64 == answers[i].0
-                                    && n < MOST_IN_RUN =>
+                                    && n < self.most_in_run =>
                             {
                                 run = Some((first, n + 1));
                             }
@@ -285,7 +292,16 @@ impl ReadAhead {
             Queued::Run { read, chunks } => (read, chunks),
             Queued::InRun => unreachable!("chunk {chunk} of a run taken before its first"),
         };
-        let mut bufs = read.buffers().await?.into_iter();
+        let mut bufs = match read.buffers().await {
+            Ok(bufs) => bufs.into_iter(),
+            Err(e) => {
+                // The run's other chunks go with it: nothing is left to take.
+                for _ in 1..n {
+                    self.queue.pop_front();
+                }
+                return Err(e);
+            }
+        };
         assert_eq!(bufs.len(), n, "a buffer for each chunk of the run");
         let Some(first) = bufs.next() else {
             unreachable!("a run of {n} chunks")

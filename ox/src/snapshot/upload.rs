@@ -86,6 +86,15 @@ impl<'a> Packer<'a> {
     /// Appends a frame; returns (object number, offset).
     pub(super) async fn add(&mut self, frame: &[u8]) -> Result<(u32, u64), OxError> {
         let at = (self.objects.len() as u32, self.current.len() as u64);
+        if self.current.is_empty() {
+            // The object's whole size at once: it closes at the frame that reaches
+            // `object_bytes`, and a frame holds at most its chunk. Grown by doubling,
+            // it was copied about once more and faulted in again on the way.
+            let most_frame =
+                crate::codec::HEADER_LEN + *crate::codec::CHUNK_SIZES.end() + crate::codec::TAG_LEN;
+            self.current
+                .reserve(self.opts.object_bytes + most_frame.max(frame.len()));
+        }
         self.current.extend_from_slice(frame);
         if self.current.len() >= self.opts.object_bytes {
             self.seal().await?;
