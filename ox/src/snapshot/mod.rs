@@ -95,7 +95,8 @@ pub struct SnapshotOptions {
 /// Progress and cancellation of a running snapshot, shared with whoever watches it.
 #[derive(Debug, Default)]
 pub struct SnapshotProgress {
-    /// Chunks examined so far.
+    /// Chunks done so far: every chunk before this one is encoded (or found unchanged)
+    /// and handed to the packer and the index.
     pub chunks_done: std::sync::atomic::AtomicU64,
     /// Chunks in the volume.
     pub chunks_total: std::sync::atomic::AtomicU64,

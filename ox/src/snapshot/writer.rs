@@ -524,9 +524,11 @@ pub(super) async fn write(
                 checkpoint_time += began.elapsed();
             }
         }
-        progress
-            .chunks_done
-            .store(chunk, std::sync::atomic::Ordering::Relaxed);
+        // Done: every chunk before the first the encoders still hold.
+        progress.chunks_done.store(
+            encoders.first_held().unwrap_or(chunk),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         progress
             .bytes_uploaded
             .store(packer.uploaded, std::sync::atomic::Ordering::Relaxed);
