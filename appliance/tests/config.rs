@@ -373,3 +373,36 @@ fn write_private(path: &std::path::Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
+
+/// A core list as `oxd` takes it ("A-B" or "A") as the cores it names.
+fn core_range(list: &str) -> std::ops::RangeInclusive<usize> {
+    let (a, b) = list.split_once('-').unwrap_or((list, list));
+    a.parse().unwrap()..=b.parse().unwrap()
+}
+
+/// The image's default core layout (`appliance/image/firstboot`, when no seed is
+/// given), for every core count: the OX cores are the last quarter (at least one), the
+/// reactors every core before them, so each core serves one of the two; one core only
+/// is both.
+#[test]
+fn the_images_default_layout_gives_every_core_one_part() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/image/firstboot");
+    for n in 1..=256usize {
+        let out = Command::new("sh")
+            .args([script, "--layout", &n.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{n} cores: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (reactors, ox) = text.trim().split_once(' ').unwrap();
+        let (reactors, ox) = (core_range(reactors), core_range(ox));
+        if n == 1 {
+            assert_eq!((reactors, ox), (0..=0, 0..=0));
+            continue;
+        }
+        assert_eq!(ox.clone().count(), (n / 4).max(1), "{n} cores: {text}");
+        assert_eq!(*reactors.start(), 0, "{n} cores: {text}");
+        assert_eq!(reactors.end() + 1, *ox.start(), "{n} cores: {text}");
+        assert_eq!(*ox.end(), n - 1, "{n} cores: {text}");
+    }
+}
