@@ -78,6 +78,16 @@ fn open_clone(env: &Env, manifest_key: &str, size: u64) -> (Bdev, ObjectBasis) {
     (b, basis)
 }
 
+/// A clone of the snapshot `report` published reads back as `want`, all `size` bytes.
+fn assert_clone_is(env: &Env, report: &SnapshotReport, size: u64, want: &[u8]) {
+    let (clone, _) = open_clone(env, &report.manifest_key, size);
+    assert!(
+        read(env, &clone, 0, size) == want,
+        "the clone of {} is not the volume",
+        report.manifest_key
+    );
+}
+
 fn load_snapshot(env: &Env, manifest_key: &str) -> Loaded {
     let (root, key, kek) = (env.root.clone(), manifest_key.to_string(), env.kek.clone());
     env.cores
@@ -198,12 +208,7 @@ fn a_snapshot_encodes_on_every_ox_core_and_stores_the_volume_in_order() {
     let second = snapshot(&env, &handle, parent, Throttle::default());
     assert!(second.manifest.stored_chunks < first.manifest.stored_chunks / 2);
     for (report, want) in [(&first, &image), (&second, &now)] {
-        let (clone, _) = open_clone(&env, &report.manifest_key, size);
-        assert!(
-            read(&env, &clone, 0, size) == *want,
-            "the clone of {} is not the volume",
-            report.manifest_key
-        );
+        assert_clone_is(&env, report, size, want);
         let (data, pages) = nonces(&env, &report.manifest_key);
         assert_eq!(data.len() as u64, report.manifest.stored_chunks);
         assert_unique(data.iter().map(|(_, n)| n).chain(&pages));
@@ -261,12 +266,7 @@ fn a_snapshot_reads_adjacent_chunks_in_runs() {
     );
     assert_eq!(second.manifest.stored_chunks, changed.len() as u64);
     for (report, want) in [(&first, &image), (&second, &now)] {
-        let (clone, _) = open_clone(&env, &report.manifest_key, size);
-        assert!(
-            read(&env, &clone, 0, size) == *want,
-            "{}",
-            report.manifest_key
-        );
+        assert_clone_is(&env, report, size, want);
     }
     env.set.shutdown().unwrap();
 }

@@ -425,6 +425,17 @@ mod tests {
         (cores, release, enc)
     }
 
+    /// Polls the writer's wait for its next chunk `polls` times, each still waiting (the
+    /// other core is held busy), then drops the wait.
+    fn still_waiting_after(enc: &mut Encoders, polls: u64) {
+        futures_lite::future::block_on(async {
+            let mut next = Box::pin(enc.next(true));
+            for _ in 0..polls {
+                assert!(futures_lite::future::poll_once(&mut next).await.is_none());
+            }
+        });
+    }
+
     /// With the other core busy, two batches wait for it and the third is kept; while
     /// the writer waits for the first answer it encodes the kept one; once the other
     /// core answers, every chunk comes back once, in order, each frame its chunk's.
@@ -436,12 +447,7 @@ mod tests {
         let (cores, release, mut enc) = three_batches_one_kept(&key, true);
         let batch = enc.batch_chunks as u64;
         // Waiting on the busy core: the kept chunks are encoded, one a poll.
-        futures_lite::future::block_on(async {
-            let mut next = Box::pin(enc.next(true));
-            for _ in 0..=batch {
-                assert!(futures_lite::future::poll_once(&mut next).await.is_none());
-            }
-        });
+        still_waiting_after(&mut enc, batch + 1);
         assert_eq!(enc.groups[2].kept, 0);
         assert!(
             enc.groups[2]
@@ -486,12 +492,7 @@ mod tests {
         let (cores, release, mut enc) = three_batches_one_kept(&key, false);
         let batch = enc.batch_chunks as u64;
         // Four of the kept batch's chunks are encoded here while the writer waits.
-        futures_lite::future::block_on(async {
-            let mut next = Box::pin(enc.next(true));
-            for _ in 0..4 {
-                assert!(futures_lite::future::poll_once(&mut next).await.is_none());
-            }
-        });
+        still_waiting_after(&mut enc, 4);
         assert_eq!(enc.groups[2].kept as u64, batch - 4);
         release.send(()).unwrap();
         // Not waiting (nothing more is encoded here) until the first answer is in.
