@@ -24,6 +24,8 @@ use crate::cores::OneCore;
 use crate::error::OxError;
 use crate::format::Entry;
 
+use super::spares::Spares;
+
 /// Bytes of chunks sent to another core at once: enough work that the two messages
 /// are a small part of it.
 const BATCH_BYTES: u64 = 1 << 20;
@@ -53,7 +55,12 @@ enum Held {
     Unchanged(Entry),
 }
 
-type Answer = Vec<Result<Option<Vec<u8>>, OxError>>;
+/// Another core's answer to a batch: a frame for each chunk, in order, and the
+/// chunks' buffers, for the writer to read into again.
+struct Answer {
+    frames: Vec<Result<Option<Vec<u8>>, OxError>>,
+    spent: Vec<Bytes>,
+}
 
 /// A batch of chunks for another core, and where its frames go.
 struct Batch {
@@ -93,16 +100,19 @@ pub(super) struct Encoders {
     /// Read chunks held, and unchanged ones.
     held_read: usize,
     held_unchanged: usize,
+    /// Where chunks' buffers go once encoded.
+    spares: Spares,
 }
 
 impl Encoders {
     /// Encodes with `codec` here and starts an encoder on each of `cores` with a codec
     /// from `codec_for` (each with a nonce prefix of its own); `chunk_bytes` sizes the
-    /// batches.
+    /// batches. Chunks' buffers go to `spares` once encoded.
     pub(super) fn start(
         codec: Codec,
         cores: Vec<OneCore>,
         chunk_bytes: u64,
+        spares: Spares,
         mut codec_for: impl FnMut() -> Result<Codec, OxError>,
     ) -> Result<Self, OxError> {
         let mut lanes = Vec::with_capacity(cores.len());
@@ -113,16 +123,18 @@ impl Encoders {
                 Box::pin(async move {
                     // Ends when the writer drops its side (done, failed or stopped).
                     while let Ok(batch) = rx.recv().await {
-                        let mut answer = Vec::with_capacity(batch.chunks.len());
-                        for (chunk, data) in &batch.chunks {
+                        let mut frames = Vec::with_capacity(batch.chunks.len());
+                        let mut spent = Vec::with_capacity(batch.chunks.len());
+                        for (chunk, data) in batch.chunks {
                             if batch.reply.is_closed() {
                                 // The writer is gone: nothing waits for the rest.
                                 break;
                             }
-                            answer.push(codec.encode(*chunk, data));
+                            frames.push(codec.encode(chunk, &data));
+                            spent.push(data);
                             yield_now().await;
                         }
-                        let _ = batch.reply.send(answer).await;
+                        let _ = batch.reply.send(Answer { frames, spent }).await;
                     }
                 })
             }))?;
@@ -142,6 +154,7 @@ impl Encoders {
             groups: VecDeque::new(),
             held_read: 0,
             held_unchanged: 0,
+            spares,
         })
     }
 
@@ -237,9 +250,12 @@ impl Encoders {
                 let sent = (group.chunks.iter())
                     .filter(|(_, h)| matches!(h, Held::Away))
                     .count();
-                assert_eq!(answer.len(), sent, "a frame for each chunk sent");
+                assert_eq!(answer.frames.len(), sent, "a frame for each chunk sent");
                 self.lanes[lane].away -= 1;
-                group.frames = answer.into();
+                group.frames = answer.frames.into();
+                for bytes in answer.spent {
+                    self.spares.give(bytes);
+                }
                 group.away = None;
                 self.offload()?;
                 continue;
@@ -254,6 +270,7 @@ impl Encoders {
                 }
                 Held::Data(data) => {
                     let frame = self.codec.encode(chunk, &data)?;
+                    self.spares.give(data);
                     group.kept -= 1;
                     self.held_read -= 1;
                     if !group.chunks.is_empty() {
@@ -285,7 +302,10 @@ impl Encoders {
         };
         for (chunk, held) in &mut group.chunks {
             if let Held::Data(data) = held {
-                *held = Held::Encoded(self.codec.encode(*chunk, data)?);
+                let frame = self.codec.encode(*chunk, data)?;
+                if let Held::Data(data) = std::mem::replace(held, Held::Encoded(frame)) {
+                    self.spares.give(data);
+                }
                 group.kept -= 1;
                 return Ok(true);
             }
@@ -409,8 +429,14 @@ mod tests {
             .unwrap();
         let others = cores.set().others();
         assert_eq!(others.len(), 1, "this thread is on none of the set's cores");
-        let mut enc =
-            Encoders::start(codec(key).unwrap(), others, CHUNK as u64, || codec(key)).unwrap();
+        let mut enc = Encoders::start(
+            codec(key).unwrap(),
+            others,
+            CHUNK as u64,
+            Spares::default(),
+            || codec(key),
+        )
+        .unwrap();
         let batch = enc.batch_chunks as u64;
         assert_eq!(batch, 16);
         for n in 0..3 * batch {

@@ -17,6 +17,7 @@ mod encode;
 mod load;
 mod read_ahead;
 pub mod read_back;
+mod spares;
 mod upload;
 mod writer;
 

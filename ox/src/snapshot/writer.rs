@@ -19,6 +19,7 @@ use crate::throttle::Throttle;
 use super::attempt::Attempt;
 use super::encode::{Done, Encoders};
 use super::read_ahead::{Ahead, ReadAhead, start_chunk};
+use super::spares::Spares;
 use super::upload::{IndexWriter, Packer};
 use super::{Loaded, SnapshotOptions, SnapshotReport};
 
@@ -367,7 +368,9 @@ pub(super) async fn write(
     // encoder (the journal records them before any is used).
     let mut prefixes = start.nonce_prefixes.clone();
     prefixes.push(codec.nonce_prefix());
-    let mut encoders = Encoders::start(codec, opts.encode_on.others(), chunk_bytes, || {
+    let spares = Spares::default();
+    let others = opts.encode_on.others();
+    let mut encoders = Encoders::start(codec, others, chunk_bytes, spares.clone(), || {
         let settings = CodecSettings {
             level: start.zstd_level,
         };
@@ -573,7 +576,7 @@ pub(super) async fn write(
                 let bufs = (c..after)
                     .map(|k| {
                         let len = (volume_bytes - k * chunk_bytes).min(chunk_bytes);
-                        bdev::IoBuf::new(len as usize)
+                        spares.take(len as usize)
                     })
                     .collect();
                 let (h, generation) = (handle.clone(), handle.generation());
