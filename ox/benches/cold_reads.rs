@@ -17,7 +17,8 @@
 //! (s3s-fs) hashes the whole object on every GET: objects are 1 MiB unless
 //! `--object-mib` says. The snapshot keeps no journal unless `--journal 1` (as the
 //! appliance does for its volumes: a checkpoint every 5 s). `--snapshot-only 1` stops
-//! after the snapshot.
+//! after the snapshot. With `OX_TRACE` set, every scattered read (sections 2, 3b and 4)
+//! prints its time and the TCP connections this machine opened meanwhile.
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
 //!     --read-ahead-mib N --journal 1 --snapshot-only 1]
@@ -76,6 +77,21 @@ fn stats(endpoint: &str) -> (u64, u64, u64) {
     (s.requests, s.gets, s.get_bytes)
 }
 
+/// TCP connections this machine's root namespace has opened (`ActiveOpens`): with
+/// `OX_TRACE` set, each scattered read prints how many opened while it ran (a read that
+/// waited for new connections, the walk's or its own, shows here).
+fn tcp_active_opens() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    (names.split_whitespace().zip(values.split_whitespace()))
+        .find(|(n, _)| *n == "ActiveOpens")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Cold 4 KiB reads at QD 1 of distinct chunks of the top half, none adjacent.
 fn scattered(w: &World, dev: &Bdev, n: u64, skip: impl Fn(u64) -> bool) -> Vec<Duration> {
     scattered_while(w, dev, n, skip, || true)
@@ -99,7 +115,13 @@ fn scattered_while(
             .wrapping_add(1442695040888963407);
         let c = chunks / 2 + (x >> 33) % (chunks / 2);
         if seen.insert(c) && !seen.contains(&(c + 1)) && !seen.contains(&(c - 1)) && !skip(c) {
-            out.push(w.timed_read(dev, c * CHUNK + 8192, 4096));
+            let opens = tcp_active_opens();
+            let t = w.timed_read(dev, c * CHUNK + 8192, 4096);
+            if std::env::var_os("OX_TRACE").is_some() {
+                let opened = tcp_active_opens() - opens;
+                eprintln!("read {}: {:.1?}, {opened} connections opened", out.len(), t);
+            }
+            out.push(t);
         }
     }
     out
