@@ -126,15 +126,18 @@ fn a_read_fills_its_buffers_whole() {
     for block_size in [512u32, 4096] {
         let devs = devices(block_size);
         let bs = block_size as usize;
+        // Written: the 8 blocks before 2 MiB (the end of the RAM disk's first segment).
+        let boundary = ((2 << 20) / bs) as u64;
         for (dev, stores) in &devs.list {
             let data = pattern(u64::from(block_size), 8 * bs);
-            write(h, dev, 8, &data).unwrap();
-            // Blocks 0..32 in two buffers (the second starting mid-write), both stale.
+            write(h, dev, boundary - 8, &data).unwrap();
+            // 16 blocks before the boundary and 16 after (a segment never written), in
+            // two buffers the second of which starts mid-write, both stale.
             let bufs = vec![
                 IoBuf::from_slice(&vec![0xA5; 12 * bs]),
                 IoBuf::from_slice(&vec![0x5A; 20 * bs]),
             ];
-            let done = run_on(h, dev, BdevIo::read(0, 32, bufs), T).unwrap();
+            let done = run_on(h, dev, BdevIo::read(boundary - 16, 32, bufs), T).unwrap();
             let back = done.data();
             done.result.unwrap();
             let mut want = vec![0; 32 * bs];

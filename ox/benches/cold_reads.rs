@@ -77,9 +77,10 @@ fn stats(endpoint: &str) -> (u64, u64, u64) {
     (s.requests, s.gets, s.get_bytes)
 }
 
-/// TCP connections this machine's root namespace has opened (`ActiveOpens`): with
-/// `OX_TRACE` set, each scattered read prints how many opened while it ran (a read that
-/// waited for new connections, the walk's or its own, shows here).
+/// TCP connections opened in this process's network namespace (`ActiveOpens`, by any
+/// process in it): with `OX_TRACE` set, each scattered read prints how many opened
+/// while it ran (a read that waited for new connections, the walk's or its own, shows
+/// here).
 fn tcp_active_opens() -> u64 {
     let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
@@ -109,16 +110,17 @@ fn scattered_while(
     let mut x = 12345u64;
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
+    let trace = std::env::var_os("OX_TRACE").is_some();
     while (out.len() as u64) < n.min(chunks / 8) && going() {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let c = chunks / 2 + (x >> 33) % (chunks / 2);
         if seen.insert(c) && !seen.contains(&(c + 1)) && !seen.contains(&(c - 1)) && !skip(c) {
-            let opens = tcp_active_opens();
+            let opens = trace.then(tcp_active_opens);
             let t = w.timed_read(dev, c * CHUNK + 8192, 4096);
-            if std::env::var_os("OX_TRACE").is_some() {
-                let opened = tcp_active_opens() - opens;
+            if let Some(opens) = opens {
+                let opened = tcp_active_opens().saturating_sub(opens);
                 eprintln!("read {}: {:.1?}, {opened} connections opened", out.len(), t);
             }
             out.push(t);

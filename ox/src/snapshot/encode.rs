@@ -56,7 +56,8 @@ enum Held {
 }
 
 /// Another core's answer to a batch: a frame for each chunk, in order, and the
-/// chunks' buffers, for the writer to read into again.
+/// chunks' bytes back, for the writer to read into again (those that were a read's
+/// buffer).
 struct Answer {
     frames: Vec<Result<Option<Vec<u8>>, OxError>>,
     spent: Vec<Bytes>,
@@ -140,11 +141,7 @@ impl Encoders {
             }))?;
             lanes.push(Lane { tx, away: 0 });
         }
-        let batch_chunks = if lanes.is_empty() {
-            1
-        } else {
-            (BATCH_BYTES / chunk_bytes.max(1)).max(1) as usize
-        };
+        let batch_chunks = batch_chunks(lanes.len(), chunk_bytes);
         Ok(Self {
             codec,
             lanes,
@@ -213,7 +210,7 @@ impl Encoders {
     /// the future is dropped there (the writer never races it; it drops the encoders
     /// whole when it stops).
     pub(super) async fn next(&mut self, wait: bool) -> Result<Option<(u64, Done)>, OxError> {
-        let most_read = self.batch_chunks * (self.lanes.len() * BATCHES_PER_CORE + 2);
+        let most_read = most_held_of(self.batch_chunks, self.lanes.len());
         let wait = wait || self.held_read > most_read || self.held_unchanged > MOST_UNCHANGED;
         loop {
             let Some(group) = self.groups.front_mut() else {
@@ -383,6 +380,26 @@ fn send_away<'a>(
     Ok(Some((lane, answer)))
 }
 
+/// Read chunks sent to another core at once (each chunk alone with no other core).
+fn batch_chunks(other_cores: usize, chunk_bytes: u64) -> usize {
+    if other_cores == 0 {
+        1
+    } else {
+        (BATCH_BYTES / chunk_bytes.max(1)).max(1) as usize
+    }
+}
+
+/// Read chunks the encoders hold at most before the writer waits for them (see
+/// [`Encoders::next`]), with `other_cores` encoding beside the writer's.
+pub(super) fn most_held(other_cores: usize, chunk_bytes: u64) -> usize {
+    most_held_of(batch_chunks(other_cores, chunk_bytes), other_cores)
+}
+
+/// [`most_held`] in batches of `batch_chunks`.
+fn most_held_of(batch_chunks: usize, other_cores: usize) -> usize {
+    batch_chunks * (other_cores * BATCHES_PER_CORE + 2)
+}
+
 fn stopped() -> OxError {
     OxError::Config("an OX core stopped encoding the snapshot".into())
 }
@@ -433,7 +450,7 @@ mod tests {
             codec(key).unwrap(),
             others,
             CHUNK as u64,
-            Spares::default(),
+            Spares::new(0),
             || codec(key),
         )
         .unwrap();

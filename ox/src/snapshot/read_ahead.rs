@@ -128,11 +128,16 @@ pub(super) async fn start_chunk(
 }
 
 impl ReadAhead {
+    /// Chunks of `chunk_bytes` claimed and read ahead at most.
+    pub(super) fn window(chunk_bytes: u64) -> usize {
+        usize::try_from(BYTES_AHEAD / chunk_bytes.max(1))
+            .unwrap_or(MOST_AHEAD)
+            .clamp(LEAST_AHEAD, MOST_AHEAD)
+    }
+
     /// A read-ahead for chunks of `chunk_bytes`.
     pub(super) fn new(chunk_bytes: u64) -> Self {
-        let window = usize::try_from(BYTES_AHEAD / chunk_bytes.max(1))
-            .unwrap_or(MOST_AHEAD)
-            .clamp(LEAST_AHEAD, MOST_AHEAD);
+        let window = Self::window(chunk_bytes);
         Self {
             queue: std::collections::VecDeque::with_capacity(window),
             scan: 0,

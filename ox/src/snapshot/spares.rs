@@ -1,12 +1,15 @@
 //! Read buffers a snapshot uses again: a chunk's buffer comes back once its frame is
-//! encoded (from another OX core, with its batch's answer), so the next read of a chunk
-//! needs no fresh allocation. A fresh one is zeroed (`alloc_zeroed`) only for the
-//! device to overwrite it: 8 % of the writer's core at zstd 9 with two OX cores.
+//! encoded (from another OX core, with its batch's answer), so the next device read of
+//! a chunk needs no fresh allocation. A fresh one is zeroed (`alloc_zeroed`) only for
+//! the device to overwrite it: ~8 % of the writer's samples at zstd 9 with two OX
+//! cores (BENCHMARKS.md).
 //!
 //! A buffer given out again holds an earlier chunk's bytes until the read overwrites
-//! them; every device fills a successful read's buffers whole (a sparse file's holes
-//! and a RAM disk's untouched blocks as zeroes: `bdev/tests/devices.rs` checks), and a
-//! failed read's buffers are never looked at.
+//! them. Every device fills a successful read's buffers whole: the file, RAM and null
+//! devices write each byte, holes and never-written blocks as zeroes
+//! (`bdev/tests/devices.rs` checks), and volumes and clones pass reads to one of them
+//! (a clone's miss is copied whole from the fetched chunk). A failed read's buffers
+//! are dropped, never looked at.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -15,21 +18,33 @@ use bdev::IoBuf;
 
 use crate::blockio::Bytes;
 
-/// Spare buffers kept at most. A buffer is made only when none is spare, so the spares
-/// never outnumber the chunks the snapshot held at once (read ahead, and being
-/// encoded); this bounds them should that change.
-const MOST_SPARE: usize = 128;
-
-/// The writer's spare read buffers, shared by its read-ahead (which takes) and its
+/// The writer's spare read buffers, shared by its device reads (which take) and its
 /// encoders (which give back). One core's: never sent elsewhere.
-#[derive(Clone, Default)]
-pub(super) struct Spares(Rc<RefCell<Vec<IoBuf>>>);
+#[derive(Clone)]
+pub(super) struct Spares(Rc<Inner>);
+
+struct Inner {
+    bufs: RefCell<Vec<IoBuf>>,
+    /// Spares kept at most: the chunks a snapshot holds at once. Reads of copies saved
+    /// before hosts' writes make buffers of their own, which come back here too; past
+    /// this many they are let go, so idle spares never hold more than the snapshot's
+    /// reads in flight do.
+    most: usize,
+}
 
 impl Spares {
+    /// A pool keeping at most `most` spare buffers.
+    pub(super) fn new(most: usize) -> Self {
+        Self(Rc::new(Inner {
+            bufs: RefCell::new(Vec::with_capacity(most)),
+            most,
+        }))
+    }
+
     /// A buffer of `len` bytes to read into: a spare one if one is big enough (its
     /// bytes are an earlier chunk's), else a new one.
     pub(super) fn take(&self, len: usize) -> IoBuf {
-        let spare = self.0.borrow_mut().pop();
+        let spare = self.0.bufs.borrow_mut().pop();
         if let Some(mut buf) = spare
             && buf.set_len(len)
         {
@@ -42,15 +57,15 @@ impl Spares {
     /// dropped: they were never a read's buffer).
     pub(super) fn give(&self, bytes: Bytes) {
         let Bytes::Read(buf) = bytes else { return };
-        let mut spares = self.0.borrow_mut();
-        if spares.len() < MOST_SPARE {
+        let mut spares = self.0.bufs.borrow_mut();
+        if spares.len() < self.0.most {
             spares.push(buf);
         }
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.0.borrow().len()
+        self.0.bufs.borrow().len()
     }
 }
 
@@ -60,7 +75,7 @@ mod tests {
 
     #[test]
     fn a_buffer_given_back_is_taken_again_at_the_length_asked() {
-        let spares = Spares::default();
+        let spares = Spares::new(4);
         let mut buf = spares.take(8192);
         buf.fill(7);
         let at = buf.as_ptr();
@@ -79,9 +94,9 @@ mod tests {
         let bigger = spares.take(3 << 20);
         assert_eq!(bigger.len(), 3 << 20);
         assert!(bigger.iter().all(|&b| b == 0));
-        for _ in 0..MOST_SPARE + 5 {
+        for _ in 0..9 {
             spares.give(Bytes::Read(IoBuf::new(512)));
         }
-        assert_eq!(spares.len(), MOST_SPARE);
+        assert_eq!(spares.len(), 4, "no more than the most kept");
     }
 }

@@ -368,8 +368,11 @@ pub(super) async fn write(
     // encoder (the journal records them before any is used).
     let mut prefixes = start.nonce_prefixes.clone();
     prefixes.push(codec.nonce_prefix());
-    let spares = Spares::default();
     let others = opts.encode_on.others();
+    // As many buffers as the chunks read ahead and held by the encoders at most.
+    let spares = Spares::new(
+        ReadAhead::window(chunk_bytes) + super::encode::most_held(others.len(), chunk_bytes),
+    );
     let mut encoders = Encoders::start(codec, others, chunk_bytes, spares.clone(), || {
         let settings = CodecSettings {
             level: start.zstd_level,
