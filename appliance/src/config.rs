@@ -199,6 +199,9 @@ pub struct StoreSection {
     /// s3: connect to this address ("IP:PORT") instead of where the endpoint's host
     /// resolves; the host still names the server (`Host`, TLS).
     pub connect_to: Option<String>,
+    /// s3: send `Content-MD5` with every PUT besides its CRC32C (default: only for
+    /// plain http endpoints; a store that checks MD5 but not CRC32C wants it).
+    pub content_md5: Option<bool>,
     /// local: the directory.
     pub path: Option<PathBuf>,
     /// Read every object of a snapshot back (one GET each) and check every frame
@@ -857,11 +860,47 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
             if let Some(ca) = &s.ca_file {
                 c.trust = Trust::CaBundle(ca.clone());
             }
+            if let Some(md5) = s.content_md5 {
+                c.content_md5 = md5;
+            }
             if c.endpoint.scheme() == "http" && !c.allow_http {
                 bail!("endpoint is plain http: set allow_http = true to allow it");
             }
             Ok(StoreSpec::S3(Box::new(c)))
         }
         other => bail!("kind {other:?} is not \"s3\" or \"local\""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The S3 settings a `[[store]]` of `endpoint` with `extra` lines makes.
+    fn s3_settings(endpoint: &str, extra: &str) -> ox::store::s3::S3Config {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!(
+            "name = \"s\"\nkind = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"b\"\n\
+             credentials = \"static\"\naccess_key = \"a\"\nsecret_key_file = {secret:?}\n\
+             allow_http = true\n{extra}"
+        );
+        match store_spec(&toml::from_str(&text).unwrap()).unwrap() {
+            StoreSpec::S3(c) => *c,
+            StoreSpec::Local(_) => unreachable!("an s3 store"),
+        }
+    }
+
+    #[test]
+    fn content_md5_is_sent_over_plain_http_unless_told_otherwise() {
+        let (http, https) = ("http://127.0.0.1:9", "https://s3.example");
+        assert!(s3_settings(http, "").content_md5);
+        assert!(!s3_settings(https, "").content_md5);
+        assert!(!s3_settings(http, "content_md5 = false").content_md5);
+        assert!(s3_settings(https, "content_md5 = true").content_md5);
     }
 }

@@ -16,7 +16,8 @@
 //!
 //! cargo bench -p ox --bench clone_paths [-- --mib 256 --reads 300 --limit-mib 8 --object-mib 1]
 //! (`--snapshot-only 1`: part 1 alone; `--s3 0`: part 1 without the S3 server, for
-//! profiles of the snapshot path.)
+//! profiles of the snapshot path; `--content-md5 0`: PUTs without their MD5, as over
+//! HTTPS by default.)
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -102,7 +103,11 @@ fn main() {
         0 => reactor::IdlePolicy::default(),
         _ => reactor::IdlePolicy::Interrupt,
     };
-    let w = World::start_idle(server.client_config(), size, idle)
+    let mut config = server.client_config();
+    // `--content-md5 0|1`: whether PUTs carry their MD5 too (the store's default over
+    // plain HTTP, as here: 1).
+    config.content_md5 = arg("--content-md5", 1) == 1;
+    let w = World::start_idle(config, size, idle)
         .with_ox_cores(arg("--ox-cores", 1) as usize);
     let image = data(size as usize);
     let (vol, vh) = w.volume(|i| image[(i << 20) as usize..((i + 1) << 20) as usize].to_vec());

@@ -40,6 +40,11 @@ fn store_with(
     credentials: CredentialSource,
     ex: &Rc<LocalExecutor<'static>>,
 ) -> Result<S3Store, OxError> {
+    S3Store::new(config_with(server, credentials), Rc::clone(ex))
+}
+
+/// The settings of [`store_with`].
+fn config_with(server: &Server, credentials: CredentialSource) -> S3Config {
     let scheme = if server.ca_pem.is_some() {
         "https"
     } else {
@@ -63,7 +68,7 @@ fn store_with(
     if let Some(pem) = &server.ca_pem {
         c.trust = Trust::CaBundle(pem.path().to_path_buf());
     }
-    S3Store::new(c, Rc::clone(ex))
+    c
 }
 
 fn run<T>(f: impl AsyncFnOnce(Rc<LocalExecutor<'static>>) -> T) -> T {
@@ -186,6 +191,38 @@ fn the_same_over_https_with_a_custom_ca() {
 /// added before the range where there are enough, and returns exactly the bytes wanted;
 /// at an object's end, what is there. Over HTTPS it asks for the range as it is. What
 /// was asked is counted at the server.
+/// A PUT carries its CRC32C always, and its MD5 over plain HTTP or when asked. Seen at
+/// the server.
+#[test]
+fn a_put_carries_its_crc32c_and_its_md5_where_asked() {
+    let credentials = || CredentialSource::Static {
+        access_key: ACCESS.into(),
+        secret_key: SECRET.into(),
+    };
+    // (HTTPS, content_md5 asked for, MD5 sent).
+    for (https, asked, md5) in [
+        (true, None, false),
+        (true, Some(true), true),
+        (false, None, true),
+        (false, Some(false), false),
+    ] {
+        let server = start_server(https);
+        let mut c = config_with(&server, credentials());
+        if let Some(asked) = asked {
+            c.content_md5 = asked;
+        }
+        run(async |ex| {
+            let s = S3Store::new(c, Rc::clone(&ex)).unwrap();
+            s.put("ox1/d/one", vec![7; 1000]).await.unwrap();
+            // Multipart: its parts are not PUTs of an object, and are not counted.
+            s.put("ox1/d/big", vec![9; 7 << 20]).await.unwrap();
+            assert_eq!(s.get("ox1/d/one").await.unwrap(), vec![7; 1000]);
+        });
+        let seen = server.faults.put_digests.lock().unwrap().clone();
+        assert_eq!(seen, vec![(md5, true)], "https={https} asked={asked:?}");
+    }
+}
+
 #[test]
 fn a_ranged_get_asks_for_whole_segments_and_returns_what_was_wanted() {
     for https in [false, true] {

@@ -101,6 +101,13 @@ pub struct S3Config {
     pub multipart_threshold: usize,
     /// Part size (at least 5 MiB except the last, as S3 requires).
     pub part_size: usize,
+    /// Send `Content-MD5` with each PUT as well as `x-amz-checksum-crc32c` (the parts
+    /// of a multipart upload always carry it: S3 refuses their CRC32C unless the upload
+    /// declared one). By default only over plain HTTP: over HTTPS, TLS guards the body
+    /// on the wire and CRC32C (hardware, ~20× faster) is what AWS, MinIO, Garage and
+    /// Ceph RGW from Squid check, while MD5 took a third of the writer's core in a
+    /// snapshot (BENCHMARKS.md). A store that checks only MD5 wants it on.
+    pub content_md5: bool,
     /// Where this store's retries are counted: shared by every clone of these settings.
     pub retry_log: std::sync::Arc<super::retries::RetryLog>,
 }
@@ -109,7 +116,6 @@ impl S3Config {
     /// Settings with the usual defaults.
     pub fn new(endpoint: Url, bucket: &str, region: &str, credentials: CredentialSource) -> Self {
         Self {
-            endpoint,
             bucket: bucket.to_string(),
             region: region.to_string(),
             path_style: true,
@@ -124,7 +130,9 @@ impl S3Config {
             max_backoff: Duration::from_secs(5),
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
+            content_md5: endpoint.scheme() == "http",
             retry_log: std::sync::Arc::default(),
+            endpoint,
         }
     }
 }
@@ -225,17 +233,18 @@ const DIGEST_MISMATCH: &[&str] = &[
 
 /// The checksums a PUT carries, base64 as the headers want them.
 struct BodyDigests {
-    md5: String,
+    md5: Option<String>,
     crc32c: String,
 }
 
 impl BodyDigests {
-    fn of(body: &[u8]) -> Self {
+    /// The body's CRC32C, and its MD5 if `md5`.
+    fn of(body: &[u8], md5: bool) -> Self {
         use base64::Engine;
         use md5::Digest;
         let b64 = base64::engine::general_purpose::STANDARD;
         Self {
-            md5: b64.encode(md5::Md5::digest(body)),
+            md5: md5.then(|| b64.encode(md5::Md5::digest(body))),
             crc32c: b64.encode(crc32c::crc32c(body).to_be_bytes()),
         }
     }
@@ -248,8 +257,11 @@ impl BodyDigests {
         headers: &mut rusty_s3::Map<'a>,
         part: bool,
     ) -> Vec<(&'static str, String)> {
-        headers.insert("content-md5", self.md5.as_str());
-        let mut out = vec![("content-md5", self.md5.clone())];
+        let mut out = Vec::with_capacity(2);
+        if let Some(md5) = &self.md5 {
+            headers.insert("content-md5", md5.as_str());
+            out.push(("content-md5", md5.clone()));
+        }
         if !part {
             headers.insert("x-amz-checksum-crc32c", self.crc32c.as_str());
             out.push(("x-amz-checksum-crc32c", self.crc32c.clone()));
@@ -534,7 +546,7 @@ impl S3Store {
         if data.len() > self.config.multipart_threshold && if_match.is_none() {
             return self.put_multipart(key, &data).await;
         }
-        let digests = BodyDigests::of(&data);
+        let digests = BodyDigests::of(&data, self.config.content_md5);
         let mut action = self.bucket.put_object(Some(&credentials), key);
         let mut headers = digests.sign_into(action.headers_mut(), false);
         let url = action.sign(SIGN_FOR);
@@ -671,7 +683,7 @@ impl S3Store {
             let part = data.slice(start..(start + part_size).min(total));
             let number = u16::try_from(i + 1)
                 .map_err(|_| OxError::Config("object needs more than 65535 parts".into()))?;
-            let digests = BodyDigests::of(&part);
+            let digests = BodyDigests::of(&part, true);
             let mut action = self
                 .bucket
                 .upload_part(Some(&credentials), key, number, upload_id);
