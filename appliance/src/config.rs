@@ -199,8 +199,9 @@ pub struct StoreSection {
     /// s3: connect to this address ("IP:PORT") instead of where the endpoint's host
     /// resolves; the host still names the server (`Host`, TLS).
     pub connect_to: Option<String>,
-    /// s3: send `Content-MD5` with every PUT besides its CRC32C (default: only for
-    /// plain http endpoints; a store that checks MD5 but not CRC32C wants it).
+    /// s3: `true`: every PUT carries `Content-MD5` besides its CRC32C; `false`: none
+    /// does; by default PUTs carry it until the store answers one with its CRC32C
+    /// (which shows it checks them).
     pub content_md5: Option<bool>,
     /// local: the directory.
     pub path: Option<PathBuf>,
@@ -860,9 +861,11 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
             if let Some(ca) = &s.ca_file {
                 c.trust = Trust::CaBundle(ca.clone());
             }
-            if let Some(md5) = s.content_md5 {
-                c.content_md5 = md5;
-            }
+            c.content_md5 = match s.content_md5 {
+                None => ox::store::s3::ContentMd5::Auto,
+                Some(true) => ox::store::s3::ContentMd5::Always,
+                Some(false) => ox::store::s3::ContentMd5::Never,
+            };
             if c.endpoint.scheme() == "http" && !c.allow_http {
                 bail!("endpoint is plain http: set allow_http = true to allow it");
             }
@@ -896,11 +899,11 @@ mod tests {
     }
 
     #[test]
-    fn content_md5_is_sent_over_plain_http_unless_told_otherwise() {
-        let (http, https) = ("http://127.0.0.1:9", "https://s3.example");
-        assert!(s3_settings(http, "").content_md5);
-        assert!(!s3_settings(https, "").content_md5);
-        assert!(!s3_settings(http, "content_md5 = false").content_md5);
-        assert!(s3_settings(https, "content_md5 = true").content_md5);
+    fn content_md5_is_sent_until_the_store_checks_crc32c_unless_told() {
+        use ox::store::s3::ContentMd5;
+        let md5 = |extra| s3_settings("https://s3.example", extra).content_md5;
+        assert_eq!(md5(""), ContentMd5::Auto);
+        assert_eq!(md5("content_md5 = true"), ContentMd5::Always);
+        assert_eq!(md5("content_md5 = false"), ContentMd5::Never);
     }
 }

@@ -16,8 +16,8 @@
 //!
 //! cargo bench -p ox --bench clone_paths [-- --mib 256 --reads 300 --limit-mib 8 --object-mib 1]
 //! (`--snapshot-only 1`: part 1 alone; `--s3 0`: part 1 without the S3 server, for
-//! profiles of the snapshot path; `--content-md5 0`: PUTs without their MD5, as over
-//! HTTPS by default.)
+//! profiles of the snapshot path; `--content-md5 0|1`: PUTs never or always with
+//! their MD5 too, instead of until the store shows it checks their CRC32C.)
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -33,7 +33,7 @@ use ox::keys::SecretKey;
 use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::ObjectStore;
 use ox::store::local::LocalStore;
-use ox::store::s3::S3Store;
+use ox::store::s3::{ContentMd5, S3Store};
 use ox::throttle::{Class, Limit, Throttle};
 use support::sink::SinkStore;
 use support::world::World;
@@ -104,11 +104,14 @@ fn main() {
         _ => reactor::IdlePolicy::Interrupt,
     };
     let mut config = server.client_config();
-    // `--content-md5 0|1`: whether PUTs carry their MD5 too (the store's default over
-    // plain HTTP, as here: 1).
-    config.content_md5 = arg("--content-md5", 1) == 1;
-    let w = World::start_idle(config, size, idle)
-        .with_ox_cores(arg("--ox-cores", 1) as usize);
+    // `--content-md5 0|1`: PUTs never or always with their MD5 too (by default, until
+    // the store answers one with its CRC32C, as the test server does at once).
+    config.content_md5 = match arg("--content-md5", 2) {
+        0 => ContentMd5::Never,
+        1 => ContentMd5::Always,
+        _ => ContentMd5::Auto,
+    };
+    let w = World::start_idle(config, size, idle).with_ox_cores(arg("--ox-cores", 1) as usize);
     let image = data(size as usize);
     let (vol, vh) = w.volume(|i| image[(i << 20) as usize..((i + 1) << 20) as usize].to_vec());
 

@@ -31,7 +31,7 @@ fn s3(config: &S3Config, ex: &Rc<async_executor::LocalExecutor<'static>>) -> S3S
     let mut c = config.clone();
     // CRC32C alone guards a PUT's body, as it does over HTTPS by default: a damaged one
     // the server took would be found below as a bad object.
-    c.content_md5 = false;
+    c.content_md5 = ox::store::s3::ContentMd5::Never;
     c.retries = 6;
     c.backoff = Duration::from_millis(5);
     c.max_backoff = Duration::from_millis(50);

@@ -185,44 +185,53 @@ fn the_same_over_https_with_a_custom_ca() {
     run(async |ex| exercise(&store(&server, SECRET, &ex).unwrap()).await);
 }
 
+/// A PUT carries its CRC32C always, and its MD5 until the store answers one with the
+/// CRC32C it was sent (by default), always, or never, as asked; each part of a
+/// multipart upload its MD5 alone. Seen at the server, which echoes CRC32Cs.
+#[test]
+fn a_put_carries_its_crc32c_and_its_md5_until_the_store_checks_crc32c() {
+    use ox::store::s3::ContentMd5;
+    let credentials = || CredentialSource::Static {
+        access_key: ACCESS.into(),
+        secret_key: SECRET.into(),
+    };
+    // (HTTPS, asked, MD5 on the first PUT, on the second).
+    for (https, asked, first, second) in [
+        (true, ContentMd5::Auto, true, false),
+        (false, ContentMd5::Auto, true, false),
+        (true, ContentMd5::Always, true, true),
+        (false, ContentMd5::Never, false, false),
+    ] {
+        let server = start_server(https);
+        let mut c = config_with(&server, credentials());
+        c.content_md5 = asked;
+        run(async |ex| {
+            let s = S3Store::new(c, Rc::clone(&ex)).unwrap();
+            s.put("ox1/d/one", vec![7; 1000]).await.unwrap();
+            s.put("ox1/d/two", vec![8; 1000]).await.unwrap();
+            // Multipart (over 6 MiB here): two parts.
+            s.put("ox1/d/big", vec![9; 7 << 20]).await.unwrap();
+            assert_eq!(s.get("ox1/d/one").await.unwrap(), vec![7; 1000]);
+            assert_eq!(s.get("ox1/d/big").await.unwrap(), vec![9; 7 << 20]);
+        });
+        let seen = server.faults.put_digests.lock().unwrap().clone();
+        // (a part, Content-MD5, x-amz-checksum-crc32c) of each PUT, in order.
+        let want = vec![
+            (false, first, true),
+            (false, second, true),
+            (true, true, false),
+            (true, true, false),
+        ];
+        assert_eq!(seen, want, "https={https} {asked:?}");
+    }
+}
+
 /// A ranged GET over plain HTTP asks for a whole number of the connection's TCP
 /// segments where that costs at most an eighth more (a server that leaves Nagle's
 /// algorithm on then has no small last segment to hold for a round trip), the bytes
 /// added before the range where there are enough, and returns exactly the bytes wanted;
 /// at an object's end, what is there. Over HTTPS it asks for the range as it is. What
 /// was asked is counted at the server.
-/// A PUT carries its CRC32C always, and its MD5 over plain HTTP or when asked. Seen at
-/// the server.
-#[test]
-fn a_put_carries_its_crc32c_and_its_md5_where_asked() {
-    let credentials = || CredentialSource::Static {
-        access_key: ACCESS.into(),
-        secret_key: SECRET.into(),
-    };
-    // (HTTPS, content_md5 asked for, MD5 sent).
-    for (https, asked, md5) in [
-        (true, None, false),
-        (true, Some(true), true),
-        (false, None, true),
-        (false, Some(false), false),
-    ] {
-        let server = start_server(https);
-        let mut c = config_with(&server, credentials());
-        if let Some(asked) = asked {
-            c.content_md5 = asked;
-        }
-        run(async |ex| {
-            let s = S3Store::new(c, Rc::clone(&ex)).unwrap();
-            s.put("ox1/d/one", vec![7; 1000]).await.unwrap();
-            // Multipart: its parts are not PUTs of an object, and are not counted.
-            s.put("ox1/d/big", vec![9; 7 << 20]).await.unwrap();
-            assert_eq!(s.get("ox1/d/one").await.unwrap(), vec![7; 1000]);
-        });
-        let seen = server.faults.put_digests.lock().unwrap().clone();
-        assert_eq!(seen, vec![(md5, true)], "https={https} asked={asked:?}");
-    }
-}
-
 #[test]
 fn a_ranged_get_asks_for_whole_segments_and_returns_what_was_wanted() {
     for https in [false, true] {

@@ -390,17 +390,24 @@ impl HttpClient {
                     host: target.clone(),
                     source,
                 })?;
-            self.handshake(Vectored(FuturesIo::new(tls))).await
+            self.handshake(FuturesIo::new(tls)).await
         } else {
-            self.handshake(Vectored(FuturesIo::new(tcp))).await
+            self.handshake(FuturesIo::new(tcp)).await
         }
     }
 
-    async fn handshake<T>(&self, io: Vectored<T>) -> Result<Sender, HttpError>
+    async fn handshake<T>(&self, io: FuturesIo<T>) -> Result<Sender, HttpError>
     where
         T: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static,
     {
-        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        // Written vectored (`writev`; rustls takes the slices as one record stream): by
+        // default hyper asks the connection, and told no (`FuturesIo`'s answer) it
+        // copies every request body into its own buffer before writing it — each
+        // object a snapshot PUT, copied once more on the OX core — and keeps that
+        // buffer's size with the pooled connection.
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .writev(true)
+            .handshake(io)
             .await
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
         // The connection task ends when the connection closes or the sender drops.
@@ -410,53 +417,6 @@ impl HttpClient {
             })
             .detach();
         Ok(sender)
-    }
-}
-
-/// hyper's I/O over a connection that writes several buffers at once (`writev`; rustls
-/// takes them as one record stream). hyper asks: told no (`FuturesIo`'s answer), it
-/// copies every request body into its own buffer before writing it, so each object a
-/// snapshot PUT was copied once more on the OX core; told yes, it queues the body's
-/// bytes as they are and writes them with its headers.
-struct Vectored<T>(FuturesIo<T>);
-
-impl<T: AsyncRead + Unpin> hyper::rt::Read for Vectored<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> hyper::rt::Write for Vectored<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 

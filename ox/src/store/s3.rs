@@ -5,12 +5,13 @@
 //! connection failures, never on other 4xx; multipart upload for large objects;
 //! batched deletes; conditional create (`If-None-Match: *`) for manifests.
 //!
-//! Every PUT carries the body's `Content-MD5` and `x-amz-checksum-crc32c` (each part
-//! of a multipart upload its `Content-MD5`), signed, so the store refuses a body damaged on the way
-//! (AWS, MinIO and Ceph RGW answer 400 `BadDigest`, Garage `InvalidDigest`; Ceph
-//! before Squid checks only `Content-MD5`): such a refusal is retried like a 5xx, and a
-//! PUT counts as done only when acknowledged (and, where the store echoes the CRC32C,
-//! echoed unchanged).
+//! Every PUT carries the body's `x-amz-checksum-crc32c`, and its `Content-MD5` until
+//! the store shows it checks the CRC32C ([`ContentMd5`]); each part of a multipart
+//! upload carries its `Content-MD5`; all signed, so the store refuses a body damaged on
+//! the way (AWS, MinIO and Ceph RGW answer 400 `BadDigest`, Garage `InvalidDigest`;
+//! Ceph before Squid checks only `Content-MD5`): such a refusal is retried like a 5xx,
+//! and a PUT counts as done only when acknowledged (and, where the store echoes the
+//! CRC32C, echoed unchanged).
 
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -101,13 +102,11 @@ pub struct S3Config {
     pub multipart_threshold: usize,
     /// Part size (at least 5 MiB except the last, as S3 requires).
     pub part_size: usize,
-    /// Send `Content-MD5` with each PUT as well as `x-amz-checksum-crc32c` (the parts
-    /// of a multipart upload always carry it: S3 refuses their CRC32C unless the upload
-    /// declared one). By default only over plain HTTP: over HTTPS, TLS guards the body
-    /// on the wire and CRC32C (hardware, ~20× faster) is what AWS, MinIO, Garage and
-    /// Ceph RGW from Squid check, while MD5 took a third of the writer's core in a
-    /// snapshot (BENCHMARKS.md). A store that checks only MD5 wants it on.
-    pub content_md5: bool,
+    /// When a PUT carries `Content-MD5` besides its `x-amz-checksum-crc32c`.
+    pub content_md5: ContentMd5,
+    /// The store answered a PUT with the CRC32C it was sent (it checks them: see
+    /// [`ContentMd5::Auto`]). Shared by every clone of these settings.
+    pub echoes_crc32c: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Where this store's retries are counted: shared by every clone of these settings.
     pub retry_log: std::sync::Arc<super::retries::RetryLog>,
 }
@@ -116,6 +115,7 @@ impl S3Config {
     /// Settings with the usual defaults.
     pub fn new(endpoint: Url, bucket: &str, region: &str, credentials: CredentialSource) -> Self {
         Self {
+            endpoint,
             bucket: bucket.to_string(),
             region: region.to_string(),
             path_style: true,
@@ -130,11 +130,29 @@ impl S3Config {
             max_backoff: Duration::from_secs(5),
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
-            content_md5: endpoint.scheme() == "http",
+            content_md5: ContentMd5::Auto,
+            echoes_crc32c: std::sync::Arc::default(),
             retry_log: std::sync::Arc::default(),
-            endpoint,
         }
     }
+}
+
+/// When a PUT carries its body's `Content-MD5` besides its `x-amz-checksum-crc32c` (the
+/// parts of a multipart upload always carry it: S3 refuses their CRC32C unless the
+/// upload declared one). MD5 costs: in a snapshot into the S3 test server it was 37 %
+/// of the two OX cores' samples, CRC32C (hardware) under 2 % (BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContentMd5 {
+    /// Until the store answers a PUT with the CRC32C it was sent, which shows it reads
+    /// and checks them (AWS, MinIO, Garage, Ceph RGW from Squid, s3s): from then on
+    /// CRC32C alone. A store that ignores the CRC32C (Ceph before Squid, others) goes
+    /// on getting both.
+    #[default]
+    Auto,
+    /// Every PUT.
+    Always,
+    /// None (the CRC32C alone, whether the store checks it or not).
+    Never,
 }
 
 /// Resolves credentials from their source (not those from a command: a store asks
@@ -488,13 +506,17 @@ impl S3Store {
     /// Classification of an upload carrying `sent`: the store refusing the body as
     /// damaged (a digest mismatch), or acknowledging it with another CRC32C than the
     /// one sent, is retried; the rest as [`Self::classify`].
+    /// [`Self::classify`] of an upload that sent `sent`; an answer echoing its CRC32C
+    /// sets `echoes` (not for a part, which sends none).
     fn classify_upload(
         op: &'static str,
         key: &str,
         sent: &BodyDigests,
+        echoes: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> impl Fn(Response) -> Outcome {
         let standard = Self::classify(op, key);
         let (key, crc) = (key.to_string(), sent.crc32c.clone());
+        let echoes = std::sync::Arc::clone(echoes);
         move |resp: Response| {
             if (resp.status == 400 || resp.status == 403)
                 && let Some(code) = error_code(&resp.body)
@@ -509,8 +531,14 @@ impl S3Store {
                     format!("{op} body damaged on the way: {code}"),
                 );
             }
+            let echoed = resp.headers.get("x-amz-checksum-crc32c");
             if (200..=299).contains(&resp.status)
-                && let Some(echoed) = resp.headers.get("x-amz-checksum-crc32c")
+                && echoed.is_some_and(|e| e.as_bytes() == crc.as_bytes())
+            {
+                echoes.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            if (200..=299).contains(&resp.status)
+                && let Some(echoed) = echoed
                 && echoed.as_bytes() != crc.as_bytes()
             {
                 tracing::warn!(
@@ -546,7 +574,14 @@ impl S3Store {
         if data.len() > self.config.multipart_threshold && if_match.is_none() {
             return self.put_multipart(key, &data).await;
         }
-        let digests = BodyDigests::of(&data, self.config.content_md5);
+        let md5 = match self.config.content_md5 {
+            ContentMd5::Always => true,
+            ContentMd5::Never => false,
+            ContentMd5::Auto => {
+                !(self.config.echoes_crc32c).load(std::sync::atomic::Ordering::Relaxed)
+            }
+        };
+        let digests = BodyDigests::of(&data, md5);
         let mut action = self.bucket.put_object(Some(&credentials), key);
         let mut headers = digests.sign_into(action.headers_mut(), false);
         let url = action.sign(SIGN_FOR);
@@ -568,7 +603,7 @@ impl S3Store {
                         .request(Method::PUT, &url, &headers, data.clone())
                         .await
                 },
-                Self::classify_upload("PUT", key, &digests),
+                Self::classify_upload("PUT", key, &digests, &self.config.echoes_crc32c),
             )
             .await
             .map(|_| ());
@@ -699,7 +734,7 @@ impl S3Store {
                             .request(Method::PUT, &url, &headers, part.clone())
                             .await
                     },
-                    Self::classify_upload("UploadPart", key, &digests),
+                    Self::classify_upload("UploadPart", key, &digests, &self.config.echoes_crc32c),
                 )
                 .await?;
             let etag = resp

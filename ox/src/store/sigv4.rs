@@ -5,7 +5,8 @@
 //! parameters dropped) and signs the same request in headers instead.
 //!
 //! The body is not hashed (`UNSIGNED-PAYLOAD`, as S3 allows): every PUT carries its
-//! `Content-MD5` and CRC32C, signed, which the server checks against the body.
+//! CRC32C (and its `Content-MD5` where the store may not check that: see
+//! `s3::ContentMd5`), signed, which the server checks against the body.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

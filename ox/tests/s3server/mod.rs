@@ -83,9 +83,9 @@ pub struct Faults {
     /// Each request's `Host` and whether it was signed in the `Authorization` header
     /// (else in the query string).
     pub seen: std::sync::Mutex<Vec<(String, bool)>>,
-    /// Each PUT's (not an UploadPart's) digests: whether it carried `Content-MD5`, and
+    /// Each PUT's digests: whether it was an UploadPart, carried `Content-MD5`, and
     /// `x-amz-checksum-crc32c`.
-    pub put_digests: std::sync::Mutex<Vec<(bool, bool)>>,
+    pub put_digests: std::sync::Mutex<Vec<(bool, bool, bool)>>,
     /// TLS handshakes that failed (the client did not trust the certificate).
     pub tls_refused: AtomicU32,
     /// Object GETs answered with a body, and the bytes of those bodies (counted at
@@ -468,11 +468,10 @@ async fn respond(
         .to_string();
     let in_header = req.headers().contains_key(hyper::header::AUTHORIZATION);
     faults.seen.lock().unwrap().push((host, in_header));
-    if req.method() == hyper::Method::PUT
-        && !req.uri().query().is_some_and(|q| q.contains("uploadId="))
-    {
+    if req.method() == hyper::Method::PUT {
+        let part = req.uri().query().is_some_and(|q| q.contains("uploadId="));
         let has = |name: &str| req.headers().contains_key(name);
-        let digests = (has("content-md5"), has("x-amz-checksum-crc32c"));
+        let digests = (part, has("content-md5"), has("x-amz-checksum-crc32c"));
         faults.put_digests.lock().unwrap().push(digests);
     }
     if precondition_failed(faults, &req) {
