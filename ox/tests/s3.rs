@@ -226,6 +226,42 @@ fn a_put_carries_its_crc32c_and_its_md5_until_the_store_checks_crc32c() {
     }
 }
 
+/// Under the default, a store that never echoes a PUT's CRC32C (it ignores them) gets
+/// every PUT's MD5; one that stops echoing (a gateway of another version behind the
+/// same endpoint) gets it again from the PUT after the first answered without.
+#[test]
+fn a_store_that_does_not_echo_crc32cs_gets_content_md5() {
+    let server = start_server(false);
+    let credentials = CredentialSource::Static {
+        access_key: ACCESS.into(),
+        secret_key: SECRET.into(),
+    };
+    let c = config_with(&server, credentials);
+    let hide = |on| server.faults.hide_crc32c.store(on, Ordering::SeqCst);
+    run(async |ex| {
+        let s = S3Store::new(c, Rc::clone(&ex)).unwrap();
+        hide(true);
+        for n in 0..3 {
+            s.put(&format!("ox1/d/{n}"), vec![n; 100]).await.unwrap();
+        }
+        hide(false);
+        // Echoed: the next goes without MD5.
+        s.put("ox1/d/3", vec![3; 100]).await.unwrap();
+        s.put("ox1/d/4", vec![4; 100]).await.unwrap();
+        hide(true);
+        // Answered without the echo: the next carries MD5 again.
+        s.put("ox1/d/5", vec![5; 100]).await.unwrap();
+        s.put("ox1/d/6", vec![6; 100]).await.unwrap();
+        for n in 0..7u8 {
+            assert_eq!(s.get(&format!("ox1/d/{n}")).await.unwrap(), vec![n; 100]);
+        }
+    });
+    let md5: Vec<bool> = (server.faults.put_digests.lock().unwrap().iter())
+        .map(|(_, md5, _)| *md5)
+        .collect();
+    assert_eq!(md5, [true, true, true, true, false, false, true]);
+}
+
 /// A ranged GET over plain HTTP asks for a whole number of the connection's TCP
 /// segments where that costs at most an eighth more (a server that leaves Nagle's
 /// algorithm on then has no small last segment to hold for a round trip), the bytes

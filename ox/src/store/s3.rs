@@ -145,8 +145,8 @@ impl S3Config {
 pub enum ContentMd5 {
     /// Until the store answers a PUT with the CRC32C it was sent, which shows it reads
     /// and checks them (AWS, MinIO, Garage, Ceph RGW from Squid, s3s): from then on
-    /// CRC32C alone. A store that ignores the CRC32C (Ceph before Squid, others) goes
-    /// on getting both.
+    /// CRC32C alone, until a PUT sent so is answered without it. A store that ignores
+    /// the CRC32C (Ceph before Squid, others) goes on getting both.
     #[default]
     Auto,
     /// Every PUT.
@@ -505,18 +505,21 @@ impl S3Store {
 
     /// Classification of an upload carrying `sent`: the store refusing the body as
     /// damaged (a digest mismatch), or acknowledging it with another CRC32C than the
-    /// one sent, is retried; the rest as [`Self::classify`].
-    /// [`Self::classify`] of an upload that sent `sent`; an answer echoing its CRC32C
-    /// sets `echoes` (not for a part, which sends none).
+    /// one sent, is retried; the rest as [`Self::classify`]. With `echoes` (a PUT under
+    /// [`ContentMd5::Auto`]), an answer echoing the CRC32C sent sets it, and one to a
+    /// PUT sent without `Content-MD5` that does not echo it clears it: the store (a
+    /// gateway of another version behind the same endpoint) may not check CRC32Cs, so
+    /// the next PUTs carry their MD5 again.
     fn classify_upload(
         op: &'static str,
         key: &str,
         sent: &BodyDigests,
-        echoes: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+        echoes: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>,
     ) -> impl Fn(Response) -> Outcome {
+        use std::sync::atomic::Ordering::Relaxed;
         let standard = Self::classify(op, key);
         let (key, crc) = (key.to_string(), sent.crc32c.clone());
-        let echoes = std::sync::Arc::clone(echoes);
+        let (echoes, sent_md5) = (echoes.map(std::sync::Arc::clone), sent.md5.is_some());
         move |resp: Response| {
             if (resp.status == 400 || resp.status == 403)
                 && let Some(code) = error_code(&resp.body)
@@ -533,9 +536,21 @@ impl S3Store {
             }
             let echoed = resp.headers.get("x-amz-checksum-crc32c");
             if (200..=299).contains(&resp.status)
-                && echoed.is_some_and(|e| e.as_bytes() == crc.as_bytes())
+                && let Some(echoes) = &echoes
             {
-                echoes.store(true, std::sync::atomic::Ordering::Relaxed);
+                match echoed {
+                    Some(e) if e.as_bytes() == crc.as_bytes() && !echoes.load(Relaxed) => {
+                        echoes.store(true, Relaxed);
+                    }
+                    None if !sent_md5 && echoes.load(Relaxed) => {
+                        tracing::warn!(
+                            key,
+                            "{op}: the store did not echo the CRC32C of a PUT sent without Content-MD5; the next PUTs carry it again"
+                        );
+                        echoes.store(false, Relaxed);
+                    }
+                    _ => {}
+                }
             }
             if (200..=299).contains(&resp.status)
                 && let Some(echoed) = echoed
@@ -581,6 +596,9 @@ impl S3Store {
                 !(self.config.echoes_crc32c).load(std::sync::atomic::Ordering::Relaxed)
             }
         };
+        // Whether the store checks CRC32Cs is learnt from PUTs' answers under Auto.
+        let learning =
+            (self.config.content_md5 == ContentMd5::Auto).then_some(&self.config.echoes_crc32c);
         let digests = BodyDigests::of(&data, md5);
         let mut action = self.bucket.put_object(Some(&credentials), key);
         let mut headers = digests.sign_into(action.headers_mut(), false);
@@ -603,7 +621,7 @@ impl S3Store {
                         .request(Method::PUT, &url, &headers, data.clone())
                         .await
                 },
-                Self::classify_upload("PUT", key, &digests, &self.config.echoes_crc32c),
+                Self::classify_upload("PUT", key, &digests, learning),
             )
             .await
             .map(|_| ());
@@ -734,7 +752,7 @@ impl S3Store {
                             .request(Method::PUT, &url, &headers, part.clone())
                             .await
                     },
-                    Self::classify_upload("UploadPart", key, &digests, &self.config.echoes_crc32c),
+                    Self::classify_upload("UploadPart", key, &digests, None),
                 )
                 .await?;
             let etag = resp

@@ -86,6 +86,9 @@ pub struct Faults {
     /// Each PUT's digests: whether it was an UploadPart, carried `Content-MD5`, and
     /// `x-amz-checksum-crc32c`.
     pub put_digests: std::sync::Mutex<Vec<(bool, bool, bool)>>,
+    /// Answer PUTs without the `x-amz-checksum-crc32c` they were sent, as a store
+    /// that ignores it does.
+    pub hide_crc32c: std::sync::atomic::AtomicBool,
     /// TLS handshakes that failed (the client did not trust the certificate).
     pub tls_refused: AtomicU32,
     /// Object GETs answered with a body, and the bytes of those bodies (counted at
@@ -508,7 +511,14 @@ async fn respond(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let result = respond_inner(s3, faults, req).await;
+    let put = req.method() == hyper::Method::PUT;
+    let mut result = respond_inner(s3, faults, req).await;
+    if put
+        && faults.hide_crc32c.load(Ordering::SeqCst)
+        && let Ok(resp) = &mut result
+    {
+        resp.headers_mut().remove("x-amz-checksum-crc32c");
+    }
     faults.concurrent.fetch_sub(1, Ordering::SeqCst);
     if abort && result.as_ref().is_ok_and(|r| r.status().is_success()) {
         faults.multipart_aborts.fetch_add(1, Ordering::SeqCst);
