@@ -436,6 +436,14 @@ mod tests {
         }
     }
 
+    /// A store refusing the `fail`-th PUT (1-based; 0: none).
+    fn refusing(fail: usize) -> Refuses {
+        Refuses {
+            puts: Cell::new(0),
+            fail,
+        }
+    }
+
     fn options() -> SnapshotOptions {
         SnapshotOptions {
             prefix: String::new(),
@@ -460,14 +468,7 @@ mod tests {
     /// A stored object's buffer holds the next object: no fresh memory per object.
     #[test]
     fn a_stored_objects_buffer_holds_the_next_object() {
-        let (store, throttle, opts) = (
-            Refuses {
-                puts: Cell::new(0),
-                fail: 0,
-            },
-            Throttle::default(),
-            options(),
-        );
+        let (store, throttle, opts) = (refusing(0), Throttle::default(), options());
         let mut packer = Packer::new(&store, &throttle, &opts, Vec::new(), 0);
         futures_lite::future::block_on(async {
             // Sealed at once (objects of 4 bytes) and stored at once.
@@ -490,14 +491,7 @@ mod tests {
     /// must not save one that does).
     #[test]
     fn a_failed_upload_ends_the_objects_counted_stored() {
-        let (store, throttle, opts) = (
-            Refuses {
-                puts: Cell::new(0),
-                fail: 2,
-            },
-            Throttle::default(),
-            options(),
-        );
+        let (store, throttle, opts) = (refusing(2), Throttle::default(), options());
         let mut packer = Packer::new(&store, &throttle, &opts, Vec::new(), 0);
         futures_lite::future::block_on(async {
             packer.add(b"obj0").await.unwrap();
