@@ -227,8 +227,9 @@ fn a_put_carries_its_crc32c_and_its_md5_until_the_store_checks_crc32c() {
 }
 
 /// Under the default, a store that never echoes a PUT's CRC32C (it ignores them) gets
-/// every PUT's MD5; one that stops echoing (a gateway of another version behind the
-/// same endpoint) gets it again from the PUT after the first answered without.
+/// every PUT's MD5; one that echoed and then answers a PUT sent without MD5 without
+/// the echo (a gateway of another version behind the same endpoint) gets that PUT
+/// again with its MD5, and every PUT after it, echoes or not.
 #[test]
 fn a_store_that_does_not_echo_crc32cs_gets_content_md5() {
     let server = start_server(false);
@@ -238,28 +239,36 @@ fn a_store_that_does_not_echo_crc32cs_gets_content_md5() {
     };
     let c = config_with(&server, credentials);
     let hide = |on| server.faults.hide_crc32c.store(on, Ordering::SeqCst);
+    let put = async |s: &S3Store, n: u8| {
+        s.put(&format!("ox1/d/{n}"), vec![n; 100]).await.unwrap();
+    };
     run(async |ex| {
         let s = S3Store::new(c, Rc::clone(&ex)).unwrap();
         hide(true);
         for n in 0..3 {
-            s.put(&format!("ox1/d/{n}"), vec![n; 100]).await.unwrap();
+            put(&s, n).await;
         }
         hide(false);
         // Echoed: the next goes without MD5.
-        s.put("ox1/d/3", vec![3; 100]).await.unwrap();
-        s.put("ox1/d/4", vec![4; 100]).await.unwrap();
+        put(&s, 3).await;
+        put(&s, 4).await;
         hide(true);
-        // Answered without the echo: the next carries MD5 again.
-        s.put("ox1/d/5", vec![5; 100]).await.unwrap();
-        s.put("ox1/d/6", vec![6; 100]).await.unwrap();
-        for n in 0..7u8 {
+        // Answered without the echo: sent again with MD5, and so are the next.
+        put(&s, 5).await;
+        put(&s, 6).await;
+        // Echoed again: still with MD5, for good.
+        hide(false);
+        put(&s, 7).await;
+        put(&s, 8).await;
+        for n in 0..9u8 {
             assert_eq!(s.get(&format!("ox1/d/{n}")).await.unwrap(), vec![n; 100]);
         }
     });
     let md5: Vec<bool> = (server.faults.put_digests.lock().unwrap().iter())
         .map(|(_, md5, _)| *md5)
         .collect();
-    assert_eq!(md5, [true, true, true, true, false, false, true]);
+    let want = [true, true, true, true, false, false, true, true, true, true];
+    assert_eq!(md5, want, "PUTs 0-4, 5 twice, 6-8");
 }
 
 /// A ranged GET over plain HTTP asks for a whole number of the connection's TCP

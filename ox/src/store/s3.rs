@@ -104,9 +104,9 @@ pub struct S3Config {
     pub part_size: usize,
     /// When a PUT carries `Content-MD5` besides its `x-amz-checksum-crc32c`.
     pub content_md5: ContentMd5,
-    /// The store answered a PUT with the CRC32C it was sent (it checks them: see
-    /// [`ContentMd5::Auto`]). Shared by every clone of these settings.
-    pub echoes_crc32c: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// What the store's answers showed of its CRC32C checks (see [`ContentMd5::Auto`]).
+    /// Shared by every clone of these settings.
+    pub crc32c_echoes: std::sync::Arc<Crc32cEchoes>,
     /// Where this store's retries are counted: shared by every clone of these settings.
     pub retry_log: std::sync::Arc<super::retries::RetryLog>,
 }
@@ -131,7 +131,7 @@ impl S3Config {
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
             content_md5: ContentMd5::Auto,
-            echoes_crc32c: std::sync::Arc::default(),
+            crc32c_echoes: std::sync::Arc::default(),
             retry_log: std::sync::Arc::default(),
         }
     }
@@ -144,9 +144,12 @@ impl S3Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ContentMd5 {
     /// Until the store answers a PUT with the CRC32C it was sent, which shows it reads
-    /// and checks them (AWS, MinIO, Garage, Ceph RGW from Squid, s3s): from then on
-    /// CRC32C alone, until a PUT sent so is answered without it. A store that ignores
-    /// the CRC32C (Ceph before Squid, others) goes on getting both.
+    /// them (AWS, MinIO, Garage, Ceph RGW from Squid and s3s check them too): from then
+    /// on CRC32C alone, until a PUT sent so is answered without it (a gateway of
+    /// another version behind the same endpoint) — that PUT is sent again with its MD5,
+    /// and every PUT after it carries it, for as long as oxd runs. A store that ignores
+    /// the CRC32C (Ceph before Squid, others) goes on getting both. Conditional PUTs
+    /// (small: manifests, records) always carry it.
     #[default]
     Auto,
     /// Every PUT.
@@ -154,6 +157,53 @@ pub enum ContentMd5 {
     /// None (the CRC32C alone, whether the store checks it or not).
     Never,
 }
+
+/// What a store's answers to PUTs showed of its CRC32C checks, learnt under
+/// [`ContentMd5::Auto`]: nothing yet, an echo of the CRC32C sent, or an echo and later an
+/// answer without one (for good: behind the endpoint some gateway does not read them).
+#[derive(Debug, Default)]
+pub struct Crc32cEchoes(std::sync::atomic::AtomicU8);
+
+const NOTHING_SHOWN: u8 = 0;
+const ECHOES: u8 = 1;
+const MIXED: u8 = 2;
+
+impl Crc32cEchoes {
+    /// The store echoes CRC32Cs (and none went unechoed since): PUTs may go without
+    /// their MD5.
+    pub fn shown(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) == ECHOES
+    }
+
+    /// A PUT was answered with the CRC32C it was sent.
+    fn echoed(&self) {
+        self.change(NOTHING_SHOWN, ECHOES);
+    }
+
+    /// A PUT was answered without a CRC32C; true if that ends the echoes for good.
+    fn missed(&self) -> bool {
+        self.change(ECHOES, MIXED)
+    }
+
+    /// From `from` to `to`, if it is at `from`. A compare-and-swap, but only on a
+    /// change, at most twice per store while oxd runs: every other answer costs a
+    /// load.
+    fn change(&self, from: u8, to: u8) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.load(Relaxed) == from && self.0.compare_exchange(from, to, Relaxed, Relaxed).is_ok()
+    }
+}
+
+/// How one PUT goes: its conditions, and whether it carries its MD5.
+#[derive(Clone, Copy)]
+struct PutAs<'a> {
+    if_absent: bool,
+    if_match: Option<&'a str>,
+    md5: bool,
+}
+
+/// The header of a PUT's CRC32C, and of the store's echo of it.
+const CRC32C: &str = "x-amz-checksum-crc32c";
 
 /// Resolves credentials from their source (not those from a command: a store asks
 /// `credential_process` for those at each request).
@@ -505,21 +555,18 @@ impl S3Store {
 
     /// Classification of an upload carrying `sent`: the store refusing the body as
     /// damaged (a digest mismatch), or acknowledging it with another CRC32C than the
-    /// one sent, is retried; the rest as [`Self::classify`]. With `echoes` (a PUT under
-    /// [`ContentMd5::Auto`]), an answer echoing the CRC32C sent sets it, and one to a
-    /// PUT sent without `Content-MD5` that does not echo it clears it: the store (a
-    /// gateway of another version behind the same endpoint) may not check CRC32Cs, so
-    /// the next PUTs carry their MD5 again.
+    /// one sent, is retried; the rest as [`Self::classify`]. With `learning` (an
+    /// unconditional PUT under [`ContentMd5::Auto`]), what the answer shows of the
+    /// store's CRC32C checks is recorded there.
     fn classify_upload(
         op: &'static str,
         key: &str,
         sent: &BodyDigests,
-        echoes: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>,
+        learning: Option<&std::sync::Arc<Crc32cEchoes>>,
     ) -> impl Fn(Response) -> Outcome {
-        use std::sync::atomic::Ordering::Relaxed;
         let standard = Self::classify(op, key);
         let (key, crc) = (key.to_string(), sent.crc32c.clone());
-        let (echoes, sent_md5) = (echoes.map(std::sync::Arc::clone), sent.md5.is_some());
+        let learning = learning.map(std::sync::Arc::clone);
         move |resp: Response| {
             if (resp.status == 400 || resp.status == 403)
                 && let Some(code) = error_code(&resp.body)
@@ -534,21 +581,18 @@ impl S3Store {
                     format!("{op} body damaged on the way: {code}"),
                 );
             }
-            let echoed = resp.headers.get("x-amz-checksum-crc32c");
+            let echoed = resp.headers.get(CRC32C);
             if (200..=299).contains(&resp.status)
-                && let Some(echoes) = &echoes
+                && let Some(echoes) = &learning
             {
                 match echoed {
-                    Some(e) if e.as_bytes() == crc.as_bytes() && !echoes.load(Relaxed) => {
-                        echoes.store(true, Relaxed);
-                    }
-                    None if !sent_md5 && echoes.load(Relaxed) => {
-                        tracing::warn!(
-                            key,
-                            "{op}: the store did not echo the CRC32C of a PUT sent without Content-MD5; the next PUTs carry it again"
-                        );
-                        echoes.store(false, Relaxed);
-                    }
+                    Some(e) if e.as_bytes() == crc.as_bytes() => echoes.echoed(),
+                    None if echoes.missed() => tracing::warn!(
+                        key,
+                        "{op}: the store answered a PUT without the CRC32C it was sent, though it echoed \
+                         them before: some of its gateways may not check them, so every PUT carries \
+                         Content-MD5 from now on, and this one is sent again with it"
+                    ),
                     _ => {}
                 }
             }
@@ -586,45 +630,41 @@ impl S3Store {
         if_match: Option<&str>,
     ) -> Result<(), OxError> {
         let credentials = self.credentials().await?;
-        if data.len() > self.config.multipart_threshold && if_match.is_none() {
+        let conditional = if_absent || if_match.is_some();
+        // Conditions go on a single PUT (S3 takes up to 5 GiB at once).
+        if data.len() > self.config.multipart_threshold && !conditional {
             return self.put_multipart(key, &data).await;
         }
+        // Under Auto, unconditional PUTs learn whether the store checks CRC32Cs;
+        // conditional ones (manifests, records: small) always carry their MD5, as they
+        // could not be sent again below.
+        let auto = self.config.content_md5 == ContentMd5::Auto;
+        let learning = (auto && !conditional).then_some(&self.config.crc32c_echoes);
         let md5 = match self.config.content_md5 {
             ContentMd5::Always => true,
             ContentMd5::Never => false,
-            ContentMd5::Auto => {
-                !(self.config.echoes_crc32c).load(std::sync::atomic::Ordering::Relaxed)
-            }
+            ContentMd5::Auto => conditional || !self.config.crc32c_echoes.shown(),
         };
-        // Whether the store checks CRC32Cs is learnt from PUTs' answers under Auto.
-        let learning =
-            (self.config.content_md5 == ContentMd5::Auto).then_some(&self.config.echoes_crc32c);
-        let digests = BodyDigests::of(&data, md5);
-        let mut action = self.bucket.put_object(Some(&credentials), key);
-        let mut headers = digests.sign_into(action.headers_mut(), false);
-        let url = action.sign(SIGN_FOR);
-        if if_absent {
-            headers.push(("if-none-match", "*".to_string()));
-        }
-        if let Some(tag) = if_match {
-            headers.push(("if-match", tag.to_string()));
-        }
-        let (url, headers) = self.authorize(&credentials, &Method::PUT, url, headers);
         let sent = std::cell::Cell::new(0u32);
-        let result = self
-            .with_retries(
-                "PUT",
-                key,
-                async || {
-                    sent.set(sent.get() + 1);
-                    self.http
-                        .request(Method::PUT, &url, &headers, data.clone())
-                        .await
-                },
-                Self::classify_upload("PUT", key, &digests, learning),
-            )
+        let put = PutAs {
+            if_absent,
+            if_match,
+            md5,
+        };
+        let result = match self
+            .put_once(&credentials, key, &data, &put, learning, &sent)
             .await
-            .map(|_| ());
+        {
+            // Sent without its MD5 and answered without its CRC32C: nothing checked
+            // the body. Sent again with its MD5 (and the next PUTs carry it).
+            Ok(resp) if !md5 && learning.is_some() && resp.headers.get(CRC32C).is_none() => {
+                let put = PutAs { md5: true, ..put };
+                self.put_once(&credentials, key, &data, &put, learning, &sent)
+                    .await
+            }
+            other => other,
+        }
+        .map(|_| ());
         let result = match result {
             // Two conditional writes to one key at once: AWS refuses the later with 409
             // ConditionalRequestConflict; for the caller it is what 412 is.
@@ -655,6 +695,41 @@ impl S3Store {
             }
             other => other,
         }
+    }
+
+    /// One PUT of `data` as `put` says, with its retries; `sent` counts the attempts.
+    async fn put_once(
+        &self,
+        credentials: &Credentials,
+        key: &str,
+        data: &bytes::Bytes,
+        put: &PutAs<'_>,
+        learning: Option<&std::sync::Arc<Crc32cEchoes>>,
+        sent: &std::cell::Cell<u32>,
+    ) -> Result<Response, OxError> {
+        let digests = BodyDigests::of(data, put.md5);
+        let mut action = self.bucket.put_object(Some(credentials), key);
+        let mut headers = digests.sign_into(action.headers_mut(), false);
+        let url = action.sign(SIGN_FOR);
+        if put.if_absent {
+            headers.push(("if-none-match", "*".to_string()));
+        }
+        if let Some(tag) = put.if_match {
+            headers.push(("if-match", tag.to_string()));
+        }
+        let (url, headers) = self.authorize(credentials, &Method::PUT, url, headers);
+        self.with_retries(
+            "PUT",
+            key,
+            async || {
+                sent.set(sent.get() + 1);
+                self.http
+                    .request(Method::PUT, &url, &headers, data.clone())
+                    .await
+            },
+            Self::classify_upload("PUT", key, &digests, learning),
+        )
+        .await
     }
 
     async fn put_multipart(&self, key: &str, data: &bytes::Bytes) -> Result<(), OxError> {
