@@ -149,7 +149,8 @@ pub enum ContentMd5 {
     /// another version behind the same endpoint) — that PUT is sent again with its MD5,
     /// and every PUT after it carries it, for as long as oxd runs. A store that ignores
     /// the CRC32C (Ceph before Squid, others) goes on getting both. Conditional PUTs
-    /// (small: manifests, records) always carry it.
+    /// (manifests, records, working-set pages), which could not be sent again, carry it
+    /// always here.
     #[default]
     Auto,
     /// Every PUT.
@@ -566,7 +567,7 @@ impl S3Store {
     ) -> impl Fn(Response) -> Outcome {
         let standard = Self::classify(op, key);
         let (key, crc) = (key.to_string(), sent.crc32c.clone());
-        let learning = learning.map(std::sync::Arc::clone);
+        let (learning, sent_md5) = (learning.map(std::sync::Arc::clone), sent.md5.is_some());
         move |resp: Response| {
             if (resp.status == 400 || resp.status == 403)
                 && let Some(code) = error_code(&resp.body)
@@ -587,7 +588,7 @@ impl S3Store {
             {
                 match echoed {
                     Some(e) if e.as_bytes() == crc.as_bytes() => echoes.echoed(),
-                    None if echoes.missed() => tracing::warn!(
+                    None if !sent_md5 && echoes.missed() => tracing::warn!(
                         key,
                         "{op}: the store answered a PUT without the CRC32C it was sent, though it echoed \
                          them before: some of its gateways may not check them, so every PUT carries \
@@ -659,6 +660,8 @@ impl S3Store {
             // the body. Sent again with its MD5 (and the next PUTs carry it).
             Ok(resp) if !md5 && learning.is_some() && resp.headers.get(CRC32C).is_none() => {
                 let put = PutAs { md5: true, ..put };
+                // (Fetched again: the first PUT's retries may have outlived them.)
+                let credentials = self.credentials().await?;
                 self.put_once(&credentials, key, &data, &put, learning, &sent)
                     .await
             }
