@@ -28,9 +28,10 @@ const UPLOADS_IN_FLIGHT: usize = 4;
 /// The most uploads in flight however small their objects (each holds a connection).
 const MOST_UPLOADS_IN_FLIGHT: usize = 64;
 
-/// Buffers of stored objects kept for the next objects (one is sealed as one is
-/// stored, in the steady state).
-const SPARE_OBJECTS: usize = 2;
+/// Buffers of stored objects kept for the next objects: one, as one object is sealed
+/// as one is stored in the steady state (with objects of up to 1 GiB, a spare is
+/// memory held while the next fills).
+const SPARE_OBJECTS: usize = 1;
 
 /// A sealed object on its way to the store.
 struct Upload<'a> {

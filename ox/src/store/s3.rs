@@ -6,7 +6,7 @@
 //! batched deletes; conditional create (`If-None-Match: *`) for manifests.
 //!
 //! Every PUT carries the body's `x-amz-checksum-crc32c`, and its `Content-MD5` until
-//! the store shows it checks the CRC32C ([`ContentMd5`]); each part of a multipart
+//! the store shows it reads the CRC32C ([`ContentMd5`]); each part of a multipart
 //! upload carries its `Content-MD5`; all signed, so the store refuses a body damaged on
 //! the way (AWS, MinIO and Ceph RGW answer 400 `BadDigest`, Garage `InvalidDigest`;
 //! Ceph before Squid checks only `Content-MD5`): such a refusal is retried like a 5xx,
@@ -332,8 +332,8 @@ impl BodyDigests {
             out.push(("content-md5", md5.clone()));
         }
         if !part {
-            headers.insert("x-amz-checksum-crc32c", self.crc32c.as_str());
-            out.push(("x-amz-checksum-crc32c", self.crc32c.clone()));
+            headers.insert(CRC32C, self.crc32c.as_str());
+            out.push((CRC32C, self.crc32c.clone()));
         }
         out
     }
