@@ -6,6 +6,7 @@ use reactor::ReactorHandle;
 use crate::error::OxError;
 
 use super::attempt::Attempt;
+use super::spares::Spares;
 
 /// Changed chunks claimed and read ahead of the encoder, so the device's reads overlap
 /// encoding and uploading this chunk. Claims go to the volume's owner reactor in
@@ -23,6 +24,8 @@ pub(super) struct ReadAhead {
     window: usize,
     /// Chunks one device request reads at most.
     most_in_run: usize,
+    /// Buffers for reads of copies saved before writes.
+    spares: Spares,
 }
 
 /// A chunk read ahead: preserved contents, or a read in flight (of the device, which
@@ -78,6 +81,7 @@ async fn start_read(
     handle: &VolumeHandle,
     read: &impl ReadChunks,
     on: &ReactorHandle,
+    spares: &Spares,
 ) -> Result<Ahead, OxError> {
     let claim = claim.finish().await.map_err(|e| claim_failed(handle, e))?;
     match claim {
@@ -88,26 +92,30 @@ async fn start_read(
                 Err(e)
             }
         },
-        other => kept_or_saved(other, on),
+        other => kept_or_saved(other, on, spares),
     }
 }
 
 /// What to read for a chunk the device does not hold for the snapshot: its contents
-/// kept before a write, or where they were saved.
-fn kept_or_saved(claim: Claim, on: &ReactorHandle) -> Result<Ahead, OxError> {
+/// kept before a write, or where they were saved (read into a spare buffer).
+fn kept_or_saved(claim: Claim, on: &ReactorHandle, spares: &Spares) -> Result<Ahead, OxError> {
     Ok(match claim {
         Claim::Copy(data) => Ahead::Ready(crate::blockio::Bytes::Kept(data)),
         Claim::Saved {
             dev,
             offset_blocks,
             num_blocks,
-        } => Ahead::Reading(crate::blockio::start_read(
-            on,
-            &dev,
-            offset_blocks,
-            num_blocks,
-            || {},
-        )?),
+        } => {
+            let len = num_blocks * u64::from(dev.block_size());
+            let buf = vec![spares.take(len as usize)];
+            Ahead::Reading(crate::blockio::start_read_into(
+                on,
+                &dev,
+                offset_blocks,
+                buf,
+                || {},
+            )?)
+        }
         Claim::Device => unreachable!("a device read is started by its run"),
     })
 }
@@ -119,12 +127,13 @@ pub(super) async fn start_chunk(
     handle: &VolumeHandle,
     read: &impl ReadChunks,
     on: &ReactorHandle,
+    spares: &Spares,
 ) -> Result<Ahead, OxError> {
     attempt.claimed(chunk);
     let claim = handle
         .send_claim(chunk)
         .map_err(|e| claim_failed(handle, e))?;
-    start_read(chunk, claim, handle, read, on).await
+    start_read(chunk, claim, handle, read, on, spares).await
 }
 
 impl ReadAhead {
@@ -135,10 +144,11 @@ impl ReadAhead {
             .clamp(LEAST_AHEAD, MOST_AHEAD)
     }
 
-    /// A read-ahead for chunks of `chunk_bytes`.
-    pub(super) fn new(chunk_bytes: u64) -> Self {
+    /// A read-ahead for chunks of `chunk_bytes`, reading saved copies into `spares`.
+    pub(super) fn new(chunk_bytes: u64, spares: Spares) -> Self {
         let window = Self::window(chunk_bytes);
         Self {
+            spares,
             queue: std::collections::VecDeque::with_capacity(window),
             scan: 0,
             window,
@@ -250,7 +260,7 @@ impl ReadAhead {
                     }
                     Ok(other) => {
                         start_run(&mut run, &mut started, &answers);
-                        started[i] = Some(kept_or_saved(other, on).map(Queued::One));
+                        started[i] = Some(kept_or_saved(other, on, &self.spares).map(Queued::One));
                     }
                     Err(e) => {
                         start_run(&mut run, &mut started, &answers);

@@ -18,17 +18,16 @@ use bdev::IoBuf;
 
 use crate::blockio::Bytes;
 
-/// The writer's spare read buffers, shared by its device reads (which take) and its
-/// encoders (which give back). One core's: never sent elsewhere.
+/// The writer's spare read buffers, shared by its reads — of the device, and of
+/// copies saved before hosts' writes — (which take) and its encoders (which give
+/// back). One core's: never sent elsewhere.
 #[derive(Clone)]
 pub(super) struct Spares(Rc<Inner>);
 
 struct Inner {
     bufs: RefCell<Vec<IoBuf>>,
-    /// Spares kept at most: the chunks a snapshot holds at once. Reads of copies saved
-    /// before hosts' writes make buffers of their own, which come back here too; past
-    /// this many they are let go, so idle spares never hold more than the snapshot's
-    /// reads in flight do.
+    /// Spares kept at most: the chunks a snapshot holds at once (a buffer is made only
+    /// when none is spare; past this many, one given back is let go).
     most: usize,
 }
 

@@ -451,7 +451,7 @@ pub(super) async fn write(
         .zip(base)
         .map(|(path, base)| Journaling { path, base });
     let mut parent_page: Option<(u64, IndexPage)> = None;
-    let mut ahead = ReadAhead::new(chunk_bytes);
+    let mut ahead = ReadAhead::new(chunk_bytes, spares.clone());
     let mut chunks_read = start.chunks_read;
     let mut stored_chunks = start.stored_chunks;
     let progress = &opts.progress;
@@ -594,7 +594,7 @@ pub(super) async fn write(
                 .await?;
             let item = match ahead.take(chunk).await? {
                 Some(item) => item,
-                None => start_chunk(chunk, attempt, handle, &read, on).await?,
+                None => start_chunk(chunk, attempt, handle, &read, on, &spares).await?,
             };
             let data = match item {
                 Ahead::Ready(d) => d,
