@@ -27,7 +27,7 @@ pub(super) struct Spares(Rc<Inner>);
 struct Inner {
     bufs: RefCell<Vec<IoBuf>>,
     /// Spares kept at most: the chunks a snapshot holds at once (a buffer is made only
-    /// when none is spare; past this many, one given back is let go).
+    /// when no spare is big enough; past this many, one given back is let go).
     most: usize,
 }
 
