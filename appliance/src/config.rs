@@ -200,8 +200,9 @@ pub struct StoreSection {
     /// resolves; the host still names the server (`Host`, TLS).
     pub connect_to: Option<String>,
     /// s3: `true`: every PUT carries `Content-MD5` besides its CRC32C; `false`: none
-    /// does; by default PUTs carry it until the store answers one with its CRC32C
-    /// (which shows it checks them).
+    /// does; by default conditional PUTs always do, and others until the store answers
+    /// one with its CRC32C (which shows it reads them), and for good again once one
+    /// sent without is answered without it (`ox::store::s3::ContentMd5::Auto`).
     pub content_md5: Option<bool>,
     /// local: the directory.
     pub path: Option<PathBuf>,
@@ -899,7 +900,7 @@ mod tests {
     }
 
     #[test]
-    fn content_md5_is_sent_until_the_store_checks_crc32c_unless_told() {
+    fn content_md5_is_learnt_from_the_store_unless_told() {
         use ox::store::s3::ContentMd5;
         let md5 = |extra| s3_settings("https://s3.example", extra).content_md5;
         assert_eq!(md5(""), ContentMd5::Auto);

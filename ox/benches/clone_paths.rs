@@ -17,7 +17,7 @@
 //! cargo bench -p ox --bench clone_paths [-- --mib 256 --reads 300 --limit-mib 8 --object-mib 1]
 //! (`--snapshot-only 1`: part 1 alone; `--s3 0`: part 1 without the S3 server, for
 //! profiles of the snapshot path; `--content-md5 0|1`: PUTs never or always with
-//! their MD5 too, instead of until the store shows it checks their CRC32C.)
+//! their MD5 too, instead of until the store shows it reads their CRC32C.)
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]

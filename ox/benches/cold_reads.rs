@@ -18,7 +18,8 @@
 //! `--object-mib` says. The snapshot keeps no journal unless `--journal 1` (as the
 //! appliance does for its volumes: a checkpoint every 5 s). `--snapshot-only 1` stops
 //! after the snapshot. With `OX_TRACE` set, every scattered read (sections 2, 3b and 4)
-//! prints its time and the TCP connections this machine opened meanwhile.
+//! prints its time and the TCP connections opened meanwhile (in this network
+//! namespace, by any process).
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
 //!     --read-ahead-mib N --journal 1 --snapshot-only 1]

@@ -189,7 +189,7 @@ fn the_same_over_https_with_a_custom_ca() {
 /// CRC32C it was sent (by default), always, or never, as asked; each part of a
 /// multipart upload its MD5 alone. Seen at the server, which echoes CRC32Cs.
 #[test]
-fn a_put_carries_its_crc32c_and_its_md5_until_the_store_checks_crc32c() {
+fn a_put_carries_its_crc32c_and_its_md5_until_the_store_echoes_it() {
     use ox::store::s3::ContentMd5;
     let credentials = || CredentialSource::Static {
         access_key: ACCESS.into(),
