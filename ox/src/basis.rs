@@ -5,6 +5,11 @@
 //! to [`RUN_BYTES`] each, all in flight at once; a lone miss is one GET of one frame.
 //! The quickest GET so far sizes a sequential reader's read-ahead
 //! ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for ahead.
+//!
+//! Hosts' misses have connections of their own ([`Lane`]): background fetches
+//! (read-ahead, thickening, a clone's warming) never hold the connection a host's miss
+//! would have taken, so a miss never waits on a new connection's handshake and slow
+//! start because a walk has every pooled one in use.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -75,8 +80,36 @@ pub struct ObjectBasis {
 
 static NEXT: AtomicU64 = AtomicU64::new(1);
 
+/// Which of a basis's two stores on an OX core (each with its own connections) a
+/// request goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    /// Hosts' misses, and the index pages loaded as a clone opens (which warm the
+    /// connection its hosts' first misses then take).
+    Host,
+    /// Everything the appliance fetches on its own: read-ahead, thickening, warming.
+    Background,
+}
+
+impl Lane {
+    /// The lane of a fetch: the throttle's foreground class is the host's.
+    fn of(reason: FetchReason) -> Self {
+        match reason {
+            FetchReason::ClientMiss => Self::Host,
+            FetchReason::Prefetch | FetchReason::Thickening => Self::Background,
+        }
+    }
+}
+
+/// A store of one basis on this OX core, and that basis while it lives: the store (and
+/// its pooled connections) is let go once the basis is gone.
+struct CoreStore {
+    basis: std::sync::Weak<Inner>,
+    store: Rc<dyn ObjectStore>,
+}
+
 thread_local! {
-    static STORES: RefCell<HashMap<u64, Rc<dyn ObjectStore>>> = RefCell::new(HashMap::new());
+    static STORES: RefCell<HashMap<(u64, Lane), CoreStore>> = RefCell::new(HashMap::new());
 }
 
 impl ObjectBasis {
@@ -146,7 +179,7 @@ impl ObjectBasis {
         let inner = Arc::clone(&self.inner);
         let job: crate::cores::Job = Box::new(move |ex| {
             Box::pin(async move {
-                let Ok(store) = inner.store(&ex) else {
+                let Ok(store) = Inner::store(&inner, &ex, Lane::Host) else {
                     let _ = tx.send(0);
                     return;
                 };
@@ -174,7 +207,7 @@ impl ObjectBasis {
         &self,
         ex: &Rc<LocalExecutor<'static>>,
     ) -> Result<Option<crate::format::WorkingSet>, OxError> {
-        let store = self.inner.store(ex)?;
+        let store = Inner::store(&self.inner, ex, Lane::Background)?;
         let counters = &self.inner.counters;
         let found = self
             .inner
@@ -197,13 +230,35 @@ impl ObjectBasis {
 pub const PREFETCH_ALL_PAGES: u64 = 4;
 
 impl Inner {
-    fn store(&self, ex: &Rc<LocalExecutor<'static>>) -> Result<Rc<dyn ObjectStore>, OxError> {
-        if let Some(s) = STORES.with(|s| s.borrow().get(&self.id).cloned()) {
+    /// This basis's store for `lane` on this OX core, made at its first use. Making
+    /// one also lets go of the stores of bases that are gone (a deleted clone's
+    /// connections are closed at the next clone's first fetch on the core).
+    fn store(
+        this: &Arc<Self>,
+        ex: &Rc<LocalExecutor<'static>>,
+        lane: Lane,
+    ) -> Result<Rc<dyn ObjectStore>, OxError> {
+        let key = (this.id, lane);
+        if let Some(s) = STORES.with(|m| m.borrow().get(&key).map(|c| Rc::clone(&c.store))) {
             return Ok(s);
         }
-        let s = (self.factory)(ex)?;
-        STORES.with(|m| m.borrow_mut().insert(self.id, Rc::clone(&s)));
-        Ok(s)
+        let store = (this.factory)(ex)?;
+        let gone: Vec<CoreStore> = STORES.with(|m| {
+            let mut m = m.borrow_mut();
+            let gone = m
+                .extract_if(|_, c| c.basis.strong_count() == 0)
+                .map(|(_, c)| c);
+            let gone = gone.collect();
+            let mine = CoreStore {
+                basis: Arc::downgrade(this),
+                store: Rc::clone(&store),
+            };
+            m.insert(key, mine);
+            gone
+        });
+        // Dropped outside the map's borrow: a store's drop may do anything.
+        drop(gone);
+        Ok(store)
     }
 
     /// Index page `page`: from the cache, or loaded once however many fetches ask
@@ -291,7 +346,7 @@ impl Inner {
         batch: Vec<(u64, FetchDone)>,
         reason: FetchReason,
     ) {
-        let store = match self.store(&ex) {
+        let store = match Inner::store(&self, &ex, Lane::of(reason)) {
             Ok(s) => s,
             Err(e) => {
                 let e = fetch_error(e);

@@ -370,3 +370,65 @@ fn a_clone_loads_its_index_pages_as_it_opens_so_a_first_miss_costs_one_get() {
     );
     assert_eq!(basis.counters().page_gets.load(Ordering::SeqCst), 3);
 }
+
+/// A host's miss beside background fetches that hold every connection they opened goes
+/// out on the connection of the host's earlier miss: it waits on no handshake (nor a
+/// new connection's slow start) because a walk has the pool busy. Counted at the server.
+#[test]
+fn a_hosts_miss_beside_busy_background_fetches_opens_no_connection() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (image, report) = incompressible_snapshot(&env, &config, 43);
+    let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "lanes");
+    let faults = &server.faults;
+    // The host's first miss: its index page, then its frame.
+    assert!(read(&env, &clone, 0, 4096)[..] == image[..4096]);
+
+    // Background fetches of chunks far apart (a ranged GET each), held at the server.
+    const RUNS: u32 = 4;
+    faults.hold_gets.store(RUNS, Ordering::SeqCst);
+    let (tx, answers) = std::sync::mpsc::channel();
+    let batch = (1..=u64::from(RUNS))
+        .map(|i| {
+            let (chunk, tx) = (i * 64, tx.clone());
+            let done: bdev::FetchDone = Box::new(move |r| {
+                let _ = tx.send((chunk, r));
+            });
+            (chunk, done)
+        })
+        .collect();
+    basis.fetch_batch(batch, bdev::FetchReason::Thickening);
+    let asked = std::time::Instant::now();
+    while faults.holding.load(Ordering::SeqCst) < RUNS {
+        assert!(
+            asked.elapsed() < support::T,
+            "the background GETs never came"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let opened = faults.connections.load(Ordering::SeqCst);
+
+    // The host's next miss, elsewhere, is answered while they are held, and opened
+    // nothing.
+    let at = 512 * CHUNK + 4096;
+    let got = read(&env, &clone, at, 4096);
+    assert!(got[..] == image[at as usize..at as usize + 4096]);
+    assert_eq!(
+        faults.connections.load(Ordering::SeqCst),
+        opened,
+        "the host's miss opened a connection"
+    );
+    assert_eq!(faults.holding.load(Ordering::SeqCst), RUNS, "still held");
+
+    // Let go, the background fetches bring their chunks.
+    faults.let_go.store(true, Ordering::SeqCst);
+    for _ in 0..RUNS {
+        let (chunk, got) = answers.recv_timeout(support::T).unwrap();
+        let at = (chunk * CHUNK) as usize;
+        assert!(
+            got.unwrap()[..] == image[at..at + CHUNK as usize],
+            "chunk {chunk}"
+        );
+    }
+}

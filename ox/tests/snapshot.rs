@@ -1752,3 +1752,76 @@ fn host_writes_go_ahead_while_a_snapshot_waits_on_its_uploads() {
     );
     env.set.shutdown().unwrap();
 }
+
+thread_local! {
+    /// The stores a counting factory made on this thread (an OX core's).
+    static MADE: std::cell::RefCell<Vec<std::rc::Weak<dyn ObjectStore>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A basis fetches a host's misses and background fetches through two stores of its own
+/// on an OX core (each with its own connections), and once the basis is gone its
+/// stores are let go at the next basis's first fetch there.
+#[test]
+fn a_basis_has_a_store_for_hosts_and_one_for_the_rest_let_go_when_it_is_gone() {
+    let env = env();
+    let size = 4 << 20;
+    let (vol, handle) = fresh_volume(size);
+    let data = random(size as usize, 12);
+    write(&env, &vol, 0, &data);
+    let s = snapshot(&env, &handle, None, Throttle::default());
+    let root = env.root.clone();
+    let counting: StoreFactory = Arc::new(move |_ex| {
+        let store = Rc::new(LocalStore::open(root.clone())?) as Rc<dyn ObjectStore>;
+        MADE.with(|m| m.borrow_mut().push(Rc::downgrade(&store)));
+        Ok(store)
+    });
+    let basis = |name: &str| {
+        let loaded = load_snapshot(&env, &s.manifest_key);
+        let factory = Arc::clone(&counting);
+        ObjectBasis::new(
+            loaded,
+            factory,
+            Arc::clone(&env.cores),
+            Throttle::default(),
+            name,
+        )
+    };
+    let fetch = |basis: &ObjectBasis, chunk: u64, reason| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        basis.fetch(chunk, reason, Box::new(move |r| tx.send(r).unwrap()));
+        let got = rx.recv_timeout(T).unwrap().unwrap();
+        let at = (chunk * CHUNK) as usize;
+        assert!(got[..] == data[at..at + CHUNK as usize], "chunk {chunk}");
+    };
+    // Stores made and still alive, as the OX core sees them.
+    let stores = || {
+        env.cores
+            .run(|_ex| {
+                Box::pin(async {
+                    MADE.with(|m| {
+                        let m = m.borrow();
+                        (m.len(), m.iter().filter(|w| w.strong_count() > 0).count())
+                    })
+                })
+            })
+            .unwrap()
+    };
+    use bdev::FetchReason::{ClientMiss, Prefetch, Thickening};
+
+    let first = basis("first");
+    fetch(&first, 0, ClientMiss);
+    assert_eq!(stores(), (1, 1), "the hosts' store");
+    for (chunk, reason) in [(1, Thickening), (2, Prefetch)] {
+        fetch(&first, chunk, reason);
+        assert_eq!(stores(), (2, 2), "one store for all background fetches");
+    }
+    fetch(&first, 3, ClientMiss);
+    assert_eq!(stores(), (2, 2), "hosts' misses keep theirs");
+
+    drop(first);
+    let second = basis("second");
+    fetch(&second, 4, Thickening);
+    assert_eq!(stores(), (3, 1), "the first basis's stores are let go");
+    env.set.shutdown().unwrap();
+}

@@ -105,6 +105,13 @@ pub struct Faults {
     pub root: std::sync::OnceLock<std::path::PathBuf>,
     /// Conditional PUTs refused (412).
     pub preconditions_failed: AtomicU32,
+    /// TCP connections accepted.
+    pub connections: AtomicU32,
+    /// Hold this many of the next object GETs (ranged: a clone's frames) unanswered
+    /// until `let_go` is set; `holding` counts those held now.
+    pub hold_gets: AtomicU32,
+    pub holding: AtomicU32,
+    pub let_go: std::sync::atomic::AtomicBool,
 }
 
 /// Whether `req`, a PUT with `If-None-Match: *` or `If-Match: ETAG`, finds the object
@@ -401,6 +408,7 @@ fn start_server_on(bind: &str, tls: bool, domain: Option<&str>, threads: usize) 
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            f.connections.fetch_add(1, Ordering::SeqCst);
             // Without it, small responses wait on the client's delayed ACK (~40 ms).
             let _ = tcp.set_nodelay(true);
             let s3 = s3.clone();
@@ -510,6 +518,20 @@ async fn respond(
             faults.gather.store(0, Ordering::SeqCst);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let ranged_get =
+        req.method() == hyper::Method::GET && req.headers().contains_key(hyper::header::RANGE);
+    let held = ranged_get
+        && faults
+            .hold_gets
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    if held {
+        faults.holding.fetch_add(1, Ordering::SeqCst);
+        while !faults.let_go.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        faults.holding.fetch_sub(1, Ordering::SeqCst);
     }
     let put = req.method() == hyper::Method::PUT;
     let mut result = respond_inner(s3, faults, req).await;
