@@ -6,10 +6,10 @@
 //! The quickest GET so far sizes a sequential reader's read-ahead
 //! ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for ahead.
 //!
-//! Hosts' misses have connections of their own ([`Lane`]): background fetches
+//! Hosts' misses have connections of their own (`Lane`): background fetches
 //! (read-ahead, thickening, a clone's warming) never hold the connection a host's miss
-//! would have taken, so a miss never waits on a new connection's handshake and slow
-//! start because a walk has every pooled one in use.
+//! would have taken, so a host's own GET never waits on a new connection's handshake
+//! and slow start because a walk has every pooled one in use.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -84,8 +84,8 @@ static NEXT: AtomicU64 = AtomicU64::new(1);
 /// request goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Lane {
-    /// Hosts' misses, and the index pages loaded as a clone opens (which warm the
-    /// connection its hosts' first misses then take).
+    /// Hosts' misses, and every index page (those loaded as a clone opens warm a
+    /// connection of the OX core that loaded them for its hosts' first misses there).
     Host,
     /// Everything the appliance fetches on its own: read-ahead, thickening, warming.
     Background,
@@ -245,15 +245,16 @@ impl Inner {
         let store = (this.factory)(ex)?;
         let gone: Vec<CoreStore> = STORES.with(|m| {
             let mut m = m.borrow_mut();
-            let gone = m
+            let mut gone: Vec<CoreStore> = m
                 .extract_if(|_, c| c.basis.strong_count() == 0)
-                .map(|(_, c)| c);
-            let gone = gone.collect();
+                .map(|(_, c)| c)
+                .collect();
             let mine = CoreStore {
                 basis: Arc::downgrade(this),
                 store: Rc::clone(&store),
             };
-            m.insert(key, mine);
+            // None: the key was looked for above and nothing since could add it.
+            gone.extend(m.insert(key, mine));
             gone
         });
         // Dropped outside the map's borrow: a store's drop may do anything.
@@ -346,7 +347,15 @@ impl Inner {
         batch: Vec<(u64, FetchDone)>,
         reason: FetchReason,
     ) {
-        let store = match Inner::store(&self, &ex, Lane::of(reason)) {
+        // Index pages go over the hosts' connections whoever asks: a host's miss that
+        // needs a page being loaded waits for that load (a page is one GET per 16,384
+        // chunks, so a walk seldom takes a host's connection for one).
+        let lane = Lane::of(reason);
+        let stores = Inner::store(&self, &ex, lane).and_then(|store| match lane {
+            Lane::Host => Ok((Rc::clone(&store), store)),
+            Lane::Background => Ok((store, Inner::store(&self, &ex, Lane::Host)?)),
+        });
+        let (store, pages) = match stores {
             Ok(s) => s,
             Err(e) => {
                 let e = fetch_error(e);
@@ -355,7 +364,7 @@ impl Inner {
         };
         let mut runs: Vec<Run> = Vec::new();
         for (chunk, done) in batch {
-            let (entry, len) = match self.entry(&*store, chunk).await {
+            let (entry, len) = match self.entry(&*pages, chunk).await {
                 Ok(e) => e,
                 Err(e) => {
                     done(Err(fetch_error(e)));

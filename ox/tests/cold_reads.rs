@@ -385,8 +385,16 @@ fn a_hosts_miss_beside_busy_background_fetches_opens_no_connection() {
     // The host's first miss: its index page, then its frame.
     assert!(read(&env, &clone, 0, 4096)[..] == image[..4096]);
 
-    // Background fetches of chunks far apart (a ranged GET each), held at the server.
+    // Background fetches of chunks far apart (a ranged GET each), held at the server
+    // (and let go however this test ends).
     const RUNS: u32 = 4;
+    struct LetGo<'a>(&'a s3server::Faults);
+    impl Drop for LetGo<'_> {
+        fn drop(&mut self) {
+            self.0.let_go.store(true, Ordering::SeqCst);
+        }
+    }
+    let let_go = LetGo(faults);
     faults.hold_gets.store(RUNS, Ordering::SeqCst);
     let (tx, answers) = std::sync::mpsc::channel();
     let batch = (1..=u64::from(RUNS))
@@ -422,7 +430,7 @@ fn a_hosts_miss_beside_busy_background_fetches_opens_no_connection() {
     assert_eq!(faults.holding.load(Ordering::SeqCst), RUNS, "still held");
 
     // Let go, the background fetches bring their chunks.
-    faults.let_go.store(true, Ordering::SeqCst);
+    drop(let_go);
     for _ in 0..RUNS {
         let (chunk, got) = answers.recv_timeout(support::T).unwrap();
         let at = (chunk * CHUNK) as usize;

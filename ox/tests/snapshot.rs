@@ -1760,8 +1760,8 @@ thread_local! {
 }
 
 /// A basis fetches a host's misses and background fetches through two stores of its own
-/// on an OX core (each with its own connections), and once the basis is gone its
-/// stores are let go at the next basis's first fetch there.
+/// on an OX core (each with its own connections; index pages through the hosts'), and
+/// once the basis is gone its stores are let go when the next store is made there.
 #[test]
 fn a_basis_has_a_store_for_hosts_and_one_for_the_rest_let_go_when_it_is_gone() {
     let env = env();
@@ -1822,6 +1822,11 @@ fn a_basis_has_a_store_for_hosts_and_one_for_the_rest_let_go_when_it_is_gone() {
     drop(first);
     let second = basis("second");
     fetch(&second, 4, Thickening);
-    assert_eq!(stores(), (3, 1), "the first basis's stores are let go");
+    assert_eq!(
+        stores(),
+        (4, 2),
+        "the first basis's stores are let go (the second's index page came through its \
+         hosts' store)"
+    );
     env.set.shutdown().unwrap();
 }

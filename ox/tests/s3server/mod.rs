@@ -107,8 +107,8 @@ pub struct Faults {
     pub preconditions_failed: AtomicU32,
     /// TCP connections accepted.
     pub connections: AtomicU32,
-    /// Hold this many of the next object GETs (ranged: a clone's frames) unanswered
-    /// until `let_go` is set; `holding` counts those held now.
+    /// Hold this many of the next ranged GETs (a clone's frames and index pages)
+    /// unanswered until `let_go` is set; `holding` counts those held now.
     pub hold_gets: AtomicU32,
     pub holding: AtomicU32,
     pub let_go: std::sync::atomic::AtomicBool,
