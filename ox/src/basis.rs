@@ -84,8 +84,8 @@ static NEXT: AtomicU64 = AtomicU64::new(1);
 /// request goes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Lane {
-    /// Hosts' misses, and every index page (those loaded as a clone opens warm a
-    /// connection of the OX core that loaded them for its hosts' first misses there).
+    /// Hosts' misses, and every index page (so the pages a clone loads as it opens
+    /// warm, on the OX core that loads them, a connection for its hosts' first misses).
     Host,
     /// Everything the appliance fetches on its own: read-ahead, thickening, warming.
     Background,
@@ -232,7 +232,7 @@ pub const PREFETCH_ALL_PAGES: u64 = 4;
 impl Inner {
     /// This basis's store for `lane` on this OX core, made at its first use. Making
     /// one also lets go of the stores of bases that are gone (a deleted clone's
-    /// connections are closed at the next clone's first fetch on the core).
+    /// connections close the next time a store is made on the core).
     fn store(
         this: &Arc<Self>,
         ex: &Rc<LocalExecutor<'static>>,
@@ -351,9 +351,12 @@ impl Inner {
         // needs a page being loaded waits for that load (a page is one GET per 16,384
         // chunks, so a walk seldom takes a host's connection for one).
         let lane = Lane::of(reason);
-        let stores = Inner::store(&self, &ex, lane).and_then(|store| match lane {
-            Lane::Host => Ok((Rc::clone(&store), store)),
-            Lane::Background => Ok((store, Inner::store(&self, &ex, Lane::Host)?)),
+        let stores = Inner::store(&self, &ex, lane).and_then(|store| {
+            let pages = match lane {
+                Lane::Host => Rc::clone(&store),
+                Lane::Background => Inner::store(&self, &ex, Lane::Host)?,
+            };
+            Ok((store, pages))
         });
         let (store, pages) = match stores {
             Ok(s) => s,
