@@ -68,7 +68,8 @@ pub struct BdevIo {
     pub fua: bool,
     /// Made by the appliance itself (a snapshot reading the volume, a copy of a chunk
     /// before a write over it), not a host: a clone does not read ahead of such a
-    /// read of chunks it holds.
+    /// read of chunks it holds, and fetches what it lacks with its background work
+    /// ([`crate::FetchReason::Internal`]).
     pub internal: bool,
 }
 

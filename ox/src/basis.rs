@@ -87,7 +87,8 @@ enum Lane {
     /// Hosts' misses, and every index page (so the pages a clone loads as it opens
     /// warm, on the OX core that loads them, a connection for its hosts' first misses).
     Host,
-    /// Everything the appliance fetches on its own: read-ahead, thickening, warming.
+    /// Everything the appliance fetches on its own: read-ahead, thickening, warming, its
+    /// own reads of the clone (a snapshot of it).
     Background,
 }
 
@@ -96,7 +97,9 @@ impl Lane {
     fn of(reason: FetchReason) -> Self {
         match reason {
             FetchReason::ClientMiss => Self::Host,
-            FetchReason::Prefetch | FetchReason::Thickening => Self::Background,
+            FetchReason::Prefetch | FetchReason::Thickening | FetchReason::Internal => {
+                Self::Background
+            }
         }
     }
 }
@@ -447,9 +450,9 @@ impl Inner {
     /// bytes. If the run stays damaged after its refetches, each frame is fetched
     /// alone, so only a frame that is bad itself fails.
     async fn fetch_run(&self, store: &dyn ObjectStore, run: Run, reason: FetchReason) {
-        let class = match reason {
-            FetchReason::ClientMiss => Class::Foreground,
-            _ => Class::Background,
+        let class = match Lane::of(reason) {
+            Lane::Host => Class::Foreground,
+            Lane::Background => Class::Background,
         };
         self.pass(class, run.bytes).await;
         let counters = &self.counters;

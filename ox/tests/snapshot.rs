@@ -1830,3 +1830,39 @@ fn a_basis_has_a_store_for_hosts_and_one_for_the_rest_let_go_when_it_is_gone() {
     );
     env.set.shutdown().unwrap();
 }
+
+/// A snapshot of a volume over a clone that has fetched nothing (its tracking lost, as
+/// after a crash) reads every chunk from the store as the appliance's own reads: with
+/// the background work, none counted as a host's miss; the snapshot is the image, and
+/// the chunks it fetched are the clone's from then on.
+#[test]
+fn a_snapshot_of_an_unfetched_clone_fetches_as_the_appliances_own_reads() {
+    use bdev::FetchReason;
+
+    let env = env();
+    let size = 1 << 20;
+    let (vol, handle) = fresh_volume(size);
+    let data = random(size as usize, 21);
+    write(&env, &vol, 0, &data);
+    let first = snapshot(&env, &handle, None, Throttle::default());
+    let (clone, _basis, h) = open_clone_handle(&env, &first.manifest_key, size);
+    let (over, over_handle) =
+        create_volume("over", clone, CHUNK, Tracking::AllChanged, None).unwrap();
+    let again = snapshot(&env, &over_handle, None, Throttle::default());
+    assert_clone_is(&env, &again, size, &data);
+
+    let k = h.counters();
+    let by = |why: FetchReason| k.fetched_bytes[why.index()].load(Ordering::SeqCst);
+    assert_eq!(by(FetchReason::ClientMiss), 0, "no host read anything");
+    assert!(by(FetchReason::Internal) > 0, "the snapshot's own misses");
+    assert_eq!(
+        by(FetchReason::Internal) + by(FetchReason::Prefetch),
+        size,
+        "every chunk once: its misses, and read-ahead of them"
+    );
+    assert_eq!(h.hydration(), (size / CHUNK, size / CHUNK));
+    // A host's read of it now needs no store.
+    assert!(read(&env, &over, 0, size) == data);
+    assert_eq!(by(FetchReason::ClientMiss), 0);
+    env.set.shutdown().unwrap();
+}

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use bdev::LatencyHistogram;
+use bdev::{FetchReason, LatencyHistogram};
 
 use super::StoreSpec;
 use super::{LiveClone, Service, now_secs};
@@ -21,7 +21,7 @@ pub struct CloneView {
     pub host_read_bytes: u64,
     /// Bytes made present, by reason: client misses, prefetch (read-ahead and the
     /// working set), thickening.
-    pub fetched_bytes: [(&'static str, u64); 3],
+    pub fetched_bytes: [(&'static str, u64); 4],
     /// Frames and index pages fetched from the store, and their bytes.
     pub gets: u64,
     pub object_bytes: u64,
@@ -38,12 +38,13 @@ impl CloneView {
         let (present, total) = l.handle.hydration();
         let k = l.handle.counters();
         let b = l.basis.counters();
-        let r = |i: usize| k.fetched_bytes[i].load(Ordering::Relaxed);
+        let r = |why: FetchReason| k.fetched_bytes[why.index()].load(Ordering::Relaxed);
         let now = CloneTotals {
             host_read_bytes: l.handle.host_read_bytes(),
-            client_miss_bytes: r(0),
-            prefetch_bytes: r(1),
-            thickening_bytes: r(2),
+            client_miss_bytes: r(FetchReason::ClientMiss),
+            prefetch_bytes: r(FetchReason::Prefetch),
+            thickening_bytes: r(FetchReason::Thickening),
+            internal_bytes: r(FetchReason::Internal),
             gets: b.frame_gets.load(Ordering::Relaxed) + b.page_gets.load(Ordering::Relaxed),
             object_bytes: b.frame_bytes.load(Ordering::Relaxed)
                 + b.page_bytes.load(Ordering::Relaxed),
@@ -76,11 +77,12 @@ impl CloneView {
 }
 
 /// Bytes made present by reason, named as the API and the metrics name them.
-pub fn fetched(t: &CloneTotals) -> [(&'static str, u64); 3] {
+pub fn fetched(t: &CloneTotals) -> [(&'static str, u64); 4] {
     [
         ("client_miss", t.client_miss_bytes),
         ("prefetch", t.prefetch_bytes),
         ("thickening", t.thickening_bytes),
+        ("internal", t.internal_bytes),
     ]
 }
 

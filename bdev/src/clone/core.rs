@@ -52,8 +52,13 @@ pub(crate) enum Event<W> {
     /// `waiter` reads within `chunk` alone and wants its bytes: answered from the
     /// fetched bytes in memory the moment they arrive ([`Action::Serve`]), while they
     /// are written to the local copy behind it; from the local copy if present or filled
-    /// by a write ([`Action::Wake`]).
-    Read { chunk: u64, waiter: W },
+    /// by a write ([`Action::Wake`]). `reason`: a host's read
+    /// ([`FetchReason::ClientMiss`]) or the appliance's own ([`FetchReason::Internal`]).
+    Read {
+        chunk: u64,
+        reason: FetchReason,
+        waiter: W,
+    },
     /// A write (plan `plan`) covers `whole` chunks whole and `partial` ones in part. If
     /// nothing must be waited for, every absent whole chunk is claimed for it at once
     /// ([`Action::Granted`]); otherwise it claims nothing, waits for what it must (the
@@ -244,7 +249,11 @@ impl<W> Core<W> {
                 partial,
                 waiter,
             } => self.plan(plan, &whole, &partial, waiter, &mut actions),
-            Event::Read { chunk, waiter } => self.read(chunk, waiter, &mut actions),
+            Event::Read {
+                chunk,
+                reason,
+                waiter,
+            } => self.read(chunk, reason, waiter, &mut actions),
             Event::Fetched { chunk, result } => {
                 let reason = match self.state(chunk) {
                     Chunk::Fetching(r) => r,
@@ -366,7 +375,7 @@ impl<W> Core<W> {
     fn start_fetch(&mut self, chunk: u64, reason: FetchReason, out: &mut Vec<Action<W>>) {
         self.pending
             .insert(chunk, Pending::new(Chunk::Fetching(reason)));
-        if reason == FetchReason::ClientMiss {
+        if reason.is_host() {
             self.client_fetches += 1;
             if self.hot.len() >= HOT {
                 self.hot.pop_front();
@@ -376,26 +385,31 @@ impl<W> Core<W> {
         out.push(Action::Fetch { chunk, reason });
     }
 
-    /// A host now waits on a background fetch of `chunk`: it counts as a client miss.
+    /// A host now waits on a fetch of `chunk` made for anything else (read-ahead,
+    /// thickening, the appliance's own read): it counts as a client miss. Nothing else
+    /// changes a fetch's reason.
     fn upgrade(&mut self, chunk: u64, reason: FetchReason) {
+        if !reason.is_host() {
+            return;
+        }
         let upgraded = match self.state(chunk) {
-            Chunk::Fetching(r) if r != reason && reason == FetchReason::ClientMiss => {
-                Chunk::Fetching(reason)
-            }
-            Chunk::Installing(r) if r != reason && reason == FetchReason::ClientMiss => {
-                Chunk::Installing(reason)
-            }
+            Chunk::Fetching(r) if !r.is_host() => Chunk::Fetching(reason),
+            Chunk::Installing(r) if !r.is_host() => Chunk::Installing(reason),
             _ => return,
         };
         self.set(chunk, upgraded);
         self.client_fetches += 1;
     }
 
-    fn read(&mut self, chunk: u64, waiter: W, out: &mut Vec<Action<W>>) {
+    fn read(&mut self, chunk: u64, reason: FetchReason, waiter: W, out: &mut Vec<Action<W>>) {
         assert!(
             chunk < self.chunks,
             "chunk {chunk} beyond the clone's {}",
             self.chunks
+        );
+        assert!(
+            matches!(reason, FetchReason::ClientMiss | FetchReason::Internal),
+            "a read of chunk {chunk} for {reason:?}"
         );
         match self.state(chunk) {
             Chunk::Present => out.push(Action::Wake {
@@ -403,11 +417,11 @@ impl<W> Core<W> {
                 result: Ok(()),
             }),
             Chunk::Absent => {
-                self.start_fetch(chunk, FetchReason::ClientMiss, out);
+                self.start_fetch(chunk, reason, out);
                 self.readers_of(chunk).push(waiter);
             }
             Chunk::Fetching(_) => {
-                self.upgrade(chunk, FetchReason::ClientMiss);
+                self.upgrade(chunk, reason);
                 self.readers_of(chunk).push(waiter);
             }
             Chunk::Installing(_) => {
@@ -419,7 +433,7 @@ impl<W> Core<W> {
             Chunk::Claimed(_) => {
                 // Filled by a write: read the local copy once it is done.
                 let gate = self.open_gate(waiter);
-                self.need(&[chunk], FetchReason::ClientMiss, Some(gate), out);
+                self.need(&[chunk], reason, Some(gate), out);
             }
         }
     }
@@ -485,8 +499,8 @@ impl<W> Core<W> {
         let Some(p) = self.pending.remove(&chunk) else {
             panic!("chunk {chunk} settled while not pending");
         };
-        if let Chunk::Fetching(FetchReason::ClientMiss)
-        | Chunk::Installing(FetchReason::ClientMiss) = p.state
+        if let Chunk::Fetching(r) | Chunk::Installing(r) = p.state
+            && r.is_host()
         {
             assert!(self.client_fetches > 0, "client fetch count underflow");
             self.client_fetches -= 1;
@@ -562,11 +576,9 @@ impl<W> Core<W> {
                 "pending as {:?}",
                 p.state
             );
-            if matches!(
-                p.state,
-                Chunk::Fetching(FetchReason::ClientMiss)
-                    | Chunk::Installing(FetchReason::ClientMiss)
-            ) {
+            if let Chunk::Fetching(r) | Chunk::Installing(r) = p.state
+                && r.is_host()
+            {
                 clients += 1;
             }
             for g in &p.gates {
@@ -630,11 +642,6 @@ mod tests {
     }
 
     const CHUNKS: u64 = 40;
-    const REASONS: [FetchReason; 3] = [
-        FetchReason::ClientMiss,
-        FetchReason::Prefetch,
-        FetchReason::Thickening,
-    ];
 
     impl World {
         fn new(seed: u64) -> Self {
@@ -742,10 +749,15 @@ mod tests {
             let event = match asked {
                 Asked::Need(chunks) => Event::Need {
                     chunks,
-                    reason: REASONS[self.rng.below(3) as usize],
+                    reason: FetchReason::ALL[self.rng.below(4) as usize],
                     waiter: Some(waiter),
                 },
-                Asked::Read(chunk) => Event::Read { chunk, waiter },
+                Asked::Read(chunk) => Event::Read {
+                    chunk,
+                    reason: [FetchReason::ClientMiss, FetchReason::Internal]
+                        [self.rng.below(2) as usize],
+                    waiter,
+                },
                 Asked::Plan { whole, partial } => Event::Plan {
                     plan: waiter,
                     whole,
@@ -905,6 +917,81 @@ mod tests {
         }));
         assert_eq!(core.present_count(), 2);
         core.check();
+    }
+
+    #[test]
+    fn the_appliances_own_read_waits_like_a_hosts_but_counts_as_none_until_a_host_joins() {
+        let mut core: Core<u64> = Core::new(4, vec![0]);
+        let a = core.apply(Event::Read {
+            chunk: 2,
+            reason: FetchReason::Internal,
+            waiter: 1,
+        });
+        assert_eq!(
+            a,
+            vec![Action::Fetch {
+                chunk: 2,
+                reason: FetchReason::Internal
+            }]
+        );
+        assert_eq!(core.client_fetches(), 0, "no host waits");
+        assert!(core.hot().is_empty(), "thickening does not start around it");
+        // A host reading the same chunk now waits on that fetch, which becomes its miss.
+        assert!(
+            core.apply(Event::Read {
+                chunk: 2,
+                reason: FetchReason::ClientMiss,
+                waiter: 2,
+            })
+            .is_empty()
+        );
+        assert_eq!(core.state(2), Chunk::Fetching(FetchReason::ClientMiss));
+        assert_eq!(core.client_fetches(), 1);
+        core.check();
+        // An internal read does not take a host's fetch back to the background.
+        core.apply(Event::Need {
+            chunks: vec![2],
+            reason: FetchReason::Internal,
+            waiter: Some(3),
+        });
+        assert_eq!(core.state(2), Chunk::Fetching(FetchReason::ClientMiss));
+        let answered = core.apply(Event::Fetched {
+            chunk: 2,
+            result: Ok(vec![2]),
+        });
+        let served: Vec<u64> = answered
+            .iter()
+            .filter_map(|a| match a {
+                Action::Serve { waiter, .. } => Some(*waiter),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(served, vec![1, 2], "both readers get the bytes");
+        let installed = core.apply(Event::Installed {
+            chunk: 2,
+            result: Ok(()),
+        });
+        assert!(installed.contains(&Action::Present {
+            chunk: 2,
+            fetched: Some(FetchReason::ClientMiss)
+        }));
+        assert!(installed.contains(&Action::Wake {
+            waiter: 3,
+            result: Ok(())
+        }));
+        assert_eq!(core.client_fetches(), 0);
+        core.check();
+    }
+
+    #[test]
+    #[should_panic(expected = "a read of chunk 1 for Prefetch")]
+    fn a_read_for_a_background_reason_stops_at_once() {
+        let mut core: Core<u64> = Core::new(4, vec![0]);
+        core.apply(Event::Read {
+            chunk: 1,
+            reason: FetchReason::Prefetch,
+            waiter: 1,
+        });
     }
 
     #[test]

@@ -55,6 +55,30 @@ pub enum FetchReason {
     Prefetch,
     /// Background thickening.
     Thickening,
+    /// The appliance's own read needs it now ([`BdevIo::internal`]: a snapshot of the
+    /// clone reading what it has not yet fetched). Waited for, but by no host: it is
+    /// fetched with the background work, and the hosts' misses go first.
+    Internal,
+}
+
+impl FetchReason {
+    /// Every reason, in the order of [`CloneCounters`]' arrays.
+    pub const ALL: [Self; 4] = [
+        Self::ClientMiss,
+        Self::Prefetch,
+        Self::Thickening,
+        Self::Internal,
+    ];
+
+    /// This reason's place in [`CloneCounters`]' arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether a host waits on it.
+    pub fn is_host(self) -> bool {
+        self == Self::ClientMiss
+    }
 }
 
 /// Completion of a fetch: the chunk's bytes (exactly its length) or why not. Called on
@@ -110,10 +134,10 @@ pub trait Basis: Send + Sync + 'static {
 /// Counters of one clone, written by its owner reactor only (hence plain stores).
 #[derive(Debug, Default)]
 pub struct CloneCounters {
-    /// Bytes fetched, by reason (client miss, prefetch, thickening).
-    pub fetched_bytes: [AtomicU64; 3],
+    /// Bytes fetched, by reason ([`FetchReason::index`]).
+    pub fetched_bytes: [AtomicU64; 4],
     /// Fetches completed, by reason.
-    pub fetches: [AtomicU64; 3],
+    pub fetches: [AtomicU64; 4],
     /// Fetches that failed.
     pub fetch_errors: AtomicU64,
     /// Chunks made present by whole-chunk writes (no fetch needed).
@@ -333,6 +357,11 @@ impl CloneChannel {
             return self.local.pass(io, done);
         }
         let (first, last) = (*chunks.start(), *chunks.end());
+        let reason = if io.internal {
+            FetchReason::Internal
+        } else {
+            FetchReason::ClientMiss
+        };
         let local = Rc::clone(&self.local);
         if first == last {
             // The usual miss: answered from the fetched bytes, not the local copy.
@@ -349,6 +378,7 @@ impl CloneChannel {
                 &self.owner,
                 Event::Read {
                     chunk: first,
+                    reason,
                     waiter,
                 },
             );
@@ -363,7 +393,7 @@ impl CloneChannel {
             &self.owner,
             Event::Need {
                 chunks: missing,
-                reason: FetchReason::ClientMiss,
+                reason,
                 waiter: Some(self.waiter(token)),
             },
         );

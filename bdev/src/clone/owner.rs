@@ -159,7 +159,7 @@ pub(super) fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Waiter>)
     for a in actions {
         match a {
             Action::Fetch { chunk, reason } => {
-                if reason == FetchReason::ClientMiss {
+                if reason.is_host() {
                     o.started.borrow_mut().insert(chunk, Instant::now());
                 }
                 let done = fetched(shared, r.handle().clone(), chunk);
@@ -231,7 +231,7 @@ fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Waiter>) {
             publish(&s.presence[(chunk / 64) as usize], 1 << (chunk % 64));
             match fetched {
                 Some(reason) => {
-                    let i = reason as usize;
+                    let i = reason.index();
                     bump(&s.counters.fetched_bytes[i], s.chunk_len(chunk));
                     bump(&s.counters.fetches[i], 1);
                     if let Some(t) = o.started.borrow_mut().remove(&chunk) {

@@ -820,7 +820,13 @@ impl World {
             return self.at(t, Ev::Disk(DiskIo::Read(id)));
         }
         let token = self.id();
-        let lane = self.lane(self.ops[&id].host);
+        let host = self.ops[&id].host;
+        let lane = self.lane(host);
+        // The check after a cut reads as the appliance's own reads do.
+        let reason = match host {
+            Some(_) => FetchReason::ClientMiss,
+            None => FetchReason::Internal,
+        };
         let (first, last) = (*chunks.start(), *chunks.end());
         if first == last {
             self.conts.insert(token, Cont::ReadOne(id));
@@ -828,6 +834,7 @@ impl World {
                 lane,
                 Event::Read {
                     chunk: first,
+                    reason,
                     waiter: token,
                 },
             );
@@ -838,7 +845,7 @@ impl World {
             lane,
             Event::Need {
                 chunks: missing,
-                reason: FetchReason::ClientMiss,
+                reason,
                 waiter: Some(token),
             },
         );
