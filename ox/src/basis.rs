@@ -104,15 +104,11 @@ impl Lane {
     }
 }
 
-/// A store of one basis on this OX core, and that basis while it lives: the store (and
-/// its pooled connections) is let go once the basis is gone.
-struct CoreStore {
-    basis: std::sync::Weak<Inner>,
-    store: Rc<dyn ObjectStore>,
-}
-
 thread_local! {
-    static STORES: RefCell<HashMap<(u64, Lane), CoreStore>> = RefCell::new(HashMap::new());
+    /// On an OX core: the stores (and their pooled connections) of the bases that
+    /// fetched there, by basis id and lane, until the basis is dropped.
+    static STORES: RefCell<HashMap<(u64, Lane), Rc<dyn ObjectStore>>> =
+        RefCell::new(HashMap::new());
 }
 
 impl ObjectBasis {
@@ -232,36 +228,46 @@ impl ObjectBasis {
 /// in four GiB-wide stretches).
 pub const PREFETCH_ALL_PAGES: u64 = 4;
 
+impl Drop for Inner {
+    /// A gone clone's stores on the OX cores, and their kept-alive connections, go with
+    /// it: each core is told to let them go (no store can be made for it any more: that
+    /// takes the basis). Cores that have stopped have nothing left to let go.
+    fn drop(&mut self) {
+        let id = self.id;
+        for core in self.cores.set().all() {
+            let _ = core.submit(Box::new(move |_ex| {
+                Box::pin(async move {
+                    let gone: Vec<_> = STORES.with(|m| {
+                        m.borrow_mut()
+                            .extract_if(|(basis, _), _| *basis == id)
+                            .map(|(_, store)| store)
+                            .collect()
+                    });
+                    // Outside the map's borrow, as in `Inner::store`.
+                    drop(gone);
+                })
+            }));
+        }
+    }
+}
+
 impl Inner {
-    /// This basis's store for `lane` on this OX core, made at its first use. Making
-    /// one also lets go of the stores of bases that are gone (a deleted clone's
-    /// connections close the next time a store is made on the core).
+    /// This basis's store for `lane` on this OX core, made at its first use (and let go
+    /// when the basis is dropped).
     fn store(
         this: &Arc<Self>,
         ex: &Rc<LocalExecutor<'static>>,
         lane: Lane,
     ) -> Result<Rc<dyn ObjectStore>, OxError> {
         let key = (this.id, lane);
-        if let Some(s) = STORES.with(|m| m.borrow().get(&key).map(|c| Rc::clone(&c.store))) {
+        if let Some(s) = STORES.with(|m| m.borrow().get(&key).cloned()) {
             return Ok(s);
         }
         let store = (this.factory)(ex)?;
-        let gone: Vec<CoreStore> = STORES.with(|m| {
-            let mut m = m.borrow_mut();
-            let mut gone: Vec<CoreStore> = m
-                .extract_if(|_, c| c.basis.strong_count() == 0)
-                .map(|(_, c)| c)
-                .collect();
-            let mine = CoreStore {
-                basis: Arc::downgrade(this),
-                store: Rc::clone(&store),
-            };
-            // None: the key was looked for above and nothing since could add it.
-            gone.extend(m.insert(key, mine));
-            gone
-        });
+        // None: the key was looked for above and nothing since could add it.
+        let displaced = STORES.with(|m| m.borrow_mut().insert(key, Rc::clone(&store)));
         // Dropped outside the map's borrow: a store's drop may do anything.
-        drop(gone);
+        drop(displaced);
         Ok(store)
     }
 

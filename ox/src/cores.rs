@@ -55,6 +55,11 @@ impl CoreSet {
         self.cores.is_empty()
     }
 
+    /// Every core of the set.
+    pub fn all(&self) -> Vec<OneCore> {
+        self.cores.iter().cloned().map(OneCore).collect()
+    }
+
     /// The set's cores but the one the caller runs on (all of them if it runs on none
     /// of the set's): where work a core shares with the others goes.
     pub fn others(&self) -> Vec<OneCore> {

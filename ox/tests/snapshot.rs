@@ -1761,7 +1761,7 @@ thread_local! {
 
 /// A basis fetches a host's misses and background fetches through two stores of its own
 /// on an OX core (each with its own connections; index pages through the hosts'), and
-/// once the basis is gone its stores are let go when the next store is made there.
+/// its stores are let go when the basis is dropped.
 #[test]
 fn a_basis_has_a_store_for_hosts_and_one_for_the_rest_let_go_when_it_is_gone() {
     let env = env();
@@ -1794,18 +1794,24 @@ fn a_basis_has_a_store_for_hosts_and_one_for_the_rest_let_go_when_it_is_gone() {
         let at = (chunk * CHUNK) as usize;
         assert!(got[..] == data[at..at + CHUNK as usize], "chunk {chunk}");
     };
-    // Stores made and still alive, as the OX core sees them.
+    // Stores made and still alive, as the OX core sees them: asked on the core's own
+    // queue, so after anything a dropped basis sent there.
     let stores = || {
-        env.cores
-            .run(|_ex| {
-                Box::pin(async {
-                    MADE.with(|m| {
-                        let m = m.borrow();
-                        (m.len(), m.iter().filter(|w| w.strong_count() > 0).count())
-                    })
-                })
+        let (tx, rx) = std::sync::mpsc::channel();
+        let [core] = &env.cores.set().all()[..] else {
+            panic!("one OX core")
+        };
+        let job: ox::cores::Job = Box::new(move |_ex| {
+            Box::pin(async move {
+                let seen = MADE.with(|m| {
+                    let m = m.borrow();
+                    (m.len(), m.iter().filter(|w| w.strong_count() > 0).count())
+                });
+                tx.send(seen).unwrap();
             })
-            .unwrap()
+        });
+        core.submit(job).unwrap();
+        rx.recv_timeout(T).unwrap()
     };
     use bdev::FetchReason::{ClientMiss, Prefetch, Thickening};
 
@@ -1820,14 +1826,16 @@ fn a_basis_has_a_store_for_hosts_and_one_for_the_rest_let_go_when_it_is_gone() {
     assert_eq!(stores(), (2, 2), "hosts' misses keep theirs");
 
     drop(first);
+    assert_eq!(stores(), (2, 0), "the first basis's stores go with it");
     let second = basis("second");
     fetch(&second, 4, Thickening);
     assert_eq!(
         stores(),
         (4, 2),
-        "the first basis's stores are let go (the second's index page came through its \
-         hosts' store)"
+        "the second's index page came through its hosts' store"
     );
+    drop(second);
+    assert_eq!(stores(), (4, 0));
     env.set.shutdown().unwrap();
 }
 
