@@ -553,10 +553,6 @@ pub struct Fetched {
     pub prefetch: u64,
     /// By thickening.
     pub thickening: u64,
-    /// For the appliance's own reads (a snapshot of the clone reading what it has not
-    /// fetched): with the background work, after hosts' misses.
-    #[serde(default)]
-    pub internal: u64,
 }
 
 /// A clone's client-miss latency, in microseconds.

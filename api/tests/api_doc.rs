@@ -167,7 +167,6 @@ fn clone_info() -> CloneInfo {
             client_miss: 0,
             prefetch: 0,
             thickening: 0,
-            internal: 0,
         }),
         object_bytes: Some(0),
         gets: Some(0),

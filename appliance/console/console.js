@@ -181,7 +181,7 @@ async function redraw() {
     return [
       c.name,
       hydration,
-      [bytes(f.client_miss), bytes(f.prefetch), bytes(f.thickening), bytes(f.internal || 0)].join(" / "),
+      [bytes(f.client_miss), bytes(f.prefetch), bytes(f.thickening)].join(" / "),
       c.gets,
       state + (w ? "; warming up (" + w.fetched + " chunks, " + w.setbacks + " setbacks)" : ""),
       exportOf(c.export),

@@ -61,10 +61,6 @@ pub struct CloneTotals {
     pub prefetch_bytes: u64,
     /// ... by thickening.
     pub thickening_bytes: u64,
-    /// ... for the appliance's own reads (a snapshot of the clone). Absent from totals
-    /// saved before it was counted.
-    #[serde(default)]
-    pub internal_bytes: u64,
     /// Frames' and index pages' GETs.
     pub gets: u64,
     /// Their bytes.
@@ -84,7 +80,6 @@ impl CloneTotals {
             client_miss_bytes: self.client_miss_bytes.saturating_add(o.client_miss_bytes),
             prefetch_bytes: self.prefetch_bytes.saturating_add(o.prefetch_bytes),
             thickening_bytes: self.thickening_bytes.saturating_add(o.thickening_bytes),
-            internal_bytes: self.internal_bytes.saturating_add(o.internal_bytes),
             gets: self.gets.saturating_add(o.gets),
             object_bytes: self.object_bytes.saturating_add(o.object_bytes),
             integrity_failures: self.integrity_failures.saturating_add(o.integrity_failures),
@@ -453,23 +448,6 @@ mod tests {
         let again = HealthFile::start(&path).unwrap();
         assert_eq!(again.clone_base("u1"), t);
         assert_eq!(again.clone_base("u2"), CloneTotals::default());
-    }
-
-    /// Totals saved before `internal_bytes` was counted read as they were, with it 0.
-    #[test]
-    fn clone_totals_saved_by_an_older_build_are_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("health.json");
-        let older = r#"{"format":1,"clones":{"u1":{"host_read_bytes":1,"client_miss_bytes":2,
-            "prefetch_bytes":3,"thickening_bytes":4,"gets":5,"object_bytes":6,
-            "integrity_failures":7,"refetches":8}}}"#;
-        std::fs::write(clones_path(&path), older).unwrap();
-        let file = HealthFile::start(&path).unwrap();
-        let t = file.clone_base("u1");
-        assert_eq!(
-            (t.thickening_bytes, t.refetches, t.internal_bytes),
-            (4, 8, 0)
-        );
     }
 
     #[test]

@@ -246,7 +246,7 @@ pub const FAMILIES: &[Family] = &[
         "ox_clone_fetched_bytes",
         Kind::Counter,
         &["clone", "reason"],
-        "Bytes of chunks a clone made present, by reason (client_miss, prefetch, thickening, internal: the appliance's own reads, a snapshot of the clone).",
+        "Bytes of chunks a clone made present, by reason (client_miss, prefetch, thickening).",
     ),
     f(
         "ox_clone_miss_latency_seconds",
@@ -336,7 +336,7 @@ pub const FAMILIES: &[Family] = &[
         "ox_throttle_waits",
         Kind::Counter,
         &["bdev", "class"],
-        "Transfers to or from a store that waited on the bandwidth limits, by volume or clone (bdev) and class (foreground: host misses; background: snapshots, prefetch, thickening, the appliance's own reads of a clone).",
+        "Transfers to or from a store that waited on the bandwidth limits, by volume or clone (bdev) and class (foreground: host misses; background: snapshots, prefetch, thickening).",
     ),
     f(
         "ox_throttle_wait_seconds",

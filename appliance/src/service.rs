@@ -2995,7 +2995,6 @@ fn clone_info(
         client_miss: t.client_miss_bytes,
         prefetch: t.prefetch_bytes,
         thickening: t.thickening_bytes,
-        internal: t.internal_bytes,
     });
     info.object_bytes = Some(t.object_bytes);
     info.gets = Some(t.gets);

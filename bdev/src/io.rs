@@ -69,8 +69,11 @@ pub struct BdevIo {
     /// Made by the appliance itself (a snapshot reading the volume, a copy of a chunk
     /// before a write over it), not a host: a clone does not read ahead of such a
     /// read of chunks it holds, and fetches what it lacks with its background work
-    /// ([`crate::FetchReason::Internal`]).
+    /// ([`crate::FetchReason::Internal`]) unless a host waits on it (`host_waits`).
     pub internal: bool,
+    /// An internal request a host's request waits on (the copy of a chunk before the
+    /// host's write over it): a clone fetches what it lacks as a host's miss.
+    pub host_waits: bool,
 }
 
 impl BdevIo {
@@ -83,6 +86,7 @@ impl BdevIo {
             bufs,
             fua: false,
             internal: false,
+            host_waits: false,
         }
     }
 
@@ -95,6 +99,7 @@ impl BdevIo {
             bufs,
             fua: false,
             internal: false,
+            host_waits: false,
         }
     }
 
@@ -125,6 +130,14 @@ impl BdevIo {
         self
     }
 
+    /// Same request, marked as the appliance's own with a host waiting on it (see
+    /// [`BdevIo::host_waits`]).
+    pub fn internal_for_host(mut self) -> Self {
+        self.internal = true;
+        self.host_waits = true;
+        self
+    }
+
     fn no_data(io_type: IoType, offset_blocks: u64, num_blocks: u64) -> Self {
         Self {
             io_type,
@@ -133,6 +146,7 @@ impl BdevIo {
             bufs: Vec::new(),
             fua: false,
             internal: false,
+            host_waits: false,
         }
     }
 

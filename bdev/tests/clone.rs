@@ -100,6 +100,35 @@ fn write(set: &ReactorSet, dev: &Bdev, off: u64, data: &[u8]) -> Result<(), Bdev
     .result
 }
 
+/// The appliance's own reads fetch what they miss as [`FetchReason::Internal`], unless a
+/// host waits on them (the copy before a host's write): then as a host's miss.
+#[test]
+fn the_appliances_own_misses_are_counted_apart_from_hosts_but_for_what_hosts_wait_on() {
+    let (set, clone, handle, _basis) = setup(None, 0);
+    // Reads spanning two chunks: answered once both are installed, so counted.
+    let own = |io: BdevIo| {
+        let done = run_on(&set.handles()[0], &clone, io, T).unwrap();
+        done.result.unwrap();
+    };
+    let span = |chunk: u64| {
+        BdevIo::read(
+            chunk * CHUNK / 512,
+            CHUNK / 512 * 2,
+            vec![IoBuf::new(2 * CHUNK as usize)],
+        )
+    };
+    own(span(2).internal());
+    own(span(6).internal_for_host());
+    let by = |why: FetchReason| handle.counters().fetched_bytes[why.index()].load(Ordering::SeqCst);
+    assert_eq!(by(FetchReason::Internal), 2 * CHUNK);
+    assert_eq!(by(FetchReason::ClientMiss), 2 * CHUNK);
+    read(&set, &clone, 0, 10 * CHUNK, 2 * CHUNK).unwrap();
+    assert_eq!(by(FetchReason::ClientMiss), 4 * CHUNK);
+    assert_eq!(by(FetchReason::Internal), 2 * CHUNK);
+    assert_eq!(by(FetchReason::Prefetch) + by(FetchReason::Thickening), 0);
+    set.shutdown().unwrap();
+}
+
 #[test]
 fn misses_fetch_exactly_the_chunks_needed_once() {
     let (set, clone, handle, basis) = setup(None, 0);

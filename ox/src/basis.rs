@@ -7,7 +7,7 @@
 //! ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for ahead.
 //!
 //! Hosts' misses have connections of their own (`Lane`): background fetches
-//! (read-ahead, thickening, a clone's warming) never hold the connection a host's miss
+//! (read-ahead, thickening, a clone's warming, the appliance's own reads) never hold the connection a host's miss
 //! would have taken, so a host's own GET never waits on a new connection's handshake
 //! and slow start because a walk has every pooled one in use.
 

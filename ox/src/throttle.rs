@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 pub enum Class {
     /// Client reads waiting on object storage.
     Foreground,
-    /// Uploads, prefetch and thickening.
+    /// Uploads, prefetch, thickening, and the appliance's own reads of a volume over a
+    /// snapshot.
     Background,
 }
 

@@ -1225,7 +1225,6 @@ fn a_full_snapshot_reads_every_chunk_over_no_parent_and_starts_a_lineage() {
         &["fetched_bytes", "client_miss"],
         &["fetched_bytes", "prefetch"],
         &["fetched_bytes", "thickening"],
-        &["fetched_bytes", "internal"],
     ] {
         assert!(at(&after, path) >= at(&before, path), "{path:?}: {after}");
     }

@@ -1086,7 +1086,6 @@ fn print_human(command: &Command, r: &Value) -> anyhow::Result<()> {
                 ("client_miss", fetched.map(|f| f.client_miss)),
                 ("prefetch", fetched.map(|f| f.prefetch)),
                 ("thickening", fetched.map(|f| f.thickening)),
-                ("internal", fetched.map(|f| f.internal)),
             ] {
                 println!(
                     "  fetched ({reason:<11}) {}",

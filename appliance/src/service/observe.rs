@@ -21,7 +21,7 @@ pub struct CloneView {
     pub host_read_bytes: u64,
     /// Bytes made present, by reason: client misses, prefetch (read-ahead and the
     /// working set), thickening.
-    pub fetched_bytes: [(&'static str, u64); 4],
+    pub fetched_bytes: [(&'static str, u64); 3],
     /// Frames and index pages fetched from the store, and their bytes.
     pub gets: u64,
     pub object_bytes: u64,
@@ -44,7 +44,6 @@ impl CloneView {
             client_miss_bytes: r(FetchReason::ClientMiss),
             prefetch_bytes: r(FetchReason::Prefetch),
             thickening_bytes: r(FetchReason::Thickening),
-            internal_bytes: r(FetchReason::Internal),
             gets: b.frame_gets.load(Ordering::Relaxed) + b.page_gets.load(Ordering::Relaxed),
             object_bytes: b.frame_bytes.load(Ordering::Relaxed)
                 + b.page_bytes.load(Ordering::Relaxed),
@@ -77,12 +76,11 @@ impl CloneView {
 }
 
 /// Bytes made present by reason, named as the API and the metrics name them.
-pub fn fetched(t: &CloneTotals) -> [(&'static str, u64); 4] {
+pub fn fetched(t: &CloneTotals) -> [(&'static str, u64); 3] {
     [
         ("client_miss", t.client_miss_bytes),
         ("prefetch", t.prefetch_bytes),
         ("thickening", t.thickening_bytes),
-        ("internal", t.internal_bytes),
     ]
 }
 

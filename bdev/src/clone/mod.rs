@@ -55,9 +55,10 @@ pub enum FetchReason {
     Prefetch,
     /// Background thickening.
     Thickening,
-    /// The appliance's own read needs it now ([`BdevIo::internal`]: a snapshot of the
-    /// clone reading what it has not yet fetched). Waited for, but by no host: it is
-    /// fetched with the background work, and the hosts' misses go first.
+    /// The appliance's own read needs it now ([`BdevIo::internal`]: a snapshot of a
+    /// volume made over a snapshot, reading what it has not fetched yet). Waited for,
+    /// but by no host: it is fetched as background work is (its connections, its
+    /// bandwidth limit), not with the hosts' misses.
     Internal,
 }
 
@@ -135,9 +136,9 @@ pub trait Basis: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct CloneCounters {
     /// Bytes fetched, by reason ([`FetchReason::index`]).
-    pub fetched_bytes: [AtomicU64; 4],
+    pub fetched_bytes: [AtomicU64; FetchReason::ALL.len()],
     /// Fetches completed, by reason.
-    pub fetches: [AtomicU64; 4],
+    pub fetches: [AtomicU64; FetchReason::ALL.len()],
     /// Fetches that failed.
     pub fetch_errors: AtomicU64,
     /// Chunks made present by whole-chunk writes (no fetch needed).
@@ -357,7 +358,7 @@ impl CloneChannel {
             return self.local.pass(io, done);
         }
         let (first, last) = (*chunks.start(), *chunks.end());
-        let reason = if io.internal {
+        let reason = if io.internal && !io.host_waits {
             FetchReason::Internal
         } else {
             FetchReason::ClientMiss

@@ -216,7 +216,7 @@ fn copy(s: &Arc<Shared>, r: &Rc<Reactor>, generation: u64, chunk: u64) {
         len / s.block_size,
         vec![IoBuf::new(len as usize)],
     )
-    .internal();
+    .internal_for_host();
     let shared = Arc::clone(s);
     let here = Rc::clone(r);
     let report = move |how: Copied| {
