@@ -638,3 +638,84 @@ fn a_sequential_reader_of_a_far_store_gets_the_window_its_fetches_need() {
         "read-ahead never ran ahead of the reader"
     );
 }
+
+/// A basis whose fetches wait for the test to answer them.
+struct HeldBasis {
+    asked: Mutex<std::sync::mpsc::Sender<(u64, FetchReason, FetchDone)>>,
+}
+
+impl Basis for HeldBasis {
+    fn chunk_bytes(&self) -> u64 {
+        CHUNK
+    }
+
+    fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone) {
+        let _ = self.asked.lock().unwrap().send((chunk, reason, done));
+    }
+}
+
+/// A host that reads a chunk being fetched for thickening waits on that fetch: from
+/// then on it is the host's miss, timed from when the host began waiting and counted
+/// as its own.
+#[test]
+fn a_host_joining_a_background_fetch_has_its_miss_timed_and_counted() {
+    let set = ReactorSet::start(ReactorConfig::new(CoreList::all_available().unwrap())).unwrap();
+    let (tx, asked) = std::sync::mpsc::channel();
+    let basis = Arc::new(HeldBasis {
+        asked: Mutex::new(tx),
+    });
+    let size = 8 * CHUNK;
+    let local = create_malloc("local", 512, size / 512, None).unwrap();
+    let (clone, handle) =
+        create_clone("clone", local, Arc::clone(&basis) as Arc<dyn Basis>, None).unwrap();
+    let (thick_tx, thickened) = std::sync::mpsc::channel();
+    handle
+        .fetch_many_on(
+            &set.handles()[0],
+            vec![3],
+            FetchReason::Thickening,
+            move |r| thick_tx.send(r).unwrap(),
+        )
+        .unwrap();
+    let (chunk, reason, done) = asked.recv_timeout(T).unwrap();
+    assert_eq!((chunk, reason), (3, FetchReason::Thickening));
+    // A host reads within chunk 3 meanwhile; once it waits (a client fetch in flight),
+    // the fetch is answered.
+    let host = std::thread::spawn({
+        let set_handle = set.handles()[set.len() - 1].clone();
+        let clone = clone.clone();
+        move || {
+            let io = BdevIo::read(3 * CHUNK / 512, 8, vec![IoBuf::new(4096)]);
+            run_on(&set_handle, &clone, io, T).unwrap()
+        }
+    });
+    let deadline = std::time::Instant::now() + T;
+    while handle.misses_in_flight() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host never waited"
+        );
+        std::thread::yield_now();
+    }
+    assert!(asked.try_recv().is_err(), "no second fetch of chunk 3");
+    done(Ok(pattern(CHUNK as usize, 3)));
+    let read = host.join().unwrap();
+    assert_eq!(read.data(), pattern(CHUNK as usize, 3)[..4096]);
+    thickened.recv_timeout(T).unwrap().unwrap();
+    let k = handle.counters();
+    assert_eq!(
+        k.miss_latency.snapshot().count(),
+        1,
+        "the host's wait is timed"
+    );
+    assert_eq!(
+        k.fetched_bytes[FetchReason::ClientMiss.index()].load(Ordering::SeqCst),
+        CHUNK
+    );
+    assert_eq!(
+        k.fetched_bytes[FetchReason::Thickening.index()].load(Ordering::SeqCst),
+        0
+    );
+    assert_eq!(handle.misses_in_flight(), 0);
+    set.shutdown().unwrap();
+}

@@ -109,6 +109,8 @@ pub(crate) enum Action<W> {
     },
     /// A fetch or its install failed.
     Failed { chunk: u64 },
+    /// A host now waits on `chunk`, fetched for another reason: its miss starts now.
+    HostWaits { chunk: u64 },
     /// Everything `waiter` waited for has settled (with the first error, if any).
     Wake {
         waiter: W,
@@ -357,7 +359,7 @@ impl<W> Core<W> {
                 Chunk::Absent => {
                     self.start_fetch(chunk, reason, out);
                 }
-                Chunk::Fetching(_) | Chunk::Installing(_) => self.upgrade(chunk, reason),
+                Chunk::Fetching(_) | Chunk::Installing(_) => self.upgrade(chunk, reason, out),
                 Chunk::Claimed(_) => {}
             }
             if let Some(g) = gate
@@ -376,19 +378,24 @@ impl<W> Core<W> {
         self.pending
             .insert(chunk, Pending::new(Chunk::Fetching(reason)));
         if reason.is_host() {
-            self.client_fetches += 1;
-            if self.hot.len() >= HOT {
-                self.hot.pop_front();
-            }
-            self.hot.push_back(chunk);
+            self.host_misses(chunk);
         }
         out.push(Action::Fetch { chunk, reason });
     }
 
+    /// A host waits on `chunk` from now: one more client fetch, and a recent miss.
+    fn host_misses(&mut self, chunk: u64) {
+        self.client_fetches += 1;
+        if self.hot.len() >= HOT {
+            self.hot.pop_front();
+        }
+        self.hot.push_back(chunk);
+    }
+
     /// A host now waits on a fetch of `chunk` made for anything else (read-ahead,
-    /// thickening, the appliance's own read): it counts as a client miss. Nothing else
-    /// changes a fetch's reason.
-    fn upgrade(&mut self, chunk: u64, reason: FetchReason) {
+    /// thickening, the appliance's own read): it counts as a client miss from now on,
+    /// as if it had begun now. Nothing else changes a fetch's reason.
+    fn upgrade(&mut self, chunk: u64, reason: FetchReason, out: &mut Vec<Action<W>>) {
         if !reason.is_host() {
             return;
         }
@@ -398,7 +405,8 @@ impl<W> Core<W> {
             _ => return,
         };
         self.set(chunk, upgraded);
-        self.client_fetches += 1;
+        self.host_misses(chunk);
+        out.push(Action::HostWaits { chunk });
     }
 
     fn read(&mut self, chunk: u64, reason: FetchReason, waiter: W, out: &mut Vec<Action<W>>) {
@@ -421,7 +429,7 @@ impl<W> Core<W> {
                 self.readers_of(chunk).push(waiter);
             }
             Chunk::Fetching(_) => {
-                self.upgrade(chunk, reason);
+                self.upgrade(chunk, reason, out);
                 self.readers_of(chunk).push(waiter);
             }
             Chunk::Installing(_) => {
@@ -684,6 +692,10 @@ mod tests {
                     Action::Failed { chunk } => {
                         self.fetching.remove(&chunk);
                     }
+                    Action::HostWaits { chunk } => assert!(
+                        self.fetching.contains(&chunk) || self.installing.contains(&chunk),
+                        "a host waits on chunk {chunk}, which is on no way here"
+                    ),
                     Action::Wake { waiter, result } => {
                         let asked = self.waiting.remove(&waiter).expect("woken once");
                         self.woken += 1;
@@ -936,17 +948,19 @@ mod tests {
         );
         assert_eq!(core.client_fetches(), 0, "no host waits");
         assert!(core.hot().is_empty(), "thickening does not start around it");
-        // A host reading the same chunk now waits on that fetch, which becomes its miss.
-        assert!(
+        // A host reading the same chunk now waits on that fetch, which becomes its miss
+        // from now on.
+        assert_eq!(
             core.apply(Event::Read {
                 chunk: 2,
                 reason: FetchReason::ClientMiss,
                 waiter: 2,
-            })
-            .is_empty()
+            }),
+            vec![Action::HostWaits { chunk: 2 }]
         );
         assert_eq!(core.state(2), Chunk::Fetching(FetchReason::ClientMiss));
         assert_eq!(core.client_fetches(), 1);
+        assert_eq!(core.hot(), vec![2]);
         core.check();
         // An internal read does not take a host's fetch back to the background.
         core.apply(Event::Need {

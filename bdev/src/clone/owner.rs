@@ -247,6 +247,10 @@ fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Waiter>) {
                 None => bump(&s.counters.written_whole, 1),
             }
         }
+        Action::HostWaits { chunk } => {
+            // Timed from now, as a miss of its own would have been.
+            o.started.borrow_mut().insert(chunk, Instant::now());
+        }
         Action::Failed { chunk } => {
             bump(&s.counters.fetch_errors, 1);
             if o.started.borrow_mut().remove(&chunk).is_some() {

@@ -542,6 +542,8 @@ impl World {
                     }
                 }
                 Action::Failed { .. } => self.stats.fetch_failures += 1,
+                // What it starts is the owner's miss timing: nothing to carry out here.
+                Action::HostWaits { .. } => {}
                 Action::Wake { waiter, result } => {
                     let answer = match result {
                         Ok(()) => Answer::Done,
