@@ -13,22 +13,9 @@ use std::sync::atomic::Ordering;
 
 use serde_json::Value;
 use support::{
-    Ctl, KillOnDrop, bin, free_port, ok_json, oxperf, run, s3_store, start_oxd, verified,
+    Ctl, KillOnDrop, bin, free_port, http_get, ok_json, oxperf, run, s3_store, start_oxd, verified,
     write_private,
 };
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: oxd\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 #[test]
 fn snapshot_clone_and_a_kill_9_driven_by_oxctl_and_oxperf() {

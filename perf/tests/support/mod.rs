@@ -93,6 +93,20 @@ pub fn ok_json(o: Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// A plain HTTP GET of `path` on 127.0.0.1:`port`: the whole answer, headers included.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: oxd\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
