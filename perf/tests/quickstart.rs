@@ -110,14 +110,21 @@ fn the_images_default_configuration_serves() {
     let config = shipped
         .replace("@REACTORS@", reactors)
         .replace("@OXCORES@", ox)
-        .replace("@LISTEN@", "127.0.0.1")
-        .replace("127.0.0.1:4420", &format!("127.0.0.1:{data}"))
-        .replace("127.0.0.1:8009", &format!("127.0.0.1:{disc}"))
+        .replace("@LISTEN@", "0.0.0.0")
+        .replace("0.0.0.0:4420", &format!("0.0.0.0:{data}"))
+        .replace("0.0.0.0:8009", &format!("0.0.0.0:{disc}"))
         .replace("127.0.0.1:9464", &format!("127.0.0.1:{metrics}"))
         .replace("/var/lib/oxd", &root("var/lib/oxd"))
         .replace("/run/oxd", &root("run/oxd"))
         .replace("/etc/ox", &root("etc/ox"));
-    assert!(!config.contains('@'), "every placeholder filled:\n{config}");
+    for shipped_only in [
+        "@", "\"/var/", "\"/run/", "\"/etc/", ":4420\"", ":8009\"", ":9464\"",
+    ] {
+        assert!(
+            !config.contains(shipped_only),
+            "{shipped_only} left as shipped:\n{config}"
+        );
+    }
     // What the image and its service unit make before oxd starts: the configuration,
     // state and runtime directories, and first boot's key.
     for d in ["etc/ox/keys", "var/lib/oxd", "run/oxd"] {
@@ -150,7 +157,7 @@ fn the_images_default_configuration_serves() {
         nqn,
         "--allow-any-host",
     ]);
-    assert_eq!(created["listeners"][0], format!("127.0.0.1:{data}"));
+    assert_eq!(created["listeners"][0], format!("0.0.0.0:{data}"));
     let target = format!("127.0.0.1:{data},{nqn},1");
     for workload in ["write", "read"] {
         let run = ok_json(
