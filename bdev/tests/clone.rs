@@ -606,8 +606,15 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
     assert_eq!(ahead.first(), Some(&16), "the window starts at 16 chunks");
     assert!(ahead.iter().all(|&n| n <= 128), "{ahead:?}");
     // Once grown, the window is topped up a quarter at a time: 2 MiB, runs long
-    // enough to coalesce.
-    assert!(ahead.iter().filter(|&&n| n >= 32).count() >= 4, "{ahead:?}");
+    // enough to coalesce (in halves, these were 64).
+    let grown: Vec<usize> = ahead
+        .iter()
+        .skip_while(|&&n| n < 96)
+        .skip(1)
+        .copied()
+        .collect();
+    assert!(grown.len() >= 4, "{ahead:?}");
+    assert!(grown.iter().all(|&n| n == 32), "{ahead:?}");
     assert!(
         furthest >= chunks / 2,
         "read-ahead never ran ahead of the reader"
@@ -616,8 +623,8 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
 
 #[test]
 fn a_sequential_reader_of_a_far_store_gets_the_window_its_fetches_need() {
-    // Every fetch takes 50 ms: 8 MiB ahead carries at most half of it per 50 ms (84
-    // MB/s); the basis wants what carries 1 Gbit/s, 2 × 125 MB/s × 50 ms = 12.5 MB (191
+    // Every fetch takes 50 ms: 8 MiB ahead is less than 1 Gbit/s over 50 ms needs in
+    // flight with room to spare; the basis wants 2 × 125 MB/s × 50 ms = 12.5 MB (191
     // chunks).
     let basis = Arc::new(BatchBasis {
         batches: Mutex::new(Vec::new()),

@@ -405,7 +405,7 @@ impl Inner {
             match runs.last_mut() {
                 Some(run)
                     if run.at == (source, object, offset)
-                        && run.bytes + u64::from(length) <= RUN_BYTES =>
+                        && run.bytes + u64::from(length) <= RUN_BYTES + FRAMES_HEADERS =>
                 {
                     run.at.2 = end;
                     run.bytes += u64::from(length);
@@ -520,6 +520,11 @@ const THROTTLE_SLICE: u64 = 256 << 10;
 /// Large enough that a request's fixed cost (a round trip, the server's first byte) is
 /// small beside its transfer; small enough that a read-ahead window is several.
 pub const RUN_BYTES: u64 = 2 << 20;
+
+/// Room past [`RUN_BYTES`] for the frames' own bytes (headers, tags): a run of
+/// `RUN_BYTES` of chunks stored incompressible — a read-ahead's batch of them — stays
+/// one GET, not one of all but its last frame and one of that frame.
+const FRAMES_HEADERS: u64 = RUN_BYTES / 32;
 
 /// Frames back to back in one object, fetched together.
 struct Run {

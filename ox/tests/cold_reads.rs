@@ -138,6 +138,50 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     env.set.shutdown().unwrap();
 }
 
+/// A read-ahead's batch of 2 MiB of adjacent incompressible chunks (a quarter of the
+/// clone's 8 MiB window) is one GET, although their frames are a little more than
+/// 2 MiB; twice that is two.
+#[test]
+fn two_mib_of_adjacent_chunks_travel_in_one_get() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (image, report) = incompressible_snapshot(&env, &config, 43);
+    let (_clone, basis) = clone_of(&env, &config, &report.manifest_key, "batch");
+    let c = basis.counters();
+    // Chunks 64.. lie in the second 4 MiB object, which holds 63 frames.
+    for (first, n, gets) in [(64u64, 32u64, 1u64), (0, 62, 2)] {
+        let before = c.frame_gets.load(Ordering::SeqCst);
+        let (tx, answers) = std::sync::mpsc::channel();
+        let batch = (first..first + n)
+            .map(|chunk| {
+                let tx = tx.clone();
+                let done: bdev::FetchDone = Box::new(move |r| {
+                    let _ = tx.send((chunk, r));
+                });
+                (chunk, done)
+            })
+            .collect();
+        basis.fetch_batch(batch, bdev::FetchReason::Prefetch);
+        for _ in 0..n {
+            let (chunk, got) = answers.recv_timeout(support::T).unwrap();
+            let at = (chunk * CHUNK) as usize;
+            assert!(
+                got.unwrap()[..] == image[at..at + CHUNK as usize],
+                "chunk {chunk}"
+            );
+        }
+        let sent = c.frame_gets.load(Ordering::SeqCst) - before;
+        assert_eq!(sent, gets, "{n} chunks from {first}");
+    }
+    let frames = c.frames.load(Ordering::SeqCst);
+    assert_eq!(frames, 32 + 62);
+    assert!(
+        c.frame_bytes.load(Ordering::SeqCst) > 94 * CHUNK,
+        "frames are more than chunks"
+    );
+}
+
 #[test]
 fn a_store_whose_gets_take_long_wants_more_read_ahead() {
     let env = env();

@@ -7,12 +7,12 @@
 //! its ceiling: it grows as fast as the reader reads, so a short run of sequential
 //! reads asks for little. At the ceiling more is asked for each time a quarter of it
 //! has been read: three quarters of the window to all of it stay in flight (asked for
-//! in halves, it was a half to all: 12 % slower at 1 Gbit/s and 60 ms, BENCHMARKS.md),
+//! in halves, it was a half to all: ×0.92 the rate at 1 Gbit/s and 60 ms, BENCHMARKS.md),
 //! in batches the basis fetches in a few requests of adjacent chunks.
 //!
-//! A reader that outruns its fetches gets about what is in flight per fetch's time:
-//! asked for in halves, at 60 ms round trips on a server that answers in two, 8 MiB
-//! carried ~34 MB/s. So the ceiling is what the basis wants
+//! A reader that outruns its fetches gets about what is in flight per fetch's time
+//! (asked for in halves, at 60 ms round trips on a server that answers in two, 8 MiB
+//! carried ~34 MB/s): so the ceiling is what the basis wants
 //! ([`wanted_bytes`]: twice what keeps [`READ_AHEAD_RATE`], or the clone's limit if
 //! lower, going over the quickest fetch it has made), never less than the clone's
 //! read-ahead ([`READ_AHEAD_BYTES`]) nor more than [`MOST_READ_AHEAD_BYTES`] (a clone
@@ -37,7 +37,8 @@ pub const READ_AHEAD_RATE: u64 = 125_000_000;
 /// The most fetched ahead of a sequential reader on any store: 64 MiB, about twice the
 /// bandwidth-delay product of [`READ_AHEAD_RATE`] at 250 ms. Fetched chunks go to the
 /// local copy as they arrive; what is in memory at once is the runs arriving together
-/// (up to the half window asked for at once, each run's body held while it decodes).
+/// (up to the part of the window asked for at once, each run's body held while it
+/// decodes).
 pub const MOST_READ_AHEAD_BYTES: u64 = 64 << 20;
 
 /// The bytes a sequential reader should have asked for ahead of it where a fetch takes
@@ -238,8 +239,8 @@ mod tests {
 
     #[test]
     fn a_far_store_gets_a_window_that_fills_the_link() {
-        // 250 ms a fetch, a 50 MB/s link: a bandwidth-delay product of 12.5 MB, where
-        // the clone's read-ahead alone carries half of 8 MiB in 250 ms (16.8 MB/s).
+        // 250 ms a fetch, a 50 MB/s link: a bandwidth-delay product of 12.5 MB, more
+        // than the clone's read-ahead alone (8 MiB) holds.
         let link = 50e6;
         let (window, rate, _) = read_through(Duration::from_millis(250), link, 16384);
         assert!(window > 2 * 12_500_000, "window {window}");
