@@ -391,18 +391,7 @@ fn a_policy_snapshots_at_once_when_due_keeps_its_set_and_says_how_it_went() {
     assert_eq!(job["state"], "done", "{job}");
 
     // What an operator's monitoring reads.
-    let text = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: oxd\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let text = support::http_get(metrics, "/metrics");
     for name in [
         "ox_policy_rpo_seconds{volume=\"db\"}",
         "ox_policy_last_success_timestamp_seconds{volume=\"db\"}",

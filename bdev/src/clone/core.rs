@@ -998,6 +998,13 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_has_its_own_place_in_the_counters() {
+        for (i, why) in FetchReason::ALL.into_iter().enumerate() {
+            assert_eq!(why.index(), i, "{why:?}");
+        }
+    }
+
+    #[test]
     #[should_panic(expected = "a read of chunk 1 for Prefetch")]
     fn a_read_for_a_background_reason_stops_at_once() {
         let mut core: Core<u64> = Core::new(4, vec![0]);
