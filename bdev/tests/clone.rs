@@ -623,9 +623,8 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
 
 #[test]
 fn a_sequential_reader_of_a_far_store_gets_the_window_its_fetches_need() {
-    // Every fetch takes 50 ms: 8 MiB ahead is less than 1 Gbit/s over 50 ms needs in
-    // flight with room to spare; the basis wants 2 × 125 MB/s × 50 ms = 12.5 MB (191
-    // chunks).
+    // Every fetch takes 50 ms: the basis wants twice what carries 1 Gbit/s over that,
+    // 2 × 125 MB/s × 50 ms = 12.5 MB (191 chunks), more than the clone's 8 MiB.
     let basis = Arc::new(BatchBasis {
         batches: Mutex::new(Vec::new()),
         delay: Duration::from_millis(50),

@@ -140,7 +140,7 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
 
 /// A read-ahead's batch of 2 MiB of adjacent incompressible chunks (a quarter of the
 /// clone's 8 MiB window) is one GET, although their frames are a little more than
-/// 2 MiB; twice that is two.
+/// 2 MiB; 62 of them are two.
 #[test]
 fn two_mib_of_adjacent_chunks_travel_in_one_get() {
     let env = env();
@@ -149,7 +149,8 @@ fn two_mib_of_adjacent_chunks_travel_in_one_get() {
     let (image, report) = incompressible_snapshot(&env, &config, 43);
     let (_clone, basis) = clone_of(&env, &config, &report.manifest_key, "batch");
     let c = basis.counters();
-    // Chunks 64.. lie in the second 4 MiB object, which holds 63 frames.
+    // An object ends with the frame that takes it to 4 MiB: the first holds chunks
+    // 0..=63, the second begins at 64.
     for (first, n, gets) in [(64u64, 32u64, 1u64), (0, 62, 2)] {
         let before = c.frame_gets.load(Ordering::SeqCst);
         let (tx, answers) = std::sync::mpsc::channel();

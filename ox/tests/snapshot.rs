@@ -384,7 +384,7 @@ fn sparse_volumes_store_nothing_for_unwritten_chunks_and_clones_fetch_only_what_
     assert!(read(&env, &clone, at, 4 << 20) == extent);
     let c = basis.counters();
     assert_eq!(c.frames.load(Ordering::SeqCst), 64);
-    // One read of 4 MiB: its 64 adjacent frames travel in ranged GETs of up to 2 MiB.
+    // One read of 4 MiB: its 64 adjacent frames travel in ranged GETs of about 2 MiB.
     assert!(c.frame_gets.load(Ordering::SeqCst) <= 8);
     assert!(c.frame_bytes.load(Ordering::SeqCst) <= (4 << 20) + 64 * 100);
     assert_eq!(c.page_gets.load(Ordering::SeqCst), 1);
