@@ -138,6 +138,27 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     env.set.shutdown().unwrap();
 }
 
+/// A batch of `chunks` to ask a basis for, and where each answer arrives with its chunk.
+#[allow(clippy::type_complexity)]
+fn answered(
+    chunks: impl Iterator<Item = u64>,
+) -> (
+    Vec<(u64, bdev::FetchDone)>,
+    std::sync::mpsc::Receiver<(u64, Result<Vec<u8>, bdev::FetchError>)>,
+) {
+    let (tx, answers) = std::sync::mpsc::channel();
+    let batch = chunks
+        .map(|chunk| {
+            let tx = tx.clone();
+            let done: bdev::FetchDone = Box::new(move |r| {
+                let _ = tx.send((chunk, r));
+            });
+            (chunk, done)
+        })
+        .collect();
+    (batch, answers)
+}
+
 /// A read-ahead's batch of 2 MiB of adjacent incompressible chunks (a quarter of the
 /// clone's 8 MiB window) is one GET, although their frames are a little more than
 /// 2 MiB; 62 of them are two.
@@ -153,16 +174,7 @@ fn two_mib_of_adjacent_chunks_travel_in_one_get() {
     // 0..=63, the second begins at 64.
     for (first, n, gets) in [(64u64, 32u64, 1u64), (0, 62, 2)] {
         let before = c.frame_gets.load(Ordering::SeqCst);
-        let (tx, answers) = std::sync::mpsc::channel();
-        let batch = (first..first + n)
-            .map(|chunk| {
-                let tx = tx.clone();
-                let done: bdev::FetchDone = Box::new(move |r| {
-                    let _ = tx.send((chunk, r));
-                });
-                (chunk, done)
-            })
-            .collect();
+        let (batch, answers) = answered(first..first + n);
         basis.fetch_batch(batch, bdev::FetchReason::Prefetch);
         for _ in 0..n {
             let (chunk, got) = answers.recv_timeout(support::T).unwrap();
@@ -441,16 +453,7 @@ fn a_hosts_miss_beside_busy_background_fetches_opens_no_connection() {
     }
     let let_go = LetGo(faults);
     faults.hold_gets.store(RUNS, Ordering::SeqCst);
-    let (tx, answers) = std::sync::mpsc::channel();
-    let batch = (1..=u64::from(RUNS))
-        .map(|i| {
-            let (chunk, tx) = (i * 64, tx.clone());
-            let done: bdev::FetchDone = Box::new(move |r| {
-                let _ = tx.send((chunk, r));
-            });
-            (chunk, done)
-        })
-        .collect();
+    let (batch, answers) = answered((1..=u64::from(RUNS)).map(|i| i * 64));
     basis.fetch_batch(batch, bdev::FetchReason::Thickening);
     let asked = std::time::Instant::now();
     while faults.holding.load(Ordering::SeqCst) < RUNS {

@@ -10,7 +10,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{bin, free_port, ok_json, start_oxd};
+use support::{bin, free_port, ok_json, oxperf, start_oxd, verified};
 
 #[test]
 fn the_readme_quickstart_works() {
@@ -160,16 +160,7 @@ fn the_images_default_configuration_serves() {
     assert_eq!(created["listeners"][0], format!("0.0.0.0:{data}"));
     let target = format!("127.0.0.1:{data},{nqn},1");
     for workload in ["write", "read"] {
-        let run = ok_json(
-            Command::new(bin("oxperf"))
-                .args([
-                    "run", "--target", &target, "-w", workload, "--bs", "131072", "--range",
-                    "0:8192", "--ios", "32", "--verify", "--cores", "0", "--json",
-                ])
-                .output()
-                .unwrap(),
-        );
-        assert!(run["mismatch"].is_null(), "{workload}: {run}");
+        verified(&oxperf(&target, workload, "0:8192", 32, 131072, 1));
     }
     let snap = oxctl(&["snapshot", "create", "first", "--store", "local"]);
     assert_eq!(snap["state"], "done", "{snap}");
