@@ -17,12 +17,14 @@
 //! (s3s-fs) hashes the whole object on every GET: objects are 1 MiB unless
 //! `--object-mib` says. The snapshot keeps no journal unless `--journal 1` (as the
 //! appliance does for its volumes: a checkpoint every 5 s). `--snapshot-only 1` stops
-//! after the snapshot. With `OX_TRACE` set, every scattered read (sections 2, 3b and 4)
+//! after the snapshot; `--sequential-only N` runs only section 3, N times, each over a
+//! clone of its own (new connections, as a clone opened afresh has), so two builds
+//! or settings can be set side by side quickly. With `OX_TRACE` set, every scattered read (sections 2, 3b and 4)
 //! prints its time and the TCP connections opened meanwhile (in this network
 //! namespace, by any process).
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
-//!     --read-ahead-mib N --journal 1 --snapshot-only 1]
+//!     --read-ahead-mib N --journal 1 --snapshot-only 1 --sequential-only N]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -205,6 +207,36 @@ fn main() {
         if journaled { "checkpointed" } else { "none" },
     );
     if arg("--snapshot-only", 0) == 1 {
+        return;
+    }
+    let rounds = arg("--sequential-only", 0);
+    if rounds > 0 {
+        println!("## 3. Cold sequential read, 128 KiB x 16 in flight, {rounds} clones\n");
+        println!("| clone | MB/s | frames per GET | read-ahead the basis wants |");
+        println!("|---|---|---|---|");
+        for round in 0..rounds as usize {
+            let (clone, handle, basis) = w.clone_of(
+                w.load(&report.manifest_key),
+                10 + round,
+                Throttle::default(),
+                true,
+            );
+            let fixed = arg("--read-ahead-mib", 0);
+            if fixed > 0 {
+                handle.set_read_ahead((fixed << 20) / CHUNK);
+            }
+            let took = w.sequential(&clone, 128 << 10, 16);
+            let c = basis.counters();
+            println!(
+                "| {round} | {:.1} | {:.1} | {:.1} MiB |",
+                size as f64 / took.as_secs_f64() / 1e6,
+                c.frames.load(std::sync::atomic::Ordering::Relaxed) as f64
+                    / c.frame_gets
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .max(1) as f64,
+                basis.read_ahead_bytes().unwrap_or(0) as f64 / 1048576.0
+            );
+        }
         return;
     }
     let objects = w.load(&report.manifest_key).sources[0].objects.clone();
