@@ -224,7 +224,9 @@ impl OxCores {
             .map_err(|_| OxError::Config("OX core dropped the job".into()))
     }
 
-    /// Stops accepting jobs, lets queued and running ones finish, joins the threads.
+    /// Stops accepting jobs and joins the threads. Each core stops once its queues are
+    /// empty: jobs queued or still running then are dropped at their next wait, not
+    /// finished.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -239,8 +241,13 @@ impl OxCores {
         if let Some(t) = self.courier_thread.take() {
             let _ = t.join();
         }
+        // Stopped from one of the cores (a job held the last reference): that core
+        // ends by itself when the job returns; joining it here would wait for itself.
+        let me = std::thread::current().id();
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -256,6 +263,29 @@ mod tests {
     use super::*;
     use crate::store::ObjectStore;
     use crate::store::local::LocalStore;
+
+    #[test]
+    fn the_cores_stop_when_a_job_on_one_of_them_drops_the_last_reference() {
+        let cores = Arc::new(OxCores::start(&[None, None], 4).unwrap());
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let last = Arc::clone(&cores);
+        cores
+            .submit_blocking(Box::new(move |_ex| {
+                Box::pin(async move {
+                    // Blocks this core until the test has let its own reference go.
+                    let _ = wait.recv();
+                    assert_eq!(Arc::strong_count(&last), 1, "the job's is the last");
+                    drop(last);
+                    let _ = done.send(());
+                })
+            }))
+            .unwrap();
+        drop(cores);
+        go.send(()).unwrap();
+        // A core that joined itself would panic before answering: the sender dropped.
+        finished.recv().expect("the job outlived the cores' stop");
+    }
 
     #[test]
     fn jobs_a_full_queue_turns_away_wait_for_room_and_all_run() {
