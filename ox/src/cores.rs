@@ -224,9 +224,9 @@ impl OxCores {
             .map_err(|_| OxError::Config("OX core dropped the job".into()))
     }
 
-    /// Stops accepting jobs and joins the threads. Each core stops once its queues are
-    /// empty: jobs queued or still running then are dropped at their next wait, not
-    /// finished.
+    /// Closes the queues and joins the threads (all but the caller's, if it is one of
+    /// them). A core stops once its queues are drained: jobs not finished by then are
+    /// not polled again, and nothing waits for them.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -238,12 +238,15 @@ impl OxCores {
         }
         // The courier ends too: its sends fail once the queue is closed.
         drop(self.courier.take());
-        if let Some(t) = self.courier_thread.take() {
+        // Stopped from one of these threads (a job it held kept the last reference):
+        // that thread ends by itself when the job is done; joining it would wait for
+        // itself.
+        let me = std::thread::current().id();
+        if let Some(t) = self.courier_thread.take()
+            && t.thread().id() != me
+        {
             let _ = t.join();
         }
-        // Stopped from one of the cores (a job held the last reference): that core
-        // ends by itself when the job returns; joining it here would wait for itself.
-        let me = std::thread::current().id();
         for t in self.threads.drain(..) {
             if t.thread().id() != me {
                 let _ = t.join();
@@ -284,7 +287,7 @@ mod tests {
         drop(cores);
         go.send(()).unwrap();
         // A core that joined itself would panic before answering: the sender dropped.
-        finished.recv().expect("the job outlived the cores' stop");
+        finished.recv().expect("the job died in the cores' stop");
     }
 
     #[test]
