@@ -18,10 +18,10 @@
 //! `--object-mib` says. The snapshot keeps no journal unless `--journal 1` (as the
 //! appliance does for its volumes: a checkpoint every 5 s). `--snapshot-only 1` stops
 //! after the snapshot; `--sequential-only N` runs only section 3, N times, each over a
-//! clone of its own (new connections, as a clone opened afresh has), so two builds
-//! or settings can be set side by side quickly. With `OX_TRACE` set, every scattered read (sections 2, 3b and 4)
-//! prints its time and the TCP connections opened meanwhile (in this network
-//! namespace, by any process).
+//! clone of its own (new connections, as a clone opened afresh has), so two builds or
+//! settings can be set side by side quickly. With `OX_TRACE` set, every scattered read
+//! (sections 2, 3b and 4) prints its time and the TCP connections opened meanwhile (in
+//! this network namespace, by any process).
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
 //!     --read-ahead-mib N --journal 1 --snapshot-only 1 --sequential-only N]
