@@ -297,7 +297,7 @@ fn main() {
         Some((outer, inner)) => (outer, inner, true),
         None => {
             if offload {
-                eprintln!("offloads refused: the link carries packets one by one");
+                eprintln!("offloads failed: trying without (packets one by one)");
             }
             let (outer, inner) = open(false).expect("plain TUN devices");
             (outer, inner, false)

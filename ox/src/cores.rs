@@ -226,7 +226,8 @@ impl OxCores {
 
     /// Closes the queues and joins the threads (all but the caller's, if it is one of
     /// them). A core stops once its queues are drained: jobs not finished by then are
-    /// not polled again, and nothing waits for them.
+    /// not polled again, jobs still with the courier never run, and nothing waits for
+    /// them.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -239,7 +240,7 @@ impl OxCores {
         // The courier ends too: its sends fail once the queue is closed.
         drop(self.courier.take());
         // Stopped from one of these threads (a job it held kept the last reference):
-        // that thread ends by itself when the job is done; joining it would wait for
+        // that thread ends by itself once back in its loop; joining it would wait for
         // itself.
         let me = std::thread::current().id();
         if let Some(t) = self.courier_thread.take()
