@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bdev::{Basis, Bdev};
+use ox::basis::ObjectBasis;
 use ox::snapshot::{SnapshotOptions, snapshot_volume};
 use ox::store::ObjectStore;
 use ox::store::s3::{S3Config, S3Store};
@@ -226,14 +227,10 @@ fn main() {
                 handle.set_read_ahead((fixed << 20) / CHUNK);
             }
             let took = w.sequential(&clone, 128 << 10, 16);
-            let c = basis.counters();
             println!(
                 "| {round} | {:.1} | {:.1} | {:.1} MiB |",
                 size as f64 / took.as_secs_f64() / 1e6,
-                c.frames.load(std::sync::atomic::Ordering::Relaxed) as f64
-                    / c.frame_gets
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        .max(1) as f64,
+                frames_per_get(&basis),
                 basis.read_ahead_bytes().unwrap_or(0) as f64 / 1048576.0
             );
         }
@@ -333,7 +330,6 @@ fn main() {
     let before = stats(&endpoint);
     let took = w.sequential(&clone, 128 << 10, 16);
     let after = stats(&endpoint);
-    let c = basis.counters();
     let (gets, sent) = (after.1 - before.1, after.2 - before.2);
     println!("\n## 3. Cold sequential read, 128 KiB x 16 in flight\n");
     println!(
@@ -345,10 +341,7 @@ fn main() {
         size as f64 / took.as_secs_f64() / 1e6,
         sent as f64 / 1048576.0,
         sent as f64 / size as f64,
-        c.frames.load(std::sync::atomic::Ordering::Relaxed) as f64
-            / c.frame_gets
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .max(1) as f64,
+        frames_per_get(&basis),
         basis.read_ahead_bytes().unwrap_or(0) as f64 / 1048576.0
     );
 
@@ -446,4 +439,13 @@ fn main() {
         pct(&busy, 99).as_secs_f64() / pct(&cold, 99).as_secs_f64()
     );
     w.set.shutdown().unwrap();
+}
+
+/// Frames a clone's GETs carried on average (what coalescing adjacent frames gives).
+fn frames_per_get(basis: &ObjectBasis) -> f64 {
+    let c = basis.counters();
+    c.frames.load(std::sync::atomic::Ordering::Relaxed) as f64
+        / c.frame_gets
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1) as f64
 }
