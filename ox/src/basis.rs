@@ -517,7 +517,8 @@ impl Inner {
 const THROTTLE_SLICE: u64 = 256 << 10;
 
 /// The stored bytes one ranged GET carries, at most (and [`FRAMES_HEADERS`]): a
-/// read-ahead's adjacent frames travel in a few requests of this size, which go out at once over several connections.
+/// read-ahead's adjacent frames travel in a few requests of this size, which go out at
+/// once over several connections.
 /// Large enough that a request's fixed cost (a round trip, the server's first byte) is
 /// small beside its transfer; small enough that a read-ahead window is several.
 pub const RUN_BYTES: u64 = 2 << 20;
