@@ -623,8 +623,8 @@ fn a_sequential_reader_s_read_ahead_grows_in_batches_and_stays_within_its_window
 
 #[test]
 fn a_sequential_reader_of_a_far_store_gets_the_window_its_fetches_need() {
-    // Every fetch takes 50 ms: the basis wants twice what carries 1 Gbit/s over that,
-    // 2 × 125 MB/s × 50 ms = 12.5 MB (191 chunks), more than the clone's 8 MiB.
+    // Every fetch takes 50 ms: the basis wants four times what carries 1 Gbit/s over
+    // that, 4 × 125 MB/s × 50 ms = 25 MB (382 chunks), more than the clone's 8 MiB.
     let basis = Arc::new(BatchBasis {
         batches: Mutex::new(Vec::new()),
         delay: Duration::from_millis(50),

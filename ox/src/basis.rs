@@ -3,8 +3,9 @@
 //! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
 //! of adjacent chunks (a sequential reader's read-ahead) travels in ranged GETs of about
 //! [`RUN_BYTES`] each, all in flight at once; a lone miss is one GET of one frame.
-//! The quickest GET so far sizes a sequential reader's read-ahead
-//! ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for ahead.
+//! The store's round trip (its quickest answer so far) sizes a sequential reader's
+//! read-ahead ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for
+//! ahead.
 //!
 //! Hosts' misses have connections of their own (`Lane`): background fetches
 //! (read-ahead, thickening, a clone's warming, the appliance's own reads) never hold the connection a host's miss
@@ -59,9 +60,10 @@ struct Inner {
     name: String,
     pages: Mutex<HashMap<u64, PageSlot>>,
     counters: BasisCounters,
-    /// The quickest frame GET so far, µs from asking to the whole body (`u64::MAX`:
-    /// none yet): with `background_limit`, what sizes a sequential reader's read-ahead.
-    quickest_get_us: AtomicU64,
+    /// The store's round trip, µs: the least any OX core's store has reported after a
+    /// frame GET ([`ObjectStore::round_trip`]; `u64::MAX`: none yet). With
+    /// `background_limit`, what sizes a sequential reader's read-ahead.
+    round_trip_us: AtomicU64,
     /// The clone's background limit as of its last frame GET (bytes a second; 0: none).
     background_limit: AtomicU64,
 }
@@ -131,7 +133,7 @@ impl ObjectBasis {
                 name: name.to_string(),
                 pages: Mutex::new(HashMap::new()),
                 counters: BasisCounters::default(),
-                quickest_get_us: AtomicU64::new(u64::MAX),
+                round_trip_us: AtomicU64::new(u64::MAX),
                 background_limit: AtomicU64::new(0),
             }),
         }
@@ -314,6 +316,7 @@ impl Inner {
             }
         };
         if result.is_ok() && fetched > 0 {
+            self.noted(store);
             self.counters.page_gets.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .page_bytes
@@ -426,16 +429,18 @@ impl Inner {
         }
     }
 
-    /// Notes a frame GET that took `took` (a refetch's includes the attempts before it,
-    /// so it is the quickest only if every GET was as slow), and the clone's background
-    /// limit now: what sizes a sequential reader's read-ahead ([`Basis::read_ahead_bytes`]).
-    fn got_body(&self, took: std::time::Duration) {
-        let us = (took.as_micros() as u64).max(1);
-        // The OX cores fetching for this clone share the minimum: a read-modify-write,
-        // on an OX core, only when a GET is quicker than all before it (a few times in a
-        // clone's life).
-        if us < self.quickest_get_us.load(Ordering::Relaxed) {
-            self.quickest_get_us.fetch_min(us, Ordering::Relaxed);
+    /// Notes, after a frame GET, the round trip `store` reports and the clone's
+    /// background limit now: what sizes a sequential reader's read-ahead
+    /// ([`Basis::read_ahead_bytes`]).
+    fn noted(&self, store: &dyn ObjectStore) {
+        if let Some(rtt) = store.round_trip() {
+            let us = (rtt.as_micros() as u64).max(1);
+            // The OX cores fetching for this clone share the minimum: a
+            // read-modify-write, on an OX core, only when a store's round trip is
+            // quicker than all before it (a few times in a clone's life).
+            if us < self.round_trip_us.load(Ordering::Relaxed) {
+                self.round_trip_us.fetch_min(us, Ordering::Relaxed);
+            }
         }
         // The throttle's lock, on an OX core, once per GET: `pass` took it for every
         // 256 KiB slice of this one.
@@ -465,11 +470,10 @@ impl Inner {
         let counters = &self.counters;
         let entries: Vec<(u64, Entry)> = run.chunks.iter().map(|(c, e, _)| (*c, *e)).collect();
         let frames = entries.len() as u64;
-        let asked = std::time::Instant::now();
         let result = self
             .loaded
             .run(store, &entries, Some(&counters.integrity), |n| {
-                self.got_body(asked.elapsed());
+                self.noted(store);
                 counters.frame_gets.fetch_add(1, Ordering::Relaxed);
                 counters.frames.fetch_add(frames, Ordering::Relaxed);
                 counters.frame_bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -548,7 +552,7 @@ impl Basis for ObjectBasis {
 
     fn read_ahead_bytes(&self) -> Option<u64> {
         let inner = &self.inner;
-        match inner.quickest_get_us.load(Ordering::Relaxed) {
+        match inner.round_trip_us.load(Ordering::Relaxed) {
             u64::MAX => None,
             us => Some(bdev::read_ahead::wanted_bytes(
                 std::time::Duration::from_micros(us),

@@ -119,6 +119,29 @@ fn put_get_range_multipart_list_delete_over_http() {
     run(async |ex| exercise(&store(&server, SECRET, &ex).unwrap()).await);
 }
 
+/// A store's round trip is how soon its server answers a request without a body (the
+/// answer's head, what sizes a far clone's read-ahead): unknown before one, not taken
+/// from a PUT (whose answer waits for its body), at least a slow server's delay, and
+/// the quickest so far.
+#[test]
+fn a_store_s_round_trip_is_how_soon_its_server_answers() {
+    let server = start_server(false);
+    run(async |ex| {
+        let s = store(&server, SECRET, &ex).unwrap();
+        assert_eq!(s.round_trip(), None, "before any request");
+        s.put("rtt", vec![7; 1 << 20]).await.unwrap();
+        assert_eq!(s.round_trip(), None, "from a PUT");
+        server.faults.delay_ms.store(50, Ordering::SeqCst);
+        assert_eq!(s.get_range("rtt", 0, 4096).await.unwrap(), vec![7; 4096]);
+        let slow = s.round_trip().expect("a GET was answered");
+        assert!(slow >= Duration::from_millis(50), "{slow:?}");
+        server.faults.delay_ms.store(0, Ordering::SeqCst);
+        assert_eq!(s.get("rtt").await.unwrap().len(), 1 << 20);
+        let quick = s.round_trip().expect("GETs were answered");
+        assert!(quick <= slow, "{quick:?} after {slow:?}");
+    });
+}
+
 /// What every server is asked (`support::servers`): s3s-fs ignores delimiters and
 /// max-keys, so the store groups and cuts its pages itself; the server in front of it
 /// enforces conditional writes.

@@ -124,9 +124,10 @@ pub trait Basis: Send + Sync + 'static {
         None
     }
     /// The bytes a sequential reader should have asked for ahead of it, as this basis
-    /// sees its store now ([`read_ahead::wanted_bytes`] of its quickest fetch and its
-    /// limit), once it has fetched data (zero chunks do not count). Called on the I/O
-    /// path for every sequential read, hits included: loads, no lock.
+    /// sees its store now ([`read_ahead::wanted_bytes`] of its store's round trip and
+    /// its limit), once it knows that round trip (from any request it has made: an
+    /// index page's at the clone's opening, or a frame's). Called on the I/O path for
+    /// every sequential read, hits included: loads, no lock.
     fn read_ahead_bytes(&self) -> Option<u64> {
         None
     }

@@ -12,11 +12,11 @@
 //!
 //! A reader that outruns its fetches gets about what is in flight per fetch's time
 //! (asked for in halves, at 60 ms round trips on a server that answers in two, 8 MiB
-//! carried ~34 MB/s): so the ceiling is what the basis wants
-//! ([`wanted_bytes`]: twice what keeps [`READ_AHEAD_RATE`], or the clone's limit if
-//! lower, going over the quickest fetch it has made), never less than the clone's
-//! read-ahead ([`READ_AHEAD_BYTES`]) nor more than [`MOST_READ_AHEAD_BYTES`] (a clone
-//! given a read-ahead of its own keeps that): a store a few ms away keeps the clone's
+//! carried ~34 MB/s): so the ceiling is what the basis wants ([`wanted_bytes`]:
+//! [`WANTED_ROUND_TRIPS`] times what keeps [`READ_AHEAD_RATE`], or the clone's limit if
+//! lower, going over its store's round trip), never less than the clone's read-ahead
+//! ([`READ_AHEAD_BYTES`]) nor more than [`MOST_READ_AHEAD_BYTES`] (a clone given a
+//! read-ahead of its own keeps that): a store a few ms away keeps the clone's
 //! read-ahead, a far one gets the window its round trips need. A read out of order
 //! starts over.
 
@@ -35,22 +35,30 @@ pub const FIRST_READ_AHEAD_BYTES: u64 = 1 << 20;
 pub const READ_AHEAD_RATE: u64 = 125_000_000;
 
 /// The most fetched ahead of a sequential reader on any store: 64 MiB, about twice the
-/// bandwidth-delay product of [`READ_AHEAD_RATE`] at 250 ms. Fetched chunks go to the
+/// bandwidth-delay product of [`READ_AHEAD_RATE`] at 250 ms (what [`wanted_bytes`] asks
+/// for at ~134 ms). Fetched chunks go to the
 /// local copy as they arrive; what is in memory at once is the runs arriving together
 /// (up to the part of the window asked for at once, each run's body held while it
 /// decodes).
 pub const MOST_READ_AHEAD_BYTES: u64 = 64 << 20;
 
-/// The bytes a sequential reader should have asked for ahead of it where a fetch takes
-/// `quickest` with nothing queued before it and the reader's fetches may have `limit`
-/// bytes a second (0: no limit): twice the bandwidth-delay product of
-/// [`READ_AHEAD_RATE`], or of the limit if lower.
-pub fn wanted_bytes(quickest: Duration, limit: u64) -> u64 {
+/// The bandwidth-delay products a sequential reader keeps asked for ahead of it. A
+/// fetch's bytes count from asking until the reader takes them, over connections whose
+/// TCP windows each carry a share, to a reader that takes them in order: at 1 Gbit/s and
+/// 60 ms, two kept ~14 MB in flight, which carried 79–94 MB/s once the window had grown,
+/// where ~25 MB carried 96–109 (BENCHMARKS.md).
+pub const WANTED_ROUND_TRIPS: u64 = 4;
+
+/// The bytes a sequential reader should have asked for ahead of it where the store's
+/// round trip (a request to its answer's first byte) is `round_trip` and the reader's
+/// fetches may have `limit` bytes a second (0: no limit): [`WANTED_ROUND_TRIPS`]
+/// bandwidth-delay products of [`READ_AHEAD_RATE`], or of the limit if lower.
+pub fn wanted_bytes(round_trip: Duration, limit: u64) -> u64 {
     let rate = match limit {
         0 => READ_AHEAD_RATE,
         l => l.min(READ_AHEAD_RATE),
     };
-    (2.0 * rate as f64 * quickest.as_secs_f64()).ceil() as u64
+    (WANTED_ROUND_TRIPS as f64 * rate as f64 * round_trip.as_secs_f64()).ceil() as u64
 }
 
 /// The clone as the read-ahead sees it.
@@ -64,7 +72,8 @@ pub struct Geometry {
     pub chunk_bytes: u64,
     /// Chunks in the volume.
     pub chunks: u64,
-    /// What the basis wants asked for ahead ([`wanted_bytes`]), if it knows yet.
+    /// What the basis wants asked for ahead ([`wanted_bytes`]), if it knows its store's
+    /// round trip yet.
     pub wanted_bytes: Option<u64>,
 }
 
@@ -186,22 +195,21 @@ mod tests {
     /// A reader of 128 KiB requests over a store whose every fetch takes `latency` and
     /// whose link carries `link` bytes a second: chunks asked for arrive after the
     /// latency, no faster than the link, in order; the reader takes each as it arrives,
-    /// and the basis wants what its quickest fetch calls for. Returns the window the
-    /// reader ends at (bytes), the rate it read at over its last quarter (bytes a
-    /// second), and the chunks asked for ahead.
+    /// and the basis wants what the latency calls for once a fetch is back. Returns the
+    /// window the reader ends at (bytes), the rate it read at over its last quarter
+    /// (bytes a second), and the chunks asked for ahead.
     fn read_through(latency: Duration, link: f64, chunks: u64) -> (u64, f64, u64) {
         let mut ahead = ReadAhead::default();
-        let mut quickest: Option<Duration> = None;
+        let mut round_trip: Option<Duration> = None;
         // When each chunk arrives (seconds), once asked for.
         let mut arrives = vec![f64::INFINITY; chunks as usize];
         let mut link_free = 0.0f64;
         let mut now = 0.0f64;
         let mut quarter = None;
         let mut asked_ahead = 0;
-        let fetch = |asked: f64, link_free: &mut f64, quickest: &mut Option<Duration>| {
+        let fetch = |asked: f64, link_free: &mut f64, round_trip: &mut Option<Duration>| {
             *link_free = link_free.max(asked + latency.as_secs_f64()) + CHUNK as f64 / link;
-            let took = Duration::from_secs_f64(*link_free - asked);
-            *quickest = Some(quickest.map_or(took, |q| q.min(took)));
+            *round_trip = Some(latency);
             *link_free
         };
         for first in (0..chunks).step_by(2) {
@@ -209,11 +217,11 @@ mod tests {
             // The read waits for its chunks; one not asked for is a miss, fetched now.
             for c in first..=last {
                 if arrives[c as usize].is_infinite() {
-                    arrives[c as usize] = fetch(now, &mut link_free, &mut quickest);
+                    arrives[c as usize] = fetch(now, &mut link_free, &mut round_trip);
                 }
                 now = now.max(arrives[c as usize]);
             }
-            let wanted = quickest.map(|q| wanted_bytes(q, 0));
+            let wanted = round_trip.map(|rtt| wanted_bytes(rtt, 0));
             let span = (first * CHUNK, (last + 1) * CHUNK);
             let asked = ahead.on_read(span, last, || geometry(chunks, wanted));
             for c in asked.into_iter().flatten() {
@@ -221,7 +229,7 @@ mod tests {
                     arrives[c as usize].is_infinite(),
                     "chunk {c} asked for twice"
                 );
-                arrives[c as usize] = fetch(now, &mut link_free, &mut quickest);
+                arrives[c as usize] = fetch(now, &mut link_free, &mut round_trip);
                 asked_ahead += 1;
             }
             assert!(
@@ -263,9 +271,9 @@ mod tests {
     #[test]
     fn a_short_run_of_sequential_reads_asks_for_little_however_far_the_store() {
         // 16 reads of 128 KiB (2 MiB) from a store 250 ms away, whose basis wants
-        // 62.5 MB ahead: what is asked for grows with what was read.
+        // 125 MB ahead (64 MiB, the most): what is asked for grows with what was read.
         let clone = geometry(1 << 20, Some(wanted_bytes(Duration::from_millis(250), 0)));
-        assert_eq!(clone.ceiling(), MOST_READ_AHEAD_BYTES / CHUNK - 70);
+        assert_eq!(clone.ceiling(), MOST_READ_AHEAD_BYTES / CHUNK);
         let mut ahead = ReadAhead::default();
         let mut asked = 0;
         for first in (0..32).step_by(2) {
@@ -274,7 +282,7 @@ mod tests {
             asked += range.map_or(0, |r| r.end - r.start);
         }
         // Ahead of a reader at chunk n lie at most 2 × n chunks (plus the first window):
-        // 88 here, against the ceiling's 954.
+        // 88 here, against the ceiling's 1,024.
         assert!(asked <= 3 * 32, "{asked} chunks asked for after reading 32");
         // A long run goes on to the ceiling.
         let (_, _, asked) = read_through(Duration::from_millis(250), 50e6, 4096);
@@ -291,18 +299,18 @@ mod tests {
             geometry(1 << 20, Some(wanted)).ceiling()
         };
         assert_eq!(at(1), base);
-        // 2 × 125 MB/s × 100 ms = 25 MB.
-        assert_eq!(wanted_bytes(Duration::from_millis(100), 0), 25_000_000);
-        assert_eq!(at(100), 25_000_000u64.div_ceil(CHUNK));
+        // 4 × 125 MB/s × 60 ms = 30 MB.
+        assert_eq!(wanted_bytes(Duration::from_millis(60), 0), 30_000_000);
+        assert_eq!(at(60), 30_000_000u64.div_ceil(CHUNK));
         assert_eq!(at(10_000), most);
-        // A limit below the rate wants less: 2 × 50 MB/s × 100 ms.
+        // A limit below the rate wants less: 4 × 50 MB/s × 60 ms.
         assert_eq!(
-            wanted_bytes(Duration::from_millis(100), 50_000_000),
-            10_000_000
+            wanted_bytes(Duration::from_millis(60), 50_000_000),
+            12_000_000
         );
         assert_eq!(
-            wanted_bytes(Duration::from_millis(100), 10 << 30),
-            25_000_000
+            wanted_bytes(Duration::from_millis(60), 10 << 30),
+            30_000_000
         );
         let none = Geometry {
             read_ahead: 0,

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_executor::LocalExecutor;
 use async_io::{Async, Timer};
@@ -169,6 +169,8 @@ pub struct HttpClient {
     /// The TCP maximum segment size of the last plain-HTTP connection made, if one was:
     /// see [`Self::segment_size`].
     segment: Cell<Option<u32>>,
+    /// The quickest answer so far: see [`Self::round_trip`].
+    quickest_answer: Cell<Option<Duration>>,
 }
 
 impl HttpClient {
@@ -186,6 +188,7 @@ impl HttpClient {
             idle: RefCell::new(HashMap::new()),
             connect_to: None,
             segment: Cell::new(None),
+            quickest_answer: Cell::new(None),
         }
     }
 
@@ -203,6 +206,16 @@ impl HttpClient {
         self.segment.get()
     }
 
+    /// The least time a request without a body has waited for its answer's head (from
+    /// the request's sending, on a connection already open), if one was sent: the round
+    /// trip to the server and its time to a first byte, never how long a body took nor
+    /// a connection's handshake. A body's time grows with its size and with what else
+    /// shares the link (a new connection's first bodies are slow while TCP's window
+    /// opens); the head comes one round trip after the request whatever the body is.
+    pub fn round_trip(&self) -> Option<Duration> {
+        self.quickest_answer.get()
+    }
+
     /// A client of the same settings and executor with no connections of its own, and
     /// that executor: for a request that must outlive the caller (sent from a drop).
     pub fn detached(&self) -> (Self, Rc<LocalExecutor<'static>>) {
@@ -213,6 +226,7 @@ impl HttpClient {
             idle: RefCell::new(HashMap::new()),
             connect_to: self.connect_to,
             segment: Cell::new(self.segment.get()),
+            quickest_answer: Cell::new(self.quickest_answer.get()),
         };
         (client, Rc::clone(&self.executor))
     }
@@ -311,13 +325,21 @@ impl HttpClient {
         for (k, v) in headers {
             req = req.header(*k, v);
         }
+        let bodiless = body.is_empty();
         let req = req
             .body(Full::new(body))
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        let sent = Instant::now();
         let resp = sender
             .send_request(req)
             .await
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        if bodiless {
+            let waited = sent.elapsed();
+            if self.quickest_answer.get().is_none_or(|q| waited < q) {
+                self.quickest_answer.set(Some(waited));
+            }
+        }
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = Limited::new(resp.into_body(), MAX_BODY)

@@ -74,6 +74,12 @@ pub trait ObjectStore {
             None => self.get(key),
         }
     }
+    /// The quickest a request has been answered by the store's server (the round trip
+    /// and its time to a first byte, not a body's transfer), if the store has sent one
+    /// and is reached over a network: what sizes a sequential reader's read-ahead.
+    fn round_trip(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Keys starting with `prefix`, sorted.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>>;
     /// One page of what lies under `prefix`, in key order: at most `max` entries, each

@@ -1452,6 +1452,10 @@ impl ObjectStore for S3Store {
         Box::pin(self.tallied(self.get_object(key, range, true)))
     }
 
+    fn round_trip(&self) -> Option<std::time::Duration> {
+        self.http.round_trip()
+    }
+
     fn list_page<'a>(
         &'a self,
         prefix: &'a str,
