@@ -61,10 +61,11 @@ struct Inner {
     pages: Mutex<HashMap<u64, PageSlot>>,
     counters: BasisCounters,
     /// The store's round trip, µs: the least any OX core's store has reported after a
-    /// frame GET ([`ObjectStore::round_trip`]; `u64::MAX`: none yet). With
-    /// `background_limit`, what sizes a sequential reader's read-ahead.
+    /// frame GET or an index page load ([`ObjectStore::round_trip`]; `u64::MAX`: none
+    /// yet). With `background_limit`, what sizes a sequential reader's read-ahead.
     round_trip_us: AtomicU64,
-    /// The clone's background limit as of its last frame GET (bytes a second; 0: none).
+    /// The clone's background limit as of its last frame GET or index page load (bytes a
+    /// second; 0: none).
     background_limit: AtomicU64,
 }
 
@@ -429,8 +430,8 @@ impl Inner {
         }
     }
 
-    /// Notes, after a frame GET, the round trip `store` reports and the clone's
-    /// background limit now: what sizes a sequential reader's read-ahead
+    /// Notes, after a frame GET or an index page load, the round trip `store` reports
+    /// and the clone's background limit now: what sizes a sequential reader's read-ahead
     /// ([`Basis::read_ahead_bytes`]).
     fn noted(&self, store: &dyn ObjectStore) {
         if let Some(rtt) = store.round_trip() {

@@ -204,7 +204,7 @@ fn a_store_whose_gets_take_long_wants_more_read_ahead() {
     // Every request now takes 50 ms more: a store far away.
     server.faults.delay_ms.store(50, Ordering::SeqCst);
     let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "far");
-    assert_eq!(basis.read_ahead_bytes(), None, "no frame fetched yet");
+    assert_eq!(basis.read_ahead_bytes(), None, "no request answered yet");
     for at in (0..SIZE / 4).step_by(128 << 10) {
         let got = read(&env, &clone, at, 128 << 10);
         assert!(

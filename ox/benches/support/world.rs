@@ -95,8 +95,7 @@ impl World {
             .unwrap()
     }
 
-    /// A cold clone `n` of `loaded` over a fresh RAM copy, its index pages loaded as the
-    /// appliance loads them when it opens a clone. `allocated`: the copy is
+    /// A cold clone `n` of `loaded` over a fresh RAM copy. `allocated`: the copy is
     /// written through first, as a disk already there (a RAM device allocates its huge
     /// pages on first write, a few ms each, which a miss would otherwise pay).
     pub fn clone_of(
@@ -111,8 +110,6 @@ impl World {
             Ok(Rc::new(S3Store::new(c.clone(), Rc::clone(ex))?) as Rc<dyn ObjectStore>)
         });
         let basis = ObjectBasis::new(loaded, factory, Arc::clone(&self.cores), throttle, "c");
-        // As the appliance opens a clone: its index pages first.
-        let _ = basis.prefetch_index().recv();
         let local = create_malloc(&format!("local{n}"), 512, self.size / 512, None).unwrap();
         if allocated {
             let zeroes = vec![0u8; 1 << 20];

@@ -334,13 +334,15 @@ impl HttpClient {
             .send_request(req)
             .await
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
-        if bodiless {
+        let status = resp.status().as_u16();
+        // A 5xx, 408 or 429 may come from something nearer than the server (a proxy, a
+        // load balancer) or before the request was read: not a round trip.
+        if bodiless && status < 500 && status != 408 && status != 429 {
             let waited = sent.elapsed();
             if self.quickest_answer.get().is_none_or(|q| waited < q) {
                 self.quickest_answer.set(Some(waited));
             }
         }
-        let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
