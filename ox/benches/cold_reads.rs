@@ -98,7 +98,7 @@ fn tcp_active_opens() -> u64 {
 }
 
 /// Waits for `basis` to load the index pages the appliance loads as it opens a clone
-/// (the appliance does not wait; a sequential reader's first reads come after them, and
+/// (the appliance does not wait; here the reader's first reads come after them, and
 /// their GETs tell the basis its store's round trip).
 fn opened(basis: &ObjectBasis) {
     basis

@@ -214,7 +214,7 @@ fn a_store_whose_gets_take_long_wants_more_read_ahead() {
     }
     // Every request was answered 50 ms late or more: what carries 1 Gbit/s over 50 ms,
     // four times.
-    let wanted = basis.read_ahead_bytes().expect("frames were fetched");
+    let wanted = basis.read_ahead_bytes().expect("requests were answered");
     let least = bdev::read_ahead::wanted_bytes(std::time::Duration::from_millis(50), 0);
     assert!(
         wanted >= least,

@@ -121,8 +121,8 @@ fn put_get_range_multipart_list_delete_over_http() {
 
 /// A store's round trip is how soon its server answers a request without a body (the
 /// answer's head, what sizes a far clone's read-ahead): unknown before one, not taken
-/// from a PUT (whose answer waits for its body), at least a slow server's delay, and
-/// the quickest so far.
+/// from a PUT (whose answer waits for its body) nor from a 503, at least a slow
+/// server's delay, and the quickest so far.
 #[test]
 fn a_store_s_round_trip_is_how_soon_its_server_answers() {
     let server = start_server(false);
@@ -131,6 +131,10 @@ fn a_store_s_round_trip_is_how_soon_its_server_answers() {
         assert_eq!(s.round_trip(), None, "before any request");
         s.put("rtt", vec![7; 1 << 20]).await.unwrap();
         assert_eq!(s.round_trip(), None, "from a PUT");
+        server.faults.unavailable.store(10, Ordering::SeqCst);
+        assert!(s.get_range("rtt", 0, 4096).await.is_err(), "503s all along");
+        server.faults.unavailable.store(0, Ordering::SeqCst);
+        assert_eq!(s.round_trip(), None, "from a 503");
         server.faults.delay_ms.store(300, Ordering::SeqCst);
         assert_eq!(s.get_range("rtt", 0, 4096).await.unwrap(), vec![7; 4096]);
         let slow = s.round_trip().expect("a GET was answered");
@@ -142,6 +146,10 @@ fn a_store_s_round_trip_is_how_soon_its_server_answers() {
             quick < slow,
             "{quick:?} after {slow:?}: a quicker answer not kept"
         );
+        server.faults.delay_ms.store(300, Ordering::SeqCst);
+        assert_eq!(s.get_range("rtt", 0, 4096).await.unwrap(), vec![7; 4096]);
+        server.faults.delay_ms.store(0, Ordering::SeqCst);
+        assert_eq!(s.round_trip(), Some(quick), "a slower answer kept");
     });
 }
 

@@ -195,9 +195,9 @@ mod tests {
     /// A reader of 128 KiB requests over a store whose every fetch takes `latency` and
     /// whose link carries `link` bytes a second: chunks asked for arrive after the
     /// latency, no faster than the link, in order; the reader takes each as it arrives,
-    /// and the basis wants what the latency calls for once a fetch is asked for. Returns the
-    /// window the reader ends at (bytes), the rate it read at over its last quarter
-    /// (bytes a second), and the chunks asked for ahead.
+    /// and the basis wants what the latency calls for once a fetch is asked for.
+    /// Returns the window the reader ends at (bytes), the rate it read at over its last
+    /// quarter (bytes a second), and the chunks asked for ahead.
     fn read_through(latency: Duration, link: f64, chunks: u64) -> (u64, f64, u64) {
         let mut ahead = ReadAhead::default();
         let mut round_trip: Option<Duration> = None;

@@ -207,7 +207,8 @@ impl HttpClient {
     }
 
     /// The least time a request without a body has waited for its answer's head (from
-    /// the request's sending, on a connection already open), if one was sent: the round
+    /// the request's sending, on a connection already open; an answer of 5xx, 408 or
+    /// 429 aside), if one was sent: the round
     /// trip to the server and its time to a first byte, never how long a body took nor
     /// a connection's handshake. A body's time grows with its size and with what else
     /// shares the link (a new connection's first bodies are slow while TCP's window

@@ -74,9 +74,10 @@ pub trait ObjectStore {
             None => self.get(key),
         }
     }
-    /// The quickest a request has been answered by the store's server (the round trip
-    /// and its time to a first byte, not a body's transfer), if the store has sent one
-    /// and is reached over a network: what sizes a sequential reader's read-ahead.
+    /// The quickest a request without a body has been answered by the store's server
+    /// (the round trip and its time to a first byte, not a body's transfer), if the
+    /// store has sent one and is reached over a network: what sizes a sequential
+    /// reader's read-ahead.
     fn round_trip(&self) -> Option<std::time::Duration> {
         None
     }
