@@ -8,8 +8,8 @@
 //! 2. cold 4 KiB clone reads at QD 1, scattered (each a miss);
 //! 3. a cold sequential read, 128 KiB requests, 16 in flight: MB/s, GETs, and bytes
 //!    the server sent per byte read, and the read-ahead the basis wants from its
-//!    store's round trip (`--read-ahead-mib N`: a fixed read-ahead instead); then (3b) cold
-//!    4 KiB reads at QD 1 of another clone while a cold sequential read runs;
+//!    store's round trip (`--read-ahead-mib N`: a fixed read-ahead instead); then (3b)
+//!    cold 4 KiB reads at QD 1 of another clone while a cold sequential read runs;
 //! 4. thickening under a background limit beside a host's cold 4 KiB reads at QD 1.
 //!
 //! The volume holds incompressible bytes, so what moves is what is read (as with

@@ -36,10 +36,9 @@ pub const READ_AHEAD_RATE: u64 = 125_000_000;
 
 /// The most fetched ahead of a sequential reader on any store: 64 MiB, about twice the
 /// bandwidth-delay product of [`READ_AHEAD_RATE`] at 250 ms (what [`wanted_bytes`] asks
-/// for at ~134 ms). Fetched chunks go to the
-/// local copy as they arrive; what is in memory at once is the runs arriving together
-/// (up to the part of the window asked for at once, each run's body held while it
-/// decodes).
+/// for at ~134 ms). Fetched chunks go to the local copy as they arrive; what is in
+/// memory at once is the runs arriving together (up to the part of the window asked for
+/// at once, each run's body held while it decodes).
 pub const MOST_READ_AHEAD_BYTES: u64 = 64 << 20;
 
 /// The bandwidth-delay products a sequential reader keeps asked for ahead of it. A
