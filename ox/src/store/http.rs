@@ -208,11 +208,11 @@ impl HttpClient {
 
     /// The least time a request without a body has waited for its answer's head (from
     /// the request's sending, on a connection already open; an answer of 5xx, 408 or
-    /// 429 aside), if one was sent: the round
-    /// trip to the server and its time to a first byte, never how long a body took nor
-    /// a connection's handshake. A body's time grows with its size and with what else
-    /// shares the link (a new connection's first bodies are slow while TCP's window
-    /// opens); the head comes one round trip after the request whatever the body is.
+    /// 429 aside), if one was sent: the round trip to the server and its time to a
+    /// first byte, never how long a body took nor a connection's handshake. A body's
+    /// time grows with its size and with what else shares the link (a new connection's
+    /// first bodies are slow while TCP's window opens); the head comes one round trip
+    /// after the request whatever the body is.
     pub fn round_trip(&self) -> Option<Duration> {
         self.quickest_answer.get()
     }
