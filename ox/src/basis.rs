@@ -1,8 +1,9 @@
 //! A snapshot in an object store as the basis of a clone: `bdev::Basis` whose fetches
 //! run on OX cores — index page (cached), ranged GET of exactly the chunks' frames,
 //! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
-//! of adjacent chunks (a sequential reader's read-ahead) travels in ranged GETs of about
-//! [`RUN_BYTES`] each, all in flight at once; a lone miss is one GET of one frame.
+//! of adjacent chunks travels in ranged GETs of about [`RUN_BYTES`] each (fetches ahead
+//! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`]), all in flight
+//! at once; a lone miss is one GET of one frame.
 //! The store's round trip (its quickest answer so far) sizes a sequential reader's
 //! read-ahead ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for
 //! ahead.
@@ -353,8 +354,8 @@ impl Inner {
 
     /// Fetches `batch` (ascending chunks): zero chunks are answered at once; frames
     /// that lie back to back in one object are gathered into runs of at most
-    /// [`RUN_BYTES`] and [`FRAMES_HEADERS`], each one ranged GET, and the runs go out at
-    /// once on this core.
+    /// [`Inner::run_bytes`] (and [`frames_and_headers`]' room), each one ranged GET, and
+    /// the runs go out at once on this core.
     async fn fetch_batch(
         self: Arc<Self>,
         ex: Rc<LocalExecutor<'static>>,
@@ -379,6 +380,7 @@ impl Inner {
                 return batch.into_iter().for_each(|(_, d)| d(Err(e.clone())));
             }
         };
+        let most = frames_and_headers(self.run_bytes(reason));
         let mut runs: Vec<Run> = Vec::new();
         for (chunk, done) in batch {
             let (entry, len) = match self.entry(&*pages, chunk).await {
@@ -410,7 +412,7 @@ impl Inner {
             match runs.last_mut() {
                 Some(run)
                     if run.at == (source, object, offset)
-                        && run.bytes + u64::from(length) <= RUN_BYTES + FRAMES_HEADERS =>
+                        && run.bytes + u64::from(length) <= most =>
                 {
                     run.at.2 = end;
                     run.bytes += u64::from(length);
@@ -447,6 +449,32 @@ impl Inner {
         // 256 KiB slice of this one.
         let limit = self.throttle.rate(&self.name, Class::Background);
         self.background_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// What a sequential reader should have asked for ahead of it
+    /// ([`Basis::read_ahead_bytes`]), once the store's round trip is known.
+    fn wanted_ahead(&self) -> Option<u64> {
+        match self.round_trip_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(bdev::read_ahead::wanted_bytes(
+                std::time::Duration::from_micros(us),
+                self.background_limit.load(Ordering::Relaxed),
+            )),
+        }
+    }
+
+    /// The most one ranged GET for `reason` carries, besides its frames' headers:
+    /// [`READ_AHEAD_RUN_BYTES`] for fetches ahead of hosts from a far store (one whose
+    /// round trip wants more than [`FAR_AHEAD_BYTES`] ahead), else [`RUN_BYTES`].
+    fn run_bytes(&self, reason: FetchReason) -> u64 {
+        let far = || self.wanted_ahead().is_some_and(|b| b > FAR_AHEAD_BYTES);
+        match reason {
+            FetchReason::Prefetch if far() => READ_AHEAD_RUN_BYTES,
+            FetchReason::Prefetch
+            | FetchReason::ClientMiss
+            | FetchReason::Thickening
+            | FetchReason::Internal => RUN_BYTES,
+        }
     }
 
     /// Waits for the throttle to pass `bytes`, a slice at a time: a large run takes
@@ -521,18 +549,38 @@ impl Inner {
 /// The throttle passes a run's bytes in slices of at most this.
 const THROTTLE_SLICE: u64 = 256 << 10;
 
-/// The stored bytes one ranged GET carries, at most (and [`FRAMES_HEADERS`]): a
-/// read-ahead's adjacent frames travel in a few requests of this size, which go out at
-/// once over several connections.
-/// Large enough that a request's fixed cost (a round trip, the server's first byte) is
-/// small beside its transfer; small enough that a read-ahead window is several.
+/// The stored bytes one ranged GET carries, at most (besides [`frames_and_headers`]'
+/// room): large enough that a request's fixed cost (a round trip, the server's first
+/// byte, the CPU either side spends on it) is small beside its transfer.
 pub const RUN_BYTES: u64 = 2 << 20;
 
-/// Room past [`RUN_BYTES`] for the frames' own bytes (a header and a tag, 44 bytes each;
-/// 1.4 KB for the 32 frames of 2 MiB of 64 KiB chunks), with a margin of most of a
-/// chunk: a run of `RUN_BYTES` of chunks stored incompressible — a read-ahead's batch
-/// of them — stays one GET, not one of all but its last frame and one of that frame.
-const FRAMES_HEADERS: u64 = RUN_BYTES / 32;
+/// The same for fetches ahead of hosts (a sequential reader's read-ahead, a new clone's
+/// warm-up) from a far store ([`FAR_AHEAD_BYTES`]): a run's chunks are handed over only
+/// once its whole answer has arrived and decoded, and a sequential reader takes them in
+/// order, so smaller runs reach it sooner and in finer steps, over more connections at
+/// once (whose TCP windows grow together while they are new). Up to four times the
+/// GETs of [`RUN_BYTES`] (2,048 a GiB of incompressible 64 KiB chunks; a GET carries a
+/// frame at least, so 1 MiB chunks are one a GET either way).
+pub const READ_AHEAD_RUN_BYTES: u64 = 512 << 10;
+
+/// A store is far, for the size of the GETs ahead of hosts, where its round trip wants
+/// more than this ahead of a sequential reader ([`bdev::read_ahead::wanted_bytes`]):
+/// twice the default read-ahead, 16 MiB, a round trip of more than ~34 ms (longer
+/// where the clone's background limit is below 1 Gbit/s).
+/// On Garage at 1 Gbit/s with 8 MiB objects (BENCHMARKS.md), GETs of
+/// [`READ_AHEAD_RUN_BYTES`] instead of [`RUN_BYTES`] took a cold sequential read's
+/// median from 73.7 to 85.3 MB/s at 60 ms, from 94.8 to 92.5 at 20 ms, and from 115.0
+/// to 107.7 at 2 ms (where more requests cost more than they gain).
+pub const FAR_AHEAD_BYTES: u64 = 2 * bdev::read_ahead::READ_AHEAD_BYTES;
+
+/// The most a run of at most `run_bytes` of chunks carries: `run_bytes` and a
+/// thirty-second more, room for the frames' own bytes (a header and a tag, 44 bytes
+/// each: 1.4 KB for the 32 frames of 2 MiB of 64 KiB chunks), so `run_bytes` of chunks
+/// stored incompressible stay one GET, not one of all but their last frame and one of
+/// that frame.
+fn frames_and_headers(run_bytes: u64) -> u64 {
+    run_bytes + run_bytes / 32
+}
 
 /// Frames back to back in one object, fetched together.
 struct Run {
@@ -552,14 +600,7 @@ impl Basis for ObjectBasis {
     }
 
     fn read_ahead_bytes(&self) -> Option<u64> {
-        let inner = &self.inner;
-        match inner.round_trip_us.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            us => Some(bdev::read_ahead::wanted_bytes(
-                std::time::Duration::from_micros(us),
-                inner.background_limit.load(Ordering::Relaxed),
-            )),
-        }
+        self.inner.wanted_ahead()
     }
 
     fn fetch(&self, chunk: u64, reason: FetchReason, done: FetchDone) {

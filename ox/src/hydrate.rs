@@ -15,8 +15,10 @@
 //! bandwidth the host leaves, on a far store as on a near one.
 //! It can be paused, resumed and stopped, and reports progress.
 //!
-//! A new clone's working set is fetched first ([`warm`]) the same way; while the
-//! store is unavailable that walk waits, backing off, and goes on where it was.
+//! A new clone's working set is fetched first ([`warm`]) the same way, as fetches
+//! ahead of hosts (`FetchReason::Prefetch`: from a far store the basis splits each run
+//! into GETs of up to `ox::basis::READ_AHEAD_RUN_BYTES`); while the store is
+//! unavailable that walk waits, backing off, and goes on where it was.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};

@@ -116,7 +116,10 @@ fn over_a_slow_link_sequential_reads_move_what_they_read_in_few_gets() {
         c.frame_gets.load(Ordering::SeqCst),
     );
     assert_eq!(frames, SIZE / CHUNK, "each frame fetched once");
-    assert!(gets * 8 <= frames, "{gets} GETs for {frames} frames");
+    // A read-ahead's GETs carry up to 32 frames (2 MiB), or up to 8 (512 KiB) should
+    // this machine make the store's round trip look far (over ~34 ms); fewer where a
+    // batch or an object ends.
+    assert!(gets * 4 <= frames, "{gets} GETs for {frames} frames");
     let after = bed.served();
     let sent = after.1 - before.1;
     println!(

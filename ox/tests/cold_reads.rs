@@ -159,40 +159,81 @@ fn answered(
     (batch, answers)
 }
 
-/// A read-ahead's batch of 2 MiB of adjacent incompressible chunks (a quarter of the
-/// clone's 8 MiB window) is one GET, although their frames are a little more than
-/// 2 MiB; 62 of them are two.
+/// Asks `basis` for `n` chunks from `first` in one batch for `reason`, checks each
+/// against `image`, and returns the frame GETs they took.
+fn gets_for(
+    basis: &ObjectBasis,
+    image: &[u8],
+    (first, n): (u64, u64),
+    reason: bdev::FetchReason,
+) -> u64 {
+    let c = basis.counters();
+    let before = c.frame_gets.load(Ordering::SeqCst);
+    let (batch, answers) = answered(first..first + n);
+    basis.fetch_batch(batch, reason);
+    for _ in 0..n {
+        let (chunk, got) = answers.recv_timeout(support::T).unwrap();
+        let at = (chunk * CHUNK) as usize;
+        assert!(
+            got.unwrap()[..] == image[at..at + CHUNK as usize],
+            "chunk {chunk}"
+        );
+    }
+    c.frame_gets.load(Ordering::SeqCst) - before
+}
+
+/// A batch of 2 MiB of adjacent incompressible chunks is one GET, although their frames
+/// are a little more than 2 MiB, and 62 of them are two; from a far store, what is
+/// fetched ahead of hosts travels in GETs of 512 KiB (32 chunks in four), a host's
+/// misses still in GETs of 2 MiB.
 #[test]
-fn two_mib_of_adjacent_chunks_travel_in_one_get() {
+fn adjacent_chunks_travel_in_gets_of_2_mib_or_ahead_of_hosts_from_afar_of_512_kib() {
     let env = env();
     let server = s3server::start_server(false);
     let config = server.client_config();
     let (image, report) = incompressible_snapshot(&env, &config, 43);
-    let (_clone, basis) = clone_of(&env, &config, &report.manifest_key, "batch");
-    let c = basis.counters();
+    let (host, ahead) = (bdev::FetchReason::ClientMiss, bdev::FetchReason::Prefetch);
     // An object ends with the frame that takes it to 4 MiB: the first holds chunks
-    // 0..=63, the second begins at 64.
-    for (first, n, gets) in [(64u64, 32u64, 1u64), (0, 62, 2)] {
-        let before = c.frame_gets.load(Ordering::SeqCst);
-        let (batch, answers) = answered(first..first + n);
-        basis.fetch_batch(batch, bdev::FetchReason::Prefetch);
-        for _ in 0..n {
-            let (chunk, got) = answers.recv_timeout(support::T).unwrap();
-            let at = (chunk * CHUNK) as usize;
-            assert!(
-                got.unwrap()[..] == image[at..at + CHUNK as usize],
-                "chunk {chunk}"
-            );
-        }
-        let sent = c.frame_gets.load(Ordering::SeqCst) - before;
-        assert_eq!(sent, gets, "{n} chunks from {first}");
-    }
-    let frames = c.frames.load(Ordering::SeqCst);
-    assert_eq!(frames, 32 + 62);
+    // 0..=63, the second 64..=127.
+    let (_near, basis) = clone_of(&env, &config, &report.manifest_key, "near");
+    assert_eq!(gets_for(&basis, &image, (63, 1), host), 1);
+    let wanted = basis.read_ahead_bytes().expect("a request was answered");
     assert!(
-        c.frame_bytes.load(Ordering::SeqCst) > 94 * CHUNK,
+        wanted <= ox::basis::FAR_AHEAD_BYTES,
+        "{wanted} bytes wanted ahead: a loopback server answered no request within ~34 ms"
+    );
+    for (first, n, reason, gets) in [
+        (64u64, 32u64, host, 1u64),
+        (0, 62, host, 2),
+        (96, 32, ahead, 1),
+    ] {
+        let sent = gets_for(&basis, &image, (first, n), reason);
+        assert_eq!(sent, gets, "near: {n} chunks from {first} for {reason:?}");
+    }
+    let c = basis.counters();
+    assert_eq!(c.frames.load(Ordering::SeqCst), 1 + 32 + 62 + 32);
+    assert!(
+        c.frame_bytes.load(Ordering::SeqCst) > 127 * CHUNK,
         "frames are more than chunks"
     );
+
+    // Every request now takes 50 ms more: once one has been answered, the store is far.
+    server.faults.delay_ms.store(50, Ordering::SeqCst);
+    let (_far, basis) = clone_of(&env, &config, &report.manifest_key, "far");
+    assert_eq!(gets_for(&basis, &image, (0, 1), host), 1);
+    let wanted = basis.read_ahead_bytes().expect("a request was answered");
+    assert!(
+        wanted > ox::basis::FAR_AHEAD_BYTES,
+        "{wanted} bytes wanted ahead"
+    );
+    for (first, n, reason, gets) in [
+        (64u64, 32u64, ahead, 4u64),
+        (96, 8, ahead, 1),
+        (1, 32, host, 1),
+    ] {
+        let sent = gets_for(&basis, &image, (first, n), reason);
+        assert_eq!(sent, gets, "far: {n} chunks from {first} for {reason:?}");
+    }
 }
 
 #[test]

@@ -51,7 +51,8 @@ use crate::presence::PresenceFiles;
 pub enum FetchReason {
     /// A host read or partial write needs it now.
     ClientMiss,
-    /// Read-ahead of a sequential reader.
+    /// Ahead of hosts: a sequential reader's read-ahead, a new clone's warm-up of its
+    /// working set.
     Prefetch,
     /// Background thickening.
     Thickening,
