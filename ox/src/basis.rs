@@ -549,7 +549,7 @@ impl Inner {
 /// The throttle passes a run's bytes in slices of at most this.
 const THROTTLE_SLICE: u64 = 256 << 10;
 
-/// The stored bytes one ranged GET carries, at most (besides [`frames_and_headers`]'
+/// The stored bytes one ranged GET carries, at most (besides `frames_and_headers`'
 /// room): large enough that a request's fixed cost (a round trip, the server's first
 /// byte, the CPU either side spends on it) is small beside its transfer.
 pub const RUN_BYTES: u64 = 2 << 20;
@@ -560,7 +560,7 @@ pub const RUN_BYTES: u64 = 2 << 20;
 /// order, so smaller runs reach it sooner and in finer steps, over more connections at
 /// once (whose TCP windows grow together while they are new). Up to four times the
 /// GETs of [`RUN_BYTES`] (2,048 a GiB of incompressible 64 KiB chunks; a GET carries a
-/// frame at least, so 1 MiB chunks are one a GET either way).
+/// frame at least, so 1 MiB chunks go one a GET instead of two).
 pub const READ_AHEAD_RUN_BYTES: u64 = 512 << 10;
 
 /// A store is far, for the size of the GETs ahead of hosts, where its round trip wants

@@ -58,7 +58,8 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     let config = server.client_config();
     let (image, report) = incompressible_snapshot(&env, &config, 41);
     let (clone, basis, clone_handle) = clone_s3(&env, &config, &report.manifest_key, "seq", SIZE);
-    // The clone's own read-ahead (8 MiB), however long this server's GETs take.
+    // The clone's own read-ahead (8 MiB), however long this server's GETs take (the
+    // GETs' size follows the store's round trip: loopback is near).
     clone_handle.set_read_ahead(128);
     let c = basis.counters();
     let served = |f: &s3server::Faults| {
@@ -92,8 +93,13 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     );
     // What runs past the reader is at most the read-ahead window (8 MiB).
     assert!(frames <= read_chunks + 128, "{frames} frames");
+    // 32 frames a GET (2 MiB), fewer where a batch or an object ends; 8 (512 KiB) should
+    // this machine make loopback look far (a round trip over ~34 ms).
+    let far = basis
+        .read_ahead_bytes()
+        .is_some_and(|b| b > ox::basis::FAR_AHEAD_BYTES);
     assert!(
-        gets * 8 <= frames,
+        gets * if far { 4 } else { 8 } <= frames,
         "{gets} GETs for {frames} frames: adjacent frames travel together"
     );
     assert!(frame_bytes <= frames * (CHUNK + 256), "{frame_bytes} bytes");
@@ -187,7 +193,7 @@ fn gets_for(
 /// fetched ahead of hosts travels in GETs of 512 KiB (32 chunks in four), a host's
 /// misses still in GETs of 2 MiB.
 #[test]
-fn adjacent_chunks_travel_in_gets_of_2_mib_or_ahead_of_hosts_from_afar_of_512_kib() {
+fn gets_carry_2_mib_of_adjacent_chunks_or_512_kib_ahead_of_hosts_from_afar() {
     let env = env();
     let server = s3server::start_server(false);
     let config = server.client_config();
@@ -197,16 +203,16 @@ fn adjacent_chunks_travel_in_gets_of_2_mib_or_ahead_of_hosts_from_afar_of_512_ki
     // 0..=63, the second 64..=127.
     let (_near, basis) = clone_of(&env, &config, &report.manifest_key, "near");
     assert_eq!(gets_for(&basis, &image, (63, 1), host), 1);
-    let wanted = basis.read_ahead_bytes().expect("a request was answered");
-    assert!(
-        wanted <= ox::basis::FAR_AHEAD_BYTES,
-        "{wanted} bytes wanted ahead: a loopback server answered no request within ~34 ms"
-    );
     for (first, n, reason, gets) in [
         (64u64, 32u64, host, 1u64),
         (0, 62, host, 2),
         (96, 32, ahead, 1),
     ] {
+        let wanted = basis.read_ahead_bytes().expect("a request was answered");
+        assert!(
+            reason == host || wanted <= ox::basis::FAR_AHEAD_BYTES,
+            "{wanted} bytes wanted ahead: loopback answered no request within ~34 ms"
+        );
         let sent = gets_for(&basis, &image, (first, n), reason);
         assert_eq!(sent, gets, "near: {n} chunks from {first} for {reason:?}");
     }

@@ -6,8 +6,8 @@
 //! runs the appliance's own walk, not a copy of its order of steps.
 //!
 //! A walk asks for the absent chunks of its order in runs of adjacent ones (one ranged
-//! GET each at the basis; a warm-up's from a far store, a few), keeping a window of
-//! runs in flight. A walk that *yields*
+//! GET each at the basis; a warm-up's from a far store, two), keeping a window of runs
+//! in flight. A walk that *yields*
 //! (thickening) steps back to short runs of [`SHARING_RUN_BYTES`] while hosts read
 //! cold data: as many as keep [`SHARING_RATE`] (or the walk's limit, if lower) going
 //! over the time a short run takes ([`sharing_window`]), so a host's miss queues
