@@ -7,13 +7,12 @@
 //!
 //! A walk asks for the absent chunks of its order in runs of adjacent ones (one ranged
 //! GET each at the basis; a warm-up's from a far store, two), keeping a window of runs
-//! in flight. A walk that *yields*
-//! (thickening) steps back to short runs of [`SHARING_RUN_BYTES`] while hosts read
-//! cold data: as many as keep [`SHARING_RATE`] (or the walk's limit, if lower) going
-//! over the time a short run takes ([`sharing_window`]), so a host's miss queues
-//! behind little of it on the link, and a far store gets as much of it as a near one
-//! (up to the bytes the walk keeps in flight alone: its window of long runs, in short
-//! ones).
+//! in flight. A walk that *yields* (thickening) steps back to short runs of
+//! [`SHARING_RUN_BYTES`] while hosts read cold data: as many as keep [`SHARING_RATE`]
+//! (or the walk's limit, if lower) going over the time a short run takes
+//! ([`sharing_window`]), so a host's miss queues behind little of it on the link, and
+//! a far store gets as much of it as a near one (up to the bytes the walk keeps in
+//! flight alone: its window of long runs, in short ones).
 //! A failed run is asked for again up to [`FETCH_RETRIES`] times, backing off; then
 //! the walk fails (the clone stays correct either way: misses still work).
 
