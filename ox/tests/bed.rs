@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
-use bdev::Basis;
 use ox::store::s3::{CredentialSource, S3Config};
 use support::{CHUNK, clone_s3, env, filled_volume, options, read, snapshot_s3};
 
@@ -120,13 +119,8 @@ fn over_a_slow_link_sequential_reads_move_what_they_read_in_few_gets() {
     // A read-ahead's GETs carry up to 16 frames here (2 MiB, but the objects are 1 MiB),
     // or up to 8 (512 KiB) should this machine make a 20 ms link look far (a round trip
     // over ~34 ms); fewer where a batch or an object ends.
-    let far = basis
-        .read_ahead_bytes()
-        .is_some_and(|b| b > ox::basis::FAR_AHEAD_BYTES);
-    assert!(
-        gets * if far { 4 } else { 8 } <= frames,
-        "{gets} GETs for {frames} frames"
-    );
+    let least = if support::from_afar(&basis) { 4 } else { 8 };
+    assert!(gets * least <= frames, "{gets} GETs for {frames} frames");
     let after = bed.served();
     let sent = after.1 - before.1;
     println!(

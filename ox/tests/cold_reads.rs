@@ -95,11 +95,9 @@ fn sequential_reads_travel_in_few_gets_and_lone_misses_in_one_frame() {
     assert!(frames <= read_chunks + 128, "{frames} frames");
     // 32 frames a GET (2 MiB), fewer where a batch or an object ends; 8 (512 KiB) should
     // this machine make loopback look far (a round trip over ~34 ms).
-    let far = basis
-        .read_ahead_bytes()
-        .is_some_and(|b| b > ox::basis::FAR_AHEAD_BYTES);
+    let least = if support::from_afar(&basis) { 4 } else { 8 };
     assert!(
-        gets * if far { 4 } else { 8 } <= frames,
+        gets * least <= frames,
         "{gets} GETs for {frames} frames: adjacent frames travel together"
     );
     assert!(frame_bytes <= frames * (CHUNK + 256), "{frame_bytes} bytes");

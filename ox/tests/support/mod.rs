@@ -272,3 +272,12 @@ impl ox::store::ObjectStore for Hooked<'_> {
         self.inner.delete(keys)
     }
 }
+
+/// Whether `basis` sees its store as far ([`ox::basis::FAR_AHEAD_BYTES`]): its fetches
+/// ahead of hosts then travel in GETs of 512 KiB, not 2 MiB.
+pub fn from_afar(basis: &ox::basis::ObjectBasis) -> bool {
+    use bdev::Basis;
+    basis
+        .read_ahead_bytes()
+        .is_some_and(|b| b > ox::basis::FAR_AHEAD_BYTES)
+}
