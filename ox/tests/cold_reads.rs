@@ -12,7 +12,7 @@ mod support;
 use std::sync::atomic::Ordering;
 
 use bdev::{Basis, Bdev};
-use ox::basis::ObjectBasis;
+use ox::basis::{BACKGROUND_REQUESTS, ObjectBasis};
 use ox::snapshot::load;
 use ox::store::ObjectStore;
 use ox::store::s3::{S3Config, S3Store};
@@ -472,6 +472,83 @@ fn a_clone_loads_its_index_pages_as_it_opens_so_a_first_miss_costs_one_get() {
         "a page not loaded ahead: the page, then the frame"
     );
     assert_eq!(basis.counters().page_gets.load(Ordering::SeqCst), 3);
+}
+
+/// A clone's background fetches have at most [`BACKGROUND_REQUESTS`] GETs in flight on
+/// an OX core, the rest waiting their turn (a far clone's read-ahead keeps reusing a few
+/// warm connections), while a host's misses are not held back. Held and counted at the
+/// server.
+#[test]
+fn background_fetches_wait_their_turn_and_hosts_misses_do_not() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (image, report) = incompressible_snapshot(&env, &config, 44);
+    let (clone, basis) = clone_of(&env, &config, &report.manifest_key, "turns");
+    let faults = &server.faults;
+    // The index page, and a connection for the host.
+    assert!(read(&env, &clone, 0, 4096)[..] == image[..4096]);
+    struct LetGo<'a>(&'a s3server::Faults);
+    impl Drop for LetGo<'_> {
+        fn drop(&mut self) {
+            self.0.let_go.store(true, Ordering::SeqCst);
+        }
+    }
+    let held = |n: usize| {
+        let asked = std::time::Instant::now();
+        while (faults.holding.load(Ordering::SeqCst) as usize) < n {
+            assert!(asked.elapsed() < support::T, "{n} GETs never held at once");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    let check = |answers: &std::sync::mpsc::Receiver<_>, n: usize| {
+        for _ in 0..n {
+            let (chunk, got): (u64, Result<Vec<u8>, bdev::FetchError>) =
+                answers.recv_timeout(support::T).unwrap();
+            let at = (chunk * CHUNK) as usize;
+            assert!(
+                got.unwrap()[..] == image[at..at + CHUNK as usize],
+                "chunk {chunk}"
+            );
+        }
+    };
+    // Chunks apart from each other: a GET each, more of them than the limit.
+    let lone = |from: u64| (0..BACKGROUND_REQUESTS as u64 + 8).map(move |i| from + 16 * i);
+
+    // The background's first GETs held at the server: the rest wait in the client, so
+    // none is answered, however long the host's read beside them takes.
+    let let_go = LetGo(faults);
+    faults
+        .hold_gets
+        .store(BACKGROUND_REQUESTS as u32, Ordering::SeqCst);
+    faults.max_concurrent.store(0, Ordering::SeqCst);
+    let (batch, answers) = answered(lone(1));
+    basis.fetch_batch(batch, bdev::FetchReason::Thickening);
+    held(BACKGROUND_REQUESTS);
+    let at = 1020 * CHUNK;
+    assert!(read(&env, &clone, at, 4096)[..] == image[at as usize..at as usize + 4096]);
+    assert!(
+        answers.try_recv().is_err(),
+        "a background GET past the limit went out"
+    );
+    drop(let_go);
+    check(&answers, BACKGROUND_REQUESTS + 8);
+    assert!(
+        faults.max_concurrent.load(Ordering::SeqCst) as usize <= BACKGROUND_REQUESTS + 1,
+        "more than the limit and the host's read at once"
+    );
+
+    // A host's misses, as many: all at the server at once.
+    faults.let_go.store(false, Ordering::SeqCst);
+    let let_go = LetGo(faults);
+    faults
+        .hold_gets
+        .store(BACKGROUND_REQUESTS as u32 + 8, Ordering::SeqCst);
+    let (batch, answers) = answered(lone(9));
+    basis.fetch_batch(batch, bdev::FetchReason::ClientMiss);
+    held(BACKGROUND_REQUESTS + 8);
+    drop(let_go);
+    check(&answers, BACKGROUND_REQUESTS + 8);
 }
 
 /// A host's miss beside background fetches that hold every connection they opened goes

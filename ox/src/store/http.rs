@@ -2,7 +2,7 @@
 //! rustls (system roots or a custom CA bundle), kept-alive connections reused per
 //! host, and a deadline on every request. It runs on an OX core's local executor.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
@@ -26,6 +26,7 @@ use smol_hyper::rt::FuturesIo;
 use url::Url;
 
 use crate::error::OxError;
+use crate::store::slots::Slots;
 
 /// Largest response body accepted.
 const MAX_BODY: usize = 1 << 30;
@@ -171,6 +172,8 @@ pub struct HttpClient {
     segment: Cell<Option<u32>>,
     /// The quickest answer so far: see [`Self::round_trip`].
     quickest_answer: Cell<Option<Duration>>,
+    /// The most requests in flight at once, if limited ([`Self::limit_requests`]).
+    slots: OnceCell<Slots>,
 }
 
 impl HttpClient {
@@ -189,6 +192,7 @@ impl HttpClient {
             connect_to: None,
             segment: Cell::new(None),
             quickest_answer: Cell::new(None),
+            slots: OnceCell::new(),
         }
     }
 
@@ -228,8 +232,16 @@ impl HttpClient {
             connect_to: self.connect_to,
             segment: Cell::new(self.segment.get()),
             quickest_answer: Cell::new(self.quickest_answer.get()),
+            slots: OnceCell::new(),
         };
         (client, Rc::clone(&self.executor))
+    }
+
+    /// Sends at most `most` requests at once from now on (so opens at most that many
+    /// connections, [`Self::request_fresh`]'s aside): a request past it waits its
+    /// turn, outside its timeout, first come first served. The first limit set stays.
+    pub fn limit_requests(&self, most: usize) {
+        let _ = self.slots.set(Slots::new(most));
     }
 
     /// Connects to `addr` whatever the URLs' hosts resolve to (split-horizon names,
@@ -272,6 +284,10 @@ impl HttpClient {
         body: Bytes,
         fresh: bool,
     ) -> Result<Response, HttpError> {
+        let _slot = match self.slots.get() {
+            Some(slots) => Some(slots.acquire().await),
+            None => None,
+        };
         let exchange = self.exchange(method, url, headers, body, fresh);
         let deadline = async {
             Timer::after(self.timeout).await;

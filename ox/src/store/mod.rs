@@ -9,6 +9,7 @@ pub mod local;
 pub mod retries;
 pub mod s3;
 mod sigv4;
+pub mod slots;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -80,6 +81,13 @@ pub trait ObjectStore {
     /// reader's read-ahead.
     fn round_trip(&self) -> Option<std::time::Duration> {
         None
+    }
+    /// Sends at most `most` requests at once from now on, each past it waiting its turn
+    /// (a store over a network; the first limit set stays): a bulk reader's requests
+    /// then keep reusing a few connections, warm, instead of opening more for each
+    /// burst.
+    fn limit_requests(&self, most: usize) {
+        let _ = most;
     }
     /// Keys starting with `prefix`, sorted.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>>;

@@ -1456,6 +1456,10 @@ impl ObjectStore for S3Store {
         self.http.round_trip()
     }
 
+    fn limit_requests(&self, most: usize) {
+        self.http.limit_requests(most);
+    }
+
     fn list_page<'a>(
         &'a self,
         prefix: &'a str,
