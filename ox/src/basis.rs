@@ -549,18 +549,14 @@ impl Inner {
     }
 }
 
-/// The most requests a basis's background store (read-ahead, thickening, warming) has
-/// in flight on one OX core ([`ObjectStore::limit_requests`]); a host's misses are not
-/// limited. Without a limit a far clone's read-ahead opened connections for each burst
-/// of its window (up to ~45 GETs asked for at once on one core): new ones, whose TCP
-/// windows start small, and more than stay busy, whose windows shrink again while idle
-/// (a server restarts slow start after an idle retransmission timeout), so some of a
-/// window's GETs took three times as long as others and the reader, which takes chunks
-/// in order, waited on them. On Garage at 1 Gbit/s (BENCHMARKS.md), 32 took a cold
-/// sequential read of 512 MiB from 82.7 to 100.4 MB/s at 60 ms (medians of nine) and
-/// from ~73 to ~85 at 100 ms; at 60 ms 24 did as well, 18 a little less (~94), 12 cost
-/// (~75) and 48 gained less (~90). Near stores' windows (a few GETs of 2 MiB) stay
-/// below it.
+/// The most requests a basis's background store (read-ahead, thickening, warming, the
+/// appliance's own reads) has in flight on one OX core, the rest waiting their turn in
+/// the order asked ([`ObjectStore::limit_requests`]); the hosts' store is not limited.
+/// Unlimited, a far clone's read-ahead opened connections for each burst of its window:
+/// new ones, whose TCP windows start small, and more than stay busy, whose windows a
+/// server shrinks again while they idle; some of a window's GETs then took three times
+/// as long as the rest, and the reader, which takes chunks in order, waited on them.
+/// Measured against fewer and more in BENCHMARKS.md (session 31).
 pub const BACKGROUND_REQUESTS: usize = 32;
 
 /// The throttle passes a run's bytes in slices of at most this.

@@ -522,15 +522,19 @@ fn background_fetches_wait_their_turn_and_hosts_misses_do_not() {
         .hold_gets
         .store(BACKGROUND_REQUESTS as u32, Ordering::SeqCst);
     faults.max_concurrent.store(0, Ordering::SeqCst);
+    let requests = || faults.requests.load(Ordering::SeqCst) as usize;
+    let before = requests();
     let (batch, answers) = answered(lone(1));
     basis.fetch_batch(batch, bdev::FetchReason::Thickening);
     held(BACKGROUND_REQUESTS);
     let at = 1020 * CHUNK;
     assert!(read(&env, &clone, at, 4096)[..] == image[at as usize..at as usize + 4096]);
-    assert!(
-        answers.try_recv().is_err(),
-        "a background GET past the limit went out"
+    assert_eq!(
+        requests() - before,
+        BACKGROUND_REQUESTS + 1,
+        "the held GETs and the host's: no background GET past the limit went out"
     );
+    assert!(answers.try_recv().is_err(), "none answered while held");
     drop(let_go);
     check(&answers, BACKGROUND_REQUESTS + 8);
     assert!(

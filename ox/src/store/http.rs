@@ -221,8 +221,9 @@ impl HttpClient {
         self.quickest_answer.get()
     }
 
-    /// A client of the same settings and executor with no connections of its own, and
-    /// that executor: for a request that must outlive the caller (sent from a drop).
+    /// A client of the same settings and executor with no connections of its own (nor
+    /// a limit on its requests), and that executor: for a request that must outlive the
+    /// caller (sent from a drop).
     pub fn detached(&self) -> (Self, Rc<LocalExecutor<'static>>) {
         let client = Self {
             executor: Rc::clone(&self.executor),
