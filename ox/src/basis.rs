@@ -2,8 +2,9 @@
 //! run on OX cores — index page (cached), ranged GET of exactly the chunks' frames,
 //! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
 //! of adjacent chunks travels in ranged GETs of about [`RUN_BYTES`] each (fetches ahead
-//! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`]), all in flight
-//! at once; a lone miss is one GET of one frame.
+//! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`]), all asked for
+//! at once (the background's at most [`BACKGROUND_REQUESTS`] sent at once on an OX
+//! core, the rest in turn); a lone miss is one GET of one frame.
 //! The store's round trip (its quickest answer so far) sizes a sequential reader's
 //! read-ahead ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for
 //! ahead.
@@ -554,7 +555,7 @@ impl Inner {
 /// the order asked ([`ObjectStore::limit_requests`]); the hosts' store is not limited.
 /// Unlimited, a far clone's read-ahead opened connections for each burst of its window:
 /// new ones, whose TCP windows start small, and more than stay busy, whose windows a
-/// server shrinks again while they idle; some of a window's GETs then took three times
+/// server shrinks again while they idle; some of a window's GETs then took several times
 /// as long as the rest, and the reader, which takes chunks in order, waited on them.
 /// Measured against fewer and more in BENCHMARKS.md (session 31).
 pub const BACKGROUND_REQUESTS: usize = 32;
@@ -570,8 +571,7 @@ pub const RUN_BYTES: u64 = 2 << 20;
 /// The same for fetches ahead of hosts (a sequential reader's read-ahead, a new clone's
 /// warm-up) from a far store ([`FAR_AHEAD_BYTES`]): a run's chunks are handed over only
 /// once its whole answer has arrived and decoded, and a sequential reader takes them in
-/// order, so smaller runs reach it sooner and in finer steps, over more connections at
-/// once (whose TCP windows grow together while they are new). Up to four times the
+/// order, so smaller runs reach it sooner and in finer steps. Up to four times the
 /// GETs of [`RUN_BYTES`] (2,048 a GiB of incompressible 64 KiB chunks; a GET carries a
 /// frame at least, so 1 MiB chunks go one a GET instead of two).
 pub const READ_AHEAD_RUN_BYTES: u64 = 512 << 10;

@@ -342,8 +342,8 @@ async fn warm_once(
 }
 
 /// How long a walk's short runs (those asked for beside hosts) take to be answered:
-/// the quickest of all of them. Not a recent one: with its own runs queued on the link
-/// or at the throttle, each run takes longer the more are in flight, and a window
+/// the quickest of all of them. Not a recent one: with its own runs queued on the link,
+/// at the throttle or in the store client's turn, each run takes longer the more are in flight, and a window
 /// worked out from recent times would grow on its own queue. The quickest can only
 /// shrink the window; a store that grows slower later keeps the smaller share, and a
 /// run answered without a GET of its own (its chunks already on their way for a host)

@@ -45,7 +45,8 @@ pub const MOST_READ_AHEAD_BYTES: u64 = 64 << 20;
 /// fetch's bytes count from asking until the reader takes them, over connections whose
 /// TCP windows each carry a share, to a reader that takes them in order: at 1 Gbit/s and
 /// 60 ms, two kept ~14 MB in flight, which carried 79–94 MB/s once the window had grown,
-/// where ~25 MB carried 96–109 (BENCHMARKS.md).
+/// where ~25 MB carried 96–109 (BENCHMARKS.md). (Asked for, not all sent: OX sends a
+/// clone's background GETs at most 32 at once on an OX core, the rest wait in turn.)
 pub const WANTED_ROUND_TRIPS: u64 = 4;
 
 /// The bytes a sequential reader should have asked for ahead of it where the store's

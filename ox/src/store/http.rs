@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 client for object stores: hyper on async-io sockets, TLS through
 //! rustls (system roots or a custom CA bundle), kept-alive connections reused per
-//! host, and a deadline on every request. It runs on an OX core's local executor.
+//! host, a deadline on every request, and, if set, a limit on the requests in flight.
+//! It runs on an OX core's local executor.
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
@@ -178,7 +179,8 @@ pub struct HttpClient {
 
 impl HttpClient {
     /// A client spawning its connection tasks on `executor`. `tls` is needed for
-    /// `https` URLs; `timeout` bounds every request, body included.
+    /// `https` URLs; `timeout` bounds every request once sent, body included (not its
+    /// wait for a turn under [`Self::limit_requests`]).
     pub fn new(
         executor: Rc<LocalExecutor<'static>>,
         tls: Option<Arc<ClientConfig>>,

@@ -9,7 +9,7 @@ pub mod local;
 pub mod retries;
 pub mod s3;
 mod sigv4;
-pub mod slots;
+mod slots;
 
 use std::future::Future;
 use std::pin::Pin;
