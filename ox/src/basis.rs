@@ -359,7 +359,8 @@ impl Inner {
     /// Fetches `batch` (ascending chunks): zero chunks are answered at once; frames
     /// that lie back to back in one object are gathered into runs of at most
     /// [`Inner::run_bytes`] (and [`frames_and_headers`]' room), each one ranged GET, and
-    /// the runs go out at once on this core.
+    /// the runs are all asked for at once on this core (the background's at most
+    /// [`BACKGROUND_REQUESTS`] sent, the rest in turn).
     async fn fetch_batch(
         self: Arc<Self>,
         ex: Rc<LocalExecutor<'static>>,

@@ -574,6 +574,55 @@ mod tests {
 
     use super::*;
 
+    /// A request waiting its turn under [`HttpClient::limit_requests`] is not timed
+    /// out: one request at a time, each answered 2 s after it is read, under a 3 s
+    /// timeout; the third waits ~4 s before it is sent and is still answered, and the
+    /// server reads each once (none timed out and sent again).
+    #[test]
+    fn a_request_waiting_its_turn_is_not_timed_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&read);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { return };
+                let counted = Arc::clone(&counted);
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while s.read_exact(&mut byte).is_ok() {
+                        head.push(byte[0]);
+                        if head.ends_with(b"\r\n\r\n") {
+                            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            head.clear();
+                            // A slow server, not a synchronisation.
+                            std::thread::sleep(Duration::from_secs(2));
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(answer).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let ex = Rc::new(LocalExecutor::new());
+        let client = HttpClient::new(Rc::clone(&ex), None, Duration::from_secs(3));
+        client.limit_requests(1);
+        let url = Url::parse(&format!("http://{addr}/k")).unwrap();
+        let get = || client.request(hyper::Method::GET, &url, &[], Bytes::new());
+        let (a, (b, c)) = futures_lite::future::block_on(ex.run(futures_lite::future::zip(
+            get(),
+            futures_lite::future::zip(get(), get()),
+        )));
+        for answer in [a, b, c] {
+            let answer = answer.expect("answered, not timed out");
+            assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
+        }
+        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
     /// Exchanges a few requests and answers with a server of its own, the requests
     /// written on the socket itself (so only reads go through the wrapper, when
     /// `wrapped`), and says after each answer read whether the socket acknowledges at

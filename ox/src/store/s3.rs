@@ -420,8 +420,10 @@ impl S3Store {
     }
 
     /// The request `presigned` stands for, authenticated as configured: the URL to
-    /// send, and `headers` with what header signing adds (signed at this moment; a
-    /// request's retries reuse it, well inside the 15 minutes S3 allows).
+    /// send, and `headers` with what header signing adds (signed at this moment, so a
+    /// request's retries reuse it within the 15 minutes S3 allows: six attempts of at
+    /// most 30 s and their back-off; a GET, which may wait its turn before each attempt
+    /// on a limited store, is signed again for each).
     fn authorize<'h>(
         &self,
         credentials: &Credentials,
@@ -948,12 +950,15 @@ impl S3Store {
             Some((off, len)) => vec![("range", format!("bytes={off}-{}", off + len - 1))],
             None => vec![],
         };
-        let (url, headers) = self.authorize(&credentials, &Method::GET, url, headers);
         let resp = self
             .with_retries(
                 "GET",
                 key,
                 async || {
+                    // Signed for each attempt: on a limited store each may first wait
+                    // its turn (`HttpClient::limit_requests`), retries at the back.
+                    let (url, headers) =
+                        self.authorize(&credentials, &Method::GET, url.clone(), headers.clone());
                     if fresh {
                         self.http
                             .request_fresh(Method::GET, &url, &headers, Vec::new())
