@@ -215,10 +215,11 @@ impl Thickening {
 }
 
 /// How long the walk waits for any one answer before deciding its reactor is gone:
-/// longer than a fetch from a store that never answers takes to fail (six attempts of
-/// 30 s, each after its turn among the clone's background requests, 32 at once on an OX
-/// core: behind a far read-ahead's ~60, two turns), so such a walk ends with the store's
-/// failure rather than this guess.
+/// longer than a fetch from a store that never answers takes to fail with the default
+/// store settings (six attempts of 30 s and back-off, each after its turn among the
+/// clone's background requests, 32 at once on an OX core: behind a far read-ahead's
+/// ~60, three turns, ~9 minutes in all), so such a walk ends with the store's failure
+/// rather than this guess. A stopped reactor is noticed that much later.
 const FETCH_PATIENCE: Duration = Duration::from_secs(900);
 
 /// How long thickening holds back after a host last waited on the basis.

@@ -148,7 +148,7 @@ fn answered(
     chunks: impl Iterator<Item = u64>,
 ) -> (
     Vec<(u64, bdev::FetchDone)>,
-    std::sync::mpsc::Receiver<(u64, Result<Vec<u8>, bdev::FetchError>)>,
+    std::sync::mpsc::Receiver<Answer>,
 ) {
     let (tx, answers) = std::sync::mpsc::channel();
     let batch = chunks
@@ -163,6 +163,39 @@ fn answered(
     (batch, answers)
 }
 
+/// Takes `n` fetches' answers and checks each chunk against `image`.
+fn answers_right(answers: &std::sync::mpsc::Receiver<Answer>, image: &[u8], n: u64) {
+    for _ in 0..n {
+        let (chunk, got) = answers.recv_timeout(support::T).unwrap();
+        let at = (chunk * CHUNK) as usize;
+        assert!(
+            got.unwrap()[..] == image[at..at + CHUNK as usize],
+            "chunk {chunk}"
+        );
+    }
+}
+
+/// A fetch's answer: its chunk and what came.
+type Answer = (u64, Result<Vec<u8>, bdev::FetchError>);
+
+/// Lets the GETs the test server holds go when dropped, however a test ends.
+struct LetGo<'a>(&'a s3server::Faults);
+
+impl Drop for LetGo<'_> {
+    fn drop(&mut self) {
+        self.0.let_go.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Waits until the test server holds `n` GETs at once.
+fn held(faults: &s3server::Faults, n: u32) {
+    let asked = std::time::Instant::now();
+    while faults.holding.load(Ordering::SeqCst) < n {
+        assert!(asked.elapsed() < support::T, "{n} GETs never held at once");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Asks `basis` for `n` chunks from `first` in one batch for `reason`, checks each
 /// against `image`, and returns the frame GETs they took.
 fn gets_for(
@@ -175,14 +208,7 @@ fn gets_for(
     let before = c.frame_gets.load(Ordering::SeqCst);
     let (batch, answers) = answered(first..first + n);
     basis.fetch_batch(batch, reason);
-    for _ in 0..n {
-        let (chunk, got) = answers.recv_timeout(support::T).unwrap();
-        let at = (chunk * CHUNK) as usize;
-        assert!(
-            got.unwrap()[..] == image[at..at + CHUNK as usize],
-            "chunk {chunk}"
-        );
-    }
+    answers_right(&answers, image, n);
     c.frame_gets.load(Ordering::SeqCst) - before
 }
 
@@ -488,30 +514,6 @@ fn background_fetches_wait_their_turn_and_hosts_misses_do_not() {
     let faults = &server.faults;
     // The index page, and a connection for the host.
     assert!(read(&env, &clone, 0, 4096)[..] == image[..4096]);
-    struct LetGo<'a>(&'a s3server::Faults);
-    impl Drop for LetGo<'_> {
-        fn drop(&mut self) {
-            self.0.let_go.store(true, Ordering::SeqCst);
-        }
-    }
-    let held = |n: usize| {
-        let asked = std::time::Instant::now();
-        while (faults.holding.load(Ordering::SeqCst) as usize) < n {
-            assert!(asked.elapsed() < support::T, "{n} GETs never held at once");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    };
-    let check = |answers: &std::sync::mpsc::Receiver<_>, n: usize| {
-        for _ in 0..n {
-            let (chunk, got): (u64, Result<Vec<u8>, bdev::FetchError>) =
-                answers.recv_timeout(support::T).unwrap();
-            let at = (chunk * CHUNK) as usize;
-            assert!(
-                got.unwrap()[..] == image[at..at + CHUNK as usize],
-                "chunk {chunk}"
-            );
-        }
-    };
     // Chunks apart from each other: a GET each, more of them than the limit.
     let lone = |from: u64| (0..BACKGROUND_REQUESTS as u64 + 8).map(move |i| from + 16 * i);
 
@@ -525,7 +527,7 @@ fn background_fetches_wait_their_turn_and_hosts_misses_do_not() {
     let before = requests();
     let (batch, answers) = answered(lone(1));
     basis.fetch_batch(batch, bdev::FetchReason::Thickening);
-    held(BACKGROUND_REQUESTS);
+    held(faults, BACKGROUND_REQUESTS as u32);
     let at = 1020 * CHUNK;
     assert!(read(&env, &clone, at, 4096)[..] == image[at as usize..at as usize + 4096]);
     assert_eq!(
@@ -535,7 +537,7 @@ fn background_fetches_wait_their_turn_and_hosts_misses_do_not() {
     );
     assert!(answers.try_recv().is_err(), "none answered while held");
     drop(let_go);
-    check(&answers, BACKGROUND_REQUESTS + 8);
+    answers_right(&answers, &image, BACKGROUND_REQUESTS as u64 + 8);
 
     // A host's misses, as many: all at the server at once.
     faults.let_go.store(false, Ordering::SeqCst);
@@ -545,9 +547,9 @@ fn background_fetches_wait_their_turn_and_hosts_misses_do_not() {
         .store(BACKGROUND_REQUESTS as u32 + 8, Ordering::SeqCst);
     let (batch, answers) = answered(lone(9));
     basis.fetch_batch(batch, bdev::FetchReason::ClientMiss);
-    held(BACKGROUND_REQUESTS + 8);
+    held(faults, BACKGROUND_REQUESTS as u32 + 8);
     drop(let_go);
-    check(&answers, BACKGROUND_REQUESTS + 8);
+    answers_right(&answers, &image, BACKGROUND_REQUESTS as u64 + 8);
 }
 
 /// A host's miss beside background fetches that hold every connection they opened goes
@@ -567,24 +569,11 @@ fn a_hosts_miss_beside_busy_background_fetches_opens_no_connection() {
     // Background fetches of chunks far apart (a ranged GET each), held at the server
     // (and let go however this test ends).
     const RUNS: u32 = 4;
-    struct LetGo<'a>(&'a s3server::Faults);
-    impl Drop for LetGo<'_> {
-        fn drop(&mut self) {
-            self.0.let_go.store(true, Ordering::SeqCst);
-        }
-    }
     let let_go = LetGo(faults);
     faults.hold_gets.store(RUNS, Ordering::SeqCst);
     let (batch, answers) = answered((1..=u64::from(RUNS)).map(|i| i * 64));
     basis.fetch_batch(batch, bdev::FetchReason::Thickening);
-    let asked = std::time::Instant::now();
-    while faults.holding.load(Ordering::SeqCst) < RUNS {
-        assert!(
-            asked.elapsed() < support::T,
-            "the background GETs never came"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    held(faults, RUNS);
     let opened = faults.connections.load(Ordering::SeqCst);
 
     // The host's next miss, elsewhere, is answered while they are held, and opened
@@ -601,12 +590,5 @@ fn a_hosts_miss_beside_busy_background_fetches_opens_no_connection() {
 
     // Let go, the background fetches bring their chunks.
     drop(let_go);
-    for _ in 0..RUNS {
-        let (chunk, got) = answers.recv_timeout(support::T).unwrap();
-        let at = (chunk * CHUNK) as usize;
-        assert!(
-            got.unwrap()[..] == image[at..at + CHUNK as usize],
-            "chunk {chunk}"
-        );
-    }
+    answers_right(&answers, &image, u64::from(RUNS));
 }

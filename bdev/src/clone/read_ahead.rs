@@ -7,8 +7,9 @@
 //! its ceiling: it grows as fast as the reader reads, so a short run of sequential
 //! reads asks for little. At the ceiling more is asked for each time a quarter of it
 //! has been read: three quarters of the window to all of it stay asked for (asked for
-//! in halves, it was a half to all: ×0.91 the rate at 1 Gbit/s and 60 ms, BENCHMARKS.md;
-//! not all sent at once, [`WANTED_ROUND_TRIPS`]), in batches the basis fetches in a few requests of adjacent chunks.
+//! in halves, it was a half to all: ×0.91 the rate at 1 Gbit/s and 60 ms,
+//! BENCHMARKS.md; not all sent at once, [`WANTED_ROUND_TRIPS`]), in batches the basis
+//! fetches in a few requests of adjacent chunks.
 //!
 //! A reader that outruns its fetches gets about what is in flight per fetch's time
 //! (asked for in halves, at 60 ms round trips on a server that answers in two, 8 MiB

@@ -575,9 +575,8 @@ mod tests {
     use super::*;
 
     /// A request waiting its turn under [`HttpClient::limit_requests`] is not timed
-    /// out: one request at a time, each answered 2 s after it is read, under a 3 s
-    /// timeout; the third waits ~4 s before it is sent and is still answered, and the
-    /// server reads each once (none timed out and sent again).
+    /// out: one request at a time, each answered 1 s after it is read, under a 3 s
+    /// timeout; the fourth waits ~3 s before it is sent and is still answered.
     #[test]
     fn a_request_waiting_its_turn_is_not_timed_out() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -597,7 +596,7 @@ mod tests {
                             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             head.clear();
                             // A slow server, not a synchronisation.
-                            std::thread::sleep(Duration::from_secs(2));
+                            std::thread::sleep(Duration::from_secs(1));
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if s.write_all(answer).is_err() {
                                 return;
@@ -612,15 +611,14 @@ mod tests {
         client.limit_requests(1);
         let url = Url::parse(&format!("http://{addr}/k")).unwrap();
         let get = || client.request(hyper::Method::GET, &url, &[], Bytes::new());
-        let (a, (b, c)) = futures_lite::future::block_on(ex.run(futures_lite::future::zip(
-            get(),
-            futures_lite::future::zip(get(), get()),
-        )));
-        for answer in [a, b, c] {
+        use futures_lite::future::zip;
+        let ((a, b), (c, d)) =
+            futures_lite::future::block_on(ex.run(zip(zip(get(), get()), zip(get(), get()))));
+        for answer in [a, b, c, d] {
             let answer = answer.expect("answered, not timed out");
             assert_eq!((answer.status, &answer.body[..]), (200, &b"ok"[..]));
         }
-        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 4);
     }
 
     /// Exchanges a few requests and answers with a server of its own, the requests

@@ -421,9 +421,9 @@ impl S3Store {
 
     /// The request `presigned` stands for, authenticated as configured: the URL to
     /// send, and `headers` with what header signing adds (signed at this moment, so a
-    /// request's retries reuse it within the 15 minutes S3 allows: six attempts of at
-    /// most 30 s and their back-off; a GET, which may wait its turn before each attempt
-    /// on a limited store, is signed again for each).
+    /// request's retries reuse it within the 15 minutes S3 allows: with the default
+    /// settings, six attempts of at most 30 s and their back-off; a GET, which may wait
+    /// its turn before each attempt on a limited store, is signed again for each).
     fn authorize<'h>(
         &self,
         credentials: &Credentials,
@@ -955,8 +955,9 @@ impl S3Store {
                 "GET",
                 key,
                 async || {
-                    // Signed for each attempt: on a limited store each may first wait
-                    // its turn (`HttpClient::limit_requests`), retries at the back.
+                    // Signed as each attempt starts, before it waits its turn on a
+                    // limited store (`HttpClient::limit_requests`, retries at the back):
+                    // a signature is as old as one turn's wait when it is sent.
                     let (url, headers) =
                         self.authorize(&credentials, &Method::GET, url.clone(), headers.clone());
                     if fresh {
