@@ -335,7 +335,7 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub empty_pages: Vec<[u64; 2]>,
     /// When encrypted: an HMAC (hex) of `empty_pages` under a key derived from the
-    /// data key ([`empty_pages_tag`]), so only whoever holds the key can declare pages
+    /// data key (`empty_pages_mac`), so only whoever holds the key can declare pages
     /// empty (the checksum below is no secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub empty_pages_tag: Option<String>,

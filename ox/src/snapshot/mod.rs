@@ -267,7 +267,7 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 /// Snapshots the tracked volume `handle` (read and flushed on reactor `on`) into
 /// `store`, incrementally over `parent` if given. Continues the snapshot a restart cut
 /// short, if the volume took one up again and its journal fits. The steps that touch
-/// the volume and the journal follow [`bdev::steps`] (see [`attempt`]).
+/// the volume and the journal follow [`bdev::steps`] (see the `attempt` module).
 pub async fn snapshot_volume(
     store: &dyn ObjectStore,
     on: &ReactorHandle,

@@ -11,7 +11,7 @@
 //! that refuses the credentials themselves (HTTP 403 naming them invalid, expired or not
 //! matching; not a policy's refusal) makes them [`forget`]: the next request asks the
 //! command again (keys revoked or rotated before their expiry). A renewal that fails is
-//! tried again after [`RENEWAL_BACKOFF`] while the current credentials still serve.
+//! tried again after `RENEWAL_BACKOFF` (10 s) while the current credentials still serve.
 //!
 //! The command is run without a shell (the configuration gives its arguments as a
 //! list), with no input, in a process group of its own, on a thread of its own (never
