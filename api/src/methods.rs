@@ -1160,12 +1160,15 @@ pub struct StoreInfo {
 /// A step of a store check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckStep {
-    /// `open`, `list`, `put`, `get`, `listed`, `delete` or `gone`.
+    /// `open`, `list`, `clock`, `put`, `get`, `listed`, `delete` or `gone`.
     pub step: String,
     /// How long it took.
     pub ms: u64,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// What it found besides (`clock`: how far the store's clock is from ours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// What `store_check` answers.

@@ -426,6 +426,7 @@ fn samples() -> Vec<(&'static str, Value)> {
                 step: String::new(),
                 ms: 0,
                 error: None,
+                detail: Some(String::new()),
             }],
         }),
         sample::<StoreCollect>(Collected {

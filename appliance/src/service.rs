@@ -134,6 +134,8 @@ pub struct Job {
     total: AtomicU64,
     bytes: AtomicU64,
     progress: Mutex<Option<Arc<SnapshotProgress>>>,
+    /// A restore's or a verify's progress and cancellation.
+    pass: Option<Arc<ox::hydrate::Pass>>,
     /// The store's retry log, and its count and the time (Unix seconds) when the job
     /// began: the job shows the retries made since.
     retries: Option<(Arc<ox::store::retries::RetryLog>, u64, u64)>,
@@ -164,6 +166,12 @@ impl Job {
                 .store(p.chunks_total.load(Ordering::Relaxed), Ordering::Relaxed);
             self.bytes
                 .store(p.bytes_uploaded.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        if let Some(p) = &self.pass {
+            self.done
+                .store(p.chunks.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.bytes
+                .store(p.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         let outage = self
             .progress
@@ -1241,6 +1249,7 @@ impl Service {
             "snapshot",
             volume,
             Some(Arc::clone(&progress)),
+            None,
             retried.as_ref(),
         );
         // What hosts read since the last snapshot: its clones fetch that first. Given
@@ -1520,6 +1529,7 @@ impl Service {
         kind: &str,
         target: &str,
         progress: Option<Arc<SnapshotProgress>>,
+        pass: Option<Arc<ox::hydrate::Pass>>,
         store: Option<&StoreSpec>,
     ) -> Arc<Job> {
         let retries = match store {
@@ -1542,6 +1552,7 @@ impl Service {
             total: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             progress: Mutex::new(progress),
+            pass,
             retries,
             outcome: Mutex::new(None),
         });
@@ -1597,13 +1608,11 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let Some(p) = progress else {
-            invalid!(
-                "job {id} ({}) cannot be cancelled: only snapshots can",
-                job.kind
-            );
-        };
-        p.cancel();
+        match (progress, &job.pass) {
+            (Some(p), _) => p.cancel(),
+            (None, Some(pass)) => pass.cancel(),
+            (None, None) => invalid!("job {id} ({}) cannot be cancelled", job.kind),
+        }
         Ok(job.info())
     }
 
@@ -2074,18 +2083,23 @@ impl Service {
     }
 
     /// Runs `work` on a thread as a job; its outcome is recorded when it ends.
+    /// Starts `work` on a thread of its own as a job of `kind` on `target`: a restore
+    /// or a verify, which `pass` shows and cancels, reading `store` (whose retries the
+    /// job shows).
     fn spawn_job(
         &self,
         kind: &str,
         target: &str,
-        work: impl FnOnce(&Arc<Job>) -> Result<Value, String> + Send + 'static,
+        store: &StoreSpec,
+        work: impl FnOnce(&Arc<Job>, Arc<ox::hydrate::Pass>) -> Result<Value, String> + Send + 'static,
     ) -> api::Job {
-        let job = self.new_job(kind, target, None, None);
+        let pass = Arc::new(ox::hydrate::Pass::default());
+        let job = self.new_job(kind, target, None, Some(Arc::clone(&pass)), Some(store));
         let j = Arc::clone(&job);
         let spawned = std::thread::Builder::new()
             .name(kind.into())
             .spawn(move || {
-                let outcome = work(&j);
+                let outcome = work(&j, pass);
                 *j.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
             });
         if let Err(e) = spawned {
@@ -2102,36 +2116,42 @@ impl Service {
     pub fn snapshot_verify(self: &Arc<Self>, id: &str) -> anyhow::Result<api::Job> {
         let snap = self.snapshot(id)?;
         let spec = self.store(&snap.store)?.clone();
-        let (keks, cores, key) = (
+        let (keks, cores, key, throttle) = (
             self.settings.keys.clone(),
             Arc::clone(&self.cores),
             snap.manifest_key.clone(),
+            self.settings.throttle.clone(),
         );
-        Ok(self.spawn_job("verify", &snap.id, move |job| {
-            let job = Arc::clone(job);
-            let report = cores
-                .run(move |ex| {
-                    Box::pin(async move {
-                        let store = spec.open(&ex)?;
-                        let loaded = ox::snapshot::load(&*store, &key, &keks).await?;
-                        job.total.store(loaded.manifest.chunks(), Ordering::Relaxed);
-                        ox::hydrate::verify(&*store, &loaded, &job.done).await
+        let volume = snap.volume.clone();
+        Ok(
+            self.spawn_job("verify", &snap.id, &spec.clone(), move |job, pass| {
+                let job = Arc::clone(job);
+                let report = cores
+                    .run(move |ex| {
+                        Box::pin(async move {
+                            let store = spec.open(&ex)?;
+                            let loaded = ox::snapshot::load(&*store, &key, &keks).await?;
+                            job.total.store(loaded.manifest.chunks(), Ordering::Relaxed);
+                            let charge = Some((&throttle, volume.as_str()));
+                            ox::hydrate::verify(&*store, &loaded, charge, &pass).await
+                        })
                     })
-                })
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            let bad: Vec<Value> = report
-                .bad
-                .iter()
-                .map(|(c, why)| json!({"chunk": c, "error": why}))
-                .collect();
-            let result = json!({ "frames": report.frames, "zero_chunks": report.zero, "bad": bad });
-            if bad.is_empty() {
-                Ok(result)
-            } else {
-                Err(format!("{} bad frame(s): {result}", bad.len()))
-            }
-        }))
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let bad: Vec<Value> = report
+                    .bad
+                    .iter()
+                    .map(|(c, why)| json!({"chunk": c, "error": why}))
+                    .collect();
+                let result =
+                    json!({ "frames": report.frames, "zero_chunks": report.zero, "bad": bad });
+                if bad.is_empty() {
+                    Ok(result)
+                } else {
+                    Err(format!("{} bad frame(s): {result}", bad.len()))
+                }
+            }),
+        )
     }
 
     /// Starts restoring a snapshot into a new volume `name` (a full copy); the volume
@@ -2158,13 +2178,16 @@ impl Service {
         let service = Arc::clone(self);
         let spec = self.store(&snap.store)?.clone();
         let name = name.to_string();
-        Ok(self.spawn_job("restore", &name.clone(), move |_job| {
+        Ok(self.spawn_job("restore", &name.clone(), &spec.clone(), move |job, pass| {
             let _reservation = reservation;
+            job.total.store(loaded.manifest.chunks(), Ordering::Relaxed);
             let (dev, on) = (live.bdev.clone(), service.reactors[0].clone());
+            let (throttle, volume) = (service.settings.throttle.clone(), name.clone());
             let copied = service.cores.run(move |ex| {
                 Box::pin(async move {
                     let store = spec.open(&ex)?;
-                    ox::hydrate::restore(&*store, &loaded, &dev, &on).await
+                    let charge = Some((&throttle, volume.as_str()));
+                    ox::hydrate::restore(&*store, &loaded, &dev, &on, charge, &pass).await
                 })
             });
             let discard = |live: LiveVolume, why: String| {
@@ -2628,6 +2651,7 @@ impl Service {
                             name: "open",
                             millis: 0,
                             error: Some(e.to_string()),
+                            detail: None,
                         }],
                     },
                 }
@@ -2640,6 +2664,7 @@ impl Service {
                 step: s.name.to_string(),
                 ms: s.millis,
                 error: s.error.clone(),
+                detail: s.detail.clone(),
             })
             .collect();
         let failed = check.failure();
@@ -2675,7 +2700,7 @@ impl Service {
                         Ok(c) if c.ok => {
                             tracing::info!(
                                 store = %name,
-                                "checked (list, put, get, listed, delete, gone)"
+                                "checked (list, clock, put, get, listed, delete, gone)"
                             );
                         }
                         Ok(c) => {

@@ -562,7 +562,7 @@ impl Inner {
 pub const BACKGROUND_REQUESTS: usize = 32;
 
 /// The throttle passes a run's bytes in slices of at most this.
-const THROTTLE_SLICE: u64 = 256 << 10;
+pub(crate) const THROTTLE_SLICE: u64 = 256 << 10;
 
 /// The stored bytes one ranged GET carries, at most (besides `frames_and_headers`'
 /// room): large enough that a request's fixed cost (a round trip, the server's first

@@ -27,6 +27,10 @@ pub enum OxError {
     /// Bad configuration.
     #[error("invalid object-exchange configuration: {0}")]
     Config(String),
+    /// Stopped because it was asked to (`oxctl job cancel`): says what, and what
+    /// became of it.
+    #[error("{0}")]
+    Cancelled(String),
     /// The object does not exist.
     #[error("object {key:?} not found")]
     NotFound {

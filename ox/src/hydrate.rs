@@ -15,6 +15,10 @@
 //! bandwidth the host leaves, on a far store as on a near one.
 //! It can be paused, resumed and stopped, and reports progress.
 //!
+//! A restore and a verify read the whole snapshot in order, [`PASS_RUNS`] ranged GETs of
+//! adjacent frames at once, charged to the throttle's background bucket; they report
+//! progress and stop at once when cancelled ([`Pass`]).
+//!
 //! A new clone's working set is fetched first ([`warm`]) the same way, as fetches
 //! ahead of hosts (`FetchReason::Prefetch`: from a far store the basis splits each run
 //! into GETs of up to `ox::basis::READ_AHEAD_RUN_BYTES`); while the store is
@@ -28,10 +32,12 @@ use bdev::walk::{Answered, Failure, Now, Walk, sharing_window};
 use bdev::{Bdev, BdevIo, CloneHandle, FetchReason, IoBuf};
 use reactor::ReactorHandle;
 
+use crate::basis::THROTTLE_SLICE;
 use crate::error::OxError;
-use crate::format::PAGE_CHUNKS;
+use crate::format::{Entry, PAGE_CHUNKS};
 use crate::snapshot::Loaded;
 use crate::store::ObjectStore;
+use crate::throttle::{Class, Throttle};
 
 /// Control and progress of a thickening walk.
 #[derive(Debug)]
@@ -567,28 +573,246 @@ pub struct VerifyReport {
     pub bad: Vec<(u64, String)>,
 }
 
+/// Progress and cancellation of a restore or a verify, shared with whoever watches it
+/// (its job).
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// Chunks done (of the manifest's).
+    pub chunks: AtomicU64,
+    /// Bytes fetched from the store.
+    pub bytes: AtomicU64,
+    cancelled: AtomicBool,
+    changed: event_listener::Event,
+}
+
+impl Pass {
+    /// Stops the pass at once: its GETs in flight are dropped and it fails with
+    /// "cancelled".
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Whether it was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// `work`, unless the pass is cancelled first or meanwhile (`work` is dropped then,
+    /// and `what` fails with "cancelled").
+    async fn unless_cancelled<T>(
+        &self,
+        what: &str,
+        work: impl Future<Output = Result<T, OxError>>,
+    ) -> Result<T, OxError> {
+        let cancelled = async {
+            loop {
+                if self.is_cancelled() {
+                    break;
+                }
+                let listener = self.changed.listen();
+                if self.is_cancelled() {
+                    break;
+                }
+                listener.await;
+            }
+            Err(OxError::Cancelled(format!("{what} cancelled")))
+        };
+        futures_lite::future::or(cancelled, work).await
+    }
+}
+
+/// Runs a restore or a verify keeps in flight, each one ranged GET of up to
+/// [`crate::basis::RUN_BYTES`] of frames: 32 MiB asked for at once, as much as a 1 Gbit/s link
+/// carries in a quarter of a second, so a far store's round trip is paid once per
+/// window, not once per chunk (one at a time, a 60 ms store held a restore to about
+/// 1 MB/s).
+pub const PASS_RUNS: usize = 16;
+
+/// A piece of a snapshot a pass handles at once: a run of adjacent chunks whose frames
+/// lie back to back in one object (one ranged GET), or adjacent zero chunks; at most
+/// [`crate::basis::RUN_BYTES`] of chunks either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Frames(Vec<(u64, Entry)>),
+    Zeroes { first: u64, count: u64 },
+}
+
+/// The pieces of index page `page` (its `entries`), in chunk order.
+fn pieces(page: u64, entries: &[Entry], chunk_bytes: u64) -> Vec<Piece> {
+    let most = (crate::basis::RUN_BYTES / chunk_bytes.max(1)).max(1);
+    let mut out: Vec<Piece> = Vec::new();
+    for (i, &entry) in entries.iter().enumerate() {
+        let chunk = page * PAGE_CHUNKS + i as u64;
+        match (out.last_mut(), entry) {
+            (Some(Piece::Zeroes { first, count }), Entry::Zero)
+                if *first + *count == chunk && *count < most =>
+            {
+                *count += 1;
+            }
+            (_, Entry::Zero) => out.push(Piece::Zeroes {
+                first: chunk,
+                count: 1,
+            }),
+            (Some(Piece::Frames(run)), Entry::Frame { .. })
+                if run.len() < most as usize && follows(run, chunk, entry) =>
+            {
+                run.push((chunk, entry));
+            }
+            (_, Entry::Frame { .. }) => out.push(Piece::Frames(vec![(chunk, entry)])),
+        }
+    }
+    out
+}
+
+/// Whether `chunk`'s frame (`entry`) comes right after the run's last, chunk and bytes.
+fn follows(run: &[(u64, Entry)], chunk: u64, entry: Entry) -> bool {
+    let Some(&(
+        last,
+        Entry::Frame {
+            source,
+            object,
+            offset,
+            length,
+        },
+    )) = run.last()
+    else {
+        return false;
+    };
+    let Entry::Frame {
+        source: s,
+        object: o,
+        offset: at,
+        ..
+    } = entry
+    else {
+        return false;
+    };
+    last + 1 == chunk
+        && (s, o) == (source, object)
+        && offset.checked_add(u64::from(length)) == Some(at)
+}
+
+/// Where a pass's GETs are charged: the throttle's background bucket of this volume.
+pub type Charge<'a> = (&'a Throttle, &'a str);
+
+/// Waits for the throttle to pass `bytes` of a pass's GET, a slice at a time.
+async fn charge(to: Option<Charge<'_>>, mut bytes: u64) {
+    let Some((throttle, volume)) = to else {
+        return;
+    };
+    while bytes > 0 {
+        let n = bytes.min(THROTTLE_SLICE);
+        throttle.acquire(volume, Class::Background, n).await;
+        bytes -= n;
+    }
+}
+
+/// The stored bytes of a run of frames.
+fn stored_bytes(run: &[(u64, Entry)]) -> u64 {
+    run.iter()
+        .map(|(_, e)| match e {
+            Entry::Frame { length, .. } => u64::from(*length),
+            Entry::Zero => 0,
+        })
+        .sum()
+}
+
+/// Runs the futures of `jobs` in this task (so they may borrow), at most `most` at
+/// once, started in order; hands each answer to `each` as it comes. Stops at the first
+/// error (`jobs`' or `each`'s), dropping those in flight.
+async fn at_most<T, F>(
+    jobs: impl IntoIterator<Item = F>,
+    most: usize,
+    mut each: impl FnMut(T) -> Result<(), OxError>,
+) -> Result<(), OxError>
+where
+    F: Future<Output = Result<T, OxError>>,
+{
+    let mut jobs = jobs.into_iter();
+    let mut running: Vec<std::pin::Pin<Box<F>>> = Vec::with_capacity(most);
+    loop {
+        while running.len() < most.max(1) {
+            match jobs.next() {
+                Some(job) => running.push(Box::pin(job)),
+                None => break,
+            }
+        }
+        if running.is_empty() {
+            return Ok(());
+        }
+        let answer = std::future::poll_fn(|cx| {
+            for i in 0..running.len() {
+                if let std::task::Poll::Ready(r) = running[i].as_mut().poll(cx) {
+                    drop(running.swap_remove(i));
+                    return std::task::Poll::Ready(r);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        each(answer?)?;
+    }
+}
+
 /// Fetches and checks every frame of the snapshot (its own and those it references),
-/// reporting each bad one instead of stopping at the first; `checked` counts the
-/// chunks examined so far (of `manifest.chunks()`), for progress.
+/// reporting each bad one instead of stopping at the first, with [`PASS_RUNS`] runs of
+/// frames in flight (charged to `charge`, if given); `pass` counts the chunks examined
+/// (of `manifest.chunks()`) and the bytes fetched, and may cancel it.
 pub async fn verify(
     store: &dyn ObjectStore,
     loaded: &Loaded,
-    checked: &std::sync::atomic::AtomicU64,
+    charge_to: Option<Charge<'_>>,
+    pass: &Pass,
+) -> Result<VerifyReport, OxError> {
+    pass.unless_cancelled("verify", verify_all(store, loaded, charge_to, pass))
+        .await
+}
+
+async fn verify_all(
+    store: &dyn ObjectStore,
+    loaded: &Loaded,
+    charge_to: Option<Charge<'_>>,
+    pass: &Pass,
 ) -> Result<VerifyReport, OxError> {
     let m = &loaded.manifest;
     let mut report = VerifyReport::default();
     for page in 0..m.page_count() {
-        let (index, _) = loaded.page(store, page, None).await?;
-        for (i, entry) in index.entries.iter().enumerate() {
-            let chunk = page * PAGE_CHUNKS + i as u64;
-            match loaded.chunk(store, chunk, *entry, None, |_| {}).await {
-                Ok(None) => report.zero += 1,
-                Ok(Some(_)) => report.frames += 1,
-                Err(e) => report.bad.push((chunk, e.to_string())),
+        let (index, n) = loaded.page(store, page, None).await?;
+        pass.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let pieces = pieces(page, &index.entries, u64::from(m.chunk_bytes));
+        let checks = pieces.into_iter().map(|piece| async move {
+            let run = match piece {
+                Piece::Zeroes { count, .. } => return Ok((count, 0, Vec::new())),
+                Piece::Frames(run) => run,
+            };
+            charge(charge_to, stored_bytes(&run)).await;
+            let fetched = |n: usize| {
+                pass.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            };
+            if loaded.run(store, &run, None, fetched).await.is_ok() {
+                return Ok((0, run.len() as u64, Vec::new()));
             }
-            checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+            // Something in the run stays bad: each frame alone, to name which.
+            let mut bad = Vec::new();
+            for &(chunk, entry) in &run {
+                if let Err(e) = loaded.chunk(store, chunk, entry, None, fetched).await {
+                    bad.push((chunk, e.to_string()));
+                }
+            }
+            Ok((0, run.len() as u64 - bad.len() as u64, bad))
+        });
+        at_most(checks, PASS_RUNS, |(zero, frames, bad)| {
+            let examined = zero + frames + bad.len() as u64;
+            report.zero += zero;
+            report.frames += frames;
+            report.bad.extend(bad);
+            pass.chunks.fetch_add(examined, Ordering::Relaxed);
+            Ok(())
+        })
+        .await?;
     }
+    report.bad.sort_by_key(|(chunk, _)| *chunk);
     assert_eq!(
         report.zero + report.frames + report.bad.len() as u64,
         m.chunks(),
@@ -598,12 +822,16 @@ pub async fn verify(
 }
 
 /// Copies the whole snapshot onto `target` (same size), through reactor `on`: every
-/// stored chunk is written, every zero chunk written as zeroes. Returns bytes written.
+/// stored chunk is written, every zero chunk written as zeroes, with [`PASS_RUNS`] runs
+/// of frames in flight (charged to `charge`, if given); `pass` counts the chunks
+/// written and the bytes fetched, and may cancel it. Returns bytes written.
 pub async fn restore(
     store: &dyn ObjectStore,
     loaded: &Loaded,
     target: &Bdev,
     on: &ReactorHandle,
+    charge_to: Option<Charge<'_>>,
+    pass: &Pass,
 ) -> Result<u64, OxError> {
     let m = &loaded.manifest;
     if target.info().size_bytes() != m.volume_bytes {
@@ -614,23 +842,65 @@ pub async fn restore(
             m.volume_bytes
         )));
     }
+    let copy = restore_all(store, loaded, target, on, charge_to, pass);
+    pass.unless_cancelled("restore", copy).await
+}
+
+async fn restore_all(
+    store: &dyn ObjectStore,
+    loaded: &Loaded,
+    target: &Bdev,
+    on: &ReactorHandle,
+    charge_to: Option<Charge<'_>>,
+    pass: &Pass,
+) -> Result<u64, OxError> {
+    let m = &loaded.manifest;
     let block = u64::from(target.block_size());
     let chunk_bytes = u64::from(m.chunk_bytes);
+    // Bytes from `chunk` on, `count` chunks (the last chunk may be short).
+    let span = |chunk: u64, count: u64| {
+        let start = chunk * chunk_bytes;
+        (start + count * chunk_bytes).min(m.volume_bytes) - start
+    };
     let mut written = 0;
     for page in 0..m.page_count() {
-        let (index, _) = loaded.page(store, page, None).await?;
-        for (i, entry) in index.entries.iter().enumerate() {
-            let chunk = page * PAGE_CHUNKS + i as u64;
-            let len = (m.volume_bytes - chunk * chunk_bytes).min(chunk_bytes);
-            let lba = chunk * chunk_bytes / block;
-            let io = match loaded.chunk(store, chunk, *entry, None, |_| {}).await? {
-                Some(data) => BdevIo::write(lba, len / block, vec![IoBuf::from_slice(&data)]),
-                None => BdevIo::write_zeroes(lba, len / block),
+        let (index, n) = loaded.page(store, page, None).await?;
+        pass.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let pieces = pieces(page, &index.entries, chunk_bytes);
+        let copies = pieces.into_iter().map(|piece| async move {
+            let (first, count, io) = match piece {
+                Piece::Zeroes { first, count } => {
+                    let len = span(first, count);
+                    let io = BdevIo::write_zeroes(first * chunk_bytes / block, len / block);
+                    (first, count, io)
+                }
+                Piece::Frames(run) => {
+                    charge(charge_to, stored_bytes(&run)).await;
+                    let fetched = |n: usize| {
+                        pass.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    };
+                    let data = loaded.run(store, &run, None, fetched).await?;
+                    let (first, count) = (run[0].0, run.len() as u64);
+                    let bufs = data.iter().map(|d| IoBuf::from_slice(d)).collect();
+                    let len = span(first, count);
+                    let io = BdevIo::write(first * chunk_bytes / block, len / block, bufs);
+                    (first, count, io)
+                }
             };
             crate::blockio::run(on, target, io).await?;
-            written += len;
-        }
+            Ok((count, span(first, count)))
+        });
+        at_most(copies, PASS_RUNS, |(count, bytes)| {
+            written += bytes;
+            pass.chunks.fetch_add(count, Ordering::Relaxed);
+            Ok(())
+        })
+        .await?;
     }
+    assert_eq!(
+        written, m.volume_bytes,
+        "every byte of the volume written once"
+    );
     Ok(written)
 }
 
@@ -675,5 +945,104 @@ mod tests {
             sharing_window(far, control.limit(), DEFAULT_WINDOW, 64 << 10),
             8
         );
+    }
+
+    fn frame(source: u16, object: u32, offset: u64, length: u32) -> Entry {
+        Entry::Frame {
+            source,
+            object,
+            offset,
+            length,
+        }
+    }
+
+    /// A pass's pieces: frames back to back in one object, chunk after chunk, travel
+    /// together, and zero chunks likewise; another object, a gap in the object, a
+    /// zero chunk between, or the run's size, begins another.
+    #[test]
+    fn a_pass_fetches_frames_back_to_back_together_and_nothing_else() {
+        let entries = [
+            frame(0, 0, 0, 100),
+            frame(0, 0, 100, 100),
+            Entry::Zero,
+            Entry::Zero,
+            frame(0, 0, 200, 100),
+            frame(0, 1, 0, 100),
+            frame(0, 1, 150, 100),
+            frame(1, 1, 250, 100),
+        ];
+        let p = pieces(2, &entries, 64 << 10);
+        let at = 2 * PAGE_CHUNKS;
+        assert_eq!(
+            p,
+            [
+                Piece::Frames(vec![(at, entries[0]), (at + 1, entries[1])]),
+                Piece::Zeroes {
+                    first: at + 2,
+                    count: 2
+                },
+                Piece::Frames(vec![(at + 4, entries[4])]),
+                Piece::Frames(vec![(at + 5, entries[5])]),
+                Piece::Frames(vec![(at + 6, entries[6])]),
+                Piece::Frames(vec![(at + 7, entries[7])]),
+            ]
+        );
+        // Chunks of half a run: two a piece.
+        let half = crate::basis::RUN_BYTES / 2;
+        let entries = [
+            frame(0, 0, 0, 10),
+            frame(0, 0, 10, 10),
+            frame(0, 0, 20, 10),
+            Entry::Zero,
+            Entry::Zero,
+            Entry::Zero,
+        ];
+        let sizes: Vec<usize> = pieces(0, &entries, half)
+            .iter()
+            .map(|p| match p {
+                Piece::Frames(run) => run.len(),
+                Piece::Zeroes { count, .. } => *count as usize,
+            })
+            .collect();
+        assert_eq!(sizes, [2, 1, 2, 1]);
+    }
+
+    /// `at_most` never has more than its limit going at once, runs every job, hands
+    /// every answer over, and stops at the first error.
+    #[test]
+    fn at_most_keeps_its_limit_and_stops_at_the_first_error() {
+        use std::cell::Cell;
+        let (now, most) = (Cell::new(0), Cell::new(0));
+        let job = |i: u32| {
+            let (now, most) = (&now, &most);
+            async move {
+                now.set(now.get() + 1);
+                most.set(most.get().max(now.get()));
+                for _ in 0..i % 3 {
+                    futures_lite::future::yield_now().await;
+                }
+                now.set(now.get() - 1);
+                match i {
+                    13 => Err(OxError::Config("thirteen".into())),
+                    i => Ok(i),
+                }
+            }
+        };
+        let mut seen = Vec::new();
+        let r = futures_lite::future::block_on(at_most((0..10).map(job), 4, |i| {
+            seen.push(i);
+            Ok(())
+        }));
+        assert!(r.is_ok());
+        seen.sort_unstable();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        assert_eq!(most.get(), 4);
+        let mut seen = 0;
+        let r = futures_lite::future::block_on(at_most((0..100).map(job), 4, |_| {
+            seen += 1;
+            Ok(())
+        }));
+        assert!(r.is_err_and(|e| e.to_string().contains("thirteen")));
+        assert!(seen < 17, "{seen} answers taken after the error");
     }
 }

@@ -9,13 +9,16 @@
 mod s3server;
 mod support;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bdev::{Basis, Bdev};
+use bdev::{Basis, Bdev, create_malloc};
 use ox::basis::{BACKGROUND_REQUESTS, ObjectBasis};
+use ox::hydrate::{PASS_RUNS, Pass};
 use ox::snapshot::load;
 use ox::store::ObjectStore;
 use ox::store::s3::{S3Config, S3Store};
+use ox::throttle::{Class, Limit, Throttle};
 use support::{
     CHUNK, Env, clone_s3, env, filled_volume, fresh_volume, options, random, read, snapshot_s3,
     write,
@@ -591,4 +594,181 @@ fn a_hosts_miss_beside_busy_background_fetches_opens_no_connection() {
     // Let go, the background fetches bring their chunks.
     drop(let_go);
     answers_right(&answers, &image, u64::from(RUNS));
+}
+
+/// Runs a verify (`target`: `None`) or a restore onto `target` of snapshot `key` on an
+/// OX core, charged to volume `volume` of `throttle`: the bytes written, or the
+/// frames checked, or why it failed.
+fn pass_over(
+    cores: &Arc<ox::cores::OxCores>,
+    config: &S3Config,
+    (key, kek): (&str, &ox::keys::Kek),
+    target: Option<(&Bdev, &reactor::ReactorHandle)>,
+    (throttle, volume): (&Throttle, &str),
+    pass: &Arc<Pass>,
+) -> Result<u64, ox::OxError> {
+    let (c, key, kek, pass) = (
+        config.clone(),
+        key.to_string(),
+        kek.clone(),
+        Arc::clone(pass),
+    );
+    let target = target.map(|(dev, on)| (dev.clone(), on.clone()));
+    let (throttle, volume) = (throttle.clone(), volume.to_string());
+    cores
+        .run(move |ex| {
+            Box::pin(async move {
+                let store = S3Store::new(c, ex)?;
+                let loaded = load(&store, &key, &[kek]).await?;
+                let charge = Some((&throttle, volume.as_str()));
+                match &target {
+                    Some((dev, on)) => {
+                        ox::hydrate::restore(&store, &loaded, dev, on, charge, &pass).await
+                    }
+                    None => Ok(ox::hydrate::verify(&store, &loaded, charge, &pass)
+                        .await?
+                        .frames),
+                }
+            })
+        })
+        .unwrap()
+}
+
+/// A restore and a verify ask for a snapshot in ranged GETs of 2 MiB of adjacent frames,
+/// [`PASS_RUNS`] at once (a far store's round trip paid once a window, not once a
+/// chunk), within the throttle; cancelled, each stops at once, whatever it waits on (its
+/// GETs held at the server, the throttle).
+#[test]
+fn a_restore_and_a_verify_ask_for_runs_many_at_once_and_stop_when_cancelled() {
+    let env = env();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (image, report) = incompressible_snapshot(&env, &config, 46);
+    let faults = &server.faults;
+    let gets = || faults.gets.load(Ordering::SeqCst);
+    let snap = (report.manifest_key.as_str(), &env.kek);
+    let free = Throttle::default();
+    // Runs never span two objects: at most one GET more than 2 MiB each, per object.
+    let chunks = SIZE / CHUNK;
+    let runs = chunks / ((2 << 20) / CHUNK);
+    let most = runs + report.manifest.objects.len() as u64;
+
+    // Restored whole, in runs (besides the manifest and the index page).
+    let target = create_malloc("restored", 512, SIZE / 512, None).unwrap();
+    let on = env.set.handles()[0].clone();
+    let pass = Arc::new(Pass::default());
+    let before = gets();
+    let written = pass_over(
+        &env.cores,
+        &config,
+        snap,
+        Some((&target, &on)),
+        (&free, "r"),
+        &pass,
+    );
+    assert_eq!(written.unwrap(), SIZE);
+    let took = gets() - before - 2;
+    assert!((runs..=most).contains(&took), "{took} GETs of frames");
+    assert!(
+        read(&env, &target, 0, SIZE) == image,
+        "restored as snapshotted"
+    );
+    assert_eq!(pass.chunks.load(Ordering::SeqCst), chunks);
+    assert!(
+        pass.bytes.load(Ordering::SeqCst) > SIZE,
+        "incompressible, and framed"
+    );
+
+    // Verified the same way.
+    let pass = Arc::new(Pass::default());
+    let before = gets();
+    let frames = pass_over(&env.cores, &config, snap, None, (&free, "v"), &pass);
+    assert_eq!(frames.unwrap(), chunks);
+    let took = gets() - before - 2;
+    assert!((runs..=most).contains(&took), "{took} GETs of frames");
+
+    // Every GET of frames held at the server: PASS_RUNS asked for at once, no more;
+    // cancelled, the verify ends with them still held.
+    faults.let_go.store(false, Ordering::SeqCst);
+    let let_go = LetGo(faults);
+    faults.hold_gets.store(1000, Ordering::SeqCst);
+    let requests = || faults.requests.load(Ordering::SeqCst) as usize;
+    let before = requests();
+    let pass = Arc::new(Pass::default());
+    let (cores, c, p, kek) = (
+        Arc::clone(&env.cores),
+        config.clone(),
+        Arc::clone(&pass),
+        env.kek.clone(),
+    );
+    let key = report.manifest_key.clone();
+    let verifying = std::thread::spawn(move || {
+        pass_over(
+            &cores,
+            &c,
+            (&key, &kek),
+            None,
+            (&Throttle::default(), "v"),
+            &p,
+        )
+    });
+    held(faults, PASS_RUNS as u32);
+    // (The manifest's GET, the index page's, and the runs'.)
+    assert_eq!(
+        requests() - before,
+        2 + PASS_RUNS,
+        "no run past the window went out"
+    );
+    pass.cancel();
+    let e = verifying.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("verify cancelled"), "{e}");
+    assert_eq!(faults.holding.load(Ordering::SeqCst), PASS_RUNS as u32);
+    drop(let_go);
+    faults.hold_gets.store(0, Ordering::SeqCst);
+
+    // Held by the throttle (a byte a second, its first MiB taken): no run is asked for;
+    // cancelled, the restore ends, and its wait is counted.
+    let slow = Throttle::new(Limit::NONE, Limit::per_second(1));
+    assert!(slow.try_acquire("", Class::Background, 1 << 20).is_zero());
+    let pass = Arc::new(Pass::default());
+    let before = gets();
+    let (cores, c, p, kek, key, th) = (
+        Arc::clone(&env.cores),
+        config.clone(),
+        Arc::clone(&pass),
+        env.kek.clone(),
+        report.manifest_key.clone(),
+        slow.clone(),
+    );
+    let target = create_malloc("restored-2", 512, SIZE / 512, None).unwrap();
+    let on = env.set.handles()[0].clone();
+    let restoring = std::thread::spawn(move || {
+        pass_over(
+            &cores,
+            &c,
+            (&key, &kek),
+            Some((&target, &on)),
+            (&th, "r2"),
+            &p,
+        )
+    });
+    // The index page is in: the restore now waits for the throttle (in the same step
+    // of its task; nothing else runs between).
+    let asked = std::time::Instant::now();
+    while pass.bytes.load(Ordering::SeqCst) == 0 {
+        assert!(asked.elapsed() < support::T, "the restore never began");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    pass.cancel();
+    let e = restoring.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("restore cancelled"), "{e}");
+    // The manifest and the index page, and nothing more while the throttle held it.
+    assert_eq!(gets() - before, 2, "no run asked for past the throttle");
+    let waited = slow.waited();
+    assert!(
+        waited
+            .iter()
+            .any(|(v, class, w)| v == "r2" && *class == Class::Background && w.transfers > 0),
+        "{waited:?}"
+    );
 }

@@ -397,7 +397,7 @@ fn damaged_bodies_resets_and_5xx_never_reach_a_host_or_a_published_snapshot() {
             .cores
             .run(move |ex| {
                 Box::pin(async move {
-                    ox::hydrate::verify(&s3(&c, &ex), &loaded, &Default::default()).await
+                    ox::hydrate::verify(&s3(&c, &ex), &loaded, None, &Default::default()).await
                 })
             })
             .unwrap()

@@ -383,10 +383,19 @@ fn a_ranged_get_asks_for_whole_segments_and_returns_what_was_wanted() {
 fn a_store_check_passes_or_names_the_step_and_the_reason() {
     use ox::store::check::check;
     let server = start_server(false);
-    let c = run(async |ex| check(&store(&server, SECRET, &ex).unwrap(), "", "t1").await);
+    let (c, clock) = run(async |ex| {
+        let store = store(&server, SECRET, &ex).unwrap();
+        (check(&store, "", "t1").await, store.server_clock())
+    });
     assert!(c.ok(), "{c:?}");
     let names: Vec<&str> = c.steps.iter().map(|s| s.name).collect();
-    assert_eq!(names, ["list", "put", "get", "listed", "delete", "gone"]);
+    assert_eq!(
+        names,
+        ["list", "clock", "put", "get", "listed", "delete", "gone"]
+    );
+    // The server's clock is this machine's: its offset's bounds hold zero.
+    let (least, most) = clock.expect("the server sends a Date").offset_bounds();
+    assert!(least <= 0.0 && most >= 0.0, "{least} to {most}: {c:?}");
     let left = run(async |ex| store(&server, SECRET, &ex).unwrap().list("").await.unwrap());
     assert!(left.is_empty(), "{left:?}");
 
@@ -417,6 +426,35 @@ fn a_store_check_passes_or_names_the_step_and_the_reason() {
     assert_eq!(failed.name, "list");
     let why = failed.error.as_deref().unwrap_or_default();
     assert!(why.contains("not trusted"), "{why}");
+}
+
+/// A store whose server's clock is past SigV4's 15 minutes from ours, either way,
+/// fails its check at `clock`, saying how far and which way (this server checks
+/// signatures by this machine's clock, so its other steps would pass); within them
+/// the check passes and says how far.
+#[test]
+fn a_store_whose_clock_is_off_fails_its_check_at_the_clock() {
+    use ox::store::check::check;
+    let server = start_server(false);
+    for (offset, words) in [(1800, "ahead of"), (-1800, "behind")] {
+        server.faults.clock_offset_s.store(offset, Ordering::SeqCst);
+        let c = run(async |ex| check(&store(&server, SECRET, &ex).unwrap(), "", "t").await);
+        let failed = c.failure().expect("a clock 30 minutes off fails");
+        assert_eq!(failed.name, "clock", "{c:?}");
+        let why = failed.error.as_deref().unwrap_or_default();
+        // (The Date's whole seconds and the exchange's time blur it by a second or two.)
+        let about = why.contains("29 min") || why.contains("30 min 0 s");
+        assert!(about && why.contains(words), "{why}");
+        assert!(c.steps[0].error.is_none(), "{c:?}");
+    }
+    server.faults.clock_offset_s.store(120, Ordering::SeqCst);
+    let c = run(async |ex| check(&store(&server, SECRET, &ex).unwrap(), "", "t").await);
+    assert!(c.ok(), "{c:?}");
+    let detail = c.steps[1].detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains("at least") && detail.contains("ahead of"),
+        "{detail}"
+    );
 }
 
 /// A connection dropped in the middle of the TLS handshake (a store or a load balancer

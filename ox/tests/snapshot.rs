@@ -519,9 +519,14 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
         .cores
         .run(move |_ex| {
             Box::pin(async move {
-                ox::hydrate::verify(&LocalStore::open(root).unwrap(), &l, &Default::default())
-                    .await
-                    .unwrap()
+                ox::hydrate::verify(
+                    &LocalStore::open(root).unwrap(),
+                    &l,
+                    None,
+                    &Default::default(),
+                )
+                .await
+                .unwrap()
             })
         })
         .unwrap();
@@ -538,9 +543,16 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
         .cores
         .run(move |_ex| {
             Box::pin(async move {
-                ox::hydrate::restore(&LocalStore::open(root).unwrap(), &l, &t, &r)
-                    .await
-                    .unwrap()
+                ox::hydrate::restore(
+                    &LocalStore::open(root).unwrap(),
+                    &l,
+                    &t,
+                    &r,
+                    None,
+                    &Default::default(),
+                )
+                .await
+                .unwrap()
             })
         })
         .unwrap();
@@ -560,9 +572,14 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
         .cores
         .run(move |_ex| {
             Box::pin(async move {
-                ox::hydrate::verify(&LocalStore::open(root).unwrap(), &l, &Default::default())
-                    .await
-                    .unwrap()
+                ox::hydrate::verify(
+                    &LocalStore::open(root).unwrap(),
+                    &l,
+                    None,
+                    &Default::default(),
+                )
+                .await
+                .unwrap()
             })
         })
         .unwrap();

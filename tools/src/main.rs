@@ -1148,9 +1148,10 @@ fn print_human(command: &Command, r: &Value) -> anyhow::Result<()> {
             command: StoreCommand::Check { .. },
         } => {
             for step in typed::<m::StoreCheck>(r)?.steps {
-                let outcome = match &step.error {
-                    None => "ok".to_string(),
-                    Some(e) => format!("FAILED: {e}"),
+                let outcome = match (&step.error, &step.detail) {
+                    (None, None) => "ok".to_string(),
+                    (None, Some(d)) => format!("ok ({d})"),
+                    (Some(e), _) => format!("FAILED: {e}"),
                 };
                 println!("{:<8} {:>7} ms  {outcome}", step.step, step.ms);
             }

@@ -292,7 +292,7 @@ pub async fn patiently<T>(
 /// Resolves, with the error a cancelled snapshot fails with, once it is cancelled.
 async fn cancelled<T>(opts: &SnapshotOptions) -> Result<T, OxError> {
     opts.progress.cancelled().await;
-    Err(OxError::Config(format!(
+    Err(OxError::Cancelled(format!(
         "snapshot of {} cancelled; nothing was published",
         opts.volume_name
     )))

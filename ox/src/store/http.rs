@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_executor::LocalExecutor;
 use async_io::{Async, Timer};
@@ -101,6 +101,36 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// What an answer's `Date` header says of the server's clock beside ours: the date
+/// (whole seconds, as HTTP gives it) and our wall clock when the request was sent and
+/// when its answer's head came. The server stamped the answer between the two, so its
+/// clock's offset from ours lies within [`Self::offset_bounds`] however long the
+/// exchange took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerClock {
+    /// The answer's `Date`.
+    pub date: SystemTime,
+    /// Our wall clock as the request was sent.
+    pub sent: SystemTime,
+    /// Our wall clock as the answer's head came.
+    pub answered: SystemTime,
+}
+
+impl ServerClock {
+    /// The least and the most the server's clock can be ahead of ours, in seconds
+    /// (negative: behind): at some moment of ours in `[sent, answered]` its clock read
+    /// a time in `[date, date + 2 s)` — the date's second, or the one after it where
+    /// the server renders its `Date` once a second and stamps that (hyper does).
+    pub fn offset_bounds(&self) -> (f64, f64) {
+        let secs = |t: SystemTime| match t.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        let (date, sent, answered) = (secs(self.date), secs(self.sent), secs(self.answered));
+        (date - answered, date + 2.0 - sent)
+    }
+}
+
 /// TLS trust: which certificates may vouch for servers.
 #[derive(Debug, Clone)]
 pub enum Trust {
@@ -175,6 +205,8 @@ pub struct HttpClient {
     quickest_answer: Cell<Option<Duration>>,
     /// The most requests in flight at once, if limited ([`Self::limit_requests`]).
     slots: OnceCell<Slots>,
+    /// The latest answer's `Date` beside our clock: see [`Self::server_clock`].
+    clock: Cell<Option<ServerClock>>,
 }
 
 impl HttpClient {
@@ -195,6 +227,7 @@ impl HttpClient {
             segment: Cell::new(None),
             quickest_answer: Cell::new(None),
             slots: OnceCell::new(),
+            clock: Cell::new(None),
         }
     }
 
@@ -223,6 +256,13 @@ impl HttpClient {
         self.quickest_answer.get()
     }
 
+    /// What the latest answer that carried a `Date` (of any status: a refusal's too)
+    /// says of the server's clock, if one has: how a store check tells a clock that
+    /// would have requests refused (SigV4 allows 15 minutes) from a wrong secret.
+    pub fn server_clock(&self) -> Option<ServerClock> {
+        self.clock.get()
+    }
+
     /// A client of the same settings and executor with no connections of its own (nor
     /// a limit on its requests), and that executor: for a request that must outlive the
     /// caller (sent from a drop).
@@ -236,6 +276,7 @@ impl HttpClient {
             segment: Cell::new(self.segment.get()),
             quickest_answer: Cell::new(self.quickest_answer.get()),
             slots: OnceCell::new(),
+            clock: Cell::new(self.clock.get()),
         };
         (client, Rc::clone(&self.executor))
     }
@@ -349,12 +390,25 @@ impl HttpClient {
         let req = req
             .body(Full::new(body))
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
-        let sent = Instant::now();
+        let (sent, sent_wall) = (Instant::now(), SystemTime::now());
         let resp = sender
             .send_request(req)
             .await
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
         let status = resp.status().as_u16();
+        // An unreadable `Date` is not this client's concern: it keeps the reading before.
+        if let Some(date) = resp
+            .headers()
+            .get(hyper::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+        {
+            self.clock.set(Some(ServerClock {
+                date,
+                sent: sent_wall,
+                answered: SystemTime::now(),
+            }));
+        }
         // A 5xx, 408 or 429 may come from something nearer than the server (a proxy, a
         // load balancer) or before the request was read: not a round trip.
         if bodiless && status < 500 && status != 408 && status != 429 {

@@ -82,6 +82,12 @@ pub trait ObjectStore {
     fn round_trip(&self) -> Option<std::time::Duration> {
         None
     }
+    /// What the store's server's clock said in its latest answer that carried a
+    /// `Date`, beside ours ([`http::HttpClient::server_clock`]); `None` for a store
+    /// with no server, or none that has said.
+    fn server_clock(&self) -> Option<http::ServerClock> {
+        None
+    }
     /// Sends at most `most` requests at once from now on, each past it waiting its turn
     /// (a store over a network; the first limit set stays): a bulk reader's requests
     /// then keep reusing a few connections, warm, instead of opening more for each

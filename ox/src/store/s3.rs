@@ -1466,6 +1466,10 @@ impl ObjectStore for S3Store {
         self.http.limit_requests(most);
     }
 
+    fn server_clock(&self) -> Option<super::http::ServerClock> {
+        self.http.server_clock()
+    }
+
     fn list_page<'a>(
         &'a self,
         prefix: &'a str,

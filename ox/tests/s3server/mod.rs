@@ -112,6 +112,10 @@ pub struct Faults {
     pub hold_gets: AtomicU32,
     pub holding: AtomicU32,
     pub let_go: std::sync::atomic::AtomicBool,
+    /// Seconds the `Date` of every answer is ahead of this machine's clock (negative:
+    /// behind), as a server with a clock off would send it (its signature checks keep
+    /// this machine's clock).
+    pub clock_offset_s: std::sync::atomic::AtomicI64,
 }
 
 /// Whether `req`, a PUT with `If-None-Match: *` or `If-Match: ETAG`, finds the object
@@ -540,6 +544,18 @@ async fn respond(
         && let Ok(resp) = &mut result
     {
         resp.headers_mut().remove("x-amz-checksum-crc32c");
+    }
+    let offset = faults.clock_offset_s.load(Ordering::SeqCst);
+    if offset != 0
+        && let Ok(resp) = &mut result
+    {
+        let (now, by) = (
+            std::time::SystemTime::now(),
+            Duration::from_secs(offset.unsigned_abs()),
+        );
+        let date = if offset < 0 { now - by } else { now + by };
+        let date = hyper::header::HeaderValue::from_str(&httpdate::fmt_http_date(date)).unwrap();
+        resp.headers_mut().insert(hyper::header::DATE, date);
     }
     faults.concurrent.fetch_sub(1, Ordering::SeqCst);
     if abort && result.as_ref().is_ok_and(|r| r.status().is_success()) {
