@@ -2082,10 +2082,9 @@ impl Service {
         })
     }
 
-    /// Runs `work` on a thread as a job; its outcome is recorded when it ends.
-    /// Starts `work` on a thread of its own as a job of `kind` on `target`: a restore
-    /// or a verify, which `pass` shows and cancels, reading `store` (whose retries the
-    /// job shows).
+    /// Runs `work` on a thread of its own as a job of `kind` on `target`, its outcome
+    /// recorded when it ends: a restore or a verify, which `pass` shows and cancels,
+    /// reading `store` (whose retries the job shows).
     fn spawn_job(
         &self,
         kind: &str,
@@ -2183,16 +2182,20 @@ impl Service {
             job.total.store(loaded.manifest.chunks(), Ordering::Relaxed);
             let (dev, on) = (live.bdev.clone(), service.reactors[0].clone());
             let (throttle, volume) = (service.settings.throttle.clone(), name.clone());
+            let copying = Arc::clone(&pass);
             let copied = service.cores.run(move |ex| {
                 Box::pin(async move {
                     let store = spec.open(&ex)?;
                     let charge = Some((&throttle, volume.as_str()));
-                    ox::hydrate::restore(&*store, &loaded, &dev, &on, charge, &pass).await
+                    ox::hydrate::restore(&*store, &loaded, &dev, &on, charge, &copying).await
                 })
             });
+            // As a delete forgets a volume: a later one of this name starts afresh.
             let discard = |live: LiveVolume, why: String| {
                 drop(live);
                 service.remove_volume_files(&name);
+                service.target.health().forget(&name);
+                service.settings.throttle.forget(&name);
                 Err(why)
             };
             let written = match copied {
@@ -2201,6 +2204,12 @@ impl Service {
                 Err(e) => return discard(live, e.to_string()),
             };
             let mut inner = service.inner();
+            // Cancelled as the copy ended: not published (a cancel after this point
+            // finds the job done).
+            if pass.is_cancelled() {
+                drop(inner);
+                return discard(live, "restore cancelled".into());
+            }
             if let Some(e) = &record.export
                 && let Err(err) = service.check_export(&inner, e)
             {
@@ -2582,7 +2591,7 @@ impl Service {
     /// it in a listing, delete it, see it gone; see `ox::store::check`): each step with its time, the
     /// first failure with its reason.
     pub fn store_check(&self, name: &str) -> anyhow::Result<api::CheckReport> {
-        self.check_store(name, true)
+        self.check_store(name, true).map(|(report, _)| report)
     }
 
     /// Collects what failed uploads and deleted snapshots left in store `name`, across
@@ -2639,7 +2648,13 @@ impl Service {
 
     /// [`Self::store_check`]; `newest`: its outcome replaces one recorded meanwhile
     /// (else a check at start, finishing late, keeps an operator's newer one).
-    fn check_store(&self, name: &str, newest: bool) -> anyhow::Result<api::CheckReport> {
+    /// Also returns the outcome as the store's listing shows it (the failure named as
+    /// [`ox::store::check::Check::failure`] names it).
+    fn check_store(
+        &self,
+        name: &str,
+        newest: bool,
+    ) -> anyhow::Result<(api::CheckReport, api::LastCheck)> {
         let spec = self.store(name)?.clone();
         let token = uuid::Uuid::new_v4().simple().to_string();
         let check = self.cores.run(move |ex| {
@@ -2676,14 +2691,15 @@ impl Service {
         };
         let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         if newest || !checks.contains_key(name) {
-            checks.insert(name.to_string(), last);
+            checks.insert(name.to_string(), last.clone());
         }
         drop(checks);
-        Ok(api::CheckReport {
+        let report = api::CheckReport {
             store: name.to_string(),
             ok: check.ok(),
             steps,
-        })
+        };
+        Ok((report, last))
     }
 
     /// Checks every configured store in the background and logs the outcome (a wrong
@@ -2697,18 +2713,15 @@ impl Service {
                 names.sort();
                 for name in names {
                     match service.check_store(&name, false) {
-                        Ok(c) if c.ok => {
-                            tracing::info!(
-                                store = %name,
-                                "checked (list, clock, put, get, listed, delete, gone)"
-                            );
+                        Ok((c, _)) if c.ok => {
+                            let steps: Vec<&str> = c.steps.iter().map(|s| s.step.as_str()).collect();
+                            tracing::info!(store = %name, "checked ({})", steps.join(", "));
                         }
-                        Ok(c) => {
-                            let failed = c.steps.iter().find(|s| s.error.is_some());
+                        Ok((_, last)) => {
                             tracing::warn!(
                                 store = %name,
-                                step = %failed.map_or("?", |s| s.step.as_str()),
-                                error = %failed.and_then(|s| s.error.as_deref()).unwrap_or("?"),
+                                step = %last.step.as_deref().unwrap_or("?"),
+                                error = %last.error.as_deref().unwrap_or("?"),
                                 "check failed: snapshots and clones of it will fail until it \
                                  is fixed (oxctl store check)"
                             );

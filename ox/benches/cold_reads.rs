@@ -12,6 +12,11 @@
 //!    cold 4 KiB reads at QD 1 of another clone while a cold sequential read runs;
 //! 4. thickening under a background limit beside a host's cold 4 KiB reads at QD 1.
 //!
+//! `--restore-only N` runs instead, N times, a restore of the snapshot onto a RAM
+//! device as it was done before 2026-12-07 (one chunk at a time, over at most its first
+//! 16 MiB: a far store makes that slow) and as `ox::hydrate::restore` does it, then a
+//! verify: MB/s and GETs at the server of each.
+//!
 //! The volume holds incompressible bytes, so what moves is what is read (as with
 //! s3backer over the same data: `scripts/bench-vs-s3backer`). The test server
 //! (s3s-fs) hashes the whole object on every GET: objects are 1 MiB unless
@@ -24,7 +29,7 @@
 //! this network namespace, by any process).
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
-//!     --read-ahead-mib N --journal 1 --snapshot-only 1 --sequential-only N]
+//!     --read-ahead-mib N --journal 1 --snapshot-only 1 --sequential-only N --restore-only N]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -218,6 +223,11 @@ fn main() {
         if journaled { "checkpointed" } else { "none" },
     );
     if arg("--snapshot-only", 0) == 1 {
+        return;
+    }
+    let rounds = arg("--restore-only", 0);
+    if rounds > 0 {
+        restores(&w, &endpoint, &report.manifest_key, rounds);
         return;
     }
     let rounds = arg("--sequential-only", 0);
@@ -461,4 +471,100 @@ fn frames_per_get(basis: &ObjectBasis) -> f64 {
         / c.frame_gets
             .load(std::sync::atomic::Ordering::Relaxed)
             .max(1) as f64
+}
+
+/// `--restore-only`: one chunk at a time (over at most the first 16 MiB) beside
+/// `ox::hydrate::restore` and `verify`, `rounds` times.
+fn restores(w: &World, endpoint: &str, key: &str, rounds: u64) {
+    use ox::format::{Entry, PAGE_CHUNKS};
+    let size = w.size;
+    println!(
+        "## Restore and verify, {rounds} rounds
+"
+    );
+    println!("| round | how | MiB | MB/s | GETs at the server |");
+    println!("|---|---|---|---|---|");
+    for round in 0..rounds {
+        let target =
+            bdev::create_malloc(&format!("restore-{round}"), 512, size / 512, None).unwrap();
+        // One chunk at a time, as restores went before: a GET, then a write, each.
+        let chunks = (16 << 20).min(size) / CHUNK;
+        let (c, l, t, on) = (w.config.clone(), w.load(key), target.clone(), w.on(0));
+        let before = stats(endpoint);
+        let start = Instant::now();
+        w.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = S3Store::new(c, ex).unwrap();
+                    let (index, _) = l.page(&store, 0, None).await.unwrap();
+                    for chunk in 0..chunks.min(PAGE_CHUNKS) {
+                        let entry = index.entries[chunk as usize];
+                        let io = match l.chunk(&store, chunk, entry, None, |_| {}).await.unwrap() {
+                            Some(d) => bdev::BdevIo::write(
+                                chunk * CHUNK / 512,
+                                CHUNK / 512,
+                                vec![bdev::IoBuf::from_slice(&d)],
+                            ),
+                            None => {
+                                assert_eq!(entry, Entry::Zero);
+                                bdev::BdevIo::write_zeroes(chunk * CHUNK / 512, CHUNK / 512)
+                            }
+                        };
+                        ox::blockio::run(&on, &t, io).await.unwrap();
+                    }
+                })
+            })
+            .unwrap();
+        let took = start.elapsed();
+        let gets = stats(endpoint).1 - before.1;
+        let bytes = chunks * CHUNK;
+        println!(
+            "| {round} | one chunk at a time | {} | {:.1} | {gets} |",
+            bytes >> 20,
+            bytes as f64 / took.as_secs_f64() / 1e6
+        );
+        let (c, l, t, on) = (w.config.clone(), w.load(key), target.clone(), w.on(0));
+        let before = stats(endpoint);
+        let start = Instant::now();
+        w.cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = S3Store::new(c, ex).unwrap();
+                    let pass = ox::hydrate::Pass::default();
+                    ox::hydrate::restore(&store, &l, &t, &on, None, &pass)
+                        .await
+                        .unwrap()
+                })
+            })
+            .unwrap();
+        let took = start.elapsed();
+        println!(
+            "| {round} | ox::hydrate::restore | {} | {:.1} | {} |",
+            size >> 20,
+            size as f64 / took.as_secs_f64() / 1e6,
+            stats(endpoint).1 - before.1
+        );
+        let (c, l) = (w.config.clone(), w.load(key));
+        let before = stats(endpoint);
+        let start = Instant::now();
+        let report = w
+            .cores
+            .run(move |ex| {
+                Box::pin(async move {
+                    let store = S3Store::new(c, ex).unwrap();
+                    let pass = ox::hydrate::Pass::default();
+                    ox::hydrate::verify(&store, &l, None, &pass).await.unwrap()
+                })
+            })
+            .unwrap();
+        let took = start.elapsed();
+        assert!(report.bad.is_empty(), "{:?}", report.bad);
+        println!(
+            "| {round} | ox::hydrate::verify | {} | {:.1} | {} |",
+            size >> 20,
+            size as f64 / took.as_secs_f64() / 1e6,
+            stats(endpoint).1 - before.1
+        );
+    }
+    println!();
 }

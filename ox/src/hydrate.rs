@@ -622,11 +622,62 @@ impl Pass {
     }
 }
 
+/// What tells a restore's pieces to stop: the pass cancelled, or one of them failed.
+/// A piece stops fetching when told, but a write it has sent is waited for: once the
+/// restore returns, its volume's files may be removed.
+struct Halt<'a> {
+    pass: &'a Pass,
+    failed: std::cell::Cell<bool>,
+}
+
+impl<'a> Halt<'a> {
+    fn new(pass: &'a Pass) -> Self {
+        Self {
+            pass,
+            failed: std::cell::Cell::new(false),
+        }
+    }
+
+    /// A piece failed: the others stop.
+    fn fail(&self) {
+        self.failed.set(true);
+        self.pass.changed.notify(usize::MAX);
+    }
+
+    fn halted(&self) -> bool {
+        self.failed.get() || self.pass.is_cancelled()
+    }
+
+    /// `work`, unless told to stop first or meanwhile (`work` is dropped then).
+    async fn unless<T>(
+        &self,
+        work: impl Future<Output = Result<T, OxError>>,
+    ) -> Result<T, OxError> {
+        let halted = async {
+            loop {
+                if self.halted() {
+                    break;
+                }
+                let listener = self.pass.changed.listen();
+                if self.halted() {
+                    break;
+                }
+                listener.await;
+            }
+            // A cancel is what the restore fails with; after another piece's failure,
+            // that failure is (at_most keeps the first).
+            Err(OxError::Cancelled("restore cancelled".into()))
+        };
+        futures_lite::future::or(halted, work).await
+    }
+}
+
 /// Runs a restore or a verify keeps in flight, each one ranged GET of up to
 /// [`crate::basis::RUN_BYTES`] of frames: 32 MiB asked for at once, as much as a 1 Gbit/s link
 /// carries in a quarter of a second, so a far store's round trip is paid once per
 /// window, not once per chunk (one at a time, a 60 ms store held a restore to about
-/// 1 MB/s).
+/// 1 MB/s). Each run holds its answer and its decoded chunks (and a restore its write's
+/// copy) until written: up to ~100 MiB in all.
 pub const PASS_RUNS: usize = 16;
 
 /// A piece of a snapshot a pass handles at once: a run of adjacent chunks whose frames
@@ -719,8 +770,9 @@ fn stored_bytes(run: &[(u64, Entry)]) -> u64 {
 }
 
 /// Runs the futures of `jobs` in this task (so they may borrow), at most `most` at
-/// once, started in order; hands each answer to `each` as it comes. Stops at the first
-/// error (`jobs`' or `each`'s), dropping those in flight.
+/// once, started in order; hands each answer to `each` as it comes. After the first
+/// error (`jobs`' or `each`'s) it starts no more, lets those running end (a job that
+/// must stop then watches for it itself: see [`Halt`]), and returns that error.
 async fn at_most<T, F>(
     jobs: impl IntoIterator<Item = F>,
     most: usize,
@@ -731,15 +783,16 @@ where
 {
     let mut jobs = jobs.into_iter();
     let mut running: Vec<std::pin::Pin<Box<F>>> = Vec::with_capacity(most);
+    let mut failed = None;
     loop {
-        while running.len() < most.max(1) {
+        while failed.is_none() && running.len() < most.max(1) {
             match jobs.next() {
                 Some(job) => running.push(Box::pin(job)),
                 None => break,
             }
         }
         if running.is_empty() {
-            return Ok(());
+            return failed.map_or(Ok(()), Err);
         }
         let answer = std::future::poll_fn(|cx| {
             for i in 0..running.len() {
@@ -751,7 +804,9 @@ where
             std::task::Poll::Pending
         })
         .await;
-        each(answer?)?;
+        if let Err(e) = answer.and_then(&mut each) {
+            failed.get_or_insert(e);
+        }
     }
 }
 
@@ -842,8 +897,8 @@ pub async fn restore(
             m.volume_bytes
         )));
     }
-    let copy = restore_all(store, loaded, target, on, charge_to, pass);
-    pass.unless_cancelled("restore", copy).await
+    // Cancelled, it stops its GETs at once but waits for its writes (see `Halt`).
+    restore_all(store, loaded, target, on, charge_to, pass).await
 }
 
 async fn restore_all(
@@ -862,12 +917,17 @@ async fn restore_all(
         let start = chunk * chunk_bytes;
         (start + count * chunk_bytes).min(m.volume_bytes) - start
     };
+    let halt = Halt::new(pass);
     let mut written = 0;
     for page in 0..m.page_count() {
-        let (index, n) = loaded.page(store, page, None).await?;
+        let (index, n) = halt.unless(loaded.page(store, page, None)).await?;
         pass.bytes.fetch_add(n as u64, Ordering::Relaxed);
         let pieces = pieces(page, &index.entries, chunk_bytes);
-        let copies = pieces.into_iter().map(|piece| async move {
+        let halt = &halt;
+        let copy = |piece: Piece| async move {
+            if halt.halted() {
+                return Err(OxError::Cancelled("restore cancelled".into()));
+            }
             let (first, count, io) = match piece {
                 Piece::Zeroes { first, count } => {
                     let len = span(first, count);
@@ -875,11 +935,15 @@ async fn restore_all(
                     (first, count, io)
                 }
                 Piece::Frames(run) => {
-                    charge(charge_to, stored_bytes(&run)).await;
                     let fetched = |n: usize| {
                         pass.bytes.fetch_add(n as u64, Ordering::Relaxed);
                     };
-                    let data = loaded.run(store, &run, None, fetched).await?;
+                    let data = halt
+                        .unless(async {
+                            charge(charge_to, stored_bytes(&run)).await;
+                            loaded.run(store, &run, None, fetched).await
+                        })
+                        .await?;
                     let (first, count) = (run[0].0, run.len() as u64);
                     let bufs = data.iter().map(|d| IoBuf::from_slice(d)).collect();
                     let len = span(first, count);
@@ -887,8 +951,16 @@ async fn restore_all(
                     (first, count, io)
                 }
             };
+            // Sent, a write is waited for whatever happens meanwhile.
             crate::blockio::run(on, target, io).await?;
             Ok((count, span(first, count)))
+        };
+        let copies = pieces.into_iter().map(|piece| async move {
+            let copied = copy(piece).await;
+            if copied.is_err() {
+                halt.fail();
+            }
+            copied
         });
         at_most(copies, PASS_RUNS, |(count, bytes)| {
             written += bytes;
@@ -1008,20 +1080,24 @@ mod tests {
     }
 
     /// `at_most` never has more than its limit going at once, runs every job, hands
-    /// every answer over, and stops at the first error.
+    /// every answer over; after the first error it starts no more, lets those running
+    /// end, and returns that error.
     #[test]
-    fn at_most_keeps_its_limit_and_stops_at_the_first_error() {
-        use std::cell::Cell;
+    fn at_most_keeps_its_limit_and_ends_on_the_first_error() {
+        use std::cell::{Cell, RefCell};
         let (now, most) = (Cell::new(0), Cell::new(0));
+        let (started, ended) = (RefCell::new(Vec::new()), RefCell::new(Vec::new()));
         let job = |i: u32| {
-            let (now, most) = (&now, &most);
+            let (now, most, started, ended) = (&now, &most, &started, &ended);
             async move {
+                started.borrow_mut().push(i);
                 now.set(now.get() + 1);
                 most.set(most.get().max(now.get()));
                 for _ in 0..i % 3 {
                     futures_lite::future::yield_now().await;
                 }
                 now.set(now.get() - 1);
+                ended.borrow_mut().push(i);
                 match i {
                     13 => Err(OxError::Config("thirteen".into())),
                     i => Ok(i),
@@ -1037,12 +1113,15 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
         assert_eq!(most.get(), 4);
-        let mut seen = 0;
-        let r = futures_lite::future::block_on(at_most((0..100).map(job), 4, |_| {
-            seen += 1;
-            Ok(())
-        }));
+        started.borrow_mut().clear();
+        ended.borrow_mut().clear();
+        let r = futures_lite::future::block_on(at_most((0..100).map(job), 4, |_| Ok(())));
         assert!(r.is_err_and(|e| e.to_string().contains("thirteen")));
-        assert!(seen < 17, "{seen} answers taken after the error");
+        // Started before 13 ended: at most three after it.
+        let (mut started, mut ended) = (started.take(), ended.take());
+        assert!(started.len() <= 17, "{started:?}");
+        started.sort_unstable();
+        ended.sort_unstable();
+        assert_eq!(started, ended, "every job started ran to its end");
     }
 }
