@@ -1610,7 +1610,10 @@ impl Service {
             .clone();
         match (progress, &job.pass) {
             (Some(p), _) => p.cancel(),
-            (None, Some(pass)) => pass.cancel(),
+            (None, Some(pass)) => {
+                // Too late once a restore publishes its volume: answered as it is.
+                let _took = pass.cancel();
+            }
             (None, None) => invalid!("job {id} ({}) cannot be cancelled", job.kind),
         }
         Ok(job.info())
@@ -2204,9 +2207,9 @@ impl Service {
                 Err(e) => return discard(live, e.to_string()),
             };
             let mut inner = service.inner();
-            // Cancelled as the copy ended: not published (a cancel after this point
-            // finds the job done).
-            if pass.is_cancelled() {
+            // Cancelled as the copy ended: not published. Sealed, it is: a cancel from
+            // now on does not take (the job ends done).
+            if !pass.seal() {
                 drop(inner);
                 return discard(live, "restore cancelled".into());
             }

@@ -581,21 +581,39 @@ pub struct Pass {
     pub chunks: AtomicU64,
     /// Bytes fetched from the store.
     pub bytes: AtomicU64,
-    cancelled: AtomicBool,
+    /// [`RUNNING`], [`CANCELLED`] or [`SEALED`]: moved once, from running.
+    state: std::sync::atomic::AtomicU8,
     changed: event_listener::Event,
 }
 
+const RUNNING: u8 = 0;
+const CANCELLED: u8 = 1;
+const SEALED: u8 = 2;
+
 impl Pass {
-    /// Stops the pass at once: its GETs in flight are dropped and it fails with
-    /// "cancelled".
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::SeqCst);
+    /// Stops the pass at once (its GETs in flight are dropped; a restore's writes
+    /// already sent end first) and it fails with "cancelled" — unless it was sealed
+    /// first ([`Self::seal`]): whether the cancel took.
+    pub fn cancel(&self) -> bool {
+        let was =
+            self.state
+                .compare_exchange(RUNNING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst);
         self.changed.notify(usize::MAX);
+        matches!(was, Ok(_) | Err(CANCELLED))
     }
 
     /// Whether it was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::SeqCst)
+        self.state.load(Ordering::SeqCst) == CANCELLED
+    }
+
+    /// Makes its outcome final (a restore about to publish its volume): later cancels
+    /// do not take. False if it was cancelled first.
+    pub fn seal(&self) -> bool {
+        let was = self
+            .state
+            .compare_exchange(RUNNING, SEALED, Ordering::SeqCst, Ordering::SeqCst);
+        was.is_ok()
     }
 
     /// `work`, unless the pass is cancelled first or meanwhile (`work` is dropped then,
@@ -1100,6 +1118,7 @@ mod tests {
                 ended.borrow_mut().push(i);
                 match i {
                     13 => Err(OxError::Config("thirteen".into())),
+                    14 => Err(OxError::Config("fourteen".into())),
                     i => Ok(i),
                 }
             }
@@ -1116,12 +1135,26 @@ mod tests {
         started.borrow_mut().clear();
         ended.borrow_mut().clear();
         let r = futures_lite::future::block_on(at_most((0..100).map(job), 4, |_| Ok(())));
+        // 14 was running when 13 failed, and failed after it: the first is returned.
         assert!(r.is_err_and(|e| e.to_string().contains("thirteen")));
-        // Started before 13 ended: at most three after it.
         let (mut started, mut ended) = (started.take(), ended.take());
+        assert!(started.contains(&14) && ended.ends_with(&[14]), "{ended:?}");
+        // Started before 13 ended: at most three after it.
         assert!(started.len() <= 17, "{started:?}");
         started.sort_unstable();
         ended.sort_unstable();
         assert_eq!(started, ended, "every job started ran to its end");
+    }
+
+    /// A pass moves once: cancelled, it cannot be sealed; sealed, a cancel does not
+    /// take (and says so); a second cancel still reports the first.
+    #[test]
+    fn a_pass_is_cancelled_or_sealed_never_both() {
+        let p = Pass::default();
+        assert!(p.cancel() && p.cancel() && p.is_cancelled());
+        assert!(!p.seal());
+        let p = Pass::default();
+        assert!(p.seal());
+        assert!(!p.cancel() && !p.is_cancelled());
     }
 }

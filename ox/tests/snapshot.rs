@@ -522,7 +522,19 @@ fn a_volume_whose_last_chunk_is_short_restores_whole() {
         write(&env, &vol, 0, &data);
         let s = snapshot(&env, &handle, None, Throttle::default());
         let loaded = load_snapshot(&env, &s.manifest_key);
+        let (root, l) = (env.root.clone(), load_snapshot(&env, &s.manifest_key));
+        let (index, _) = env
+            .cores
+            .run(move |_ex| {
+                Box::pin(async move { l.page(&LocalStore::open(root).unwrap(), 0, None).await })
+            })
+            .unwrap()
+            .unwrap();
+        let zero = |c: usize| index.entries[c] == Entry::Zero;
+        assert!(zero(1) && zero(2) && !zero(3) && zero(64) != last_stored);
+        // A target not zero to begin with: zero chunks must be written.
         let target = create_malloc("restored", 512, size / 512, None).unwrap();
+        write(&env, &target, 0, &vec![0xff; size as usize]);
         let (root, t, r) = (
             env.root.clone(),
             target.clone(),
@@ -547,6 +559,109 @@ fn a_volume_whose_last_chunk_is_short_restores_whole() {
             "last stored: {last_stored}"
         );
     }
+}
+
+thread_local! {
+    /// Writes `HeldWrites` holds on this reactor: completed by `let_writes_go`.
+    static HELD: std::cell::RefCell<Vec<bdev::IoDone>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A device that holds every write until let go, counting those it holds.
+struct HeldWrites(Arc<std::sync::atomic::AtomicU32>);
+
+struct HeldChannel(Arc<std::sync::atomic::AtomicU32>);
+
+impl bdev::BdevBackend for HeldWrites {
+    fn supports(&self, io_type: bdev::IoType) -> bool {
+        matches!(io_type, bdev::IoType::Write | bdev::IoType::WriteZeroes)
+    }
+    fn create_channel(
+        &self,
+        _: &bdev::BdevInfo,
+    ) -> Result<Box<dyn bdev::BackendChannel>, bdev::BdevError> {
+        Ok(Box::new(HeldChannel(Arc::clone(&self.0))))
+    }
+}
+
+impl bdev::BackendChannel for HeldChannel {
+    fn submit(&self, _io: bdev::BdevIo, done: bdev::IoDone) {
+        HELD.with(|h| h.borrow_mut().push(done));
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Completes (as written) every write `HeldWrites` holds on reactor `on`.
+fn let_writes_go(on: &reactor::ReactorHandle) {
+    on.send(|| {
+        for done in HELD.with(|h| h.take()) {
+            done.complete(bdev::IoCompletion {
+                bufs: Vec::new(),
+                result: Ok(()),
+            });
+        }
+    })
+    .unwrap();
+}
+
+/// A restore one of whose GETs fails stops asking, but returns — with that failure,
+/// not "cancelled" — only once the writes it sent have ended: its caller removes the
+/// volume's files next, and no write may land after.
+#[test]
+fn a_failed_restore_returns_only_once_its_writes_have_ended() {
+    let env = env();
+    let size = 4 << 20;
+    let (vol, handle) = fresh_volume(size);
+    write(&env, &vol, 0, &random(size as usize, 14));
+    let s = snapshot(&env, &handle, None, Throttle::default());
+    assert!(s.manifest.objects.len() >= 3, "{:?}", s.manifest.objects);
+    // The last object is gone: its run fails, the others' are written (and held).
+    let last = s.manifest.objects.last().unwrap();
+    std::fs::remove_file(env.root.join(last)).unwrap();
+    let loaded = load_snapshot(&env, &s.manifest_key);
+    let held = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let info = bdev::BdevInfo {
+        name: "held".into(),
+        block_size: 512,
+        num_blocks: size / 512,
+        uuid: uuid::Uuid::new_v4(),
+    };
+    let target = bdev::Bdev::new(info, HeldWrites(Arc::clone(&held))).unwrap();
+    let on = env.set.handles()[0].clone();
+    let (root, t, r, cores) = (env.root.clone(), target, on.clone(), Arc::clone(&env.cores));
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let back = Arc::clone(&returned);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let restored = cores.run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                let pass = ox::hydrate::Pass::default();
+                let r = ox::hydrate::restore(&store, &loaded, &t, &r, None, &pass).await;
+                // On the OX core, in the step the restore returned in.
+                back.store(true, Ordering::SeqCst);
+                r
+            })
+        });
+        tx.send(restored.unwrap()).unwrap();
+    });
+    // Runs before the missing object's have been fetched and their writes sent.
+    let asked = std::time::Instant::now();
+    while held.load(Ordering::SeqCst) == 0 {
+        assert!(asked.elapsed() < T, "no write sent");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The missing object failed in the step that sent those writes (the local store
+    // answers at once), so that step has ended once a job queued after it has run
+    // on the (one) OX core: the restore still waits for its writes.
+    env.cores.run(|_ex| Box::pin(async {})).unwrap();
+    assert!(
+        !returned.load(Ordering::SeqCst),
+        "the restore returned with {} writes still held",
+        held.load(Ordering::SeqCst)
+    );
+    let_writes_go(&on);
+    let e = rx.recv_timeout(T).unwrap().unwrap_err();
+    assert!(matches!(e, ox::OxError::NotFound { .. }), "{e}");
 }
 
 #[test]
