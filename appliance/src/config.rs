@@ -172,11 +172,13 @@ pub struct StoreSection {
     pub bucket: Option<String>,
     /// s3: region (default "us-east-1").
     pub region: Option<String>,
-    /// s3: "env" (AWS_* variables, the default), "file" (shared credentials file,
-    /// `profile`), "process" (what `credential_process` prints), or "static" with
-    /// `access_key`/`secret_key_file`.
+    /// s3: "chain" (the AWS credential chain: the environment, then the shared
+    /// credentials file's `profile`, then the config file's; the default), "env" (AWS_*
+    /// variables), "file" (shared credentials file, `profile`), "process" (what
+    /// `credential_process` prints), or "static" with `access_key`/`secret_key_file`.
     pub credentials: Option<String>,
-    /// s3: profile for credentials = "file".
+    /// s3: profile for credentials = "file" or "chain" (default: AWS_PROFILE, else
+    /// "default").
     pub profile: Option<String>,
     /// s3: for credentials = "process", the program and its arguments (run without a
     /// shell) printing credentials as the AWS SDKs' `credential_process` does.
@@ -799,7 +801,15 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
                 .parse()
                 .context("endpoint is not a URL")?;
             let bucket = need(&s.bucket, "bucket")?;
-            let credentials = match s.credentials.as_deref().unwrap_or("env") {
+            let credentials = match s.credentials.as_deref().unwrap_or("chain") {
+                "chain" => {
+                    let env = |k: &str| std::env::var(k).ok();
+                    let (source, at) =
+                        ox::store::credential_chain::resolve(s.profile.as_deref(), env)
+                            .context("credentials")?;
+                    tracing::info!(store = %s.name, "credentials from {at}");
+                    source
+                }
                 "env" => CredentialSource::Environment,
                 "file" => CredentialSource::SharedFile {
                     profile: s.profile.clone().unwrap_or_else(|| "default".into()),
@@ -826,7 +836,9 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
                         "credentials = \"process\" needs credential_process = [\"program\", \"args\"...]"
                     ),
                 },
-                other => bail!("credentials {other:?} is not env, file, process or static"),
+                other => {
+                    bail!("credentials {other:?} is not chain, env, file, process or static")
+                }
             };
             // Resolve now: missing credentials fail the start, naming the store (a
             // command is run once here, and its answer kept for the first requests).

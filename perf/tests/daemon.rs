@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 
 use serde_json::Value;
 use support::{
-    Ctl, KillOnDrop, bin, free_port, http_get, ok_json, oxperf, run, s3_store, start_oxd, verified,
-    write_private,
+    Ctl, KillOnDrop, bin, free_port, http_get, ok_json, oxperf, run, s3_store, start_oxd,
+    start_oxd_with, verified, write_private,
 };
 
 #[test]
@@ -607,6 +607,65 @@ fn local_appliance(
 
 /// `oxctl store check`: a local store and the S3 test server pass every step; a store
 /// with a wrong secret fails naming the step and the reason, and oxctl exits non-zero.
+/// A store whose `[[store]]` says nothing of credentials takes them from the AWS
+/// credential chain: here, with no AWS_* keys in oxd's environment and no shared
+/// credentials file, the config file's `credential_process` (a path with a space in
+/// it, quoted as a shell would), and its check passes.
+#[test]
+fn a_store_without_credentials_takes_them_from_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = s3server::start_server(false);
+    let config = server.client_config();
+    let (block, access_key) = s3_store(&config, d, "s3");
+    let ox::store::s3::CredentialSource::Static { secret_key, .. } = &config.credentials else {
+        panic!("the test server has static credentials")
+    };
+    let block: String = block
+        .lines()
+        .filter(|l| {
+            !["credentials", "access_key", "secret_key_file"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tools = d.join("my tools");
+    std::fs::create_dir(&tools).unwrap();
+    let script = tools.join("creds.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho '{{\"Version\": 1, \"AccessKeyId\": \"{access_key}\", \
+             \"SecretAccessKey\": \"{secret_key}\"}}'\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let aws_config = d.join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!("[default]\ncredential_process = \"{}\"\n", script.display()),
+    )
+    .unwrap();
+    let (oxd_config, ctl) = local_appliance(d, free_port(), "", &block);
+    let home = d.display().to_string();
+    let aws_config = aws_config.display().to_string();
+    let _oxd = start_oxd_with(
+        &oxd_config,
+        &[
+            ("HOME", Some(&home)),
+            ("AWS_CONFIG_FILE", Some(&aws_config)),
+            ("AWS_ACCESS_KEY_ID", None),
+            ("AWS_SECRET_ACCESS_KEY", None),
+            ("AWS_SHARED_CREDENTIALS_FILE", None),
+            ("AWS_PROFILE", None),
+        ],
+    );
+    let c = ctl.ok(&["store", "check", "s3"]);
+    assert_eq!(c["ok"], true, "{c}");
+}
+
 #[test]
 fn a_store_check_names_the_failing_step_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 //! executor, never on a reactor.
 
 pub mod check;
+pub mod credential_chain;
 pub mod credential_process;
 pub mod http;
 pub mod local;

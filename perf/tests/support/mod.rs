@@ -45,7 +45,19 @@ impl Drop for Oxd {
 /// passed through, and its stdout too when `OXD_ECHO` is set; it is killed when
 /// dropped).
 pub fn start_oxd(config: &Path) -> Oxd {
-    let mut child = Command::new(bin("oxd"))
+    start_oxd_with(config, &[])
+}
+
+/// [`start_oxd`] with these environment variables set (`Some`) or removed (`None`).
+pub fn start_oxd_with(config: &Path, env: &[(&str, Option<&str>)]) -> Oxd {
+    let mut command = Command::new(bin("oxd"));
+    for (k, v) in env {
+        match v {
+            Some(v) => command.env(k, v),
+            None => command.env_remove(k),
+        };
+    }
+    let mut child = command
         .arg("--config")
         .arg(config)
         .stdout(Stdio::piped())
