@@ -606,7 +606,8 @@ fn local_appliance(
 }
 
 /// `oxctl store check`: a local store and the S3 test server pass every step; a store
-/// with a wrong secret fails naming the step and the reason, and oxctl exits non-zero.
+/// with a wrong secret fails naming the step and the reason, and oxctl exits non-zero;
+/// a snapshot into it fails at once with the refusal.
 /// A store whose `[[store]]` says nothing of credentials takes them from the AWS
 /// credential chain: here, with no AWS_* keys in oxd's environment and no shared
 /// credentials file, the config file's `credential_process` (a path with a space in
@@ -739,6 +740,19 @@ fn a_store_check_names_the_failing_step_and_the_reason() {
         err.contains("failed its check at \"list\"") && err.contains("403"),
         "{err}"
     );
+    // A snapshot into it fails at once with the store's refusal: not sent again, nor
+    // waited out as an outage would be (ten minutes).
+    ctl.ok(&["volume", "create", "v", "--size-mib", "4"]);
+    let out = ctl.call(&["snapshot", "create", "v", "--store", "bad"]);
+    assert!(!out.status.success(), "a failed snapshot fails oxctl");
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+    let why = job["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("refused by the store") && why.contains("403"),
+        "{job}"
+    );
+    assert_eq!(job["retries"], 0, "{job}");
 }
 
 /// A volume file cut short and a clone copy cut short while oxd was stopped: at the
