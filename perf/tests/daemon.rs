@@ -605,9 +605,6 @@ fn local_appliance(
     (config, ctl)
 }
 
-/// `oxctl store check`: a local store and the S3 test server pass every step; a store
-/// with a wrong secret fails naming the step and the reason, and oxctl exits non-zero;
-/// a snapshot into it fails at once with the refusal.
 /// A store whose `[[store]]` says nothing of credentials takes them from the AWS
 /// credential chain: here, with no AWS_* keys in oxd's environment and no shared
 /// credentials file, the config file's `credential_process` (a path with a space in
@@ -667,6 +664,9 @@ fn a_store_without_credentials_takes_them_from_the_chain() {
     assert_eq!(c["ok"], true, "{c}");
 }
 
+/// `oxctl store check`: a local store and the S3 test server pass every step; a store
+/// with a wrong secret fails naming the step and the reason, and oxctl exits non-zero;
+/// a snapshot into it fails at once with the refusal.
 #[test]
 fn a_store_check_names_the_failing_step_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();

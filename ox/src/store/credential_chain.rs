@@ -1,15 +1,19 @@
 //! The AWS credential chain, as the SDKs walk it by default, for the sources this
 //! appliance reads: the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-//! `AWS_SESSION_TOKEN`), then the shared credentials file's profile, then the shared
-//! config file's profile (its keys, or its `credential_process`). The first source that
-//! holds credentials is the store's from then on, as an SDK keeps the provider that
-//! answered; none holding any is an error naming every place looked at.
+//! `AWS_SESSION_TOKEN`; skipped when the store names its `profile`, as an explicit
+//! profile is with the AWS CLI), then the profile in the shared credentials file, then
+//! in the config file — in each, its `credential_process` or its keys. The first
+//! source that holds credentials is the store's from then on, as an SDK keeps the
+//! provider that answered; none holding any is an error naming every place looked at.
 //!
-//! The profile is the one asked for, else `AWS_PROFILE`, else `default`. The files are
-//! `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE`, else `~/.aws/credentials` and
-//! `~/.aws/config`; a file that does not exist is passed over, one that cannot be read
-//! or parsed is an error. The environment is read through a function so that tests
-//! need not change the process's.
+//! The profile is the one asked for, else `AWS_PROFILE`, else `default` (in the config
+//! file `[profile NAME]`, and for the default `[profile default]` or `[default]`). The
+//! files are `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` (a leading `~/` is
+//! the home directory), else `~/.aws/credentials` and `~/.aws/config`; a file that does
+//! not exist is passed over, one that cannot be read or parsed is an error, as is a
+//! profile (or an environment) with one key and not the other. Empty values count as
+//! unset. The environment is read through a function so that tests need not change
+//! the process's.
 
 use std::path::PathBuf;
 
@@ -17,77 +21,95 @@ use super::s3::CredentialSource;
 use crate::error::OxError;
 
 /// The first source of the chain that holds credentials, and where it was found (for
-/// the log: never a secret). `profile`: the profile asked for in the configuration.
+/// the log: never a secret). `profile`: the profile the store's configuration names.
 pub fn resolve(
     profile: Option<&str>,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<(CredentialSource, String), OxError> {
     let set = |name: &str| env(name).filter(|v| !v.is_empty());
-    if set("AWS_ACCESS_KEY_ID").is_some() && set("AWS_SECRET_ACCESS_KEY").is_some() {
-        return Ok((CredentialSource::Environment, "the environment".into()));
+    let mut looked = Vec::new();
+    if profile.is_none() {
+        match (set("AWS_ACCESS_KEY_ID"), set("AWS_SECRET_ACCESS_KEY")) {
+            (Some(_), Some(_)) => {
+                return Ok((CredentialSource::Environment, "the environment".into()));
+            }
+            (None, None) => looked.push("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into()),
+            _ => {
+                return Err(OxError::Config(
+                    "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set".into(),
+                ));
+            }
+        }
     }
     let profile = profile
         .map(str::to_string)
         .or_else(|| set("AWS_PROFILE"))
         .unwrap_or_else(|| "default".into());
-    let home = || set("HOME").map(PathBuf::from);
-    let file = |var: &str, under_home: &str| {
-        set(var)
-            .map(PathBuf::from)
-            .or_else(|| home().map(|h| h.join(under_home)))
-    };
-    let mut looked = vec!["AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".to_string()];
-    if let Some(path) = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials") {
-        if let Some(ini) = read_ini(&path)?
-            && has_keys(ini.section(Some(profile.as_str())))
-        {
-            let source = CredentialSource::SharedFile {
-                profile: profile.clone(),
-            };
-            return Ok((source, format!("{} [{profile}]", path.display())));
-        }
-        looked.push(format!("{} [{profile}]", path.display()));
-    }
-    if let Some(path) = file("AWS_CONFIG_FILE", ".aws/config") {
-        // The config file names a profile `[profile NAME]`, but the default `[default]`.
-        let section = match profile.as_str() {
-            "default" => "default".to_string(),
-            other => format!("profile {other}"),
-        };
-        if let Some(ini) = read_ini(&path)? {
-            let at = format!("{} [{section}]", path.display());
-            let found = ini.section(Some(section.as_str()));
-            if let Some(line) = found.and_then(|s| s.get("credential_process")) {
-                let command = shell_words(line)
-                    .map_err(|why| OxError::Config(format!("{at}: credential_process: {why}")))?;
-                if command.is_empty() {
-                    return Err(OxError::Config(format!(
-                        "{at}: credential_process is empty"
-                    )));
-                }
+    let home = set("HOME");
+    let file = |var: &str, under_home: &str| aws_file(&env, var, under_home);
+    if let Some(path) = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials")
+        && let Some(ini) = read_ini(&path)?
+    {
+        let at = format!("{} [{profile}]", path.display());
+        let section = ini.section(Some(profile.as_str()));
+        match from_section(section, &at)? {
+            Some(Found::Process(command)) => {
                 return Ok((CredentialSource::Process { command }, at));
             }
-            let key = |k: &str| {
-                let v = found.and_then(|s| s.get(k)).map(str::trim);
-                v.filter(|v| !v.is_empty()).map(str::to_string)
-            };
-            if let (Some(access_key), Some(secret_key)) =
-                (key("aws_access_key_id"), key("aws_secret_access_key"))
-            {
-                if key("aws_session_token").is_some() {
-                    return Err(OxError::Config(format!(
-                        "{at}: a session token in the config file is not read; put the \
-                         profile in the shared credentials file"
-                    )));
-                }
+            Some(Found::Keys { .. }) => {
+                return Ok((CredentialSource::SharedFile { profile }, at));
+            }
+            None => looked.push(at),
+        }
+    } else if let Some(path) = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials") {
+        looked.push(format!("{} (none)", path.display()));
+    }
+    if let Some(path) = file("AWS_CONFIG_FILE", ".aws/config")
+        && let Some(ini) = read_ini(&path)?
+    {
+        // `[profile NAME]` (blanks between the words as they come); the default may
+        // also be `[default]`.
+        let named = ini.iter().find_map(|(name, props)| {
+            let words: Vec<&str> = name?.split_whitespace().collect();
+            (words == ["profile", profile.as_str()]).then_some(props)
+        });
+        let section = named.or_else(|| {
+            (profile == "default")
+                .then(|| ini.section(Some("default")))
+                .flatten()
+        });
+        let at = match (named, profile.as_str()) {
+            (None, "default") => format!("{} [default]", path.display()),
+            _ => format!("{} [profile {profile}]", path.display()),
+        };
+        match from_section(section, &at)? {
+            Some(Found::Process(command)) => {
+                return Ok((CredentialSource::Process { command }, at));
+            }
+            Some(Found::Keys {
+                access_key,
+                secret_key,
+                token: None,
+            }) => {
                 let source = CredentialSource::Static {
                     access_key,
                     secret_key,
                 };
                 return Ok((source, at));
             }
+            Some(Found::Keys { token: Some(_), .. }) => {
+                return Err(OxError::Config(format!(
+                    "{at}: a session token in the config file is not read; put the profile \
+                     in the shared credentials file"
+                )));
+            }
+            None => looked.push(at),
         }
-        looked.push(format!("{} [{section}]", path.display()));
+    } else if let Some(path) = file("AWS_CONFIG_FILE", ".aws/config") {
+        looked.push(format!("{} (none)", path.display()));
+    }
+    if home.is_none() {
+        looked.push("not ~/.aws (HOME is not set)".into());
     }
     Err(OxError::Config(format!(
         "no credentials in the chain: looked at {}",
@@ -95,13 +117,65 @@ pub fn resolve(
     )))
 }
 
-/// Whether a profile's section holds both keys.
-fn has_keys(section: Option<&ini::Properties>) -> bool {
-    section.is_some_and(|s| {
-        ["aws_access_key_id", "aws_secret_access_key"]
-            .iter()
-            .all(|k| s.get(k).is_some_and(|v| !v.trim().is_empty()))
-    })
+/// The file `var` names (a leading `~/` the home directory), else `under_home` in the
+/// home directory; `None` with neither.
+pub fn aws_file(
+    env: &impl Fn(&str) -> Option<String>,
+    var: &str,
+    under_home: &str,
+) -> Option<PathBuf> {
+    let set = |name: &str| env(name).filter(|v| !v.is_empty());
+    let home = || set("HOME").map(PathBuf::from);
+    match set(var) {
+        Some(p) => match p.strip_prefix("~/") {
+            Some(rest) => home().map(|h| h.join(rest)),
+            None => Some(PathBuf::from(p)),
+        },
+        None => home().map(|h| h.join(under_home)),
+    }
+}
+
+/// What a profile's section holds.
+enum Found {
+    Process(Vec<String>),
+    Keys {
+        access_key: String,
+        secret_key: String,
+        token: Option<String>,
+    },
+}
+
+/// A profile's `credential_process`, else its keys, if it has either (`at` names it in
+/// errors: a command line that does not split, one key without the other).
+fn from_section(section: Option<&ini::Properties>, at: &str) -> Result<Option<Found>, OxError> {
+    let Some(section) = section else {
+        return Ok(None);
+    };
+    let get = |k: &str| {
+        let v = section.get(k).map(str::trim);
+        v.filter(|v| !v.is_empty()).map(str::to_string)
+    };
+    if let Some(line) = get("credential_process") {
+        let command = shell_words(&line)
+            .map_err(|why| OxError::Config(format!("{at}: credential_process: {why}")))?;
+        if command.is_empty() {
+            return Err(OxError::Config(format!(
+                "{at}: credential_process is empty"
+            )));
+        }
+        return Ok(Some(Found::Process(command)));
+    }
+    match (get("aws_access_key_id"), get("aws_secret_access_key")) {
+        (Some(access_key), Some(secret_key)) => Ok(Some(Found::Keys {
+            access_key,
+            secret_key,
+            token: get("aws_session_token"),
+        })),
+        (None, None) => Ok(None),
+        _ => Err(OxError::Config(format!(
+            "{at}: only one of aws_access_key_id and aws_secret_access_key"
+        ))),
+    }
 }
 
 /// An AWS INI file as the SDKs read it (quotes and escapes taken as written), or
@@ -127,11 +201,11 @@ fn read_ini(path: &std::path::Path) -> Result<Option<ini::Ini>, OxError> {
         .map_err(|e| OxError::Config(format!("{}: {e}", path.display())))
 }
 
-/// Splits a command line as a POSIX shell splits words, without expanding anything (as
-/// the AWS CLI splits `credential_process`): blanks separate words; `'…'` keeps
-/// everything inside; `"…"` keeps everything but a backslash before `"`, `\`, `$` or
-/// `` ` ``; elsewhere a backslash keeps the next character. An unclosed quote or a
-/// trailing backslash is an error.
+/// Splits a command line into words as the AWS CLI splits `credential_process`
+/// (Python's `shlex.split`), expanding nothing — no `~`, `$VAR`, globs or pipes, as no
+/// shell runs it: blanks separate words; `'…'` keeps everything inside; `"…"` keeps
+/// everything but a backslash before `"` or `\`; elsewhere a backslash keeps the next
+/// character. An unclosed quote or a trailing backslash is an error.
 pub fn shell_words(line: &str) -> Result<Vec<String>, String> {
     let mut words = Vec::new();
     let mut word: Option<String> = None;
@@ -159,8 +233,7 @@ pub fn shell_words(line: &str) -> Result<Vec<String>, String> {
                     match chars.next() {
                         Some('"') => break,
                         Some('\\') => match chars.next() {
-                            Some(c @ ('"' | '\\' | '$' | '`')) => w.push(c),
-                            Some('\n') => {}
+                            Some(c @ ('"' | '\\')) => w.push(c),
                             Some(c) => {
                                 w.push('\\');
                                 w.push(c);
@@ -173,7 +246,6 @@ pub fn shell_words(line: &str) -> Result<Vec<String>, String> {
                 }
             }
             '\\' => match chars.next() {
-                Some('\n') => {}
                 Some(c) => word.get_or_insert_with(String::new).push(c),
                 None => return Err("it ends in a backslash".into()),
             },
@@ -201,23 +273,27 @@ mod tests {
             split(r#"  "/opt/my tools/creds"  'a b'\ c d"e"f '' "#),
             ["/opt/my tools/creds", "a b c", "def", ""]
         );
-        assert_eq!(split(r#""\"\\\$\`\n" '\n'"#), [r#""\$`\n"#, r"\n"]);
+        // In double quotes only `\"` and `\\` lose their backslash, as with shlex.
+        assert_eq!(split(r#""\"\\\$\`\n" '\n'"#), [r#""\\$\`\n"#, r"\n"]);
         assert_eq!(split(""), Vec::<String>::new());
         for bad in ["'open", "\"open", "end\\", "\"a\\"] {
             assert!(shell_words(bad).is_err(), "{bad}");
         }
     }
 
-    /// The environment first, then the shared credentials file's profile, then the
-    /// config file's (a credential process, or keys); the profile asked for, else
-    /// AWS_PROFILE, else default; nothing anywhere is an error naming each place.
+    /// The environment first (unless the store names a profile), then the shared
+    /// credentials file's profile, then the config file's (a credential process, or
+    /// keys); the profile named, else AWS_PROFILE, else default; a profile or an
+    /// environment with one key of two is an error; nothing anywhere is an error naming
+    /// each place.
     #[test]
     fn the_chain_takes_the_first_source_that_holds_credentials() {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("credentials");
         let config = dir.path().join("config");
         let mut vars: HashMap<&str, String> = HashMap::from([
-            ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
+            ("HOME", dir.path().display().to_string()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "~/credentials".into()),
             ("AWS_CONFIG_FILE", config.display().to_string()),
         ]);
         let resolve_in = |vars: &HashMap<&str, String>, profile: Option<&str>| {
@@ -225,15 +301,18 @@ mod tests {
         };
         // Nothing yet: every place named.
         let e = resolve_in(&vars, None).unwrap_err().to_string();
+        let (c, f) = (creds.display(), config.display());
         assert!(
-            e.contains("credentials [default]") && e.contains("config [default]"),
+            e.contains("AWS_ACCESS_KEY_ID")
+                && e.contains(&format!("{c} (none)"))
+                && e.contains(&format!("{f} (none)")),
             "{e}"
         );
 
         std::fs::write(
             &config,
             "[default]\ncredential_process = \"/opt/my tools/creds\" --json\n\
-             [profile keys]\naws_access_key_id = AK\naws_secret_access_key = SK\n",
+             [profile   keys]\naws_access_key_id = AK\naws_secret_access_key = SK\n",
         )
         .unwrap();
         let (source, at) = resolve_in(&vars, None).unwrap();
@@ -241,47 +320,72 @@ mod tests {
             matches!(&source, CredentialSource::Process { command } if command == &["/opt/my tools/creds", "--json"]),
             "{source:?}"
         );
-        assert!(at.ends_with("config [default]"), "{at}");
-        let (source, _) = resolve_in(&vars, Some("keys")).unwrap();
+        assert_eq!(at, format!("{f} [default]"));
+        let (source, at) = resolve_in(&vars, Some("keys")).unwrap();
         assert!(
             matches!(&source, CredentialSource::Static { access_key, secret_key } if access_key == "AK" && secret_key == "SK"),
             "{source:?}"
         );
+        assert_eq!(at, format!("{f} [profile keys]"));
 
-        // The shared credentials file comes before the config file.
+        // The shared credentials file (found under `~/`) comes before the config file,
+        // its credential_process as its keys.
         std::fs::write(
             &creds,
-            "[default]\naws_access_key_id = A\naws_secret_access_key = S\n[half]\naws_access_key_id = A\n",
+            "[default]\naws_access_key_id = A\naws_secret_access_key = S\n\
+             [run]\ncredential_process = creds 'a b'\n[half]\naws_access_key_id = A\n",
         )
         .unwrap();
-        let (source, _) = resolve_in(&vars, None).unwrap();
+        let (source, at) = resolve_in(&vars, None).unwrap();
         assert!(
             matches!(&source, CredentialSource::SharedFile { profile } if profile == "default"),
             "{source:?}"
         );
-        // A profile with half its keys is passed over; AWS_PROFILE names the profile
-        // where the configuration does not.
+        assert_eq!(at, format!("{c} [default]"));
+        let (source, _) = resolve_in(&vars, Some("run")).unwrap();
+        assert!(
+            matches!(&source, CredentialSource::Process { command } if command == &["creds", "a b"]),
+            "{source:?}"
+        );
+        // One key of two is an error; AWS_PROFILE names the profile where the
+        // configuration does not.
         vars.insert("AWS_PROFILE", "half".into());
         let e = resolve_in(&vars, None).unwrap_err().to_string();
-        assert!(e.contains("[half]") && e.contains("[profile half]"), "{e}");
+        assert!(e.contains("[half]: only one of"), "{e}");
         let (source, _) = resolve_in(&vars, Some("default")).unwrap();
         assert!(matches!(source, CredentialSource::SharedFile { .. }));
 
-        // The environment before any file.
+        // The environment before any file, unless the store names its profile; half
+        // an environment is an error.
         vars.insert("AWS_ACCESS_KEY_ID", "E".into());
+        let e = resolve_in(&vars, Some("keys")).map(|_| ());
+        assert!(
+            e.is_ok(),
+            "a named profile does not look at the environment"
+        );
+        let e = resolve_in(&vars, None).unwrap_err().to_string();
+        assert!(e.contains("only one of AWS_ACCESS_KEY_ID"), "{e}");
         vars.insert("AWS_SECRET_ACCESS_KEY", "ES".into());
-        let (source, at) = resolve_in(&vars, Some("keys")).unwrap();
+        let (source, at) = resolve_in(&vars, None).unwrap();
         assert!(
             matches!(source, CredentialSource::Environment),
             "{source:?}"
         );
         assert_eq!(at, "the environment");
+        let (source, _) = resolve_in(&vars, Some("keys")).unwrap();
+        assert!(
+            matches!(source, CredentialSource::Static { .. }),
+            "{source:?}"
+        );
 
-        // A broken credential_process line is an error naming the file and profile.
+        // A broken credential_process line is an error naming the file and profile;
+        // without HOME, ~/.aws is said not to have been looked at.
         vars.remove("AWS_ACCESS_KEY_ID");
-        std::fs::write(&creds, "").unwrap();
         std::fs::write(&config, "[profile p]\ncredential_process = 'open\n").unwrap();
         let e = resolve_in(&vars, Some("p")).unwrap_err().to_string();
         assert!(e.contains("[profile p]: credential_process"), "{e}");
+        let bare = HashMap::from([("AWS_PROFILE", "x".to_string())]);
+        let e = resolve_in(&bare, None).unwrap_err().to_string();
+        assert!(e.contains("HOME is not set"), "{e}");
     }
 }

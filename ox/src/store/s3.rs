@@ -13,7 +13,6 @@
 //! and a PUT counts as done only when acknowledged (and, where the store echoes the
 //! CRC32C, echoed unchanged).
 
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
@@ -215,24 +214,26 @@ pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxE
             secret_key,
         } => Ok(Credentials::new(access_key.clone(), secret_key.clone())),
         CredentialSource::Environment => {
-            let key = std::env::var("AWS_ACCESS_KEY_ID")
-                .map_err(|_| OxError::Config("AWS_ACCESS_KEY_ID is not set".into()))?;
-            let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
-                .map_err(|_| OxError::Config("AWS_SECRET_ACCESS_KEY is not set".into()))?;
-            Ok(match std::env::var("AWS_SESSION_TOKEN") {
-                Ok(token) => Credentials::new_with_token(key, secret, token),
-                Err(_) => Credentials::new(key, secret),
+            // Empty counts as unset, as with the SDKs.
+            let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let key = var("AWS_ACCESS_KEY_ID")
+                .ok_or_else(|| OxError::Config("AWS_ACCESS_KEY_ID is not set".into()))?;
+            let secret = var("AWS_SECRET_ACCESS_KEY")
+                .ok_or_else(|| OxError::Config("AWS_SECRET_ACCESS_KEY is not set".into()))?;
+            Ok(match var("AWS_SESSION_TOKEN") {
+                Some(token) => Credentials::new_with_token(key, secret, token),
+                None => Credentials::new(key, secret),
             })
         }
         CredentialSource::SharedFile { profile } => {
-            let path = match std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
-                Some(p) => PathBuf::from(p),
-                None => {
-                    let home = std::env::var_os("HOME")
-                        .ok_or_else(|| OxError::Config("HOME is not set".into()))?;
-                    PathBuf::from(home).join(".aws/credentials")
-                }
-            };
+            // The file the credential chain reads, found the same way.
+            let env = |k: &str| std::env::var(k).ok();
+            let path = super::credential_chain::aws_file(
+                &env,
+                "AWS_SHARED_CREDENTIALS_FILE",
+                ".aws/credentials",
+            )
+            .ok_or_else(|| OxError::Config("HOME is not set".into()))?;
             let text = std::fs::read_to_string(&path).map_err(|e| OxError::Io {
                 path: path.display().to_string(),
                 source: e,
@@ -265,7 +266,10 @@ fn parse_shared_credentials(text: &str, profile: &str) -> Option<Credentials> {
     )
     .ok()?;
     let section = ini.section(Some(profile))?;
-    let get = |k: &str| section.get(k).map(|v| v.trim().to_string());
+    let get = |k: &str| {
+        let v = section.get(k).map(str::trim);
+        v.filter(|v| !v.is_empty()).map(str::to_string)
+    };
     let (key, secret) = (get("aws_access_key_id")?, get("aws_secret_access_key")?);
     Some(match get("aws_session_token") {
         Some(t) => Credentials::new_with_token(key, secret, t),
