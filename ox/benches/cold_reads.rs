@@ -489,82 +489,79 @@ fn restores(w: &World, endpoint: &str, key: &str, rounds: u64) {
             bdev::create_malloc(&format!("restore-{round}"), 512, size / 512, None).unwrap();
         // One chunk at a time, as restores went before: a GET, then a write, each.
         let chunks = (16 << 20).min(size) / CHUNK;
-        let (c, l, t, on) = (w.config.clone(), w.load(key), target.clone(), w.on(0));
-        let before = stats(endpoint);
-        let start = Instant::now();
-        w.cores
-            .run(move |ex| {
-                Box::pin(async move {
-                    let store = S3Store::new(c, ex).unwrap();
-                    let (index, _) = l.page(&store, 0, None).await.unwrap();
-                    for chunk in 0..chunks.min(PAGE_CHUNKS) {
-                        let entry = index.entries[chunk as usize];
-                        let io = match l.chunk(&store, chunk, entry, None, |_| {}).await.unwrap() {
-                            Some(d) => bdev::BdevIo::write(
-                                chunk * CHUNK / 512,
-                                CHUNK / 512,
-                                vec![bdev::IoBuf::from_slice(&d)],
-                            ),
-                            None => {
-                                assert_eq!(entry, Entry::Zero);
-                                bdev::BdevIo::write_zeroes(chunk * CHUNK / 512, CHUNK / 512)
-                            }
-                        };
-                        ox::blockio::run(&on, &t, io).await.unwrap();
-                    }
-                })
-            })
-            .unwrap();
-        let took = start.elapsed();
-        let gets = stats(endpoint).1 - before.1;
-        let bytes = chunks * CHUNK;
-        println!(
-            "| {round} | one chunk at a time | {} | {:.1} | {gets} |",
-            bytes >> 20,
-            bytes as f64 / took.as_secs_f64() / 1e6
+        let (l, t, on) = (w.load(key), target.clone(), w.on(0));
+        pass_row(
+            w,
+            endpoint,
+            (round, "one chunk at a time"),
+            chunks * CHUNK,
+            async move |store| {
+                let (index, _) = l.page(&store, 0, None).await.unwrap();
+                for chunk in 0..chunks.min(PAGE_CHUNKS) {
+                    let entry = index.entries[chunk as usize];
+                    let io = match l.chunk(&store, chunk, entry, None, |_| {}).await.unwrap() {
+                        Some(d) => bdev::BdevIo::write(
+                            chunk * CHUNK / 512,
+                            CHUNK / 512,
+                            vec![bdev::IoBuf::from_slice(&d)],
+                        ),
+                        None => {
+                            assert_eq!(entry, Entry::Zero);
+                            bdev::BdevIo::write_zeroes(chunk * CHUNK / 512, CHUNK / 512)
+                        }
+                    };
+                    ox::blockio::run(&on, &t, io).await.unwrap();
+                }
+            },
         );
-        let (c, l, t, on) = (w.config.clone(), w.load(key), target.clone(), w.on(0));
-        let before = stats(endpoint);
-        let start = Instant::now();
-        w.cores
-            .run(move |ex| {
-                Box::pin(async move {
-                    let store = S3Store::new(c, ex).unwrap();
-                    let pass = ox::hydrate::Pass::default();
-                    ox::hydrate::restore(&store, &l, &t, &on, None, &pass)
-                        .await
-                        .unwrap()
-                })
-            })
-            .unwrap();
-        let took = start.elapsed();
-        println!(
-            "| {round} | ox::hydrate::restore | {} | {:.1} | {} |",
-            size >> 20,
-            size as f64 / took.as_secs_f64() / 1e6,
-            stats(endpoint).1 - before.1
+        let (l, t, on) = (w.load(key), target.clone(), w.on(0));
+        pass_row(
+            w,
+            endpoint,
+            (round, "ox::hydrate::restore"),
+            size,
+            async move |store| {
+                let pass = ox::hydrate::Pass::default();
+                let written = ox::hydrate::restore(&store, &l, &t, &on, None, &pass).await;
+                assert_eq!(written.unwrap(), l.manifest.volume_bytes);
+            },
         );
-        let (c, l) = (w.config.clone(), w.load(key));
-        let before = stats(endpoint);
-        let start = Instant::now();
-        let report = w
-            .cores
-            .run(move |ex| {
-                Box::pin(async move {
-                    let store = S3Store::new(c, ex).unwrap();
-                    let pass = ox::hydrate::Pass::default();
-                    ox::hydrate::verify(&store, &l, None, &pass).await.unwrap()
-                })
-            })
-            .unwrap();
-        let took = start.elapsed();
-        assert!(report.bad.is_empty(), "{:?}", report.bad);
-        println!(
-            "| {round} | ox::hydrate::verify | {} | {:.1} | {} |",
-            size >> 20,
-            size as f64 / took.as_secs_f64() / 1e6,
-            stats(endpoint).1 - before.1
+        let l = w.load(key);
+        pass_row(
+            w,
+            endpoint,
+            (round, "ox::hydrate::verify"),
+            size,
+            async move |store| {
+                let pass = ox::hydrate::Pass::default();
+                let report = ox::hydrate::verify(&store, &l, None, &pass).await.unwrap();
+                assert!(report.bad.is_empty(), "{:?}", report.bad);
+            },
         );
     }
     println!();
+}
+
+/// Runs `job` with a store of its own on an OX core and prints its row of round `round`
+/// done `how`: the MiB it moved (`bytes`), their rate, and GETs at the server.
+fn pass_row(
+    w: &World,
+    endpoint: &str,
+    (round, how): (u64, &str),
+    bytes: u64,
+    job: impl AsyncFnOnce(S3Store) + Send + 'static,
+) {
+    let c = w.config.clone();
+    let before = stats(endpoint);
+    let start = Instant::now();
+    w.cores
+        .run(move |ex| Box::pin(async move { job(S3Store::new(c, ex).unwrap()).await }))
+        .unwrap();
+    let took = start.elapsed();
+    println!(
+        "| {round} | {how} | {} | {:.1} | {} |",
+        bytes >> 20,
+        bytes as f64 / took.as_secs_f64() / 1e6,
+        stats(endpoint).1 - before.1
+    );
 }

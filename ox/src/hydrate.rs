@@ -916,18 +916,6 @@ pub async fn restore(
         )));
     }
     // Cancelled, it stops its GETs at once but waits for its writes (see `Halt`).
-    restore_all(store, loaded, target, on, charge_to, pass).await
-}
-
-async fn restore_all(
-    store: &dyn ObjectStore,
-    loaded: &Loaded,
-    target: &Bdev,
-    on: &ReactorHandle,
-    charge_to: Option<Charge<'_>>,
-    pass: &Pass,
-) -> Result<u64, OxError> {
-    let m = &loaded.manifest;
     let block = u64::from(target.block_size());
     let chunk_bytes = u64::from(m.chunk_bytes);
     // Bytes from `chunk` on, `count` chunks (the last chunk may be short).

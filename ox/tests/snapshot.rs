@@ -504,6 +504,44 @@ fn thickening_pauses_resumes_and_completes_then_reads_need_no_basis() {
     env.set.shutdown().unwrap();
 }
 
+/// Verifies `loaded` from the test's local store on an OX core.
+fn verify_here(env: &Env, loaded: &Arc<Loaded>) -> ox::hydrate::VerifyReport {
+    let (root, l) = (env.root.clone(), Arc::clone(loaded));
+    env.cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                ox::hydrate::verify(&store, &l, None, &Default::default()).await
+            })
+        })
+        .unwrap()
+        .unwrap()
+}
+
+/// Restores `loaded` from the test's local store onto `target` through reactor 0,
+/// `pass` watching.
+fn restore_here(
+    env: &Env,
+    loaded: Arc<Loaded>,
+    target: &Bdev,
+    pass: &Arc<ox::hydrate::Pass>,
+) -> Result<u64, ox::OxError> {
+    let (root, t, r, p) = (
+        env.root.clone(),
+        target.clone(),
+        env.set.handles()[0].clone(),
+        Arc::clone(pass),
+    );
+    env.cores
+        .run(move |_ex| {
+            Box::pin(async move {
+                let store = LocalStore::open(root).unwrap();
+                ox::hydrate::restore(&store, &loaded, &t, &r, None, &p).await
+            })
+        })
+        .unwrap()
+}
+
 /// A volume whose last chunk is short (its size a whole number of blocks, not of
 /// chunks) restores whole, that chunk stored or zero, with zero chunks between stored
 /// ones: every piece's writes land where they belong, and nothing past the end.
@@ -535,24 +573,9 @@ fn a_volume_whose_last_chunk_is_short_restores_whole() {
         // A target not zero to begin with: zero chunks must be written.
         let target = create_malloc("restored", 512, size / 512, None).unwrap();
         write(&env, &target, 0, &vec![0xff; size as usize]);
-        let (root, t, r) = (
-            env.root.clone(),
-            target.clone(),
-            env.set.handles()[0].clone(),
-        );
         let pass = Arc::new(ox::hydrate::Pass::default());
-        let p = Arc::clone(&pass);
-        let written = env
-            .cores
-            .run(move |_ex| {
-                Box::pin(async move {
-                    let store = LocalStore::open(root).unwrap();
-                    ox::hydrate::restore(&store, &loaded, &t, &r, None, &p).await
-                })
-            })
-            .unwrap()
-            .unwrap();
-        assert_eq!(written, size);
+        let written = restore_here(&env, Arc::new(loaded), &target, &pass);
+        assert_eq!(written.unwrap(), size);
         assert_eq!(pass.chunks.load(Ordering::SeqCst), size.div_ceil(CHUNK));
         assert!(
             read(&env, &target, 0, size) == data,
@@ -673,50 +696,12 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
     write(&env, &vol, 0, &data[..(size / 2) as usize]);
     let s = snapshot(&env, &handle, None, Throttle::default());
     let loaded = Arc::new(load_snapshot(&env, &s.manifest_key));
-    let root = env.root.clone();
-    let l = Arc::clone(&loaded);
-    let clean = env
-        .cores
-        .run(move |_ex| {
-            Box::pin(async move {
-                ox::hydrate::verify(
-                    &LocalStore::open(root).unwrap(),
-                    &l,
-                    None,
-                    &Default::default(),
-                )
-                .await
-                .unwrap()
-            })
-        })
-        .unwrap();
+    let clean = verify_here(&env, &loaded);
     assert_eq!((clean.frames, clean.zero, clean.bad.len()), (32, 32, 0));
     // Restore onto a fresh device.
     let target = create_malloc("restored", 512, size / 512, None).unwrap();
-    let (root, l, t, r) = (
-        env.root.clone(),
-        Arc::clone(&loaded),
-        target.clone(),
-        env.set.handles()[0].clone(),
-    );
-    let written = env
-        .cores
-        .run(move |_ex| {
-            Box::pin(async move {
-                ox::hydrate::restore(
-                    &LocalStore::open(root).unwrap(),
-                    &l,
-                    &t,
-                    &r,
-                    None,
-                    &Default::default(),
-                )
-                .await
-                .unwrap()
-            })
-        })
-        .unwrap();
-    assert_eq!(written, size);
+    let written = restore_here(&env, Arc::clone(&loaded), &target, &Arc::default());
+    assert_eq!(written.unwrap(), size);
     let back = read(&env, &target, 0, size);
     assert!(back[..(size / 2) as usize] == data[..(size / 2) as usize]);
     assert!(back[(size / 2) as usize..].iter().all(|&b| b == 0));
@@ -727,22 +712,7 @@ fn verify_reports_every_bad_frame_and_restore_copies_the_snapshot() {
     bytes[50] ^= 1;
     bytes[len - 50] ^= 1;
     std::fs::write(&obj, bytes).unwrap();
-    let (root, l) = (env.root.clone(), Arc::clone(&loaded));
-    let dirty = env
-        .cores
-        .run(move |_ex| {
-            Box::pin(async move {
-                ox::hydrate::verify(
-                    &LocalStore::open(root).unwrap(),
-                    &l,
-                    None,
-                    &Default::default(),
-                )
-                .await
-                .unwrap()
-            })
-        })
-        .unwrap();
+    let dirty = verify_here(&env, &loaded);
     assert_eq!(dirty.bad.len(), 2, "{:?}", dirty.bad);
     assert_eq!(dirty.frames, 30);
     env.set.shutdown().unwrap();
