@@ -1178,7 +1178,7 @@ pub struct CheckReport {
     pub store: String,
     /// Every step passed.
     pub ok: bool,
-    /// The steps, up to the first that failed.
+    /// The steps, up to the first that failed (and the `clock` after a failed `list`).
     pub steps: Vec<CheckStep>,
 }
 

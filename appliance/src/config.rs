@@ -177,8 +177,8 @@ pub struct StoreSection {
     /// variables), "file" (shared credentials file, `profile`), "process" (what
     /// `credential_process` prints), or "static" with `access_key`/`secret_key_file`.
     pub credentials: Option<String>,
-    /// s3: profile for credentials = "file" or "chain" (default: AWS_PROFILE, else
-    /// "default").
+    /// s3: profile for credentials = "chain" (default: AWS_PROFILE, else "default") or
+    /// "file" (default: "default").
     pub profile: Option<String>,
     /// s3: for credentials = "process", the program and its arguments (run without a
     /// shell) printing credentials as the AWS SDKs' `credential_process` does.
@@ -801,9 +801,30 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
                 .parse()
                 .context("endpoint is not a URL")?;
             let bucket = need(&s.bucket, "bucket")?;
-            let credentials = match s.credentials.as_deref().unwrap_or("chain") {
+            let mode = s.credentials.as_deref().unwrap_or("chain");
+            // A setting the chosen source does not read is a mistake to say, not to
+            // pass over: the chain would sign with whatever it finds instead.
+            for (field, given, read_by) in [
+                ("access_key", s.access_key.is_some(), &["static"][..]),
+                ("secret_key_file", s.secret_key_file.is_some(), &["static"]),
+                (
+                    "credential_process",
+                    s.credential_process.is_some(),
+                    &["process"],
+                ),
+                ("profile", s.profile.is_some(), &["chain", "file"]),
+            ] {
+                if given && !read_by.contains(&mode) {
+                    bail!(
+                        "{field} is set but credentials = {mode:?} does not read it \
+                         (credentials = {:?} does)",
+                        read_by[0]
+                    );
+                }
+            }
+            let credentials = match mode {
                 "chain" => {
-                    let env = |k: &str| std::env::var(k).ok();
+                    let env = ox::store::credential_chain::process_env;
                     let (source, at) =
                         ox::store::credential_chain::resolve(s.profile.as_deref(), env)
                             .context("credentials")?;

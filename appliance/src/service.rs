@@ -1614,6 +1614,7 @@ impl Service {
                 // Too late once a restore publishes its volume: answered as it is.
                 let _took = pass.cancel();
             }
+            // (Every job has one or the other.)
             (None, None) => invalid!("job {id} ({}) cannot be cancelled", job.kind),
         }
         Ok(job.info())

@@ -169,6 +169,18 @@ fn bad_object_exchange_configurations_are_named() {
         ),
         (
             format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\naccess_key = \"a\"\n"
+            ),
+            "access_key is set but credentials = \"chain\" does not read it (credentials = \"static\" does)",
+        ),
+        (
+            format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"env\"\nprofile = \"p\"\n"
+            ),
+            "profile is set but credentials = \"env\" does not read it",
+        ),
+        (
+            format!(
                 "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"process\"\ncredential_process = [\"/bin/false\"]\n"
             ),
             "credential_process /bin/false: exit status: 1",

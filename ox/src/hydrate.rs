@@ -17,7 +17,8 @@
 //!
 //! A restore and a verify read the whole snapshot in order, [`PASS_RUNS`] ranged GETs of
 //! adjacent frames at once, charged to the throttle's background bucket; they report
-//! progress and stop at once when cancelled ([`Pass`]).
+//! progress and stop when cancelled ([`Pass`]): a verify at once, a restore once the
+//! writes it has sent have ended.
 //!
 //! A new clone's working set is fetched first ([`warm`]) the same way, as fetches
 //! ahead of hosts (`FetchReason::Prefetch`: from a far store the basis splits each run
@@ -574,7 +575,8 @@ pub struct VerifyReport {
 }
 
 /// Progress and cancellation of a restore or a verify, shared with whoever watches it
-/// (its job).
+/// (its job, on another thread: hence atomics). Not on a host's I/O path: a pass adds
+/// to its counters once per GET or piece, and its state moves once.
 #[derive(Debug, Default)]
 pub struct Pass {
     /// Chunks done (of the manifest's).
@@ -869,6 +871,7 @@ async fn verify_all(
             // Something in the run stays bad: each frame alone, to name which.
             let mut bad = Vec::new();
             for &(chunk, entry) in &run {
+                charge(charge_to, stored_bytes(&[(chunk, entry)])).await;
                 if let Err(e) = loaded.chunk(store, chunk, entry, None, fetched).await {
                     bad.push((chunk, e.to_string()));
                 }

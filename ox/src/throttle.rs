@@ -135,6 +135,8 @@ struct State {
     volumes: HashMap<String, Pair>,
     /// What transfers waited for their tokens, by volume and class.
     waited: HashMap<(String, Class), Waited>,
+    /// Transfers waiting for their tokens now, by volume and class (none: absent).
+    waiting: HashMap<(String, Class), u64>,
     /// Times each volume was forgotten: a wait that began before is not counted.
     forgotten: HashMap<String, u64>,
 }
@@ -162,6 +164,7 @@ impl Throttle {
                 global: pair(foreground, background),
                 volumes: HashMap::new(),
                 waited: HashMap::new(),
+                waiting: HashMap::new(),
                 forgotten: HashMap::new(),
             })),
         }
@@ -235,7 +238,9 @@ impl Throttle {
             }
             // A transfer that never waits costs nothing more than its tokens.
             if waiting.began.is_none() {
-                let forgotten = self.state().forgotten.get(volume).copied().unwrap_or(0);
+                let mut s = self.state();
+                let forgotten = s.forgotten.get(volume).copied().unwrap_or(0);
+                *s.waiting.entry((volume.to_string(), class)).or_default() += 1;
                 waiting.began = Some((Instant::now(), forgotten));
             }
             async_io::Timer::after(wait).await;
@@ -248,6 +253,12 @@ impl Throttle {
         let mut s = self.state();
         s.waited.retain(|(v, _), _| v != volume);
         *s.forgotten.entry(volume.to_string()).or_default() += 1;
+    }
+
+    /// Transfers of `volume`'s `class` waiting for their tokens now.
+    pub fn waiting(&self, volume: &str, class: Class) -> u64 {
+        let key = (volume.to_string(), class);
+        self.state().waiting.get(&key).copied().unwrap_or(0)
     }
 
     /// What each volume's transfers waited on the limits since the start, by class:
@@ -277,6 +288,11 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some((began, forgotten)) = self.began {
             let mut s = self.throttle.state();
+            let key = (self.volume.to_string(), self.class);
+            match s.waiting.get_mut(&key) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => drop(s.waiting.remove(&key)),
+            }
             if s.forgotten.get(self.volume).copied().unwrap_or(0) != forgotten {
                 return;
             }
@@ -393,5 +409,24 @@ mod tests {
             // The waiting transfer is dropped here, after the forget.
         });
         assert!(t.waited().is_empty(), "{:?}", t.waited());
+    }
+
+    /// A transfer that waits for its tokens is counted as waiting until its wait
+    /// ends, done or dropped (then counted as having waited).
+    #[test]
+    fn transfers_waiting_now_are_counted_until_their_wait_ends() {
+        let t = Throttle::new(Limit::NONE, Limit::per_second(1));
+        assert!(t.try_acquire("v", Class::Background, 1 << 20).is_zero());
+        let mut wait = Box::pin(t.acquire("v", Class::Background, 4096));
+        let polled = futures_lite::future::block_on(futures_lite::future::poll_once(&mut wait));
+        assert!(
+            polled.is_none(),
+            "a byte a second, the burst taken: it waits"
+        );
+        assert_eq!(t.waiting("v", Class::Background), 1);
+        assert_eq!(t.waiting("v", Class::Foreground), 0);
+        drop(wait);
+        assert_eq!(t.waiting("v", Class::Background), 0);
+        assert_eq!(t.waited()[0].2.transfers, 1);
     }
 }

@@ -752,10 +752,9 @@ fn a_restore_and_a_verify_ask_for_runs_many_at_once_and_stop_when_cancelled() {
             &p,
         )
     });
-    // The index page is in: the restore now waits for the throttle (in the same step
-    // of its task; nothing else runs between).
+    // Once a run waits for the throttle.
     let asked = std::time::Instant::now();
-    while pass.bytes.load(Ordering::SeqCst) == 0 {
+    while slow.waiting("r2", Class::Background) == 0 {
         assert!(asked.elapsed() < support::T, "the restore never began");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }

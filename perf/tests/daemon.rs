@@ -740,6 +740,16 @@ fn a_store_check_names_the_failing_step_and_the_reason() {
         err.contains("failed its check at \"list\"") && err.contains("403"),
         "{err}"
     );
+    // With the store's clock half an hour ahead, the refusal is the clock's doing:
+    // oxctl names the clock, as oxd does.
+    server.faults.clock_offset_s.store(1800, Ordering::SeqCst);
+    let out = ctl.call(&["store", "check", "bad"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("failed its check at \"clock\"") && err.contains("ahead of"),
+        "{err}"
+    );
+    server.faults.clock_offset_s.store(0, Ordering::SeqCst);
     // A snapshot into it fails at once with the store's refusal: not sent again, nor
     // waited out as an outage would be (ten minutes).
     ctl.ok(&["volume", "create", "v", "--size-mib", "4"]);

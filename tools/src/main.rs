@@ -441,7 +441,8 @@ enum JobCommand {
     },
     /// Every job since the daemon started.
     List,
-    /// Cancel a running job (a cancelled snapshot publishes nothing).
+    /// Cancel a running snapshot, restore or verify (a cancelled snapshot publishes
+    /// nothing; a cancelled restore leaves no volume).
     Cancel {
         /// Job ID.
         id: u64,
@@ -834,11 +835,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::bail!("job {} failed: {}", result["id"], result["error"]);
     }
     if result.get("ok") == Some(&Value::Bool(false)) {
-        let failed = result["steps"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| !s["error"].is_null()))
-            .cloned()
-            .unwrap_or_default();
+        // The step the check names (as oxd does): the clock's if it failed — a clock
+        // too far off is why the listing before it was refused — else the first.
+        let steps = result["steps"].as_array().cloned().unwrap_or_default();
+        let failed = |clock: bool| {
+            let mut failing = steps.iter().filter(|s| !s["error"].is_null());
+            failing.find(|s| !clock || s["step"] == "clock").cloned()
+        };
+        let failed = failed(true).or_else(|| failed(false)).unwrap_or_default();
         anyhow::bail!(
             "store {} failed its check at {}: {}",
             result["store"],

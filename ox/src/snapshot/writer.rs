@@ -471,7 +471,7 @@ pub(super) async fn write(
     let mut taken: Option<Taken> = None;
     for chunk in start.next_chunk..chunks {
         if progress.is_cancelled() {
-            return Err(OxError::Config(format!(
+            return Err(OxError::Cancelled(format!(
                 "snapshot of {} cancelled at chunk {chunk}; nothing was published",
                 opts.volume_name
             )));
@@ -661,7 +661,7 @@ pub(super) async fn write(
     let bytes = manifest.to_bytes();
     let mut meta_bytes = index.bytes + bytes.len() as u64;
     if progress.is_cancelled() {
-        return Err(OxError::Config(format!(
+        return Err(OxError::Cancelled(format!(
             "snapshot of {} cancelled before publishing",
             opts.volume_name
         )));

@@ -2,7 +2,8 @@
 //! endpoint, secret, CA or bucket is found at once with its reason, not by the first
 //! snapshot: list, compare the server's clock with ours, store a probe object, read it
 //! back, find it in a listing, delete it, see it gone. Each step is timed; the first
-//! that fails ends the check and names why.
+//! that fails ends the check (the clock is still compared after a failed listing) and
+//! names why.
 
 use std::time::Instant;
 

@@ -34,9 +34,14 @@ pub fn resolve(
                 return Ok((CredentialSource::Environment, "the environment".into()));
             }
             (None, None) => looked.push("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into()),
-            _ => {
+            (Some(_), None) => {
                 return Err(OxError::Config(
-                    "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set".into(),
+                    "AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(OxError::Config(
+                    "AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not".into(),
                 ));
             }
         }
@@ -62,7 +67,7 @@ pub fn resolve(
             None => looked.push(at),
         }
     } else if let Some(path) = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials") {
-        looked.push(format!("{} (none)", path.display()));
+        looked.push(format!("{} (no such file)", path.display()));
     }
     if let Some(path) = file("AWS_CONFIG_FILE", ".aws/config")
         && let Some(ini) = read_ini(&path)?
@@ -106,7 +111,7 @@ pub fn resolve(
             None => looked.push(at),
         }
     } else if let Some(path) = file("AWS_CONFIG_FILE", ".aws/config") {
-        looked.push(format!("{} (none)", path.display()));
+        looked.push(format!("{} (no such file)", path.display()));
     }
     if home.is_none() {
         looked.push("not ~/.aws (HOME is not set)".into());
@@ -115,6 +120,34 @@ pub fn resolve(
         "no credentials in the chain: looked at {}",
         looked.join(", ")
     )))
+}
+
+/// This process's environment as the chain reads it: `HOME`, where it is not set (a
+/// system service started without `User=`), is this user's home directory in
+/// `/etc/passwd`, as the SDKs find it.
+pub fn process_env(name: &str) -> Option<String> {
+    let value = std::env::var(name).ok().filter(|v| !v.is_empty());
+    match name {
+        "HOME" => value.or_else(|| {
+            let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+            home_in_passwd(&passwd, rustix::process::geteuid().as_raw())
+        }),
+        _ => value,
+    }
+}
+
+/// The home directory of user `uid` in the text of a passwd file
+/// (`name:password:uid:gid:gecos:home:shell`).
+fn home_in_passwd(text: &str, uid: u32) -> Option<String> {
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        match fields.as_slice() {
+            [_, _, id, _, _, home, ..] if id.parse() == Ok(uid) && !home.is_empty() => {
+                Some(home.to_string())
+            }
+            _ => None,
+        }
+    })
 }
 
 /// The file `var` names (a leading `~/` the home directory), else `under_home` in the
@@ -304,8 +337,8 @@ mod tests {
         let (c, f) = (creds.display(), config.display());
         assert!(
             e.contains("AWS_ACCESS_KEY_ID")
-                && e.contains(&format!("{c} (none)"))
-                && e.contains(&format!("{f} (none)")),
+                && e.contains(&format!("{c} (no such file)"))
+                && e.contains(&format!("{f} (no such file)")),
             "{e}"
         );
 
@@ -364,7 +397,10 @@ mod tests {
             "a named profile does not look at the environment"
         );
         let e = resolve_in(&vars, None).unwrap_err().to_string();
-        assert!(e.contains("only one of AWS_ACCESS_KEY_ID"), "{e}");
+        assert!(
+            e.contains("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"),
+            "{e}"
+        );
         vars.insert("AWS_SECRET_ACCESS_KEY", "ES".into());
         let (source, at) = resolve_in(&vars, None).unwrap();
         assert!(
@@ -387,5 +423,15 @@ mod tests {
         let bare = HashMap::from([("AWS_PROFILE", "x".to_string())]);
         let e = resolve_in(&bare, None).unwrap_err().to_string();
         assert!(e.contains("HOME is not set"), "{e}");
+    }
+
+    #[test]
+    fn a_users_home_is_found_in_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nbad line\n\
+                      ox:x:1000:1000::/home/ox:/bin/sh\nnohome:x:7:7:::/bin/sh\n";
+        assert_eq!(home_in_passwd(passwd, 0).as_deref(), Some("/root"));
+        assert_eq!(home_in_passwd(passwd, 1000).as_deref(), Some("/home/ox"));
+        assert_eq!(home_in_passwd(passwd, 7), None);
+        assert_eq!(home_in_passwd(passwd, 42), None);
     }
 }

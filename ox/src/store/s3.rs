@@ -227,9 +227,8 @@ pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxE
         }
         CredentialSource::SharedFile { profile } => {
             // The file the credential chain reads, found the same way.
-            let env = |k: &str| std::env::var(k).ok();
             let path = super::credential_chain::aws_file(
-                &env,
+                &super::credential_chain::process_env,
                 "AWS_SHARED_CREDENTIALS_FILE",
                 ".aws/credentials",
             )
