@@ -802,6 +802,9 @@ fn store_spec(s: &StoreSection) -> anyhow::Result<StoreSpec> {
                 .context("endpoint is not a URL")?;
             let bucket = need(&s.bucket, "bucket")?;
             let mode = s.credentials.as_deref().unwrap_or("chain");
+            if !["chain", "env", "file", "process", "static"].contains(&mode) {
+                bail!("credentials {mode:?} is not chain, env, file, process or static");
+            }
             // A setting the chosen source does not read is a mistake to say, not to
             // pass over: the chain would sign with whatever it finds instead.
             for (field, given, read_by) in [

@@ -181,6 +181,12 @@ fn bad_object_exchange_configurations_are_named() {
         ),
         (
             format!(
+                "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"statc\"\naccess_key = \"a\"\n"
+            ),
+            "credentials \"statc\" is not chain, env, file, process or static",
+        ),
+        (
+            format!(
                 "{ox}[[store]]\nname = \"s\"\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\ncredentials = \"process\"\ncredential_process = [\"/bin/false\"]\n"
             ),
             "credential_process /bin/false: exit status: 1",

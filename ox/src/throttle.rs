@@ -1,5 +1,6 @@
 //! Bandwidth limits: token buckets, global and per volume, separately for foreground
-//! (client misses) and background (snapshot uploads, thickening) traffic, changeable
+//! (client misses) and background (snapshot uploads, thickening, restores, verifies)
+//! traffic, changeable
 //! while running. A transfer waits for the tokens of every bucket it passes through.
 
 use std::collections::HashMap;
@@ -11,8 +12,8 @@ use std::time::{Duration, Instant};
 pub enum Class {
     /// Client reads waiting on object storage.
     Foreground,
-    /// Uploads, prefetch, thickening, and the appliance's own reads of a volume over a
-    /// snapshot.
+    /// Uploads, prefetch, thickening, restores, verifies, and the appliance's own reads
+    /// of a volume over a snapshot.
     Background,
 }
 
@@ -255,7 +256,8 @@ impl Throttle {
         *s.forgotten.entry(volume.to_string()).or_default() += 1;
     }
 
-    /// Transfers of `volume`'s `class` waiting for their tokens now.
+    /// Transfers of `volume`'s `class` waiting for their tokens now (those of a volume
+    /// forgotten and made again under its name included).
     pub fn waiting(&self, volume: &str, class: Class) -> u64 {
         let key = (volume.to_string(), class);
         self.state().waiting.get(&key).copied().unwrap_or(0)

@@ -114,7 +114,7 @@ pub fn resolve(
         looked.push(format!("{} (no such file)", path.display()));
     }
     if home.is_none() {
-        looked.push("not ~/.aws (HOME is not set)".into());
+        looked.push("not ~/.aws (HOME is not set, nor found in /etc/passwd)".into());
     }
     Err(OxError::Config(format!(
         "no credentials in the chain: looked at {}",
@@ -124,7 +124,7 @@ pub fn resolve(
 
 /// This process's environment as the chain reads it: `HOME`, where it is not set (a
 /// system service started without `User=`), is this user's home directory in
-/// `/etc/passwd`, as the SDKs find it.
+/// `/etc/passwd` (the SDKs ask the system's user database; this reads only the file).
 pub fn process_env(name: &str) -> Option<String> {
     let value = std::env::var(name).ok().filter(|v| !v.is_empty());
     match name {
@@ -139,10 +139,11 @@ pub fn process_env(name: &str) -> Option<String> {
 /// The home directory of user `uid` in the text of a passwd file
 /// (`name:password:uid:gid:gecos:home:shell`).
 fn home_in_passwd(text: &str, uid: u32) -> Option<String> {
-    text.lines().find_map(|line| {
+    let lines = text.lines().filter(|l| !l.trim_start().starts_with('#'));
+    lines.into_iter().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
         match fields.as_slice() {
-            [_, _, id, _, _, home, ..] if id.parse() == Ok(uid) && !home.is_empty() => {
+            [_, _, id, _, _, home, ..] if id.parse() == Ok(uid) && home.starts_with('/') => {
                 Some(home.to_string())
             }
             _ => None,
@@ -427,11 +428,13 @@ mod tests {
 
     #[test]
     fn a_users_home_is_found_in_passwd() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\nbad line\n\
-                      ox:x:1000:1000::/home/ox:/bin/sh\nnohome:x:7:7:::/bin/sh\n";
+        let passwd = "#old:x:0:0::/tmp/x:/bin/sh\nroot:x:0:0:root:/root:/bin/bash\nbad line\n\
+                      ox:x:1000:1000::/home/ox:/bin/sh\nnohome:x:7:7:::/bin/sh\n\
+                      dot:x:8:8::.:/bin/sh\n";
         assert_eq!(home_in_passwd(passwd, 0).as_deref(), Some("/root"));
         assert_eq!(home_in_passwd(passwd, 1000).as_deref(), Some("/home/ox"));
         assert_eq!(home_in_passwd(passwd, 7), None);
+        assert_eq!(home_in_passwd(passwd, 8), None, "a relative home");
         assert_eq!(home_in_passwd(passwd, 42), None);
     }
 }

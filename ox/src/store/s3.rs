@@ -232,7 +232,13 @@ pub fn resolve_credentials(source: &CredentialSource) -> Result<Credentials, OxE
                 "AWS_SHARED_CREDENTIALS_FILE",
                 ".aws/credentials",
             )
-            .ok_or_else(|| OxError::Config("HOME is not set".into()))?;
+            .ok_or_else(|| {
+                OxError::Config(
+                    "HOME is not set, nor found in /etc/passwd: set \
+                     AWS_SHARED_CREDENTIALS_FILE"
+                        .into(),
+                )
+            })?;
             let text = std::fs::read_to_string(&path).map_err(|e| OxError::Io {
                 path: path.display().to_string(),
                 source: e,
