@@ -618,6 +618,21 @@ impl Pass {
         was.is_ok()
     }
 
+    /// Resolves once `done` holds, looked at again whenever the pass is told of a
+    /// change (a cancel, a restore's piece failing).
+    async fn until(&self, done: impl Fn() -> bool) {
+        loop {
+            if done() {
+                return;
+            }
+            let listener = self.changed.listen();
+            if done() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
     /// `work`, unless the pass is cancelled first or meanwhile (`work` is dropped then,
     /// and `what` fails with "cancelled").
     async fn unless_cancelled<T>(
@@ -626,16 +641,7 @@ impl Pass {
         work: impl Future<Output = Result<T, OxError>>,
     ) -> Result<T, OxError> {
         let cancelled = async {
-            loop {
-                if self.is_cancelled() {
-                    break;
-                }
-                let listener = self.changed.listen();
-                if self.is_cancelled() {
-                    break;
-                }
-                listener.await;
-            }
+            self.until(|| self.is_cancelled()).await;
             Err(OxError::Cancelled(format!("{what} cancelled")))
         };
         futures_lite::future::or(cancelled, work).await
@@ -674,16 +680,7 @@ impl<'a> Halt<'a> {
         work: impl Future<Output = Result<T, OxError>>,
     ) -> Result<T, OxError> {
         let halted = async {
-            loop {
-                if self.halted() {
-                    break;
-                }
-                let listener = self.pass.changed.listen();
-                if self.halted() {
-                    break;
-                }
-                listener.await;
-            }
+            self.pass.until(|| self.halted()).await;
             // A cancel is what the restore fails with; after another piece's failure,
             // that failure is (at_most keeps the first).
             Err(OxError::Cancelled("restore cancelled".into()))
@@ -693,11 +690,11 @@ impl<'a> Halt<'a> {
 }
 
 /// Runs a restore or a verify keeps in flight, each one ranged GET of up to
-/// [`crate::basis::RUN_BYTES`] of frames: 32 MiB asked for at once, as much as a 1 Gbit/s link
-/// carries in a quarter of a second, so a far store's round trip is paid once per
-/// window, not once per chunk (one at a time, a 60 ms store held a restore to about
-/// 1 MB/s). Each run holds its answer and its decoded chunks (and a restore its write's
-/// copy) until written: up to ~100 MiB in all.
+/// [`crate::basis::RUN_BYTES`] of frames: 32 MiB asked for at once, as much as a
+/// 1 Gbit/s link carries in a quarter of a second, so a far store's round trip is paid
+/// once per window, not once per chunk (one at a time, a 60 ms store held a restore to
+/// about 1 MB/s). Each run holds its answer and its decoded chunks (and a restore its
+/// write's copy) until written: up to ~100 MiB in all.
 pub const PASS_RUNS: usize = 16;
 
 /// A piece of a snapshot a pass handles at once: a run of adjacent chunks whose frames
