@@ -51,10 +51,24 @@ pub fn resolve(
         .or_else(|| set("AWS_PROFILE"))
         .unwrap_or_else(|| "default".into());
     let home = set("HOME");
-    let file = |var: &str, under_home: &str| aws_file(&env, var, under_home);
-    if let Some(path) = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials")
-        && let Some(ini) = read_ini(&path)?
-    {
+    // The file `var` names (or `under_home`), parsed; a file not there is noted as
+    // looked at and passed over. Each is read only once the sources before it held
+    // nothing.
+    let open = |var: &str, under_home: &str, looked: &mut Vec<String>| {
+        let Some(path) = aws_file(&env, var, under_home) else {
+            return Ok(None);
+        };
+        let ini = read_ini(&path)?;
+        if ini.is_none() {
+            looked.push(format!("{} (no such file)", path.display()));
+        }
+        Ok::<_, OxError>(ini.map(|ini| (path, ini)))
+    };
+    if let Some((path, ini)) = open(
+        "AWS_SHARED_CREDENTIALS_FILE",
+        ".aws/credentials",
+        &mut looked,
+    )? {
         let at = format!("{} [{profile}]", path.display());
         let section = ini.section(Some(profile.as_str()));
         match from_section(section, &at)? {
@@ -66,12 +80,8 @@ pub fn resolve(
             }
             None => looked.push(at),
         }
-    } else if let Some(path) = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials") {
-        looked.push(format!("{} (no such file)", path.display()));
     }
-    if let Some(path) = file("AWS_CONFIG_FILE", ".aws/config")
-        && let Some(ini) = read_ini(&path)?
-    {
+    if let Some((path, ini)) = open("AWS_CONFIG_FILE", ".aws/config", &mut looked)? {
         // `[profile NAME]` (blanks between the words as they come); the default may
         // also be `[default]`.
         let named = ini.iter().find_map(|(name, props)| {
@@ -110,8 +120,6 @@ pub fn resolve(
             }
             None => looked.push(at),
         }
-    } else if let Some(path) = file("AWS_CONFIG_FILE", ".aws/config") {
-        looked.push(format!("{} (no such file)", path.display()));
     }
     if home.is_none() {
         looked.push("not ~/.aws (HOME is not set, nor found in /etc/passwd)".into());
