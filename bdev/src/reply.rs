@@ -15,12 +15,19 @@ struct Slot<T> {
 
 impl<T> Slot<T> {
     fn put(&self, value: Option<T>) {
-        let mut v = self.value.lock().unwrap_or_else(|p| p.into_inner());
-        if v.is_none() {
-            *v = Some(value);
-            drop(v);
+        if self.set(value) {
             self.done.notify(usize::MAX);
         }
+    }
+
+    /// Lands `value` unless an answer already has; whether it did.
+    fn set(&self, value: Option<T>) -> bool {
+        let mut v = self.value.lock().unwrap_or_else(|p| p.into_inner());
+        let empty = v.is_none();
+        if empty {
+            *v = Some(value);
+        }
+        empty
     }
 
     fn take(&self) -> Option<Option<T>> {
@@ -44,9 +51,25 @@ pub(crate) fn reply<T>() -> (Reply<T>, Pending<T>) {
 }
 
 impl<T> Reply<T> {
-    /// Answers.
-    pub(crate) fn send(self, value: T) {
-        self.0.put(Some(value));
+    /// Answers, but wakes the waiter only when the returned [`Wake`] is dropped. A
+    /// reactor answering a message's several claims lands every answer before it wakes
+    /// anyone, so a waiter woken by the first sees the others there too (answers woken
+    /// one by one come apart on a busy machine, and the snapshot then reads adjacent
+    /// chunks one request each).
+    pub(crate) fn send_quietly(self, value: T) -> Wake<T> {
+        let slot = Arc::clone(&self.0);
+        slot.set(Some(value));
+        // `self`'s drop finds the answer there and does nothing.
+        Wake(slot)
+    }
+}
+
+/// Wakes a quietly answered waiter when dropped ([`Reply::send_quietly`]).
+pub(crate) struct Wake<T>(Arc<Slot<T>>);
+
+impl<T> Drop for Wake<T> {
+    fn drop(&mut self) {
+        self.0.done.notify(usize::MAX);
     }
 }
 
@@ -101,11 +124,36 @@ mod tests {
     #[test]
     fn an_answer_arrives_and_a_dropped_sender_says_so() {
         let (tx, rx) = reply::<u32>();
-        let t = std::thread::spawn(move || tx.send(7));
+        let t = std::thread::spawn(move || drop(tx.send_quietly(7)));
         assert_eq!(rx.wait_blocking(Duration::from_secs(30)), Some(7));
         t.join().unwrap_or_default();
         let (tx, rx) = reply::<u32>();
         drop(tx);
         assert_eq!(futures_lite::future::block_on(rx.wait()), None);
+    }
+
+    #[test]
+    fn answers_landed_quietly_are_all_there_when_the_first_wakes() {
+        let (replies, waits): (Vec<_>, Vec<_>) = (0..4).map(|_| reply::<u32>()).unzip();
+        let wakes: Vec<_> = replies
+            .into_iter()
+            .zip(0..)
+            .map(|(tx, i)| tx.send_quietly(i))
+            .collect();
+        // Nobody has been woken, yet every answer is there to be taken.
+        for (rx, i) in waits.into_iter().zip(0..) {
+            let mut wait = std::pin::pin!(rx.wait());
+            assert_eq!(
+                futures_lite::future::block_on(futures_lite::future::poll_once(&mut wait)),
+                Some(Some(i))
+            );
+        }
+        drop(wakes);
+        // A waiter blocked on its answer (or about to be) is woken by its `Wake`.
+        let (tx, rx) = reply::<u32>();
+        let t = std::thread::spawn(move || rx.wait_blocking(Duration::from_secs(30)));
+        let wake = tx.send_quietly(9);
+        drop(wake);
+        assert_eq!(t.join().ok().flatten(), Some(9));
     }
 }

@@ -288,8 +288,15 @@ fn a_snapshot_is_point_in_time_while_the_host_keeps_writing() {
     );
     let after = random(size as usize, 2);
     let snap = std::thread::scope(|s| {
-        let t = s.spawn(|| snapshot(&env, &handle, None, throttle));
-        std::thread::sleep(Duration::from_millis(200));
+        let t = s.spawn(|| snapshot(&env, &handle, None, throttle.clone()));
+        // Once an upload waits for the throttle, the snapshot has begun (its point in
+        // time is taken) and has most of the volume still to store.
+        let asked = std::time::Instant::now();
+        while throttle.waiting("vol1", ox::throttle::Class::Background) == 0 {
+            assert!(asked.elapsed() < T, "the snapshot never reached its upload");
+            assert!(!t.is_finished(), "the snapshot ended without waiting");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for off in (0..size).step_by(256 << 10) {
             write(
                 &env,

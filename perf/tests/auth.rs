@@ -212,10 +212,26 @@ dhchap_key_file = {other_file:?}
     // that fails its checks changes nothing.
     let (rotated, _) = secret(d, "rotated.key");
     std::fs::write(&host_file, &rotated).unwrap();
+    // Each SIGHUP is done once its audit record is written (after the new secrets,
+    // or the refusal, are in force).
+    let reloads = || {
+        std::fs::read_to_string(d.join("audit.log"))
+            .unwrap_or_default()
+            .matches("\"action\":\"reload_host_keys\"")
+            .count()
+    };
     let hup = |oxd: &support::Oxd| {
+        let before = reloads();
         // SAFETY: signalling a child process we own.
         unsafe { libc::kill(oxd.child.id() as i32, libc::SIGHUP) };
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let asked = std::time::Instant::now();
+        while reloads() == before {
+            assert!(
+                asked.elapsed() < std::time::Duration::from_secs(60),
+                "SIGHUP never reloaded the secrets"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     };
     hup(&oxd);
     for target in [

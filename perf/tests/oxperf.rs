@@ -84,6 +84,8 @@ impl BackendChannel for CorruptingChannel {
 struct Appliance {
     set: Option<ReactorSet>,
     addr: SocketAddr,
+    /// The namespace's device, whose counters show a host's commands arriving.
+    dev: Bdev,
     _target: Target,
 }
 
@@ -121,7 +123,7 @@ fn appliance(corrupt_lba: Option<u64>) -> Appliance {
             serial: "PERF1".into(),
             model: "OX perf test".into(),
             hosts: HostPolicy::Any,
-            namespaces: vec![Namespace::new(1, dev)],
+            namespaces: vec![Namespace::new(1, dev.clone())],
             listeners: vec!["127.0.0.1:0".parse().unwrap()],
             host_keys: Vec::new(),
         }],
@@ -134,6 +136,7 @@ fn appliance(corrupt_lba: Option<u64>) -> Appliance {
     Appliance {
         addr: target.local_addrs()[0],
         set: Some(set),
+        dev,
         _target: target,
     }
 }
@@ -502,7 +505,16 @@ fn ctrl_c_prints_the_partial_result() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Interrupted once its reads reach the device (its handler is set before it
+    // starts them).
+    let asked = std::time::Instant::now();
+    while a.dev.stats().ops(IoType::Read) == 0 {
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(60),
+            "oxperf never read"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();

@@ -22,7 +22,7 @@ use crate::buf::IoBuf;
 use crate::error::BdevError;
 use crate::io::{BdevIo, IoCompletion};
 use crate::park::{Answer, deliver, wake};
-use crate::reply::Reply;
+use crate::reply::{Reply, Wake};
 
 /// A write parked on its reactor, by token. Dropped unanswered (its message lost,
 /// the owner's state released, the owner stopped), it wakes the write with an error
@@ -100,21 +100,22 @@ pub(super) fn send(shared: &Arc<Shared>, owner: &ReactorHandle, event: Event<Wri
     if let Some(r) = reactor::current()
         && r.handle().same(owner)
     {
-        return apply(shared, &r, event);
+        return apply(shared, &r, event, &mut Vec::new());
     }
     let shared = Arc::clone(shared);
     deliver(
         owner.clone(),
         Box::new(move || {
             if let Some(r) = reactor::current() {
-                apply(&shared, &r, event);
+                apply(&shared, &r, event, &mut Vec::new());
             }
         }),
     );
 }
 
 /// [`send`] for several events in one message (one wake-up of the owner's reactor),
-/// applied in order.
+/// applied in order. The answers they have at once are all landed before any waiter
+/// is woken ([`Reply::send_quietly`]): a batch of claims is seen answered together.
 pub(super) fn send_all(
     shared: &Arc<Shared>,
     owner: &ReactorHandle,
@@ -123,8 +124,9 @@ pub(super) fn send_all(
     if let Some(r) = reactor::current()
         && r.handle().same(owner)
     {
+        let mut wakes = Vec::new();
         for event in events {
-            apply(shared, &r, event);
+            apply(shared, &r, event, &mut wakes);
         }
         return;
     }
@@ -133,8 +135,9 @@ pub(super) fn send_all(
         owner.clone(),
         Box::new(move || {
             if let Some(r) = reactor::current() {
+                let mut wakes = Vec::new();
                 for event in events {
-                    apply(&shared, &r, event);
+                    apply(&shared, &r, event, &mut wakes);
                 }
             }
         }),
@@ -142,8 +145,13 @@ pub(super) fn send_all(
 }
 
 /// Applies `event` on the owner `r`, publishes what changed and carries out the
-/// actions.
-fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Writer, Asker>) {
+/// actions; the waiters it answers are woken as `wakes` is dropped.
+fn apply(
+    shared: &Arc<Shared>,
+    r: &Rc<Reactor>,
+    event: Event<Writer, Asker>,
+    wakes: &mut Vec<Wake<Answered>>,
+) {
     // The volume is gone: the event is dropped, and with it its waiters are told.
     let Some(o) = owned(shared, r) else {
         return;
@@ -156,7 +164,7 @@ fn apply(shared: &Arc<Shared>, r: &Rc<Reactor>, event: Event<Writer, Asker>) {
         actions
     };
     for a in actions {
-        act(&o, r, a);
+        act(&o, r, a, wakes);
     }
 }
 
@@ -189,7 +197,12 @@ fn publish(s: &Shared, core: &mut Core<Writer, Asker>) {
     }
 }
 
-fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Writer, Asker>) {
+fn act(
+    o: &Rc<Owned>,
+    r: &Rc<Reactor>,
+    action: Action<Writer, Asker>,
+    wakes: &mut Vec<Wake<Answered>>,
+) {
     let s = &o.shared;
     match action {
         Action::Copy { generation, chunk } => copy(s, r, generation, chunk),
@@ -201,9 +214,9 @@ fn act(o: &Rc<Owned>, r: &Rc<Reactor>, action: Action<Writer, Asker>) {
             };
             writer.answer(Err(e));
         }
-        Action::Serve(asker, source) => asker.send(Answered::Source(source)),
-        Action::Refuse(asker) => asker.send(Answered::Refused),
-        Action::Ready(asker) => asker.send(Answered::Ready),
+        Action::Serve(asker, source) => wakes.push(asker.send_quietly(Answered::Source(source))),
+        Action::Refuse(asker) => wakes.push(asker.send_quietly(Answered::Refused)),
+        Action::Ready(asker) => wakes.push(asker.send_quietly(Answered::Ready)),
     }
 }
 
@@ -228,6 +241,7 @@ fn copy(s: &Arc<Shared>, r: &Rc<Reactor>, generation: u64, chunk: u64) {
                 chunk,
                 how,
             },
+            &mut Vec::new(),
         );
     };
     let channel = match s.inner.channel() {
