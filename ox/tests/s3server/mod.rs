@@ -17,6 +17,8 @@ use futures_lite::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
 
+mod fs;
+
 pub const ACCESS: &str = "AKIAOXTEST";
 pub const SECRET: &str = "ox-test-secret-key";
 pub const BUCKET: &str = "ox-bucket";
@@ -365,7 +367,7 @@ fn start_server_on(bind: &str, tls: bool, domain: Option<&str>, threads: usize) 
         .unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind(bind)).unwrap();
     let addr = listener.local_addr().unwrap();
-    let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
+    let fs = fs::Fs::new(dir.path());
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS, SECRET));
     if let Some(domain) = domain {
