@@ -13,9 +13,7 @@ pub enum IdlePolicy {
     /// Poll forever: lowest latency, burns its whole core. For benchmarks on dedicated cores.
     Busy,
     /// Poll, and park on the ring after an idle spell; a message, a completion or a timer
-    /// wakes it. The default: near-busy latency under load, ~0 % CPU when idle. Past
-    /// 50 µs idle each pass also yields the core, so a thread it woke that waits for
-    /// this core runs at once rather than after the spell.
+    /// wakes it. The default: near-busy latency under load, ~0 % CPU when idle.
     #[default]
     Adaptive,
     /// Park whenever a pass found no work.

@@ -58,7 +58,6 @@ pub(crate) struct Counters {
     pub(crate) idle_ns: AtomicU64,
     pub(crate) passes: AtomicU64,
     pub(crate) parks: AtomicU64,
-    pub(crate) yields: AtomicU64,
     pub(crate) messages: AtomicU64,
 }
 
@@ -81,8 +80,6 @@ pub struct ReactorStats {
     pub passes: u64,
     /// Times the reactor parked.
     pub parks: u64,
-    /// Idle passes that yielded the core (polling with nothing to do for a while).
-    pub yields: u64,
     /// Messages executed.
     pub messages: u64,
 }
@@ -255,7 +252,6 @@ impl ReactorHandle {
             idle: Duration::from_nanos(c.idle_ns.load(Ordering::Relaxed)),
             passes: c.passes.load(Ordering::Relaxed),
             parks: c.parks.load(Ordering::Relaxed),
-            yields: c.yields.load(Ordering::Relaxed),
             messages: c.messages.load(Ordering::Relaxed),
         }
     }

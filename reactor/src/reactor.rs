@@ -54,18 +54,6 @@ pub struct Reactor {
     drain_timeout: Duration,
 }
 
-/// How long an adaptive reactor polls with nothing to do before each idle pass also
-/// yields its core, until it parks. A thread the reactor has just woken — an OX core
-/// given a client's miss, a thread waiting on a completion — may be queued on this
-/// core, and the scheduler lets a polling thread run on first: such a wake-up waited
-/// for the reactor's whole idle spell (1 ms) in about half the cold clone reads on a
-/// machine whose every core runs a reactor (BENCHMARKS.md, 2026-12-07 session 33).
-/// Past this, a yield hands the core over at once; with nobody waiting it costs a
-/// system call per idle pass, so a command arriving then waits that much more. Longer
-/// than the gaps between a loaded connection's commands. A `busy` reactor's core is
-/// its own: it never yields.
-const YIELD_AFTER: Duration = Duration::from_micros(50);
-
 impl Reactor {
     pub(crate) fn new(
         handle: ReactorHandle,
@@ -324,17 +312,6 @@ impl Reactor {
                     woke.duration_since(after).as_nanos() as u64,
                 );
                 pass_start = woke;
-            } else if self.idle == IdlePolicy::Adaptive
-                && after.duration_since(last_work) >= YIELD_AFTER
-            {
-                Counters::bump(&counters.yields, 1);
-                std::thread::yield_now();
-                let back = Instant::now();
-                Counters::bump(
-                    &counters.idle_ns,
-                    back.duration_since(after).as_nanos() as u64,
-                );
-                pass_start = back;
             }
         }
         // Work still queued after a drain that timed out is dropped, not run: it may

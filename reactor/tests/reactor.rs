@@ -158,40 +158,6 @@ fn idle_adaptive_reactors_use_under_five_percent_of_a_core() {
 }
 
 #[test]
-fn an_adaptive_reactor_with_nothing_to_do_yields_its_core_before_it_parks() {
-    let cores = CoreList::from_cores(&CoreList::available()[..1]).unwrap();
-    // An adaptive reactor polls for a while before it parks; past a short while each
-    // idle pass yields, so a thread the reactor woke onto its core is not kept
-    // waiting. (It parks after a millisecond idle: a message now and then brings it
-    // back to poll again until it has yielded.)
-    let adaptive = ReactorSet::start(ReactorConfig::new(cores.clone())).unwrap();
-    let asked = Instant::now();
-    while adaptive.handles()[0].stats().yields == 0 {
-        assert!(asked.elapsed() < Duration::from_secs(60), "never yielded");
-        adaptive.call(0, || ()).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    adaptive.shutdown().unwrap();
-    // A busy reactor's core is its own.
-    let busy =
-        ReactorSet::start(ReactorConfig::new(cores.clone()).with_idle(IdlePolicy::Busy)).unwrap();
-    let passes = busy.handles()[0].stats().passes;
-    while busy.handles()[0].stats().passes < passes + 10_000 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(busy.handles()[0].stats().yields, 0);
-    busy.shutdown().unwrap();
-    // An interrupt-driven reactor parks at once: it has no idle pass to yield in.
-    let parking =
-        ReactorSet::start(ReactorConfig::new(cores).with_idle(IdlePolicy::Interrupt)).unwrap();
-    for _ in 0..10 {
-        parking.call(0, || ()).unwrap();
-    }
-    assert_eq!(parking.handles()[0].stats().yields, 0);
-    parking.shutdown().unwrap();
-}
-
-#[test]
 fn busy_reactors_never_park_and_interrupt_ones_do() {
     let cores = CoreList::from_cores(&CoreList::available()[..1]).unwrap();
     let busy =
