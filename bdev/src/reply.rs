@@ -36,7 +36,7 @@ impl<T> Slot<T> {
 }
 
 /// The sending half: answers once; dropped unanswered, it tells the waiter so.
-pub(crate) struct Reply<T>(Arc<Slot<T>>);
+pub(crate) struct Reply<T>(Option<Arc<Slot<T>>>);
 
 /// The waiting half.
 pub(crate) struct Pending<T>(Arc<Slot<T>>);
@@ -47,7 +47,7 @@ pub(crate) fn reply<T>() -> (Reply<T>, Pending<T>) {
         value: Mutex::new(None),
         done: event_listener::Event::new(),
     });
-    (Reply(Arc::clone(&slot)), Pending(slot))
+    (Reply(Some(Arc::clone(&slot))), Pending(slot))
 }
 
 impl<T> Reply<T> {
@@ -55,11 +55,13 @@ impl<T> Reply<T> {
     /// reactor answering a message's several claims lands every answer before it wakes
     /// anyone, so a waiter woken by the first sees the others there too (answers woken
     /// one by one come apart on a busy machine, and the snapshot then reads adjacent
-    /// chunks one request each).
-    pub(crate) fn send_quietly(self, value: T) -> Wake<T> {
-        let slot = Arc::clone(&self.0);
+    /// chunks one request each). Dropping the [`Wake`] at once is a plain answer.
+    #[must_use = "the waiter is woken when the Wake is dropped"]
+    pub(crate) fn send_quietly(mut self, value: T) -> Wake<T> {
+        let Some(slot) = self.0.take() else {
+            unreachable!("a reply answers once, consuming itself")
+        };
         slot.set(Some(value));
-        // `self`'s drop finds the answer there and does nothing.
         Wake(slot)
     }
 }
@@ -75,7 +77,9 @@ impl<T> Drop for Wake<T> {
 
 impl<T> Drop for Reply<T> {
     fn drop(&mut self) {
-        self.0.put(None);
+        if let Some(slot) = self.0.take() {
+            slot.put(None);
+        }
     }
 }
 
@@ -140,7 +144,7 @@ mod tests {
             .zip(0..)
             .map(|(tx, i)| tx.send_quietly(i))
             .collect();
-        // Nobody has been woken, yet every answer is there to be taken.
+        // Every answer is there to be taken before any `Wake` is dropped.
         for (rx, i) in waits.into_iter().zip(0..) {
             let mut wait = std::pin::pin!(rx.wait());
             assert_eq!(
@@ -149,11 +153,31 @@ mod tests {
             );
         }
         drop(wakes);
-        // A waiter blocked on its answer (or about to be) is woken by its `Wake`.
+    }
+
+    /// Counts the wake-ups it is given.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_listening_waiter_is_woken_by_the_wake_not_by_the_quiet_answer() {
         let (tx, rx) = reply::<u32>();
-        let t = std::thread::spawn(move || rx.wait_blocking(Duration::from_secs(30)));
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&count));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut wait = std::pin::pin!(rx.wait());
+        // Listening, with nothing there yet.
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
         let wake = tx.send_quietly(9);
+        let woken = || count.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(woken(), 0, "a quiet answer wakes nobody");
         drop(wake);
-        assert_eq!(t.join().ok().flatten(), Some(9));
+        assert_eq!(woken(), 1, "its Wake does");
+        assert_eq!(wait.as_mut().poll(&mut cx), std::task::Poll::Ready(Some(9)));
     }
 }

@@ -21,7 +21,9 @@
 //! s3backer over the same data: `scripts/bench-vs-s3backer`). Objects are 1 MiB
 //! unless `--object-mib` says. The snapshot keeps no journal unless `--journal 1` (as
 //! the appliance does for its volumes: a checkpoint every 5 s). `--snapshot-only 1`
-//! stops after the snapshot, `--cold-only 1` after section 2; `--sequential-only N`
+//! stops after the snapshot, `--cold-only 1` after section 2. `--split-cores 1` lays
+//! the cores out as the appliance image does (reactors on all but the last, the OX
+//! core on the last) instead of reactors on all and an unpinned OX core. `--sequential-only N`
 //! runs only section 3, N times, each over a
 //! clone of its own (new connections, as a clone opened afresh has), so two builds or
 //! settings can be set side by side quickly. With `OX_TRACE` set, every scattered read
@@ -29,8 +31,8 @@
 //! this network namespace, by any process).
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
-//!     --read-ahead-mib N --journal 1 --snapshot-only 1 --cold-only 1 --sequential-only N
-//!     --restore-only N]
+//!     --read-ahead-mib N --journal 1 --snapshot-only 1 --cold-only 1 --split-cores 1
+//!     --sequential-only N --restore-only N]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/s3server/mod.rs"]
@@ -177,7 +179,11 @@ fn main() {
         support::bed_credentials(s3server::ACCESS, s3server::SECRET),
     );
     config.allow_http = true;
-    let w = World::start(config, size);
+    let w = if arg("--split-cores", 0) == 1 {
+        World::start_split(config, size)
+    } else {
+        World::start(config, size)
+    };
     println!(
         "endpoint {endpoint}, {} MiB volume, {object_mib} MiB objects\n",
         size >> 20
