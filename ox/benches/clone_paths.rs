@@ -11,8 +11,9 @@
 //! 4. thickening rate vs its bandwidth limit;
 //! 5. client cold-read latency while thickening runs at full speed vs with it idle.
 //!
-//! The test server (s3s-fs) hashes the whole object on every GET, so its GET latency
-//! grows with the object size: objects are 1 MiB here unless `--object-mib` says.
+//! Objects are 1 MiB here unless `--object-mib` says. (Until 2026-12-07 the test
+//! server hashed the whole object on every GET, so its GET latency grew with the
+//! object's size; it now reads a ranged GET's bytes alone.)
 //!
 //! cargo bench -p ox --bench clone_paths [-- --mib 256 --reads 300 --limit-mib 8 --object-mib 1]
 //! (`--snapshot-only 1`: part 1 alone; `--s3 0`: part 1 without the S3 server, for
