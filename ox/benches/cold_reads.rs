@@ -179,14 +179,21 @@ fn main() {
         support::bed_credentials(s3server::ACCESS, s3server::SECRET),
     );
     config.allow_http = true;
-    let w = if arg("--split-cores", 0) == 1 {
+    let split = arg("--split-cores", 0) == 1;
+    let w = if split {
         World::start_split(config, size)
     } else {
         World::start(config, size)
     };
     println!(
-        "endpoint {endpoint}, {} MiB volume, {object_mib} MiB objects\n",
-        size >> 20
+        "endpoint {endpoint}, {} MiB volume, {object_mib} MiB objects, {} reactors, {}\n",
+        size >> 20,
+        w.set.handles().len(),
+        if split {
+            "the OX core on the last core"
+        } else {
+            "an unpinned OX core"
+        }
     );
 
     let (_vol, vh) = w.volume(|i| noise(1 << 20, i + 1));

@@ -106,7 +106,7 @@ impl World {
                         prefix,
                         zstd_level: 1,
                         kek: Some(k),
-                        // Small objects: s3s-fs hashes the whole object on every GET.
+                        // Small objects: whole-object GETs are hashed by the test server.
                         object_bytes: 1 << 20,
                         volume_id: [volume_id; 16],
                         volume_name: "vol".into(),

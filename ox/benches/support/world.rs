@@ -49,8 +49,9 @@ impl World {
         }
     }
 
-    /// Laid out as the appliance image lays out a machine: reactors on every core but
-    /// the last, one OX core pinned to the last (on two cores, 1 + 1). Where reactors
+    /// Laid out as the appliance image lays out a small machine: reactors on every core
+    /// but the last, one OX core pinned to the last (on two cores, 1 + 1; on one, both
+    /// on it; the image gives larger machines a quarter of their cores). Where reactors
     /// run on every core, a thread one of them wakes (the OX core given a miss, this
     /// bench's thread given a completion) may wait out the reactor's 1 ms of polling
     /// before the scheduler lets it run: the image's layout has no such wait.
