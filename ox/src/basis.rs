@@ -2,9 +2,10 @@
 //! run on OX cores — index page (cached), ranged GET of exactly the chunks' frames,
 //! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
 //! of adjacent chunks travels in ranged GETs of about [`RUN_BYTES`] each (fetches ahead
-//! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`]), all asked for
-//! at once (the background's at most [`BACKGROUND_REQUESTS`] sent at once on an OX
-//! core, the rest in turn); a lone miss is one GET of one frame.
+//! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`], and smaller
+//! still while its connections are being opened), all asked for at once (the
+//! background's at most [`BACKGROUND_REQUESTS`] sent at once on an OX core, the rest in
+//! turn); a lone miss is one GET of one frame.
 //! The store's round trip (its quickest answer so far) sizes a sequential reader's
 //! read-ahead ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for
 //! ahead.
@@ -385,8 +386,7 @@ impl Inner {
                 return batch.into_iter().for_each(|(_, d)| d(Err(e.clone())));
             }
         };
-        let most = frames_and_headers(self.run_bytes(reason));
-        let mut runs: Vec<Run> = Vec::new();
+        let mut frames = Vec::with_capacity(batch.len());
         for (chunk, done) in batch {
             let (entry, len) = match self.entry(&*pages, chunk).await {
                 Ok(e) => e,
@@ -414,18 +414,25 @@ impl Inner {
                 ))));
                 continue;
             };
+            frames.push((chunk, entry, done, (source, object, offset, end)));
+        }
+        let stored: u64 = frames
+            .iter()
+            .map(|(_, _, _, (_, _, offset, end))| end - offset)
+            .sum();
+        let most = self.run_limit(reason, &*store, stored);
+        let mut runs: Vec<Run> = Vec::new();
+        for (chunk, entry, done, (source, object, offset, end)) in frames {
+            let length = end - offset;
             match runs.last_mut() {
-                Some(run)
-                    if run.at == (source, object, offset)
-                        && run.bytes + u64::from(length) <= most =>
-                {
+                Some(run) if run.at == (source, object, offset) && run.bytes + length <= most => {
                     run.at.2 = end;
-                    run.bytes += u64::from(length);
+                    run.bytes += length;
                     run.chunks.push((chunk, entry, done));
                 }
                 _ => runs.push(Run {
                     at: (source, object, end),
-                    bytes: u64::from(length),
+                    bytes: length,
                     chunks: vec![(chunk, entry, done)],
                 }),
             }
@@ -468,17 +475,46 @@ impl Inner {
         }
     }
 
+    /// Whether the store is far, for the GETs ahead of hosts: its round trip wants more
+    /// than [`FAR_AHEAD_BYTES`] ahead of a sequential reader.
+    fn far(&self) -> bool {
+        self.wanted_ahead().is_some_and(|b| b > FAR_AHEAD_BYTES)
+    }
+
     /// The most one ranged GET for `reason` carries, besides its frames' headers:
     /// [`READ_AHEAD_RUN_BYTES`] for fetches ahead of hosts from a far store (one whose
     /// round trip wants more than [`FAR_AHEAD_BYTES`] ahead), else [`RUN_BYTES`].
     fn run_bytes(&self, reason: FetchReason) -> u64 {
-        let far = || self.wanted_ahead().is_some_and(|b| b > FAR_AHEAD_BYTES);
         match reason {
-            FetchReason::Prefetch if far() => READ_AHEAD_RUN_BYTES,
+            FetchReason::Prefetch if self.far() => READ_AHEAD_RUN_BYTES,
             FetchReason::Prefetch
             | FetchReason::ClientMiss
             | FetchReason::Thickening
             | FetchReason::Internal => RUN_BYTES,
+        }
+    }
+
+    /// The most one ranged GET of a batch of `stored` bytes (its frames) for `reason`
+    /// carries, frames' headers included: [`Self::run_bytes`]' — but while `store`
+    /// has fewer connections open than requests it may send at once, a far store's
+    /// fetches ahead of hosts are spread over the requests it could send now, in runs
+    /// of at least [`SPREAD_RUN_BYTES`]. A new connection's TCP window starts at ten
+    /// segments and doubles each round trip, so a sequential reader's first windows
+    /// arrive as fast as the sum of the windows of the connections carrying them grows:
+    /// spread, they open every connection at once, each with a small first GET,
+    /// instead of a few with full runs and the rest a window later (at 60 ms and 1
+    /// Gbit/s the first 16 MiB took ~1 s, BENCHMARKS.md). Once the connections are
+    /// open, runs are full size again: a slow reader's do not multiply its GETs.
+    fn run_limit(&self, reason: FetchReason, store: &dyn ObjectStore, stored: u64) -> u64 {
+        let most = frames_and_headers(self.run_bytes(reason));
+        if reason != FetchReason::Prefetch || !self.far() {
+            return most;
+        }
+        match store.request_room() {
+            Some(room) if room.open < room.most && room.free > 1 => stored
+                .div_ceil(room.free as u64)
+                .clamp(frames_and_headers(SPREAD_RUN_BYTES), most),
+            _ => most,
         }
     }
 
@@ -576,6 +612,11 @@ pub const RUN_BYTES: u64 = 2 << 20;
 /// GETs of [`RUN_BYTES`] (2,048 a GiB of incompressible 64 KiB chunks; a GET carries a
 /// frame at least, so 1 MiB chunks go one a GET instead of two).
 pub const READ_AHEAD_RUN_BYTES: u64 = 512 << 10;
+
+/// The least a run ahead of hosts from a far store is cut to while the store has
+/// connections still to open ([`Inner::run_limit`]): a quarter of
+/// [`READ_AHEAD_RUN_BYTES`], so at most four times its GETs.
+pub const SPREAD_RUN_BYTES: u64 = READ_AHEAD_RUN_BYTES / 4;
 
 /// A store is far, for the size of the GETs ahead of hosts, where its round trip wants
 /// more than this ahead of a sequential reader ([`bdev::read_ahead::wanted_bytes`]):

@@ -186,6 +186,9 @@ impl World {
         // Each read's buffer is the next one's: the host's side costs a copy, not an
         // allocation too, as a host with registered buffers.
         let mut spare: Vec<Vec<IoBuf>> = Vec::new();
+        // With `OX_TRACE` set: when each 16 MiB was read, to see how the rate ramps.
+        let trace = std::env::var_os("OX_TRACE").is_some();
+        let (mut done_bytes, mut marks) = (0u64, Vec::new());
         while next < self.size || !inflight.is_empty() {
             while inflight.len() < depth && next < self.size {
                 let bufs = spare
@@ -199,6 +202,22 @@ impl World {
             let done = rx.recv_timeout(T).unwrap();
             done.result.unwrap();
             spare.push(done.bufs);
+            done_bytes += req;
+            if trace && done_bytes % (16 << 20) == 0 {
+                marks.push(start.elapsed());
+            }
+        }
+        if trace {
+            let mut last = Duration::ZERO;
+            let steps: Vec<String> = marks
+                .iter()
+                .map(|&t| {
+                    let rate = 16.0 * 1048576.0 / (t - last).as_secs_f64() / 1e6;
+                    last = t;
+                    format!("{:.0}ms:{rate:.0}", t.as_secs_f64() * 1e3)
+                })
+                .collect();
+            println!("16 MiB steps (ms:MB/s): {}", steps.join(" "));
         }
         start.elapsed()
     }

@@ -207,6 +207,39 @@ pub struct HttpClient {
     slots: OnceCell<Slots>,
     /// The latest answer's `Date` beside our clock: see [`Self::server_clock`].
     clock: Cell<Option<ServerClock>>,
+    /// Connections open now (in use or kept alive): see [`Self::request_room`].
+    open: Rc<Cell<usize>>,
+}
+
+/// Where a client with a limit on its requests in flight stands against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRoom {
+    /// The most requests in flight at once.
+    pub most: usize,
+    /// Requests that could be sent now without waiting for a turn (none while some
+    /// wait).
+    pub free: usize,
+    /// Connections open now, in use or kept alive: fewer than `most` means requests to
+    /// come may open new ones, whose TCP windows start small.
+    pub open: usize,
+}
+
+/// One open connection, counted in [`HttpClient::request_room`] until its task ends.
+struct Counted(Rc<Cell<usize>>);
+
+impl Counted {
+    fn new(open: &Rc<Cell<usize>>) -> Self {
+        open.set(open.get() + 1);
+        Self(Rc::clone(open))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let open = self.0.get();
+        assert!(open > 0, "a connection closed that was never counted open");
+        self.0.set(open - 1);
+    }
 }
 
 impl HttpClient {
@@ -228,6 +261,7 @@ impl HttpClient {
             quickest_answer: Cell::new(None),
             slots: OnceCell::new(),
             clock: Cell::new(None),
+            open: Rc::new(Cell::new(0)),
         }
     }
 
@@ -277,6 +311,7 @@ impl HttpClient {
             quickest_answer: Cell::new(self.quickest_answer.get()),
             slots: OnceCell::new(),
             clock: Cell::new(self.clock.get()),
+            open: Rc::new(Cell::new(0)),
         };
         (client, Rc::clone(&self.executor))
     }
@@ -286,6 +321,16 @@ impl HttpClient {
     /// turn, outside its timeout, first come first served. The first limit set stays.
     pub fn limit_requests(&self, most: usize) {
         let _ = self.slots.set(Slots::new(most));
+    }
+
+    /// Where this client stands against its limit on requests
+    /// ([`Self::limit_requests`]); `None` if requests are not limited.
+    pub fn request_room(&self) -> Option<RequestRoom> {
+        self.slots.get().map(|slots| RequestRoom {
+            most: slots.most(),
+            free: slots.free(),
+            open: self.open.get(),
+        })
     }
 
     /// Connects to `addr` whatever the URLs' hosts resolve to (split-horizon names,
@@ -509,8 +554,10 @@ impl HttpClient {
             .await
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
         // The connection task ends when the connection closes or the sender drops.
+        let counted = Counted::new(&self.open);
         self.executor
             .spawn(async move {
+                let _counted = counted;
                 let _ = conn.await;
             })
             .detach();

@@ -96,6 +96,11 @@ pub trait ObjectStore {
     fn limit_requests(&self, most: usize) {
         let _ = most;
     }
+    /// Where the store stands against its limit on requests in flight
+    /// ([`Self::limit_requests`]); `None` where requests are not limited.
+    fn request_room(&self) -> Option<http::RequestRoom> {
+        None
+    }
     /// Keys starting with `prefix`, sorted.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, OxError>>;
     /// One page of what lies under `prefix`, in key order: at most `max` entries, each

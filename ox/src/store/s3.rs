@@ -1475,6 +1475,10 @@ impl ObjectStore for S3Store {
         self.http.limit_requests(most);
     }
 
+    fn request_room(&self) -> Option<super::http::RequestRoom> {
+        self.http.request_room()
+    }
+
     fn server_clock(&self) -> Option<super::http::ServerClock> {
         self.http.server_clock()
     }

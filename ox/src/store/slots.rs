@@ -67,6 +67,22 @@ impl Slots {
     pub fn held(&self) -> usize {
         self.state.borrow().held
     }
+
+    /// The most held at once.
+    pub fn most(&self) -> usize {
+        self.state.borrow().most
+    }
+
+    /// Requests that could be sent now without waiting for a turn: the slots not held,
+    /// or none while requests wait.
+    pub fn free(&self) -> usize {
+        let s = self.state.borrow();
+        if s.waiting.is_empty() {
+            s.most - s.held
+        } else {
+            0
+        }
+    }
 }
 
 impl Drop for Slot {
@@ -106,9 +122,11 @@ mod tests {
     fn slots_past_the_limit_wait_and_are_granted_in_order() {
         block_on(async {
             let slots = Slots::new(2);
+            assert_eq!((slots.most(), slots.free()), (2, 2));
             let a = slots.acquire().await;
+            assert_eq!(slots.free(), 1);
             let b = slots.acquire().await;
-            assert_eq!(slots.held(), 2);
+            assert_eq!((slots.held(), slots.free()), (2, 0));
             let order = Rc::new(RefCell::new(Vec::new()));
             let mut waiting: Vec<_> = (0..3)
                 .map(|i| {
@@ -125,6 +143,7 @@ mod tests {
             }
             drop(a);
             assert_eq!(slots.held(), 2, "handed on, not freed");
+            assert_eq!(slots.free(), 0, "none free while requests wait");
             // Polled newest first: the slot went to the oldest.
             assert!(poll_once(waiting[2].as_mut()).await.is_none());
             assert!(poll_once(waiting[1].as_mut()).await.is_none());
@@ -140,7 +159,7 @@ mod tests {
             assert_eq!(*order.borrow(), vec![0, 1, 2]);
             assert_eq!(slots.held(), 2);
             drop((s1, s2));
-            assert_eq!(slots.held(), 0);
+            assert_eq!((slots.held(), slots.free()), (0, 2));
         });
     }
 
