@@ -2,8 +2,8 @@
 //! run on OX cores — index page (cached), ranged GET of exactly the chunks' frames,
 //! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
 //! of adjacent chunks travels in ranged GETs of about [`RUN_BYTES`] each (fetches ahead
-//! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`], and smaller
-//! still while its connections are being opened), all asked for at once (the
+//! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`], and more of
+//! them while its connections are being opened), all asked for at once (the
 //! background's at most [`BACKGROUND_REQUESTS`] sent at once on an OX core, the rest in
 //! turn); a lone miss is one GET of one frame.
 //! The store's round trip (its quickest answer so far) sizes a sequential reader's
@@ -29,6 +29,7 @@ use crate::error::OxError;
 use crate::format::{Entry, IndexPage, PAGE_CHUNKS};
 use crate::snapshot::Loaded;
 use crate::store::ObjectStore;
+use crate::store::http::RequestRoom;
 use crate::throttle::{Class, Throttle};
 
 /// Makes this OX core's store instance (stores are per thread).
@@ -420,12 +421,16 @@ impl Inner {
             .iter()
             .map(|(_, _, _, (_, _, offset, end))| end - offset)
             .sum();
-        let most = self.run_limit(reason, &*store, stored);
+        let (most, per_run) = self.run_limits(reason, &*store, (frames.len() as u64, stored));
         let mut runs: Vec<Run> = Vec::new();
         for (chunk, entry, done, (source, object, offset, end)) in frames {
             let length = end - offset;
             match runs.last_mut() {
-                Some(run) if run.at == (source, object, offset) && run.bytes + length <= most => {
+                Some(run)
+                    if run.at == (source, object, offset)
+                        && run.bytes + length <= most
+                        && (run.chunks.len() as u64) < per_run =>
+                {
                     run.at.2 = end;
                     run.bytes += length;
                     run.chunks.push((chunk, entry, done));
@@ -494,27 +499,28 @@ impl Inner {
         }
     }
 
-    /// The most one ranged GET of a batch of `stored` bytes (its frames) for `reason`
-    /// carries, frames' headers included: [`Self::run_bytes`]' — but while `store`
-    /// has fewer connections open than requests it may send at once, a far store's
-    /// fetches ahead of hosts are spread over the requests it could send now, in runs
-    /// of at least [`SPREAD_RUN_BYTES`]. A new connection's TCP window starts at ten
-    /// segments and doubles each round trip, so a sequential reader's first windows
-    /// arrive as fast as the sum of the windows of the connections carrying them grows:
-    /// spread, they open every connection at once, each with a small first GET,
-    /// instead of a few with full runs and the rest a window later (at 60 ms and 1
-    /// Gbit/s the first 16 MiB took ~1 s, BENCHMARKS.md). Once the connections are
-    /// open, runs are full size again: a slow reader's do not multiply its GETs.
-    fn run_limit(&self, reason: FetchReason, store: &dyn ObjectStore, stored: u64) -> u64 {
+    /// How a batch of `frames` frames (`stored` bytes) for `reason` goes in runs: the
+    /// most bytes one carries, frames' headers included ([`Self::run_bytes`]), and the
+    /// most frames. A far store's fetches ahead of hosts, while `store` has fewer
+    /// connections open than requests it may send at once, go in enough more runs to
+    /// open the missing ones now ([`frames_per_run`]). A new connection's TCP window
+    /// starts at ten segments and doubles each round trip, so a sequential reader's
+    /// first windows arrive as fast as the sum of the windows of the connections
+    /// carrying them grows: spread, they open every connection at once, each with a
+    /// small first GET, instead of a few with full runs and the rest a window later
+    /// (at 60 ms and 1 Gbit/s the first 16 MiB took ~1 s, BENCHMARKS.md).
+    fn run_limits(
+        &self,
+        reason: FetchReason,
+        store: &dyn ObjectStore,
+        (frames, stored): (u64, u64),
+    ) -> (u64, u64) {
         let most = frames_and_headers(self.run_bytes(reason));
-        if reason != FetchReason::Prefetch || !self.far() {
-            return most;
-        }
         match store.request_room() {
-            Some(room) if room.open < room.most && room.free > 1 => stored
-                .div_ceil(room.free as u64)
-                .clamp(frames_and_headers(SPREAD_RUN_BYTES), most),
-            _ => most,
+            Some(room) if reason == FetchReason::Prefetch && self.far() => {
+                (most, frames_per_run(frames, stored, most, room))
+            }
+            _ => (most, u64::MAX),
         }
     }
 
@@ -613,10 +619,24 @@ pub const RUN_BYTES: u64 = 2 << 20;
 /// frame at least, so 1 MiB chunks go one a GET instead of two).
 pub const READ_AHEAD_RUN_BYTES: u64 = 512 << 10;
 
-/// The least a run ahead of hosts from a far store is cut to while the store has
-/// connections still to open ([`Inner::run_limit`]): a quarter of
-/// [`READ_AHEAD_RUN_BYTES`], so at most four times its GETs.
-pub const SPREAD_RUN_BYTES: u64 = READ_AHEAD_RUN_BYTES / 4;
+/// The most frames one run carries of a batch of `frames` frames (`stored` bytes) whose
+/// runs may carry `most` bytes, where the store stands at `room`: no limit, unless
+/// connections are still to open (`room` has fewer open than its requests' limit) and
+/// requests could be sent now — then the batch goes in as many more runs as there are
+/// connections to open, no more runs than requests free. A batch so goes in at most
+/// `room.most - room.open` more GETs than at full size: a store that closes
+/// connections, or allows fewer, costs a few GETs a batch, not a multiple. (Connections
+/// kept open but idle are not opened again: a server may have shrunk their windows, as
+/// after any idle spell; that is not undone here.)
+fn frames_per_run(frames: u64, stored: u64, most: u64, room: RequestRoom) -> u64 {
+    let to_open = room.most.saturating_sub(room.open) as u64;
+    if to_open == 0 || room.free < 2 {
+        return u64::MAX;
+    }
+    let full = stored.div_ceil(most.max(1));
+    let runs = (full + to_open).min(room.free as u64).max(full).max(1);
+    frames.div_ceil(runs).max(1)
+}
 
 /// A store is far, for the size of the GETs ahead of hosts, where its round trip wants
 /// more than this ahead of a sequential reader ([`bdev::read_ahead::wanted_bytes`]):
@@ -699,5 +719,71 @@ pub fn fetch_error(e: OxError) -> FetchError {
         OxError::Unavailable { .. } => FetchError::Unavailable(e.to_string()),
         OxError::Refused { .. } | OxError::Untrusted { .. } => FetchError::Refused(e.to_string()),
         _ => FetchError::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An incompressible 64 KiB chunk's frame, and what a full run ahead of hosts from
+    /// a far store carries.
+    const FRAME: u64 = (64 << 10) + 44;
+
+    fn room(open: usize, free: usize) -> RequestRoom {
+        RequestRoom {
+            most: BACKGROUND_REQUESTS,
+            free,
+            open,
+        }
+    }
+
+    /// How many runs `frames` frames go in, each at most `per_run` frames and `most`
+    /// bytes (as `fetch_batch` builds them, all from one object).
+    fn runs(frames: u64, most: u64, per_run: u64) -> u64 {
+        let per_run = per_run.min(most / FRAME);
+        frames.div_ceil(per_run)
+    }
+
+    #[test]
+    fn a_batch_spreads_over_the_connections_still_to_open_and_no_further() {
+        let most = frames_and_headers(READ_AHEAD_RUN_BYTES);
+        let (n, stored) = (64, 64 * FRAME);
+        let full = runs(n, most, u64::MAX);
+        assert_eq!(full, 8, "eight frames a full run");
+        // None open, all free: one run a request that could be sent now.
+        let spread = runs(n, most, frames_per_run(n, stored, most, room(0, 32)));
+        assert_eq!(spread, 32);
+        // Only some free: no more runs than could be sent now.
+        assert_eq!(
+            runs(n, most, frames_per_run(n, stored, most, room(0, 12))),
+            11
+        );
+        // Open but one: at most one run more than at full size.
+        for open in [31, 30, 28, 24, 16] {
+            let per_run = frames_per_run(n, stored, most, room(open, 32));
+            let got = runs(n, most, per_run);
+            assert!(
+                got >= full && got <= full + (32 - open) as u64,
+                "{open} open: {got} runs"
+            );
+        }
+        // All open (or more: fresh connections beside them), or none free: full runs.
+        for (open, free) in [(32, 32), (33, 32), (0, 1), (0, 0)] {
+            assert_eq!(
+                frames_per_run(n, stored, most, room(open, free)),
+                u64::MAX,
+                "{open} open, {free} free"
+            );
+        }
+        // A lone frame, and a batch larger than the requests: never below one frame.
+        assert_eq!(frames_per_run(1, FRAME, most, room(0, 32)), 1);
+        let (big, big_stored) = (1024, 1024 * FRAME);
+        let per_run = frames_per_run(big, big_stored, most, room(0, 32));
+        assert_eq!(
+            runs(big, most, per_run),
+            big.div_ceil(8),
+            "larger than spread"
+        );
     }
 }

@@ -203,7 +203,7 @@ impl World {
             done.result.unwrap();
             spare.push(done.bufs);
             done_bytes += req;
-            if trace && done_bytes % (16 << 20) == 0 {
+            if trace && done_bytes >= (marks.len() as u64 + 1) * (16 << 20) {
                 marks.push(start.elapsed());
             }
         }

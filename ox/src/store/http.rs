@@ -777,4 +777,63 @@ mod tests {
             "ACKs delayed after a read through the wrapper: {wrapped:?}"
         );
     }
+
+    /// A client counts the connections it has open, in use or kept alive, and stops
+    /// counting one the server closes.
+    #[test]
+    fn a_client_counts_its_open_connections() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Answers each request; one for `/close` says so and closes its connection.
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while s.read_exact(&mut byte).is_ok() {
+                        head.push(byte[0]);
+                        if head.ends_with(b"\r\n\r\n") {
+                            let close = head.starts_with(b"GET /close ");
+                            head.clear();
+                            let answer: &[u8] = if close {
+                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+                            } else {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            };
+                            if s.write_all(answer).is_err() || close {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let ex = Rc::new(LocalExecutor::new());
+        let client = HttpClient::new(Rc::clone(&ex), None, Duration::from_secs(60));
+        assert_eq!(client.request_room(), None, "not limited yet");
+        client.limit_requests(4);
+        let room = || client.request_room().expect("limited");
+        assert_eq!((room().most, room().free, room().open), (4, 4, 0));
+        let url = |path: &str| Url::parse(&format!("http://{addr}/{path}")).unwrap();
+        let (keep, close) = (url("keep"), url("close"));
+        let get = |u| client.request(hyper::Method::GET, u, &[], Bytes::new());
+        futures_lite::future::block_on(ex.run(async {
+            // Two at once: two connections, both kept.
+            let (a, b) = futures_lite::future::zip(get(&keep), get(&keep)).await;
+            assert_eq!((a.unwrap().status, b.unwrap().status), (200, 200));
+            assert_eq!((room().open, room().free), (2, 4));
+            // One taken from the pool and closed by the server: one left.
+            assert_eq!(get(&close).await.unwrap().status, 200);
+            // Its task ends once the connection has closed: wait for that (a deadline
+            // only so that a count that never falls fails instead of hanging).
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while room().open != 1 {
+                assert!(Instant::now() < deadline, "{} open", room().open);
+                futures_lite::future::yield_now().await;
+            }
+            assert_eq!(get(&keep).await.unwrap().status, 200);
+            assert_eq!(room().open, 1, "the kept one used again");
+        }));
+    }
 }

@@ -74,9 +74,11 @@ impl Slots {
     }
 
     /// Requests that could be sent now without waiting for a turn: the slots not held,
-    /// or none while requests wait.
+    /// or none while requests wait (or have given up waiting and not been passed
+    /// over yet).
     pub fn free(&self) -> usize {
         let s = self.state.borrow();
+        assert!(s.held <= s.most, "more slots held than there are");
         if s.waiting.is_empty() {
             s.most - s.held
         } else {
