@@ -345,6 +345,12 @@ pub const FAMILIES: &[Family] = &[
         "Time those transfers waited on the bandwidth limits, by volume or clone (bdev) and class.",
     ),
     f(
+        "ox_throttle_waiting",
+        Kind::Gauge,
+        &["bdev", "class"],
+        "Transfers of a volume or clone (bdev) waiting on the bandwidth limits now, by class; a series only while some wait.",
+    ),
+    f(
         "ox_reactor_busy_seconds",
         Kind::Counter,
         &["reactor", "core"],
@@ -696,6 +702,16 @@ impl Collector for Exporter {
                 "ox_throttle_wait_seconds",
                 per_wait(|w| Value::Float(w.time.as_secs_f64())),
             )?;
+            let waiting = service
+                .throttle_waiting()
+                .into_iter()
+                .map(|(volume, class, n)| {
+                    (
+                        vec![("bdev", volume), ("class", class.to_string())],
+                        Value::Int(n),
+                    )
+                });
+            family(e, "ox_throttle_waiting", waiting)?;
         }
 
         if let Some(reactors) = &state.reactors {

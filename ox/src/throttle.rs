@@ -263,6 +263,19 @@ impl Throttle {
         self.state().waiting.get(&key).copied().unwrap_or(0)
     }
 
+    /// Transfers waiting for their tokens now, by volume and class (only those with
+    /// some), sorted: how many a limit holds back at this moment.
+    pub fn waiting_now(&self) -> Vec<(String, Class, u64)> {
+        let mut v: Vec<_> = self
+            .state()
+            .waiting
+            .iter()
+            .map(|((volume, class), n)| (volume.clone(), *class, *n))
+            .collect();
+        v.sort_by(|a, b| (&a.0, a.1 == Class::Background).cmp(&(&b.0, b.1 == Class::Background)));
+        v
+    }
+
     /// What each volume's transfers waited on the limits since the start, by class:
     /// how much the limits hold traffic back.
     pub fn waited(&self) -> Vec<(String, Class, Waited)> {
@@ -427,8 +440,13 @@ mod tests {
         );
         assert_eq!(t.waiting("v", Class::Background), 1);
         assert_eq!(t.waiting("v", Class::Foreground), 0);
+        assert_eq!(
+            t.waiting_now(),
+            vec![("v".to_string(), Class::Background, 1)]
+        );
         drop(wait);
         assert_eq!(t.waiting("v", Class::Background), 0);
+        assert!(t.waiting_now().is_empty(), "{:?}", t.waiting_now());
         assert_eq!(t.waited()[0].2.transfers, 1);
     }
 }

@@ -296,6 +296,7 @@ file = {kek2:?}
     ] {
         assert!(text.contains(&format!("# TYPE {family} counter")), "{text}");
     }
+    assert!(text.contains("# TYPE ox_throttle_waiting gauge"), "{text}");
     // Deleting a snapshot of the volume now could collect the new one's objects.
     let second_id = second["result"]["id"].as_str().unwrap();
     let o = ctl.call(&["snapshot", "delete", second_id]);

@@ -193,6 +193,17 @@ impl Service {
         v
     }
 
+    /// How many transfers of each volume (or clone) wait on the bandwidth limits now,
+    /// by class (`foreground`, `background`); only those with some.
+    pub fn throttle_waiting(&self) -> Vec<(String, &'static str, u64)> {
+        self.settings
+            .throttle
+            .waiting_now()
+            .into_iter()
+            .map(|(volume, class, n)| (volume, class_name(class), n))
+            .collect()
+    }
+
     /// What each volume's (or clone's) store traffic waited on the bandwidth limits,
     /// by class (`foreground`, `background`).
     pub fn throttle_waits(&self) -> Vec<(String, &'static str, ox::throttle::Waited)> {
@@ -200,13 +211,15 @@ impl Service {
             .throttle
             .waited()
             .into_iter()
-            .map(|(volume, class, w)| {
-                let class = match class {
-                    ox::throttle::Class::Foreground => "foreground",
-                    ox::throttle::Class::Background => "background",
-                };
-                (volume, class, w)
-            })
+            .map(|(volume, class, w)| (volume, class_name(class), w))
             .collect()
+    }
+}
+
+/// A bandwidth class as metrics name it.
+fn class_name(class: ox::throttle::Class) -> &'static str {
+    match class {
+        ox::throttle::Class::Foreground => "foreground",
+        ox::throttle::Class::Background => "background",
     }
 }
