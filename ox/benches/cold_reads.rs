@@ -28,7 +28,8 @@
 //! clone of its own (new connections, as a clone opened afresh has), so two builds or
 //! settings can be set side by side quickly. With `OX_TRACE` set, every scattered read
 //! (sections 2, 3b and 4) prints its time and the TCP connections opened meanwhile (in
-//! this network namespace, by any process).
+//! this network namespace, by any process), and every sequential read (3, 3b) when
+//! each 16 MiB of it was read and at what rate.
 //!
 //! cargo bench -p ox --bench cold_reads [-- --mib 256 --reads 100 --object-mib 1 --endpoint URL
 //!     --read-ahead-mib N --journal 1 --snapshot-only 1 --cold-only 1 --split-cores 1

@@ -3,7 +3,7 @@
 //! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
 //! of adjacent chunks travels in ranged GETs of about [`RUN_BYTES`] each (fetches ahead
 //! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`], and more of
-//! them while its connections are being opened), all asked for at once (the
+//! them while fewer than [`BACKGROUND_REQUESTS`] connections are open), all asked for at once (the
 //! background's at most [`BACKGROUND_REQUESTS`] sent at once on an OX core, the rest in
 //! turn); a lone miss is one GET of one frame.
 //! The store's round trip (its quickest answer so far) sizes a sequential reader's
@@ -360,9 +360,11 @@ impl Inner {
 
     /// Fetches `batch` (ascending chunks): zero chunks are answered at once; frames
     /// that lie back to back in one object are gathered into runs of at most
-    /// [`Inner::run_bytes`] (and [`frames_and_headers`]' room), each one ranged GET, and
-    /// the runs are all asked for at once on this core (the background's at most
-    /// [`BACKGROUND_REQUESTS`] sent, the rest in turn).
+    /// [`Inner::run_bytes`] (and [`frames_and_headers`]' room) — ahead of hosts from a
+    /// far store, more of them while its connections are not all open
+    /// ([`runs_to_open`]) — each one ranged GET, and the runs are all asked for at once
+    /// on this core (the background's at most [`BACKGROUND_REQUESTS`] sent, the rest in
+    /// turn).
     async fn fetch_batch(
         self: Arc<Self>,
         ex: Rc<LocalExecutor<'static>>,
@@ -408,39 +410,27 @@ impl Inner {
                 continue;
             };
             // An offset no object can have (a hostile index) is damage, not a panic.
-            let Some(end) = offset.checked_add(u64::from(length)) else {
+            if offset.checked_add(u64::from(length)).is_none() {
                 done(Err(fetch_error(OxError::integrity(
                     format!("chunk {chunk}"),
                     "frame offset out of range",
                 ))));
                 continue;
-            };
-            frames.push((chunk, entry, done, (source, object, offset, end)));
-        }
-        let stored: u64 = frames
-            .iter()
-            .map(|(_, _, _, (_, _, offset, end))| end - offset)
-            .sum();
-        let (most, per_run) = self.run_limits(reason, &*store, (frames.len() as u64, stored));
-        let mut runs: Vec<Run> = Vec::new();
-        for (chunk, entry, done, (source, object, offset, end)) in frames {
-            let length = end - offset;
-            match runs.last_mut() {
-                Some(run)
-                    if run.at == (source, object, offset)
-                        && run.bytes + length <= most
-                        && (run.chunks.len() as u64) < per_run =>
-                {
-                    run.at.2 = end;
-                    run.bytes += length;
-                    run.chunks.push((chunk, entry, done));
-                }
-                _ => runs.push(Run {
-                    at: (source, object, end),
-                    bytes: length,
-                    chunks: vec![(chunk, entry, done)],
-                }),
             }
+            frames.push(Frame {
+                chunk,
+                entry,
+                done,
+                at: (source, object, offset),
+                length: u64::from(length),
+            });
+        }
+        let mut runs = cut_runs(frames, frames_and_headers(self.run_bytes(reason)));
+        if reason == FetchReason::Prefetch && self.far() {
+            let extra = store
+                .request_room()
+                .map_or(0, |room| runs_to_open(runs.len(), room));
+            split_largest(&mut runs, extra);
         }
         for run in runs {
             let (me, store) = (Arc::clone(&self), Rc::clone(&store));
@@ -496,31 +486,6 @@ impl Inner {
             | FetchReason::ClientMiss
             | FetchReason::Thickening
             | FetchReason::Internal => RUN_BYTES,
-        }
-    }
-
-    /// How a batch of `frames` frames (`stored` bytes) for `reason` goes in runs: the
-    /// most bytes one carries, frames' headers included ([`Self::run_bytes`]), and the
-    /// most frames. A far store's fetches ahead of hosts, while `store` has fewer
-    /// connections open than requests it may send at once, go in enough more runs to
-    /// open the missing ones now ([`frames_per_run`]). A new connection's TCP window
-    /// starts at ten segments and doubles each round trip, so a sequential reader's
-    /// first windows arrive as fast as the sum of the windows of the connections
-    /// carrying them grows: spread, they open every connection at once, each with a
-    /// small first GET, instead of a few with full runs and the rest a window later
-    /// (at 60 ms and 1 Gbit/s the first 16 MiB took ~1 s, BENCHMARKS.md).
-    fn run_limits(
-        &self,
-        reason: FetchReason,
-        store: &dyn ObjectStore,
-        (frames, stored): (u64, u64),
-    ) -> (u64, u64) {
-        let most = frames_and_headers(self.run_bytes(reason));
-        match store.request_room() {
-            Some(room) if reason == FetchReason::Prefetch && self.far() => {
-                (most, frames_per_run(frames, stored, most, room))
-            }
-            _ => (most, u64::MAX),
         }
     }
 
@@ -616,27 +581,9 @@ pub const RUN_BYTES: u64 = 2 << 20;
 /// once its whole answer has arrived and decoded, and a sequential reader takes them in
 /// order, so smaller runs reach it sooner and in finer steps. Up to four times the
 /// GETs of [`RUN_BYTES`] (2,048 a GiB of incompressible 64 KiB chunks; a GET carries a
-/// frame at least, so 1 MiB chunks go one a GET instead of two).
+/// frame at least, so 1 MiB chunks go one a GET instead of two), and a few more while
+/// the store's connections are being opened ([`runs_to_open`]).
 pub const READ_AHEAD_RUN_BYTES: u64 = 512 << 10;
-
-/// The most frames one run carries of a batch of `frames` frames (`stored` bytes) whose
-/// runs may carry `most` bytes, where the store stands at `room`: no limit, unless
-/// connections are still to open (`room` has fewer open than its requests' limit) and
-/// requests could be sent now — then the batch goes in as many more runs as there are
-/// connections to open, no more runs than requests free. A batch so goes in at most
-/// `room.most - room.open` more GETs than at full size: a store that closes
-/// connections, or allows fewer, costs a few GETs a batch, not a multiple. (Connections
-/// kept open but idle are not opened again: a server may have shrunk their windows, as
-/// after any idle spell; that is not undone here.)
-fn frames_per_run(frames: u64, stored: u64, most: u64, room: RequestRoom) -> u64 {
-    let to_open = room.most.saturating_sub(room.open) as u64;
-    if to_open == 0 || room.free < 2 {
-        return u64::MAX;
-    }
-    let full = stored.div_ceil(most.max(1));
-    let runs = (full + to_open).min(room.free as u64).max(full).max(1);
-    frames.div_ceil(runs).max(1)
-}
 
 /// A store is far, for the size of the GETs ahead of hosts, where its round trip wants
 /// more than this ahead of a sequential reader ([`bdev::read_ahead::wanted_bytes`]):
@@ -657,12 +604,105 @@ fn frames_and_headers(run_bytes: u64) -> u64 {
     run_bytes + run_bytes / 32
 }
 
+/// One chunk's frame, to be fetched in a run.
+struct Frame {
+    chunk: u64,
+    entry: Entry,
+    done: FetchDone,
+    /// Source, object and offset.
+    at: (u16, u32, u64),
+    length: u64,
+}
+
 /// Frames back to back in one object, fetched together.
 struct Run {
     /// Source, object and the offset just past the last frame.
     at: (u16, u32, u64),
     bytes: u64,
     chunks: Vec<(u64, Entry, FetchDone)>,
+}
+
+/// `frames`, in chunk order, in runs: frames back to back in one object, at most `most`
+/// bytes a run (a frame alone may be more).
+fn cut_runs(frames: Vec<Frame>, most: u64) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for f in frames {
+        let end = f.at.2 + f.length;
+        match runs.last_mut() {
+            Some(run) if run.at == f.at && run.bytes + f.length <= most => {
+                run.at.2 = end;
+                run.bytes += f.length;
+                run.chunks.push((f.chunk, f.entry, f.done));
+            }
+            _ => runs.push(Run {
+                at: (f.at.0, f.at.1, end),
+                bytes: f.length,
+                chunks: vec![(f.chunk, f.entry, f.done)],
+            }),
+        }
+    }
+    runs
+}
+
+/// How many runs to add to a batch cut in `runs` full-size ones ahead of hosts from a
+/// far store that stands at `room`: none once it has as many connections open as
+/// requests it may send at once; else one for each connection still to open, as long
+/// as requests are free to send them now. A new connection's TCP window starts at ten
+/// segments and doubles each round trip, so a sequential reader's first windows arrive
+/// as fast as the sum of the windows of the connections carrying them grows: spread,
+/// they open every connection at once, each with a small first GET, instead of a few
+/// with full runs and the rest a window later (at 60 ms and 1 Gbit/s the first 16 MiB
+/// took ~1 s, BENCHMARKS.md). A store that closes connections, or allows fewer, so
+/// costs at most a run more a batch for each connection it lacks, never a multiple;
+/// connections kept open but idle are not opened again (a server may have shrunk their
+/// windows, as after any idle spell: not undone here).
+fn runs_to_open(runs: usize, room: RequestRoom) -> usize {
+    room.most
+        .saturating_sub(room.open)
+        .min(room.free.saturating_sub(runs))
+}
+
+/// Splits the run with the most frames in two (the first of them, if several), `extra`
+/// times or until every run is one frame: the runs stay in chunk order.
+fn split_largest(runs: &mut Vec<Run>, extra: usize) {
+    for _ in 0..extra {
+        let Some((i, frames)) = runs
+            .iter()
+            .map(|r| r.chunks.len())
+            .enumerate()
+            .rev()
+            .max_by_key(|&(_, n)| n)
+        else {
+            return;
+        };
+        if frames < 2 {
+            return;
+        }
+        let run = &mut runs[i];
+        let tail = run.chunks.split_off(frames / 2);
+        let length = |c: &[(u64, Entry, FetchDone)]| {
+            c.iter()
+                .map(|(_, e, _)| match e {
+                    Entry::Frame { length, .. } => u64::from(*length),
+                    _ => 0,
+                })
+                .sum::<u64>()
+        };
+        let (head_bytes, tail_bytes) = (length(&run.chunks), length(&tail));
+        assert_eq!(
+            head_bytes + tail_bytes,
+            run.bytes,
+            "a run's bytes are its frames'"
+        );
+        let tail = Run {
+            at: run.at,
+            bytes: tail_bytes,
+            chunks: tail,
+        };
+        run.bytes = head_bytes;
+        run.at.2 -= tail_bytes;
+        runs.insert(i + 1, tail);
+    }
 }
 
 impl Basis for ObjectBasis {
@@ -726,9 +766,8 @@ pub fn fetch_error(e: OxError) -> FetchError {
 mod tests {
     use super::*;
 
-    /// An incompressible 64 KiB chunk's frame, and what a full run ahead of hosts from
-    /// a far store carries.
-    const FRAME: u64 = (64 << 10) + 44;
+    /// An incompressible 64 KiB chunk's frame.
+    const FRAME: u32 = (64 << 10) + 44;
 
     fn room(open: usize, free: usize) -> RequestRoom {
         RequestRoom {
@@ -738,52 +777,101 @@ mod tests {
         }
     }
 
-    /// How many runs `frames` frames go in, each at most `per_run` frames and `most`
-    /// bytes (as `fetch_batch` builds them, all from one object).
-    fn runs(frames: u64, most: u64, per_run: u64) -> u64 {
-        let per_run = per_run.min(most / FRAME);
-        frames.div_ceil(per_run)
+    /// Frames of the given lengths back to back, chunk after chunk; each object
+    /// (`objects`: how many frames each holds) starts at offset 0.
+    fn frames(lengths: &[u32], objects: &[usize]) -> Vec<Frame> {
+        let mut out = Vec::new();
+        let mut lengths = lengths.iter();
+        for (object, &n) in objects.iter().enumerate() {
+            let mut offset = 0u64;
+            for &length in lengths.by_ref().take(n) {
+                let (object, chunk) = (object as u32, out.len() as u64);
+                let entry = Entry::Frame {
+                    source: 0,
+                    object,
+                    offset,
+                    length,
+                };
+                out.push(Frame {
+                    chunk,
+                    entry,
+                    done: Box::new(|_| {}),
+                    at: (0, object, offset),
+                    length: u64::from(length),
+                });
+                offset += u64::from(length);
+            }
+        }
+        out
+    }
+
+    /// Every chunk once, in order; each run's frames back to back in one object, its
+    /// bytes theirs, `at` just past its last.
+    fn check(runs: &[Run], chunks: u64) {
+        let order: Vec<u64> = runs
+            .iter()
+            .flat_map(|r| r.chunks.iter().map(|c| c.0))
+            .collect();
+        assert_eq!(order, (0..chunks).collect::<Vec<_>>());
+        for run in runs {
+            let mut next = None;
+            let mut bytes = 0;
+            for (_, entry, _) in &run.chunks {
+                let Entry::Frame {
+                    object,
+                    offset,
+                    length,
+                    ..
+                } = *entry
+                else {
+                    panic!("a run holds a chunk without a frame");
+                };
+                assert_eq!(object, run.at.1);
+                assert!(next.is_none_or(|n| n == offset), "not back to back");
+                next = Some(offset + u64::from(length));
+                bytes += u64::from(length);
+            }
+            assert_eq!((next, bytes), (Some(run.at.2), run.bytes));
+        }
+    }
+
+    /// Cuts `lengths` (in `objects`) at full size ahead of hosts from afar, then adds
+    /// the runs `room` calls for: (full-size runs, runs).
+    fn cut(lengths: &[u32], objects: &[usize], room: RequestRoom) -> (usize, usize) {
+        let most = frames_and_headers(READ_AHEAD_RUN_BYTES);
+        let mut runs = cut_runs(frames(lengths, objects), most);
+        let full = runs.len();
+        check(&runs, lengths.len() as u64);
+        split_largest(&mut runs, runs_to_open(full, room));
+        check(&runs, lengths.len() as u64);
+        (full, runs.len())
     }
 
     #[test]
     fn a_batch_spreads_over_the_connections_still_to_open_and_no_further() {
-        let most = frames_and_headers(READ_AHEAD_RUN_BYTES);
-        let (n, stored) = (64, 64 * FRAME);
-        let full = runs(n, most, u64::MAX);
-        assert_eq!(full, 8, "eight frames a full run");
-        // None open, all free: one run a request that could be sent now.
-        let spread = runs(n, most, frames_per_run(n, stored, most, room(0, 32)));
-        assert_eq!(spread, 32);
-        // Only some free: no more runs than could be sent now.
-        assert_eq!(
-            runs(n, most, frames_per_run(n, stored, most, room(0, 12))),
-            11
-        );
-        // Open but one: at most one run more than at full size.
-        for open in [31, 30, 28, 24, 16] {
-            let per_run = frames_per_run(n, stored, most, room(open, 32));
-            let got = runs(n, most, per_run);
-            assert!(
-                got >= full && got <= full + (32 - open) as u64,
-                "{open} open: {got} runs"
-            );
+        let incompressible = [FRAME; 64];
+        // Eight frames a full run; none open, all free: a run for each request free.
+        assert_eq!(cut(&incompressible, &[64], room(0, 32)), (8, 32));
+        // Some free: no more runs than could be sent now.
+        assert_eq!(cut(&incompressible, &[64], room(0, 12)), (8, 12));
+        assert_eq!(cut(&incompressible, &[64], room(0, 5)), (8, 8));
+        // Some open: a run more for each connection still to open.
+        for open in [31, 30, 24, 16] {
+            let want = 8 + 32 - open;
+            assert_eq!(cut(&incompressible, &[64], room(open, 32)), (8, want));
         }
-        // All open (or more: fresh connections beside them), or none free: full runs.
-        for (open, free) in [(32, 32), (33, 32), (0, 1), (0, 0)] {
-            assert_eq!(
-                frames_per_run(n, stored, most, room(open, free)),
-                u64::MAX,
-                "{open} open, {free} free"
-            );
-        }
-        // A lone frame, and a batch larger than the requests: never below one frame.
-        assert_eq!(frames_per_run(1, FRAME, most, room(0, 32)), 1);
-        let (big, big_stored) = (1024, 1024 * FRAME);
-        let per_run = frames_per_run(big, big_stored, most, room(0, 32));
-        assert_eq!(
-            runs(big, most, per_run),
-            big.div_ceil(8),
-            "larger than spread"
-        );
+        // All open (or more: fresh connections beside them): full runs.
+        assert_eq!(cut(&incompressible, &[64], room(32, 32)), (8, 8));
+        assert_eq!(cut(&incompressible, &[64], room(33, 32)), (8, 8));
+        // Across two objects, and frames of mixed sizes: the same counts.
+        let small = [10_000u32; 64];
+        assert_eq!(cut(&small, &[33, 31], room(31, 32)), (2, 3));
+        assert_eq!(cut(&small, &[33, 31], room(0, 3)), (2, 3));
+        let mixed: Vec<u32> = [FRAME; 56].into_iter().chain([100; 200]).collect();
+        let (full, _) = cut(&mixed, &[256], room(32, 32));
+        assert_eq!(cut(&mixed, &[256], room(31, 32)), (full, full + 1));
+        assert_eq!(cut(&mixed, &[256], room(0, 32)), (full, 32));
+        // Never below a frame a run.
+        assert_eq!(cut(&[FRAME; 3], &[3], room(0, 32)), (1, 3));
     }
 }

@@ -217,9 +217,9 @@ fn gets_for(
 
 /// A batch of 2 MiB of adjacent incompressible chunks is one GET, although their frames
 /// are a little more than 2 MiB, and 62 of them are two; from a far store, what is
-/// fetched ahead of hosts travels in GETs of 512 KiB (32 chunks in four) — spread over
-/// all the connections the store may open (at least 128 KiB a GET) while they are not
-/// yet open — a host's misses still in GETs of 2 MiB.
+/// fetched ahead of hosts travels in GETs of 512 KiB (32 chunks in four) — and in a GET
+/// more for each of the 32 connections still to open while requests are free to send
+/// them — a host's misses still in GETs of 2 MiB.
 #[test]
 fn gets_carry_2_mib_of_adjacent_chunks_or_512_kib_ahead_of_hosts_from_afar() {
     let env = env();
@@ -262,7 +262,8 @@ fn gets_carry_2_mib_of_adjacent_chunks_or_512_kib_ahead_of_hosts_from_afar() {
     );
     let most = ox::basis::BACKGROUND_REQUESTS as u64;
     for (first, n, reason, gets) in [
-        // No connection open yet: 64 frames over 32, two a GET, opening them all.
+        // No connection open yet: 8 full runs and 24 more, two frames a GET, opening
+        // all 32.
         (64u64, 2 * most, ahead, most),
         // All 32 open: runs of their full size.
         (0, 32, ahead, 4u64),

@@ -779,12 +779,13 @@ mod tests {
     }
 
     /// A client counts the connections it has open, in use or kept alive, and stops
-    /// counting one the server closes.
+    /// counting one the server closes: as it answers, or later, while it idles.
     #[test]
     fn a_client_counts_its_open_connections() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        // Answers each request; one for `/close` says so and closes its connection.
+        // Answers each request; one for `/close` says so and closes its connection, one
+        // for `/drop` keeps it alive and then closes it.
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut s) = conn else { return };
@@ -795,13 +796,14 @@ mod tests {
                         head.push(byte[0]);
                         if head.ends_with(b"\r\n\r\n") {
                             let close = head.starts_with(b"GET /close ");
+                            let drop = head.starts_with(b"GET /drop ");
                             head.clear();
                             let answer: &[u8] = if close {
                                 b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
                             } else {
                                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                             };
-                            if s.write_all(answer).is_err() || close {
+                            if s.write_all(answer).is_err() || close || drop {
                                 return;
                             }
                         }
@@ -816,7 +818,7 @@ mod tests {
         let room = || client.request_room().expect("limited");
         assert_eq!((room().most, room().free, room().open), (4, 4, 0));
         let url = |path: &str| Url::parse(&format!("http://{addr}/{path}")).unwrap();
-        let (keep, close) = (url("keep"), url("close"));
+        let (keep, close, dropping) = (url("keep"), url("close"), url("drop"));
         let get = |u| client.request(hyper::Method::GET, u, &[], Bytes::new());
         futures_lite::future::block_on(ex.run(async {
             // Two at once: two connections, both kept.
@@ -827,13 +829,19 @@ mod tests {
             assert_eq!(get(&close).await.unwrap().status, 200);
             // Its task ends once the connection has closed: wait for that (a deadline
             // only so that a count that never falls fails instead of hanging).
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while room().open != 1 {
-                assert!(Instant::now() < deadline, "{} open", room().open);
-                futures_lite::future::yield_now().await;
-            }
+            let until_open = |n: usize| async move {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while room().open != n {
+                    assert!(Instant::now() < deadline, "{} open, not {n}", room().open);
+                    futures_lite::future::yield_now().await;
+                }
+            };
+            until_open(1).await;
             assert_eq!(get(&keep).await.unwrap().status, 200);
             assert_eq!(room().open, 1, "the kept one used again");
+            // Answered as kept alive, then closed by the server while it idles.
+            assert_eq!(get(&dropping).await.unwrap().status, 200);
+            until_open(0).await;
         }));
     }
 }

@@ -274,7 +274,7 @@ impl ox::store::ObjectStore for Hooked<'_> {
 }
 
 /// Whether `basis` sees its store as far ([`ox::basis::FAR_AHEAD_BYTES`]): its fetches
-/// ahead of hosts then travel in GETs of 512 KiB, not 2 MiB.
+/// ahead of hosts then travel in GETs of up to 512 KiB, not 2 MiB.
 pub fn from_afar(basis: &ox::basis::ObjectBasis) -> bool {
     use bdev::Basis;
     basis
