@@ -662,33 +662,40 @@ fn runs_to_open(runs: usize, room: RequestRoom) -> usize {
         .min(room.free.saturating_sub(runs))
 }
 
-/// Splits the run with the most frames in two (the first of them, if several), `extra`
-/// times or until every run is one frame: the runs stay in chunk order.
+/// Splits the run of the most bytes among those of two frames or more (the first of
+/// them, if several) in two at the frame boundary nearest half its bytes, `extra` times
+/// or until every run is one frame: the runs stay in chunk order, and the GETs added
+/// carry the batch's bytes, not its smallest frames.
 fn split_largest(runs: &mut Vec<Run>, extra: usize) {
+    let frame_bytes = |(_, entry, _): &(u64, Entry, FetchDone)| match entry {
+        Entry::Frame { length, .. } => u64::from(*length),
+        Entry::Zero => 0,
+    };
     for _ in 0..extra {
-        let Some((i, frames)) = runs
+        let Some(i) = runs
             .iter()
-            .map(|r| r.chunks.len())
             .enumerate()
+            .filter(|(_, r)| r.chunks.len() > 1)
             .rev()
-            .max_by_key(|&(_, n)| n)
+            .max_by_key(|(_, r)| r.bytes)
+            .map(|(i, _)| i)
         else {
             return;
         };
-        if frames < 2 {
-            return;
-        }
         let run = &mut runs[i];
-        let tail = run.chunks.split_off(frames / 2);
-        let length = |c: &[(u64, Entry, FetchDone)]| {
-            c.iter()
-                .map(|(_, e, _)| match e {
-                    Entry::Frame { length, .. } => u64::from(*length),
-                    _ => 0,
-                })
-                .sum::<u64>()
-        };
-        let (head_bytes, tail_bytes) = (length(&run.chunks), length(&tail));
+        // The boundary after frame `cut - 1`, one frame on each side at least.
+        let (mut head_bytes, mut cut, mut best) = (0u64, 1, (0u64, u64::MAX));
+        for (k, frame) in run.chunks[..run.chunks.len() - 1].iter().enumerate() {
+            let before = head_bytes + frame_bytes(frame);
+            let off_half = (2 * before).abs_diff(run.bytes);
+            if off_half < best.1 {
+                (cut, best) = (k + 1, (before, off_half));
+            }
+            head_bytes = before;
+        }
+        let tail = run.chunks.split_off(cut);
+        let head_bytes = best.0;
+        let tail_bytes: u64 = tail.iter().map(frame_bytes).sum();
         assert_eq!(
             head_bytes + tail_bytes,
             run.bytes,
@@ -836,15 +843,25 @@ mod tests {
     }
 
     /// Cuts `lengths` (in `objects`) at full size ahead of hosts from afar, then adds
-    /// the runs `room` calls for: (full-size runs, runs).
-    fn cut(lengths: &[u32], objects: &[usize], room: RequestRoom) -> (usize, usize) {
+    /// the runs `room` calls for: (full-size runs, runs), and the most bytes a run
+    /// carries then.
+    fn cut_with_bytes(
+        lengths: &[u32],
+        objects: &[usize],
+        room: RequestRoom,
+    ) -> ((usize, usize), u64) {
         let most = frames_and_headers(READ_AHEAD_RUN_BYTES);
         let mut runs = cut_runs(frames(lengths, objects), most);
         let full = runs.len();
         check(&runs, lengths.len() as u64);
         split_largest(&mut runs, runs_to_open(full, room));
         check(&runs, lengths.len() as u64);
-        (full, runs.len())
+        let largest = runs.iter().map(|r| r.bytes).max().unwrap_or(0);
+        ((full, runs.len()), largest)
+    }
+
+    fn cut(lengths: &[u32], objects: &[usize], room: RequestRoom) -> (usize, usize) {
+        cut_with_bytes(lengths, objects, room).0
     }
 
     #[test]
@@ -871,6 +888,12 @@ mod tests {
         let (full, _) = cut(&mixed, &[256], room(32, 32));
         assert_eq!(cut(&mixed, &[256], room(31, 32)), (full, full + 1));
         assert_eq!(cut(&mixed, &[256], room(0, 32)), (full, 32));
+        // The runs added carry the bytes: two frames a GET where 64 go in 32, and the
+        // large frames spread as evenly where small ones sit beside them.
+        let two = 2 * u64::from(FRAME);
+        assert_eq!(cut_with_bytes(&incompressible, &[64], room(0, 32)).1, two);
+        let (_, largest) = cut_with_bytes(&mixed, &[256], room(0, 32));
+        assert!(largest <= two + 200 * 100, "{largest} bytes in one run");
         // Never below a frame a run.
         assert_eq!(cut(&[FRAME; 3], &[3], room(0, 32)), (1, 3));
     }
