@@ -266,28 +266,24 @@ impl Throttle {
     /// Transfers waiting for their tokens now, by volume and class (only those with
     /// some), sorted: how many a limit holds back at this moment.
     pub fn waiting_now(&self) -> Vec<(String, Class, u64)> {
-        let mut v: Vec<_> = self
-            .state()
-            .waiting
-            .iter()
-            .map(|((volume, class), n)| (volume.clone(), *class, *n))
-            .collect();
-        v.sort_by(|a, b| (&a.0, a.1 == Class::Background).cmp(&(&b.0, b.1 == Class::Background)));
-        v
+        by_volume(&self.state().waiting)
     }
 
     /// What each volume's transfers waited on the limits since the start, by class:
     /// how much the limits hold traffic back.
     pub fn waited(&self) -> Vec<(String, Class, Waited)> {
-        let mut v: Vec<_> = self
-            .state()
-            .waited
-            .iter()
-            .map(|((volume, class), w)| (volume.clone(), *class, *w))
-            .collect();
-        v.sort_by(|a, b| (&a.0, a.1 == Class::Background).cmp(&(&b.0, b.1 == Class::Background)));
-        v
+        by_volume(&self.state().waited)
     }
+}
+
+/// `map`'s entries by volume, foreground before background.
+fn by_volume<T: Copy>(map: &HashMap<(String, Class), T>) -> Vec<(String, Class, T)> {
+    let mut v: Vec<_> = map
+        .iter()
+        .map(|((volume, class), t)| (volume.clone(), *class, *t))
+        .collect();
+    v.sort_by(|a, b| (&a.0, a.1 == Class::Background).cmp(&(&b.0, b.1 == Class::Background)));
+    v
 }
 
 /// A transfer waiting for its tokens: counted in [`Throttle::waited`] when it ends.

@@ -678,34 +678,46 @@ mod tests {
     /// A request waiting its turn under [`HttpClient::limit_requests`] is not timed
     /// out: one request at a time, each answered 1 s after it is read, under a 3 s
     /// timeout; the fourth waits ~3 s before it is sent and is still answered.
-    #[test]
-    fn a_request_waiting_its_turn_is_not_timed_out() {
+    /// A server on loopback that answers each request head with what `answer` gives
+    /// for it: the bytes, and whether to close the connection after them. Its address.
+    fn serve(
+        answer: impl Fn(&[u8]) -> (&'static [u8], bool) + Send + Sync + 'static,
+    ) -> std::net::SocketAddr {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = Arc::clone(&read);
+        let answer = Arc::new(answer);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut s) = conn else { return };
-                let counted = Arc::clone(&counted);
+                let answer = Arc::clone(&answer);
                 std::thread::spawn(move || {
                     let mut head = Vec::new();
                     let mut byte = [0u8; 1];
                     while s.read_exact(&mut byte).is_ok() {
                         head.push(byte[0]);
                         if head.ends_with(b"\r\n\r\n") {
-                            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let (bytes, close) = answer(&head);
                             head.clear();
-                            // A slow server, not a synchronisation.
-                            std::thread::sleep(Duration::from_secs(1));
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(answer).is_err() {
+                            if s.write_all(bytes).is_err() || close {
                                 return;
                             }
                         }
                     }
                 });
             }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_request_waiting_its_turn_is_not_timed_out() {
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&read);
+        let addr = serve(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // A slow server, not a synchronisation.
+            std::thread::sleep(Duration::from_secs(1));
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false)
         });
         let ex = Rc::new(LocalExecutor::new());
         let client = HttpClient::new(Rc::clone(&ex), None, Duration::from_secs(3));
@@ -782,33 +794,17 @@ mod tests {
     /// counting one the server closes: as it answers, or later, while it idles.
     #[test]
     fn a_client_counts_its_open_connections() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Answers each request; one for `/close` says so and closes its connection, one
-        // for `/drop` keeps it alive and then closes it.
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut s) = conn else { return };
-                std::thread::spawn(move || {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while s.read_exact(&mut byte).is_ok() {
-                        head.push(byte[0]);
-                        if head.ends_with(b"\r\n\r\n") {
-                            let close = head.starts_with(b"GET /close ");
-                            let drop = head.starts_with(b"GET /drop ");
-                            head.clear();
-                            let answer: &[u8] = if close {
-                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
-                            } else {
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                            };
-                            if s.write_all(answer).is_err() || close || drop {
-                                return;
-                            }
-                        }
-                    }
-                });
+        // A request for `/close` is answered so and its connection closed; one for
+        // `/drop`, answered as kept alive and its connection closed after.
+        let addr = serve(|head| {
+            if head.starts_with(b"GET /close ") {
+                (
+                    b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+                    true,
+                )
+            } else {
+                let drop = head.starts_with(b"GET /drop ");
+                (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", drop)
             }
         });
         let ex = Rc::new(LocalExecutor::new());
