@@ -3,9 +3,9 @@
 //! verify, decrypt, decompress — and complete back on the reactor that asked. A batch
 //! of adjacent chunks travels in ranged GETs of about [`RUN_BYTES`] each (fetches ahead
 //! of hosts from a far store in smaller ones, [`READ_AHEAD_RUN_BYTES`], and more of
-//! them while fewer than [`BACKGROUND_REQUESTS`] connections are open), all asked for at once (the
-//! background's at most [`BACKGROUND_REQUESTS`] sent at once on an OX core, the rest in
-//! turn); a lone miss is one GET of one frame.
+//! them while fewer than [`BACKGROUND_REQUESTS`] connections are open), all asked for
+//! at once (the background's at most [`BACKGROUND_REQUESTS`] sent at once on an OX
+//! core, the rest in turn); a lone miss is one GET of one frame.
 //! The store's round trip (its quickest answer so far) sizes a sequential reader's
 //! read-ahead ([`bdev::read_ahead::wanted_bytes`]): a far store gets more asked for
 //! ahead.
